@@ -1,0 +1,213 @@
+package hsm
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+)
+
+// Config says which PKCS#11 module and token to use and where the PIN is.
+// The PIN itself is never a field: it is read from a file or an environment
+// variable when the HSM is opened, so it never sits in a config file or a
+// command line. Zero values of the tuning fields mean safe defaults.
+type Config struct {
+	// Module is the absolute path of the PKCS#11 library, for SoftHSM2 on
+	// Debian /usr/lib/softhsm/libsofthsm2.so. It may instead come from the
+	// URI's module-path.
+	Module string
+
+	// Token is the label of the token. Exactly one of Token and URI is set.
+	Token string
+	// URI is an RFC 7512 PKCS#11 URI selecting the token, for example
+	// "pkcs11:token=keyward;serial=5f2c…". Every attribute given must match,
+	// and exactly one token may match.
+	URI string
+
+	// PINFile is a file holding the user PIN; one trailing newline is
+	// ignored. It must not be readable by others than owner and group.
+	PINFile string
+	// PINEnv names an environment variable holding the user PIN.
+	// Exactly one of PINFile, PINEnv and the URI's pin-source is set.
+	PINEnv string
+
+	// Sessions is the size of the session pool, which is also the number
+	// of operations that run on the token at once. Zero means 2 × GOMAXPROCS,
+	// within 2 to 64. SoftHSM2 gains nothing past 2–4 concurrent
+	// operations; a network HSM may want more.
+	Sessions int
+	// SessionWait bounds how long an operation waits for a free session
+	// before it fails with ErrBusy. Zero means 5 s.
+	SessionWait time.Duration
+	// ReconnectInterval is the least time between two attempts to reconnect
+	// to a token that went away; operations in between fail at once with
+	// ErrTokenUnavailable. Zero means 1 s.
+	ReconnectInterval time.Duration
+}
+
+// settings is a Config checked and completed, with the PIN read.
+type settings struct {
+	module    string
+	sel       *URI
+	pin       string
+	sessions  int
+	wait      time.Duration
+	reconnect time.Duration
+}
+
+const maxPINLen = 255 // PKCS#11 PINs are at most this long in practice
+
+// resolve checks c, applies defaults and reads the PIN. Its errors name the
+// setting that is wrong and how to fix it, never the PIN.
+func (c Config) resolve() (settings, error) {
+	var s settings
+	switch {
+	case c.Token != "" && c.URI != "":
+		return s, errors.New("hsm: set either the token label or the PKCS#11 URI, not both")
+	case c.Token != "":
+		s.sel = &URI{Token: c.Token}
+	case c.URI != "":
+		u, err := ParseURI(c.URI)
+		if err != nil {
+			return s, err
+		}
+		s.sel = u
+	default:
+		return s, errors.New("hsm: no token selected: set the token label or a PKCS#11 URI (pkcs11:token=LABEL)")
+	}
+
+	s.module = c.Module
+	if s.sel.ModulePath != "" {
+		if s.module != "" && filepath.Clean(s.module) != filepath.Clean(s.sel.ModulePath) {
+			return s, fmt.Errorf("hsm: module %s and the URI's module-path %s differ; set one of them", s.module, s.sel.ModulePath)
+		}
+		s.module = s.sel.ModulePath
+	}
+	if err := checkModulePath(s.module); err != nil {
+		return s, err
+	}
+
+	pinFile := c.PINFile
+	sources := 0
+	for _, set := range []bool{c.PINFile != "", c.PINEnv != "", s.sel.PINSource != ""} {
+		if set {
+			sources++
+		}
+	}
+	if sources != 1 {
+		return s, fmt.Errorf("hsm: give the PIN in exactly one way (a PIN file, an environment variable, or the URI's pin-source); %d given", sources)
+	}
+	if s.sel.PINSource != "" {
+		pinFile = strings.TrimPrefix(s.sel.PINSource, "file:")
+		if !filepath.IsAbs(pinFile) {
+			return s, fmt.Errorf("hsm: the URI's pin-source must be an absolute file path (file:/path), not %q", s.sel.PINSource)
+		}
+	}
+	var err error
+	if pinFile != "" {
+		s.pin, err = readPINFile(pinFile)
+	} else {
+		s.pin, err = readPINEnv(c.PINEnv)
+	}
+	if err != nil {
+		return s, err
+	}
+
+	s.sessions = c.Sessions
+	switch {
+	case s.sessions == 0:
+		s.sessions = min(max(2*runtime.GOMAXPROCS(0), 2), 64)
+	case s.sessions < 1 || s.sessions > 1024:
+		return s, fmt.Errorf("hsm: session pool size %d is out of range; use 1 to 1024 (0 for the default)", c.Sessions)
+	}
+	s.wait = c.SessionWait
+	if s.wait <= 0 {
+		s.wait = 5 * time.Second
+	}
+	s.reconnect = c.ReconnectInterval
+	if s.reconnect <= 0 {
+		s.reconnect = time.Second
+	}
+	return s, nil
+}
+
+// checkModulePath refuses what cannot be a PKCS#11 library before dlopen
+// sees it, with a message that says what to install or fix.
+func checkModulePath(path string) error {
+	if path == "" {
+		return errors.New("hsm: no PKCS#11 module given: set the module path (SoftHSM2 on Debian: /usr/lib/softhsm/libsofthsm2.so)")
+	}
+	if !filepath.IsAbs(path) {
+		return fmt.Errorf("hsm: module path %q must be absolute, so that the library loaded does not depend on the working directory", path)
+	}
+	fi, err := os.Stat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("hsm: module %s does not exist: install the HSM vendor's PKCS#11 library (for tests: the softhsm2 package) or correct the path", path)
+	}
+	if err != nil {
+		return fmt.Errorf("hsm: module %s: %w", path, err)
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("hsm: module %s is not a regular file", path)
+	}
+	return nil
+}
+
+// readPINFile reads a PIN file. It refuses a file that others can read, and
+// never puts the file's content into an error.
+func readPINFile(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("hsm: PIN file %s does not exist", path)
+		}
+		if errors.Is(err, os.ErrPermission) {
+			return "", fmt.Errorf("hsm: PIN file %s is not readable by this user (uid %d): fix its owner or mode", path, os.Getuid())
+		}
+		return "", fmt.Errorf("hsm: PIN file %s: %w", path, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("hsm: PIN file %s: %w", path, err)
+	}
+	if !fi.Mode().IsRegular() {
+		return "", fmt.Errorf("hsm: PIN file %s is not a regular file", path)
+	}
+	if fi.Mode().Perm()&0o007 != 0 {
+		return "", fmt.Errorf("hsm: PIN file %s is accessible to other users (mode %04o): chmod o-rwx it", path, fi.Mode().Perm())
+	}
+	buf, err := io.ReadAll(io.LimitReader(f, maxPINLen+3))
+	if err != nil {
+		return "", fmt.Errorf("hsm: PIN file %s: read failed", path)
+	}
+	buf = bytes.TrimSuffix(buf, []byte("\n"))
+	buf = bytes.TrimSuffix(buf, []byte("\r"))
+	return checkPIN(string(buf), "PIN file "+path)
+}
+
+// readPINEnv reads the PIN from an environment variable.
+func readPINEnv(name string) (string, error) {
+	pin, ok := os.LookupEnv(name)
+	if !ok {
+		return "", fmt.Errorf("hsm: PIN variable %s is not set", name)
+	}
+	return checkPIN(pin, "PIN variable "+name)
+}
+
+func checkPIN(pin, from string) (string, error) {
+	switch {
+	case pin == "":
+		return "", fmt.Errorf("hsm: %s is empty", from)
+	case len(pin) > maxPINLen:
+		return "", fmt.Errorf("hsm: %s holds more than %d bytes; is it the right file?", from, maxPINLen)
+	case strings.ContainsAny(pin, "\x00\n"):
+		return "", fmt.Errorf("hsm: %s holds more than one line or a NUL byte", from)
+	}
+	return pin, nil
+}

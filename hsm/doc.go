@@ -1,0 +1,32 @@
+// Package hsm is keyward's one boundary with PKCS#11: it opens a module,
+// selects one token, logs in with a PIN read from a file or the environment,
+// and does every key operation inside the token. Key material never leaves it.
+//
+// Keys are named by name and version (KeyID) and created with explicit
+// templates: on the token, private, sensitive, never extractable, not
+// modifiable or copyable, and one purpose only. A key found on the token is
+// checked against that before first use; a weaker one (extractable, imported,
+// a second purpose) is refused with ErrWeakKey, and two objects with one label
+// are refused with ErrAmbiguous. Resolved handles are cached per login, so no
+// object search (tens of milliseconds on a full token) sits on a hot path.
+//
+// Sessions come from a bounded pool (Config.Sessions) with a wait timeout. A
+// session that fails is closed, not reused; when the token, the login or the
+// library state is lost, the package drops every session and handle and
+// reconnects on the next call, which is then retried once. A wrong or locked
+// PIN is never retried. PKCS#11 return codes are translated in one place
+// (errors.go) to this package's sentinel errors.
+//
+// Why miekg/pkcs11 and not crypto11: crypto11 is the usual Go layer above
+// PKCS#11, and keyward's tests use it as an independent client to check that
+// keys keyward makes work elsewhere. It does not fit as keyward's own layer:
+// its AES-GCM panics on any token error and defaults to 16-byte nonces; it
+// has no Ed25519; its session pool takes failed sessions back; Configure
+// refuses a library another context initialized, and Close finalizes the
+// library under every other context in the process (both seen with crypto11
+// v1.6.2 and SoftHSM2 2.6.1), so it cannot share a token with a raw context
+// beside it or reconnect without disturbing one; and its key objects hide
+// their handles, so every key would be looked up twice. What is left is
+// written here on miekg/pkcs11: a session pool, a handle cache, templates,
+// and the DER encoding of ECDSA signatures.
+package hsm

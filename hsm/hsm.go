@@ -1,0 +1,391 @@
+package hsm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/miekg/pkcs11"
+)
+
+// HSM is an open, logged-in token. It is safe for concurrent use. Its
+// methods wait at most Config.SessionWait for a session, and reconnect by
+// themselves after the token went away and came back.
+type HSM struct {
+	set    settings
+	mod    *module
+	sem    chan struct{} // one slot per session in use
+	closed atomic.Bool
+
+	mu      sync.Mutex // guards the fields below
+	token   TokenInfo
+	anchor  pkcs11.SessionHandle // never used for operations: keeps the login alive
+	gen     uint64               // bumped each time the sessions are given up
+	idle    []session
+	inUse   int       // sessions handed out and not yet released
+	broken  error     // why the token is unusable; nil while connected
+	fatal   error     // what no reconnect can fix: a wrong or locked PIN
+	nextTry time.Time // earliest next reconnect attempt
+
+	keysMu sync.RWMutex
+	keys   map[keyRef]*keyEntry // resolved key handles of the current login
+
+	createMu sync.Mutex // creating keys one at a time keeps the exists check true
+}
+
+type session struct {
+	h   pkcs11.SessionHandle
+	gen uint64
+}
+
+// TokenInfo describes the token in use, as the token reports it.
+type TokenInfo struct {
+	Slot         uint
+	Label        string
+	Manufacturer string
+	Model        string
+	Serial       string
+	SlotDesc     string
+	SlotManuf    string
+	Flags        uint
+}
+
+// Open loads the PKCS#11 module, selects exactly one token, reads the PIN
+// and logs in. A wrong PIN fails at once and is never tried again.
+func Open(cfg Config) (*HSM, error) {
+	set, err := cfg.resolve()
+	if err != nil {
+		return nil, err
+	}
+	mod, err := openModule(set.module)
+	if err != nil {
+		return nil, err
+	}
+	h := &HSM{
+		set:  set,
+		mod:  mod,
+		sem:  make(chan struct{}, set.sessions),
+		keys: map[keyRef]*keyEntry{},
+	}
+	h.mu.Lock()
+	err = h.connectLocked()
+	h.mu.Unlock()
+	if err != nil {
+		mod.release()
+		return nil, err
+	}
+	return h, nil
+}
+
+// Token returns what the token said about itself when keyward last connected.
+func (h *HSM) Token() TokenInfo {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.token
+}
+
+// Close waits for running operations (at most the session wait time), ends
+// the sessions and, with the last user of the module, finalizes it.
+func (h *HSM) Close() error {
+	if h.closed.Swap(true) {
+		return nil
+	}
+	deadline := time.NewTimer(h.set.wait)
+	defer deadline.Stop()
+drain:
+	for range cap(h.sem) {
+		select {
+		case h.sem <- struct{}{}:
+		case <-deadline.C:
+			break drain
+		}
+	}
+	h.mu.Lock()
+	h.closeSessionsLocked()
+	h.mu.Unlock()
+	h.mod.release()
+	return nil
+}
+
+// connectLocked finds the token, opens the anchor session and logs in.
+func (h *HSM) connectLocked() error {
+	ctx := h.mod.ctx
+	slots, err := ctx.GetSlotList(true)
+	if errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED)) {
+		if err = h.mod.reinitialize(); err == nil {
+			slots, err = ctx.GetSlotList(true)
+		}
+	}
+	if err != nil {
+		return opError("open", "", err, "listing the module's slots failed")
+	}
+	var found []TokenInfo
+	var present []string
+	for _, id := range slots {
+		ti, err := ctx.GetTokenInfo(id)
+		if err != nil {
+			continue // the slot emptied since it was listed
+		}
+		si, _ := ctx.GetSlotInfo(id)
+		t := TokenInfo{
+			Slot:         id,
+			Label:        strings.TrimRight(ti.Label, " \x00"),
+			Manufacturer: strings.TrimRight(ti.ManufacturerID, " \x00"),
+			Model:        strings.TrimRight(ti.Model, " \x00"),
+			Serial:       strings.TrimRight(ti.SerialNumber, " \x00"),
+			SlotDesc:     strings.TrimRight(si.SlotDescription, " \x00"),
+			SlotManuf:    strings.TrimRight(si.ManufacturerID, " \x00"),
+			Flags:        ti.Flags,
+		}
+		if t.Flags&pkcs11.CKF_TOKEN_INITIALIZED != 0 {
+			present = append(present, fmt.Sprintf("%q (serial %s)", t.Label, t.Serial))
+		}
+		if h.set.sel.matches(t) {
+			found = append(found, t)
+		}
+	}
+	sel := h.selector()
+	switch {
+	case len(found) == 0:
+		if len(present) == 0 {
+			present = []string{"none"}
+		}
+		return &Error{Op: "open", Err: ErrTokenNotFound, Detail: fmt.Sprintf("no token matches %s in %s; tokens present: %s", sel, h.set.module, strings.Join(present, ", "))}
+	case len(found) > 1:
+		return &Error{Op: "open", Err: ErrAmbiguous, Detail: fmt.Sprintf("%d tokens match %s; add serial= to the PKCS#11 URI to choose one", len(found), sel)}
+	}
+	t := found[0]
+	switch {
+	case t.Flags&pkcs11.CKF_TOKEN_INITIALIZED == 0 || t.Flags&pkcs11.CKF_USER_PIN_INITIALIZED == 0:
+		return &Error{Op: "open", Err: ErrTokenNotFound, Detail: fmt.Sprintf("token %q is not initialized or has no user PIN", t.Label)}
+	case t.Flags&pkcs11.CKF_USER_PIN_LOCKED != 0:
+		return &Error{Op: "login", Err: ErrPINLocked, Detail: hint(ErrPINLocked)}
+	}
+	anchor, err := ctx.OpenSession(t.Slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	if err != nil {
+		return opError("open", "", err, fmt.Sprintf("opening a session on token %q failed", t.Label))
+	}
+	err = ctx.Login(anchor, pkcs11.CKU_USER, h.set.pin)
+	if err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
+		_ = ctx.CloseSession(anchor)
+		return opError("login", "", err, "")
+	}
+	h.token = t
+	h.anchor = anchor
+	return nil
+}
+
+// selector shows which token the configuration asks for, without the PIN
+// source or module path.
+func (h *HSM) selector() string {
+	u := *h.set.sel
+	u.ModulePath, u.PINSource = "", ""
+	return u.String()
+}
+
+// closeSessionsLocked ends the idle sessions and the anchor; used on Close.
+func (h *HSM) closeSessionsLocked() {
+	for _, s := range h.idle {
+		_ = h.mod.ctx.CloseSession(s.h)
+	}
+	if h.anchor != 0 {
+		_ = h.mod.ctx.CloseSession(h.anchor)
+	}
+	h.abandonSessionsLocked()
+}
+
+// abandonSessionsLocked forgets every session of this generation without
+// closing them. After the library was initialized again (by keyward or by
+// anyone else in the process) an old handle may name someone else's new
+// session, so closing it could end that one; a token that lost its state has
+// lost the old sessions anyway.
+func (h *HSM) abandonSessionsLocked() {
+	h.idle = nil
+	h.anchor = 0
+	h.gen++
+	h.keysMu.Lock()
+	h.keys = map[keyRef]*keyEntry{}
+	h.keysMu.Unlock()
+}
+
+// breakLocked records that the token went away. The next operation tries to
+// reconnect at once; later ones no more often than the reconnect interval.
+func (h *HSM) breakLocked(cause error) {
+	h.abandonSessionsLocked()
+	h.broken = unavailable(cause)
+	h.nextTry = time.Time{}
+}
+
+// unavailable describes a lost token for the operations that find it so.
+func unavailable(cause error) error {
+	e := &Error{Err: ErrTokenUnavailable, Detail: hint(ErrTokenUnavailable)}
+	var inner *Error
+	switch {
+	case errors.Is(cause, ErrTokenUnavailable):
+	case errors.As(cause, &inner):
+		e.Detail = "reconnecting failed: " + strings.TrimPrefix(inner.Error(), "hsm: ")
+		return e
+	}
+	errors.As(cause, &e.Code)
+	return e
+}
+
+// readyLocked reconnects if the token went away and it is time to try.
+func (h *HSM) readyLocked() error {
+	if h.fatal != nil {
+		return h.fatal
+	}
+	if h.broken == nil {
+		return nil
+	}
+	now := time.Now()
+	if now.Before(h.nextTry) {
+		return h.broken
+	}
+	// Operations still running on the lost connection must end first: their
+	// session handles could otherwise name the new sessions.
+	for h.inUse > 0 {
+		if time.Since(now) > h.set.wait {
+			h.nextTry = time.Now().Add(h.set.reconnect)
+			return &Error{Err: ErrTokenUnavailable, Detail: fmt.Sprintf("%d operations on the lost connection are still running after %s", h.inUse, h.set.wait)}
+		}
+		h.mu.Unlock()
+		time.Sleep(time.Millisecond)
+		h.mu.Lock()
+		if h.fatal != nil || h.broken == nil {
+			return h.fatal
+		}
+	}
+	if err := h.connectLocked(); err != nil {
+		if errors.Is(err, ErrPINIncorrect) || errors.Is(err, ErrPINLocked) {
+			h.fatal = err // never retried: each try brings the token closer to locking the PIN
+			return err
+		}
+		h.broken = unavailable(err)
+		h.nextTry = now.Add(h.set.reconnect)
+		return h.broken
+	}
+	h.broken = nil
+	return nil
+}
+
+// acquire takes a session of the current generation, waiting for a free
+// one at most the session wait time.
+func (h *HSM) acquire(ctx context.Context) (session, error) {
+	if h.closed.Load() {
+		return session{}, ErrClosed
+	}
+	select {
+	case h.sem <- struct{}{}:
+	default:
+		t := time.NewTimer(h.set.wait)
+		defer t.Stop()
+		select {
+		case h.sem <- struct{}{}:
+		case <-ctx.Done():
+			return session{}, ctx.Err()
+		case <-t.C:
+			return session{}, &Error{Op: "session", Err: ErrBusy, Detail: fmt.Sprintf("all %d sessions stayed busy for %s; raise the session pool size or lower the load", cap(h.sem), h.set.wait)}
+		}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed.Load() {
+		<-h.sem
+		return session{}, ErrClosed
+	}
+	if err := h.readyLocked(); err != nil {
+		<-h.sem
+		return session{}, err
+	}
+	if n := len(h.idle); n > 0 {
+		s := h.idle[n-1]
+		h.idle = h.idle[:n-1]
+		h.inUse++
+		return s, nil
+	}
+	sh, err := h.mod.ctx.OpenSession(h.token.Slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	if err != nil {
+		if classify(err) == classToken {
+			h.breakLocked(err)
+		}
+		<-h.sem
+		return session{}, err
+	}
+	h.inUse++
+	return session{h: sh, gen: h.gen}, nil
+}
+
+// release returns a session after an operation and says what the
+// operation's error means: a lost token is recorded, a doubtful session is
+// closed, stale key handles are dropped.
+func (h *HSM) release(s session, err error) class {
+	c := classify(err)
+	h.mu.Lock()
+	h.inUse--
+	switch {
+	case s.gen != h.gen:
+		// abandoned with its generation
+	case c == classToken:
+		h.breakLocked(err)
+	case c == classSession || h.closed.Load() || len(h.idle) >= cap(h.sem):
+		_ = h.mod.ctx.CloseSession(s.h)
+	default:
+		if c == classHandle {
+			h.keysMu.Lock()
+			h.keys = map[keyRef]*keyEntry{}
+			h.keysMu.Unlock()
+		}
+		h.idle = append(h.idle, s)
+	}
+	h.mu.Unlock()
+	<-h.sem
+	return c
+}
+
+// do runs fn on a pooled session. If the token went away or the cached
+// handles went stale, it reconnects and runs fn once more, so a token reset
+// costs callers one slower call, not an error. fn must be safe to repeat.
+func (h *HSM) do(ctx context.Context, op, key string, fn func(s pkcs11.SessionHandle) error) error {
+	var err error
+	for range 2 {
+		var s session
+		if s, err = h.acquire(ctx); err != nil {
+			break
+		}
+		err = fn(s.h)
+		if c := h.release(s, err); c != classToken && c != classHandle {
+			break
+		}
+	}
+	return opError(op, key, err, "")
+}
+
+// Health checks that the token answers and the login holds. If the token
+// went away it tries to reconnect (no more often than the reconnect
+// interval) and reports what stands in the way.
+func (h *HSM) Health(ctx context.Context) error {
+	return h.do(ctx, "health", "", func(s pkcs11.SessionHandle) error {
+		if _, err := h.mod.ctx.GetTokenInfo(h.tokenSlot()); err != nil {
+			return err
+		}
+		info, err := h.mod.ctx.GetSessionInfo(s)
+		if err != nil {
+			return err
+		}
+		if info.State != pkcs11.CKS_RW_USER_FUNCTIONS {
+			return pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
+		}
+		return nil
+	})
+}
+
+func (h *HSM) tokenSlot() uint {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.token.Slot
+}
