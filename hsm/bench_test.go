@@ -1,0 +1,121 @@
+package hsm
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"crypto/sha512"
+	"fmt"
+	"testing"
+
+	"github.com/miekg/pkcs11"
+
+	"github.com/keyward/keyward/softhsm-test/benchload"
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
+)
+
+// benchToken opens a fresh token with one key of each kind.
+func benchToken(b *testing.B) *HSM {
+	b.Helper()
+	tok := softhsmtest.New(b)
+	h, err := Open(tokenConfig(tok))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { h.Close() })
+	for _, a := range []Algorithm{AES256GCM, HMACSHA256, ECDSAP256, ECDSAP384, Ed25519} {
+		if err := h.CreateKey(context.Background(), KeyID{a.String(), 1}, a); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return h
+}
+
+// benchOps are the operations keyward's services stand on, each as keyward
+// calls it. "health" is the cheapest round trip through the pool (two
+// informational calls), the floor under every other row.
+func benchOps(b *testing.B, h *HSM) map[string]func() error {
+	ctx := context.Background()
+	kek := KeyID{"aes256-gcm", 1}
+	dataKey := make([]byte, 32)
+	aad := []byte(`{"app":"bench"}`)
+	nonce, sealed, err := h.Encrypt(ctx, kek, dataKey, aad)
+	if err != nil {
+		b.Fatal(err)
+	}
+	signer := func(alg Algorithm) *Signer {
+		s, err := h.Signer(ctx, KeyID{alg.String(), 1})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return s
+	}
+	p256, p384, ed := signer(ECDSAP256), signer(ECDSAP384), signer(Ed25519)
+	d256 := sha256.Sum256([]byte("bench"))
+	d384 := sha512.Sum384([]byte("bench"))
+	return map[string]func() error{
+		"health":  func() error { return h.Health(ctx) },
+		"encrypt": func() error { _, _, err := h.Encrypt(ctx, kek, dataKey, aad); return err },
+		"decrypt": func() error { _, err := h.Decrypt(ctx, kek, nonce, sealed, aad); return err },
+		"hmac": func() error {
+			_, err := h.HMACSHA256(ctx, KeyID{"hmac-sha256", 1}, []byte("kw_0123456789abcdef"))
+			return err
+		},
+		"sign-ecdsa-p256": func() error { _, err := p256.Sign(nil, d256[:], crypto.SHA256); return err },
+		"sign-ecdsa-p384": func() error { _, err := p384.Sign(nil, d384[:], crypto.SHA384); return err },
+		"sign-ed25519":    func() error { _, err := ed.Sign(nil, []byte("bench"), crypto.Hash(0)); return err },
+		"random-32":       func() error { _, err := h.Random(ctx, 32); return err },
+	}
+}
+
+// BenchmarkHSM runs every operation at 1, 2, 4 and 8 concurrent callers and
+// reports ops/s, p50 and p99. Later benchmarks (the daemon's) are compared
+// with these rows from the same run.
+func BenchmarkHSM(b *testing.B) {
+	h := benchToken(b)
+	ops := benchOps(b, h)
+	for _, name := range []string{"health", "encrypt", "decrypt", "hmac", "sign-ecdsa-p256", "sign-ecdsa-p384", "sign-ed25519", "random-32"} {
+		for _, n := range benchload.Callers {
+			b.Run(fmt.Sprintf("op=%s/callers=%d", name, n), func(b *testing.B) {
+				benchload.Run(b, n, ops[name])
+			})
+		}
+	}
+}
+
+// BenchmarkFullToken shows what the handle cache saves: with 1 000 objects
+// on the token, a cached encrypt costs what it costs on an empty token,
+// while resolving a key (a FindObjects over every object) is the
+// "lookup" row.
+func BenchmarkFullToken(b *testing.B) {
+	h := benchToken(b)
+	ctx := context.Background()
+	err := h.do(ctx, "fill", "", func(s pkcs11.SessionHandle) error {
+		for i := range 1000 {
+			_, err := h.mod.ctx.CreateObject(s, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
+				pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, fmt.Sprintf("filler-%d", i)),
+				pkcs11.NewAttribute(pkcs11.CKA_VALUE, []byte("x")),
+			})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	kek := KeyID{"aes256-gcm", 1}
+	b.Run("op=encrypt/objects=1000", func(b *testing.B) {
+		benchload.Run(b, 1, func() error { _, _, err := h.Encrypt(ctx, kek, make([]byte, 32), nil); return err })
+	})
+	b.Run("op=lookup/objects=1000", func(b *testing.B) {
+		benchload.Run(b, 1, func() error {
+			h.forget(kek)
+			_, _, err := h.Encrypt(ctx, kek, make([]byte, 32), nil)
+			return err
+		})
+	})
+}

@@ -1,0 +1,59 @@
+// Package benchload runs a benchmark's operation from several concurrent
+// callers and reports what keyward's numbers are compared by: throughput
+// (ops/s) and the latency of single calls at the median and the 99th
+// percentile. testing.B reports only the mean time per operation, which hides
+// the tail that callers of a shared HSM feel.
+package benchload
+
+import (
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Callers are the concurrency levels every keyward benchmark runs at.
+var Callers = []int{1, 2, 4, 8}
+
+// Run calls op b.N times in all, from callers goroutines at once, and
+// reports ops/s, p50-µs and p99-µs. An error from op fails the benchmark.
+func Run(b *testing.B, callers int, op func() error) {
+	b.Helper()
+	lat := make([][]time.Duration, callers)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	b.ResetTimer()
+	start := time.Now()
+	for c := range callers {
+		wg.Go(func() {
+			for next.Add(1) <= int64(b.N) {
+				t0 := time.Now()
+				if err := op(); err != nil {
+					b.Error(err)
+					return
+				}
+				lat[c] = append(lat[c], time.Since(t0))
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	b.StopTimer()
+	all := slices.Concat(lat...)
+	if len(all) == 0 {
+		return
+	}
+	slices.Sort(all)
+	b.ReportMetric(float64(len(all))/elapsed.Seconds(), "ops/s")
+	b.ReportMetric(micros(percentile(all, 0.50)), "p50-µs")
+	b.ReportMetric(micros(percentile(all, 0.99)), "p99-µs")
+}
+
+// percentile picks the value at fraction q of sorted (nearest rank).
+func percentile(sorted []time.Duration, q float64) time.Duration {
+	i := int(q*float64(len(sorted))+0.5) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
