@@ -10,8 +10,8 @@ import (
 
 	"github.com/miekg/pkcs11"
 
-	"github.com/keyward/keyward/softhsm-test/benchload"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/keyward/keyward/softhsm-test/benchload"
 )
 
 // benchToken opens a fresh token with one key of each kind.

@@ -89,19 +89,20 @@ func (h *HSM) Token() TokenInfo {
 }
 
 // Close waits for running operations (at most the session wait time), ends
-// the sessions and, with the last user of the module, finalizes it.
+// the sessions and, with the last user of the module, finalizes it. If
+// operations are still running after the wait, the module stays loaded (ending
+// it under running calls could crash the process) and Close says so.
 func (h *HSM) Close() error {
 	if h.closed.Swap(true) {
 		return nil
 	}
 	deadline := time.NewTimer(h.set.wait)
 	defer deadline.Stop()
-drain:
 	for range cap(h.sem) {
 		select {
 		case h.sem <- struct{}{}:
 		case <-deadline.C:
-			break drain
+			return &Error{Op: "close", Err: ErrBusy, Detail: fmt.Sprintf("operations still running after %s; the module stays loaded", h.set.wait)}
 		}
 	}
 	h.mu.Lock()
@@ -176,6 +177,12 @@ func (h *HSM) connectLocked() error {
 	}
 	h.token = t
 	h.anchor = anchor
+	// Operations of the lost connection may have cached handles after it was
+	// given up; they have all ended now (readyLocked waits), so this clears
+	// the last of them.
+	h.keysMu.Lock()
+	h.keys = map[keyRef]*keyEntry{}
+	h.keysMu.Unlock()
 	return nil
 }
 
@@ -351,8 +358,18 @@ func (h *HSM) release(s session, err error) class {
 // handles went stale, it reconnects and runs fn once more, so a token reset
 // costs callers one slower call, not an error. fn must be safe to repeat.
 func (h *HSM) do(ctx context.Context, op, key string, fn func(s pkcs11.SessionHandle) error) error {
+	return h.attempt(ctx, op, key, 2, fn)
+}
+
+// doOnce runs fn like do, but never twice: for changes to the token that
+// may have happened before the connection was lost.
+func (h *HSM) doOnce(ctx context.Context, op, key string, fn func(s pkcs11.SessionHandle) error) error {
+	return h.attempt(ctx, op, key, 1, fn)
+}
+
+func (h *HSM) attempt(ctx context.Context, op, key string, tries int, fn func(s pkcs11.SessionHandle) error) error {
 	var err error
-	for range 2 {
+	for range tries {
 		var s session
 		if s, err = h.acquire(ctx); err != nil {
 			break

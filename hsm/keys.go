@@ -187,6 +187,8 @@ func usageTemplate(class, usage uint) []*pkcs11.Attribute {
 // name and version that exist already (versions are never reused), and reads
 // the new key's attributes back, so a token that ignored part of the
 // template is caught (the key is then destroyed and ErrWeakKey returned).
+// Unlike other calls it is not retried after a lost connection, since the key
+// may have been made: ask again, and ErrKeyExists then says it was.
 func (h *HSM) CreateKey(ctx context.Context, id KeyID, alg Algorithm) error {
 	sp, ok := specs[alg]
 	if !ok {
@@ -198,7 +200,7 @@ func (h *HSM) CreateKey(ctx context.Context, id KeyID, alg Algorithm) error {
 	h.createMu.Lock()
 	defer h.createMu.Unlock()
 	label := id.label()
-	return h.do(ctx, "create key", id.String(), func(s pkcs11.SessionHandle) error {
+	return h.doOnce(ctx, "create key", id.String(), func(s pkcs11.SessionHandle) error {
 		existing, err := h.findObjects(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, label)}, 1)
 		if err != nil {
 			return err
@@ -261,7 +263,7 @@ func (h *HSM) DestroyKey(ctx context.Context, id KeyID) error {
 	if err := id.check(); err != nil {
 		return &Error{Op: "destroy key", Err: ErrInvalidInput, Detail: err.Error()}
 	}
-	return h.do(ctx, "destroy key", id.String(), func(s pkcs11.SessionHandle) error {
+	return h.doOnce(ctx, "destroy key", id.String(), func(s pkcs11.SessionHandle) error {
 		objs, err := h.findObjects(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, id.label())}, 3)
 		if err != nil {
 			return err

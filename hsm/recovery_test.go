@@ -95,6 +95,16 @@ func TestRecoverAfterReset(t *testing.T) {
 	raw(t, h, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error { return p.Logout(s) })
 	h.forget(KeyID{"kek", 1})
 	exercise(t, h, 5)
+
+	// Creating a key is not retried behind the caller's back: it may have
+	// happened before the connection was lost. The next call reconnects.
+	resetToken(t, h)
+	ctx := context.Background()
+	if err := h.CreateKey(ctx, KeyID{"new", 1}, AES256GCM); !errors.Is(err, ErrTokenUnavailable) {
+		t.Fatalf("create across a reset: %v, want ErrTokenUnavailable", err)
+	}
+	mustCreate(t, h, KeyID{"new", 1}, AES256GCM)
+	exercise(t, h, 6)
 }
 
 // TestConcurrentRecovery: many callers meet a reset at once; one of them
