@@ -54,11 +54,16 @@ type Config struct {
 type settings struct {
 	module    string
 	sel       *URI
-	pin       string
+	pin       secret
 	sessions  int
 	wait      time.Duration
 	reconnect time.Duration
 }
+
+// secret holds the PIN behind a pointer: fmt prints a nested pointer as an
+// address, so no %v of a struct holding it shows the PIN (a String method
+// would not help: fmt does not call it on unexported fields).
+type secret = *struct{ pin string }
 
 const maxPINLen = 255 // PKCS#11 PINs are at most this long in practice
 
@@ -104,19 +109,24 @@ func (c Config) resolve() (settings, error) {
 	}
 	if s.sel.PINSource != "" {
 		pinFile = strings.TrimPrefix(s.sel.PINSource, "file:")
+		if rest, ok := strings.CutPrefix(pinFile, "//"); ok {
+			pinFile = rest // file:///path; file://host/path names another host
+		}
 		if !filepath.IsAbs(pinFile) {
 			return s, fmt.Errorf("hsm: the URI's pin-source must be an absolute file path (file:/path), not %q", s.sel.PINSource)
 		}
 	}
+	var pin string
 	var err error
 	if pinFile != "" {
-		s.pin, err = readPINFile(pinFile)
+		pin, err = readPINFile(pinFile)
 	} else {
-		s.pin, err = readPINEnv(c.PINEnv)
+		pin, err = readPINEnv(c.PINEnv)
 	}
 	if err != nil {
 		return s, err
 	}
+	s.pin = &struct{ pin string }{pin}
 
 	s.sessions = c.Sessions
 	switch {

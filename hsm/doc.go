@@ -3,12 +3,18 @@
 // and does every key operation inside the token. Key material never leaves it.
 //
 // Keys are named by name and version (KeyID) and created with explicit
-// templates: on the token, private, sensitive, never extractable, not
-// modifiable or copyable, and one purpose only. A key found on the token is
-// checked against that before first use; a weaker one (extractable, imported,
-// a second purpose) is refused with ErrWeakKey, and two objects with one label
-// are refused with ErrAmbiguous. Resolved handles are cached per login, so no
+// templates: on the token, private (public halves too), sensitive, never
+// extractable, not modifiable or copyable, and one purpose only. A key found
+// on the token is checked against that before first use; a weaker one
+// (extractable, imported or derived, a second purpose, a public half that is
+// not its private half's) is refused with ErrWeakKey, and two objects with one
+// label are refused with ErrAmbiguous. Only private objects are looked at, so
+// a process without the PIN cannot plant anything keyward would use. Resolved handles are cached per login, so no
 // object search (tens of milliseconds on a full token) sits on a hot path.
+//
+// keyward is the only user of the PKCS#11 library in its process (one HSM
+// per library): after a re-initialization old handles can name new sessions
+// and objects, so sharing the library state is not safe.
 //
 // Sessions come from a bounded pool (Config.Sessions) with a wait timeout. A
 // session that fails is closed, not reused; when the token, the login or the

@@ -20,6 +20,9 @@ type HSM struct {
 	mod    *module
 	sem    chan struct{} // one slot per session in use
 	closed atomic.Bool
+	// softHSM: the token is SoftHSM2, which reports a failed GCM tag check
+	// as CKR_GENERAL_ERROR.
+	softHSM atomic.Bool
 
 	mu      sync.Mutex // guards the fields below
 	token   TokenInfo
@@ -106,7 +109,7 @@ func (h *HSM) Close() error {
 		}
 	}
 	h.mu.Lock()
-	h.closeSessionsLocked()
+	h.dropSessionsLocked()
 	h.mu.Unlock()
 	h.mod.release()
 	return nil
@@ -170,13 +173,14 @@ func (h *HSM) connectLocked() error {
 	if err != nil {
 		return opError("open", "", err, fmt.Sprintf("opening a session on token %q failed", t.Label))
 	}
-	err = ctx.Login(anchor, pkcs11.CKU_USER, h.set.pin)
+	err = ctx.Login(anchor, pkcs11.CKU_USER, h.set.pin.pin)
 	if err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
 		_ = ctx.CloseSession(anchor)
 		return opError("login", "", err, "")
 	}
 	h.token = t
 	h.anchor = anchor
+	h.softHSM.Store(t.Manufacturer == "SoftHSM project")
 	// Operations of the lost connection may have cached handles after it was
 	// given up; they have all ended now (readyLocked waits), so this clears
 	// the last of them.
@@ -194,23 +198,19 @@ func (h *HSM) selector() string {
 	return u.String()
 }
 
-// closeSessionsLocked ends the idle sessions and the anchor; used on Close.
-func (h *HSM) closeSessionsLocked() {
+// dropSessionsLocked ends the idle sessions and the anchor and forgets the
+// cached handles: on Close, and when the connection is lost. Handles are
+// closed even then, since a lost login or a device error leaves sessions open
+// on the token. That is safe because keyward is the library's only user in
+// the process and reconnects only once every session of the lost connection
+// is back (readyLocked), so no old handle can name a new session yet.
+func (h *HSM) dropSessionsLocked() {
 	for _, s := range h.idle {
 		_ = h.mod.ctx.CloseSession(s.h)
 	}
 	if h.anchor != 0 {
 		_ = h.mod.ctx.CloseSession(h.anchor)
 	}
-	h.abandonSessionsLocked()
-}
-
-// abandonSessionsLocked forgets every session of this generation without
-// closing them. After the library was initialized again (by keyward or by
-// anyone else in the process) an old handle may name someone else's new
-// session, so closing it could end that one; a token that lost its state has
-// lost the old sessions anyway.
-func (h *HSM) abandonSessionsLocked() {
 	h.idle = nil
 	h.anchor = 0
 	h.gen++
@@ -222,7 +222,7 @@ func (h *HSM) abandonSessionsLocked() {
 // breakLocked records that the token went away. The next operation tries to
 // reconnect at once; later ones no more often than the reconnect interval.
 func (h *HSM) breakLocked(cause error) {
-	h.abandonSessionsLocked()
+	h.dropSessionsLocked()
 	h.broken = unavailable(cause)
 	h.nextTry = time.Time{}
 }
@@ -253,8 +253,9 @@ func (h *HSM) readyLocked() error {
 	if now.Before(h.nextTry) {
 		return h.broken
 	}
-	// Operations still running on the lost connection must end first: their
-	// session handles could otherwise name the new sessions.
+	// Operations still running on the lost connection must end first: once
+	// the library is initialized again their session handles could name the
+	// new sessions.
 	for h.inUse > 0 {
 		if time.Since(now) > h.set.wait {
 			h.nextTry = time.Now().Add(h.set.reconnect)
@@ -336,9 +337,10 @@ func (h *HSM) release(s session, err error) class {
 	h.inUse--
 	switch {
 	case s.gen != h.gen:
-		// abandoned with its generation
+		_ = h.mod.ctx.CloseSession(s.h) // its connection was given up
 	case c == classToken:
 		h.breakLocked(err)
+		_ = h.mod.ctx.CloseSession(s.h)
 	case c == classSession || h.closed.Load() || len(h.idle) >= cap(h.sem):
 		_ = h.mod.ctx.CloseSession(s.h)
 	default:

@@ -12,6 +12,7 @@ import (
 	"crypto/sha256"
 	"crypto/sha512"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -408,6 +409,13 @@ func TestWeakKeysRefused(t *testing.T) {
 			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true), pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
 			pkcs11.NewAttribute(pkcs11.CKA_WRAP, true), pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, true)),
 			"CKA_WRAP is true, CKA_UNWRAP is true"},
+		{"modifiable (could gain a purpose later)", aes(
+			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true), pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+			pkcs11.NewAttribute(pkcs11.CKA_COPYABLE, false),
+			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true), pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+			pkcs11.NewAttribute(pkcs11.CKA_WRAP, false), pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+			pkcs11.NewAttribute(pkcs11.CKA_SIGN, false), pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false), pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false)),
+			"CKA_MODIFIABLE is true; keyward"},
 		{"session object", []*pkcs11.Attribute{
 			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
 			pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
@@ -566,6 +574,9 @@ func TestOpenErrors(t *testing.T) {
 		{"two PIN sources", func(c *Config) { c.PINEnv = "KEYWARD_TEST_PIN" }, nil, "exactly one way"},
 		{"PIN in URI", func(c *Config) { c.Token, c.URI = "", "pkcs11:token="+tok.Label+"?pin-value=1234" }, nil, "must not carry pin-value"},
 		{"sessions", func(c *Config) { c.Sessions = -1 }, nil, "out of range"},
+		{"pin-source on another host", func(c *Config) {
+			c.Token, c.PINFile, c.URI = "", "", "pkcs11:token="+tok.Label+"?pin-source=file://host/pin"
+		}, nil, "must be an absolute file path"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h, err := Open(tokenConfig(tok, tc.cfg))
@@ -589,11 +600,18 @@ func TestOpenErrors(t *testing.T) {
 	// serial and pin-source.
 	for _, cfg := range []Config{
 		{Module: tok.Module, Token: tok.Label, PINEnv: "KEYWARD_TEST_PIN"},
+		{Module: tok.Module, URI: "pkcs11:token=" + tok.Label + "?pin-source=file://" + tok.PINFile},
 		{URI: (&URI{Token: tok.Label, Serial: tok.Serial, ModulePath: tok.Module, PINSource: "file:" + tok.PINFile}).String()},
 	} {
 		h, err := Open(cfg)
 		if err != nil {
 			t.Fatalf("Open(%+v): %v", cfg, err)
+		}
+		for _, format := range []string{"%v", "%+v", "%#v"} {
+			if s := fmt.Sprintf(format, h); strings.Contains(s, tok.PIN) {
+				h.Close()
+				t.Fatalf("%s of the HSM shows the PIN", format)
+			}
 		}
 		if got := h.Token(); got.Label != tok.Label || got.Serial != tok.Serial || got.Manufacturer != "SoftHSM project" {
 			t.Errorf("Token() = %+v", got)

@@ -201,7 +201,7 @@ func (h *HSM) CreateKey(ctx context.Context, id KeyID, alg Algorithm) error {
 	defer h.createMu.Unlock()
 	label := id.label()
 	return h.doOnce(ctx, "create key", id.String(), func(s pkcs11.SessionHandle) error {
-		existing, err := h.findObjects(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, label)}, 1)
+		existing, err := h.findObjects(s, ours(label), 1)
 		if err != nil {
 			return err
 		}
@@ -230,7 +230,7 @@ func (h *HSM) CreateKey(ctx context.Context, id KeyID, alg Algorithm) error {
 				pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, sp.keyType),
 				pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, sp.params[0]),
 				pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-				pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false),
+				pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true), // unseen, so unchangeable, without the PIN
 				pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false))
 			pub = append(pub, usageTemplate(pkcs11.CKO_PUBLIC_KEY, pkcs11.CKA_VERIFY)...)
 			priv := append(naming[:len(naming):len(naming)],
@@ -264,7 +264,7 @@ func (h *HSM) DestroyKey(ctx context.Context, id KeyID) error {
 		return &Error{Op: "destroy key", Err: ErrInvalidInput, Detail: err.Error()}
 	}
 	return h.doOnce(ctx, "destroy key", id.String(), func(s pkcs11.SessionHandle) error {
-		objs, err := h.findObjects(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, id.label())}, 3)
+		objs, err := h.findObjects(s, ours(id.label()), 3)
 		if err != nil {
 			return err
 		}
@@ -287,6 +287,17 @@ func (h *HSM) forget(id KeyID) {
 		delete(h.keys, keyRef{id.label(), c})
 	}
 	h.keysMu.Unlock()
+}
+
+// ours is the search template for keyward's objects under a label. Only
+// private objects count: they can be made only by a holder of the PIN, so a
+// process without it cannot plant an object that keyward would use, or that
+// would make a keyward key ambiguous.
+func ours(label string) []*pkcs11.Attribute {
+	return []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+	}
 }
 
 // findObjects returns up to max objects matching tmpl (pass max > 1 to
@@ -323,10 +334,7 @@ func (h *HSM) key(s pkcs11.SessionHandle, id KeyID, class uint) (*keyEntry, erro
 func (h *HSM) resolve(s pkcs11.SessionHandle, id KeyID, class uint) (*keyEntry, error) {
 	label := id.label()
 	one := func(class uint) (pkcs11.ObjectHandle, error) {
-		objs, err := h.findObjects(s, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
-			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
-		}, 2)
+		objs, err := h.findObjects(s, append(ours(label), pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)), 2)
 		switch {
 		case err != nil:
 			return 0, err
@@ -360,6 +368,9 @@ func (h *HSM) resolve(s pkcs11.SessionHandle, id KeyID, class uint) (*keyEntry, 
 		if e.public, err = h.publicKey(s, pubObj, e.alg); err != nil {
 			return nil, err
 		}
+		if err := h.provePair(s, e); err != nil {
+			return nil, err
+		}
 	}
 	h.keysMu.Lock()
 	h.keys[keyRef{label, class}] = e
@@ -370,9 +381,16 @@ func (h *HSM) resolve(s pkcs11.SessionHandle, id KeyID, class uint) (*keyEntry, 
 // checkKey reads a key's attributes and returns its algorithm, or
 // ErrWeakKey naming every attribute that falls short.
 func (h *HSM) checkKey(s pkcs11.SessionHandle, obj pkcs11.ObjectHandle, class uint) (Algorithm, error) {
-	flags := []uint{pkcs11.CKA_TOKEN, pkcs11.CKA_PRIVATE, pkcs11.CKA_SENSITIVE, pkcs11.CKA_ALWAYS_SENSITIVE, pkcs11.CKA_EXTRACTABLE, pkcs11.CKA_NEVER_EXTRACTABLE}
-	want := map[uint]bool{pkcs11.CKA_TOKEN: true, pkcs11.CKA_PRIVATE: true, pkcs11.CKA_SENSITIVE: true, pkcs11.CKA_ALWAYS_SENSITIVE: true, pkcs11.CKA_EXTRACTABLE: false, pkcs11.CKA_NEVER_EXTRACTABLE: true}
+	// CKA_LOCAL: generated in this token, not imported or derived (a derived
+	// key inherits ALWAYS_SENSITIVE and NEVER_EXTRACTABLE from its base,
+	// whose holder can derive it again). MODIFIABLE and COPYABLE false: no
+	// one can give it a second purpose or a weaker copy later.
+	flags := []uint{pkcs11.CKA_TOKEN, pkcs11.CKA_PRIVATE, pkcs11.CKA_SENSITIVE, pkcs11.CKA_ALWAYS_SENSITIVE, pkcs11.CKA_EXTRACTABLE, pkcs11.CKA_NEVER_EXTRACTABLE,
+		pkcs11.CKA_LOCAL, pkcs11.CKA_MODIFIABLE, pkcs11.CKA_COPYABLE}
+	want := map[uint]bool{pkcs11.CKA_TOKEN: true, pkcs11.CKA_PRIVATE: true, pkcs11.CKA_SENSITIVE: true, pkcs11.CKA_ALWAYS_SENSITIVE: true, pkcs11.CKA_EXTRACTABLE: false, pkcs11.CKA_NEVER_EXTRACTABLE: true,
+		pkcs11.CKA_LOCAL: true, pkcs11.CKA_MODIFIABLE: false, pkcs11.CKA_COPYABLE: false}
 	names := map[uint]string{
+		pkcs11.CKA_LOCAL: "CKA_LOCAL", pkcs11.CKA_MODIFIABLE: "CKA_MODIFIABLE", pkcs11.CKA_COPYABLE: "CKA_COPYABLE",
 		pkcs11.CKA_TOKEN: "CKA_TOKEN", pkcs11.CKA_PRIVATE: "CKA_PRIVATE", pkcs11.CKA_SENSITIVE: "CKA_SENSITIVE", pkcs11.CKA_ALWAYS_SENSITIVE: "CKA_ALWAYS_SENSITIVE",
 		pkcs11.CKA_EXTRACTABLE: "CKA_EXTRACTABLE", pkcs11.CKA_NEVER_EXTRACTABLE: "CKA_NEVER_EXTRACTABLE",
 		pkcs11.CKA_ENCRYPT: "CKA_ENCRYPT", pkcs11.CKA_DECRYPT: "CKA_DECRYPT", pkcs11.CKA_SIGN: "CKA_SIGN", pkcs11.CKA_VERIFY: "CKA_VERIFY",
@@ -423,7 +441,7 @@ func (h *HSM) checkKey(s pkcs11.SessionHandle, obj pkcs11.ObjectHandle, class ui
 		}
 	}
 	if len(bad) > 0 {
-		return 0, &Error{Err: ErrWeakKey, Detail: strings.Join(bad, ", ") + "; keyward uses only keys made inside the token that never leave it and serve one purpose"}
+		return 0, &Error{Err: ErrWeakKey, Detail: strings.Join(bad, ", ") + "; keyward uses only keys generated inside the token that never leave it and serve one purpose"}
 	}
 	return alg, nil
 }
@@ -433,12 +451,13 @@ func (h *HSM) publicKey(s pkcs11.SessionHandle, obj pkcs11.ObjectHandle, alg Alg
 	attrs, err := h.mod.ctx.GetAttributeValue(s, obj, []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, nil),
 		pkcs11.NewAttribute(pkcs11.CKA_EC_POINT, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil),
 	})
 	if err != nil {
 		return nil, err
 	}
-	if !slices.ContainsFunc(specs[alg].params, func(p []byte) bool { return bytes.Equal(p, attrs[0].Value) }) {
-		return nil, &Error{Err: ErrWrongAlgorithm, Detail: "the public half is on another curve than the private half"}
+	if ulong(attrs[2].Value) != specs[alg].keyType || !slices.ContainsFunc(specs[alg].params, func(p []byte) bool { return bytes.Equal(p, attrs[0].Value) }) {
+		return nil, &Error{Err: ErrWrongAlgorithm, Detail: "the public half is of another key type or curve than the private half"}
 	}
 	return parsePublicKey(alg, attrs[1].Value)
 }
@@ -446,10 +465,13 @@ func (h *HSM) publicKey(s pkcs11.SessionHandle, obj pkcs11.ObjectHandle, alg Alg
 // parsePublicKey decodes CKA_EC_POINT: a DER OCTET STRING around the point
 // (PKCS#11 2.40), or on some tokens the bare point.
 func parsePublicKey(alg Algorithm, ecPoint []byte) (crypto.PublicKey, error) {
+	bare := map[Algorithm]int{ECDSAP256: 65, ECDSAP384: 97, Ed25519: ed25519.PublicKeySize}[alg]
 	point := ecPoint
 	var inner []byte
-	if rest, err := asn1.Unmarshal(ecPoint, &inner); err == nil && len(rest) == 0 {
-		point = inner
+	if len(ecPoint) != bare { // a bare point can look like DER by chance
+		if rest, err := asn1.Unmarshal(ecPoint, &inner); err == nil && len(rest) == 0 {
+			point = inner
+		}
 	}
 	switch alg {
 	case ECDSAP256, ECDSAP384:

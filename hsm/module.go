@@ -10,51 +10,49 @@ import (
 )
 
 // A PKCS#11 library has one state per process: C_Initialize and C_Finalize
-// act on every user of it at once. So a library is loaded and initialized once
-// per path, shared by every HSM that uses it, and finalized when the last one
-// closes. If something else in the process initialized it first, keyward uses
-// it as it is and leaves finalizing to that owner.
+// act on every user of it at once, and after a re-initialization old session
+// and object handles may name new, unrelated sessions and objects. So keyward
+// is the only user of a library in its process: one HSM per library, which
+// initializes it on Open and finalizes it on Close, and which alone decides
+// when to initialize it again. Open refuses a library that is already in use
+// in the process, whether by another HSM or by other code. Share one *HSM.
 var modules = struct {
 	sync.Mutex
-	m map[string]*module
-}{m: map[string]*module{}}
+	inUse map[string]bool
+}{inUse: map[string]bool{}}
 
 type module struct {
-	path   string
-	ctx    *pkcs11.Ctx
-	refs   int
-	ownsIt bool // keyward called C_Initialize, so keyward calls C_Finalize
+	path string // the library's real path, symlinks resolved
+	ctx  *pkcs11.Ctx
 }
 
 func openModule(path string) (*module, error) {
-	path = filepath.Clean(path)
+	real, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return nil, fmt.Errorf("hsm: module %s: %w", path, err)
+	}
 	modules.Lock()
 	defer modules.Unlock()
-	if m, ok := modules.m[path]; ok {
-		m.refs++
-		return m, nil
+	if modules.inUse[real] {
+		return nil, fmt.Errorf("hsm: module %s is already open in this process: share the one *hsm.HSM instead of opening another", path)
 	}
-	ctx := pkcs11.New(path)
+	ctx := pkcs11.New(real)
 	if ctx == nil {
-		return nil, fmt.Errorf("hsm: module %s could not be loaded: it is not a PKCS#11 library for this platform, or a library it needs is missing (try ldd %s)", path, path)
+		return nil, fmt.Errorf("hsm: module %s could not be loaded: it is not a PKCS#11 library for this platform, or a library it needs is missing (try ldd %s)", path, real)
 	}
-	m := &module{path: path, ctx: ctx, refs: 1, ownsIt: true}
 	if err := ctx.Initialize(); err != nil {
-		if !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
-			ctx.Destroy()
-			return nil, opError("open", "", err, fmt.Sprintf("C_Initialize of %s failed", path))
+		ctx.Destroy()
+		if errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
+			return nil, opError("open", "", err, fmt.Sprintf("other code in this process already uses %s; keyward must be its only user", path))
 		}
-		m.ownsIt = false
+		return nil, opError("open", "", err, fmt.Sprintf("C_Initialize of %s failed", path))
 	}
-	modules.m[path] = m
-	return m, nil
+	modules.inUse[real] = true
+	return &module{path: real, ctx: ctx}, nil
 }
 
-// reinitialize brings the library back after its state was lost (a token
-// reset, or C_Finalize by another user in the process).
+// reinitialize brings the library back after its state was lost.
 func (m *module) reinitialize() error {
-	modules.Lock()
-	defer modules.Unlock()
 	err := m.ctx.Initialize()
 	if err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
 		return err
@@ -65,13 +63,7 @@ func (m *module) reinitialize() error {
 func (m *module) release() {
 	modules.Lock()
 	defer modules.Unlock()
-	m.refs--
-	if m.refs > 0 {
-		return
-	}
-	delete(modules.m, m.path)
-	if m.ownsIt {
-		_ = m.ctx.Finalize()
-	}
+	delete(modules.inUse, m.path)
+	_ = m.ctx.Finalize()
 	m.ctx.Destroy()
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/asn1"
@@ -101,10 +102,10 @@ func (h *HSM) openGCM(s pkcs11.SessionHandle, key pkcs11.ObjectHandle, nonce, ci
 		return nil, err
 	}
 	pt, err := h.mod.ctx.Decrypt(s, ciphertext)
-	if errors.Is(err, pkcs11.Error(pkcs11.CKR_GENERAL_ERROR)) {
-		// SoftHSM2 reports a failed tag check as CKR_GENERAL_ERROR. After a
-		// successful C_DecryptInit that is what it means; the session is
-		// still dropped, as after any general error.
+	if errors.Is(err, pkcs11.Error(pkcs11.CKR_GENERAL_ERROR)) && h.softHSM.Load() {
+		// SoftHSM2 reports a failed tag check as CKR_GENERAL_ERROR; on
+		// other tokens it stays a token fault, not a forgery. The session
+		// is dropped either way, as after any general error.
 		return nil, &Error{Err: ErrDecrypt, Code: pkcs11.CKR_GENERAL_ERROR}
 	}
 	return pt, err
@@ -191,7 +192,6 @@ func (g *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 // For ECDSA, digest is a hash of the size opts names; for Ed25519 it is the
 // whole message and opts.HashFunc() must be 0 (pure Ed25519, no context).
 func (g *Signer) SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	mech := uint(pkcs11.CKM_ECDSA)
 	switch g.alg {
 	case ECDSAP256, ECDSAP384:
 		if opts == nil || opts.HashFunc() == 0 || len(digest) != opts.HashFunc().Size() {
@@ -204,43 +204,75 @@ func (g *Signer) SignContext(ctx context.Context, digest []byte, opts crypto.Sig
 		if o, ok := opts.(*ed25519.Options); ok && o.Context != "" {
 			return nil, &Error{Op: "sign", Key: g.id.String(), Err: ErrInvalidInput, Detail: "Ed25519ctx is not supported"}
 		}
-		mech = ckmEdDSA
 	}
 	var sig []byte
 	err := g.h.withKey(ctx, "sign", g.id, pkcs11.CKO_PRIVATE_KEY, g.alg, func(s pkcs11.SessionHandle, k *keyEntry) error {
-		if err := g.h.mod.ctx.SignInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, k.handle); err != nil {
-			return err
-		}
-		raw, err := g.h.mod.ctx.Sign(s, digest)
+		raw, err := g.h.signRaw(s, k.handle, g.alg, digest)
 		if err != nil {
 			return err
 		}
 		if g.alg == Ed25519 {
-			if len(raw) != ed25519.SignatureSize {
-				return &Error{Err: ErrToken, Detail: fmt.Sprintf("the token returned a %d-byte Ed25519 signature", len(raw))}
-			}
 			sig = raw
 			return nil
 		}
-		sig, err = ecdsaDER(raw, g.alg)
+		sig, err = asn1.Marshal(ecdsaRS(raw))
 		return err
 	})
 	return sig, err
 }
 
-// ecdsaDER turns the token's r‖s into the ASN.1 form crypto.Signer returns.
-func ecdsaDER(raw []byte, alg Algorithm) ([]byte, error) {
-	size := 32
-	if alg == ECDSAP384 {
-		size = 48
+// sigSizes are the sizes of the token's raw signatures: r‖s for ECDSA.
+var sigSizes = map[Algorithm]int{ECDSAP256: 64, ECDSAP384: 96, Ed25519: ed25519.SignatureSize}
+
+// signRaw signs data (a digest for ECDSA, the message for Ed25519) with the
+// private key object and checks the size of what the token returns.
+func (h *HSM) signRaw(s pkcs11.SessionHandle, key pkcs11.ObjectHandle, alg Algorithm, data []byte) ([]byte, error) {
+	mech := uint(pkcs11.CKM_ECDSA)
+	if alg == Ed25519 {
+		mech = ckmEdDSA
 	}
-	if len(raw) != 2*size {
-		return nil, &Error{Err: ErrToken, Detail: fmt.Sprintf("the token returned a %d-byte ECDSA signature, not %d", len(raw), 2*size)}
+	if err := h.mod.ctx.SignInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, key); err != nil {
+		return nil, err
 	}
-	return asn1.Marshal(struct{ R, S *big.Int }{
-		new(big.Int).SetBytes(raw[:size]),
-		new(big.Int).SetBytes(raw[size:]),
-	})
+	raw, err := h.mod.ctx.Sign(s, data)
+	if err != nil {
+		return nil, err
+	}
+	if len(raw) != sigSizes[alg] {
+		return nil, &Error{Err: ErrToken, Detail: fmt.Sprintf("the token returned a %d-byte %v signature, not %d", len(raw), alg, sigSizes[alg])}
+	}
+	return raw, nil
+}
+
+// ecdsaRS splits the token's r‖s; asn1.Marshal of it is the DER form
+// crypto.Signer returns.
+func ecdsaRS(raw []byte) struct{ R, S *big.Int } {
+	n := len(raw) / 2
+	return struct{ R, S *big.Int }{new(big.Int).SetBytes(raw[:n]), new(big.Int).SetBytes(raw[n:])}
+}
+
+// provePair signs a random challenge with a pair's private half and checks
+// it with the public half, so that keyward never publishes a public key that
+// is not its private key's.
+func (h *HSM) provePair(s pkcs11.SessionHandle, e *keyEntry) error {
+	challenge := make([]byte, sigSizes[e.alg]/2)
+	rand.Read(challenge)
+	raw, err := h.signRaw(s, e.handle, e.alg, challenge)
+	if err != nil {
+		return err
+	}
+	ok := false
+	switch pub := e.public.(type) {
+	case *ecdsa.PublicKey:
+		rs := ecdsaRS(raw)
+		ok = ecdsa.Verify(pub, challenge, rs.R, rs.S)
+	case ed25519.PublicKey:
+		ok = ed25519.Verify(pub, challenge, raw)
+	}
+	if !ok {
+		return &Error{Err: ErrWeakKey, Detail: "the public half on the token does not belong to the private half"}
+	}
+	return nil
 }
 
 // withKey runs fn with the checked key id of the given class. want, if not

@@ -240,9 +240,44 @@ func TestPINChangedIsNotRetried(t *testing.T) {
 		}
 	}
 	// ...and a new Open (an operator's restart) uses it.
+	h.Close()
 	h2, err := Open(tokenConfig(tok))
 	if err != nil {
 		t.Fatal(err)
 	}
 	h2.Close()
+}
+
+// TestNoSessionLeak: losing the login (not the library) again and again
+// leaves no sessions open beyond the pool and the anchor.
+func TestNoSessionLeak(t *testing.T) {
+	const pool = 4
+	h, _ := openToken(t, func(c *Config) { c.Sessions = pool })
+	ctx := context.Background()
+	for range 20 {
+		var held []session
+		for range pool {
+			s, err := h.acquire(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, s)
+		}
+		for _, s := range held {
+			h.release(s, nil)
+		}
+		raw(t, h, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error { return p.Logout(s) })
+		if err := h.Health(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	open := 0
+	for sh := pkcs11.SessionHandle(1); sh < 500; sh++ {
+		if _, err := h.mod.ctx.GetSessionInfo(sh); err == nil {
+			open++
+		}
+	}
+	if open > pool+1 {
+		t.Fatalf("%d sessions open after 20 lost logins; the pool holds at most %d and the anchor", open, pool)
+	}
 }

@@ -58,7 +58,10 @@ func ParseURI(s string) (*URI, error) {
 	path, query, _ := strings.Cut(rest, "?")
 	u := &URI{}
 	seen := map[string]bool{}
-	if path != "" {
+	if path == "" {
+		return nil, errors.New("hsm: PKCS#11 URI selects no token; give at least token=LABEL")
+	}
+	{
 		for _, attr := range strings.Split(path, ";") {
 			name, value, err := uriAttr(attr)
 			if err != nil {
@@ -98,9 +101,6 @@ func ParseURI(s string) (*URI, error) {
 				return nil, fmt.Errorf("hsm: PKCS#11 URI query attribute %q is not supported; use module-path or pin-source", name)
 			}
 		}
-	}
-	if len(seen) == 0 {
-		return nil, errors.New("hsm: PKCS#11 URI selects nothing; give at least token=LABEL")
 	}
 	return u, nil
 }

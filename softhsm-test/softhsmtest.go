@@ -195,3 +195,9 @@ func New(t testing.TB) *Token {
 	}
 	return tok
 }
+
+// String describes the token without its PINs, so that printing a Token in
+// a failure message shows none.
+func (tok *Token) String() string {
+	return fmt.Sprintf("token %q (serial %s) in %s", tok.Label, tok.Serial, tok.Dir)
+}
