@@ -570,6 +570,7 @@ func TestOpenErrors(t *testing.T) {
 		{"missing PIN file", func(c *Config) { c.PINFile = filepath.Join(dir, "nope") }, nil, "does not exist"},
 		{"world-readable PIN file", func(c *Config) { c.PINFile = worldPIN }, nil, "chmod o-rwx"},
 		{"empty PIN file", func(c *Config) { c.PINFile = emptyPIN }, nil, "is empty"},
+		{"PIN file is a directory", func(c *Config) { c.PINFile = dir }, nil, "is not a regular file"},
 		{"PIN variable unset", func(c *Config) { c.PINFile, c.PINEnv = "", "KEYWARD_TEST_NO_SUCH_VAR" }, nil, "is not set"},
 		{"two PIN sources", func(c *Config) { c.PINEnv = "KEYWARD_TEST_PIN" }, nil, "exactly one way"},
 		{"PIN in URI", func(c *Config) { c.Token, c.URI = "", "pkcs11:token="+tok.Label+"?pin-value=1234" }, nil, "must not carry pin-value"},

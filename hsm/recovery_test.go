@@ -32,32 +32,40 @@ func resetToken(t *testing.T, h *HSM) {
 // exercise runs one of each operation and fails the test on any error.
 func exercise(t *testing.T, h *HSM, round int) {
 	t.Helper()
+	if err := tryAll(h, round); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// tryAll runs one of each operation and returns the first error.
+func tryAll(h *HSM, round int) error {
 	ctx := context.Background()
 	msg := []byte(fmt.Sprint("round ", round))
 	nonce, ct, err := h.Encrypt(ctx, KeyID{"kek", 1}, msg, msg)
 	if err != nil {
-		t.Fatalf("round %d encrypt: %v", round, err)
+		return fmt.Errorf("round %d encrypt: %w", round, err)
 	}
 	if pt, err := h.Decrypt(ctx, KeyID{"kek", 1}, nonce, ct, msg); err != nil || !bytes.Equal(pt, msg) {
-		t.Fatalf("round %d decrypt: %v", round, err)
+		return fmt.Errorf("round %d decrypt: %w", round, err)
 	}
 	if _, err := h.HMACSHA256(ctx, KeyID{"mac", 1}, msg); err != nil {
-		t.Fatalf("round %d hmac: %v", round, err)
+		return fmt.Errorf("round %d hmac: %w", round, err)
 	}
 	sg, err := h.Signer(ctx, KeyID{"sig", 1})
 	if err != nil {
-		t.Fatalf("round %d signer: %v", round, err)
+		return fmt.Errorf("round %d signer: %w", round, err)
 	}
 	d := sha256.Sum256(msg)
 	if _, err := sg.Sign(nil, d[:], crypto.SHA256); err != nil {
-		t.Fatalf("round %d sign: %v", round, err)
+		return fmt.Errorf("round %d sign: %w", round, err)
 	}
 	if _, err := h.Random(ctx, 16); err != nil {
-		t.Fatalf("round %d random: %v", round, err)
+		return fmt.Errorf("round %d random: %w", round, err)
 	}
 	if err := h.Health(ctx); err != nil {
-		t.Fatalf("round %d health: %v", round, err)
+		return fmt.Errorf("round %d health: %w", round, err)
 	}
+	return nil
 }
 
 func recoveryToken(t *testing.T, tune ...func(*Config)) *HSM {
