@@ -47,11 +47,15 @@ test: deps
 bench: deps
 	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) $(PKGS)
 
-## fuzz: run each fuzz target for FUZZTIME (default 30s)
+## fuzz: run every fuzz target for FUZZTIME each (default 30s)
 FUZZTIME ?= 30s
 fuzz:
-	$(GO) test ./hsm -run '^$$' -fuzz '^FuzzParseURI$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./hsm -run '^$$' -fuzz '^FuzzParsePublicKey$$' -fuzztime $(FUZZTIME)
+	@for pkg in $$($(GO) list $(PKGS)); do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			echo "== $$pkg $$f"; \
+			$(GO) test $$pkg -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) || exit 1; \
+		done; \
+	done
 
 ## lint: gofmt, go vet, staticcheck (pinned in go.mod as a tool)
 lint:

@@ -39,6 +39,9 @@ var ErrGone = errors.New("identity: the calling process is gone")
 type Caller struct {
 	UID uint32
 	GID uint32
+	// Groups are the supplementary groups of the process (/proc/PID/status),
+	// read at connect time; empty for a caller with PID 0.
+	Groups []uint32
 	// PID is 0 when the caller is in a PID namespace this process cannot
 	// see into; then Exe and ExeSHA256 are empty.
 	PID int
@@ -135,6 +138,9 @@ func (r *Resolver) inspect(c *Caller, accepted time.Time, byPID bool) error {
 			return fmt.Errorf("%w: PID %d was reused after the connection was made", ErrGone, c.PID)
 		}
 	}
+	if c.Groups, err = r.groups(c.PID); err != nil {
+		return fmt.Errorf("%w: %v", ErrGone, err)
+	}
 	c.Exe, c.ExeSHA256 = r.binary(c.PID) // unreadable: identified by uid/gid only
 	return c.Alive()
 }
@@ -210,6 +216,30 @@ func (r *Resolver) binary(pid int) (path, sum string) {
 	r.hashes[key] = sum
 	r.mu.Unlock()
 	return path, sum
+}
+
+// groups reads the supplementary groups from /proc/PID/status.
+func (r *Resolver) groups(pid int) ([]uint32, error) {
+	b, err := os.ReadFile(fmt.Sprintf("%s/%d/status", r.proc, pid))
+	if err != nil {
+		return nil, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		rest, ok := strings.CutPrefix(line, "Groups:")
+		if !ok {
+			continue
+		}
+		var out []uint32
+		for _, f := range strings.Fields(rest) {
+			n, err := strconv.ParseUint(f, 10, 32)
+			if err != nil {
+				return nil, fmt.Errorf("unreadable Groups line in /proc/%d/status", pid)
+			}
+			out = append(out, uint32(n))
+		}
+		return out, nil
+	}
+	return nil, fmt.Errorf("no Groups line in /proc/%d/status", pid)
 }
 
 // clockTicks is USER_HZ, the unit of /proc/PID/stat's start time; 100 on

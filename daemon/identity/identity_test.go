@@ -139,7 +139,7 @@ func TestIdentifyOtherUserAndExit(t *testing.T) {
 	}
 	cmd := exec.Command(bin)
 	cmd.Env = []string{"KEYWARD_IDENTITY_DIAL=" + path}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{4242, 4343}}}
 	stdin, _ := cmd.StdinPipe()
 	stdout, _ := cmd.StdoutPipe()
 	var stderr strings.Builder
@@ -158,6 +158,9 @@ func TestIdentifyOtherUserAndExit(t *testing.T) {
 	defer c.Close()
 	if c.UID != 65534 || c.GID != 65534 || c.PID != cmd.Process.Pid || c.Exe != bin || c.ExeSHA256 != fileSHA256(t, bin) {
 		t.Fatalf("caller %+v; want uid/gid 65534, pid %d, exe %s", c, cmd.Process.Pid, bin)
+	}
+	if len(c.Groups) != 2 || c.Groups[0] != 4242 || c.Groups[1] != 4343 {
+		t.Fatalf("supplementary groups %v, want [4242 4343]", c.Groups)
 	}
 	stdin.Close()
 	cmd.Wait()

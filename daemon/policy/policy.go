@@ -1,0 +1,339 @@
+// Package policy decides what a caller may do. A policy file binds callers,
+// picked by what the kernel says about them (uid, user, gid, group, binary
+// path, binary SHA-256), to roles, and grants roles operations on keys whose
+// names match a glob. Everything not granted is denied, and a denial names the
+// permission that was missing, never the policy's contents.
+//
+// The file is YAML, read strictly: an unknown field, an unknown operation, a
+// user or group the system does not know, or a bad glob is an error that names
+// its line. See docs/policy.md.
+package policy
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os/user"
+	"path"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// ErrDenied is what every refusal matches with errors.Is.
+var ErrDenied = errors.New("permission denied")
+
+// Denied says which permission a caller lacked.
+type Denied struct {
+	Op  string // the operation, e.g. "EnvelopeService.Decrypt"
+	Key string // the key name; empty for operations on no key
+}
+
+func (d *Denied) Error() string {
+	if d.Key == "" {
+		return fmt.Sprintf("permission denied: this caller is not granted %s", d.Op)
+	}
+	return fmt.Sprintf("permission denied: this caller is not granted %s on key %q", d.Op, d.Key)
+}
+
+// Is makes errors.Is(err, ErrDenied) true.
+func (d *Denied) Is(target error) bool { return target == ErrDenied }
+
+// Subject is what the policy knows of a caller: the kernel's account.
+type Subject struct {
+	UID       uint32
+	GIDs      []uint32 // the primary group first, then the supplementary ones
+	Exe       string   // absolute path of the binary; empty if unknown
+	ExeSHA256 string   // hex; empty if unknown
+}
+
+// Policy is a parsed policy file. It is immutable and safe for concurrent
+// use; a reload makes a new one.
+type Policy struct {
+	bindings []binding
+	roles    map[string]*role
+}
+
+type binding struct {
+	role      string
+	selectors []selector
+}
+
+// selector matches a caller when every field it sets matches.
+type selector struct {
+	uid, gid  *uint32
+	exe, hash string
+}
+
+type role struct {
+	perms    []perm
+	maxBatch int
+}
+
+type perm struct {
+	ops  []string // exact operation names, "Service.*" or "*"
+	keys []string // path.Match globs
+}
+
+// file is the YAML form.
+type file struct {
+	Version  int                 `yaml:"version"`
+	Roles    map[string]roleSpec `yaml:"roles"`
+	Bindings []bindingSpec       `yaml:"bindings"`
+}
+
+type roleSpec struct {
+	Permissions []permSpec `yaml:"permissions"`
+	MaxBatch    int        `yaml:"max_batch"`
+}
+
+type permSpec struct {
+	Operations []lined[string] `yaml:"operations"`
+	Keys       []lined[string] `yaml:"keys"`
+}
+
+type bindingSpec struct {
+	Role    lined[string]  `yaml:"role"`
+	Callers []selectorSpec `yaml:"callers"`
+}
+
+type selectorSpec struct {
+	UID    lined[uint32] `yaml:"uid"`
+	User   lined[string] `yaml:"user"`
+	GID    lined[uint32] `yaml:"gid"`
+	Group  lined[string] `yaml:"group"`
+	Binary lined[string] `yaml:"binary"`
+	SHA256 lined[string] `yaml:"sha256"`
+}
+
+// lined is a scalar with the line it stood on, for error messages.
+type lined[T any] struct {
+	V    T
+	Line int
+	Set  bool
+}
+
+func (l *lined[T]) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode {
+		return fmt.Errorf("line %d: expected a single value", n.Line)
+	}
+	l.Line, l.Set = n.Line, true
+	return n.Decode(&l.V)
+}
+
+// Parse reads a policy. ops are the operation names the daemon has; the
+// policy may name them, "Service.*" for all of a service's, or "*".
+func Parse(data []byte, ops []string) (*Policy, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	var f file
+	if err := dec.Decode(&f); err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	var extra yaml.Node
+	if dec.Decode(&extra) == nil {
+		return nil, fmt.Errorf("policy: line %d: a second YAML document; a policy is one document", extra.Line)
+	}
+	if f.Version != 1 {
+		return nil, fmt.Errorf("policy: version %d is not supported; write version: 1", f.Version)
+	}
+	p := &Policy{roles: map[string]*role{}}
+	for name, rs := range f.Roles {
+		r, err := parseRole(name, rs, ops)
+		if err != nil {
+			return nil, err
+		}
+		p.roles[name] = r
+	}
+	for _, bs := range f.Bindings {
+		if !bs.Role.Set {
+			return nil, errors.New("policy: a binding without a role")
+		}
+		if _, ok := p.roles[bs.Role.V]; !ok {
+			return nil, fmt.Errorf("policy: line %d: role %q is not defined under roles", bs.Role.Line, bs.Role.V)
+		}
+		if len(bs.Callers) == 0 {
+			return nil, fmt.Errorf("policy: line %d: the binding of role %q has no callers", bs.Role.Line, bs.Role.V)
+		}
+		b := binding{role: bs.Role.V}
+		for _, ss := range bs.Callers {
+			s, err := parseSelector(ss, bs.Role)
+			if err != nil {
+				return nil, err
+			}
+			b.selectors = append(b.selectors, s)
+		}
+		p.bindings = append(p.bindings, b)
+	}
+	return p, nil
+}
+
+func parseRole(name string, rs roleSpec, ops []string) (*role, error) {
+	if rs.MaxBatch < 0 {
+		return nil, fmt.Errorf("policy: role %q: max_batch %d is negative", name, rs.MaxBatch)
+	}
+	r := &role{maxBatch: rs.MaxBatch}
+	for _, ps := range rs.Permissions {
+		if len(ps.Operations) == 0 || len(ps.Keys) == 0 {
+			return nil, fmt.Errorf("policy: role %q: every permission needs operations and keys (use keys: [\"*\"] for all)", name)
+		}
+		var pm perm
+		for _, op := range ps.Operations {
+			if !knownOp(op.V, ops) {
+				return nil, fmt.Errorf("policy: line %d: unknown operation %q; known: %s, Service.* or *", op.Line, op.V, strings.Join(ops, ", "))
+			}
+			pm.ops = append(pm.ops, op.V)
+		}
+		for _, k := range ps.Keys {
+			if _, err := path.Match(k.V, ""); err != nil || k.V == "" || strings.Contains(k.V, "/") {
+				return nil, fmt.Errorf("policy: line %d: key pattern %q is not a valid glob of key names", k.Line, k.V)
+			}
+			pm.keys = append(pm.keys, k.V)
+		}
+		r.perms = append(r.perms, pm)
+	}
+	return r, nil
+}
+
+func knownOp(op string, ops []string) bool {
+	if op == "*" || slices.Contains(ops, op) {
+		return true
+	}
+	if svc, ok := strings.CutSuffix(op, ".*"); ok {
+		return slices.ContainsFunc(ops, func(o string) bool { return strings.HasPrefix(o, svc+".") })
+	}
+	return false
+}
+
+func parseSelector(ss selectorSpec, role lined[string]) (selector, error) {
+	var s selector
+	line := role.Line
+	for _, l := range []int{ss.UID.Line, ss.User.Line, ss.GID.Line, ss.Group.Line, ss.Binary.Line, ss.SHA256.Line} {
+		if l > 0 {
+			line = l
+			break
+		}
+	}
+	fail := func(format string, a ...any) (selector, error) {
+		return selector{}, fmt.Errorf("policy: line %d: "+format, append([]any{line}, a...)...)
+	}
+	if ss.UID.Set && ss.User.Set || ss.GID.Set && ss.Group.Set {
+		return fail("give uid or user, gid or group, not both")
+	}
+	switch {
+	case ss.UID.Set:
+		s.uid = &ss.UID.V
+	case ss.User.Set:
+		u, err := user.Lookup(ss.User.V)
+		if err != nil {
+			return fail("user %q is not known on this system", ss.User.V)
+		}
+		n, _ := strconv.ParseUint(u.Uid, 10, 32)
+		uid := uint32(n)
+		s.uid = &uid
+	}
+	switch {
+	case ss.GID.Set:
+		s.gid = &ss.GID.V
+	case ss.Group.Set:
+		g, err := user.LookupGroup(ss.Group.V)
+		if err != nil {
+			return fail("group %q is not known on this system", ss.Group.V)
+		}
+		n, _ := strconv.ParseUint(g.Gid, 10, 32)
+		gid := uint32(n)
+		s.gid = &gid
+	}
+	if ss.Binary.Set {
+		if !filepath.IsAbs(ss.Binary.V) || filepath.Clean(ss.Binary.V) != ss.Binary.V {
+			return fail("binary %q must be a clean absolute path", ss.Binary.V)
+		}
+		s.exe = ss.Binary.V
+	}
+	if ss.SHA256.Set {
+		h := strings.ToLower(ss.SHA256.V)
+		if b, err := hex.DecodeString(h); err != nil || len(b) != 32 {
+			return fail("sha256 %q is not 64 hex digits", ss.SHA256.V)
+		}
+		s.hash = h
+	}
+	if s.uid == nil && s.gid == nil && s.exe == "" && s.hash == "" {
+		return fail("a caller entry must give at least one of uid, user, gid, group, binary, sha256")
+	}
+	return s, nil
+}
+
+func (s selector) matches(sub Subject) bool {
+	return (s.uid == nil || *s.uid == sub.UID) &&
+		(s.gid == nil || slices.Contains(sub.GIDs, *s.gid)) &&
+		(s.exe == "" || s.exe == sub.Exe) &&
+		(s.hash == "" || s.hash == sub.ExeSHA256)
+}
+
+// Roles lists the roles the subject holds.
+func (p *Policy) Roles(sub Subject) []string {
+	var out []string
+	for _, b := range p.bindings {
+		if !slices.Contains(out, b.role) && slices.ContainsFunc(b.selectors, func(s selector) bool { return s.matches(sub) }) {
+			out = append(out, b.role)
+		}
+	}
+	return out
+}
+
+// Allow returns nil if a role of the subject grants op on the key named key,
+// and a *Denied otherwise. For an operation on no key (key empty) a
+// permission that lists the operation is enough, whatever its key globs.
+func (p *Policy) Allow(sub Subject, op, key string) error {
+	for _, name := range p.Roles(sub) {
+		if p.roles[name].grants(op, key) {
+			return nil
+		}
+	}
+	return &Denied{Op: op, Key: key}
+}
+
+// MaxBatch is the largest batch the subject may send to op: the most any of
+// its roles granting op allows (0 if none sets it).
+func (p *Policy) MaxBatch(sub Subject, op string) int {
+	n := 0
+	for _, name := range p.Roles(sub) {
+		if r := p.roles[name]; r.grants(op, "") {
+			n = max(n, r.maxBatch)
+		}
+	}
+	return n
+}
+
+func (r *role) grants(op, key string) bool {
+	for _, pm := range r.perms {
+		if !pm.hasOp(op) {
+			continue
+		}
+		if key == "" {
+			return true
+		}
+		for _, k := range pm.keys {
+			if ok, _ := path.Match(k, key); ok {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func (pm perm) hasOp(op string) bool {
+	for _, o := range pm.ops {
+		if o == "*" || o == op {
+			return true
+		}
+		if svc, ok := strings.CutSuffix(o, ".*"); ok && strings.HasPrefix(op, svc+".") {
+			return true
+		}
+	}
+	return false
+}
