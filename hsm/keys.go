@@ -136,7 +136,10 @@ func (k KeyID) label() string {
 	return "keyward/" + k.Name + "/v" + strconv.FormatUint(uint64(k.Version), 10)
 }
 
-func (k KeyID) check() error {
+// Check says whether the name and version can name a key: names are 1 to 64
+// letters, digits, '.', '_' or '-', starting with a letter or digit;
+// versions start at 1.
+func (k KeyID) Check() error {
 	if !keyName.MatchString(k.Name) {
 		return fmt.Errorf("key name %q is not allowed: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit", k.Name)
 	}
@@ -194,7 +197,7 @@ func (h *HSM) CreateKey(ctx context.Context, id KeyID, alg Algorithm) error {
 	if !ok {
 		return &Error{Op: "create key", Key: id.String(), Err: ErrMechanismUnsupported, Detail: fmt.Sprintf("unknown algorithm %v", alg)}
 	}
-	if err := id.check(); err != nil {
+	if err := id.Check(); err != nil {
 		return &Error{Op: "create key", Err: ErrInvalidInput, Detail: err.Error()}
 	}
 	h.createMu.Lock()
@@ -260,7 +263,7 @@ func (h *HSM) CreateKey(ctx context.Context, id KeyID, alg Algorithm) error {
 
 // DestroyKey removes a key (both halves of a pair) from the token.
 func (h *HSM) DestroyKey(ctx context.Context, id KeyID) error {
-	if err := id.check(); err != nil {
+	if err := id.Check(); err != nil {
 		return &Error{Op: "destroy key", Err: ErrInvalidInput, Detail: err.Error()}
 	}
 	return h.doOnce(ctx, "destroy key", id.String(), func(s pkcs11.SessionHandle) error {

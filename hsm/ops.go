@@ -278,7 +278,7 @@ func (h *HSM) provePair(s pkcs11.SessionHandle, e *keyEntry) error {
 // withKey runs fn with the checked key id of the given class. want, if not
 // zero, is the algorithm the operation needs.
 func (h *HSM) withKey(ctx context.Context, op string, id KeyID, class uint, want Algorithm, fn func(pkcs11.SessionHandle, *keyEntry) error) error {
-	if err := id.check(); err != nil {
+	if err := id.Check(); err != nil {
 		return &Error{Op: op, Err: ErrInvalidInput, Detail: err.Error()}
 	}
 	return h.do(ctx, op, id.String(), func(s pkcs11.SessionHandle) error {
