@@ -1,0 +1,233 @@
+// Package store is keywardd's state on one host: a bbolt file under the data
+// directory, with a schema version and migrations, an integrity check when it
+// opens, an exclusive lock (a second daemon gets a clear error, not a
+// corrupted file), and an fsync on every commit. It stores opaque records in
+// named buckets; the domain packages own the record formats and declare the
+// few methods they use as interfaces, so that a fleet can later share state
+// through another engine without touching them. Key material never comes here.
+package store
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
+)
+
+// Buckets of schema version 1.
+const (
+	BucketKeys = "keys" // root-key metadata, by key name
+)
+
+// ErrNotFound: no record under that key.
+var ErrNotFound = errors.New("store: not found")
+
+const (
+	metaBucket    = "meta"
+	schemaKey     = "schema_version"
+	SchemaVersion = 1
+)
+
+// migrations[i] brings a store from schema version i to i+1.
+var migrations = []func(tx *bolt.Tx) error{
+	0: func(tx *bolt.Tx) error {
+		_, err := tx.CreateBucketIfNotExists([]byte(BucketKeys))
+		return err
+	},
+}
+
+// Store is an open store file. It is safe for concurrent use.
+type Store struct {
+	db   *bolt.DB
+	path string
+}
+
+// Options tune Open. Zero values mean the defaults.
+type Options struct {
+	// LockTimeout is how long Open waits for another process to let go of
+	// the file. Default 1 s.
+	LockTimeout time.Duration
+}
+
+// Open opens or creates the store at path (mode 0600), checks it and brings
+// its schema up to date.
+func Open(path string, o Options) (*Store, error) {
+	if o.LockTimeout <= 0 {
+		o.LockTimeout = time.Second
+	}
+	if _, err := os.Stat(filepath.Dir(path)); err != nil {
+		return nil, fmt.Errorf("store: data directory: %w", err)
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: o.LockTimeout})
+	if errors.Is(err, bolterrors.ErrTimeout) {
+		return nil, fmt.Errorf("store: %s is in use by another process (is another keywardd running on this data directory?)", path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("store: opening %s: %w; if the file is damaged, restore it from a backup", path, err)
+	}
+	s := &Store{db: db, path: path}
+	if err := s.Check(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	if err := s.migrate(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// Close closes the file.
+func (s *Store) Close() error { return s.db.Close() }
+
+// Path is the store's file.
+func (s *Store) Path() string { return s.path }
+
+// Check reads every bucket and record of the file. bbolt panics when it
+// meets a damaged page, and its own Tx.Check does so in a goroutine of its
+// own where no one can recover, which would take the daemon down; so the walk
+// happens here and the panic becomes an error that says what to do.
+func (s *Store) Check() (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("store: integrity check of %s failed: %v; restore it from a backup", s.path, r)
+		}
+	}()
+	var walk func(b *bolt.Bucket) error
+	walk = func(b *bolt.Bucket) error {
+		return b.ForEach(func(k, v []byte) error {
+			if v == nil {
+				if nested := b.Bucket(k); nested != nil {
+					return walk(nested)
+				}
+			}
+			return nil
+		})
+	}
+	err = s.db.View(func(tx *bolt.Tx) error {
+		return tx.ForEach(func(_ []byte, b *bolt.Bucket) error { return walk(b) })
+	})
+	if err != nil {
+		return fmt.Errorf("store: integrity check of %s failed: %w; restore it from a backup", s.path, err)
+	}
+	return nil
+}
+
+// SchemaVersion returns the schema version of the open file.
+func (s *Store) SchemaVersion() (int, error) {
+	var v int
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v = readSchema(tx)
+		return nil
+	})
+	return v, err
+}
+
+func readSchema(tx *bolt.Tx) int {
+	b := tx.Bucket([]byte(metaBucket))
+	if b == nil {
+		return 0
+	}
+	if raw := b.Get([]byte(schemaKey)); len(raw) == 8 {
+		return int(binary.BigEndian.Uint64(raw))
+	}
+	return 0
+}
+
+func (s *Store) migrate() error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		v := readSchema(tx)
+		if v > SchemaVersion {
+			return fmt.Errorf("store: %s has schema version %d, newer than this keywardd's %d: run a newer keywardd", s.path, v, SchemaVersion)
+		}
+		meta, err := tx.CreateBucketIfNotExists([]byte(metaBucket))
+		if err != nil {
+			return err
+		}
+		for ; v < SchemaVersion; v++ {
+			if err := migrations[v](tx); err != nil {
+				return fmt.Errorf("store: migrating %s from schema %d to %d: %w", s.path, v, v+1, err)
+			}
+			if err := meta.Put([]byte(schemaKey), binary.BigEndian.AppendUint64(nil, uint64(v+1))); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func bucket(tx *bolt.Tx, name string) (*bolt.Bucket, error) {
+	b := tx.Bucket([]byte(name))
+	if b == nil || name == metaBucket {
+		return nil, fmt.Errorf("store: no bucket %q in schema %d", name, SchemaVersion)
+	}
+	return b, nil
+}
+
+// Get returns a copy of the record under key, or ErrNotFound.
+func (s *Store) Get(bucketName, key string) ([]byte, error) {
+	var out []byte
+	err := s.db.View(func(tx *bolt.Tx) error {
+		b, err := bucket(tx, bucketName)
+		if err != nil {
+			return err
+		}
+		v := b.Get([]byte(key))
+		if v == nil {
+			return ErrNotFound
+		}
+		out = bytes.Clone(v)
+		return nil
+	})
+	return out, err
+}
+
+// Update reads the record under key (nil if absent), lets fn compute the
+// new one, and writes it in one transaction, synced to disk before Update
+// returns. If fn returns an error nothing is written. A nil record from fn
+// deletes the key.
+func (s *Store) Update(bucketName, key string, fn func(old []byte) ([]byte, error)) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b, err := bucket(tx, bucketName)
+		if err != nil {
+			return err
+		}
+		old := b.Get([]byte(key))
+		if old != nil {
+			old = bytes.Clone(old)
+		}
+		rec, err := fn(old)
+		if err != nil {
+			return err
+		}
+		if rec == nil {
+			return b.Delete([]byte(key))
+		}
+		return b.Put([]byte(key), rec)
+	})
+}
+
+// ForEach calls fn for every record whose key starts with prefix, in key
+// order, with copies of key and value. An error from fn stops it.
+func (s *Store) ForEach(bucketName, prefix string, fn func(key string, rec []byte) error) error {
+	return s.db.View(func(tx *bolt.Tx) error {
+		b, err := bucket(tx, bucketName)
+		if err != nil {
+			return err
+		}
+		c := b.Cursor()
+		p := []byte(prefix)
+		for k, v := c.Seek(p); k != nil && bytes.HasPrefix(k, p); k, v = c.Next() {
+			if err := fn(string(k), bytes.Clone(v)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}

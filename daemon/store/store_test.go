@@ -1,0 +1,141 @@
+package store
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+func open(t *testing.T) (*Store, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "keyward.db")
+	s, err := Open(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, path
+}
+
+func TestRecords(t *testing.T) {
+	s, path := open(t)
+	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o600 {
+		t.Fatalf("store file mode %04o, want 0600", fi.Mode().Perm())
+	}
+	if v, _ := s.SchemaVersion(); v != SchemaVersion {
+		t.Fatalf("schema %d, want %d", v, SchemaVersion)
+	}
+	if _, err := s.Get(BucketKeys, "a"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get of nothing: %v", err)
+	}
+	for _, k := range []string{"b", "a", "ab", "c"} {
+		if err := s.Update(BucketKeys, k, func(old []byte) ([]byte, error) {
+			if old != nil {
+				t.Fatalf("old record for a new key %q", k)
+			}
+			return []byte("v-" + k), nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// fn's error writes nothing.
+	boom := errors.New("boom")
+	if err := s.Update(BucketKeys, "a", func(old []byte) ([]byte, error) { return []byte("changed"), boom }); !errors.Is(err, boom) {
+		t.Fatal(err)
+	}
+	if v, _ := s.Get(BucketKeys, "a"); string(v) != "v-a" {
+		t.Fatalf("a = %q after a failed update", v)
+	}
+	var seen []string
+	s.ForEach(BucketKeys, "a", func(k string, v []byte) error { seen = append(seen, k+"="+string(v)); return nil })
+	if strings.Join(seen, ",") != "a=v-a,ab=v-ab" {
+		t.Fatalf("ForEach(a) = %v", seen)
+	}
+	s.Update(BucketKeys, "ab", func([]byte) ([]byte, error) { return nil, nil })
+	if _, err := s.Get(BucketKeys, "ab"); !errors.Is(err, ErrNotFound) {
+		t.Fatal("a nil record did not delete")
+	}
+	if _, err := s.Get("nope", "a"); err == nil || !strings.Contains(err.Error(), `no bucket "nope"`) {
+		t.Fatalf("unknown bucket: %v", err)
+	}
+	if _, err := s.Get(metaBucket, schemaKey); err == nil {
+		t.Fatal("the meta bucket is reachable")
+	}
+	// Records survive a reopen.
+	s.Close()
+	s2, err := Open(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if v, _ := s2.Get(BucketKeys, "c"); string(v) != "v-c" {
+		t.Fatalf("after reopen c = %q", v)
+	}
+}
+
+func TestSecondOpenRefused(t *testing.T) {
+	_, path := open(t)
+	start := time.Now()
+	_, err := Open(path, Options{LockTimeout: 100 * time.Millisecond})
+	if err == nil || !strings.Contains(err.Error(), "in use by another process") {
+		t.Fatalf("second Open: %v", err)
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Fatal("the second Open did not give up")
+	}
+}
+
+func TestNewerSchemaRefused(t *testing.T) {
+	s, path := open(t)
+	s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket([]byte(metaBucket)).Put([]byte(schemaKey), []byte{0, 0, 0, 0, 0, 0, 0, 9})
+	})
+	s.Close()
+	if _, err := Open(path, Options{}); err == nil || !strings.Contains(err.Error(), "schema version 9, newer than this keywardd's 1") {
+		t.Fatalf("newer schema: %v", err)
+	}
+}
+
+func TestDamagedFileRefused(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		pages []int // page numbers to overwrite
+	}{
+		{"meta pages", []int{0, 1}},
+		{"data pages", []int{3, 4, 5, 6}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, path := open(t)
+			for i := range 300 {
+				s.Update(BucketKeys, fmt.Sprintf("key-%04d", i), func([]byte) ([]byte, error) { return make([]byte, 300), nil })
+			}
+			s.Close()
+			b, _ := os.ReadFile(path)
+			for _, p := range tc.pages {
+				copy(b[p*4096+8:p*4096+64], strings.Repeat("\xa5", 56))
+			}
+			os.WriteFile(path, b, 0o600)
+			s2, err := Open(path, Options{})
+			if err == nil {
+				s2.Close()
+				t.Fatal("a damaged store opened")
+			}
+			if !strings.Contains(err.Error(), "restore it from a backup") {
+				t.Fatalf("damaged store: %v", err)
+			}
+		})
+	}
+}
+
+func TestMissingDataDir(t *testing.T) {
+	_, err := Open(filepath.Join(t.TempDir(), "nope", "keyward.db"), Options{})
+	if err == nil || !strings.Contains(err.Error(), "data directory") {
+		t.Fatalf("missing data directory: %v", err)
+	}
+}
