@@ -1,0 +1,551 @@
+// Package keys owns the life of keyward's root keys: their metadata (purpose,
+// algorithm, versions, state, minimum decryption version, rotation period,
+// deletion schedule) in the store, and their material in the HSM, one HSM key
+// per version.
+//
+// Rotation is all or nothing, as in Vault's transit engine: the new version is
+// made in the HSM first and the metadata saved after; if saving fails the key
+// stays as it was, and the HSM key left behind (which nothing refers to) is
+// replaced on the next attempt. Changes to one key are serialized.
+//
+// Encryption keys count their AES-GCM encryptions per version. Nonces are
+// random, so a version must seal well under 2^32 messages; counts are
+// reserved in the store in blocks before use, so after a crash the count
+// resumes above every encryption made, never below, and the key rotates by
+// itself before a version reaches its limit.
+package keys
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"sync"
+	"time"
+
+	"github.com/keyward/keyward/hsm"
+	"github.com/keyward/keyward/daemon/store"
+)
+
+// Errors of this package; the API maps each to one status code.
+var (
+	ErrNotFound        = errors.New("key not found")
+	ErrExists          = errors.New("key already exists")
+	ErrInvalid         = errors.New("invalid argument")
+	ErrDisabled        = errors.New("key is disabled")
+	ErrPendingDeletion = errors.New("key is scheduled for deletion")
+	ErrWrongPurpose    = errors.New("key has another purpose")
+	ErrVersion         = errors.New("key version not usable")
+)
+
+// Purpose is what a key is for.
+type Purpose string
+
+const (
+	Encrypt Purpose = "encrypt" // envelope encryption: AES-256-GCM
+	Sign    Purpose = "sign"    // token signing: ECDSA P-256 / P-384, Ed25519
+	MAC     Purpose = "hmac"    // HMAC-SHA256 (API key pepper, audit chain)
+)
+
+// State is whether a key may be used.
+type State string
+
+const (
+	Enabled         State = "enabled"
+	Disabled        State = "disabled"
+	PendingDeletion State = "pending_deletion"
+)
+
+// Deletion waiting periods.
+const (
+	MinDeletionWait     = 7 * 24 * time.Hour
+	DefaultDeletionWait = 30 * 24 * time.Hour
+)
+
+// Key is a root key's metadata. Its material is in the HSM.
+type Key struct {
+	Name                 string            `json:"name"`
+	Purpose              Purpose           `json:"purpose"`
+	Algorithm            string            `json:"algorithm"` // hsm.Algorithm's name
+	State                State             `json:"state"`
+	Versions             []Version         `json:"versions"`
+	MinDecryptionVersion uint32            `json:"min_decryption_version"`
+	RotationPeriod       time.Duration     `json:"rotation_period,omitempty"`
+	Labels               map[string]string `json:"labels,omitempty"`
+	Created              time.Time         `json:"created"`
+	DeletionDate         time.Time         `json:"deletion_date,omitzero"`
+}
+
+// Version is one version of a key.
+type Version struct {
+	Number  uint32    `json:"number"`
+	Created time.Time `json:"created"`
+	// Reserved is how many encryptions under this version have been
+	// reserved in the store (AES-GCM keys only): an upper bound of those made.
+	Reserved uint64 `json:"reserved,omitempty"`
+}
+
+// Latest is the newest version's number.
+func (k *Key) Latest() uint32 { return uint32(len(k.Versions)) }
+
+// usable says whether the key may be used at all.
+func (k *Key) usable() error {
+	switch k.State {
+	case Disabled:
+		return fmt.Errorf("%w: %q; enable it to use it", ErrDisabled, k.Name)
+	case PendingDeletion:
+		return fmt.Errorf("%w: %q on %s; cancel the deletion and enable it to use it", ErrPendingDeletion, k.Name, k.DeletionDate.UTC().Format(time.RFC3339))
+	}
+	return nil
+}
+
+// Store is what keys needs of the store.
+type Store interface {
+	Get(bucket, key string) ([]byte, error)
+	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
+	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
+}
+
+// HSM is what keys needs of the HSM.
+type HSM interface {
+	CreateKey(ctx context.Context, id hsm.KeyID, alg hsm.Algorithm) error
+	DestroyKey(ctx context.Context, id hsm.KeyID) error
+}
+
+// Options tune a Manager. Zero values mean the defaults.
+type Options struct {
+	// EncryptionLimit is how many AES-GCM encryptions a version may make
+	// before the key rotates by itself. Default and maximum 2^32 − 2^24.
+	EncryptionLimit uint64
+	// ReserveBlock is how many encryptions are reserved in the store at a
+	// time. Default 4096.
+	ReserveBlock uint64
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+}
+
+// MaxEncryptionLimit leaves room below 2^32 for the encryptions of one
+// reserved block and a margin.
+const MaxEncryptionLimit = 1<<32 - 1<<24
+
+// Manager manages the root keys.
+type Manager struct {
+	store Store
+	hsm   HSM
+	opt   Options
+
+	mu      sync.Mutex
+	locks   map[string]*sync.Mutex // one per key name: changes to a key are serialized
+	counter map[hsm.KeyID]*counter // encryptions made in this process, per version
+}
+
+type counter struct {
+	used, reserved uint64
+}
+
+// New returns a Manager on the store and HSM.
+func New(s Store, h HSM, o Options) (*Manager, error) {
+	if o.EncryptionLimit == 0 {
+		o.EncryptionLimit = MaxEncryptionLimit
+	}
+	if o.EncryptionLimit > MaxEncryptionLimit {
+		return nil, fmt.Errorf("keys: encryption limit %d is above the maximum %d", o.EncryptionLimit, uint64(MaxEncryptionLimit))
+	}
+	if o.ReserveBlock == 0 {
+		o.ReserveBlock = 4096
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &Manager{store: s, hsm: h, opt: o, locks: map[string]*sync.Mutex{}, counter: map[hsm.KeyID]*counter{}}, nil
+}
+
+// lock serializes changes to one key.
+func (m *Manager) lock(name string) func() {
+	m.mu.Lock()
+	l := m.locks[name]
+	if l == nil {
+		l = &sync.Mutex{}
+		m.locks[name] = l
+	}
+	m.mu.Unlock()
+	l.Lock()
+	return l.Unlock
+}
+
+// Spec describes a key to create.
+type Spec struct {
+	Name           string
+	Purpose        Purpose
+	Algorithm      hsm.Algorithm // zero: the purpose's default
+	RotationPeriod time.Duration // zero: rotate on demand only
+	Labels         map[string]string
+}
+
+var purposeAlgs = map[Purpose][]hsm.Algorithm{
+	Encrypt: {hsm.AES256GCM},
+	Sign:    {hsm.ECDSAP256, hsm.ECDSAP384, hsm.Ed25519},
+	MAC:     {hsm.HMACSHA256},
+}
+
+// Create makes version 1 of a new key in the HSM, then saves it.
+func (m *Manager) Create(ctx context.Context, s Spec) (*Key, error) {
+	if err := (hsm.KeyID{Name: s.Name, Version: 1}).Check(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	algs, ok := purposeAlgs[s.Purpose]
+	if !ok {
+		return nil, fmt.Errorf("%w: purpose %q; use encrypt, sign or hmac", ErrInvalid, s.Purpose)
+	}
+	if s.Algorithm == 0 {
+		s.Algorithm = algs[0]
+	}
+	if !containsAlg(algs, s.Algorithm) {
+		return nil, fmt.Errorf("%w: algorithm %v does not serve purpose %s", ErrInvalid, s.Algorithm, s.Purpose)
+	}
+	if s.RotationPeriod < 0 || (s.RotationPeriod > 0 && s.RotationPeriod < time.Hour) {
+		return nil, fmt.Errorf("%w: rotation period %v; use at least an hour, or none", ErrInvalid, s.RotationPeriod)
+	}
+	if len(s.Labels) > 32 {
+		return nil, fmt.Errorf("%w: at most 32 labels", ErrInvalid)
+	}
+	defer m.lock(s.Name)()
+	if _, err := m.Get(s.Name); err == nil {
+		return nil, fmt.Errorf("%w: %q", ErrExists, s.Name)
+	} else if !errors.Is(err, ErrNotFound) {
+		return nil, err
+	}
+	now := m.opt.Now().UTC()
+	k := &Key{
+		Name: s.Name, Purpose: s.Purpose, Algorithm: s.Algorithm.String(), State: Enabled,
+		Versions: []Version{{Number: 1, Created: now}}, MinDecryptionVersion: 1,
+		RotationPeriod: s.RotationPeriod, Labels: maps.Clone(s.Labels), Created: now,
+	}
+	if err := m.makeVersion(ctx, s.Name, 1, s.Algorithm); err != nil {
+		return nil, err
+	}
+	err := m.store.Update(store.BucketKeys, s.Name, func(old []byte) ([]byte, error) {
+		if old != nil {
+			return nil, fmt.Errorf("%w: %q", ErrExists, s.Name)
+		}
+		return json.Marshal(k)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return k, nil
+}
+
+func containsAlg(algs []hsm.Algorithm, a hsm.Algorithm) bool {
+	for _, x := range algs {
+		if x == a {
+			return true
+		}
+	}
+	return false
+}
+
+// makeVersion creates a version's HSM key. The caller holds the key's lock
+// and knows the metadata does not list this version, so an HSM key already
+// there is one a failed attempt left behind, never used: it is replaced.
+func (m *Manager) makeVersion(ctx context.Context, name string, v uint32, alg hsm.Algorithm) error {
+	id := hsm.KeyID{Name: name, Version: v}
+	err := m.hsm.CreateKey(ctx, id, alg)
+	if errors.Is(err, hsm.ErrKeyExists) {
+		if err = m.hsm.DestroyKey(ctx, id); err == nil {
+			err = m.hsm.CreateKey(ctx, id, alg)
+		}
+	}
+	return err
+}
+
+// Get returns a key's metadata.
+func (m *Manager) Get(name string) (*Key, error) {
+	rec, err := m.store.Get(store.BucketKeys, name)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var k Key
+	if err := json.Unmarshal(rec, &k); err != nil {
+		return nil, fmt.Errorf("keys: the record of %q does not parse: %w", name, err)
+	}
+	return &k, nil
+}
+
+// List returns every key, by name.
+func (m *Manager) List() ([]*Key, error) {
+	var out []*Key
+	err := m.store.ForEach(store.BucketKeys, "", func(name string, rec []byte) error {
+		var k Key
+		if err := json.Unmarshal(rec, &k); err != nil {
+			return fmt.Errorf("keys: the record of %q does not parse: %w", name, err)
+		}
+		out = append(out, &k)
+		return nil
+	})
+	return out, err
+}
+
+// change applies fn to a key's metadata under its lock and saves it.
+func (m *Manager) change(name string, fn func(k *Key) error) (*Key, error) {
+	var out *Key
+	err := m.store.Update(store.BucketKeys, name, func(old []byte) ([]byte, error) {
+		if old == nil {
+			return nil, fmt.Errorf("%w: %q", ErrNotFound, name)
+		}
+		var k Key
+		if err := json.Unmarshal(old, &k); err != nil {
+			return nil, fmt.Errorf("keys: the record of %q does not parse: %w", name, err)
+		}
+		if err := fn(&k); err != nil {
+			return nil, err
+		}
+		out = &k
+		return json.Marshal(&k)
+	})
+	return out, err
+}
+
+// Rotate adds a version: the HSM key first, the metadata after. New
+// encryptions use it at once; older versions keep decrypting until the
+// minimum decryption version passes them.
+func (m *Manager) Rotate(ctx context.Context, name string) (*Key, error) {
+	defer m.lock(name)()
+	return m.rotateLocked(ctx, name)
+}
+
+func (m *Manager) rotateLocked(ctx context.Context, name string) (*Key, error) {
+	k, err := m.Get(name)
+	if err != nil {
+		return nil, err
+	}
+	if k.State == PendingDeletion {
+		return nil, k.usable()
+	}
+	alg, err := hsm.ParseAlgorithm(k.Algorithm)
+	if err != nil {
+		return nil, err
+	}
+	next := k.Latest() + 1
+	if err := m.makeVersion(ctx, name, next, alg); err != nil {
+		return nil, err
+	}
+	return m.change(name, func(k *Key) error {
+		if k.Latest()+1 != next {
+			return fmt.Errorf("keys: %q changed during rotation", name) // cannot happen under the lock
+		}
+		k.Versions = append(k.Versions, Version{Number: next, Created: m.opt.Now().UTC()})
+		return nil
+	})
+}
+
+// SetEnabled enables or disables a key. A key scheduled for deletion must
+// have its deletion cancelled first.
+func (m *Manager) SetEnabled(name string, enabled bool) (*Key, error) {
+	defer m.lock(name)()
+	return m.change(name, func(k *Key) error {
+		if k.State == PendingDeletion {
+			return k.usable()
+		}
+		k.State = Disabled
+		if enabled {
+			k.State = Enabled
+		}
+		return nil
+	})
+}
+
+// SetMinDecryptionVersion sets the oldest version that may still decrypt,
+// from 1 to the latest. Raising it retires older versions at once; lowering
+// it brings them back (their HSM keys are kept).
+func (m *Manager) SetMinDecryptionVersion(name string, v uint32) (*Key, error) {
+	defer m.lock(name)()
+	return m.change(name, func(k *Key) error {
+		if v < 1 || v > k.Latest() {
+			return fmt.Errorf("%w: minimum decryption version %d of %q must be from 1 to %d", ErrInvalid, v, name, k.Latest())
+		}
+		k.MinDecryptionVersion = v
+		return nil
+	})
+}
+
+// ScheduleDeletion makes the key unusable at once and deletable after wait
+// (at least MinDeletionWait; zero means DefaultDeletionWait).
+func (m *Manager) ScheduleDeletion(name string, wait time.Duration) (*Key, error) {
+	if wait == 0 {
+		wait = DefaultDeletionWait
+	}
+	if wait < MinDeletionWait {
+		return nil, fmt.Errorf("%w: the waiting period must be at least %v, so that a mistake can be undone", ErrInvalid, MinDeletionWait)
+	}
+	defer m.lock(name)()
+	return m.change(name, func(k *Key) error {
+		if k.State == PendingDeletion {
+			return fmt.Errorf("%w: %q already", ErrPendingDeletion, name)
+		}
+		k.State = PendingDeletion
+		k.DeletionDate = m.opt.Now().UTC().Add(wait)
+		return nil
+	})
+}
+
+// CancelDeletion takes a key off the deletion schedule; it comes back
+// disabled, to be enabled on purpose.
+func (m *Manager) CancelDeletion(name string) (*Key, error) {
+	defer m.lock(name)()
+	return m.change(name, func(k *Key) error {
+		if k.State != PendingDeletion {
+			return fmt.Errorf("%w: %q is not scheduled for deletion", ErrInvalid, name)
+		}
+		k.State = Disabled
+		k.DeletionDate = time.Time{}
+		return nil
+	})
+}
+
+// DeleteDue destroys the keys whose deletion date has passed: every
+// version's HSM key, then the metadata. It returns the names deleted.
+func (m *Manager) DeleteDue(ctx context.Context) ([]string, error) {
+	all, err := m.List()
+	if err != nil {
+		return nil, err
+	}
+	var done []string
+	for _, k := range all {
+		if k.State != PendingDeletion || m.opt.Now().Before(k.DeletionDate) {
+			continue
+		}
+		if err := m.deleteKey(ctx, k.Name); err != nil {
+			return done, err
+		}
+		done = append(done, k.Name)
+	}
+	return done, nil
+}
+
+func (m *Manager) deleteKey(ctx context.Context, name string) error {
+	defer m.lock(name)()
+	k, err := m.Get(name)
+	if err != nil || k.State != PendingDeletion {
+		return err
+	}
+	for _, v := range k.Versions {
+		err := m.hsm.DestroyKey(ctx, hsm.KeyID{Name: name, Version: v.Number})
+		if err != nil && !errors.Is(err, hsm.ErrKeyNotFound) {
+			return err
+		}
+	}
+	return m.store.Update(store.BucketKeys, name, func([]byte) ([]byte, error) { return nil, nil })
+}
+
+// ForEncryption returns the version to encrypt with under an enabled
+// encryption key, and counts the encryption. When the version reaches the
+// encryption limit the key rotates first.
+func (m *Manager) ForEncryption(ctx context.Context, name string) (hsm.KeyID, error) {
+	k, err := m.Get(name)
+	if err != nil {
+		return hsm.KeyID{}, err
+	}
+	if err := k.usable(); err != nil {
+		return hsm.KeyID{}, err
+	}
+	if k.Purpose != Encrypt {
+		return hsm.KeyID{}, fmt.Errorf("%w: %q is a %s key, not an encryption key", ErrWrongPurpose, name, k.Purpose)
+	}
+	id := hsm.KeyID{Name: name, Version: k.Latest()}
+	m.mu.Lock()
+	c := m.counter[id]
+	if c != nil && c.used < c.reserved {
+		c.used++
+		m.mu.Unlock()
+		return id, nil
+	}
+	m.mu.Unlock()
+	return m.reserve(ctx, name)
+}
+
+// reserve takes the next block of encryptions of the latest version from
+// the store, rotating first if the version is used up.
+func (m *Manager) reserve(ctx context.Context, name string) (hsm.KeyID, error) {
+	defer m.lock(name)()
+	for {
+		k, err := m.Get(name)
+		if err != nil {
+			return hsm.KeyID{}, err
+		}
+		if err := k.usable(); err != nil {
+			return hsm.KeyID{}, err
+		}
+		id := hsm.KeyID{Name: name, Version: k.Latest()}
+		m.mu.Lock()
+		c := m.counter[id]
+		if c != nil && c.used < c.reserved { // another caller reserved meanwhile
+			c.used++
+			m.mu.Unlock()
+			return id, nil
+		}
+		m.mu.Unlock()
+		reserved := k.Versions[len(k.Versions)-1].Reserved
+		if reserved+m.opt.ReserveBlock > m.opt.EncryptionLimit {
+			if _, err := m.rotateLocked(ctx, name); err != nil {
+				return hsm.KeyID{}, fmt.Errorf("keys: %q v%d reached its encryption limit and rotating it failed: %w", name, id.Version, err)
+			}
+			continue
+		}
+		_, err = m.change(name, func(k *Key) error {
+			last := &k.Versions[len(k.Versions)-1]
+			if last.Number != id.Version {
+				return fmt.Errorf("keys: %q rotated during a reservation", name)
+			}
+			last.Reserved += m.opt.ReserveBlock
+			reserved = last.Reserved
+			return nil
+		})
+		if err != nil {
+			return hsm.KeyID{}, err
+		}
+		m.mu.Lock()
+		// Encryptions counted before a crash lie below the old reservation;
+		// this process starts above it.
+		m.counter[id] = &counter{used: reserved - m.opt.ReserveBlock + 1, reserved: reserved}
+		m.mu.Unlock()
+		return id, nil
+	}
+}
+
+// ForDecryption checks that version v of an enabled encryption key may
+// decrypt: it exists and is not below the minimum decryption version.
+func (m *Manager) ForDecryption(name string, v uint32) (hsm.KeyID, error) {
+	k, err := m.Get(name)
+	if err != nil {
+		return hsm.KeyID{}, err
+	}
+	if err := k.usable(); err != nil {
+		return hsm.KeyID{}, err
+	}
+	if k.Purpose != Encrypt {
+		return hsm.KeyID{}, fmt.Errorf("%w: %q is a %s key, not an encryption key", ErrWrongPurpose, name, k.Purpose)
+	}
+	if v < 1 || v > k.Latest() {
+		return hsm.KeyID{}, fmt.Errorf("%w: %q has no version %d", ErrVersion, name, v)
+	}
+	if v < k.MinDecryptionVersion {
+		return hsm.KeyID{}, fmt.Errorf("%w: %q v%d is below the minimum decryption version %d", ErrVersion, name, v, k.MinDecryptionVersion)
+	}
+	return hsm.KeyID{Name: name, Version: v}, nil
+}
+
+// Counted is how many encryptions of a version this process has counted
+// and reserved; for tests and the Status call.
+func (m *Manager) Counted(id hsm.KeyID) (used, reserved uint64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if c := m.counter[id]; c != nil {
+		return c.used, c.reserved
+	}
+	return 0, 0
+}

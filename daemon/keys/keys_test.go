@@ -1,0 +1,338 @@
+package keys
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/hsm"
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
+)
+
+type env struct {
+	h     *hsm.HSM
+	s     *store.Store
+	m     *Manager
+	clock *clock
+	path  string
+}
+
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) Now() time.Time          { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) Advance(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
+
+func setup(t *testing.T, o Options) *env {
+	t.Helper()
+	tok := softhsmtest.New(t)
+	h, err := hsm.Open(hsm.Config{Module: tok.Module, Token: tok.Label, PINFile: tok.PINFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	path := filepath.Join(t.TempDir(), "keyward.db")
+	s, err := store.Open(path, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	c := &clock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+	o.Now = c.Now
+	m, err := New(s, h, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &env{h: h, s: s, m: m, clock: c, path: path}
+}
+
+func TestCreate(t *testing.T) {
+	e := setup(t, Options{})
+	ctx := context.Background()
+	for _, s := range []Spec{
+		{Name: "kek", Purpose: Encrypt, Labels: map[string]string{"team": "payments"}},
+		{Name: "jwt", Purpose: Sign},
+		{Name: "jwt-ed", Purpose: Sign, Algorithm: hsm.Ed25519},
+		{Name: "pepper", Purpose: MAC, RotationPeriod: 90 * 24 * time.Hour},
+	} {
+		k, err := e.m.Create(ctx, s)
+		if err != nil {
+			t.Fatalf("Create(%+v): %v", s, err)
+		}
+		if k.Latest() != 1 || k.State != Enabled || k.MinDecryptionVersion != 1 || !k.Created.Equal(e.clock.Now()) {
+			t.Fatalf("created %+v", k)
+		}
+		got, err := e.m.Get(s.Name)
+		if err != nil || got.Algorithm != k.Algorithm || got.Labels["team"] != s.Labels["team"] {
+			t.Fatalf("Get = %+v, %v", got, err)
+		}
+	}
+	if _, err := e.h.Signer(ctx, hsm.KeyID{Name: "jwt-ed", Version: 1}); err != nil {
+		t.Fatalf("the HSM key of jwt-ed v1: %v", err)
+	}
+	for _, tc := range []struct {
+		spec Spec
+		want error
+		msg  string
+	}{
+		{Spec{Name: "kek", Purpose: Encrypt}, ErrExists, `"kek"`},
+		{Spec{Name: "bad/name", Purpose: Encrypt}, ErrInvalid, "not allowed"},
+		{Spec{Name: "x", Purpose: "wrap"}, ErrInvalid, "use encrypt, sign or hmac"},
+		{Spec{Name: "x", Purpose: Encrypt, Algorithm: hsm.Ed25519}, ErrInvalid, "does not serve purpose encrypt"},
+		{Spec{Name: "x", Purpose: Encrypt, RotationPeriod: time.Minute}, ErrInvalid, "at least an hour"},
+	} {
+		if _, err := e.m.Create(ctx, tc.spec); !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.msg) {
+			t.Errorf("Create(%+v) = %v; want %v saying %q", tc.spec, err, tc.want, tc.msg)
+		}
+	}
+	all, _ := e.m.List()
+	if len(all) != 4 || all[0].Name != "jwt" {
+		t.Fatalf("List: %d keys, first %q", len(all), all[0].Name)
+	}
+}
+
+func TestLifecycle(t *testing.T) {
+	e := setup(t, Options{})
+	ctx := context.Background()
+	if _, err := e.m.Create(ctx, Spec{Name: "kek", Purpose: Encrypt}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.m.Create(ctx, Spec{Name: "sig", Purpose: Sign}); err != nil {
+		t.Fatal(err)
+	}
+	if id, err := e.m.ForEncryption(ctx, "kek"); err != nil || id.Version != 1 {
+		t.Fatalf("ForEncryption = %v, %v", id, err)
+	}
+	k, err := e.m.Rotate(ctx, "kek")
+	if err != nil || k.Latest() != 2 {
+		t.Fatalf("Rotate = %+v, %v", k, err)
+	}
+	if id, _ := e.m.ForEncryption(ctx, "kek"); id.Version != 2 {
+		t.Fatalf("encrypting with v%d after rotation", id.Version)
+	}
+	for v := uint32(1); v <= 2; v++ {
+		if _, err := e.m.ForDecryption("kek", v); err != nil {
+			t.Fatalf("decrypt with v%d: %v", v, err)
+		}
+	}
+	if _, err := e.m.ForDecryption("kek", 3); !errors.Is(err, ErrVersion) {
+		t.Fatalf("v3: %v", err)
+	}
+	// Minimum decryption version.
+	if _, err := e.m.SetMinDecryptionVersion("kek", 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.m.ForDecryption("kek", 1); !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), "below the minimum decryption version 2") {
+		t.Fatalf("v1 below the minimum: %v", err)
+	}
+	for _, v := range []uint32{0, 3} {
+		if _, err := e.m.SetMinDecryptionVersion("kek", v); !errors.Is(err, ErrInvalid) {
+			t.Fatalf("SetMinDecryptionVersion(%d) = %v", v, err)
+		}
+	}
+	e.m.SetMinDecryptionVersion("kek", 1)
+	if _, err := e.m.ForDecryption("kek", 1); err != nil {
+		t.Fatalf("v1 back: %v", err)
+	}
+	// Purpose.
+	if _, err := e.m.ForEncryption(ctx, "sig"); !errors.Is(err, ErrWrongPurpose) {
+		t.Fatalf("encrypting with a signing key: %v", err)
+	}
+	// Disabled.
+	e.m.SetEnabled("kek", false)
+	if _, err := e.m.ForEncryption(ctx, "kek"); !errors.Is(err, ErrDisabled) {
+		t.Fatalf("disabled: %v", err)
+	}
+	if _, err := e.m.ForDecryption("kek", 2); !errors.Is(err, ErrDisabled) {
+		t.Fatalf("disabled decrypt: %v", err)
+	}
+	e.m.SetEnabled("kek", true)
+	// Deletion.
+	if _, err := e.m.ScheduleDeletion("kek", 24*time.Hour); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("a one-day wait: %v", err)
+	}
+	k, err = e.m.ScheduleDeletion("kek", 0)
+	if err != nil || k.State != PendingDeletion || !k.DeletionDate.Equal(e.clock.Now().Add(DefaultDeletionWait)) {
+		t.Fatalf("ScheduleDeletion = %+v, %v", k, err)
+	}
+	for name, err := range map[string]error{
+		"encrypt": second(e.m.ForEncryption(ctx, "kek")),
+		"decrypt": second(e.m.ForDecryption("kek", 2)),
+		"enable":  second(e.m.SetEnabled("kek", true)),
+		"rotate":  second(e.m.Rotate(ctx, "kek")),
+	} {
+		if !errors.Is(err, ErrPendingDeletion) {
+			t.Errorf("%s while pending deletion: %v", name, err)
+		}
+	}
+	if k, err := e.m.CancelDeletion("kek"); err != nil || k.State != Disabled || !k.DeletionDate.IsZero() {
+		t.Fatalf("CancelDeletion = %+v, %v", k, err)
+	}
+	e.m.ScheduleDeletion("kek", 8*24*time.Hour)
+	if done, _ := e.m.DeleteDue(ctx); len(done) != 0 {
+		t.Fatalf("deleted %v before the date", done)
+	}
+	e.clock.Advance(8*24*time.Hour + time.Second)
+	if done, err := e.m.DeleteDue(ctx); err != nil || len(done) != 1 || done[0] != "kek" {
+		t.Fatalf("DeleteDue = %v, %v", done, err)
+	}
+	if _, err := e.m.Get("kek"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("after deletion: %v", err)
+	}
+	for v := uint32(1); v <= 2; v++ {
+		if _, _, err := e.h.Encrypt(ctx, hsm.KeyID{Name: "kek", Version: v}, nil, nil); !errors.Is(err, hsm.ErrKeyNotFound) {
+			t.Fatalf("HSM key v%d after deletion: %v", v, err)
+		}
+	}
+}
+
+func second[T any](_ T, err error) error { return err }
+
+// failingStore fails every Update while failing is set: a disk full, a
+// crash between the HSM and the store.
+type failingStore struct {
+	*store.Store
+	failing bool
+}
+
+func (f *failingStore) Update(b, k string, fn func([]byte) ([]byte, error)) error {
+	if f.failing {
+		return errors.New("disk full")
+	}
+	return f.Store.Update(b, k, fn)
+}
+
+// TestRotateAllOrNothing: when saving the new version fails, the key is as
+// it was; the HSM key left behind is replaced by the next rotation.
+func TestRotateAllOrNothing(t *testing.T) {
+	e := setup(t, Options{})
+	ctx := context.Background()
+	fs := &failingStore{Store: e.s}
+	m, _ := New(fs, e.h, Options{Now: e.clock.Now})
+	if _, err := m.Create(ctx, Spec{Name: "kek", Purpose: Encrypt}); err != nil {
+		t.Fatal(err)
+	}
+	fs.failing = true
+	if _, err := m.Rotate(ctx, "kek"); err == nil || !strings.Contains(err.Error(), "disk full") {
+		t.Fatalf("Rotate with a failing store: %v", err)
+	}
+	fs.failing = false
+	k, _ := m.Get("kek")
+	if k.Latest() != 1 {
+		t.Fatalf("after a failed rotation the key has %d versions", k.Latest())
+	}
+	// The orphan v2 exists in the HSM; the next rotation replaces it.
+	if _, _, err := e.h.Encrypt(ctx, hsm.KeyID{Name: "kek", Version: 2}, nil, nil); err != nil {
+		t.Fatalf("the orphan HSM key: %v", err)
+	}
+	if k, err := m.Rotate(ctx, "kek"); err != nil || k.Latest() != 2 {
+		t.Fatalf("Rotate after the failure: %+v, %v", k, err)
+	}
+	if id, err := m.ForEncryption(ctx, "kek"); err != nil || id.Version != 2 {
+		t.Fatalf("ForEncryption = %v, %v", id, err)
+	}
+	// A failed create leaves nothing that blocks the name.
+	fs.failing = true
+	if _, err := m.Create(ctx, Spec{Name: "new", Purpose: MAC}); err == nil {
+		t.Fatal("Create with a failing store succeeded")
+	}
+	fs.failing = false
+	if _, err := m.Create(ctx, Spec{Name: "new", Purpose: MAC}); err != nil {
+		t.Fatalf("Create after a failed one: %v", err)
+	}
+}
+
+// TestEncryptionLimit: counts are reserved in blocks, survive a restart
+// without going back, and the key rotates before a version's limit.
+func TestEncryptionLimit(t *testing.T) {
+	e := setup(t, Options{ReserveBlock: 10, EncryptionLimit: 30})
+	ctx := context.Background()
+	if _, err := e.m.Create(ctx, Spec{Name: "kek", Purpose: Encrypt}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 25 {
+		id, err := e.m.ForEncryption(ctx, "kek")
+		if err != nil || id.Version != 1 {
+			t.Fatalf("encryption %d: %v, %v", i, id, err)
+		}
+	}
+	k, _ := e.m.Get("kek")
+	if r := k.Versions[0].Reserved; r != 30 {
+		t.Fatalf("reserved %d after 25 encryptions in blocks of 10, want 30", r)
+	}
+	// A restart: the new process starts above every reservation.
+	m2, _ := New(e.s, e.h, Options{ReserveBlock: 10, EncryptionLimit: 40, Now: e.clock.Now})
+	id, err := m2.ForEncryption(ctx, "kek")
+	if err != nil || id.Version != 1 {
+		t.Fatalf("after restart: %v, %v", id, err)
+	}
+	if used, reserved := m2.Counted(id); used != 31 || reserved != 40 {
+		t.Fatalf("after restart counted %d of %d, want 31 of 40", used, reserved)
+	}
+	for range 9 {
+		m2.ForEncryption(ctx, "kek")
+	}
+	// v1 is used up at 40: the next encryption rotates.
+	id, err = m2.ForEncryption(ctx, "kek")
+	if err != nil || id.Version != 2 {
+		t.Fatalf("past the limit: %v, %v; want v2", id, err)
+	}
+	if k, _ := m2.Get("kek"); k.Latest() != 2 {
+		t.Fatalf("%d versions", k.Latest())
+	}
+	if _, err := New(e.s, e.h, Options{EncryptionLimit: 1 << 32}); err == nil {
+		t.Fatal("a limit of 2^32 was accepted")
+	}
+}
+
+// TestConcurrent: encryptions, decryption checks, rotations and minimum
+// changes at once; run with -race.
+func TestConcurrent(t *testing.T) {
+	e := setup(t, Options{ReserveBlock: 7})
+	ctx := context.Background()
+	e.m.Create(ctx, Spec{Name: "kek", Purpose: Encrypt})
+	var wg sync.WaitGroup
+	errs := make(chan error, 1000)
+	for w := range 6 {
+		wg.Go(func() {
+			for i := range 40 {
+				switch {
+				case w == 0 && i%10 == 0:
+					if _, err := e.m.Rotate(ctx, "kek"); err != nil {
+						errs <- err
+					}
+				case w == 1 && i%10 == 5:
+					k, _ := e.m.Get("kek")
+					if _, err := e.m.SetMinDecryptionVersion("kek", k.Latest()); err != nil {
+						errs <- err
+					}
+				default:
+					id, err := e.m.ForEncryption(ctx, "kek")
+					if err != nil {
+						errs <- err
+						continue
+					}
+					if _, err := e.m.ForDecryption("kek", id.Version); err != nil && !errors.Is(err, ErrVersion) {
+						errs <- err
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	k, _ := e.m.Get("kek")
+	if k.Latest() != 5 {
+		t.Fatalf("%d versions after 4 rotations", k.Latest())
+	}
+}
