@@ -24,8 +24,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/keyward/keyward/hsm"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/hsm"
 )
 
 // Errors of this package; the API maps each to one status code.
