@@ -1,0 +1,467 @@
+// Package audit keeps keywardd's tamper-evident audit log: one JSON line per
+// call, allowed or denied, written and synced to disk before the call's
+// answer goes out. Lines are hash-chained (each holds the SHA-256 of the one
+// before and of itself), and a checkpoint line MACs the chain's head with an
+// HMAC key inside the HSM every so many records, every second and on close.
+// Changing, removing or reordering a line breaks the chain; rewriting the
+// chain from some line on needs the HSM key to forge the next checkpoint.
+//
+// One fsync serves every record that arrived while the previous one ran
+// (group commit), and one HSM MAC serves every record since the last
+// checkpoint, so auditing costs calls neither a disk flush nor an HSM
+// operation each. Records never hold plaintext, data keys, PINs or secrets:
+// an encryption context appears only as its SHA-256. The format is in
+// docs/formats.md.
+package audit
+
+import (
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/keyward/keyward/hsm"
+)
+
+// ErrUnavailable: the record could not be written; the call it records must
+// fail.
+var ErrUnavailable = errors.New("audit: the audit log cannot be written")
+
+// Caller is who made the call.
+type Caller struct {
+	UID    uint32 `json:"uid"`
+	GID    uint32 `json:"gid"`
+	PID    int    `json:"pid,omitempty"`
+	Exe    string `json:"exe,omitempty"`
+	SHA256 string `json:"exe_sha256,omitempty"`
+}
+
+// Record is one audited call.
+type Record struct {
+	Time          time.Time `json:"time"`
+	Caller        Caller    `json:"caller"`
+	Op            string    `json:"op"`
+	Key           string    `json:"key,omitempty"`
+	Version       uint32    `json:"version,omitempty"`
+	Items         int       `json:"items,omitempty"`          // batch calls: how many
+	ContextSHA256 string    `json:"context_sha256,omitempty"` // SHA-256 of the canonical encryption context
+	Outcome       string    `json:"outcome"`                  // "ok", "denied" or "error"
+	Code          string    `json:"code,omitempty"`           // the status code of a refusal
+	Detail        string    `json:"detail,omitempty"`         // the refusal's message
+}
+
+// line is the JSON form of a line. Body is a Record or a checkpoint.
+type line struct {
+	Seq  uint64          `json:"seq"`
+	Prev string          `json:"prev"`
+	Kind string          `json:"kind"` // "record" or "checkpoint"
+	Body json.RawMessage `json:"body"`
+	Hash string          `json:"hash"`
+}
+
+// checkpoint MACs the chain up to and including the line before it.
+type checkpoint struct {
+	Key string `json:"key"` // the HMAC key's name and version, "audit v1"
+	MAC string `json:"mac"`
+}
+
+// MACer computes HMAC-SHA256 with a key in the HSM.
+type MACer interface {
+	HMACSHA256(ctx context.Context, id hsm.KeyID, msg []byte) ([]byte, error)
+}
+
+// Options tune a Log. Zero values mean the defaults.
+type Options struct {
+	CheckpointEvery    int           // records between checkpoints; default 256
+	CheckpointInterval time.Duration // most time between checkpoints; default 1 s
+}
+
+// Log is an open audit log. It is safe for concurrent use.
+type Log struct {
+	f    *os.File
+	mac  MACer
+	key  hsm.KeyID
+	opt  Options
+	reqs chan *request
+	done chan struct{}
+
+	sendMu sync.RWMutex // Append sends under R; Close closes reqs under W
+
+	mu     sync.Mutex // guards below; held by the writer while it writes
+	seq    uint64
+	head   [32]byte // hash of the last line
+	since  int      // records since the last checkpoint
+	lastCP time.Time
+	broken error // set when a write failed: every later Append fails too
+	closed bool
+}
+
+type request struct {
+	rec  Record
+	done chan error
+}
+
+
+// Open opens (or creates, mode 0600) the log at path and resumes its chain.
+// A torn last line (a crash in the middle of a write, never acknowledged) is
+// cut off, and the cut is recorded.
+func Open(path string, mac MACer, key hsm.KeyID, o Options) (*Log, error) {
+	if o.CheckpointEvery <= 0 {
+		o.CheckpointEvery = 256
+	}
+	if o.CheckpointInterval <= 0 {
+		o.CheckpointInterval = time.Second
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("audit: %w", err)
+	}
+	l := &Log{f: f, mac: mac, key: key, opt: o, reqs: make(chan *request, 1024), done: make(chan struct{}), lastCP: time.Now()}
+	torn, err := l.resume()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	go l.writer()
+	if torn > 0 {
+		err := l.Append(context.Background(), Record{Time: time.Now().UTC(), Op: "audit.recovered", Outcome: "ok",
+			Detail: fmt.Sprintf("cut %d bytes of a line torn by a crash; it recorded no acknowledged call", torn)})
+		if err != nil {
+			l.Close()
+			return nil, err
+		}
+	}
+	return l, nil
+}
+
+// resume reads the last whole line to continue the chain from it.
+func (l *Log) resume() (torn int64, err error) {
+	fi, err := l.f.Stat()
+	if err != nil {
+		return 0, fmt.Errorf("audit: %w", err)
+	}
+	size := fi.Size()
+	if size == 0 {
+		return 0, nil
+	}
+	const chunk = 1 << 20
+	start := max(0, size-chunk)
+	buf := make([]byte, size-start)
+	if _, err := l.f.ReadAt(buf, start); err != nil {
+		return 0, fmt.Errorf("audit: reading %s: %w", l.f.Name(), err)
+	}
+	end := bytes.LastIndexByte(buf, '\n')
+	if int64(end+1) != int64(len(buf)) {
+		torn = int64(len(buf) - end - 1)
+		if err := l.f.Truncate(size - torn); err != nil {
+			return 0, fmt.Errorf("audit: cutting a torn line: %w", err)
+		}
+		if end < 0 {
+			if start == 0 {
+				return torn, nil // the only line was torn: start afresh
+			}
+			return 0, fmt.Errorf("audit: %s ends in a line over %d bytes; it is not an audit log", l.f.Name(), chunk)
+		}
+		buf = buf[:end+1]
+	}
+	lines := bytes.Split(bytes.TrimSuffix(buf, []byte("\n")), []byte("\n"))
+	var last line
+	if err := json.Unmarshal(lines[len(lines)-1], &last); err != nil || len(last.Hash) != 64 {
+		return 0, fmt.Errorf("audit: the last line of %s does not parse; run keyward audit verify on it", l.f.Name())
+	}
+	h, err := hex.DecodeString(last.Hash)
+	if err != nil {
+		return 0, fmt.Errorf("audit: the last line of %s has a bad hash", l.f.Name())
+	}
+	l.seq = last.Seq
+	copy(l.head[:], h)
+	return torn, nil
+}
+
+// Append writes r and returns once it is on disk. If the log cannot be
+// written it returns ErrUnavailable, and keeps doing so: no call may
+// succeed unaudited.
+func (l *Log) Append(ctx context.Context, r Record) error {
+	req := &request{rec: r, done: make(chan error, 1)}
+	l.sendMu.RLock()
+	l.mu.Lock()
+	closed, broken := l.closed, l.broken
+	l.mu.Unlock()
+	switch {
+	case closed:
+		l.sendMu.RUnlock()
+		return fmt.Errorf("%w: it is closed", ErrUnavailable)
+	case broken != nil:
+		l.sendMu.RUnlock()
+		return broken
+	}
+	select {
+	case l.reqs <- req:
+		l.sendMu.RUnlock()
+	case <-ctx.Done():
+		l.sendMu.RUnlock()
+		return fmt.Errorf("%w: %v", ErrUnavailable, ctx.Err())
+	}
+	select {
+	case err := <-req.done:
+		return err
+	case <-ctx.Done():
+		// The record may still be written; the call fails all the same.
+		return fmt.Errorf("%w: %v", ErrUnavailable, ctx.Err())
+	}
+}
+
+// writer takes every request waiting, writes them with one write and one
+// fsync, adds a checkpoint when one is due, and answers them.
+func (l *Log) writer() {
+	defer close(l.done)
+	tick := time.NewTicker(l.opt.CheckpointInterval)
+	defer tick.Stop()
+	for {
+		var batch []*request
+		select {
+		case r, ok := <-l.reqs:
+			if !ok {
+				l.flush(nil, true)
+				return
+			}
+			batch = append(batch, r)
+		case <-tick.C:
+			l.flush(nil, false)
+			continue
+		}
+	more:
+		for len(batch) < 4096 {
+			select {
+			case r, ok := <-l.reqs:
+				if !ok {
+					break more
+				}
+				batch = append(batch, r)
+			default:
+				break more
+			}
+		}
+		l.flush(batch, false)
+	}
+}
+
+// flush writes batch (and a checkpoint if due or forced) and answers it.
+func (l *Log) flush(batch []*request, forceCheckpoint bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	err := l.broken
+	if err == nil {
+		err = l.write(batch, forceCheckpoint)
+		if err != nil {
+			l.broken = fmt.Errorf("%w: %v", ErrUnavailable, err)
+			err = l.broken
+		}
+	}
+	for _, r := range batch {
+		r.done <- err
+	}
+}
+
+func (l *Log) write(batch []*request, forceCheckpoint bool) error {
+	var buf bytes.Buffer
+	seq, head, since := l.seq, l.head, l.since
+	add := func(kind string, body any) error {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		seq++
+		prev := head
+		head = lineHash(prev, seq, kind, b)
+		out, err := json.Marshal(line{Seq: seq, Prev: hex.EncodeToString(prev[:]), Kind: kind, Body: b, Hash: hex.EncodeToString(head[:])})
+		if err != nil {
+			return err
+		}
+		buf.Write(out)
+		buf.WriteByte('\n')
+		return nil
+	}
+	for _, r := range batch {
+		if err := add("record", r.rec); err != nil {
+			return err
+		}
+		since++
+	}
+	due := since > 0 && (forceCheckpoint || since >= l.opt.CheckpointEvery || time.Since(l.lastCP) >= l.opt.CheckpointInterval)
+	if due {
+		mac, err := l.mac.HMACSHA256(context.Background(), l.key, macInput(head, seq+1))
+		if err != nil {
+			return fmt.Errorf("MAC of a checkpoint: %w", err)
+		}
+		if err := add("checkpoint", checkpoint{Key: keyLabel(l.key), MAC: hex.EncodeToString(mac)}); err != nil {
+			return err
+		}
+	}
+	if buf.Len() == 0 {
+		return nil
+	}
+	if _, err := l.f.Write(buf.Bytes()); err != nil {
+		return err
+	}
+	if err := l.f.Sync(); err != nil {
+		return err
+	}
+	l.seq, l.head, l.since = seq, head, since
+	if due {
+		l.since, l.lastCP = 0, time.Now()
+	}
+	return nil
+}
+
+func keyLabel(k hsm.KeyID) string { return fmt.Sprintf("%s v%d", k.Name, k.Version) }
+
+// lineHash chains a line to the one before it.
+func lineHash(prev [32]byte, seq uint64, kind string, body []byte) [32]byte {
+	h := sha256.New()
+	h.Write([]byte("keyward audit line v1\x00"))
+	h.Write(prev[:])
+	h.Write(binary.BigEndian.AppendUint64(nil, seq))
+	h.Write([]byte(kind + "\x00"))
+	h.Write(body)
+	var out [32]byte
+	h.Sum(out[:0])
+	return out
+}
+
+// macInput is what a checkpoint at seq MACs: the head of the chain before it.
+func macInput(head [32]byte, seq uint64) []byte {
+	b := append([]byte("keyward audit checkpoint v1\x00"), head[:]...)
+	return binary.BigEndian.AppendUint64(b, seq)
+}
+
+// Close writes a last checkpoint and closes the file.
+func (l *Log) Close() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.closed = true
+	l.mu.Unlock()
+	l.sendMu.Lock()
+	close(l.reqs)
+	l.sendMu.Unlock()
+	<-l.done
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	err := l.f.Close()
+	if l.broken != nil {
+		return l.broken
+	}
+	return err
+}
+
+// Report is what Verify found.
+type Report struct {
+	Lines       uint64 // lines read
+	Records     uint64
+	Checkpoints uint64
+	// Unverified counts the records after the last checkpoint: chained, but
+	// not yet MACed (or all records, when no MAC key was given).
+	Unverified uint64
+	// BadLine is the number (from 1) of the first line that fails, with
+	// Problem saying why; 0 if every line holds.
+	BadLine uint64
+	Problem string
+}
+
+// Verify reads a log and checks every line's chain link and, given a MACer,
+// every checkpoint's MAC. It stops at the first line that fails.
+func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
+	var rep Report
+	dec := json.NewDecoder(r)
+	var head [32]byte
+	fail := func(format string, a ...any) (Report, error) {
+		rep.BadLine = rep.Lines
+		rep.Problem = fmt.Sprintf(format, a...)
+		return rep, nil
+	}
+	for {
+		var ln line
+		err := dec.Decode(&ln)
+		if errors.Is(err, io.EOF) {
+			return rep, nil
+		}
+		rep.Lines++
+		if err != nil {
+			return fail("not a JSON line: %v", err)
+		}
+		if ln.Seq != rep.Lines {
+			return fail("sequence number %d where %d belongs: a line was removed, added or moved", ln.Seq, rep.Lines)
+		}
+		if ln.Prev != hex.EncodeToString(head[:]) {
+			return fail("does not link to the line before it")
+		}
+		want := lineHash(head, ln.Seq, ln.Kind, ln.Body)
+		if ln.Hash != hex.EncodeToString(want[:]) {
+			return fail("its hash does not match its content: the line was changed")
+		}
+		switch ln.Kind {
+		case "record":
+			var rec Record
+			if err := json.Unmarshal(ln.Body, &rec); err != nil {
+				return fail("a record that does not parse")
+			}
+			rep.Records++
+			rep.Unverified++
+		case "checkpoint":
+			var cp checkpoint
+			if err := json.Unmarshal(ln.Body, &cp); err != nil {
+				return fail("a checkpoint that does not parse")
+			}
+			if mac != nil {
+				id, err := parseKeyLabel(cp.Key)
+				if err != nil {
+					return fail("a checkpoint names no key")
+				}
+				got, err := hex.DecodeString(cp.MAC)
+				if err != nil {
+					return fail("a checkpoint with a bad MAC")
+				}
+				want, err := mac.HMACSHA256(ctx, id, macInput(head, ln.Seq))
+				if err != nil {
+					return rep, fmt.Errorf("audit: computing the MAC of line %d: %w", rep.Lines, err)
+				}
+				if !hmac.Equal(got, want) {
+					return fail("the checkpoint's MAC is wrong: the chain before it was rewritten")
+				}
+				rep.Unverified = 0
+			}
+			rep.Checkpoints++
+		default:
+			return fail("unknown line kind %q", ln.Kind)
+		}
+		head = want
+	}
+}
+
+func parseKeyLabel(s string) (hsm.KeyID, error) {
+	var id hsm.KeyID
+	_, err := fmt.Sscanf(s, "%s v%d", &id.Name, &id.Version)
+	if err == nil {
+		err = id.Check()
+	}
+	return id, err
+}
+
+// ContextDigest is the hex SHA-256 of a canonical encryption context, for
+// Record.ContextSHA256.
+func ContextDigest(canonical []byte) string {
+	s := sha256.Sum256(canonical)
+	return hex.EncodeToString(s[:])
+}

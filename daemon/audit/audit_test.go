@@ -1,0 +1,237 @@
+package audit
+
+import (
+	"bytes"
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/hsm"
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
+)
+
+var macKey = hsm.KeyID{Name: "audit", Version: 1}
+
+func macHSM(t *testing.T) *hsm.HSM {
+	t.Helper()
+	tok := softhsmtest.New(t)
+	h, err := hsm.Open(hsm.Config{Module: tok.Module, Token: tok.Label, PINFile: tok.PINFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	if err := h.CreateKey(context.Background(), macKey, hsm.HMACSHA256); err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+func rec(i int) Record {
+	return Record{Time: time.Unix(1700000000+int64(i), 0).UTC(), Caller: Caller{UID: 1000, GID: 1000, PID: 42, Exe: "/usr/bin/app"},
+		Op: "EnvelopeService.Decrypt", Key: "kek", Version: 1, ContextSHA256: strings.Repeat("ab", 32), Outcome: "ok"}
+}
+
+func verify(t *testing.T, path string, mac MACer) Report {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	rep, err := Verify(context.Background(), f, mac)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rep
+}
+
+func TestChainAndCheckpoints(t *testing.T) {
+	h := macHSM(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, h, macKey, Options{CheckpointEvery: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Go(func() {
+			for i := range 25 {
+				if err := l.Append(context.Background(), rec(w*100+i)); err != nil {
+					t.Error(err)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Append(context.Background(), rec(0)); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Append after Close: %v", err)
+	}
+	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o600 {
+		t.Fatalf("log mode %04o", fi.Mode().Perm())
+	}
+	rep := verify(t, path, h)
+	if rep.BadLine != 0 || rep.Records != 200 || rep.Checkpoints < 2 || rep.Unverified != 0 {
+		t.Fatalf("report %+v; want 200 records, checkpoints every 10 or more (batches), nothing unverified", rep)
+	}
+	if rep := verify(t, path, nil); rep.BadLine != 0 || rep.Unverified != 200 {
+		t.Fatalf("without the key: %+v", rep)
+	}
+
+	// The chain resumes after a restart.
+	l, err = Open(path, h, macKey, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Append(context.Background(), rec(999))
+	l.Close()
+	if rep := verify(t, path, h); rep.BadLine != 0 || rep.Records != 201 {
+		t.Fatalf("after a restart: %+v", rep)
+	}
+}
+
+// TestTampering: every kind of change is found, at its line.
+func TestTampering(t *testing.T) {
+	h := macHSM(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, _ := Open(path, h, macKey, Options{CheckpointEvery: 4})
+	for i := range 12 {
+		l.Append(context.Background(), rec(i))
+	}
+	l.Close()
+	orig, _ := os.ReadFile(path)
+	lines := strings.SplitAfter(strings.TrimSuffix(string(orig), "\n"), "\n")
+	write := func(ls []string) string {
+		p := filepath.Join(t.TempDir(), "tampered.log")
+		os.WriteFile(p, []byte(strings.Join(ls, "")), 0o600)
+		return p
+	}
+	changed := append([]string(nil), lines...)
+	changed[2] = strings.Replace(changed[2], `"outcome":"ok"`, `"outcome":"no"`, 1)
+	removed := append(append([]string(nil), lines[:3]...), lines[4:]...)
+	swapped := append([]string(nil), lines...)
+	swapped[1], swapped[2] = swapped[2], swapped[1]
+
+	// Rewriting the chain from line 2 on, as someone without the HSM key:
+	// every hash is recomputed, so only a checkpoint's MAC can tell.
+	rewritten := append([]string(nil), lines[:1]...)
+	var first line
+	json.Unmarshal([]byte(lines[0]), &first)
+	prevBytes, _ := hex.DecodeString(first.Hash)
+	var prev [32]byte
+	copy(prev[:], prevBytes)
+	for _, s := range lines[1:] {
+		var ln line
+		json.Unmarshal([]byte(s), &ln)
+		if ln.Kind == "record" {
+			ln.Body = bytes.Replace(ln.Body, []byte(`"uid":1000`), []byte(`"uid":1001`), 1)
+		}
+		ln.Prev = hex.EncodeToString(prev[:])
+		prev = lineHash(prev, ln.Seq, ln.Kind, ln.Body)
+		ln.Hash = hex.EncodeToString(prev[:])
+		b, _ := json.Marshal(ln)
+		rewritten = append(rewritten, string(b)+"\n")
+	}
+
+	for _, tc := range []struct {
+		name  string
+		lines []string
+		bad   uint64
+		want  string
+	}{
+		{"a changed record", changed, 3, "the line was changed"},
+		{"a removed line", removed, 4, "a line was removed"},
+		{"two lines swapped", swapped, 2, "sequence number"},
+		{"the chain rewritten without the key", rewritten, 5, "the checkpoint's MAC is wrong"},
+		{"garbage", append(append([]string(nil), lines[:2]...), "not json\n"), 3, "not a JSON line"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rep := verify(t, write(tc.lines), h)
+			if rep.BadLine != tc.bad || !strings.Contains(rep.Problem, tc.want) {
+				t.Fatalf("report %+v; want line %d: %q", rep, tc.bad, tc.want)
+			}
+		})
+	}
+}
+
+func TestTornLine(t *testing.T) {
+	h := macHSM(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, _ := Open(path, h, macKey, Options{})
+	for i := range 3 {
+		l.Append(context.Background(), rec(i))
+	}
+	l.Close()
+	f, _ := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	f.WriteString(`{"seq":99,"prev":"ab`) // a crash in the middle of a write
+	f.Close()
+	l, err := Open(path, h, macKey, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Append(context.Background(), rec(3))
+	l.Close()
+	rep := verify(t, path, h)
+	if rep.BadLine != 0 || rep.Records != 5 {
+		t.Fatalf("after a torn line: %+v (want 3 + the recovery note + 1)", rep)
+	}
+	b, _ := os.ReadFile(path)
+	if !strings.Contains(string(b), `"op":"audit.recovered"`) || !strings.Contains(string(b), "cut 20 bytes") {
+		t.Fatal("the cut is not recorded")
+	}
+}
+
+// TestWriteFailure: when the log cannot be written, Append fails, and keeps
+// failing, so that no call succeeds unaudited.
+func TestWriteFailure(t *testing.T) {
+	h := macHSM(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, h, macKey, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Append(context.Background(), rec(0)); err != nil {
+		t.Fatal(err)
+	}
+	l.f.Close() // the disk is gone
+	for range 3 {
+		if err := l.Append(context.Background(), rec(1)); !errors.Is(err, ErrUnavailable) {
+			t.Fatalf("Append to a broken log: %v", err)
+		}
+	}
+	if err := l.Close(); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Close of a broken log: %v", err)
+	}
+}
+
+// FuzzVerify: Verify reads anything without panicking, and a report that
+// finds no bad line counts every line.
+func FuzzVerify(f *testing.F) {
+	f.Add([]byte(`{"seq":1,"prev":"` + strings.Repeat("0", 64) + `","kind":"record","body":{},"hash":"00"}` + "\n"))
+	f.Add([]byte("{}\n{}"))
+	f.Add([]byte(""))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		rep, err := Verify(context.Background(), bytes.NewReader(b), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rep.BadLine == 0 && rep.Records+rep.Checkpoints != rep.Lines {
+			t.Fatalf("report %+v does not add up", rep)
+		}
+	})
+}
+
+func ExampleContextDigest() {
+	fmt.Println(ContextDigest([]byte{0}))
+	// Output: 6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d
+}
