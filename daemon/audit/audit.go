@@ -110,7 +110,6 @@ type request struct {
 	done chan error
 }
 
-
 // Open opens (or creates, mode 0600) the log at path and resumes its chain.
 // A torn last line (a crash in the middle of a write, never acknowledged) is
 // cut off, and the cut is recorded.
