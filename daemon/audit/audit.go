@@ -27,6 +27,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/keyward/keyward/hsm"
@@ -103,6 +104,8 @@ type Log struct {
 	lastCP time.Time
 	broken error // set when a write failed: every later Append fails too
 	closed bool
+
+	failed atomic.Pointer[error] // broken, readable without waiting for a write
 }
 
 type request struct {
@@ -263,6 +266,7 @@ func (l *Log) flush(batch []*request, forceCheckpoint bool) {
 		err = l.write(batch, forceCheckpoint)
 		if err != nil {
 			l.broken = fmt.Errorf("%w: %v", ErrUnavailable, err)
+			l.failed.Store(&l.broken)
 			err = l.broken
 		}
 	}
@@ -341,6 +345,15 @@ func lineHash(prev [32]byte, seq uint64, kind string, body []byte) [32]byte {
 func macInput(head [32]byte, seq uint64) []byte {
 	b := append([]byte("keyward audit checkpoint v1\x00"), head[:]...)
 	return binary.BigEndian.AppendUint64(b, seq)
+}
+
+// Err says why the log cannot be written, or nil. It does not wait for a
+// write in progress.
+func (l *Log) Err() error {
+	if p := l.failed.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // Close writes a last checkpoint and closes the file.

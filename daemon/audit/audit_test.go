@@ -204,10 +204,16 @@ func TestWriteFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	l.f.Close() // the disk is gone
+	if err := l.Err(); err != nil {
+		t.Fatalf("Err before the failure is seen: %v", err)
+	}
 	for range 3 {
 		if err := l.Append(context.Background(), rec(1)); !errors.Is(err, ErrUnavailable) {
 			t.Fatalf("Append to a broken log: %v", err)
 		}
+	}
+	if err := l.Err(); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Err after the failure: %v", err)
 	}
 	if err := l.Close(); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("Close of a broken log: %v", err)

@@ -1,0 +1,107 @@
+// Package daemon is keywardd: it reads the configuration, opens the socket,
+// the store, the HSM, the audit log and the policy, serves keyward.v1 until
+// it is told to stop, and shuts down cleanly (SIGTERM drains the calls in
+// flight and removes the socket; SIGHUP reloads the policy).
+package daemon
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/keyward/keyward/daemon/socket"
+	"github.com/keyward/keyward/hsm"
+)
+
+// Config is keywardd's configuration file (docs/operations.md). The HSM PIN
+// is never in it: only the file or environment variable that holds it.
+type Config struct {
+	Socket struct {
+		Path  string `yaml:"path"`
+		Mode  string `yaml:"mode"`  // "0600" or "0660" (default)
+		Group string `yaml:"group"` // the group that may connect, with mode 0660
+	} `yaml:"socket"`
+	DataDir string `yaml:"data_dir"`
+	HSM     struct {
+		Module   string `yaml:"module"`
+		Token    string `yaml:"token"`
+		URI      string `yaml:"uri"`
+		PINFile  string `yaml:"pin_file"`
+		PINEnv   string `yaml:"pin_env"`
+		Sessions int    `yaml:"sessions"`
+	} `yaml:"hsm"`
+	PolicyFile string `yaml:"policy_file"`
+	AuditFile  string `yaml:"audit_file"` // default DATA_DIR/audit.log
+	MaxBatch   int    `yaml:"max_batch"`  // default 100
+}
+
+// LoadConfig reads a configuration file strictly: unknown fields are errors
+// with their line.
+func LoadConfig(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	var c Config
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return &c, c.check()
+}
+
+func (c *Config) check() error {
+	var errs []error
+	if !filepath.IsAbs(c.Socket.Path) {
+		errs = append(errs, errors.New("socket.path must be an absolute path"))
+	}
+	if !filepath.IsAbs(c.DataDir) {
+		errs = append(errs, errors.New("data_dir must be an absolute path"))
+	}
+	if c.PolicyFile == "" {
+		errs = append(errs, errors.New("policy_file is required: without a policy every call is denied"))
+	}
+	if c.Socket.Mode != "" && c.Socket.Mode != "0600" && c.Socket.Mode != "0660" {
+		errs = append(errs, fmt.Errorf("socket.mode %q: use \"0600\" or \"0660\"", c.Socket.Mode))
+	}
+	if c.MaxBatch < 0 {
+		errs = append(errs, errors.New("max_batch must not be negative"))
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("config: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+func (c *Config) socketOptions() (socket.Options, error) {
+	o := socket.Options{Path: c.Socket.Path, Mode: 0o660, GID: -1}
+	if c.Socket.Mode == "0600" {
+		o.Mode = 0o600
+	}
+	if c.Socket.Group != "" {
+		g, err := user.LookupGroup(c.Socket.Group)
+		if err != nil {
+			return o, fmt.Errorf("config: socket.group %q is not known on this system", c.Socket.Group)
+		}
+		o.GID, _ = strconv.Atoi(g.Gid)
+	}
+	return o, nil
+}
+
+func (c *Config) hsmConfig() hsm.Config {
+	return hsm.Config{Module: c.HSM.Module, Token: c.HSM.Token, URI: c.HSM.URI, PINFile: c.HSM.PINFile, PINEnv: c.HSM.PINEnv, Sessions: c.HSM.Sessions}
+}
+
+func (c *Config) auditPath() string {
+	if c.AuditFile != "" {
+		return c.AuditFile
+	}
+	return filepath.Join(c.DataDir, "audit.log")
+}

@@ -1,0 +1,385 @@
+package daemon_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+
+	"github.com/keyward/keyward/daemon"
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/hsm"
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
+)
+
+// instance is a keywardd running in the test, on a real socket, store,
+// audit log and SoftHSM2 token.
+type instance struct {
+	t       *testing.T
+	tok     *softhsmtest.Token
+	cfg     *daemon.Config
+	logs    *syncBuffer
+	reload  chan struct{}
+	cancel  context.CancelFunc
+	errc    chan error
+	stopped bool
+	conn    *grpc.ClientConn
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
+func (s *syncBuffer) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+
+func uidPolicy(rules string) string {
+	return fmt.Sprintf("version: 1\nroles:\n  r:\n    max_batch: 5\n    permissions:\n%s\nbindings:\n  - role: r\n    callers:\n      - uid: %d\n", rules, os.Getuid())
+}
+
+const allowAll = "      - operations: [\"*\"]\n        keys: [\"*\"]"
+
+func start(t *testing.T, policyYAML string) *instance {
+	t.Helper()
+	tok := softhsmtest.New(t)
+	dir := t.TempDir()
+	os.Chmod(dir, 0o750)
+	cfg := &daemon.Config{DataDir: filepath.Join(dir, "data"), PolicyFile: filepath.Join(dir, "policy.yaml")}
+	cfg.Socket.Path = filepath.Join(dir, "run", "keyward.sock")
+	cfg.HSM.Module, cfg.HSM.Token, cfg.HSM.PINFile = tok.Module, tok.Label, tok.PINFile
+	if err := os.WriteFile(cfg.PolicyFile, []byte(policyYAML), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	in := &instance{t: t, tok: tok, cfg: cfg, logs: &syncBuffer{}, reload: make(chan struct{}), errc: make(chan error, 1)}
+	in.run()
+	t.Cleanup(func() { in.stop() })
+	return in
+}
+
+func (in *instance) run() {
+	in.t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	in.cancel, in.stopped = cancel, false
+	ready := make(chan struct{})
+	go func() {
+		in.errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Reload: in.reload, Ready: ready, Version: "test"})
+	}()
+	select {
+	case <-ready:
+	case err := <-in.errc:
+		in.t.Fatalf("keywardd did not start: %v", err)
+	}
+	conn, err := grpc.NewClient("unix://"+in.cfg.Socket.Path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		in.t.Fatal(err)
+	}
+	in.conn = conn
+}
+
+func (in *instance) stop() error {
+	if in.stopped {
+		return nil
+	}
+	in.stopped = true
+	in.conn.Close()
+	in.cancel()
+	return <-in.errc
+}
+
+func wantCode(t *testing.T, err error, code codes.Code, msg string) {
+	t.Helper()
+	st, _ := status.FromError(err)
+	if st.Code() != code || !strings.Contains(st.Message(), msg) {
+		t.Fatalf("got %v %q; want %v containing %q", st.Code(), st.Message(), code, msg)
+	}
+}
+
+func TestEndToEnd(t *testing.T) {
+	in := start(t, uidPolicy(allowAll))
+	ctx := context.Background()
+	kc := keywardv1.NewKeyServiceClient(in.conn)
+	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+
+	if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "app", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "app", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT})
+	wantCode(t, err, codes.AlreadyExists, `key already exists: "app"`)
+	_, err = kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "keyward-x", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_HMAC})
+	wantCode(t, err, codes.InvalidArgument, "keywardd's own")
+	_, err = kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "x"})
+	wantCode(t, err, codes.InvalidArgument, "purpose is required")
+
+	canary := "canary-plaintext-7f3a9c"
+	ectx := map[string]string{"tenant": "42"}
+	dk, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "app", EncryptionContext: ectx})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(dk.Plaintext) != 32 || dk.KeyVersion != 1 || dk.KeyName != "app" {
+		t.Fatalf("GenerateDataKey = %d bytes, %s v%d", len(dk.Plaintext), dk.KeyName, dk.KeyVersion)
+	}
+	got, err := ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: dk.WrappedKey, EncryptionContext: ectx})
+	if err != nil || !bytes.Equal(got.Plaintext, dk.Plaintext) {
+		t.Fatalf("Decrypt: %v", err)
+	}
+	_, err = ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: dk.WrappedKey})
+	wantCode(t, err, codes.InvalidArgument, "the ciphertext or the encryption context does not match")
+	tampered := bytes.Clone(dk.WrappedKey)
+	tampered[len(tampered)-1] ^= 1
+	_, err = ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: tampered, EncryptionContext: ectx})
+	wantCode(t, err, codes.InvalidArgument, "the ciphertext or the encryption context does not match")
+	_, err = ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: []byte("garbage")})
+	wantCode(t, err, codes.InvalidArgument, "not a keyward ciphertext")
+
+	enc, err := ec.Encrypt(ctx, &keywardv1.EncryptRequest{KeyName: "app", Plaintext: []byte(canary), EncryptionContext: ectx})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = ec.Encrypt(ctx, &keywardv1.EncryptRequest{KeyName: "app", Plaintext: make([]byte, 64<<10+1)})
+	wantCode(t, err, codes.ResourceExhausted, "at most 65536")
+
+	if _, err := kc.RotateKey(ctx, &keywardv1.RotateKeyRequest{Name: "app"}); err != nil {
+		t.Fatal(err)
+	}
+	re, err := ec.ReEncrypt(ctx, &keywardv1.ReEncryptRequest{Ciphertext: enc.Ciphertext, EncryptionContext: ectx})
+	if err != nil || re.SourceKeyVersion != 1 || re.KeyVersion != 2 {
+		t.Fatalf("ReEncrypt = %v, %v", re, err)
+	}
+	if _, err := kc.SetMinDecryptionVersion(ctx, &keywardv1.SetMinDecryptionVersionRequest{Name: "app", Version: 2}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: enc.Ciphertext, EncryptionContext: ectx})
+	wantCode(t, err, codes.FailedPrecondition, "below the minimum decryption version 2")
+	pt, err := ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: re.Ciphertext, EncryptionContext: ectx})
+	if err != nil || string(pt.Plaintext) != canary {
+		t.Fatalf("Decrypt of the re-encrypted copy: %v", err)
+	}
+
+	// Batches: per-item answers, and a cap checked before any work.
+	items := []*keywardv1.DecryptRequest{{Ciphertext: re.Ciphertext, EncryptionContext: ectx}, {Ciphertext: enc.Ciphertext, EncryptionContext: ectx}, {Ciphertext: []byte("x")}}
+	br, err := ec.BatchDecrypt(ctx, &keywardv1.BatchDecryptRequest{Items: items})
+	if err != nil || len(br.Results) != 3 || br.Results[0].GetOk() == nil || br.Results[1].GetError().GetCode() != int32(codes.FailedPrecondition) || br.Results[2].GetError().GetCode() != int32(codes.InvalidArgument) {
+		t.Fatalf("BatchDecrypt = %v, %v", br, err)
+	}
+	big := make([]*keywardv1.GenerateDataKeyRequest, 6)
+	for i := range big {
+		big[i] = &keywardv1.GenerateDataKeyRequest{KeyName: "app"}
+	}
+	_, err = ec.BatchGenerateDataKey(ctx, &keywardv1.BatchGenerateDataKeyRequest{Items: big})
+	wantCode(t, err, codes.InvalidArgument, "a batch of 6 items; this caller may send at most 5")
+	bg, err := ec.BatchGenerateDataKey(ctx, &keywardv1.BatchGenerateDataKeyRequest{Items: big[:5]})
+	if err != nil || len(bg.Results) != 5 || bg.Results[4].GetOk() == nil {
+		t.Fatalf("BatchGenerateDataKey of 5: %v", err)
+	}
+
+	// Key states.
+	if _, err := kc.SetKeyState(ctx, &keywardv1.SetKeyStateRequest{Name: "app", State: keywardv1.KeyState_KEY_STATE_DISABLED}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "app"})
+	wantCode(t, err, codes.FailedPrecondition, "key is disabled")
+	sk, err := kc.ScheduleKeyDeletion(ctx, &keywardv1.ScheduleKeyDeletionRequest{Name: "app"})
+	if err != nil || sk.Key.State != keywardv1.KeyState_KEY_STATE_PENDING_DELETION {
+		t.Fatalf("ScheduleKeyDeletion: %v", err)
+	}
+	_, err = ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: re.Ciphertext, EncryptionContext: ectx})
+	wantCode(t, err, codes.FailedPrecondition, "scheduled for deletion")
+	_, err = ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "nope"})
+	wantCode(t, err, codes.NotFound, `key not found: "nope"`)
+
+	// Status and health.
+	stc, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	if err != nil || stc.Hsm.TokenLabel != in.tok.Label || !stc.Hsm.Healthy || stc.Keys.Total != 2 || stc.Keys.PendingDeletion != 1 || stc.Store.SchemaVersion != 1 {
+		t.Fatalf("GetStatus = %v, %v", stc, err)
+	}
+	hc, err := healthpb.NewHealthClient(in.conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || hc.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v, %v", hc, err)
+	}
+
+	// Stop: the socket goes, the audit chain verifies, and nothing secret
+	// reached the audit log or the daemon's log.
+	if err := in.stop(); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	if _, err := os.Lstat(in.cfg.Socket.Path); !os.IsNotExist(err) {
+		t.Fatalf("socket left after stop: %v", err)
+	}
+	auditLog, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
+	logs := in.logs.String()
+	pin, _ := os.ReadFile(in.tok.PINFile)
+	for _, secret := range []string{canary, strings.TrimSpace(string(pin)), hex.EncodeToString(dk.Plaintext), base64.StdEncoding.EncodeToString(dk.Plaintext), string(dk.Plaintext)} {
+		if strings.Contains(string(auditLog), secret) || strings.Contains(logs, secret) {
+			t.Fatalf("a secret reached the audit log or the log: %q", secret)
+		}
+	}
+	rep := verifyAudit(t, in)
+	if rep.BadLine != 0 || rep.Records < 20 || rep.Unverified != 0 {
+		t.Fatalf("audit: %+v", rep)
+	}
+	for _, want := range []string{`"op":"EnvelopeService.Decrypt"`, `"outcome":"error","code":"InvalidArgument"`, `"context_sha256":"`, `"op":"KeyService.RotateKey","key":"app","version":2`, `"items":5`} {
+		if !strings.Contains(string(auditLog), want) {
+			t.Errorf("the audit log lacks %s", want)
+		}
+	}
+}
+
+// verifyAudit checks the stopped instance's audit log with the HSM key.
+func verifyAudit(t *testing.T, in *instance) audit.Report {
+	t.Helper()
+	h, err := hsm.Open(hsm.Config{Module: in.tok.Module, Token: in.tok.Label, PINFile: in.tok.PINFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	f, err := os.Open(filepath.Join(in.cfg.DataDir, "audit.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	rep, err := audit.Verify(context.Background(), f, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rep
+}
+
+// TestPolicyDenies: a caller gets what the policy grants and nothing else;
+// denials name the missing permission and are audited; a bad policy on
+// reload keeps the old one, a good one takes over.
+func TestPolicyDenies(t *testing.T) {
+	in := start(t, uidPolicy(allowAll))
+	ctx := context.Background()
+	kc := keywardv1.NewKeyServiceClient(in.conn)
+	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+	for _, n := range []string{"app-a", "other"} {
+		if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: n, Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	other, err := ec.Encrypt(ctx, &keywardv1.EncryptRequest{KeyName: "other", Plaintext: []byte("x")})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A broken policy on reload: the old one stays.
+	os.WriteFile(in.cfg.PolicyFile, []byte("version: 1\nroles: {r: {permisions: []}}\n"), 0o600)
+	in.reload <- struct{}{}
+	waitFor(t, func() bool { return strings.Contains(in.logs.String(), "policy reload failed") })
+	if _, err := kc.GetKey(ctx, &keywardv1.GetKeyRequest{Name: "other"}); err != nil {
+		t.Fatalf("after a bad reload: %v", err)
+	}
+
+	// An application role: data keys and decryption on app-* only.
+	os.WriteFile(in.cfg.PolicyFile, []byte(uidPolicy("      - operations: [EnvelopeService.GenerateDataKey, EnvelopeService.Decrypt]\n        keys: [\"app-*\"]")), 0o600)
+	in.reload <- struct{}{}
+	waitFor(t, func() bool { return strings.Contains(in.logs.String(), "policy reloaded") })
+
+	dk, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "app-a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: dk.WrappedKey}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		call func() error
+		msg  string
+	}{
+		{"other key", func() error {
+			_, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "other"})
+			return err
+		}, `not granted EnvelopeService.GenerateDataKey on key "other"`},
+		{"decrypt under another key", func() error {
+			_, err := ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: other.Ciphertext})
+			return err
+		}, `not granted EnvelopeService.Decrypt on key "other"`},
+		{"encrypt", func() error {
+			_, err := ec.Encrypt(ctx, &keywardv1.EncryptRequest{KeyName: "app-a"})
+			return err
+		}, `not granted EnvelopeService.Encrypt on key "app-a"`},
+		{"rotate", func() error {
+			_, err := kc.RotateKey(ctx, &keywardv1.RotateKeyRequest{Name: "app-a"})
+			return err
+		}, `not granted KeyService.RotateKey on key "app-a"`},
+		{"list", func() error {
+			_, err := kc.ListKeys(ctx, &keywardv1.ListKeysRequest{})
+			return err
+		}, "not granted KeyService.ListKeys"},
+		{"status", func() error {
+			_, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+			return err
+		}, "not granted StatusService.GetStatus"},
+		{"batch form not granted", func() error {
+			_, err := ec.BatchDecrypt(ctx, &keywardv1.BatchDecryptRequest{Items: []*keywardv1.DecryptRequest{{Ciphertext: dk.WrappedKey}}})
+			return err
+		}, "not granted EnvelopeService.BatchDecrypt"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.call()
+			wantCode(t, err, codes.PermissionDenied, tc.msg)
+			if strings.Contains(err.Error(), "app-*") || strings.Contains(err.Error(), fmt.Sprint(os.Getuid())+"\n") {
+				t.Fatalf("the denial shows the policy: %v", err)
+			}
+		})
+	}
+	in.stop()
+	auditLog, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
+	if n := strings.Count(string(auditLog), `"outcome":"denied"`); n < 6 {
+		t.Fatalf("%d denials audited, want at least 6", n)
+	}
+	if rep := verifyAudit(t, in); rep.BadLine != 0 {
+		t.Fatalf("audit: %+v", rep)
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for range 200 {
+		if cond() {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("timed out waiting")
+}
+
+// TestSecondDaemonRefused: a second keywardd on the same socket stops at
+// once with a clear error; after a restart the keys are still there.
+func TestSecondDaemonRefused(t *testing.T) {
+	in := start(t, uidPolicy(allowAll))
+	ctx := context.Background()
+	if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "k", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+		t.Fatal(err)
+	}
+	err := daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(&syncBuffer{}, nil))})
+	if err == nil || !strings.Contains(err.Error(), "another keywardd is serving") {
+		t.Fatalf("second daemon: %v", err)
+	}
+	if err := in.stop(); err != nil {
+		t.Fatal(err)
+	}
+	in.run()
+	k, err := keywardv1.NewKeyServiceClient(in.conn).GetKey(ctx, &keywardv1.GetKeyRequest{Name: "k"})
+	if err != nil || k.Key.LatestVersion != 1 {
+		t.Fatalf("after restart: %v", err)
+	}
+}

@@ -1,0 +1,194 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/envelope"
+	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/policy"
+	"github.com/keyward/keyward/daemon/server"
+	"github.com/keyward/keyward/daemon/socket"
+	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/hsm"
+)
+
+// AuditKey is the HMAC key in the HSM that MACs the audit log's checkpoints.
+var AuditKey = hsm.KeyID{Name: server.ReservedPrefix + "audit", Version: 1}
+
+// Options are what Run takes besides the configuration.
+type Options struct {
+	Log *slog.Logger
+	// Reload receives a value when the policy should be read again (SIGHUP).
+	Reload <-chan struct{}
+	// Ready, if set, is closed once the socket serves.
+	Ready chan<- struct{}
+	// Version is keywardd's version.
+	Version string
+	// Keys are created at start if missing (dev mode's default keys).
+	Keys []keys.Spec
+	// DrainTimeout bounds the wait for calls in flight at shutdown. Default 10 s.
+	DrainTimeout time.Duration
+}
+
+// Run serves until ctx ends, then drains the calls in flight, removes the
+// socket and closes everything. It returns the first error that kept it from
+// serving or from closing cleanly.
+func Run(ctx context.Context, cfg *Config, o Options) (err error) {
+	log := o.Log
+	if log == nil {
+		log = slog.New(slog.NewJSONHandler(os.Stderr, nil))
+	}
+	if o.DrainTimeout <= 0 {
+		o.DrainTimeout = 10 * time.Second
+	}
+	var closers []func() error
+	defer func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			if cerr := closers[i](); cerr != nil && err == nil {
+				err = cerr
+			}
+		}
+	}()
+
+	// The socket first: its lock makes a second keywardd stop at once.
+	sockOpts, err := cfg.socketOptions()
+	if err != nil {
+		return err
+	}
+	ln, err := socket.Listen(sockOpts)
+	if err != nil {
+		return err
+	}
+	closers = append(closers, func() error { ln.Close(); return nil })
+
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("data directory: %w", err)
+	}
+	st, err := store.Open(filepath.Join(cfg.DataDir, "keyward.db"), store.Options{})
+	if err != nil {
+		return err
+	}
+	closers = append(closers, st.Close)
+
+	h, err := hsm.Open(cfg.hsmConfig())
+	if err != nil {
+		return err
+	}
+	closers = append(closers, h.Close)
+
+	km, err := keys.New(st, h, keys.Options{})
+	if err != nil {
+		return err
+	}
+	if err := ensureKeys(ctx, km, append([]keys.Spec{{Name: AuditKey.Name, Purpose: keys.MAC}}, o.Keys...)); err != nil {
+		return err
+	}
+	al, err := audit.Open(cfg.auditPath(), h, AuditKey, audit.Options{})
+	if err != nil {
+		return err
+	}
+	closers = append(closers, al.Close)
+
+	pol, err := loadPolicy(cfg.PolicyFile)
+	if err != nil {
+		return err
+	}
+	srv, gs := server.New(server.Config{
+		HSM: h, Store: st, Keys: km, Envelope: envelope.New(km, h), Audit: al, Policy: pol,
+		MaxBatch: cfg.MaxBatch, Version: o.Version,
+	})
+	bg, stopBG := context.WithCancel(context.Background())
+	defer stopBG()
+	go srv.WatchHealth(bg)
+	go sweepDeletions(bg, km, log)
+	go func() {
+		for {
+			select {
+			case <-bg.Done():
+				return
+			case <-o.Reload:
+				p, err := loadPolicy(cfg.PolicyFile)
+				if err != nil {
+					log.Error("policy reload failed; the previous policy stays in force", "error", err.Error())
+					continue
+				}
+				srv.SetPolicy(p)
+				log.Info("policy reloaded", "file", cfg.PolicyFile)
+			}
+		}
+	}()
+
+	served := make(chan error, 1)
+	go func() { served <- gs.Serve(ln) }()
+	log.Info("keywardd serving", "socket", ln.Path(), "token", h.Token().Label, "store", st.Path(), "audit", cfg.auditPath(), "version", o.Version)
+	if o.Ready != nil {
+		close(o.Ready)
+	}
+	select {
+	case err := <-served:
+		return fmt.Errorf("serving: %w", err)
+	case <-ctx.Done():
+	}
+	log.Info("keywardd stopping: draining calls in flight")
+	drained := make(chan struct{})
+	go func() { gs.GracefulStop(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(o.DrainTimeout):
+		log.Warn("calls still running after the drain timeout; stopping them", "timeout", o.DrainTimeout.String())
+		gs.Stop()
+	}
+	return nil
+}
+
+// ensureKeys creates the keys that must exist.
+func ensureKeys(ctx context.Context, km *keys.Manager, specs []keys.Spec) error {
+	for _, s := range specs {
+		if _, err := km.Get(s.Name); err == nil {
+			continue
+		} else if !errors.Is(err, keys.ErrNotFound) {
+			return err
+		}
+		if _, err := km.Create(ctx, s); err != nil {
+			return fmt.Errorf("creating key %q: %w", s.Name, err)
+		}
+	}
+	return nil
+}
+
+func loadPolicy(path string) (*policy.Policy, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	p, err := policy.Parse(b, server.Ops())
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return p, nil
+}
+
+// sweepDeletions deletes keys whose deletion date passed, hourly.
+func sweepDeletions(ctx context.Context, km *keys.Manager, log *slog.Logger) {
+	t := time.NewTicker(time.Hour)
+	defer t.Stop()
+	for {
+		if done, err := km.DeleteDue(ctx); err != nil {
+			log.Error("deleting keys past their deletion date failed", "error", err.Error())
+		} else if len(done) > 0 {
+			log.Info("keys deleted", "keys", done)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}

@@ -1,0 +1,243 @@
+// Package server is keywardd's gRPC layer: it translates keyward.v1 to the
+// domain packages and back, checks every call against the policy for the
+// caller the kernel identified, maps domain errors to gRPC status codes in one
+// place (status.go), and audits every call, allowed or denied, before its
+// answer goes out. A call whose audit record cannot be written fails with
+// UNAVAILABLE: no success goes unaudited.
+package server
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+
+	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/envelope"
+	"github.com/keyward/keyward/daemon/identity"
+	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/policy"
+	"github.com/keyward/keyward/daemon/store"
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/hsm"
+)
+
+// Ops lists every operation name the policy may grant, "Service.Method".
+func Ops() []string {
+	var ops []string
+	for _, sd := range []grpc.ServiceDesc{keywardv1.KeyService_ServiceDesc, keywardv1.EnvelopeService_ServiceDesc, keywardv1.StatusService_ServiceDesc} {
+		svc := sd.ServiceName[strings.LastIndexByte(sd.ServiceName, '.')+1:]
+		for _, m := range sd.Methods {
+			ops = append(ops, svc+"."+m.MethodName)
+		}
+	}
+	return ops
+}
+
+// ReservedPrefix starts the names of the keys keywardd keeps for itself
+// (the audit MAC key); the API refuses to create or delete them.
+const ReservedPrefix = "keyward-"
+
+// Config is what a Server is made of.
+type Config struct {
+	HSM      *hsm.HSM
+	Store    *store.Store
+	Keys     *keys.Manager
+	Envelope *envelope.Service
+	Audit    *audit.Log
+	Policy   *policy.Policy
+	// MaxBatch caps every batch, whatever a role allows. Default 100.
+	MaxBatch int
+	// DefaultBatch is the batch size allowed to roles that set none.
+	// Default 10.
+	DefaultBatch int
+	// Version is keywardd's version, for GetStatus.
+	Version string
+	// HealthEvery is how often the HSM's health is checked. Default 5 s.
+	HealthEvery time.Duration
+}
+
+// Server serves keyward.v1.
+type Server struct {
+	cfg    Config
+	policy atomic.Pointer[policy.Policy]
+	health *health.Server
+	start  time.Time
+	hsmErr atomic.Pointer[error] // the last health check's error; nil when healthy
+
+	keywardv1.UnimplementedKeyServiceServer
+	keywardv1.UnimplementedEnvelopeServiceServer
+	keywardv1.UnimplementedStatusServiceServer
+}
+
+// New makes the server and the grpc.Server that serves it.
+func New(cfg Config) (*Server, *grpc.Server) {
+	if cfg.MaxBatch <= 0 {
+		cfg.MaxBatch = 100
+	}
+	if cfg.DefaultBatch <= 0 {
+		cfg.DefaultBatch = 10
+	}
+	if cfg.HealthEvery <= 0 {
+		cfg.HealthEvery = 5 * time.Second
+	}
+	s := &Server{cfg: cfg, health: health.NewServer(), start: time.Now()}
+	s.policy.Store(cfg.Policy)
+	gs := grpc.NewServer(
+		grpc.Creds(&peerCreds{resolver: identity.NewResolver()}),
+		grpc.UnaryInterceptor(s.intercept),
+		grpc.MaxRecvMsgSize(16<<20),
+	)
+	keywardv1.RegisterKeyServiceServer(gs, s)
+	keywardv1.RegisterEnvelopeServiceServer(gs, s)
+	keywardv1.RegisterStatusServiceServer(gs, s)
+	healthpb.RegisterHealthServer(gs, s.health)
+	reflection.Register(gs)
+	return s, gs
+}
+
+// SetPolicy replaces the policy (SIGHUP). Calls in flight finish under the
+// old one.
+func (s *Server) SetPolicy(p *policy.Policy) { s.policy.Store(p) }
+
+// WatchHealth checks the HSM every HealthEvery until ctx ends, and serves
+// NOT_SERVING on the health service while it fails.
+func (s *Server) WatchHealth(ctx context.Context) {
+	t := time.NewTicker(s.cfg.HealthEvery)
+	defer t.Stop()
+	for {
+		s.checkHealth(ctx)
+		select {
+		case <-ctx.Done():
+			s.health.Shutdown()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (s *Server) checkHealth(ctx context.Context) {
+	err := s.cfg.HSM.Health(ctx)
+	st := healthpb.HealthCheckResponse_SERVING
+	if err != nil {
+		st = healthpb.HealthCheckResponse_NOT_SERVING
+		s.hsmErr.Store(&err)
+	} else {
+		s.hsmErr.Store(nil)
+	}
+	s.health.SetServingStatus("", st)
+	for _, name := range []string{keywardv1.KeyService_ServiceDesc.ServiceName, keywardv1.EnvelopeService_ServiceDesc.ServiceName, keywardv1.StatusService_ServiceDesc.ServiceName} {
+		s.health.SetServingStatus(name, st)
+	}
+}
+
+// call is what a handler learns about its call, for the audit record.
+type call struct {
+	op      string
+	caller  *identity.Caller
+	key     string
+	version uint32
+	items   int
+	ctxHash string
+}
+
+type callKey struct{}
+
+func callFrom(ctx context.Context) *call { return ctx.Value(callKey{}).(*call) }
+
+// sensitive operations return key material or plaintext: the caller must
+// still be the process that connected when the answer is ready.
+var sensitive = map[string]bool{
+	"EnvelopeService.GenerateDataKey": true, "EnvelopeService.Decrypt": true,
+	"EnvelopeService.BatchGenerateDataKey": true, "EnvelopeService.BatchDecrypt": true,
+}
+
+// intercept identifies the caller, runs the handler, audits the call, and
+// turns every error into a status.
+func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	op := strings.TrimPrefix(info.FullMethod, "/keyward.v1.")
+	op = strings.Replace(op, "/", ".", 1)
+	c := &call{op: op}
+	if p, ok := peer.FromContext(ctx); ok {
+		if ai, ok := p.AuthInfo.(AuthInfo); ok {
+			c.caller = ai.Caller
+		}
+	}
+	if c.caller == nil {
+		return nil, status.Error(codes.Unauthenticated, "keywardd: the caller is not known; connect through keywardd's Unix socket")
+	}
+	if strings.HasPrefix(info.FullMethod, "/grpc.") {
+		return handler(ctx, req) // health and reflection: no keys, nothing to audit
+	}
+	if err := s.cfg.Audit.Err(); err != nil {
+		return nil, status.Error(codes.Unavailable, "keywardd: the audit log cannot be written, so nothing is done: "+err.Error())
+	}
+	resp, err := handler(context.WithValue(ctx, callKey{}, c), req)
+	if err == nil && sensitive[op] {
+		if aerr := c.caller.Alive(); aerr != nil {
+			resp, err = nil, aerr
+		}
+	}
+	st := toStatus(err)
+	rec := audit.Record{
+		Time: time.Now().UTC(),
+		Caller: audit.Caller{UID: c.caller.UID, GID: c.caller.GID, PID: c.caller.PID,
+			Exe: c.caller.Exe, SHA256: c.caller.ExeSHA256},
+		Op: op, Key: c.key, Version: c.version, Items: c.items, ContextSHA256: c.ctxHash, Outcome: "ok",
+	}
+	if st != nil {
+		rec.Outcome, rec.Code, rec.Detail = "error", st.Code().String(), st.Message()
+		if st.Code() == codes.PermissionDenied {
+			rec.Outcome = "denied"
+		}
+	}
+	if aerr := s.cfg.Audit.Append(ctx, rec); aerr != nil {
+		return nil, status.Error(codes.Unavailable, "keywardd: the call could not be audited, so its answer is withheld: "+aerr.Error())
+	}
+	if st != nil {
+		return nil, st.Err()
+	}
+	return resp, nil
+}
+
+// allow checks the policy for the call's caller on key, and notes the key
+// for the audit record.
+func (s *Server) allow(ctx context.Context, op, key string) error {
+	c := callFrom(ctx)
+	if c.key == "" {
+		c.key = key
+	}
+	return s.policy.Load().Allow(subject(c.caller), op, key)
+}
+
+func subject(c *identity.Caller) policy.Subject {
+	return policy.Subject{UID: c.UID, GIDs: append([]uint32{c.GID}, c.Groups...), Exe: c.Exe, ExeSHA256: c.ExeSHA256}
+}
+
+// batchLimit is the largest batch the caller may send to op.
+func (s *Server) batchLimit(ctx context.Context, op string) int {
+	n := s.policy.Load().MaxBatch(subject(callFrom(ctx).caller), op)
+	if n == 0 {
+		n = s.cfg.DefaultBatch
+	}
+	return min(n, s.cfg.MaxBatch)
+}
+
+func checkBatch(n, limit int) error {
+	switch {
+	case n == 0:
+		return fmt.Errorf("%w: an empty batch", errInvalid)
+	case n > limit:
+		return fmt.Errorf("%w: a batch of %d items; this caller may send at most %d", errInvalid, n, limit)
+	}
+	return nil
+}

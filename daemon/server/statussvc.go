@@ -1,0 +1,46 @@
+package server
+
+import (
+	"context"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/keys"
+)
+
+func (s *Server) GetStatus(ctx context.Context, _ *keywardv1.GetStatusRequest) (*keywardv1.GetStatusResponse, error) {
+	if err := s.allow(ctx, "StatusService.GetStatus", ""); err != nil {
+		return nil, err
+	}
+	tok := s.cfg.HSM.Token()
+	out := &keywardv1.GetStatusResponse{
+		Version:   s.cfg.Version,
+		StartTime: timestamppb.New(s.start),
+		Hsm:       &keywardv1.HSMStatus{TokenLabel: tok.Label, TokenSerial: tok.Serial, Manufacturer: tok.Manufacturer, Model: tok.Model, Healthy: true},
+		Store:     &keywardv1.StoreStatus{Path: s.cfg.Store.Path()},
+		Keys:      &keywardv1.KeyCounts{},
+	}
+	if p := s.hsmErr.Load(); p != nil {
+		out.Hsm.Healthy, out.Hsm.Error = false, (*p).Error()
+	}
+	if v, err := s.cfg.Store.SchemaVersion(); err == nil {
+		out.Store.SchemaVersion = uint32(v)
+	}
+	all, err := s.cfg.Keys.List()
+	if err != nil {
+		return nil, err
+	}
+	for _, k := range all {
+		out.Keys.Total++
+		switch k.State {
+		case keys.Enabled:
+			out.Keys.Enabled++
+		case keys.Disabled:
+			out.Keys.Disabled++
+		case keys.PendingDeletion:
+			out.Keys.PendingDeletion++
+		}
+	}
+	return out, nil
+}
