@@ -7,7 +7,7 @@ RUN_DIR   ?= .run
 BENCHTIME ?= 1s
 PKGS      := ./...
 
-.PHONY: all build run test bench lint generate generate-check deps fuzz clean
+.PHONY: all build run hsm-check test bench lint generate generate-check deps fuzz clean
 
 all: build
 
@@ -29,15 +29,16 @@ deps:
 build:
 	$(GO) build -o bin/ ./cmd/...
 
-## run: make a throw-away SoftHSM2 token in .run/ and check keyward's HSM layer on it
+## run: keywardd --dev: a throw-away SoftHSM2 token, data directory and policy; prints what to try
 run: deps build
+	@echo "starting keywardd --dev (Ctrl-C stops it and removes its directory); the CLI is ./bin/keyward"
+	@PATH="$(CURDIR)/bin:$$PATH" ./bin/keywardd --dev
+
+## hsm-check: make a throw-away token in .run/ and check the HSM layer on it
+hsm-check: deps build
 	@rm -rf $(RUN_DIR)/token && mkdir -p $(RUN_DIR)
 	@softhsm-test/create-token $(RUN_DIR)/token keyward-dev > $(RUN_DIR)/token.env
-	@. ./$(RUN_DIR)/token.env; export SOFTHSM2_CONF; \
-	echo "SoftHSM2 token keyward-dev in $(RUN_DIR)/token (SOFTHSM2_CONF=$$SOFTHSM2_CONF)"; \
-	./bin/keyward hsm check -module "$$module" -token keyward-dev -pin-file "$$pin_file" && \
-	printf '\nTry it yourself:\n  export SOFTHSM2_CONF=%s\n  ./bin/keyward hsm check -module %s -token keyward-dev -pin-file %s\n  ./bin/keyward hsm check -module %s -uri "pkcs11:token=keyward-dev;serial=%s" -pin-file %s -output json\n  KEYWARD_PIN="$$(cat %s)" ./bin/keyward hsm check -module %s -token keyward-dev -pin-env KEYWARD_PIN\n  PIN=$$(cat %s) pkcs11-tool --module %s --token-label keyward-dev --login --pin env:PIN --list-objects\n\nkeywardd, the daemon, is not built yet; this checks the HSM layer it stands on.\n' \
-		"$$SOFTHSM2_CONF" "$$module" "$$pin_file" "$$module" "$$serial" "$$pin_file" "$$pin_file" "$$module" "$$pin_file" "$$module"
+	@. ./$(RUN_DIR)/token.env; export SOFTHSM2_CONF; ./bin/keyward hsm check -module "$$module" -token keyward-dev -pin-file "$$pin_file"
 
 ## test: every test, with the race detector
 test: deps

@@ -46,8 +46,12 @@ type syncBuffer struct {
 	b  bytes.Buffer
 }
 
-func (s *syncBuffer) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
-func (s *syncBuffer) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
 func uidPolicy(rules string) string {
 	return fmt.Sprintf("version: 1\nroles:\n  r:\n    max_batch: 5\n    permissions:\n%s\nbindings:\n  - role: r\n    callers:\n      - uid: %d\n", rules, os.Getuid())

@@ -1,126 +1,176 @@
-// Command keyward is keyward's command-line client. Today it checks an HSM
-// for use with keyward (keyward hsm check); the daemon's commands follow.
+// Command keyward is keyward's command-line client, for operators and for
+// scripts: it manages root keys, does envelope encryption, reports keywardd's
+// status, verifies audit logs and checks an HSM. Plaintext and secrets come
+// through files or standard input and go to files or standard output, never
+// through arguments. See docs/api.md for the commands and exit codes.
 package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
 	"syscall"
-	"text/tabwriter"
-	"time"
 
-	"github.com/keyward/keyward/hsm"
+	"google.golang.org/grpc/codes"
+
+	"github.com/keyward/keyward/daemon/api/client"
 )
 
-const usage = `usage: keyward <command> [flags]
+const usage = `usage: keyward [-socket PATH] [-output table|json] <command> [flags]
 
-commands:
-  hsm check   create throw-away keys on an HSM token, round-trip an
-              encryption and the signatures, and remove the keys again
-  version     print the version
+keys (operators):
+  key create -name N -purpose encrypt|sign|hmac [-algorithm A] [-rotation-period D] [-label k=v]...
+  key get -name N | key list | key rotate -name N
+  key enable -name N | key disable -name N | key set-min-version -name N -version V
+  key schedule-deletion -name N [-wait D] | key cancel-deletion -name N
+envelope encryption (applications):
+  datakey -key K [-context k=v]... [-size 32] [-plaintext-out FILE] [-wrapped-out FILE]
+  encrypt -key K [-context k=v]... [-in FILE] [-out FILE]
+  decrypt [-context k=v]... [-in FILE] [-out FILE]
+  reencrypt [-context k=v]... [-to-key K] [-in FILE] [-out FILE]
+daemon and files:
+  status
+  audit verify FILE [-module PATH -token LABEL -pin-file FILE]
+  hsm check -module PATH (-token LABEL | -uri URI) (-pin-file FILE | -pin-env VAR)
+  version
 
-Run "keyward <command> -h" for the command's flags.
+The socket is -socket, else $KEYWARD_SOCKET, else /run/keyward/keyward.sock.
+Exit codes: 0 ok, 1 error, 2 usage, 3 permission denied, 4 not found,
+5 already exists, 6 invalid argument, 7 key not usable, 8 unavailable.
 `
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
+// Exit codes, one per kind of refusal, so that scripts can tell them apart.
+const (
+	exitOK          = 0
+	exitError       = 1
+	exitUsage       = 2
+	exitDenied      = 3
+	exitNotFound    = 4
+	exitExists      = 5
+	exitInvalid     = 6
+	exitUnusable    = 7
+	exitUnavailable = 8
+)
+
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	stop()
 	os.Exit(code)
 }
 
-// run executes one command and returns the exit code: 0 success, 1 failure,
-// 2 bad usage.
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	switch {
-	case len(args) >= 2 && args[0] == "hsm" && args[1] == "check":
-		return hsmCheck(ctx, args[2:], stdout, stderr)
-	case len(args) == 1 && args[0] == "version":
-		fmt.Fprintln(stdout, "keyward", version)
-		return 0
-	case len(args) == 1 && (args[0] == "-h" || args[0] == "--help" || args[0] == "help"):
-		fmt.Fprint(stdout, usage)
-		return 0
-	}
-	fmt.Fprint(stderr, usage)
-	return 2
+// env is what every command gets.
+type env struct {
+	ctx    context.Context
+	socket string
+	json   bool
+	stdin  io.Reader
+	stdout io.Writer
+	stderr io.Writer
 }
 
-func hsmCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("keyward hsm check", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var cfg hsm.Config
-	fs.StringVar(&cfg.Module, "module", "", "absolute path of the PKCS#11 library (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)")
-	fs.StringVar(&cfg.Token, "token", "", "label of the token")
-	fs.StringVar(&cfg.URI, "uri", "", "RFC 7512 PKCS#11 URI of the token, instead of -token (pkcs11:token=...;serial=...)")
-	fs.StringVar(&cfg.PINFile, "pin-file", "", "file holding the user PIN")
-	fs.StringVar(&cfg.PINEnv, "pin-env", "", "environment variable holding the user PIN")
-	output := fs.String("output", "text", "text or json")
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: keyward hsm check -module PATH (-token LABEL | -uri URI) (-pin-file FILE | -pin-env VAR)\n\nThe PIN is never a flag: it would show in the process list.\n\n")
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
-		return 2
-	}
-	if fs.NArg() > 0 || (*output != "text" && *output != "json") {
-		fs.Usage()
-		return 2
-	}
-	h, err := hsm.Open(cfg)
-	if err != nil {
-		fmt.Fprintln(stderr, "keyward:", err)
-		return 1
-	}
-	defer h.Close()
-	steps, err := h.SelfCheck(ctx)
-	tok := h.Token()
-	if *output == "json" {
-		type step struct {
-			Name   string  `json:"name"`
-			Millis float64 `json:"ms"`
+// usageError is a mistake in the command line.
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+// run executes one command line and returns the exit code.
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	e := &env{ctx: ctx, stdin: stdin, stdout: stdout, stderr: stderr}
+	// Global flags come before the command.
+	for len(args) > 0 {
+		switch {
+		case args[0] == "-socket" || args[0] == "--socket":
+			if len(args) < 2 {
+				return fail(e, usageError{"-socket needs a path"})
+			}
+			e.socket, args = args[1], args[2:]
+			continue
+		case args[0] == "-output" || args[0] == "--output":
+			if len(args) < 2 || (args[1] != "json" && args[1] != "table") {
+				return fail(e, usageError{"-output is table or json"})
+			}
+			e.json, args = args[1] == "json", args[2:]
+			continue
 		}
-		out := struct {
-			Token  hsm.TokenInfo `json:"token"`
-			OK     bool          `json:"ok"`
-			Error  string        `json:"error,omitempty"`
-			Steps  []step        `json:"steps"`
-			Module string        `json:"module"`
-		}{Token: tok, OK: err == nil, Module: cfg.Module, Steps: []step{}}
-		if err != nil {
-			out.Error = err.Error()
-		}
-		for _, s := range steps {
-			out.Steps = append(out.Steps, step{s.Name, float64(s.Duration) / float64(time.Millisecond)})
-		}
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if encErr := enc.Encode(out); encErr != nil {
-			err = errors.Join(err, encErr)
-		}
-	} else {
-		fmt.Fprintf(stdout, "token %q (serial %s, %s %s) in slot %d\n", tok.Label, tok.Serial, tok.Manufacturer, tok.Model, tok.Slot)
-		tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-		for _, s := range steps {
-			fmt.Fprintf(tw, "  ok\t%s\t%.2f ms\n", s.Name, float64(s.Duration)/float64(time.Millisecond))
-		}
-		tw.Flush()
-		if err == nil {
-			fmt.Fprintln(stdout, "the token does everything keyward needs")
-		}
+		break
 	}
-	if err != nil {
-		fmt.Fprintln(stderr, "keyward:", err)
-		return 1
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return exitUsage
 	}
-	return 0
+	var err error
+	switch cmd, rest := args[0], args[1:]; {
+	case cmd == "help" || cmd == "-h" || cmd == "--help":
+		fmt.Fprint(stdout, usage)
+		return exitOK
+	case cmd == "version":
+		fmt.Fprintln(stdout, "keyward", version)
+		return exitOK
+	case cmd == "hsm" && len(rest) > 0 && rest[0] == "check":
+		return hsmCheck(ctx, rest[1:], stdout, stderr)
+	case cmd == "key" && len(rest) > 0:
+		err = keyCommand(e, rest[0], rest[1:])
+	case cmd == "status":
+		err = statusCommand(e, rest)
+	case cmd == "datakey":
+		err = datakeyCommand(e, rest)
+	case cmd == "encrypt", cmd == "decrypt", cmd == "reencrypt":
+		err = cryptCommand(e, cmd, rest)
+	case cmd == "audit" && len(rest) > 0 && rest[0] == "verify":
+		err = auditVerify(e, rest[1:])
+	default:
+		err = usageError{fmt.Sprintf("unknown command %q; run keyward help", args[0])}
+	}
+	return fail(e, err)
+}
+
+// fail prints err and returns its exit code.
+func fail(e *env, err error) int {
+	if err == nil {
+		return exitOK
+	}
+	var ue usageError
+	if errors.As(err, &ue) {
+		fmt.Fprintf(e.stderr, "keyward: %s\n", ue.msg)
+		return exitUsage
+	}
+	fmt.Fprintf(e.stderr, "keyward: %v\n", errorMessage(err))
+	var ce *client.Error
+	if !errors.As(err, &ce) {
+		return exitError
+	}
+	switch ce.Code {
+	case codes.PermissionDenied, codes.Unauthenticated:
+		return exitDenied
+	case codes.NotFound:
+		return exitNotFound
+	case codes.AlreadyExists:
+		return exitExists
+	case codes.InvalidArgument, codes.ResourceExhausted:
+		return exitInvalid
+	case codes.FailedPrecondition:
+		return exitUnusable
+	case codes.Unavailable:
+		return exitUnavailable
+	}
+	return exitError
+}
+
+func errorMessage(err error) string {
+	var ce *client.Error
+	if errors.As(err, &ce) {
+		return ce.Message
+	}
+	return err.Error()
+}
+
+func (e *env) dial() (*client.Client, error) {
+	return client.Dial(e.socket)
 }

@@ -32,12 +32,12 @@ func TestHSMCheck(t *testing.T) {
 		{name: "PIN flag does not exist", args: []string{"hsm", "check", "-pin", "1234"},
 			code: 2, stderr: "flag provided but not defined: -pin"},
 		{name: "bad output", args: []string{"hsm", "check", "-output", "yaml"}, code: 2, stderr: "usage: keyward hsm check"},
-		{name: "unknown command", args: []string{"frobnicate"}, code: 2, stderr: "usage: keyward <command>"},
+		{name: "unknown command", args: []string{"frobnicate"}, code: 2, stderr: `unknown command "frobnicate"`},
 		{name: "version", args: []string{"version"}, stdout: "keyward dev"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
-			code := run(context.Background(), tc.args, &stdout, &stderr)
+			code := run(context.Background(), tc.args, strings.NewReader(""), &stdout, &stderr)
 			if code != tc.code {
 				t.Fatalf("exit %d, want %d\nstdout: %s\nstderr: %s", code, tc.code, &stdout, &stderr)
 			}

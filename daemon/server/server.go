@@ -21,13 +21,13 @@ import (
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/identity"
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/policy"
 	"github.com/keyward/keyward/daemon/store"
-	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/hsm"
 )
 

@@ -1,0 +1,84 @@
+// Command keywardd is the keyward daemon: it keeps root keys in a PKCS#11
+// HSM and serves keyward.v1 on a Unix socket. See docs/operations.md.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/keyward/keyward/daemon"
+	"github.com/keyward/keyward/daemon/devmode"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() { os.Exit(run()) }
+
+func run() int {
+	configPath := flag.String("config", "/etc/keyward/keywardd.yaml", "configuration file")
+	dev := flag.Bool("dev", false, "try keyward: a throw-away SoftHSM2 token, data directory and permissive policy in a temporary directory")
+	devDir := flag.String("dev-dir", "", "with -dev: use (and keep) this directory instead of a temporary one")
+	showVersion := flag.Bool("version", false, "print the version and exit")
+	flag.Parse()
+	if flag.NArg() > 0 {
+		fmt.Fprintln(os.Stderr, "keywardd: unexpected arguments; the PIN and everything else come from the configuration file")
+		return 2
+	}
+	if *showVersion {
+		fmt.Println("keywardd", version)
+		return 0
+	}
+	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	reload := make(chan struct{})
+	go func() {
+		for range hup {
+			reload <- struct{}{}
+		}
+	}()
+
+	var (
+		cfg  *daemon.Config
+		err  error
+		opts = daemon.Options{Log: log, Reload: reload, Version: version}
+	)
+	if *dev {
+		dir := *devDir
+		if dir == "" {
+			if dir, err = os.MkdirTemp("", "keyward-dev-"); err != nil {
+				log.Error("keywardd --dev", "error", err.Error())
+				return 1
+			}
+			defer os.RemoveAll(dir)
+		}
+		if cfg, err = devmode.Setup(dir); err != nil {
+			log.Error("keywardd --dev: setting up", "error", err.Error())
+			return 1
+		}
+		opts.Keys = devmode.DefaultKeys
+		ready := make(chan struct{})
+		opts.Ready = ready
+		go func() {
+			<-ready
+			fmt.Fprint(os.Stdout, devmode.HowTo(cfg))
+		}()
+	} else if cfg, err = daemon.LoadConfig(*configPath); err != nil {
+		log.Error("keywardd: configuration", "error", err.Error())
+		return 1
+	}
+	if err := daemon.Run(ctx, cfg, opts); err != nil {
+		log.Error("keywardd stopped", "error", err.Error())
+		return 1
+	}
+	log.Info("keywardd stopped")
+	return 0
+}
