@@ -30,7 +30,7 @@ import (
 // instance is a keywardd running in the test, on a real socket, store,
 // audit log and SoftHSM2 token.
 type instance struct {
-	t       *testing.T
+	t       testing.TB
 	tok     *softhsmtest.Token
 	cfg     *daemon.Config
 	logs    *syncBuffer
@@ -59,7 +59,7 @@ func uidPolicy(rules string) string {
 
 const allowAll = "      - operations: [\"*\"]\n        keys: [\"*\"]"
 
-func start(t *testing.T, policyYAML string) *instance {
+func start(t testing.TB, policyYAML string) *instance {
 	t.Helper()
 	tok := softhsmtest.New(t)
 	dir := t.TempDir()

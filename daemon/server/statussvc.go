@@ -44,3 +44,10 @@ func (s *Server) GetStatus(ctx context.Context, _ *keywardv1.GetStatusRequest) (
 	}
 	return out, nil
 }
+
+func (s *Server) Ping(ctx context.Context, _ *keywardv1.PingRequest) (*keywardv1.PingResponse, error) {
+	if err := s.allow(ctx, "StatusService.Ping", ""); err != nil {
+		return nil, err
+	}
+	return &keywardv1.PingResponse{}, nil
+}

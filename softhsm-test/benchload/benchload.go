@@ -16,9 +16,15 @@ import (
 // Callers are the concurrency levels every keyward benchmark runs at.
 var Callers = []int{1, 2, 4, 8}
 
+// Result is what one Run measured.
+type Result struct {
+	OpsPerSec float64
+	P50, P99  time.Duration
+}
+
 // Run calls op b.N times in all, from callers goroutines at once, and
 // reports ops/s, p50-µs and p99-µs. An error from op fails the benchmark.
-func Run(b *testing.B, callers int, op func() error) {
+func Run(b *testing.B, callers int, op func() error) Result {
 	b.Helper()
 	lat := make([][]time.Duration, callers)
 	var next atomic.Int64
@@ -42,12 +48,14 @@ func Run(b *testing.B, callers int, op func() error) {
 	b.StopTimer()
 	all := slices.Concat(lat...)
 	if len(all) == 0 {
-		return
+		return Result{}
 	}
 	slices.Sort(all)
-	b.ReportMetric(float64(len(all))/elapsed.Seconds(), "ops/s")
-	b.ReportMetric(micros(percentile(all, 0.50)), "p50-µs")
-	b.ReportMetric(micros(percentile(all, 0.99)), "p99-µs")
+	r := Result{OpsPerSec: float64(len(all)) / elapsed.Seconds(), P50: percentile(all, 0.50), P99: percentile(all, 0.99)}
+	b.ReportMetric(r.OpsPerSec, "ops/s")
+	b.ReportMetric(micros(r.P50), "p50-µs")
+	b.ReportMetric(micros(r.P99), "p99-µs")
+	return r
 }
 
 // percentile picks the value at fraction q of sorted (nearest rank).

@@ -22,6 +22,80 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// PingRequest has no fields.
+type PingRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PingRequest) Reset() {
+	*x = PingRequest{}
+	mi := &file_status_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PingRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PingRequest) ProtoMessage() {}
+
+func (x *PingRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_status_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PingRequest.ProtoReflect.Descriptor instead.
+func (*PingRequest) Descriptor() ([]byte, []int) {
+	return file_status_proto_rawDescGZIP(), []int{0}
+}
+
+// PingResponse has no fields.
+type PingResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PingResponse) Reset() {
+	*x = PingResponse{}
+	mi := &file_status_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PingResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PingResponse) ProtoMessage() {}
+
+func (x *PingResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_status_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PingResponse.ProtoReflect.Descriptor instead.
+func (*PingResponse) Descriptor() ([]byte, []int) {
+	return file_status_proto_rawDescGZIP(), []int{1}
+}
+
 // GetStatusRequest has no fields.
 type GetStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -31,7 +105,7 @@ type GetStatusRequest struct {
 
 func (x *GetStatusRequest) Reset() {
 	*x = GetStatusRequest{}
-	mi := &file_status_proto_msgTypes[0]
+	mi := &file_status_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -43,7 +117,7 @@ func (x *GetStatusRequest) String() string {
 func (*GetStatusRequest) ProtoMessage() {}
 
 func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[0]
+	mi := &file_status_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -56,7 +130,7 @@ func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{0}
+	return file_status_proto_rawDescGZIP(), []int{2}
 }
 
 // GetStatusResponse is keywardd's state.
@@ -74,7 +148,7 @@ type GetStatusResponse struct {
 
 func (x *GetStatusResponse) Reset() {
 	*x = GetStatusResponse{}
-	mi := &file_status_proto_msgTypes[1]
+	mi := &file_status_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -86,7 +160,7 @@ func (x *GetStatusResponse) String() string {
 func (*GetStatusResponse) ProtoMessage() {}
 
 func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[1]
+	mi := &file_status_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -99,7 +173,7 @@ func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetStatusResponse) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{1}
+	return file_status_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GetStatusResponse) GetVersion() string {
@@ -154,7 +228,7 @@ type HSMStatus struct {
 
 func (x *HSMStatus) Reset() {
 	*x = HSMStatus{}
-	mi := &file_status_proto_msgTypes[2]
+	mi := &file_status_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -166,7 +240,7 @@ func (x *HSMStatus) String() string {
 func (*HSMStatus) ProtoMessage() {}
 
 func (x *HSMStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[2]
+	mi := &file_status_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -179,7 +253,7 @@ func (x *HSMStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HSMStatus.ProtoReflect.Descriptor instead.
 func (*HSMStatus) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{2}
+	return file_status_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *HSMStatus) GetTokenLabel() string {
@@ -235,7 +309,7 @@ type StoreStatus struct {
 
 func (x *StoreStatus) Reset() {
 	*x = StoreStatus{}
-	mi := &file_status_proto_msgTypes[3]
+	mi := &file_status_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -247,7 +321,7 @@ func (x *StoreStatus) String() string {
 func (*StoreStatus) ProtoMessage() {}
 
 func (x *StoreStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[3]
+	mi := &file_status_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -260,7 +334,7 @@ func (x *StoreStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreStatus.ProtoReflect.Descriptor instead.
 func (*StoreStatus) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{3}
+	return file_status_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *StoreStatus) GetPath() string {
@@ -290,7 +364,7 @@ type KeyCounts struct {
 
 func (x *KeyCounts) Reset() {
 	*x = KeyCounts{}
-	mi := &file_status_proto_msgTypes[4]
+	mi := &file_status_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -302,7 +376,7 @@ func (x *KeyCounts) String() string {
 func (*KeyCounts) ProtoMessage() {}
 
 func (x *KeyCounts) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[4]
+	mi := &file_status_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -315,7 +389,7 @@ func (x *KeyCounts) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyCounts.ProtoReflect.Descriptor instead.
 func (*KeyCounts) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{4}
+	return file_status_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *KeyCounts) GetTotal() uint32 {
@@ -351,7 +425,9 @@ var File_status_proto protoreflect.FileDescriptor
 const file_status_proto_rawDesc = "" +
 	"\n" +
 	"\fstatus.proto\x12\n" +
-	"keyward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n" +
+	"keyward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n" +
+	"\vPingRequest\"\x0e\n" +
+	"\fPingResponse\"\x12\n" +
 	"\x10GetStatusRequest\"\xeb\x01\n" +
 	"\x11GetStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
@@ -375,9 +451,10 @@ const file_status_proto_rawDesc = "" +
 	"\x05total\x18\x01 \x01(\rR\x05total\x12\x18\n" +
 	"\aenabled\x18\x02 \x01(\rR\aenabled\x12\x1a\n" +
 	"\bdisabled\x18\x03 \x01(\rR\bdisabled\x12)\n" +
-	"\x10pending_deletion\x18\x04 \x01(\rR\x0fpendingDeletion2Y\n" +
+	"\x10pending_deletion\x18\x04 \x01(\rR\x0fpendingDeletion2\x94\x01\n" +
 	"\rStatusService\x12H\n" +
-	"\tGetStatus\x12\x1c.keyward.v1.GetStatusRequest\x1a\x1d.keyward.v1.GetStatusResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
+	"\tGetStatus\x12\x1c.keyward.v1.GetStatusRequest\x1a\x1d.keyward.v1.GetStatusResponse\x129\n" +
+	"\x04Ping\x12\x17.keyward.v1.PingRequest\x1a\x18.keyward.v1.PingResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
 
 var (
 	file_status_proto_rawDescOnce sync.Once
@@ -391,24 +468,28 @@ func file_status_proto_rawDescGZIP() []byte {
 	return file_status_proto_rawDescData
 }
 
-var file_status_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_status_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_status_proto_goTypes = []any{
-	(*GetStatusRequest)(nil),      // 0: keyward.v1.GetStatusRequest
-	(*GetStatusResponse)(nil),     // 1: keyward.v1.GetStatusResponse
-	(*HSMStatus)(nil),             // 2: keyward.v1.HSMStatus
-	(*StoreStatus)(nil),           // 3: keyward.v1.StoreStatus
-	(*KeyCounts)(nil),             // 4: keyward.v1.KeyCounts
-	(*timestamppb.Timestamp)(nil), // 5: google.protobuf.Timestamp
+	(*PingRequest)(nil),           // 0: keyward.v1.PingRequest
+	(*PingResponse)(nil),          // 1: keyward.v1.PingResponse
+	(*GetStatusRequest)(nil),      // 2: keyward.v1.GetStatusRequest
+	(*GetStatusResponse)(nil),     // 3: keyward.v1.GetStatusResponse
+	(*HSMStatus)(nil),             // 4: keyward.v1.HSMStatus
+	(*StoreStatus)(nil),           // 5: keyward.v1.StoreStatus
+	(*KeyCounts)(nil),             // 6: keyward.v1.KeyCounts
+	(*timestamppb.Timestamp)(nil), // 7: google.protobuf.Timestamp
 }
 var file_status_proto_depIdxs = []int32{
-	5, // 0: keyward.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
-	2, // 1: keyward.v1.GetStatusResponse.hsm:type_name -> keyward.v1.HSMStatus
-	3, // 2: keyward.v1.GetStatusResponse.store:type_name -> keyward.v1.StoreStatus
-	4, // 3: keyward.v1.GetStatusResponse.keys:type_name -> keyward.v1.KeyCounts
-	0, // 4: keyward.v1.StatusService.GetStatus:input_type -> keyward.v1.GetStatusRequest
-	1, // 5: keyward.v1.StatusService.GetStatus:output_type -> keyward.v1.GetStatusResponse
-	5, // [5:6] is the sub-list for method output_type
-	4, // [4:5] is the sub-list for method input_type
+	7, // 0: keyward.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
+	4, // 1: keyward.v1.GetStatusResponse.hsm:type_name -> keyward.v1.HSMStatus
+	5, // 2: keyward.v1.GetStatusResponse.store:type_name -> keyward.v1.StoreStatus
+	6, // 3: keyward.v1.GetStatusResponse.keys:type_name -> keyward.v1.KeyCounts
+	2, // 4: keyward.v1.StatusService.GetStatus:input_type -> keyward.v1.GetStatusRequest
+	0, // 5: keyward.v1.StatusService.Ping:input_type -> keyward.v1.PingRequest
+	3, // 6: keyward.v1.StatusService.GetStatus:output_type -> keyward.v1.GetStatusResponse
+	1, // 7: keyward.v1.StatusService.Ping:output_type -> keyward.v1.PingResponse
+	6, // [6:8] is the sub-list for method output_type
+	4, // [4:6] is the sub-list for method input_type
 	4, // [4:4] is the sub-list for extension type_name
 	4, // [4:4] is the sub-list for extension extendee
 	0, // [0:4] is the sub-list for field type_name
@@ -425,7 +506,7 @@ func file_status_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_status_proto_rawDesc), len(file_status_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   5,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -1,0 +1,155 @@
+package daemon_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/hsm"
+	"github.com/keyward/keyward/softhsm-test/benchload"
+)
+
+var benchLevels = []int{1, 4, 16, 64}
+
+// BenchmarkDaemon measures, in one run, the HSM alone (through the hsm
+// package) and keywardd over its socket (GenerateDataKey, Decrypt,
+// ReEncrypt, a 100-item BatchGenerateDataKey and Ping, the no-op call) at
+// 1, 4, 16 and 64 concurrent clients, and prints one table with the ratios
+// the targets are stated in.
+func BenchmarkDaemon(b *testing.B) {
+	res := map[string]benchload.Result{}
+	key := func(op string, n int) string { return fmt.Sprintf("%s/%d", op, n) }
+	ctx := context.Background()
+
+	// The HSM alone: keywardd must be the library's only user in its
+	// process, so this runs first, on the token the daemon then uses.
+	in := start(b, strings.Replace(uidPolicy(allowAll), "max_batch: 5", "max_batch: 100", 1))
+	in.stop()
+	h, err := hsm.Open(hsm.Config{Module: in.tok.Module, Token: in.tok.Label, PINFile: in.tok.PINFile})
+	if err != nil {
+		b.Fatal(err)
+	}
+	raw := hsm.KeyID{Name: "bench-raw", Version: 1}
+	if err := h.CreateKey(ctx, raw, hsm.AES256GCM); err != nil {
+		b.Fatal(err)
+	}
+	dataKey := make([]byte, 32)
+	aad := make([]byte, 40)
+	nonce, sealed, _ := h.Encrypt(ctx, raw, dataKey, aad)
+	for _, n := range benchLevels {
+		b.Run(fmt.Sprintf("hsm=encrypt/callers=%d", n), func(b *testing.B) {
+			res[key("hsm-encrypt", n)] = benchload.Run(b, n, func() error { _, _, err := h.Encrypt(ctx, raw, dataKey, aad); return err })
+		})
+		b.Run(fmt.Sprintf("hsm=decrypt/callers=%d", n), func(b *testing.B) {
+			res[key("hsm-decrypt", n)] = benchload.Run(b, n, func() error { _, err := h.Decrypt(ctx, raw, nonce, sealed, aad); return err })
+		})
+	}
+	h.Close()
+
+	// keywardd over its socket.
+	in.run()
+	kc := keywardv1.NewKeyServiceClient(in.conn)
+	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+	sc := keywardv1.NewStatusServiceClient(in.conn)
+	if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "bench", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+		b.Fatal(err)
+	}
+	ectx := map[string]string{"app": "bench"}
+	dk, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "bench", EncryptionContext: ectx})
+	if err != nil {
+		b.Fatal(err)
+	}
+	batch := make([]*keywardv1.GenerateDataKeyRequest, 100)
+	for i := range batch {
+		batch[i] = &keywardv1.GenerateDataKeyRequest{KeyName: "bench", EncryptionContext: ectx}
+	}
+	ops := []struct {
+		name string
+		call func() error
+	}{
+		{"ping", func() error { _, err := sc.Ping(ctx, &keywardv1.PingRequest{}); return err }},
+		{"generate-data-key", func() error {
+			_, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "bench", EncryptionContext: ectx})
+			return err
+		}},
+		{"decrypt", func() error {
+			_, err := ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: dk.WrappedKey, EncryptionContext: ectx})
+			return err
+		}},
+		{"re-encrypt", func() error {
+			_, err := ec.ReEncrypt(ctx, &keywardv1.ReEncryptRequest{Ciphertext: dk.WrappedKey, EncryptionContext: ectx})
+			return err
+		}},
+		{"batch-generate-data-key-100", func() error {
+			_, err := ec.BatchGenerateDataKey(ctx, &keywardv1.BatchGenerateDataKeyRequest{Items: batch})
+			return err
+		}},
+	}
+	for _, op := range ops {
+		for _, n := range benchLevels {
+			b.Run(fmt.Sprintf("daemon=%s/callers=%d", op.name, n), func(b *testing.B) {
+				res[key(op.name, n)] = benchload.Run(b, n, op.call)
+			})
+		}
+	}
+	in.stop()
+	printTable(res, key)
+}
+
+// printTable writes the one table: each call against its target.
+func printTable(res map[string]benchload.Result, key func(string, int) string) {
+	rate := func(op string, n int) float64 { return res[key(op, n)].OpsPerSec }
+	serial := func(rates ...float64) float64 { // time per call adds up
+		t := 0.0
+		for _, r := range rates {
+			if r == 0 {
+				return 0
+			}
+			t += 1 / r
+		}
+		return 1 / t
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "\nkeywardd against the HSM alone, one run (%s)\n", time.Now().UTC().Format(time.RFC3339))
+	fmt.Fprintf(&b, "%-30s %7s %11s %9s %9s %7s %11s %7s\n", "call", "clients", "ops/s", "p50", "p99", "p99/p50", "target/s", "ratio")
+	rows := []struct {
+		op     string
+		target func(n int) float64
+		items  float64
+	}{
+		{"hsm-encrypt", nil, 1},
+		{"hsm-decrypt", nil, 1},
+		{"ping", nil, 1},
+		{"generate-data-key", func(n int) float64 { return serial(rate("hsm-encrypt", n), rate("ping", n)) }, 1},
+		{"decrypt", func(n int) float64 { return serial(rate("hsm-decrypt", n), rate("ping", n)) }, 1},
+		{"re-encrypt", func(n int) float64 { return serial(rate("hsm-decrypt", n), rate("hsm-encrypt", n), rate("ping", n)) }, 1},
+		{"batch-generate-data-key-100", func(n int) float64 { return rate("hsm-encrypt", n) }, 100},
+	}
+	for _, row := range rows {
+		for _, n := range benchLevels {
+			r, ok := res[key(row.op, n)]
+			if !ok {
+				continue
+			}
+			ops := r.OpsPerSec * row.items
+			name := row.op
+			if row.items > 1 {
+				name += " (items/s)"
+			}
+			tgt, ratio := "", ""
+			if row.target != nil {
+				if t := row.target(n); t > 0 {
+					tgt, ratio = fmt.Sprintf("%.0f", t), fmt.Sprintf("%.2f", ops/t)
+				}
+			}
+			fmt.Fprintf(&b, "%-30s %7d %11.0f %9s %9s %7.1f %11s %7s\n", name, n, ops, r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond),
+				float64(r.P99)/float64(max(r.P50, 1)), tgt, ratio)
+		}
+	}
+	b.WriteString("targets: HSM-bound calls >= 0.9 x 1/(1/HSM rate + 1/ping rate); batches >= 0.9 x the HSM rate; p99 <= 3 x p50 at 16 clients\n")
+	fmt.Fprint(os.Stdout, b.String())
+}
