@@ -58,19 +58,20 @@ fuzz:
 		done; \
 	done
 
-## lint: gofmt, go vet, staticcheck (pinned in go.mod as a tool)
+## lint: gofmt, go vet, staticcheck and buf lint (pinned in go.mod as tools)
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
 	$(GO) tool staticcheck $(PKGS)
 	@bash -n softhsm-test/create-token .ci/run
+	cd daemon/api/v1 && $(GO) tool buf lint
 
 ## generate: regenerate generated code; generate-check fails if it was stale
 generate:
 	$(GO) generate $(PKGS)
 
 generate-check: generate
-	@git diff --exit-code --stat || { echo "generated files are stale: run make generate and commit" >&2; exit 1; }
+	@if [ -n "$$(git status --porcelain -- daemon/api/v1)" ]; then git status --short -- daemon/api/v1; echo "generated files are stale: run make generate and commit" >&2; exit 1; fi
 
 clean:
 	rm -rf bin $(RUN_DIR)
