@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -20,6 +21,27 @@ import (
 // KEYWARD_IDENTITY_DIAL set it connects there, says "ready", and exits when
 // its stdin closes.
 func TestMain(m *testing.M) {
+	if sock := os.Getenv("KEYWARD_IDENTITY_SERVE"); sock != "" {
+		// A server in a PID namespace of its own: its clients' PIDs are
+		// not visible to it.
+		l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+		if err != nil {
+			os.Stdout.WriteString("listen: " + err.Error() + "\n")
+			os.Exit(3)
+		}
+		os.Stdout.WriteString("ready\n")
+		conn, err := l.AcceptUnix()
+		if err != nil {
+			os.Exit(3)
+		}
+		c, err := NewResolver().Identify(conn, time.Now())
+		if err != nil {
+			os.Stdout.WriteString("identify: " + err.Error() + "\n")
+			os.Exit(3)
+		}
+		fmt.Printf("pid=%d uid=%d exe=%q alive=%v string=%s\n", c.PID, c.UID, c.Exe, c.Alive(), c)
+		os.Exit(0)
+	}
 	if sock := os.Getenv("KEYWARD_IDENTITY_DIAL"); sock != "" {
 		c, err := net.Dial("unix", sock)
 		if err != nil {
@@ -192,5 +214,41 @@ func TestStartTimeParsesOddNames(t *testing.T) {
 	got, err := r.startTime(42)
 	if err != nil || got != 987654 {
 		t.Fatalf("startTime = %d, %v; want 987654", got, err)
+	}
+}
+
+// TestOtherPIDNamespace: a caller whose PID the daemon cannot see (the
+// daemon in a PID namespace of its own) is identified by uid and gid only,
+// with PID 0, and that is not an error.
+func TestOtherPIDNamespace(t *testing.T) {
+	if os.Getuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("this test makes a PID namespace and needs root, as CI has")
+		}
+		t.Skip("needs root to make a PID namespace")
+	}
+	sock := filepath.Join(t.TempDir(), "s")
+	self, _ := os.Executable()
+	cmd := exec.Command(self)
+	cmd.Env = []string{"KEYWARD_IDENTITY_SERVE=" + sock}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	r := bufio.NewReader(stdout)
+	if line, _ := r.ReadString('\n'); line != "ready\n" {
+		t.Fatalf("server: %q", line)
+	}
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	line, _ := r.ReadString('\n')
+	want := `pid=0 uid=0 exe="" alive=<nil> string=uid=0 gid=0 pid=? (other PID namespace)`
+	if strings.TrimSpace(line) != want {
+		t.Fatalf("seen from another PID namespace:\n got %s\nwant %s", line, want)
 	}
 }
