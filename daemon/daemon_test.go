@@ -35,6 +35,7 @@ type instance struct {
 	cfg     *daemon.Config
 	logs    *syncBuffer
 	reload  chan struct{}
+	health  time.Duration
 	cancel  context.CancelFunc
 	errc    chan error
 	stopped bool
@@ -82,7 +83,7 @@ func (in *instance) run() {
 	in.cancel, in.stopped = cancel, false
 	ready := make(chan struct{})
 	go func() {
-		in.errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Reload: in.reload, Ready: ready, Version: "test"})
+		in.errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Reload: in.reload, Ready: ready, Version: "test", HealthEvery: in.health})
 	}()
 	select {
 	case <-ready:
@@ -385,5 +386,46 @@ func TestSecondDaemonRefused(t *testing.T) {
 	k, err := keywardv1.NewKeyServiceClient(in.conn).GetKey(ctx, &keywardv1.GetKeyRequest{Name: "k"})
 	if err != nil || k.Key.LatestVersion != 1 {
 		t.Fatalf("after restart: %v", err)
+	}
+}
+
+// TestHSMDown: while the HSM is unreachable the health service says
+// NOT_SERVING, GetStatus says why, and calls that need the HSM fail with
+// UNAVAILABLE; when it is back, everything serves again, without a restart.
+func TestHSMDown(t *testing.T) {
+	in := start(t, uidPolicy(allowAll))
+	in.stop()
+	faults := softhsmtest.NewFaults(t, in.tok)
+	in.cfg.HSM.Module = faults.Module
+	in.health = 50 * time.Millisecond
+	in.run()
+	ctx := context.Background()
+	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+	hc := healthpb.NewHealthClient(in.conn)
+	if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "k", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+		t.Fatal(err)
+	}
+	serving := func() healthpb.HealthCheckResponse_ServingStatus {
+		r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Status
+	}
+	waitFor(t, func() bool { return serving() == healthpb.HealthCheckResponse_SERVING })
+
+	faults.Set("* 0xE0") // CKR_TOKEN_NOT_PRESENT from every call
+	waitFor(t, func() bool { return serving() == healthpb.HealthCheckResponse_NOT_SERVING })
+	_, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "k"})
+	wantCode(t, err, codes.Unavailable, "token unavailable")
+	st, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	if err != nil || st.Hsm.Healthy || !strings.Contains(st.Hsm.Error, "token unavailable") {
+		t.Fatalf("GetStatus with the HSM down: %v, %v", st, err)
+	}
+
+	faults.Set()
+	waitFor(t, func() bool { return serving() == healthpb.HealthCheckResponse_SERVING })
+	if _, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "k"}); err != nil {
+		t.Fatalf("after the HSM came back: %v", err)
 	}
 }

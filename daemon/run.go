@@ -35,6 +35,8 @@ type Options struct {
 	Keys []keys.Spec
 	// DrainTimeout bounds the wait for calls in flight at shutdown. Default 10 s.
 	DrainTimeout time.Duration
+	// HealthEvery is how often the HSM's health is checked. Default 5 s.
+	HealthEvery time.Duration
 }
 
 // Run serves until ctx ends, then drains the calls in flight, removes the
@@ -102,7 +104,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	}
 	srv, gs := server.New(server.Config{
 		HSM: h, Store: st, Keys: km, Envelope: envelope.New(km, h), Audit: al, Policy: pol,
-		MaxBatch: cfg.MaxBatch, Version: o.Version,
+		MaxBatch: cfg.MaxBatch, Version: o.Version, HealthEvery: o.HealthEvery,
 	})
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()

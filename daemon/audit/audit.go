@@ -106,6 +106,7 @@ type Log struct {
 	closed bool
 
 	failed atomic.Pointer[error] // broken, readable without waiting for a write
+	macErr atomic.Pointer[error] // why the last checkpoint could not be MACed
 }
 
 type request struct {
@@ -302,12 +303,18 @@ func (l *Log) write(batch []*request, forceCheckpoint bool) error {
 	}
 	due := since > 0 && (forceCheckpoint || since >= l.opt.CheckpointEvery || time.Since(l.lastCP) >= l.opt.CheckpointInterval)
 	if due {
+		// A checkpoint that cannot be MACed now (the HSM is away) is made
+		// later: the records are chained and on disk all the same, and the
+		// next checkpoint covers them. Only a failed write stops the log.
 		mac, err := l.mac.HMACSHA256(context.Background(), l.key, macInput(head, seq+1))
 		if err != nil {
-			return fmt.Errorf("MAC of a checkpoint: %w", err)
-		}
-		if err := add("checkpoint", checkpoint{Key: keyLabel(l.key), MAC: hex.EncodeToString(mac)}); err != nil {
-			return err
+			l.macErr.Store(&err)
+			due = false
+		} else {
+			l.macErr.Store(nil)
+			if err := add("checkpoint", checkpoint{Key: keyLabel(l.key), MAC: hex.EncodeToString(mac)}); err != nil {
+				return err
+			}
 		}
 	}
 	if buf.Len() == 0 {
@@ -351,6 +358,16 @@ func macInput(head [32]byte, seq uint64) []byte {
 // write in progress.
 func (l *Log) Err() error {
 	if p := l.failed.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// CheckpointErr says why the last checkpoint due could not be MACed (the
+// HSM was unreachable), or nil. Records since are chained but not MACed
+// until the HSM is back.
+func (l *Log) CheckpointErr() error {
+	if p := l.macErr.Load(); p != nil {
 		return *p
 	}
 	return nil

@@ -241,3 +241,53 @@ func ExampleContextDigest() {
 	fmt.Println(ContextDigest([]byte{0}))
 	// Output: 6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d
 }
+
+// flakyMAC fails while down is set, like an HSM that went away.
+type flakyMAC struct {
+	MACer
+	mu   sync.Mutex
+	down bool
+}
+
+func (f *flakyMAC) HMACSHA256(ctx context.Context, id hsm.KeyID, msg []byte) ([]byte, error) {
+	f.mu.Lock()
+	down := f.down
+	f.mu.Unlock()
+	if down {
+		return nil, hsm.ErrTokenUnavailable
+	}
+	return f.MACer.HMACSHA256(ctx, id, msg)
+}
+
+// TestMACUnavailable: while the HSM cannot MAC, records are still written
+// and chained; the checkpoint comes when it is back, and covers them.
+func TestMACUnavailable(t *testing.T) {
+	h := macHSM(t)
+	mac := &flakyMAC{MACer: h, down: true}
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, mac, macKey, Options{CheckpointEvery: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		if err := l.Append(context.Background(), rec(i)); err != nil {
+			t.Fatalf("Append with the HSM away: %v", err)
+		}
+	}
+	if !errors.Is(l.CheckpointErr(), hsm.ErrTokenUnavailable) || l.Err() != nil {
+		t.Fatalf("CheckpointErr %v, Err %v", l.CheckpointErr(), l.Err())
+	}
+	if rep := verify(t, path, h); rep.Checkpoints != 0 || rep.Records != 5 || rep.BadLine != 0 {
+		t.Fatalf("while away: %+v", rep)
+	}
+	mac.mu.Lock()
+	mac.down = false
+	mac.mu.Unlock()
+	l.Append(context.Background(), rec(5))
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if rep := verify(t, path, h); rep.BadLine != 0 || rep.Records != 6 || rep.Checkpoints == 0 || rep.Unverified != 0 {
+		t.Fatalf("after the HSM came back: %+v", rep)
+	}
+}
