@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -427,5 +428,68 @@ func TestHSMDown(t *testing.T) {
 	waitFor(t, func() bool { return serving() == healthpb.HealthCheckResponse_SERVING })
 	if _, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "k"}); err != nil {
 		t.Fatalf("after the HSM came back: %v", err)
+	}
+}
+
+// TestAuditDiskFull: when the audit log cannot be written (its disk is
+// full) no call succeeds: the one that finds out is answered UNAVAILABLE,
+// and every call after it is refused before doing anything.
+func TestAuditDiskFull(t *testing.T) {
+	if os.Getuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("this test mounts a small tmpfs and needs root, as CI has")
+		}
+		t.Skip("needs root to mount a tmpfs")
+	}
+	in := start(t, uidPolicy(allowAll))
+	in.stop()
+	small := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", small).CombinedOutput(); err != nil {
+		t.Fatalf("mount: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", small).Run() })
+	in.cfg.AuditFile = filepath.Join(small, "audit.log")
+	in.run()
+	ctx := context.Background()
+	kc := keywardv1.NewKeyServiceClient(in.conn)
+	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+	if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "k", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+		t.Fatal(err)
+	}
+	// Fill the disk.
+	filler, _ := os.Create(filepath.Join(small, "filler"))
+	for {
+		if _, err := filler.Write(make([]byte, 4096)); err != nil {
+			break
+		}
+	}
+	filler.Close()
+	// The audit log's last page may still hold a few records; the call that
+	// finds the disk full is answered UNAVAILABLE, never OK.
+	var err error
+	oks := 0
+	for range 100 {
+		if _, err = ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "k"}); err != nil {
+			break
+		}
+		oks++
+	}
+	wantCode(t, err, codes.Unavailable, "could not be audited, so its answer is withheld")
+	b, _ := os.ReadFile(in.cfg.AuditFile)
+	if got := strings.Count(string(b), `"op":"EnvelopeService.GenerateDataKey"`); got != oks {
+		t.Fatalf("%d data keys answered, %d audited", oks, got)
+	}
+	for range 3 {
+		_, err = ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "k"})
+		wantCode(t, err, codes.Unavailable, "the audit log cannot be written, so nothing is done")
+	}
+	_, err = kc.RotateKey(ctx, &keywardv1.RotateKeyRequest{Name: "k"})
+	wantCode(t, err, codes.Unavailable, "nothing is done")
+	in.stop()
+	in.cfg.AuditFile = ""
+	in.run()
+	k, err := keywardv1.NewKeyServiceClient(in.conn).GetKey(ctx, &keywardv1.GetKeyRequest{Name: "k"})
+	if err != nil || k.Key.LatestVersion != 1 {
+		t.Fatalf("the refused rotation happened: %v, %v", k, err)
 	}
 }
