@@ -447,7 +447,8 @@ func TestAuditDiskFull(t *testing.T) {
 	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", small).CombinedOutput(); err != nil {
 		t.Fatalf("mount: %v %s", err, out)
 	}
-	t.Cleanup(func() { exec.Command("umount", small).Run() })
+	// The daemon must let go of the file first, or the tmpfs stays busy.
+	t.Cleanup(func() { in.stop(); exec.Command("umount", "-l", small).Run() })
 	in.cfg.AuditFile = filepath.Join(small, "audit.log")
 	in.run()
 	ctx := context.Background()
