@@ -89,7 +89,9 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	if err != nil {
 		return err
 	}
-	if err := ensureKeys(ctx, km, append([]keys.Spec{{Name: AuditKey.Name, Purpose: keys.MAC}}, o.Keys...)); err != nil {
+	// keywardd's own audit key is adopted if the HSM has it and the store
+	// does not (a lost store): it is what MACed the existing log.
+	if err := ensureKeys(ctx, km, append([]keys.Spec{{Name: AuditKey.Name, Purpose: keys.MAC, Adopt: true}}, o.Keys...)); err != nil {
 		return err
 	}
 	al, err := audit.Open(cfg.auditPath(), h, AuditKey, audit.Options{})

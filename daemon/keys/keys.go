@@ -3,10 +3,13 @@
 // deletion schedule) in the store, and their material in the HSM, one HSM key
 // per version.
 //
-// Rotation is all or nothing, as in Vault's transit engine: the new version is
-// made in the HSM first and the metadata saved after; if saving fails the key
-// stays as it was, and the HSM key left behind (which nothing refers to) is
-// replaced on the next attempt. Changes to one key are serialized.
+// Rotation is all or nothing, as in Vault's transit engine: the store first
+// records the intent to make version N (PendingVersion), then the HSM makes
+// it, then the store adds it. If anything fails the key stays as it was; the
+// next attempt finds the intent and adopts an HSM key the failed one left
+// behind. An HSM key the store knows nothing about (a store restored from an
+// older backup, say) is never used and never destroyed: keyward refuses and
+// says why. Changes to one key are serialized.
 //
 // Encryption keys count their AES-GCM encryptions per version. Nonces are
 // random, so a version must seal well under 2^32 messages; counts are
@@ -55,6 +58,9 @@ const (
 	Enabled         State = "enabled"
 	Disabled        State = "disabled"
 	PendingDeletion State = "pending_deletion"
+	// creating: the key's first version is being made; the key does not
+	// exist yet for anything but Create, which finishes it.
+	creating State = "creating"
 )
 
 // Deletion waiting periods.
@@ -75,6 +81,9 @@ type Key struct {
 	Labels               map[string]string `json:"labels,omitempty"`
 	Created              time.Time         `json:"created"`
 	DeletionDate         time.Time         `json:"deletion_date,omitzero"`
+	// PendingVersion is a version being made: recorded before the HSM key
+	// is, cleared once the version is added. Zero when none is.
+	PendingVersion uint32 `json:"pending_version,omitempty"`
 }
 
 // Version is one version of a key.
@@ -181,6 +190,10 @@ type Spec struct {
 	Algorithm      hsm.Algorithm // zero: the purpose's default
 	RotationPeriod time.Duration // zero: rotate on demand only
 	Labels         map[string]string
+	// Adopt lets Create take over an HSM key already there for version 1
+	// that the store does not know (keywardd's own keys, after the store was
+	// lost). Never for keys callers ask for.
+	Adopt bool
 }
 
 var purposeAlgs = map[Purpose][]hsm.Algorithm{
@@ -211,30 +224,39 @@ func (m *Manager) Create(ctx context.Context, s Spec) (*Key, error) {
 		return nil, fmt.Errorf("%w: at most 32 labels", ErrInvalid)
 	}
 	defer m.lock(s.Name)()
-	if _, err := m.Get(s.Name); err == nil {
-		return nil, fmt.Errorf("%w: %q", ErrExists, s.Name)
-	} else if !errors.Is(err, ErrNotFound) {
-		return nil, err
-	}
 	now := m.opt.Now().UTC()
 	k := &Key{
-		Name: s.Name, Purpose: s.Purpose, Algorithm: s.Algorithm.String(), State: Enabled,
-		Versions: []Version{{Number: 1, Created: now}}, MinDecryptionVersion: 1,
-		RotationPeriod: s.RotationPeriod, Labels: maps.Clone(s.Labels), Created: now,
+		Name: s.Name, Purpose: s.Purpose, Algorithm: s.Algorithm.String(), State: creating,
+		MinDecryptionVersion: 1, RotationPeriod: s.RotationPeriod, Labels: maps.Clone(s.Labels), Created: now,
+		PendingVersion: 1,
 	}
-	if err := m.makeVersion(ctx, s.Name, 1, s.Algorithm); err != nil {
-		return nil, err
-	}
+	// Record the intent first; a key left half made by a failed Create is
+	// finished by this one.
+	resumed := false
 	err := m.store.Update(store.BucketKeys, s.Name, func(old []byte) ([]byte, error) {
 		if old != nil {
-			return nil, fmt.Errorf("%w: %q", ErrExists, s.Name)
+			var prev Key
+			if err := json.Unmarshal(old, &prev); err != nil || prev.State != creating {
+				return nil, fmt.Errorf("%w: %q", ErrExists, s.Name)
+			}
+			resumed = true
 		}
 		return json.Marshal(k)
 	})
 	if err != nil {
 		return nil, err
 	}
-	return k, nil
+	if err := m.makeVersion(ctx, s.Name, 1, s.Algorithm, resumed || s.Adopt); err != nil {
+		if errors.Is(err, errUnknownHSMKey) { // withdraw the intent, or the next Create would adopt it
+			m.store.Update(store.BucketKeys, s.Name, func([]byte) ([]byte, error) { return nil, nil })
+		}
+		return nil, err
+	}
+	return m.update(s.Name, true, func(k *Key) error {
+		k.State, k.PendingVersion = Enabled, 0
+		k.Versions = []Version{{Number: 1, Created: now}}
+		return nil
+	})
 }
 
 func containsAlg(algs []hsm.Algorithm, a hsm.Algorithm) bool {
@@ -246,16 +268,22 @@ func containsAlg(algs []hsm.Algorithm, a hsm.Algorithm) bool {
 	return false
 }
 
+// errUnknownHSMKey: the HSM holds a version the store never intended.
+var errUnknownHSMKey = errors.New("keys: unknown HSM key")
+
 // makeVersion creates a version's HSM key. The caller holds the key's lock
-// and knows the metadata does not list this version, so an HSM key already
-// there is one a failed attempt left behind, never used: it is replaced.
-func (m *Manager) makeVersion(ctx context.Context, name string, v uint32, alg hsm.Algorithm) error {
+// and has recorded the intent to make it. An HSM key already there is adopted
+// only if adopt says a failed attempt of keyward's own may have left it (the
+// intent was on record before this call); otherwise it is refused, never
+// destroyed: it may protect data the store no longer knows about.
+func (m *Manager) makeVersion(ctx context.Context, name string, v uint32, alg hsm.Algorithm, adopt bool) error {
 	id := hsm.KeyID{Name: name, Version: v}
 	err := m.hsm.CreateKey(ctx, id, alg)
 	if errors.Is(err, hsm.ErrKeyExists) {
-		if err = m.hsm.DestroyKey(ctx, id); err == nil {
-			err = m.hsm.CreateKey(ctx, id, alg)
+		if adopt {
+			return nil // the load-time check vets it on first use
 		}
+		return fmt.Errorf("%w: the HSM already holds %q version %d, which the store does not know: the store may have been restored from an older backup (restore the newest one), or another keywardd shares this token. keyward never reuses or destroys such a key", errUnknownHSMKey, name, v)
 	}
 	return err
 }
@@ -273,6 +301,9 @@ func (m *Manager) Get(name string) (*Key, error) {
 	if err := json.Unmarshal(rec, &k); err != nil {
 		return nil, fmt.Errorf("keys: the record of %q does not parse: %w", name, err)
 	}
+	if k.State == creating {
+		return nil, fmt.Errorf("%w: %q (its creation did not finish; create it again)", ErrNotFound, name)
+	}
 	return &k, nil
 }
 
@@ -284,7 +315,9 @@ func (m *Manager) List() ([]*Key, error) {
 		if err := json.Unmarshal(rec, &k); err != nil {
 			return fmt.Errorf("keys: the record of %q does not parse: %w", name, err)
 		}
-		out = append(out, &k)
+		if k.State != creating {
+			out = append(out, &k)
+		}
 		return nil
 	})
 	return out, err
@@ -292,6 +325,11 @@ func (m *Manager) List() ([]*Key, error) {
 
 // change applies fn to a key's metadata under its lock and saves it.
 func (m *Manager) change(name string, fn func(k *Key) error) (*Key, error) {
+	return m.update(name, false, fn)
+}
+
+// update is change, which may also finish a key being created.
+func (m *Manager) update(name string, creatingToo bool, fn func(k *Key) error) (*Key, error) {
 	var out *Key
 	err := m.store.Update(store.BucketKeys, name, func(old []byte) ([]byte, error) {
 		if old == nil {
@@ -300,6 +338,9 @@ func (m *Manager) change(name string, fn func(k *Key) error) (*Key, error) {
 		var k Key
 		if err := json.Unmarshal(old, &k); err != nil {
 			return nil, fmt.Errorf("keys: the record of %q does not parse: %w", name, err)
+		}
+		if k.State == creating && !creatingToo {
+			return nil, fmt.Errorf("%w: %q", ErrNotFound, name)
 		}
 		if err := fn(&k); err != nil {
 			return nil, err
@@ -331,7 +372,16 @@ func (m *Manager) rotateLocked(ctx context.Context, name string) (*Key, error) {
 		return nil, err
 	}
 	next := k.Latest() + 1
-	if err := m.makeVersion(ctx, name, next, alg); err != nil {
+	adopt := k.PendingVersion == next // a failed rotation recorded it
+	if !adopt {
+		if _, err := m.change(name, func(k *Key) error { k.PendingVersion = next; return nil }); err != nil {
+			return nil, err
+		}
+	}
+	if err := m.makeVersion(ctx, name, next, alg, adopt); err != nil {
+		if errors.Is(err, errUnknownHSMKey) { // withdraw the intent, or the next Rotate would adopt it
+			m.change(name, func(k *Key) error { k.PendingVersion = 0; return nil })
+		}
 		return nil, err
 	}
 	return m.change(name, func(k *Key) error {
@@ -339,6 +389,7 @@ func (m *Manager) rotateLocked(ctx context.Context, name string) (*Key, error) {
 			return fmt.Errorf("keys: %q changed during rotation", name) // cannot happen under the lock
 		}
 		k.Versions = append(k.Versions, Version{Number: next, Created: m.opt.Now().UTC()})
+		k.PendingVersion = 0
 		return nil
 	})
 }
@@ -430,8 +481,8 @@ func (m *Manager) DeleteDue(ctx context.Context) ([]string, error) {
 func (m *Manager) deleteKey(ctx context.Context, name string) error {
 	defer m.lock(name)()
 	k, err := m.Get(name)
-	if err != nil || k.State != PendingDeletion {
-		return err
+	if err != nil || k.State != PendingDeletion || m.opt.Now().Before(k.DeletionDate) {
+		return err // cancelled, or scheduled again, since the sweep listed it
 	}
 	for _, v := range k.Versions {
 		err := m.hsm.DestroyKey(ctx, hsm.KeyID{Name: name, Version: v.Number})

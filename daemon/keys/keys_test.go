@@ -195,22 +195,28 @@ func TestLifecycle(t *testing.T) {
 
 func second[T any](_ T, err error) error { return err }
 
-// failingStore fails every Update while failing is set: a disk full, a
-// crash between the HSM and the store.
+// failingStore lets Update succeed `allow` more times, then fails every
+// Update while failing is set: a disk full, a crash between the HSM and the
+// store.
 type failingStore struct {
 	*store.Store
 	failing bool
+	allow   int
 }
 
 func (f *failingStore) Update(b, k string, fn func([]byte) ([]byte, error)) error {
 	if f.failing {
-		return errors.New("disk full")
+		if f.allow == 0 {
+			return errors.New("disk full")
+		}
+		f.allow--
 	}
 	return f.Store.Update(b, k, fn)
 }
 
 // TestRotateAllOrNothing: when saving the new version fails, the key is as
-// it was; the HSM key left behind is replaced by the next rotation.
+// it was; the next rotation adopts the HSM key the failed one made (it was
+// on record as intended), and never destroys it.
 func TestRotateAllOrNothing(t *testing.T) {
 	e := setup(t, Options{})
 	ctx := context.Background()
@@ -219,33 +225,75 @@ func TestRotateAllOrNothing(t *testing.T) {
 	if _, err := m.Create(ctx, Spec{Name: "kek", Purpose: Encrypt}); err != nil {
 		t.Fatal(err)
 	}
-	fs.failing = true
+	fs.failing, fs.allow = true, 1 // the intent is saved, the new version is not
 	if _, err := m.Rotate(ctx, "kek"); err == nil || !strings.Contains(err.Error(), "disk full") {
 		t.Fatalf("Rotate with a failing store: %v", err)
 	}
 	fs.failing = false
 	k, _ := m.Get("kek")
-	if k.Latest() != 1 {
-		t.Fatalf("after a failed rotation the key has %d versions", k.Latest())
+	if k.Latest() != 1 || k.PendingVersion != 2 {
+		t.Fatalf("after a failed rotation: %d versions, pending %d", k.Latest(), k.PendingVersion)
 	}
-	// The orphan v2 exists in the HSM; the next rotation replaces it.
-	if _, _, err := e.h.Encrypt(ctx, hsm.KeyID{Name: "kek", Version: 2}, nil, nil); err != nil {
-		t.Fatalf("the orphan HSM key: %v", err)
+	if id, _ := m.ForEncryption(ctx, "kek"); id.Version != 1 {
+		t.Fatalf("encrypting with v%d after a failed rotation", id.Version)
 	}
-	if k, err := m.Rotate(ctx, "kek"); err != nil || k.Latest() != 2 {
+	// The HSM key the failed rotation made: seal something with it to see
+	// that the next rotation keeps it rather than making another.
+	v2 := hsm.KeyID{Name: "kek", Version: 2}
+	nonce, ct, err := e.h.Encrypt(ctx, v2, []byte("x"), nil)
+	if err != nil {
+		t.Fatalf("the HSM key of the failed rotation: %v", err)
+	}
+	if k, err := m.Rotate(ctx, "kek"); err != nil || k.Latest() != 2 || k.PendingVersion != 0 {
 		t.Fatalf("Rotate after the failure: %+v, %v", k, err)
 	}
-	if id, err := m.ForEncryption(ctx, "kek"); err != nil || id.Version != 2 {
-		t.Fatalf("ForEncryption = %v, %v", id, err)
+	if _, err := e.h.Decrypt(ctx, v2, nonce, ct, nil); err != nil {
+		t.Fatalf("the adopted v2 is not the key the failed rotation made: %v", err)
 	}
-	// A failed create leaves nothing that blocks the name.
-	fs.failing = true
+	// A failed Create is finished by the next one.
+	fs.failing, fs.allow = true, 1
 	if _, err := m.Create(ctx, Spec{Name: "new", Purpose: MAC}); err == nil {
 		t.Fatal("Create with a failing store succeeded")
 	}
 	fs.failing = false
+	if _, err := m.Get("new"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("a half-made key is visible: %v", err)
+	}
 	if _, err := m.Create(ctx, Spec{Name: "new", Purpose: MAC}); err != nil {
 		t.Fatalf("Create after a failed one: %v", err)
+	}
+}
+
+// TestUnknownHSMKeyRefused: an HSM key the store does not know (the store
+// was restored from an older backup) is never used or destroyed.
+func TestUnknownHSMKeyRefused(t *testing.T) {
+	e := setup(t, Options{})
+	ctx := context.Background()
+	e.m.Create(ctx, Spec{Name: "kek", Purpose: Encrypt})
+	backup, _ := e.s.Get(store.BucketKeys, "kek")
+	e.m.Rotate(ctx, "kek")
+	nonce, ct, _ := e.h.Encrypt(ctx, hsm.KeyID{Name: "kek", Version: 2}, []byte("data under v2"), nil)
+	// Restore the older record, as from a backup taken before the rotation.
+	e.s.Update(store.BucketKeys, "kek", func([]byte) ([]byte, error) { return backup, nil })
+	_, err := e.m.Rotate(ctx, "kek")
+	if err == nil || !strings.Contains(err.Error(), "restored from an older backup") {
+		t.Fatalf("Rotate over an unknown HSM key: %v", err)
+	}
+	if _, err := e.m.Rotate(ctx, "kek"); err == nil {
+		t.Fatal("a second Rotate adopted the unknown HSM key")
+	}
+	if pt, err := e.h.Decrypt(ctx, hsm.KeyID{Name: "kek", Version: 2}, nonce, ct, nil); err != nil || string(pt) != "data under v2" {
+		t.Fatalf("the unknown HSM key was touched: %v", err)
+	}
+	// keywardd's own keys may be adopted after the store was lost.
+	e.h.CreateKey(ctx, hsm.KeyID{Name: "keyward-audit", Version: 1}, hsm.HMACSHA256)
+	for range 2 {
+		if _, err := e.m.Create(ctx, Spec{Name: "keyward-audit", Purpose: MAC}); err == nil {
+			t.Fatal("Create took over an existing HSM key without Adopt")
+		}
+	}
+	if _, err := e.m.Create(ctx, Spec{Name: "keyward-audit", Purpose: MAC, Adopt: true}); err != nil {
+		t.Fatalf("adopting keywardd's own key: %v", err)
 	}
 }
 
