@@ -111,7 +111,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	go srv.WatchHealth(bg)
-	go sweepDeletions(bg, km, log)
+	go sweepDeletions(bg, km, al, log)
 	go func() {
 		for {
 			select {
@@ -179,15 +179,30 @@ func loadPolicy(path string) (*policy.Policy, error) {
 	return p, nil
 }
 
-// sweepDeletions deletes keys whose deletion date passed, hourly.
-func sweepDeletions(ctx context.Context, km *keys.Manager, log *slog.Logger) {
+// sweepDeletions deletes keys whose deletion date passed, hourly. Each
+// deletion is audited before it happens; one that cannot be audited waits.
+func sweepDeletions(ctx context.Context, km *keys.Manager, al *audit.Log, log *slog.Logger) {
+	self, _ := os.Executable()
 	t := time.NewTicker(time.Hour)
 	defer t.Stop()
 	for {
-		if done, err := km.DeleteDue(ctx); err != nil {
-			log.Error("deleting keys past their deletion date failed", "error", err.Error())
-		} else if len(done) > 0 {
-			log.Info("keys deleted", "keys", done)
+		due, err := km.DueForDeletion()
+		if err != nil {
+			log.Error("listing keys past their deletion date failed", "error", err.Error())
+		}
+		for _, name := range due {
+			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.DeleteKey", Key: name, Outcome: "ok",
+				Caller: audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self},
+				Detail: "its deletion date passed: destroying every version in the HSM"}
+			if err := al.Append(ctx, rec); err != nil {
+				log.Error("not deleting a key: its deletion cannot be audited", "key", name, "error", err.Error())
+				continue
+			}
+			if done, err := km.DeleteDue(ctx, name); err != nil {
+				log.Error("deleting a key failed", "key", name, "error", err.Error())
+			} else if done {
+				log.Info("key deleted", "key", name)
+			}
 		}
 		select {
 		case <-ctx.Done():

@@ -53,8 +53,9 @@ type Caller struct {
 	// it was started from, even if since replaced on disk).
 	ExeSHA256 string
 
-	pidfd int    // -1 when there is none
-	start uint64 // process start time, clock ticks since boot
+	mu    sync.Mutex // guards pidfd against Close while a call runs Alive
+	pidfd int        // -1 when there is none
+	start uint64     // process start time, clock ticks since boot
 }
 
 // Resolver identifies callers and caches binary hashes by file identity
@@ -149,7 +150,12 @@ func (r *Resolver) inspect(c *Caller, accepted time.Time, byPID bool) error {
 // Call it before acting on a sensitive request, so that a reply cannot go
 // to a process that took over a dead caller's PID.
 func (c *Caller) Alive() error {
-	if c.pidfd < 0 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case c.pidfd == -2:
+		return fmt.Errorf("%w: its connection is closed", ErrGone)
+	case c.pidfd < 0 || c.PID == 0:
 		return nil // PID 0: nothing to check beyond the connection itself
 	}
 	if err := unix.PidfdSendSignal(c.pidfd, 0, nil, 0); err != nil {
@@ -158,13 +164,15 @@ func (c *Caller) Alive() error {
 	return nil
 }
 
-// Close releases the pidfd.
+// Close releases the pidfd. Alive fails after it.
 func (c *Caller) Close() error {
-	if c.pidfd < 0 {
-		return nil
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var err error
+	if c.pidfd >= 0 {
+		err = unix.Close(c.pidfd)
 	}
-	err := unix.Close(c.pidfd)
-	c.pidfd = -1
+	c.pidfd = -2
 	return err
 }
 

@@ -125,6 +125,12 @@ func TestIdentifySelf(t *testing.T) {
 	if err := c.Alive(); err != nil {
 		t.Fatal(err)
 	}
+	defer func() {
+		c.Close()
+		if err := c.Alive(); !errors.Is(err, ErrGone) {
+			t.Errorf("Alive after Close: %v, want ErrGone", err)
+		}
+	}()
 	if s := c.String(); !strings.Contains(s, "pid=") || !strings.Contains(s, exe) {
 		t.Fatalf("String() = %q", s)
 	}

@@ -247,7 +247,7 @@ func (m *Manager) Create(ctx context.Context, s Spec) (*Key, error) {
 		return nil, err
 	}
 	if err := m.makeVersion(ctx, s.Name, 1, s.Algorithm, resumed || s.Adopt); err != nil {
-		if errors.Is(err, errUnknownHSMKey) { // withdraw the intent, or the next Create would adopt it
+		if errors.Is(err, ErrUnknownHSMKey) { // withdraw the intent, or the next Create would adopt it
 			m.store.Update(store.BucketKeys, s.Name, func([]byte) ([]byte, error) { return nil, nil })
 		}
 		return nil, err
@@ -268,8 +268,8 @@ func containsAlg(algs []hsm.Algorithm, a hsm.Algorithm) bool {
 	return false
 }
 
-// errUnknownHSMKey: the HSM holds a version the store never intended.
-var errUnknownHSMKey = errors.New("keys: unknown HSM key")
+// ErrUnknownHSMKey: the HSM holds a version the store never intended.
+var ErrUnknownHSMKey = errors.New("key version already in the HSM but unknown to the store")
 
 // makeVersion creates a version's HSM key. The caller holds the key's lock
 // and has recorded the intent to make it. An HSM key already there is adopted
@@ -283,7 +283,7 @@ func (m *Manager) makeVersion(ctx context.Context, name string, v uint32, alg hs
 		if adopt {
 			return nil // the load-time check vets it on first use
 		}
-		return fmt.Errorf("%w: the HSM already holds %q version %d, which the store does not know: the store may have been restored from an older backup (restore the newest one), or another keywardd shares this token. keyward never reuses or destroys such a key", errUnknownHSMKey, name, v)
+		return fmt.Errorf("%w: the HSM already holds %q version %d, which the store does not know: the store may have been restored from an older backup (restore the newest one), or another keywardd shares this token. keyward never reuses or destroys such a key", ErrUnknownHSMKey, name, v)
 	}
 	return err
 }
@@ -379,7 +379,7 @@ func (m *Manager) rotateLocked(ctx context.Context, name string) (*Key, error) {
 		}
 	}
 	if err := m.makeVersion(ctx, name, next, alg, adopt); err != nil {
-		if errors.Is(err, errUnknownHSMKey) { // withdraw the intent, or the next Rotate would adopt it
+		if errors.Is(err, ErrUnknownHSMKey) { // withdraw the intent, or the next Rotate would adopt it
 			m.change(name, func(k *Key) error { k.PendingVersion = 0; return nil })
 		}
 		return nil, err
@@ -458,39 +458,37 @@ func (m *Manager) CancelDeletion(name string) (*Key, error) {
 	})
 }
 
-// DeleteDue destroys the keys whose deletion date has passed: every
-// version's HSM key, then the metadata. It returns the names deleted.
-func (m *Manager) DeleteDue(ctx context.Context) ([]string, error) {
+// DueForDeletion lists the keys whose deletion date has passed.
+func (m *Manager) DueForDeletion() ([]string, error) {
 	all, err := m.List()
 	if err != nil {
 		return nil, err
 	}
-	var done []string
+	var due []string
 	for _, k := range all {
-		if k.State != PendingDeletion || m.opt.Now().Before(k.DeletionDate) {
-			continue
+		if k.State == PendingDeletion && !m.opt.Now().Before(k.DeletionDate) {
+			due = append(due, k.Name)
 		}
-		if err := m.deleteKey(ctx, k.Name); err != nil {
-			return done, err
-		}
-		done = append(done, k.Name)
 	}
-	return done, nil
+	return due, nil
 }
 
-func (m *Manager) deleteKey(ctx context.Context, name string) error {
+// DeleteDue destroys a key whose deletion date has passed: every version's
+// HSM key, then the metadata. It does nothing (and says so with false) if the
+// key was cancelled or scheduled again since it was listed.
+func (m *Manager) DeleteDue(ctx context.Context, name string) (bool, error) {
 	defer m.lock(name)()
 	k, err := m.Get(name)
 	if err != nil || k.State != PendingDeletion || m.opt.Now().Before(k.DeletionDate) {
-		return err // cancelled, or scheduled again, since the sweep listed it
+		return false, err
 	}
 	for _, v := range k.Versions {
 		err := m.hsm.DestroyKey(ctx, hsm.KeyID{Name: name, Version: v.Number})
 		if err != nil && !errors.Is(err, hsm.ErrKeyNotFound) {
-			return err
+			return false, err
 		}
 	}
-	return m.store.Update(store.BucketKeys, name, func([]byte) ([]byte, error) { return nil, nil })
+	return true, m.store.Update(store.BucketKeys, name, func([]byte) ([]byte, error) { return nil, nil })
 }
 
 // ForEncryption returns the version to encrypt with under an enabled

@@ -176,11 +176,17 @@ func TestLifecycle(t *testing.T) {
 		t.Fatalf("CancelDeletion = %+v, %v", k, err)
 	}
 	e.m.ScheduleDeletion("kek", 8*24*time.Hour)
-	if done, _ := e.m.DeleteDue(ctx); len(done) != 0 {
-		t.Fatalf("deleted %v before the date", done)
+	if due, _ := e.m.DueForDeletion(); len(due) != 0 {
+		t.Fatalf("due %v before the date", due)
+	}
+	if done, err := e.m.DeleteDue(ctx, "kek"); done || err != nil {
+		t.Fatalf("DeleteDue before the date = %v, %v", done, err)
 	}
 	e.clock.Advance(8*24*time.Hour + time.Second)
-	if done, err := e.m.DeleteDue(ctx); err != nil || len(done) != 1 || done[0] != "kek" {
+	if due, err := e.m.DueForDeletion(); err != nil || len(due) != 1 || due[0] != "kek" {
+		t.Fatalf("DueForDeletion = %v, %v", due, err)
+	}
+	if done, err := e.m.DeleteDue(ctx, "kek"); !done || err != nil {
 		t.Fatalf("DeleteDue = %v, %v", done, err)
 	}
 	if _, err := e.m.Get("kek"); !errors.Is(err, ErrNotFound) {

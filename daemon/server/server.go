@@ -43,6 +43,9 @@ func Ops() []string {
 	return ops
 }
 
+// auditTimeout bounds the wait for an audit record to reach the disk.
+const auditTimeout = 10 * time.Second
+
 // ReservedPrefix starts the names of the keys keywardd keeps for itself
 // (the audit MAC key); the API refuses to create or delete them.
 const ReservedPrefix = "keyward-"
@@ -200,7 +203,11 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 			rec.Outcome = "denied"
 		}
 	}
-	if aerr := s.cfg.Audit.Append(ctx, rec); aerr != nil {
+	// The record is written even if the caller gave up: what was done must
+	// be on record whether or not anyone waits for the answer.
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), auditTimeout)
+	defer cancel()
+	if aerr := s.cfg.Audit.Append(actx, rec); aerr != nil {
 		return nil, status.Error(codes.Unavailable, "keywardd: the call could not be audited, so its answer is withheld: "+aerr.Error())
 	}
 	if st != nil {

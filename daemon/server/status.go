@@ -33,6 +33,7 @@ var codeOf = []struct {
 	{keys.ErrPendingDeletion, codes.FailedPrecondition},
 	{keys.ErrWrongPurpose, codes.FailedPrecondition},
 	{keys.ErrVersion, codes.FailedPrecondition},
+	{keys.ErrUnknownHSMKey, codes.FailedPrecondition},
 	{envelope.ErrDecrypt, codes.InvalidArgument},
 	{envelope.ErrFormat, codes.InvalidArgument},
 	{envelope.ErrContext, codes.InvalidArgument},
