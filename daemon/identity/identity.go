@@ -68,10 +68,13 @@ type Resolver struct {
 	hashes map[fileKey]string
 }
 
+// fileKey identifies a file's content without reading it. The owner of a
+// file can set its size and mtime back after changing it, but not its ctime,
+// which every such change moves.
 type fileKey struct {
-	dev, ino uint64
-	size     int64
-	mtime    int64
+	dev, ino     uint64
+	size         int64
+	mtime, ctime int64
 }
 
 const maxCachedHashes = 4096
@@ -205,7 +208,7 @@ func (r *Resolver) binary(pid int) (path, sum string) {
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		return path, ""
 	}
-	key := fileKey{dev: st.Dev, ino: st.Ino, size: st.Size, mtime: st.Mtim.Nano()}
+	key := fileKey{dev: st.Dev, ino: st.Ino, size: st.Size, mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano()}
 	r.mu.Lock()
 	sum, ok := r.hashes[key]
 	r.mu.Unlock()

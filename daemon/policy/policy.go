@@ -264,6 +264,12 @@ func parseSelector(ss selectorSpec, role lined[string]) (selector, error) {
 	if s.uid == nil && s.gid == nil && s.exe == "" && s.hash == "" {
 		return fail("a caller entry must give at least one of uid, user, gid, group, binary, sha256")
 	}
+	if s.uid == nil && s.gid == nil {
+		// A process can connect and then exec an allowed binary, and any
+		// process of a user can act as another process of that user: the
+		// binary narrows a user's grant, it does not stand for one.
+		return fail("binary and sha256 narrow a grant to a user or group; add the uid/user or gid/group the program runs as")
+	}
 	return s, nil
 }
 

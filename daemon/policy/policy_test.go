@@ -34,6 +34,7 @@ bindings:
       - uid: 1001
         binary: /usr/local/bin/billing
       - sha256: ` + hash + `
+        uid: 5000
   - role: operator
     callers:
       - user: root
@@ -132,8 +133,10 @@ func TestParseErrors(t *testing.T) {
 		{"unknown user", role + "bindings:\n  - role: r\n    callers:\n      - user: no-such-user-kw\n", "line 10: user \"no-such-user-kw\" is not known"},
 		{"unknown group", role + "bindings:\n  - role: r\n    callers:\n      - group: no-such-group-kw\n", "group \"no-such-group-kw\" is not known"},
 		{"uid and user", role + "bindings:\n  - role: r\n    callers:\n      - uid: 0\n        user: root\n", "not both"},
-		{"relative binary", role + "bindings:\n  - role: r\n    callers:\n      - binary: bin/app\n", "clean absolute path"},
-		{"bad hash", role + "bindings:\n  - role: r\n    callers:\n      - sha256: xyz\n", "not 64 hex digits"},
+		{"relative binary", role + "bindings:\n  - role: r\n    callers:\n      - binary: bin/app\n        uid: 1\n", "clean absolute path"},
+		{"bad hash", role + "bindings:\n  - role: r\n    callers:\n      - sha256: xyz\n        uid: 1\n", "not 64 hex digits"},
+		{"binary alone", role + "bindings:\n  - role: r\n    callers:\n      - binary: /usr/bin/app\n", "add the uid/user or gid/group"},
+		{"sha256 alone", role + "bindings:\n  - role: r\n    callers:\n      - sha256: " + hash + "\n", "add the uid/user or gid/group"},
 		{"negative uid", role + "bindings:\n  - role: r\n    callers:\n      - uid: -1\n", "cannot unmarshal"},
 		{"negative batch", "version: 1\nroles:\n  r:\n    max_batch: -1\n", "negative"},
 		{"two documents", role + "---\nversion: 1\n", "a second YAML document"},
