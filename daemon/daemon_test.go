@@ -419,8 +419,9 @@ func TestHSMDown(t *testing.T) {
 	waitFor(t, func() bool { return serving() == healthpb.HealthCheckResponse_NOT_SERVING })
 	_, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "k"})
 	wantCode(t, err, codes.Unavailable, "token unavailable")
+	time.Sleep(1100 * time.Millisecond) // a checkpoint falls due and cannot be MACed
 	st, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
-	if err != nil || st.Hsm.Healthy || !strings.Contains(st.Hsm.Error, "token unavailable") {
+	if err != nil || st.Hsm.Healthy || !strings.Contains(st.Hsm.Error, "token unavailable") || !strings.Contains(st.AuditCheckpointError, "token unavailable") {
 		t.Fatalf("GetStatus with the HSM down: %v, %v", st, err)
 	}
 

@@ -46,6 +46,9 @@ func auditVerify(e *env, args []string) error {
 	if rep.BadLine != 0 {
 		return fmt.Errorf("%s: line %d: %s (%d lines before it hold)", path, rep.BadLine, rep.Problem, rep.BadLine-1)
 	}
+	if rep.TailTooLong {
+		return fmt.Errorf("%s: %s", path, rep.Problem)
+	}
 	fmt.Fprintf(e.stdout, "%s: %d records and %d checkpoints hold", path, rep.Records, rep.Checkpoints)
 	switch {
 	case mac == nil:

@@ -189,5 +189,8 @@ func statusCommand(e *env, args []string) error {
 		r.GetVersion(), r.GetStartTime().AsTime().Format(time.RFC3339), r.GetHsm().GetTokenLabel(), r.GetHsm().GetTokenSerial(),
 		r.GetHsm().GetManufacturer(), r.GetHsm().GetModel(), h, r.GetStore().GetPath(), r.GetStore().GetSchemaVersion(),
 		r.GetKeys().GetTotal(), r.GetKeys().GetEnabled(), r.GetKeys().GetDisabled(), r.GetKeys().GetPendingDeletion())
+	if msg := r.GetAuditCheckpointError(); msg != "" {
+		fmt.Fprintf(e.stdout, "audit: checkpoints are not being MACed: %s\n", msg)
+	}
 	return nil
 }

@@ -295,26 +295,37 @@ func (l *Log) write(batch []*request, forceCheckpoint bool) error {
 		buf.WriteByte('\n')
 		return nil
 	}
+	// checkpoint MACs the head of the chain. One the HSM cannot MAC now
+	// (it is away) is made later: the records are chained and on disk all
+	// the same, and the next checkpoint covers them. Only a failed write
+	// stops the log.
+	checkpointed := false
+	checkpoint := func() error {
+		mac, err := l.mac.HMACSHA256(context.Background(), l.key, macInput(head, seq+1))
+		if err != nil {
+			l.macErr.Store(&err)
+			return nil
+		}
+		l.macErr.Store(nil)
+		if err := add("checkpoint", checkpoint{Key: keyLabel(l.key), MAC: hex.EncodeToString(mac)}); err != nil {
+			return err
+		}
+		since, checkpointed = 0, true
+		return nil
+	}
 	for _, r := range batch {
 		if err := add("record", r.rec); err != nil {
 			return err
 		}
-		since++
-	}
-	due := since > 0 && (forceCheckpoint || since >= l.opt.CheckpointEvery || time.Since(l.lastCP) >= l.opt.CheckpointInterval)
-	if due {
-		// A checkpoint that cannot be MACed now (the HSM is away) is made
-		// later: the records are chained and on disk all the same, and the
-		// next checkpoint covers them. Only a failed write stops the log.
-		mac, err := l.mac.HMACSHA256(context.Background(), l.key, macInput(head, seq+1))
-		if err != nil {
-			l.macErr.Store(&err)
-			due = false
-		} else {
-			l.macErr.Store(nil)
-			if err := add("checkpoint", checkpoint{Key: keyLabel(l.key), MAC: hex.EncodeToString(mac)}); err != nil {
+		if since++; since >= l.opt.CheckpointEvery {
+			if err := checkpoint(); err != nil {
 				return err
 			}
+		}
+	}
+	if since > 0 && (forceCheckpoint || time.Since(l.lastCP) >= l.opt.CheckpointInterval) {
+		if err := checkpoint(); err != nil {
+			return err
 		}
 	}
 	if buf.Len() == 0 {
@@ -327,8 +338,8 @@ func (l *Log) write(batch []*request, forceCheckpoint bool) error {
 		return err
 	}
 	l.seq, l.head, l.since = seq, head, since
-	if due {
-		l.since, l.lastCP = 0, time.Now()
+	if checkpointed {
+		l.lastCP = time.Now()
 	}
 	return nil
 }
@@ -407,7 +418,18 @@ type Report struct {
 	// Problem saying why; 0 if every line holds.
 	BadLine uint64
 	Problem string
+	// TailTooLong: with a MAC key, more records follow the last checkpoint
+	// than keywardd ever leaves (MaxTail): the log was cut or rewritten at
+	// its end, or the HSM could not MAC for a long time. Problem says so.
+	TailTooLong bool
 }
+
+// MaxTail is the most records keywardd writes without a checkpoint while
+// its HSM can MAC: a checkpoint follows every 256 records.
+const MaxTail = 256
+
+// KeyName is the name of the HMAC key that MACs keywardd's checkpoints.
+const KeyName = "keyward-audit"
 
 // Verify reads a log and checks every line's chain link and, given a MACer,
 // every checkpoint's MAC. It stops at the first line that fails.
@@ -424,6 +446,10 @@ func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 		var ln line
 		err := dec.Decode(&ln)
 		if errors.Is(err, io.EOF) {
+			if mac != nil && rep.Unverified > MaxTail {
+				rep.TailTooLong = true
+				rep.Problem = fmt.Sprintf("the last %d records follow no checkpoint, more than keywardd leaves (%d) while its HSM works: the end of the log was cut or rewritten, or the HSM could not MAC for a long time", rep.Unverified, MaxTail)
+			}
 			return rep, nil
 		}
 		rep.Lines++
@@ -455,8 +481,8 @@ func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 			}
 			if mac != nil {
 				id, err := parseKeyLabel(cp.Key)
-				if err != nil {
-					return fail("a checkpoint names no key")
+				if err != nil || id.Name != KeyName {
+					return fail("a checkpoint names no key, or another key than %s", KeyName)
 				}
 				got, err := hex.DecodeString(cp.MAC)
 				if err != nil {

@@ -24,6 +24,9 @@ func (s *Server) GetStatus(ctx context.Context, _ *keywardv1.GetStatusRequest) (
 	if p := s.hsmErr.Load(); p != nil {
 		out.Hsm.Healthy, out.Hsm.Error = false, (*p).Error()
 	}
+	if err := s.cfg.Audit.CheckpointErr(); err != nil {
+		out.AuditCheckpointError = err.Error()
+	}
 	if v, err := s.cfg.Store.SchemaVersion(); err == nil {
 		out.Store.SchemaVersion = uint32(v)
 	}

@@ -137,13 +137,17 @@ func (*GetStatusRequest) Descriptor() ([]byte, []int) {
 type GetStatusResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// keywardd's version.
-	Version       string                 `protobuf:"bytes,1,opt,name=version,proto3" json:"version,omitempty"`
-	StartTime     *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
-	Hsm           *HSMStatus             `protobuf:"bytes,3,opt,name=hsm,proto3" json:"hsm,omitempty"`
-	Store         *StoreStatus           `protobuf:"bytes,4,opt,name=store,proto3" json:"store,omitempty"`
-	Keys          *KeyCounts             `protobuf:"bytes,5,opt,name=keys,proto3" json:"keys,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Version   string                 `protobuf:"bytes,1,opt,name=version,proto3" json:"version,omitempty"`
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	Hsm       *HSMStatus             `protobuf:"bytes,3,opt,name=hsm,proto3" json:"hsm,omitempty"`
+	Store     *StoreStatus           `protobuf:"bytes,4,opt,name=store,proto3" json:"store,omitempty"`
+	Keys      *KeyCounts             `protobuf:"bytes,5,opt,name=keys,proto3" json:"keys,omitempty"`
+	// Why the audit log's last checkpoint could not be MACed (the HSM was
+	// away): its records since are chained but not yet MACed. Empty when all
+	// is well.
+	AuditCheckpointError string `protobuf:"bytes,6,opt,name=audit_checkpoint_error,json=auditCheckpointError,proto3" json:"audit_checkpoint_error,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *GetStatusResponse) Reset() {
@@ -209,6 +213,13 @@ func (x *GetStatusResponse) GetKeys() *KeyCounts {
 		return x.Keys
 	}
 	return nil
+}
+
+func (x *GetStatusResponse) GetAuditCheckpointError() string {
+	if x != nil {
+		return x.AuditCheckpointError
+	}
+	return ""
 }
 
 // HSMStatus describes the token in use.
@@ -428,14 +439,15 @@ const file_status_proto_rawDesc = "" +
 	"keyward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n" +
 	"\vPingRequest\"\x0e\n" +
 	"\fPingResponse\"\x12\n" +
-	"\x10GetStatusRequest\"\xeb\x01\n" +
+	"\x10GetStatusRequest\"\xa1\x02\n" +
 	"\x11GetStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
 	"start_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x12'\n" +
 	"\x03hsm\x18\x03 \x01(\v2\x15.keyward.v1.HSMStatusR\x03hsm\x12-\n" +
 	"\x05store\x18\x04 \x01(\v2\x17.keyward.v1.StoreStatusR\x05store\x12)\n" +
-	"\x04keys\x18\x05 \x01(\v2\x15.keyward.v1.KeyCountsR\x04keys\"\xb9\x01\n" +
+	"\x04keys\x18\x05 \x01(\v2\x15.keyward.v1.KeyCountsR\x04keys\x124\n" +
+	"\x16audit_checkpoint_error\x18\x06 \x01(\tR\x14auditCheckpointError\"\xb9\x01\n" +
 	"\tHSMStatus\x12\x1f\n" +
 	"\vtoken_label\x18\x01 \x01(\tR\n" +
 	"tokenLabel\x12!\n" +
