@@ -240,7 +240,8 @@ func TestEndToEnd(t *testing.T) {
 	if rep.BadLine != 0 || rep.Records < 20 || rep.Unverified != 0 {
 		t.Fatalf("audit: %+v", rep)
 	}
-	for _, want := range []string{`"op":"EnvelopeService.Decrypt"`, `"outcome":"error","code":"InvalidArgument"`, `"context_sha256":"`, `"op":"KeyService.RotateKey","key":"app","version":2`, `"items":5`} {
+	for _, want := range []string{`"op":"EnvelopeService.Decrypt"`, `"outcome":"error","code":"InvalidArgument"`, `"context_sha256":"`, `"op":"KeyService.RotateKey","key":"app","version":2`, `"items":5`,
+		`"items":3,"outcome":"ok","batch":[{"key":"app","version":2,"context_sha256":"`, `{"key":"app","version":1,"context_sha256":"`, `"outcome":"error","code":"FailedPrecondition"}`} {
 		if !strings.Contains(string(auditLog), want) {
 			t.Errorf("the audit log lacks %s", want)
 		}

@@ -84,6 +84,9 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		return err
 	}
 	closers = append(closers, h.Close)
+	if cfg.HSM.PINEnv != "" {
+		os.Unsetenv(cfg.HSM.PINEnv) // read; no child or later reader needs it
+	}
 
 	km, err := keys.New(st, h, keys.Options{})
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"syscall"
 )
 
 // newFlags makes a flag set that reports mistakes as usage errors.
@@ -58,11 +59,25 @@ func (e *env) readInput(path string) ([]byte, error) {
 	return os.ReadFile(path)
 }
 
-// writeOutput writes a file (mode 0600), or standard output for "" or "-".
+// writeOutput writes a file, or standard output for "" or "-". The file is
+// mode 0600 even if it existed with another mode, and a symlink at the path
+// is refused: what is written may be a data key.
 func (e *env) writeOutput(path string, data []byte) error {
 	if path == "" || path == "-" {
 		_, err := e.stdout.Write(data)
 		return err
 	}
-	return os.WriteFile(path, data, 0o600)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }

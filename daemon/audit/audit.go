@@ -58,6 +58,16 @@ type Record struct {
 	Outcome       string    `json:"outcome"`                  // "ok", "denied" or "error"
 	Code          string    `json:"code,omitempty"`           // the status code of a refusal
 	Detail        string    `json:"detail,omitempty"`         // the refusal's message
+	Batch         []Item    `json:"batch,omitempty"`          // a batch call's items, in order
+}
+
+// Item is one item of a batch call.
+type Item struct {
+	Key           string `json:"key,omitempty"`
+	Version       uint32 `json:"version,omitempty"`
+	ContextSHA256 string `json:"context_sha256,omitempty"`
+	Outcome       string `json:"outcome"`
+	Code          string `json:"code,omitempty"`
 }
 
 // line is the JSON form of a line. Body is a Record or a checkpoint.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"net"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/credentials"
@@ -16,7 +18,14 @@ import (
 // identified by the kernel before its first call.
 type peerCreds struct {
 	resolver *identity.Resolver
+	// open counts connections; past MaxConnections new ones are refused,
+	// so that a flood of them (each holds a pidfd and buffers) cannot
+	// exhaust the daemon before any policy check.
+	open *atomic.Int64
 }
+
+// MaxConnections bounds the connections served at once.
+const MaxConnections = 512
 
 // AuthInfo is what a connection's calls know of their caller.
 type AuthInfo struct {
@@ -32,24 +41,35 @@ func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 	if !ok {
 		return nil, nil, errors.New("keywardd serves Unix socket connections only")
 	}
+	if c.open.Add(1) > MaxConnections {
+		c.open.Add(-1)
+		return nil, nil, errors.New("keywardd: too many connections")
+	}
 	caller, err := c.resolver.Identify(uc, time.Now())
 	if err != nil {
+		c.open.Add(-1)
 		return nil, nil, err
 	}
-	return &closeNotify{Conn: conn, caller: caller}, AuthInfo{
+	return &closeNotify{Conn: conn, caller: caller, open: c.open}, AuthInfo{
 		CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity},
 		Caller:         caller,
 	}, nil
 }
 
-// closeNotify releases the caller's pidfd when the connection closes.
+// closeNotify releases the caller's pidfd and its connection slot when the
+// connection closes.
 type closeNotify struct {
 	net.Conn
 	caller *identity.Caller
+	open   *atomic.Int64
+	once   sync.Once
 }
 
 func (c *closeNotify) Close() error {
-	c.caller.Close()
+	c.once.Do(func() {
+		c.caller.Close()
+		c.open.Add(-1)
+	})
 	return c.Conn.Close()
 }
 
@@ -61,6 +81,8 @@ func (c *peerCreds) Info() credentials.ProtocolInfo {
 	return credentials.ProtocolInfo{SecurityProtocol: "peercred"}
 }
 
-func (c *peerCreds) Clone() credentials.TransportCredentials { return &peerCreds{resolver: c.resolver} }
+func (c *peerCreds) Clone() credentials.TransportCredentials {
+	return &peerCreds{resolver: c.resolver, open: c.open}
+}
 
 func (c *peerCreds) OverrideServerName(string) error { return nil }

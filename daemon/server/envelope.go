@@ -137,15 +137,14 @@ func runBatch[Req, Resp any](ctx context.Context, s *Server, op string, items []
 	c.items = len(items)
 	out := make([]Resp, len(items))
 	errs := make([]error, len(items))
+	notes := make([]*call, len(items)) // each item's key, version and context, for the audit record
 	next := make(chan int)
 	var wg sync.WaitGroup
 	for range min(len(items), 4) {
 		wg.Go(func() {
 			for i := range next {
-				// Each item gets a call record of its own for the checks,
-				// so that items do not overwrite each other's notes.
-				ic := context.WithValue(ctx, callKey{}, &call{op: c.op, caller: c.caller})
-				out[i], errs[i] = one(ic, items[i])
+				notes[i] = &call{op: c.op, caller: c.caller}
+				out[i], errs[i] = one(context.WithValue(ctx, callKey{}, notes[i]), items[i])
 			}
 		})
 	}
@@ -154,6 +153,11 @@ func runBatch[Req, Resp any](ctx context.Context, s *Server, op string, items []
 	}
 	close(next)
 	wg.Wait()
+	for i, n := range notes {
+		it := audit.Item{Key: n.key, Version: n.version, ContextSHA256: n.ctxHash}
+		it.Outcome, it.Code = outcome(toStatus(errs[i]))
+		c.batch = append(c.batch, it)
+	}
 	return out, errs, nil
 }
 

@@ -43,6 +43,9 @@ func Ops() []string {
 	return ops
 }
 
+// MaxRequest is the largest request keywardd reads, in bytes.
+const MaxRequest = 8 << 20
+
 // auditTimeout bounds the wait for an audit record to reach the disk.
 const auditTimeout = 10 * time.Second
 
@@ -96,9 +99,12 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	s := &Server{cfg: cfg, health: health.NewServer(), start: time.Now()}
 	s.policy.Store(cfg.Policy)
 	gs := grpc.NewServer(
-		grpc.Creds(&peerCreds{resolver: identity.NewResolver()}),
+		grpc.Creds(&peerCreds{resolver: identity.NewResolver(), open: new(atomic.Int64)}),
 		grpc.UnaryInterceptor(s.intercept),
-		grpc.MaxRecvMsgSize(16<<20),
+		// A batch of 100 items of 64 KiB fits; a request is read whole
+		// before the policy sees it, so nothing much larger is taken.
+		grpc.MaxRecvMsgSize(MaxRequest),
+		grpc.MaxConcurrentStreams(32),
 	)
 	keywardv1.RegisterKeyServiceServer(gs, s)
 	keywardv1.RegisterEnvelopeServiceServer(gs, s)
@@ -151,6 +157,18 @@ type call struct {
 	version uint32
 	items   int
 	ctxHash string
+	batch   []audit.Item
+}
+
+// outcome names how a call or item ended, for the audit log.
+func outcome(st *status.Status) (string, string) {
+	switch {
+	case st == nil:
+		return "ok", ""
+	case st.Code() == codes.PermissionDenied:
+		return "denied", st.Code().String()
+	}
+	return "error", st.Code().String()
 }
 
 type callKey struct{}
@@ -195,13 +213,11 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 		Time: time.Now().UTC(),
 		Caller: audit.Caller{UID: c.caller.UID, GID: c.caller.GID, PID: c.caller.PID,
 			Exe: c.caller.Exe, SHA256: c.caller.ExeSHA256},
-		Op: op, Key: c.key, Version: c.version, Items: c.items, ContextSHA256: c.ctxHash, Outcome: "ok",
+		Op: op, Key: c.key, Version: c.version, Items: c.items, ContextSHA256: c.ctxHash, Batch: c.batch,
 	}
+	rec.Outcome, rec.Code = outcome(st)
 	if st != nil {
-		rec.Outcome, rec.Code, rec.Detail = "error", st.Code().String(), st.Message()
-		if st.Code() == codes.PermissionDenied {
-			rec.Outcome = "denied"
-		}
+		rec.Detail = st.Message()
 	}
 	// The record is written even if the caller gave up: what was done must
 	// be on record whether or not anyone waits for the answer.

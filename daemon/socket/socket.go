@@ -58,7 +58,7 @@ func Listen(o Options) (*Listener, error) {
 		return nil, fmt.Errorf("socket: mode %04o is not allowed; use 0600 or 0660 (the socket is never world-accessible)", mode)
 	}
 	dir := filepath.Dir(o.Path)
-	if err := checkDir(dir); err != nil {
+	if err := checkDir(dir, o.GID); err != nil {
 		return nil, err
 	}
 	lock, err := lockPath(o.Path)
@@ -74,12 +74,18 @@ func Listen(o Options) (*Listener, error) {
 	return l, nil
 }
 
-// checkDir creates dir with mode 0750, or checks the one that is there.
-func checkDir(dir string) error {
+// checkDir creates dir with mode 0750 (group gid, if not -1, so that the
+// socket's group can reach it), or checks the one that is there.
+func checkDir(dir string, gid int) error {
 	fi, err := os.Lstat(dir)
 	if errors.Is(err, os.ErrNotExist) {
 		if err := os.Mkdir(dir, 0o750); err != nil {
 			return fmt.Errorf("socket: creating %s: %w", dir, err)
+		}
+		if gid > 0 {
+			if err := os.Chown(dir, -1, gid); err != nil {
+				return fmt.Errorf("socket: %w", err)
+			}
 		}
 		if err := os.Chmod(dir, 0o750); err != nil { // Mkdir's mode is cut by the umask
 			return fmt.Errorf("socket: %w", err)

@@ -169,14 +169,16 @@ func TestSocketGroup(t *testing.T) {
 		}
 		t.Skip("needs root to give the socket another group")
 	}
-	path := filepath.Join(privateDir(t), "k.sock")
+	path := filepath.Join(privateDir(t), "run", "k.sock")
 	l, err := Listen(Options{Path: path, GID: 65534})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	fi, _ := os.Lstat(path)
-	if gid := fi.Sys().(*syscall.Stat_t).Gid; gid != 65534 {
-		t.Fatalf("socket group %d, want 65534", gid)
+	for _, p := range []string{path, filepath.Dir(path)} {
+		fi, _ := os.Lstat(p)
+		if gid := fi.Sys().(*syscall.Stat_t).Gid; gid != 65534 {
+			t.Fatalf("%s group %d, want 65534 (the socket's group must reach it)", p, gid)
+		}
 	}
 }

@@ -57,7 +57,7 @@ func Dial(path string) (*Client, error) {
 		// The socket is local and the kernel identifies the caller: there
 		// is no transport security to add, and no token to send.
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20)),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20), grpc.MaxCallSendMsgSize(8<<20)),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("keyward: %w", err)
