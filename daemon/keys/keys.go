@@ -147,6 +147,13 @@ type Manager struct {
 	mu      sync.Mutex
 	locks   map[string]*sync.Mutex // one per key name: changes to a key are serialized
 	counter map[hsm.KeyID]*counter // encryptions made in this process, per version
+
+	// cache holds keys as last read, for the calls on every request
+	// (ForEncryption, ForDecryption); every change through the Manager
+	// drops its key from it. Cached keys are never modified.
+	cacheMu  sync.RWMutex
+	cache    map[string]*Key
+	cacheGen uint64 // moves on every change, so a read that raced one is not cached
 }
 
 type counter struct {
@@ -167,7 +174,7 @@ func New(s Store, h HSM, o Options) (*Manager, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &Manager{store: s, hsm: h, opt: o, locks: map[string]*sync.Mutex{}, counter: map[hsm.KeyID]*counter{}}, nil
+	return &Manager{store: s, hsm: h, opt: o, locks: map[string]*sync.Mutex{}, counter: map[hsm.KeyID]*counter{}, cache: map[string]*Key{}}, nil
 }
 
 // lock serializes changes to one key.
@@ -180,7 +187,40 @@ func (m *Manager) lock(name string) func() {
 	}
 	m.mu.Unlock()
 	l.Lock()
-	return l.Unlock
+	return func() {
+		m.forgetCached(name) // whatever changed under the lock is read afresh
+		l.Unlock()
+	}
+}
+
+func (m *Manager) forgetCached(name string) {
+	m.cacheMu.Lock()
+	delete(m.cache, name)
+	m.cacheGen++
+	m.cacheMu.Unlock()
+}
+
+// cached returns the key from the cache, or reads and caches it.
+func (m *Manager) cached(name string) (*Key, error) {
+	m.cacheMu.RLock()
+	k, gen := m.cache[name], m.cacheGen
+	m.cacheMu.RUnlock()
+	if k != nil {
+		return k, nil
+	}
+	k, err := m.Get(name)
+	if err != nil {
+		return nil, err
+	}
+	m.cacheMu.Lock()
+	if m.cacheGen == gen { // no change since the read began
+		if len(m.cache) > 4096 {
+			clear(m.cache)
+		}
+		m.cache[name] = k
+	}
+	m.cacheMu.Unlock()
+	return k, nil
 }
 
 // Spec describes a key to create.
@@ -495,7 +535,7 @@ func (m *Manager) DeleteDue(ctx context.Context, name string) (bool, error) {
 // encryption key, and counts the encryption. When the version reaches the
 // encryption limit the key rotates first.
 func (m *Manager) ForEncryption(ctx context.Context, name string) (hsm.KeyID, error) {
-	k, err := m.Get(name)
+	k, err := m.cached(name)
 	if err != nil {
 		return hsm.KeyID{}, err
 	}
@@ -569,7 +609,7 @@ func (m *Manager) reserve(ctx context.Context, name string) (hsm.KeyID, error) {
 // ForDecryption checks that version v of an enabled encryption key may
 // decrypt: it exists and is not below the minimum decryption version.
 func (m *Manager) ForDecryption(name string, v uint32) (hsm.KeyID, error) {
-	k, err := m.Get(name)
+	k, err := m.cached(name)
 	if err != nil {
 		return hsm.KeyID{}, err
 	}
