@@ -120,6 +120,10 @@ func TestCLI(t *testing.T) {
 	if len(pt) != 32 || r.stdout != string(pt) {
 		t.Fatal("the data key does not decrypt to its plaintext")
 	}
+	r = ok(keyward(t, sock, "", "datakey", "-key", "orders", "-without-plaintext"))
+	if strings.Contains(r.stdout, "plaintext") || !strings.Contains(r.stdout, "wrapped_key") {
+		t.Fatalf("datakey -without-plaintext: %s", r.stdout)
+	}
 	ok(keyward(t, sock, "", "datakey", "-key", "orders", "-plaintext-out", filepath.Join(dir, "dk"), "-wrapped-out", filepath.Join(dir, "dk.kw")))
 	if b, _ := os.ReadFile(filepath.Join(dir, "dk")); len(b) != 32 {
 		t.Fatalf("plaintext-out holds %d bytes", len(b))

@@ -15,6 +15,7 @@ func datakeyCommand(e *env, args []string) error {
 	size := fs.Uint("size", 32, "data key size in bytes: 16, 24 or 32")
 	ptOut := fs.String("plaintext-out", "", "write the plaintext data key to this file (mode 0600) instead of printing it")
 	wrOut := fs.String("wrapped-out", "", "write the wrapped data key to this file instead of printing it")
+	noPlain := fs.Bool("without-plaintext", false, "return only the wrapped key (GenerateDataKeyWithoutPlaintext)")
 	ectx := pairs{}
 	fs.Var(ectx, "context", "encryption context k=v (repeatable)")
 	if err := parse(fs, args); err != nil {
@@ -28,17 +29,28 @@ func datakeyCommand(e *env, args []string) error {
 		return err
 	}
 	defer c.Close()
-	r, err := c.Envelope.GenerateDataKey(e.ctx, &keywardv1.GenerateDataKeyRequest{KeyName: *key, KeySize: uint32(*size), EncryptionContext: ectx})
-	if err != nil {
+	var r *keywardv1.GenerateDataKeyResponse
+	if *noPlain {
+		if *ptOut != "" {
+			return usageError{"-without-plaintext and -plaintext-out do not go together"}
+		}
+		w, err := c.Envelope.GenerateDataKeyWithoutPlaintext(e.ctx, &keywardv1.GenerateDataKeyWithoutPlaintextRequest{KeyName: *key, KeySize: uint32(*size), EncryptionContext: ectx})
+		if err != nil {
+			return client.Wrap(err)
+		}
+		r = &keywardv1.GenerateDataKeyResponse{WrappedKey: w.GetWrappedKey(), KeyName: w.GetKeyName(), KeyVersion: w.GetKeyVersion()}
+	} else if r, err = c.Envelope.GenerateDataKey(e.ctx, &keywardv1.GenerateDataKeyRequest{KeyName: *key, KeySize: uint32(*size), EncryptionContext: ectx}); err != nil {
 		return client.Wrap(err)
 	}
 	defer clear(r.Plaintext)
 	out := map[string]any{"key_name": r.GetKeyName(), "key_version": r.GetKeyVersion()}
-	if *ptOut != "" {
+	switch {
+	case *noPlain:
+	case *ptOut != "":
 		if err := e.writeOutput(*ptOut, r.GetPlaintext()); err != nil {
 			return err
 		}
-	} else {
+	default:
 		out["plaintext"] = base64.StdEncoding.EncodeToString(r.GetPlaintext())
 	}
 	if *wrOut != "" {

@@ -27,7 +27,7 @@ keys (operators):
   key enable -name N | key disable -name N | key set-min-version -name N -version V
   key schedule-deletion -name N [-wait D] | key cancel-deletion -name N
 envelope encryption (applications):
-  datakey -key K [-context k=v]... [-size 32] [-plaintext-out FILE] [-wrapped-out FILE]
+  datakey -key K [-context k=v]... [-size 32] [-plaintext-out FILE] [-wrapped-out FILE] [-without-plaintext]
   encrypt -key K [-context k=v]... [-in FILE] [-out FILE]
   decrypt [-context k=v]... [-in FILE] [-out FILE]
   reencrypt [-context k=v]... [-to-key K] [-in FILE] [-out FILE]
