@@ -15,19 +15,14 @@ import (
 	"time"
 
 	"github.com/keyward/keyward/hsm"
-	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/keyward/keyward/softhsm-test/hsmtest"
 )
 
 var macKey = hsm.KeyID{Name: KeyName, Version: 1}
 
 func macHSM(t *testing.T) *hsm.HSM {
 	t.Helper()
-	tok := softhsmtest.New(t)
-	h, err := hsm.Open(hsm.Config{Module: tok.Module, Token: tok.Label, PINFile: tok.PINFile})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { h.Close() })
+	h, _ := hsmtest.Open(t)
 	if err := h.CreateKey(context.Background(), macKey, hsm.HMACSHA256); err != nil {
 		t.Fatal(err)
 	}

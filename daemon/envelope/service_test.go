@@ -12,18 +12,12 @@ import (
 
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/store"
-	"github.com/keyward/keyward/hsm"
-	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/keyward/keyward/softhsm-test/hsmtest"
 )
 
 func setup(t *testing.T) (*Service, *keys.Manager) {
 	t.Helper()
-	tok := softhsmtest.New(t)
-	h, err := hsm.Open(hsm.Config{Module: tok.Module, Token: tok.Label, PINFile: tok.PINFile})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { h.Close() })
+	h, _ := hsmtest.Open(t)
 	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), store.Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -531,19 +531,28 @@ func (m *Manager) DeleteDue(ctx context.Context, name string) (bool, error) {
 	return true, m.store.Update(store.BucketKeys, name, func([]byte) ([]byte, error) { return nil, nil })
 }
 
+// encryptionKey returns a usable encryption key, from the cache.
+func (m *Manager) encryptionKey(name string) (*Key, error) {
+	k, err := m.cached(name)
+	if err != nil {
+		return nil, err
+	}
+	if err := k.usable(); err != nil {
+		return nil, err
+	}
+	if k.Purpose != Encrypt {
+		return nil, fmt.Errorf("%w: %q is a %s key, not an encryption key", ErrWrongPurpose, name, k.Purpose)
+	}
+	return k, nil
+}
+
 // ForEncryption returns the version to encrypt with under an enabled
 // encryption key, and counts the encryption. When the version reaches the
 // encryption limit the key rotates first.
 func (m *Manager) ForEncryption(ctx context.Context, name string) (hsm.KeyID, error) {
-	k, err := m.cached(name)
+	k, err := m.encryptionKey(name)
 	if err != nil {
 		return hsm.KeyID{}, err
-	}
-	if err := k.usable(); err != nil {
-		return hsm.KeyID{}, err
-	}
-	if k.Purpose != Encrypt {
-		return hsm.KeyID{}, fmt.Errorf("%w: %q is a %s key, not an encryption key", ErrWrongPurpose, name, k.Purpose)
 	}
 	id := hsm.KeyID{Name: name, Version: k.Latest()}
 	m.mu.Lock()
@@ -609,15 +618,9 @@ func (m *Manager) reserve(ctx context.Context, name string) (hsm.KeyID, error) {
 // ForDecryption checks that version v of an enabled encryption key may
 // decrypt: it exists and is not below the minimum decryption version.
 func (m *Manager) ForDecryption(name string, v uint32) (hsm.KeyID, error) {
-	k, err := m.cached(name)
+	k, err := m.encryptionKey(name)
 	if err != nil {
 		return hsm.KeyID{}, err
-	}
-	if err := k.usable(); err != nil {
-		return hsm.KeyID{}, err
-	}
-	if k.Purpose != Encrypt {
-		return hsm.KeyID{}, fmt.Errorf("%w: %q is a %s key, not an encryption key", ErrWrongPurpose, name, k.Purpose)
 	}
 	if v < 1 || v > k.Latest() {
 		return hsm.KeyID{}, fmt.Errorf("%w: %q has no version %d", ErrVersion, name, v)

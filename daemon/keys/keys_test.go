@@ -11,7 +11,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
-	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/keyward/keyward/softhsm-test/hsmtest"
 )
 
 type env struct {
@@ -32,12 +32,7 @@ func (c *clock) Advance(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.U
 
 func setup(t *testing.T, o Options) *env {
 	t.Helper()
-	tok := softhsmtest.New(t)
-	h, err := hsm.Open(hsm.Config{Module: tok.Module, Token: tok.Label, PINFile: tok.PINFile})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { h.Close() })
+	h, _ := hsmtest.Open(t)
 	path := filepath.Join(t.TempDir(), "keyward.db")
 	s, err := store.Open(path, store.Options{})
 	if err != nil {
