@@ -437,12 +437,7 @@ func TestHSMDown(t *testing.T) {
 // full) no call succeeds: the one that finds out is answered UNAVAILABLE,
 // and every call after it is refused before doing anything.
 func TestAuditDiskFull(t *testing.T) {
-	if os.Getuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("this test mounts a small tmpfs and needs root, as CI has")
-		}
-		t.Skip("needs root to mount a tmpfs")
-	}
+	softhsmtest.RequireRoot(t, "mounts a small tmpfs")
 	in := start(t, uidPolicy(allowAll))
 	in.stop()
 	small := t.TempDir()

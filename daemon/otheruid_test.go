@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"context"
 	"fmt"
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,12 +40,7 @@ func TestMain(m *testing.M) {
 // TestOtherUser: a client running as another user (nobody) reaches the
 // socket through its group and gets exactly what the policy grants its uid.
 func TestOtherUser(t *testing.T) {
-	if os.Getuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("this test runs a client as another user and needs root, as CI has")
-		}
-		t.Skip("needs root to run a client as another user")
-	}
+	softhsmtest.RequireRoot(t, "runs a client as another user")
 	policy := uidPolicy(allowAll) + `  - role: pinger
     callers:
       - uid: 65534

@@ -201,3 +201,17 @@ func New(t testing.TB) *Token {
 func (tok *Token) String() string {
 	return fmt.Sprintf("token %q (serial %s) in %s", tok.Label, tok.Serial, tok.Dir)
 }
+
+// RequireRoot is for tests that need root (another user's process, a PID
+// namespace, a mount): in CI, which runs as root, a missing privilege fails
+// the test; elsewhere it skips, saying why.
+func RequireRoot(t testing.TB, what string) {
+	t.Helper()
+	if os.Getuid() == 0 {
+		return
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatalf("this test %s and needs root, as CI has", what)
+	}
+	t.Skipf("needs root: it %s", what)
+}

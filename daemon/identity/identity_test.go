@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
 	"io"
 	"net"
 	"os"
@@ -149,12 +150,7 @@ func TestIdentifySelf(t *testing.T) {
 // a copy of this test binary, then lets it exit: the caller is identified by
 // the kernel, and once gone, Alive says so.
 func TestIdentifyOtherUserAndExit(t *testing.T) {
-	if os.Getuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("this test runs a client as another user and needs root, as CI has")
-		}
-		t.Skip("needs root to run a client as another user")
-	}
+	softhsmtest.RequireRoot(t, "runs a client as another user")
 	l, path := listen(t)
 	bin := filepath.Join(filepath.Dir(path), "client")
 	self, _ := os.Executable()
@@ -227,12 +223,7 @@ func TestStartTimeParsesOddNames(t *testing.T) {
 // daemon in a PID namespace of its own) is identified by uid and gid only,
 // with PID 0, and that is not an error.
 func TestOtherPIDNamespace(t *testing.T) {
-	if os.Getuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("this test makes a PID namespace and needs root, as CI has")
-		}
-		t.Skip("needs root to make a PID namespace")
-	}
+	softhsmtest.RequireRoot(t, "makes a PID namespace")
 	sock := filepath.Join(t.TempDir(), "s")
 	self, _ := os.Executable()
 	cmd := exec.Command(self)

@@ -1,6 +1,7 @@
 package socket
 
 import (
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
 	"net"
 	"os"
 	"path/filepath"
@@ -163,12 +164,7 @@ func TestCloseLeavesOthers(t *testing.T) {
 }
 
 func TestSocketGroup(t *testing.T) {
-	if os.Getuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("needs root to give the socket another group, as CI has")
-		}
-		t.Skip("needs root to give the socket another group")
-	}
+	softhsmtest.RequireRoot(t, "gives the socket another group")
 	path := filepath.Join(privateDir(t), "run", "k.sock")
 	l, err := Listen(Options{Path: path, GID: 65534})
 	if err != nil {
