@@ -1,13 +1,14 @@
 package socket
 
 import (
-	softhsmtest "github.com/keyward/keyward/softhsm-test"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
 )
 
 func TestListenCreatesSafely(t *testing.T) {
