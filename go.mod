@@ -4,6 +4,8 @@ go 1.26.7
 
 require (
 	github.com/ThalesGroup/crypto11 v1.6.2
+	github.com/go-jose/go-jose/v4 v4.1.9
+	github.com/golang-jwt/jwt/v5 v5.3.1
 	github.com/miekg/pkcs11 v1.1.2
 	go.etcd.io/bbolt v1.4.3
 	go.yaml.in/yaml/v3 v3.0.6
