@@ -24,6 +24,7 @@ import (
 	"github.com/keyward/keyward/daemon"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 )
@@ -212,7 +213,7 @@ func TestEndToEnd(t *testing.T) {
 
 	// Status and health.
 	stc, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
-	if err != nil || stc.Hsm.TokenLabel != in.tok.Label || !stc.Hsm.Healthy || stc.Keys.Total != 2 || stc.Keys.PendingDeletion != 1 || stc.Store.SchemaVersion != 1 {
+	if err != nil || stc.Hsm.TokenLabel != in.tok.Label || !stc.Hsm.Healthy || stc.Keys.Total != 2 || stc.Keys.PendingDeletion != 1 || stc.Store.SchemaVersion != store.SchemaVersion {
 		t.Fatalf("GetStatus = %v, %v", stc, err)
 	}
 	hc, err := healthpb.NewHealthClient(in.conn).Check(ctx, &healthpb.HealthCheckRequest{})

@@ -20,9 +20,10 @@ import (
 	bolterrors "go.etcd.io/bbolt/errors"
 )
 
-// Buckets of schema version 1.
+// Buckets of the schema.
 const (
-	BucketKeys = "keys" // root-key metadata, by key name
+	BucketKeys          = "keys"           // root-key metadata, by key name (schema 1)
+	BucketRevokedTokens = "revoked_tokens" // revoked token IDs and their expiry (schema 2)
 )
 
 // ErrNotFound: no record under that key.
@@ -31,13 +32,17 @@ var ErrNotFound = errors.New("store: not found")
 const (
 	metaBucket    = "meta"
 	schemaKey     = "schema_version"
-	SchemaVersion = 1
+	SchemaVersion = 2
 )
 
 // migrations[i] brings a store from schema version i to i+1.
 var migrations = []func(tx *bolt.Tx) error{
 	0: func(tx *bolt.Tx) error {
 		_, err := tx.CreateBucketIfNotExists([]byte(BucketKeys))
+		return err
+	},
+	1: func(tx *bolt.Tx) error {
+		_, err := tx.CreateBucketIfNotExists([]byte(BucketRevokedTokens))
 		return err
 	},
 }

@@ -97,7 +97,7 @@ func TestNewerSchemaRefused(t *testing.T) {
 		return tx.Bucket([]byte(metaBucket)).Put([]byte(schemaKey), []byte{0, 0, 0, 0, 0, 0, 0, 9})
 	})
 	s.Close()
-	if _, err := Open(path, Options{}); err == nil || !strings.Contains(err.Error(), "schema version 9, newer than this keywardd's 1") {
+	if _, err := Open(path, Options{}); err == nil || !strings.Contains(err.Error(), "schema version 9, newer than this keywardd's 2") {
 		t.Fatalf("newer schema: %v", err)
 	}
 }
@@ -137,5 +137,36 @@ func TestMissingDataDir(t *testing.T) {
 	_, err := Open(filepath.Join(t.TempDir(), "nope", "keyward.db"), Options{})
 	if err == nil || !strings.Contains(err.Error(), "data directory") {
 		t.Fatalf("missing data directory: %v", err)
+	}
+}
+
+// TestMigration: a schema-1 store (keys only) opens as schema 2 with the
+// revoked-tokens bucket, its records intact.
+func TestMigration(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "keyward.db")
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.Update(func(tx *bolt.Tx) error {
+		meta, _ := tx.CreateBucket([]byte(metaBucket))
+		meta.Put([]byte(schemaKey), []byte{0, 0, 0, 0, 0, 0, 0, 1})
+		keys, _ := tx.CreateBucket([]byte(BucketKeys))
+		return keys.Put([]byte("kek"), []byte(`{"name":"kek"}`))
+	})
+	db.Close()
+	s, err := Open(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if v, _ := s.SchemaVersion(); v != 2 {
+		t.Fatalf("schema %d after migration", v)
+	}
+	if rec, err := s.Get(BucketKeys, "kek"); err != nil || string(rec) != `{"name":"kek"}` {
+		t.Fatalf("the schema-1 record: %q, %v", rec, err)
+	}
+	if err := s.Update(BucketRevokedTokens, "jti", func([]byte) ([]byte, error) { return []byte{1}, nil }); err != nil {
+		t.Fatalf("the new bucket: %v", err)
 	}
 }

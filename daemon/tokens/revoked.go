@@ -1,0 +1,95 @@
+package tokens
+
+import (
+	"encoding/binary"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/keyward/keyward/daemon/store"
+)
+
+// Store is what revocation needs of the store.
+type Store interface {
+	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
+	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
+}
+
+// Revoked is the set of revoked token IDs, each until its token expires. It
+// lives in the store, so it survives restarts, and in memory, so a check
+// costs a map lookup.
+type Revoked struct {
+	store Store
+	mu    sync.RWMutex
+	until map[string]time.Time // jti -> the token's expiry
+}
+
+// LoadRevoked reads the revocations that have not run out yet, and removes
+// from the store those that have.
+func LoadRevoked(s Store, now time.Time) (*Revoked, error) {
+	r := &Revoked{store: s, until: map[string]time.Time{}}
+	var gone []string
+	err := s.ForEach(store.BucketRevokedTokens, "", func(jti string, rec []byte) error {
+		if len(rec) == 8 {
+			if exp := time.Unix(int64(binary.BigEndian.Uint64(rec)), 0); exp.After(now) {
+				r.until[jti] = exp
+				return nil
+			}
+		}
+		gone = append(gone, jti)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, jti := range gone {
+		if err := s.Update(store.BucketRevokedTokens, jti, func([]byte) ([]byte, error) { return nil, nil }); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
+}
+
+// Revoke revokes the token jti until exp, its expiry (after which it fails
+// anyway). It is in the store before Revoke returns.
+func (r *Revoked) Revoke(jti string, exp time.Time) error {
+	if jti == "" || len(jti) > 256 {
+		return fmt.Errorf("%w: a token ID is 1 to 256 bytes", ErrInvalid)
+	}
+	rec := binary.BigEndian.AppendUint64(nil, uint64(exp.Unix()))
+	if err := r.store.Update(store.BucketRevokedTokens, jti, func([]byte) ([]byte, error) { return rec, nil }); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.until[jti] = exp
+	r.mu.Unlock()
+	return nil
+}
+
+// Is reports whether jti is revoked; for Verifier.Revoked.
+func (r *Revoked) Is(jti string) bool {
+	r.mu.RLock()
+	_, ok := r.until[jti]
+	r.mu.RUnlock()
+	return ok
+}
+
+// Sweep forgets the revocations of tokens expired before now, in memory and
+// in the store, and says how many it forgot.
+func (r *Revoked) Sweep(now time.Time) (int, error) {
+	r.mu.Lock()
+	var gone []string
+	for jti, exp := range r.until {
+		if !exp.After(now) {
+			gone = append(gone, jti)
+			delete(r.until, jti)
+		}
+	}
+	r.mu.Unlock()
+	for _, jti := range gone {
+		if err := r.store.Update(store.BucketRevokedTokens, jti, func([]byte) ([]byte, error) { return nil, nil }); err != nil {
+			return 0, err
+		}
+	}
+	return len(gone), nil
+}

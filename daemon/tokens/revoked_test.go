@@ -1,0 +1,56 @@
+package tokens
+
+import (
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/daemon/store"
+)
+
+// TestRevokedSurvivesRestart: revocations are in the store before Revoke
+// returns, come back after a restart until their token expires, and are
+// swept after.
+func TestRevokedSurvivesRestart(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "keyward.db")
+	s, err := store.Open(path, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := LoadRevoked(s, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Revoke("soon", t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Revoke("later", t0.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Revoke("", t0); err == nil {
+		t.Fatal("an empty jti was revoked")
+	}
+	if !r.Is("soon") || !r.Is("later") || r.Is("other") {
+		t.Fatal("Is disagrees with Revoke")
+	}
+	s.Close()
+
+	s, _ = store.Open(path, store.Options{})
+	defer s.Close()
+	r, err = LoadRevoked(s, t0.Add(2*time.Minute)) // "soon" has expired meanwhile
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Is("soon") || !r.Is("later") {
+		t.Fatal("after a restart: expired revocations kept, or live ones lost")
+	}
+	r.Revoke("soon2", t0.Add(3*time.Minute))
+	if n, err := r.Sweep(t0.Add(4 * time.Minute)); err != nil || n != 1 || r.Is("soon2") {
+		t.Fatalf("Sweep = %d, %v", n, err)
+	}
+	n := 0
+	s.ForEach(store.BucketRevokedTokens, "", func(string, []byte) error { n++; return nil })
+	if n != 1 { // "later": "soon" went at load, "soon2" at the sweep
+		t.Fatalf("%d records in the store, want 1", n)
+	}
+}
