@@ -15,13 +15,14 @@ type Store interface {
 	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
 }
 
-// Revoked is the set of revoked token IDs, each until its token expires. It
+// Revoked is the set of revoked token IDs, each until its token expires
+// plus MaxLeeway (a verifier may accept a token that long after its exp). It
 // lives in the store, so it survives restarts, and in memory, so a check
 // costs a map lookup.
 type Revoked struct {
 	store Store
 	mu    sync.RWMutex
-	until map[string]time.Time // jti -> the token's expiry
+	until map[string]time.Time // jti -> when the revocation may be forgotten
 }
 
 // LoadRevoked reads the revocations that have not run out yet, and removes
@@ -31,8 +32,8 @@ func LoadRevoked(s Store, now time.Time) (*Revoked, error) {
 	var gone []string
 	err := s.ForEach(store.BucketRevokedTokens, "", func(jti string, rec []byte) error {
 		if len(rec) == 8 {
-			if exp := time.Unix(int64(binary.BigEndian.Uint64(rec)), 0); exp.After(now) {
-				r.until[jti] = exp
+			if until := time.Unix(int64(binary.BigEndian.Uint64(rec)), 0); until.After(now) {
+				r.until[jti] = until
 				return nil
 			}
 		}
@@ -56,13 +57,16 @@ func (r *Revoked) Revoke(jti string, exp time.Time) error {
 	if jti == "" || len(jti) > 256 {
 		return fmt.Errorf("%w: a token ID is 1 to 256 bytes", ErrInvalid)
 	}
-	rec := binary.BigEndian.AppendUint64(nil, uint64(exp.Unix()))
+	until := exp.Add(MaxLeeway).Truncate(time.Second).Add(time.Second)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	rec := binary.BigEndian.AppendUint64(nil, uint64(until.Unix()))
 	if err := r.store.Update(store.BucketRevokedTokens, jti, func([]byte) ([]byte, error) { return rec, nil }); err != nil {
 		return err
 	}
-	r.mu.Lock()
-	r.until[jti] = exp
-	r.mu.Unlock()
+	if until.After(r.until[jti]) {
+		r.until[jti] = until
+	}
 	return nil
 }
 
@@ -74,22 +78,23 @@ func (r *Revoked) Is(jti string) bool {
 	return ok
 }
 
-// Sweep forgets the revocations of tokens expired before now, in memory and
-// in the store, and says how many it forgot.
+// Sweep forgets the revocations no verifier needs any more (their token
+// expired more than MaxLeeway before now), in memory and in the store, and
+// says how many it forgot. Revoke waits for it, so a revocation made
+// meanwhile is not lost.
 func (r *Revoked) Sweep(now time.Time) (int, error) {
 	r.mu.Lock()
-	var gone []string
-	for jti, exp := range r.until {
-		if !exp.After(now) {
-			gone = append(gone, jti)
-			delete(r.until, jti)
+	defer r.mu.Unlock()
+	n := 0
+	for jti, until := range r.until {
+		if until.After(now) {
+			continue
 		}
-	}
-	r.mu.Unlock()
-	for _, jti := range gone {
 		if err := r.store.Update(store.BucketRevokedTokens, jti, func([]byte) ([]byte, error) { return nil, nil }); err != nil {
-			return 0, err
+			return n, err
 		}
+		delete(r.until, jti)
+		n++
 	}
-	return len(gone), nil
+	return n, nil
 }

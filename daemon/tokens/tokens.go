@@ -12,6 +12,9 @@ package tokens
 import (
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/sha512"
@@ -88,6 +91,16 @@ func NewKey(s *hsm.Signer, id hsm.KeyID) (*Key, error) {
 
 // VerifyKey makes a Key that only verifies.
 func VerifyKey(id hsm.KeyID, alg jose.SignatureAlgorithm, pub crypto.PublicKey) (*Key, error) {
+	fits := false
+	switch p := pub.(type) {
+	case *ecdsa.PublicKey:
+		fits = (alg == jose.ES256 && p.Curve == elliptic.P256()) || (alg == jose.ES384 && p.Curve == elliptic.P384())
+	case ed25519.PublicKey:
+		fits = alg == jose.EdDSA
+	}
+	if !fits {
+		return nil, fmt.Errorf("%w: a %T is not a key for %s", ErrInvalid, pub, alg)
+	}
 	jwk := jose.JSONWebKey{Key: pub}
 	tp, err := jwk.Thumbprint(crypto.SHA256)
 	if err != nil {
@@ -147,6 +160,12 @@ func (o opaque) ecdsa(digest []byte, h crypto.Hash, size int) ([]byte, error) {
 	if rest, err := asn1.Unmarshal(der, &rs); err != nil || len(rest) > 0 {
 		return nil, errors.New("tokens: the HSM's signature does not parse")
 	}
+	// One signature per token: s above n/2 is replaced by n−s, which
+	// verifies the same, and Verify accepts only the low form.
+	n := o.k.Public.(*ecdsa.PublicKey).Curve.Params().N
+	if rs.S.Cmp(new(big.Int).Rsh(n, 1)) > 0 {
+		rs.S.Sub(n, rs.S)
+	}
 	out := make([]byte, 2*size)
 	rs.R.FillBytes(out[:size])
 	rs.S.FillBytes(out[size:])
@@ -162,6 +181,8 @@ type Spec struct {
 	Scopes   []string
 	Custom   map[string]any // more claims; none of the registered names
 }
+
+var customName = regexp.MustCompile(`^[a-z][a-z0-9_]{0,63}$`)
 
 // reserved claim names that Custom may not set.
 var reserved = []string{"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope"}
@@ -184,9 +205,17 @@ func Mint(ctx context.Context, k *Key, s Spec, now time.Time) (*Minted, error) {
 	case s.TTL <= 0:
 		return nil, fmt.Errorf("%w: the lifetime must be positive", ErrInvalid)
 	}
+	for _, a := range s.Audience {
+		if a == "" {
+			return nil, fmt.Errorf("%w: an empty audience", ErrInvalid)
+		}
+	}
 	for name := range s.Custom {
-		if slices.Contains(reserved, name) {
-			return nil, fmt.Errorf("%w: custom claim %q is a registered claim keyward sets itself", ErrInvalid, name)
+		// Lower-case ASCII names only: other JSON decoders match names
+		// case-insensitively and by Unicode folding ("ſub" is "sub" to Go's
+		// encoding/json), so a look-alike could pass for a registered claim.
+		if !customName.MatchString(name) || slices.Contains(reserved, name) {
+			return nil, fmt.Errorf("%w: custom claim %q: use lower-case letters, digits and _, and none of %v", ErrInvalid, name, reserved)
 		}
 	}
 	id := make([]byte, 16)
@@ -243,13 +272,21 @@ var headerNames = []string{"alg", "kid", "typ"}
 // checkHeader reads the protected header before go-jose does and refuses
 // any parameter but alg, kid and typ.
 func checkHeader(token string) error {
-	parts := strings.Split(token, ".")
-	if len(parts) != 3 {
-		return fmt.Errorf("%w: not three dot-separated parts", ErrMalformed)
+	if !compactForm.MatchString(token) {
+		return fmt.Errorf("%w: not three dot-separated base64url parts", ErrMalformed)
 	}
-	raw, err := base64.RawURLEncoding.DecodeString(parts[0])
+	// One spelling per token: go-jose checks the signature over a new
+	// encoding of the decoded parts, so loose base64 (stray low bits, line
+	// breaks) would let one token be written many ways.
+	parts := strings.Split(token, ".")
+	for _, p := range parts[1:] {
+		if _, err := base64.RawURLEncoding.Strict().DecodeString(p); err != nil {
+			return fmt.Errorf("%w: a part is not canonical base64url", ErrMalformed)
+		}
+	}
+	raw, err := base64.RawURLEncoding.Strict().DecodeString(parts[0])
 	if err != nil {
-		return fmt.Errorf("%w: the header is not base64url", ErrMalformed)
+		return fmt.Errorf("%w: the header is not canonical base64url", ErrMalformed)
 	}
 	var h map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &h); err != nil {
@@ -270,6 +307,8 @@ func checkHeader(token string) error {
 	return nil
 }
 
+var compactForm = regexp.MustCompile(`^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$`)
+
 var kidForm = regexp.MustCompile(`^[A-Za-z0-9_-]{43}$`) // a base64url SHA-256 thumbprint
 
 // Verify checks a token for audience at time now, and says why it fails.
@@ -283,6 +322,9 @@ func (v *Verifier) Verify(token, audience string, now time.Time) (*Verified, err
 	}
 	if v.Leeway < 0 || v.Leeway > MaxLeeway {
 		return nil, fmt.Errorf("%w: leeway %v; at most %v", ErrInvalid, v.Leeway, MaxLeeway)
+	}
+	if v.Issuer == "" || audience == "" {
+		return nil, fmt.Errorf("%w: a verifier needs an issuer and an audience", ErrInvalid)
 	}
 	if err := checkHeader(token); err != nil {
 		return nil, err
@@ -308,6 +350,13 @@ func (v *Verifier) Verify(token, audience string, now time.Time) (*Verified, err
 	if jose.SignatureAlgorithm(h.Algorithm) != k.Alg {
 		return nil, fmt.Errorf("%w: key %s signs %s, the token says %s", ErrAlgorithm, k.KID, k.Alg, h.Algorithm)
 	}
+	if pub, ok := k.Public.(*ecdsa.PublicKey); ok {
+		sig, _ := base64.RawURLEncoding.Strict().DecodeString(token[strings.LastIndexByte(token, '.')+1:])
+		n := pub.Curve.Params().N
+		if len(sig)%2 != 0 || new(big.Int).SetBytes(sig[len(sig)/2:]).Cmp(new(big.Int).Rsh(n, 1)) > 0 {
+			return nil, fmt.Errorf("%w: not the low-S form keyward signs", ErrSignature)
+		}
+	}
 	var reg jwt.Claims
 	var extra map[string]any
 	if err := tok.Claims(k.Public, &reg, &extra); err != nil {
@@ -322,6 +371,8 @@ func (v *Verifier) Verify(token, audience string, now time.Time) (*Verified, err
 		return nil, fmt.Errorf("%w: aud", ErrMissing)
 	case reg.ID == "":
 		return nil, fmt.Errorf("%w: jti", ErrMissing)
+	case reg.Issuer == "":
+		return nil, fmt.Errorf("%w: iss", ErrMissing)
 	}
 	err = reg.ValidateWithLeeway(jwt.Expected{Issuer: v.Issuer, AnyAudience: jwt.Audience{audience}, Time: now}, v.Leeway)
 	switch {

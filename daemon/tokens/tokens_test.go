@@ -99,8 +99,19 @@ func TestMintAndVerify(t *testing.T) {
 	if k.KID != base64.RawURLEncoding.EncodeToString(sum[:]) {
 		t.Fatal("kid is not the RFC 7638 thumbprint")
 	}
-	if _, err := Mint(ctx, k, Spec{Issuer: "keyward", Subject: "s", Audience: []string{"a"}, TTL: time.Minute, Custom: map[string]any{"exp": 1}}, t0); !errors.Is(err, ErrInvalid) {
-		t.Fatalf("custom exp: %v", err)
+	for _, bad := range []Spec{
+		{Issuer: "keyward", Subject: "s", Audience: []string{"a"}, TTL: time.Minute, Custom: map[string]any{"exp": 1}},
+		{Issuer: "keyward", Subject: "s", Audience: []string{"a"}, TTL: time.Minute, Custom: map[string]any{"ſub": "root"}}, // "sub" to Go's encoding/json
+		{Issuer: "keyward", Subject: "s", Audience: []string{"a"}, TTL: time.Minute, Custom: map[string]any{"Sub": "root"}},
+		{Issuer: "keyward", Subject: "s", Audience: []string{""}, TTL: time.Minute},
+		{Issuer: "keyward", Subject: "s", Audience: []string{"a"}},
+	} {
+		if _, err := Mint(ctx, k, bad, t0); !errors.Is(err, ErrInvalid) {
+			t.Errorf("Mint(%+v) = %v, want ErrInvalid", bad, err)
+		}
+	}
+	if _, err := VerifyKey(k.ID, jose.ES384, k.Public); !errors.Is(err, ErrInvalid) {
+		t.Errorf("a P-256 key for ES384: %v", err)
 	}
 }
 
@@ -203,6 +214,15 @@ func TestVerifyRefuses(t *testing.T) {
 	}
 	raw, _ := base64.RawURLEncoding.DecodeString(parts[2])
 	der, _ := asn1.Marshal(struct{ R, S *big.Int }{new(big.Int).SetBytes(raw[:32]), new(big.Int).SetBytes(raw[32:])})
+	// The same signature with s replaced by n−s: valid ECDSA, but a second
+	// spelling of the token.
+	highS := make([]byte, 64)
+	copy(highS, raw[:32])
+	new(big.Int).Sub(elliptic.P256().Params().N, new(big.Int).SetBytes(raw[32:])).FillBytes(highS[32:])
+	// The payload with the unused low bits of its last character set.
+	loose := []byte(parts[1])
+	last := strings.IndexByte("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", loose[len(loose)-1])
+	loose[len(loose)-1] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[last|1]
 	es384Header := map[string]any{"alg": "ES384", "kid": k.KID, "typ": "JWT"}
 
 	for _, tc := range []struct {
@@ -231,6 +251,10 @@ func TestVerifyRefuses(t *testing.T) {
 		{"revoked jti", sign(t, k, with(map[string]any{"jti": "revoked-jti"}), nil), "orders", now, ErrRevoked},
 		{"DER signature", parts[0] + "." + parts[1] + "." + base64.RawURLEncoding.EncodeToString(der), "orders", now, ErrSignature},
 		{"changed claims", parts[0] + "." + b64(with(map[string]any{"sub": "root"})) + "." + parts[2], "orders", now, ErrSignature},
+		{"high-S signature", parts[0] + "." + parts[1] + "." + base64.RawURLEncoding.EncodeToString(highS), "orders", now, ErrSignature},
+		{"loose base64", parts[0] + "." + string(loose) + "." + parts[2], "orders", now, ErrMalformed},
+		{"a line break in a part", parts[0] + "." + parts[1][:10] + "\r\n" + parts[1][10:] + "." + parts[2], "orders", now, ErrMalformed},
+		{"missing iss", sign(t, k, with(map[string]any{"iss": nil}), nil), "orders", now, ErrMissing},
 		{"not a token", "abc", "orders", now, ErrMalformed},
 		{"too long", strings.Repeat("a", 9000), "orders", now, ErrMalformed},
 	} {
