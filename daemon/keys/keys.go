@@ -93,6 +93,59 @@ type Version struct {
 	// Reserved is how many encryptions under this version have been
 	// reserved in the store (AES-GCM keys only): an upper bound of those made.
 	Reserved uint64 `json:"reserved,omitempty"`
+
+	// The timeline of a signing key's version (signing keys only): it is
+	// published from Created, signs from ActivateAt until RetireAt (when the
+	// next version activates), and stays published until RemoveAt, so that
+	// tokens it signed verify until they expire. Zero RetireAt and RemoveAt:
+	// no next version yet.
+	ActivateAt time.Time `json:"activate_at,omitzero"`
+	RetireAt   time.Time `json:"retire_at,omitzero"`
+	RemoveAt   time.Time `json:"remove_at,omitzero"`
+}
+
+// Signing states of a version at a time.
+const (
+	SigningPending = "pending" // published, not signing yet
+	SigningActive  = "active"  // signing
+	SigningRetired = "retired" // published, not signing any more
+	SigningRemoved = "removed" // neither
+)
+
+// SigningState is where a signing key's version stands at t.
+func (v Version) SigningState(t time.Time) string {
+	switch {
+	case !v.RemoveAt.IsZero() && !t.Before(v.RemoveAt):
+		return SigningRemoved
+	case !v.RetireAt.IsZero() && !t.Before(v.RetireAt):
+		return SigningRetired
+	case t.Before(v.ActivateAt):
+		return SigningPending
+	}
+	return SigningActive
+}
+
+// Signing returns the version that signs at t, if any.
+func (k *Key) Signing(t time.Time) (Version, bool) {
+	for i := len(k.Versions) - 1; i >= 0; i-- {
+		if k.Versions[i].SigningState(t) == SigningActive {
+			return k.Versions[i], true
+		}
+	}
+	return Version{}, false
+}
+
+// Published returns the versions whose public keys are published at t:
+// pending, active and retired ones, from the minimum decryption version on
+// (raising it withdraws older versions at once, as after a compromise).
+func (k *Key) Published(t time.Time) []Version {
+	var out []Version
+	for _, v := range k.Versions {
+		if v.Number >= k.MinDecryptionVersion && v.SigningState(t) != SigningRemoved {
+			out = append(out, v)
+		}
+	}
+	return out
 }
 
 // Latest is the newest version's number.
@@ -132,6 +185,14 @@ type Options struct {
 	ReserveBlock uint64
 	// Now is the clock; default time.Now.
 	Now func() time.Time
+	// SignPrePublish is how long a new signing version is published before
+	// it signs, so that verifiers caching the JWKS see it first. Default
+	// 10 minutes.
+	SignPrePublish time.Duration
+	// SignKeepPublished is how long a retired signing version stays
+	// published: at least the longest token lifetime plus the verifiers'
+	// leeway. Default 1 hour and 1 minute.
+	SignKeepPublished time.Duration
 }
 
 // MaxEncryptionLimit leaves room below 2^32 for the encryptions of one
@@ -173,6 +234,12 @@ func New(s Store, h HSM, o Options) (*Manager, error) {
 	}
 	if o.Now == nil {
 		o.Now = time.Now
+	}
+	if o.SignPrePublish == 0 {
+		o.SignPrePublish = 10 * time.Minute
+	}
+	if o.SignKeepPublished == 0 {
+		o.SignKeepPublished = time.Hour + time.Minute
 	}
 	return &Manager{store: s, hsm: h, opt: o, locks: map[string]*sync.Mutex{}, counter: map[hsm.KeyID]*counter{}, cache: map[string]*Key{}}, nil
 }
@@ -295,6 +362,9 @@ func (m *Manager) Create(ctx context.Context, s Spec) (*Key, error) {
 	return m.update(s.Name, true, func(k *Key) error {
 		k.State, k.PendingVersion = Enabled, 0
 		k.Versions = []Version{{Number: 1, Created: now}}
+		if k.Purpose == Sign {
+			k.Versions[0].ActivateAt = now // the first version signs at once
+		}
 		return nil
 	})
 }
@@ -428,7 +498,18 @@ func (m *Manager) rotateLocked(ctx context.Context, name string) (*Key, error) {
 		if k.Latest()+1 != next {
 			return fmt.Errorf("keys: %q changed during rotation", name) // cannot happen under the lock
 		}
-		k.Versions = append(k.Versions, Version{Number: next, Created: m.opt.Now().UTC()})
+		now := m.opt.Now().UTC()
+		v := Version{Number: next, Created: now}
+		if k.Purpose == Sign {
+			// Published now, signing after the pre-publish time; the
+			// version signing until then retires at that moment and stays
+			// published while tokens it signed can still be valid.
+			v.ActivateAt = now.Add(m.opt.SignPrePublish)
+			prev := &k.Versions[len(k.Versions)-1]
+			prev.RetireAt = v.ActivateAt
+			prev.RemoveAt = v.ActivateAt.Add(m.opt.SignKeepPublished)
+		}
+		k.Versions = append(k.Versions, v)
 		k.PendingVersion = 0
 		return nil
 	})

@@ -3,6 +3,7 @@ package keys
 import (
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -383,5 +384,55 @@ func TestConcurrent(t *testing.T) {
 	k, _ := e.m.Get("kek")
 	if k.Latest() != 5 {
 		t.Fatalf("%d versions after 4 rotations", k.Latest())
+	}
+}
+
+// TestSigningTimeline: a new signing version is published before it signs;
+// the one before signs until then, and stays published while its tokens can
+// be valid. Exactly one version signs at any time.
+func TestSigningTimeline(t *testing.T) {
+	e := setup(t, Options{SignPrePublish: 10 * time.Minute, SignKeepPublished: time.Hour})
+	ctx := context.Background()
+	start := e.clock.Now()
+	k, err := e.m.Create(ctx, Spec{Name: "jwt", Purpose: Sign})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, ok := k.Signing(start); !ok || v.Number != 1 {
+		t.Fatal("the first version does not sign at once")
+	}
+	e.clock.Advance(time.Hour)
+	rot := e.clock.Now()
+	k, _ = e.m.Rotate(ctx, "jwt")
+	for _, tc := range []struct {
+		at        time.Time
+		signing   uint32
+		published []uint32
+	}{
+		{rot, 1, []uint32{1, 2}}, // v2 published, v1 still signs
+		{rot.Add(10*time.Minute - time.Second), 1, []uint32{1, 2}},
+		{rot.Add(10 * time.Minute), 2, []uint32{1, 2}}, // v2 signs, v1 retired but published
+		{rot.Add(70*time.Minute - time.Second), 2, []uint32{1, 2}},
+		{rot.Add(70 * time.Minute), 2, []uint32{2}}, // v1 removed
+	} {
+		v, ok := k.Signing(tc.at)
+		var pub []uint32
+		for _, p := range k.Published(tc.at) {
+			pub = append(pub, p.Number)
+		}
+		if !ok || v.Number != tc.signing || fmt.Sprint(pub) != fmt.Sprint(tc.published) {
+			t.Errorf("at rotation+%v: signing v%d, published %v; want v%d, %v", tc.at.Sub(rot), v.Number, pub, tc.signing, tc.published)
+		}
+	}
+	if got := k.Versions[0].SigningState(rot.Add(30 * time.Minute)); got != SigningRetired {
+		t.Errorf("v1 half an hour after rotation: %s", got)
+	}
+	if got := k.Versions[1].SigningState(rot); got != SigningPending {
+		t.Errorf("v2 at rotation: %s", got)
+	}
+	// Encryption keys have no timeline.
+	kek, _ := e.m.Create(ctx, Spec{Name: "kek", Purpose: Encrypt})
+	if !kek.Versions[0].ActivateAt.IsZero() {
+		t.Error("an encryption key has a signing timeline")
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"time"
 
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -48,8 +49,15 @@ func toKey(k *keys.Key) *keywardv1.Key {
 			out.Algorithm = a
 		}
 	}
+	ts := func(t time.Time) *timestamppb.Timestamp {
+		if t.IsZero() {
+			return nil
+		}
+		return timestamppb.New(t)
+	}
 	for _, v := range k.Versions {
-		out.Versions = append(out.Versions, &keywardv1.KeyVersion{Number: v.Number, CreateTime: timestamppb.New(v.Created)})
+		out.Versions = append(out.Versions, &keywardv1.KeyVersion{Number: v.Number, CreateTime: timestamppb.New(v.Created),
+			ActivateTime: ts(v.ActivateAt), RetireTime: ts(v.RetireAt), RemoveTime: ts(v.RemoveAt)})
 	}
 	if k.RotationPeriod > 0 {
 		out.RotationPeriod = durationpb.New(k.RotationPeriod)

@@ -327,9 +327,17 @@ func (x *Key) GetDeletionTime() *timestamppb.Timestamp {
 
 // KeyVersion is one version of a key.
 type KeyVersion struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Number        uint32                 `protobuf:"varint,1,opt,name=number,proto3" json:"number,omitempty"`
-	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Number uint32                 `protobuf:"varint,1,opt,name=number,proto3" json:"number,omitempty"`
+	// For a signing key, also when it was published (its public key appears in
+	// the JWKS).
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// Signing keys only: when the version starts signing (after a pre-publish
+	// time), when it stops (the next version starts), and when its public key
+	// leaves the JWKS (after the longest token lifetime plus leeway).
+	ActivateTime  *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=activate_time,json=activateTime,proto3" json:"activate_time,omitempty"`
+	RetireTime    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=retire_time,json=retireTime,proto3" json:"retire_time,omitempty"`
+	RemoveTime    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=remove_time,json=removeTime,proto3" json:"remove_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -374,6 +382,27 @@ func (x *KeyVersion) GetNumber() uint32 {
 func (x *KeyVersion) GetCreateTime() *timestamppb.Timestamp {
 	if x != nil {
 		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *KeyVersion) GetActivateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ActivateTime
+	}
+	return nil
+}
+
+func (x *KeyVersion) GetRetireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RetireTime
+	}
+	return nil
+}
+
+func (x *KeyVersion) GetRemoveTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RemoveTime
 	}
 	return nil
 }
@@ -1177,12 +1206,17 @@ const file_keys_proto_rawDesc = "" +
 	"\rdeletion_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\fdeletionTime\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"a\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9c\x02\n" +
 	"\n" +
 	"KeyVersion\x12\x16\n" +
 	"\x06number\x18\x01 \x01(\rR\x06number\x12;\n" +
 	"\vcreate_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"createTime\"\xd1\x02\n" +
+	"createTime\x12?\n" +
+	"\ractivate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\factivateTime\x12;\n" +
+	"\vretire_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"retireTime\x12;\n" +
+	"\vremove_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"removeTime\"\xd1\x02\n" +
 	"\x10CreateKeyRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x120\n" +
 	"\apurpose\x18\x02 \x01(\x0e2\x16.keyward.v1.KeyPurposeR\apurpose\x126\n" +
@@ -1304,41 +1338,44 @@ var file_keys_proto_depIdxs = []int32{
 	24, // 6: keyward.v1.Key.create_time:type_name -> google.protobuf.Timestamp
 	24, // 7: keyward.v1.Key.deletion_time:type_name -> google.protobuf.Timestamp
 	24, // 8: keyward.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	0,  // 9: keyward.v1.CreateKeyRequest.purpose:type_name -> keyward.v1.KeyPurpose
-	1,  // 10: keyward.v1.CreateKeyRequest.algorithm:type_name -> keyward.v1.KeyAlgorithm
-	23, // 11: keyward.v1.CreateKeyRequest.rotation_period:type_name -> google.protobuf.Duration
-	22, // 12: keyward.v1.CreateKeyRequest.labels:type_name -> keyward.v1.CreateKeyRequest.LabelsEntry
-	3,  // 13: keyward.v1.CreateKeyResponse.key:type_name -> keyward.v1.Key
-	3,  // 14: keyward.v1.GetKeyResponse.key:type_name -> keyward.v1.Key
-	3,  // 15: keyward.v1.ListKeysResponse.keys:type_name -> keyward.v1.Key
-	3,  // 16: keyward.v1.RotateKeyResponse.key:type_name -> keyward.v1.Key
-	2,  // 17: keyward.v1.SetKeyStateRequest.state:type_name -> keyward.v1.KeyState
-	3,  // 18: keyward.v1.SetKeyStateResponse.key:type_name -> keyward.v1.Key
-	3,  // 19: keyward.v1.SetMinDecryptionVersionResponse.key:type_name -> keyward.v1.Key
-	23, // 20: keyward.v1.ScheduleKeyDeletionRequest.waiting_period:type_name -> google.protobuf.Duration
-	3,  // 21: keyward.v1.ScheduleKeyDeletionResponse.key:type_name -> keyward.v1.Key
-	3,  // 22: keyward.v1.CancelKeyDeletionResponse.key:type_name -> keyward.v1.Key
-	5,  // 23: keyward.v1.KeyService.CreateKey:input_type -> keyward.v1.CreateKeyRequest
-	7,  // 24: keyward.v1.KeyService.GetKey:input_type -> keyward.v1.GetKeyRequest
-	9,  // 25: keyward.v1.KeyService.ListKeys:input_type -> keyward.v1.ListKeysRequest
-	11, // 26: keyward.v1.KeyService.RotateKey:input_type -> keyward.v1.RotateKeyRequest
-	13, // 27: keyward.v1.KeyService.SetKeyState:input_type -> keyward.v1.SetKeyStateRequest
-	15, // 28: keyward.v1.KeyService.SetMinDecryptionVersion:input_type -> keyward.v1.SetMinDecryptionVersionRequest
-	17, // 29: keyward.v1.KeyService.ScheduleKeyDeletion:input_type -> keyward.v1.ScheduleKeyDeletionRequest
-	19, // 30: keyward.v1.KeyService.CancelKeyDeletion:input_type -> keyward.v1.CancelKeyDeletionRequest
-	6,  // 31: keyward.v1.KeyService.CreateKey:output_type -> keyward.v1.CreateKeyResponse
-	8,  // 32: keyward.v1.KeyService.GetKey:output_type -> keyward.v1.GetKeyResponse
-	10, // 33: keyward.v1.KeyService.ListKeys:output_type -> keyward.v1.ListKeysResponse
-	12, // 34: keyward.v1.KeyService.RotateKey:output_type -> keyward.v1.RotateKeyResponse
-	14, // 35: keyward.v1.KeyService.SetKeyState:output_type -> keyward.v1.SetKeyStateResponse
-	16, // 36: keyward.v1.KeyService.SetMinDecryptionVersion:output_type -> keyward.v1.SetMinDecryptionVersionResponse
-	18, // 37: keyward.v1.KeyService.ScheduleKeyDeletion:output_type -> keyward.v1.ScheduleKeyDeletionResponse
-	20, // 38: keyward.v1.KeyService.CancelKeyDeletion:output_type -> keyward.v1.CancelKeyDeletionResponse
-	31, // [31:39] is the sub-list for method output_type
-	23, // [23:31] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	24, // 9: keyward.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
+	24, // 10: keyward.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
+	24, // 11: keyward.v1.KeyVersion.remove_time:type_name -> google.protobuf.Timestamp
+	0,  // 12: keyward.v1.CreateKeyRequest.purpose:type_name -> keyward.v1.KeyPurpose
+	1,  // 13: keyward.v1.CreateKeyRequest.algorithm:type_name -> keyward.v1.KeyAlgorithm
+	23, // 14: keyward.v1.CreateKeyRequest.rotation_period:type_name -> google.protobuf.Duration
+	22, // 15: keyward.v1.CreateKeyRequest.labels:type_name -> keyward.v1.CreateKeyRequest.LabelsEntry
+	3,  // 16: keyward.v1.CreateKeyResponse.key:type_name -> keyward.v1.Key
+	3,  // 17: keyward.v1.GetKeyResponse.key:type_name -> keyward.v1.Key
+	3,  // 18: keyward.v1.ListKeysResponse.keys:type_name -> keyward.v1.Key
+	3,  // 19: keyward.v1.RotateKeyResponse.key:type_name -> keyward.v1.Key
+	2,  // 20: keyward.v1.SetKeyStateRequest.state:type_name -> keyward.v1.KeyState
+	3,  // 21: keyward.v1.SetKeyStateResponse.key:type_name -> keyward.v1.Key
+	3,  // 22: keyward.v1.SetMinDecryptionVersionResponse.key:type_name -> keyward.v1.Key
+	23, // 23: keyward.v1.ScheduleKeyDeletionRequest.waiting_period:type_name -> google.protobuf.Duration
+	3,  // 24: keyward.v1.ScheduleKeyDeletionResponse.key:type_name -> keyward.v1.Key
+	3,  // 25: keyward.v1.CancelKeyDeletionResponse.key:type_name -> keyward.v1.Key
+	5,  // 26: keyward.v1.KeyService.CreateKey:input_type -> keyward.v1.CreateKeyRequest
+	7,  // 27: keyward.v1.KeyService.GetKey:input_type -> keyward.v1.GetKeyRequest
+	9,  // 28: keyward.v1.KeyService.ListKeys:input_type -> keyward.v1.ListKeysRequest
+	11, // 29: keyward.v1.KeyService.RotateKey:input_type -> keyward.v1.RotateKeyRequest
+	13, // 30: keyward.v1.KeyService.SetKeyState:input_type -> keyward.v1.SetKeyStateRequest
+	15, // 31: keyward.v1.KeyService.SetMinDecryptionVersion:input_type -> keyward.v1.SetMinDecryptionVersionRequest
+	17, // 32: keyward.v1.KeyService.ScheduleKeyDeletion:input_type -> keyward.v1.ScheduleKeyDeletionRequest
+	19, // 33: keyward.v1.KeyService.CancelKeyDeletion:input_type -> keyward.v1.CancelKeyDeletionRequest
+	6,  // 34: keyward.v1.KeyService.CreateKey:output_type -> keyward.v1.CreateKeyResponse
+	8,  // 35: keyward.v1.KeyService.GetKey:output_type -> keyward.v1.GetKeyResponse
+	10, // 36: keyward.v1.KeyService.ListKeys:output_type -> keyward.v1.ListKeysResponse
+	12, // 37: keyward.v1.KeyService.RotateKey:output_type -> keyward.v1.RotateKeyResponse
+	14, // 38: keyward.v1.KeyService.SetKeyState:output_type -> keyward.v1.SetKeyStateResponse
+	16, // 39: keyward.v1.KeyService.SetMinDecryptionVersion:output_type -> keyward.v1.SetMinDecryptionVersionResponse
+	18, // 40: keyward.v1.KeyService.ScheduleKeyDeletion:output_type -> keyward.v1.ScheduleKeyDeletionResponse
+	20, // 41: keyward.v1.KeyService.CancelKeyDeletion:output_type -> keyward.v1.CancelKeyDeletionResponse
+	34, // [34:42] is the sub-list for method output_type
+	26, // [26:34] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_keys_proto_init() }
