@@ -17,9 +17,11 @@ import (
 	"os/user"
 	"path"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -72,6 +74,18 @@ type selector struct {
 type role struct {
 	perms    []perm
 	maxBatch int
+	tokens   TokenGrant
+}
+
+// TokenGrant is what a caller may put in the tokens it mints: audience and
+// scope globs, custom claim names, the longest lifetime, and whether it may
+// name the subject (otherwise the subject is the caller's own identity).
+type TokenGrant struct {
+	Audiences  []string
+	Scopes     []string
+	Claims     []string
+	MaxTTL     time.Duration
+	AnySubject bool
 }
 
 type perm struct {
@@ -87,8 +101,17 @@ type file struct {
 }
 
 type roleSpec struct {
-	Permissions []permSpec `yaml:"permissions"`
-	MaxBatch    int        `yaml:"max_batch"`
+	Permissions []permSpec  `yaml:"permissions"`
+	MaxBatch    int         `yaml:"max_batch"`
+	Tokens      *tokensSpec `yaml:"tokens"`
+}
+
+type tokensSpec struct {
+	Audiences []lined[string] `yaml:"audiences"`
+	Scopes    []lined[string] `yaml:"scopes"`
+	Claims    []lined[string] `yaml:"claims"`
+	MaxTTL    lined[string]   `yaml:"max_ttl"`
+	Subject   lined[string]   `yaml:"subject"` // "self" (default) or "any"
 }
 
 type permSpec struct {
@@ -177,6 +200,13 @@ func parseRole(name string, rs roleSpec, ops []string) (*role, error) {
 		return nil, fmt.Errorf("policy: role %q: max_batch %d is negative", name, rs.MaxBatch)
 	}
 	r := &role{maxBatch: rs.MaxBatch}
+	if rs.Tokens != nil {
+		g, err := parseTokens(name, rs.Tokens)
+		if err != nil {
+			return nil, err
+		}
+		r.tokens = g
+	}
 	for _, ps := range rs.Permissions {
 		if len(ps.Operations) == 0 || len(ps.Keys) == 0 {
 			return nil, fmt.Errorf("policy: role %q: every permission needs operations and keys (use keys: [\"*\"] for all)", name)
@@ -197,6 +227,96 @@ func parseRole(name string, rs roleSpec, ops []string) (*role, error) {
 		r.perms = append(r.perms, pm)
 	}
 	return r, nil
+}
+
+var claimName = regexp.MustCompile(`^[a-z][a-z0-9_]{0,63}$`)
+
+func parseTokens(role string, ts *tokensSpec) (TokenGrant, error) {
+	var g TokenGrant
+	for _, set := range []struct {
+		from []lined[string]
+		to   *[]string
+		what string
+	}{{ts.Audiences, &g.Audiences, "audience"}, {ts.Scopes, &g.Scopes, "scope"}} {
+		for _, v := range set.from {
+			if _, err := path.Match(v.V, ""); err != nil || v.V == "" {
+				return g, fmt.Errorf("policy: line %d: %s pattern %q is not a valid glob", v.Line, set.what, v.V)
+			}
+			*set.to = append(*set.to, v.V)
+		}
+	}
+	for _, c := range ts.Claims {
+		if !claimName.MatchString(c.V) {
+			return g, fmt.Errorf("policy: line %d: claim name %q: use lower-case letters, digits and _", c.Line, c.V)
+		}
+		g.Claims = append(g.Claims, c.V)
+	}
+	if ts.MaxTTL.Set {
+		d, err := time.ParseDuration(ts.MaxTTL.V)
+		if err != nil || d <= 0 {
+			return g, fmt.Errorf("policy: line %d: max_ttl %q is not a positive duration such as 15m", ts.MaxTTL.Line, ts.MaxTTL.V)
+		}
+		g.MaxTTL = d
+	}
+	switch ts.Subject.V {
+	case "", "self":
+	case "any":
+		g.AnySubject = true
+	default:
+		return g, fmt.Errorf("policy: line %d: subject %q: use self or any", ts.Subject.Line, ts.Subject.V)
+	}
+	if len(g.Audiences) == 0 {
+		return g, fmt.Errorf("policy: role %q: tokens need at least one audience", role)
+	}
+	return g, nil
+}
+
+// Tokens is what the subject's roles together let it put in tokens: the
+// union of their audiences, scopes and claims, the longest max TTL, and any
+// subject if one of them allows it. A subject with no token grant gets the
+// zero TokenGrant, which allows no audience.
+func (p *Policy) Tokens(sub Subject) TokenGrant {
+	var g TokenGrant
+	for _, name := range p.Roles(sub) {
+		t := p.roles[name].tokens
+		g.Audiences = append(g.Audiences, t.Audiences...)
+		g.Scopes = append(g.Scopes, t.Scopes...)
+		g.Claims = append(g.Claims, t.Claims...)
+		g.MaxTTL = max(g.MaxTTL, t.MaxTTL)
+		g.AnySubject = g.AnySubject || t.AnySubject
+	}
+	return g
+}
+
+// Check says whether a token with these audiences, scopes, custom claim
+// names, lifetime and subject choice is within the grant, naming the first
+// thing that is not.
+func (g TokenGrant) Check(audiences, scopes, claims []string, ttl time.Duration, namesSubject bool) error {
+	match := func(globs []string, v string) bool {
+		return slices.ContainsFunc(globs, func(pat string) bool { ok, _ := path.Match(pat, v); return ok })
+	}
+	for _, a := range audiences {
+		if !match(g.Audiences, a) {
+			return &Denied{Op: fmt.Sprintf("a token for audience %q", a)}
+		}
+	}
+	for _, s := range scopes {
+		if !match(g.Scopes, s) {
+			return &Denied{Op: fmt.Sprintf("a token with scope %q", s)}
+		}
+	}
+	for _, c := range claims {
+		if !slices.Contains(g.Claims, c) {
+			return &Denied{Op: fmt.Sprintf("a token with claim %q", c)}
+		}
+	}
+	if g.MaxTTL > 0 && ttl > g.MaxTTL {
+		return &Denied{Op: fmt.Sprintf("a token living %v (at most %v)", ttl, g.MaxTTL)}
+	}
+	if namesSubject && !g.AnySubject {
+		return &Denied{Op: "a token with a subject of its choosing (it gets its own identity)"}
+	}
+	return nil
 }
 
 func knownOp(op string, ops []string) bool {

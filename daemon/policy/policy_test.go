@@ -5,6 +5,7 @@ import (
 	"os/user"
 	"strings"
 	"testing"
+	"time"
 )
 
 var ops = []string{
@@ -168,4 +169,86 @@ func FuzzParse(f *testing.F) {
 		_ = p.Allow(sub, "EnvelopeService.Decrypt", "billing-1")
 		_ = p.MaxBatch(sub, "EnvelopeService.Decrypt")
 	})
+}
+
+func TestTokenGrants(t *testing.T) {
+	const y = `
+version: 1
+roles:
+  web:
+    permissions:
+      - operations: [KeyService.ListKeys]
+        keys: ["*"]
+    tokens:
+      audiences: [orders, "billing-*"]
+      scopes: ["orders:read", "orders:list:*"]
+      claims: [tenant]
+      max_ttl: 15m
+  impersonator:
+    permissions:
+      - operations: [KeyService.ListKeys]
+        keys: ["*"]
+    tokens:
+      audiences: [admin]
+      max_ttl: 1h
+      subject: any
+bindings:
+  - role: web
+    callers:
+      - uid: 1000
+  - role: impersonator
+    callers:
+      - uid: 2000
+      - uid: 1000
+        gid: 77
+`
+	p, err := Parse([]byte(y), ops)
+	if err != nil {
+		t.Fatal(err)
+	}
+	web := p.Tokens(Subject{UID: 1000, GIDs: []uint32{1000}})
+	both := p.Tokens(Subject{UID: 1000, GIDs: []uint32{1000, 77}})
+	none := p.Tokens(Subject{UID: 3000, GIDs: []uint32{3000}})
+	for _, tc := range []struct {
+		name    string
+		g       TokenGrant
+		aud     []string
+		scopes  []string
+		claims  []string
+		ttl     time.Duration
+		subject bool
+		deny    string
+	}{
+		{"within", web, []string{"orders", "billing-eu"}, []string{"orders:read", "orders:list:all"}, []string{"tenant"}, 10 * time.Minute, false, ""},
+		{"other audience", web, []string{"admin"}, nil, nil, time.Minute, false, `audience "admin"`},
+		{"other scope", web, []string{"orders"}, []string{"orders:write"}, nil, time.Minute, false, `scope "orders:write"`},
+		{"other claim", web, []string{"orders"}, nil, []string{"role"}, time.Minute, false, `claim "role"`},
+		{"too long", web, []string{"orders"}, nil, nil, 16 * time.Minute, false, "at most 15m0s"},
+		{"names a subject", web, []string{"orders"}, nil, nil, time.Minute, true, "subject of its choosing"},
+		{"two roles together", both, []string{"orders", "admin"}, nil, nil, 59 * time.Minute, true, ""},
+		{"no grant at all", none, []string{"orders"}, nil, nil, time.Minute, false, `audience "orders"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.g.Check(tc.aud, tc.scopes, tc.claims, tc.ttl, tc.subject)
+			if tc.deny == "" && err != nil {
+				t.Fatalf("denied: %v", err)
+			}
+			if tc.deny != "" && (!errors.Is(err, ErrDenied) || !strings.Contains(err.Error(), tc.deny)) {
+				t.Fatalf("got %v, want a denial about %s", err, tc.deny)
+			}
+		})
+	}
+	role := "version: 1\nroles:\n  r:\n    permissions:\n      - operations: [KeyService.ListKeys]\n        keys: [\"*\"]\n    tokens:\n"
+	for _, tc := range []struct{ yaml, want string }{
+		{role + "      audiences: [\"[\"]\n", "line 8: audience pattern"},
+		{role + "      audiences: [a]\n      claims: [Sub]\n", "line 9: claim name \"Sub\""},
+		{role + "      audiences: [a]\n      max_ttl: forever\n", "line 9: max_ttl \"forever\""},
+		{role + "      audiences: [a]\n      subject: root\n", "line 9: subject \"root\""},
+		{role + "      scopes: [a]\n", "at least one audience"},
+		{role + "      audiences: [a]\n      audience: [b]\n", "field audience not found"},
+	} {
+		if _, err := Parse([]byte(tc.yaml), ops); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("got %v, want an error containing %q", err, tc.want)
+		}
+	}
 }
