@@ -12,9 +12,11 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/daemon/socket"
 	"github.com/keyward/keyward/hsm"
 )
@@ -39,6 +41,13 @@ type Config struct {
 	PolicyFile string `yaml:"policy_file"`
 	AuditFile  string `yaml:"audit_file"` // default DATA_DIR/audit.log
 	MaxBatch   int    `yaml:"max_batch"`  // default 100
+	Tokens     struct {
+		Issuer     string        `yaml:"issuer"`      // iss of every token; default "keyward"
+		DefaultTTL time.Duration `yaml:"default_ttl"` // default 5m
+		MaxTTL     time.Duration `yaml:"max_ttl"`     // the ceiling; default 1h
+		Leeway     time.Duration `yaml:"leeway"`      // default 30s, at most 60s
+		PrePublish time.Duration `yaml:"pre_publish"` // a new signing version's time in the JWKS before it signs; default 10m
+	} `yaml:"tokens"`
 }
 
 // LoadConfig reads a configuration file strictly: unknown fields are errors
@@ -74,6 +83,12 @@ func (c *Config) check() error {
 	if c.MaxBatch < 0 {
 		errs = append(errs, errors.New("max_batch must not be negative"))
 	}
+	if c.Tokens.Leeway < 0 || c.Tokens.Leeway > time.Minute {
+		errs = append(errs, errors.New("tokens.leeway must be from 0 to 60s"))
+	}
+	if c.Tokens.DefaultTTL < 0 || c.Tokens.MaxTTL < 0 || c.Tokens.PrePublish < 0 || (c.Tokens.MaxTTL > 0 && c.Tokens.DefaultTTL > c.Tokens.MaxTTL) {
+		errs = append(errs, errors.New("tokens: durations must be positive, and default_ttl at most max_ttl"))
+	}
 	if len(errs) > 0 {
 		return fmt.Errorf("config: %w", errors.Join(errs...))
 	}
@@ -104,4 +119,13 @@ func (c *Config) auditPath() string {
 		return c.AuditFile
 	}
 	return filepath.Join(c.DataDir, "audit.log")
+}
+
+// tokenConfig is the server's token configuration, with its defaults.
+func (c *Config) tokenConfig() server.TokenConfig {
+	t := server.TokenConfig{Issuer: c.Tokens.Issuer, DefaultTTL: c.Tokens.DefaultTTL, MaxTTL: c.Tokens.MaxTTL, Leeway: c.Tokens.Leeway}
+	if t.MaxTTL == 0 {
+		t.MaxTTL = time.Hour
+	}
+	return t
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/daemon/socket"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/tokens"
 	"github.com/keyward/keyward/hsm"
 )
 
@@ -88,7 +89,13 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		os.Unsetenv(cfg.HSM.PINEnv) // read; no child or later reader needs it
 	}
 
-	km, err := keys.New(st, h, keys.Options{})
+	tc := cfg.tokenConfig()
+	km, err := keys.New(st, h, keys.Options{
+		SignPrePublish: cfg.Tokens.PrePublish,
+		// A retired signing version stays published while tokens it
+		// signed can be valid: the longest lifetime plus the most leeway.
+		SignKeepPublished: tc.MaxTTL + tokens.MaxLeeway,
+	})
 	if err != nil {
 		return err
 	}
@@ -107,14 +114,33 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	if err != nil {
 		return err
 	}
+	revoked, err := tokens.LoadRevoked(st, time.Now())
+	if err != nil {
+		return err
+	}
 	srv, gs := server.New(server.Config{
 		HSM: h, Store: st, Keys: km, Envelope: envelope.New(km, h), Audit: al, Policy: pol,
 		MaxBatch: cfg.MaxBatch, Version: o.Version, HealthEvery: o.HealthEvery,
+		Tokens: tc, Revoked: revoked,
 	})
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	go srv.WatchHealth(bg)
 	go sweepDeletions(bg, km, al, log)
+	go func() {
+		t := time.NewTicker(time.Hour)
+		defer t.Stop()
+		for {
+			select {
+			case <-bg.Done():
+				return
+			case <-t.C:
+				if _, err := revoked.Sweep(time.Now()); err != nil {
+					log.Error("forgetting expired token revocations failed", "error", err.Error())
+				}
+			}
+		}
+	}()
 	go func() {
 		for {
 			select {

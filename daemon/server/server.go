@@ -28,13 +28,14 @@ import (
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/policy"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/tokens"
 	"github.com/keyward/keyward/hsm"
 )
 
 // Ops lists every operation name the policy may grant, "Service.Method".
 func Ops() []string {
 	var ops []string
-	for _, sd := range []grpc.ServiceDesc{keywardv1.KeyService_ServiceDesc, keywardv1.EnvelopeService_ServiceDesc, keywardv1.StatusService_ServiceDesc} {
+	for _, sd := range []grpc.ServiceDesc{keywardv1.KeyService_ServiceDesc, keywardv1.EnvelopeService_ServiceDesc, keywardv1.StatusService_ServiceDesc, keywardv1.TokenService_ServiceDesc} {
 		svc := sd.ServiceName[strings.LastIndexByte(sd.ServiceName, '.')+1:]
 		for _, m := range sd.Methods {
 			ops = append(ops, svc+"."+m.MethodName)
@@ -70,6 +71,9 @@ type Config struct {
 	Version string
 	// HealthEvery is how often the HSM's health is checked. Default 5 s.
 	HealthEvery time.Duration
+	// Tokens configures the TokenService; Revoked holds its revocations.
+	Tokens  TokenConfig
+	Revoked *tokens.Revoked
 }
 
 // Server serves keyward.v1.
@@ -79,10 +83,12 @@ type Server struct {
 	health *health.Server
 	start  time.Time
 	hsmErr atomic.Pointer[error] // the last health check's error; nil when healthy
+	tkeys  tokenKeys
 
 	keywardv1.UnimplementedKeyServiceServer
 	keywardv1.UnimplementedEnvelopeServiceServer
 	keywardv1.UnimplementedStatusServiceServer
+	keywardv1.UnimplementedTokenServiceServer
 }
 
 // New makes the server and the grpc.Server that serves it.
@@ -96,7 +102,8 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	if cfg.HealthEvery <= 0 {
 		cfg.HealthEvery = 5 * time.Second
 	}
-	s := &Server{cfg: cfg, health: health.NewServer(), start: time.Now()}
+	cfg.Tokens.defaults()
+	s := &Server{cfg: cfg, health: health.NewServer(), start: time.Now(), tkeys: tokenKeys{m: map[hsm.KeyID]*tokens.Key{}}}
 	s.policy.Store(cfg.Policy)
 	gs := grpc.NewServer(
 		grpc.Creds(&peerCreds{resolver: identity.NewResolver(), open: new(atomic.Int64)}),
@@ -109,6 +116,7 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	keywardv1.RegisterKeyServiceServer(gs, s)
 	keywardv1.RegisterEnvelopeServiceServer(gs, s)
 	keywardv1.RegisterStatusServiceServer(gs, s)
+	keywardv1.RegisterTokenServiceServer(gs, s)
 	healthpb.RegisterHealthServer(gs, s.health)
 	reflection.Register(gs)
 	return s, gs
@@ -144,7 +152,7 @@ func (s *Server) checkHealth(ctx context.Context) {
 		s.hsmErr.Store(nil)
 	}
 	s.health.SetServingStatus("", st)
-	for _, name := range []string{keywardv1.KeyService_ServiceDesc.ServiceName, keywardv1.EnvelopeService_ServiceDesc.ServiceName, keywardv1.StatusService_ServiceDesc.ServiceName} {
+	for _, name := range []string{keywardv1.KeyService_ServiceDesc.ServiceName, keywardv1.EnvelopeService_ServiceDesc.ServiceName, keywardv1.StatusService_ServiceDesc.ServiceName, keywardv1.TokenService_ServiceDesc.ServiceName} {
 		s.health.SetServingStatus(name, st)
 	}
 }
@@ -180,6 +188,7 @@ func callFrom(ctx context.Context) *call { return ctx.Value(callKey{}).(*call) }
 var sensitive = map[string]bool{
 	"EnvelopeService.GenerateDataKey": true, "EnvelopeService.Decrypt": true,
 	"EnvelopeService.BatchGenerateDataKey": true, "EnvelopeService.BatchDecrypt": true,
+	"TokenService.MintToken": true,
 }
 
 // intercept identifies the caller, runs the handler, audits the call, and

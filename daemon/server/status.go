@@ -12,6 +12,7 @@ import (
 	"github.com/keyward/keyward/daemon/identity"
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/policy"
+	"github.com/keyward/keyward/daemon/tokens"
 	"github.com/keyward/keyward/hsm"
 )
 
@@ -40,6 +41,7 @@ var codeOf = []struct {
 	{envelope.ErrInvalid, codes.InvalidArgument},
 	{envelope.ErrTooLarge, codes.ResourceExhausted},
 	{errInvalid, codes.InvalidArgument},
+	{tokens.ErrInvalid, codes.InvalidArgument},
 	{audit.ErrUnavailable, codes.Unavailable},
 	{hsm.ErrTokenUnavailable, codes.Unavailable},
 	{hsm.ErrBusy, codes.Unavailable},

@@ -261,6 +261,7 @@ type Verified struct {
 	Scopes []string
 	Custom map[string]any
 	KID    string
+	Key    hsm.KeyID // the signing key version
 }
 
 // headerNames are the only header parameters a keyward token has. Any other
@@ -313,6 +314,19 @@ var kidForm = regexp.MustCompile(`^[A-Za-z0-9_-]{43}$`) // a base64url SHA-256 t
 
 // Verify checks a token for audience at time now, and says why it fails.
 func (v *Verifier) Verify(token, audience string, now time.Time) (*Verified, error) {
+	if audience == "" {
+		return nil, fmt.Errorf("%w: a verifier needs an audience", ErrInvalid)
+	}
+	return v.verify(token, audience, now)
+}
+
+// Own checks that a token is one of the verifier's keys' own and still
+// valid at now, for whatever audience: for revoking it.
+func (v *Verifier) Own(token string, now time.Time) (*Verified, error) {
+	return v.verify(token, "", now)
+}
+
+func (v *Verifier) verify(token, audience string, now time.Time) (*Verified, error) {
 	maxBytes := v.MaxBytes
 	if maxBytes == 0 {
 		maxBytes = 8 << 10
@@ -323,8 +337,8 @@ func (v *Verifier) Verify(token, audience string, now time.Time) (*Verified, err
 	if v.Leeway < 0 || v.Leeway > MaxLeeway {
 		return nil, fmt.Errorf("%w: leeway %v; at most %v", ErrInvalid, v.Leeway, MaxLeeway)
 	}
-	if v.Issuer == "" || audience == "" {
-		return nil, fmt.Errorf("%w: a verifier needs an issuer and an audience", ErrInvalid)
+	if v.Issuer == "" {
+		return nil, fmt.Errorf("%w: a verifier needs an issuer", ErrInvalid)
 	}
 	if err := checkHeader(token); err != nil {
 		return nil, err
@@ -374,7 +388,11 @@ func (v *Verifier) Verify(token, audience string, now time.Time) (*Verified, err
 	case reg.Issuer == "":
 		return nil, fmt.Errorf("%w: iss", ErrMissing)
 	}
-	err = reg.ValidateWithLeeway(jwt.Expected{Issuer: v.Issuer, AnyAudience: jwt.Audience{audience}, Time: now}, v.Leeway)
+	want := jwt.Expected{Issuer: v.Issuer, Time: now}
+	if audience != "" {
+		want.AnyAudience = jwt.Audience{audience}
+	}
+	err = reg.ValidateWithLeeway(want, v.Leeway)
 	switch {
 	case errors.Is(err, jwt.ErrExpired):
 		return nil, fmt.Errorf("%w: at %s", ErrExpired, reg.Expiry.Time().UTC().Format(time.RFC3339))
@@ -392,7 +410,7 @@ func (v *Verifier) Verify(token, audience string, now time.Time) (*Verified, err
 	if v.Revoked != nil && v.Revoked(reg.ID) {
 		return nil, fmt.Errorf("%w: jti %s", ErrRevoked, reg.ID)
 	}
-	out := &Verified{Claims: reg, KID: k.KID, Custom: map[string]any{}}
+	out := &Verified{Claims: reg, KID: k.KID, Key: k.ID, Custom: map[string]any{}}
 	for name, val := range extra {
 		if name == "scope" {
 			if list, ok := val.([]any); ok {
