@@ -189,3 +189,43 @@ func TestCLIDenied(t *testing.T) {
 		t.Fatalf("denied: %+v", r)
 	}
 }
+
+// TestCLITokens: mint, verify, revoke and the JWKS through the CLI; the
+// token goes through standard input, never an argument.
+func TestCLITokens(t *testing.T) {
+	_, cfg, _ := daemonFor(t, "      - operations: [\"TokenService.*\", \"KeyService.*\"]\n        keys: [\"*\"]\n    tokens:\n      audiences: [orders]\n      claims: [tenant]")
+	sock := cfg.Socket.Path
+	ok := func(r result) result {
+		t.Helper()
+		if r.code != 0 {
+			t.Fatalf("exit %d: %s", r.code, r.stderr)
+		}
+		return r
+	}
+	ok(keyward(t, sock, "", "key", "create", "-name", "jwt", "-purpose", "sign", "-algorithm", "ed25519"))
+	tok := strings.TrimSpace(ok(keyward(t, sock, "", "token", "mint", "-key", "jwt", "-audience", "orders", "-claim", "tenant=42")).stdout)
+	if strings.Count(tok, ".") != 2 {
+		t.Fatalf("minted %q", tok)
+	}
+	r := ok(keyward(t, sock, tok, "token", "verify", "-audience", "orders"))
+	if !strings.Contains(r.stdout, "valid: sub uid:") {
+		t.Fatalf("verify: %s", r.stdout)
+	}
+	if r := keyward(t, sock, tok, "token", "verify", "-audience", "billing"); r.code != exitError || !strings.Contains(r.stderr, "wrong audience") {
+		t.Fatalf("verify for another audience: %+v", r)
+	}
+	if r := ok(keyward(t, sock, "", "token", "jwks")); !strings.Contains(r.stdout, `"alg":"EdDSA"`) {
+		t.Fatalf("jwks: %s", r.stdout)
+	}
+	ok(keyward(t, sock, tok, "token", "revoke"))
+	if r := keyward(t, sock, tok, "token", "verify", "-audience", "orders"); r.code != exitError || !strings.Contains(r.stderr, "revoked") {
+		t.Fatalf("verify after revoke: %+v", r)
+	}
+	if r := keyward(t, sock, "", "token", "mint", "-key", "jwt", "-audience", "admin"); r.code != exitDenied {
+		t.Fatalf("mint beyond the grant: %+v", r)
+	}
+	ok(keyward(t, sock, "", "signing-key", "rotate", "-name", "jwt"))
+	if r := ok(keyward(t, sock, "", "signing-key", "list")); !strings.Contains(r.stdout, "v1  active") || !strings.Contains(r.stdout, "v2  pending") {
+		t.Fatalf("signing-key list:\n%s", r.stdout)
+	}
+}

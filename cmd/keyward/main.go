@@ -31,6 +31,11 @@ envelope encryption (applications):
   encrypt -key K [-context k=v]... [-in FILE] [-out FILE]
   decrypt [-context k=v]... [-in FILE] [-out FILE]
   reencrypt [-context k=v]... [-to-key K] [-in FILE] [-out FILE]
+short-lived tokens:
+  token mint -key K -audience A... [-scope S]... [-claim k=v]... [-ttl 5m] [-subject S]
+  token verify -audience A [-in FILE]      (the token on standard input)
+  token revoke [-in FILE] | token jwks
+  signing-key list | signing-key rotate -name K
 daemon and files:
   status
   audit verify FILE [-module PATH -token LABEL -pin-file FILE]
@@ -123,6 +128,10 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		err = datakeyCommand(e, rest)
 	case cmd == "encrypt", cmd == "decrypt", cmd == "reencrypt":
 		err = cryptCommand(e, cmd, rest)
+	case cmd == "token" && len(rest) > 0:
+		err = tokenCommand(e, rest[0], rest[1:])
+	case cmd == "signing-key" && len(rest) > 0:
+		err = signingKeyCommand(e, rest[0], rest[1:])
 	case cmd == "audit" && len(rest) > 0 && rest[0] == "verify":
 		err = auditVerify(e, rest[1:])
 	default:

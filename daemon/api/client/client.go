@@ -47,6 +47,7 @@ type Client struct {
 	Keys     keywardv1.KeyServiceClient
 	Envelope keywardv1.EnvelopeServiceClient
 	Status   keywardv1.StatusServiceClient
+	Tokens   keywardv1.TokenServiceClient
 }
 
 // Dial connects to keywardd's socket (see SocketPath). The connection is
@@ -63,11 +64,15 @@ func Dial(path string) (*Client, error) {
 		return nil, fmt.Errorf("keyward: %w", err)
 	}
 	return &Client{conn: conn, Keys: keywardv1.NewKeyServiceClient(conn),
-		Envelope: keywardv1.NewEnvelopeServiceClient(conn), Status: keywardv1.NewStatusServiceClient(conn)}, nil
+		Envelope: keywardv1.NewEnvelopeServiceClient(conn), Status: keywardv1.NewStatusServiceClient(conn),
+		Tokens: keywardv1.NewTokenServiceClient(conn)}, nil
 }
 
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }
+
+// Conn is the connection, for the generated clients of other services.
+func (c *Client) Conn() *grpc.ClientConn { return c.conn }
 
 // Errors to match with errors.Is; every error from this package's helpers is
 // an *Error matching one of them.
