@@ -47,6 +47,7 @@ type Config struct {
 		MaxTTL     time.Duration `yaml:"max_ttl"`     // the ceiling; default 1h
 		Leeway     time.Duration `yaml:"leeway"`      // default 30s, at most 60s
 		PrePublish time.Duration `yaml:"pre_publish"` // a new signing version's time in the JWKS before it signs; default 10m
+		NoCache    bool          `yaml:"no_cache"`    // mint a new token every time, even for identical requests
 	} `yaml:"tokens"`
 }
 
@@ -123,7 +124,7 @@ func (c *Config) auditPath() string {
 
 // tokenConfig is the server's token configuration, with its defaults.
 func (c *Config) tokenConfig() server.TokenConfig {
-	t := server.TokenConfig{Issuer: c.Tokens.Issuer, DefaultTTL: c.Tokens.DefaultTTL, MaxTTL: c.Tokens.MaxTTL, Leeway: c.Tokens.Leeway}
+	t := server.TokenConfig{Issuer: c.Tokens.Issuer, DefaultTTL: c.Tokens.DefaultTTL, MaxTTL: c.Tokens.MaxTTL, Leeway: c.Tokens.Leeway, NoCache: c.Tokens.NoCache}
 	if t.MaxTTL == 0 {
 		t.MaxTTL = time.Hour
 	}

@@ -64,6 +64,22 @@ func TestTokenService(t *testing.T) {
 		t.Fatalf("another audience: %v", v)
 	}
 
+	// The same request again is served from the cache (half the lifetime),
+	// a different one is not, and a revoked token is never served again.
+	again, _ := tc.MintToken(ctx, &keywardv1.MintTokenRequest{KeyName: "jwt", Audiences: []string{"orders"}, Scopes: []string{"orders:read"}, Claims: claims})
+	other, _ := tc.MintToken(ctx, &keywardv1.MintTokenRequest{KeyName: "jwt", Audiences: []string{"orders"}})
+	if again.GetToken() != m.Token || other.GetToken() == m.Token {
+		t.Fatal("the mint cache did not reuse an identical request's token, or reused it for another")
+	}
+	cached, _ := tc.MintToken(ctx, &keywardv1.MintTokenRequest{KeyName: "jwt", Audiences: []string{"orders"}, Scopes: []string{"orders:write"}})
+	if _, err := tc.RevokeToken(ctx, &keywardv1.RevokeTokenRequest{Token: cached.Token}); err != nil {
+		t.Fatal(err)
+	}
+	fresh, _ := tc.MintToken(ctx, &keywardv1.MintTokenRequest{KeyName: "jwt", Audiences: []string{"orders"}, Scopes: []string{"orders:write"}})
+	if fresh.GetToken() == cached.Token {
+		t.Fatal("the mint cache served a revoked token")
+	}
+
 	// Independent verification against the JWKS.
 	jr, err := tc.GetJWKS(ctx, &keywardv1.GetJWKSRequest{})
 	if err != nil {

@@ -84,6 +84,7 @@ type Server struct {
 	start  time.Time
 	hsmErr atomic.Pointer[error] // the last health check's error; nil when healthy
 	tkeys  tokenKeys
+	mints  mintCache
 
 	keywardv1.UnimplementedKeyServiceServer
 	keywardv1.UnimplementedEnvelopeServiceServer
@@ -103,7 +104,8 @@ func New(cfg Config) (*Server, *grpc.Server) {
 		cfg.HealthEvery = 5 * time.Second
 	}
 	cfg.Tokens.defaults()
-	s := &Server{cfg: cfg, health: health.NewServer(), start: time.Now(), tkeys: tokenKeys{m: map[hsm.KeyID]*tokens.Key{}}}
+	s := &Server{cfg: cfg, health: health.NewServer(), start: time.Now(), tkeys: tokenKeys{m: map[hsm.KeyID]*tokens.Key{}},
+		mints: mintCache{m: map[string]mintEntry{}}}
 	s.policy.Store(cfg.Policy)
 	gs := grpc.NewServer(
 		grpc.Creds(&peerCreds{resolver: identity.NewResolver(), open: new(atomic.Int64)}),

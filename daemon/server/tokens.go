@@ -24,6 +24,50 @@ type TokenConfig struct {
 	DefaultTTL time.Duration // default 5 minutes
 	MaxTTL     time.Duration // the ceiling, whatever a role allows; default 1 hour
 	Leeway     time.Duration // clock skew Verify allows; default 30 s, at most 60 s
+	// NoCache turns off reusing a token for repeated identical mints by the
+	// same caller (see mintCache).
+	NoCache bool
+}
+
+// mintCache lets a busy client that asks for the same token again and again
+// (same caller, key, audiences, scopes, claims, lifetime, subject) get the
+// one it got before, until half its lifetime has passed, instead of an HSM
+// signature each time. Only after every check of the call (policy, grant,
+// key state) and never for a revoked token. Bounded: it is emptied when full.
+type mintCache struct {
+	mu sync.Mutex
+	m  map[string]mintEntry
+}
+
+type mintEntry struct {
+	resp    *keywardv1.MintTokenResponse
+	minted  time.Time
+	reuseTo time.Time
+}
+
+const mintCacheMax = 10000
+
+func (c *mintCache) get(key string, now time.Time) *keywardv1.MintTokenResponse {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[key]
+	if !ok {
+		return nil
+	}
+	if !now.Before(e.reuseTo) {
+		delete(c.m, key)
+		return nil
+	}
+	return e.resp
+}
+
+func (c *mintCache) put(key string, r *keywardv1.MintTokenResponse, now time.Time, ttl time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.m) >= mintCacheMax {
+		clear(c.m)
+	}
+	c.m[key] = mintEntry{resp: r, minted: now, reuseTo: now.Add(ttl / 2)}
 }
 
 func (c *TokenConfig) defaults() {
@@ -125,6 +169,14 @@ func (s *Server) MintToken(ctx context.Context, r *keywardv1.MintTokenRequest) (
 	}
 	id := hsm.KeyID{Name: k.Name, Version: v.Number}
 	c.version = id.Version
+	var cacheKey string
+	if !s.cfg.Tokens.NoCache {
+		ck, _ := json.Marshal([]any{c.caller.UID, c.caller.GID, c.caller.ExeSHA256, id, r.GetAudiences(), r.GetScopes(), custom, ttl, sub})
+		cacheKey = string(ck)
+		if hit := s.mints.get(cacheKey, now); hit != nil && !s.cfg.Revoked.Is(hit.GetTokenId()) {
+			return hit, nil
+		}
+	}
 	tk, err := s.tokenKey(ctx, id)
 	if err != nil {
 		return nil, err
@@ -134,8 +186,12 @@ func (s *Server) MintToken(ctx context.Context, r *keywardv1.MintTokenRequest) (
 	if err != nil {
 		return nil, err
 	}
-	return &keywardv1.MintTokenResponse{Token: m.Token, TokenId: m.ID, ExpireTime: timestamppb.New(m.Expires),
-		KeyName: id.Name, KeyVersion: id.Version, Kid: m.KID}, nil
+	resp := &keywardv1.MintTokenResponse{Token: m.Token, TokenId: m.ID, ExpireTime: timestamppb.New(m.Expires),
+		KeyName: id.Name, KeyVersion: id.Version, Kid: m.KID}
+	if cacheKey != "" {
+		s.mints.put(cacheKey, resp, now, ttl)
+	}
+	return resp, nil
 }
 
 // published returns the tokens.Keys of every published signing key version.
