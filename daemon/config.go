@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -48,6 +49,15 @@ type Config struct {
 		Leeway     time.Duration `yaml:"leeway"`      // default 30s, at most 60s
 		PrePublish time.Duration `yaml:"pre_publish"` // a new signing version's time in the JWKS before it signs; default 10m
 		NoCache    bool          `yaml:"no_cache"`    // mint a new token every time, even for identical requests
+		// HTTP serves /.well-known/jwks.json and openid-configuration to
+		// verifiers elsewhere; off unless address is set. An address that is
+		// not loopback needs a TLS certificate (TLS 1.3 only).
+		HTTP struct {
+			Address string `yaml:"address"` // e.g. 127.0.0.1:8642
+			TLSCert string `yaml:"tls_cert"`
+			TLSKey  string `yaml:"tls_key"`
+			BaseURL string `yaml:"base_url"` // how verifiers reach it; default from the address
+		} `yaml:"http"`
 	} `yaml:"tokens"`
 }
 
@@ -89,6 +99,16 @@ func (c *Config) check() error {
 	}
 	if c.Tokens.DefaultTTL < 0 || c.Tokens.MaxTTL < 0 || c.Tokens.PrePublish < 0 || (c.Tokens.MaxTTL > 0 && c.Tokens.DefaultTTL > c.Tokens.MaxTTL) {
 		errs = append(errs, errors.New("tokens: durations must be positive, and default_ttl at most max_ttl"))
+	}
+	if a := c.Tokens.HTTP.Address; a != "" {
+		host, _, err := net.SplitHostPort(a)
+		ip := net.ParseIP(host)
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("tokens.http.address %q: %v", a, err))
+		case (ip == nil || !ip.IsLoopback()) && (c.Tokens.HTTP.TLSCert == "" || c.Tokens.HTTP.TLSKey == ""):
+			errs = append(errs, fmt.Errorf("tokens.http.address %q is not loopback: set tls_cert and tls_key (it serves TLS 1.3 only)", a))
+		}
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("config: %w", errors.Join(errs...))

@@ -99,6 +99,26 @@ func (in *instance) run() {
 	in.conn = conn
 }
 
+// runOnce runs keywardd until it fails to start or is ready, and stops it:
+// for configurations that must be refused.
+func runOnce(in *instance) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ready := make(chan struct{})
+	errc := make(chan error, 1)
+	go func() {
+		errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Ready: ready})
+	}()
+	select {
+	case err := <-errc:
+		return err
+	case <-ready:
+		cancel()
+		<-errc
+		return nil
+	}
+}
+
 func (in *instance) stop() error {
 	if in.stopped {
 		return nil

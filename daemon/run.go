@@ -2,9 +2,12 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"time"
@@ -50,6 +53,9 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	}
 	if o.DrainTimeout <= 0 {
 		o.DrainTimeout = 10 * time.Second
+	}
+	if err := cfg.check(); err != nil {
+		return err
 	}
 	var closers []func() error
 	defer func() {
@@ -158,6 +164,13 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		}
 	}()
 
+	if cfg.Tokens.HTTP.Address != "" {
+		stopHTTP, err := serveJWKS(cfg, srv, log)
+		if err != nil {
+			return err
+		}
+		closers = append(closers, stopHTTP)
+	}
 	served := make(chan error, 1)
 	go func() { served <- gs.Serve(ln) }()
 	log.Info("keywardd serving", "socket", ln.Path(), "token", h.Token().Label, "store", st.Path(), "audit", cfg.auditPath(), "version", o.Version)
@@ -239,4 +252,44 @@ func sweepDeletions(ctx context.Context, km *keys.Manager, al *audit.Log, log *s
 		case <-t.C:
 		}
 	}
+}
+
+// serveJWKS starts the HTTP listener for verifiers elsewhere: plain HTTP on
+// loopback, TLS 1.3 otherwise (LoadConfig refuses a non-loopback address
+// without a certificate).
+func serveJWKS(cfg *Config, srv *server.Server, log *slog.Logger) (func() error, error) {
+	h := cfg.Tokens.HTTP
+	ln, err := net.Listen("tcp", h.Address)
+	if err != nil {
+		return nil, fmt.Errorf("tokens.http: %w", err)
+	}
+	scheme := "http"
+	var tlsCfg *tls.Config
+	if h.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(h.TLSCert, h.TLSKey)
+		if err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("tokens.http: %w", err)
+		}
+		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
+		ln = tls.NewListener(ln, tlsCfg)
+		scheme = "https"
+	}
+	base := h.BaseURL
+	if base == "" {
+		base = scheme + "://" + ln.Addr().String()
+	}
+	pre := cfg.Tokens.PrePublish
+	if pre == 0 {
+		pre = 10 * time.Minute
+	}
+	hs := &http.Server{Handler: srv.JWKSHandler(base, pre), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		WriteTimeout: 10 * time.Second, IdleTimeout: time.Minute, MaxHeaderBytes: 8 << 10, TLSConfig: tlsCfg}
+	go hs.Serve(ln)
+	log.Info("serving the JWKS", "url", base+"/.well-known/jwks.json")
+	return func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return hs.Shutdown(ctx)
+	}, nil
 }
