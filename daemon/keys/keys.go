@@ -125,10 +125,11 @@ func (v Version) SigningState(t time.Time) string {
 	return SigningActive
 }
 
-// Signing returns the version that signs at t, if any.
+// Signing returns the version that signs at t, if any. A version below the
+// minimum decryption version never signs: it is withdrawn from the JWKS.
 func (k *Key) Signing(t time.Time) (Version, bool) {
 	for i := len(k.Versions) - 1; i >= 0; i-- {
-		if k.Versions[i].SigningState(t) == SigningActive {
+		if k.Versions[i].Number >= k.MinDecryptionVersion && k.Versions[i].SigningState(t) == SigningActive {
 			return k.Versions[i], true
 		}
 	}

@@ -430,6 +430,15 @@ func TestSigningTimeline(t *testing.T) {
 	if got := k.Versions[1].SigningState(rot); got != SigningPending {
 		t.Errorf("v2 at rotation: %s", got)
 	}
+	// Withdrawing v1 (raising the minimum) stops it signing at once, even
+	// before v2 activates: nothing is signed that the JWKS does not hold.
+	k.MinDecryptionVersion = 2
+	if _, ok := k.Signing(rot); ok {
+		t.Error("a withdrawn version still signs")
+	}
+	if v, ok := k.Signing(rot.Add(10 * time.Minute)); !ok || v.Number != 2 {
+		t.Error("v2 does not sign once active")
+	}
 	// Encryption keys have no timeline.
 	kek, _ := e.m.Create(ctx, Spec{Name: "kek", Purpose: Encrypt})
 	if !kek.Versions[0].ActivateAt.IsZero() {
