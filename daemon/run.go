@@ -132,7 +132,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	go srv.WatchHealth(bg)
-	go sweepDeletions(bg, km, al, log)
+	go maintainKeys(bg, km, al, log)
 	go func() {
 		t := time.NewTicker(time.Hour)
 		defer t.Stop()
@@ -221,13 +221,32 @@ func loadPolicy(path string) (*policy.Policy, error) {
 	return p, nil
 }
 
-// sweepDeletions deletes keys whose deletion date passed, hourly. Each
-// deletion is audited before it happens; one that cannot be audited waits.
-func sweepDeletions(ctx context.Context, km *keys.Manager, al *audit.Log, log *slog.Logger) {
+// maintainKeys rotates keys whose rotation period has passed and deletes
+// keys whose deletion date passed, every few minutes. Each change is audited
+// before it happens; one that cannot be audited waits.
+func maintainKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *slog.Logger) {
 	self, _ := os.Executable()
-	t := time.NewTicker(time.Hour)
+	t := time.NewTicker(5 * time.Minute)
 	defer t.Stop()
 	for {
+		rotate, err := km.DueForRotation()
+		if err != nil {
+			log.Error("listing keys due for rotation failed", "error", err.Error())
+		}
+		for _, name := range rotate {
+			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.RotateKey", Key: name, Outcome: "ok",
+				Caller: audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self},
+				Detail: "its rotation period passed"}
+			if err := al.Append(ctx, rec); err != nil {
+				log.Error("not rotating a key: the rotation cannot be audited", "key", name, "error", err.Error())
+				continue
+			}
+			if k, err := km.Rotate(ctx, name); err != nil {
+				log.Error("scheduled rotation failed", "key", name, "error", err.Error())
+			} else {
+				log.Info("key rotated on schedule", "key", name, "version", k.Latest())
+			}
+		}
 		due, err := km.DueForDeletion()
 		if err != nil {
 			log.Error("listing keys past their deletion date failed", "error", err.Error())

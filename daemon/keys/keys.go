@@ -580,6 +580,24 @@ func (m *Manager) CancelDeletion(name string) (*Key, error) {
 	})
 }
 
+// DueForRotation lists the enabled keys with a rotation period whose newest
+// version is at least that old. A key that was due for several periods (the
+// daemon was down) is listed once: rotating it makes it current again.
+func (m *Manager) DueForRotation() ([]string, error) {
+	all, err := m.List()
+	if err != nil {
+		return nil, err
+	}
+	now := m.opt.Now()
+	var due []string
+	for _, k := range all {
+		if k.State == Enabled && k.RotationPeriod > 0 && !now.Before(k.Versions[len(k.Versions)-1].Created.Add(k.RotationPeriod)) {
+			due = append(due, k.Name)
+		}
+	}
+	return due, nil
+}
+
 // DueForDeletion lists the keys whose deletion date has passed.
 func (m *Manager) DueForDeletion() ([]string, error) {
 	all, err := m.List()

@@ -445,3 +445,29 @@ func TestSigningTimeline(t *testing.T) {
 		t.Error("an encryption key has a signing timeline")
 	}
 }
+
+// TestDueForRotation: a key is due once its newest version is a rotation
+// period old, once however long the daemon was down, and not when disabled.
+func TestDueForRotation(t *testing.T) {
+	e := setup(t, Options{})
+	ctx := context.Background()
+	e.m.Create(ctx, Spec{Name: "jwt", Purpose: Sign, RotationPeriod: 24 * time.Hour})
+	e.m.Create(ctx, Spec{Name: "manual", Purpose: Encrypt})
+	if due, _ := e.m.DueForRotation(); len(due) != 0 {
+		t.Fatalf("due at once: %v", due)
+	}
+	e.clock.Advance(10 * 24 * time.Hour) // down for ten periods
+	due, _ := e.m.DueForRotation()
+	if len(due) != 1 || due[0] != "jwt" {
+		t.Fatalf("due after ten days: %v", due)
+	}
+	e.m.Rotate(ctx, "jwt")
+	if due, _ := e.m.DueForRotation(); len(due) != 0 {
+		t.Fatalf("still due after one rotation: %v", due)
+	}
+	e.clock.Advance(24 * time.Hour)
+	e.m.SetEnabled("jwt", false)
+	if due, _ := e.m.DueForRotation(); len(due) != 0 {
+		t.Fatalf("a disabled key is due: %v", due)
+	}
+}
