@@ -268,6 +268,14 @@ func (m *Manager) forgetCached(name string) {
 	m.cacheMu.Unlock()
 }
 
+// Generation moves whenever a key changes through the Manager: what was
+// derived from the keys before (a published key set) must be derived again.
+func (m *Manager) Generation() uint64 {
+	m.cacheMu.RLock()
+	defer m.cacheMu.RUnlock()
+	return m.cacheGen
+}
+
 // cached returns the key from the cache, or reads and caches it.
 func (m *Manager) cached(name string) (*Key, error) {
 	m.cacheMu.RLock()

@@ -10,6 +10,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -86,6 +87,12 @@ type Server struct {
 	tkeys  tokenKeys
 	mints  mintCache
 
+	vmu      sync.Mutex // guards the verifier cache
+	vcache   *tokens.Verifier
+	vgen     uint64
+	vsec     int64
+	verified *tokens.Cache
+
 	keywardv1.UnimplementedKeyServiceServer
 	keywardv1.UnimplementedEnvelopeServiceServer
 	keywardv1.UnimplementedStatusServiceServer
@@ -105,7 +112,7 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	}
 	cfg.Tokens.defaults()
 	s := &Server{cfg: cfg, health: health.NewServer(), start: time.Now(), tkeys: tokenKeys{m: map[hsm.KeyID]*tokens.Key{}},
-		mints: mintCache{m: map[string]mintEntry{}}}
+		mints: mintCache{m: map[string]mintEntry{}}, verified: tokens.NewCache()}
 	s.policy.Store(cfg.Policy)
 	gs := grpc.NewServer(
 		grpc.Creds(&peerCreds{resolver: identity.NewResolver(), open: new(atomic.Int64)}),

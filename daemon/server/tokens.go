@@ -2,6 +2,8 @@ package server
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -216,16 +218,31 @@ func (s *Server) published(ctx context.Context, now time.Time) ([]*tokens.Key, e
 	return out, nil
 }
 
-func (s *Server) verifier(ctx context.Context, now time.Time) (*tokens.Verifier, error) {
+// verifier returns a Verifier over the keys published now, and the
+// generation it belongs to. It is built again when a key changed or a second
+// has passed (versions activate and leave the JWKS as time goes by).
+func (s *Server) verifier(ctx context.Context, now time.Time) (*tokens.Verifier, uint64, error) {
+	gen := s.cfg.Keys.Generation()
+	sec := now.Unix()
+	s.vmu.Lock()
+	if s.vcache != nil && s.vgen == gen && s.vsec == sec {
+		v := s.vcache
+		s.vmu.Unlock()
+		return v, gen, nil
+	}
+	s.vmu.Unlock()
 	pub, err := s.published(ctx, now)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	v := &tokens.Verifier{Keys: map[string]*tokens.Key{}, Issuer: s.cfg.Tokens.Issuer, Leeway: s.cfg.Tokens.Leeway, Revoked: s.cfg.Revoked.Is}
 	for _, k := range pub {
 		v.Keys[k.KID] = k
 	}
-	return v, nil
+	s.vmu.Lock()
+	s.vcache, s.vgen, s.vsec = v, gen, sec
+	s.vmu.Unlock()
+	return v, gen, nil
 }
 
 var failures = []struct {
@@ -254,11 +271,11 @@ func (s *Server) VerifyToken(ctx context.Context, r *keywardv1.VerifyTokenReques
 		return nil, fmt.Errorf("%w: the audience to verify for is required", errInvalid)
 	}
 	now := time.Now()
-	v, err := s.verifier(ctx, now)
+	v, gen, err := s.verifier(ctx, now)
 	if err != nil {
 		return nil, err
 	}
-	got, err := v.Verify(r.GetToken(), r.GetAudience(), now)
+	got, err := s.verified.Verify(v, publishedGen(gen, v), r.GetToken(), r.GetAudience(), now)
 	if err != nil {
 		out := &keywardv1.VerifyTokenResponse{Failure: keywardv1.TokenFailure_TOKEN_FAILURE_MALFORMED, Reason: err.Error()}
 		for _, f := range failures {
@@ -300,7 +317,7 @@ func (s *Server) RevokeToken(ctx context.Context, r *keywardv1.RevokeTokenReques
 		return nil, err
 	}
 	now := time.Now()
-	v, err := s.verifier(ctx, now)
+	v, _, err := s.verifier(ctx, now)
 	if err != nil {
 		return nil, err
 	}
@@ -340,4 +357,20 @@ func (s *Server) ListSigningKeys(ctx context.Context, _ *keywardv1.ListSigningKe
 		}
 	}
 	return out, nil
+}
+
+// publishedGen names the published key set for the verification cache: the
+// keys' generation and the set of key IDs (which changes as time activates
+// or removes versions, without a key change).
+func publishedGen(gen uint64, v *tokens.Verifier) uint64 {
+	kids := make([]string, 0, len(v.Keys))
+	for kid := range v.Keys {
+		kids = append(kids, kid)
+	}
+	slices.Sort(kids)
+	h := sha256.New()
+	fmt.Fprint(h, gen, kids)
+	var b [8]byte
+	copy(b[:], h.Sum(nil))
+	return binary.BigEndian.Uint64(b[:])
 }

@@ -298,3 +298,47 @@ func mustP256() *ecdsa.PublicKey {
 	}
 	return &k.PublicKey
 }
+
+// TestCache: a token verified before is accepted from the cache, but its
+// time, audience and revocation are checked on every hit, and a new key
+// generation empties the cache.
+func TestCache(t *testing.T) {
+	ks := keys(t)
+	k := ks[jose.ES256]
+	revoked := map[string]bool{}
+	v := verifier(k)
+	v.Revoked = func(jti string) bool { return revoked[jti] }
+	m, err := Mint(context.Background(), k, spec, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewCache()
+	if _, err := c.Verify(v, 1, m.Token, "orders", t0); err != nil {
+		t.Fatal(err)
+	}
+	delete(v.Keys, k.KID) // only the cache can accept it now
+	if got, err := c.Verify(v, 1, m.Token, "orders", t0.Add(time.Minute)); err != nil || got.Claims.ID != m.ID {
+		t.Fatalf("a cache hit: %v", err)
+	}
+	for _, tc := range []struct {
+		name string
+		aud  string
+		at   time.Time
+		want error
+	}{
+		{"expired", "orders", t0.Add(6 * time.Minute), ErrExpired},
+		{"another audience", "billing", t0, ErrAudience},
+	} {
+		if _, err := c.Verify(v, 1, m.Token, tc.aud, tc.at); !errors.Is(err, tc.want) {
+			t.Errorf("%s on a hit: %v, want %v", tc.name, err, tc.want)
+		}
+	}
+	revoked[m.ID] = true
+	if _, err := c.Verify(v, 1, m.Token, "orders", t0); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("revoked on a hit: %v", err)
+	}
+	delete(revoked, m.ID)
+	if _, err := c.Verify(v, 2, m.Token, "orders", t0); !errors.Is(err, ErrUnknownKey) {
+		t.Fatalf("a new generation still used the cache: %v", err)
+	}
+}
