@@ -142,6 +142,9 @@ func TestTokenService(t *testing.T) {
 	}
 	_, err = tc.RevokeToken(ctx, &keywardv1.RevokeTokenRequest{Token: "not.a.token"})
 	wantCode(t, err, codes.InvalidArgument, "needs no revocation")
+	// By ID alone needs the grant on every key; this caller has it on jwt only.
+	_, err = tc.RevokeToken(ctx, &keywardv1.RevokeTokenRequest{TokenId: m2.TokenId})
+	wantCode(t, err, codes.PermissionDenied, `TokenService.RevokeToken on key "*"`)
 	in.stop()
 	auditLog, _ := os.ReadFile(in.cfg.DataDir + "/audit.log")
 	if !strings.Contains(string(auditLog), `"op":"TokenService.MintToken","key":"jwt","version":1`) || !strings.Contains(string(auditLog), `"op":"TokenService.RevokeToken","key":"jwt"`) {

@@ -221,6 +221,15 @@ func TestCLITokens(t *testing.T) {
 	if r := keyward(t, sock, tok, "token", "verify", "-audience", "orders"); r.code != exitError || !strings.Contains(r.stderr, "revoked") {
 		t.Fatalf("verify after revoke: %+v", r)
 	}
+	var minted struct {
+		TokenID string `json:"tokenId"`
+		Token   string `json:"token"`
+	}
+	json.Unmarshal([]byte(ok(keyward(t, sock, "", "-output", "json", "token", "mint", "-key", "jwt", "-audience", "orders", "-ttl", "1m")).stdout), &minted)
+	ok(keyward(t, sock, "", "token", "revoke", "-id", minted.TokenID))
+	if r := keyward(t, sock, minted.Token, "token", "verify", "-audience", "orders"); r.code != exitError || !strings.Contains(r.stderr, "revoked") {
+		t.Fatalf("verify after revoke by ID: %+v", r)
+	}
 	if r := keyward(t, sock, "", "token", "mint", "-key", "jwt", "-audience", "admin"); r.code != exitDenied {
 		t.Fatalf("mint beyond the grant: %+v", r)
 	}

@@ -34,7 +34,7 @@ envelope encryption (applications):
 short-lived tokens:
   token mint -key K -audience A... [-scope S]... [-claim k=v]... [-ttl 5m] [-subject S]
   token verify -audience A [-in FILE]      (the token on standard input)
-  token revoke [-in FILE] | token jwks
+  token revoke [-in FILE | -id JTI] | token jwks
   signing-key list | signing-key rotate -name K
 daemon and files:
   status

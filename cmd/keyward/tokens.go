@@ -24,10 +24,10 @@ func (l *list) Set(s string) error { *l = append(*l, s); return nil }
 func tokenCommand(e *env, sub string, args []string) error {
 	fs := newFlags("token " + sub)
 	var (
-		key, subject, in, aud *string
-		ttl                   *time.Duration
-		auds, scopes          list
-		claims                = pairs{}
+		key, subject, in, aud, id *string
+		ttl                       *time.Duration
+		auds, scopes              list
+		claims                    = pairs{}
 	)
 	switch sub {
 	case "mint":
@@ -42,6 +42,7 @@ func tokenCommand(e *env, sub string, args []string) error {
 		in = fs.String("in", "", "file holding the token (default standard input)")
 	case "revoke":
 		in = fs.String("in", "", "file holding the token (default standard input)")
+		id = fs.String("id", "", "revoke by token ID (jti) alone, without the token; needs the grant on every key")
 	case "jwks":
 	default:
 		return usageError{fmt.Sprintf("unknown token command %q; run keyward help", sub)}
@@ -109,11 +110,13 @@ func tokenCommand(e *env, sub string, args []string) error {
 			return fmt.Errorf("invalid token: %s", r.GetReason())
 		}
 	case "revoke":
-		tok, err := readToken()
-		if err != nil {
-			return err
+		req := &keywardv1.RevokeTokenRequest{TokenId: *id}
+		if *id == "" {
+			if req.Token, err = readToken(); err != nil {
+				return err
+			}
 		}
-		r, err := tc.RevokeToken(e.ctx, &keywardv1.RevokeTokenRequest{Token: tok})
+		r, err := tc.RevokeToken(e.ctx, req)
 		if err != nil {
 			return client.Wrap(err)
 		}

@@ -317,6 +317,21 @@ func (s *Server) RevokeToken(ctx context.Context, r *keywardv1.RevokeTokenReques
 		return nil, err
 	}
 	now := time.Now()
+	if id := r.GetTokenId(); id != "" {
+		if r.GetToken() != "" {
+			return nil, fmt.Errorf("%w: give the token or its ID, not both", errInvalid)
+		}
+		// Without the token, its key and expiry are unknown: revoke for the
+		// longest a token can live, on the grant for every key.
+		if err := s.allow(ctx, "TokenService.RevokeToken", "*"); err != nil {
+			return nil, err
+		}
+		exp := now.Add(s.cfg.Tokens.MaxTTL)
+		if err := s.cfg.Revoked.Revoke(id, exp); err != nil {
+			return nil, err
+		}
+		return &keywardv1.RevokeTokenResponse{TokenId: id, ExpireTime: timestamppb.New(exp)}, nil
+	}
 	v, _, err := s.verifier(ctx, now)
 	if err != nil {
 		return nil, err

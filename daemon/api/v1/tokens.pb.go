@@ -540,13 +540,17 @@ func (x *GetJWKSResponse) GetJwks() []byte {
 	return nil
 }
 
-// RevokeTokenRequest names the token to revoke.
+// RevokeTokenRequest names the token to revoke: the token, or only its ID.
 type RevokeTokenRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The token itself: keywardd checks it is one of its own and takes its
 	// jti and exp. (A token that does not verify, or one already expired,
-	// needs no revocation.)
-	Token         string `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	// needs no revocation.) Needs RevokeToken on the key that signed it.
+	Token string `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	// Instead of token: only its jti (from a log, say). It is revoked for the
+	// longest lifetime any token can have from now. Needs RevokeToken on every
+	// key (a grant whose key glob is "*").
+	TokenId       string `protobuf:"bytes,2,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -584,6 +588,13 @@ func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
 func (x *RevokeTokenRequest) GetToken() string {
 	if x != nil {
 		return x.Token
+	}
+	return ""
+}
+
+func (x *RevokeTokenRequest) GetTokenId() string {
+	if x != nil {
+		return x.TokenId
 	}
 	return ""
 }
@@ -764,9 +775,10 @@ const file_tokens_proto_rawDesc = "" +
 	" \x01(\tR\x03kid\"\x10\n" +
 	"\x0eGetJWKSRequest\"%\n" +
 	"\x0fGetJWKSResponse\x12\x12\n" +
-	"\x04jwks\x18\x01 \x01(\fR\x04jwks\"*\n" +
+	"\x04jwks\x18\x01 \x01(\fR\x04jwks\"E\n" +
 	"\x12RevokeTokenRequest\x12\x14\n" +
-	"\x05token\x18\x01 \x01(\tR\x05token\"m\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x19\n" +
+	"\btoken_id\x18\x02 \x01(\tR\atokenId\"m\n" +
 	"\x13RevokeTokenResponse\x12\x19\n" +
 	"\btoken_id\x18\x01 \x01(\tR\atokenId\x12;\n" +
 	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
