@@ -1,0 +1,161 @@
+// Package ratelimit is keyward's layered rate limiting: each API key has
+// limits per second, minute, hour and day (any of them), all checked at once
+// and all or nothing: a request one layer refuses consumes nothing from the
+// others.
+//
+// Each layer is a GCRA (the generic cell rate algorithm, the token bucket
+// stated as a "theoretical arrival time"): exact, one timestamp of state per
+// layer, and able to say how much is left, when the layer is full again and
+// how long to wait. golang.org/x/time/rate was the first choice, but its
+// reservations can only be cancelled "as much as possible", and layers must
+// be checked together without consuming anything when one refuses; with GCRA
+// that is a comparison before any update, under one lock. Time comes from the
+// caller, so tests run days in microseconds.
+package ratelimit
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"sync"
+	"time"
+)
+
+// Layer is one limit: Limit requests per Per, with bursts of up to Burst
+// (at least 1; the bucket starts full).
+type Layer struct {
+	Limit int
+	Per   time.Duration
+	Burst int
+}
+
+// ErrInvalid: a layer cannot be.
+var ErrInvalid = errors.New("ratelimit: invalid limit")
+
+// Check says whether the layer can be.
+func (l Layer) Check() error {
+	if l.Limit < 1 || l.Per <= 0 || l.Burst < 1 {
+		return fmt.Errorf("%w: %d per %v with bursts of %d; use a positive limit, period and burst", ErrInvalid, l.Limit, l.Per, l.Burst)
+	}
+	if l.interval() <= 0 {
+		return fmt.Errorf("%w: %d per %v is more than one a nanosecond", ErrInvalid, l.Limit, l.Per)
+	}
+	return nil
+}
+
+// interval is the time one request costs.
+func (l Layer) interval() time.Duration { return l.Per / time.Duration(l.Limit) }
+
+// tolerance is how far ahead of now a layer's arrival time may run: a full
+// bucket minus the request that fills it.
+func (l Layer) tolerance() time.Duration { return l.interval() * time.Duration(l.Burst-1) }
+
+// LayerResult is one layer's state after a check.
+type LayerResult struct {
+	Layer     Layer
+	Remaining int       // requests this layer would still allow now
+	Reset     time.Time // when it is full again
+	Refused   bool      // this layer refused the request
+}
+
+// Result is a check's answer.
+type Result struct {
+	Allowed bool
+	Layers  []LayerResult
+	// RetryAfter, when refused, is how long until the request would pass
+	// every layer.
+	RetryAfter time.Duration
+	// NearLimit: after this request some layer has used at least the near
+	// fraction (default 0.8) of its burst, so callers can warn first.
+	NearLimit bool
+}
+
+// Limiter holds the state of many keys' limits. It is safe for concurrent
+// use; its memory holds only keys whose buckets are not full.
+type Limiter struct {
+	mu    sync.Mutex
+	state map[string][]time.Time // key -> each layer's theoretical arrival time
+	// Near is the fraction of a burst that sets NearLimit; default 0.8.
+	Near float64
+}
+
+// New returns an empty Limiter.
+func New() *Limiter { return &Limiter{state: map[string][]time.Time{}} }
+
+// Allow checks a request of cost (≥ 1) for key against layers at now, and
+// takes it from every layer only if every layer allows it.
+func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) Result {
+	if cost < 1 {
+		cost = 1
+	}
+	near := lim.Near
+	if near <= 0 || near > 1 {
+		near = 0.8
+	}
+	lim.mu.Lock()
+	defer lim.mu.Unlock()
+	tats := lim.state[key]
+	if len(tats) != len(layers) {
+		tats = make([]time.Time, len(layers)) // a change of layers starts afresh
+	}
+	res := Result{Allowed: true, Layers: make([]LayerResult, len(layers))}
+	next := make([]time.Time, len(layers))
+	for i, l := range layers {
+		tat := tats[i]
+		if tat.Before(now) {
+			tat = now
+		}
+		newTAT := tat.Add(l.interval() * time.Duration(cost))
+		allowAt := newTAT.Add(-l.tolerance() - l.interval())
+		lr := LayerResult{Layer: l}
+		if allowAt.After(now) {
+			res.Allowed = false
+			lr.Refused = true
+			res.RetryAfter = max(res.RetryAfter, allowAt.Sub(now))
+			next[i] = tats[i]
+		} else {
+			next[i] = newTAT
+		}
+		res.Layers[i] = lr
+	}
+	if res.Allowed {
+		tats = next
+	}
+	full := true
+	for i, l := range layers {
+		tat := tats[i]
+		if tat.Before(now) {
+			tat = now
+		}
+		used := tat.Sub(now) // time the bucket needs to refill
+		res.Layers[i].Reset = now.Add(used)
+		remaining := int(math.Floor(float64(l.tolerance()+l.interval()-used) / float64(l.interval())))
+		res.Layers[i].Remaining = max(remaining, 0)
+		if float64(l.Burst-res.Layers[i].Remaining) >= near*float64(l.Burst) {
+			res.NearLimit = true
+		}
+		if used > 0 {
+			full = false
+		}
+	}
+	if full {
+		delete(lim.state, key) // a full bucket needs no state
+	} else {
+		lim.state[key] = tats
+	}
+	return res
+}
+
+// Forget drops a key's state (its key was revoked or its limits changed).
+func (lim *Limiter) Forget(key string) {
+	lim.mu.Lock()
+	delete(lim.state, key)
+	lim.mu.Unlock()
+}
+
+// Len is how many keys have state; for tests and metrics.
+func (lim *Limiter) Len() int {
+	lim.mu.Lock()
+	defer lim.mu.Unlock()
+	return len(lim.state)
+}

@@ -1,0 +1,130 @@
+package ratelimit
+
+import (
+	"sync"
+	"testing"
+	"time"
+)
+
+var t0 = time.Date(2026, 11, 29, 0, 0, 0, 0, time.UTC)
+
+// TestAccuracy: 100/s with bursts of 20, offered 1 000/s for 10 s, accepts
+// 1 020 (±5 %); another key is unaffected.
+func TestAccuracy(t *testing.T) {
+	lim := New()
+	layers := []Layer{{Limit: 100, Per: time.Second, Burst: 20}}
+	accepted := 0
+	for i := range 10000 {
+		now := t0.Add(time.Duration(i) * time.Millisecond)
+		if lim.Allow("a", layers, 1, now).Allowed {
+			accepted++
+		}
+		if i%1000 == 500 && !lim.Allow("b", layers, 1, now).Allowed {
+			t.Fatal("key b was limited by key a's traffic")
+		}
+	}
+	if accepted < 969 || accepted > 1071 {
+		t.Fatalf("accepted %d, want 1020 ± 5%%", accepted)
+	}
+}
+
+// TestAllOrNothing: a request one layer refuses takes nothing from the
+// others, and says when to retry and what is left.
+func TestAllOrNothing(t *testing.T) {
+	lim := New()
+	layers := []Layer{{Limit: 10, Per: time.Second, Burst: 10}, {Limit: 5, Per: time.Minute, Burst: 5}}
+	for i := range 5 {
+		r := lim.Allow("k", layers, 1, t0)
+		if !r.Allowed {
+			t.Fatalf("request %d refused", i)
+		}
+	}
+	r := lim.Allow("k", layers, 1, t0)
+	if r.Allowed || r.Layers[0].Refused || !r.Layers[1].Refused {
+		t.Fatalf("the 6th request: %+v; want refused by the minute layer only", r)
+	}
+	if r.Layers[0].Remaining != 5 {
+		t.Fatalf("the per-second layer has %d left after a refusal; the refused request took from it", r.Layers[0].Remaining)
+	}
+	if r.RetryAfter != 12*time.Second {
+		t.Fatalf("RetryAfter %v, want 12s (one request per 12 s refills the minute layer)", r.RetryAfter)
+	}
+	if r.Layers[1].Remaining != 0 || !r.Layers[1].Reset.Equal(t0.Add(time.Minute)) {
+		t.Fatalf("minute layer: %+v", r.Layers[1])
+	}
+	if !r.NearLimit {
+		t.Fatal("a layer at its limit is not near its limit")
+	}
+	if r := lim.Allow("k", layers, 1, t0.Add(12*time.Second)); !r.Allowed {
+		t.Fatalf("after RetryAfter: %+v", r)
+	}
+}
+
+func TestNearLimitAndCost(t *testing.T) {
+	lim := New()
+	layers := []Layer{{Limit: 10, Per: time.Second, Burst: 10}}
+	var r Result
+	for range 7 {
+		r = lim.Allow("k", layers, 1, t0)
+	}
+	if r.NearLimit || r.Layers[0].Remaining != 3 {
+		t.Fatalf("70%% used: %+v", r)
+	}
+	if r = lim.Allow("k", layers, 1, t0); !r.NearLimit {
+		t.Fatal("80% used is not near the limit")
+	}
+	if r = lim.Allow("k", layers, 3, t0); r.Allowed {
+		t.Fatal("a request costing 3 passed with 2 left")
+	}
+	if r = lim.Allow("k", layers, 2, t0); !r.Allowed || r.Layers[0].Remaining != 0 {
+		t.Fatalf("a request costing 2 with 2 left: %+v", r)
+	}
+	// A second later the bucket is full and the key's state is gone.
+	if r = lim.Allow("k", layers, 10, t0.Add(2*time.Second)); !r.Allowed {
+		t.Fatalf("a full bucket refused its burst: %+v", r)
+	}
+	lim.Allow("k", layers, 1, t0.Add(10*time.Second))
+	if n := lim.Len(); n != 1 {
+		t.Fatalf("%d keys have state", n)
+	}
+	lim.Forget("k")
+	if lim.Len() != 0 {
+		t.Fatal("Forget kept the state")
+	}
+}
+
+func TestLayerCheck(t *testing.T) {
+	for _, l := range []Layer{{0, time.Second, 1}, {1, 0, 1}, {1, time.Second, 0}, {10, time.Nanosecond, 1}} {
+		if l.Check() == nil {
+			t.Errorf("%+v passed", l)
+		}
+	}
+	if (Layer{100, time.Second, 20}).Check() != nil {
+		t.Error("a good layer failed")
+	}
+}
+
+// TestConcurrent: many goroutines on one key never get more than the limit
+// allows. Run with -race.
+func TestConcurrent(t *testing.T) {
+	lim := New()
+	layers := []Layer{{Limit: 50, Per: time.Second, Burst: 50}}
+	var mu sync.Mutex
+	accepted := 0
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for range 100 {
+				if lim.Allow("k", layers, 1, t0).Allowed {
+					mu.Lock()
+					accepted++
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if accepted != 50 {
+		t.Fatalf("accepted %d at one instant, want exactly the burst of 50", accepted)
+	}
+}
