@@ -1,0 +1,179 @@
+package apikeys
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/keyward/keyward/daemon/ratelimit"
+)
+
+// Code is the outcome of verifying an API key.
+type Code string
+
+// The codes, in the order Check decides them.
+const (
+	Valid            Code = "VALID"
+	Malformed        Code = "MALFORMED"
+	NotFound         Code = "NOT_FOUND"
+	Revoked          Code = "REVOKED"
+	Disabled         Code = "DISABLED"
+	Expired          Code = "EXPIRED"
+	WrongEnvironment Code = "WRONG_ENVIRONMENT"
+	IPNotAllowed     Code = "IP_NOT_ALLOWED"
+	Forbidden        Code = "FORBIDDEN"
+	RateLimited      Code = "RATE_LIMITED"
+	UsageExceeded    Code = "USAGE_EXCEEDED"
+)
+
+// State is whether a key may be used.
+type State string
+
+const (
+	Active        State = "active"
+	StateDisabled State = "disabled"
+	StateRevoked  State = "revoked"
+)
+
+// Roles are permission sets: a key's permissions are role names or
+// resource:action strings, and a role stands for its patterns.
+var Roles = map[string][]string{
+	"read-only": {"*:read"},
+	"standard":  {"*:read", "*:write"},
+	"admin":     {"*:*"},
+}
+
+// Record is an API key's data, without its secret: the store keeps only
+// HMACs of secrets, under a key in the HSM.
+type Record struct {
+	ID          string            `json:"id"` // public: names the key in every call but Verify
+	Owner       string            `json:"owner"`
+	Name        string            `json:"name"`
+	Environment string            `json:"environment"`
+	Permissions []string          `json:"permissions"`
+	Expires     time.Time         `json:"expires,omitzero"` // zero: no expiry
+	AllowedIPs  []netip.Prefix    `json:"allowed_ips,omitempty"`
+	Limits      []ratelimit.Layer `json:"limits,omitempty"`
+	Quota       *Quota            `json:"quota,omitempty"`
+	Tags        []string          `json:"tags,omitempty"`
+	Metadata    map[string]string `json:"metadata,omitempty"`
+	State       State             `json:"state"`
+	Created     time.Time         `json:"created"`
+	Secrets     []Secret          `json:"secrets"` // the current one last
+}
+
+// Secret is one secret of a key: its HMAC, and after a rotation, when the
+// old one stops working.
+type Secret struct {
+	MAC      []byte    `json:"mac"`
+	Created  time.Time `json:"created"`
+	NotAfter time.Time `json:"not_after,omitzero"` // set when a newer secret replaced it
+}
+
+// Quota is a count of uses, refilled by Refill every RefillEvery (if set).
+type Quota struct {
+	Remaining   int64         `json:"remaining"`
+	Refill      int64         `json:"refill,omitempty"`
+	RefillEvery time.Duration `json:"refill_every,omitempty"`
+	LastRefill  time.Time     `json:"last_refill,omitzero"`
+}
+
+// Request is what a verification asks.
+type Request struct {
+	Permissions []string   // all required
+	SourceIP    netip.Addr // zero: unknown (refused when the key has an allowlist)
+	Environment string     // must equal the key's
+	Cost        int        // rate-limit and quota cost; 0 means 1
+}
+
+// Result is a verification's answer.
+type Result struct {
+	Code   Code
+	Detail string
+	Limits ratelimit.Result // every layer's limit, remaining and reset; RetryAfter when limited
+}
+
+// Check decides a verification of a key whose secret (number secret in
+// rec.Secrets) matched: state, expiry, environment, source, permissions,
+// then the rate limit and the quota. The rate limit is taken only if
+// everything before it passes, and the quota only if the rate limit does;
+// the caller saves a changed quota.
+func Check(rec *Record, secret int, req Request, lim *ratelimit.Limiter, now time.Time) Result {
+	cost := max(req.Cost, 1)
+	switch {
+	case rec.State == StateRevoked:
+		return Result{Code: Revoked, Detail: "the key was revoked"}
+	case rec.State == StateDisabled:
+		return Result{Code: Disabled, Detail: "the key is disabled"}
+	case !rec.Expires.IsZero() && !now.Before(rec.Expires):
+		return Result{Code: Expired, Detail: "the key expired at " + rec.Expires.UTC().Format(time.RFC3339)}
+	case secret < len(rec.Secrets) && !rec.Secrets[secret].NotAfter.IsZero() && !now.Before(rec.Secrets[secret].NotAfter):
+		return Result{Code: Expired, Detail: "this secret was rotated; its overlap ended at " + rec.Secrets[secret].NotAfter.UTC().Format(time.RFC3339)}
+	case req.Environment != rec.Environment:
+		return Result{Code: WrongEnvironment, Detail: fmt.Sprintf("the key is for %q", rec.Environment)}
+	case len(rec.AllowedIPs) > 0 && !slices.ContainsFunc(rec.AllowedIPs, func(p netip.Prefix) bool { return req.SourceIP.IsValid() && p.Contains(req.SourceIP.Unmap()) }):
+		return Result{Code: IPNotAllowed, Detail: "the source address is not in the key's allowlist"}
+	}
+	for _, p := range req.Permissions {
+		if !rec.Grants(p) {
+			return Result{Code: Forbidden, Detail: fmt.Sprintf("the key lacks %q", p)}
+		}
+	}
+	if q := rec.Quota; q != nil {
+		q.refill(now)
+		if q.Remaining < int64(cost) {
+			return Result{Code: UsageExceeded, Detail: "the key's usage quota is used up"}
+		}
+	}
+	var res Result
+	if len(rec.Limits) > 0 {
+		res.Limits = lim.Allow(rec.ID, rec.Limits, cost, now)
+		if !res.Limits.Allowed {
+			res.Code, res.Detail = RateLimited, fmt.Sprintf("retry after %v", res.Limits.RetryAfter.Round(time.Millisecond))
+			return res
+		}
+	}
+	if q := rec.Quota; q != nil {
+		q.Remaining -= int64(cost)
+	}
+	res.Code = Valid
+	return res
+}
+
+// refill adds the refills due since the last one.
+func (q *Quota) refill(now time.Time) {
+	if q.Refill <= 0 || q.RefillEvery <= 0 {
+		return
+	}
+	if q.LastRefill.IsZero() {
+		q.LastRefill = now
+		return
+	}
+	if n := int64(now.Sub(q.LastRefill) / q.RefillEvery); n > 0 {
+		q.Remaining += n * q.Refill
+		q.LastRefill = q.LastRefill.Add(time.Duration(n) * q.RefillEvery)
+	}
+}
+
+// Grants says whether the key's permissions cover perm ("resource:action").
+func (rec *Record) Grants(perm string) bool {
+	res, act, ok := strings.Cut(perm, ":")
+	if !ok {
+		return false
+	}
+	for _, p := range rec.Permissions {
+		pats := Roles[p]
+		if pats == nil {
+			pats = []string{p}
+		}
+		for _, pat := range pats {
+			pr, pa, _ := strings.Cut(pat, ":")
+			if (pr == "*" || pr == res) && (pa == "*" || pa == act) {
+				return true
+			}
+		}
+	}
+	return false
+}
