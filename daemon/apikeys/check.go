@@ -72,7 +72,8 @@ type Secret struct {
 	NotAfter time.Time `json:"not_after,omitzero"` // set when a newer secret replaced it
 }
 
-// Quota is a count of uses, refilled by Refill every RefillEvery (if set).
+// Quota is a count of uses; if Refill and RefillEvery are set, it is topped
+// up to Refill every RefillEvery (unused uses do not pile up).
 type Quota struct {
 	Remaining   int64         `json:"remaining"`
 	Refill      int64         `json:"refill,omitempty"`
@@ -102,6 +103,9 @@ type Result struct {
 // the caller saves a changed quota.
 func Check(rec *Record, secret int, req Request, lim *ratelimit.Limiter, now time.Time) Result {
 	cost := max(req.Cost, 1)
+	if secret < 0 || secret >= len(rec.Secrets) {
+		return Result{Code: NotFound, Detail: "no such secret"}
+	}
 	switch {
 	case rec.State == StateRevoked:
 		return Result{Code: Revoked, Detail: "the key was revoked"}
@@ -109,7 +113,7 @@ func Check(rec *Record, secret int, req Request, lim *ratelimit.Limiter, now tim
 		return Result{Code: Disabled, Detail: "the key is disabled"}
 	case !rec.Expires.IsZero() && !now.Before(rec.Expires):
 		return Result{Code: Expired, Detail: "the key expired at " + rec.Expires.UTC().Format(time.RFC3339)}
-	case secret < len(rec.Secrets) && !rec.Secrets[secret].NotAfter.IsZero() && !now.Before(rec.Secrets[secret].NotAfter):
+	case !rec.Secrets[secret].NotAfter.IsZero() && !now.Before(rec.Secrets[secret].NotAfter):
 		return Result{Code: Expired, Detail: "this secret was rotated; its overlap ended at " + rec.Secrets[secret].NotAfter.UTC().Format(time.RFC3339)}
 	case req.Environment != rec.Environment:
 		return Result{Code: WrongEnvironment, Detail: fmt.Sprintf("the key is for %q", rec.Environment)}
@@ -132,6 +136,9 @@ func Check(rec *Record, secret int, req Request, lim *ratelimit.Limiter, now tim
 		res.Limits = lim.Allow(rec.ID, rec.Limits, cost, now)
 		if !res.Limits.Allowed {
 			res.Code, res.Detail = RateLimited, fmt.Sprintf("retry after %v", res.Limits.RetryAfter.Round(time.Millisecond))
+			if res.Limits.TooLarge {
+				res.Detail = "the request costs more than the key's burst allows"
+			}
 			return res
 		}
 	}
@@ -151,9 +158,9 @@ func (q *Quota) refill(now time.Time) {
 		q.LastRefill = now
 		return
 	}
-	if n := int64(now.Sub(q.LastRefill) / q.RefillEvery); n > 0 {
-		q.Remaining += n * q.Refill
-		q.LastRefill = q.LastRefill.Add(time.Duration(n) * q.RefillEvery)
+	if n := now.Sub(q.LastRefill) / q.RefillEvery; n > 0 {
+		q.Remaining = max(q.Remaining, q.Refill)
+		q.LastRefill = q.LastRefill.Add(n * q.RefillEvery)
 	}
 }
 

@@ -92,6 +92,16 @@ func TestRateLimitAndQuota(t *testing.T) {
 		t.Fatalf("quota used up: %s", r.Code)
 	}
 	if r := Check(rec, 1, okReq, lim, t0.Add(time.Hour+time.Second)); r.Code != Valid || rec.Quota.Remaining != 1 {
-		t.Fatalf("after a refill of 2: %s, %d left", r.Code, rec.Quota.Remaining)
+		t.Fatalf("after a refill to 2: %s, %d left", r.Code, rec.Quota.Remaining)
+	}
+	// Idle for ten periods: topped up to 2, not 20.
+	Check(rec, 1, okReq, lim, t0.Add(11*time.Hour+2*time.Second))
+	if rec.Quota.Remaining != 1 {
+		t.Fatalf("after ten idle periods: %d left, want 1 (refill tops up, it does not pile up)", rec.Quota.Remaining)
+	}
+	for _, bad := range []int{-1, 2} {
+		if r := Check(record(), bad, okReq, ratelimit.New(), t0); r.Code != NotFound {
+			t.Fatalf("secret index %d: %s", bad, r.Code)
+		}
 	}
 }

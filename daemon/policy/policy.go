@@ -423,6 +423,20 @@ func (p *Policy) Allow(sub Subject, op, key string) error {
 	return &Denied{Op: op, Key: key}
 }
 
+// AllowEveryKey returns nil if a role of the subject grants op with the key
+// glob "*" itself (not merely a glob that happens to match the text "*"),
+// and a *Denied otherwise: for operations that reach any key at all.
+func (p *Policy) AllowEveryKey(sub Subject, op string) error {
+	for _, name := range p.Roles(sub) {
+		for _, pm := range p.roles[name].perms {
+			if pm.hasOp(op) && slices.Contains(pm.keys, "*") {
+				return nil
+			}
+		}
+	}
+	return &Denied{Op: op, Key: "*"}
+}
+
 // MaxBatch is the largest batch the subject may send to op: the most any of
 // its roles granting op allows (0 if none sets it).
 func (p *Policy) MaxBatch(sub Subject, op string) int {

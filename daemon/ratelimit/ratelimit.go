@@ -37,14 +37,20 @@ func (l Layer) Check() error {
 	if l.Limit < 1 || l.Per <= 0 || l.Burst < 1 {
 		return fmt.Errorf("%w: %d per %v with bursts of %d; use a positive limit, period and burst", ErrInvalid, l.Limit, l.Per, l.Burst)
 	}
-	if l.interval() <= 0 {
+	if l.Per < time.Duration(l.Limit) {
 		return fmt.Errorf("%w: %d per %v is more than one a nanosecond", ErrInvalid, l.Limit, l.Per)
+	}
+	if l.interval() > time.Duration(math.MaxInt64)/time.Duration(l.Burst+1) {
+		return fmt.Errorf("%w: a burst of %d at %d per %v is too long a time to count", ErrInvalid, l.Burst, l.Limit, l.Per)
 	}
 	return nil
 }
 
-// interval is the time one request costs.
-func (l Layer) interval() time.Duration { return l.Per / time.Duration(l.Limit) }
+// interval is the time one request costs, rounded up so that a limit that
+// does not divide its period evenly errs on the strict side.
+func (l Layer) interval() time.Duration {
+	return (l.Per + time.Duration(l.Limit) - 1) / time.Duration(l.Limit)
+}
 
 // tolerance is how far ahead of now a layer's arrival time may run: a full
 // bucket minus the request that fills it.
@@ -68,6 +74,9 @@ type Result struct {
 	// NearLimit: after this request some layer has used at least the near
 	// fraction (default 0.8) of its burst, so callers can warn first.
 	NearLimit bool
+	// TooLarge: the request costs more than some layer's burst; it can
+	// never pass, so there is no RetryAfter.
+	TooLarge bool
 }
 
 // Limiter holds the state of many keys' limits. It is safe for concurrent
@@ -83,7 +92,8 @@ type Limiter struct {
 func New() *Limiter { return &Limiter{state: map[string][]time.Time{}} }
 
 // Allow checks a request of cost (≥ 1) for key against layers at now, and
-// takes it from every layer only if every layer allows it.
+// takes it from every layer only if every layer allows it. The layers must
+// have passed Check. A cost above a layer's burst is refused as TooLarge.
 func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) Result {
 	if cost < 1 {
 		cost = 1
@@ -101,6 +111,17 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 	res := Result{Allowed: true, Layers: make([]LayerResult, len(layers))}
 	next := make([]time.Time, len(layers))
 	for i, l := range layers {
+		if cost > l.Burst { // never allowed; and the arithmetic below stays within range
+			res.Allowed, res.TooLarge = false, true
+			res.Layers[i].Refused = true
+		}
+	}
+	for i, l := range layers {
+		if res.TooLarge {
+			next[i] = tats[i]
+			res.Layers[i].Layer = l
+			continue
+		}
 		tat := tats[i]
 		if tat.Before(now) {
 			tat = now
@@ -120,6 +141,9 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 	}
 	if res.Allowed {
 		tats = next
+	}
+	if res.TooLarge {
+		res.RetryAfter = 0
 	}
 	full := true
 	for i, l := range layers {

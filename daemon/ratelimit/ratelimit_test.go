@@ -128,3 +128,35 @@ func TestConcurrent(t *testing.T) {
 		t.Fatalf("accepted %d at one instant, want exactly the burst of 50", accepted)
 	}
 }
+
+// TestHugeCost: a cost beyond the burst can never pass, says so without a
+// retry time, and consumes nothing (a huge cost once wrapped the arithmetic
+// around and passed).
+func TestHugeCost(t *testing.T) {
+	lim := New()
+	layers := []Layer{{Limit: 10, Per: 24 * time.Hour, Burst: 10}}
+	for _, cost := range []int{11, 1 << 21, 1 << 40} {
+		r := lim.Allow("k", layers, cost, t0)
+		if r.Allowed || !r.TooLarge || r.RetryAfter != 0 {
+			t.Fatalf("cost %d: %+v", cost, r)
+		}
+	}
+	if r := lim.Allow("k", layers, 1, t0); !r.Allowed || r.Layers[0].Remaining != 9 {
+		t.Fatalf("after refused huge costs: %+v", r)
+	}
+	if (Layer{Limit: 1, Per: 1 << 62, Burst: 4}).Check() == nil {
+		t.Fatal("a layer whose burst overflows the clock passed Check")
+	}
+	// 2 per 3 ns rounds to the strict side.
+	lim2 := New()
+	strict := []Layer{{Limit: 2, Per: 3, Burst: 1}}
+	n := 0
+	for i := range 3000 {
+		if lim2.Allow("k", strict, 1, t0.Add(time.Duration(i))).Allowed {
+			n++
+		}
+	}
+	if n > 2000 {
+		t.Fatalf("%d allowed in 3000 ns at 2 per 3 ns", n)
+	}
+}
