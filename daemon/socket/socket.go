@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -42,6 +43,9 @@ type Listener struct {
 	path string
 	ino  uint64
 	lock *os.File
+
+	closeOnce sync.Once // gRPC's Stop and keywardd's shutdown may both close it
+	closeErr  error
 }
 
 // Listen creates the socket. A second keywardd on the same path fails at once
@@ -199,17 +203,20 @@ func clearStale(path string) error {
 func (l *Listener) Path() string { return l.path }
 
 // Close stops listening, removes the socket if the path still names this
-// listener's socket, and releases the lock.
+// listener's socket, and releases the lock. It is safe to call more than
+// once and from several goroutines.
 func (l *Listener) Close() error {
-	err := l.UnixListener.Close()
-	if fi, statErr := os.Lstat(l.path); statErr == nil && fi.Sys().(*syscall.Stat_t).Ino == l.ino {
-		if rmErr := os.Remove(l.path); err == nil {
-			err = rmErr
+	l.closeOnce.Do(func() {
+		err := l.UnixListener.Close()
+		if fi, statErr := os.Lstat(l.path); statErr == nil && fi.Sys().(*syscall.Stat_t).Ino == l.ino {
+			if rmErr := os.Remove(l.path); err == nil {
+				err = rmErr
+			}
 		}
-	}
-	if l.lock != nil {
-		l.lock.Close() // releases the flock
-		l.lock = nil
-	}
-	return err
+		if l.lock != nil {
+			l.lock.Close() // releases the flock
+		}
+		l.closeErr = err
+	})
+	return l.closeErr
 }
