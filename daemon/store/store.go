@@ -24,6 +24,8 @@ import (
 const (
 	BucketKeys          = "keys"           // root-key metadata, by key name (schema 1)
 	BucketRevokedTokens = "revoked_tokens" // revoked token IDs and their expiry (schema 2)
+	BucketAPIKeys       = "apikeys"        // API key records, by ID (schema 3)
+	BucketAPIKeyMACs    = "apikey_macs"    // hex HMAC of a secret -> the key's ID and secret number (schema 3)
 )
 
 // ErrNotFound: no record under that key.
@@ -32,7 +34,7 @@ var ErrNotFound = errors.New("store: not found")
 const (
 	metaBucket    = "meta"
 	schemaKey     = "schema_version"
-	SchemaVersion = 2
+	SchemaVersion = 3
 )
 
 // migrations[i] brings a store from schema version i to i+1.
@@ -44,6 +46,14 @@ var migrations = []func(tx *bolt.Tx) error{
 	1: func(tx *bolt.Tx) error {
 		_, err := tx.CreateBucketIfNotExists([]byte(BucketRevokedTokens))
 		return err
+	},
+	2: func(tx *bolt.Tx) error {
+		for _, b := range []string{BucketAPIKeys, BucketAPIKeyMACs} {
+			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
+				return err
+			}
+		}
+		return nil
 	},
 }
 

@@ -97,7 +97,7 @@ func TestNewerSchemaRefused(t *testing.T) {
 		return tx.Bucket([]byte(metaBucket)).Put([]byte(schemaKey), []byte{0, 0, 0, 0, 0, 0, 0, 9})
 	})
 	s.Close()
-	if _, err := Open(path, Options{}); err == nil || !strings.Contains(err.Error(), "schema version 9, newer than this keywardd's 2") {
+	if _, err := Open(path, Options{}); err == nil || !strings.Contains(err.Error(), "schema version 9, newer than this keywardd's 3") {
 		t.Fatalf("newer schema: %v", err)
 	}
 }
@@ -140,8 +140,8 @@ func TestMissingDataDir(t *testing.T) {
 	}
 }
 
-// TestMigration: a schema-1 store (keys only) opens as schema 2 with the
-// revoked-tokens bucket, its records intact.
+// TestMigration: a schema-1 store (keys only) opens as the current schema
+// with the buckets added since, its records intact.
 func TestMigration(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "keyward.db")
 	db, err := bolt.Open(path, 0o600, nil)
@@ -160,13 +160,15 @@ func TestMigration(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if v, _ := s.SchemaVersion(); v != 2 {
+	if v, _ := s.SchemaVersion(); v != SchemaVersion {
 		t.Fatalf("schema %d after migration", v)
 	}
 	if rec, err := s.Get(BucketKeys, "kek"); err != nil || string(rec) != `{"name":"kek"}` {
 		t.Fatalf("the schema-1 record: %q, %v", rec, err)
 	}
-	if err := s.Update(BucketRevokedTokens, "jti", func([]byte) ([]byte, error) { return []byte{1}, nil }); err != nil {
-		t.Fatalf("the new bucket: %v", err)
+	for _, b := range []string{BucketRevokedTokens, BucketAPIKeys, BucketAPIKeyMACs} {
+		if err := s.Update(b, "x", func([]byte) ([]byte, error) { return []byte{1}, nil }); err != nil {
+			t.Fatalf("the new bucket %s: %v", b, err)
+		}
 	}
 }

@@ -1,0 +1,338 @@
+package apikeys
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/keyward/keyward/daemon/ratelimit"
+	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/hsm"
+)
+
+// Errors of the Manager.
+var (
+	ErrNotFound = errors.New("apikeys: no such key")
+	ErrInvalid  = errors.New("apikeys: invalid argument")
+)
+
+// Unavailable: the HSM or the store failed; the key's validity is unknown
+// and the caller should retry (never treat it as valid).
+const Unavailable Code = "UNAVAILABLE"
+
+// Store is what the Manager needs of the store.
+type Store interface {
+	Get(bucket, key string) ([]byte, error)
+	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
+	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
+}
+
+// MACer computes HMAC-SHA256 with the pepper key inside the HSM.
+type MACer interface {
+	HMACSHA256(ctx context.Context, id hsm.KeyID, msg []byte) ([]byte, error)
+}
+
+// Manager issues, verifies, rotates and revokes API keys. The store holds
+// only HMACs of secrets under the pepper, a key in the HSM, so a copy of the
+// store is useless without the HSM. A key verified once is found again by a
+// local SHA-256 of the presented string, so verifying it costs no HSM call;
+// every revocation, rotation or change empties that cache.
+type Manager struct {
+	store  Store
+	mac    MACer
+	pepper hsm.KeyID
+	prefix string
+	lim    *ratelimit.Limiter
+	now    func() time.Time
+
+	mu      sync.Mutex             // serializes changes; guards the cache
+	digests map[[32]byte]secretRef // sha256(presented key) -> which key and secret
+}
+
+type secretRef struct {
+	ID     string `json:"id"`
+	Secret int    `json:"secret"`
+}
+
+// NewManager returns a Manager; prefix starts every key (DefaultPrefix if
+// empty), pepper names the HMAC key in the HSM.
+func NewManager(s Store, mac MACer, pepper hsm.KeyID, prefix string, now func() time.Time) (*Manager, error) {
+	if prefix == "" {
+		prefix = DefaultPrefix
+	}
+	if err := CheckPrefix(prefix); err != nil {
+		return nil, err
+	}
+	if now == nil {
+		now = time.Now
+	}
+	return &Manager{store: s, mac: mac, pepper: pepper, prefix: prefix, lim: ratelimit.New(), now: now, digests: map[[32]byte]secretRef{}}, nil
+}
+
+// Spec is a key to create.
+type Spec struct {
+	Owner, Name, Environment string
+	Permissions              []string
+	Expires                  time.Time
+	AllowedIPs               []netip.Prefix
+	Limits                   []ratelimit.Layer
+	Quota                    *Quota
+	Tags                     []string
+	Metadata                 map[string]string
+}
+
+var permForm = regexp.MustCompile(`^([a-z0-9_*-]+:[a-z0-9_*-]+)$`)
+
+func (m *Manager) check(s Spec) error {
+	switch {
+	case s.Owner == "" || s.Name == "" || s.Environment == "":
+		return fmt.Errorf("%w: owner, name and environment are required", ErrInvalid)
+	case len(s.Permissions) == 0:
+		return fmt.Errorf("%w: a key needs at least one permission (least privilege: name what it may do)", ErrInvalid)
+	case !s.Expires.IsZero() && !s.Expires.After(m.now()):
+		return fmt.Errorf("%w: the expiry is in the past", ErrInvalid)
+	}
+	for _, p := range s.Permissions {
+		if _, role := Roles[p]; !role && !permForm.MatchString(p) {
+			return fmt.Errorf("%w: permission %q: use read-only, standard, admin or resource:action", ErrInvalid, p)
+		}
+	}
+	for _, l := range s.Limits {
+		if err := l.Check(); err != nil {
+			return fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
+	}
+	for _, p := range s.AllowedIPs {
+		if !p.IsValid() {
+			return fmt.Errorf("%w: an invalid allowlist prefix", ErrInvalid)
+		}
+	}
+	return nil
+}
+
+// Create issues a key. The secret is returned here and never again.
+func (m *Manager) Create(ctx context.Context, s Spec) (secret string, rec *Record, err error) {
+	if err := m.check(s); err != nil {
+		return "", nil, err
+	}
+	if secret, err = Generate(m.prefix, rand.Reader); err != nil {
+		return "", nil, err
+	}
+	id := make([]byte, 12)
+	rand.Read(id)
+	now := m.now().UTC()
+	rec = &Record{
+		ID: "ak_" + hex.EncodeToString(id), Owner: s.Owner, Name: s.Name, Environment: s.Environment,
+		Permissions: s.Permissions, Expires: s.Expires, AllowedIPs: s.AllowedIPs, Limits: s.Limits, Quota: s.Quota,
+		Tags: s.Tags, Metadata: s.Metadata, State: Active, Created: now,
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.addSecret(ctx, rec, secret, now); err != nil {
+		return "", nil, err
+	}
+	return secret, rec, m.save(rec)
+}
+
+// addSecret MACs a secret, indexes the MAC (before the record names it: an
+// index entry without a record only ever finds nothing) and appends it.
+func (m *Manager) addSecret(ctx context.Context, rec *Record, secret string, now time.Time) error {
+	mac, err := m.mac.HMACSHA256(ctx, m.pepper, []byte(secret))
+	if err != nil {
+		return err
+	}
+	ref, _ := json.Marshal(secretRef{ID: rec.ID, Secret: len(rec.Secrets)})
+	if err := m.store.Update(store.BucketAPIKeyMACs, hex.EncodeToString(mac), func(old []byte) ([]byte, error) {
+		if old != nil {
+			return nil, errors.New("apikeys: a secret's MAC is indexed already") // 256 random bits: never
+		}
+		return ref, nil
+	}); err != nil {
+		return err
+	}
+	rec.Secrets = append(rec.Secrets, Secret{MAC: mac, Created: now})
+	return nil
+}
+
+func (m *Manager) save(rec *Record) error {
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	return m.store.Update(store.BucketAPIKeys, rec.ID, func([]byte) ([]byte, error) { return b, nil })
+}
+
+// Get returns a key's record.
+func (m *Manager) Get(id string) (*Record, error) {
+	b, err := m.store.Get(store.BucketAPIKeys, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("%w: %q", ErrNotFound, id)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var rec Record
+	if err := json.Unmarshal(b, &rec); err != nil {
+		return nil, fmt.Errorf("apikeys: the record of %q does not parse: %w", id, err)
+	}
+	return &rec, nil
+}
+
+// Verify checks a presented key for a request.
+func (m *Manager) Verify(ctx context.Context, presented string, req Request) Result {
+	if _, err := Parse(presented); err != nil {
+		return Result{Code: Malformed, Detail: err.Error()}
+	}
+	digest := sha256.Sum256([]byte(presented))
+	m.mu.Lock()
+	ref, known := m.digests[digest]
+	m.mu.Unlock()
+	if !known {
+		mac, err := m.mac.HMACSHA256(ctx, m.pepper, []byte(presented))
+		if err != nil {
+			return Result{Code: Unavailable, Detail: err.Error()}
+		}
+		b, err := m.store.Get(store.BucketAPIKeyMACs, hex.EncodeToString(mac))
+		if errors.Is(err, store.ErrNotFound) {
+			return Result{Code: NotFound, Detail: "no such key"}
+		}
+		if err != nil {
+			return Result{Code: Unavailable, Detail: err.Error()}
+		}
+		if err := json.Unmarshal(b, &ref); err != nil {
+			return Result{Code: NotFound, Detail: "no such key"}
+		}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rec, err := m.Get(ref.ID)
+	if errors.Is(err, ErrNotFound) {
+		return Result{Code: NotFound, Detail: "no such key"}
+	}
+	if err != nil {
+		return Result{Code: Unavailable, Detail: err.Error()}
+	}
+	if !known {
+		if len(m.digests) >= 100000 {
+			clear(m.digests)
+		}
+		m.digests[digest] = ref
+	}
+	var quota Quota
+	if rec.Quota != nil {
+		quota = *rec.Quota
+	}
+	res := Check(rec, ref.Secret, req, m.lim, m.now())
+	if rec.Quota != nil && *rec.Quota != quota {
+		if err := m.save(rec); err != nil {
+			return Result{Code: Unavailable, Detail: err.Error()}
+		}
+	}
+	return res
+}
+
+// change applies fn to a key's record and saves it; every change empties
+// the verification cache, so it counts from the very next verify.
+func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
+	rec, err := m.Get(id)
+	if err != nil {
+		return nil, err
+	}
+	if err := fn(rec); err != nil {
+		return nil, err
+	}
+	if err := m.save(rec); err != nil {
+		return nil, err
+	}
+	clear(m.digests)
+	m.lim.Forget(id)
+	return rec, nil
+}
+
+// Revoke revokes a key at once.
+func (m *Manager) Revoke(id string) (*Record, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.change(id, func(r *Record) error { r.State = StateRevoked; return nil })
+}
+
+// Filter picks keys for a bulk revocation; every field set must match.
+type Filter struct {
+	Owner, Tag, Environment string
+}
+
+// RevokeWhere revokes every active key the filter picks (or, with dryRun,
+// only counts them) and returns the count. An empty filter picks nothing.
+func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
+	if f == (Filter{}) {
+		return 0, fmt.Errorf("%w: an empty filter; name an owner, tag or environment", ErrInvalid)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var ids []string
+	err := m.store.ForEach(store.BucketAPIKeys, "", func(id string, b []byte) error {
+		var r Record
+		if json.Unmarshal(b, &r) != nil || r.State == StateRevoked {
+			return nil
+		}
+		if (f.Owner == "" || r.Owner == f.Owner) && (f.Environment == "" || r.Environment == f.Environment) && (f.Tag == "" || slices.Contains(r.Tags, f.Tag)) {
+			ids = append(ids, id)
+		}
+		return nil
+	})
+	if err != nil || dryRun {
+		return len(ids), err
+	}
+	for i, id := range ids {
+		if _, err := m.change(id, func(r *Record) error { r.State = StateRevoked; return nil }); err != nil {
+			return i, err
+		}
+	}
+	return len(ids), nil
+}
+
+// Overlaps by risk level: how long an old secret keeps working after a
+// rotation.
+var Overlaps = map[string]time.Duration{"high": 24 * time.Hour, "moderate": 48 * time.Hour}
+
+// Rotate gives a key a new secret, returned here and never again; the old
+// ones keep working for overlap (0: the moderate default), then get EXPIRED.
+func (m *Manager) Rotate(ctx context.Context, id string, overlap time.Duration) (string, *Record, error) {
+	if overlap == 0 {
+		overlap = Overlaps["moderate"]
+	}
+	if overlap < 0 {
+		return "", nil, fmt.Errorf("%w: a negative overlap", ErrInvalid)
+	}
+	secret, err := Generate(m.prefix, rand.Reader)
+	if err != nil {
+		return "", nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := m.now().UTC()
+	rec, err := m.change(id, func(r *Record) error {
+		if r.State == StateRevoked {
+			return fmt.Errorf("%w: %q is revoked", ErrInvalid, id)
+		}
+		for i := range r.Secrets {
+			if end := now.Add(overlap); r.Secrets[i].NotAfter.IsZero() || end.Before(r.Secrets[i].NotAfter) {
+				r.Secrets[i].NotAfter = end
+			}
+		}
+		return m.addSecret(ctx, r, secret, now)
+	})
+	if err != nil {
+		return "", nil, err
+	}
+	return secret, rec, nil
+}

@@ -1,0 +1,311 @@
+package apikeys
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/hsm"
+	"github.com/keyward/keyward/softhsm-test/hsmtest"
+)
+
+var pepper = hsm.KeyID{Name: "keyward-apikeys", Version: 1}
+
+// clock is a settable test clock.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) now() time.Time               { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) add(d time.Duration)          { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
+func newClock() *clock                        { return &clock{t: time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)} }
+func (c *clock) in(d time.Duration) time.Time { return c.now().Add(d) }
+
+// countingMAC counts the HSM calls the Manager makes.
+type countingMAC struct {
+	MACer
+	mu sync.Mutex
+	n  int
+}
+
+func (c *countingMAC) HMACSHA256(ctx context.Context, id hsm.KeyID, msg []byte) ([]byte, error) {
+	c.mu.Lock()
+	c.n++
+	c.mu.Unlock()
+	return c.MACer.HMACSHA256(ctx, id, msg)
+}
+
+func (c *countingMAC) calls() int { c.mu.Lock(); defer c.mu.Unlock(); return c.n }
+
+type fixture struct {
+	h     *hsm.HSM
+	mac   *countingMAC
+	path  string
+	store *store.Store
+	clk   *clock
+	m     *Manager
+}
+
+func newFixture(t testing.TB) *fixture {
+	t.Helper()
+	h, _ := hsmtest.Open(t)
+	if err := h.CreateKey(context.Background(), pepper, hsm.HMACSHA256); err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{h: h, mac: &countingMAC{MACer: h}, path: filepath.Join(t.TempDir(), "keyward.db"), clk: newClock()}
+	f.reopen(t)
+	return f
+}
+
+// reopen closes the store and opens a new Manager on it, as a restart does.
+func (f *fixture) reopen(t testing.TB) {
+	t.Helper()
+	if f.store != nil {
+		f.store.Close()
+	}
+	s, err := store.Open(f.path, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	f.store = s
+	if f.m, err = NewManager(s, f.mac, pepper, "kwtest", f.clk.now); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (f *fixture) create(t testing.TB, s Spec) (string, *Record) {
+	t.Helper()
+	secret, rec, err := f.m.Create(context.Background(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return secret, rec
+}
+
+func (f *fixture) verify(t *testing.T, key string, req Request, want Code) Result {
+	t.Helper()
+	res := f.m.Verify(context.Background(), key, req)
+	if res.Code != want {
+		t.Fatalf("Verify = %s (%s), want %s", res.Code, res.Detail, want)
+	}
+	return res
+}
+
+func spec() Spec {
+	return Spec{Owner: "team-a", Name: "billing", Environment: "prod", Permissions: []string{"invoices:read"}}
+}
+
+var prod = Request{Environment: "prod", Permissions: []string{"invoices:read"}}
+
+func TestManagerLifecycle(t *testing.T) {
+	f := newFixture(t)
+	key, rec := f.create(t, spec())
+	if !strings.HasPrefix(key, "kwtest_") || !strings.HasPrefix(rec.ID, "ak_") {
+		t.Fatalf("key %q... id %q: want the kwtest_ prefix and an ak_ ID", key[:7], rec.ID)
+	}
+	f.verify(t, key, prod, Valid)
+	f.verify(t, key, Request{Environment: "prod", Permissions: []string{"invoices:write"}}, Forbidden)
+	f.verify(t, key, Request{Environment: "staging", Permissions: []string{"invoices:read"}}, WrongEnvironment)
+
+	// A typo is caught by the checksum before any HSM call; a well-formed
+	// key nobody issued is NOT_FOUND.
+	before := f.mac.calls()
+	typo := key[:len(key)-8] + string(key[len(key)-8]^1) + key[len(key)-7:]
+	f.verify(t, typo, prod, Malformed)
+	if f.mac.calls() != before {
+		t.Errorf("a malformed key cost %d HSM calls, want 0", f.mac.calls()-before)
+	}
+	other, err := Generate("kwtest", strings.NewReader(strings.Repeat("x", 64)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, other, prod, NotFound)
+
+	// The second verify of a key is answered from the digest cache.
+	before = f.mac.calls()
+	f.verify(t, key, prod, Valid)
+	if f.mac.calls() != before {
+		t.Errorf("a verified key cost %d HSM calls again, want 0", f.mac.calls()-before)
+	}
+
+	// Revocation counts from the very next verify, cached or not, and
+	// survives a restart.
+	if _, err := f.m.Revoke(rec.ID); err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, key, prod, Revoked)
+	f.reopen(t)
+	f.verify(t, key, prod, Revoked)
+	if _, err := f.m.Revoke("ak_nope"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Revoke of an unknown ID: %v, want ErrNotFound", err)
+	}
+}
+
+func TestManagerCreateRefuses(t *testing.T) {
+	f := newFixture(t)
+	for name, mod := range map[string]func(*Spec){
+		"no permissions":  func(s *Spec) { s.Permissions = nil },
+		"bad permission":  func(s *Spec) { s.Permissions = []string{"everything"} },
+		"no owner":        func(s *Spec) { s.Owner = "" },
+		"expired already": func(s *Spec) { s.Expires = f.clk.in(-time.Second) },
+	} {
+		s := spec()
+		mod(&s)
+		if _, _, err := f.m.Create(context.Background(), s); !errors.Is(err, ErrInvalid) {
+			t.Errorf("%s: Create = %v, want ErrInvalid", name, err)
+		}
+	}
+}
+
+func TestManagerExpiryAndAllowlist(t *testing.T) {
+	f := newFixture(t)
+	s := spec()
+	s.Expires = f.clk.in(time.Hour)
+	s.AllowedIPs = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+	key, _ := f.create(t, s)
+	in := prod
+	in.SourceIP = netip.MustParseAddr("10.1.2.3")
+	f.verify(t, key, in, Valid)
+	out := prod
+	out.SourceIP = netip.MustParseAddr("192.0.2.1")
+	f.verify(t, key, out, IPNotAllowed)
+	f.verify(t, key, prod, IPNotAllowed) // unknown source
+	f.clk.add(time.Hour)
+	f.verify(t, key, in, Expired)
+}
+
+func TestManagerRotateOverlap(t *testing.T) {
+	f := newFixture(t)
+	old, rec := f.create(t, spec())
+	f.verify(t, old, prod, Valid)
+	fresh, rec2, err := f.m.Rotate(context.Background(), rec.ID, Overlaps["high"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fresh == old || rec2.ID != rec.ID || len(rec2.Secrets) != 2 {
+		t.Fatalf("Rotate: a new secret for the same ID is wanted; got %d secrets, same=%v", len(rec2.Secrets), fresh == old)
+	}
+	// Both work during the overlap; the old one stops at its end.
+	f.verify(t, old, prod, Valid)
+	f.verify(t, fresh, prod, Valid)
+	f.clk.add(Overlaps["high"] - time.Second)
+	f.verify(t, old, prod, Valid)
+	f.clk.add(time.Second)
+	f.verify(t, old, prod, Expired)
+	f.verify(t, fresh, prod, Valid)
+
+	// A second rotation never lengthens an overlap already set.
+	f.reopen(t)
+	if _, _, err := f.m.Rotate(context.Background(), rec.ID, Overlaps["moderate"]); err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, old, prod, Expired)
+	f.verify(t, fresh, prod, Valid)
+
+	if _, err := f.m.Revoke(rec.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := f.m.Rotate(context.Background(), rec.ID, 0); !errors.Is(err, ErrInvalid) {
+		t.Errorf("Rotate of a revoked key: %v, want ErrInvalid", err)
+	}
+	f.verify(t, fresh, prod, Revoked)
+}
+
+func TestManagerRevokeWhere(t *testing.T) {
+	f := newFixture(t)
+	var keys []string
+	for _, owner := range []string{"team-a", "team-a", "team-b"} {
+		s := spec()
+		s.Owner, s.Tags = owner, []string{"ci"}
+		k, _ := f.create(t, s)
+		keys = append(keys, k)
+	}
+	if _, err := f.m.RevokeWhere(Filter{}, false); !errors.Is(err, ErrInvalid) {
+		t.Errorf("an empty filter: %v, want ErrInvalid", err)
+	}
+	n, err := f.m.RevokeWhere(Filter{Owner: "team-a", Tag: "ci"}, true)
+	if err != nil || n != 2 {
+		t.Fatalf("dry run = %d, %v; want 2", n, err)
+	}
+	f.verify(t, keys[0], prod, Valid) // a dry run changes nothing
+	if n, err = f.m.RevokeWhere(Filter{Owner: "team-a"}, false); err != nil || n != 2 {
+		t.Fatalf("RevokeWhere = %d, %v; want 2", n, err)
+	}
+	f.verify(t, keys[0], prod, Revoked)
+	f.verify(t, keys[1], prod, Revoked)
+	f.verify(t, keys[2], prod, Valid)
+	if n, _ = f.m.RevokeWhere(Filter{Owner: "team-a"}, false); n != 0 {
+		t.Errorf("revoked keys were counted again: %d", n)
+	}
+}
+
+func TestManagerQuotaPersists(t *testing.T) {
+	f := newFixture(t)
+	s := spec()
+	s.Quota = &Quota{Remaining: 2}
+	key, rec := f.create(t, s)
+	f.verify(t, key, prod, Valid)
+	f.reopen(t)
+	f.verify(t, key, prod, Valid)
+	f.verify(t, key, prod, UsageExceeded)
+	got, err := f.m.Get(rec.ID)
+	if err != nil || got.Quota.Remaining != 0 {
+		t.Fatalf("Get = %+v, %v; want 0 remaining", got, err)
+	}
+}
+
+// TestManagerStoresNoSecret: neither the key nor its random part is in the
+// store file, so a copy of it (or a backup) gives no working key.
+func TestManagerStoresNoSecret(t *testing.T) {
+	f := newFixture(t)
+	key, _ := f.create(t, spec())
+	f.verify(t, key, prod, Valid)
+	f.store.Close()
+	b, err := os.ReadFile(f.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := key[len("kwtest_") : len(key)-6]
+	if bytes.Contains(b, []byte(body)) {
+		t.Fatal("the store file holds the key's secret")
+	}
+}
+
+func TestManagerConcurrentVerify(t *testing.T) {
+	f := newFixture(t)
+	s := spec()
+	s.Quota = &Quota{Remaining: 50}
+	key, rec := f.create(t, s)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	valid := 0
+	for range 8 {
+		wg.Go(func() {
+			for range 10 {
+				if f.m.Verify(context.Background(), key, prod).Code == Valid {
+					mu.Lock()
+					valid++
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	got, err := f.m.Get(rec.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if valid != 50 || got.Quota.Remaining != 0 {
+		t.Fatalf("80 verifies against a quota of 50: %d valid, %d remaining; want 50 and 0", valid, got.Quota.Remaining)
+	}
+}
