@@ -2,6 +2,7 @@ package apikeys
 
 import (
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -24,6 +25,10 @@ var (
 	ErrNotFound = errors.New("apikeys: no such key")
 	ErrInvalid  = errors.New("apikeys: invalid argument")
 )
+
+// maxCached bounds the digest cache (about 150 bytes an entry); when full
+// it is emptied and refills from the keys in use.
+const maxCached = 100_000
 
 // Unavailable: the HSM or the store failed; the key's validity is unknown
 // and the caller should retry (never treat it as valid).
@@ -54,8 +59,15 @@ type Manager struct {
 	lim    *ratelimit.Limiter
 	now    func() time.Time
 
-	mu      sync.Mutex             // serializes changes; guards the cache
-	digests map[[32]byte]secretRef // sha256(presented key) -> which key and secret
+	mu      sync.Mutex         // serializes changes; guards the cache
+	digests map[[32]byte]known // sha256(presented key) -> its MAC, which key and secret
+}
+
+// known is a presented key verified before: its MAC under the pepper and
+// where the index says it belongs.
+type known struct {
+	mac []byte
+	ref secretRef
 }
 
 type secretRef struct {
@@ -75,7 +87,7 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, prefix string, now func() 
 	if now == nil {
 		now = time.Now
 	}
-	return &Manager{store: s, mac: mac, pepper: pepper, prefix: prefix, lim: ratelimit.New(), now: now, digests: map[[32]byte]secretRef{}}, nil
+	return &Manager{store: s, mac: mac, pepper: pepper, prefix: prefix, lim: ratelimit.New(), now: now, digests: map[[32]byte]known{}}, nil
 }
 
 // Spec is a key to create.
@@ -194,9 +206,9 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 	}
 	digest := sha256.Sum256([]byte(presented))
 	m.mu.Lock()
-	ref, known := m.digests[digest]
+	k, cached := m.digests[digest]
 	m.mu.Unlock()
-	if !known {
+	if !cached {
 		mac, err := m.mac.HMACSHA256(ctx, m.pepper, []byte(presented))
 		if err != nil {
 			return Result{Code: Unavailable, Detail: err.Error()}
@@ -208,30 +220,36 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		if err != nil {
 			return Result{Code: Unavailable, Detail: err.Error()}
 		}
-		if err := json.Unmarshal(b, &ref); err != nil {
+		k.mac = mac
+		if err := json.Unmarshal(b, &k.ref); err != nil {
 			return Result{Code: NotFound, Detail: "no such key"}
 		}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	rec, err := m.Get(ref.ID)
+	rec, err := m.Get(k.ref.ID)
 	if errors.Is(err, ErrNotFound) {
 		return Result{Code: NotFound, Detail: "no such key"}
 	}
 	if err != nil {
 		return Result{Code: Unavailable, Detail: err.Error()}
 	}
-	if !known {
-		if len(m.digests) >= 100000 {
+	// The index only points; the record decides, in constant time, so an
+	// index entry that is stale or was written by someone else finds nothing.
+	if k.ref.Secret < 0 || k.ref.Secret >= len(rec.Secrets) || !hmac.Equal(rec.Secrets[k.ref.Secret].MAC, k.mac) {
+		return Result{Code: NotFound, Detail: "no such key"}
+	}
+	if !cached {
+		if len(m.digests) >= maxCached {
 			clear(m.digests)
 		}
-		m.digests[digest] = ref
+		m.digests[digest] = k
 	}
 	var quota Quota
 	if rec.Quota != nil {
 		quota = *rec.Quota
 	}
-	res := Check(rec, ref.Secret, req, m.lim, m.now())
+	res := Check(rec, k.ref.Secret, req, m.lim, m.now())
 	if rec.Quota != nil && *rec.Quota != quota {
 		if err := m.save(rec); err != nil {
 			return Result{Code: Unavailable, Detail: err.Error()}

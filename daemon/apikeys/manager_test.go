@@ -3,6 +3,8 @@ package apikeys
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"net/netip"
 	"os"
@@ -308,4 +310,18 @@ func TestManagerConcurrentVerify(t *testing.T) {
 	if valid != 50 || got.Quota.Remaining != 0 {
 		t.Fatalf("80 verifies against a quota of 50: %d valid, %d remaining; want 50 and 0", valid, got.Quota.Remaining)
 	}
+}
+
+// TestManagerIndexOnlyPoints: an index entry pointing a key's MAC at another
+// key (a stale entry, or a store someone wrote to) does not let it verify as
+// that key: the record's own MAC decides.
+func TestManagerIndexOnlyPoints(t *testing.T) {
+	f := newFixture(t)
+	a, recA := f.create(t, spec())
+	_, recB := f.create(t, spec())
+	ref, _ := json.Marshal(secretRef{ID: recB.ID, Secret: 0})
+	if err := f.store.Update(store.BucketAPIKeyMACs, hex.EncodeToString(recA.Secrets[0].MAC), func([]byte) ([]byte, error) { return ref, nil }); err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, a, prod, NotFound)
 }
