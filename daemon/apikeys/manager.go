@@ -38,7 +38,7 @@ const Unavailable Code = "UNAVAILABLE"
 type Store interface {
 	Get(bucket, key string) ([]byte, error)
 	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
-	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
+	ForEachAfter(bucket, after string, fn func(key string, rec []byte) error) error
 }
 
 // MACer computes HMAC-SHA256 with the pepper key inside the HSM.
@@ -152,7 +152,10 @@ func (m *Manager) Create(ctx context.Context, s Spec) (secret string, rec *Recor
 	if err := m.addSecret(ctx, rec, secret, now); err != nil {
 		return "", nil, err
 	}
-	return secret, rec, m.save(rec)
+	if err := m.save(rec); err != nil {
+		return "", nil, err
+	}
+	return secret, public(rec), nil
 }
 
 // addSecret MACs a secret, indexes the MAC (before the record names it: an
@@ -183,8 +186,14 @@ func (m *Manager) save(rec *Record) error {
 	return m.store.Update(store.BucketAPIKeys, rec.ID, func([]byte) ([]byte, error) { return b, nil })
 }
 
-// Get returns a key's record.
-func (m *Manager) Get(id string) (*Record, error) {
+var idForm = regexp.MustCompile(`^ak_[0-9a-f]{24}$`)
+
+// load reads a key's record, MACs included. An ID that is not of the form
+// is refused without being echoed: it may be a secret pasted by mistake.
+func (m *Manager) load(id string) (*Record, error) {
+	if !idForm.MatchString(id) {
+		return nil, fmt.Errorf("%w: not a key ID (ak_ and 24 hex digits; the ID, never the key itself)", ErrInvalid)
+	}
 	b, err := m.store.Get(store.BucketAPIKeys, id)
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, fmt.Errorf("%w: %q", ErrNotFound, id)
@@ -192,11 +201,72 @@ func (m *Manager) Get(id string) (*Record, error) {
 	if err != nil {
 		return nil, err
 	}
+	return decode(id, b)
+}
+
+func decode(id string, b []byte) (*Record, error) {
 	var rec Record
 	if err := json.Unmarshal(b, &rec); err != nil {
 		return nil, fmt.Errorf("apikeys: the record of %q does not parse: %w", id, err)
 	}
 	return &rec, nil
+}
+
+// public is what leaves the Manager: a record without its secrets' MACs.
+func public(rec *Record) *Record {
+	out := *rec
+	out.Secrets = make([]Secret, len(rec.Secrets))
+	for i, s := range rec.Secrets {
+		out.Secrets[i] = Secret{Created: s.Created, NotAfter: s.NotAfter}
+	}
+	return &out
+}
+
+// Get returns a key's record, without MACs.
+func (m *Manager) Get(id string) (*Record, error) {
+	rec, err := m.load(id)
+	if err != nil {
+		return nil, err
+	}
+	return public(rec), nil
+}
+
+// Page sizes of List.
+const (
+	DefaultPageSize = 100
+	MaxPageSize     = 1000
+)
+
+var errPageFull = errors.New("page full")
+
+// List returns the keys the filter picks (every field set must match; an
+// empty filter picks all), in ID order, after the ID after ("" for the
+// first page), at most size of them (0: DefaultPageSize), without MACs.
+// next is the ID to pass as after for the next page, "" on the last one.
+func (m *Manager) List(f Filter, after string, size int) (recs []*Record, next string, err error) {
+	if size <= 0 {
+		size = DefaultPageSize
+	}
+	size = min(size, MaxPageSize)
+	err = m.store.ForEachAfter(store.BucketAPIKeys, after, func(id string, b []byte) error {
+		rec, err := decode(id, b)
+		if err != nil {
+			return err
+		}
+		if !f.matches(rec) {
+			return nil
+		}
+		if len(recs) == size {
+			next = recs[size-1].ID
+			return errPageFull
+		}
+		recs = append(recs, public(rec))
+		return nil
+	})
+	if errors.Is(err, errPageFull) {
+		err = nil
+	}
+	return recs, next, err
 }
 
 // Verify checks a presented key for a request.
@@ -227,8 +297,8 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	rec, err := m.Get(k.ref.ID)
-	if errors.Is(err, ErrNotFound) {
+	rec, err := m.load(k.ref.ID)
+	if errors.Is(err, ErrNotFound) || errors.Is(err, ErrInvalid) {
 		return Result{Code: NotFound, Detail: "no such key"}
 	}
 	if err != nil {
@@ -261,7 +331,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 // change applies fn to a key's record and saves it; every change empties
 // the verification cache, so it counts from the very next verify.
 func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
-	rec, err := m.Get(id)
+	rec, err := m.load(id)
 	if err != nil {
 		return nil, err
 	}
@@ -280,29 +350,138 @@ func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
 func (m *Manager) Revoke(id string) (*Record, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.change(id, func(r *Record) error { r.State = StateRevoked; return nil })
+	rec, err := m.change(id, func(r *Record) error { r.State = StateRevoked; return nil })
+	if err != nil {
+		return nil, err
+	}
+	return public(rec), nil
 }
 
-// Filter picks keys for a bulk revocation; every field set must match.
+// ErrWidens: a caller without admin rights asked for more than the key has.
+var ErrWidens = errors.New("apikeys: only an admin may widen a key")
+
+// Change is an update of a key; nil fields stay as they are.
+type Change struct {
+	Permissions []string
+	Limits      *[]ratelimit.Layer // &[]ratelimit.Layer{} removes every limit
+	AllowedIPs  *[]netip.Prefix    // &[]netip.Prefix{} removes the allowlist
+	Expires     *time.Time         // &time.Time{} removes the expiry
+	State       *State             // Active or StateDisabled; revoke with Revoke
+}
+
+// Update changes a key's permissions, limits, allowlist, expiry or state.
+// Unless admin, it may only narrow: permissions the key already grants,
+// every rate-limit layer kept (same period) with no larger limit or burst,
+// allowlist prefixes inside the current ones, an earlier expiry, disabling.
+func (m *Manager) Update(id string, c Change, admin bool) (*Record, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rec, err := m.change(id, func(r *Record) error {
+		if r.State == StateRevoked {
+			return fmt.Errorf("%w: %q is revoked; create a new key", ErrInvalid, id)
+		}
+		old := *r
+		if c.Permissions != nil {
+			r.Permissions = c.Permissions
+		}
+		if c.Limits != nil {
+			r.Limits = *c.Limits
+		}
+		if c.AllowedIPs != nil {
+			r.AllowedIPs = *c.AllowedIPs
+		}
+		if c.Expires != nil {
+			r.Expires = *c.Expires
+		}
+		if c.State != nil {
+			if *c.State != Active && *c.State != StateDisabled {
+				return fmt.Errorf("%w: a key's state changes to active or disabled (revoke with RevokeAPIKey)", ErrInvalid)
+			}
+			r.State = *c.State
+		}
+		if c.Expires != nil || c.Permissions != nil || c.Limits != nil || c.AllowedIPs != nil {
+			if err := m.check(Spec{Owner: r.Owner, Name: r.Name, Environment: r.Environment, Permissions: r.Permissions,
+				Expires: r.Expires, AllowedIPs: r.AllowedIPs, Limits: r.Limits}); err != nil {
+				return err
+			}
+		}
+		if admin {
+			return nil
+		}
+		return narrows(&old, r)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return public(rec), nil
+}
+
+// narrows says why now grants more than was, or nil.
+func narrows(was, now *Record) error {
+	for _, p := range now.Permissions {
+		pats := Roles[p]
+		if pats == nil {
+			pats = []string{p}
+		}
+		for _, pat := range pats {
+			if !was.Grants(pat) {
+				return fmt.Errorf("%w: the key does not grant %q now", ErrWidens, pat)
+			}
+		}
+	}
+	for _, l := range was.Limits {
+		if !slices.ContainsFunc(now.Limits, func(n ratelimit.Layer) bool {
+			return n.Per == l.Per && n.Limit <= l.Limit && n.Burst <= l.Burst
+		}) {
+			return fmt.Errorf("%w: the rate limit of %d per %v is raised or removed", ErrWidens, l.Limit, l.Per)
+		}
+	}
+	if len(was.AllowedIPs) > 0 {
+		if len(now.AllowedIPs) == 0 {
+			return fmt.Errorf("%w: the allowlist is removed", ErrWidens)
+		}
+		for _, n := range now.AllowedIPs {
+			if !slices.ContainsFunc(was.AllowedIPs, func(o netip.Prefix) bool { return o.Bits() <= n.Bits() && o.Contains(n.Addr()) }) {
+				return fmt.Errorf("%w: %v is outside the allowlist", ErrWidens, n)
+			}
+		}
+	}
+	if !was.Expires.IsZero() && (now.Expires.IsZero() || now.Expires.After(was.Expires)) {
+		return fmt.Errorf("%w: the expiry is later or removed", ErrWidens)
+	}
+	if was.State == StateDisabled && now.State == Active {
+		return fmt.Errorf("%w: the key is enabled again", ErrWidens)
+	}
+	return nil
+}
+
+// Filter picks keys; every field set must match.
 type Filter struct {
 	Owner, Tag, Environment string
+	State                   State
 }
 
-// RevokeWhere revokes every active key the filter picks (or, with dryRun,
-// only counts them) and returns the count. An empty filter picks nothing.
+func (f Filter) matches(r *Record) bool {
+	return (f.Owner == "" || r.Owner == f.Owner) && (f.Environment == "" || r.Environment == f.Environment) &&
+		(f.Tag == "" || slices.Contains(r.Tags, f.Tag)) && (f.State == "" || r.State == f.State)
+}
+
+// RevokeWhere revokes every key not yet revoked that the filter picks (or,
+// with dryRun, only counts them) and returns the count. The filter must name
+// an owner, tag or environment.
 func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
-	if f == (Filter{}) {
+	if f.Owner == "" && f.Tag == "" && f.Environment == "" {
 		return 0, fmt.Errorf("%w: an empty filter; name an owner, tag or environment", ErrInvalid)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var ids []string
-	err := m.store.ForEach(store.BucketAPIKeys, "", func(id string, b []byte) error {
-		var r Record
-		if json.Unmarshal(b, &r) != nil || r.State == StateRevoked {
-			return nil
+	err := m.store.ForEachAfter(store.BucketAPIKeys, "", func(id string, b []byte) error {
+		r, err := decode(id, b)
+		if err != nil {
+			return err
 		}
-		if (f.Owner == "" || r.Owner == f.Owner) && (f.Environment == "" || r.Environment == f.Environment) && (f.Tag == "" || slices.Contains(r.Tags, f.Tag)) {
+		if r.State != StateRevoked && f.matches(r) {
 			ids = append(ids, id)
 		}
 		return nil
@@ -352,5 +531,5 @@ func (m *Manager) Rotate(ctx context.Context, id string, overlap time.Duration) 
 	if err != nil {
 		return "", nil, err
 	}
-	return secret, rec, nil
+	return secret, public(rec), nil
 }

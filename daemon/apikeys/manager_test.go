@@ -9,11 +9,13 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/keyward/keyward/daemon/ratelimit"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
 	"github.com/keyward/keyward/softhsm-test/hsmtest"
@@ -148,7 +150,7 @@ func TestManagerLifecycle(t *testing.T) {
 	f.verify(t, key, prod, Revoked)
 	f.reopen(t)
 	f.verify(t, key, prod, Revoked)
-	if _, err := f.m.Revoke("ak_nope"); !errors.Is(err, ErrNotFound) {
+	if _, err := f.m.Revoke("ak_000000000000000000000000"); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Revoke of an unknown ID: %v, want ErrNotFound", err)
 	}
 }
@@ -319,9 +321,150 @@ func TestManagerIndexOnlyPoints(t *testing.T) {
 	f := newFixture(t)
 	a, recA := f.create(t, spec())
 	_, recB := f.create(t, spec())
+	if len(recA.Secrets[0].MAC) != 0 {
+		t.Fatal("Create returned a MAC")
+	}
+	macA, err := f.h.HMACSHA256(context.Background(), pepper, []byte(a))
+	if err != nil {
+		t.Fatal(err)
+	}
 	ref, _ := json.Marshal(secretRef{ID: recB.ID, Secret: 0})
-	if err := f.store.Update(store.BucketAPIKeyMACs, hex.EncodeToString(recA.Secrets[0].MAC), func([]byte) ([]byte, error) { return ref, nil }); err != nil {
+	if err := f.store.Update(store.BucketAPIKeyMACs, hex.EncodeToString(macA), func([]byte) ([]byte, error) { return ref, nil }); err != nil {
 		t.Fatal(err)
 	}
 	f.verify(t, a, prod, NotFound)
+}
+
+func TestManagerList(t *testing.T) {
+	f := newFixture(t)
+	ids := map[string]bool{}
+	for i := range 7 {
+		s := spec()
+		if i%2 == 1 {
+			s.Owner, s.Tags = "team-b", []string{"odd"}
+		}
+		_, rec := f.create(t, s)
+		ids[rec.ID] = true
+	}
+	var seen []string
+	after, pages := "", 0
+	for {
+		recs, next, err := f.m.List(Filter{}, after, 3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pages++
+		for _, r := range recs {
+			if !ids[r.ID] || len(r.Secrets) != 1 || r.Secrets[0].MAC != nil {
+				t.Fatalf("List gave %q with %d secrets, MAC %x: want a known key, one secret, no MAC", r.ID, len(r.Secrets), r.Secrets[0].MAC)
+			}
+			seen = append(seen, r.ID)
+		}
+		if next == "" {
+			break
+		}
+		after = next
+	}
+	if len(seen) != 7 || pages != 3 || !slices.IsSorted(seen) {
+		t.Fatalf("paged list: %d keys in %d pages, sorted %v; want 7 in 3, sorted", len(seen), pages, slices.IsSorted(seen))
+	}
+	recs, next, err := f.m.List(Filter{Owner: "team-b", Tag: "odd"}, "", 0)
+	if err != nil || len(recs) != 3 || next != "" {
+		t.Fatalf("filtered list: %d keys, next %q, %v; want 3 on one page", len(recs), next, err)
+	}
+	if _, err := f.m.Revoke(recs[0].ID); err != nil {
+		t.Fatal(err)
+	}
+	if recs, _, _ = f.m.List(Filter{State: StateRevoked}, "", 0); len(recs) != 1 {
+		t.Fatalf("revoked keys listed: %d, want 1", len(recs))
+	}
+}
+
+// TestManagerIDNotEchoed: a key pasted where an ID belongs is refused
+// without appearing in the error.
+func TestManagerIDNotEchoed(t *testing.T) {
+	f := newFixture(t)
+	key, _ := f.create(t, spec())
+	for _, call := range []func() error{
+		func() error { _, err := f.m.Get(key); return err },
+		func() error { _, err := f.m.Revoke(key); return err },
+		func() error { _, _, err := f.m.Rotate(context.Background(), key, 0); return err },
+		func() error { _, err := f.m.Update(key, Change{}, true); return err },
+	} {
+		err := call()
+		if !errors.Is(err, ErrInvalid) || strings.Contains(err.Error(), key[7:20]) {
+			t.Fatalf("a key given as an ID: %v; want ErrInvalid without the key", err)
+		}
+	}
+}
+
+func TestManagerUpdateNarrows(t *testing.T) {
+	f := newFixture(t)
+	s := spec()
+	s.Permissions = []string{"standard"}
+	s.Expires = f.clk.in(30 * 24 * time.Hour)
+	s.AllowedIPs = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("2001:db8::/32")}
+	s.Limits = []ratelimit.Layer{{Limit: 10, Per: time.Second, Burst: 10}}
+	key, rec := f.create(t, s)
+	req := Request{Environment: "prod", Permissions: []string{"orders:write"}, SourceIP: netip.MustParseAddr("10.9.9.9")}
+	f.verify(t, key, req, Valid)
+
+	later, never, enabled := s.Expires.Add(time.Hour), time.Time{}, Active
+	widen := map[string]Change{
+		"admin role":     {Permissions: []string{"admin"}},
+		"a new action":   {Permissions: []string{"orders:delete"}},
+		"no limits":      {Limits: &[]ratelimit.Layer{}},
+		"a higher limit": {Limits: &[]ratelimit.Layer{{Limit: 20, Per: time.Second, Burst: 10}}},
+		"another period": {Limits: &[]ratelimit.Layer{{Limit: 600, Per: time.Minute, Burst: 10}}},
+		"no allowlist":   {AllowedIPs: &[]netip.Prefix{}},
+		"a wider prefix": {AllowedIPs: &[]netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}},
+		"an outside /64": {AllowedIPs: &[]netip.Prefix{netip.MustParsePrefix("2001:db9::/64")}},
+		"a later expiry": {Expires: &later},
+		"no expiry":      {Expires: &never},
+	}
+	for name, c := range widen {
+		if _, err := f.m.Update(rec.ID, c, false); !errors.Is(err, ErrWidens) {
+			t.Errorf("%s by a non-admin: %v, want ErrWidens", name, err)
+		}
+	}
+	f.verify(t, key, req, Valid) // nothing changed
+
+	sooner := f.clk.in(time.Hour)
+	got, err := f.m.Update(rec.ID, Change{
+		Permissions: []string{"orders:read", "*:read"},
+		Limits:      &[]ratelimit.Layer{{Limit: 5, Per: time.Second, Burst: 5}, {Limit: 100, Per: time.Hour, Burst: 10}},
+		AllowedIPs:  &[]netip.Prefix{netip.MustParsePrefix("10.9.0.0/16"), netip.MustParsePrefix("2001:db8:1::/48")},
+		Expires:     &sooner,
+	}, false)
+	if err != nil {
+		t.Fatalf("narrowing by a non-admin: %v", err)
+	}
+	if len(got.Limits) != 2 || !got.Expires.Equal(sooner) {
+		t.Fatalf("the update was not applied: %+v", got)
+	}
+	// Effective from the very next verify of the cached key.
+	f.verify(t, key, req, Forbidden)
+	read := req
+	read.Permissions = []string{"orders:read"}
+	f.verify(t, key, read, Valid)
+	read.SourceIP = netip.MustParseAddr("10.8.0.1")
+	f.verify(t, key, read, IPNotAllowed)
+
+	disabled := StateDisabled
+	if _, err := f.m.Update(rec.ID, Change{State: &disabled}, false); err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, key, req, Disabled)
+	if _, err := f.m.Update(rec.ID, Change{State: &enabled}, false); !errors.Is(err, ErrWidens) {
+		t.Errorf("enabling by a non-admin: %v, want ErrWidens", err)
+	}
+	// An admin may widen.
+	if _, err := f.m.Update(rec.ID, Change{State: &enabled, Permissions: []string{"admin"}, AllowedIPs: &[]netip.Prefix{}}, true); err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, key, Request{Environment: "prod", Permissions: []string{"orders:delete"}}, Valid)
+	revoked := StateRevoked
+	if _, err := f.m.Update(rec.ID, Change{State: &revoked}, true); !errors.Is(err, ErrInvalid) {
+		t.Errorf("revoking through Update: %v, want ErrInvalid", err)
+	}
 }

@@ -231,14 +231,29 @@ func (s *Store) Update(bucketName, key string, fn func(old []byte) ([]byte, erro
 // ForEach calls fn for every record whose key starts with prefix, in key
 // order, with copies of key and value. An error from fn stops it.
 func (s *Store) ForEach(bucketName, prefix string, fn func(key string, rec []byte) error) error {
+	p := []byte(prefix)
+	return s.scan(bucketName, p, func(k []byte) bool { return bytes.HasPrefix(k, p) }, fn)
+}
+
+// ForEachAfter calls fn for every record whose key sorts after the given
+// one ("" for all), in key order, with copies of key and value; it is how
+// a listing resumes from a page token. An error from fn stops it.
+func (s *Store) ForEachAfter(bucketName, after string, fn func(key string, rec []byte) error) error {
+	start := []byte(after)
+	if after != "" {
+		start = append(start, 0) // the least key greater than after
+	}
+	return s.scan(bucketName, start, func([]byte) bool { return true }, fn)
+}
+
+func (s *Store) scan(bucketName string, from []byte, in func(k []byte) bool, fn func(key string, rec []byte) error) error {
 	return s.db.View(func(tx *bolt.Tx) error {
 		b, err := bucket(tx, bucketName)
 		if err != nil {
 			return err
 		}
 		c := b.Cursor()
-		p := []byte(prefix)
-		for k, v := c.Seek(p); k != nil && bytes.HasPrefix(k, p); k, v = c.Next() {
+		for k, v := c.Seek(from); k != nil && in(k); k, v = c.Next() {
 			if err := fn(string(k), bytes.Clone(v)); err != nil {
 				return err
 			}

@@ -57,6 +57,13 @@ func TestRecords(t *testing.T) {
 	if strings.Join(seen, ",") != "a=v-a,ab=v-ab" {
 		t.Fatalf("ForEach(a) = %v", seen)
 	}
+	for after, want := range map[string]string{"": "a,ab,b,c", "a": "ab,b,c", "aa": "ab,b,c", "ab": "b,c", "c": ""} {
+		seen = nil
+		s.ForEachAfter(BucketKeys, after, func(k string, _ []byte) error { seen = append(seen, k); return nil })
+		if strings.Join(seen, ",") != want {
+			t.Errorf("ForEachAfter(%q) = %v, want %s", after, seen, want)
+		}
+	}
 	s.Update(BucketKeys, "ab", func([]byte) ([]byte, error) { return nil, nil })
 	if _, err := s.Get(BucketKeys, "ab"); !errors.Is(err, ErrNotFound) {
 		t.Fatal("a nil record did not delete")
