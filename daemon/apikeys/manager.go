@@ -38,6 +38,7 @@ const Unavailable Code = "UNAVAILABLE"
 type Store interface {
 	Get(bucket, key string) ([]byte, error)
 	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
+	UpdateEach(bucket string, keys []string, fn func(key string, old []byte) ([]byte, error)) error
 	ForEachAfter(bucket, after string, fn func(key string, rec []byte) error) error
 }
 
@@ -57,6 +58,7 @@ type Manager struct {
 	pepper hsm.KeyID
 	prefix string
 	lim    *ratelimit.Limiter
+	usage  *usageLog
 	now    func() time.Time
 
 	mu      sync.Mutex         // serializes changes; guards the cache
@@ -87,7 +89,7 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, prefix string, now func() 
 	if now == nil {
 		now = time.Now
 	}
-	return &Manager{store: s, mac: mac, pepper: pepper, prefix: prefix, lim: ratelimit.New(), now: now, digests: map[[32]byte]known{}}, nil
+	return &Manager{store: s, mac: mac, pepper: pepper, prefix: prefix, lim: ratelimit.New(), usage: newUsageLog(), now: now, digests: map[[32]byte]known{}}, nil
 }
 
 // Spec is a key to create.
@@ -237,7 +239,7 @@ const (
 	MaxPageSize     = 1000
 )
 
-var errPageFull = errors.New("page full")
+var errStop = errors.New("stop") // ends a store scan early
 
 // List returns the keys the filter picks (every field set must match; an
 // empty filter picks all), in ID order, after the ID after ("" for the
@@ -258,12 +260,12 @@ func (m *Manager) List(f Filter, after string, size int) (recs []*Record, next s
 		}
 		if len(recs) == size {
 			next = recs[size-1].ID
-			return errPageFull
+			return errStop
 		}
 		recs = append(recs, public(rec))
 		return nil
 	})
-	if errors.Is(err, errPageFull) {
+	if errors.Is(err, errStop) {
 		err = nil
 	}
 	return recs, next, err
@@ -319,7 +321,9 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 	if rec.Quota != nil {
 		quota = *rec.Quota
 	}
-	res := Check(rec, k.ref.Secret, req, m.lim, m.now())
+	now := m.now()
+	res := Check(rec, k.ref.Secret, req, m.lim, now)
+	m.usage.record(rec.ID, res.Code, req.SourceIP, now)
 	if rec.Quota != nil && *rec.Quota != quota {
 		if err := m.save(rec); err != nil {
 			return Result{Code: Unavailable, Detail: err.Error()}

@@ -26,6 +26,7 @@ const (
 	BucketRevokedTokens = "revoked_tokens" // revoked token IDs and their expiry (schema 2)
 	BucketAPIKeys       = "apikeys"        // API key records, by ID (schema 3)
 	BucketAPIKeyMACs    = "apikey_macs"    // hex HMAC of a secret -> the key's ID and secret number (schema 3)
+	BucketAPIKeyUsage   = "apikey_usage"   // ID/hour -> that hour's use of a key; ID/last -> last use (schema 3)
 )
 
 // ErrNotFound: no record under that key.
@@ -48,7 +49,7 @@ var migrations = []func(tx *bolt.Tx) error{
 		return err
 	},
 	2: func(tx *bolt.Tx) error {
-		for _, b := range []string{BucketAPIKeys, BucketAPIKeyMACs} {
+		for _, b := range []string{BucketAPIKeys, BucketAPIKeyMACs, BucketAPIKeyUsage} {
 			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
 				return err
 			}
@@ -208,23 +209,37 @@ func (s *Store) Get(bucketName, key string) ([]byte, error) {
 // returns. If fn returns an error nothing is written. A nil record from fn
 // deletes the key.
 func (s *Store) Update(bucketName, key string, fn func(old []byte) ([]byte, error)) error {
+	return s.UpdateEach(bucketName, []string{key}, func(_ string, old []byte) ([]byte, error) { return fn(old) })
+}
+
+// UpdateEach is Update for many keys in one transaction, one sync to disk:
+// fn computes each key's new record from its old one (nil: absent; a nil
+// result deletes). An error from fn writes nothing at all.
+func (s *Store) UpdateEach(bucketName string, keys []string, fn func(key string, old []byte) ([]byte, error)) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		b, err := bucket(tx, bucketName)
 		if err != nil {
 			return err
 		}
-		old := b.Get([]byte(key))
-		if old != nil {
-			old = bytes.Clone(old)
+		for _, k := range keys {
+			old := b.Get([]byte(k))
+			if old != nil {
+				old = bytes.Clone(old)
+			}
+			rec, err := fn(k, old)
+			if err != nil {
+				return err
+			}
+			if rec == nil {
+				err = b.Delete([]byte(k))
+			} else {
+				err = b.Put([]byte(k), rec)
+			}
+			if err != nil {
+				return err
+			}
 		}
-		rec, err := fn(old)
-		if err != nil {
-			return err
-		}
-		if rec == nil {
-			return b.Delete([]byte(key))
-		}
-		return b.Put([]byte(key), rec)
+		return nil
 	})
 }
 

@@ -64,6 +64,25 @@ func TestRecords(t *testing.T) {
 			t.Errorf("ForEachAfter(%q) = %v, want %s", after, seen, want)
 		}
 	}
+	// UpdateEach: all of it or, if fn fails for one key, none of it.
+	if err := s.UpdateEach(BucketKeys, []string{"a", "zz"}, func(k string, old []byte) ([]byte, error) {
+		if k == "zz" {
+			return nil, boom
+		}
+		return []byte("changed"), nil
+	}); !errors.Is(err, boom) {
+		t.Fatal(err)
+	}
+	if v, _ := s.Get(BucketKeys, "a"); string(v) != "v-a" {
+		t.Fatalf("a = %q after a failed UpdateEach", v)
+	}
+	if err := s.UpdateEach(BucketKeys, []string{"y", "z"}, func(k string, old []byte) ([]byte, error) { return []byte(k + string(old)), nil }); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := s.Get(BucketKeys, "z"); string(v) != "z" {
+		t.Fatalf("z = %q after UpdateEach", v)
+	}
+	s.UpdateEach(BucketKeys, []string{"y", "z"}, func(string, []byte) ([]byte, error) { return nil, nil })
 	s.Update(BucketKeys, "ab", func([]byte) ([]byte, error) { return nil, nil })
 	if _, err := s.Get(BucketKeys, "ab"); !errors.Is(err, ErrNotFound) {
 		t.Fatal("a nil record did not delete")

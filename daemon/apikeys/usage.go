@@ -1,0 +1,333 @@
+package apikeys
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/keyward/keyward/daemon/store"
+)
+
+// Usage tracking. Verify counts each use of a known key in memory, by hour:
+// by outcome, by source network (a /24 for IPv4, a /64 for IPv6) and the
+// last use. FlushUsage merges those counts into the store in one
+// transaction, so verify never waits for a disk. The store keeps a key's
+// hours for UsageRetention and its last use for ever (for stale-key review).
+
+// UsageRetention is how long hourly usage is kept.
+const UsageRetention = 7 * 24 * time.Hour
+
+const (
+	maxNetworks    = 16      // per key and hour; the rest count under OtherNetworks
+	maxPendingKeys = 100_000 // keys with unflushed use before a flush is asked for
+	usageLastKey   = "last"  // ID/last: the last use
+	hourKeyLen     = 10      // ID/<Unix seconds of the hour, 10 digits>
+)
+
+// OtherNetworks counts the uses from networks past the first maxNetworks of
+// an hour; UnknownNetwork, the uses without a source address.
+const (
+	OtherNetworks  = "other"
+	UnknownNetwork = "unknown"
+)
+
+// HourUsage is one hour of a key's use.
+type HourUsage struct {
+	Hour     time.Time        `json:"hour"`
+	Counts   map[Code]int64   `json:"counts"`
+	Networks map[string]int64 `json:"networks,omitempty"`
+	Last     time.Time        `json:"last"`
+}
+
+// Usage is a key's use over a window: totals, and the hours, oldest first.
+type Usage struct {
+	LastUsed time.Time // zero: never used
+	Counts   map[Code]int64
+	Networks map[string]int64
+	Hours    []HourUsage
+}
+
+func (h *HourUsage) add(d *HourUsage) {
+	if h.Counts == nil {
+		h.Counts = map[Code]int64{}
+	}
+	for c, n := range d.Counts {
+		h.Counts[c] += n
+	}
+	// The busiest networks first, so a merge keeps them; OtherNetworks last,
+	// so it never takes a network's place.
+	nets := slices.SortedFunc(maps.Keys(d.Networks), func(a, b string) int {
+		if (a == OtherNetworks) != (b == OtherNetworks) {
+			return cmp.Compare(boolInt(a == OtherNetworks), boolInt(b == OtherNetworks))
+		}
+		return cmp.Or(cmp.Compare(d.Networks[b], d.Networks[a]), strings.Compare(a, b))
+	})
+	for _, net := range nets {
+		h.addNetwork(net, d.Networks[net])
+	}
+	if d.Last.After(h.Last) {
+		h.Last = d.Last
+	}
+}
+
+func (h *HourUsage) addNetwork(net string, n int64) {
+	if h.Networks == nil {
+		h.Networks = map[string]int64{}
+	}
+	if _, ok := h.Networks[net]; !ok && net != OtherNetworks && len(h.Networks) >= maxNetworks {
+		net = OtherNetworks
+	}
+	h.Networks[net] += n
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// network is the /24 or /64 an address is in.
+func network(ip netip.Addr) string {
+	if !ip.IsValid() {
+		return UnknownNetwork
+	}
+	ip = ip.Unmap()
+	bits := 64
+	if ip.Is4() {
+		bits = 24
+	}
+	p, err := ip.Prefix(bits)
+	if err != nil {
+		return UnknownNetwork
+	}
+	return p.String()
+}
+
+// usageLog is the use not yet in the store.
+type usageLog struct {
+	mu      sync.Mutex
+	pending map[string]map[int64]*HourUsage // key ID -> hour -> counts
+	full    chan struct{}                   // a flush is asked for
+}
+
+func newUsageLog() *usageLog {
+	return &usageLog{pending: map[string]map[int64]*HourUsage{}, full: make(chan struct{}, 1)}
+}
+
+func (u *usageLog) record(id string, code Code, ip netip.Addr, now time.Time) {
+	hour := now.UTC().Truncate(time.Hour)
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	hours := u.pending[id]
+	if hours == nil {
+		hours = map[int64]*HourUsage{}
+		u.pending[id] = hours
+		if len(u.pending) >= maxPendingKeys {
+			select {
+			case u.full <- struct{}{}:
+			default:
+			}
+		}
+	}
+	h := hours[hour.Unix()]
+	if h == nil {
+		h = &HourUsage{Hour: hour, Counts: map[Code]int64{}}
+		hours[hour.Unix()] = h
+	}
+	h.Counts[code]++
+	h.addNetwork(network(ip), 1)
+	h.Last = now.UTC()
+}
+
+// take removes and returns everything pending.
+func (u *usageLog) take() map[string]map[int64]*HourUsage {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	p := u.pending
+	u.pending = map[string]map[int64]*HourUsage{}
+	return p
+}
+
+// putBack returns counts a failed flush took, so nothing is lost.
+func (u *usageLog) putBack(p map[string]map[int64]*HourUsage) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for id, hours := range p {
+		for t, d := range hours {
+			if u.pending[id] == nil {
+				u.pending[id] = map[int64]*HourUsage{}
+			}
+			if h := u.pending[id][t]; h != nil {
+				h.add(d)
+			} else {
+				u.pending[id][t] = d
+			}
+		}
+	}
+}
+
+func hourKey(id string, t int64) string { return fmt.Sprintf("%s/%0*d", id, hourKeyLen, t) }
+
+// FlushUsage writes the use counted since the last flush to the store, in
+// one transaction, and drops hours older than UsageRetention of the keys
+// it writes. On failure the counts stay pending for the next flush.
+func (m *Manager) FlushUsage() error {
+	p := m.usage.take()
+	if len(p) == 0 {
+		return nil
+	}
+	deltas := map[string]*HourUsage{}
+	for id, hours := range p {
+		var last time.Time
+		for t, d := range hours {
+			deltas[hourKey(id, t)] = d
+			if d.Last.After(last) {
+				last = d.Last
+			}
+		}
+		deltas[id+"/"+usageLastKey] = &HourUsage{Last: last}
+	}
+	cutoff := m.now().Add(-UsageRetention).UTC().Truncate(time.Hour)
+	for id := range p {
+		// Expired hours of the keys written; a key unused keeps at most
+		// a retention's worth until its next use.
+		_ = m.store.ForEachAfter(store.BucketAPIKeyUsage, id+"/", func(k string, _ []byte) error {
+			t, ok := parseHourKey(id, k)
+			if !ok {
+				return errStop // past this key's hours
+			}
+			if t.Before(cutoff) {
+				if _, dup := deltas[k]; !dup {
+					deltas[k] = nil
+				}
+			}
+			return nil
+		})
+	}
+	keys := slices.Sorted(maps.Keys(deltas))
+	err := m.store.UpdateEach(store.BucketAPIKeyUsage, keys, func(k string, old []byte) ([]byte, error) {
+		d := deltas[k]
+		if d == nil {
+			return nil, nil // expired: delete
+		}
+		var h HourUsage
+		if old != nil {
+			if err := json.Unmarshal(old, &h); err != nil {
+				return nil, fmt.Errorf("apikeys: usage record %q does not parse: %w", k, err)
+			}
+		}
+		if strings.HasSuffix(k, "/"+usageLastKey) {
+			if d.Last.After(h.Last) {
+				h.Last = d.Last
+			}
+			return json.Marshal(HourUsage{Last: h.Last})
+		}
+		if h.Hour.IsZero() {
+			h.Hour = d.Hour
+		}
+		h.add(d)
+		return json.Marshal(h)
+	})
+	if err != nil {
+		m.usage.putBack(p)
+	}
+	return err
+}
+
+func parseHourKey(id, k string) (time.Time, bool) {
+	rest, ok := strings.CutPrefix(k, id+"/")
+	if !ok || len(rest) != hourKeyLen {
+		return time.Time{}, false
+	}
+	var t int64
+	if _, err := fmt.Sscanf(rest, "%d", &t); err != nil {
+		return time.Time{}, false
+	}
+	return time.Unix(t, 0).UTC(), true
+}
+
+// RunUsage flushes usage every interval, and early when much is pending,
+// until ctx ends; then it flushes once more. Errors go to onErr.
+func (m *Manager) RunUsage(ctx context.Context, every time.Duration, onErr func(error)) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			if err := m.FlushUsage(); err != nil {
+				onErr(err)
+			}
+			return
+		case <-t.C:
+		case <-m.usage.full:
+		}
+		if err := m.FlushUsage(); err != nil {
+			onErr(err)
+		}
+	}
+}
+
+// GetUsage returns a key's use over the last window (at most
+// UsageRetention), flushed and pending.
+func (m *Manager) GetUsage(id string, window time.Duration) (*Usage, error) {
+	if window <= 0 || window > UsageRetention {
+		return nil, fmt.Errorf("%w: a usage window is more than 0 and at most %v", ErrInvalid, UsageRetention)
+	}
+	if _, err := m.load(id); err != nil {
+		return nil, err
+	}
+	from := m.now().Add(-window).UTC().Truncate(time.Hour)
+	hours := map[int64]*HourUsage{}
+	u := &Usage{Counts: map[Code]int64{}, Networks: map[string]int64{}}
+	err := m.store.ForEachAfter(store.BucketAPIKeyUsage, id+"/", func(k string, b []byte) error {
+		var h HourUsage
+		if !strings.HasPrefix(k, id+"/") {
+			return errStop
+		}
+		if err := json.Unmarshal(b, &h); err != nil {
+			return fmt.Errorf("apikeys: usage record %q does not parse: %w", k, err)
+		}
+		if k == id+"/"+usageLastKey {
+			u.LastUsed = h.Last
+		} else if !h.Hour.Before(from) {
+			hours[h.Hour.Unix()] = &h
+		}
+		return nil
+	})
+	if err != nil && err != errStop {
+		return nil, err
+	}
+	m.usage.mu.Lock()
+	for t, d := range m.usage.pending[id] {
+		if d.Hour.Before(from) {
+			continue
+		}
+		if hours[t] == nil {
+			hours[t] = &HourUsage{Hour: d.Hour}
+		}
+		hours[t].add(d)
+	}
+	m.usage.mu.Unlock()
+	for _, t := range slices.Sorted(maps.Keys(hours)) {
+		h := hours[t]
+		u.Hours = append(u.Hours, *h)
+		for c, n := range h.Counts {
+			u.Counts[c] += n
+		}
+		for net, n := range h.Networks {
+			u.Networks[net] += n
+		}
+		if h.Last.After(u.LastUsed) {
+			u.LastUsed = h.Last
+		}
+	}
+	return u, nil
+}
