@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"regexp"
 	"slices"
@@ -59,6 +60,9 @@ type Manager struct {
 	prefix string
 	lim    *ratelimit.Limiter
 	usage  *usageLog
+	// quotas holds the quotas used since the last Flush, by key ID; they
+	// override the store's until Flush or a change writes them.
+	quotas map[string]*Quota
 	now    func() time.Time
 
 	mu      sync.Mutex         // serializes changes; guards the cache
@@ -89,7 +93,7 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, prefix string, now func() 
 	if now == nil {
 		now = time.Now
 	}
-	return &Manager{store: s, mac: mac, pepper: pepper, prefix: prefix, lim: ratelimit.New(), usage: newUsageLog(), now: now, digests: map[[32]byte]known{}}, nil
+	return &Manager{store: s, mac: mac, pepper: pepper, prefix: prefix, lim: ratelimit.New(), usage: newUsageLog(), quotas: map[string]*Quota{}, now: now, digests: map[[32]byte]known{}}, nil
 }
 
 // Spec is a key to create.
@@ -214,9 +218,14 @@ func decode(id string, b []byte) (*Record, error) {
 	return &rec, nil
 }
 
-// public is what leaves the Manager: a record without its secrets' MACs.
+// public is what leaves the Manager: a copy of a record without its
+// secrets' MACs.
 func public(rec *Record) *Record {
 	out := *rec
+	if rec.Quota != nil {
+		q := *rec.Quota
+		out.Quota = &q
+	}
 	out.Secrets = make([]Secret, len(rec.Secrets))
 	for i, s := range rec.Secrets {
 		out.Secrets[i] = Secret{Created: s.Created, NotAfter: s.NotAfter}
@@ -230,7 +239,17 @@ func (m *Manager) Get(id string) (*Record, error) {
 	if err != nil {
 		return nil, err
 	}
-	return public(rec), nil
+	return m.live(rec), nil
+}
+
+// live is public(rec) with the quota not yet flushed.
+func (m *Manager) live(rec *Record) *Record {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if q := m.quotas[rec.ID]; q != nil {
+		rec.Quota = q
+	}
+	return public(rec)
 }
 
 // Page sizes of List.
@@ -262,7 +281,7 @@ func (m *Manager) List(f Filter, after string, size int) (recs []*Record, next s
 			next = recs[size-1].ID
 			return errStop
 		}
-		recs = append(recs, public(rec))
+		recs = append(recs, m.live(rec))
 		return nil
 	})
 	if errors.Is(err, errStop) {
@@ -317,6 +336,9 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		}
 		m.digests[digest] = k
 	}
+	if q := m.quotas[rec.ID]; q != nil {
+		rec.Quota = q
+	}
 	var quota Quota
 	if rec.Quota != nil {
 		quota = *rec.Quota
@@ -325,11 +347,34 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 	res := Check(rec, k.ref.Secret, req, m.lim, now)
 	m.usage.record(rec.ID, res.Code, req.SourceIP, now)
 	if rec.Quota != nil && *rec.Quota != quota {
-		if err := m.save(rec); err != nil {
-			return Result{Code: Unavailable, Detail: err.Error()}
+		m.quotas[rec.ID] = rec.Quota // saved by the next Flush
+		if len(m.quotas) >= maxPendingKeys {
+			m.usage.askFlush()
 		}
 	}
 	return res
+}
+
+// flushQuotas writes the quotas used since the last flush into their
+// records, in one transaction.
+func (m *Manager) flushQuotas() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.quotas) == 0 {
+		return nil
+	}
+	err := m.store.UpdateEach(store.BucketAPIKeys, slices.Sorted(maps.Keys(m.quotas)), func(id string, old []byte) ([]byte, error) {
+		rec, err := decode(id, old)
+		if err != nil {
+			return nil, err
+		}
+		rec.Quota = m.quotas[id]
+		return json.Marshal(rec)
+	})
+	if err == nil {
+		clear(m.quotas)
+	}
+	return err
 }
 
 // change applies fn to a key's record and saves it; every change empties
@@ -339,12 +384,16 @@ func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
 	if err != nil {
 		return nil, err
 	}
+	if q := m.quotas[id]; q != nil {
+		rec.Quota = q
+	}
 	if err := fn(rec); err != nil {
 		return nil, err
 	}
 	if err := m.save(rec); err != nil {
 		return nil, err
 	}
+	delete(m.quotas, id) // saved with the record
 	clear(m.digests)
 	m.lim.Forget(id)
 	return rec, nil

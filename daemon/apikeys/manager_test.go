@@ -253,19 +253,45 @@ func TestManagerRevokeWhere(t *testing.T) {
 	}
 }
 
+// TestManagerQuotaPersists: quota use is in memory until Flush, or until a
+// change of the key saves it with the record; Get sees it either way.
 func TestManagerQuotaPersists(t *testing.T) {
 	f := newFixture(t)
 	s := spec()
-	s.Quota = &Quota{Remaining: 2}
+	s.Quota = &Quota{Remaining: 4}
 	key, rec := f.create(t, s)
+	remaining := func(want int64) {
+		t.Helper()
+		got, err := f.m.Get(rec.ID)
+		if err != nil || got.Quota.Remaining != want {
+			t.Fatalf("Get = %+v, %v; want %d remaining", got.Quota, err, want)
+		}
+	}
 	f.verify(t, key, prod, Valid)
+	remaining(3)
+	if err := f.m.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	f.reopen(t)
+	remaining(3)
+	f.verify(t, key, prod, Valid)
+	limited := StateDisabled
+	if _, err := f.m.Update(rec.ID, Change{State: &limited}, false); err != nil {
+		t.Fatal(err)
+	}
+	f.reopen(t) // no Flush: the change saved the quota
+	remaining(2)
+	enabled := Active
+	if _, err := f.m.Update(rec.ID, Change{State: &enabled}, true); err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, key, prod, Valid)
 	f.verify(t, key, prod, Valid)
 	f.verify(t, key, prod, UsageExceeded)
-	got, err := f.m.Get(rec.ID)
-	if err != nil || got.Quota.Remaining != 0 {
-		t.Fatalf("Get = %+v, %v; want 0 remaining", got, err)
-	}
+	remaining(0)
+	f.m.Flush()
+	f.reopen(t)
+	f.verify(t, key, prod, UsageExceeded)
 }
 
 // TestManagerStoresNoSecret: neither the key nor its random part is in the

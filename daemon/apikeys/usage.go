@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -131,10 +132,7 @@ func (u *usageLog) record(id string, code Code, ip netip.Addr, now time.Time) {
 		hours = map[int64]*HourUsage{}
 		u.pending[id] = hours
 		if len(u.pending) >= maxPendingKeys {
-			select {
-			case u.full <- struct{}{}:
-			default:
-			}
+			u.askFlush()
 		}
 	}
 	h := hours[hour.Unix()]
@@ -145,6 +143,14 @@ func (u *usageLog) record(id string, code Code, ip netip.Addr, now time.Time) {
 	h.Counts[code]++
 	h.addNetwork(network(ip), 1)
 	h.Last = now.UTC()
+}
+
+// askFlush wakes RunFlusher early.
+func (u *usageLog) askFlush() {
+	select {
+	case u.full <- struct{}{}:
+	default:
+	}
 }
 
 // take removes and returns everything pending.
@@ -176,10 +182,17 @@ func (u *usageLog) putBack(p map[string]map[int64]*HourUsage) {
 
 func hourKey(id string, t int64) string { return fmt.Sprintf("%s/%0*d", id, hourKeyLen, t) }
 
-// FlushUsage writes the use counted since the last flush to the store, in
+// Flush writes to the store what Verify counted since the last flush: the
+// quotas used, then the usage. A crash loses at most that much: a quota may
+// then be overspent by the uses since the last flush.
+func (m *Manager) Flush() error {
+	return errors.Join(m.flushQuotas(), m.flushUsage())
+}
+
+// flushUsage writes the use counted since the last flush to the store, in
 // one transaction, and drops hours older than UsageRetention of the keys
 // it writes. On failure the counts stay pending for the next flush.
-func (m *Manager) FlushUsage() error {
+func (m *Manager) flushUsage() error {
 	p := m.usage.take()
 	if len(p) == 0 {
 		return nil
@@ -254,22 +267,22 @@ func parseHourKey(id, k string) (time.Time, bool) {
 	return time.Unix(t, 0).UTC(), true
 }
 
-// RunUsage flushes usage every interval, and early when much is pending,
+// RunFlusher calls Flush every interval, and early when much is pending,
 // until ctx ends; then it flushes once more. Errors go to onErr.
-func (m *Manager) RunUsage(ctx context.Context, every time.Duration, onErr func(error)) {
+func (m *Manager) RunFlusher(ctx context.Context, every time.Duration, onErr func(error)) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			if err := m.FlushUsage(); err != nil {
+			if err := m.Flush(); err != nil {
 				onErr(err)
 			}
 			return
 		case <-t.C:
 		case <-m.usage.full:
 		}
-		if err := m.FlushUsage(); err != nil {
+		if err := m.Flush(); err != nil {
 			onErr(err)
 		}
 	}

@@ -42,7 +42,7 @@ func TestUsageCountsAndPersists(t *testing.T) {
 		t.Fatal(err)
 	}
 	check(u) // pending only
-	if err := f.m.FlushUsage(); err != nil {
+	if err := f.m.Flush(); err != nil {
 		t.Fatal(err)
 	}
 	f.reopen(t)
@@ -55,7 +55,7 @@ func TestUsageCountsAndPersists(t *testing.T) {
 	f.verify(t, key, prod, Valid)
 	f.clk.add(3 * time.Hour)
 	f.verify(t, key, prod, Valid)
-	f.m.FlushUsage()
+	f.m.Flush()
 	f.verify(t, key, prod, Valid)
 	if u, _ = f.m.GetUsage(rec.ID, 24*time.Hour); u.Counts[Valid] != 9 || len(u.Hours) != 2 {
 		t.Errorf("a day: %v in %d hours, want 9 VALID in 2", u.Counts, len(u.Hours))
@@ -68,16 +68,16 @@ func TestUsageCountsAndPersists(t *testing.T) {
 	}
 
 	// Past retention, the hours go at the next flush; the last use stays.
-	f.m.FlushUsage()
+	f.m.Flush()
 	f.clk.add(UsageRetention + time.Hour)
 	other, rec2 := f.create(t, spec())
 	f.verify(t, other, prod, Valid)
-	f.m.FlushUsage()
+	f.m.Flush()
 	if n := f.records(t, rec.ID); n != 3 {
 		t.Errorf("an unused key's usage records: %d, want its 2 hours and last use until it is used again", n)
 	}
 	f.verify(t, key, prod, Valid)
-	f.m.FlushUsage()
+	f.m.Flush()
 	if n := f.records(t, rec.ID); n != 2 {
 		t.Errorf("usage records after retention: %d, want the new hour and the last use", n)
 	}
@@ -133,12 +133,12 @@ func TestUsageFlushFailureLosesNothing(t *testing.T) {
 		}
 	}
 	fs.fail = true
-	if err := m.FlushUsage(); err == nil {
+	if err := m.Flush(); err == nil {
 		t.Fatal("FlushUsage on a failing store: no error")
 	}
 	m.Verify(context.Background(), key, prod)
 	fs.fail = false
-	if err := m.FlushUsage(); err != nil {
+	if err := m.Flush(); err != nil {
 		t.Fatal(err)
 	}
 	if u, _ := m.GetUsage(rec.ID, time.Hour); u.Counts[Valid] != 4 || len(m.usage.pending) != 0 {
@@ -146,16 +146,16 @@ func TestUsageFlushFailureLosesNothing(t *testing.T) {
 	}
 }
 
-func TestRunUsageFlushesAtEnd(t *testing.T) {
+func TestRunFlusherFlushesAtEnd(t *testing.T) {
 	f := newFixture(t)
 	key, rec := f.create(t, spec())
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { f.m.RunUsage(ctx, time.Hour, func(err error) { t.Error(err) }); close(done) }()
+	go func() { f.m.RunFlusher(ctx, time.Hour, func(err error) { t.Error(err) }); close(done) }()
 	f.verify(t, key, prod, Valid)
 	cancel()
 	<-done
 	if n := f.records(t, rec.ID); n != 2 {
-		t.Fatalf("usage records after RunUsage ended: %d, want 2", n)
+		t.Fatalf("usage records after RunFlusher ended: %d, want 2", n)
 	}
 }
