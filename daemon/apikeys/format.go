@@ -26,7 +26,12 @@ const (
 	randomLen     = 43 // 62^43 > 2^256
 	checksumLen   = 6  // 62^6 > 2^32
 	DefaultPrefix = "kw"
+	maxPrefixLen  = 16
 )
+
+// MaxLen is the length of the longest key; Parse refuses a longer string
+// before it looks at it.
+const MaxLen = maxPrefixLen + 1 + randomLen + checksumLen
 
 // ErrMalformed: the string is not an API key of this format, or its
 // checksum does not match (a typo). Such a key is refused before any lookup.
@@ -84,6 +89,9 @@ func checksum(body string) string {
 // Parse checks a presented key's form and checksum and returns its prefix.
 // It reads nothing but the string: no store, no HSM.
 func Parse(key string) (prefix string, err error) {
+	if len(key) > MaxLen {
+		return "", fmt.Errorf("%w: %d characters, longer than any key", ErrMalformed, len(key))
+	}
 	prefix, rest, ok := strings.Cut(key, "_")
 	switch {
 	case !ok || CheckPrefix(prefix) != nil:

@@ -123,3 +123,17 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// TestParseLong: a huge string is refused by its length, before any scan.
+func TestParseLong(t *testing.T) {
+	key, err := Generate(strings.Repeat("k", maxPrefixLen), rand.Reader)
+	if err != nil || len(key) != MaxLen {
+		t.Fatalf("the longest key: %d characters, %v; want %d", len(key), err, MaxLen)
+	}
+	if _, err := Parse(key); err != nil {
+		t.Fatalf("the longest key: %v", err)
+	}
+	if _, err := Parse(key + "x"); !errors.Is(err, ErrMalformed) || !strings.Contains(err.Error(), "longer than any key") {
+		t.Fatalf("one character more: %v", err)
+	}
+}

@@ -51,8 +51,10 @@ type MACer interface {
 // Manager issues, verifies, rotates and revokes API keys. The store holds
 // only HMACs of secrets under the pepper, a key in the HSM, so a copy of the
 // store is useless without the HSM. A key verified once is found again by a
-// local SHA-256 of the presented string, so verifying it costs no HSM call;
-// every revocation, rotation or change empties that cache.
+// local SHA-256 of the presented string, so verifying it costs no HSM call.
+// That cache only points at a record and remembers the MAC: every verify
+// reads the record and compares its MAC, so a revocation, rotation or change
+// counts from the very next verify with nothing to invalidate.
 type Manager struct {
 	store  Store
 	mac    MACer
@@ -133,6 +135,9 @@ func (m *Manager) check(s Spec) error {
 		if !p.IsValid() {
 			return fmt.Errorf("%w: an invalid allowlist prefix", ErrInvalid)
 		}
+		if p.Addr().Is4In6() {
+			return fmt.Errorf("%w: allowlist prefix %v is IPv4-mapped IPv6; write it as IPv4", ErrInvalid, p)
+		}
 	}
 	return nil
 }
@@ -153,9 +158,13 @@ func (m *Manager) Create(ctx context.Context, s Spec) (secret string, rec *Recor
 		Permissions: s.Permissions, Expires: s.Expires, AllowedIPs: s.AllowedIPs, Limits: s.Limits, Quota: s.Quota,
 		Tags: s.Tags, Metadata: s.Metadata, State: Active, Created: now,
 	}
+	mac, err := m.mac.HMACSHA256(ctx, m.pepper, []byte(secret))
+	if err != nil {
+		return "", nil, err
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if err := m.addSecret(ctx, rec, secret, now); err != nil {
+	if err := m.addSecret(rec, mac, now); err != nil {
 		return "", nil, err
 	}
 	if err := m.save(rec); err != nil {
@@ -164,13 +173,10 @@ func (m *Manager) Create(ctx context.Context, s Spec) (secret string, rec *Recor
 	return secret, public(rec), nil
 }
 
-// addSecret MACs a secret, indexes the MAC (before the record names it: an
+// addSecret indexes a new secret's MAC (before the record names it: an
 // index entry without a record only ever finds nothing) and appends it.
-func (m *Manager) addSecret(ctx context.Context, rec *Record, secret string, now time.Time) error {
-	mac, err := m.mac.HMACSHA256(ctx, m.pepper, []byte(secret))
-	if err != nil {
-		return err
-	}
+// The caller computes the MAC before it takes m.mu: no HSM call holds it.
+func (m *Manager) addSecret(rec *Record, mac []byte, now time.Time) error {
 	ref, _ := json.Marshal(secretRef{ID: rec.ID, Secret: len(rec.Secrets)})
 	if err := m.store.Update(store.BucketAPIKeyMACs, hex.EncodeToString(mac), func(old []byte) ([]byte, error) {
 		if old != nil {
@@ -292,8 +298,12 @@ func (m *Manager) List(f Filter, after string, size int) (recs []*Record, next s
 
 // Verify checks a presented key for a request.
 func (m *Manager) Verify(ctx context.Context, presented string, req Request) Result {
-	if _, err := Parse(presented); err != nil {
+	prefix, err := Parse(presented)
+	if err != nil {
 		return Result{Code: Malformed, Detail: err.Error()}
+	}
+	if prefix != m.prefix {
+		return Result{Code: NotFound, Detail: fmt.Sprintf("not a key of this daemon (its keys start %s_)", m.prefix)}
 	}
 	digest := sha256.Sum256([]byte(presented))
 	m.mu.Lock()
@@ -366,7 +376,7 @@ func (m *Manager) flushQuotas() error {
 	err := m.store.UpdateEach(store.BucketAPIKeys, slices.Sorted(maps.Keys(m.quotas)), func(id string, old []byte) ([]byte, error) {
 		rec, err := decode(id, old)
 		if err != nil {
-			return nil, err
+			return old, nil // left as it is: one bad record must not stop the rest
 		}
 		rec.Quota = m.quotas[id]
 		return json.Marshal(rec)
@@ -377,8 +387,9 @@ func (m *Manager) flushQuotas() error {
 	return err
 }
 
-// change applies fn to a key's record and saves it; every change empties
-// the verification cache, so it counts from the very next verify.
+// change applies fn to a key's record and saves it. It counts from the very
+// next verify: Verify reads the record every time, and the digest cache only
+// points at it.
 func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
 	rec, err := m.load(id)
 	if err != nil {
@@ -387,6 +398,7 @@ func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
 	if q := m.quotas[id]; q != nil {
 		rec.Quota = q
 	}
+	limits := slices.Clone(rec.Limits)
 	if err := fn(rec); err != nil {
 		return nil, err
 	}
@@ -394,8 +406,11 @@ func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
 		return nil, err
 	}
 	delete(m.quotas, id) // saved with the record
-	clear(m.digests)
-	m.lim.Forget(id)
+	// The limiter keeps state by layer position: start afresh only when the
+	// layers change (or the key is revoked), never on a change that keeps them.
+	if rec.State == StateRevoked || !slices.Equal(limits, rec.Limits) {
+		m.lim.Forget(id)
+	}
 	return rec, nil
 }
 
@@ -555,15 +570,17 @@ func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
 var Overlaps = map[string]time.Duration{"high": 24 * time.Hour, "moderate": 48 * time.Hour}
 
 // Rotate gives a key a new secret, returned here and never again; the old
-// ones keep working for overlap (0: the moderate default), then get EXPIRED.
+// ones keep working for overlap, then get EXPIRED. An overlap of 0 stops
+// them at once (a leaked key); Overlaps has the defaults by risk level.
 func (m *Manager) Rotate(ctx context.Context, id string, overlap time.Duration) (string, *Record, error) {
-	if overlap == 0 {
-		overlap = Overlaps["moderate"]
-	}
 	if overlap < 0 {
 		return "", nil, fmt.Errorf("%w: a negative overlap", ErrInvalid)
 	}
 	secret, err := Generate(m.prefix, rand.Reader)
+	if err != nil {
+		return "", nil, err
+	}
+	mac, err := m.mac.HMACSHA256(ctx, m.pepper, []byte(secret))
 	if err != nil {
 		return "", nil, err
 	}
@@ -579,7 +596,7 @@ func (m *Manager) Rotate(ctx context.Context, id string, overlap time.Duration) 
 				r.Secrets[i].NotAfter = end
 			}
 		}
-		return m.addSecret(ctx, r, secret, now)
+		return m.addSecret(r, mac, now)
 	})
 	if err != nil {
 		return "", nil, err

@@ -494,3 +494,44 @@ func TestManagerUpdateNarrows(t *testing.T) {
 		t.Errorf("revoking through Update: %v, want ErrInvalid", err)
 	}
 }
+
+// TestManagerReviewFixes: what an independent review found, fixed.
+func TestManagerReviewFixes(t *testing.T) {
+	f := newFixture(t)
+	s := spec()
+	s.Limits = []ratelimit.Layer{{Limit: 2, Per: time.Hour, Burst: 2}}
+	key, rec := f.create(t, s)
+	f.verify(t, key, prod, Valid)
+	f.verify(t, key, prod, Valid)
+	f.verify(t, key, prod, RateLimited)
+	// A change that keeps the limits does not refill them.
+	active := Active
+	if _, err := f.m.Update(rec.ID, Change{State: &active}, false); err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, key, prod, RateLimited)
+
+	// Another daemon's prefix costs no HSM call.
+	before := f.mac.calls()
+	foreign, _ := Generate("zz", strings.NewReader(strings.Repeat("y", 64)))
+	f.verify(t, foreign, prod, NotFound)
+	if f.mac.calls() != before {
+		t.Error("a key with a foreign prefix cost an HSM call")
+	}
+
+	// Rotating with no overlap stops the old secret at once.
+	old, rec2 := f.create(t, spec())
+	fresh, _, err := f.m.Rotate(context.Background(), rec2.ID, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, old, prod, Expired)
+	f.verify(t, fresh, prod, Valid)
+
+	// An IPv4-mapped allowlist prefix would never match: refused.
+	s = spec()
+	s.AllowedIPs = []netip.Prefix{netip.MustParsePrefix("::ffff:10.0.0.0/104")}
+	if _, _, err := f.m.Create(context.Background(), s); !errors.Is(err, ErrInvalid) {
+		t.Errorf("a mapped prefix: %v, want ErrInvalid", err)
+	}
+}

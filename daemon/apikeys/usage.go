@@ -232,10 +232,8 @@ func (m *Manager) flushUsage() error {
 			return nil, nil // expired: delete
 		}
 		var h HourUsage
-		if old != nil {
-			if err := json.Unmarshal(old, &h); err != nil {
-				return nil, fmt.Errorf("apikeys: usage record %q does not parse: %w", k, err)
-			}
+		if old != nil && json.Unmarshal(old, &h) != nil {
+			h = HourUsage{} // unreadable: replaced, so one bad record cannot stop every flush
 		}
 		if strings.HasSuffix(k, "/"+usageLastKey) {
 			if d.Last.After(h.Last) {

@@ -159,3 +159,24 @@ func TestRunFlusherFlushesAtEnd(t *testing.T) {
 		t.Fatalf("usage records after RunFlusher ended: %d, want 2", n)
 	}
 }
+
+// TestUsageBadRecordDoesNotStopFlush: an unreadable usage record is
+// replaced; the other keys' usage is still written.
+func TestUsageBadRecordDoesNotStopFlush(t *testing.T) {
+	f := newFixture(t)
+	a, recA := f.create(t, spec())
+	b, recB := f.create(t, spec())
+	f.verify(t, a, prod, Valid)
+	f.verify(t, b, prod, Valid)
+	if err := f.store.Update(store.BucketAPIKeyUsage, recA.ID+"/"+usageLastKey, func([]byte) ([]byte, error) { return []byte("{not json"), nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.m.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{recA.ID, recB.ID} {
+		if u, err := f.m.GetUsage(id, time.Hour); err != nil || u.Counts[Valid] != 1 || u.LastUsed.IsZero() {
+			t.Errorf("%s after a flush over a bad record: %+v, %v", id, u, err)
+		}
+	}
+}
