@@ -112,8 +112,35 @@ type Spec struct {
 
 var permForm = regexp.MustCompile(`^([a-z0-9_*-]+:[a-z0-9_*-]+)$`)
 
+// Bounds on a key's record: every verify reads and walks it.
+const (
+	maxField    = 128 // owner, name, environment, a permission, a tag, a metadata name
+	maxValue    = 1024
+	maxItems    = 32 // permissions, tags, metadata entries, allowlist prefixes
+	maxLayers   = 4  // a second, a minute, an hour, a day
+	maxMetadata = 8 << 10
+)
+
 func (m *Manager) check(s Spec) error {
+	metaSize := 0
+	for k, v := range s.Metadata {
+		if len(k) == 0 || len(k) > maxField || len(v) > maxValue {
+			return fmt.Errorf("%w: a metadata name is 1 to %d bytes and a value at most %d", ErrInvalid, maxField, maxValue)
+		}
+		metaSize += len(k) + len(v)
+	}
+	long := func(ss ...string) bool {
+		return slices.ContainsFunc(ss, func(x string) bool { return len(x) > maxField })
+	}
 	switch {
+	case long(s.Owner, s.Name, s.Environment) || long(s.Permissions...) || long(s.Tags...):
+		return fmt.Errorf("%w: owner, name, environment, permissions and tags are at most %d bytes each", ErrInvalid, maxField)
+	case len(s.Permissions) > maxItems || len(s.Tags) > maxItems || len(s.Metadata) > maxItems || len(s.AllowedIPs) > maxItems:
+		return fmt.Errorf("%w: at most %d permissions, tags, metadata entries and allowlist prefixes each", ErrInvalid, maxItems)
+	case len(s.Limits) > maxLayers:
+		return fmt.Errorf("%w: at most %d rate-limit layers", ErrInvalid, maxLayers)
+	case metaSize > maxMetadata:
+		return fmt.Errorf("%w: metadata is at most %d bytes in all", ErrInvalid, maxMetadata)
 	case s.Owner == "" || s.Name == "" || s.Environment == "":
 		return fmt.Errorf("%w: owner, name and environment are required", ErrInvalid)
 	case len(s.Permissions) == 0:

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -162,6 +163,15 @@ func TestManagerCreateRefuses(t *testing.T) {
 		"bad permission":  func(s *Spec) { s.Permissions = []string{"everything"} },
 		"no owner":        func(s *Spec) { s.Owner = "" },
 		"expired already": func(s *Spec) { s.Expires = f.clk.in(-time.Second) },
+		"a long owner":    func(s *Spec) { s.Owner = strings.Repeat("o", 129) },
+		"many tags":       func(s *Spec) { s.Tags = make([]string, 33) },
+		"five layers":     func(s *Spec) { s.Limits = make([]ratelimit.Layer, 5) },
+		"big metadata": func(s *Spec) {
+			s.Metadata = map[string]string{}
+			for i := range 9 {
+				s.Metadata[fmt.Sprint(i)] = strings.Repeat("v", 1000)
+			}
+		},
 	} {
 		s := spec()
 		mod(&s)
