@@ -1,4 +1,4 @@
-// Package apikeys is keyward's API keys. This file is their format:
+// The format of an API key:
 //
 //	<prefix>_<random><checksum>
 //
@@ -10,6 +10,7 @@
 // scanner tell a real key offline, and lets keywardd refuse a malformed key
 // before any store or HSM work. The checksum is no protection: the key's
 // strength is its 256 random bits. docs/formats.md has test vectors.
+
 package apikeys
 
 import (
