@@ -171,58 +171,98 @@ func (m *Manager) check(s Spec) error {
 
 // Create issues a key. The secret is returned here and never again.
 func (m *Manager) Create(ctx context.Context, s Spec) (secret string, rec *Record, err error) {
-	if err := m.check(s); err != nil {
-		return "", nil, err
-	}
-	if secret, err = Generate(m.prefix, rand.Reader); err != nil {
-		return "", nil, err
-	}
-	id := make([]byte, 12)
-	rand.Read(id)
-	now := m.now().UTC()
-	rec = &Record{
-		ID: "ak_" + hex.EncodeToString(id), Owner: s.Owner, Name: s.Name, Environment: s.Environment,
-		Permissions: s.Permissions, Expires: s.Expires, AllowedIPs: s.AllowedIPs, Limits: s.Limits, Quota: s.Quota,
-		Tags: s.Tags, Metadata: s.Metadata, State: Active, Created: now,
-	}
-	mac, err := m.mac.HMACSHA256(ctx, m.pepper, []byte(secret))
+	secrets, recs, err := m.CreateMany(ctx, []Spec{s})
 	if err != nil {
 		return "", nil, err
+	}
+	return secrets[0], recs[0], nil
+}
+
+// MaxCreateBatch is the most keys CreateMany issues at once.
+const MaxCreateBatch = 10_000
+
+// CreateMany issues keys, all or none, with two store transactions for
+// the lot (the index, then the records) instead of two a key: for issuing
+// and loading in bulk. The secrets are returned here and never again, in
+// the order of specs.
+func (m *Manager) CreateMany(ctx context.Context, specs []Spec) (secrets []string, recs []*Record, err error) {
+	if len(specs) == 0 || len(specs) > MaxCreateBatch {
+		return nil, nil, fmt.Errorf("%w: create 1 to %d keys at once", ErrInvalid, MaxCreateBatch)
+	}
+	for i, s := range specs {
+		if err := m.check(s); err != nil {
+			if len(specs) > 1 {
+				err = fmt.Errorf("key %d: %w", i, err)
+			}
+			return nil, nil, err
+		}
+	}
+	now := m.now().UTC()
+	secrets, recs = make([]string, len(specs)), make([]*Record, len(specs))
+	macs := make([][]byte, len(specs))
+	for i, s := range specs {
+		if secrets[i], err = Generate(m.prefix, rand.Reader); err != nil {
+			return nil, nil, err
+		}
+		if macs[i], err = m.mac.HMACSHA256(ctx, m.pepper, []byte(secrets[i])); err != nil {
+			return nil, nil, err
+		}
+		id := make([]byte, 12)
+		rand.Read(id)
+		recs[i] = &Record{
+			ID: "ak_" + hex.EncodeToString(id), Owner: s.Owner, Name: s.Name, Environment: s.Environment,
+			Permissions: s.Permissions, Expires: s.Expires, AllowedIPs: s.AllowedIPs, Limits: s.Limits, Quota: s.Quota,
+			Tags: s.Tags, Metadata: s.Metadata, State: Active, Created: now,
+		}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if err := m.addSecret(rec, mac, now); err != nil {
-		return "", nil, err
+	if err := m.addSecrets(recs, macs, now); err != nil {
+		return nil, nil, err
 	}
-	if err := m.save(rec); err != nil {
-		return "", nil, err
+	if err := m.save(recs...); err != nil {
+		return nil, nil, err
 	}
-	return secret, public(rec), nil
+	for i, rec := range recs {
+		recs[i] = public(rec)
+	}
+	return secrets, recs, nil
 }
 
-// addSecret indexes a new secret's MAC (before the record names it: an
-// index entry without a record only ever finds nothing) and appends it.
-// The caller computes the MAC before it takes m.mu: no HSM call holds it.
-func (m *Manager) addSecret(rec *Record, mac []byte, now time.Time) error {
-	ref, _ := json.Marshal(secretRef{ID: rec.ID, Secret: len(rec.Secrets)})
-	if err := m.store.Update(store.BucketAPIKeyMACs, hex.EncodeToString(mac), func(old []byte) ([]byte, error) {
+// addSecrets indexes new secrets' MACs, macs[i] of recs[i] (before the
+// records name them: an index entry without a record only ever finds
+// nothing), and appends them. The caller computes the MACs before it takes
+// m.mu: no HSM call holds it.
+func (m *Manager) addSecrets(recs []*Record, macs [][]byte, now time.Time) error {
+	refs := make(map[string][]byte, len(recs))
+	for i, rec := range recs {
+		refs[hex.EncodeToString(macs[i])], _ = json.Marshal(secretRef{ID: rec.ID, Secret: len(rec.Secrets)})
+	}
+	if err := m.store.UpdateEach(store.BucketAPIKeyMACs, slices.Sorted(maps.Keys(refs)), func(k string, old []byte) ([]byte, error) {
 		if old != nil {
 			return nil, errors.New("apikeys: a secret's MAC is indexed already") // 256 random bits: never
 		}
-		return ref, nil
+		return refs[k], nil
 	}); err != nil {
 		return err
 	}
-	rec.Secrets = append(rec.Secrets, Secret{MAC: mac, Created: now})
+	for i, rec := range recs {
+		rec.Secrets = append(rec.Secrets, Secret{MAC: macs[i], Created: now})
+	}
 	return nil
 }
 
-func (m *Manager) save(rec *Record) error {
-	b, err := json.Marshal(rec)
-	if err != nil {
-		return err
+// save writes records in one transaction.
+func (m *Manager) save(recs ...*Record) error {
+	bs := make(map[string][]byte, len(recs))
+	for _, rec := range recs {
+		b, err := json.Marshal(rec)
+		if err != nil {
+			return err
+		}
+		bs[rec.ID] = b
 	}
-	return m.store.Update(store.BucketAPIKeys, rec.ID, func([]byte) ([]byte, error) { return b, nil })
+	return m.store.UpdateEach(store.BucketAPIKeys, slices.Sorted(maps.Keys(bs)), func(id string, _ []byte) ([]byte, error) { return bs[id], nil })
 }
 
 var idForm = regexp.MustCompile(`^ak_[0-9a-f]{24}$`)
@@ -623,7 +663,7 @@ func (m *Manager) Rotate(ctx context.Context, id string, overlap time.Duration) 
 				r.Secrets[i].NotAfter = end
 			}
 		}
-		return m.addSecret(r, mac, now)
+		return m.addSecrets([]*Record{r}, [][]byte{mac}, now)
 	})
 	if err != nil {
 		return "", nil, err

@@ -2,7 +2,16 @@ package apikeys
 
 import (
 	"context"
+	"fmt"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // The verify path against its parts, measured in one run: BenchmarkHSMHMAC
@@ -60,4 +69,122 @@ func BenchmarkVerifyCachedQuota(b *testing.B) {
 			b.Fatal(res.Code, res.Detail)
 		}
 	}
+}
+
+// BenchmarkVerifyScale verifies keys in stores of 1 000 and 1 000 000 keys
+// (named 1000keys, not keys=1000: SoftHSM2 cannot read a configuration
+// whose token directory has an "=" in its path, and the name is in it)
+// (KEYWARD_BENCH_KEYS overrides the list, e.g. "1000,100000"): the p99 of a
+// cached verify, the process's RSS after loading, and how long opening the
+// store and verifying a first key takes (what a restart costs).
+func BenchmarkVerifyScale(b *testing.B) {
+	sizes := []int{1_000, 1_000_000}
+	if env := os.Getenv("KEYWARD_BENCH_KEYS"); env != "" {
+		sizes = nil
+		for _, f := range strings.Split(env, ",") {
+			n, err := strconv.Atoi(f)
+			if err != nil {
+				b.Fatalf("KEYWARD_BENCH_KEYS: %v", err)
+			}
+			sizes = append(sizes, n)
+		}
+	}
+	for _, n := range sizes {
+		b.Run(fmt.Sprintf("%dkeys", n), func(b *testing.B) {
+			f := newFixture(b)
+			sample := load(b, f, n)
+			f.store.Close()
+			start := time.Now()
+			f.reopen(b)
+			if res := f.m.Verify(context.Background(), sample[0], prod); res.Code != Valid {
+				b.Fatal(res.Code, res.Detail)
+			}
+			open := time.Since(start)
+			for _, k := range sample {
+				f.m.Verify(context.Background(), k, prod) // known from here on
+			}
+			runtime.GC()
+			var took []time.Duration
+			i := 0
+			for b.Loop() {
+				t0 := time.Now()
+				res := f.m.Verify(context.Background(), sample[i%len(sample)], prod)
+				took = append(took, time.Since(t0))
+				if res.Code != Valid {
+					b.Fatal(res.Code, res.Detail)
+				}
+				i++
+			}
+			slices.Sort(took)
+			b.ReportMetric(float64(took[len(took)*99/100].Nanoseconds())/1e3, "p99-µs")
+			b.ReportMetric(float64(rss())/(1<<20), "rss-MiB")
+			b.ReportMetric(float64(open.Milliseconds()), "open+first-ms")
+		})
+	}
+}
+
+// load issues n keys in batches from two goroutines and returns up to
+// 10 000 of their secrets, spread over the whole set.
+func load(b *testing.B, f *fixture, n int) []string {
+	b.Helper()
+	var (
+		mu     sync.Mutex
+		sample []string
+		wg     sync.WaitGroup
+		errs   = make(chan error, 2)
+		next   atomic.Int64
+		every  = max(n/10_000, 1)
+		issued atomic.Int64
+	)
+	for range 2 {
+		wg.Go(func() {
+			for {
+				lo := int(next.Add(MaxCreateBatch)) - MaxCreateBatch
+				if lo >= n {
+					return
+				}
+				specs := make([]Spec, min(MaxCreateBatch, n-lo))
+				for i := range specs {
+					specs[i] = spec()
+				}
+				secrets, _, err := f.m.CreateMany(context.Background(), specs)
+				if err != nil {
+					errs <- err
+					return
+				}
+				issued.Add(int64(len(secrets)))
+				mu.Lock()
+				for i, s := range secrets {
+					if (lo+i)%every == 0 {
+						sample = append(sample, s)
+					}
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		b.Fatal(err)
+	}
+	if issued.Load() != int64(n) {
+		b.Fatalf("issued %d keys, want %d", issued.Load(), n)
+	}
+	return sample
+}
+
+// rss is the process's resident set size in bytes (Linux).
+func rss() int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return -1
+	}
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return kb << 10
+		}
+	}
+	return -1
 }

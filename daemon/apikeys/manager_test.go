@@ -545,3 +545,33 @@ func TestManagerReviewFixes(t *testing.T) {
 		t.Errorf("a mapped prefix: %v, want ErrInvalid", err)
 	}
 }
+
+func TestManagerCreateMany(t *testing.T) {
+	f := newFixture(t)
+	bad := []Spec{spec(), spec(), spec()}
+	bad[2].Permissions = nil
+	if _, _, err := f.m.CreateMany(context.Background(), bad); !errors.Is(err, ErrInvalid) || !strings.HasPrefix(err.Error(), "key 2: ") {
+		t.Fatalf("a batch with a bad spec: %v, want ErrInvalid naming key 2", err)
+	}
+	if recs, _, _ := f.m.List(Filter{}, "", 0); len(recs) != 0 {
+		t.Fatalf("a refused batch wrote %d keys", len(recs))
+	}
+	specs := make([]Spec, 50)
+	for i := range specs {
+		specs[i] = spec()
+		specs[i].Name = fmt.Sprint("k", i)
+	}
+	secrets, recs, err := f.m.CreateMany(context.Background(), specs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, key := range secrets {
+		f.verify(t, key, prod, Valid)
+		if got, err := f.m.Get(recs[i].ID); err != nil || got.Name != specs[i].Name || recs[i].Secrets[0].MAC != nil {
+			t.Fatalf("key %d: %+v, %v; want %q and no MAC returned", i, got, err, specs[i].Name)
+		}
+	}
+	if _, _, err := f.m.CreateMany(context.Background(), nil); !errors.Is(err, ErrInvalid) {
+		t.Errorf("an empty batch: %v", err)
+	}
+}
