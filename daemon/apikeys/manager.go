@@ -40,6 +40,7 @@ type Store interface {
 	Get(bucket, key string) ([]byte, error)
 	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
 	UpdateEach(bucket string, keys []string, fn func(key string, old []byte) ([]byte, error)) error
+	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
 	ForEachAfter(bucket, after string, fn func(key string, rec []byte) error) error
 }
 

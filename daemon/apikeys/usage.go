@@ -9,6 +9,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -212,12 +213,8 @@ func (m *Manager) flushUsage() error {
 	for id := range p {
 		// Expired hours of the keys written; a key unused keeps at most
 		// a retention's worth until its next use.
-		_ = m.store.ForEachAfter(store.BucketAPIKeyUsage, id+"/", func(k string, _ []byte) error {
-			t, ok := parseHourKey(id, k)
-			if !ok {
-				return errStop // past this key's hours
-			}
-			if t.Before(cutoff) {
+		_ = m.store.ForEach(store.BucketAPIKeyUsage, id+"/", func(k string, _ []byte) error {
+			if t, ok := parseHourKey(id, k); ok && t.Before(cutoff) {
 				if _, dup := deltas[k]; !dup {
 					deltas[k] = nil
 				}
@@ -258,8 +255,8 @@ func parseHourKey(id, k string) (time.Time, bool) {
 	if !ok || len(rest) != hourKeyLen {
 		return time.Time{}, false
 	}
-	var t int64
-	if _, err := fmt.Sscanf(rest, "%d", &t); err != nil {
+	t, err := strconv.ParseInt(rest, 10, 64)
+	if err != nil {
 		return time.Time{}, false
 	}
 	return time.Unix(t, 0).UTC(), true
@@ -298,11 +295,8 @@ func (m *Manager) GetUsage(id string, window time.Duration) (*Usage, error) {
 	from := m.now().Add(-window).UTC().Truncate(time.Hour)
 	hours := map[int64]*HourUsage{}
 	u := &Usage{Counts: map[Code]int64{}, Networks: map[string]int64{}}
-	err := m.store.ForEachAfter(store.BucketAPIKeyUsage, id+"/", func(k string, b []byte) error {
+	err := m.store.ForEach(store.BucketAPIKeyUsage, id+"/", func(k string, b []byte) error {
 		var h HourUsage
-		if !strings.HasPrefix(k, id+"/") {
-			return errStop
-		}
 		if err := json.Unmarshal(b, &h); err != nil {
 			return fmt.Errorf("apikeys: usage record %q does not parse: %w", k, err)
 		}
@@ -313,7 +307,7 @@ func (m *Manager) GetUsage(id string, window time.Duration) (*Usage, error) {
 		}
 		return nil
 	})
-	if err != nil && err != errStop {
+	if err != nil {
 		return nil, err
 	}
 	m.usage.mu.Lock()
