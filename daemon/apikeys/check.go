@@ -87,6 +87,9 @@ type Request struct {
 	SourceIP    netip.Addr // zero: unknown (refused when the key has an allowlist)
 	Environment string     // must equal the key's
 	Cost        int        // rate-limit and quota cost; 0 means 1
+	// Owners, if set, says whose keys the caller may verify; a key of
+	// another owner is NOT_FOUND to it, and nothing of its limits is used.
+	Owners func(owner string) bool
 }
 
 // Result is a verification's answer.
@@ -94,6 +97,10 @@ type Result struct {
 	Code   Code
 	Detail string
 	Limits ratelimit.Result // every layer's limit, remaining and reset; RetryAfter when limited
+	// Key is the key the presented secret belongs to, without any secret
+	// or MAC, for every code but MALFORMED, NOT_FOUND and UNAVAILABLE; its
+	// Quota is what is left after this verification.
+	Key *Record
 }
 
 // Check decides a verification of a key whose secret (number secret in

@@ -61,8 +61,10 @@ type Manager struct {
 	mac    MACer
 	pepper hsm.KeyID
 	prefix string
-	lim    *ratelimit.Limiter
-	usage  *usageLog
+	// defaults are the limits of keys created without any, by role.
+	defaults map[string][]ratelimit.Layer
+	lim      *ratelimit.Limiter
+	usage    *usageLog
 	// quotas holds the quotas used since the last Flush, by key ID; they
 	// override the store's until Flush or a change writes them.
 	quotas map[string]*Quota
@@ -84,19 +86,80 @@ type secretRef struct {
 	Secret int    `json:"secret"`
 }
 
-// NewManager returns a Manager; prefix starts every key (DefaultPrefix if
-// empty), pepper names the HMAC key in the HSM.
-func NewManager(s Store, mac MACer, pepper hsm.KeyID, prefix string, now func() time.Time) (*Manager, error) {
-	if prefix == "" {
-		prefix = DefaultPrefix
+// Options tune a Manager; the zero value is the defaults.
+type Options struct {
+	// Prefix starts every key; DefaultPrefix if empty.
+	Prefix string
+	// NearLimit is the fraction of a rate-limit layer's burst in use at
+	// which a verification says NearLimit; default 0.8.
+	NearLimit float64
+	// DefaultLimits are the rate limits of a key created without any, by
+	// role (see LimitsFor); DefaultLimits if nil.
+	DefaultLimits map[string][]ratelimit.Layer
+	// Now is the clock; time.Now if nil.
+	Now func() time.Time
+}
+
+// DefaultLimits are the rate limits a key gets when it is created without
+// any, by the most powerful role it holds: the more a key may do, the less
+// often. Custom resource:action permissions count as "standard".
+var DefaultLimits = map[string][]ratelimit.Layer{
+	"read-only": {{Limit: 100, Per: time.Second, Burst: 200}, {Limit: 100_000, Per: time.Hour, Burst: 100_000}},
+	"standard":  {{Limit: 50, Per: time.Second, Burst: 100}, {Limit: 50_000, Per: time.Hour, Burst: 50_000}},
+	"admin":     {{Limit: 10, Per: time.Second, Burst: 20}, {Limit: 5_000, Per: time.Hour, Burst: 5_000}},
+}
+
+// LimitsFor returns the default limits (from defaults, by role) of a key
+// with these permissions: those of "admin" if it holds admin, else of
+// "standard" if it holds standard or any custom permission, else of
+// "read-only".
+func LimitsFor(defaults map[string][]ratelimit.Layer, perms []string) []ratelimit.Layer {
+	role := "read-only"
+	for _, p := range perms {
+		switch {
+		case p == "admin":
+			return slices.Clone(defaults["admin"])
+		case p != "read-only":
+			role = "standard"
+		}
 	}
-	if err := CheckPrefix(prefix); err != nil {
+	return slices.Clone(defaults[role])
+}
+
+// NewManager returns a Manager; pepper names the HMAC key in the HSM.
+func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, error) {
+	if o.Prefix == "" {
+		o.Prefix = DefaultPrefix
+	}
+	if err := CheckPrefix(o.Prefix); err != nil {
 		return nil, err
 	}
-	if now == nil {
-		now = time.Now
+	if o.NearLimit < 0 || o.NearLimit > 1 {
+		return nil, fmt.Errorf("%w: the near-limit threshold is a fraction from 0 to 1, not %v", ErrInvalid, o.NearLimit)
 	}
-	return &Manager{store: s, mac: mac, pepper: pepper, prefix: prefix, lim: ratelimit.New(), usage: newUsageLog(), quotas: map[string]*Quota{}, now: now, digests: map[[32]byte]known{}}, nil
+	if o.DefaultLimits == nil {
+		o.DefaultLimits = DefaultLimits
+	}
+	for role, layers := range o.DefaultLimits {
+		if _, ok := Roles[role]; !ok {
+			return nil, fmt.Errorf("%w: default limits for %q: roles are read-only, standard and admin", ErrInvalid, role)
+		}
+		if len(layers) > maxLayers {
+			return nil, fmt.Errorf("%w: default limits for %q: at most %d layers", ErrInvalid, role, maxLayers)
+		}
+		for _, l := range layers {
+			if err := l.Check(); err != nil {
+				return nil, fmt.Errorf("%w: default limits for %q: %v", ErrInvalid, role, err)
+			}
+		}
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	lim := ratelimit.New()
+	lim.Near = o.NearLimit
+	return &Manager{store: s, mac: mac, pepper: pepper, prefix: o.Prefix, defaults: o.DefaultLimits, lim: lim, usage: newUsageLog(),
+		quotas: map[string]*Quota{}, now: o.Now, digests: map[[32]byte]known{}}, nil
 }
 
 // Spec is a key to create.
@@ -105,10 +168,12 @@ type Spec struct {
 	Permissions              []string
 	Expires                  time.Time
 	AllowedIPs               []netip.Prefix
-	Limits                   []ratelimit.Layer
-	Quota                    *Quota
-	Tags                     []string
-	Metadata                 map[string]string
+	// Limits: nil gives the defaults of the key's role (LimitsFor); an
+	// empty, non-nil slice, none at all.
+	Limits   []ratelimit.Layer
+	Quota    *Quota
+	Tags     []string
+	Metadata map[string]string
 }
 
 var permForm = regexp.MustCompile(`^([a-z0-9_*-]+:[a-z0-9_*-]+)$`)
@@ -210,6 +275,9 @@ func (m *Manager) CreateMany(ctx context.Context, specs []Spec) (secrets []strin
 		}
 		id := make([]byte, 12)
 		rand.Read(id)
+		if s.Limits == nil {
+			s.Limits = LimitsFor(m.defaults, s.Permissions)
+		}
 		recs[i] = &Record{
 			ID: "ak_" + hex.EncodeToString(id), Owner: s.Owner, Name: s.Name, Environment: s.Environment,
 			Permissions: s.Permissions, Expires: s.Expires, AllowedIPs: s.AllowedIPs, Limits: s.Limits, Quota: s.Quota,
@@ -414,6 +482,10 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		}
 		m.digests[digest] = k
 	}
+	if req.Owners != nil && !req.Owners(rec.Owner) {
+		// Not a key of an owner this caller serves: for it, no such key.
+		return Result{Code: NotFound, Detail: fmt.Sprintf("the key's owner %q is not one this caller may verify for", rec.Owner)}
+	}
 	if q := m.quotas[rec.ID]; q != nil {
 		rec.Quota = q
 	}
@@ -429,7 +501,11 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		if len(m.quotas) >= maxPendingKeys {
 			m.usage.askFlush()
 		}
+		q := *rec.Quota
+		rec.Quota = &q // the pending quota is m's; the answer gets a copy
 	}
+	rec.Secrets = nil // nothing of a secret leaves
+	res.Key = rec
 	return res
 }
 
@@ -595,11 +671,15 @@ func narrows(was, now *Record) error {
 type Filter struct {
 	Owner, Tag, Environment string
 	State                   State
+	// Owners, if set, says which owners' keys the caller may see; the
+	// others are passed over as if they did not exist.
+	Owners func(owner string) bool
 }
 
 func (f Filter) matches(r *Record) bool {
 	return (f.Owner == "" || r.Owner == f.Owner) && (f.Environment == "" || r.Environment == f.Environment) &&
-		(f.Tag == "" || slices.Contains(r.Tags, f.Tag)) && (f.State == "" || r.State == f.State)
+		(f.Tag == "" || slices.Contains(r.Tags, f.Tag)) && (f.State == "" || r.State == f.State) &&
+		(f.Owners == nil || f.Owners(r.Owner))
 }
 
 // RevokeWhere revokes every key not yet revoked that the filter picks (or,

@@ -83,7 +83,7 @@ func (f *fixture) reopen(t testing.TB) {
 	}
 	t.Cleanup(func() { s.Close() })
 	f.store = s
-	if f.m, err = NewManager(s, f.mac, pepper, "kwtest", f.clk.now); err != nil {
+	if f.m, err = NewManager(s, f.mac, pepper, Options{Prefix: "kwtest", Now: f.clk.now}); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -573,5 +573,98 @@ func TestManagerCreateMany(t *testing.T) {
 	}
 	if _, _, err := f.m.CreateMany(context.Background(), nil); !errors.Is(err, ErrInvalid) {
 		t.Errorf("an empty batch: %v", err)
+	}
+}
+
+// TestManagerDefaultLimits: a key created without limits gets its role's;
+// an empty list means none; the more powerful role decides.
+func TestManagerDefaultLimits(t *testing.T) {
+	f := newFixture(t)
+	for _, c := range []struct {
+		perms []string
+		role  string
+	}{
+		{[]string{"read-only"}, "read-only"},
+		{[]string{"read-only", "orders:write"}, "standard"},
+		{[]string{"invoices:read"}, "standard"},
+		{[]string{"standard", "admin"}, "admin"},
+	} {
+		s := spec()
+		s.Permissions = c.perms
+		_, rec := f.create(t, s)
+		if !slices.Equal(rec.Limits, DefaultLimits[c.role]) {
+			t.Errorf("%v: limits %v, want %s's %v", c.perms, rec.Limits, c.role, DefaultLimits[c.role])
+		}
+	}
+	s := spec()
+	s.Limits = []ratelimit.Layer{}
+	key, rec := f.create(t, s)
+	if len(rec.Limits) != 0 {
+		t.Errorf("an empty limit list gave %v, want none", rec.Limits)
+	}
+	if res := f.verify(t, key, prod, Valid); len(res.Limits.Layers) != 0 {
+		t.Errorf("an unlimited key answered layers %v", res.Limits.Layers)
+	}
+	if _, err := NewManager(f.store, f.mac, pepper, Options{DefaultLimits: map[string][]ratelimit.Layer{"owner": nil}}); !errors.Is(err, ErrInvalid) {
+		t.Errorf("default limits for an unknown role: %v, want ErrInvalid", err)
+	}
+	if _, err := NewManager(f.store, f.mac, pepper, Options{NearLimit: 1.5}); !errors.Is(err, ErrInvalid) {
+		t.Errorf("a near-limit threshold of 1.5: %v, want ErrInvalid", err)
+	}
+}
+
+// TestManagerVerifyAnswer: a verification names the key, its owner,
+// permissions, metadata, and every layer's state, with the near-limit flag
+// at the configured threshold; never a MAC.
+func TestManagerVerifyAnswer(t *testing.T) {
+	f := newFixture(t)
+	m, err := NewManager(f.store, f.mac, pepper, Options{Prefix: "kwtest", Now: f.clk.now, NearLimit: 0.5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.m = m
+	s := spec()
+	s.Metadata = map[string]string{"customer": "42"}
+	s.Limits = []ratelimit.Layer{{Limit: 10, Per: time.Second, Burst: 4}, {Limit: 100, Per: time.Hour, Burst: 100}}
+	s.Quota = &Quota{Remaining: 50}
+	key, rec := f.create(t, s)
+	res := f.verify(t, key, prod, Valid)
+	k := res.Key
+	if k == nil || k.ID != rec.ID || k.Owner != "team-a" || k.Metadata["customer"] != "42" || !slices.Equal(k.Permissions, s.Permissions) {
+		t.Fatalf("the answer's key is %+v", k)
+	}
+	if k.Secrets != nil || k.Quota.Remaining != 49 {
+		t.Errorf("the answer holds secrets %v and quota %+v; want none and 49", k.Secrets, k.Quota)
+	}
+	if l := res.Limits.Layers; len(l) != 2 || l[0].Remaining != 3 || l[1].Remaining != 99 || res.Limits.NearLimit {
+		t.Errorf("after one use: %+v", res.Limits)
+	}
+	res = f.verify(t, key, prod, Valid) // 2 of 4 used: the 50 % threshold
+	if !res.Limits.NearLimit {
+		t.Errorf("2 of a burst of 4 used with a threshold of 0.5: not near the limit")
+	}
+	f.verify(t, key, prod, Valid)
+	f.verify(t, key, prod, Valid)
+	res = f.verify(t, key, prod, RateLimited)
+	if res.Limits.RetryAfter != 100*time.Millisecond || !res.Limits.Layers[0].Refused || res.Limits.Layers[1].Refused || res.Key.Quota.Remaining != 46 {
+		t.Errorf("refused: %+v, quota %+v", res.Limits, res.Key.Quota)
+	}
+
+	// A caller that may not verify this owner's keys finds nothing and
+	// uses nothing.
+	other := prod
+	other.Owners = func(o string) bool { return o == "team-b" }
+	if res := f.verify(t, key, other, NotFound); res.Key != nil {
+		t.Errorf("a NOT_FOUND answer named the key %q", res.Key.ID)
+	}
+	got, _ := f.m.Get(rec.ID)
+	if got.Quota.Remaining != 46 {
+		t.Errorf("a foreign caller's verify used the quota: %d left", got.Quota.Remaining)
+	}
+	if recs, _, _ := f.m.List(Filter{Owners: other.Owners}, "", 0); len(recs) != 0 {
+		t.Errorf("List showed %d keys of an owner the caller may not see", len(recs))
+	}
+	if n, _ := f.m.RevokeWhere(Filter{Environment: "prod", Owners: other.Owners}, false); n != 0 {
+		t.Errorf("RevokeWhere revoked %d keys of an owner the caller may not see", n)
 	}
 }

@@ -123,7 +123,7 @@ func TestUsageFlushFailureLosesNothing(t *testing.T) {
 	f := newFixture(t)
 	key, rec := f.create(t, spec())
 	fs := &failing{Store: f.store}
-	m, err := NewManager(fs, f.mac, pepper, "kwtest", f.clk.now)
+	m, err := NewManager(fs, f.mac, pepper, Options{Prefix: "kwtest", Now: f.clk.now})
 	if err != nil {
 		t.Fatal(err)
 	}
