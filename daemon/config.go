@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/user"
@@ -17,6 +18,8 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/ratelimit"
 	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/daemon/socket"
 	"github.com/keyward/keyward/hsm"
@@ -59,6 +62,14 @@ type Config struct {
 			BaseURL string `yaml:"base_url"` // how verifiers reach it; default from the address
 		} `yaml:"http"`
 	} `yaml:"tokens"`
+	APIKeys struct {
+		Prefix     string        `yaml:"prefix"`      // starts every key; default "kw"
+		NearLimit  float64       `yaml:"near_limit"`  // fraction of a burst that sets near_limit; default 0.8
+		FlushEvery time.Duration `yaml:"flush_every"` // how often usage and quotas are written; default 10s
+		// DefaultLimits replace, role by role, the limits a key created
+		// without any gets; an empty list means none.
+		DefaultLimits map[string][]ratelimit.Layer `yaml:"default_limits"`
+	} `yaml:"api_keys"`
 }
 
 // LoadConfig reads a configuration file strictly: unknown fields are errors
@@ -110,6 +121,20 @@ func (c *Config) check() error {
 			errs = append(errs, fmt.Errorf("tokens.http.address %q is not loopback: set tls_cert and tls_key (it serves TLS 1.3 only)", a))
 		}
 	}
+	if p := c.APIKeys.Prefix; p != "" {
+		if err := apikeys.CheckPrefix(p); err != nil {
+			errs = append(errs, fmt.Errorf("api_keys.prefix: %v", err))
+		}
+	}
+	if n := c.APIKeys.NearLimit; n < 0 || n > 1 {
+		errs = append(errs, errors.New("api_keys.near_limit is a fraction from 0 to 1 (0.8 warns at 80 % of a burst)"))
+	}
+	if c.APIKeys.FlushEvery < 0 {
+		errs = append(errs, errors.New("api_keys.flush_every must not be negative"))
+	}
+	if _, err := c.apiKeyOptions(); err != nil {
+		errs = append(errs, err)
+	}
 	if len(errs) > 0 {
 		return fmt.Errorf("config: %w", errors.Join(errs...))
 	}
@@ -140,6 +165,24 @@ func (c *Config) auditPath() string {
 		return c.AuditFile
 	}
 	return filepath.Join(c.DataDir, "audit.log")
+}
+
+// apiKeyOptions are the API key manager's options: the built-in default
+// limits with the configured roles' replaced.
+func (c *Config) apiKeyOptions() (apikeys.Options, error) {
+	o := apikeys.Options{Prefix: c.APIKeys.Prefix, NearLimit: c.APIKeys.NearLimit, DefaultLimits: maps.Clone(apikeys.DefaultLimits)}
+	for role, layers := range c.APIKeys.DefaultLimits {
+		if _, ok := apikeys.Roles[role]; !ok {
+			return o, fmt.Errorf("api_keys.default_limits: %q is not a role; roles are read-only, standard and admin", role)
+		}
+		for _, l := range layers {
+			if err := l.Check(); err != nil {
+				return o, fmt.Errorf("api_keys.default_limits.%s: %v", role, err)
+			}
+		}
+		o.DefaultLimits[role] = layers
+	}
+	return o, nil
 }
 
 // tokenConfig is the server's token configuration, with its defaults.

@@ -233,7 +233,7 @@ func TestEndToEnd(t *testing.T) {
 
 	// Status and health.
 	stc, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
-	if err != nil || stc.Hsm.TokenLabel != in.tok.Label || !stc.Hsm.Healthy || stc.Keys.Total != 2 || stc.Keys.PendingDeletion != 1 || stc.Store.SchemaVersion != store.SchemaVersion {
+	if err != nil || stc.Hsm.TokenLabel != in.tok.Label || !stc.Hsm.Healthy || stc.Keys.Total != 3 || stc.Keys.PendingDeletion != 1 || stc.Store.SchemaVersion != store.SchemaVersion {
 		t.Fatalf("GetStatus = %v, %v", stc, err)
 	}
 	hc, err := healthpb.NewHealthClient(in.conn).Check(ctx, &healthpb.HealthCheckRequest{})

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/keys"
@@ -25,6 +26,13 @@ import (
 
 // AuditKey is the HMAC key in the HSM that MACs the audit log's checkpoints.
 var AuditKey = hsm.KeyID{Name: server.ReservedPrefix + "audit", Version: 1}
+
+// PepperKey is the HMAC key in the HSM under which the store keeps API
+// keys: lose it and every API key is lost with it.
+var PepperKey = hsm.KeyID{Name: server.ReservedPrefix + "apikeys", Version: 1}
+
+// DefaultFlushEvery is how often API key usage and quotas are written.
+const DefaultFlushEvery = 10 * time.Second
 
 // Options are what Run takes besides the configuration.
 type Options struct {
@@ -105,9 +113,11 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	if err != nil {
 		return err
 	}
-	// keywardd's own audit key is adopted if the HSM has it and the store
-	// does not (a lost store): it is what MACed the existing log.
-	if err := ensureKeys(ctx, km, append([]keys.Spec{{Name: AuditKey.Name, Purpose: keys.MAC, Adopt: true}}, o.Keys...)); err != nil {
+	// keywardd's own keys are adopted if the HSM has them and the store
+	// does not (a lost store): the audit key MACed the existing log, and
+	// the pepper is what API keys restored from a backup are kept under.
+	own := []keys.Spec{{Name: AuditKey.Name, Purpose: keys.MAC, Adopt: true}, {Name: PepperKey.Name, Purpose: keys.MAC, Adopt: true}}
+	if err := ensureKeys(ctx, km, append(own, o.Keys...)); err != nil {
 		return err
 	}
 	al, err := audit.Open(cfg.auditPath(), h, AuditKey, audit.Options{})
@@ -124,10 +134,33 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	if err != nil {
 		return err
 	}
+	ako, err := cfg.apiKeyOptions()
+	if err != nil {
+		return err
+	}
+	akm, err := apikeys.NewManager(st, h, PepperKey, ako)
+	if err != nil {
+		return err
+	}
+	// Usage and quotas are written every so often, and once more before
+	// the store closes.
+	flushCtx, stopFlush := context.WithCancel(context.Background())
+	flushed := make(chan struct{})
+	every := cfg.APIKeys.FlushEvery
+	if every == 0 {
+		every = DefaultFlushEvery
+	}
+	go func() {
+		defer close(flushed)
+		akm.RunFlusher(flushCtx, every, func(err error) {
+			log.Error("writing API key usage failed; it is kept and retried", "error", err.Error())
+		})
+	}()
+	closers = append(closers, func() error { stopFlush(); <-flushed; return nil })
 	srv, gs := server.New(server.Config{
 		HSM: h, Store: st, Keys: km, Envelope: envelope.New(km, h), Audit: al, Policy: pol,
 		MaxBatch: cfg.MaxBatch, Version: o.Version, HealthEvery: o.HealthEvery,
-		Tokens: tc, Revoked: revoked,
+		Tokens: tc, Revoked: revoked, APIKeys: akm,
 	})
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()

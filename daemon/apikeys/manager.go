@@ -407,6 +407,9 @@ var errStop = errors.New("stop") // ends a store scan early
 // first page), at most size of them (0: DefaultPageSize), without MACs.
 // next is the ID to pass as after for the next page, "" on the last one.
 func (m *Manager) List(f Filter, after string, size int) (recs []*Record, next string, err error) {
+	if after != "" && !idForm.MatchString(after) {
+		return nil, "", fmt.Errorf("%w: a page token is the last ID of the previous page", ErrInvalid)
+	}
 	if size <= 0 {
 		size = DefaultPageSize
 	}

@@ -59,6 +59,8 @@ type Record struct {
 	Code          string    `json:"code,omitempty"`           // the status code of a refusal
 	Detail        string    `json:"detail,omitempty"`         // the refusal's message
 	Batch         []Item    `json:"batch,omitempty"`          // a batch call's items, in order
+	APIKey        string    `json:"api_key,omitempty"`        // an API key's ID, never its secret
+	Result        string    `json:"result,omitempty"`         // VerifyAPIKey's verdict: VALID, NOT_FOUND, ...
 }
 
 // Item is one item of a batch call.

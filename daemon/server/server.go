@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/identity"
@@ -33,10 +34,14 @@ import (
 	"github.com/keyward/keyward/hsm"
 )
 
+// services are the keyward.v1 services keywardd serves.
+var services = []*grpc.ServiceDesc{&keywardv1.KeyService_ServiceDesc, &keywardv1.EnvelopeService_ServiceDesc,
+	&keywardv1.StatusService_ServiceDesc, &keywardv1.TokenService_ServiceDesc, &keywardv1.APIKeyService_ServiceDesc}
+
 // Ops lists every operation name the policy may grant, "Service.Method".
 func Ops() []string {
 	var ops []string
-	for _, sd := range []grpc.ServiceDesc{keywardv1.KeyService_ServiceDesc, keywardv1.EnvelopeService_ServiceDesc, keywardv1.StatusService_ServiceDesc, keywardv1.TokenService_ServiceDesc} {
+	for _, sd := range services {
 		svc := sd.ServiceName[strings.LastIndexByte(sd.ServiceName, '.')+1:]
 		for _, m := range sd.Methods {
 			ops = append(ops, svc+"."+m.MethodName)
@@ -75,6 +80,8 @@ type Config struct {
 	// Tokens configures the TokenService; Revoked holds its revocations.
 	Tokens  TokenConfig
 	Revoked *tokens.Revoked
+	// APIKeys serves the APIKeyService.
+	APIKeys *apikeys.Manager
 }
 
 // Server serves keyward.v1.
@@ -97,6 +104,7 @@ type Server struct {
 	keywardv1.UnimplementedEnvelopeServiceServer
 	keywardv1.UnimplementedStatusServiceServer
 	keywardv1.UnimplementedTokenServiceServer
+	keywardv1.UnimplementedAPIKeyServiceServer
 }
 
 // New makes the server and the grpc.Server that serves it.
@@ -126,6 +134,7 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	keywardv1.RegisterEnvelopeServiceServer(gs, s)
 	keywardv1.RegisterStatusServiceServer(gs, s)
 	keywardv1.RegisterTokenServiceServer(gs, s)
+	keywardv1.RegisterAPIKeyServiceServer(gs, s)
 	healthpb.RegisterHealthServer(gs, s.health)
 	reflection.Register(gs)
 	return s, gs
@@ -161,8 +170,8 @@ func (s *Server) checkHealth(ctx context.Context) {
 		s.hsmErr.Store(nil)
 	}
 	s.health.SetServingStatus("", st)
-	for _, name := range []string{keywardv1.KeyService_ServiceDesc.ServiceName, keywardv1.EnvelopeService_ServiceDesc.ServiceName, keywardv1.StatusService_ServiceDesc.ServiceName, keywardv1.TokenService_ServiceDesc.ServiceName} {
-		s.health.SetServingStatus(name, st)
+	for _, sd := range services {
+		s.health.SetServingStatus(sd.ServiceName, st)
 	}
 }
 
@@ -175,6 +184,8 @@ type call struct {
 	items   int
 	ctxHash string
 	batch   []audit.Item
+	apiKey  string // an API key's ID (never its secret)
+	result  string // VerifyAPIKey's verdict
 }
 
 // outcome names how a call or item ended, for the audit log.
@@ -197,7 +208,8 @@ func callFrom(ctx context.Context) *call { return ctx.Value(callKey{}).(*call) }
 var sensitive = map[string]bool{
 	"EnvelopeService.GenerateDataKey": true, "EnvelopeService.Decrypt": true,
 	"EnvelopeService.BatchGenerateDataKey": true, "EnvelopeService.BatchDecrypt": true,
-	"TokenService.MintToken": true,
+	"TokenService.MintToken":     true,
+	"APIKeyService.CreateAPIKey": true, "APIKeyService.RotateAPIKey": true,
 }
 
 // intercept identifies the caller, runs the handler, audits the call, and
@@ -232,6 +244,7 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 		Caller: audit.Caller{UID: c.caller.UID, GID: c.caller.GID, PID: c.caller.PID,
 			Exe: c.caller.Exe, SHA256: c.caller.ExeSHA256},
 		Op: op, Key: c.key, Version: c.version, Items: c.items, ContextSHA256: c.ctxHash, Batch: c.batch,
+		APIKey: c.apiKey, Result: c.result,
 	}
 	rec.Outcome, rec.Code = outcome(st)
 	if st != nil {

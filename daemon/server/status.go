@@ -7,6 +7,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/identity"
@@ -16,8 +17,11 @@ import (
 	"github.com/keyward/keyward/hsm"
 )
 
-// errInvalid is the server's own bad-request error.
-var errInvalid = errors.New("invalid argument")
+// The server's own errors: a bad request, and a dependency that failed.
+var (
+	errInvalid     = errors.New("invalid argument")
+	errUnavailable = errors.New("unavailable")
+)
 
 // codeOf maps every domain error to its status code: the one place where
 // that happens. Anything not listed is INTERNAL.
@@ -41,6 +45,10 @@ var codeOf = []struct {
 	{envelope.ErrInvalid, codes.InvalidArgument},
 	{envelope.ErrTooLarge, codes.ResourceExhausted},
 	{errInvalid, codes.InvalidArgument},
+	{errUnavailable, codes.Unavailable},
+	{apikeys.ErrNotFound, codes.NotFound},
+	{apikeys.ErrInvalid, codes.InvalidArgument},
+	{apikeys.ErrWidens, codes.PermissionDenied},
 	{tokens.ErrInvalid, codes.InvalidArgument},
 	{audit.ErrUnavailable, codes.Unavailable},
 	{hsm.ErrTokenUnavailable, codes.Unavailable},

@@ -1,0 +1,423 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/ratelimit"
+)
+
+// For APIKeyService the policy's key globs match API key owners.
+
+// MaxOverlap is the longest a rotated-out secret may keep working.
+const MaxOverlap = 30 * 24 * time.Hour
+
+// DefaultUsageWindow is GetAPIKeyUsage's window when none is given.
+const DefaultUsageWindow = 24 * time.Hour
+
+var apiKeyStates = map[apikeys.State]keywardv1.APIKeyState{
+	apikeys.Active:        keywardv1.APIKeyState_API_KEY_STATE_ACTIVE,
+	apikeys.StateDisabled: keywardv1.APIKeyState_API_KEY_STATE_DISABLED,
+	apikeys.StateRevoked:  keywardv1.APIKeyState_API_KEY_STATE_REVOKED,
+}
+
+func apiKeyState(st keywardv1.APIKeyState) (apikeys.State, error) {
+	for s, ps := range apiKeyStates {
+		if ps == st {
+			return s, nil
+		}
+	}
+	return "", fmt.Errorf("%w: state %v: use API_KEY_STATE_ACTIVE, _DISABLED or _REVOKED", errInvalid, st)
+}
+
+func apiKeyCode(c apikeys.Code) keywardv1.APIKeyCode {
+	return keywardv1.APIKeyCode(keywardv1.APIKeyCode_value["API_KEY_CODE_"+string(c)])
+}
+
+func timeOrNil(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}
+
+func toLimits(ls []ratelimit.Layer) []*keywardv1.RateLimit {
+	out := make([]*keywardv1.RateLimit, len(ls))
+	for i, l := range ls {
+		out[i] = &keywardv1.RateLimit{Limit: uint32(l.Limit), Per: durationpb.New(l.Per), Burst: uint32(l.Burst)}
+	}
+	return out
+}
+
+func toQuota(q *apikeys.Quota) *keywardv1.Quota {
+	if q == nil {
+		return nil
+	}
+	out := &keywardv1.Quota{Remaining: q.Remaining, Refill: q.Refill}
+	if q.RefillEvery > 0 {
+		out.RefillEvery = durationpb.New(q.RefillEvery)
+	}
+	return out
+}
+
+func toAPIKey(r *apikeys.Record) *keywardv1.APIKey {
+	out := &keywardv1.APIKey{
+		Id: r.ID, Owner: r.Owner, Name: r.Name, Environment: r.Environment, Permissions: r.Permissions,
+		ExpireTime: timeOrNil(r.Expires), RateLimits: toLimits(r.Limits), Quota: toQuota(r.Quota),
+		Tags: r.Tags, Metadata: r.Metadata, State: apiKeyStates[r.State], CreateTime: timestamppb.New(r.Created),
+	}
+	for _, p := range r.AllowedIPs {
+		out.AllowedIps = append(out.AllowedIps, p.String())
+	}
+	for _, s := range r.Secrets {
+		out.Secrets = append(out.Secrets, &keywardv1.APIKeySecret{CreateTime: timestamppb.New(s.Created), NotAfter: timeOrNil(s.NotAfter)})
+	}
+	return out
+}
+
+func fromLimits(ls []*keywardv1.RateLimit) ([]ratelimit.Layer, error) {
+	out := make([]ratelimit.Layer, len(ls))
+	for i, l := range ls {
+		if l.GetPer() == nil {
+			return nil, fmt.Errorf("%w: rate_limits[%d] has no period (per: 1s, 60s, 3600s or 86400s)", errInvalid, i)
+		}
+		out[i] = ratelimit.Layer{Limit: int(l.GetLimit()), Per: l.GetPer().AsDuration(), Burst: int(l.GetBurst())}
+		if slices.ContainsFunc(out[:i], func(o ratelimit.Layer) bool { return o.Per == out[i].Per }) {
+			return nil, fmt.Errorf("%w: rate_limits: two layers per %v; give each period once", errInvalid, out[i].Per)
+		}
+	}
+	return out, nil
+}
+
+func fromQuota(q *keywardv1.Quota) (*apikeys.Quota, error) {
+	if q == nil {
+		return nil, nil
+	}
+	out := &apikeys.Quota{Remaining: q.GetRemaining(), Refill: q.GetRefill(), RefillEvery: q.GetRefillEvery().AsDuration()}
+	if out.Remaining < 0 || out.Refill < 0 || out.RefillEvery < 0 || (out.Refill > 0) != (out.RefillEvery > 0) {
+		return nil, fmt.Errorf("%w: quota: remaining and refill are not negative, and refill and refill_every come together", errInvalid)
+	}
+	return out, nil
+}
+
+// fromAllowlist parses CIDR prefixes; a bare address is a prefix of one.
+func fromAllowlist(ss []string) ([]netip.Prefix, error) {
+	out := make([]netip.Prefix, 0, len(ss))
+	for i, s := range ss {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			a, aerr := netip.ParseAddr(s)
+			if aerr != nil || a.Zone() != "" {
+				return nil, fmt.Errorf("%w: allowed_ips[%d] %q is not a CIDR prefix (192.0.2.0/24, 2001:db8::/48) or an address", errInvalid, i, s)
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		if p != p.Masked() {
+			return nil, fmt.Errorf("%w: allowed_ips[%d] %q has host bits set; write %v", errInvalid, i, s, p.Masked())
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// owners says which API key owners the caller may reach with op.
+func (s *Server) owners(ctx context.Context, op string) func(string) bool {
+	pol, sub := s.policy.Load(), subject(callFrom(ctx).caller)
+	return func(owner string) bool { return pol.Allow(sub, op, owner) == nil }
+}
+
+// apiKey loads a key for op and checks the caller may reach its owner.
+func (s *Server) apiKey(ctx context.Context, op, id string) (*apikeys.Record, error) {
+	c := callFrom(ctx)
+	c.apiKey = id
+	// Nothing is read for a caller granted op on no owner at all.
+	if err := s.policy.Load().Allow(subject(c.caller), op, ""); err != nil {
+		return nil, err
+	}
+	rec, err := s.cfg.APIKeys.Get(id)
+	if err != nil {
+		c.apiKey = ""
+		return nil, err
+	}
+	if err := s.allow(ctx, op, rec.Owner); err != nil {
+		return nil, err
+	}
+	return rec, nil
+}
+
+func (s *Server) CreateAPIKey(ctx context.Context, r *keywardv1.CreateAPIKeyRequest) (*keywardv1.CreateAPIKeyResponse, error) {
+	if err := s.allow(ctx, "APIKeyService.CreateAPIKey", r.GetOwner()); err != nil {
+		return nil, err
+	}
+	spec := apikeys.Spec{Owner: r.GetOwner(), Name: r.GetName(), Environment: r.GetEnvironment(), Permissions: r.GetPermissions(),
+		Tags: r.GetTags(), Metadata: r.GetMetadata()}
+	var err error
+	switch {
+	case r.GetExpireTime() != nil && r.GetTtl() != nil:
+		return nil, fmt.Errorf("%w: give expire_time or ttl, not both", errInvalid)
+	case r.GetExpireTime() != nil:
+		spec.Expires = r.GetExpireTime().AsTime()
+	case r.GetTtl() != nil:
+		if r.GetTtl().AsDuration() <= 0 {
+			return nil, fmt.Errorf("%w: ttl must be positive", errInvalid)
+		}
+		spec.Expires = time.Now().Add(r.GetTtl().AsDuration())
+	}
+	if spec.AllowedIPs, err = fromAllowlist(r.GetAllowedIps()); err != nil {
+		return nil, err
+	}
+	switch {
+	case r.GetUnlimited() && len(r.GetRateLimits()) > 0:
+		return nil, fmt.Errorf("%w: unlimited and rate_limits contradict each other", errInvalid)
+	case r.GetUnlimited():
+		spec.Limits = []ratelimit.Layer{}
+	case len(r.GetRateLimits()) > 0:
+		if spec.Limits, err = fromLimits(r.GetRateLimits()); err != nil {
+			return nil, err
+		}
+	}
+	if spec.Quota, err = fromQuota(r.GetQuota()); err != nil {
+		return nil, err
+	}
+	secret, rec, err := s.cfg.APIKeys.Create(ctx, spec)
+	if err != nil {
+		return nil, err
+	}
+	callFrom(ctx).apiKey = rec.ID
+	return &keywardv1.CreateAPIKeyResponse{Secret: secret, Key: toAPIKey(rec)}, nil
+}
+
+// Bounds of a verification request, beyond the key's own (Parse).
+const (
+	maxVerifyPerms = 32
+	maxPermLen     = 128
+	maxCost        = 1 << 20
+)
+
+func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequest) (*keywardv1.VerifyAPIKeyResponse, error) {
+	const op = "APIKeyService.VerifyAPIKey"
+	c := callFrom(ctx)
+	if err := s.policy.Load().Allow(subject(c.caller), op, ""); err != nil {
+		return nil, err
+	}
+	req := apikeys.Request{Permissions: r.GetPermissions(), Environment: r.GetEnvironment(), Cost: int(r.GetCost()), Owners: s.owners(ctx, op)}
+	switch {
+	case r.GetEnvironment() == "":
+		return nil, fmt.Errorf("%w: environment is required: the environment this service runs in (a key works only in its own)", errInvalid)
+	case len(r.GetPermissions()) > maxVerifyPerms || slices.ContainsFunc(r.GetPermissions(), func(p string) bool { return len(p) > maxPermLen }):
+		return nil, fmt.Errorf("%w: at most %d permissions of at most %d bytes each", errInvalid, maxVerifyPerms, maxPermLen)
+	case r.GetCost() > maxCost:
+		return nil, fmt.Errorf("%w: a cost of at most %d", errInvalid, maxCost)
+	}
+	if ip := r.GetSourceIp(); ip != "" {
+		a, err := netip.ParseAddr(ip)
+		if err != nil {
+			return nil, fmt.Errorf("%w: source_ip is not an IP address; pass the client's address without a port", errInvalid)
+		}
+		req.SourceIP = a.WithZone("")
+	}
+	res := s.cfg.APIKeys.Verify(ctx, r.GetKey(), req)
+	c.result = string(res.Code)
+	if res.Code == apikeys.Unavailable {
+		return nil, fmt.Errorf("%w: the key could not be checked, so it is not valid: %s", errUnavailable, res.Detail)
+	}
+	out := &keywardv1.VerifyAPIKeyResponse{Code: apiKeyCode(res.Code), Reason: res.Detail, NearLimit: res.Limits.NearLimit}
+	if k := res.Key; k != nil {
+		c.key, c.apiKey = k.Owner, k.ID
+		out.KeyId, out.Owner, out.Name, out.Permissions, out.Metadata = k.ID, k.Owner, k.Name, k.Permissions, k.Metadata
+		out.ExpireTime, out.Quota = timeOrNil(k.Expires), toQuota(k.Quota)
+	}
+	for _, l := range res.Limits.Layers {
+		out.RateLimits = append(out.RateLimits, &keywardv1.RateLimitState{Limit: toLimits([]ratelimit.Layer{l.Layer})[0],
+			Remaining: uint32(l.Remaining), ResetTime: timestamppb.New(l.Reset), Refused: l.Refused})
+	}
+	if res.Code == apikeys.RateLimited && !res.Limits.TooLarge {
+		out.RetryAfter = durationpb.New(res.Limits.RetryAfter)
+	}
+	return out, nil
+}
+
+func (s *Server) RotateAPIKey(ctx context.Context, r *keywardv1.RotateAPIKeyRequest) (*keywardv1.RotateAPIKeyResponse, error) {
+	overlap := apikeys.Overlaps["moderate"]
+	switch {
+	case r.GetOverlap() != nil && r.GetRisk() != "":
+		return nil, fmt.Errorf("%w: give overlap or risk, not both", errInvalid)
+	case r.GetOverlap() != nil:
+		overlap = r.GetOverlap().AsDuration()
+		if overlap < 0 || overlap > MaxOverlap {
+			return nil, fmt.Errorf("%w: an overlap from 0 (stop the old secret now) to %v", errInvalid, MaxOverlap)
+		}
+	case r.GetRisk() != "":
+		var ok bool
+		if overlap, ok = apikeys.Overlaps[r.GetRisk()]; !ok {
+			return nil, fmt.Errorf("%w: risk %q: use high (%v) or moderate (%v), or give an overlap", errInvalid, r.GetRisk(),
+				apikeys.Overlaps["high"], apikeys.Overlaps["moderate"])
+		}
+	}
+	if _, err := s.apiKey(ctx, "APIKeyService.RotateAPIKey", r.GetId()); err != nil {
+		return nil, err
+	}
+	secret, rec, err := s.cfg.APIKeys.Rotate(ctx, r.GetId(), overlap)
+	if err != nil {
+		return nil, err
+	}
+	out := &keywardv1.RotateAPIKeyResponse{Secret: secret, Key: toAPIKey(rec)}
+	if n := len(rec.Secrets); n > 1 {
+		out.OldSecretNotAfter = timeOrNil(rec.Secrets[n-2].NotAfter)
+	}
+	return out, nil
+}
+
+func (s *Server) RevokeAPIKey(ctx context.Context, r *keywardv1.RevokeAPIKeyRequest) (*keywardv1.RevokeAPIKeyResponse, error) {
+	if _, err := s.apiKey(ctx, "APIKeyService.RevokeAPIKey", r.GetId()); err != nil {
+		return nil, err
+	}
+	rec, err := s.cfg.APIKeys.Revoke(r.GetId())
+	if err != nil {
+		return nil, err
+	}
+	return &keywardv1.RevokeAPIKeyResponse{Key: toAPIKey(rec)}, nil
+}
+
+func (s *Server) RevokeAPIKeys(ctx context.Context, r *keywardv1.RevokeAPIKeysRequest) (*keywardv1.RevokeAPIKeysResponse, error) {
+	const op = "APIKeyService.RevokeAPIKeys"
+	if err := s.allow(ctx, op, r.GetOwner()); err != nil {
+		return nil, err
+	}
+	n, err := s.cfg.APIKeys.RevokeWhere(apikeys.Filter{Owner: r.GetOwner(), Tag: r.GetTag(), Environment: r.GetEnvironment(),
+		Owners: s.owners(ctx, op)}, r.GetDryRun())
+	callFrom(ctx).items = n
+	if err != nil {
+		return nil, err
+	}
+	return &keywardv1.RevokeAPIKeysResponse{Count: uint32(n), DryRun: r.GetDryRun()}, nil
+}
+
+func (s *Server) GetAPIKey(ctx context.Context, r *keywardv1.GetAPIKeyRequest) (*keywardv1.GetAPIKeyResponse, error) {
+	rec, err := s.apiKey(ctx, "APIKeyService.GetAPIKey", r.GetId())
+	if err != nil {
+		return nil, err
+	}
+	return &keywardv1.GetAPIKeyResponse{Key: toAPIKey(rec)}, nil
+}
+
+func (s *Server) ListAPIKeys(ctx context.Context, r *keywardv1.ListAPIKeysRequest) (*keywardv1.ListAPIKeysResponse, error) {
+	const op = "APIKeyService.ListAPIKeys"
+	if err := s.allow(ctx, op, r.GetOwner()); err != nil {
+		return nil, err
+	}
+	f := apikeys.Filter{Owner: r.GetOwner(), Tag: r.GetTag(), Environment: r.GetEnvironment(), Owners: s.owners(ctx, op)}
+	if r.GetState() != keywardv1.APIKeyState_API_KEY_STATE_UNSPECIFIED {
+		st, err := apiKeyState(r.GetState())
+		if err != nil {
+			return nil, err
+		}
+		f.State = st
+	}
+	if r.GetPageSize() > apikeys.MaxPageSize {
+		return nil, fmt.Errorf("%w: page_size is at most %d", errInvalid, apikeys.MaxPageSize)
+	}
+	recs, next, err := s.cfg.APIKeys.List(f, r.GetPageToken(), int(r.GetPageSize()))
+	if err != nil {
+		return nil, err
+	}
+	out := &keywardv1.ListAPIKeysResponse{NextPageToken: next}
+	for _, rec := range recs {
+		out.Keys = append(out.Keys, toAPIKey(rec))
+	}
+	callFrom(ctx).items = len(recs)
+	return out, nil
+}
+
+// updatable are the fields UpdateAPIKey changes.
+var updatable = []string{"permissions", "rate_limits", "allowed_ips", "expire_time", "state"}
+
+func (s *Server) UpdateAPIKey(ctx context.Context, r *keywardv1.UpdateAPIKeyRequest) (*keywardv1.UpdateAPIKeyResponse, error) {
+	k := r.GetKey()
+	paths := r.GetUpdateMask().GetPaths()
+	if len(paths) == 0 {
+		return nil, fmt.Errorf("%w: update_mask names no field; name some of %s", errInvalid, strings.Join(updatable, ", "))
+	}
+	var ch apikeys.Change
+	for _, p := range paths {
+		switch p {
+		case "permissions":
+			ch.Permissions = k.GetPermissions()
+			if ch.Permissions == nil {
+				ch.Permissions = []string{} // refused below: a key needs one
+			}
+		case "rate_limits":
+			ls, err := fromLimits(k.GetRateLimits())
+			if err != nil {
+				return nil, err
+			}
+			ch.Limits = &ls
+		case "allowed_ips":
+			ps, err := fromAllowlist(k.GetAllowedIps())
+			if err != nil {
+				return nil, err
+			}
+			ch.AllowedIPs = &ps
+		case "expire_time":
+			var t time.Time
+			if k.GetExpireTime() != nil {
+				t = k.GetExpireTime().AsTime()
+			}
+			ch.Expires = &t
+		case "state":
+			st, err := apiKeyState(k.GetState())
+			if err != nil {
+				return nil, err
+			}
+			ch.State = &st
+		default:
+			return nil, fmt.Errorf("%w: update_mask path %q: UpdateAPIKey changes %s", errInvalid, p, strings.Join(updatable, ", "))
+		}
+	}
+	rec, err := s.apiKey(ctx, "APIKeyService.UpdateAPIKey", k.GetId())
+	if err != nil {
+		return nil, err
+	}
+	// Whoever may issue this owner's keys may widen them; others narrow.
+	admin := s.policy.Load().Allow(subject(callFrom(ctx).caller), "APIKeyService.CreateAPIKey", rec.Owner) == nil
+	rec, err = s.cfg.APIKeys.Update(k.GetId(), ch, admin)
+	if err != nil {
+		return nil, err
+	}
+	return &keywardv1.UpdateAPIKeyResponse{Key: toAPIKey(rec)}, nil
+}
+
+func (s *Server) GetAPIKeyUsage(ctx context.Context, r *keywardv1.GetAPIKeyUsageRequest) (*keywardv1.GetAPIKeyUsageResponse, error) {
+	window := DefaultUsageWindow
+	if r.GetWindow() != nil {
+		window = r.GetWindow().AsDuration()
+	}
+	if _, err := s.apiKey(ctx, "APIKeyService.GetAPIKeyUsage", r.GetId()); err != nil {
+		return nil, err
+	}
+	u, err := s.cfg.APIKeys.GetUsage(r.GetId(), window)
+	if err != nil {
+		return nil, err
+	}
+	usage := func(counts map[apikeys.Code]int64, nets map[string]int64) *keywardv1.APIKeyUsage {
+		out := &keywardv1.APIKeyUsage{Counts: map[string]int64{}, Networks: nets}
+		for c, n := range counts {
+			out.Counts[string(c)] = n
+		}
+		return out
+	}
+	out := &keywardv1.GetAPIKeyUsageResponse{Id: r.GetId(), LastUsedTime: timeOrNil(u.LastUsed), Total: usage(u.Counts, u.Networks)}
+	for _, h := range u.Hours {
+		out.Hours = append(out.Hours, &keywardv1.APIKeyHourUsage{Hour: timestamppb.New(h.Hour), Usage: usage(h.Counts, h.Networks)})
+	}
+	return out, nil
+}
