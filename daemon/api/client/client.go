@@ -48,6 +48,7 @@ type Client struct {
 	Envelope keywardv1.EnvelopeServiceClient
 	Status   keywardv1.StatusServiceClient
 	Tokens   keywardv1.TokenServiceClient
+	APIKeys  keywardv1.APIKeyServiceClient
 }
 
 // Dial connects to keywardd's socket (see SocketPath). The connection is
@@ -65,7 +66,7 @@ func Dial(path string) (*Client, error) {
 	}
 	return &Client{conn: conn, Keys: keywardv1.NewKeyServiceClient(conn),
 		Envelope: keywardv1.NewEnvelopeServiceClient(conn), Status: keywardv1.NewStatusServiceClient(conn),
-		Tokens: keywardv1.NewTokenServiceClient(conn)}, nil
+		Tokens: keywardv1.NewTokenServiceClient(conn), APIKeys: keywardv1.NewAPIKeyServiceClient(conn)}, nil
 }
 
 // Close closes the connection.
