@@ -31,6 +31,17 @@ envelope encryption (applications):
   encrypt -key K [-context k=v]... [-in FILE] [-out FILE]
   decrypt [-context k=v]... [-in FILE] [-out FILE]
   reencrypt [-context k=v]... [-to-key K] [-in FILE] [-out FILE]
+API keys:
+  apikey create -owner O -name N -env E -perm P... [-ttl D | -expires T] [-allow-ip CIDR]...
+                [-limit N/PERIOD[,burst=B]]... [-unlimited] [-quota N] [-quota-refill N/PERIOD]
+                [-tag T]... [-meta k=v]... [-secret-out FILE]
+  apikey verify -env E [-perm P]... [-ip ADDR] [-cost N] [-in FILE]   (the key on standard input)
+  apikey rotate -id ID [-overlap D | -risk high|moderate] [-secret-out FILE]
+  apikey revoke -id ID | apikey revoke [-owner O] [-tag T] [-env E] [-dry-run]
+  apikey list [-owner O] [-tag T] [-env E] [-state S] | apikey show -id ID
+  apikey update -id ID [-perm P]... [-limit L]... [-no-limits] [-allow-ip CIDR]... [-no-allowlist]
+                [-expires T | -no-expiry] [-disable | -enable]
+  apikey usage -id ID [-window D]
 short-lived tokens:
   token mint -key K -audience A... [-scope S]... [-claim k=v]... [-ttl 5m] [-subject S]
   token verify -audience A [-in FILE]      (the token on standard input)
@@ -130,6 +141,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		err = cryptCommand(e, cmd, rest)
 	case cmd == "token" && len(rest) > 0:
 		err = tokenCommand(e, rest[0], rest[1:])
+	case cmd == "apikey" && len(rest) > 0:
+		err = apikeyCommand(e, rest[0], rest[1:])
 	case cmd == "signing-key" && len(rest) > 0:
 		err = signingKeyCommand(e, rest[0], rest[1:])
 	case cmd == "audit" && len(rest) > 0 && rest[0] == "verify":
