@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/types/known/durationpb"
+
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/audit"
@@ -133,5 +135,99 @@ func TestKill9(t *testing.T) {
 	rep, err := audit.Verify(ctx, f, h)
 	if err != nil || rep.BadLine != 0 || int(rep.Records) < len(keys) {
 		t.Fatalf("audit after the kill: %+v, %v (want at least %d records)", rep, err, len(keys))
+	}
+}
+
+// TestKill9APIKeys: revocations and rotations are on disk when their call
+// returns: after SIGKILL and a restart a revoked key stays revoked (also
+// keys revoked in bulk), a rotated-out secret stays expired, the new one
+// works, and a key whose digest was cached before the kill is still checked
+// against its record. Verifications run until the kill.
+func TestKill9APIKeys(t *testing.T) {
+	bin := buildDaemon(t)
+	tok := softhsmtest.New(t)
+	dir := t.TempDir()
+	os.Chmod(dir, 0o750)
+	sock := filepath.Join(dir, "run", "k.sock")
+	policy := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policy, []byte(fmt.Sprintf("version: 1\nroles:\n  all:\n    permissions:\n      - operations: [\"*\"]\n        keys: [\"*\"]\nbindings:\n  - role: all\n    callers:\n      - uid: %d\n", os.Getuid())), 0o600)
+	config := filepath.Join(dir, "keywardd.yaml")
+	os.WriteFile(config, []byte(fmt.Sprintf("socket:\n  path: %s\ndata_dir: %s\npolicy_file: %s\nhsm:\n  module: %s\n  token: %s\n  pin_file: %s\n",
+		sock, filepath.Join(dir, "data"), policy, tok.Module, tok.Label, tok.PINFile)), 0o600)
+
+	cmd := startDaemon(t, bin, config, sock)
+	c, err := client.Dial(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	mk := func(tag string) (string, string) {
+		r, err := c.APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "o", Name: "n", Environment: "prod", Permissions: []string{"read-only"}, Tags: []string{tag}, Unlimited: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Secret, r.Key.Id
+	}
+	verify := func(key string) keywardv1.APIKeyCode {
+		r, err := c.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: key, Environment: "prod"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Code
+	}
+	revoked, revokedID := mk("single")
+	rotated, rotatedID := mk("rotated")
+	var bulk []string
+	for range 50 {
+		k, _ := mk("bulk")
+		bulk = append(bulk, k)
+	}
+	for _, k := range append([]string{revoked, rotated}, bulk...) {
+		if verify(k) != keywardv1.APIKeyCode_API_KEY_CODE_VALID { // now cached by digest
+			t.Fatal("a new key is not valid")
+		}
+	}
+	if _, err := c.APIKeys.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: revokedID}); err != nil {
+		t.Fatal(err)
+	}
+	rot, err := c.APIKeys.RotateAPIKey(ctx, &keywardv1.RotateAPIKeyRequest{Id: rotatedID, Overlap: durationpb.New(0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := c.APIKeys.RevokeAPIKeys(ctx, &keywardv1.RevokeAPIKeysRequest{Tag: "bulk"}); err != nil || r.Count != 50 {
+		t.Fatalf("bulk revoke: %v %v", r, err)
+	}
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for {
+				if _, err := c.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: rot.Secret, Environment: "prod"}); err != nil {
+					return
+				}
+			}
+		})
+	}
+	time.Sleep(200 * time.Millisecond)
+	cmd.Process.Signal(syscall.SIGKILL)
+	wg.Wait()
+	cmd.Wait()
+	c.Close()
+
+	startDaemon(t, bin, config, sock)
+	c, _ = client.Dial(sock)
+	defer c.Close()
+	for name, want := range map[string]struct {
+		key  string
+		code keywardv1.APIKeyCode
+	}{
+		"revoked":           {revoked, keywardv1.APIKeyCode_API_KEY_CODE_REVOKED},
+		"rotated out":       {rotated, keywardv1.APIKeyCode_API_KEY_CODE_EXPIRED},
+		"rotated in":        {rot.Secret, keywardv1.APIKeyCode_API_KEY_CODE_VALID},
+		"revoked in bulk":   {bulk[0], keywardv1.APIKeyCode_API_KEY_CODE_REVOKED},
+		"revoked in bulk 2": {bulk[49], keywardv1.APIKeyCode_API_KEY_CODE_REVOKED},
+	} {
+		if got := verify(want.key); got != want.code {
+			t.Errorf("%s after SIGKILL: %v, want %v", name, got, want.code)
+		}
 	}
 }
