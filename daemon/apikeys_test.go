@@ -16,8 +16,8 @@ import (
 	"google.golang.org/protobuf/types/known/fieldmaskpb"
 
 	"github.com/keyward/keyward/daemon/api/client"
-	"github.com/keyward/keyward/daemon/apikeys"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/apikeys"
 )
 
 type apiKeyCase struct {
@@ -298,7 +298,7 @@ func TestAPIKeysPolicy(t *testing.T) {
 		return &keywardv1.UpdateAPIKeyRequest{Key: &keywardv1.APIKey{Id: aID, Permissions: p}, UpdateMask: &fieldmaskpb.FieldMask{Paths: []string{"permissions"}}}
 	}
 	_, err = ac.UpdateAPIKey(ctx, perms("orders:write"))
-	wantCode(t, err, codes.PermissionDenied, "only an admin may widen")
+	wantCode(t, err, codes.PermissionDenied, "widening a key needs the right to issue its owner's keys")
 	_, err = ac.UpdateAPIKey(ctx, &keywardv1.UpdateAPIKeyRequest{Key: &keywardv1.APIKey{Id: aID, AllowedIps: []string{"192.0.2.0/24"}},
 		UpdateMask: &fieldmaskpb.FieldMask{Paths: []string{"allowed_ips"}}})
 	if err != nil {

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/types/known/durationpb"
+
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/hsm"
 	"github.com/keyward/keyward/softhsm-test/benchload"
@@ -86,6 +88,28 @@ func BenchmarkDaemon(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	apiKey := func(limits []*keywardv1.RateLimit) string {
+		r, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "bench", Name: "bench", Environment: "prod",
+			Permissions: []string{"orders:read"}, RateLimits: limits, Unlimited: limits == nil, Quota: &keywardv1.Quota{Remaining: 1 << 50}})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return r.Secret
+	}
+	unlimitedKey := apiKey(nil)
+	limitedKey := apiKey([]*keywardv1.RateLimit{{Limit: 1_000_000, Per: durationpb.New(time.Second), Burst: 1_000_000},
+		{Limit: 1_000_000_000, Per: durationpb.New(time.Hour), Burst: 1_000_000_000}})
+	verifyAPIKey := func(key string) func() error {
+		req := &keywardv1.VerifyAPIKeyRequest{Key: key, Environment: "prod", Permissions: []string{"orders:read"}, SourceIp: "192.0.2.1"}
+		return func() error {
+			v, err := ac.VerifyAPIKey(ctx, req)
+			if err == nil && v.Code != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
+				err = fmt.Errorf("API key refused: %v %s", v.Code, v.Reason)
+			}
+			return err
+		}
+	}
 	batch := make([]*keywardv1.GenerateDataKeyRequest, 100)
 	for i := range batch {
 		batch[i] = &keywardv1.GenerateDataKeyRequest{KeyName: "bench", EncryptionContext: ectx}
@@ -111,6 +135,8 @@ func BenchmarkDaemon(b *testing.B) {
 			_, err := ec.BatchGenerateDataKey(ctx, &keywardv1.BatchGenerateDataKeyRequest{Items: batch})
 			return err
 		}},
+		{"verify-api-key", verifyAPIKey(unlimitedKey)},
+		{"verify-api-key-limits", verifyAPIKey(limitedKey)},
 		{"mint-token-cached", func() error { _, err := tc.MintToken(ctx, mintReq); return err }},
 		{"verify-token", func() error {
 			v, err := tc.VerifyToken(ctx, &keywardv1.VerifyTokenRequest{Token: minted.Token, Audience: "bench"})
@@ -173,6 +199,8 @@ func printTable(res map[string]benchload.Result, key func(string, int) string) {
 		{"mint-token-uncached", func(n int) float64 { return serial(rate("hsm-sign", n), rate("ping", n)) }, 1},
 		{"mint-token-cached", func(n int) float64 { return rate("ping", n) }, 1},
 		{"verify-token", func(n int) float64 { return rate("ping", n) }, 1},
+		{"verify-api-key", func(n int) float64 { return rate("ping", n) }, 1},
+		{"verify-api-key-limits", func(n int) float64 { return rate("ping", n) }, 1},
 	}
 	for _, row := range rows {
 		for _, n := range benchLevels {
@@ -196,6 +224,7 @@ func printTable(res map[string]benchload.Result, key func(string, int) string) {
 		}
 	}
 	b.WriteString("targets: HSM-bound calls >= 0.9 x 1/(1/HSM rate + 1/ping rate); batches >= 0.9 x the HSM rate; p99 <= 3 x p50 at 16 clients;\n")
-	b.WriteString("         uncached mint >= 0.9 x 1/(1/HSM sign + 1/ping); cached mint and verify >= 0.8 x ping (ratio shown against ping)\n")
+	b.WriteString("         uncached mint >= 0.9 x 1/(1/HSM sign + 1/ping); cached mint and verify >= 0.8 x ping (ratio shown against ping);\n")
+	b.WriteString("         verify-api-key (a known key, with a quota; -limits adds two rate-limit layers) >= 0.8 x ping\n")
 	fmt.Fprint(os.Stdout, b.String())
 }

@@ -123,7 +123,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 	var err error
 	switch cmd, rest := args[0], args[1:]; {
-	case cmd == "help" || cmd == "-h" || cmd == "--help":
+	case cmd == "help" || cmd == "-h" || cmd == "--help", len(rest) > 0 && (rest[0] == "-h" || rest[0] == "--help" || rest[0] == "help"):
 		fmt.Fprint(stdout, usage)
 		return exitOK
 	case cmd == "version":

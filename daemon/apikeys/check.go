@@ -13,7 +13,8 @@ import (
 // Code is the outcome of verifying an API key.
 type Code string
 
-// The codes, in the order Check decides them.
+// The codes. Check decides them in this order, except that the quota is
+// checked before the rate limit (and taken only after every layer allows).
 const (
 	Valid            Code = "VALID"
 	Malformed        Code = "MALFORMED"

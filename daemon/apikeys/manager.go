@@ -81,6 +81,8 @@ type known struct {
 	ref secretRef
 }
 
+// secretRef is an index entry: the key a MAC belongs to. Secret, its
+// position when indexed, is only a hint: rotations prune old secrets.
 type secretRef struct {
 	ID     string `json:"id"`
 	Secret int    `json:"secret"`
@@ -176,7 +178,12 @@ type Spec struct {
 	Metadata map[string]string
 }
 
-var permForm = regexp.MustCompile(`^([a-z0-9_*-]+:[a-z0-9_*-]+)$`)
+// A permission is resource:action, each part a name or "*" alone.
+var permForm = regexp.MustCompile(`^(\*|[a-z0-9][a-z0-9_.-]*):(\*|[a-z0-9][a-z0-9_.-]*)$`)
+
+// An owner is a name the policy's globs can match: no glob characters, no
+// slash, no space.
+var ownerForm = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.@:+-]*$`)
 
 // Bounds on a key's record: every verify reads and walks it.
 const (
@@ -209,6 +216,8 @@ func (m *Manager) check(s Spec) error {
 		return fmt.Errorf("%w: metadata is at most %d bytes in all", ErrInvalid, maxMetadata)
 	case s.Owner == "" || s.Name == "" || s.Environment == "":
 		return fmt.Errorf("%w: owner, name and environment are required", ErrInvalid)
+	case !ownerForm.MatchString(s.Owner):
+		return fmt.Errorf("%w: owner %q: letters, digits and _ . @ : + - (the policy matches owners with globs)", ErrInvalid, s.Owner)
 	case len(s.Permissions) == 0:
 		return fmt.Errorf("%w: a key needs at least one permission (least privilege: name what it may do)", ErrInvalid)
 	case !s.Expires.IsZero() && !s.Expires.After(m.now()):
@@ -216,7 +225,7 @@ func (m *Manager) check(s Spec) error {
 	}
 	for _, p := range s.Permissions {
 		if _, role := Roles[p]; !role && !permForm.MatchString(p) {
-			return fmt.Errorf("%w: permission %q: use read-only, standard, admin or resource:action", ErrInvalid, p)
+			return fmt.Errorf("%w: permission %q: use read-only, standard, admin or resource:action (lower case; a part is a name or * alone)", ErrInvalid, p)
 		}
 	}
 	for _, l := range s.Limits {
@@ -474,9 +483,16 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 	if err != nil {
 		return Result{Code: Unavailable, Detail: err.Error()}
 	}
-	// The index only points; the record decides, in constant time, so an
-	// index entry that is stale or was written by someone else finds nothing.
-	if k.ref.Secret < 0 || k.ref.Secret >= len(rec.Secrets) || !hmac.Equal(rec.Secrets[k.ref.Secret].MAC, k.mac) {
+	// The index only points at a key; the record's MACs decide, each
+	// compared in constant time, so an index entry that is stale (a pruned
+	// secret) or was written by someone else finds nothing.
+	secret := -1
+	for i, s := range rec.Secrets {
+		if hmac.Equal(s.MAC, k.mac) {
+			secret = i
+		}
+	}
+	if secret < 0 {
 		return Result{Code: NotFound, Detail: "no such key"}
 	}
 	if !cached {
@@ -497,7 +513,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		quota = *rec.Quota
 	}
 	now := m.now()
-	res := Check(rec, k.ref.Secret, req, m.lim, now)
+	res := Check(rec, secret, req, m.lim, now)
 	m.usage.record(rec.ID, res.Code, req.SourceIP, now)
 	if rec.Quota != nil && *rec.Quota != quota {
 		m.quotas[rec.ID] = rec.Quota // saved by the next Flush
@@ -573,7 +589,7 @@ func (m *Manager) Revoke(id string) (*Record, error) {
 }
 
 // ErrWidens: a caller without admin rights asked for more than the key has.
-var ErrWidens = errors.New("apikeys: only an admin may widen a key")
+var ErrWidens = errors.New("apikeys: widening a key needs the right to issue its owner's keys")
 
 // Change is an update of a key; nil fields stay as they are.
 type Change struct {
@@ -692,8 +708,8 @@ func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
 	if f.Owner == "" && f.Tag == "" && f.Environment == "" {
 		return 0, fmt.Errorf("%w: an empty filter; name an owner, tag or environment", ErrInvalid)
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	// The scan reads a snapshot without holding m.mu, so verifies go on;
+	// the owner, tags and environment it matches on never change.
 	var ids []string
 	err := m.store.ForEachAfter(store.BucketAPIKeys, "", func(id string, b []byte) error {
 		r, err := decode(id, b)
@@ -708,13 +724,41 @@ func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
 	if err != nil || dryRun {
 		return len(ids), err
 	}
-	for i, id := range ids {
-		if _, err := m.change(id, func(r *Record) error { r.State = StateRevoked; return nil }); err != nil {
-			return i, err
+	// One transaction, one sync, for each MaxCreateBatch keys.
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for lo := 0; lo < len(ids); lo += MaxCreateBatch {
+		batch := ids[lo:min(lo+MaxCreateBatch, len(ids))]
+		err := m.store.UpdateEach(store.BucketAPIKeys, batch, func(id string, old []byte) ([]byte, error) {
+			rec, err := decode(id, old)
+			if err != nil {
+				return old, nil // gone or unreadable: nothing to revoke
+			}
+			if q := m.quotas[id]; q != nil {
+				rec.Quota = q
+			}
+			rec.State = StateRevoked
+			return json.Marshal(rec)
+		})
+		if err != nil {
+			return lo, err
+		}
+		for _, id := range batch {
+			delete(m.quotas, id) // saved with the record
+			m.lim.Forget(id)
 		}
 	}
 	return len(ids), nil
 }
+
+// Bounds on a key's secrets: a rotated-out secret is still recognized (as
+// EXPIRED, not NOT_FOUND) for RotatedGrace after its overlap ends, and a key
+// keeps at most MaxSecrets, the newest; a rotation prunes the rest, so
+// rotating daily for years does not grow the record every verify reads.
+const (
+	RotatedGrace = 30 * 24 * time.Hour
+	MaxSecrets   = 8
+)
 
 // Overlaps by risk level: how long an old secret keeps working after a
 // rotation.
@@ -738,19 +782,38 @@ func (m *Manager) Rotate(ctx context.Context, id string, overlap time.Duration) 
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	now := m.now().UTC()
+	var pruned []string
 	rec, err := m.change(id, func(r *Record) error {
 		if r.State == StateRevoked {
 			return fmt.Errorf("%w: %q is revoked", ErrInvalid, id)
 		}
-		for i := range r.Secrets {
-			if end := now.Add(overlap); r.Secrets[i].NotAfter.IsZero() || end.Before(r.Secrets[i].NotAfter) {
-				r.Secrets[i].NotAfter = end
+		kept := r.Secrets[:0:0]
+		for _, s := range r.Secrets {
+			if end := now.Add(overlap); s.NotAfter.IsZero() || end.Before(s.NotAfter) {
+				s.NotAfter = end
+			}
+			if now.Sub(s.NotAfter) < RotatedGrace {
+				kept = append(kept, s)
+			} else {
+				pruned = append(pruned, hex.EncodeToString(s.MAC))
 			}
 		}
+		for len(kept) > MaxSecrets-1 { // room for the new one
+			pruned = append(pruned, hex.EncodeToString(kept[0].MAC))
+			kept = kept[1:]
+		}
+		r.Secrets = kept
 		return m.addSecrets([]*Record{r}, [][]byte{mac}, now)
 	})
 	if err != nil {
 		return "", nil, err
+	}
+	// The record no longer holds the pruned MACs, so their index entries
+	// find nothing; removing them only saves space, and a failure here
+	// leaves nothing unsafe behind.
+	if len(pruned) > 0 {
+		slices.Sort(pruned)
+		_ = m.store.UpdateEach(store.BucketAPIKeyMACs, pruned, func(string, []byte) ([]byte, error) { return nil, nil })
 	}
 	return secret, public(rec), nil
 }

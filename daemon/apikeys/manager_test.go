@@ -668,3 +668,102 @@ func TestManagerVerifyAnswer(t *testing.T) {
 		t.Errorf("RevokeWhere revoked %d keys of an owner the caller may not see", n)
 	}
 }
+
+// TestManagerBulkRevoke10k: 10 000 keys revoked in bulk are all refused
+// from the very next verify, cached or not, and across a restart; the keys
+// of another owner are untouched.
+func TestManagerBulkRevoke10k(t *testing.T) {
+	f := newFixture(t)
+	specs := make([]Spec, MaxCreateBatch)
+	for i := range specs {
+		specs[i] = spec()
+		specs[i].Owner = "leaky-team"
+	}
+	secrets, _, err := f.m.CreateMany(context.Background(), specs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, _ := f.create(t, spec())
+	for _, k := range secrets[:100] {
+		f.verify(t, k, prod, Valid) // cached now
+	}
+	if n, err := f.m.RevokeWhere(Filter{Owner: "leaky-team"}, true); err != nil || n != len(secrets) {
+		t.Fatalf("dry run = %d, %v", n, err)
+	}
+	start := time.Now()
+	n, err := f.m.RevokeWhere(Filter{Owner: "leaky-team"}, false)
+	if err != nil || n != len(secrets) {
+		t.Fatalf("RevokeWhere = %d, %v; want %d", n, err, len(secrets))
+	}
+	t.Logf("revoked %d keys in %v", n, time.Since(start))
+	for _, k := range secrets {
+		f.verify(t, k, prod, Revoked)
+	}
+	f.verify(t, other, prod, Valid)
+	f.reopen(t)
+	for _, k := range []string{secrets[0], secrets[len(secrets)/2], secrets[len(secrets)-1]} {
+		f.verify(t, k, prod, Revoked)
+	}
+}
+
+// TestManagerRotatePrunes: a key keeps at most MaxSecrets; a rotated-out
+// secret reads EXPIRED for RotatedGrace, then NOT_FOUND, and its index
+// entry goes.
+func TestManagerRotatePrunes(t *testing.T) {
+	f := newFixture(t)
+	first, rec := f.create(t, spec())
+	ctx := context.Background()
+	second, _, err := f.m.Rotate(ctx, rec.ID, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, first, prod, Expired)
+	f.clk.add(RotatedGrace + time.Second)
+	if _, _, err := f.m.Rotate(ctx, rec.ID, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, first, prod, NotFound)
+	f.verify(t, second, prod, Valid) // in its overlap
+	macFirst, _ := f.h.HMACSHA256(ctx, pepper, []byte(first))
+	if _, err := f.store.Get(store.BucketAPIKeyMACs, hex.EncodeToString(macFirst)); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("a pruned secret's index entry is still there: %v", err)
+	}
+	var keys []string
+	for range 2 * MaxSecrets {
+		k, _, err := f.m.Rotate(ctx, rec.ID, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys = append(keys, k)
+	}
+	got, _ := f.m.Get(rec.ID)
+	if len(got.Secrets) != MaxSecrets {
+		t.Fatalf("%d secrets after %d rotations, want %d", len(got.Secrets), 2*MaxSecrets, MaxSecrets)
+	}
+	f.verify(t, keys[0], prod, NotFound)
+	f.verify(t, keys[len(keys)-MaxSecrets], prod, Valid)
+	f.verify(t, keys[len(keys)-1], prod, Valid)
+}
+
+// TestManagerNames: owners are names the policy's globs can match, and a
+// permission's parts are names or "*" alone.
+func TestManagerNames(t *testing.T) {
+	f := newFixture(t)
+	for _, bad := range []func(*Spec){
+		func(s *Spec) { s.Owner = "team/a" },
+		func(s *Spec) { s.Owner = "team-*" },
+		func(s *Spec) { s.Owner = "team a" },
+		func(s *Spec) { s.Permissions = []string{"ord*:read"} },
+		func(s *Spec) { s.Permissions = []string{"orders:*read"} },
+		func(s *Spec) { s.Permissions = []string{"Orders:read"} },
+	} {
+		s := spec()
+		bad(&s)
+		if _, _, err := f.m.Create(context.Background(), s); !errors.Is(err, ErrInvalid) {
+			t.Errorf("owner %q permissions %q: %v, want ErrInvalid", s.Owner, s.Permissions, err)
+		}
+	}
+	s := spec()
+	s.Owner, s.Permissions = "billing@example.com", []string{"*:read", "orders.v2:*"}
+	f.create(t, s)
+}

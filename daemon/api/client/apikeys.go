@@ -42,10 +42,13 @@ func APIKeyHTTPStatus(code keywardv1.APIKeyCode) int {
 // in the form of the IETF RateLimit header fields draft:
 //
 //	RateLimit-Policy: 100;w=1, 5000;w=3600   every layer: limit per window (seconds)
-//	RateLimit-Limit: 100                      the layer closest to its limit
-//	RateLimit-Remaining: 37
-//	RateLimit-Reset: 1                        seconds until that layer is full again
+//	RateLimit-Limit: 200                      the layer closest to its limit: its burst,
+//	RateLimit-Remaining: 37                   what is left of it,
+//	RateLimit-Reset: 1                        and seconds until it is full again
 //	Retry-After: 1                            when refused: seconds to wait
+//
+// Limit is the burst, the most a full bucket allows at once, so Remaining
+// never exceeds it.
 //
 // Nothing is set for a key without limits or a verdict that did not reach
 // them.
@@ -66,7 +69,7 @@ func SetRateLimitHeaders(h http.Header, r *keywardv1.VerifyAPIKeyResponse) {
 		}
 	}
 	h.Set("RateLimit-Policy", strings.Join(policy, ", "))
-	h.Set("RateLimit-Limit", strconv.FormatUint(uint64(tight.GetLimit().GetLimit()), 10))
+	h.Set("RateLimit-Limit", strconv.FormatUint(uint64(tight.GetLimit().GetBurst()), 10))
 	h.Set("RateLimit-Remaining", strconv.FormatUint(uint64(tight.GetRemaining()), 10))
 	h.Set("RateLimit-Reset", strconv.FormatInt(ceilSeconds(time.Until(tight.GetResetTime().AsTime())), 10))
 }
