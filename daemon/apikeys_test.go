@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/fieldmaskpb"
 
@@ -286,7 +287,17 @@ func TestAPIKeysPolicy(t *testing.T) {
 		t.Errorf("a key of another owner was named: %v", r)
 	}
 	_, err := ac.GetAPIKey(ctx, &keywardv1.GetAPIKeyRequest{Id: bID})
-	wantCode(t, err, codes.PermissionDenied, `APIKeyService.GetAPIKey on key "team-b"`)
+	wantCode(t, err, codes.PermissionDenied, `not granted APIKeyService.GetAPIKey on this key's owner`)
+	if strings.Contains(status.Convert(err).Message(), "team-b") {
+		t.Errorf("the denial names the owner: %v", err)
+	}
+	if r := verifyCode(t, ac, bKey, nil, keywardv1.APIKeyCode_API_KEY_CODE_NOT_FOUND); r.Reason != "no such key" {
+		t.Errorf("a key of another owner: reason %q, want no such key", r.Reason)
+	}
+	// A secret pasted as an ID is refused, and never reaches the audit log
+	// (checked with the others in TestAPIKeysEndToEnd's canary).
+	_, err = ac.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: bKey})
+	wantCode(t, err, codes.PermissionDenied, "APIKeyService.RevokeAPIKey")
 	_, err = ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "n", Environment: "prod", Permissions: []string{"orders:read"}})
 	wantCode(t, err, codes.PermissionDenied, "APIKeyService.CreateAPIKey")
 	list, err := ac.ListAPIKeys(ctx, &keywardv1.ListAPIKeysRequest{})
@@ -313,6 +324,10 @@ func TestAPIKeysPolicy(t *testing.T) {
 	in.reload <- struct{}{}
 	waitFor(t, func() bool { return strings.Count(in.logs.String(), "policy reloaded") == 2 })
 	verifyCode(t, ac, bKey, nil, keywardv1.APIKeyCode_API_KEY_CODE_VALID)
+	in.stop()
+	if b, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log")); strings.Contains(string(b), bKey[3:30]) {
+		t.Error("a secret pasted as a key ID reached the audit log")
+	}
 }
 
 // TestAPIKeysHTTP: the client's HTTP mapping, as docs/apikeys.md shows it,

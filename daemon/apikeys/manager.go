@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"regexp"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -112,18 +113,17 @@ var DefaultLimits = map[string][]ratelimit.Layer{
 }
 
 // LimitsFor returns the default limits (from defaults, by role) of a key
-// with these permissions: those of "admin" if it holds admin, else of
-// "standard" if it holds standard or any custom permission, else of
-// "read-only".
+// with these permissions, by what they grant: those of "admin" for a key
+// that may do anything ("admin", "*:*"), of "read-only" for one that may
+// only read, and of "standard" otherwise.
 func LimitsFor(defaults map[string][]ratelimit.Layer, perms []string) []ratelimit.Layer {
-	role := "read-only"
-	for _, p := range perms {
-		switch {
-		case p == "admin":
-			return slices.Clone(defaults["admin"])
-		case p != "read-only":
-			role = "standard"
-		}
+	rec := Record{Permissions: perms}
+	role := "standard"
+	switch {
+	case rec.Grants("*:*") || slices.Contains(perms, "admin"):
+		role = "admin"
+	case !slices.ContainsFunc(perms, func(p string) bool { return p != "read-only" && !strings.HasSuffix(p, ":read") }):
+		role = "read-only"
 	}
 	return slices.Clone(defaults[role])
 }
@@ -228,9 +228,12 @@ func (m *Manager) check(s Spec) error {
 			return fmt.Errorf("%w: permission %q: use read-only, standard, admin or resource:action (lower case; a part is a name or * alone)", ErrInvalid, p)
 		}
 	}
-	for _, l := range s.Limits {
+	for i, l := range s.Limits {
 		if err := l.Check(); err != nil {
 			return fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
+		if slices.ContainsFunc(s.Limits[:i], func(o ratelimit.Layer) bool { return o.Per == l.Per }) {
+			return fmt.Errorf("%w: two rate-limit layers per %v; give each period once", ErrInvalid, l.Per)
 		}
 	}
 	for _, p := range s.AllowedIPs {
@@ -496,14 +499,17 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		return Result{Code: NotFound, Detail: "no such key"}
 	}
 	if !cached {
-		if len(m.digests) >= maxCached {
-			clear(m.digests)
+		for d := range m.digests { // full: make room by dropping one, any one
+			if len(m.digests) < maxCached {
+				break
+			}
+			delete(m.digests, d)
 		}
 		m.digests[digest] = k
 	}
 	if req.Owners != nil && !req.Owners(rec.Owner) {
 		// Not a key of an owner this caller serves: for it, no such key.
-		return Result{Code: NotFound, Detail: fmt.Sprintf("the key's owner %q is not one this caller may verify for", rec.Owner)}
+		return Result{Code: NotFound, Detail: "no such key"}
 	}
 	if q := m.quotas[rec.ID]; q != nil {
 		rec.Quota = q
@@ -561,7 +567,6 @@ func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
 	if q := m.quotas[id]; q != nil {
 		rec.Quota = q
 	}
-	limits := slices.Clone(rec.Limits)
 	if err := fn(rec); err != nil {
 		return nil, err
 	}
@@ -569,9 +574,9 @@ func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
 		return nil, err
 	}
 	delete(m.quotas, id) // saved with the record
-	// The limiter keeps state by layer position: start afresh only when the
-	// layers change (or the key is revoked), never on a change that keeps them.
-	if rec.State == StateRevoked || !slices.Equal(limits, rec.Limits) {
+	// The limiter keeps each period's use across changes of the layers, so
+	// no update hands out a fresh bucket; a revoked key needs none.
+	if rec.State == StateRevoked {
 		m.lim.Forget(id)
 	}
 	return rec, nil

@@ -586,7 +586,9 @@ func TestManagerDefaultLimits(t *testing.T) {
 	}{
 		{[]string{"read-only"}, "read-only"},
 		{[]string{"read-only", "orders:write"}, "standard"},
-		{[]string{"invoices:read"}, "standard"},
+		{[]string{"invoices:read"}, "read-only"},
+		{[]string{"invoices:write"}, "standard"},
+		{[]string{"*:*"}, "admin"},
 		{[]string{"standard", "admin"}, "admin"},
 	} {
 		s := spec()
@@ -766,4 +768,30 @@ func TestManagerNames(t *testing.T) {
 	s := spec()
 	s.Owner, s.Permissions = "billing@example.com", []string{"*:read", "orders.v2:*"}
 	f.create(t, s)
+}
+
+// TestManagerUpdateKeepsLimiter: reordering or narrowing a key's layers
+// hands out no fresh bucket (a caller who may only narrow cannot reset its
+// limits by updating them).
+func TestManagerUpdateKeepsLimiter(t *testing.T) {
+	f := newFixture(t)
+	s := spec()
+	s.Limits = []ratelimit.Layer{{Limit: 1, Per: time.Hour, Burst: 1}, {Limit: 10, Per: 24 * time.Hour, Burst: 10}}
+	key, rec := f.create(t, s)
+	f.verify(t, key, prod, Valid)
+	f.verify(t, key, prod, RateLimited)
+	cur := slices.Clone(s.Limits)
+	for i := range 10 {
+		if i%2 == 0 {
+			slices.Reverse(cur)
+		} else {
+			j := slices.IndexFunc(cur, func(l ratelimit.Layer) bool { return l.Per == 24*time.Hour })
+			cur[j].Limit, cur[j].Burst = cur[j].Limit-1, cur[j].Burst-1
+		}
+		l := slices.Clone(cur)
+		if _, err := f.m.Update(rec.ID, Change{Limits: &l}, false); err != nil {
+			t.Fatalf("update %d: %v", i, err)
+		}
+		f.verify(t, key, prod, RateLimited)
+	}
 }

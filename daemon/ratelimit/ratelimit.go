@@ -29,6 +29,9 @@ type Layer struct {
 	Burst int
 }
 
+// MaxPer is the longest period a layer may have.
+const MaxPer = 366 * 24 * time.Hour
+
 // ErrInvalid: a layer cannot be.
 var ErrInvalid = errors.New("ratelimit: invalid limit")
 
@@ -36,6 +39,9 @@ var ErrInvalid = errors.New("ratelimit: invalid limit")
 func (l Layer) Check() error {
 	if l.Limit < 1 || l.Per <= 0 || l.Burst < 1 {
 		return fmt.Errorf("%w: %d per %v with bursts of %d; use a positive limit, period and burst", ErrInvalid, l.Limit, l.Per, l.Burst)
+	}
+	if l.Per > MaxPer {
+		return fmt.Errorf("%w: a period of %v; at most %v", ErrInvalid, l.Per, MaxPer)
 	}
 	if l.Per < time.Duration(l.Limit) {
 		return fmt.Errorf("%w: %d per %v is more than one a nanosecond", ErrInvalid, l.Limit, l.Per)
@@ -83,13 +89,21 @@ type Result struct {
 // use; its memory holds only keys whose buckets are not full.
 type Limiter struct {
 	mu    sync.Mutex
-	state map[string][]time.Time // key -> each layer's theoretical arrival time
+	state map[string][]arrival // key -> each layer's theoretical arrival time
 	// Near is the fraction of a burst that sets NearLimit; default 0.8.
 	Near float64
 }
 
+// arrival is a layer's theoretical arrival time, kept by the layer's
+// period: when a key's layers change (reordered, narrowed), each period's
+// use carries over, so changing limits never hands out a fresh bucket.
+type arrival struct {
+	per time.Duration
+	tat time.Time
+}
+
 // New returns an empty Limiter.
-func New() *Limiter { return &Limiter{state: map[string][]time.Time{}} }
+func New() *Limiter { return &Limiter{state: map[string][]arrival{}} }
 
 // Allow checks a request of cost (≥ 1) for key against layers at now, and
 // takes it from every layer only if every layer allows it. The layers must
@@ -104,9 +118,15 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 	}
 	lim.mu.Lock()
 	defer lim.mu.Unlock()
-	tats := lim.state[key]
-	if len(tats) != len(layers) {
-		tats = make([]time.Time, len(layers)) // a change of layers starts afresh
+	// Each layer's arrival time, by period; a new period starts full. Two
+	// layers of one period would share it: Check's callers refuse them.
+	tats := make([]time.Time, len(layers))
+	for _, a := range lim.state[key] {
+		for i, l := range layers {
+			if l.Per == a.per {
+				tats[i] = a.tat
+			}
+		}
 	}
 	res := Result{Allowed: true, Layers: make([]LayerResult, len(layers))}
 	next := make([]time.Time, len(layers))
@@ -165,12 +185,16 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 	if full {
 		delete(lim.state, key) // a full bucket needs no state
 	} else {
-		lim.state[key] = tats
+		st := make([]arrival, len(layers))
+		for i, l := range layers {
+			st[i] = arrival{l.Per, tats[i]}
+		}
+		lim.state[key] = st
 	}
 	return res
 }
 
-// Forget drops a key's state (its key was revoked or its limits changed).
+// Forget drops a key's state (its key was revoked).
 func (lim *Limiter) Forget(key string) {
 	lim.mu.Lock()
 	delete(lim.state, key)

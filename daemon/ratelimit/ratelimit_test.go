@@ -160,3 +160,32 @@ func TestHugeCost(t *testing.T) {
 		t.Fatalf("%d allowed in 3000 ns at 2 per 3 ns", n)
 	}
 }
+
+// TestChangedLayersCarryUse: reordering a key's layers, or narrowing one,
+// keeps what was used; only a new period starts full.
+func TestChangedLayersCarryUse(t *testing.T) {
+	lim := New()
+	hour := Layer{Limit: 1, Per: time.Hour, Burst: 1}
+	day := Layer{Limit: 10, Per: 24 * time.Hour, Burst: 10}
+	if !lim.Allow("k", []Layer{hour, day}, 1, t0).Allowed {
+		t.Fatal("the first request was refused")
+	}
+	for i, layers := range [][]Layer{{day, hour}, {hour, day}, {{Limit: 1, Per: time.Hour, Burst: 1}}, {hour, {Limit: 5, Per: 24 * time.Hour, Burst: 5}}} {
+		if r := lim.Allow("k", layers, 1, t0); r.Allowed {
+			t.Fatalf("change %d (%v) gave a fresh bucket", i, layers)
+		}
+	}
+	r := lim.Allow("k", []Layer{hour, {Limit: 100, Per: time.Minute, Burst: 100}}, 1, t0)
+	if r.Allowed || r.Layers[1].Remaining != 100 {
+		t.Fatalf("a new period: %+v", r)
+	}
+}
+
+func TestMaxPer(t *testing.T) {
+	if err := (Layer{Limit: 2, Per: time.Duration(1<<63 - 1), Burst: 3}).Check(); err == nil {
+		t.Error("a period of 292 years passed Check")
+	}
+	if err := (Layer{Limit: 1, Per: MaxPer, Burst: 1}).Check(); err != nil {
+		t.Error(err)
+	}
+}

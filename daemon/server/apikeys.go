@@ -13,6 +13,7 @@ import (
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/policy"
 	"github.com/keyward/keyward/daemon/ratelimit"
 )
 
@@ -87,8 +88,8 @@ func toAPIKey(r *apikeys.Record) *keywardv1.APIKey {
 func fromLimits(ls []*keywardv1.RateLimit) ([]ratelimit.Layer, error) {
 	out := make([]ratelimit.Layer, len(ls))
 	for i, l := range ls {
-		if l.GetPer() == nil {
-			return nil, fmt.Errorf("%w: rate_limits[%d] has no period (per: 1s, 60s, 3600s or 86400s)", errInvalid, i)
+		if l.GetPer() == nil || l.GetPer().CheckValid() != nil {
+			return nil, fmt.Errorf("%w: rate_limits[%d] has no valid period (per: 1s, 60s, 3600s or 86400s)", errInvalid, i)
 		}
 		out[i] = ratelimit.Layer{Limit: int(l.GetLimit()), Per: l.GetPer().AsDuration(), Burst: int(l.GetBurst())}
 		if slices.ContainsFunc(out[:i], func(o ratelimit.Layer) bool { return o.Per == out[i].Per }) {
@@ -136,23 +137,36 @@ func (s *Server) owners(ctx context.Context, op string) func(string) bool {
 }
 
 // apiKey loads a key for op and checks the caller may reach its owner.
+// The ID goes on record only once it is known to be one: a secret pasted in
+// its place must not reach the audit log.
 func (s *Server) apiKey(ctx context.Context, op, id string) (*apikeys.Record, error) {
 	c := callFrom(ctx)
-	c.apiKey = id
 	// Nothing is read for a caller granted op on no owner at all.
 	if err := s.policy.Load().Allow(subject(c.caller), op, ""); err != nil {
 		return nil, err
 	}
 	rec, err := s.cfg.APIKeys.Get(id)
 	if err != nil {
-		c.apiKey = ""
 		return nil, err
 	}
+	c.apiKey = rec.ID
 	if err := s.allow(ctx, op, rec.Owner); err != nil {
-		return nil, err
+		// The audit record names the owner; the caller learns nothing of it.
+		return nil, &policy.Denied{Op: op + " on this key's owner"}
 	}
 	return rec, nil
 }
+
+// timestamp converts a Timestamp, refusing one out of range.
+func timestamp(field string, ts *timestamppb.Timestamp) (time.Time, error) {
+	if err := ts.CheckValid(); err != nil {
+		return time.Time{}, fmt.Errorf("%w: %s: %v", errInvalid, field, err)
+	}
+	return ts.AsTime(), nil
+}
+
+// maxTTL bounds a key's lifetime given as a ttl.
+const maxTTL = 100 * 365 * 24 * time.Hour
 
 func (s *Server) CreateAPIKey(ctx context.Context, r *keywardv1.CreateAPIKeyRequest) (*keywardv1.CreateAPIKeyResponse, error) {
 	if err := s.allow(ctx, "APIKeyService.CreateAPIKey", r.GetOwner()); err != nil {
@@ -165,10 +179,12 @@ func (s *Server) CreateAPIKey(ctx context.Context, r *keywardv1.CreateAPIKeyRequ
 	case r.GetExpireTime() != nil && r.GetTtl() != nil:
 		return nil, fmt.Errorf("%w: give expire_time or ttl, not both", errInvalid)
 	case r.GetExpireTime() != nil:
-		spec.Expires = r.GetExpireTime().AsTime()
+		if spec.Expires, err = timestamp("expire_time", r.GetExpireTime()); err != nil {
+			return nil, err
+		}
 	case r.GetTtl() != nil:
-		if r.GetTtl().AsDuration() <= 0 {
-			return nil, fmt.Errorf("%w: ttl must be positive", errInvalid)
+		if d := r.GetTtl().AsDuration(); r.GetTtl().CheckValid() != nil || d <= 0 || d > maxTTL {
+			return nil, fmt.Errorf("%w: ttl must be positive and at most %v", errInvalid, maxTTL)
 		}
 		spec.Expires = time.Now().Add(r.GetTtl().AsDuration())
 	}
@@ -370,7 +386,10 @@ func (s *Server) UpdateAPIKey(ctx context.Context, r *keywardv1.UpdateAPIKeyRequ
 		case "expire_time":
 			var t time.Time
 			if k.GetExpireTime() != nil {
-				t = k.GetExpireTime().AsTime()
+				var err error
+				if t, err = timestamp("expire_time", k.GetExpireTime()); err != nil {
+					return nil, err
+				}
 			}
 			ch.Expires = &t
 		case "state":
