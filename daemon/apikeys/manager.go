@@ -73,6 +73,31 @@ type Manager struct {
 
 	mu      sync.Mutex         // serializes changes; guards the cache
 	digests map[[32]byte]known // sha256(presented key) -> its MAC, which key and secret
+
+	// hintKey keys the hints: a short HMAC of every secret issued, kept in
+	// the store, so that a key nobody issued is refused without an HSM call
+	// (the checksum only catches typos: anyone can make a well-formed key).
+	// The key is derived in the HSM from the pepper at start and lives only
+	// in memory, so a copy of the store still tells nothing without the HSM.
+	hintKey []byte
+	// legacy: the store holds keys issued before hints; a key without one
+	// is looked up in the HSM as before.
+	legacy bool
+}
+
+// hintLen is a hint's length in bytes: 64 bits make a stranger's key pass
+// the filter (and cost an HSM call) with odds of one in 2^64 per key issued.
+const hintLen = 8
+
+// hintLabel is what the pepper MACs to make the hint key: never a
+// well-formed API key, so never any key's MAC.
+const hintLabel = "keyward apikeys hint key v1"
+
+// hint is a secret's hint, hex.
+func (m *Manager) hint(secret string) string {
+	h := hmac.New(sha256.New, m.hintKey)
+	h.Write([]byte(secret))
+	return hex.EncodeToString(h.Sum(nil)[:hintLen])
 }
 
 // known is a presented key verified before: its MAC under the pepper and
@@ -128,7 +153,8 @@ func LimitsFor(defaults map[string][]ratelimit.Layer, perms []string) []ratelimi
 	return slices.Clone(defaults[role])
 }
 
-// NewManager returns a Manager; pepper names the HMAC key in the HSM.
+// NewManager returns a Manager; pepper names the HMAC key in the HSM, from
+// which it derives the hint key (one HSM call).
 func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, error) {
 	if o.Prefix == "" {
 		o.Prefix = DefaultPrefix
@@ -158,10 +184,18 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, erro
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	hintKey, err := mac.HMACSHA256(context.Background(), pepper, []byte(hintLabel))
+	if err != nil {
+		return nil, fmt.Errorf("apikeys: deriving the hint key from %s: %w", pepper, err)
+	}
+	_, err = s.Get(store.BucketAPIKeyHints, store.LegacyAPIKeys)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return nil, err
+	}
 	lim := ratelimit.New()
 	lim.Near = o.NearLimit
 	return &Manager{store: s, mac: mac, pepper: pepper, prefix: o.Prefix, defaults: o.DefaultLimits, lim: lim, usage: newUsageLog(),
-		quotas: map[string]*Quota{}, now: o.Now, digests: map[[32]byte]known{}}, nil
+		quotas: map[string]*Quota{}, now: o.Now, digests: map[[32]byte]known{}, hintKey: hintKey, legacy: err == nil}, nil
 }
 
 // Spec is a key to create.
@@ -298,7 +332,7 @@ func (m *Manager) CreateMany(ctx context.Context, specs []Spec) (secrets []strin
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if err := m.addSecrets(recs, macs, now); err != nil {
+	if err := m.addSecrets(recs, secrets, macs, now); err != nil {
 		return nil, nil, err
 	}
 	if err := m.save(recs...); err != nil {
@@ -310,11 +344,20 @@ func (m *Manager) CreateMany(ctx context.Context, specs []Spec) (secrets []strin
 	return secrets, recs, nil
 }
 
-// addSecrets indexes new secrets' MACs, macs[i] of recs[i] (before the
-// records name them: an index entry without a record only ever finds
-// nothing), and appends them. The caller computes the MACs before it takes
-// m.mu: no HSM call holds it.
-func (m *Manager) addSecrets(recs []*Record, macs [][]byte, now time.Time) error {
+// addSecrets writes the hints of new secrets, secrets[i] of recs[i] with
+// MAC macs[i], indexes their MACs (both before the records name them: a
+// hint or an index entry without a record only ever finds nothing), and
+// appends them. The caller computes the MACs before it takes m.mu: no HSM
+// call holds it. Hints are never removed: two secrets may share one.
+func (m *Manager) addSecrets(recs []*Record, secrets []string, macs [][]byte, now time.Time) error {
+	hints := make([]string, len(secrets))
+	for i, s := range secrets {
+		hints[i] = m.hint(s)
+	}
+	slices.Sort(hints)
+	if err := m.store.UpdateEach(store.BucketAPIKeyHints, slices.Compact(hints), func(string, []byte) ([]byte, error) { return []byte{1}, nil }); err != nil {
+		return err
+	}
 	refs := make(map[string][]byte, len(recs))
 	for i, rec := range recs {
 		refs[hex.EncodeToString(macs[i])], _ = json.Marshal(secretRef{ID: rec.ID, Secret: len(rec.Secrets)})
@@ -461,6 +504,15 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 	k, cached := m.digests[digest]
 	m.mu.Unlock()
 	if !cached {
+		if !m.legacy {
+			_, err := m.store.Get(store.BucketAPIKeyHints, m.hint(presented))
+			if errors.Is(err, store.ErrNotFound) {
+				return Result{Code: NotFound, Detail: "no such key"}
+			}
+			if err != nil {
+				return Result{Code: Unavailable, Detail: err.Error()}
+			}
+		}
 		mac, err := m.mac.HMACSHA256(ctx, m.pepper, []byte(presented))
 		if err != nil {
 			return Result{Code: Unavailable, Detail: err.Error()}
@@ -808,7 +860,7 @@ func (m *Manager) Rotate(ctx context.Context, id string, overlap time.Duration) 
 			kept = kept[1:]
 		}
 		r.Secrets = kept
-		return m.addSecrets([]*Record{r}, [][]byte{mac}, now)
+		return m.addSecrets([]*Record{r}, []string{secret}, [][]byte{mac}, now)
 	})
 	if err != nil {
 		return "", nil, err

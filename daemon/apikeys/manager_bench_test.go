@@ -2,6 +2,7 @@ package apikeys
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"os"
 	"runtime"
@@ -12,6 +13,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/keyward/keyward/daemon/ratelimit"
 )
 
 // The verify path against its parts, measured in one run: BenchmarkHSMHMAC
@@ -20,9 +23,34 @@ import (
 // cache, a store read, the checks, no HSM call). Compare ratios, not
 // absolute numbers.
 
+// benchSpec is a key without rate limits: the clock of a benchmark's
+// fixture stands still, and a limit would refuse all but its burst.
+func benchSpec() Spec {
+	s := spec()
+	s.Limits = []ratelimit.Layer{}
+	return s
+}
+
+// BenchmarkVerifyStranger: a well-formed key nobody issued, refused by its
+// missing hint before any HSM call.
+func BenchmarkVerifyStranger(b *testing.B) {
+	f := newFixture(b)
+	f.create(b, benchSpec())
+	key, err := Generate("kwtest", rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	for b.Loop() {
+		if res := f.m.Verify(ctx, key, prod); res.Code != NotFound {
+			b.Fatal(res.Code, res.Detail)
+		}
+	}
+}
+
 func BenchmarkHSMHMAC(b *testing.B) {
 	f := newFixture(b)
-	key, _ := f.create(b, spec())
+	key, _ := f.create(b, benchSpec())
 	ctx := context.Background()
 	for b.Loop() {
 		if _, err := f.h.HMACSHA256(ctx, pepper, []byte(key)); err != nil {
@@ -33,7 +61,7 @@ func BenchmarkHSMHMAC(b *testing.B) {
 
 func BenchmarkVerifyCold(b *testing.B) {
 	f := newFixture(b)
-	key, _ := f.create(b, spec())
+	key, _ := f.create(b, benchSpec())
 	ctx := context.Background()
 	for b.Loop() {
 		f.m.mu.Lock()
@@ -47,7 +75,7 @@ func BenchmarkVerifyCold(b *testing.B) {
 
 func BenchmarkVerifyCached(b *testing.B) {
 	f := newFixture(b)
-	key, _ := f.create(b, spec())
+	key, _ := f.create(b, benchSpec())
 	ctx := context.Background()
 	for b.Loop() {
 		if res := f.m.Verify(ctx, key, prod); res.Code != Valid {
@@ -60,7 +88,7 @@ func BenchmarkVerifyCached(b *testing.B) {
 // Flush, not by Verify (a write per verify measured 40 times slower).
 func BenchmarkVerifyCachedQuota(b *testing.B) {
 	f := newFixture(b)
-	s := spec()
+	s := benchSpec()
 	s.Quota = &Quota{Remaining: 1 << 40}
 	key, _ := f.create(b, s)
 	ctx := context.Background()
@@ -145,7 +173,7 @@ func load(b *testing.B, f *fixture, n int) []string {
 				}
 				specs := make([]Spec, min(MaxCreateBatch, n-lo))
 				for i := range specs {
-					specs[i] = spec()
+					specs[i] = benchSpec()
 				}
 				secrets, _, err := f.m.CreateMany(context.Background(), specs)
 				if err != nil {

@@ -3,6 +3,7 @@ package apikeys
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -794,4 +795,34 @@ func TestManagerUpdateKeepsLimiter(t *testing.T) {
 		}
 		f.verify(t, key, prod, RateLimited)
 	}
+}
+
+// TestManagerHints: a well-formed key nobody issued costs no HSM call; in
+// a store marked legacy, a key issued before hints still verifies.
+func TestManagerHints(t *testing.T) {
+	f := newFixture(t)
+	key, _ := f.create(t, spec())
+	for range 3 {
+		stranger, err := Generate("kwtest", rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := f.mac.calls()
+		f.verify(t, stranger, prod, NotFound)
+		if f.mac.calls() != before {
+			t.Fatalf("a stranger's key cost %d HSM calls", f.mac.calls()-before)
+		}
+	}
+	// A key from before hints: without its hint it is a stranger, unless
+	// the store says it holds such keys.
+	if err := f.store.Update(store.BucketAPIKeyHints, f.m.hint(key), func([]byte) ([]byte, error) { return nil, nil }); err != nil {
+		t.Fatal(err)
+	}
+	f.reopen(t)
+	f.verify(t, key, prod, NotFound)
+	if err := f.store.Update(store.BucketAPIKeyHints, store.LegacyAPIKeys, func([]byte) ([]byte, error) { return []byte{1}, nil }); err != nil {
+		t.Fatal(err)
+	}
+	f.reopen(t)
+	f.verify(t, key, prod, Valid)
 }

@@ -27,7 +27,12 @@ const (
 	BucketAPIKeys       = "apikeys"        // API key records, by ID (schema 3)
 	BucketAPIKeyMACs    = "apikey_macs"    // hex HMAC of a secret -> the key's ID and secret number (schema 3)
 	BucketAPIKeyUsage   = "apikey_usage"   // ID/hour -> that hour's use of a key; ID/last -> last use (schema 3)
+	BucketAPIKeyHints   = "apikey_hints"   // a short keyed hash of every secret issued: refuses strangers without the HSM (schema 4)
 )
+
+// LegacyAPIKeys is the key of BucketAPIKeyHints that marks a store whose
+// API keys predate the hints (schema 3): their secrets have none.
+const LegacyAPIKeys = "legacy"
 
 // ErrNotFound: no record under that key.
 var ErrNotFound = errors.New("store: not found")
@@ -35,7 +40,7 @@ var ErrNotFound = errors.New("store: not found")
 const (
 	metaBucket    = "meta"
 	schemaKey     = "schema_version"
-	SchemaVersion = 3
+	SchemaVersion = 4
 )
 
 // migrations[i] brings a store from schema version i to i+1.
@@ -53,6 +58,16 @@ var migrations = []func(tx *bolt.Tx) error{
 			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
 				return err
 			}
+		}
+		return nil
+	},
+	3: func(tx *bolt.Tx) error {
+		hints, err := tx.CreateBucketIfNotExists([]byte(BucketAPIKeyHints))
+		if err != nil {
+			return err
+		}
+		if k, _ := tx.Bucket([]byte(BucketAPIKeys)).Cursor().First(); k != nil {
+			return hints.Put([]byte(LegacyAPIKeys), []byte{1})
 		}
 		return nil
 	},

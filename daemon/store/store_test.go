@@ -123,7 +123,7 @@ func TestNewerSchemaRefused(t *testing.T) {
 		return tx.Bucket([]byte(metaBucket)).Put([]byte(schemaKey), []byte{0, 0, 0, 0, 0, 0, 0, 9})
 	})
 	s.Close()
-	if _, err := Open(path, Options{}); err == nil || !strings.Contains(err.Error(), "schema version 9, newer than this keywardd's 3") {
+	if _, err := Open(path, Options{}); err == nil || !strings.Contains(err.Error(), "schema version 9, newer than this keywardd's 4") {
 		t.Fatalf("newer schema: %v", err)
 	}
 }
@@ -192,9 +192,42 @@ func TestMigration(t *testing.T) {
 	if rec, err := s.Get(BucketKeys, "kek"); err != nil || string(rec) != `{"name":"kek"}` {
 		t.Fatalf("the schema-1 record: %q, %v", rec, err)
 	}
-	for _, b := range []string{BucketRevokedTokens, BucketAPIKeys, BucketAPIKeyMACs} {
+	for _, b := range []string{BucketRevokedTokens, BucketAPIKeys, BucketAPIKeyMACs, BucketAPIKeyUsage, BucketAPIKeyHints} {
 		if err := s.Update(b, "x", func([]byte) ([]byte, error) { return []byte{1}, nil }); err != nil {
 			t.Fatalf("the new bucket %s: %v", b, err)
 		}
+	}
+}
+
+// TestMigrationLegacyAPIKeys: a schema-3 store with API keys is marked, so
+// that keys issued before the hints still verify; one without is not.
+func TestMigrationLegacyAPIKeys(t *testing.T) {
+	for _, withKeys := range []bool{false, true} {
+		path := filepath.Join(t.TempDir(), "keyward.db")
+		db, err := bolt.Open(path, 0o600, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		db.Update(func(tx *bolt.Tx) error {
+			meta, _ := tx.CreateBucket([]byte(metaBucket))
+			meta.Put([]byte(schemaKey), []byte{0, 0, 0, 0, 0, 0, 0, 3})
+			for _, b := range []string{BucketKeys, BucketRevokedTokens, BucketAPIKeys, BucketAPIKeyMACs, BucketAPIKeyUsage} {
+				tx.CreateBucket([]byte(b))
+			}
+			if withKeys {
+				tx.Bucket([]byte(BucketAPIKeys)).Put([]byte("ak_1"), []byte("{}"))
+			}
+			return nil
+		})
+		db.Close()
+		s, err := Open(path, Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = s.Get(BucketAPIKeyHints, LegacyAPIKeys)
+		if withKeys != (err == nil) {
+			t.Errorf("with keys %v: legacy mark %v", withKeys, err)
+		}
+		s.Close()
 	}
 }
