@@ -22,7 +22,7 @@ import (
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 )
 
-func buildDaemon(t *testing.T) string {
+func buildDaemon(t testing.TB) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "keywardd")
 	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
@@ -33,7 +33,7 @@ func buildDaemon(t *testing.T) string {
 
 // startDaemon runs keywardd with the configuration and waits until it
 // answers a Ping.
-func startDaemon(t *testing.T, bin, config, sock string) *exec.Cmd {
+func startDaemon(t testing.TB, bin, config, sock string) *exec.Cmd {
 	t.Helper()
 	cmd := exec.Command(bin, "-config", config)
 	var stderr strings.Builder
@@ -42,13 +42,20 @@ func startDaemon(t *testing.T, bin, config, sock string) *exec.Cmd {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	c, _ := client.Dial(sock)
-	defer c.Close()
-	for range 200 {
-		if _, err := c.Status.Ping(context.Background(), &keywardv1.PingRequest{}); err == nil {
-			return cmd
+	// A new connection each time: one that failed waits out gRPC's
+	// reconnect backoff (a second) before it tries again.
+	for range 1000 {
+		if _, err := os.Stat(sock); err == nil {
+			c, _ := client.Dial(sock)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			_, err := c.Status.Ping(ctx, &keywardv1.PingRequest{})
+			cancel()
+			c.Close()
+			if err == nil {
+				return cmd
+			}
 		}
-		time.Sleep(25 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond)
 	}
 	t.Fatalf("keywardd did not come up:\n%s", stderr.String())
 	return nil
