@@ -81,6 +81,9 @@ Try, in another terminal (the keyward CLI is in ./bin after make build):
   echo -n 'hello' | keyward encrypt --key dev-kek --context app=demo > hello.kw
   keyward decrypt --context app=demo < hello.kw
   keyward key rotate --name dev-kek
+  keyward apikey create --owner demo --name try --env dev --perm orders:read --secret-out demo.key
+  keyward apikey verify --env dev --perm orders:read --ip 127.0.0.1 < demo.key
+  keyward apikey list
   grpcurl -plaintext -unix %[1]s list
 
 Stop with Ctrl-C; the directory is removed unless -dev-dir was given.

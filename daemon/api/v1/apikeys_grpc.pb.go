@@ -43,13 +43,14 @@ const (
 // UpdateAPIKey; others may only narrow them.
 //
 // Errors: PERMISSION_DENIED when the caller is not granted the operation on
-// the key's owner, or asks UpdateAPIKey to widen a key without the right
-// (the message names what); NOT_FOUND for an unknown key ID;
-// INVALID_ARGUMENT for a bad request (the message says which field and how
-// to fix it); UNAVAILABLE when the HSM, the store or the audit log cannot be
-// reached. VerifyAPIKey answers every verdict about the presented key as a
-// code in an OK response, and fails only for a bad request or UNAVAILABLE:
-// never treat a failed call as a valid key.
+// the key's owner (the message does not name the owner), or asks
+// UpdateAPIKey to widen a key without the right (the message names what);
+// NOT_FOUND for an unknown key ID; INVALID_ARGUMENT for a bad request (the
+// message says which field and how to fix it); UNAVAILABLE when the HSM or
+// the audit log cannot be reached; INTERNAL when the store fails.
+// VerifyAPIKey answers every verdict about the presented key as a code in an
+// OK response, and fails only for a bad request, a caller granted it on no
+// owner at all, or UNAVAILABLE: never treat a failed call as a valid key.
 type APIKeyServiceClient interface {
 	// CreateAPIKey issues a key. Its secret is in this answer and never
 	// again: keywardd keeps only an HMAC of it under a key in the HSM.
@@ -187,13 +188,14 @@ func (c *aPIKeyServiceClient) GetAPIKeyUsage(ctx context.Context, in *GetAPIKeyU
 // UpdateAPIKey; others may only narrow them.
 //
 // Errors: PERMISSION_DENIED when the caller is not granted the operation on
-// the key's owner, or asks UpdateAPIKey to widen a key without the right
-// (the message names what); NOT_FOUND for an unknown key ID;
-// INVALID_ARGUMENT for a bad request (the message says which field and how
-// to fix it); UNAVAILABLE when the HSM, the store or the audit log cannot be
-// reached. VerifyAPIKey answers every verdict about the presented key as a
-// code in an OK response, and fails only for a bad request or UNAVAILABLE:
-// never treat a failed call as a valid key.
+// the key's owner (the message does not name the owner), or asks
+// UpdateAPIKey to widen a key without the right (the message names what);
+// NOT_FOUND for an unknown key ID; INVALID_ARGUMENT for a bad request (the
+// message says which field and how to fix it); UNAVAILABLE when the HSM or
+// the audit log cannot be reached; INTERNAL when the store fails.
+// VerifyAPIKey answers every verdict about the presented key as a code in an
+// OK response, and fails only for a bad request, a caller granted it on no
+// owner at all, or UNAVAILABLE: never treat a failed call as a valid key.
 type APIKeyServiceServer interface {
 	// CreateAPIKey issues a key. Its secret is in this answer and never
 	// again: keywardd keeps only an HMAC of it under a key in the HSM.
