@@ -74,7 +74,7 @@ func TestAPIKeysEndToEnd(t *testing.T) {
 	}
 
 	key, k := create(&keywardv1.CreateAPIKeyRequest{Metadata: map[string]string{"customer": "42"}, Tags: []string{"ci"},
-		RateLimits: []*keywardv1.RateLimit{{Limit: 10, Per: durationpb.New(time.Second), Burst: 3}, {Limit: 1000, Per: durationpb.New(time.Hour), Burst: 1000}}})
+		RateLimits: []*keywardv1.RateLimit{{Limit: 10, Per: durationpb.New(time.Minute), Burst: 3}, {Limit: 1000, Per: durationpb.New(time.Hour), Burst: 1000}}})
 	if !strings.HasPrefix(key, "kw_") || !strings.HasPrefix(k.Id, "ak_") || k.State != keywardv1.APIKeyState_API_KEY_STATE_ACTIVE || len(k.Secrets) != 1 {
 		t.Fatalf("created %q...: %v", key[:3], k)
 	}

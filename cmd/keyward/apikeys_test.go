@@ -22,7 +22,7 @@ func TestAPIKeyCLI(t *testing.T) {
 		return r
 	}
 	r := ok(keyward(t, sock, "", "apikey", "create", "-owner", "team-a", "-name", "orders", "-env", "prod", "-perm", "orders:read",
-		"-perm", "orders:write", "-limit", "10/s,burst=2", "-limit", "1000/h", "-allow-ip", "192.0.2.0/24", "-tag", "ci", "-meta", "customer=42",
+		"-perm", "orders:write", "-limit", "10/m,burst=2", "-limit", "1000/h", "-allow-ip", "192.0.2.0/24", "-tag", "ci", "-meta", "customer=42",
 		"-quota", "100", "-secret-out", filepath.Join(dir, "key")))
 	if r.stdout != "" || !strings.Contains(r.stderr, "the secret is shown this once") {
 		t.Fatalf("create -secret-out: stdout %q stderr %q", r.stdout, r.stderr)
@@ -37,7 +37,7 @@ func TestAPIKeyCLI(t *testing.T) {
 	}
 
 	r = ok(keyward(t, sock, string(key), "apikey", "verify", "-env", "prod", "-perm", "orders:read", "-ip", "192.0.2.7"))
-	if !strings.HasPrefix(r.stdout, "VALID: "+id) || !strings.Contains(r.stdout, "limit 10/1s,burst=2: 1 left") || !strings.Contains(r.stdout, "quota: 99 left") {
+	if !strings.HasPrefix(r.stdout, "VALID: "+id) || !strings.Contains(r.stdout, "limit 10/1m0s,burst=2: 1 left") || !strings.Contains(r.stdout, "quota: 99 left") {
 		t.Fatalf("verify:\n%s", r.stdout)
 	}
 	for _, c := range []struct {
@@ -59,7 +59,7 @@ func TestAPIKeyCLI(t *testing.T) {
 	}
 
 	r = ok(keyward(t, sock, "", "apikey", "show", "-id", id))
-	for _, want := range []string{"team-a", "orders:read, orders:write", "10/1s,burst=2, 1000/1h0m0s,burst=1000", "192.0.2.0/24", "99 left", "metadata customer  42"} {
+	for _, want := range []string{"team-a", "orders:read, orders:write", "10/1m0s,burst=2, 1000/1h0m0s,burst=1000", "192.0.2.0/24", "99 left", "metadata customer  42"} {
 		if !strings.Contains(strings.Join(strings.Fields(r.stdout), " "), strings.Join(strings.Fields(want), " ")) {
 			t.Errorf("show lacks %q:\n%s", want, r.stdout)
 		}

@@ -29,8 +29,12 @@ var (
 )
 
 // maxCached bounds the digest cache (about 150 bytes an entry); when full
-// it is emptied and refills from the keys in use.
+// it drops an entry for each new one.
 const maxCached = 100_000
+
+// maxRecords bounds the record cache (about 1 KiB an entry): decoding a
+// record was a fifth of a verify's CPU through the daemon.
+const maxRecords = 10_000
 
 // Unavailable: the HSM or the store failed; the key's validity is unknown
 // and the caller should retry (never treat it as valid).
@@ -55,8 +59,9 @@ type MACer interface {
 // store is useless without the HSM. A key verified once is found again by a
 // local SHA-256 of the presented string, so verifying it costs no HSM call.
 // That cache only points at a record and remembers the MAC: every verify
-// reads the record and compares its MAC, so a revocation, rotation or change
-// counts from the very next verify with nothing to invalidate.
+// reads the record (from the record cache, which every write of the record
+// empties of it) and compares its MAC, so a revocation, rotation or change
+// counts from the very next verify.
 type Manager struct {
 	store  Store
 	mac    MACer
@@ -71,8 +76,13 @@ type Manager struct {
 	quotas map[string]*Quota
 	now    func() time.Time
 
-	mu      sync.Mutex         // serializes changes; guards the cache
+	mu      sync.Mutex         // serializes changes; guards the caches
 	digests map[[32]byte]known // sha256(presented key) -> its MAC, which key and secret
+	// records holds the decoded records of keys verified lately, never
+	// changed in place: every write of a record drops its entry (all writes
+	// go through the Manager, under mu, and keywardd holds the store's
+	// lock), so a verify sees each change as if it read the store.
+	records map[string]*Record
 
 	// hintKey keys the hints: a short HMAC of every secret issued, kept in
 	// the store, so that a key nobody issued is refused without an HSM call
@@ -195,7 +205,7 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, erro
 	lim := ratelimit.New()
 	lim.Near = o.NearLimit
 	return &Manager{store: s, mac: mac, pepper: pepper, prefix: o.Prefix, defaults: o.DefaultLimits, lim: lim, usage: newUsageLog(),
-		quotas: map[string]*Quota{}, now: o.Now, digests: map[[32]byte]known{}, hintKey: hintKey, legacy: err == nil}, nil
+		quotas: map[string]*Quota{}, now: o.Now, digests: map[[32]byte]known{}, records: map[string]*Record{}, hintKey: hintKey, legacy: err == nil}, nil
 }
 
 // Spec is a key to create.
@@ -376,10 +386,43 @@ func (m *Manager) addSecrets(recs []*Record, secrets []string, macs [][]byte, no
 	return nil
 }
 
+// cachedLoad is load through the record cache, for Verify; m.mu held. It
+// returns a copy the caller may change (its Quota too).
+func (m *Manager) cachedLoad(id string) (*Record, error) {
+	rec := m.records[id]
+	if rec == nil {
+		var err error
+		if rec, err = m.load(id); err != nil {
+			return nil, err
+		}
+		for old := range m.records { // full: make room by dropping one, any one
+			if len(m.records) < maxRecords {
+				break
+			}
+			delete(m.records, old)
+		}
+		m.records[id] = rec
+	}
+	cp := *rec
+	if rec.Quota != nil {
+		q := *rec.Quota
+		cp.Quota = &q
+	}
+	return &cp, nil
+}
+
+// forget drops records from the record cache: they are being written.
+func (m *Manager) forget(ids ...string) {
+	for _, id := range ids {
+		delete(m.records, id)
+	}
+}
+
 // save writes records in one transaction.
 func (m *Manager) save(recs ...*Record) error {
 	bs := make(map[string][]byte, len(recs))
 	for _, rec := range recs {
+		m.forget(rec.ID)
 		b, err := json.Marshal(rec)
 		if err != nil {
 			return err
@@ -531,7 +574,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	rec, err := m.load(k.ref.ID)
+	rec, err := m.cachedLoad(k.ref.ID)
 	if errors.Is(err, ErrNotFound) || errors.Is(err, ErrInvalid) {
 		return Result{Code: NotFound, Detail: "no such key"}
 	}
@@ -594,7 +637,9 @@ func (m *Manager) flushQuotas() error {
 	if len(m.quotas) == 0 {
 		return nil
 	}
-	err := m.store.UpdateEach(store.BucketAPIKeys, slices.Sorted(maps.Keys(m.quotas)), func(id string, old []byte) ([]byte, error) {
+	ids := slices.Sorted(maps.Keys(m.quotas))
+	m.forget(ids...)
+	err := m.store.UpdateEach(store.BucketAPIKeys, ids, func(id string, old []byte) ([]byte, error) {
 		rec, err := decode(id, old)
 		if err != nil {
 			return old, nil // left as it is: one bad record must not stop the rest
@@ -609,8 +654,8 @@ func (m *Manager) flushQuotas() error {
 }
 
 // change applies fn to a key's record and saves it. It counts from the very
-// next verify: Verify reads the record every time, and the digest cache only
-// points at it.
+// next verify: save drops the record from the record cache, and the digest
+// cache only points at it.
 func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
 	rec, err := m.load(id)
 	if err != nil {
@@ -786,6 +831,7 @@ func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
 	defer m.mu.Unlock()
 	for lo := 0; lo < len(ids); lo += MaxCreateBatch {
 		batch := ids[lo:min(lo+MaxCreateBatch, len(ids))]
+		m.forget(batch...)
 		err := m.store.UpdateEach(store.BucketAPIKeys, batch, func(id string, old []byte) ([]byte, error) {
 			rec, err := decode(id, old)
 			if err != nil {

@@ -283,7 +283,20 @@ func TestManagerQuotaPersists(t *testing.T) {
 	if err := f.m.Flush(); err != nil {
 		t.Fatal(err)
 	}
+	// The record cache held the record from before the flush; the flush
+	// dropped it, so no use comes back.
+	if res := f.verify(t, key, prod, Valid); res.Key.Quota.Remaining != 2 {
+		t.Fatalf("after a flush, verify left %d, want 2", res.Key.Quota.Remaining)
+	}
+	if err := f.m.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	f.reopen(t)
+	remaining(2)
+	s.Quota = &Quota{Remaining: 5}
+	key, rec = f.create(t, s)
+	f.verify(t, key, prod, Valid)
+	f.verify(t, key, prod, Valid)
 	remaining(3)
 	f.verify(t, key, prod, Valid)
 	limited := StateDisabled
