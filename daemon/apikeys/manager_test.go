@@ -839,3 +839,36 @@ func TestManagerHints(t *testing.T) {
 	f.reopen(t)
 	f.verify(t, key, prod, Valid)
 }
+
+// FuzzVerify: whatever a client presents, Verify answers without a panic;
+// only the issued key is VALID, nothing malformed costs an HSM call, and
+// the answer's detail never repeats what was presented.
+func FuzzVerify(f *testing.F) {
+	fx := newFixture(f)
+	key, _ := fx.create(f, spec())
+	f.Add(key)
+	f.Add(key[:len(key)-1])
+	f.Add(key + "x")
+	f.Add("")
+	f.Add("kwtest_")
+	f.Add(strings.Repeat("a", 10_000))
+	f.Add(strings.ToUpper(key))
+	f.Fuzz(func(t *testing.T, presented string) {
+		before := fx.mac.calls()
+		res := fx.m.Verify(context.Background(), presented, prod)
+		switch {
+		case presented == key:
+			if res.Code != Valid {
+				t.Fatalf("the issued key: %s", res.Code)
+			}
+		case res.Code == Valid:
+			t.Fatalf("%q verified as the issued key", presented)
+		}
+		if res.Code == Malformed && fx.mac.calls() != before {
+			t.Fatal("a malformed key cost an HSM call")
+		}
+		if len(presented) > 8 && strings.Contains(res.Detail, presented) {
+			t.Fatalf("the detail repeats what was presented: %q", res.Detail)
+		}
+	})
+}
