@@ -36,7 +36,9 @@ func TestConstantTimeComparison(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		text := func(n ast.Node) string { return string(src[fset.Position(n.Pos()).Offset:fset.Position(n.End()).Offset]) }
+		text := func(n ast.Node) string {
+			return string(src[fset.Position(n.Pos()).Offset:fset.Position(n.End()).Offset])
+		}
 		secretish := func(e ast.Expr) bool {
 			s := strings.ToLower(text(e))
 			return strings.Contains(s, "mac") || strings.Contains(s, "secret") && !strings.Contains(s, "secrets") || strings.Contains(s, "digest") || strings.Contains(s, "presented")
