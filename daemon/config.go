@@ -175,10 +175,8 @@ func (c *Config) apiKeyOptions() (apikeys.Options, error) {
 		if _, ok := apikeys.Roles[role]; !ok {
 			return o, fmt.Errorf("api_keys.default_limits: %q is not a role; roles are read-only, standard and admin", role)
 		}
-		for _, l := range layers {
-			if err := l.Check(); err != nil {
-				return o, fmt.Errorf("api_keys.default_limits.%s: %v", role, err)
-			}
+		if err := apikeys.CheckLimits(layers); err != nil {
+			return o, fmt.Errorf("api_keys.default_limits.%s: %v", role, err)
 		}
 		o.DefaultLimits[role] = layers
 	}

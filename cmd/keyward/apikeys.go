@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -183,11 +185,16 @@ func apikeyCommand(e *env, sub string, args []string) error {
 				}
 			}
 		}
+		sf, err := newSecretFile(*out)
+		if err != nil {
+			return err
+		}
 		r, err := ac.CreateAPIKey(ctx, req)
 		if err != nil {
+			sf.discard()
 			return client.Wrap(err)
 		}
-		return e.printSecret(*out, r.GetSecret(), r.GetKey(), "created", r)
+		return e.printSecret(sf, r.GetSecret(), r.GetKey(), "created", r)
 	case "verify":
 		if *envName == "" {
 			return usageError{"apikey verify needs -env"}
@@ -233,11 +240,16 @@ func apikeyCommand(e *env, sub string, args []string) error {
 		if *overlap >= 0 {
 			req.Overlap = durationpb.New(*overlap)
 		}
+		sf, err := newSecretFile(*out)
+		if err != nil {
+			return err
+		}
 		r, err := ac.RotateAPIKey(ctx, req)
 		if err != nil {
+			sf.discard()
 			return client.Wrap(err)
 		}
-		if err := e.printSecret(*out, r.GetSecret(), r.GetKey(), "rotated", r); err != nil {
+		if err := e.printSecret(sf, r.GetSecret(), r.GetKey(), "rotated", r); err != nil {
 			return err
 		}
 		if !e.json && r.GetOldSecretNotAfter() != nil {
@@ -375,14 +387,73 @@ func apikeyCommand(e *env, sub string, args []string) error {
 	return nil
 }
 
-// printSecret writes a new secret to standard output or a 0600 file, and
-// what it belongs to on standard error: a script reads the secret alone.
-func (e *env) printSecret(out, secret string, k *keywardv1.APIKey, did string, r proto.Message) error {
-	if e.json && out == "" {
-		return e.printJSON(r)
+// secretFile is where -secret-out puts a new secret: a 0600 file made in
+// the target's directory before the call, so that a path that cannot be
+// written fails before a key is issued or rotated, and renamed over the
+// target once the secret is in it.
+type secretFile struct {
+	f    *os.File
+	path string
+}
+
+func newSecretFile(path string) (*secretFile, error) {
+	if path == "" || path == "-" {
+		return nil, nil
 	}
-	if err := e.writeOutput(out, []byte(secret+"\n")); err != nil {
-		return err
+	f, err := os.CreateTemp(filepath.Dir(path), ".keyward-secret-*")
+	if err != nil {
+		return nil, fmt.Errorf("-secret-out: %w (nothing was done)", err)
+	}
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return nil, fmt.Errorf("-secret-out: %w (nothing was done)", err)
+	}
+	return &secretFile{f: f, path: path}, nil
+}
+
+// discard removes the file of a call that failed.
+func (s *secretFile) discard() {
+	if s != nil {
+		s.f.Close()
+		os.Remove(s.f.Name())
+	}
+}
+
+func (s *secretFile) commit(secret string) error {
+	_, err := s.f.WriteString(secret + "\n")
+	if err == nil {
+		err = s.f.Sync()
+	}
+	if cerr := s.f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(s.f.Name(), s.path)
+	}
+	if err != nil {
+		os.Remove(s.f.Name())
+	}
+	return err
+}
+
+// printSecret writes a new secret to standard output or its -secret-out
+// file, and what it belongs to on standard error: a script reads the secret
+// alone. With -output json the answer goes to standard output as JSON,
+// without the secret if a file took it.
+func (e *env) printSecret(out *secretFile, secret string, k *keywardv1.APIKey, did string, r proto.Message) error {
+	if out == nil {
+		if e.json {
+			return e.printJSON(r)
+		}
+		if _, err := fmt.Fprintln(e.stdout, secret); err != nil {
+			return err
+		}
+	} else if err := out.commit(secret); err != nil {
+		return fmt.Errorf("%s %s, but its secret could not be written to %s (%w): the secret is lost; %s", did, k.GetId(), out.path, err,
+			map[string]string{"created": "revoke the key and create another", "rotated": "rotate it again"}[did])
+	} else if e.json {
+		return e.printJSON(k)
 	}
 	fmt.Fprintf(e.stderr, "%s %s (%s, owner %s, %s); the secret is shown this once\n", did, k.GetId(), k.GetName(), k.GetOwner(), k.GetEnvironment())
 	return nil

@@ -76,6 +76,13 @@ func TestAPIKeyCLI(t *testing.T) {
 		t.Errorf("a bad permission: %+v", r)
 	}
 
+	// A -secret-out that cannot be written fails before the rotation.
+	if r := keyward(t, sock, "", "apikey", "rotate", "-id", id, "-overlap", "0s", "-secret-out", filepath.Join(dir, "nope", "key")); r.code != exitError || !strings.Contains(r.stderr, "nothing was done") {
+		t.Fatalf("rotate to an unwritable file: %+v", r)
+	}
+	if r := keyward(t, sock, "", "apikey", "create", "-h"); r.code != exitUsage || !strings.Contains(r.stderr, "-secret-out") {
+		t.Errorf("create -h: %+v", r)
+	}
 	r = ok(keyward(t, sock, "", "apikey", "rotate", "-id", id, "-overlap", "0s"))
 	newKey := strings.TrimSpace(r.stdout)
 	if !strings.HasPrefix(newKey, "kw_") || newKey == strings.TrimSpace(string(key)) {

@@ -147,9 +147,10 @@ func TestKill9(t *testing.T) {
 
 // TestKill9APIKeys: revocations and rotations are on disk when their call
 // returns: after SIGKILL and a restart a revoked key stays revoked (also
-// keys revoked in bulk), a rotated-out secret stays expired, the new one
-// works, and a key whose digest was cached before the kill is still checked
-// against its record. Verifications run until the kill.
+// keys revoked in bulk), a rotated-out secret stays expired and the new one
+// works. The kill comes in the middle of verifications and of rotations
+// (hint, index and record are separate writes): every rotation
+// acknowledged before it holds after it, and the store checks clean.
 func TestKill9APIKeys(t *testing.T) {
 	bin := buildDaemon(t)
 	tok := softhsmtest.New(t)
@@ -204,8 +205,23 @@ func TestKill9APIKeys(t *testing.T) {
 	if r, err := c.APIKeys.RevokeAPIKeys(ctx, &keywardv1.RevokeAPIKeysRequest{Tag: "bulk"}); err != nil || r.Count != 50 {
 		t.Fatalf("bulk revoke: %v %v", r, err)
 	}
+	// Rotations, each ending the secret before, until the kill.
+	spinning, spinID := mk("spin")
+	acked := []string{spinning}
+	var rotMu sync.Mutex
 	var wg sync.WaitGroup
-	for range 4 {
+	wg.Go(func() {
+		for {
+			r, err := c.APIKeys.RotateAPIKey(ctx, &keywardv1.RotateAPIKeyRequest{Id: spinID, Overlap: durationpb.New(0)})
+			if err != nil {
+				return
+			}
+			rotMu.Lock()
+			acked = append(acked, r.Secret)
+			rotMu.Unlock()
+		}
+	})
+	for range 3 {
 		wg.Go(func() {
 			for {
 				if _, err := c.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: rot.Secret, Environment: "prod"}); err != nil {
@@ -220,9 +236,34 @@ func TestKill9APIKeys(t *testing.T) {
 	cmd.Wait()
 	c.Close()
 
-	startDaemon(t, bin, config, sock)
+	if len(acked) < 3 {
+		t.Fatalf("only %d rotations before the kill", len(acked)-1)
+	}
+	second := startDaemon(t, bin, config, sock)
 	c, _ = client.Dial(sock)
 	defer c.Close()
+	// The last rotation acknowledged holds (or one after it, done but not
+	// acknowledged, ended it); none before it works.
+	if got := verify(acked[len(acked)-1]); got != keywardv1.APIKeyCode_API_KEY_CODE_VALID && got != keywardv1.APIKeyCode_API_KEY_CODE_EXPIRED {
+		t.Errorf("the last acknowledged rotation's secret after SIGKILL: %v", got)
+	}
+	for i, k := range acked[:len(acked)-1] {
+		if got := verify(k); got == keywardv1.APIKeyCode_API_KEY_CODE_VALID {
+			t.Errorf("secret %d of %d, rotated out before the kill, is VALID after it", i, len(acked))
+		}
+	}
+	t.Logf("%d rotations acknowledged before SIGKILL", len(acked)-1)
+	defer func() {
+		second.Process.Signal(syscall.SIGTERM)
+		if err := second.Wait(); err != nil {
+			t.Errorf("keywardd after SIGTERM: %v", err)
+		}
+		st, err := store.Open(filepath.Join(dir, "data", "keyward.db"), store.Options{})
+		if err != nil {
+			t.Fatalf("the store after the kill: %v", err)
+		}
+		st.Close()
+	}()
 	for name, want := range map[string]struct {
 		key  string
 		code keywardv1.APIKeyCode

@@ -47,8 +47,14 @@ func TestConstantTimeComparison(t *testing.T) {
 			switch n := n.(type) {
 			case *ast.CallExpr:
 				switch fn := text(n.Fun); fn {
-				case "bytes.Equal", "bytes.Compare", "reflect.DeepEqual", "strings.EqualFold":
+				case "bytes.Equal", "bytes.Compare", "reflect.DeepEqual": // the package needs none
 					t.Errorf("%v: %s: compare secrets and MACs with hmac.Equal", fset.Position(n.Pos()), fn)
+				case "strings.EqualFold", "strings.Compare", "slices.Equal", "slices.Compare", "cmp.Compare":
+					for _, a := range n.Args {
+						if secretish(a) {
+							t.Errorf("%v: %s: compare secrets and MACs with hmac.Equal", fset.Position(n.Pos()), text(n))
+						}
+					}
 				case "hmac.Equal":
 					if strings.Contains(text(n), ".MAC") {
 						sawHMACEqual = true

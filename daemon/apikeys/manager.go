@@ -32,9 +32,18 @@ var (
 // it drops an entry for each new one.
 const maxCached = 100_000
 
-// maxRecords bounds the record cache (about 1 KiB an entry): decoding a
+// The record cache keeps at most maxRecords records of at most
+// maxRecordBytes encoded in all (a record is 0.3 to 20 KiB): decoding a
 // record was a fifth of a verify's CPU through the daemon.
-const maxRecords = 10_000
+const (
+	maxRecords     = 10_000
+	maxRecordBytes = 8 << 20
+)
+
+type cachedRecord struct {
+	rec  *Record
+	size int
+}
 
 // Unavailable: the HSM or the store failed; the key's validity is unknown
 // and the caller should retry (never treat it as valid).
@@ -82,7 +91,8 @@ type Manager struct {
 	// changed in place: every write of a record drops its entry (all writes
 	// go through the Manager, under mu, and keywardd holds the store's
 	// lock), so a verify sees each change as if it read the store.
-	records map[string]*Record
+	records     map[string]cachedRecord
+	recordBytes int // the encoded size of the records cached
 
 	// hintKey keys the hints: a short HMAC of every secret issued, kept in
 	// the store, so that a key nobody issued is refused without an HSM call
@@ -182,13 +192,8 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, erro
 		if _, ok := Roles[role]; !ok {
 			return nil, fmt.Errorf("%w: default limits for %q: roles are read-only, standard and admin", ErrInvalid, role)
 		}
-		if len(layers) > maxLayers {
-			return nil, fmt.Errorf("%w: default limits for %q: at most %d layers", ErrInvalid, role, maxLayers)
-		}
-		for _, l := range layers {
-			if err := l.Check(); err != nil {
-				return nil, fmt.Errorf("%w: default limits for %q: %v", ErrInvalid, role, err)
-			}
+		if err := CheckLimits(layers); err != nil {
+			return nil, fmt.Errorf("default limits for %q: %w", role, err)
 		}
 	}
 	if o.Now == nil {
@@ -205,7 +210,7 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, erro
 	lim := ratelimit.New()
 	lim.Near = o.NearLimit
 	return &Manager{store: s, mac: mac, pepper: pepper, prefix: o.Prefix, defaults: o.DefaultLimits, lim: lim, usage: newUsageLog(),
-		quotas: map[string]*Quota{}, now: o.Now, digests: map[[32]byte]known{}, records: map[string]*Record{}, hintKey: hintKey, legacy: err == nil}, nil
+		quotas: map[string]*Quota{}, now: o.Now, digests: map[[32]byte]known{}, records: map[string]cachedRecord{}, hintKey: hintKey, legacy: err == nil}, nil
 }
 
 // Spec is a key to create.
@@ -272,13 +277,8 @@ func (m *Manager) check(s Spec) error {
 			return fmt.Errorf("%w: permission %q: use read-only, standard, admin or resource:action (lower case; a part is a name or * alone)", ErrInvalid, p)
 		}
 	}
-	for i, l := range s.Limits {
-		if err := l.Check(); err != nil {
-			return fmt.Errorf("%w: %v", ErrInvalid, err)
-		}
-		if slices.ContainsFunc(s.Limits[:i], func(o ratelimit.Layer) bool { return o.Per == l.Per }) {
-			return fmt.Errorf("%w: two rate-limit layers per %v; give each period once", ErrInvalid, l.Per)
-		}
+	if err := CheckLimits(s.Limits); err != nil {
+		return err
 	}
 	for _, p := range s.AllowedIPs {
 		if !p.IsValid() {
@@ -286,6 +286,23 @@ func (m *Manager) check(s Spec) error {
 		}
 		if p.Addr().Is4In6() {
 			return fmt.Errorf("%w: allowlist prefix %v is IPv4-mapped IPv6; write it as IPv4", ErrInvalid, p)
+		}
+	}
+	return nil
+}
+
+// CheckLimits says whether layers can be a key's rate limits: at most 4,
+// each valid, each period once (the limiter keeps its state by period).
+func CheckLimits(layers []ratelimit.Layer) error {
+	if len(layers) > maxLayers {
+		return fmt.Errorf("%w: at most %d rate-limit layers", ErrInvalid, maxLayers)
+	}
+	for i, l := range layers {
+		if err := l.Check(); err != nil {
+			return fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
+		if slices.ContainsFunc(layers[:i], func(o ratelimit.Layer) bool { return o.Per == l.Per }) {
+			return fmt.Errorf("%w: two rate-limit layers per %v; give each period once", ErrInvalid, l.Per)
 		}
 	}
 	return nil
@@ -389,20 +406,29 @@ func (m *Manager) addSecrets(recs []*Record, secrets []string, macs [][]byte, no
 // cachedLoad is load through the record cache, for Verify; m.mu held. It
 // returns a copy the caller may change (its Quota too).
 func (m *Manager) cachedLoad(id string) (*Record, error) {
-	rec := m.records[id]
-	if rec == nil {
-		var err error
-		if rec, err = m.load(id); err != nil {
+	c, ok := m.records[id]
+	if !ok {
+		b, err := m.store.Get(store.BucketAPIKeys, id)
+		if errors.Is(err, store.ErrNotFound) {
+			return nil, fmt.Errorf("%w: %q", ErrNotFound, id)
+		}
+		if err != nil {
 			return nil, err
 		}
-		for old := range m.records { // full: make room by dropping one, any one
-			if len(m.records) < maxRecords {
+		if c.rec, err = decode(id, b); err != nil {
+			return nil, err
+		}
+		c.size = len(b)
+		for old := range m.records { // full: make room by dropping any
+			if len(m.records) < maxRecords && m.recordBytes+c.size <= maxRecordBytes {
 				break
 			}
-			delete(m.records, old)
+			m.forget(old)
 		}
-		m.records[id] = rec
+		m.records[id] = c
+		m.recordBytes += c.size
 	}
+	rec := c.rec
 	cp := *rec
 	if rec.Quota != nil {
 		q := *rec.Quota
@@ -414,7 +440,10 @@ func (m *Manager) cachedLoad(id string) (*Record, error) {
 // forget drops records from the record cache: they are being written.
 func (m *Manager) forget(ids ...string) {
 	for _, id := range ids {
-		delete(m.records, id)
+		if c, ok := m.records[id]; ok {
+			m.recordBytes -= c.size
+			delete(m.records, id)
+		}
 	}
 }
 
@@ -621,23 +650,46 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		if len(m.quotas) >= maxPendingKeys {
 			m.usage.askFlush()
 		}
-		q := *rec.Quota
-		rec.Quota = &q // the pending quota is m's; the answer gets a copy
 	}
-	rec.Secrets = nil // nothing of a secret leaves
-	res.Key = rec
+	res.Key = answer(rec)
 	return res
 }
 
+// answer is what Verify hands out of a record: a deep copy (the record may
+// be the record cache's, and its quota the pending one), without secrets.
+func answer(rec *Record) *Record {
+	out := *rec
+	out.Secrets = nil
+	if rec.Quota != nil {
+		q := *rec.Quota
+		out.Quota = &q
+	}
+	out.Permissions, out.Tags = slices.Clone(rec.Permissions), slices.Clone(rec.Tags)
+	out.Limits, out.AllowedIPs = slices.Clone(rec.Limits), slices.Clone(rec.AllowedIPs)
+	out.Metadata = maps.Clone(rec.Metadata)
+	return &out
+}
+
 // flushQuotas writes the quotas used since the last flush into their
-// records, in one transaction.
+// records, writeBatch keys a transaction, holding the lock verifies need
+// for one transaction at a time.
 func (m *Manager) flushQuotas() error {
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if len(m.quotas) == 0 {
-		return nil
-	}
 	ids := slices.Sorted(maps.Keys(m.quotas))
+	m.mu.Unlock()
+	for lo := 0; lo < len(ids); lo += writeBatch {
+		if err := m.flushQuotaBatch(ids[lo:min(lo+writeBatch, len(ids))]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (m *Manager) flushQuotaBatch(ids []string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	// A change saved some quotas with their records meanwhile.
+	ids = slices.DeleteFunc(slices.Clone(ids), func(id string) bool { return m.quotas[id] == nil })
 	m.forget(ids...)
 	err := m.store.UpdateEach(store.BucketAPIKeys, ids, func(id string, old []byte) ([]byte, error) {
 		rec, err := decode(id, old)
@@ -647,10 +699,13 @@ func (m *Manager) flushQuotas() error {
 		rec.Quota = m.quotas[id]
 		return json.Marshal(rec)
 	})
-	if err == nil {
-		clear(m.quotas)
+	if err != nil {
+		return err
 	}
-	return err
+	for _, id := range ids {
+		delete(m.quotas, id)
+	}
+	return nil
 }
 
 // change applies fn to a key's record and saves it. It counts from the very
@@ -810,8 +865,38 @@ func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
 	if f.Owner == "" && f.Tag == "" && f.Environment == "" {
 		return 0, fmt.Errorf("%w: an empty filter; name an owner, tag or environment", ErrInvalid)
 	}
-	// The scan reads a snapshot without holding m.mu, so verifies go on;
-	// the owner, tags and environment it matches on never change.
+	// A key issued while a pass runs may escape its scan: scan again until
+	// a pass finds none (a few passes at most; more only if keys matching
+	// the filter keep being issued).
+	total := 0
+	for pass := 0; pass < 4; pass++ {
+		ids, err := m.matching(f)
+		if err != nil || dryRun {
+			return len(ids), err
+		}
+		if len(ids) == 0 {
+			break
+		}
+		for lo := 0; lo < len(ids); lo += writeBatch {
+			n, err := m.revokeBatch(ids[lo:min(lo+writeBatch, len(ids))])
+			total += n
+			if err != nil {
+				return total, err
+			}
+		}
+	}
+	return total, nil
+}
+
+// writeBatch is how many records RevokeWhere and flushQuotas write in one
+// transaction, one sync, holding the lock every verify needs: a few
+// milliseconds' wait.
+const writeBatch = 1000
+
+// matching lists the keys not yet revoked that f picks. It reads a snapshot
+// without holding m.mu, so verifies go on; the owner, tags and environment
+// it matches on never change.
+func (m *Manager) matching(f Filter) ([]string, error) {
 	var ids []string
 	err := m.store.ForEachAfter(store.BucketAPIKeys, "", func(id string, b []byte) error {
 		r, err := decode(id, b)
@@ -823,35 +908,36 @@ func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
 		}
 		return nil
 	})
-	if err != nil || dryRun {
-		return len(ids), err
-	}
-	// One transaction, one sync, for each MaxCreateBatch keys.
+	return ids, err
+}
+
+// revokeBatch revokes keys in one transaction and says how many it revoked
+// (a key revoked meanwhile is not counted again).
+func (m *Manager) revokeBatch(ids []string) (int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for lo := 0; lo < len(ids); lo += MaxCreateBatch {
-		batch := ids[lo:min(lo+MaxCreateBatch, len(ids))]
-		m.forget(batch...)
-		err := m.store.UpdateEach(store.BucketAPIKeys, batch, func(id string, old []byte) ([]byte, error) {
-			rec, err := decode(id, old)
-			if err != nil {
-				return old, nil // gone or unreadable: nothing to revoke
-			}
-			if q := m.quotas[id]; q != nil {
-				rec.Quota = q
-			}
-			rec.State = StateRevoked
-			return json.Marshal(rec)
-		})
-		if err != nil {
-			return lo, err
+	m.forget(ids...)
+	n := 0
+	err := m.store.UpdateEach(store.BucketAPIKeys, ids, func(id string, old []byte) ([]byte, error) {
+		rec, err := decode(id, old)
+		if err != nil || rec.State == StateRevoked {
+			return old, nil // gone, unreadable or revoked: nothing to do
 		}
-		for _, id := range batch {
-			delete(m.quotas, id) // saved with the record
-			m.lim.Forget(id)
+		if q := m.quotas[id]; q != nil {
+			rec.Quota = q
 		}
+		rec.State = StateRevoked
+		n++
+		return json.Marshal(rec)
+	})
+	if err != nil {
+		return 0, err
 	}
-	return len(ids), nil
+	for _, id := range ids {
+		delete(m.quotas, id) // saved with the record
+		m.lim.Forget(id)
+	}
+	return n, nil
 }
 
 // Bounds on a key's secrets: a rotated-out secret is still recognized (as
@@ -891,19 +977,33 @@ func (m *Manager) Rotate(ctx context.Context, id string, overlap time.Duration) 
 			return fmt.Errorf("%w: %q is revoked", ErrInvalid, id)
 		}
 		kept := r.Secrets[:0:0]
+		working := 0
 		for _, s := range r.Secrets {
 			if end := now.Add(overlap); s.NotAfter.IsZero() || end.Before(s.NotAfter) {
 				s.NotAfter = end
 			}
-			if now.Sub(s.NotAfter) < RotatedGrace {
+			switch {
+			case s.NotAfter.After(now):
+				working++
 				kept = append(kept, s)
-			} else {
+			case now.Sub(s.NotAfter) < RotatedGrace:
+				kept = append(kept, s)
+			default:
 				pruned = append(pruned, hex.EncodeToString(s.MAC))
 			}
 		}
-		for len(kept) > MaxSecrets-1 { // room for the new one
-			pruned = append(pruned, hex.EncodeToString(kept[0].MAC))
-			kept = kept[1:]
+		if working > MaxSecrets-1 {
+			return fmt.Errorf("%w: %q has %d secrets still in their overlap, the most a key keeps; rotate with a shorter overlap (0 ends the old ones now)", ErrInvalid, id, working)
+		}
+		// Room for the new one: the secrets that stopped working go first,
+		// oldest first; none still in its overlap.
+		for i := 0; len(kept) > MaxSecrets-1; {
+			if kept[i].NotAfter.After(now) {
+				i++
+				continue
+			}
+			pruned = append(pruned, hex.EncodeToString(kept[i].MAC))
+			kept = slices.Delete(kept, i, i+1)
 		}
 		r.Secrets = kept
 		return m.addSecrets([]*Record{r}, []string{secret}, [][]byte{mac}, now)

@@ -624,6 +624,10 @@ func TestManagerDefaultLimits(t *testing.T) {
 	if _, err := NewManager(f.store, f.mac, pepper, Options{DefaultLimits: map[string][]ratelimit.Layer{"owner": nil}}); !errors.Is(err, ErrInvalid) {
 		t.Errorf("default limits for an unknown role: %v, want ErrInvalid", err)
 	}
+	twice := map[string][]ratelimit.Layer{"read-only": {{Limit: 1, Per: time.Hour, Burst: 1}, {Limit: 1000, Per: time.Hour, Burst: 1000}}}
+	if _, err := NewManager(f.store, f.mac, pepper, Options{DefaultLimits: twice}); !errors.Is(err, ErrInvalid) {
+		t.Errorf("default limits with a period twice: %v, want ErrInvalid", err)
+	}
 	if _, err := NewManager(f.store, f.mac, pepper, Options{NearLimit: 1.5}); !errors.Is(err, ErrInvalid) {
 		t.Errorf("a near-limit threshold of 1.5: %v, want ErrInvalid", err)
 	}
@@ -744,21 +748,46 @@ func TestManagerRotatePrunes(t *testing.T) {
 	if _, err := f.store.Get(store.BucketAPIKeyMACs, hex.EncodeToString(macFirst)); !errors.Is(err, store.ErrNotFound) {
 		t.Errorf("a pruned secret's index entry is still there: %v", err)
 	}
+	// Secrets in their overlap are never pruned: once a key has as many as
+	// it keeps, a rotation that would keep them all is refused.
 	var keys []string
-	for range 2 * MaxSecrets {
+	for {
 		k, _, err := f.m.Rotate(ctx, rec.ID, time.Hour)
 		if err != nil {
-			t.Fatal(err)
+			if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "still in their overlap") {
+				t.Fatal(err)
+			}
+			break
 		}
 		keys = append(keys, k)
+		if len(keys) > 2*MaxSecrets {
+			t.Fatal("rotations without end")
+		}
 	}
 	got, _ := f.m.Get(rec.ID)
 	if len(got.Secrets) != MaxSecrets {
-		t.Fatalf("%d secrets after %d rotations, want %d", len(got.Secrets), 2*MaxSecrets, MaxSecrets)
+		t.Fatalf("%d secrets when rotation was refused, want %d", len(got.Secrets), MaxSecrets)
 	}
-	f.verify(t, keys[0], prod, NotFound)
-	f.verify(t, keys[len(keys)-MaxSecrets], prod, Valid)
-	f.verify(t, keys[len(keys)-1], prod, Valid)
+	for _, k := range append([]string{second}, keys...) {
+		f.verify(t, k, prod, Valid) // none pruned inside its overlap
+	}
+	// Overlap 0 ends them: they stay recognized as EXPIRED, and go only
+	// when a later rotation needs room or their grace has passed.
+	last, _, err := f.m.Rotate(ctx, rec.ID, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, keys[len(keys)-1], prod, Expired)
+	f.verify(t, second, prod, NotFound) // the oldest, dropped to make room
+	f.clk.add(RotatedGrace + time.Second)
+	if _, _, err := f.m.Rotate(ctx, rec.ID, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	f.verify(t, keys[len(keys)-1], prod, NotFound)
+	f.verify(t, last, prod, Valid)
+	if got, _ := f.m.Get(rec.ID); len(got.Secrets) != 2 {
+		t.Errorf("%d secrets after the grace, want 2", len(got.Secrets))
+	}
 }
 
 // TestManagerNames: owners are names the policy's globs can match, and a
@@ -790,8 +819,10 @@ func TestManagerNames(t *testing.T) {
 func TestManagerUpdateKeepsLimiter(t *testing.T) {
 	f := newFixture(t)
 	s := spec()
-	s.Limits = []ratelimit.Layer{{Limit: 1, Per: time.Hour, Burst: 1}, {Limit: 10, Per: 24 * time.Hour, Burst: 10}}
+	// The hour layer never refuses; the day layer is used up.
+	s.Limits = []ratelimit.Layer{{Limit: 100, Per: time.Hour, Burst: 100}, {Limit: 10, Per: 24 * time.Hour, Burst: 2}}
 	key, rec := f.create(t, s)
+	f.verify(t, key, prod, Valid)
 	f.verify(t, key, prod, Valid)
 	f.verify(t, key, prod, RateLimited)
 	cur := slices.Clone(s.Limits)
@@ -800,7 +831,7 @@ func TestManagerUpdateKeepsLimiter(t *testing.T) {
 			slices.Reverse(cur)
 		} else {
 			j := slices.IndexFunc(cur, func(l ratelimit.Layer) bool { return l.Per == 24*time.Hour })
-			cur[j].Limit, cur[j].Burst = cur[j].Limit-1, cur[j].Burst-1
+			cur[j].Limit = cur[j].Limit - 1 // and the burst at most 2
 		}
 		l := slices.Clone(cur)
 		if _, err := f.m.Update(rec.ID, Change{Limits: &l}, false); err != nil {
@@ -845,7 +876,7 @@ func TestManagerHints(t *testing.T) {
 // the answer's detail never repeats what was presented.
 func FuzzVerify(f *testing.F) {
 	fx := newFixture(f)
-	key, _ := fx.create(f, spec())
+	key, _ := fx.create(f, benchSpec()) // unlimited: the fixture's clock stands still
 	f.Add(key)
 	f.Add(key[:len(key)-1])
 	f.Add(key + "x")

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"sync"
 	"time"
 )
@@ -95,11 +96,12 @@ type Limiter struct {
 }
 
 // arrival is a layer's theoretical arrival time, kept by the layer's
-// period: when a key's layers change (reordered, narrowed), each period's
-// use carries over, so changing limits never hands out a fresh bucket.
+// period with the interval it was counted in: when a key's layers change
+// (reordered, narrowed), each period's use carries over, counted in
+// requests, so changing limits never hands out a fresh bucket.
 type arrival struct {
-	per time.Duration
-	tat time.Time
+	per, interval time.Duration
+	tat           time.Time
 }
 
 // New returns an empty Limiter.
@@ -124,7 +126,7 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 	for _, a := range lim.state[key] {
 		for i, l := range layers {
 			if l.Per == a.per {
-				tats[i] = a.tat
+				tats[i] = a.carry(l, now)
 			}
 		}
 	}
@@ -182,16 +184,36 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 			full = false
 		}
 	}
-	if full {
-		delete(lim.state, key) // a full bucket needs no state
-	} else {
-		st := make([]arrival, len(layers))
+	// The state to keep: every layer's that is not full, and that of a
+	// period dropped from the layers while its bucket refills (it comes
+	// back as it was if the period is added again).
+	var st []arrival
+	if !full {
 		for i, l := range layers {
-			st[i] = arrival{l.Per, tats[i]}
+			st = append(st, arrival{l.Per, l.interval(), tats[i]})
 		}
+	}
+	for _, a := range lim.state[key] {
+		if a.tat.After(now) && !slices.ContainsFunc(layers, func(l Layer) bool { return l.Per == a.per }) {
+			st = append(st, a)
+		}
+	}
+	if len(st) == 0 {
+		delete(lim.state, key) // full buckets need no state
+	} else {
 		lim.state[key] = st
 	}
 	return res
+}
+
+// carry is the arrival time for layer l of a period counted before in
+// a.interval: the same number of requests used, at most a full burst.
+func (a arrival) carry(l Layer, now time.Time) time.Time {
+	if a.interval == l.interval() || !a.tat.After(now) {
+		return a.tat
+	}
+	used := min(float64(a.tat.Sub(now))/float64(a.interval), float64(l.Burst))
+	return now.Add(time.Duration(math.Ceil(used * float64(l.interval()))))
 }
 
 // Forget drops a key's state (its key was revoked).

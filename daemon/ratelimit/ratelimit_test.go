@@ -165,18 +165,31 @@ func TestHugeCost(t *testing.T) {
 // keeps what was used; only a new period starts full.
 func TestChangedLayersCarryUse(t *testing.T) {
 	lim := New()
-	hour := Layer{Limit: 1, Per: time.Hour, Burst: 1}
-	day := Layer{Limit: 10, Per: 24 * time.Hour, Burst: 10}
-	if !lim.Allow("k", []Layer{hour, day}, 1, t0).Allowed {
-		t.Fatal("the first request was refused")
-	}
-	for i, layers := range [][]Layer{{day, hour}, {hour, day}, {{Limit: 1, Per: time.Hour, Burst: 1}}, {hour, {Limit: 5, Per: 24 * time.Hour, Burst: 5}}} {
-		if r := lim.Allow("k", layers, 1, t0); r.Allowed {
-			t.Fatalf("change %d (%v) gave a fresh bucket", i, layers)
+	hour := Layer{Limit: 100, Per: time.Hour, Burst: 100} // never the one that refuses
+	day := Layer{Limit: 2, Per: 24 * time.Hour, Burst: 2}
+	for range 2 {
+		if !lim.Allow("k", []Layer{hour, day}, 1, t0).Allowed {
+			t.Fatal("a request within the limits was refused")
 		}
 	}
-	r := lim.Allow("k", []Layer{hour, {Limit: 100, Per: time.Minute, Burst: 100}}, 1, t0)
-	if r.Allowed || r.Layers[1].Remaining != 100 {
+	// The day is used up. Reordering, dropping the hour layer and adding it
+	// back, or narrowing the day hands out nothing. (Widening a layer after
+	// narrowing it may: a narrowed layer counts at most its own burst.)
+	narrow := Layer{Limit: 1, Per: 24 * time.Hour, Burst: 1}
+	for i, layers := range [][]Layer{{day, hour}, {hour, day}, {day}, {day, hour}, {hour, narrow}, {narrow}, {narrow, hour}} {
+		r := lim.Allow("k", layers, 1, t0)
+		if r.Allowed {
+			t.Fatalf("change %d (%v) gave a fresh bucket", i, layers)
+		}
+		for _, l := range r.Layers {
+			if l.Layer.Per == time.Hour && (l.Refused || l.Remaining != 98) {
+				t.Fatalf("change %d: the hour layer %+v, want 98 left and not refusing", i, l)
+			}
+		}
+	}
+	// A layer of a new period starts full.
+	r := lim.Allow("k", []Layer{{Limit: 100, Per: time.Minute, Burst: 100}, narrow}, 1, t0)
+	if r.Allowed || r.Layers[0].Remaining != 100 || r.Layers[0].Refused {
 		t.Fatalf("a new period: %+v", r)
 	}
 }
@@ -187,5 +200,23 @@ func TestMaxPer(t *testing.T) {
 	}
 	if err := (Layer{Limit: 1, Per: MaxPer, Burst: 1}).Check(); err != nil {
 		t.Error(err)
+	}
+}
+
+// TestNarrowedLimitCountsRequests: a layer's use carries over a change of
+// its limit in requests, not in time: 2 of a burst of 2 used at 10 a day
+// are still 2 used at 5 a day.
+func TestNarrowedLimitCountsRequests(t *testing.T) {
+	lim := New()
+	wide := []Layer{{Limit: 10, Per: 24 * time.Hour, Burst: 2}}
+	for range 2 {
+		if !lim.Allow("k", wide, 1, t0).Allowed {
+			t.Fatal("refused within the limit")
+		}
+	}
+	for _, n := range []int{9, 5, 2, 1} {
+		if r := lim.Allow("k", []Layer{{Limit: n, Per: 24 * time.Hour, Burst: 2}}, 1, t0); r.Allowed || r.Layers[0].Remaining != 0 {
+			t.Fatalf("narrowed to %d a day: %+v", n, r)
+		}
 	}
 }

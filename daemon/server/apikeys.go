@@ -311,7 +311,9 @@ func (s *Server) RevokeAPIKeys(ctx context.Context, r *keywardv1.RevokeAPIKeysRe
 	}
 	n, err := s.cfg.APIKeys.RevokeWhere(apikeys.Filter{Owner: r.GetOwner(), Tag: r.GetTag(), Environment: r.GetEnvironment(),
 		Owners: s.owners(ctx, op)}, r.GetDryRun())
-	callFrom(ctx).items = n
+	c := callFrom(ctx)
+	c.items = n
+	c.detail = fmt.Sprintf("owner %q, tag %q, environment %q, dry run %v", r.GetOwner(), r.GetTag(), r.GetEnvironment(), r.GetDryRun())
 	if err != nil {
 		return nil, err
 	}

@@ -186,6 +186,7 @@ type call struct {
 	batch   []audit.Item
 	apiKey  string // an API key's ID (never its secret)
 	result  string // VerifyAPIKey's verdict
+	detail  string // what a successful call did, when key and items do not say
 }
 
 // outcome names how a call or item ended, for the audit log.
@@ -249,6 +250,8 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	rec.Outcome, rec.Code = outcome(st)
 	if st != nil {
 		rec.Detail = st.Message()
+	} else {
+		rec.Detail = c.detail
 	}
 	// The record is written even if the caller gave up: what was done must
 	// be on record whether or not anyone waits for the answer.

@@ -96,37 +96,43 @@ func Open(path string, o Options) (*Store, error) {
 	if _, err := os.Stat(filepath.Dir(path)); err != nil {
 		return nil, fmt.Errorf("store: data directory: %w", err)
 	}
-	s, err := openFile(path, o)
-	if err != nil {
-		return nil, err
+	// The check reads every page through a read-only map of the file, made
+	// before keywardd's own: those pages must not stay in keywardd's
+	// resident set, nor in the page cache, where the kernel maps up to 16
+	// cached neighbours of every page a lookup touches ("fault-around"),
+	// so a 1 GB store would soon be 1 GB resident for a few thousand keys
+	// in use. Its clean cached pages are dropped after it; bbolt maps the
+	// file MADV_RANDOM (no read-ahead), so keywardd's map holds the pages
+	// its calls use. The check's shared lock waits for, and keeps out, any
+	// writer, as keywardd's exclusive one then does.
+	if _, err := os.Stat(path); err == nil {
+		ro, err := openFile(path, o, true)
+		if err != nil {
+			return nil, err
+		}
+		err = ro.Check()
+		ro.Close()
+		if err != nil {
+			return nil, err
+		}
+		if f, err := os.Open(path); err == nil {
+			unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED) // advice: nothing to do if refused
+			f.Close()
+		}
 	}
-	if err := s.Check(); err != nil {
-		s.Close()
+	s, err := openFile(path, o, false)
+	if err != nil {
 		return nil, err
 	}
 	if err := s.migrate(); err != nil {
 		s.Close()
 		return nil, err
 	}
-	// The check read every page through bbolt's memory map. Those pages
-	// would stay in keywardd's resident set, and in the page cache, where
-	// the kernel maps up to 16 cached neighbours of every page a lookup
-	// touches ("fault-around"): a 1 GB store would soon be 1 GB resident
-	// for a few thousand keys in use. Mapping the file afresh and dropping
-	// its clean cached pages leaves only the pages the calls use (bbolt
-	// maps the file MADV_RANDOM: no read-ahead).
-	if err := s.Close(); err != nil {
-		return nil, err
-	}
-	if f, err := os.Open(path); err == nil {
-		unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED) // advice: nothing to do if refused
-		f.Close()
-	}
-	return openFile(path, o)
+	return s, nil
 }
 
-func openFile(path string, o Options) (*Store, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: o.LockTimeout})
+func openFile(path string, o Options, readOnly bool) (*Store, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: o.LockTimeout, ReadOnly: readOnly})
 	if errors.Is(err, bolterrors.ErrTimeout) {
 		return nil, fmt.Errorf("store: %s is in use by another process (is another keywardd running on this data directory?)", path)
 	}
