@@ -55,6 +55,15 @@ type result struct {
 	stdout, stderr string
 }
 
+// ok fails the test unless the command exited 0.
+func ok(t *testing.T, r result) result {
+	t.Helper()
+	if r.code != 0 {
+		t.Fatalf("exit %d: %s", r.code, r.stderr)
+	}
+	return r
+}
+
 func keyward(t *testing.T, sock, stdin string, args ...string) result {
 	t.Helper()
 	var out, errb bytes.Buffer
@@ -66,15 +75,8 @@ func TestCLI(t *testing.T) {
 	tok, cfg, stop := daemonFor(t, "      - operations: [\"*\"]\n        keys: [\"*\"]")
 	sock := cfg.Socket.Path
 	dir := t.TempDir()
-	ok := func(r result) result {
-		t.Helper()
-		if r.code != 0 {
-			t.Fatalf("exit %d: %s", r.code, r.stderr)
-		}
-		return r
-	}
-	ok(keyward(t, sock, "", "key", "create", "-name", "orders", "-purpose", "encrypt", "-label", "team=shop"))
-	r := ok(keyward(t, sock, "", "-output", "json", "key", "get", "-name", "orders"))
+	ok(t, keyward(t, sock, "", "key", "create", "-name", "orders", "-purpose", "encrypt", "-label", "team=shop"))
+	r := ok(t, keyward(t, sock, "", "-output", "json", "key", "get", "-name", "orders"))
 	var k struct {
 		Name, Purpose, State string
 		LatestVersion        int
@@ -83,7 +85,7 @@ func TestCLI(t *testing.T) {
 	if err := json.Unmarshal([]byte(r.stdout), &k); err != nil || k.Name != "orders" || k.Purpose != "KEY_PURPOSE_ENCRYPT" || k.LatestVersion != 1 || k.Labels["team"] != "shop" {
 		t.Fatalf("key get -output json: %s (%v)", r.stdout, err)
 	}
-	r = ok(keyward(t, sock, "", "key", "list"))
+	r = ok(t, keyward(t, sock, "", "key", "list"))
 	found := false
 	for _, line := range strings.Split(r.stdout, "\n") {
 		if f := strings.Fields(line); len(f) > 5 && f[0] == "orders" {
@@ -95,11 +97,11 @@ func TestCLI(t *testing.T) {
 	}
 
 	// Data through stdin and files, never argv.
-	ok(keyward(t, sock, "the order book", "encrypt", "-key", "orders", "-context", "shop=1", "-out", filepath.Join(dir, "ct")))
+	ok(t, keyward(t, sock, "the order book", "encrypt", "-key", "orders", "-context", "shop=1", "-out", filepath.Join(dir, "ct")))
 	if fi, _ := os.Stat(filepath.Join(dir, "ct")); fi.Mode().Perm() != 0o600 {
 		t.Fatalf("output mode %04o", fi.Mode().Perm())
 	}
-	r = ok(keyward(t, sock, "", "decrypt", "-context", "shop=1", "-in", filepath.Join(dir, "ct")))
+	r = ok(t, keyward(t, sock, "", "decrypt", "-context", "shop=1", "-in", filepath.Join(dir, "ct")))
 	if r.stdout != "the order book" {
 		t.Fatalf("decrypt: %q", r.stdout)
 	}
@@ -108,7 +110,7 @@ func TestCLI(t *testing.T) {
 	if r.code != exitInvalid || !strings.Contains(r.stderr, "the ciphertext or the encryption context does not match") {
 		t.Fatalf("wrong context: %+v", r)
 	}
-	r = ok(keyward(t, sock, "", "datakey", "-key", "orders", "-context", "shop=1"))
+	r = ok(t, keyward(t, sock, "", "datakey", "-key", "orders", "-context", "shop=1"))
 	var dk struct {
 		Plaintext string `json:"plaintext"`
 		Wrapped   string `json:"wrapped_key"`
@@ -116,25 +118,25 @@ func TestCLI(t *testing.T) {
 	json.Unmarshal([]byte(r.stdout), &dk)
 	wrapped, _ := base64.StdEncoding.DecodeString(dk.Wrapped)
 	pt, _ := base64.StdEncoding.DecodeString(dk.Plaintext)
-	r = ok(keyward(t, sock, string(wrapped), "decrypt", "-context", "shop=1"))
+	r = ok(t, keyward(t, sock, string(wrapped), "decrypt", "-context", "shop=1"))
 	if len(pt) != 32 || r.stdout != string(pt) {
 		t.Fatal("the data key does not decrypt to its plaintext")
 	}
-	r = ok(keyward(t, sock, "", "datakey", "-key", "orders", "-without-plaintext"))
+	r = ok(t, keyward(t, sock, "", "datakey", "-key", "orders", "-without-plaintext"))
 	if strings.Contains(r.stdout, "plaintext") || !strings.Contains(r.stdout, "wrapped_key") {
 		t.Fatalf("datakey -without-plaintext: %s", r.stdout)
 	}
-	ok(keyward(t, sock, "", "datakey", "-key", "orders", "-plaintext-out", filepath.Join(dir, "dk"), "-wrapped-out", filepath.Join(dir, "dk.kw")))
+	ok(t, keyward(t, sock, "", "datakey", "-key", "orders", "-plaintext-out", filepath.Join(dir, "dk"), "-wrapped-out", filepath.Join(dir, "dk.kw")))
 	if b, _ := os.ReadFile(filepath.Join(dir, "dk")); len(b) != 32 {
 		t.Fatalf("plaintext-out holds %d bytes", len(b))
 	}
-	ok(keyward(t, sock, "", "key", "rotate", "-name", "orders"))
-	r = ok(keyward(t, sock, string(ct), "reencrypt", "-context", "shop=1"))
-	r2 := ok(keyward(t, sock, r.stdout, "decrypt", "-context", "shop=1"))
+	ok(t, keyward(t, sock, "", "key", "rotate", "-name", "orders"))
+	r = ok(t, keyward(t, sock, string(ct), "reencrypt", "-context", "shop=1"))
+	r2 := ok(t, keyward(t, sock, r.stdout, "decrypt", "-context", "shop=1"))
 	if r2.stdout != "the order book" {
 		t.Fatal("reencrypted data does not decrypt")
 	}
-	r = ok(keyward(t, sock, "", "status"))
+	r = ok(t, keyward(t, sock, "", "status"))
 	if !strings.Contains(r.stdout, "healthy") || !strings.Contains(r.stdout, tok.Label) {
 		t.Fatalf("status:\n%s", r.stdout)
 	}
@@ -166,7 +168,7 @@ func TestCLI(t *testing.T) {
 	// The audit log verifies, with the HSM, once the daemon is stopped.
 	stop()
 	logPath := filepath.Join(cfg.DataDir, "audit.log")
-	r = ok(keyward(t, "", "", "audit", "verify", logPath, "-module", tok.Module, "-token", tok.Label, "-pin-file", tok.PINFile))
+	r = ok(t, keyward(t, "", "", "audit", "verify", logPath, "-module", tok.Module, "-token", tok.Label, "-pin-file", tok.PINFile))
 	if !strings.Contains(r.stdout, "every record is covered by a checked MAC") {
 		t.Fatalf("audit verify: %s", r.stdout)
 	}
@@ -195,29 +197,22 @@ func TestCLIDenied(t *testing.T) {
 func TestCLITokens(t *testing.T) {
 	_, cfg, _ := daemonFor(t, "      - operations: [\"TokenService.*\", \"KeyService.*\"]\n        keys: [\"*\"]\n    tokens:\n      audiences: [orders]\n      claims: [tenant]")
 	sock := cfg.Socket.Path
-	ok := func(r result) result {
-		t.Helper()
-		if r.code != 0 {
-			t.Fatalf("exit %d: %s", r.code, r.stderr)
-		}
-		return r
-	}
-	ok(keyward(t, sock, "", "key", "create", "-name", "jwt", "-purpose", "sign", "-algorithm", "ed25519"))
-	tok := strings.TrimSpace(ok(keyward(t, sock, "", "token", "mint", "-key", "jwt", "-audience", "orders", "-claim", "tenant=42")).stdout)
+	ok(t, keyward(t, sock, "", "key", "create", "-name", "jwt", "-purpose", "sign", "-algorithm", "ed25519"))
+	tok := strings.TrimSpace(ok(t, keyward(t, sock, "", "token", "mint", "-key", "jwt", "-audience", "orders", "-claim", "tenant=42")).stdout)
 	if strings.Count(tok, ".") != 2 {
 		t.Fatalf("minted %q", tok)
 	}
-	r := ok(keyward(t, sock, tok, "token", "verify", "-audience", "orders"))
+	r := ok(t, keyward(t, sock, tok, "token", "verify", "-audience", "orders"))
 	if !strings.Contains(r.stdout, "valid: sub uid:") {
 		t.Fatalf("verify: %s", r.stdout)
 	}
 	if r := keyward(t, sock, tok, "token", "verify", "-audience", "billing"); r.code != exitError || !strings.Contains(r.stderr, "wrong audience") {
 		t.Fatalf("verify for another audience: %+v", r)
 	}
-	if r := ok(keyward(t, sock, "", "token", "jwks")); !strings.Contains(r.stdout, `"alg":"EdDSA"`) {
+	if r := ok(t, keyward(t, sock, "", "token", "jwks")); !strings.Contains(r.stdout, `"alg":"EdDSA"`) {
 		t.Fatalf("jwks: %s", r.stdout)
 	}
-	ok(keyward(t, sock, tok, "token", "revoke"))
+	ok(t, keyward(t, sock, tok, "token", "revoke"))
 	if r := keyward(t, sock, tok, "token", "verify", "-audience", "orders"); r.code != exitError || !strings.Contains(r.stderr, "revoked") {
 		t.Fatalf("verify after revoke: %+v", r)
 	}
@@ -225,16 +220,16 @@ func TestCLITokens(t *testing.T) {
 		TokenID string `json:"tokenId"`
 		Token   string `json:"token"`
 	}
-	json.Unmarshal([]byte(ok(keyward(t, sock, "", "-output", "json", "token", "mint", "-key", "jwt", "-audience", "orders", "-ttl", "1m")).stdout), &minted)
-	ok(keyward(t, sock, "", "token", "revoke", "-id", minted.TokenID))
+	json.Unmarshal([]byte(ok(t, keyward(t, sock, "", "-output", "json", "token", "mint", "-key", "jwt", "-audience", "orders", "-ttl", "1m")).stdout), &minted)
+	ok(t, keyward(t, sock, "", "token", "revoke", "-id", minted.TokenID))
 	if r := keyward(t, sock, minted.Token, "token", "verify", "-audience", "orders"); r.code != exitError || !strings.Contains(r.stderr, "revoked") {
 		t.Fatalf("verify after revoke by ID: %+v", r)
 	}
 	if r := keyward(t, sock, "", "token", "mint", "-key", "jwt", "-audience", "admin"); r.code != exitDenied {
 		t.Fatalf("mint beyond the grant: %+v", r)
 	}
-	ok(keyward(t, sock, "", "signing-key", "rotate", "-name", "jwt"))
-	if r := ok(keyward(t, sock, "", "signing-key", "list")); !strings.Contains(r.stdout, "v1  active") || !strings.Contains(r.stdout, "v2  pending") {
+	ok(t, keyward(t, sock, "", "signing-key", "rotate", "-name", "jwt"))
+	if r := ok(t, keyward(t, sock, "", "signing-key", "list")); !strings.Contains(r.stdout, "v1  active") || !strings.Contains(r.stdout, "v2  pending") {
 		t.Fatalf("signing-key list:\n%s", r.stdout)
 	}
 }

@@ -61,21 +61,34 @@ func startDaemon(t testing.TB, bin, config, sock string) *exec.Cmd {
 	return nil
 }
 
+// daemonFiles is a keywardd set-up for the binary on a fresh token: a
+// policy granting this uid everything, a data directory and a
+// configuration, in a temporary directory.
+type daemonFiles struct {
+	tok             *softhsmtest.Token
+	dir, sock, data string
+	config          string
+}
+
+func newDaemonFiles(t testing.TB) daemonFiles {
+	t.Helper()
+	f := daemonFiles{tok: softhsmtest.New(t), dir: t.TempDir()}
+	os.Chmod(f.dir, 0o750)
+	f.sock, f.data, f.config = filepath.Join(f.dir, "run", "k.sock"), filepath.Join(f.dir, "data"), filepath.Join(f.dir, "keywardd.yaml")
+	policy := filepath.Join(f.dir, "policy.yaml")
+	os.WriteFile(policy, []byte(fmt.Sprintf("version: 1\nroles:\n  all:\n    permissions:\n      - operations: [\"*\"]\n        keys: [\"*\"]\nbindings:\n  - role: all\n    callers:\n      - uid: %d\n", os.Getuid())), 0o600)
+	os.WriteFile(f.config, []byte(fmt.Sprintf("socket:\n  path: %s\ndata_dir: %s\npolicy_file: %s\nhsm:\n  module: %s\n  token: %s\n  pin_file: %s\n",
+		f.sock, f.data, policy, f.tok.Module, f.tok.Label, f.tok.PINFile)), 0o600)
+	return f
+}
+
 // TestKill9: keywardd is killed with SIGKILL in the middle of concurrent
 // GenerateDataKey calls. After a restart every data key it acknowledged
 // still decrypts, the store checks clean and the audit chain verifies.
 func TestKill9(t *testing.T) {
 	bin := buildDaemon(t)
-	tok := softhsmtest.New(t)
-	dir := t.TempDir()
-	os.Chmod(dir, 0o750)
-	sock := filepath.Join(dir, "run", "k.sock")
-	data := filepath.Join(dir, "data")
-	policy := filepath.Join(dir, "policy.yaml")
-	os.WriteFile(policy, []byte(fmt.Sprintf("version: 1\nroles:\n  all:\n    permissions:\n      - operations: [\"*\"]\n        keys: [\"*\"]\nbindings:\n  - role: all\n    callers:\n      - uid: %d\n", os.Getuid())), 0o600)
-	config := filepath.Join(dir, "keywardd.yaml")
-	os.WriteFile(config, []byte(fmt.Sprintf("socket:\n  path: %s\ndata_dir: %s\npolicy_file: %s\nhsm:\n  module: %s\n  token: %s\n  pin_file: %s\n",
-		sock, data, policy, tok.Module, tok.Label, tok.PINFile)), 0o600)
+	files := newDaemonFiles(t)
+	tok, sock, data, config := files.tok, files.sock, files.data, files.config
 
 	cmd := startDaemon(t, bin, config, sock)
 	c, err := client.Dial(sock)
@@ -153,15 +166,8 @@ func TestKill9(t *testing.T) {
 // acknowledged before it holds after it, and the store checks clean.
 func TestKill9APIKeys(t *testing.T) {
 	bin := buildDaemon(t)
-	tok := softhsmtest.New(t)
-	dir := t.TempDir()
-	os.Chmod(dir, 0o750)
-	sock := filepath.Join(dir, "run", "k.sock")
-	policy := filepath.Join(dir, "policy.yaml")
-	os.WriteFile(policy, []byte(fmt.Sprintf("version: 1\nroles:\n  all:\n    permissions:\n      - operations: [\"*\"]\n        keys: [\"*\"]\nbindings:\n  - role: all\n    callers:\n      - uid: %d\n", os.Getuid())), 0o600)
-	config := filepath.Join(dir, "keywardd.yaml")
-	os.WriteFile(config, []byte(fmt.Sprintf("socket:\n  path: %s\ndata_dir: %s\npolicy_file: %s\nhsm:\n  module: %s\n  token: %s\n  pin_file: %s\n",
-		sock, filepath.Join(dir, "data"), policy, tok.Module, tok.Label, tok.PINFile)), 0o600)
+	files := newDaemonFiles(t)
+	sock, config := files.sock, files.config
 
 	cmd := startDaemon(t, bin, config, sock)
 	c, err := client.Dial(sock)
@@ -258,7 +264,7 @@ func TestKill9APIKeys(t *testing.T) {
 		if err := second.Wait(); err != nil {
 			t.Errorf("keywardd after SIGTERM: %v", err)
 		}
-		st, err := store.Open(filepath.Join(dir, "data", "keyward.db"), store.Options{})
+		st, err := store.Open(filepath.Join(files.data, "keyward.db"), store.Options{})
 		if err != nil {
 			t.Fatalf("the store after the kill: %v", err)
 		}

@@ -19,7 +19,6 @@ import (
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
-	softhsmtest "github.com/keyward/keyward/softhsm-test"
 	"github.com/keyward/keyward/softhsm-test/benchload"
 )
 
@@ -116,16 +115,9 @@ func BenchmarkAPIKeyScale(b *testing.B) {
 // of their secrets spread over the whole set.
 func scaleSetup(b *testing.B, bin string, n, active int) (sock, config string, sample []string) {
 	b.Helper()
-	tok := softhsmtest.New(b)
-	dir := b.TempDir()
-	os.Chmod(dir, 0o750)
-	sock = filepath.Join(dir, "run", "k.sock")
-	data := filepath.Join(dir, "data")
-	policy := filepath.Join(dir, "policy.yaml")
-	os.WriteFile(policy, []byte(fmt.Sprintf("version: 1\nroles:\n  all:\n    permissions:\n      - operations: [\"*\"]\n        keys: [\"*\"]\nbindings:\n  - role: all\n    callers:\n      - uid: %d\n", os.Getuid())), 0o600)
-	config = filepath.Join(dir, "keywardd.yaml")
-	os.WriteFile(config, []byte(fmt.Sprintf("socket:\n  path: %s\ndata_dir: %s\npolicy_file: %s\nhsm:\n  module: %s\n  token: %s\n  pin_file: %s\n",
-		sock, data, policy, tok.Module, tok.Label, tok.PINFile)), 0o600)
+	files := newDaemonFiles(b)
+	tok, data := files.tok, files.data
+	sock, config = files.sock, files.config
 	// A first start makes keywardd's own keys, the pepper among them.
 	cmd := startDaemon(b, bin, config, sock)
 	cmd.Process.Signal(syscall.SIGTERM)
