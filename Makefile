@@ -66,13 +66,14 @@ lint:
 	$(GO) tool staticcheck $(PKGS)
 	@bash -n softhsm-test/create-token .ci/run
 	cd daemon/api/v1 && $(GO) tool buf lint
+	cd plugins/proto/v1 && $(GO) tool buf lint
 
 ## generate: regenerate generated code; generate-check fails if it was stale
 generate:
 	$(GO) generate $(PKGS)
 
 generate-check: generate
-	@if [ -n "$$(git status --porcelain -- daemon/api/v1)" ]; then git status --short -- daemon/api/v1; echo "generated files are stale: run make generate and commit" >&2; exit 1; fi
+	@if [ -n "$$(git status --porcelain -- daemon/api/v1 plugins/proto)" ]; then git status --short -- daemon/api/v1 plugins/proto; echo "generated files are stale: run make generate and commit" >&2; exit 1; fi
 
 clean:
 	rm -rf bin $(RUN_DIR)

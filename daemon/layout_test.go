@@ -78,6 +78,9 @@ var rules = []rule{
 			return under(p, module+"/daemon") && !under(p, module+"/daemon/server") && !under(p, module+"/daemon/api")
 		},
 		func(imp string) bool { return under(imp, "google.golang.org/grpc") || under(imp, module+"/daemon/api") }},
+	{"the plugin SDK and protocol depend on the protocol alone",
+		func(p string) bool { return under(p, module+"/plugins/sdk") || under(p, module+"/plugins/proto") },
+		func(imp string) bool { return under(imp, module) && !under(imp, module+"/plugins/proto") }},
 }
 
 func violations(pkgs []pkg) []string {
@@ -114,6 +117,7 @@ func TestRulesBite(t *testing.T) {
 		{module + "/plugins/host", []string{"github.com/ThalesGroup/crypto11"}},
 		{module + "/daemon", []string{module + "/cmd/keyward"}},
 		{module + "/daemon/apikeys", []string{"google.golang.org/grpc/status"}},
+		{module + "/plugins/sdk", []string{module + "/plugins/host"}},
 	} {
 		if v := violations([]pkg{p}); len(v) != 1 {
 			t.Errorf("%s importing %v: %d violations, want 1: %v", p.ImportPath, p.Imports, len(v), v)
@@ -124,6 +128,7 @@ func TestRulesBite(t *testing.T) {
 		{module + "/softhsm-test", []string{"github.com/miekg/pkcs11", module + "/hsm"}},
 		{module + "/daemon/server", []string{"google.golang.org/grpc", module + "/daemon/api/v1"}},
 		{module + "/daemon/devmode", []string{module + "/softhsm-test"}},
+		{module + "/plugins/sdk", []string{module + "/plugins/proto/v1", "github.com/hashicorp/go-plugin"}},
 	} {
 		if v := violations([]pkg{p}); len(v) != 0 {
 			t.Errorf("%s importing %v is allowed, but: %v", p.ImportPath, p.Imports, v)

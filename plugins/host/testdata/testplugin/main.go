@@ -1,0 +1,95 @@
+// Command testplugin is a keyward plugin for the host's tests: a rotator and
+// a revoker that record what they are asked in TESTPLUGIN_RECORD, and
+// misbehave as TESTPLUGIN_MODE says.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+
+	pluginv1 "github.com/keyward/keyward/plugins/proto/v1"
+	"github.com/keyward/keyward/plugins/sdk"
+)
+
+var mode = os.Getenv("TESTPLUGIN_MODE")
+
+type impl struct {
+	mu   sync.Mutex
+	done map[string]string // operation ID -> handle
+}
+
+func record(format string, a ...any) {
+	f, err := os.OpenFile(os.Getenv("TESTPLUGIN_RECORD"), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o600)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	fmt.Fprintf(f, format+"\n", a...)
+}
+
+func (p *impl) Create(ctx context.Context, r sdk.CreateRequest) (sdk.CreateResult, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if h, ok := p.done[r.OperationID]; ok {
+		return sdk.CreateResult{Handle: h}, nil
+	}
+	if mode == "crash" {
+		os.Exit(3)
+	}
+	sdk.Logger().Info("creating", "credential", r.Credential.Name, "secret", r.Secret, "password", string(r.Secret.Reveal()))
+	h := fmt.Sprintf("%s-%d", r.Credential.Name, len(p.done)+1)
+	p.done[r.OperationID] = h
+	record("create %s %s %d", r.OperationID, h, len(r.Secret.Reveal()))
+	if mode == "leak" {
+		return sdk.CreateResult{}, fmt.Errorf("the system refused password %s", r.Secret.Reveal())
+	}
+	return sdk.CreateResult{Handle: h}, nil
+}
+
+func (p *impl) Test(ctx context.Context, r sdk.TestRequest) error {
+	if mode == "hang" {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	record("test %s %s", r.OperationID, r.Handle)
+	return nil
+}
+
+func (p *impl) Activate(ctx context.Context, r sdk.ActivateRequest) error {
+	record("activate %s %s", r.OperationID, r.Handle)
+	return nil
+}
+
+func (p *impl) Retire(ctx context.Context, r sdk.RetireRequest) error {
+	if r.Handle == "permanent" {
+		return fmt.Errorf("no such handle: %w", sdk.ErrPermanent)
+	}
+	record("retire %s %s", r.OperationID, r.Handle)
+	return nil
+}
+
+func (p *impl) Revoke(ctx context.Context, op string, e sdk.Event) error {
+	record("revoke %s %v %s", op, e.Kind, e.ID)
+	return nil
+}
+
+func main() {
+	if mode == "stdout" {
+		fmt.Println("hello from a careless plugin, password hunter2")
+	}
+	var env []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		env = append(env, k)
+	}
+	record("env %s", strings.Join(env, ","))
+	name := os.Getenv("TESTPLUGIN_NAME")
+	if name == "" {
+		name = "test"
+	}
+	p := &impl{done: map[string]string{}}
+	sdk.Serve(sdk.Plugin{Name: name, Version: "0.0.1", Rotator: p, Revoker: p, Events: []pluginv1.EventKind{pluginv1.EventKind_EVENT_KIND_API_KEY_REVOKED}})
+}
