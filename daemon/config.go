@@ -23,6 +23,7 @@ import (
 	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/daemon/socket"
 	"github.com/keyward/keyward/hsm"
+	"github.com/keyward/keyward/plugins/host"
 )
 
 // Config is keywardd's configuration file (docs/operations.md). The HSM PIN
@@ -62,6 +63,8 @@ type Config struct {
 			BaseURL string `yaml:"base_url"` // how verifiers reach it; default from the address
 		} `yaml:"http"`
 	} `yaml:"tokens"`
+	// Plugins are started at start and supervised (docs/plugins.md).
+	Plugins []PluginConfig `yaml:"plugins"`
 	APIKeys struct {
 		Prefix     string        `yaml:"prefix"`      // starts every key; default "kw"
 		NearLimit  float64       `yaml:"near_limit"`  // fraction of a burst that sets near_limit; default 0.8
@@ -70,6 +73,15 @@ type Config struct {
 		// without any gets; an empty list means none.
 		DefaultLimits map[string][]ratelimit.Layer `yaml:"default_limits"`
 	} `yaml:"api_keys"`
+}
+
+// PluginConfig is one plugin.
+type PluginConfig struct {
+	Name        string            `yaml:"name"`         // what the plugin calls itself
+	Path        string            `yaml:"path"`         // its executable, absolute
+	SHA256      string            `yaml:"sha256"`       // the executable's SHA-256 (sha256sum PATH)
+	Env         map[string]string `yaml:"env"`          // its whole environment
+	CallTimeout time.Duration     `yaml:"call_timeout"` // default 30s
 }
 
 // LoadConfig reads a configuration file strictly: unknown fields are errors
@@ -134,6 +146,22 @@ func (c *Config) check() error {
 	}
 	if _, err := c.apiKeyOptions(); err != nil {
 		errs = append(errs, err)
+	}
+	seen := map[string]bool{}
+	for i, p := range c.Plugins {
+		if seen[p.Name] {
+			errs = append(errs, fmt.Errorf("plugins[%d]: a second plugin named %q", i, p.Name))
+		}
+		seen[p.Name] = true
+		if _, ok := p.Env[c.HSM.PINEnv]; ok && c.HSM.PINEnv != "" {
+			errs = append(errs, fmt.Errorf("plugins[%d] (%s): env names %s, the HSM PIN's variable: a plugin never gets the PIN", i, p.Name, c.HSM.PINEnv))
+		}
+		if p.CallTimeout < 0 {
+			errs = append(errs, fmt.Errorf("plugins[%d] (%s): call_timeout must not be negative", i, p.Name))
+		}
+		if err := host.CheckConfig(host.Config{Name: p.Name, Path: p.Path, SHA256: p.SHA256, Env: p.Env}); err != nil {
+			errs = append(errs, fmt.Errorf("plugins[%d]: %v", i, err))
+		}
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("config: %w", errors.Join(errs...))

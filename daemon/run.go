@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/keyward/keyward/daemon/apikeys"
@@ -22,6 +23,7 @@ import (
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/daemon/tokens"
 	"github.com/keyward/keyward/hsm"
+	"github.com/keyward/keyward/plugins/host"
 )
 
 // AuditKey is the HMAC key in the HSM that MACs the audit log's checkpoints.
@@ -157,10 +159,17 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		})
 	}()
 	closers = append(closers, func() error { stopFlush(); <-flushed; return nil })
+	plugins := startPlugins(cfg.Plugins, log)
+	closers = append(closers, func() error {
+		for _, p := range plugins {
+			p.Close()
+		}
+		return nil
+	})
 	srv, gs := server.New(server.Config{
 		HSM: h, Store: st, Keys: km, Envelope: envelope.New(km, h), Audit: al, Policy: pol,
 		MaxBatch: cfg.MaxBatch, Version: o.Version, HealthEvery: o.HealthEvery,
-		Tokens: tc, Revoked: revoked, APIKeys: akm,
+		Tokens: tc, Revoked: revoked, APIKeys: akm, Plugins: func() []server.PluginState { return pluginStates(plugins) },
 	})
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
@@ -225,6 +234,36 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		gs.Stop()
 	}
 	return nil
+}
+
+// startPlugins starts the configured plugins. One that fails to start is
+// logged and keeps being retried with backoff; keywardd serves regardless,
+// and GetStatus says where each plugin is.
+func startPlugins(cfgs []PluginConfig, log *slog.Logger) []*host.Plugin {
+	var out []*host.Plugin
+	for _, c := range cfgs {
+		p, err := host.Start(host.Config{Name: c.Name, Path: c.Path, SHA256: c.SHA256, Env: c.Env, CallTimeout: c.CallTimeout, Log: log})
+		if err != nil {
+			log.Error("a plugin did not start; it is retried with backoff", "plugin", c.Name, "error", err.Error())
+		}
+		if p != nil {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func pluginStates(ps []*host.Plugin) []server.PluginState {
+	out := make([]server.PluginState, 0, len(ps))
+	for _, p := range ps {
+		st := p.Status()
+		s := server.PluginState{Name: st.Name, Version: st.Version, State: string(st.State), PID: st.PID, Launches: st.Launches, LastError: st.LastError, Since: st.Since}
+		for _, c := range st.Capabilities {
+			s.Capabilities = append(s.Capabilities, strings.ToLower(strings.TrimPrefix(c.String(), "CAPABILITY_")))
+		}
+		out = append(out, s)
+	}
+	return out
 }
 
 // ensureKeys creates the keys that must exist.

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"os/exec"
@@ -284,4 +286,57 @@ func TestKill9APIKeys(t *testing.T) {
 			t.Errorf("%s after SIGKILL: %v, want %v", name, got, want.code)
 		}
 	}
+}
+
+// TestKill9LeavesNoPlugin: keywardd runs the file plugin (the real binary);
+// GetStatus shows it running; keywardd killed with SIGKILL leaves no plugin
+// process behind.
+func TestKill9LeavesNoPlugin(t *testing.T) {
+	bin := buildDaemon(t)
+	files := newDaemonFiles(t)
+	pluginDir := filepath.Join(files.dir, "plugins")
+	os.Mkdir(pluginDir, 0o755)
+	pluginBin := filepath.Join(pluginDir, "keyward-plugin-file")
+	if out, err := exec.Command("go", "build", "-o", pluginBin, "../keyward-plugin-file").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	b, _ := os.ReadFile(pluginBin)
+	sum := sha256.Sum256(b)
+	f, _ := os.OpenFile(files.config, os.O_APPEND|os.O_WRONLY, 0)
+	fmt.Fprintf(f, "plugins:\n  - name: file\n    path: %s\n    sha256: %s\n", pluginBin, hex.EncodeToString(sum[:]))
+	f.Close()
+
+	cmd := startDaemon(t, bin, files.config, files.sock)
+	c, err := client.Dial(files.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var pid int
+	for range 100 {
+		st, err := c.Status.GetStatus(context.Background(), &keywardv1.GetStatusRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Plugins) == 1 && st.Plugins[0].State == "running" {
+			if p := st.Plugins[0]; p.Name != "file" || p.Pid == 0 || p.Launches != 1 || len(p.Capabilities) != 1 || p.Capabilities[0] != "rotator" {
+				t.Fatalf("plugin status %v", p)
+			}
+			pid = int(st.Plugins[0].Pid)
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if pid == 0 || syscall.Kill(pid, 0) != nil {
+		t.Fatalf("the plugin is not running (pid %d)", pid)
+	}
+	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Wait()
+	for range 100 {
+		if syscall.Kill(pid, 0) != nil {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("plugin %d outlived keywardd killed with SIGKILL", pid)
 }

@@ -82,6 +82,17 @@ type Config struct {
 	Revoked *tokens.Revoked
 	// APIKeys serves the APIKeyService.
 	APIKeys *apikeys.Manager
+	// Plugins, if set, reports the plugins' states for GetStatus.
+	Plugins func() []PluginState
+}
+
+// PluginState is a plugin's state as GetStatus reports it.
+type PluginState struct {
+	Name, Version, State string
+	PID, Launches        int
+	LastError            string
+	Capabilities         []string
+	Since                time.Time
 }
 
 // Server serves keyward.v1.

@@ -45,6 +45,12 @@ func (s *Server) GetStatus(ctx context.Context, _ *keywardv1.GetStatusRequest) (
 			out.Keys.PendingDeletion++
 		}
 	}
+	if s.cfg.Plugins != nil {
+		for _, p := range s.cfg.Plugins() {
+			out.Plugins = append(out.Plugins, &keywardv1.PluginStatus{Name: p.Name, Version: p.Version, State: p.State, Pid: uint32(p.PID),
+				Launches: uint32(p.Launches), LastError: p.LastError, Capabilities: p.Capabilities, Since: timestamppb.New(p.Since)})
+		}
+	}
 	return out, nil
 }
 

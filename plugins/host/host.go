@@ -73,6 +73,10 @@ var (
 	envName  = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 )
 
+// CheckConfig says whether c can be a plugin's configuration, without
+// looking at its file (that is checked at every launch).
+func CheckConfig(c Config) error { return c.check() }
+
 func (c *Config) check() error {
 	switch {
 	case !nameForm.MatchString(c.Name):

@@ -146,8 +146,10 @@ type GetStatusResponse struct {
 	// away): its records since are chained but not yet MACed. Empty when all
 	// is well.
 	AuditCheckpointError string `protobuf:"bytes,6,opt,name=audit_checkpoint_error,json=auditCheckpointError,proto3" json:"audit_checkpoint_error,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// Each configured plugin.
+	Plugins       []*PluginStatus `protobuf:"bytes,7,rep,name=plugins,proto3" json:"plugins,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetStatusResponse) Reset() {
@@ -220,6 +222,13 @@ func (x *GetStatusResponse) GetAuditCheckpointError() string {
 		return x.AuditCheckpointError
 	}
 	return ""
+}
+
+func (x *GetStatusResponse) GetPlugins() []*PluginStatus {
+	if x != nil {
+		return x.Plugins
+	}
+	return nil
 }
 
 // HSMStatus describes the token in use.
@@ -431,6 +440,115 @@ func (x *KeyCounts) GetPendingDeletion() uint32 {
 	return 0
 }
 
+// PluginStatus is a plugin's state (docs/plugins.md).
+type PluginStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// What the plugin said of itself when it last started.
+	Version string `protobuf:"bytes,2,opt,name=version,proto3" json:"version,omitempty"`
+	// starting, running, restarting (it exited or was refused; another
+	// launch is due) or stopped.
+	State string `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	// The process, while running.
+	Pid uint32 `protobuf:"varint,4,opt,name=pid,proto3" json:"pid,omitempty"`
+	// How many times it was started.
+	Launches uint32 `protobuf:"varint,5,opt,name=launches,proto3" json:"launches,omitempty"`
+	// Why it last stopped or was refused; empty if never.
+	LastError string `protobuf:"bytes,6,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	// rotator, revoker.
+	Capabilities []string `protobuf:"bytes,7,rep,name=capabilities,proto3" json:"capabilities,omitempty"`
+	// Since when it is in this state.
+	Since         *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=since,proto3" json:"since,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PluginStatus) Reset() {
+	*x = PluginStatus{}
+	mi := &file_status_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PluginStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PluginStatus) ProtoMessage() {}
+
+func (x *PluginStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_status_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PluginStatus.ProtoReflect.Descriptor instead.
+func (*PluginStatus) Descriptor() ([]byte, []int) {
+	return file_status_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *PluginStatus) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *PluginStatus) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *PluginStatus) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *PluginStatus) GetPid() uint32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *PluginStatus) GetLaunches() uint32 {
+	if x != nil {
+		return x.Launches
+	}
+	return 0
+}
+
+func (x *PluginStatus) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *PluginStatus) GetCapabilities() []string {
+	if x != nil {
+		return x.Capabilities
+	}
+	return nil
+}
+
+func (x *PluginStatus) GetSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Since
+	}
+	return nil
+}
+
 var File_status_proto protoreflect.FileDescriptor
 
 const file_status_proto_rawDesc = "" +
@@ -439,7 +557,7 @@ const file_status_proto_rawDesc = "" +
 	"keyward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n" +
 	"\vPingRequest\"\x0e\n" +
 	"\fPingResponse\"\x12\n" +
-	"\x10GetStatusRequest\"\xa1\x02\n" +
+	"\x10GetStatusRequest\"\xd5\x02\n" +
 	"\x11GetStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
@@ -447,7 +565,8 @@ const file_status_proto_rawDesc = "" +
 	"\x03hsm\x18\x03 \x01(\v2\x15.keyward.v1.HSMStatusR\x03hsm\x12-\n" +
 	"\x05store\x18\x04 \x01(\v2\x17.keyward.v1.StoreStatusR\x05store\x12)\n" +
 	"\x04keys\x18\x05 \x01(\v2\x15.keyward.v1.KeyCountsR\x04keys\x124\n" +
-	"\x16audit_checkpoint_error\x18\x06 \x01(\tR\x14auditCheckpointError\"\xb9\x01\n" +
+	"\x16audit_checkpoint_error\x18\x06 \x01(\tR\x14auditCheckpointError\x122\n" +
+	"\aplugins\x18\a \x03(\v2\x18.keyward.v1.PluginStatusR\aplugins\"\xb9\x01\n" +
 	"\tHSMStatus\x12\x1f\n" +
 	"\vtoken_label\x18\x01 \x01(\tR\n" +
 	"tokenLabel\x12!\n" +
@@ -463,7 +582,17 @@ const file_status_proto_rawDesc = "" +
 	"\x05total\x18\x01 \x01(\rR\x05total\x12\x18\n" +
 	"\aenabled\x18\x02 \x01(\rR\aenabled\x12\x1a\n" +
 	"\bdisabled\x18\x03 \x01(\rR\bdisabled\x12)\n" +
-	"\x10pending_deletion\x18\x04 \x01(\rR\x0fpendingDeletion2\x94\x01\n" +
+	"\x10pending_deletion\x18\x04 \x01(\rR\x0fpendingDeletion\"\xf5\x01\n" +
+	"\fPluginStatus\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\tR\aversion\x12\x14\n" +
+	"\x05state\x18\x03 \x01(\tR\x05state\x12\x10\n" +
+	"\x03pid\x18\x04 \x01(\rR\x03pid\x12\x1a\n" +
+	"\blaunches\x18\x05 \x01(\rR\blaunches\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\x06 \x01(\tR\tlastError\x12\"\n" +
+	"\fcapabilities\x18\a \x03(\tR\fcapabilities\x120\n" +
+	"\x05since\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x05since2\x94\x01\n" +
 	"\rStatusService\x12H\n" +
 	"\tGetStatus\x12\x1c.keyward.v1.GetStatusRequest\x1a\x1d.keyward.v1.GetStatusResponse\x129\n" +
 	"\x04Ping\x12\x17.keyward.v1.PingRequest\x1a\x18.keyward.v1.PingResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
@@ -480,7 +609,7 @@ func file_status_proto_rawDescGZIP() []byte {
 	return file_status_proto_rawDescData
 }
 
-var file_status_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_status_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_status_proto_goTypes = []any{
 	(*PingRequest)(nil),           // 0: keyward.v1.PingRequest
 	(*PingResponse)(nil),          // 1: keyward.v1.PingResponse
@@ -489,22 +618,25 @@ var file_status_proto_goTypes = []any{
 	(*HSMStatus)(nil),             // 4: keyward.v1.HSMStatus
 	(*StoreStatus)(nil),           // 5: keyward.v1.StoreStatus
 	(*KeyCounts)(nil),             // 6: keyward.v1.KeyCounts
-	(*timestamppb.Timestamp)(nil), // 7: google.protobuf.Timestamp
+	(*PluginStatus)(nil),          // 7: keyward.v1.PluginStatus
+	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
 }
 var file_status_proto_depIdxs = []int32{
-	7, // 0: keyward.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
+	8, // 0: keyward.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
 	4, // 1: keyward.v1.GetStatusResponse.hsm:type_name -> keyward.v1.HSMStatus
 	5, // 2: keyward.v1.GetStatusResponse.store:type_name -> keyward.v1.StoreStatus
 	6, // 3: keyward.v1.GetStatusResponse.keys:type_name -> keyward.v1.KeyCounts
-	2, // 4: keyward.v1.StatusService.GetStatus:input_type -> keyward.v1.GetStatusRequest
-	0, // 5: keyward.v1.StatusService.Ping:input_type -> keyward.v1.PingRequest
-	3, // 6: keyward.v1.StatusService.GetStatus:output_type -> keyward.v1.GetStatusResponse
-	1, // 7: keyward.v1.StatusService.Ping:output_type -> keyward.v1.PingResponse
-	6, // [6:8] is the sub-list for method output_type
-	4, // [4:6] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	7, // 4: keyward.v1.GetStatusResponse.plugins:type_name -> keyward.v1.PluginStatus
+	8, // 5: keyward.v1.PluginStatus.since:type_name -> google.protobuf.Timestamp
+	2, // 6: keyward.v1.StatusService.GetStatus:input_type -> keyward.v1.GetStatusRequest
+	0, // 7: keyward.v1.StatusService.Ping:input_type -> keyward.v1.PingRequest
+	3, // 8: keyward.v1.StatusService.GetStatus:output_type -> keyward.v1.GetStatusResponse
+	1, // 9: keyward.v1.StatusService.Ping:output_type -> keyward.v1.PingResponse
+	8, // [8:10] is the sub-list for method output_type
+	6, // [6:8] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_status_proto_init() }
@@ -518,7 +650,7 @@ func file_status_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_status_proto_rawDesc), len(file_status_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   7,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
