@@ -192,5 +192,13 @@ func statusCommand(e *env, args []string) error {
 	if msg := r.GetAuditCheckpointError(); msg != "" {
 		fmt.Fprintf(e.stdout, "audit: checkpoints are not being MACed: %s\n", msg)
 	}
+	for _, p := range r.GetPlugins() {
+		fmt.Fprintf(e.stdout, "plugin %s %s: %s since %s (pid %d, started %d times; %s)", p.GetName(), p.GetVersion(), p.GetState(),
+			p.GetSince().AsTime().Format(time.RFC3339), p.GetPid(), p.GetLaunches(), strings.Join(p.GetCapabilities(), ", "))
+		if p.GetLastError() != "" {
+			fmt.Fprintf(e.stdout, "; last: %s", p.GetLastError())
+		}
+		fmt.Fprintln(e.stdout)
+	}
 	return nil
 }
