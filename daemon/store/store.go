@@ -29,6 +29,7 @@ const (
 	BucketAPIKeyMACs    = "apikey_macs"    // hex HMAC of a secret -> the key's ID and secret number (schema 3)
 	BucketAPIKeyUsage   = "apikey_usage"   // ID/hour -> that hour's use of a key; ID/last -> last use (schema 3)
 	BucketAPIKeyHints   = "apikey_hints"   // a short keyed hash of every secret issued: refuses strangers without the HSM (schema 4)
+	BucketCredentials   = "credentials"    // managed credentials and their rotation state, by name (schema 5)
 )
 
 // LegacyAPIKeys is the key of BucketAPIKeyHints that marks a store whose
@@ -41,7 +42,7 @@ var ErrNotFound = errors.New("store: not found")
 const (
 	metaBucket    = "meta"
 	schemaKey     = "schema_version"
-	SchemaVersion = 4
+	SchemaVersion = 5
 )
 
 // migrations[i] brings a store from schema version i to i+1.
@@ -71,6 +72,10 @@ var migrations = []func(tx *bolt.Tx) error{
 			return hints.Put([]byte(LegacyAPIKeys), []byte{1})
 		}
 		return nil
+	},
+	4: func(tx *bolt.Tx) error {
+		_, err := tx.CreateBucketIfNotExists([]byte(BucketCredentials))
+		return err
 	},
 }
 

@@ -123,7 +123,7 @@ func TestNewerSchemaRefused(t *testing.T) {
 		return tx.Bucket([]byte(metaBucket)).Put([]byte(schemaKey), []byte{0, 0, 0, 0, 0, 0, 0, 9})
 	})
 	s.Close()
-	if _, err := Open(path, Options{}); err == nil || !strings.Contains(err.Error(), "schema version 9, newer than this keywardd's 4") {
+	if _, err := Open(path, Options{}); err == nil || !strings.Contains(err.Error(), "schema version 9, newer than this keywardd's 5") {
 		t.Fatalf("newer schema: %v", err)
 	}
 }
@@ -192,7 +192,7 @@ func TestMigration(t *testing.T) {
 	if rec, err := s.Get(BucketKeys, "kek"); err != nil || string(rec) != `{"name":"kek"}` {
 		t.Fatalf("the schema-1 record: %q, %v", rec, err)
 	}
-	for _, b := range []string{BucketRevokedTokens, BucketAPIKeys, BucketAPIKeyMACs, BucketAPIKeyUsage, BucketAPIKeyHints} {
+	for _, b := range []string{BucketRevokedTokens, BucketAPIKeys, BucketAPIKeyMACs, BucketAPIKeyUsage, BucketAPIKeyHints, BucketCredentials} {
 		if err := s.Update(b, "x", func([]byte) ([]byte, error) { return []byte{1}, nil }); err != nil {
 			t.Fatalf("the new bucket %s: %v", b, err)
 		}

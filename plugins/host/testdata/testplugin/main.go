@@ -39,6 +39,16 @@ func (p *impl) Create(ctx context.Context, r sdk.CreateRequest) (sdk.CreateResul
 	if mode == "crash" {
 		os.Exit(3)
 	}
+	if marker := os.Getenv("TESTPLUGIN_RECORD") + ".crashed"; mode == "crash-once" {
+		if _, err := os.Stat(marker); err != nil {
+			os.WriteFile(marker, nil, 0o600)
+			record("crashed in %s", r.OperationID)
+			os.Exit(3)
+		}
+	}
+	if mode == "refuse" {
+		return sdk.CreateResult{}, fmt.Errorf("the system refuses new credentials for %s: %w", r.Credential.Name, sdk.ErrPermanent)
+	}
 	sdk.Logger().Info("creating", "credential", r.Credential.Name, "secret", r.Secret, "password", string(r.Secret.Reveal()))
 	h := fmt.Sprintf("%s-%d", r.Credential.Name, len(p.done)+1)
 	p.done[r.OperationID] = h

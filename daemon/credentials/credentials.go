@@ -1,0 +1,582 @@
+// Package credentials is keyward's managed credentials: secrets of external
+// systems (a database role's password, a webhook's key) that a plugin
+// rotates and keywardd hands to the applications the policy allows. Their
+// secrets are kept sealed (envelope encryption under a key in the HSM,
+// bound to the credential's name).
+//
+// A rotation is a persisted state machine, saved to the store before each
+// step it starts: a new secret is generated and sealed (pending), then the
+// plugin Creates the new credential beside the current one (created), Tests
+// it (tested), and Activates it; only then does it become current, and the
+// previous one is Retired after the overlap. A crash of keywardd or of the
+// plugin at any point resumes from the saved step with the same operation ID
+// and the same secret, so each step is retried, never repeated with other
+// data, and the current credential keeps working until a tested one
+// replaces it. A permanent failure before activation abandons the rotation
+// (the plugin is asked to retire what it created) and keeps the current one.
+//
+// Written here: no library runs rotation state machines over a plugin.
+package credentials
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"sync"
+	"time"
+
+	"github.com/keyward/keyward/daemon/store"
+)
+
+// Errors of the Manager.
+var (
+	ErrNotFound = errors.New("credentials: no such credential")
+	ErrExists   = errors.New("credentials: a credential of that name exists")
+	ErrInvalid  = errors.New("credentials: invalid argument")
+	ErrRevoked  = errors.New("credentials: the credential is revoked")
+	// ErrPermanent marks a plugin's failure that retrying will not mend.
+	ErrPermanent = errors.New("credentials: permanent failure")
+	// ErrNoSecret: the credential has no current secret yet (its first
+	// rotation has not finished).
+	ErrNoSecret = errors.New("credentials: no current secret yet")
+)
+
+// Credential is what a plugin is told about a credential.
+type Credential struct {
+	Name   string
+	Config json.RawMessage
+}
+
+// SecretSpec is what secrets a plugin takes.
+type SecretSpec struct {
+	Length          int
+	Alphabet        string
+	PluginGenerates bool
+}
+
+// Rotator is what the Manager needs of plugins, by plugin name. An error
+// wrapping ErrPermanent is not retried.
+type Rotator interface {
+	SecretSpec(plugin string) (SecretSpec, error)
+	CheckConfig(ctx context.Context, plugin string, c Credential) error
+	Create(ctx context.Context, plugin, op string, c Credential, secret []byte, current string) (handle string, generated []byte, err error)
+	Test(ctx context.Context, plugin, op string, c Credential, handle string, secret []byte) error
+	Activate(ctx context.Context, plugin, op string, c Credential, handle, previous string) error
+	Retire(ctx context.Context, plugin, op string, c Credential, handle string) error
+}
+
+// Sealer seals and opens secrets, bound to the credential's name.
+type Sealer interface {
+	Seal(ctx context.Context, name string, secret []byte) ([]byte, error)
+	Open(ctx context.Context, name string, sealed []byte) ([]byte, error)
+}
+
+// Store is what the Manager needs of the store.
+type Store interface {
+	Get(bucket, key string) ([]byte, error)
+	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
+	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
+}
+
+// State is whether a credential is in use.
+type State string
+
+const (
+	Active  State = "active"
+	Revoked State = "revoked"
+)
+
+// Step is how far a rotation got.
+type Step string
+
+const (
+	StepNew     Step = "new"     // secret made and sealed; Create not known to be done
+	StepCreated Step = "created" // Create done
+	StepTested  Step = "tested"  // Test done; Activate next
+)
+
+// Record is a credential as the store keeps it.
+type Record struct {
+	Name           string          `json:"name"`
+	Plugin         string          `json:"plugin"`
+	Config         json.RawMessage `json:"config"`
+	RotationPeriod time.Duration   `json:"rotation_period"`
+	Overlap        time.Duration   `json:"overlap"`
+	State          State           `json:"state"`
+	Created        time.Time       `json:"created"`
+	Current        *Version        `json:"current,omitempty"`
+	Previous       *Version        `json:"previous,omitempty"` // until its RetireAt
+	Pending        *Rotation       `json:"pending,omitempty"`
+	// Failures counts the failed attempts since the last success; the
+	// next is not before RetryAt.
+	Failures  int       `json:"failures,omitempty"`
+	RetryAt   time.Time `json:"retry_at,omitzero"`
+	LastError string    `json:"last_error,omitempty"`
+}
+
+// Version is a credential's secret as the plugin made it.
+type Version struct {
+	Handle    string    `json:"handle"`
+	Sealed    []byte    `json:"sealed,omitempty"`
+	Activated time.Time `json:"activated"`
+	RetireAt  time.Time `json:"retire_at,omitzero"`
+}
+
+// Rotation is a rotation under way.
+type Rotation struct {
+	OperationID string    `json:"operation_id"`
+	Step        Step      `json:"step"`
+	Handle      string    `json:"handle,omitempty"`
+	Sealed      []byte    `json:"sealed,omitempty"`
+	Started     time.Time `json:"started"`
+}
+
+// NextRotation is when the credential is due for its next rotation.
+func (r *Record) NextRotation() time.Time {
+	if r.Current == nil || r.RotationPeriod <= 0 {
+		return time.Time{}
+	}
+	return r.Current.Activated.Add(r.RotationPeriod)
+}
+
+// public is a copy without sealed secrets.
+func (r *Record) public() *Record {
+	out := *r
+	strip := func(v *Version) *Version {
+		if v == nil {
+			return nil
+		}
+		c := *v
+		c.Sealed = nil
+		return &c
+	}
+	out.Current, out.Previous = strip(r.Current), strip(r.Previous)
+	if r.Pending != nil {
+		p := *r.Pending
+		p.Sealed = nil
+		out.Pending = &p
+	}
+	return &out
+}
+
+// Spec is a credential to register.
+type Spec struct {
+	Name, Plugin   string
+	Config         json.RawMessage
+	RotationPeriod time.Duration // 0: only when asked
+	Overlap        time.Duration // how long the previous one keeps working
+}
+
+var nameForm = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,127}$`)
+
+// Bounds.
+const (
+	maxConfig  = 16 << 10
+	MaxOverlap = 30 * 24 * time.Hour
+	// MinPeriod is the shortest rotation period.
+	MinPeriod = time.Minute
+)
+
+// Manager keeps managed credentials and runs their rotations.
+type Manager struct {
+	store   Store
+	plugins Rotator
+	sealer  Sealer
+	now     func() time.Time
+
+	mu    sync.Mutex
+	locks map[string]*sync.Mutex // one rotation of a credential at a time
+}
+
+// New returns a Manager.
+func New(s Store, p Rotator, sl Sealer, now func() time.Time) *Manager {
+	if now == nil {
+		now = time.Now
+	}
+	return &Manager{store: s, plugins: p, sealer: sl, now: now, locks: map[string]*sync.Mutex{}}
+}
+
+func (m *Manager) lock(name string) func() {
+	m.mu.Lock()
+	l := m.locks[name]
+	if l == nil {
+		l = &sync.Mutex{}
+		m.locks[name] = l
+	}
+	m.mu.Unlock()
+	l.Lock()
+	return l.Unlock
+}
+
+func (m *Manager) load(name string) (*Record, error) {
+	if !nameForm.MatchString(name) {
+		return nil, fmt.Errorf("%w: a credential name is 1 to 128 of a-z 0-9 . _ -", ErrInvalid)
+	}
+	b, err := m.store.Get(store.BucketCredentials, name)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var r Record
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("credentials: the record of %q does not parse: %w", name, err)
+	}
+	return &r, nil
+}
+
+func (m *Manager) save(r *Record) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	return m.store.Update(store.BucketCredentials, r.Name, func([]byte) ([]byte, error) { return b, nil })
+}
+
+func cred(r *Record) Credential { return Credential{Name: r.Name, Config: r.Config} }
+
+// Register records a credential and runs its first rotation. If the
+// rotation fails for now, the credential stays registered and the rotation
+// is resumed later; the error says why.
+func (m *Manager) Register(ctx context.Context, s Spec) (*Record, error) {
+	switch {
+	case !nameForm.MatchString(s.Name):
+		return nil, fmt.Errorf("%w: a credential name is 1 to 128 of a-z 0-9 . _ -", ErrInvalid)
+	case s.Plugin == "":
+		return nil, fmt.Errorf("%w: name the plugin that rotates it", ErrInvalid)
+	case len(s.Config) > maxConfig || (len(s.Config) > 0 && !json.Valid(s.Config)):
+		return nil, fmt.Errorf("%w: the plugin configuration must be JSON of at most %d bytes", ErrInvalid, maxConfig)
+	case s.RotationPeriod != 0 && s.RotationPeriod < MinPeriod:
+		return nil, fmt.Errorf("%w: a rotation period of at least %v, or none", ErrInvalid, MinPeriod)
+	case s.Overlap < 0 || s.Overlap > MaxOverlap:
+		return nil, fmt.Errorf("%w: an overlap from 0 to %v", ErrInvalid, MaxOverlap)
+	case s.RotationPeriod != 0 && s.Overlap >= s.RotationPeriod:
+		return nil, fmt.Errorf("%w: the overlap must be shorter than the rotation period", ErrInvalid)
+	}
+	if len(s.Config) == 0 {
+		s.Config = json.RawMessage("{}")
+	}
+	r := &Record{Name: s.Name, Plugin: s.Plugin, Config: s.Config, RotationPeriod: s.RotationPeriod, Overlap: s.Overlap, State: Active, Created: m.now().UTC()}
+	if err := m.plugins.CheckConfig(ctx, s.Plugin, cred(r)); err != nil {
+		return nil, err
+	}
+	unlock := m.lock(s.Name)
+	defer unlock()
+	if _, err := m.load(s.Name); err == nil {
+		return nil, fmt.Errorf("%w: %q", ErrExists, s.Name)
+	} else if !errors.Is(err, ErrNotFound) {
+		return nil, err
+	}
+	if err := m.save(r); err != nil {
+		return nil, err
+	}
+	return m.rotateLocked(ctx, r)
+}
+
+// Rotate rotates a credential now: it starts a rotation, or resumes the one
+// under way, and runs it to its activation.
+func (m *Manager) Rotate(ctx context.Context, name string) (*Record, error) {
+	unlock := m.lock(name)
+	defer unlock()
+	r, err := m.load(name)
+	if err != nil {
+		return nil, err
+	}
+	return m.rotateLocked(ctx, r)
+}
+
+func (m *Manager) rotateLocked(ctx context.Context, r *Record) (*Record, error) {
+	if r.State == Revoked {
+		return nil, fmt.Errorf("%w: %q", ErrRevoked, r.Name)
+	}
+	if r.Pending == nil {
+		spec, err := m.plugins.SecretSpec(r.Plugin)
+		if err != nil {
+			return r.public(), err
+		}
+		p := &Rotation{OperationID: "rot-" + randomHex(12), Step: StepNew, Started: m.now().UTC()}
+		if !spec.PluginGenerates {
+			secret, err := generate(spec)
+			if err != nil {
+				return nil, err
+			}
+			if p.Sealed, err = m.sealer.Seal(ctx, r.Name, secret); err != nil {
+				return nil, err
+			}
+		}
+		r.Pending = p
+		if err := m.save(r); err != nil { // before the plugin hears of it
+			return nil, err
+		}
+	}
+	err := m.advance(ctx, r)
+	if err != nil {
+		m.failed(r, err)
+	}
+	if serr := m.save(r); serr != nil && err == nil {
+		err = serr
+	}
+	return r.public(), err
+}
+
+// advance runs the pending rotation's remaining steps, saving after each.
+func (m *Manager) advance(ctx context.Context, r *Record) error {
+	p := r.Pending
+	var secret []byte
+	if len(p.Sealed) > 0 {
+		var err error
+		if secret, err = m.sealer.Open(ctx, r.Name, p.Sealed); err != nil {
+			return err
+		}
+	}
+	current := ""
+	if r.Current != nil {
+		current = r.Current.Handle
+	}
+	for {
+		switch p.Step {
+		case StepNew:
+			handle, generated, err := m.plugins.Create(ctx, r.Plugin, p.OperationID, cred(r), secret, current)
+			if err != nil {
+				return fmt.Errorf("Create: %w", err)
+			}
+			if len(secret) == 0 {
+				if len(generated) == 0 {
+					return fmt.Errorf("Create: the plugin generates secrets but returned none: %w", ErrPermanent)
+				}
+				secret = generated
+				if p.Sealed, err = m.sealer.Seal(ctx, r.Name, secret); err != nil {
+					return err
+				}
+			}
+			p.Handle, p.Step = handle, StepCreated
+		case StepCreated:
+			if err := m.plugins.Test(ctx, r.Plugin, p.OperationID, cred(r), p.Handle, secret); err != nil {
+				return fmt.Errorf("Test: %w", err)
+			}
+			p.Step = StepTested
+		case StepTested:
+			if err := m.plugins.Activate(ctx, r.Plugin, p.OperationID, cred(r), p.Handle, current); err != nil {
+				return fmt.Errorf("Activate: %w", err)
+			}
+			now := m.now().UTC()
+			if r.Current != nil {
+				r.Previous = r.Current
+				r.Previous.RetireAt = now.Add(r.Overlap)
+			}
+			r.Current = &Version{Handle: p.Handle, Sealed: p.Sealed, Activated: now}
+			r.Pending, r.Failures, r.RetryAt, r.LastError = nil, 0, time.Time{}, ""
+			if err := m.save(r); err != nil {
+				return err
+			}
+			return m.retireDue(ctx, r)
+		}
+		if err := m.save(r); err != nil {
+			return err
+		}
+	}
+}
+
+// failed records a failure: retried later with backoff; a permanent one
+// before activation abandons the rotation (its new credential retired).
+func (m *Manager) failed(r *Record, err error) {
+	r.Failures++
+	r.LastError = err.Error()
+	r.RetryAt = m.now().Add(backoff(r.Failures))
+	if errors.Is(err, ErrPermanent) && r.Pending != nil {
+		if r.Pending.Handle != "" {
+			// Best effort: a leftover is the plugin's to clean another time.
+			m.plugins.Retire(context.Background(), r.Plugin, r.Pending.OperationID+"-abandon", cred(r), r.Pending.Handle)
+		}
+		r.Pending = nil
+	}
+}
+
+// backoff is the wait after n failures: 1 minute, doubling, at most 1 hour.
+func backoff(n int) time.Duration {
+	d := time.Minute
+	for i := 1; i < n && d < time.Hour; i++ {
+		d *= 2
+	}
+	return min(d, time.Hour)
+}
+
+// retireDue retires the previous credential once its overlap is over.
+func (m *Manager) retireDue(ctx context.Context, r *Record) error {
+	if r.Previous == nil || m.now().Before(r.Previous.RetireAt) {
+		return nil
+	}
+	if err := m.plugins.Retire(ctx, r.Plugin, "retire-"+r.Previous.Handle, cred(r), r.Previous.Handle); err != nil {
+		return fmt.Errorf("Retire: %w", err)
+	}
+	r.Previous = nil
+	return m.save(r)
+}
+
+// Get returns a credential and its current secret.
+func (m *Manager) Get(ctx context.Context, name string) (*Record, []byte, error) {
+	r, err := m.load(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	switch {
+	case r.State == Revoked:
+		return nil, nil, fmt.Errorf("%w: %q", ErrRevoked, name)
+	case r.Current == nil:
+		return r.public(), nil, fmt.Errorf("%w: %q (see its last error)", ErrNoSecret, name)
+	}
+	secret, err := m.sealer.Open(ctx, name, r.Current.Sealed)
+	if err != nil {
+		return nil, nil, err
+	}
+	return r.public(), secret, nil
+}
+
+// Describe returns a credential without its secrets.
+func (m *Manager) Describe(name string) (*Record, error) {
+	r, err := m.load(name)
+	if err != nil {
+		return nil, err
+	}
+	return r.public(), nil
+}
+
+// List returns every credential, without secrets, in name order.
+func (m *Manager) List() ([]*Record, error) {
+	var out []*Record
+	err := m.store.ForEach(store.BucketCredentials, "", func(name string, b []byte) error {
+		var r Record
+		if err := json.Unmarshal(b, &r); err != nil {
+			return fmt.Errorf("credentials: the record of %q does not parse: %w", name, err)
+		}
+		out = append(out, r.public())
+		return nil
+	})
+	return out, err
+}
+
+// Revoke retires every credential the plugin made for name (the pending,
+// the current and the previous) and forgets their secrets. It is done when
+// the plugin has retired them all; a failure leaves the credential revoked
+// in keyward and says what is left, and Revoke can be called again.
+func (m *Manager) Revoke(ctx context.Context, name string) (*Record, error) {
+	unlock := m.lock(name)
+	defer unlock()
+	r, err := m.load(name)
+	if err != nil {
+		return nil, err
+	}
+	r.State = Revoked
+	var errs []error
+	for _, v := range []**Version{&r.Previous, &r.Current} {
+		if *v == nil {
+			continue
+		}
+		if err := m.plugins.Retire(ctx, r.Plugin, "revoke-"+(*v).Handle, cred(r), (*v).Handle); err != nil && !errors.Is(err, ErrPermanent) {
+			errs = append(errs, fmt.Errorf("Retire %s: %w", (*v).Handle, err))
+			continue
+		}
+		*v = nil
+	}
+	if r.Pending != nil {
+		if h := r.Pending.Handle; h != "" {
+			if err := m.plugins.Retire(ctx, r.Plugin, "revoke-"+h, cred(r), h); err != nil && !errors.Is(err, ErrPermanent) {
+				errs = append(errs, fmt.Errorf("Retire %s: %w", h, err))
+			}
+		}
+		r.Pending = nil
+	}
+	if len(errs) > 0 {
+		r.LastError = errors.Join(errs...).Error()
+	}
+	if err := m.save(r); err != nil {
+		return nil, err
+	}
+	return r.public(), errors.Join(errs...)
+}
+
+// Maintain does what is due, for every credential: resumes rotations whose
+// retry time came, retires previous credentials past their overlap, starts
+// rotations whose period passed, and finishes revocations. It returns the
+// names it acted on and the errors it met.
+func (m *Manager) Maintain(ctx context.Context) (map[string]error, error) {
+	recs, err := m.List()
+	if err != nil {
+		return nil, err
+	}
+	done := map[string]error{}
+	now := m.now()
+	for _, pub := range recs {
+		if now.Before(pub.RetryAt) {
+			continue
+		}
+		switch {
+		case pub.State == Revoked && (pub.Current != nil || pub.Previous != nil):
+			_, done[pub.Name] = m.Revoke(ctx, pub.Name)
+		case pub.State == Revoked:
+		case pub.Pending != nil, pub.Current == nil, !pub.NextRotation().IsZero() && !now.Before(pub.NextRotation()):
+			_, done[pub.Name] = m.Rotate(ctx, pub.Name)
+		case pub.Previous != nil && !now.Before(pub.Previous.RetireAt):
+			done[pub.Name] = m.retire(ctx, pub.Name)
+		}
+	}
+	return done, nil
+}
+
+func (m *Manager) retire(ctx context.Context, name string) error {
+	unlock := m.lock(name)
+	defer unlock()
+	r, err := m.load(name)
+	if err != nil {
+		return err
+	}
+	if err := m.retireDue(ctx, r); err != nil {
+		m.failed(r, err)
+		m.save(r)
+		return err
+	}
+	return nil
+}
+
+const defaultAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+// generate makes a secret of spec's length and alphabet (uniform: bytes
+// past the largest multiple of the alphabet's size are drawn again).
+func generate(spec SecretSpec) ([]byte, error) {
+	n, alphabet := spec.Length, spec.Alphabet
+	if n == 0 {
+		n = 32
+	}
+	if alphabet == "" {
+		alphabet = defaultAlphabet
+	}
+	if n < 16 || n > 1024 || len(alphabet) < 2 || len(alphabet) > 256 {
+		return nil, fmt.Errorf("%w: the plugin asks for secrets of %d characters of %d: keywardd makes 16 to 1024 of 2 to 256", ErrPermanent, n, len(alphabet))
+	}
+	out := make([]byte, n)
+	limit := 256 - 256%len(alphabet)
+	buf := make([]byte, 64)
+	for i := 0; i < n; {
+		if _, err := rand.Read(buf); err != nil {
+			return nil, err
+		}
+		for _, b := range buf {
+			if int(b) < limit && i < n {
+				out[i] = alphabet[int(b)%len(alphabet)]
+				i++
+			}
+		}
+	}
+	return out, nil
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}

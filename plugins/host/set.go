@@ -1,0 +1,121 @@
+package host
+
+import (
+	"context"
+	"fmt"
+	"slices"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/keyward/keyward/daemon/credentials"
+	pluginv1 "github.com/keyward/keyward/plugins/proto/v1"
+)
+
+// Set is keywardd's plugins by name. It is what the credentials manager
+// rotates through.
+type Set map[string]*Plugin
+
+var _ credentials.Rotator = Set(nil)
+
+// rotator returns the named plugin if it rotates.
+func (s Set) rotator(name string) (*Plugin, error) {
+	p := s[name]
+	if p == nil {
+		return nil, fmt.Errorf("%w: no plugin %q is configured", credentials.ErrPermanent, name)
+	}
+	if d := p.Describe(); d != nil && !slices.Contains(d.GetCapabilities(), pluginv1.Capability_CAPABILITY_ROTATOR) {
+		return nil, fmt.Errorf("%w: plugin %q does not rotate credentials", credentials.ErrPermanent, name)
+	}
+	return p, nil
+}
+
+// permanent marks the statuses retrying will not mend.
+func permanent(err error) error {
+	if c := status.Code(err); c == codes.FailedPrecondition || c == codes.InvalidArgument || c == codes.Unimplemented {
+		return fmt.Errorf("%w: %w", credentials.ErrPermanent, err)
+	}
+	return err
+}
+
+func toCred(c credentials.Credential) *pluginv1.Credential {
+	return &pluginv1.Credential{Name: c.Name, Config: c.Config}
+}
+
+// SecretSpec is what secrets the plugin takes.
+func (s Set) SecretSpec(plugin string) (credentials.SecretSpec, error) {
+	p, err := s.rotator(plugin)
+	if err != nil {
+		return credentials.SecretSpec{}, err
+	}
+	d := p.Describe()
+	if d == nil {
+		return credentials.SecretSpec{}, fmt.Errorf("%w: %s has not started yet", ErrUnavailable, plugin)
+	}
+	sp := d.GetSecret()
+	return credentials.SecretSpec{Length: int(sp.GetLength()), Alphabet: sp.GetAlphabet(), PluginGenerates: sp.GetPluginGenerates()}, nil
+}
+
+// CheckConfig asks the plugin whether a configuration is good.
+func (s Set) CheckConfig(ctx context.Context, plugin string, c credentials.Credential) error {
+	p, err := s.rotator(plugin)
+	if err != nil {
+		return err
+	}
+	return permanent(p.Call(ctx, func(ctx context.Context, api *pluginv1.Clients) error {
+		_, err := api.Plugin.CheckConfig(ctx, &pluginv1.CheckConfigRequest{Credential: toCred(c)})
+		return err
+	}))
+}
+
+func (s Set) Create(ctx context.Context, plugin, op string, c credentials.Credential, secret []byte, current string) (string, []byte, error) {
+	p, err := s.rotator(plugin)
+	if err != nil {
+		return "", nil, err
+	}
+	var r *pluginv1.CreateResponse
+	err = p.Call(ctx, func(ctx context.Context, api *pluginv1.Clients) error {
+		r, err = api.Rotator.Create(ctx, &pluginv1.CreateRequest{OperationId: op, Credential: toCred(c), Secret: secret, CurrentHandle: current})
+		return err
+	})
+	if err != nil {
+		return "", nil, permanent(err)
+	}
+	if r.GetHandle() == "" {
+		return "", nil, fmt.Errorf("%w: plugin %s returned no handle", credentials.ErrPermanent, plugin)
+	}
+	return r.GetHandle(), r.GetSecret(), nil
+}
+
+func (s Set) Test(ctx context.Context, plugin, op string, c credentials.Credential, handle string, secret []byte) error {
+	p, err := s.rotator(plugin)
+	if err != nil {
+		return err
+	}
+	return permanent(p.Call(ctx, func(ctx context.Context, api *pluginv1.Clients) error {
+		_, err := api.Rotator.Test(ctx, &pluginv1.TestRequest{OperationId: op, Credential: toCred(c), Handle: handle, Secret: secret})
+		return err
+	}))
+}
+
+func (s Set) Activate(ctx context.Context, plugin, op string, c credentials.Credential, handle, previous string) error {
+	p, err := s.rotator(plugin)
+	if err != nil {
+		return err
+	}
+	return permanent(p.Call(ctx, func(ctx context.Context, api *pluginv1.Clients) error {
+		_, err := api.Rotator.Activate(ctx, &pluginv1.ActivateRequest{OperationId: op, Credential: toCred(c), Handle: handle, PreviousHandle: previous})
+		return err
+	}))
+}
+
+func (s Set) Retire(ctx context.Context, plugin, op string, c credentials.Credential, handle string) error {
+	p, err := s.rotator(plugin)
+	if err != nil {
+		return err
+	}
+	return permanent(p.Call(ctx, func(ctx context.Context, api *pluginv1.Clients) error {
+		_, err := api.Rotator.Retire(ctx, &pluginv1.RetireRequest{OperationId: op, Credential: toCred(c), Handle: handle})
+		return err
+	}))
+}
