@@ -343,11 +343,11 @@ func (m *Manager) advance(ctx context.Context, r *Record) error {
 		case StepNew:
 			handle, generated, err := m.plugins.Create(ctx, r.Plugin, p.OperationID, cred(r), secret, current)
 			if err != nil {
-				return fmt.Errorf("Create: %w", err)
+				return fmt.Errorf("the plugin's Create: %w", err)
 			}
 			if len(secret) == 0 {
 				if len(generated) == 0 {
-					return fmt.Errorf("Create: the plugin generates secrets but returned none: %w", ErrPermanent)
+					return fmt.Errorf("the plugin's Create: it generates secrets but returned none: %w", ErrPermanent)
 				}
 				secret = generated
 				if p.Sealed, err = m.sealer.Seal(ctx, r.Name, secret); err != nil {
@@ -357,12 +357,12 @@ func (m *Manager) advance(ctx context.Context, r *Record) error {
 			p.Handle, p.Step = handle, StepCreated
 		case StepCreated:
 			if err := m.plugins.Test(ctx, r.Plugin, p.OperationID, cred(r), p.Handle, secret); err != nil {
-				return fmt.Errorf("Test: %w", err)
+				return fmt.Errorf("the plugin's Test: %w", err)
 			}
 			p.Step = StepTested
 		case StepTested:
 			if err := m.plugins.Activate(ctx, r.Plugin, p.OperationID, cred(r), p.Handle, current); err != nil {
-				return fmt.Errorf("Activate: %w", err)
+				return fmt.Errorf("the plugin's Activate: %w", err)
 			}
 			now := m.now().UTC()
 			if r.Current != nil {
@@ -412,7 +412,7 @@ func (m *Manager) retireDue(ctx context.Context, r *Record) error {
 		return nil
 	}
 	if err := m.plugins.Retire(ctx, r.Plugin, "retire-"+r.Previous.Handle, cred(r), r.Previous.Handle); err != nil {
-		return fmt.Errorf("Retire: %w", err)
+		return fmt.Errorf("the plugin's Retire: %w", err)
 	}
 	r.Previous = nil
 	return m.save(r)
@@ -478,7 +478,7 @@ func (m *Manager) Revoke(ctx context.Context, name string) (*Record, error) {
 			continue
 		}
 		if err := m.plugins.Retire(ctx, r.Plugin, "revoke-"+(*v).Handle, cred(r), (*v).Handle); err != nil && !errors.Is(err, ErrPermanent) {
-			errs = append(errs, fmt.Errorf("Retire %s: %w", (*v).Handle, err))
+			errs = append(errs, fmt.Errorf("retiring %s: %w", (*v).Handle, err))
 			continue
 		}
 		*v = nil
@@ -486,7 +486,7 @@ func (m *Manager) Revoke(ctx context.Context, name string) (*Record, error) {
 	if r.Pending != nil {
 		if h := r.Pending.Handle; h != "" {
 			if err := m.plugins.Retire(ctx, r.Plugin, "revoke-"+h, cred(r), h); err != nil && !errors.Is(err, ErrPermanent) {
-				errs = append(errs, fmt.Errorf("Retire %s: %w", h, err))
+				errs = append(errs, fmt.Errorf("retiring %s: %w", h, err))
 			}
 		}
 		r.Pending = nil
