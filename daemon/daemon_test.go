@@ -64,12 +64,21 @@ const allowAll = "      - operations: [\"*\"]\n        keys: [\"*\"]"
 
 func start(t testing.TB, policyYAML string) *instance {
 	t.Helper()
+	return startWith(t, policyYAML, nil)
+}
+
+// startWith is start with a change to the configuration first.
+func startWith(t testing.TB, policyYAML string, mod func(*daemon.Config)) *instance {
+	t.Helper()
 	tok := softhsmtest.New(t)
 	dir := t.TempDir()
 	os.Chmod(dir, 0o750)
 	cfg := &daemon.Config{DataDir: filepath.Join(dir, "data"), PolicyFile: filepath.Join(dir, "policy.yaml")}
 	cfg.Socket.Path = filepath.Join(dir, "run", "keyward.sock")
 	cfg.HSM.Module, cfg.HSM.Token, cfg.HSM.PINFile = tok.Module, tok.Label, tok.PINFile
+	if mod != nil {
+		mod(cfg)
+	}
 	if err := os.WriteFile(cfg.PolicyFile, []byte(policyYAML), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -231,9 +240,10 @@ func TestEndToEnd(t *testing.T) {
 	_, err = ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "nope"})
 	wantCode(t, err, codes.NotFound, `key not found: "nope"`)
 
-	// Status and health.
+	// Status and health: keywardd's own three keys (audit, API key pepper,
+	// credentials) and the app's.
 	stc, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
-	if err != nil || stc.Hsm.TokenLabel != in.tok.Label || !stc.Hsm.Healthy || stc.Keys.Total != 3 || stc.Keys.PendingDeletion != 1 || stc.Store.SchemaVersion != store.SchemaVersion {
+	if err != nil || stc.Hsm.TokenLabel != in.tok.Label || !stc.Hsm.Healthy || stc.Keys.Total != 4 || stc.Keys.PendingDeletion != 1 || stc.Store.SchemaVersion != store.SchemaVersion {
 		t.Fatalf("GetStatus = %v, %v", stc, err)
 	}
 	hc, err := healthpb.NewHealthClient(in.conn).Check(ctx, &healthpb.HealthCheckRequest{})

@@ -15,6 +15,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/policy"
@@ -32,6 +33,10 @@ var AuditKey = hsm.KeyID{Name: server.ReservedPrefix + "audit", Version: 1}
 // PepperKey is the HMAC key in the HSM under which the store keeps API
 // keys: lose it and every API key is lost with it.
 var PepperKey = hsm.KeyID{Name: server.ReservedPrefix + "apikeys", Version: 1}
+
+// CredentialsKey is the encryption key in the HSM that seals managed
+// credentials' secrets.
+var CredentialsKey = server.ReservedPrefix + "credentials"
 
 // DefaultFlushEvery is how often API key usage and quotas are written.
 const DefaultFlushEvery = 10 * time.Second
@@ -118,7 +123,8 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	// keywardd's own keys are adopted if the HSM has them and the store
 	// does not (a lost store): the audit key MACed the existing log, and
 	// the pepper is what API keys restored from a backup are kept under.
-	own := []keys.Spec{{Name: AuditKey.Name, Purpose: keys.MAC, Adopt: true}, {Name: PepperKey.Name, Purpose: keys.MAC, Adopt: true}}
+	own := []keys.Spec{{Name: AuditKey.Name, Purpose: keys.MAC, Adopt: true}, {Name: PepperKey.Name, Purpose: keys.MAC, Adopt: true},
+		{Name: CredentialsKey, Purpose: keys.Encrypt, Adopt: true}}
 	if err := ensureKeys(ctx, km, append(own, o.Keys...)); err != nil {
 		return err
 	}
@@ -166,8 +172,14 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		}
 		return nil
 	})
+	env := envelope.New(km, h)
+	set := host.Set{}
+	for _, p := range plugins {
+		set[p.Status().Name] = p
+	}
+	cm := credentials.New(st, set, credentials.EnvelopeSealer{Envelope: env, Key: CredentialsKey}, nil)
 	srv, gs := server.New(server.Config{
-		HSM: h, Store: st, Keys: km, Envelope: envelope.New(km, h), Audit: al, Policy: pol,
+		HSM: h, Store: st, Keys: km, Envelope: env, Audit: al, Policy: pol, Credentials: cm,
 		MaxBatch: cfg.MaxBatch, Version: o.Version, HealthEvery: o.HealthEvery,
 		Tokens: tc, Revoked: revoked, APIKeys: akm, Plugins: func() []server.PluginState { return pluginStates(plugins) },
 	})
@@ -175,6 +187,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	defer stopBG()
 	go srv.WatchHealth(bg)
 	go maintainKeys(bg, km, al, log)
+	go maintainCredentials(bg, cm, al, log)
 	go func() {
 		t := time.NewTicker(time.Hour)
 		defer t.Stop()
@@ -335,6 +348,39 @@ func maintainKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *slo
 				log.Error("deleting a key failed", "key", name, "error", err.Error())
 			} else if done {
 				log.Info("key deleted", "key", name)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// maintainCredentials does what is due for managed credentials every
+// minute: resumes pending rotations, retires previous versions after their
+// overlap, rotates those whose period passed, finishes revocations. Each is
+// audited with its outcome.
+func maintainCredentials(ctx context.Context, cm *credentials.Manager, al *audit.Log, log *slog.Logger) {
+	self, _ := os.Executable()
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		done, err := cm.Maintain(ctx)
+		if err != nil {
+			log.Error("listing managed credentials failed", "error", err.Error())
+		}
+		for name, err := range done {
+			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.MaintainCredential", Key: name, Outcome: "ok",
+				Caller: audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self},
+				Detail: "due: a pending rotation, a rotation period, an overlap's end or a revocation"}
+			if err != nil {
+				rec.Outcome, rec.Detail = "error", err.Error()
+				log.Error("managed credential maintenance failed; it is retried", "credential", name, "error", err.Error())
+			}
+			if aerr := al.Append(ctx, rec); aerr != nil {
+				log.Error("auditing credential maintenance failed", "credential", name, "error", aerr.Error())
 			}
 		}
 		select {

@@ -40,6 +40,9 @@ var (
 	ErrRevoked  = errors.New("credentials: the credential is revoked")
 	// ErrPermanent marks a plugin's failure that retrying will not mend.
 	ErrPermanent = errors.New("credentials: permanent failure")
+	// ErrUnavailable marks a plugin that cannot be reached now (starting,
+	// restarting, too slow): the step is retried.
+	ErrUnavailable = errors.New("credentials: plugin unavailable")
 	// ErrNoSecret: the credential has no current secret yet (its first
 	// rotation has not finished).
 	ErrNoSecret = errors.New("credentials: no current secret yet")

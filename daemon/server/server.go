@@ -25,6 +25,7 @@ import (
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/identity"
 	"github.com/keyward/keyward/daemon/keys"
@@ -36,7 +37,8 @@ import (
 
 // services are the keyward.v1 services keywardd serves.
 var services = []*grpc.ServiceDesc{&keywardv1.KeyService_ServiceDesc, &keywardv1.EnvelopeService_ServiceDesc,
-	&keywardv1.StatusService_ServiceDesc, &keywardv1.TokenService_ServiceDesc, &keywardv1.APIKeyService_ServiceDesc}
+	&keywardv1.StatusService_ServiceDesc, &keywardv1.TokenService_ServiceDesc, &keywardv1.APIKeyService_ServiceDesc,
+	&keywardv1.CredentialService_ServiceDesc}
 
 // Ops lists every operation name the policy may grant, "Service.Method".
 func Ops() []string {
@@ -82,6 +84,8 @@ type Config struct {
 	Revoked *tokens.Revoked
 	// APIKeys serves the APIKeyService.
 	APIKeys *apikeys.Manager
+	// Credentials serves the CredentialService; nil turns it off.
+	Credentials *credentials.Manager
 	// Plugins, if set, reports the plugins' states for GetStatus.
 	Plugins func() []PluginState
 }
@@ -116,6 +120,7 @@ type Server struct {
 	keywardv1.UnimplementedStatusServiceServer
 	keywardv1.UnimplementedTokenServiceServer
 	keywardv1.UnimplementedAPIKeyServiceServer
+	keywardv1.UnimplementedCredentialServiceServer
 }
 
 // New makes the server and the grpc.Server that serves it.
@@ -146,6 +151,7 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	keywardv1.RegisterStatusServiceServer(gs, s)
 	keywardv1.RegisterTokenServiceServer(gs, s)
 	keywardv1.RegisterAPIKeyServiceServer(gs, s)
+	keywardv1.RegisterCredentialServiceServer(gs, s)
 	healthpb.RegisterHealthServer(gs, s.health)
 	reflection.Register(gs)
 	return s, gs
@@ -222,6 +228,7 @@ var sensitive = map[string]bool{
 	"EnvelopeService.BatchGenerateDataKey": true, "EnvelopeService.BatchDecrypt": true,
 	"TokenService.MintToken":     true,
 	"APIKeyService.CreateAPIKey": true, "APIKeyService.RotateAPIKey": true,
+	"CredentialService.GetCredential": true,
 }
 
 // intercept identifies the caller, runs the handler, audits the call, and

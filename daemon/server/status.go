@@ -9,6 +9,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/identity"
 	"github.com/keyward/keyward/daemon/keys"
@@ -49,6 +50,13 @@ var codeOf = []struct {
 	{apikeys.ErrNotFound, codes.NotFound},
 	{apikeys.ErrInvalid, codes.InvalidArgument},
 	{apikeys.ErrWidens, codes.PermissionDenied},
+	{credentials.ErrNotFound, codes.NotFound},
+	{credentials.ErrExists, codes.AlreadyExists},
+	{credentials.ErrInvalid, codes.InvalidArgument},
+	{credentials.ErrRevoked, codes.FailedPrecondition},
+	{credentials.ErrNoSecret, codes.FailedPrecondition},
+	{credentials.ErrPermanent, codes.FailedPrecondition},
+	{credentials.ErrUnavailable, codes.Unavailable},
 	{tokens.ErrInvalid, codes.InvalidArgument},
 	{audit.ErrUnavailable, codes.Unavailable},
 	{hsm.ErrTokenUnavailable, codes.Unavailable},

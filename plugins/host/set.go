@@ -2,6 +2,7 @@ package host
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 
@@ -30,10 +31,16 @@ func (s Set) rotator(name string) (*Plugin, error) {
 	return p, nil
 }
 
-// permanent marks the statuses retrying will not mend.
+// permanent marks the statuses retrying will not mend, and a plugin that
+// cannot be reached now.
 func permanent(err error) error {
-	if c := status.Code(err); c == codes.FailedPrecondition || c == codes.InvalidArgument || c == codes.Unimplemented {
+	switch c := status.Code(err); {
+	case err == nil:
+		return nil
+	case c == codes.FailedPrecondition || c == codes.InvalidArgument || c == codes.Unimplemented:
 		return fmt.Errorf("%w: %w", credentials.ErrPermanent, err)
+	case errors.Is(err, ErrUnavailable) || c == codes.Unavailable || c == codes.DeadlineExceeded || errors.Is(err, context.DeadlineExceeded):
+		return fmt.Errorf("%w: %w", credentials.ErrUnavailable, err)
 	}
 	return err
 }
@@ -50,7 +57,7 @@ func (s Set) SecretSpec(plugin string) (credentials.SecretSpec, error) {
 	}
 	d := p.Describe()
 	if d == nil {
-		return credentials.SecretSpec{}, fmt.Errorf("%w: %s has not started yet", ErrUnavailable, plugin)
+		return credentials.SecretSpec{}, fmt.Errorf("%w: %s has not started yet", credentials.ErrUnavailable, plugin)
 	}
 	sp := d.GetSecret()
 	return credentials.SecretSpec{Length: int(sp.GetLength()), Alphabet: sp.GetAlphabet(), PluginGenerates: sp.GetPluginGenerates()}, nil
