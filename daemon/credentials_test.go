@@ -88,7 +88,10 @@ func TestCredentialsEndToEnd(t *testing.T) {
 			_, err := cc.RegisterCredential(ctx, &keywardv1.RegisterCredentialRequest{Name: "db-orders", Plugin: "file", Config: `{"path": "` + path + `"}`})
 			return err
 		}, codes.AlreadyExists, "db-orders"},
-		{func() error { _, err := cc.GetCredential(ctx, &keywardv1.GetCredentialRequest{Name: "nope"}); return err }, codes.NotFound, "nope"},
+		{func() error {
+			_, err := cc.GetCredential(ctx, &keywardv1.GetCredentialRequest{Name: "nope"})
+			return err
+		}, codes.NotFound, "nope"},
 	} {
 		wantCode(t, c.call(), c.code, c.msg)
 	}

@@ -20,12 +20,21 @@ import (
 // its socket and a way to stop it.
 func daemonFor(t *testing.T, rules string) (*softhsmtest.Token, *daemon.Config, func()) {
 	t.Helper()
+	return daemonForWith(t, rules, nil)
+}
+
+// daemonForWith is daemonFor with a change to the configuration first.
+func daemonForWith(t *testing.T, rules string, mod func(*daemon.Config)) (*softhsmtest.Token, *daemon.Config, func()) {
+	t.Helper()
 	tok := softhsmtest.New(t)
 	dir := t.TempDir()
 	os.Chmod(dir, 0o750)
 	cfg := &daemon.Config{DataDir: filepath.Join(dir, "data"), PolicyFile: filepath.Join(dir, "policy.yaml")}
 	cfg.Socket.Path = filepath.Join(dir, "run", "k.sock")
 	cfg.HSM.Module, cfg.HSM.Token, cfg.HSM.PINFile = tok.Module, tok.Label, tok.PINFile
+	if mod != nil {
+		mod(cfg)
+	}
 	policy := fmt.Sprintf("version: 1\nroles:\n  r:\n    permissions:\n%s\nbindings:\n  - role: r\n    callers:\n      - uid: %d\n", rules, os.Getuid())
 	os.WriteFile(cfg.PolicyFile, []byte(policy), 0o600)
 	ctx, cancel := context.WithCancel(context.Background())

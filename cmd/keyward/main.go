@@ -42,6 +42,10 @@ API keys:
   apikey update -id ID [-perm P]... [-limit L]... [-no-limits] [-allow-ip CIDR]... [-no-allowlist]
                 [-expires T | -no-expiry] [-disable | -enable]
   apikey usage -id ID [-window D]
+managed credentials (rotated by plugins):
+  credential register -name N -plugin P [-config JSON] [-rotation-period D] [-overlap D]
+  credential get -name N [-out FILE] | credential rotate -name N | credential revoke -name N
+  credential list
 short-lived tokens:
   token mint -key K -audience A... [-scope S]... [-claim k=v]... [-ttl 5m] [-subject S]
   token verify -audience A [-in FILE]      (the token on standard input)
@@ -141,6 +145,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		err = cryptCommand(e, cmd, rest)
 	case cmd == "token" && len(rest) > 0:
 		err = tokenCommand(e, rest[0], rest[1:])
+	case cmd == "credential" && len(rest) > 0:
+		err = credentialCommand(e, rest[0], rest[1:])
 	case cmd == "apikey" && len(rest) > 0:
 		err = apikeyCommand(e, rest[0], rest[1:])
 	case cmd == "signing-key" && len(rest) > 0:
