@@ -130,3 +130,58 @@ func TestCredentialsEndToEnd(t *testing.T) {
 		}
 	}
 }
+
+// TestRevocationFanOut: API key revocations, one and in bulk, reach a
+// plugin that subscribes to them (the test plugin, a real process), each
+// once and in order, through keywardd's outbox.
+func TestRevocationFanOut(t *testing.T) {
+	bin := conformance.Build(t, "github.com/keyward/keyward/plugins/host/testdata/testplugin")
+	b, _ := os.ReadFile(bin)
+	sum := sha256.Sum256(b)
+	rec := filepath.Join(t.TempDir(), "record")
+	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+		c.Plugins = []daemon.PluginConfig{{Name: "test", Path: bin, SHA256: hex.EncodeToString(sum[:]), Env: map[string]string{"TESTPLUGIN_RECORD": rec}}}
+	})
+	ctx := context.Background()
+	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	var ids []string
+	for _, owner := range []string{"team-a", "team-b", "team-b"} {
+		r, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: owner, Name: "n", Environment: "prod", Permissions: []string{"read-only"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, r.Key.Id)
+	}
+	if _, err := ac.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: ids[0]}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ac.RevokeAPIKeys(ctx, &keywardv1.RevokeAPIKeysRequest{Owner: "team-b"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := keywardv1.NewTokenServiceClient(in.conn).RevokeToken(ctx, &keywardv1.RevokeTokenRequest{TokenId: "jti-not-subscribed"}); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	waitFor(t, func() bool {
+		b, _ := os.ReadFile(rec)
+		got = nil
+		for line := range strings.Lines(string(b)) {
+			if strings.HasPrefix(line, "revoke ") {
+				got = append(got, line)
+			}
+		}
+		return len(got) >= 3
+	})
+	time.Sleep(300 * time.Millisecond) // nothing more may come
+	b, _ = os.ReadFile(rec)
+	if n := strings.Count(string(b), "revoke "); n != 3 || strings.Contains(string(b), "jti-not-subscribed") {
+		t.Fatalf("deliveries:\n%s", b)
+	}
+	if !strings.Contains(got[0], ids[0]+" team-a") || !strings.Contains(got[1]+got[2], ids[1]) || !strings.Contains(got[1]+got[2], ids[2]) {
+		t.Fatalf("deliveries out of order or wrong:\n%s", strings.Join(got, ""))
+	}
+	st, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	if err != nil || len(st.Plugins) != 1 || st.Plugins[0].EventsPending != 0 || st.Plugins[0].DeliveryError != "" {
+		t.Fatalf("status: %v, %v", st.GetPlugins(), err)
+	}
+}

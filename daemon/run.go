@@ -18,6 +18,7 @@ import (
 	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/policy"
 	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/daemon/socket"
@@ -178,16 +179,21 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		set[p.Status().Name] = p
 	}
 	cm := credentials.New(st, set, credentials.EnvelopeSealer{Envelope: env, Key: CredentialsKey}, nil)
+	ob, err := outbox.New(st, set, log, nil)
+	if err != nil {
+		return err
+	}
 	srv, gs := server.New(server.Config{
 		HSM: h, Store: st, Keys: km, Envelope: env, Audit: al, Policy: pol, Credentials: cm,
 		MaxBatch: cfg.MaxBatch, Version: o.Version, HealthEvery: o.HealthEvery,
-		Tokens: tc, Revoked: revoked, APIKeys: akm, Plugins: func() []server.PluginState { return pluginStates(plugins) },
+		Tokens: tc, Revoked: revoked, APIKeys: akm, Plugins: func() []server.PluginState { return pluginStates(plugins, ob.Status()) },
 	})
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	go srv.WatchHealth(bg)
 	go maintainKeys(bg, km, al, log)
 	go maintainCredentials(bg, cm, al, log)
+	go ob.Run(bg, time.Second)
 	go func() {
 		t := time.NewTicker(time.Hour)
 		defer t.Stop()
@@ -266,11 +272,13 @@ func startPlugins(cfgs []PluginConfig, log *slog.Logger) []*host.Plugin {
 	return out
 }
 
-func pluginStates(ps []*host.Plugin) []server.PluginState {
+func pluginStates(ps []*host.Plugin, deliveries map[string]outbox.Status) []server.PluginState {
 	out := make([]server.PluginState, 0, len(ps))
 	for _, p := range ps {
 		st := p.Status()
-		s := server.PluginState{Name: st.Name, Version: st.Version, State: string(st.State), PID: st.PID, Launches: st.Launches, LastError: st.LastError, Since: st.Since}
+		d := deliveries[st.Name]
+		s := server.PluginState{Name: st.Name, Version: st.Version, State: string(st.State), PID: st.PID, Launches: st.Launches, LastError: st.LastError, Since: st.Since,
+			EventsPending: d.Pending, DeliveryError: d.LastError}
 		for _, c := range st.Capabilities {
 			s.Capabilities = append(s.Capabilities, strings.ToLower(strings.TrimPrefix(c.String(), "CAPABILITY_")))
 		}

@@ -198,6 +198,9 @@ func statusCommand(e *env, args []string) error {
 		if p.GetLastError() != "" {
 			fmt.Fprintf(e.stdout, "; last: %s", p.GetLastError())
 		}
+		if n := p.GetEventsPending(); n > 0 || p.GetDeliveryError() != "" {
+			fmt.Fprintf(e.stdout, "; %d revocations waiting (%s)", n, p.GetDeliveryError())
+		}
 		fmt.Fprintln(e.stdout)
 	}
 	return nil

@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/ratelimit"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
@@ -54,6 +55,7 @@ type Store interface {
 	Get(bucket, key string) ([]byte, error)
 	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
 	UpdateEach(bucket string, keys []string, fn func(key string, old []byte) ([]byte, error)) error
+	UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec, event []byte, err error)) error
 	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
 	ForEachAfter(bucket, after string, fn func(key string, rec []byte) error) error
 }
@@ -736,13 +738,13 @@ func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
 
 // Revoke revokes a key at once.
 func (m *Manager) Revoke(id string) (*Record, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	rec, err := m.change(id, func(r *Record) error { r.State = StateRevoked; return nil })
-	if err != nil {
+	if _, err := m.load(id); err != nil {
 		return nil, err
 	}
-	return public(rec), nil
+	if _, err := m.revokeBatch([]string{id}); err != nil {
+		return nil, err
+	}
+	return m.Get(id)
 }
 
 // ErrWidens: a caller without admin rights asked for more than the key has.
@@ -918,17 +920,20 @@ func (m *Manager) revokeBatch(ids []string) (int, error) {
 	defer m.mu.Unlock()
 	m.forget(ids...)
 	n := 0
-	err := m.store.UpdateEach(store.BucketAPIKeys, ids, func(id string, old []byte) ([]byte, error) {
+	now := m.now().UTC()
+	err := m.store.UpdateEachEmit(store.BucketAPIKeys, ids, func(id string, old []byte) ([]byte, []byte, error) {
 		rec, err := decode(id, old)
 		if err != nil || rec.State == StateRevoked {
-			return old, nil // gone, unreadable or revoked: nothing to do
+			return old, nil, nil // gone, unreadable or revoked: nothing to do
 		}
 		if q := m.quotas[id]; q != nil {
 			rec.Quota = q
 		}
 		rec.State = StateRevoked
 		n++
-		return json.Marshal(rec)
+		b, err := json.Marshal(rec)
+		// The revocation and its event for the plugins, in one transaction.
+		return b, outbox.Encode(outbox.Event{Kind: outbox.APIKeyRevoked, ID: id, Subject: rec.Owner, Time: now}), err
 	})
 	if err != nil {
 		return 0, err

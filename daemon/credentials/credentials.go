@@ -29,6 +29,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/store"
 )
 
@@ -82,6 +83,7 @@ type Sealer interface {
 type Store interface {
 	Get(bucket, key string) ([]byte, error)
 	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
+	UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec, event []byte, err error)) error
 	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
 }
 
@@ -474,7 +476,19 @@ func (m *Manager) Revoke(ctx context.Context, name string) (*Record, error) {
 	if err != nil {
 		return nil, err
 	}
-	r.State = Revoked
+	if r.State != Revoked {
+		// Revoked in keyward first, with its event for the plugins in the
+		// same transaction; then the plugin retires what it made.
+		r.State = Revoked
+		b, err := json.Marshal(r)
+		if err != nil {
+			return nil, err
+		}
+		ev := outbox.Encode(outbox.Event{Kind: outbox.CredentialRevoked, ID: r.Name, Subject: r.Plugin, Time: m.now().UTC()})
+		if err := m.store.UpdateEachEmit(store.BucketCredentials, []string{r.Name}, func(string, []byte) ([]byte, []byte, error) { return b, ev, nil }); err != nil {
+			return nil, err
+		}
+	}
 	var errs []error
 	for _, v := range []**Version{&r.Previous, &r.Current} {
 		if *v == nil {

@@ -97,6 +97,8 @@ type PluginState struct {
 	LastError            string
 	Capabilities         []string
 	Since                time.Time
+	EventsPending        int    // revocations waiting for it
+	DeliveryError        string // why the last delivery failed
 }
 
 // Server serves keyward.v1.

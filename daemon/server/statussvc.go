@@ -48,7 +48,8 @@ func (s *Server) GetStatus(ctx context.Context, _ *keywardv1.GetStatusRequest) (
 	if s.cfg.Plugins != nil {
 		for _, p := range s.cfg.Plugins() {
 			out.Plugins = append(out.Plugins, &keywardv1.PluginStatus{Name: p.Name, Version: p.Version, State: p.State, Pid: uint32(p.PID),
-				Launches: uint32(p.Launches), LastError: p.LastError, Capabilities: p.Capabilities, Since: timestamppb.New(p.Since)})
+				Launches: uint32(p.Launches), LastError: p.LastError, Capabilities: p.Capabilities, Since: timestamppb.New(p.Since),
+				EventsPending: uint32(p.EventsPending), DeliveryError: p.DeliveryError})
 		}
 	}
 	return out, nil

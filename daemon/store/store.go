@@ -30,6 +30,8 @@ const (
 	BucketAPIKeyUsage   = "apikey_usage"   // ID/hour -> that hour's use of a key; ID/last -> last use (schema 3)
 	BucketAPIKeyHints   = "apikey_hints"   // a short keyed hash of every secret issued: refuses strangers without the HSM (schema 4)
 	BucketCredentials   = "credentials"    // managed credentials and their rotation state, by name (schema 5)
+	BucketOutbox        = "outbox"         // revocation events to deliver to plugins, by sequence number (schema 5)
+	BucketOutboxCursors = "outbox_cursors" // each plugin's last delivered sequence number (schema 5)
 )
 
 // LegacyAPIKeys is the key of BucketAPIKeyHints that marks a store whose
@@ -74,8 +76,12 @@ var migrations = []func(tx *bolt.Tx) error{
 		return nil
 	},
 	4: func(tx *bolt.Tx) error {
-		_, err := tx.CreateBucketIfNotExists([]byte(BucketCredentials))
-		return err
+		for _, b := range []string{BucketCredentials, BucketOutbox, BucketOutboxCursors} {
+			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
+				return err
+			}
+		}
+		return nil
 	},
 }
 
@@ -264,6 +270,17 @@ func (s *Store) Update(bucketName, key string, fn func(old []byte) ([]byte, erro
 // fn computes each key's new record from its old one (nil: absent; a nil
 // result deletes). An error from fn writes nothing at all.
 func (s *Store) UpdateEach(bucketName string, keys []string, fn func(key string, old []byte) ([]byte, error)) error {
+	return s.UpdateEachEmit(bucketName, keys, func(k string, old []byte) ([]byte, []byte, error) {
+		rec, err := fn(k, old)
+		return rec, nil, err
+	})
+}
+
+// UpdateEachEmit is UpdateEach whose fn may also return an event, appended
+// to BucketOutbox in the same transaction under the next sequence number
+// (OutboxKey): a change and the event announcing it are written together
+// or not at all.
+func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key string, old []byte) (rec, event []byte, err error)) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		b, err := bucket(tx, bucketName)
 		if err != nil {
@@ -274,7 +291,7 @@ func (s *Store) UpdateEach(bucketName string, keys []string, fn func(key string,
 			if old != nil {
 				old = bytes.Clone(old)
 			}
-			rec, err := fn(k, old)
+			rec, event, err := fn(k, old)
 			if err != nil {
 				return err
 			}
@@ -286,10 +303,27 @@ func (s *Store) UpdateEach(bucketName string, keys []string, fn func(key string,
 			if err != nil {
 				return err
 			}
+			if event != nil {
+				ob, err := bucket(tx, BucketOutbox)
+				if err != nil {
+					return err
+				}
+				seq, err := ob.NextSequence()
+				if err != nil {
+					return err
+				}
+				if err := ob.Put([]byte(OutboxKey(seq)), event); err != nil {
+					return err
+				}
+			}
 		}
 		return nil
 	})
 }
+
+// OutboxKey is the key of the outbox event of sequence number seq: fixed
+// width, so that key order is sequence order.
+func OutboxKey(seq uint64) string { return fmt.Sprintf("%020d", seq) }
 
 // ForEach calls fn for every record whose key starts with prefix, in key
 // order, with copies of key and value. An error from fn stops it.

@@ -6,12 +6,14 @@ import (
 	"sync"
 	"time"
 
+	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/store"
 )
 
 // Store is what revocation needs of the store.
 type Store interface {
 	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
+	UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec, event []byte, err error)) error
 	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
 }
 
@@ -61,7 +63,15 @@ func (r *Revoked) Revoke(jti string, exp time.Time) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	rec := binary.BigEndian.AppendUint64(nil, uint64(until.Unix()))
-	if err := r.store.Update(store.BucketRevokedTokens, jti, func([]byte) ([]byte, error) { return rec, nil }); err != nil {
+	// The revocation and, the first time, its event for the plugins, in
+	// one transaction.
+	err := r.store.UpdateEachEmit(store.BucketRevokedTokens, []string{jti}, func(_ string, old []byte) ([]byte, []byte, error) {
+		if old != nil {
+			return rec, nil, nil
+		}
+		return rec, outbox.Encode(outbox.Event{Kind: outbox.TokenRevoked, ID: jti, Time: time.Now().UTC()}), nil
+	})
+	if err != nil {
 		return err
 	}
 	if until.After(r.until[jti]) {

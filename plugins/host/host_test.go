@@ -144,7 +144,7 @@ func TestRotateThroughPlugin(t *testing.T) {
 	}
 	b, _ := os.ReadFile(rec)
 	got := string(b)
-	for _, want := range []string{"create op-1 db-1 20\n", "test op-1 db-1\n", "activate op-1 db-1\n", "revoke op-2 EVENT_KIND_API_KEY_REVOKED ak_1\n"} {
+	for _, want := range []string{"create op-1 db-1 20\n", "test op-1 db-1\n", "activate op-1 db-1\n", "revoke op-2 EVENT_KIND_API_KEY_REVOKED ak_1 \n"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("the plugin did not record %q:\n%s", want, got)
 		}

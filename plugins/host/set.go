@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/keyward/keyward/daemon/credentials"
+	"github.com/keyward/keyward/daemon/outbox"
 	pluginv1 "github.com/keyward/keyward/plugins/proto/v1"
 )
 
@@ -125,4 +128,58 @@ func (s Set) Retire(ctx context.Context, plugin, op string, c credentials.Creden
 		_, err := api.Rotator.Retire(ctx, &pluginv1.RetireRequest{OperationId: op, Credential: toCred(c), Handle: handle})
 		return err
 	}))
+}
+
+// The Set delivers revocations for the outbox.
+var _ outbox.Deliverer = Set(nil)
+
+var eventKinds = map[pluginv1.EventKind]string{
+	pluginv1.EventKind_EVENT_KIND_API_KEY_REVOKED:     outbox.APIKeyRevoked,
+	pluginv1.EventKind_EVENT_KIND_TOKEN_REVOKED:       outbox.TokenRevoked,
+	pluginv1.EventKind_EVENT_KIND_KEY_VERSION_REVOKED: outbox.KeyVersionRevoked,
+	pluginv1.EventKind_EVENT_KIND_CREDENTIAL_REVOKED:  outbox.CredentialRevoked,
+}
+
+// Plugins are the plugins' names, sorted.
+func (s Set) Plugins() []string { return slices.Sorted(maps.Keys(s)) }
+
+// Subscribed is what a plugin said it wants; not known until it started.
+func (s Set) Subscribed(plugin string) ([]string, bool) {
+	p := s[plugin]
+	if p == nil {
+		return nil, true // gone from the configuration: nothing to wait for
+	}
+	d := p.Describe()
+	if d == nil {
+		return nil, false
+	}
+	if !slices.Contains(d.GetCapabilities(), pluginv1.Capability_CAPABILITY_REVOKER) {
+		return nil, true
+	}
+	var out []string
+	for _, k := range d.GetEvents() {
+		if kind, ok := eventKinds[k]; ok {
+			out = append(out, kind)
+		}
+	}
+	return out, true
+}
+
+// Deliver hands a revocation to a plugin's Revoker.
+func (s Set) Deliver(ctx context.Context, plugin, op string, e outbox.Event) error {
+	p := s[plugin]
+	if p == nil {
+		return fmt.Errorf("no plugin %q", plugin)
+	}
+	var kind pluginv1.EventKind
+	for k, v := range eventKinds {
+		if v == e.Kind {
+			kind = k
+		}
+	}
+	return p.Call(ctx, func(ctx context.Context, api *pluginv1.Clients) error {
+		_, err := api.Revoker.Revoke(ctx, &pluginv1.RevokeRequest{OperationId: op,
+			Event: &pluginv1.Event{Kind: kind, Id: e.ID, Subject: e.Subject, Time: timestamppb.New(e.Time)}})
+		return err
+	})
 }

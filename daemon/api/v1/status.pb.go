@@ -458,7 +458,11 @@ type PluginStatus struct {
 	// rotator, revoker.
 	Capabilities []string `protobuf:"bytes,7,rep,name=capabilities,proto3" json:"capabilities,omitempty"`
 	// Since when it is in this state.
-	Since         *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=since,proto3" json:"since,omitempty"`
+	Since *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=since,proto3" json:"since,omitempty"`
+	// Revocation events waiting to be delivered to it, and why the last
+	// delivery failed (delivery is retried with backoff, in order).
+	EventsPending uint32 `protobuf:"varint,9,opt,name=events_pending,json=eventsPending,proto3" json:"events_pending,omitempty"`
+	DeliveryError string `protobuf:"bytes,10,opt,name=delivery_error,json=deliveryError,proto3" json:"delivery_error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -549,6 +553,20 @@ func (x *PluginStatus) GetSince() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *PluginStatus) GetEventsPending() uint32 {
+	if x != nil {
+		return x.EventsPending
+	}
+	return 0
+}
+
+func (x *PluginStatus) GetDeliveryError() string {
+	if x != nil {
+		return x.DeliveryError
+	}
+	return ""
+}
+
 var File_status_proto protoreflect.FileDescriptor
 
 const file_status_proto_rawDesc = "" +
@@ -582,7 +600,7 @@ const file_status_proto_rawDesc = "" +
 	"\x05total\x18\x01 \x01(\rR\x05total\x12\x18\n" +
 	"\aenabled\x18\x02 \x01(\rR\aenabled\x12\x1a\n" +
 	"\bdisabled\x18\x03 \x01(\rR\bdisabled\x12)\n" +
-	"\x10pending_deletion\x18\x04 \x01(\rR\x0fpendingDeletion\"\xf5\x01\n" +
+	"\x10pending_deletion\x18\x04 \x01(\rR\x0fpendingDeletion\"\xc3\x02\n" +
 	"\fPluginStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x14\n" +
@@ -592,7 +610,10 @@ const file_status_proto_rawDesc = "" +
 	"\n" +
 	"last_error\x18\x06 \x01(\tR\tlastError\x12\"\n" +
 	"\fcapabilities\x18\a \x03(\tR\fcapabilities\x120\n" +
-	"\x05since\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x05since2\x94\x01\n" +
+	"\x05since\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x05since\x12%\n" +
+	"\x0eevents_pending\x18\t \x01(\rR\reventsPending\x12%\n" +
+	"\x0edelivery_error\x18\n" +
+	" \x01(\tR\rdeliveryError2\x94\x01\n" +
 	"\rStatusService\x12H\n" +
 	"\tGetStatus\x12\x1c.keyward.v1.GetStatusRequest\x1a\x1d.keyward.v1.GetStatusResponse\x129\n" +
 	"\x04Ping\x12\x17.keyward.v1.PingRequest\x1a\x18.keyward.v1.PingResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"

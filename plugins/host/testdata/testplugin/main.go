@@ -82,7 +82,10 @@ func (p *impl) Retire(ctx context.Context, r sdk.RetireRequest) error {
 }
 
 func (p *impl) Revoke(ctx context.Context, op string, e sdk.Event) error {
-	record("revoke %s %v %s", op, e.Kind, e.ID)
+	if _, err := os.Stat(os.Getenv("TESTPLUGIN_RECORD") + ".down"); err == nil {
+		return fmt.Errorf("the system behind the plugin is down")
+	}
+	record("revoke %s %v %s %s", op, e.Kind, e.ID, e.Subject)
 	return nil
 }
 
