@@ -4,9 +4,14 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -16,6 +21,7 @@ import (
 	"github.com/keyward/keyward/daemon"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/plugins/conformance"
+	"github.com/keyward/keyward/plugins/webhook"
 )
 
 // filePlugin builds keyward-plugin-file for a keywardd of the test.
@@ -183,5 +189,103 @@ func TestRevocationFanOut(t *testing.T) {
 	st, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
 	if err != nil || len(st.Plugins) != 1 || st.Plugins[0].EventsPending != 0 || st.Plugins[0].DeliveryError != "" {
 		t.Fatalf("status: %v, %v", st.GetPlugins(), err)
+	}
+}
+
+// TestRevocationReachesWebhookAfterOutage: an API key revoked while the
+// webhook is down reaches it once it is back, exactly as docs/plugins.md
+// and plugins/webhook document: signed, with the event ID as header and
+// id, the type, the time and the key's ID and owner.
+func TestRevocationReachesWebhookAfterOutage(t *testing.T) {
+	key := []byte("0123456789abcdef0123456789abcdef-e2e-key")
+	kf := filepath.Join(t.TempDir(), "webhook-key")
+	os.WriteFile(kf, key, 0o600)
+	var (
+		mu     sync.Mutex
+		down   = true
+		tries  int
+		bodies [][]byte
+		heads  []http.Header
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		defer mu.Unlock()
+		tries++
+		if down {
+			http.Error(w, "down for maintenance", http.StatusServiceUnavailable)
+			return
+		}
+		bodies, heads = append(bodies, b), append(heads, r.Header.Clone())
+	}))
+	defer srv.Close()
+	bin := conformance.Build(t, "github.com/keyward/keyward/cmd/keyward-plugin-webhook")
+	b, _ := os.ReadFile(bin)
+	sum := sha256.Sum256(b)
+	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+		c.Plugins = []daemon.PluginConfig{{Name: "webhook", Path: bin, SHA256: hex.EncodeToString(sum[:]), CallTimeout: 5 * time.Second,
+			Env: map[string]string{"KEYWARD_WEBHOOK_URL": srv.URL, "KEYWARD_WEBHOOK_KEY_FILE": kf, "KEYWARD_WEBHOOK_EVENTS": "api_key"}}}
+	})
+	ctx := context.Background()
+	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	r, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "n", Environment: "prod", Permissions: []string{"read-only"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ac.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: r.Key.Id}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		mu.Lock()
+		n := tries
+		mu.Unlock()
+		if n >= 3 {
+			break
+		}
+		if i == 150 {
+			t.Fatalf("the webhook was tried %d times in 15 s; log:\n%s", n, in.logs.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	st, _ := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	if p := st.GetPlugins(); len(p) != 1 || p[0].EventsPending != 1 || !strings.Contains(p[0].DeliveryError, "503") {
+		t.Errorf("status while the webhook is down: %v", p)
+	}
+	mu.Lock()
+	down = false
+	mu.Unlock()
+	deadline := time.Now().Add(20 * time.Second) // the outbox's backoff: 1 s, 2 s, 4 s, ...
+	for {
+		mu.Lock()
+		n := len(bodies)
+		mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the revocation did not reach the webhook after it came back")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(500 * time.Millisecond)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(bodies) != 1 {
+		t.Fatalf("%d deliveries after the outage, want 1", len(bodies))
+	}
+	var m struct {
+		ID, Type, Time string
+		Data           map[string]string
+	}
+	if err := json.Unmarshal(bodies[0], &m); err != nil {
+		t.Fatal(err)
+	}
+	h := heads[0]
+	if err := webhook.Verify(key, h.Get("Keyward-Signature"), bodies[0], time.Now(), time.Minute); err != nil {
+		t.Errorf("signature: %v", err)
+	}
+	if _, err := time.Parse(time.RFC3339, m.Time); err != nil || m.Type != "api_key.revoked" || !strings.HasPrefix(m.ID, "evt-") || h.Get("Keyward-Event-Id") != m.ID ||
+		h.Get("Content-Type") != "application/json" || m.Data["id"] != r.Key.Id || m.Data["subject"] != "team-a" || len(m.Data) != 2 {
+		t.Errorf("the event as delivered: %s %v", bodies[0], h)
 	}
 }
