@@ -46,8 +46,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/keyward/keyward/plugins/sdk"
 	pluginv1 "github.com/keyward/keyward/plugins/proto/v1"
+	"github.com/keyward/keyward/plugins/sdk"
 )
 
 // Hook posts events.
