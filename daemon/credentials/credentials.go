@@ -299,6 +299,22 @@ func (m *Manager) rotateLocked(ctx context.Context, r *Record) (*Record, error) 
 	if r.State == Revoked {
 		return nil, fmt.Errorf("%w: %q", ErrRevoked, r.Name)
 	}
+	if r.Pending == nil && r.Previous != nil {
+		// A new rotation ends the previous version's overlap early: the
+		// plugin may reuse what it names (a role of two that alternate),
+		// and a version dropped from the record unretired would work for
+		// ever. The current version keeps working.
+		if err := m.plugins.Retire(ctx, r.Plugin, "retire-"+r.Previous.Handle, cred(r), r.Previous.Handle); err != nil {
+			err = fmt.Errorf("retiring the previous version before a new rotation: %w", err)
+			m.failed(r, err)
+			m.save(r)
+			return r.public(), err
+		}
+		r.Previous = nil
+		if err := m.save(r); err != nil {
+			return nil, err
+		}
+	}
 	if r.Pending == nil {
 		spec, err := m.plugins.SecretSpec(r.Plugin)
 		if err != nil {

@@ -252,3 +252,28 @@ func TestPermanentFailureKeepsCurrent(t *testing.T) {
 		t.Errorf("Get with no current secret: %v", err)
 	}
 }
+
+// TestRotationInOverlapRetiresPrevious: a rotation while the previous
+// version is in its overlap retires it first, so no version is ever
+// dropped from the record while it still works in the external system.
+func TestRotationInOverlapRetiresPrevious(t *testing.T) {
+	f := newFixture(t, "")
+	ctx := context.Background()
+	if _, err := f.m.Register(ctx, credentials.Spec{Name: "svc", Plugin: "test", Overlap: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := f.m.Rotate(ctx, "svc")
+	if err != nil || r.Previous == nil {
+		t.Fatalf("first rotation: %+v, %v", r, err)
+	}
+	first := r.Previous.Handle
+	if r, err = f.m.Rotate(ctx, "svc"); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(f.record(), "retire retire-"+first+" "+first+"\n") {
+		t.Fatalf("%s was dropped without being retired:\n%s", first, f.record())
+	}
+	if r.Previous == nil || r.Previous.Handle == first {
+		t.Errorf("after the second rotation: previous %+v", r.Previous)
+	}
+}

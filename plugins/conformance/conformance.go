@@ -11,7 +11,7 @@
 //			Binary: conformance.Build(t, "example.com/my-plugin/cmd/my-plugin"),
 //			Name:   "my-plugin",
 //			Config: []byte(`{"role": "app"}`),
-//			Current: func(t *testing.T, secret []byte) { /* log in with it */ },
+//			Current: func(t *testing.T, handle string, secret []byte) { /* log in with it */ },
 //		})
 //	}
 package conformance
@@ -54,11 +54,12 @@ type Config struct {
 	Config json.RawMessage
 	// BadConfig, if set, is one CheckConfig must refuse.
 	BadConfig json.RawMessage
-	// Current, if set, checks after each activation that secret is the
-	// credential's current one in the external system.
-	Current func(t *testing.T, secret []byte)
-	// Retired, if set, checks after Retire that secret no longer works.
-	Retired func(t *testing.T, secret []byte)
+	// Current, if set, checks after each activation that the credential
+	// handle names, with secret, is the current one in the external system.
+	Current func(t *testing.T, handle string, secret []byte)
+	// Retired, if set, checks after Retire that handle with secret no
+	// longer works.
+	Retired func(t *testing.T, handle string, secret []byte)
 	// CallTimeout bounds each call; default 30 s.
 	CallTimeout time.Duration
 }
@@ -167,7 +168,7 @@ func Run(t *testing.T, c Config) {
 					})
 				}
 				if c.Current != nil {
-					c.Current(t, secret)
+					c.Current(t, handle, secret)
 				}
 				if current != "" {
 					for try := range 2 {
@@ -177,7 +178,7 @@ func Run(t *testing.T, c Config) {
 						})
 					}
 					if c.Retired != nil {
-						c.Retired(t, secrets[len(secrets)-1])
+						c.Retired(t, current, secrets[len(secrets)-1])
 					}
 				}
 				secrets = append(secrets, secret)

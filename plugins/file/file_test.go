@@ -19,7 +19,7 @@ func TestConformance(t *testing.T) {
 		Name:      "file",
 		Config:    []byte(`{"path": "` + path + `"}`),
 		BadConfig: []byte(`{"path": "relative/file"}`),
-		Current: func(t *testing.T, secret []byte) {
+		Current: func(t *testing.T, _ string, secret []byte) {
 			b, err := os.ReadFile(path)
 			if err != nil || string(b) != string(secret) {
 				t.Fatalf("the file holds %d bytes (%v), not the new secret", len(b), err)
@@ -31,7 +31,7 @@ func TestConformance(t *testing.T) {
 				t.Errorf("%d files in the directory, want the one", len(entries))
 			}
 		},
-		Retired: func(t *testing.T, secret []byte) {
+		Retired: func(t *testing.T, _ string, secret []byte) {
 			if b, _ := os.ReadFile(path); string(b) == string(secret) {
 				t.Error("the retired secret is still in the file")
 			}
