@@ -20,6 +20,7 @@ deps:
 	command -v pkcs11-tool >/dev/null || missing="$$missing opensc"; \
 	command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
 	/usr/bin/python3 -c 'import jwt, cryptography' 2>/dev/null || missing="$$missing python3-jwt python3-cryptography"; \
+	[ -n "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) apt-get update -qq && \

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -15,12 +16,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/keyward/keyward/daemon"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/plugins/conformance"
+	"github.com/keyward/keyward/plugins/postgres/pgtest"
 	"github.com/keyward/keyward/plugins/webhook"
 )
 
@@ -287,5 +290,77 @@ func TestRevocationReachesWebhookAfterOutage(t *testing.T) {
 	if _, err := time.Parse(time.RFC3339, m.Time); err != nil || m.Type != "api_key.revoked" || !strings.HasPrefix(m.ID, "evt-") || h.Get("Keyward-Event-Id") != m.ID ||
 		h.Get("Content-Type") != "application/json" || m.Data["id"] != r.Key.Id || m.Data["subject"] != "team-a" || len(m.Data) != 2 {
 		t.Errorf("the event as delivered: %s %v", bodies[0], h)
+	}
+}
+
+// TestPostgresRotationThroughKeywardd: a PostgreSQL login rotated through
+// keywardd by the PostgreSQL plugin, against a real server: after the
+// rotation the new login works with the new password, the old one too
+// during the overlap, and after it the old one is refused.
+func TestPostgresRotationThroughKeywardd(t *testing.T) {
+	s := pgtest.Start(t)
+	pw := filepath.Join(t.TempDir(), "admin-password")
+	os.WriteFile(pw, []byte(s.AdminPassword), 0o600)
+	bin := conformance.Build(t, "github.com/keyward/keyward/cmd/keyward-plugin-postgres")
+	b, _ := os.ReadFile(bin)
+	sum := sha256.Sum256(b)
+	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+		c.Plugins = []daemon.PluginConfig{{Name: "postgres", Path: bin, SHA256: hex.EncodeToString(sum[:]), Env: map[string]string{
+			"KEYWARD_POSTGRES_DSN":           fmt.Sprintf("host=127.0.0.1 port=%d user=%s dbname=postgres sslmode=disable", s.Port, s.AdminUser),
+			"KEYWARD_POSTGRES_PASSWORD_FILE": pw}}}
+	})
+	// Restart with a fast maintenance loop, so the overlap's end is seen.
+	in.stop()
+	in.credEvery = 100 * time.Millisecond
+	in.run()
+	ctx := context.Background()
+	cc := keywardv1.NewCredentialServiceClient(in.conn)
+	if _, err := cc.RegisterCredential(ctx, &keywardv1.RegisterCredentialRequest{Name: "orders-db", Plugin: "postgres",
+		Config: `{"role": "orders"}`, RotationPeriod: durationpb.New(24 * time.Hour), Overlap: durationpb.New(2 * time.Second)}); err != nil {
+		t.Fatal(err)
+	}
+	get := func() (string, []byte) {
+		r, err := cc.GetCredential(ctx, &keywardv1.GetCredentialRequest{Name: "orders-db"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Credential.Current.Handle, r.Secret
+	}
+	login := func(user string, password []byte) error {
+		c, err := pgx.Connect(ctx, s.DSN(user, string(password), "postgres"))
+		if err == nil {
+			c.Close(ctx)
+		}
+		return err
+	}
+	oldUser, oldPass := get()
+	if err := login(oldUser, oldPass); err != nil {
+		t.Fatalf("the first login %s: %v", oldUser, err)
+	}
+	if _, err := cc.RotateCredential(ctx, &keywardv1.RotateCredentialRequest{Name: "orders-db"}); err != nil {
+		t.Fatal(err)
+	}
+	newUser, newPass := get()
+	if newUser == oldUser || string(newPass) == string(oldPass) {
+		t.Fatalf("the rotation gave %s again", newUser)
+	}
+	if err := login(newUser, newPass); err != nil {
+		t.Fatalf("the new login %s: %v", newUser, err)
+	}
+	if err := login(oldUser, oldPass); err != nil {
+		t.Fatalf("the old login %s during the overlap: %v", oldUser, err)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for login(oldUser, oldPass) == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("the old login %s still works after the overlap", oldUser)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err := login(newUser, newPass); err != nil {
+		t.Fatalf("the new login %s after the overlap: %v", newUser, err)
+	}
+	if r, _ := cc.GetCredential(ctx, &keywardv1.GetCredentialRequest{Name: "orders-db"}); r.Credential.Previous != nil {
+		t.Errorf("the previous version is still on the credential: %v", r.Credential.Previous)
 	}
 }

@@ -32,16 +32,17 @@ import (
 // instance is a keywardd running in the test, on a real socket, store,
 // audit log and SoftHSM2 token.
 type instance struct {
-	t       testing.TB
-	tok     *softhsmtest.Token
-	cfg     *daemon.Config
-	logs    *syncBuffer
-	reload  chan struct{}
-	health  time.Duration
-	cancel  context.CancelFunc
-	errc    chan error
-	stopped bool
-	conn    *grpc.ClientConn
+	t         testing.TB
+	tok       *softhsmtest.Token
+	cfg       *daemon.Config
+	logs      *syncBuffer
+	reload    chan struct{}
+	health    time.Duration
+	credEvery time.Duration
+	cancel    context.CancelFunc
+	errc      chan error
+	stopped   bool
+	conn      *grpc.ClientConn
 }
 
 type syncBuffer struct {
@@ -94,7 +95,7 @@ func (in *instance) run() {
 	in.cancel, in.stopped = cancel, false
 	ready := make(chan struct{})
 	go func() {
-		in.errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Reload: in.reload, Ready: ready, Version: "test", HealthEvery: in.health})
+		in.errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Reload: in.reload, Ready: ready, Version: "test", HealthEvery: in.health, CredentialsEvery: in.credEvery})
 	}()
 	select {
 	case <-ready:

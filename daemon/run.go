@@ -57,6 +57,9 @@ type Options struct {
 	DrainTimeout time.Duration
 	// HealthEvery is how often the HSM's health is checked. Default 5 s.
 	HealthEvery time.Duration
+	// CredentialsEvery is how often managed credentials are maintained
+	// (pending rotations, overlaps' ends, periods). Default 1 minute.
+	CredentialsEvery time.Duration
 }
 
 // Run serves until ctx ends, then drains the calls in flight, removes the
@@ -192,7 +195,10 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	defer stopBG()
 	go srv.WatchHealth(bg)
 	go maintainKeys(bg, km, al, log)
-	go maintainCredentials(bg, cm, al, log)
+	if o.CredentialsEvery <= 0 {
+		o.CredentialsEvery = time.Minute
+	}
+	go maintainCredentials(bg, cm, al, log, o.CredentialsEvery)
 	go ob.Run(bg, time.Second)
 	go func() {
 		t := time.NewTicker(time.Hour)
@@ -370,9 +376,9 @@ func maintainKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *slo
 // minute: resumes pending rotations, retires previous versions after their
 // overlap, rotates those whose period passed, finishes revocations. Each is
 // audited with its outcome.
-func maintainCredentials(ctx context.Context, cm *credentials.Manager, al *audit.Log, log *slog.Logger) {
+func maintainCredentials(ctx context.Context, cm *credentials.Manager, al *audit.Log, log *slog.Logger, every time.Duration) {
 	self, _ := os.Executable()
-	t := time.NewTicker(time.Minute)
+	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
 		done, err := cm.Maintain(ctx)
