@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -362,5 +363,118 @@ func TestPostgresRotationThroughKeywardd(t *testing.T) {
 	}
 	if r, _ := cc.GetCredential(ctx, &keywardv1.GetCredentialRequest{Name: "orders-db"}); r.Credential.Previous != nil {
 		t.Errorf("the previous version is still on the credential: %v", r.Credential.Previous)
+	}
+}
+
+// TestPostgresRotationSurvivesPluginTrouble: a rotation whose plugin hangs
+// (PostgreSQL holds a lock it waits for) fails at the call's deadline, and
+// one whose plugin is killed with SIGKILL fails at once; each time the
+// rotation stays pending, the current login keeps working, and the retry
+// completes with the same operation.
+func TestPostgresRotationSurvivesPluginTrouble(t *testing.T) {
+	s := pgtest.Start(t)
+	pw := filepath.Join(t.TempDir(), "admin-password")
+	os.WriteFile(pw, []byte(s.AdminPassword), 0o600)
+	bin := conformance.Build(t, "github.com/keyward/keyward/cmd/keyward-plugin-postgres")
+	b, _ := os.ReadFile(bin)
+	sum := sha256.Sum256(b)
+	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+		c.Plugins = []daemon.PluginConfig{{Name: "postgres", Path: bin, SHA256: hex.EncodeToString(sum[:]), CallTimeout: 2 * time.Second, Env: map[string]string{
+			"KEYWARD_POSTGRES_DSN":           fmt.Sprintf("host=127.0.0.1 port=%d user=%s dbname=postgres sslmode=disable", s.Port, s.AdminUser),
+			"KEYWARD_POSTGRES_PASSWORD_FILE": pw}}}
+	})
+	ctx := context.Background()
+	cc := keywardv1.NewCredentialServiceClient(in.conn)
+	if _, err := cc.RegisterCredential(ctx, &keywardv1.RegisterCredentialRequest{Name: "orders-db", Plugin: "postgres", Config: `{"role": "orders"}`}); err != nil {
+		t.Fatal(err)
+	}
+	get := func() (string, []byte) {
+		r, err := cc.GetCredential(ctx, &keywardv1.GetCredentialRequest{Name: "orders-db"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Credential.Current.Handle, r.Secret
+	}
+	works := func(user string, password []byte) {
+		t.Helper()
+		c, err := pgx.Connect(ctx, s.DSN(user, string(password), "postgres"))
+		if err != nil {
+			t.Fatalf("the login %s does not work: %v", user, err)
+		}
+		c.Close(ctx)
+	}
+	user, pass := get() // orders_a; the next rotation sets orders_b
+	admin := s.Connect(t)
+	lock := func() pgx.Tx {
+		tx, err := admin.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tx.Exec(ctx, "ALTER ROLE orders_b CONNECTION LIMIT 5"); err != nil {
+			t.Fatal(err)
+		}
+		return tx
+	}
+	pending := func() string {
+		t.Helper()
+		r, err := cc.ListCredentials(ctx, &keywardv1.ListCredentialsRequest{})
+		if err != nil || len(r.Credentials) != 1 || r.Credentials[0].Pending == nil {
+			t.Fatalf("no pending rotation: %v, %v", r, err)
+		}
+		return r.Credentials[0].Pending.OperationId
+	}
+	// orders_b does not exist before the first rotation to it: make it.
+	if _, err := admin.Exec(ctx, "CREATE ROLE orders_b NOLOGIN IN ROLE orders"); err != nil {
+		t.Fatal(err)
+	}
+
+	// A plugin that hangs: the call fails at its deadline.
+	tx := lock()
+	start := time.Now()
+	_, err := cc.RotateCredential(ctx, &keywardv1.RotateCredentialRequest{Name: "orders-db"})
+	wantCode(t, err, codes.Unavailable, "no answer within 2s")
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("the deadline took %v", d)
+	}
+	op := pending()
+	works(user, pass)
+	tx.Rollback(ctx)
+
+	// A plugin killed mid-call: the call fails at once.
+	tx = lock()
+	st, _ := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	pid := int(st.Plugins[0].Pid)
+	go func() { time.Sleep(500 * time.Millisecond); syscall.Kill(pid, syscall.SIGKILL) }()
+	_, err = cc.RotateCredential(ctx, &keywardv1.RotateCredentialRequest{Name: "orders-db"})
+	if err == nil {
+		t.Fatal("a rotation whose plugin was killed succeeded")
+	}
+	if got := pending(); got != op {
+		t.Errorf("the pending operation changed from %s to %s", op, got)
+	}
+	works(user, pass)
+	tx.Rollback(ctx)
+
+	// The host restarts the plugin; the retry completes the same operation.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		r, err := cc.RotateCredential(ctx, &keywardv1.RotateCredentialRequest{Name: "orders-db"})
+		if err == nil {
+			if r.Credential.Pending != nil || r.Credential.Current.Handle != "orders_b" {
+				t.Fatalf("after the retry: %v", r.Credential)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the retry did not complete: %v", err)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	newUser, newPass := get()
+	works(newUser, newPass)
+	// No overlap was asked: the old login is retired with the activation.
+	if c, err := pgx.Connect(ctx, s.DSN(user, string(pass), "postgres")); err == nil {
+		c.Close(ctx)
+		t.Errorf("the old login %s works after a rotation without overlap", user)
 	}
 }

@@ -74,13 +74,15 @@ func toStatus(err error) *status.Status {
 	if err == nil {
 		return nil
 	}
-	if st, ok := status.FromError(err); ok {
-		return st
-	}
+	// Domain errors first: one may wrap a plugin's status, whose code is
+	// the plugin's business, not the caller's.
 	for _, m := range codeOf {
 		if errors.Is(err, m.err) {
 			return status.New(m.code, err.Error())
 		}
+	}
+	if st, ok := status.FromError(err); ok {
+		return st
 	}
 	return status.New(codes.Internal, err.Error())
 }
