@@ -55,7 +55,7 @@ type Store interface {
 	Get(bucket, key string) ([]byte, error)
 	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
 	UpdateEach(bucket string, keys []string, fn func(key string, old []byte) ([]byte, error)) error
-	UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec, event []byte, err error)) error
+	UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error)) error
 	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
 	ForEachAfter(bucket, after string, fn func(key string, rec []byte) error) error
 }
@@ -921,7 +921,7 @@ func (m *Manager) revokeBatch(ids []string) (int, error) {
 	m.forget(ids...)
 	n := 0
 	now := m.now().UTC()
-	err := m.store.UpdateEachEmit(store.BucketAPIKeys, ids, func(id string, old []byte) ([]byte, []byte, error) {
+	err := m.store.UpdateEachEmit(store.BucketAPIKeys, ids, func(id string, old []byte) ([]byte, [][]byte, error) {
 		rec, err := decode(id, old)
 		if err != nil || rec.State == StateRevoked {
 			return old, nil, nil // gone, unreadable or revoked: nothing to do
@@ -933,7 +933,7 @@ func (m *Manager) revokeBatch(ids []string) (int, error) {
 		n++
 		b, err := json.Marshal(rec)
 		// The revocation and its event for the plugins, in one transaction.
-		return b, outbox.Encode(outbox.Event{Kind: outbox.APIKeyRevoked, ID: id, Subject: rec.Owner, Time: now}), err
+		return b, [][]byte{outbox.Encode(outbox.Event{Kind: outbox.APIKeyRevoked, ID: id, Subject: rec.Owner, Time: now})}, err
 	})
 	if err != nil {
 		return 0, err

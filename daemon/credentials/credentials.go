@@ -83,7 +83,7 @@ type Sealer interface {
 type Store interface {
 	Get(bucket, key string) ([]byte, error)
 	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
-	UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec, event []byte, err error)) error
+	UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error)) error
 	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
 }
 
@@ -501,7 +501,7 @@ func (m *Manager) Revoke(ctx context.Context, name string) (*Record, error) {
 			return nil, err
 		}
 		ev := outbox.Encode(outbox.Event{Kind: outbox.CredentialRevoked, ID: r.Name, Subject: r.Plugin, Time: m.now().UTC()})
-		if err := m.store.UpdateEachEmit(store.BucketCredentials, []string{r.Name}, func(string, []byte) ([]byte, []byte, error) { return b, ev, nil }); err != nil {
+		if err := m.store.UpdateEachEmit(store.BucketCredentials, []string{r.Name}, func(string, []byte) ([]byte, [][]byte, error) { return b, [][]byte{ev}, nil }); err != nil {
 			return nil, err
 		}
 	}

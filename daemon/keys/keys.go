@@ -27,6 +27,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
 )
@@ -167,6 +168,7 @@ func (k *Key) usable() error {
 type Store interface {
 	Get(bucket, key string) ([]byte, error)
 	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
+	UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error)) error
 	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
 }
 
@@ -450,24 +452,37 @@ func (m *Manager) change(name string, fn func(k *Key) error) (*Key, error) {
 // update is change, which may also finish a key being created.
 func (m *Manager) update(name string, creatingToo bool, fn func(k *Key) error) (*Key, error) {
 	var out *Key
-	err := m.store.Update(store.BucketKeys, name, func(old []byte) ([]byte, error) {
+	err := m.store.UpdateEachEmit(store.BucketKeys, []string{name}, func(_ string, old []byte) ([]byte, [][]byte, error) {
 		if old == nil {
-			return nil, fmt.Errorf("%w: %q", ErrNotFound, name)
+			return nil, nil, fmt.Errorf("%w: %q", ErrNotFound, name)
 		}
 		var k Key
 		if err := json.Unmarshal(old, &k); err != nil {
-			return nil, fmt.Errorf("keys: the record of %q does not parse: %w", name, err)
+			return nil, nil, fmt.Errorf("keys: the record of %q does not parse: %w", name, err)
 		}
 		if k.State == creating && !creatingToo {
-			return nil, fmt.Errorf("%w: %q", ErrNotFound, name)
+			return nil, nil, fmt.Errorf("%w: %q", ErrNotFound, name)
 		}
+		was := max(k.MinDecryptionVersion, 1)
 		if err := fn(&k); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		out = &k
-		return json.Marshal(&k)
+		b, err := json.Marshal(&k)
+		// Versions below a raised minimum may no longer be used: an event
+		// for each, for the plugins, with the change.
+		return b, m.revokedVersions(name, was, k.MinDecryptionVersion), err
 	})
 	return out, err
+}
+
+// revokedVersions are the events of versions from..to-1 of name.
+func (m *Manager) revokedVersions(name string, from, to uint32) [][]byte {
+	var out [][]byte
+	for v := from; v < to; v++ {
+		out = append(out, outbox.Encode(outbox.Event{Kind: outbox.KeyVersionRevoked, ID: fmt.Sprintf("%s/v%d", name, v), Subject: name, Time: m.opt.Now().UTC()}))
+	}
+	return out
 }
 
 // Rotate adds a version: the HSM key first, the metadata after. New
@@ -636,7 +651,10 @@ func (m *Manager) DeleteDue(ctx context.Context, name string) (bool, error) {
 			return false, err
 		}
 	}
-	return true, m.store.Update(store.BucketKeys, name, func([]byte) ([]byte, error) { return nil, nil })
+	// The record goes with an event for each version still usable until
+	// now, for the plugins.
+	events := m.revokedVersions(name, max(k.MinDecryptionVersion, 1), k.Latest()+1)
+	return true, m.store.UpdateEachEmit(store.BucketKeys, []string{name}, func(string, []byte) ([]byte, [][]byte, error) { return nil, events, nil })
 }
 
 // encryptionKey returns a usable encryption key, from the cache.

@@ -2,14 +2,17 @@ package keys
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
 	"github.com/keyward/keyward/softhsm-test/hsmtest"
@@ -469,5 +472,50 @@ func TestDueForRotation(t *testing.T) {
 	e.m.SetEnabled("jwt", false)
 	if due, _ := e.m.DueForRotation(); len(due) != 0 {
 		t.Fatalf("a disabled key is due: %v", due)
+	}
+}
+
+// TestVersionRevocationEvents: raising the minimum decryption version, and
+// deleting a key, write an event for each version no longer usable, in the
+// same transaction, for the plugins (daemon/outbox).
+func TestVersionRevocationEvents(t *testing.T) {
+	e := setup(t, Options{})
+	ctx := context.Background()
+	if _, err := e.m.Create(ctx, Spec{Name: "k", Purpose: Encrypt}); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if _, err := e.m.Rotate(ctx, "k"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	events := func() []string {
+		var ids []string
+		e.s.ForEachAfter(store.BucketOutbox, "", func(_ string, b []byte) error {
+			var ev outbox.Event
+			json.Unmarshal(b, &ev)
+			ids = append(ids, ev.Kind+" "+ev.ID)
+			return nil
+		})
+		return ids
+	}
+	if got := events(); len(got) != 0 {
+		t.Fatalf("events before any revocation: %v", got)
+	}
+	if _, err := e.m.SetMinDecryptionVersion("k", 3); err != nil {
+		t.Fatal(err)
+	}
+	if got := events(); !slices.Equal(got, []string{"key_version k/v1", "key_version k/v2"}) {
+		t.Fatalf("after raising the minimum to 3: %v", got)
+	}
+	if _, err := e.m.ScheduleDeletion("k", MinDeletionWait); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Advance(MinDeletionWait)
+	if done, err := e.m.DeleteDue(ctx, "k"); !done || err != nil {
+		t.Fatalf("DeleteDue = %v, %v", done, err)
+	}
+	if got := events(); !slices.Equal(got, []string{"key_version k/v1", "key_version k/v2", "key_version k/v3", "key_version k/v4"}) {
+		t.Fatalf("after the deletion: %v", got)
 	}
 }

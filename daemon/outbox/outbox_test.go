@@ -31,8 +31,8 @@ func (c *clock) add(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unloc
 // transaction.
 func emit(t *testing.T, st *store.Store, e outbox.Event) {
 	t.Helper()
-	err := st.UpdateEachEmit(store.BucketAPIKeys, []string{e.ID}, func(string, []byte) ([]byte, []byte, error) {
-		return []byte(`{}`), outbox.Encode(e), nil
+	err := st.UpdateEachEmit(store.BucketAPIKeys, []string{e.ID}, func(string, []byte) ([]byte, [][]byte, error) {
+		return []byte(`{}`), [][]byte{outbox.Encode(e)}, nil
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -270,17 +270,17 @@ func (s *Store) Update(bucketName, key string, fn func(old []byte) ([]byte, erro
 // fn computes each key's new record from its old one (nil: absent; a nil
 // result deletes). An error from fn writes nothing at all.
 func (s *Store) UpdateEach(bucketName string, keys []string, fn func(key string, old []byte) ([]byte, error)) error {
-	return s.UpdateEachEmit(bucketName, keys, func(k string, old []byte) ([]byte, []byte, error) {
+	return s.UpdateEachEmit(bucketName, keys, func(k string, old []byte) ([]byte, [][]byte, error) {
 		rec, err := fn(k, old)
 		return rec, nil, err
 	})
 }
 
-// UpdateEachEmit is UpdateEach whose fn may also return an event, appended
-// to BucketOutbox in the same transaction under the next sequence number
-// (OutboxKey): a change and the event announcing it are written together
+// UpdateEachEmit is UpdateEach whose fn may also return events, appended
+// to BucketOutbox in the same transaction under the next sequence numbers
+// (OutboxKey): a change and the events announcing it are written together
 // or not at all.
-func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key string, old []byte) (rec, event []byte, err error)) error {
+func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error)) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		b, err := bucket(tx, bucketName)
 		if err != nil {
@@ -291,7 +291,7 @@ func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key str
 			if old != nil {
 				old = bytes.Clone(old)
 			}
-			rec, event, err := fn(k, old)
+			rec, events, err := fn(k, old)
 			if err != nil {
 				return err
 			}
@@ -303,7 +303,7 @@ func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key str
 			if err != nil {
 				return err
 			}
-			if event != nil {
+			for _, event := range events {
 				ob, err := bucket(tx, BucketOutbox)
 				if err != nil {
 					return err

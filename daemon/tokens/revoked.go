@@ -13,7 +13,7 @@ import (
 // Store is what revocation needs of the store.
 type Store interface {
 	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
-	UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec, event []byte, err error)) error
+	UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error)) error
 	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
 }
 
@@ -65,11 +65,11 @@ func (r *Revoked) Revoke(jti string, exp time.Time) error {
 	rec := binary.BigEndian.AppendUint64(nil, uint64(until.Unix()))
 	// The revocation and, the first time, its event for the plugins, in
 	// one transaction.
-	err := r.store.UpdateEachEmit(store.BucketRevokedTokens, []string{jti}, func(_ string, old []byte) ([]byte, []byte, error) {
+	err := r.store.UpdateEachEmit(store.BucketRevokedTokens, []string{jti}, func(_ string, old []byte) ([]byte, [][]byte, error) {
 		if old != nil {
 			return rec, nil, nil
 		}
-		return rec, outbox.Encode(outbox.Event{Kind: outbox.TokenRevoked, ID: jti, Time: time.Now().UTC()}), nil
+		return rec, [][]byte{outbox.Encode(outbox.Event{Kind: outbox.TokenRevoked, ID: jti, Time: time.Now().UTC()})}, nil
 	})
 	if err != nil {
 		return err
