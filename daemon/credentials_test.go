@@ -317,7 +317,7 @@ func TestPostgresRotationThroughKeywardd(t *testing.T) {
 	ctx := context.Background()
 	cc := keywardv1.NewCredentialServiceClient(in.conn)
 	if _, err := cc.RegisterCredential(ctx, &keywardv1.RegisterCredentialRequest{Name: "orders-db", Plugin: "postgres",
-		Config: `{"role": "orders"}`, RotationPeriod: durationpb.New(24 * time.Hour), Overlap: durationpb.New(2 * time.Second)}); err != nil {
+		Config: `{"role": "orders"}`, RotationPeriod: durationpb.New(24 * time.Hour), Overlap: durationpb.New(8 * time.Second)}); err != nil {
 		t.Fatal(err)
 	}
 	get := func() (string, []byte) {
@@ -351,7 +351,7 @@ func TestPostgresRotationThroughKeywardd(t *testing.T) {
 	if err := login(oldUser, oldPass); err != nil {
 		t.Fatalf("the old login %s during the overlap: %v", oldUser, err)
 	}
-	deadline := time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for login(oldUser, oldPass) == nil {
 		if time.Now().After(deadline) {
 			t.Fatalf("the old login %s still works after the overlap", oldUser)

@@ -492,6 +492,10 @@ func (m *Manager) Revoke(ctx context.Context, name string) (*Record, error) {
 	if err != nil {
 		return nil, err
 	}
+	return m.revokeLocked(ctx, r)
+}
+
+func (m *Manager) revokeLocked(ctx context.Context, r *Record) (*Record, error) {
 	if r.State != Revoked {
 		// Revoked in keyward first, with its event for the plugins in the
 		// same transaction; then the plugin retires what it made.
@@ -543,37 +547,46 @@ func (m *Manager) Maintain(ctx context.Context) (map[string]error, error) {
 		return nil, err
 	}
 	done := map[string]error{}
-	now := m.now()
 	for _, pub := range recs {
-		if now.Before(pub.RetryAt) {
-			continue
-		}
-		switch {
-		case pub.State == Revoked && (pub.Current != nil || pub.Previous != nil):
-			_, done[pub.Name] = m.Revoke(ctx, pub.Name)
-		case pub.State == Revoked:
-		case pub.Pending != nil, pub.Current == nil, !pub.NextRotation().IsZero() && !now.Before(pub.NextRotation()):
-			_, done[pub.Name] = m.Rotate(ctx, pub.Name)
-		case pub.Previous != nil && !now.Before(pub.Previous.RetireAt):
-			done[pub.Name] = m.retire(ctx, pub.Name)
+		if acted, err := m.maintain(ctx, pub.Name); acted {
+			done[pub.Name] = err
 		}
 	}
 	return done, nil
 }
 
-func (m *Manager) retire(ctx context.Context, name string) error {
+// maintain does what is due for one credential, deciding on the record as
+// it is under the credential's lock (a list read before may be stale: a
+// Register or a Rotate may have just finished).
+func (m *Manager) maintain(ctx context.Context, name string) (bool, error) {
 	unlock := m.lock(name)
 	defer unlock()
 	r, err := m.load(name)
 	if err != nil {
-		return err
+		return true, err
 	}
-	if err := m.retireDue(ctx, r); err != nil {
-		m.failed(r, err)
-		m.save(r)
-		return err
+	now := m.now()
+	if now.Before(r.RetryAt) {
+		return false, nil
 	}
-	return nil
+	switch {
+	case r.State == Revoked && (r.Current != nil || r.Previous != nil):
+		_, err := m.revokeLocked(ctx, r)
+		return true, err
+	case r.State == Revoked:
+		return false, nil
+	case r.Pending != nil, r.Current == nil, !r.NextRotation().IsZero() && !now.Before(r.NextRotation()):
+		_, err := m.rotateLocked(ctx, r)
+		return true, err
+	case r.Previous != nil && !now.Before(r.Previous.RetireAt):
+		if err := m.retireDue(ctx, r); err != nil {
+			m.failed(r, err)
+			m.save(r)
+			return true, err
+		}
+		return true, nil
+	}
+	return false, nil
 }
 
 const defaultAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"

@@ -200,8 +200,8 @@ func TestLifecycle(t *testing.T) {
 
 func second[T any](_ T, err error) error { return err }
 
-// failingStore lets Update succeed `allow` more times, then fails every
-// Update while failing is set: a disk full, a crash between the HSM and the
+// failingStore lets writes succeed `allow` more times, then fails every
+// write while failing is set: a disk full, a crash between the HSM and the
 // store.
 type failingStore struct {
 	*store.Store
@@ -209,14 +209,28 @@ type failingStore struct {
 	allow   int
 }
 
-func (f *failingStore) Update(b, k string, fn func([]byte) ([]byte, error)) error {
+func (f *failingStore) fail() error {
 	if f.failing {
 		if f.allow == 0 {
 			return errors.New("disk full")
 		}
 		f.allow--
 	}
+	return nil
+}
+
+func (f *failingStore) Update(b, k string, fn func([]byte) ([]byte, error)) error {
+	if err := f.fail(); err != nil {
+		return err
+	}
 	return f.Store.Update(b, k, fn)
+}
+
+func (f *failingStore) UpdateEachEmit(b string, ks []string, fn func(string, []byte) ([]byte, [][]byte, error)) error {
+	if err := f.fail(); err != nil {
+		return err
+	}
+	return f.Store.UpdateEachEmit(b, ks, fn)
 }
 
 // TestRotateAllOrNothing: when saving the new version fails, the key is as
