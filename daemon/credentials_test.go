@@ -28,15 +28,16 @@ import (
 	"github.com/keyward/keyward/plugins/webhook"
 )
 
-// filePlugin builds keyward-plugin-file for a keywardd of the test.
-func filePlugin(t *testing.T) daemon.PluginConfig {
+// filePlugin builds keyward-plugin-file for a keywardd of the test, allowed
+// to write in dir.
+func filePlugin(t *testing.T, dir string) daemon.PluginConfig {
 	bin := conformance.Build(t, "github.com/keyward/keyward/cmd/keyward-plugin-file")
 	b, err := os.ReadFile(bin)
 	if err != nil {
 		t.Fatal(err)
 	}
 	sum := sha256.Sum256(b)
-	return daemon.PluginConfig{Name: "file", Path: bin, SHA256: hex.EncodeToString(sum[:])}
+	return daemon.PluginConfig{Name: "file", Path: bin, SHA256: hex.EncodeToString(sum[:]), Env: map[string]string{"KEYWARD_FILE_DIRS": dir}}
 }
 
 // TestCredentialsEndToEnd: a managed credential through keywardd's socket,
@@ -44,10 +45,11 @@ func filePlugin(t *testing.T) daemon.PluginConfig {
 // agree after each rotation, the policy decides who gets the secret, and
 // the secret is in no log and no audit record.
 func TestCredentialsEndToEnd(t *testing.T) {
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) { c.Plugins = []daemon.PluginConfig{filePlugin(t)} })
+	dir := t.TempDir()
+	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) { c.Plugins = []daemon.PluginConfig{filePlugin(t, dir)} })
 	ctx := context.Background()
 	cc := keywardv1.NewCredentialServiceClient(in.conn)
-	path := filepath.Join(t.TempDir(), "db-password")
+	path := filepath.Join(dir, "db-password")
 	reg, err := cc.RegisterCredential(ctx, &keywardv1.RegisterCredentialRequest{Name: "db-orders", Plugin: "file",
 		Config: `{"path": "` + path + `"}`, RotationPeriod: durationpb.New(24 * time.Hour), Overlap: durationpb.New(time.Hour)})
 	if err != nil {
@@ -308,7 +310,7 @@ func TestPostgresRotationThroughKeywardd(t *testing.T) {
 	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
 		c.Plugins = []daemon.PluginConfig{{Name: "postgres", Path: bin, SHA256: hex.EncodeToString(sum[:]), Env: map[string]string{
 			"KEYWARD_POSTGRES_DSN":           fmt.Sprintf("host=127.0.0.1 port=%d user=%s dbname=postgres sslmode=disable", s.Port, s.AdminUser),
-			"KEYWARD_POSTGRES_PASSWORD_FILE": pw}}}
+			"KEYWARD_POSTGRES_PASSWORD_FILE": pw, "KEYWARD_POSTGRES_ROLES": "orders"}}}
 	})
 	// Restart with a fast maintenance loop, so the overlap's end is seen.
 	in.stop()
@@ -381,7 +383,7 @@ func TestPostgresRotationSurvivesPluginTrouble(t *testing.T) {
 	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
 		c.Plugins = []daemon.PluginConfig{{Name: "postgres", Path: bin, SHA256: hex.EncodeToString(sum[:]), CallTimeout: 2 * time.Second, Env: map[string]string{
 			"KEYWARD_POSTGRES_DSN":           fmt.Sprintf("host=127.0.0.1 port=%d user=%s dbname=postgres sslmode=disable", s.Port, s.AdminUser),
-			"KEYWARD_POSTGRES_PASSWORD_FILE": pw}}}
+			"KEYWARD_POSTGRES_PASSWORD_FILE": pw, "KEYWARD_POSTGRES_ROLES": "orders"}}}
 	})
 	ctx := context.Background()
 	cc := keywardv1.NewCredentialServiceClient(in.conn)
@@ -477,4 +479,14 @@ func TestPostgresRotationSurvivesPluginTrouble(t *testing.T) {
 		c.Close(ctx)
 		t.Errorf("the old login %s works after a rotation without overlap", user)
 	}
+}
+
+// TestOwnKeysRefusedToEnvelope: keywardd's own keys cannot be used through
+// EnvelopeService, even under a policy that grants every key: a managed
+// credential's sealed secret opens only through GetCredential.
+func TestOwnKeysRefusedToEnvelope(t *testing.T) {
+	in := start(t, uidPolicy(allowAll))
+	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+	_, err := ec.Encrypt(context.Background(), &keywardv1.EncryptRequest{KeyName: daemon.CredentialsKey, Plaintext: []byte("x")})
+	wantCode(t, err, codes.PermissionDenied, "keywardd's own keys")
 }

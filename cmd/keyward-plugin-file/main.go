@@ -4,6 +4,9 @@
 package main
 
 import (
+	"fmt"
+	"os"
+
 	"github.com/keyward/keyward/plugins/file"
 	"github.com/keyward/keyward/plugins/sdk"
 )
@@ -12,5 +15,10 @@ import (
 var version = "dev"
 
 func main() {
-	sdk.Serve(sdk.Plugin{Name: "file", Version: version, Rotator: file.Rotator{}, CheckConfig: file.CheckConfig})
+	r, err := file.FromEnv()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "keyward-plugin-file: %v\n", err)
+		os.Exit(1)
+	}
+	sdk.Serve(sdk.Plugin{Name: "file", Version: version, Rotator: r, CheckConfig: r.CheckConfig})
 }

@@ -19,10 +19,11 @@ func TestCredentialCLI(t *testing.T) {
 	bin := conformance.Build(t, "github.com/keyward/keyward/cmd/keyward-plugin-file")
 	b, _ := os.ReadFile(bin)
 	sum := sha256.Sum256(b)
+	dir := t.TempDir()
 	_, cfg, _ := daemonForWith(t, "      - operations: [\"*\"]\n        keys: [\"*\"]", func(c *daemon.Config) {
-		c.Plugins = []daemon.PluginConfig{{Name: "file", Path: bin, SHA256: hex.EncodeToString(sum[:])}}
+		c.Plugins = []daemon.PluginConfig{{Name: "file", Path: bin, SHA256: hex.EncodeToString(sum[:]), Env: map[string]string{"KEYWARD_FILE_DIRS": dir}}}
 	})
-	sock, dir := cfg.Socket.Path, t.TempDir()
+	sock := cfg.Socket.Path
 	path := filepath.Join(dir, "app-password")
 	r := ok(t, keyward(t, sock, "", "credential", "register", "-name", "app-db", "-plugin", "file", "-config", `{"path": "`+path+`"}`, "-rotation-period", "720h", "-overlap", "1h"))
 	if !strings.HasPrefix(r.stdout, "app-db\tfile\tactive\t") {

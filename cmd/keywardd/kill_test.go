@@ -303,7 +303,7 @@ func TestKill9LeavesNoPlugin(t *testing.T) {
 	b, _ := os.ReadFile(pluginBin)
 	sum := sha256.Sum256(b)
 	f, _ := os.OpenFile(files.config, os.O_APPEND|os.O_WRONLY, 0)
-	fmt.Fprintf(f, "plugins:\n  - name: file\n    path: %s\n    sha256: %s\n", pluginBin, hex.EncodeToString(sum[:]))
+	fmt.Fprintf(f, "plugins:\n  - name: file\n    path: %s\n    sha256: %s\n    env: {KEYWARD_FILE_DIRS: %s}\n", pluginBin, hex.EncodeToString(sum[:]), files.dir)
 	f.Close()
 
 	cmd := startDaemon(t, bin, files.config, files.sock)

@@ -11,6 +11,8 @@ import (
 	"os/signal"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/keyward/keyward/daemon"
 	"github.com/keyward/keyward/daemon/devmode"
 )
@@ -21,6 +23,13 @@ var version = "dev"
 func main() { os.Exit(run()) }
 
 func run() int {
+	// Processes of keywardd's own user (a plugin, say) may not read its
+	// memory or /proc/PID/environ (the PIN's variable, even unset, stays
+	// there), nor attach to it; and a crash leaves no core with the PIN.
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		fmt.Fprintf(os.Stderr, "keywardd: cannot make itself non-dumpable: %v\n", err)
+		return 1
+	}
 	configPath := flag.String("config", "/etc/keyward/keywardd.yaml", "configuration file")
 	dev := flag.Bool("dev", false, "try keyward: a throw-away SoftHSM2 token, data directory and permissive policy in a temporary directory")
 	devDir := flag.String("dev-dir", "", "with -dev: use (and keep) this directory instead of a temporary one")

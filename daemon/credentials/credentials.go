@@ -25,6 +25,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"regexp"
 	"sync"
 	"time"
@@ -44,6 +45,9 @@ var (
 	// ErrUnavailable marks a plugin that cannot be reached now (starting,
 	// restarting, too slow): the step is retried.
 	ErrUnavailable = errors.New("credentials: plugin unavailable")
+	// ErrNoPlugin: the credential's plugin is not configured (now): its
+	// steps wait for it, and nothing is taken as done.
+	ErrNoPlugin = errors.New("credentials: no such plugin")
 	// ErrNoSecret: the credential has no current secret yet (its first
 	// rotation has not finished).
 	ErrNoSecret = errors.New("credentials: no current secret yet")
@@ -129,6 +133,18 @@ type Version struct {
 	Sealed    []byte    `json:"sealed,omitempty"`
 	Activated time.Time `json:"activated"`
 	RetireAt  time.Time `json:"retire_at,omitzero"`
+	// RetireOp is the operation ID of this version's retirement, named
+	// after the rotation that replaced it: a plugin whose handles take
+	// turns sees a new ID for each retirement.
+	RetireOp string `json:"retire_op,omitempty"`
+}
+
+// retireOp is the operation ID that retires v.
+func retireOp(v *Version) string {
+	if v.RetireOp != "" {
+		return v.RetireOp
+	}
+	return "retire-" + v.Handle // records from before RetireOp
 }
 
 // Rotation is a rotation under way.
@@ -245,6 +261,17 @@ func (m *Manager) save(r *Record) error {
 
 func cred(r *Record) Credential { return Credential{Name: r.Name, Config: r.Config} }
 
+// canonical is a JSON configuration with its keys sorted and no spacing,
+// for comparing two.
+func canonical(raw json.RawMessage) string {
+	var v any
+	if json.Unmarshal(raw, &v) != nil {
+		return string(raw)
+	}
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
 // Register records a credential and runs its first rotation. If the
 // rotation fails for now, the credential stays registered and the rotation
 // is resumed later; the error says why.
@@ -277,6 +304,18 @@ func (m *Manager) Register(ctx context.Context, s Spec) (*Record, error) {
 	} else if !errors.Is(err, ErrNotFound) {
 		return nil, err
 	}
+	// One credential per thing in the external system: a second one on
+	// the same configuration would rotate the first's login or file
+	// behind its back (and hand its secret to whoever may get the second).
+	others, err := m.List()
+	if err != nil {
+		return nil, err
+	}
+	for _, o := range others {
+		if o.State != Revoked && o.Plugin == s.Plugin && canonical(o.Config) == canonical(s.Config) {
+			return nil, fmt.Errorf("%w: credential %q already manages this %s configuration", ErrExists, o.Name, s.Plugin)
+		}
+	}
 	if err := m.save(r); err != nil {
 		return nil, err
 	}
@@ -304,7 +343,7 @@ func (m *Manager) rotateLocked(ctx context.Context, r *Record) (*Record, error) 
 		// plugin may reuse what it names (a role of two that alternate),
 		// and a version dropped from the record unretired would work for
 		// ever. The current version keeps working.
-		if err := m.plugins.Retire(ctx, r.Plugin, "retire-"+r.Previous.Handle, cred(r), r.Previous.Handle); err != nil {
+		if err := m.plugins.Retire(ctx, r.Plugin, retireOp(r.Previous), cred(r), r.Previous.Handle); err != nil {
 			err = fmt.Errorf("retiring the previous version before a new rotation: %w", err)
 			m.failed(r, err)
 			m.save(r)
@@ -388,7 +427,7 @@ func (m *Manager) advance(ctx context.Context, r *Record) error {
 			now := m.now().UTC()
 			if r.Current != nil {
 				r.Previous = r.Current
-				r.Previous.RetireAt = now.Add(r.Overlap)
+				r.Previous.RetireAt, r.Previous.RetireOp = now.Add(r.Overlap), p.OperationID+"-retire"
 			}
 			r.Current = &Version{Handle: p.Handle, Sealed: p.Sealed, Activated: now}
 			r.Pending, r.Failures, r.RetryAt, r.LastError = nil, 0, time.Time{}, ""
@@ -432,7 +471,7 @@ func (m *Manager) retireDue(ctx context.Context, r *Record) error {
 	if r.Previous == nil || m.now().Before(r.Previous.RetireAt) {
 		return nil
 	}
-	if err := m.plugins.Retire(ctx, r.Plugin, "retire-"+r.Previous.Handle, cred(r), r.Previous.Handle); err != nil {
+	if err := m.plugins.Retire(ctx, r.Plugin, retireOp(r.Previous), cred(r), r.Previous.Handle); err != nil {
 		return fmt.Errorf("the plugin's Retire: %w", err)
 	}
 	r.Previous = nil
@@ -509,23 +548,24 @@ func (m *Manager) revokeLocked(ctx context.Context, r *Record) (*Record, error) 
 			return nil, err
 		}
 	}
+	// Each version goes from the record only once the plugin retired it
+	// (or said it is gone for good); a plugin that is away, or not
+	// configured now, leaves it for the next attempt.
 	var errs []error
-	for _, v := range []**Version{&r.Previous, &r.Current} {
-		if *v == nil {
-			continue
+	retire := func(handle string) bool {
+		err := m.plugins.Retire(ctx, r.Plugin, "revoke-"+r.Name+"-"+handle, cred(r), handle)
+		if err != nil && !errors.Is(err, ErrPermanent) {
+			errs = append(errs, fmt.Errorf("retiring %s: %w", handle, err))
+			return false
 		}
-		if err := m.plugins.Retire(ctx, r.Plugin, "revoke-"+(*v).Handle, cred(r), (*v).Handle); err != nil && !errors.Is(err, ErrPermanent) {
-			errs = append(errs, fmt.Errorf("retiring %s: %w", (*v).Handle, err))
-			continue
-		}
-		*v = nil
+		return true
 	}
-	if r.Pending != nil {
-		if h := r.Pending.Handle; h != "" {
-			if err := m.plugins.Retire(ctx, r.Plugin, "revoke-"+h, cred(r), h); err != nil && !errors.Is(err, ErrPermanent) {
-				errs = append(errs, fmt.Errorf("retiring %s: %w", h, err))
-			}
+	for _, v := range []**Version{&r.Previous, &r.Current} {
+		if *v != nil && retire((*v).Handle) {
+			*v = nil
 		}
+	}
+	if r.Pending != nil && (r.Pending.Handle == "" || retire(r.Pending.Handle)) {
 		r.Pending = nil
 	}
 	if len(errs) > 0 {
@@ -570,7 +610,7 @@ func (m *Manager) maintain(ctx context.Context, name string) (bool, error) {
 		return false, nil
 	}
 	switch {
-	case r.State == Revoked && (r.Current != nil || r.Previous != nil):
+	case r.State == Revoked && (r.Current != nil || r.Previous != nil || r.Pending != nil):
 		_, err := m.revokeLocked(ctx, r)
 		return true, err
 	case r.State == Revoked:
@@ -601,8 +641,8 @@ func generate(spec SecretSpec) ([]byte, error) {
 	if alphabet == "" {
 		alphabet = defaultAlphabet
 	}
-	if n < 16 || n > 1024 || len(alphabet) < 2 || len(alphabet) > 256 {
-		return nil, fmt.Errorf("%w: the plugin asks for secrets of %d characters of %d: keywardd makes 16 to 1024 of 2 to 256", ErrPermanent, n, len(alphabet))
+	if n < 16 || n > 1024 || len(alphabet) < 2 || len(alphabet) > 256 || float64(n)*math.Log2(float64(len(alphabet))) < 128 {
+		return nil, fmt.Errorf("%w: the plugin asks for secrets of %d characters of %d: keywardd makes 16 to 1024 of 2 to 256, and at least 128 bits", ErrPermanent, n, len(alphabet))
 	}
 	out := make([]byte, n)
 	limit := 256 - 256%len(alphabet)

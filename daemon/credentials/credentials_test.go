@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -92,11 +93,12 @@ func newFixture(t *testing.T, mode string) *fixture {
 		t.Fatal(err)
 	}
 	f := &fixture{st: st, clk: newClock(), plugins: host.Set{}, dir: dir}
+	os.Mkdir(filepath.Join(dir, "secrets"), 0o700)
 	log := slog.New(slog.NewTextHandler(&bytes.Buffer{}, nil))
 	for name, pkg := range map[string]string{"file": "github.com/keyward/keyward/cmd/keyward-plugin-file", "test": "github.com/keyward/keyward/plugins/host/testdata/testplugin"} {
 		path, sum := plugin(t, pkg)
 		p, err := host.Start(host.Config{Name: name, Path: path, SHA256: sum, CallTimeout: 5 * time.Second, Log: log,
-			Env: map[string]string{"TESTPLUGIN_RECORD": filepath.Join(dir, "record"), "TESTPLUGIN_MODE": mode}})
+			Env: map[string]string{"TESTPLUGIN_RECORD": filepath.Join(dir, "record"), "TESTPLUGIN_MODE": mode, "KEYWARD_FILE_DIRS": filepath.Join(dir, "secrets")}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -115,7 +117,7 @@ func (f *fixture) record() string {
 func TestFileCredentialLifecycle(t *testing.T) {
 	f := newFixture(t, "")
 	ctx := context.Background()
-	path := filepath.Join(f.dir, "db-password")
+	path := filepath.Join(f.dir, "secrets", "db-password")
 	r, err := f.m.Register(ctx, credentials.Spec{Name: "db", Plugin: "file", Config: []byte(`{"path": "` + path + `"}`), RotationPeriod: 24 * time.Hour, Overlap: time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -177,7 +179,7 @@ func TestFileCredentialLifecycle(t *testing.T) {
 	if _, err := f.m.Register(ctx, credentials.Spec{Name: "rel", Plugin: "file", Config: []byte(`{"path": "relative"}`)}); !errors.Is(err, credentials.ErrPermanent) {
 		t.Errorf("a configuration the plugin refuses: %v", err)
 	}
-	if _, err := f.m.Register(ctx, credentials.Spec{Name: "x", Plugin: "nope"}); !errors.Is(err, credentials.ErrPermanent) {
+	if _, err := f.m.Register(ctx, credentials.Spec{Name: "x", Plugin: "nope"}); !errors.Is(err, credentials.ErrNoPlugin) {
 		t.Errorf("an unknown plugin: %v", err)
 	}
 
@@ -270,10 +272,59 @@ func TestRotationInOverlapRetiresPrevious(t *testing.T) {
 	if r, err = f.m.Rotate(ctx, "svc"); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(f.record(), "retire retire-"+first+" "+first+"\n") {
+	if !regexp.MustCompile(`retire rot-[0-9a-f]+-retire ` + first + "\n").MatchString(f.record()) {
 		t.Fatalf("%s was dropped without being retired:\n%s", first, f.record())
 	}
 	if r.Previous == nil || r.Previous.Handle == first {
 		t.Errorf("after the second rotation: previous %+v", r.Previous)
+	}
+}
+
+// TestOneCredentialPerConfiguration: a second credential on the same
+// plugin configuration (the same file, the same database role) is refused:
+// it would rotate the first one's secret behind its back.
+func TestOneCredentialPerConfiguration(t *testing.T) {
+	f := newFixture(t, "")
+	ctx := context.Background()
+	path := filepath.Join(f.dir, "secrets", "shared")
+	if _, err := f.m.Register(ctx, credentials.Spec{Name: "a", Plugin: "file", Config: []byte(`{"path": "` + path + `"}`)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.m.Register(ctx, credentials.Spec{Name: "b", Plugin: "file", Config: []byte(`{ "path":"` + path + `" }`)}); !errors.Is(err, credentials.ErrExists) {
+		t.Fatalf("a second credential on the same file: %v", err)
+	}
+	if _, err := f.m.Register(ctx, credentials.Spec{Name: "c", Plugin: "file", Config: []byte(`{"path": "` + filepath.Join(f.dir, "secrets", "x") + `"}`)}); err != nil {
+		t.Fatalf("another file: %v", err)
+	}
+	// Outside the directories the plugin may write in: refused by it.
+	if _, err := f.m.Register(ctx, credentials.Spec{Name: "d", Plugin: "file", Config: []byte(`{"path": "` + f.st.Path() + `"}`)}); !errors.Is(err, credentials.ErrPermanent) {
+		t.Fatalf("a credential on keywardd's own store: %v", err)
+	}
+}
+
+// TestRevokeWaitsForThePlugin: a revocation whose plugin is not there (not
+// configured now, or away) keeps the versions on record and retries; none
+// is forgotten while it may still work.
+func TestRevokeWaitsForThePlugin(t *testing.T) {
+	f := newFixture(t, "")
+	ctx := context.Background()
+	if _, err := f.m.Register(ctx, credentials.Spec{Name: "svc", Plugin: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	p := f.plugins["test"]
+	delete(f.plugins, "test")
+	r, err := f.m.Revoke(ctx, "svc")
+	if !errors.Is(err, credentials.ErrNoPlugin) || r.Current == nil || r.State != credentials.Revoked {
+		t.Fatalf("Revoke without the plugin: %+v, %v", r, err)
+	}
+	f.plugins["test"] = p
+	if done, _ := f.m.Maintain(ctx); done["svc"] != nil || len(done) != 1 {
+		t.Fatalf("Maintain with the plugin back: %v", done)
+	}
+	if r, _ := f.m.Describe("svc"); r.Current != nil {
+		t.Fatalf("the current version is still on record: %+v", r.Current)
+	}
+	if !strings.Contains(f.record(), "retire revoke-svc-svc-1 svc-1\n") {
+		t.Errorf("the plugin did not retire svc-1:\n%s", f.record())
 	}
 }

@@ -3,8 +3,8 @@
 // are written in one transaction (store.UpdateEachEmit), so an event is
 // never lost to a crash between the two; each plugin has a cursor, the last
 // event it took, saved after each delivery, so a crash repeats at most the
-// delivery under way (which the plugin recognizes by its operation ID,
-// "evt-" and the sequence number). A plugin that fails is retried with
+// delivery under way (which the plugin recognizes by its operation ID:
+// "evt-", the sequence number and the event's random nonce). A plugin that fails is retried with
 // backoff and the events behind it wait: order is kept.
 //
 // Written here: it is a few dozen lines over the store, and a queue
@@ -13,6 +13,8 @@ package outbox
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -39,10 +41,18 @@ type Event struct {
 	ID      string    `json:"id"`
 	Subject string    `json:"subject,omitempty"`
 	Time    time.Time `json:"time"`
+	// Nonce makes the event's operation ID unique beyond this store: the
+	// sequence numbers of two keywardds, or of a store restored from a
+	// backup, repeat, and a receiver that drops IDs it has seen must not
+	// drop a real revocation.
+	Nonce string `json:"nonce"`
 }
 
-// Encode is the event as the outbox stores it.
+// Encode is the event as the outbox stores it, with a fresh nonce.
 func Encode(e Event) []byte {
+	n := make([]byte, 8)
+	rand.Read(n)
+	e.Nonce = hex.EncodeToString(n)
 	b, _ := json.Marshal(e) // strings and a time: cannot fail
 	return b
 }
@@ -203,6 +213,9 @@ func (o *Outbox) deliver(ctx context.Context, plugin string) error {
 		return err
 	}
 	kinds, known := o.plugins.Subscribed(plugin)
+	if !known {
+		return nil // not started yet: its events wait, unread
+	}
 	// The events after the cursor, read first: the store's read
 	// transaction must be over before a cursor is written.
 	type queued struct {
@@ -231,18 +244,26 @@ func (o *Outbox) deliver(ctx context.Context, plugin string) error {
 	}
 	pending := len(queue)
 	var failure error
+	saved := cur
 	for _, q := range queue {
-		if err != nil || !known {
+		if err != nil {
 			break
 		}
 		if slices.Contains(kinds, q.e.Kind) {
-			if failure = o.plugins.Deliver(ctx, plugin, "evt-"+q.key, q.e); failure != nil {
+			if failure = o.plugins.Deliver(ctx, plugin, "evt-"+q.key+"-"+q.e.Nonce, q.e); failure != nil {
 				break
 			}
+			// Saved after each delivery: a crash repeats at most one.
+			if err = o.setCursor(plugin, q.seq); err == nil {
+				saved = q.seq
+			}
 		}
-		if err = o.setCursor(plugin, q.seq); err == nil {
-			pending--
-		}
+		cur = q.seq
+		pending--
+	}
+	// Events it does not want are passed over with one write for the lot.
+	if err == nil && cur > saved {
+		err = o.setCursor(plugin, cur)
 	}
 	o.mu.Lock()
 	defer o.mu.Unlock()

@@ -293,6 +293,12 @@ func (s *Server) allow(ctx context.Context, op, key string) error {
 	if c.key == "" {
 		c.key = key
 	}
+	if strings.HasPrefix(op, "EnvelopeService.") && strings.HasPrefix(key, ReservedPrefix) {
+		// keyward-credentials seals managed credentials: decrypting with it
+		// would bypass GetCredential's policy and audit, whatever a glob
+		// such as "*" grants.
+		return fmt.Errorf("%w: %q is one of keywardd's own keys, which no caller may use", policy.ErrDenied, key)
+	}
 	return s.policy.Load().Allow(subject(c.caller), op, key)
 }
 

@@ -57,6 +57,7 @@ var codeOf = []struct {
 	{credentials.ErrNoSecret, codes.FailedPrecondition},
 	{credentials.ErrPermanent, codes.FailedPrecondition},
 	{credentials.ErrUnavailable, codes.Unavailable},
+	{credentials.ErrNoPlugin, codes.FailedPrecondition},
 	{tokens.ErrInvalid, codes.InvalidArgument},
 	{audit.ErrUnavailable, codes.Unavailable},
 	{hsm.ErrTokenUnavailable, codes.Unavailable},

@@ -135,7 +135,7 @@ func Run(t *testing.T, c Config) {
 	if slices.Contains(desc.GetCapabilities(), pluginv1.Capability_CAPABILITY_ROTATOR) {
 		t.Run("Rotate", func(t *testing.T) {
 			current := ""
-			for round := 1; round <= 2; round++ {
+			for round := 1; round <= 3; round++ { // three: handles that take turns come back
 				op := fmt.Sprintf("conformance-%d-%d", time.Now().UnixNano(), round)
 				secret := newSecret(desc.GetSecret())
 				var handle string

@@ -17,6 +17,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 
 	"github.com/keyward/keyward/plugins/sdk"
 )
@@ -26,7 +28,33 @@ type Config struct {
 	Path string `json:"path"`
 }
 
-func parse(c sdk.Credential) (Config, error) {
+// Rotator is the file plugin's rotator. Dirs are the directories it may
+// write in (KEYWARD_FILE_DIRS, colon-separated): whoever may register a
+// credential chooses its path, and keywardd's own files (its store, its
+// audit log, its PIN) must be out of reach.
+type Rotator struct {
+	Dirs []string
+}
+
+// FromEnv reads KEYWARD_FILE_DIRS.
+func FromEnv() (*Rotator, error) {
+	r := &Rotator{}
+	for _, d := range strings.Split(os.Getenv("KEYWARD_FILE_DIRS"), ":") {
+		if d == "" {
+			continue
+		}
+		if !filepath.IsAbs(d) || filepath.Clean(d) != d {
+			return nil, fmt.Errorf("KEYWARD_FILE_DIRS: %q is not an absolute, clean directory", d)
+		}
+		r.Dirs = append(r.Dirs, d)
+	}
+	if len(r.Dirs) == 0 {
+		return nil, errors.New("set KEYWARD_FILE_DIRS to the directories credentials may be written in (colon-separated)")
+	}
+	return r, nil
+}
+
+func (r *Rotator) parse(c sdk.Credential) (Config, error) {
 	var cfg Config
 	if err := json.Unmarshal(c.Config, &cfg); err != nil {
 		return cfg, fmt.Errorf("credential %s: the configuration is not {\"path\": \"/abs/path\"}: %v: %w", c.Name, err, sdk.ErrPermanent)
@@ -34,13 +62,19 @@ func parse(c sdk.Credential) (Config, error) {
 	if !filepath.IsAbs(cfg.Path) || filepath.Clean(cfg.Path) != cfg.Path {
 		return cfg, fmt.Errorf("credential %s: path %q must be absolute and clean: %w", c.Name, cfg.Path, sdk.ErrPermanent)
 	}
+	if !slices.Contains(r.Dirs, filepath.Dir(cfg.Path)) {
+		return cfg, fmt.Errorf("credential %s: %s is not in a directory this plugin may write in (KEYWARD_FILE_DIRS): %w", c.Name, cfg.Path, sdk.ErrPermanent)
+	}
+	if fi, err := os.Lstat(cfg.Path); err == nil && !fi.Mode().IsRegular() {
+		return cfg, fmt.Errorf("credential %s: %s exists and is not a regular file: %w", c.Name, cfg.Path, sdk.ErrPermanent)
+	}
 	return cfg, nil
 }
 
 // CheckConfig checks a credential's configuration: an absolute path in an
-// existing directory.
-func CheckConfig(_ context.Context, c sdk.Credential) error {
-	cfg, err := parse(c)
+// allowed, existing directory.
+func (r *Rotator) CheckConfig(_ context.Context, c sdk.Credential) error {
+	cfg, err := r.parse(c)
 	if err != nil {
 		return err
 	}
@@ -50,15 +84,12 @@ func CheckConfig(_ context.Context, c sdk.Credential) error {
 	return nil
 }
 
-// Rotator is the file plugin's rotator.
-type Rotator struct{}
-
 func staged(cfg Config) string { return cfg.Path + ".keyward-new" }
 
 // Create writes the new secret beside the file. Done again for the same
 // operation, it writes the same secret again: idempotent.
-func (Rotator) Create(_ context.Context, r sdk.CreateRequest) (sdk.CreateResult, error) {
-	cfg, err := parse(r.Credential)
+func (rt *Rotator) Create(_ context.Context, r sdk.CreateRequest) (sdk.CreateResult, error) {
+	cfg, err := rt.parse(r.Credential)
 	if err != nil {
 		return sdk.CreateResult{}, err
 	}
@@ -72,8 +103,8 @@ func (Rotator) Create(_ context.Context, r sdk.CreateRequest) (sdk.CreateResult,
 }
 
 // Test reads the new secret back.
-func (Rotator) Test(_ context.Context, r sdk.TestRequest) error {
-	cfg, err := parse(r.Credential)
+func (rt *Rotator) Test(_ context.Context, r sdk.TestRequest) error {
+	cfg, err := rt.parse(r.Credential)
 	if err != nil {
 		return err
 	}
@@ -92,8 +123,8 @@ func (Rotator) Test(_ context.Context, r sdk.TestRequest) error {
 }
 
 // Activate renames the new secret over the file.
-func (Rotator) Activate(_ context.Context, r sdk.ActivateRequest) error {
-	cfg, err := parse(r.Credential)
+func (rt *Rotator) Activate(_ context.Context, r sdk.ActivateRequest) error {
+	cfg, err := rt.parse(r.Credential)
 	if err != nil {
 		return err
 	}
@@ -110,8 +141,8 @@ func (Rotator) Activate(_ context.Context, r sdk.ActivateRequest) error {
 }
 
 // Retire removes a new secret never activated; the old one is gone.
-func (Rotator) Retire(_ context.Context, r sdk.RetireRequest) error {
-	cfg, err := parse(r.Credential)
+func (rt *Rotator) Retire(_ context.Context, r sdk.RetireRequest) error {
+	cfg, err := rt.parse(r.Credential)
 	if err != nil {
 		return err
 	}

@@ -17,8 +17,9 @@ func TestConformance(t *testing.T) {
 	conformance.Run(t, conformance.Config{
 		Binary:    conformance.Build(t, "github.com/keyward/keyward/cmd/keyward-plugin-file"),
 		Name:      "file",
+		Env:       map[string]string{"KEYWARD_FILE_DIRS": dir},
 		Config:    []byte(`{"path": "` + path + `"}`),
-		BadConfig: []byte(`{"path": "relative/file"}`),
+		BadConfig: []byte(`{"path": "` + filepath.Join(t.TempDir(), "elsewhere") + `"}`),
 		Current: func(t *testing.T, _ string, secret []byte) {
 			b, err := os.ReadFile(path)
 			if err != nil || string(b) != string(secret) {

@@ -7,9 +7,10 @@
 // with backoff when it crashes, makes the kernel kill it if keywardd dies,
 // and logs its lines in keywardd's log tagged with its name.
 //
-// The file is opened once per launch, hashed through that descriptor and
-// executed as /proc/self/fd/N, so what runs is what was hashed: replacing
-// the file or a directory in its path between the check and the exec
+// The file is opened once per launch, read, hashed, and the bytes hashed
+// are copied into a sealed memory file (memfd) that is executed as
+// /proc/self/fd/N, so what runs is what was hashed: replacing the file, a
+// directory in its path, or writing the file in place after the check
 // changes nothing (go-plugin's own SecureConfig hashes the path and then
 // executes the path).
 package host
@@ -34,6 +35,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-plugin"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -156,12 +158,40 @@ func openPinned(c *Config) (*os.File, error) {
 			break
 		}
 	}
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return fail(refuse("reading %s: %v", c.Path, err))
+	// The bytes are read once, hashed, and copied into a sealed memory
+	// file that is what runs: writing the file in place after the hash
+	// (its owner can) changes nothing.
+	b, err := io.ReadAll(io.LimitReader(f, maxPluginSize+1))
+	f.Close()
+	if err != nil {
+		return nil, refuse("reading %s: %v", c.Path, err)
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != strings.ToLower(c.SHA256) {
-		return fail(refuse("%s has SHA-256 %s, not the pinned %s; if the new file is the one to run, pin it", c.Path, got, strings.ToLower(c.SHA256)))
+	if len(b) > maxPluginSize {
+		return nil, refuse("%s is larger than %d MiB", c.Path, maxPluginSize>>20)
+	}
+	if got := sha256.Sum256(b); hex.EncodeToString(got[:]) != strings.ToLower(c.SHA256) {
+		return nil, refuse("%s has SHA-256 %s, not the pinned %s; if the new file is the one to run, pin it", c.Path, hex.EncodeToString(got[:]), strings.ToLower(c.SHA256))
+	}
+	return sealedCopy(c.Name, b)
+}
+
+// maxPluginSize bounds a plugin's executable.
+const maxPluginSize = 512 << 20
+
+// sealedCopy is b in a memory file sealed against any change.
+func sealedCopy(name string, b []byte) (*os.File, error) {
+	fd, err := unix.MemfdCreate("keyward-plugin-"+name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		return nil, fmt.Errorf("plugin %s: a memory file: %w", name, err)
+	}
+	f := os.NewFile(uintptr(fd), "keyward-plugin-"+name)
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("plugin %s: %w", name, err)
+	}
+	if _, err := unix.FcntlInt(f.Fd(), unix.F_ADD_SEALS, unix.F_SEAL_SEAL|unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_WRITE); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("plugin %s: sealing its memory file: %w", name, err)
 	}
 	return f, nil
 }
@@ -199,6 +229,7 @@ type Plugin struct {
 	status Status
 	stop   chan struct{}
 	done   chan struct{}
+	closed sync.Once
 }
 
 // Backoff of restarts: from minBackoff, doubling, to maxBackoff; a plugin
@@ -295,6 +326,8 @@ func (p *Plugin) launch() error {
 func (p *Plugin) startError(err error) error {
 	msg := err.Error()
 	switch {
+	case strings.Contains(msg, "Failed to read any lines"):
+		return fmt.Errorf("plugin %s exited or closed standard output before the handshake (its log lines, if any, are above)", p.cfg.Name)
 	case strings.Contains(msg, "Unrecognized remote plugin message"):
 		return fmt.Errorf("plugin %s wrote to standard output before the handshake: standard output belongs to go-plugin; log to standard error (the SDK's logger does)", p.cfg.Name)
 	case strings.Contains(msg, "timeout while waiting for plugin to start"):
@@ -302,9 +335,10 @@ func (p *Plugin) startError(err error) error {
 	case strings.Contains(msg, "exited before we could connect"):
 		return fmt.Errorf("plugin %s exited before the handshake (its log lines, if any, are above)", p.cfg.Name)
 	case strings.Contains(msg, "Incompatible API version"), strings.Contains(msg, "incompatible"):
-		return fmt.Errorf("plugin %s speaks no protocol version keywardd speaks (%d): %v", p.cfg.Name, pluginv1.ProtocolVersion, err)
+		return fmt.Errorf("plugin %s speaks no protocol version keywardd speaks (%d)", p.cfg.Name, pluginv1.ProtocolVersion)
 	}
-	return fmt.Errorf("plugin %s: %w", p.cfg.Name, err)
+	// go-plugin's other messages can quote what the plugin printed.
+	return fmt.Errorf("plugin %s failed go-plugin's handshake (its log lines, if any, are above)", p.cfg.Name)
 }
 
 func (p *Plugin) setState(s State, err error) {
@@ -410,13 +444,12 @@ func (p *Plugin) Call(ctx context.Context, fn func(ctx context.Context, c *plugi
 // Close stops supervising and kills the plugin (go-plugin asks it to stop
 // first, then kills it).
 func (p *Plugin) Close() {
-	select {
-	case <-p.stop:
-		return
-	default:
-	}
-	close(p.stop)
+	first := false
+	p.closed.Do(func() { close(p.stop); first = true })
 	<-p.done
+	if !first {
+		return
+	}
 	p.mu.Lock()
 	c := p.client
 	p.client, p.api = nil, nil

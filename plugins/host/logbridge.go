@@ -46,7 +46,9 @@ func (w *logWriter) Write(b []byte) (int, error) {
 				attrs = append(attrs, slog.Any(k, m[k]))
 			}
 		}
-		w.log.LogAttrs(context.Background(), levels[lvl], msg, attrs...)
+		// The plugin's attributes in a group of their own: a plugin cannot
+		// pass itself off as another ("plugin") or as keywardd.
+		w.log.LogAttrs(context.Background(), levels[lvl], msg, slog.Attr{Key: "attrs", Value: slog.GroupValue(attrs...)})
 	}
 	return len(b), nil
 }

@@ -26,7 +26,7 @@ var _ credentials.Rotator = Set(nil)
 func (s Set) rotator(name string) (*Plugin, error) {
 	p := s[name]
 	if p == nil {
-		return nil, fmt.Errorf("%w: no plugin %q is configured", credentials.ErrPermanent, name)
+		return nil, fmt.Errorf("%w: no plugin %q is configured", credentials.ErrNoPlugin, name)
 	}
 	if d := p.Describe(); d != nil && !slices.Contains(d.GetCapabilities(), pluginv1.Capability_CAPABILITY_ROTATOR) {
 		return nil, fmt.Errorf("%w: plugin %q does not rotate credentials", credentials.ErrPermanent, name)

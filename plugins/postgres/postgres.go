@@ -30,8 +30,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -47,7 +49,7 @@ type Config struct {
 
 var nameForm = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,40}$`)
 
-func parse(c sdk.Credential) (Config, error) {
+func (r *Rotator) parse(c sdk.Credential) (Config, error) {
 	var cfg Config
 	if err := json.Unmarshal(c.Config, &cfg); err != nil {
 		return cfg, fmt.Errorf("credential %s: the configuration is not {\"role\": ..., \"database\": ...}: %v: %w", c.Name, err, sdk.ErrPermanent)
@@ -58,6 +60,9 @@ func parse(c sdk.Credential) (Config, error) {
 	if !nameForm.MatchString(cfg.Role) || !nameForm.MatchString(cfg.Database) {
 		return cfg, fmt.Errorf("credential %s: role and database are 1 to 41 of a-z 0-9 _, not a digit first: %w", c.Name, sdk.ErrPermanent)
 	}
+	if !slices.Contains(r.Roles, cfg.Role) {
+		return cfg, fmt.Errorf("credential %s: role %q is not one this plugin may rotate (KEYWARD_POSTGRES_ROLES): %w", c.Name, cfg.Role, sdk.ErrPermanent)
+	}
 	return cfg, nil
 }
 
@@ -65,6 +70,11 @@ func parse(c sdk.Credential) (Config, error) {
 type Rotator struct {
 	DSN          string // the administrator's connection, without password
 	PasswordFile string
+	// Roles are the group roles credentials may name
+	// (KEYWARD_POSTGRES_ROLES, comma-separated): whoever may register a
+	// credential chooses its role, and the administrator's other roles
+	// must be out of reach.
+	Roles []string
 }
 
 // FromEnv reads the plugin's environment.
@@ -73,12 +83,29 @@ func FromEnv() (*Rotator, error) {
 	if r.DSN == "" || r.PasswordFile == "" {
 		return nil, errors.New("set KEYWARD_POSTGRES_DSN and KEYWARD_POSTGRES_PASSWORD_FILE")
 	}
+	for _, role := range strings.Split(os.Getenv("KEYWARD_POSTGRES_ROLES"), ",") {
+		if role = strings.TrimSpace(role); role == "" {
+			continue
+		}
+		if !nameForm.MatchString(role) {
+			return nil, fmt.Errorf("KEYWARD_POSTGRES_ROLES: %q is not a role name", role)
+		}
+		r.Roles = append(r.Roles, role)
+	}
+	if len(r.Roles) == 0 {
+		return nil, errors.New("set KEYWARD_POSTGRES_ROLES to the group roles credentials may rotate (comma-separated)")
+	}
 	cfg, err := pgx.ParseConfig(r.DSN)
 	if err != nil {
 		return nil, fmt.Errorf("KEYWARD_POSTGRES_DSN: %v", err)
 	}
 	if cfg.Password != "" {
 		return nil, errors.New("KEYWARD_POSTGRES_DSN holds a password: put it in KEYWARD_POSTGRES_PASSWORD_FILE")
+	}
+	if ip := net.ParseIP(cfg.Host); (ip == nil || !ip.IsLoopback()) && !strings.HasPrefix(cfg.Host, "/") && !strings.Contains(r.DSN, "sslmode=verify-full") {
+		// Test logs in with the new password: over a network, only to a
+		// server whose certificate is checked.
+		return nil, errors.New("KEYWARD_POSTGRES_DSN: a server off this host needs sslmode=verify-full")
 	}
 	fi, err := os.Stat(r.PasswordFile)
 	if err != nil {
@@ -106,7 +133,7 @@ func (r *Rotator) admin(ctx context.Context) (*pgx.Conn, error) {
 
 // CheckConfig checks a credential's configuration.
 func (r *Rotator) CheckConfig(_ context.Context, c sdk.Credential) error {
-	_, err := parse(c)
+	_, err := r.parse(c)
 	return err
 }
 
@@ -121,7 +148,7 @@ func other(role, current string) string {
 // Create sets the new password on the login role not in use, making the
 // roles if they are missing. Done again, it sets the same password again.
 func (r *Rotator) Create(ctx context.Context, req sdk.CreateRequest) (sdk.CreateResult, error) {
-	cfg, err := parse(req.Credential)
+	cfg, err := r.parse(req.Credential)
 	if err != nil {
 		return sdk.CreateResult{}, err
 	}
@@ -165,7 +192,7 @@ func (r *Rotator) Create(ctx context.Context, req sdk.CreateRequest) (sdk.Create
 
 // Test logs in as the new login with its password.
 func (r *Rotator) Test(ctx context.Context, req sdk.TestRequest) error {
-	cfg, err := parse(req.Credential)
+	cfg, err := r.parse(req.Credential)
 	if err != nil {
 		return err
 	}
@@ -190,7 +217,7 @@ func (r *Rotator) Activate(context.Context, sdk.ActivateRequest) error { return 
 // Retire disables a login role: no login, no password. Its open sessions
 // are left to end.
 func (r *Rotator) Retire(ctx context.Context, req sdk.RetireRequest) error {
-	cfg, err := parse(req.Credential)
+	cfg, err := r.parse(req.Credential)
 	if err != nil {
 		return err
 	}

@@ -7,17 +7,18 @@
 //
 //	POST <url>
 //	Content-Type: application/json
-//	Keyward-Event-Id: evt-00000000000000000042
+//	Keyward-Event-Id: evt-00000000000000000042-9f86d081884c7d65
 //	Keyward-Signature: t=1764460800,v1=<hex HMAC-SHA256(key, "1764460800." + body)>
 //
-//	{"id": "evt-00000000000000000042", "type": "api_key.revoked", "time": "2026-11-30T00:00:00Z",
+//	{"id": "evt-00000000000000000042-9f86d081884c7d65", "type": "api_key.revoked", "time": "2026-11-30T00:00:00Z",
 //	 "data": {"id": "ak_...", "subject": "team-a"}}
 //
 // Types: api_key.revoked, token.revoked, key_version.revoked,
 // credential.revoked (data: id, subject), and credential.rotated,
 // credential.retired (data: credential, handle, previous_handle). The id is
 // keyward's operation ID: the same event retried has the same id, so the
-// receiver can drop duplicates (delivery is at least once). Any 2xx answer
+// receiver can drop duplicates (delivery is at least once); take it from
+// the signed body, not the header. Redirects are not followed. Any 2xx answer
 // is success; anything else, or no answer, is retried (three times within a
 // call, then by keywardd with backoff).
 //
@@ -89,7 +90,10 @@ func FromEnv() (*Hook, error) {
 	if len(key) < 32 {
 		return nil, errors.New("KEYWARD_WEBHOOK_KEY_FILE: the key must be at least 32 bytes")
 	}
-	h := &Hook{URL: u.String(), Key: key, Client: &http.Client{Timeout: 5 * time.Second}, now: time.Now}
+	h := &Hook{URL: u.String(), Key: key, now: time.Now, Client: &http.Client{Timeout: 5 * time.Second,
+		// A redirect would re-send the signed body elsewhere, perhaps in
+		// the clear: it is an answer that is not 2xx, and retried.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}}
 	list := os.Getenv("KEYWARD_WEBHOOK_EVENTS")
 	if list == "" {
 		list = "api_key,token,key_version,credential"
