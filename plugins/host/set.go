@@ -91,8 +91,8 @@ func (s Set) Create(ctx context.Context, plugin, op string, c credentials.Creden
 	if err != nil {
 		return "", nil, permanent(err)
 	}
-	if r.GetHandle() == "" {
-		return "", nil, fmt.Errorf("%w: plugin %s returned no handle", credentials.ErrPermanent, plugin)
+	if r.GetHandle() == "" || len(r.GetHandle()) > 256 || len(r.GetSecret()) > 4096 {
+		return "", nil, fmt.Errorf("%w: plugin %s returned a handle of %d bytes (1 to 256) and a secret of %d (at most 4096)", credentials.ErrPermanent, plugin, len(r.GetHandle()), len(r.GetSecret()))
 	}
 	return r.GetHandle(), r.GetSecret(), nil
 }
