@@ -28,16 +28,30 @@ import (
 	"github.com/keyward/keyward/plugins/webhook"
 )
 
-// filePlugin builds keyward-plugin-file for a keywardd of the test, allowed
-// to write in dir.
-func filePlugin(t *testing.T, dir string) daemon.PluginConfig {
-	bin := conformance.Build(t, "github.com/keyward/keyward/cmd/keyward-plugin-file")
+// pluginConfig builds a plugin's package for a keywardd of the test and
+// pins it.
+func pluginConfig(t *testing.T, name, pkg string, env map[string]string) daemon.PluginConfig {
+	bin := conformance.Build(t, pkg)
 	b, err := os.ReadFile(bin)
 	if err != nil {
 		t.Fatal(err)
 	}
 	sum := sha256.Sum256(b)
-	return daemon.PluginConfig{Name: "file", Path: bin, SHA256: hex.EncodeToString(sum[:]), Env: map[string]string{"KEYWARD_FILE_DIRS": dir}}
+	return daemon.PluginConfig{Name: name, Path: bin, SHA256: hex.EncodeToString(sum[:]), Env: env}
+}
+
+// filePlugin is keyward-plugin-file, allowed to write in dir.
+func filePlugin(t *testing.T, dir string) daemon.PluginConfig {
+	return pluginConfig(t, "file", "github.com/keyward/keyward/cmd/keyward-plugin-file", map[string]string{"KEYWARD_FILE_DIRS": dir})
+}
+
+// postgresPlugin is keyward-plugin-postgres for s, rotating role orders.
+func postgresPlugin(t *testing.T, s *pgtest.Server) daemon.PluginConfig {
+	pw := filepath.Join(t.TempDir(), "admin-password")
+	os.WriteFile(pw, []byte(s.AdminPassword), 0o600)
+	return pluginConfig(t, "postgres", "github.com/keyward/keyward/cmd/keyward-plugin-postgres", map[string]string{
+		"KEYWARD_POSTGRES_DSN":           fmt.Sprintf("host=127.0.0.1 port=%d user=%s dbname=postgres sslmode=disable", s.Port, s.AdminUser),
+		"KEYWARD_POSTGRES_PASSWORD_FILE": pw, "KEYWARD_POSTGRES_ROLES": "orders"})
 }
 
 // TestCredentialsEndToEnd: a managed credential through keywardd's socket,
@@ -147,12 +161,9 @@ func TestCredentialsEndToEnd(t *testing.T) {
 // plugin that subscribes to them (the test plugin, a real process), each
 // once and in order, through keywardd's outbox.
 func TestRevocationFanOut(t *testing.T) {
-	bin := conformance.Build(t, "github.com/keyward/keyward/plugins/host/testdata/testplugin")
-	b, _ := os.ReadFile(bin)
-	sum := sha256.Sum256(b)
 	rec := filepath.Join(t.TempDir(), "record")
 	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
-		c.Plugins = []daemon.PluginConfig{{Name: "test", Path: bin, SHA256: hex.EncodeToString(sum[:]), Env: map[string]string{"TESTPLUGIN_RECORD": rec}}}
+		c.Plugins = []daemon.PluginConfig{pluginConfig(t, "test", "github.com/keyward/keyward/plugins/host/testdata/testplugin", map[string]string{"TESTPLUGIN_RECORD": rec})}
 	})
 	ctx := context.Background()
 	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
@@ -185,7 +196,7 @@ func TestRevocationFanOut(t *testing.T) {
 		return len(got) >= 3
 	})
 	time.Sleep(300 * time.Millisecond) // nothing more may come
-	b, _ = os.ReadFile(rec)
+	b, _ := os.ReadFile(rec)
 	if n := strings.Count(string(b), "revoke "); n != 3 || strings.Contains(string(b), "jti-not-subscribed") {
 		t.Fatalf("deliveries:\n%s", b)
 	}
@@ -225,12 +236,11 @@ func TestRevocationReachesWebhookAfterOutage(t *testing.T) {
 		bodies, heads = append(bodies, b), append(heads, r.Header.Clone())
 	}))
 	defer srv.Close()
-	bin := conformance.Build(t, "github.com/keyward/keyward/cmd/keyward-plugin-webhook")
-	b, _ := os.ReadFile(bin)
-	sum := sha256.Sum256(b)
 	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
-		c.Plugins = []daemon.PluginConfig{{Name: "webhook", Path: bin, SHA256: hex.EncodeToString(sum[:]), CallTimeout: 5 * time.Second,
-			Env: map[string]string{"KEYWARD_WEBHOOK_URL": srv.URL, "KEYWARD_WEBHOOK_KEY_FILE": kf, "KEYWARD_WEBHOOK_EVENTS": "api_key"}}}
+		p := pluginConfig(t, "webhook", "github.com/keyward/keyward/cmd/keyward-plugin-webhook",
+			map[string]string{"KEYWARD_WEBHOOK_URL": srv.URL, "KEYWARD_WEBHOOK_KEY_FILE": kf, "KEYWARD_WEBHOOK_EVENTS": "api_key"})
+		p.CallTimeout = 5 * time.Second
+		c.Plugins = []daemon.PluginConfig{p}
 	})
 	ctx := context.Background()
 	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
@@ -302,16 +312,7 @@ func TestRevocationReachesWebhookAfterOutage(t *testing.T) {
 // during the overlap, and after it the old one is refused.
 func TestPostgresRotationThroughKeywardd(t *testing.T) {
 	s := pgtest.Start(t)
-	pw := filepath.Join(t.TempDir(), "admin-password")
-	os.WriteFile(pw, []byte(s.AdminPassword), 0o600)
-	bin := conformance.Build(t, "github.com/keyward/keyward/cmd/keyward-plugin-postgres")
-	b, _ := os.ReadFile(bin)
-	sum := sha256.Sum256(b)
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
-		c.Plugins = []daemon.PluginConfig{{Name: "postgres", Path: bin, SHA256: hex.EncodeToString(sum[:]), Env: map[string]string{
-			"KEYWARD_POSTGRES_DSN":           fmt.Sprintf("host=127.0.0.1 port=%d user=%s dbname=postgres sslmode=disable", s.Port, s.AdminUser),
-			"KEYWARD_POSTGRES_PASSWORD_FILE": pw, "KEYWARD_POSTGRES_ROLES": "orders"}}}
-	})
+	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) { c.Plugins = []daemon.PluginConfig{postgresPlugin(t, s)} })
 	// Restart with a fast maintenance loop, so the overlap's end is seen.
 	in.stop()
 	in.credEvery = 100 * time.Millisecond
@@ -375,15 +376,10 @@ func TestPostgresRotationThroughKeywardd(t *testing.T) {
 // completes with the same operation.
 func TestPostgresRotationSurvivesPluginTrouble(t *testing.T) {
 	s := pgtest.Start(t)
-	pw := filepath.Join(t.TempDir(), "admin-password")
-	os.WriteFile(pw, []byte(s.AdminPassword), 0o600)
-	bin := conformance.Build(t, "github.com/keyward/keyward/cmd/keyward-plugin-postgres")
-	b, _ := os.ReadFile(bin)
-	sum := sha256.Sum256(b)
 	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
-		c.Plugins = []daemon.PluginConfig{{Name: "postgres", Path: bin, SHA256: hex.EncodeToString(sum[:]), CallTimeout: 2 * time.Second, Env: map[string]string{
-			"KEYWARD_POSTGRES_DSN":           fmt.Sprintf("host=127.0.0.1 port=%d user=%s dbname=postgres sslmode=disable", s.Port, s.AdminUser),
-			"KEYWARD_POSTGRES_PASSWORD_FILE": pw, "KEYWARD_POSTGRES_ROLES": "orders"}}}
+		p := postgresPlugin(t, s)
+		p.CallTimeout = 2 * time.Second
+		c.Plugins = []daemon.PluginConfig{p}
 	})
 	ctx := context.Background()
 	cc := keywardv1.NewCredentialServiceClient(in.conn)
