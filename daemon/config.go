@@ -63,6 +63,11 @@ type Config struct {
 			BaseURL string `yaml:"base_url"` // how verifiers reach it; default from the address
 		} `yaml:"http"`
 	} `yaml:"tokens"`
+	// Metrics serves Prometheus metrics at http://ADDRESS/metrics; off
+	// unless set; loopback only (there is no authentication).
+	Metrics struct {
+		Address string `yaml:"address"` // e.g. 127.0.0.1:9464
+	} `yaml:"metrics"`
 	// Plugins are started at start and supervised (docs/plugins.md).
 	Plugins []PluginConfig `yaml:"plugins"`
 	APIKeys struct {
@@ -146,6 +151,12 @@ func (c *Config) check() error {
 	}
 	if _, err := c.apiKeyOptions(); err != nil {
 		errs = append(errs, err)
+	}
+	if a := c.Metrics.Address; a != "" {
+		host, _, err := net.SplitHostPort(a)
+		if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
+			errs = append(errs, fmt.Errorf("metrics.address %q: a loopback address and port (127.0.0.1:9464): the metrics have no authentication", a))
+		}
 	}
 	seen := map[string]bool{}
 	for i, p := range c.Plugins {

@@ -18,6 +18,7 @@ import (
 	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/policy"
 	"github.com/keyward/keyward/daemon/server"
@@ -186,8 +187,42 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	if err != nil {
 		return err
 	}
+	mx := metrics.New(server.Ops(),
+		metrics.NewGaugeFunc("keyward_key_version_age_seconds", "Age of each key's newest version: compare with its rotation period.", "key", func() map[string]float64 {
+			out := map[string]float64{}
+			all, _ := km.List()
+			for _, k := range all {
+				if n := len(k.Versions); n > 0 {
+					out[k.Name] = time.Since(k.Versions[n-1].Created).Seconds()
+				}
+			}
+			return out
+		}),
+		metrics.NewGaugeFunc("keyward_plugin_up", "1 while a plugin runs, 0 while it starts, restarts or is refused.", "plugin", func() map[string]float64 {
+			out := map[string]float64{}
+			for _, p := range plugins {
+				st := p.Status()
+				out[st.Name] = map[bool]float64{true: 1, false: 0}[st.State == host.Running]
+			}
+			return out
+		}),
+		metrics.NewGaugeFunc("keyward_plugin_events_pending", "Revocation events waiting to be delivered to a plugin.", "plugin", func() map[string]float64 {
+			out := map[string]float64{}
+			for name, st := range ob.Status() {
+				out[name] = float64(st.Pending)
+			}
+			return out
+		}),
+	)
+	if cfg.Metrics.Address != "" {
+		stop, err := serveMetrics(cfg.Metrics.Address, mx, log)
+		if err != nil {
+			return err
+		}
+		closers = append(closers, stop)
+	}
 	srv, gs := server.New(server.Config{
-		HSM: h, Store: st, Keys: km, Envelope: env, Audit: al, Policy: pol, Credentials: cm,
+		HSM: h, Store: st, Keys: km, Envelope: env, Audit: al, Policy: pol, Credentials: cm, Metrics: mx,
 		MaxBatch: cfg.MaxBatch, Version: o.Version, HealthEvery: o.HealthEvery,
 		Tokens: tc, Revoked: revoked, APIKeys: akm, Plugins: func() []server.PluginState { return pluginStates(plugins, ob.Status()) },
 	})
@@ -403,6 +438,24 @@ func maintainCredentials(ctx context.Context, cm *credentials.Manager, al *audit
 		case <-t.C:
 		}
 	}
+}
+
+// serveMetrics serves /metrics on a loopback address.
+func serveMetrics(addr string, mx *metrics.Metrics, log *slog.Logger) (func() error, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics.address: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", mx.Handler())
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, WriteTimeout: 30 * time.Second, MaxHeaderBytes: 8 << 10}
+	go hs.Serve(ln)
+	log.Info("serving metrics", "url", "http://"+ln.Addr().String()+"/metrics")
+	return func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return hs.Shutdown(ctx)
+	}, nil
 }
 
 // serveJWKS starts the HTTP listener for verifiers elsewhere: plain HTTP on

@@ -243,6 +243,7 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 	}
 	res := s.cfg.APIKeys.Verify(ctx, r.GetKey(), req)
 	c.result = string(res.Code)
+	s.cfg.Metrics.Verified(string(res.Code))
 	if res.Code == apikeys.Unavailable {
 		return nil, fmt.Errorf("%w: the key could not be checked, so it is not valid: %s", errUnavailable, res.Detail)
 	}

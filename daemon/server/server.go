@@ -29,6 +29,7 @@ import (
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/identity"
 	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/policy"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/daemon/tokens"
@@ -86,6 +87,8 @@ type Config struct {
 	APIKeys *apikeys.Manager
 	// Credentials serves the CredentialService; nil turns it off.
 	Credentials *credentials.Manager
+	// Metrics, if set, counts and times every call.
+	Metrics *metrics.Metrics
 	// Plugins, if set, reports the plugins' states for GetStatus.
 	Plugins func() []PluginState
 }
@@ -253,6 +256,7 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	if err := s.cfg.Audit.Err(); err != nil {
 		return nil, status.Error(codes.Unavailable, "keywardd: the audit log cannot be written, so nothing is done: "+err.Error())
 	}
+	started := time.Now()
 	resp, err := handler(context.WithValue(ctx, callKey{}, c), req)
 	if err == nil && sensitive[op] {
 		if aerr := c.caller.Alive(); aerr != nil {
@@ -278,8 +282,14 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), auditTimeout)
 	defer cancel()
 	if aerr := s.cfg.Audit.Append(actx, rec); aerr != nil {
+		s.cfg.Metrics.Call(op, codes.Unavailable.String(), time.Since(started))
 		return nil, status.Error(codes.Unavailable, "keywardd: the call could not be audited, so its answer is withheld: "+aerr.Error())
 	}
+	code := codes.OK
+	if st != nil {
+		code = st.Code()
+	}
+	s.cfg.Metrics.Call(op, code.String(), time.Since(started))
 	if st != nil {
 		return nil, st.Err()
 	}

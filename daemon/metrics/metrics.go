@@ -1,0 +1,99 @@
+// Package metrics is keywardd's Prometheus metrics (client_golang): calls
+// and their outcomes per RPC, call latency, API key verification results,
+// and what the daemon reports of its keys and plugins when scraped. Label
+// values come from fixed sets (the RPC names of keyward.v1, gRPC codes,
+// verification codes) or from what operators name (keys, plugins), so the
+// number of series stays bounded. Served only on loopback: metrics carry
+// no secret, but they say what keys exist and how they are used.
+package metrics
+
+import (
+	"net/http"
+	"slices"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Metrics are keywardd's metrics.
+type Metrics struct {
+	reg      *prometheus.Registry
+	ops      []string
+	calls    *prometheus.CounterVec
+	latency  *prometheus.HistogramVec
+	verifies *prometheus.CounterVec
+}
+
+// New makes the metrics for the RPCs ops ("Service.Method"); state adds
+// collectors read at each scrape (keys, plugins).
+func New(ops []string, state ...prometheus.Collector) *Metrics {
+	m := &Metrics{reg: prometheus.NewRegistry(), ops: slices.Sorted(slices.Values(ops)),
+		calls: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_calls_total",
+			Help: "Calls of keyward.v1, by operation and gRPC code (PermissionDenied: denied by the policy)."}, []string{"op", "code"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "keyward_call_duration_seconds",
+			Help:    "How long calls of keyward.v1 took, audit record included, by operation.",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5}}, []string{"op"}),
+		verifies: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_apikey_verifications_total",
+			Help: "API key verifications, by result (VALID, NOT_FOUND, RATE_LIMITED, ...)."}, []string{"result"}),
+	}
+	m.reg.MustRegister(m.calls, m.latency, m.verifies, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	for _, c := range state {
+		m.reg.MustRegister(c)
+	}
+	return m
+}
+
+// op is the label of an operation: one of the RPCs, or "other".
+func (m *Metrics) op(op string) string {
+	if _, ok := slices.BinarySearch(m.ops, op); ok {
+		return op
+	}
+	return "other"
+}
+
+// Call records a finished call.
+func (m *Metrics) Call(op, code string, took time.Duration) {
+	if m == nil {
+		return
+	}
+	op = m.op(op)
+	m.calls.WithLabelValues(op, code).Inc()
+	m.latency.WithLabelValues(op).Observe(took.Seconds())
+}
+
+// Verified records an API key verification's result.
+func (m *Metrics) Verified(result string) {
+	if m == nil {
+		return
+	}
+	m.verifies.WithLabelValues(result).Inc()
+}
+
+// Handler serves the metrics in Prometheus's text format.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
+}
+
+// GaugeFunc is a collector of gauges whose values are read at each scrape:
+// fn returns one value per label value.
+type GaugeFunc struct {
+	desc *prometheus.Desc
+	fn   func() map[string]float64
+}
+
+// NewGaugeFunc describes a gauge with one label.
+func NewGaugeFunc(name, help, label string, fn func() map[string]float64) *GaugeFunc {
+	return &GaugeFunc{desc: prometheus.NewDesc(name, help, []string{label}, nil), fn: fn}
+}
+
+// Describe implements prometheus.Collector.
+func (g *GaugeFunc) Describe(ch chan<- *prometheus.Desc) { ch <- g.desc }
+
+// Collect implements prometheus.Collector.
+func (g *GaugeFunc) Collect(ch chan<- prometheus.Metric) {
+	for k, v := range g.fn() {
+		ch <- prometheus.MustNewConstMetric(g.desc, prometheus.GaugeValue, v, k)
+	}
+}

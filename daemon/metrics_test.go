@@ -1,0 +1,105 @@
+package daemon_test
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"testing"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/keyward/keyward/daemon"
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+)
+
+// TestMetrics: keywardd's Prometheus endpoint, scraped and parsed: calls
+// by operation and code, their latency, API key verification results and
+// the age of each key's newest version.
+func TestMetrics(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	in := startWith(t, uidPolicy("      - operations: [StatusService.Ping, APIKeyService.CreateAPIKey, APIKeyService.VerifyAPIKey]\n        keys: [\"*\"]"),
+		func(c *daemon.Config) { c.Metrics.Address = addr })
+	ctx := context.Background()
+	sc := keywardv1.NewStatusServiceClient(in.conn)
+	for range 3 {
+		if _, err := sc.Ping(ctx, &keywardv1.PingRequest{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := sc.GetStatus(ctx, &keywardv1.GetStatusRequest{}); err == nil {
+		t.Fatal("GetStatus was not denied")
+	}
+	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "o", Name: "n", Environment: "prod", Permissions: []string{"read-only"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, env := range []string{"prod", "prod", "dev"} {
+		if _, err := ac.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: k.Secret, Environment: env}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	value := func(family string, labels map[string]string) float64 {
+		t.Helper()
+		f := families[family]
+		if f == nil {
+			t.Fatalf("no %s", family)
+		}
+		for _, m := range f.Metric {
+			match := true
+			for _, lp := range m.Label {
+				if want, ok := labels[lp.GetName()]; ok && want != lp.GetValue() {
+					match = false
+				}
+			}
+			if match {
+				switch {
+				case m.Counter != nil:
+					return m.Counter.GetValue()
+				case m.Gauge != nil:
+					return m.Gauge.GetValue()
+				case m.Histogram != nil:
+					return float64(m.Histogram.GetSampleCount())
+				}
+			}
+		}
+		t.Fatalf("no %s %v", family, labels)
+		return 0
+	}
+	for _, c := range []struct {
+		family string
+		labels map[string]string
+		want   float64
+	}{
+		{"keyward_calls_total", map[string]string{"op": "StatusService.Ping", "code": "OK"}, 3},
+		{"keyward_calls_total", map[string]string{"op": "StatusService.GetStatus", "code": "PermissionDenied"}, 1},
+		{"keyward_calls_total", map[string]string{"op": "APIKeyService.VerifyAPIKey", "code": "OK"}, 3},
+		{"keyward_call_duration_seconds", map[string]string{"op": "StatusService.Ping"}, 3},
+		{"keyward_apikey_verifications_total", map[string]string{"result": "VALID"}, 2},
+		{"keyward_apikey_verifications_total", map[string]string{"result": "WRONG_ENVIRONMENT"}, 1},
+	} {
+		if got := value(c.family, c.labels); got != c.want {
+			t.Errorf("%s %v = %v, want %v", c.family, c.labels, got, c.want)
+		}
+	}
+	if age := value("keyward_key_version_age_seconds", map[string]string{"key": "keyward-audit"}); age < 0 || age > 600 {
+		t.Errorf("the audit key's version is %v s old", age)
+	}
+}
