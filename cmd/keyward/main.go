@@ -53,6 +53,7 @@ short-lived tokens:
   signing-key list | signing-key rotate -name K
 daemon and files:
   status
+  review [-unused 720h] [-top 5] [-format table|json|markdown]   (monthly: keys to look at)
   audit verify FILE [-module PATH -token LABEL -pin-file FILE]
   hsm check -module PATH (-token LABEL | -uri URI) (-pin-file FILE | -pin-env VAR)
   version
@@ -137,6 +138,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return hsmCheck(ctx, rest[1:], stdout, stderr)
 	case cmd == "key" && len(rest) > 0:
 		err = keyCommand(e, rest[0], rest[1:])
+	case cmd == "review":
+		err = reviewCommand(e, rest)
 	case cmd == "status":
 		err = statusCommand(e, rest)
 	case cmd == "datakey":

@@ -1,0 +1,59 @@
+package main
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+)
+
+// TestReview: keyward review finds the API keys a review must look at:
+// without expiry, admin-scoped, in prod without an allowlist, never used,
+// and the top consumer; in table, JSON and markdown.
+func TestReview(t *testing.T) {
+	_, cfg, _ := daemonFor(t, "      - operations: [\"*\"]\n        keys: [\"*\"]")
+	sock := cfg.Socket.Path
+	ok(t, keyward(t, sock, "", "apikey", "create", "-owner", "a", "-name", "wide", "-env", "prod", "-perm", "admin"))
+	ok(t, keyward(t, sock, "", "apikey", "create", "-owner", "b", "-name", "narrow", "-env", "prod", "-perm", "orders:read",
+		"-allow-ip", "192.0.2.0/24", "-ttl", "720h", "-secret-out", t.TempDir()+"/k"))
+	busy := strings.TrimSpace(ok(t, keyward(t, sock, "", "apikey", "create", "-owner", "c", "-name", "busy", "-env", "dev", "-perm", "read-only")).stdout)
+	for range 3 {
+		ok(t, keyward(t, sock, busy, "apikey", "verify", "-env", "dev"))
+	}
+	r := ok(t, keyward(t, sock, "", "review", "-format", "json", "-unused", "0s"))
+	var fs []finding
+	if err := json.Unmarshal([]byte(r.stdout), &fs); err != nil {
+		t.Fatalf("review -format json: %v\n%s", err, r.stdout)
+	}
+	has := func(check, name string) bool {
+		for _, f := range fs {
+			if f.Check == check && strings.Contains(f.Subject, name) {
+				return true
+			}
+		}
+		return false
+	}
+	for _, c := range []struct{ check, name string }{
+		{"API key without expiry", "wide"}, {"admin-scoped API key", "wide"}, {"prod API key without an IP allowlist", "wide"},
+		{"API key never used", "wide"}, {"API key never used", "narrow"},
+	} {
+		if !has(c.check, c.name) {
+			t.Errorf("no %q for %s in %s", c.check, c.name, r.stdout)
+		}
+	}
+	if has("API key without expiry", "narrow") || has("prod API key without an IP allowlist", "narrow") || has("API key never used", "busy") {
+		t.Errorf("findings that are not: %s", r.stdout)
+	}
+	var top bool
+	for _, f := range fs {
+		top = top || f.Check == "top consumer" && strings.Contains(f.Detail, "3 valid")
+	}
+	if !top {
+		t.Errorf("no top consumer with 3 verifications: %s", r.stdout)
+	}
+	if md := ok(t, keyward(t, sock, "", "review", "-format", "markdown")).stdout; !strings.HasPrefix(md, "# keyward review") || !strings.Contains(md, "| admin-scoped API key |") {
+		t.Errorf("markdown:\n%s", md)
+	}
+	if tb := ok(t, keyward(t, sock, "", "review")).stdout; !strings.HasPrefix(tb, "CHECK") {
+		t.Errorf("table:\n%s", tb)
+	}
+}
