@@ -223,7 +223,7 @@ func TestAPIKeysEndToEnd(t *testing.T) {
 			_, err := ac.GetAPIKey(ctx, &keywardv1.GetAPIKeyRequest{Id: "ak_000000000000000000000000"})
 			return err
 		}, codes.NotFound, "no such key"},
-		{func() error { _, err := ac.RevokeAPIKeys(ctx, &keywardv1.RevokeAPIKeysRequest{}); return err }, codes.InvalidArgument, "an empty filter"},
+		{func() error { _, err := ac.RevokeAPIKeys(ctx, &keywardv1.RevokeAPIKeysRequest{}); return err }, codes.InvalidArgument, "name an owner, tag or environment, or all keys"},
 		{func() error {
 			_, err := ac.RotateAPIKey(ctx, &keywardv1.RotateAPIKeyRequest{Id: rrec.Id, Risk: "extreme"})
 			return err

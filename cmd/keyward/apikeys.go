@@ -74,7 +74,7 @@ func apikeyCommand(e *env, sub string, args []string) error {
 		ttl, overlap, window                                                          *time.Duration
 		quota                                                                         *int64
 		cost, pageSize                                                                *uint
-		unlimited, dryRun, noLimits, noAllowlist, noExpiry, disable, enable           *bool
+		unlimited, dryRun, noLimits, noAllowlist, noExpiry, disable, enable, all      *bool
 		perms, ips, tags                                                              list
 		limits                                                                        limitList
 		meta                                                                          = pairs{}
@@ -116,6 +116,7 @@ func apikeyCommand(e *env, sub string, args []string) error {
 		tag = fs.String("tag", "", "bulk: every key with this tag")
 		envName = fs.String("env", "", "bulk: every key of this environment")
 		dryRun = fs.Bool("dry-run", false, "bulk: count the keys it would revoke; revoke nothing")
+		all = fs.Bool("all", false, "bulk: every API key you may revoke (the emergency brake)")
 	case "list":
 		owner = fs.String("owner", "", "only this owner's keys")
 		tag = fs.String("tag", "", "only keys with this tag")
@@ -256,10 +257,12 @@ func apikeyCommand(e *env, sub string, args []string) error {
 			fmt.Fprintf(e.stderr, "the old secret works until %s\n", r.GetOldSecretNotAfter().AsTime().Format(time.RFC3339))
 		}
 	case "revoke":
-		bulk := *owner != "" || *tag != "" || *envName != ""
+		bulk := *owner != "" || *tag != "" || *envName != "" || *all
 		switch {
 		case *id != "" && (bulk || *dryRun):
-			return usageError{"apikey revoke takes -id, or -owner/-tag/-env [-dry-run] for bulk, not both"}
+			return usageError{"apikey revoke takes -id, or -owner/-tag/-env/-all [-dry-run] for bulk, not both"}
+		case *all && (*owner != "" || *tag != "" || *envName != ""):
+			return usageError{"-all revokes every key: give no -owner, -tag or -env with it"}
 		case *id != "":
 			r, err := ac.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: *id})
 			if err != nil {
@@ -270,7 +273,7 @@ func apikeyCommand(e *env, sub string, args []string) error {
 			}
 			fmt.Fprintf(e.stdout, "revoked %s (%s, owner %s)\n", r.GetKey().GetId(), r.GetKey().GetName(), r.GetKey().GetOwner())
 		case bulk:
-			r, err := ac.RevokeAPIKeys(ctx, &keywardv1.RevokeAPIKeysRequest{Owner: *owner, Tag: *tag, Environment: *envName, DryRun: *dryRun})
+			r, err := ac.RevokeAPIKeys(ctx, &keywardv1.RevokeAPIKeysRequest{Owner: *owner, Tag: *tag, Environment: *envName, All: *all, DryRun: *dryRun})
 			if err != nil {
 				return client.Wrap(err)
 			}
@@ -283,7 +286,7 @@ func apikeyCommand(e *env, sub string, args []string) error {
 				fmt.Fprintf(e.stdout, "revoked %d keys\n", r.GetCount())
 			}
 		default:
-			return usageError{"apikey revoke needs -id, or -owner, -tag or -env for bulk revocation"}
+			return usageError{"apikey revoke needs -id, or -owner, -tag, -env or -all for bulk revocation"}
 		}
 	case "list":
 		req := &keywardv1.ListAPIKeysRequest{Owner: *owner, Tag: *tag, Environment: *envName, PageSize: uint32(*pageSize)}

@@ -12,7 +12,9 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"syscall"
+	"time"
 
 	"google.golang.org/grpc/codes"
 
@@ -37,7 +39,8 @@ API keys:
                 [-tag T]... [-meta k=v]... [-secret-out FILE]
   apikey verify -env E [-perm P]... [-ip ADDR] [-cost N] [-in FILE]   (the key on standard input)
   apikey rotate -id ID [-overlap D | -risk high|moderate] [-secret-out FILE]
-  apikey revoke -id ID | apikey revoke [-owner O] [-tag T] [-env E] [-dry-run]
+  apikey revoke -id ID | apikey revoke [-owner O] [-tag T] [-env E] [-all] [-dry-run]
+  revoke (-id ID | -owner O | -tag T | -env E | -all) [-dry-run]   emergency: apikey revoke, timed
   apikey list [-owner O] [-tag T] [-env E] [-state S] | apikey show -id ID
   apikey update -id ID [-perm P]... [-limit L]... [-no-limits] [-allow-ip CIDR]... [-no-allowlist]
                 [-expires T | -no-expiry] [-disable | -enable]
@@ -150,6 +153,13 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		err = tokenCommand(e, rest[0], rest[1:])
 	case cmd == "credential" && len(rest) > 0:
 		err = credentialCommand(e, rest[0], rest[1:])
+	case cmd == "revoke":
+		// The emergency command: apikey revoke, timed from the command to
+		// the moment the store has it, after which every verify refuses.
+		start := time.Now()
+		if err = apikeyCommand(e, "revoke", rest); err == nil && !slices.Contains(rest, "-dry-run") && !slices.Contains(rest, "--dry-run") {
+			fmt.Fprintf(e.stderr, "in effect %v after the command: every verify from now on refuses the keys revoked\n", time.Since(start).Round(time.Millisecond))
+		}
 	case cmd == "apikey" && len(rest) > 0:
 		err = apikeyCommand(e, rest[0], rest[1:])
 	case cmd == "signing-key" && len(rest) > 0:

@@ -57,3 +57,30 @@ func TestReview(t *testing.T) {
 		t.Errorf("table:\n%s", tb)
 	}
 }
+
+// TestEmergencyRevoke: keyward revoke -all: the dry run counts the keys,
+// the revocation says when it took effect, and every key is refused after.
+func TestEmergencyRevoke(t *testing.T) {
+	_, cfg, _ := daemonFor(t, "      - operations: [\"*\"]\n        keys: [\"*\"]")
+	sock := cfg.Socket.Path
+	var keys []string
+	for i := range 5 {
+		keys = append(keys, strings.TrimSpace(ok(t, keyward(t, sock, "", "apikey", "create", "-owner", "o", "-name", "k", "-env", "prod", "-perm", "read-only", "-tag", []string{"a", "b"}[i%2])).stdout))
+	}
+	if r := ok(t, keyward(t, sock, "", "revoke", "-all", "-dry-run")); r.stdout != "would revoke 5 keys (dry run: nothing was revoked)\n" {
+		t.Fatalf("dry run: %q", r.stdout)
+	}
+	ok(t, keyward(t, sock, keys[0], "apikey", "verify", "-env", "prod"))
+	r := ok(t, keyward(t, sock, "", "revoke", "-all"))
+	if r.stdout != "revoked 5 keys\n" || !strings.Contains(r.stderr, "in effect") {
+		t.Fatalf("revoke -all: %q %q", r.stdout, r.stderr)
+	}
+	for _, k := range keys {
+		if r := keyward(t, sock, k, "apikey", "verify", "-env", "prod"); !strings.HasPrefix(r.stdout, "REVOKED") {
+			t.Errorf("after revoke -all: %q", r.stdout)
+		}
+	}
+	if r := keyward(t, sock, "", "revoke", "-all", "-owner", "o"); r.code != exitUsage {
+		t.Errorf("-all with -owner: %+v", r)
+	}
+}

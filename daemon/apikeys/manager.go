@@ -849,6 +849,8 @@ func narrows(was, now *Record) error {
 type Filter struct {
 	Owner, Tag, Environment string
 	State                   State
+	// All: RevokeWhere takes an empty filter as every key.
+	All bool
 	// Owners, if set, says which owners' keys the caller may see; the
 	// others are passed over as if they did not exist.
 	Owners func(owner string) bool
@@ -864,8 +866,8 @@ func (f Filter) matches(r *Record) bool {
 // with dryRun, only counts them) and returns the count. The filter must name
 // an owner, tag or environment.
 func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
-	if f.Owner == "" && f.Tag == "" && f.Environment == "" {
-		return 0, fmt.Errorf("%w: an empty filter; name an owner, tag or environment", ErrInvalid)
+	if empty := f.Owner == "" && f.Tag == "" && f.Environment == ""; empty != f.All {
+		return 0, fmt.Errorf("%w: name an owner, tag or environment, or all keys (and not both)", ErrInvalid)
 	}
 	// A key issued while a pass runs may escape its scan: scan again until
 	// a pass finds none (a few passes at most; more only if keys matching

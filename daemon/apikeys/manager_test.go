@@ -903,3 +903,32 @@ func FuzzVerify(f *testing.F) {
 		}
 	})
 }
+
+// TestManagerRevokeAll: the emergency brake: every key, in one call, and
+// the dry run counts them right; a caller's owner scope still applies.
+func TestManagerRevokeAll(t *testing.T) {
+	f := newFixture(t)
+	var keys []string
+	for _, owner := range []string{"a", "a", "b"} {
+		s := spec()
+		s.Owner = owner
+		k, _ := f.create(t, s)
+		keys = append(keys, k)
+	}
+	if _, err := f.m.RevokeWhere(Filter{All: true, Owner: "a"}, false); !errors.Is(err, ErrInvalid) {
+		t.Errorf("all and an owner: %v", err)
+	}
+	onlyA := func(o string) bool { return o == "a" }
+	if n, err := f.m.RevokeWhere(Filter{All: true, Owners: onlyA}, true); n != 2 || err != nil {
+		t.Fatalf("dry run of all, scoped to a: %d, %v", n, err)
+	}
+	if n, err := f.m.RevokeWhere(Filter{All: true}, true); n != 3 || err != nil {
+		t.Fatalf("dry run of all: %d, %v", n, err)
+	}
+	if n, err := f.m.RevokeWhere(Filter{All: true}, false); n != 3 || err != nil {
+		t.Fatalf("revoke all: %d, %v", n, err)
+	}
+	for _, k := range keys {
+		f.verify(t, k, prod, Revoked)
+	}
+}

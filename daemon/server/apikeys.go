@@ -311,10 +311,10 @@ func (s *Server) RevokeAPIKeys(ctx context.Context, r *keywardv1.RevokeAPIKeysRe
 		return nil, err
 	}
 	n, err := s.cfg.APIKeys.RevokeWhere(apikeys.Filter{Owner: r.GetOwner(), Tag: r.GetTag(), Environment: r.GetEnvironment(),
-		Owners: s.owners(ctx, op)}, r.GetDryRun())
+		All: r.GetAll(), Owners: s.owners(ctx, op)}, r.GetDryRun())
 	c := callFrom(ctx)
 	c.items = n
-	c.detail = fmt.Sprintf("owner %q, tag %q, environment %q, dry run %v", r.GetOwner(), r.GetTag(), r.GetEnvironment(), r.GetDryRun())
+	c.detail = fmt.Sprintf("owner %q, tag %q, environment %q, all %v, dry run %v", r.GetOwner(), r.GetTag(), r.GetEnvironment(), r.GetAll(), r.GetDryRun())
 	if err != nil {
 		return nil, err
 	}

@@ -1208,14 +1208,17 @@ func (x *RevokeAPIKeyResponse) GetKey() *APIKey {
 }
 
 // RevokeAPIKeysRequest picks keys: every field given must match, and at
-// least one of owner, tag and environment must be given.
+// least one of owner, tag and environment must be given, or all.
 type RevokeAPIKeysRequest struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	Owner       string                 `protobuf:"bytes,1,opt,name=owner,proto3" json:"owner,omitempty"`
 	Tag         string                 `protobuf:"bytes,2,opt,name=tag,proto3" json:"tag,omitempty"`
 	Environment string                 `protobuf:"bytes,3,opt,name=environment,proto3" json:"environment,omitempty"`
 	// Count the keys it would revoke; revoke nothing.
-	DryRun        bool `protobuf:"varint,4,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	DryRun bool `protobuf:"varint,4,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	// Every key the caller may revoke, with owner, tag and environment
+	// empty: the emergency brake.
+	All           bool `protobuf:"varint,5,opt,name=all,proto3" json:"all,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1274,6 +1277,13 @@ func (x *RevokeAPIKeysRequest) GetEnvironment() string {
 func (x *RevokeAPIKeysRequest) GetDryRun() bool {
 	if x != nil {
 		return x.DryRun
+	}
+	return false
+}
+
+func (x *RevokeAPIKeysRequest) GetAll() bool {
+	if x != nil {
+		return x.All
 	}
 	return false
 }
@@ -2007,12 +2017,13 @@ const file_apikeys_proto_rawDesc = "" +
 	"\x13RevokeAPIKeyRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"<\n" +
 	"\x14RevokeAPIKeyResponse\x12$\n" +
-	"\x03key\x18\x01 \x01(\v2\x12.keyward.v1.APIKeyR\x03key\"y\n" +
+	"\x03key\x18\x01 \x01(\v2\x12.keyward.v1.APIKeyR\x03key\"\x8b\x01\n" +
 	"\x14RevokeAPIKeysRequest\x12\x14\n" +
 	"\x05owner\x18\x01 \x01(\tR\x05owner\x12\x10\n" +
 	"\x03tag\x18\x02 \x01(\tR\x03tag\x12 \n" +
 	"\venvironment\x18\x03 \x01(\tR\venvironment\x12\x17\n" +
-	"\adry_run\x18\x04 \x01(\bR\x06dryRun\"F\n" +
+	"\adry_run\x18\x04 \x01(\bR\x06dryRun\x12\x10\n" +
+	"\x03all\x18\x05 \x01(\bR\x03all\"F\n" +
 	"\x15RevokeAPIKeysResponse\x12\x14\n" +
 	"\x05count\x18\x01 \x01(\rR\x05count\x12\x17\n" +
 	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"\"\n" +
