@@ -4,6 +4,9 @@ import (
 	"context"
 	"net"
 	"net/http"
+	"os"
+	"regexp"
+	"strings"
 	"testing"
 
 	"github.com/prometheus/common/expfmt"
@@ -24,7 +27,10 @@ func TestMetrics(t *testing.T) {
 	addr := l.Addr().String()
 	l.Close()
 	in := startWith(t, uidPolicy("      - operations: [StatusService.Ping, APIKeyService.CreateAPIKey, APIKeyService.VerifyAPIKey]\n        keys: [\"*\"]"),
-		func(c *daemon.Config) { c.Metrics.Address = addr })
+		func(c *daemon.Config) {
+			c.Metrics.Address = addr
+			c.Plugins = []daemon.PluginConfig{filePlugin(t, t.TempDir())}
+		})
 	ctx := context.Background()
 	sc := keywardv1.NewStatusServiceClient(in.conn)
 	for range 3 {
@@ -101,5 +107,22 @@ func TestMetrics(t *testing.T) {
 	}
 	if age := value("keyward_key_version_age_seconds", map[string]string{"key": "keyward-audit"}); age < 0 || age > 600 {
 		t.Errorf("the audit key's version is %v s old", age)
+	}
+	if up := value("keyward_plugin_up", map[string]string{"plugin": "file"}); up != 1 {
+		t.Errorf("keyward_plugin_up{plugin=file} = %v", up)
+	}
+	// The Grafana dashboard in docs/ asks only for metrics that exist.
+	dash, err := os.ReadFile("../docs/grafana-keyward.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := regexp.MustCompile(`keyward_[a-z_]+`).FindAllString(string(dash), -1)
+	if len(names) < 5 {
+		t.Fatalf("the dashboard names %d metrics", len(names))
+	}
+	for _, n := range names {
+		if families[strings.TrimSuffix(n, "_bucket")] == nil {
+			t.Errorf("the dashboard asks for %s, which keywardd does not serve", n)
+		}
 	}
 }
