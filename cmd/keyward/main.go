@@ -57,6 +57,7 @@ short-lived tokens:
 daemon and files:
   status
   review [-unused 720h] [-top 5] [-format table|json|markdown]   (monthly: keys to look at)
+  rotation plan [-within D]          what rotates next: keys and credentials with a rotation period
   audit verify FILE [-module PATH -token LABEL -pin-file FILE]
   hsm check -module PATH (-token LABEL | -uri URI) (-pin-file FILE | -pin-env VAR)
   version
@@ -141,6 +142,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return hsmCheck(ctx, rest[1:], stdout, stderr)
 	case cmd == "key" && len(rest) > 0:
 		err = keyCommand(e, rest[0], rest[1:])
+	case cmd == "rotation" && len(rest) > 0:
+		err = rotationCommand(e, rest[0], rest[1:])
 	case cmd == "review":
 		err = reviewCommand(e, rest)
 	case cmd == "status":

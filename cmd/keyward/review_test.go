@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestReview: keyward review finds the API keys a review must look at:
@@ -82,5 +83,27 @@ func TestEmergencyRevoke(t *testing.T) {
 	}
 	if r := keyward(t, sock, "", "revoke", "-all", "-owner", "o"); r.code != exitUsage {
 		t.Errorf("-all with -owner: %+v", r)
+	}
+}
+
+// TestRotationPlan: keyward rotation plan lists the keys with a rotation
+// period, soonest first, and -within leaves out the later ones.
+func TestRotationPlan(t *testing.T) {
+	_, cfg, _ := daemonFor(t, "      - operations: [\"*\"]\n        keys: [\"*\"]")
+	sock := cfg.Socket.Path
+	ok(t, keyward(t, sock, "", "key", "create", "-name", "slow", "-purpose", "encrypt", "-rotation-period", "2160h"))
+	ok(t, keyward(t, sock, "", "key", "create", "-name", "fast", "-purpose", "encrypt", "-rotation-period", "720h"))
+	ok(t, keyward(t, sock, "", "key", "create", "-name", "never", "-purpose", "encrypt"))
+	r := ok(t, keyward(t, sock, "", "-output", "json", "rotation", "plan"))
+	var plan []planned
+	if err := json.Unmarshal([]byte(r.stdout), &plan); err != nil {
+		t.Fatal(err)
+	}
+	if len(plan) != 2 || plan[0].Name != "fast" || plan[1].Name != "slow" || plan[0].Late || plan[0].Period != 720*time.Hour {
+		t.Fatalf("plan: %+v", plan)
+	}
+	r = ok(t, keyward(t, sock, "", "rotation", "plan", "-within", "800h"))
+	if !strings.Contains(r.stdout, "fast") || strings.Contains(r.stdout, "slow") {
+		t.Errorf("plan -within 800h:\n%s", r.stdout)
 	}
 }
