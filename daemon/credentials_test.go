@@ -330,13 +330,7 @@ func TestPostgresRotationThroughKeywardd(t *testing.T) {
 		}
 		return r.Credential.Current.Handle, r.Secret
 	}
-	login := func(user string, password []byte) error {
-		c, err := pgx.Connect(ctx, s.DSN(user, string(password), "postgres"))
-		if err == nil {
-			c.Close(ctx)
-		}
-		return err
-	}
+	login := s.Login
 	oldUser, oldPass := get()
 	if err := login(oldUser, oldPass); err != nil {
 		t.Fatalf("the first login %s: %v", oldUser, err)
@@ -395,11 +389,9 @@ func TestPostgresRotationSurvivesPluginTrouble(t *testing.T) {
 	}
 	works := func(user string, password []byte) {
 		t.Helper()
-		c, err := pgx.Connect(ctx, s.DSN(user, string(password), "postgres"))
-		if err != nil {
+		if err := s.Login(user, password); err != nil {
 			t.Fatalf("the login %s does not work: %v", user, err)
 		}
-		c.Close(ctx)
 	}
 	user, pass := get() // orders_a; the next rotation sets orders_b
 	admin := s.Connect(t)
@@ -471,8 +463,7 @@ func TestPostgresRotationSurvivesPluginTrouble(t *testing.T) {
 	newUser, newPass := get()
 	works(newUser, newPass)
 	// No overlap was asked: the old login is retired with the activation.
-	if c, err := pgx.Connect(ctx, s.DSN(user, string(pass), "postgres")); err == nil {
-		c.Close(ctx)
+	if s.Login(user, pass) == nil {
 		t.Errorf("the old login %s works after a rotation without overlap", user)
 	}
 }

@@ -7,20 +7,9 @@ import (
 	"strconv"
 	"testing"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/keyward/keyward/plugins/conformance"
 	"github.com/keyward/keyward/plugins/postgres/pgtest"
 )
-
-// login tries to log in to the server as user with password.
-func login(s *pgtest.Server, user string, password []byte) error {
-	c, err := pgx.Connect(context.Background(), s.DSN(user, string(password), "postgres"))
-	if err != nil {
-		return err
-	}
-	return c.Close(context.Background())
-}
 
 // Env is the plugin's environment for a server.
 func Env(t *testing.T, s *pgtest.Server) map[string]string {
@@ -42,12 +31,12 @@ func TestConformance(t *testing.T) {
 		Config:    []byte(`{"role": "orders"}`),
 		BadConfig: []byte(`{"role": "postgres"}`), // not an allowed role
 		Current: func(t *testing.T, handle string, secret []byte) {
-			if err := login(s, handle, secret); err != nil {
+			if err := s.Login(handle, secret); err != nil {
 				t.Fatalf("the new login %s does not work: %v", handle, err)
 			}
 		},
 		Retired: func(t *testing.T, handle string, secret []byte) {
-			if err := login(s, handle, secret); err == nil {
+			if err := s.Login(handle, secret); err == nil {
 				t.Fatalf("the retired login %s still works", handle)
 			}
 		},

@@ -42,6 +42,15 @@ func (s *Server) DSN(user, password, database string) string {
 	return fmt.Sprintf("host=%s port=%d user=%s password=%s dbname=%s sslmode=disable connect_timeout=5", s.Host, s.Port, user, password, database)
 }
 
+// Login logs in to database postgres as user with password, and out again.
+func (s *Server) Login(user string, password []byte) error {
+	c, err := pgx.Connect(context.Background(), s.DSN(user, string(password), "postgres"))
+	if err != nil {
+		return err
+	}
+	return c.Close(context.Background())
+}
+
 // Connect connects as the administrator.
 func (s *Server) Connect(t testing.TB) *pgx.Conn {
 	t.Helper()
