@@ -20,6 +20,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/ratelimit"
+	"github.com/keyward/keyward/daemon/schedule"
 	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/daemon/socket"
 	"github.com/keyward/keyward/hsm"
@@ -70,7 +71,9 @@ type Config struct {
 	} `yaml:"metrics"`
 	// Plugins are started at start and supervised (docs/plugins.md).
 	Plugins []PluginConfig `yaml:"plugins"`
-	APIKeys struct {
+	// Rotation: policies and which keys they apply to (package schedule).
+	Rotation schedule.Rules `yaml:"rotation"`
+	APIKeys  struct {
 		Prefix     string        `yaml:"prefix"`      // starts every key; default "kw"
 		NearLimit  float64       `yaml:"near_limit"`  // fraction of a burst that sets near_limit; default 0.8
 		FlushEvery time.Duration `yaml:"flush_every"` // how often usage and quotas are written; default 10s
@@ -157,6 +160,9 @@ func (c *Config) check() error {
 		if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
 			errs = append(errs, fmt.Errorf("metrics.address %q: a loopback address and port (127.0.0.1:9464): the metrics have no authentication", a))
 		}
+	}
+	if err := c.Rotation.Check(); err != nil {
+		errs = append(errs, err)
 	}
 	seen := map[string]bool{}
 	for i, p := range c.Plugins {

@@ -39,6 +39,7 @@ type instance struct {
 	reload    chan struct{}
 	health    time.Duration
 	credEvery time.Duration
+	now       func() time.Time // the clock of keys, API keys, credentials and the schedule; nil: time.Now
 	cancel    context.CancelFunc
 	errc      chan error
 	stopped   bool
@@ -95,7 +96,7 @@ func (in *instance) run() {
 	in.cancel, in.stopped = cancel, false
 	ready := make(chan struct{})
 	go func() {
-		in.errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Reload: in.reload, Ready: ready, Version: "test", HealthEvery: in.health, CredentialsEvery: in.credEvery})
+		in.errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Reload: in.reload, Ready: ready, Version: "test", HealthEvery: in.health, CredentialsEvery: in.credEvery, Now: in.now})
 	}()
 	select {
 	case <-ready:

@@ -58,6 +58,9 @@ type Options struct {
 	DrainTimeout time.Duration
 	// HealthEvery is how often the HSM's health is checked. Default 5 s.
 	HealthEvery time.Duration
+	// Now is the clock of the keys, API keys, credentials and the rotation
+	// schedule (tests move it by months); nil is time.Now.
+	Now func() time.Time
 	// CredentialsEvery is how often managed credentials are maintained
 	// (pending rotations, overlaps' ends, periods). Default 1 minute.
 	CredentialsEvery time.Duration
@@ -73,6 +76,9 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	}
 	if o.DrainTimeout <= 0 {
 		o.DrainTimeout = 10 * time.Second
+	}
+	if o.Now == nil {
+		o.Now = time.Now
 	}
 	if err := cfg.check(); err != nil {
 		return err
@@ -121,6 +127,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		// A retired signing version stays published while tokens it
 		// signed can be valid: the longest lifetime plus the most leeway.
 		SignKeepPublished: tc.MaxTTL + tokens.MaxLeeway,
+		Now:               o.Now,
 	})
 	if err != nil {
 		return err
@@ -151,6 +158,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	if err != nil {
 		return err
 	}
+	ako.Now = o.Now
 	akm, err := apikeys.NewManager(st, h, PepperKey, ako)
 	if err != nil {
 		return err
@@ -182,12 +190,24 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	for _, p := range plugins {
 		set[p.Status().Name] = p
 	}
-	cm := credentials.New(st, set, credentials.EnvelopeSealer{Envelope: env, Key: CredentialsKey}, nil)
+	cm := credentials.New(st, set, credentials.EnvelopeSealer{Envelope: env, Key: CredentialsKey}, o.Now)
 	ob, err := outbox.New(st, set, log, nil)
 	if err != nil {
 		return err
 	}
+	sched := newScheduler(cfg, st, km, cm, akm, al, log, o.Now)
+	checkEvery := cfg.Rotation.CheckEvery
+	if checkEvery <= 0 {
+		checkEvery = time.Minute
+	}
 	mx := metrics.New(server.Ops(),
+		metrics.NewGaugeFunc("keyward_rotations_overdue", "Keys, API keys and credentials past their rotation date by more than two checks.", "kind", func() map[string]float64 {
+			out := map[string]float64{}
+			for k, n := range sched.Overdue(2 * checkEvery) {
+				out[string(k)] = float64(n)
+			}
+			return out
+		}),
 		metrics.NewGaugeFunc("keyward_key_version_age_seconds", "Age of each key's newest version: compare with its rotation period.", "key", func() map[string]float64 {
 			out := map[string]float64{}
 			all, _ := km.List()
@@ -224,12 +244,13 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	srv, gs := server.New(server.Config{
 		HSM: h, Store: st, Keys: km, Envelope: env, Audit: al, Policy: pol, Credentials: cm, Metrics: mx,
 		MaxBatch: cfg.MaxBatch, Version: o.Version, HealthEvery: o.HealthEvery,
-		Tokens: tc, Revoked: revoked, APIKeys: akm, Plugins: func() []server.PluginState { return pluginStates(plugins, ob.Status()) },
+		Tokens: tc, Revoked: revoked, APIKeys: akm, Schedule: sched, Notify: ob.Notify, Plugins: func() []server.PluginState { return pluginStates(plugins, ob.Status()) },
 	})
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	go srv.WatchHealth(bg)
 	go maintainKeys(bg, km, al, log)
+	go sched.Run(bg, checkEvery, func(err error) { log.Error("scheduled rotation", "error", err.Error()) })
 	if o.CredentialsEvery <= 0 {
 		o.CredentialsEvery = time.Minute
 	}
@@ -355,32 +376,14 @@ func loadPolicy(path string) (*policy.Policy, error) {
 	return p, nil
 }
 
-// maintainKeys rotates keys whose rotation period has passed and deletes
-// keys whose deletion date passed, every few minutes. Each change is audited
-// before it happens; one that cannot be audited waits.
+// maintainKeys deletes keys whose deletion date passed, every few minutes.
+// Each deletion is audited before it happens; one that cannot be audited
+// waits.
 func maintainKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *slog.Logger) {
 	self, _ := os.Executable()
 	t := time.NewTicker(5 * time.Minute)
 	defer t.Stop()
 	for {
-		rotate, err := km.DueForRotation()
-		if err != nil {
-			log.Error("listing keys due for rotation failed", "error", err.Error())
-		}
-		for _, name := range rotate {
-			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.RotateKey", Key: name, Outcome: "ok",
-				Caller: audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self},
-				Detail: "its rotation period passed"}
-			if err := al.Append(ctx, rec); err != nil {
-				log.Error("not rotating a key: the rotation cannot be audited", "key", name, "error", err.Error())
-				continue
-			}
-			if k, err := km.Rotate(ctx, name); err != nil {
-				log.Error("scheduled rotation failed", "key", name, "error", err.Error())
-			} else {
-				log.Info("key rotated on schedule", "key", name, "version", k.Latest())
-			}
-		}
 		due, err := km.DueForDeletion()
 		if err != nil {
 			log.Error("listing keys past their deletion date failed", "error", err.Error())

@@ -57,7 +57,8 @@ short-lived tokens:
 daemon and files:
   status
   review [-unused 720h] [-top 5] [-format table|json|markdown]   (monthly: keys to look at)
-  rotation plan [-within D]          what rotates next: keys and credentials with a rotation period
+  rotation plan [-within D]          what keywardd rotates next, by its rotation policies
+  panic-rotate KEY [-dry-run]        emergency: a compromised key's new version at once, the old ones retired
   audit verify FILE [-module PATH -token LABEL -pin-file FILE]
   hsm check -module PATH (-token LABEL | -uri URI) (-pin-file FILE | -pin-env VAR)
   version
@@ -144,6 +145,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		err = keyCommand(e, rest[0], rest[1:])
 	case cmd == "rotation" && len(rest) > 0:
 		err = rotationCommand(e, rest[0], rest[1:])
+	case cmd == "panic-rotate":
+		err = panicRotateCommand(e, rest)
 	case cmd == "review":
 		err = reviewCommand(e, rest)
 	case cmd == "status":

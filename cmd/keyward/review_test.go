@@ -2,9 +2,14 @@ package main
 
 import (
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keyward/keyward/daemon"
+	"github.com/keyward/keyward/daemon/schedule"
 )
 
 // TestReview: keyward review finds the API keys a review must look at:
@@ -86,24 +91,67 @@ func TestEmergencyRevoke(t *testing.T) {
 	}
 }
 
-// TestRotationPlan: keyward rotation plan lists the keys with a rotation
-// period, soonest first, and -within leaves out the later ones.
+// TestRotationPlan: keyward rotation plan shows keywardd's schedule: keys
+// by a configured rule or their own period, soonest first, each with its
+// policy; -within leaves out the later ones; keywardd's own keys are not in
+// it.
 func TestRotationPlan(t *testing.T) {
-	_, cfg, _ := daemonFor(t, "      - operations: [\"*\"]\n        keys: [\"*\"]")
+	_, cfg, _ := daemonForWith(t, "      - operations: [\"*\"]\n        keys: [\"*\"]", func(c *daemon.Config) {
+		c.Rotation.Keys = []schedule.KeyRule{{Match: "pay-*", Policy: "high"}}
+	})
 	sock := cfg.Socket.Path
 	ok(t, keyward(t, sock, "", "key", "create", "-name", "slow", "-purpose", "encrypt", "-rotation-period", "2160h"))
-	ok(t, keyward(t, sock, "", "key", "create", "-name", "fast", "-purpose", "encrypt", "-rotation-period", "720h"))
+	ok(t, keyward(t, sock, "", "key", "create", "-name", "pay-eu", "-purpose", "encrypt"))
 	ok(t, keyward(t, sock, "", "key", "create", "-name", "never", "-purpose", "encrypt"))
 	r := ok(t, keyward(t, sock, "", "-output", "json", "rotation", "plan"))
 	var plan []planned
 	if err := json.Unmarshal([]byte(r.stdout), &plan); err != nil {
 		t.Fatal(err)
 	}
-	if len(plan) != 2 || plan[0].Name != "fast" || plan[1].Name != "slow" || plan[0].Late || plan[0].Period != 720*time.Hour {
+	if len(plan) != 2 || plan[0].Name != "pay-eu" || plan[0].Policy != "high" || plan[0].Period != 720*time.Hour || plan[0].Overlap != 24*time.Hour ||
+		plan[1].Name != "slow" || plan[1].Policy != "custom" || plan[0].Late || plan[0].Due.Before(time.Now().Add(719*time.Hour)) {
 		t.Fatalf("plan: %+v", plan)
 	}
 	r = ok(t, keyward(t, sock, "", "rotation", "plan", "-within", "800h"))
-	if !strings.Contains(r.stdout, "fast") || strings.Contains(r.stdout, "slow") {
+	if !strings.Contains(r.stdout, "pay-eu") || !strings.Contains(r.stdout, "high (720h0m0s)") || strings.Contains(r.stdout, "slow") {
 		t.Errorf("plan -within 800h:\n%s", r.stdout)
+	}
+}
+
+// TestPanicRotate: keyward panic-rotate on a signing key: the dry run
+// counts and changes nothing; the real one makes a token signed before it
+// refused, leaves the JWKS with the new version alone, says how long it
+// took, and is audited.
+func TestPanicRotate(t *testing.T) {
+	_, cfg, _ := daemonFor(t, "      - operations: [\"*\"]\n        keys: [\"*\"]\n    tokens:\n      audiences: [orders]")
+	sock := cfg.Socket.Path
+	ok(t, keyward(t, sock, "", "key", "create", "-name", "jwt", "-purpose", "sign", "-algorithm", "ed25519"))
+	tok := strings.TrimSpace(ok(t, keyward(t, sock, "", "token", "mint", "-key", "jwt", "-audience", "orders")).stdout)
+	ok(t, keyward(t, sock, tok, "token", "verify", "-audience", "orders"))
+	before := ok(t, keyward(t, sock, "", "token", "jwks")).stdout
+	r := ok(t, keyward(t, sock, "", "panic-rotate", "jwt", "-dry-run"))
+	if !strings.Contains(r.stdout, "would make version 2") || !strings.Contains(r.stdout, "versions [1] would stop") || strings.Contains(r.stderr, "in effect") {
+		t.Fatalf("dry run: %+v", r)
+	}
+	ok(t, keyward(t, sock, tok, "token", "verify", "-audience", "orders")) // the dry run changed nothing
+	r = ok(t, keyward(t, sock, "", "panic-rotate", "jwt"))
+	if !strings.Contains(r.stdout, "did make version 2") || !strings.Contains(r.stdout, "every token they signed is refused") || !strings.Contains(r.stderr, "in effect") {
+		t.Fatalf("panic-rotate: %+v", r)
+	}
+	if r := keyward(t, sock, tok, "token", "verify", "-audience", "orders"); r.code == exitOK {
+		t.Fatal("a token of the compromised version still verifies")
+	}
+	jwks := ok(t, keyward(t, sock, "", "token", "jwks")).stdout
+	if strings.Count(jwks, `"kid"`) != 1 || jwks == before {
+		t.Errorf("JWKS after the panic: %s", jwks)
+	}
+	fresh := strings.TrimSpace(ok(t, keyward(t, sock, "", "token", "mint", "-key", "jwt", "-audience", "orders")).stdout)
+	ok(t, keyward(t, sock, fresh, "token", "verify", "-audience", "orders"))
+	if r := keyward(t, sock, "", "panic-rotate", "keyward-audit"); r.code == exitOK {
+		t.Error("panic-rotate of keywardd's own key was accepted")
+	}
+	audit, _ := os.ReadFile(filepath.Join(cfg.DataDir, "audit.log"))
+	if n := strings.Count(string(audit), `"op":"RotationService.PanicRotate"`); n != 3 {
+		t.Errorf("%d PanicRotate records, want 3 (dry run, panic, refusal)", n)
 	}
 }

@@ -3,25 +3,34 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"slices"
 	"text/tabwriter"
 	"time"
+
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 )
 
-// planned is a rotation to come.
+// planned is a rotation to come, as keyward rotation plan -output json
+// prints it.
 type planned struct {
-	Kind   string        `json:"kind"` // key, credential
-	Name   string        `json:"name"`
-	Period time.Duration `json:"period"`
-	Next   time.Time     `json:"next"`
-	Late   bool          `json:"overdue"`
+	Kind    string        `json:"kind"` // key, credential, api_key
+	Name    string        `json:"name"` // a key's or credential's name, an API key's ID
+	Owner   string        `json:"owner,omitempty"`
+	Policy  string        `json:"policy"`
+	Period  time.Duration `json:"period"`
+	Overlap time.Duration `json:"overlap"`
+	Action  string        `json:"action"`
+	Due     time.Time     `json:"due"`
+	Next    time.Time     `json:"next"`
+	Late    bool          `json:"overdue"`
+	LastRun *time.Time    `json:"last_run,omitempty"`
+	Outcome string        `json:"outcome,omitempty"`
 }
 
-// rotationCommand is keyward rotation plan: what rotates next, soonest
-// first, among the keys and credentials the caller may list.
+// rotationCommand is keyward rotation plan: what keywardd rotates next,
+// soonest first, among what the caller may see.
 func rotationCommand(e *env, sub string, args []string) error {
 	if sub != "plan" {
 		return usageError{fmt.Sprintf("unknown rotation command %q; run keyward help", sub)}
@@ -36,39 +45,26 @@ func rotationCommand(e *env, sub string, args []string) error {
 		return err
 	}
 	defer c.Close()
-	ctx, now := e.ctx, time.Now()
-	var plan []planned
-	if r, err := c.Keys.ListKeys(ctx, &keywardv1.ListKeysRequest{}); err == nil {
-		for _, k := range r.GetKeys() {
-			vs := k.GetVersions()
-			if k.GetRotationPeriod() == nil || len(vs) == 0 || k.GetState() != keywardv1.KeyState_KEY_STATE_ENABLED {
-				continue
-			}
-			p := k.GetRotationPeriod().AsDuration()
-			plan = append(plan, planned{Kind: "key", Name: k.GetName(), Period: p, Next: vs[len(vs)-1].GetCreateTime().AsTime().Add(p)})
-		}
-	} else if !isDenied(err) {
+	req := &keywardv1.GetRotationPlanRequest{}
+	if *within > 0 {
+		req.Within = durationpb.New(*within)
+	}
+	r, err := keywardv1.NewRotationServiceClient(c.Conn()).GetRotationPlan(e.ctx, req)
+	if err != nil {
 		return client.Wrap(err)
 	}
-	if r, err := keywardv1.NewCredentialServiceClient(c.Conn()).ListCredentials(ctx, &keywardv1.ListCredentialsRequest{}); err == nil {
-		for _, cr := range r.GetCredentials() {
-			if cr.GetNextRotationTime() == nil || cr.GetState() != keywardv1.CredentialState_CREDENTIAL_STATE_ACTIVE {
-				continue
-			}
-			plan = append(plan, planned{Kind: "credential", Name: cr.GetName(), Period: cr.GetRotationPeriod().AsDuration(), Next: cr.GetNextRotationTime().AsTime()})
+	plan := []planned{}
+	for _, x := range r.GetRotations() {
+		p := planned{Kind: x.GetKind(), Name: x.GetId(), Owner: x.GetOwner(), Policy: x.GetPolicy(), Period: x.GetEvery().AsDuration(),
+			Overlap: x.GetOverlap().AsDuration(), Action: x.GetAction(), Due: x.GetDueTime().AsTime(), Next: x.GetNextRunTime().AsTime(),
+			Late: x.GetOverdue(), Outcome: x.GetOutcome()}
+		if x.GetLastRunTime() != nil {
+			t := x.GetLastRunTime().AsTime()
+			p.LastRun = &t
 		}
-	} else if !isDenied(err) {
-		return client.Wrap(err)
-	}
-	plan = slices.DeleteFunc(plan, func(p planned) bool { return *within > 0 && p.Next.After(now.Add(*within)) })
-	slices.SortFunc(plan, func(a, b planned) int { return a.Next.Compare(b.Next) })
-	for i := range plan {
-		plan[i].Late = plan[i].Next.Before(now)
+		plan = append(plan, p)
 	}
 	if e.json {
-		if plan == nil {
-			plan = []planned{}
-		}
 		b, err := json.MarshalIndent(plan, "", "  ")
 		if err != nil {
 			return err
@@ -76,14 +72,70 @@ func rotationCommand(e *env, sub string, args []string) error {
 		fmt.Fprintln(e.stdout, string(b))
 		return nil
 	}
+	now := time.Now()
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "KIND\tNAME\tPERIOD\tNEXT\tIN")
+	fmt.Fprintln(tw, "KIND\tNAME\tPOLICY\tACTION\tDUE\tIN\tLAST RUN")
 	for _, p := range plan {
-		in := p.Next.Sub(now).Round(time.Minute).String()
+		in := p.Due.Sub(now).Round(time.Minute).String()
 		if p.Late {
-			in = "overdue by " + now.Sub(p.Next).Round(time.Minute).String()
+			in = "overdue by " + now.Sub(p.Due).Round(time.Minute).String()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%s\n", p.Kind, p.Name, p.Period, p.Next.Format(time.RFC3339), in)
+		last := "-"
+		if p.LastRun != nil {
+			last = p.LastRun.Format(time.RFC3339) + " " + p.Outcome
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s (%v)\t%s\t%s\t%s\t%s\n", p.Kind, p.Name, p.Policy, p.Period, p.Action, p.Due.Format(time.RFC3339), in, last)
 	}
 	return tw.Flush()
+}
+
+// panicRotateCommand is keyward panic-rotate KEY: a compromised key
+// rotated at once, its old versions retired, timed from the command to the
+// moment keywardd had it.
+func panicRotateCommand(e *env, args []string) error {
+	fs := newFlags("panic-rotate")
+	dry := fs.Bool("dry-run", false, "say what it would do, do nothing")
+	name := ""
+	if len(args) > 0 && args[0] != "" && args[0][0] != '-' {
+		name, args = args[0], args[1:]
+	}
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if name == "" {
+		return usageError{"keyward panic-rotate KEY [-dry-run]: name the key"}
+	}
+	c, err := e.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	start := time.Now()
+	r, err := keywardv1.NewRotationServiceClient(c.Conn()).PanicRotate(e.ctx, &keywardv1.PanicRotateRequest{Name: name, DryRun: *dry})
+	if err != nil {
+		return client.Wrap(err)
+	}
+	took := time.Since(start)
+	if e.json {
+		b, err := json.MarshalIndent(map[string]any{"key": name, "dry_run": r.GetDryRun(), "new_version": r.GetNewVersion(),
+			"retired_versions": r.GetRetiredVersions(), "encryptions": r.GetEncryptions(), "withdrawn": r.GetWithdrawn(),
+			"plugin_events": r.GetPluginEvents(), "in_effect_after": took.String()}, "", "  ")
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(e.stdout, string(b))
+		return nil
+	}
+	verb := map[bool]string{true: "would", false: "did"}[*dry]
+	fmt.Fprintf(e.stdout, "%s: %s make version %d; versions %v %s stop encrypting and signing\n", name, verb, r.GetNewVersion(), r.GetRetiredVersions(), verb)
+	if r.GetWithdrawn() {
+		fmt.Fprintf(e.stdout, "  signing key: the retired versions leave the JWKS; every token they signed is refused\n")
+	} else {
+		fmt.Fprintf(e.stdout, "  at most %d ciphertexts under them: re-encrypt (keyward reencrypt), then raise the minimum (keyward key set-min-version)\n", r.GetEncryptions())
+	}
+	fmt.Fprintf(e.stdout, "  %d events for the plugins\n", r.GetPluginEvents())
+	if !*dry {
+		fmt.Fprintf(e.stderr, "in effect %v after the command: every call from now on uses version %d\n", took.Round(time.Millisecond), r.GetNewVersion())
+	}
+	return nil
 }

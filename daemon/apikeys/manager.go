@@ -947,6 +947,61 @@ func (m *Manager) revokeBatch(ids []string) (int, error) {
 	return n, nil
 }
 
+// Notice changes a key and announces it to the plugins in one transaction:
+// fn changes the record (nil: no change), and the event of kind (an
+// outbox kind) carries detail.
+func (m *Manager) Notice(id, kind, eventID, detail string, fn func(*Record) error) (*Record, error) {
+	if _, err := m.load(id); err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.forget(id)
+	var out *Record
+	err := m.store.UpdateEachEmit(store.BucketAPIKeys, []string{id}, func(id string, old []byte) ([]byte, [][]byte, error) {
+		rec, err := decode(id, old)
+		if err != nil {
+			return nil, nil, err
+		}
+		if q := m.quotas[id]; q != nil {
+			rec.Quota = q
+		}
+		if fn != nil {
+			if err := fn(rec); err != nil {
+				return nil, nil, err
+			}
+		}
+		out = rec
+		b, err := json.Marshal(rec)
+		return b, [][]byte{outbox.Encode(outbox.Event{Kind: kind, ID: eventID, Subject: rec.Owner, Time: m.now().UTC(), Detail: detail})}, err
+	})
+	if err != nil {
+		return nil, err
+	}
+	delete(m.quotas, id) // saved with the record
+	return public(out), nil
+}
+
+// RotationDue tells the plugins that a key is due for rotation; a non-zero
+// deadline also ends its working secrets then (a forced rotation: the
+// owner rotates before it, or the key stops working).
+func (m *Manager) RotationDue(id string, deadline time.Time, detail string) (*Record, error) {
+	return m.Notice(id, outbox.RotationDue, "api_key/"+id, detail, func(r *Record) error {
+		if r.State == StateRevoked {
+			return fmt.Errorf("%w: %q is revoked", ErrInvalid, id)
+		}
+		if deadline.IsZero() {
+			return nil
+		}
+		for i := range r.Secrets {
+			if s := &r.Secrets[i]; s.NotAfter.IsZero() || deadline.Before(s.NotAfter) {
+				s.NotAfter = deadline.UTC()
+			}
+		}
+		return nil
+	})
+}
+
 // Bounds on a key's secrets: a rotated-out secret is still recognized (as
 // EXPIRED, not NOT_FOUND) for RotatedGrace after its overlap ends, and a key
 // keeps at most MaxSecrets, the newest; a rotation prunes the rest, so

@@ -578,8 +578,9 @@ func (m *Manager) revokeLocked(ctx context.Context, r *Record) (*Record, error) 
 }
 
 // Maintain does what is due, for every credential: resumes rotations whose
-// retry time came, retires previous credentials past their overlap, starts
-// rotations whose period passed, and finishes revocations. It returns the
+// retry time came, retires previous credentials past their overlap, and
+// finishes revocations. Rotations whose period passed are the scheduler's
+// (package schedule), which calls Rotate. It returns the
 // names it acted on and the errors it met.
 func (m *Manager) Maintain(ctx context.Context) (map[string]error, error) {
 	recs, err := m.List()
@@ -615,7 +616,7 @@ func (m *Manager) maintain(ctx context.Context, name string) (bool, error) {
 		return true, err
 	case r.State == Revoked:
 		return false, nil
-	case r.Pending != nil, r.Current == nil, !r.NextRotation().IsZero() && !now.Before(r.NextRotation()):
+	case r.Pending != nil, r.Current == nil:
 		_, err := m.rotateLocked(ctx, r)
 		return true, err
 	case r.Previous != nil && !now.Before(r.Previous.RetireAt):

@@ -451,6 +451,12 @@ func (m *Manager) change(name string, fn func(k *Key) error) (*Key, error) {
 
 // update is change, which may also finish a key being created.
 func (m *Manager) update(name string, creatingToo bool, fn func(k *Key) error) (*Key, error) {
+	return m.updateEmit(name, creatingToo, func(k *Key) ([][]byte, error) { return nil, fn(k) })
+}
+
+// updateEmit is update whose fn may also return events for the plugins,
+// written with the change.
+func (m *Manager) updateEmit(name string, creatingToo bool, fn func(k *Key) ([][]byte, error)) (*Key, error) {
 	var out *Key
 	err := m.store.UpdateEachEmit(store.BucketKeys, []string{name}, func(_ string, old []byte) ([]byte, [][]byte, error) {
 		if old == nil {
@@ -464,23 +470,24 @@ func (m *Manager) update(name string, creatingToo bool, fn func(k *Key) error) (
 			return nil, nil, fmt.Errorf("%w: %q", ErrNotFound, name)
 		}
 		was := max(k.MinDecryptionVersion, 1)
-		if err := fn(&k); err != nil {
+		events, err := fn(&k)
+		if err != nil {
 			return nil, nil, err
 		}
 		out = &k
 		b, err := json.Marshal(&k)
 		// Versions below a raised minimum may no longer be used: an event
 		// for each, for the plugins, with the change.
-		return b, m.revokedVersions(name, was, k.MinDecryptionVersion), err
+		return b, append(events, m.revokedVersions(name, was, k.MinDecryptionVersion, "")...), err
 	})
 	return out, err
 }
 
 // revokedVersions are the events of versions from..to-1 of name.
-func (m *Manager) revokedVersions(name string, from, to uint32) [][]byte {
+func (m *Manager) revokedVersions(name string, from, to uint32, detail string) [][]byte {
 	var out [][]byte
 	for v := from; v < to; v++ {
-		out = append(out, outbox.Encode(outbox.Event{Kind: outbox.KeyVersionRevoked, ID: fmt.Sprintf("%s/v%d", name, v), Subject: name, Time: m.opt.Now().UTC()}))
+		out = append(out, outbox.Encode(outbox.Event{Kind: outbox.KeyVersionRevoked, ID: fmt.Sprintf("%s/v%d", name, v), Subject: name, Time: m.opt.Now().UTC(), Detail: detail}))
 	}
 	return out
 }
@@ -494,6 +501,13 @@ func (m *Manager) Rotate(ctx context.Context, name string) (*Key, error) {
 }
 
 func (m *Manager) rotateLocked(ctx context.Context, name string) (*Key, error) {
+	return m.rotateLockedAt(ctx, name, false)
+}
+
+// rotateLockedAt rotates; at once, a signing key's new version signs now
+// and the others stop now (a compromise), instead of after the pre-publish
+// time.
+func (m *Manager) rotateLockedAt(ctx context.Context, name string, atOnce bool) (*Key, error) {
 	k, err := m.Get(name)
 	if err != nil {
 		return nil, err
@@ -532,11 +546,84 @@ func (m *Manager) rotateLocked(ctx context.Context, name string) (*Key, error) {
 			prev := &k.Versions[len(k.Versions)-1]
 			prev.RetireAt = v.ActivateAt
 			prev.RemoveAt = v.ActivateAt.Add(m.opt.SignKeepPublished)
+			if atOnce {
+				v.ActivateAt = now
+				for i := range k.Versions {
+					if p := &k.Versions[i]; p.RemoveAt.IsZero() || p.RemoveAt.After(now) {
+						if p.RetireAt.IsZero() || p.RetireAt.After(now) {
+							p.RetireAt = now
+						}
+						p.RemoveAt = now
+					}
+				}
+			}
 		}
 		k.Versions = append(k.Versions, v)
 		k.PendingVersion = 0
 		return nil
 	})
+}
+
+// Panic is what PanicRotate did, or would do.
+type Panic struct {
+	Key        *Key
+	NewVersion uint32
+	// Retired are the versions that stop encrypting or signing: every
+	// version in use before.
+	Retired []uint32
+	// Encryptions is how many encryptions were reserved under the retired
+	// versions: at most that many ciphertexts to re-encrypt.
+	Encryptions uint64
+	// Withdrawn: a signing key's retired versions left the JWKS, and every
+	// token they signed is refused from now on.
+	Withdrawn bool
+}
+
+// PanicRotate handles a compromised key: a new version at once (signing
+// at once, for a signing key), the versions before it retired — an
+// encryption key stops encrypting with them (they still decrypt, so that
+// data can be re-encrypted, until the minimum decryption version passes
+// them); a signing key's are withdrawn (the minimum rises to the new
+// version), so that every token they signed is refused — and an event per
+// retired version for the plugins. A dry run says what it would do and
+// does nothing.
+func (m *Manager) PanicRotate(ctx context.Context, name string, dryRun bool) (*Panic, error) {
+	defer m.lock(name)()
+	k, err := m.Get(name)
+	if err != nil {
+		return nil, err
+	}
+	if k.State == PendingDeletion {
+		return nil, k.usable()
+	}
+	p := &Panic{Key: k, NewVersion: k.Latest() + 1, Withdrawn: k.Purpose == Sign}
+	for _, v := range k.Versions {
+		if v.Number >= k.MinDecryptionVersion {
+			p.Retired = append(p.Retired, v.Number)
+			p.Encryptions += v.Reserved
+		}
+	}
+	if dryRun {
+		return p, nil
+	}
+	if _, err := m.rotateLockedAt(ctx, name, true); err != nil {
+		return nil, err
+	}
+	const why = "panic-rotate: the key was compromised; this version no longer encrypts or signs"
+	p.Key, err = m.updateEmit(name, false, func(k *Key) ([][]byte, error) {
+		if k.Purpose == Sign {
+			k.MinDecryptionVersion = p.NewVersion // withdraws; update emits the events
+			return nil, nil
+		}
+		if len(p.Retired) == 0 {
+			return nil, nil
+		}
+		return m.revokedVersions(name, p.Retired[0], p.NewVersion, why+" (it decrypts until the minimum decryption version passes it)"), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return p, nil
 }
 
 // SetEnabled enables or disables a key. A key scheduled for deletion must
@@ -603,24 +690,6 @@ func (m *Manager) CancelDeletion(name string) (*Key, error) {
 	})
 }
 
-// DueForRotation lists the enabled keys with a rotation period whose newest
-// version is at least that old. A key that was due for several periods (the
-// daemon was down) is listed once: rotating it makes it current again.
-func (m *Manager) DueForRotation() ([]string, error) {
-	all, err := m.List()
-	if err != nil {
-		return nil, err
-	}
-	now := m.opt.Now()
-	var due []string
-	for _, k := range all {
-		if k.State == Enabled && k.RotationPeriod > 0 && !now.Before(k.Versions[len(k.Versions)-1].Created.Add(k.RotationPeriod)) {
-			due = append(due, k.Name)
-		}
-	}
-	return due, nil
-}
-
 // DueForDeletion lists the keys whose deletion date has passed.
 func (m *Manager) DueForDeletion() ([]string, error) {
 	all, err := m.List()
@@ -653,7 +722,7 @@ func (m *Manager) DeleteDue(ctx context.Context, name string) (bool, error) {
 	}
 	// The record goes with an event for each version still usable until
 	// now, for the plugins.
-	events := m.revokedVersions(name, max(k.MinDecryptionVersion, 1), k.Latest()+1)
+	events := m.revokedVersions(name, max(k.MinDecryptionVersion, 1), k.Latest()+1, "the key was deleted")
 	return true, m.store.UpdateEachEmit(store.BucketKeys, []string{name}, func(string, []byte) ([]byte, [][]byte, error) { return nil, events, nil })
 }
 

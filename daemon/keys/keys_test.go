@@ -463,32 +463,6 @@ func TestSigningTimeline(t *testing.T) {
 	}
 }
 
-// TestDueForRotation: a key is due once its newest version is a rotation
-// period old, once however long the daemon was down, and not when disabled.
-func TestDueForRotation(t *testing.T) {
-	e := setup(t, Options{})
-	ctx := context.Background()
-	e.m.Create(ctx, Spec{Name: "jwt", Purpose: Sign, RotationPeriod: 24 * time.Hour})
-	e.m.Create(ctx, Spec{Name: "manual", Purpose: Encrypt})
-	if due, _ := e.m.DueForRotation(); len(due) != 0 {
-		t.Fatalf("due at once: %v", due)
-	}
-	e.clock.Advance(10 * 24 * time.Hour) // down for ten periods
-	due, _ := e.m.DueForRotation()
-	if len(due) != 1 || due[0] != "jwt" {
-		t.Fatalf("due after ten days: %v", due)
-	}
-	e.m.Rotate(ctx, "jwt")
-	if due, _ := e.m.DueForRotation(); len(due) != 0 {
-		t.Fatalf("still due after one rotation: %v", due)
-	}
-	e.clock.Advance(24 * time.Hour)
-	e.m.SetEnabled("jwt", false)
-	if due, _ := e.m.DueForRotation(); len(due) != 0 {
-		t.Fatalf("a disabled key is due: %v", due)
-	}
-}
-
 // TestVersionRevocationEvents: raising the minimum decryption version, and
 // deleting a key, write an event for each version no longer usable, in the
 // same transaction, for the plugins (daemon/outbox).
@@ -531,5 +505,86 @@ func TestVersionRevocationEvents(t *testing.T) {
 	}
 	if got := events(); !slices.Equal(got, []string{"key_version k/v1", "key_version k/v2", "key_version k/v3", "key_version k/v4"}) {
 		t.Fatalf("after the deletion: %v", got)
+	}
+}
+
+// TestPanicRotate: a compromised encryption key gets a new version that
+// encrypts at once; the versions in use before are announced to the
+// plugins and still decrypt; a dry run counts the same and changes
+// nothing. A compromised signing key's new version signs at once and the
+// old ones leave the published set.
+func TestPanicRotate(t *testing.T) {
+	e := setup(t, Options{ReserveBlock: 10, SignPrePublish: 10 * time.Minute, SignKeepPublished: time.Hour})
+	ctx := context.Background()
+	if _, err := e.m.Create(ctx, Spec{Name: "k", Purpose: Encrypt}); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := e.m.ForEncryption(ctx, "k"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.m.Rotate(ctx, "k"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := e.m.ForEncryption(ctx, "k"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.m.SetMinDecryptionVersion("k", 2); err != nil { // v1 already withdrawn: one event
+		t.Fatal(err)
+	}
+	dry, err := e.m.PanicRotate(ctx, "k", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dry.NewVersion != 4 || !slices.Equal(dry.Retired, []uint32{2, 3}) || dry.Encryptions != 20 || dry.Withdrawn {
+		t.Fatalf("dry run: %+v", dry)
+	}
+	if k, _ := e.m.Get("k"); k.Latest() != 3 {
+		t.Fatal("the dry run rotated")
+	}
+	got, err := e.m.PanicRotate(ctx, "k", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.NewVersion != 4 || !slices.Equal(got.Retired, dry.Retired) || got.Encryptions != dry.Encryptions || got.Key.Latest() != 4 {
+		t.Fatalf("panic: %+v; the dry run said %+v", got, dry)
+	}
+	if id, err := e.m.ForEncryption(ctx, "k"); err != nil || id.Version != 4 {
+		t.Fatalf("encrypting after the panic with %v, %v", id, err)
+	}
+	if id, err := e.m.ForDecryption("k", 2); err != nil || id.Version != 2 {
+		t.Fatalf("v2 must still decrypt (for re-encryption): %v", err)
+	}
+	var events []outbox.Event
+	e.s.ForEachAfter(store.BucketOutbox, "", func(_ string, b []byte) error {
+		var ev outbox.Event
+		json.Unmarshal(b, &ev)
+		events = append(events, ev)
+		return nil
+	})
+	if len(events) != 3 || events[1].ID != "k/v2" || events[2].ID != "k/v3" || !strings.Contains(events[2].Detail, "panic-rotate") {
+		t.Fatalf("events %+v", events)
+	}
+
+	if _, err := e.m.Create(ctx, Spec{Name: "s", Purpose: Sign, Algorithm: hsm.ECDSAP256}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.m.Rotate(ctx, "s"); err != nil { // v2 pending, v1 signing
+		t.Fatal(err)
+	}
+	p, err := e.m.PanicRotate(ctx, "s", false)
+	if err != nil || !p.Withdrawn || !slices.Equal(p.Retired, []uint32{1, 2}) {
+		t.Fatalf("signing panic: %+v, %v", p, err)
+	}
+	now := e.clock.Now()
+	if v, ok := p.Key.Signing(now); !ok || v.Number != 3 {
+		t.Fatalf("signing after the panic with %+v, %v; want v3 at once", v, ok)
+	}
+	if pub := p.Key.Published(now); len(pub) != 1 || pub[0].Number != 3 {
+		t.Fatalf("published after the panic: %+v; want v3 alone", pub)
+	}
+	if _, err := e.m.PanicRotate(ctx, "nope", true); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("unknown key: %v", err)
 	}
 }

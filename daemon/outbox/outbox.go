@@ -33,14 +33,19 @@ const (
 	TokenRevoked      = "token"
 	KeyVersionRevoked = "key_version"
 	CredentialRevoked = "credential"
+	// Not revocations: notices for the people behind a key.
+	RotationDue = "rotation_due" // ID kind/ID (api_key/ak_…), Subject its owner
+	Anomaly     = "anomaly"      // ID an API key's ID, Subject its owner, Detail what was seen
 )
 
-// Event is a revocation.
+// Event is a revocation or a notice.
 type Event struct {
 	Kind    string    `json:"kind"`
 	ID      string    `json:"id"`
 	Subject string    `json:"subject,omitempty"`
 	Time    time.Time `json:"time"`
+	// Detail says more, in words: never a secret.
+	Detail string `json:"detail,omitempty"`
 	// Nonce makes the event's operation ID unique beyond this store: the
 	// sequence numbers of two keywardds, or of a store restored from a
 	// backup, repeat, and a receiver that drops IDs it has seen must not

@@ -31,6 +31,7 @@ import (
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/policy"
+	"github.com/keyward/keyward/daemon/schedule"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/daemon/tokens"
 	"github.com/keyward/keyward/hsm"
@@ -39,7 +40,7 @@ import (
 // services are the keyward.v1 services keywardd serves.
 var services = []*grpc.ServiceDesc{&keywardv1.KeyService_ServiceDesc, &keywardv1.EnvelopeService_ServiceDesc,
 	&keywardv1.StatusService_ServiceDesc, &keywardv1.TokenService_ServiceDesc, &keywardv1.APIKeyService_ServiceDesc,
-	&keywardv1.CredentialService_ServiceDesc}
+	&keywardv1.CredentialService_ServiceDesc, &keywardv1.RotationService_ServiceDesc}
 
 // Ops lists every operation name the policy may grant, "Service.Method".
 func Ops() []string {
@@ -91,6 +92,11 @@ type Config struct {
 	Metrics *metrics.Metrics
 	// Plugins, if set, reports the plugins' states for GetStatus.
 	Plugins func() []PluginState
+	// Schedule serves GetRotationPlan; nil turns it off.
+	Schedule *schedule.Scheduler
+	// Notify, if set, is called when events for the plugins were queued,
+	// so that they go out at once.
+	Notify func()
 }
 
 // PluginState is a plugin's state as GetStatus reports it.
@@ -126,6 +132,7 @@ type Server struct {
 	keywardv1.UnimplementedTokenServiceServer
 	keywardv1.UnimplementedAPIKeyServiceServer
 	keywardv1.UnimplementedCredentialServiceServer
+	keywardv1.UnimplementedRotationServiceServer
 }
 
 // New makes the server and the grpc.Server that serves it.
@@ -157,6 +164,7 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	keywardv1.RegisterTokenServiceServer(gs, s)
 	keywardv1.RegisterAPIKeyServiceServer(gs, s)
 	keywardv1.RegisterCredentialServiceServer(gs, s)
+	keywardv1.RegisterRotationServiceServer(gs, s)
 	healthpb.RegisterHealthServer(gs, s.health)
 	reflection.Register(gs)
 	return s, gs

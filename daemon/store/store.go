@@ -32,6 +32,8 @@ const (
 	BucketCredentials   = "credentials"    // managed credentials and their rotation state, by name (schema 5)
 	BucketOutbox        = "outbox"         // revocation events to deliver to plugins, by sequence number (schema 5)
 	BucketOutboxCursors = "outbox_cursors" // each plugin's last delivered sequence number (schema 5)
+	BucketSchedule      = "schedule"       // each scheduled subject's next and last run, by kind/ID (schema 6)
+	BucketBaselines     = "baselines"      // each API key's request-rate baseline and known networks, by ID (schema 6)
 )
 
 // LegacyAPIKeys is the key of BucketAPIKeyHints that marks a store whose
@@ -44,7 +46,7 @@ var ErrNotFound = errors.New("store: not found")
 const (
 	metaBucket    = "meta"
 	schemaKey     = "schema_version"
-	SchemaVersion = 5
+	SchemaVersion = 6
 )
 
 // migrations[i] brings a store from schema version i to i+1.
@@ -77,6 +79,14 @@ var migrations = []func(tx *bolt.Tx) error{
 	},
 	4: func(tx *bolt.Tx) error {
 		for _, b := range []string{BucketCredentials, BucketOutbox, BucketOutboxCursors} {
+			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
+				return err
+			}
+		}
+		return nil
+	},
+	5: func(tx *bolt.Tx) error {
+		for _, b := range []string{BucketSchedule, BucketBaselines} {
 			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
 				return err
 			}

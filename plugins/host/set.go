@@ -138,6 +138,8 @@ var eventKinds = map[pluginv1.EventKind]string{
 	pluginv1.EventKind_EVENT_KIND_TOKEN_REVOKED:       outbox.TokenRevoked,
 	pluginv1.EventKind_EVENT_KIND_KEY_VERSION_REVOKED: outbox.KeyVersionRevoked,
 	pluginv1.EventKind_EVENT_KIND_CREDENTIAL_REVOKED:  outbox.CredentialRevoked,
+	pluginv1.EventKind_EVENT_KIND_ROTATION_DUE:        outbox.RotationDue,
+	pluginv1.EventKind_EVENT_KIND_ANOMALY:             outbox.Anomaly,
 }
 
 // Plugins are the plugins' names, sorted.
@@ -179,7 +181,7 @@ func (s Set) Deliver(ctx context.Context, plugin, op string, e outbox.Event) err
 	}
 	return p.Call(ctx, func(ctx context.Context, api *pluginv1.Clients) error {
 		_, err := api.Revoker.Revoke(ctx, &pluginv1.RevokeRequest{OperationId: op,
-			Event: &pluginv1.Event{Kind: kind, Id: e.ID, Subject: e.Subject, Time: timestamppb.New(e.Time)}})
+			Event: &pluginv1.Event{Kind: kind, Id: e.ID, Subject: e.Subject, Time: timestamppb.New(e.Time), Detail: e.Detail}})
 		return err
 	})
 }

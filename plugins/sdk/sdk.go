@@ -117,6 +117,9 @@ type Event struct {
 	ID      string
 	Subject string
 	Time    time.Time
+	// Detail says more about a notice (rotation due, anomaly), for a
+	// person; never a secret.
+	Detail string
 }
 
 // ErrPermanent marks an error that retrying will not mend (a bad

@@ -116,7 +116,7 @@ func (s *revokerServer) Revoke(ctx context.Context, r *pluginv1.RevokeRequest) (
 	if r.GetOperationId() == "" || e == nil || e.GetKind() == pluginv1.EventKind_EVENT_KIND_UNSPECIFIED {
 		return nil, status.Error(codes.InvalidArgument, "a revocation needs an operation_id and an event")
 	}
-	if err := s.r.Revoke(ctx, r.GetOperationId(), Event{Kind: e.GetKind(), ID: e.GetId(), Subject: e.GetSubject(), Time: e.GetTime().AsTime()}); err != nil {
+	if err := s.r.Revoke(ctx, r.GetOperationId(), Event{Kind: e.GetKind(), ID: e.GetId(), Subject: e.GetSubject(), Time: e.GetTime().AsTime(), Detail: e.GetDetail()}); err != nil {
 		return nil, toStatus(err, nil)
 	}
 	return &pluginv1.RevokeResponse{}, nil

@@ -25,8 +25,9 @@
 // Configuration, in the plugin's environment: KEYWARD_WEBHOOK_URL (http on
 // loopback, https elsewhere), KEYWARD_WEBHOOK_KEY_FILE (the HMAC key, at
 // least 32 bytes, the file readable by keywardd's user alone),
-// KEYWARD_WEBHOOK_EVENTS (a comma-separated list of the revocation kinds:
-// api_key, token, key_version, credential; default all).
+// KEYWARD_WEBHOOK_EVENTS (a comma-separated list of the event kinds:
+// api_key, token, key_version, credential, rotation_due, anomaly; default
+// all).
 package webhook
 
 import (
@@ -63,6 +64,7 @@ type Hook struct {
 var kinds = map[string]pluginv1.EventKind{
 	"api_key": pluginv1.EventKind_EVENT_KIND_API_KEY_REVOKED, "token": pluginv1.EventKind_EVENT_KIND_TOKEN_REVOKED,
 	"key_version": pluginv1.EventKind_EVENT_KIND_KEY_VERSION_REVOKED, "credential": pluginv1.EventKind_EVENT_KIND_CREDENTIAL_REVOKED,
+	"rotation_due": pluginv1.EventKind_EVENT_KIND_ROTATION_DUE, "anomaly": pluginv1.EventKind_EVENT_KIND_ANOMALY,
 }
 
 // FromEnv reads the configuration from the environment.
@@ -96,12 +98,12 @@ func FromEnv() (*Hook, error) {
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}}
 	list := os.Getenv("KEYWARD_WEBHOOK_EVENTS")
 	if list == "" {
-		list = "api_key,token,key_version,credential"
+		list = "api_key,token,key_version,credential,rotation_due,anomaly"
 	}
 	for _, k := range strings.Split(list, ",") {
 		kind, ok := kinds[strings.TrimSpace(k)]
 		if !ok {
-			return nil, fmt.Errorf("KEYWARD_WEBHOOK_EVENTS: %q is not api_key, token, key_version or credential", k)
+			return nil, fmt.Errorf("KEYWARD_WEBHOOK_EVENTS: %q is not api_key, token, key_version, credential, rotation_due or anomaly", k)
 		}
 		h.Events = append(h.Events, kind)
 	}
@@ -186,16 +188,21 @@ func (h *Hook) post(ctx context.Context, id, typ string, data any) error {
 	return last
 }
 
-// Revoke posts a revocation.
+// Revoke posts a revocation or a notice.
 func (h *Hook) Revoke(ctx context.Context, op string, e sdk.Event) error {
 	typ := map[pluginv1.EventKind]string{
 		pluginv1.EventKind_EVENT_KIND_API_KEY_REVOKED: "api_key.revoked", pluginv1.EventKind_EVENT_KIND_TOKEN_REVOKED: "token.revoked",
 		pluginv1.EventKind_EVENT_KIND_KEY_VERSION_REVOKED: "key_version.revoked", pluginv1.EventKind_EVENT_KIND_CREDENTIAL_REVOKED: "credential.revoked",
+		pluginv1.EventKind_EVENT_KIND_ROTATION_DUE: "rotation.due", pluginv1.EventKind_EVENT_KIND_ANOMALY: "api_key.anomaly",
 	}[e.Kind]
 	if typ == "" {
 		return fmt.Errorf("an event of kind %v: %w", e.Kind, sdk.ErrPermanent)
 	}
-	return h.post(ctx, op, typ, map[string]string{"id": e.ID, "subject": e.Subject})
+	body := map[string]string{"id": e.ID, "subject": e.Subject}
+	if e.Detail != "" {
+		body["detail"] = e.Detail
+	}
+	return h.post(ctx, op, typ, body)
 }
 
 // Create makes nothing: a webhook credential is a notice, not a secret the

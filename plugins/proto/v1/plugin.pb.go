@@ -72,7 +72,7 @@ func (Capability) EnumDescriptor() ([]byte, []int) {
 	return file_plugin_proto_rawDescGZIP(), []int{0}
 }
 
-// EventKind is what was revoked.
+// EventKind is what was revoked, or what a notice is about.
 type EventKind int32
 
 const (
@@ -85,6 +85,13 @@ const (
 	EventKind_EVENT_KIND_KEY_VERSION_REVOKED EventKind = 3
 	// A managed credential (id: its name).
 	EventKind_EVENT_KIND_CREDENTIAL_REVOKED EventKind = 4
+	// Not a revocation: something is due for rotation (id: "api_key/" and
+	// the key's ID; subject: its owner; detail: the policy and any deadline).
+	// A webhook tells the owner.
+	EventKind_EVENT_KIND_ROTATION_DUE EventKind = 5
+	// Not a revocation: an API key's use looks wrong (id: its ID; subject:
+	// its owner; detail: what was seen, and whether keywardd disabled it).
+	EventKind_EVENT_KIND_ANOMALY EventKind = 6
 )
 
 // Enum value maps for EventKind.
@@ -95,6 +102,8 @@ var (
 		2: "EVENT_KIND_TOKEN_REVOKED",
 		3: "EVENT_KIND_KEY_VERSION_REVOKED",
 		4: "EVENT_KIND_CREDENTIAL_REVOKED",
+		5: "EVENT_KIND_ROTATION_DUE",
+		6: "EVENT_KIND_ANOMALY",
 	}
 	EventKind_value = map[string]int32{
 		"EVENT_KIND_UNSPECIFIED":         0,
@@ -102,6 +111,8 @@ var (
 		"EVENT_KIND_TOKEN_REVOKED":       2,
 		"EVENT_KIND_KEY_VERSION_REVOKED": 3,
 		"EVENT_KIND_CREDENTIAL_REVOKED":  4,
+		"EVENT_KIND_ROTATION_DUE":        5,
+		"EVENT_KIND_ANOMALY":             6,
 	}
 )
 
@@ -890,16 +901,18 @@ func (*RetireResponse) Descriptor() ([]byte, []int) {
 	return file_plugin_proto_rawDescGZIP(), []int{13}
 }
 
-// Event is a revocation.
+// Event is a revocation or a notice.
 type Event struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Kind  EventKind              `protobuf:"varint,1,opt,name=kind,proto3,enum=keyward.plugin.v1.EventKind" json:"kind,omitempty"`
-	// What was revoked: see EventKind.
+	// What was revoked, or what the notice is about: see EventKind.
 	Id string `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
 	// The API key's owner, the token's subject, the key's or credential's
 	// name; empty if none.
-	Subject       string                 `protobuf:"bytes,3,opt,name=subject,proto3" json:"subject,omitempty"`
-	Time          *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=time,proto3" json:"time,omitempty"`
+	Subject string                 `protobuf:"bytes,3,opt,name=subject,proto3" json:"subject,omitempty"`
+	Time    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=time,proto3" json:"time,omitempty"`
+	// More, in words, for a person (notices); never a secret.
+	Detail        string `protobuf:"bytes,5,opt,name=detail,proto3" json:"detail,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -960,6 +973,13 @@ func (x *Event) GetTime() *timestamppb.Timestamp {
 		return x.Time
 	}
 	return nil
+}
+
+func (x *Event) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
 }
 
 // RevokeRequest delivers an event.
@@ -1110,12 +1130,13 @@ const file_plugin_proto_rawDesc = "" +
 	"credential\x18\x02 \x01(\v2\x1d.keyward.plugin.v1.CredentialR\n" +
 	"credential\x12\x16\n" +
 	"\x06handle\x18\x03 \x01(\tR\x06handle\"\x10\n" +
-	"\x0eRetireResponse\"\x93\x01\n" +
+	"\x0eRetireResponse\"\xab\x01\n" +
 	"\x05Event\x120\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x1c.keyward.plugin.v1.EventKindR\x04kind\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x18\n" +
 	"\asubject\x18\x03 \x01(\tR\asubject\x12.\n" +
-	"\x04time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"b\n" +
+	"\x04time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
+	"\x06detail\x18\x05 \x01(\tR\x06detail\"b\n" +
 	"\rRevokeRequest\x12!\n" +
 	"\foperation_id\x18\x01 \x01(\tR\voperationId\x12.\n" +
 	"\x05event\x18\x02 \x01(\v2\x18.keyward.plugin.v1.EventR\x05event\"\x10\n" +
@@ -1124,13 +1145,15 @@ const file_plugin_proto_rawDesc = "" +
 	"Capability\x12\x1a\n" +
 	"\x16CAPABILITY_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12CAPABILITY_ROTATOR\x10\x01\x12\x16\n" +
-	"\x12CAPABILITY_REVOKER\x10\x02*\xac\x01\n" +
+	"\x12CAPABILITY_REVOKER\x10\x02*\xe1\x01\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aEVENT_KIND_API_KEY_REVOKED\x10\x01\x12\x1c\n" +
 	"\x18EVENT_KIND_TOKEN_REVOKED\x10\x02\x12\"\n" +
 	"\x1eEVENT_KIND_KEY_VERSION_REVOKED\x10\x03\x12!\n" +
-	"\x1dEVENT_KIND_CREDENTIAL_REVOKED\x10\x042\xc2\x01\n" +
+	"\x1dEVENT_KIND_CREDENTIAL_REVOKED\x10\x04\x12\x1b\n" +
+	"\x17EVENT_KIND_ROTATION_DUE\x10\x05\x12\x16\n" +
+	"\x12EVENT_KIND_ANOMALY\x10\x062\xc2\x01\n" +
 	"\rPluginService\x12S\n" +
 	"\bDescribe\x12\".keyward.plugin.v1.DescribeRequest\x1a#.keyward.plugin.v1.DescribeResponse\x12\\\n" +
 	"\vCheckConfig\x12%.keyward.plugin.v1.CheckConfigRequest\x1a&.keyward.plugin.v1.CheckConfigResponse2\xcc\x02\n" +

@@ -1,0 +1,61 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/credentials"
+	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/schedule"
+	"github.com/keyward/keyward/daemon/server"
+	"github.com/keyward/keyward/daemon/store"
+)
+
+// scheduleOps are the audit records' operations of scheduled runs.
+var scheduleOps = map[schedule.Action]map[schedule.Kind]string{
+	schedule.Rotate: {schedule.Key: "keywardd.RotateKey", schedule.Credential: "keywardd.RotateCredential"},
+	schedule.Remind: {schedule.APIKey: "keywardd.RemindAPIKeyRotation"},
+	schedule.Force:  {schedule.APIKey: "keywardd.ForceAPIKeyRotation"},
+}
+
+// newScheduler schedules keys, API keys and credentials by the
+// configuration's rules. Each run is audited before it acts (one that
+// cannot be audited waits) and again if it fails.
+func newScheduler(cfg *Config, st *store.Store, km *keys.Manager, cm *credentials.Manager, akm *apikeys.Manager, al *audit.Log, log *slog.Logger, now func() time.Time) *schedule.Scheduler {
+	rules := &cfg.Rotation
+	jitter := time.Hour
+	if rules.Jitter != nil {
+		jitter = *rules.Jitter
+	}
+	self, _ := os.Executable()
+	record := func(s schedule.Subject, outcome, detail string) audit.Record {
+		return audit.Record{Time: time.Now().UTC(), Op: scheduleOps[s.Action][s.Kind], Key: s.ID, Outcome: outcome,
+			Caller: audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self}, Detail: detail}
+	}
+	return schedule.New(schedule.Config{Store: st, Now: now, Jitter: jitter, RemindEvery: rules.RemindEvery,
+		Sources: []schedule.Source{schedule.KeySource(km, rules, server.ReservedPrefix), schedule.CredentialSource(cm), schedule.APIKeySource(akm, rules, now)},
+		Before: func(ctx context.Context, s schedule.Subject, e schedule.Entry) error {
+			detail := fmt.Sprintf("rotation policy %s (every %v), last rotated %s, due %s", s.Policy.Name, s.Policy.Every,
+				s.Last.UTC().Format(time.RFC3339), e.Due.Format(time.RFC3339))
+			if err := al.Append(ctx, record(s, "ok", detail)); err != nil {
+				return fmt.Errorf("not running the scheduled %s of %s %s: it cannot be audited: %w", s.Action, s.Kind, s.ID, err)
+			}
+			return nil
+		},
+		After: func(ctx context.Context, s schedule.Subject, e schedule.Entry, detail string, err error) {
+			if err == nil {
+				log.Info("scheduled rotation", "kind", string(s.Kind), "id", s.ID, "action", string(s.Action), "policy", s.Policy.Name, "did", detail)
+				return
+			}
+			log.Error("scheduled rotation failed; it is retried", "kind", string(s.Kind), "id", s.ID, "action", string(s.Action), "error", err.Error(), "retry", e.Next)
+			if aerr := al.Append(ctx, record(s, "error", err.Error())); aerr != nil {
+				log.Error("auditing a failed scheduled rotation failed", "id", s.ID, "error", aerr.Error())
+			}
+		},
+	})
+}
