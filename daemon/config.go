@@ -18,6 +18,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/ratelimit"
 	"github.com/keyward/keyward/daemon/schedule"
@@ -73,7 +74,9 @@ type Config struct {
 	Plugins []PluginConfig `yaml:"plugins"`
 	// Rotation: policies and which keys they apply to (package schedule).
 	Rotation schedule.Rules `yaml:"rotation"`
-	APIKeys  struct {
+	// Anomaly: watching API keys' use (package anomaly).
+	Anomaly anomaly.Config `yaml:"anomaly"`
+	APIKeys struct {
 		Prefix     string        `yaml:"prefix"`      // starts every key; default "kw"
 		NearLimit  float64       `yaml:"near_limit"`  // fraction of a burst that sets near_limit; default 0.8
 		FlushEvery time.Duration `yaml:"flush_every"` // how often usage and quotas are written; default 10s
@@ -162,6 +165,9 @@ func (c *Config) check() error {
 		}
 	}
 	if err := c.Rotation.Check(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.Anomaly.Check(); err != nil {
 		errs = append(errs, err)
 	}
 	seen := map[string]bool{}

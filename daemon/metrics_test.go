@@ -100,10 +100,16 @@ func TestMetrics(t *testing.T) {
 		{"keyward_call_duration_seconds", map[string]string{"op": "StatusService.Ping"}, 3},
 		{"keyward_apikey_verifications_total", map[string]string{"result": "VALID"}, 2},
 		{"keyward_apikey_verifications_total", map[string]string{"result": "WRONG_ENVIRONMENT"}, 1},
+		{"keyward_hsm_errors_total", map[string]string{"op": "hmac"}, 0},
+		{"keyward_rotations_overdue", map[string]string{"kind": "key"}, 0},
 	} {
 		if got := value(c.family, c.labels); got != c.want {
 			t.Errorf("%s %v = %v, want %v", c.family, c.labels, got, c.want)
 		}
+	}
+	// CreateAPIKey MACs the secret in the HSM, and so does the first verify.
+	if n := value("keyward_hsm_operation_duration_seconds", map[string]string{"op": "hmac"}); n < 2 {
+		t.Errorf("%v HSM hmac operations measured, want at least 2", n)
 	}
 	if age := value("keyward_key_version_age_seconds", map[string]string{"key": "keyward-audit"}); age < 0 || age > 600 {
 		t.Errorf("the audit key's version is %v s old", age)

@@ -8,11 +8,13 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/credentials"
@@ -234,6 +236,12 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 			return out
 		}),
 	)
+	h.SetObserver(func(op string, took time.Duration, err error) {
+		if errors.Is(err, hsm.ErrDecrypt) || errors.Is(err, hsm.ErrInvalidInput) || errors.Is(err, hsm.ErrKeyNotFound) {
+			err = nil // the caller's input, not the HSM
+		}
+		mx.HSM(op, took, err)
+	})
 	if cfg.Metrics.Address != "" {
 		stop, err := serveMetrics(cfg.Metrics.Address, mx, log)
 		if err != nil {
@@ -241,10 +249,22 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		}
 		closers = append(closers, stop)
 	}
+	var observed func(string, netip.Addr)
+	if cfg.Anomaly.Enabled {
+		det := anomaly.New(cfg.Anomaly, st)
+		observed = func(id string, ip netip.Addr) { det.Observe(id, ip, o.Now()) }
+		done := make(chan struct{})
+		actx, stopAnomaly := context.WithCancel(context.Background())
+		go func() {
+			defer close(done)
+			watchAnomalies(actx, det, akm, al, mx, ob.Notify, log, cfg.Anomaly.FlushEvery)
+		}()
+		closers = append(closers, func() error { stopAnomaly(); <-done; return det.Flush() })
+	}
 	srv, gs := server.New(server.Config{
 		HSM: h, Store: st, Keys: km, Envelope: env, Audit: al, Policy: pol, Credentials: cm, Metrics: mx,
 		MaxBatch: cfg.MaxBatch, Version: o.Version, HealthEvery: o.HealthEvery,
-		Tokens: tc, Revoked: revoked, APIKeys: akm, Schedule: sched, Notify: ob.Notify, Plugins: func() []server.PluginState { return pluginStates(plugins, ob.Status()) },
+		Tokens: tc, Revoked: revoked, APIKeys: akm, Schedule: sched, Notify: ob.Notify, Observed: observed, Plugins: func() []server.PluginState { return pluginStates(plugins, ob.Status()) },
 	})
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()

@@ -20,6 +20,8 @@ type HSM struct {
 	mod    *module
 	sem    chan struct{} // one slot per session in use
 	closed atomic.Bool
+	// observe, if set, hears of every operation (SetObserver).
+	observe atomic.Pointer[func(op string, took time.Duration, err error)]
 	// softHSM: the token is SoftHSM2, which reports a failed GCM tag check
 	// as CKR_GENERAL_ERROR.
 	softHSM atomic.Bool
@@ -371,6 +373,10 @@ func (h *HSM) doOnce(ctx context.Context, op, key string, fn func(s pkcs11.Sessi
 
 func (h *HSM) attempt(ctx context.Context, op, key string, tries int, fn func(s pkcs11.SessionHandle) error) error {
 	var err error
+	if o := h.observe.Load(); o != nil {
+		start := time.Now()
+		defer func() { (*o)(op, time.Since(start), err) }()
+	}
 	for range tries {
 		var s session
 		if s, err = h.acquire(ctx); err != nil {
@@ -381,7 +387,16 @@ func (h *HSM) attempt(ctx context.Context, op, key string, tries int, fn func(s 
 			break
 		}
 	}
-	return opError(op, key, err, "")
+	err = opError(op, key, err, "")
+	return err
+}
+
+// SetObserver has fn told of every operation: its name (encrypt, decrypt,
+// hmac, sign, random, health, ...), how long it took, session wait and a
+// reconnection included, and its error. fn must be quick: it runs on the
+// caller's goroutine. For metrics and load measures.
+func (h *HSM) SetObserver(fn func(op string, took time.Duration, err error)) {
+	h.observe.Store(&fn)
 }
 
 // Health checks that the token answers and the login holds. If the token

@@ -96,8 +96,9 @@ func boolInt(b bool) int {
 	return 0
 }
 
-// network is the /24 or /64 an address is in.
-func network(ip netip.Addr) string {
+// Network is the /24 or /64 an address is in, as usage and the anomaly
+// detector count networks.
+func Network(ip netip.Addr) string {
 	if !ip.IsValid() {
 		return UnknownNetwork
 	}
@@ -142,7 +143,7 @@ func (u *usageLog) record(id string, code Code, ip netip.Addr, now time.Time) {
 		hours[hour.Unix()] = h
 	}
 	h.Counts[code]++
-	h.addNetwork(network(ip), 1)
+	h.addNetwork(Network(ip), 1)
 	h.Last = now.UTC()
 }
 

@@ -24,6 +24,9 @@ type Metrics struct {
 	calls    *prometheus.CounterVec
 	latency  *prometheus.HistogramVec
 	verifies *prometheus.CounterVec
+	anomaly  *prometheus.CounterVec
+	hsmTime  *prometheus.HistogramVec
+	hsmErrs  *prometheus.CounterVec
 }
 
 // New makes the metrics for the RPCs ops ("Service.Method"); state adds
@@ -37,7 +40,22 @@ func New(ops []string, state ...prometheus.Collector) *Metrics {
 			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5}}, []string{"op"}),
 		verifies: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_apikey_verifications_total",
 			Help: "API key verifications, by result (VALID, NOT_FOUND, RATE_LIMITED, ...)."}, []string{"result"}),
+		anomaly: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_apikey_anomalies_total",
+			Help: "API key anomalies detected, by kind (spike, new_network) and whether the key was disabled."}, []string{"kind", "disabled"}),
+		hsmTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "keyward_hsm_operation_duration_seconds",
+			Help:    "How long HSM operations took, session wait included, by operation.",
+			Buckets: []float64{.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1}}, []string{"op"}),
+		hsmErrs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_hsm_errors_total",
+			Help: "HSM operations that failed, by operation."}, []string{"op"}),
 	}
+	for _, op := range HSMOps {
+		m.hsmErrs.WithLabelValues(op) // present from the start, at 0
+	}
+	for _, kind := range []string{"spike", "new_network"} {
+		m.anomaly.WithLabelValues(kind, "true")
+		m.anomaly.WithLabelValues(kind, "false")
+	}
+	m.reg.MustRegister(m.anomaly, m.hsmTime, m.hsmErrs)
 	m.reg.MustRegister(m.calls, m.latency, m.verifies, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, c := range state {
 		m.reg.MustRegister(c)
@@ -69,6 +87,31 @@ func (m *Metrics) Verified(result string) {
 		return
 	}
 	m.verifies.WithLabelValues(result).Inc()
+}
+
+// Anomaly records an API key anomaly.
+func (m *Metrics) Anomaly(kind string, disabled bool) {
+	if m == nil {
+		return
+	}
+	m.anomaly.WithLabelValues(kind, map[bool]string{true: "true", false: "false"}[disabled]).Inc()
+}
+
+// HSMOps are the HSM operations measured; others count as "other".
+var HSMOps = []string{"decrypt", "encrypt", "hmac", "other", "random", "sign"}
+
+// HSM records an HSM operation.
+func (m *Metrics) HSM(op string, took time.Duration, err error) {
+	if m == nil {
+		return
+	}
+	if !slices.Contains(HSMOps, op) {
+		op = "other"
+	}
+	m.hsmTime.WithLabelValues(op).Observe(took.Seconds())
+	if err != nil {
+		m.hsmErrs.WithLabelValues(op).Inc()
+	}
 }
 
 // Handler serves the metrics in Prometheus's text format.

@@ -9,6 +9,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -94,6 +95,9 @@ type Config struct {
 	Plugins func() []PluginState
 	// Schedule serves GetRotationPlan; nil turns it off.
 	Schedule *schedule.Scheduler
+	// Observed, if set, hears of every verification that identified a key
+	// (the anomaly detector).
+	Observed func(id string, ip netip.Addr)
 	// Notify, if set, is called when events for the plugins were queued,
 	// so that they go out at once.
 	Notify func()

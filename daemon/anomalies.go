@@ -1,0 +1,68 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/keyward/keyward/daemon/anomaly"
+	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/metrics"
+	"github.com/keyward/keyward/daemon/outbox"
+)
+
+// watchAnomalies acts on the detector's alerts until ctx ends: the key is
+// disabled first if the configuration says so, with its event for the
+// plugins in the same transaction, then the alert is audited, logged and
+// counted. Baselines are written every flushEvery.
+func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Manager, al *audit.Log, mx *metrics.Metrics, notify func(), log *slog.Logger, flushEvery time.Duration) {
+	if flushEvery <= 0 {
+		flushEvery = time.Minute
+	}
+	t := time.NewTicker(flushEvery)
+	defer t.Stop()
+	self, _ := os.Executable()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := det.Flush(); err != nil {
+				log.Error("writing API key baselines failed; they are kept and retried", "error", err.Error())
+			}
+		case a := <-det.Alerts():
+			detail := a.Kind + ": " + a.Detail
+			disabled := false
+			_, err := akm.Notice(a.KeyID, outbox.Anomaly, a.KeyID, detail, func(r *apikeys.Record) error {
+				if a.Disable && r.State == apikeys.Active {
+					r.State, disabled = apikeys.StateDisabled, true
+				}
+				return nil
+			})
+			switch {
+			case err != nil:
+				detail += "; acting on it failed: " + err.Error()
+			case disabled:
+				detail += fmt.Sprintf("; keywardd disabled the key (keyward apikey update -id %s -enable, once it is understood)", a.KeyID)
+			case a.Disable:
+				detail += "; the key was not active, so nothing was disabled"
+			default:
+				detail += "; alert only (anomaly.disable does not name " + a.Kind + ")"
+			}
+			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.APIKeyAnomaly", Key: a.KeyID, Outcome: "ok", Detail: detail,
+				Caller: audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self}}
+			if err != nil {
+				rec.Outcome = "error"
+			}
+			if aerr := al.Append(ctx, rec); aerr != nil {
+				log.Error("auditing an API key anomaly failed", "key_id", a.KeyID, "error", aerr.Error())
+			}
+			log.Warn("API key anomaly", "key_id", a.KeyID, "kind", a.Kind, "disabled", disabled, "detail", detail)
+			mx.Anomaly(a.Kind, disabled)
+			notify()
+		}
+	}
+}

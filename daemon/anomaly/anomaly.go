@@ -1,0 +1,344 @@
+// Package anomaly watches how each API key is used and says when that
+// changes sharply: a spike in its request rate over its baseline for the
+// hour of day, or a use from a network it was never used from.
+//
+// A key's baseline is an exponentially weighted mean of its requests per
+// minute for each of the 24 hours of the day (UTC), folded in minute by
+// minute, idle minutes as zero: a key busy by day and quiet by night has a
+// high daytime and a low night-time baseline, and a night-time burst that
+// would pass by day is a spike. The rate over the last Window, and that of
+// the current minute alone (so that a sharp spike alerts within a minute),
+// are compared with Factor times the baseline of the hour (or MinRate per
+// minute, if higher: a key used once an hour does not alert at its eighth
+// request).
+// Networks are counted as the usage report counts them (a /24 or a /64).
+// A key is only learned from during its first Learn, not alerted on; a
+// key alerts at most once per Cooldown and kind.
+//
+// Observe is on VerifyAPIKey's path: a map lookup and a few additions
+// under a per-key lock; alerts are handed to a goroutine that audits them,
+// tells the plugins and, if configured, disables the key. Baselines are
+// written to the store every FlushEvery and read back at start, so a
+// restart keeps what was learned.
+//
+// Written here: the statistics are a few lines; the anomaly-detection
+// libraries in Go are for time series in bulk, not a per-key check on the
+// request path.
+package anomaly
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/store"
+)
+
+// Kinds of alerts.
+const (
+	Spike      = "spike"
+	NewNetwork = "new_network"
+)
+
+// Config is the configuration's anomaly section.
+type Config struct {
+	// Enabled turns detection on.
+	Enabled bool `yaml:"enabled"`
+	// Window is how far back the current rate is measured. Default 5 m.
+	Window time.Duration `yaml:"window"`
+	// Factor: a rate this many times the baseline is a spike. Default 8.
+	Factor float64 `yaml:"factor"`
+	// MinRate: requests per minute below which no rate is a spike.
+	// Default 10.
+	MinRate float64 `yaml:"min_rate"`
+	// Learn is how long a key is only learned from, from its first use
+	// keywardd saw. Default 168 h (a week: every hour of every day).
+	Learn time.Duration `yaml:"learn"`
+	// NewNetworks alerts on a use from a network the key was not used
+	// from before (after Learn).
+	NewNetworks bool `yaml:"new_networks"`
+	// Disable lists the kinds of alerts that disable the key at once
+	// (spike, new_network); the others only alert.
+	Disable []string `yaml:"disable"`
+	// Cooldown: at most one alert per key and kind this often. Default 1 h.
+	Cooldown time.Duration `yaml:"cooldown"`
+	// FlushEvery: how often baselines are written. Default 1 m.
+	FlushEvery time.Duration `yaml:"flush_every"`
+}
+
+// Check says what is wrong with the configuration.
+func (c *Config) Check() error {
+	var errs []error
+	if c.Window < 0 || c.Learn < 0 || c.Cooldown < 0 || c.FlushEvery < 0 || c.Factor < 0 || c.MinRate < 0 {
+		errs = append(errs, errors.New("anomaly: window, factor, min_rate, learn, cooldown and flush_every must not be negative"))
+	}
+	if c.Window != 0 && (c.Window < time.Minute || c.Window > time.Hour || c.Window%time.Minute != 0) {
+		errs = append(errs, errors.New("anomaly.window: whole minutes from 1m to 1h"))
+	}
+	if c.Factor != 0 && c.Factor < 2 {
+		errs = append(errs, errors.New("anomaly.factor: at least 2 (8 is the usual)"))
+	}
+	for _, d := range c.Disable {
+		if d != Spike && d != NewNetwork {
+			errs = append(errs, fmt.Errorf("anomaly.disable: %q: use spike or new_network", d))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (c Config) withDefaults() Config {
+	if c.Window == 0 {
+		c.Window = 5 * time.Minute
+	}
+	if c.Factor == 0 {
+		c.Factor = 8
+	}
+	if c.MinRate == 0 {
+		c.MinRate = 10
+	}
+	if c.Learn == 0 {
+		c.Learn = 7 * 24 * time.Hour
+	}
+	if c.Cooldown == 0 {
+		c.Cooldown = time.Hour
+	}
+	if c.FlushEvery == 0 {
+		c.FlushEvery = time.Minute
+	}
+	return c
+}
+
+// alpha weighs each minute into its hour's mean: about the last 100
+// minutes of that hour of day count, two days' worth.
+const alpha = 0.01
+
+// Bounds: networks remembered per key, keys held in memory.
+const (
+	maxNetworks = 64
+	maxKeys     = 100_000
+)
+
+// Baseline is what is learned of a key, as the store keeps it.
+type Baseline struct {
+	// PerMinute is the mean requests per minute by hour of day (UTC).
+	PerMinute [24]float64 `json:"per_minute"`
+	// Since is when keywardd first saw the key used.
+	Since time.Time `json:"since"`
+	// Networks are the networks it was used from, at most maxNetworks.
+	Networks []string `json:"networks,omitempty"`
+}
+
+// Alert is a change in a key's use.
+type Alert struct {
+	Kind   string
+	KeyID  string
+	Time   time.Time
+	Detail string
+	// Disable: the configuration says to disable the key.
+	Disable bool
+}
+
+// key is a key's state in memory.
+type key struct {
+	mu       sync.Mutex
+	b        Baseline
+	minute   int64   // the current minute (Unix minutes)
+	counts   []int64 // the window's counts per minute, a ring: minute m at m % len
+	sum      int64   // over the window
+	last     [2]time.Time
+	dirty    bool
+	lastSeen time.Time
+}
+
+// Detector watches keys.
+type Detector struct {
+	cfg    Config
+	st     *store.Store
+	alerts chan Alert
+	mu     sync.Mutex
+	keys   map[string]*key
+	// dropped counts alerts lost because nobody took them in time.
+	dropped atomic.Int64
+}
+
+// New returns a detector whose alerts come out of Alerts.
+func New(c Config, st *store.Store) *Detector {
+	return &Detector{cfg: c.withDefaults(), st: st, alerts: make(chan Alert, 1024), keys: map[string]*key{}}
+}
+
+// Alerts are the alerts, in order.
+func (d *Detector) Alerts() <-chan Alert { return d.alerts }
+
+// Disables says whether alerts of a kind disable the key.
+func (d *Detector) Disables(kind string) bool { return slices.Contains(d.cfg.Disable, kind) }
+
+func (d *Detector) get(id string, now time.Time) *key {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if k := d.keys[id]; k != nil {
+		return k
+	}
+	if len(d.keys) >= maxKeys {
+		d.evictLocked(now)
+	}
+	k := &key{counts: make([]int64, d.cfg.Window/time.Minute), minute: now.Unix() / 60}
+	if b, err := d.st.Get(store.BucketBaselines, id); err == nil {
+		json.Unmarshal(b, &k.b)
+	}
+	if k.b.Since.IsZero() {
+		k.b.Since, k.dirty = now.UTC(), true
+	}
+	d.keys[id] = k
+	return k
+}
+
+// evictLocked drops the keys idle for an hour, saved first; failing that,
+// the first half.
+func (d *Detector) evictLocked(now time.Time) {
+	var out []string
+	for id, k := range d.keys {
+		k.mu.Lock()
+		if now.Sub(k.lastSeen) > time.Hour {
+			out = append(out, id)
+		}
+		k.mu.Unlock()
+	}
+	if len(out) == 0 {
+		for id := range d.keys {
+			if out = append(out, id); len(out) >= len(d.keys)/2 {
+				break
+			}
+		}
+	}
+	d.saveLocked(out)
+	for _, id := range out {
+		delete(d.keys, id)
+	}
+}
+
+// advance folds the minutes between k.minute and now into the baseline.
+func (d *Detector) advance(k *key, now time.Time) {
+	m := now.Unix() / 60
+	if m <= k.minute {
+		return
+	}
+	n := int64(len(k.counts))
+	steps := min(m-k.minute, 24*60) // a day of idle minutes is as far as it matters
+	for i := int64(0); i < steps; i++ {
+		minute := k.minute + i
+		c := k.counts[minute%n]
+		h := time.Unix(minute*60, 0).UTC().Hour()
+		k.b.PerMinute[h] += alpha * (float64(c) - k.b.PerMinute[h])
+		// The minute leaves the window once the window has moved past it.
+		next := minute + 1
+		k.sum -= k.counts[next%n]
+		k.counts[next%n] = 0
+	}
+	if m-k.minute > steps {
+		clear(k.counts)
+		k.sum = 0
+	}
+	k.minute, k.dirty = m, true
+}
+
+// Observe counts one use of a key, from ip (zero: unknown), at now.
+func (d *Detector) Observe(id string, ip netip.Addr, now time.Time) {
+	k := d.get(id, now)
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	d.advance(k, now)
+	k.counts[k.minute%int64(len(k.counts))]++
+	k.sum++
+	k.lastSeen = now
+	learning := now.Sub(k.b.Since) < d.cfg.Learn
+	if ip.IsValid() {
+		if net := apikeys.Network(ip); !slices.Contains(k.b.Networks, net) && len(k.b.Networks) < maxNetworks {
+			k.b.Networks, k.dirty = append(k.b.Networks, net), true
+			if !learning && d.cfg.NewNetworks {
+				d.alert(k, 1, Alert{Kind: NewNetwork, KeyID: id, Time: now, Detail: fmt.Sprintf("a use from %s, a network the key was not used from before", net)})
+			}
+		}
+	}
+	if learning {
+		return
+	}
+	// The rate: over the window, or over this minute alone if higher, so
+	// that a sharp spike alerts within a minute and a sustained one too.
+	rate := max(float64(k.sum)/d.cfg.Window.Minutes(), float64(k.counts[k.minute%int64(len(k.counts))]))
+	base := k.b.PerMinute[now.UTC().Hour()]
+	if limit := max(d.cfg.Factor*base, d.cfg.MinRate); rate >= limit {
+		d.alert(k, 0, Alert{Kind: Spike, KeyID: id, Time: now, Detail: fmt.Sprintf("%.1f requests a minute (this minute or over the last %v); its usual at %02d:00 UTC is %.2f, and %.1f (%.0f times that, at least %.0f) is a spike",
+			rate, d.cfg.Window, now.UTC().Hour(), base, limit, d.cfg.Factor, d.cfg.MinRate)})
+	}
+}
+
+// alert hands an alert on, at most once per cooldown per key and kind.
+func (d *Detector) alert(k *key, slot int, a Alert) {
+	if !k.last[slot].IsZero() && a.Time.Sub(k.last[slot]) < d.cfg.Cooldown {
+		return
+	}
+	k.last[slot] = a.Time
+	a.Disable = d.Disables(a.Kind)
+	select {
+	case d.alerts <- a:
+	default:
+		d.dropped.Add(1)
+	}
+}
+
+// Baseline returns what is learned of a key (for tests and reports).
+func (d *Detector) Baseline(id string, now time.Time) Baseline {
+	k := d.get(id, now)
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	d.advance(k, now)
+	b := k.b
+	b.Networks = slices.Clone(b.Networks)
+	return b
+}
+
+// Flush writes the changed baselines.
+func (d *Detector) Flush() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.saveLocked(nil)
+}
+
+// saveLocked writes the changed baselines of ids (nil: all) in one
+// transaction.
+func (d *Detector) saveLocked(ids []string) error {
+	recs := map[string][]byte{}
+	for id, k := range d.keys {
+		if ids != nil && !slices.Contains(ids, id) {
+			continue
+		}
+		k.mu.Lock()
+		if k.dirty {
+			b, err := json.Marshal(&k.b)
+			if err == nil {
+				recs[id] = b
+				k.dirty = false
+			}
+		}
+		k.mu.Unlock()
+	}
+	if len(recs) == 0 {
+		return nil
+	}
+	keys := make([]string, 0, len(recs))
+	for id := range recs {
+		keys = append(keys, id)
+	}
+	slices.Sort(keys)
+	return d.st.UpdateEach(store.BucketBaselines, keys, func(id string, _ []byte) ([]byte, error) { return recs[id], nil })
+}
+
+// Dropped is how many alerts were lost because they came faster than
+// they were handled (more than 1024 waiting).
+func (d *Detector) Dropped() int64 { return d.dropped.Load() }

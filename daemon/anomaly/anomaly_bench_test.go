@@ -1,0 +1,28 @@
+package anomaly_test
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/daemon/anomaly"
+)
+
+// BenchmarkObserve is what the detector adds to each VerifyAPIKey: 1 000
+// keys in use, from a few networks, past their learning time. Compare with
+// the apikeys package's BenchmarkVerifyCached.
+func BenchmarkObserve(b *testing.B) {
+	d := anomaly.New(anomaly.Config{Enabled: true, Learn: time.Minute, NewNetworks: true, MinRate: 1e9}, openStore(b))
+	start := time.Date(2026, 3, 2, 0, 0, 0, 0, time.UTC)
+	ids := make([]string, 1000)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("ak_%024x", i)
+		d.Observe(ids[i], netip.AddrFrom4([4]byte{10, 0, byte(i % 4), 1}), start)
+	}
+	now := start.Add(time.Hour)
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		d.Observe(ids[i%len(ids)], netip.AddrFrom4([4]byte{10, 0, byte(i % 4), 1}), now.Add(time.Duration(i)*time.Millisecond))
+	}
+}

@@ -1,0 +1,159 @@
+package anomaly_test
+
+import (
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/daemon/anomaly"
+	"github.com/keyward/keyward/daemon/store"
+)
+
+func openStore(t testing.TB) *store.Store {
+	t.Helper()
+	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
+// week feeds a key a week of synthetic traffic: day (08:00-20:00 UTC) at
+// dayRate requests a minute, night at nightRate, from one network. It
+// returns the time after it.
+func week(d *anomaly.Detector, id string, start time.Time, dayRate, nightRate int) time.Time {
+	ip := netip.MustParseAddr("10.1.2.3")
+	t := start
+	for ; t.Before(start.Add(7 * 24 * time.Hour)); t = t.Add(time.Minute) {
+		n := nightRate
+		if h := t.UTC().Hour(); h >= 8 && h < 20 {
+			n = dayRate
+		}
+		for i := range n {
+			d.Observe(id, ip, t.Add(time.Duration(i)*time.Second))
+		}
+	}
+	return t
+}
+
+func drain(d *anomaly.Detector) []anomaly.Alert {
+	var out []anomaly.Alert
+	for {
+		select {
+		case a := <-d.Alerts():
+			out = append(out, a)
+		default:
+			return out
+		}
+	}
+}
+
+// TestSyntheticSpike: after a week of a daily rhythm, the baseline follows
+// the hour of day; three times the daytime rate is no spike, eight times
+// is; at night a rate that would be normal by day is one; nothing alerts
+// while learning; one alert per cooldown; a new network alerts once.
+func TestSyntheticSpike(t *testing.T) {
+	st := openStore(t)
+	d := anomaly.New(anomaly.Config{Enabled: true, Window: 5 * time.Minute, Factor: 8, MinRate: 5, Learn: 7 * 24 * time.Hour,
+		NewNetworks: true, Disable: []string{anomaly.Spike}}, st)
+	start := time.Date(2026, 3, 2, 0, 0, 0, 0, time.UTC)
+	now := week(d, "ak_1", start, 20, 2)
+	if a := drain(d); len(a) != 0 {
+		t.Fatalf("alerts while learning: %+v", a)
+	}
+	b := d.Baseline("ak_1", now)
+	if b.PerMinute[12] < 18 || b.PerMinute[12] > 21 || b.PerMinute[3] < 1.8 || b.PerMinute[3] > 2.2 {
+		t.Fatalf("baseline: noon %.2f, 3am %.2f; want about 20 and 2", b.PerMinute[12], b.PerMinute[3])
+	}
+	ip := netip.MustParseAddr("10.1.2.3")
+	burst := func(at time.Time, perMinute, minutes int) {
+		for m := range minutes {
+			for i := range perMinute {
+				d.Observe("ak_1", ip, at.Add(time.Duration(m)*time.Minute+time.Duration(i)*time.Millisecond))
+			}
+		}
+	}
+	// Monday 12:00: 60 a minute is 3 times the usual: no alert.
+	noon := now.Add(12 * time.Hour)
+	burst(noon, 60, 5)
+	if a := drain(d); len(a) != 0 {
+		t.Fatalf("3x the daytime rate alerted: %+v", a)
+	}
+	// 12:30: 200 a minute, 10 times: a spike within the window's first minutes.
+	burst(noon.Add(30*time.Minute), 200, 5)
+	a := drain(d)
+	if len(a) != 1 || a[0].Kind != anomaly.Spike || a[0].KeyID != "ak_1" || !a[0].Disable || !strings.Contains(a[0].Detail, "12:00 UTC") {
+		t.Fatalf("the spike: %+v", a)
+	}
+	if took := a[0].Time.Sub(noon.Add(30 * time.Minute)); took > 2*time.Minute {
+		t.Errorf("the spike alerted %v after it began", took)
+	}
+	// The same spike again within the cooldown: no second alert.
+	burst(noon.Add(40*time.Minute), 200, 2)
+	if a := drain(d); len(a) != 0 {
+		t.Fatalf("a second alert within the cooldown: %+v", a)
+	}
+	// 03:00 next night: 30 a minute, usual by day, 15 times the night's.
+	burst(now.Add(27*time.Hour), 30, 5)
+	if a := drain(d); len(a) != 1 || a[0].Kind != anomaly.Spike || !strings.Contains(a[0].Detail, "03:00 UTC") {
+		t.Fatalf("the night spike: %+v", a)
+	}
+	// A new network: one alert, and it is known from then on.
+	other := netip.MustParseAddr("203.0.113.9")
+	at := now.Add(30 * time.Hour)
+	d.Observe("ak_1", other, at)
+	d.Observe("ak_1", other, at.Add(time.Second))
+	if a := drain(d); len(a) != 1 || a[0].Kind != anomaly.NewNetwork || a[0].Disable || !strings.Contains(a[0].Detail, "203.0.113.0/24") {
+		t.Fatalf("the new network: %+v", a)
+	}
+
+	// What was learned survives a restart.
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	d2 := anomaly.New(anomaly.Config{Enabled: true, NewNetworks: true}, st)
+	b2 := d2.Baseline("ak_1", at)
+	if b2.PerMinute[12] < 15 || !b2.Since.Equal(start) || len(b2.Networks) != 2 {
+		t.Fatalf("after a restart: %+v", b2)
+	}
+}
+
+// TestQuietKeyNeedsMinRate: a key used a few times a day never counts
+// eight requests as a spike: the rate must also reach MinRate.
+func TestQuietKeyNeedsMinRate(t *testing.T) {
+	d := anomaly.New(anomaly.Config{Enabled: true, Learn: time.Hour, MinRate: 10}, openStore(t))
+	start := time.Date(2026, 3, 2, 0, 0, 0, 0, time.UTC)
+	d.Observe("ak_q", netip.Addr{}, start)
+	at := start.Add(48 * time.Hour)
+	for i := range 20 { // 4 a minute for 5 minutes
+		d.Observe("ak_q", netip.Addr{}, at.Add(time.Duration(i)*15*time.Second))
+	}
+	if a := drain(d); len(a) != 0 {
+		t.Fatalf("20 requests in 5 minutes alerted a quiet key: %+v", a)
+	}
+	for i := range 12 {
+		d.Observe("ak_q", netip.Addr{}, at.Add(10*time.Minute+time.Duration(i)*time.Second))
+	}
+	if a := drain(d); len(a) != 1 {
+		t.Fatalf("12 requests in a minute did not alert: %+v", a)
+	}
+}
+
+func TestConfigCheck(t *testing.T) {
+	for name, c := range map[string]anomaly.Config{
+		"window":   {Window: 30 * time.Second},
+		"factor":   {Factor: 1.5},
+		"disable":  {Disable: []string{"everything"}},
+		"negative": {Learn: -time.Hour},
+	} {
+		if err := c.Check(); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if err := (&anomaly.Config{Window: 10 * time.Minute, Factor: 8, Disable: []string{"spike", "new_network"}}).Check(); err != nil {
+		t.Error(err)
+	}
+}

@@ -1,0 +1,91 @@
+package daemon_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/daemon"
+	"github.com/keyward/keyward/daemon/anomaly"
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+)
+
+// TestAnomalyDisablesKey: a synthetic spike through keywardd's socket. A
+// key used once, then (two hours on, past its learning time) twelve times
+// in a minute (the tenth reaches min_rate) is disabled by keywardd at once; the audit log says why; a
+// verify from a new network only alerts.
+func TestAnomalyDisablesKey(t *testing.T) {
+	clk := &testClock{t: time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)}
+	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+		c.Anomaly = anomaly.Config{Enabled: true, Window: time.Minute, Factor: 8, MinRate: 10, Learn: time.Hour,
+			NewNetworks: true, Disable: []string{anomaly.Spike}, FlushEvery: 50 * time.Millisecond}
+	})
+	in.now = clk.now
+	in.stop()
+	in.run()
+	ctx := context.Background()
+	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	mk := func(name string) *keywardv1.CreateAPIKeyResponse {
+		k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: name, Environment: "prod", Permissions: []string{"orders:read"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	spiked, calm := mk("spiked"), mk("calm")
+	req := func(ip string) *keywardv1.VerifyAPIKeyRequest {
+		return &keywardv1.VerifyAPIKeyRequest{Environment: "prod", Permissions: []string{"orders:read"}, SourceIp: ip}
+	}
+	verifyCode(t, ac, spiked.Secret, req("10.0.0.1"), keywardv1.APIKeyCode_API_KEY_CODE_VALID)
+	verifyCode(t, ac, calm.Secret, req("10.0.0.1"), keywardv1.APIKeyCode_API_KEY_CODE_VALID)
+	clk.add(2 * time.Hour)
+	for range 12 {
+		if _, err := ac.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: spiked.Secret, Environment: "prod", Permissions: []string{"orders:read"}, SourceIp: "10.0.0.1"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	verifyCode(t, ac, calm.Secret, req("198.51.100.7"), keywardv1.APIKeyCode_API_KEY_CODE_VALID)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		r, err := ac.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: spiked.Secret, Environment: "prod", Permissions: []string{"orders:read"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Code == keywardv1.APIKeyCode_API_KEY_CODE_DISABLED {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the spiked key still verifies: %v", r.Code)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	verifyCode(t, ac, calm.Secret, req("198.51.100.7"), keywardv1.APIKeyCode_API_KEY_CODE_VALID) // a new network only alerts
+	var log string
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		b, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
+		if log = string(b); strings.Count(log, `"op":"keywardd.APIKeyAnomaly"`) == 2 {
+			break
+		}
+	}
+	var spike, network string
+	for _, line := range strings.Split(log, "\n") {
+		switch {
+		case strings.Contains(line, `"keywardd.APIKeyAnomaly"`) && strings.Contains(line, spiked.Key.Id):
+			spike = line
+		case strings.Contains(line, `"keywardd.APIKeyAnomaly"`) && strings.Contains(line, calm.Key.Id):
+			network = line
+		}
+	}
+	if !strings.Contains(spike, "spike: 10.0 requests a minute") || !strings.Contains(spike, "keywardd disabled the key") {
+		t.Errorf("the spike's audit record: %s", spike)
+	}
+	if !strings.Contains(network, "new_network") || !strings.Contains(network, "198.51.100.0/24") || !strings.Contains(network, "alert only") {
+		t.Errorf("the new network's audit record: %s", network)
+	}
+	if strings.Contains(log, spiked.Secret) || strings.Contains(log, calm.Secret) {
+		t.Error("a secret in the audit log")
+	}
+}
