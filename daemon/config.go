@@ -20,6 +20,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/load"
 	"github.com/keyward/keyward/daemon/ratelimit"
 	"github.com/keyward/keyward/daemon/schedule"
 	"github.com/keyward/keyward/daemon/server"
@@ -76,7 +77,9 @@ type Config struct {
 	Rotation schedule.Rules `yaml:"rotation"`
 	// Anomaly: watching API keys' use (package anomaly).
 	Anomaly anomaly.Config `yaml:"anomaly"`
-	APIKeys struct {
+	// DynamicLimits: API keys' rate limits under load (package load).
+	DynamicLimits load.Config `yaml:"dynamic_limits"`
+	APIKeys       struct {
 		Prefix     string        `yaml:"prefix"`      // starts every key; default "kw"
 		NearLimit  float64       `yaml:"near_limit"`  // fraction of a burst that sets near_limit; default 0.8
 		FlushEvery time.Duration `yaml:"flush_every"` // how often usage and quotas are written; default 10s
@@ -168,6 +171,9 @@ func (c *Config) check() error {
 		errs = append(errs, err)
 	}
 	if err := c.Anomaly.Check(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.DynamicLimits.Check(); err != nil {
 		errs = append(errs, err)
 	}
 	seen := map[string]bool{}

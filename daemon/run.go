@@ -20,6 +20,7 @@ import (
 	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/load"
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/policy"
@@ -161,6 +162,19 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		return err
 	}
 	ako.Now = o.Now
+	var det *anomaly.Detector
+	if cfg.Anomaly.Enabled {
+		det = anomaly.New(cfg.Anomaly, st)
+	}
+	var gov *load.Governor
+	if cfg.DynamicLimits.Enabled {
+		var clean func(string, time.Time) bool
+		if det != nil {
+			clean = det.Clean
+		}
+		gov = load.New(cfg.DynamicLimits, clean)
+		ako.LimitFactor = func(rec *apikeys.Record, now time.Time) float64 { return gov.Factor(rec.ID, rec.Created, now) }
+	}
 	akm, err := apikeys.NewManager(st, h, PepperKey, ako)
 	if err != nil {
 		return err
@@ -203,6 +217,12 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		checkEvery = time.Minute
 	}
 	mx := metrics.New(server.Ops(),
+		metrics.NewValueFunc("keyward_rate_limit_factor", "How API keys' rate limits are scaled now: 1, or dynamic_limits.tighten while keywardd is overloaded.", func() float64 {
+			if gov == nil {
+				return 1
+			}
+			return gov.Gauge()
+		}),
 		metrics.NewGaugeFunc("keyward_rotations_overdue", "Keys, API keys and credentials past their rotation date by more than two checks.", "kind", func() map[string]float64 {
 			out := map[string]float64{}
 			for k, n := range sched.Overdue(2 * checkEvery) {
@@ -241,7 +261,11 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 			err = nil // the caller's input, not the HSM
 		}
 		mx.HSM(op, took, err)
+		if gov != nil {
+			gov.ObserveHSM(took)
+		}
 	})
+
 	if cfg.Metrics.Address != "" {
 		stop, err := serveMetrics(cfg.Metrics.Address, mx, log)
 		if err != nil {
@@ -250,8 +274,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		closers = append(closers, stop)
 	}
 	var observed func(string, netip.Addr)
-	if cfg.Anomaly.Enabled {
-		det := anomaly.New(cfg.Anomaly, st)
+	if det != nil {
 		observed = func(id string, ip netip.Addr) { det.Observe(id, ip, o.Now()) }
 		done := make(chan struct{})
 		actx, stopAnomaly := context.WithCancel(context.Background())
@@ -270,6 +293,9 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	defer stopBG()
 	go srv.WatchHealth(bg)
 	go maintainKeys(bg, km, al, log)
+	if gov != nil {
+		go watchLoad(bg, gov, log)
+	}
 	go sched.Run(bg, checkEvery, func(err error) { log.Error("scheduled rotation", "error", err.Error()) })
 	if o.CredentialsEvery <= 0 {
 		o.CredentialsEvery = time.Minute

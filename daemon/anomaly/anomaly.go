@@ -132,6 +132,8 @@ type Baseline struct {
 	Since time.Time `json:"since"`
 	// Networks are the networks it was used from, at most maxNetworks.
 	Networks []string `json:"networks,omitempty"`
+	// LastAlert is when the key last alerted.
+	LastAlert time.Time `json:"last_alert,omitzero"`
 }
 
 // Alert is a change in a key's use.
@@ -283,13 +285,28 @@ func (d *Detector) alert(k *key, slot int, a Alert) {
 	if !k.last[slot].IsZero() && a.Time.Sub(k.last[slot]) < d.cfg.Cooldown {
 		return
 	}
-	k.last[slot] = a.Time
+	k.last[slot], k.b.LastAlert, k.dirty = a.Time, a.Time.UTC(), true
 	a.Disable = d.Disables(a.Kind)
 	select {
 	case d.alerts <- a:
 	default:
 		d.dropped.Add(1)
 	}
+}
+
+// Clean says whether a key has not alerted since a time, as far as this
+// detector knows (a key not seen since keywardd started is clean until it
+// is seen).
+func (d *Detector) Clean(id string, since time.Time) bool {
+	d.mu.Lock()
+	k := d.keys[id]
+	d.mu.Unlock()
+	if k == nil {
+		return true
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return !k.b.LastAlert.After(since)
 }
 
 // Baseline returns what is learned of a key (for tests and reports).

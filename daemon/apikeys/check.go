@@ -91,6 +91,9 @@ type Request struct {
 	// Owners, if set, says whose keys the caller may verify; a key of
 	// another owner is NOT_FOUND to it, and nothing of its limits is used.
 	Owners func(owner string) bool
+	// LimitFactor scales the key's rate limits for this check (0 or 1:
+	// as they are); the Manager sets it from Options.LimitFactor.
+	LimitFactor float64
 }
 
 // Result is a verification's answer.
@@ -141,7 +144,11 @@ func Check(rec *Record, secret int, req Request, lim *ratelimit.Limiter, now tim
 	}
 	var res Result
 	if len(rec.Limits) > 0 {
-		res.Limits = lim.Allow(rec.ID, rec.Limits, cost, now)
+		layers := rec.Limits
+		if f := req.LimitFactor; f > 0 && f != 1 {
+			layers = ratelimit.Scale(layers, f)
+		}
+		res.Limits = lim.Allow(rec.ID, layers, cost, now)
 		if !res.Limits.Allowed {
 			res.Code, res.Detail = RateLimited, fmt.Sprintf("retry after %v", res.Limits.RetryAfter.Round(time.Millisecond))
 			if res.Limits.TooLarge {

@@ -81,7 +81,9 @@ type Manager struct {
 	// defaults are the limits of keys created without any, by role.
 	defaults map[string][]ratelimit.Layer
 	lim      *ratelimit.Limiter
-	usage    *usageLog
+	// factor scales rate limits at each verify (Options.LimitFactor).
+	factor func(rec *Record, now time.Time) float64
+	usage  *usageLog
 	// quotas holds the quotas used since the last Flush, by key ID; they
 	// override the store's until Flush or a change writes them.
 	quotas map[string]*Quota
@@ -148,6 +150,9 @@ type Options struct {
 	DefaultLimits map[string][]ratelimit.Layer
 	// Now is the clock; time.Now if nil.
 	Now func() time.Time
+	// LimitFactor, if set, scales each key's rate limits at each verify
+	// (keywardd's dynamic limits: tighter under load).
+	LimitFactor func(rec *Record, now time.Time) float64
 }
 
 // DefaultLimits are the rate limits a key gets when it is created without
@@ -212,7 +217,7 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, erro
 	lim := ratelimit.New()
 	lim.Near = o.NearLimit
 	return &Manager{store: s, mac: mac, pepper: pepper, prefix: o.Prefix, defaults: o.DefaultLimits, lim: lim, usage: newUsageLog(),
-		quotas: map[string]*Quota{}, now: o.Now, digests: map[[32]byte]known{}, records: map[string]cachedRecord{}, hintKey: hintKey, legacy: err == nil}, nil
+		quotas: map[string]*Quota{}, now: o.Now, factor: o.LimitFactor, digests: map[[32]byte]known{}, records: map[string]cachedRecord{}, hintKey: hintKey, legacy: err == nil}, nil
 }
 
 // Spec is a key to create.
@@ -645,6 +650,9 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		quota = *rec.Quota
 	}
 	now := m.now()
+	if m.factor != nil {
+		req.LimitFactor = m.factor(rec, now)
+	}
 	res := Check(rec, secret, req, m.lim, now)
 	m.usage.record(rec.ID, res.Code, req.SourceIP, now)
 	if rec.Quota != nil && *rec.Quota != quota {

@@ -131,6 +131,11 @@ func NewGaugeFunc(name, help, label string, fn func() map[string]float64) *Gauge
 	return &GaugeFunc{desc: prometheus.NewDesc(name, help, []string{label}, nil), fn: fn}
 }
 
+// NewValueFunc is a gauge without labels, read at each scrape.
+func NewValueFunc(name, help string, fn func() float64) prometheus.Collector {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, fn)
+}
+
 // Describe implements prometheus.Collector.
 func (g *GaugeFunc) Describe(ch chan<- *prometheus.Desc) { ch <- g.desc }
 

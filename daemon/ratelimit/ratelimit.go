@@ -63,6 +63,22 @@ func (l Layer) interval() time.Duration {
 // bucket minus the request that fills it.
 func (l Layer) tolerance() time.Duration { return l.interval() * time.Duration(l.Burst-1) }
 
+// Scale returns layers with their limits and bursts times f (each at
+// least 1), as keywardd tightens limits under load (f < 1) or raises them
+// for keys in good standing (f > 1). The use counted so far carries over
+// (see arrival): a tightened key does not get a fresh bucket. f must be
+// from 0.01 to 100.
+func Scale(layers []Layer, f float64) []Layer {
+	out := make([]Layer, len(layers))
+	for i, l := range layers {
+		out[i] = Layer{Limit: max(1, int(math.Round(float64(l.Limit)*f))), Per: l.Per, Burst: max(1, int(math.Round(float64(l.Burst)*f)))}
+		if out[i].Per < time.Duration(out[i].Limit) { // more than one a nanosecond: keep the layer as it was
+			out[i] = l
+		}
+	}
+	return out
+}
+
 // LayerResult is one layer's state after a check.
 type LayerResult struct {
 	Layer     Layer

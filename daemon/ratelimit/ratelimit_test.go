@@ -220,3 +220,36 @@ func TestNarrowedLimitCountsRequests(t *testing.T) {
 		}
 	}
 }
+
+// TestScaleCarriesUse: limits halved under load allow half, counting what
+// was used before; restored, they allow the rest, not a fresh bucket.
+func TestScaleCarriesUse(t *testing.T) {
+	lim := New()
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	layers := []Layer{{Limit: 10, Per: time.Minute, Burst: 10}}
+	half := Scale(layers, 0.5)
+	if half[0].Limit != 5 || half[0].Burst != 5 || half[0].Per != time.Minute || layers[0].Limit != 10 {
+		t.Fatalf("Scale: %+v (from %+v)", half, layers)
+	}
+	allowed := func(l []Layer, n int) int {
+		ok := 0
+		for range n {
+			if lim.Allow("k", l, 1, now).Allowed {
+				ok++
+			}
+		}
+		return ok
+	}
+	if n := allowed(layers, 3); n != 3 {
+		t.Fatalf("%d of 3 at the full limit", n)
+	}
+	if n := allowed(half, 5); n != 2 {
+		t.Fatalf("%d allowed at half the limit after 3 used, want 2", n)
+	}
+	if n := allowed(layers, 10); n != 5 {
+		t.Fatalf("%d allowed back at the full limit after 5 used, want 5", n)
+	}
+	if tiny := Scale([]Layer{{Limit: 1, Per: time.Second, Burst: 1}}, 0.01); tiny[0].Limit != 1 || tiny[0].Burst != 1 {
+		t.Fatalf("a layer scaled below 1: %+v", tiny)
+	}
+}

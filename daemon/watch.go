@@ -10,6 +10,7 @@ import (
 	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/load"
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/outbox"
 )
@@ -63,6 +64,30 @@ func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Man
 			log.Warn("API key anomaly", "key_id", a.KeyID, "kind", a.Kind, "disabled", disabled, "detail", detail)
 			mx.Anomaly(a.Kind, disabled)
 			notify()
+		}
+	}
+}
+
+// watchLoad samples the load every so often and logs when keywardd becomes
+// overloaded and when it stops being so.
+func watchLoad(ctx context.Context, gov *load.Governor, log *slog.Logger) {
+	t := time.NewTicker(gov.Every())
+	defer t.Stop()
+	was := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		cpu, hsm, over := gov.Sample(time.Now())
+		if over != was {
+			if over {
+				log.Warn("keywardd is overloaded: API keys' rate limits are tightened", "cpu", cpu, "hsm_latency", hsm.String(), "factor", gov.Gauge())
+			} else {
+				log.Info("keywardd is no longer overloaded: API keys' rate limits are back", "cpu", cpu, "hsm_latency", hsm.String())
+			}
+			was = over
 		}
 	}
 }

@@ -8,9 +8,12 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/types/known/durationpb"
+
 	"github.com/keyward/keyward/daemon"
 	"github.com/keyward/keyward/daemon/anomaly"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/load"
 )
 
 // TestAnomalyDisablesKey: a synthetic spike through keywardd's socket. A
@@ -87,5 +90,47 @@ func TestAnomalyDisablesKey(t *testing.T) {
 	}
 	if strings.Contains(log, spiked.Secret) || strings.Contains(log, calm.Secret) {
 		t.Error("a secret in the audit log")
+	}
+}
+
+// TestDynamicLimitsTighten: when the HSM is slower than
+// dynamic_limits.hsm_latency, keywardd halves API keys' rate limits: a key
+// of 10 a minute gets 5, says so in its rate-limit state, and the log says
+// why.
+func TestDynamicLimitsTighten(t *testing.T) {
+	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+		// Every HSM operation is slower than a nanosecond: the first one
+		// overloads keywardd.
+		c.DynamicLimits = load.Config{Enabled: true, HSMLatency: time.Nanosecond, Tighten: 0.5, SampleEvery: 10 * time.Millisecond}
+	})
+	ctx := context.Background()
+	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "o", Name: "n", Environment: "prod", Permissions: []string{"orders:read"},
+		RateLimits: []*keywardv1.RateLimit{{Limit: 10, Per: durationpb.New(time.Minute), Burst: 10}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(in.logs.String(), "keywardd is overloaded"); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("keywardd did not find itself overloaded")
+		}
+	}
+	valid := 0
+	for range 10 {
+		r, err := ac.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: k.Secret, Environment: "prod", Permissions: []string{"orders:read"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Code == keywardv1.APIKeyCode_API_KEY_CODE_VALID {
+			valid++
+			if l := r.RateLimits[0].GetLimit(); l.GetLimit() != 5 || l.GetBurst() != 5 {
+				t.Fatalf("the limit in force: %v, want 5 a minute", l)
+			}
+		} else if r.Code != keywardv1.APIKeyCode_API_KEY_CODE_RATE_LIMITED {
+			t.Fatalf("verify: %v", r.Code)
+		}
+	}
+	if valid != 5 {
+		t.Fatalf("%d of 10 verifies passed under load, want 5", valid)
 	}
 }
