@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"os"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -13,6 +15,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/audit"
 )
 
 // finding is one thing a review turned up.
@@ -29,6 +32,8 @@ func reviewCommand(e *env, args []string) error {
 	unused := fs.Duration("unused", 30*24*time.Hour, "API keys not used for this long are listed")
 	format := fs.String("format", "table", "table, json or markdown")
 	top := fs.Int("top", 5, "how many top consumers to list")
+	auditFile := fs.String("audit", "", "keywardd's audit log: adds denied calls and error-rate outliers by caller (run keyward audit verify on it first)")
+	window := fs.Duration("window", 30*24*time.Hour, "with -audit: how far back to read")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -49,20 +54,23 @@ func reviewCommand(e *env, args []string) error {
 		out = append(out, finding{check, subject, fmt.Sprintf(format, a...)})
 	}
 
-	// Root keys past their rotation date.
-	if keys, err := c.Keys.ListKeys(ctx, &keywardv1.ListKeysRequest{}); err == nil {
-		for _, k := range keys.GetKeys() {
-			vs := k.GetVersions()
-			if k.GetRotationPeriod() == nil || len(vs) == 0 {
-				continue
-			}
-			due := vs[len(vs)-1].GetCreateTime().AsTime().Add(k.GetRotationPeriod().AsDuration())
-			if now.After(due) {
-				add("key past its rotation date", k.GetName(), "due %s", due.Format(time.RFC3339))
+	// Keys, API keys and credentials past their rotation date, from
+	// keywardd's schedule.
+	if plan, err := keywardv1.NewRotationServiceClient(c.Conn()).GetRotationPlan(ctx, &keywardv1.GetRotationPlanRequest{}); err == nil {
+		for _, r := range plan.GetRotations() {
+			if r.GetOverdue() {
+				what := map[string]string{"key": "key", "api_key": "API key", "credential": "credential"}[r.GetKind()]
+				add(what+" past its rotation date", r.GetId(), "due %s under policy %s; last run: %s",
+					r.GetDueTime().AsTime().Format(time.RFC3339), r.GetPolicy(), orNone(r.GetOutcome()))
 			}
 		}
 	} else if !isDenied(err) {
 		return client.Wrap(err)
+	}
+	if *auditFile != "" {
+		if err := reviewAudit(*auditFile, now.Add(-*window), add); err != nil {
+			return err
+		}
 	}
 
 	// API keys.
@@ -154,6 +162,83 @@ func reviewCommand(e *env, args []string) error {
 			fmt.Fprintf(tw, "%s\t%s\t%s\n", f.Check, f.Subject, f.Detail)
 		}
 		return tw.Flush()
+	}
+	return nil
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none yet"
+	}
+	return s
+}
+
+// reviewAudit adds what the audit log says since a time: the callers whose
+// calls were denied, and those whose calls fail far more often than the
+// others'.
+func reviewAudit(path string, since time.Time, add func(check, subject, format string, a ...any)) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("-audit: %w", err)
+	}
+	defer f.Close()
+	type tally struct {
+		calls, denied, errors int
+		ops                   map[string]int // denied, by operation
+	}
+	callers := map[string]*tally{}
+	var calls, errs int
+	err = audit.Records(f, func(r audit.Record) error {
+		if r.Time.Before(since) || strings.HasPrefix(r.Op, "keywardd.") {
+			return nil
+		}
+		who := fmt.Sprintf("uid %d", r.Caller.UID)
+		if r.Caller.Exe != "" {
+			who += " " + r.Caller.Exe
+		}
+		t := callers[who]
+		if t == nil {
+			t = &tally{ops: map[string]int{}}
+			callers[who] = t
+		}
+		t.calls++
+		calls++
+		switch r.Outcome {
+		case "denied":
+			t.denied++
+			t.ops[r.Op]++
+		case "error":
+			t.errors++
+			errs++
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("-audit %s: %w", path, err)
+	}
+	for _, who := range slices.Sorted(maps.Keys(callers)) {
+		t := callers[who]
+		if t.denied > 0 {
+			ops := slices.SortedFunc(maps.Keys(t.ops), func(a, b string) int { return t.ops[b] - t.ops[a] })
+			var parts []string
+			for i, op := range ops {
+				if i == 3 {
+					parts = append(parts, "...")
+					break
+				}
+				parts = append(parts, fmt.Sprintf("%s %d", op, t.ops[op]))
+			}
+			add("denied calls by caller", who, "%d of %d calls denied since %s: %s", t.denied, t.calls, since.Format(time.DateOnly), strings.Join(parts, ", "))
+		}
+		// An outlier: at least 20 calls, more than 10 % failing, and three
+		// times the rate of the other callers' calls.
+		others := 0.0
+		if n := calls - t.calls; n > 0 {
+			others = float64(errs-t.errors) / float64(n)
+		}
+		if rate := float64(t.errors) / float64(t.calls); t.calls >= 20 && rate > 0.1 && rate > 3*others {
+			add("error-rate outlier", who, "%d of %d calls failed (%.0f %%; the other callers: %.1f %%)", t.errors, t.calls, 100*rate, 100*others)
+		}
 	}
 	return nil
 }

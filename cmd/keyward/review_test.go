@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -153,5 +154,65 @@ func TestPanicRotate(t *testing.T) {
 	audit, _ := os.ReadFile(filepath.Join(cfg.DataDir, "audit.log"))
 	if n := strings.Count(string(audit), `"op":"RotationService.PanicRotate"`); n != 3 {
 		t.Errorf("%d PanicRotate records, want 3 (dry run, panic, refusal)", n)
+	}
+}
+
+// TestReviewAudit: keyward review -audit reads keywardd's audit log for
+// denied calls by caller and callers whose calls fail far more often than
+// the others', within -window.
+func TestReviewAudit(t *testing.T) {
+	_, cfg, _ := daemonFor(t, "      - operations: [\"*\"]\n        keys: [\"*\"]")
+	var log strings.Builder
+	seq := 0
+	rec := func(age time.Duration, uid int, exe, op, outcome string) {
+		seq++
+		body, _ := json.Marshal(map[string]any{"time": time.Now().Add(-age), "caller": map[string]any{"uid": uid, "gid": uid, "exe": exe}, "op": op, "outcome": outcome})
+		fmt.Fprintf(&log, `{"seq":%d,"prev":"","kind":"record","body":%s,"hash":""}`+"\n", seq, body)
+	}
+	for i := range 40 {
+		outcome := "ok"
+		if i < 2 {
+			outcome = "denied"
+		}
+		rec(time.Hour, 1000, "/usr/bin/shop", "KeyService.CreateKey", outcome)
+	}
+	for i := range 25 {
+		outcome := "ok"
+		if i < 15 {
+			outcome = "error"
+		}
+		rec(time.Hour, 1001, "/usr/bin/batch", "EnvelopeService.Decrypt", outcome)
+	}
+	for range 5 {
+		rec(90*24*time.Hour, 1002, "/usr/bin/old", "KeyService.GetKey", "denied") // before the window
+	}
+	rec(time.Hour, 0, "/usr/sbin/keywardd", "keywardd.RotateKey", "error") // keywardd's own
+	fmt.Fprintf(&log, `{"seq":%d,"prev":"","kind":"checkpoint","body":{"key":"keyward-audit v1","mac":"00"},"hash":""}`+"\n", seq+1)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	os.WriteFile(path, []byte(log.String()), 0o600)
+
+	r := ok(t, keyward(t, cfg.Socket.Path, "", "review", "-format", "json", "-audit", path, "-window", "720h"))
+	var fs []finding
+	if err := json.Unmarshal([]byte(r.stdout), &fs); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, f := range fs {
+		if f.Check == "denied calls by caller" || f.Check == "error-rate outlier" {
+			got[f.Check+" "+f.Subject] = f.Detail
+		}
+	}
+	if d := got["denied calls by caller uid 1000 /usr/bin/shop"]; !strings.Contains(d, "2 of 40 calls denied") || !strings.Contains(d, "KeyService.CreateKey 2") {
+		t.Errorf("denied calls: %v", got)
+	}
+	if d := got["error-rate outlier uid 1001 /usr/bin/batch"]; !strings.Contains(d, "15 of 25 calls failed") {
+		t.Errorf("outlier: %v", got)
+	}
+	if len(got) != 2 {
+		t.Errorf("findings from the audit log: %v; want the two above only", got)
+	}
+	os.WriteFile(path, []byte("not json\n"), 0o600)
+	if r := keyward(t, cfg.Socket.Path, "", "review", "-audit", path); r.code == exitOK || !strings.Contains(r.stderr, "line 1") {
+		t.Errorf("a broken audit log: %+v", r)
 	}
 }

@@ -226,6 +226,22 @@ func TestWriteFailure(t *testing.T) {
 
 // FuzzVerify: Verify reads anything without panicking, and a report that
 // finds no bad line counts every line.
+// FuzzRecords: whatever the bytes, Records returns (an error or not) and
+// hands on only records.
+func FuzzRecords(f *testing.F) {
+	f.Add([]byte(`{"seq":1,"prev":"` + strings.Repeat("0", 64) + `","kind":"record","body":{"op":"KeyService.GetKey","outcome":"denied","caller":{"uid":7}},"hash":"00"}` + "\n"))
+	f.Add([]byte(`{"kind":"checkpoint","body":{"key":"x","mac":"00"}}` + "\n" + `{"kind":"record","body":[]}`))
+	f.Add([]byte("{}\n{}"))
+	f.Add([]byte(""))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		n := 0
+		err := Records(bytes.NewReader(b), func(Record) error { n++; return nil })
+		if err == nil && n > bytes.Count(b, []byte("record"))+bytes.Count(b, []byte(`\u`)) {
+			t.Fatalf("%d records from %q", n, b)
+		}
+	})
+}
+
 func FuzzVerify(f *testing.F) {
 	f.Add([]byte(`{"seq":1,"prev":"` + strings.Repeat("0", 64) + `","kind":"record","body":{},"hash":"00"}` + "\n"))
 	f.Add([]byte("{}\n{}"))
