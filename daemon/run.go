@@ -212,10 +212,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		return err
 	}
 	sched := newScheduler(cfg, st, km, cm, akm, al, log, o.Now)
-	checkEvery := cfg.Rotation.CheckEvery
-	if checkEvery <= 0 {
-		checkEvery = time.Minute
-	}
+	checkEvery := checkEvery(&cfg.Rotation)
 	mx := metrics.New(server.Ops(),
 		metrics.NewValueFunc("keyward_rate_limit_factor", "How API keys' rate limits are scaled now: 1, or dynamic_limits.tighten while keywardd is overloaded.", func() float64 {
 			if gov == nil {

@@ -23,6 +23,14 @@ var scheduleOps = map[schedule.Action]map[schedule.Kind]string{
 	schedule.Force:  {schedule.APIKey: "keywardd.ForceAPIKeyRotation"},
 }
 
+// checkEvery is how often keywardd looks for rotations due.
+func checkEvery(r *schedule.Rules) time.Duration {
+	if r.CheckEvery > 0 {
+		return r.CheckEvery
+	}
+	return time.Minute
+}
+
 // newScheduler schedules keys, API keys and credentials by the
 // configuration's rules. Each run is audited before it acts (one that
 // cannot be audited waits) and again if it fails.
@@ -38,7 +46,7 @@ func newScheduler(cfg *Config, st *store.Store, km *keys.Manager, cm *credential
 			Caller: audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self}, Detail: detail}
 	}
 	return schedule.New(schedule.Config{Store: st, Now: now, Jitter: jitter, RemindEvery: rules.RemindEvery,
-		Sources: []schedule.Source{schedule.KeySource(km, rules, server.ReservedPrefix), schedule.CredentialSource(cm), schedule.APIKeySource(akm, rules, now)},
+		Sources: []schedule.Source{schedule.KeySource(km, rules, server.ReservedPrefix), schedule.CredentialSource(cm), schedule.APIKeySource(akm, rules, now, 10*checkEvery(rules))},
 		Before: func(ctx context.Context, s schedule.Subject, e schedule.Entry) error {
 			detail := fmt.Sprintf("rotation policy %s (every %v), last rotated %s, due %s", s.Policy.Name, s.Policy.Every,
 				s.Last.UTC().Format(time.RFC3339), e.Due.Format(time.RFC3339))

@@ -30,6 +30,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"path"
 	"slices"
 	"strings"
@@ -90,6 +91,10 @@ type Source struct {
 	List func() ([]Subject, error)
 	// Run does the subject's action; the string says what it did.
 	Run func(ctx context.Context, s Subject) (string, error)
+	// Every, if set, is the least time between two Ticks' looks at this
+	// source: listing a million API keys costs seconds, and their
+	// rotations are days apart.
+	Every time.Duration
 }
 
 // Entry is a subject's schedule as the store keeps it.
@@ -121,8 +126,7 @@ func (e Entry) Overdue(now time.Time) bool { return now.After(e.Due) }
 
 // Store is what the scheduler needs of the store.
 type Store interface {
-	Get(bucket, key string) ([]byte, error)
-	Update(bucket, key string, fn func(old []byte) ([]byte, error)) error
+	UpdateEach(bucket string, keys []string, fn func(key string, old []byte) ([]byte, error)) error
 	ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error
 }
 
@@ -150,8 +154,9 @@ type Config struct {
 
 // Scheduler runs what is due.
 type Scheduler struct {
-	cfg Config
-	mu  sync.Mutex // one Tick at a time
+	cfg    Config
+	mu     sync.Mutex // one Tick at a time
+	looked map[Kind]time.Time
 }
 
 // New returns a scheduler.
@@ -165,7 +170,7 @@ func New(c Config) *Scheduler {
 	if c.Retry <= 0 {
 		c.Retry = 10 * time.Minute
 	}
-	return &Scheduler{cfg: c}
+	return &Scheduler{cfg: c, looked: map[Kind]time.Time{}}
 }
 
 // Now is the scheduler's clock.
@@ -196,42 +201,51 @@ func (s *Scheduler) fresh(sub Subject, old *Entry) Entry {
 	return e
 }
 
-func (s *Scheduler) load(key string) (*Entry, error) {
-	b, err := s.cfg.Store.Get(store.BucketSchedule, key)
-	if errors.Is(err, store.ErrNotFound) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	var e Entry
-	if err := json.Unmarshal(b, &e); err != nil {
-		return nil, fmt.Errorf("schedule: entry %q: %w", key, err)
-	}
-	return &e, nil
+// entries reads the saved entries of a kind, by entry key: one scan.
+func (s *Scheduler) entries(k Kind) (map[string]Entry, error) {
+	out := map[string]Entry{}
+	err := s.cfg.Store.ForEach(store.BucketSchedule, string(k)+"/", func(key string, b []byte) error {
+		var e Entry
+		if err := json.Unmarshal(b, &e); err != nil {
+			return fmt.Errorf("schedule: entry %q: %w", key, err)
+		}
+		out[key] = e
+		return nil
+	})
+	return out, err
 }
 
-func (s *Scheduler) save(e Entry) error {
-	b, err := json.Marshal(e)
-	if err != nil {
-		return err
+// saveAll writes entries in one transaction, and deletes those under gone.
+func (s *Scheduler) saveAll(es map[string]Entry, gone []string) error {
+	if len(es) == 0 && len(gone) == 0 {
+		return nil
 	}
-	return s.cfg.Store.Update(store.BucketSchedule, entryKey(e.Kind, e.ID), func([]byte) ([]byte, error) { return b, nil })
+	recs := make(map[string][]byte, len(es)+len(gone))
+	for k, e := range es {
+		b, err := json.Marshal(e)
+		if err != nil {
+			return err
+		}
+		recs[k] = b
+	}
+	for _, k := range gone {
+		recs[k] = nil
+	}
+	return s.cfg.Store.UpdateEach(store.BucketSchedule, slices.Sorted(maps.Keys(recs)), func(k string, _ []byte) ([]byte, error) { return recs[k], nil })
 }
 
-// entry is the subject's entry, brought up to date with its last rotation
-// and policy, and saved when that changed it.
-func (s *Scheduler) entry(sub Subject) (Entry, error) {
-	old, err := s.load(entryKey(sub.Kind, sub.ID))
-	if err != nil {
-		return Entry{}, err
-	}
-	if old != nil && old.Base.Equal(sub.Last.UTC()) && old.Every == sub.Policy.Every && old.Overlap == sub.Policy.Overlap &&
+// entry is the subject's entry brought up to date with its last rotation
+// and policy; changed says it differs from the saved one.
+func (s *Scheduler) entry(sub Subject, saved map[string]Entry) (e Entry, changed bool) {
+	old, ok := saved[entryKey(sub.Kind, sub.ID)]
+	if ok && old.Base.Equal(sub.Last.UTC()) && old.Every == sub.Policy.Every && old.Overlap == sub.Policy.Overlap &&
 		old.Action == sub.Action && old.Policy == sub.Policy.Name {
-		return *old, nil
+		return old, false
 	}
-	e := s.fresh(sub, old)
-	return e, s.save(e)
+	if ok {
+		return s.fresh(sub, &old), true
+	}
+	return s.fresh(sub, nil), true
 }
 
 // Result is one run of a Tick.
@@ -242,25 +256,37 @@ type Result struct {
 }
 
 // Tick runs every subject that is due, once, and forgets the entries of
-// subjects that are gone. It returns the runs.
+// subjects that are gone. It returns the runs. It reads each kind's
+// entries in one scan and writes the changed ones in one transaction (a
+// run's entry is written as soon as it ran).
 func (s *Scheduler) Tick(ctx context.Context) ([]Result, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []Result
 	var errs []error
 	for _, src := range s.cfg.Sources {
+		if last, now := s.looked[src.Kind], s.cfg.Now(); src.Every > 0 && !last.IsZero() && now.Sub(last) < src.Every && !now.Before(last) {
+			continue
+		}
+		s.looked[src.Kind] = s.cfg.Now()
 		subs, err := src.List()
 		if err != nil {
 			errs = append(errs, fmt.Errorf("schedule: listing %ss: %w", src.Kind, err))
 			continue
 		}
+		saved, err := s.entries(src.Kind)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		changed := map[string]Entry{}
 		seen := map[string]bool{}
 		for _, sub := range subs {
-			seen[entryKey(sub.Kind, sub.ID)] = true
-			e, err := s.entry(sub)
-			if err != nil {
-				errs = append(errs, err)
-				continue
+			key := entryKey(sub.Kind, sub.ID)
+			seen[key] = true
+			e, ch := s.entry(sub, saved)
+			if ch {
+				changed[key] = e
 			}
 			now := s.cfg.Now().UTC()
 			if now.Before(e.Next) || now.Before(sub.NotBefore) || ctx.Err() != nil {
@@ -285,7 +311,8 @@ func (s *Scheduler) Tick(ctx context.Context) ([]Result, error) {
 			default:
 				e.Outcome, e.Next = "ok", now.Add(s.cfg.RemindEvery)
 			}
-			if serr := s.save(e); serr != nil {
+			delete(changed, key)
+			if serr := s.saveAll(map[string]Entry{key: e}, nil); serr != nil {
 				errs = append(errs, serr)
 			}
 			if s.cfg.After != nil {
@@ -294,18 +321,13 @@ func (s *Scheduler) Tick(ctx context.Context) ([]Result, error) {
 			out = append(out, Result{Subject: sub, Detail: detail, Err: err})
 		}
 		var gone []string
-		if err := s.cfg.Store.ForEach(store.BucketSchedule, string(src.Kind)+"/", func(k string, _ []byte) error {
+		for k := range saved {
 			if !seen[k] {
 				gone = append(gone, k)
 			}
-			return nil
-		}); err != nil {
-			errs = append(errs, err)
 		}
-		for _, k := range gone {
-			if err := s.cfg.Store.Update(store.BucketSchedule, k, func([]byte) ([]byte, error) { return nil, nil }); err != nil {
-				errs = append(errs, err)
-			}
+		if err := s.saveAll(changed, gone); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return out, errors.Join(errs...)
@@ -327,8 +349,8 @@ func (s *Scheduler) Run(ctx context.Context, every time.Duration, report func(er
 	}
 }
 
-// Plan is every subject's entry, soonest first, as it stands now (entries
-// are brought up to date with the subjects first).
+// Plan is every subject's entry, soonest first, as it stands now (brought
+// up to date with the subjects; nothing is written).
 func (s *Scheduler) Plan() ([]Entry, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -338,11 +360,12 @@ func (s *Scheduler) Plan() ([]Entry, error) {
 		if err != nil {
 			return nil, fmt.Errorf("schedule: listing %ss: %w", src.Kind, err)
 		}
+		saved, err := s.entries(src.Kind)
+		if err != nil {
+			return nil, err
+		}
 		for _, sub := range subs {
-			e, err := s.entry(sub)
-			if err != nil {
-				return nil, err
-			}
+			e, _ := s.entry(sub, saved)
 			if sub.NotBefore.After(e.Next) {
 				e.Next = sub.NotBefore.UTC()
 			}

@@ -36,7 +36,7 @@ type fixture struct {
 
 var pepper = hsm.KeyID{Name: "keyward-apikeys", Version: 1}
 
-func newFixture(t *testing.T) *fixture {
+func newFixture(t testing.TB) *fixture {
 	t.Helper()
 	h, _ := hsmtest.Open(t)
 	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), store.Options{})
@@ -60,12 +60,12 @@ func newFixture(t *testing.T) *fixture {
 func (f *fixture) scheduler(rules *schedule.Rules, c schedule.Config) *schedule.Scheduler {
 	c.Store, c.Now = f.st, f.clk.now
 	if c.Sources == nil {
-		c.Sources = []schedule.Source{schedule.KeySource(f.km, rules, "keyward-"), schedule.APIKeySource(f.akm, rules, f.clk.now)}
+		c.Sources = []schedule.Source{schedule.KeySource(f.km, rules, "keyward-"), schedule.APIKeySource(f.akm, rules, f.clk.now, 0)}
 	}
 	return schedule.New(c)
 }
 
-func (f *fixture) key(t *testing.T, s keys.Spec) {
+func (f *fixture) key(t testing.TB, s keys.Spec) {
 	t.Helper()
 	if _, err := f.km.Create(context.Background(), s); err != nil {
 		t.Fatal(err)
@@ -297,7 +297,10 @@ func TestJitterSpreadsAndHolds(t *testing.T) {
 	if len(seen) < 6 {
 		t.Errorf("8 keys made together fall on %d due times", len(seen))
 	}
-	// Entries are saved; wipe them: the same times come back.
+	// A Tick saves the entries; wipe them: the same times come back.
+	if _, err := f.scheduler(rules, schedule.Config{Jitter: 6 * time.Hour}).Tick(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	var saved []string
 	f.st.ForEach(store.BucketSchedule, "", func(k string, _ []byte) error { saved = append(saved, k); return nil })
 	if err := f.st.UpdateEach(store.BucketSchedule, saved, func(string, []byte) ([]byte, error) { return nil, nil }); err != nil || len(saved) != 8 {
@@ -382,5 +385,24 @@ func TestRulesCheck(t *testing.T) {
 	}
 	if _, _, ok := good.ForAPIKey("other", "prod", nil); ok {
 		t.Error("a key no rule matches got a policy")
+	}
+}
+
+// TestSourceEvery: a source with Every is listed at most that often.
+func TestSourceEvery(t *testing.T) {
+	f := newFixture(t)
+	lists := 0
+	src := schedule.Source{Kind: schedule.APIKey, Every: time.Hour,
+		List: func() ([]schedule.Subject, error) { lists++; return nil, nil },
+		Run:  func(context.Context, schedule.Subject) (string, error) { return "", nil }}
+	s := f.scheduler(nil, schedule.Config{Sources: []schedule.Source{src}})
+	for range 180 {
+		if _, err := s.Tick(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		f.clk.add(time.Minute)
+	}
+	if lists != 3 {
+		t.Fatalf("listed %d times in 3 hours, want 3", lists)
 	}
 }

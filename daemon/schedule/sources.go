@@ -74,9 +74,10 @@ func CredentialSource(cm *credentials.Manager) Source {
 // APIKeySource schedules the API keys a rule gives a policy: active keys,
 // last rotated when their newest secret was made. A run sends a reminder,
 // or with Force sets the deadline: now plus the policy's overlap (an
-// earlier deadline stays).
-func APIKeySource(akm *apikeys.Manager, rules *Rules, now func() time.Time) Source {
-	return Source{Kind: APIKey,
+// earlier deadline stays). Keys are listed at most every every (each look
+// reads every active key: about 1 s per 100 000).
+func APIKeySource(akm *apikeys.Manager, rules *Rules, now func() time.Time, every time.Duration) Source {
+	return Source{Kind: APIKey, Every: every,
 		List: func() ([]Subject, error) {
 			if len(rules.APIKeys) == 0 {
 				return nil, nil // no rule: no need to read every key
