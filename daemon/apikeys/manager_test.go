@@ -689,9 +689,9 @@ func TestManagerVerifyAnswer(t *testing.T) {
 	}
 }
 
-// TestManagerBulkRevoke10k: 10 000 keys revoked in bulk are all refused
-// from the very next verify, cached or not, and across a restart; the keys
-// of another owner are untouched.
+// TestManagerBulkRevoke10k: revoke-all of 10 000 keys: the dry runs count
+// right (all, and one owner's), and every key is refused from the very
+// next verify, cached or not, and across a restart.
 func TestManagerBulkRevoke10k(t *testing.T) {
 	f := newFixture(t)
 	specs := make([]Spec, MaxCreateBatch)
@@ -708,20 +708,26 @@ func TestManagerBulkRevoke10k(t *testing.T) {
 		f.verify(t, k, prod, Valid) // cached now
 	}
 	if n, err := f.m.RevokeWhere(Filter{Owner: "leaky-team"}, true); err != nil || n != len(secrets) {
-		t.Fatalf("dry run = %d, %v", n, err)
+		t.Fatalf("dry run of one owner = %d, %v", n, err)
 	}
+	if n, err := f.m.RevokeWhere(Filter{All: true}, true); err != nil || n != len(secrets)+1 {
+		t.Fatalf("dry run of all = %d, %v; want %d", n, err, len(secrets)+1)
+	}
+	f.verify(t, other, prod, Valid) // the dry runs changed nothing
 	start := time.Now()
-	n, err := f.m.RevokeWhere(Filter{Owner: "leaky-team"}, false)
-	if err != nil || n != len(secrets) {
-		t.Fatalf("RevokeWhere = %d, %v; want %d", n, err, len(secrets))
+	n, err := f.m.RevokeWhere(Filter{All: true}, false)
+	if err != nil || n != len(secrets)+1 {
+		t.Fatalf("RevokeWhere(all) = %d, %v; want %d", n, err, len(secrets)+1)
 	}
 	t.Logf("revoked %d keys in %v", n, time.Since(start))
-	for _, k := range secrets {
+	for _, k := range append(secrets, other) {
 		f.verify(t, k, prod, Revoked)
 	}
-	f.verify(t, other, prod, Valid)
+	if n, err := f.m.RevokeWhere(Filter{All: true}, true); err != nil || n != 0 {
+		t.Fatalf("dry run after = %d, %v; want 0", n, err)
+	}
 	f.reopen(t)
-	for _, k := range []string{secrets[0], secrets[len(secrets)/2], secrets[len(secrets)-1]} {
+	for _, k := range []string{secrets[0], secrets[len(secrets)/2], secrets[len(secrets)-1], other} {
 		f.verify(t, k, prod, Revoked)
 	}
 }
