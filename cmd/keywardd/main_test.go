@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/keyward/keyward/daemon/api/client"
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 )
 
 // TestDevMode builds keywardd, runs keywardd --dev, makes a call through the
@@ -55,6 +56,11 @@ func TestDevMode(t *testing.T) {
 	}
 	if pt, err := c.Decrypt(ctx, dk.Wrapped, map[string]string{"app": "demo"}); err != nil || string(pt) != string(dk.Plaintext) {
 		t.Fatalf("Decrypt: %v", err)
+	}
+	// The dev keys are on the moderate rotation policy, as it prints.
+	plan, err := keywardv1.NewRotationServiceClient(c.Conn()).GetRotationPlan(ctx, &keywardv1.GetRotationPlanRequest{})
+	if err != nil || len(plan.GetRotations()) != 3 || plan.GetRotations()[0].GetPolicy() != "moderate" {
+		t.Fatalf("the dev rotation plan: %v, %v", plan, err)
 	}
 	c.Close()
 	cmd.Process.Signal(syscall.SIGTERM)

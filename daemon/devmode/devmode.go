@@ -11,7 +11,9 @@ import (
 	"path/filepath"
 
 	"github.com/keyward/keyward/daemon"
+	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/schedule"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 )
 
@@ -46,6 +48,11 @@ func Setup(dir string) (*daemon.Config, error) {
 	cfg.Socket.Path = filepath.Join(dir, "run", "keyward.sock")
 	cfg.Socket.Mode = "0600"
 	cfg.HSM.Module, cfg.HSM.Token, cfg.HSM.PINFile = tok.Module, tok.Label, tok.PINFile
+	// The operating side switched on, to show it: dev keys rotate on the
+	// moderate policy, dev API keys get reminders, use is watched.
+	cfg.Rotation = schedule.Rules{Keys: []schedule.KeyRule{{Match: "dev-*", Policy: "moderate"}},
+		APIKeys: []schedule.APIKeyRule{{Environment: "dev", Policy: "moderate", Action: schedule.Remind}}}
+	cfg.Anomaly = anomaly.Config{Enabled: true, NewNetworks: true}
 	policy := fmt.Sprintf(`# keywardd --dev: everything, for uid %d only.
 version: 1
 roles:
@@ -84,6 +91,9 @@ Try, in another terminal (the keyward CLI is in ./bin after make build):
   keyward apikey create --owner demo --name try --env dev --perm orders:read --secret-out demo.key
   keyward apikey verify --env dev --perm orders:read --ip 127.0.0.1 < demo.key
   keyward apikey list
+  keyward rotation plan
+  keyward panic-rotate dev-signing --dry-run
+  keyward review
   grpcurl -plaintext -unix %[1]s list
 
 Stop with Ctrl-C; the directory is removed unless -dev-dir was given.
