@@ -15,8 +15,10 @@
 // A key is only learned from during its first Learn, not alerted on; a
 // key alerts at most once per Cooldown and kind.
 //
-// Observe is on VerifyAPIKey's path: a map lookup and a few additions
-// under a per-key lock; alerts are handed to a goroutine that audits them,
+// Only VALID verifications are observed: a rotated-out or refused secret
+// must neither teach a baseline nor set off an alert that disables the
+// key its owner holds now. Observe is on VerifyAPIKey's path: a map
+// lookup under one of 64 shard locks and a few additions under the key's; alerts are handed to a goroutine that audits them,
 // tells the plugins and, if configured, disables the key. Baselines are
 // written to the store every FlushEvery and read back at start, so a
 // restart keeps what was learned.
@@ -30,6 +32,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -119,10 +123,9 @@ func (c Config) withDefaults() Config {
 const alpha = 0.01
 
 // Bounds: networks remembered per key, keys held in memory.
-const (
-	maxNetworks = 64
-	maxKeys     = 100_000
-)
+const maxNetworks = 64
+
+var maxKeys = 100_000 // a variable for the tests
 
 // Baseline is what is learned of a key, as the store keeps it.
 type Baseline struct {
@@ -158,20 +161,32 @@ type key struct {
 	lastSeen time.Time
 }
 
-// Detector watches keys.
+// Detector watches keys. Its keys are spread over shards, each with its
+// lock, so that verifications of different keys seldom wait for each
+// other, and the store is written outside every lock.
 type Detector struct {
 	cfg    Config
 	st     *store.Store
 	alerts chan Alert
-	mu     sync.Mutex
-	keys   map[string]*key
+	shards [shards]shard
 	// dropped counts alerts lost because nobody took them in time.
 	dropped atomic.Int64
 }
 
+const shards = 64
+
+type shard struct {
+	mu   sync.Mutex
+	keys map[string]*key
+}
+
 // New returns a detector whose alerts come out of Alerts.
 func New(c Config, st *store.Store) *Detector {
-	return &Detector{cfg: c.withDefaults(), st: st, alerts: make(chan Alert, 1024), keys: map[string]*key{}}
+	d := &Detector{cfg: c.withDefaults(), st: st, alerts: make(chan Alert, 1024)}
+	for i := range d.shards {
+		d.shards[i].keys = map[string]*key{}
+	}
+	return d
 }
 
 // Alerts are the alerts, in order.
@@ -180,48 +195,62 @@ func (d *Detector) Alerts() <-chan Alert { return d.alerts }
 // Disables says whether alerts of a kind disable the key.
 func (d *Detector) Disables(kind string) bool { return slices.Contains(d.cfg.Disable, kind) }
 
+func (d *Detector) shard(id string) *shard {
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	return &d.shards[h.Sum32()%shards]
+}
+
+// get returns the key's state, read from the store the first time. A
+// shard holding its share of maxKeys first lets go of some (written to
+// the store first): the idle ones, or else half. A key let go of while a
+// verification uses it loses that verification's count.
 func (d *Detector) get(id string, now time.Time) *key {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if k := d.keys[id]; k != nil {
+	sh := d.shard(id)
+	sh.mu.Lock()
+	k := sh.keys[id]
+	sh.mu.Unlock()
+	if k != nil {
 		return k
 	}
-	if len(d.keys) >= maxKeys {
-		d.evictLocked(now)
-	}
-	k := &key{counts: make([]int64, d.cfg.Window/time.Minute), minute: now.Unix() / 60}
+	k = &key{counts: make([]int64, d.cfg.Window/time.Minute), minute: now.Unix() / 60}
 	if b, err := d.st.Get(store.BucketBaselines, id); err == nil {
 		json.Unmarshal(b, &k.b)
 	}
 	if k.b.Since.IsZero() {
 		k.b.Since, k.dirty = now.UTC(), true
 	}
-	d.keys[id] = k
-	return k
-}
-
-// evictLocked drops the keys idle for an hour, saved first; failing that,
-// the first half.
-func (d *Detector) evictLocked(now time.Time) {
-	var out []string
-	for id, k := range d.keys {
-		k.mu.Lock()
-		if now.Sub(k.lastSeen) > time.Hour {
-			out = append(out, id)
-		}
-		k.mu.Unlock()
+	sh.mu.Lock()
+	if other := sh.keys[id]; other != nil { // read meanwhile by another call
+		sh.mu.Unlock()
+		return other
 	}
-	if len(out) == 0 {
-		for id := range d.keys {
-			if out = append(out, id); len(out) >= len(d.keys)/2 {
+	var out map[string]*key
+	if len(sh.keys) >= maxKeys/shards {
+		out = map[string]*key{}
+		for id, k := range sh.keys {
+			k.mu.Lock()
+			if now.Sub(k.lastSeen) > time.Hour {
+				out[id] = k
+			}
+			k.mu.Unlock()
+		}
+		for id, k := range sh.keys {
+			if len(out) >= len(sh.keys)/2 {
 				break
 			}
+			out[id] = k
+		}
+		for id := range out {
+			delete(sh.keys, id)
 		}
 	}
-	d.saveLocked(out)
-	for _, id := range out {
-		delete(d.keys, id)
+	sh.keys[id] = k
+	sh.mu.Unlock()
+	if len(out) > 0 {
+		d.write(out)
 	}
+	return k
 }
 
 // advance folds the minutes between k.minute and now into the baseline.
@@ -260,8 +289,10 @@ func (d *Detector) Observe(id string, ip netip.Addr, now time.Time) {
 	k.lastSeen = now
 	learning := now.Sub(k.b.Since) < d.cfg.Learn
 	if ip.IsValid() {
-		if net := apikeys.Network(ip); !slices.Contains(k.b.Networks, net) && len(k.b.Networks) < maxNetworks {
-			k.b.Networks, k.dirty = append(k.b.Networks, net), true
+		if net := apikeys.Network(ip); !slices.Contains(k.b.Networks, net) {
+			if len(k.b.Networks) < maxNetworks { // past that, every new one alerts and none is learned
+				k.b.Networks, k.dirty = append(k.b.Networks, net), true
+			}
 			if !learning && d.cfg.NewNetworks {
 				d.alert(k, 1, Alert{Kind: NewNetwork, KeyID: id, Time: now, Detail: fmt.Sprintf("a use from %s, a network the key was not used from before", net)})
 			}
@@ -285,12 +316,12 @@ func (d *Detector) alert(k *key, slot int, a Alert) {
 	if !k.last[slot].IsZero() && a.Time.Sub(k.last[slot]) < d.cfg.Cooldown {
 		return
 	}
-	k.last[slot], k.b.LastAlert, k.dirty = a.Time, a.Time.UTC(), true
 	a.Disable = d.Disables(a.Kind)
 	select {
 	case d.alerts <- a:
+		k.last[slot], k.b.LastAlert, k.dirty = a.Time, a.Time.UTC(), true
 	default:
-		d.dropped.Add(1)
+		d.dropped.Add(1) // no cooldown: the next use alerts again
 	}
 }
 
@@ -298,9 +329,10 @@ func (d *Detector) alert(k *key, slot int, a Alert) {
 // detector knows (a key not seen since keywardd started is clean until it
 // is seen).
 func (d *Detector) Clean(id string, since time.Time) bool {
-	d.mu.Lock()
-	k := d.keys[id]
-	d.mu.Unlock()
+	sh := d.shard(id)
+	sh.mu.Lock()
+	k := sh.keys[id]
+	sh.mu.Unlock()
 	if k == nil {
 		return true
 	}
@@ -322,25 +354,27 @@ func (d *Detector) Baseline(id string, now time.Time) Baseline {
 
 // Flush writes the changed baselines.
 func (d *Detector) Flush() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.saveLocked(nil)
+	all := map[string]*key{}
+	for i := range d.shards {
+		sh := &d.shards[i]
+		sh.mu.Lock()
+		for id, k := range sh.keys {
+			all[id] = k
+		}
+		sh.mu.Unlock()
+	}
+	return d.write(all)
 }
 
-// saveLocked writes the changed baselines of ids (nil: all) in one
-// transaction.
-func (d *Detector) saveLocked(ids []string) error {
+// write writes the changed baselines of keys in one transaction, outside
+// every lock but each key's for its copy; those not written stay changed.
+func (d *Detector) write(keys map[string]*key) error {
 	recs := map[string][]byte{}
-	for id, k := range d.keys {
-		if ids != nil && !slices.Contains(ids, id) {
-			continue
-		}
+	for id, k := range keys {
 		k.mu.Lock()
 		if k.dirty {
-			b, err := json.Marshal(&k.b)
-			if err == nil {
-				recs[id] = b
-				k.dirty = false
+			if b, err := json.Marshal(&k.b); err == nil {
+				recs[id], k.dirty = b, false
 			}
 		}
 		k.mu.Unlock()
@@ -348,12 +382,16 @@ func (d *Detector) saveLocked(ids []string) error {
 	if len(recs) == 0 {
 		return nil
 	}
-	keys := make([]string, 0, len(recs))
-	for id := range recs {
-		keys = append(keys, id)
+	err := d.st.UpdateEach(store.BucketBaselines, slices.Sorted(maps.Keys(recs)), func(id string, _ []byte) ([]byte, error) { return recs[id], nil })
+	if err != nil {
+		for id := range recs {
+			k := keys[id]
+			k.mu.Lock()
+			k.dirty = true
+			k.mu.Unlock()
+		}
 	}
-	slices.Sort(keys)
-	return d.st.UpdateEach(store.BucketBaselines, keys, func(id string, _ []byte) ([]byte, error) { return recs[id], nil })
+	return err
 }
 
 // Dropped is how many alerts were lost because they came faster than

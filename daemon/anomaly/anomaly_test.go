@@ -1,6 +1,7 @@
 package anomaly_test
 
 import (
+	"fmt"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -155,5 +156,25 @@ func TestConfigCheck(t *testing.T) {
 	}
 	if err := (&anomaly.Config{Window: 10 * time.Minute, Factor: 8, Disable: []string{"spike", "new_network"}}).Check(); err != nil {
 		t.Error(err)
+	}
+}
+
+// TestMemoryBounded: past maxKeys keys the detector lets go of some,
+// writing what it learned of them first.
+func TestMemoryBounded(t *testing.T) {
+	defer anomaly.SetMaxKeys(640)()
+	st := openStore(t)
+	d := anomaly.New(anomaly.Config{Enabled: true}, st)
+	start := time.Date(2026, 3, 2, 0, 0, 0, 0, time.UTC)
+	for i := range 5000 {
+		d.Observe(fmt.Sprintf("ak_%024x", i), netip.MustParseAddr("10.0.0.1"), start.Add(time.Duration(i)*time.Second))
+	}
+	if n := d.Held(); n > 640+64 {
+		t.Fatalf("%d keys held, the bound is 640", n)
+	}
+	// The first key was let go of long ago; what was learned of it is in
+	// the store.
+	if b := anomaly.New(anomaly.Config{Enabled: true}, st).Baseline(fmt.Sprintf("ak_%024x", 0), start.Add(2*time.Hour)); !b.Since.Equal(start) || len(b.Networks) != 1 {
+		t.Fatalf("an evicted key's baseline: %+v", b)
 	}
 }

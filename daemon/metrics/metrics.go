@@ -136,6 +136,11 @@ func NewValueFunc(name, help string, fn func() float64) prometheus.Collector {
 	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, fn)
 }
 
+// NewCounterFunc is a counter without labels, read at each scrape.
+func NewCounterFunc(name, help string, fn func() float64) prometheus.Collector {
+	return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, fn)
+}
+
 // Describe implements prometheus.Collector.
 func (g *GaugeFunc) Describe(ch chan<- *prometheus.Desc) { ch <- g.desc }
 

@@ -249,7 +249,10 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 	}
 	out := &keywardv1.VerifyAPIKeyResponse{Code: apiKeyCode(res.Code), Reason: res.Detail, NearLimit: res.Limits.NearLimit}
 	if k := res.Key; k != nil {
-		if s.cfg.Observed != nil {
+		if s.cfg.Observed != nil && res.Code == apikeys.Valid {
+			// Only uses the key was good for: a rotated-out or refused
+			// secret must not teach the baseline, nor set off an alert
+			// that disables the key its owner holds now.
 			s.cfg.Observed(k.ID, req.SourceIP)
 		}
 		c.key, c.apiKey = k.Owner, k.ID

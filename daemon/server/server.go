@@ -95,8 +95,8 @@ type Config struct {
 	Plugins func() []PluginState
 	// Schedule serves GetRotationPlan; nil turns it off.
 	Schedule *schedule.Scheduler
-	// Observed, if set, hears of every verification that identified a key
-	// (the anomaly detector).
+	// Observed, if set, hears of every VALID verification (the anomaly
+	// detector).
 	Observed func(id string, ip netip.Addr)
 	// Notify, if set, is called when events for the plugins were queued,
 	// so that they go out at once.
