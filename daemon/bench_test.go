@@ -12,7 +12,9 @@ import (
 
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/keyward/keyward/daemon/anomaly"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/load"
 	"github.com/keyward/keyward/hsm"
 	"github.com/keyward/keyward/softhsm-test/benchload"
 )
@@ -153,14 +155,22 @@ func BenchmarkDaemon(b *testing.B) {
 			})
 		}
 	}
-	// Uncached minting: the same daemon with the mint cache off.
+	// Uncached minting, and verification watched by the anomaly detector
+	// under dynamic limits: the same daemon with the mint cache off and
+	// both on (thresholds no load here reaches, so nothing is tightened).
 	in.stop()
 	in.cfg.Tokens.NoCache = true
+	in.cfg.Anomaly = anomaly.Config{Enabled: true, NewNetworks: true, MinRate: 1e9}
+	in.cfg.DynamicLimits = load.Config{Enabled: true, CPU: 1, HSMLatency: time.Hour, Raise: 2}
 	in.run()
 	tc = keywardv1.NewTokenServiceClient(in.conn)
+	ac = keywardv1.NewAPIKeyServiceClient(in.conn)
 	for _, n := range benchLevels {
 		b.Run(fmt.Sprintf("daemon=mint-token-uncached/callers=%d", n), func(b *testing.B) {
 			res[key("mint-token-uncached", n)] = benchload.Run(b, n, func() error { _, err := tc.MintToken(ctx, mintReq); return err })
+		})
+		b.Run(fmt.Sprintf("daemon=verify-api-key-watched/callers=%d", n), func(b *testing.B) {
+			res[key("verify-api-key-watched", n)] = benchload.Run(b, n, verifyAPIKey(limitedKey))
 		})
 	}
 	in.stop()
@@ -201,6 +211,7 @@ func printTable(res map[string]benchload.Result, key func(string, int) string) {
 		{"verify-token", func(n int) float64 { return rate("ping", n) }, 1},
 		{"verify-api-key", func(n int) float64 { return rate("ping", n) }, 1},
 		{"verify-api-key-limits", func(n int) float64 { return rate("ping", n) }, 1},
+		{"verify-api-key-watched", func(n int) float64 { return rate("verify-api-key-limits", n) }, 1},
 	}
 	for _, row := range rows {
 		for _, n := range benchLevels {
@@ -226,5 +237,6 @@ func printTable(res map[string]benchload.Result, key func(string, int) string) {
 	b.WriteString("targets: HSM-bound calls >= 0.9 x 1/(1/HSM rate + 1/ping rate); batches >= 0.9 x the HSM rate; p99 <= 3 x p50 at 16 clients;\n")
 	b.WriteString("         uncached mint >= 0.9 x 1/(1/HSM sign + 1/ping); cached mint and verify >= 0.8 x ping (ratio shown against ping);\n")
 	b.WriteString("         verify-api-key (a known key, with a quota; -limits adds two rate-limit layers) >= 0.8 x ping\n")
+	b.WriteString("         verify-api-key-watched: -limits with anomaly detection and dynamic limits on (ratio against -limits)\n")
 	fmt.Fprint(os.Stdout, b.String())
 }

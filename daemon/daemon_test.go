@@ -507,7 +507,11 @@ func TestAuditDiskFull(t *testing.T) {
 	}
 	wantCode(t, err, codes.Unavailable, "could not be audited, so its answer is withheld")
 	b, _ := os.ReadFile(in.cfg.AuditFile)
-	if got := strings.Count(string(b), `"op":"EnvelopeService.GenerateDataKey"`); got != oks {
+	// Every answer was audited. The call refused may be on record too: a
+	// write cut short by the full disk can end after its line and before
+	// the checkpoint that followed it in the same write (more on record
+	// than answered is the safe side).
+	if got := strings.Count(string(b), `"op":"EnvelopeService.GenerateDataKey"`); got != oks && got != oks+1 {
 		t.Fatalf("%d data keys answered, %d audited", oks, got)
 	}
 	for range 3 {

@@ -214,6 +214,12 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	sched := newScheduler(cfg, st, km, cm, akm, al, log, o.Now)
 	checkEvery := checkEvery(&cfg.Rotation)
 	mx := metrics.New(server.Ops(),
+		metrics.NewCounterFunc("keyward_apikey_anomaly_alerts_dropped_total", "Anomaly alerts lost because more than 1024 were waiting to be handled.", func() float64 {
+			if det == nil {
+				return 0
+			}
+			return float64(det.Dropped())
+		}),
 		metrics.NewValueFunc("keyward_rate_limit_factor", "How API keys' rate limits are scaled now: 1, or dynamic_limits.tighten while keywardd is overloaded.", func() float64 {
 			if gov == nil {
 				return 1

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -61,10 +62,6 @@ func TestScheduledRotation(t *testing.T) {
 		}
 		return out
 	}
-	p := plan()
-	if len(p) != 2 || p["pay-eu"].GetPolicy() != "high" || p[created.Key.Id].GetAction() != "force" || p["pay-eu"].GetOverdue() {
-		t.Fatalf("plan: %v", p)
-	}
 	versions := func() int {
 		k, err := kc.GetKey(ctx, &keywardv1.GetKeyRequest{Name: "pay-eu"})
 		if err != nil {
@@ -79,6 +76,12 @@ func TestScheduledRotation(t *testing.T) {
 				t.Fatalf("waited 10s for %s", what)
 			}
 		}
+	}
+	// API keys are looked at every ten checks: the new one shows up then.
+	waitFor("the API key in the plan", func() bool { return len(plan()) == 2 })
+	p := plan()
+	if len(p) != 2 || p["pay-eu"].GetPolicy() != "high" || p[created.Key.Id].GetAction() != "force" || p["pay-eu"].GetOverdue() {
+		t.Fatalf("plan: %v", p)
 	}
 
 	clk.add(30*24*time.Hour + time.Minute)
@@ -111,5 +114,53 @@ func TestScheduledRotation(t *testing.T) {
 	time.Sleep(200 * time.Millisecond) // ten more checks
 	if n := versions(); n != 3 {
 		t.Fatalf("%d versions after 200 days down; an overdue rotation runs once", n)
+	}
+}
+
+// TestRotationPlanScope: the plan shows a caller what its key globs reach,
+// as the other services do: API keys by owner, keys by name.
+func TestRotationPlanScope(t *testing.T) {
+	in := startWith(t, uidPolicy("      - operations: [APIKeyService.CreateAPIKey, KeyService.CreateKey]\n        keys: [\"*\"]\n      - operations: [RotationService.GetRotationPlan]\n        keys: [payments, \"pay-*\"]"), func(c *daemon.Config) {
+		c.Rotation = schedule.Rules{CheckEvery: 10 * time.Millisecond, Keys: []schedule.KeyRule{{Match: "*", Policy: "high"}},
+			APIKeys: []schedule.APIKeyRule{{Policy: "moderate"}}}
+	})
+	ctx := context.Background()
+	kc := keywardv1.NewKeyServiceClient(in.conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	for _, n := range []string{"pay-eu", "orders"} {
+		if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: n, Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ids := map[string]string{}
+	for _, owner := range []string{"payments", "shop"} {
+		k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: owner, Name: "n", Environment: "prod", Permissions: []string{"orders:read"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[k.Key.Id] = owner
+	}
+	rc := keywardv1.NewRotationServiceClient(in.conn)
+	var got []string
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		r, err := rc.GetRotationPlan(ctx, &keywardv1.GetRotationPlanRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = nil
+		for _, x := range r.GetRotations() {
+			if x.GetKind() == "api_key" {
+				got = append(got, ids[x.GetId()])
+			} else {
+				got = append(got, x.GetId())
+			}
+		}
+		if len(got) >= 2 {
+			break
+		}
+	}
+	slices.Sort(got)
+	if !slices.Equal(got, []string{"pay-eu", "payments"}) {
+		t.Fatalf("the plan shows %v; want the key pay-eu and the payments team's API key only", got)
 	}
 }

@@ -990,19 +990,29 @@ func (m *Manager) Notice(id, kind, eventID, detail string, fn func(*Record) erro
 	return public(out), nil
 }
 
-// RotationDue tells the plugins that a key is due for rotation; a non-zero
-// deadline also ends its working secrets then (a forced rotation: the
-// owner rotates before it, or the key stops working).
-func (m *Manager) RotationDue(id string, deadline time.Time, detail string) (*Record, error) {
+// ErrRotatedMeanwhile: the key got a new secret after the one a rotation
+// notice was for; the notice is moot.
+var ErrRotatedMeanwhile = errors.New("apikeys: the key was rotated meanwhile")
+
+// RotationDue tells the plugins that a key, whose newest secret was made
+// at last, is due for rotation; a non-zero deadline also ends then the
+// secrets made up to last (a forced rotation: the owner rotates before it,
+// or the key stops working). A key rotated since last is left alone
+// (ErrRotatedMeanwhile): a secret made after the notice was decided never
+// gets its deadline.
+func (m *Manager) RotationDue(id string, last, deadline time.Time, detail string) (*Record, error) {
 	return m.Notice(id, outbox.RotationDue, "api_key/"+id, detail, func(r *Record) error {
 		if r.State == StateRevoked {
 			return fmt.Errorf("%w: %q is revoked", ErrInvalid, id)
+		}
+		if n := len(r.Secrets); n > 0 && r.Secrets[n-1].Created.After(last) {
+			return ErrRotatedMeanwhile
 		}
 		if deadline.IsZero() {
 			return nil
 		}
 		for i := range r.Secrets {
-			if s := &r.Secrets[i]; s.NotAfter.IsZero() || deadline.Before(s.NotAfter) {
+			if s := &r.Secrets[i]; !s.Created.After(last) && (s.NotAfter.IsZero() || deadline.Before(s.NotAfter)) {
 				s.NotAfter = deadline.UTC()
 			}
 		}

@@ -501,13 +501,14 @@ func (m *Manager) Rotate(ctx context.Context, name string) (*Key, error) {
 }
 
 func (m *Manager) rotateLocked(ctx context.Context, name string) (*Key, error) {
-	return m.rotateLockedAt(ctx, name, false)
+	return m.rotateLockedAt(ctx, name, false, nil)
 }
 
 // rotateLockedAt rotates; at once, a signing key's new version signs now
 // and the others stop now (a compromise), instead of after the pre-publish
-// time.
-func (m *Manager) rotateLockedAt(ctx context.Context, name string, atOnce bool) (*Key, error) {
+// time. then, if set, changes the key further in the same transaction as
+// the new version, and returns events for the plugins.
+func (m *Manager) rotateLockedAt(ctx context.Context, name string, atOnce bool, then func(k *Key) [][]byte) (*Key, error) {
 	k, err := m.Get(name)
 	if err != nil {
 		return nil, err
@@ -532,9 +533,9 @@ func (m *Manager) rotateLockedAt(ctx context.Context, name string, atOnce bool) 
 		}
 		return nil, err
 	}
-	return m.change(name, func(k *Key) error {
+	return m.updateEmit(name, false, func(k *Key) ([][]byte, error) {
 		if k.Latest()+1 != next {
-			return fmt.Errorf("keys: %q changed during rotation", name) // cannot happen under the lock
+			return nil, fmt.Errorf("keys: %q changed during rotation", name) // cannot happen under the lock
 		}
 		now := m.opt.Now().UTC()
 		v := Version{Number: next, Created: now}
@@ -560,7 +561,10 @@ func (m *Manager) rotateLockedAt(ctx context.Context, name string, atOnce bool) 
 		}
 		k.Versions = append(k.Versions, v)
 		k.PendingVersion = 0
-		return nil
+		if then != nil {
+			return then(k), nil
+		}
+		return nil, nil
 	})
 }
 
@@ -606,19 +610,21 @@ func (m *Manager) PanicRotate(ctx context.Context, name string, dryRun bool) (*P
 	if dryRun {
 		return p, nil
 	}
-	if _, err := m.rotateLockedAt(ctx, name, true); err != nil {
-		return nil, err
-	}
-	const why = "panic-rotate: the key was compromised; this version no longer encrypts or signs"
-	p.Key, err = m.updateEmit(name, false, func(k *Key) ([][]byte, error) {
+	const why = "panic-rotate: the key was compromised"
+	// The new version, the old ones retired and their events: one
+	// transaction, so that a crash leaves either all of it or a pending
+	// version the next rotation adopts.
+	p.Key, err = m.rotateLockedAt(ctx, name, true, func(k *Key) [][]byte {
 		if k.Purpose == Sign {
-			k.MinDecryptionVersion = p.NewVersion // withdraws; update emits the events
-			return nil, nil
+			k.MinDecryptionVersion = p.NewVersion // withdraws them: updateEmit sends key_version revocations
+			return nil
 		}
-		if len(p.Retired) == 0 {
-			return nil, nil
+		var out [][]byte
+		for _, v := range p.Retired {
+			out = append(out, outbox.Encode(outbox.Event{Kind: outbox.KeyVersionRetired, ID: fmt.Sprintf("%s/v%d", name, v), Subject: name, Time: m.opt.Now().UTC(),
+				Detail: why + "; this version no longer encrypts, and decrypts until the minimum decryption version passes it"}))
 		}
-		return m.revokedVersions(name, p.Retired[0], p.NewVersion, why+" (it decrypts until the minimum decryption version passes it)"), nil
+		return out
 	})
 	if err != nil {
 		return nil, err

@@ -563,7 +563,7 @@ func TestPanicRotate(t *testing.T) {
 		events = append(events, ev)
 		return nil
 	})
-	if len(events) != 3 || events[1].ID != "k/v2" || events[2].ID != "k/v3" || !strings.Contains(events[2].Detail, "panic-rotate") {
+	if len(events) != 3 || events[1].ID != "k/v2" || events[2].ID != "k/v3" || !strings.Contains(events[2].Detail, "panic-rotate") || events[2].Kind != outbox.KeyVersionRetired || events[0].Kind != outbox.KeyVersionRevoked {
 		t.Fatalf("events %+v", events)
 	}
 

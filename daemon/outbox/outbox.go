@@ -33,6 +33,9 @@ const (
 	TokenRevoked      = "token"
 	KeyVersionRevoked = "key_version"
 	CredentialRevoked = "credential"
+	// A key version that no longer encrypts or signs but still decrypts
+	// (panic-rotate of an encryption key). ID name/vN.
+	KeyVersionRetired = "key_version_retired"
 	// Not revocations: notices for the people behind a key.
 	RotationDue = "rotation_due" // ID kind/ID (api_key/ak_…), Subject its owner
 	Anomaly     = "anomaly"      // ID an API key's ID, Subject its owner, Detail what was seen

@@ -66,14 +66,18 @@ func (l Layer) tolerance() time.Duration { return l.interval() * time.Duration(l
 // Scale returns layers with their limits and bursts times f (each at
 // least 1), as keywardd tightens limits under load (f < 1) or raises them
 // for keys in good standing (f > 1). The use counted so far carries over
-// (see arrival): a tightened key does not get a fresh bucket. f must be
-// from 0.01 to 100.
+// (see carry): neither a tightened nor a restored key gets a fresh
+// bucket. A scaled layer that would not pass Check (more than one a
+// nanosecond, a burst too long to count) stays as it was.
 func Scale(layers []Layer, f float64) []Layer {
 	out := make([]Layer, len(layers))
 	for i, l := range layers {
-		out[i] = Layer{Limit: max(1, int(math.Round(float64(l.Limit)*f))), Per: l.Per, Burst: max(1, int(math.Round(float64(l.Burst)*f)))}
-		if out[i].Per < time.Duration(out[i].Limit) { // more than one a nanosecond: keep the layer as it was
-			out[i] = l
+		out[i] = l
+		if f > 0 && !math.IsInf(f, 0) && float64(l.Limit)*f < math.MaxInt32 && float64(l.Burst)*f < math.MaxInt32 {
+			s := Layer{Limit: max(1, int(math.Round(float64(l.Limit)*f))), Per: l.Per, Burst: max(1, int(math.Round(float64(l.Burst)*f)))}
+			if s.Check() == nil {
+				out[i] = s
+			}
 		}
 	}
 	return out
@@ -223,13 +227,16 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 }
 
 // carry is the arrival time for layer l of a period counted before in
-// a.interval: the same number of requests used, at most a full burst.
+// a.interval: the same number of requests used, even past l's burst (a
+// narrowed layer then refuses until the excess drains, and widening it
+// again hands out nothing). The time is bounded by twice MaxPer, so that
+// the arithmetic stays in range.
 func (a arrival) carry(l Layer, now time.Time) time.Time {
 	if a.interval == l.interval() || !a.tat.After(now) {
 		return a.tat
 	}
-	used := min(float64(a.tat.Sub(now))/float64(a.interval), float64(l.Burst))
-	return now.Add(time.Duration(math.Ceil(used * float64(l.interval()))))
+	used := float64(a.tat.Sub(now)) / float64(a.interval)
+	return now.Add(time.Duration(min(math.Ceil(used*float64(l.interval())), float64(2*MaxPer))))
 }
 
 // Forget drops a key's state (its key was revoked).

@@ -173,10 +173,9 @@ func TestChangedLayersCarryUse(t *testing.T) {
 		}
 	}
 	// The day is used up. Reordering, dropping the hour layer and adding it
-	// back, or narrowing the day hands out nothing. (Widening a layer after
-	// narrowing it may: a narrowed layer counts at most its own burst.)
+	// back, narrowing the day, or widening it back, hands out nothing.
 	narrow := Layer{Limit: 1, Per: 24 * time.Hour, Burst: 1}
-	for i, layers := range [][]Layer{{day, hour}, {hour, day}, {day}, {day, hour}, {hour, narrow}, {narrow}, {narrow, hour}} {
+	for i, layers := range [][]Layer{{day, hour}, {hour, day}, {day}, {day, hour}, {hour, narrow}, {narrow}, {narrow, hour}, {day, hour}} {
 		r := lim.Allow("k", layers, 1, t0)
 		if r.Allowed {
 			t.Fatalf("change %d (%v) gave a fresh bucket", i, layers)
@@ -251,5 +250,29 @@ func TestScaleCarriesUse(t *testing.T) {
 	}
 	if tiny := Scale([]Layer{{Limit: 1, Per: time.Second, Burst: 1}}, 0.01); tiny[0].Limit != 1 || tiny[0].Burst != 1 {
 		t.Fatalf("a layer scaled below 1: %+v", tiny)
+	}
+	// A layer that would not pass Check scaled stays as it was.
+	long := Layer{Limit: 1, Per: 24 * time.Hour, Burst: 100_000}
+	if err := long.Check(); err != nil {
+		t.Fatal(err)
+	}
+	if got := Scale([]Layer{long}, 1.4); got[0] != long {
+		t.Fatalf("scaled past what can be counted: %+v", got)
+	}
+	// A full burst used, one refused call while tightened, restored at the
+	// same instant: nothing more (the excess over the tightened burst is
+	// not forgiven).
+	lim2 := New()
+	full := []Layer{{Limit: 100, Per: time.Minute, Burst: 100}}
+	for range 100 {
+		if !lim2.Allow("k", full, 1, now).Allowed {
+			t.Fatal("refused within the burst")
+		}
+	}
+	if lim2.Allow("k", Scale(full, 0.5), 1, now).Allowed {
+		t.Fatal("allowed while tightened with the burst used")
+	}
+	if lim2.Allow("k", full, 1, now).Allowed {
+		t.Fatal("restored limits handed out a fresh half bucket")
 	}
 }

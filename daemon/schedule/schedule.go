@@ -91,10 +91,10 @@ type Source struct {
 	List func() ([]Subject, error)
 	// Run does the subject's action; the string says what it did.
 	Run func(ctx context.Context, s Subject) (string, error)
-	// Every, if set, is the least time between two Ticks' looks at this
-	// source: listing a million API keys costs seconds, and their
-	// rotations are days apart.
-	Every time.Duration
+	// Every, if above 1, has only every Every-th Tick look at this source
+	// (the first one does): listing a million API keys costs seconds, and
+	// their rotations are days apart.
+	Every int
 }
 
 // Entry is a subject's schedule as the store keeps it.
@@ -154,9 +154,9 @@ type Config struct {
 
 // Scheduler runs what is due.
 type Scheduler struct {
-	cfg    Config
-	mu     sync.Mutex // one Tick at a time
-	looked map[Kind]time.Time
+	cfg   Config
+	mu    sync.Mutex // one Tick at a time
+	ticks int
 }
 
 // New returns a scheduler.
@@ -170,7 +170,7 @@ func New(c Config) *Scheduler {
 	if c.Retry <= 0 {
 		c.Retry = 10 * time.Minute
 	}
-	return &Scheduler{cfg: c, looked: map[Kind]time.Time{}}
+	return &Scheduler{cfg: c}
 }
 
 // Now is the scheduler's clock.
@@ -264,11 +264,11 @@ func (s *Scheduler) Tick(ctx context.Context) ([]Result, error) {
 	defer s.mu.Unlock()
 	var out []Result
 	var errs []error
+	s.ticks++
 	for _, src := range s.cfg.Sources {
-		if last, now := s.looked[src.Kind], s.cfg.Now(); src.Every > 0 && !last.IsZero() && now.Sub(last) < src.Every && !now.Before(last) {
+		if src.Every > 1 && (s.ticks-1)%src.Every != 0 {
 			continue
 		}
-		s.looked[src.Kind] = s.cfg.Now()
 		subs, err := src.List()
 		if err != nil {
 			errs = append(errs, fmt.Errorf("schedule: listing %ss: %w", src.Kind, err))
@@ -350,12 +350,23 @@ func (s *Scheduler) Run(ctx context.Context, every time.Duration, report func(er
 }
 
 // Plan is every subject's entry, soonest first, as it stands now (brought
-// up to date with the subjects; nothing is written).
+// up to date with the subjects; nothing is written). Sources with Every
+// are not listed: their entries are as the last Tick left them.
 func (s *Scheduler) Plan() ([]Entry, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []Entry
 	for _, src := range s.cfg.Sources {
+		if src.Every > 1 {
+			// Too costly to list on demand (API keys): as the last Tick
+			// that looked at them left them.
+			saved, err := s.entries(src.Kind)
+			if err != nil {
+				return nil, err
+			}
+			out = slices.AppendSeq(out, maps.Values(saved))
+			continue
+		}
 		subs, err := src.List()
 		if err != nil {
 			return nil, fmt.Errorf("schedule: listing %ss: %w", src.Kind, err)

@@ -388,11 +388,11 @@ func TestRulesCheck(t *testing.T) {
 	}
 }
 
-// TestSourceEvery: a source with Every is listed at most that often.
+// TestSourceEvery: a source with Every is listed by every Every-th Tick.
 func TestSourceEvery(t *testing.T) {
 	f := newFixture(t)
 	lists := 0
-	src := schedule.Source{Kind: schedule.APIKey, Every: time.Hour,
+	src := schedule.Source{Kind: schedule.APIKey, Every: 60,
 		List: func() ([]schedule.Subject, error) { lists++; return nil, nil },
 		Run:  func(context.Context, schedule.Subject) (string, error) { return "", nil }}
 	s := f.scheduler(nil, schedule.Config{Sources: []schedule.Source{src}})
@@ -404,5 +404,43 @@ func TestSourceEvery(t *testing.T) {
 	}
 	if lists != 3 {
 		t.Fatalf("listed %d times in 3 hours, want 3", lists)
+	}
+}
+
+// TestForcedDeadlineSparesANewSecret: an owner who rotates between the
+// scheduler's look and its run keeps the new secret whole.
+func TestForcedDeadlineSparesANewSecret(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	old, rec, err := f.akm.Create(ctx, apikeys.Spec{Owner: "o", Name: "n", Environment: "prod", Permissions: []string{"orders:read"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules := &schedule.Rules{APIKeys: []schedule.APIKeyRule{{Environment: "prod", Policy: "high", Action: schedule.Force}}}
+	src := schedule.APIKeySource(f.akm, rules, f.clk.now, 0)
+	f.clk.add(31 * 24 * time.Hour)
+	subs, err := src.List()
+	if err != nil || len(subs) != 1 {
+		t.Fatal(subs, err)
+	}
+	fresh, _, err := f.akm.Rotate(ctx, rec.ID, time.Hour) // the owner, between the look and the run
+	if err != nil {
+		t.Fatal(err)
+	}
+	if detail, err := src.Run(ctx, subs[0]); err != nil || !strings.Contains(detail, "rotated meanwhile") {
+		t.Fatalf("run after the owner rotated: %q, %v", detail, err)
+	}
+	f.clk.add(48 * time.Hour)
+	verify := func(secret string) apikeys.Code {
+		return f.akm.Verify(ctx, secret, apikeys.Request{Environment: "prod"}).Code
+	}
+	if c := verify(fresh); c != apikeys.Valid {
+		t.Fatalf("the new secret after the forced run: %v", c)
+	}
+	if c := verify(old); c != apikeys.Expired {
+		t.Fatalf("the old secret after its overlap: %v", c)
+	}
+	if n := len(f.events(t, outbox.RotationDue)); n != 0 {
+		t.Fatalf("%d notices for a key rotated meanwhile", n)
 	}
 }

@@ -2,6 +2,7 @@ package schedule
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -74,9 +75,9 @@ func CredentialSource(cm *credentials.Manager) Source {
 // APIKeySource schedules the API keys a rule gives a policy: active keys,
 // last rotated when their newest secret was made. A run sends a reminder,
 // or with Force sets the deadline: now plus the policy's overlap (an
-// earlier deadline stays). Keys are listed at most every every (each look
+// earlier deadline stays). Keys are listed every every-th Tick (each look
 // reads every active key: about 1 s per 100 000).
-func APIKeySource(akm *apikeys.Manager, rules *Rules, now func() time.Time, every time.Duration) Source {
+func APIKeySource(akm *apikeys.Manager, rules *Rules, now func() time.Time, every int) Source {
 	return Source{Kind: APIKey, Every: every,
 		List: func() ([]Subject, error) {
 			if len(rules.APIKeys) == 0 {
@@ -110,7 +111,9 @@ func APIKeySource(akm *apikeys.Manager, rules *Rules, now func() time.Time, ever
 				deadline = now().Add(s.Policy.Overlap)
 				detail += fmt.Sprintf(" before %s, when its current secret stops working", deadline.UTC().Format(time.RFC3339))
 			}
-			if _, err := akm.RotationDue(s.ID, deadline, detail); err != nil {
+			if _, err := akm.RotationDue(s.ID, s.Last, deadline, detail); errors.Is(err, apikeys.ErrRotatedMeanwhile) {
+				return "rotated meanwhile: nothing to do", nil
+			} else if err != nil {
 				return "", err
 			}
 			return detail, nil

@@ -8,6 +8,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/schedule"
 )
 
 func (s *Server) GetRotationPlan(ctx context.Context, r *keywardv1.GetRotationPlanRequest) (*keywardv1.GetRotationPlanResponse, error) {
@@ -31,7 +32,13 @@ func (s *Server) GetRotationPlan(ctx context.Context, r *keywardv1.GetRotationPl
 		if r.GetWithin() != nil && e.Next.After(now.Add(r.GetWithin().AsDuration())) {
 			continue
 		}
-		if s.policy.Load().Allow(sub, "RotationService.GetRotationPlan", e.ID) != nil {
+		// The key globs match what they match in the other services: a
+		// key's or a credential's name, an API key's owner.
+		name := e.ID
+		if e.Kind == schedule.APIKey {
+			name = e.Owner
+		}
+		if s.policy.Load().Allow(sub, "RotationService.GetRotationPlan", name) != nil {
 			continue
 		}
 		out.Rotations = append(out.Rotations, &keywardv1.ScheduledRotation{Kind: string(e.Kind), Id: e.ID, Owner: e.Owner, Policy: e.Policy,

@@ -30,8 +30,9 @@ const (
 // RotationService shows keywardd's rotation schedule and rotates a
 // compromised key at once. See docs/operations.md. The policy grants
 // GetRotationPlan on subjects' names (the plan lists those the caller's
-// key globs match: a key's or a credential's name, an API key's ID) and
-// PanicRotate on key names.
+// key globs match: a key's or a credential's name, an API key's owner, as
+// in KeyService, CredentialService and APIKeyService) and PanicRotate on
+// key names.
 //
 // Errors: PERMISSION_DENIED when the caller is not granted the operation;
 // NOT_FOUND for an unknown key; FAILED_PRECONDITION for a key scheduled for
@@ -82,8 +83,9 @@ func (c *rotationServiceClient) PanicRotate(ctx context.Context, in *PanicRotate
 // RotationService shows keywardd's rotation schedule and rotates a
 // compromised key at once. See docs/operations.md. The policy grants
 // GetRotationPlan on subjects' names (the plan lists those the caller's
-// key globs match: a key's or a credential's name, an API key's ID) and
-// PanicRotate on key names.
+// key globs match: a key's or a credential's name, an API key's owner, as
+// in KeyService, CredentialService and APIKeyService) and PanicRotate on
+// key names.
 //
 // Errors: PERMISSION_DENIED when the caller is not granted the operation;
 // NOT_FOUND for an unknown key; FAILED_PRECONDITION for a key scheduled for

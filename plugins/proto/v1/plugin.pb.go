@@ -92,6 +92,10 @@ const (
 	// Not a revocation: an API key's use looks wrong (id: its ID; subject:
 	// its owner; detail: what was seen, and whether keywardd disabled it).
 	EventKind_EVENT_KIND_ANOMALY EventKind = 6
+	// A key version that no longer encrypts but still decrypts, until the
+	// minimum decryption version passes it (then KEY_VERSION_REVOKED
+	// follows): panic-rotate of an encryption key (id: "name/vN").
+	EventKind_EVENT_KIND_KEY_VERSION_RETIRED EventKind = 7
 )
 
 // Enum value maps for EventKind.
@@ -104,6 +108,7 @@ var (
 		4: "EVENT_KIND_CREDENTIAL_REVOKED",
 		5: "EVENT_KIND_ROTATION_DUE",
 		6: "EVENT_KIND_ANOMALY",
+		7: "EVENT_KIND_KEY_VERSION_RETIRED",
 	}
 	EventKind_value = map[string]int32{
 		"EVENT_KIND_UNSPECIFIED":         0,
@@ -113,6 +118,7 @@ var (
 		"EVENT_KIND_CREDENTIAL_REVOKED":  4,
 		"EVENT_KIND_ROTATION_DUE":        5,
 		"EVENT_KIND_ANOMALY":             6,
+		"EVENT_KIND_KEY_VERSION_RETIRED": 7,
 	}
 )
 
@@ -1145,7 +1151,7 @@ const file_plugin_proto_rawDesc = "" +
 	"Capability\x12\x1a\n" +
 	"\x16CAPABILITY_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12CAPABILITY_ROTATOR\x10\x01\x12\x16\n" +
-	"\x12CAPABILITY_REVOKER\x10\x02*\xe1\x01\n" +
+	"\x12CAPABILITY_REVOKER\x10\x02*\x85\x02\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aEVENT_KIND_API_KEY_REVOKED\x10\x01\x12\x1c\n" +
@@ -1153,7 +1159,8 @@ const file_plugin_proto_rawDesc = "" +
 	"\x1eEVENT_KIND_KEY_VERSION_REVOKED\x10\x03\x12!\n" +
 	"\x1dEVENT_KIND_CREDENTIAL_REVOKED\x10\x04\x12\x1b\n" +
 	"\x17EVENT_KIND_ROTATION_DUE\x10\x05\x12\x16\n" +
-	"\x12EVENT_KIND_ANOMALY\x10\x062\xc2\x01\n" +
+	"\x12EVENT_KIND_ANOMALY\x10\x06\x12\"\n" +
+	"\x1eEVENT_KIND_KEY_VERSION_RETIRED\x10\a2\xc2\x01\n" +
 	"\rPluginService\x12S\n" +
 	"\bDescribe\x12\".keyward.plugin.v1.DescribeRequest\x1a#.keyward.plugin.v1.DescribeResponse\x12\\\n" +
 	"\vCheckConfig\x12%.keyward.plugin.v1.CheckConfigRequest\x1a&.keyward.plugin.v1.CheckConfigResponse2\xcc\x02\n" +
