@@ -212,7 +212,6 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		return err
 	}
 	sched := newScheduler(cfg, st, km, cm, akm, al, log, o.Now)
-	checkEvery := checkEvery(&cfg.Rotation)
 	mx := metrics.New(server.Ops(),
 		metrics.NewCounterFunc("keyward_apikey_anomaly_alerts_dropped_total", "Anomaly alerts lost because more than 1024 were waiting to be handled.", func() float64 {
 			if det == nil {
@@ -228,7 +227,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		}),
 		metrics.NewGaugeFunc("keyward_rotations_overdue", "Keys, API keys and credentials past their rotation date by more than two checks.", "kind", func() map[string]float64 {
 			out := map[string]float64{}
-			for k, n := range sched.Overdue(2 * checkEvery) {
+			for k, n := range sched.Overdue() {
 				out[string(k)] = float64(n)
 			}
 			return out
@@ -299,7 +298,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	if gov != nil {
 		go watchLoad(bg, gov, log)
 	}
-	go sched.Run(bg, checkEvery, func(err error) { log.Error("scheduled rotation", "error", err.Error()) })
+	go sched.Run(bg, checkEvery(&cfg.Rotation), func(err error) { log.Error("scheduled rotation", "error", err.Error()) })
 	if o.CredentialsEvery <= 0 {
 		o.CredentialsEvery = time.Minute
 	}

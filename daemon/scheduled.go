@@ -45,7 +45,7 @@ func newScheduler(cfg *Config, st *store.Store, km *keys.Manager, cm *credential
 		return audit.Record{Time: time.Now().UTC(), Op: scheduleOps[s.Action][s.Kind], Key: s.ID, Outcome: outcome,
 			Caller: audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self}, Detail: detail}
 	}
-	return schedule.New(schedule.Config{Store: st, Now: now, Jitter: jitter, RemindEvery: rules.RemindEvery,
+	return schedule.New(schedule.Config{Store: st, Now: now, Jitter: jitter, Grace: 2 * checkEvery(rules), RemindEvery: rules.RemindEvery,
 		Sources: []schedule.Source{schedule.KeySource(km, rules, server.ReservedPrefix), schedule.CredentialSource(cm), schedule.APIKeySource(akm, rules, now, 10)},
 		Before: func(ctx context.Context, s schedule.Subject, e schedule.Entry) error {
 			detail := fmt.Sprintf("rotation policy %s (every %v), last rotated %s, due %s", s.Policy.Name, s.Policy.Every,

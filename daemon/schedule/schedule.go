@@ -145,6 +145,9 @@ type Config struct {
 	// Retry is how long after a failed run the next attempt is. Default
 	// 10 minutes.
 	Retry time.Duration
+	// Grace is how far past its due time a subject must be to count as
+	// overdue (Overdue). Default 0.
+	Grace time.Duration
 	// Before is called before a run; a run whose Before fails waits (an
 	// intent that cannot be audited is not acted on).
 	Before func(ctx context.Context, s Subject, e Entry) error
@@ -157,6 +160,9 @@ type Scheduler struct {
 	cfg   Config
 	mu    sync.Mutex // one Tick at a time
 	ticks int
+
+	overdueMu sync.Mutex
+	overdue   map[Kind]int // by the last Tick that looked at each kind
 }
 
 // New returns a scheduler.
@@ -170,7 +176,7 @@ func New(c Config) *Scheduler {
 	if c.Retry <= 0 {
 		c.Retry = 10 * time.Minute
 	}
-	return &Scheduler{cfg: c}
+	return &Scheduler{cfg: c, overdue: map[Kind]int{}}
 }
 
 // Now is the scheduler's clock.
@@ -281,6 +287,7 @@ func (s *Scheduler) Tick(ctx context.Context) ([]Result, error) {
 		}
 		changed := map[string]Entry{}
 		seen := map[string]bool{}
+		overdue := 0
 		for _, sub := range subs {
 			key := entryKey(sub.Kind, sub.ID)
 			seen[key] = true
@@ -290,6 +297,9 @@ func (s *Scheduler) Tick(ctx context.Context) ([]Result, error) {
 			}
 			now := s.cfg.Now().UTC()
 			if now.Before(e.Next) || now.Before(sub.NotBefore) || ctx.Err() != nil {
+				if e.Overdue(now.Add(-s.cfg.Grace)) {
+					overdue++
+				}
 				continue
 			}
 			if s.cfg.Before != nil {
@@ -311,6 +321,9 @@ func (s *Scheduler) Tick(ctx context.Context) ([]Result, error) {
 			default:
 				e.Outcome, e.Next = "ok", now.Add(s.cfg.RemindEvery)
 			}
+			if e.Overdue(now.Add(-s.cfg.Grace)) {
+				overdue++
+			}
 			delete(changed, key)
 			if serr := s.saveAll(map[string]Entry{key: e}, nil); serr != nil {
 				errs = append(errs, serr)
@@ -329,6 +342,9 @@ func (s *Scheduler) Tick(ctx context.Context) ([]Result, error) {
 		if err := s.saveAll(changed, gone); err != nil {
 			errs = append(errs, err)
 		}
+		s.overdueMu.Lock()
+		s.overdue[src.Kind] = overdue
+		s.overdueMu.Unlock()
 	}
 	return out, errors.Join(errs...)
 }
@@ -392,21 +408,17 @@ func (s *Scheduler) Plan() ([]Entry, error) {
 	return out, nil
 }
 
-// Overdue counts, by kind, the entries more than grace past their due
-// time, from what the store holds.
-func (s *Scheduler) Overdue(grace time.Duration) map[Kind]int {
+// Overdue counts, by kind, the subjects more than Config.Grace past their
+// due time, as the last Tick that looked at each kind found them: the
+// metric reads this at every scrape, and recounting a million entries
+// each time would cost seconds.
+func (s *Scheduler) Overdue() map[Kind]int {
+	s.overdueMu.Lock()
+	defer s.overdueMu.Unlock()
 	out := map[Kind]int{}
-	now := s.cfg.Now()
 	for _, src := range s.cfg.Sources {
-		out[src.Kind] = 0
+		out[src.Kind] = s.overdue[src.Kind]
 	}
-	s.cfg.Store.ForEach(store.BucketSchedule, "", func(_ string, b []byte) error {
-		var e Entry
-		if json.Unmarshal(b, &e) == nil && e.Overdue(now.Add(-grace)) {
-			out[e.Kind]++
-		}
-		return nil
-	})
 	return out
 }
 

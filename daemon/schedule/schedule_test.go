@@ -119,7 +119,7 @@ func TestAYearInMilliseconds(t *testing.T) {
 		t.Fatal(err)
 	}
 	var runs []schedule.Result
-	s := f.scheduler(rules, schedule.Config{Jitter: time.Hour})
+	s := f.scheduler(rules, schedule.Config{Jitter: time.Hour, Grace: time.Hour})
 	start := f.clk.now()
 	verify := func(secret string) apikeys.Code {
 		return f.akm.Verify(ctx, secret, apikeys.Request{Environment: "prod"}).Code
@@ -207,7 +207,7 @@ func TestAYearInMilliseconds(t *testing.T) {
 	if len(plan) != 5 || plan[0].Kind != schedule.APIKey || !plan[0].Overdue(f.clk.now()) {
 		t.Fatalf("plan %+v", plan)
 	}
-	if o := s.Overdue(time.Hour); o[schedule.APIKey] != 2 || o[schedule.Key] != 0 {
+	if o := s.Overdue(); o[schedule.APIKey] != 2 || o[schedule.Key] != 0 {
 		t.Errorf("overdue %v, want 2 API keys and no key", o)
 	}
 
@@ -218,7 +218,7 @@ func TestAYearInMilliseconds(t *testing.T) {
 	if _, err := s.Tick(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if o := s.Overdue(time.Hour); o[schedule.APIKey] != 1 {
+	if o := s.Overdue(); o[schedule.APIKey] != 1 {
 		t.Errorf("after the owner rotated: overdue %v", o)
 	}
 }
@@ -328,7 +328,7 @@ func TestFailuresWaitAndUnauditedRunsDoNot(t *testing.T) {
 		},
 		Run: func(context.Context, schedule.Subject) (string, error) { calls++; return "", fail }}
 	auditOK := false
-	s := f.scheduler(nil, schedule.Config{Sources: []schedule.Source{src}, Retry: 10 * time.Minute,
+	s := f.scheduler(nil, schedule.Config{Sources: []schedule.Source{src}, Retry: 10 * time.Minute, Grace: time.Hour,
 		Before: func(context.Context, schedule.Subject, schedule.Entry) error {
 			if !auditOK {
 				return errors.New("audit log full")
@@ -349,7 +349,7 @@ func TestFailuresWaitAndUnauditedRunsDoNot(t *testing.T) {
 	f.clk.add(6 * time.Minute)
 	s.Tick(ctx)
 	plan, _ := s.Plan()
-	if calls != 2 || plan[0].Outcome != fail.Error() || plan[0].Runs != 2 || s.Overdue(time.Hour)[schedule.Credential] != 1 {
+	if calls != 2 || plan[0].Outcome != fail.Error() || plan[0].Runs != 2 || s.Overdue()[schedule.Credential] != 1 {
 		t.Fatalf("%d calls; plan %+v", calls, plan)
 	}
 }
