@@ -428,7 +428,6 @@ func loadPolicy(path string) (*policy.Policy, error) {
 // Each deletion is audited before it happens; one that cannot be audited
 // waits.
 func maintainKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *slog.Logger) {
-	self, _ := os.Executable()
 	t := time.NewTicker(5 * time.Minute)
 	defer t.Stop()
 	for {
@@ -438,7 +437,7 @@ func maintainKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *slo
 		}
 		for _, name := range due {
 			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.DeleteKey", Key: name, Outcome: "ok",
-				Caller: audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self},
+				Caller: keywardd(),
 				Detail: "its deletion date passed: destroying every version in the HSM"}
 			if err := al.Append(ctx, rec); err != nil {
 				log.Error("not deleting a key: its deletion cannot be audited", "key", name, "error", err.Error())
@@ -463,7 +462,6 @@ func maintainKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *slo
 // overlap, rotates those whose period passed, finishes revocations. Each is
 // audited with its outcome.
 func maintainCredentials(ctx context.Context, cm *credentials.Manager, al *audit.Log, log *slog.Logger, every time.Duration) {
-	self, _ := os.Executable()
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -473,7 +471,7 @@ func maintainCredentials(ctx context.Context, cm *credentials.Manager, al *audit
 		}
 		for name, err := range done {
 			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.MaintainCredential", Key: name, Outcome: "ok",
-				Caller: audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self},
+				Caller: keywardd(),
 				Detail: "due: a pending rotation, a rotation period, an overlap's end or a revocation"}
 			if err != nil {
 				rec.Outcome, rec.Detail = "error", err.Error()

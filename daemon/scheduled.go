@@ -23,6 +23,13 @@ var scheduleOps = map[schedule.Action]map[schedule.Kind]string{
 	schedule.Force:  {schedule.APIKey: "keywardd.ForceAPIKeyRotation"},
 }
 
+// keywardd is keywardd itself as the caller of what it does on its own
+// (scheduled rotations, deletions, anomaly responses), for the audit log.
+func keywardd() audit.Caller {
+	self, _ := os.Executable()
+	return audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self}
+}
+
 // checkEvery is how often keywardd looks for rotations due.
 func checkEvery(r *schedule.Rules) time.Duration {
 	if r.CheckEvery > 0 {
@@ -40,10 +47,9 @@ func newScheduler(cfg *Config, st *store.Store, km *keys.Manager, cm *credential
 	if rules.Jitter != nil {
 		jitter = *rules.Jitter
 	}
-	self, _ := os.Executable()
 	record := func(s schedule.Subject, outcome, detail string) audit.Record {
 		return audit.Record{Time: time.Now().UTC(), Op: scheduleOps[s.Action][s.Kind], Key: s.ID, Outcome: outcome,
-			Caller: audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self}, Detail: detail}
+			Caller: keywardd(), Detail: detail}
 	}
 	return schedule.New(schedule.Config{Store: st, Now: now, Jitter: jitter, Grace: 2 * checkEvery(rules), RemindEvery: rules.RemindEvery,
 		Sources: []schedule.Source{schedule.KeySource(km, rules, server.ReservedPrefix), schedule.CredentialSource(cm), schedule.APIKeySource(akm, rules, now, 10)},

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"os"
 	"time"
 
 	"github.com/keyward/keyward/daemon/anomaly"
@@ -25,7 +24,6 @@ func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Man
 	}
 	t := time.NewTicker(flushEvery)
 	defer t.Stop()
-	self, _ := os.Executable()
 	for {
 		select {
 		case <-ctx.Done():
@@ -54,7 +52,7 @@ func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Man
 				detail += "; alert only (anomaly.disable does not name " + a.Kind + ")"
 			}
 			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.APIKeyAnomaly", Key: a.KeyID, Outcome: "ok", Detail: detail,
-				Caller: audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self}}
+				Caller: keywardd()}
 			if err != nil {
 				rec.Outcome = "error"
 			}
