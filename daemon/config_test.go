@@ -1,0 +1,82 @@
+package daemon_test
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/daemon"
+)
+
+// docConfig is the example keywardd.yaml of docs/operations.md.
+func docConfig(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile("../docs/operations.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(b), "## Configuration")
+	if !ok {
+		t.Fatal("operations.md has no Configuration section")
+	}
+	_, rest, _ = strings.Cut(rest, "```yaml\n")
+	yaml, _, ok := strings.Cut(rest, "```")
+	if !ok {
+		t.Fatal("no yaml block in operations.md's Configuration section")
+	}
+	return yaml
+}
+
+// TestDocumentedConfig: the configuration operations.md shows is read
+// strictly and means what it says; only the files it names are missing
+// here.
+func TestDocumentedConfig(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "keywardd.yaml")
+	os.WriteFile(path, []byte(docConfig(t)), 0o600)
+	cfg, err := daemon.LoadConfig(path)
+	if cfg == nil {
+		t.Fatalf("the documented configuration does not parse: %v", err)
+	}
+	if err != nil {
+		for _, part := range strings.Split(err.Error(), "\n") {
+			if !strings.Contains(part, "plugins[0]") { // the plugin's file does not exist here
+				t.Errorf("the documented configuration: %s", part)
+			}
+		}
+	}
+	r := cfg.Rotation
+	if r.CheckEvery != time.Minute || r.Jitter == nil || *r.Jitter != time.Hour || r.Policies["weekly"].Every != 168*time.Hour ||
+		len(r.Keys) != 2 || r.Keys[1].Policy != "weekly" || len(r.APIKeys) != 2 || r.APIKeys[0].Action != "force" {
+		t.Errorf("rotation: %+v", r)
+	}
+	if a := cfg.Anomaly; !a.Enabled || a.Factor != 8 || a.Window != 5*time.Minute || len(a.Disable) != 1 || a.Disable[0] != "spike" {
+		t.Errorf("anomaly: %+v", a)
+	}
+	if d := cfg.DynamicLimits; !d.Enabled || d.Tighten != 0.5 || d.Raise != 2 || d.HSMLatency != 50*time.Millisecond {
+		t.Errorf("dynamic_limits: %+v", d)
+	}
+}
+
+// TestConfigRefusals: a mistake in the new sections is an error that
+// names it.
+func TestConfigRefusals(t *testing.T) {
+	base := "socket: {path: /run/k/k.sock}\ndata_dir: /var/lib/k\npolicy_file: /etc/k/policy.yaml\n"
+	for extra, want := range map[string]string{
+		"rotation: {keys: [{match: \"x-*\", policy: weekly}]}":         `no policy "weekly"`,
+		"rotation: {api_keys: [{policy: high, action: rotate}]}":       `action "rotate"`,
+		"rotation: {policies: {high: {every: 1h}}}":                    "built in",
+		"anomaly: {enabled: true, factor: 1}":                          "anomaly.factor",
+		"anomaly: {disable: [everything]}":                             "anomaly.disable",
+		"dynamic_limits: {tighten: 2}":                                 "dynamic_limits.tighten",
+		"dynamic_limits: {cpu: 3}":                                     "dynamic_limits.cpu",
+		"rotation: {keys: [{match: \"x-*\", policy: high, extra: 1}]}": "extra",
+	} {
+		path := filepath.Join(t.TempDir(), "keywardd.yaml")
+		os.WriteFile(path, []byte(base+extra+"\n"), 0o600)
+		if _, err := daemon.LoadConfig(path); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want an error naming %q", extra, err, want)
+		}
+	}
+}
