@@ -66,10 +66,13 @@ type Config struct {
 			BaseURL string `yaml:"base_url"` // how verifiers reach it; default from the address
 		} `yaml:"http"`
 	} `yaml:"tokens"`
-	// Metrics serves Prometheus metrics at http://ADDRESS/metrics; off
-	// unless set; loopback only (there is no authentication).
+	// Metrics serves Prometheus metrics at http://ADDRESS/metrics, on a
+	// loopback address, on a Unix socket, or both; off unless set (there is
+	// no authentication: loopback, or the socket's mode and group).
 	Metrics struct {
 		Address string `yaml:"address"` // e.g. 127.0.0.1:9464
+		Socket  string `yaml:"socket"`  // e.g. /run/keyward-metrics/metrics.sock; 0600, or 0660 with group
+		Group   string `yaml:"group"`   // with socket: the group that may scrape
 	} `yaml:"metrics"`
 	// Plugins are started at start and supervised (docs/plugins.md).
 	Plugins []PluginConfig `yaml:"plugins"`
@@ -167,6 +170,9 @@ func (c *Config) check() error {
 			errs = append(errs, fmt.Errorf("metrics.address %q: a loopback address and port (127.0.0.1:9464): the metrics have no authentication", a))
 		}
 	}
+	if m := c.Metrics; m.Socket != "" && (!filepath.IsAbs(m.Socket) || m.Socket == c.Socket.Path) || m.Socket == "" && m.Group != "" {
+		errs = append(errs, errors.New("metrics.socket must be an absolute path other than socket.path (and metrics.group goes with it)"))
+	}
 	if err := c.Rotation.Check(); err != nil {
 		errs = append(errs, err)
 	}
@@ -199,14 +205,28 @@ func (c *Config) check() error {
 }
 
 func (c *Config) socketOptions() (socket.Options, error) {
-	o := socket.Options{Path: c.Socket.Path, Mode: 0o660, GID: -1}
+	mode := os.FileMode(0o660)
 	if c.Socket.Mode == "0600" {
-		o.Mode = 0o600
+		mode = 0o600
 	}
-	if c.Socket.Group != "" {
-		g, err := user.LookupGroup(c.Socket.Group)
+	return unixOptions(c.Socket.Path, mode, c.Socket.Group, "socket.group")
+}
+
+// metricsSocketOptions: 0600, or 0660 for metrics.group.
+func (c *Config) metricsSocketOptions() (socket.Options, error) {
+	mode := os.FileMode(0o600)
+	if c.Metrics.Group != "" {
+		mode = 0o660
+	}
+	return unixOptions(c.Metrics.Socket, mode, c.Metrics.Group, "metrics.group")
+}
+
+func unixOptions(path string, mode os.FileMode, group, field string) (socket.Options, error) {
+	o := socket.Options{Path: path, Mode: mode, GID: -1}
+	if group != "" {
+		g, err := user.LookupGroup(group)
 		if err != nil {
-			return o, fmt.Errorf("config: socket.group %q is not known on this system", c.Socket.Group)
+			return o, fmt.Errorf("config: %s %q is not known on this system", field, group)
 		}
 		o.GID, _ = strconv.Atoi(g.Gid)
 	}

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -29,6 +30,7 @@ func TestMetrics(t *testing.T) {
 	in := startWith(t, uidPolicy("      - operations: [StatusService.Ping, APIKeyService.CreateAPIKey, APIKeyService.VerifyAPIKey]\n        keys: [\"*\"]"),
 		func(c *daemon.Config) {
 			c.Metrics.Address = addr
+			c.Metrics.Socket = filepath.Join(filepath.Dir(c.Socket.Path), "metrics", "metrics.sock")
 			c.Plugins = []daemon.PluginConfig{filePlugin(t, t.TempDir())}
 		})
 	ctx := context.Background()
@@ -116,6 +118,24 @@ func TestMetrics(t *testing.T) {
 	}
 	if up := value("keyward_plugin_up", map[string]string{"plugin": "file"}); up != 1 {
 		t.Errorf("keyward_plugin_up{plugin=file} = %v", up)
+	}
+	// The same metrics on the Unix socket, which only keywardd's user may
+	// reach (no metrics.group).
+	sock := filepath.Join(filepath.Dir(in.cfg.Socket.Path), "metrics", "metrics.sock")
+	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("the metrics socket: %v, %v", fi, err)
+	}
+	uc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}}
+	ur, err := uc.Get("http://keywardd/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ur.Body.Close()
+	up := expfmt.NewTextParser(model.UTF8Validation)
+	if fams, err := up.TextToMetricFamilies(ur.Body); err != nil || fams["keyward_calls_total"] == nil {
+		t.Fatalf("metrics over the Unix socket: %d families, %v", len(fams), err)
 	}
 	// The Grafana dashboard in docs/ asks only for metrics that exist.
 	dash, err := os.ReadFile("../docs/grafana-keyward.json")

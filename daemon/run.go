@@ -269,11 +269,22 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	})
 
 	if cfg.Metrics.Address != "" {
-		stop, err := serveMetrics(cfg.Metrics.Address, mx, log)
+		ln, err := net.Listen("tcp", cfg.Metrics.Address)
+		if err != nil {
+			return fmt.Errorf("metrics.address: %w", err)
+		}
+		closers = append(closers, serveMetrics(ln, "http://"+ln.Addr().String()+"/metrics", mx, log))
+	}
+	if cfg.Metrics.Socket != "" {
+		so, err := cfg.metricsSocketOptions()
 		if err != nil {
 			return err
 		}
-		closers = append(closers, stop)
+		ln, err := socket.Listen(so)
+		if err != nil {
+			return fmt.Errorf("metrics.socket: %w", err)
+		}
+		closers = append(closers, serveMetrics(ln, "unix:"+ln.Path()+" /metrics", mx, log))
 	}
 	var observed func(string, netip.Addr)
 	if det != nil {
@@ -489,22 +500,19 @@ func maintainCredentials(ctx context.Context, cm *credentials.Manager, al *audit
 	}
 }
 
-// serveMetrics serves /metrics on a loopback address.
-func serveMetrics(addr string, mx *metrics.Metrics, log *slog.Logger) (func() error, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("metrics.address: %w", err)
-	}
+// serveMetrics serves /metrics on ln (a loopback address or a Unix
+// socket) until the returned func stops it.
+func serveMetrics(ln net.Listener, where string, mx *metrics.Metrics, log *slog.Logger) func() error {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", mx.Handler())
 	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, WriteTimeout: 30 * time.Second, MaxHeaderBytes: 8 << 10}
 	go hs.Serve(ln)
-	log.Info("serving metrics", "url", "http://"+ln.Addr().String()+"/metrics")
+	log.Info("serving metrics", "at", where)
 	return func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		return hs.Shutdown(ctx)
-	}, nil
+	}
 }
 
 // serveJWKS starts the HTTP listener for verifiers elsewhere: plain HTTP on
