@@ -57,7 +57,7 @@ short-lived tokens:
 daemon and files:
   status
   review [-unused 720h] [-top 5] [-audit FILE [-window 720h]] [-format table|json|markdown]   (monthly: keys to look at)
-  rotation plan [-within D]          what keywardd rotates next, by its rotation policies
+  rotation plan [-within D] [-limit N]   what keywardd rotates next, by its rotation policies
   panic-rotate KEY [-dry-run]        emergency: a compromised key's new version at once, the old ones retired
   audit verify FILE [-module PATH -token LABEL -pin-file FILE]
   hsm check -module PATH (-token LABEL | -uri URI) (-pin-file FILE | -pin-env VAR)

@@ -113,6 +113,13 @@ func TestRotationPlan(t *testing.T) {
 		plan[1].Name != "slow" || plan[1].Policy != "custom" || plan[0].Late || plan[0].Due.Before(time.Now().Add(719*time.Hour)) {
 		t.Fatalf("plan: %+v", plan)
 	}
+	r = ok(t, keyward(t, sock, "", "rotation", "plan", "-limit", "1"))
+	if !strings.Contains(r.stdout, "pay-eu") || strings.Contains(r.stdout, "slow") || !strings.Contains(r.stderr, "the 1 soonest of 2") {
+		t.Errorf("plan -limit 1: %+v", r)
+	}
+	if r := keyward(t, sock, "", "rotation", "plan", "-limit", "20000"); r.code != exitInvalid || !strings.Contains(r.stderr, "at most 10000") {
+		t.Errorf("plan -limit 20000: %+v", r)
+	}
 	r = ok(t, keyward(t, sock, "", "rotation", "plan", "-within", "800h"))
 	if !strings.Contains(r.stdout, "pay-eu") || !strings.Contains(r.stdout, "high (720h0m0s)") || strings.Contains(r.stdout, "slow") {
 		t.Errorf("plan -within 800h:\n%s", r.stdout)

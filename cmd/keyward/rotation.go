@@ -37,6 +37,7 @@ func rotationCommand(e *env, sub string, args []string) error {
 	}
 	fs := newFlags("rotation plan")
 	within := fs.Duration("within", 0, "only rotations due within this long (0: all)")
+	limit := fs.Uint("limit", 1000, "at most this many, the soonest (up to 10000)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -45,7 +46,7 @@ func rotationCommand(e *env, sub string, args []string) error {
 		return err
 	}
 	defer c.Close()
-	req := &keywardv1.GetRotationPlanRequest{}
+	req := &keywardv1.GetRotationPlanRequest{Limit: uint32(*limit)}
 	if *within > 0 {
 		req.Within = durationpb.New(*within)
 	}
@@ -63,6 +64,9 @@ func rotationCommand(e *env, sub string, args []string) error {
 			p.LastRun = &t
 		}
 		plan = append(plan, p)
+	}
+	if n := int(r.GetTotal()); n > len(plan) {
+		fmt.Fprintf(e.stderr, "the %d soonest of %d; -within or -limit for others\n", len(plan), n)
 	}
 	if e.json {
 		b, err := json.MarshalIndent(plan, "", "  ")

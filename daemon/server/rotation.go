@@ -11,6 +11,10 @@ import (
 	"github.com/keyward/keyward/daemon/schedule"
 )
 
+// maxPlan bounds a plan's answer: a million API keys under rules would
+// not fit in a gRPC message.
+const maxPlan = 10_000
+
 func (s *Server) GetRotationPlan(ctx context.Context, r *keywardv1.GetRotationPlanRequest) (*keywardv1.GetRotationPlanResponse, error) {
 	if err := s.allow(ctx, "RotationService.GetRotationPlan", ""); err != nil {
 		return nil, err
@@ -20,6 +24,13 @@ func (s *Server) GetRotationPlan(ctx context.Context, r *keywardv1.GetRotationPl
 	}
 	if r.GetWithin() != nil && r.GetWithin().AsDuration() < 0 {
 		return nil, fmt.Errorf("%w: within must not be negative", errInvalid)
+	}
+	limit := int(r.GetLimit())
+	switch {
+	case limit == 0:
+		limit = 1000
+	case limit > maxPlan:
+		return nil, fmt.Errorf("%w: a limit of at most %d (narrow it with within)", errInvalid, maxPlan)
 	}
 	plan, err := s.cfg.Schedule.Plan()
 	if err != nil {
@@ -39,6 +50,9 @@ func (s *Server) GetRotationPlan(ctx context.Context, r *keywardv1.GetRotationPl
 			name = e.Owner
 		}
 		if s.policy.Load().Allow(sub, "RotationService.GetRotationPlan", name) != nil {
+			continue
+		}
+		if out.Total++; len(out.Rotations) == limit {
 			continue
 		}
 		out.Rotations = append(out.Rotations, &keywardv1.ScheduledRotation{Kind: string(e.Kind), Id: e.ID, Owner: e.Owner, Policy: e.Policy,

@@ -26,7 +26,9 @@ const (
 type GetRotationPlanRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Only what is due within this long (unset: everything).
-	Within        *durationpb.Duration `protobuf:"bytes,1,opt,name=within,proto3" json:"within,omitempty"`
+	Within *durationpb.Duration `protobuf:"bytes,1,opt,name=within,proto3" json:"within,omitempty"`
+	// At most this many, the soonest (0: 1 000; at most 10 000).
+	Limit         uint32 `protobuf:"varint,2,opt,name=limit,proto3" json:"limit,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -68,9 +70,19 @@ func (x *GetRotationPlanRequest) GetWithin() *durationpb.Duration {
 	return nil
 }
 
+func (x *GetRotationPlanRequest) GetLimit() uint32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
 type GetRotationPlanResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Rotations     []*ScheduledRotation   `protobuf:"bytes,1,rep,name=rotations,proto3" json:"rotations,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Soonest first.
+	Rotations []*ScheduledRotation `protobuf:"bytes,1,rep,name=rotations,proto3" json:"rotations,omitempty"`
+	// How many matched, before the limit.
+	Total         uint32 `protobuf:"varint,2,opt,name=total,proto3" json:"total,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -110,6 +122,13 @@ func (x *GetRotationPlanResponse) GetRotations() []*ScheduledRotation {
 		return x.Rotations
 	}
 	return nil
+}
+
+func (x *GetRotationPlanResponse) GetTotal() uint32 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
 }
 
 // ScheduledRotation is one subject's schedule.
@@ -422,11 +441,13 @@ var File_rotation_proto protoreflect.FileDescriptor
 const file_rotation_proto_rawDesc = "" +
 	"\n" +
 	"\x0erotation.proto\x12\n" +
-	"keyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"K\n" +
+	"keyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"a\n" +
 	"\x16GetRotationPlanRequest\x121\n" +
-	"\x06within\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x06within\"V\n" +
+	"\x06within\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x06within\x12\x14\n" +
+	"\x05limit\x18\x02 \x01(\rR\x05limit\"l\n" +
 	"\x17GetRotationPlanResponse\x12;\n" +
-	"\trotations\x18\x01 \x03(\v2\x1d.keyward.v1.ScheduledRotationR\trotations\"\x94\x04\n" +
+	"\trotations\x18\x01 \x03(\v2\x1d.keyward.v1.ScheduledRotationR\trotations\x12\x14\n" +
+	"\x05total\x18\x02 \x01(\rR\x05total\"\x94\x04\n" +
 	"\x11ScheduledRotation\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x14\n" +
