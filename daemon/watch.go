@@ -35,21 +35,18 @@ func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Man
 		case a := <-det.Alerts():
 			detail := a.Kind + ": " + a.Detail
 			disabled := false
-			_, err := akm.Notice(a.KeyID, outbox.Anomaly, a.KeyID, detail, func(r *apikeys.Record) error {
-				if a.Disable && r.State == apikeys.Active {
+			_, err := akm.Notice(a.KeyID, outbox.Anomaly, a.KeyID, detail, func(r *apikeys.Record) (string, error) {
+				switch {
+				case a.Disable && r.State == apikeys.Active:
 					r.State, disabled = apikeys.StateDisabled, true
+					return fmt.Sprintf("; keywardd disabled the key (keyward apikey update -id %s -enable, once it is understood)", a.KeyID), nil
+				case a.Disable:
+					return "; the key was not active, so nothing was disabled", nil
 				}
-				return nil
-			})
-			switch {
-			case err != nil:
+				return "; alert only (anomaly.disable does not name " + a.Kind + ")", nil
+			}, &detail)
+			if err != nil {
 				detail += "; acting on it failed: " + err.Error()
-			case disabled:
-				detail += fmt.Sprintf("; keywardd disabled the key (keyward apikey update -id %s -enable, once it is understood)", a.KeyID)
-			case a.Disable:
-				detail += "; the key was not active, so nothing was disabled"
-			default:
-				detail += "; alert only (anomaly.disable does not name " + a.Kind + ")"
 			}
 			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.APIKeyAnomaly", Key: a.KeyID, Outcome: "ok", Detail: detail,
 				Caller: keywardd()}

@@ -2,9 +2,13 @@ package daemon_test
 
 import (
 	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -132,5 +136,73 @@ func TestDynamicLimitsTighten(t *testing.T) {
 	}
 	if valid != 5 {
 		t.Fatalf("%d of 10 verifies passed under load, want 5", valid)
+	}
+}
+
+// TestNoticesReachWebhook: panic-rotate of an encryption key and an
+// anomaly reach the webhook plugin as key_version.retired and
+// api_key.anomaly, with their detail.
+func TestNoticesReachWebhook(t *testing.T) {
+	kf := filepath.Join(t.TempDir(), "webhook-key")
+	os.WriteFile(kf, []byte("0123456789abcdef0123456789abcdef-notices"), 0o600)
+	var (
+		mu     sync.Mutex
+		bodies = map[string]map[string]string{} // type -> data
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var m struct {
+			Type string
+			Data map[string]string
+		}
+		json.NewDecoder(r.Body).Decode(&m)
+		mu.Lock()
+		bodies[m.Type] = m.Data
+		mu.Unlock()
+	}))
+	defer srv.Close()
+	clk := &testClock{t: time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)}
+	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+		c.Plugins = []daemon.PluginConfig{pluginConfig(t, "webhook", "github.com/keyward/keyward/cmd/keyward-plugin-webhook",
+			map[string]string{"KEYWARD_WEBHOOK_URL": srv.URL, "KEYWARD_WEBHOOK_KEY_FILE": kf, "KEYWARD_WEBHOOK_EVENTS": "key_version_retired,anomaly"})}
+		c.Anomaly = anomaly.Config{Enabled: true, Window: time.Minute, MinRate: 10, Learn: time.Hour, Disable: []string{anomaly.Spike}}
+	})
+	in.now = clk.now
+	in.stop()
+	in.run()
+	ctx := context.Background()
+	if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "orders", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := keywardv1.NewRotationServiceClient(in.conn).PanicRotate(ctx, &keywardv1.PanicRotateRequest{Name: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "n", Environment: "prod", Permissions: []string{"orders:read"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	verifyCode(t, ac, k.Secret, nil, keywardv1.APIKeyCode_API_KEY_CODE_VALID)
+	clk.add(2 * time.Hour)
+	for range 10 {
+		ac.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: k.Secret, Environment: "prod", Permissions: []string{"orders:read"}})
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		mu.Lock()
+		n := len(bodies)
+		mu.Unlock()
+		if n == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the webhook got %v; log:\n%s", bodies, in.logs.String())
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if d := bodies["key_version.retired"]; d["id"] != "orders/v1" || d["subject"] != "orders" || !strings.Contains(d["detail"], "no longer encrypts") {
+		t.Errorf("key_version.retired: %v", d)
+	}
+	if d := bodies["api_key.anomaly"]; d["id"] != k.Key.Id || d["subject"] != "team-a" || !strings.HasPrefix(d["detail"], "spike: ") || !strings.Contains(d["detail"], "keywardd disabled the key") {
+		t.Errorf("api_key.anomaly: %v", d)
 	}
 }

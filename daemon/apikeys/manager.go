@@ -956,38 +956,44 @@ func (m *Manager) revokeBatch(ids []string) (int, error) {
 }
 
 // Notice changes a key and announces it to the plugins in one transaction:
-// fn changes the record (nil: no change), and the event of kind (an
-// outbox kind) carries detail.
-func (m *Manager) Notice(id, kind, eventID, detail string, fn func(*Record) error) (*Record, error) {
+// fn changes the record (nil: no change) and returns what to add to the
+// event's detail, which is written back through out if set.
+func (m *Manager) Notice(id, kind, eventID, detail string, fn func(*Record) (string, error), out *string) (*Record, error) {
 	if _, err := m.load(id); err != nil {
 		return nil, err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.forget(id)
-	var out *Record
+	var rec *Record
 	err := m.store.UpdateEachEmit(store.BucketAPIKeys, []string{id}, func(id string, old []byte) ([]byte, [][]byte, error) {
-		rec, err := decode(id, old)
+		r, err := decode(id, old)
 		if err != nil {
 			return nil, nil, err
 		}
 		if q := m.quotas[id]; q != nil {
-			rec.Quota = q
+			r.Quota = q
 		}
+		d := detail
 		if fn != nil {
-			if err := fn(rec); err != nil {
+			more, err := fn(r)
+			if err != nil {
 				return nil, nil, err
 			}
+			d += more
 		}
-		out = rec
-		b, err := json.Marshal(rec)
-		return b, [][]byte{outbox.Encode(outbox.Event{Kind: kind, ID: eventID, Subject: rec.Owner, Time: m.now().UTC(), Detail: detail})}, err
+		if out != nil {
+			*out = d
+		}
+		rec = r
+		b, err := json.Marshal(r)
+		return b, [][]byte{outbox.Encode(outbox.Event{Kind: kind, ID: eventID, Subject: r.Owner, Time: m.now().UTC(), Detail: d})}, err
 	})
 	if err != nil {
 		return nil, err
 	}
 	delete(m.quotas, id) // saved with the record
-	return public(out), nil
+	return public(rec), nil
 }
 
 // ErrRotatedMeanwhile: the key got a new secret after the one a rotation
@@ -1001,23 +1007,20 @@ var ErrRotatedMeanwhile = errors.New("apikeys: the key was rotated meanwhile")
 // (ErrRotatedMeanwhile): a secret made after the notice was decided never
 // gets its deadline.
 func (m *Manager) RotationDue(id string, last, deadline time.Time, detail string) (*Record, error) {
-	return m.Notice(id, outbox.RotationDue, "api_key/"+id, detail, func(r *Record) error {
+	return m.Notice(id, outbox.RotationDue, "api_key/"+id, detail, func(r *Record) (string, error) {
 		if r.State == StateRevoked {
-			return fmt.Errorf("%w: %q is revoked", ErrInvalid, id)
+			return "", fmt.Errorf("%w: %q is revoked", ErrInvalid, id)
 		}
 		if n := len(r.Secrets); n > 0 && r.Secrets[n-1].Created.After(last) {
-			return ErrRotatedMeanwhile
-		}
-		if deadline.IsZero() {
-			return nil
+			return "", ErrRotatedMeanwhile
 		}
 		for i := range r.Secrets {
-			if s := &r.Secrets[i]; !s.Created.After(last) && (s.NotAfter.IsZero() || deadline.Before(s.NotAfter)) {
+			if s := &r.Secrets[i]; !deadline.IsZero() && !s.Created.After(last) && (s.NotAfter.IsZero() || deadline.Before(s.NotAfter)) {
 				s.NotAfter = deadline.UTC()
 			}
 		}
-		return nil
-	})
+		return "", nil
+	}, nil)
 }
 
 // Bounds on a key's secrets: a rotated-out secret is still recognized (as
