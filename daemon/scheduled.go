@@ -30,6 +30,14 @@ func keywardd() audit.Caller {
 	return audit.Caller{UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), PID: os.Getpid(), Exe: self}
 }
 
+// remindEvery is how often an API key's owner is told again.
+func remindEvery(r *schedule.Rules) time.Duration {
+	if r.RemindEvery > 0 {
+		return r.RemindEvery
+	}
+	return 24 * time.Hour
+}
+
 // checkEvery is how often keywardd looks for rotations due.
 func checkEvery(r *schedule.Rules) time.Duration {
 	if r.CheckEvery > 0 {
@@ -51,8 +59,8 @@ func newScheduler(cfg *Config, st *store.Store, km *keys.Manager, cm *credential
 		return audit.Record{Time: time.Now().UTC(), Op: scheduleOps[s.Action][s.Kind], Key: s.ID, Outcome: outcome,
 			Caller: keywardd(), Detail: detail}
 	}
-	return schedule.New(schedule.Config{Store: st, Now: now, Jitter: jitter, Grace: 2 * checkEvery(rules), RemindEvery: rules.RemindEvery,
-		Sources: []schedule.Source{schedule.KeySource(km, rules, server.ReservedPrefix), schedule.CredentialSource(cm), schedule.APIKeySource(akm, rules, now, 10)},
+	return schedule.New(schedule.Config{Store: st, Now: now, Jitter: jitter, Grace: 2 * checkEvery(rules), RemindEvery: remindEvery(rules),
+		Sources: []schedule.Source{schedule.KeySource(km, rules, server.ReservedPrefix), schedule.CredentialSource(cm), schedule.APIKeySource(akm, rules, now, 10, remindEvery(rules))},
 		Before: func(ctx context.Context, s schedule.Subject, e schedule.Entry) error {
 			detail := fmt.Sprintf("rotation policy %s (every %v), last rotated %s, due %s", s.Policy.Name, s.Policy.Every,
 				s.Last.UTC().Format(time.RFC3339), e.Due.Format(time.RFC3339))

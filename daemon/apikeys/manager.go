@@ -957,7 +957,8 @@ func (m *Manager) revokeBatch(ids []string) (int, error) {
 
 // Notice changes a key and announces it to the plugins in one transaction:
 // fn changes the record (nil: no change) and returns what to add to the
-// event's detail, which is written back through out if set.
+// event's detail, which is written back through out if set. An empty kind
+// changes the key without an event.
 func (m *Manager) Notice(id, kind, eventID, detail string, fn func(*Record) (string, error), out *string) (*Record, error) {
 	if _, err := m.load(id); err != nil {
 		return nil, err
@@ -987,6 +988,9 @@ func (m *Manager) Notice(id, kind, eventID, detail string, fn func(*Record) (str
 		}
 		rec = r
 		b, err := json.Marshal(r)
+		if kind == "" {
+			return b, nil, err
+		}
 		return b, [][]byte{outbox.Encode(outbox.Event{Kind: kind, ID: eventID, Subject: r.Owner, Time: m.now().UTC(), Detail: d})}, err
 	})
 	if err != nil {
@@ -1000,14 +1004,18 @@ func (m *Manager) Notice(id, kind, eventID, detail string, fn func(*Record) (str
 // notice was for; the notice is moot.
 var ErrRotatedMeanwhile = errors.New("apikeys: the key was rotated meanwhile")
 
-// RotationDue tells the plugins that a key, whose newest secret was made
-// at last, is due for rotation; a non-zero deadline also ends then the
-// secrets made up to last (a forced rotation: the owner rotates before it,
-// or the key stops working). A key rotated since last is left alone
-// (ErrRotatedMeanwhile): a secret made after the notice was decided never
-// gets its deadline.
-func (m *Manager) RotationDue(id string, last, deadline time.Time, detail string) (*Record, error) {
-	return m.Notice(id, outbox.RotationDue, "api_key/"+id, detail, func(r *Record) (string, error) {
+// RotationDue tells the plugins (if notify) that a key, whose newest
+// secret was made at last, is due for rotation; a non-zero deadline also
+// ends then the secrets made up to last (a forced rotation: the owner
+// rotates before it, or the key stops working). A key rotated since last
+// is left alone (ErrRotatedMeanwhile): a secret made after the notice was
+// decided never gets its deadline.
+func (m *Manager) RotationDue(id string, last, deadline time.Time, detail string, notify bool) (*Record, error) {
+	kind := outbox.RotationDue
+	if !notify {
+		kind = ""
+	}
+	return m.Notice(id, kind, "api_key/"+id, detail, func(r *Record) (string, error) {
 		if r.State == StateRevoked {
 			return "", fmt.Errorf("%w: %q is revoked", ErrInvalid, id)
 		}

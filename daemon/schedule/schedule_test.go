@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -60,7 +61,7 @@ func newFixture(t testing.TB) *fixture {
 func (f *fixture) scheduler(rules *schedule.Rules, c schedule.Config) *schedule.Scheduler {
 	c.Store, c.Now = f.st, f.clk.now
 	if c.Sources == nil {
-		c.Sources = []schedule.Source{schedule.KeySource(f.km, rules, "keyward-"), schedule.APIKeySource(f.akm, rules, f.clk.now, 0)}
+		c.Sources = []schedule.Source{schedule.KeySource(f.km, rules, "keyward-"), schedule.APIKeySource(f.akm, rules, f.clk.now, 0, 24*time.Hour)}
 	}
 	return schedule.New(c)
 }
@@ -417,7 +418,7 @@ func TestForcedDeadlineSparesANewSecret(t *testing.T) {
 		t.Fatal(err)
 	}
 	rules := &schedule.Rules{APIKeys: []schedule.APIKeyRule{{Environment: "prod", Policy: "high", Action: schedule.Force}}}
-	src := schedule.APIKeySource(f.akm, rules, f.clk.now, 0)
+	src := schedule.APIKeySource(f.akm, rules, f.clk.now, 0, 24*time.Hour)
 	f.clk.add(31 * 24 * time.Hour)
 	subs, err := src.List()
 	if err != nil || len(subs) != 1 {
@@ -442,5 +443,47 @@ func TestForcedDeadlineSparesANewSecret(t *testing.T) {
 	}
 	if n := len(f.events(t, outbox.RotationDue)); n != 0 {
 		t.Fatalf("%d notices for a key rotated meanwhile", n)
+	}
+}
+
+// TestOneNoticePerOwner: an owner whose five keys come due together gets
+// one rotation_due event a day, not five; every key still runs (and, with
+// force, gets its deadline).
+func TestOneNoticePerOwner(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	var secrets []string
+	for i := range 5 {
+		k, _, err := f.akm.Create(ctx, apikeys.Spec{Owner: "shop", Name: fmt.Sprint(i), Environment: "prod", Permissions: []string{"orders:read"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		secrets = append(secrets, k)
+	}
+	rules := &schedule.Rules{APIKeys: []schedule.APIKeyRule{{Owner: "shop", Policy: "high", Action: schedule.Force}}}
+	s := f.scheduler(rules, schedule.Config{})
+	runs := 0
+	for range 3 * 24 { // 30 days, then three days hour by hour
+		r, err := s.Tick(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		runs += len(r)
+		if f.clk.now().Before(time.Date(2026, 1, 31, 0, 0, 0, 0, time.UTC)) {
+			f.clk.add(30 * 24 * time.Hour)
+			continue
+		}
+		f.clk.add(time.Hour)
+	}
+	if n := len(f.events(t, outbox.RotationDue)); n != 3 {
+		t.Errorf("%d events for one owner over three days, want 3", n)
+	}
+	if runs != 15 {
+		t.Errorf("%d runs, want 15 (5 keys, daily)", runs)
+	}
+	for _, k := range secrets {
+		if c := f.akm.Verify(ctx, k, apikeys.Request{Environment: "prod"}).Code; c != apikeys.Expired {
+			t.Errorf("a forced key past its deadline: %v", c)
+		}
 	}
 }

@@ -75,9 +75,13 @@ func CredentialSource(cm *credentials.Manager) Source {
 // APIKeySource schedules the API keys a rule gives a policy: active keys,
 // last rotated when their newest secret was made. A run sends a reminder,
 // or with Force sets the deadline: now plus the policy's overlap (an
-// earlier deadline stays). Keys are listed every every-th Tick (each look
-// reads every active key: about 1 s per 100 000).
-func APIKeySource(akm *apikeys.Manager, rules *Rules, now func() time.Time, every int) Source {
+// earlier deadline stays). Each run is audited, but an owner gets at most
+// one rotation_due event per remindEvery, whatever the number of its keys
+// that come due (a webhook pages a person, not once per key). Keys are
+// listed every every-th Tick (each look reads every active key: about 1 s
+// per 100 000).
+func APIKeySource(akm *apikeys.Manager, rules *Rules, now func() time.Time, every int, remindEvery time.Duration) Source {
+	notified := map[string]time.Time{} // owner -> last event; Ticks run one at a time
 	return Source{Kind: APIKey, Every: every,
 		List: func() ([]Subject, error) {
 			if len(rules.APIKeys) == 0 {
@@ -104,19 +108,28 @@ func APIKeySource(akm *apikeys.Manager, rules *Rules, now func() time.Time, ever
 			}
 		},
 		Run: func(ctx context.Context, s Subject) (string, error) {
-			detail := fmt.Sprintf("rotation policy %s (every %v): last rotated %s; rotate it (keyward apikey rotate %s)",
+			detail := fmt.Sprintf("rotation policy %s (every %v): last rotated %s; rotate it (keyward apikey rotate -id %s)",
 				s.Policy.Name, s.Policy.Every, s.Last.UTC().Format(time.RFC3339), s.ID)
+			t := now()
 			var deadline time.Time
 			if s.Action == Force {
-				deadline = now().Add(s.Policy.Overlap)
+				deadline = t.Add(s.Policy.Overlap)
 				detail += fmt.Sprintf(" before %s, when its current secret stops working", deadline.UTC().Format(time.RFC3339))
 			}
-			if _, err := akm.RotationDue(s.ID, s.Last, deadline, detail); errors.Is(err, apikeys.ErrRotatedMeanwhile) {
+			notify := t.Sub(notified[s.Owner]) >= remindEvery || t.Before(notified[s.Owner])
+			if notify {
+				detail += fmt.Sprintf("; other keys of %s due meanwhile are not announced again for %v: keyward rotation plan lists them", s.Owner, remindEvery)
+			}
+			if _, err := akm.RotationDue(s.ID, s.Last, deadline, detail, notify); errors.Is(err, apikeys.ErrRotatedMeanwhile) {
 				return "rotated meanwhile: nothing to do", nil
 			} else if err != nil {
 				return "", err
 			}
-			return detail, nil
+			if notify {
+				notified[s.Owner] = t
+				return detail, nil
+			}
+			return detail + " (no event: " + s.Owner + " was told within " + remindEvery.String() + ")", nil
 		},
 	}
 }
