@@ -156,6 +156,10 @@ func reviewCommand(e *env, args []string) error {
 			fmt.Fprintf(e.stdout, "| %s | %s | %s |\n", f.Check, strings.ReplaceAll(f.Subject, "|", "\\|"), strings.ReplaceAll(f.Detail, "|", "\\|"))
 		}
 	default:
+		if len(out) == 0 {
+			fmt.Fprintln(e.stdout, "nothing to look at among what you may see")
+			return nil
+		}
 		tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "CHECK\tSUBJECT\tDETAIL")
 		for _, f := range out {

@@ -80,9 +80,9 @@ func rotationCommand(e *env, sub string, args []string) error {
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "KIND\tNAME\tPOLICY\tACTION\tDUE\tIN\tLAST RUN")
 	for _, p := range plan {
-		in := p.Due.Sub(now).Round(time.Minute).String()
+		in := days(p.Due.Sub(now))
 		if p.Late {
-			in = "overdue by " + now.Sub(p.Due).Round(time.Minute).String()
+			in = "overdue by " + days(now.Sub(p.Due))
 		}
 		last := "-"
 		if p.LastRun != nil {
@@ -91,6 +91,14 @@ func rotationCommand(e *env, sub string, args []string) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s (%v)\t%s\t%s\t%s\t%s\n", p.Kind, p.Name, p.Policy, p.Period, p.Action, p.Due.Format(time.RFC3339), in, last)
 	}
 	return tw.Flush()
+}
+
+// days is a duration as days and hours, or hours and minutes under a day.
+func days(d time.Duration) string {
+	if d < 24*time.Hour {
+		return d.Round(time.Minute).String()
+	}
+	return fmt.Sprintf("%dd%dh", d/(24*time.Hour), d%(24*time.Hour)/time.Hour)
 }
 
 // panicRotateCommand is keyward panic-rotate KEY: a compromised key
@@ -137,7 +145,7 @@ func panicRotateCommand(e *env, args []string) error {
 	} else {
 		fmt.Fprintf(e.stdout, "  at most %d ciphertexts under them: re-encrypt (keyward reencrypt), then raise the minimum (keyward key set-min-version)\n", r.GetEncryptions())
 	}
-	fmt.Fprintf(e.stdout, "  %d events for the plugins\n", r.GetPluginEvents())
+	fmt.Fprintf(e.stdout, "  %d event(s) for the plugins\n", r.GetPluginEvents())
 	if !*dry {
 		fmt.Fprintf(e.stderr, "in effect %v after the command: every call from now on uses version %d\n", took.Round(time.Millisecond), r.GetNewVersion())
 	}
