@@ -264,7 +264,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		}
 		mx.HSM(op, took, err)
 		if gov != nil {
-			gov.ObserveHSM(took)
+			gov.ObserveHSM(op, took)
 		}
 	})
 
@@ -286,9 +286,9 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		}
 		closers = append(closers, serveMetrics(ln, "unix:"+ln.Path()+" /metrics", mx, log))
 	}
-	var observed func(string, netip.Addr)
+	var observed func(string, netip.Addr, bool)
 	if det != nil {
-		observed = func(id string, ip netip.Addr) { det.Observe(id, ip, o.Now()) }
+		observed = func(id string, ip netip.Addr, learn bool) { det.Observe(id, ip, o.Now(), learn) }
 		done := make(chan struct{})
 		actx, stopAnomaly := context.WithCancel(context.Background())
 		go func() {

@@ -33,20 +33,23 @@ func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Man
 				log.Error("writing API key baselines failed; they are kept and retried", "error", err.Error())
 			}
 		case a := <-det.Alerts():
-			detail := a.Kind + ": " + a.Detail
-			disabled := false
-			_, err := akm.Notice(a.KeyID, outbox.Anomaly, a.KeyID, detail, func(r *apikeys.Record) (string, error) {
+			seen := a.Kind + ": " + a.Detail
+			var detail string // what the event says, once it is written
+			var disabling bool
+			_, err := akm.Notice(a.KeyID, outbox.Anomaly, a.KeyID, seen, func(r *apikeys.Record) (string, error) {
+				disabling = false
 				switch {
 				case a.Disable && r.State == apikeys.Active:
-					r.State, disabled = apikeys.StateDisabled, true
+					r.State, disabling = apikeys.StateDisabled, true
 					return fmt.Sprintf("; keywardd disabled the key (keyward apikey update -id %s -enable, once it is understood)", a.KeyID), nil
 				case a.Disable:
 					return "; the key was not active, so nothing was disabled", nil
 				}
 				return "; alert only (anomaly.disable does not name " + a.Kind + ")", nil
 			}, &detail)
+			disabled := err == nil && disabling
 			if err != nil {
-				detail += "; acting on it failed: " + err.Error()
+				detail = seen + "; acting on it failed, nothing was disabled: " + err.Error()
 			}
 			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.APIKeyAnomaly", Key: a.KeyID, Outcome: "ok", Detail: detail,
 				Caller: keywardd()}

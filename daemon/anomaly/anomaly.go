@@ -171,6 +171,8 @@ type Detector struct {
 	shards [shards]shard
 	// dropped counts alerts lost because nobody took them in time.
 	dropped atomic.Int64
+	writeMu sync.Mutex
+	pending sync.WaitGroup // letGo writes under way
 }
 
 const shards = 64
@@ -178,13 +180,17 @@ const shards = 64
 type shard struct {
 	mu   sync.Mutex
 	keys map[string]*key
+	// writing holds keys let go of until their baselines are written, so
+	// that a use meanwhile takes the key back instead of reading an older
+	// baseline from the store.
+	writing map[string]*key
 }
 
 // New returns a detector whose alerts come out of Alerts.
 func New(c Config, st *store.Store) *Detector {
 	d := &Detector{cfg: c.withDefaults(), st: st, alerts: make(chan Alert, 1024)}
 	for i := range d.shards {
-		d.shards[i].keys = map[string]*key{}
+		d.shards[i].keys, d.shards[i].writing = map[string]*key{}, map[string]*key{}
 	}
 	return d
 }
@@ -201,14 +207,28 @@ func (d *Detector) shard(id string) *shard {
 	return &d.shards[h.Sum32()%shards]
 }
 
+// held returns the key if the shard holds it, taking it back from those
+// being written; sh.mu must be held.
+func (sh *shard) held(id string) *key {
+	if k := sh.keys[id]; k != nil {
+		return k
+	}
+	if k := sh.writing[id]; k != nil {
+		delete(sh.writing, id)
+		sh.keys[id] = k
+		return k
+	}
+	return nil
+}
+
 // get returns the key's state, read from the store the first time. A
-// shard holding its share of maxKeys first lets go of some (written to
-// the store first): the idle ones, or else half. A key let go of while a
-// verification uses it loses that verification's count.
+// shard holding its share of maxKeys first lets go of the keys idle for an
+// hour, or if none is, of half its keys; they are written to the store in
+// the background and taken back if used meanwhile.
 func (d *Detector) get(id string, now time.Time) *key {
 	sh := d.shard(id)
 	sh.mu.Lock()
-	k := sh.keys[id]
+	k := sh.held(id)
 	sh.mu.Unlock()
 	if k != nil {
 		return k
@@ -221,13 +241,12 @@ func (d *Detector) get(id string, now time.Time) *key {
 		k.b.Since, k.dirty = now.UTC(), true
 	}
 	sh.mu.Lock()
-	if other := sh.keys[id]; other != nil { // read meanwhile by another call
-		sh.mu.Unlock()
+	defer sh.mu.Unlock()
+	if other := sh.held(id); other != nil { // read meanwhile by another call
 		return other
 	}
-	var out map[string]*key
 	if len(sh.keys) >= maxKeys/shards {
-		out = map[string]*key{}
+		out := map[string]*key{}
 		for id, k := range sh.keys {
 			k.mu.Lock()
 			if now.Sub(k.lastSeen) > time.Hour {
@@ -235,22 +254,41 @@ func (d *Detector) get(id string, now time.Time) *key {
 			}
 			k.mu.Unlock()
 		}
-		for id, k := range sh.keys {
-			if len(out) >= len(sh.keys)/2 {
-				break
+		if len(out) == 0 { // none idle: half of them
+			for id, k := range sh.keys {
+				if len(out) >= len(sh.keys)/2 {
+					break
+				}
+				out[id] = k
 			}
-			out[id] = k
 		}
-		for id := range out {
+		for id, k := range out {
 			delete(sh.keys, id)
+			sh.writing[id] = k
 		}
+		d.pending.Add(1)
+		go d.letGo(sh, out)
 	}
 	sh.keys[id] = k
-	sh.mu.Unlock()
-	if len(out) > 0 {
-		d.write(out)
-	}
 	return k
+}
+
+// letGo writes the baselines of keys let go of and forgets them, unless
+// they were taken back meanwhile; if the write fails they are kept.
+func (d *Detector) letGo(sh *shard, out map[string]*key) {
+	defer d.pending.Done()
+	err := d.write(out)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	for id, k := range out {
+		if sh.writing[id] != k {
+			continue // taken back
+		}
+		delete(sh.writing, id)
+		if err != nil {
+			sh.keys[id] = k
+		}
+	}
 }
 
 // advance folds the minutes between k.minute and now into the baseline.
@@ -278,8 +316,11 @@ func (d *Detector) advance(k *key, now time.Time) {
 	k.minute, k.dirty = m, true
 }
 
-// Observe counts one use of a key, from ip (zero: unknown), at now.
-func (d *Detector) Observe(id string, ip netip.Addr, now time.Time) {
+// Observe counts one use of a key, from ip (zero: unknown), at now. A use
+// that was refused (learn false: a live secret used from outside its
+// allowlist, in the wrong environment, beyond its permissions or limits)
+// counts toward the rate and may alert, but its network is not learned.
+func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) {
 	k := d.get(id, now)
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -290,7 +331,7 @@ func (d *Detector) Observe(id string, ip netip.Addr, now time.Time) {
 	learning := now.Sub(k.b.Since) < d.cfg.Learn
 	if ip.IsValid() {
 		if net := apikeys.Network(ip); !slices.Contains(k.b.Networks, net) {
-			if len(k.b.Networks) < maxNetworks { // past that, every new one alerts and none is learned
+			if learn && len(k.b.Networks) < maxNetworks { // past that, every new one alerts and none is learned
 				k.b.Networks, k.dirty = append(k.b.Networks, net), true
 			}
 			if !learning && d.cfg.NewNetworks {
@@ -352,8 +393,10 @@ func (d *Detector) Baseline(id string, now time.Time) Baseline {
 	return b
 }
 
-// Flush writes the changed baselines.
+// Flush writes the changed baselines, after the writes of keys let go of
+// that are under way (the store may close next).
 func (d *Detector) Flush() error {
+	d.pending.Wait()
 	all := map[string]*key{}
 	for i := range d.shards {
 		sh := &d.shards[i]
@@ -369,6 +412,10 @@ func (d *Detector) Flush() error {
 // write writes the changed baselines of keys in one transaction, outside
 // every lock but each key's for its copy; those not written stay changed.
 func (d *Detector) write(keys map[string]*key) error {
+	// One write at a time, from copy to commit: a later copy of a key is
+	// never overwritten by an earlier one.
+	d.writeMu.Lock()
+	defer d.writeMu.Unlock()
 	recs := map[string][]byte{}
 	for id, k := range keys {
 		k.mu.Lock()

@@ -18,11 +18,11 @@ func BenchmarkObserve(b *testing.B) {
 	ids := make([]string, 1000)
 	for i := range ids {
 		ids[i] = fmt.Sprintf("ak_%024x", i)
-		d.Observe(ids[i], netip.AddrFrom4([4]byte{10, 0, byte(i % 4), 1}), start)
+		d.Observe(ids[i], netip.AddrFrom4([4]byte{10, 0, byte(i % 4), 1}), start, true)
 	}
 	now := start.Add(time.Hour)
 	b.ResetTimer()
 	for i := 0; b.Loop(); i++ {
-		d.Observe(ids[i%len(ids)], netip.AddrFrom4([4]byte{10, 0, byte(i % 4), 1}), now.Add(time.Duration(i)*time.Millisecond))
+		d.Observe(ids[i%len(ids)], netip.AddrFrom4([4]byte{10, 0, byte(i % 4), 1}), now.Add(time.Duration(i)*time.Millisecond), true)
 	}
 }

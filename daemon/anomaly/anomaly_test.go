@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -34,7 +36,7 @@ func week(d *anomaly.Detector, id string, start time.Time, dayRate, nightRate in
 			n = dayRate
 		}
 		for i := range n {
-			d.Observe(id, ip, t.Add(time.Duration(i)*time.Second))
+			d.Observe(id, ip, t.Add(time.Duration(i)*time.Second), true)
 		}
 	}
 	return t
@@ -73,7 +75,7 @@ func TestSyntheticSpike(t *testing.T) {
 	burst := func(at time.Time, perMinute, minutes int) {
 		for m := range minutes {
 			for i := range perMinute {
-				d.Observe("ak_1", ip, at.Add(time.Duration(m)*time.Minute+time.Duration(i)*time.Millisecond))
+				d.Observe("ak_1", ip, at.Add(time.Duration(m)*time.Minute+time.Duration(i)*time.Millisecond), true)
 			}
 		}
 	}
@@ -105,8 +107,8 @@ func TestSyntheticSpike(t *testing.T) {
 	// A new network: one alert, and it is known from then on.
 	other := netip.MustParseAddr("203.0.113.9")
 	at := now.Add(30 * time.Hour)
-	d.Observe("ak_1", other, at)
-	d.Observe("ak_1", other, at.Add(time.Second))
+	d.Observe("ak_1", other, at, true)
+	d.Observe("ak_1", other, at.Add(time.Second), true)
 	if a := drain(d); len(a) != 1 || a[0].Kind != anomaly.NewNetwork || a[0].Disable || !strings.Contains(a[0].Detail, "203.0.113.0/24") {
 		t.Fatalf("the new network: %+v", a)
 	}
@@ -127,16 +129,16 @@ func TestSyntheticSpike(t *testing.T) {
 func TestQuietKeyNeedsMinRate(t *testing.T) {
 	d := anomaly.New(anomaly.Config{Enabled: true, Learn: time.Hour, MinRate: 10}, openStore(t))
 	start := time.Date(2026, 3, 2, 0, 0, 0, 0, time.UTC)
-	d.Observe("ak_q", netip.Addr{}, start)
+	d.Observe("ak_q", netip.Addr{}, start, true)
 	at := start.Add(48 * time.Hour)
 	for i := range 20 { // 4 a minute for 5 minutes
-		d.Observe("ak_q", netip.Addr{}, at.Add(time.Duration(i)*15*time.Second))
+		d.Observe("ak_q", netip.Addr{}, at.Add(time.Duration(i)*15*time.Second), true)
 	}
 	if a := drain(d); len(a) != 0 {
 		t.Fatalf("20 requests in 5 minutes alerted a quiet key: %+v", a)
 	}
 	for i := range 12 {
-		d.Observe("ak_q", netip.Addr{}, at.Add(10*time.Minute+time.Duration(i)*time.Second))
+		d.Observe("ak_q", netip.Addr{}, at.Add(10*time.Minute+time.Duration(i)*time.Second), true)
 	}
 	if a := drain(d); len(a) != 1 {
 		t.Fatalf("12 requests in a minute did not alert: %+v", a)
@@ -167,8 +169,9 @@ func TestMemoryBounded(t *testing.T) {
 	d := anomaly.New(anomaly.Config{Enabled: true}, st)
 	start := time.Date(2026, 3, 2, 0, 0, 0, 0, time.UTC)
 	for i := range 5000 {
-		d.Observe(fmt.Sprintf("ak_%024x", i), netip.MustParseAddr("10.0.0.1"), start.Add(time.Duration(i)*time.Second))
+		d.Observe(fmt.Sprintf("ak_%024x", i), netip.MustParseAddr("10.0.0.1"), start.Add(time.Duration(i)*time.Second), true)
 	}
+	d.Settle()
 	if n := d.Held(); n > 640+64 {
 		t.Fatalf("%d keys held, the bound is 640", n)
 	}
@@ -176,5 +179,50 @@ func TestMemoryBounded(t *testing.T) {
 	// the store.
 	if b := anomaly.New(anomaly.Config{Enabled: true}, st).Baseline(fmt.Sprintf("ak_%024x", 0), start.Add(2*time.Hour)); !b.Since.Equal(start) || len(b.Networks) != 1 {
 		t.Fatalf("an evicted key's baseline: %+v", b)
+	}
+}
+
+// TestConcurrentEviction: many callers on more keys than the detector
+// holds: no race, and no key alerts twice for one new network (a key let
+// go of and used again keeps what it learned).
+func TestConcurrentEviction(t *testing.T) {
+	defer anomaly.SetMaxKeys(128)()
+	d := anomaly.New(anomaly.Config{Enabled: true, Learn: time.Nanosecond, NewNetworks: true, MinRate: 1e9}, openStore(t))
+	start := time.Date(2026, 3, 2, 0, 0, 0, 0, time.UTC)
+	var clock atomic.Int64
+	nets := []netip.Addr{netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.1.1")}
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 3000 {
+				n := (g*3000 + i) % 300
+				d.Observe(fmt.Sprintf("ak_%024x", n), nets[(i/300)%2], start.Add(time.Duration(clock.Add(1))*time.Millisecond), true)
+				if i%500 == 0 {
+					d.Flush()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	alerts := map[string]int{}
+	for _, a := range drain(d) {
+		alerts[a.KeyID]++
+	}
+	for id, n := range alerts {
+		if n > 1 {
+			t.Errorf("%s alerted %d times for one new network", id, n)
+		}
+	}
+	// Keys in use are taken back as they are let go of; new keys, one
+	// after the other, bring the number back to the bound.
+	d.Settle()
+	for i := range 1000 {
+		d.Observe(fmt.Sprintf("ak_%024x", 1000+i), nets[0], start.Add(time.Duration(clock.Add(1))*time.Millisecond), true)
+	}
+	d.Settle()
+	if d.Held() > 128+64 {
+		t.Errorf("%d keys held, the bound is 128", d.Held())
 	}
 }

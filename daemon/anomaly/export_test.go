@@ -18,3 +18,6 @@ func (d *Detector) Held() int {
 	}
 	return n
 }
+
+// Settle waits for the writes of keys let go of.
+func (d *Detector) Settle() { d.pending.Wait() }

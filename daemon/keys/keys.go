@@ -85,6 +85,9 @@ type Key struct {
 	// PendingVersion is a version being made: recorded before the HSM key
 	// is, cleared once the version is added. Zero when none is.
 	PendingVersion uint32 `json:"pending_version,omitempty"`
+	// PendingPanic: the pending version is a panic-rotate's; whatever
+	// adopts it (a crash came between) finishes the panic-rotate.
+	PendingPanic bool `json:"pending_panic,omitempty"`
 }
 
 // Version is one version of a key.
@@ -522,14 +525,23 @@ func (m *Manager) rotateLockedAt(ctx context.Context, name string, atOnce bool, 
 	}
 	next := k.Latest() + 1
 	adopt := k.PendingVersion == next // a failed rotation recorded it
+	if adopt && k.PendingPanic && !atOnce {
+		// A panic-rotate made this version and died before it was done:
+		// finish it, not a plain rotation.
+		p, err := m.panicLocked(ctx, name, false)
+		if err != nil {
+			return nil, err
+		}
+		return p.Key, nil
+	}
 	if !adopt {
-		if _, err := m.change(name, func(k *Key) error { k.PendingVersion = next; return nil }); err != nil {
+		if _, err := m.change(name, func(k *Key) error { k.PendingVersion, k.PendingPanic = next, atOnce; return nil }); err != nil {
 			return nil, err
 		}
 	}
 	if err := m.makeVersion(ctx, name, next, alg, adopt); err != nil {
 		if errors.Is(err, ErrUnknownHSMKey) { // withdraw the intent, or the next Rotate would adopt it
-			m.change(name, func(k *Key) error { k.PendingVersion = 0; return nil })
+			m.change(name, func(k *Key) error { k.PendingVersion, k.PendingPanic = 0, false; return nil })
 		}
 		return nil, err
 	}
@@ -560,7 +572,7 @@ func (m *Manager) rotateLockedAt(ctx context.Context, name string, atOnce bool, 
 			}
 		}
 		k.Versions = append(k.Versions, v)
-		k.PendingVersion = 0
+		k.PendingVersion, k.PendingPanic = 0, false
 		if then != nil {
 			return then(k), nil
 		}
@@ -593,6 +605,10 @@ type Panic struct {
 // does nothing.
 func (m *Manager) PanicRotate(ctx context.Context, name string, dryRun bool) (*Panic, error) {
 	defer m.lock(name)()
+	return m.panicLocked(ctx, name, dryRun)
+}
+
+func (m *Manager) panicLocked(ctx context.Context, name string, dryRun bool) (*Panic, error) {
 	k, err := m.Get(name)
 	if err != nil {
 		return nil, err

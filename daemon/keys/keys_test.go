@@ -588,3 +588,32 @@ func TestPanicRotate(t *testing.T) {
 		t.Fatalf("unknown key: %v", err)
 	}
 }
+
+// TestPanicRotateFinishedAfterCrash: a panic-rotate that died after the HSM
+// key was made is finished by whatever adopts the version next, even a
+// scheduled Rotate: the old versions are withdrawn, not left signing.
+func TestPanicRotateFinishedAfterCrash(t *testing.T) {
+	e := setup(t, Options{SignPrePublish: 10 * time.Minute, SignKeepPublished: time.Hour})
+	ctx := context.Background()
+	if _, err := e.m.Create(ctx, Spec{Name: "s", Purpose: Sign, Algorithm: hsm.ECDSAP256}); err != nil {
+		t.Fatal(err)
+	}
+	// What PanicRotate leaves if it dies between the HSM key and the record.
+	if _, err := e.m.change("s", func(k *Key) error { k.PendingVersion, k.PendingPanic = 2, true; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.m.makeVersion(ctx, "s", 2, hsm.ECDSAP256, false); err != nil {
+		t.Fatal(err)
+	}
+	k, err := e.m.Rotate(ctx, "s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := e.clock.Now()
+	if v, ok := k.Signing(now); !ok || v.Number != 2 || k.MinDecryptionVersion != 2 || k.PendingPanic || k.PendingVersion != 0 {
+		t.Fatalf("after the adoption: %+v", k)
+	}
+	if pub := k.Published(now); len(pub) != 1 || pub[0].Number != 2 {
+		t.Fatalf("published: %+v; the compromised v1 must be gone", pub)
+	}
+}

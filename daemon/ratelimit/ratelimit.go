@@ -229,14 +229,15 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 // carry is the arrival time for layer l of a period counted before in
 // a.interval: the same number of requests used, even past l's burst (a
 // narrowed layer then refuses until the excess drains, and widening it
-// again hands out nothing). The time is bounded by twice MaxPer, so that
-// the arithmetic stays in range.
+// again hands out nothing). The time is bounded by half the longest
+// duration (146 years, more than any bucket Check lets through holds), so
+// that the arithmetic stays in range.
 func (a arrival) carry(l Layer, now time.Time) time.Time {
 	if a.interval == l.interval() || !a.tat.After(now) {
 		return a.tat
 	}
 	used := float64(a.tat.Sub(now)) / float64(a.interval)
-	return now.Add(time.Duration(min(math.Ceil(used*float64(l.interval())), float64(2*MaxPer))))
+	return now.Add(time.Duration(min(math.Ceil(used*float64(l.interval())), float64(math.MaxInt64/2))))
 }
 
 // Forget drops a key's state (its key was revoked).

@@ -275,4 +275,16 @@ func TestScaleCarriesUse(t *testing.T) {
 	if lim2.Allow("k", full, 1, now).Allowed {
 		t.Fatal("restored limits handed out a fresh half bucket")
 	}
+	// The same with a bucket longer than two years (2 a day, bursts of
+	// 2 000: 1 000 days to refill).
+	lim3 := New()
+	slow := []Layer{{Limit: 2, Per: 24 * time.Hour, Burst: 2000}}
+	if !lim3.Allow("k", slow, 2000, now).Allowed {
+		t.Fatal("a full burst refused")
+	}
+	for _, l := range [][]Layer{Scale(slow, 0.5), slow, Scale(slow, 0.25), slow} {
+		if r := lim3.Allow("k", l, 1, now); r.Allowed || r.Layers[0].Remaining != 0 {
+			t.Fatalf("after the burst, under %+v: %+v", l, r)
+		}
+	}
 }

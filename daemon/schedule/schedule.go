@@ -305,6 +305,9 @@ func (s *Scheduler) Tick(ctx context.Context) ([]Result, error) {
 			if s.cfg.Before != nil {
 				if err := s.cfg.Before(ctx, sub, e); err != nil {
 					errs = append(errs, err)
+					if e.Overdue(now.Add(-s.cfg.Grace)) {
+						overdue++ // not run: as overdue as before
+					}
 					continue
 				}
 			}

@@ -339,6 +339,9 @@ func TestFailuresWaitAndUnauditedRunsDoNot(t *testing.T) {
 	if _, err := s.Tick(ctx); err == nil || calls != 0 {
 		t.Fatalf("unaudited: %d calls, %v", calls, err)
 	}
+	if n := s.Overdue()[schedule.Credential]; n != 1 {
+		t.Fatalf("a run held back by the audit log counts %d overdue, want 1", n)
+	}
 	auditOK = true
 	for range 5 {
 		s.Tick(ctx)
@@ -447,20 +450,23 @@ func TestForcedDeadlineSparesANewSecret(t *testing.T) {
 }
 
 // TestOneNoticePerOwner: an owner whose five keys come due together gets
-// one rotation_due event a day, not five; every key still runs (and, with
-// force, gets its deadline).
+// one reminder a day, not five; every key still runs. Under force every
+// key's deadline is announced: none stops working unnamed.
 func TestOneNoticePerOwner(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	var secrets []string
-	for i := range 5 {
-		k, _, err := f.akm.Create(ctx, apikeys.Spec{Owner: "shop", Name: fmt.Sprint(i), Environment: "prod", Permissions: []string{"orders:read"}})
-		if err != nil {
-			t.Fatal(err)
+	ids := map[string]string{} // ID -> secret
+	for _, owner := range []string{"shop", "bank"} {
+		for i := range 5 {
+			k, rec, err := f.akm.Create(ctx, apikeys.Spec{Owner: owner, Name: fmt.Sprint(i), Environment: "prod", Permissions: []string{"orders:read"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ids[rec.ID] = k
 		}
-		secrets = append(secrets, k)
 	}
-	rules := &schedule.Rules{APIKeys: []schedule.APIKeyRule{{Owner: "shop", Policy: "high", Action: schedule.Force}}}
+	rules := &schedule.Rules{APIKeys: []schedule.APIKeyRule{{Owner: "shop", Policy: "high", Action: schedule.Remind},
+		{Owner: "bank", Policy: "high", Action: schedule.Force}}}
 	s := f.scheduler(rules, schedule.Config{})
 	runs := 0
 	for range 3 * 24 { // 30 days, then three days hour by hour
@@ -475,15 +481,26 @@ func TestOneNoticePerOwner(t *testing.T) {
 		}
 		f.clk.add(time.Hour)
 	}
-	if n := len(f.events(t, outbox.RotationDue)); n != 3 {
-		t.Errorf("%d events for one owner over three days, want 3", n)
+	byOwner := map[string]int{}
+	named := map[string]bool{}
+	for _, e := range f.events(t, outbox.RotationDue) {
+		byOwner[e.Subject]++
+		named[strings.TrimPrefix(e.ID, "api_key/")] = true
 	}
-	if runs != 15 {
-		t.Errorf("%d runs, want 15 (5 keys, daily)", runs)
+	if byOwner["shop"] != 3 || byOwner["bank"] != 15 {
+		t.Errorf("events by owner over three days: %v; want shop 3 (reminders, one a day) and bank 15 (every deadline)", byOwner)
 	}
-	for _, k := range secrets {
-		if c := f.akm.Verify(ctx, k, apikeys.Request{Environment: "prod"}).Code; c != apikeys.Expired {
-			t.Errorf("a forced key past its deadline: %v", c)
+	if runs != 30 {
+		t.Errorf("%d runs, want 30 (10 keys, daily)", runs)
+	}
+	for id, k := range ids {
+		rec, _ := f.akm.Get(id)
+		c := f.akm.Verify(ctx, k, apikeys.Request{Environment: "prod"}).Code
+		switch {
+		case rec.Owner == "shop" && c != apikeys.Valid:
+			t.Errorf("a reminded key: %v", c)
+		case rec.Owner == "bank" && (c != apikeys.Expired || !named[id]):
+			t.Errorf("a forced key: %v, named in an event %v", c, named[id])
 		}
 	}
 }

@@ -75,9 +75,10 @@ func CredentialSource(cm *credentials.Manager) Source {
 // APIKeySource schedules the API keys a rule gives a policy: active keys,
 // last rotated when their newest secret was made. A run sends a reminder,
 // or with Force sets the deadline: now plus the policy's overlap (an
-// earlier deadline stays). Each run is audited, but an owner gets at most
-// one rotation_due event per remindEvery, whatever the number of its keys
-// that come due (a webhook pages a person, not once per key). Keys are
+// earlier deadline stays). Each run is audited; a deadline is announced
+// with every run, but reminders reach an owner at most once per
+// remindEvery, whatever the number of its keys that come due (a webhook
+// pages a person, not once per key). Keys are
 // listed every every-th Tick (each look reads every active key: about 1 s
 // per 100 000).
 func APIKeySource(akm *apikeys.Manager, rules *Rules, now func() time.Time, every int, remindEvery time.Duration) Source {
@@ -116,8 +117,10 @@ func APIKeySource(akm *apikeys.Manager, rules *Rules, now func() time.Time, ever
 				deadline = t.Add(s.Policy.Overlap)
 				detail += fmt.Sprintf(" before %s, when its current secret stops working", deadline.UTC().Format(time.RFC3339))
 			}
-			notify := t.Sub(notified[s.Owner]) >= remindEvery || t.Before(notified[s.Owner])
-			if notify {
+			// A deadline is always announced: a key must not stop working
+			// before any notice named it. Reminders, once per owner.
+			notify := s.Action == Force || t.Sub(notified[s.Owner]) >= remindEvery || t.Before(notified[s.Owner])
+			if notify && s.Action != Force {
 				detail += fmt.Sprintf("; other keys of %s due meanwhile are not announced again for %v: keyward rotation plan lists them", s.Owner, remindEvery)
 			}
 			if _, err := akm.RotationDue(s.ID, s.Last, deadline, detail, notify); errors.Is(err, apikeys.ErrRotatedMeanwhile) {

@@ -249,11 +249,19 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 	}
 	out := &keywardv1.VerifyAPIKeyResponse{Code: apiKeyCode(res.Code), Reason: res.Detail, NearLimit: res.Limits.NearLimit}
 	if k := res.Key; k != nil {
-		if s.cfg.Observed != nil && res.Code == apikeys.Valid {
-			// Only uses the key was good for: a rotated-out or refused
-			// secret must not teach the baseline, nor set off an alert
-			// that disables the key its owner holds now.
-			s.cfg.Observed(k.ID, req.SourceIP)
+		switch res.Code {
+		case apikeys.Valid:
+			if s.cfg.Observed != nil {
+				s.cfg.Observed(k.ID, req.SourceIP, true)
+			}
+		case apikeys.IPNotAllowed, apikeys.WrongEnvironment, apikeys.Forbidden, apikeys.RateLimited, apikeys.UsageExceeded:
+			// The live secret, used where or how it may not be: watched,
+			// not learned from. A rotated-out, revoked or disabled key's
+			// uses are neither: they must not set off an alert that
+			// disables the key its owner holds now.
+			if s.cfg.Observed != nil {
+				s.cfg.Observed(k.ID, req.SourceIP, false)
+			}
 		}
 		c.key, c.apiKey = k.Owner, k.ID
 		out.KeyId, out.Owner, out.Name, out.Permissions, out.Metadata = k.ID, k.Owner, k.Name, k.Permissions, k.Metadata

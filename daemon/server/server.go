@@ -95,9 +95,10 @@ type Config struct {
 	Plugins func() []PluginState
 	// Schedule serves GetRotationPlan; nil turns it off.
 	Schedule *schedule.Scheduler
-	// Observed, if set, hears of every VALID verification (the anomaly
-	// detector).
-	Observed func(id string, ip netip.Addr)
+	// Observed, if set, hears of the verifications of a live secret (the
+	// anomaly detector): VALID ones, to learn from, and those refused for
+	// where, how or how often the secret was used.
+	Observed func(id string, ip netip.Addr, learn bool)
 	// Notify, if set, is called when events for the plugins were queued,
 	// so that they go out at once.
 	Notify func()
