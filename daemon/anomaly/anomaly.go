@@ -32,7 +32,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"maps"
 	"net/netip"
 	"slices"
@@ -159,6 +158,7 @@ type key struct {
 	last     [2]time.Time
 	dirty    bool
 	lastSeen time.Time
+	lastNet  netip.Prefix // the network of the last use, known: the next use from it needs no lookup
 }
 
 // Detector watches keys. Its keys are spread over shards, each with its
@@ -202,9 +202,11 @@ func (d *Detector) Alerts() <-chan Alert { return d.alerts }
 func (d *Detector) Disables(kind string) bool { return slices.Contains(d.cfg.Disable, kind) }
 
 func (d *Detector) shard(id string) *shard {
-	h := fnv.New32a()
-	h.Write([]byte(id))
-	return &d.shards[h.Sum32()%shards]
+	h := uint32(2166136261) // FNV-1a, inline: no allocation on the verify path
+	for i := 0; i < len(id); i++ {
+		h = (h ^ uint32(id[i])) * 16777619
+	}
+	return &d.shards[h%shards]
 }
 
 // held returns the key if the shard holds it, taking it back from those
@@ -329,10 +331,13 @@ func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) 
 	k.sum++
 	k.lastSeen = now
 	learning := now.Sub(k.b.Since) < d.cfg.Learn
-	if ip.IsValid() {
-		if net := apikeys.Network(ip); !slices.Contains(k.b.Networks, net) {
+	if ip.IsValid() && !k.lastNet.Contains(ip.Unmap()) {
+		if net := apikeys.Network(ip); slices.Contains(k.b.Networks, net) {
+			k.lastNet, _ = netip.ParsePrefix(net)
+		} else {
 			if learn && len(k.b.Networks) < maxNetworks { // past that, every new one alerts and none is learned
 				k.b.Networks, k.dirty = append(k.b.Networks, net), true
+				k.lastNet, _ = netip.ParsePrefix(net)
 			}
 			if !learning && d.cfg.NewNetworks {
 				d.alert(k, 1, Alert{Kind: NewNetwork, KeyID: id, Time: now, Detail: fmt.Sprintf("a use from %s, a network the key was not used from before", net)})

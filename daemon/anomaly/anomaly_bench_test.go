@@ -10,7 +10,7 @@ import (
 )
 
 // BenchmarkObserve is what the detector adds to each VerifyAPIKey: 1 000
-// keys in use, from a few networks, past their learning time. Compare with
+// keys in use, each from its network, past their learning time. Compare with
 // the apikeys package's BenchmarkVerifyCached.
 func BenchmarkObserve(b *testing.B) {
 	d := anomaly.New(anomaly.Config{Enabled: true, Learn: time.Minute, NewNetworks: true, MinRate: 1e9}, openStore(b))
@@ -23,6 +23,7 @@ func BenchmarkObserve(b *testing.B) {
 	now := start.Add(time.Hour)
 	b.ResetTimer()
 	for i := 0; b.Loop(); i++ {
-		d.Observe(ids[i%len(ids)], netip.AddrFrom4([4]byte{10, 0, byte(i % 4), 1}), now.Add(time.Duration(i)*time.Millisecond), true)
+		n := i % len(ids)
+		d.Observe(ids[n], netip.AddrFrom4([4]byte{10, 0, byte(n % 4), 1}), now.Add(time.Duration(i)*time.Millisecond), true)
 	}
 }
