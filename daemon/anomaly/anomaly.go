@@ -183,14 +183,18 @@ type shard struct {
 	// writing holds keys let go of until their baselines are written, so
 	// that a use meanwhile takes the key back instead of reading an older
 	// baseline from the store.
-	writing map[string]*key
+	writing map[string]*letting
 }
+
+// letting is a key let go of by one eviction: the next eviction of the
+// same key, taken back meanwhile, is another.
+type letting struct{ k *key }
 
 // New returns a detector whose alerts come out of Alerts.
 func New(c Config, st *store.Store) *Detector {
 	d := &Detector{cfg: c.withDefaults(), st: st, alerts: make(chan Alert, 1024)}
 	for i := range d.shards {
-		d.shards[i].keys, d.shards[i].writing = map[string]*key{}, map[string]*key{}
+		d.shards[i].keys, d.shards[i].writing = map[string]*key{}, map[string]*letting{}
 	}
 	return d
 }
@@ -215,10 +219,10 @@ func (sh *shard) held(id string) *key {
 	if k := sh.keys[id]; k != nil {
 		return k
 	}
-	if k := sh.writing[id]; k != nil {
+	if l := sh.writing[id]; l != nil {
 		delete(sh.writing, id)
-		sh.keys[id] = k
-		return k
+		sh.keys[id] = l.k
+		return l.k
 	}
 	return nil
 }
@@ -264,12 +268,14 @@ func (d *Detector) get(id string, now time.Time) *key {
 				out[id] = k
 			}
 		}
+		ls := make(map[string]*letting, len(out))
 		for id, k := range out {
 			delete(sh.keys, id)
-			sh.writing[id] = k
+			ls[id] = &letting{k}
+			sh.writing[id] = ls[id]
 		}
 		d.pending.Add(1)
-		go d.letGo(sh, out)
+		go d.letGo(sh, out, ls)
 	}
 	sh.keys[id] = k
 	return k
@@ -277,18 +283,18 @@ func (d *Detector) get(id string, now time.Time) *key {
 
 // letGo writes the baselines of keys let go of and forgets them, unless
 // they were taken back meanwhile; if the write fails they are kept.
-func (d *Detector) letGo(sh *shard, out map[string]*key) {
+func (d *Detector) letGo(sh *shard, out map[string]*key, ls map[string]*letting) {
 	defer d.pending.Done()
 	err := d.write(out)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	for id, k := range out {
-		if sh.writing[id] != k {
-			continue // taken back
+	for id, l := range ls {
+		if sh.writing[id] != l {
+			continue // taken back (and perhaps let go of again, by another eviction)
 		}
 		delete(sh.writing, id)
 		if err != nil {
-			sh.keys[id] = k
+			sh.keys[id] = l.k
 		}
 	}
 }
