@@ -15,13 +15,23 @@
 // A key is only learned from during its first Learn, not alerted on; a
 // key alerts at most once per Cooldown and kind.
 //
-// Only VALID verifications are observed: a rotated-out or refused secret
-// must neither teach a baseline nor set off an alert that disables the
-// key its owner holds now. Observe is on VerifyAPIKey's path: a map
-// lookup under one of 64 shard locks and a few additions under the key's; alerts are handed to a goroutine that audits them,
-// tells the plugins and, if configured, disables the key. Baselines are
-// written to the store every FlushEvery and read back at start, so a
-// restart keeps what was learned.
+// Observe is told of the uses of a key's live secret: VALID ones, which
+// count toward the rate and teach the baseline and the networks, and those
+// refused for where or how the secret was used (network, environment,
+// permission), which may raise a new-network alert but teach nothing. A
+// rotated-out, revoked or disabled key's uses, and those the key's own
+// limits refused, are not observed: an old secret must not set off an
+// alert that disables the key its owner holds now, and a client retrying
+// into its rate limit is not an anomaly.
+//
+// Observe is on VerifyAPIKey's path: a map lookup under one of 64 shard
+// locks and a few additions under the key's, no allocation. Alerts are
+// handed to a goroutine that audits them, tells the plugins and, if
+// configured, disables the key. Baselines, cooldowns included, are written
+// to the store shard by shard every FlushEvery and read back when a key is
+// next used, so a restart keeps what was learned. A shard past its share of
+// maxKeys writes and lets go of its idle keys (or, if too few are idle, its
+// least recently used quarter) under its lock, in one transaction.
 //
 // Written here: the statistics are a few lines; the anomaly-detection
 // libraries in Go are for time series in bulk, not a per-key check on the
@@ -134,8 +144,9 @@ type Baseline struct {
 	Since time.Time `json:"since"`
 	// Networks are the networks it was used from, at most maxNetworks.
 	Networks []string `json:"networks,omitempty"`
-	// LastAlert is when the key last alerted.
-	LastAlert time.Time `json:"last_alert,omitzero"`
+	// Alerted is when the key last alerted, by kind (spike, new network):
+	// the cooldowns survive a restart.
+	Alerted [2]time.Time `json:"alerted"`
 }
 
 // Alert is a change in a key's use.
@@ -155,15 +166,17 @@ type key struct {
 	minute   int64   // the current minute (Unix minutes)
 	counts   []int64 // the window's counts per minute, a ring: minute m at m % len
 	sum      int64   // over the window
-	last     [2]time.Time
-	dirty    bool
+	ver      uint64  // counts the changes; saved is the last one written
+	saved    uint64
+	gone     bool // let go of by its shard: whoever holds it gets it again
 	lastSeen time.Time
 	lastNet  netip.Prefix // the network of the last use, known: the next use from it needs no lookup
 }
 
 // Detector watches keys. Its keys are spread over shards, each with its
 // lock, so that verifications of different keys seldom wait for each
-// other, and the store is written outside every lock.
+// other; a shard's writes to the store are made under its lock, so that
+// they never cross.
 type Detector struct {
 	cfg    Config
 	st     *store.Store
@@ -171,8 +184,6 @@ type Detector struct {
 	shards [shards]shard
 	// dropped counts alerts lost because nobody took them in time.
 	dropped atomic.Int64
-	writeMu sync.Mutex
-	pending sync.WaitGroup // letGo writes under way
 }
 
 const shards = 64
@@ -180,21 +191,13 @@ const shards = 64
 type shard struct {
 	mu   sync.Mutex
 	keys map[string]*key
-	// writing holds keys let go of until their baselines are written, so
-	// that a use meanwhile takes the key back instead of reading an older
-	// baseline from the store.
-	writing map[string]*letting
 }
-
-// letting is a key let go of by one eviction: the next eviction of the
-// same key, taken back meanwhile, is another.
-type letting struct{ k *key }
 
 // New returns a detector whose alerts come out of Alerts.
 func New(c Config, st *store.Store) *Detector {
 	d := &Detector{cfg: c.withDefaults(), st: st, alerts: make(chan Alert, 1024)}
 	for i := range d.shards {
-		d.shards[i].keys, d.shards[i].writing = map[string]*key{}, map[string]*letting{}
+		d.shards[i].keys = map[string]*key{}
 	}
 	return d
 }
@@ -213,89 +216,71 @@ func (d *Detector) shard(id string) *shard {
 	return &d.shards[h%shards]
 }
 
-// held returns the key if the shard holds it, taking it back from those
-// being written; sh.mu must be held.
-func (sh *shard) held(id string) *key {
-	if k := sh.keys[id]; k != nil {
-		return k
-	}
-	if l := sh.writing[id]; l != nil {
-		delete(sh.writing, id)
-		sh.keys[id] = l.k
-		return l.k
-	}
-	return nil
-}
-
-// get returns the key's state, read from the store the first time. A
-// shard holding its share of maxKeys first lets go of the keys idle for an
-// hour, or if none is, of half its keys; they are written to the store in
-// the background and taken back if used meanwhile.
-func (d *Detector) get(id string, now time.Time) *key {
-	sh := d.shard(id)
-	sh.mu.Lock()
-	k := sh.held(id)
-	sh.mu.Unlock()
-	if k != nil {
-		return k
-	}
-	k = &key{counts: make([]int64, d.cfg.Window/time.Minute), minute: now.Unix() / 60}
+// load reads a key's baseline from the store (a new key: learned from now).
+func (d *Detector) load(id string, now time.Time) *key {
+	k := &key{counts: make([]int64, d.cfg.Window/time.Minute), minute: now.Unix() / 60}
 	if b, err := d.st.Get(store.BucketBaselines, id); err == nil {
 		json.Unmarshal(b, &k.b)
 	}
 	if k.b.Since.IsZero() {
-		k.b.Since, k.dirty = now.UTC(), true
+		k.b.Since = now.UTC()
+		k.ver++
 	}
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	if other := sh.held(id); other != nil { // read meanwhile by another call
-		return other
-	}
-	if len(sh.keys) >= maxKeys/shards {
-		out := map[string]*key{}
-		for id, k := range sh.keys {
-			k.mu.Lock()
-			if now.Sub(k.lastSeen) > time.Hour {
-				out[id] = k
-			}
-			k.mu.Unlock()
-		}
-		if len(out) == 0 { // none idle: half of them
-			for id, k := range sh.keys {
-				if len(out) >= len(sh.keys)/2 {
-					break
-				}
-				out[id] = k
-			}
-		}
-		ls := make(map[string]*letting, len(out))
-		for id, k := range out {
-			delete(sh.keys, id)
-			ls[id] = &letting{k}
-			sh.writing[id] = ls[id]
-		}
-		d.pending.Add(1)
-		go d.letGo(sh, out, ls)
-	}
-	sh.keys[id] = k
 	return k
 }
 
-// letGo writes the baselines of keys let go of and forgets them, unless
-// they were taken back meanwhile; if the write fails they are kept.
-func (d *Detector) letGo(sh *shard, out map[string]*key, ls map[string]*letting) {
-	defer d.pending.Done()
-	err := d.write(out)
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	for id, l := range ls {
-		if sh.writing[id] != l {
-			continue // taken back (and perhaps let go of again, by another eviction)
+// get returns the key's state, locked, read from the store the first
+// time. A shard at its share of maxKeys first lets go of some keys.
+func (d *Detector) get(id string, now time.Time) *key {
+	for {
+		sh := d.shard(id)
+		sh.mu.Lock()
+		k := sh.keys[id]
+		if k == nil {
+			if len(sh.keys) >= max(maxKeys/shards, 1) {
+				d.evictLocked(sh, now)
+			}
+			k = d.load(id, now)
+			sh.keys[id] = k
 		}
-		delete(sh.writing, id)
-		if err != nil {
-			sh.keys[id] = l.k
+		sh.mu.Unlock()
+		k.mu.Lock()
+		if !k.gone {
+			return k
 		}
+		k.mu.Unlock() // let go of between the two locks: again
+	}
+}
+
+// evictLocked writes and lets go of a shard's idle keys (unused for an
+// hour), topped up with the least recently used until a quarter of the
+// shard is free. sh.mu is held; nothing is let go of if the write fails.
+func (d *Detector) evictLocked(sh *shard, now time.Time) {
+	type aged struct {
+		id   string
+		seen time.Time
+	}
+	all := make([]aged, 0, len(sh.keys))
+	for id, k := range sh.keys {
+		k.mu.Lock()
+		all = append(all, aged{id, k.lastSeen})
+		k.mu.Unlock()
+	}
+	slices.SortFunc(all, func(a, b aged) int { return a.seen.Compare(b.seen) })
+	n := max(len(all)/4, 1)
+	for n < len(all) && now.Sub(all[n].seen) > time.Hour {
+		n++
+	}
+	out := make(map[string]*key, n)
+	for _, a := range all[:n] {
+		out[a.id] = sh.keys[a.id]
+	}
+	settled, err := d.write(out, true)
+	if err != nil {
+		return // kept: the shard grows a little past its share until a write works
+	}
+	for _, id := range settled { // not those used while they were written
+		delete(sh.keys, id)
 	}
 }
 
@@ -321,20 +306,22 @@ func (d *Detector) advance(k *key, now time.Time) {
 		clear(k.counts)
 		k.sum = 0
 	}
-	k.minute, k.dirty = m, true
+	k.minute = m
+	k.ver++
 }
 
 // Observe counts one use of a key, from ip (zero: unknown), at now. A use
 // that was refused (learn false: a live secret used from outside its
-// allowlist, in the wrong environment, beyond its permissions or limits)
-// counts toward the rate and may alert, but its network is not learned.
+// allowlist, in the wrong environment, beyond its permissions) may raise a
+// new-network alert but counts toward nothing and teaches nothing.
 func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) {
 	k := d.get(id, now)
-	k.mu.Lock()
 	defer k.mu.Unlock()
 	d.advance(k, now)
-	k.counts[k.minute%int64(len(k.counts))]++
-	k.sum++
+	if learn {
+		k.counts[k.minute%int64(len(k.counts))]++
+		k.sum++
+	}
 	k.lastSeen = now
 	learning := now.Sub(k.b.Since) < d.cfg.Learn
 	if ip.IsValid() && !k.lastNet.Contains(ip.Unmap()) {
@@ -342,7 +329,8 @@ func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) 
 			k.lastNet, _ = netip.ParsePrefix(net)
 		} else {
 			if learn && len(k.b.Networks) < maxNetworks { // past that, every new one alerts and none is learned
-				k.b.Networks, k.dirty = append(k.b.Networks, net), true
+				k.b.Networks = append(k.b.Networks, net)
+				k.ver++
 				k.lastNet, _ = netip.ParsePrefix(net)
 			}
 			if !learning && d.cfg.NewNetworks {
@@ -350,7 +338,7 @@ func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) 
 			}
 		}
 	}
-	if learning {
+	if learning || !learn {
 		return
 	}
 	// The rate: over the window, or over this minute alone if higher, so
@@ -365,38 +353,40 @@ func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) 
 
 // alert hands an alert on, at most once per cooldown per key and kind.
 func (d *Detector) alert(k *key, slot int, a Alert) {
-	if !k.last[slot].IsZero() && a.Time.Sub(k.last[slot]) < d.cfg.Cooldown {
+	if last := k.b.Alerted[slot]; !last.IsZero() && a.Time.Sub(last) < d.cfg.Cooldown && !a.Time.Before(last) {
 		return
 	}
 	a.Disable = d.Disables(a.Kind)
 	select {
 	case d.alerts <- a:
-		k.last[slot], k.b.LastAlert, k.dirty = a.Time, a.Time.UTC(), true
+		k.b.Alerted[slot] = a.Time.UTC()
+		k.ver++
 	default:
 		d.dropped.Add(1) // no cooldown: the next use alerts again
 	}
 }
 
-// Clean says whether a key has not alerted since a time, as far as this
-// detector knows (a key not seen since keywardd started is clean until it
-// is seen).
+// Clean says whether a key has not alerted since a time, from what is in
+// memory or else in the store.
 func (d *Detector) Clean(id string, since time.Time) bool {
 	sh := d.shard(id)
 	sh.mu.Lock()
 	k := sh.keys[id]
 	sh.mu.Unlock()
-	if k == nil {
-		return true
+	var b Baseline
+	if k != nil {
+		k.mu.Lock()
+		b = k.b
+		k.mu.Unlock()
+	} else if raw, err := d.st.Get(store.BucketBaselines, id); err == nil {
+		json.Unmarshal(raw, &b)
 	}
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	return !k.b.LastAlert.After(since)
+	return !b.Alerted[0].After(since) && !b.Alerted[1].After(since)
 }
 
 // Baseline returns what is learned of a key (for tests and reports).
 func (d *Detector) Baseline(id string, now time.Time) Baseline {
 	k := d.get(id, now)
-	k.mu.Lock()
 	defer k.mu.Unlock()
 	d.advance(k, now)
 	b := k.b
@@ -404,52 +394,56 @@ func (d *Detector) Baseline(id string, now time.Time) Baseline {
 	return b
 }
 
-// Flush writes the changed baselines, after the writes of keys let go of
-// that are under way (the store may close next).
+// Flush writes the changed baselines, one transaction per shard under
+// the shard's lock.
 func (d *Detector) Flush() error {
-	d.pending.Wait()
-	all := map[string]*key{}
+	var errs []error
 	for i := range d.shards {
 		sh := &d.shards[i]
 		sh.mu.Lock()
-		for id, k := range sh.keys {
-			all[id] = k
+		if _, err := d.write(sh.keys, false); err != nil {
+			errs = append(errs, err)
 		}
 		sh.mu.Unlock()
 	}
-	return d.write(all)
+	return errors.Join(errs...)
 }
 
-// write writes the changed baselines of keys in one transaction, outside
-// every lock but each key's for its copy; those not written stay changed.
-func (d *Detector) write(keys map[string]*key) error {
-	// One write at a time, from copy to commit: a later copy of a key is
-	// never overwritten by an earlier one.
-	d.writeMu.Lock()
-	defer d.writeMu.Unlock()
+// write writes the changed baselines of keys in one transaction. With
+// letGo it marks gone, and returns, the keys that did not change while
+// the write was under way: those the shard may forget. The keys' shard
+// lock is held; a key's own lock only while it is copied and settled.
+func (d *Detector) write(keys map[string]*key, letGo bool) ([]string, error) {
 	recs := map[string][]byte{}
+	vers := map[string]uint64{}
 	for id, k := range keys {
 		k.mu.Lock()
-		if k.dirty {
+		vers[id] = k.ver
+		if k.ver != k.saved {
 			if b, err := json.Marshal(&k.b); err == nil {
-				recs[id], k.dirty = b, false
+				recs[id] = b
 			}
 		}
 		k.mu.Unlock()
 	}
-	if len(recs) == 0 {
-		return nil
-	}
-	err := d.st.UpdateEach(store.BucketBaselines, slices.Sorted(maps.Keys(recs)), func(id string, _ []byte) ([]byte, error) { return recs[id], nil })
-	if err != nil {
-		for id := range recs {
-			k := keys[id]
-			k.mu.Lock()
-			k.dirty = true
-			k.mu.Unlock()
+	if len(recs) > 0 {
+		if err := d.st.UpdateEach(store.BucketBaselines, slices.Sorted(maps.Keys(recs)), func(id string, _ []byte) ([]byte, error) { return recs[id], nil }); err != nil {
+			return nil, err
 		}
 	}
-	return err
+	var settled []string
+	for id, k := range keys {
+		k.mu.Lock()
+		if _, ok := recs[id]; ok && vers[id] > k.saved {
+			k.saved = vers[id]
+		}
+		if letGo && k.ver == vers[id] && k.ver == k.saved {
+			k.gone = true
+			settled = append(settled, id)
+		}
+		k.mu.Unlock()
+	}
+	return settled, nil
 }
 
 // Dropped is how many alerts were lost because they came faster than

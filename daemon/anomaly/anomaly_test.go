@@ -119,7 +119,7 @@ func TestSyntheticSpike(t *testing.T) {
 	}
 	d2 := anomaly.New(anomaly.Config{Enabled: true, NewNetworks: true}, st)
 	b2 := d2.Baseline("ak_1", at)
-	if b2.PerMinute[12] < 15 || !b2.Since.Equal(start) || len(b2.Networks) != 2 {
+	if b2.PerMinute[12] < 15 || !b2.Since.Equal(start) || len(b2.Networks) != 2 || b2.Alerted[0].IsZero() || b2.Alerted[1].IsZero() {
 		t.Fatalf("after a restart: %+v", b2)
 	}
 }

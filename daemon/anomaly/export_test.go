@@ -19,5 +19,5 @@ func (d *Detector) Held() int {
 	return n
 }
 
-// Settle waits for the writes of keys let go of.
-func (d *Detector) Settle() { d.pending.Wait() }
+// Settle is a no-op: keys are let go of synchronously.
+func (d *Detector) Settle() {}

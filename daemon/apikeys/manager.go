@@ -1007,28 +1007,40 @@ var ErrRotatedMeanwhile = errors.New("apikeys: the key was rotated meanwhile")
 // RotationDue tells the plugins (if notify) that a key, whose newest
 // secret was made at last, is due for rotation; a non-zero deadline also
 // ends then the secrets made up to last (a forced rotation: the owner
-// rotates before it, or the key stops working). A key rotated since last
-// is left alone (ErrRotatedMeanwhile): a secret made after the notice was
-// decided never gets its deadline.
-func (m *Manager) RotationDue(id string, last, deadline time.Time, detail string, notify bool) (*Record, error) {
+// rotates before it, or the key stops working). An earlier deadline stays;
+// the notice names the one in force. It returns the notice's detail. A key
+// rotated since last is left alone (ErrRotatedMeanwhile): a secret made
+// after the notice was decided never gets its deadline.
+func (m *Manager) RotationDue(id string, last, deadline time.Time, detail string, notify bool) (string, error) {
 	kind := outbox.RotationDue
 	if !notify {
 		kind = ""
 	}
-	return m.Notice(id, kind, "api_key/"+id, detail, func(r *Record) (string, error) {
+	var out string
+	_, err := m.Notice(id, kind, "api_key/"+id, detail, func(r *Record) (string, error) {
 		if r.State == StateRevoked {
 			return "", fmt.Errorf("%w: %q is revoked", ErrInvalid, id)
 		}
 		if n := len(r.Secrets); n > 0 && r.Secrets[n-1].Created.After(last) {
 			return "", ErrRotatedMeanwhile
 		}
+		if deadline.IsZero() {
+			return "", nil
+		}
+		inForce := deadline.UTC()
 		for i := range r.Secrets {
-			if s := &r.Secrets[i]; !deadline.IsZero() && !s.Created.After(last) && (s.NotAfter.IsZero() || deadline.Before(s.NotAfter)) {
-				s.NotAfter = deadline.UTC()
+			if s := &r.Secrets[i]; !s.Created.After(last) {
+				if s.NotAfter.IsZero() || deadline.Before(s.NotAfter) {
+					s.NotAfter = deadline.UTC()
+				}
+				if s.NotAfter.Before(inForce) {
+					inForce = s.NotAfter
+				}
 			}
 		}
-		return "", nil
-	}, nil)
+		return fmt.Sprintf(" before %s, when its current secret stops working", inForce.Format(time.RFC3339)), nil
+	}, &out)
+	return out, err
 }
 
 // Bounds on a key's secrets: a rotated-out secret is still recognized (as

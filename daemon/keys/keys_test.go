@@ -15,6 +15,7 @@ import (
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
 	"github.com/keyward/keyward/softhsm-test/hsmtest"
 )
 
@@ -615,5 +616,43 @@ func TestPanicRotateFinishedAfterCrash(t *testing.T) {
 	}
 	if pub := k.Published(now); len(pub) != 1 || pub[0].Number != 2 {
 		t.Fatalf("published: %+v; the compromised v1 must be gone", pub)
+	}
+}
+
+// TestFailedPanicRotateDoesNotArmRotate: a panic-rotate that failed (and
+// said so) leaves no panic for a later plain Rotate to finish: that one
+// withdraws nothing.
+func TestFailedPanicRotateDoesNotArmRotate(t *testing.T) {
+	tok := softhsmtest.New(t)
+	faults := softhsmtest.NewFaults(t, tok)
+	h, err := hsm.Open(hsm.Config{Module: faults.Module, Token: tok.Label, PINFile: tok.PINFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	s, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	m, err := New(s, h, Options{SignPrePublish: time.Minute, SignKeepPublished: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := m.Create(ctx, Spec{Name: "s", Purpose: Sign, Algorithm: hsm.ECDSAP256}); err != nil {
+		t.Fatal(err)
+	}
+	faults.Set("C_GenerateKeyPair 0x30") // CKR_DEVICE_ERROR
+	if _, err := m.PanicRotate(ctx, "s", false); err == nil {
+		t.Fatal("panic-rotate with the HSM failing succeeded")
+	}
+	faults.Set()
+	k, err := m.Rotate(ctx, "s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k.MinDecryptionVersion != 1 || len(k.Published(time.Now())) != 2 || k.PendingPanic {
+		t.Fatalf("a plain Rotate after a failed panic-rotate: min %d, published %d, pending panic %v", k.MinDecryptionVersion, len(k.Published(time.Now())), k.PendingPanic)
 	}
 }

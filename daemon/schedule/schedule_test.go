@@ -483,9 +483,25 @@ func TestOneNoticePerOwner(t *testing.T) {
 	}
 	byOwner := map[string]int{}
 	named := map[string]bool{}
+	deadlines := map[string]map[string]bool{} // key -> the deadlines its notices named
 	for _, e := range f.events(t, outbox.RotationDue) {
 		byOwner[e.Subject]++
-		named[strings.TrimPrefix(e.ID, "api_key/")] = true
+		id := strings.TrimPrefix(e.ID, "api_key/")
+		named[id] = true
+		if _, d, ok := strings.Cut(e.Detail, " before "); ok {
+			if deadlines[id] == nil {
+				deadlines[id] = map[string]bool{}
+			}
+			deadlines[id][strings.Fields(d)[0]] = true
+		}
+	}
+	for id, ds := range deadlines {
+		if len(ds) != 1 {
+			t.Errorf("%s: notices named the deadlines %v; the first stays in force", id, ds)
+		}
+	}
+	if len(deadlines) != 5 {
+		t.Errorf("%d forced keys' notices named a deadline, want 5", len(deadlines))
 	}
 	if byOwner["shop"] != 3 || byOwner["bank"] != 15 {
 		t.Errorf("events by owner over three days: %v; want shop 3 (reminders, one a day) and bank 15 (every deadline)", byOwner)

@@ -114,8 +114,7 @@ func APIKeySource(akm *apikeys.Manager, rules *Rules, now func() time.Time, ever
 			t := now()
 			var deadline time.Time
 			if s.Action == Force {
-				deadline = t.Add(s.Policy.Overlap)
-				detail += fmt.Sprintf(" before %s, when its current secret stops working", deadline.UTC().Format(time.RFC3339))
+				deadline = t.Add(s.Policy.Overlap) // RotationDue names the one in force
 			}
 			// A deadline is always announced: a key must not stop working
 			// before any notice named it. Reminders, once per owner.
@@ -123,7 +122,8 @@ func APIKeySource(akm *apikeys.Manager, rules *Rules, now func() time.Time, ever
 			if notify && s.Action != Force {
 				detail += fmt.Sprintf("; other keys of %s due meanwhile are not announced again for %v: keyward rotation plan lists them", s.Owner, remindEvery)
 			}
-			if _, err := akm.RotationDue(s.ID, s.Last, deadline, detail, notify); errors.Is(err, apikeys.ErrRotatedMeanwhile) {
+			detail, err := akm.RotationDue(s.ID, s.Last, deadline, detail, notify)
+			if errors.Is(err, apikeys.ErrRotatedMeanwhile) {
 				return "rotated meanwhile: nothing to do", nil
 			} else if err != nil {
 				return "", err

@@ -254,11 +254,12 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 			if s.cfg.Observed != nil {
 				s.cfg.Observed(k.ID, req.SourceIP, true)
 			}
-		case apikeys.IPNotAllowed, apikeys.WrongEnvironment, apikeys.Forbidden, apikeys.RateLimited, apikeys.UsageExceeded:
+		case apikeys.IPNotAllowed, apikeys.WrongEnvironment, apikeys.Forbidden:
 			// The live secret, used where or how it may not be: watched,
 			// not learned from. A rotated-out, revoked or disabled key's
-			// uses are neither: they must not set off an alert that
-			// disables the key its owner holds now.
+			// uses are not watched (they must not set off an alert that
+			// disables the key its owner holds now), nor those its own
+			// limits refused (a client retrying into its rate limit).
 			if s.cfg.Observed != nil {
 				s.cfg.Observed(k.ID, req.SourceIP, false)
 			}

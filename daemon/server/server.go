@@ -97,7 +97,7 @@ type Config struct {
 	Schedule *schedule.Scheduler
 	// Observed, if set, hears of the verifications of a live secret (the
 	// anomaly detector): VALID ones, to learn from, and those refused for
-	// where, how or how often the secret was used.
+	// where or how the secret was used.
 	Observed func(id string, ip netip.Addr, learn bool)
 	// Notify, if set, is called when events for the plugins were queued,
 	// so that they go out at once.
