@@ -31,7 +31,9 @@
 // to the store shard by shard every FlushEvery and read back when a key is
 // next used, so a restart keeps what was learned. A shard past its share of
 // maxKeys writes and lets go of its idle keys (or, if too few are idle, its
-// least recently used quarter) under its lock, in one transaction.
+// least recently used quarter) in one transaction: the verify of a new key
+// that finds its shard full does that write; no other verify waits for a
+// disk.
 //
 // Written here: the statistics are a few lines; the anomaly-detection
 // libraries in Go are for time series in bulk, not a per-key check on the
@@ -175,8 +177,8 @@ type key struct {
 
 // Detector watches keys. Its keys are spread over shards, each with its
 // lock, so that verifications of different keys seldom wait for each
-// other; a shard's writes to the store are made under its lock, so that
-// they never cross.
+// other; a shard's writes to the store are ordered by its write lock and
+// made outside its lock.
 type Detector struct {
 	cfg    Config
 	st     *store.Store
@@ -189,8 +191,16 @@ type Detector struct {
 const shards = 64
 
 type shard struct {
-	mu   sync.Mutex
-	keys map[string]*key
+	// writeMu orders the shard's writes to the store, from copy to
+	// commit; it is taken before mu, and no store write happens under mu,
+	// so a verify never waits for a disk.
+	writeMu sync.Mutex
+	mu      sync.Mutex
+	keys    map[string]*key
+	// evicting: a caller is letting keys go; others do not pile on.
+	// failedAt: the last failed eviction write; the next waits a while.
+	evicting bool
+	failedAt time.Time
 }
 
 // New returns a detector whose alerts come out of Alerts.
@@ -232,15 +242,19 @@ func (d *Detector) load(id string, now time.Time) *key {
 // get returns the key's state, locked, read from the store the first
 // time. A shard at its share of maxKeys first lets go of some keys.
 func (d *Detector) get(id string, now time.Time) *key {
+	sh := d.shard(id)
 	for {
-		sh := d.shard(id)
 		sh.mu.Lock()
 		k := sh.keys[id]
 		if k == nil {
-			if len(sh.keys) >= max(maxKeys/shards, 1) {
-				d.evictLocked(sh, now)
+			full := len(sh.keys) >= max(maxKeys/shards, 1)
+			if full && !sh.evicting && time.Since(sh.failedAt) > 10*time.Second {
+				sh.evicting = true
+				sh.mu.Unlock()
+				d.evict(sh, now)
+				continue
 			}
-			k = d.load(id, now)
+			k = d.load(id, now) // a store read, not a write: it never waits for one
 			sh.keys[id] = k
 		}
 		sh.mu.Unlock()
@@ -252,10 +266,15 @@ func (d *Detector) get(id string, now time.Time) *key {
 	}
 }
 
-// evictLocked writes and lets go of a shard's idle keys (unused for an
-// hour), topped up with the least recently used until a quarter of the
-// shard is free. sh.mu is held; nothing is let go of if the write fails.
-func (d *Detector) evictLocked(sh *shard, now time.Time) {
+// evict writes and lets go of a shard's idle keys (unused for an hour),
+// topped up with the least recently used until a quarter of the shard is
+// free. The keys stay in the shard while they are written, so a use
+// meanwhile finds them; only those unchanged by the time the write is
+// done go. If the write fails, none goes, and evictions pause for a while.
+func (d *Detector) evict(sh *shard, now time.Time) {
+	sh.writeMu.Lock()
+	defer sh.writeMu.Unlock()
+	sh.mu.Lock()
 	type aged struct {
 		id   string
 		seen time.Time
@@ -272,15 +291,71 @@ func (d *Detector) evictLocked(sh *shard, now time.Time) {
 		n++
 	}
 	out := make(map[string]*key, n)
-	for _, a := range all[:n] {
+	for _, a := range all[:min(n, len(all))] {
 		out[a.id] = sh.keys[a.id]
 	}
-	settled, err := d.write(out, true)
+	snap := d.copyChanged(out)
+	sh.mu.Unlock()
+
+	err := d.commit(snap)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	sh.evicting = false
 	if err != nil {
-		return // kept: the shard grows a little past its share until a write works
+		sh.failedAt = time.Now()
+		return
 	}
-	for _, id := range settled { // not those used while they were written
-		delete(sh.keys, id)
+	for id, k := range out {
+		k.mu.Lock()
+		d.settle(k, snap[id])
+		if k.ver == k.saved { // unchanged since it was copied: it may go
+			k.gone = true
+			delete(sh.keys, id)
+		}
+		k.mu.Unlock()
+	}
+}
+
+// copied is a key's baseline as copied for a write, and its change count.
+type copied struct {
+	ver uint64
+	b   []byte // nil: nothing to write
+}
+
+// copyChanged copies the keys' baselines that changed since written.
+func (d *Detector) copyChanged(keys map[string]*key) map[string]copied {
+	out := make(map[string]copied, len(keys))
+	for id, k := range keys {
+		k.mu.Lock()
+		c := copied{ver: k.ver}
+		if k.ver != k.saved {
+			c.b, _ = json.Marshal(&k.b)
+		}
+		out[id] = c
+		k.mu.Unlock()
+	}
+	return out
+}
+
+// commit writes the copies in one transaction.
+func (d *Detector) commit(snap map[string]copied) error {
+	var ids []string
+	for id, c := range snap {
+		if c.b != nil {
+			ids = append(ids, id)
+		}
+	}
+	if len(ids) == 0 {
+		return nil
+	}
+	slices.Sort(ids)
+	return d.st.UpdateEach(store.BucketBaselines, ids, func(id string, _ []byte) ([]byte, error) { return snap[id].b, nil })
+}
+
+// settle records that a copy was written; k.mu is held.
+func (d *Detector) settle(k *key, c copied) {
+	if c.b != nil && c.ver > k.saved {
+		k.saved = c.ver
 	}
 }
 
@@ -394,56 +469,29 @@ func (d *Detector) Baseline(id string, now time.Time) Baseline {
 	return b
 }
 
-// Flush writes the changed baselines, one transaction per shard under
-// the shard's lock.
+// Flush writes the changed baselines, one transaction per shard, outside
+// the shard's lock (no verify waits for it).
 func (d *Detector) Flush() error {
 	var errs []error
 	for i := range d.shards {
 		sh := &d.shards[i]
+		sh.writeMu.Lock()
 		sh.mu.Lock()
-		if _, err := d.write(sh.keys, false); err != nil {
-			errs = append(errs, err)
-		}
+		keys := maps.Clone(sh.keys)
+		snap := d.copyChanged(keys)
 		sh.mu.Unlock()
-	}
-	return errors.Join(errs...)
-}
-
-// write writes the changed baselines of keys in one transaction. With
-// letGo it marks gone, and returns, the keys that did not change while
-// the write was under way: those the shard may forget. The keys' shard
-// lock is held; a key's own lock only while it is copied and settled.
-func (d *Detector) write(keys map[string]*key, letGo bool) ([]string, error) {
-	recs := map[string][]byte{}
-	vers := map[string]uint64{}
-	for id, k := range keys {
-		k.mu.Lock()
-		vers[id] = k.ver
-		if k.ver != k.saved {
-			if b, err := json.Marshal(&k.b); err == nil {
-				recs[id] = b
+		if err := d.commit(snap); err != nil {
+			errs = append(errs, err)
+		} else {
+			for id, k := range keys {
+				k.mu.Lock()
+				d.settle(k, snap[id])
+				k.mu.Unlock()
 			}
 		}
-		k.mu.Unlock()
+		sh.writeMu.Unlock()
 	}
-	if len(recs) > 0 {
-		if err := d.st.UpdateEach(store.BucketBaselines, slices.Sorted(maps.Keys(recs)), func(id string, _ []byte) ([]byte, error) { return recs[id], nil }); err != nil {
-			return nil, err
-		}
-	}
-	var settled []string
-	for id, k := range keys {
-		k.mu.Lock()
-		if _, ok := recs[id]; ok && vers[id] > k.saved {
-			k.saved = vers[id]
-		}
-		if letGo && k.ver == vers[id] && k.ver == k.saved {
-			k.gone = true
-			settled = append(settled, id)
-		}
-		k.mu.Unlock()
-	}
-	return settled, nil
+	return errors.Join(errs...)
 }
 
 // Dropped is how many alerts were lost because they came faster than

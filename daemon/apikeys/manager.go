@@ -1024,21 +1024,17 @@ func (m *Manager) RotationDue(id string, last, deadline time.Time, detail string
 		if n := len(r.Secrets); n > 0 && r.Secrets[n-1].Created.After(last) {
 			return "", ErrRotatedMeanwhile
 		}
-		if deadline.IsZero() {
+		if deadline.IsZero() || len(r.Secrets) == 0 {
 			return "", nil
 		}
-		inForce := deadline.UTC()
 		for i := range r.Secrets {
-			if s := &r.Secrets[i]; !s.Created.After(last) {
-				if s.NotAfter.IsZero() || deadline.Before(s.NotAfter) {
-					s.NotAfter = deadline.UTC()
-				}
-				if s.NotAfter.Before(inForce) {
-					inForce = s.NotAfter
-				}
+			if s := &r.Secrets[i]; !s.Created.After(last) && (s.NotAfter.IsZero() || deadline.Before(s.NotAfter)) {
+				s.NotAfter = deadline.UTC()
 			}
 		}
-		return fmt.Sprintf(" before %s, when its current secret stops working", inForce.Format(time.RFC3339)), nil
+		// The newest secret's end: the one the owner uses (older ones may
+		// have ended long ago).
+		return fmt.Sprintf(" before %s, when its current secret stops working", r.Secrets[len(r.Secrets)-1].NotAfter.UTC().Format(time.RFC3339)), nil
 	}, &out)
 	return out, err
 }

@@ -542,11 +542,14 @@ func (m *Manager) rotateLockedAt(ctx context.Context, name string, atOnce bool, 
 	if err := m.makeVersion(ctx, name, next, alg, adopt); err != nil {
 		if errors.Is(err, ErrUnknownHSMKey) { // withdraw the intent, or the next Rotate would adopt it
 			m.change(name, func(k *Key) error { k.PendingVersion, k.PendingPanic = 0, false; return nil })
-		} else if atOnce {
-			// The panic-rotate failed and said so: a later plain Rotate
-			// that adopts the version must not withdraw every other one
-			// unasked. (Only a crash leaves PendingPanic for adoption.)
-			m.change(name, func(k *Key) error { k.PendingPanic = false; return nil })
+		} else if atOnce && !adopt {
+			// The panic-rotate that recorded this version failed and said
+			// so: a later plain Rotate that adopts the version must not
+			// withdraw every other one unasked. (A crash, or a failed
+			// attempt to finish a crashed one, keeps the mark.)
+			if _, cerr := m.change(name, func(k *Key) error { k.PendingPanic = false; return nil }); cerr != nil {
+				err = errors.Join(err, cerr)
+			}
 		}
 		return nil, err
 	}

@@ -655,4 +655,21 @@ func TestFailedPanicRotateDoesNotArmRotate(t *testing.T) {
 	if k.MinDecryptionVersion != 1 || len(k.Published(time.Now())) != 2 || k.PendingPanic {
 		t.Fatalf("a plain Rotate after a failed panic-rotate: min %d, published %d, pending panic %v", k.MinDecryptionVersion, len(k.Published(time.Now())), k.PendingPanic)
 	}
+	// A crashed panic-rotate (its mark and version recorded, no HSM key
+	// yet) whose finishing fails once keeps its mark: the next Rotate
+	// still finishes it.
+	if _, err := m.change("s", func(k *Key) error { k.PendingVersion, k.PendingPanic = 3, true; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	faults.Set("C_GenerateKeyPair 0x30")
+	if _, err := m.Rotate(ctx, "s"); err == nil {
+		t.Fatal("finishing with the HSM failing succeeded")
+	}
+	faults.Set()
+	if k, err = m.Rotate(ctx, "s"); err != nil {
+		t.Fatal(err)
+	}
+	if k.Latest() != 3 || k.MinDecryptionVersion != 3 || k.PendingPanic {
+		t.Fatalf("after finishing the crashed panic-rotate: latest %d, min %d, pending panic %v", k.Latest(), k.MinDecryptionVersion, k.PendingPanic)
+	}
 }

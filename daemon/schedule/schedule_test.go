@@ -520,3 +520,29 @@ func TestOneNoticePerOwner(t *testing.T) {
 		}
 	}
 }
+
+// TestForcedNoticeNamesCurrentDeadline: a key rotated before (its old
+// secret ended long ago) is told the deadline of the secret it uses now.
+func TestForcedNoticeNamesCurrentDeadline(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	_, rec, err := f.akm.Create(ctx, apikeys.Spec{Owner: "o", Name: "n", Environment: "prod", Permissions: []string{"orders:read"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := f.akm.Rotate(ctx, rec.ID, 0); err != nil { // the first secret ends now
+		t.Fatal(err)
+	}
+	rules := &schedule.Rules{APIKeys: []schedule.APIKeyRule{{Policy: "high", Action: schedule.Force}}}
+	s := f.scheduler(rules, schedule.Config{})
+	s.Tick(ctx)
+	f.clk.add(31 * 24 * time.Hour)
+	r, err := s.Tick(ctx)
+	if err != nil || len(r) != 1 {
+		t.Fatal(r, err)
+	}
+	want := f.clk.now().Add(schedule.High.Overlap).UTC().Format(time.RFC3339)
+	if !strings.Contains(r[0].Detail, "before "+want) {
+		t.Fatalf("the notice: %s; want the deadline %s", r[0].Detail, want)
+	}
+}
