@@ -219,6 +219,12 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 			}
 			return float64(det.Dropped())
 		}),
+		metrics.NewCounterFunc("keyward_apikey_anomaly_read_errors_total", "API key uses not watched because the key's stored baseline could not be read.", func() float64 {
+			if det == nil {
+				return 0
+			}
+			return float64(det.ReadErrors())
+		}),
 		metrics.NewValueFunc("keyward_rate_limit_factor", "How API keys' rate limits are scaled now: 1, or dynamic_limits.tighten while keywardd is overloaded.", func() float64 {
 			if gov == nil {
 				return 1

@@ -184,8 +184,10 @@ type Detector struct {
 	st     *store.Store
 	alerts chan Alert
 	shards [shards]shard
-	// dropped counts alerts lost because nobody took them in time.
-	dropped atomic.Int64
+	// dropped counts alerts lost because nobody took them in time;
+	// readErrs, uses not watched because their baseline could not be read.
+	dropped  atomic.Int64
+	readErrs atomic.Int64
 }
 
 const shards = 64
@@ -226,21 +228,29 @@ func (d *Detector) shard(id string) *shard {
 	return &d.shards[h%shards]
 }
 
-// load reads a key's baseline from the store (a new key: learned from now).
-func (d *Detector) load(id string, now time.Time) *key {
+// load reads a key's baseline from the store (a new key: learned from
+// now). A record that cannot be read is an error: starting afresh would
+// overwrite what was learned and put the key back into its learning time.
+func (d *Detector) load(id string, now time.Time) (*key, error) {
 	k := &key{counts: make([]int64, d.cfg.Window/time.Minute), minute: now.Unix() / 60}
-	if b, err := d.st.Get(store.BucketBaselines, id); err == nil {
-		json.Unmarshal(b, &k.b)
-	}
-	if k.b.Since.IsZero() {
+	b, err := d.st.Get(store.BucketBaselines, id)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
 		k.b.Since = now.UTC()
 		k.ver++
+	case err != nil:
+		return nil, err
+	default:
+		if err := json.Unmarshal(b, &k.b); err != nil || k.b.Since.IsZero() {
+			return nil, fmt.Errorf("anomaly: the baseline of %s does not parse: %v", id, err)
+		}
 	}
-	return k
+	return k, nil
 }
 
 // get returns the key's state, locked, read from the store the first
-// time. A shard at its share of maxKeys first lets go of some keys.
+// time; nil if it cannot be read. A shard at its share of maxKeys first
+// lets go of some keys.
 func (d *Detector) get(id string, now time.Time) *key {
 	sh := d.shard(id)
 	for {
@@ -254,7 +264,12 @@ func (d *Detector) get(id string, now time.Time) *key {
 				d.evict(sh, now)
 				continue
 			}
-			k = d.load(id, now) // a store read, not a write: it never waits for one
+			var err error
+			if k, err = d.load(id, now); err != nil { // a store read, not a write: it never waits for one
+				sh.mu.Unlock()
+				d.readErrs.Add(1)
+				return nil
+			}
 			sh.keys[id] = k
 		}
 		sh.mu.Unlock()
@@ -270,15 +285,22 @@ func (d *Detector) get(id string, now time.Time) *key {
 // topped up with the least recently used until a quarter of the shard is
 // free. The keys stay in the shard while they are written, so a use
 // meanwhile finds them; only those unchanged by the time the write is
-// done go. If the write fails, none goes, and evictions pause for a while.
+// done go. If the write fails, only those with nothing to write go, and
+// evictions pause for a while. Only evict deletes keys, under writeMu, so
+// the victims can be copied outside the shard lock.
 func (d *Detector) evict(sh *shard, now time.Time) {
 	sh.writeMu.Lock()
 	defer sh.writeMu.Unlock()
-	sh.mu.Lock()
+	defer func() {
+		sh.mu.Lock()
+		sh.evicting = false
+		sh.mu.Unlock()
+	}()
 	type aged struct {
 		id   string
 		seen time.Time
 	}
+	sh.mu.Lock()
 	all := make([]aged, 0, len(sh.keys))
 	for id, k := range sh.keys {
 		k.mu.Lock()
@@ -294,21 +316,21 @@ func (d *Detector) evict(sh *shard, now time.Time) {
 	for _, a := range all[:min(n, len(all))] {
 		out[a.id] = sh.keys[a.id]
 	}
-	snap := d.copyChanged(out)
 	sh.mu.Unlock()
 
+	snap := d.copyChanged(out)
 	err := d.commit(snap)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	sh.evicting = false
 	if err != nil {
 		sh.failedAt = time.Now()
-		return
 	}
 	for id, k := range out {
 		k.mu.Lock()
-		d.settle(k, snap[id])
-		if k.ver == k.saved { // unchanged since it was copied: it may go
+		if err == nil {
+			d.settle(k, snap[id])
+		}
+		if k.ver == k.saved { // nothing unwritten: it may go
 			k.gone = true
 			delete(sh.keys, id)
 		}
@@ -391,6 +413,9 @@ func (d *Detector) advance(k *key, now time.Time) {
 // new-network alert but counts toward nothing and teaches nothing.
 func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) {
 	k := d.get(id, now)
+	if k == nil {
+		return // its baseline cannot be read: not watched (ReadErrors counts it)
+	}
 	defer k.mu.Unlock()
 	d.advance(k, now)
 	if learn {
@@ -462,6 +487,9 @@ func (d *Detector) Clean(id string, since time.Time) bool {
 // Baseline returns what is learned of a key (for tests and reports).
 func (d *Detector) Baseline(id string, now time.Time) Baseline {
 	k := d.get(id, now)
+	if k == nil {
+		return Baseline{}
+	}
 	defer k.mu.Unlock()
 	d.advance(k, now)
 	b := k.b
@@ -478,8 +506,8 @@ func (d *Detector) Flush() error {
 		sh.writeMu.Lock()
 		sh.mu.Lock()
 		keys := maps.Clone(sh.keys)
-		snap := d.copyChanged(keys)
 		sh.mu.Unlock()
+		snap := d.copyChanged(keys) // outside the shard lock: only evict, under writeMu, deletes
 		if err := d.commit(snap); err != nil {
 			errs = append(errs, err)
 		} else {
@@ -493,6 +521,10 @@ func (d *Detector) Flush() error {
 	}
 	return errors.Join(errs...)
 }
+
+// ReadErrors is how many uses went unwatched because the key's baseline
+// could not be read from the store.
+func (d *Detector) ReadErrors() int64 { return d.readErrs.Load() }
 
 // Dropped is how many alerts were lost because they came faster than
 // they were handled (more than 1024 waiting).

@@ -226,3 +226,22 @@ func TestConcurrentEviction(t *testing.T) {
 		t.Errorf("%d keys held, the bound is 128", d.Held())
 	}
 }
+
+// TestUnreadableBaselineKept: a baseline that does not parse is not
+// replaced by a fresh one (which would overwrite it and start the key's
+// learning time again); the key goes unwatched and that is counted.
+func TestUnreadableBaselineKept(t *testing.T) {
+	st := openStore(t)
+	id := "ak_00000000000000000000bad0"
+	if err := st.Update(store.BucketBaselines, id, func([]byte) ([]byte, error) { return []byte("{not json"), nil }); err != nil {
+		t.Fatal(err)
+	}
+	d := anomaly.New(anomaly.Config{Enabled: true}, st)
+	d.Observe(id, netip.MustParseAddr("10.0.0.1"), time.Now(), true)
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := st.Get(store.BucketBaselines, id); string(b) != "{not json" || d.ReadErrors() != 1 {
+		t.Fatalf("the record is now %q, read errors %d", b, d.ReadErrors())
+	}
+}
