@@ -18,6 +18,3 @@ func (d *Detector) Held() int {
 	}
 	return n
 }
-
-// Settle is a no-op: keys are let go of synchronously.
-func (d *Detector) Settle() {}
