@@ -40,6 +40,7 @@ type instance struct {
 	health    time.Duration
 	credEvery time.Duration
 	now       func() time.Time // the clock of keys, API keys, credentials and the schedule; nil: time.Now
+	accept    bool             // -accept-store-rollback
 	cancel    context.CancelFunc
 	errc      chan error
 	stopped   bool
@@ -96,11 +97,12 @@ func (in *instance) run() {
 	in.cancel, in.stopped = cancel, false
 	ready := make(chan struct{})
 	go func() {
-		in.errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Reload: in.reload, Ready: ready, Version: "test", HealthEvery: in.health, CredentialsEvery: in.credEvery, Now: in.now})
+		in.errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Reload: in.reload, Ready: ready, Version: "test", HealthEvery: in.health, CredentialsEvery: in.credEvery, Now: in.now, AcceptStoreRollback: in.accept})
 	}()
 	select {
 	case <-ready:
 	case err := <-in.errc:
+		in.stopped = true
 		in.t.Fatalf("keywardd did not start: %v", err)
 	}
 	conn, err := grpc.NewClient("unix://"+in.cfg.Socket.Path, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -242,10 +244,10 @@ func TestEndToEnd(t *testing.T) {
 	_, err = ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "nope"})
 	wantCode(t, err, codes.NotFound, `key not found: "nope"`)
 
-	// Status and health: keywardd's own three keys (audit, API key pepper,
-	// credentials) and the app's.
+	// Status and health: keywardd's own four keys (audit, API key pepper,
+	// credentials, store) and the app's.
 	stc, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
-	if err != nil || stc.Hsm.TokenLabel != in.tok.Label || !stc.Hsm.Healthy || stc.Keys.Total != 4 || stc.Keys.PendingDeletion != 1 || stc.Store.SchemaVersion != store.SchemaVersion {
+	if err != nil || stc.Hsm.TokenLabel != in.tok.Label || !stc.Hsm.Healthy || stc.Keys.Total != 5 || stc.Keys.PendingDeletion != 1 || stc.Store.SchemaVersion != store.SchemaVersion {
 		t.Fatalf("GetStatus = %v, %v", stc, err)
 	}
 	hc, err := healthpb.NewHealthClient(in.conn).Check(ctx, &healthpb.HealthCheckRequest{})
@@ -289,7 +291,11 @@ func verifyAudit(t *testing.T, in *instance) audit.Report {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	f, err := os.Open(filepath.Join(in.cfg.DataDir, "audit.log"))
+	path := in.cfg.AuditFile
+	if path == "" {
+		path = filepath.Join(in.cfg.DataDir, "audit.log")
+	}
+	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -468,17 +474,14 @@ func TestHSMDown(t *testing.T) {
 
 // TestAuditDiskFull: when the audit log cannot be written (its disk is
 // full) no call succeeds: the one that finds out is answered UNAVAILABLE,
-// and every call after it is refused before doing anything.
+// every call after it is refused before doing anything, and health says
+// NOT_SERVING. Once there is room again keywardd serves again by itself,
+// with the outage and the record of the call that found out in the log,
+// which verifies.
 func TestAuditDiskFull(t *testing.T) {
-	softhsmtest.RequireRoot(t, "mounts a small tmpfs")
 	in := start(t, uidPolicy(allowAll))
 	in.stop()
-	small := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", small).CombinedOutput(); err != nil {
-		t.Fatalf("mount: %v %s", err, out)
-	}
-	// The daemon must let go of the file first, or the tmpfs stays busy.
-	t.Cleanup(func() { in.stop(); exec.Command("umount", "-l", small).Run() })
+	small := smallDisk(t, in, "256k")
 	in.cfg.AuditFile = filepath.Join(small, "audit.log")
 	in.run()
 	ctx := context.Background()
@@ -487,14 +490,7 @@ func TestAuditDiskFull(t *testing.T) {
 	if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "k", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		t.Fatal(err)
 	}
-	// Fill the disk.
-	filler, _ := os.Create(filepath.Join(small, "filler"))
-	for {
-		if _, err := filler.Write(make([]byte, 4096)); err != nil {
-			break
-		}
-	}
-	filler.Close()
+	fill(small)
 	// The audit log's last page may still hold a few records; the call that
 	// finds the disk full is answered UNAVAILABLE, never OK.
 	var err error
@@ -517,14 +513,66 @@ func TestAuditDiskFull(t *testing.T) {
 	for range 3 {
 		_, err = ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "k"})
 		wantCode(t, err, codes.Unavailable, "the audit log cannot be written, so nothing is done")
+		if strings.Contains(err.Error(), small) {
+			t.Fatalf("the answer holds the audit log's path: %v", err)
+		}
 	}
 	_, err = kc.RotateKey(ctx, &keywardv1.RotateKeyRequest{Name: "k"})
 	wantCode(t, err, codes.Unavailable, "nothing is done")
-	in.stop()
-	in.cfg.AuditFile = ""
-	in.run()
-	k, err := keywardv1.NewKeyServiceClient(in.conn).GetKey(ctx, &keywardv1.GetKeyRequest{Name: "k"})
+	hc := healthpb.NewHealthClient(in.conn)
+	waitFor(t, func() bool {
+		r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+		return err == nil && r.Status == healthpb.HealthCheckResponse_NOT_SERVING
+	})
+	// Room again: keywardd serves again without a restart.
+	os.Remove(filepath.Join(small, "filler"))
+	waitFor(t, func() bool {
+		r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+		return err == nil && r.Status == healthpb.HealthCheckResponse_SERVING
+	})
+	if _, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "k"}); err != nil {
+		t.Fatalf("after the disk had room again: %v", err)
+	}
+	k, err := kc.GetKey(ctx, &keywardv1.GetKeyRequest{Name: "k"})
 	if err != nil || k.Key.LatestVersion != 1 {
 		t.Fatalf("the refused rotation happened: %v, %v", k, err)
+	}
+	in.stop()
+	b, _ = os.ReadFile(in.cfg.AuditFile)
+	if !strings.Contains(string(b), `"op":"audit.outage"`) {
+		t.Fatal("the outage is not on record")
+	}
+	// Every answered call is on record, and the one that found the disk
+	// full too (written late): oks + the one refused + the one after.
+	if got := strings.Count(string(b), `"op":"EnvelopeService.GenerateDataKey"`); got != oks+2 {
+		t.Fatalf("%d data keys answered before the outage and 1 after, %d audited", oks, got)
+	}
+	if rep := verifyAudit(t, in); rep.BadLine != 0 || rep.TailTooLong {
+		t.Fatalf("audit verify after the outage: %+v", rep)
+	}
+}
+
+// smallDisk mounts a tmpfs of size for a stopped instance's files; it is
+// unmounted once the instance has stopped again.
+func smallDisk(t *testing.T, in *instance, size string) string {
+	t.Helper()
+	softhsmtest.RequireRoot(t, "mounts a small tmpfs")
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount: %v %s", err, out)
+	}
+	// The daemon must let go of its files first, or the tmpfs stays busy.
+	t.Cleanup(func() { in.stop(); exec.Command("umount", "-l", dir).Run() })
+	return dir
+}
+
+// fill fills the disk of dir with the file dir/filler.
+func fill(dir string) {
+	filler, _ := os.Create(filepath.Join(dir, "filler"))
+	defer filler.Close()
+	for {
+		if _, err := filler.Write(make([]byte, 4096)); err != nil {
+			return
+		}
 	}
 }

@@ -43,6 +43,11 @@ var PepperKey = hsm.KeyID{Name: server.ReservedPrefix + "apikeys", Version: 1}
 // credentials' secrets.
 var CredentialsKey = server.ReservedPrefix + "credentials"
 
+// StoreKey is the HMAC key in the HSM from which keywardd derives the key
+// that authenticates every record of its store: lose it and the store
+// cannot be read.
+var StoreKey = hsm.KeyID{Name: server.ReservedPrefix + "store", Version: 1}
+
 // DefaultFlushEvery is how often API key usage and quotas are written.
 const DefaultFlushEvery = 10 * time.Second
 
@@ -67,6 +72,10 @@ type Options struct {
 	// CredentialsEvery is how often managed credentials are maintained
 	// (pending rotations, overlaps' ends, periods). Default 1 minute.
 	CredentialsEvery time.Duration
+	// AcceptStoreRollback serves a store older than the last write the
+	// audit log records (an operator restored a backup on purpose); the
+	// acceptance is audited. See docs/operations.md, "Restoring the store".
+	AcceptStoreRollback bool
 }
 
 // Run serves until ctx ends, then drains the calls in flight, removes the
@@ -109,12 +118,6 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("data directory: %w", err)
 	}
-	st, err := store.Open(filepath.Join(cfg.DataDir, "keyward.db"), store.Options{})
-	if err != nil {
-		return err
-	}
-	closers = append(closers, st.Close)
-
 	h, err := hsm.Open(cfg.hsmConfig())
 	if err != nil {
 		return err
@@ -123,6 +126,18 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	if cfg.HSM.PINEnv != "" {
 		os.Unsetenv(cfg.HSM.PINEnv) // read; no child or later reader needs it
 	}
+	// The audit log before the store: its last line says how many writes
+	// the store had made, and a store with fewer is an older copy.
+	al, err := audit.Open(cfg.auditPath(), h, AuditKey, audit.Options{Now: o.Now})
+	if err != nil {
+		return err
+	}
+	closers = append(closers, al.Close)
+	st, err := openStore(ctx, cfg, h, al, o)
+	if err != nil {
+		return err
+	}
+	closers = append(closers, st.Close)
 
 	tc := cfg.tokenConfig()
 	km, err := keys.New(st, h, keys.Options{
@@ -139,15 +154,10 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	// does not (a lost store): the audit key MACed the existing log, and
 	// the pepper is what API keys restored from a backup are kept under.
 	own := []keys.Spec{{Name: AuditKey.Name, Purpose: keys.MAC, Adopt: true}, {Name: PepperKey.Name, Purpose: keys.MAC, Adopt: true},
-		{Name: CredentialsKey, Purpose: keys.Encrypt, Adopt: true}}
+		{Name: CredentialsKey, Purpose: keys.Encrypt, Adopt: true}, {Name: StoreKey.Name, Purpose: keys.MAC, Adopt: true}}
 	if err := ensureKeys(ctx, km, append(own, o.Keys...)); err != nil {
 		return err
 	}
-	al, err := audit.Open(cfg.auditPath(), h, AuditKey, audit.Options{})
-	if err != nil {
-		return err
-	}
-	closers = append(closers, al.Close)
 
 	pol, err := loadPolicy(cfg.PolicyFile)
 	if err != nil {
@@ -380,6 +390,43 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		gs.Stop()
 	}
 	return nil
+}
+
+// openStore opens the store under the key derived from StoreKey (made in
+// the HSM if it has none yet), refusing one behind the audit log unless the
+// operator accepts it, which is then audited; from then on every audit
+// line records the store's write count.
+func openStore(ctx context.Context, cfg *Config, h *hsm.HSM, al *audit.Log, o Options) (*store.Store, error) {
+	key, err := DeriveStoreKey(ctx, h)
+	if errors.Is(err, hsm.ErrKeyNotFound) {
+		if err = h.CreateKey(ctx, StoreKey, hsm.HMACSHA256); err == nil || errors.Is(err, hsm.ErrKeyExists) {
+			key, err = DeriveStoreKey(ctx, h)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("the store's key %s: %w", StoreKey, err)
+	}
+	acked := al.StoreWrites()
+	st, err := store.Open(filepath.Join(cfg.DataDir, "keyward.db"), store.Options{Key: key, Acknowledged: acked, AcceptRollback: o.AcceptStoreRollback})
+	if err != nil {
+		return nil, err
+	}
+	al.SetStoreWrites(st.Writes)
+	if st.Writes() < acked {
+		rec := audit.Record{Time: o.Now().UTC(), Op: "keywardd.AcceptStoreRollback", Outcome: "ok", Caller: keywardd(),
+			Detail: fmt.Sprintf("the operator started keywardd with -accept-store-rollback: it serves a store at write %d where the audit log recorded write %d; every change recorded after that point in this log is undone", st.Writes(), acked)}
+		if err := al.Append(ctx, rec); err != nil {
+			st.Close()
+			return nil, err
+		}
+	}
+	return st, nil
+}
+
+// DeriveStoreKey derives the key that authenticates the store's records
+// from StoreKey in the HSM: it never leaves keywardd's memory.
+func DeriveStoreKey(ctx context.Context, h *hsm.HSM) ([]byte, error) {
+	return h.HMACSHA256(ctx, StoreKey, []byte("keyward store key v1"))
 }
 
 // startPlugins starts the configured plugins. One that fails to start is

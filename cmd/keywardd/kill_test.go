@@ -16,6 +16,7 @@ import (
 
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/keyward/keyward/daemon"
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/audit"
@@ -87,6 +88,21 @@ func newDaemonFiles(t testing.TB) daemonFiles {
 // TestKill9: keywardd is killed with SIGKILL in the middle of concurrent
 // GenerateDataKey calls. After a restart every data key it acknowledged
 // still decrypts, the store checks clean and the audit chain verifies.
+// openStore opens keywardd's store in data as keywardd does: under the key
+// derived from the HSM, refusing it if it is behind the audit log.
+func openStore(h *hsm.HSM, data string) (*store.Store, error) {
+	key, err := daemon.DeriveStoreKey(context.Background(), h)
+	if err != nil {
+		return nil, err
+	}
+	var acked uint64
+	if f, err := os.Open(filepath.Join(data, "audit.log")); err == nil {
+		audit.Records(f, func(r audit.Record) error { acked = r.StoreWrites; return nil })
+		f.Close()
+	}
+	return store.Open(filepath.Join(data, "keyward.db"), store.Options{Key: key, Acknowledged: acked})
+}
+
 func TestKill9(t *testing.T) {
 	bin := buildDaemon(t)
 	files := newDaemonFiles(t)
@@ -142,16 +158,16 @@ func TestKill9(t *testing.T) {
 	if err := second.Wait(); err != nil {
 		t.Fatalf("keywardd after SIGTERM: %v", err)
 	}
-	st, err := store.Open(filepath.Join(data, "keyward.db"), store.Options{})
-	if err != nil {
-		t.Fatalf("store after the kill: %v", err)
-	}
-	st.Close()
 	h, err := hsm.Open(hsm.Config{Module: tok.Module, Token: tok.Label, PINFile: tok.PINFile})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer h.Close()
+	st, err := openStore(h, data)
+	if err != nil {
+		t.Fatalf("store after the kill: %v", err)
+	}
+	st.Close()
 	f, _ := os.Open(filepath.Join(data, "audit.log"))
 	defer f.Close()
 	rep, err := audit.Verify(ctx, f, h)
@@ -266,7 +282,12 @@ func TestKill9APIKeys(t *testing.T) {
 		if err := second.Wait(); err != nil {
 			t.Errorf("keywardd after SIGTERM: %v", err)
 		}
-		st, err := store.Open(filepath.Join(files.data, "keyward.db"), store.Options{})
+		h, err := hsm.Open(hsm.Config{Module: files.tok.Module, Token: files.tok.Label, PINFile: files.tok.PINFile})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer h.Close()
+		st, err := openStore(h, files.data)
 		if err != nil {
 			t.Fatalf("the store after the kill: %v", err)
 		}

@@ -33,6 +33,7 @@ func run() int {
 	configPath := flag.String("config", "/etc/keyward/keywardd.yaml", "configuration file")
 	dev := flag.Bool("dev", false, "try keyward: a throw-away SoftHSM2 token, data directory and permissive policy in a temporary directory")
 	devDir := flag.String("dev-dir", "", "with -dev: use (and keep) this directory instead of a temporary one")
+	acceptRollback := flag.Bool("accept-store-rollback", false, "serve a store older than the last write the audit log records (a backup restored on purpose; audited): see docs/operations.md, \"Restoring the store\"")
 	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
 	if flag.NArg() > 0 {
@@ -58,7 +59,7 @@ func run() int {
 	var (
 		cfg  *daemon.Config
 		err  error
-		opts = daemon.Options{Log: log, Reload: reload, Version: version}
+		opts = daemon.Options{Log: log, Reload: reload, Version: version, AcceptStoreRollback: *acceptRollback}
 	)
 	if *dev {
 		dir := *devDir

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,7 +16,6 @@ import (
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/apikeys"
-	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
 	"github.com/keyward/keyward/softhsm-test/benchload"
 )
@@ -123,16 +121,16 @@ func scaleSetup(b *testing.B, bin string, n, active int) (sock, config string, s
 	cmd.Process.Signal(syscall.SIGTERM)
 	cmd.Wait()
 
-	st, err := store.Open(filepath.Join(data, "keyward.db"), store.Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer st.Close()
 	h, err := hsm.Open(hsm.Config{Module: tok.Module, Token: tok.Label, PINFile: tok.PINFile})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer h.Close()
+	st, err := openStore(h, data)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
 	m, err := apikeys.NewManager(st, h, daemon.PepperKey, apikeys.Options{})
 	if err != nil {
 		b.Fatal(err)

@@ -12,11 +12,12 @@ import (
 
 	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/store/storetest"
 )
 
 func openStore(t testing.TB) *store.Store {
 	t.Helper()
-	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), store.Options{})
+	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), storetest.Options())
 	if err != nil {
 		t.Fatal(err)
 	}

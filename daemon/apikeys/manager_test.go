@@ -19,6 +19,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/ratelimit"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/store/storetest"
 	"github.com/keyward/keyward/hsm"
 	"github.com/keyward/keyward/softhsm-test/hsmtest"
 )
@@ -78,7 +79,7 @@ func (f *fixture) reopen(t testing.TB) {
 	if f.store != nil {
 		f.store.Close()
 	}
-	s, err := store.Open(f.path, store.Options{})
+	s, err := store.Open(f.path, storetest.Options())
 	if err != nil {
 		t.Fatal(err)
 	}

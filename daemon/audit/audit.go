@@ -28,6 +28,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/keyward/keyward/hsm"
@@ -61,6 +62,10 @@ type Record struct {
 	Batch         []Item    `json:"batch,omitempty"`          // a batch call's items, in order
 	APIKey        string    `json:"api_key,omitempty"`        // an API key's ID, never its secret
 	Result        string    `json:"result,omitempty"`         // VerifyAPIKey's verdict: VALID, NOT_FOUND, ...
+	// StoreWrites is the store's write count when the record was written
+	// (set by the log, not the caller): a store behind the last one the
+	// log holds is an older copy, and keywardd refuses it.
+	StoreWrites uint64 `json:"store_writes,omitempty"`
 }
 
 // Item is one item of a batch call.
@@ -81,10 +86,12 @@ type line struct {
 	Hash string          `json:"hash"`
 }
 
-// checkpoint MACs the chain up to and including the line before it.
+// checkpoint MACs the chain up to and including the line before it, and
+// (version 2, when StoreWrites is present) the store's write count.
 type checkpoint struct {
-	Key string `json:"key"` // the HMAC key's name and version, "audit v1"
-	MAC string `json:"mac"`
+	Key         string  `json:"key"` // the HMAC key's name and version, "audit v1"
+	MAC         string  `json:"mac"`
+	StoreWrites *uint64 `json:"store_writes,omitempty"`
 }
 
 // MACer computes HMAC-SHA256 with a key in the HSM.
@@ -96,7 +103,18 @@ type MACer interface {
 type Options struct {
 	CheckpointEvery    int           // records between checkpoints; default 256
 	CheckpointInterval time.Duration // most time between checkpoints; default 1 s
+	// RetryEvery is how often a log that could not be written tries again.
+	// Default 1 s.
+	RetryEvery time.Duration
+	// Now is the clock of the records the log writes itself and of its
+	// checkpoints; nil is time.Now.
+	Now func() time.Time
 }
+
+// maxLate bounds the records kept while the log cannot be written, of
+// calls that were done but could not be answered: they are written when
+// the log can be written again.
+const maxLate = 10000
 
 // Log is an open audit log. It is safe for concurrent use.
 type Log struct {
@@ -114,11 +132,25 @@ type Log struct {
 	head   [32]byte // hash of the last line
 	since  int      // records since the last checkpoint
 	lastCP time.Time
-	broken error // set when a write failed: every later Append fails too
+	size   int64  // the file's length after the last write that reached the disk
+	broken error  // set when a write failed, until a retry succeeds: Append fails meanwhile
+	outage outage // what happened while broken
 	closed bool
+
+	storeWrites     uint64                        // the last line's, when the log was opened
+	storeWritesFunc atomic.Pointer[func() uint64] // the store's count, once it is open
 
 	failed atomic.Pointer[error] // broken, readable without waiting for a write
 	macErr atomic.Pointer[error] // why the last checkpoint could not be MACed
+	notify atomic.Pointer[func()]
+}
+
+// outage is what the log keeps while it cannot be written.
+type outage struct {
+	since time.Time
+	cause string
+	late  []Record // records of calls that were done, to write when it can
+	lost  int      // late records past maxLate
 }
 
 type request struct {
@@ -136,11 +168,17 @@ func Open(path string, mac MACer, key hsm.KeyID, o Options) (*Log, error) {
 	if o.CheckpointInterval <= 0 {
 		o.CheckpointInterval = time.Second
 	}
+	if o.RetryEvery <= 0 {
+		o.RetryEvery = time.Second
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
 	}
-	l := &Log{f: f, mac: mac, key: key, opt: o, reqs: make(chan *request, 1024), done: make(chan struct{}), lastCP: time.Now()}
+	l := &Log{f: f, mac: mac, key: key, opt: o, reqs: make(chan *request, 1024), done: make(chan struct{}), lastCP: o.Now()}
 	torn, err := l.resume()
 	if err != nil {
 		f.Close()
@@ -148,7 +186,7 @@ func Open(path string, mac MACer, key hsm.KeyID, o Options) (*Log, error) {
 	}
 	go l.writer()
 	if torn > 0 {
-		err := l.Append(context.Background(), Record{Time: time.Now().UTC(), Op: "audit.recovered", Outcome: "ok",
+		err := l.Append(context.Background(), Record{Time: o.Now().UTC(), Op: "audit.recovered", Outcome: "ok",
 			Detail: fmt.Sprintf("cut %d bytes of a line torn by a crash; it recorded no acknowledged call", torn)})
 		if err != nil {
 			l.Close()
@@ -165,6 +203,7 @@ func (l *Log) resume() (torn int64, err error) {
 		return 0, fmt.Errorf("audit: %w", err)
 	}
 	size := fi.Size()
+	l.size = size
 	if size == 0 {
 		return 0, nil
 	}
@@ -180,6 +219,7 @@ func (l *Log) resume() (torn int64, err error) {
 		if err := l.f.Truncate(size - torn); err != nil {
 			return 0, fmt.Errorf("audit: cutting a torn line: %w", err)
 		}
+		l.size = size - torn
 		if end < 0 {
 			if start == 0 {
 				return torn, nil // the only line was torn: start afresh
@@ -199,17 +239,53 @@ func (l *Log) resume() (torn int64, err error) {
 	}
 	l.seq = last.Seq
 	copy(l.head[:], h)
+	var body struct {
+		StoreWrites uint64 `json:"store_writes"`
+	}
+	if json.Unmarshal(last.Body, &body) == nil {
+		l.storeWrites = body.StoreWrites
+	}
 	return torn, nil
 }
 
+// StoreWrites is the store's write count the log's last line recorded when
+// it was opened (0 for a log written before keywardd recorded it).
+func (l *Log) StoreWrites() uint64 { return l.storeWrites }
+
+// SetStoreWrites gives the log the store's write count, to record in every
+// line from now on.
+func (l *Log) SetStoreWrites(fn func() uint64) { l.storeWritesFunc.Store(&fn) }
+
+func (l *Log) currentStoreWrites() uint64 {
+	if fn := l.storeWritesFunc.Load(); fn != nil {
+		return (*fn)()
+	}
+	return l.storeWrites
+}
+
+// SetNotify sets a function called (on a goroutine of its own) whenever
+// the log stops or starts again being writable: Err changed.
+func (l *Log) SetNotify(fn func()) { l.notify.Store(&fn) }
+
+func (l *Log) changed() {
+	if fn := l.notify.Load(); fn != nil {
+		go (*fn)()
+	}
+}
+
 // Append writes r and returns once it is on disk. If the log cannot be
-// written it returns ErrUnavailable, and keeps doing so: no call may
-// succeed unaudited.
+// written it returns ErrUnavailable at once, and keeps doing so until a
+// retry (every RetryEvery) writes again: no call may succeed unaudited. A
+// record refused so is kept and written late, once the log can be written
+// again, since the call it records was done.
 func (l *Log) Append(ctx context.Context, r Record) error {
 	req := &request{rec: r, done: make(chan error, 1)}
 	l.sendMu.RLock()
 	l.mu.Lock()
 	closed, broken := l.closed, l.broken
+	if broken != nil && !closed {
+		l.keepLate(r)
+	}
 	l.mu.Unlock()
 	switch {
 	case closed:
@@ -241,17 +317,23 @@ func (l *Log) writer() {
 	defer close(l.done)
 	tick := time.NewTicker(l.opt.CheckpointInterval)
 	defer tick.Stop()
+	retry := time.NewTicker(l.opt.RetryEvery)
+	defer retry.Stop()
 	for {
 		var batch []*request
 		select {
 		case r, ok := <-l.reqs:
 			if !ok {
+				l.retry()
 				l.flush(nil, true)
 				return
 			}
 			batch = append(batch, r)
 		case <-tick.C:
 			l.flush(nil, false)
+			continue
+		case <-retry.C:
+			l.retry()
 			continue
 		}
 	more:
@@ -276,11 +358,27 @@ func (l *Log) flush(batch []*request, forceCheckpoint bool) {
 	defer l.mu.Unlock()
 	err := l.broken
 	if err == nil {
-		err = l.write(batch, forceCheckpoint)
-		if err != nil {
-			l.broken = fmt.Errorf("%w: %v", ErrUnavailable, err)
+		recs := make([]Record, len(batch))
+		for i, r := range batch {
+			recs[i] = r.rec
+		}
+		if err = l.write(recs, forceCheckpoint); err != nil {
+			// The cause without the file's path: callers' answers carry it.
+			cause := "the disk refused the write"
+			var errno syscall.Errno
+			if errors.As(err, &errno) {
+				cause = errno.Error()
+			}
+			l.outage = outage{since: l.opt.Now(), cause: cause}
+			l.broken = fmt.Errorf("%w (%s); keywardd tries again every %s", ErrUnavailable, cause, l.opt.RetryEvery)
 			l.failed.Store(&l.broken)
+			l.changed()
 			err = l.broken
+		}
+	}
+	if err != nil {
+		for _, r := range batch {
+			l.keepLate(r.rec)
 		}
 	}
 	for _, r := range batch {
@@ -288,9 +386,49 @@ func (l *Log) flush(batch []*request, forceCheckpoint bool) {
 	}
 }
 
-func (l *Log) write(batch []*request, forceCheckpoint bool) error {
+// keepLate keeps the record of a call the log could not record in time.
+func (l *Log) keepLate(r Record) {
+	if len(l.outage.late) < maxLate {
+		l.outage.late = append(l.outage.late, r)
+	} else {
+		l.outage.lost++
+	}
+}
+
+// retry tries to write again after a failed write: it cuts whatever the
+// failed write left after the last line that reached the disk, then writes
+// a record of the outage, the records kept meanwhile, and a checkpoint. If
+// that reaches the disk the log serves again.
+func (l *Log) retry() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.broken == nil {
+		return
+	}
+	if err := l.f.Truncate(l.size); err != nil {
+		return
+	}
+	o := l.outage
+	detail := fmt.Sprintf("the audit log could not be written from %s until now (%s): keywardd refused every call meanwhile", o.since.UTC().Format(time.RFC3339Nano), o.cause)
+	if len(o.late) > 0 {
+		detail += fmt.Sprintf("; the %d records that follow are of calls that were done but answered UNAVAILABLE, written late", len(o.late))
+	}
+	if o.lost > 0 {
+		detail += fmt.Sprintf("; %d more such records were not kept", o.lost)
+	}
+	recs := append([]Record{{Time: l.opt.Now().UTC(), Op: "audit.outage", Outcome: "ok", Detail: detail}}, o.late...)
+	if err := l.write(recs, true); err != nil {
+		return
+	}
+	l.broken, l.outage = nil, outage{}
+	l.failed.Store(nil)
+	l.changed()
+}
+
+func (l *Log) write(batch []Record, forceCheckpoint bool) error {
 	var buf bytes.Buffer
 	seq, head, since := l.seq, l.head, l.since
+	storeWrites := l.currentStoreWrites()
 	add := func(kind string, body any) error {
 		b, err := json.Marshal(body)
 		if err != nil {
@@ -313,20 +451,21 @@ func (l *Log) write(batch []*request, forceCheckpoint bool) error {
 	// stops the log.
 	checkpointed := false
 	checkpoint := func() error {
-		mac, err := l.mac.HMACSHA256(context.Background(), l.key, macInput(head, seq+1))
+		mac, err := l.mac.HMACSHA256(context.Background(), l.key, macInput(head, seq+1, &storeWrites))
 		if err != nil {
 			l.macErr.Store(&err)
 			return nil
 		}
 		l.macErr.Store(nil)
-		if err := add("checkpoint", checkpoint{Key: keyLabel(l.key), MAC: hex.EncodeToString(mac)}); err != nil {
+		if err := add("checkpoint", checkpoint{Key: keyLabel(l.key), MAC: hex.EncodeToString(mac), StoreWrites: &storeWrites}); err != nil {
 			return err
 		}
 		since, checkpointed = 0, true
 		return nil
 	}
 	for _, r := range batch {
-		if err := add("record", r.rec); err != nil {
+		r.StoreWrites = storeWrites
+		if err := add("record", r); err != nil {
 			return err
 		}
 		if since++; since >= l.opt.CheckpointEvery {
@@ -335,7 +474,7 @@ func (l *Log) write(batch []*request, forceCheckpoint bool) error {
 			}
 		}
 	}
-	if since > 0 && (forceCheckpoint || time.Since(l.lastCP) >= l.opt.CheckpointInterval) {
+	if since > 0 && (forceCheckpoint || l.opt.Now().Sub(l.lastCP) >= l.opt.CheckpointInterval || l.opt.Now().Before(l.lastCP)) {
 		if err := checkpoint(); err != nil {
 			return err
 		}
@@ -350,8 +489,9 @@ func (l *Log) write(batch []*request, forceCheckpoint bool) error {
 		return err
 	}
 	l.seq, l.head, l.since = seq, head, since
+	l.size += int64(buf.Len())
 	if checkpointed {
-		l.lastCP = time.Now()
+		l.lastCP = l.opt.Now()
 	}
 	return nil
 }
@@ -371,10 +511,16 @@ func lineHash(prev [32]byte, seq uint64, kind string, body []byte) [32]byte {
 	return out
 }
 
-// macInput is what a checkpoint at seq MACs: the head of the chain before it.
-func macInput(head [32]byte, seq uint64) []byte {
-	b := append([]byte("keyward audit checkpoint v1\x00"), head[:]...)
-	return binary.BigEndian.AppendUint64(b, seq)
+// macInput is what a checkpoint at seq MACs: the head of the chain before
+// it, and (version 2) the store's write count.
+func macInput(head [32]byte, seq uint64, storeWrites *uint64) []byte {
+	if storeWrites == nil {
+		b := append([]byte("keyward audit checkpoint v1\x00"), head[:]...)
+		return binary.BigEndian.AppendUint64(b, seq)
+	}
+	b := append([]byte("keyward audit checkpoint v2\x00"), head[:]...)
+	b = binary.BigEndian.AppendUint64(b, seq)
+	return binary.BigEndian.AppendUint64(b, *storeWrites)
 }
 
 // Err says why the log cannot be written, or nil. It does not wait for a
@@ -500,7 +646,7 @@ func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 				if err != nil {
 					return fail("a checkpoint with a bad MAC")
 				}
-				want, err := mac.HMACSHA256(ctx, id, macInput(head, ln.Seq))
+				want, err := mac.HMACSHA256(ctx, id, macInput(head, ln.Seq, cp.StoreWrites))
 				if err != nil {
 					return rep, fmt.Errorf("audit: computing the MAC of line %d: %w", rep.Lines, err)
 				}

@@ -19,6 +19,7 @@ import (
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/store/storetest"
 	"github.com/keyward/keyward/plugins/conformance"
 	"github.com/keyward/keyward/plugins/host"
 	"github.com/keyward/keyward/softhsm-test/hsmtest"
@@ -80,7 +81,7 @@ func newFixture(t *testing.T, mode string) *fixture {
 	t.Helper()
 	h, _ := hsmtest.Open(t)
 	dir := t.TempDir()
-	st, err := store.Open(filepath.Join(dir, "keyward.db"), store.Options{})
+	st, err := store.Open(filepath.Join(dir, "keyward.db"), storetest.Options())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,13 +12,14 @@ import (
 
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/store/storetest"
 	"github.com/keyward/keyward/softhsm-test/hsmtest"
 )
 
 func setup(t *testing.T) (*Service, *keys.Manager) {
 	t.Helper()
 	h, _ := hsmtest.Open(t)
-	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), store.Options{})
+	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), storetest.Options())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/store/storetest"
 	"github.com/keyward/keyward/hsm"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 	"github.com/keyward/keyward/softhsm-test/hsmtest"
@@ -39,7 +40,7 @@ func setup(t *testing.T, o Options) *env {
 	t.Helper()
 	h, _ := hsmtest.Open(t)
 	path := filepath.Join(t.TempDir(), "keyward.db")
-	s, err := store.Open(path, store.Options{})
+	s, err := store.Open(path, storetest.Options())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -630,7 +631,7 @@ func TestFailedPanicRotateDoesNotArmRotate(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	s, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), store.Options{})
+	s, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), storetest.Options())
 	if err != nil {
 		t.Fatal(err)
 	}

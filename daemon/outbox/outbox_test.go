@@ -17,6 +17,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/store/storetest"
 	"github.com/keyward/keyward/plugins/conformance"
 	"github.com/keyward/keyward/plugins/host"
 )
@@ -49,7 +50,7 @@ func emit(t *testing.T, st *store.Store, e outbox.Event) {
 // wait and nothing is lost; a restart of keywardd delivers nothing twice.
 func TestDeliveryInOrderThroughOutage(t *testing.T) {
 	dir := t.TempDir()
-	st, err := store.Open(filepath.Join(dir, "keyward.db"), store.Options{})
+	st, err := store.Open(filepath.Join(dir, "keyward.db"), storetest.Options())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/schedule"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/store/storetest"
 	"github.com/keyward/keyward/hsm"
 	"github.com/keyward/keyward/softhsm-test/hsmtest"
 )
@@ -40,7 +41,7 @@ var pepper = hsm.KeyID{Name: "keyward-apikeys", Version: 1}
 func newFixture(t testing.TB) *fixture {
 	t.Helper()
 	h, _ := hsmtest.Open(t)
-	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), store.Options{})
+	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), storetest.Options())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,6 +8,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -122,6 +123,7 @@ type Server struct {
 	health *health.Server
 	start  time.Time
 	hsmErr atomic.Pointer[error] // the last health check's error; nil when healthy
+	kick   chan struct{}         // checks health at once: the audit log or the store changed
 	tkeys  tokenKeys
 	mints  mintCache
 
@@ -153,8 +155,9 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	}
 	cfg.Tokens.defaults()
 	s := &Server{cfg: cfg, health: health.NewServer(), start: time.Now(), tkeys: tokenKeys{m: map[hsm.KeyID]*tokens.Key{}},
-		mints: mintCache{m: map[string]mintEntry{}}, verified: tokens.NewCache()}
+		mints: mintCache{m: map[string]mintEntry{}}, verified: tokens.NewCache(), kick: make(chan struct{}, 1)}
 	s.policy.Store(cfg.Policy)
+	cfg.Audit.SetNotify(s.recheck)
 	gs := grpc.NewServer(
 		grpc.Creds(&peerCreds{resolver: identity.NewResolver(), open: new(atomic.Int64)}),
 		grpc.UnaryInterceptor(s.intercept),
@@ -180,7 +183,9 @@ func New(cfg Config) (*Server, *grpc.Server) {
 func (s *Server) SetPolicy(p *policy.Policy) { s.policy.Store(p) }
 
 // WatchHealth checks the HSM every HealthEvery until ctx ends, and serves
-// NOT_SERVING on the health service while it fails.
+// NOT_SERVING on the health service while it fails, while the audit log
+// cannot be written, or once the store was found damaged (those two at
+// once).
 func (s *Server) WatchHealth(ctx context.Context) {
 	t := time.NewTicker(s.cfg.HealthEvery)
 	defer t.Stop()
@@ -191,7 +196,16 @@ func (s *Server) WatchHealth(ctx context.Context) {
 			s.health.Shutdown()
 			return
 		case <-t.C:
+		case <-s.kick:
 		}
+	}
+}
+
+// recheck has WatchHealth check at once.
+func (s *Server) recheck() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
 	}
 }
 
@@ -199,10 +213,12 @@ func (s *Server) checkHealth(ctx context.Context) {
 	err := s.cfg.HSM.Health(ctx)
 	st := healthpb.HealthCheckResponse_SERVING
 	if err != nil {
-		st = healthpb.HealthCheckResponse_NOT_SERVING
 		s.hsmErr.Store(&err)
 	} else {
 		s.hsmErr.Store(nil)
+	}
+	if err != nil || s.cfg.Audit.Err() != nil || s.cfg.Store.Err() != nil {
+		st = healthpb.HealthCheckResponse_NOT_SERVING
 	}
 	s.health.SetServingStatus("", st)
 	for _, sd := range services {
@@ -270,7 +286,14 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 		return nil, status.Error(codes.Unavailable, "keywardd: the audit log cannot be written, so nothing is done: "+err.Error())
 	}
 	started := time.Now()
-	resp, err := handler(context.WithValue(ctx, callKey{}, c), req)
+	var resp any
+	err := s.cfg.Store.Err()
+	if err == nil {
+		resp, err = handler(context.WithValue(ctx, callKey{}, c), req)
+	}
+	if errors.Is(err, store.ErrDamaged) {
+		s.recheck()
+	}
 	if err == nil && sensitive[op] {
 		if aerr := c.caller.Alive(); aerr != nil {
 			resp, err = nil, aerr

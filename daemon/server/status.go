@@ -14,6 +14,7 @@ import (
 	"github.com/keyward/keyward/daemon/identity"
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/policy"
+	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/daemon/tokens"
 	"github.com/keyward/keyward/hsm"
 )
@@ -60,6 +61,9 @@ var codeOf = []struct {
 	{credentials.ErrNoPlugin, codes.FailedPrecondition},
 	{tokens.ErrInvalid, codes.InvalidArgument},
 	{audit.ErrUnavailable, codes.Unavailable},
+	{store.ErrUnavailable, codes.Unavailable},
+	{store.ErrDamaged, codes.DataLoss},
+	{store.ErrRolledBack, codes.DataLoss},
 	{hsm.ErrTokenUnavailable, codes.Unavailable},
 	{hsm.ErrBusy, codes.Unavailable},
 	{hsm.ErrPINIncorrect, codes.Unavailable},

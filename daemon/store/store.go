@@ -1,10 +1,18 @@
 // Package store is keywardd's state on one host: a bbolt file under the data
-// directory, with a schema version and migrations, an integrity check when it
-// opens, an exclusive lock (a second daemon gets a clear error, not a
-// corrupted file), and an fsync on every commit. It stores opaque records in
-// named buckets; the domain packages own the record formats and declare the
-// few methods they use as interfaces, so that a fleet can later share state
-// through another engine without touching them. Key material never comes here.
+// directory, with a schema version and migrations, an exclusive lock (a
+// second daemon gets a clear error, not a corrupted file), and an fsync on
+// every commit. It stores opaque records in named buckets; the domain
+// packages own the record formats and declare the few methods they use as
+// interfaces, so that a fleet can later share state through another engine
+// without touching them. Key material never comes here.
+//
+// A store serves exactly what keywardd last wrote, or nothing. Every record
+// is authenticated under a key keywardd derives from its HSM (seal.go), the
+// whole content is bound to a write count by a MACed digest, and the file's
+// structure is checked with plain reads before bbolt maps it (file.go): a
+// damaged, edited or swapped file is refused with ErrDamaged, one older
+// than the last write keywardd acknowledged with ErrRolledBack, and a write
+// that cannot reach the disk fails with ErrUnavailable, changing nothing.
 package store
 
 import (
@@ -14,6 +22,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -36,6 +48,10 @@ const (
 	BucketBaselines     = "baselines"      // each API key's request-rate baseline and known networks, by ID (schema 6)
 )
 
+// buckets are every bucket of the current schema.
+var buckets = []string{BucketKeys, BucketRevokedTokens, BucketAPIKeys, BucketAPIKeyMACs, BucketAPIKeyUsage, BucketAPIKeyHints,
+	BucketCredentials, BucketOutbox, BucketOutboxCursors, BucketSchedule, BucketBaselines}
+
 // LegacyAPIKeys is the key of BucketAPIKeyHints that marks a store whose
 // API keys predate the hints (schema 3): their secrets have none.
 const LegacyAPIKeys = "legacy"
@@ -44,13 +60,17 @@ const LegacyAPIKeys = "legacy"
 var ErrNotFound = errors.New("store: not found")
 
 const (
-	metaBucket    = "meta"
-	schemaKey     = "schema_version"
-	SchemaVersion = 6
+	metaBucket = "meta"
+	schemaKey  = "schema_version"
+	// SchemaVersion is the schema this keywardd writes. Schema 7 seals
+	// every record (seal.go).
+	SchemaVersion = 7
+	sealedSchema  = 7
 )
 
-// migrations[i] brings a store from schema version i to i+1.
-var migrations = []func(tx *bolt.Tx) error{
+// legacyMigrations[i] brings an unsealed store from schema version i to
+// i+1; sealing (schema 7) follows them.
+var legacyMigrations = []func(tx *bolt.Tx) error{
 	0: func(tx *bolt.Tx) error {
 		_, err := tx.CreateBucketIfNotExists([]byte(BucketKeys))
 		return err
@@ -95,121 +115,261 @@ var migrations = []func(tx *bolt.Tx) error{
 	},
 }
 
+// Problem is how the store refuses: a message for the operator, and
+// ErrDamaged, ErrRolledBack or ErrUnavailable to match with errors.Is.
+type Problem struct {
+	Err error
+	Msg string
+}
+
+func (p *Problem) Error() string { return p.Msg }
+
+// Unwrap returns the sentinel.
+func (p *Problem) Unwrap() error { return p.Err }
+
+// Runbook is where an operator reads what to do with a refused store.
+const Runbook = `docs/operations.md, "Restoring the store"`
+
 // Store is an open store file. It is safe for concurrent use.
 type Store struct {
 	db   *bolt.DB
 	path string
+	seal *sealer
+
+	wmu    sync.Mutex // serializes writes; guards digest
+	digest digest     // of the records as committed
+	writes atomic.Uint64
+
+	failed atomic.Pointer[Problem] // set when a record read at run time did not verify
 }
 
-// Options tune Open. Zero values mean the defaults.
+// Options tune Open.
 type Options struct {
+	// Key authenticates every record (KeySize bytes). keywardd derives it
+	// from its store key in the HSM, so that neither a damaged disk nor
+	// anyone who can edit the file can change a record unnoticed. Required.
+	Key []byte
+	// Acknowledged is the write count the audit log last recorded: a store
+	// with fewer writes is refused with ErrRolledBack, unless
+	// AcceptRollback (an operator restored a backup on purpose).
+	Acknowledged   uint64
+	AcceptRollback bool
 	// LockTimeout is how long Open waits for another process to let go of
 	// the file. Default 1 s.
 	LockTimeout time.Duration
 }
 
 // Open opens or creates the store at path (mode 0600), checks it and brings
-// its schema up to date.
+// its schema up to date. Nothing is written to a store that is refused.
 func Open(path string, o Options) (*Store, error) {
 	if o.LockTimeout <= 0 {
 		o.LockTimeout = time.Second
 	}
-	if _, err := os.Stat(filepath.Dir(path)); err != nil {
-		return nil, fmt.Errorf("store: data directory: %w", err)
-	}
-	// The check reads every page through a read-only map of the file, made
-	// before keywardd's own: those pages must not stay in keywardd's
-	// resident set, nor in the page cache, where the kernel maps up to 16
-	// cached neighbours of every page a lookup touches ("fault-around"),
-	// so a 1 GB store would soon be 1 GB resident for a few thousand keys
-	// in use. Its clean cached pages are dropped after it; bbolt maps the
-	// file MADV_RANDOM (no read-ahead), so keywardd's map holds the pages
-	// its calls use. The check's shared lock waits for, and keeps out, any
-	// writer, as keywardd's exclusive one then does.
-	if _, err := os.Stat(path); err == nil {
-		ro, err := openFile(path, o, true)
-		if err != nil {
-			return nil, err
-		}
-		err = ro.Check()
-		ro.Close()
-		if err != nil {
-			return nil, err
-		}
-		if f, err := os.Open(path); err == nil {
-			unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED) // advice: nothing to do if refused
-			f.Close()
-		}
-	}
-	s, err := openFile(path, o, false)
+	seal, err := newSealer(o.Key)
 	if err != nil {
 		return nil, err
 	}
-	if err := s.migrate(); err != nil {
-		s.Close()
+	if _, err := os.Stat(filepath.Dir(path)); err != nil {
+		return nil, fmt.Errorf("store: data directory: %w", err)
+	}
+	var rep fileReport
+	if fi, err := os.Stat(path); err == nil && fi.Size() > 0 {
+		if rep, err = checkPath(path, o.LockTimeout); err != nil {
+			return nil, refusal(path, err)
+		}
+	}
+	s := &Store{path: path, seal: seal}
+	err = guard(func() error {
+		var err error
+		s.db, err = bolt.Open(path, 0o600, &bolt.Options{Timeout: o.LockTimeout})
+		return err
+	})
+	if errors.Is(err, bolterrors.ErrTimeout) {
+		return nil, inUse(path)
+	}
+	if err != nil {
+		return nil, refusal(path, fmt.Errorf("%w: bbolt could not open it: %v", ErrDamaged, err))
+	}
+	if err := s.load(rep, o); err != nil {
+		s.db.Close()
 		return nil, err
 	}
 	return s, nil
 }
 
-func openFile(path string, o Options, readOnly bool) (*Store, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: o.LockTimeout, ReadOnly: readOnly})
-	if errors.Is(err, bolterrors.ErrTimeout) {
-		return nil, fmt.Errorf("store: %s is in use by another process (is another keywardd running on this data directory?)", path)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("store: opening %s: %w; if the file is damaged, restore it from a backup", path, err)
-	}
-	return &Store{db: db, path: path}, nil
+func inUse(path string) error {
+	return fmt.Errorf("store: %s is in use by another process (is another keywardd running on this data directory?)", path)
 }
 
-// Close closes the file.
-func (s *Store) Close() error { return s.db.Close() }
+// refusal says what is wrong with the store at path and what to do.
+func refusal(path string, err error) error {
+	if errors.Is(err, ErrRolledBack) {
+		return &Problem{Err: ErrRolledBack, Msg: fmt.Sprintf("store: %s is older than the last write keywardd acknowledged: %v. keywardd changed nothing and does not serve from it: put the newest copy back, or if there is none, start once with -accept-store-rollback (see %s)", path, unwrapMsg(err), Runbook)}
+	}
+	return &Problem{Err: ErrDamaged, Msg: fmt.Sprintf("store: %s is damaged: %v. keywardd changed nothing and does not serve from it: restore it from a backup (see %s)", path, unwrapMsg(err), Runbook)}
+}
 
-// Path is the store's file.
-func (s *Store) Path() string { return s.path }
+// unwrapMsg is err's message without the sentinel's prefix.
+func unwrapMsg(err error) string {
+	m := err.Error()
+	for _, s := range []error{ErrDamaged, ErrRolledBack} {
+		m = trimPrefix(m, s.Error()+": ")
+	}
+	return m
+}
 
-// Check reads every bucket and record of the file. bbolt panics when it
-// meets a damaged page, and its own Tx.Check does so in a goroutine of its
-// own where no one can recover, which would take the daemon down; so the walk
-// happens here and the panic becomes an error that says what to do.
-func (s *Store) Check() (err error) {
+func trimPrefix(s, p string) string {
+	if len(s) >= len(p) && s[:len(p)] == p {
+		return s[len(p):]
+	}
+	return s
+}
+
+// checkPath checks the file's structure under a shared lock, which waits
+// for and keeps out any writer, then drops the pages it read from the page
+// cache: keywardd's own map then holds only the pages its calls use.
+func checkPath(path string, timeout time.Duration) (fileReport, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return fileReport{}, fmt.Errorf("store: %w", err)
+	}
+	defer f.Close()
+	deadline := time.Now().Add(timeout)
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) || time.Now().After(deadline) {
+			return fileReport{}, inUse(path)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	var rep fileReport
+	err = guard(func() error {
+		var err error
+		rep, err = checkFile(f)
+		return err
+	})
+	unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED) // advice: nothing to do if refused
+	return rep, err
+}
+
+// guard runs fn, turning a panic, or a fault reading a mapped file, into
+// ErrDamaged: bbolt panics on pages it finds inconsistent.
+func guard(fn func() error) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if r := recover(); r != nil {
-			err = fmt.Errorf("store: integrity check of %s failed: %v; restore it from a backup", s.path, r)
+			err = fmt.Errorf("%w: reading it failed: %v", ErrDamaged, r)
 		}
 	}()
-	var walk func(b *bolt.Bucket) error
-	walk = func(b *bolt.Bucket) error {
-		return b.ForEach(func(k, v []byte) error {
-			if v == nil {
-				if nested := b.Bucket(k); nested != nil {
-					return walk(nested)
-				}
+	return fn()
+}
+
+// load verifies every record against the integrity record (or seals a
+// store of an older schema, or initializes a new one), checks the write
+// count against the audit log's, and migrates.
+func (s *Store) load(rep fileReport, o Options) error {
+	var (
+		sealed bool
+		schema int
+		d      digest
+		writes uint64
+	)
+	err := guard(func() error {
+		return s.db.View(func(tx *bolt.Tx) error {
+			meta := tx.Bucket([]byte(metaBucket))
+			sealed = meta != nil && meta.Get([]byte(integrityKey)) != nil
+			if !sealed {
+				schema = legacySchema(tx)
+				return nil
 			}
-			return nil
+			var err error
+			d, err = s.verify(tx)
+			if err != nil {
+				return err
+			}
+			if writes, err = s.seal.checkIntegrity(meta.Get([]byte(integrityKey)), &d); err != nil {
+				return fmt.Errorf("%w: %v", ErrDamaged, err)
+			}
+			schema, err = s.schema(tx)
+			return err
 		})
-	}
-	err = s.db.View(func(tx *bolt.Tx) error {
-		return tx.ForEach(func(_ []byte, b *bolt.Bucket) error { return walk(b) })
 	})
 	if err != nil {
-		return fmt.Errorf("store: integrity check of %s failed: %w; restore it from a backup", s.path, err)
+		return refusal(s.path, err)
+	}
+	if writes < o.Acknowledged {
+		why := fmt.Sprintf("it holds write %d, the audit log records write %d", writes, o.Acknowledged)
+		if !sealed {
+			why = fmt.Sprintf("it is not sealed (a new or pre-schema-%d file), but the audit log records write %d of a sealed store", sealedSchema, o.Acknowledged)
+		}
+		if rep.metaDamaged != "" {
+			why += "; its newest meta page is damaged (" + rep.metaDamaged + "), so bbolt fell back to the transaction before"
+		}
+		if !o.AcceptRollback {
+			return refusal(s.path, fmt.Errorf("%w: %s", ErrRolledBack, why))
+		}
+	}
+	if schema > SchemaVersion {
+		return fmt.Errorf("store: %s has schema version %d, newer than this keywardd's %d: run a newer keywardd", s.path, schema, SchemaVersion)
+	}
+	s.digest = d
+	s.writes.Store(writes)
+	if !sealed {
+		return s.sealLegacy(schema)
 	}
 	return nil
 }
 
-// SchemaVersion returns the schema version of the open file.
-func (s *Store) SchemaVersion() (int, error) {
-	var v int
-	err := s.db.View(func(tx *bolt.Tx) error {
-		v = readSchema(tx)
+// verify checks every record's tag and the buckets of the schema, and
+// returns the digest of the records.
+func (s *Store) verify(tx *bolt.Tx) (digest, error) {
+	var d digest
+	known := map[string]bool{metaBucket: true}
+	for _, b := range buckets {
+		known[b] = true
+		if tx.Bucket([]byte(b)) == nil {
+			return d, fmt.Errorf("%w: the bucket %q is missing", ErrDamaged, b)
+		}
+	}
+	err := tx.ForEach(func(name []byte, b *bolt.Bucket) error {
+		if !known[string(name)] {
+			return fmt.Errorf("%w: a bucket %q that is not in the schema", ErrDamaged, name)
+		}
+		d.xor(s.seal.sequence(name, b.Sequence()))
+		c := b.Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			if v == nil {
+				return fmt.Errorf("%w: a bucket %q inside the bucket %q", ErrDamaged, k, name)
+			}
+			if string(name) == metaBucket && string(k) == integrityKey {
+				continue
+			}
+			_, t, err := s.seal.open(name, k, v)
+			if err != nil {
+				return fmt.Errorf("%w: the record %q of the bucket %q: %v (a damaged disk, an edited file, or a store written with another HSM token's keyward-store key)", ErrDamaged, k, name, err)
+			}
+			d.xor(s.seal.element(t))
+		}
 		return nil
 	})
-	return v, err
+	return d, err
 }
 
-func readSchema(tx *bolt.Tx) int {
+// schema reads the sealed schema version.
+func (s *Store) schema(tx *bolt.Tx) (int, error) {
+	v := tx.Bucket([]byte(metaBucket)).Get([]byte(schemaKey))
+	rec, _, err := s.seal.open([]byte(metaBucket), []byte(schemaKey), v)
+	if err != nil || len(rec) != 8 {
+		return 0, fmt.Errorf("%w: the schema version does not verify", ErrDamaged)
+	}
+	return int(binary.BigEndian.Uint64(rec)), nil
+}
+
+// legacySchema reads an unsealed store's schema version (0: a new file).
+func legacySchema(tx *bolt.Tx) int {
 	b := tx.Bucket([]byte(metaBucket))
 	if b == nil {
 		return 0
@@ -220,26 +380,144 @@ func readSchema(tx *bolt.Tx) int {
 	return 0
 }
 
-func (s *Store) migrate() error {
-	return s.db.Update(func(tx *bolt.Tx) error {
-		v := readSchema(tx)
-		if v > SchemaVersion {
-			return fmt.Errorf("store: %s has schema version %d, newer than this keywardd's %d: run a newer keywardd", s.path, v, SchemaVersion)
+// sealLegacy brings a new or unsealed store to the sealed schema in one
+// transaction: the old migrations, then every record sealed.
+func (s *Store) sealLegacy(from int) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	var d digest
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		if from > len(legacyMigrations) {
+			return fmt.Errorf("%w: unsealed, with schema version %d, which no keywardd wrote", ErrDamaged, from)
+		}
+		for v := from; v < len(legacyMigrations); v++ {
+			if err := legacyMigrations[v](tx); err != nil {
+				return fmt.Errorf("store: migrating %s from schema %d to %d: %w", s.path, v, v+1, err)
+			}
 		}
 		meta, err := tx.CreateBucketIfNotExists([]byte(metaBucket))
 		if err != nil {
 			return err
 		}
-		for ; v < SchemaVersion; v++ {
-			if err := migrations[v](tx); err != nil {
-				return fmt.Errorf("store: migrating %s from schema %d to %d: %w", s.path, v, v+1, err)
-			}
-			if err := meta.Put([]byte(schemaKey), binary.BigEndian.AppendUint64(nil, uint64(v+1))); err != nil {
+		if err := meta.Put([]byte(schemaKey), binary.BigEndian.AppendUint64(nil, sealedSchema)); err != nil {
+			return err
+		}
+		err = tx.ForEach(func(name []byte, b *bolt.Bucket) error {
+			d.xor(s.seal.sequence(name, b.Sequence()))
+			var ks, vs [][]byte
+			if err := b.ForEach(func(k, v []byte) error {
+				if v == nil {
+					return fmt.Errorf("%w: a bucket %q inside the bucket %q", ErrDamaged, k, name)
+				}
+				if _, _, err := s.seal.open(name, k, v); err == nil {
+					return fmt.Errorf("%w: it holds sealed records but no integrity record, which was removed", ErrDamaged)
+				}
+				ks, vs = append(ks, bytes.Clone(k)), append(vs, bytes.Clone(v))
+				return nil
+			}); err != nil {
 				return err
 			}
+			for i, k := range ks {
+				sealed, t := s.seal.seal(name, k, vs[i])
+				if err := b.Put(k, sealed); err != nil {
+					return err
+				}
+				d.xor(s.seal.element(t))
+			}
+			return nil
+		})
+		if err != nil {
+			return err
 		}
-		return nil
+		return meta.Put([]byte(integrityKey), s.seal.integrity(1, &d))
 	})
+	if errors.Is(err, ErrDamaged) {
+		return refusal(s.path, err)
+	}
+	if err != nil {
+		return writeFailed(err)
+	}
+	s.digest = d
+	s.writes.Store(1)
+	return nil
+}
+
+// Close closes the file.
+func (s *Store) Close() error { return s.db.Close() }
+
+// Path is the store's file.
+func (s *Store) Path() string { return s.path }
+
+// Writes is how many writes the store has committed since it was sealed:
+// the audit log records it, so that an older store is refused.
+func (s *Store) Writes() uint64 { return s.writes.Load() }
+
+// Err says why the store stopped serving (a record read at run time did not
+// verify), or nil.
+func (s *Store) Err() error {
+	if p := s.failed.Load(); p != nil {
+		return p
+	}
+	return nil
+}
+
+// Verify reads every record again and checks it against the integrity
+// record, as Open does.
+func (s *Store) Verify() error {
+	if err := s.Err(); err != nil {
+		return err
+	}
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	err := guard(func() error {
+		return s.db.View(func(tx *bolt.Tx) error {
+			d, err := s.verify(tx)
+			if err != nil {
+				return err
+			}
+			if d != s.digest {
+				return fmt.Errorf("%w: the records are not those keywardd wrote", ErrDamaged)
+			}
+			_, err = s.seal.checkIntegrity(tx.Bucket([]byte(metaBucket)).Get([]byte(integrityKey)), &d)
+			if err != nil {
+				return fmt.Errorf("%w: %v", ErrDamaged, err)
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		return s.fail(err)
+	}
+	return nil
+}
+
+// fail marks the store as damaged at run time: every later call fails.
+func (s *Store) fail(err error) error {
+	p := &Problem{Err: ErrDamaged, Msg: fmt.Sprintf("store: keywardd's store is damaged: %v. keywardd stopped serving and changes nothing more: restore the store from a backup (see %s)", unwrapMsg(err), Runbook)}
+	s.failed.CompareAndSwap(nil, p)
+	return s.Err()
+}
+
+// writeFailed turns a failed commit into ErrUnavailable, without the
+// file's path (callers' answers carry it).
+func writeFailed(err error) error {
+	why := "the disk refused the write"
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		why = errno.Error()
+	}
+	return &Problem{Err: ErrUnavailable, Msg: "store: keywardd's store cannot be written now (" + why + "); nothing was changed, try again later"}
+}
+
+// SchemaVersion returns the schema version of the open file.
+func (s *Store) SchemaVersion() (int, error) {
+	var v int
+	err := s.db.View(func(tx *bolt.Tx) error {
+		var err error
+		v, err = s.schema(tx)
+		return err
+	})
+	return v, err
 }
 
 func bucket(tx *bolt.Tx, name string) (*bolt.Bucket, error) {
@@ -250,10 +528,32 @@ func bucket(tx *bolt.Tx, name string) (*bolt.Bucket, error) {
 	return b, nil
 }
 
+// read runs a read transaction; a record that does not verify stops the
+// store.
+func (s *Store) read(fn func(tx *bolt.Tx) error) error {
+	if err := s.Err(); err != nil {
+		return err
+	}
+	err := guard(func() error { return s.db.View(fn) })
+	if errors.Is(err, ErrDamaged) {
+		return s.fail(err)
+	}
+	return err
+}
+
+// openRecord checks a stored value and returns a copy of its record.
+func (s *Store) openRecord(bucketName string, key, v []byte) ([]byte, [tagSize]byte, error) {
+	rec, t, err := s.seal.open([]byte(bucketName), key, v)
+	if err != nil {
+		return nil, t, fmt.Errorf("%w: the record %q of the bucket %q: %v", ErrDamaged, key, bucketName, err)
+	}
+	return bytes.Clone(rec), t, nil
+}
+
 // Get returns a copy of the record under key, or ErrNotFound.
 func (s *Store) Get(bucketName, key string) ([]byte, error) {
 	var out []byte
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.read(func(tx *bolt.Tx) error {
 		b, err := bucket(tx, bucketName)
 		if err != nil {
 			return err
@@ -262,8 +562,8 @@ func (s *Store) Get(bucketName, key string) ([]byte, error) {
 		if v == nil {
 			return ErrNotFound
 		}
-		out = bytes.Clone(v)
-		return nil
+		out, _, err = s.openRecord(bucketName, []byte(key), v)
+		return err
 	})
 	return out, err
 }
@@ -286,49 +586,126 @@ func (s *Store) UpdateEach(bucketName string, keys []string, fn func(key string,
 	})
 }
 
+// errCallerPanicked stops a transaction whose caller's fn panicked.
+var errCallerPanicked = errors.New("store: the caller's function panicked")
+
+// callerFn runs a caller's fn inside a guarded transaction: a panic of the
+// caller's is no sign of a damaged store, so it is caught here, the
+// transaction ends, and rethrow raises it again outside.
+func callerFn(caught *any, fn func() ([]byte, [][]byte, error)) (rec []byte, events [][]byte, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			*caught, err = r, errCallerPanicked
+		}
+	}()
+	return fn()
+}
+
+func rethrow(caught *any) {
+	if *caught != nil {
+		panic(*caught)
+	}
+}
+
+// fnError carries an error of the caller's fn through bbolt's Update, to
+// tell it from a failed write.
+type fnError struct{ err error }
+
+func (e *fnError) Error() string { return e.err.Error() }
+
 // UpdateEachEmit is UpdateEach whose fn may also return events, appended
 // to BucketOutbox in the same transaction under the next sequence numbers
 // (OutboxKey): a change and the events announcing it are written together
 // or not at all.
 func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error)) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
-		b, err := bucket(tx, bucketName)
+	if err := s.Err(); err != nil {
+		return err
+	}
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	d := s.digest
+	writes := s.writes.Load() + 1
+	var caught any
+	defer rethrow(&caught)
+	err := guard(func() error {
+		return s.db.Update(func(tx *bolt.Tx) error {
+			b, err := bucket(tx, bucketName)
+			if err != nil {
+				return &fnError{err}
+			}
+			name := []byte(bucketName)
+			for _, k := range keys {
+				key := []byte(k)
+				var old []byte
+				if v := b.Get(key); v != nil {
+					var t [tagSize]byte
+					if old, t, err = s.openRecord(bucketName, key, v); err != nil {
+						return err
+					}
+					d.xor(s.seal.element(t))
+				}
+				rec, events, err := callerFn(&caught, func() ([]byte, [][]byte, error) { return fn(k, old) })
+				if err != nil {
+					return &fnError{err}
+				}
+				if rec == nil {
+					err = b.Delete(key)
+				} else {
+					sealed, t := s.seal.seal(name, key, rec)
+					d.xor(s.seal.element(t))
+					err = b.Put(key, sealed)
+				}
+				if err != nil {
+					return err
+				}
+				if len(events) > 0 {
+					if err := s.emit(tx, &d, events); err != nil {
+						return err
+					}
+				}
+			}
+			return tx.Bucket([]byte(metaBucket)).Put([]byte(integrityKey), s.seal.integrity(writes, &d))
+		})
+	})
+	var fe *fnError
+	switch {
+	case errors.As(err, &fe):
+		return fe.err
+	case errors.Is(err, ErrDamaged):
+		return s.fail(err)
+	case err != nil:
+		return writeFailed(err)
+	}
+	s.digest = d
+	s.writes.Store(writes)
+	return nil
+}
+
+// emit appends events to the outbox under its next sequence numbers.
+func (s *Store) emit(tx *bolt.Tx, d *digest, events [][]byte) error {
+	ob, err := bucket(tx, BucketOutbox)
+	if err != nil {
+		return err
+	}
+	name := []byte(BucketOutbox)
+	d.xor(s.seal.sequence(name, ob.Sequence()))
+	for _, event := range events {
+		seq, err := ob.NextSequence()
 		if err != nil {
 			return err
 		}
-		for _, k := range keys {
-			old := b.Get([]byte(k))
-			if old != nil {
-				old = bytes.Clone(old)
-			}
-			rec, events, err := fn(k, old)
-			if err != nil {
-				return err
-			}
-			if rec == nil {
-				err = b.Delete([]byte(k))
-			} else {
-				err = b.Put([]byte(k), rec)
-			}
-			if err != nil {
-				return err
-			}
-			for _, event := range events {
-				ob, err := bucket(tx, BucketOutbox)
-				if err != nil {
-					return err
-				}
-				seq, err := ob.NextSequence()
-				if err != nil {
-					return err
-				}
-				if err := ob.Put([]byte(OutboxKey(seq)), event); err != nil {
-					return err
-				}
-			}
+		key := []byte(OutboxKey(seq))
+		if ob.Get(key) != nil {
+			return fmt.Errorf("%w: the outbox's sequence number %d is taken already", ErrDamaged, seq)
 		}
-		return nil
-	})
+		sealed, t := s.seal.seal(name, key, event)
+		d.xor(s.seal.element(t))
+		if err := ob.Put(key, sealed); err != nil {
+			return err
+		}
+	}
+	d.xor(s.seal.sequence(name, ob.Sequence()))
+	return nil
 }
 
 // OutboxKey is the key of the outbox event of sequence number seq: fixed
@@ -354,17 +731,28 @@ func (s *Store) ForEachAfter(bucketName, after string, fn func(key string, rec [
 }
 
 func (s *Store) scan(bucketName string, from []byte, in func(k []byte) bool, fn func(key string, rec []byte) error) error {
-	return s.db.View(func(tx *bolt.Tx) error {
+	var fnErr error
+	var caught any
+	defer rethrow(&caught)
+	err := s.read(func(tx *bolt.Tx) error {
 		b, err := bucket(tx, bucketName)
 		if err != nil {
 			return err
 		}
 		c := b.Cursor()
 		for k, v := c.Seek(from); k != nil && in(k); k, v = c.Next() {
-			if err := fn(string(k), bytes.Clone(v)); err != nil {
+			rec, _, err := s.openRecord(bucketName, k, v)
+			if err != nil {
 				return err
+			}
+			if _, _, fnErr = callerFn(&caught, func() ([]byte, [][]byte, error) { return nil, nil, fn(string(k), rec) }); fnErr != nil {
+				return fnErr
 			}
 		}
 		return nil
 	})
+	if fnErr != nil {
+		return fnErr
+	}
+	return err
 }

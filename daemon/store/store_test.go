@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -13,10 +14,12 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
+var testKey = bytes.Repeat([]byte{7}, KeySize)
+
 func open(t *testing.T) (*Store, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "keyward.db")
-	s, err := Open(path, Options{})
+	s, err := Open(path, Options{Key: testKey})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,7 +99,7 @@ func TestRecords(t *testing.T) {
 	}
 	// Records survive a reopen.
 	s.Close()
-	s2, err := Open(path, Options{})
+	s2, err := Open(path, Options{Key: testKey})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,7 +112,7 @@ func TestRecords(t *testing.T) {
 func TestSecondOpenRefused(t *testing.T) {
 	_, path := open(t)
 	start := time.Now()
-	_, err := Open(path, Options{LockTimeout: 100 * time.Millisecond})
+	_, err := Open(path, Options{Key: testKey, LockTimeout: 100 * time.Millisecond})
 	if err == nil || !strings.Contains(err.Error(), "in use by another process") {
 		t.Fatalf("second Open: %v", err)
 	}
@@ -120,11 +123,9 @@ func TestSecondOpenRefused(t *testing.T) {
 
 func TestNewerSchemaRefused(t *testing.T) {
 	s, path := open(t)
-	s.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket([]byte(metaBucket)).Put([]byte(schemaKey), []byte{0, 0, 0, 0, 0, 0, 0, 9})
-	})
+	s.putSealed(t, metaBucket, schemaKey, []byte{0, 0, 0, 0, 0, 0, 0, 9})
 	s.Close()
-	if _, err := Open(path, Options{}); err == nil || !strings.Contains(err.Error(), "schema version 9, newer than this keywardd's "+strconv.Itoa(SchemaVersion)) {
+	if _, err := Open(path, Options{Key: testKey}); err == nil || !strings.Contains(err.Error(), "schema version 9, newer than this keywardd's "+strconv.Itoa(SchemaVersion)) {
 		t.Fatalf("newer schema: %v", err)
 	}
 }
@@ -148,7 +149,7 @@ func TestDamagedFileRefused(t *testing.T) {
 				copy(b[p*4096+8:p*4096+64], strings.Repeat("\xa5", 56))
 			}
 			os.WriteFile(path, b, 0o600)
-			s2, err := Open(path, Options{})
+			s2, err := Open(path, Options{Key: testKey})
 			if err == nil {
 				s2.Close()
 				t.Fatal("a damaged store opened")
@@ -161,7 +162,7 @@ func TestDamagedFileRefused(t *testing.T) {
 }
 
 func TestMissingDataDir(t *testing.T) {
-	_, err := Open(filepath.Join(t.TempDir(), "nope", "keyward.db"), Options{})
+	_, err := Open(filepath.Join(t.TempDir(), "nope", "keyward.db"), Options{Key: testKey})
 	if err == nil || !strings.Contains(err.Error(), "data directory") {
 		t.Fatalf("missing data directory: %v", err)
 	}
@@ -182,7 +183,7 @@ func TestMigration(t *testing.T) {
 		return keys.Put([]byte("kek"), []byte(`{"name":"kek"}`))
 	})
 	db.Close()
-	s, err := Open(path, Options{})
+	s, err := Open(path, Options{Key: testKey})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +222,7 @@ func TestMigrationLegacyAPIKeys(t *testing.T) {
 			return nil
 		})
 		db.Close()
-		s, err := Open(path, Options{})
+		s, err := Open(path, Options{Key: testKey})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -231,4 +232,34 @@ func TestMigrationLegacyAPIKeys(t *testing.T) {
 		}
 		s.Close()
 	}
+}
+
+// putSealed writes a record as keywardd would, into any bucket (the meta
+// bucket too), keeping the digest and the integrity record right.
+func (s *Store) putSealed(t *testing.T, bucketName, key string, rec []byte) {
+	t.Helper()
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	d, writes := s.digest, s.writes.Load()+1
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket([]byte(bucketName))
+		if v := b.Get([]byte(key)); v != nil {
+			_, tag, err := s.seal.open([]byte(bucketName), []byte(key), v)
+			if err != nil {
+				return err
+			}
+			d.xor(s.seal.element(tag))
+		}
+		sealed, tag := s.seal.seal([]byte(bucketName), []byte(key), rec)
+		d.xor(s.seal.element(tag))
+		if err := b.Put([]byte(key), sealed); err != nil {
+			return err
+		}
+		return tx.Bucket([]byte(metaBucket)).Put([]byte(integrityKey), s.seal.integrity(writes, &d))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.digest = d
+	s.writes.Store(writes)
 }

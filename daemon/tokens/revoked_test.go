@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/store/storetest"
 )
 
 // TestRevokedSurvivesRestart: revocations are in the store before Revoke
@@ -13,7 +14,7 @@ import (
 // swept after.
 func TestRevokedSurvivesRestart(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "keyward.db")
-	s, err := store.Open(path, store.Options{})
+	s, err := store.Open(path, storetest.Options())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,7 +36,7 @@ func TestRevokedSurvivesRestart(t *testing.T) {
 	}
 	s.Close()
 
-	s, _ = store.Open(path, store.Options{})
+	s, _ = store.Open(path, storetest.Options())
 	// Within the leeway after its exp a verifier may still accept the
 	// token, so the revocation must still be there, after a restart too.
 	r, err = LoadRevoked(s, t0.Add(time.Minute+MaxLeeway-time.Second))
@@ -49,7 +50,7 @@ func TestRevokedSurvivesRestart(t *testing.T) {
 		t.Fatal("Sweep forgot a revocation within the leeway")
 	}
 	s.Close()
-	s, _ = store.Open(path, store.Options{})
+	s, _ = store.Open(path, storetest.Options())
 	defer s.Close()
 	r, err = LoadRevoked(s, t0.Add(2*time.Minute+time.Second)) // "soon" is past exp + leeway
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 
 	kw "github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/store/storetest"
 	"github.com/keyward/keyward/hsm"
 	"github.com/keyward/keyward/softhsm-test/hsmtest"
 )
@@ -19,7 +20,7 @@ import (
 // fails verification before it expires. Run with -race.
 func TestRotationUnderLoad(t *testing.T) {
 	h, _ := hsmtest.Open(t)
-	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), store.Options{})
+	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), storetest.Options())
 	if err != nil {
 		t.Fatal(err)
 	}

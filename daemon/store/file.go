@@ -1,0 +1,403 @@
+package store
+
+// The structural check of a store file, before bbolt maps it.
+//
+// bbolt keeps no checksum on data pages and trusts every page id, count,
+// offset and length it reads from the file. A damaged file therefore makes
+// it read past its map (SIGBUS or SIGSEGV: a fatal error that Go cannot
+// recover), follow a cycle of pages (a stack overflow, also fatal), allocate
+// by a damaged count, or panic in a goroutine of its own (Tx.Check). No
+// library checks a bbolt file without trusting it, so this one is written
+// here: it reads the file with plain reads, never through a map, and checks
+// every bound bbolt relies on, iteratively, with each page visited at most
+// once. It follows bbolt's file format version 2
+// (go.etcd.io/bbolt/internal/common), which bbolt keeps stable, and checks
+// no more than bbolt's own Tx.Check does, so a file bbolt wrote passes.
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"os"
+)
+
+const (
+	boltMagic      = 0xED0CDAED
+	boltVersion    = 2
+	pageHeaderSize = 16 // id u64, flags u16, count u16, overflow u32
+	elemSize       = 16 // a branch or leaf element
+	bucketHeader   = 16 // root pgid u64, sequence u64
+	metaChecksumAt = 56 // the meta's bytes before its checksum
+	noFreelist     = ^uint64(0)
+
+	branchPage   = 0x01
+	leafPage     = 0x02
+	metaPage     = 0x04
+	freelistPage = 0x10
+	bucketLeaf   = 0x01
+)
+
+var le = binary.NativeEndian // bbolt writes its structures in the host's byte order
+
+// boltMeta is what a meta page says.
+type boltMeta struct {
+	pageSize uint32
+	root     uint64 // the root bucket's root page
+	freelist uint64
+	pgid     uint64 // the high-water mark: pages [0, pgid) are in use
+	txid     uint64
+}
+
+func parseMeta(page []byte, id uint64) (boltMeta, error) {
+	if len(page) < pageHeaderSize+metaChecksumAt+8 {
+		return boltMeta{}, errors.New("too short for a meta page")
+	}
+	if got := le.Uint64(page); got != id {
+		return boltMeta{}, fmt.Errorf("meta page %d calls itself page %d", id, got)
+	}
+	if le.Uint16(page[8:]) != metaPage {
+		return boltMeta{}, fmt.Errorf("page %d is not a meta page", id)
+	}
+	m := page[pageHeaderSize:]
+	if le.Uint32(m) != boltMagic {
+		return boltMeta{}, fmt.Errorf("meta page %d: not a bbolt file (bad magic)", id)
+	}
+	if v := le.Uint32(m[4:]); v != boltVersion {
+		return boltMeta{}, fmt.Errorf("meta page %d: bbolt format version %d, not %d", id, v, boltVersion)
+	}
+	h := fnv.New64a()
+	h.Write(m[:metaChecksumAt])
+	if h.Sum64() != le.Uint64(m[metaChecksumAt:]) {
+		return boltMeta{}, fmt.Errorf("meta page %d: its checksum does not match", id)
+	}
+	return boltMeta{pageSize: le.Uint32(m[8:]), root: le.Uint64(m[16:]), freelist: le.Uint64(m[32:]),
+		pgid: le.Uint64(m[40:]), txid: le.Uint64(m[48:])}, nil
+}
+
+// fileReport is what checkFile found in a sound file.
+type fileReport struct {
+	txid uint64
+	// metaDamaged says why the other meta page was not valid, if it was
+	// not. On its own that is no damage (a crash while bbolt wrote it, for
+	// a transaction never acknowledged), but if that transaction was
+	// acknowledged, its loss shows as a rollback: this says why.
+	metaDamaged string
+}
+
+// checkFile checks the structure of the bbolt file f: both meta pages, the
+// size against the pages in use, the freelist, and every page of every
+// bucket's tree (ids, types, counts, element bounds, key order, each page
+// reached once and none both reached and free, none lost). A problem is
+// returned as ErrDamaged with what was found.
+func checkFile(f *os.File) (fileReport, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return fileReport{}, err
+	}
+	size := fi.Size()
+	damaged := func(format string, a ...any) (fileReport, error) {
+		return fileReport{}, fmt.Errorf("%w: %s", ErrDamaged, fmt.Sprintf(format, a...))
+	}
+	first := make([]byte, 4096)
+	if n, err := f.ReadAt(first, 0); err != nil && !(errors.Is(err, io.EOF) && n >= pageHeaderSize+metaChecksumAt+8) {
+		return damaged("%d bytes long, too short for a store", size)
+	}
+	// The page size is the first meta's, or if that is damaged the
+	// system's, as bbolt reads it.
+	m0, err0 := parseMeta(first, 0)
+	pageSize := int64(os.Getpagesize())
+	if err0 == nil {
+		pageSize = int64(m0.pageSize)
+	}
+	if pageSize < 512 || pageSize > 1<<20 || pageSize&(pageSize-1) != 0 {
+		return damaged("a page size of %d bytes", pageSize)
+	}
+	second := make([]byte, pageHeaderSize+metaChecksumAt+8)
+	var m1 boltMeta
+	err1 := errors.New("the file ends before it")
+	if _, err := f.ReadAt(second, pageSize); err == nil {
+		m1, err1 = parseMeta(second, 1)
+	}
+	var m boltMeta
+	var rep fileReport
+	switch {
+	case err0 != nil && err1 != nil:
+		return damaged("both meta pages are damaged (%v; %v)", err0, err1)
+	case err0 != nil:
+		m, rep.metaDamaged = m1, err0.Error()
+	case err1 != nil:
+		m, rep.metaDamaged = m0, err1.Error()
+	case m0.pageSize != m1.pageSize:
+		return damaged("the two meta pages disagree on the page size")
+	case m1.txid > m0.txid:
+		m = m1
+	default:
+		m = m0
+	}
+	rep.txid = m.txid
+	if int64(m.pageSize) != pageSize {
+		return damaged("the meta page's page size %d differs from the file's %d", m.pageSize, pageSize)
+	}
+	pages := uint64(size / pageSize)
+	switch {
+	case m.pgid < 4 || m.pgid > pages:
+		return damaged("%d bytes hold %d pages of %d bytes, but the meta page says %d are in use: the file was cut short or its meta page is wrong", size, pages, pageSize, m.pgid)
+	case m.root < 2 || m.root >= m.pgid:
+		return damaged("the root page %d is outside the %d pages in use", m.root, m.pgid)
+	case m.freelist != noFreelist && (m.freelist < 2 || m.freelist >= m.pgid):
+		return damaged("the freelist page %d is outside the %d pages in use", m.freelist, m.pgid)
+	}
+	c := &checker{f: f, pageSize: pageSize, hwm: m.pgid, seen: make([]bool, m.pgid), freed: make([]bool, m.pgid)}
+	c.seen[0], c.seen[1] = true, true
+	if err := c.freelist(m.freelist); err != nil {
+		return damaged("%v", err)
+	}
+	if err := c.tree(m.root); err != nil {
+		return damaged("%v", err)
+	}
+	for id := uint64(2); id < m.pgid; id++ {
+		if !c.seen[id] && !c.freed[id] {
+			return damaged("page %d is neither in use nor free", id)
+		}
+	}
+	return rep, nil
+}
+
+// checker walks the pages of one file.
+type checker struct {
+	f        *os.File
+	pageSize int64
+	hwm      uint64
+	seen     []bool // reached from a meta page
+	freed    []bool // listed in the freelist
+}
+
+// read reads page id and its overflow pages, checking its header.
+func (c *checker) read(id uint64) ([]byte, uint16, error) {
+	if id < 2 || id >= c.hwm {
+		return nil, 0, fmt.Errorf("a reference to page %d, outside the %d pages in use", id, c.hwm)
+	}
+	head := make([]byte, pageHeaderSize)
+	if _, err := c.f.ReadAt(head, int64(id)*c.pageSize); err != nil {
+		return nil, 0, fmt.Errorf("page %d: %v", id, err)
+	}
+	if got := le.Uint64(head); got != id {
+		return nil, 0, fmt.Errorf("page %d calls itself page %d", id, got)
+	}
+	overflow := uint64(le.Uint32(head[12:]))
+	if overflow >= c.hwm-id {
+		return nil, 0, fmt.Errorf("page %d runs over %d more pages, past the %d in use", id, overflow, c.hwm)
+	}
+	for i := id; i <= id+overflow; i++ {
+		if c.seen[i] {
+			return nil, 0, fmt.Errorf("page %d is reached twice", i)
+		}
+		if c.freed[i] {
+			return nil, 0, fmt.Errorf("page %d is in use and free", i)
+		}
+		c.seen[i] = true
+	}
+	buf := make([]byte, int64(overflow+1)*c.pageSize)
+	if _, err := c.f.ReadAt(buf, int64(id)*c.pageSize); err != nil {
+		return nil, 0, fmt.Errorf("page %d: %v", id, err)
+	}
+	return buf, le.Uint16(head[8:]), nil
+}
+
+func (c *checker) freelist(id uint64) error {
+	if id == noFreelist {
+		return nil
+	}
+	buf, flags, err := c.read(id)
+	if err != nil {
+		return err
+	}
+	if flags != freelistPage {
+		return fmt.Errorf("the freelist page %d is not a freelist page (flags %#x)", id, flags)
+	}
+	count, at := uint64(le.Uint16(buf[10:])), pageHeaderSize
+	if count == 0xFFFF {
+		count, at = le.Uint64(buf[pageHeaderSize:]), pageHeaderSize+8
+	}
+	if count > uint64(len(buf)-at)/8 {
+		return fmt.Errorf("the freelist says it holds %d pages, more than its page can", count)
+	}
+	for i := uint64(0); i < count; i++ {
+		free := le.Uint64(buf[at+int(i)*8:])
+		switch {
+		case free < 2 || free >= c.hwm:
+			return fmt.Errorf("the freelist holds page %d, outside the %d pages in use", free, c.hwm)
+		case c.freed[free]:
+			return fmt.Errorf("page %d is freed twice", free)
+		case c.seen[free]:
+			return fmt.Errorf("page %d is in use and free", free)
+		}
+		c.freed[free] = true
+	}
+	return nil
+}
+
+// pending is a page still to check, with the range its keys must be in:
+// [min, max), nil for no bound.
+type pending struct {
+	id       uint64
+	min, max []byte
+	top      bool // a page of the root bucket: every element is a bucket
+}
+
+// tree checks every page reached from the root bucket's root page.
+func (c *checker) tree(root uint64) error {
+	stack := []pending{{id: root, top: true}}
+	for len(stack) > 0 {
+		p := stack[len(stack)-1]
+		stack = stack[:len(stack)-1]
+		buf, flags, err := c.read(p.id)
+		if err != nil {
+			return err
+		}
+		switch flags {
+		case branchPage:
+			kids, err := branchElems(buf, p)
+			if err != nil {
+				return fmt.Errorf("branch page %d: %v", p.id, err)
+			}
+			stack = append(stack, kids...)
+		case leafPage:
+			roots, err := leafElems(buf, p.min, p.max, p.top, true)
+			if err != nil {
+				return fmt.Errorf("leaf page %d: %v", p.id, err)
+			}
+			for _, r := range roots {
+				stack = append(stack, pending{id: r})
+			}
+		default:
+			return fmt.Errorf("page %d in a bucket's tree is not a branch or leaf page (flags %#x)", p.id, flags)
+		}
+	}
+	return nil
+}
+
+// elems returns the count of a page's elements and checks they fit.
+func elems(buf []byte) (int, error) {
+	if len(buf) < pageHeaderSize {
+		return 0, errors.New("shorter than a page header")
+	}
+	n := int(le.Uint16(buf[10:]))
+	if pageHeaderSize+n*elemSize > len(buf) {
+		return 0, fmt.Errorf("%d elements do not fit", n)
+	}
+	return n, nil
+}
+
+// span returns buf[from:from+n] if it lies in the data after the elements.
+func span(buf []byte, dataStart int, from, n uint64) ([]byte, error) {
+	if from < uint64(dataStart) || n > uint64(len(buf)) || from > uint64(len(buf))-n {
+		return nil, errors.New("an element points outside its page")
+	}
+	return buf[from : from+n], nil
+}
+
+// inOrder checks key against the one before it and the page's range.
+func inOrder(i int, key, prev, min, max []byte) error {
+	switch {
+	case len(key) == 0:
+		return fmt.Errorf("element %d has an empty key", i)
+	case i == 0 && min != nil && bytes.Compare(min, key) > 0,
+		i > 0 && bytes.Compare(prev, key) >= 0,
+		max != nil && bytes.Compare(key, max) >= 0:
+		return fmt.Errorf("element %d's key is out of order", i)
+	}
+	return nil
+}
+
+func branchElems(buf []byte, p pending) ([]pending, error) {
+	n, err := elems(buf)
+	if err != nil {
+		return nil, err
+	}
+	if n == 0 {
+		return nil, errors.New("no elements")
+	}
+	data := pageHeaderSize + n*elemSize
+	keys := make([][]byte, n)
+	ids := make([]uint64, n)
+	for i := range n {
+		e := buf[pageHeaderSize+i*elemSize:]
+		at := uint64(pageHeaderSize + i*elemSize)
+		key, err := span(buf, data, at+uint64(le.Uint32(e)), uint64(le.Uint32(e[4:])))
+		if err != nil {
+			return nil, err
+		}
+		var prev []byte
+		if i > 0 {
+			prev = keys[i-1]
+		}
+		if err := inOrder(i, key, prev, p.min, p.max); err != nil {
+			return nil, err
+		}
+		keys[i], ids[i] = key, le.Uint64(e[8:])
+	}
+	out := make([]pending, n)
+	for i := range n {
+		max := p.max
+		if i+1 < n {
+			max = keys[i+1]
+		}
+		out[i] = pending{id: ids[i], min: bytes.Clone(keys[i]), max: bytes.Clone(max), top: p.top}
+	}
+	return out, nil
+}
+
+// leafElems checks a leaf page (or a bucket's inline page) and returns the
+// root pages of the buckets it holds. top: every element must be a bucket;
+// nested: buckets may be held (inline pages hold none).
+func leafElems(buf []byte, min, max []byte, top, nested bool) ([]uint64, error) {
+	n, err := elems(buf)
+	if err != nil {
+		return nil, err
+	}
+	data := pageHeaderSize + n*elemSize
+	var roots []uint64
+	var prev []byte
+	for i := range n {
+		e := buf[pageHeaderSize+i*elemSize:]
+		at := uint64(pageHeaderSize + i*elemSize)
+		flags, ksize, vsize := le.Uint32(e), uint64(le.Uint32(e[8:])), uint64(le.Uint32(e[12:]))
+		kv, err := span(buf, data, at+uint64(le.Uint32(e[4:])), ksize+vsize)
+		if err != nil {
+			return nil, err
+		}
+		key, val := kv[:ksize], kv[ksize:]
+		if err := inOrder(i, key, prev, min, max); err != nil {
+			return nil, err
+		}
+		prev = key
+		switch {
+		case flags&^bucketLeaf != 0:
+			return nil, fmt.Errorf("element %d has unknown flags %#x", i, flags)
+		case flags == 0 && top:
+			return nil, fmt.Errorf("element %d is a record where only buckets belong", i)
+		case flags == 0:
+			continue
+		case !nested:
+			return nil, fmt.Errorf("element %d is a bucket inside an inline bucket", i)
+		case len(val) < bucketHeader:
+			return nil, fmt.Errorf("element %d is a bucket with a %d-byte header", i, len(val))
+		}
+		if root := le.Uint64(val); root != 0 {
+			roots = append(roots, root)
+			continue
+		}
+		inline := val[bucketHeader:]
+		if len(inline) < pageHeaderSize || le.Uint16(inline[8:]) != leafPage {
+			return nil, fmt.Errorf("element %d is an inline bucket without a leaf page", i)
+		}
+		if _, err := leafElems(inline, nil, nil, false, false); err != nil {
+			return nil, fmt.Errorf("element %d's inline bucket: %v", i, err)
+		}
+	}
+	return roots, nil
+}
