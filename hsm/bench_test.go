@@ -5,7 +5,9 @@ import (
 	"crypto"
 	"crypto/sha256"
 	"crypto/sha512"
+	"errors"
 	"fmt"
+	"sync/atomic"
 	"testing"
 
 	"github.com/miekg/pkcs11"
@@ -118,4 +120,52 @@ func BenchmarkFullToken(b *testing.B) {
 			return err
 		})
 	})
+}
+
+// BenchmarkSessionFaults compares encryption at 4 callers with no faults
+// and with 1 % of C_EncryptInit and of C_Encrypt calls failing with a
+// device error or a lost session, all through the fault module (which reads
+// its rules on every call, so both rows pay for that alike). It reports the
+// calls that failed in spite of the retry (failed/op) and the logins the run
+// cost beyond the first (relogins): with the retry on another session the
+// second is 0 and the first about (3 %)², as an encryption makes three
+// faultable calls.
+func BenchmarkSessionFaults(b *testing.B) {
+	tok := softhsmtest.New(b)
+	f := softhsmtest.NewFaults(b, tok)
+	h, err := Open(tokenConfig(tok, func(c *Config) { c.Module = f.Module; c.Sessions = 4 }))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { h.Close() })
+	ctx := context.Background()
+	kek := KeyID{"kek", 1}
+	if err := h.CreateKey(ctx, kek, AES256GCM); err != nil {
+		b.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		rules []string
+	}{
+		{"faults=none", nil},
+		{"faults=1%-device-error", []string{"C_EncryptInit 0x30 1%", "C_Encrypt 0x30 1%"}},
+		{"faults=1%-session-handle-invalid", []string{"C_EncryptInit 0xB3 1%", "C_Encrypt 0xB3 1%"}},
+	} {
+		b.Run(tc.name+"/callers=4", func(b *testing.B) {
+			f.Set(tc.rules...)
+			defer f.Set()
+			logins := f.Counts()["C_Login"].Calls
+			var failed atomic.Int64
+			benchload.Run(b, 4, func() error {
+				_, _, err := h.Encrypt(ctx, kek, make([]byte, 32), nil)
+				if err != nil && (errors.Is(err, pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)) || errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID))) {
+					failed.Add(1)
+					return nil
+				}
+				return err
+			})
+			b.ReportMetric(float64(failed.Load())/float64(b.N), "failed/op")
+			b.ReportMetric(float64(f.Counts()["C_Login"].Calls-logins), "relogins")
+		})
+	}
 }

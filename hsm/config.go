@@ -45,8 +45,9 @@ type Config struct {
 	// before it fails with ErrBusy. Zero means 5 s.
 	SessionWait time.Duration
 	// ReconnectInterval is the least time between two attempts to reconnect
-	// to a token that went away; operations in between fail at once with
-	// ErrTokenUnavailable. Zero means 1 s.
+	// to a token that went away, and between two connections given up for
+	// device errors that the anchor session shares; operations in between
+	// fail at once with ErrTokenUnavailable. Zero means 1 s.
 	ReconnectInterval time.Duration
 }
 

@@ -59,7 +59,8 @@ type class int
 const (
 	classOK      class = iota
 	classInput         // the call failed on its input; the session is fine
-	classSession       // drop this session, open a new one next time
+	classSession       // the session's state is in doubt: close it; the call is not repeated
+	classBroken        // this session is lost or stuck: discard it, check the login, retry on another
 	classHandle        // cached object handles are stale: drop the cache, retry
 	classToken         // the token, the login or the library state is gone: reconnect
 )
@@ -96,14 +97,19 @@ var ckrTable = map[pkcs11.Error]struct {
 	pkcs11.CKR_OBJECT_HANDLE_INVALID: {ErrKeyNotFound, classHandle},
 	pkcs11.CKR_KEY_HANDLE_INVALID:    {ErrKeyNotFound, classHandle},
 
-	pkcs11.CKR_OPERATION_ACTIVE: {ErrToken, classSession},
+	// One session is lost or stuck; whether the login and the token
+	// survived is asked of the token (HSM.checkLocked), not assumed. A
+	// device error is here too: a real device that is gone fails the check
+	// as well.
+	pkcs11.CKR_OPERATION_ACTIVE:          {ErrToken, classBroken},
+	pkcs11.CKR_OPERATION_NOT_INITIALIZED: {ErrToken, classBroken},
+	pkcs11.CKR_SESSION_HANDLE_INVALID:    {ErrTokenUnavailable, classBroken},
+	pkcs11.CKR_SESSION_CLOSED:            {ErrTokenUnavailable, classBroken},
+	pkcs11.CKR_DEVICE_ERROR:              {ErrTokenUnavailable, classBroken},
 
 	pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED: {ErrTokenUnavailable, classToken},
-	pkcs11.CKR_SESSION_HANDLE_INVALID:   {ErrTokenUnavailable, classToken},
-	pkcs11.CKR_SESSION_CLOSED:           {ErrTokenUnavailable, classToken},
 	pkcs11.CKR_USER_NOT_LOGGED_IN:       {ErrTokenUnavailable, classToken},
 	pkcs11.CKR_DEVICE_REMOVED:           {ErrTokenUnavailable, classToken},
-	pkcs11.CKR_DEVICE_ERROR:             {ErrTokenUnavailable, classToken},
 	pkcs11.CKR_TOKEN_NOT_PRESENT:        {ErrTokenUnavailable, classToken},
 	pkcs11.CKR_TOKEN_NOT_RECOGNIZED:     {ErrTokenUnavailable, classToken},
 	pkcs11.CKR_SLOT_ID_INVALID:          {ErrTokenUnavailable, classToken},

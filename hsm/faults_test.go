@@ -62,8 +62,9 @@ func TestFaultPINLocked(t *testing.T) {
 	}
 }
 
-// TestFaultOnce: one device error, removal or lost session in the middle of
-// work is invisible to callers: keyward reconnects and retries.
+// TestFaultOnce: one device error, removal, lost session, stale handle or
+// lost login in the middle of work is invisible to callers: keyward retries
+// on another session, or reconnects and retries.
 func TestFaultOnce(t *testing.T) {
 	h, f := faultToken(t)
 	for i, tc := range []struct{ rule, want string }{

@@ -28,13 +28,16 @@ type HSM struct {
 
 	mu      sync.Mutex // guards the fields below
 	token   TokenInfo
-	anchor  pkcs11.SessionHandle // never used for operations: keeps the login alive
-	gen     uint64               // bumped each time the sessions are given up
+	anchor  session // never used for operations: keeps the login alive
+	gen     uint64  // bumped each time the sessions are given up
 	idle    []session
-	inUse   int       // sessions handed out and not yet released
-	broken  error     // why the token is unusable; nil while connected
-	fatal   error     // what no reconnect can fix: a wrong or locked PIN
-	nextTry time.Time // earliest next reconnect attempt
+	opened  uint64                          // sessions opened so far: the last one's id
+	owners  map[pkcs11.SessionHandle]uint64 // the id of the session that holds each open handle
+	inUse   int                             // sessions handed out and not yet released
+	broken  error                           // why the token is unusable; nil while connected
+	fatal   error                           // what no reconnect can fix: a wrong or locked PIN
+	nextTry time.Time                       // earliest next reconnect attempt
+	since   time.Time                       // when the current connection was made
 
 	keysMu sync.RWMutex
 	keys   map[keyRef]*keyEntry // resolved key handles of the current login
@@ -42,9 +45,14 @@ type HSM struct {
 	createMu sync.Mutex // creating keys one at a time keeps the exists check true
 }
 
+// session is one of keyward's sessions on the token. Its id tells it from
+// a later session the token gave the same handle number (SoftHSM2 gives
+// the lowest free one), so that closing a session keyward believes lost never
+// closes the one that took its number.
 type session struct {
 	h   pkcs11.SessionHandle
-	gen uint64
+	gen uint64 // the connection it belongs to
+	id  uint64
 }
 
 // TokenInfo describes the token in use, as the token reports it.
@@ -71,10 +79,11 @@ func Open(cfg Config) (*HSM, error) {
 		return nil, err
 	}
 	h := &HSM{
-		set:  set,
-		mod:  mod,
-		sem:  make(chan struct{}, set.sessions),
-		keys: map[keyRef]*keyEntry{},
+		set:    set,
+		mod:    mod,
+		sem:    make(chan struct{}, set.sessions),
+		keys:   map[keyRef]*keyEntry{},
+		owners: map[pkcs11.SessionHandle]uint64{},
 	}
 	h.mu.Lock()
 	err = h.connectLocked()
@@ -171,17 +180,18 @@ func (h *HSM) connectLocked() error {
 	case t.Flags&pkcs11.CKF_USER_PIN_LOCKED != 0:
 		return &Error{Op: "login", Err: ErrPINLocked, Detail: hint(ErrPINLocked)}
 	}
-	anchor, err := ctx.OpenSession(t.Slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	anchor, err := h.openLocked(t.Slot)
 	if err != nil {
 		return opError("open", "", err, fmt.Sprintf("opening a session on token %q failed", t.Label))
 	}
-	err = ctx.Login(anchor, pkcs11.CKU_USER, h.set.pin.pin)
+	err = ctx.Login(anchor.h, pkcs11.CKU_USER, h.set.pin.pin)
 	if err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
-		_ = ctx.CloseSession(anchor)
+		h.closeLocked(anchor)
 		return opError("login", "", err, "")
 	}
 	h.token = t
 	h.anchor = anchor
+	h.since = time.Now()
 	h.softHSM.Store(t.Manufacturer == "SoftHSM project")
 	// Operations of the lost connection may have cached handles after it was
 	// given up; they have all ended now (readyLocked waits), so this clears
@@ -200,21 +210,45 @@ func (h *HSM) selector() string {
 	return u.String()
 }
 
+// openLocked opens a session on slot and records it as the holder of its
+// handle.
+func (h *HSM) openLocked(slot uint) (session, error) {
+	sh, err := h.mod.ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	if err != nil {
+		return session{}, err
+	}
+	h.opened++
+	h.owners[sh] = h.opened // a handle given again: its earlier holder is gone
+	return session{h: sh, gen: h.gen, id: h.opened}, nil
+}
+
+// closeLocked closes s, unless the token has given its handle to a newer
+// session of keyward's since (s is gone then). A session the token already
+// dropped is closed all the same: the token says so and nothing else
+// happens, while one it only failed (a device error, or a test's injected
+// fault) is really ended, so none is left open.
+func (h *HSM) closeLocked(s session) {
+	if s.id == 0 || h.owners[s.h] != s.id {
+		return
+	}
+	delete(h.owners, s.h)
+	_ = h.mod.ctx.CloseSession(s.h)
+}
+
 // dropSessionsLocked ends the idle sessions and the anchor and forgets the
 // cached handles: on Close, and when the connection is lost. Handles are
 // closed even then, since a lost login or a device error leaves sessions open
 // on the token. That is safe because keyward is the library's only user in
-// the process and reconnects only once every session of the lost connection
-// is back (readyLocked), so no old handle can name a new session yet.
+// the process, closeLocked never closes a handle the token gave to a newer
+// session, and keyward reconnects only once every session of the lost
+// connection is back (readyLocked).
 func (h *HSM) dropSessionsLocked() {
 	for _, s := range h.idle {
-		_ = h.mod.ctx.CloseSession(s.h)
+		h.closeLocked(s)
 	}
-	if h.anchor != 0 {
-		_ = h.mod.ctx.CloseSession(h.anchor)
-	}
+	h.closeLocked(h.anchor)
 	h.idle = nil
-	h.anchor = 0
+	h.anchor = session{}
 	h.gen++
 	h.keysMu.Lock()
 	h.keys = map[keyRef]*keyEntry{}
@@ -318,33 +352,43 @@ func (h *HSM) acquire(ctx context.Context) (session, error) {
 		h.inUse++
 		return s, nil
 	}
-	sh, err := h.mod.ctx.OpenSession(h.token.Slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	s, err := h.openLocked(h.token.Slot)
 	if err != nil {
-		if classify(err) == classToken {
+		switch classify(err) {
+		case classToken:
 			h.breakLocked(err)
+		case classBroken:
+			h.checkLocked()
 		}
 		<-h.sem
 		return session{}, err
 	}
 	h.inUse++
-	return session{h: sh, gen: h.gen}, nil
+	return s, nil
 }
 
 // release returns a session after an operation and says what the
-// operation's error means: a lost token is recorded, a doubtful session is
-// closed, stale key handles are dropped.
+// operation's error means: a lost token is recorded, a doubtful or broken
+// session is closed and never pooled again, stale key handles are dropped.
+// After a broken session it asks the token whether the login held
+// (checkLocked); if not, it says classToken.
 func (h *HSM) release(s session, err error) class {
 	c := classify(err)
 	h.mu.Lock()
 	h.inUse--
 	switch {
 	case s.gen != h.gen:
-		_ = h.mod.ctx.CloseSession(s.h) // its connection was given up
+		h.closeLocked(s) // its connection was given up
 	case c == classToken:
 		h.breakLocked(err)
-		_ = h.mod.ctx.CloseSession(s.h)
+		h.closeLocked(s)
+	case c == classBroken:
+		h.closeLocked(s)
+		if h.checkLocked() {
+			c = classToken
+		}
 	case c == classSession || h.closed.Load() || len(h.idle) >= cap(h.sem):
-		_ = h.mod.ctx.CloseSession(s.h)
+		h.closeLocked(s)
 	default:
 		if c == classHandle {
 			h.keysMu.Lock()
@@ -358,9 +402,45 @@ func (h *HSM) release(s session, err error) class {
 	return c
 }
 
-// do runs fn on a pooled session. If the token went away or the cached
-// handles went stale, it reconnects and runs fn once more, so a token reset
-// costs callers one slower call, not an error. fn must be safe to repeat.
+// checkLocked is called when one session broke (lost, stuck, or a device
+// error on it). It asks the token, on the anchor session that no operation
+// uses, whether the login survived, and returns whether the connection was
+// given up:
+//
+//   - the anchor is fine and logged in: only that session was lost, and
+//     the connection stays (false);
+//   - the token says the login, the anchor, the token or the library state
+//     is gone: the connection is given up and the next call reconnects at
+//     once, as after any token loss;
+//   - the anchor fails too and does not say why (a device error): the
+//     device itself is in doubt. The connection is given up, but the next
+//     reconnect comes no sooner than the reconnect interval after the last
+//     one, so a device that fails every call costs one login per interval,
+//     not one per call; calls in between fail at once.
+func (h *HSM) checkLocked() bool {
+	if h.broken != nil || h.fatal != nil {
+		return true
+	}
+	info, err := h.mod.ctx.GetSessionInfo(h.anchor.h)
+	switch {
+	case err == nil && info.State == pkcs11.CKS_RW_USER_FUNCTIONS:
+		return false
+	case err == nil:
+		h.breakLocked(pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN))
+	case classify(err) == classToken || errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID)) || errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_CLOSED)):
+		h.breakLocked(err)
+	default:
+		h.breakLocked(err)
+		h.nextTry = h.since.Add(h.set.reconnect)
+	}
+	return true
+}
+
+// do runs fn on a pooled session. If the session broke, it runs fn once
+// more on another session; if the token went away or the cached handles
+// went stale, it reconnects and runs fn once more. So a lost session or a
+// token reset costs callers one slower call, not an error. fn must be safe
+// to repeat.
 func (h *HSM) do(ctx context.Context, op, key string, fn func(s pkcs11.SessionHandle) error) error {
 	return h.attempt(ctx, op, key, 2, fn)
 }
@@ -383,7 +463,7 @@ func (h *HSM) attempt(ctx context.Context, op, key string, tries int, fn func(s 
 			break
 		}
 		err = fn(s.h)
-		if c := h.release(s, err); c != classToken && c != classHandle {
+		if c := h.release(s, err); c != classBroken && c != classToken && c != classHandle {
 			break
 		}
 	}

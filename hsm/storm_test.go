@@ -1,0 +1,226 @@
+package hsm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/miekg/pkcs11"
+
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
+)
+
+// workCalls are the PKCS#11 calls that do the work of encrypt, decrypt and
+// hmac: the calls TestSessionFaultsAtRate fails now and then.
+var workCalls = []string{"C_EncryptInit", "C_Encrypt", "C_DecryptInit", "C_Decrypt", "C_SignInit", "C_Sign"}
+
+// injected sums the faults the module injected into the work calls.
+func injected(c map[string]softhsmtest.Count) uint64 {
+	var n uint64
+	for _, name := range workCalls {
+		n += c[name].Injected
+	}
+	return n
+}
+
+// work runs encrypt, decrypt and hmac from callers goroutines, rounds times
+// each, and returns every error.
+func work(h *HSM, callers, rounds int) []error {
+	var mu sync.Mutex
+	var errs []error
+	var wg sync.WaitGroup
+	for c := range callers {
+		wg.Go(func() {
+			ctx := context.Background()
+			fail := func(op string, i int, err error) {
+				mu.Lock()
+				errs = append(errs, fmt.Errorf("caller %d round %d %s: %w", c, i, op, err))
+				mu.Unlock()
+			}
+			for i := range rounds {
+				msg := []byte(fmt.Sprintf("caller %d round %d", c, i))
+				nonce, ct, err := h.Encrypt(ctx, KeyID{"kek", 1}, msg, msg)
+				if err != nil {
+					fail("encrypt", i, err)
+				} else if pt, err := h.Decrypt(ctx, KeyID{"kek", 1}, nonce, ct, msg); err != nil {
+					fail("decrypt", i, err)
+				} else if !bytes.Equal(pt, msg) {
+					fail("decrypt", i, errors.New("the round trip changed the message"))
+				}
+				if _, err := h.HMACSHA256(ctx, KeyID{"mac", 1}, msg); err != nil {
+					fail("hmac", i, err)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return errs
+}
+
+// TestSessionFaultsAtRate: while 1 % of the calls that do the work fail
+// with an error that concerns one session, keyward discards that session
+// and retries once on another. It never logs in again, opens no more
+// sessions than it lost (plus the pool's first fill), leaks none, and a
+// call fails only when both its tries met a fault.
+func TestSessionFaultsAtRate(t *testing.T) {
+	const pool, callers, rounds = 4, 8, 150
+	for _, tc := range []struct {
+		name string
+		code pkcs11.Error
+	}{
+		{"device error", pkcs11.CKR_DEVICE_ERROR},
+		{"session handle invalid", pkcs11.CKR_SESSION_HANDLE_INVALID},
+		{"session closed", pkcs11.CKR_SESSION_CLOSED},
+		{"operation active", pkcs11.CKR_OPERATION_ACTIVE},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, f := faultToken(t, func(c *Config) { c.Sessions = pool })
+			rules := []string{"seed 12"}
+			for _, name := range workCalls {
+				rules = append(rules, fmt.Sprintf("%s 0x%X 1%%", name, uint(tc.code)))
+			}
+			exercise(t, h, 0) // every key resolved, so lookups stay out of the count
+			before := f.Counts()
+			f.Set(rules...)
+			errs := work(h, callers, rounds)
+			f.Set()
+			after := f.Counts()
+
+			faults := injected(after) - injected(before)
+			if faults == 0 {
+				t.Fatal("no fault was injected: the test shows nothing")
+			}
+			for _, err := range errs {
+				if !errors.Is(err, pkcs11.Error(tc.code)) {
+					t.Errorf("%v: want the injected %s or success", err, ckrName(tc.code))
+				}
+			}
+			// A call fails only if its first try and its retry both met a
+			// fault, so failures take two faults each...
+			calls := 3 * callers * rounds
+			if uint64(2*len(errs)) > faults {
+				t.Errorf("%d of %d calls failed with %d faults injected; with a retry on another session each failure takes two faults", len(errs), calls, faults)
+			}
+			// ...and as faults fall independently, a share r of the tries
+			// meets one and about calls·r² calls fail. Every fault ends one
+			// try, so there were calls + faults - failures tries.
+			r := float64(faults) / float64(uint64(calls)+faults-uint64(len(errs)))
+			if limit := poissonLimit(float64(calls) * r * r); len(errs) > limit {
+				t.Errorf("%d of %d calls failed; with %.1f %% of tries meeting a fault, a retry on another session leaves at most %d failures", len(errs), calls, 100*r, limit)
+			}
+			delta := func(name string) uint64 { return after[name].OK - before[name].OK }
+			if n := after["C_Login"].Calls; n != 1 {
+				t.Errorf("C_Login called %d times; a lost session must not log in again", n)
+			}
+			// Each fault discards at most one session; each discarded
+			// session is replaced at most once.
+			if opened := delta("C_OpenSession"); opened > faults+pool {
+				t.Errorf("%d sessions opened for %d faults with a pool of %d", opened, faults, pool)
+			}
+			if open := after["C_OpenSession"].OK - after["C_CloseSession"].OK; open > pool+1 {
+				t.Errorf("%d sessions left open; the pool holds %d and the anchor 1", open, pool)
+			}
+			t.Logf("%d calls, %d faults injected, %d calls failed, %d sessions opened, %d logins",
+				3*callers*rounds, faults, len(errs), delta("C_OpenSession"), after["C_Login"].Calls)
+			exercise(t, h, 1)
+		})
+	}
+}
+
+// poissonLimit is the least k that a Poisson count of mean λ exceeds with
+// a probability below 10⁻⁹: a bound a working retry never fails by chance.
+func poissonLimit(λ float64) int {
+	p := math.Exp(-λ) // P(X = k)
+	tail := 1 - p     // P(X > k)
+	k := 0
+	for tail > 1e-9 {
+		k++
+		p *= λ / float64(k)
+		tail -= p
+	}
+	return k
+}
+
+// TestDeviceErrorAnchorFine: while the token answers on the anchor session
+// and says the login holds, device errors on work calls, or on opening the
+// replacement session, fail only the calls they hit: keyward never logs in
+// again and opens at most one replacement session per try.
+func TestDeviceErrorAnchorFine(t *testing.T) {
+	const calls = 20
+	for _, tc := range []struct {
+		name  string
+		rules []string
+	}{
+		{"every encryption fails", []string{"C_Encrypt 0x30"}},
+		{"no session can be opened", []string{"C_EncryptInit 0x30 once", "C_OpenSession 0x30"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, f := faultToken(t, func(c *Config) { c.Sessions = 4 })
+			exercise(t, h, 0)
+			before := f.Counts()
+			for i := range calls {
+				f.Set(tc.rules...)
+				_, _, err := h.Encrypt(context.Background(), KeyID{"kek", 1}, []byte("x"), nil)
+				if !errors.Is(err, ErrTokenUnavailable) || !errors.Is(err, pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)) {
+					t.Fatalf("call %d: %v, want ErrTokenUnavailable with CKR_DEVICE_ERROR", i, err)
+				}
+				f.Set()
+				exercise(t, h, i) // the connection still works
+			}
+			after := f.Counts()
+			if n := after["C_Login"].Calls; n != 1 {
+				t.Errorf("C_Login called %d times; the anchor said the login held", n)
+			}
+			// Each failing call tries twice, each exercise runs six
+			// operations; each try opens at most one session.
+			if opened := after["C_OpenSession"].Calls - before["C_OpenSession"].Calls; opened > calls*(2+6) {
+				t.Errorf("%d sessions opened for %d failing calls and %d exercises", opened, calls, calls)
+			}
+			if open := after["C_OpenSession"].OK - after["C_CloseSession"].OK; open > 4+1 {
+				t.Errorf("%d sessions left open; the pool holds 4 and the anchor 1", open)
+			}
+		})
+	}
+}
+
+// TestDeviceErrorStorm: when the device fails every call, the anchor's too,
+// keyward gives the connection up and reconnects at most once per reconnect
+// interval, failing fast in between; it does not log in once per call.
+func TestDeviceErrorStorm(t *testing.T) {
+	const interval = 50 * time.Millisecond
+	h, f := faultToken(t, func(c *Config) { c.ReconnectInterval = interval; c.Sessions = 4 })
+	exercise(t, h, 0)
+	before := f.Counts()
+	f.Set("C_Encrypt 0x30", "C_GetSessionInfo 0x30")
+	start := time.Now()
+	calls := 0
+	for time.Since(start) < 6*interval {
+		_, _, err := h.Encrypt(context.Background(), KeyID{"kek", 1}, []byte("x"), nil)
+		if !errors.Is(err, ErrTokenUnavailable) {
+			t.Fatalf("encrypt with the device failing: %v, want ErrTokenUnavailable", err)
+		}
+		calls++
+	}
+	elapsed := time.Since(start)
+	after := f.Counts()
+	f.Set()
+	logins := after["C_Login"].Calls - before["C_Login"].Calls
+	// One reconnect may come at once (the connection is older than the
+	// interval), then at most one per interval.
+	if max := 1 + uint64(elapsed/interval); logins > max {
+		t.Errorf("%d logins in %v for %d calls; at most %d (one per %v)", logins, elapsed, calls, max, interval)
+	}
+	// A connection opens the anchor and, with one caller, one session
+	// before its first call fails; calls in between open none.
+	if opened := after["C_OpenSession"].Calls - before["C_OpenSession"].Calls; opened > 2*logins+1 {
+		t.Errorf("%d sessions opened for %d logins", opened, logins)
+	}
+	t.Logf("%d calls in %v, %d logins", calls, elapsed, logins)
+	time.Sleep(interval)
+	exercise(t, h, 1)
+}
