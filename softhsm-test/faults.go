@@ -1,6 +1,7 @@
 package softhsmtest
 
 import (
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +17,7 @@ import (
 type Faults struct {
 	Module string // path of the fault-injecting module
 	file   string
+	log    string
 	t      testing.TB
 }
 
@@ -30,7 +32,7 @@ func NewFaults(t testing.TB, tok *Token) *Faults {
 		t.Fatalf("softhsmtest: finding the PKCS#11 headers of github.com/miekg/pkcs11: %v", err)
 	}
 	dir := t.TempDir()
-	f := &Faults{Module: filepath.Join(dir, "libkeyward-fault.so"), file: filepath.Join(dir, "faults"), t: t}
+	f := &Faults{Module: filepath.Join(dir, "libkeyward-fault.so"), file: filepath.Join(dir, "faults"), log: filepath.Join(dir, "calls"), t: t}
 	cc := os.Getenv("CC")
 	if cc == "" {
 		cc = "gcc"
@@ -41,8 +43,30 @@ func NewFaults(t testing.TB, tok *Token) *Faults {
 	}
 	t.Setenv("KEYWARD_FAULT_REAL", tok.Module)
 	t.Setenv("KEYWARD_FAULT_FILE", f.file)
+	t.Setenv("KEYWARD_FAULT_LOG", f.log)
 	f.Set()
 	return f
+}
+
+// Calls counts the calls of the PKCS#11 function name ("C_Login") that
+// reached the module, faulted or not, in every process that loaded it
+// since NewFaults: how a test counts login attempts of a keywardd it ran.
+func (f *Faults) Calls(name string) int {
+	f.t.Helper()
+	b, err := os.ReadFile(f.log)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0
+	}
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	n := 0
+	for l := range strings.SplitSeq(string(b), "\n") {
+		if l == name {
+			n++
+		}
+	}
+	return n
 }
 
 // Set replaces the rules. Each is "C_Name 0xCKR" (always) or

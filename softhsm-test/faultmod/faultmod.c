@@ -10,6 +10,9 @@
  *                       C_Sign 0x30 once   ...the first time only
  *                       * 0xE0             every wrapped call returns it
  *                     A rule fires before the real call, which is then skipped.
+ * KEYWARD_FAULT_LOG   if set, a file to which every wrapped call appends its
+ *                     name and a newline, faulted or not: how a test counts
+ *                     C_Login attempts in another process.
  */
 #define CK_PTR *
 #define CK_DEFINE_FUNCTION(returnType, name) returnType name
@@ -38,6 +41,7 @@ static int fired[MAX_RULES];  /* which "once" rules fired since it changed */
 
 static CK_RV fault(const char *fn) {
 	const char *path = getenv("KEYWARD_FAULT_FILE");
+	const char *logpath = getenv("KEYWARD_FAULT_LOG");
 	char buf[4096];
 	FILE *f;
 	size_t n;
@@ -45,6 +49,14 @@ static CK_RV fault(const char *fn) {
 	char *save = NULL, *line;
 	int i = 0;
 
+	if (logpath != NULL && *logpath != 0) {
+		pthread_mutex_lock(&mu);
+		if ((f = fopen(logpath, "a")) != NULL) {
+			fprintf(f, "%s\n", fn);
+			fclose(f);
+		}
+		pthread_mutex_unlock(&mu);
+	}
 	if (path == NULL || (f = fopen(path, "r")) == NULL)
 		return CKR_OK;
 	n = fread(buf, 1, sizeof buf - 1, f);
