@@ -1,5 +1,6 @@
 # keyward's one entry point. `make run` and `make test` install what a fresh
-# Debian machine lacks (SoftHSM2, OpenSC, a C compiler for cgo) first.
+# Debian machine lacks (SoftHSM2, OpenSC, a C compiler for cgo, systemd's
+# systemd-analyze for checking the unit) first.
 
 GO        ?= go
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -21,6 +22,7 @@ deps:
 	command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
 	/usr/bin/python3 -c 'import jwt, cryptography' 2>/dev/null || missing="$$missing python3-jwt python3-cryptography"; \
 	[ -n "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || missing="$$missing postgresql"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) apt-get update -qq && \

@@ -30,7 +30,8 @@ import (
 )
 
 // Config is keywardd's configuration file (docs/operations.md). The HSM PIN
-// is never in it: only the file or environment variable that holds it.
+// is never in it: only the systemd credential, file or environment variable
+// that holds it.
 type Config struct {
 	Socket struct {
 		Path  string `yaml:"path"`
@@ -39,12 +40,13 @@ type Config struct {
 	} `yaml:"socket"`
 	DataDir string `yaml:"data_dir"`
 	HSM     struct {
-		Module   string `yaml:"module"`
-		Token    string `yaml:"token"`
-		URI      string `yaml:"uri"`
-		PINFile  string `yaml:"pin_file"`
-		PINEnv   string `yaml:"pin_env"`
-		Sessions int    `yaml:"sessions"`
+		Module        string `yaml:"module"`
+		Token         string `yaml:"token"`
+		URI           string `yaml:"uri"`
+		PINCredential string `yaml:"pin_credential"` // a systemd credential (LoadCredential=NAME:PATH): the documented way
+		PINFile       string `yaml:"pin_file"`
+		PINEnv        string `yaml:"pin_env"` // cleared from /proc/PID/environ once read
+		Sessions      int    `yaml:"sessions"`
 	} `yaml:"hsm"`
 	PolicyFile string `yaml:"policy_file"`
 	AuditFile  string `yaml:"audit_file"` // default DATA_DIR/audit.log
@@ -102,17 +104,17 @@ type PluginConfig struct {
 }
 
 // LoadConfig reads a configuration file strictly: unknown fields are errors
-// with their line.
+// with their line. Its errors match ErrConfig.
 func LoadConfig(path string) (*Config, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("config: %w", err)
+		return nil, configError(fmt.Errorf("config: %w", err))
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	var c Config
 	if err := dec.Decode(&c); err != nil {
-		return nil, fmt.Errorf("config %s: %w", path, err)
+		return nil, configError(fmt.Errorf("config %s: %w", path, err))
 	}
 	return &c, c.check()
 }
@@ -199,7 +201,7 @@ func (c *Config) check() error {
 		}
 	}
 	if len(errs) > 0 {
-		return fmt.Errorf("config: %w", errors.Join(errs...))
+		return configError(fmt.Errorf("config: %w", errors.Join(errs...)))
 	}
 	return nil
 }
@@ -226,7 +228,7 @@ func unixOptions(path string, mode os.FileMode, group, field string) (socket.Opt
 	if group != "" {
 		g, err := user.LookupGroup(group)
 		if err != nil {
-			return o, fmt.Errorf("config: %s %q is not known on this system", field, group)
+			return o, configError(fmt.Errorf("config: %s %q is not known on this system", field, group))
 		}
 		o.GID, _ = strconv.Atoi(g.Gid)
 	}
@@ -234,7 +236,8 @@ func unixOptions(path string, mode os.FileMode, group, field string) (socket.Opt
 }
 
 func (c *Config) hsmConfig() hsm.Config {
-	return hsm.Config{Module: c.HSM.Module, Token: c.HSM.Token, URI: c.HSM.URI, PINFile: c.HSM.PINFile, PINEnv: c.HSM.PINEnv, Sessions: c.HSM.Sessions}
+	return hsm.Config{Module: c.HSM.Module, Token: c.HSM.Token, URI: c.HSM.URI, PINFile: c.HSM.PINFile, PINEnv: c.HSM.PINEnv,
+		PINCredential: c.HSM.PINCredential, Sessions: c.HSM.Sessions}
 }
 
 func (c *Config) auditPath() string {

@@ -420,6 +420,9 @@ func TestSecondDaemonRefused(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "another keywardd is serving") {
 		t.Fatalf("second daemon: %v", err)
 	}
+	if got := daemon.ExitCode(err); got != daemon.ExitTransient {
+		t.Fatalf("second daemon: exit code %d, want %d (transient: it may start once the first stops)", got, daemon.ExitTransient)
+	}
 	if err := in.stop(); err != nil {
 		t.Fatal(err)
 	}

@@ -24,6 +24,7 @@ import (
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/policy"
+	"github.com/keyward/keyward/daemon/procenv"
 	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/daemon/socket"
 	"github.com/keyward/keyward/daemon/store"
@@ -80,7 +81,7 @@ type Options struct {
 
 // Run serves until ctx ends, then drains the calls in flight, removes the
 // socket and closes everything. It returns the first error that kept it from
-// serving or from closing cleanly.
+// serving or from closing cleanly; ExitCode says what kind it is.
 func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	log := o.Log
 	if log == nil {
@@ -111,31 +112,38 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	}
 	ln, err := socket.Listen(sockOpts)
 	if err != nil {
-		return err
+		return listenError(err)
 	}
 	closers = append(closers, func() error { ln.Close(); return nil })
 
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
-		return fmt.Errorf("data directory: %w", err)
+		return fileError(fmt.Errorf("data directory: %w", err))
 	}
 	h, err := hsm.Open(cfg.hsmConfig())
+	if errors.Is(err, hsm.ErrConfig) || errors.Is(err, hsm.ErrAmbiguous) {
+		return configError(err) // the module, the PIN source, or a URI that matches two tokens
+	}
 	if err != nil {
 		return err
 	}
 	closers = append(closers, h.Close)
-	if cfg.HSM.PINEnv != "" {
-		os.Unsetenv(cfg.HSM.PINEnv) // read; no child or later reader needs it
+	if name := cfg.HSM.PINEnv; name != "" {
+		// Read; nothing needs it any more. os.Unsetenv alone would leave it
+		// in /proc/PID/environ (package procenv).
+		if err := procenv.Scrub(name); err != nil {
+			return configError(fmt.Errorf("hsm.pin_env: the PIN could not be cleared from keywardd's /proc/PID/environ (%v): give it with hsm.pin_credential or hsm.pin_file instead", err))
+		}
 	}
 	// The audit log before the store: its last line says how many writes
 	// the store had made, and a store with fewer is an older copy.
 	al, err := audit.Open(cfg.auditPath(), h, AuditKey, audit.Options{Now: o.Now})
 	if err != nil {
-		return err
+		return fileError(err)
 	}
 	closers = append(closers, al.Close)
 	st, err := openStore(ctx, cfg, h, al, o)
 	if err != nil {
-		return err
+		return fileError(err)
 	}
 	closers = append(closers, st.Close)
 
@@ -287,7 +295,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	if cfg.Metrics.Address != "" {
 		ln, err := net.Listen("tcp", cfg.Metrics.Address)
 		if err != nil {
-			return fmt.Errorf("metrics.address: %w", err)
+			return listenError(fmt.Errorf("metrics.address: %w", err))
 		}
 		closers = append(closers, serveMetrics(ln, "http://"+ln.Addr().String()+"/metrics", mx, log))
 	}
@@ -298,7 +306,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		}
 		ln, err := socket.Listen(so)
 		if err != nil {
-			return fmt.Errorf("metrics.socket: %w", err)
+			return listenError(fmt.Errorf("metrics.socket: %w", err))
 		}
 		closers = append(closers, serveMetrics(ln, "unix:"+ln.Path()+" /metrics", mx, log))
 	}
@@ -479,11 +487,11 @@ func ensureKeys(ctx context.Context, km *keys.Manager, specs []keys.Spec) error 
 func loadPolicy(path string) (*policy.Policy, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("policy: %w", err)
+		return nil, configError(fmt.Errorf("policy: %w", err))
 	}
 	p, err := policy.Parse(b, server.Ops())
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+		return nil, configError(fmt.Errorf("%s: %w", path, err))
 	}
 	return p, nil
 }
@@ -575,7 +583,7 @@ func serveJWKS(cfg *Config, srv *server.Server, log *slog.Logger) (func() error,
 	h := cfg.Tokens.HTTP
 	ln, err := net.Listen("tcp", h.Address)
 	if err != nil {
-		return nil, fmt.Errorf("tokens.http: %w", err)
+		return nil, listenError(fmt.Errorf("tokens.http: %w", err))
 	}
 	scheme := "http"
 	var tlsCfg *tls.Config
@@ -583,7 +591,7 @@ func serveJWKS(cfg *Config, srv *server.Server, log *slog.Logger) (func() error,
 		cert, err := tls.LoadX509KeyPair(h.TLSCert, h.TLSKey)
 		if err != nil {
 			ln.Close()
-			return nil, fmt.Errorf("tokens.http: %w", err)
+			return nil, configError(fmt.Errorf("tokens.http: %w", err))
 		}
 		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
 		ln = tls.NewListener(ln, tlsCfg)

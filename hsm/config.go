@@ -33,8 +33,13 @@ type Config struct {
 	// ignored. It must not be readable by others than owner and group.
 	PINFile string
 	// PINEnv names an environment variable holding the user PIN.
-	// Exactly one of PINFile, PINEnv and the URI's pin-source is set.
 	PINEnv string
+	// PINCredential names a systemd credential holding the user PIN: the
+	// file $CREDENTIALS_DIRECTORY/NAME that the unit's LoadCredential= or
+	// LoadCredentialEncrypted= gives the service, readable by it alone.
+	// Exactly one of PINFile, PINEnv, PINCredential and the URI's
+	// pin-source is set.
+	PINCredential string
 
 	// Sessions is the size of the session pool, which is also the number
 	// of operations that run on the token at once. Zero means 2 × GOMAXPROCS,
@@ -69,8 +74,17 @@ type secret = *struct{ pin string }
 const maxPINLen = 255 // PKCS#11 PINs are at most this long in practice
 
 // resolve checks c, applies defaults and reads the PIN. Its errors name the
-// setting that is wrong and how to fix it, never the PIN.
+// setting that is wrong and how to fix it, never the PIN, and match
+// ErrConfig.
 func (c Config) resolve() (settings, error) {
+	s, err := c.load()
+	if err != nil {
+		return s, configError{err}
+	}
+	return s, nil
+}
+
+func (c Config) load() (settings, error) {
 	var s settings
 	switch {
 	case c.Token != "" && c.URI != "":
@@ -100,13 +114,13 @@ func (c Config) resolve() (settings, error) {
 
 	pinFile := c.PINFile
 	sources := 0
-	for _, set := range []bool{c.PINFile != "", c.PINEnv != "", s.sel.PINSource != ""} {
+	for _, set := range []bool{c.PINFile != "", c.PINEnv != "", c.PINCredential != "", s.sel.PINSource != ""} {
 		if set {
 			sources++
 		}
 	}
 	if sources != 1 {
-		return s, fmt.Errorf("hsm: give the PIN in exactly one way (a PIN file, an environment variable, or the URI's pin-source); %d given", sources)
+		return s, fmt.Errorf("hsm: give the PIN in exactly one way (a PIN file, an environment variable, a systemd credential, or the URI's pin-source); %d given", sources)
 	}
 	if s.sel.PINSource != "" {
 		pinFile = strings.TrimPrefix(s.sel.PINSource, "file:")
@@ -119,9 +133,12 @@ func (c Config) resolve() (settings, error) {
 	}
 	var pin string
 	var err error
-	if pinFile != "" {
-		pin, err = readPINFile(pinFile)
-	} else {
+	switch {
+	case pinFile != "":
+		pin, err = readPINFile(pinFile, "PIN file "+pinFile)
+	case c.PINCredential != "":
+		pin, err = readPINCredential(c.PINCredential)
+	default:
 		pin, err = readPINEnv(c.PINEnv)
 	}
 	if err != nil {
@@ -169,37 +186,61 @@ func checkModulePath(path string) error {
 	return nil
 }
 
-// readPINFile reads a PIN file. It refuses a file that others can read, and
-// never puts the file's content into an error.
-func readPINFile(path string) (string, error) {
+// readPINFile reads a PIN file; what names it in errors ("PIN file PATH").
+// It refuses a file that others can read, and never puts the file's content
+// into an error.
+func readPINFile(path, what string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return "", fmt.Errorf("hsm: PIN file %s does not exist", path)
+			return "", fmt.Errorf("hsm: %s does not exist", what)
 		}
 		if errors.Is(err, os.ErrPermission) {
-			return "", fmt.Errorf("hsm: PIN file %s is not readable by this user (uid %d): fix its owner or mode", path, os.Getuid())
+			return "", fmt.Errorf("hsm: %s is not readable by this user (uid %d): fix its owner or mode", what, os.Getuid())
 		}
-		return "", fmt.Errorf("hsm: PIN file %s: %w", path, err)
+		return "", fmt.Errorf("hsm: %s: %w", what, err)
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return "", fmt.Errorf("hsm: PIN file %s: %w", path, err)
+		return "", fmt.Errorf("hsm: %s: %w", what, err)
 	}
 	if !fi.Mode().IsRegular() {
-		return "", fmt.Errorf("hsm: PIN file %s is not a regular file", path)
+		return "", fmt.Errorf("hsm: %s is not a regular file", what)
 	}
 	if fi.Mode().Perm()&0o007 != 0 {
-		return "", fmt.Errorf("hsm: PIN file %s is accessible to other users (mode %04o): chmod o-rwx it", path, fi.Mode().Perm())
+		return "", fmt.Errorf("hsm: %s is accessible to other users (mode %04o): chmod o-rwx it", what, fi.Mode().Perm())
 	}
 	buf, err := io.ReadAll(io.LimitReader(f, maxPINLen+3))
 	if err != nil {
-		return "", fmt.Errorf("hsm: PIN file %s: read failed", path)
+		return "", fmt.Errorf("hsm: %s: read failed", what)
 	}
 	buf = bytes.TrimSuffix(buf, []byte("\n"))
 	buf = bytes.TrimSuffix(buf, []byte("\r"))
-	return checkPIN(string(buf), "PIN file "+path)
+	return checkPIN(string(buf), what)
+}
+
+// readPINCredential reads the PIN from the systemd credential name: the
+// file of that name in $CREDENTIALS_DIRECTORY, which systemd makes for the
+// service alone (a read-only directory and a 0400 file of its user), with a
+// PIN file's checks. Its errors say how to give the unit the credential.
+func readPINCredential(name string) (string, error) {
+	if name == "." || name == ".." || strings.ContainsAny(name, "/\x00") || len(name) > 255 {
+		return "", fmt.Errorf("hsm: PIN credential name %q: a file name, as in LoadCredential=NAME:PATH (keyward-pin)", name)
+	}
+	dir := os.Getenv("CREDENTIALS_DIRECTORY")
+	if dir == "" {
+		return "", fmt.Errorf("hsm: PIN credential %s: $CREDENTIALS_DIRECTORY is not set: start keywardd from its systemd unit with LoadCredential=%s:/etc/keyward/hsm.pin (systemd 247 or newer)", name, name)
+	}
+	if !filepath.IsAbs(dir) {
+		return "", fmt.Errorf("hsm: PIN credential %s: $CREDENTIALS_DIRECTORY %q is not an absolute path", name, dir)
+	}
+	path := filepath.Join(dir, name)
+	what := fmt.Sprintf("PIN credential %s (%s)", name, path)
+	if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("hsm: %s does not exist: the unit must load it, with LoadCredential=%s:PATH or LoadCredentialEncrypted=%s:PATH", what, name, name)
+	}
+	return readPINFile(path, what)
 }
 
 // readPINEnv reads the PIN from an environment variable.

@@ -1,6 +1,7 @@
 // Package hsm is keyward's one boundary with PKCS#11: it opens a module,
-// selects one token, logs in with a PIN read from a file or the environment,
-// and does every key operation inside the token. Key material never leaves it.
+// selects one token, logs in with a PIN read from a file, a systemd
+// credential or the environment, and does every key operation inside the
+// token. Key material never leaves it.
 //
 // Keys are named by name and version (KeyID) and created with explicit
 // templates: on the token, private (public halves too), sensitive, never

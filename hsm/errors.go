@@ -47,7 +47,19 @@ var (
 	ErrClosed = errors.New("hsm: closed")
 	// ErrToken: any other failure reported by the token.
 	ErrToken = errors.New("hsm: token error")
+	// ErrConfig: the configuration is wrong before the token is asked
+	// anything: no or two token selections, a module that is missing or not
+	// a PKCS#11 library, a PIN source that is missing, empty, unsafe or
+	// given twice. Fixing it takes an operator; trying again does not help.
+	ErrConfig = errors.New("hsm: invalid configuration")
 )
+
+// configError marks an error of the configuration with ErrConfig and keeps
+// its message, which already says what to fix.
+type configError struct{ err error }
+
+func (e configError) Error() string   { return e.err.Error() }
+func (e configError) Unwrap() []error { return []error{e.err, ErrConfig} }
 
 // ckrAEADDecryptFailed is PKCS#11 3.0's code for a failed tag check, which
 // github.com/miekg/pkcs11 v1.1 lacks.

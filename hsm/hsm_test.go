@@ -552,41 +552,65 @@ func TestOpenErrors(t *testing.T) {
 	wrongPIN := filepath.Join(dir, "wrong.pin")
 	os.WriteFile(wrongPIN, []byte("wrong-"+tok.PIN+"\n"), 0o600)
 	t.Setenv("KEYWARD_TEST_PIN", tok.PIN)
+	// A systemd credentials directory: systemd makes the files 0400.
+	creds := filepath.Join(dir, "credentials")
+	os.Mkdir(creds, 0o700)
+	os.WriteFile(filepath.Join(creds, "keyward-pin"), []byte(tok.PIN), 0o400)
+	os.WriteFile(filepath.Join(creds, "world-pin"), []byte(tok.PIN), 0o444)
+	os.WriteFile(filepath.Join(creds, "wrong-pin"), []byte("wrong-"+tok.PIN), 0o400)
+	credential := func(name string) func(*Config) {
+		return func(c *Config) { c.PINFile, c.PINCredential = "", name }
+	}
 
 	for _, tc := range []struct {
-		name string
-		cfg  func(*Config)
-		want error // nil: only the message is checked
-		msg  string
+		name  string
+		cfg   func(*Config)
+		want  error // the sentinel the error matches
+		msg   string
+		creds string // $CREDENTIALS_DIRECTORY, if set
 	}{
-		{"no module", func(c *Config) { c.Module = "" }, nil, "no PKCS#11 module given"},
-		{"relative module", func(c *Config) { c.Module = "libsofthsm2.so" }, nil, "must be absolute"},
-		{"missing module", func(c *Config) { c.Module = "/nonexistent/libvendor.so" }, nil, "does not exist: install the HSM vendor's PKCS#11 library"},
-		{"not a library", func(c *Config) { c.Module = notLib }, nil, "could not be loaded"},
-		{"wrong label", func(c *Config) { c.Token = "no-such-token" }, ErrTokenNotFound, `no token matches pkcs11:token=no-such-token`},
-		{"no token", func(c *Config) { c.Token = "" }, nil, "no token selected"},
-		{"token and URI", func(c *Config) { c.URI = "pkcs11:token=x" }, nil, "not both"},
-		{"wrong PIN", func(c *Config) { c.PINFile = wrongPIN }, ErrPINIncorrect, "does not retry a wrong PIN"},
-		{"missing PIN file", func(c *Config) { c.PINFile = filepath.Join(dir, "nope") }, nil, "does not exist"},
-		{"world-readable PIN file", func(c *Config) { c.PINFile = worldPIN }, nil, "chmod o-rwx"},
-		{"empty PIN file", func(c *Config) { c.PINFile = emptyPIN }, nil, "is empty"},
-		{"PIN file is a directory", func(c *Config) { c.PINFile = dir }, nil, "is not a regular file"},
-		{"PIN variable unset", func(c *Config) { c.PINFile, c.PINEnv = "", "KEYWARD_TEST_NO_SUCH_VAR" }, nil, "is not set"},
-		{"two PIN sources", func(c *Config) { c.PINEnv = "KEYWARD_TEST_PIN" }, nil, "exactly one way"},
-		{"PIN in URI", func(c *Config) { c.Token, c.URI = "", "pkcs11:token="+tok.Label+"?pin-value=1234" }, nil, "must not carry pin-value"},
-		{"sessions", func(c *Config) { c.Sessions = -1 }, nil, "out of range"},
+		{"no module", func(c *Config) { c.Module = "" }, ErrConfig, "no PKCS#11 module given", ""},
+		{"relative module", func(c *Config) { c.Module = "libsofthsm2.so" }, ErrConfig, "must be absolute", ""},
+		{"missing module", func(c *Config) { c.Module = "/nonexistent/libvendor.so" }, ErrConfig, "does not exist: install the HSM vendor's PKCS#11 library", ""},
+		{"not a library", func(c *Config) { c.Module = notLib }, ErrConfig, "could not be loaded", ""},
+		{"wrong label", func(c *Config) { c.Token = "no-such-token" }, ErrTokenNotFound, `no token matches pkcs11:token=no-such-token`, ""},
+		{"no token", func(c *Config) { c.Token = "" }, ErrConfig, "no token selected", ""},
+		{"token and URI", func(c *Config) { c.URI = "pkcs11:token=x" }, ErrConfig, "not both", ""},
+		{"wrong PIN", func(c *Config) { c.PINFile = wrongPIN }, ErrPINIncorrect, "does not retry a wrong PIN", ""},
+		{"missing PIN file", func(c *Config) { c.PINFile = filepath.Join(dir, "nope") }, ErrConfig, "does not exist", ""},
+		{"world-readable PIN file", func(c *Config) { c.PINFile = worldPIN }, ErrConfig, "chmod o-rwx", ""},
+		{"empty PIN file", func(c *Config) { c.PINFile = emptyPIN }, ErrConfig, "is empty", ""},
+		{"PIN file is a directory", func(c *Config) { c.PINFile = dir }, ErrConfig, "is not a regular file", ""},
+		{"PIN variable unset", func(c *Config) { c.PINFile, c.PINEnv = "", "KEYWARD_TEST_NO_SUCH_VAR" }, ErrConfig, "is not set", ""},
+		{"two PIN sources", func(c *Config) { c.PINEnv = "KEYWARD_TEST_PIN" }, ErrConfig, "exactly one way", ""},
+		{"PIN file and credential", func(c *Config) { c.PINCredential = "keyward-pin" }, ErrConfig, "exactly one way", creds},
+		{"credential without systemd", credential("keyward-pin"), ErrConfig, "$CREDENTIALS_DIRECTORY is not set: start keywardd from its systemd unit with LoadCredential=keyward-pin:", ""},
+		{"credential relative directory", credential("keyward-pin"), ErrConfig, "is not an absolute path", "credentials"},
+		{"credential not loaded", credential("other-pin"), ErrConfig, "PIN credential other-pin (" + creds + "/other-pin) does not exist: the unit must load it, with LoadCredential=other-pin:PATH", creds},
+		{"credential name with a slash", credential("../world.pin"), ErrConfig, `PIN credential name "../world.pin": a file name`, creds},
+		{"credential readable by others", credential("world-pin"), ErrConfig, "accessible to other users (mode 0444)", creds},
+		{"wrong PIN in a credential", credential("wrong-pin"), ErrPINIncorrect, "does not retry a wrong PIN", creds},
+		{"PIN in URI", func(c *Config) { c.Token, c.URI = "", "pkcs11:token="+tok.Label+"?pin-value=1234" }, ErrConfig, "must not carry pin-value", ""},
+		{"sessions", func(c *Config) { c.Sessions = -1 }, ErrConfig, "out of range", ""},
 		{"pin-source on another host", func(c *Config) {
 			c.Token, c.PINFile, c.URI = "", "", "pkcs11:token="+tok.Label+"?pin-source=file://host/pin"
-		}, nil, "must be an absolute file path"},
+		}, ErrConfig, "must be an absolute file path", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("CREDENTIALS_DIRECTORY", tc.creds) // restored after the subtest
+			if tc.creds == "" {
+				os.Unsetenv("CREDENTIALS_DIRECTORY")
+			}
 			h, err := Open(tokenConfig(tok, tc.cfg))
 			if err == nil {
 				h.Close()
 				t.Fatal("Open succeeded")
 			}
-			if tc.want != nil && !errors.Is(err, tc.want) {
+			if !errors.Is(err, tc.want) {
 				t.Errorf("got %v, want %v", err, tc.want)
+			}
+			if tc.want != ErrConfig && errors.Is(err, ErrConfig) {
+				t.Errorf("%v matches ErrConfig: the token answered, so the configuration was usable", err)
 			}
 			if !strings.Contains(err.Error(), tc.msg) {
 				t.Errorf("got %q, want it to say %q", err, tc.msg)
@@ -597,10 +621,12 @@ func TestOpenErrors(t *testing.T) {
 		})
 	}
 
-	// The good ways in: by label with the PIN in a variable, by URI with
-	// serial and pin-source.
+	// The good ways in: by label with the PIN in a variable or a systemd
+	// credential, by URI with serial and pin-source.
+	t.Setenv("CREDENTIALS_DIRECTORY", creds)
 	for _, cfg := range []Config{
 		{Module: tok.Module, Token: tok.Label, PINEnv: "KEYWARD_TEST_PIN"},
+		{Module: tok.Module, Token: tok.Label, PINCredential: "keyward-pin"},
 		{Module: tok.Module, URI: "pkcs11:token=" + tok.Label + "?pin-source=file://" + tok.PINFile},
 		{URI: (&URI{Token: tok.Label, Serial: tok.Serial, ModulePath: tok.Module, PINSource: "file:" + tok.PINFile}).String()},
 	} {

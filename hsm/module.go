@@ -38,7 +38,7 @@ func openModule(path string) (*module, error) {
 	}
 	ctx := pkcs11.New(real)
 	if ctx == nil {
-		return nil, fmt.Errorf("hsm: module %s could not be loaded: it is not a PKCS#11 library for this platform, or a library it needs is missing (try ldd %s)", path, real)
+		return nil, configError{fmt.Errorf("hsm: module %s could not be loaded: it is not a PKCS#11 library for this platform, or a library it needs is missing (try ldd %s)", path, real)}
 	}
 	if err := ctx.Initialize(); err != nil {
 		ctx.Destroy()

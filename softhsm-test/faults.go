@@ -111,3 +111,11 @@ func (f *Faults) Counts() map[string]Count {
 	}
 	return out
 }
+
+// Calls counts the calls of the PKCS#11 function name ("C_Login") that
+// reached the module, faulted or not, in every process that loaded it
+// since NewFaults: how a test counts login attempts of a keywardd it ran.
+func (f *Faults) Calls(name string) int {
+	f.t.Helper()
+	return int(f.Counts()[name].Calls)
+}

@@ -25,13 +25,34 @@ import (
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 )
 
+// built is keywardd, built once for every test of the package.
+var built struct {
+	once sync.Once
+	dir  string
+	out  []byte
+	err  error
+}
+
+// TestMain removes the keywardd the tests built.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if built.dir != "" {
+		os.RemoveAll(built.dir)
+	}
+	os.Exit(code)
+}
+
 func buildDaemon(t testing.TB) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "keywardd")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+	built.once.Do(func() {
+		if built.dir, built.err = os.MkdirTemp("", "keywardd-test-"); built.err == nil {
+			built.out, built.err = exec.Command("go", "build", "-o", filepath.Join(built.dir, "keywardd"), ".").CombinedOutput()
+		}
+	})
+	if built.err != nil {
+		t.Fatalf("go build: %v\n%s", built.err, built.out)
 	}
-	return bin
+	return filepath.Join(built.dir, "keywardd")
 }
 
 // startDaemon runs keywardd with the configuration and waits until it

@@ -1,9 +1,11 @@
 // Command keywardd is the keyward daemon: it keeps root keys in a PKCS#11
-// HSM and serves keyward.v1 on a Unix socket. See docs/operations.md.
+// HSM and serves keyward.v1 on a Unix socket. See docs/operations.md, which
+// also lists its exit codes (daemon.ExitCode).
 package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -24,21 +26,29 @@ func main() { os.Exit(run()) }
 
 func run() int {
 	// Processes of keywardd's own user (a plugin, say) may not read its
-	// memory or /proc/PID/environ (the PIN's variable, even unset, stays
-	// there), nor attach to it; and a crash leaves no core with the PIN.
+	// memory or /proc/PID/environ (where a PIN variable stays until Run
+	// overwrites it after the login), nor attach to it; and a crash leaves
+	// no core with the PIN.
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
 		fmt.Fprintf(os.Stderr, "keywardd: cannot make itself non-dumpable: %v\n", err)
-		return 1
+		return daemon.ExitFailure
 	}
+	// Wrong flags are a permanent failure, like a wrong configuration:
+	// ExitUsage, which the unit does not restart (flag's own is 2).
+	flag.CommandLine.Init(os.Args[0], flag.ContinueOnError)
 	configPath := flag.String("config", "/etc/keyward/keywardd.yaml", "configuration file")
 	dev := flag.Bool("dev", false, "try keyward: a throw-away SoftHSM2 token, data directory and permissive policy in a temporary directory")
 	devDir := flag.String("dev-dir", "", "with -dev: use (and keep) this directory instead of a temporary one")
 	acceptRollback := flag.Bool("accept-store-rollback", false, "serve a store older than the last write the audit log records (a backup restored on purpose; audited): see docs/operations.md, \"Restoring the store\"")
 	showVersion := flag.Bool("version", false, "print the version and exit")
-	flag.Parse()
+	if err := flag.CommandLine.Parse(os.Args[1:]); errors.Is(err, flag.ErrHelp) {
+		return daemon.ExitOK
+	} else if err != nil {
+		return daemon.ExitUsage // flag printed what is wrong, and the usage
+	}
 	if flag.NArg() > 0 {
 		fmt.Fprintln(os.Stderr, "keywardd: unexpected arguments; the PIN and everything else come from the configuration file")
-		return 2
+		return daemon.ExitUsage
 	}
 	if *showVersion {
 		fmt.Println("keywardd", version)
@@ -66,13 +76,13 @@ func run() int {
 		if dir == "" {
 			if dir, err = os.MkdirTemp("", "keyward-dev-"); err != nil {
 				log.Error("keywardd --dev", "error", err.Error())
-				return 1
+				return daemon.ExitFailure
 			}
 			defer os.RemoveAll(dir)
 		}
 		if cfg, err = devmode.Setup(dir); err != nil {
 			log.Error("keywardd --dev: setting up", "error", err.Error())
-			return 1
+			return daemon.ExitCode(err)
 		}
 		opts.Keys = devmode.DefaultKeys
 		ready := make(chan struct{})
@@ -82,13 +92,15 @@ func run() int {
 			fmt.Fprint(os.Stdout, devmode.HowTo(cfg))
 		}()
 	} else if cfg, err = daemon.LoadConfig(*configPath); err != nil {
-		log.Error("keywardd: configuration", "error", err.Error())
-		return 1
+		code := daemon.ExitCode(err)
+		log.Error("keywardd: configuration", "error", err.Error(), "exit_code", code)
+		return code
 	}
 	if err := daemon.Run(ctx, cfg, opts); err != nil {
-		log.Error("keywardd stopped", "error", err.Error())
-		return 1
+		code := daemon.ExitCode(err)
+		log.Error("keywardd stopped", "error", err.Error(), "exit_code", code)
+		return code
 	}
 	log.Info("keywardd stopped")
-	return 0
+	return daemon.ExitOK
 }

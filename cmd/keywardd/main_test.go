@@ -19,10 +19,7 @@ import (
 // socket it prints, and stops it with SIGTERM: the socket and the throw-away
 // directory are gone afterwards.
 func TestDevMode(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "keywardd")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := buildDaemon(t)
 	cmd := exec.Command(bin, "-dev")
 	cmd.Env = append(os.Environ(), "TMPDIR="+t.TempDir())
 	stdout, _ := cmd.StdoutPipe()

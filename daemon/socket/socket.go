@@ -23,6 +23,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// ErrInUse: another keywardd holds the socket's lock, so serves the path.
+var ErrInUse = errors.New("socket: another keywardd is serving")
+
 // Options say where the socket goes and who may connect.
 type Options struct {
 	// Path is the socket's absolute path. Its directory is created with
@@ -123,7 +126,7 @@ func lockPath(path string) (*os.File, error) {
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("socket: another keywardd is serving %s (it holds %s)", path, name)
+			return nil, fmt.Errorf("%w %s (it holds %s)", ErrInUse, path, name)
 		}
 		return nil, fmt.Errorf("socket: locking %s: %w", name, err)
 	}

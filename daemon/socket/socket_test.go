@@ -1,6 +1,7 @@
 package socket
 
 import (
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
@@ -50,7 +51,7 @@ func TestListenCreatesSafely(t *testing.T) {
 	c.Close()
 
 	// A second daemon on the same path is refused while the first runs.
-	if _, err := Listen(Options{Path: path}); err == nil || !strings.Contains(err.Error(), "another keywardd is serving") {
+	if _, err := Listen(Options{Path: path}); !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), "another keywardd is serving "+path) {
 		t.Fatalf("second Listen: %v", err)
 	}
 	if err := l.Close(); err != nil {

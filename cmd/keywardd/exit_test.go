@@ -1,0 +1,186 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/daemon"
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
+)
+
+// editConfig replaces old with new in the set-up's configuration file.
+func editConfig(t *testing.T, f daemonFiles, old, new string) {
+	t.Helper()
+	b, err := os.ReadFile(f.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), old) {
+		t.Fatalf("the configuration has no %q:\n%s", old, b)
+	}
+	if err := os.WriteFile(f.config, []byte(strings.Replace(string(b), old, new, 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// runToExit runs keywardd with args until it exits (at most a minute) and
+// returns its exit code and standard error.
+func runToExit(t *testing.T, bin string, args ...string) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case err == nil:
+		return 0, stderr.String()
+	case errors.As(err, &exit) && exit.ExitCode() >= 0:
+		return exit.ExitCode(), stderr.String()
+	}
+	t.Fatalf("keywardd %v: %v (it should have stopped by itself)\n%s", args, err, stderr.String())
+	return 0, ""
+}
+
+// TestExitCodes runs the real keywardd into each kind of failure at start
+// and checks the exit code that tells systemd whether to start it again
+// (docs/operations.md), the message, and the number of logins it tried: a
+// refused PIN is tried once and the process ends with a code the unit
+// never restarts; a missing token or an unreachable HSM is never asked for
+// the PIN at all.
+func TestExitCodes(t *testing.T) {
+	bin := buildDaemon(t)
+	const uncounted = -1
+	for _, tc := range []struct {
+		name   string
+		faults []string // with the fault-injecting module, these rules; nil: SoftHSM2 directly
+		setup  func(t *testing.T, f daemonFiles) []string
+		code   int
+		stderr string
+		logins int
+	}{
+		{"unknown configuration field", nil, func(t *testing.T, f daemonFiles) []string {
+			editConfig(t, f, "data_dir:", "bogus: 1\ndata_dir:")
+			return nil
+		}, daemon.ExitConfig, "field bogus not found", uncounted},
+		{"configuration file missing", nil, func(t *testing.T, f daemonFiles) []string {
+			return []string{"-config", filepath.Join(f.dir, "nope.yaml")}
+		}, daemon.ExitConfig, "no such file or directory", uncounted},
+		{"PIN file readable by others", []string{}, func(t *testing.T, f daemonFiles) []string {
+			os.Chmod(f.tok.PINFile, 0o644)
+			return nil
+		}, daemon.ExitConfig, "is accessible to other users (mode 0644): chmod o-rwx it", 0},
+		{"PIN file missing", []string{}, func(t *testing.T, f daemonFiles) []string {
+			editConfig(t, f, "pin_file: "+f.tok.PINFile, "pin_file: "+f.tok.PINFile+".gone")
+			return nil
+		}, daemon.ExitConfig, ".gone does not exist", 0},
+		{"PIN credential outside systemd", []string{}, func(t *testing.T, f daemonFiles) []string {
+			editConfig(t, f, "pin_file: "+f.tok.PINFile, "pin_credential: keyward-pin")
+			t.Setenv("CREDENTIALS_DIRECTORY", "")
+			os.Unsetenv("CREDENTIALS_DIRECTORY")
+			return nil
+		}, daemon.ExitConfig, "$CREDENTIALS_DIRECTORY is not set", 0},
+		{"policy file missing", nil, func(t *testing.T, f daemonFiles) []string {
+			os.Remove(filepath.Join(f.dir, "policy.yaml"))
+			return nil
+		}, daemon.ExitConfig, "policy: open", uncounted},
+		{"unexpected argument", nil, func(t *testing.T, f daemonFiles) []string {
+			return []string{"-config", f.config, "1234"}
+		}, daemon.ExitUsage, "unexpected arguments", uncounted},
+		{"unknown flag", nil, func(t *testing.T, f daemonFiles) []string {
+			return []string{"-pin", "1234"}
+		}, daemon.ExitUsage, "flag provided but not defined: -pin", uncounted},
+		{"wrong PIN", []string{}, func(t *testing.T, f daemonFiles) []string {
+			os.WriteFile(f.tok.PINFile, []byte("wrong-"+f.tok.PIN+"\n"), 0o600)
+			return nil
+		}, daemon.ExitPIN, "PIN incorrect: check the PIN file or variable; keyward does not retry a wrong PIN", 1},
+		{"locked PIN", []string{"C_Login 0xA4"}, nil, daemon.ExitPIN, "PIN locked: the security officer must unlock or reset the user PIN", 1},
+		{"token missing", []string{}, func(t *testing.T, f daemonFiles) []string {
+			editConfig(t, f, "token: "+f.tok.Label, "token: no-such-token")
+			return nil
+		}, daemon.ExitTokenMissing, "no token matches pkcs11:token=no-such-token", 0},
+		{"HSM unreachable", []string{"C_GetSlotList 0x30"}, nil, daemon.ExitTransient, "token unavailable", 0},
+		{"socket directory not there yet", nil, func(t *testing.T, f daemonFiles) []string {
+			editConfig(t, f, "path: "+f.sock, "path: "+filepath.Join(f.dir, "not-yet", "run", "k.sock"))
+			return nil
+		}, daemon.ExitTransient, "no such file or directory", uncounted},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newDaemonFiles(t)
+			var faults *softhsmtest.Faults
+			if tc.faults != nil {
+				faults = softhsmtest.NewFaults(t, f.tok)
+				faults.Set(tc.faults...)
+				editConfig(t, f, "module: "+f.tok.Module, "module: "+faults.Module)
+			}
+			args := []string{"-config", f.config}
+			if tc.setup != nil {
+				if a := tc.setup(t, f); a != nil {
+					args = a
+				}
+			}
+			code, stderr := runToExit(t, bin, args...)
+			if code != tc.code {
+				t.Fatalf("exit code %d, want %d\n%s", code, tc.code, stderr)
+			}
+			if !strings.Contains(stderr, tc.stderr) {
+				t.Errorf("the log does not say %q:\n%s", tc.stderr, stderr)
+			}
+			if strings.Contains(stderr, f.tok.PIN) {
+				t.Errorf("the log shows the PIN:\n%s", stderr)
+			}
+			if tc.logins != uncounted {
+				if faults == nil {
+					t.Fatal("counting logins needs the fault module")
+				}
+				if n := faults.Calls("C_Login"); n != tc.logins {
+					t.Errorf("keywardd tried %d logins, want %d", n, tc.logins)
+				}
+			}
+		})
+	}
+}
+
+// TestExitCodeSecondDaemon: a second keywardd on a socket the first serves
+// exits with the transient code (it may start once the first stops), and
+// the first keeps serving.
+func TestExitCodeSecondDaemon(t *testing.T) {
+	bin := buildDaemon(t)
+	f := newDaemonFiles(t)
+	first := startDaemon(t, bin, f.config, f.sock)
+	code, stderr := runToExit(t, bin, "-config", f.config)
+	if code != daemon.ExitTransient || !strings.Contains(stderr, "another keywardd is serving "+f.sock) {
+		t.Fatalf("second keywardd: exit code %d, want %d\n%s", code, daemon.ExitTransient, stderr)
+	}
+	if first.ProcessState != nil {
+		t.Fatal("the first keywardd stopped")
+	}
+}
+
+// TestExitCodeDamagedStore: keywardd refuses a store file that is not a
+// store with ExitData (which the unit does not restart), and says to
+// restore it and where the runbook is.
+func TestExitCodeDamagedStore(t *testing.T) {
+	bin := buildDaemon(t)
+	f := newDaemonFiles(t)
+	garbage := []byte(strings.Repeat("this is not a bbolt file; ", 1000))
+	os.Mkdir(f.data, 0o700)
+	if err := os.WriteFile(filepath.Join(f.data, "keyward.db"), garbage, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, stderr := runToExit(t, bin, "-config", f.config)
+	if code != daemon.ExitData {
+		t.Fatalf("exit code %d, want %d\n%s", code, daemon.ExitData, stderr)
+	}
+	if !strings.Contains(stderr, "restore it from a backup") || !strings.Contains(stderr, "Restoring the store") {
+		t.Errorf("the log does not say to restore the store:\n%s", stderr)
+	}
+}
