@@ -201,7 +201,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		}
 		return nil
 	})
-	env := envelope.New(km, h)
+	env := envelope.New(km, h, envelope.Options{Decoy: hsm.KeyID{Name: CredentialsKey, Version: 1}})
 	set := host.Set{}
 	for _, p := range plugins {
 		set[p.Status().Name] = p

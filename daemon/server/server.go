@@ -286,7 +286,7 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	}
 	rec.Outcome, rec.Code = outcome(st)
 	if st != nil {
-		rec.Detail = st.Message()
+		rec.Detail = auditDetail(err, st)
 	} else {
 		rec.Detail = c.detail
 	}
