@@ -276,7 +276,7 @@ func TestEndToEnd(t *testing.T) {
 		t.Fatalf("audit: %+v", rep)
 	}
 	for _, want := range []string{`"op":"EnvelopeService.Decrypt"`, `"outcome":"error","code":"InvalidArgument"`, `"context_sha256":"`, `"op":"KeyService.RotateKey","key":"app","version":2`, `"items":5`,
-		`"items":3,"outcome":"ok","batch":[{"key":"app","version":2,"context_sha256":"`, `{"key":"app","version":1,"context_sha256":"`, `"outcome":"error","code":"FailedPrecondition"}`} {
+		`"items":3,"outcome":"ok","batch":[{"key":"app","version":2,"context_sha256":"`, `{"key":"app","version":1,"context_sha256":"`, `"outcome":"error","code":"FailedPrecondition","detail":"key version not usable: \"app\" v1 is below the minimum decryption version 2"}`} {
 		if !strings.Contains(string(auditLog), want) {
 			t.Errorf("the audit log lacks %s", want)
 		}

@@ -219,7 +219,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		}
 		return nil
 	})
-	env := envelope.New(km, h)
+	env := envelope.New(km, h, envelope.Options{Decoy: hsm.KeyID{Name: CredentialsKey, Version: 1}})
 	set := host.Set{}
 	for _, p := range plugins {
 		set[p.Status().Name] = p
@@ -321,14 +321,17 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		}()
 		closers = append(closers, func() error { stopAnomaly(); <-done; return det.Flush() })
 	}
+	legacy := &legacyNames{}
 	srv, gs := server.New(server.Config{
 		HSM: h, Store: st, Keys: km, Envelope: env, Audit: al, Policy: pol, Credentials: cm, Metrics: mx,
 		MaxBatch: cfg.MaxBatch, Version: o.Version, HealthEvery: o.HealthEvery,
 		Tokens: tc, Revoked: revoked, APIKeys: akm, Schedule: sched, Notify: ob.Notify, Observed: observed, Plugins: func() []server.PluginState { return pluginStates(plugins, ob.Status()) },
+		NamesToRename: legacy.Counts,
 	})
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	go srv.WatchHealth(bg)
+	go legacy.survey(bg, km, akm, cm, cfg.Plugins, log)
 	go maintainKeys(bg, km, al, log)
 	if gov != nil {
 		go watchLoad(bg, gov, log)

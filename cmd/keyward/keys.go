@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -191,6 +193,13 @@ func statusCommand(e *env, args []string) error {
 		r.GetKeys().GetTotal(), r.GetKeys().GetEnabled(), r.GetKeys().GetDisabled(), r.GetKeys().GetPendingDeletion())
 	if msg := r.GetAuditCheckpointError(); msg != "" {
 		fmt.Fprintf(e.stdout, "audit: checkpoints are not being MACed: %s\n", msg)
+	}
+	if n := r.GetNamesToRename(); len(n) > 0 {
+		var counts []string
+		for _, kind := range slices.Sorted(maps.Keys(n)) {
+			counts = append(counts, fmt.Sprintf("%d %s", n[kind], kind))
+		}
+		fmt.Fprintf(e.stdout, "names to rename: %s (not lower case, or ending in a dot or dash; keywardd's log at start lists them, docs/operations.md says how)\n", strings.Join(counts, ", "))
 	}
 	for _, p := range r.GetPlugins() {
 		fmt.Fprintf(e.stdout, "plugin %s %s: %s since %s (pid %d, started %d times; %s)", p.GetName(), p.GetVersion(), p.GetState(),

@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/keyward/keyward/daemon/names"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/ratelimit"
 	"github.com/keyward/keyward/daemon/store"
@@ -298,6 +299,26 @@ func (m *Manager) check(s Spec) error {
 	return nil
 }
 
+// checkNames refuses a new key whose owner, environment or a tag is not
+// canonical (daemon/names). It is not part of check, which updates run
+// too: keys issued before the rule keep their names and can still be
+// narrowed.
+func checkNames(s Spec) error {
+	err := names.Check("owner", s.Owner)
+	if err == nil {
+		err = names.Check("environment", s.Environment)
+	}
+	for _, t := range s.Tags {
+		if err == nil {
+			err = names.Check("tag", t)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	return nil
+}
+
 // CheckLimits says whether layers can be a key's rate limits: at most 4,
 // each valid, each period once (the limiter keeps its state by period).
 func CheckLimits(layers []ratelimit.Layer) error {
@@ -336,7 +357,11 @@ func (m *Manager) CreateMany(ctx context.Context, specs []Spec) (secrets []strin
 		return nil, nil, fmt.Errorf("%w: create 1 to %d keys at once", ErrInvalid, MaxCreateBatch)
 	}
 	for i, s := range specs {
-		if err := m.check(s); err != nil {
+		err := m.check(s)
+		if err == nil {
+			err = checkNames(s)
+		}
+		if err != nil {
 			if len(specs) > 1 {
 				err = fmt.Errorf("key %d: %w", i, err)
 			}

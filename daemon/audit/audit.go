@@ -75,6 +75,7 @@ type Item struct {
 	ContextSHA256 string `json:"context_sha256,omitempty"`
 	Outcome       string `json:"outcome"`
 	Code          string `json:"code,omitempty"`
+	Detail        string `json:"detail,omitempty"` // the item's refusal, as the caller was told it or, where it was withheld, the specific reason
 }
 
 // line is the JSON form of a line. Body is a Record or a checkpoint.

@@ -30,6 +30,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/keyward/keyward/daemon/names"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/store"
 )
@@ -274,11 +275,19 @@ func canonical(raw json.RawMessage) string {
 
 // Register records a credential and runs its first rotation. If the
 // rotation fails for now, the credential stays registered and the rotation
-// is resumed later; the error says why.
+// is resumed later; the error says why. Its name must be canonical
+// (daemon/names); credentials registered under other names before that
+// rule are served as ever.
 func (m *Manager) Register(ctx context.Context, s Spec) (*Record, error) {
-	switch {
-	case !nameForm.MatchString(s.Name):
+	// The characters first, in the canonical form, so that "Orders-DB" is
+	// told to be "orders-db", then the form.
+	if !nameForm.MatchString(names.Canonical(s.Name)) {
 		return nil, fmt.Errorf("%w: a credential name is 1 to 128 of a-z 0-9 . _ -", ErrInvalid)
+	}
+	if err := names.Check("credential name", s.Name); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	switch {
 	case s.Plugin == "":
 		return nil, fmt.Errorf("%w: name the plugin that rotates it", ErrInvalid)
 	case len(s.Config) > maxConfig || (len(s.Config) > 0 && !json.Valid(s.Config)):

@@ -106,7 +106,7 @@ func newFixture(t *testing.T, mode string) *fixture {
 		t.Cleanup(p.Close)
 		f.plugins[name] = p
 	}
-	f.m = credentials.New(st, f.plugins, credentials.EnvelopeSealer{Envelope: envelope.New(km, h), Key: "keyward-credentials"}, f.clk.now)
+	f.m = credentials.New(st, f.plugins, credentials.EnvelopeSealer{Envelope: envelope.New(km, h, envelope.Options{}), Key: "keyward-credentials"}, f.clk.now)
 	return f
 }
 

@@ -29,7 +29,25 @@ var (
 	ErrTooLarge = errors.New("envelope: plaintext too large")
 	// ErrInvalid: an argument is out of range.
 	ErrInvalid = errors.New("envelope: invalid argument")
+	// ErrNotOpened is matched by every failure to open a ciphertext, from
+	// Header, Decrypt, and ReEncrypt before it seals again: a malformed
+	// ciphertext, one naming a key or version that cannot decrypt (unknown,
+	// disabled, pending deletion, of another purpose, below the minimum
+	// decryption version), one that fails authentication, or an HSM that
+	// could not try. Such an error keeps its specific reason: its message is
+	// the reason's, and errors.Is finds the reason's own sentinels. The
+	// reason tells which keys and versions exist and in what state, so the
+	// API layer decides who may read it.
+	ErrNotOpened = errors.New("envelope: the ciphertext does not open")
 )
+
+// notOpened is a failure to open a ciphertext: ErrNotOpened, for the reason.
+type notOpened struct{ reason error }
+
+func (e *notOpened) Error() string   { return e.reason.Error() }
+func (e *notOpened) Unwrap() []error { return []error{ErrNotOpened, e.reason} }
+
+func notOpen(reason error) error { return &notOpened{reason} }
 
 // Keys is what the service needs of the key manager: which version to
 // encrypt with, and whether a version may decrypt.
@@ -44,14 +62,26 @@ type Sealer interface {
 	Decrypt(ctx context.Context, id hsm.KeyID, nonce, ciphertext, aad []byte) ([]byte, error)
 }
 
+// Options tune a Service. The zero value is valid.
+type Options struct {
+	// Decoy is an AES-256-GCM key version in the HSM that Decrypt uses when
+	// a ciphertext names a key or version that cannot decrypt: it tries to
+	// open a decoy of the same size under it (a zero nonce and body, which
+	// never authenticate), so that such a ciphertext takes the time and the
+	// HSM work of one whose tag fails, and the time of an answer does not
+	// tell whether the key exists. Zero: no decoy.
+	Decoy hsm.KeyID
+}
+
 // Service does envelope encryption.
 type Service struct {
 	keys   Keys
 	sealer Sealer
+	decoy  hsm.KeyID
 }
 
 // New returns a Service.
-func New(k Keys, s Sealer) *Service { return &Service{keys: k, sealer: s} }
+func New(k Keys, s Sealer, o Options) *Service { return &Service{keys: k, sealer: s, decoy: o.Decoy} }
 
 // seal seals plaintext under the newest version of the named key.
 func (s *Service) seal(ctx context.Context, keyName string, plaintext []byte, encCtx map[string]string) ([]byte, error) {
@@ -107,36 +137,61 @@ func (s *Service) Encrypt(ctx context.Context, keyName string, plaintext []byte,
 func (s *Service) Header(ciphertext []byte) (Header, error) {
 	c, err := Parse(ciphertext)
 	if err != nil {
-		return Header{}, err
+		return Header{}, notOpen(err)
 	}
 	return c.Header, nil
 }
 
 // Decrypt opens a ciphertext made by Encrypt or GenerateDataKey, under the
 // key version it names, with the encryption context it was sealed with.
+// Every failure to open it matches ErrNotOpened; an encryption context that
+// breaks a limit gives ErrContext before anything else, whatever the
+// ciphertext.
 func (s *Service) Decrypt(ctx context.Context, ciphertext []byte, encCtx map[string]string) ([]byte, Header, error) {
-	c, err := Parse(ciphertext)
+	canon, err := CanonicalContext(encCtx)
 	if err != nil {
 		return nil, Header{}, err
 	}
+	c, err := Parse(ciphertext)
+	if err != nil {
+		return nil, Header{}, notOpen(err)
+	}
+	aad := append(c.Header.marshal(nil), canon...)
 	id, err := s.keys.ForDecryption(c.KeyName, c.KeyVersion)
 	if err != nil {
-		return nil, c.Header, err
-	}
-	aad, err := AAD(c.Header, encCtx)
-	if err != nil {
-		return nil, c.Header, err
+		if derr := s.tryDecoy(ctx, len(c.Sealed), aad); derr != nil {
+			return nil, c.Header, notOpen(fmt.Errorf("%w (and the HSM could not try the decoy decryption: %w)", err, derr))
+		}
+		return nil, c.Header, notOpen(err)
 	}
 	pt, err := s.sealer.Decrypt(ctx, id, c.Nonce, c.Sealed, aad)
 	if errors.Is(err, hsm.ErrDecrypt) {
-		return nil, c.Header, ErrDecrypt
+		err = ErrDecrypt
 	}
-	return pt, c.Header, err
+	if err != nil {
+		return nil, c.Header, notOpen(err)
+	}
+	return pt, c.Header, nil
+}
+
+// tryDecoy does the HSM work of a failed tag check on a sealed part of n
+// bytes, under the decoy key. It returns an error only if the HSM could
+// not try, as it could not have tried with the key the ciphertext names.
+func (s *Service) tryDecoy(ctx context.Context, n int, aad []byte) error {
+	if s.decoy == (hsm.KeyID{}) {
+		return nil
+	}
+	_, err := s.sealer.Decrypt(ctx, s.decoy, make([]byte, NonceSize), make([]byte, n), aad)
+	if err == nil || errors.Is(err, hsm.ErrDecrypt) || errors.Is(err, hsm.ErrKeyNotFound) {
+		return nil
+	}
+	return err
 }
 
 // ReEncrypt opens a ciphertext and seals its plaintext again under the
 // newest version of toKey (empty: the same key) with toCtx (nil: the same
-// context), without the plaintext leaving the daemon.
+// context), without the plaintext leaving the daemon. A failure to open
+// matches ErrNotOpened, a failure to seal again does not.
 func (s *Service) ReEncrypt(ctx context.Context, ciphertext []byte, encCtx map[string]string, toKey string, toCtx map[string]string) ([]byte, Header, error) {
 	pt, from, err := s.Decrypt(ctx, ciphertext, encCtx)
 	if err != nil {

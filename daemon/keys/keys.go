@@ -27,6 +27,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/keyward/keyward/daemon/names"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
@@ -323,10 +324,15 @@ var purposeAlgs = map[Purpose][]hsm.Algorithm{
 	MAC:     {hsm.HMACSHA256},
 }
 
-// Create makes version 1 of a new key in the HSM, then saves it.
+// Create makes version 1 of a new key in the HSM, then saves it. Its name
+// must be canonical (daemon/names); keys stored under other names before
+// that rule are read and used as ever, but none is made.
 func (m *Manager) Create(ctx context.Context, s Spec) (*Key, error) {
 	if err := (hsm.KeyID{Name: s.Name, Version: 1}).Check(); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if err := names.Check("key name", s.Name); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	algs, ok := purposeAlgs[s.Purpose]
 	if !ok {

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"sync"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
@@ -63,10 +64,27 @@ func (s *Server) Encrypt(ctx context.Context, r *keywardv1.EncryptRequest) (*key
 	return s.encrypt(ctx, "EnvelopeService.Encrypt", r)
 }
 
+// unopened is what the caller is told of err, a failure to decrypt a
+// ciphertext whose header names key (empty: the header does not parse).
+// A failure to open it (envelope.ErrNotOpened) keeps its reason for a
+// caller granted KeyService.GetKey on the key (on any key, when it names
+// none: a malformed header tells nothing about keys); any other caller gets
+// the one answer of withhold, whatever the reason. The policy check on the
+// key named comes before, and depends on the name alone.
+func (s *Server) unopened(ctx context.Context, key string, err error) error {
+	if !errors.Is(err, envelope.ErrNotOpened) {
+		return err
+	}
+	if s.policy.Load().Allow(subject(callFrom(ctx).caller), "KeyService.GetKey", key) == nil {
+		return err
+	}
+	return withhold(err)
+}
+
 func (s *Server) decrypt(ctx context.Context, op string, r *keywardv1.DecryptRequest) (*keywardv1.DecryptResponse, error) {
 	h, err := s.cfg.Envelope.Header(r.GetCiphertext())
 	if err != nil {
-		return nil, err
+		return nil, s.unopened(ctx, "", err)
 	}
 	if err := s.allow(ctx, op, h.KeyName); err != nil {
 		return nil, err
@@ -75,7 +93,7 @@ func (s *Server) decrypt(ctx context.Context, op string, r *keywardv1.DecryptReq
 	noteContext(ctx, r.GetEncryptionContext())
 	pt, _, err := s.cfg.Envelope.Decrypt(ctx, r.GetCiphertext(), r.GetEncryptionContext())
 	if err != nil {
-		return nil, err
+		return nil, s.unopened(ctx, h.KeyName, err)
 	}
 	return &keywardv1.DecryptResponse{Plaintext: pt, KeyName: h.KeyName, KeyVersion: h.KeyVersion}, nil
 }
@@ -88,7 +106,7 @@ func (s *Server) Decrypt(ctx context.Context, r *keywardv1.DecryptRequest) (*key
 func (s *Server) reEncrypt(ctx context.Context, op, decryptOp string, r *keywardv1.ReEncryptRequest) (*keywardv1.ReEncryptResponse, error) {
 	from, err := s.cfg.Envelope.Header(r.GetCiphertext())
 	if err != nil {
-		return nil, err
+		return nil, s.unopened(ctx, "", err)
 	}
 	to := r.GetDestinationKeyName()
 	if to == "" {
@@ -110,7 +128,7 @@ func (s *Server) reEncrypt(ctx context.Context, op, decryptOp string, r *keyward
 	}
 	ct, _, err := s.cfg.Envelope.ReEncrypt(ctx, r.GetCiphertext(), r.GetEncryptionContext(), r.GetDestinationKeyName(), toCtx)
 	if err != nil {
-		return nil, err
+		return nil, s.unopened(ctx, from.KeyName, err)
 	}
 	h, _ := s.cfg.Envelope.Header(ct)
 	callFrom(ctx).version = h.KeyVersion
@@ -155,7 +173,11 @@ func runBatch[Req, Resp any](ctx context.Context, s *Server, op string, items []
 	wg.Wait()
 	for i, n := range notes {
 		it := audit.Item{Key: n.key, Version: n.version, ContextSHA256: n.ctxHash}
-		it.Outcome, it.Code = outcome(toStatus(errs[i]))
+		st := toStatus(errs[i])
+		it.Outcome, it.Code = outcome(st)
+		if st != nil {
+			it.Detail = auditDetail(errs[i], st)
+		}
 		c.batch = append(c.batch, it)
 	}
 	return out, errs, nil

@@ -94,6 +94,9 @@ type Config struct {
 	Metrics *metrics.Metrics
 	// Plugins, if set, reports the plugins' states for GetStatus.
 	Plugins func() []PluginState
+	// NamesToRename, if set, counts by kind the names in use that are not
+	// canonical, for GetStatus; nil until known.
+	NamesToRename func() map[string]int
 	// Schedule serves GetRotationPlan; nil turns it off.
 	Schedule *schedule.Scheduler
 	// Observed, if set, hears of the verifications of a live secret (the
@@ -309,7 +312,7 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	}
 	rec.Outcome, rec.Code = outcome(st)
 	if st != nil {
-		rec.Detail = st.Message()
+		rec.Detail = auditDetail(err, st)
 	} else {
 		rec.Detail = c.detail
 	}

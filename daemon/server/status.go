@@ -25,6 +25,63 @@ var (
 	errUnavailable = errors.New("unavailable")
 )
 
+// The answers to a ciphertext that does not open, for a caller that may not
+// learn why (see withhold): one for every reason, and one for an HSM that
+// could not try, which the caller should retry.
+var (
+	errUnopened    = errors.New("the ciphertext does not open: it is damaged, was sealed under another encryption context, or names a key or version this caller cannot use (callers granted KeyService.GetKey on the key are told which)")
+	errUnopenedNow = errors.New("the ciphertext could not be opened now: keywardd cannot reach its HSM; retry later")
+)
+
+// withheld is a failure to open a ciphertext answered without its reason,
+// which goes to the audit record only.
+type withheld struct{ answer, reason error }
+
+func (w *withheld) Error() string { return w.answer.Error() }
+func (w *withheld) Unwrap() error { return w.answer }
+
+// withhold is the answer to a caller that may not learn why a ciphertext
+// did not open: which keys exist, their versions and their states are
+// KeyService.GetKey's to tell. Its code and message depend on nothing but
+// whether the HSM could try (UNAVAILABLE, to be retried) or the caller gave
+// up (CANCELLED, DEADLINE_EXCEEDED); every other reason, a key unknown,
+// disabled, pending deletion, of another purpose, a version unknown or below
+// the minimum, a malformed or altered ciphertext, another context, an
+// internal fault, is the one INVALID_ARGUMENT.
+func withhold(reason error) error {
+	answer := errUnopened
+	switch {
+	case mapsTo(reason, codes.Unavailable):
+		answer = errUnopenedNow
+	case mapsTo(reason, codes.Canceled):
+		answer = context.Canceled
+	case mapsTo(reason, codes.DeadlineExceeded):
+		answer = context.DeadlineExceeded
+	}
+	return &withheld{answer: answer, reason: reason}
+}
+
+// mapsTo says whether err, or any error it wraps, maps to code: a key not
+// found whose decoy decryption found the HSM unavailable is unavailable, as
+// a key found would have been.
+func mapsTo(err error, code codes.Code) bool {
+	for _, m := range codeOf {
+		if m.code == code && errors.Is(err, m.err) {
+			return true
+		}
+	}
+	return false
+}
+
+// auditDetail is what the audit record says of a failed call or item: the
+// caller's answer, or the reason withheld from it.
+func auditDetail(err error, st *status.Status) string {
+	if w, ok := errors.AsType[*withheld](err); ok {
+		return "withheld from the caller: " + w.reason.Error()
+	}
+	return st.Message()
+}
+
 // codeOf maps every domain error to its status code: the one place where
 // that happens. Anything not listed is INTERNAL.
 var codeOf = []struct {
@@ -41,6 +98,8 @@ var codeOf = []struct {
 	{keys.ErrWrongPurpose, codes.FailedPrecondition},
 	{keys.ErrVersion, codes.FailedPrecondition},
 	{keys.ErrUnknownHSMKey, codes.FailedPrecondition},
+	{errUnopened, codes.InvalidArgument},
+	{errUnopenedNow, codes.Unavailable},
 	{envelope.ErrDecrypt, codes.InvalidArgument},
 	{envelope.ErrFormat, codes.InvalidArgument},
 	{envelope.ErrContext, codes.InvalidArgument},
@@ -92,7 +151,7 @@ func toStatus(err error) *status.Status {
 	return status.New(codes.Internal, err.Error())
 }
 
-// itemError is a batch item's failure.
+// itemError is a batch item's failure, as the caller gets it.
 func itemError(err error) (int32, string) {
 	st := toStatus(err)
 	return int32(st.Code()), st.Message()

@@ -52,6 +52,12 @@ func (s *Server) GetStatus(ctx context.Context, _ *keywardv1.GetStatusRequest) (
 				EventsPending: uint32(p.EventsPending), DeliveryError: p.DeliveryError})
 		}
 	}
+	if s.cfg.NamesToRename != nil {
+		out.NamesToRename = map[string]uint32{}
+		for kind, n := range s.cfg.NamesToRename() {
+			out.NamesToRename[kind] = uint32(n)
+		}
+	}
 	return out, nil
 }
 

@@ -499,13 +499,15 @@ func (x *APIKey) GetSecrets() []*APIKeySecret {
 // CreateAPIKeyRequest describes the key.
 type CreateAPIKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Required: who the key belongs to (a team, a customer). The policy
+	// Required: who the key belongs to (a team, a customer): lower case
+	// letters, digits and _ . @ : + -, not ending with '.' or '-'. The policy
 	// grants CreateAPIKey on owners.
 	Owner string `protobuf:"bytes,1,opt,name=owner,proto3" json:"owner,omitempty"`
 	// Required: what it is for, for people.
 	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
 	// Required: where it works (dev, staging, prod); verifying it for another
-	// environment gets WRONG_ENVIRONMENT.
+	// environment gets WRONG_ENVIRONMENT. Lower case, not ending with '.' or
+	// '-', as are tags.
 	Environment string `protobuf:"bytes,3,opt,name=environment,proto3" json:"environment,omitempty"`
 	// Required, at least one: roles (read-only, standard, admin) or
 	// resource:action strings such as orders:read ("*" matches any part).

@@ -362,7 +362,7 @@ func (x *Credential) GetRetryTime() *timestamppb.Timestamp {
 // RegisterCredentialRequest describes the credential.
 type RegisterCredentialRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// 1 to 128 of a-z 0-9 . _ -
+	// 1 to 128 of a-z 0-9 . _ -, not ending with '.' or '-'.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// The configured plugin that rotates it.
 	Plugin string `protobuf:"bytes,2,opt,name=plugin,proto3" json:"plugin,omitempty"`

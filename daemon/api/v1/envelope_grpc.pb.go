@@ -41,15 +41,26 @@ const (
 // Every ciphertext names the key and version it was sealed under (the format
 // is in docs/formats.md) and is bound to the encryption context given when it
 // was made: the same context must be given to open it. A wrong or missing
-// context fails exactly as a changed ciphertext does: INVALID_ARGUMENT,
-// "the ciphertext or the encryption context does not match".
+// context fails exactly as a changed ciphertext does.
 //
 // Errors of every call: PERMISSION_DENIED when the caller's roles do not grant
-// the call on the key; NOT_FOUND for an unknown key; FAILED_PRECONDITION for a
-// disabled key, one pending deletion, one of another purpose, or a version
-// below the key's minimum decryption version; INVALID_ARGUMENT for a bad
-// context or a malformed ciphertext; UNAVAILABLE when the HSM or the audit log
-// cannot be reached.
+// the call on the key (for Decrypt and ReEncrypt, the key the ciphertext's
+// header names: the answer depends on that name alone); NOT_FOUND for an
+// unknown key; FAILED_PRECONDITION for a disabled key, one pending deletion,
+// one of another purpose, or a version below the key's minimum decryption
+// version; INVALID_ARGUMENT for a bad context or a malformed ciphertext;
+// UNAVAILABLE when the HSM or the audit log cannot be reached.
+//
+// A ciphertext given to Decrypt or ReEncrypt that does not open (malformed,
+// altered, sealed under another context, or naming a key or version that is
+// unknown, disabled, pending deletion, of another purpose or below the
+// minimum decryption version) gets those specific answers only if the caller
+// is granted KeyService.GetKey on the key its header names. Any other caller
+// gets one answer, the same code and message for every reason:
+// INVALID_ARGUMENT "the ciphertext does not open: ...", or UNAVAILABLE "the
+// ciphertext could not be opened now: ..." while the HSM cannot try. So a
+// caller learns nothing from a ciphertext it cannot open about which keys
+// exist, their versions or their states. See docs/api.md.
 type EnvelopeServiceClient interface {
 	// GenerateDataKey returns a fresh data key in plaintext, to use once and
 	// forget, and sealed under the newest version of a key, to store beside
@@ -189,15 +200,26 @@ func (c *envelopeServiceClient) BatchReEncrypt(ctx context.Context, in *BatchReE
 // Every ciphertext names the key and version it was sealed under (the format
 // is in docs/formats.md) and is bound to the encryption context given when it
 // was made: the same context must be given to open it. A wrong or missing
-// context fails exactly as a changed ciphertext does: INVALID_ARGUMENT,
-// "the ciphertext or the encryption context does not match".
+// context fails exactly as a changed ciphertext does.
 //
 // Errors of every call: PERMISSION_DENIED when the caller's roles do not grant
-// the call on the key; NOT_FOUND for an unknown key; FAILED_PRECONDITION for a
-// disabled key, one pending deletion, one of another purpose, or a version
-// below the key's minimum decryption version; INVALID_ARGUMENT for a bad
-// context or a malformed ciphertext; UNAVAILABLE when the HSM or the audit log
-// cannot be reached.
+// the call on the key (for Decrypt and ReEncrypt, the key the ciphertext's
+// header names: the answer depends on that name alone); NOT_FOUND for an
+// unknown key; FAILED_PRECONDITION for a disabled key, one pending deletion,
+// one of another purpose, or a version below the key's minimum decryption
+// version; INVALID_ARGUMENT for a bad context or a malformed ciphertext;
+// UNAVAILABLE when the HSM or the audit log cannot be reached.
+//
+// A ciphertext given to Decrypt or ReEncrypt that does not open (malformed,
+// altered, sealed under another context, or naming a key or version that is
+// unknown, disabled, pending deletion, of another purpose or below the
+// minimum decryption version) gets those specific answers only if the caller
+// is granted KeyService.GetKey on the key its header names. Any other caller
+// gets one answer, the same code and message for every reason:
+// INVALID_ARGUMENT "the ciphertext does not open: ...", or UNAVAILABLE "the
+// ciphertext could not be opened now: ..." while the HSM cannot try. So a
+// caller learns nothing from a ciphertext it cannot open about which keys
+// exist, their versions or their states. See docs/api.md.
 type EnvelopeServiceServer interface {
 	// GenerateDataKey returns a fresh data key in plaintext, to use once and
 	// forget, and sealed under the newest version of a key, to store beside

@@ -196,7 +196,10 @@ func (KeyState) EnumDescriptor() ([]byte, []int) {
 // Key is a root key's metadata. Its material never leaves the HSM.
 type Key struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// 1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter or digit.
+	// 1 to 64 of a-z 0-9 . _ -, starting with a letter or digit and not
+	// ending with '.' or '-' (the canonical form, docs/operations.md). Keys
+	// made before that rule may have upper case letters or such an ending:
+	// they are served, but no new ones are made.
 	Name      string       `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	Purpose   KeyPurpose   `protobuf:"varint,2,opt,name=purpose,proto3,enum=keyward.v1.KeyPurpose" json:"purpose,omitempty"`
 	Algorithm KeyAlgorithm `protobuf:"varint,3,opt,name=algorithm,proto3,enum=keyward.v1.KeyAlgorithm" json:"algorithm,omitempty"`

@@ -41,8 +41,9 @@ const (
 // reached (nothing happened then).
 type KeyServiceClient interface {
 	// CreateKey makes version 1 of a new key inside the HSM.
-	// ALREADY_EXISTS if the name is taken; INVALID_ARGUMENT for a bad name,
-	// purpose, algorithm or rotation period.
+	// ALREADY_EXISTS if the name is taken; INVALID_ARGUMENT for a bad name
+	// (one not in its canonical form is told that form: `key name "Orders."
+	// is not canonical: use "orders"`), purpose, algorithm or rotation period.
 	CreateKey(ctx context.Context, in *CreateKeyRequest, opts ...grpc.CallOption) (*CreateKeyResponse, error)
 	// GetKey returns a key's metadata. NOT_FOUND if there is no such key.
 	GetKey(ctx context.Context, in *GetKeyRequest, opts ...grpc.CallOption) (*GetKeyResponse, error)
@@ -166,8 +167,9 @@ func (c *keyServiceClient) CancelKeyDeletion(ctx context.Context, in *CancelKeyD
 // reached (nothing happened then).
 type KeyServiceServer interface {
 	// CreateKey makes version 1 of a new key inside the HSM.
-	// ALREADY_EXISTS if the name is taken; INVALID_ARGUMENT for a bad name,
-	// purpose, algorithm or rotation period.
+	// ALREADY_EXISTS if the name is taken; INVALID_ARGUMENT for a bad name
+	// (one not in its canonical form is told that form: `key name "Orders."
+	// is not canonical: use "orders"`), purpose, algorithm or rotation period.
 	CreateKey(context.Context, *CreateKeyRequest) (*CreateKeyResponse, error)
 	// GetKey returns a key's metadata. NOT_FOUND if there is no such key.
 	GetKey(context.Context, *GetKeyRequest) (*GetKeyResponse, error)

@@ -147,7 +147,14 @@ type GetStatusResponse struct {
 	// is well.
 	AuditCheckpointError string `protobuf:"bytes,6,opt,name=audit_checkpoint_error,json=auditCheckpointError,proto3" json:"audit_checkpoint_error,omitempty"`
 	// Each configured plugin.
-	Plugins       []*PluginStatus `protobuf:"bytes,7,rep,name=plugins,proto3" json:"plugins,omitempty"`
+	Plugins []*PluginStatus `protobuf:"bytes,7,rep,name=plugins,proto3" json:"plugins,omitempty"`
+	// Names in use that are not in their canonical form (lower case, no
+	// trailing dot or dash), made before keywardd refused them, counted by
+	// kind: key, credential, api_key_owner, api_key_environment, api_key_tag,
+	// plugin. keywardd serves them but creates no new ones; its log lists
+	// each at start with what to do (docs/operations.md). They are found in
+	// the background at start: empty until then, and when there are none.
+	NamesToRename map[string]uint32 `protobuf:"bytes,8,rep,name=names_to_rename,json=namesToRename,proto3" json:"names_to_rename,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -227,6 +234,13 @@ func (x *GetStatusResponse) GetAuditCheckpointError() string {
 func (x *GetStatusResponse) GetPlugins() []*PluginStatus {
 	if x != nil {
 		return x.Plugins
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetNamesToRename() map[string]uint32 {
+	if x != nil {
+		return x.NamesToRename
 	}
 	return nil
 }
@@ -575,7 +589,7 @@ const file_status_proto_rawDesc = "" +
 	"keyward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n" +
 	"\vPingRequest\"\x0e\n" +
 	"\fPingResponse\"\x12\n" +
-	"\x10GetStatusRequest\"\xd5\x02\n" +
+	"\x10GetStatusRequest\"\xf1\x03\n" +
 	"\x11GetStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
@@ -584,7 +598,11 @@ const file_status_proto_rawDesc = "" +
 	"\x05store\x18\x04 \x01(\v2\x17.keyward.v1.StoreStatusR\x05store\x12)\n" +
 	"\x04keys\x18\x05 \x01(\v2\x15.keyward.v1.KeyCountsR\x04keys\x124\n" +
 	"\x16audit_checkpoint_error\x18\x06 \x01(\tR\x14auditCheckpointError\x122\n" +
-	"\aplugins\x18\a \x03(\v2\x18.keyward.v1.PluginStatusR\aplugins\"\xb9\x01\n" +
+	"\aplugins\x18\a \x03(\v2\x18.keyward.v1.PluginStatusR\aplugins\x12X\n" +
+	"\x0fnames_to_rename\x18\b \x03(\v20.keyward.v1.GetStatusResponse.NamesToRenameEntryR\rnamesToRename\x1a@\n" +
+	"\x12NamesToRenameEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xb9\x01\n" +
 	"\tHSMStatus\x12\x1f\n" +
 	"\vtoken_label\x18\x01 \x01(\tR\n" +
 	"tokenLabel\x12!\n" +
@@ -630,7 +648,7 @@ func file_status_proto_rawDescGZIP() []byte {
 	return file_status_proto_rawDescData
 }
 
-var file_status_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_status_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_status_proto_goTypes = []any{
 	(*PingRequest)(nil),           // 0: keyward.v1.PingRequest
 	(*PingResponse)(nil),          // 1: keyward.v1.PingResponse
@@ -640,24 +658,26 @@ var file_status_proto_goTypes = []any{
 	(*StoreStatus)(nil),           // 5: keyward.v1.StoreStatus
 	(*KeyCounts)(nil),             // 6: keyward.v1.KeyCounts
 	(*PluginStatus)(nil),          // 7: keyward.v1.PluginStatus
-	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
+	nil,                           // 8: keyward.v1.GetStatusResponse.NamesToRenameEntry
+	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
 }
 var file_status_proto_depIdxs = []int32{
-	8, // 0: keyward.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
+	9, // 0: keyward.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
 	4, // 1: keyward.v1.GetStatusResponse.hsm:type_name -> keyward.v1.HSMStatus
 	5, // 2: keyward.v1.GetStatusResponse.store:type_name -> keyward.v1.StoreStatus
 	6, // 3: keyward.v1.GetStatusResponse.keys:type_name -> keyward.v1.KeyCounts
 	7, // 4: keyward.v1.GetStatusResponse.plugins:type_name -> keyward.v1.PluginStatus
-	8, // 5: keyward.v1.PluginStatus.since:type_name -> google.protobuf.Timestamp
-	2, // 6: keyward.v1.StatusService.GetStatus:input_type -> keyward.v1.GetStatusRequest
-	0, // 7: keyward.v1.StatusService.Ping:input_type -> keyward.v1.PingRequest
-	3, // 8: keyward.v1.StatusService.GetStatus:output_type -> keyward.v1.GetStatusResponse
-	1, // 9: keyward.v1.StatusService.Ping:output_type -> keyward.v1.PingResponse
-	8, // [8:10] is the sub-list for method output_type
-	6, // [6:8] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	8, // 5: keyward.v1.GetStatusResponse.names_to_rename:type_name -> keyward.v1.GetStatusResponse.NamesToRenameEntry
+	9, // 6: keyward.v1.PluginStatus.since:type_name -> google.protobuf.Timestamp
+	2, // 7: keyward.v1.StatusService.GetStatus:input_type -> keyward.v1.GetStatusRequest
+	0, // 8: keyward.v1.StatusService.Ping:input_type -> keyward.v1.PingRequest
+	3, // 9: keyward.v1.StatusService.GetStatus:output_type -> keyward.v1.GetStatusResponse
+	1, // 10: keyward.v1.StatusService.Ping:output_type -> keyward.v1.PingResponse
+	9, // [9:11] is the sub-list for method output_type
+	7, // [7:9] is the sub-list for method input_type
+	7, // [7:7] is the sub-list for extension type_name
+	7, // [7:7] is the sub-list for extension extendee
+	0, // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_status_proto_init() }
@@ -671,7 +691,7 @@ func file_status_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_status_proto_rawDesc), len(file_status_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   8,
+			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
