@@ -97,16 +97,20 @@ func TestLegacyNamesServed(t *testing.T) {
 	// What an older keywardd left: written with the store and the HSM.
 	credSecret := []byte("the password of orders-db.")
 	func() {
-		st, err := store.Open(filepath.Join(in.cfg.DataDir, "keyward.db"), store.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer st.Close()
 		h, err := hsm.Open(hsm.Config{Module: in.tok.Module, Token: in.tok.Label, PINFile: in.tok.PINFile})
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer h.Close()
+		key, err := daemon.DeriveStoreKey(ctx, h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := store.Open(filepath.Join(in.cfg.DataDir, "keyward.db"), store.Options{Key: key})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer st.Close()
 		now := time.Now().UTC()
 		for _, name := range []string{"Orders", "orders-"} {
 			if err := h.CreateKey(ctx, hsm.KeyID{Name: name, Version: 1}, hsm.AES256GCM); err != nil {
