@@ -113,6 +113,31 @@ type Limiter struct {
 	state map[string][]arrival // key -> each layer's theoretical arrival time
 	// Near is the fraction of a burst that sets NearLimit; default 0.8.
 	Near float64
+
+	// The limiter's own time never goes back: a clock set back (by more
+	// than jitter) moves skew forward by as much, so that every bucket
+	// drains as it would have, instead of refusing its key for as long as
+	// the clock was set back.
+	last time.Time
+	skew time.Duration
+}
+
+// jitter is how far back a caller's time may be, against the one before,
+// without being taken for a clock set back: callers read the clock before
+// they wait for the lock.
+const jitter = time.Second
+
+// clock turns a caller's time into the limiter's; under mu.
+func (lim *Limiter) clock(now time.Time) time.Time {
+	t := now.Add(lim.skew)
+	if back := lim.last.Sub(t); back > jitter {
+		lim.skew += back
+		t = lim.last
+	} else if back > 0 {
+		t = lim.last
+	}
+	lim.last = t
+	return t
 }
 
 // arrival is a layer's theoretical arrival time, kept by the layer's
@@ -140,6 +165,8 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 	}
 	lim.mu.Lock()
 	defer lim.mu.Unlock()
+	wall := now
+	now = lim.clock(now)
 	// Each layer's arrival time, by period; a new period starts full. Two
 	// layers of one period would share it: Check's callers refuse them.
 	tats := make([]time.Time, len(layers))
@@ -194,7 +221,7 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 			tat = now
 		}
 		used := tat.Sub(now) // time the bucket needs to refill
-		res.Layers[i].Reset = now.Add(used)
+		res.Layers[i].Reset = wall.Add(used)
 		remaining := int(math.Floor(float64(l.tolerance()+l.interval()-used) / float64(l.interval())))
 		res.Layers[i].Remaining = max(remaining, 0)
 		if float64(l.Burst-res.Layers[i].Remaining) >= near*float64(l.Burst) {

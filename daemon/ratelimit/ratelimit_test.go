@@ -288,3 +288,46 @@ func TestScaleCarriesUse(t *testing.T) {
 		}
 	}
 }
+
+// TestClockJumps: a clock set back an hour neither refuses a key for that
+// hour nor hands out a fresh bucket; set forward, buckets are full (never
+// more than a burst).
+func TestClockJumps(t *testing.T) {
+	lim := New()
+	layers := []Layer{{Limit: 5, Per: time.Minute, Burst: 5}}
+	for range 5 {
+		if !lim.Allow("k", layers, 1, t0).Allowed {
+			t.Fatal("refused within the burst")
+		}
+	}
+	back := t0.Add(-time.Hour)
+	r := lim.Allow("k", layers, 1, back)
+	if r.Allowed {
+		t.Fatal("a clock set back handed out a fresh bucket")
+	}
+	if r.RetryAfter > 12*time.Second || r.RetryAfter <= 0 {
+		t.Fatalf("a clock set back an hour: retry after %v, want the 12 s one request costs", r.RetryAfter)
+	}
+	if got := r.Layers[0].Reset; got.Before(back) || got.After(back.Add(time.Minute)) {
+		t.Fatalf("reset %v is not within a minute of the caller's clock %v", got, back)
+	}
+	if !lim.Allow("k", layers, 1, back.Add(12*time.Second)).Allowed {
+		t.Fatal("the bucket did not drain after the clock was set back")
+	}
+	// Forward: the bucket is full, and holds no more than its burst.
+	fwd := back.Add(2 * time.Hour)
+	n := 0
+	for lim.Allow("k", layers, 1, fwd).Allowed {
+		n++
+	}
+	if n != 5 {
+		t.Fatalf("after a clock set forward %d requests passed at once, want the burst of 5", n)
+	}
+	// Callers' clocks a little out of order are no jump.
+	lim = New()
+	lim.Allow("j", layers, 1, t0)
+	lim.Allow("j", layers, 1, t0.Add(-time.Millisecond))
+	if lim.skew != 0 {
+		t.Fatalf("a millisecond out of order moved the limiter's clock by %v", lim.skew)
+	}
+}
