@@ -41,6 +41,7 @@ type instance struct {
 	credEvery time.Duration
 	now       func() time.Time // the clock of keys, API keys, credentials and the schedule; nil: time.Now
 	accept    bool             // -accept-store-rollback
+	keysEvery time.Duration    // how often keys past their deletion date are looked for
 	cancel    context.CancelFunc
 	errc      chan error
 	stopped   bool
@@ -97,7 +98,7 @@ func (in *instance) run() {
 	in.cancel, in.stopped = cancel, false
 	ready := make(chan struct{})
 	go func() {
-		in.errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Reload: in.reload, Ready: ready, Version: "test", HealthEvery: in.health, CredentialsEvery: in.credEvery, Now: in.now, AcceptStoreRollback: in.accept})
+		in.errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Reload: in.reload, Ready: ready, Version: "test", HealthEvery: in.health, CredentialsEvery: in.credEvery, Now: in.now, AcceptStoreRollback: in.accept, KeysEvery: in.keysEvery})
 	}()
 	select {
 	case <-ready:

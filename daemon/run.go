@@ -67,12 +67,17 @@ type Options struct {
 	DrainTimeout time.Duration
 	// HealthEvery is how often the HSM's health is checked. Default 5 s.
 	HealthEvery time.Duration
-	// Now is the clock of the keys, API keys, credentials and the rotation
-	// schedule (tests move it by months); nil is time.Now.
+	// Now is keywardd's clock: of the keys, API keys, tokens, credentials,
+	// the rotation schedule, the audit log and the server (tests move it
+	// by months, and jump it); nil is time.Now. Durations (timeouts,
+	// latencies) are measured on the monotonic clock regardless.
 	Now func() time.Time
 	// CredentialsEvery is how often managed credentials are maintained
 	// (pending rotations, overlaps' ends, periods). Default 1 minute.
 	CredentialsEvery time.Duration
+	// KeysEvery is how often keys past their deletion date are looked
+	// for. Default 5 minutes.
+	KeysEvery time.Duration
 	// AcceptStoreRollback serves a store older than the last write the
 	// audit log records (an operator restored a backup on purpose); the
 	// acceptance is audited. See docs/operations.md, "Restoring the store".
@@ -171,7 +176,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	if err != nil {
 		return err
 	}
-	revoked, err := tokens.LoadRevoked(st, time.Now())
+	revoked, err := tokens.LoadRevoked(st, o.Now)
 	if err != nil {
 		return err
 	}
@@ -261,7 +266,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 			all, _ := km.List()
 			for _, k := range all {
 				if n := len(k.Versions); n > 0 {
-					out[k.Name] = time.Since(k.Versions[n-1].Created).Seconds()
+					out[k.Name] = o.Now().Sub(k.Versions[n-1].Created).Seconds()
 				}
 			}
 			return out
@@ -317,7 +322,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		actx, stopAnomaly := context.WithCancel(context.Background())
 		go func() {
 			defer close(done)
-			watchAnomalies(actx, det, akm, al, mx, ob.Notify, log, cfg.Anomaly.FlushEvery)
+			watchAnomalies(actx, det, akm, al, mx, ob.Notify, log, cfg.Anomaly.FlushEvery, o.Now)
 		}()
 		closers = append(closers, func() error { stopAnomaly(); <-done; return det.Flush() })
 	}
@@ -325,14 +330,17 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	srv, gs := server.New(server.Config{
 		HSM: h, Store: st, Keys: km, Envelope: env, Audit: al, Policy: pol, Credentials: cm, Metrics: mx,
 		MaxBatch: cfg.MaxBatch, Version: o.Version, HealthEvery: o.HealthEvery,
-		Tokens: tc, Revoked: revoked, APIKeys: akm, Schedule: sched, Notify: ob.Notify, Observed: observed, Plugins: func() []server.PluginState { return pluginStates(plugins, ob.Status()) },
+		Tokens: tc, Revoked: revoked, APIKeys: akm, Now: o.Now, Schedule: sched, Notify: ob.Notify, Observed: observed, Plugins: func() []server.PluginState { return pluginStates(plugins, ob.Status()) },
 		NamesToRename: legacy.Counts,
 	})
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	go srv.WatchHealth(bg)
 	go legacy.survey(bg, km, akm, cm, cfg.Plugins, log)
-	go maintainKeys(bg, km, al, log)
+	if o.KeysEvery <= 0 {
+		o.KeysEvery = 5 * time.Minute
+	}
+	go maintainKeys(bg, km, al, log, newClockWatch(o.Now), o.KeysEvery)
 	if gov != nil {
 		go watchLoad(bg, gov, log)
 	}
@@ -340,7 +348,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	if o.CredentialsEvery <= 0 {
 		o.CredentialsEvery = time.Minute
 	}
-	go maintainCredentials(bg, cm, al, log, o.CredentialsEvery)
+	go maintainCredentials(bg, cm, al, log, o.CredentialsEvery, o.Now)
 	go ob.Run(bg, time.Second)
 	go func() {
 		t := time.NewTicker(time.Hour)
@@ -350,7 +358,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 			case <-bg.Done():
 				return
 			case <-t.C:
-				if _, err := revoked.Sweep(time.Now()); err != nil {
+				if _, err := revoked.Sweep(); err != nil {
 					log.Error("forgetting expired token revocations failed", "error", err.Error())
 				}
 			}
@@ -499,19 +507,35 @@ func loadPolicy(path string) (*policy.Policy, error) {
 	return p, nil
 }
 
-// maintainKeys deletes keys whose deletion date passed, every few minutes.
-// Each deletion is audited before it happens; one that cannot be audited
-// waits.
-func maintainKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *slog.Logger) {
-	t := time.NewTicker(5 * time.Minute)
+// steadyLooks is how many looks in a row on a steady clock deletions wait
+// for, after keywardd starts and after the clock jumps.
+const steadyLooks = 3
+
+// maintainKeys deletes keys whose deletion date passed, every few minutes
+// (every). Each deletion is audited before it happens; one that cannot be
+// audited waits. A deletion cannot be undone, so it waits until the clock
+// has been steady (clock) for steadyLooks looks: a clock run ahead for a
+// while and set right again destroys nothing early.
+func maintainKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *slog.Logger, clock *clockWatch, every time.Duration) {
+	t := time.NewTicker(every)
 	defer t.Stop()
+	steady := 0
 	for {
 		due, err := km.DueForDeletion()
 		if err != nil {
 			log.Error("listing keys past their deletion date failed", "error", err.Error())
 		}
+		if jump := clock.jumped(); jump != 0 {
+			log.Warn("the clock jumped: keys past their deletion date wait until it has been steady for a while", "jump", jump.String(), "looks", steadyLooks, "every", every.String())
+			steady = 0
+		} else if steady < steadyLooks {
+			steady++
+		}
+		if steady < steadyLooks {
+			due = nil
+		}
 		for _, name := range due {
-			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.DeleteKey", Key: name, Outcome: "ok",
+			rec := audit.Record{Time: clock.wall().UTC(), Op: "keywardd.DeleteKey", Key: name, Outcome: "ok",
 				Caller: keywardd(),
 				Detail: "its deletion date passed: destroying every version in the HSM"}
 			if err := al.Append(ctx, rec); err != nil {
@@ -536,7 +560,7 @@ func maintainKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *slo
 // minute: resumes pending rotations, retires previous versions after their
 // overlap, rotates those whose period passed, finishes revocations. Each is
 // audited with its outcome.
-func maintainCredentials(ctx context.Context, cm *credentials.Manager, al *audit.Log, log *slog.Logger, every time.Duration) {
+func maintainCredentials(ctx context.Context, cm *credentials.Manager, al *audit.Log, log *slog.Logger, every time.Duration, now func() time.Time) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -545,7 +569,7 @@ func maintainCredentials(ctx context.Context, cm *credentials.Manager, al *audit
 			log.Error("listing managed credentials failed", "error", err.Error())
 		}
 		for name, err := range done {
-			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.MaintainCredential", Key: name, Outcome: "ok",
+			rec := audit.Record{Time: now().UTC(), Op: "keywardd.MaintainCredential", Key: name, Outcome: "ok",
 				Caller: keywardd(),
 				Detail: "due: a pending rotation, a rotation period, an overlap's end or a revocation"}
 			if err != nil {

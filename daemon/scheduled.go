@@ -56,7 +56,7 @@ func newScheduler(cfg *Config, st *store.Store, km *keys.Manager, cm *credential
 		jitter = *rules.Jitter
 	}
 	record := func(s schedule.Subject, outcome, detail string) audit.Record {
-		return audit.Record{Time: time.Now().UTC(), Op: scheduleOps[s.Action][s.Kind], Key: s.ID, Outcome: outcome,
+		return audit.Record{Time: now().UTC(), Op: scheduleOps[s.Action][s.Kind], Key: s.ID, Outcome: outcome,
 			Caller: keywardd(), Detail: detail}
 	}
 	return schedule.New(schedule.Config{Store: st, Now: now, Jitter: jitter, Grace: 2 * checkEvery(rules), RemindEvery: remindEvery(rules),
@@ -80,4 +80,33 @@ func newScheduler(cfg *Config, st *store.Store, km *keys.Manager, cm *credential
 			}
 		},
 	})
+}
+
+// clockWatch tells whether keywardd's clock jumped between two looks: moved
+// by more than a minute more or less than real time (the monotonic clock)
+// did. Acts that cannot be undone wait for a look on a steady clock.
+type clockWatch struct {
+	wall     func() time.Time
+	lastWall time.Time
+	lastMono time.Time
+}
+
+func newClockWatch(wall func() time.Time) *clockWatch {
+	return &clockWatch{wall: wall, lastWall: wall(), lastMono: time.Now()}
+}
+
+// maxDrift is how far the clock may move apart from real time between two
+// looks without counting as a jump.
+const maxDrift = time.Minute
+
+// jumped returns how far the clock moved apart from real time since the
+// last call (0 if less than maxDrift).
+func (c *clockWatch) jumped() time.Duration {
+	wall, mono := c.wall(), time.Now()
+	d := wall.Sub(c.lastWall) - mono.Sub(c.lastMono)
+	c.lastWall, c.lastMono = wall, mono
+	if d.Abs() < maxDrift {
+		return 0
+	}
+	return d
 }

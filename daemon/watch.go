@@ -18,7 +18,7 @@ import (
 // disabled first if the configuration says so, with its event for the
 // plugins in the same transaction, then the alert is audited, logged and
 // counted. Baselines are written every flushEvery.
-func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Manager, al *audit.Log, mx *metrics.Metrics, notify func(), log *slog.Logger, flushEvery time.Duration) {
+func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Manager, al *audit.Log, mx *metrics.Metrics, notify func(), log *slog.Logger, flushEvery time.Duration, now func() time.Time) {
 	if flushEvery <= 0 {
 		flushEvery = time.Minute
 	}
@@ -51,7 +51,7 @@ func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Man
 			if err != nil {
 				detail = seen + "; acting on it failed, nothing was disabled: " + err.Error()
 			}
-			rec := audit.Record{Time: time.Now().UTC(), Op: "keywardd.APIKeyAnomaly", Key: a.KeyID, Outcome: "ok", Detail: detail,
+			rec := audit.Record{Time: now().UTC(), Op: "keywardd.APIKeyAnomaly", Key: a.KeyID, Outcome: "ok", Detail: detail,
 				Caller: keywardd()}
 			if err != nil {
 				rec.Outcome = "error"

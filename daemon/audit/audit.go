@@ -107,8 +107,9 @@ type Options struct {
 	// RetryEvery is how often a log that could not be written tries again.
 	// Default 1 s.
 	RetryEvery time.Duration
-	// Now is the clock of the records the log writes itself and of its
-	// checkpoints; nil is time.Now.
+	// Now is the clock of the records the log writes itself; nil is
+	// time.Now. The time between checkpoints is measured on the monotonic
+	// clock.
 	Now func() time.Time
 }
 
@@ -179,7 +180,7 @@ func Open(path string, mac MACer, key hsm.KeyID, o Options) (*Log, error) {
 	if err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
 	}
-	l := &Log{f: f, mac: mac, key: key, opt: o, reqs: make(chan *request, 1024), done: make(chan struct{}), lastCP: o.Now()}
+	l := &Log{f: f, mac: mac, key: key, opt: o, reqs: make(chan *request, 1024), done: make(chan struct{}), lastCP: time.Now()}
 	torn, err := l.resume()
 	if err != nil {
 		f.Close()
@@ -475,7 +476,7 @@ func (l *Log) write(batch []Record, forceCheckpoint bool) error {
 			}
 		}
 	}
-	if since > 0 && (forceCheckpoint || l.opt.Now().Sub(l.lastCP) >= l.opt.CheckpointInterval || l.opt.Now().Before(l.lastCP)) {
+	if since > 0 && (forceCheckpoint || time.Since(l.lastCP) >= l.opt.CheckpointInterval) {
 		if err := checkpoint(); err != nil {
 			return err
 		}
@@ -492,7 +493,7 @@ func (l *Log) write(batch []Record, forceCheckpoint bool) error {
 	l.seq, l.head, l.since = seq, head, since
 	l.size += int64(buf.Len())
 	if checkpointed {
-		l.lastCP = l.opt.Now()
+		l.lastCP = time.Now()
 	}
 	return nil
 }

@@ -186,7 +186,7 @@ func (s *Server) CreateAPIKey(ctx context.Context, r *keywardv1.CreateAPIKeyRequ
 		if d := r.GetTtl().AsDuration(); r.GetTtl().CheckValid() != nil || d <= 0 || d > maxTTL {
 			return nil, fmt.Errorf("%w: ttl must be positive and at most %v", errInvalid, maxTTL)
 		}
-		spec.Expires = time.Now().Add(r.GetTtl().AsDuration())
+		spec.Expires = s.cfg.Now().Add(r.GetTtl().AsDuration())
 	}
 	if spec.AllowedIPs, err = fromAllowlist(r.GetAllowedIps()); err != nil {
 		return nil, err

@@ -21,7 +21,7 @@ func (s *Server) JWKSHandler(baseURL string, prePublish time.Duration) http.Hand
 	maxAge := int((prePublish / 2).Seconds())
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /.well-known/jwks.json", func(w http.ResponseWriter, r *http.Request) {
-		pub, err := s.published(r.Context(), time.Now())
+		pub, err := s.published(r.Context(), s.cfg.Now())
 		if err != nil {
 			http.Error(w, "keys unavailable", http.StatusServiceUnavailable)
 			return

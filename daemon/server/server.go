@@ -106,6 +106,9 @@ type Config struct {
 	// Notify, if set, is called when events for the plugins were queued,
 	// so that they go out at once.
 	Notify func()
+	// Now is keywardd's clock (audit records, tokens, API keys' expiry);
+	// nil is time.Now. Latencies are measured on the monotonic clock.
+	Now func() time.Time
 }
 
 // PluginState is a plugin's state as GetStatus reports it.
@@ -157,7 +160,10 @@ func New(cfg Config) (*Server, *grpc.Server) {
 		cfg.HealthEvery = 5 * time.Second
 	}
 	cfg.Tokens.defaults()
-	s := &Server{cfg: cfg, health: health.NewServer(), start: time.Now(), tkeys: tokenKeys{m: map[hsm.KeyID]*tokens.Key{}},
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	s := &Server{cfg: cfg, health: health.NewServer(), start: cfg.Now(), tkeys: tokenKeys{m: map[hsm.KeyID]*tokens.Key{}},
 		mints: mintCache{m: map[string]mintEntry{}}, verified: tokens.NewCache(), kick: make(chan struct{}, 1)}
 	s.policy.Store(cfg.Policy)
 	cfg.Audit.SetNotify(s.recheck)
@@ -304,7 +310,7 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	}
 	st := toStatus(err)
 	rec := audit.Record{
-		Time: time.Now().UTC(),
+		Time: s.cfg.Now().UTC(),
 		Caller: audit.Caller{UID: c.caller.UID, GID: c.caller.GID, PID: c.caller.PID,
 			Exe: c.caller.Exe, SHA256: c.caller.ExeSHA256},
 		Op: op, Key: c.key, Version: c.version, Items: c.items, ContextSHA256: c.ctxHash, Batch: c.batch,

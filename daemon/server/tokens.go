@@ -160,7 +160,7 @@ func (s *Server) MintToken(ctx context.Context, r *keywardv1.MintTokenRequest) (
 	if err := signingKey(k); err != nil {
 		return nil, err
 	}
-	now := time.Now()
+	now := s.cfg.Now()
 	v, ok := k.Signing(now)
 	if !ok {
 		return nil, fmt.Errorf("%w: %q has no version signing now", keys.ErrVersion, k.Name)
@@ -270,7 +270,7 @@ func (s *Server) VerifyToken(ctx context.Context, r *keywardv1.VerifyTokenReques
 	if r.GetAudience() == "" {
 		return nil, fmt.Errorf("%w: the audience to verify for is required", errInvalid)
 	}
-	now := time.Now()
+	now := s.cfg.Now()
 	v, gen, err := s.verifier(ctx, now)
 	if err != nil {
 		return nil, err
@@ -299,7 +299,7 @@ func (s *Server) GetJWKS(ctx context.Context, _ *keywardv1.GetJWKSRequest) (*key
 	if err := s.allow(ctx, "TokenService.GetJWKS", ""); err != nil {
 		return nil, err
 	}
-	pub, err := s.published(ctx, time.Now())
+	pub, err := s.published(ctx, s.cfg.Now())
 	if err != nil {
 		return nil, err
 	}
@@ -316,7 +316,7 @@ func (s *Server) RevokeToken(ctx context.Context, r *keywardv1.RevokeTokenReques
 	if err := s.allow(ctx, "TokenService.RevokeToken", ""); err != nil {
 		return nil, err
 	}
-	now := time.Now()
+	now := s.cfg.Now()
 	if id := r.GetTokenId(); id != "" {
 		if r.GetToken() != "" {
 			return nil, fmt.Errorf("%w: give the token or its ID, not both", errInvalid)

@@ -18,23 +18,30 @@ type Store interface {
 }
 
 // Revoked is the set of revoked token IDs, each until its token expires
-// plus MaxLeeway (a verifier may accept a token that long after its exp). It
-// lives in the store, so it survives restarts, and in memory, so a check
-// costs a map lookup.
+// plus MaxLeeway (a verifier may accept a token that long after its exp),
+// and ClockMargin more. It lives in the store, so it survives restarts, and
+// in memory, so a check costs a map lookup.
 type Revoked struct {
 	store Store
+	now   func() time.Time
 	mu    sync.RWMutex
-	until map[string]time.Time // jti -> when the revocation may be forgotten
+	until map[string]time.Time // jti -> when its token can no longer be valid
 }
 
-// LoadRevoked reads the revocations that have not run out yet, and removes
-// from the store those that have.
-func LoadRevoked(s Store, now time.Time) (*Revoked, error) {
-	r := &Revoked{store: s, until: map[string]time.Time{}}
+// ClockMargin is how long a revocation is kept after its token can no
+// longer be valid: a clock set back by up to that much after a sweep (a
+// clock that had run ahead, corrected) brings no revoked token back.
+const ClockMargin = 24 * time.Hour
+
+// LoadRevoked reads the revocations that have not run out yet by the clock
+// now, and removes from the store those that have.
+func LoadRevoked(s Store, now func() time.Time) (*Revoked, error) {
+	r := &Revoked{store: s, now: now, until: map[string]time.Time{}}
 	var gone []string
+	at := now()
 	err := s.ForEach(store.BucketRevokedTokens, "", func(jti string, rec []byte) error {
 		if len(rec) == 8 {
-			if until := time.Unix(int64(binary.BigEndian.Uint64(rec)), 0); until.After(now) {
+			if until := time.Unix(int64(binary.BigEndian.Uint64(rec)), 0); until.Add(ClockMargin).After(at) {
 				r.until[jti] = until
 				return nil
 			}
@@ -69,7 +76,7 @@ func (r *Revoked) Revoke(jti string, exp time.Time) error {
 		if old != nil {
 			return rec, nil, nil
 		}
-		return rec, [][]byte{outbox.Encode(outbox.Event{Kind: outbox.TokenRevoked, ID: jti, Time: time.Now().UTC()})}, nil
+		return rec, [][]byte{outbox.Encode(outbox.Event{Kind: outbox.TokenRevoked, ID: jti, Time: r.now().UTC()})}, nil
 	})
 	if err != nil {
 		return err
@@ -89,15 +96,16 @@ func (r *Revoked) Is(jti string) bool {
 }
 
 // Sweep forgets the revocations no verifier needs any more (their token
-// expired more than MaxLeeway before now), in memory and in the store, and
-// says how many it forgot. Revoke waits for it, so a revocation made
-// meanwhile is not lost.
-func (r *Revoked) Sweep(now time.Time) (int, error) {
+// expired more than MaxLeeway and ClockMargin ago), in memory and in the
+// store, and says how many it forgot. Revoke waits for it, so a revocation
+// made meanwhile is not lost.
+func (r *Revoked) Sweep() (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	now := r.now()
 	n := 0
 	for jti, until := range r.until {
-		if until.After(now) {
+		if until.Add(ClockMargin).After(now) {
 			continue
 		}
 		if err := r.store.Update(store.BucketRevokedTokens, jti, func([]byte) ([]byte, error) { return nil, nil }); err != nil {
