@@ -17,7 +17,7 @@ import (
 // changes at will: a clock that jumps.
 type jumpClock struct{ offset atomic.Int64 }
 
-func (c *jumpClock) now() time.Time { return time.Now().Add(time.Duration(c.offset.Load())) }
+func (c *jumpClock) now() time.Time      { return time.Now().Add(time.Duration(c.offset.Load())) }
 func (c *jumpClock) set(d time.Duration) { c.offset.Store(int64(d)) }
 
 // TestClockJumps: keywardd's one clock, jumped an hour forward and back.
