@@ -204,7 +204,7 @@ func fail(e *env, err error) int {
 		return exitInvalid
 	case codes.FailedPrecondition:
 		return exitUnusable
-	case codes.Unavailable:
+	case codes.Unavailable, codes.DataLoss:
 		return exitUnavailable
 	}
 	return exitError
