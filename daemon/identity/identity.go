@@ -125,6 +125,25 @@ func (r *Resolver) Identify(conn *net.UnixConn, accepted time.Time) (*Caller, er
 	return c, nil
 }
 
+// PeerUID is the uid of the process on the other end of conn
+// (SO_PEERCRED): one system call, so that a caller can be refused on its
+// uid alone before Identify reads anything about it from /proc.
+func PeerUID(conn *net.UnixConn) (uint32, error) {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return 0, fmt.Errorf("identity: %w", err)
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) { cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
+		return 0, fmt.Errorf("identity: %w", err)
+	}
+	if credErr != nil {
+		return 0, fmt.Errorf("identity: reading SO_PEERCRED: %w", credErr)
+	}
+	return cred.Uid, nil
+}
+
 // inspect reads the caller's start time and binary from /proc and checks
 // that the process is still the one the pidfd names.
 func (r *Resolver) inspect(c *Caller, accepted time.Time, byPID bool) error {

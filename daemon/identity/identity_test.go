@@ -175,6 +175,9 @@ func TestIdentifyOtherUserAndExit(t *testing.T) {
 		t.Fatalf("client: %q, %v; stderr: %s", line, err, stderr.String())
 	}
 	conn, at := accept(t, l)
+	if uid, err := PeerUID(conn); err != nil || uid != 65534 {
+		t.Fatalf("PeerUID = %d, %v; want 65534", uid, err)
+	}
 	c, err := NewResolver().Identify(conn, at)
 	if err != nil {
 		t.Fatal(err)
