@@ -239,6 +239,53 @@ func TestConnectionTimeouts(t *testing.T) {
 	}
 }
 
+// TestResetCallsNotAudited: of a thousand calls the client reset as soon
+// as it sent them, those reset before their handler ran leave no audit
+// record (and count as Canceled), and every one whose handler ran is
+// audited, although its client had gone.
+func TestResetCallsNotAudited(t *testing.T) {
+	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+		c.Metrics.Socket = filepath.Join(filepath.Dir(c.Socket.Path), "metrics", "metrics.sock")
+	})
+	r := dialRaw(t, in.cfg.Socket.Path)
+	for range 1000 / 25 {
+		for range 25 {
+			r.fr.WriteRSTStream(r.call(pingMethod, true), http2.ErrCodeCancel)
+		}
+		r.w.Flush()
+	}
+	// A last call, answered after keywardd has read every frame before it.
+	last := r.call(pingMethod, true)
+	r.w.Flush()
+	r.SetReadDeadline(time.Now().Add(30 * time.Second))
+	for {
+		e, err := r.ended()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.stream == last {
+			if e.code != codes.OK {
+				t.Fatalf("the last call: %+v", e)
+			}
+			break
+		}
+	}
+	fams := scrapeSocket(t, in.cfg.Metrics.Socket)
+	ran := metricValue(t, fams, "keyward_calls_total", map[string]string{"op": "StatusService.Ping", "code": "OK"})
+	cancelled := metricValue(t, fams, "keyward_calls_total", map[string]string{"op": "StatusService.Ping", "code": "Canceled"})
+	audited := pingRecords(t, in)
+	t.Logf("of 1000 calls reset at once: %d ran (audited: %d), %d reached keywardd's interceptor cancelled, the rest ended while their request was read", int(ran)-1, audited-1, int(cancelled))
+	if float64(audited) != ran {
+		t.Fatalf("%d Pings audited, %v ran", audited, ran)
+	}
+	if cancelled == 0 {
+		t.Fatal("no call was counted as cancelled before it ran")
+	}
+	if ran+cancelled > 1001 {
+		t.Fatalf("%v calls counted of 1001", ran+cancelled)
+	}
+}
+
 // withNoisy adds to policy the role noisy: Ping, within 4 connections, 8
 // calls in flight and 200 calls a second in bursts of 50.
 func withNoisy(policy string) string {

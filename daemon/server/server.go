@@ -22,9 +22,12 @@
 // policy does not bind gets the policy's small unbound budget, whose
 // connections also close after their lifetime.
 //
-// A call refused for its caller's budget is not audited: nothing was done
-// in it, and auditing each would let a flood write the audit log at its
-// own pace (keyward_caller_refusals_total counts them).
+// Two kinds of call are not audited, as nothing was done in them: a call
+// refused for its caller's budget (auditing each would let a flood write
+// the audit log at its own pace; keyward_caller_refusals_total counts
+// them), and a call its client cancelled, or whose deadline passed, before
+// its handler ran. A call whose handler ran is audited even if its client
+// has gone.
 package server
 
 import (
@@ -365,6 +368,13 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	}
 	if err := s.cfg.Audit.Err(); err != nil {
 		return nil, status.Error(codes.Unavailable, "keywardd: the audit log cannot be written, so nothing is done: "+err.Error())
+	}
+	if err := ctx.Err(); err != nil {
+		// Cancelled (a reset stream) or past its deadline before it ran:
+		// nothing was done, so there is nothing to audit.
+		st := status.FromContextError(err)
+		s.cfg.Metrics.Call(op, st.Code().String(), 0)
+		return nil, st.Err()
 	}
 	started := time.Now()
 	resp, err := handler(context.WithValue(ctx, callKey{}, c), req)
