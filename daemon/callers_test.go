@@ -23,6 +23,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/keyward/keyward/daemon"
+	"github.com/keyward/keyward/daemon/admission"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 )
@@ -439,5 +440,51 @@ func TestWriteTimeout(t *testing.T) {
 		if !r.closedWithin(10 * time.Second) {
 			t.Fatal("a client that did not read for 2 s still has its connection")
 		}
+	}
+}
+
+// TestHashingBudget: a caller that changes its binary before every
+// connection (here, this test touching its own) makes keywardd hash it
+// again each time, until the uid's hashing budget (admission.HashRate) is
+// spent; then its connections are refused, saying why.
+func TestHashingBudget(t *testing.T) {
+	in := start(t, uidPolicy(allowAll))
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(exe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mib := int((st.Size() + 1<<20 - 1) >> 20)
+	most := admission.HashRate.Burst/mib + 1 // a burst, and what refills meanwhile
+	when := st.ModTime()
+	for i := 1; ; i++ {
+		when = when.Add(time.Second)
+		if err := os.Chtimes(exe, when, when); err != nil {
+			t.Fatal(err)
+		}
+		r := dialRaw(t, in.cfg.Socket.Path)
+		r.call(pingMethod, true)
+		r.w.Flush()
+		e, err := r.ended()
+		r.Close()
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		if e.code == codes.OK {
+			if i > most {
+				t.Fatalf("%d connections of a %d MiB binary changed each time were served; HashRate allows %d", i, mib, most)
+			}
+			continue
+		}
+		if want := fmt.Sprintf("admission: uid %d runs binaries keywardd has not hashed before, or changed since, faster than it hashes them for one uid", os.Getuid()); e.code != codes.ResourceExhausted || !strings.HasPrefix(e.msg, want) {
+			t.Fatalf("connection %d: %v %q; want RESOURCE_EXHAUSTED %q", i, e.code, e.msg, want)
+		}
+		if i <= admission.HashRate.Burst/mib {
+			t.Fatalf("refused after %d connections of a %d MiB binary; HashRate allows %d at once", i-1, mib, admission.HashRate.Burst/mib)
+		}
+		return
 	}
 }

@@ -26,6 +26,7 @@ package admission
 import (
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"sync"
@@ -48,6 +49,7 @@ const (
 	Calls       Budget = "calls"       // calls in flight at once
 	Rate        Budget = "rate"        // calls started per period
 	Refusals    Budget = "refusals"    // what its refusals cost it (see Caller.Wait)
+	Hashing     Budget = "hashing"     // binaries hashed to identify it (see Gate.Hash)
 )
 
 // Refusal says which budget a caller reached.
@@ -61,10 +63,12 @@ type Refusal struct {
 	// caller was read: the uid holds the most connections any of its
 	// processes could be allowed.
 	ByUID bool
-	// Limit is the budget's size, for Connections and Calls.
+	// Limit is the budget's size, for Connections and Calls; for Hashing,
+	// the binary's size in MiB.
 	Limit int
-	// Rate is the limiter's answer, for Rate: each layer's state, and how
-	// long until a call would pass (RetryAfter).
+	// Rate is the limiter's answer, for Rate and Hashing: each layer's
+	// state, and how long until the call or the hashing would pass
+	// (RetryAfter).
 	Rate ratelimit.Result
 	// Wait, for Refusals, is how long until the caller owes nothing.
 	Wait time.Duration
@@ -85,6 +89,12 @@ func (r *Refusal) Error() string {
 		return fmt.Sprintf("admission: uid %d has %d calls in flight, %s; retry when one has finished", r.UID, r.Limit, whose)
 	case Refusals:
 		return fmt.Sprintf("admission: uid %d went on calling or connecting over its budget after it was refused; it is not served for %v", r.UID, r.Wait.Round(time.Millisecond))
+	case Hashing:
+		if r.Rate.TooLarge {
+			return fmt.Sprintf("admission: uid %d runs a binary of %d MiB, more than keywardd hashes for one uid at once (%d MiB)", r.UID, r.Limit, HashRate.Burst)
+		}
+		return fmt.Sprintf("admission: uid %d runs binaries keywardd has not hashed before, or changed since, faster than it hashes them for one uid (%d MiB per %v, bursts of %d MiB); retry in %v",
+			r.UID, HashRate.Limit, HashRate.Per, HashRate.Burst, r.Rate.RetryAfter.Round(time.Millisecond))
 	}
 	var layers []string
 	for _, l := range r.Rate.Layers {
@@ -219,6 +229,31 @@ func (c *Caller) refused() {
 	if over := c.owed - now - int64(RefusalGrace); over > 0 {
 		c.paused.Store(now + over)
 	}
+}
+
+// HashRate is how much of its binaries keywardd hashes to identify one
+// uid, in MiB: 256 a minute, in bursts of 2 GiB (at about 1.5 GB/s, a
+// second and a half of one CPU at once, a fifth of a second a minute). A
+// binary hashed before and unchanged since costs nothing.
+var HashRate = ratelimit.Layer{Limit: 256, Per: time.Minute, Burst: 2048}
+
+// Hash charges uid for hashing a binary of size bytes, and refuses it (a
+// *Refusal for Hashing) if HashRate does not allow that now: a caller can
+// make keywardd hash its binary again at every connection (touching the
+// file is enough), and the binary can be as large as it likes.
+func (g *Gate) Hash(uid uint32, size int64) error {
+	const mib = 1 << 20
+	cost := int(min(max((size+mib-1)/mib, 1), math.MaxInt32))
+	res := g.rate.Allow("hash "+strconv.FormatUint(uint64(uid), 10), []ratelimit.Layer{HashRate}, cost, g.now())
+	if res.Allowed {
+		return nil
+	}
+	g.mu.Lock()
+	if c := g.callers[uid]; c != nil {
+		c.refused()
+	}
+	g.mu.Unlock()
+	return &Refusal{UID: uid, Budget: Hashing, Limit: cost, Rate: res}
 }
 
 // Wait is how long uid's connections should wait before they are read or

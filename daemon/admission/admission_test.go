@@ -2,6 +2,7 @@ package admission
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -279,5 +280,40 @@ func TestRefusalsCost(t *testing.T) {
 	c.Disconnect()
 	if len(g.callers) != 0 || g.Wait(1000) != 0 {
 		t.Fatal("a caller that owes nothing and holds nothing is still known")
+	}
+}
+
+// TestHash: binaries hashed for a uid are limited by HashRate, in MiB;
+// a refusal says when to retry, and costs the caller like any other;
+// another uid has a budget of its own.
+func TestHash(t *testing.T) {
+	clk := &clock{t: time.Unix(1_700_000_000, 0)}
+	g := New(clk.now)
+	c, _ := g.Connect(1000, 1, true)
+	const mib = 1 << 20
+	if err := g.Hash(1000, int64(HashRate.Burst)*mib); err != nil {
+		t.Fatalf("a burst's worth: %v", err)
+	}
+	err := g.Hash(1000, 1)
+	r := refusal(t, err, Hashing)
+	if want := HashRate.Per / time.Duration(HashRate.Limit); r.Rate.RetryAfter != want || r.Limit != 1 ||
+		!strings.Contains(err.Error(), "uid 1000 runs binaries keywardd has not hashed before, or changed since, faster than it hashes them for one uid (256 MiB per 1m0s, bursts of 2048 MiB); retry in 234ms") {
+		t.Fatalf("refusal %+v: %v; want a retry in %v", r, err, want)
+	}
+	if err := g.Hash(2000, 100*mib); err != nil {
+		t.Fatalf("another uid: %v", err)
+	}
+	if err := g.Hash(3000, int64(HashRate.Burst+1)*mib); !strings.Contains(fmt.Sprint(err), "uid 3000 runs a binary of 2049 MiB, more than keywardd hashes for one uid at once (2048 MiB)") {
+		t.Fatalf("a binary larger than a burst: %v", err)
+	}
+	clk.add(HashRate.Per / time.Duration(HashRate.Limit))
+	if err := g.Hash(1000, 1); err != nil {
+		t.Fatalf("after the wait it was told: %v", err)
+	}
+	for range int(RefusalGrace/RefusalCost) + 1 { // one past the grace
+		g.Hash(1000, 1)
+	}
+	if c.Wait() == 0 {
+		t.Fatal("refused hashing costs the caller nothing")
 	}
 }

@@ -49,7 +49,7 @@ func New(ops []string, state ...prometheus.Collector) *Metrics {
 		hsmErrs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_hsm_errors_total",
 			Help: "HSM operations that failed, by operation."}, []string{"op"}),
 		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_caller_refusals_total",
-			Help: "Connections and calls refused because their caller was over its budget (connections, calls in flight, rate, or it owed for earlier refusals), and whether the caller has a role."}, []string{"budget", "bound"}),
+			Help: "Connections and calls refused because their caller was over its budget (connections, calls in flight, rate, binaries hashed, or it owed for earlier refusals), and whether the caller has a role."}, []string{"budget", "bound"}),
 	}
 	for _, budget := range RefusalBudgets {
 		m.refusals.WithLabelValues(budget, "true")
@@ -106,7 +106,7 @@ func (m *Metrics) Anomaly(kind string, disabled bool) {
 
 // RefusalBudgets are the parts of a caller's budget a refusal is counted
 // under.
-var RefusalBudgets = []string{"calls", "connections", "rate", "refusals"}
+var RefusalBudgets = []string{"calls", "connections", "hashing", "rate", "refusals"}
 
 // Refused records a connection or call refused for its caller's budget.
 func (m *Metrics) Refused(budget string, bound bool) {

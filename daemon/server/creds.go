@@ -66,6 +66,9 @@ func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 	caller, err := c.resolver.Identify(uc, accepted)
 	if err != nil {
 		acct.Disconnect()
+		if errors.Is(err, admission.ErrOverBudget) { // its binaries hashed
+			return nil, nil, c.refuse(conn, uid, err)
+		}
 		return nil, nil, err
 	}
 	lim := &connLimits{pol: pol}

@@ -213,8 +213,10 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	s := &Server{cfg: cfg, gate: admission.New(nil), health: health.NewServer(), start: time.Now(), tkeys: tokenKeys{m: map[hsm.KeyID]*tokens.Key{}},
 		mints: mintCache{m: map[string]mintEntry{}}, verified: tokens.NewCache()}
 	s.policy.Store(cfg.Policy)
+	resolver := identity.NewResolver()
+	resolver.Hashing = s.gate.Hash
 	gs := grpc.NewServer(
-		grpc.Creds(&peerCreds{s: s, resolver: identity.NewResolver()}),
+		grpc.Creds(&peerCreds{s: s, resolver: resolver}),
 		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
 		// Idle: no call in flight, whatever else the client sends (pings
 		// do not count), from the handshake on.

@@ -97,8 +97,9 @@ func toStatus(err error) *status.Status {
 // withDetails adds to a refusal for the caller's budget what a client can
 // act on: the budget it reached (google.rpc.QuotaFailure); for its call
 // rate, each layer's state (keyward.v1.RateLimitState, as VerifyAPIKey
-// gives an API key's: limit, remaining, reset time); and for its call rate
-// and for what its refusals cost, when to retry (google.rpc.RetryInfo).
+// gives an API key's: limit, remaining, reset time); and for its call
+// rate, its binaries hashed and what its refusals cost, when to retry
+// (google.rpc.RetryInfo).
 func withDetails(st *status.Status, err error) *status.Status {
 	r, ok := errors.AsType[*admission.Refusal](err)
 	if !ok {
@@ -107,6 +108,10 @@ func withDetails(st *status.Status, err error) *status.Status {
 	subject := fmt.Sprintf("uid:%d", r.UID)
 	details := []protoadapt.MessageV1{&errdetails.QuotaFailure{Violations: []*errdetails.QuotaFailure_Violation{{Subject: subject, Description: string(r.Budget)}}}}
 	switch r.Budget {
+	case admission.Hashing:
+		if !r.Rate.TooLarge {
+			details = append(details, &errdetails.RetryInfo{RetryDelay: durationpb.New(r.Rate.RetryAfter)})
+		}
 	case admission.Rate:
 		details = append(details, &errdetails.RetryInfo{RetryDelay: durationpb.New(r.Rate.RetryAfter)})
 		for _, l := range toLimitStates(r.Rate.Layers) {
