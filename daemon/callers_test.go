@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -24,6 +25,7 @@ import (
 
 	"github.com/keyward/keyward/daemon"
 	"github.com/keyward/keyward/daemon/admission"
+	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 )
@@ -86,6 +88,12 @@ func TestCallerBudgets(t *testing.T) {
 	}
 	err := ping(newClient(t, sock))
 	wantCode(t, err, codes.ResourceExhausted, fmt.Sprintf("admission: uid %d holds 3 connections, the most any process of this uid may hold (limits.connections in the policy); one connection carries many calls at once", me))
+	if q := detail[*errdetails.QuotaFailure](err); q == nil || q.Violations[0].Description != "connections" {
+		t.Fatalf("a refused connection's QuotaFailure: %v", q)
+	}
+	if err := client.Wrap(err); !errors.Is(err, client.ErrLimited) || errors.Is(err, client.ErrTooLarge) {
+		t.Fatalf("the client package's error for a refused connection: %v", err)
+	}
 	raws[1].Close()
 	politely(t, func() bool {
 		c := newClient(t, sock)
@@ -113,6 +121,12 @@ func TestCallerBudgets(t *testing.T) {
 	r.w.Flush()
 	politely(t, func() bool { return ping(in.conn) == nil })
 
+	// Too large is not over the budget, though both are RESOURCE_EXHAUSTED.
+	_, err = keywardv1.NewEnvelopeServiceClient(in.conn).Encrypt(context.Background(), &keywardv1.EncryptRequest{KeyName: "k", Plaintext: make([]byte, 64<<10+1)})
+	if err := client.Wrap(err); !errors.Is(err, client.ErrTooLarge) || errors.Is(err, client.ErrLimited) {
+		t.Fatalf("the client package's error for a plaintext too large: %v", err)
+	}
+
 	// Rate, after a reload: three calls a minute, on the connection
 	// already open.
 	os.WriteFile(in.cfg.PolicyFile, []byte(rolePolicy("{rate: [{limit: 3, per: 1m, burst: 3}]}", "")), 0o600)
@@ -129,6 +143,10 @@ func TestCallerBudgets(t *testing.T) {
 	retry := detail[*errdetails.RetryInfo](err)
 	if retry == nil || retry.RetryDelay.AsDuration() <= 0 || retry.RetryDelay.AsDuration() > 20*time.Second {
 		t.Fatalf("RetryInfo detail: %v", retry)
+	}
+	var ce *client.Error
+	if !errors.As(client.Wrap(err), &ce) || !errors.Is(ce, client.ErrLimited) || ce.RetryAfter != retry.RetryDelay.AsDuration() {
+		t.Fatalf("the client package's error for the rate: %+v", ce)
 	}
 	state := detail[*keywardv1.RateLimitState](err)
 	if state == nil || state.Limit.Limit != 3 || state.Limit.Per.AsDuration() != time.Minute || state.Limit.Burst != 3 ||

@@ -3,6 +3,7 @@ package server
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/keyward/keyward/daemon/admission"
 	"github.com/keyward/keyward/daemon/identity"
@@ -94,9 +96,9 @@ func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 // for gRPC to close the connection. A gRPC client learns nothing from a
 // connection closed under it ("broken pipe") nor from a GOAWAY before its
 // first call ("the connection is draining"): so the client's first call on
-// the connection is answered with err's status (RESOURCE_EXHAUSTED and
-// what budget it reached), as a trailers-only HTTP/2 response, before the
-// GOAWAY. Nothing else of the connection is served: it is given
+// the connection is answered with err's status (RESOURCE_EXHAUSTED, what
+// budget it reached, and its details), as a trailers-only HTTP/2 response,
+// before the GOAWAY. Nothing else of the connection is served: it is given
 // refuseLinger to send its call and close. A uid that owes for its
 // refusals (admission.Gate.Wait) is told only after that wait, maxTarpit
 // at most: a client that reconnects at once whenever it is refused then
@@ -136,8 +138,12 @@ func (c *peerCreds) refuse(conn net.Conn, uid uint32, err error) error {
 			stream = h.StreamID
 			var block bytes.Buffer
 			enc := hpack.NewEncoder(&block)
-			for _, hf := range [][2]string{{":status", "200"}, {"content-type", "application/grpc"},
-				{"grpc-status", strconv.Itoa(int(st.Code()))}, {"grpc-message", grpcMessage(st.Message())}} {
+			fields := [][2]string{{":status", "200"}, {"content-type", "application/grpc"},
+				{"grpc-status", strconv.Itoa(int(st.Code()))}, {"grpc-message", grpcMessage(st.Message())}}
+			if b, err := proto.Marshal(st.Proto()); err == nil && len(st.Details()) > 0 {
+				fields = append(fields, [2]string{"grpc-status-details-bin", base64.RawStdEncoding.EncodeToString(b)})
+			}
+			for _, hf := range fields {
 				enc.WriteField(hpack.HeaderField{Name: hf[0], Value: hf[1]})
 			}
 			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: stream, BlockFragment: block.Bytes(), EndStream: true, EndHeaders: true})
