@@ -48,6 +48,13 @@ type Config struct {
 		PINEnv        string `yaml:"pin_env"` // cleared from /proc/PID/environ once read
 		Sessions      int    `yaml:"sessions"`
 	} `yaml:"hsm"`
+	// Connections: how long a connection may keep keywardd waiting (each
+	// caller's budget of connections and calls is in the policy).
+	Connections struct {
+		HandshakeTimeout time.Duration `yaml:"handshake_timeout"` // connect to HTTP/2 preface; default 5s
+		IdleTimeout      time.Duration `yaml:"idle_timeout"`      // no call in flight; default 1m
+		WriteTimeout     time.Duration `yaml:"write_timeout"`     // a client not reading; default 10s
+	} `yaml:"connections"`
 	PolicyFile string `yaml:"policy_file"`
 	AuditFile  string `yaml:"audit_file"` // default DATA_DIR/audit.log
 	MaxBatch   int    `yaml:"max_batch"`  // default 100
@@ -132,6 +139,9 @@ func (c *Config) check() error {
 	}
 	if c.Socket.Mode != "" && c.Socket.Mode != "0600" && c.Socket.Mode != "0660" {
 		errs = append(errs, fmt.Errorf("socket.mode %q: use \"0600\" or \"0660\"", c.Socket.Mode))
+	}
+	if cn := c.Connections; cn.HandshakeTimeout < 0 || cn.IdleTimeout < 0 || cn.WriteTimeout < 0 {
+		errs = append(errs, errors.New("connections: timeouts must not be negative (0 is the default)"))
 	}
 	if c.MaxBatch < 0 {
 		errs = append(errs, errors.New("max_batch must not be negative"))

@@ -57,6 +57,9 @@ func TestDocumentedConfig(t *testing.T) {
 	if d := cfg.DynamicLimits; !d.Enabled || d.Tighten != 0.5 || d.Raise != 2 || d.HSMLatency != 50*time.Millisecond {
 		t.Errorf("dynamic_limits: %+v", d)
 	}
+	if c := cfg.Connections; c.HandshakeTimeout != 5*time.Second || c.IdleTimeout != time.Minute || c.WriteTimeout != 10*time.Second {
+		t.Errorf("connections: %+v", c)
+	}
 }
 
 // TestConfigRefusals: a mistake in the new sections is an error that
@@ -72,6 +75,8 @@ func TestConfigRefusals(t *testing.T) {
 		"dynamic_limits: {tighten: 2}":                                 "dynamic_limits.tighten",
 		"dynamic_limits: {cpu: 3}":                                     "dynamic_limits.cpu",
 		"rotation: {keys: [{match: \"x-*\", policy: high, extra: 1}]}": "extra",
+		"connections: {idle_timeout: -1s}":                             "connections: timeouts must not be negative",
+		"connections: {idle: 1m}":                                      "field idle not found",
 	} {
 		path := filepath.Join(t.TempDir(), "keywardd.yaml")
 		os.WriteFile(path, []byte(base+extra+"\n"), 0o600)

@@ -400,11 +400,17 @@ func TestPolicyDenies(t *testing.T) {
 
 func waitFor(t *testing.T, cond func() bool) {
 	t.Helper()
+	poll(t, 10*time.Millisecond, cond)
+}
+
+// poll waits until cond, trying 200 times, every.
+func poll(t *testing.T, every time.Duration, cond func() bool) {
+	t.Helper()
 	for range 200 {
 		if cond() {
 			return
 		}
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(every)
 	}
 	t.Fatal("timed out waiting")
 }

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
@@ -54,42 +55,10 @@ func TestMetrics(t *testing.T) {
 		}
 	}
 
-	resp, err := http.Get("http://" + addr + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	families, err := parser.TextToMetricFamilies(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
+	families := scrape(t, http.DefaultClient, "http://"+addr+"/metrics")
 	value := func(family string, labels map[string]string) float64 {
 		t.Helper()
-		f := families[family]
-		if f == nil {
-			t.Fatalf("no %s", family)
-		}
-		for _, m := range f.Metric {
-			match := true
-			for _, lp := range m.Label {
-				if want, ok := labels[lp.GetName()]; ok && want != lp.GetValue() {
-					match = false
-				}
-			}
-			if match {
-				switch {
-				case m.Counter != nil:
-					return m.Counter.GetValue()
-				case m.Gauge != nil:
-					return m.Gauge.GetValue()
-				case m.Histogram != nil:
-					return float64(m.Histogram.GetSampleCount())
-				}
-			}
-		}
-		t.Fatalf("no %s %v", family, labels)
-		return 0
+		return metricValue(t, families, family, labels)
 	}
 	for _, c := range []struct {
 		family string
@@ -125,17 +94,8 @@ func TestMetrics(t *testing.T) {
 	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("the metrics socket: %v, %v", fi, err)
 	}
-	uc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
-	}}}
-	ur, err := uc.Get("http://keywardd/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ur.Body.Close()
-	up := expfmt.NewTextParser(model.UTF8Validation)
-	if fams, err := up.TextToMetricFamilies(ur.Body); err != nil || fams["keyward_calls_total"] == nil {
-		t.Fatalf("metrics over the Unix socket: %d families, %v", len(fams), err)
+	if fams := scrapeSocket(t, sock); fams["keyward_calls_total"] == nil {
+		t.Fatal("no keyward_calls_total over the Unix socket")
 	}
 	// The Grafana dashboard in docs/ asks only for metrics that exist.
 	dash, err := os.ReadFile("../docs/grafana-keyward.json")
@@ -151,4 +111,59 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("the dashboard asks for %s, which keywardd does not serve", n)
 		}
 	}
+}
+
+// metricValue is the value of the first of family's series whose labels
+// include labels: a counter's or a gauge's, or a histogram's count.
+func metricValue(t *testing.T, families map[string]*dto.MetricFamily, family string, labels map[string]string) float64 {
+	t.Helper()
+	f := families[family]
+	if f == nil {
+		t.Fatalf("no %s", family)
+	}
+	for _, m := range f.Metric {
+		match := true
+		for _, lp := range m.Label {
+			if want, ok := labels[lp.GetName()]; ok && want != lp.GetValue() {
+				match = false
+			}
+		}
+		if match {
+			switch {
+			case m.Counter != nil:
+				return m.Counter.GetValue()
+			case m.Gauge != nil:
+				return m.Gauge.GetValue()
+			case m.Histogram != nil:
+				return float64(m.Histogram.GetSampleCount())
+			}
+		}
+	}
+	t.Fatalf("no %s %v", family, labels)
+	return 0
+}
+
+// scrapeSocket reads the metrics keywardd serves on the Unix socket sock.
+func scrapeSocket(t *testing.T, sock string) map[string]*dto.MetricFamily {
+	t.Helper()
+	uc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}}
+	return scrape(t, uc, "http://keywardd/metrics")
+}
+
+// scrape reads and parses the metrics at url.
+func scrape(t *testing.T, c *http.Client, url string) map[string]*dto.MetricFamily {
+	t.Helper()
+	resp, err := c.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fams
 }

@@ -18,10 +18,14 @@ import (
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 )
 
-// TestMain doubles as a client that the tests run as another user: with
+// TestMain doubles as the clients that the tests run as another user: with
 // KEYWARD_TEST_DIAL set it pings keywardd and asks it for a data key, prints
-// the two status codes, and exits.
+// the two status codes, and exits; with KEYWARD_TEST_FLOOD set it is a
+// hostile caller (see flood).
 func TestMain(m *testing.M) {
+	if sock := os.Getenv("KEYWARD_TEST_FLOOD"); sock != "" {
+		os.Exit(flood(sock))
+	}
 	if sock := os.Getenv("KEYWARD_TEST_DIAL"); sock != "" {
 		conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 		if err != nil {
@@ -51,32 +55,12 @@ func TestOtherUser(t *testing.T) {
         keys: ["*"]
 bindings:`, 1)
 	in := start(t, policy)
-	in.stop()
-	// Let nobody's group reach the socket: the directory and the socket
-	// belong to group nogroup, mode 0750 and 0660.
-	run := filepath.Dir(in.cfg.Socket.Path)
-	os.Chown(run, 0, 65534)
-	in.cfg.Socket.Group = "nogroup"
-	for d := filepath.Dir(run); strings.HasPrefix(d, os.TempDir()+"/"); d = filepath.Dir(d) {
-		os.Chmod(d, 0o755)
-	}
-	in.run()
+	bin := openToNobody(t, in)
 	ctx := context.Background()
 	if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "app", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		t.Fatal(err)
 	}
-	self, _ := os.Executable()
-	data, err := os.ReadFile(self)
-	if err != nil {
-		t.Fatal(err)
-	}
-	binDir := t.TempDir()
-	os.Chmod(binDir, 0o755)
-	bin := filepath.Join(binDir, "client")
-	os.WriteFile(bin, data, 0o755)
-	cmd := exec.Command(bin)
-	cmd.Env = []string{"KEYWARD_TEST_DIAL=" + in.cfg.Socket.Path}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	cmd := asNobody(bin, "KEYWARD_TEST_DIAL="+in.cfg.Socket.Path)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("client as nobody: %v\n%s", err, out)
@@ -90,4 +74,41 @@ bindings:`, 1)
 	if !strings.Contains(string(auditLog), `"caller":{"uid":65534,"gid":65534`) || !strings.Contains(string(auditLog), `"outcome":"denied"`) {
 		t.Fatal("the other user's calls are not in the audit log")
 	}
+}
+
+// openToNobody restarts in with its socket reachable by nobody (through
+// the socket's group, nogroup: the directory and the socket belong to it,
+// mode 0750 and 0660), and returns a copy of this test binary that nobody
+// may run.
+func openToNobody(t testing.TB, in *instance) string {
+	t.Helper()
+	in.stop()
+	run := filepath.Dir(in.cfg.Socket.Path)
+	os.Chown(run, 0, 65534)
+	in.cfg.Socket.Group = "nogroup"
+	for d := filepath.Dir(run); strings.HasPrefix(d, os.TempDir()+"/"); d = filepath.Dir(d) {
+		os.Chmod(d, 0o755)
+	}
+	in.run()
+	self, _ := os.Executable()
+	data, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	binDir := t.TempDir()
+	os.Chmod(binDir, 0o755)
+	bin := filepath.Join(binDir, "client")
+	if err := os.WriteFile(bin, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return bin
+}
+
+// asNobody is a command running bin as nobody, with env its whole
+// environment.
+func asNobody(bin string, env ...string) *exec.Cmd {
+	cmd := exec.Command(bin)
+	cmd.Env = env
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	return cmd
 }

@@ -331,7 +331,8 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		HSM: h, Store: st, Keys: km, Envelope: env, Audit: al, Policy: pol, Credentials: cm, Metrics: mx,
 		MaxBatch: cfg.MaxBatch, Version: o.Version, HealthEvery: o.HealthEvery,
 		Tokens: tc, Revoked: revoked, APIKeys: akm, Now: o.Now, Schedule: sched, Notify: ob.Notify, Observed: observed, Plugins: func() []server.PluginState { return pluginStates(plugins, ob.Status()) },
-		NamesToRename: legacy.Counts,
+		NamesToRename:    legacy.Counts,
+		HandshakeTimeout: cfg.Connections.HandshakeTimeout, IdleTimeout: cfg.Connections.IdleTimeout, WriteTimeout: cfg.Connections.WriteTimeout,
 	})
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()

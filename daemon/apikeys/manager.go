@@ -247,7 +247,6 @@ const (
 	maxField    = 128 // owner, name, environment, a permission, a tag, a metadata name
 	maxValue    = 1024
 	maxItems    = 32 // permissions, tags, metadata entries, allowlist prefixes
-	maxLayers   = 4  // a second, a minute, an hour, a day
 	maxMetadata = 8 << 10
 )
 
@@ -267,8 +266,6 @@ func (m *Manager) check(s Spec) error {
 		return fmt.Errorf("%w: owner, name, environment, permissions and tags are at most %d bytes each", ErrInvalid, maxField)
 	case len(s.Permissions) > maxItems || len(s.Tags) > maxItems || len(s.Metadata) > maxItems || len(s.AllowedIPs) > maxItems:
 		return fmt.Errorf("%w: at most %d permissions, tags, metadata entries and allowlist prefixes each", ErrInvalid, maxItems)
-	case len(s.Limits) > maxLayers:
-		return fmt.Errorf("%w: at most %d rate-limit layers", ErrInvalid, maxLayers)
 	case metaSize > maxMetadata:
 		return fmt.Errorf("%w: metadata is at most %d bytes in all", ErrInvalid, maxMetadata)
 	case s.Owner == "" || s.Name == "" || s.Environment == "":
@@ -319,19 +316,11 @@ func checkNames(s Spec) error {
 	return nil
 }
 
-// CheckLimits says whether layers can be a key's rate limits: at most 4,
-// each valid, each period once (the limiter keeps its state by period).
+// CheckLimits says whether layers can be a key's rate limits
+// (ratelimit.CheckLayers: at most 4, each valid, each period once).
 func CheckLimits(layers []ratelimit.Layer) error {
-	if len(layers) > maxLayers {
-		return fmt.Errorf("%w: at most %d rate-limit layers", ErrInvalid, maxLayers)
-	}
-	for i, l := range layers {
-		if err := l.Check(); err != nil {
-			return fmt.Errorf("%w: %v", ErrInvalid, err)
-		}
-		if slices.ContainsFunc(layers[:i], func(o ratelimit.Layer) bool { return o.Per == l.Per }) {
-			return fmt.Errorf("%w: two rate-limit layers per %v; give each period once", ErrInvalid, l.Per)
-		}
+	if err := ratelimit.CheckLayers(layers); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	return nil
 }

@@ -62,6 +62,13 @@ type Caller struct {
 // (device, inode, size, modification time), so a binary is hashed once.
 // The zero value is not usable; use NewResolver.
 type Resolver struct {
+	// Hashing, if set, is asked before a binary not in the cache is
+	// hashed, with the caller's uid and the binary's size: a caller can
+	// make keywardd hash its binary again at every connection (touching it
+	// is enough), and the binary can be as large as it likes. An error
+	// stops the identification: Identify returns it.
+	Hashing func(uid uint32, size int64) error
+
 	proc string // "/proc"; tests may point elsewhere
 
 	mu     sync.Mutex
@@ -125,6 +132,25 @@ func (r *Resolver) Identify(conn *net.UnixConn, accepted time.Time) (*Caller, er
 	return c, nil
 }
 
+// PeerUID is the uid of the process on the other end of conn
+// (SO_PEERCRED): one system call, so that a caller can be refused on its
+// uid alone before Identify reads anything about it from /proc.
+func PeerUID(conn *net.UnixConn) (uint32, error) {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return 0, fmt.Errorf("identity: %w", err)
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) { cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
+		return 0, fmt.Errorf("identity: %w", err)
+	}
+	if credErr != nil {
+		return 0, fmt.Errorf("identity: reading SO_PEERCRED: %w", credErr)
+	}
+	return cred.Uid, nil
+}
+
 // inspect reads the caller's start time and binary from /proc and checks
 // that the process is still the one the pidfd names.
 func (r *Resolver) inspect(c *Caller, accepted time.Time, byPID bool) error {
@@ -145,7 +171,10 @@ func (r *Resolver) inspect(c *Caller, accepted time.Time, byPID bool) error {
 	if c.Groups, err = r.groups(c.PID); err != nil {
 		return fmt.Errorf("%w: %v", ErrGone, err)
 	}
-	c.Exe, c.ExeSHA256 = r.binary(c.PID) // unreadable: identified by uid/gid only
+	// Unreadable: identified by uid and gid only.
+	if c.Exe, c.ExeSHA256, err = r.binary(c.PID, c.UID); err != nil {
+		return err
+	}
 	return c.Alive()
 }
 
@@ -192,32 +221,38 @@ func (c *Caller) String() string {
 }
 
 // binary returns the path and SHA-256 of the process's executable, or
-// empty strings when /proc does not let this process read them.
-func (r *Resolver) binary(pid int) (path, sum string) {
+// empty strings when /proc does not let this process read them; an error
+// only from r.Hashing.
+func (r *Resolver) binary(pid int, uid uint32) (path, sum string, err error) {
 	link := fmt.Sprintf("%s/%d/exe", r.proc, pid)
-	path, err := os.Readlink(link)
+	path, err = os.Readlink(link)
 	if err != nil {
-		return "", ""
+		return "", "", nil
 	}
 	f, err := os.Open(link) // the file the process runs, even if replaced since
 	if err != nil {
-		return path, ""
+		return path, "", nil
 	}
 	defer f.Close()
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return path, ""
+		return path, "", nil
 	}
 	key := fileKey{dev: st.Dev, ino: st.Ino, size: st.Size, mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano()}
 	r.mu.Lock()
 	sum, ok := r.hashes[key]
 	r.mu.Unlock()
 	if ok {
-		return path, sum
+		return path, sum, nil
+	}
+	if r.Hashing != nil {
+		if err := r.Hashing(uid, st.Size); err != nil {
+			return path, "", err
+		}
 	}
 	h := sha256.New()
 	if _, err := io.Copy(h, f); err != nil {
-		return path, ""
+		return path, "", nil
 	}
 	sum = hex.EncodeToString(h.Sum(nil))
 	r.mu.Lock()
@@ -226,7 +261,7 @@ func (r *Resolver) binary(pid int) (path, sum string) {
 	}
 	r.hashes[key] = sum
 	r.mu.Unlock()
-	return path, sum
+	return path, sum, nil
 }
 
 // groups reads the supplementary groups from /proc/PID/status.

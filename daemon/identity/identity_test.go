@@ -101,14 +101,20 @@ func fileSHA256(t *testing.T, path string) string {
 	return hex.EncodeToString(s[:])
 }
 
-func TestIdentifySelf(t *testing.T) {
+// selfConn is the server side of a connection from this process.
+func selfConn(t *testing.T) (*net.UnixConn, time.Time) {
+	t.Helper()
 	l, path := listen(t)
 	client, err := net.Dial("unix", path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer client.Close()
-	conn, at := accept(t, l)
+	t.Cleanup(func() { client.Close() })
+	return accept(t, l)
+}
+
+func TestIdentifySelf(t *testing.T) {
+	conn, at := selfConn(t)
 	r := NewResolver()
 	c, err := r.Identify(conn, at)
 	if err != nil {
@@ -146,6 +152,43 @@ func TestIdentifySelf(t *testing.T) {
 	}
 }
 
+// TestHashingHook: Hashing is asked, with the caller's uid and its
+// binary's size, before a binary not in the cache is hashed, and only
+// then; its error stops the identification.
+func TestHashingHook(t *testing.T) {
+	conn, at := selfConn(t)
+	exe, _ := os.Executable()
+	st, err := os.Stat(exe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := NewResolver()
+	var asked []int64
+	r.Hashing = func(uid uint32, size int64) error {
+		if uid != uint32(os.Getuid()) {
+			t.Errorf("Hashing asked for uid %d", uid)
+		}
+		asked = append(asked, size)
+		return nil
+	}
+	for range 2 {
+		c, err := r.Identify(conn, at)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	if len(asked) != 1 || asked[0] != st.Size() {
+		t.Fatalf("Hashing asked %v; want once, with the binary's size %d", asked, st.Size())
+	}
+	over := errors.New("over budget")
+	r2 := NewResolver()
+	r2.Hashing = func(uint32, int64) error { return over }
+	if c, err := r2.Identify(conn, at); !errors.Is(err, over) {
+		t.Fatalf("Identify over the hashing budget: %v, %v", c, err)
+	}
+}
+
 // TestIdentifyOtherUserAndExit runs a client as another user (nobody) from
 // a copy of this test binary, then lets it exit: the caller is identified by
 // the kernel, and once gone, Alive says so.
@@ -175,6 +218,9 @@ func TestIdentifyOtherUserAndExit(t *testing.T) {
 		t.Fatalf("client: %q, %v; stderr: %s", line, err, stderr.String())
 	}
 	conn, at := accept(t, l)
+	if uid, err := PeerUID(conn); err != nil || uid != 65534 {
+		t.Fatalf("PeerUID = %d, %v; want 65534", uid, err)
+	}
 	c, err := NewResolver().Identify(conn, at)
 	if err != nil {
 		t.Fatal(err)

@@ -27,6 +27,7 @@ type Metrics struct {
 	anomaly  *prometheus.CounterVec
 	hsmTime  *prometheus.HistogramVec
 	hsmErrs  *prometheus.CounterVec
+	refusals *prometheus.CounterVec
 }
 
 // New makes the metrics for the RPCs ops ("Service.Method"); state adds
@@ -47,6 +48,12 @@ func New(ops []string, state ...prometheus.Collector) *Metrics {
 			Buckets: []float64{.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1}}, []string{"op"}),
 		hsmErrs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_hsm_errors_total",
 			Help: "HSM operations that failed, by operation."}, []string{"op"}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_caller_refusals_total",
+			Help: "Connections and calls refused because their caller was over its budget (connections, calls in flight, rate, binaries hashed, or it owed for earlier refusals), and whether the caller has a role."}, []string{"budget", "bound"}),
+	}
+	for _, budget := range RefusalBudgets {
+		m.refusals.WithLabelValues(budget, "true")
+		m.refusals.WithLabelValues(budget, "false")
 	}
 	for _, op := range HSMOps {
 		m.hsmErrs.WithLabelValues(op) // present from the start, at 0
@@ -55,7 +62,7 @@ func New(ops []string, state ...prometheus.Collector) *Metrics {
 		m.anomaly.WithLabelValues(kind, "true")
 		m.anomaly.WithLabelValues(kind, "false")
 	}
-	m.reg.MustRegister(m.anomaly, m.hsmTime, m.hsmErrs)
+	m.reg.MustRegister(m.anomaly, m.hsmTime, m.hsmErrs, m.refusals)
 	m.reg.MustRegister(m.calls, m.latency, m.verifies, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, c := range state {
 		m.reg.MustRegister(c)
@@ -95,6 +102,18 @@ func (m *Metrics) Anomaly(kind string, disabled bool) {
 		return
 	}
 	m.anomaly.WithLabelValues(kind, map[bool]string{true: "true", false: "false"}[disabled]).Inc()
+}
+
+// RefusalBudgets are the parts of a caller's budget a refusal is counted
+// under.
+var RefusalBudgets = []string{"calls", "connections", "hashing", "rate", "refusals"}
+
+// Refused records a connection or call refused for its caller's budget.
+func (m *Metrics) Refused(budget string, bound bool) {
+	if m == nil || !slices.Contains(RefusalBudgets, budget) {
+		return
+	}
+	m.refusals.WithLabelValues(budget, map[bool]string{true: "true", false: "false"}[bound]).Inc()
 }
 
 // HSMOps are the HSM operations measured; others count as "other".

@@ -4,6 +4,11 @@
 // names match a glob. Everything not granted is denied, and a denial names the
 // permission that was missing, never the policy's contents.
 //
+// Each caller also has a budget (Limits): the connections it may hold, the
+// calls it may have in flight and the rate it may call at, set per role,
+// with defaults for roles that set none and a small budget for callers no
+// binding matches (package admission enforces them).
+//
 // The file is YAML, read strictly: an unknown field, an unknown operation, a
 // user or group the system does not know, or a bad glob is an error that names
 // its line. See docs/policy.md.
@@ -24,6 +29,8 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/keyward/keyward/daemon/ratelimit"
 )
 
 // ErrDenied is what every refusal matches with errors.Is.
@@ -58,6 +65,7 @@ type Subject struct {
 type Policy struct {
 	bindings []binding
 	roles    map[string]*role
+	unbound  Limits // the budget of a caller no binding matches
 }
 
 type binding struct {
@@ -75,7 +83,35 @@ type role struct {
 	perms    []perm
 	maxBatch int
 	tokens   TokenGrant
+	limits   Limits // its own, over the policy's default, over DefaultLimits
 }
+
+// Limits is a caller's budget. A caller is a uid: every connection of the
+// uid counts against one budget, whatever process or binary holds it.
+type Limits struct {
+	// Connections is how many connections the caller may hold at once.
+	Connections int
+	// Calls is how many calls the caller may have in flight at once.
+	Calls int
+	// Rate limits the calls it starts; empty: no limit.
+	Rate []ratelimit.Layer
+	// Lifetime, if not 0, closes each of its connections this long after
+	// it was made: for callers no binding matches, so that they cannot hold
+	// connections that serve them nothing.
+	Lifetime time.Duration
+}
+
+// DefaultLimits is the budget of a role that sets none, where the policy's
+// limits.default does not say otherwise: enough for an application that
+// keeps a few connections busy, small enough that 2 000 callers cannot
+// hold a million connections between them.
+var DefaultLimits = Limits{Connections: 32, Calls: 64}
+
+// UnboundLimits is the budget of a caller no binding matches, where the
+// policy's limits.unbound does not say otherwise: enough to be told what
+// it lacks (every call it makes is denied and audited), not to keep
+// keywardd busy.
+var UnboundLimits = Limits{Connections: 2, Calls: 2, Rate: []ratelimit.Layer{{Limit: 10, Per: time.Second, Burst: 20}}, Lifetime: 2 * time.Second}
 
 // TokenGrant is what a caller may put in the tokens it mints: audience and
 // scope globs, custom claim names, the longest lifetime, and whether it may
@@ -96,6 +132,7 @@ type perm struct {
 // file is the YAML form.
 type file struct {
 	Version  int                 `yaml:"version"`
+	Limits   policyLimitsSpec    `yaml:"limits"`
 	Roles    map[string]roleSpec `yaml:"roles"`
 	Bindings []bindingSpec       `yaml:"bindings"`
 }
@@ -104,6 +141,56 @@ type roleSpec struct {
 	Permissions []permSpec  `yaml:"permissions"`
 	MaxBatch    int         `yaml:"max_batch"`
 	Tokens      *tokensSpec `yaml:"tokens"`
+	Limits      limitsSpec  `yaml:"limits"`
+}
+
+type policyLimitsSpec struct {
+	Default limitsSpec `yaml:"default"`
+	Unbound limitsSpec `yaml:"unbound"`
+}
+
+// limitsSpec is a budget as written: a field not given is taken from the
+// budget below it (a role's from the default's).
+type limitsSpec struct {
+	Connections *int              `yaml:"connections"`
+	Calls       *int              `yaml:"calls"`
+	Rate        []ratelimit.Layer `yaml:"rate"` // nil: not given; []: no limit
+	Lifetime    *time.Duration    `yaml:"lifetime"`
+}
+
+// over returns base with what ls gives put over it. where names ls in
+// errors; lifetime says whether it may set one.
+func (ls limitsSpec) over(base Limits, where string, lifetime bool) (Limits, error) {
+	l := base
+	for _, n := range []struct {
+		v    *int
+		to   *int
+		name string
+	}{{ls.Connections, &l.Connections, "connections"}, {ls.Calls, &l.Calls, "calls"}} {
+		if n.v == nil {
+			continue
+		}
+		if *n.v < 1 {
+			return l, fmt.Errorf("policy: %s: limits.%s is %d; give at least 1", where, n.name, *n.v)
+		}
+		*n.to = *n.v
+	}
+	if ls.Rate != nil {
+		if err := ratelimit.CheckLayers(ls.Rate); err != nil {
+			return l, fmt.Errorf("policy: %s: limits.rate: %v", where, err)
+		}
+		l.Rate = ls.Rate
+	}
+	switch {
+	case ls.Lifetime == nil:
+	case !lifetime:
+		return l, fmt.Errorf("policy: %s: limits.lifetime is for limits.unbound only (callers no binding matches)", where)
+	case *ls.Lifetime < 0:
+		return l, fmt.Errorf("policy: %s: limits.lifetime %v is negative; 0 keeps connections open", where, *ls.Lifetime)
+	default:
+		l.Lifetime = *ls.Lifetime
+	}
+	return l, nil
 }
 
 type tokensSpec struct {
@@ -164,9 +251,16 @@ func Parse(data []byte, ops []string) (*Policy, error) {
 	if f.Version != 1 {
 		return nil, fmt.Errorf("policy: version %d is not supported; write version: 1", f.Version)
 	}
+	def, err := f.Limits.Default.over(DefaultLimits, "limits.default", false)
+	if err != nil {
+		return nil, err
+	}
 	p := &Policy{roles: map[string]*role{}}
+	if p.unbound, err = f.Limits.Unbound.over(UnboundLimits, "limits.unbound", true); err != nil {
+		return nil, err
+	}
 	for name, rs := range f.Roles {
-		r, err := parseRole(name, rs, ops)
+		r, err := parseRole(name, rs, ops, def)
 		if err != nil {
 			return nil, err
 		}
@@ -195,11 +289,15 @@ func Parse(data []byte, ops []string) (*Policy, error) {
 	return p, nil
 }
 
-func parseRole(name string, rs roleSpec, ops []string) (*role, error) {
+func parseRole(name string, rs roleSpec, ops []string, def Limits) (*role, error) {
 	if rs.MaxBatch < 0 {
 		return nil, fmt.Errorf("policy: role %q: max_batch %d is negative", name, rs.MaxBatch)
 	}
 	r := &role{maxBatch: rs.MaxBatch}
+	var err error
+	if r.limits, err = rs.Limits.over(def, fmt.Sprintf("role %q", name), false); err != nil {
+		return nil, err
+	}
 	if rs.Tokens != nil {
 		g, err := parseTokens(name, rs.Tokens)
 		if err != nil {
@@ -435,6 +533,47 @@ func (p *Policy) AllowEveryKey(sub Subject, op string) error {
 		}
 	}
 	return &Denied{Op: op, Key: "*"}
+}
+
+// Limits is the budget of a caller with the subject's identity, and
+// whether any binding matched it (if none did, the budget is the policy's
+// for unbound callers). A caller with several roles gets the most
+// generous of each part of their budgets: the most connections, the most
+// calls, and a rate limit only on the periods every one of its roles
+// limits, at the highest of their limits and bursts.
+func (p *Policy) Limits(sub Subject) (Limits, bool) {
+	names := p.Roles(sub)
+	if len(names) == 0 {
+		return p.unbound, false
+	}
+	l := p.roles[names[0]].limits
+	for _, name := range names[1:] {
+		r := p.roles[name].limits
+		l.Connections = max(l.Connections, r.Connections)
+		l.Calls = max(l.Calls, r.Calls)
+		var rate []ratelimit.Layer
+		for _, a := range l.Rate {
+			if i := slices.IndexFunc(r.Rate, func(b ratelimit.Layer) bool { return b.Per == a.Per }); i >= 0 {
+				rate = append(rate, ratelimit.Layer{Limit: max(a.Limit, r.Rate[i].Limit), Per: a.Per, Burst: max(a.Burst, r.Rate[i].Burst)})
+			}
+		}
+		l.Rate = rate
+	}
+	return l, true
+}
+
+// MaxConnections is the most connections any caller with this uid could
+// be allowed, whatever its groups and binary, and whether any binding could
+// match the uid at all: what keywardd can tell from the uid alone, before
+// it reads anything else about the caller.
+func (p *Policy) MaxConnections(uid uint32) (n int, bindable bool) {
+	n = p.unbound.Connections
+	for _, b := range p.bindings {
+		if slices.ContainsFunc(b.selectors, func(s selector) bool { return s.uid == nil || *s.uid == uid }) {
+			n, bindable = max(n, p.roles[b.role].limits.Connections), true
+		}
+	}
+	return n, bindable
 }
 
 // MaxBatch is the largest batch the subject may send to op: the most any of

@@ -2,10 +2,15 @@ package policy
 
 import (
 	"errors"
+	"fmt"
+	"os"
 	"os/user"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keyward/keyward/daemon/ratelimit"
 )
 
 var ops = []string{
@@ -168,6 +173,8 @@ func FuzzParse(f *testing.F) {
 		_ = p.Allow(sub, "KeyService.ListKeys", "")
 		_ = p.Allow(sub, "EnvelopeService.Decrypt", "billing-1")
 		_ = p.MaxBatch(sub, "EnvelopeService.Decrypt")
+		_, _ = p.Limits(sub)
+		_, _ = p.MaxConnections(7)
 	})
 }
 
@@ -251,4 +258,151 @@ bindings:
 			t.Errorf("got %v, want an error containing %q", err, tc.want)
 		}
 	}
+}
+
+func TestLimits(t *testing.T) {
+	const y = `
+version: 1
+limits:
+  default: {calls: 16}
+  unbound: {connections: 1, rate: [{limit: 5, per: 1s, burst: 5}], lifetime: 500ms}
+roles:
+  app:
+    limits:
+      connections: 8
+      rate: [{limit: 100, per: 1s, burst: 200}, {limit: 1000, per: 1m, burst: 1000}]
+  batch:
+    limits:
+      calls: 4
+      rate: [{limit: 50, per: 1s, burst: 500}]
+  free:
+    limits: {rate: []}
+bindings:
+  - role: app
+    callers:
+      - uid: 1000
+  - role: batch
+    callers:
+      - uid: 1000
+        gid: 50
+      - uid: 2000
+  - role: free
+    callers:
+      - gid: 60
+`
+	p, err := Parse([]byte(y), ops)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		sub   Subject
+		want  Limits
+		bound bool
+	}{
+		{"one role, the default under it", Subject{UID: 1000, GIDs: []uint32{1000}},
+			Limits{Connections: 8, Calls: 16, Rate: []ratelimit.Layer{perSecond(100, 200), {Limit: 1000, Per: time.Minute, Burst: 1000}}}, true},
+		{"the built-in default under the policy's", Subject{UID: 2000, GIDs: []uint32{2000}},
+			Limits{Connections: DefaultLimits.Connections, Calls: 4, Rate: []ratelimit.Layer{perSecond(50, 500)}}, true},
+		{"two roles: the most of each, periods both limit", Subject{UID: 1000, GIDs: []uint32{1000, 50}},
+			Limits{Connections: 32, Calls: 16, Rate: []ratelimit.Layer{perSecond(100, 500)}}, true},
+		{"a role with no rate limit lifts it", Subject{UID: 1000, GIDs: []uint32{1000, 60}},
+			Limits{Connections: 32, Calls: 16}, true},
+		{"unbound", Subject{UID: 3000, GIDs: []uint32{3000}},
+			Limits{Connections: 1, Calls: UnboundLimits.Calls, Rate: []ratelimit.Layer{perSecond(5, 5)}, Lifetime: 500 * time.Millisecond}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got, bound := p.Limits(tc.sub); bound != tc.bound || !sameLimits(got, tc.want) {
+				t.Fatalf("Limits = %+v, %v; want %+v, %v", got, bound, tc.want, tc.bound)
+			}
+		})
+	}
+	// What the uid alone allows: the unbound budget, or the most of any
+	// binding the uid could match (the gid-only one matches any uid).
+	for uid, want := range map[uint32]int{1000: 32, 2000: 32, 4000: 32} {
+		if got, bindable := p.MaxConnections(uid); got != want || !bindable {
+			t.Errorf("MaxConnections(%d) = %d, %v; want %d, true", uid, got, bindable, want)
+		}
+	}
+	byUID, err := Parse([]byte("version: 1\nroles:\n  r:\n    limits: {connections: 5}\nbindings:\n  - role: r\n    callers:\n      - uid: 7\n"), ops)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, aBindable := byUID.MaxConnections(7)
+	b, bBindable := byUID.MaxConnections(8)
+	if a != 5 || !aBindable || b != UnboundLimits.Connections || bBindable {
+		t.Errorf("MaxConnections = %d, %v for the bound uid, %d, %v for another; want 5, true and %d, false", a, aBindable, b, bBindable, UnboundLimits.Connections)
+	}
+	none, err := Parse([]byte("version: 1\n"), ops)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l, bound := none.Limits(Subject{UID: 1}); bound || l.Connections != UnboundLimits.Connections || l.Lifetime != UnboundLimits.Lifetime {
+		t.Errorf("a policy without limits: %+v, %v; want the built-in unbound budget", l, bound)
+	}
+
+	role := "version: 1\nroles:\n  r:\n    limits:\n"
+	for _, tc := range []struct{ yaml, want string }{
+		{role + "      connections: 0\n", `role "r": limits.connections is 0`},
+		{role + "      calls: -1\n", `role "r": limits.calls is -1`},
+		{role + "      rate: [{limit: 0, per: 1s, burst: 1}]\n", `role "r": limits.rate: ratelimit: invalid limit`},
+		{role + "      rate: [{limit: 1, per: 1s, burst: 1}, {limit: 2, per: 1s, burst: 2}]\n", "two layers per 1s"},
+		{role + "      lifetime: 1s\n", "limits.lifetime is for limits.unbound only"},
+		{role + "      conections: 3\n", "field conections not found"},
+		{"version: 1\nlimits:\n  unbound: {lifetime: -1s}\n", "limits.unbound: limits.lifetime -1s is negative"},
+		{"version: 1\nlimits:\n  default: {lifetime: 1s}\n", "limits.default: limits.lifetime is for limits.unbound only"},
+		{"version: 1\nlimits:\n  unbound: {rate: [{limit: 1, per: forever, burst: 1}]}\n", "forever"},
+		{"version: 1\nlimits:\n  everyone: {calls: 1}\n", "field everyone not found"},
+	} {
+		if _, err := Parse([]byte(tc.yaml), ops); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: got %v, want an error containing %q", tc.yaml, err, tc.want)
+		}
+	}
+}
+
+// TestDocumentedBudgets: the Budgets example of docs/policy.md is read
+// strictly and means what it says.
+func TestDocumentedBudgets(t *testing.T) {
+	b, err := os.ReadFile("../../docs/policy.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, _ := strings.Cut(string(b), "## Budgets")
+	_, rest, _ = strings.Cut(rest, "```yaml\n")
+	doc, _, ok := strings.Cut(rest, "```")
+	if !ok {
+		t.Fatal("no yaml block in policy.md's Budgets section")
+	}
+	doc += "bindings:\n  - role: billing-app\n    callers:\n      - uid: 1000\n  - role: health-monitor\n    callers:\n      - uid: 1001\n"
+	p, err := Parse([]byte(doc), ops)
+	if err != nil {
+		t.Fatalf("the documented budgets: %v", err)
+	}
+	for _, tc := range []struct {
+		uid   uint32
+		want  Limits
+		bound bool
+	}{
+		{1000, Limits{Connections: 64, Calls: 256, Rate: []ratelimit.Layer{perSecond(2000, 4000), {Limit: 50_000_000, Per: 24 * time.Hour, Burst: 50_000_000}}}, true},
+		{1001, Limits{Connections: 32, Calls: 64, Rate: []ratelimit.Layer{perSecond(500, 1000)}}, true},
+		{1002, Limits{Connections: 2, Calls: 2, Rate: []ratelimit.Layer{perSecond(10, 20)}, Lifetime: 2 * time.Second}, false},
+	} {
+		if got, bound := p.Limits(Subject{UID: tc.uid, GIDs: []uint32{tc.uid}}); bound != tc.bound || !sameLimits(got, tc.want) {
+			t.Errorf("uid %d: %+v, %v; want %+v, %v", tc.uid, got, bound, tc.want, tc.bound)
+		}
+	}
+	// The built-in defaults the comments give are the code's.
+	if !strings.Contains(doc, fmt.Sprintf("(built in: %d)", DefaultLimits.Connections)) || !strings.Contains(doc, fmt.Sprintf("(built in: %d)", DefaultLimits.Calls)) ||
+		!strings.Contains(doc, fmt.Sprintf("(%v)", UnboundLimits.Lifetime)) {
+		t.Error("the built-in defaults in policy.md's comments are not the code's")
+	}
+}
+
+func sameLimits(a, b Limits) bool {
+	return a.Connections == b.Connections && a.Calls == b.Calls && a.Lifetime == b.Lifetime && slices.Equal(a.Rate, b.Rate)
+}
+
+// perSecond is a rate-limit layer of limit calls a second.
+func perSecond(limit, burst int) ratelimit.Layer {
+	return ratelimit.Layer{Limit: limit, Per: time.Second, Burst: burst}
 }

@@ -53,6 +53,28 @@ func (l Layer) Check() error {
 	return nil
 }
 
+// MaxLayers is the most layers one set of limits may have: a second, a
+// minute, an hour and a day.
+const MaxLayers = 4
+
+// CheckLayers says whether layers can be one set of limits: at most
+// MaxLayers, each passing Check, each period once (a Limiter keeps its
+// state by period).
+func CheckLayers(layers []Layer) error {
+	if len(layers) > MaxLayers {
+		return fmt.Errorf("%w: %d layers; at most %d", ErrInvalid, len(layers), MaxLayers)
+	}
+	for i, l := range layers {
+		if err := l.Check(); err != nil {
+			return err
+		}
+		if slices.ContainsFunc(layers[:i], func(o Layer) bool { return o.Per == l.Per }) {
+			return fmt.Errorf("%w: two layers per %v; give each period once", ErrInvalid, l.Per)
+		}
+	}
+	return nil
+}
+
 // interval is the time one request costs, rounded up so that a limit that
 // does not divide its period evenly errs on the strict side.
 func (l Layer) interval() time.Duration {

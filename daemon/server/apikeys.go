@@ -59,6 +59,16 @@ func toLimits(ls []ratelimit.Layer) []*keywardv1.RateLimit {
 	return out
 }
 
+// toLimitStates is each rate-limit layer's state after a check.
+func toLimitStates(layers []ratelimit.LayerResult) []*keywardv1.RateLimitState {
+	var out []*keywardv1.RateLimitState
+	for _, l := range layers {
+		out = append(out, &keywardv1.RateLimitState{Limit: toLimits([]ratelimit.Layer{l.Layer})[0],
+			Remaining: uint32(l.Remaining), ResetTime: timestamppb.New(l.Reset), Refused: l.Refused})
+	}
+	return out
+}
+
 func toQuota(q *apikeys.Quota) *keywardv1.Quota {
 	if q == nil {
 		return nil
@@ -268,10 +278,7 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 		out.KeyId, out.Owner, out.Name, out.Permissions, out.Metadata = k.ID, k.Owner, k.Name, k.Permissions, k.Metadata
 		out.ExpireTime, out.Quota = timeOrNil(k.Expires), toQuota(k.Quota)
 	}
-	for _, l := range res.Limits.Layers {
-		out.RateLimits = append(out.RateLimits, &keywardv1.RateLimitState{Limit: toLimits([]ratelimit.Layer{l.Layer})[0],
-			Remaining: uint32(l.Remaining), ResetTime: timestamppb.New(l.Reset), Refused: l.Refused})
-	}
+	out.RateLimits = toLimitStates(res.Limits.Layers)
 	if res.Code == apikeys.RateLimited && !res.Limits.TooLarge {
 		out.RetryAfter = durationpb.New(res.Limits.RetryAfter)
 	}

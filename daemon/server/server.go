@@ -4,6 +4,30 @@
 // place (status.go), and audits every call, allowed or denied, before its
 // answer goes out. A call whose audit record cannot be written fails with
 // UNAVAILABLE: no success goes unaudited.
+//
+// No caller can lock the others out. Each caller (a uid) has a budget of
+// connections, calls in flight and call rate (the policy's limits, kept by
+// package admission). A connection is counted in the handshake, where the
+// kernel has named its caller and nothing has been read from it; a call is
+// counted in the tap (grpc.InTapHandle), when its headers are read and
+// before a goroutine or its request is spent on it. What is over the budget
+// is refused there and then (RESOURCE_EXHAUSTED, with when to retry), never
+// queued behind anyone else's work; and a caller that goes on regardless
+// pays for its refusals (admission.RefusalCost): its connections are not
+// read, nor new ones let in, until it has, so that a flood stalls in its
+// own socket instead of taking the CPU from others. A connection that
+// sends nothing is closed: before its HTTP/2 preface after
+// HandshakeTimeout, after it with no call after IdleTimeout, and a client
+// that does not read what it is sent after WriteTimeout; a caller the
+// policy does not bind gets the policy's small unbound budget, whose
+// connections also close after their lifetime.
+//
+// Two kinds of call are not audited, as nothing was done in them: a call
+// refused for its caller's budget (auditing each would let a flood write
+// the audit log at its own pace; keyward_caller_refusals_total counts
+// them), and a call its client cancelled, or whose deadline passed, before
+// its handler ran. A call whose handler ran is audited even if its client
+// has gone.
 package server
 
 import (
@@ -20,10 +44,13 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
 
+	"github.com/keyward/keyward/daemon/admission"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
@@ -109,7 +136,24 @@ type Config struct {
 	// Now is keywardd's clock (audit records, tokens, API keys' expiry);
 	// nil is time.Now. Latencies are measured on the monotonic clock.
 	Now func() time.Time
+	// HandshakeTimeout bounds the time from a connection's accept to its
+	// client's HTTP/2 preface and first SETTINGS frame. Default 5 s.
+	HandshakeTimeout time.Duration
+	// IdleTimeout closes a connection that has had no call in flight for
+	// this long (a GOAWAY; a client that does not answer it is cut off 5 s
+	// later). Default 1 minute.
+	IdleTimeout time.Duration
+	// WriteTimeout closes a connection whose client has not read what it
+	// was sent for this long. Default 10 s.
+	WriteTimeout time.Duration
 }
+
+// The defaults of Config's timeouts.
+const (
+	DefaultHandshakeTimeout = 5 * time.Second
+	DefaultIdleTimeout      = time.Minute
+	DefaultWriteTimeout     = 10 * time.Second
+)
 
 // PluginState is a plugin's state as GetStatus reports it.
 type PluginState struct {
@@ -126,12 +170,16 @@ type PluginState struct {
 type Server struct {
 	cfg    Config
 	policy atomic.Pointer[policy.Policy]
-	health *health.Server
-	start  time.Time
-	hsmErr atomic.Pointer[error] // the last health check's error; nil when healthy
-	kick   chan struct{}         // checks health at once: the audit log or the store changed
-	tkeys  tokenKeys
-	mints  mintCache
+	gate   *admission.Gate
+	// lingering counts refused connections waiting for their client to
+	// read why (peerCreds.refuse).
+	lingering atomic.Int64
+	health    *health.Server
+	start     time.Time
+	hsmErr    atomic.Pointer[error] // the last health check's error; nil when healthy
+	kick      chan struct{}         // checks health at once: the audit log or the store changed
+	tkeys     tokenKeys
+	mints     mintCache
 
 	vmu      sync.Mutex // guards the verifier cache
 	vcache   *tokens.Verifier
@@ -159,16 +207,32 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	if cfg.HealthEvery <= 0 {
 		cfg.HealthEvery = 5 * time.Second
 	}
+	for _, d := range []struct {
+		v   *time.Duration
+		def time.Duration
+	}{
+		{&cfg.HandshakeTimeout, DefaultHandshakeTimeout}, {&cfg.IdleTimeout, DefaultIdleTimeout}, {&cfg.WriteTimeout, DefaultWriteTimeout}} {
+		if *d.v <= 0 {
+			*d.v = d.def
+		}
+	}
 	cfg.Tokens.defaults()
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	s := &Server{cfg: cfg, health: health.NewServer(), start: cfg.Now(), tkeys: tokenKeys{m: map[hsm.KeyID]*tokens.Key{}},
+	s := &Server{cfg: cfg, gate: admission.New(nil), health: health.NewServer(), start: cfg.Now(), tkeys: tokenKeys{m: map[hsm.KeyID]*tokens.Key{}},
 		mints: mintCache{m: map[string]mintEntry{}}, verified: tokens.NewCache(), kick: make(chan struct{}, 1)}
 	s.policy.Store(cfg.Policy)
 	cfg.Audit.SetNotify(s.recheck)
+	resolver := identity.NewResolver()
+	resolver.Hashing = s.gate.Hash
 	gs := grpc.NewServer(
-		grpc.Creds(&peerCreds{resolver: identity.NewResolver(), open: new(atomic.Int64)}),
+		grpc.Creds(&peerCreds{s: s, resolver: resolver}),
+		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
+		// Idle: no call in flight, whatever else the client sends (pings
+		// do not count), from the handshake on.
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: cfg.IdleTimeout}),
+		grpc.InTapHandle(s.admit),
 		grpc.UnaryInterceptor(s.intercept),
 		// A batch of 100 items of 64 KiB fits; a request is read whole
 		// before the policy sees it, so nothing much larger is taken.
@@ -274,9 +338,46 @@ var sensitive = map[string]bool{
 	"CredentialService.GetCredential": true,
 }
 
+// endKey holds, in a call's context, the func that ends it in its
+// caller's budget.
+type endKey struct{}
+
+// admit counts a call against its caller's budget when its headers are
+// read, and refuses it if it is over (grpc.InTapHandle). The call ends in
+// the budget when its handler returns (intercept), or else when its stream
+// ends, however it ends.
+func (s *Server) admit(ctx context.Context, _ *tap.Info) (context.Context, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return ctx, nil // not through the handshake: intercept refuses it
+	}
+	ai, ok := p.AuthInfo.(AuthInfo)
+	if !ok {
+		return ctx, nil
+	}
+	lim := ai.conn.limits(s.policy.Load())
+	end, err := ai.conn.acct.Call(lim.Limits, lim.bound)
+	if err != nil {
+		s.refused(err)
+		return nil, toStatus(err).Err()
+	}
+	context.AfterFunc(ctx, end)
+	return context.WithValue(ctx, endKey{}, end), nil
+}
+
+// refused counts a refusal for a caller's budget.
+func (s *Server) refused(err error) {
+	if r, ok := errors.AsType[*admission.Refusal](err); ok {
+		s.cfg.Metrics.Refused(string(r.Budget), r.Bound)
+	}
+}
+
 // intercept identifies the caller, runs the handler, audits the call, and
 // turns every error into a status.
 func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if end, ok := ctx.Value(endKey{}).(func()); ok {
+		defer end() // before the answer goes out: the client may call again at once
+	}
 	op := strings.TrimPrefix(info.FullMethod, "/keyward.v1.")
 	op = strings.Replace(op, "/", ".", 1)
 	c := &call{op: op}
@@ -293,6 +394,13 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	}
 	if err := s.cfg.Audit.Err(); err != nil {
 		return nil, status.Error(codes.Unavailable, "keywardd: the audit log cannot be written, so nothing is done: "+err.Error())
+	}
+	if err := ctx.Err(); err != nil {
+		// Cancelled (a reset stream) or past its deadline before it ran:
+		// nothing was done, so there is nothing to audit.
+		st := status.FromContextError(err)
+		s.cfg.Metrics.Call(op, st.Code().String(), 0)
+		return nil, st.Err()
 	}
 	started := time.Now()
 	var resp any

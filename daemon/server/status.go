@@ -3,10 +3,15 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/protoadapt"
+	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/keyward/keyward/daemon/admission"
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/credentials"
@@ -89,6 +94,7 @@ var codeOf = []struct {
 	code codes.Code
 }{
 	{policy.ErrDenied, codes.PermissionDenied},
+	{admission.ErrOverBudget, codes.ResourceExhausted},
 	{identity.ErrGone, codes.PermissionDenied},
 	{keys.ErrNotFound, codes.NotFound},
 	{keys.ErrExists, codes.AlreadyExists},
@@ -142,13 +148,45 @@ func toStatus(err error) *status.Status {
 	// the plugin's business, not the caller's.
 	for _, m := range codeOf {
 		if errors.Is(err, m.err) {
-			return status.New(m.code, err.Error())
+			return withDetails(status.New(m.code, err.Error()), err)
 		}
 	}
 	if st, ok := status.FromError(err); ok {
 		return st
 	}
 	return status.New(codes.Internal, err.Error())
+}
+
+// withDetails adds to a refusal for the caller's budget what a client can
+// act on: the budget it reached (google.rpc.QuotaFailure); for its call
+// rate, each layer's state (keyward.v1.RateLimitState, as VerifyAPIKey
+// gives an API key's: limit, remaining, reset time); and for its call
+// rate, its binaries hashed and what its refusals cost, when to retry
+// (google.rpc.RetryInfo).
+func withDetails(st *status.Status, err error) *status.Status {
+	r, ok := errors.AsType[*admission.Refusal](err)
+	if !ok {
+		return st
+	}
+	subject := fmt.Sprintf("uid:%d", r.UID)
+	details := []protoadapt.MessageV1{&errdetails.QuotaFailure{Violations: []*errdetails.QuotaFailure_Violation{{Subject: subject, Description: string(r.Budget)}}}}
+	switch r.Budget {
+	case admission.Hashing:
+		if !r.Rate.TooLarge {
+			details = append(details, &errdetails.RetryInfo{RetryDelay: durationpb.New(r.Rate.RetryAfter)})
+		}
+	case admission.Rate:
+		details = append(details, &errdetails.RetryInfo{RetryDelay: durationpb.New(r.Rate.RetryAfter)})
+		for _, l := range toLimitStates(r.Rate.Layers) {
+			details = append(details, l)
+		}
+	case admission.Refusals:
+		details = append(details, &errdetails.RetryInfo{RetryDelay: durationpb.New(r.Wait)})
+	}
+	if d, err := st.WithDetails(details...); err == nil {
+		return d
+	}
+	return st
 }
 
 // itemError is a batch item's failure, as the caller gets it.

@@ -17,7 +17,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -84,7 +86,8 @@ var (
 	ErrInvalid     = errors.New("keyward: invalid argument") // includes a ciphertext or context that does not match
 	ErrUnusable    = errors.New("keyward: key not usable")   // disabled, pending deletion, other purpose, retired version
 	ErrTooLarge    = errors.New("keyward: too large")
-	ErrUnavailable = errors.New("keyward: unavailable") // keywardd, its HSM or its audit log; try again later
+	ErrLimited     = errors.New("keyward: over the caller's budget") // connections, calls in flight, call rate: see Error.RetryAfter
+	ErrUnavailable = errors.New("keyward: unavailable")              // keywardd, its HSM or its audit log; try again later
 	ErrOther       = errors.New("keyward: error")
 )
 
@@ -103,6 +106,13 @@ var codeErr = map[codes.Code]error{
 type Error struct {
 	Code    codes.Code
 	Message string
+	// Limited: the caller (its uid) is over its budget (ErrLimited), not
+	// the request too large (ErrTooLarge); both are RESOURCE_EXHAUSTED.
+	Limited bool
+	// RetryAfter, when Limited, is how long keywardd said to wait before
+	// calling again; 0 when it did not say (over its calls in flight: wait
+	// for one of them to end).
+	RetryAfter time.Duration
 }
 
 func (e *Error) Error() string { return fmt.Sprintf("keyward: %s: %s", e.Code, e.Message) }
@@ -112,6 +122,9 @@ func (e *Error) Is(target error) bool {
 	want, ok := codeErr[e.Code]
 	if !ok {
 		want = ErrOther
+	}
+	if e.Limited {
+		want = ErrLimited
 	}
 	return target == want
 }
@@ -125,7 +138,16 @@ func Wrap(err error) error {
 	if !ok {
 		return err
 	}
-	return &Error{Code: st.Code(), Message: st.Message()}
+	e := &Error{Code: st.Code(), Message: st.Message()}
+	for _, d := range st.Details() {
+		switch d := d.(type) {
+		case *errdetails.QuotaFailure:
+			e.Limited = e.Code == codes.ResourceExhausted
+		case *errdetails.RetryInfo:
+			e.RetryAfter = d.GetRetryDelay().AsDuration()
+		}
+	}
+	return e
 }
 
 // DataKey is a fresh data key.
