@@ -201,7 +201,7 @@ func TestTruncated(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "cut.db")
 	inUse := 0 // bytes of the pages in use; bbolt grows the file beyond them
 	for _, m := range []int{0, 4096} {
-		if meta, err := parseMeta(file[m:], uint64(m/4096)); err == nil {
+		if meta, err := parseMeta(file[m:]); err == nil {
 			inUse = max(inUse, int(meta.pgid)*4096)
 		}
 	}
@@ -227,6 +227,7 @@ func TestTruncated(t *testing.T) {
 // refused as rolled back, and opens once an operator accepts the rollback.
 func TestOlderCopyRefused(t *testing.T) {
 	f := newFixture(t)
+	abandoned, _ := os.ReadFile(f.path)
 	if err := os.WriteFile(f.path, f.older, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -238,12 +239,19 @@ func TestOlderCopyRefused(t *testing.T) {
 	if err != nil {
 		t.Fatalf("an accepted rollback: %v", err)
 	}
-	defer s.Close()
-	if s.Writes() >= f.writes {
-		t.Fatalf("the older copy has %d writes, the acknowledged %d", s.Writes(), f.writes)
+	// Accepted, the store's count moves past the acknowledged one: the
+	// store it replaced, were it put back, is behind.
+	if s.Writes() != f.writes+1 {
+		t.Fatalf("after an accepted rollback the count is %d, want %d", s.Writes(), f.writes+1)
 	}
 	if err := s.Update(BucketKeys, "after", func([]byte) ([]byte, error) { return []byte("x"), nil }); err != nil {
 		t.Fatal(err)
+	}
+	acked := s.Writes()
+	s.Close()
+	os.WriteFile(f.path, abandoned, 0o600)
+	if _, err := Open(f.path, Options{Key: testKey, Acknowledged: acked}); !errors.Is(err, ErrRolledBack) {
+		t.Fatalf("the store an accepted rollback replaced, put back: %v", err)
 	}
 }
 
@@ -392,7 +400,10 @@ func TestLegacyStoreSealed(t *testing.T) {
 		return tx.Bucket([]byte(BucketKeys)).Put([]byte("kek"), []byte(`{"name":"kek"}`))
 	})
 	db.Close()
-	s, err := Open(path, Options{Key: testKey})
+	if _, err := Open(path, Options{Key: testKey}); !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), "-accept-unsealed-store") {
+		t.Fatalf("an unsealed store, not allowed: %v", err)
+	}
+	s, err := Open(path, Options{Key: testKey, AllowUnsealed: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -424,7 +435,7 @@ func TestLegacyStoreSealed(t *testing.T) {
 	db, _ = bolt.Open(path, 0o600, nil)
 	db.Update(func(tx *bolt.Tx) error { return tx.Bucket([]byte(metaBucket)).Delete([]byte(integrityKey)) })
 	db.Close()
-	if _, err := Open(path, Options{Key: testKey}); !errors.Is(err, ErrDamaged) {
+	if _, err := Open(path, Options{Key: testKey, AllowUnsealed: true}); !errors.Is(err, ErrDamaged) {
 		t.Fatalf("a sealed store without its integrity record: %v", err)
 	}
 }

@@ -51,30 +51,59 @@ type boltMeta struct {
 	txid     uint64
 }
 
-func parseMeta(page []byte, id uint64) (boltMeta, error) {
+// parseMeta reads the meta in page (a page's bytes from its start) and
+// checks it as bbolt does: magic, version and checksum, nothing more.
+func parseMeta(page []byte) (boltMeta, error) {
 	if len(page) < pageHeaderSize+metaChecksumAt+8 {
 		return boltMeta{}, errors.New("too short for a meta page")
 	}
-	if got := le.Uint64(page); got != id {
-		return boltMeta{}, fmt.Errorf("meta page %d calls itself page %d", id, got)
-	}
-	if le.Uint16(page[8:]) != metaPage {
-		return boltMeta{}, fmt.Errorf("page %d is not a meta page", id)
-	}
 	m := page[pageHeaderSize:]
 	if le.Uint32(m) != boltMagic {
-		return boltMeta{}, fmt.Errorf("meta page %d: not a bbolt file (bad magic)", id)
+		return boltMeta{}, errors.New("not a bbolt meta page (bad magic)")
 	}
 	if v := le.Uint32(m[4:]); v != boltVersion {
-		return boltMeta{}, fmt.Errorf("meta page %d: bbolt format version %d, not %d", id, v, boltVersion)
+		return boltMeta{}, fmt.Errorf("bbolt format version %d, not %d", v, boltVersion)
 	}
 	h := fnv.New64a()
 	h.Write(m[:metaChecksumAt])
 	if h.Sum64() != le.Uint64(m[metaChecksumAt:]) {
-		return boltMeta{}, fmt.Errorf("meta page %d: its checksum does not match", id)
+		return boltMeta{}, errors.New("its checksum does not match")
 	}
 	return boltMeta{pageSize: le.Uint32(m[8:]), root: le.Uint64(m[16:]), freelist: le.Uint64(m[32:]),
 		pgid: le.Uint64(m[40:]), txid: le.Uint64(m[48:])}, nil
+}
+
+// boltPageSize is the page size bbolt will use for the file, found as
+// bbolt finds it (DB.getPageSize): the first meta page's if it is valid,
+// else that of the first valid meta at 1 KiB, 2 KiB, ... 16 MiB, else, if
+// either place could be read, the system's.
+func boltPageSize(f *os.File, size int64) (int64, error) {
+	buf := make([]byte, 4096)
+	first := false
+	if n, err := f.ReadAt(buf, 0); err == nil && n == len(buf) {
+		first = true
+		if m, err := parseMeta(buf); err == nil {
+			return int64(m.pageSize), nil
+		}
+	}
+	second := false
+	for i := range 15 {
+		pos := int64(1024) << i
+		if pos >= size-1024 {
+			break
+		}
+		n, err := f.ReadAt(buf, pos)
+		if (err == nil && n == len(buf)) || (errors.Is(err, io.EOF) && int64(n) == size-pos) {
+			second = true
+			if m, err := parseMeta(buf[:n]); err == nil {
+				return int64(m.pageSize), nil
+			}
+		}
+	}
+	if first || second {
+		return int64(os.Getpagesize()), nil
+	}
+	return 0, errors.New("neither meta page can be read")
 }
 
 // fileReport is what checkFile found in a sound file.
@@ -87,11 +116,12 @@ type fileReport struct {
 	metaDamaged string
 }
 
-// checkFile checks the structure of the bbolt file f: both meta pages, the
-// size against the pages in use, the freelist, and every page of every
-// bucket's tree (ids, types, counts, element bounds, key order, each page
-// reached once and none both reached and free, none lost). A problem is
-// returned as ErrDamaged with what was found.
+// checkFile checks the structure of the bbolt file f: the page size and
+// both meta pages chosen exactly as bbolt chooses them, the size against
+// the pages in use, the freelist, and every page of every bucket's tree
+// (ids, types, counts, element bounds, key order, each page reached once
+// and none both reached and free, none lost). A problem is returned as
+// ErrDamaged with what was found.
 func checkFile(f *os.File) (fileReport, error) {
 	fi, err := f.Stat()
 	if err != nil {
@@ -101,53 +131,59 @@ func checkFile(f *os.File) (fileReport, error) {
 	damaged := func(format string, a ...any) (fileReport, error) {
 		return fileReport{}, fmt.Errorf("%w: %s", ErrDamaged, fmt.Sprintf(format, a...))
 	}
-	first := make([]byte, 4096)
-	if n, err := f.ReadAt(first, 0); err != nil && !(errors.Is(err, io.EOF) && n >= pageHeaderSize+metaChecksumAt+8) {
-		return damaged("%d bytes long, too short for a store", size)
+	pageSize, err := boltPageSize(f, size)
+	if err != nil {
+		return damaged("%d bytes long: %v", size, err)
 	}
-	// The page size is the first meta's, or if that is damaged the
-	// system's, as bbolt reads it.
-	m0, err0 := parseMeta(first, 0)
-	pageSize := int64(os.Getpagesize())
-	if err0 == nil {
-		pageSize = int64(m0.pageSize)
+	// keywardd makes its stores with the system's page size; bbolt would
+	// find another only in a damaged or crafted file.
+	if pageSize != int64(os.Getpagesize()) {
+		return damaged("a page size of %d bytes, not this system's %d", pageSize, os.Getpagesize())
 	}
-	if pageSize < 512 || pageSize > 1<<20 || pageSize&(pageSize-1) != 0 {
-		return damaged("a page size of %d bytes", pageSize)
-	}
-	second := make([]byte, pageHeaderSize+metaChecksumAt+8)
-	var m1 boltMeta
-	err1 := errors.New("the file ends before it")
-	if _, err := f.ReadAt(second, pageSize); err == nil {
-		m1, err1 = parseMeta(second, 1)
+	var metas [2]boltMeta
+	var errs [2]error
+	for i := range metas {
+		page := make([]byte, pageHeaderSize+metaChecksumAt+8)
+		if _, err := f.ReadAt(page, int64(i)*pageSize); err != nil {
+			errs[i] = errors.New("the file ends before it")
+			continue
+		}
+		if metas[i], errs[i] = parseMeta(page); errs[i] != nil {
+			continue
+		}
+		// bbolt does not look at a meta page's header; a valid meta in a
+		// page that calls itself something else was not written by bbolt.
+		if id, flags := le.Uint64(page), le.Uint16(page[8:]); id != uint64(i) || flags != metaPage {
+			return damaged("meta page %d is valid but its page header says page %d, flags %#x", i, id, flags)
+		}
+		if int64(metas[i].pageSize) != pageSize {
+			return damaged("meta page %d says pages are %d bytes, the file's are %d", i, metas[i].pageSize, pageSize)
+		}
 	}
 	var m boltMeta
 	var rep fileReport
 	switch {
-	case err0 != nil && err1 != nil:
-		return damaged("both meta pages are damaged (%v; %v)", err0, err1)
-	case err0 != nil:
-		m, rep.metaDamaged = m1, err0.Error()
-	case err1 != nil:
-		m, rep.metaDamaged = m0, err1.Error()
-	case m0.pageSize != m1.pageSize:
-		return damaged("the two meta pages disagree on the page size")
-	case m1.txid > m0.txid:
-		m = m1
+	case errs[0] != nil && errs[1] != nil:
+		return damaged("both meta pages are damaged (%v; %v)", errs[0], errs[1])
+	case errs[0] != nil:
+		m, rep.metaDamaged = metas[1], "meta page 0: "+errs[0].Error()
+	case errs[1] != nil:
+		m, rep.metaDamaged = metas[0], "meta page 1: "+errs[1].Error()
+	case metas[1].txid > metas[0].txid:
+		m = metas[1]
 	default:
-		m = m0
+		m = metas[0]
 	}
 	rep.txid = m.txid
-	if int64(m.pageSize) != pageSize {
-		return damaged("the meta page's page size %d differs from the file's %d", m.pageSize, pageSize)
-	}
 	pages := uint64(size / pageSize)
 	switch {
 	case m.pgid < 4 || m.pgid > pages:
 		return damaged("%d bytes hold %d pages of %d bytes, but the meta page says %d are in use: the file was cut short or its meta page is wrong", size, pages, pageSize, m.pgid)
 	case m.root < 2 || m.root >= m.pgid:
 		return damaged("the root page %d is outside the %d pages in use", m.root, m.pgid)
-	case m.freelist != noFreelist && (m.freelist < 2 || m.freelist >= m.pgid):
+	case m.freelist == noFreelist:
+		return damaged("no freelist, which keywardd always keeps")
+	case m.freelist < 2 || m.freelist >= m.pgid:
 		return damaged("the freelist page %d is outside the %d pages in use", m.freelist, m.pgid)
 	}
 	c := &checker{f: f, pageSize: pageSize, hwm: m.pgid, seen: make([]bool, m.pgid), freed: make([]bool, m.pgid)}

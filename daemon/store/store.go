@@ -140,7 +140,8 @@ type Store struct {
 	digest digest     // of the records as committed
 	writes atomic.Uint64
 
-	failed atomic.Pointer[Problem] // set when a record read at run time did not verify
+	failed   atomic.Pointer[Problem] // set when a record read at run time did not verify
+	onDamage atomic.Pointer[func(detail string)]
 }
 
 // Options tune Open.
@@ -154,6 +155,12 @@ type Options struct {
 	// AcceptRollback (an operator restored a backup on purpose).
 	Acknowledged   uint64
 	AcceptRollback bool
+	// AllowUnsealed lets Open seal a store of schema 6 or older, whose
+	// records carry no tags. keywardd allows it only when it has just made
+	// its store key (the first start of a keywardd that seals), or when an
+	// operator says so: otherwise an unsealed store is a sealed one whose
+	// tags were cut off (ErrDamaged), since anyone can write one.
+	AllowUnsealed bool
 	// LockTimeout is how long Open waits for another process to let go of
 	// the file. Default 1 s.
 	LockTimeout time.Duration
@@ -184,11 +191,13 @@ func Open(path string, o Options) (*Store, error) {
 		s.db, err = bolt.Open(path, 0o600, &bolt.Options{Timeout: o.LockTimeout})
 		return err
 	})
-	if errors.Is(err, bolterrors.ErrTimeout) {
+	switch {
+	case errors.Is(err, bolterrors.ErrTimeout):
 		return nil, inUse(path)
-	}
-	if err != nil {
+	case errors.Is(err, bolterrors.ErrInvalid), errors.Is(err, bolterrors.ErrChecksum), errors.Is(err, bolterrors.ErrVersionMismatch):
 		return nil, refusal(path, fmt.Errorf("%w: bbolt could not open it: %v", ErrDamaged, err))
+	case err != nil:
+		return nil, refusal(path, fmt.Errorf("store: opening %s: %w", path, err))
 	}
 	if err := s.load(rep, o); err != nil {
 		s.db.Close()
@@ -201,13 +210,24 @@ func inUse(path string) error {
 	return fmt.Errorf("store: %s is in use by another process (is another keywardd running on this data directory?)", path)
 }
 
-// refusal says what is wrong with the store at path and what to do.
+// refusal says what is wrong with the store at path and what to do. An
+// error that is neither ErrDamaged nor ErrRolledBack (the file cannot be
+// opened or read: a permission, the disk) is returned as it is.
 func refusal(path string, err error) error {
+	if errors.Is(err, ErrUnsealed) {
+		return &Problem{Err: ErrDamaged, Msg: fmt.Sprintf("store: %s is not sealed, but this HSM token's keyward-store key shows keywardd sealed its store before: the store's seals were cut off (so its records cannot be trusted), or a backup from before keywardd sealed its store was put back. keywardd changed nothing and does not serve from it: put a sealed copy back; if you put back such an old backup on purpose, start once with -accept-unsealed-store (see %s)", path, Runbook)}
+	}
 	if errors.Is(err, ErrRolledBack) {
 		return &Problem{Err: ErrRolledBack, Msg: fmt.Sprintf("store: %s is older than the last write keywardd acknowledged: %v. keywardd changed nothing and does not serve from it: put the newest copy back, or if there is none, start once with -accept-store-rollback (see %s)", path, unwrapMsg(err), Runbook)}
 	}
+	if !errors.Is(err, ErrDamaged) {
+		return err
+	}
 	return &Problem{Err: ErrDamaged, Msg: fmt.Sprintf("store: %s is damaged: %v. keywardd changed nothing and does not serve from it: restore it from a backup (see %s)", path, unwrapMsg(err), Runbook)}
 }
+
+// ErrUnsealed: a store of an old schema that Open may not seal.
+var ErrUnsealed = errors.New("store: not sealed")
 
 // unwrapMsg is err's message without the sentinel's prefix.
 func unwrapMsg(err error) string {
@@ -277,28 +297,40 @@ func (s *Store) load(rep fileReport, o Options) error {
 		d      digest
 		writes uint64
 	)
+	var fresh bool // a new file: no bucket at all
 	err := guard(func() error {
 		return s.db.View(func(tx *bolt.Tx) error {
 			meta := tx.Bucket([]byte(metaBucket))
 			sealed = meta != nil && meta.Get([]byte(integrityKey)) != nil
 			if !sealed {
+				k, _ := tx.Cursor().First()
+				fresh = k == nil
 				schema = legacySchema(tx)
 				return nil
 			}
 			var err error
-			d, err = s.verify(tx)
-			if err != nil {
+			// The schema first: a newer keywardd's store has buckets this
+			// one does not know, and is no damaged store.
+			if schema, err = s.schema(tx); err != nil || schema > SchemaVersion {
+				return err
+			}
+			if d, err = s.verify(tx); err != nil {
 				return err
 			}
 			if writes, err = s.seal.checkIntegrity(meta.Get([]byte(integrityKey)), &d); err != nil {
 				return fmt.Errorf("%w: %v", ErrDamaged, err)
 			}
-			schema, err = s.schema(tx)
-			return err
+			return nil
 		})
 	})
 	if err != nil {
 		return refusal(s.path, err)
+	}
+	if schema > SchemaVersion {
+		return fmt.Errorf("store: %s has schema version %d, newer than this keywardd's %d: run a newer keywardd", s.path, schema, SchemaVersion)
+	}
+	if !sealed && !fresh && !o.AllowUnsealed {
+		return refusal(s.path, ErrUnsealed)
 	}
 	if writes < o.Acknowledged {
 		why := fmt.Sprintf("it holds write %d, the audit log records write %d", writes, o.Acknowledged)
@@ -312,14 +344,33 @@ func (s *Store) load(rep fileReport, o Options) error {
 			return refusal(s.path, fmt.Errorf("%w: %s", ErrRolledBack, why))
 		}
 	}
-	if schema > SchemaVersion {
-		return fmt.Errorf("store: %s has schema version %d, newer than this keywardd's %d: run a newer keywardd", s.path, schema, SchemaVersion)
-	}
 	s.digest = d
 	s.writes.Store(writes)
 	if !sealed {
-		return s.sealLegacy(schema)
+		if err := s.sealLegacy(schema); err != nil {
+			return err
+		}
 	}
+	if s.writes.Load() < o.Acknowledged {
+		// Accepted: the write count moves past the acknowledged one, so
+		// that the store this one replaces, were it put back, is behind.
+		return s.bump(o.Acknowledged + 1)
+	}
+	return nil
+}
+
+// bump sets the write count to writes, in a write of its own.
+func (s *Store) bump(writes uint64) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	d := s.digest
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket([]byte(metaBucket)).Put([]byte(integrityKey), s.seal.integrity(writes, &d))
+	})
+	if err != nil {
+		return writeFailed(err)
+	}
+	s.writes.Store(writes)
 	return nil
 }
 
@@ -363,7 +414,7 @@ func (s *Store) schema(tx *bolt.Tx) (int, error) {
 	v := tx.Bucket([]byte(metaBucket)).Get([]byte(schemaKey))
 	rec, _, err := s.seal.open([]byte(metaBucket), []byte(schemaKey), v)
 	if err != nil || len(rec) != 8 {
-		return 0, fmt.Errorf("%w: the schema version does not verify", ErrDamaged)
+		return 0, fmt.Errorf("%w: the schema version does not verify (a damaged disk, an edited file, or a store written with another HSM token's keyward-store key)", ErrDamaged)
 	}
 	return int(binary.BigEndian.Uint64(rec)), nil
 }
@@ -492,11 +543,21 @@ func (s *Store) Verify() error {
 }
 
 // fail marks the store as damaged at run time: every later call fails.
+// Callers' answers say that much and where the runbook is; what was found
+// (which record: names callers may not see) goes to OnDamage, for the log.
 func (s *Store) fail(err error) error {
-	p := &Problem{Err: ErrDamaged, Msg: fmt.Sprintf("store: keywardd's store is damaged: %v. keywardd stopped serving and changes nothing more: restore the store from a backup (see %s)", unwrapMsg(err), Runbook)}
-	s.failed.CompareAndSwap(nil, p)
+	p := &Problem{Err: ErrDamaged, Msg: fmt.Sprintf("store: keywardd's store is damaged (a record does not verify, or the file changed under keywardd). keywardd stopped serving and changes nothing more: restore the store from a backup (see %s)", Runbook)}
+	if s.failed.CompareAndSwap(nil, p) {
+		if fn := s.onDamage.Load(); fn != nil {
+			(*fn)(unwrapMsg(err))
+		}
+	}
 	return s.Err()
 }
+
+// OnDamage sets a function told, once, what was found when a record read
+// while serving does not verify: for the operator's log, not for callers.
+func (s *Store) OnDamage(fn func(detail string)) { s.onDamage.Store(&fn) }
 
 // writeFailed turns a failed commit into ErrUnavailable, without the
 // file's path (callers' answers carry it).
@@ -506,13 +567,13 @@ func writeFailed(err error) error {
 	if errors.As(err, &errno) {
 		why = errno.Error()
 	}
-	return &Problem{Err: ErrUnavailable, Msg: "store: keywardd's store cannot be written now (" + why + "); nothing was changed, try again later"}
+	return &Problem{Err: ErrUnavailable, Msg: "store: keywardd's store cannot be written now (" + why + "); the change was not confirmed on disk: check whether it was made, then try again later"}
 }
 
 // SchemaVersion returns the schema version of the open file.
 func (s *Store) SchemaVersion() (int, error) {
 	var v int
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.read(func(tx *bolt.Tx) error {
 		var err error
 		v, err = s.schema(tx)
 		return err
@@ -627,8 +688,10 @@ func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key str
 	writes := s.writes.Load() + 1
 	var caught any
 	defer rethrow(&caught)
+	var txid int
 	err := guard(func() error {
 		return s.db.Update(func(tx *bolt.Tx) error {
+			txid = tx.ID()
 			b, err := bucket(tx, bucketName)
 			if err != nil {
 				return &fnError{err}
@@ -674,11 +737,41 @@ func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key str
 	case errors.Is(err, ErrDamaged):
 		return s.fail(err)
 	case err != nil:
-		return writeFailed(err)
+		return s.failedCommit(err, txid)
 	}
 	s.digest = d
 	s.writes.Store(writes)
 	return nil
+}
+
+// failedCommit answers a commit that failed, and learns what the store
+// holds now: when the sync of bbolt's meta page fails, the page is in the
+// page cache all the same and bbolt serves the transaction (txid) it
+// reported as failed, so then the digest and the count are read again from
+// the records. Under wmu.
+func (s *Store) failedCommit(cause error, txid int) error {
+	err := guard(func() error {
+		return s.db.View(func(tx *bolt.Tx) error {
+			if tx.ID() != txid {
+				return nil // the transaction is not served: nothing changed
+			}
+			d, err := s.verify(tx)
+			if err != nil {
+				return err
+			}
+			writes, err := s.seal.checkIntegrity(tx.Bucket([]byte(metaBucket)).Get([]byte(integrityKey)), &d)
+			if err != nil {
+				return fmt.Errorf("%w: %v", ErrDamaged, err)
+			}
+			s.digest = d
+			s.writes.Store(writes)
+			return nil
+		})
+	})
+	if err != nil {
+		return s.fail(err)
+	}
+	return writeFailed(cause)
 }
 
 // emit appends events to the outbox under its next sequence numbers.

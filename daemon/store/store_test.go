@@ -183,7 +183,7 @@ func TestMigration(t *testing.T) {
 		return keys.Put([]byte("kek"), []byte(`{"name":"kek"}`))
 	})
 	db.Close()
-	s, err := Open(path, Options{Key: testKey})
+	s, err := Open(path, Options{Key: testKey, AllowUnsealed: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,7 +222,7 @@ func TestMigrationLegacyAPIKeys(t *testing.T) {
 			return nil
 		})
 		db.Close()
-		s, err := Open(path, Options{Key: testKey})
+		s, err := Open(path, Options{Key: testKey, AllowUnsealed: true})
 		if err != nil {
 			t.Fatal(err)
 		}
