@@ -104,6 +104,10 @@ func FuzzHandlers(f *testing.F) {
 				t.Fatalf("%s: not a status: %v", m.path, err)
 			case st.Code() == codes.Unknown || st.Code() == codes.Internal:
 				t.Fatalf("%s(%v): %v %q: an error keywardd does not explain", m.path, req, st.Code(), st.Message())
+			case st.Code() == codes.DeadlineExceeded || st.Code() == codes.Canceled:
+				t.Fatalf("%s(%v): no answer within 20 s: a handler hangs", m.path, req)
+			case st.Code() == codes.DataLoss:
+				t.Fatalf("%s(%v): %q: a request damaged the store", m.path, req, st.Message())
 			case strings.TrimSpace(st.Message()) == "":
 				t.Fatalf("%s: %v without a message", m.path, st.Code())
 			}

@@ -13,8 +13,11 @@ import (
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/keyward/keyward/daemon"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/hsm"
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
 )
 
 // revokedOnce starts keywardd, makes an API key, keeps a copy of the store
@@ -86,17 +89,28 @@ func TestRevocationNeverUndone(t *testing.T) {
 		t.Fatalf("the revoked key after the refusals: %v", got)
 	}
 	in.stop()
-	// The operator restores the older copy on purpose.
+	// The operator restores the older copy on purpose, and says so with
+	// the marker file (under systemd, the documented way).
 	os.WriteFile(db, older, 0o600)
-	in.accept = true
+	marker := filepath.Join(in.cfg.DataDir, daemon.AcceptRollbackFile)
+	if err := os.WriteFile(marker, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	in.run()
+	if _, err := os.Stat(marker); err == nil {
+		t.Fatal("the marker file is still there after the start it was for")
+	}
 	if got := apiKeyCode(t, in, secret); got != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
 		t.Fatalf("the key in the accepted older store: %v", got)
 	}
 	in.stop()
-	in.accept = false
 	in.run() // accepted once is enough: the audit log now records the older store
 	in.stop()
+	// The store the restore replaced, put back, is behind now.
+	os.WriteFile(db, current, 0o600)
+	if err := runOnce(in); !errors.Is(err, store.ErrRolledBack) {
+		t.Fatalf("the store an accepted rollback replaced, put back: %v", err)
+	}
 	b, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
 	if !strings.Contains(string(b), "keywardd.AcceptStoreRollback") {
 		t.Fatal("the accepted rollback is not in the audit log")
@@ -180,5 +194,27 @@ func TestStoreDiskFull(t *testing.T) {
 	in.run()
 	if _, err := keywardv1.NewKeyServiceClient(in.conn).GetKey(ctx, &keywardv1.GetKeyRequest{Name: name}); err != nil {
 		t.Fatalf("after a restart: %v", err)
+	}
+}
+
+// TestStoreOfAnotherToken: keywardd pointed at a token without the key its
+// store is sealed under refuses to start, says to check hsm.token, and
+// leaves no key behind on that token.
+func TestStoreOfAnotherToken(t *testing.T) {
+	in := start(t, uidPolicy(allowAll))
+	in.stop()
+	other := softhsmtest.New(t)
+	in.cfg.HSM.Token, in.cfg.HSM.PINFile = other.Label, other.PINFile
+	err := runOnce(in)
+	if err == nil || !strings.Contains(err.Error(), "is hsm.token the token keywardd used") {
+		t.Fatalf("a store sealed under another token's key: %v", err)
+	}
+	h, err := hsm.Open(hsm.Config{Module: other.Module, Token: other.Label, PINFile: other.PINFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if _, err := daemon.DeriveStoreKey(context.Background(), h); !errors.Is(err, hsm.ErrKeyNotFound) {
+		t.Fatalf("the other token's store key: %v", err)
 	}
 }

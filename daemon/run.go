@@ -78,6 +78,10 @@ type Options struct {
 	// KeysEvery is how often keys past their deletion date are looked
 	// for. Default 5 minutes.
 	KeysEvery time.Duration
+	// AcceptUnsealedStore seals a store of schema 6 or older although the
+	// HSM's keyward-store key shows a sealed store was there before (an
+	// old backup put back on purpose); see docs/operations.md.
+	AcceptUnsealedStore bool
 	// AcceptStoreRollback serves a store older than the last write the
 	// audit log records (an operator restored a backup on purpose); the
 	// acceptance is audited. See docs/operations.md, "Restoring the store".
@@ -143,7 +147,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		return fileError(err)
 	}
 	closers = append(closers, al.Close)
-	st, err := openStore(ctx, cfg, h, al, o)
+	st, err := openStore(ctx, cfg, h, al, o, log)
 	if err != nil {
 		return fileError(err)
 	}
@@ -354,11 +358,15 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	go func() {
 		t := time.NewTicker(time.Hour)
 		defer t.Stop()
+		clock := newClockWatch(o.Now)
 		for {
 			select {
 			case <-bg.Done():
 				return
 			case <-t.C:
+				if !clock.steady(log, "expired token revocations") {
+					continue
+				}
 				if _, err := revoked.Sweep(); err != nil {
 					log.Error("forgetting expired token revocations failed", "error", err.Error())
 				}
@@ -416,31 +424,66 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 // the HSM if it has none yet), refusing one behind the audit log unless the
 // operator accepts it, which is then audited; from then on every audit
 // line records the store's write count.
-func openStore(ctx context.Context, cfg *Config, h *hsm.HSM, al *audit.Log, o Options) (*store.Store, error) {
+func openStore(ctx context.Context, cfg *Config, h *hsm.HSM, al *audit.Log, o Options, log *slog.Logger) (*store.Store, error) {
+	path := filepath.Join(cfg.DataDir, "keyward.db")
 	key, err := DeriveStoreKey(ctx, h)
+	made := false
 	if errors.Is(err, hsm.ErrKeyNotFound) {
+		// A sealed store needs the key this token lacks: it is the wrong
+		// token (or the key was lost); making a new key would help nothing.
+		sealed, serr := store.Sealed(path, 0)
+		if serr != nil {
+			return nil, serr
+		}
+		if sealed {
+			return nil, configError(fmt.Errorf("the store %s is sealed under the HSM key %s, which this token (%s) does not have: is hsm.token the token keywardd used with this store?", path, StoreKey, h.Token().Label))
+		}
 		if err = h.CreateKey(ctx, StoreKey, hsm.HMACSHA256); err == nil || errors.Is(err, hsm.ErrKeyExists) {
+			made = true
 			key, err = DeriveStoreKey(ctx, h)
 		}
 	}
 	if err != nil {
 		return nil, fmt.Errorf("the store's key %s: %w", StoreKey, err)
 	}
+	acceptRollback := o.AcceptStoreRollback || marker(cfg.DataDir, AcceptRollbackFile)
+	acceptUnsealed := o.AcceptUnsealedStore || marker(cfg.DataDir, AcceptUnsealedFile)
 	acked := al.StoreWrites()
-	st, err := store.Open(filepath.Join(cfg.DataDir, "keyward.db"), store.Options{Key: key, Acknowledged: acked, AcceptRollback: o.AcceptStoreRollback})
+	st, err := store.Open(path, store.Options{Key: key, Acknowledged: acked, AcceptRollback: acceptRollback, AllowUnsealed: made || acceptUnsealed})
 	if err != nil {
 		return nil, err
 	}
+	os.Remove(filepath.Join(cfg.DataDir, AcceptRollbackFile)) // for this start only
+	os.Remove(filepath.Join(cfg.DataDir, AcceptUnsealedFile))
+	st.OnDamage(func(detail string) {
+		log.Error("keywardd's store is damaged: keywardd stopped serving; restore the store ("+store.Runbook+")", "found", detail)
+	})
 	al.SetStoreWrites(st.Writes)
-	if st.Writes() < acked {
+	if had, ok := st.AcceptedRollback(); ok {
 		rec := audit.Record{Time: o.Now().UTC(), Op: "keywardd.AcceptStoreRollback", Outcome: "ok", Caller: keywardd(),
-			Detail: fmt.Sprintf("the operator started keywardd with -accept-store-rollback: it serves a store at write %d where the audit log recorded write %d; every change recorded after that point in this log is undone", st.Writes(), acked)}
+			Detail: fmt.Sprintf("the operator accepted a store behind the audit log: it was at write %d where the audit log recorded write %d; every change recorded after that point in this log is undone; the store's count is now %d", had, acked, st.Writes())}
 		if err := al.Append(ctx, rec); err != nil {
 			st.Close()
 			return nil, err
 		}
+		log.Warn("serving a store older than the audit log, as the operator accepted: redo what the audit log records after the store's time", "store_writes", had, "audit_log_writes", acked)
 	}
 	return st, nil
+}
+
+// The files an operator puts in the data directory to say, for the next
+// start only, what -accept-store-rollback and -accept-unsealed-store say
+// (under systemd, where a flag is awkward to give once); keywardd removes
+// them once the store is open.
+const (
+	AcceptRollbackFile = "accept-store-rollback"
+	AcceptUnsealedFile = "accept-unsealed-store"
+)
+
+// marker reports whether dir/name exists.
+func marker(dir, name string) bool {
+	_, err := os.Lstat(filepath.Join(dir, name))
+	return err == nil
 }
 
 // DeriveStoreKey derives the key that authenticates the store's records
@@ -533,10 +576,6 @@ func loadPolicy(path string) (*policy.Policy, error) {
 	return p, nil
 }
 
-// steadyLooks is how many looks in a row on a steady clock deletions wait
-// for, after keywardd starts and after the clock jumps.
-const steadyLooks = 3
-
 // maintainKeys deletes keys whose deletion date passed, every few minutes
 // (every). Each deletion is audited before it happens; one that cannot be
 // audited waits. A deletion cannot be undone, so it waits until the clock
@@ -545,26 +584,19 @@ const steadyLooks = 3
 func maintainKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *slog.Logger, clock *clockWatch, every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
-	steady := 0
 	for {
 		due, err := km.DueForDeletion()
 		if err != nil {
 			log.Error("listing keys past their deletion date failed", "error", err.Error())
 		}
-		if jump := clock.jumped(); jump != 0 {
-			log.Warn("the clock jumped: keys past their deletion date wait until it has been steady for a while", "jump", jump.String(), "looks", steadyLooks, "every", every.String())
-			steady = 0
-		} else if steady < steadyLooks {
-			steady++
-		}
-		if steady < steadyLooks {
+		if !clock.steady(log, "keys past their deletion date") {
 			due = nil
 		}
 		for _, name := range due {
 			rec := audit.Record{Time: clock.wall().UTC(), Op: "keywardd.DeleteKey", Key: name, Outcome: "ok",
 				Caller: keywardd(),
 				Detail: "its deletion date passed: destroying every version in the HSM"}
-			if err := al.Append(ctx, rec); err != nil {
+			if err := al.AppendBefore(ctx, rec); err != nil {
 				log.Error("not deleting a key: its deletion cannot be audited", "key", name, "error", err.Error())
 				continue
 			}

@@ -64,7 +64,7 @@ func newScheduler(cfg *Config, st *store.Store, km *keys.Manager, cm *credential
 		Before: func(ctx context.Context, s schedule.Subject, e schedule.Entry) error {
 			detail := fmt.Sprintf("rotation policy %s (every %v), last rotated %s, due %s", s.Policy.Name, s.Policy.Every,
 				s.Last.UTC().Format(time.RFC3339), e.Due.Format(time.RFC3339))
-			if err := al.Append(ctx, record(s, "ok", detail)); err != nil {
+			if err := al.AppendBefore(ctx, record(s, "ok", detail)); err != nil {
 				return fmt.Errorf("not running the scheduled %s of %s %s: it cannot be audited: %w", s.Action, s.Kind, s.ID, err)
 			}
 			return nil
@@ -84,15 +84,21 @@ func newScheduler(cfg *Config, st *store.Store, km *keys.Manager, cm *credential
 
 // clockWatch tells whether keywardd's clock jumped between two looks: moved
 // by more than a minute more or less than real time (the monotonic clock)
-// did. Acts that cannot be undone wait for a look on a steady clock.
+// did. Acts that cannot be undone wait until it has been steady for
+// steadyLooks looks in a row (after a start, too).
 type clockWatch struct {
 	wall     func() time.Time
 	lastWall time.Time
 	lastMono time.Time
+	looks    int // steady looks in a row
 }
 
+// steadyLooks is how many looks in a row on a steady clock irreversible
+// acts wait for, after keywardd starts and after the clock jumps.
+const steadyLooks = 3
+
 func newClockWatch(wall func() time.Time) *clockWatch {
-	return &clockWatch{wall: wall, lastWall: wall(), lastMono: time.Now()}
+	return &clockWatch{wall: wall, lastWall: wall().Round(0), lastMono: time.Now()}
 }
 
 // maxDrift is how far the clock may move apart from real time between two
@@ -100,13 +106,27 @@ func newClockWatch(wall func() time.Time) *clockWatch {
 const maxDrift = time.Minute
 
 // jumped returns how far the clock moved apart from real time since the
-// last call (0 if less than maxDrift).
+// last call (0 if less than maxDrift). The wall reading is stripped of its
+// monotonic one (Round(0)): between two time.Now readings Sub would use
+// the monotonic clock alone and never see a jump.
 func (c *clockWatch) jumped() time.Duration {
-	wall, mono := c.wall(), time.Now()
+	wall, mono := c.wall().Round(0), time.Now()
 	d := wall.Sub(c.lastWall) - mono.Sub(c.lastMono)
 	c.lastWall, c.lastMono = wall, mono
 	if d.Abs() < maxDrift {
 		return 0
 	}
 	return d
+}
+
+// steady looks at the clock and says whether it has now been steady for
+// steadyLooks looks in a row; a jump is logged, saying what waits (what).
+func (c *clockWatch) steady(log *slog.Logger, what string) bool {
+	if jump := c.jumped(); jump != 0 {
+		log.Warn("the clock jumped: "+what+" wait until it has been steady for a while", "jump", jump.String(), "looks", steadyLooks)
+		c.looks = 0
+		return false
+	}
+	c.looks = min(c.looks+1, steadyLooks)
+	return c.looks >= steadyLooks
 }

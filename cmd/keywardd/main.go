@@ -40,6 +40,7 @@ func run() int {
 	dev := flag.Bool("dev", false, "try keyward: a throw-away SoftHSM2 token, data directory and permissive policy in a temporary directory")
 	devDir := flag.String("dev-dir", "", "with -dev: use (and keep) this directory instead of a temporary one")
 	acceptRollback := flag.Bool("accept-store-rollback", false, "serve a store older than the last write the audit log records (a backup restored on purpose; audited): see docs/operations.md, \"Restoring the store\"")
+	acceptUnsealed := flag.Bool("accept-unsealed-store", false, "seal a store of an old schema although this HSM token's keyward-store key shows a sealed store was there before (an old backup put back on purpose; audited): see docs/operations.md, \"Restoring the store\"")
 	showVersion := flag.Bool("version", false, "print the version and exit")
 	if err := flag.CommandLine.Parse(os.Args[1:]); errors.Is(err, flag.ErrHelp) {
 		return daemon.ExitOK
@@ -69,7 +70,7 @@ func run() int {
 	var (
 		cfg  *daemon.Config
 		err  error
-		opts = daemon.Options{Log: log, Reload: reload, Version: version, AcceptStoreRollback: *acceptRollback}
+		opts = daemon.Options{Log: log, Reload: reload, Version: version, AcceptStoreRollback: *acceptRollback, AcceptUnsealedStore: *acceptUnsealed}
 	)
 	if *dev {
 		dir := *devDir

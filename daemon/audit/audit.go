@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -143,7 +144,12 @@ type Log struct {
 	size   int64  // the file's length after the last write that reached the disk
 	broken error  // set when a write failed, until a retry succeeds: Append fails meanwhile
 	outage outage // what happened while broken
-	closed bool
+
+	closed atomic.Bool
+
+	lateMu sync.Mutex // guards late and lost
+	late   []Record   // records of calls done but answered UNAVAILABLE, to write as soon as the log can
+	lost   int        // such records past maxLate
 
 	storeWrites     uint64                        // the last line's, when the log was opened
 	storeWritesFunc atomic.Pointer[func() uint64] // the store's count, once it is open
@@ -153,16 +159,15 @@ type Log struct {
 	notify atomic.Pointer[func()]
 }
 
-// outage is what the log keeps while it cannot be written.
+// outage is when and why the log could not be written.
 type outage struct {
 	since time.Time
 	cause string
-	late  []Record // records of calls that were done, to write when it can
-	lost  int      // late records past maxLate
 }
 
 type request struct {
 	rec  Record
+	keep bool // the call was done: if its record cannot be written now, it is kept and written late
 	done chan error
 }
 
@@ -229,8 +234,9 @@ func (l *Log) resume() (torn int64, err error) {
 	}
 	torn = int64(len(buf) - end - 1) // a crash in the middle of a write, never acknowledged
 	var last line
+	var lines [][]byte
 	if end >= 0 {
-		lines := bytes.Split(buf[:end], []byte("\n"))
+		lines = bytes.Split(buf[:end], []byte("\n"))
 		if err := json.Unmarshal(lines[len(lines)-1], &last); err != nil || len(last.Hash) != 64 {
 			return 0, fmt.Errorf("%w: the last line of %s does not parse; run keyward audit verify on it", ErrDamaged, l.f.Name())
 		}
@@ -256,7 +262,47 @@ func (l *Log) resume() (torn int64, err error) {
 	if json.Unmarshal(last.Body, &body) == nil {
 		l.storeWrites = body.StoreWrites
 	}
+	// The last line is anyone's to write (the chain's hashes are not
+	// keyed); the last checkpoint's count is MACed. The store must not be
+	// behind either.
+	cp, err := l.lastCheckpoint(lines)
+	if err != nil {
+		return 0, err
+	}
+	l.storeWrites = max(l.storeWrites, cp)
 	return torn, nil
+}
+
+// lastCheckpoint returns the store's write count of the last checkpoint
+// among lines (the log's tail), after checking its MAC with the HSM, and
+// 0 if there is none with a count. A checkpoint whose MAC is wrong is
+// ErrDamaged.
+func (l *Log) lastCheckpoint(lines [][]byte) (uint64, error) {
+	for i := len(lines) - 1; i >= 0; i-- {
+		var ln line
+		if json.Unmarshal(lines[i], &ln) != nil || ln.Kind != "checkpoint" {
+			continue
+		}
+		var cp checkpoint
+		if json.Unmarshal(ln.Body, &cp) != nil || cp.StoreWrites == nil {
+			return 0, nil
+		}
+		prev, err1 := hex.DecodeString(ln.Prev)
+		got, err2 := hex.DecodeString(cp.MAC)
+		id, err3 := parseKeyLabel(cp.Key)
+		if err1 != nil || err2 != nil || err3 != nil || len(prev) != 32 || id.Name != KeyName {
+			return 0, fmt.Errorf("%w: the last checkpoint of %s (line %d) is malformed; run keyward audit verify on it", ErrDamaged, l.f.Name(), ln.Seq)
+		}
+		want, err := l.mac.HMACSHA256(context.Background(), id, macInput([32]byte(prev), ln.Seq, cp.StoreWrites))
+		if err != nil {
+			return 0, fmt.Errorf("audit: checking the last checkpoint of %s: %w", l.f.Name(), err)
+		}
+		if !hmac.Equal(got, want) {
+			return 0, fmt.Errorf("%w: the MAC of the last checkpoint of %s (line %d) is wrong: the log was rewritten, or it was written with another HSM token; run keyward audit verify on it", ErrDamaged, l.f.Name(), ln.Seq)
+		}
+		return *cp.StoreWrites, nil
+	}
+	return 0, nil
 }
 
 // StoreWrites is the store's write count the log's last line recorded when
@@ -284,40 +330,53 @@ func (l *Log) changed() {
 	}
 }
 
-// Append writes r and returns once it is on disk. If the log cannot be
-// written it returns ErrUnavailable at once, and keeps doing so until a
-// retry (every RetryEvery) writes again: no call may succeed unaudited. A
-// record refused so is kept and written late, once the log can be written
-// again, since the call it records was done.
-func (l *Log) Append(ctx context.Context, r Record) error {
-	req := &request{rec: r, done: make(chan error, 1)}
+// Append writes the record of a call that was done, and returns once it
+// is on disk. If the log cannot be written (or does not answer before ctx
+// ends) it returns ErrUnavailable at once, and keeps doing so until a
+// retry (every RetryEvery) writes again: no call may succeed unaudited. The
+// record is then kept and written late, since the call it records was
+// done.
+func (l *Log) Append(ctx context.Context, r Record) error { return l.append(ctx, r, true) }
+
+// AppendBefore writes the record of an act about to be done, which is not
+// done unless AppendBefore succeeds: a record it cannot write is not kept.
+func (l *Log) AppendBefore(ctx context.Context, r Record) error { return l.append(ctx, r, false) }
+
+func (l *Log) append(ctx context.Context, r Record, keep bool) error {
+	req := &request{rec: r, keep: keep, done: make(chan error, 1)}
 	l.sendMu.RLock()
-	l.mu.Lock()
-	closed, broken := l.closed, l.broken
-	if broken != nil && !closed {
-		l.keepLate(r)
-	}
-	l.mu.Unlock()
-	switch {
-	case closed:
+	if l.closed.Load() {
 		l.sendMu.RUnlock()
 		return fmt.Errorf("%w: it is closed", ErrUnavailable)
-	case broken != nil:
-		l.sendMu.RUnlock()
-		return broken
 	}
+	if err := l.Err(); err != nil {
+		l.sendMu.RUnlock()
+		if keep {
+			l.keepLate(r)
+		}
+		return err
+	}
+	// A place in the queue first, even if ctx has ended meanwhile.
 	select {
 	case l.reqs <- req:
-		l.sendMu.RUnlock()
-	case <-ctx.Done():
-		l.sendMu.RUnlock()
-		return fmt.Errorf("%w: %v", ErrUnavailable, ctx.Err())
+	default:
+		select {
+		case l.reqs <- req:
+		case <-ctx.Done():
+			l.sendMu.RUnlock()
+			if keep {
+				l.keepLate(r)
+			}
+			return fmt.Errorf("%w: %v", ErrUnavailable, ctx.Err())
+		}
 	}
+	l.sendMu.RUnlock()
 	select {
 	case err := <-req.done:
 		return err
 	case <-ctx.Done():
-		// The record may still be written; the call fails all the same.
+		// The record is queued and will be written; the call fails all
+		// the same (more on record than answered is the safe side).
 		return fmt.Errorf("%w: %v", ErrUnavailable, ctx.Err())
 	}
 }
@@ -363,17 +422,24 @@ func (l *Log) writer() {
 	}
 }
 
-// flush writes batch (and a checkpoint if due or forced) and answers it.
+// flush writes batch (and a checkpoint if due or forced) and answers it;
+// records kept late while the log did not answer in time go first.
 func (l *Log) flush(batch []*request, forceCheckpoint bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	err := l.broken
 	if err == nil {
-		recs := make([]Record, len(batch))
-		for i, r := range batch {
-			recs[i] = r.rec
+		late, lost := l.takeLate()
+		var recs []Record
+		if len(late) > 0 || lost > 0 {
+			recs = append(recs, lateRecord(l.opt.Now(), "the audit log did not answer in time", late, lost))
+			recs = append(recs, late...)
+		}
+		for _, r := range batch {
+			recs = append(recs, r.rec)
 		}
 		if err = l.write(recs, forceCheckpoint); err != nil {
+			l.putBackLate(late, lost)
 			// The cause without the file's path: callers' answers carry it.
 			cause := "the disk refused the write"
 			var errno syscall.Errno
@@ -389,7 +455,9 @@ func (l *Log) flush(batch []*request, forceCheckpoint bool) {
 	}
 	if err != nil {
 		for _, r := range batch {
-			l.keepLate(r.rec)
+			if r.keep {
+				l.keepLate(r.rec)
+			}
 		}
 	}
 	for _, r := range batch {
@@ -399,11 +467,50 @@ func (l *Log) flush(batch []*request, forceCheckpoint bool) {
 
 // keepLate keeps the record of a call the log could not record in time.
 func (l *Log) keepLate(r Record) {
-	if len(l.outage.late) < maxLate {
-		l.outage.late = append(l.outage.late, r)
+	l.lateMu.Lock()
+	defer l.lateMu.Unlock()
+	if len(l.late) < maxLate {
+		l.late = append(l.late, r)
 	} else {
-		l.outage.lost++
+		l.lost++
 	}
+}
+
+// takeLate takes the records kept late, in order.
+func (l *Log) takeLate() ([]Record, int) {
+	l.lateMu.Lock()
+	defer l.lateMu.Unlock()
+	late, lost := l.late, l.lost
+	l.late, l.lost = nil, 0
+	return late, lost
+}
+
+// putBackLate puts back records taken that could not be written, before
+// any kept since.
+func (l *Log) putBackLate(late []Record, lost int) {
+	l.lateMu.Lock()
+	defer l.lateMu.Unlock()
+	l.late = append(late, l.late...)
+	if over := len(l.late) - maxLate; over > 0 {
+		l.late, lost = l.late[:maxLate], lost+over
+	}
+	l.lost += lost
+}
+
+// lateRecord is the record that comes before records written late.
+func lateRecord(now time.Time, why string, late []Record, lost int) Record {
+	detail := why
+	if len(late) > 0 {
+		detail += fmt.Sprintf("; the %d records that follow are of calls that were done but answered UNAVAILABLE, written late", len(late))
+	}
+	if lost > 0 {
+		detail += fmt.Sprintf("; %d more such records were not kept", lost)
+	}
+	op := "audit.late"
+	if strings.HasPrefix(why, "the audit log could not be written") {
+		op = "audit.outage"
+	}
+	return Record{Time: now.UTC(), Op: op, Outcome: "ok", Detail: detail}
 }
 
 // retry tries to write again after a failed write: it cuts whatever the
@@ -420,15 +527,11 @@ func (l *Log) retry() {
 		return
 	}
 	o := l.outage
-	detail := fmt.Sprintf("the audit log could not be written from %s until now (%s): keywardd refused every call meanwhile", o.since.UTC().Format(time.RFC3339Nano), o.cause)
-	if len(o.late) > 0 {
-		detail += fmt.Sprintf("; the %d records that follow are of calls that were done but answered UNAVAILABLE, written late", len(o.late))
-	}
-	if o.lost > 0 {
-		detail += fmt.Sprintf("; %d more such records were not kept", o.lost)
-	}
-	recs := append([]Record{{Time: l.opt.Now().UTC(), Op: "audit.outage", Outcome: "ok", Detail: detail}}, o.late...)
+	late, lost := l.takeLate()
+	why := fmt.Sprintf("the audit log could not be written from %s until now (%s): keywardd refused every call meanwhile", o.since.UTC().Format(time.RFC3339Nano), o.cause)
+	recs := append([]Record{lateRecord(l.opt.Now(), why, late, lost)}, late...)
 	if err := l.write(recs, true); err != nil {
+		l.putBackLate(late, lost)
 		return
 	}
 	l.broken, l.outage = nil, outage{}
@@ -553,15 +656,13 @@ func (l *Log) CheckpointErr() error {
 	return nil
 }
 
-// Close writes a last checkpoint and closes the file.
+// Close writes a last checkpoint and closes the file. If the log still
+// cannot be written, the records kept late are lost, and Close says how
+// many.
 func (l *Log) Close() error {
-	l.mu.Lock()
-	if l.closed {
-		l.mu.Unlock()
+	if l.closed.Swap(true) {
 		return nil
 	}
-	l.closed = true
-	l.mu.Unlock()
 	l.sendMu.Lock()
 	close(l.reqs)
 	l.sendMu.Unlock()
@@ -570,6 +671,10 @@ func (l *Log) Close() error {
 	defer l.mu.Unlock()
 	err := l.f.Close()
 	if l.broken != nil {
+		late, lost := l.takeLate()
+		if n := len(late) + lost; n > 0 {
+			return fmt.Errorf("%w; the records of %d calls that were done could not be written and are lost", l.broken, n)
+		}
 		return l.broken
 	}
 	return err

@@ -500,3 +500,140 @@ func TestDamagedEnd(t *testing.T) {
 		})
 	}
 }
+
+// TestForgedLastLine: a line appended by someone without the HSM key (the
+// chain's hashes are not keyed) that records no store count does not lower
+// the count the log vouches for: the last checkpoint's, MACed, holds.
+func TestForgedLastLine(t *testing.T) {
+	h := macHSM(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, _ := Open(path, h, macKey, Options{})
+	l.SetStoreWrites(func() uint64 { return 500 })
+	for i := range 3 {
+		l.Append(context.Background(), rec(i))
+	}
+	l.Close()
+	b, _ := os.ReadFile(path)
+	lines := bytes.Split(bytes.TrimSuffix(b, []byte("\n")), []byte("\n"))
+	var last line
+	json.Unmarshal(lines[len(lines)-1], &last)
+	prev, _ := hex.DecodeString(last.Hash)
+	body, _ := json.Marshal(Record{Op: "KeyService.GetKey", Outcome: "ok"})
+	hash := lineHash([32]byte(prev), last.Seq+1, "record", body)
+	forged, _ := json.Marshal(line{Seq: last.Seq + 1, Prev: last.Hash, Kind: "record", Body: body, Hash: hex.EncodeToString(hash[:])})
+	f, _ := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	f.Write(append(forged, '\n'))
+	f.Close()
+	l, err := Open(path, h, macKey, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if got := l.StoreWrites(); got != 500 {
+		t.Fatalf("after a forged last line the log vouches for write %d, want 500", got)
+	}
+}
+
+// TestForgedCheckpointRefused: a last checkpoint whose MAC is wrong (its
+// count edited, its line's hash made anew) stops Open with ErrDamaged.
+func TestForgedCheckpointRefused(t *testing.T) {
+	h := macHSM(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, _ := Open(path, h, macKey, Options{})
+	l.SetStoreWrites(func() uint64 { return 7 })
+	l.Append(context.Background(), rec(0))
+	l.Close()
+	b, _ := os.ReadFile(path)
+	lines := bytes.Split(bytes.TrimSuffix(b, []byte("\n")), []byte("\n"))
+	var last line
+	json.Unmarshal(lines[len(lines)-1], &last)
+	last.Body = bytes.Replace(last.Body, []byte(`"store_writes":7`), []byte(`"store_writes":1`), 1)
+	prev, _ := hex.DecodeString(last.Prev)
+	hash := lineHash([32]byte(prev), last.Seq, last.Kind, last.Body)
+	last.Hash = hex.EncodeToString(hash[:])
+	lines[len(lines)-1], _ = json.Marshal(last)
+	os.WriteFile(path, append(bytes.Join(lines, []byte("\n")), '\n'), 0o600)
+	if _, err := Open(path, h, macKey, Options{}); !errors.Is(err, ErrDamaged) {
+		t.Fatalf("a forged checkpoint: %v", err)
+	}
+}
+
+// TestBeforeRecordsNotKeptLate: while the log cannot be written, the
+// record of a call that was done (Append) is kept and written after the
+// outage; that of an act refused because it could not be audited first
+// (AppendBefore) is not, since the act was not done.
+func TestBeforeRecordsNotKeptLate(t *testing.T) {
+	h := macHSM(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, _ := Open(path, h, macKey, Options{RetryEvery: 20 * time.Millisecond})
+	changes := make(chan struct{}, 10)
+	l.SetNotify(func() { changes <- struct{}{} })
+	ctx := context.Background()
+	l.Append(ctx, rec(0))
+	l.mu.Lock()
+	good := l.f
+	ro, _ := os.Open(path)
+	l.f = ro
+	l.mu.Unlock()
+	l.Append(ctx, rec(1))
+	<-changes
+	if err := l.AppendBefore(ctx, Record{Op: "keywardd.DeleteKey", Key: "orders", Outcome: "ok"}); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("AppendBefore during the outage: %v", err)
+	}
+	l.Append(ctx, rec(2))
+	l.mu.Lock()
+	l.f = good
+	ro.Close()
+	l.mu.Unlock()
+	<-changes
+	l.Close()
+	f, _ := os.Open(path)
+	defer f.Close()
+	var ops []string
+	Records(f, func(r Record) error { ops = append(ops, r.Op); return nil })
+	if got := strings.Join(ops, " "); got != "EnvelopeService.Decrypt audit.outage EnvelopeService.Decrypt EnvelopeService.Decrypt" {
+		t.Fatalf("on record: %s", got)
+	}
+}
+
+// TestStallKeepsRecords: a disk that stalls past the calls' audit deadline
+// (the writer holds the log through a stuck fsync) loses no record of a
+// call that was done: each is written, in the queue or late.
+func TestStallKeepsRecords(t *testing.T) {
+	h := macHSM(t)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, _ := Open(path, h, macKey, Options{CheckpointInterval: 20 * time.Millisecond})
+	l.mu.Lock()    // as the writer holds it through a stuck fsync
+	const n = 1200 // more than the queue holds
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+			defer cancel()
+			r := rec(i)
+			r.Op = "APIKeyService.RevokeAPIKey"
+			errs <- l.Append(ctx, r)
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	l.mu.Unlock()
+	for range n {
+		<-errs
+	}
+	l.Close()
+	f, _ := os.Open(path)
+	defer f.Close()
+	written := 0
+	Records(f, func(r Record) error {
+		if r.Op == "APIKeyService.RevokeAPIKey" {
+			written++
+		}
+		return nil
+	})
+	if written != n {
+		t.Fatalf("%d calls done, %d on record", n, written)
+	}
+	if rep := verify(t, path, h); rep.BadLine != 0 {
+		t.Fatalf("%+v", rep)
+	}
+}

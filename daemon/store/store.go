@@ -140,6 +140,8 @@ type Store struct {
 	digest digest     // of the records as committed
 	writes atomic.Uint64
 
+	accepted *uint64 // the write count of a store served behind the audit log (AcceptRollback)
+
 	failed   atomic.Pointer[Problem] // set when a record read at run time did not verify
 	onDamage atomic.Pointer[func(detail string)]
 }
@@ -351,12 +353,22 @@ func (s *Store) load(rep fileReport, o Options) error {
 			return err
 		}
 	}
-	if s.writes.Load() < o.Acknowledged {
+	if had := s.writes.Load(); had < o.Acknowledged {
 		// Accepted: the write count moves past the acknowledged one, so
 		// that the store this one replaces, were it put back, is behind.
+		s.accepted = &had
 		return s.bump(o.Acknowledged + 1)
 	}
 	return nil
+}
+
+// AcceptedRollback says whether Open served a store behind the audit log
+// because AcceptRollback said so, and the write count the store had.
+func (s *Store) AcceptedRollback() (had uint64, ok bool) {
+	if s.accepted == nil {
+		return 0, false
+	}
+	return *s.accepted, true
 }
 
 // bump sets the write count to writes, in a write of its own.
@@ -493,6 +505,38 @@ func (s *Store) sealLegacy(from int) error {
 	return nil
 }
 
+// Sealed says whether the store at path is sealed (schema 7 or later),
+// without its key: whether it needs the HSM's keyward-store key to be
+// read. A missing or empty file is not sealed; a damaged one is an error.
+func Sealed(path string, lockTimeout time.Duration) (bool, error) {
+	if lockTimeout <= 0 {
+		lockTimeout = time.Second
+	}
+	if fi, err := os.Stat(path); err != nil || fi.Size() == 0 {
+		return false, nil
+	}
+	if _, err := checkPath(path, lockTimeout); err != nil {
+		return false, refusal(path, err)
+	}
+	var sealed bool
+	err := guard(func() error {
+		db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: lockTimeout})
+		if err != nil {
+			return err
+		}
+		defer db.Close()
+		return db.View(func(tx *bolt.Tx) error {
+			meta := tx.Bucket([]byte(metaBucket))
+			sealed = meta != nil && meta.Get([]byte(integrityKey)) != nil
+			return nil
+		})
+	})
+	if errors.Is(err, bolterrors.ErrTimeout) {
+		return false, inUse(path)
+	}
+	return sealed, err
+}
+
 // Close closes the file.
 func (s *Store) Close() error { return s.db.Close() }
 
@@ -504,8 +548,11 @@ func (s *Store) Path() string { return s.path }
 func (s *Store) Writes() uint64 { return s.writes.Load() }
 
 // Err says why the store stopped serving (a record read at run time did not
-// verify), or nil.
+// verify), or nil. A nil Store has none.
 func (s *Store) Err() error {
+	if s == nil {
+		return nil
+	}
 	if p := s.failed.Load(); p != nil {
 		return p
 	}

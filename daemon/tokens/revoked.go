@@ -33,29 +33,20 @@ type Revoked struct {
 // clock that had run ahead, corrected) brings no revoked token back.
 const ClockMargin = 24 * time.Hour
 
-// LoadRevoked reads the revocations that have not run out yet by the clock
-// now, and removes from the store those that have.
+// LoadRevoked reads every revocation in the store. It removes none: Sweep
+// does, on a clock keywardd has seen steady (at start it has seen none).
 func LoadRevoked(s Store, now func() time.Time) (*Revoked, error) {
 	r := &Revoked{store: s, now: now, until: map[string]time.Time{}}
-	var gone []string
-	at := now()
 	err := s.ForEach(store.BucketRevokedTokens, "", func(jti string, rec []byte) error {
+		until := time.Unix(0, 0) // unreadable: swept at once
 		if len(rec) == 8 {
-			if until := time.Unix(int64(binary.BigEndian.Uint64(rec)), 0); until.Add(ClockMargin).After(at) {
-				r.until[jti] = until
-				return nil
-			}
+			until = time.Unix(int64(binary.BigEndian.Uint64(rec)), 0)
 		}
-		gone = append(gone, jti)
+		r.until[jti] = until
 		return nil
 	})
 	if err != nil {
 		return nil, err
-	}
-	for _, jti := range gone {
-		if err := s.Update(store.BucketRevokedTokens, jti, func([]byte) ([]byte, error) { return nil, nil }); err != nil {
-			return nil, err
-		}
 	}
 	return r, nil
 }
