@@ -10,8 +10,19 @@
 // (extractable, imported or derived, a second purpose, a public half that is
 // not its private half's) is refused with ErrWeakKey, and two objects with one
 // label are refused with ErrAmbiguous. Only private objects are looked at, so
-// a process without the PIN cannot plant anything keyward would use. Resolved handles are cached per login, so no
-// object search (tens of milliseconds on a full token) sits on a hot path.
+// a process without the PIN cannot plant anything keyward would use.
+//
+// Every keyward key on the token is read and checked in one pass when the
+// package connects (at Open and after each reconnect), before any call
+// runs; keys it creates are added as they are made. A key the cache lacks
+// is not on the token, so no use of a key, first or not, existing or not,
+// searches the token: a search reads every object (milliseconds at a few
+// hundred), and a first use that searched would tell anyone timing
+// refused decryptions which key versions exist. So keyward must be the only
+// maker of objects under its labels ("keyward/..."): one made by another
+// PIN holder while keyward runs is seen at the next start or reconnect. A
+// cached handle that fails (the object was destroyed or replaced) is looked
+// up by label again.
 //
 // keyward is the only user of the PKCS#11 library in its process (one HSM
 // per library): after a re-initialization old handles can name new sessions

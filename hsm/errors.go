@@ -73,7 +73,7 @@ const (
 	classInput         // the call failed on its input; the session is fine
 	classSession       // the session's state is in doubt: close it; the call is not repeated
 	classBroken        // this session is lost or stuck: discard it, check the login, retry on another
-	classHandle        // cached object handles are stale: drop the cache, retry
+	classHandle        // a cached key handle is stale: look the key up again, retry
 	classToken         // the token, the login or the library state is gone: reconnect
 )
 

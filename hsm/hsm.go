@@ -40,7 +40,11 @@ type HSM struct {
 	since   time.Time                       // when the current connection was made
 
 	keysMu sync.RWMutex
-	keys   map[keyRef]*keyEntry // resolved key handles of the current login
+	keys   map[keyRef]*keyEntry // keyward's keys on the token, checked, for the current login
+	// complete: keys holds every keyward key on the token (loadKeys ran on
+	// this connection), so a key it lacks is not there. False between a
+	// lost connection and the next.
+	complete bool
 
 	createMu sync.Mutex // creating keys one at a time keeps the exists check true
 }
@@ -126,7 +130,9 @@ func (h *HSM) Close() error {
 	return nil
 }
 
-// connectLocked finds the token, opens the anchor session and logs in.
+// connectLocked finds the token, opens the anchor session, logs in and
+// loads every keyward key on the token (loadKeys) before any call runs on
+// the connection. If the token refuses the PIN, it records that as fatal.
 func (h *HSM) connectLocked() error {
 	ctx := h.mod.ctx
 	slots, err := ctx.GetSlotList(true)
@@ -178,7 +184,8 @@ func (h *HSM) connectLocked() error {
 	case t.Flags&pkcs11.CKF_TOKEN_INITIALIZED == 0 || t.Flags&pkcs11.CKF_USER_PIN_INITIALIZED == 0:
 		return &Error{Op: "open", Err: ErrTokenNotFound, Detail: fmt.Sprintf("token %q is not initialized or has no user PIN", t.Label)}
 	case t.Flags&pkcs11.CKF_USER_PIN_LOCKED != 0:
-		return &Error{Op: "login", Err: ErrPINLocked, Detail: hint(ErrPINLocked)}
+		h.fatal = &Error{Op: "login", Err: ErrPINLocked, Detail: hint(ErrPINLocked)}
+		return h.fatal
 	}
 	anchor, err := h.openLocked(t.Slot)
 	if err != nil {
@@ -187,17 +194,39 @@ func (h *HSM) connectLocked() error {
 	err = ctx.Login(anchor.h, pkcs11.CKU_USER, h.set.pin.pin)
 	if err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
 		h.closeLocked(anchor)
-		return opError("login", "", err, "")
+		err = opError("login", "", err, "")
+		if errors.Is(err, ErrPINIncorrect) || errors.Is(err, ErrPINLocked) {
+			h.fatal = err // never retried: each try brings the token closer to locking the PIN
+		}
+		return err
 	}
 	h.token = t
-	h.anchor = anchor
-	h.since = time.Now()
 	h.softHSM.Store(t.Manufacturer == "SoftHSM project")
+	// The keys are loaded on a session of the pool, which then serves
+	// calls like any other.
+	s, err := h.openLocked(t.Slot)
+	if err != nil {
+		h.closeLocked(anchor)
+		return opError("open", "", err, fmt.Sprintf("opening a session on token %q failed", t.Label))
+	}
+	start := time.Now()
+	keys, err := h.loadKeys(s.h)
+	if o := h.observe.Load(); o != nil {
+		(*o)("load keys", time.Since(start), err)
+	}
+	if err != nil {
+		h.closeLocked(s)
+		h.closeLocked(anchor)
+		return opError("load keys", "", err, "reading keyward's keys on the token failed")
+	}
+	h.anchor = anchor
+	h.idle = append(h.idle, s)
+	h.since = time.Now()
 	// Operations of the lost connection may have cached handles after it was
-	// given up; they have all ended now (readyLocked waits), so this clears
-	// the last of them.
+	// given up; they have all ended now (readyLocked waits), so this
+	// replaces the last of them.
 	h.keysMu.Lock()
-	h.keys = map[keyRef]*keyEntry{}
+	h.keys, h.complete = keys, true
 	h.keysMu.Unlock()
 	return nil
 }
@@ -251,7 +280,7 @@ func (h *HSM) dropSessionsLocked() {
 	h.anchor = session{}
 	h.gen++
 	h.keysMu.Lock()
-	h.keys = map[keyRef]*keyEntry{}
+	h.keys, h.complete = map[keyRef]*keyEntry{}, false
 	h.keysMu.Unlock()
 }
 
@@ -266,14 +295,13 @@ func (h *HSM) breakLocked(cause error) {
 // unavailable describes a lost token for the operations that find it so.
 func unavailable(cause error) error {
 	e := &Error{Err: ErrTokenUnavailable, Detail: hint(ErrTokenUnavailable)}
-	var inner *Error
-	switch {
-	case errors.Is(cause, ErrTokenUnavailable):
-	case errors.As(cause, &inner):
-		e.Detail = "reconnecting failed: " + strings.TrimPrefix(inner.Error(), "hsm: ")
-		return e
-	}
 	errors.As(cause, &e.Code)
+	var inner *Error
+	if !errors.Is(cause, ErrTokenUnavailable) && errors.As(cause, &inner) {
+		in := *inner
+		in.Code = 0 // e says it
+		e.Detail = "reconnecting failed: " + strings.TrimPrefix(in.Error(), "hsm: ")
+	}
 	return e
 }
 
@@ -305,9 +333,8 @@ func (h *HSM) readyLocked() error {
 		}
 	}
 	if err := h.connectLocked(); err != nil {
-		if errors.Is(err, ErrPINIncorrect) || errors.Is(err, ErrPINLocked) {
-			h.fatal = err // never retried: each try brings the token closer to locking the PIN
-			return err
+		if h.fatal != nil {
+			return h.fatal // the token refused the PIN
 		}
 		h.broken = unavailable(err)
 		h.nextTry = now.Add(h.set.reconnect)
@@ -369,9 +396,9 @@ func (h *HSM) acquire(ctx context.Context) (session, error) {
 
 // release returns a session after an operation and says what the
 // operation's error means: a lost token is recorded, a doubtful or broken
-// session is closed and never pooled again, stale key handles are dropped.
-// After a broken session it asks the token whether the login held
-// (checkLocked); if not, it says classToken.
+// session is closed and never pooled again. After a broken session it asks
+// the token whether the login held (checkLocked); if not, it says
+// classToken.
 func (h *HSM) release(s session, err error) class {
 	c := classify(err)
 	h.mu.Lock()
@@ -390,17 +417,21 @@ func (h *HSM) release(s session, err error) class {
 	case c == classSession || h.closed.Load() || len(h.idle) >= cap(h.sem):
 		h.closeLocked(s)
 	default:
-		if c == classHandle {
-			h.keysMu.Lock()
-			h.keys = map[keyRef]*keyEntry{}
-			h.keysMu.Unlock()
-		}
+		// A stale key handle (classHandle) is for withKey to look up again;
+		// the session is fine.
 		h.idle = append(h.idle, s)
 	}
 	h.mu.Unlock()
 	<-h.sem
 	return c
 }
+
+// checkTries is how many times keyward tries a read of the keys at connect
+// after a doubtful answer (again). A token that fails a share p of its
+// calls at random fails all of them with p^checkTries: once in a million
+// at 1 %. A device that is really gone fails them all, and costs two quick
+// calls more.
+const checkTries = 3
 
 // checkLocked is called when one session broke (lost, stuck, or a device
 // error on it). It asks the token, on the anchor session that no operation
