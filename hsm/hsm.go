@@ -345,10 +345,12 @@ func (h *HSM) readyLocked() error {
 }
 
 // acquire takes a session of the current generation, waiting for a free
-// one at most the session wait time.
-func (h *HSM) acquire(ctx context.Context) (session, error) {
+// one at most the session wait time. If no session could be opened, it says
+// what that means as release does: classBroken if only that try failed (the
+// token says the login held), classToken if the connection was given up.
+func (h *HSM) acquire(ctx context.Context) (session, class, error) {
 	if h.closed.Load() {
-		return session{}, ErrClosed
+		return session{}, classInput, ErrClosed
 	}
 	select {
 	case h.sem <- struct{}{}:
@@ -358,40 +360,43 @@ func (h *HSM) acquire(ctx context.Context) (session, error) {
 		select {
 		case h.sem <- struct{}{}:
 		case <-ctx.Done():
-			return session{}, ctx.Err()
+			return session{}, classInput, ctx.Err()
 		case <-t.C:
-			return session{}, &Error{Op: "session", Err: ErrBusy, Detail: fmt.Sprintf("all %d sessions stayed busy for %s; raise the session pool size or lower the load", cap(h.sem), h.set.wait)}
+			return session{}, classInput, &Error{Op: "session", Err: ErrBusy, Detail: fmt.Sprintf("all %d sessions stayed busy for %s; raise the session pool size or lower the load", cap(h.sem), h.set.wait)}
 		}
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.closed.Load() {
 		<-h.sem
-		return session{}, ErrClosed
+		return session{}, classInput, ErrClosed
 	}
 	if err := h.readyLocked(); err != nil {
 		<-h.sem
-		return session{}, err
+		return session{}, classInput, err
 	}
 	if n := len(h.idle); n > 0 {
 		s := h.idle[n-1]
 		h.idle = h.idle[:n-1]
 		h.inUse++
-		return s, nil
+		return s, classOK, nil
 	}
 	s, err := h.openLocked(h.token.Slot)
 	if err != nil {
-		switch classify(err) {
+		c := classify(err)
+		switch c {
 		case classToken:
 			h.breakLocked(err)
 		case classBroken:
-			h.checkLocked()
+			if h.checkLocked() {
+				c = classToken
+			}
 		}
 		<-h.sem
-		return session{}, err
+		return session{}, c, err
 	}
 	h.inUse++
-	return s, nil
+	return s, classOK, nil
 }
 
 // release returns a session after an operation and says what the
@@ -426,11 +431,12 @@ func (h *HSM) release(s session, err error) class {
 	return c
 }
 
-// checkTries is how many times keyward tries a read of the keys at connect
-// after a doubtful answer (again). A token that fails a share p of its
+// checkTries is how many times keyward asks before it acts on a doubtful
+// answer: whether the login held after a session broke (checkLocked), or a
+// read of the keys at connect (again). A token that fails a share p of its
 // calls at random fails all of them with p^checkTries: once in a million
-// at 1 %. A device that is really gone fails them all, and costs two quick
-// calls more.
+// at 1 %. A device that is really gone fails them all, and costs two
+// quick calls more.
 const checkTries = 3
 
 // checkLocked is called when one session broke (lost, stuck, or a device
@@ -440,38 +446,52 @@ const checkTries = 3
 //
 //   - the anchor is fine and logged in: only that session was lost, and
 //     the connection stays (false);
-//   - the token says the login, the anchor, the token or the library state
-//     is gone: the connection is given up and the next call reconnects at
-//     once, as after any token loss;
-//   - the anchor fails too and does not say why (a device error): the
-//     device itself is in doubt. The connection is given up, but the next
-//     reconnect comes no sooner than the reconnect interval after the last
-//     one, so a device that fails every call costs one login per interval,
-//     not one per call; calls in between fail at once.
+//   - the token says the login, the token or the library state is gone
+//     (a logged-out state, CKR_USER_NOT_LOGGED_IN, CKR_TOKEN_NOT_PRESENT,
+//     CKR_CRYPTOKI_NOT_INITIALIZED, ...): the connection is given up and
+//     the next call reconnects at once, as after any token loss;
+//   - the anchor fails without saying that (a device error, its handle
+//     reported invalid or closed): one such answer may be the device's
+//     passing fault, so keyward asks again, up to checkTries times, and
+//     acts on the first clear answer. If every answer fails, the
+//     connection is given up. An anchor whose handle stays invalid or
+//     closed is gone, as after a token reset, and the next call
+//     reconnects at once; a device that keeps failing is in doubt, and
+//     the next reconnect comes no sooner than the reconnect interval after
+//     the last one, so a device that fails every call costs one login per
+//     interval, not one per call; calls in between fail at once.
 func (h *HSM) checkLocked() bool {
 	if h.broken != nil || h.fatal != nil {
 		return true
 	}
-	info, err := h.mod.ctx.GetSessionInfo(h.anchor.h)
-	switch {
-	case err == nil && info.State == pkcs11.CKS_RW_USER_FUNCTIONS:
-		return false
-	case err == nil:
-		h.breakLocked(pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN))
-	case classify(err) == classToken || errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID)) || errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_CLOSED)):
-		h.breakLocked(err)
-	default:
-		h.breakLocked(err)
+	var err error
+	for range checkTries {
+		var info pkcs11.SessionInfo
+		info, err = h.mod.ctx.GetSessionInfo(h.anchor.h)
+		switch {
+		case err == nil && info.State == pkcs11.CKS_RW_USER_FUNCTIONS:
+			return false
+		case err == nil:
+			h.breakLocked(pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN))
+			return true
+		case classify(err) == classToken:
+			h.breakLocked(err)
+			return true
+		}
+	}
+	h.breakLocked(err)
+	if !errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID)) && !errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_CLOSED)) {
 		h.nextTry = h.since.Add(h.set.reconnect)
 	}
 	return true
 }
 
-// do runs fn on a pooled session. If the session broke, it runs fn once
-// more on another session; if the token went away or the cached handles
-// went stale, it reconnects and runs fn once more. So a lost session or a
-// token reset costs callers one slower call, not an error. fn must be safe
-// to repeat.
+// do runs fn on a pooled session. If the session broke, or no session
+// could be opened, it runs fn once more on another session; if the token
+// went away, it reconnects and runs fn once more; if a key's handle went
+// stale, withKey looks the key up again on the second run. So a lost
+// session or a token reset costs callers one slower call, not an error. fn
+// must be safe to repeat.
 func (h *HSM) do(ctx context.Context, op, key string, fn func(s pkcs11.SessionHandle) error) error {
 	return h.attempt(ctx, op, key, 2, fn)
 }
@@ -489,12 +509,12 @@ func (h *HSM) attempt(ctx context.Context, op, key string, tries int, fn func(s 
 		defer func() { (*o)(op, time.Since(start), err) }()
 	}
 	for range tries {
-		var s session
-		if s, err = h.acquire(ctx); err != nil {
-			break
+		s, c, aerr := h.acquire(ctx)
+		if err = aerr; err == nil {
+			err = fn(s.h)
+			c = h.release(s, err)
 		}
-		err = fn(s.h)
-		if c := h.release(s, err); c != classBroken && c != classToken && c != classHandle {
+		if c != classBroken && c != classToken && c != classHandle {
 			break
 		}
 	}

@@ -699,7 +699,7 @@ func TestAmbiguousToken(t *testing.T) {
 func TestPoolBusyAndClose(t *testing.T) {
 	h, _ := openToken(t, func(c *Config) { c.Sessions = 1; c.SessionWait = 50e6 })
 	ctx := context.Background()
-	s, err := h.acquire(ctx)
+	s, _, err := h.acquire(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -275,7 +275,7 @@ func TestNoSessionLeak(t *testing.T) {
 	for range 20 {
 		var held []session
 		for range pool {
-			s, err := h.acquire(ctx)
+			s, _, err := h.acquire(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -95,24 +95,8 @@ func TestSessionFaultsAtRate(t *testing.T) {
 			if faults == 0 {
 				t.Fatal("no fault was injected: the test shows nothing")
 			}
-			for _, err := range errs {
-				if !errors.Is(err, pkcs11.Error(tc.code)) {
-					t.Errorf("%v: want the injected %s or success", err, ckrName(tc.code))
-				}
-			}
-			// A call fails only if its first try and its retry both met a
-			// fault, so failures take two faults each...
 			calls := 3 * callers * rounds
-			if uint64(2*len(errs)) > faults {
-				t.Errorf("%d of %d calls failed with %d faults injected; with a retry on another session each failure takes two faults", len(errs), calls, faults)
-			}
-			// ...and as faults fall independently, a share r of the tries
-			// meets one and about calls·r² calls fail. Every fault ends one
-			// try, so there were calls + faults - failures tries.
-			r := float64(faults) / float64(uint64(calls)+faults-uint64(len(errs)))
-			if limit := poissonLimit(float64(calls) * r * r); len(errs) > limit {
-				t.Errorf("%d of %d calls failed; with %.1f %% of tries meeting a fault, a retry on another session leaves at most %d failures", len(errs), calls, 100*r, limit)
-			}
+			checkRetried(t, errs, tc.code, calls, faults)
 			delta := func(name string) uint64 { return after[name].OK - before[name].OK }
 			if n := after["C_Login"].Calls; n != 1 {
 				t.Errorf("C_Login called %d times; a lost session must not log in again", n)
@@ -129,6 +113,28 @@ func TestSessionFaultsAtRate(t *testing.T) {
 				3*callers*rounds, faults, len(errs), delta("C_OpenSession"), after["C_Login"].Calls)
 			exercise(t, h, 1)
 		})
+	}
+}
+
+// checkRetried checks the failures of calls that ran with faults falling
+// at random on their tries (faults of them ended a try): each failure is
+// the injected code, and it took both tries of its call to meet a fault.
+// So failures take two faults each, and, as faults fall independently, a
+// share r of the tries meets one and about calls·r² calls fail. Every fault
+// ends one try, so there were calls + faults - failures tries.
+func checkRetried(t *testing.T, errs []error, code pkcs11.Error, calls int, faults uint64) {
+	t.Helper()
+	for _, err := range errs {
+		if !errors.Is(err, code) {
+			t.Errorf("%v: want the injected %s or success", err, ckrName(code))
+		}
+	}
+	if uint64(2*len(errs)) > faults {
+		t.Errorf("%d of %d calls failed with %d faults on their tries; with a retry on another session each failure takes two", len(errs), calls, faults)
+	}
+	r := float64(faults) / float64(uint64(calls)+faults-uint64(len(errs)))
+	if limit := poissonLimit(float64(calls) * r * r); len(errs) > limit {
+		t.Errorf("%d of %d calls failed; with %.1f %% of tries meeting a fault, a retry on another session leaves at most %d failures", len(errs), calls, 100*r, limit)
 	}
 }
 
@@ -184,6 +190,85 @@ func TestDeviceErrorAnchorFine(t *testing.T) {
 			if open := after["C_OpenSession"].OK - after["C_CloseSession"].OK; open > 4+1 {
 				t.Errorf("%d sessions left open; the pool holds 4 and the anchor 1", open)
 			}
+		})
+	}
+}
+
+// TestDeviceErrorsOnEveryCall: the scenario. 1 % of every call
+// keyward makes fails, the anchor's checks, opening and closing sessions
+// and the work alike. A check that meets a fault asks again, up to
+// checkTries times, and acts only on a clear answer, so one fault on the
+// check no longer gives the connection up: keyward discards only the
+// sessions that failed, never logs in again (a check fails all its answers
+// with p³, once in 10⁶ checks at 1 %: about 10⁻⁴ for this test's few
+// hundred), and a call fails only when both its tries meet a fault.
+// TestCheckAsksAgain shows a fault on a check alone.
+func TestDeviceErrorsOnEveryCall(t *testing.T) {
+	const pool, callers, rounds = 4, 8, 400
+	for _, tc := range []struct {
+		name string
+		code pkcs11.Error
+	}{
+		{"device error", pkcs11.CKR_DEVICE_ERROR},
+		{"session handle invalid", pkcs11.CKR_SESSION_HANDLE_INVALID},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, f := faultToken(t, func(c *Config) { c.Sessions = pool })
+			exercise(t, h, 0)
+			before := f.Counts()
+			f.Set("seed 7", fmt.Sprintf("* 0x%X 1%%", uint(tc.code)))
+			errs := work(h, callers, rounds)
+			f.Set()
+			after := f.Counts()
+
+			delta := func(name string, n func(softhsmtest.Count) uint64) uint64 { return n(after[name]) - n(before[name]) }
+			faulted := func(c softhsmtest.Count) uint64 { return c.Injected }
+			// A fault ends the try it hits when it hits the work or the
+			// opening of the try's session; one on a check is asked again,
+			// one on closing a session changes nothing for the call.
+			tryFaults := injected(after) - injected(before) + delta("C_OpenSession", faulted)
+			if tryFaults == 0 {
+				t.Fatal("no fault hit a try: the test shows nothing")
+			}
+			calls := 3 * callers * rounds
+			checkRetried(t, errs, tc.code, calls, tryFaults)
+			if n := after["C_Login"].Calls; n != 1 {
+				t.Errorf("C_Login called %d times; a fault on a check must not give the connection up", n)
+			}
+			// A close that failed leaves its session to the token.
+			if open := after["C_OpenSession"].OK - after["C_CloseSession"].OK; open > pool+1+delta("C_CloseSession", faulted) {
+				t.Errorf("%d sessions left open; the pool holds %d, the anchor 1, and %d closes failed", open, pool, delta("C_CloseSession", faulted))
+			}
+			t.Logf("%d calls, %d faults (%d on tries, %d on checks), %d calls failed, %d logins",
+				calls, delta("C_GetSessionInfo", faulted)+tryFaults+delta("C_CloseSession", faulted), tryFaults, delta("C_GetSessionInfo", faulted), len(errs), after["C_Login"].Calls)
+			exercise(t, h, 1)
+		})
+	}
+}
+
+// TestCheckAsksAgain: after a session breaks, one failed answer of the
+// anchor (a device error, or its handle said invalid) may be the device's
+// passing fault: keyward asks again, and a clear answer that the login held
+// keeps the connection. The call succeeds on its retry; nobody logs in.
+func TestCheckAsksAgain(t *testing.T) {
+	for _, code := range []pkcs11.Error{pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_SESSION_HANDLE_INVALID} {
+		t.Run(ckrName(code), func(t *testing.T) {
+			h, f := faultToken(t)
+			exercise(t, h, 0)
+			before := f.Counts()
+			f.Set(fmt.Sprintf("C_Encrypt 0x%X once", uint(code)), fmt.Sprintf("C_GetSessionInfo 0x%X once", uint(code)))
+			if _, _, err := h.Encrypt(context.Background(), KeyID{"kek", 1}, []byte("x"), nil); err != nil {
+				t.Fatalf("encrypt: %v; the retry should have run on another session", err)
+			}
+			after := f.Counts()
+			if n := after["C_GetSessionInfo"].Calls - before["C_GetSessionInfo"].Calls; n != 2 {
+				t.Errorf("the check asked %d times; want twice: the failed answer, then the clear one", n)
+			}
+			if n := after["C_Login"].Calls - before["C_Login"].Calls; n != 0 {
+				t.Errorf("%d logins; the anchor said the login held", n)
+			}
+			f.Set()
+			exercise(t, h, 1)
 		})
 	}
 }
