@@ -30,18 +30,22 @@
 //
 // Sessions come from a bounded pool (Config.Sessions) with a wait timeout. A
 // session that fails is closed, not reused. When one session breaks (lost,
-// stuck, or a device error on it), the package asks the token on the anchor
-// session, which holds the login and runs no operations, whether the login
-// held, and asks again (three times in all) while the answer is a failure
-// that may be the device's passing fault: if the login held, only that
-// session is gone and the call runs once more on another; no other session
-// is touched and nobody logs in. When the token, the login or the library
-// state is lost, the package drops every session and handle and reconnects
-// on the next call, which is then retried once; if the anchor fails every
-// answer (a device error), it reconnects at most once per
-// Config.ReconnectInterval. A wrong or locked PIN is never retried, and key
-// creation and removal never run twice. PKCS#11 return codes are translated
-// in one place (errors.go) to this package's sentinel errors.
+// stuck, or a device error on it), or a call on it says the login or the
+// token is gone, the package asks the token on the anchor session, which
+// holds the login and runs no operations, whether the login held, and asks
+// again (three times in all) while the answer is a failure that may be the
+// device's passing fault. If the login held, only that session is gone and
+// the call runs once more on another; no other session is touched and
+// nobody logs in. When the anchor says the token, the login or the library
+// state is lost, or fails every answer, the package drops every session and
+// handle and reconnects, and the call is retried once. It reconnects at
+// once only after a connection that served a call; a connection lost before
+// it served one, or a reconnect that failed, is tried again no sooner than
+// Config.ReconnectInterval later, so a token that refuses every call costs
+// one login per interval, not one per call. A wrong or locked PIN is never
+// retried, and key creation and removal never run twice. PKCS#11 return
+// codes are translated in one place (errors.go) to this package's sentinel
+// errors.
 //
 // Why miekg/pkcs11 and not crypto11: crypto11 is the usual Go layer above
 // PKCS#11, and keyward's tests use it as an independent client to check that

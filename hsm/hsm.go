@@ -38,6 +38,7 @@ type HSM struct {
 	fatal   error                           // what no reconnect can fix: a wrong or locked PIN
 	nextTry time.Time                       // earliest next reconnect attempt
 	since   time.Time                       // when the current connection was made
+	proven  bool                            // an operation succeeded on the current connection
 
 	keysMu sync.RWMutex
 	keys   map[keyRef]*keyEntry // keyward's keys on the token, checked, for the current login
@@ -222,6 +223,7 @@ func (h *HSM) connectLocked() error {
 	h.anchor = anchor
 	h.idle = append(h.idle, s)
 	h.since = time.Now()
+	h.proven = false
 	// Operations of the lost connection may have cached handles after it was
 	// given up; they have all ended now (readyLocked waits), so this
 	// replaces the last of them.
@@ -284,12 +286,22 @@ func (h *HSM) dropSessionsLocked() {
 	h.keysMu.Unlock()
 }
 
-// breakLocked records that the token went away. The next operation tries to
-// reconnect at once; later ones no more often than the reconnect interval.
+// breakLocked records that the connection is lost and says when to try the
+// next. A connection that served an operation is tried again at once, so a
+// token reset or a lost login costs callers one slower call. One that was
+// lost before it served any (the token refuses every call, or says the
+// login is gone right after keyward logged in) did not help: the next try
+// comes no sooner than the reconnect interval after it was made, and calls
+// in between fail at once. So every login either served an operation or
+// came an interval after the one before: a token that refuses every call
+// costs one login per interval, never one per call.
 func (h *HSM) breakLocked(cause error) {
 	h.dropSessionsLocked()
 	h.broken = unavailable(cause)
 	h.nextTry = time.Time{}
+	if !h.proven {
+		h.nextTry = h.since.Add(h.set.reconnect)
+	}
 }
 
 // unavailable describes a lost token for the operations that find it so.
@@ -384,13 +396,8 @@ func (h *HSM) acquire(ctx context.Context) (session, class, error) {
 	s, err := h.openLocked(h.token.Slot)
 	if err != nil {
 		c := classify(err)
-		switch c {
-		case classToken:
-			h.breakLocked(err)
-		case classBroken:
-			if h.checkLocked() {
-				c = classToken
-			}
+		if c == classBroken || c == classToken {
+			c = h.judgeLocked()
 		}
 		<-h.sem
 		return session{}, c, err
@@ -400,25 +407,22 @@ func (h *HSM) acquire(ctx context.Context) (session, class, error) {
 }
 
 // release returns a session after an operation and says what the
-// operation's error means: a lost token is recorded, a doubtful or broken
-// session is closed and never pooled again. After a broken session it asks
-// the token whether the login held (checkLocked); if not, it says
-// classToken.
+// operation's error means: a doubtful or broken session is closed and never
+// pooled again, and a session that broke or says the token or the login is
+// gone is judged by the anchor (judgeLocked).
 func (h *HSM) release(s session, err error) class {
 	c := classify(err)
 	h.mu.Lock()
 	h.inUse--
+	if s.gen == h.gen && (c == classOK || c == classInput) {
+		h.proven = true
+	}
 	switch {
 	case s.gen != h.gen:
 		h.closeLocked(s) // its connection was given up
-	case c == classToken:
-		h.breakLocked(err)
+	case c == classBroken || c == classToken:
 		h.closeLocked(s)
-	case c == classBroken:
-		h.closeLocked(s)
-		if h.checkLocked() {
-			c = classToken
-		}
+		c = h.judgeLocked()
 	case c == classSession || h.closed.Load() || len(h.idle) >= cap(h.sem):
 		h.closeLocked(s)
 	default:
@@ -431,6 +435,20 @@ func (h *HSM) release(s session, err error) class {
 	return c
 }
 
+// judgeLocked is what an operation's session failure means, when the
+// session broke or the call said the token, the login or the library state
+// is gone: the anchor is asked (checkLocked), and only if it agrees is the
+// connection given up (classToken); otherwise only that session was lost
+// (classBroken), and the call runs again on another. An operation's word
+// alone never costs a login: a token that refuses one kind of call while
+// the anchor holds the login would cost one per call.
+func (h *HSM) judgeLocked() class {
+	if h.checkLocked() {
+		return classToken
+	}
+	return classBroken
+}
+
 // checkTries is how many times keyward asks before it acts on a doubtful
 // answer: whether the login held after a session broke (checkLocked), or a
 // read of the keys at connect (again). A token that fails a share p of its
@@ -440,26 +458,22 @@ func (h *HSM) release(s session, err error) class {
 const checkTries = 3
 
 // checkLocked is called when one session broke (lost, stuck, or a device
-// error on it). It asks the token, on the anchor session that no operation
-// uses, whether the login survived, and returns whether the connection was
-// given up:
+// error on it), or a call on it said the token or the login is gone. It
+// asks the token, on the anchor session that no operation uses, whether the
+// login survived, and returns whether the connection was given up:
 //
 //   - the anchor is fine and logged in: only that session was lost, and
 //     the connection stays (false);
 //   - the token says the login, the token or the library state is gone
 //     (a logged-out state, CKR_USER_NOT_LOGGED_IN, CKR_TOKEN_NOT_PRESENT,
-//     CKR_CRYPTOKI_NOT_INITIALIZED, ...): the connection is given up and
-//     the next call reconnects at once, as after any token loss;
+//     CKR_CRYPTOKI_NOT_INITIALIZED, ...): the connection is given up;
 //   - the anchor fails without saying that (a device error, its handle
 //     reported invalid or closed): one such answer may be the device's
 //     passing fault, so keyward asks again, up to checkTries times, and
-//     acts on the first clear answer. If every answer fails, the
-//     connection is given up. An anchor whose handle stays invalid or
-//     closed is gone, as after a token reset, and the next call
-//     reconnects at once; a device that keeps failing is in doubt, and
-//     the next reconnect comes no sooner than the reconnect interval after
-//     the last one, so a device that fails every call costs one login per
-//     interval, not one per call; calls in between fail at once.
+//     acts on the first clear answer. Only if every answer fails is the
+//     connection given up.
+//
+// When the next reconnect comes is breakLocked's rule.
 func (h *HSM) checkLocked() bool {
 	if h.broken != nil || h.fatal != nil {
 		return true
@@ -480,18 +494,15 @@ func (h *HSM) checkLocked() bool {
 		}
 	}
 	h.breakLocked(err)
-	if !errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID)) && !errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_CLOSED)) {
-		h.nextTry = h.since.Add(h.set.reconnect)
-	}
 	return true
 }
 
 // do runs fn on a pooled session. If the session broke, or no session
 // could be opened, it runs fn once more on another session; if the token
-// went away, it reconnects and runs fn once more; if a key's handle went
-// stale, withKey looks the key up again on the second run. So a lost
-// session or a token reset costs callers one slower call, not an error. fn
-// must be safe to repeat.
+// went away, it reconnects (when breakLocked allows) and runs fn once more;
+// if a key's handle went stale, withKey looks the key up again on the
+// second run. So a lost session or a token reset costs callers one slower
+// call, not an error. fn must be safe to repeat.
 func (h *HSM) do(ctx context.Context, op, key string, fn func(s pkcs11.SessionHandle) error) error {
 	return h.attempt(ctx, op, key, 2, fn)
 }

@@ -152,18 +152,25 @@ func poissonLimit(λ float64) int {
 	return k
 }
 
-// TestDeviceErrorAnchorFine: while the token answers on the anchor session
-// and says the login holds, device errors on work calls, or on opening the
-// replacement session, fail only the calls they hit: keyward never logs in
-// again and opens at most one replacement session per try.
-func TestDeviceErrorAnchorFine(t *testing.T) {
+// TestWorkErrorsAnchorFine: while the token answers on the anchor session
+// and says the login holds, errors on work calls, or on opening the
+// replacement session, fail only the calls they hit, even errors that say
+// the login or the token is gone: keyward never logs in again and opens at
+// most one replacement session per try.
+func TestWorkErrorsAnchorFine(t *testing.T) {
 	const calls = 20
 	for _, tc := range []struct {
 		name  string
+		code  pkcs11.Error
 		rules []string
 	}{
-		{"every encryption fails", []string{"C_Encrypt 0x30"}},
-		{"no session can be opened", []string{"C_EncryptInit 0x30 once", "C_OpenSession 0x30"}},
+		{"every encryption fails", pkcs11.CKR_DEVICE_ERROR, []string{"C_Encrypt 0x30"}},
+		{"no session can be opened", pkcs11.CKR_DEVICE_ERROR, []string{"C_EncryptInit 0x30 once", "C_OpenSession 0x30"}},
+		{"every encryption says the user is not logged in", pkcs11.CKR_USER_NOT_LOGGED_IN, []string{"C_Encrypt 0x101"}},
+		{"every encryption says the PIN expired", pkcs11.CKR_PIN_EXPIRED, []string{"C_Encrypt 0xA3"}},
+		{"every encryption says the PIN is locked", pkcs11.CKR_PIN_LOCKED, []string{"C_Encrypt 0xA4"}},
+		{"every encryption says the token is not present", pkcs11.CKR_TOKEN_NOT_PRESENT, []string{"C_Encrypt 0xE0"}},
+		{"no session can be opened, the token not present", pkcs11.CKR_TOKEN_NOT_PRESENT, []string{"C_EncryptInit 0xE0 once", "C_OpenSession 0xE0"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h, f := faultToken(t, func(c *Config) { c.Sessions = 4 })
@@ -172,8 +179,8 @@ func TestDeviceErrorAnchorFine(t *testing.T) {
 			for i := range calls {
 				f.Set(tc.rules...)
 				_, _, err := h.Encrypt(context.Background(), KeyID{"kek", 1}, []byte("x"), nil)
-				if !errors.Is(err, ErrTokenUnavailable) || !errors.Is(err, pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)) {
-					t.Fatalf("call %d: %v, want ErrTokenUnavailable with CKR_DEVICE_ERROR", i, err)
+				if !errors.Is(err, pkcs11.Error(tc.code)) {
+					t.Fatalf("call %d: %v, want an error with %s", i, err, ckrName(tc.code))
 				}
 				f.Set()
 				exercise(t, h, i) // the connection still works
@@ -273,39 +280,136 @@ func TestCheckAsksAgain(t *testing.T) {
 	}
 }
 
-// TestDeviceErrorStorm: when the device fails every call, the anchor's too,
-// keyward gives the connection up and reconnects at most once per reconnect
-// interval, failing fast in between; it does not log in once per call.
-func TestDeviceErrorStorm(t *testing.T) {
+// TestReconnectStorms: when the anchor agrees that the login or the token
+// is gone (it says so, or fails every answer), keyward gives the connection
+// up, and a token that keeps refusing costs one login at once and then at
+// most one per reconnect interval, never one (or two: a call and its retry)
+// per call; calls in between fail at once. Here the token refuses the
+// reconnect's own check of the login too, and a reconnect that fails waits
+// the interval; TestReconnectAtOnceAfterServedCall shows a reconnect that
+// works and a connection that then serves no call. TestWorkErrorsAnchorFine
+// has the same errors with the anchor fine.
+func TestReconnectStorms(t *testing.T) {
 	const interval = 50 * time.Millisecond
-	h, f := faultToken(t, func(c *Config) { c.ReconnectInterval = interval; c.Sessions = 4 })
+	for _, tc := range []struct {
+		name  string
+		code  pkcs11.Error
+		rules []string
+	}{
+		{"user not logged in", pkcs11.CKR_USER_NOT_LOGGED_IN, []string{"C_Encrypt 0x101", "C_GetSessionInfo 0x101"}},
+		{"PIN expired", pkcs11.CKR_PIN_EXPIRED, []string{"C_Encrypt 0xA3", "C_GetSessionInfo 0xA3"}},
+		{"PIN locked", pkcs11.CKR_PIN_LOCKED, []string{"C_Encrypt 0xA4", "C_GetSessionInfo 0xA4"}},
+		{"token not present", pkcs11.CKR_TOKEN_NOT_PRESENT, []string{"C_Encrypt 0xE0", "C_GetSessionInfo 0xE0"}},
+		{"session handle invalid on the anchor too", pkcs11.CKR_SESSION_HANDLE_INVALID, []string{"C_Encrypt 0xB3", "C_GetSessionInfo 0xB3"}},
+		{"device error on the anchor too", pkcs11.CKR_DEVICE_ERROR, []string{"C_Encrypt 0x30", "C_GetSessionInfo 0x30"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, f := faultToken(t, func(c *Config) { c.ReconnectInterval = interval; c.Sessions = 4 })
+			exercise(t, h, 0)
+			before := f.Counts()
+			f.Set(tc.rules...)
+			start := time.Now()
+			calls := 0
+			for time.Since(start) < 6*interval {
+				_, _, err := h.Encrypt(context.Background(), KeyID{"kek", 1}, []byte("x"), nil)
+				if !errors.Is(err, pkcs11.Error(tc.code)) {
+					t.Fatalf("encrypt with the token refusing: %v, want an error with %s", err, ckrName(tc.code))
+				}
+				calls++
+			}
+			elapsed := time.Since(start)
+			after := f.Counts()
+			f.Set()
+			logins := after["C_Login"].Calls - before["C_Login"].Calls
+			if max := 1 + uint64(elapsed/interval); logins > max {
+				t.Errorf("%d logins in %v for %d calls; at most %d (one at once, then one per %v)", logins, elapsed, calls, max, interval)
+			}
+			// A connection opens the anchor and the session its keys are
+			// read on, which serves the next call; calls in between open none.
+			if opened := after["C_OpenSession"].Calls - before["C_OpenSession"].Calls; opened > 2*logins {
+				t.Errorf("%d sessions opened for %d logins", opened, logins)
+			}
+			t.Logf("%d calls in %v, %d logins", calls, elapsed, logins)
+			time.Sleep(interval)
+			exercise(t, h, 1)
+		})
+	}
+}
+
+// TestPINLockedAtReconnect: a PIN the token refuses when keyward reconnects
+// stops keyward for good: later calls fail with ErrPINLocked without
+// another login, even once the token would take the PIN again.
+func TestPINLockedAtReconnect(t *testing.T) {
+	const interval = 20 * time.Millisecond
+	h, f := faultToken(t, func(c *Config) { c.ReconnectInterval = interval })
 	exercise(t, h, 0)
 	before := f.Counts()
-	f.Set("C_Encrypt 0x30", "C_GetSessionInfo 0x30")
-	start := time.Now()
-	calls := 0
-	for time.Since(start) < 6*interval {
-		_, _, err := h.Encrypt(context.Background(), KeyID{"kek", 1}, []byte("x"), nil)
-		if !errors.Is(err, ErrTokenUnavailable) {
-			t.Fatalf("encrypt with the device failing: %v, want ErrTokenUnavailable", err)
-		}
-		calls++
+	f.Set("C_Encrypt 0x101", "C_GetSessionInfo 0x101", "C_Login 0xA4") // the login lost, and the PIN locked when keyward logs in again
+	ctx := context.Background()
+	if _, _, err := h.Encrypt(ctx, KeyID{"kek", 1}, []byte("x"), nil); !errors.Is(err, ErrPINLocked) {
+		t.Fatalf("encrypt: %v, want ErrPINLocked", err)
 	}
-	elapsed := time.Since(start)
-	after := f.Counts()
 	f.Set()
-	logins := after["C_Login"].Calls - before["C_Login"].Calls
-	// One reconnect may come at once (the connection is older than the
-	// interval), then at most one per interval.
-	if max := 1 + uint64(elapsed/interval); logins > max {
-		t.Errorf("%d logins in %v for %d calls; at most %d (one per %v)", logins, elapsed, calls, max, interval)
+	time.Sleep(2 * interval)
+	for range 3 {
+		if _, _, err := h.Encrypt(ctx, KeyID{"kek", 1}, []byte("x"), nil); !errors.Is(err, ErrPINLocked) {
+			t.Fatalf("encrypt after the PIN was locked: %v, want ErrPINLocked", err)
+		}
+		if err := h.Health(ctx); !errors.Is(err, ErrPINLocked) {
+			t.Fatalf("health after the PIN was locked: %v, want ErrPINLocked", err)
+		}
 	}
-	// A connection opens the anchor and, with one caller, one session
-	// before its first call fails; calls in between open none.
-	if opened := after["C_OpenSession"].Calls - before["C_OpenSession"].Calls; opened > 2*logins+1 {
-		t.Errorf("%d sessions opened for %d logins", opened, logins)
+	if logins := f.Counts()["C_Login"].Calls - before["C_Login"].Calls; logins != 1 {
+		t.Fatalf("%d logins; keyward must try a locked PIN once and never again", logins)
 	}
-	t.Logf("%d calls in %v, %d logins", calls, elapsed, logins)
+}
+
+// TestReconnectAtOnceAfterServedCall: a lost connection that had served a
+// call is reconnected at once (a token reset or a lost login costs callers
+// one slower call, however often); one lost before it served any did not
+// help, so the next try comes no sooner than the reconnect interval after
+// it was made, and calls in between fail at once without a login.
+func TestReconnectAtOnceAfterServedCall(t *testing.T) {
+	const interval = time.Second // far longer than the 20 calls that fail at once take
+	h, f := faultToken(t, func(c *Config) { c.ReconnectInterval = interval })
+	ctx := context.Background()
+	exercise(t, h, 0)
+	encrypt := func() error { _, _, err := h.Encrypt(ctx, KeyID{"kek", 1}, []byte("x"), nil); return err }
+	logins := func() int { return f.Calls("C_Login") }
+	n := logins()
+
+	// The login is lost once, the anchor says so: keyward reconnects at
+	// once, the retry works.
+	f.Set("C_Encrypt 0x101 once", "C_GetSessionInfo 0x101 once")
+	if err := encrypt(); err != nil {
+		t.Fatalf("encrypt across a lost login: %v", err)
+	}
+	if logins() != n+1 {
+		t.Fatalf("%d logins for a lost login; want 1, at once", logins()-n)
+	}
+	// The work fails again after that reconnect, which serves no call...
+	f.Set("C_Encrypt 0x101", "C_GetSessionInfo 0x101 once")
+	if err := encrypt(); !errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)) {
+		t.Fatalf("encrypt with the work refused: %v", err)
+	}
+	if logins() != n+2 {
+		t.Fatalf("%d logins; want 2", logins()-n)
+	}
+	// ...and then the anchor agrees: the connection is given up, and as it
+	// served no call, nobody logs in until the interval has passed.
+	f.Set("C_Encrypt 0x101", "C_GetSessionInfo 0x101")
+	for range 20 {
+		if err := encrypt(); !errors.Is(err, ErrTokenUnavailable) {
+			t.Fatalf("encrypt with the login lost again: %v, want ErrTokenUnavailable", err)
+		}
+	}
+	if logins() != n+2 {
+		t.Fatalf("%d logins within the interval after a connection that served no call; want none", logins()-n-2)
+	}
+	f.Set()
 	time.Sleep(interval)
 	exercise(t, h, 1)
+	if logins() != n+3 {
+		t.Fatalf("%d logins after the interval; want 1", logins()-n-2)
+	}
 }

@@ -137,7 +137,7 @@ func TestNoOracleFromColdKeys(t *testing.T) {
 	if err := h.Health(ctx); err != nil { // a call served, so the reset is met by an immediate reconnect
 		t.Fatal(err)
 	}
-	c.faults.Set("C_GetTokenInfo 0x32 once") // CKR_DEVICE_REMOVED
+	c.faults.Set("C_GetTokenInfo 0x32 once", "C_GetSessionInfo 0x32 once") // CKR_DEVICE_REMOVED, and the anchor agrees
 	if err := h.Health(ctx); err != nil {
 		t.Fatalf("health across a reconnect: %v", err)
 	}
