@@ -135,7 +135,7 @@ func TestMismatchedPublicHalf(t *testing.T) {
 		})
 		return err
 	})
-	h.forget(a)
+	reconnect(t, h)
 	if _, err := h.PublicKey(ctx, a); !errors.Is(err, ErrWeakKey) || !strings.Contains(err.Error(), "does not belong to the private half") {
 		t.Fatalf("swapped public half: %v, want ErrWeakKey", err)
 	}
@@ -169,6 +169,7 @@ func TestDerivedKeyRefused(t *testing.T) {
 		runtime.KeepAlive(data)
 		return err
 	})
+	reload(t, h)
 	_, _, err := h.Encrypt(context.Background(), id, []byte("a data key"), nil)
 	if !errors.Is(err, ErrWeakKey) || !strings.Contains(err.Error(), "CKA_LOCAL is false") {
 		t.Fatalf("derived key: %v, want ErrWeakKey naming CKA_LOCAL", err)

@@ -6,7 +6,10 @@ import (
 	"crypto/sha256"
 	"crypto/sha512"
 	"errors"
+	"flag"
 	"fmt"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 
@@ -87,8 +90,8 @@ func BenchmarkHSM(b *testing.B) {
 
 // BenchmarkFullToken shows what the handle cache saves: with 1 000 objects
 // on the token, a cached encrypt costs what it costs on an empty token,
-// while resolving a key (a FindObjects over every object) is the
-// "lookup" row.
+// while looking a key up by label (a FindObjects over every object, what a
+// stale handle costs) is the "lookup" row.
 func BenchmarkFullToken(b *testing.B) {
 	h := benchToken(b)
 	ctx := context.Background()
@@ -115,11 +118,93 @@ func BenchmarkFullToken(b *testing.B) {
 	})
 	b.Run("op=lookup/objects=1000", func(b *testing.B) {
 		benchload.Run(b, 1, func() error {
-			h.forget(kek)
+			stale(h, kek)
 			_, _, err := h.Encrypt(ctx, kek, make([]byte, 32), nil)
 			return err
 		})
 	})
+}
+
+// loadSizes are the numbers of keys BenchmarkLoadKeys measures at. Filling
+// a SoftHSM2 token takes longer the fuller it is (about 2 minutes to 10 000
+// keys), so 10 000 is measured only when asked: -load-keys=1000,10000.
+var loadSizes = flag.String("load-keys", "1000", "BenchmarkLoadKeys: the numbers of keys on the token, comma-separated")
+
+// BenchmarkLoadKeys measures what reading every keyward key at start and
+// at each reconnect costs (loadKeys: one search, one read of every private
+// object, the checks of each key), against looking keys up one by one
+// (lookup: a search over every object per key). The token holds keys
+// keyward made, one in ten an ECDSA P-256 pair (checked with a signature),
+// the rest AES-256 keys. "open" is all of Open: library, login and load.
+// At 10 000 keys this is keywardd's start-up with a very full token.
+func BenchmarkLoadKeys(b *testing.B) {
+	tok := softhsmtest.New(b)
+	cfg := tokenConfig(tok)
+	h, err := Open(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func() { h.Close() }()
+	ctx := context.Background()
+	made := 0
+	for _, size := range strings.Split(*loadSizes, ",") {
+		keys, err := strconv.Atoi(size)
+		if err != nil || keys < made {
+			b.Fatalf("-load-keys=%s: give increasing numbers of keys", *loadSizes)
+		}
+		err = h.do(ctx, "fill", "", func(s pkcs11.SessionHandle) error {
+			for ; made < keys; made++ {
+				alg := AES256GCM
+				if made%10 == 0 {
+					alg = ECDSAP256
+				}
+				if _, err := h.generate(s, specs[alg], KeyID{fmt.Sprint("fill-", made), 1}.label()); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Run(fmt.Sprintf("op=load/keys=%d", keys), func(b *testing.B) {
+			for b.Loop() {
+				err := h.do(ctx, "load", "", func(s pkcs11.SessionHandle) error {
+					loaded, err := h.loadKeys(s)
+					if err == nil && len(loaded) != keys {
+						err = fmt.Errorf("loaded %d keys of %d", len(loaded), keys)
+					}
+					return err
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(fmt.Sprintf("op=lookup/keys=%d", keys), func(b *testing.B) {
+			id := KeyID{"fill-1", 1}
+			for b.Loop() {
+				stale(h, id)
+				if _, _, err := h.Encrypt(ctx, id, nil, nil); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(fmt.Sprintf("op=open/keys=%d", keys), func(b *testing.B) {
+			h.Close()
+			for b.Loop() {
+				if h, err = Open(cfg); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				h.Close()
+				b.StartTimer()
+			}
+			if h, err = Open(cfg); err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
 }
 
 // BenchmarkSessionFaults compares encryption at 4 callers with no faults

@@ -10,8 +10,19 @@
 // (extractable, imported or derived, a second purpose, a public half that is
 // not its private half's) is refused with ErrWeakKey, and two objects with one
 // label are refused with ErrAmbiguous. Only private objects are looked at, so
-// a process without the PIN cannot plant anything keyward would use. Resolved handles are cached per login, so no
-// object search (tens of milliseconds on a full token) sits on a hot path.
+// a process without the PIN cannot plant anything keyward would use.
+//
+// Every keyward key on the token is read and checked in one pass when the
+// package connects (at Open and after each reconnect), before any call
+// runs; keys it creates are added as they are made. A key the cache lacks
+// is not on the token, so no use of a key, first or not, existing or not,
+// searches the token: a search reads every object (milliseconds at a few
+// hundred), and a first use that searched would tell anyone timing
+// refused decryptions which key versions exist. So keyward must be the only
+// maker of objects under its labels ("keyward/..."): one made by another
+// PIN holder while keyward runs is seen at the next start or reconnect. A
+// cached handle that fails (the object was destroyed or replaced) is looked
+// up by label again.
 //
 // keyward is the only user of the PKCS#11 library in its process (one HSM
 // per library): after a re-initialization old handles can name new sessions
@@ -19,14 +30,19 @@
 //
 // Sessions come from a bounded pool (Config.Sessions) with a wait timeout. A
 // session that fails is closed, not reused. When one session breaks (lost,
-// stuck, or a device error on it), the package asks the token on the anchor
-// session, which holds the login and runs no operations, whether the login
-// held: if so, only that session is gone and the call runs once more on
-// another; no other session is touched and nobody logs in. When the token,
-// the login or the library state is lost, the package drops every session
-// and handle and reconnects on the next call, which is then retried once; if
-// the anchor fails too without saying why (a device error), it reconnects at
-// most once per Config.ReconnectInterval. A wrong or locked PIN is never
+// stuck, or a device error on it), or a call on it says the login or the
+// token is gone, the package asks the token on the anchor session, which
+// holds the login and runs no operations, whether the login held, and asks
+// again (three times in all) while the answer is a failure that may be the
+// device's passing fault. If the login held, only that session is gone and
+// the call runs once more on another; no other session is touched and
+// nobody logs in. When the anchor says the token, the login or the library
+// state is lost, or fails every answer, the package drops every session and
+// handle and reconnects, and the call is retried once. It reconnects at
+// once only after a connection that served a call; a connection lost before
+// it served one, or a reconnect that failed, is tried again no sooner than
+// Config.ReconnectInterval later, so a token that refuses every call costs
+// one login per interval, not one per call. A wrong or locked PIN is never
 // retried, and key creation and removal never run twice. PKCS#11 return
 // codes are translated in one place (errors.go) to this package's sentinel
 // errors.

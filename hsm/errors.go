@@ -73,8 +73,8 @@ const (
 	classInput         // the call failed on its input; the session is fine
 	classSession       // the session's state is in doubt: close it; the call is not repeated
 	classBroken        // this session is lost or stuck: discard it, check the login, retry on another
-	classHandle        // cached object handles are stale: drop the cache, retry
-	classToken         // the token, the login or the library state is gone: reconnect
+	classHandle        // a cached key handle is stale: look the key up again, retry
+	classToken         // the token, the login or the library state is gone: if the anchor agrees, reconnect
 )
 
 // ckrTable maps each PKCS#11 return code keyward treats specially to the
@@ -119,6 +119,9 @@ var ckrTable = map[pkcs11.Error]struct {
 	pkcs11.CKR_SESSION_CLOSED:            {ErrTokenUnavailable, classBroken},
 	pkcs11.CKR_DEVICE_ERROR:              {ErrTokenUnavailable, classBroken},
 
+	// The token, the login or the library state is gone. From the anchor
+	// session that is the answer (HSM.checkLocked); from an operation it
+	// is asked of the anchor first, like a lost session.
 	pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED: {ErrTokenUnavailable, classToken},
 	pkcs11.CKR_USER_NOT_LOGGED_IN:       {ErrTokenUnavailable, classToken},
 	pkcs11.CKR_DEVICE_REMOVED:           {ErrTokenUnavailable, classToken},

@@ -71,19 +71,19 @@ func TestFaultOnce(t *testing.T) {
 		{"C_Sign 0x30", "CKR_DEVICE_ERROR"},
 		{"C_Encrypt 0x32", "CKR_DEVICE_REMOVED"},
 		{"C_DecryptInit 0xB3", "CKR_SESSION_HANDLE_INVALID"},
-		{"C_GetAttributeValue 0x82", "CKR_OBJECT_HANDLE_INVALID"}, // while resolving a key
+		{"C_GetAttributeValue 0x82", "CKR_OBJECT_HANDLE_INVALID"}, // while looking up a key whose handle failed
 		{"C_GenerateRandom 0x101", "CKR_USER_NOT_LOGGED_IN"},
 	} {
 		// The rule hits: while it always fires, the work fails with its code...
-		h.forget(KeyID{"kek", 1})
+		stale(h, KeyID{"kek", 1})
 		f.Set(tc.rule)
 		if err := tryAll(h, i); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Fatalf("%s always: %v, want an error with %s", tc.rule, err, tc.want)
 		}
-		// ...and when it fires once, nobody notices.
 		f.Set()
 		exercise(t, h, i)
-		h.forget(KeyID{"kek", 1})
+		// ...and when it fires once, nobody notices.
+		stale(h, KeyID{"kek", 1})
 		f.Set(tc.rule + " once")
 		exercise(t, h, i)
 	}

@@ -38,9 +38,14 @@ type HSM struct {
 	fatal   error                           // what no reconnect can fix: a wrong or locked PIN
 	nextTry time.Time                       // earliest next reconnect attempt
 	since   time.Time                       // when the current connection was made
+	proven  bool                            // an operation succeeded on the current connection
 
 	keysMu sync.RWMutex
-	keys   map[keyRef]*keyEntry // resolved key handles of the current login
+	keys   map[keyRef]*keyEntry // keyward's keys on the token, checked, for the current login
+	// complete: keys holds every keyward key on the token (loadKeys ran on
+	// this connection), so a key it lacks is not there. False between a
+	// lost connection and the next.
+	complete bool
 
 	createMu sync.Mutex // creating keys one at a time keeps the exists check true
 }
@@ -126,7 +131,9 @@ func (h *HSM) Close() error {
 	return nil
 }
 
-// connectLocked finds the token, opens the anchor session and logs in.
+// connectLocked finds the token, opens the anchor session, logs in and
+// loads every keyward key on the token (loadKeys) before any call runs on
+// the connection. If the token refuses the PIN, it records that as fatal.
 func (h *HSM) connectLocked() error {
 	ctx := h.mod.ctx
 	slots, err := ctx.GetSlotList(true)
@@ -178,7 +185,8 @@ func (h *HSM) connectLocked() error {
 	case t.Flags&pkcs11.CKF_TOKEN_INITIALIZED == 0 || t.Flags&pkcs11.CKF_USER_PIN_INITIALIZED == 0:
 		return &Error{Op: "open", Err: ErrTokenNotFound, Detail: fmt.Sprintf("token %q is not initialized or has no user PIN", t.Label)}
 	case t.Flags&pkcs11.CKF_USER_PIN_LOCKED != 0:
-		return &Error{Op: "login", Err: ErrPINLocked, Detail: hint(ErrPINLocked)}
+		h.fatal = &Error{Op: "login", Err: ErrPINLocked, Detail: hint(ErrPINLocked)}
+		return h.fatal
 	}
 	anchor, err := h.openLocked(t.Slot)
 	if err != nil {
@@ -187,17 +195,40 @@ func (h *HSM) connectLocked() error {
 	err = ctx.Login(anchor.h, pkcs11.CKU_USER, h.set.pin.pin)
 	if err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
 		h.closeLocked(anchor)
-		return opError("login", "", err, "")
+		err = opError("login", "", err, "")
+		if errors.Is(err, ErrPINIncorrect) || errors.Is(err, ErrPINLocked) {
+			h.fatal = err // never retried: each try brings the token closer to locking the PIN
+		}
+		return err
 	}
 	h.token = t
-	h.anchor = anchor
-	h.since = time.Now()
 	h.softHSM.Store(t.Manufacturer == "SoftHSM project")
+	// The keys are loaded on a session of the pool, which then serves
+	// calls like any other.
+	s, err := h.openLocked(t.Slot)
+	if err != nil {
+		h.closeLocked(anchor)
+		return opError("open", "", err, fmt.Sprintf("opening a session on token %q failed", t.Label))
+	}
+	start := time.Now()
+	keys, err := h.loadKeys(s.h)
+	if o := h.observe.Load(); o != nil {
+		(*o)("load keys", time.Since(start), err)
+	}
+	if err != nil {
+		h.closeLocked(s)
+		h.closeLocked(anchor)
+		return opError("load keys", "", err, "reading keyward's keys on the token failed")
+	}
+	h.anchor = anchor
+	h.idle = append(h.idle, s)
+	h.since = time.Now()
+	h.proven = false
 	// Operations of the lost connection may have cached handles after it was
-	// given up; they have all ended now (readyLocked waits), so this clears
-	// the last of them.
+	// given up; they have all ended now (readyLocked waits), so this
+	// replaces the last of them.
 	h.keysMu.Lock()
-	h.keys = map[keyRef]*keyEntry{}
+	h.keys, h.complete = keys, true
 	h.keysMu.Unlock()
 	return nil
 }
@@ -251,29 +282,38 @@ func (h *HSM) dropSessionsLocked() {
 	h.anchor = session{}
 	h.gen++
 	h.keysMu.Lock()
-	h.keys = map[keyRef]*keyEntry{}
+	h.keys, h.complete = map[keyRef]*keyEntry{}, false
 	h.keysMu.Unlock()
 }
 
-// breakLocked records that the token went away. The next operation tries to
-// reconnect at once; later ones no more often than the reconnect interval.
+// breakLocked records that the connection is lost and says when to try the
+// next. A connection that served an operation is tried again at once, so a
+// token reset or a lost login costs callers one slower call. One that was
+// lost before it served any (the token refuses every call, or says the
+// login is gone right after keyward logged in) did not help: the next try
+// comes no sooner than the reconnect interval after it was made, and calls
+// in between fail at once. So every login either served an operation or
+// came an interval after the one before: a token that refuses every call
+// costs one login per interval, never one per call.
 func (h *HSM) breakLocked(cause error) {
 	h.dropSessionsLocked()
 	h.broken = unavailable(cause)
 	h.nextTry = time.Time{}
+	if !h.proven {
+		h.nextTry = h.since.Add(h.set.reconnect)
+	}
 }
 
 // unavailable describes a lost token for the operations that find it so.
 func unavailable(cause error) error {
 	e := &Error{Err: ErrTokenUnavailable, Detail: hint(ErrTokenUnavailable)}
-	var inner *Error
-	switch {
-	case errors.Is(cause, ErrTokenUnavailable):
-	case errors.As(cause, &inner):
-		e.Detail = "reconnecting failed: " + strings.TrimPrefix(inner.Error(), "hsm: ")
-		return e
-	}
 	errors.As(cause, &e.Code)
+	var inner *Error
+	if !errors.Is(cause, ErrTokenUnavailable) && errors.As(cause, &inner) {
+		in := *inner
+		in.Code = 0 // e says it
+		e.Detail = "reconnecting failed: " + strings.TrimPrefix(in.Error(), "hsm: ")
+	}
 	return e
 }
 
@@ -305,9 +345,8 @@ func (h *HSM) readyLocked() error {
 		}
 	}
 	if err := h.connectLocked(); err != nil {
-		if errors.Is(err, ErrPINIncorrect) || errors.Is(err, ErrPINLocked) {
-			h.fatal = err // never retried: each try brings the token closer to locking the PIN
-			return err
+		if h.fatal != nil {
+			return h.fatal // the token refused the PIN
 		}
 		h.broken = unavailable(err)
 		h.nextTry = now.Add(h.set.reconnect)
@@ -318,10 +357,12 @@ func (h *HSM) readyLocked() error {
 }
 
 // acquire takes a session of the current generation, waiting for a free
-// one at most the session wait time.
-func (h *HSM) acquire(ctx context.Context) (session, error) {
+// one at most the session wait time. If no session could be opened, it says
+// what that means as release does: classBroken if only that try failed (the
+// token says the login held), classToken if the connection was given up.
+func (h *HSM) acquire(ctx context.Context) (session, class, error) {
 	if h.closed.Load() {
-		return session{}, ErrClosed
+		return session{}, classInput, ErrClosed
 	}
 	select {
 	case h.sem <- struct{}{}:
@@ -331,70 +372,62 @@ func (h *HSM) acquire(ctx context.Context) (session, error) {
 		select {
 		case h.sem <- struct{}{}:
 		case <-ctx.Done():
-			return session{}, ctx.Err()
+			return session{}, classInput, ctx.Err()
 		case <-t.C:
-			return session{}, &Error{Op: "session", Err: ErrBusy, Detail: fmt.Sprintf("all %d sessions stayed busy for %s; raise the session pool size or lower the load", cap(h.sem), h.set.wait)}
+			return session{}, classInput, &Error{Op: "session", Err: ErrBusy, Detail: fmt.Sprintf("all %d sessions stayed busy for %s; raise the session pool size or lower the load", cap(h.sem), h.set.wait)}
 		}
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.closed.Load() {
 		<-h.sem
-		return session{}, ErrClosed
+		return session{}, classInput, ErrClosed
 	}
 	if err := h.readyLocked(); err != nil {
 		<-h.sem
-		return session{}, err
+		return session{}, classInput, err
 	}
 	if n := len(h.idle); n > 0 {
 		s := h.idle[n-1]
 		h.idle = h.idle[:n-1]
 		h.inUse++
-		return s, nil
+		return s, classOK, nil
 	}
 	s, err := h.openLocked(h.token.Slot)
 	if err != nil {
-		switch classify(err) {
-		case classToken:
-			h.breakLocked(err)
-		case classBroken:
-			h.checkLocked()
+		c := classify(err)
+		if c == classBroken || c == classToken {
+			c = h.judgeLocked()
 		}
 		<-h.sem
-		return session{}, err
+		return session{}, c, err
 	}
 	h.inUse++
-	return s, nil
+	return s, classOK, nil
 }
 
 // release returns a session after an operation and says what the
-// operation's error means: a lost token is recorded, a doubtful or broken
-// session is closed and never pooled again, stale key handles are dropped.
-// After a broken session it asks the token whether the login held
-// (checkLocked); if not, it says classToken.
+// operation's error means: a doubtful or broken session is closed and never
+// pooled again, and a session that broke or says the token or the login is
+// gone is judged by the anchor (judgeLocked).
 func (h *HSM) release(s session, err error) class {
 	c := classify(err)
 	h.mu.Lock()
 	h.inUse--
+	if s.gen == h.gen && (c == classOK || c == classInput) {
+		h.proven = true
+	}
 	switch {
 	case s.gen != h.gen:
 		h.closeLocked(s) // its connection was given up
-	case c == classToken:
-		h.breakLocked(err)
+	case c == classBroken || c == classToken:
 		h.closeLocked(s)
-	case c == classBroken:
-		h.closeLocked(s)
-		if h.checkLocked() {
-			c = classToken
-		}
+		c = h.judgeLocked()
 	case c == classSession || h.closed.Load() || len(h.idle) >= cap(h.sem):
 		h.closeLocked(s)
 	default:
-		if c == classHandle {
-			h.keysMu.Lock()
-			h.keys = map[keyRef]*keyEntry{}
-			h.keysMu.Unlock()
-		}
+		// A stale key handle (classHandle) is for withKey to look up again;
+		// the session is fine.
 		h.idle = append(h.idle, s)
 	}
 	h.mu.Unlock()
@@ -402,45 +435,74 @@ func (h *HSM) release(s session, err error) class {
 	return c
 }
 
+// judgeLocked is what an operation's session failure means, when the
+// session broke or the call said the token, the login or the library state
+// is gone: the anchor is asked (checkLocked), and only if it agrees is the
+// connection given up (classToken); otherwise only that session was lost
+// (classBroken), and the call runs again on another. An operation's word
+// alone never costs a login: a token that refuses one kind of call while
+// the anchor holds the login would cost one per call.
+func (h *HSM) judgeLocked() class {
+	if h.checkLocked() {
+		return classToken
+	}
+	return classBroken
+}
+
+// checkTries is how many times keyward asks before it acts on a doubtful
+// answer: whether the login held after a session broke (checkLocked), or a
+// read of the keys at connect (again). A token that fails a share p of its
+// calls at random fails all of them with p^checkTries: once in a million
+// at 1 %. A device that is really gone fails them all, and costs two
+// quick calls more.
+const checkTries = 3
+
 // checkLocked is called when one session broke (lost, stuck, or a device
-// error on it). It asks the token, on the anchor session that no operation
-// uses, whether the login survived, and returns whether the connection was
-// given up:
+// error on it), or a call on it said the token or the login is gone. It
+// asks the token, on the anchor session that no operation uses, whether the
+// login survived, and returns whether the connection was given up:
 //
 //   - the anchor is fine and logged in: only that session was lost, and
 //     the connection stays (false);
-//   - the token says the login, the anchor, the token or the library state
-//     is gone: the connection is given up and the next call reconnects at
-//     once, as after any token loss;
-//   - the anchor fails too and does not say why (a device error): the
-//     device itself is in doubt. The connection is given up, but the next
-//     reconnect comes no sooner than the reconnect interval after the last
-//     one, so a device that fails every call costs one login per interval,
-//     not one per call; calls in between fail at once.
+//   - the token says the login, the token or the library state is gone
+//     (a logged-out state, CKR_USER_NOT_LOGGED_IN, CKR_TOKEN_NOT_PRESENT,
+//     CKR_CRYPTOKI_NOT_INITIALIZED, ...): the connection is given up;
+//   - the anchor fails without saying that (a device error, its handle
+//     reported invalid or closed): one such answer may be the device's
+//     passing fault, so keyward asks again, up to checkTries times, and
+//     acts on the first clear answer. Only if every answer fails is the
+//     connection given up.
+//
+// When the next reconnect comes is breakLocked's rule.
 func (h *HSM) checkLocked() bool {
 	if h.broken != nil || h.fatal != nil {
 		return true
 	}
-	info, err := h.mod.ctx.GetSessionInfo(h.anchor.h)
-	switch {
-	case err == nil && info.State == pkcs11.CKS_RW_USER_FUNCTIONS:
-		return false
-	case err == nil:
-		h.breakLocked(pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN))
-	case classify(err) == classToken || errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID)) || errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_CLOSED)):
-		h.breakLocked(err)
-	default:
-		h.breakLocked(err)
-		h.nextTry = h.since.Add(h.set.reconnect)
+	var err error
+	for range checkTries {
+		var info pkcs11.SessionInfo
+		info, err = h.mod.ctx.GetSessionInfo(h.anchor.h)
+		switch {
+		case err == nil && info.State == pkcs11.CKS_RW_USER_FUNCTIONS:
+			return false
+		case err == nil:
+			h.breakLocked(pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN))
+			return true
+		case classify(err) == classToken:
+			h.breakLocked(err)
+			return true
+		}
 	}
+	h.breakLocked(err)
 	return true
 }
 
-// do runs fn on a pooled session. If the session broke, it runs fn once
-// more on another session; if the token went away or the cached handles
-// went stale, it reconnects and runs fn once more. So a lost session or a
-// token reset costs callers one slower call, not an error. fn must be safe
-// to repeat.
+// do runs fn on a pooled session. If the session broke, or no session
+// could be opened, it runs fn once more on another session; if the token
+// went away, it reconnects (when breakLocked allows) and runs fn once more;
+// if a key's handle went stale, withKey looks the key up again on the
+// second run. So a lost session or a token reset costs callers one slower
+// call, not an error. fn must be safe to repeat.
 func (h *HSM) do(ctx context.Context, op, key string, fn func(s pkcs11.SessionHandle) error) error {
 	return h.attempt(ctx, op, key, 2, fn)
 }
@@ -458,12 +520,12 @@ func (h *HSM) attempt(ctx context.Context, op, key string, tries int, fn func(s 
 		defer func() { (*o)(op, time.Since(start), err) }()
 	}
 	for range tries {
-		var s session
-		if s, err = h.acquire(ctx); err != nil {
-			break
+		s, c, aerr := h.acquire(ctx)
+		if err = aerr; err == nil {
+			err = fn(s.h)
+			c = h.release(s, err)
 		}
-		err = fn(s.h)
-		if c := h.release(s, err); c != classBroken && c != classToken && c != classHandle {
+		if c != classBroken && c != classToken && c != classHandle {
 			break
 		}
 	}

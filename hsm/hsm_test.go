@@ -60,6 +60,31 @@ func raw(t *testing.T, h *HSM, fn func(p *pkcs11.Ctx, s pkcs11.SessionHandle) er
 	}
 }
 
+// reload loads keyward's keys from the token again, as Open and every
+// reconnect do, for tests that plant objects under keyward's labels after
+// keyward loaded them. Unlike a reconnect it keeps the sessions, so that a
+// session object planted in one of them is still there to be seen.
+func reload(t *testing.T, h *HSM) {
+	t.Helper()
+	raw(t, h, func(_ *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+		keys, err := h.loadKeys(s)
+		if err == nil {
+			h.keysMu.Lock()
+			h.keys = keys
+			h.keysMu.Unlock()
+		}
+		return err
+	})
+}
+
+// stale has keyward look the secret key id up by label at its next use, as
+// after its cached handle failed.
+func stale(h *HSM, id KeyID) {
+	h.keysMu.Lock()
+	h.keys[keyRef{id.label(), pkcs11.CKO_SECRET_KEY}] = &keyEntry{stale: true}
+	h.keysMu.Unlock()
+}
+
 func TestEncryptDecrypt(t *testing.T) {
 	h, _ := openToken(t)
 	ctx := context.Background()
@@ -290,6 +315,7 @@ func TestCrossCheckGoCrypto(t *testing.T) {
 
 	// The imported key is refused by keyward's own API: it was not made
 	// inside the token, so it may exist elsewhere.
+	reload(t, h)
 	_, _, err = h.Encrypt(context.Background(), KeyID{"imported", 1}, plaintext, nil)
 	if !errors.Is(err, ErrWeakKey) || !strings.Contains(err.Error(), "CKA_ALWAYS_SENSITIVE is false") {
 		t.Fatalf("imported key: %v, want ErrWeakKey naming CKA_ALWAYS_SENSITIVE", err)
@@ -366,7 +392,7 @@ func TestDuplicateLabels(t *testing.T) {
 		_, err := p.GenerateKey(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, tmpl)
 		return err
 	})
-	h.forget(id) // as after a restart
+	reconnect(t, h)
 	if _, _, err := h.Encrypt(ctx, id, []byte("x"), nil); !errors.Is(err, ErrAmbiguous) {
 		t.Fatalf("encrypt with two objects under one label: %v, want ErrAmbiguous", err)
 	}
@@ -431,6 +457,7 @@ func TestWeakKeysRefused(t *testing.T) {
 				_, err := p.GenerateKey(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, tmpl)
 				return err
 			})
+			reload(t, h)
 			_, _, err := h.Encrypt(ctx, id, []byte("x"), nil)
 			if !errors.Is(err, ErrWeakKey) || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("got %v; want ErrWeakKey saying %q", err, tc.want)
@@ -672,7 +699,7 @@ func TestAmbiguousToken(t *testing.T) {
 func TestPoolBusyAndClose(t *testing.T) {
 	h, _ := openToken(t, func(c *Config) { c.Sessions = 1; c.SessionWait = 50e6 })
 	ctx := context.Background()
-	s, err := h.acquire(ctx)
+	s, _, err := h.acquire(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,6 +8,7 @@ import (
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"encoding/asn1"
+	"errors"
 	"fmt"
 	"regexp"
 	"slices"
@@ -154,11 +155,15 @@ type keyRef struct {
 	class uint
 }
 
-// keyEntry is a key found, checked and cached for the current login.
+// keyEntry is a key found, checked and cached for the current login: its
+// handle, or why keyward refuses it (err), or stale when its handle failed
+// and it must be looked up by label again.
 type keyEntry struct {
 	handle pkcs11.ObjectHandle
 	alg    Algorithm
 	public crypto.PublicKey // for key pairs
+	err    error            // keyward refuses the key: weak, ambiguous, of another kind
+	stale  bool
 }
 
 // protection is what every keyward secret or private key is: on the token,
@@ -211,40 +216,9 @@ func (h *HSM) CreateKey(ctx context.Context, id KeyID, alg Algorithm) error {
 		if len(existing) > 0 {
 			return &Error{Err: ErrKeyExists, Detail: "versions are never reused; create the next version instead"}
 		}
-		naming := []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
-			pkcs11.NewAttribute(pkcs11.CKA_ID, []byte(label)),
-		}
-		var created []pkcs11.ObjectHandle
-		if sp.class == pkcs11.CKO_SECRET_KEY {
-			t := append(naming,
-				pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-				pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, sp.keyType),
-				pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, sp.bytes))
-			t = append(append(t, protection()...), usageTemplate(sp.class, sp.usage)...)
-			k, err := h.mod.ctx.GenerateKey(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(sp.genMech, nil)}, t)
-			if err != nil {
-				return err
-			}
-			created = append(created, k)
-		} else {
-			pub := append(naming[:len(naming):len(naming)],
-				pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
-				pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, sp.keyType),
-				pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, sp.params[0]),
-				pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-				pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true), // unseen, so unchangeable, without the PIN
-				pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false))
-			pub = append(pub, usageTemplate(pkcs11.CKO_PUBLIC_KEY, pkcs11.CKA_VERIFY)...)
-			priv := append(naming[:len(naming):len(naming)],
-				pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
-				pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, sp.keyType))
-			priv = append(append(priv, protection()...), usageTemplate(sp.class, sp.usage)...)
-			pk, sk, err := h.mod.ctx.GenerateKeyPair(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(sp.genMech, nil)}, pub, priv)
-			if err != nil {
-				return err
-			}
-			created = append(created, sk, pk)
+		created, err := h.generate(s, sp, label)
+		if err != nil {
+			return err
 		}
 		e, err := h.resolve(s, id, sp.class)
 		if err == nil && e.alg != alg {
@@ -259,6 +233,48 @@ func (h *HSM) CreateKey(ctx context.Context, id KeyID, alg Algorithm) error {
 		}
 		return nil
 	})
+}
+
+// generate makes a key of spec sp under label inside the token, with
+// keyward's explicit templates, and returns its objects (the private half
+// first for a pair).
+func (h *HSM) generate(s pkcs11.SessionHandle, sp spec, label string) ([]pkcs11.ObjectHandle, error) {
+	naming := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, []byte(label)),
+	}
+	var created []pkcs11.ObjectHandle
+	if sp.class == pkcs11.CKO_SECRET_KEY {
+		t := append(naming,
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, sp.keyType),
+			pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, sp.bytes))
+		t = append(append(t, protection()...), usageTemplate(sp.class, sp.usage)...)
+		k, err := h.mod.ctx.GenerateKey(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(sp.genMech, nil)}, t)
+		if err != nil {
+			return nil, err
+		}
+		created = append(created, k)
+	} else {
+		pub := append(naming[:len(naming):len(naming)],
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
+			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, sp.keyType),
+			pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, sp.params[0]),
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true), // unseen, so unchangeable, without the PIN
+			pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false))
+		pub = append(pub, usageTemplate(pkcs11.CKO_PUBLIC_KEY, pkcs11.CKA_VERIFY)...)
+		priv := append(naming[:len(naming):len(naming)],
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
+			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, sp.keyType))
+		priv = append(append(priv, protection()...), usageTemplate(sp.class, sp.usage)...)
+		pk, sk, err := h.mod.ctx.GenerateKeyPair(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(sp.genMech, nil)}, pub, priv)
+		if err != nil {
+			return nil, err
+		}
+		created = append(created, sk, pk)
+	}
+	return created, nil
 }
 
 // DestroyKey removes a key (both halves of a pair) from the token.
@@ -284,10 +300,23 @@ func (h *HSM) DestroyKey(ctx context.Context, id KeyID) error {
 	})
 }
 
+// forget drops id from the cache: it is no longer on the token.
 func (h *HSM) forget(id KeyID) {
 	h.keysMu.Lock()
 	for _, c := range []uint{pkcs11.CKO_SECRET_KEY, pkcs11.CKO_PRIVATE_KEY} {
 		delete(h.keys, keyRef{id.label(), c})
+	}
+	h.keysMu.Unlock()
+}
+
+// lookAgain marks the cached key ref stale, so that its next use looks it
+// up by label: its handle failed (CKR_KEY_HANDLE_INVALID), as when someone
+// destroyed or replaced the object. was is the entry whose handle failed;
+// an entry cached since is left alone.
+func (h *HSM) lookAgain(ref keyRef, was *keyEntry) {
+	h.keysMu.Lock()
+	if h.keys[ref] == was {
+		h.keys[ref] = &keyEntry{stale: true}
 	}
 	h.keysMu.Unlock()
 }
@@ -303,59 +332,124 @@ func ours(label string) []*pkcs11.Attribute {
 	}
 }
 
+// findBatch is how many handles one C_FindObjects asks for when a search
+// reads every match.
+const findBatch = 1024
+
 // findObjects returns up to max objects matching tmpl (pass max > 1 to
-// tell one from several).
+// tell one from several), or every match if max is 0.
 func (h *HSM) findObjects(s pkcs11.SessionHandle, tmpl []*pkcs11.Attribute, max int) ([]pkcs11.ObjectHandle, error) {
 	ctx := h.mod.ctx
 	if err := ctx.FindObjectsInit(s, tmpl); err != nil {
 		return nil, err
 	}
-	objs, _, err := ctx.FindObjects(s, max)
+	var all []pkcs11.ObjectHandle
+	var err error
+	for {
+		n := max - len(all)
+		if max == 0 {
+			n = findBatch
+		}
+		var objs []pkcs11.ObjectHandle
+		objs, _, err = ctx.FindObjects(s, n)
+		all = append(all, objs...)
+		// A token may return fewer than asked before the end; only an
+		// empty answer ends a search for every match.
+		if err != nil || max != 0 || len(objs) == 0 {
+			break
+		}
+	}
 	if ferr := ctx.FindObjectsFinal(s); err == nil {
 		err = ferr
 	}
-	return objs, err
+	return all, err
 }
 
-// key returns the checked key of id, of the given class, from the cache or
-// else from the token. A lookup reads every object on the token (tens of
-// milliseconds at a thousand objects), so it happens once per key per login.
+// key returns the checked key of id, of the given class, from the cache.
+// The cache holds every keyward key on the token (loadKeys), so a key it
+// lacks is not there, and the answer takes no search either way: a search
+// reads every object on the token (milliseconds at a few hundred), and a
+// first use that searched would tell a caller timing Decrypt that a
+// version exists. A key whose handle failed since (stale), or any key
+// while the connection is being given up, is looked up by label.
 func (h *HSM) key(s pkcs11.SessionHandle, id KeyID, class uint) (*keyEntry, error) {
 	ref := keyRef{id.label(), class}
 	h.keysMu.RLock()
-	e := h.keys[ref]
+	e, complete := h.keys[ref], h.complete
 	h.keysMu.RUnlock()
-	if e != nil {
-		return e, nil
+	switch {
+	case e == nil && complete:
+		return nil, &Error{Err: ErrKeyNotFound}
+	case e == nil || e.stale:
+		return h.resolve(s, id, class)
+	case e.err != nil:
+		return nil, e.err
 	}
-	return h.resolve(s, id, class)
+	return e, nil
 }
 
-// resolve finds the one object of id and class, checks its attributes and
-// caches it. Two objects with the same label are an error, never "take the
-// first".
+// resolve finds the objects of id and class by label, checks them
+// (checkObjects) and caches the key; a key that is gone leaves the cache.
+// keyward uses it for a key it has just made and for a stale handle.
 func (h *HSM) resolve(s pkcs11.SessionHandle, id KeyID, class uint) (*keyEntry, error) {
 	label := id.label()
-	one := func(class uint) (pkcs11.ObjectHandle, error) {
-		objs, err := h.findObjects(s, append(ours(label), pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)), 2)
-		switch {
-		case err != nil:
-			return 0, err
-		case len(objs) == 0:
-			// Private objects vanish from a session that lost its login;
-			// that is a lost login to reconnect, not a missing key.
-			if info, err := h.mod.ctx.GetSessionInfo(s); err != nil {
-				return 0, err
-			} else if info.State != pkcs11.CKS_RW_USER_FUNCTIONS {
-				return 0, pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
-			}
-			return 0, &Error{Err: ErrKeyNotFound}
-		case len(objs) > 1:
-			return 0, &Error{Err: ErrAmbiguous, Detail: fmt.Sprintf("several objects carry the label %q; remove the extra ones with the token's tools", label)}
-		}
-		return objs[0], nil
+	find := func(class uint) ([]pkcs11.ObjectHandle, error) {
+		return h.findObjects(s, append(ours(label), pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)), 2)
 	}
-	obj, err := one(class)
+	objs, err := find(class)
+	var pubs []pkcs11.ObjectHandle
+	if err == nil && len(objs) > 0 && class == pkcs11.CKO_PRIVATE_KEY {
+		pubs, err = find(pkcs11.CKO_PUBLIC_KEY)
+	}
+	if err == nil && (len(objs) == 0 || class == pkcs11.CKO_PRIVATE_KEY && len(pubs) == 0) {
+		err = h.loggedIn(s)
+	}
+	if err != nil {
+		return nil, err
+	}
+	e, err := h.checkObjects(s, label, class, objs, pubs)
+	ref := keyRef{label, class}
+	h.keysMu.Lock()
+	switch {
+	case err == nil:
+		h.keys[ref] = e
+	case len(objs) == 0:
+		delete(h.keys, ref)
+	}
+	h.keysMu.Unlock()
+	return e, err
+}
+
+// loggedIn says whether session s still holds the login: private objects
+// vanish from a session that lost it, and a search that finds none of them
+// must tell a lost login (to reconnect) from a missing key.
+func (h *HSM) loggedIn(s pkcs11.SessionHandle) error {
+	info, err := h.mod.ctx.GetSessionInfo(s)
+	switch {
+	case err != nil:
+		return err
+	case info.State != pkcs11.CKS_RW_USER_FUNCTIONS:
+		return pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
+	}
+	return nil
+}
+
+// checkObjects makes the entry of the key of class under label from the
+// objects found there: exactly one of the class, whose attributes keyward
+// checks (checkKey), and for a private key exactly one public half, of the
+// same kind, that verifies a signature of the private half (provePair).
+// Two objects with the same label are an error, never "take the first".
+func (h *HSM) checkObjects(s pkcs11.SessionHandle, label string, class uint, objs, pubs []pkcs11.ObjectHandle) (*keyEntry, error) {
+	one := func(objs []pkcs11.ObjectHandle) (pkcs11.ObjectHandle, error) {
+		switch len(objs) {
+		case 0:
+			return 0, &Error{Err: ErrKeyNotFound}
+		case 1:
+			return objs[0], nil
+		}
+		return 0, &Error{Err: ErrAmbiguous, Detail: fmt.Sprintf("several objects carry the label %q; remove the extra ones with the token's tools", label)}
+	}
+	obj, err := one(objs)
 	if err != nil {
 		return nil, err
 	}
@@ -364,7 +458,7 @@ func (h *HSM) resolve(s pkcs11.SessionHandle, id KeyID, class uint) (*keyEntry, 
 		return nil, err
 	}
 	if class == pkcs11.CKO_PRIVATE_KEY {
-		pubObj, err := one(pkcs11.CKO_PUBLIC_KEY)
+		pubObj, err := one(pubs)
 		if err != nil {
 			return nil, fmt.Errorf("public half: %w", err)
 		}
@@ -375,10 +469,121 @@ func (h *HSM) resolve(s pkcs11.SessionHandle, id KeyID, class uint) (*keyEntry, 
 			return nil, err
 		}
 	}
-	h.keysMu.Lock()
-	h.keys[keyRef{label, class}] = e
-	h.keysMu.Unlock()
 	return e, nil
+}
+
+// loadKeys reads every keyward key on the token in one pass: one search
+// for the private objects (the only ones keyward looks at, see ours), one
+// read of each one's label and class, and for each label of the form
+// "keyward/NAME/vVERSION" the checks of checkObjects. It runs at connect,
+// before any call, so that the cache is complete: a key keyward does not
+// hold is not on the token, and no lookup needs a search. A key keyward
+// refuses is cached with the reason; a key whose object vanished during
+// the load is looked up again on use. It fails only if the token does
+// (a lost login included), and the connection fails with it.
+//
+// Each step is tried again, up to checkTries times in all, after a
+// doubtful answer (again), so that a device's passing faults, which a load
+// of thousands of reads is sure to meet, do not fail the connection.
+func (h *HSM) loadKeys(s pkcs11.SessionHandle) (map[keyRef]*keyEntry, error) {
+	var objs []pkcs11.ObjectHandle
+	err := again(func() (err error) {
+		objs, err = h.findObjects(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true)}, 0)
+		return err
+	})
+	if err == nil {
+		err = again(func() error { return h.loggedIn(s) })
+	}
+	if err != nil {
+		return nil, err
+	}
+	type object struct {
+		h     pkcs11.ObjectHandle
+		class uint
+	}
+	byLabel := map[string][]object{}
+	for _, o := range objs {
+		var attrs []*pkcs11.Attribute
+		err := again(func() (err error) {
+			attrs, err = h.mod.ctx.GetAttributeValue(s, o, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
+				pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil),
+			})
+			return err
+		})
+		// An object destroyed since the search fails the load like any
+		// other error (the next connection loads again): skipping it could
+		// leave out a key that is there.
+		switch {
+		case errors.Is(err, pkcs11.Error(pkcs11.CKR_ATTRIBUTE_TYPE_INVALID)):
+			continue // not a storage object: it has no label
+		case err != nil:
+			return nil, err
+		}
+		if label := string(attrs[0].Value); isKeyLabel(label) {
+			byLabel[label] = append(byLabel[label], object{o, ulong(attrs[1].Value)})
+		}
+	}
+	keys := map[keyRef]*keyEntry{}
+	for label, found := range byLabel {
+		of := func(class uint) []pkcs11.ObjectHandle {
+			var out []pkcs11.ObjectHandle
+			for _, o := range found {
+				if o.class == class {
+					out = append(out, o.h)
+				}
+			}
+			return out
+		}
+		for _, class := range []uint{pkcs11.CKO_SECRET_KEY, pkcs11.CKO_PRIVATE_KEY} {
+			if len(of(class)) == 0 {
+				continue
+			}
+			var e *keyEntry
+			err := again(func() (err error) {
+				e, err = h.checkObjects(s, label, class, of(class), of(pkcs11.CKO_PUBLIC_KEY))
+				return err
+			})
+			var code pkcs11.Error
+			switch {
+			case err == nil:
+			case !errors.As(err, &code) || classify(err) == classInput:
+				e = &keyEntry{err: err} // keyward's verdict on the key, or the token's refusal to use it so
+			case classify(err) == classHandle:
+				e = &keyEntry{stale: true}
+			default:
+				return nil, err
+			}
+			keys[keyRef{label, class}] = e
+		}
+	}
+	return keys, nil
+}
+
+// again runs fn, and runs it again, up to checkTries times in all, while it
+// fails in a way that may be a passing fault of the device (classBroken).
+// fn must be safe to repeat.
+func again(fn func() error) error {
+	var err error
+	for range checkTries {
+		if err = fn(); classify(err) != classBroken {
+			break
+		}
+	}
+	return err
+}
+
+// isKeyLabel says whether label is one KeyID.label makes: the only labels
+// keyward ever looks up.
+func isKeyLabel(label string) bool {
+	rest, ok := strings.CutPrefix(label, "keyward/")
+	i := strings.LastIndex(rest, "/v")
+	if !ok || i < 0 {
+		return false
+	}
+	v, err := strconv.ParseUint(rest[i+2:], 10, 32)
+	id := KeyID{rest[:i], uint32(v)}
+	return err == nil && id.Check() == nil && id.label() == label
 }
 
 // checkKey reads a key's attributes and returns its algorithm, or

@@ -289,6 +289,10 @@ func (h *HSM) withKey(ctx context.Context, op string, id KeyID, class uint, want
 		if want != 0 && k.alg != want {
 			return &Error{Err: ErrWrongAlgorithm, Detail: fmt.Sprintf("the key is %v; %s needs %v", k.alg, op, want)}
 		}
-		return fn(s, k)
+		err = fn(s, k)
+		if classify(err) == classHandle {
+			h.lookAgain(keyRef{id.label(), class}, k)
+		}
+		return err
 	})
 }

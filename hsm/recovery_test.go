@@ -29,6 +29,16 @@ func resetToken(t *testing.T, h *HSM) {
 	}
 }
 
+// reconnect resets the token and has keyward notice it: keyward reconnects
+// and loads its keys again, as at start.
+func reconnect(t *testing.T, h *HSM) {
+	t.Helper()
+	resetToken(t, h)
+	if err := h.Health(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // exercise runs one of each operation and fails the test on any error.
 func exercise(t *testing.T, h *HSM, round int) {
 	t.Helper()
@@ -101,7 +111,7 @@ func TestRecoverAfterReset(t *testing.T) {
 	// Logged out under keyward's feet: private objects vanish from its
 	// sessions; that is a lost login, not a missing key.
 	raw(t, h, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error { return p.Logout(s) })
-	h.forget(KeyID{"kek", 1})
+	stale(h, KeyID{"kek", 1}) // its next use looks it up by label
 	exercise(t, h, 5)
 
 	// Creating a key is not retried behind the caller's back: it may have
@@ -265,7 +275,7 @@ func TestNoSessionLeak(t *testing.T) {
 	for range 20 {
 		var held []session
 		for range pool {
-			s, err := h.acquire(ctx)
+			s, _, err := h.acquire(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
