@@ -24,8 +24,9 @@ const (
 	ExitFailure = 1
 	// ExitUsage (EX_USAGE): wrong flags or arguments. Permanent.
 	ExitUsage = 64
-	// ExitData (EX_DATAERR): the store or the audit log is refused, damaged
-	// or rolled back. Permanent: restore from a backup.
+	// ExitData (EX_DATAERR): the store is refused, damaged or rolled back,
+	// or the audit log's end is damaged. Permanent: restore the store from
+	// a backup; run keyward audit verify on the log.
 	ExitData = 65
 	// ExitTokenMissing (EX_UNAVAILABLE): no token matches the configured
 	// label or URI. Restarted: the PIN was not tried, and a token that is
@@ -40,15 +41,20 @@ const (
 	// Permanent: another try brings a real HSM closer to locking the PIN.
 	ExitPIN = 77
 	// ExitConfig (EX_CONFIG): the configuration, or a file it names (the
-	// PIN file or credential, the policy, a certificate), is wrong.
-	// Permanent: an operator must fix it.
+	// PIN file or credential, the policy, a certificate), is wrong; or the
+	// HSM is not what keyward needs: an object under one of keywardd's
+	// labels that is weaker than keyward requires, of another algorithm,
+	// or one of two under one label, or a mechanism the token lacks.
+	// Permanent: an operator must fix it (the configuration, or the token
+	// with its vendor's tools).
 	ExitConfig = 78
 )
 
-// ErrConfig is matched by every error of the configuration: the
-// configuration file, the files it names (PIN file, PIN credential,
-// policy, TLS certificate), and what they select (a token URI that matches
-// two tokens, a group that does not exist).
+// ErrConfig is matched by the errors of keywardd's configuration: the
+// configuration file, the files it names (policy, TLS certificate), and
+// what they select (a group that does not exist). The HSM's own
+// (hsm.ErrConfig: the module or the PIN source; hsm.ErrAmbiguous: a token
+// URI that matches two tokens) are sorted by ExitCode as they are.
 var ErrConfig = errors.New("daemon: configuration error")
 
 // ErrTransient is matched by failures that may pass without anyone acting:
@@ -66,9 +72,10 @@ func ExitCode(err error) int {
 		return ExitOK
 	case errors.Is(err, hsm.ErrPINIncorrect), errors.Is(err, hsm.ErrPINLocked):
 		return ExitPIN
-	case errors.Is(err, store.ErrDamaged), errors.Is(err, store.ErrRolledBack):
+	case errors.Is(err, store.ErrDamaged), errors.Is(err, store.ErrRolledBack), errors.Is(err, audit.ErrDamaged):
 		return ExitData
-	case errors.Is(err, ErrConfig):
+	case errors.Is(err, ErrConfig), errors.Is(err, hsm.ErrConfig),
+		errors.Is(err, hsm.ErrAmbiguous), errors.Is(err, hsm.ErrWeakKey), errors.Is(err, hsm.ErrWrongAlgorithm), errors.Is(err, hsm.ErrMechanismUnsupported):
 		return ExitConfig
 	case errors.Is(err, hsm.ErrTokenNotFound):
 		return ExitTokenMissing

@@ -48,6 +48,14 @@ func TestExitCode(t *testing.T) {
 		{"PIN and transient", errors.Join(transient, hsmErr(hsm.ErrPINIncorrect)), daemon.ExitPIN},
 		{"configuration and transient", errors.Join(transient, cfgErr), daemon.ExitConfig},
 		{"damaged store and configuration", errors.Join(cfgErr, store.ErrDamaged), daemon.ExitData},
+		{"audit log damaged", fmt.Errorf("x: %w", audit.ErrDamaged), daemon.ExitData},
+		{"audit log damaged and unwritable", errors.Join(audit.ErrUnavailable, audit.ErrDamaged), daemon.ExitData},
+		{"HSM configuration", fmt.Errorf("x: %w", hsm.ErrConfig), daemon.ExitConfig},
+		{"two tokens or two keys match", hsmErr(hsm.ErrAmbiguous), daemon.ExitConfig},
+		{"weak key", hsmErr(hsm.ErrWeakKey), daemon.ExitConfig},
+		{"key of another algorithm", hsmErr(hsm.ErrWrongAlgorithm), daemon.ExitConfig},
+		{"mechanism unsupported", hsmErr(hsm.ErrMechanismUnsupported), daemon.ExitConfig},
+		{"weak key and token unavailable", errors.Join(hsmErr(hsm.ErrTokenUnavailable), hsmErr(hsm.ErrWeakKey)), daemon.ExitConfig},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := daemon.ExitCode(tc.err); got != tc.want {

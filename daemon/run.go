@@ -125,9 +125,6 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		return fileError(fmt.Errorf("data directory: %w", err))
 	}
 	h, err := hsm.Open(cfg.hsmConfig())
-	if errors.Is(err, hsm.ErrConfig) || errors.Is(err, hsm.ErrAmbiguous) {
-		return configError(err) // the module, the PIN source, or a URI that matches two tokens
-	}
 	if err != nil {
 		return err
 	}
@@ -169,6 +166,9 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	own := []keys.Spec{{Name: AuditKey.Name, Purpose: keys.MAC, Adopt: true}, {Name: PepperKey.Name, Purpose: keys.MAC, Adopt: true},
 		{Name: CredentialsKey, Purpose: keys.Encrypt, Adopt: true}, {Name: StoreKey.Name, Purpose: keys.MAC, Adopt: true}}
 	if err := ensureKeys(ctx, km, append(own, o.Keys...)); err != nil {
+		return err
+	}
+	if err := checkOwnKeys(ctx, h, own); err != nil {
 		return err
 	}
 
@@ -491,6 +491,31 @@ func ensureKeys(ctx context.Context, km *keys.Manager, specs []keys.Spec) error 
 		}
 		if _, err := km.Create(ctx, s); err != nil {
 			return fmt.Errorf("creating key %q: %w", s.Name, err)
+		}
+	}
+	return nil
+}
+
+// checkOwnKeys uses version 1 of each of keywardd's own keys once. An
+// adopted key is vetted only on first use, so a key the HSM holds in a form
+// keyward refuses (weaker than required, of another algorithm, or one of two
+// under one label) stops the start, with the exit code of a permanent
+// failure, rather than failing calls or checkpoints later.
+func checkOwnKeys(ctx context.Context, h *hsm.HSM, own []keys.Spec) error {
+	msg := []byte("keywardd start check")
+	for _, s := range own {
+		id := hsm.KeyID{Name: s.Name, Version: 1}
+		var err error
+		switch s.Purpose {
+		case keys.MAC:
+			_, err = h.HMACSHA256(ctx, id, msg)
+		case keys.Encrypt:
+			_, _, err = h.Encrypt(ctx, id, msg, nil)
+		default:
+			err = fmt.Errorf("daemon: no check for purpose %q", s.Purpose)
+		}
+		if err != nil {
+			return fmt.Errorf("keywardd's own key %s: %w", id, err)
 		}
 	}
 	return nil

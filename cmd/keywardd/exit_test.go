@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -9,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/miekg/pkcs11"
 
 	"github.com/keyward/keyward/daemon"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
@@ -27,6 +30,72 @@ func editConfig(t *testing.T, f daemonFiles, old, new string) {
 	if err := os.WriteFile(f.config, []byte(strings.Replace(string(b), old, new, 1)), 0o600); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// writeAuditLog puts content in place of keywardd's audit log.
+func writeAuditLog(t *testing.T, f daemonFiles, content []byte) {
+	t.Helper()
+	if err := os.MkdirAll(f.data, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(f.data, "audit.log"), content, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// plantHMACKeys makes n HMAC keys on tok under the label of version 1 of
+// keywardd's key name, as another PKCS#11 client could; extractable ones
+// are weaker than keyward requires.
+func plantHMACKeys(t *testing.T, tok *softhsmtest.Token, name string, n int, extractable bool) {
+	t.Helper()
+	p := pkcs11.New(tok.Module)
+	if p == nil {
+		t.Fatalf("%s could not be loaded", tok.Module)
+	}
+	defer p.Destroy()
+	if err := p.Initialize(); err != nil {
+		t.Fatal(err)
+	}
+	defer p.Finalize()
+	slots, err := p.GetSlotList(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, slot := range slots {
+		ti, err := p.GetTokenInfo(slot)
+		if err != nil || strings.TrimRight(ti.Label, " ") != tok.Label {
+			continue
+		}
+		s, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.CloseSession(s)
+		if err := p.Login(s, pkcs11.CKU_USER, tok.PIN); err != nil {
+			t.Fatal(err)
+		}
+		for range n {
+			_, err := p.GenerateKey(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_GENERIC_SECRET_KEY_GEN, nil)}, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+				pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
+				pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, "keyward/"+name+"/v1"),
+				pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+				pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+				pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+				pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, extractable),
+				pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
+				pkcs11.NewAttribute(pkcs11.CKA_COPYABLE, false),
+				pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+				pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		return
+	}
+	t.Fatalf("token %s not found", tok.Label)
 }
 
 // runToExit runs keywardd with args until it exits (at most a minute) and
@@ -108,6 +177,23 @@ func TestExitCodes(t *testing.T) {
 			return nil
 		}, daemon.ExitTokenMissing, "no token matches pkcs11:token=no-such-token", 0},
 		{"HSM unreachable", []string{"C_GetSlotList 0x30"}, nil, daemon.ExitTransient, "token unavailable", 0},
+		{"audit log's last line damaged", nil, func(t *testing.T, f daemonFiles) []string {
+			writeAuditLog(t, f, []byte("this is not an audit log\n"))
+			return nil
+		}, daemon.ExitData, "does not parse; run keyward audit verify on it", uncounted},
+		{"audit log ends in a line over 1 MiB", nil, func(t *testing.T, f daemonFiles) []string {
+			writeAuditLog(t, f, bytes.Repeat([]byte("x"), 1<<20+1))
+			return nil
+		}, daemon.ExitData, "ends in a line over 1048576 bytes", uncounted},
+		{"weak key under keywardd's label", nil, func(t *testing.T, f daemonFiles) []string {
+			plantHMACKeys(t, f.tok, daemon.PepperKey.Name, 1, true)
+			return nil
+		}, daemon.ExitConfig, "CKA_EXTRACTABLE is true", uncounted},
+		{"two keys under keywardd's label", nil, func(t *testing.T, f daemonFiles) []string {
+			plantHMACKeys(t, f.tok, daemon.CredentialsKey, 2, false)
+			return nil
+		}, daemon.ExitConfig, `several objects carry the label \"keyward/keyward-credentials/v1\"`, uncounted},
+		{"mechanism the token lacks", []string{"C_GenerateKey 0x70"}, nil, daemon.ExitConfig, "mechanism not supported", 1},
 		{"socket directory not there yet", nil, func(t *testing.T, f daemonFiles) []string {
 			editConfig(t, f, "path: "+f.sock, "path: "+filepath.Join(f.dir, "not-yet", "run", "k.sock"))
 			return nil

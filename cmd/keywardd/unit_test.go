@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -182,15 +183,52 @@ func TestUnitVerifies(t *testing.T) {
 }
 
 // TestExitCodesDocumented: docs/operations.md has a row for every exit
-// code, and the unit's comment names each code it does not restart on.
+// code, naming each kind of failure daemon.ExitCode sorts into it, and the
+// unit's comment names each code it does not restart on.
 func TestExitCodesDocumented(t *testing.T) {
 	doc, err := os.ReadFile("../../docs/operations.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, c := range []int{daemon.ExitOK, daemon.ExitFailure, daemon.ExitUsage, daemon.ExitData, daemon.ExitTokenMissing, daemon.ExitTransient, daemon.ExitPIN, daemon.ExitConfig, exitCreds} {
-		if !bytes.Contains(doc, []byte(fmt.Sprintf("\n| %d |", c))) {
-			t.Errorf("docs/operations.md has no row for exit code %d", c)
+	for _, c := range []struct {
+		code   int
+		causes []string // what the row must say, one phrase per kind ExitCode sorts there
+	}{
+		{daemon.ExitOK, []string{"SIGTERM"}},
+		{daemon.ExitFailure, []string{"any other failure"}},
+		{daemon.ExitUsage, []string{"wrong flags"}},
+		{daemon.ExitData, []string{"the store is damaged", "rolled back", "the audit log's last line does not parse", "over 1 MiB"}},
+		{daemon.ExitTokenMissing, []string{"no token matches"}},
+		{daemon.ExitTransient, []string{"busy or unreachable", "socket's directory", "held by another process", "disk refuses writes"}},
+		{daemon.ExitPIN, []string{"refused the PIN", "PIN is locked"}},
+		{daemon.ExitConfig, []string{"configuration file", "PIN file or credential", "matches two tokens", "weaker than keyward requires", "of another algorithm", "twice under one label", "lacks a mechanism"}},
+		{exitCreds, []string{"could not load the credential"}},
+	} {
+		_, row, ok := bytes.Cut(doc, []byte(fmt.Sprintf("\n| %d |", c.code)))
+		if !ok {
+			t.Errorf("docs/operations.md has no row for exit code %d", c.code)
+			continue
+		}
+		row, _, _ = bytes.Cut(row, []byte("\n"))
+		for _, p := range c.causes {
+			if !bytes.Contains(row, []byte(p)) {
+				t.Errorf("docs/operations.md's row for exit code %d does not say %q", c.code, p)
+			}
+		}
+	}
+	unit, err := os.ReadFile(unitFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var comment []byte
+	for line := range bytes.Lines(unit) {
+		if bytes.HasPrefix(line, []byte("#")) {
+			comment = append(comment, line...)
+		}
+	}
+	for _, c := range []int{daemon.ExitUsage, daemon.ExitData, daemon.ExitPIN, daemon.ExitConfig, exitCreds} {
+		if !regexp.MustCompile(fmt.Sprintf(`\b%d\b`, c)).Match(comment) {
+			t.Errorf("the comments of %s do not name exit code %d, which it does not restart on", unitFile, c)
 		}
 	}
 }

@@ -38,6 +38,12 @@ import (
 // fail.
 var ErrUnavailable = errors.New("audit: the audit log cannot be written")
 
+// ErrDamaged: Open found a log whose end is not an audit line (its last
+// line does not parse, or the file ends in a line longer than any record),
+// so the chain cannot be resumed. Trying again cannot help, and nothing was
+// changed: run keyward audit verify on the file.
+var ErrDamaged = errors.New("audit: the audit log is damaged")
+
 // Caller is who made the call.
 type Caller struct {
 	UID    uint32 `json:"uid"`
@@ -215,29 +221,32 @@ func (l *Log) resume() (torn int64, err error) {
 	if _, err := l.f.ReadAt(buf, start); err != nil {
 		return 0, fmt.Errorf("audit: reading %s: %w", l.f.Name(), err)
 	}
+	// What is wrong is found before anything is cut: a damaged log is left
+	// as it is, for keyward audit verify and for whoever looks into it.
 	end := bytes.LastIndexByte(buf, '\n')
-	if int64(end+1) != int64(len(buf)) {
-		torn = int64(len(buf) - end - 1)
+	if end < 0 && start > 0 {
+		return 0, fmt.Errorf("%w: %s ends in a line over %d bytes, longer than any record; run keyward audit verify on it", ErrDamaged, l.f.Name(), chunk)
+	}
+	torn = int64(len(buf) - end - 1) // a crash in the middle of a write, never acknowledged
+	var last line
+	if end >= 0 {
+		lines := bytes.Split(buf[:end], []byte("\n"))
+		if err := json.Unmarshal(lines[len(lines)-1], &last); err != nil || len(last.Hash) != 64 {
+			return 0, fmt.Errorf("%w: the last line of %s does not parse; run keyward audit verify on it", ErrDamaged, l.f.Name())
+		}
+	}
+	h, err := hex.DecodeString(last.Hash)
+	if err != nil {
+		return 0, fmt.Errorf("%w: the last line of %s has a hash that is not hex; run keyward audit verify on it", ErrDamaged, l.f.Name())
+	}
+	if torn > 0 {
 		if err := l.f.Truncate(size - torn); err != nil {
 			return 0, fmt.Errorf("audit: cutting a torn line: %w", err)
 		}
 		l.size = size - torn
-		if end < 0 {
-			if start == 0 {
-				return torn, nil // the only line was torn: start afresh
-			}
-			return 0, fmt.Errorf("audit: %s ends in a line over %d bytes; it is not an audit log", l.f.Name(), chunk)
-		}
-		buf = buf[:end+1]
 	}
-	lines := bytes.Split(bytes.TrimSuffix(buf, []byte("\n")), []byte("\n"))
-	var last line
-	if err := json.Unmarshal(lines[len(lines)-1], &last); err != nil || len(last.Hash) != 64 {
-		return 0, fmt.Errorf("audit: the last line of %s does not parse; run keyward audit verify on it", l.f.Name())
-	}
-	h, err := hex.DecodeString(last.Hash)
-	if err != nil {
-		return 0, fmt.Errorf("audit: the last line of %s has a bad hash", l.f.Name())
+	if end < 0 {
+		return torn, nil // the only line was torn: start afresh
 	}
 	l.seq = last.Seq
 	copy(l.head[:], h)

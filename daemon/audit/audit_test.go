@@ -463,3 +463,40 @@ func TestStoreWrites(t *testing.T) {
 		t.Fatalf("a changed count: %+v", rep)
 	}
 }
+
+// TestDamagedEnd: a log whose end is no audit line is refused with
+// ErrDamaged, saying to run keyward audit verify, and is left exactly as
+// it was (a torn line after it is not cut either).
+func TestDamagedEnd(t *testing.T) {
+	h := macHSM(t)
+	long := bytes.Repeat([]byte("x"), 1<<20+1)
+	for _, tc := range []struct {
+		name    string
+		content []byte
+		want    string
+	}{
+		{"last line not JSON", []byte("this is not an audit log\n"), "does not parse"},
+		{"hash too short", []byte(`{"seq":1,"hash":"00"}` + "\n"), "does not parse"},
+		{"hash not hex", []byte(`{"seq":1,"hash":"` + strings.Repeat("zz", 32) + `"}` + "\n"), "not hex"},
+		{"damaged line, then a torn one", []byte("not a record\n{\"seq\":2,\"pr"), "does not parse"},
+		{"a line over 1 MiB", append([]byte(`{"seq":1}`+"\n"), long...), "ends in a line over 1048576 bytes"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "audit.log")
+			if err := os.WriteFile(path, tc.content, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			l, err := Open(path, h, macKey, Options{})
+			if err == nil {
+				l.Close()
+				t.Fatal("a damaged log was opened")
+			}
+			if !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "run keyward audit verify") {
+				t.Errorf("Open: %v; want ErrDamaged saying %q and to run keyward audit verify", err, tc.want)
+			}
+			if b, _ := os.ReadFile(path); !bytes.Equal(b, tc.content) {
+				t.Errorf("the damaged log was changed: %d bytes, was %d", len(b), len(tc.content))
+			}
+		})
+	}
+}
