@@ -21,6 +21,7 @@ import (
 	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/load"
+	"github.com/keyward/keyward/daemon/names"
 	"github.com/keyward/keyward/daemon/ratelimit"
 	"github.com/keyward/keyward/daemon/schedule"
 	"github.com/keyward/keyward/daemon/server"
@@ -194,12 +195,19 @@ func (c *Config) check() error {
 	if err := c.DynamicLimits.Check(); err != nil {
 		errs = append(errs, err)
 	}
-	seen := map[string]bool{}
+	// Credentials and policies name a plugin; two names of one canonical
+	// form ("pg" and "pg-") would be two plugins to keywardd and one to
+	// whoever reads them.
+	seen := map[string]string{}
 	for i, p := range c.Plugins {
-		if seen[p.Name] {
+		canonical := names.Canonical(p.Name)
+		if other, ok := seen[canonical]; ok && other == p.Name {
 			errs = append(errs, fmt.Errorf("plugins[%d]: a second plugin named %q", i, p.Name))
+		} else if ok {
+			errs = append(errs, fmt.Errorf("plugins[%d]: plugin names %q and %q have one canonical form, %q: give each plugin a name of its own canonical form (docs/operations.md, \"Names have one form\")", i, other, p.Name, canonical))
+		} else {
+			seen[canonical] = p.Name
 		}
-		seen[p.Name] = true
 		if _, ok := p.Env[c.HSM.PINEnv]; ok && c.HSM.PINEnv != "" {
 			errs = append(errs, fmt.Errorf("plugins[%d] (%s): env names %s, the HSM PIN's variable: a plugin never gets the PIN", i, p.Name, c.HSM.PINEnv))
 		}
