@@ -22,6 +22,7 @@ import (
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/load"
 	"github.com/keyward/keyward/daemon/names"
+	"github.com/keyward/keyward/daemon/procenv"
 	"github.com/keyward/keyward/daemon/ratelimit"
 	"github.com/keyward/keyward/daemon/schedule"
 	"github.com/keyward/keyward/daemon/server"
@@ -255,7 +256,18 @@ func unixOptions(path string, mode os.FileMode, group, field string) (socket.Opt
 
 func (c *Config) hsmConfig() hsm.Config {
 	return hsm.Config{Module: c.HSM.Module, Token: c.HSM.Token, URI: c.HSM.URI, PINFile: c.HSM.PINFile, PINEnv: c.HSM.PINEnv,
-		PINCredential: c.HSM.PINCredential, Sessions: c.HSM.Sessions}
+		PINCredential: c.HSM.PINCredential, Sessions: c.HSM.Sessions, ScrubPINEnv: scrubPINEnv}
+}
+
+// scrubPINEnv takes the PIN's variable out of keywardd's environment once
+// hsm has read it, before the HSM's module is loaded: no helper process the
+// module starts inherits it, and /proc/PID/environ no longer shows it
+// (os.Unsetenv alone would leave it there; package procenv).
+func scrubPINEnv(name string) error {
+	if err := procenv.Scrub(name); err != nil {
+		return fmt.Errorf("hsm.pin_env: the PIN could not be cleared from keywardd's /proc/PID/environ (%v): give it with hsm.pin_credential or hsm.pin_file instead", err)
+	}
+	return nil
 }
 
 func (c *Config) auditPath() string {

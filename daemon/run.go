@@ -24,7 +24,6 @@ import (
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/policy"
-	"github.com/keyward/keyward/daemon/procenv"
 	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/daemon/socket"
 	"github.com/keyward/keyward/daemon/store"
@@ -129,13 +128,6 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		return err
 	}
 	closers = append(closers, h.Close)
-	if name := cfg.HSM.PINEnv; name != "" {
-		// Read; nothing needs it any more. os.Unsetenv alone would leave it
-		// in /proc/PID/environ (package procenv).
-		if err := procenv.Scrub(name); err != nil {
-			return configError(fmt.Errorf("hsm.pin_env: the PIN could not be cleared from keywardd's /proc/PID/environ (%v): give it with hsm.pin_credential or hsm.pin_file instead", err))
-		}
-	}
 	// The audit log before the store: its last line says how many writes
 	// the store had made, and a store with fewer is an older copy.
 	al, err := audit.Open(cfg.auditPath(), h, AuditKey, audit.Options{Now: o.Now})
