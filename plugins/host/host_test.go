@@ -331,3 +331,106 @@ func waitFor(t *testing.T, ok func() bool) {
 	}
 	t.Fatal("timed out waiting")
 }
+
+// TestUnreadable: a plugin cannot read what Config.Unreadable names (a
+// file, a directory and what is in it), nor through a symlink; it reads the
+// files beside them, and works. Each launch is restricted, a restart too. The kernel
+// must have Landlock (Linux 5.13 and later).
+func TestUnreadable(t *testing.T) {
+	if _, err := landlockABI(); err != nil {
+		t.Fatalf("this kernel has no Landlock (%v): the test needs Linux 5.13 or later with landlock in its lsm= list", err)
+	}
+	dir := t.TempDir()
+	write := func(name string) string {
+		p := filepath.Join(dir, name)
+		os.MkdirAll(filepath.Dir(p), 0o700)
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	pin, beside := write("hsm.pin"), write("policy.yaml")
+	creds, other := write("credentials/keyward-pin"), write("other/file")
+	link := filepath.Join(dir, "other", "link-to-pin")
+	os.Symlink(pin, link)
+	cfg, rec, _ := setup(t, "crash-once")
+	cfg.Unreadable = []string{pin, filepath.Dir(creds), filepath.Join(dir, "not-there")}
+	cfg.Env["TESTPLUGIN_READ"] = strings.Join([]string{pin, creds, link, beside, other, "/etc/hostname"}, ":")
+	// The hidden files are under /tmp: the plugin gets a temporary
+	// directory of its own there, or go-plugin could not start it.
+	cfg.Name, cfg.Env["TESTPLUGIN_NAME"] = "unreadable", "unreadable"
+	p := start(t, cfg)
+	// The first launch crashes on its first Create; the second reads again.
+	p.Call(context.Background(), func(ctx context.Context, c *pluginv1.Clients) error {
+		_, err := c.Rotator.Create(ctx, &pluginv1.CreateRequest{OperationId: "op-1", Credential: cred, Secret: []byte("s")})
+		return err
+	})
+	waitFor(t, func() bool { return p.Status().Launches == 2 && p.Status().State == Running })
+	b, _ := os.ReadFile(rec)
+	want := map[string]string{pin: "denied", creds: "denied", link: "denied", beside: "ok", other: "ok", "/etc/hostname": "ok"}
+	for path, verdict := range want {
+		line := "read " + path + " " + verdict + "\n"
+		if n := strings.Count(string(b), line); n != 2 {
+			t.Errorf("the plugin recorded %q %d times, want once per launch:\n%s", line, n, b)
+		}
+	}
+	temps := func(n int) func() bool {
+		return func() bool {
+			tmp, _ := filepath.Glob(filepath.Join(os.TempDir(), "keyward-plugin-unreadable-*"))
+			return len(tmp) == n
+		}
+	}
+	waitFor(t, temps(1)) // the second launch's; the first one's is removed
+	p.Close()
+	waitFor(t, temps(0))
+}
+
+// TestUnreadableWithoutLandlock: on a kernel without Landlock (here a
+// stand-in for the call that asks it), the plugin still runs, and the log
+// says that it can read the PIN's source, once.
+func TestUnreadableWithoutLandlock(t *testing.T) {
+	saved := landlockABI
+	landlockABI = func() (int, error) { return 0, syscall.ENOSYS }
+	t.Cleanup(func() { landlockABI = saved })
+	pin := filepath.Join(t.TempDir(), "hsm.pin")
+	os.WriteFile(pin, []byte("x"), 0o600)
+	cfg, rec, logs := setup(t, "")
+	cfg.Unreadable = []string{pin}
+	cfg.Env["TESTPLUGIN_READ"] = pin
+	p := start(t, cfg)
+	if st := p.Status(); st.State != Running {
+		t.Fatalf("status %+v", st)
+	}
+	if b, _ := os.ReadFile(rec); !strings.Contains(string(b), "read "+pin+" ok\n") {
+		t.Errorf("the plugin did not read the file:\n%s", b)
+	}
+	if n := strings.Count(logs.String(), "the plugin can read the HSM PIN's source"); n != 1 {
+		t.Errorf("%d log lines say the plugin can read the PIN's source, want 1:\n%s", n, logs.String())
+	}
+}
+
+// TestUnreadableNotThere: paths to hide that do not exist hide nothing,
+// and do not hide everything else either.
+func TestUnreadableNotThere(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(file, []byte("x"), 0o600)
+	cfg, rec, _ := setup(t, "")
+	cfg.Unreadable = []string{filepath.Join(t.TempDir(), "gone", "hsm.pin")}
+	cfg.Env["TESTPLUGIN_READ"] = file
+	start(t, cfg)
+	if b, _ := os.ReadFile(rec); !strings.Contains(string(b), "read "+file+" ok\n") {
+		t.Errorf("the plugin could not read a file:\n%s", b)
+	}
+}
+
+// TestUnreadableNoEnv: a plugin configured with no environment at all,
+// whose temporary directory is on the way to the path to hide, runs.
+func TestUnreadableNoEnv(t *testing.T) {
+	pin := filepath.Join(t.TempDir(), "hsm.pin")
+	os.WriteFile(pin, []byte("x"), 0o600)
+	cfg, _, _ := setup(t, "")
+	cfg.Env, cfg.Unreadable = nil, []string{pin}
+	if st := start(t, cfg).Status(); st.State != Running {
+		t.Fatalf("status %+v", st)
+	}
+}
