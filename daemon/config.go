@@ -21,6 +21,8 @@ import (
 	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/load"
+	"github.com/keyward/keyward/daemon/names"
+	"github.com/keyward/keyward/daemon/procenv"
 	"github.com/keyward/keyward/daemon/ratelimit"
 	"github.com/keyward/keyward/daemon/schedule"
 	"github.com/keyward/keyward/daemon/server"
@@ -194,12 +196,19 @@ func (c *Config) check() error {
 	if err := c.DynamicLimits.Check(); err != nil {
 		errs = append(errs, err)
 	}
-	seen := map[string]bool{}
+	// Credentials and policies name a plugin; two names of one canonical
+	// form ("pg" and "pg-") would be two plugins to keywardd and one to
+	// whoever reads them.
+	seen := map[string]string{}
 	for i, p := range c.Plugins {
-		if seen[p.Name] {
+		canonical := names.Canonical(p.Name)
+		if other, ok := seen[canonical]; ok && other == p.Name {
 			errs = append(errs, fmt.Errorf("plugins[%d]: a second plugin named %q", i, p.Name))
+		} else if ok {
+			errs = append(errs, fmt.Errorf("plugins[%d]: plugin names %q and %q have one canonical form, %q: give each plugin a name of its own canonical form (docs/operations.md, \"Names have one form\")", i, other, p.Name, canonical))
+		} else {
+			seen[canonical] = p.Name
 		}
-		seen[p.Name] = true
 		if _, ok := p.Env[c.HSM.PINEnv]; ok && c.HSM.PINEnv != "" {
 			errs = append(errs, fmt.Errorf("plugins[%d] (%s): env names %s, the HSM PIN's variable: a plugin never gets the PIN", i, p.Name, c.HSM.PINEnv))
 		}
@@ -247,7 +256,32 @@ func unixOptions(path string, mode os.FileMode, group, field string) (socket.Opt
 
 func (c *Config) hsmConfig() hsm.Config {
 	return hsm.Config{Module: c.HSM.Module, Token: c.HSM.Token, URI: c.HSM.URI, PINFile: c.HSM.PINFile, PINEnv: c.HSM.PINEnv,
-		PINCredential: c.HSM.PINCredential, Sessions: c.HSM.Sessions}
+		PINCredential: c.HSM.PINCredential, Sessions: c.HSM.Sessions, ScrubPINEnv: scrubPINEnv}
+}
+
+// unreadableByPlugins are the paths plugins may not read, though they run
+// as keywardd's user: the file the HSM PIN comes from, and the directory of
+// keywardd's systemd credentials (each of them is keywardd's alone).
+func (c *Config) unreadableByPlugins() []string {
+	var out []string
+	if p := c.hsmConfig().PINPath(); p != "" {
+		out = append(out, p)
+	}
+	if d := os.Getenv("CREDENTIALS_DIRECTORY"); filepath.IsAbs(d) {
+		out = append(out, d)
+	}
+	return out
+}
+
+// scrubPINEnv takes the PIN's variable out of keywardd's environment once
+// hsm has read it, before the HSM's module is loaded: no helper process the
+// module starts inherits it, and /proc/PID/environ no longer shows it
+// (os.Unsetenv alone would leave it there; package procenv).
+func scrubPINEnv(name string) error {
+	if err := procenv.Scrub(name); err != nil {
+		return fmt.Errorf("hsm.pin_env: the PIN could not be cleared from keywardd's /proc/PID/environ (%v): give it with hsm.pin_credential or hsm.pin_file instead", err)
+	}
+	return nil
 }
 
 func (c *Config) auditPath() string {

@@ -85,3 +85,41 @@ func TestConfigRefusals(t *testing.T) {
 		}
 	}
 }
+
+// TestPluginNamesOneForm: two plugins whose names have one canonical form
+// ("pg" and "pg-") are refused, with that form; names of their own forms
+// are not.
+func TestPluginNamesOneForm(t *testing.T) {
+	base := "socket: {path: /run/k/k.sock}\ndata_dir: /var/lib/k\npolicy_file: /etc/k/policy.yaml\nplugins:\n"
+	plugin := func(name string) string {
+		return "  - {name: " + name + ", path: /usr/lib/keyward/plugins/p, sha256: " + strings.Repeat("ab", 32) + "}\n"
+	}
+	for _, tc := range []struct {
+		names []string
+		want  string // "" when accepted
+	}{
+		{[]string{"pg", "pgx", "pg-2"}, ""},
+		{[]string{"pg", "pg-"}, `plugins[1]: plugin names "pg" and "pg-" have one canonical form, "pg"`},
+		{[]string{"pg-", "pg"}, `plugins[1]: plugin names "pg-" and "pg" have one canonical form, "pg"`},
+		{[]string{"pg-", "web", "pg--"}, `plugins[2]: plugin names "pg-" and "pg--" have one canonical form, "pg"`},
+		{[]string{"pg", "pg"}, `plugins[1]: a second plugin named "pg"`},
+	} {
+		t.Run(strings.Join(tc.names, ","), func(t *testing.T) {
+			y := base
+			for _, n := range tc.names {
+				y += plugin(n)
+			}
+			path := filepath.Join(t.TempDir(), "keywardd.yaml")
+			os.WriteFile(path, []byte(y), 0o600)
+			_, err := daemon.LoadConfig(path)
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("LoadConfig: %v; want an error saying %s", err, tc.want)
+			case tc.want != "" && strings.Count(err.Error(), "plugins[") != 1:
+				t.Fatalf("LoadConfig: %v; want one error, about the second name", err)
+			}
+		})
+	}
+}

@@ -477,3 +477,50 @@ func TestOwnKeysRefusedToEnvelope(t *testing.T) {
 	_, err := ec.Encrypt(context.Background(), &keywardv1.EncryptRequest{KeyName: daemon.CredentialsKey, Plaintext: []byte("x")})
 	wantCode(t, err, codes.PermissionDenied, "keywardd's own keys")
 }
+
+// TestPluginsCannotReadPIN: a plugin runs as keywardd's user, yet cannot
+// read the file keywardd reads the HSM PIN from, whether a PIN file or a
+// systemd credential (nor anything else among keywardd's credentials); it
+// reads a file beside it. Needs a kernel with Landlock.
+func TestPluginsCannotReadPIN(t *testing.T) {
+	for _, credential := range []bool{false, true} {
+		t.Run(map[bool]string{false: "pin_file", true: "pin_credential"}[credential], func(t *testing.T) {
+			rec := filepath.Join(t.TempDir(), "record")
+			var pin, other, beside string
+			in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+				pin = c.HSM.PINFile
+				beside = filepath.Join(filepath.Dir(pin), "beside")
+				os.WriteFile(beside, []byte("x"), 0o600)
+				if credential {
+					// As systemd makes it: a directory and 0400 files of the
+					// service's user.
+					dir := filepath.Join(t.TempDir(), "credentials")
+					os.Mkdir(dir, 0o700)
+					b, _ := os.ReadFile(pin)
+					pin, other = filepath.Join(dir, "keyward-pin"), filepath.Join(dir, "other")
+					os.WriteFile(pin, b, 0o400)
+					os.WriteFile(other, []byte("x"), 0o400)
+					os.Chmod(dir, 0o500)
+					t.Setenv("CREDENTIALS_DIRECTORY", dir)
+					c.HSM.PINFile, c.HSM.PINCredential = "", "keyward-pin"
+				}
+				c.Plugins = []daemon.PluginConfig{pluginConfig(t, "test", "github.com/keyward/keyward/plugins/host/testdata/testplugin",
+					map[string]string{"TESTPLUGIN_RECORD": rec, "TESTPLUGIN_READ": strings.Join([]string{pin, other, beside}, ":")})}
+			})
+			var b []byte
+			waitFor(t, func() bool { b, _ = os.ReadFile(rec); return strings.Contains(string(b), "read "+beside) })
+			want := []string{"read " + pin + " denied\n", "read " + beside + " ok\n"}
+			if credential {
+				want = append(want, "read "+other+" denied\n")
+			}
+			for _, w := range want {
+				if !strings.Contains(string(b), w) {
+					t.Errorf("the plugin did not record %q:\n%s", w, b)
+				}
+			}
+			if strings.Contains(in.logs.String(), "can read the HSM PIN's source") {
+				t.Errorf("keywardd says the plugin can read the PIN's source:\n%s", in.logs.String())
+			}
+		})
+	}
+}

@@ -37,7 +37,7 @@ var renameHow = map[string]string{
 	kindOwner:       "issue each of its API keys again under the canonical owner, hand them over, then revoke the old ones (keyward apikey list -owner NAME)",
 	kindEnvironment: "issue the API keys of this environment again under the canonical one, move their verifiers to it, then revoke the old ones",
 	kindTag:         "issue the API keys with this tag again with the canonical tag, then revoke the old ones; until then filter on both spellings",
-	kindPlugin:      "build the plugin under the canonical name, configure it beside this one, register its credentials again under it, then remove this one",
+	kindPlugin:      "build the plugin under a new name of another canonical form (keywardd refuses two plugins of one canonical form, so not the canonical name while this one is configured), configure it beside this one, register its credentials again under it, then remove this one",
 }
 
 // surveyPause is the survey's pause between pages of 1000 API keys (each

@@ -24,7 +24,6 @@ import (
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/policy"
-	"github.com/keyward/keyward/daemon/procenv"
 	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/daemon/socket"
 	"github.com/keyward/keyward/daemon/store"
@@ -133,13 +132,6 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		return err
 	}
 	closers = append(closers, h.Close)
-	if name := cfg.HSM.PINEnv; name != "" {
-		// Read; nothing needs it any more. os.Unsetenv alone would leave it
-		// in /proc/PID/environ (package procenv).
-		if err := procenv.Scrub(name); err != nil {
-			return configError(fmt.Errorf("hsm.pin_env: the PIN could not be cleared from keywardd's /proc/PID/environ (%v): give it with hsm.pin_credential or hsm.pin_file instead", err))
-		}
-	}
 	// The audit log before the store: its last line says how many writes
 	// the store had made, and a store with fewer is an older copy.
 	al, err := audit.Open(cfg.auditPath(), h, AuditKey, audit.Options{Now: o.Now})
@@ -221,7 +213,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		})
 	}()
 	closers = append(closers, func() error { stopFlush(); <-flushed; return nil })
-	plugins := startPlugins(cfg.Plugins, log)
+	plugins := startPlugins(cfg.Plugins, cfg.unreadableByPlugins(), log)
 	closers = append(closers, func() error {
 		for _, p := range plugins {
 			p.Close()
@@ -492,13 +484,14 @@ func DeriveStoreKey(ctx context.Context, h *hsm.HSM) ([]byte, error) {
 	return h.HMACSHA256(ctx, StoreKey, []byte("keyward store key v1"))
 }
 
-// startPlugins starts the configured plugins. One that fails to start is
-// logged and keeps being retried with backoff; keywardd serves regardless,
-// and GetStatus says where each plugin is.
-func startPlugins(cfgs []PluginConfig, log *slog.Logger) []*host.Plugin {
+// startPlugins starts the configured plugins, unable to read the paths
+// of unreadable. One that fails to start is logged and keeps being retried
+// with backoff; keywardd serves regardless, and GetStatus says where each
+// plugin is.
+func startPlugins(cfgs []PluginConfig, unreadable []string, log *slog.Logger) []*host.Plugin {
 	var out []*host.Plugin
 	for _, c := range cfgs {
-		p, err := host.Start(host.Config{Name: c.Name, Path: c.Path, SHA256: c.SHA256, Env: c.Env, CallTimeout: c.CallTimeout, Log: log})
+		p, err := host.Start(host.Config{Name: c.Name, Path: c.Path, SHA256: c.SHA256, Env: c.Env, CallTimeout: c.CallTimeout, Log: log, Unreadable: unreadable})
 		if err != nil {
 			log.Error("a plugin did not start; it is retried with backoff", "plugin", c.Name, "error", err.Error())
 		}

@@ -34,6 +34,16 @@ type Config struct {
 	PINFile string
 	// PINEnv names an environment variable holding the user PIN.
 	PINEnv string
+	// ScrubPINEnv, if set, is called with PINEnv once the PIN has been read
+	// from it, before the PKCS#11 module is loaded, to take the variable out
+	// of the process's environment: a module may start a helper process
+	// when it is loaded or initialized, and that process would inherit the
+	// PIN. (This package leaves the process's environment alone; keywardd
+	// passes a function that also overwrites the variable where
+	// /proc/PID/environ shows it.) Its error fails Open with ErrConfig; its
+	// message should say what to do. The PIN read is kept for the logins
+	// after a reconnection.
+	ScrubPINEnv func(name string) error
 	// PINCredential names a systemd credential holding the user PIN: the
 	// file $CREDENTIALS_DIRECTORY/NAME that the unit's LoadCredential= or
 	// LoadCredentialEncrypted= gives the service, readable by it alone.
@@ -49,10 +59,11 @@ type Config struct {
 	// SessionWait bounds how long an operation waits for a free session
 	// before it fails with ErrBusy. Zero means 5 s.
 	SessionWait time.Duration
-	// ReconnectInterval is the least time between two attempts to reconnect
-	// to a token that went away, and between two connections given up for
-	// device errors that the anchor session shares; operations in between
-	// fail at once with ErrTokenUnavailable. Zero means 1 s.
+	// ReconnectInterval is the least time between a connection that served
+	// no call (or a failed attempt to reconnect) and the next attempt to
+	// reconnect; a connection that served a call is made again at once when
+	// the token says it is lost. Operations in between fail at once with
+	// ErrTokenUnavailable. Zero means 1 s.
 	ReconnectInterval time.Duration
 }
 
@@ -123,12 +134,9 @@ func (c Config) load() (settings, error) {
 		return s, fmt.Errorf("hsm: give the PIN in exactly one way (a PIN file, an environment variable, a systemd credential, or the URI's pin-source); %d given", sources)
 	}
 	if s.sel.PINSource != "" {
-		pinFile = strings.TrimPrefix(s.sel.PINSource, "file:")
-		if rest, ok := strings.CutPrefix(pinFile, "//"); ok {
-			pinFile = rest // file:///path; file://host/path names another host
-		}
-		if !filepath.IsAbs(pinFile) {
-			return s, fmt.Errorf("hsm: the URI's pin-source must be an absolute file path (file:/path), not %q", s.sel.PINSource)
+		var err error
+		if pinFile, err = pinSourceFile(s.sel.PINSource); err != nil {
+			return s, err
 		}
 	}
 	var pin string
@@ -140,6 +148,9 @@ func (c Config) load() (settings, error) {
 		pin, err = readPINCredential(c.PINCredential)
 	default:
 		pin, err = readPINEnv(c.PINEnv)
+		if err == nil && c.ScrubPINEnv != nil {
+			err = c.ScrubPINEnv(c.PINEnv)
+		}
 	}
 	if err != nil {
 		return s, err
@@ -162,6 +173,38 @@ func (c Config) load() (settings, error) {
 		s.reconnect = time.Second
 	}
 	return s, nil
+}
+
+// pinSourceFile is the file a PKCS#11 URI's pin-source names.
+func pinSourceFile(src string) (string, error) {
+	path := strings.TrimPrefix(src, "file:")
+	if rest, ok := strings.CutPrefix(path, "//"); ok {
+		path = rest // file:///path; file://host/path names another host
+	}
+	if !filepath.IsAbs(path) {
+		return "", fmt.Errorf("hsm: the URI's pin-source must be an absolute file path (file:/path), not %q", src)
+	}
+	return path, nil
+}
+
+// PINPath is the file Open reads the PIN from: PINFile, the URI's
+// pin-source, or the systemd credential's file; "" for a variable, or for
+// a configuration Open refuses. keywardd keeps its plugins from reading it.
+func (c Config) PINPath() string {
+	switch {
+	case c.PINFile != "":
+		return c.PINFile
+	case c.PINCredential != "":
+		if dir := os.Getenv("CREDENTIALS_DIRECTORY"); filepath.IsAbs(dir) {
+			return filepath.Join(dir, c.PINCredential)
+		}
+	case c.URI != "":
+		if u, err := ParseURI(c.URI); err == nil && u.PINSource != "" {
+			path, _ := pinSourceFile(u.PINSource)
+			return path
+		}
+	}
+	return ""
 }
 
 // checkModulePath refuses what cannot be a PKCS#11 library before dlopen
@@ -211,13 +254,24 @@ func readPINFile(path, what string) (string, error) {
 	if fi.Mode().Perm()&0o007 != 0 {
 		return "", fmt.Errorf("hsm: %s is accessible to other users (mode %04o): chmod o-rwx it", what, fi.Mode().Perm())
 	}
-	buf, err := io.ReadAll(io.LimitReader(f, maxPINLen+3))
-	if err != nil {
+	buf := make([]byte, maxPINLen+3)
+	defer clear(buf)
+	return readPIN(f, buf, what)
+}
+
+// readPIN reads a PIN of at most maxPINLen bytes from r into buf (of more
+// than maxPINLen+2 bytes, so that a longer one is caught), without copying
+// it anywhere but buf and the string returned: the caller clears buf,
+// which it owns. The string is what logs in, now and after a reconnection;
+// Go strings cannot be cleared.
+func readPIN(r io.Reader, buf []byte, what string) (string, error) {
+	n, err := io.ReadFull(r, buf)
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
 		return "", fmt.Errorf("hsm: %s: read failed", what)
 	}
-	buf = bytes.TrimSuffix(buf, []byte("\n"))
-	buf = bytes.TrimSuffix(buf, []byte("\r"))
-	return checkPIN(string(buf), what)
+	pin := bytes.TrimSuffix(buf[:n], []byte("\n"))
+	pin = bytes.TrimSuffix(pin, []byte("\r"))
+	return checkPIN(string(pin), what)
 }
 
 // readPINCredential reads the PIN from the systemd credential name: the

@@ -26,9 +26,10 @@ func main() { os.Exit(run()) }
 
 func run() int {
 	// Processes of keywardd's own user (a plugin, say) may not read its
-	// memory or /proc/PID/environ (where a PIN variable stays until Run
-	// overwrites it after the login), nor attach to it; and a crash leaves
-	// no core with the PIN.
+	// memory (which holds the PIN for logging in again) or
+	// /proc/PID/environ (where a PIN variable stays until Run has read it
+	// and overwrites it, before the HSM's module is loaded), nor attach
+	// to it; and a crash leaves no core with the PIN.
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
 		fmt.Fprintf(os.Stderr, "keywardd: cannot make itself non-dumpable: %v\n", err)
 		return daemon.ExitFailure

@@ -2,6 +2,7 @@ package names
 
 import (
 	"errors"
+	"strings"
 	"testing"
 )
 
@@ -19,7 +20,23 @@ func TestCheck(t *testing.T) {
 		{"Orders.-.", "orders", `key name "Orders.-." is not canonical: use "orders"`},
 		{"shop@EXAMPLE.com", "shop@example.com", `key name "shop@EXAMPLE.com" is not canonical: use "shop@example.com"`},
 		{"Prüf", "prüf", `key name "Prüf" is not canonical: use "prüf"`},
-		{"-", "", `key name "-" has no canonical form: a name is lower case and does not end with '.' or '-'`},
+		{"-", "", `key name "-" has no canonical form: a name is lower case (case-folded) and does not end with '.' or '-'`},
+		// Lower case is not enough: these are lower case, yet differ from
+		// their canonical form only in case (both upper-case alike).
+		{"ſhop", "shop", `key name "ſhop" is not canonical: use "shop"`},
+		{"ς-team", "σ-team", `key name "ς-team" is not canonical: use "σ-team"`},
+		{"σ-team", "σ-team", ""},
+		{"Σ-TEAM", "σ-team", `key name "Σ-TEAM" is not canonical: use "σ-team"`},
+		{"\u212Aey", "key", "key name \"\u212aey\" is not canonical: use \"key\""}, // KELVIN SIGN
+		{"Straße", "strasse", `key name "Straße" is not canonical: use "strasse"`},
+		{"ǅemal", "ǆemal", `key name "ǅemal" is not canonical: use "ǆemal"`},
+		// One accented letter, written decomposed: its composed form.
+		{"cafe\u0301", "caf\u00e9", `key name "cafe\u0301" is not canonical: use "caf\u00e9", the same letters composed (Unicode NFC)`},
+		{"caf\u00e9", "caf\u00e9", ""},
+		// Cherokee folds to its capitals, and cases.Fold alone swaps them.
+		{"\u13a0\u13f0", "\u13a0\u13f0", ""},
+		{"\uab70\u13f8", "\u13a0\u13f0", `key name "ꭰᏸ" is not canonical: use "ᎠᏰ"`},
+		{"日本-", "日本", `key name "日本-" is not canonical: use "日本"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := Canonical(tc.name); got != tc.canonical {
@@ -40,4 +57,61 @@ func TestCheck(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestOneFormPerCaselessName: names that are one name to anyone ignoring
+// case have one canonical form, so keywardd refuses all but one of them.
+func TestOneFormPerCaselessName(t *testing.T) {
+	for _, group := range [][]string{
+		{"shop", "SHOP", "ſhop", "Shop", "ſHOP"},
+		{"σ-team", "ς-team", "Σ-team", "Σ-TEAM"},
+		{"strasse", "Straße", "STRASSE", "straße", "STRAẞE"},
+		{"\u13a0", "\uab70"},
+	} {
+		canonical := 0
+		for _, n := range group {
+			if Canonical(n) != Canonical(group[0]) {
+				t.Errorf("%q and %q have different canonical forms: %q, %q", n, group[0], Canonical(n), Canonical(group[0]))
+			}
+			if IsCanonical(n) {
+				canonical++
+			}
+		}
+		if canonical != 1 {
+			t.Errorf("%q: %d of them are canonical, want exactly 1", group, canonical)
+		}
+	}
+}
+
+// FuzzCanonical: the canonical form is canonical (so Check never refuses
+// what it offers), ends with neither '.' nor '-', and is the same for a
+// name written in ASCII capitals.
+func FuzzCanonical(f *testing.F) {
+	for _, s := range []string{"orders", "Orders.-", "ſhop", "ς-team", "Straße", "cafe\u0301", "\u13a0\uab70\u13f8", "ǅ", "İı", "\u0345\u0399", "ﬃ", "\xff\xfe"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		c := Canonical(name)
+		if Canonical(c) != c || !IsCanonical(c) || Check("tag", c) != nil {
+			t.Fatalf("Canonical(%q) = %q, whose canonical form is %q", name, c, Canonical(c))
+		}
+		if strings.HasSuffix(c, ".") || strings.HasSuffix(c, "-") {
+			t.Fatalf("Canonical(%q) = %q ends with '.' or '-'", name, c)
+		}
+		if ascii := strings.ToUpper(name); isASCII(name) && Canonical(ascii) != c {
+			t.Fatalf("Canonical(%q) = %q, but Canonical(%q) = %q", name, c, ascii, Canonical(ascii))
+		}
+		if err := Check("tag", name); (err == nil) != (c == name) {
+			t.Fatalf("Check(%q) = %v, with canonical form %q", name, err, c)
+		}
+	})
+}
+
+func isASCII(s string) bool {
+	for i := range len(s) {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
 }

@@ -21,8 +21,13 @@
 // the variable out of it.
 //
 // What stays visible: the entry's length, as a run of NUL bytes in
-// /proc/PID/environ; and the variable wherever else it was set (the parent's
-// environment, a unit file, a shell history).
+// /proc/PID/environ; the variable wherever else it was set (the parent's
+// environment, a unit file, a shell history); and, in the process's memory,
+// the Go runtime's own copy of the initial environment (runtime.envs, made
+// at start), which os.Unsetenv does not touch and which nothing may clear:
+// it is the string os.Getenv returned, and Go strings are immutable. That
+// copy is readable only by whoever may read the process's memory
+// (/proc/PID/mem, ptrace: for a non-dumpable process, CAP_SYS_PTRACE).
 package procenv
 
 import (

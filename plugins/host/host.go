@@ -3,9 +3,10 @@
 // others, nor its directory, owned by root or keywardd's user, and the
 // pinned SHA-256 over the very bytes it then executes), starts it with
 // hashicorp/go-plugin (gRPC only, AutoMTLS) in an environment of nothing but
-// what the configuration gives, puts a deadline on every call, restarts it
-// with backoff when it crashes, makes the kernel kill it if keywardd dies,
-// and logs its lines in keywardd's log tagged with its name.
+// what the configuration gives, unable to read the HSM PIN's source where
+// the kernel has Landlock (landlock.go), puts a deadline on every call,
+// restarts it with backoff when it crashes, makes the kernel kill it if
+// keywardd dies, and logs its lines in keywardd's log tagged with its name.
 //
 // The file is opened once per launch, read, hashed, and the bytes hashed
 // are copied into a sealed memory file (memfd) that is executed as
@@ -28,6 +29,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -59,6 +61,11 @@ type Config struct {
 	// Log receives the plugin's lines and the host's, tagged with the
 	// plugin's name; slog.Default() if nil.
 	Log *slog.Logger
+	// Unreadable are files and directories the plugin may not read,
+	// though keywardd's user may: the HSM PIN's source. Enforced with
+	// Landlock where the kernel has it (landlock.go); where it has not,
+	// the plugin runs all the same and an error is logged.
+	Unreadable []string
 }
 
 // Errors of the host.
@@ -230,6 +237,11 @@ type Plugin struct {
 	stop   chan struct{}
 	done   chan struct{}
 	closed sync.Once
+
+	launcher   chan func() // run on the launcher thread (startLauncher)
+	restricted bool        // the launcher thread is restricted (or cannot be); its own
+	tmpRoot    string      // the plugin's own temporary directory, if it needs one (privateTemp)
+	tmp        string      // the last launch's, beneath tmpRoot
 }
 
 // Backoff of restarts: from minBackoff, doubling, to maxBackoff; a plugin
@@ -248,6 +260,7 @@ func Start(cfg Config) (*Plugin, error) {
 		return nil, err
 	}
 	p := &Plugin{cfg: cfg, status: Status{Name: cfg.Name, State: Starting, Since: time.Now()}, stop: make(chan struct{}), done: make(chan struct{})}
+	p.startLauncher()
 	err := p.launch()
 	if err != nil {
 		p.setState(Restarting, err)
@@ -264,9 +277,21 @@ func (p *Plugin) launch() error {
 		return err
 	}
 	defer f.Close()
-	env := make([]string, 0, len(p.cfg.Env))
-	for _, k := range slices.Sorted(maps.Keys(p.cfg.Env)) {
-		env = append(env, k+"="+p.cfg.Env[k])
+	if err := p.onLauncher(p.prepareLauncher); err != nil {
+		return fmt.Errorf("plugin %s was not started: %w", p.cfg.Name, err)
+	}
+	vars := map[string]string{}
+	maps.Copy(vars, p.cfg.Env)
+	p.removeTemp() // the previous launch's
+	if p.tmpRoot != "" {
+		if p.tmp, err = os.MkdirTemp(p.tmpRoot, "launch-"); err != nil {
+			return fmt.Errorf("plugin %s: %w", p.cfg.Name, err)
+		}
+		vars["TMPDIR"] = p.tmp
+	}
+	env := make([]string, 0, len(vars))
+	for _, k := range slices.Sorted(maps.Keys(vars)) {
+		env = append(env, k+"="+vars[k])
 	}
 	cmd := &exec.Cmd{
 		Path: fmt.Sprintf("/proc/self/fd/%d", f.Fd()),
@@ -285,6 +310,12 @@ func (p *Plugin) launch() error {
 		StartTimeout:     p.cfg.StartTimeout,
 		Logger:           newLogBridge(p.cfg.Log),
 	})
+	// The process (and go-plugin's handshake) is started on the launcher
+	// thread; client.Client then finds it started.
+	if err := p.onLauncher(func() error { _, err := client.Start(); return err }); err != nil {
+		client.Kill()
+		return p.startError(err)
+	}
 	rpc, err := client.Client()
 	if err != nil {
 		client.Kill()
@@ -319,6 +350,63 @@ func (p *Plugin) launch() error {
 	p.setState(Running, nil)
 	p.cfg.Log.Info("plugin running", "version", desc.GetVersion(), "pid", pid)
 	return nil
+}
+
+// startLauncher starts the plugin's launcher: the OS thread its processes
+// are started from, which makes itself unable to read Config.Unreadable
+// before the first (landlock.go), and then runs what onLauncher gives it.
+// The thread never ends: the kernel sends a process its Pdeathsig when the
+// thread that started it ends, the plugin's and any other process that
+// thread started for the Go runtime before it was locked.
+func (p *Plugin) startLauncher() {
+	p.launcher = make(chan func())
+	go func() {
+		runtime.LockOSThread() // never unlocked, and this goroutine never returns
+		for fn := range p.launcher {
+			fn()
+		}
+	}()
+}
+
+// onLauncher runs fn on the launcher thread and returns its error.
+func (p *Plugin) onLauncher(fn func() error) error {
+	done := make(chan error, 1)
+	p.launcher <- func() { done <- fn() }
+	return <-done
+}
+
+// prepareLauncher, on the launcher thread, restricts it once: first it
+// makes the plugin a temporary directory of its own if need be
+// (privateTemp), while the thread may still make one the plugin can read.
+// Where the kernel has no Landlock it logs so, once, and the plugin runs
+// unrestricted.
+func (p *Plugin) prepareLauncher() error {
+	if p.restricted || len(p.cfg.Unreadable) == 0 {
+		return nil
+	}
+	if p.tmpRoot == "" {
+		root, err := privateTemp(p.cfg.Name, p.cfg.Env["TMPDIR"], p.cfg.Unreadable)
+		if err != nil {
+			return err
+		}
+		p.tmpRoot = root
+	}
+	err := restrictThread(p.cfg.Unreadable)
+	if errors.Is(err, errNoLandlock) {
+		p.cfg.Log.Error("the plugin can read the HSM PIN's source: this kernel cannot keep it from doing so (Landlock, Linux 5.13 and later); run only plugins trusted as much as keywardd, see docs/plugins.md",
+			"unreadable", hiddenList(p.cfg.Unreadable), "error", err.Error())
+		err = nil
+	}
+	p.restricted = err == nil
+	return err
+}
+
+// removeTemp removes the last launch's temporary directory, if it had one.
+func (p *Plugin) removeTemp() {
+	if p.tmp != "" {
+		os.RemoveAll(p.tmp)
+		p.tmp = ""
+	}
 }
 
 // startError says what go-plugin's start-up error means, without quoting
@@ -456,6 +544,9 @@ func (p *Plugin) Close() {
 	p.mu.Unlock()
 	if c != nil {
 		c.Kill()
+	}
+	if p.tmpRoot != "" {
+		os.RemoveAll(p.tmpRoot)
 	}
 	p.setState(Stopped, nil)
 }

@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -330,4 +331,137 @@ func waitFor(t *testing.T, ok func() bool) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatal("timed out waiting")
+}
+
+// TestUnreadable: a plugin cannot read what Config.Unreadable names (a
+// file, a directory and what is in it), nor through a symlink; it reads the
+// files beside them, and works. Each launch is restricted, a restart too. The kernel
+// must have Landlock (Linux 5.13 and later).
+func TestUnreadable(t *testing.T) {
+	if _, err := landlockABI(); err != nil {
+		t.Fatalf("this kernel has no Landlock (%v): the test needs Linux 5.13 or later with landlock in its lsm= list", err)
+	}
+	dir := t.TempDir()
+	write := func(name string) string {
+		p := filepath.Join(dir, name)
+		os.MkdirAll(filepath.Dir(p), 0o700)
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	pin, beside := write("hsm.pin"), write("policy.yaml")
+	creds, other := write("credentials/keyward-pin"), write("other/file")
+	link := filepath.Join(dir, "other", "link-to-pin")
+	os.Symlink(pin, link)
+	cfg, rec, _ := setup(t, "crash-once")
+	cfg.Unreadable = []string{pin, filepath.Dir(creds), filepath.Join(dir, "not-there")}
+	cfg.Env["TESTPLUGIN_READ"] = strings.Join([]string{pin, creds, link, beside, other, "/etc/hostname"}, ":")
+	// The hidden files are under /tmp: the plugin gets a temporary
+	// directory of its own there, or go-plugin could not start it.
+	name := fmt.Sprintf("unreadable-%d", os.Getpid()) // the test's alone in /tmp
+	cfg.Name, cfg.Env["TESTPLUGIN_NAME"] = name, name
+	p := start(t, cfg)
+	// The first launch crashes on its first Create; the second reads again.
+	p.Call(context.Background(), func(ctx context.Context, c *pluginv1.Clients) error {
+		_, err := c.Rotator.Create(ctx, &pluginv1.CreateRequest{OperationId: "op-1", Credential: cred, Secret: []byte("s")})
+		return err
+	})
+	waitFor(t, func() bool { return p.Status().Launches == 2 && p.Status().State == Running })
+	b, _ := os.ReadFile(rec)
+	want := map[string]string{pin: "denied", creds: "denied", link: "denied", beside: "ok", other: "ok", "/etc/hostname": "ok"}
+	for path, verdict := range want {
+		line := "read " + path + " " + verdict + "\n"
+		if n := strings.Count(string(b), line); n != 2 {
+			t.Errorf("the plugin recorded %q %d times, want once per launch:\n%s", line, n, b)
+		}
+	}
+	// Its own temporary directory, and in it the second launch's (the
+	// first one's is removed); all of it goes with the plugin.
+	roots, _ := filepath.Glob(filepath.Join(os.TempDir(), "keyward-plugin-"+name+"-*"))
+	if len(roots) != 1 {
+		t.Fatalf("the plugin's temporary directories: %q, want 1", roots)
+	}
+	if launches, _ := filepath.Glob(filepath.Join(roots[0], "launch-*")); len(launches) != 1 {
+		t.Errorf("the launches' temporary directories: %q, want the running one's", launches)
+	}
+	p.Close()
+	if _, err := os.Stat(roots[0]); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the plugin's temporary directory is still there after Close: %v", err)
+	}
+}
+
+// TestUnreadableWithoutLandlock: on a kernel without Landlock (here a
+// stand-in for the call that asks it), the plugin still runs, and the log
+// says that it can read the PIN's source, once.
+func TestUnreadableWithoutLandlock(t *testing.T) {
+	saved := landlockABI
+	landlockABI = func() (int, error) { return 0, syscall.ENOSYS }
+	t.Cleanup(func() { landlockABI = saved })
+	pin := filepath.Join(t.TempDir(), "hsm.pin")
+	os.WriteFile(pin, []byte("x"), 0o600)
+	cfg, rec, logs := setup(t, "")
+	cfg.Unreadable = []string{pin}
+	cfg.Env["TESTPLUGIN_READ"] = pin
+	p := start(t, cfg)
+	if st := p.Status(); st.State != Running {
+		t.Fatalf("status %+v", st)
+	}
+	if b, _ := os.ReadFile(rec); !strings.Contains(string(b), "read "+pin+" ok\n") {
+		t.Errorf("the plugin did not read the file:\n%s", b)
+	}
+	if n := strings.Count(logs.String(), "the plugin can read the HSM PIN's source"); n != 1 {
+		t.Errorf("%d log lines say the plugin can read the PIN's source, want 1:\n%s", n, logs.String())
+	}
+}
+
+// TestUnreadableNotThere: paths to hide that do not exist hide nothing,
+// and do not hide everything else either.
+func TestUnreadableNotThere(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(file, []byte("x"), 0o600)
+	cfg, rec, _ := setup(t, "")
+	cfg.Unreadable = []string{filepath.Join(t.TempDir(), "gone", "hsm.pin")}
+	cfg.Env["TESTPLUGIN_READ"] = file
+	start(t, cfg)
+	if b, _ := os.ReadFile(rec); !strings.Contains(string(b), "read "+file+" ok\n") {
+		t.Errorf("the plugin could not read a file:\n%s", b)
+	}
+}
+
+// TestUnreadableNoEnv: a plugin configured with no environment at all,
+// whose temporary directory is on the way to the path to hide, runs.
+func TestUnreadableNoEnv(t *testing.T) {
+	pin := filepath.Join(t.TempDir(), "hsm.pin")
+	os.WriteFile(pin, []byte("x"), 0o600)
+	cfg, _, _ := setup(t, "")
+	cfg.Env, cfg.Unreadable = nil, []string{pin}
+	if st := start(t, cfg).Status(); st.State != Running {
+		t.Fatalf("status %+v", st)
+	}
+}
+
+// TestLauncherOutlivesPlugin: the thread a plugin's processes are started
+// from is still there after the plugin exited and was closed. Were it to
+// end, the kernel would send its Pdeathsig to every process that thread
+// ever started, and before it was locked the Go runtime may have used it
+// to start anything (pgtest's PostgreSQL server, in keywardd's tests).
+func TestLauncherOutlivesPlugin(t *testing.T) {
+	pin := filepath.Join(t.TempDir(), "hsm.pin")
+	os.WriteFile(pin, []byte("x"), 0o600)
+	cfg, _, _ := setup(t, "crash-once")
+	cfg.Unreadable = []string{pin}
+	p := start(t, cfg)
+	var tid int
+	p.onLauncher(func() error { tid = syscall.Gettid(); return nil })
+	p.Call(context.Background(), func(ctx context.Context, c *pluginv1.Clients) error {
+		_, err := c.Rotator.Create(ctx, &pluginv1.CreateRequest{OperationId: "op-1", Credential: cred, Secret: []byte("s")})
+		return err
+	})
+	waitFor(t, func() bool { return p.Status().Launches == 2 && p.Status().State == Running })
+	p.Close()
+	time.Sleep(200 * time.Millisecond)
+	if _, err := os.Stat(fmt.Sprintf("/proc/self/task/%d", tid)); err != nil {
+		t.Fatalf("the launcher thread %d ended: %v", tid, err)
+	}
 }
