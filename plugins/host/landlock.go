@@ -20,7 +20,7 @@ package host
 // beneath every entry of each directory on the way from / to P but the one
 // that leads to P. A plugin then reads all it could read before, except P
 // (all beneath it, for a directory) and entries made in those directories
-// after its first start. Symlinks among the entries get no rule (what they point
+// after it started. Symlinks among the entries get no rule (what they point
 // to is judged by its own path), and each entry is opened with O_NOFOLLOW,
 // so one swapped for a symlink after the listing gains nothing. What has
 // another name (a hard link, a bind mount) can still be read by that name.
