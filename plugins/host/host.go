@@ -238,10 +238,7 @@ type Plugin struct {
 	done   chan struct{}
 	closed sync.Once
 
-	launcher   chan func() // run on the launcher thread (startLauncher)
-	restricted bool        // the launcher thread is restricted (or cannot be); its own
-	tmpRoot    string      // the plugin's own temporary directory, if it needs one (privateTemp)
-	tmp        string      // the last launch's, beneath tmpRoot
+	noLandlock sync.Once // the error that the kernel has no Landlock is logged once
 }
 
 // Backoff of restarts: from minBackoff, doubling, to maxBackoff; a plugin
@@ -260,7 +257,6 @@ func Start(cfg Config) (*Plugin, error) {
 		return nil, err
 	}
 	p := &Plugin{cfg: cfg, status: Status{Name: cfg.Name, State: Starting, Since: time.Now()}, stop: make(chan struct{}), done: make(chan struct{})}
-	p.startLauncher()
 	err := p.launch()
 	if err != nil {
 		p.setState(Restarting, err)
@@ -277,17 +273,14 @@ func (p *Plugin) launch() error {
 		return err
 	}
 	defer f.Close()
-	if err := p.onLauncher(p.prepareLauncher); err != nil {
-		return fmt.Errorf("plugin %s was not started: %w", p.cfg.Name, err)
-	}
 	vars := map[string]string{}
 	maps.Copy(vars, p.cfg.Env)
-	p.removeTemp() // the previous launch's
-	if p.tmpRoot != "" {
-		if p.tmp, err = os.MkdirTemp(p.tmpRoot, "launch-"); err != nil {
-			return fmt.Errorf("plugin %s: %w", p.cfg.Name, err)
-		}
-		vars["TMPDIR"] = p.tmp
+	tmp, err := privateTemp(p.cfg.Name, vars["TMPDIR"], p.cfg.Unreadable)
+	if err != nil {
+		return err
+	}
+	if tmp != "" {
+		vars["TMPDIR"] = tmp
 	}
 	env := make([]string, 0, len(vars))
 	for _, k := range slices.Sorted(maps.Keys(vars)) {
@@ -310,9 +303,9 @@ func (p *Plugin) launch() error {
 		StartTimeout:     p.cfg.StartTimeout,
 		Logger:           newLogBridge(p.cfg.Log),
 	})
-	// The process (and go-plugin's handshake) is started on the launcher
-	// thread; client.Client then finds it started.
-	if err := p.onLauncher(func() error { _, err := client.Start(); return err }); err != nil {
+	started := make(chan error, 1)
+	go p.startOnThread(client, tmp, started)
+	if err := <-started; err != nil {
 		client.Kill()
 		return p.startError(err)
 	}
@@ -352,66 +345,52 @@ func (p *Plugin) launch() error {
 	return nil
 }
 
-// startLauncher starts the plugin's launcher: the OS thread its processes
-// are started from, which makes itself unable to read Config.Unreadable
-// before the first (landlock.go), and then runs what onLauncher gives it.
-// The thread never ends: the kernel sends a process its Pdeathsig when the
-// thread that started it ends, the plugin's and any other process that
-// thread started for the Go runtime before it was locked.
-func (p *Plugin) startLauncher() {
-	p.launcher = make(chan func())
-	go func() {
-		runtime.LockOSThread() // never unlocked, and this goroutine never returns
-		for fn := range p.launcher {
-			fn()
+// startOnThread starts the plugin's process (go-plugin's handshake
+// included) from an OS thread of its own, which first makes itself and
+// what it starts unable to read Config.Unreadable, and lives until the
+// process exits: the kernel sends the plugin its Pdeathsig when the thread
+// that started it ends. It sends the start's outcome on started, and
+// removes tmp (privateTemp) once the plugin is gone.
+func (p *Plugin) startOnThread(client *plugin.Client, tmp string, started chan<- error) {
+	runtime.LockOSThread() // never unlocked: the thread ends with this goroutine
+	if tmp != "" {
+		defer os.RemoveAll(tmp)
+	}
+	if len(p.cfg.Unreadable) > 0 {
+		err := restrictThread(p.cfg.Unreadable)
+		if errors.Is(err, errNoLandlock) {
+			p.noLandlock.Do(func() {
+				p.cfg.Log.Error("the plugin can read the HSM PIN's source: this kernel cannot keep it from doing so (Landlock, Linux 5.13 and later); run only plugins trusted as much as keywardd, see docs/plugins.md",
+					"unreadable", hiddenList(p.cfg.Unreadable), "error", err.Error())
+			})
+		} else if err != nil {
+			started <- &sandboxError{err}
+			return
 		}
-	}()
+	}
+	_, err := client.Start()
+	started <- err
+	if err != nil {
+		return
+	}
+	for !client.Exited() {
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
-// onLauncher runs fn on the launcher thread and returns its error.
-func (p *Plugin) onLauncher(fn func() error) error {
-	done := make(chan error, 1)
-	p.launcher <- func() { done <- fn() }
-	return <-done
-}
+// sandboxError is a failure to restrict the plugin before its start; it
+// is not one of go-plugin's.
+type sandboxError struct{ err error }
 
-// prepareLauncher, on the launcher thread, restricts it once: first it
-// makes the plugin a temporary directory of its own if need be
-// (privateTemp), while the thread may still make one the plugin can read.
-// Where the kernel has no Landlock it logs so, once, and the plugin runs
-// unrestricted.
-func (p *Plugin) prepareLauncher() error {
-	if p.restricted || len(p.cfg.Unreadable) == 0 {
-		return nil
-	}
-	if p.tmpRoot == "" {
-		root, err := privateTemp(p.cfg.Name, p.cfg.Env["TMPDIR"], p.cfg.Unreadable)
-		if err != nil {
-			return err
-		}
-		p.tmpRoot = root
-	}
-	err := restrictThread(p.cfg.Unreadable)
-	if errors.Is(err, errNoLandlock) {
-		p.cfg.Log.Error("the plugin can read the HSM PIN's source: this kernel cannot keep it from doing so (Landlock, Linux 5.13 and later); run only plugins trusted as much as keywardd, see docs/plugins.md",
-			"unreadable", hiddenList(p.cfg.Unreadable), "error", err.Error())
-		err = nil
-	}
-	p.restricted = err == nil
-	return err
-}
-
-// removeTemp removes the last launch's temporary directory, if it had one.
-func (p *Plugin) removeTemp() {
-	if p.tmp != "" {
-		os.RemoveAll(p.tmp)
-		p.tmp = ""
-	}
-}
+func (e *sandboxError) Error() string { return e.err.Error() }
+func (e *sandboxError) Unwrap() error { return e.err }
 
 // startError says what go-plugin's start-up error means, without quoting
 // what the plugin printed (it could be anything, a secret included).
 func (p *Plugin) startError(err error) error {
+	if se := (*sandboxError)(nil); errors.As(err, &se) {
+		return fmt.Errorf("plugin %s was not started: %w", p.cfg.Name, se.err)
+	}
 	msg := err.Error()
 	switch {
 	case strings.Contains(msg, "Failed to read any lines"):
@@ -544,9 +523,6 @@ func (p *Plugin) Close() {
 	p.mu.Unlock()
 	if c != nil {
 		c.Kill()
-	}
-	if p.tmpRoot != "" {
-		os.RemoveAll(p.tmpRoot)
 	}
 	p.setState(Stopped, nil)
 }

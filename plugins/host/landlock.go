@@ -25,18 +25,14 @@ package host
 // so one swapped for a symlink after the listing gains nothing. What has
 // another name (a hard link, a bind mount) can still be read by that name.
 // Should the plugin's temporary directory be one of those on the way (a
-// PIN file under /tmp), the plugin gets a directory of its own in it, made
-// before the rules, and a new one beneath it as TMPDIR for each launch
-// (privateTemp).
+// PIN file under /tmp), the plugin gets a directory of its own in it for
+// the launch, as TMPDIR (privateTemp).
 //
 // Go 1.26 cannot give a ruleset to a child process alone (SysProcAttr has no
-// Landlock field yet), so a plugin's processes are started from an OS
-// thread of its own (runtime.LockOSThread, never unlocked), which
-// restricts itself before the first. The rules are made then, from the
-// directories as they are when the plugin first starts. The thread never
-// ends: the kernel sends a process its Pdeathsig when the thread that
-// started it ends, and a thread the Go runtime used before it was locked
-// may have started others (a test's database server, say). The three
+// Landlock field yet), so each launch starts the plugin from an OS thread
+// of its own (runtime.LockOSThread, never unlocked) that restricts itself
+// first. The thread lives as long as the plugin: the kernel sends the
+// plugin its Pdeathsig when the thread that started it ends. The three
 // system calls are made here with x/sys/unix rather than through
 // go-landlock, whose rules are paths it opens following symlinks and whose
 // system-call package is marked unstable; the structures are those of
