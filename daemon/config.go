@@ -259,20 +259,6 @@ func (c *Config) hsmConfig() hsm.Config {
 		PINCredential: c.HSM.PINCredential, Sessions: c.HSM.Sessions, ScrubPINEnv: scrubPINEnv}
 }
 
-// unreadableByPlugins are the paths plugins may not read, though they run
-// as keywardd's user: the file the HSM PIN comes from, and the directory of
-// keywardd's systemd credentials (each of them is keywardd's alone).
-func (c *Config) unreadableByPlugins() []string {
-	var out []string
-	if p := c.hsmConfig().PINPath(); p != "" {
-		out = append(out, p)
-	}
-	if d := os.Getenv("CREDENTIALS_DIRECTORY"); filepath.IsAbs(d) {
-		out = append(out, d)
-	}
-	return out
-}
-
 // scrubPINEnv takes the PIN's variable out of keywardd's environment once
 // hsm has read it, before the HSM's module is loaded: no helper process the
 // module starts inherits it, and /proc/PID/environ no longer shows it

@@ -213,7 +213,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		})
 	}()
 	closers = append(closers, func() error { stopFlush(); <-flushed; return nil })
-	plugins := startPlugins(cfg.Plugins, cfg.unreadableByPlugins(), log)
+	plugins := startPlugins(cfg.Plugins, log)
 	closers = append(closers, func() error {
 		for _, p := range plugins {
 			p.Close()
@@ -484,14 +484,13 @@ func DeriveStoreKey(ctx context.Context, h *hsm.HSM) ([]byte, error) {
 	return h.HMACSHA256(ctx, StoreKey, []byte("keyward store key v1"))
 }
 
-// startPlugins starts the configured plugins, unable to read the paths
-// of unreadable. One that fails to start is logged and keeps being retried
-// with backoff; keywardd serves regardless, and GetStatus says where each
-// plugin is.
-func startPlugins(cfgs []PluginConfig, unreadable []string, log *slog.Logger) []*host.Plugin {
+// startPlugins starts the configured plugins. One that fails to start is
+// logged and keeps being retried with backoff; keywardd serves regardless,
+// and GetStatus says where each plugin is.
+func startPlugins(cfgs []PluginConfig, log *slog.Logger) []*host.Plugin {
 	var out []*host.Plugin
 	for _, c := range cfgs {
-		p, err := host.Start(host.Config{Name: c.Name, Path: c.Path, SHA256: c.SHA256, Env: c.Env, CallTimeout: c.CallTimeout, Log: log, Unreadable: unreadable})
+		p, err := host.Start(host.Config{Name: c.Name, Path: c.Path, SHA256: c.SHA256, Env: c.Env, CallTimeout: c.CallTimeout, Log: log})
 		if err != nil {
 			log.Error("a plugin did not start; it is retried with backoff", "plugin", c.Name, "error", err.Error())
 		}

@@ -114,35 +114,6 @@ func TestUnitRestartPolicy(t *testing.T) {
 	}
 }
 
-// TestUnitAllowsLandlock: the unit's system-call filter lets keywardd use
-// Landlock, with which it keeps plugins from reading the PIN's credential
-// (plugins/host): systemd 252's @system-service does not name those calls,
-// and refuses what it does not name with EPERM.
-func TestUnitAllowsLandlock(t *testing.T) {
-	b, err := os.ReadFile(unitFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	u := parseUnit(t, b)
-	allowed := map[string]bool{}
-	for _, line := range u["Service"]["SystemCallFilter"] {
-		if strings.HasPrefix(line, "~") {
-			t.Errorf("SystemCallFilter=%s: a deny list; the unit allows only what it names", line)
-		}
-		for f := range strings.FieldsSeq(line) {
-			allowed[f] = true
-		}
-	}
-	for _, call := range []string{"landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self"} {
-		if !allowed[call] {
-			t.Errorf("SystemCallFilter= does not allow %s", call)
-		}
-	}
-	if u.one(t, "Service", "NoNewPrivileges") != "yes" {
-		t.Error("NoNewPrivileges= is not yes")
-	}
-}
-
 // systemdDuration parses the few forms of time span the unit uses: 30s,
 // 15min, 1h.
 func systemdDuration(t *testing.T, s string) time.Duration {

@@ -3,10 +3,9 @@
 // others, nor its directory, owned by root or keywardd's user, and the
 // pinned SHA-256 over the very bytes it then executes), starts it with
 // hashicorp/go-plugin (gRPC only, AutoMTLS) in an environment of nothing but
-// what the configuration gives, unable to read the HSM PIN's source where
-// the kernel has Landlock (landlock.go), puts a deadline on every call,
-// restarts it with backoff when it crashes, makes the kernel kill it if
-// keywardd dies, and logs its lines in keywardd's log tagged with its name.
+// what the configuration gives, puts a deadline on every call, restarts it
+// with backoff when it crashes, makes the kernel kill it if keywardd dies,
+// and logs its lines in keywardd's log tagged with its name.
 //
 // The file is opened once per launch, read, hashed, and the bytes hashed
 // are copied into a sealed memory file (memfd) that is executed as
@@ -29,7 +28,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -61,11 +59,6 @@ type Config struct {
 	// Log receives the plugin's lines and the host's, tagged with the
 	// plugin's name; slog.Default() if nil.
 	Log *slog.Logger
-	// Unreadable are files and directories the plugin may not read,
-	// though keywardd's user may: the HSM PIN's source. Enforced with
-	// Landlock where the kernel has it (landlock.go); where it has not,
-	// the plugin runs all the same and an error is logged.
-	Unreadable []string
 }
 
 // Errors of the host.
@@ -237,8 +230,6 @@ type Plugin struct {
 	stop   chan struct{}
 	done   chan struct{}
 	closed sync.Once
-
-	noLandlock sync.Once // the error that the kernel has no Landlock is logged once
 }
 
 // Backoff of restarts: from minBackoff, doubling, to maxBackoff; a plugin
@@ -273,18 +264,9 @@ func (p *Plugin) launch() error {
 		return err
 	}
 	defer f.Close()
-	vars := map[string]string{}
-	maps.Copy(vars, p.cfg.Env)
-	tmp, err := privateTemp(p.cfg.Name, vars["TMPDIR"], p.cfg.Unreadable)
-	if err != nil {
-		return err
-	}
-	if tmp != "" {
-		vars["TMPDIR"] = tmp
-	}
-	env := make([]string, 0, len(vars))
-	for _, k := range slices.Sorted(maps.Keys(vars)) {
-		env = append(env, k+"="+vars[k])
+	env := make([]string, 0, len(p.cfg.Env))
+	for _, k := range slices.Sorted(maps.Keys(p.cfg.Env)) {
+		env = append(env, k+"="+p.cfg.Env[k])
 	}
 	cmd := &exec.Cmd{
 		Path: fmt.Sprintf("/proc/self/fd/%d", f.Fd()),
@@ -303,12 +285,6 @@ func (p *Plugin) launch() error {
 		StartTimeout:     p.cfg.StartTimeout,
 		Logger:           newLogBridge(p.cfg.Log),
 	})
-	started := make(chan error, 1)
-	go p.startOnThread(client, tmp, started)
-	if err := <-started; err != nil {
-		client.Kill()
-		return p.startError(err)
-	}
 	rpc, err := client.Client()
 	if err != nil {
 		client.Kill()
@@ -345,52 +321,9 @@ func (p *Plugin) launch() error {
 	return nil
 }
 
-// startOnThread starts the plugin's process (go-plugin's handshake
-// included) from an OS thread of its own, which first makes itself and
-// what it starts unable to read Config.Unreadable, and lives until the
-// process exits: the kernel sends the plugin its Pdeathsig when the thread
-// that started it ends. It sends the start's outcome on started, and
-// removes tmp (privateTemp) once the plugin is gone.
-func (p *Plugin) startOnThread(client *plugin.Client, tmp string, started chan<- error) {
-	runtime.LockOSThread() // never unlocked: the thread ends with this goroutine
-	if tmp != "" {
-		defer os.RemoveAll(tmp)
-	}
-	if len(p.cfg.Unreadable) > 0 {
-		err := restrictThread(p.cfg.Unreadable)
-		if errors.Is(err, errNoLandlock) {
-			p.noLandlock.Do(func() {
-				p.cfg.Log.Error("the plugin can read the HSM PIN's source: this kernel cannot keep it from doing so (Landlock, Linux 5.13 and later); run only plugins trusted as much as keywardd, see docs/plugins.md",
-					"unreadable", hiddenList(p.cfg.Unreadable), "error", err.Error())
-			})
-		} else if err != nil {
-			started <- &sandboxError{err}
-			return
-		}
-	}
-	_, err := client.Start()
-	started <- err
-	if err != nil {
-		return
-	}
-	for !client.Exited() {
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// sandboxError is a failure to restrict the plugin before its start; it
-// is not one of go-plugin's.
-type sandboxError struct{ err error }
-
-func (e *sandboxError) Error() string { return e.err.Error() }
-func (e *sandboxError) Unwrap() error { return e.err }
-
 // startError says what go-plugin's start-up error means, without quoting
 // what the plugin printed (it could be anything, a secret included).
 func (p *Plugin) startError(err error) error {
-	if se := (*sandboxError)(nil); errors.As(err, &se) {
-		return fmt.Errorf("plugin %s was not started: %w", p.cfg.Name, se.err)
-	}
 	msg := err.Error()
 	switch {
 	case strings.Contains(msg, "Failed to read any lines"):

@@ -5,9 +5,7 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"strings"
 	"sync"
@@ -101,21 +99,6 @@ func main() {
 		env = append(env, k)
 	}
 	record("env %s", strings.Join(env, ","))
-	// TESTPLUGIN_READ: files to try to read, colon-separated.
-	for _, path := range strings.Split(os.Getenv("TESTPLUGIN_READ"), ":") {
-		if path == "" {
-			continue
-		}
-		_, err := os.ReadFile(path)
-		switch {
-		case err == nil:
-			record("read %s ok", path)
-		case errors.Is(err, fs.ErrPermission):
-			record("read %s denied", path)
-		default:
-			record("read %s %v", path, err)
-		}
-	}
 	name := os.Getenv("TESTPLUGIN_NAME")
 	if name == "" {
 		name = "test"
