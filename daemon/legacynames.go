@@ -94,7 +94,7 @@ func (l *legacyNames) survey(ctx context.Context, km *keys.Manager, akm *apikeys
 	if len(found) == 0 {
 		return
 	}
-	log.Warn("names not in their canonical form (lower case, no trailing dot or dash): keywardd serves them but creates no new ones; rename them (docs/operations.md)", "counts", counts)
+	log.Warn("names not in their canonical form (case-folded, no invisible characters, no trailing dot, dash or space): keywardd serves them but creates no new ones; rename them (docs/operations.md)", "counts", counts)
 	for i, n := range found {
 		if i == maxNameWarnings {
 			log.Warn("more names not in their canonical form are not listed", "more", len(found)-i)

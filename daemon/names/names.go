@@ -3,7 +3,7 @@
 // tags. Two spellings of one name ("Orders", "orders.", "orders") would be
 // two keys, two owners or two tags to the store, to a policy glob, to a
 // filter and to a bulk revocation that meant one; so keywardd creates a name
-// only in its canonical form: case-folded, composed (NFC), with no trailing
+// only in its canonical form: NFKC_Casefold (below), with no trailing
 // dot or dash.
 //
 // Each kind keeps its own characters (a key name is 1 to 64 letters, digits,
@@ -18,14 +18,17 @@
 // only in case are one name. strings.ToLower is not that: "ſhop" and "shop",
 // or "ς-team" and "σ-team", are two lower-case strings that are one name
 // to anyone who ignores case (both upper-case to "SHOP", "Σ-TEAM"). So the
-// canonical form is Unicode's canonical caseless form (The Unicode Standard,
-// 3.13, D145): full case folding (golang.org/x/text/cases.Fold: "Straße"
-// is "strasse") of the decomposed name, composed again (NFC), so that
-// "café" typed with a combining accent is the same name too. Restricting
-// those names to ASCII was the other way; it would refuse names users have
-// every reason to write ("équipe-paris") and that stores already hold.
-// Compatibility forms stay distinct (full-width "ｓｈｏｐ" is not "shop"):
-// they are not case.
+// canonical form is Unicode's identifier caseless form, NFKC_Casefold (The
+// Unicode Standard, 3.13, D147): the name decomposed with compatibility
+// (NFKD: full-width "ｓｈｏｐ" and "ℙrod" are "shop" and "Prod"), invisible
+// format characters removed (a zero-width space or a soft hyphen would
+// make a name that looks like another but is not), fully case-folded
+// (golang.org/x/text/cases.Fold: "Straße" is "strasse"), and composed
+// again (NFKC), so that "café" typed with a combining accent is the same
+// name too; then without trailing dots, dashes (any Unicode dash) or
+// spaces. Restricting those names to ASCII was the other way; it would
+// refuse names users have every reason to write ("équipe-paris") and that
+// stores already hold.
 //
 // One correction is written here: cases.Fold turns Cherokee capital letters
 // into the small ones, and the small ones into the capitals, so that no
@@ -38,6 +41,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unicode"
 
 	"golang.org/x/text/cases"
 	"golang.org/x/text/unicode/norm"
@@ -46,11 +50,19 @@ import (
 // ErrNotCanonical is what Check's errors match.
 var ErrNotCanonical = errors.New("names: a name not in its canonical form")
 
-// Canonical is name's canonical form: case-folded, composed, without
-// trailing dots and dashes.
+// Canonical is name's canonical form: NFKC_Casefold, without trailing
+// dots, dashes and spaces.
 func Canonical(name string) string {
-	folded := cases.Fold().String(norm.NFD.String(name))
-	return strings.TrimRight(norm.NFC.String(strings.Map(cherokeeCapital, folded)), ".-")
+	visible := strings.Map(func(r rune) rune {
+		if unicode.Is(unicode.Cf, r) {
+			return -1
+		}
+		return r
+	}, norm.NFKD.String(name))
+	folded := strings.Map(cherokeeCapital, cases.Fold().String(visible))
+	return strings.TrimRightFunc(norm.NFKC.String(folded), func(r rune) bool {
+		return r == '.' || r == '\u3002' || unicode.Is(unicode.Pd, r) || unicode.IsSpace(r)
+	})
 }
 
 // cherokeeCapital maps a Cherokee small letter to its capital, as Unicode's
@@ -74,11 +86,11 @@ type notCanonical struct{ kind, name, canonical string }
 
 func (e *notCanonical) Error() string {
 	if e.canonical == "" {
-		return fmt.Sprintf("%s %q has no canonical form: a name is lower case (case-folded) and does not end with '.' or '-'", e.kind, e.name)
+		return fmt.Sprintf("%s %q has no canonical form: a name is lower case (case-folded), has no invisible characters and does not end with a dot, a dash or a space", e.kind, e.name)
 	}
 	if norm.NFC.String(e.name) == e.canonical {
 		// The two look alike: show the code points.
-		return fmt.Sprintf("%s %+q is not canonical: use %+q, the same letters composed (Unicode NFC)", e.kind, e.name, e.canonical)
+		return fmt.Sprintf("%s %+q is not canonical: use %+q, the same letters composed (Unicode NFKC)", e.kind, e.name, e.canonical)
 	}
 	return fmt.Sprintf("%s %q is not canonical: use %q", e.kind, e.name, e.canonical)
 }

@@ -20,7 +20,7 @@ func TestCheck(t *testing.T) {
 		{"Orders.-.", "orders", `key name "Orders.-." is not canonical: use "orders"`},
 		{"shop@EXAMPLE.com", "shop@example.com", `key name "shop@EXAMPLE.com" is not canonical: use "shop@example.com"`},
 		{"Prüf", "prüf", `key name "Prüf" is not canonical: use "prüf"`},
-		{"-", "", `key name "-" has no canonical form: a name is lower case (case-folded) and does not end with '.' or '-'`},
+		{"-", "", `key name "-" has no canonical form: a name is lower case (case-folded), has no invisible characters and does not end with a dot, a dash or a space`},
 		// Lower case is not enough: these are lower case, yet differ from
 		// their canonical form only in case (both upper-case alike).
 		{"ſhop", "shop", `key name "ſhop" is not canonical: use "shop"`},
@@ -29,9 +29,14 @@ func TestCheck(t *testing.T) {
 		{"Σ-TEAM", "σ-team", `key name "Σ-TEAM" is not canonical: use "σ-team"`},
 		{"\u212Aey", "key", "key name \"\u212aey\" is not canonical: use \"key\""}, // KELVIN SIGN
 		{"Straße", "strasse", `key name "Straße" is not canonical: use "strasse"`},
-		{"ǅemal", "ǆemal", `key name "ǅemal" is not canonical: use "ǆemal"`},
+		{"ǅemal", "džemal", `key name "ǅemal" is not canonical: use "džemal"`},
+		{"ｐｒｏｄ", "prod", `key name "ｐｒｏｄ" is not canonical: use "prod"`},
+		{"prod\u200b", "prod", `key name "prod\u200b" is not canonical: use "prod"`},
+		{"prod－", "prod", `key name "prod－" is not canonical: use "prod"`},
+		{"prod‐", "prod", `key name "prod‐" is not canonical: use "prod"`},
+		{"prod ", "prod", `key name "prod " is not canonical: use "prod"`},
 		// One accented letter, written decomposed: its composed form.
-		{"cafe\u0301", "caf\u00e9", `key name "cafe\u0301" is not canonical: use "caf\u00e9", the same letters composed (Unicode NFC)`},
+		{"cafe\u0301", "caf\u00e9", `key name "cafe\u0301" is not canonical: use "caf\u00e9", the same letters composed (Unicode NFKC)`},
 		{"caf\u00e9", "caf\u00e9", ""},
 		// Cherokee folds to its capitals, and cases.Fold alone swaps them.
 		{"\u13a0\u13f0", "\u13a0\u13f0", ""},
