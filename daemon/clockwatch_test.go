@@ -3,6 +3,8 @@ package daemon
 import (
 	"io"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 	"unsafe"
@@ -55,5 +57,42 @@ func TestClockWatchSeesRealJumps(t *testing.T) {
 	time.Sleep(10 * time.Millisecond)
 	if got := cw.jumped(); got != 0 {
 		t.Fatalf("10 ms of real time seen as a jump of %v", got)
+	}
+}
+
+// TestMarkerRefused: a marker file is taken only if root's and writable by
+// no one else, and never by a keywardd running as root (whose plugins could
+// make one).
+func TestMarkerRefused(t *testing.T) {
+	dir := t.TempDir()
+	mk := func(name string, mode os.FileMode, uid int) os.FileInfo {
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, nil, mode)
+		os.Chmod(p, mode)
+		os.Chown(p, uid, uid)
+		fi, err := os.Lstat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fi
+	}
+	os.Symlink("/etc/passwd", filepath.Join(dir, "link"))
+	link, _ := os.Lstat(filepath.Join(dir, "link"))
+	for _, tc := range []struct {
+		name string
+		fi   os.FileInfo
+		euid int
+		ok   bool
+	}{
+		{"root's 0644, keywardd as keyward", mk("a", 0o644, 0), 999, true},
+		{"root's 0600", mk("b", 0o600, 0), 999, true},
+		{"keywardd's own", mk("c", 0o644, 999), 999, false},
+		{"root's, group-writable", mk("d", 0o664, 0), 999, false},
+		{"a symlink", link, 999, false},
+		{"keywardd as root", mk("e", 0o644, 0), 0, false},
+	} {
+		if got := markerRefused(tc.fi, tc.euid, AcceptRollbackFile) == ""; got != tc.ok {
+			t.Errorf("%s: taken %v, want %v", tc.name, got, tc.ok)
+		}
 	}
 }

@@ -89,14 +89,17 @@ func TestRevocationNeverUndone(t *testing.T) {
 		t.Fatalf("the revoked key after the refusals: %v", got)
 	}
 	in.stop()
-	// The operator restores the older copy on purpose, and says so with
-	// the marker file (under systemd, the documented way).
+	// The operator restores the older copy on purpose, and says so (the
+	// test runs as root, whose keywardd takes no marker file: the flag).
 	os.WriteFile(db, older, 0o600)
 	marker := filepath.Join(in.cfg.DataDir, daemon.AcceptRollbackFile)
-	if err := os.WriteFile(marker, nil, 0o600); err != nil {
-		t.Fatal(err)
+	os.WriteFile(marker, nil, 0o644)
+	if err := runOnce(in); !errors.Is(err, store.ErrRolledBack) {
+		t.Fatalf("a marker file of a keywardd running as root was taken: %v", err)
 	}
+	in.accept = true
 	in.run()
+	in.accept = false
 	if _, err := os.Stat(marker); err == nil {
 		t.Fatal("the marker file is still there after the start it was for")
 	}
@@ -112,8 +115,8 @@ func TestRevocationNeverUndone(t *testing.T) {
 		t.Fatalf("the store an accepted rollback replaced, put back: %v", err)
 	}
 	b, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
-	if !strings.Contains(string(b), "keywardd.AcceptStoreRollback") {
-		t.Fatal("the accepted rollback is not in the audit log")
+	if !strings.Contains(string(b), "keywardd.AcceptStoreRollback") || !strings.Contains(in.logs.String(), "the operator accepted a store behind the audit log") {
+		t.Fatal("the accepted rollback is not in the audit log and keywardd's log")
 	}
 	if rep := verifyAudit(t, in); rep.BadLine != 0 || rep.TailTooLong {
 		t.Fatalf("audit verify: %+v", rep)

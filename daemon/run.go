@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/keyward/keyward/daemon/anomaly"
@@ -135,6 +136,9 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 	// The audit log before the store: its last line says how many writes
 	// the store had made, and a store with fewer is an older copy.
 	al, err := audit.Open(cfg.auditPath(), h, AuditKey, audit.Options{Now: o.Now})
+	if errors.Is(err, hsm.ErrKeyNotFound) {
+		return configError(fmt.Errorf("%w: the audit log's checkpoints were MACed by %s, which this token (%s) does not have: is hsm.token the token keywardd used with this audit log?", err, AuditKey, h.Token().Label))
+	}
 	if err != nil {
 		return fileError(err)
 	}
@@ -438,28 +442,32 @@ func openStore(ctx context.Context, cfg *Config, h *hsm.HSM, al *audit.Log, o Op
 	if err != nil {
 		return nil, fmt.Errorf("the store's key %s: %w", StoreKey, err)
 	}
-	acceptRollback := o.AcceptStoreRollback || marker(cfg.DataDir, AcceptRollbackFile)
-	acceptUnsealed := o.AcceptUnsealedStore || marker(cfg.DataDir, AcceptUnsealedFile)
+	acceptRollback := o.AcceptStoreRollback || marker(cfg.DataDir, AcceptRollbackFile, log)
+	acceptUnsealed := o.AcceptUnsealedStore || marker(cfg.DataDir, AcceptUnsealedFile, log)
 	acked := al.StoreWrites()
-	st, err := store.Open(path, store.Options{Key: key, Acknowledged: acked, AcceptRollback: acceptRollback, AllowUnsealed: made || acceptUnsealed})
+	// What the operator allowed is on record before it is done, or not done.
+	before := func(act store.Act, had, acknowledged uint64) error {
+		op, detail := "keywardd.AcceptStoreRollback", fmt.Sprintf("the operator accepted a store behind the audit log: it is at write %d where the audit log recorded write %d; every change recorded after that point in this log is undone; the store's count moves to %d", had, acknowledged, acknowledged+1)
+		if act == store.Sealing {
+			op, detail = "keywardd.AcceptUnsealedStore", "the operator accepted an unsealed store where this HSM token's keyward-store key shows a sealed one was: its records are sealed now as they are, unverified"
+		}
+		rec := audit.Record{Time: o.Now().UTC(), Op: op, Outcome: "ok", Caller: keywardd(), Detail: detail}
+		if err := al.AppendBefore(ctx, rec); err != nil {
+			return err
+		}
+		log.Warn(detail)
+		return nil
+	}
+	st, err := store.Open(path, store.Options{Key: key, Acknowledged: acked, AcceptRollback: acceptRollback, AllowUnsealed: made || acceptUnsealed, Before: before})
 	if err != nil {
 		return nil, err
 	}
 	os.Remove(filepath.Join(cfg.DataDir, AcceptRollbackFile)) // for this start only
 	os.Remove(filepath.Join(cfg.DataDir, AcceptUnsealedFile))
 	st.OnDamage(func(detail string) {
-		log.Error("keywardd's store is damaged: keywardd stopped serving; restore the store ("+store.Runbook+")", "found", detail)
+		log.Error("keywardd's store stopped serving; see "+store.Runbook, "found", detail)
 	})
 	al.SetStoreWrites(st.Writes)
-	if had, ok := st.AcceptedRollback(); ok {
-		rec := audit.Record{Time: o.Now().UTC(), Op: "keywardd.AcceptStoreRollback", Outcome: "ok", Caller: keywardd(),
-			Detail: fmt.Sprintf("the operator accepted a store behind the audit log: it was at write %d where the audit log recorded write %d; every change recorded after that point in this log is undone; the store's count is now %d", had, acked, st.Writes())}
-		if err := al.Append(ctx, rec); err != nil {
-			st.Close()
-			return nil, err
-		}
-		log.Warn("serving a store older than the audit log, as the operator accepted: redo what the audit log records after the store's time", "store_writes", had, "audit_log_writes", acked)
-	}
 	return st, nil
 }
 
@@ -472,10 +480,33 @@ const (
 	AcceptUnsealedFile = "accept-unsealed-store"
 )
 
-// marker reports whether dir/name exists.
-func marker(dir, name string) bool {
-	_, err := os.Lstat(filepath.Join(dir, name))
-	return err == nil
+// marker reports whether dir/name is there and root's own, and writable by
+// no one else: plugins run as keywardd's user, so a marker they could make
+// would let them roll the store back. A keywardd that runs as root takes
+// no marker (its plugins are root too): give it the flag instead.
+func marker(dir, name string, log *slog.Logger) bool {
+	fi, err := os.Lstat(filepath.Join(dir, name))
+	if err != nil {
+		return false
+	}
+	if why := markerRefused(fi, os.Geteuid(), name); why != "" {
+		log.Error("ignoring "+name+": "+why, "file", filepath.Join(dir, name))
+		return false
+	}
+	return true
+}
+
+// markerRefused says why a marker file fi is not taken by a keywardd
+// running as euid, or "".
+func markerRefused(fi os.FileInfo, euid int, name string) string {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	switch {
+	case euid == 0:
+		return "keywardd runs as root, and so do its plugins; start it once with -" + name + " instead"
+	case !ok || !fi.Mode().IsRegular() || st.Uid != 0 || fi.Mode().Perm()&0o022 != 0:
+		return "it must be a file of root's, writable by no one else (install -o root -m 0644 /dev/null ...)"
+	}
+	return ""
 }
 
 // DeriveStoreKey derives the key that authenticates the store's records

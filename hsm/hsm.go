@@ -406,6 +406,14 @@ func (h *HSM) acquire(ctx context.Context) (session, class, error) {
 	return s, classOK, nil
 }
 
+// tokenSaid reports whether err is the token's answer (it carries a return
+// code), not keyward's own.
+func tokenSaid(err error) bool {
+	var ckr pkcs11.Error
+	var e *Error
+	return errors.As(err, &ckr) || errors.As(err, &e) && e.Code != 0
+}
+
 // release returns a session after an operation and says what the
 // operation's error means: a doubtful or broken session is closed and never
 // pooled again, and a session that broke or says the token or the login is
@@ -414,7 +422,11 @@ func (h *HSM) release(s session, err error) class {
 	c := classify(err)
 	h.mu.Lock()
 	h.inUse--
-	if s.gen == h.gen && (c == classOK || c == classInput) {
+	if s.gen == h.gen && (c == classOK || (c == classInput || c == classSession) && tokenSaid(err)) {
+		// The token did work for a call (it answered, even a refusal, and
+		// did not say the session or the login is gone); an answer from the
+		// key cache (a key not found, a key refused at load) proves nothing
+		// of the connection.
 		h.proven = true
 	}
 	switch {

@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -265,7 +266,16 @@ func (l *Log) resume() (torn int64, err error) {
 	// The last line is anyone's to write (the chain's hashes are not
 	// keyed); the last checkpoint's count is MACed. The store must not be
 	// behind either.
-	cp, err := l.lastCheckpoint(lines)
+	// The tail's first line may be cut at the start of the MiB read: it is
+	// left to lastCheckpoint to read whole, from before it.
+	tail, from := lines, start
+	if start > 0 {
+		if cut := bytes.IndexByte(buf, '\n'); cut >= 0 && cut < end {
+			from += int64(cut + 1)
+			tail = bytes.Split(buf[cut+1:end], []byte("\n"))
+		}
+	}
+	cp, err := l.lastCheckpoint(tail, from)
 	if err != nil {
 		return 0, err
 	}
@@ -273,36 +283,64 @@ func (l *Log) resume() (torn int64, err error) {
 	return torn, nil
 }
 
-// lastCheckpoint returns the store's write count of the last checkpoint
-// among lines (the log's tail), after checking its MAC with the HSM, and
-// 0 if there is none with a count. A checkpoint whose MAC is wrong is
-// ErrDamaged.
-func (l *Log) lastCheckpoint(lines [][]byte) (uint64, error) {
-	for i := len(lines) - 1; i >= 0; i-- {
-		var ln line
-		if json.Unmarshal(lines[i], &ln) != nil || ln.Kind != "checkpoint" {
-			continue
+// lastCheckpoint returns the store's write count of the log's last
+// checkpoint, after checking its MAC with the HSM (0 for a checkpoint
+// written before keywardd recorded counts, or a log with none). lines is
+// the log's tail; when it holds no checkpoint, the file is read backwards
+// from where it starts (end), a MiB at a time, until one is found: lines
+// appended after it, however long, do not hide it. A checkpoint whose MAC
+// is wrong is ErrDamaged.
+func (l *Log) lastCheckpoint(lines [][]byte, end int64) (uint64, error) {
+	for {
+		for i := len(lines) - 1; i >= 0; i-- {
+			var ln line
+			if json.Unmarshal(lines[i], &ln) != nil || ln.Kind != "checkpoint" {
+				continue
+			}
+			return l.checkCheckpoint(ln)
 		}
-		var cp checkpoint
-		if json.Unmarshal(ln.Body, &cp) != nil || cp.StoreWrites == nil {
+		if end <= 0 {
 			return 0, nil
 		}
-		prev, err1 := hex.DecodeString(ln.Prev)
-		got, err2 := hex.DecodeString(cp.MAC)
-		id, err3 := parseKeyLabel(cp.Key)
-		if err1 != nil || err2 != nil || err3 != nil || len(prev) != 32 || id.Name != KeyName {
-			return 0, fmt.Errorf("%w: the last checkpoint of %s (line %d) is malformed; run keyward audit verify on it", ErrDamaged, l.f.Name(), ln.Seq)
+		start := max(0, end-(1<<20))
+		buf := make([]byte, end-start)
+		if _, err := l.f.ReadAt(buf, start); err != nil {
+			return 0, fmt.Errorf("audit: reading %s: %w", l.f.Name(), err)
 		}
-		want, err := l.mac.HMACSHA256(context.Background(), id, macInput([32]byte(prev), ln.Seq, cp.StoreWrites))
-		if err != nil {
-			return 0, fmt.Errorf("audit: checking the last checkpoint of %s: %w", l.f.Name(), err)
+		if start > 0 {
+			// The first line read may be cut: it is read whole next time.
+			cut := bytes.IndexByte(buf, '\n')
+			if cut < 0 {
+				return 0, fmt.Errorf("%w: %s holds a line over 1 MiB before its last checkpoint; run keyward audit verify on it", ErrDamaged, l.f.Name())
+			}
+			start += int64(cut + 1)
+			buf = buf[cut+1:]
 		}
-		if !hmac.Equal(got, want) {
-			return 0, fmt.Errorf("%w: the MAC of the last checkpoint of %s (line %d) is wrong: the log was rewritten, or it was written with another HSM token; run keyward audit verify on it", ErrDamaged, l.f.Name(), ln.Seq)
-		}
-		return *cp.StoreWrites, nil
+		lines, end = bytes.Split(bytes.TrimSuffix(buf, []byte("\n")), []byte("\n")), start
 	}
-	return 0, nil
+}
+
+// checkCheckpoint checks a checkpoint line's MAC and returns its count.
+func (l *Log) checkCheckpoint(ln line) (uint64, error) {
+	var cp checkpoint
+	prev, err1 := hex.DecodeString(ln.Prev)
+	err2 := json.Unmarshal(ln.Body, &cp)
+	got, err3 := hex.DecodeString(cp.MAC)
+	id, err4 := parseKeyLabel(cp.Key)
+	if err1 != nil || err2 != nil || err3 != nil || err4 != nil || len(prev) != 32 || id.Name != KeyName {
+		return 0, fmt.Errorf("%w: the last checkpoint of %s (line %d) is malformed; run keyward audit verify on it", ErrDamaged, l.f.Name(), ln.Seq)
+	}
+	want, err := l.mac.HMACSHA256(context.Background(), id, macInput([32]byte(prev), ln.Seq, cp.StoreWrites))
+	if err != nil {
+		return 0, fmt.Errorf("audit: checking the last checkpoint of %s: %w", l.f.Name(), err)
+	}
+	if !hmac.Equal(got, want) {
+		return 0, fmt.Errorf("%w: the MAC of the last checkpoint of %s (line %d) is wrong: the log was rewritten, or it was written with another HSM token; run keyward audit verify on it", ErrDamaged, l.f.Name(), ln.Seq)
+	}
+	if cp.StoreWrites == nil {
+		return 0, nil
+	}
+	return *cp.StoreWrites, nil
 }
 
 // StoreWrites is the store's write count the log's last line recorded when
@@ -350,10 +388,10 @@ func (l *Log) append(ctx context.Context, r Record, keep bool) error {
 		return fmt.Errorf("%w: it is closed", ErrUnavailable)
 	}
 	if err := l.Err(); err != nil {
-		l.sendMu.RUnlock()
 		if keep {
-			l.keepLate(r)
+			l.keepLate(r) // under sendMu: before Close's last write
 		}
+		l.sendMu.RUnlock()
 		return err
 	}
 	// A place in the queue first, even if ctx has ended meanwhile.
@@ -363,10 +401,10 @@ func (l *Log) append(ctx context.Context, r Record, keep bool) error {
 		select {
 		case l.reqs <- req:
 		case <-ctx.Done():
-			l.sendMu.RUnlock()
 			if keep {
 				l.keepLate(r)
 			}
+			l.sendMu.RUnlock()
 			return fmt.Errorf("%w: %v", ErrUnavailable, ctx.Err())
 		}
 	}
@@ -463,6 +501,33 @@ func (l *Log) flush(batch []*request, forceCheckpoint bool) {
 	for _, r := range batch {
 		r.done <- err
 	}
+}
+
+// maxField is the longest string a record keeps of a field: a caller's
+// key name or a refusal's message can be as long as a request (8 MiB), and
+// a line longer than the tail keywardd reads at start would stop it.
+const maxField = 1024
+
+// capped returns r with every string field cut to maxField bytes (saying
+// how much was cut).
+func capped(r Record) Record {
+	c := func(s *string) {
+		if len(*s) > maxField {
+			*s = strings.ToValidUTF8((*s)[:maxField], "") + fmt.Sprintf("...(%d bytes more)", len(*s)-maxField)
+		}
+	}
+	for _, f := range []*string{&r.Caller.Exe, &r.Caller.SHA256, &r.Op, &r.Key, &r.ContextSHA256, &r.Outcome, &r.Code, &r.Detail, &r.APIKey, &r.Result} {
+		c(f)
+	}
+	if len(r.Batch) > 0 {
+		r.Batch = slices.Clone(r.Batch)
+		for i := range r.Batch {
+			for _, f := range []*string{&r.Batch[i].Key, &r.Batch[i].ContextSHA256, &r.Batch[i].Outcome, &r.Batch[i].Code, &r.Batch[i].Detail} {
+				c(f)
+			}
+		}
+	}
+	return r
 }
 
 // keepLate keeps the record of a call the log could not record in time.
@@ -578,6 +643,7 @@ func (l *Log) write(batch []Record, forceCheckpoint bool) error {
 		return nil
 	}
 	for _, r := range batch {
+		r = capped(r)
 		r.StoreWrites = storeWrites
 		if err := add("record", r); err != nil {
 			return err
@@ -711,6 +777,7 @@ func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 	var rep Report
 	dec := json.NewDecoder(r)
 	var head [32]byte
+	var storeWrites uint64
 	fail := func(format string, a ...any) (Report, error) {
 		rep.BadLine = rep.Lines
 		rep.Problem = fmt.Sprintf(format, a...)
@@ -739,6 +806,16 @@ func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 		want := lineHash(head, ln.Seq, ln.Kind, ln.Body)
 		if ln.Hash != hex.EncodeToString(want[:]) {
 			return fail("its hash does not match its content: the line was changed")
+		}
+		var counted struct {
+			StoreWrites uint64 `json:"store_writes"`
+		}
+		json.Unmarshal(ln.Body, &counted)
+		if w := counted.StoreWrites; w > 0 {
+			if w < storeWrites {
+				return fail("the store's write count goes down, from %d to %d, which keywardd never writes: lines were added by someone else", storeWrites, w)
+			}
+			storeWrites = w
 		}
 		switch ln.Kind {
 		case "record":

@@ -282,6 +282,12 @@ type pending struct {
 	id       uint64
 	min, max []byte
 	top      bool // a page of the root bucket: every element is a bucket
+	// child: a page a branch points to, whose first key must be the
+	// branch's key for it (min). bbolt writes it so every time it writes
+	// the page, and finds the page in its parent by that key when it writes
+	// it again: a branch key that is not its child's first key makes bbolt
+	// corrupt its own tree on the next write.
+	child bool
 }
 
 // tree checks every page reached from the root bucket's root page.
@@ -293,6 +299,11 @@ func (c *checker) tree(root uint64) error {
 		buf, flags, err := c.read(p.id)
 		if err != nil {
 			return err
+		}
+		if p.child {
+			if err := firstKey(buf, p.min); err != nil {
+				return fmt.Errorf("page %d: %v", p.id, err)
+			}
 		}
 		switch flags {
 		case branchPage:
@@ -312,6 +323,31 @@ func (c *checker) tree(root uint64) error {
 		default:
 			return fmt.Errorf("page %d in a bucket's tree is not a branch or leaf page (flags %#x)", p.id, flags)
 		}
+	}
+	return nil
+}
+
+// firstKey checks that the page in buf (a branch's child) is not empty and
+// that its first key is want. Element bounds are checked by the caller.
+func firstKey(buf, want []byte) error {
+	n, err := elems(buf)
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		return errors.New("an empty page below a branch")
+	}
+	at := uint64(pageHeaderSize)
+	pos, ksize := uint64(le.Uint32(buf[at+4:])), uint64(le.Uint32(buf[at+8:])) // a leaf element
+	if le.Uint16(buf[8:]) == branchPage {
+		pos, ksize = uint64(le.Uint32(buf[at:])), uint64(le.Uint32(buf[at+4:]))
+	}
+	key, err := span(buf, pageHeaderSize+n*elemSize, at+pos, ksize)
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(key, want) {
+		return errors.New("its first key is not its branch's key for it")
 	}
 	return nil
 }
@@ -382,7 +418,7 @@ func branchElems(buf []byte, p pending) ([]pending, error) {
 		if i+1 < n {
 			max = keys[i+1]
 		}
-		out[i] = pending{id: ids[i], min: bytes.Clone(keys[i]), max: bytes.Clone(max), top: p.top}
+		out[i] = pending{id: ids[i], min: bytes.Clone(keys[i]), max: bytes.Clone(max), top: p.top, child: true}
 	}
 	return out, nil
 }

@@ -115,6 +115,17 @@ var legacyMigrations = []func(tx *bolt.Tx) error{
 	},
 }
 
+// Act is what Open does on an operator's say-so (Options.Before).
+type Act string
+
+const (
+	// Sealing: an unsealed store of an old schema is sealed.
+	Sealing Act = "seal an unsealed store"
+	// AcceptingRollback: a store behind the audit log is served, its count
+	// moved past the audit log's.
+	AcceptingRollback Act = "serve a store behind the audit log"
+)
+
 // Problem is how the store refuses: a message for the operator, and
 // ErrDamaged, ErrRolledBack or ErrUnavailable to match with errors.Is.
 type Problem struct {
@@ -163,6 +174,10 @@ type Options struct {
 	// operator says so: otherwise an unsealed store is a sealed one whose
 	// tags were cut off (ErrDamaged), since anyone can write one.
 	AllowUnsealed bool
+	// Before, if set, is told what Open is about to do that an operator
+	// allowed (Sealing an unsealed store, AcceptingRollback) before it does
+	// it; an error stops Open, changing nothing. keywardd audits there.
+	Before func(act Act, had, acknowledged uint64) error
 	// LockTimeout is how long Open waits for another process to let go of
 	// the file. Default 1 s.
 	LockTimeout time.Duration
@@ -217,7 +232,7 @@ func inUse(path string) error {
 // opened or read: a permission, the disk) is returned as it is.
 func refusal(path string, err error) error {
 	if errors.Is(err, ErrUnsealed) {
-		return &Problem{Err: ErrDamaged, Msg: fmt.Sprintf("store: %s is not sealed, but this HSM token's keyward-store key shows keywardd sealed its store before: the store's seals were cut off (so its records cannot be trusted), or a backup from before keywardd sealed its store was put back. keywardd changed nothing and does not serve from it: put a sealed copy back; if you put back such an old backup on purpose, start once with -accept-unsealed-store (see %s)", path, Runbook)}
+		return &Problem{Err: ErrDamaged, Msg: fmt.Sprintf("store: %s is not sealed, but this HSM token's keyward-store key shows keywardd sealed its store before: the store's seals were cut off (so its records cannot be trusted), a backup from before keywardd sealed its store was put back, or keywardd's first start after the upgrade that seals stores stopped before it sealed this one. keywardd changed nothing and does not serve from it: put a sealed copy back; if you put back such an old backup on purpose, or the upgrade's first start was cut short, start once with -accept-unsealed-store (see %s)", path, Runbook)}
 	}
 	if errors.Is(err, ErrRolledBack) {
 		return &Problem{Err: ErrRolledBack, Msg: fmt.Sprintf("store: %s is older than the last write keywardd acknowledged: %v. keywardd changed nothing and does not serve from it: put the newest copy back, or if there is none, start once with -accept-store-rollback (see %s)", path, unwrapMsg(err), Runbook)}
@@ -346,9 +361,20 @@ func (s *Store) load(rep fileReport, o Options) error {
 			return refusal(s.path, fmt.Errorf("%w: %s", ErrRolledBack, why))
 		}
 	}
+	before := func(act Act) error {
+		if o.Before == nil {
+			return nil
+		}
+		return o.Before(act, writes, o.Acknowledged)
+	}
 	s.digest = d
 	s.writes.Store(writes)
 	if !sealed {
+		if !fresh {
+			if err := before(Sealing); err != nil {
+				return err
+			}
+		}
 		if err := s.sealLegacy(schema); err != nil {
 			return err
 		}
@@ -356,6 +382,9 @@ func (s *Store) load(rep fileReport, o Options) error {
 	if had := s.writes.Load(); had < o.Acknowledged {
 		// Accepted: the write count moves past the acknowledged one, so
 		// that the store this one replaces, were it put back, is behind.
+		if err := before(AcceptingRollback); err != nil {
+			return err
+		}
 		s.accepted = &had
 		return s.bump(o.Acknowledged + 1)
 	}
@@ -609,12 +638,18 @@ func (s *Store) OnDamage(fn func(detail string)) { s.onDamage.Store(&fn) }
 // writeFailed turns a failed commit into ErrUnavailable, without the
 // file's path (callers' answers carry it).
 func writeFailed(err error) error {
-	why := "the disk refused the write"
+	why := errnoOf(err)
+	return &Problem{Err: ErrUnavailable, Msg: "store: keywardd's store cannot be written now (" + why + "); the change was not confirmed on disk: check whether it was made, then try again later"}
+}
+
+// errnoOf is what the system said of a failed write, without the file's
+// path.
+func errnoOf(err error) string {
 	var errno syscall.Errno
 	if errors.As(err, &errno) {
-		why = errno.Error()
+		return errno.Error()
 	}
-	return &Problem{Err: ErrUnavailable, Msg: "store: keywardd's store cannot be written now (" + why + "); the change was not confirmed on disk: check whether it was made, then try again later"}
+	return "the disk refused the write"
 }
 
 // SchemaVersion returns the schema version of the open file.
@@ -791,17 +826,24 @@ func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key str
 	return nil
 }
 
-// failedCommit answers a commit that failed, and learns what the store
-// holds now: when the sync of bbolt's meta page fails, the page is in the
-// page cache all the same and bbolt serves the transaction (txid) it
-// reported as failed, so then the digest and the count are read again from
-// the records. Under wmu.
+// failedCommit answers a commit that failed. When the sync of bbolt's meta
+// page is what failed, the page is in the page cache all the same and bbolt
+// serves the transaction (txid) it reported as failed, although the disk
+// may not hold it, nor (Linux marks pages whose write-back failed clean)
+// ever will: the store then stops writing until keywardd is restarted and
+// checks it again, as PostgreSQL stops at a failed fsync; the digest and
+// count are read back so that what it serves meanwhile verifies. Under wmu.
 func (s *Store) failedCommit(cause error, txid int) error {
+	if errors.Is(cause, bolterrors.ErrDatabaseNotOpen) {
+		return fmt.Errorf("store: closed: %w", ErrUnavailable)
+	}
+	served := false
 	err := guard(func() error {
 		return s.db.View(func(tx *bolt.Tx) error {
 			if tx.ID() != txid {
 				return nil // the transaction is not served: nothing changed
 			}
+			served = true
 			d, err := s.verify(tx)
 			if err != nil {
 				return err
@@ -815,8 +857,19 @@ func (s *Store) failedCommit(cause error, txid int) error {
 			return nil
 		})
 	})
-	if err != nil {
+	switch {
+	case errors.Is(err, ErrDamaged):
 		return s.fail(err)
+	case err != nil:
+		return writeFailed(cause)
+	case served:
+		p := &Problem{Err: ErrUnavailable, Msg: "store: keywardd's store could not confirm a write on disk (" + errnoOf(cause) + "), which may be lost whatever keywardd writes after it: keywardd stopped serving; restart it (it checks the store at start) once the disk is sound"}
+		if s.failed.CompareAndSwap(nil, p) {
+			if fn := s.onDamage.Load(); fn != nil {
+				(*fn)("a failed sync of the store's meta page: " + cause.Error())
+			}
+		}
+		return s.Err()
 	}
 	return writeFailed(cause)
 }

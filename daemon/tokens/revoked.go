@@ -94,16 +94,22 @@ func (r *Revoked) Sweep() (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	now := r.now()
-	n := 0
+	var gone []string
 	for jti, until := range r.until {
-		if until.Add(ClockMargin).After(now) {
-			continue
+		if !until.Add(ClockMargin).After(now) {
+			gone = append(gone, jti)
 		}
-		if err := r.store.Update(store.BucketRevokedTokens, jti, func([]byte) ([]byte, error) { return nil, nil }); err != nil {
-			return n, err
-		}
-		delete(r.until, jti)
-		n++
 	}
-	return n, nil
+	if len(gone) == 0 {
+		return 0, nil
+	}
+	// One transaction, one sync, however many: Is waits for the lock.
+	err := r.store.UpdateEachEmit(store.BucketRevokedTokens, gone, func(string, []byte) ([]byte, [][]byte, error) { return nil, nil, nil })
+	if err != nil {
+		return 0, err
+	}
+	for _, jti := range gone {
+		delete(r.until, jti)
+	}
+	return len(gone), nil
 }
