@@ -1,6 +1,6 @@
 # keyward's one entry point. `make run` and `make test` install what a fresh
 # Debian machine lacks (SoftHSM2, OpenSC, a C compiler for cgo, systemd's
-# systemd-analyze for checking the unit) first.
+# systemd-analyze for checking the unit, strace for failed-fsync tests) first.
 
 GO        ?= go
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -23,6 +23,7 @@ deps:
 	/usr/bin/python3 -c 'import jwt, cryptography' 2>/dev/null || missing="$$missing python3-jwt python3-cryptography"; \
 	[ -n "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || missing="$$missing postgresql"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v strace >/dev/null || missing="$$missing strace"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) apt-get update -qq && \
