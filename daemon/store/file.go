@@ -108,7 +108,6 @@ func boltPageSize(f *os.File, size int64) (int64, error) {
 
 // fileReport is what checkFile found in a sound file.
 type fileReport struct {
-	txid uint64
 	// metaDamaged says why the other meta page was not valid, if it was
 	// not. On its own that is no damage (a crash while bbolt wrote it, for
 	// a transaction never acknowledged), but if that transaction was
@@ -174,7 +173,6 @@ func checkFile(f *os.File) (fileReport, error) {
 	default:
 		m = metas[0]
 	}
-	rep.txid = m.txid
 	pages := uint64(size / pageSize)
 	switch {
 	case m.pgid < 4 || m.pgid > pages:
@@ -244,9 +242,6 @@ func (c *checker) read(id uint64) ([]byte, uint16, error) {
 }
 
 func (c *checker) freelist(id uint64) error {
-	if id == noFreelist {
-		return nil
-	}
 	buf, flags, err := c.read(id)
 	if err != nil {
 		return err

@@ -151,8 +151,6 @@ type Store struct {
 	digest digest     // of the records as committed
 	writes atomic.Uint64
 
-	accepted *uint64 // the write count of a store served behind the audit log (AcceptRollback)
-
 	failed   atomic.Pointer[Problem] // set when a record read at run time did not verify
 	onDamage atomic.Pointer[func(detail string)]
 }
@@ -331,13 +329,8 @@ func (s *Store) load(rep fileReport, o Options) error {
 			if schema, err = s.schema(tx); err != nil || schema > SchemaVersion {
 				return err
 			}
-			if d, err = s.verify(tx); err != nil {
-				return err
-			}
-			if writes, err = s.seal.checkIntegrity(meta.Get([]byte(integrityKey)), &d); err != nil {
-				return fmt.Errorf("%w: %v", ErrDamaged, err)
-			}
-			return nil
+			d, writes, err = s.verifyAll(tx)
+			return err
 		})
 	})
 	if err != nil {
@@ -385,19 +378,9 @@ func (s *Store) load(rep fileReport, o Options) error {
 		if err := before(AcceptingRollback); err != nil {
 			return err
 		}
-		s.accepted = &had
 		return s.bump(o.Acknowledged + 1)
 	}
 	return nil
-}
-
-// AcceptedRollback says whether Open served a store behind the audit log
-// because AcceptRollback said so, and the write count the store had.
-func (s *Store) AcceptedRollback() (had uint64, ok bool) {
-	if s.accepted == nil {
-		return 0, false
-	}
-	return *s.accepted, true
 }
 
 // bump sets the write count to writes, in a write of its own.
@@ -448,6 +431,20 @@ func (s *Store) verify(tx *bolt.Tx) (digest, error) {
 		return nil
 	})
 	return d, err
+}
+
+// verifyAll checks every record and the integrity record, and returns the
+// digest and the write count it vouches for.
+func (s *Store) verifyAll(tx *bolt.Tx) (digest, uint64, error) {
+	d, err := s.verify(tx)
+	if err != nil {
+		return d, 0, err
+	}
+	writes, err := s.seal.checkIntegrity(tx.Bucket([]byte(metaBucket)).Get([]byte(integrityKey)), &d)
+	if err != nil {
+		return d, 0, fmt.Errorf("%w: %v", ErrDamaged, err)
+	}
+	return d, writes, nil
 }
 
 // schema reads the sealed schema version.
@@ -584,36 +581,6 @@ func (s *Store) Err() error {
 	}
 	if p := s.failed.Load(); p != nil {
 		return p
-	}
-	return nil
-}
-
-// Verify reads every record again and checks it against the integrity
-// record, as Open does.
-func (s *Store) Verify() error {
-	if err := s.Err(); err != nil {
-		return err
-	}
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	err := guard(func() error {
-		return s.db.View(func(tx *bolt.Tx) error {
-			d, err := s.verify(tx)
-			if err != nil {
-				return err
-			}
-			if d != s.digest {
-				return fmt.Errorf("%w: the records are not those keywardd wrote", ErrDamaged)
-			}
-			_, err = s.seal.checkIntegrity(tx.Bucket([]byte(metaBucket)).Get([]byte(integrityKey)), &d)
-			if err != nil {
-				return fmt.Errorf("%w: %v", ErrDamaged, err)
-			}
-			return nil
-		})
-	})
-	if err != nil {
-		return s.fail(err)
 	}
 	return nil
 }
@@ -844,13 +811,9 @@ func (s *Store) failedCommit(cause error, txid int) error {
 				return nil // the transaction is not served: nothing changed
 			}
 			served = true
-			d, err := s.verify(tx)
+			d, writes, err := s.verifyAll(tx)
 			if err != nil {
 				return err
-			}
-			writes, err := s.seal.checkIntegrity(tx.Bucket([]byte(metaBucket)).Get([]byte(integrityKey)), &d)
-			if err != nil {
-				return fmt.Errorf("%w: %v", ErrDamaged, err)
 			}
 			s.digest = d
 			s.writes.Store(writes)
