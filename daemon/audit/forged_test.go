@@ -26,6 +26,27 @@ func appendForged(t *testing.T, path, kind string, body []byte) {
 	f.Close()
 }
 
+// rewriteLastCheckpoint replaces from with to in the body of the log's last
+// line, a checkpoint, and makes the line's hash anew: what someone without
+// the HSM key can do.
+func rewriteLastCheckpoint(t *testing.T, path, from, to string) {
+	t.Helper()
+	b, _ := os.ReadFile(path)
+	lines := bytes.Split(bytes.TrimSuffix(b, []byte("\n")), []byte("\n"))
+	var last line
+	json.Unmarshal(lines[len(lines)-1], &last)
+	if last.Kind != "checkpoint" {
+		t.Fatalf("the log ends with a %s", last.Kind)
+	}
+	last.Body = bytes.Replace(last.Body, []byte(from), []byte(to), 1)
+	prev, _ := hex.DecodeString(last.Prev)
+	hash := lineHash([32]byte(prev), last.Seq, last.Kind, last.Body)
+	last.Hash = hex.EncodeToString(hash[:])
+	lines[len(lines)-1], _ = json.Marshal(last)
+	os.WriteFile(path, append(bytes.Join(lines, []byte("\n")), '\n'), 0o600)
+}
+
+// base writes three records with the store at write 500, and a checkpoint.
 func base(t *testing.T) (string, MACer) {
 	h := macHSM(t)
 	path := filepath.Join(t.TempDir(), "audit.log")
@@ -36,6 +57,33 @@ func base(t *testing.T) (string, MACer) {
 	}
 	l.Close()
 	return path, h
+}
+
+// TestForgedLastLine: a line appended by someone without the HSM key (the
+// chain's hashes are not keyed) that records no store count does not lower
+// the count the log vouches for: the last checkpoint's, MACed, holds.
+func TestForgedLastLine(t *testing.T) {
+	path, h := base(t)
+	body, _ := json.Marshal(Record{Op: "KeyService.GetKey", Outcome: "ok"})
+	appendForged(t, path, "record", body)
+	l, err := Open(path, h, macKey, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if got := l.StoreWrites(); got != 500 {
+		t.Fatalf("after a forged last line the log vouches for write %d, want 500", got)
+	}
+}
+
+// TestForgedCheckpointRefused: a last checkpoint whose MAC is wrong (its
+// count edited, its line's hash made anew) stops Open with ErrDamaged.
+func TestForgedCheckpointRefused(t *testing.T) {
+	path, h := base(t)
+	rewriteLastCheckpoint(t, path, `"store_writes":500`, `"store_writes":1`)
+	if _, err := Open(path, h, macKey, Options{}); !errors.Is(err, ErrDamaged) {
+		t.Fatalf("a forged checkpoint: %v", err)
+	}
 }
 
 // TestForgedV1CheckpointRefused: a checkpoint of the old form (no store
