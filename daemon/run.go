@@ -562,11 +562,14 @@ func ensureKeys(ctx context.Context, km *keys.Manager, specs []keys.Spec) error 
 	return nil
 }
 
-// checkOwnKeys uses version 1 of each of keywardd's own keys once. An
-// adopted key is vetted only on first use, so a key the HSM holds in a form
-// keyward refuses (weaker than required, of another algorithm, or one of two
-// under one label) stops the start, with the exit code of a permanent
-// failure, rather than failing calls or checkpoints later.
+// checkOwnKeys uses version 1 of each of keywardd's own keys once, so that
+// a key the HSM holds in a form keyward refuses (weaker than required, of
+// another algorithm, or one of two under one label; the hsm package's
+// refusal at connect) or a mechanism the token lacks stops the start, with
+// the exit code of a permanent failure, rather than failing calls or
+// checkpoints later. An encryption key is tried with a decryption that
+// cannot authenticate: an encryption would use a nonce that keys' counts
+// of encryptions under the version do not hold.
 func checkOwnKeys(ctx context.Context, h *hsm.HSM, own []keys.Spec) error {
 	msg := []byte("keywardd start check")
 	for _, s := range own {
@@ -576,7 +579,9 @@ func checkOwnKeys(ctx context.Context, h *hsm.HSM, own []keys.Spec) error {
 		case keys.MAC:
 			_, err = h.HMACSHA256(ctx, id, msg)
 		case keys.Encrypt:
-			_, _, err = h.Encrypt(ctx, id, msg, nil)
+			if _, err = h.Decrypt(ctx, id, make([]byte, hsm.NonceSize), make([]byte, hsm.TagSize), nil); errors.Is(err, hsm.ErrDecrypt) {
+				err = nil // the token tried it
+			}
 		default:
 			err = fmt.Errorf("daemon: no check for purpose %q", s.Purpose)
 		}
