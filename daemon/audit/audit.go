@@ -27,6 +27,7 @@ import (
 	"io"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -143,6 +144,7 @@ type Log struct {
 	since  int      // records since the last checkpoint
 	lastCP time.Time
 	size   int64  // the file's length after the last write that reached the disk
+	buf    []byte // the writer's, for the lines of a batch
 	broken error  // set when a write failed, until a retry succeeds: Append fails meanwhile
 	outage outage // what happened while broken
 
@@ -168,8 +170,31 @@ type outage struct {
 
 type request struct {
 	rec  Record
-	keep bool // the call was done: if its record cannot be written now, it is kept and written late
+	body []byte // rec, encoded by its caller (encode)
+	keep bool   // the call was done: if its record cannot be written now, it is kept and written late
 	done chan error
+}
+
+// encode is a record's JSON, capped, without its store_writes: the writer
+// adds that (withStoreWrites). Callers encode their own records, in
+// parallel, so that the one writer only chains and writes them.
+func encode(r Record) ([]byte, error) {
+	r = capped(r)
+	r.StoreWrites = 0
+	return json.Marshal(r)
+}
+
+// withStoreWrites appends to dst an encoded record with its store_writes
+// added: the same bytes json.Marshal writes for the record with
+// StoreWrites set, as it is Record's last field and omitted when 0.
+func withStoreWrites(dst, body []byte, n uint64) []byte {
+	if n == 0 {
+		return append(dst, body...)
+	}
+	dst = append(dst, body[:len(body)-1]...)
+	dst = append(dst, `,"store_writes":`...)
+	dst = strconv.AppendUint(dst, n, 10)
+	return append(dst, '}')
 }
 
 // Open opens (or creates, mode 0600) the log at path and resumes its chain.
@@ -381,7 +406,13 @@ func (l *Log) Append(ctx context.Context, r Record) error { return l.append(ctx,
 func (l *Log) AppendBefore(ctx context.Context, r Record) error { return l.append(ctx, r, false) }
 
 func (l *Log) append(ctx context.Context, r Record, keep bool) error {
-	req := &request{rec: r, keep: keep, done: make(chan error, 1)}
+	body, err := encode(r)
+	if err != nil {
+		// Only a time outside years 0-9999 cannot be encoded: the clock
+		// is wrong, and the call is refused like any it cannot record.
+		return fmt.Errorf("%w: its record cannot be encoded: %v", ErrUnavailable, err)
+	}
+	req := &request{rec: r, body: body, keep: keep, done: make(chan error, 1)}
 	l.sendMu.RLock()
 	if l.closed.Load() {
 		l.sendMu.RUnlock()
@@ -468,15 +499,14 @@ func (l *Log) flush(batch []*request, forceCheckpoint bool) {
 	err := l.broken
 	if err == nil {
 		late, lost := l.takeLate()
-		var recs []Record
+		var bodies [][]byte
 		if len(late) > 0 || lost > 0 {
-			recs = append(recs, lateRecord(l.opt.Now(), "the audit log did not answer in time", late, lost))
-			recs = append(recs, late...)
+			bodies = encodeAll(append([]Record{lateRecord(l.opt.Now(), "the audit log did not answer in time", late, lost)}, late...))
 		}
 		for _, r := range batch {
-			recs = append(recs, r.rec)
+			bodies = append(bodies, r.body)
 		}
-		if err = l.write(recs, forceCheckpoint); err != nil {
+		if err = l.write(bodies, forceCheckpoint); err != nil {
 			l.putBackLate(late, lost)
 			// The cause without the file's path: callers' answers carry it.
 			cause := "the disk refused the write"
@@ -594,8 +624,7 @@ func (l *Log) retry() {
 	o := l.outage
 	late, lost := l.takeLate()
 	why := fmt.Sprintf("the audit log could not be written from %s until now (%s): keywardd refused every call meanwhile", o.since.UTC().Format(time.RFC3339Nano), o.cause)
-	recs := append([]Record{lateRecord(l.opt.Now(), why, late, lost)}, late...)
-	if err := l.write(recs, true); err != nil {
+	if err := l.write(encodeAll(append([]Record{lateRecord(l.opt.Now(), why, late, lost)}, late...)), true); err != nil {
 		l.putBackLate(late, lost)
 		return
 	}
@@ -604,25 +633,34 @@ func (l *Log) retry() {
 	l.changed()
 }
 
-func (l *Log) write(batch []Record, forceCheckpoint bool) error {
-	var buf bytes.Buffer
+// encodeAll encodes records the writer writes itself (of an outage, and
+// those kept late). One that cannot be encoded (a clock outside years
+// 0-9999) is written without its time, rather than not at all.
+func encodeAll(recs []Record) [][]byte {
+	out := make([][]byte, len(recs))
+	for i, r := range recs {
+		b, err := encode(r)
+		if err != nil {
+			r.Time = time.Time{}
+			r.Detail += fmt.Sprintf(" (its time could not be written: %v)", err)
+			b, _ = encode(r)
+		}
+		out[i] = b
+	}
+	return out
+}
+
+// write chains bodies (encoded records), adds a checkpoint when one is
+// due, and writes and syncs them with one write and one fsync.
+func (l *Log) write(bodies [][]byte, forceCheckpoint bool) error {
+	buf := l.buf[:0]
 	seq, head, since := l.seq, l.head, l.since
 	storeWrites := l.currentStoreWrites()
-	add := func(kind string, body any) error {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return err
-		}
+	add := func(kind string, body []byte) {
 		seq++
 		prev := head
-		head = lineHash(prev, seq, kind, b)
-		out, err := json.Marshal(line{Seq: seq, Prev: hex.EncodeToString(prev[:]), Kind: kind, Body: b, Hash: hex.EncodeToString(head[:])})
-		if err != nil {
-			return err
-		}
-		buf.Write(out)
-		buf.WriteByte('\n')
-		return nil
+		head = lineHash(prev, seq, kind, body)
+		buf = appendLine(buf, seq, prev, kind, body, head)
 	}
 	// checkpoint MACs the head of the chain. One the HSM cannot MAC now
 	// (it is away) is made later: the records are chained and on disk all
@@ -636,18 +674,18 @@ func (l *Log) write(batch []Record, forceCheckpoint bool) error {
 			return nil
 		}
 		l.macErr.Store(nil)
-		if err := add("checkpoint", checkpoint{Key: keyLabel(l.key), MAC: hex.EncodeToString(mac), StoreWrites: &storeWrites}); err != nil {
+		b, err := json.Marshal(checkpoint{Key: keyLabel(l.key), MAC: hex.EncodeToString(mac), StoreWrites: &storeWrites})
+		if err != nil {
 			return err
 		}
+		add("checkpoint", b)
 		since, checkpointed = 0, true
 		return nil
 	}
-	for _, r := range batch {
-		r = capped(r)
-		r.StoreWrites = storeWrites
-		if err := add("record", r); err != nil {
-			return err
-		}
+	var body []byte
+	for _, b := range bodies {
+		body = withStoreWrites(body[:0], b, storeWrites)
+		add("record", body)
 		if since++; since >= l.opt.CheckpointEvery {
 			if err := checkpoint(); err != nil {
 				return err
@@ -659,21 +697,43 @@ func (l *Log) write(batch []Record, forceCheckpoint bool) error {
 			return err
 		}
 	}
-	if buf.Len() == 0 {
+	if cap(buf) <= 1<<20 {
+		l.buf = buf // kept for the next batch, unless a rare one grew it past a MiB
+	}
+	if len(buf) == 0 {
 		return nil
 	}
-	if _, err := l.f.Write(buf.Bytes()); err != nil {
+	if _, err := l.f.Write(buf); err != nil {
 		return err
 	}
 	if err := l.f.Sync(); err != nil {
 		return err
 	}
 	l.seq, l.head, l.since = seq, head, since
-	l.size += int64(buf.Len())
+	l.size += int64(len(buf))
 	if checkpointed {
 		l.lastCP = time.Now()
 	}
 	return nil
+}
+
+// appendLine appends a line's JSON to dst: the bytes json.Marshal writes
+// for line{Seq: seq, Prev: hex(prev), Kind: kind, Body: body, Hash:
+// hex(hash)} and a newline, body being compact JSON (TestAppendLine holds
+// them equal), without json.Marshal's reflection and its compacting again
+// of what is compact already.
+func appendLine(dst []byte, seq uint64, prev [32]byte, kind string, body []byte, hash [32]byte) []byte {
+	dst = append(dst, `{"seq":`...)
+	dst = strconv.AppendUint(dst, seq, 10)
+	dst = append(dst, `,"prev":"`...)
+	dst = hex.AppendEncode(dst, prev[:])
+	dst = append(dst, `","kind":"`...)
+	dst = append(dst, kind...)
+	dst = append(dst, `","body":`...)
+	dst = append(dst, body...)
+	dst = append(dst, `,"hash":"`...)
+	dst = hex.AppendEncode(dst, hash[:])
+	return append(dst, "\"}\n"...)
 }
 
 func keyLabel(k hsm.KeyID) string { return fmt.Sprintf("%s v%d", k.Name, k.Version) }

@@ -20,7 +20,7 @@ import (
 
 var macKey = hsm.KeyID{Name: KeyName, Version: 1}
 
-func macHSM(t *testing.T) *hsm.HSM {
+func macHSM(t testing.TB) *hsm.HSM {
 	t.Helper()
 	h, _ := hsmtest.Open(t)
 	if err := h.CreateKey(context.Background(), macKey, hsm.HMACSHA256); err != nil {
@@ -566,5 +566,37 @@ func TestStallKeepsRecords(t *testing.T) {
 	}
 	if rep := verify(t, path, h); rep.BadLine != 0 {
 		t.Fatalf("%+v", rep)
+	}
+}
+
+// TestAppendLine holds the writer's hand-built lines equal to what
+// json.Marshal writes for them, the form Verify and every reader parse.
+func TestAppendLine(t *testing.T) {
+	recs := []Record{rec(1), {}, {Time: time.Date(9999, 12, 31, 23, 59, 59, 999999999, time.UTC), Op: "x<y>&z\u2028", Detail: "a \"quoted\" \\ \x00 \xff line\n",
+		Caller: Caller{UID: 1 << 31, Exe: "/bin/é"}, Batch: []Item{{Key: "k", Outcome: "ok"}, {Outcome: "error", Detail: strings.Repeat("x", 2000)}},
+		APIKey: "id", Result: "VALID", Items: 2}}
+	for i, r := range recs {
+		for _, n := range []uint64{0, 1, 1 << 63} {
+			body, err := encode(r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body = withStoreWrites(nil, body, n)
+			want := capped(r)
+			want.StoreWrites = n
+			wantBody, _ := json.Marshal(want)
+			if !bytes.Equal(body, wantBody) {
+				t.Fatalf("record %d, count %d: body\n%s\nwant\n%s", i, n, body, wantBody)
+			}
+			prev, hash := [32]byte{1, 2}, [32]byte{0xff, 3}
+			got := appendLine(nil, uint64(i)+1<<40, prev, "record", body, hash)
+			wantLine, _ := json.Marshal(line{Seq: uint64(i) + 1<<40, Prev: hex.EncodeToString(prev[:]), Kind: "record", Body: wantBody, Hash: hex.EncodeToString(hash[:])})
+			if !bytes.Equal(got, append(wantLine, '\n')) {
+				t.Fatalf("record %d: line\n%s\nwant\n%s", i, got, wantLine)
+			}
+		}
+	}
+	if _, err := encode(Record{Time: time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC)}); err == nil {
+		t.Fatal("a time past year 9999 was encoded")
 	}
 }

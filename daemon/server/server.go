@@ -237,7 +237,12 @@ func New(cfg Config) (*Server, *grpc.Server) {
 		// A batch of 100 items of 64 KiB fits; a request is read whole
 		// before the policy sees it, so nothing much larger is taken.
 		grpc.MaxRecvMsgSize(MaxRequest),
-		grpc.MaxConcurrentStreams(32),
+		// As many calls in flight on one connection as the default budget
+		// lets its caller have: a client that starts more waits for a
+		// stream (HTTP/2 flow control) instead of being refused; the
+		// caller's budget, counted in the tap before a request is read,
+		// bounds what all its connections hold.
+		grpc.MaxConcurrentStreams(uint32(policy.DefaultLimits.Calls)),
 	)
 	keywardv1.RegisterKeyServiceServer(gs, s)
 	keywardv1.RegisterEnvelopeServiceServer(gs, s)

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -20,6 +21,9 @@ var Callers = []int{1, 2, 4, 8}
 type Result struct {
 	OpsPerSec float64
 	P50, P99  time.Duration
+	// CPU is the process's CPU time (user and system, every thread: the
+	// callers' and, in process, the server's) per operation.
+	CPU time.Duration
 }
 
 // Run calls op b.N times in all, from callers goroutines at once, and
@@ -30,6 +34,7 @@ func Run(b *testing.B, callers int, op func() error) Result {
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	b.ResetTimer()
+	cpu0 := cpuTime()
 	start := time.Now()
 	for c := range callers {
 		wg.Go(func() {
@@ -45,16 +50,18 @@ func Run(b *testing.B, callers int, op func() error) Result {
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
+	cpu := cpuTime() - cpu0
 	b.StopTimer()
 	all := slices.Concat(lat...)
 	if len(all) == 0 {
 		return Result{}
 	}
 	slices.Sort(all)
-	r := Result{OpsPerSec: float64(len(all)) / elapsed.Seconds(), P50: percentile(all, 0.50), P99: percentile(all, 0.99)}
+	r := Result{OpsPerSec: float64(len(all)) / elapsed.Seconds(), P50: percentile(all, 0.50), P99: percentile(all, 0.99), CPU: cpu / time.Duration(len(all))}
 	b.ReportMetric(r.OpsPerSec, "ops/s")
 	b.ReportMetric(micros(r.P50), "p50-µs")
 	b.ReportMetric(micros(r.P99), "p99-µs")
+	b.ReportMetric(micros(r.CPU), "cpu-µs/op")
 	return r
 }
 
@@ -62,6 +69,15 @@ func Run(b *testing.B, callers int, op func() error) Result {
 func percentile(sorted []time.Duration, q float64) time.Duration {
 	i := int(q*float64(len(sorted))+0.5) - 1
 	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+// cpuTime is the CPU time the process has used, user and system.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
