@@ -740,16 +740,19 @@ func keyLabel(k hsm.KeyID) string { return fmt.Sprintf("%s v%d", k.Name, k.Versi
 
 // lineHash chains a line to the one before it.
 func lineHash(prev [32]byte, seq uint64, kind string, body []byte) [32]byte {
+	var head [len(lineDomain) + 32 + 8 + len("checkpoint\x00")]byte
+	b := append(append(head[:0], lineDomain...), prev[:]...)
+	b = binary.BigEndian.AppendUint64(b, seq)
+	b = append(append(b, kind...), 0)
 	h := sha256.New()
-	h.Write([]byte("keyward audit line v1\x00"))
-	h.Write(prev[:])
-	h.Write(binary.BigEndian.AppendUint64(nil, seq))
-	h.Write([]byte(kind + "\x00"))
+	h.Write(b)
 	h.Write(body)
 	var out [32]byte
 	h.Sum(out[:0])
 	return out
 }
+
+const lineDomain = "keyward audit line v1\x00"
 
 // macInput is what a checkpoint at seq MACs: the head of the chain before
 // it, and (version 2) the store's write count.

@@ -53,9 +53,9 @@ type Caller struct {
 	// it was started from, even if since replaced on disk).
 	ExeSHA256 string
 
-	mu    sync.Mutex // guards pidfd against Close while a call runs Alive
-	pidfd int        // -1 when there is none
-	start uint64     // process start time, clock ticks since boot
+	mu    sync.RWMutex // guards pidfd against Close while calls run Alive
+	pidfd int          // -1 when there is none
+	start uint64       // process start time, clock ticks since boot
 }
 
 // Resolver identifies callers and caches binary hashes by file identity
@@ -182,8 +182,8 @@ func (r *Resolver) inspect(c *Caller, accepted time.Time, byPID bool) error {
 // Call it before acting on a sensitive request, so that a reply cannot go
 // to a process that took over a dead caller's PID.
 func (c *Caller) Alive() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.mu.RLock() // the calls of a connection check at once
+	defer c.mu.RUnlock()
 	switch {
 	case c.pidfd == -2:
 		return fmt.Errorf("%w: its connection is closed", ErrGone)

@@ -34,6 +34,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"strings"
 	"sync"
@@ -74,14 +75,28 @@ var services = []*grpc.ServiceDesc{&keywardv1.KeyService_ServiceDesc, &keywardv1
 // Ops lists every operation name the policy may grant, "Service.Method".
 func Ops() []string {
 	var ops []string
-	for _, sd := range services {
-		svc := sd.ServiceName[strings.LastIndexByte(sd.ServiceName, '.')+1:]
-		for _, m := range sd.Methods {
-			ops = append(ops, svc+"."+m.MethodName)
-		}
+	for _, op := range eachOp {
+		ops = append(ops, op)
 	}
 	return ops
 }
+
+// eachOp yields each keyward.v1 method's gRPC name, "/keyward.v1.Service/
+// Method", and its operation name, "Service.Method".
+func eachOp(yield func(method, op string) bool) {
+	for _, sd := range services {
+		svc := sd.ServiceName[strings.LastIndexByte(sd.ServiceName, '.')+1:]
+		for _, md := range sd.Methods {
+			if !yield("/"+sd.ServiceName+"/"+md.MethodName, svc+"."+md.MethodName) {
+				return
+			}
+		}
+	}
+}
+
+// opNames maps gRPC method names to operation names (eachOp), so that
+// calls do not build them.
+var opNames = maps.Collect(eachOp)
 
 // MaxRequest is the largest request keywardd reads, in bytes.
 const MaxRequest = 8 << 20
@@ -383,8 +398,10 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	if end, ok := ctx.Value(endKey{}).(func()); ok {
 		defer end() // before the answer goes out: the client may call again at once
 	}
-	op := strings.TrimPrefix(info.FullMethod, "/keyward.v1.")
-	op = strings.Replace(op, "/", ".", 1)
+	op, ok := opNames[info.FullMethod]
+	if !ok {
+		op = strings.Replace(strings.TrimPrefix(info.FullMethod, "/keyward.v1."), "/", ".", 1)
+	}
 	c := &call{op: op}
 	if p, ok := peer.FromContext(ctx); ok {
 		if ai, ok := p.AuthInfo.(AuthInfo); ok {

@@ -27,9 +27,19 @@ type Result struct {
 }
 
 // Run calls op b.N times in all, from callers goroutines at once, and
-// reports ops/s, p50-µs and p99-µs. An error from op fails the benchmark.
+// reports ops/s, p50-µs, p99-µs and cpu-µs/op. An error from op fails the
+// benchmark.
 func Run(b *testing.B, callers int, op func() error) Result {
 	b.Helper()
+	return RunAtLeast(b, callers, 0, op)
+}
+
+// RunAtLeast is Run calling op at least calls times, whatever b.N is: for
+// a benchmark run once (-benchtime 1x) whose percentiles must still be of
+// a distribution.
+func RunAtLeast(b *testing.B, callers, calls int, op func() error) Result {
+	b.Helper()
+	total := int64(max(b.N, calls))
 	lat := make([][]time.Duration, callers)
 	var next atomic.Int64
 	var wg sync.WaitGroup
@@ -38,7 +48,7 @@ func Run(b *testing.B, callers int, op func() error) Result {
 	start := time.Now()
 	for c := range callers {
 		wg.Go(func() {
-			for next.Add(1) <= int64(b.N) {
+			for next.Add(1) <= total {
 				t0 := time.Now()
 				if err := op(); err != nil {
 					b.Error(err)
