@@ -282,6 +282,11 @@ func (m *Manager) Generation() uint64 {
 	return m.cacheGen
 }
 
+// Cached is Get from the cache the Manager keeps of the keys calls use,
+// which every change through the Manager clears: for a call's hot path.
+// The Key is shared: its caller must not change it.
+func (m *Manager) Cached(name string) (*Key, error) { return m.cached(name) }
+
 // cached returns the key from the cache, or reads and caches it.
 func (m *Manager) cached(name string) (*Key, error) {
 	m.cacheMu.RLock()

@@ -153,7 +153,7 @@ func (s *Server) MintToken(ctx context.Context, r *keywardv1.MintTokenRequest) (
 	if sub == "" {
 		sub = fmt.Sprintf("uid:%d", c.caller.UID)
 	}
-	k, err := s.cfg.Keys.Get(r.GetKeyName())
+	k, err := s.cfg.Keys.Cached(r.GetKeyName())
 	if err != nil {
 		return nil, err
 	}
