@@ -194,9 +194,7 @@ func BenchmarkDaemon(b *testing.B) {
 	ac = keywardv1.NewAPIKeyServiceClient(in.conn)
 	for _, n := range benchLevels {
 		row("mint-token-uncached", n, func() error { _, err := tc.MintToken(ctx, mintReq); return err })
-		b.Run(fmt.Sprintf("daemon=verify-api-key-watched/callers=%d", n), func(b *testing.B) {
-			res[key("verify-api-key-watched", n)] = benchload.Run(b, n, verifyAPIKey(limitedKey))
-		})
+		row("verify-api-key-watched", n, verifyAPIKey(limitedKey))
 	}
 	in.stop()
 	printTable(res, key)
@@ -245,7 +243,14 @@ func printTable(res map[string]benchload.Result, key func(string, int) string) {
 		{"ping", 1, durable, 0.8},
 		{"verify-api-key", 1, durable, 0.8},
 		{"verify-api-key-limits", 1, durable, 0.8},
-		{"verify-api-key-watched", 1, func(_ string, n int) float64 { return rate("verify-api-key-limits", n) }, 0.9},
+		// -limits' ratio to its floor, on this row's floor: the two ran
+		// minutes apart, on two keywardds.
+		{"verify-api-key-watched", 1, func(op string, n int) float64 {
+			if d := durable("verify-api-key-limits", n); d > 0 {
+				return rate("verify-api-key-limits", n) / d * durable(op, n)
+			}
+			return 0
+		}, 0.9},
 		{"verify-token", 1, durable, 0.8},
 		{"mint-token-cached", 1, durable, 0.8},
 		{"mint-token-uncached", 1, serial("hsm-sign"), 0.9},
@@ -255,7 +260,7 @@ func printTable(res map[string]benchload.Result, key func(string, int) string) {
 		{"batch-generate-data-key-100", 100, func(_ string, n int) float64 { return rate("hsm-encrypt", n) }, 0.9},
 	}
 	var b strings.Builder
-	var missed []string
+	var missed, unjudged []string
 	fmt.Fprintf(&b, "\nkeywardd against its floor, one run (%s)\n", time.Now().UTC().Format(time.RFC3339))
 	fmt.Fprintf(&b, "%-28s %7s %9s %9s %9s %7s %8s %9s %6s %5s\n", "call", "clients", "ops/s", "p50", "p99", "p99/p50", "cpu/op", "floor/s", "ratio", "want")
 	for _, row := range rows {
@@ -283,6 +288,9 @@ func printTable(res map[string]benchload.Result, key func(string, int) string) {
 						mark += " slow"
 						missed = append(missed, fmt.Sprintf("%s at %d clients: %.2f of its floor", row.op, n, ops/f))
 					}
+				} else {
+					mark += " unjudged"
+					unjudged = append(unjudged, fmt.Sprintf("%s at %d clients", row.op, n))
 				}
 			}
 			fmt.Fprintf(&b, "%-28s %7d %9.0f %9s %9s %7.1f %8s %9s %6s %5s%s\n", name, n, ops, r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond),
@@ -293,13 +301,18 @@ func printTable(res map[string]benchload.Result, key func(string, int) string) {
         with a ~300-byte line appended and group-committed (fsync) per call: what a call costs that must be on disk
         before it is answered. Each of keywardd's rows is compared with floor-durable run right before it (floor/s).
         An HSM-bound call's floor is 1/(1/HSM rate + 1/floor-durable); a batch's is the HSM rate;
-        verify-api-key-watched (anomaly detection and dynamic limits on) is against verify-api-key-limits.
+        verify-api-key-watched (anomaly detection and dynamic limits on) is against verify-api-key-limits, each
+        on its own floor.
 targets: ratio >= want; p99 <= 3 x p50 at 16 and 64 clients. cpu/op is the process's CPU (callers and server) per call.
 `)
-	if len(missed) == 0 {
-		b.WriteString("every target met in this run\n")
-	} else {
+	if len(unjudged) > 0 {
+		fmt.Fprintf(&b, "not judged (their floor's rows did not run: run the whole benchmark) (%d): %s\n", len(unjudged), strings.Join(unjudged, "; "))
+	}
+	switch {
+	case len(missed) > 0:
 		fmt.Fprintf(&b, "missed in this run (%d): %s\n", len(missed), strings.Join(missed, "; "))
+	case len(unjudged) == 0:
+		b.WriteString("every target met in this run\n")
 	}
 	fmt.Fprint(os.Stdout, b.String())
 }

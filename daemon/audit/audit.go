@@ -407,10 +407,13 @@ func (l *Log) AppendBefore(ctx context.Context, r Record) error { return l.appen
 
 func (l *Log) append(ctx context.Context, r Record, keep bool) error {
 	body, err := encode(r)
-	if err != nil {
-		// Only a time outside years 0-9999 cannot be encoded: the clock
-		// is wrong, and the call is refused like any it cannot record.
+	if err != nil && !keep {
+		// Only a time outside years 0-9999 cannot be encoded: the clock is
+		// wrong, and the act is not done.
 		return fmt.Errorf("%w: its record cannot be encoded: %v", ErrUnavailable, err)
+	}
+	if err != nil {
+		body = encodeTimeless(r, err) // the call was done: it is recorded all the same
 	}
 	req := &request{rec: r, body: body, keep: keep, done: make(chan error, 1)}
 	l.sendMu.RLock()
@@ -641,13 +644,20 @@ func encodeAll(recs []Record) [][]byte {
 	for i, r := range recs {
 		b, err := encode(r)
 		if err != nil {
-			r.Time = time.Time{}
-			r.Detail += fmt.Sprintf(" (its time could not be written: %v)", err)
-			b, _ = encode(r)
+			b = encodeTimeless(r, err)
 		}
 		out[i] = b
 	}
 	return out
+}
+
+// encodeTimeless encodes a record whose time could not be (err): without
+// its time, saying why in its detail.
+func encodeTimeless(r Record, err error) []byte {
+	r.Time = time.Time{}
+	r.Detail += fmt.Sprintf(" (its time could not be written: %v)", err)
+	b, _ := encode(r)
+	return b
 }
 
 // write chains bodies (encoded records), adds a checkpoint when one is

@@ -600,3 +600,35 @@ func TestAppendLine(t *testing.T) {
 		t.Fatal("a time past year 9999 was encoded")
 	}
 }
+
+// TestUnencodableTime: a call that was done is recorded even when its time
+// cannot be written (a clock past year 9999), without it and saying so; an
+// act that would be done only once recorded is refused.
+func TestUnencodableTime(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	h := macHSM(t)
+	l, err := Open(path, h, macKey, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	future := Record{Time: time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC), Op: "KeyService.DestroyKey", Key: "k", Outcome: "ok"}
+	if err := l.AppendBefore(context.Background(), future); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("AppendBefore of an unencodable record: %v, want ErrUnavailable", err)
+	}
+	if err := l.Append(context.Background(), future); err != nil {
+		t.Fatalf("Append of a done call's record: %v", err)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if rep := verify(t, path, h); rep.BadLine != 0 || rep.Records != 1 {
+		t.Fatalf("verify: %+v", rep)
+	}
+	f, _ := os.Open(path)
+	defer f.Close()
+	var got []Record
+	Records(f, func(r Record) error { got = append(got, r); return nil })
+	if len(got) != 1 || got[0].Op != future.Op || !got[0].Time.IsZero() || !strings.Contains(got[0].Detail, "its time could not be written") {
+		t.Fatalf("records: %+v", got)
+	}
+}

@@ -252,12 +252,13 @@ func New(cfg Config) (*Server, *grpc.Server) {
 		// A batch of 100 items of 64 KiB fits; a request is read whole
 		// before the policy sees it, so nothing much larger is taken.
 		grpc.MaxRecvMsgSize(MaxRequest),
-		// As many calls in flight on one connection as the default budget
-		// lets its caller have: a client that starts more waits for a
-		// stream (HTTP/2 flow control) instead of being refused; the
-		// caller's budget, counted in the tap before a request is read,
-		// bounds what all its connections hold.
-		grpc.MaxConcurrentStreams(uint32(policy.DefaultLimits.Calls)),
+		// The streams of a connection bound the answers it holds: a call
+		// leaves its caller's budget when its handler returns, but its
+		// stream (and the answer queued in it, which a client that grants
+		// no flow-control window never takes) lasts until the answer is
+		// written. So not more, though at 64 clients on one connection
+		// half of them wait for a stream (docs/performance.md).
+		grpc.MaxConcurrentStreams(32),
 	)
 	keywardv1.RegisterKeyServiceServer(gs, s)
 	keywardv1.RegisterEnvelopeServiceServer(gs, s)
