@@ -8,7 +8,7 @@ RUN_DIR   ?= .run
 BENCHTIME ?= 1s
 PKGS      := ./...
 
-.PHONY: all build run hsm-check test bench lint generate generate-check deps fuzz clean
+.PHONY: all build run hsm-check test bench profile lint generate generate-check deps fuzz clean
 
 all: build
 
@@ -49,9 +49,19 @@ hsm-check: deps build
 test: deps
 	$(GO) test -race -count=1 $(PKGS)
 
-## bench: every benchmark (HSM operations at 1, 2, 4, 8 callers: ops/s, p50, p99)
+## bench: every benchmark (ops/s, p50, p99, CPU per call; keywardd against its floor: docs/performance.md)
 bench: deps
 	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) $(PKGS)
+
+## profile: CPU, mutex and block profiles of one benchmark, BENCH in PKG, into PROFILE_DIR
+PROFILE_DIR ?= $(RUN_DIR)/profile
+BENCH       ?= BenchmarkDaemon/daemon=ping/callers=16$$
+PKG         ?= ./daemon/
+profile: deps
+	@mkdir -p $(PROFILE_DIR)
+	$(GO) test -run '^$$' -bench '$(BENCH)' -benchtime 5s -cpuprofile $(PROFILE_DIR)/cpu.out \
+		-mutexprofile $(PROFILE_DIR)/mutex.out -blockprofile $(PROFILE_DIR)/block.out -o $(PROFILE_DIR)/bench.test $(PKG)
+	@echo "read them with: go tool pprof -top -cum $(PROFILE_DIR)/bench.test $(PROFILE_DIR)/cpu.out (or mutex.out, block.out)"
 
 ## fuzz: run every fuzz target for FUZZTIME each (default 30s)
 FUZZTIME ?= 30s
