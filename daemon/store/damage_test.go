@@ -328,11 +328,17 @@ func TestEditedRecordsRefused(t *testing.T) {
 			otx.Rollback()
 			odb.Close()
 			db.Close()
+			through := boltVerified.Load()
 			for _, ack := range []uint64{f.writes, 0} {
 				_, err := Open(f.path, Options{Key: testKey, Acknowledged: ack})
 				if !errors.Is(err, ErrDamaged) && !(ack > 0 && errors.Is(err, ErrRolledBack)) {
 					t.Fatalf("acknowledged %d: %v", ack, err)
 				}
+			}
+			// Found by the walk of the file with plain reads, not through
+			// bbolt's map.
+			if boltVerified.Load() != through {
+				t.Fatal("Open verified the records through bbolt, not in checkFile's walk")
 			}
 		})
 	}
@@ -437,5 +443,47 @@ func TestLegacyStoreSealed(t *testing.T) {
 	db.Close()
 	if _, err := Open(path, Options{Key: testKey, AllowUnsealed: true}); !errors.Is(err, ErrDamaged) {
 		t.Fatalf("a sealed store without its integrity record: %v", err)
+	}
+}
+
+// TestChangedAfterWalk: a store file changed between checkFile's walk and
+// bbolt's open is not the file that was walked; Open then verifies what
+// bbolt opened, through bbolt.
+func TestChangedAfterWalk(t *testing.T) {
+	f := newFixture(t)
+	fh, err := os.Open(f.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := fileID(fh)
+	fh.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep := fileReport{id: id}
+	if !rep.same(f.path) {
+		t.Fatal("the same file, unchanged, is not the same")
+	}
+	db, err := bolt.Open(f.path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket([]byte(BucketRevokedTokens)).Delete([]byte("jti-05")) }); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	if rep.same(f.path) {
+		t.Fatal("a file written since it was read is the same")
+	}
+	// And the sound path: an unchanged store opens without bbolt's walk.
+	g := newFixture(t)
+	through := boltVerified.Load()
+	s, err := Open(g.path, Options{Key: testKey, Acknowledged: g.writes})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if boltVerified.Load() != through {
+		t.Fatal("an unchanged store was verified through bbolt")
 	}
 }

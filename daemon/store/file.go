@@ -22,6 +22,8 @@ import (
 	"hash/fnv"
 	"io"
 	"os"
+
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -113,6 +115,36 @@ type fileReport struct {
 	// a transaction never acknowledged), but if that transaction was
 	// acknowledged, its loss shows as a rollback: this says why.
 	metaDamaged string
+	// id is the file as it was read: what bbolt then opened is what was
+	// checked only if it is still the same (same).
+	id fileStamp
+}
+
+// fileStamp tells a file and its content apart from another's: device,
+// inode, size and the time of its last change (any write moves it).
+type fileStamp struct {
+	dev, ino uint64
+	size     int64
+	ctime    unix.Timespec
+}
+
+func fileID(f *os.File) (fileStamp, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return fileStamp{}, err
+	}
+	return fileStamp{dev: uint64(st.Dev), ino: st.Ino, size: st.Size, ctime: st.Ctim}, nil
+}
+
+// same says whether the file at path is still the one read.
+func (r fileReport) same(path string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	id, err := fileID(f)
+	return err == nil && id == r.id
 }
 
 // checkFile checks the structure of the bbolt file f: the page size and
@@ -121,7 +153,7 @@ type fileReport struct {
 // (ids, types, counts, element bounds, key order, each page reached once
 // and none both reached and free, none lost). A problem is returned as
 // ErrDamaged with what was found.
-func checkFile(f *os.File) (fileReport, error) {
+func checkFile(f *os.File, v visitor) (fileReport, error) {
 	fi, err := f.Stat()
 	if err != nil {
 		return fileReport{}, err
@@ -184,7 +216,7 @@ func checkFile(f *os.File) (fileReport, error) {
 	case m.freelist < 2 || m.freelist >= m.pgid:
 		return damaged("the freelist page %d is outside the %d pages in use", m.freelist, m.pgid)
 	}
-	c := &checker{f: f, pageSize: pageSize, hwm: m.pgid, seen: make([]bool, m.pgid), freed: make([]bool, m.pgid)}
+	c := &checker{f: f, pageSize: pageSize, hwm: m.pgid, seen: make([]bool, m.pgid), freed: make([]bool, m.pgid), visit: v}
 	c.seen[0], c.seen[1] = true, true
 	if err := c.freelist(m.freelist); err != nil {
 		return damaged("%v", err)
@@ -207,6 +239,19 @@ type checker struct {
 	hwm      uint64
 	seen     []bool // reached from a meta page
 	freed    []bool // listed in the freelist
+	visit    visitor
+}
+
+// visitor is shown, as the walk reads them, the top-level buckets, the
+// records in them, and any bucket inside one: what the store's check of
+// its content needs, read here with the same plain reads rather than
+// through bbolt's map, where each page's first touch is a page fault and
+// stays in the process's memory. A visitor keeps what it finds wrong
+// itself: the walk checks structure only.
+type visitor interface {
+	bucket(name []byte, seq uint64)
+	record(bucket, key, val []byte)
+	nested(bucket, key []byte)
 }
 
 // read reads page id and its overflow pages, checking its header.
@@ -214,7 +259,9 @@ func (c *checker) read(id uint64) ([]byte, uint16, error) {
 	if id < 2 || id >= c.hwm {
 		return nil, 0, fmt.Errorf("a reference to page %d, outside the %d pages in use", id, c.hwm)
 	}
-	head := make([]byte, pageHeaderSize)
+	// The first page whole, and the overflow after it once its count is
+	// checked: one read for nearly every page.
+	head := make([]byte, c.pageSize)
 	if _, err := c.f.ReadAt(head, int64(id)*c.pageSize); err != nil {
 		return nil, 0, fmt.Errorf("page %d: %v", id, err)
 	}
@@ -234,9 +281,13 @@ func (c *checker) read(id uint64) ([]byte, uint16, error) {
 		}
 		c.seen[i] = true
 	}
-	buf := make([]byte, int64(overflow+1)*c.pageSize)
-	if _, err := c.f.ReadAt(buf, int64(id)*c.pageSize); err != nil {
-		return nil, 0, fmt.Errorf("page %d: %v", id, err)
+	buf := head
+	if overflow > 0 {
+		buf = make([]byte, int64(overflow+1)*c.pageSize)
+		copy(buf, head)
+		if _, err := c.f.ReadAt(buf[c.pageSize:], int64(id+1)*c.pageSize); err != nil {
+			return nil, 0, fmt.Errorf("page %d: %v", id, err)
+		}
 	}
 	return buf, le.Uint16(head[8:]), nil
 }
@@ -276,7 +327,8 @@ func (c *checker) freelist(id uint64) error {
 type pending struct {
 	id       uint64
 	min, max []byte
-	top      bool // a page of the root bucket: every element is a bucket
+	top      bool   // a page of the root bucket: every element is a bucket
+	bucket   []byte // the top-level bucket the page is in, for the visitor; nil: the root's, or a nested bucket's
 	// child: a page a branch points to, whose first key must be the
 	// branch's key for it (min). bbolt writes it so every time it writes
 	// the page, and finds the page in its parent by that key when it writes
@@ -308,13 +360,11 @@ func (c *checker) tree(root uint64) error {
 			}
 			stack = append(stack, kids...)
 		case leafPage:
-			roots, err := leafElems(buf, p.min, p.max, p.top, true)
+			roots, err := leafElems(buf, p.min, p.max, p.top, true, p.bucket, c.visit)
 			if err != nil {
 				return fmt.Errorf("leaf page %d: %v", p.id, err)
 			}
-			for _, r := range roots {
-				stack = append(stack, pending{id: r})
-			}
+			stack = append(stack, roots...)
 		default:
 			return fmt.Errorf("page %d in a bucket's tree is not a branch or leaf page (flags %#x)", p.id, flags)
 		}
@@ -413,21 +463,23 @@ func branchElems(buf []byte, p pending) ([]pending, error) {
 		if i+1 < n {
 			max = keys[i+1]
 		}
-		out[i] = pending{id: ids[i], min: bytes.Clone(keys[i]), max: bytes.Clone(max), top: p.top, child: true}
+		out[i] = pending{id: ids[i], min: bytes.Clone(keys[i]), max: bytes.Clone(max), top: p.top, child: true, bucket: p.bucket}
 	}
 	return out, nil
 }
 
 // leafElems checks a leaf page (or a bucket's inline page) and returns the
 // root pages of the buckets it holds. top: every element must be a bucket;
-// nested: buckets may be held (inline pages hold none).
-func leafElems(buf []byte, min, max []byte, top, nested bool) ([]uint64, error) {
+// nested: buckets may be held (inline pages hold none). bucket, if not nil,
+// is the top-level bucket the page is in: its records and buckets are
+// shown to v (if not nil), as are the buckets of a top page.
+func leafElems(buf []byte, min, max []byte, top, nested bool, bucket []byte, v visitor) ([]pending, error) {
 	n, err := elems(buf)
 	if err != nil {
 		return nil, err
 	}
 	data := pageHeaderSize + n*elemSize
-	var roots []uint64
+	var roots []pending
 	var prev []byte
 	for i := range n {
 		e := buf[pageHeaderSize+i*elemSize:]
@@ -448,21 +500,36 @@ func leafElems(buf []byte, min, max []byte, top, nested bool) ([]uint64, error) 
 		case flags == 0 && top:
 			return nil, fmt.Errorf("element %d is a record where only buckets belong", i)
 		case flags == 0:
+			if v != nil && bucket != nil {
+				v.record(bucket, key, val)
+			}
 			continue
 		case !nested:
 			return nil, fmt.Errorf("element %d is a bucket inside an inline bucket", i)
 		case len(val) < bucketHeader:
 			return nil, fmt.Errorf("element %d is a bucket with a %d-byte header", i, len(val))
 		}
+		// A bucket: a top-level one, named by its key, or one inside a
+		// top-level bucket, whose content is not shown.
+		var in []byte
+		switch {
+		case top:
+			in = key
+			if v != nil {
+				v.bucket(key, le.Uint64(val[8:]))
+			}
+		case v != nil && bucket != nil:
+			v.nested(bucket, key)
+		}
 		if root := le.Uint64(val); root != 0 {
-			roots = append(roots, root)
+			roots = append(roots, pending{id: root, bucket: in})
 			continue
 		}
 		inline := val[bucketHeader:]
 		if len(inline) < pageHeaderSize || le.Uint16(inline[8:]) != leafPage {
 			return nil, fmt.Errorf("element %d is an inline bucket without a leaf page", i)
 		}
-		if _, err := leafElems(inline, nil, nil, false, false); err != nil {
+		if _, err := leafElems(inline, nil, nil, false, false, in, v); err != nil {
 			return nil, fmt.Errorf("element %d's inline bucket: %v", i, err)
 		}
 	}

@@ -86,7 +86,7 @@ func TestBboltFilesPass(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, err = checkFile(f)
+		_, err = checkFile(f, nil)
 		f.Close()
 		if err != nil {
 			t.Fatalf("after commit %d checkFile refused a file bbolt wrote: %v", round, err)
@@ -139,7 +139,7 @@ func FuzzCheckFile(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, err = checkFile(fh)
+		_, err = checkFile(fh, nil)
 		fh.Close()
 		if err != nil || len(data) == 0 {
 			return

@@ -17,11 +17,13 @@ package store
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -195,8 +197,12 @@ func Open(path string, o Options) (*Store, error) {
 		return nil, fmt.Errorf("store: data directory: %w", err)
 	}
 	var rep fileReport
+	var walked *digester // the records as checkPath read them
 	if fi, err := os.Stat(path); err == nil && fi.Size() > 0 {
-		if rep, err = checkPath(path, o.LockTimeout); err != nil {
+		walked = newDigester(seal).parallel(runtime.GOMAXPROCS(0))
+		rep, err = checkPath(path, o.LockTimeout, walked)
+		walked.finish()
+		if err != nil {
 			return nil, refusal(path, err)
 		}
 	}
@@ -214,7 +220,10 @@ func Open(path string, o Options) (*Store, error) {
 	case err != nil:
 		return nil, refusal(path, fmt.Errorf("store: opening %s: %w", path, err))
 	}
-	if err := s.load(rep, o); err != nil {
+	if walked != nil && !rep.same(path) {
+		walked = nil // changed since it was read: verified again through bbolt
+	}
+	if err := s.load(rep, o, walked); err != nil {
 		s.db.Close()
 		return nil, err
 	}
@@ -263,7 +272,7 @@ func trimPrefix(s, p string) string {
 // checkPath checks the file's structure under a shared lock, which waits
 // for and keeps out any writer, then drops the pages it read from the page
 // cache: keywardd's own map then holds only the pages its calls use.
-func checkPath(path string, timeout time.Duration) (fileReport, error) {
+func checkPath(path string, timeout time.Duration, v visitor) (fileReport, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return fileReport{}, fmt.Errorf("store: %w", err)
@@ -283,9 +292,12 @@ func checkPath(path string, timeout time.Duration) (fileReport, error) {
 	var rep fileReport
 	err = guard(func() error {
 		var err error
-		rep, err = checkFile(f)
+		rep, err = checkFile(f, v)
 		return err
 	})
+	if err == nil {
+		rep.id, err = fileID(f)
+	}
 	unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED) // advice: nothing to do if refused
 	return rep, err
 }
@@ -305,7 +317,7 @@ func guard(fn func() error) (err error) {
 // load verifies every record against the integrity record (or seals a
 // store of an older schema, or initializes a new one), checks the write
 // count against the audit log's, and migrates.
-func (s *Store) load(rep fileReport, o Options) error {
+func (s *Store) load(rep fileReport, o Options, walked *digester) error {
 	var (
 		sealed bool
 		schema int
@@ -329,7 +341,15 @@ func (s *Store) load(rep fileReport, o Options) error {
 			if schema, err = s.schema(tx); err != nil || schema > SchemaVersion {
 				return err
 			}
-			d, writes, err = s.verifyAll(tx)
+			if walked == nil {
+				boltVerified.Add(1)
+				d, writes, err = s.verifyAll(tx)
+				return err
+			}
+			if d, err = walked.done(); err != nil {
+				return err
+			}
+			d, writes, err = s.integrity(tx, d)
 			return err
 		})
 	})
@@ -399,38 +419,169 @@ func (s *Store) bump(writes uint64) error {
 }
 
 // verify checks every record's tag and the buckets of the schema, and
-// returns the digest of the records.
+// returns the digest of the records, through bbolt (after a failed commit;
+// at start, checkFile's walk shows the records to a digester).
 func (s *Store) verify(tx *bolt.Tx) (digest, error) {
-	var d digest
-	known := map[string]bool{metaBucket: true}
+	g := s.digester()
+	err := tx.ForEach(func(name []byte, b *bolt.Bucket) error {
+		g.bucket(name, b.Sequence())
+		c := b.Cursor()
+		for k, v := c.First(); k != nil && g.err == nil; k, v = c.Next() {
+			if v == nil {
+				g.nested(name, k)
+			} else {
+				g.record(name, k, v)
+			}
+		}
+		return g.err
+	})
+	if err != nil {
+		return digest{}, err
+	}
+	return g.done()
+}
+
+// boltVerified counts the starts that verified the records through bbolt,
+// not through checkFile's walk (tests).
+var boltVerified atomic.Int64
+
+// digester checks what it is shown of a store (a visitor) as verify
+// checks it: the buckets are the schema's, every record's tag holds, no
+// bucket is inside another; and sums the digest. It keeps the first
+// problem.
+type digester struct {
+	seal  *sealer
+	d     digest
+	known map[string]bool // the schema's buckets, true once seen
+	err   error
+
+	// In parallel (checkFile's walk at start, where the records' MACs are
+	// most of the time): records go to workers in batches, each summing a
+	// digest of its own; XOR does not mind the order.
+	batch []shown
+	work  chan []shown
+	wg    sync.WaitGroup
+	mu    sync.Mutex // guards wd and werr, the workers' sum and first problem
+	wd    digest
+	werr  error
+}
+
+// shown is a record a digester was shown.
+type shown struct{ bucket, key, val []byte }
+
+// parallel has n workers check the records; finish must follow.
+func (g *digester) parallel(n int) *digester {
+	g.work = make(chan []shown, 2*n)
+	for range n {
+		g.wg.Go(func() {
+			for b := range g.work {
+				var d digest
+				var err error
+				for _, r := range b {
+					var e [sha256.Size]byte
+					if e, err = g.check(r.bucket, r.key, r.val); err != nil {
+						break
+					}
+					d.xor(e)
+				}
+				g.mu.Lock()
+				g.wd.xor(d)
+				if g.werr == nil {
+					g.werr = err
+				}
+				g.mu.Unlock()
+			}
+		})
+	}
+	return g
+}
+
+// finish waits for the workers, and takes their sum and first problem.
+func (g *digester) finish() {
+	if g.work == nil {
+		return
+	}
+	if len(g.batch) > 0 {
+		g.work <- g.batch
+	}
+	close(g.work)
+	g.wg.Wait()
+	g.work, g.batch = nil, nil
+	g.d.xor(g.wd)
+	if g.err == nil {
+		g.err = g.werr
+	}
+}
+
+func (s *Store) digester() *digester { return newDigester(s.seal) }
+
+func newDigester(seal *sealer) *digester {
+	g := &digester{seal: seal, known: map[string]bool{metaBucket: false}}
 	for _, b := range buckets {
-		known[b] = true
-		if tx.Bucket([]byte(b)) == nil {
-			return d, fmt.Errorf("%w: the bucket %q is missing", ErrDamaged, b)
+		g.known[b] = false
+	}
+	return g
+}
+
+func (g *digester) bucket(name []byte, seq uint64) {
+	if g.err != nil {
+		return
+	}
+	if _, ok := g.known[string(name)]; !ok {
+		g.err = fmt.Errorf("%w: a bucket %q that is not in the schema", ErrDamaged, name)
+		return
+	}
+	g.known[string(name)] = true
+	g.d.xor(g.seal.sequence(name, seq))
+}
+
+func (g *digester) nested(bucket, key []byte) {
+	if g.err == nil {
+		g.err = fmt.Errorf("%w: a bucket %q inside the bucket %q", ErrDamaged, key, bucket)
+	}
+}
+
+func (g *digester) record(bucket, key, val []byte) {
+	if g.err != nil || string(bucket) == metaBucket && string(key) == integrityKey {
+		return
+	}
+	if g.work != nil {
+		if g.batch = append(g.batch, shown{bucket, key, val}); len(g.batch) == 512 {
+			g.work <- g.batch
+			g.batch = nil
+		}
+		return
+	}
+	e, err := g.check(bucket, key, val)
+	if err != nil {
+		g.err = err
+		return
+	}
+	g.d.xor(e)
+}
+
+// check checks a record's tag and returns its share of the digest.
+func (g *digester) check(bucket, key, val []byte) ([sha256.Size]byte, error) {
+	_, t, err := g.seal.open(bucket, key, val)
+	if err != nil {
+		return [sha256.Size]byte{}, fmt.Errorf("%w: the record %q of the bucket %q: %v (a damaged disk, an edited file, or a store written with another HSM token's keyward-store key)", ErrDamaged, key, bucket, err)
+	}
+	return g.seal.element(t), nil
+}
+
+// done is the digest, or the first problem found, or the first bucket of
+// the schema not seen.
+func (g *digester) done() (digest, error) {
+	g.finish()
+	if g.err != nil {
+		return digest{}, g.err
+	}
+	for _, b := range append([]string{metaBucket}, buckets...) {
+		if !g.known[b] {
+			return digest{}, fmt.Errorf("%w: the bucket %q is missing", ErrDamaged, b)
 		}
 	}
-	err := tx.ForEach(func(name []byte, b *bolt.Bucket) error {
-		if !known[string(name)] {
-			return fmt.Errorf("%w: a bucket %q that is not in the schema", ErrDamaged, name)
-		}
-		d.xor(s.seal.sequence(name, b.Sequence()))
-		c := b.Cursor()
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			if v == nil {
-				return fmt.Errorf("%w: a bucket %q inside the bucket %q", ErrDamaged, k, name)
-			}
-			if string(name) == metaBucket && string(k) == integrityKey {
-				continue
-			}
-			_, t, err := s.seal.open(name, k, v)
-			if err != nil {
-				return fmt.Errorf("%w: the record %q of the bucket %q: %v (a damaged disk, an edited file, or a store written with another HSM token's keyward-store key)", ErrDamaged, k, name, err)
-			}
-			d.xor(s.seal.element(t))
-		}
-		return nil
-	})
-	return d, err
+	return g.d, nil
 }
 
 // verifyAll checks every record and the integrity record, and returns the
@@ -440,6 +591,12 @@ func (s *Store) verifyAll(tx *bolt.Tx) (digest, uint64, error) {
 	if err != nil {
 		return d, 0, err
 	}
+	return s.integrity(tx, d)
+}
+
+// integrity checks the integrity record against the digest d of the
+// records, and returns the write count it vouches for.
+func (s *Store) integrity(tx *bolt.Tx, d digest) (digest, uint64, error) {
 	writes, err := s.seal.checkIntegrity(tx.Bucket([]byte(metaBucket)).Get([]byte(integrityKey)), &d)
 	if err != nil {
 		return d, 0, fmt.Errorf("%w: %v", ErrDamaged, err)
@@ -541,7 +698,7 @@ func Sealed(path string, lockTimeout time.Duration) (bool, error) {
 	if fi, err := os.Stat(path); err != nil || fi.Size() == 0 {
 		return false, nil
 	}
-	if _, err := checkPath(path, lockTimeout); err != nil {
+	if _, err := checkPath(path, lockTimeout, nil); err != nil {
 		return false, refusal(path, err)
 	}
 	var sealed bool
