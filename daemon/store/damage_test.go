@@ -308,6 +308,31 @@ func TestEditedRecordsRefused(t *testing.T) {
 		{"the integrity record removed", func(tx, _ *bolt.Tx) error {
 			return tx.Bucket([]byte(metaBucket)).Delete([]byte(integrityKey))
 		}},
+		{"a key's record changed (a bucket of branch pages)", func(tx, older *bolt.Tx) error {
+			b := tx.Bucket([]byte(BucketKeys))
+			if b.Stats().BranchPageN == 0 {
+				return errors.New("the fixture's keys bucket has no branch page")
+			}
+			v := bytes.Clone(b.Get([]byte("tenant-031")))
+			v[len(v)-2] ^= 1
+			return b.Put([]byte("tenant-031"), v)
+		}},
+		{"an empty bucket inside a bucket (inline)", func(tx, _ *bolt.Tx) error {
+			_, err := tx.Bucket([]byte(BucketAPIKeys)).CreateBucket([]byte("ak_99"))
+			return err
+		}},
+		{"a bucket of pages inside a bucket", func(tx, _ *bolt.Tx) error {
+			n, err := tx.Bucket([]byte(BucketKeys)).CreateBucket([]byte("tenant-999"))
+			if err != nil {
+				return err
+			}
+			for i := range 100 {
+				if err := n.Put([]byte(fmt.Sprintf("k%03d", i)), bytes.Repeat([]byte("v"), 100)); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newFixture(t)
@@ -446,39 +471,85 @@ func TestLegacyStoreSealed(t *testing.T) {
 	}
 }
 
-// TestChangedAfterWalk: a store file changed between checkFile's walk and
-// bbolt's open is not the file that was walked; Open then verifies what
-// bbolt opened, through bbolt.
+// TestChangedAfterWalk: a store file written between checkFile's walk and
+// bbolt's open, by a writer that does not take the lock, is not the file
+// that was walked: Open checks what bbolt opened again, through bbolt, and
+// refuses it. A revocation put back in place with the older sealed record
+// (same length, so nothing but the bytes moves) during the walk, and one
+// undone through bbolt after it, are both refused.
 func TestChangedAfterWalk(t *testing.T) {
-	f := newFixture(t)
-	fh, err := os.Open(f.path)
-	if err != nil {
-		t.Fatal(err)
+	// A record whose older sealed form has the same length as its newer.
+	mk := func(t *testing.T) (path string, writes uint64, older, newer []byte) {
+		s, path := open(t)
+		for i := range 40 {
+			s.Update(BucketAPIKeys, fmt.Sprintf("ak_%02d", i), func([]byte) ([]byte, error) {
+				return []byte(fmt.Sprintf(`{"id":"ak_%02d","state":"ACTIVE!"}`, i)), nil
+			})
+		}
+		raw := func() []byte {
+			var v []byte
+			s.db.View(func(tx *bolt.Tx) error { v = bytes.Clone(tx.Bucket([]byte(BucketAPIKeys)).Get([]byte("ak_07"))); return nil })
+			return v
+		}
+		older = raw()
+		s.Update(BucketAPIKeys, "ak_07", func([]byte) ([]byte, error) { return []byte(`{"id":"ak_07","state":"REVOKED"}`), nil })
+		newer = raw()
+		writes = s.Writes()
+		s.Close()
+		return path, writes, older, newer
 	}
-	id, err := fileID(fh)
-	fh.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	rep := fileReport{id: id}
-	if !rep.same(f.path) {
-		t.Fatal("the same file, unchanged, is not the same")
-	}
-	db, err := bolt.Open(f.path, 0o600, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket([]byte(BucketRevokedTokens)).Delete([]byte("jti-05")) }); err != nil {
-		t.Fatal(err)
-	}
-	db.Close()
-	if rep.same(f.path) {
-		t.Fatal("a file written since it was read is the same")
+	for _, tc := range []struct {
+		name  string
+		hook  *func(string)
+		write func(t *testing.T, path string, older, newer []byte)
+	}{
+		{"in place, without the lock, during the walk", &duringWalk, func(t *testing.T, path string, older, newer []byte) {
+			b, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			at := bytes.Index(b, newer)
+			if at < 0 || len(older) != len(newer) {
+				t.Fatal("the fixture's sealed record is not in the file, or its older form differs in length")
+			}
+			f, err := os.OpenFile(path, os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if _, err := f.WriteAt(older, int64(at)); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"through bbolt, after the walk", &beforeOpen, func(t *testing.T, path string, older, _ []byte) {
+			db, err := bolt.Open(path, 0o600, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer db.Close()
+			if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket([]byte(BucketAPIKeys)).Put([]byte("ak_07"), older) }); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path, writes, older, newer := mk(t)
+			*tc.hook = func(p string) { *tc.hook = nil; tc.write(t, p, older, newer) }
+			defer func() { *tc.hook = nil }()
+			through := boltVerified.Load()
+			_, err := Open(path, Options{Key: testKey, Acknowledged: writes})
+			if !errors.Is(err, ErrDamaged) {
+				t.Fatalf("a store written after its walk opened: %v", err)
+			}
+			if boltVerified.Load() != through+1 {
+				t.Fatal("the store written after its walk was not checked again through bbolt")
+			}
+		})
 	}
 	// And the sound path: an unchanged store opens without bbolt's walk.
-	g := newFixture(t)
+	path, writes, _, _ := mk(t)
 	through := boltVerified.Load()
-	s, err := Open(g.path, Options{Key: testKey, Acknowledged: g.writes})
+	s, err := Open(path, Options{Key: testKey, Acknowledged: writes})
 	if err != nil {
 		t.Fatal(err)
 	}

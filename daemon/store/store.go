@@ -206,10 +206,18 @@ func Open(path string, o Options) (*Store, error) {
 			return nil, refusal(path, err)
 		}
 	}
+	if beforeOpen != nil {
+		beforeOpen(path)
+	}
 	s := &Store{path: path, seal: seal}
+	var opened *os.File // bbolt's, to compare with the file walked
 	err = guard(func() error {
 		var err error
-		s.db, err = bolt.Open(path, 0o600, &bolt.Options{Timeout: o.LockTimeout})
+		s.db, err = bolt.Open(path, 0o600, &bolt.Options{Timeout: o.LockTimeout, OpenFile: func(name string, flag int, perm os.FileMode) (*os.File, error) {
+			f, err := os.OpenFile(name, flag, perm)
+			opened = f
+			return f, err
+		}})
 		return err
 	})
 	switch {
@@ -220,8 +228,8 @@ func Open(path string, o Options) (*Store, error) {
 	case err != nil:
 		return nil, refusal(path, fmt.Errorf("store: opening %s: %w", path, err))
 	}
-	if walked != nil && !rep.same(path) {
-		walked = nil // changed since it was read: verified again through bbolt
+	if walked != nil && !rep.same(opened) {
+		walked = nil // not the file walked, or written since: verified again through bbolt
 	}
 	if err := s.load(rep, o, walked); err != nil {
 		s.db.Close()
@@ -289,18 +297,37 @@ func checkPath(path string, timeout time.Duration, v visitor) (fileReport, error
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// The file's stamp before and after the walk: the lock keeps out only
+	// writers that take it, and what the walk found holds for what bbolt
+	// opens only if nothing wrote the file meanwhile (Open compares the
+	// stamp with bbolt's file).
+	before, err := fileID(f)
+	if err != nil {
+		return fileReport{}, fmt.Errorf("store: %w", err)
+	}
 	var rep fileReport
 	err = guard(func() error {
 		var err error
 		rep, err = checkFile(f, v)
 		return err
 	})
+	if duringWalk != nil {
+		duringWalk(path)
+	}
 	if err == nil {
-		rep.id, err = fileID(f)
+		var after fileStamp
+		if after, err = fileID(f); err == nil {
+			rep.id, rep.changed = after, after != before
+		}
 	}
 	unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED) // advice: nothing to do if refused
 	return rep, err
 }
+
+// duringWalk, if set, runs as checkFile's walk ends, under its lock, and
+// beforeOpen between the walk and bbolt's open (tests: writes the walk did
+// not see).
+var duringWalk, beforeOpen func(path string)
 
 // guard runs fn, turning a panic, or a fault reading a mapped file, into
 // ErrDamaged: bbolt panics on pages it finds inconsistent.
@@ -340,6 +367,9 @@ func (s *Store) load(rep fileReport, o Options, walked *digester) error {
 			// one does not know, and is no damaged store.
 			if schema, err = s.schema(tx); err != nil || schema > SchemaVersion {
 				return err
+			}
+			if walked != nil && uint64(tx.ID()) != rep.txid {
+				walked = nil // bbolt serves another transaction than the one walked
 			}
 			if walked == nil {
 				boltVerified.Add(1)
@@ -458,12 +488,13 @@ type digester struct {
 	// In parallel (checkFile's walk at start, where the records' MACs are
 	// most of the time): records go to workers in batches, each summing a
 	// digest of its own; XOR does not mind the order.
-	batch []shown
-	work  chan []shown
-	wg    sync.WaitGroup
-	mu    sync.Mutex // guards wd and werr, the workers' sum and first problem
-	wd    digest
-	werr  error
+	batch  []shown
+	work   chan []shown
+	wg     sync.WaitGroup
+	mu     sync.Mutex // guards wd and werr, the workers' sum and first problem
+	wd     digest
+	werr   error
+	failed atomic.Bool // werr is set
 }
 
 // shown is a record a digester was shown.
@@ -474,21 +505,33 @@ func (g *digester) parallel(n int) *digester {
 	g.work = make(chan []shown, 2*n)
 	for range n {
 		g.wg.Go(func() {
+			failed := func(err error) {
+				g.mu.Lock()
+				if g.werr == nil {
+					g.werr = err
+				}
+				g.mu.Unlock()
+				g.failed.Store(true)
+			}
+			defer func() {
+				if r := recover(); r != nil {
+					failed(fmt.Errorf("%w: checking its records failed: %v", ErrDamaged, r))
+					for range g.work { // the walk does not wait on a worker gone
+					}
+				}
+			}()
 			for b := range g.work {
 				var d digest
-				var err error
 				for _, r := range b {
-					var e [sha256.Size]byte
-					if e, err = g.check(r.bucket, r.key, r.val); err != nil {
+					e, err := g.check(r.bucket, r.key, r.val)
+					if err != nil {
+						failed(err)
 						break
 					}
 					d.xor(e)
 				}
 				g.mu.Lock()
 				g.wd.xor(d)
-				if g.werr == nil {
-					g.werr = err
-				}
 				g.mu.Unlock()
 			}
 		})
@@ -546,6 +589,9 @@ func (g *digester) record(bucket, key, val []byte) {
 		return
 	}
 	if g.work != nil {
+		if g.failed.Load() {
+			return // a worker found a problem: the rest need no MAC
+		}
 		if g.batch = append(g.batch, shown{bucket, key, val}); len(g.batch) == 512 {
 			g.work <- g.batch
 			g.batch = nil
