@@ -488,7 +488,10 @@ func TestChangedAfterWalk(t *testing.T) {
 		}
 		raw := func() []byte {
 			var v []byte
-			s.db.View(func(tx *bolt.Tx) error { v = bytes.Clone(tx.Bucket([]byte(BucketAPIKeys)).Get([]byte("ak_07"))); return nil })
+			s.db.View(func(tx *bolt.Tx) error {
+				v = bytes.Clone(tx.Bucket([]byte(BucketAPIKeys)).Get([]byte("ak_07")))
+				return nil
+			})
 			return v
 		}
 		older = raw()
