@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -559,5 +560,35 @@ func TestChangedAfterWalk(t *testing.T) {
 	s.Close()
 	if boltVerified.Load() != through {
 		t.Fatal("an unchanged store was verified through bbolt")
+	}
+}
+
+// TestWalkedAnotherTransaction: a walk that followed another transaction
+// than the one bbolt serves is not used: the records are checked through
+// bbolt.
+func TestWalkedAnotherTransaction(t *testing.T) {
+	f := newFixture(t)
+	seal, err := newSealer(testKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	walked := newDigester(seal).parallel(2)
+	rep, err := checkPath(f.path, time.Second, walked)
+	walked.finish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Store{path: f.path, seal: seal}
+	if s.db, err = bolt.Open(f.path, 0o600, nil); err != nil {
+		t.Fatal(err)
+	}
+	defer s.db.Close()
+	through := boltVerified.Load()
+	rep.txid++
+	if err := s.load(rep, Options{Key: testKey, Acknowledged: f.writes}, walked); err != nil {
+		t.Fatal(err)
+	}
+	if boltVerified.Load() != through+1 {
+		t.Fatal("a walk of another transaction was used")
 	}
 }

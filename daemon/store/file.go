@@ -127,7 +127,8 @@ type fileReport struct {
 }
 
 // fileStamp tells a file and its content apart from another's: device,
-// inode, size and the time of its last change (any write moves it).
+// inode, size and the time of its last change (a write moves it, but only
+// to the clock's current tick: checkPath waits for the tick to pass).
 type fileStamp struct {
 	dev, ino uint64
 	size     int64
@@ -239,14 +240,21 @@ func checkFile(f *os.File, v visitor) (fileReport, error) {
 
 // checker walks the pages of one file.
 type checker struct {
-	f        *os.File
-	pageSize int64
-	hwm      uint64
-	seen     []bool // reached from a meta page
-	freed    []bool // listed in the freelist
-	visit    visitor
-	ahead    map[uint64][]byte // first pages read ahead (readAhead), by id
+	f          *os.File
+	pageSize   int64
+	hwm        uint64
+	seen       []bool // reached from a meta page
+	freed      []bool // listed in the freelist
+	visit      visitor
+	ahead      map[uint64][]byte // first pages read ahead (readAhead), by id
+	aheadBytes int64             // their size, at most readAheadMost
 }
+
+// How much readAhead reads at once, and holds at most.
+const (
+	readAheadRun  = 1 << 20
+	readAheadMost = 4 << 20
+)
 
 // visitor is shown, as the walk reads them, the top-level buckets, the
 // records in them, and any bucket inside one: what the store's check of
@@ -266,7 +274,7 @@ type visitor interface {
 // as much in system calls as checking it does in MACs. What is read ahead
 // is checked by read like any page.
 func (c *checker) readAhead(kids []pending) {
-	const most = 256 // pages a read: 1 MiB of 4 KiB pages
+	most := max(1, int(readAheadRun/c.pageSize)) // pages a read
 	ids := make([]uint64, 0, len(kids))
 	for _, k := range kids {
 		if k.id >= 2 && k.id < c.hwm && !c.seen[k.id] {
@@ -283,8 +291,9 @@ func (c *checker) readAhead(kids []pending) {
 		for j < len(ids) && ids[j] == ids[j-1]+1 && j-i < most {
 			j++
 		}
-		if j-i > 1 {
-			buf := make([]byte, int64(j-i)*c.pageSize)
+		if n := int64(j-i) * c.pageSize; j-i > 1 && c.aheadBytes+n <= readAheadMost {
+			c.aheadBytes += n
+			buf := make([]byte, n)
 			if _, err := c.f.ReadAt(buf, int64(ids[i])*c.pageSize); err == nil {
 				for k := i; k < j; k++ {
 					at := int64(k-i) * c.pageSize
@@ -306,6 +315,7 @@ func (c *checker) read(id uint64) ([]byte, uint16, error) {
 	head, ok := c.ahead[id]
 	if ok {
 		delete(c.ahead, id)
+		c.aheadBytes -= c.pageSize
 	} else {
 		head = make([]byte, c.pageSize)
 		if _, err := c.f.ReadAt(head, int64(id)*c.pageSize); err != nil {

@@ -305,6 +305,19 @@ func checkPath(path string, timeout time.Duration, v visitor) (fileReport, error
 	if err != nil {
 		return fileReport{}, fmt.Errorf("store: %w", err)
 	}
+	// A change time moves once a clock tick (milliseconds, on kernels
+	// before 6.13): one that recent could hide a write in the same tick,
+	// so the walk starts once it is older (as git treats a "racily clean"
+	// file).
+	// A change time ahead of the clock proves nothing: the records are
+	// then checked again through bbolt.
+	age := time.Since(time.Unix(before.ctime.Unix()))
+	if age >= 0 && age < ctimeTick {
+		time.Sleep(ctimeTick - age)
+		if before, err = fileID(f); err != nil {
+			return fileReport{}, fmt.Errorf("store: %w", err)
+		}
+	}
 	var rep fileReport
 	err = guard(func() error {
 		var err error
@@ -317,12 +330,15 @@ func checkPath(path string, timeout time.Duration, v visitor) (fileReport, error
 	if err == nil {
 		var after fileStamp
 		if after, err = fileID(f); err == nil {
-			rep.id, rep.changed = after, after != before
+			rep.id, rep.changed = after, after != before || age < 0
 		}
 	}
 	unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED) // advice: nothing to do if refused
 	return rep, err
 }
+
+// ctimeTick is more than the coarsest step of a file's change time.
+const ctimeTick = 20 * time.Millisecond
 
 // duringWalk, if set, runs as checkFile's walk ends, under its lock, and
 // beforeOpen between the walk and bbolt's open (tests: writes the walk did
