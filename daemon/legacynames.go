@@ -40,9 +40,13 @@ var renameHow = map[string]string{
 	kindPlugin:      "build the plugin under a new name of another canonical form (keywardd refuses two plugins of one canonical form, so not the canonical name while this one is configured), configure it beside this one, register its credentials again under it, then remove this one",
 }
 
-// surveyPause is the survey's pause between pages of 1000 API keys (each
-// page takes about 6 ms to read): a store of a million is surveyed in about
-// 11 s, leaving most of the processor to the calls served meanwhile.
+// surveyPause is the survey's least pause between pages of 1000 API keys;
+// it rests three times as long as the page took to read (6 ms from memory,
+// several times that when the store's pages must first come from the disk,
+// as at the start of a large store): the survey takes a quarter of one
+// core at most, and the calls served meanwhile the rest. A store of a
+// million API keys is surveyed in under a minute; until then GetStatus
+// counts none.
 const surveyPause = 5 * time.Millisecond
 
 // maxNameWarnings bounds the names logged one by one; the summary counts
@@ -135,6 +139,7 @@ func findLegacyNames(ctx context.Context, km *keys.Manager, akm *apikeys.Manager
 		}
 	}
 	for after := ""; ; {
+		t0 := time.Now()
 		page, next, err := akm.List(apikeys.Filter{}, after, apikeys.MaxPageSize)
 		if err != nil {
 			return nil, fmt.Errorf("API keys: %w", err)
@@ -156,7 +161,7 @@ func findLegacyNames(ctx context.Context, km *keys.Manager, akm *apikeys.Manager
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case <-time.After(surveyPause):
+		case <-time.After(max(surveyPause, 3*time.Since(t0))):
 		}
 	}
 	out := make([]legacyName, 0, len(uses))
