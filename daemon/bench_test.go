@@ -36,11 +36,13 @@ func BenchmarkDaemon(b *testing.B) {
 
 	// The floor (floor_test.go): a bare grpc-go server's no-op, and the
 	// same with a group-committed fsync per call.
+	floors := map[string]keywardv1.StatusServiceClient{}
 	for _, fl := range []struct {
 		name    string
 		durable bool
 	}{{"noop", false}, {"durable", true}} {
 		sc := keywardv1.NewStatusServiceClient(startFloor(b, fl.durable))
+		floors[fl.name] = sc
 		for _, n := range benchLevels {
 			b.Run(fmt.Sprintf("floor=%s/callers=%d", fl.name, n), func(b *testing.B) {
 				res[key("floor-"+fl.name, n)] = benchload.Run(b, n, func() error { _, err := sc.Ping(ctx, &keywardv1.PingRequest{}); return err })
@@ -50,10 +52,9 @@ func BenchmarkDaemon(b *testing.B) {
 	// Each of keywardd's rows runs right after the durable floor at the
 	// same level, and is compared with that: what a shared machine can do
 	// moves by tens of percent within minutes.
-	floor := keywardv1.NewStatusServiceClient(startFloor(b, true))
 	row := func(op string, n int, call func() error) {
 		b.Run(fmt.Sprintf("daemon=%s/floor=durable/callers=%d", op, n), func(b *testing.B) {
-			res[key("pair:"+op, n)] = benchload.Run(b, n, func() error { _, err := floor.Ping(ctx, &keywardv1.PingRequest{}); return err })
+			res[key("pair:"+op, n)] = benchload.Run(b, n, func() error { _, err := floors["durable"].Ping(ctx, &keywardv1.PingRequest{}); return err })
 		})
 		b.Run(fmt.Sprintf("daemon=%s/callers=%d", op, n), func(b *testing.B) {
 			res[key(op, n)] = benchload.Run(b, n, call)
@@ -219,14 +220,18 @@ func printTable(res map[string]benchload.Result, key func(string, int) string) {
 	// and a durable call, in series: their times add up.
 	serial := func(hsm ...string) func(string, int) float64 {
 		return func(op string, n int) float64 {
-			t := 0.0
-			for _, r := range append(mapRates(hsm, n, rate), durable(op, n)) {
+			t, d := 0.0, durable(op, n)
+			if d == 0 {
+				return 0
+			}
+			for _, h := range hsm {
+				r := rate(h, n)
 				if r == 0 {
 					return 0
 				}
 				t += 1 / r
 			}
-			return 1 / t
+			return 1 / (t + 1/d)
 		}
 	}
 	rows := []struct {
@@ -315,15 +320,6 @@ targets: ratio >= want; p99 <= 3 x p50 at 16 and 64 clients. cpu/op is the proce
 		b.WriteString("every target met in this run\n")
 	}
 	fmt.Fprint(os.Stdout, b.String())
-}
-
-// mapRates is the rates of ops at n.
-func mapRates(ops []string, n int, rate func(string, int) float64) []float64 {
-	out := make([]float64, len(ops))
-	for i, op := range ops {
-		out[i] = rate(op, n)
-	}
-	return out
 }
 
 // BenchmarkHostileCaller measures another uid's calls (Ping, and

@@ -282,13 +282,11 @@ func (m *Manager) Generation() uint64 {
 	return m.cacheGen
 }
 
-// Cached is Get from the cache the Manager keeps of the keys calls use,
-// which every change through the Manager clears: for a call's hot path.
-// The Key is shared: its caller must not change it.
-func (m *Manager) Cached(name string) (*Key, error) { return m.cached(name) }
-
-// cached returns the key from the cache, or reads and caches it.
-func (m *Manager) cached(name string) (*Key, error) {
+// Cached is Get from the cache the Manager keeps of the keys calls use
+// (reading and caching the key if it is not there), which every change
+// through the Manager clears: for a call's hot path. The Key is shared:
+// its caller must not change it.
+func (m *Manager) Cached(name string) (*Key, error) {
 	m.cacheMu.RLock()
 	k, gen := m.cache[name], m.cacheGen
 	m.cacheMu.RUnlock()
@@ -769,7 +767,7 @@ func (m *Manager) DeleteDue(ctx context.Context, name string) (bool, error) {
 
 // encryptionKey returns a usable encryption key, from the cache.
 func (m *Manager) encryptionKey(name string) (*Key, error) {
-	k, err := m.cached(name)
+	k, err := m.Cached(name)
 	if err != nil {
 		return nil, err
 	}

@@ -297,25 +297,25 @@ func checkPath(path string, timeout time.Duration, v visitor) (fileReport, error
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	// The file's stamp before and after the walk: the lock keeps out only
-	// writers that take it, and what the walk found holds for what bbolt
-	// opens only if nothing wrote the file meanwhile (Open compares the
-	// stamp with bbolt's file).
-	before, err := fileID(f)
-	if err != nil {
-		return fileReport{}, fmt.Errorf("store: %w", err)
-	}
-	// A change time moves once a clock tick (milliseconds, on kernels
-	// before 6.13): one that recent could hide a write in the same tick,
-	// so the walk starts once it is older (as git treats a "racily clean"
-	// file).
-	// A change time ahead of the clock proves nothing: the records are
-	// then checked again through bbolt.
-	age := time.Since(time.Unix(before.ctime.Unix()))
-	if age >= 0 && age < ctimeTick {
-		time.Sleep(ctimeTick - age)
+	// With a visitor, the file's stamp before and after the walk: the lock
+	// keeps out only writers that take it, and what the visitor was shown
+	// holds for what bbolt opens only if nothing wrote the file meanwhile
+	// (Open compares the stamp with bbolt's file). A change time moves once
+	// a clock tick (milliseconds, on kernels before 6.13): one that recent
+	// could hide a write in the same tick, so the walk starts once it is
+	// older (as git treats a "racily clean" file); one ahead of the clock
+	// proves nothing, and the records are then checked again through bbolt.
+	var before fileStamp
+	var age time.Duration
+	if v != nil {
 		if before, err = fileID(f); err != nil {
 			return fileReport{}, fmt.Errorf("store: %w", err)
+		}
+		if age = time.Since(time.Unix(before.ctime.Unix())); age >= 0 && age < ctimeTick {
+			time.Sleep(ctimeTick - age)
+			if before, err = fileID(f); err != nil {
+				return fileReport{}, fmt.Errorf("store: %w", err)
+			}
 		}
 	}
 	var rep fileReport
@@ -327,7 +327,7 @@ func checkPath(path string, timeout time.Duration, v visitor) (fileReport, error
 	if duringWalk != nil {
 		duringWalk(path)
 	}
-	if err == nil {
+	if err == nil && v != nil {
 		var after fileStamp
 		if after, err = fileID(f); err == nil {
 			rep.id, rep.changed = after, after != before || age < 0
@@ -468,7 +468,7 @@ func (s *Store) bump(writes uint64) error {
 // returns the digest of the records, through bbolt (after a failed commit;
 // at start, checkFile's walk shows the records to a digester).
 func (s *Store) verify(tx *bolt.Tx) (digest, error) {
-	g := s.digester()
+	g := newDigester(s.seal)
 	err := tx.ForEach(func(name []byte, b *bolt.Bucket) error {
 		g.bucket(name, b.Sequence())
 		c := b.Cursor()
@@ -571,8 +571,6 @@ func (g *digester) finish() {
 		g.err = g.werr
 	}
 }
-
-func (s *Store) digester() *digester { return newDigester(s.seal) }
 
 func newDigester(seal *sealer) *digester {
 	g := &digester{seal: seal, known: map[string]bool{metaBucket: false}}
