@@ -227,23 +227,47 @@ func Mint(ctx context.Context, k *Key, s Spec, now time.Time) (*Minted, error) {
 		Expiry: jwt.NewNumericDate(exp), NotBefore: jwt.NewNumericDate(now), IssuedAt: jwt.NewNumericDate(now),
 		ID: base64.RawURLEncoding.EncodeToString(id),
 	}
+	payload, err := claimsJSON(reg, s)
+	if err != nil {
+		return nil, fmt.Errorf("tokens: %w", err)
+	}
 	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: k.Alg, Key: opaque{ctx: ctx, k: k}},
 		(&jose.SignerOptions{}).WithType("JWT").WithHeader(jose.HeaderKey("kid"), k.KID))
 	if err != nil {
 		return nil, fmt.Errorf("tokens: %w", err)
 	}
-	b := jwt.Signed(signer).Claims(reg)
-	if len(s.Scopes) > 0 {
-		b = b.Claims(map[string]any{"scope": s.Scopes})
+	jws, err := signer.Sign(payload)
+	if err != nil {
+		return nil, fmt.Errorf("tokens: signing: %w", err)
 	}
-	if len(s.Custom) > 0 {
-		b = b.Claims(s.Custom)
-	}
-	tok, err := b.Serialize()
+	tok, err := jws.CompactSerialize()
 	if err != nil {
 		return nil, fmt.Errorf("tokens: signing: %w", err)
 	}
 	return &Minted{Token: tok, ID: reg.ID, Expires: exp, KID: k.KID}, nil
+}
+
+// claimsJSON is a token's claims as one JSON object, marshalled once.
+// go-jose's jwt builder marshals each claim set, decodes it into a map and
+// marshals the map again (a sixth of an uncached MintToken's CPU, HSM
+// included); the registered claims and the scopes are one struct here, and
+// custom claims, whose names Mint has checked are none of those, are
+// spliced in after them.
+func claimsJSON(reg jwt.Claims, s Spec) ([]byte, error) {
+	b, err := json.Marshal(struct {
+		jwt.Claims
+		Scope []string `json:"scope,omitempty"`
+	}{reg, s.Scopes})
+	if err != nil || len(s.Custom) == 0 {
+		return b, err
+	}
+	c, err := json.Marshal(s.Custom)
+	if err != nil {
+		return nil, err
+	}
+	// Both are objects with members: {"iss":…} and {"x":…} join as {"iss":…,"x":…}.
+	b[len(b)-1] = ','
+	return append(b, c[1:]...), nil
 }
 
 // Verifier checks tokens against a set of keys.

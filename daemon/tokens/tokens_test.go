@@ -342,3 +342,47 @@ func TestCache(t *testing.T) {
 		t.Fatalf("a new generation still used the cache: %v", err)
 	}
 }
+
+// TestClaimsJSON: the payload is one JSON object with each claim once,
+// scopes and custom claims beside the registered ones, whatever is set.
+func TestClaimsJSON(t *testing.T) {
+	reg := jwt.Claims{Issuer: "keyward", Subject: "uid:1000", Audience: jwt.Audience{"a", "b"},
+		Expiry: jwt.NewNumericDate(t0.Add(time.Minute)), NotBefore: jwt.NewNumericDate(t0), IssuedAt: jwt.NewNumericDate(t0), ID: "id"}
+	base := `"iss":"keyward","sub":"uid:1000","aud":["a","b"],"exp":1795953660,"nbf":1795953600,"iat":1795953600,"jti":"id"`
+	for _, c := range []struct {
+		scopes []string
+		custom map[string]any
+		want   string
+	}{
+		{nil, nil, `{` + base + `}`},
+		{[]string{"x:r"}, nil, `{` + base + `,"scope":["x:r"]}`},
+		{nil, map[string]any{"tenant": "42", "n": 1.5, "o": map[string]any{"k": []any{true, nil}}}, `{` + base + `,"n":1.5,"o":{"k":[true,null]},"tenant":"42"}`},
+		{[]string{"x:r", "y:w"}, map[string]any{"tenant": "<&>"}, `{` + base + `,"scope":["x:r","y:w"],"tenant":"\u003c\u0026\u003e"}`},
+	} {
+		got, err := claimsJSON(reg, Spec{Scopes: c.scopes, Custom: c.custom})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(got) != c.want {
+			t.Errorf("claims\n got %s\nwant %s", got, c.want)
+		}
+		// Each member once: a decoder that saw a name twice would keep
+		// one of the two, and verifiers differ on which.
+		dec := json.NewDecoder(strings.NewReader(string(got)))
+		seen := map[string]bool{}
+		if tok, _ := dec.Token(); tok != json.Delim('{') {
+			t.Fatalf("%s is not an object", got)
+		}
+		for dec.More() {
+			name, _ := dec.Token()
+			if seen[name.(string)] {
+				t.Fatalf("%s has %q twice", got, name)
+			}
+			seen[name.(string)] = true
+			var v json.RawMessage
+			if err := dec.Decode(&v); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
