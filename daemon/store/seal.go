@@ -44,7 +44,21 @@ type sealer struct {
 	pool     sync.Pool
 }
 
-type macs struct{ rec, set hash.Hash }
+// macs are one goroutine's HMACs, and room for what they write and sum:
+// a record's check makes no allocation (the start-up check runs it for
+// every record).
+type macs struct {
+	rec, set hash.Hash
+	n        [8]byte
+	sum      [sha256.Size]byte
+}
+
+// The labels that open each MAC's input.
+var (
+	recordLabel   = []byte("keyward store record v1\x00")
+	elementLabel  = []byte("keyward store element v1\x00")
+	sequenceLabel = []byte("keyward store sequence v1\x00")
+)
 
 func newSealer(key []byte) (*sealer, error) {
 	if len(key) != KeySize {
@@ -60,11 +74,16 @@ func newSealer(key []byte) (*sealer, error) {
 	return s, nil
 }
 
-func writeField(h hash.Hash, b []byte) {
-	var n [4]byte
-	binary.BigEndian.PutUint32(n[:], uint32(len(b)))
-	h.Write(n[:])
+func (m *macs) writeField(h hash.Hash, b []byte) {
+	binary.BigEndian.PutUint32(m.n[:4], uint32(len(b)))
+	h.Write(m.n[:4])
 	h.Write(b)
+}
+
+// sumOf is h's sum, through m's buffer.
+func (m *macs) sumOf(h hash.Hash) (out [sha256.Size]byte) {
+	copy(out[:], h.Sum(m.sum[:0]))
+	return out
 }
 
 // tag binds a record to its bucket and key.
@@ -72,13 +91,11 @@ func (s *sealer) tag(bucket, key, rec []byte) [tagSize]byte {
 	m := s.pool.Get().(*macs)
 	defer s.pool.Put(m)
 	m.rec.Reset()
-	m.rec.Write([]byte("keyward store record v1\x00"))
-	writeField(m.rec, bucket)
-	writeField(m.rec, key)
+	m.rec.Write(recordLabel)
+	m.writeField(m.rec, bucket)
+	m.writeField(m.rec, key)
 	m.rec.Write(rec)
-	var t [tagSize]byte
-	m.rec.Sum(t[:0])
-	return t
+	return m.sumOf(m.rec)
 }
 
 // seal returns the stored form of rec.
@@ -121,11 +138,9 @@ func (s *sealer) element(tag [tagSize]byte) [sha256.Size]byte {
 	m := s.pool.Get().(*macs)
 	defer s.pool.Put(m)
 	m.set.Reset()
-	m.set.Write([]byte("keyward store element v1\x00"))
+	m.set.Write(elementLabel)
 	m.set.Write(tag[:])
-	var e [sha256.Size]byte
-	m.set.Sum(e[:0])
-	return e
+	return m.sumOf(m.set)
 }
 
 // sequence is a bucket's sequence number's share of the digest.
@@ -133,12 +148,11 @@ func (s *sealer) sequence(bucket []byte, seq uint64) [sha256.Size]byte {
 	m := s.pool.Get().(*macs)
 	defer s.pool.Put(m)
 	m.set.Reset()
-	m.set.Write([]byte("keyward store sequence v1\x00"))
-	writeField(m.set, bucket)
-	m.set.Write(binary.BigEndian.AppendUint64(nil, seq))
-	var e [sha256.Size]byte
-	m.set.Sum(e[:0])
-	return e
+	m.set.Write(sequenceLabel)
+	m.writeField(m.set, bucket)
+	binary.BigEndian.PutUint64(m.n[:], seq)
+	m.set.Write(m.n[:])
+	return m.sumOf(m.set)
 }
 
 // integrity is the stored integrity record: the write count and the MAC of
