@@ -41,12 +41,11 @@ var renameHow = map[string]string{
 }
 
 // surveyPause is the survey's least pause between pages of 1000 API keys;
-// it rests three times as long as the page took to read (6 ms from memory,
+// it rests nine times as long as the page took to read (6 ms from memory,
 // several times that when the store's pages must first come from the disk,
-// as at the start of a large store): the survey takes a quarter of one
-// core at most, and the calls served meanwhile the rest. A store of a
-// million API keys is surveyed in under a minute; until then GetStatus
-// counts none.
+// as at the start of a large store): the survey takes a tenth of one core
+// at most, and the calls served meanwhile the rest. A store of a million
+// API keys is surveyed in a few minutes; until then GetStatus counts none.
 const surveyPause = 5 * time.Millisecond
 
 // maxNameWarnings bounds the names logged one by one; the summary counts
@@ -161,7 +160,7 @@ func findLegacyNames(ctx context.Context, km *keys.Manager, akm *apikeys.Manager
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case <-time.After(max(surveyPause, 3*time.Since(t0))):
+		case <-time.After(max(surveyPause, 9*time.Since(t0))):
 		}
 	}
 	out := make([]legacyName, 0, len(uses))

@@ -24,7 +24,8 @@ import (
 // BenchmarkAPIKeyScale runs keywardd, the binary, on stores of 1 000 and
 // 1 000 000 API keys (KEYWARD_BENCH_KEYS overrides the sizes, e.g.
 // "1000,100000") and measures what the targets are stated in: how long it
-// takes from exec to answering (start-ms), the p99 of VerifyAPIKey over the
+// takes from exec to answering (start-ms; and a restart after the run,
+// printed in the table), the p99 of VerifyAPIKey over the
 // same number of active keys at every size (1 000, spread over the whole
 // set; KEYWARD_BENCH_ACTIVE overrides it), once each was seen (p99-µs, 4
 // clients, at least 20 000 calls), so that the store's size is what
@@ -54,7 +55,7 @@ func BenchmarkAPIKeyScale(b *testing.B) {
 	bin := buildDaemon(b)
 	type row struct {
 		n               int
-		start           time.Duration
+		start, restart  time.Duration
 		res             benchload.Result
 		rss, anon, file int64
 	}
@@ -106,16 +107,25 @@ func BenchmarkAPIKeyScale(b *testing.B) {
 		c.Close()
 		cmd.Process.Signal(syscall.SIGTERM)
 		cmd.Wait()
+		// A restart finds the file's pages as keywardd left them: the
+		// first start read them all and dropped them from the page cache
+		// (to keep its resident set to what calls use), so the check reads
+		// from the disk all that calls did not bring back.
+		t0 = time.Now()
+		cmd = startDaemon(b, bin, config, sock)
+		r.restart = time.Since(t0)
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
 		rows = append(rows, r)
 	}
 	fmt.Printf("\nkeywardd with many API keys, %d of them in use, one run (%s)\n", active, time.Now().UTC().Format(time.RFC3339))
-	fmt.Printf("%10s %9s %11s %9s %9s %9s %9s %9s %12s\n", "keys", "start", "verify/s", "p50", "p99", "rss MiB", "anon MiB", "file MiB", "p99/p99@1st")
+	fmt.Printf("%10s %9s %9s %11s %9s %9s %9s %9s %9s %12s\n", "keys", "start", "restart", "verify/s", "p50", "p99", "rss MiB", "anon MiB", "file MiB", "p99/p99@1st")
 	for _, r := range rows {
-		fmt.Printf("%10d %9s %11.0f %9s %9s %9.0f %9.0f %9.0f %12.2f\n", r.n, r.start.Round(time.Millisecond), r.res.OpsPerSec,
+		fmt.Printf("%10d %9s %9s %11.0f %9s %9s %9.0f %9.0f %9.0f %12.2f\n", r.n, r.start.Round(time.Millisecond), r.restart.Round(time.Millisecond), r.res.OpsPerSec,
 			r.res.P50.Round(time.Microsecond), r.res.P99.Round(time.Microsecond), float64(r.rss)/(1<<20), float64(r.anon)/(1<<20),
 			float64(r.file)/(1<<20), float64(r.res.P99)/float64(max(rows[0].res.P99, 1)))
 	}
-	fmt.Println("targets: p99 at 1 000 000 keys <= 1.2 x at 1 000; RSS <= 300 MiB; start <= 2 s")
+	fmt.Println("targets: p99 at 1 000 000 keys <= 1.2 x at 1 000; RSS <= 300 MiB; start <= 2 s (restart: not a target; see docs/performance.md)")
 }
 
 // scaleSetup makes a token, a configuration and a store of n API keys for
