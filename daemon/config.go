@@ -114,7 +114,12 @@ type PluginConfig struct {
 
 // LoadConfig reads a configuration file strictly: unknown fields are errors
 // with their line. Its errors match ErrConfig.
-func LoadConfig(path string) (*Config, error) {
+func LoadConfig(path string) (*Config, error) { return LoadConfigWith(path, nil) }
+
+// LoadConfigWith is LoadConfig, with fill (if not nil) given the
+// configuration as the file says it before it is checked: keywardd --dev
+// puts its token there.
+func LoadConfigWith(path string, fill func(*Config)) (*Config, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, configError(fmt.Errorf("config: %w", err))
@@ -124,6 +129,9 @@ func LoadConfig(path string) (*Config, error) {
 	var c Config
 	if err := dec.Decode(&c); err != nil {
 		return nil, configError(fmt.Errorf("config %s: %w", path, err))
+	}
+	if fill != nil {
+		fill(&c)
 	}
 	return &c, c.check()
 }

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/keyward/keyward/daemon"
+	"github.com/keyward/keyward/daemon/policy"
+	"github.com/keyward/keyward/daemon/server"
 )
 
 // docConfig is the example keywardd.yaml of docs/operations.md.
@@ -121,5 +123,47 @@ func TestPluginNamesOneForm(t *testing.T) {
 				t.Fatalf("LoadConfig: %v; want one error, about the second name", err)
 			}
 		})
+	}
+}
+
+// TestInstallFiles: the keywardd.yaml and policy.yaml that
+// docs/operations.md installs are read strictly, and say what their
+// comments say.
+func TestInstallFiles(t *testing.T) {
+	cfg, err := daemon.LoadConfig("../docs/install/keywardd.yaml")
+	if err != nil {
+		t.Fatalf("docs/install/keywardd.yaml: %v", err)
+	}
+	if cfg.Socket.Mode != "0660" || cfg.HSM.PINCredential != "keyward-pin" || cfg.PolicyFile != "/etc/keyward/policy.yaml" ||
+		cfg.Metrics.Address != "127.0.0.1:9464" || !cfg.Anomaly.Enabled || len(cfg.Rotation.Keys) != 1 {
+		t.Errorf("docs/install/keywardd.yaml: %+v", cfg)
+	}
+	b, err := os.ReadFile("../docs/install/policy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Its user and group are not on this machine: root stands in for them.
+	b = []byte(strings.NewReplacer("user: orders", "user: root", "group: keyward-admins", "group: root").Replace(string(b)))
+	p, err := policy.Parse(b, server.Ops())
+	if err != nil {
+		t.Fatalf("docs/install/policy.yaml: %v", err)
+	}
+	app := policy.Subject{UID: 0, GIDs: []uint32{4242}, Exe: "/usr/local/bin/orders"}
+	admin := policy.Subject{UID: 4242, GIDs: []uint32{0}}
+	for _, c := range []struct {
+		sub     policy.Subject
+		op, key string
+		ok      bool
+	}{
+		{app, "EnvelopeService.GenerateDataKey", "orders-eu", true},
+		{app, "EnvelopeService.GenerateDataKey", "billing", false},
+		{app, "KeyService.CreateKey", "orders-eu", false},
+		{policy.Subject{UID: 0, GIDs: []uint32{4242}, Exe: "/usr/bin/other"}, "EnvelopeService.Decrypt", "orders-eu", false},
+		{admin, "KeyService.CreateKey", "orders-eu", true},
+		{admin, "EnvelopeService.Decrypt", "orders-eu", false},
+	} {
+		if err := p.Allow(c.sub, c.op, c.key); (err == nil) != c.ok {
+			t.Errorf("%+v %s on %s: %v, want allowed %v", c.sub, c.op, c.key, err, c.ok)
+		}
 	}
 }

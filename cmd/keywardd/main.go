@@ -38,8 +38,8 @@ func run() int {
 	// ExitUsage, which the unit does not restart (flag's own is 2).
 	flag.CommandLine.Init(os.Args[0], flag.ContinueOnError)
 	configPath := flag.String("config", "/etc/keyward/keywardd.yaml", "configuration file")
-	dev := flag.Bool("dev", false, "try keyward: a throw-away SoftHSM2 token, data directory and permissive policy in a temporary directory")
-	devDir := flag.String("dev-dir", "", "with -dev: use (and keep) this directory instead of a temporary one")
+	dev := flag.Bool("dev", false, "try keyward: a throw-away SoftHSM2 token, data directory, permissive policy and configuration in a temporary directory; with -config, that file's configuration on the dev token")
+	devDir := flag.String("dev-dir", "", "with -dev: use this directory instead of a temporary one, and keep it; a directory set up before is used as it is (token, PIN, policy, configuration)")
 	acceptRollback := flag.Bool("accept-store-rollback", false, "serve a store older than the last write the audit log records (a backup restored on purpose; audited): see docs/operations.md, \"Restoring the store\"")
 	acceptUnsealed := flag.Bool("accept-unsealed-store", false, "seal a store of an old schema although this HSM token's keyward-store key shows a sealed store was there before (an old backup put back on purpose; audited): see docs/operations.md, \"Restoring the store\"")
 	showVersion := flag.Bool("version", false, "print the version and exit")
@@ -73,26 +73,39 @@ func run() int {
 		err  error
 		opts = daemon.Options{Log: log, Reload: reload, Version: version, AcceptStoreRollback: *acceptRollback, AcceptUnsealedStore: *acceptUnsealed}
 	)
+	configSet := false
+	flag.Visit(func(f *flag.Flag) { configSet = configSet || f.Name == "config" })
 	if *dev {
-		dir := *devDir
-		if dir == "" {
+		dir, kept := *devDir, *devDir != ""
+		if !kept {
 			if dir, err = os.MkdirTemp("", "keyward-dev-"); err != nil {
 				log.Error("keywardd --dev", "error", err.Error())
 				return daemon.ExitFailure
 			}
 			defer os.RemoveAll(dir)
 		}
-		if cfg, err = devmode.Setup(dir); err != nil {
-			log.Error("keywardd --dev: setting up", "error", err.Error())
-			return daemon.ExitCode(err)
+		config := ""
+		if configSet {
+			config = *configPath
+		}
+		if cfg, err = devmode.Setup(dir, config); err != nil {
+			code := daemon.ExitCode(err)
+			log.Error("keywardd --dev: setting up", "error", err.Error(), "exit_code", code)
+			return code
+		}
+		if config == "" {
+			config = devmode.FilesIn(dir).Config
 		}
 		opts.Keys = devmode.DefaultKeys
 		ready := make(chan struct{})
 		opts.Ready = ready
 		go func() {
 			<-ready
-			fmt.Fprint(os.Stdout, devmode.HowTo(cfg))
+			fmt.Fprint(os.Stdout, devmode.HowTo(cfg, config, dir, kept))
 		}()
+	} else if *devDir != "" {
+		fmt.Fprintln(os.Stderr, "keywardd: -dev-dir goes with -dev")
+		return daemon.ExitUsage
 	} else if cfg, err = daemon.LoadConfig(*configPath); err != nil {
 		code := daemon.ExitCode(err)
 		log.Error("keywardd: configuration", "error", err.Error(), "exit_code", code)

@@ -2,39 +2,116 @@
 // a directory of its own it makes a throw-away SoftHSM2 token (through the
 // test fixtures, the one place outside tests that uses them: a dev token is
 // exactly such a fixture), a data directory, a policy that grants the
-// current user everything, and default keys. Nothing here is for production.
+// current user everything, and a configuration file, keywardd.yaml, which
+// keywardd then reads as it reads /etc/keyward/keywardd.yaml: to try
+// metrics, the JWKS over HTTP or a plugin, edit it (or give -config) and
+// start again with the same -dev-dir. A directory set up before is used as
+// it is: its token, PIN, policy and configuration are kept. Nothing here is
+// for production.
 package devmode
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/keyward/keyward/daemon"
-	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/keys"
-	"github.com/keyward/keyward/daemon/schedule"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 )
 
-// DefaultKeys are made at the first start.
+// Label is the dev token's label.
+const Label = "keyward-dev"
+
+// DefaultKeys are made at the first start: a key to encrypt with, one to
+// sign tokens with.
 var DefaultKeys = []keys.Spec{
 	{Name: "dev-kek", Purpose: keys.Encrypt},
 	{Name: "dev-signing", Purpose: keys.Sign},
-	{Name: "dev-hmac", Purpose: keys.MAC},
 }
 
-// Setup prepares dir (created 0700) and returns keywardd's configuration.
-// It sets SOFTHSM2_CONF for this process, so call it before anything opens
-// the SoftHSM2 library.
-func Setup(dir string) (*daemon.Config, error) {
+// Files are where a dev directory keeps what it is made of.
+type Files struct {
+	Dir, Token, Config, Policy string
+}
+
+// FilesIn names the files of the dev directory dir.
+func FilesIn(dir string) Files {
+	return Files{Dir: dir, Token: filepath.Join(dir, "token"), Config: filepath.Join(dir, "keywardd.yaml"), Policy: filepath.Join(dir, "policy.yaml")}
+}
+
+// Setup prepares dir (created 0700), or takes it as it is if an earlier
+// Setup prepared it, and returns keywardd's configuration: config's if it is
+// not empty, with the dev token as its HSM and the dev directory's socket,
+// data and policy where config names none; else the directory's
+// keywardd.yaml. It sets SOFTHSM2_CONF for this process, so call it before
+// anything opens the SoftHSM2 library.
+func Setup(dir, config string) (*daemon.Config, error) {
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
 	if err := os.Chmod(dir, 0o700); err != nil {
 		return nil, err
 	}
-	tok, err := softhsmtest.Prepare(filepath.Join(dir, "token"), "keyward-dev", "", "")
+	f := FilesIn(dir)
+	tok, err := token(f.Token)
+	if err != nil {
+		return nil, err
+	}
+	for _, w := range []struct{ path, data string }{
+		{f.Policy, policy(os.Getuid())},
+		{f.Config, configFile(f, tok)},
+	} {
+		if err := writeNew(w.path, w.data); err != nil {
+			return nil, err
+		}
+	}
+	if config == "" {
+		return daemon.LoadConfig(f.Config)
+	}
+	return daemon.LoadConfigWith(config, func(c *daemon.Config) {
+		c.HSM.Module, c.HSM.Token, c.HSM.URI, c.HSM.PINFile, c.HSM.PINCredential, c.HSM.PINEnv = tok.Module, tok.Label, "", tok.PINFile, "", ""
+		if c.Socket.Path == "" {
+			c.Socket.Path, c.Socket.Mode = socketPath(f), "0600"
+		}
+		if c.DataDir == "" {
+			c.DataDir = filepath.Join(dir, "data")
+		}
+		if c.PolicyFile == "" {
+			c.PolicyFile = f.Policy
+		}
+	})
+}
+
+// token makes the dev token in dir, or opens the one made there before
+// (its PIN in user.pin), and points SOFTHSM2_CONF at it.
+func token(dir string) (*softhsmtest.Token, error) {
+	conf := filepath.Join(dir, "softhsm2.conf")
+	pin, err := os.ReadFile(filepath.Join(dir, "user.pin"))
+	if err == nil {
+		if _, err := os.Stat(conf); err != nil {
+			return nil, fmt.Errorf("devmode: %s has a PIN but no SoftHSM2 configuration: remove the directory to start afresh", dir)
+		}
+		mod, err := softhsmtest.Module()
+		if err != nil {
+			return nil, err
+		}
+		if err := os.Setenv("SOFTHSM2_CONF", conf); err != nil {
+			return nil, err
+		}
+		return &softhsmtest.Token{Dir: dir, Conf: conf, Module: mod, Label: Label, PIN: strings.TrimSpace(string(pin)), PINFile: filepath.Join(dir, "user.pin")}, nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("devmode: %w", err)
+	}
+	tok, err := softhsmtest.Prepare(dir, Label, "", "")
 	if err != nil {
 		return nil, err
 	}
@@ -42,18 +119,36 @@ func Setup(dir string) (*daemon.Config, error) {
 		return nil, err
 	}
 	if err := tok.Init(); err != nil {
+		// No half-made token is left to be taken for a whole one.
+		os.Remove(tok.PINFile)
 		return nil, err
 	}
-	cfg := &daemon.Config{DataDir: filepath.Join(dir, "data"), PolicyFile: filepath.Join(dir, "policy.yaml")}
-	cfg.Socket.Path = filepath.Join(dir, "run", "keyward.sock")
-	cfg.Socket.Mode = "0600"
-	cfg.HSM.Module, cfg.HSM.Token, cfg.HSM.PINFile = tok.Module, tok.Label, tok.PINFile
-	// The operating side switched on, to show it: dev keys rotate on the
-	// moderate policy, dev API keys get reminders, use is watched.
-	cfg.Rotation = schedule.Rules{Keys: []schedule.KeyRule{{Match: "dev-*", Policy: "moderate"}},
-		APIKeys: []schedule.APIKeyRule{{Environment: "dev", Policy: "moderate", Action: schedule.Remind}}}
-	cfg.Anomaly = anomaly.Config{Enabled: true, NewNetworks: true}
-	policy := fmt.Sprintf(`# keywardd --dev: everything, for uid %d only.
+	return tok, nil
+}
+
+// writeNew writes path (0600) unless it exists: an operator's edits stay.
+func writeNew(path, data string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if errors.Is(err, fs.ErrExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("devmode: %w", err)
+	}
+	if _, err := f.WriteString(data); err != nil {
+		f.Close()
+		return fmt.Errorf("devmode: %w", err)
+	}
+	return f.Close()
+}
+
+func socketPath(f Files) string { return filepath.Join(f.Dir, "run", "keyward.sock") }
+
+// policy grants uid everything, tokens of any audience and scope
+// included.
+func policy(uid int) string {
+	return fmt.Sprintf(`# keywardd --dev: everything, for uid %[1]d only. docs/policy.md says
+# how to write a policy; keywardd reads this one again on SIGHUP.
 version: 1
 roles:
   developer:
@@ -61,23 +156,66 @@ roles:
     permissions:
       - operations: ["*"]
         keys: ["*"]
+    tokens:
+      audiences: ["*"]
+      scopes: ["*"]
+      claims: [tenant]              # custom claim names, not globs
 bindings:
   - role: developer
     callers:
-      - uid: %d
-`, os.Getuid(), os.Getuid())
-	if err := os.WriteFile(cfg.PolicyFile, []byte(policy), 0o600); err != nil {
-		return nil, err
-	}
-	return cfg, nil
+      - uid: %[1]d
+`, uid)
+}
+
+// configFile is the dev directory's keywardd.yaml: what --dev runs with,
+// and commented lines to switch on what it does not.
+func configFile(f Files, tok *softhsmtest.Token) string {
+	return fmt.Sprintf(`# keywardd --dev: the configuration of the dev directory %[1]s.
+# Edit it and start again with "keywardd --dev -dev-dir %[1]s";
+# docs/operations.md describes every field.
+socket:
+  path: %[2]s
+  mode: "0600"
+data_dir: %[3]s
+hsm:                         # the throw-away SoftHSM2 token of this directory
+  module: %[4]s
+  token: %[5]s
+  pin_file: %[6]s
+policy_file: %[7]s
+# tokens:
+#   http:
+#     address: 127.0.0.1:8642     # the JWKS at http://127.0.0.1:8642/.well-known/jwks.json
+# metrics:
+#   address: 127.0.0.1:9464       # Prometheus metrics at /metrics
+# plugins:                        # docs/plugins.md; make build puts three in ./bin
+#   - name: file
+#     path: /absolute/path/to/bin/keyward-plugin-file
+#     sha256: <sha256sum of that file>
+rotation:                    # dev keys rotate on the moderate policy; dev API keys get reminders
+  keys:
+    - match: "dev-*"
+      policy: moderate
+  api_keys:
+    - environment: dev
+      policy: moderate
+      action: remind
+anomaly:                     # unusual use of an API key is watched
+  enabled: true
+  new_networks: true
+`, f.Dir, socketPath(f), filepath.Join(f.Dir, "data"), tok.Module, tok.Label, tok.PINFile, f.Policy)
 }
 
 // HowTo is what keywardd --dev prints once it serves.
-func HowTo(cfg *daemon.Config) string {
+func HowTo(cfg *daemon.Config, config, dir string, kept bool) string {
+	stop := "Stop with Ctrl-C; the directory is removed (keywardd --dev -dev-dir DIR keeps one)."
+	if kept {
+		stop = fmt.Sprintf("Stop with Ctrl-C; start again with: keywardd --dev -dev-dir %s", dir)
+	}
 	return fmt.Sprintf(`
 keywardd --dev is serving on %[1]s
-  token %q (SoftHSM2, throw-away), data and audit log in %[3]s
-  policy %[4]s grants uid %[5]d everything; keys dev-kek, dev-signing, dev-hmac exist
+  token %[2]q (SoftHSM2, throw-away), data and audit log in %[3]s
+  configuration %[6]s, policy %[4]s (grants uid %[5]d everything)
+  keys dev-kek (encrypt) and dev-signing (sign tokens)
 
 Try, in another terminal (the keyward CLI is in ./bin after make build):
   export KEYWARD_SOCKET=%[1]s
@@ -91,11 +229,14 @@ Try, in another terminal (the keyward CLI is in ./bin after make build):
   keyward apikey create --owner demo --name try --env dev --perm orders:read --secret-out demo.key
   keyward apikey verify --env dev --perm orders:read --ip 127.0.0.1 < demo.key
   keyward apikey list
+  keyward token mint --key dev-signing --audience orders --scope orders:read > demo.jwt
+  keyward token verify --audience orders < demo.jwt
+  keyward token jwks
   keyward rotation plan
   keyward panic-rotate dev-signing --dry-run
   keyward review
   grpcurl -plaintext -unix %[1]s list
 
-Stop with Ctrl-C; the directory is removed unless -dev-dir was given.
-`, cfg.Socket.Path, cfg.HSM.Token, cfg.DataDir, cfg.PolicyFile, os.Getuid())
+%[7]s
+`, cfg.Socket.Path, cfg.HSM.Token, cfg.DataDir, cfg.PolicyFile, os.Getuid(), config, stop)
 }
