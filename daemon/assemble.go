@@ -1,0 +1,544 @@
+package daemon
+
+// How keywardd is put together: assemble opens and builds every part, in
+// order, with a small constructor each; Run (run.go) then serves and runs
+// the background tasks. A part that needs closing says so to onClose, and
+// close closes them in the reverse order.
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/keyward/keyward/daemon/anomaly"
+	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/credentials"
+	"github.com/keyward/keyward/daemon/envelope"
+	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/load"
+	"github.com/keyward/keyward/daemon/metrics"
+	"github.com/keyward/keyward/daemon/outbox"
+	"github.com/keyward/keyward/daemon/policy"
+	"github.com/keyward/keyward/daemon/schedule"
+	"github.com/keyward/keyward/daemon/server"
+	"github.com/keyward/keyward/daemon/socket"
+	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/tokens"
+	"github.com/keyward/keyward/hsm"
+	"github.com/keyward/keyward/plugins/host"
+)
+
+// grpcServer is what Run needs of the gRPC server that server.New makes.
+type grpcServer interface {
+	Serve(net.Listener) error
+	GracefulStop()
+	Stop()
+}
+
+// daemonParts are keywardd's parts, as assemble made them.
+type daemonParts struct {
+	cfg *Config
+	o   Options
+	log *slog.Logger
+
+	ln      *socket.Listener
+	h       *hsm.HSM
+	al      *audit.Log
+	st      *store.Store
+	km      *keys.Manager
+	revoked *tokens.Revoked
+	det     *anomaly.Detector // nil unless anomaly.enabled
+	gov     *load.Governor    // nil unless dynamic_limits.enabled
+	akm     *apikeys.Manager
+	plugins []*host.Plugin
+	env     *envelope.Service
+	cm      *credentials.Manager
+	ob      *outbox.Outbox
+	sched   *schedule.Scheduler
+	mx      *metrics.Metrics
+	legacy  *legacyNames
+	srv     *server.Server
+	gs      grpcServer
+	http    []task // the HTTP listeners' tasks: metrics, the JWKS
+
+	closers []func() error
+}
+
+// onClose has close call fn, before what was opened earlier.
+func (d *daemonParts) onClose(fn func() error) { d.closers = append(d.closers, fn) }
+
+// close closes every part in the reverse order of opening, and returns the
+// first error.
+func (d *daemonParts) close() (err error) {
+	for i := len(d.closers) - 1; i >= 0; i-- {
+		if cerr := d.closers[i](); cerr != nil && err == nil {
+			err = cerr
+		}
+	}
+	d.closers = nil
+	return err
+}
+
+// assemble opens and builds every part of keywardd, in order. On an error
+// it closes what it opened.
+func assemble(ctx context.Context, cfg *Config, o Options) (d *daemonParts, err error) {
+	d = &daemonParts{cfg: cfg, o: o, log: o.Log}
+	defer func() {
+		if err != nil {
+			d.close()
+			d = nil
+		}
+	}()
+	for _, step := range []func(context.Context) error{
+		d.listen,     // the socket first: its lock makes a second keywardd stop at once
+		d.openHSM,    //
+		d.openAudit,  // before the store: its last line says how many writes the store made
+		d.openStore,  //
+		d.newKeys,    // keywardd's own keys made or adopted, and checked
+		d.newAPIKeys, // with anomaly detection and dynamic limits if configured
+		d.newPlugins, // and what uses them: managed credentials, the plugins' events
+		d.newMetrics, //
+		d.newServer,  //
+		d.listenHTTP, // metrics and the JWKS, if configured
+	} {
+		if err := step(ctx); err != nil {
+			return d, err
+		}
+	}
+	return d, nil
+}
+
+func (d *daemonParts) listen(context.Context) error {
+	so, err := d.cfg.socketOptions()
+	if err != nil {
+		return err
+	}
+	if d.ln, err = socket.Listen(so); err != nil {
+		return listenError(err)
+	}
+	d.onClose(func() error { d.ln.Close(); return nil })
+	return nil
+}
+
+func (d *daemonParts) openHSM(context.Context) (err error) {
+	if err := os.MkdirAll(d.cfg.DataDir, 0o700); err != nil {
+		return fileError(fmt.Errorf("data directory: %w", err))
+	}
+	if d.h, err = hsm.Open(d.cfg.hsmConfig()); err != nil {
+		return err
+	}
+	d.onClose(d.h.Close)
+	return nil
+}
+
+func (d *daemonParts) openAudit(context.Context) (err error) {
+	d.al, err = audit.Open(d.cfg.auditPath(), d.h, AuditKey, audit.Options{Now: d.o.Now})
+	if errors.Is(err, hsm.ErrKeyNotFound) {
+		return configError(fmt.Errorf("%w: the audit log's checkpoints were MACed by %s, which this token (%s) does not have: is hsm.token the token keywardd used with this audit log?", err, AuditKey, d.h.Token().Label))
+	}
+	if err != nil {
+		return fileError(err)
+	}
+	d.onClose(d.al.Close)
+	return nil
+}
+
+func (d *daemonParts) openStore(ctx context.Context) (err error) {
+	if d.st, err = openStore(ctx, d.cfg, d.h, d.al, d.o, d.log); err != nil {
+		return fileError(err)
+	}
+	d.onClose(d.st.Close)
+	return nil
+}
+
+// newKeys makes the key manager, creates the keys that must exist, and
+// uses keywardd's own once each.
+func (d *daemonParts) newKeys(ctx context.Context) (err error) {
+	tc := d.cfg.tokenConfig()
+	d.km, err = keys.New(d.st, d.h, keys.Options{
+		SignPrePublish: d.cfg.Tokens.PrePublish,
+		// A retired signing version stays published while tokens it
+		// signed can be valid: the longest lifetime plus the most leeway.
+		SignKeepPublished: tc.MaxTTL + tokens.MaxLeeway,
+		Now:               d.o.Now,
+	})
+	if err != nil {
+		return err
+	}
+	// keywardd's own keys are adopted if the HSM has them and the store
+	// does not (a lost store): the audit key MACed the existing log, and
+	// the pepper is what API keys restored from a backup are kept under.
+	own := []keys.Spec{{Name: AuditKey.Name, Purpose: keys.MAC, Adopt: true}, {Name: PepperKey.Name, Purpose: keys.MAC, Adopt: true},
+		{Name: CredentialsKey, Purpose: keys.Encrypt, Adopt: true}, {Name: StoreKey.Name, Purpose: keys.MAC, Adopt: true}}
+	if err := ensureKeys(ctx, d.km, append(own, d.o.Keys...)); err != nil {
+		return err
+	}
+	if err := checkOwnKeys(ctx, d.h, own); err != nil {
+		return err
+	}
+	d.revoked, err = tokens.LoadRevoked(d.st, d.o.Now)
+	return err
+}
+
+// newAPIKeys makes the API key manager, with the anomaly detector and the
+// load governor if they are on.
+func (d *daemonParts) newAPIKeys(context.Context) (err error) {
+	ako, err := d.cfg.apiKeyOptions()
+	if err != nil {
+		return err
+	}
+	ako.Now = d.o.Now
+	if d.cfg.Anomaly.Enabled {
+		d.det = anomaly.New(d.cfg.Anomaly, d.st)
+	}
+	if d.cfg.DynamicLimits.Enabled {
+		var clean func(string, time.Time) bool
+		if d.det != nil {
+			clean = d.det.Clean
+		}
+		gov := load.New(d.cfg.DynamicLimits, clean)
+		d.gov = gov
+		ako.LimitFactor = func(rec *apikeys.Record, now time.Time) float64 { return gov.Factor(rec.ID, rec.Created, now) }
+	}
+	d.akm, err = apikeys.NewManager(d.st, d.h, PepperKey, ako)
+	return err
+}
+
+// newPlugins starts the plugins, and makes what uses them: the envelope
+// service, managed credentials, the plugins' events, the rotation
+// schedule.
+func (d *daemonParts) newPlugins(context.Context) (err error) {
+	d.plugins = startPlugins(d.cfg.Plugins, d.log)
+	d.onClose(func() error {
+		for _, p := range d.plugins {
+			p.Close()
+		}
+		return nil
+	})
+	d.env = envelope.New(d.km, d.h, envelope.Options{Decoy: hsm.KeyID{Name: CredentialsKey, Version: 1}})
+	set := host.Set{}
+	for _, p := range d.plugins {
+		set[p.Status().Name] = p
+	}
+	d.cm = credentials.New(d.st, set, credentials.EnvelopeSealer{Envelope: d.env, Key: CredentialsKey}, d.o.Now)
+	if d.ob, err = outbox.New(d.st, set, d.log, nil); err != nil {
+		return err
+	}
+	d.sched = newScheduler(d.cfg, d.st, d.km, d.cm, d.akm, d.al, d.log, d.o.Now)
+	return nil
+}
+
+// newMetrics makes the metrics (gauges.go) and has the HSM report to them
+// and to the load governor.
+func (d *daemonParts) newMetrics(context.Context) error {
+	d.mx = metrics.New(server.Ops(), d.gauges()...)
+	d.h.SetObserver(func(op string, took time.Duration, err error) {
+		if errors.Is(err, hsm.ErrDecrypt) || errors.Is(err, hsm.ErrInvalidInput) || errors.Is(err, hsm.ErrKeyNotFound) {
+			err = nil // the caller's input, not the HSM
+		}
+		d.mx.HSM(op, took, err)
+		if d.gov != nil {
+			d.gov.ObserveHSM(op, took)
+		}
+	})
+	return nil
+}
+
+// newServer makes the gRPC server and what it serves.
+func (d *daemonParts) newServer(context.Context) error {
+	pol, err := loadPolicy(d.cfg.PolicyFile)
+	if err != nil {
+		return err
+	}
+	var observed func(string, netip.Addr, bool)
+	if d.det != nil {
+		observed = func(id string, ip netip.Addr, learn bool) { d.det.Observe(id, ip, d.o.Now(), learn) }
+	}
+	d.legacy = &legacyNames{}
+	cfg := d.cfg
+	d.srv, d.gs = server.New(server.Config{
+		HSM: d.h, Store: d.st, Keys: d.km, Envelope: d.env, Audit: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
+		MaxBatch: cfg.MaxBatch, Version: d.o.Version, HealthEvery: d.o.HealthEvery,
+		Tokens: cfg.tokenConfig(), Revoked: d.revoked, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify, Observed: observed,
+		Plugins:          func() []server.PluginState { return pluginStates(d.plugins, d.ob.Status()) },
+		NamesToRename:    d.legacy.Counts,
+		HandshakeTimeout: cfg.Connections.HandshakeTimeout, IdleTimeout: cfg.Connections.IdleTimeout, WriteTimeout: cfg.Connections.WriteTimeout,
+	})
+	return nil
+}
+
+// listenHTTP opens the HTTP listeners configured: metrics on a loopback
+// address and/or a Unix socket, the JWKS for verifiers elsewhere. They
+// serve as tasks, from when keywardd serves.
+func (d *daemonParts) listenHTTP(context.Context) error {
+	metricsServer := func() *http.Server {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", d.mx.Handler())
+		return &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, WriteTimeout: 30 * time.Second, MaxHeaderBytes: 8 << 10}
+	}
+	if a := d.cfg.Metrics.Address; a != "" {
+		ln, err := net.Listen("tcp", a)
+		if err != nil {
+			return listenError(fmt.Errorf("metrics.address: %w", err))
+		}
+		d.onClose(func() error { ln.Close(); return nil })
+		d.log.Info("serving metrics", "at", "http://"+ln.Addr().String()+"/metrics")
+		d.http = append(d.http, serveHTTP("metrics over HTTP", metricsServer(), ln, d.log))
+	}
+	if d.cfg.Metrics.Socket != "" {
+		so, err := d.cfg.metricsSocketOptions()
+		if err != nil {
+			return err
+		}
+		ln, err := socket.Listen(so)
+		if err != nil {
+			return listenError(fmt.Errorf("metrics.socket: %w", err))
+		}
+		d.onClose(func() error { ln.Close(); return nil })
+		d.log.Info("serving metrics", "at", "unix:"+ln.Path()+" /metrics")
+		d.http = append(d.http, serveHTTP("metrics on a socket", metricsServer(), ln, d.log))
+	}
+	if d.cfg.Tokens.HTTP.Address != "" {
+		t, err := d.jwksHTTP()
+		if err != nil {
+			return err
+		}
+		d.http = append(d.http, t)
+	}
+	return nil
+}
+
+// jwksHTTP opens the HTTP listener for verifiers elsewhere: plain HTTP on
+// loopback, TLS 1.3 otherwise (LoadConfig refuses a non-loopback address
+// without a certificate).
+func (d *daemonParts) jwksHTTP() (task, error) {
+	h := d.cfg.Tokens.HTTP
+	ln, err := net.Listen("tcp", h.Address)
+	if err != nil {
+		return task{}, listenError(fmt.Errorf("tokens.http: %w", err))
+	}
+	d.onClose(func() error { ln.Close(); return nil })
+	scheme := "http"
+	var tlsCfg *tls.Config
+	if h.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(h.TLSCert, h.TLSKey)
+		if err != nil {
+			return task{}, configError(fmt.Errorf("tokens.http: %w", err))
+		}
+		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
+		ln = tls.NewListener(ln, tlsCfg)
+		scheme = "https"
+	}
+	base := h.BaseURL
+	if base == "" {
+		base = scheme + "://" + ln.Addr().String()
+	}
+	pre := d.cfg.Tokens.PrePublish
+	if pre == 0 {
+		pre = 10 * time.Minute
+	}
+	hs := &http.Server{Handler: d.srv.JWKSHandler(base, pre), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		WriteTimeout: 10 * time.Second, IdleTimeout: time.Minute, MaxHeaderBytes: 8 << 10, TLSConfig: tlsCfg}
+	d.log.Info("serving the JWKS", "url", base+"/.well-known/jwks.json")
+	return serveHTTP("the JWKS over HTTP", hs, ln, d.log), nil
+}
+
+// openStore opens the store under the key derived from StoreKey (made in
+// the HSM if it has none yet), refusing one behind the audit log unless the
+// operator accepts it, which is then audited; from then on every audit
+// line records the store's write count.
+func openStore(ctx context.Context, cfg *Config, h *hsm.HSM, al *audit.Log, o Options, log *slog.Logger) (*store.Store, error) {
+	path := filepath.Join(cfg.DataDir, "keyward.db")
+	key, err := DeriveStoreKey(ctx, h)
+	made := false
+	if errors.Is(err, hsm.ErrKeyNotFound) {
+		// A sealed store needs the key this token lacks: it is the wrong
+		// token (or the key was lost); making a new key would help nothing.
+		sealed, serr := store.Sealed(path, 0)
+		if serr != nil {
+			return nil, serr
+		}
+		if sealed {
+			return nil, configError(fmt.Errorf("the store %s is sealed under the HSM key %s, which this token (%s) does not have: is hsm.token the token keywardd used with this store?", path, StoreKey, h.Token().Label))
+		}
+		if err = h.CreateKey(ctx, StoreKey, hsm.HMACSHA256); err == nil || errors.Is(err, hsm.ErrKeyExists) {
+			made = true
+			key, err = DeriveStoreKey(ctx, h)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("the store's key %s: %w", StoreKey, err)
+	}
+	acceptRollback := o.AcceptStoreRollback || marker(cfg.DataDir, AcceptRollbackFile, log)
+	acceptUnsealed := o.AcceptUnsealedStore || marker(cfg.DataDir, AcceptUnsealedFile, log)
+	acked := al.StoreWrites()
+	// What the operator allowed is on record before it is done, or not done.
+	before := func(act store.Act, had, acknowledged uint64) error {
+		op, detail := "keywardd.AcceptStoreRollback", fmt.Sprintf("the operator accepted a store behind the audit log: it is at write %d where the audit log recorded write %d; every change recorded after that point in this log is undone; the store's count moves to %d", had, acknowledged, acknowledged+1)
+		if act == store.Sealing {
+			op, detail = "keywardd.AcceptUnsealedStore", "the operator accepted an unsealed store where this HSM token's keyward-store key shows a sealed one was: its records are sealed now as they are, unverified"
+		}
+		rec := audit.Record{Time: o.Now().UTC(), Op: op, Outcome: "ok", Caller: keywardd(), Detail: detail}
+		if err := al.AppendBefore(ctx, rec); err != nil {
+			return err
+		}
+		log.Warn(detail)
+		return nil
+	}
+	st, err := store.Open(path, store.Options{Key: key, Acknowledged: acked, AcceptRollback: acceptRollback, AllowUnsealed: made || acceptUnsealed, Before: before})
+	if err != nil {
+		return nil, err
+	}
+	os.Remove(filepath.Join(cfg.DataDir, AcceptRollbackFile)) // for this start only
+	os.Remove(filepath.Join(cfg.DataDir, AcceptUnsealedFile))
+	st.OnDamage(func(detail string) {
+		log.Error("keywardd's store stopped serving; see "+store.Runbook, "found", detail)
+	})
+	al.SetStoreWrites(st.Writes)
+	return st, nil
+}
+
+// The files an operator puts in the data directory to say, for the next
+// start only, what -accept-store-rollback and -accept-unsealed-store say
+// (under systemd, where a flag is awkward to give once); keywardd removes
+// them once the store is open.
+const (
+	AcceptRollbackFile = "accept-store-rollback"
+	AcceptUnsealedFile = "accept-unsealed-store"
+)
+
+// marker reports whether dir/name is there and root's own, and writable by
+// no one else: plugins run as keywardd's user, so a marker they could make
+// would let them roll the store back. A keywardd that runs as root takes
+// no marker (its plugins are root too): give it the flag instead.
+func marker(dir, name string, log *slog.Logger) bool {
+	fi, err := os.Lstat(filepath.Join(dir, name))
+	if err != nil {
+		return false
+	}
+	if why := markerRefused(fi, os.Geteuid(), name); why != "" {
+		log.Error("ignoring "+name+": "+why, "file", filepath.Join(dir, name))
+		return false
+	}
+	return true
+}
+
+// markerRefused says why a marker file fi is not taken by a keywardd
+// running as euid, or "".
+func markerRefused(fi os.FileInfo, euid int, name string) string {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	switch {
+	case euid == 0:
+		return "keywardd runs as root, and so do its plugins; start it once with -" + name + " instead"
+	case !ok || !fi.Mode().IsRegular() || st.Uid != 0 || fi.Mode().Perm()&0o022 != 0:
+		return "it must be a file of root's, writable by no one else (install -o root -m 0644 /dev/null ...)"
+	}
+	return ""
+}
+
+// DeriveStoreKey derives the key that authenticates the store's records
+// from StoreKey in the HSM: it never leaves keywardd's memory.
+func DeriveStoreKey(ctx context.Context, h *hsm.HSM) ([]byte, error) {
+	return h.HMACSHA256(ctx, StoreKey, []byte("keyward store key v1"))
+}
+
+// startPlugins starts the configured plugins. One that fails to start is
+// logged and keeps being retried with backoff; keywardd serves regardless,
+// and GetStatus says where each plugin is.
+func startPlugins(cfgs []PluginConfig, log *slog.Logger) []*host.Plugin {
+	var out []*host.Plugin
+	for _, c := range cfgs {
+		p, err := host.Start(host.Config{Name: c.Name, Path: c.Path, SHA256: c.SHA256, Env: c.Env, CallTimeout: c.CallTimeout, Log: log})
+		if err != nil {
+			log.Error("a plugin did not start; it is retried with backoff", "plugin", c.Name, "error", err.Error())
+		}
+		if p != nil {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func pluginStates(ps []*host.Plugin, deliveries map[string]outbox.Status) []server.PluginState {
+	out := make([]server.PluginState, 0, len(ps))
+	for _, p := range ps {
+		st := p.Status()
+		d := deliveries[st.Name]
+		s := server.PluginState{Name: st.Name, Version: st.Version, State: string(st.State), PID: st.PID, Launches: st.Launches, LastError: st.LastError, Since: st.Since,
+			EventsPending: d.Pending, DeliveryError: d.LastError}
+		for _, c := range st.Capabilities {
+			s.Capabilities = append(s.Capabilities, strings.ToLower(strings.TrimPrefix(c.String(), "CAPABILITY_")))
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// ensureKeys creates the keys that must exist.
+func ensureKeys(ctx context.Context, km *keys.Manager, specs []keys.Spec) error {
+	for _, s := range specs {
+		if _, err := km.Get(s.Name); err == nil {
+			continue
+		} else if !errors.Is(err, keys.ErrNotFound) {
+			return err
+		}
+		if _, err := km.Create(ctx, s); err != nil {
+			return fmt.Errorf("creating key %q: %w", s.Name, err)
+		}
+	}
+	return nil
+}
+
+// checkOwnKeys uses version 1 of each of keywardd's own keys once, so that
+// a key the HSM holds in a form keyward refuses (weaker than required, of
+// another algorithm, or one of two under one label; the hsm package's
+// refusal at connect) or a mechanism the token lacks stops the start, with
+// the exit code of a permanent failure, rather than failing calls or
+// checkpoints later. An encryption key is tried with a decryption that
+// cannot authenticate: an encryption would use a nonce that keys' counts
+// of encryptions under the version do not hold.
+func checkOwnKeys(ctx context.Context, h *hsm.HSM, own []keys.Spec) error {
+	msg := []byte("keywardd start check")
+	for _, s := range own {
+		id := hsm.KeyID{Name: s.Name, Version: 1}
+		var err error
+		switch s.Purpose {
+		case keys.MAC:
+			_, err = h.HMACSHA256(ctx, id, msg)
+		case keys.Encrypt:
+			if _, err = h.Decrypt(ctx, id, make([]byte, hsm.NonceSize), make([]byte, hsm.TagSize), nil); errors.Is(err, hsm.ErrDecrypt) {
+				err = nil // the token tried it
+			}
+		default:
+			err = fmt.Errorf("daemon: no check for purpose %q", s.Purpose)
+		}
+		if err != nil {
+			return fmt.Errorf("keywardd's own key %s: %w", id, err)
+		}
+	}
+	return nil
+}
+
+func loadPolicy(path string) (*policy.Policy, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, configError(fmt.Errorf("policy: %w", err))
+	}
+	p, err := policy.Parse(b, server.Ops())
+	if err != nil {
+		return nil, configError(fmt.Errorf("%s: %w", path, err))
+	}
+	return p, nil
+}
+

@@ -1,0 +1,206 @@
+package daemon
+
+// keywardd's own jobs: what it does in the background, unasked. Each is a
+// task (tasks.go) that Run starts once keywardd serves and stops, and
+// waits for, once the calls in flight have drained. Every job that changes
+// something audits it as keywardd.<Op>, with caller "keywardd"; one that
+// cannot be undone (a key's deletion, a scheduled rotation) is audited
+// before it is done, and not done if it cannot be.
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/keyward/keyward/daemon/anomaly"
+	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/credentials"
+	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/load"
+	"github.com/keyward/keyward/daemon/metrics"
+	"github.com/keyward/keyward/daemon/outbox"
+	"github.com/keyward/keyward/daemon/tokens"
+)
+
+// jobs are keywardd's own jobs, in one table: what each does, how often.
+func (d *daemonParts) jobs() []task {
+	log, now := d.log, d.o.Now
+	keyClock, sweepClock := newClockWatch(now), newClockWatch(now)
+	flushEvery := d.cfg.APIKeys.FlushEvery
+	if flushEvery == 0 {
+		flushEvery = DefaultFlushEvery
+	}
+	ts := []task{
+		// Keys past their deletion date: destroyed in the HSM (audited first).
+		every("key deletions", d.o.KeysEvery, func(ctx context.Context) { deleteDueKeys(ctx, d.km, d.al, log, keyClock) }),
+		// Managed credentials: pending rotations, overlaps' ends, periods, revocations.
+		every("credential maintenance", d.o.CredentialsEvery, func(ctx context.Context) { maintainCredentials(ctx, d.cm, d.al, log, now) }),
+		// Keys, API keys and credentials due by their rotation policies (scheduled.go).
+		loop("scheduled rotation", func(ctx context.Context) {
+			d.sched.Run(ctx, checkEvery(&d.cfg.Rotation), func(err error) { log.Error("scheduled rotation", "error", err.Error()) })
+		}),
+		// Token revocations past the tokens' expiry: forgotten.
+		every("token revocation sweep", time.Hour, func(context.Context) { sweepRevocations(d.revoked, log, sweepClock) }),
+		// Revocation events delivered to the plugins (outbox).
+		loop("plugin events", func(ctx context.Context) { d.ob.Run(ctx, time.Second) }),
+		// API key usage and quotas written, and once more at the end.
+		loop("API key usage", func(ctx context.Context) {
+			d.akm.RunFlusher(ctx, flushEvery, func(err error) {
+				log.Error("writing API key usage failed; it is kept and retried", "error", err.Error())
+			})
+		}),
+	}
+	if d.det != nil {
+		// Anomalies acted on (a key disabled where configured), baselines
+		// written, and once more at the end.
+		ts = append(ts, task{name: "anomaly response", run: func(ctx context.Context) error {
+			watchAnomalies(ctx, d.det, d.akm, d.al, d.mx, d.ob.Notify, log, d.cfg.Anomaly.FlushEvery, now)
+			return d.det.Flush()
+		}})
+	}
+	if d.gov != nil {
+		ts = append(ts, loop("load watch", func(ctx context.Context) { watchLoad(ctx, d.gov, log) }))
+	}
+	return ts
+}
+
+// deleteDueKeys deletes keys whose deletion date passed. Each deletion is
+// audited before it happens; one that cannot be audited waits. A deletion
+// cannot be undone, so it waits until the clock has been steady (clock) for
+// steadyLooks looks: a clock run ahead for a while and set right again
+// destroys nothing early.
+func deleteDueKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *slog.Logger, clock *clockWatch) {
+	due, err := km.DueForDeletion()
+	if err != nil {
+		log.Error("listing keys past their deletion date failed", "error", err.Error())
+	}
+	if !clock.steady(log, "keys past their deletion date") {
+		return
+	}
+	for _, name := range due {
+		rec := audit.Record{Time: clock.wall().UTC(), Op: "keywardd.DeleteKey", Key: name, Outcome: "ok",
+			Caller: keywardd(),
+			Detail: "its deletion date passed: destroying every version in the HSM"}
+		if err := al.AppendBefore(ctx, rec); err != nil {
+			log.Error("not deleting a key: its deletion cannot be audited", "key", name, "error", err.Error())
+			continue
+		}
+		if done, err := km.DeleteDue(ctx, name); err != nil {
+			log.Error("deleting a key failed", "key", name, "error", err.Error())
+		} else if done {
+			log.Info("key deleted", "key", name)
+		}
+	}
+}
+
+// maintainCredentials does what is due for managed credentials: resumes
+// pending rotations, retires previous versions after their overlap,
+// rotates those whose period passed, finishes revocations. Each is audited
+// with its outcome.
+func maintainCredentials(ctx context.Context, cm *credentials.Manager, al *audit.Log, log *slog.Logger, now func() time.Time) {
+	done, err := cm.Maintain(ctx)
+	if err != nil {
+		log.Error("listing managed credentials failed", "error", err.Error())
+	}
+	for name, err := range done {
+		rec := audit.Record{Time: now().UTC(), Op: "keywardd.MaintainCredential", Key: name, Outcome: "ok",
+			Caller: keywardd(),
+			Detail: "due: a pending rotation, a rotation period, an overlap's end or a revocation"}
+		if err != nil {
+			rec.Outcome, rec.Detail = "error", err.Error()
+			log.Error("managed credential maintenance failed; it is retried", "credential", name, "error", err.Error())
+		}
+		if aerr := al.Append(ctx, rec); aerr != nil {
+			log.Error("auditing credential maintenance failed", "credential", name, "error", aerr.Error())
+		}
+	}
+}
+
+// sweepRevocations forgets the revocations of tokens past their expiry,
+// once the clock has been steady.
+func sweepRevocations(revoked *tokens.Revoked, log *slog.Logger, clock *clockWatch) {
+	if !clock.steady(log, "expired token revocations") {
+		return
+	}
+	if _, err := revoked.Sweep(); err != nil {
+		log.Error("forgetting expired token revocations failed", "error", err.Error())
+	}
+}
+
+// watchAnomalies acts on the detector's alerts until ctx ends: the key is
+// disabled first if the configuration says so, with its event for the
+// plugins in the same transaction, then the alert is audited, logged and
+// counted. Baselines are written every flushEvery.
+func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Manager, al *audit.Log, mx *metrics.Metrics, notify func(), log *slog.Logger, flushEvery time.Duration, now func() time.Time) {
+	if flushEvery <= 0 {
+		flushEvery = time.Minute
+	}
+	t := time.NewTicker(flushEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := det.Flush(); err != nil {
+				log.Error("writing API key baselines failed; they are kept and retried", "error", err.Error())
+			}
+		case a := <-det.Alerts():
+			seen := a.Kind + ": " + a.Detail
+			var detail string // what the event says, once it is written
+			var disabling bool
+			_, err := akm.Notice(a.KeyID, outbox.Anomaly, a.KeyID, seen, func(r *apikeys.Record) (string, error) {
+				disabling = false
+				switch {
+				case a.Disable && r.State == apikeys.Active:
+					r.State, disabling = apikeys.StateDisabled, true
+					return fmt.Sprintf("; keywardd disabled the key (keyward apikey update -id %s -enable, once it is understood)", a.KeyID), nil
+				case a.Disable:
+					return "; the key was not active, so nothing was disabled", nil
+				}
+				return "; alert only (anomaly.disable does not name " + a.Kind + ")", nil
+			}, &detail)
+			disabled := err == nil && disabling
+			if err != nil {
+				detail = seen + "; acting on it failed, nothing was disabled: " + err.Error()
+			}
+			rec := audit.Record{Time: now().UTC(), Op: "keywardd.APIKeyAnomaly", Key: a.KeyID, Outcome: "ok", Detail: detail,
+				Caller: keywardd()}
+			if err != nil {
+				rec.Outcome = "error"
+			}
+			if aerr := al.Append(ctx, rec); aerr != nil {
+				log.Error("auditing an API key anomaly failed", "key_id", a.KeyID, "error", aerr.Error())
+			}
+			log.Warn("API key anomaly", "key_id", a.KeyID, "kind", a.Kind, "disabled", disabled, "detail", detail)
+			mx.Anomaly(a.Kind, disabled)
+			notify()
+		}
+	}
+}
+
+// watchLoad samples the load every so often and logs when keywardd becomes
+// overloaded and when it stops being so.
+func watchLoad(ctx context.Context, gov *load.Governor, log *slog.Logger) {
+	t := time.NewTicker(gov.Every())
+	defer t.Stop()
+	was := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		cpu, hsm, over := gov.Sample(time.Now()) // a rate: the monotonic clock, not keywardd's
+		if over != was {
+			if over {
+				log.Warn("keywardd is overloaded: API keys' rate limits are tightened", "cpu", cpu, "hsm_latency", hsm.String(), "factor", gov.Gauge())
+			} else {
+				log.Info("keywardd is no longer overloaded: API keys' rate limits are back", "cpu", cpu, "hsm_latency", hsm.String())
+			}
+			was = over
+		}
+	}
+}
