@@ -139,7 +139,8 @@ func (s *sealer) element(tag [tagSize]byte) [sha256.Size]byte {
 	defer s.pool.Put(m)
 	m.set.Reset()
 	m.set.Write(elementLabel)
-	m.set.Write(tag[:])
+	copy(m.sum[:], tag[:]) // tag itself would escape to the heap
+	m.set.Write(m.sum[:])
 	return m.sumOf(m.set)
 }
 
