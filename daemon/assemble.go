@@ -541,4 +541,3 @@ func loadPolicy(path string) (*policy.Policy, error) {
 	}
 	return p, nil
 }
-
