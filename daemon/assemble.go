@@ -57,7 +57,7 @@ type daemonParts struct {
 	al      *audit.Log
 	st      *store.Store
 	km      *keys.Manager
-	revoked *tokens.Revoked
+	tokens  *tokens.Service
 	det     *anomaly.Detector // nil unless anomaly.enabled
 	gov     *load.Governor    // nil unless dynamic_limits.enabled
 	akm     *apikeys.Manager
@@ -187,8 +187,12 @@ func (d *daemonParts) newKeys(ctx context.Context) (err error) {
 	if err := checkOwnKeys(ctx, d.h, own); err != nil {
 		return err
 	}
-	d.revoked, err = tokens.LoadRevoked(d.st, d.o.Now)
-	return err
+	revoked, err := tokens.LoadRevoked(d.st, d.o.Now)
+	if err != nil {
+		return err
+	}
+	d.tokens = tokens.NewService(tc, d.km, d.h, revoked, d.o.Now)
+	return nil
 }
 
 // newAPIKeys makes the API key manager, with the anomaly detector and the
@@ -270,7 +274,7 @@ func (d *daemonParts) newServer(context.Context) error {
 	d.srv, d.gs = server.New(server.Config{
 		HSM: d.h, Store: d.st, Keys: d.km, Envelope: d.env, Audit: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
 		MaxBatch: cfg.MaxBatch, Version: d.o.Version, HealthEvery: d.o.HealthEvery,
-		Tokens: cfg.tokenConfig(), Revoked: d.revoked, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify, Observed: observed,
+		Tokens: d.tokens, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify, Observed: observed,
 		Plugins:          func() []server.PluginState { return pluginStates(d.plugins, d.ob.Status()) },
 		NamesToRename:    d.legacy.Counts,
 		HandshakeTimeout: cfg.Connections.HandshakeTimeout, IdleTimeout: cfg.Connections.IdleTimeout, WriteTimeout: cfg.Connections.WriteTimeout,
@@ -348,7 +352,7 @@ func (d *daemonParts) jwksHTTP() (task, error) {
 	if pre == 0 {
 		pre = 10 * time.Minute
 	}
-	hs := &http.Server{Handler: d.srv.JWKSHandler(base, pre), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+	hs := &http.Server{Handler: d.tokens.JWKSHandler(base, pre), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
 		WriteTimeout: 10 * time.Second, IdleTimeout: time.Minute, MaxHeaderBytes: 8 << 10, TLSConfig: tlsCfg}
 	d.log.Info("serving the JWKS", "url", base+"/.well-known/jwks.json")
 	return serveHTTP("the JWKS over HTTP", hs, ln, d.log), nil

@@ -25,8 +25,8 @@ import (
 	"github.com/keyward/keyward/daemon/procenv"
 	"github.com/keyward/keyward/daemon/ratelimit"
 	"github.com/keyward/keyward/daemon/schedule"
-	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/daemon/socket"
+	"github.com/keyward/keyward/daemon/tokens"
 	"github.com/keyward/keyward/hsm"
 	"github.com/keyward/keyward/plugins/host"
 )
@@ -301,11 +301,7 @@ func (c *Config) apiKeyOptions() (apikeys.Options, error) {
 	return o, nil
 }
 
-// tokenConfig is the server's token configuration, with its defaults.
-func (c *Config) tokenConfig() server.TokenConfig {
-	t := server.TokenConfig{Issuer: c.Tokens.Issuer, DefaultTTL: c.Tokens.DefaultTTL, MaxTTL: c.Tokens.MaxTTL, Leeway: c.Tokens.Leeway, NoCache: c.Tokens.NoCache}
-	if t.MaxTTL == 0 {
-		t.MaxTTL = time.Hour
-	}
-	return t
+// tokenConfig is the token service's configuration, with its defaults.
+func (c *Config) tokenConfig() tokens.Config {
+	return tokens.Config{Issuer: c.Tokens.Issuer, DefaultTTL: c.Tokens.DefaultTTL, MaxTTL: c.Tokens.MaxTTL, Leeway: c.Tokens.Leeway, NoCache: c.Tokens.NoCache}.WithDefaults()
 }

@@ -42,7 +42,7 @@ func (d *daemonParts) jobs() []task {
 			d.sched.Run(ctx, checkEvery(&d.cfg.Rotation), func(err error) { log.Error("scheduled rotation", "error", err.Error()) })
 		}),
 		// Token revocations past the tokens' expiry: forgotten.
-		every("token revocation sweep", time.Hour, func(context.Context) { sweepRevocations(d.revoked, log, sweepClock) }),
+		every("token revocation sweep", time.Hour, func(context.Context) { sweepRevocations(d.tokens, log, sweepClock) }),
 		// Revocation events delivered to the plugins (outbox).
 		loop("plugin events", func(ctx context.Context) { d.ob.Run(ctx, time.Second) }),
 		// API key usage and quotas written, and once more at the end.
@@ -120,7 +120,7 @@ func maintainCredentials(ctx context.Context, cm *credentials.Manager, al *audit
 
 // sweepRevocations forgets the revocations of tokens past their expiry,
 // once the clock has been steady.
-func sweepRevocations(revoked *tokens.Revoked, log *slog.Logger, clock *clockWatch) {
+func sweepRevocations(revoked *tokens.Service, log *slog.Logger, clock *clockWatch) {
 	if !clock.steady(log, "expired token revocations") {
 		return
 	}

@@ -37,7 +37,6 @@ import (
 	"maps"
 	"net/netip"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -63,7 +62,6 @@ import (
 	"github.com/keyward/keyward/daemon/policy"
 	"github.com/keyward/keyward/daemon/schedule"
 	"github.com/keyward/keyward/daemon/store"
-	"github.com/keyward/keyward/daemon/tokens"
 	"github.com/keyward/keyward/hsm"
 )
 
@@ -125,9 +123,8 @@ type Config struct {
 	Version string
 	// HealthEvery is how often the HSM's health is checked. Default 5 s.
 	HealthEvery time.Duration
-	// Tokens configures the TokenService; Revoked holds its revocations.
-	Tokens  TokenConfig
-	Revoked *tokens.Revoked
+	// Tokens serves the TokenService.
+	Tokens TokenService
 	// APIKeys serves the APIKeyService.
 	APIKeys *apikeys.Manager
 	// Credentials serves the CredentialService; nil turns it off.
@@ -193,14 +190,6 @@ type Server struct {
 	start     time.Time
 	hsmErr    atomic.Pointer[error] // the last health check's error; nil when healthy
 	kick      chan struct{}         // checks health at once: the audit log or the store changed
-	tkeys     tokenKeys
-	mints     mintCache
-
-	vmu      sync.Mutex // guards the verifier cache
-	vcache   *tokens.Verifier
-	vgen     uint64
-	vsec     int64
-	verified *tokens.Cache
 
 	keywardv1.UnimplementedKeyServiceServer
 	keywardv1.UnimplementedEnvelopeServiceServer
@@ -231,12 +220,10 @@ func New(cfg Config) (*Server, *grpc.Server) {
 			*d.v = d.def
 		}
 	}
-	cfg.Tokens.defaults()
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	s := &Server{cfg: cfg, gate: admission.New(nil), health: health.NewServer(), start: cfg.Now(), tkeys: tokenKeys{m: map[hsm.KeyID]*tokens.Key{}},
-		mints: mintCache{m: map[string]mintEntry{}}, verified: tokens.NewCache(), kick: make(chan struct{}, 1)}
+	s := &Server{cfg: cfg, gate: admission.New(nil), health: health.NewServer(), start: cfg.Now(), kick: make(chan struct{}, 1)}
 	s.policy.Store(cfg.Policy)
 	cfg.Audit.SetNotify(s.recheck)
 	resolver := identity.NewResolver()

@@ -1,4 +1,4 @@
-package server
+package tokens
 
 import (
 	"encoding/json"
@@ -7,8 +7,6 @@ import (
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
-
-	"github.com/keyward/keyward/daemon/tokens"
 )
 
 // JWKSHandler serves what verifiers elsewhere need, read-only and without
@@ -17,20 +15,20 @@ import (
 // verifier has a new key before it signs; and
 // /.well-known/openid-configuration, naming the issuer and the JWKS URL.
 // baseURL is how verifiers reach this listener (https://host:port).
-func (s *Server) JWKSHandler(baseURL string, prePublish time.Duration) http.Handler {
+func (s *Service) JWKSHandler(baseURL string, prePublish time.Duration) http.Handler {
 	maxAge := int((prePublish / 2).Seconds())
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /.well-known/jwks.json", func(w http.ResponseWriter, r *http.Request) {
-		pub, err := s.published(r.Context(), s.cfg.Now())
+		pub, err := s.Published(r.Context())
 		if err != nil {
 			http.Error(w, "keys unavailable", http.StatusServiceUnavailable)
 			return
 		}
-		writeJSON(w, tokens.JWKS(pub...), maxAge)
+		writeJSON(w, JWKS(pub...), maxAge)
 	})
 	mux.HandleFunc("GET /.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, map[string]any{
-			"issuer":                                s.cfg.Tokens.Issuer,
+			"issuer":                                s.cfg.Issuer,
 			"jwks_uri":                              baseURL + "/.well-known/jwks.json",
 			"id_token_signing_alg_values_supported": []jose.SignatureAlgorithm{jose.ES256, jose.ES384, jose.EdDSA},
 		}, maxAge)
