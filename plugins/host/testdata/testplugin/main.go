@@ -1,6 +1,7 @@
 // Command testplugin is a keyward plugin for the host's tests: a rotator and
-// a revoker that record what they are asked in TESTPLUGIN_RECORD, and
-// misbehave as TESTPLUGIN_MODE says.
+// a revoker that record what they are asked in TESTPLUGIN_RECORD (and the
+// revocations' wire form in TESTPLUGIN_WIRE, if set), and misbehave as
+// TESTPLUGIN_MODE says.
 package main
 
 import (
@@ -9,6 +10,9 @@ import (
 	"os"
 	"strings"
 	"sync"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pluginv1 "github.com/keyward/keyward/plugins/proto/v1"
 	"github.com/keyward/keyward/plugins/sdk"
@@ -86,6 +90,21 @@ func (p *impl) Revoke(ctx context.Context, op string, e sdk.Event) error {
 		return fmt.Errorf("the system behind the plugin is down")
 	}
 	record("revoke %s %v %s %s", op, e.Kind, e.ID, e.Subject)
+	if path := os.Getenv("TESTPLUGIN_WIRE"); path != "" {
+		// The request as the SDK handed it on, encoded again: what
+		// keywardd sent, for the host's golden test.
+		b, err := proto.Marshal(&pluginv1.RevokeRequest{OperationId: op,
+			Event: &pluginv1.Event{Kind: e.Kind, Id: e.ID, Subject: e.Subject, Time: timestamppb.New(e.Time), Detail: e.Detail}})
+		if err != nil {
+			return err
+		}
+		f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o600)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		fmt.Fprintf(f, "%x\n", b)
+	}
 	return nil
 }
 
