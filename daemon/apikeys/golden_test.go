@@ -8,10 +8,8 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -21,9 +19,9 @@ import (
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/daemon/store/storetest"
 	"github.com/keyward/keyward/hsm"
-)
 
-var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+	"github.com/keyward/keyward/softhsm-test/golden"
+)
 
 // knownPepper is HMAC-SHA256 under a known key, for the pepper only.
 // keyward's pepper never leaves the HSM, so the golden MACs and hints are
@@ -152,20 +150,7 @@ func TestGolden(t *testing.T) {
 	for _, in := range goldenKeyInputs() {
 		made = append(made, makeKeyVector(t, in))
 	}
-	if *update {
-		b, _ := json.MarshalIndent(made, "", "  ")
-		if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var vectors []keyVector
-	if err := json.Unmarshal(b, &vectors); err != nil {
-		t.Fatal(err)
-	}
+	vectors := golden.JSON(t, path, made)
 	if len(vectors) != len(made) {
 		t.Fatalf("%s holds %d vectors, the test makes %d (go test -update rewrites it)", path, len(vectors), len(made))
 	}

@@ -8,7 +8,6 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -19,9 +18,9 @@ import (
 	"time"
 
 	"github.com/keyward/keyward/hsm"
-)
 
-var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+	"github.com/keyward/keyward/softhsm-test/golden"
+)
 
 // goldenKey is the MAC key of the golden logs. keyward's own audit key
 // never leaves the HSM, so the vectors are MACed by Go's HMAC-SHA256 under
@@ -107,27 +106,19 @@ func writeGolden(t *testing.T, path string) {
 // MAC holds, the records are those written, and a restart resumes its
 // chain. A change here is a change of the audit log's format.
 func TestGoldenLog(t *testing.T) {
-	golden := filepath.Join("testdata", "golden.log")
-	path := filepath.Join(t.TempDir(), "audit.log")
-	writeGolden(t, path)
-	got, err := os.ReadFile(path)
+	path := filepath.Join("testdata", "golden.log")
+	written := filepath.Join(t.TempDir(), "audit.log")
+	writeGolden(t, written)
+	got, err := os.ReadFile(written)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if *update {
-		if err := os.WriteFile(golden, got, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	want, err := os.ReadFile(golden)
-	if err != nil {
-		t.Fatal(err)
-	}
-	compareLines(t, golden, got, want)
+	want := golden.File(t, path, got)
+	compareLines(t, path, got, want)
 
 	rep := verifyBytes(t, want, goldenMAC{})
 	if rep != (Report{Lines: 10, Records: 7, Checkpoints: 3}) {
-		t.Fatalf("%s verifies as %+v; want 10 lines, 7 records, 3 checkpoints, nothing unverified or bad", golden, rep)
+		t.Fatalf("%s verifies as %+v; want 10 lines, 7 records, 3 checkpoints, nothing unverified or bad", path, rep)
 	}
 	var read []Record
 	if err := Records(bytes.NewReader(want), func(r Record) error { read = append(read, r); return nil }); err != nil {
@@ -137,21 +128,21 @@ func TestGoldenLog(t *testing.T) {
 		w := capped(g.rec)
 		w.StoreWrites = g.writes
 		if i >= len(read) || !reflect.DeepEqual(read[i], w) {
-			t.Fatalf("record %d of %s reads back as\n%+v\nwant\n%+v", i+1, golden, read[i], w)
+			t.Fatalf("record %d of %s reads back as\n%+v\nwant\n%+v", i+1, path, read[i], w)
 		}
 	}
 	if !strings.Contains(string(want), `...(76 bytes more)`) {
 		t.Fatal("the key name of 1100 bytes is not cut to 1024 saying how much was cut")
 	}
-	checkByTheDocs(t, golden, want, 43)
+	checkByTheDocs(t, path, want, 43)
 
-	resumeGolden(t, golden, want, 43)
+	resumeGolden(t, path, want, 43)
 }
 
 // resumeGolden: keywardd resumes a golden log (a copy): its last
 // checkpoint's MAC holds, its store count is the one it records, and the
 // next line links to it.
-func resumeGolden(t *testing.T, golden string, log []byte, writes uint64) {
+func resumeGolden(t *testing.T, from string, log []byte, writes uint64) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "audit.log")
 	if err := os.WriteFile(path, log, 0o600); err != nil {
@@ -159,10 +150,10 @@ func resumeGolden(t *testing.T, golden string, log []byte, writes uint64) {
 	}
 	l, err := Open(path, goldenMAC{}, macKey, Options{})
 	if err != nil {
-		t.Fatalf("today's Open refuses %s: %v", golden, err)
+		t.Fatalf("today's Open refuses %s: %v", from, err)
 	}
 	if l.StoreWrites() != writes {
-		t.Fatalf("%s resumed with the store's count %d; its last checkpoint says %d", golden, l.StoreWrites(), writes)
+		t.Fatalf("%s resumed with the store's count %d; its last checkpoint says %d", from, l.StoreWrites(), writes)
 	}
 	if err := l.Append(context.Background(), goldenRecords()[0].rec); err != nil {
 		t.Fatal(err)
@@ -172,10 +163,10 @@ func resumeGolden(t *testing.T, golden string, log []byte, writes uint64) {
 	}
 	more, _ := os.ReadFile(path)
 	if !bytes.HasPrefix(more, log) {
-		t.Fatalf("resuming %s changed its lines", golden)
+		t.Fatalf("resuming %s changed its lines", from)
 	}
 	if rep := verifyBytes(t, more, goldenMAC{}); rep.BadLine != 0 || rep.Unverified != 0 || rep.Lines != uint64(bytes.Count(log, []byte("\n"))+2) {
-		t.Fatalf("%s with a record appended: %+v; want one record and one checkpoint more, all verified", golden, rep)
+		t.Fatalf("%s with a record appended: %+v; want one record and one checkpoint more, all verified", from, rep)
 	}
 }
 
@@ -184,22 +175,14 @@ func resumeGolden(t *testing.T, golden string, log []byte, writes uint64) {
 // resumes. Today's Log no longer writes these; the file is made by
 // checkByTheDocs's reading of docs/formats.md, not by the code under test.
 func TestGoldenLogV1(t *testing.T) {
-	golden := filepath.Join("testdata", "golden-v1.log")
-	if *update {
-		if err := os.WriteFile(golden, buildV1Log(), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	want, err := os.ReadFile(golden)
-	if err != nil {
-		t.Fatal(err)
-	}
-	compareLines(t, golden, buildV1Log(), want)
+	path := filepath.Join("testdata", "golden-v1.log")
+	want := golden.File(t, path, buildV1Log())
+	compareLines(t, path, buildV1Log(), want)
 	if rep := verifyBytes(t, want, goldenMAC{}); rep != (Report{Lines: 4, Records: 3, Checkpoints: 1}) {
-		t.Fatalf("%s verifies as %+v; want 4 lines, 3 records, 1 checkpoint", golden, rep)
+		t.Fatalf("%s verifies as %+v; want 4 lines, 3 records, 1 checkpoint", path, rep)
 	}
-	checkByTheDocs(t, golden, want, 0)
-	resumeGolden(t, golden, want, 0)
+	checkByTheDocs(t, path, want, 0)
+	resumeGolden(t, path, want, 0)
 }
 
 // buildV1Log is a log as keywardd wrote it before store_writes: three
@@ -305,7 +288,7 @@ func verifyBytes(t *testing.T, log []byte, mac MACer) Report {
 
 // compareLines fails naming the first line that differs from the golden
 // file, and which of its fields (and which fields of its body) changed.
-func compareLines(t *testing.T, golden string, got, want []byte) {
+func compareLines(t *testing.T, path string, got, want []byte) {
 	t.Helper()
 	if bytes.Equal(got, want) {
 		return
@@ -313,11 +296,11 @@ func compareLines(t *testing.T, golden string, got, want []byte) {
 	gl, wl := bytes.SplitAfter(got, []byte("\n")), bytes.SplitAfter(want, []byte("\n"))
 	for i := range max(len(gl), len(wl)) {
 		if i >= len(gl) || i >= len(wl) {
-			t.Fatalf("the audit log's format changed: %d lines written, %s has %d (go test -update rewrites it; a change there is a format change)", len(gl), golden, len(wl))
+			t.Fatalf("the audit log's format changed: %d lines written, %s has %d (go test -update rewrites it; a change there is a format change)", len(gl), path, len(wl))
 		}
 		if !bytes.Equal(gl[i], wl[i]) {
 			t.Fatalf("the audit log's format changed at line %d of %s, fields %s:\n got %s\nwant %s(go test -update rewrites it; a change there is a format change)",
-				i+1, golden, changedFields(gl[i], wl[i]), gl[i], wl[i])
+				i+1, path, changedFields(gl[i], wl[i]), gl[i], wl[i])
 		}
 	}
 }

@@ -6,9 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"maps"
 	"os"
@@ -17,9 +15,9 @@ import (
 	"testing"
 
 	bolt "go.etcd.io/bbolt"
-)
 
-var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+	"github.com/keyward/keyward/softhsm-test/golden"
+)
 
 // goldenKey is the store key of the golden store. keywardd derives its own
 // from the HSM and never stores it; any 32 bytes do for the format.
@@ -188,26 +186,13 @@ func TestGoldenStore(t *testing.T) {
 	goldenWrites(t, s)
 	s.Close()
 	made := readGolden(t, fresh, goldenKey)
-	if *update {
-		b, _ := json.MarshalIndent(made, "", "  ")
-		if err := os.WriteFile(jsonPath, append(b, '\n'), 0o644); err != nil {
-			t.Fatal(err)
-		}
+	want := golden.JSON(t, jsonPath, made)
+	if golden.Update() {
 		f, err := os.ReadFile(fresh)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(dbPath, f, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	b, err := os.ReadFile(jsonPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var want goldenStore
-	if err := json.Unmarshal(b, &want); err != nil {
-		t.Fatal(err)
+		golden.File(t, dbPath, f)
 	}
 	compareGolden(t, "today's Store wrote", made, want, jsonPath)
 

@@ -13,7 +13,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"flag"
 	"math/big"
 	"os"
 	"path/filepath"
@@ -25,9 +24,9 @@ import (
 	"github.com/go-jose/go-jose/v4"
 
 	"github.com/keyward/keyward/hsm"
-)
 
-var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+	"github.com/keyward/keyward/softhsm-test/golden"
+)
 
 // goldenFile is testdata/golden.json: tokens signed by known software keys
 // (keyward's own never leave the HSM) and the JWK set of their public keys.
@@ -193,28 +192,15 @@ func TestGolden(t *testing.T) {
 		t.Fatal(err)
 	}
 	made.JWKS = string(set)
-	if *update {
-		b, _ := json.MarshalIndent(made, "", "  ")
-		if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
-			t.Fatal(err)
-		}
+	want := golden.JSON(t, path, made)
+	if want.JWKS != made.JWKS {
+		t.Errorf("the JWKS format changed%s:\n got %s\nwant %s\n(a change in %s is a format change; go test -update rewrites it)", reordered(made.JWKS, want.JWKS), made.JWKS, want.JWKS, path)
 	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
+	if len(want.Tokens) != len(made.Tokens) {
+		t.Fatalf("%s holds %d tokens, the test makes %d (go test -update rewrites it)", path, len(want.Tokens), len(made.Tokens))
 	}
-	var golden goldenFile
-	if err := json.Unmarshal(b, &golden); err != nil {
-		t.Fatal(err)
-	}
-	if golden.JWKS != made.JWKS {
-		t.Errorf("the JWKS format changed%s:\n got %s\nwant %s\n(a change in %s is a format change; go test -update rewrites it)", reordered(made.JWKS, golden.JWKS), made.JWKS, golden.JWKS, path)
-	}
-	if len(golden.Tokens) != len(made.Tokens) {
-		t.Fatalf("%s holds %d tokens, the test makes %d (go test -update rewrites it)", path, len(golden.Tokens), len(made.Tokens))
-	}
-	published := verifierFromJWKS(t, golden.JWKS)
-	for i, v := range golden.Tokens {
+	published := verifierFromJWKS(t, want.JWKS)
+	for i, v := range want.Tokens {
 		t.Run(v.Name, func(t *testing.T) {
 			got := made.Tokens[i]
 			for _, f := range []struct{ name, got, want string }{

@@ -3,12 +3,10 @@ package webhook
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -19,9 +17,9 @@ import (
 
 	pluginv1 "github.com/keyward/keyward/plugins/proto/v1"
 	"github.com/keyward/keyward/plugins/sdk"
-)
 
-var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+	"github.com/keyward/keyward/softhsm-test/golden"
+)
 
 // request is one golden POST: its event ID and signature headers and its
 // body, as a receiver gets them.
@@ -114,24 +112,11 @@ func posted(t *testing.T) []request {
 func TestGolden(t *testing.T) {
 	path := filepath.Join("testdata", "golden.json")
 	made := posted(t)
-	if *update {
-		b, _ := json.MarshalIndent(made, "", "  ")
-		if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
-			t.Fatal(err)
-		}
+	want := golden.JSON(t, path, made)
+	if len(want) != len(made) {
+		t.Fatalf("%s holds %d requests, the test makes %d (go test -update rewrites it)", path, len(want), len(made))
 	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var golden []request
-	if err := json.Unmarshal(b, &golden); err != nil {
-		t.Fatal(err)
-	}
-	if len(golden) != len(made) {
-		t.Fatalf("%s holds %d requests, the test makes %d (go test -update rewrites it)", path, len(golden), len(made))
-	}
-	for i, v := range golden {
+	for i, v := range want {
 		t.Run(v.Name, func(t *testing.T) {
 			got := made[i]
 			for _, f := range []struct{ name, got, want string }{

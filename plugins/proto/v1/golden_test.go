@@ -2,10 +2,7 @@ package pluginv1
 
 import (
 	"encoding/hex"
-	"encoding/json"
-	"flag"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -16,9 +13,9 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/timestamppb"
-)
 
-var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+	"github.com/keyward/keyward/softhsm-test/golden"
+)
 
 // wireVector is one golden message of keyward.plugin.v1: its type and its
 // bytes on the wire, as keywardd sends them to a plugin (the revocations
@@ -86,20 +83,7 @@ func TestGolden(t *testing.T) {
 		}
 		made = append(made, wireVector{Name: m.name, Message: string(m.msg.ProtoReflect().Descriptor().FullName()), Wire: hex.EncodeToString(b)})
 	}
-	if *update {
-		b, _ := json.MarshalIndent(made, "", "  ")
-		if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var vectors []wireVector
-	if err := json.Unmarshal(b, &vectors); err != nil {
-		t.Fatal(err)
-	}
+	vectors := golden.JSON(t, path, made)
 	if len(vectors) != len(made) {
 		t.Fatalf("%s holds %d messages, the test makes %d (go test -update rewrites it)", path, len(vectors), len(made))
 	}
