@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"slices"
 	"strings"
 	"time"
 
@@ -18,12 +17,6 @@ import (
 )
 
 // For APIKeyService the policy's key globs match API key owners.
-
-// MaxOverlap is the longest a rotated-out secret may keep working.
-const MaxOverlap = 30 * 24 * time.Hour
-
-// DefaultUsageWindow is GetAPIKeyUsage's window when none is given.
-const DefaultUsageWindow = 24 * time.Hour
 
 var apiKeyStates = map[apikeys.State]keywardv1.APIKeyState{
 	apikeys.Active:        keywardv1.APIKeyState_API_KEY_STATE_ACTIVE,
@@ -102,11 +95,8 @@ func fromLimits(ls []*keywardv1.RateLimit) ([]ratelimit.Layer, error) {
 			return nil, fmt.Errorf("%w: rate_limits[%d] has no valid period (per: 1s, 60s, 3600s or 86400s)", errInvalid, i)
 		}
 		out[i] = ratelimit.Layer{Limit: int(l.GetLimit()), Per: l.GetPer().AsDuration(), Burst: int(l.GetBurst())}
-		if slices.ContainsFunc(out[:i], func(o ratelimit.Layer) bool { return o.Per == out[i].Per }) {
-			return nil, fmt.Errorf("%w: rate_limits: two layers per %v; give each period once", errInvalid, out[i].Per)
-		}
 	}
-	return out, nil
+	return out, apikeys.CheckLayers(out)
 }
 
 func fromQuota(q *keywardv1.Quota) (*apikeys.Quota, error) {
@@ -114,30 +104,7 @@ func fromQuota(q *keywardv1.Quota) (*apikeys.Quota, error) {
 		return nil, nil
 	}
 	out := &apikeys.Quota{Remaining: q.GetRemaining(), Refill: q.GetRefill(), RefillEvery: q.GetRefillEvery().AsDuration()}
-	if out.Remaining < 0 || out.Refill < 0 || out.RefillEvery < 0 || (out.Refill > 0) != (out.RefillEvery > 0) {
-		return nil, fmt.Errorf("%w: quota: remaining and refill are not negative, and refill and refill_every come together", errInvalid)
-	}
-	return out, nil
-}
-
-// fromAllowlist parses CIDR prefixes; a bare address is a prefix of one.
-func fromAllowlist(ss []string) ([]netip.Prefix, error) {
-	out := make([]netip.Prefix, 0, len(ss))
-	for i, s := range ss {
-		p, err := netip.ParsePrefix(s)
-		if err != nil {
-			a, aerr := netip.ParseAddr(s)
-			if aerr != nil || a.Zone() != "" {
-				return nil, fmt.Errorf("%w: allowed_ips[%d] %q is not a CIDR prefix (192.0.2.0/24, 2001:db8::/48) or an address", errInvalid, i, s)
-			}
-			p = netip.PrefixFrom(a, a.BitLen())
-		}
-		if p != p.Masked() {
-			return nil, fmt.Errorf("%w: allowed_ips[%d] %q has host bits set; write %v", errInvalid, i, s, p.Masked())
-		}
-		out = append(out, p)
-	}
-	return out, nil
+	return out, out.Check()
 }
 
 // owners says which API key owners the caller may reach with op.
@@ -175,9 +142,6 @@ func timestamp(field string, ts *timestamppb.Timestamp) (time.Time, error) {
 	return ts.AsTime(), nil
 }
 
-// maxTTL bounds a key's lifetime given as a ttl.
-const maxTTL = 100 * 365 * 24 * time.Hour
-
 func (s *Server) CreateAPIKey(ctx context.Context, r *keywardv1.CreateAPIKeyRequest) (*keywardv1.CreateAPIKeyResponse, error) {
 	if err := s.allow(ctx, "APIKeyService.CreateAPIKey", r.GetOwner()); err != nil {
 		return nil, err
@@ -193,12 +157,14 @@ func (s *Server) CreateAPIKey(ctx context.Context, r *keywardv1.CreateAPIKeyRequ
 			return nil, err
 		}
 	case r.GetTtl() != nil:
-		if d := r.GetTtl().AsDuration(); r.GetTtl().CheckValid() != nil || d <= 0 || d > maxTTL {
-			return nil, fmt.Errorf("%w: ttl must be positive and at most %v", errInvalid, maxTTL)
+		if err := r.GetTtl().CheckValid(); err != nil {
+			return nil, fmt.Errorf("%w: ttl: %v", errInvalid, err)
 		}
-		spec.Expires = s.cfg.Now().Add(r.GetTtl().AsDuration())
+		if spec.Expires, err = apikeys.Lifetime(s.cfg.Now(), r.GetTtl().AsDuration()); err != nil {
+			return nil, err
+		}
 	}
-	if spec.AllowedIPs, err = fromAllowlist(r.GetAllowedIps()); err != nil {
+	if spec.AllowedIPs, err = apikeys.ParseAllowlist(r.GetAllowedIps()); err != nil {
 		return nil, err
 	}
 	switch {
@@ -222,13 +188,6 @@ func (s *Server) CreateAPIKey(ctx context.Context, r *keywardv1.CreateAPIKeyRequ
 	return &keywardv1.CreateAPIKeyResponse{Secret: secret, Key: toAPIKey(rec)}, nil
 }
 
-// Bounds of a verification request, beyond the key's own (Parse).
-const (
-	maxVerifyPerms = 32
-	maxPermLen     = 128
-	maxCost        = 1 << 20
-)
-
 func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequest) (*keywardv1.VerifyAPIKeyResponse, error) {
 	const op = "APIKeyService.VerifyAPIKey"
 	c := callFrom(ctx)
@@ -236,13 +195,8 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 		return nil, err
 	}
 	req := apikeys.Request{Permissions: r.GetPermissions(), Environment: r.GetEnvironment(), Cost: int(r.GetCost()), Owners: s.owners(ctx, op)}
-	switch {
-	case r.GetEnvironment() == "":
-		return nil, fmt.Errorf("%w: environment is required: the environment this service runs in (a key works only in its own)", errInvalid)
-	case len(r.GetPermissions()) > maxVerifyPerms || slices.ContainsFunc(r.GetPermissions(), func(p string) bool { return len(p) > maxPermLen }):
-		return nil, fmt.Errorf("%w: at most %d permissions of at most %d bytes each", errInvalid, maxVerifyPerms, maxPermLen)
-	case r.GetCost() > maxCost:
-		return nil, fmt.Errorf("%w: a cost of at most %d", errInvalid, maxCost)
+	if err := req.Check(); err != nil {
+		return nil, err
 	}
 	if ip := r.GetSourceIp(); ip != "" {
 		a, err := netip.ParseAddr(ip)
@@ -259,20 +213,8 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 	}
 	out := &keywardv1.VerifyAPIKeyResponse{Code: apiKeyCode(res.Code), Reason: res.Detail, NearLimit: res.Limits.NearLimit}
 	if k := res.Key; k != nil {
-		switch res.Code {
-		case apikeys.Valid:
-			if s.cfg.Observed != nil {
-				s.cfg.Observed(k.ID, req.SourceIP, true)
-			}
-		case apikeys.IPNotAllowed, apikeys.WrongEnvironment, apikeys.Forbidden:
-			// The live secret, used where or how it may not be: watched,
-			// not learned from. A rotated-out, revoked or disabled key's
-			// uses are not watched (they must not set off an alert that
-			// disables the key its owner holds now), nor those its own
-			// limits refused (a client retrying into its rate limit).
-			if s.cfg.Observed != nil {
-				s.cfg.Observed(k.ID, req.SourceIP, false)
-			}
+		if watch, learn := res.Watched(); watch && s.cfg.Observed != nil {
+			s.cfg.Observed(k.ID, req.SourceIP, learn)
 		}
 		c.key, c.apiKey = k.Owner, k.ID
 		out.KeyId, out.Owner, out.Name, out.Permissions, out.Metadata = k.ID, k.Owner, k.Name, k.Permissions, k.Metadata
@@ -286,21 +228,14 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 }
 
 func (s *Server) RotateAPIKey(ctx context.Context, r *keywardv1.RotateAPIKeyRequest) (*keywardv1.RotateAPIKeyResponse, error) {
-	overlap := apikeys.Overlaps["moderate"]
-	switch {
-	case r.GetOverlap() != nil && r.GetRisk() != "":
-		return nil, fmt.Errorf("%w: give overlap or risk, not both", errInvalid)
-	case r.GetOverlap() != nil:
-		overlap = r.GetOverlap().AsDuration()
-		if overlap < 0 || overlap > MaxOverlap {
-			return nil, fmt.Errorf("%w: an overlap from 0 (stop the old secret now) to %v", errInvalid, MaxOverlap)
-		}
-	case r.GetRisk() != "":
-		var ok bool
-		if overlap, ok = apikeys.Overlaps[r.GetRisk()]; !ok {
-			return nil, fmt.Errorf("%w: risk %q: use high (%v) or moderate (%v), or give an overlap", errInvalid, r.GetRisk(),
-				apikeys.Overlaps["high"], apikeys.Overlaps["moderate"])
-		}
+	var asked *time.Duration
+	if r.GetOverlap() != nil {
+		d := r.GetOverlap().AsDuration()
+		asked = &d
+	}
+	overlap, err := apikeys.RotationOverlap(asked, r.GetRisk())
+	if err != nil {
+		return nil, err
 	}
 	if _, err := s.apiKey(ctx, "APIKeyService.RotateAPIKey", r.GetId()); err != nil {
 		return nil, err
@@ -403,7 +338,7 @@ func (s *Server) UpdateAPIKey(ctx context.Context, r *keywardv1.UpdateAPIKeyRequ
 			}
 			ch.Limits = &ls
 		case "allowed_ips":
-			ps, err := fromAllowlist(k.GetAllowedIps())
+			ps, err := apikeys.ParseAllowlist(k.GetAllowedIps())
 			if err != nil {
 				return nil, err
 			}
@@ -441,7 +376,7 @@ func (s *Server) UpdateAPIKey(ctx context.Context, r *keywardv1.UpdateAPIKeyRequ
 }
 
 func (s *Server) GetAPIKeyUsage(ctx context.Context, r *keywardv1.GetAPIKeyUsageRequest) (*keywardv1.GetAPIKeyUsageResponse, error) {
-	window := DefaultUsageWindow
+	window := apikeys.DefaultUsageWindow
 	if r.GetWindow() != nil {
 		window = r.GetWindow().AsDuration()
 	}
