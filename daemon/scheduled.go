@@ -13,7 +13,6 @@ import (
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/schedule"
 	"github.com/keyward/keyward/daemon/server"
-	"github.com/keyward/keyward/daemon/store"
 )
 
 // scheduleOps are the audit records' operations of scheduled runs.
@@ -49,7 +48,7 @@ func checkEvery(r *schedule.Rules) time.Duration {
 // newScheduler schedules keys, API keys and credentials by the
 // configuration's rules. Each run is audited before it acts (one that
 // cannot be audited waits) and again if it fails.
-func newScheduler(cfg *Config, st *store.Store, km *keys.Manager, cm *credentials.Manager, akm *apikeys.Manager, al *audit.Log, log *slog.Logger, now func() time.Time) *schedule.Scheduler {
+func newScheduler(cfg *Config, st schedule.Store, km *keys.Manager, cm *credentials.Manager, akm *apikeys.Manager, al *audit.Log, log *slog.Logger, now func() time.Time) *schedule.Scheduler {
 	rules := &cfg.Rotation
 	jitter := time.Hour
 	if rules.Jitter != nil {

@@ -181,7 +181,7 @@ type key struct {
 // made outside its lock.
 type Detector struct {
 	cfg    Config
-	st     *store.Store
+	st     Store
 	alerts chan Alert
 	shards [shards]shard
 	// dropped counts alerts lost because nobody took them in time;
@@ -205,8 +205,14 @@ type shard struct {
 	failedAt time.Time
 }
 
+// Store is what the detector needs of the store: its baselines.
+type Store interface {
+	Get(bucket, key string) ([]byte, error)
+	UpdateEach(bucket string, keys []string, fn func(key string, old []byte) ([]byte, error)) error
+}
+
 // New returns a detector whose alerts come out of Alerts.
-func New(c Config, st *store.Store) *Detector {
+func New(c Config, st Store) *Detector {
 	d := &Detector{cfg: c.withDefaults(), st: st, alerts: make(chan Alert, 1024)}
 	for i := range d.shards {
 		d.shards[i].keys = map[string]*key{}

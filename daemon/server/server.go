@@ -106,10 +106,18 @@ const auditTimeout = 10 * time.Second
 // (the audit MAC key); the API refuses to create or delete them.
 const ReservedPrefix = "keyward-"
 
+// Store is what the server needs of the store: whether it serves, and
+// what keyward status shows of it.
+type Store interface {
+	Err() error
+	Path() string
+	SchemaVersion() (int, error)
+}
+
 // Config is what a Server is made of.
 type Config struct {
 	HSM      *hsm.HSM
-	Store    *store.Store
+	Store    Store
 	Keys     *keys.Manager
 	Envelope *envelope.Service
 	Audit    *audit.Log

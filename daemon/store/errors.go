@@ -13,6 +13,10 @@ var ErrDamaged = errors.New("store: damaged")
 // lost). keywardd refuses to serve from it.
 var ErrRolledBack = errors.New("store: rolled back")
 
-// ErrUnavailable: a write could not reach the disk (it is full, or fails);
-// nothing was changed and the call may be retried.
+// ErrUnavailable: a write could not reach the disk (it is full, or fails),
+// or the store is closed (ErrClosed). The change was not confirmed: as a
+// rule it was not made, but when the sync of its last page failed it may
+// have been, and the store then stops serving (Err) until keywardd starts
+// again and checks it. Retry later with an update that computes the record
+// from what it finds.
 var ErrUnavailable = errors.New("store: cannot write")

@@ -3,8 +3,10 @@
 // second daemon gets a clear error, not a corrupted file), and an fsync on
 // every commit. It stores opaque records in named buckets; the domain
 // packages own the record formats and declare the few methods they use as
-// interfaces, so that a fleet can later share state through another engine
-// without touching them. Key material never comes here.
+// interfaces, drawn from one contract, Backend (backend.go), so that a fleet
+// can later share state through another engine without touching them;
+// storetest.Run checks a backend against that contract. Key material never
+// comes here.
 //
 // A store serves exactly what keywardd last wrote, or nothing. Every record
 // is authenticated under a key keywardd derives from its HSM (seal.go), the
@@ -143,7 +145,8 @@ func (p *Problem) Unwrap() error { return p.Err }
 // Runbook is where an operator reads what to do with a refused store.
 const Runbook = `docs/operations.md, "Restoring the store"`
 
-// Store is an open store file. It is safe for concurrent use.
+// Store is an open store file, the bbolt Backend: one host's state. It is
+// safe for concurrent use.
 type Store struct {
 	db   *bolt.DB
 	path string
@@ -780,7 +783,8 @@ func Sealed(path string, lockTimeout time.Duration) (bool, error) {
 	return sealed, err
 }
 
-// Close closes the file.
+// Close waits for the calls under way and closes the file; a second Close
+// returns nil.
 func (s *Store) Close() error { return s.db.Close() }
 
 // Path is the store's file.
@@ -850,7 +854,7 @@ func (s *Store) SchemaVersion() (int, error) {
 func bucket(tx *bolt.Tx, name string) (*bolt.Bucket, error) {
 	b := tx.Bucket([]byte(name))
 	if b == nil || name == metaBucket {
-		return nil, fmt.Errorf("store: no bucket %q in schema %d", name, SchemaVersion)
+		return nil, fmt.Errorf("%w %q in schema %d", ErrUnknownBucket, name, SchemaVersion)
 	}
 	return b, nil
 }
@@ -862,10 +866,21 @@ func (s *Store) read(fn func(tx *bolt.Tx) error) error {
 		return err
 	}
 	err := guard(func() error { return s.db.View(fn) })
-	if errors.Is(err, ErrDamaged) {
+	switch {
+	case errors.Is(err, ErrDamaged):
 		return s.fail(err)
+	case errors.Is(err, bolterrors.ErrDatabaseNotOpen):
+		return closedError{}
 	}
 	return err
+}
+
+// checkKey refuses a key bbolt cannot hold.
+func checkKey(key string) error {
+	if key == "" || len(key) > bolt.MaxKeySize {
+		return fmt.Errorf("%w: a key of %d bytes; a key has 1 to %d", ErrInvalidKey, len(key), bolt.MaxKeySize)
+	}
+	return nil
 }
 
 // openRecord checks a stored value and returns a copy of its record.
@@ -879,6 +894,9 @@ func (s *Store) openRecord(bucketName string, key, v []byte) ([]byte, [tagSize]b
 
 // Get returns a copy of the record under key, or ErrNotFound.
 func (s *Store) Get(bucketName, key string) ([]byte, error) {
+	if err := checkKey(key); err != nil {
+		return nil, err
+	}
 	var out []byte
 	err := s.read(func(tx *bolt.Tx) error {
 		b, err := bucket(tx, bucketName)
@@ -947,6 +965,11 @@ func (e *fnError) Error() string { return e.err.Error() }
 func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error)) error {
 	if err := s.Err(); err != nil {
 		return err
+	}
+	for _, k := range keys {
+		if err := checkKey(k); err != nil {
+			return err
+		}
 	}
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
@@ -1019,7 +1042,7 @@ func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key str
 // count are read back so that what it serves meanwhile verifies. Under wmu.
 func (s *Store) failedCommit(cause error, txid int) error {
 	if errors.Is(cause, bolterrors.ErrDatabaseNotOpen) {
-		return fmt.Errorf("store: closed: %w", ErrUnavailable)
+		return closedError{}
 	}
 	served := false
 	err := guard(func() error {

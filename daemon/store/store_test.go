@@ -91,10 +91,10 @@ func TestRecords(t *testing.T) {
 	if _, err := s.Get(BucketKeys, "ab"); !errors.Is(err, ErrNotFound) {
 		t.Fatal("a nil record did not delete")
 	}
-	if _, err := s.Get("nope", "a"); err == nil || !strings.Contains(err.Error(), `no bucket "nope"`) {
+	if _, err := s.Get("nope", "a"); !errors.Is(err, ErrUnknownBucket) || !strings.Contains(err.Error(), `"nope"`) {
 		t.Fatalf("unknown bucket: %v", err)
 	}
-	if _, err := s.Get(metaBucket, schemaKey); err == nil {
+	if _, err := s.Get(metaBucket, schemaKey); !errors.Is(err, ErrUnknownBucket) {
 		t.Fatal("the meta bucket is reachable")
 	}
 	// Records survive a reopen.

@@ -1,6 +1,7 @@
-// Package storetest gives tests of the domain packages a store key: the
-// store authenticates every record under a key keywardd derives from its
-// HSM, which tests that do not start keywardd do not have.
+// Package storetest is the conformance suite of store.Backend (Run), which
+// every backend passes, and gives tests of the domain packages a store key:
+// the store authenticates every record under a key keywardd derives from
+// its HSM, which tests that do not start keywardd do not have.
 package storetest
 
 import (
