@@ -423,6 +423,9 @@ func (m *Manager) makeVersion(ctx context.Context, name string, v uint32, alg hs
 
 // Get returns a key's metadata.
 func (m *Manager) Get(name string) (*Key, error) {
+	if name == "" {
+		return nil, fmt.Errorf("%w: no key name given", ErrNotFound)
+	}
 	rec, err := m.store.Get(store.BucketKeys, name)
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, fmt.Errorf("%w: %q", ErrNotFound, name)

@@ -15,6 +15,7 @@ import (
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/identity"
 	"github.com/keyward/keyward/daemon/policy"
+	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 )
@@ -46,7 +47,12 @@ func TestInterceptAudits(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, _ := New(Config{HSM: h, Audit: al, Policy: pol})
+	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), store.Options{Key: make([]byte, store.KeySize)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	s, _ := New(Config{HSM: h, Store: st, Audit: al, Policy: pol})
 	caller := &identity.Caller{UID: 4242} // PID 0: nothing to check alive
 	info := &grpc.UnaryServerInfo{FullMethod: "/keyward.v1.StatusService/Ping"}
 

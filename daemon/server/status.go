@@ -126,6 +126,8 @@ var codeOf = []struct {
 	{credentials.ErrNoPlugin, codes.FailedPrecondition},
 	{tokens.ErrInvalid, codes.InvalidArgument},
 	{audit.ErrUnavailable, codes.Unavailable},
+	{store.ErrInvalidKey, codes.InvalidArgument},
+	{store.ErrTooLarge, codes.InvalidArgument},
 	{store.ErrUnavailable, codes.Unavailable},
 	{store.ErrDamaged, codes.DataLoss},
 	{store.ErrRolledBack, codes.DataLoss},
