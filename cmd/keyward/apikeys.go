@@ -3,11 +3,11 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -17,7 +17,6 @@ import (
 	"google.golang.org/protobuf/types/known/fieldmaskpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 )
 
@@ -25,163 +24,49 @@ import (
 // printed).
 var errRefused = errors.New("the key is refused")
 
-// limitList is a repeatable rate-limit flag: LIMIT/PERIOD[,burst=B], the
-// period s, m, h, d or a duration (100/s, 5000/h,burst=500, 10/30s).
-type limitList []*keywardv1.RateLimit
-
-func (l *limitList) String() string { return fmt.Sprint(len(*l), " layers") }
-
-func (l *limitList) Set(s string) error {
-	rate, burst, hasBurst := strings.Cut(s, ",")
-	n, per, err := parseRate(rate)
-	if err != nil {
-		return err
-	}
-	b := n
-	if hasBurst {
-		v, ok := strings.CutPrefix(burst, "burst=")
-		if b, err = strconv.ParseUint(v, 10, 32); !ok || err != nil || b == 0 {
-			return fmt.Errorf("%q: the burst is burst=N, N at least 1", s)
-		}
-	}
-	*l = append(*l, &keywardv1.RateLimit{Limit: uint32(n), Per: durationpb.New(per), Burst: uint32(b)})
-	return nil
+// idFlag is the required -id of a verb about one API key.
+func idFlag(f *flagSet) *string {
+	id := f.String("id", "", "the key's ID (ak_...)")
+	f.Required("id")
+	return id
 }
 
-// parseRate reads N/PERIOD.
-func parseRate(s string) (uint64, time.Duration, error) {
-	ns, ps, ok := strings.Cut(s, "/")
-	n, err := strconv.ParseUint(ns, 10, 32)
-	if !ok || err != nil || n == 0 {
-		return 0, 0, fmt.Errorf("%q is not N/PERIOD (100/s, 5000/h, 10/30s)", s)
-	}
-	per, ok := map[string]time.Duration{"s": time.Second, "m": time.Minute, "h": time.Hour, "d": 24 * time.Hour}[ps]
-	if !ok {
-		if per, err = time.ParseDuration(ps); err != nil || per <= 0 {
-			return 0, 0, fmt.Errorf("%q: the period is s, m, h, d or a duration such as 30s", s)
-		}
-	}
-	return n, per, nil
+func secretOutFlag(f *flagSet) *string {
+	return f.String("secret-out", "", "write the secret to this file (mode 0600) instead of standard output")
 }
 
-// apikeyCommand is keyward apikey create|verify|rotate|revoke|list|show|
-// update|usage. Secrets go to standard output or a 0600 file, and are read
-// from standard input or a file: never arguments.
-func apikeyCommand(e *env, sub string, args []string) error {
-	fs := newFlags("apikey " + sub)
-	var (
-		id, owner, name, envName, tag, in, out, risk, ip, state, expires, quotaRefill *string
-		ttl, overlap, window                                                          *time.Duration
-		quota                                                                         *int64
-		cost, pageSize                                                                *uint
-		unlimited, dryRun, noLimits, noAllowlist, noExpiry, disable, enable, all      *bool
-		perms, ips, tags                                                              list
-		limits                                                                        limitList
-		meta                                                                          = pairs{}
-	)
-	idFlag := func() { id = fs.String("id", "", "the key's ID (ak_...)") }
-	secretOut := func() {
-		out = fs.String("secret-out", "", "write the secret to this file (mode 0600) instead of standard output")
-	}
-	switch sub {
-	case "create":
-		owner = fs.String("owner", "", "who the key belongs to")
-		name = fs.String("name", "", "what it is for")
-		envName = fs.String("env", "", "the environment it works in (dev, staging, prod)")
-		fs.Var(&perms, "perm", "read-only, standard, admin or resource:action (repeatable)")
-		expires = fs.String("expires", "", "expiry time (RFC 3339)")
-		ttl = fs.Duration("ttl", 0, "lifetime (a temporary key)")
-		fs.Var(&ips, "allow-ip", "CIDR or address it may be used from (repeatable)")
-		fs.Var(&limits, "limit", "rate limit N/PERIOD[,burst=B] (repeatable; default: the role's)")
-		unlimited = fs.Bool("unlimited", false, "no rate limit at all")
-		quota = fs.Int64("quota", -1, "usage quota: uses left")
-		quotaRefill = fs.String("quota-refill", "", "refill the quota to N every PERIOD (N/PERIOD)")
-		fs.Var(&tags, "tag", "tag (repeatable)")
-		fs.Var(meta, "meta", "metadata k=v (repeatable)")
-		secretOut()
-	case "verify":
-		envName = fs.String("env", "", "the environment the caller runs in")
-		fs.Var(&perms, "perm", "required permission resource:action (repeatable)")
-		ip = fs.String("ip", "", "the client's address")
-		cost = fs.Uint("cost", 1, "what the request costs")
-		in = fs.String("in", "", "file holding the key (default standard input)")
-	case "rotate":
-		idFlag()
-		overlap = fs.Duration("overlap", -1, "how long the old secret keeps working (0: stop it now)")
-		risk = fs.String("risk", "", "default overlap by risk: high (24h) or moderate (48h, the default)")
-		secretOut()
-	case "revoke":
-		id = fs.String("id", "", "revoke this key; or revoke in bulk with -owner, -tag, -env")
-		owner = fs.String("owner", "", "bulk: every key of this owner")
-		tag = fs.String("tag", "", "bulk: every key with this tag")
-		envName = fs.String("env", "", "bulk: every key of this environment")
-		dryRun = fs.Bool("dry-run", false, "bulk: count the keys it would revoke; revoke nothing")
-		all = fs.Bool("all", false, "bulk: every API key you may revoke (the emergency brake)")
-	case "list":
-		owner = fs.String("owner", "", "only this owner's keys")
-		tag = fs.String("tag", "", "only keys with this tag")
-		envName = fs.String("env", "", "only keys of this environment")
-		state = fs.String("state", "", "only keys in this state: active, disabled, revoked")
-		pageSize = fs.Uint("page-size", 0, "keys per call (default 100)")
-	case "show":
-		idFlag()
-	case "update":
-		idFlag()
-		fs.Var(&perms, "perm", "the new permissions (repeatable; replaces them all)")
-		fs.Var(&limits, "limit", "the new rate limits N/PERIOD[,burst=B] (repeatable; replaces them all)")
-		noLimits = fs.Bool("no-limits", false, "remove every rate limit")
-		fs.Var(&ips, "allow-ip", "the new allowlist (repeatable; replaces it)")
-		noAllowlist = fs.Bool("no-allowlist", false, "remove the allowlist")
-		expires = fs.String("expires", "", "the new expiry time (RFC 3339)")
-		noExpiry = fs.Bool("no-expiry", false, "remove the expiry")
-		disable = fs.Bool("disable", false, "disable the key")
-		enable = fs.Bool("enable", false, "enable a disabled key")
-	case "usage":
-		idFlag()
-		window = fs.Duration("window", 0, "how far back, at most 168h (default 24h)")
-	default:
-		return usageError{fmt.Sprintf("unknown apikey command %q; run keyward help", sub)}
-	}
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if id != nil && *id == "" && sub != "revoke" {
-		return usageError{fmt.Sprintf("apikey %s needs -id", sub)}
-	}
-	var expireTime *timestamppb.Timestamp
-	if expires != nil && *expires != "" {
-		t, err := time.Parse(time.RFC3339, *expires)
-		if err != nil {
-			return usageError{fmt.Sprintf("-expires %q is not an RFC 3339 time (2027-01-31T00:00:00Z)", *expires)}
-		}
-		expireTime = timestamppb.New(t)
-	}
-	c, err := e.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	ac, ctx := c.APIKeys, e.ctx
-
-	switch sub {
-	case "create":
-		if *owner == "" || *name == "" || *envName == "" || len(perms) == 0 {
-			return usageError{"apikey create needs -owner, -name, -env and at least one -perm"}
-		}
-		req := &keywardv1.CreateAPIKeyRequest{Owner: *owner, Name: *name, Environment: *envName, Permissions: perms, ExpireTime: expireTime,
-			AllowedIps: ips, RateLimits: limits, Unlimited: *unlimited, Tags: tags, Metadata: meta}
+func apikeyCreate(f *flagSet) action {
+	owner := f.String("owner", "", "who the key belongs to")
+	name := f.String("name", "", "what it is for")
+	envName := f.String("env", "", "the environment it works in (dev, staging, prod)")
+	perms := f.StringArray("perm", nil, "read-only, standard, admin or resource:action (repeatable)")
+	expires := f.Time("expires", "expiry time (RFC 3339)")
+	ttl := f.Duration("ttl", 0, "lifetime (a temporary key)")
+	ips := f.StringArray("allow-ip", nil, "CIDR or address it may be used from (repeatable)")
+	var limits limitList
+	f.Var(&limits, "limit", "rate limit (repeatable; default: the role's)")
+	unlimited := f.Bool("unlimited", false, "no rate limit at all")
+	quota := f.Int64("quota", 0, "usage quota: uses left (default: no quota)")
+	quotaRefill := f.String("quota-refill", "", "refill the quota to N every PERIOD (N/PERIOD)")
+	tags := f.StringArray("tag", nil, "tag (repeatable)")
+	meta := f.Pairs("meta", "metadata k=v (repeatable)")
+	out := secretOutFlag(f)
+	f.Required("owner", "name", "env", "perm")
+	return func(e *env, _ []string) error {
+		req := &keywardv1.CreateAPIKeyRequest{Owner: *owner, Name: *name, Environment: *envName, Permissions: *perms, ExpireTime: timestamp(*expires),
+			AllowedIps: *ips, RateLimits: limits, Unlimited: *unlimited, Tags: *tags, Metadata: meta}
 		if *ttl != 0 {
 			req.Ttl = durationpb.New(*ttl)
 		}
-		if *quota >= 0 || *quotaRefill != "" {
+		if f.Changed("quota") || *quotaRefill != "" {
 			req.Quota = &keywardv1.Quota{Remaining: max(*quota, 0)}
 			if *quotaRefill != "" {
 				n, per, err := parseRate(*quotaRefill)
 				if err != nil {
-					return usageError{"-quota-refill: " + err.Error()}
+					return usageError{msg: "--quota-refill: " + err.Error()}
 				}
 				req.Quota.Refill, req.Quota.RefillEvery = int64(n), durationpb.New(per)
-				if *quota < 0 {
+				if !f.Changed("quota") {
 					req.Quota.Remaining = int64(n)
 				}
 			}
@@ -190,204 +75,270 @@ func apikeyCommand(e *env, sub string, args []string) error {
 		if err != nil {
 			return err
 		}
-		r, err := ac.CreateAPIKey(ctx, req)
+		r, err := e.api.APIKeys.CreateAPIKey(e.ctx, req)
 		if err != nil {
 			sf.discard()
-			return client.Wrap(err)
+			return err
 		}
-		return e.printSecret(sf, r.GetSecret(), r.GetKey(), "created", r)
-	case "verify":
-		if *envName == "" {
-			return usageError{"apikey verify needs -env"}
-		}
+		return e.printSecret(sf, &r.Secret, r.GetKey(), "created", r)
+	}
+}
+
+// timestamp is t for a request; nil for the zero time.
+func timestamp(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}
+
+func apikeyVerify(f *flagSet) action {
+	envName := f.String("env", "", "the environment the caller runs in")
+	perms := f.StringArray("perm", nil, "required permission resource:action (repeatable)")
+	ip := f.String("ip", "", "the client's address")
+	cost := f.Uint32("cost", 1, "what the request costs")
+	in := f.String("in", "", "file holding the key (default standard input)")
+	f.Required("env")
+	return func(e *env, _ []string) error {
 		b, err := e.readInput(*in)
 		if err != nil {
 			return err
 		}
-		r, err := c.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: strings.TrimSpace(string(b)), Permissions: perms,
-			SourceIp: *ip, Environment: *envName, Cost: uint32(*cost)})
+		r, err := e.api.VerifyAPIKey(e.ctx, &keywardv1.VerifyAPIKeyRequest{Key: strings.TrimSpace(string(b)), Permissions: *perms,
+			SourceIp: *ip, Environment: *envName, Cost: *cost})
 		if err != nil {
 			return err
 		}
-		if e.json {
-			if err := e.printJSON(r); err != nil {
-				return err
-			}
-		} else {
-			code := strings.TrimPrefix(r.GetCode().String(), "API_KEY_CODE_")
-			fmt.Fprintf(e.stdout, "%s", code)
-			if r.GetKeyId() != "" {
-				fmt.Fprintf(e.stdout, ": %s (%s, owner %s), permissions %s", r.GetKeyId(), r.GetName(), r.GetOwner(), strings.Join(r.GetPermissions(), ","))
-			}
-			fmt.Fprintln(e.stdout)
-			for _, l := range r.GetRateLimits() {
-				fmt.Fprintf(e.stdout, "  limit %s: %d left, full again %s\n", fmtLimit(l.GetLimit()), l.GetRemaining(), l.GetResetTime().AsTime().Local().Format(time.TimeOnly))
-			}
-			if r.GetRetryAfter() != nil {
-				fmt.Fprintf(e.stdout, "  retry after %v\n", r.GetRetryAfter().AsDuration().Round(time.Millisecond))
-			}
-			if r.GetNearLimit() {
-				fmt.Fprintln(e.stdout, "  near its rate limit")
-			}
-			if q := r.GetQuota(); q != nil {
-				fmt.Fprintf(e.stdout, "  quota: %d left\n", q.GetRemaining())
-			}
+		if err := e.show(r, func(w io.Writer) error { return printVerdict(w, r) }); err != nil {
+			return err
 		}
 		if r.GetCode() != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
 			return fmt.Errorf("%w: %s", errRefused, r.GetReason())
 		}
-	case "rotate":
+		return nil
+	}
+}
+
+func printVerdict(w io.Writer, r *keywardv1.VerifyAPIKeyResponse) error {
+	fmt.Fprintf(w, "%s", strings.TrimPrefix(r.GetCode().String(), "API_KEY_CODE_"))
+	if r.GetKeyId() != "" {
+		fmt.Fprintf(w, ": %s (%s, owner %s), permissions %s", r.GetKeyId(), r.GetName(), r.GetOwner(), strings.Join(r.GetPermissions(), ","))
+	}
+	fmt.Fprintln(w)
+	for _, l := range r.GetRateLimits() {
+		fmt.Fprintf(w, "  limit %s: %d left, full again %s\n", fmtLimit(l.GetLimit()), l.GetRemaining(), l.GetResetTime().AsTime().Local().Format(time.TimeOnly))
+	}
+	if r.GetRetryAfter() != nil {
+		fmt.Fprintf(w, "  retry after %v\n", r.GetRetryAfter().AsDuration().Round(time.Millisecond))
+	}
+	if r.GetNearLimit() {
+		fmt.Fprintln(w, "  near its rate limit")
+	}
+	if q := r.GetQuota(); q != nil {
+		fmt.Fprintf(w, "  quota: %d left\n", q.GetRemaining())
+	}
+	return nil
+}
+
+func apikeyRotate(f *flagSet) action {
+	id := idFlag(f)
+	overlap := f.Duration("overlap", 0, "how long the old secret keeps working (0: stop it now; default: by -risk)")
+	risk := f.String("risk", "", "default overlap by risk: high (24h) or moderate (48h, the default)")
+	f.Complete("risk", "high", "moderate")
+	out := secretOutFlag(f)
+	return func(e *env, _ []string) error {
 		req := &keywardv1.RotateAPIKeyRequest{Id: *id, Risk: *risk}
-		if *overlap >= 0 {
+		if f.Changed("overlap") {
 			req.Overlap = durationpb.New(*overlap)
 		}
 		sf, err := newSecretFile(*out)
 		if err != nil {
 			return err
 		}
-		r, err := ac.RotateAPIKey(ctx, req)
+		r, err := e.api.APIKeys.RotateAPIKey(e.ctx, req)
 		if err != nil {
 			sf.discard()
-			return client.Wrap(err)
-		}
-		if err := e.printSecret(sf, r.GetSecret(), r.GetKey(), "rotated", r); err != nil {
 			return err
 		}
-		if !e.json && r.GetOldSecretNotAfter() != nil {
+		if err := e.printSecret(sf, &r.Secret, r.GetKey(), "rotated", r); err != nil {
+			return err
+		}
+		if !e.output.json() && r.GetOldSecretNotAfter() != nil {
 			fmt.Fprintf(e.stderr, "the old secret works until %s\n", r.GetOldSecretNotAfter().AsTime().Format(time.RFC3339))
 		}
-	case "revoke":
+		return nil
+	}
+}
+
+// revokeFlags are apikey revoke's, and revoke's: one key by -id, or in
+// bulk.
+func revokeFlags(f *flagSet) func(e *env) (dryRun bool, err error) {
+	id := f.String("id", "", "revoke this key; or revoke in bulk with -owner, -tag, -env or -all")
+	owner := f.String("owner", "", "bulk: every key of this owner")
+	tag := f.String("tag", "", "bulk: every key with this tag")
+	envName := f.String("env", "", "bulk: every key of this environment")
+	dryRun := f.Bool("dry-run", false, "bulk: count the keys it would revoke; revoke nothing")
+	all := f.Bool("all", false, "bulk: every API key you may revoke (the emergency brake)")
+	return func(e *env) (bool, error) {
 		bulk := *owner != "" || *tag != "" || *envName != "" || *all
 		switch {
 		case *id != "" && (bulk || *dryRun):
-			return usageError{"apikey revoke takes -id, or -owner/-tag/-env/-all [-dry-run] for bulk, not both"}
+			return false, usageError{msg: "give -id, or -owner/-tag/-env/-all [-dry-run] for bulk, not both"}
 		case *all && (*owner != "" || *tag != "" || *envName != ""):
-			return usageError{"-all revokes every key: give no -owner, -tag or -env with it"}
+			return false, usageError{msg: "-all revokes every key: give no -owner, -tag or -env with it"}
 		case *id != "":
-			r, err := ac.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: *id})
+			r, err := e.api.APIKeys.RevokeAPIKey(e.ctx, &keywardv1.RevokeAPIKeyRequest{Id: *id})
 			if err != nil {
-				return client.Wrap(err)
+				return false, err
 			}
-			if e.json {
-				return e.printJSON(r)
-			}
-			fmt.Fprintf(e.stdout, "revoked %s (%s, owner %s)\n", r.GetKey().GetId(), r.GetKey().GetName(), r.GetKey().GetOwner())
+			k := r.GetKey()
+			return false, e.showf(k, "revoked %s (%s, owner %s)\n", k.GetId(), k.GetName(), k.GetOwner())
 		case bulk:
-			r, err := ac.RevokeAPIKeys(ctx, &keywardv1.RevokeAPIKeysRequest{Owner: *owner, Tag: *tag, Environment: *envName, All: *all, DryRun: *dryRun})
+			r, err := e.api.APIKeys.RevokeAPIKeys(e.ctx, &keywardv1.RevokeAPIKeysRequest{Owner: *owner, Tag: *tag, Environment: *envName, All: *all, DryRun: *dryRun})
 			if err != nil {
-				return client.Wrap(err)
-			}
-			if e.json {
-				return e.printJSON(r)
+				return false, err
 			}
 			if r.GetDryRun() {
-				fmt.Fprintf(e.stdout, "would revoke %d keys (dry run: nothing was revoked)\n", r.GetCount())
-			} else {
-				fmt.Fprintf(e.stdout, "revoked %d keys\n", r.GetCount())
+				return true, e.showf(r, "would revoke %d keys (dry run: nothing was revoked)\n", r.GetCount())
 			}
-		default:
-			return usageError{"apikey revoke needs -id, or -owner, -tag, -env or -all for bulk revocation"}
+			return false, e.showf(r, "revoked %d keys\n", r.GetCount())
 		}
-	case "list":
-		req := &keywardv1.ListAPIKeysRequest{Owner: *owner, Tag: *tag, Environment: *envName, PageSize: uint32(*pageSize)}
-		if *state != "" {
-			v, ok := keywardv1.APIKeyState_value["API_KEY_STATE_"+strings.ToUpper(*state)]
-			if !ok {
-				return usageError{"-state is active, disabled or revoked"}
-			}
-			req.State = keywardv1.APIKeyState(v)
+		return false, usageError{msg: "name the keys: -id, or -owner, -tag, -env or -all for bulk revocation"}
+	}
+}
+
+func apikeyRevoke(f *flagSet) action {
+	revoke := revokeFlags(f)
+	return func(e *env, _ []string) error {
+		_, err := revoke(e)
+		return err
+	}
+}
+
+// emergencyRevoke is apikey revoke, timed from the command to the moment
+// the store has it, after which every verify refuses the keys.
+func emergencyRevoke(f *flagSet) action {
+	revoke := revokeFlags(f)
+	return func(e *env, _ []string) error {
+		start := time.Now()
+		dry, err := revoke(e)
+		if err == nil && !dry {
+			fmt.Fprintf(e.stderr, "in effect %v after the command: every verify from now on refuses the keys revoked\n", time.Since(start).Round(time.Millisecond))
 		}
-		all := &keywardv1.ListAPIKeysResponse{}
+		return err
+	}
+}
+
+func apikeyList(f *flagSet) action {
+	owner := f.String("owner", "", "only this owner's keys")
+	tag := f.String("tag", "", "only keys with this tag")
+	envName := f.String("env", "", "only keys of this environment")
+	state := f.Enum("state", "only keys in this state", keywardv1.APIKeyState_name, "API_KEY_STATE_")
+	pageSize := f.Uint32("page-size", 0, "keys per call (default 100)")
+	return func(e *env, _ []string) error {
+		req := &keywardv1.ListAPIKeysRequest{Owner: *owner, Tag: *tag, Environment: *envName, State: keywardv1.APIKeyState(*state), PageSize: *pageSize}
+		var keys []*keywardv1.APIKey
 		for {
-			r, err := ac.ListAPIKeys(ctx, req)
+			r, err := e.api.APIKeys.ListAPIKeys(e.ctx, req)
 			if err != nil {
-				return client.Wrap(err)
+				return err
 			}
-			all.Keys = append(all.Keys, r.GetKeys()...)
+			keys = append(keys, r.GetKeys()...)
 			if req.PageToken = r.GetNextPageToken(); req.PageToken == "" {
 				break
 			}
 		}
-		if e.json {
-			return e.printJSON(all)
-		}
-		tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tOWNER\tNAME\tENV\tSTATE\tPERMISSIONS\tEXPIRES")
-		for _, k := range all.GetKeys() {
-			exp := "-"
-			if k.GetExpireTime() != nil {
-				exp = k.GetExpireTime().AsTime().Format(time.RFC3339)
+		return e.show(messages(keys), func(w io.Writer) error {
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tOWNER\tNAME\tENV\tSTATE\tPERMISSIONS\tEXPIRES")
+			for _, k := range keys {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k.GetId(), k.GetOwner(), k.GetName(), k.GetEnvironment(), short(k.GetState(), "API_KEY_STATE_"),
+					strings.Join(k.GetPermissions(), ","), timeOr(k.GetExpireTime(), "-"))
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k.GetId(), k.GetOwner(), k.GetName(), k.GetEnvironment(), apiKeyStateName(k.GetState()),
-				strings.Join(k.GetPermissions(), ","), exp)
-		}
-		return tw.Flush()
-	case "show":
-		r, err := ac.GetAPIKey(ctx, &keywardv1.GetAPIKeyRequest{Id: *id})
-		if err != nil {
-			return client.Wrap(err)
-		}
-		return e.printAPIKey(r.GetKey(), r)
-	case "update":
-		k := &keywardv1.APIKey{Id: *id, Permissions: perms, RateLimits: limits, AllowedIps: ips, ExpireTime: expireTime}
+			return tw.Flush()
+		})
+	}
+}
+
+func apikeyShow(f *flagSet) action {
+	id := idFlag(f)
+	return func(e *env, _ []string) error {
+		r, err := e.api.APIKeys.GetAPIKey(e.ctx, &keywardv1.GetAPIKeyRequest{Id: *id})
+		return e.showAPIKey(r.GetKey(), err)
+	}
+}
+
+// updates are apikey update's flags, each with the field of the update
+// mask it sets.
+var updates = []struct{ flag, path string }{
+	{"perm", "permissions"},
+	{"limit", "rate_limits"}, {"no-limits", "rate_limits"},
+	{"allow-ip", "allowed_ips"}, {"no-allowlist", "allowed_ips"},
+	{"expires", "expire_time"}, {"no-expiry", "expire_time"},
+	{"enable", "state"}, {"disable", "state"},
+}
+
+func apikeyUpdate(f *flagSet) action {
+	id := idFlag(f)
+	perms := f.StringArray("perm", nil, "the new permissions (repeatable; replaces them all)")
+	var limits limitList
+	f.Var(&limits, "limit", "the new rate limits (repeatable; replaces them all)")
+	f.Bool("no-limits", false, "remove every rate limit")
+	ips := f.StringArray("allow-ip", nil, "the new allowlist (repeatable; replaces it)")
+	f.Bool("no-allowlist", false, "remove the allowlist")
+	expires := f.Time("expires", "the new expiry time (RFC 3339)")
+	f.Bool("no-expiry", false, "remove the expiry")
+	disable := f.Bool("disable", false, "disable the key")
+	enable := f.Bool("enable", false, "enable a disabled key")
+	f.Exclusive("limit", "no-limits")
+	f.Exclusive("allow-ip", "no-allowlist")
+	f.Exclusive("expires", "no-expiry")
+	f.Exclusive("disable", "enable")
+	return func(e *env, _ []string) error {
 		var paths []string
-		for _, f := range []struct {
-			set, clear bool
-			path, what string
-		}{
-			{len(perms) > 0, false, "permissions", "-perm"},
-			{len(limits) > 0, *noLimits, "rate_limits", "-limit and -no-limits"},
-			{len(ips) > 0, *noAllowlist, "allowed_ips", "-allow-ip and -no-allowlist"},
-			{expireTime != nil, *noExpiry, "expire_time", "-expires and -no-expiry"},
-			{*enable, *disable, "state", "-enable and -disable"},
-		} {
-			if f.set && f.clear {
-				return usageError{f.what + " contradict each other"}
-			}
-			if f.set || f.clear {
-				paths = append(paths, f.path)
+		for _, u := range updates {
+			if f.Changed(u.flag) && f.Lookup(u.flag).Value.String() != "false" && !slices.Contains(paths, u.path) {
+				paths = append(paths, u.path)
 			}
 		}
 		if len(paths) == 0 {
-			return usageError{"apikey update needs something to change: -perm, -limit, -no-limits, -allow-ip, -no-allowlist, -expires, -no-expiry, -disable or -enable"}
+			return usageError{msg: "name something to change: -perm, -limit, -no-limits, -allow-ip, -no-allowlist, -expires, -no-expiry, -disable or -enable"}
 		}
+		k := &keywardv1.APIKey{Id: *id, Permissions: *perms, RateLimits: limits, AllowedIps: *ips, ExpireTime: timestamp(*expires)}
 		switch {
 		case *enable:
 			k.State = keywardv1.APIKeyState_API_KEY_STATE_ACTIVE
 		case *disable:
 			k.State = keywardv1.APIKeyState_API_KEY_STATE_DISABLED
 		}
-		r, err := ac.UpdateAPIKey(ctx, &keywardv1.UpdateAPIKeyRequest{Key: k, UpdateMask: &fieldmaskpb.FieldMask{Paths: paths}})
-		if err != nil {
-			return client.Wrap(err)
-		}
-		return e.printAPIKey(r.GetKey(), r)
-	case "usage":
+		r, err := e.api.APIKeys.UpdateAPIKey(e.ctx, &keywardv1.UpdateAPIKeyRequest{Key: k, UpdateMask: &fieldmaskpb.FieldMask{Paths: paths}})
+		return e.showAPIKey(r.GetKey(), err)
+	}
+}
+
+func apikeyUsage(f *flagSet) action {
+	id := idFlag(f)
+	window := f.Duration("window", 0, "how far back, at most 168h (default 24h)")
+	return func(e *env, _ []string) error {
 		req := &keywardv1.GetAPIKeyUsageRequest{Id: *id}
 		if *window > 0 {
 			req.Window = durationpb.New(*window)
 		}
-		r, err := ac.GetAPIKeyUsage(ctx, req)
+		r, err := e.api.APIKeys.GetAPIKeyUsage(e.ctx, req)
 		if err != nil {
-			return client.Wrap(err)
+			return err
 		}
-		if e.json {
-			return e.printJSON(r)
-		}
-		last := "never"
-		if r.GetLastUsedTime() != nil {
-			last = r.GetLastUsedTime().AsTime().Format(time.RFC3339)
-		}
-		fmt.Fprintf(e.stdout, "%s: last used %s\n", r.GetId(), last)
-		tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "HOUR\tOUTCOMES\tNETWORKS")
-		for _, h := range r.GetHours() {
-			fmt.Fprintf(tw, "%s\t%s\t%s\n", h.GetHour().AsTime().Format("2006-01-02 15:04Z"), counts(h.GetUsage().GetCounts()), counts(h.GetUsage().GetNetworks()))
-		}
-		fmt.Fprintf(tw, "total\t%s\t%s\n", counts(r.GetTotal().GetCounts()), counts(r.GetTotal().GetNetworks()))
-		return tw.Flush()
+		return e.show(r, func(w io.Writer) error {
+			fmt.Fprintf(w, "%s: last used %s\n", r.GetId(), timeOr(r.GetLastUsedTime(), "never"))
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "HOUR\tOUTCOMES\tNETWORKS")
+			for _, h := range r.GetHours() {
+				fmt.Fprintf(tw, "%s\t%s\t%s\n", h.GetHour().AsTime().Format("2006-01-02 15:04Z"), counts(h.GetUsage().GetCounts()), counts(h.GetUsage().GetNetworks()))
+			}
+			fmt.Fprintf(tw, "total\t%s\t%s\n", counts(r.GetTotal().GetCounts()), counts(r.GetTotal().GetNetworks()))
+			return tw.Flush()
+		})
 	}
-	return nil
 }
 
 // secretFile is where -secret-out puts a new secret: a 0600 file made in
@@ -405,12 +356,12 @@ func newSecretFile(path string) (*secretFile, error) {
 	}
 	f, err := os.CreateTemp(filepath.Dir(path), ".keyward-secret-*")
 	if err != nil {
-		return nil, fmt.Errorf("-secret-out: %w (nothing was done)", err)
+		return nil, fmt.Errorf("--secret-out: %w (nothing was done)", err)
 	}
 	if err := f.Chmod(0o600); err != nil {
 		f.Close()
 		os.Remove(f.Name())
-		return nil, fmt.Errorf("-secret-out: %w (nothing was done)", err)
+		return nil, fmt.Errorf("--secret-out: %w (nothing was done)", err)
 	}
 	return &secretFile{f: f, path: path}, nil
 }
@@ -442,37 +393,45 @@ func (s *secretFile) commit(secret string) error {
 
 // printSecret writes a new secret to standard output or its -secret-out
 // file, and what it belongs to on standard error: a script reads the secret
-// alone. With -output json the answer goes to standard output as JSON,
+// alone. With --output json the answer goes to standard output as JSON,
 // without the secret if a file took it.
-func (e *env) printSecret(out *secretFile, secret string, k *keywardv1.APIKey, did string, r proto.Message) error {
-	if out == nil {
-		if e.json {
-			return e.printJSON(r)
+func (e *env) printSecret(out *secretFile, secret *string, k *keywardv1.APIKey, did string, answer proto.Message) error {
+	if out != nil {
+		if err := out.commit(*secret); err != nil {
+			return fmt.Errorf("%s %s, but its secret could not be written to %s (%w): the secret is lost; %s", did, k.GetId(), out.path, err,
+				map[string]string{"created": "revoke the key and create another", "rotated": "rotate it again"}[did])
 		}
-		if _, err := fmt.Fprintln(e.stdout, secret); err != nil {
+		*secret = ""
+	}
+	if e.output.json() {
+		return e.printJSON(answer)
+	}
+	if out == nil {
+		if _, err := fmt.Fprintln(e.stdout, *secret); err != nil {
 			return err
 		}
-	} else if err := out.commit(secret); err != nil {
-		return fmt.Errorf("%s %s, but its secret could not be written to %s (%w): the secret is lost; %s", did, k.GetId(), out.path, err,
-			map[string]string{"created": "revoke the key and create another", "rotated": "rotate it again"}[did])
-	} else if e.json {
-		return e.printJSON(k)
 	}
 	fmt.Fprintf(e.stderr, "%s %s (%s, owner %s, %s); the secret is shown this once\n", did, k.GetId(), k.GetName(), k.GetOwner(), k.GetEnvironment())
 	return nil
 }
 
-func (e *env) printAPIKey(k *keywardv1.APIKey, r proto.Message) error {
-	if e.json {
-		return e.printJSON(r)
+// showAPIKey prints the API key a call answered with, unless the call
+// failed.
+func (e *env) showAPIKey(k *keywardv1.APIKey, err error) error {
+	if err != nil {
+		return err
 	}
-	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	return e.show(k, func(w io.Writer) error { return printAPIKey(w, k) })
+}
+
+func printAPIKey(w io.Writer, k *keywardv1.APIKey) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	row := func(name, v string) { fmt.Fprintf(tw, "%s\t%s\n", name, v) }
 	row("id", k.GetId())
 	row("owner", k.GetOwner())
 	row("name", k.GetName())
 	row("environment", k.GetEnvironment())
-	row("state", apiKeyStateName(k.GetState()))
+	row("state", short(k.GetState(), "API_KEY_STATE_"))
 	row("permissions", strings.Join(k.GetPermissions(), ", "))
 	row("created", k.GetCreateTime().AsTime().Format(time.RFC3339))
 	if k.GetExpireTime() != nil {
@@ -510,14 +469,6 @@ func (e *env) printAPIKey(k *keywardv1.APIKey, r proto.Message) error {
 		row(fmt.Sprintf("secret %d", i+1), v)
 	}
 	return tw.Flush()
-}
-
-func apiKeyStateName(s keywardv1.APIKeyState) string {
-	return strings.ToLower(strings.TrimPrefix(s.String(), "API_KEY_STATE_"))
-}
-
-func fmtLimit(l *keywardv1.RateLimit) string {
-	return fmt.Sprintf("%d/%v,burst=%d", l.GetLimit(), l.GetPer().AsDuration(), l.GetBurst())
 }
 
 func counts(m map[string]int64) string {

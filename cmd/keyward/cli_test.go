@@ -1,244 +1,319 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"log/slog"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
-	"github.com/keyward/keyward/daemon"
-	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
-// daemonFor starts keywardd with a policy for the test's uid and returns
-// its socket and a way to stop it.
-func daemonFor(t *testing.T, rules string) (*softhsmtest.Token, *daemon.Config, func()) {
-	t.Helper()
-	return daemonForWith(t, rules, nil)
+// TestNormalize: a single-dash argument that names a long flag of its
+// command becomes --flag; values, unknown flags, shorthands and what
+// follows -- stay as they are.
+func TestNormalize(t *testing.T) {
+	root := newRoot(&env{ctx: context.Background()})
+	for _, tc := range []struct{ in, want string }{
+		{"key create -name n -purpose encrypt", "key create --name n --purpose encrypt"},
+		{"key create -name=n --purpose=encrypt", "key create --name=n --purpose=encrypt"},
+		{"-output json -socket /s status", "--output json --socket /s status"},
+		{"status -output=json", "status --output=json"},
+		// A flag's value is never rewritten, even one that looks like a flag.
+		{"key get -name -purpose", "key get --name -purpose"},
+		{"key create -label -name=x -name n", "key create --label -name=x --name n"},
+		// Booleans take no value: what follows is looked at.
+		{"apikey revoke -dry-run -owner o", "apikey revoke --dry-run --owner o"},
+		{"panic-rotate k -dry-run", "panic-rotate k --dry-run"},
+		{"audit verify -module m FILE -token t", "audit verify --module m FILE --token t"},
+		// Unknown flags and shorthands stay, for pflag to report.
+		{"hsm check -pin 1234", "hsm check -pin 1234"},
+		{"key create -h", "key create -h"},
+		{"key create -help", "key create --help"},
+		// A flag of another command is unknown here.
+		{"key get -owner o", "key get -owner o"},
+		// After --, nothing is a flag.
+		{"encrypt -key k -- -in", "encrypt --key k -- -in"},
+		{"help key create", "help key create"},
+		{"completion bash", "completion bash"},
+		// A completion request: all but the word being completed.
+		{"__complete key create -name x -pur", "__complete key create --name x -pur"},
+		{"__complete key create -purpose", "__complete key create -purpose"},
+	} {
+		got := strings.Join(normalize(root, strings.Fields(tc.in)), " ")
+		if got != tc.want {
+			t.Errorf("normalize(%s) = %s, want %s", tc.in, got, tc.want)
+		}
+	}
 }
 
-// daemonForWith is daemonFor with a change to the configuration first.
-func daemonForWith(t *testing.T, rules string, mod func(*daemon.Config)) (*softhsmtest.Token, *daemon.Config, func()) {
-	t.Helper()
-	tok := softhsmtest.New(t)
-	dir := t.TempDir()
-	os.Chmod(dir, 0o750)
-	cfg := &daemon.Config{DataDir: filepath.Join(dir, "data"), PolicyFile: filepath.Join(dir, "policy.yaml")}
-	cfg.Socket.Path = filepath.Join(dir, "run", "k.sock")
-	cfg.HSM.Module, cfg.HSM.Token, cfg.HSM.PINFile = tok.Module, tok.Label, tok.PINFile
-	if mod != nil {
-		mod(cfg)
+// TestDaemonAbsent: the sentence for each way a socket does not answer,
+// and that keywardd's own UNAVAILABLE (the socket answers) is left alone.
+func TestDaemonAbsent(t *testing.T) {
+	unavailable := status.Error(codes.Unavailable, "connection error")
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{syscall.ENOENT, "keywardd is not answering at /s (no such file); start it (make run, or systemctl start keywardd), or point --socket / $KEYWARD_SOCKET at its socket"},
+		{syscall.ECONNREFUSED, "keywardd is not answering at /s (the socket is there, but nothing listens on it); start it (make run, or systemctl start keywardd), or point --socket / $KEYWARD_SOCKET at its socket"},
+		{syscall.EACCES, "keywardd is not answering at /s (permission denied); keywardd lets its socket's group in (socket.group in keywardd.yaml): join it, or run as a user who may"},
+		{errors.New("i/o timeout"), "keywardd is not answering at /s (i/o timeout); start it (make run, or systemctl start keywardd), or point --socket / $KEYWARD_SOCKET at its socket"},
+	} {
+		err := &daemonAbsent{path: "/s", err: &net.OpError{Op: "dial", Net: "unix", Err: &os.SyscallError{Syscall: "connect", Err: tc.err}}}
+		if err.Error() != tc.want {
+			t.Errorf("%v:\n got %s\nwant %s", tc.err, err, tc.want)
+		}
+		if exitCode(err) != exitUnavailable {
+			t.Errorf("%v: exit %d", tc.err, exitCode(err))
+		}
 	}
-	policy := fmt.Sprintf("version: 1\nroles:\n  r:\n    permissions:\n%s\nbindings:\n  - role: r\n    callers:\n      - uid: %d\n", rules, os.Getuid())
-	os.WriteFile(cfg.PolicyFile, []byte(policy), 0o600)
-	ctx, cancel := context.WithCancel(context.Background())
-	ready, errc := make(chan struct{}), make(chan error, 1)
-	go func() {
-		errc <- daemon.Run(ctx, cfg, daemon.Options{Ready: ready, Log: slog.New(slog.NewJSONHandler(&bytes.Buffer{}, nil))})
-	}()
-	select {
-	case <-ready:
-	case err := <-errc:
+
+	dir := t.TempDir()
+	if got := notAnswering(filepath.Join(dir, "none"), unavailable); !errors.As(got, new(*daemonAbsent)) {
+		t.Errorf("no socket: %v", got)
+	}
+	l, err := net.Listen("unix", filepath.Join(dir, "s"))
+	if err != nil {
 		t.Fatal(err)
 	}
-	stopped := false
-	stop := func() {
-		if !stopped {
-			stopped = true
-			cancel()
-			<-errc
-		}
+	defer l.Close()
+	if got := notAnswering(filepath.Join(dir, "s"), unavailable); got != unavailable {
+		t.Errorf("a socket that answers: %v", got)
 	}
-	t.Cleanup(stop)
-	return tok, cfg, stop
+	notFound := status.Error(codes.NotFound, "x")
+	if got := notAnswering(filepath.Join(dir, "none"), notFound); got != notFound {
+		t.Errorf("NOT_FOUND: %v", got)
+	}
 }
 
-type result struct {
-	code           int
-	stdout, stderr string
-}
-
-// ok fails the test unless the command exited 0.
-func ok(t *testing.T, r result) result {
-	t.Helper()
-	if r.code != 0 {
-		t.Fatalf("exit %d: %s", r.code, r.stderr)
-	}
-	return r
-}
-
-func keyward(t *testing.T, sock, stdin string, args ...string) result {
-	t.Helper()
-	var out, errb bytes.Buffer
-	code := run(context.Background(), append([]string{"-socket", sock}, args...), strings.NewReader(stdin), &out, &errb)
-	return result{code, out.String(), errb.String()}
-}
-
-func TestCLI(t *testing.T) {
-	tok, cfg, stop := daemonFor(t, "      - operations: [\"*\"]\n        keys: [\"*\"]")
-	sock := cfg.Socket.Path
-	dir := t.TempDir()
-	ok(t, keyward(t, sock, "", "key", "create", "-name", "orders", "-purpose", "encrypt", "-label", "team=shop"))
-	r := ok(t, keyward(t, sock, "", "-output", "json", "key", "get", "-name", "orders"))
-	var k struct {
-		Name, Purpose, State string
-		LatestVersion        int
-		Labels               map[string]string
-	}
-	if err := json.Unmarshal([]byte(r.stdout), &k); err != nil || k.Name != "orders" || k.Purpose != "KEY_PURPOSE_ENCRYPT" || k.LatestVersion != 1 || k.Labels["team"] != "shop" {
-		t.Fatalf("key get -output json: %s (%v)", r.stdout, err)
-	}
-	r = ok(t, keyward(t, sock, "", "key", "list"))
-	found := false
-	for _, line := range strings.Split(r.stdout, "\n") {
-		if f := strings.Fields(line); len(f) > 5 && f[0] == "orders" {
-			found = strings.Join(f[:6], " ") == "orders encrypt aes256-gcm enabled 1 1"
-		}
-	}
-	if !found {
-		t.Fatalf("key list:\n%s", r.stdout)
-	}
-
-	// Data through stdin and files, never argv.
-	ok(t, keyward(t, sock, "the order book", "encrypt", "-key", "orders", "-context", "shop=1", "-out", filepath.Join(dir, "ct")))
-	if fi, _ := os.Stat(filepath.Join(dir, "ct")); fi.Mode().Perm() != 0o600 {
-		t.Fatalf("output mode %04o", fi.Mode().Perm())
-	}
-	r = ok(t, keyward(t, sock, "", "decrypt", "-context", "shop=1", "-in", filepath.Join(dir, "ct")))
-	if r.stdout != "the order book" {
-		t.Fatalf("decrypt: %q", r.stdout)
-	}
-	ct, _ := os.ReadFile(filepath.Join(dir, "ct"))
-	r = keyward(t, sock, string(ct), "decrypt", "-context", "shop=2")
-	if r.code != exitInvalid || !strings.Contains(r.stderr, "the ciphertext or the encryption context does not match") {
-		t.Fatalf("wrong context: %+v", r)
-	}
-	r = ok(t, keyward(t, sock, "", "datakey", "-key", "orders", "-context", "shop=1"))
-	var dk struct {
-		Plaintext string `json:"plaintext"`
-		Wrapped   string `json:"wrapped_key"`
-	}
-	json.Unmarshal([]byte(r.stdout), &dk)
-	wrapped, _ := base64.StdEncoding.DecodeString(dk.Wrapped)
-	pt, _ := base64.StdEncoding.DecodeString(dk.Plaintext)
-	r = ok(t, keyward(t, sock, string(wrapped), "decrypt", "-context", "shop=1"))
-	if len(pt) != 32 || r.stdout != string(pt) {
-		t.Fatal("the data key does not decrypt to its plaintext")
-	}
-	r = ok(t, keyward(t, sock, "", "datakey", "-key", "orders", "-without-plaintext"))
-	if strings.Contains(r.stdout, "plaintext") || !strings.Contains(r.stdout, "wrapped_key") {
-		t.Fatalf("datakey -without-plaintext: %s", r.stdout)
-	}
-	ok(t, keyward(t, sock, "", "datakey", "-key", "orders", "-plaintext-out", filepath.Join(dir, "dk"), "-wrapped-out", filepath.Join(dir, "dk.kw")))
-	if b, _ := os.ReadFile(filepath.Join(dir, "dk")); len(b) != 32 {
-		t.Fatalf("plaintext-out holds %d bytes", len(b))
-	}
-	ok(t, keyward(t, sock, "", "key", "rotate", "-name", "orders"))
-	r = ok(t, keyward(t, sock, string(ct), "reencrypt", "-context", "shop=1"))
-	r2 := ok(t, keyward(t, sock, r.stdout, "decrypt", "-context", "shop=1"))
-	if r2.stdout != "the order book" {
-		t.Fatal("reencrypted data does not decrypt")
-	}
-	r = ok(t, keyward(t, sock, "", "status"))
-	if !strings.Contains(r.stdout, "healthy") || !strings.Contains(r.stdout, tok.Label) {
-		t.Fatalf("status:\n%s", r.stdout)
-	}
-
-	// Exit codes.
+// TestExitCode: one exit code per kind of refusal.
+func TestExitCode(t *testing.T) {
 	for _, tc := range []struct {
-		args []string
-		code int
-		msg  string
+		err  error
+		want int
 	}{
-		{[]string{"key", "get", "-name", "nope"}, exitNotFound, `key not found: "nope"`},
-		{[]string{"key", "create", "-name", "orders", "-purpose", "encrypt"}, exitExists, "already exists"},
-		{[]string{"key", "create", "-name", "x"}, exitUsage, "needs -purpose"},
-		{[]string{"encrypt", "-key", "orders", "secret-on-argv"}, exitUsage, "never arguments"},
-		{[]string{"key", "disable", "-name", "orders"}, exitOK, ""},
-		{[]string{"datakey", "-key", "orders"}, exitUnusable, "key is disabled"},
-		{[]string{"key", "frob", "-name", "x"}, exitUsage, "unknown key command"},
+		{status.Error(codes.PermissionDenied, ""), exitDenied},
+		{status.Error(codes.Unauthenticated, ""), exitDenied},
+		{status.Error(codes.NotFound, ""), exitNotFound},
+		{status.Error(codes.AlreadyExists, ""), exitExists},
+		{status.Error(codes.InvalidArgument, ""), exitInvalid},
+		{status.Error(codes.ResourceExhausted, ""), exitInvalid},
+		{status.Error(codes.FailedPrecondition, ""), exitUnusable},
+		{status.Error(codes.Unavailable, ""), exitUnavailable},
+		{status.Error(codes.DataLoss, ""), exitUnavailable},
+		{status.Error(codes.Internal, ""), exitError},
+		{fmt.Errorf("keyward: %w", errRefused), exitError},
+		{os.ErrNotExist, exitError},
 	} {
-		r := keyward(t, sock, "", tc.args...)
-		if r.code != tc.code || !strings.Contains(r.stderr, tc.msg) {
-			t.Errorf("keyward %v: exit %d %q; want %d %q", tc.args, r.code, r.stderr, tc.code, tc.msg)
+		if got := exitCode(tc.err); got != tc.want {
+			t.Errorf("%v: exit %d, want %d", tc.err, got, tc.want)
 		}
 	}
-	r = keyward(t, filepath.Join(dir, "no.sock"), "", "status")
-	if r.code != exitUnavailable {
-		t.Errorf("no daemon: exit %d %q", r.code, r.stderr)
-	}
+}
 
-	// The audit log verifies, with the HSM, once the daemon is stopped.
-	stop()
-	logPath := filepath.Join(cfg.DataDir, "audit.log")
-	r = ok(t, keyward(t, "", "", "audit", "verify", logPath, "-module", tok.Module, "-token", tok.Label, "-pin-file", tok.PINFile))
-	if !strings.Contains(r.stdout, "every record is covered by a checked MAC") {
-		t.Fatalf("audit verify: %s", r.stdout)
-	}
-	b, _ := os.ReadFile(logPath)
-	lines := strings.SplitAfter(string(b), "\n")
-	lines[3] = strings.Replace(lines[3], `"outcome":"ok"`, `"outcome":"OK"`, 1)
-	os.WriteFile(logPath, []byte(strings.Join(lines, "")), 0o600)
-	r = keyward(t, "", "", "audit", "verify", logPath)
-	if r.code != exitError || !strings.Contains(r.stderr, "line 4: its hash does not match its content") {
-		t.Fatalf("tampered audit log: %+v", r)
+// TestEveryVerb: every entry of the table has --help, which exits 0 with
+// the help on standard output; a verb without its required flags exits 2
+// naming them, before it dials (the socket does not exist).
+func TestEveryVerb(t *testing.T) {
+	none := filepath.Join(t.TempDir(), "none")
+	for _, c := range commands {
+		words := strings.Fields(c.path)
+		var out, errb strings.Builder
+		if code := run(context.Background(), append(words, "--socket", none, "--help"), strings.NewReader(""), &out, &errb); code != exitOK || errb.Len() > 0 || !strings.Contains(out.String(), "Usage:") {
+			t.Errorf("keyward %s --help: exit %d, stdout %q, stderr %q", c.path, code, out.String(), errb.String())
+		}
+		cmd, _, err := newRoot(&env{}).Find(words)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var required []string
+		cmd.Flags().VisitAll(func(f *pflag.Flag) {
+			if len(f.Annotations[cobra.BashCompOneRequiredFlag]) > 0 {
+				required = append(required, fmt.Sprintf("%q", f.Name))
+			}
+		})
+		if len(required) == 0 {
+			continue
+		}
+		errb.Reset()
+		want := fmt.Sprintf("keyward %s: required flag(s) %s not set; see keyward %s --help\n", c.path, strings.Join(required, ", "), c.path)
+		if code := run(context.Background(), append(words, "--socket", none), strings.NewReader(""), io.Discard, &errb); code != exitUsage || errb.String() != want {
+			t.Errorf("keyward %s: exit %d, %q; want %q", c.path, code, errb.String(), want)
+		}
 	}
 }
 
-// TestCLIDenied: a refused call exits 3 and says which permission is
-// missing.
-func TestCLIDenied(t *testing.T) {
-	_, cfg, _ := daemonFor(t, "      - operations: [KeyService.ListKeys]\n        keys: [\"*\"]")
-	r := keyward(t, cfg.Socket.Path, "", "key", "create", "-name", "x", "-purpose", "encrypt")
-	if r.code != exitDenied || !strings.Contains(r.stderr, `not granted KeyService.CreateKey on key "x"`) {
-		t.Fatalf("denied: %+v", r)
+// TestReviewAudit: keyward review -audit finds in the audit log the
+// callers whose calls were denied, and those whose calls fail far more
+// often than the others', within the window; keywardd's own calls and
+// older ones do not count.
+func TestReviewAudit(t *testing.T) {
+	var log strings.Builder
+	seq := 0
+	rec := func(age time.Duration, uid int, exe, op, outcome string) {
+		seq++
+		body, _ := json.Marshal(map[string]any{"time": time.Now().Add(-age), "caller": map[string]any{"uid": uid, "gid": uid, "exe": exe}, "op": op, "outcome": outcome})
+		fmt.Fprintf(&log, `{"seq":%d,"prev":"","kind":"record","body":%s,"hash":""}`+"\n", seq, body)
+	}
+	for i := range 40 {
+		outcome := "ok"
+		if i < 2 {
+			outcome = "denied"
+		}
+		rec(time.Hour, 1000, "/usr/bin/shop", "KeyService.CreateKey", outcome)
+	}
+	for i := range 25 {
+		outcome := "ok"
+		if i < 15 {
+			outcome = "error"
+		}
+		rec(time.Hour, 1001, "/usr/bin/batch", "EnvelopeService.Decrypt", outcome)
+	}
+	for range 5 {
+		rec(90*24*time.Hour, 1002, "/usr/bin/old", "KeyService.GetKey", "denied") // before the window
+	}
+	rec(time.Hour, 0, "/usr/sbin/keywardd", "keywardd.RotateKey", "error") // keywardd's own
+	fmt.Fprintf(&log, `{"seq":%d,"prev":"","kind":"checkpoint","body":{"key":"keyward-audit v1","mac":"00"},"hash":""}`+"\n", seq+1)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	if err := os.WriteFile(path, []byte(log.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	got := map[string]string{}
+	err := reviewAudit(path, time.Now().Add(-720*time.Hour), func(check, subject, format string, a ...any) {
+		got[check+" "+subject] = fmt.Sprintf(format, a...)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := got["denied calls by caller uid 1000 /usr/bin/shop"]; !strings.Contains(d, "2 of 40 calls denied") || !strings.Contains(d, "KeyService.CreateKey 2") {
+		t.Errorf("denied calls: %v", got)
+	}
+	if d := got["error-rate outlier uid 1001 /usr/bin/batch"]; !strings.Contains(d, "15 of 25 calls failed") {
+		t.Errorf("outlier: %v", got)
+	}
+	if len(got) != 2 {
+		t.Errorf("findings from the audit log: %v; want the two above only", got)
+	}
+	if err := os.WriteFile(path, []byte("not json\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := reviewAudit(path, time.Now().Add(-720*time.Hour), func(string, string, string, ...any) {}); err == nil || !strings.Contains(err.Error(), "line 1") {
+		t.Errorf("a broken audit log: %v", err)
 	}
 }
 
-// TestCLITokens: mint, verify, revoke and the JWKS through the CLI; the
-// token goes through standard input, never an argument.
-func TestCLITokens(t *testing.T) {
-	_, cfg, _ := daemonFor(t, "      - operations: [\"TokenService.*\", \"KeyService.*\"]\n        keys: [\"*\"]\n    tokens:\n      audiences: [orders]\n      claims: [tenant]")
-	sock := cfg.Socket.Path
-	ok(t, keyward(t, sock, "", "key", "create", "-name", "jwt", "-purpose", "sign", "-algorithm", "ed25519"))
-	tok := strings.TrimSpace(ok(t, keyward(t, sock, "", "token", "mint", "-key", "jwt", "-audience", "orders", "-claim", "tenant=42")).stdout)
-	if strings.Count(tok, ".") != 2 {
-		t.Fatalf("minted %q", tok)
+// TestDocumentedCommands: every keyward command line in the shell
+// examples of README.md and docs/*.md names a verb and parses: its
+// flags exist, take what they are given, and the required ones are there.
+func TestDocumentedCommands(t *testing.T) {
+	files, err := filepath.Glob(filepath.Join("..", "..", "docs", "*.md"))
+	if err != nil {
+		t.Fatal(err)
 	}
-	r := ok(t, keyward(t, sock, tok, "token", "verify", "-audience", "orders"))
-	if !strings.Contains(r.stdout, "valid: sub uid:") {
-		t.Fatalf("verify: %s", r.stdout)
+	n := 0
+	for _, path := range append(files, filepath.Join("..", "..", "README.md")) {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		inShell := false
+		var line string
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "```") {
+				inShell = !inShell && (l == "```sh" || l == "```bash")
+				continue
+			}
+			if line += l; !inShell || strings.HasSuffix(line, "\\") {
+				line = strings.TrimSuffix(line, "\\")
+				if !inShell {
+					line = ""
+				}
+				continue
+			}
+			for _, segment := range strings.Split(line, "|") {
+				words := shellWords(segment)
+				if len(words) == 0 || (words[0] != "keyward" && words[0] != "./bin/keyward") {
+					continue
+				}
+				n++
+				if err := parseOnly(words[1:]); err != nil {
+					t.Errorf("%s: %s: %v", path, strings.TrimSpace(segment), err)
+				}
+			}
+			line = ""
+		}
 	}
-	if r := keyward(t, sock, tok, "token", "verify", "-audience", "billing"); r.code != exitError || !strings.Contains(r.stderr, "wrong audience") {
-		t.Fatalf("verify for another audience: %+v", r)
+	if n < 50 {
+		t.Errorf("%d keyward command lines found in the docs; the test does not find them", n)
 	}
-	if r := ok(t, keyward(t, sock, "", "token", "jwks")); !strings.Contains(r.stdout, `"alg":"EdDSA"`) {
-		t.Fatalf("jwks: %s", r.stdout)
+	for _, bad := range []string{"key", "key create -name x", "key create -nme x -purpose sign", "encrypt -key k data", "frob", "key get -name x -bogus"} {
+		if parseOnly(strings.Fields(bad)) == nil {
+			t.Errorf("keyward %s parses", bad)
+		}
 	}
-	ok(t, keyward(t, sock, tok, "token", "revoke"))
-	if r := keyward(t, sock, tok, "token", "verify", "-audience", "orders"); r.code != exitError || !strings.Contains(r.stderr, "revoked") {
-		t.Fatalf("verify after revoke: %+v", r)
+}
+
+// shellWords splits a line of an example as the shell would, enough for
+// the docs: quotes, and nothing from a comment or a redirection on.
+func shellWords(s string) []string {
+	var words []string
+	var w strings.Builder
+	in, quote := false, rune(0)
+	for _, r := range s + " " {
+		switch {
+		case quote != 0 && r == quote:
+			quote = 0
+		case quote != 0:
+			w.WriteRune(r)
+		case r == '\'' || r == '"':
+			quote, in = r, true
+		case r == ' ' || r == '\t':
+			if in {
+				words = append(words, w.String())
+				w.Reset()
+				in = false
+			}
+		case !in && (r == '#' || r == '<' || r == '>'):
+			return words
+		default:
+			w.WriteRune(r)
+			in = true
+		}
 	}
-	var minted struct {
-		TokenID string `json:"tokenId"`
-		Token   string `json:"token"`
+	return words
+}
+
+// parseOnly parses a command line as keyward would, and runs nothing.
+func parseOnly(args []string) error {
+	root := newRoot(&env{ctx: context.Background()})
+	cmd, rest, err := root.Find(normalize(root, args))
+	switch {
+	case err != nil:
+		return err
+	case cmd.HasSubCommands() || cmd == root:
+		return fmt.Errorf("%s is not a verb", cmd.CommandPath())
 	}
-	json.Unmarshal([]byte(ok(t, keyward(t, sock, "", "-output", "json", "token", "mint", "-key", "jwt", "-audience", "orders", "-ttl", "1m")).stdout), &minted)
-	ok(t, keyward(t, sock, "", "token", "revoke", "-id", minted.TokenID))
-	if r := keyward(t, sock, minted.Token, "token", "verify", "-audience", "orders"); r.code != exitError || !strings.Contains(r.stderr, "revoked") {
-		t.Fatalf("verify after revoke by ID: %+v", r)
+	if err := cmd.ParseFlags(rest); err != nil {
+		return err
 	}
-	if r := keyward(t, sock, "", "token", "mint", "-key", "jwt", "-audience", "admin"); r.code != exitDenied {
-		t.Fatalf("mint beyond the grant: %+v", r)
+	if err := cmd.ValidateArgs(cmd.Flags().Args()); err != nil {
+		return err
 	}
-	ok(t, keyward(t, sock, "", "signing-key", "rotate", "-name", "jwt"))
-	if r := ok(t, keyward(t, sock, "", "signing-key", "list")); !strings.Contains(r.stdout, "v1  active") || !strings.Contains(r.stdout, "v2  pending") {
-		t.Fatalf("signing-key list:\n%s", r.stdout)
+	if err := cmd.ValidateRequiredFlags(); err != nil {
+		return err
 	}
+	return cmd.ValidateFlagGroups()
 }

@@ -1,10 +1,6 @@
 package main
 
 import (
-	"context"
-	"encoding/json"
-	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"text/tabwriter"
@@ -13,72 +9,65 @@ import (
 	"github.com/keyward/keyward/hsm"
 )
 
-func hsmCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("keyward hsm check", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var cfg hsm.Config
-	fs.StringVar(&cfg.Module, "module", "", "absolute path of the PKCS#11 library (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)")
-	fs.StringVar(&cfg.Token, "token", "", "label of the token")
-	fs.StringVar(&cfg.URI, "uri", "", "RFC 7512 PKCS#11 URI of the token, instead of -token (pkcs11:token=...;serial=...)")
-	fs.StringVar(&cfg.PINFile, "pin-file", "", "file holding the user PIN")
-	fs.StringVar(&cfg.PINEnv, "pin-env", "", "environment variable holding the user PIN")
-	output := fs.String("output", "text", "text or json")
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: keyward hsm check -module PATH (-token LABEL | -uri URI) (-pin-file FILE | -pin-env VAR)\n\nThe PIN is never a flag: it would show in the process list.\n\n")
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
-		return 2
-	}
-	if fs.NArg() > 0 || (*output != "text" && *output != "json") {
-		fs.Usage()
-		return 2
-	}
-	h, err := hsm.Open(cfg)
-	if err != nil {
-		fmt.Fprintln(stderr, "keyward:", err)
-		return 1
-	}
-	defer h.Close()
-	steps, err := h.SelfCheck(ctx)
-	tok := h.Token()
-	if *output == "json" {
-		type step struct {
-			Name   string  `json:"name"`
-			Millis float64 `json:"ms"`
+// hsmReport is hsm check's answer.
+type hsmReport struct {
+	Module string `json:"module"`
+	Token  struct {
+		Label        string `json:"label"`
+		Serial       string `json:"serial"`
+		Manufacturer string `json:"manufacturer"`
+		Model        string `json:"model"`
+		Slot         uint   `json:"slot"`
+	} `json:"token"`
+	OK    bool      `json:"ok"`
+	Error string    `json:"error"`
+	Steps []hsmStep `json:"steps"`
+}
+
+type hsmStep struct {
+	Name   string  `json:"name"`
+	Millis float64 `json:"ms"`
+}
+
+// hsmCheck opens a token as keywardd would and tries everything keyward
+// needs of it, timing each step.
+func hsmCheck(f *flagSet) action {
+	cfg := hsmFlags(f, "absolute path of the PKCS#11 library (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)")
+	return func(e *env, _ []string) error {
+		h, err := hsm.Open(*cfg)
+		if err != nil {
+			return err
 		}
-		out := struct {
-			Token  hsm.TokenInfo `json:"token"`
-			OK     bool          `json:"ok"`
-			Error  string        `json:"error,omitempty"`
-			Steps  []step        `json:"steps"`
-			Module string        `json:"module"`
-		}{Token: tok, OK: err == nil, Module: cfg.Module, Steps: []step{}}
+		defer h.Close()
+		steps, err := h.SelfCheck(e.ctx)
+		tok := h.Token()
+		out := hsmReport{Module: cfg.Module, OK: err == nil, Steps: []hsmStep{}}
+		out.Token.Label, out.Token.Serial, out.Token.Manufacturer, out.Token.Model, out.Token.Slot = tok.Label, tok.Serial, tok.Manufacturer, tok.Model, tok.Slot
 		if err != nil {
 			out.Error = err.Error()
 		}
 		for _, s := range steps {
-			out.Steps = append(out.Steps, step{s.Name, float64(s.Duration) / float64(time.Millisecond)})
+			out.Steps = append(out.Steps, hsmStep{s.Name, float64(s.Duration) / float64(time.Millisecond)})
 		}
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if encErr := enc.Encode(out); encErr != nil {
-			err = errors.Join(err, encErr)
+		if perr := e.show(out, func(w io.Writer) error { return printHSMReport(w, out) }); perr != nil && err == nil {
+			err = perr
 		}
-	} else {
-		fmt.Fprintf(stdout, "token %q (serial %s, %s %s) in slot %d\n", tok.Label, tok.Serial, tok.Manufacturer, tok.Model, tok.Slot)
-		tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-		for _, s := range steps {
-			fmt.Fprintf(tw, "  ok\t%s\t%.2f ms\n", s.Name, float64(s.Duration)/float64(time.Millisecond))
-		}
-		tw.Flush()
-		if err == nil {
-			fmt.Fprintln(stdout, "the token does everything keyward needs")
-		}
+		return err
 	}
-	if err != nil {
-		fmt.Fprintln(stderr, "keyward:", err)
-		return 1
+}
+
+func printHSMReport(w io.Writer, r hsmReport) error {
+	fmt.Fprintf(w, "token %q (serial %s, %s %s) in slot %d\n", r.Token.Label, r.Token.Serial, r.Token.Manufacturer, r.Token.Model, r.Token.Slot)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	for _, s := range r.Steps {
+		fmt.Fprintf(tw, "  ok\t%s\t%.2f ms\n", s.Name, s.Millis)
 	}
-	return 0
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if r.OK {
+		_, err := fmt.Fprintln(w, "the token does everything keyward needs")
+		return err
+	}
+	return nil
 }

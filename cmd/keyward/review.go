@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -25,33 +24,33 @@ type finding struct {
 	Detail  string `json:"detail"`
 }
 
-// reviewCommand is keyward review: what the regular review of keys should
-// look at, from what the caller may list. Run monthly (docs/apikeys.md).
-func reviewCommand(e *env, args []string) error {
-	fs := newFlags("review")
-	unused := fs.Duration("unused", 30*24*time.Hour, "API keys not used for this long are listed")
-	format := fs.String("format", "table", "table, json or markdown")
-	top := fs.Int("top", 5, "how many top consumers to list")
-	auditFile := fs.String("audit", "", "keywardd's audit log: adds denied calls and error-rate outliers by caller (run keyward audit verify on it first)")
-	window := fs.Duration("window", 30*24*time.Hour, "with -audit: how far back to read")
-	if err := parse(fs, args); err != nil {
-		return err
+// review is what the regular review of keys should look at, from what
+// the caller may list. Run monthly (docs/apikeys.md).
+func review(f *flagSet) action {
+	unused := f.Duration("unused", 30*24*time.Hour, "API keys not used for this long are listed")
+	format := f.String("format", "table", "table, json or markdown (--output json is json)")
+	f.Complete("format", "table", "json", "markdown")
+	top := f.Int("top", 5, "how many top consumers to list")
+	auditFile := f.String("audit", "", "keywardd's audit log: adds denied calls and error-rate outliers by caller (run keyward audit verify on it first)")
+	window := f.Duration("window", 30*24*time.Hour, "with -audit: how far back to read")
+	return func(e *env, _ []string) error {
+		form := *format
+		if form != "table" && form != "json" && form != "markdown" {
+			return usageError{msg: "--format is table, json or markdown"}
+		}
+		if e.output.json() {
+			form = "json"
+		}
+		return e.review(*unused, *top, *auditFile, *window, form)
 	}
-	if *format != "table" && *format != "json" && *format != "markdown" {
-		return usageError{"-format is table, json or markdown"}
-	}
-	if e.json {
-		*format = "json"
-	}
-	c, err := e.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
+}
+
+func (e *env) review(unused time.Duration, top int, auditFile string, window time.Duration, format string) error {
+	c := e.api
 	ctx, now := e.ctx, time.Now()
 	var out []finding
-	add := func(check, subject, format string, a ...any) {
-		out = append(out, finding{check, subject, fmt.Sprintf(format, a...)})
+	add := func(check, subject, detail string, a ...any) {
+		out = append(out, finding{check, subject, fmt.Sprintf(detail, a...)})
 	}
 
 	// Keys, API keys and credentials past their rotation date, from
@@ -65,10 +64,10 @@ func reviewCommand(e *env, args []string) error {
 			}
 		}
 	} else if !isDenied(err) {
-		return client.Wrap(err)
+		return err
 	}
-	if *auditFile != "" {
-		if err := reviewAudit(*auditFile, now.Add(-*window), add); err != nil {
+	if auditFile != "" {
+		if err := reviewAudit(auditFile, now.Add(-window), add); err != nil {
 			return err
 		}
 	}
@@ -82,7 +81,7 @@ func reviewCommand(e *env, args []string) error {
 			if isDenied(err) {
 				break
 			}
-			return client.Wrap(err)
+			return err
 		}
 		keys = append(keys, r.GetKeys()...)
 		if req.PageToken = r.GetNextPageToken(); req.PageToken == "" {
@@ -110,13 +109,13 @@ func reviewCommand(e *env, args []string) error {
 			if isDenied(err) {
 				continue
 			}
-			return client.Wrap(err)
+			return err
 		}
 		last := u.GetLastUsedTime()
 		switch {
-		case last == nil && now.Sub(k.GetCreateTime().AsTime()) > *unused:
+		case last == nil && now.Sub(k.GetCreateTime().AsTime()) > unused:
 			add("API key never used", subject, "created %s", k.GetCreateTime().AsTime().Format(time.DateOnly))
-		case last != nil && now.Sub(last.AsTime()) > *unused:
+		case last != nil && now.Sub(last.AsTime()) > unused:
 			add("API key unused", subject, "last used %s", last.AsTime().Format(time.DateOnly))
 		}
 		var valid, fail int64
@@ -134,22 +133,18 @@ func reviewCommand(e *env, args []string) error {
 	}
 	slices.SortFunc(uses, func(a, b use) int { return int(b.valid - a.valid) })
 	for i, u := range uses {
-		if i == *top || u.valid == 0 {
+		if i == top || u.valid == 0 {
 			break
 		}
 		add("top consumer", u.id, "%d valid verifications in 7 days", u.valid)
 	}
 
-	switch *format {
+	switch format {
 	case "json":
 		if out == nil {
 			out = []finding{}
 		}
-		b, err := json.MarshalIndent(out, "", "  ")
-		if err != nil {
-			return err
-		}
-		fmt.Fprintln(e.stdout, string(b))
+		return e.printJSON(out)
 	case "markdown":
 		fmt.Fprintf(e.stdout, "# keyward review, %s\n\n| check | subject | detail |\n| --- | --- | --- |\n", now.Format(time.DateOnly))
 		for _, f := range out {
