@@ -272,7 +272,7 @@ func (d *daemonParts) newServer(context.Context) error {
 	d.legacy = &legacyNames{}
 	cfg := d.cfg
 	d.srv, d.gs = server.New(server.Config{
-		HSM: d.h, Store: d.st, Keys: d.km, Envelope: d.env, Audit: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
+		HSM: hsmStatus{d.h}, Store: d.st, Keys: d.km, Envelope: d.env, Audit: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
 		MaxBatch: cfg.MaxBatch, Version: d.o.Version, HealthEvery: d.o.HealthEvery,
 		Tokens: d.tokens, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify, Observed: observed,
 		Plugins:          func() []server.PluginState { return pluginStates(d.plugins, d.ob.Status()) },
@@ -280,6 +280,14 @@ func (d *daemonParts) newServer(context.Context) error {
 		HandshakeTimeout: cfg.Connections.HandshakeTimeout, IdleTimeout: cfg.Connections.IdleTimeout, WriteTimeout: cfg.Connections.WriteTimeout,
 	})
 	return nil
+}
+
+// hsmStatus is the HSM as the server sees it.
+type hsmStatus struct{ *hsm.HSM }
+
+func (h hsmStatus) Token() server.TokenInfo {
+	t := h.HSM.Token()
+	return server.TokenInfo{Label: t.Label, Serial: t.Serial, Manufacturer: t.Manufacturer, Model: t.Model}
 }
 
 // listenHTTP opens the HTTP listeners configured: metrics on a loopback

@@ -321,6 +321,18 @@ type Spec struct {
 	Adopt bool
 }
 
+// The algorithms of keys, as the HSM names them (hsm.Algorithm): the
+// callers of this package need not import hsm to name one.
+type Algorithm = hsm.Algorithm
+
+const (
+	AES256GCM  = hsm.AES256GCM
+	HMACSHA256 = hsm.HMACSHA256
+	ECDSAP256  = hsm.ECDSAP256
+	ECDSAP384  = hsm.ECDSAP384
+	Ed25519    = hsm.Ed25519
+)
+
 var purposeAlgs = map[Purpose][]hsm.Algorithm{
 	Encrypt: {hsm.AES256GCM},
 	Sign:    {hsm.ECDSAP256, hsm.ECDSAP384, hsm.Ed25519},

@@ -52,7 +52,7 @@ func TestInterceptAudits(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	s, _ := New(Config{HSM: h, Store: st, Audit: al, Policy: pol})
+	s, _ := New(Config{Store: st, Audit: al, Policy: pol})
 	caller := &identity.Caller{UID: 4242} // PID 0: nothing to check alive
 	info := &grpc.UnaryServerInfo{FullMethod: "/keyward.v1.StatusService/Ping"}
 

@@ -11,7 +11,6 @@ import (
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/keys"
-	"github.com/keyward/keyward/hsm"
 )
 
 var purposes = map[keywardv1.KeyPurpose]keys.Purpose{
@@ -20,12 +19,12 @@ var purposes = map[keywardv1.KeyPurpose]keys.Purpose{
 	keywardv1.KeyPurpose_KEY_PURPOSE_HMAC:    keys.MAC,
 }
 
-var algorithms = map[keywardv1.KeyAlgorithm]hsm.Algorithm{
-	keywardv1.KeyAlgorithm_KEY_ALGORITHM_AES256_GCM:  hsm.AES256GCM,
-	keywardv1.KeyAlgorithm_KEY_ALGORITHM_HMAC_SHA256: hsm.HMACSHA256,
-	keywardv1.KeyAlgorithm_KEY_ALGORITHM_ECDSA_P256:  hsm.ECDSAP256,
-	keywardv1.KeyAlgorithm_KEY_ALGORITHM_ECDSA_P384:  hsm.ECDSAP384,
-	keywardv1.KeyAlgorithm_KEY_ALGORITHM_ED25519:     hsm.Ed25519,
+var algorithms = map[keywardv1.KeyAlgorithm]keys.Algorithm{
+	keywardv1.KeyAlgorithm_KEY_ALGORITHM_AES256_GCM:  keys.AES256GCM,
+	keywardv1.KeyAlgorithm_KEY_ALGORITHM_HMAC_SHA256: keys.HMACSHA256,
+	keywardv1.KeyAlgorithm_KEY_ALGORITHM_ECDSA_P256:  keys.ECDSAP256,
+	keywardv1.KeyAlgorithm_KEY_ALGORITHM_ECDSA_P384:  keys.ECDSAP384,
+	keywardv1.KeyAlgorithm_KEY_ALGORITHM_ED25519:     keys.Ed25519,
 }
 
 var states = map[keys.State]keywardv1.KeyState{

@@ -56,13 +56,12 @@ import (
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/envelope"
+	"github.com/keyward/keyward/daemon/faults"
 	"github.com/keyward/keyward/daemon/identity"
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/policy"
 	"github.com/keyward/keyward/daemon/schedule"
-	"github.com/keyward/keyward/daemon/store"
-	"github.com/keyward/keyward/hsm"
 )
 
 // services are the keyward.v1 services keywardd serves.
@@ -106,6 +105,18 @@ const auditTimeout = 10 * time.Second
 // (the audit MAC key); the API refuses to create or delete them.
 const ReservedPrefix = "keyward-"
 
+// HSM is what the server asks of the HSM: whether it answers, and what
+// token it is.
+type HSM interface {
+	Health(ctx context.Context) error
+	Token() TokenInfo
+}
+
+// TokenInfo describes the HSM token, for GetStatus.
+type TokenInfo struct {
+	Label, Serial, Manufacturer, Model string
+}
+
 // Store is what the server needs of the store: whether it serves, and
 // what keyward status shows of it.
 type Store interface {
@@ -116,7 +127,7 @@ type Store interface {
 
 // Config is what a Server is made of.
 type Config struct {
-	HSM      *hsm.HSM
+	HSM      HSM
 	Store    Store
 	Keys     *keys.Manager
 	Envelope *envelope.Service
@@ -426,7 +437,7 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	if err == nil {
 		resp, err = handler(context.WithValue(ctx, callKey{}, c), req)
 	}
-	if errors.Is(err, store.ErrDamaged) {
+	if faults.Damaged(err) {
 		s.recheck()
 	}
 	if err == nil && sensitive[op] {

@@ -13,15 +13,13 @@ import (
 
 	"github.com/keyward/keyward/daemon/admission"
 	"github.com/keyward/keyward/daemon/apikeys"
-	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/envelope"
+	"github.com/keyward/keyward/daemon/faults"
 	"github.com/keyward/keyward/daemon/identity"
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/policy"
-	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/daemon/tokens"
-	"github.com/keyward/keyward/hsm"
 )
 
 // The server's own errors: a bad request, and a dependency that failed.
@@ -75,7 +73,22 @@ func mapsTo(err error, code codes.Code) bool {
 			return true
 		}
 	}
+	if k := faults.Of(err); k != faults.None && faultCodes[k] == code {
+		return true
+	}
+	for _, m := range contextCodes {
+		if m.code == code && errors.Is(err, m.err) {
+			return true
+		}
+	}
 	return false
+}
+
+// faultCodes are the codes of the infrastructure's failures (daemon/faults).
+var faultCodes = map[faults.Kind]codes.Code{
+	faults.Unavailable: codes.Unavailable,
+	faults.Lost:        codes.DataLoss,
+	faults.Invalid:     codes.InvalidArgument,
 }
 
 // auditDetail is what the audit record says of a failed call or item: the
@@ -88,7 +101,8 @@ func auditDetail(err error, st *status.Status) string {
 }
 
 // codeOf maps every domain error to its status code: the one place where
-// that happens. Anything not listed is INTERNAL.
+// that happens, with faultCodes for the infrastructure's failures and the
+// context's errors after those. Anything not listed is INTERNAL.
 var codeOf = []struct {
 	err  error
 	code codes.Code
@@ -125,19 +139,34 @@ var codeOf = []struct {
 	{credentials.ErrUnavailable, codes.Unavailable},
 	{credentials.ErrNoPlugin, codes.FailedPrecondition},
 	{tokens.ErrInvalid, codes.InvalidArgument},
-	{audit.ErrUnavailable, codes.Unavailable},
-	{store.ErrInvalidKey, codes.InvalidArgument},
-	{store.ErrTooLarge, codes.InvalidArgument},
-	{store.ErrUnavailable, codes.Unavailable},
-	{store.ErrDamaged, codes.DataLoss},
-	{store.ErrRolledBack, codes.DataLoss},
-	{hsm.ErrTokenUnavailable, codes.Unavailable},
-	{hsm.ErrBusy, codes.Unavailable},
-	{hsm.ErrPINIncorrect, codes.Unavailable},
-	{hsm.ErrPINLocked, codes.Unavailable},
-	{hsm.ErrClosed, codes.Unavailable},
+}
+
+// contextCodes come last: a call cut short by an HSM that did not answer
+// is UNAVAILABLE, whatever its context says.
+var contextCodes = []struct {
+	err  error
+	code codes.Code
+}{
 	{context.Canceled, codes.Canceled},
 	{context.DeadlineExceeded, codes.DeadlineExceeded},
+}
+
+// codeFor is err's code, if it is one keywardd knows.
+func codeFor(err error) (codes.Code, bool) {
+	for _, m := range codeOf {
+		if errors.Is(err, m.err) {
+			return m.code, true
+		}
+	}
+	if k := faults.Of(err); k != faults.None {
+		return faultCodes[k], true
+	}
+	for _, m := range contextCodes {
+		if errors.Is(err, m.err) {
+			return m.code, true
+		}
+	}
+	return 0, false
 }
 
 // toStatus turns an error into the status the caller gets; nil for nil.
@@ -148,10 +177,8 @@ func toStatus(err error) *status.Status {
 	}
 	// Domain errors first: one may wrap a plugin's status, whose code is
 	// the plugin's business, not the caller's.
-	for _, m := range codeOf {
-		if errors.Is(err, m.err) {
-			return withDetails(status.New(m.code, err.Error()), err)
-		}
+	if code, ok := codeFor(err); ok {
+		return withDetails(status.New(code, err.Error()), err)
 	}
 	if st, ok := status.FromError(err); ok {
 		return st
