@@ -24,9 +24,9 @@ import (
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/credentials"
+	"github.com/keyward/keyward/daemon/dynlimits"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/keys"
-	"github.com/keyward/keyward/daemon/load"
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/policy"
@@ -58,8 +58,8 @@ type daemonParts struct {
 	st      *store.Store
 	km      *keys.Manager
 	tokens  *tokens.Service
-	det     *anomaly.Detector // nil unless anomaly.enabled
-	gov     *load.Governor    // nil unless dynamic_limits.enabled
+	det     *anomaly.Detector   // nil unless anomaly.enabled
+	gov     *dynlimits.Governor // nil unless dynamic_limits.enabled
 	akm     *apikeys.Manager
 	plugins []*host.Plugin
 	env     *envelope.Service
@@ -211,7 +211,7 @@ func (d *daemonParts) newAPIKeys(context.Context) (err error) {
 		if d.det != nil {
 			clean = d.det.Clean
 		}
-		gov := load.New(d.cfg.DynamicLimits, clean)
+		gov := dynlimits.New(d.cfg.DynamicLimits, clean)
 		d.gov = gov
 		ako.LimitFactor = func(rec *apikeys.Record, now time.Time) float64 { return gov.Factor(rec.ID, rec.Created, now) }
 	}

@@ -14,7 +14,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/anomaly"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
-	"github.com/keyward/keyward/daemon/load"
+	"github.com/keyward/keyward/daemon/dynlimits"
 	"github.com/keyward/keyward/hsm"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 	"github.com/keyward/keyward/softhsm-test/benchload"
@@ -189,7 +189,7 @@ func BenchmarkDaemon(b *testing.B) {
 	in.stop()
 	in.cfg.Tokens.NoCache = true
 	in.cfg.Anomaly = anomaly.Config{Enabled: true, NewNetworks: true, MinRate: 1e9}
-	in.cfg.DynamicLimits = load.Config{Enabled: true, CPU: 1, HSMLatency: time.Hour, Raise: 2}
+	in.cfg.DynamicLimits = dynlimits.Config{Enabled: true, CPU: 1, HSMLatency: time.Hour, Raise: 2}
 	in.run()
 	tc = keywardv1.NewTokenServiceClient(in.conn)
 	ac = keywardv1.NewAPIKeyServiceClient(in.conn)

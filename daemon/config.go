@@ -20,7 +20,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/apikeys"
-	"github.com/keyward/keyward/daemon/load"
+	"github.com/keyward/keyward/daemon/dynlimits"
 	"github.com/keyward/keyward/daemon/names"
 	"github.com/keyward/keyward/daemon/procenv"
 	"github.com/keyward/keyward/daemon/ratelimit"
@@ -92,7 +92,7 @@ type Config struct {
 	// Anomaly: watching API keys' use (package anomaly).
 	Anomaly anomaly.Config `yaml:"anomaly"`
 	// DynamicLimits: API keys' rate limits under load (package load).
-	DynamicLimits load.Config `yaml:"dynamic_limits"`
+	DynamicLimits dynlimits.Config `yaml:"dynamic_limits"`
 	APIKeys       struct {
 		Prefix     string        `yaml:"prefix"`      // starts every key; default "kw"
 		NearLimit  float64       `yaml:"near_limit"`  // fraction of a burst that sets near_limit; default 0.8

@@ -17,8 +17,8 @@ import (
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/credentials"
+	"github.com/keyward/keyward/daemon/dynlimits"
 	"github.com/keyward/keyward/daemon/keys"
-	"github.com/keyward/keyward/daemon/load"
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/tokens"
@@ -183,7 +183,7 @@ func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Man
 
 // watchLoad samples the load every so often and logs when keywardd becomes
 // overloaded and when it stops being so.
-func watchLoad(ctx context.Context, gov *load.Governor, log *slog.Logger) {
+func watchLoad(ctx context.Context, gov *dynlimits.Governor, log *slog.Logger) {
 	t := time.NewTicker(gov.Every())
 	defer t.Stop()
 	was := false

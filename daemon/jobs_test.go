@@ -17,7 +17,7 @@ import (
 	"github.com/keyward/keyward/daemon"
 	"github.com/keyward/keyward/daemon/anomaly"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
-	"github.com/keyward/keyward/daemon/load"
+	"github.com/keyward/keyward/daemon/dynlimits"
 )
 
 // TestAnomalyDisablesKey: a synthetic spike through keywardd's socket. A
@@ -105,7 +105,7 @@ func TestDynamicLimitsTighten(t *testing.T) {
 	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
 		// Every HSM operation is slower than a nanosecond: the first one
 		// overloads keywardd.
-		c.DynamicLimits = load.Config{Enabled: true, HSMLatency: time.Nanosecond, Tighten: 0.5, SampleEvery: 10 * time.Millisecond}
+		c.DynamicLimits = dynlimits.Config{Enabled: true, HSMLatency: time.Nanosecond, Tighten: 0.5, SampleEvery: 10 * time.Millisecond}
 	})
 	ctx := context.Background()
 	ac := keywardv1.NewAPIKeyServiceClient(in.conn)

@@ -74,11 +74,11 @@ type rule struct {
 // cycle. hsm is the one PKCS#11 adapter, and store the one storage engine:
 // records are opaque to it (their formats are the domain's), so a second
 // backend needs nothing of the domain either. ratelimit, names, identity,
-// socket, metrics, load and procenv are a mechanism each (an algorithm, a
+// socket, metrics, dynlimits and procenv are a mechanism each (an algorithm, a
 // form of names, the kernel's word on a peer, a socket made safely,
 // Prometheus, a CPU reading, /proc) that the domain and the daemon share.
 var leaves = []string{"hsm", "daemon/store", "daemon/ratelimit", "daemon/names", "daemon/identity",
-	"daemon/socket", "daemon/metrics", "daemon/load", "daemon/procenv"}
+	"daemon/socket", "daemon/metrics", "daemon/dynlimits", "daemon/procenv"}
 
 func isLeaf(p string) bool {
 	for _, l := range leaves {
@@ -132,7 +132,7 @@ var rules = []rule{
 		func(string) bool { return true },
 		func(imp string) bool { return under(imp, module+"/cmd") }},
 	// The domain speaks Go errors; server maps them to gRPC codes in one
-	// place (status.go). Indirectly too: a domain package that reached
+	// place (server/errcodes.go). Indirectly too: a domain package that reached
 	// gRPC through another would carry it into every backend and test.
 	{"domain packages never depend on gRPC or the generated API", true,
 		domain,

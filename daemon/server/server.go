@@ -1,7 +1,7 @@
 // Package server is keywardd's gRPC layer: it translates keyward.v1 to the
 // domain packages and back, checks every call against the policy for the
 // caller the kernel identified, maps domain errors to gRPC status codes in one
-// place (status.go), and audits every call, allowed or denied, before its
+// place (errcodes.go), and audits every call, allowed or denied, before its
 // answer goes out. A call whose audit record cannot be written fails with
 // UNAVAILABLE: no success goes unaudited.
 //

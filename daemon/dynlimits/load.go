@@ -1,4 +1,4 @@
-// Package load says whether keywardd is overloaded, and by how much API
+// Package dynlimits (the dynamic_limits section of the configuration) says whether keywardd is overloaded, and by how much API
 // keys' rate limits are scaled because of it: tightened by a factor while
 // keywardd's CPU use or the HSM's latency is past its threshold, and,
 // if configured, raised for keys in good standing while it is not.
@@ -12,7 +12,7 @@
 // Written here: a few lines over getrusage; a load-shedding library would
 // drop calls, and keywardd must answer every call (refusing with
 // RATE_LIMITED is an answer), only change what the limits allow.
-package load
+package dynlimits
 
 import (
 	"errors"
