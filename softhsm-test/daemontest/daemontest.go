@@ -45,7 +45,7 @@ import (
 type Files struct {
 	Token      *softhsmtest.Token
 	Dir        string         // the test's directory (0750) holding all but the token
-	Config     *daemon.Config // what ConfigFile says
+	Config     *daemon.Config // what ConfigFile says as written (a test may edit either after)
 	ConfigFile string         // Dir/keywardd.yaml
 	Socket     string         // Config.Socket.Path, Dir/run/k.sock (short: a socket's path has at most 107 bytes)
 	DataDir    string         // Config.DataDir, Dir/data
@@ -108,7 +108,9 @@ func NewFiles(t testing.TB, opts ...Option) *Files {
 	cfg.Socket.Path = filepath.Join(dir, "run", "k.sock")
 	cfg.HSM.Module, cfg.HSM.Token, cfg.HSM.PINFile = tok.Module, tok.Label, tok.PINFile
 	for _, f := range s.configure {
-		f(cfg)
+		if f != nil {
+			f(cfg)
+		}
 	}
 	if err := os.WriteFile(cfg.PolicyFile, []byte(s.policy), 0o600); err != nil {
 		t.Fatal(err)
@@ -125,10 +127,10 @@ func NewFiles(t testing.TB, opts ...Option) *Files {
 }
 
 // MarshalConfig writes cfg as keywardd.yaml says it, leaving out what is
-// not set (an empty string, zero, false, an empty list or map), as a
-// person would: a test that edits the file then adds a field without
-// meeting an empty one of the same name. A pointer to a zero value is left
-// out too.
+// not set (an empty string, zero, false, a zero duration, an empty list or
+// map), as a person would: a test that edits the file then adds a field
+// without meeting an empty one of the same name. So a pointer to a zero
+// value, and a string "0s", are left out too.
 func MarshalConfig(cfg *daemon.Config) ([]byte, error) {
 	var n yaml.Node
 	if err := n.Encode(cfg); err != nil {

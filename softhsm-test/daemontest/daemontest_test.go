@@ -17,6 +17,39 @@ import (
 	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
+// TestMain removes the keywardd TestExec built.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	daemontest.RemoveBuilt()
+	os.Exit(code)
+}
+
+// TestExec: the keywardd binary runs on the files, answers once Exec
+// returns, and stops on SIGTERM with exit code 0, having logged.
+func TestExec(t *testing.T) {
+	bin := daemontest.Build(t)
+	f := daemontest.NewFiles(t)
+	p := daemontest.Exec(t, bin, f)
+	if p.Exited() {
+		t.Fatal("keywardd exited")
+	}
+	if _, err := os.Lstat(f.Socket); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if !p.Exited() {
+		t.Fatal("keywardd runs after Stop")
+	}
+	if !strings.Contains(p.Log(), `"msg":"keywardd serving"`) {
+		t.Fatalf("the log lacks keywardd serving:\n%s", p.Log())
+	}
+	if strings.Contains(p.Log(), f.Token.PIN) {
+		t.Fatal("the log shows the PIN")
+	}
+}
+
 // TestMarshalConfig: what MarshalConfig writes reads back, strictly, as
 // the same configuration, and holds no field that is not set.
 func TestMarshalConfig(t *testing.T) {

@@ -162,7 +162,7 @@ func (p *Process) Kill() {
 // killed).
 func (p *Process) Stop() error {
 	if p.Exited() {
-		return fmt.Errorf("keywardd had already exited: %v", p.err)
+		return fmt.Errorf("daemontest: keywardd had already exited: %v", p.err)
 	}
 	if err := p.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		return err
@@ -170,11 +170,11 @@ func (p *Process) Stop() error {
 	select {
 	case <-p.done:
 		if p.err != nil {
-			return fmt.Errorf("keywardd after SIGTERM: %w", p.err)
+			return fmt.Errorf("daemontest: keywardd after SIGTERM: %w", p.err)
 		}
 		return nil
 	case <-time.After(30 * time.Second):
 		p.Kill()
-		return errors.New("keywardd did not stop within 30 s of SIGTERM")
+		return errors.New("daemontest: keywardd did not stop within 30 s of SIGTERM")
 	}
 }
