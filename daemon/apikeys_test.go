@@ -19,6 +19,7 @@ import (
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 type apiKeyCase struct {
@@ -47,9 +48,9 @@ func verifyCode(t *testing.T, ac keywardv1.APIKeyServiceClient, key string, r *k
 // TestAPIKeysEndToEnd: the life of an API key through keywardd's socket,
 // every verdict, and nothing secret in the audit log or the logs.
 func TestAPIKeysEndToEnd(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
 	ctx := context.Background()
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
 	var secrets []string
 	create := func(r *keywardv1.CreateAPIKeyRequest) (string, *keywardv1.APIKey) {
 		t.Helper()
@@ -235,22 +236,22 @@ func TestAPIKeysEndToEnd(t *testing.T) {
 
 	// The canary: no secret in the audit log, the logs, or any file keywardd
 	// wrote.
-	if err := in.stop(); err != nil {
+	if err := in.Stop(); err != nil {
 		t.Fatal(err)
 	}
 	rep := verifyAudit(t, in)
 	if rep.Records < 60 {
 		t.Errorf("the audit log has %d records, want one per call", rep.Records)
 	}
-	files := map[string]string{"logs": in.logs.String()}
-	filepath.Walk(in.cfg.DataDir, func(p string, fi os.FileInfo, err error) error {
+	files := map[string]string{"logs": in.Log.String()}
+	filepath.Walk(in.Config.DataDir, func(p string, fi os.FileInfo, err error) error {
 		if err == nil && fi.Mode().IsRegular() {
 			b, _ := os.ReadFile(p)
 			files[p] = string(b)
 		}
 		return nil
 	})
-	audited, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
+	audited, _ := os.ReadFile(filepath.Join(in.Config.DataDir, "audit.log"))
 	if !strings.Contains(string(audited), `"api_key":"`+k.Id+`"`) || !strings.Contains(string(audited), `"result":"RATE_LIMITED"`) {
 		t.Errorf("the audit log does not name the API key and verdicts")
 	}
@@ -271,9 +272,9 @@ func TestAPIKeysEndToEnd(t *testing.T) {
 // caller sees only its owners' keys, and may widen a key only if it may
 // issue that owner's keys.
 func TestAPIKeysPolicy(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
 	ctx := context.Background()
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
 	mk := func(owner string) (string, string) {
 		r, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: owner, Name: "n", Environment: "prod", Permissions: []string{"orders:read"}})
 		if err != nil {
@@ -284,10 +285,10 @@ func TestAPIKeysPolicy(t *testing.T) {
 	aKey, aID := mk("team-a")
 	bKey, bID := mk("team-b")
 
-	os.WriteFile(in.cfg.PolicyFile, []byte(uidPolicy(`      - operations: [APIKeyService.VerifyAPIKey, APIKeyService.GetAPIKey, APIKeyService.ListAPIKeys, APIKeyService.UpdateAPIKey, APIKeyService.RevokeAPIKeys]
+	os.WriteFile(in.Config.PolicyFile, []byte(uidPolicy(`      - operations: [APIKeyService.VerifyAPIKey, APIKeyService.GetAPIKey, APIKeyService.ListAPIKeys, APIKeyService.UpdateAPIKey, APIKeyService.RevokeAPIKeys]
         keys: ["team-a"]`)), 0o600)
-	in.reload <- struct{}{}
-	waitFor(t, func() bool { return strings.Contains(in.logs.String(), "policy reloaded") })
+	in.Reload()
+	waitFor(t, func() bool { return strings.Contains(in.Log.String(), "policy reloaded") })
 
 	verifyCode(t, ac, aKey, nil, keywardv1.APIKeyCode_API_KEY_CODE_VALID)
 	if r := verifyCode(t, ac, bKey, nil, keywardv1.APIKeyCode_API_KEY_CODE_NOT_FOUND); r.KeyId != "" || r.Owner != "" {
@@ -327,12 +328,12 @@ func TestAPIKeysPolicy(t *testing.T) {
 	if err != nil || n.Count != 1 {
 		t.Fatalf("RevokeAPIKeys = %v, %v; want team-a's one key", n, err)
 	}
-	os.WriteFile(in.cfg.PolicyFile, []byte(uidPolicy(allowAll)), 0o600)
-	in.reload <- struct{}{}
-	waitFor(t, func() bool { return strings.Count(in.logs.String(), "policy reloaded") == 2 })
+	os.WriteFile(in.Config.PolicyFile, []byte(uidPolicy(allowAll)), 0o600)
+	in.Reload()
+	waitFor(t, func() bool { return strings.Count(in.Log.String(), "policy reloaded") == 2 })
 	verifyCode(t, ac, bKey, nil, keywardv1.APIKeyCode_API_KEY_CODE_VALID)
-	in.stop()
-	if b, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log")); strings.Contains(string(b), bKey[3:30]) {
+	in.Stop()
+	if b, _ := os.ReadFile(filepath.Join(in.Config.DataDir, "audit.log")); strings.Contains(string(b), bKey[3:30]) {
 		t.Error("a secret pasted as a key ID reached the audit log")
 	}
 }
@@ -340,8 +341,8 @@ func TestAPIKeysPolicy(t *testing.T) {
 // TestAPIKeysHTTP: the client's HTTP mapping, as docs/apikeys.md shows it,
 // in front of a real keywardd.
 func TestAPIKeysHTTP(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
-	c, err := client.Dial(in.cfg.Socket.Path)
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
+	c, err := client.Dial(in.Config.Socket.Path)
 	if err != nil {
 		t.Fatal(err)
 	}

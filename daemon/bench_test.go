@@ -18,6 +18,7 @@ import (
 	"github.com/keyward/keyward/hsm"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 	"github.com/keyward/keyward/softhsm-test/benchload"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 var benchLevels = []int{1, 4, 16, 64}
@@ -63,9 +64,9 @@ func BenchmarkDaemon(b *testing.B) {
 
 	// The HSM alone: keywardd must be the library's only user in its
 	// process, so this runs first, on the token the daemon then uses.
-	in := start(b, strings.Replace(uidPolicy(allowAll+"\n    tokens:\n      audiences: [bench]"), "max_batch: 5", "max_batch: 100", 1))
-	in.stop()
-	h, err := hsm.Open(hsm.Config{Module: in.tok.Module, Token: in.tok.Label, PINFile: in.tok.PINFile})
+	in := daemontest.Start(b, daemontest.Policy(strings.Replace(uidPolicy(allowAll+"\n    tokens:\n      audiences: [bench]"), "max_batch: 5", "max_batch: 100", 1)))
+	in.Stop()
+	h, err := hsm.Open(hsm.Config{Module: in.Token.Module, Token: in.Token.Label, PINFile: in.Token.PINFile})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -99,10 +100,10 @@ func BenchmarkDaemon(b *testing.B) {
 	h.Close()
 
 	// keywardd over its socket.
-	in.run()
-	kc := keywardv1.NewKeyServiceClient(in.conn)
-	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
-	sc := keywardv1.NewStatusServiceClient(in.conn)
+	in.Restart()
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
+	ec := keywardv1.NewEnvelopeServiceClient(in.Conn)
+	sc := keywardv1.NewStatusServiceClient(in.Conn)
 	if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "bench", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		b.Fatal(err)
 	}
@@ -114,13 +115,13 @@ func BenchmarkDaemon(b *testing.B) {
 	if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "jwt", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_SIGN}); err != nil {
 		b.Fatal(err)
 	}
-	tc := keywardv1.NewTokenServiceClient(in.conn)
+	tc := keywardv1.NewTokenServiceClient(in.Conn)
 	mintReq := &keywardv1.MintTokenRequest{KeyName: "jwt", Audiences: []string{"bench"}}
 	minted, err := tc.MintToken(ctx, mintReq)
 	if err != nil {
 		b.Fatal(err)
 	}
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
 	apiKey := func(limits []*keywardv1.RateLimit) string {
 		r, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "bench", Name: "bench", Environment: "prod",
 			Permissions: []string{"orders:read"}, RateLimits: limits, Unlimited: limits == nil, Quota: &keywardv1.Quota{Remaining: 1 << 50}})
@@ -186,18 +187,18 @@ func BenchmarkDaemon(b *testing.B) {
 	// Uncached minting, and verification watched by the anomaly detector
 	// under dynamic limits: the same daemon with the mint cache off and
 	// both on (thresholds no load here reaches, so nothing is tightened).
-	in.stop()
-	in.cfg.Tokens.NoCache = true
-	in.cfg.Anomaly = anomaly.Config{Enabled: true, NewNetworks: true, MinRate: 1e9}
-	in.cfg.DynamicLimits = dynlimits.Config{Enabled: true, CPU: 1, HSMLatency: time.Hour, Raise: 2}
-	in.run()
-	tc = keywardv1.NewTokenServiceClient(in.conn)
-	ac = keywardv1.NewAPIKeyServiceClient(in.conn)
+	in.Stop()
+	in.Config.Tokens.NoCache = true
+	in.Config.Anomaly = anomaly.Config{Enabled: true, NewNetworks: true, MinRate: 1e9}
+	in.Config.DynamicLimits = dynlimits.Config{Enabled: true, CPU: 1, HSMLatency: time.Hour, Raise: 2}
+	in.Restart()
+	tc = keywardv1.NewTokenServiceClient(in.Conn)
+	ac = keywardv1.NewAPIKeyServiceClient(in.Conn)
 	for _, n := range benchLevels {
 		row("mint-token-uncached", n, func() error { _, err := tc.MintToken(ctx, mintReq); return err })
 		row("verify-api-key-watched", n, verifyAPIKey(limitedKey))
 	}
-	in.stop()
+	in.Stop()
 	printTable(res, key)
 }
 
@@ -333,19 +334,19 @@ targets: ratio >= want; p99 <= 3 x p50 at 16 and 64 clients. cpu/op is the proce
 func BenchmarkHostileCaller(b *testing.B) {
 	softhsmtest.RequireRoot(b, "runs a hostile caller as another user")
 	policy := withNoisy(uidPolicy(allowAll))
-	in := start(b, policy)
+	in := daemontest.Start(b, daemontest.Policy(policy))
 	bin := openToNobody(b, in)
 	ctx := context.Background()
-	if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "bench", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+	if _, err := keywardv1.NewKeyServiceClient(in.Conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "bench", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		b.Fatal(err)
 	}
 	ops := []struct {
 		name string
 		call func() error
 	}{
-		{"ping", func() error { return ping(in.conn) }},
+		{"ping", func() error { return ping(in.Conn) }},
 		{"generate-data-key", func() error {
-			_, err := keywardv1.NewEnvelopeServiceClient(in.conn).GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "bench"})
+			_, err := keywardv1.NewEnvelopeServiceClient(in.Conn).GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "bench"})
 			return err
 		}},
 	}
@@ -356,15 +357,15 @@ func BenchmarkHostileCaller(b *testing.B) {
 	reports := map[string]floodReport{}
 	for _, flood := range floods {
 		if flood != "none" { // a keywardd of its own: what a flood owes would outlast it
-			in.stop()
+			in.Stop()
 			if strings.HasPrefix(flood, "bound") {
-				os.WriteFile(in.cfg.PolicyFile, []byte(policy+noisyBinding), 0o600)
+				os.WriteFile(in.Config.PolicyFile, []byte(policy+noisyBinding), 0o600)
 			}
-			in.run()
+			in.Restart()
 		}
 		var h *hostile
 		if flood != "none" {
-			h = startFlood(b, bin, in.cfg.Socket.Path, conns[flood])
+			h = startFlood(b, bin, in.Config.Socket.Path, conns[flood])
 		}
 		for _, op := range ops {
 			for _, n := range []int{1, 4} {

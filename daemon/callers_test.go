@@ -28,6 +28,7 @@ import (
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // rolePolicy binds this process's uid, and others' as bindings says, to
@@ -54,9 +55,9 @@ func ping(conn *grpc.ClientConn) error {
 }
 
 // pingRecords counts the Pings in the audit log so far.
-func pingRecords(t *testing.T, in *instance) int {
+func pingRecords(t *testing.T, in *daemontest.Daemon) int {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
+	b, err := os.ReadFile(filepath.Join(in.Config.DataDir, "audit.log"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,9 +70,9 @@ func pingRecords(t *testing.T, in *instance) int {
 // when to retry; a slot given back can be taken again; a reloaded policy's
 // budget applies to connections already open; refusals are not audited.
 func TestCallerBudgets(t *testing.T) {
-	in := start(t, rolePolicy("{connections: 3, calls: 2}", ""))
-	sock, me := in.cfg.Socket.Path, os.Getuid()
-	if err := ping(in.conn); err != nil {
+	in := daemontest.Start(t, daemontest.Policy(rolePolicy("{connections: 3, calls: 2}", "")))
+	sock, me := in.Config.Socket.Path, os.Getuid()
+	if err := ping(in.Conn); err != nil {
 		t.Fatal(err)
 	}
 
@@ -112,33 +113,33 @@ func TestCallerBudgets(t *testing.T) {
 	if e, err := r.ended(); err != nil || e.stream != third || e.code != codes.ResourceExhausted || !strings.Contains(e.msg, "2 calls in flight") {
 		t.Fatalf("a third call: %+v, %v", e, err)
 	}
-	err = ping(in.conn)
+	err = ping(in.Conn)
 	wantCode(t, err, codes.ResourceExhausted, fmt.Sprintf("admission: uid %d has 2 calls in flight, as many as its role's budget allows (limits.calls in the policy); retry when one has finished", me))
 	if q := detail[*errdetails.QuotaFailure](err); q == nil || q.Violations[0].Subject != fmt.Sprintf("uid:%d", me) || q.Violations[0].Description != "calls" {
 		t.Fatalf("QuotaFailure detail: %v", q)
 	}
 	r.fr.WriteRSTStream(first, http2.ErrCodeCancel)
 	r.w.Flush()
-	politely(t, func() bool { return ping(in.conn) == nil })
+	politely(t, func() bool { return ping(in.Conn) == nil })
 
 	// Too large is not over the budget, though both are RESOURCE_EXHAUSTED.
-	_, err = keywardv1.NewEnvelopeServiceClient(in.conn).Encrypt(context.Background(), &keywardv1.EncryptRequest{KeyName: "k", Plaintext: make([]byte, 64<<10+1)})
+	_, err = keywardv1.NewEnvelopeServiceClient(in.Conn).Encrypt(context.Background(), &keywardv1.EncryptRequest{KeyName: "k", Plaintext: make([]byte, 64<<10+1)})
 	if err := client.Wrap(err); !errors.Is(err, client.ErrTooLarge) || errors.Is(err, client.ErrLimited) {
 		t.Fatalf("the client package's error for a plaintext too large: %v", err)
 	}
 
 	// Rate, after a reload: three calls a minute, on the connection
 	// already open.
-	os.WriteFile(in.cfg.PolicyFile, []byte(rolePolicy("{rate: [{limit: 3, per: 1m, burst: 3}]}", "")), 0o600)
-	in.reload <- struct{}{}
-	waitFor(t, func() bool { return strings.Contains(in.logs.String(), "policy reloaded") })
+	os.WriteFile(in.Config.PolicyFile, []byte(rolePolicy("{rate: [{limit: 3, per: 1m, burst: 3}]}", "")), 0o600)
+	in.Reload()
+	waitFor(t, func() bool { return strings.Contains(in.Log.String(), "policy reloaded") })
 	audited := pingRecords(t, in)
 	for range 3 {
-		if err := ping(in.conn); err != nil {
+		if err := ping(in.Conn); err != nil {
 			t.Fatal(err)
 		}
 	}
-	err = ping(in.conn)
+	err = ping(in.Conn)
 	wantCode(t, err, codes.ResourceExhausted, fmt.Sprintf("admission: uid %d is over its call rate (3 calls per 1m0s with bursts of 3); retry in ", me))
 	retry := detail[*errdetails.RetryInfo](err)
 	if retry == nil || retry.RetryDelay.AsDuration() <= 0 || retry.RetryDelay.AsDuration() > 20*time.Second {
@@ -184,8 +185,8 @@ func detail[T any](err error) T {
 func TestUnboundCaller(t *testing.T) {
 	policy := fmt.Sprintf("version: 1\nlimits:\n  unbound: {connections: 2, lifetime: 1s}\nroles:\n  r:\n    permissions:\n%s\nbindings:\n  - role: r\n    callers:\n      - uid: %d\n",
 		allowAll, os.Getuid()+1)
-	in := start(t, policy)
-	sock := in.cfg.Socket.Path
+	in := daemontest.Start(t, daemontest.Policy(policy))
+	sock := in.Config.Socket.Path
 	var raws []*rawConn
 	for range 2 {
 		r := dialRaw(t, sock)
@@ -226,10 +227,11 @@ func TestUnboundCaller(t *testing.T) {
 // connections.idle_timeout (plus the 5 s a GOAWAY waits for an answer that
 // a silent client never gives).
 func TestConnectionTimeouts(t *testing.T) {
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) {
 		c.Connections.HandshakeTimeout = 300 * time.Millisecond
 		c.Connections.IdleTimeout = 300 * time.Millisecond
-	})
+	}))
+
 	var call strings.Builder
 	fr := http2.NewFramer(&call, nil)
 	fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: headerBlock(pingMethod), EndHeaders: true})
@@ -245,7 +247,7 @@ func TestConnectionTimeouts(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			c, err := net.Dial("unix", in.cfg.Socket.Path)
+			c, err := net.Dial("unix", in.Config.Socket.Path)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -263,10 +265,11 @@ func TestConnectionTimeouts(t *testing.T) {
 // record (and count as Canceled), and every one whose handler ran is
 // audited, although its client had gone.
 func TestResetCallsNotAudited(t *testing.T) {
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) {
 		c.Metrics.Socket = filepath.Join(filepath.Dir(c.Socket.Path), "metrics", "metrics.sock")
-	})
-	r := dialRaw(t, in.cfg.Socket.Path)
+	}))
+
+	r := dialRaw(t, in.Config.Socket.Path)
 	for range 1000 / 25 {
 		for range 25 {
 			r.fr.WriteRSTStream(r.call(pingMethod, true), http2.ErrCodeCancel)
@@ -289,7 +292,7 @@ func TestResetCallsNotAudited(t *testing.T) {
 			break
 		}
 	}
-	fams := scrapeSocket(t, in.cfg.Metrics.Socket)
+	fams := scrapeSocket(t, in.Config.Metrics.Socket)
 	ran := metricValue(t, fams, "keyward_calls_total", map[string]string{"op": "StatusService.Ping", "code": "OK"})
 	cancelled := metricValue(t, fams, "keyward_calls_total", map[string]string{"op": "StatusService.Ping", "code": "Canceled"})
 	audited := pingRecords(t, in)
@@ -351,15 +354,16 @@ func TestHostileCallers(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			policy := withNoisy(tc.policy)
-			in := startWith(t, policy, func(c *daemon.Config) {
+			in := daemontest.Start(t, daemontest.Policy(policy), daemontest.Configure(func(c *daemon.Config) {
 				c.Metrics.Socket = filepath.Join(filepath.Dir(c.Socket.Path), "metrics", "metrics.sock")
-			})
+			}))
+
 			bin := openToNobody(t, in)
 			ctx := context.Background()
-			if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "app", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+			if _, err := keywardv1.NewKeyServiceClient(in.Conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "app", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 				t.Fatal(err)
 			}
-			h := startFlood(t, bin, in.cfg.Socket.Path, tc.conns)
+			h := startFlood(t, bin, in.Config.Socket.Path, tc.conns)
 			// The other uid (this one) calls meanwhile, from four goroutines.
 			var mu sync.Mutex
 			var lat []time.Duration
@@ -367,12 +371,12 @@ func TestHostileCallers(t *testing.T) {
 			until := time.Now().Add(2 * time.Second)
 			for i := range 4 {
 				wg.Go(func() {
-					ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+					ec := keywardv1.NewEnvelopeServiceClient(in.Conn)
 					for time.Now().Before(until) {
 						t0 := time.Now()
 						var err error
 						if i%2 == 0 {
-							err = ping(in.conn)
+							err = ping(in.Conn)
 						} else {
 							_, err = ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "app"})
 						}
@@ -407,7 +411,7 @@ func TestHostileCallers(t *testing.T) {
 			if served, most := float64(rep.Codes[tc.served.String()]), tc.burst+tc.rate*rep.Seconds; served > most {
 				t.Errorf("%v of its calls were let in over %.1f s; its rate allows %v", served, rep.Seconds, most)
 			}
-			fams := scrapeSocket(t, in.cfg.Metrics.Socket)
+			fams := scrapeSocket(t, in.Config.Metrics.Socket)
 			refused := metricValue(t, fams, "keyward_caller_refusals_total", map[string]string{"budget": "connections", "bound": tc.bound}) +
 				metricValue(t, fams, "keyward_caller_refusals_total", map[string]string{"budget": "refusals", "bound": tc.bound})
 			if refused < float64(tc.conns-tc.most) {
@@ -422,7 +426,7 @@ func TestHostileCallers(t *testing.T) {
 // that reads is served: two hundred requests for keyward.v1's file
 // descriptors on one reflection stream, and nothing read for two seconds.
 func TestWriteTimeout(t *testing.T) {
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) { c.Connections.WriteTimeout = 300 * time.Millisecond })
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) { c.Connections.WriteTimeout = 300 * time.Millisecond }))
 	req, err := proto.Marshal(&reflectionpb.ServerReflectionRequest{
 		MessageRequest: &reflectionpb.ServerReflectionRequest_FileContainingSymbol{FileContainingSymbol: "keyward.v1.APIKeyService"}})
 	if err != nil {
@@ -430,7 +434,7 @@ func TestWriteTimeout(t *testing.T) {
 	}
 	msg := append([]byte{0, 0, 0, 0, byte(len(req))}, req...)
 	for _, read := range []bool{true, false} {
-		r := dialRaw(t, in.cfg.Socket.Path)
+		r := dialRaw(t, in.Config.Socket.Path)
 		id := r.call("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", false)
 		for range 200 {
 			r.fr.WriteData(id, false, msg)
@@ -466,7 +470,7 @@ func TestWriteTimeout(t *testing.T) {
 // again each time, until the uid's hashing budget (admission.HashRate) is
 // spent; then its connections are refused, saying why.
 func TestHashingBudget(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -483,7 +487,7 @@ func TestHashingBudget(t *testing.T) {
 		if err := os.Chtimes(exe, when, when); err != nil {
 			t.Fatal(err)
 		}
-		r := dialRaw(t, in.cfg.Socket.Path)
+		r := dialRaw(t, in.Config.Socket.Path)
 		r.call(pingMethod, true)
 		r.w.Flush()
 		e, err := r.ended()

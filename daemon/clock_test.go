@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // jumpClock runs with real time, set ahead or back by an offset a test
@@ -27,7 +28,7 @@ func (c *jumpClock) set(d time.Duration) { c.offset.Store(int64(d)) }
 // ran ahead is not deleted, while one past it on a steady clock is.
 func TestClockJumps(t *testing.T) {
 	clk := &jumpClock{}
-	in := startWith(t, fmt.Sprintf(`version: 1
+	in := daemontest.Start(t, daemontest.Policy(fmt.Sprintf(`version: 1
 roles:
   r:
     permissions:
@@ -40,14 +41,14 @@ bindings:
   - role: r
     callers:
       - uid: %d
-`, os.Getuid()), nil)
-	in.stop()
-	in.now, in.keysEvery = clk.now, 300*time.Millisecond
-	in.run()
+`, os.Getuid())))
+	in.Stop()
+	in.Now, in.KeysEvery = clk.now, 300*time.Millisecond
+	in.Restart()
 	ctx := context.Background()
 
 	// Rate limits.
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
 	k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "shop", Name: "web", Environment: "prod", Permissions: []string{"orders:read"},
 		RateLimits: []*keywardv1.RateLimit{{Limit: 3, Per: durationpb.New(time.Minute), Burst: 3}}})
 	if err != nil {
@@ -86,11 +87,11 @@ bindings:
 
 	// Tokens live by the clock, and deadlines do not care.
 	clk.set(0)
-	kc := keywardv1.NewKeyServiceClient(in.conn)
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
 	if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "jwt", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_SIGN}); err != nil {
 		t.Fatal(err)
 	}
-	tc := keywardv1.NewTokenServiceClient(in.conn)
+	tc := keywardv1.NewTokenServiceClient(in.Conn)
 	m, err := tc.MintToken(ctx, &keywardv1.MintTokenRequest{KeyName: "jwt", Audiences: []string{"orders"}})
 	if err != nil {
 		t.Fatal(err)

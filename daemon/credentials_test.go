@@ -26,6 +26,7 @@ import (
 	"github.com/keyward/keyward/plugins/conformance"
 	"github.com/keyward/keyward/plugins/postgres/pgtest"
 	"github.com/keyward/keyward/plugins/webhook"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // pluginConfig builds a plugin's package for a keywardd of the test and
@@ -60,9 +61,9 @@ func postgresPlugin(t *testing.T, s *pgtest.Server) daemon.PluginConfig {
 // the secret is in no log and no audit record.
 func TestCredentialsEndToEnd(t *testing.T) {
 	dir := t.TempDir()
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) { c.Plugins = []daemon.PluginConfig{filePlugin(t, dir)} })
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) { c.Plugins = []daemon.PluginConfig{filePlugin(t, dir)} }))
 	ctx := context.Background()
-	cc := keywardv1.NewCredentialServiceClient(in.conn)
+	cc := keywardv1.NewCredentialServiceClient(in.Conn)
 	path := filepath.Join(dir, "db-password")
 	reg, err := cc.RegisterCredential(ctx, &keywardv1.RegisterCredentialRequest{Name: "db-orders", Plugin: "file",
 		Config: `{"path": "` + path + `"}`, RotationPeriod: durationpb.New(24 * time.Hour), Overlap: durationpb.New(time.Hour)})
@@ -123,17 +124,17 @@ func TestCredentialsEndToEnd(t *testing.T) {
 	}
 
 	// A caller granted GetCredential on other names gets nothing here.
-	os.WriteFile(in.cfg.PolicyFile, []byte(uidPolicy("      - operations: [CredentialService.GetCredential, CredentialService.ListCredentials]\n        keys: [\"cache-*\"]")), 0o600)
-	in.reload <- struct{}{}
-	waitFor(t, func() bool { return strings.Contains(in.logs.String(), "policy reloaded") })
+	os.WriteFile(in.Config.PolicyFile, []byte(uidPolicy("      - operations: [CredentialService.GetCredential, CredentialService.ListCredentials]\n        keys: [\"cache-*\"]")), 0o600)
+	in.Reload()
+	waitFor(t, func() bool { return strings.Contains(in.Log.String(), "policy reloaded") })
 	_, err = cc.GetCredential(ctx, &keywardv1.GetCredentialRequest{Name: "db-orders"})
 	wantCode(t, err, codes.PermissionDenied, "CredentialService.GetCredential")
 	if list, err := cc.ListCredentials(ctx, &keywardv1.ListCredentialsRequest{}); err != nil || len(list.Credentials) != 0 {
 		t.Fatalf("ListCredentials for another name: %v, %v", list, err)
 	}
-	os.WriteFile(in.cfg.PolicyFile, []byte(uidPolicy(allowAll)), 0o600)
-	in.reload <- struct{}{}
-	waitFor(t, func() bool { return strings.Count(in.logs.String(), "policy reloaded") == 2 })
+	os.WriteFile(in.Config.PolicyFile, []byte(uidPolicy(allowAll)), 0o600)
+	in.Reload()
+	waitFor(t, func() bool { return strings.Count(in.Log.String(), "policy reloaded") == 2 })
 
 	r, err := cc.RevokeCredential(ctx, &keywardv1.RevokeCredentialRequest{Name: "db-orders"})
 	if err != nil || r.Credential.State != keywardv1.CredentialState_CREDENTIAL_STATE_REVOKED || r.Credential.Current != nil {
@@ -142,16 +143,16 @@ func TestCredentialsEndToEnd(t *testing.T) {
 	_, err = cc.GetCredential(ctx, &keywardv1.GetCredentialRequest{Name: "db-orders"})
 	wantCode(t, err, codes.FailedPrecondition, "revoked")
 
-	if err := in.stop(); err != nil {
+	if err := in.Stop(); err != nil {
 		t.Fatal(err)
 	}
 	verifyAudit(t, in)
-	audited, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
+	audited, _ := os.ReadFile(filepath.Join(in.Config.DataDir, "audit.log"))
 	if !strings.Contains(string(audited), `"op":"CredentialService.GetCredential","key":"db-orders"`) {
 		t.Error("GetCredential is not audited with the credential's name")
 	}
 	for _, s := range secrets {
-		if strings.Contains(string(audited), s) || strings.Contains(in.logs.String(), s) {
+		if strings.Contains(string(audited), s) || strings.Contains(in.Log.String(), s) {
 			t.Error("a credential's secret is in the audit log or the logs")
 		}
 	}
@@ -162,11 +163,12 @@ func TestCredentialsEndToEnd(t *testing.T) {
 // once and in order, through keywardd's outbox.
 func TestRevocationFanOut(t *testing.T) {
 	rec := filepath.Join(t.TempDir(), "record")
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) {
 		c.Plugins = []daemon.PluginConfig{pluginConfig(t, "test", "github.com/keyward/keyward/plugins/host/testdata/testplugin", map[string]string{"TESTPLUGIN_RECORD": rec})}
-	})
+	}))
+
 	ctx := context.Background()
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
 	var ids []string
 	for _, owner := range []string{"team-a", "team-b", "team-b"} {
 		r, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: owner, Name: "n", Environment: "prod", Permissions: []string{"read-only"}})
@@ -181,7 +183,7 @@ func TestRevocationFanOut(t *testing.T) {
 	if _, err := ac.RevokeAPIKeys(ctx, &keywardv1.RevokeAPIKeysRequest{Owner: "team-b"}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := keywardv1.NewTokenServiceClient(in.conn).RevokeToken(ctx, &keywardv1.RevokeTokenRequest{TokenId: "jti-not-subscribed"}); err != nil {
+	if _, err := keywardv1.NewTokenServiceClient(in.Conn).RevokeToken(ctx, &keywardv1.RevokeTokenRequest{TokenId: "jti-not-subscribed"}); err != nil {
 		t.Fatal(err)
 	}
 	var got []string
@@ -203,7 +205,7 @@ func TestRevocationFanOut(t *testing.T) {
 	if !strings.Contains(got[0], ids[0]+" team-a") || !strings.Contains(got[1]+got[2], ids[1]) || !strings.Contains(got[1]+got[2], ids[2]) {
 		t.Fatalf("deliveries out of order or wrong:\n%s", strings.Join(got, ""))
 	}
-	st, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	st, err := keywardv1.NewStatusServiceClient(in.Conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
 	if err != nil || len(st.Plugins) != 1 || st.Plugins[0].EventsPending != 0 || st.Plugins[0].DeliveryError != "" {
 		t.Fatalf("status: %v, %v", st.GetPlugins(), err)
 	}
@@ -236,14 +238,15 @@ func TestRevocationReachesWebhookAfterOutage(t *testing.T) {
 		bodies, heads = append(bodies, b), append(heads, r.Header.Clone())
 	}))
 	defer srv.Close()
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) {
 		p := pluginConfig(t, "webhook", "github.com/keyward/keyward/cmd/keyward-plugin-webhook",
 			map[string]string{"KEYWARD_WEBHOOK_URL": srv.URL, "KEYWARD_WEBHOOK_KEY_FILE": kf, "KEYWARD_WEBHOOK_EVENTS": "api_key"})
 		p.CallTimeout = 5 * time.Second
 		c.Plugins = []daemon.PluginConfig{p}
-	})
+	}))
+
 	ctx := context.Background()
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
 	r, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "n", Environment: "prod", Permissions: []string{"read-only"}})
 	if err != nil {
 		t.Fatal(err)
@@ -259,11 +262,11 @@ func TestRevocationReachesWebhookAfterOutage(t *testing.T) {
 			break
 		}
 		if i == 150 {
-			t.Fatalf("the webhook was tried %d times in 15 s; log:\n%s", n, in.logs.String())
+			t.Fatalf("the webhook was tried %d times in 15 s; log:\n%s", n, in.Log.String())
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	st, _ := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	st, _ := keywardv1.NewStatusServiceClient(in.Conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
 	if p := st.GetPlugins(); len(p) != 1 || p[0].EventsPending != 1 || !strings.Contains(p[0].DeliveryError, "503") {
 		t.Errorf("status while the webhook is down: %v", p)
 	}
@@ -312,13 +315,13 @@ func TestRevocationReachesWebhookAfterOutage(t *testing.T) {
 // during the overlap, and after it the old one is refused.
 func TestPostgresRotationThroughKeywardd(t *testing.T) {
 	s := pgtest.Start(t)
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) { c.Plugins = []daemon.PluginConfig{postgresPlugin(t, s)} })
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) { c.Plugins = []daemon.PluginConfig{postgresPlugin(t, s)} }))
 	// Restart with a fast maintenance loop, so the overlap's end is seen.
-	in.stop()
-	in.credEvery = 100 * time.Millisecond
-	in.run()
+	in.Stop()
+	in.CredentialsEvery = 100 * time.Millisecond
+	in.Restart()
 	ctx := context.Background()
-	cc := keywardv1.NewCredentialServiceClient(in.conn)
+	cc := keywardv1.NewCredentialServiceClient(in.Conn)
 	if _, err := cc.RegisterCredential(ctx, &keywardv1.RegisterCredentialRequest{Name: "orders-db", Plugin: "postgres",
 		Config: `{"role": "orders"}`, RotationPeriod: durationpb.New(24 * time.Hour), Overlap: durationpb.New(8 * time.Second)}); err != nil {
 		t.Fatal(err)
@@ -370,13 +373,14 @@ func TestPostgresRotationThroughKeywardd(t *testing.T) {
 // completes with the same operation.
 func TestPostgresRotationSurvivesPluginTrouble(t *testing.T) {
 	s := pgtest.Start(t)
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) {
 		p := postgresPlugin(t, s)
 		p.CallTimeout = 2 * time.Second
 		c.Plugins = []daemon.PluginConfig{p}
-	})
+	}))
+
 	ctx := context.Background()
-	cc := keywardv1.NewCredentialServiceClient(in.conn)
+	cc := keywardv1.NewCredentialServiceClient(in.Conn)
 	if _, err := cc.RegisterCredential(ctx, &keywardv1.RegisterCredentialRequest{Name: "orders-db", Plugin: "postgres", Config: `{"role": "orders"}`}); err != nil {
 		t.Fatal(err)
 	}
@@ -432,7 +436,7 @@ func TestPostgresRotationSurvivesPluginTrouble(t *testing.T) {
 
 	// A plugin killed mid-call: the call fails at once.
 	tx = lock()
-	st, _ := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	st, _ := keywardv1.NewStatusServiceClient(in.Conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
 	pid := int(st.Plugins[0].Pid)
 	go func() { time.Sleep(500 * time.Millisecond); syscall.Kill(pid, syscall.SIGKILL) }()
 	_, err = cc.RotateCredential(ctx, &keywardv1.RotateCredentialRequest{Name: "orders-db"})
@@ -472,8 +476,8 @@ func TestPostgresRotationSurvivesPluginTrouble(t *testing.T) {
 // EnvelopeService, even under a policy that grants every key: a managed
 // credential's sealed secret opens only through GetCredential.
 func TestOwnKeysRefusedToEnvelope(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
-	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
+	ec := keywardv1.NewEnvelopeServiceClient(in.Conn)
 	_, err := ec.Encrypt(context.Background(), &keywardv1.EncryptRequest{KeyName: daemon.CredentialsKey, Plaintext: []byte("x")})
 	wantCode(t, err, codes.PermissionDenied, "keywardd's own keys")
 }

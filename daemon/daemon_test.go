@@ -11,13 +11,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
@@ -27,121 +24,14 @@ import (
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
-
-// instance is a keywardd running in the test, on a real socket, store,
-// audit log and SoftHSM2 token.
-type instance struct {
-	t         testing.TB
-	tok       *softhsmtest.Token
-	cfg       *daemon.Config
-	logs      *syncBuffer
-	reload    chan struct{}
-	health    time.Duration
-	credEvery time.Duration
-	now       func() time.Time // the clock of keys, API keys, credentials and the schedule; nil: time.Now
-	accept    bool             // -accept-store-rollback
-	keysEvery time.Duration    // how often keys past their deletion date are looked for
-	cancel    context.CancelFunc
-	errc      chan error
-	stopped   bool
-	conn      *grpc.ClientConn
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
 func uidPolicy(rules string) string {
 	return fmt.Sprintf("version: 1\nroles:\n  r:\n    max_batch: 5\n    permissions:\n%s\nbindings:\n  - role: r\n    callers:\n      - uid: %d\n", rules, os.Getuid())
 }
 
 const allowAll = "      - operations: [\"*\"]\n        keys: [\"*\"]"
-
-func start(t testing.TB, policyYAML string) *instance {
-	t.Helper()
-	return startWith(t, policyYAML, nil)
-}
-
-// startWith is start with a change to the configuration first.
-func startWith(t testing.TB, policyYAML string, mod func(*daemon.Config)) *instance {
-	t.Helper()
-	tok := softhsmtest.New(t)
-	dir := t.TempDir()
-	os.Chmod(dir, 0o750)
-	cfg := &daemon.Config{DataDir: filepath.Join(dir, "data"), PolicyFile: filepath.Join(dir, "policy.yaml")}
-	cfg.Socket.Path = filepath.Join(dir, "run", "keyward.sock")
-	cfg.HSM.Module, cfg.HSM.Token, cfg.HSM.PINFile = tok.Module, tok.Label, tok.PINFile
-	if mod != nil {
-		mod(cfg)
-	}
-	if err := os.WriteFile(cfg.PolicyFile, []byte(policyYAML), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	in := &instance{t: t, tok: tok, cfg: cfg, logs: &syncBuffer{}, reload: make(chan struct{}), errc: make(chan error, 1)}
-	in.run()
-	t.Cleanup(func() { in.stop() })
-	return in
-}
-
-func (in *instance) run() {
-	in.t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	in.cancel, in.stopped = cancel, false
-	ready := make(chan struct{})
-	go func() {
-		in.errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Reload: in.reload, Ready: ready, Version: "test", HealthEvery: in.health, CredentialsEvery: in.credEvery, Now: in.now, AcceptStoreRollback: in.accept, KeysEvery: in.keysEvery})
-	}()
-	select {
-	case <-ready:
-	case err := <-in.errc:
-		in.stopped = true
-		in.t.Fatalf("keywardd did not start: %v", err)
-	}
-	conn, err := grpc.NewClient("unix://"+in.cfg.Socket.Path, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		in.t.Fatal(err)
-	}
-	in.conn = conn
-}
-
-// runOnce runs keywardd until it fails to start or is ready, and stops it:
-// for configurations that must be refused.
-func runOnce(in *instance) error {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	ready := make(chan struct{})
-	errc := make(chan error, 1)
-	go func() {
-		errc <- daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(in.logs, nil)), Ready: ready})
-	}()
-	select {
-	case err := <-errc:
-		return err
-	case <-ready:
-		cancel()
-		<-errc
-		return nil
-	}
-}
-
-func (in *instance) stop() error {
-	if in.stopped {
-		return nil
-	}
-	in.stopped = true
-	in.conn.Close()
-	in.cancel()
-	return <-in.errc
-}
 
 func wantCode(t *testing.T, err error, code codes.Code, msg string) {
 	t.Helper()
@@ -152,10 +42,10 @@ func wantCode(t *testing.T, err error, code codes.Code, msg string) {
 }
 
 func TestEndToEnd(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
 	ctx := context.Background()
-	kc := keywardv1.NewKeyServiceClient(in.conn)
-	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
+	ec := keywardv1.NewEnvelopeServiceClient(in.Conn)
 
 	if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "app", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		t.Fatal(err)
@@ -247,26 +137,26 @@ func TestEndToEnd(t *testing.T) {
 
 	// Status and health: keywardd's own four keys (audit, API key pepper,
 	// credentials, store) and the app's.
-	stc, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
-	if err != nil || stc.Hsm.TokenLabel != in.tok.Label || !stc.Hsm.Healthy || stc.Keys.Total != 5 || stc.Keys.PendingDeletion != 1 || stc.Store.SchemaVersion != store.SchemaVersion {
+	stc, err := keywardv1.NewStatusServiceClient(in.Conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	if err != nil || stc.Hsm.TokenLabel != in.Token.Label || !stc.Hsm.Healthy || stc.Keys.Total != 5 || stc.Keys.PendingDeletion != 1 || stc.Store.SchemaVersion != store.SchemaVersion {
 		t.Fatalf("GetStatus = %v, %v", stc, err)
 	}
-	hc, err := healthpb.NewHealthClient(in.conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	hc, err := healthpb.NewHealthClient(in.Conn).Check(ctx, &healthpb.HealthCheckRequest{})
 	if err != nil || hc.Status != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("health: %v, %v", hc, err)
 	}
 
 	// Stop: the socket goes, the audit chain verifies, and nothing secret
 	// reached the audit log or the daemon's log.
-	if err := in.stop(); err != nil {
+	if err := in.Stop(); err != nil {
 		t.Fatalf("stop: %v", err)
 	}
-	if _, err := os.Lstat(in.cfg.Socket.Path); !os.IsNotExist(err) {
+	if _, err := os.Lstat(in.Config.Socket.Path); !os.IsNotExist(err) {
 		t.Fatalf("socket left after stop: %v", err)
 	}
-	auditLog, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
-	logs := in.logs.String()
-	pin, _ := os.ReadFile(in.tok.PINFile)
+	auditLog, _ := os.ReadFile(filepath.Join(in.Config.DataDir, "audit.log"))
+	logs := in.Log.String()
+	pin, _ := os.ReadFile(in.Token.PINFile)
 	for _, secret := range []string{canary, strings.TrimSpace(string(pin)), hex.EncodeToString(dk.Plaintext), base64.StdEncoding.EncodeToString(dk.Plaintext), string(dk.Plaintext)} {
 		if strings.Contains(string(auditLog), secret) || strings.Contains(logs, secret) {
 			t.Fatalf("a secret reached the audit log or the log: %q", secret)
@@ -284,17 +174,17 @@ func TestEndToEnd(t *testing.T) {
 	}
 }
 
-// verifyAudit checks the stopped instance's audit log with the HSM key.
-func verifyAudit(t *testing.T, in *instance) audit.Report {
+// verifyAudit checks the stopped daemon's audit log with the HSM key.
+func verifyAudit(t *testing.T, in *daemontest.Daemon) audit.Report {
 	t.Helper()
-	h, err := hsm.Open(hsm.Config{Module: in.tok.Module, Token: in.tok.Label, PINFile: in.tok.PINFile})
+	h, err := hsm.Open(hsm.Config{Module: in.Token.Module, Token: in.Token.Label, PINFile: in.Token.PINFile})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	path := in.cfg.AuditFile
+	path := in.Config.AuditFile
 	if path == "" {
-		path = filepath.Join(in.cfg.DataDir, "audit.log")
+		path = filepath.Join(in.Config.DataDir, "audit.log")
 	}
 	f, err := os.Open(path)
 	if err != nil {
@@ -312,10 +202,10 @@ func verifyAudit(t *testing.T, in *instance) audit.Report {
 // denials name the missing permission and are audited; a bad policy on
 // reload keeps the old one, a good one takes over.
 func TestPolicyDenies(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
 	ctx := context.Background()
-	kc := keywardv1.NewKeyServiceClient(in.conn)
-	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
+	ec := keywardv1.NewEnvelopeServiceClient(in.Conn)
 	for _, n := range []string{"app-a", "other"} {
 		if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: n, Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 			t.Fatal(err)
@@ -327,17 +217,17 @@ func TestPolicyDenies(t *testing.T) {
 	}
 
 	// A broken policy on reload: the old one stays.
-	os.WriteFile(in.cfg.PolicyFile, []byte("version: 1\nroles: {r: {permisions: []}}\n"), 0o600)
-	in.reload <- struct{}{}
-	waitFor(t, func() bool { return strings.Contains(in.logs.String(), "policy reload failed") })
+	os.WriteFile(in.Config.PolicyFile, []byte("version: 1\nroles: {r: {permisions: []}}\n"), 0o600)
+	in.Reload()
+	waitFor(t, func() bool { return strings.Contains(in.Log.String(), "policy reload failed") })
 	if _, err := kc.GetKey(ctx, &keywardv1.GetKeyRequest{Name: "other"}); err != nil {
 		t.Fatalf("after a bad reload: %v", err)
 	}
 
 	// An application role: data keys and decryption on app-* only.
-	os.WriteFile(in.cfg.PolicyFile, []byte(uidPolicy("      - operations: [EnvelopeService.GenerateDataKey, EnvelopeService.Decrypt]\n        keys: [\"app-*\"]")), 0o600)
-	in.reload <- struct{}{}
-	waitFor(t, func() bool { return strings.Contains(in.logs.String(), "policy reloaded") })
+	os.WriteFile(in.Config.PolicyFile, []byte(uidPolicy("      - operations: [EnvelopeService.GenerateDataKey, EnvelopeService.Decrypt]\n        keys: [\"app-*\"]")), 0o600)
+	in.Reload()
+	waitFor(t, func() bool { return strings.Contains(in.Log.String(), "policy reloaded") })
 
 	dk, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "app-a"})
 	if err != nil {
@@ -372,7 +262,7 @@ func TestPolicyDenies(t *testing.T) {
 			return err
 		}, "not granted KeyService.ListKeys"},
 		{"status", func() error {
-			_, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+			_, err := keywardv1.NewStatusServiceClient(in.Conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
 			return err
 		}, "not granted StatusService.GetStatus"},
 		{"batch form not granted", func() error {
@@ -388,8 +278,8 @@ func TestPolicyDenies(t *testing.T) {
 			}
 		})
 	}
-	in.stop()
-	auditLog, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
+	in.Stop()
+	auditLog, _ := os.ReadFile(filepath.Join(in.Config.DataDir, "audit.log"))
 	if n := strings.Count(string(auditLog), `"outcome":"denied"`); n < 6 {
 		t.Fatalf("%d denials audited, want at least 6", n)
 	}
@@ -418,23 +308,23 @@ func poll(t *testing.T, every time.Duration, cond func() bool) {
 // TestSecondDaemonRefused: a second keywardd on the same socket stops at
 // once with a clear error; after a restart the keys are still there.
 func TestSecondDaemonRefused(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
 	ctx := context.Background()
-	if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "k", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+	if _, err := keywardv1.NewKeyServiceClient(in.Conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "k", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		t.Fatal(err)
 	}
-	err := daemon.Run(ctx, in.cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(&syncBuffer{}, nil))})
+	err := daemon.Run(ctx, in.Config, daemon.Options{Log: slog.New(slog.DiscardHandler)})
 	if err == nil || !strings.Contains(err.Error(), "another keywardd is serving") {
 		t.Fatalf("second daemon: %v", err)
 	}
 	if got := daemon.ExitCode(err); got != daemon.ExitTransient {
 		t.Fatalf("second daemon: exit code %d, want %d (transient: it may start once the first stops)", got, daemon.ExitTransient)
 	}
-	if err := in.stop(); err != nil {
+	if err := in.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	in.run()
-	k, err := keywardv1.NewKeyServiceClient(in.conn).GetKey(ctx, &keywardv1.GetKeyRequest{Name: "k"})
+	in.Restart()
+	k, err := keywardv1.NewKeyServiceClient(in.Conn).GetKey(ctx, &keywardv1.GetKeyRequest{Name: "k"})
 	if err != nil || k.Key.LatestVersion != 1 {
 		t.Fatalf("after restart: %v", err)
 	}
@@ -444,16 +334,16 @@ func TestSecondDaemonRefused(t *testing.T) {
 // NOT_SERVING, GetStatus says why, and calls that need the HSM fail with
 // UNAVAILABLE; when it is back, everything serves again, without a restart.
 func TestHSMDown(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
-	in.stop()
-	faults := softhsmtest.NewFaults(t, in.tok)
-	in.cfg.HSM.Module = faults.Module
-	in.health = 50 * time.Millisecond
-	in.run()
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
+	in.Stop()
+	faults := softhsmtest.NewFaults(t, in.Token)
+	in.Config.HSM.Module = faults.Module
+	in.HealthEvery = 50 * time.Millisecond
+	in.Restart()
 	ctx := context.Background()
-	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
-	hc := healthpb.NewHealthClient(in.conn)
-	if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "k", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+	ec := keywardv1.NewEnvelopeServiceClient(in.Conn)
+	hc := healthpb.NewHealthClient(in.Conn)
+	if _, err := keywardv1.NewKeyServiceClient(in.Conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "k", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		t.Fatal(err)
 	}
 	serving := func() healthpb.HealthCheckResponse_ServingStatus {
@@ -470,7 +360,7 @@ func TestHSMDown(t *testing.T) {
 	_, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "k"})
 	wantCode(t, err, codes.Unavailable, "token unavailable")
 	time.Sleep(1100 * time.Millisecond) // a checkpoint falls due and cannot be MACed
-	st, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	st, err := keywardv1.NewStatusServiceClient(in.Conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
 	if err != nil || st.Hsm.Healthy || !strings.Contains(st.Hsm.Error, "token unavailable") || !strings.Contains(st.AuditCheckpointError, "token unavailable") {
 		t.Fatalf("GetStatus with the HSM down: %v, %v", st, err)
 	}
@@ -489,14 +379,14 @@ func TestHSMDown(t *testing.T) {
 // with the outage and the record of the call that found out in the log,
 // which verifies.
 func TestAuditDiskFull(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
-	in.stop()
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
+	in.Stop()
 	small := smallDisk(t, in, "256k")
-	in.cfg.AuditFile = filepath.Join(small, "audit.log")
-	in.run()
+	in.Config.AuditFile = filepath.Join(small, "audit.log")
+	in.Restart()
 	ctx := context.Background()
-	kc := keywardv1.NewKeyServiceClient(in.conn)
-	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
+	ec := keywardv1.NewEnvelopeServiceClient(in.Conn)
 	if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "k", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		t.Fatal(err)
 	}
@@ -512,7 +402,7 @@ func TestAuditDiskFull(t *testing.T) {
 		oks++
 	}
 	wantCode(t, err, codes.Unavailable, "could not be audited, so its answer is withheld")
-	b, _ := os.ReadFile(in.cfg.AuditFile)
+	b, _ := os.ReadFile(in.Config.AuditFile)
 	// Every answer was audited. The call refused may be on record too: a
 	// write cut short by the full disk can end after its line and before
 	// the checkpoint that followed it in the same write (more on record
@@ -529,7 +419,7 @@ func TestAuditDiskFull(t *testing.T) {
 	}
 	_, err = kc.RotateKey(ctx, &keywardv1.RotateKeyRequest{Name: "k"})
 	wantCode(t, err, codes.Unavailable, "nothing is done")
-	hc := healthpb.NewHealthClient(in.conn)
+	hc := healthpb.NewHealthClient(in.Conn)
 	waitFor(t, func() bool {
 		r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
 		return err == nil && r.Status == healthpb.HealthCheckResponse_NOT_SERVING
@@ -547,8 +437,8 @@ func TestAuditDiskFull(t *testing.T) {
 	if err != nil || k.Key.LatestVersion != 1 {
 		t.Fatalf("the refused rotation happened: %v, %v", k, err)
 	}
-	in.stop()
-	b, _ = os.ReadFile(in.cfg.AuditFile)
+	in.Stop()
+	b, _ = os.ReadFile(in.Config.AuditFile)
 	if !strings.Contains(string(b), `"op":"audit.outage"`) {
 		t.Fatal("the outage is not on record")
 	}
@@ -562,9 +452,9 @@ func TestAuditDiskFull(t *testing.T) {
 	}
 }
 
-// smallDisk mounts a tmpfs of size for a stopped instance's files; it is
-// unmounted once the instance has stopped again.
-func smallDisk(t *testing.T, in *instance, size string) string {
+// smallDisk mounts a tmpfs of size for a stopped daemon's files; it is
+// unmounted once the daemon has stopped again.
+func smallDisk(t *testing.T, in *daemontest.Daemon, size string) string {
 	t.Helper()
 	softhsmtest.RequireRoot(t, "mounts a small tmpfs")
 	dir := t.TempDir()
@@ -572,7 +462,7 @@ func smallDisk(t *testing.T, in *instance, size string) string {
 		t.Fatalf("mount: %v %s", err, out)
 	}
 	// The daemon must let go of its files first, or the tmpfs stays busy.
-	t.Cleanup(func() { in.stop(); exec.Command("umount", "-l", dir).Run() })
+	t.Cleanup(func() { in.Stop(); exec.Command("umount", "-l", dir).Run() })
 	return dir
 }
 

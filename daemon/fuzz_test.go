@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoregistry"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // rpc is one unary method of keyward.v1 and its request type.
@@ -77,9 +78,9 @@ func FuzzHandlers(f *testing.F) {
 			f.Add(uint8(i), b)
 		}
 	}
-	in := start(f, uidPolicy(allowAll))
+	in := daemontest.Start(f, daemontest.Policy(uidPolicy(allowAll)))
 	ctx := context.Background()
-	kc := keywardv1.NewKeyServiceClient(in.conn)
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
 	for _, k := range []struct {
 		name    string
 		purpose keywardv1.KeyPurpose
@@ -88,7 +89,7 @@ func FuzzHandlers(f *testing.F) {
 			f.Fatal(err)
 		}
 	}
-	ping := keywardv1.NewStatusServiceClient(in.conn)
+	ping := keywardv1.NewStatusServiceClient(in.Conn)
 	f.Fuzz(func(t *testing.T, which uint8, body []byte) {
 		m := methods[int(which)%len(methods)]
 		req := m.in.New().Interface()
@@ -97,7 +98,7 @@ func FuzzHandlers(f *testing.F) {
 		}
 		cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 		defer cancel()
-		err := in.conn.Invoke(cctx, m.path, req, m.out.New().Interface())
+		err := in.Conn.Invoke(cctx, m.path, req, m.out.New().Interface())
 		if st, ok := status.FromError(err); err != nil {
 			switch {
 			case !ok:

@@ -18,6 +18,7 @@ import (
 	"github.com/keyward/keyward/daemon/anomaly"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/dynlimits"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // TestAnomalyDisablesKey: a synthetic spike through keywardd's socket. A
@@ -26,15 +27,16 @@ import (
 // verify from a new network only alerts.
 func TestAnomalyDisablesKey(t *testing.T) {
 	clk := &testClock{t: time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)}
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) {
 		c.Anomaly = anomaly.Config{Enabled: true, Window: time.Minute, Factor: 8, MinRate: 10, Learn: time.Hour,
 			NewNetworks: true, Disable: []string{anomaly.Spike}, FlushEvery: 50 * time.Millisecond}
-	})
-	in.now = clk.now
-	in.stop()
-	in.run()
+	}))
+
+	in.Now = clk.now
+	in.Stop()
+	in.Restart()
 	ctx := context.Background()
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
 	mk := func(name string) *keywardv1.CreateAPIKeyResponse {
 		k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: name, Environment: "prod", Permissions: []string{"orders:read"}})
 		if err != nil {
@@ -72,7 +74,7 @@ func TestAnomalyDisablesKey(t *testing.T) {
 	verifyCode(t, ac, calm.Secret, req("198.51.100.7"), keywardv1.APIKeyCode_API_KEY_CODE_VALID) // a new network only alerts
 	var log string
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		b, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
+		b, _ := os.ReadFile(filepath.Join(in.Config.DataDir, "audit.log"))
 		if log = string(b); strings.Count(log, `"op":"keywardd.APIKeyAnomaly"`) == 2 {
 			break
 		}
@@ -102,19 +104,19 @@ func TestAnomalyDisablesKey(t *testing.T) {
 // of 10 a minute gets 5, says so in its rate-limit state, and the log says
 // why.
 func TestDynamicLimitsTighten(t *testing.T) {
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) {
 		// Every HSM operation is slower than a nanosecond: the first one
 		// overloads keywardd.
 		c.DynamicLimits = dynlimits.Config{Enabled: true, HSMLatency: time.Nanosecond, Tighten: 0.5, SampleEvery: 10 * time.Millisecond}
-	})
+	}))
 	ctx := context.Background()
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
 	k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "o", Name: "n", Environment: "prod", Permissions: []string{"orders:read"},
 		RateLimits: []*keywardv1.RateLimit{{Limit: 10, Per: durationpb.New(time.Minute), Burst: 10}}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(in.logs.String(), "keywardd is overloaded"); time.Sleep(5 * time.Millisecond) {
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(in.Log.String(), "keywardd is overloaded"); time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("keywardd did not find itself overloaded")
 		}
@@ -161,22 +163,23 @@ func TestNoticesReachWebhook(t *testing.T) {
 	}))
 	defer srv.Close()
 	clk := &testClock{t: time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)}
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) {
 		c.Plugins = []daemon.PluginConfig{pluginConfig(t, "webhook", "github.com/keyward/keyward/cmd/keyward-plugin-webhook",
 			map[string]string{"KEYWARD_WEBHOOK_URL": srv.URL, "KEYWARD_WEBHOOK_KEY_FILE": kf, "KEYWARD_WEBHOOK_EVENTS": "key_version_retired,anomaly"})}
 		c.Anomaly = anomaly.Config{Enabled: true, Window: time.Minute, MinRate: 10, Learn: time.Hour, Disable: []string{anomaly.Spike}}
-	})
-	in.now = clk.now
-	in.stop()
-	in.run()
+	}))
+
+	in.Now = clk.now
+	in.Stop()
+	in.Restart()
 	ctx := context.Background()
-	if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "orders", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+	if _, err := keywardv1.NewKeyServiceClient(in.Conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "orders", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := keywardv1.NewRotationServiceClient(in.conn).PanicRotate(ctx, &keywardv1.PanicRotateRequest{Name: "orders"}); err != nil {
+	if _, err := keywardv1.NewRotationServiceClient(in.Conn).PanicRotate(ctx, &keywardv1.PanicRotateRequest{Name: "orders"}); err != nil {
 		t.Fatal(err)
 	}
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
 	k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "n", Environment: "prod", Permissions: []string{"orders:read"}})
 	if err != nil {
 		t.Fatal(err)
@@ -194,7 +197,7 @@ func TestNoticesReachWebhook(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the webhook got %v; log:\n%s", bodies, in.logs.String())
+			t.Fatalf("the webhook got %v; log:\n%s", bodies, in.Log.String())
 		}
 	}
 	mu.Lock()

@@ -23,6 +23,7 @@ import (
 	"github.com/go-jose/go-jose/v4"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 func freePort(t *testing.T, host string) string {
@@ -38,16 +39,16 @@ func freePort(t *testing.T, host string) string {
 // configuration over HTTP on loopback, cacheable for half the pre-publish
 // time, and nothing else.
 func TestJWKSOverHTTP(t *testing.T) {
-	in := start(t, tokenPolicy())
-	in.stop()
+	in := daemontest.Start(t, daemontest.Policy(tokenPolicy()))
+	in.Stop()
 	addr := freePort(t, "127.0.0.1")
-	in.cfg.Tokens.HTTP.Address = addr
-	in.run()
+	in.Config.Tokens.HTTP.Address = addr
+	in.Restart()
 	ctx := context.Background()
-	if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "jwt", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_SIGN}); err != nil {
+	if _, err := keywardv1.NewKeyServiceClient(in.Conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "jwt", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_SIGN}); err != nil {
 		t.Fatal(err)
 	}
-	m, err := keywardv1.NewTokenServiceClient(in.conn).MintToken(ctx, &keywardv1.MintTokenRequest{KeyName: "jwt", Audiences: []string{"orders"}})
+	m, err := keywardv1.NewTokenServiceClient(in.Conn).MintToken(ctx, &keywardv1.MintTokenRequest{KeyName: "jwt", Audiences: []string{"orders"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,11 +92,11 @@ func TestJWKSOverHTTP(t *testing.T) {
 // TestJWKSOverTLS: bound beyond loopback the listener needs a certificate,
 // and speaks TLS 1.3 only.
 func TestJWKSOverTLS(t *testing.T) {
-	in := start(t, tokenPolicy())
-	in.stop()
-	in.cfg.Tokens.HTTP.Address = freePort(t, "0.0.0.0")
+	in := daemontest.Start(t, daemontest.Policy(tokenPolicy()))
+	in.Stop()
+	in.Config.Tokens.HTTP.Address = freePort(t, "0.0.0.0")
 	errc := make(chan error, 1)
-	go func() { errc <- runOnce(in) }()
+	go func() { errc <- in.RunOnce() }()
 	if err := <-errc; err == nil || !strings.Contains(err.Error(), "is not loopback: set tls_cert and tls_key") {
 		t.Fatalf("a public address without TLS: %v", err)
 	}
@@ -107,9 +108,9 @@ func TestJWKSOverTLS(t *testing.T) {
 	kb, _ := x509.MarshalECPrivateKey(key)
 	os.WriteFile(filepath.Join(dir, "cert.pem"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
 	os.WriteFile(filepath.Join(dir, "key.pem"), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
-	in.cfg.Tokens.HTTP.TLSCert, in.cfg.Tokens.HTTP.TLSKey = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	in.run()
-	_, port, _ := net.SplitHostPort(in.cfg.Tokens.HTTP.Address)
+	in.Config.Tokens.HTTP.TLSCert, in.Config.Tokens.HTTP.TLSKey = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	in.Restart()
+	_, port, _ := net.SplitHostPort(in.Config.Tokens.HTTP.Address)
 	pool := x509.NewCertPool()
 	cert, _ := x509.ParseCertificate(der)
 	pool.AddCert(cert)

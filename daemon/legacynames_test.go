@@ -20,6 +20,7 @@ import (
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // notCanonical are spellings of "orders" keywardd no longer creates.
@@ -29,11 +30,11 @@ var notCanonical = []string{"ORDERS", "Orders", "orders.", "orders-"}
 // canonical (lower case, no trailing dot or dash), with a message that
 // gives the canonical form; the canonical one is taken.
 func TestNamesRefused(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
 	ctx := context.Background()
-	kc := keywardv1.NewKeyServiceClient(in.conn)
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
-	cc := keywardv1.NewCredentialServiceClient(in.conn)
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
+	cc := keywardv1.NewCredentialServiceClient(in.Conn)
 	apiKey := func(owner, env, tag string) error {
 		_, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: owner, Name: "Checkout API", Environment: env, Permissions: []string{"orders:read"}, Tags: []string{"checkout", tag}})
 		return err
@@ -83,21 +84,21 @@ func TestNamesRefused(t *testing.T) {
 // written through the store and the HSM directly, as an older keywardd left
 // them.
 func TestLegacyNamesServed(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
 	ctx := context.Background()
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
 	created, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "shop", Name: "checkout", Environment: "prod", Permissions: []string{"orders:read"}, Tags: []string{"checkout"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := in.stop(); err != nil {
+	if err := in.Stop(); err != nil {
 		t.Fatal(err)
 	}
 
 	// What an older keywardd left: written with the store and the HSM.
 	credSecret := []byte("the password of orders-db.")
 	func() {
-		h, err := hsm.Open(hsm.Config{Module: in.tok.Module, Token: in.tok.Label, PINFile: in.tok.PINFile})
+		h, err := hsm.Open(hsm.Config{Module: in.Token.Module, Token: in.Token.Label, PINFile: in.Token.PINFile})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -106,7 +107,7 @@ func TestLegacyNamesServed(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		st, err := store.Open(filepath.Join(in.cfg.DataDir, "keyward.db"), store.Options{Key: key})
+		st, err := store.Open(filepath.Join(in.Config.DataDir, "keyward.db"), store.Options{Key: key})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -151,24 +152,24 @@ func TestLegacyNamesServed(t *testing.T) {
 
 	// And a plugin configured under a name with a trailing dash (the host
 	// refuses to launch it, for its binary is not there: keywardd serves).
-	in.cfg.Plugins = []daemon.PluginConfig{{Name: "file-", Path: "/nonexistent/keyward-plugin-file", SHA256: strings.Repeat("0", 64)}}
-	in.run()
-	kc := keywardv1.NewKeyServiceClient(in.conn)
-	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
-	ac = keywardv1.NewAPIKeyServiceClient(in.conn)
-	cc := keywardv1.NewCredentialServiceClient(in.conn)
+	in.Config.Plugins = []daemon.PluginConfig{{Name: "file-", Path: "/nonexistent/keyward-plugin-file", SHA256: strings.Repeat("0", 64)}}
+	in.Restart()
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
+	ec := keywardv1.NewEnvelopeServiceClient(in.Conn)
+	ac = keywardv1.NewAPIKeyServiceClient(in.Conn)
+	cc := keywardv1.NewCredentialServiceClient(in.Conn)
 
 	// The warnings, then the count in GetStatus.
 	for _, want := range []string{`"kind":"key","name":"Orders","canonical":"orders"`, `"kind":"key","name":"orders-","canonical":"orders"`,
 		`"kind":"api_key_owner","name":"SHOP","canonical":"shop","uses":1`, `"kind":"api_key_environment","name":"Prod","canonical":"prod"`,
 		`"kind":"api_key_tag","name":"Leaked","canonical":"leaked"`, `"kind":"credential","name":"orders-db.","canonical":"orders-db"`,
 		`"kind":"plugin","name":"file-","canonical":"file"`} {
-		waitFor(t, func() bool { return strings.Contains(in.logs.String(), want) })
+		waitFor(t, func() bool { return strings.Contains(in.Log.String(), want) })
 	}
-	if !strings.Contains(in.logs.String(), `"level":"WARN","msg":"names not in their canonical form`) || !strings.Contains(in.logs.String(), "docs/operations.md") {
-		t.Fatalf("no summary warning:\n%s", in.logs.String())
+	if !strings.Contains(in.Log.String(), `"level":"WARN","msg":"names not in their canonical form`) || !strings.Contains(in.Log.String(), "docs/operations.md") {
+		t.Fatalf("no summary warning:\n%s", in.Log.String())
 	}
-	st, err := keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	st, err := keywardv1.NewStatusServiceClient(in.Conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -224,14 +225,14 @@ func TestLegacyNamesServed(t *testing.T) {
 	}
 
 	// After a restart, what was moved away is not counted any more.
-	if err := in.stop(); err != nil {
+	if err := in.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	in.logs = &syncBuffer{}
-	in.cfg.Plugins = nil
-	in.run()
-	waitFor(t, func() bool { return strings.Contains(in.logs.String(), "names not in their canonical form") })
-	st, err = keywardv1.NewStatusServiceClient(in.conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	in.Log.Reset()
+	in.Config.Plugins = nil
+	in.Restart()
+	waitFor(t, func() bool { return strings.Contains(in.Log.String(), "names not in their canonical form") })
+	st, err = keywardv1.NewStatusServiceClient(in.Conn).GetStatus(ctx, &keywardv1.GetStatusRequest{})
 	if want := map[string]uint32{"key": 1, "credential": 1}; err != nil || fmt.Sprint(st.NamesToRename) != fmt.Sprint(want) {
 		t.Fatalf("after the moves, names_to_rename = %v, %v; want %v", st.GetNamesToRename(), err, want)
 	}

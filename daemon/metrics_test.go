@@ -16,6 +16,7 @@ import (
 
 	"github.com/keyward/keyward/daemon"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // TestMetrics: keywardd's Prometheus endpoint, scraped and parsed: calls
@@ -28,14 +29,14 @@ func TestMetrics(t *testing.T) {
 	}
 	addr := l.Addr().String()
 	l.Close()
-	in := startWith(t, uidPolicy("      - operations: [StatusService.Ping, APIKeyService.CreateAPIKey, APIKeyService.VerifyAPIKey]\n        keys: [\"*\"]"),
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy("      - operations: [StatusService.Ping, APIKeyService.CreateAPIKey, APIKeyService.VerifyAPIKey]\n        keys: [\"*\"]")), daemontest.Configure(
 		func(c *daemon.Config) {
 			c.Metrics.Address = addr
 			c.Metrics.Socket = filepath.Join(filepath.Dir(c.Socket.Path), "metrics", "metrics.sock")
 			c.Plugins = []daemon.PluginConfig{filePlugin(t, t.TempDir())}
-		})
+		}))
 	ctx := context.Background()
-	sc := keywardv1.NewStatusServiceClient(in.conn)
+	sc := keywardv1.NewStatusServiceClient(in.Conn)
 	for range 3 {
 		if _, err := sc.Ping(ctx, &keywardv1.PingRequest{}); err != nil {
 			t.Fatal(err)
@@ -44,7 +45,7 @@ func TestMetrics(t *testing.T) {
 	if _, err := sc.GetStatus(ctx, &keywardv1.GetStatusRequest{}); err == nil {
 		t.Fatal("GetStatus was not denied")
 	}
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
 	k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "o", Name: "n", Environment: "prod", Permissions: []string{"read-only"}})
 	if err != nil {
 		t.Fatal(err)
@@ -90,7 +91,7 @@ func TestMetrics(t *testing.T) {
 	}
 	// The same metrics on the Unix socket, which only keywardd's user may
 	// reach (no metrics.group).
-	sock := filepath.Join(filepath.Dir(in.cfg.Socket.Path), "metrics", "metrics.sock")
+	sock := filepath.Join(filepath.Dir(in.Config.Socket.Path), "metrics", "metrics.sock")
 	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("the metrics socket: %v, %v", fi, err)
 	}

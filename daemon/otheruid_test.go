@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // TestMain doubles as the clients that the tests run as another user: with
@@ -54,13 +55,13 @@ func TestOtherUser(t *testing.T) {
       - operations: [StatusService.Ping]
         keys: ["*"]
 bindings:`, 1)
-	in := start(t, policy)
+	in := daemontest.Start(t, daemontest.Policy(policy))
 	bin := openToNobody(t, in)
 	ctx := context.Background()
-	if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "app", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+	if _, err := keywardv1.NewKeyServiceClient(in.Conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "app", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		t.Fatal(err)
 	}
-	cmd := asNobody(bin, "KEYWARD_TEST_DIAL="+in.cfg.Socket.Path)
+	cmd := asNobody(bin, "KEYWARD_TEST_DIAL="+in.Config.Socket.Path)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("client as nobody: %v\n%s", err, out)
@@ -69,8 +70,8 @@ bindings:`, 1)
 	if strings.TrimSpace(string(out)) != want {
 		t.Fatalf("client as nobody:\n got %s\nwant %s", out, want)
 	}
-	in.stop()
-	auditLog, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
+	in.Stop()
+	auditLog, _ := os.ReadFile(filepath.Join(in.Config.DataDir, "audit.log"))
 	if !strings.Contains(string(auditLog), `"caller":{"uid":65534,"gid":65534`) || !strings.Contains(string(auditLog), `"outcome":"denied"`) {
 		t.Fatal("the other user's calls are not in the audit log")
 	}
@@ -80,16 +81,16 @@ bindings:`, 1)
 // the socket's group, nogroup: the directory and the socket belong to it,
 // mode 0750 and 0660), and returns a copy of this test binary that nobody
 // may run.
-func openToNobody(t testing.TB, in *instance) string {
+func openToNobody(t testing.TB, in *daemontest.Daemon) string {
 	t.Helper()
-	in.stop()
-	run := filepath.Dir(in.cfg.Socket.Path)
+	in.Stop()
+	run := filepath.Dir(in.Config.Socket.Path)
 	os.Chown(run, 0, 65534)
-	in.cfg.Socket.Group = "nogroup"
+	in.Config.Socket.Group = "nogroup"
 	for d := filepath.Dir(run); strings.HasPrefix(d, os.TempDir()+"/"); d = filepath.Dir(d) {
 		os.Chmod(d, 0o755)
 	}
-	in.run()
+	in.Restart()
 	self, _ := os.Executable()
 	data, err := os.ReadFile(self)
 	if err != nil {

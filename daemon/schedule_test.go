@@ -13,6 +13,7 @@ import (
 	"github.com/keyward/keyward/daemon"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/schedule"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 type testClock struct {
@@ -31,18 +32,19 @@ func (c *testClock) add(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.U
 func TestScheduledRotation(t *testing.T) {
 	clk := &testClock{t: time.Now()}
 	zero := time.Duration(0)
-	in := startWith(t, uidPolicy(allowAll), func(c *daemon.Config) {
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) {
 		c.Rotation = schedule.Rules{CheckEvery: 20 * time.Millisecond, Jitter: &zero,
 			Keys:    []schedule.KeyRule{{Match: "pay-*", Policy: "high"}},
 			APIKeys: []schedule.APIKeyRule{{Environment: "prod", Policy: "high", Action: schedule.Force}}}
-	})
-	in.now = clk.now
-	in.stop()
-	in.run()
+	}))
+
+	in.Now = clk.now
+	in.Stop()
+	in.Restart()
 	ctx := context.Background()
-	kc := keywardv1.NewKeyServiceClient(in.conn)
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
-	rc := keywardv1.NewRotationServiceClient(in.conn)
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
+	rc := keywardv1.NewRotationServiceClient(in.Conn)
 	if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "pay-eu", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +97,7 @@ func TestScheduledRotation(t *testing.T) {
 	clk.add(25 * time.Hour)
 	verifyCode(t, ac, created.Secret, nil, keywardv1.APIKeyCode_API_KEY_CODE_EXPIRED)
 
-	log, _ := os.ReadFile(filepath.Join(in.cfg.DataDir, "audit.log"))
+	log, _ := os.ReadFile(filepath.Join(in.Config.DataDir, "audit.log"))
 	for _, want := range []string{`"op":"keywardd.RotateKey","key":"pay-eu"`, `"op":"keywardd.ForceAPIKeyRotation","key":"` + created.Key.Id} {
 		if !strings.Contains(string(log), want) {
 			t.Errorf("the audit log has no %s", want)
@@ -106,10 +108,10 @@ func TestScheduledRotation(t *testing.T) {
 	}
 
 	// 200 days down: one rotation, not six.
-	in.stop()
+	in.Stop()
 	clk.add(200 * 24 * time.Hour)
-	in.run()
-	kc = keywardv1.NewKeyServiceClient(in.conn)
+	in.Restart()
+	kc = keywardv1.NewKeyServiceClient(in.Conn)
 	waitFor("the overdue rotation", func() bool { return versions() == 3 })
 	time.Sleep(200 * time.Millisecond) // ten more checks
 	if n := versions(); n != 3 {
@@ -120,13 +122,14 @@ func TestScheduledRotation(t *testing.T) {
 // TestRotationPlanScope: the plan shows a caller what its key globs reach,
 // as the other services do: API keys by owner, keys by name.
 func TestRotationPlanScope(t *testing.T) {
-	in := startWith(t, uidPolicy("      - operations: [APIKeyService.CreateAPIKey, KeyService.CreateKey]\n        keys: [\"*\"]\n      - operations: [RotationService.GetRotationPlan]\n        keys: [payments, \"pay-*\"]"), func(c *daemon.Config) {
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy("      - operations: [APIKeyService.CreateAPIKey, KeyService.CreateKey]\n        keys: [\"*\"]\n      - operations: [RotationService.GetRotationPlan]\n        keys: [payments, \"pay-*\"]")), daemontest.Configure(func(c *daemon.Config) {
 		c.Rotation = schedule.Rules{CheckEvery: 10 * time.Millisecond, Keys: []schedule.KeyRule{{Match: "*", Policy: "high"}},
 			APIKeys: []schedule.APIKeyRule{{Policy: "moderate"}}}
-	})
+	}))
+
 	ctx := context.Background()
-	kc := keywardv1.NewKeyServiceClient(in.conn)
-	ac := keywardv1.NewAPIKeyServiceClient(in.conn)
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
 	for _, n := range []string{"pay-eu", "orders"} {
 		if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: n, Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 			t.Fatal(err)
@@ -140,7 +143,7 @@ func TestRotationPlanScope(t *testing.T) {
 		}
 		ids[k.Key.Id] = owner
 	}
-	rc := keywardv1.NewRotationServiceClient(in.conn)
+	rc := keywardv1.NewRotationServiceClient(in.Conn)
 	var got []string
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 		r, err := rc.GetRotationPlan(ctx, &keywardv1.GetRotationPlanRequest{})

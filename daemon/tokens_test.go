@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 func tokenPolicy() string {
@@ -41,13 +42,13 @@ bindings:
 // grant allows and nothing more, verify with keywardd and with go-jose
 // against the JWKS, and stay revoked across a restart.
 func TestTokenService(t *testing.T) {
-	in := start(t, tokenPolicy())
+	in := daemontest.Start(t, daemontest.Policy(tokenPolicy()))
 	ctx := context.Background()
-	kc := keywardv1.NewKeyServiceClient(in.conn)
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
 	if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "jwt", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_SIGN}); err != nil {
 		t.Fatal(err)
 	}
-	tc := keywardv1.NewTokenServiceClient(in.conn)
+	tc := keywardv1.NewTokenServiceClient(in.Conn)
 	claims, _ := structpb.NewStruct(map[string]any{"tenant": "42"})
 	m, err := tc.MintToken(ctx, &keywardv1.MintTokenRequest{KeyName: "jwt", Audiences: []string{"orders"}, Scopes: []string{"orders:read"}, Claims: claims})
 	if err != nil {
@@ -131,9 +132,9 @@ func TestTokenService(t *testing.T) {
 	if _, err := tc.RevokeToken(ctx, &keywardv1.RevokeTokenRequest{Token: m.Token}); err != nil {
 		t.Fatal(err)
 	}
-	in.stop()
-	in.run()
-	tc = keywardv1.NewTokenServiceClient(in.conn)
+	in.Stop()
+	in.Restart()
+	tc = keywardv1.NewTokenServiceClient(in.Conn)
 	if v, _ := tc.VerifyToken(ctx, &keywardv1.VerifyTokenRequest{Token: m.Token, Audience: "orders"}); v.Valid || v.Failure != keywardv1.TokenFailure_TOKEN_FAILURE_REVOKED {
 		t.Fatalf("a revoked token after a restart: %v", v)
 	}
@@ -145,8 +146,8 @@ func TestTokenService(t *testing.T) {
 	// By ID alone needs the grant on every key; this caller has it on jwt only.
 	_, err = tc.RevokeToken(ctx, &keywardv1.RevokeTokenRequest{TokenId: m2.TokenId})
 	wantCode(t, err, codes.PermissionDenied, `TokenService.RevokeToken on key "*"`)
-	in.stop()
-	auditLog, _ := os.ReadFile(in.cfg.DataDir + "/audit.log")
+	in.Stop()
+	auditLog, _ := os.ReadFile(in.Config.DataDir + "/audit.log")
 	if !strings.Contains(string(auditLog), `"op":"TokenService.MintToken","key":"jwt","version":1`) || !strings.Contains(string(auditLog), `"op":"TokenService.RevokeToken","key":"jwt"`) {
 		t.Fatal("token calls are not audited with their key")
 	}

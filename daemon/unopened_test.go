@@ -23,6 +23,7 @@ import (
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/envelope"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // decryptGlob is what the application role of the tests below may decrypt.
@@ -36,17 +37,6 @@ func decryptPolicy(getKey bool) string {
 		ops += ", KeyService.GetKey"
 	}
 	return strings.Replace(uidPolicy(fmt.Sprintf("      - operations: [%s]\n        keys: [%q]", ops, decryptGlob)), "max_batch: 5", "max_batch: 100", 1)
-}
-
-// setPolicy writes and reloads a policy.
-func (in *instance) setPolicy(t *testing.T, p string) {
-	t.Helper()
-	n := strings.Count(in.logs.String(), "policy reloaded")
-	if err := os.WriteFile(in.cfg.PolicyFile, []byte(p), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	in.reload <- struct{}{}
-	waitFor(t, func() bool { return strings.Count(in.logs.String(), "policy reloaded") > n })
 }
 
 // withName is ct with the key name in its header replaced.
@@ -141,10 +131,10 @@ func show(a string) string {
 // depends on the name alone. A caller granted GetKey too is told the
 // specific reason, and the audit record keeps it for both.
 func TestUnopenedAnswers(t *testing.T) {
-	in := start(t, strings.Replace(uidPolicy(allowAll), "max_batch: 5", "max_batch: 100", 1))
+	in := daemontest.Start(t, daemontest.Policy(strings.Replace(uidPolicy(allowAll), "max_batch: 5", "max_batch: 100", 1)))
 	ctx := context.Background()
-	kc := keywardv1.NewKeyServiceClient(in.conn)
-	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
+	ec := keywardv1.NewEnvelopeServiceClient(in.Conn)
 	create := func(name string, p keywardv1.KeyPurpose) {
 		t.Helper()
 		if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: name, Purpose: p}); err != nil {
@@ -227,7 +217,7 @@ func TestUnopenedAnswers(t *testing.T) {
 		return c.KeyName, !ok || strings.HasPrefix(c.KeyName, "keyward-")
 	}
 
-	in.setPolicy(t, decryptPolicy(false))
+	in.SetPolicy(decryptPolicy(false))
 	// The grant works: the originals open.
 	if got, err := ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: enc.Ciphertext, EncryptionContext: ectx}); err != nil || string(got.Plaintext) != "the data" {
 		t.Fatalf("Decrypt of the original: %v", err)
@@ -298,7 +288,7 @@ func TestUnopenedAnswers(t *testing.T) {
 	}
 
 	// With GetKey: the specific reason.
-	in.setPolicy(t, decryptPolicy(true))
+	in.SetPolicy(decryptPolicy(true))
 	for _, n := range named {
 		_, err := ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: n.ct, EncryptionContext: ectx})
 		wantCode(t, err, n.code, n.msg)
@@ -318,7 +308,7 @@ func TestUnopenedAnswers(t *testing.T) {
 
 	// The audit record keeps the specific reason of what the caller was
 	// not told, for single calls and batch items alike.
-	in.stop()
+	in.Stop()
 	recs := readAudit(t, in)
 	var single, item bool
 	for _, r := range recs {
@@ -344,22 +334,22 @@ func TestUnopenedAnswers(t *testing.T) {
 // same UNAVAILABLE, to be retried: the decoy decryption fails as the real
 // one would.
 func TestUnopenedHSMDown(t *testing.T) {
-	in := start(t, uidPolicy(allowAll))
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
 	ctx := context.Background()
-	if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "tenant-a", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+	if _, err := keywardv1.NewKeyServiceClient(in.Conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "tenant-a", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		t.Fatal(err)
 	}
 	ectx := map[string]string{"tenant": "a"}
-	dk, err := keywardv1.NewEnvelopeServiceClient(in.conn).GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "tenant-a", EncryptionContext: ectx})
+	dk, err := keywardv1.NewEnvelopeServiceClient(in.Conn).GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "tenant-a", EncryptionContext: ectx})
 	if err != nil {
 		t.Fatal(err)
 	}
-	in.stop()
-	faults := softhsmtest.NewFaults(t, in.tok)
-	in.cfg.HSM.Module = faults.Module
-	os.WriteFile(in.cfg.PolicyFile, []byte(decryptPolicy(false)), 0o600)
-	in.run()
-	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+	in.Stop()
+	faults := softhsmtest.NewFaults(t, in.Token)
+	in.Config.HSM.Module = faults.Module
+	os.WriteFile(in.Config.PolicyFile, []byte(decryptPolicy(false)), 0o600)
+	in.Restart()
+	ec := keywardv1.NewEnvelopeServiceClient(in.Conn)
 	faults.Set("C_DecryptInit 0xE0") // CKR_TOKEN_NOT_PRESENT
 	cts := map[string][]byte{"existing key": dk.WrappedKey, "missing key": withName(dk.WrappedKey, "tenant-d"), "missing version": withVersion(dk.WrappedKey, 9)}
 	answers := map[string][]string{}
@@ -371,7 +361,7 @@ func TestUnopenedHSMDown(t *testing.T) {
 	if len(answers) != 1 {
 		t.Fatalf("%d different answers with the HSM down: %v", len(answers), answers)
 	}
-	in.setPolicy(t, decryptPolicy(true))
+	in.SetPolicy(decryptPolicy(true))
 	_, err = ec.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: cts["missing key"], EncryptionContext: ectx})
 	wantCode(t, err, codes.NotFound, `key not found: "tenant-d" (and the HSM could not try the decoy decryption: hsm: decrypt`)
 	faults.Set()
@@ -380,10 +370,10 @@ func TestUnopenedHSMDown(t *testing.T) {
 	}
 }
 
-// readAudit reads the records of the stopped instance's audit log.
-func readAudit(t *testing.T, in *instance) []audit.Record {
+// readAudit reads the records of the stopped daemon's audit log.
+func readAudit(t *testing.T, in *daemontest.Daemon) []audit.Record {
 	t.Helper()
-	f, err := os.Open(filepath.Join(in.cfg.DataDir, "audit.log"))
+	f, err := os.Open(filepath.Join(in.Config.DataDir, "audit.log"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -421,12 +411,12 @@ func readAudit(t *testing.T, in *instance) []audit.Record {
 // three should take about as long: the decoy decryption stands in for the
 // HSM work a missing key or version would skip.
 func BenchmarkUnopened(b *testing.B) {
-	in := start(b, uidPolicy(allowAll))
+	in := daemontest.Start(b, daemontest.Policy(uidPolicy(allowAll)))
 	ctx := context.Background()
-	if _, err := keywardv1.NewKeyServiceClient(in.conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "tenant-a", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+	if _, err := keywardv1.NewKeyServiceClient(in.Conn).CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "tenant-a", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		b.Fatal(err)
 	}
-	ec := keywardv1.NewEnvelopeServiceClient(in.conn)
+	ec := keywardv1.NewEnvelopeServiceClient(in.Conn)
 	ectx := map[string]string{"tenant": "a"}
 	dk, err := ec.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "tenant-a", EncryptionContext: ectx})
 	if err != nil {
@@ -434,12 +424,12 @@ func BenchmarkUnopened(b *testing.B) {
 	}
 	forged := bytes.Clone(dk.WrappedKey)
 	forged[len(forged)-1] ^= 1
-	if err := os.WriteFile(in.cfg.PolicyFile, []byte(decryptPolicy(false)), 0o600); err != nil {
+	if err := os.WriteFile(in.Config.PolicyFile, []byte(decryptPolicy(false)), 0o600); err != nil {
 		b.Fatal(err)
 	}
-	in.reload <- struct{}{}
+	in.Reload()
 	for range 200 {
-		if strings.Contains(in.logs.String(), "policy reloaded") {
+		if strings.Contains(in.Log.String(), "policy reloaded") {
 			break
 		}
 		time.Sleep(10 * time.Millisecond)

@@ -19,18 +19,14 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
 	"go.yaml.in/yaml/v3"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/keyward/keyward/daemon"
-	"github.com/keyward/keyward/daemon/api/client"
-	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/plugins/conformance"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // TestMain makes the test binary keyward itself, and the keywardd the
@@ -64,13 +60,9 @@ func TestScripts(t *testing.T) {
 // scriptDaemon is a script's keywardd: a process of the test binary
 // running daemon.Run on a SoftHSM2 token of its own.
 type scriptDaemon struct {
-	tb      testing.TB
-	tok     *softhsmtest.Token
-	config  string
-	socket  string
-	logPath string
-	cmd     *exec.Cmd
-	done    chan error
+	tb    testing.TB
+	files *daemontest.Files
+	proc  *daemontest.Process // nil while stopped
 }
 
 // scriptSetup gives the script a SoftHSM2 token, a keywardd on it, and
@@ -91,14 +83,6 @@ func scriptSetup(env *testscript.Env) error {
 	if !ok {
 		return errors.New("scripts run under go test")
 	}
-	dir := tb.TempDir()
-	if err := os.Chmod(dir, 0o750); err != nil {
-		return err
-	}
-	tok, err := softhsmtest.Prepare(filepath.Join(dir, "hsm"), "keyward-test", "", "")
-	if err != nil {
-		return err
-	}
 	expand := func(b []byte) string {
 		return os.Expand(string(b), func(v string) string {
 			switch v {
@@ -110,47 +94,42 @@ func scriptSetup(env *testscript.Env) error {
 			return "$" + v
 		})
 	}
-	policy := fmt.Sprintf("version: 1\nroles:\n  all:\n    permissions:\n      - operations: [\"*\"]\n        keys: [\"*\"]\nbindings:\n  - role: all\n    callers:\n      - uid: %d\n", os.Getuid())
+	// Scripts run in parallel: each keywardd makes its token in its own
+	// process (SoftHSM2 reads SOFTHSM2_CONF once per process).
+	opts := []daemontest.Option{daemontest.PreparedToken()}
 	if b, err := os.ReadFile(filepath.Join(env.WorkDir, "policy.yaml")); err == nil {
-		policy = expand(b)
+		opts = append(opts, daemontest.Policy(expand(b)))
 	}
-	policyPath := filepath.Join(dir, "policy.yaml")
-	if err := os.WriteFile(policyPath, []byte(policy), 0o600); err != nil {
-		return err
-	}
-	cfg := map[string]any{}
+	var cfgErr error
 	if b, err := os.ReadFile(filepath.Join(env.WorkDir, "keywardd.yaml")); err == nil {
-		if err := yaml.Unmarshal([]byte(expand(b)), &cfg); err != nil {
-			return fmt.Errorf("keywardd.yaml: %w", err)
-		}
-	}
-	sock, data := filepath.Join(dir, "run", "k.sock"), filepath.Join(dir, "data")
-	cfg["socket"] = map[string]any{"path": sock}
-	cfg["data_dir"] = data
-	cfg["policy_file"] = policyPath
-	cfg["hsm"] = map[string]any{"module": tok.Module, "token": tok.Label, "pin_file": tok.PINFile}
-	if plugins, ok := cfg["plugins"].([]any); ok {
-		for _, p := range plugins {
-			p, _ := p.(map[string]any)
-			if path, _ := p["path"].(string); path != "" && !filepath.IsAbs(path) {
-				bin := conformance.Build(tb, "github.com/keyward/keyward/cmd/"+path)
-				b, err := os.ReadFile(bin)
-				if err != nil {
-					return err
-				}
-				sum := sha256.Sum256(b)
-				p["path"], p["sha256"] = bin, hex.EncodeToString(sum[:])
+		opts = append(opts, daemontest.Configure(func(c *daemon.Config) {
+			socket, data, policy, hsm := c.Socket, c.DataDir, c.PolicyFile, c.HSM
+			dec := yaml.NewDecoder(strings.NewReader(expand(b)))
+			dec.KnownFields(true)
+			if err := dec.Decode(c); err != nil {
+				cfgErr = fmt.Errorf("keywardd.yaml: %w", err)
+				return
 			}
-		}
+			c.Socket, c.DataDir, c.PolicyFile, c.HSM = socket, data, policy, hsm
+			for i, p := range c.Plugins {
+				if p.Path != "" && !filepath.IsAbs(p.Path) {
+					bin := conformance.Build(tb, "github.com/keyward/keyward/cmd/"+p.Path)
+					b, err := os.ReadFile(bin)
+					if err != nil {
+						cfgErr = err
+						return
+					}
+					sum := sha256.Sum256(b)
+					c.Plugins[i].Path, c.Plugins[i].SHA256 = bin, hex.EncodeToString(sum[:])
+				}
+			}
+		}))
 	}
-	b, err := yaml.Marshal(cfg)
-	if err != nil {
-		return err
+	files := daemontest.NewFiles(tb, opts...)
+	if cfgErr != nil {
+		return cfgErr
 	}
-	config := filepath.Join(dir, "keywardd.yaml")
-	if err := os.WriteFile(config, b, 0o600); err != nil {
-		return err
-	}
+	tok := files.Token
 	gorace := os.Getenv("GORACE")
 	if !strings.Contains(gorace, "atexit_sleep_ms") {
 		// A program built with -race sleeps a second at exit unless told
@@ -158,17 +137,17 @@ func scriptSetup(env *testscript.Env) error {
 		gorace = strings.TrimSpace(gorace + " atexit_sleep_ms=0")
 	}
 	env.Vars = append(env.Vars,
-		"KEYWARD_SOCKET="+sock, "KEYWARDD_DATA="+data, "GORACE="+gorace, "SOFTHSM2_CONF="+tok.Conf,
+		"KEYWARD_SOCKET="+files.Socket, "KEYWARDD_DATA="+files.DataDir, "GORACE="+gorace, "SOFTHSM2_CONF="+tok.Conf,
 		"HSM_MODULE="+tok.Module, "HSM_TOKEN="+tok.Label, "HSM_PIN_FILE="+tok.PINFile, "HSM_PIN="+tok.PIN)
 
-	d := &scriptDaemon{tb: tb, tok: tok, config: config, socket: sock, logPath: filepath.Join(dir, "keywardd.log")}
+	d := &scriptDaemon{tb: tb, files: files}
 	env.Values[daemonKey{}] = d
 	env.Defer(func() {
 		if err := d.stop(); err != nil {
 			tb.Error(err)
 		}
 		if tb.Failed() {
-			if b, err := os.ReadFile(d.logPath); err == nil {
+			if b, err := os.ReadFile(filepath.Join(files.Dir, "keywardd.log")); err == nil {
 				tb.Logf("keywardd's log:\n%s", b)
 			}
 		}
@@ -178,82 +157,30 @@ func scriptSetup(env *testscript.Env) error {
 
 type daemonKey struct{}
 
-// start runs keywardd and waits until it answers.
+// start runs keywardd (test-keywardd, below) and waits until it answers.
 func (d *scriptDaemon) start(gorace string) error {
-	if d.cmd != nil {
+	if d.proc != nil {
 		return errors.New("keywardd is running")
 	}
 	bin, err := exec.LookPath("test-keywardd")
 	if err != nil {
 		return err
 	}
-	log, err := os.OpenFile(d.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		return err
-	}
-	defer log.Close()
-	cmd := exec.Command(bin, d.tok.Dir, d.tok.Label, d.config)
+	tok := d.files.Token
 	// The PINs reach the token's making through the environment, never
 	// argv (as softhsm-test/mktoken takes them).
-	cmd.Env = append(os.Environ(), "KEYWARD_SO_PIN="+d.tok.SOPIN, "KEYWARD_USER_PIN="+d.tok.PIN, "GORACE="+gorace)
-	cmd.Stdout, cmd.Stderr = log, log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	d.cmd, d.done = cmd, make(chan error, 1)
-	go func() { d.done <- cmd.Wait() }()
-	deadline := time.Now().Add(60 * time.Second)
-	for time.Now().Before(deadline) {
-		select {
-		case err := <-d.done:
-			d.cmd = nil
-			b, _ := os.ReadFile(d.logPath)
-			return fmt.Errorf("keywardd exited (%v):\n%s", err, b)
-		case <-time.After(20 * time.Millisecond):
-		}
-		if _, err := os.Stat(d.socket); err != nil {
-			continue
-		}
-		// A new connection each time: one that failed waits out gRPC's
-		// reconnect backoff before it tries again.
-		c, err := client.Dial(d.socket)
-		if err != nil {
-			return err
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		_, err = c.Status.Ping(ctx, &keywardv1.PingRequest{})
-		cancel()
-		c.Close()
-		// Any answer but UNAVAILABLE is keywardd's (the policy may deny
-		// the Ping).
-		if status.Code(err) != codes.Unavailable {
-			return nil
-		}
-	}
-	return errors.New("keywardd did not answer within a minute")
+	d.proc = daemontest.Exec(d.tb, bin, d.files, daemontest.Args(tok.Dir, tok.Label, d.files.ConfigFile),
+		daemontest.Env("KEYWARD_SO_PIN="+tok.SOPIN, "KEYWARD_USER_PIN="+tok.PIN, "GORACE="+gorace))
+	return nil
 }
 
 // stop ends keywardd with SIGTERM, as systemd does, and waits for it.
 func (d *scriptDaemon) stop() error {
-	if d.cmd == nil {
+	if d.proc == nil {
 		return nil
 	}
-	defer func() { d.cmd = nil }()
-	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		return err
-	}
-	select {
-	case err := <-d.done:
-		if err != nil {
-			return fmt.Errorf("keywardd: %v", err)
-		}
-		return nil
-	case <-time.After(30 * time.Second):
-		d.cmd.Process.Kill()
-		<-d.done
-		return errors.New("keywardd did not stop within 30 s of SIGTERM")
-	}
+	defer func() { d.proc = nil }()
+	return d.proc.Stop()
 }
 
 // testKeywardd is the keywardd of a script: test-keywardd TOKEN-DIR LABEL

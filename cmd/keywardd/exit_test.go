@@ -15,30 +15,31 @@ import (
 
 	"github.com/keyward/keyward/daemon"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // editConfig replaces old with new in the set-up's configuration file.
-func editConfig(t *testing.T, f daemonFiles, old, new string) {
+func editConfig(t *testing.T, f *daemontest.Files, old, new string) {
 	t.Helper()
-	b, err := os.ReadFile(f.config)
+	b, err := os.ReadFile(f.ConfigFile)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(string(b), old) {
 		t.Fatalf("the configuration has no %q:\n%s", old, b)
 	}
-	if err := os.WriteFile(f.config, []byte(strings.Replace(string(b), old, new, 1)), 0o600); err != nil {
+	if err := os.WriteFile(f.ConfigFile, []byte(strings.Replace(string(b), old, new, 1)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 }
 
 // writeAuditLog puts content in place of keywardd's audit log.
-func writeAuditLog(t *testing.T, f daemonFiles, content []byte) {
+func writeAuditLog(t *testing.T, f *daemontest.Files, content []byte) {
 	t.Helper()
-	if err := os.MkdirAll(f.data, 0o700); err != nil {
+	if err := os.MkdirAll(f.DataDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(f.data, "audit.log"), content, 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(f.DataDir, "audit.log"), content, 0o600); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -126,88 +127,88 @@ func runToExit(t *testing.T, bin string, args ...string) (int, string) {
 // never restarts; a missing token or an unreachable HSM is never asked for
 // the PIN at all.
 func TestExitCodes(t *testing.T) {
-	bin := buildDaemon(t)
+	bin := daemontest.Build(t)
 	const uncounted = -1
 	for _, tc := range []struct {
 		name   string
 		faults []string // with the fault-injecting module, these rules; nil: SoftHSM2 directly
-		setup  func(t *testing.T, f daemonFiles) []string
+		setup  func(t *testing.T, f *daemontest.Files) []string
 		code   int
 		stderr string
 		logins int
 	}{
-		{"unknown configuration field", nil, func(t *testing.T, f daemonFiles) []string {
+		{"unknown configuration field", nil, func(t *testing.T, f *daemontest.Files) []string {
 			editConfig(t, f, "data_dir:", "bogus: 1\ndata_dir:")
 			return nil
 		}, daemon.ExitConfig, "field bogus not found", uncounted},
-		{"configuration file missing", nil, func(t *testing.T, f daemonFiles) []string {
-			return []string{"-config", filepath.Join(f.dir, "nope.yaml")}
+		{"configuration file missing", nil, func(t *testing.T, f *daemontest.Files) []string {
+			return []string{"-config", filepath.Join(f.Dir, "nope.yaml")}
 		}, daemon.ExitConfig, "no such file or directory", uncounted},
-		{"PIN file readable by others", []string{}, func(t *testing.T, f daemonFiles) []string {
-			os.Chmod(f.tok.PINFile, 0o644)
+		{"PIN file readable by others", []string{}, func(t *testing.T, f *daemontest.Files) []string {
+			os.Chmod(f.Token.PINFile, 0o644)
 			return nil
 		}, daemon.ExitConfig, "is accessible to other users (mode 0644): chmod o-rwx it", 0},
-		{"PIN file missing", []string{}, func(t *testing.T, f daemonFiles) []string {
-			editConfig(t, f, "pin_file: "+f.tok.PINFile, "pin_file: "+f.tok.PINFile+".gone")
+		{"PIN file missing", []string{}, func(t *testing.T, f *daemontest.Files) []string {
+			editConfig(t, f, "pin_file: "+f.Token.PINFile, "pin_file: "+f.Token.PINFile+".gone")
 			return nil
 		}, daemon.ExitConfig, ".gone does not exist", 0},
-		{"PIN credential outside systemd", []string{}, func(t *testing.T, f daemonFiles) []string {
-			editConfig(t, f, "pin_file: "+f.tok.PINFile, "pin_credential: keyward-pin")
+		{"PIN credential outside systemd", []string{}, func(t *testing.T, f *daemontest.Files) []string {
+			editConfig(t, f, "pin_file: "+f.Token.PINFile, "pin_credential: keyward-pin")
 			t.Setenv("CREDENTIALS_DIRECTORY", "")
 			os.Unsetenv("CREDENTIALS_DIRECTORY")
 			return nil
 		}, daemon.ExitConfig, "$CREDENTIALS_DIRECTORY is not set", 0},
-		{"policy file missing", nil, func(t *testing.T, f daemonFiles) []string {
-			os.Remove(filepath.Join(f.dir, "policy.yaml"))
+		{"policy file missing", nil, func(t *testing.T, f *daemontest.Files) []string {
+			os.Remove(filepath.Join(f.Dir, "policy.yaml"))
 			return nil
 		}, daemon.ExitConfig, "policy: open", uncounted},
-		{"unexpected argument", nil, func(t *testing.T, f daemonFiles) []string {
-			return []string{"-config", f.config, "1234"}
+		{"unexpected argument", nil, func(t *testing.T, f *daemontest.Files) []string {
+			return []string{"-config", f.ConfigFile, "1234"}
 		}, daemon.ExitUsage, "unexpected arguments", uncounted},
-		{"unknown flag", nil, func(t *testing.T, f daemonFiles) []string {
+		{"unknown flag", nil, func(t *testing.T, f *daemontest.Files) []string {
 			return []string{"-pin", "1234"}
 		}, daemon.ExitUsage, "flag provided but not defined: -pin", uncounted},
-		{"wrong PIN", []string{}, func(t *testing.T, f daemonFiles) []string {
-			os.WriteFile(f.tok.PINFile, []byte("wrong-"+f.tok.PIN+"\n"), 0o600)
+		{"wrong PIN", []string{}, func(t *testing.T, f *daemontest.Files) []string {
+			os.WriteFile(f.Token.PINFile, []byte("wrong-"+f.Token.PIN+"\n"), 0o600)
 			return nil
 		}, daemon.ExitPIN, "PIN incorrect: check the PIN file or variable; keyward does not retry a wrong PIN", 1},
 		{"locked PIN", []string{"C_Login 0xA4"}, nil, daemon.ExitPIN, "PIN locked: the security officer must unlock or reset the user PIN", 1},
-		{"token missing", []string{}, func(t *testing.T, f daemonFiles) []string {
-			editConfig(t, f, "token: "+f.tok.Label, "token: no-such-token")
+		{"token missing", []string{}, func(t *testing.T, f *daemontest.Files) []string {
+			editConfig(t, f, "token: "+f.Token.Label, "token: no-such-token")
 			return nil
 		}, daemon.ExitTokenMissing, "no token matches pkcs11:token=no-such-token", 0},
 		{"HSM unreachable", []string{"C_GetSlotList 0x30"}, nil, daemon.ExitTransient, "token unavailable", 0},
-		{"audit log's last line damaged", nil, func(t *testing.T, f daemonFiles) []string {
+		{"audit log's last line damaged", nil, func(t *testing.T, f *daemontest.Files) []string {
 			writeAuditLog(t, f, []byte("this is not an audit log\n"))
 			return nil
 		}, daemon.ExitData, "does not parse; run keyward audit verify on it", uncounted},
-		{"audit log ends in a line over 1 MiB", nil, func(t *testing.T, f daemonFiles) []string {
+		{"audit log ends in a line over 1 MiB", nil, func(t *testing.T, f *daemontest.Files) []string {
 			writeAuditLog(t, f, bytes.Repeat([]byte("x"), 1<<20+1))
 			return nil
 		}, daemon.ExitData, "ends in a line over 1048576 bytes", uncounted},
-		{"weak key under keywardd's label", nil, func(t *testing.T, f daemonFiles) []string {
-			plantHMACKeys(t, f.tok, daemon.PepperKey.Name, 1, true)
+		{"weak key under keywardd's label", nil, func(t *testing.T, f *daemontest.Files) []string {
+			plantHMACKeys(t, f.Token, daemon.PepperKey.Name, 1, true)
 			return nil
 		}, daemon.ExitConfig, "CKA_EXTRACTABLE is true", uncounted},
-		{"two keys under keywardd's label", nil, func(t *testing.T, f daemonFiles) []string {
-			plantHMACKeys(t, f.tok, daemon.CredentialsKey, 2, false)
+		{"two keys under keywardd's label", nil, func(t *testing.T, f *daemontest.Files) []string {
+			plantHMACKeys(t, f.Token, daemon.CredentialsKey, 2, false)
 			return nil
 		}, daemon.ExitConfig, `several objects carry the label \"keyward/keyward-credentials/v1\"`, uncounted},
 		{"mechanism the token lacks", []string{"C_GenerateKey 0x70"}, nil, daemon.ExitConfig, "mechanism not supported", 1},
-		{"socket directory not there yet", nil, func(t *testing.T, f daemonFiles) []string {
-			editConfig(t, f, "path: "+f.sock, "path: "+filepath.Join(f.dir, "not-yet", "run", "k.sock"))
+		{"socket directory not there yet", nil, func(t *testing.T, f *daemontest.Files) []string {
+			editConfig(t, f, "path: "+f.Socket, "path: "+filepath.Join(f.Dir, "not-yet", "run", "k.sock"))
 			return nil
 		}, daemon.ExitTransient, "no such file or directory", uncounted},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f := newDaemonFiles(t)
+			f := daemontest.NewFiles(t)
 			var faults *softhsmtest.Faults
 			if tc.faults != nil {
-				faults = softhsmtest.NewFaults(t, f.tok)
+				faults = softhsmtest.NewFaults(t, f.Token)
 				faults.Set(tc.faults...)
-				editConfig(t, f, "module: "+f.tok.Module, "module: "+faults.Module)
+				editConfig(t, f, "module: "+f.Token.Module, "module: "+faults.Module)
 			}
-			args := []string{"-config", f.config}
+			args := []string{"-config", f.ConfigFile}
 			if tc.setup != nil {
 				if a := tc.setup(t, f); a != nil {
 					args = a
@@ -220,7 +221,7 @@ func TestExitCodes(t *testing.T) {
 			if !strings.Contains(stderr, tc.stderr) {
 				t.Errorf("the log does not say %q:\n%s", tc.stderr, stderr)
 			}
-			if strings.Contains(stderr, f.tok.PIN) {
+			if strings.Contains(stderr, f.Token.PIN) {
 				t.Errorf("the log shows the PIN:\n%s", stderr)
 			}
 			if tc.logins != uncounted {
@@ -239,14 +240,14 @@ func TestExitCodes(t *testing.T) {
 // exits with the transient code (it may start once the first stops), and
 // the first keeps serving.
 func TestExitCodeSecondDaemon(t *testing.T) {
-	bin := buildDaemon(t)
-	f := newDaemonFiles(t)
-	first := startDaemon(t, bin, f.config, f.sock)
-	code, stderr := runToExit(t, bin, "-config", f.config)
-	if code != daemon.ExitTransient || !strings.Contains(stderr, "another keywardd is serving "+f.sock) {
+	bin := daemontest.Build(t)
+	f := daemontest.NewFiles(t)
+	first := daemontest.Exec(t, bin, f)
+	code, stderr := runToExit(t, bin, "-config", f.ConfigFile)
+	if code != daemon.ExitTransient || !strings.Contains(stderr, "another keywardd is serving "+f.Socket) {
 		t.Fatalf("second keywardd: exit code %d, want %d\n%s", code, daemon.ExitTransient, stderr)
 	}
-	if first.ProcessState != nil {
+	if first.Exited() {
 		t.Fatal("the first keywardd stopped")
 	}
 }
@@ -255,14 +256,14 @@ func TestExitCodeSecondDaemon(t *testing.T) {
 // store with ExitData (which the unit does not restart), and says to
 // restore it and where the runbook is.
 func TestExitCodeDamagedStore(t *testing.T) {
-	bin := buildDaemon(t)
-	f := newDaemonFiles(t)
+	bin := daemontest.Build(t)
+	f := daemontest.NewFiles(t)
 	garbage := []byte(strings.Repeat("this is not a bbolt file; ", 1000))
-	os.Mkdir(f.data, 0o700)
-	if err := os.WriteFile(filepath.Join(f.data, "keyward.db"), garbage, 0o600); err != nil {
+	os.Mkdir(f.DataDir, 0o700)
+	if err := os.WriteFile(filepath.Join(f.DataDir, "keyward.db"), garbage, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	code, stderr := runToExit(t, bin, "-config", f.config)
+	code, stderr := runToExit(t, bin, "-config", f.ConfigFile)
 	if code != daemon.ExitData {
 		t.Fatalf("exit code %d, want %d\n%s", code, daemon.ExitData, stderr)
 	}

@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -22,88 +21,14 @@ import (
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
-	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
-
-// built is keywardd, built once for every test of the package.
-var built struct {
-	once sync.Once
-	dir  string
-	out  []byte
-	err  error
-}
 
 // TestMain removes the keywardd the tests built.
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if built.dir != "" {
-		os.RemoveAll(built.dir)
-	}
+	daemontest.RemoveBuilt()
 	os.Exit(code)
-}
-
-func buildDaemon(t testing.TB) string {
-	t.Helper()
-	built.once.Do(func() {
-		if built.dir, built.err = os.MkdirTemp("", "keywardd-test-"); built.err == nil {
-			built.out, built.err = exec.Command("go", "build", "-o", filepath.Join(built.dir, "keywardd"), ".").CombinedOutput()
-		}
-	})
-	if built.err != nil {
-		t.Fatalf("go build: %v\n%s", built.err, built.out)
-	}
-	return filepath.Join(built.dir, "keywardd")
-}
-
-// startDaemon runs keywardd with the configuration and waits until it
-// answers a Ping.
-func startDaemon(t testing.TB, bin, config, sock string) *exec.Cmd {
-	t.Helper()
-	cmd := exec.Command(bin, "-config", config)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	// A new connection each time: one that failed waits out gRPC's
-	// reconnect backoff (a second) before it tries again.
-	for range 1000 {
-		if _, err := os.Stat(sock); err == nil {
-			c, _ := client.Dial(sock)
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			_, err := c.Status.Ping(ctx, &keywardv1.PingRequest{})
-			cancel()
-			c.Close()
-			if err == nil {
-				return cmd
-			}
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	t.Fatalf("keywardd did not come up:\n%s", stderr.String())
-	return nil
-}
-
-// daemonFiles is a keywardd set-up for the binary on a fresh token: a
-// policy granting this uid everything, a data directory and a
-// configuration, in a temporary directory.
-type daemonFiles struct {
-	tok             *softhsmtest.Token
-	dir, sock, data string
-	config          string
-}
-
-func newDaemonFiles(t testing.TB) daemonFiles {
-	t.Helper()
-	f := daemonFiles{tok: softhsmtest.New(t), dir: t.TempDir()}
-	os.Chmod(f.dir, 0o750)
-	f.sock, f.data, f.config = filepath.Join(f.dir, "run", "k.sock"), filepath.Join(f.dir, "data"), filepath.Join(f.dir, "keywardd.yaml")
-	policy := filepath.Join(f.dir, "policy.yaml")
-	os.WriteFile(policy, []byte(fmt.Sprintf("version: 1\nroles:\n  all:\n    permissions:\n      - operations: [\"*\"]\n        keys: [\"*\"]\nbindings:\n  - role: all\n    callers:\n      - uid: %d\n", os.Getuid())), 0o600)
-	os.WriteFile(f.config, []byte(fmt.Sprintf("socket:\n  path: %s\ndata_dir: %s\npolicy_file: %s\nhsm:\n  module: %s\n  token: %s\n  pin_file: %s\n",
-		f.sock, f.data, policy, f.tok.Module, f.tok.Label, f.tok.PINFile)), 0o600)
-	return f
 }
 
 // TestKill9: keywardd is killed with SIGKILL in the middle of concurrent
@@ -125,11 +50,11 @@ func openStore(h *hsm.HSM, data string) (*store.Store, error) {
 }
 
 func TestKill9(t *testing.T) {
-	bin := buildDaemon(t)
-	files := newDaemonFiles(t)
-	tok, sock, data, config := files.tok, files.sock, files.data, files.config
+	bin := daemontest.Build(t)
+	files := daemontest.NewFiles(t)
+	tok, sock, data := files.Token, files.Socket, files.DataDir
 
-	cmd := startDaemon(t, bin, config, sock)
+	cmd := daemontest.Exec(t, bin, files)
 	c, err := client.Dial(sock)
 	if err != nil {
 		t.Fatal(err)
@@ -156,15 +81,14 @@ func TestKill9(t *testing.T) {
 		})
 	}
 	time.Sleep(400 * time.Millisecond)
-	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Kill()
 	wg.Wait()
-	cmd.Wait()
 	c.Close()
 	if len(keys) < 10 {
 		t.Fatalf("only %d data keys before the kill", len(keys))
 	}
 
-	second := startDaemon(t, bin, config, sock)
+	second := daemontest.Exec(t, bin, files)
 	c, _ = client.Dial(sock)
 	for i, k := range keys {
 		pt, err := c.Decrypt(ctx, k.wrapped, map[string]string{"n": "1"})
@@ -175,9 +99,8 @@ func TestKill9(t *testing.T) {
 	c.Close()
 	t.Logf("%d data keys acknowledged before SIGKILL all decrypt after the restart", len(keys))
 	// Stop it cleanly, then check the store and the audit log.
-	second.Process.Signal(syscall.SIGTERM)
-	if err := second.Wait(); err != nil {
-		t.Fatalf("keywardd after SIGTERM: %v", err)
+	if err := second.Stop(); err != nil {
+		t.Fatal(err)
 	}
 	h, err := hsm.Open(hsm.Config{Module: tok.Module, Token: tok.Label, PINFile: tok.PINFile})
 	if err != nil {
@@ -204,11 +127,11 @@ func TestKill9(t *testing.T) {
 // (hint, index and record are separate writes): every rotation
 // acknowledged before it holds after it, and the store checks clean.
 func TestKill9APIKeys(t *testing.T) {
-	bin := buildDaemon(t)
-	files := newDaemonFiles(t)
-	sock, config := files.sock, files.config
+	bin := daemontest.Build(t)
+	files := daemontest.NewFiles(t)
+	sock := files.Socket
 
-	cmd := startDaemon(t, bin, config, sock)
+	cmd := daemontest.Exec(t, bin, files)
 	c, err := client.Dial(sock)
 	if err != nil {
 		t.Fatal(err)
@@ -276,15 +199,14 @@ func TestKill9APIKeys(t *testing.T) {
 		})
 	}
 	time.Sleep(200 * time.Millisecond)
-	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Kill()
 	wg.Wait()
-	cmd.Wait()
 	c.Close()
 
 	if len(acked) < 3 {
 		t.Fatalf("only %d rotations before the kill", len(acked)-1)
 	}
-	second := startDaemon(t, bin, config, sock)
+	second := daemontest.Exec(t, bin, files)
 	c, _ = client.Dial(sock)
 	defer c.Close()
 	// The last rotation acknowledged holds (or one after it, done but not
@@ -299,16 +221,15 @@ func TestKill9APIKeys(t *testing.T) {
 	}
 	t.Logf("%d rotations acknowledged before SIGKILL", len(acked)-1)
 	defer func() {
-		second.Process.Signal(syscall.SIGTERM)
-		if err := second.Wait(); err != nil {
-			t.Errorf("keywardd after SIGTERM: %v", err)
+		if err := second.Stop(); err != nil {
+			t.Error(err)
 		}
-		h, err := hsm.Open(hsm.Config{Module: files.tok.Module, Token: files.tok.Label, PINFile: files.tok.PINFile})
+		h, err := hsm.Open(hsm.Config{Module: files.Token.Module, Token: files.Token.Label, PINFile: files.Token.PINFile})
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer h.Close()
-		st, err := openStore(h, files.data)
+		st, err := openStore(h, files.DataDir)
 		if err != nil {
 			t.Fatalf("the store after the kill: %v", err)
 		}
@@ -334,9 +255,9 @@ func TestKill9APIKeys(t *testing.T) {
 // GetStatus shows it running; keywardd killed with SIGKILL leaves no plugin
 // process behind.
 func TestKill9LeavesNoPlugin(t *testing.T) {
-	bin := buildDaemon(t)
-	files := newDaemonFiles(t)
-	pluginDir := filepath.Join(files.dir, "plugins")
+	bin := daemontest.Build(t)
+	files := daemontest.NewFiles(t)
+	pluginDir := filepath.Join(files.Dir, "plugins")
 	os.Mkdir(pluginDir, 0o755)
 	pluginBin := filepath.Join(pluginDir, "keyward-plugin-file")
 	if out, err := exec.Command("go", "build", "-o", pluginBin, "../keyward-plugin-file").CombinedOutput(); err != nil {
@@ -344,12 +265,12 @@ func TestKill9LeavesNoPlugin(t *testing.T) {
 	}
 	b, _ := os.ReadFile(pluginBin)
 	sum := sha256.Sum256(b)
-	f, _ := os.OpenFile(files.config, os.O_APPEND|os.O_WRONLY, 0)
-	fmt.Fprintf(f, "plugins:\n  - name: file\n    path: %s\n    sha256: %s\n    env: {KEYWARD_FILE_DIRS: %s}\n", pluginBin, hex.EncodeToString(sum[:]), files.dir)
+	f, _ := os.OpenFile(files.ConfigFile, os.O_APPEND|os.O_WRONLY, 0)
+	fmt.Fprintf(f, "plugins:\n  - name: file\n    path: %s\n    sha256: %s\n    env: {KEYWARD_FILE_DIRS: %s}\n", pluginBin, hex.EncodeToString(sum[:]), files.Dir)
 	f.Close()
 
-	cmd := startDaemon(t, bin, files.config, files.sock)
-	c, err := client.Dial(files.sock)
+	cmd := daemontest.Exec(t, bin, files)
+	c, err := client.Dial(files.Socket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -372,8 +293,7 @@ func TestKill9LeavesNoPlugin(t *testing.T) {
 	if pid == 0 || syscall.Kill(pid, 0) != nil {
 		t.Fatalf("the plugin is not running (pid %d)", pid)
 	}
-	cmd.Process.Signal(syscall.SIGKILL)
-	cmd.Wait()
+	cmd.Kill()
 	for range 100 {
 		if syscall.Kill(pid, 0) != nil {
 			return

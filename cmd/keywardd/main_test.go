@@ -17,6 +17,7 @@ import (
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/devmode"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // startDev runs keywardd --dev with args and returns it once it serves, with
@@ -63,7 +64,7 @@ func stopDev(t *testing.T, cmd *exec.Cmd, stderr *strings.Builder) {
 // and stops it with SIGTERM: the socket and the throw-away directory are
 // gone afterwards.
 func TestDevMode(t *testing.T) {
-	bin := buildDaemon(t)
+	bin := daemontest.Build(t)
 	cmd, sock, stderr := startDev(t, bin)
 	c, err := client.Dial(sock)
 	if err != nil {
@@ -103,7 +104,7 @@ func TestDevMode(t *testing.T) {
 // the token, PIN, policy and configuration of its first start (an edit to
 // the policy stays), and what was made there is still there.
 func TestDevModeKeepsItsDirectory(t *testing.T) {
-	bin := buildDaemon(t)
+	bin := daemontest.Build(t)
 	dir := filepath.Join(t.TempDir(), "dev")
 	cmd, sock, stderr := startDev(t, bin, "-dev-dir", dir)
 	c, err := client.Dial(sock)
@@ -160,7 +161,7 @@ func TestDevModeKeepsItsDirectory(t *testing.T) {
 // configuration (here metrics on a Unix socket) on the dev token, with the
 // dev directory's socket, data and policy, which FILE does not name.
 func TestDevModeWithConfig(t *testing.T) {
-	bin := buildDaemon(t)
+	bin := daemontest.Build(t)
 	tmp := t.TempDir()
 	msock := filepath.Join(tmp, "metrics", "metrics.sock")
 	os.Mkdir(filepath.Dir(msock), 0o700)

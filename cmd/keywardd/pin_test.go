@@ -5,10 +5,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // TestPINSources starts the real keywardd with the PIN in each place it
@@ -17,42 +17,42 @@ import (
 // it (/proc/PID/environ, where a variable stays after os.Unsetenv unless
 // keywardd overwrites it) and its log; SIGTERM stops it with exit code 0.
 func TestPINSources(t *testing.T) {
-	bin := buildDaemon(t)
+	bin := daemontest.Build(t)
 	const pinVar, canary = "KEYWARD_TEST_HSM_PIN", "KEYWARD_TEST_CANARY=still-here"
 	for _, tc := range []struct {
 		name  string
-		setup func(t *testing.T, f daemonFiles) string // the hsm.pin_* line
+		setup func(t *testing.T, f *daemontest.Files) string // the hsm.pin_* line
 	}{
-		{"credential", func(t *testing.T, f daemonFiles) string {
+		{"credential", func(t *testing.T, f *daemontest.Files) string {
 			// As systemd makes it: a directory and a 0400 file of the
 			// service's user.
 			dir := filepath.Join(t.TempDir(), "credentials")
 			os.Mkdir(dir, 0o700)
-			os.WriteFile(filepath.Join(dir, "keyward-pin"), []byte(f.tok.PIN), 0o400)
+			os.WriteFile(filepath.Join(dir, "keyward-pin"), []byte(f.Token.PIN), 0o400)
 			os.Chmod(dir, 0o500)
 			t.Setenv("CREDENTIALS_DIRECTORY", dir)
 			return "pin_credential: keyward-pin"
 		}},
-		{"file", func(t *testing.T, f daemonFiles) string { return "pin_file: " + f.tok.PINFile }},
-		{"variable", func(t *testing.T, f daemonFiles) string {
+		{"file", func(t *testing.T, f *daemontest.Files) string { return "pin_file: " + f.Token.PINFile }},
+		{"variable", func(t *testing.T, f *daemontest.Files) string {
 			softhsmtest.RequireRoot(t, "reads /proc/PID/environ of keywardd, which is not dumpable: that takes CAP_SYS_PTRACE")
-			t.Setenv(pinVar, f.tok.PIN)
+			t.Setenv(pinVar, f.Token.PIN)
 			return "pin_env: " + pinVar
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f := newDaemonFiles(t)
-			editConfig(t, f, "pin_file: "+f.tok.PINFile, tc.setup(t, f))
+			f := daemontest.NewFiles(t)
+			editConfig(t, f, "pin_file: "+f.Token.PINFile, tc.setup(t, f))
 			k, v, _ := strings.Cut(canary, "=")
 			t.Setenv(k, v)
-			cmd := startDaemon(t, bin, f.config, f.sock)
-			proc := "/proc/" + strconv.Itoa(cmd.Process.Pid)
+			cmd := daemontest.Exec(t, bin, f)
+			proc := "/proc/" + strconv.Itoa(cmd.Pid())
 
 			argv, err := os.ReadFile(proc + "/cmdline")
-			if err != nil || !strings.Contains(string(argv), f.config) {
+			if err != nil || !strings.Contains(string(argv), f.ConfigFile) {
 				t.Fatalf("%s/cmdline: %q, %v", proc, argv, err)
 			}
-			if strings.Contains(string(argv), f.tok.PIN) {
+			if strings.Contains(string(argv), f.Token.PIN) {
 				t.Errorf("the command line shows the PIN: %q", argv)
 			}
 			env, err := os.ReadFile(proc + "/environ")
@@ -63,7 +63,7 @@ func TestPINSources(t *testing.T) {
 				if !strings.Contains(string(env), canary+"\x00") {
 					t.Fatalf("%s/environ lacks the canary %s: %q", proc, canary, env)
 				}
-				if strings.Contains(string(env), f.tok.PIN) || strings.Contains(string(env), pinVar+"=") {
+				if strings.Contains(string(env), f.Token.PIN) || strings.Contains(string(env), pinVar+"=") {
 					t.Errorf("%s/environ shows the PIN's variable", proc)
 				} else {
 					t.Logf("%s/environ: %d bytes, no PIN", proc, len(env))
@@ -74,15 +74,14 @@ func TestPINSources(t *testing.T) {
 				t.Logf("%s/environ is closed to the same user without CAP_SYS_PTRACE (keywardd is not dumpable): %v", proc, err)
 			}
 
-			cmd.Process.Signal(syscall.SIGTERM)
-			if err := cmd.Wait(); err != nil {
-				t.Fatalf("keywardd after SIGTERM: %v, want exit code 0", err)
+			if err := cmd.Stop(); err != nil {
+				t.Fatalf("%v, want exit code 0", err)
 			}
-			logs := cmd.Stderr.(*strings.Builder).String()
+			logs := cmd.Log()
 			if !strings.Contains(logs, `"msg":"keywardd serving"`) {
 				t.Fatalf("no serving in the log:\n%s", logs)
 			}
-			if strings.Contains(logs, f.tok.PIN) {
+			if strings.Contains(logs, f.Token.PIN) {
 				t.Errorf("the log shows the PIN:\n%s", logs)
 			}
 		})

@@ -9,7 +9,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -19,6 +18,7 @@ import (
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/hsm"
 	"github.com/keyward/keyward/softhsm-test/benchload"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // BenchmarkAPIKeyScale runs keywardd, the binary, on stores of 1 000 and
@@ -52,7 +52,7 @@ func BenchmarkAPIKeyScale(b *testing.B) {
 			b.Fatalf("KEYWARD_BENCH_ACTIVE: %q is not a number of keys", env)
 		}
 	}
-	bin := buildDaemon(b)
+	bin := daemontest.Build(b)
 	type row struct {
 		n               int
 		start, restart  time.Duration
@@ -62,11 +62,12 @@ func BenchmarkAPIKeyScale(b *testing.B) {
 	var rows []row
 	for _, n := range sizes {
 		r := row{n: n}
-		sock, config, sample := scaleSetup(b, bin, n, active)
+		files, sample := scaleSetup(b, bin, n, active)
+		sock := files.Socket
 		t0 := time.Now()
-		cmd := startDaemon(b, bin, config, sock)
+		cmd := daemontest.Exec(b, bin, files)
 		r.start = time.Since(t0)
-		_, _, startFile := memory(cmd.Process.Pid)
+		_, _, startFile := memory(cmd.Pid())
 		c, err := client.Dial(sock)
 		if err != nil {
 			b.Fatal(err)
@@ -84,38 +85,40 @@ func BenchmarkAPIKeyScale(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
-		_, _, warmFile := memory(cmd.Process.Pid)
+		_, _, warmFile := memory(cmd.Pid())
 		b.Logf("%d keys: file pages resident after start %d MiB, after the first verify of each sampled key %d MiB", n, startFile>>20, warmFile>>20)
 		var next atomic.Int64
 		b.Run(fmt.Sprintf("%dkeys", n), func(b *testing.B) {
 			// At least 20 000 calls, whatever -benchtime says: the p99
 			// compared between sizes is of a distribution.
-			calls0, cpu0 := next.Load(), processCPU(cmd.Process.Pid)
+			calls0, cpu0 := next.Load(), processCPU(cmd.Pid())
 			r.res = benchload.RunAtLeast(b, 4, 20_000, func() error { return verify(sample[int(next.Add(1))%len(sample)]) })
 			// keywardd is another process: its CPU is added to the
 			// clients' that benchload measured.
 			if calls := next.Load() - calls0; calls > 0 {
-				r.res.CPU += (processCPU(cmd.Process.Pid) - cpu0) / time.Duration(calls)
+				r.res.CPU += (processCPU(cmd.Pid()) - cpu0) / time.Duration(calls)
 				b.ReportMetric(float64(r.res.CPU)/float64(time.Microsecond), "cpu-µs/op")
 			}
-			r.rss, r.anon, r.file = memory(cmd.Process.Pid)
+			r.rss, r.anon, r.file = memory(cmd.Pid())
 			b.ReportMetric(float64(r.start.Milliseconds()), "start-ms")
 			b.ReportMetric(float64(r.rss)/(1<<20), "rss-MiB")
 			b.ReportMetric(float64(r.anon)/(1<<20), "anon-MiB")
 			b.ReportMetric(float64(r.file)/(1<<20), "file-MiB")
 		})
 		c.Close()
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
+		if err := cmd.Stop(); err != nil {
+			b.Fatal(err)
+		}
 		// A restart finds the file's pages as keywardd left them: the
 		// first start read them all and dropped them from the page cache
 		// (to keep its resident set to what calls use), so the check reads
 		// from the disk all that calls did not bring back.
 		t0 = time.Now()
-		cmd = startDaemon(b, bin, config, sock)
+		cmd = daemontest.Exec(b, bin, files)
 		r.restart = time.Since(t0)
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
+		if err := cmd.Stop(); err != nil {
+			b.Fatal(err)
+		}
 		rows = append(rows, r)
 	}
 	fmt.Printf("\nkeywardd with many API keys, %d of them in use, one run (%s)\n", active, time.Now().UTC().Format(time.RFC3339))
@@ -131,15 +134,14 @@ func BenchmarkAPIKeyScale(b *testing.B) {
 // scaleSetup makes a token, a configuration and a store of n API keys for
 // keywardd, issued the way keywardd issues them, and returns up to active
 // of their secrets spread over the whole set.
-func scaleSetup(b *testing.B, bin string, n, active int) (sock, config string, sample []string) {
+func scaleSetup(b *testing.B, bin string, n, active int) (files *daemontest.Files, sample []string) {
 	b.Helper()
-	files := newDaemonFiles(b)
-	tok, data := files.tok, files.data
-	sock, config = files.sock, files.config
+	files = daemontest.NewFiles(b)
+	tok, data := files.Token, files.DataDir
 	// A first start makes keywardd's own keys, the pepper among them.
-	cmd := startDaemon(b, bin, config, sock)
-	cmd.Process.Signal(syscall.SIGTERM)
-	cmd.Wait()
+	if err := daemontest.Exec(b, bin, files).Stop(); err != nil {
+		b.Fatal(err)
+	}
 
 	h, err := hsm.Open(hsm.Config{Module: tok.Module, Token: tok.Label, PINFile: tok.PINFile})
 	if err != nil {
@@ -194,7 +196,7 @@ func scaleSetup(b *testing.B, bin string, n, active int) (sock, config string, s
 	if err := <-errs; err != nil {
 		b.Fatal(err)
 	}
-	return sock, config, sample
+	return files, sample
 }
 
 // processCPU reads a process's CPU time, user and system (Linux; 0 if

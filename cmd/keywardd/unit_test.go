@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/keyward/keyward/daemon"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 const unitFile = "../../docs/systemd/keywardd.service"
@@ -142,7 +143,7 @@ func TestUnitVerifies(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bin := buildDaemon(t)
+	bin := daemontest.Build(t)
 	const shipped = "ExecStart=/usr/local/bin/keywardd "
 	if bytes.Count(orig, []byte(shipped)) != 1 {
 		t.Fatalf("%s has no single %q line", unitFile, shipped)
