@@ -42,7 +42,7 @@ type testClock struct {
 	t  time.Time
 }
 
-func (c *testClock) now() time.Time      { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *testClock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
 
 // testServer is a Server on real parts: a SoftHSM2 token of its own, a
 // bbolt store and an audit log in the test's directory, and the real key
