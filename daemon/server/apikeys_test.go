@@ -19,13 +19,7 @@ import (
 
 // issuer manages team-a's API keys (the policy's globs match owners);
 // gate only verifies them.
-const apiKeysPolicy = `version: 1
-roles:
-  admin:
-    permissions:
-      - operations: ["*"]
-        keys: ["*"]
-  issuer:
+var apiKeysPolicy = withAdmin(`  issuer:
     permissions:
       - operations: ["APIKeyService.*"]
         keys: ["team-a"]
@@ -33,14 +27,11 @@ roles:
     permissions:
       - operations: [APIKeyService.VerifyAPIKey]
         keys: ["team-a"]
-bindings:
-  - role: admin
-    callers: [{uid: 1000}]
-  - role: issuer
+`, `  - role: issuer
     callers: [{uid: 2000}]
   - role: gate
     callers: [{uid: 4000}]
-`
+`)
 
 // noKey is an API key ID of the right form that names no key.
 const noKey = "ak_000000000000000000000000"

@@ -21,22 +21,13 @@ import (
 )
 
 // reader may fetch and list the app-* credentials.
-const credentialsPolicy = `version: 1
-roles:
-  admin:
-    permissions:
-      - operations: ["*"]
-        keys: ["*"]
-  reader:
+var credentialsPolicy = withAdmin(`  reader:
     permissions:
       - operations: [CredentialService.GetCredential, CredentialService.ListCredentials]
         keys: ["app-*"]
-bindings:
-  - role: admin
-    callers: [{uid: 1000}]
-  - role: reader
+`, `  - role: reader
     callers: [{uid: 2000}]
-`
+`)
 
 // withFilePlugin gives the server managed credentials rotated by the
 // file plugin (cmd/keyward-plugin-file, built and run for the test), which

@@ -15,24 +15,15 @@ import (
 // app may use the app-* keys for envelope encryption, in batches of at
 // most 3, but not read the keys (KeyService.GetKey): it is not told why
 // a ciphertext does not open. admin may do everything and is told.
-const envelopePolicy = `version: 1
-roles:
-  admin:
-    permissions:
-      - operations: ["*"]
-        keys: ["*"]
-  app:
+var envelopePolicy = withAdmin(`  app:
     max_batch: 3
     permissions:
       - operations: [EnvelopeService.GenerateDataKey, EnvelopeService.GenerateDataKeyWithoutPlaintext, EnvelopeService.Encrypt,
           EnvelopeService.Decrypt, EnvelopeService.ReEncrypt, EnvelopeService.BatchEncrypt, EnvelopeService.BatchDecrypt]
         keys: ["app-*"]
-bindings:
-  - role: admin
-    callers: [{uid: 1000}]
-  - role: app
+`, `  - role: app
     callers: [{uid: 2000}]
-`
+`)
 
 const app = 2000
 

@@ -124,6 +124,13 @@ func newTestServer(t *testing.T, policyYAML string, opts ...serverOption) *testS
 	return ts
 }
 
+// withAdmin is a policy of roles and their bindings, beside the role
+// admin: everything, granted to uid 1000 (the tests' admin).
+func withAdmin(roles, bindings string) string {
+	return "version: 1\nroles:\n  admin:\n    permissions:\n      - operations: [\"*\"]\n        keys: [\"*\"]\n" + roles +
+		"bindings:\n  - role: admin\n    callers: [{uid: 1000}]\n" + bindings
+}
+
 // testHSM is the HSM as the server sees it (as daemon's hsmStatus).
 type testHSM struct{ *hsm.HSM }
 

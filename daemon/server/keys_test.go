@@ -22,22 +22,13 @@ const (
 	stranger = 3000
 )
 
-const keysPolicy = `version: 1
-roles:
-  admin:
-    permissions:
-      - operations: ["*"]
-        keys: ["*"]
-  reader:
+var keysPolicy = withAdmin(`  reader:
     permissions:
       - operations: [KeyService.GetKey, KeyService.ListKeys]
         keys: ["app-*"]
-bindings:
-  - role: admin
-    callers: [{uid: 1000}]
-  - role: reader
+`, `  - role: reader
     callers: [{uid: 2000}]
-`
+`)
 
 // mustCreate makes keys for a test's cases.
 func mustCreate(t *testing.T, ts *testServer, specs ...keys.Spec) {

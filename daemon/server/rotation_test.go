@@ -14,22 +14,13 @@ import (
 )
 
 // reader sees the rotation plan of the app-* keys and may rotate none.
-const rotationPolicy = `version: 1
-roles:
-  admin:
-    permissions:
-      - operations: ["*"]
-        keys: ["*"]
-  reader:
+var rotationPolicy = withAdmin(`  reader:
     permissions:
       - operations: [RotationService.GetRotationPlan]
         keys: ["app-*"]
-bindings:
-  - role: admin
-    callers: [{uid: 1000}]
-  - role: reader
+`, `  - role: reader
     callers: [{uid: 2000}]
-`
+`)
 
 // planIs checks GetRotationPlan's answer: the IDs listed, in order, and
 // the total before the limit.

@@ -12,22 +12,13 @@ import (
 )
 
 // reader may ping and nothing more.
-const statusPolicy = `version: 1
-roles:
-  admin:
-    permissions:
-      - operations: ["*"]
-        keys: ["*"]
-  reader:
+var statusPolicy = withAdmin(`  reader:
     permissions:
       - operations: [StatusService.Ping]
         keys: ["*"]
-bindings:
-  - role: admin
-    callers: [{uid: 1000}]
-  - role: reader
+`, `  - role: reader
     callers: [{uid: 2000}]
-`
+`)
 
 func TestStatusService(t *testing.T) {
 	since := time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)

@@ -19,13 +19,7 @@ import (
 // web mints and verifies tokens under the jwt* keys, for the audience
 // orders only, with the scope orders:read and the claim tenant, for 15
 // minutes at most. admin may call everything but has no token grant.
-const tokensPolicy = `version: 1
-roles:
-  admin:
-    permissions:
-      - operations: ["*"]
-        keys: ["*"]
-  web:
+var tokensPolicy = withAdmin(`  web:
     permissions:
       - operations: ["TokenService.*"]
         keys: ["jwt*"]
@@ -34,12 +28,9 @@ roles:
       scopes: ["orders:read"]
       claims: [tenant]
       max_ttl: 15m
-bindings:
-  - role: admin
-    callers: [{uid: 1000}]
-  - role: web
+`, `  - role: web
     callers: [{uid: 2000}]
-`
+`)
 
 const web = 2000
 
