@@ -90,7 +90,7 @@ func (s *Server) PanicRotate(ctx context.Context, r *keywardv1.PanicRotateReques
 	c.detail = fmt.Sprintf("dry run %v: new version %d, retired versions %v, %d encryptions under them, withdrawn %v",
 		r.GetDryRun(), p.NewVersion, p.Retired, p.Encryptions, p.Withdrawn)
 	if !r.GetDryRun() {
-		out.EffectiveTime = timestamppb.Now()
+		out.EffectiveTime = timestamppb.New(s.cfg.Now())
 		if s.cfg.Notify != nil {
 			s.cfg.Notify()
 		}

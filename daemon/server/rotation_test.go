@@ -84,6 +84,9 @@ func TestRotationService(t *testing.T) {
 				if k, _ := ts.keys.Get("app-panic"); k.Latest() != 2 || r.GetNewVersion() != 2 || r.GetPluginEvents() != 1 || notified.Load() != 1 {
 					t.Errorf("version %d (answered %d), %d plugin events, notified %d times; want 2, 1, once", k.Latest(), r.GetNewVersion(), r.GetPluginEvents(), notified.Load())
 				}
+				if !r.GetEffectiveTime().AsTime().Equal(ts.clock.now()) {
+					t.Errorf("effective at %v; want keywardd's clock, %v", r.GetEffectiveTime().AsTime(), ts.clock.now())
+				}
 			}},
 		{name: "panic rotation of one of keywardd's own keys", uid: admin, method: "RotationService/PanicRotate",
 			req: &keywardv1.PanicRotateRequest{Name: auditKey.Name}, code: codes.InvalidArgument, msg: "keywardd's own",
