@@ -18,6 +18,20 @@ import (
 
 // For APIKeyService the policy's key globs match API key owners.
 
+// APIKeys is the API key manager the APIKeyService translates to:
+// daemon/apikeys.Manager.
+type APIKeys interface {
+	Create(ctx context.Context, s apikeys.Spec) (secret string, rec *apikeys.Record, err error)
+	Get(id string) (*apikeys.Record, error)
+	List(f apikeys.Filter, after string, size int) (recs []*apikeys.Record, next string, err error)
+	Verify(ctx context.Context, presented string, req apikeys.Request) apikeys.Result
+	Rotate(ctx context.Context, id string, overlap time.Duration) (string, *apikeys.Record, error)
+	Revoke(id string) (*apikeys.Record, error)
+	RevokeWhere(f apikeys.Filter, dryRun bool) (int, error)
+	Update(id string, c apikeys.Change, admin bool) (*apikeys.Record, error)
+	GetUsage(id string, window time.Duration) (*apikeys.Usage, error)
+}
+
 var apiKeyStates = map[apikeys.State]keywardv1.APIKeyState{
 	apikeys.Active:        keywardv1.APIKeyState_API_KEY_STATE_ACTIVE,
 	apikeys.StateDisabled: keywardv1.APIKeyState_API_KEY_STATE_DISABLED,

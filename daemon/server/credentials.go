@@ -14,6 +14,16 @@ import (
 
 // For CredentialService the policy's key globs match credential names.
 
+// Credentials is the manager of the credentials plugins rotate, which the
+// CredentialService translates to: daemon/credentials.Manager.
+type Credentials interface {
+	Register(ctx context.Context, s credentials.Spec) (*credentials.Record, error)
+	Get(ctx context.Context, name string) (*credentials.Record, []byte, error)
+	List() ([]*credentials.Record, error)
+	Rotate(ctx context.Context, name string) (*credentials.Record, error)
+	Revoke(ctx context.Context, name string) (*credentials.Record, error)
+}
+
 func toCredential(r *credentials.Record) *keywardv1.Credential {
 	out := &keywardv1.Credential{Name: r.Name, Plugin: r.Plugin, Config: string(r.Config), CreateTime: timestamppb.New(r.Created),
 		Failures: uint32(r.Failures), LastError: r.LastError, RetryTime: timeOrNil(r.RetryAt), NextRotationTime: timeOrNil(r.NextRotation())}

@@ -10,6 +10,17 @@ import (
 	"github.com/keyward/keyward/daemon/envelope"
 )
 
+// Envelope is the envelope encryption the EnvelopeService translates to:
+// daemon/envelope.Service.
+type Envelope interface {
+	GenerateDataKey(ctx context.Context, keyName string, size int, encCtx map[string]string) (plaintext, wrapped []byte, err error)
+	Encrypt(ctx context.Context, keyName string, plaintext []byte, encCtx map[string]string) ([]byte, error)
+	Decrypt(ctx context.Context, ciphertext []byte, encCtx map[string]string) ([]byte, envelope.Header, error)
+	ReEncrypt(ctx context.Context, ciphertext []byte, encCtx map[string]string, toKey string, toCtx map[string]string) ([]byte, envelope.Header, error)
+	// Header reads the key and version a ciphertext names, without the HSM.
+	Header(ciphertext []byte) (envelope.Header, error)
+}
+
 // noteContext records the digest of the encryption context for the audit
 // record. A context that does not encode is refused by the call itself.
 func noteContext(ctx context.Context, ec map[string]string) {

@@ -13,6 +13,20 @@ import (
 	"github.com/keyward/keyward/daemon/keys"
 )
 
+// Keys is the key manager the KeyService translates to (and GetStatus,
+// ListSigningKeys and PanicRotate read): daemon/keys.Manager.
+type Keys interface {
+	Create(ctx context.Context, s keys.Spec) (*keys.Key, error)
+	Get(name string) (*keys.Key, error)
+	List() ([]*keys.Key, error)
+	Rotate(ctx context.Context, name string) (*keys.Key, error)
+	PanicRotate(ctx context.Context, name string, dryRun bool) (*keys.Panic, error)
+	SetEnabled(name string, enabled bool) (*keys.Key, error)
+	SetMinDecryptionVersion(name string, v uint32) (*keys.Key, error)
+	ScheduleDeletion(name string, wait time.Duration) (*keys.Key, error)
+	CancelDeletion(name string) (*keys.Key, error)
+}
+
 var purposes = map[keywardv1.KeyPurpose]keys.Purpose{
 	keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT: keys.Encrypt,
 	keywardv1.KeyPurpose_KEY_PURPOSE_SIGN:    keys.Sign,

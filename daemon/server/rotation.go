@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -10,6 +11,15 @@ import (
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/schedule"
 )
+
+// Schedule is the rotation schedule GetRotationPlan reads:
+// daemon/schedule.Scheduler.
+type Schedule interface {
+	// Plan is every scheduled rotation, soonest first.
+	Plan() ([]schedule.Entry, error)
+	// Now is the schedule's clock, against which entries are due.
+	Now() time.Time
+}
 
 // maxPlan bounds a plan's answer: a million API keys under rules would
 // not fit in a gRPC message.
@@ -80,7 +90,7 @@ func (s *Server) PanicRotate(ctx context.Context, r *keywardv1.PanicRotateReques
 	c.detail = fmt.Sprintf("dry run %v: new version %d, retired versions %v, %d encryptions under them, withdrawn %v",
 		r.GetDryRun(), p.NewVersion, p.Retired, p.Encryptions, p.Withdrawn)
 	if !r.GetDryRun() {
-		out.EffectiveTime = timestamppb.Now()
+		out.EffectiveTime = timestamppb.New(s.cfg.Now())
 		if s.cfg.Notify != nil {
 			s.cfg.Notify()
 		}

@@ -52,16 +52,11 @@ import (
 
 	"github.com/keyward/keyward/daemon/admission"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
-	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
-	"github.com/keyward/keyward/daemon/credentials"
-	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/faults"
 	"github.com/keyward/keyward/daemon/identity"
-	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/policy"
-	"github.com/keyward/keyward/daemon/schedule"
 )
 
 // services are the keyward.v1 services keywardd serves.
@@ -125,13 +120,26 @@ type Store interface {
 	SchemaVersion() (int, error)
 }
 
+// AuditLog is the hash-chained log every call is written to before its
+// answer goes out: daemon/audit.Log.
+type AuditLog interface {
+	// Append writes r and returns once it is on disk.
+	Append(ctx context.Context, r audit.Record) error
+	// Err is why the log cannot be written; nil while it can.
+	Err() error
+	// CheckpointErr is why the last checkpoint failed, for GetStatus.
+	CheckpointErr() error
+	// SetNotify has fn called whenever Err may have changed.
+	SetNotify(fn func())
+}
+
 // Config is what a Server is made of.
 type Config struct {
 	HSM      HSM
 	Store    Store
-	Keys     *keys.Manager
-	Envelope *envelope.Service
-	Audit    *audit.Log
+	Keys     Keys
+	Envelope Envelope
+	Audit    AuditLog
 	Policy   *policy.Policy
 	// MaxBatch caps every batch, whatever a role allows. Default 100.
 	MaxBatch int
@@ -145,10 +153,12 @@ type Config struct {
 	// Tokens serves the TokenService.
 	Tokens TokenService
 	// APIKeys serves the APIKeyService.
-	APIKeys *apikeys.Manager
+	APIKeys APIKeys
 	// Credentials serves the CredentialService; nil turns it off.
-	Credentials *credentials.Manager
-	// Metrics, if set, counts and times every call.
+	Credentials Credentials
+	// Metrics, if set, counts and times every call. It stays concrete: a
+	// leaf (Prometheus counters, safe on a nil receiver) with no behaviour
+	// a caller would swap, and tests read what it counted.
 	Metrics *metrics.Metrics
 	// Plugins, if set, reports the plugins' states for GetStatus.
 	Plugins func() []PluginState
@@ -156,7 +166,7 @@ type Config struct {
 	// canonical, for GetStatus; nil until known.
 	NamesToRename func() map[string]int
 	// Schedule serves GetRotationPlan; nil turns it off.
-	Schedule *schedule.Scheduler
+	Schedule Schedule
 	// Observed, if set, hears of the verifications of a live secret (the
 	// anomaly detector): VALID ones, to learn from, and those refused for
 	// where or how the secret was used.
