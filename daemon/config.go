@@ -91,7 +91,7 @@ type Config struct {
 	Rotation schedule.Rules `yaml:"rotation"`
 	// Anomaly: watching API keys' use (package anomaly).
 	Anomaly anomaly.Config `yaml:"anomaly"`
-	// DynamicLimits: API keys' rate limits under load (package load).
+	// DynamicLimits: API keys' rate limits under load (package dynlimits).
 	DynamicLimits dynlimits.Config `yaml:"dynamic_limits"`
 	APIKeys       struct {
 		Prefix     string        `yaml:"prefix"`      // starts every key; default "kw"

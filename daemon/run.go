@@ -113,6 +113,10 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 		}
 	}()
 	bg := startTasks(append(d.tasks(), d.jobs()...))
+	d.log.Info("keywardd serving", "socket", d.ln.Path(), "token", d.h.Token().Label, "store", d.st.Path(), "audit", d.cfg.auditPath(), "version", d.o.Version)
+	if d.o.Ready != nil {
+		close(d.o.Ready) // the socket listens: calls wait in its backlog until Serve takes them
+	}
 	err = d.serve(ctx, bg.failed())
 	if werr := bg.wait(); werr != nil {
 		d.log.Error("a background task failed", "error", werr.Error())
@@ -161,10 +165,6 @@ func (d *daemonParts) reloadPolicy(ctx context.Context) {
 func (d *daemonParts) serve(ctx context.Context, failed <-chan struct{}) error {
 	served := make(chan error, 1)
 	go func() { served <- d.gs.Serve(d.ln) }()
-	d.log.Info("keywardd serving", "socket", d.ln.Path(), "token", d.h.Token().Label, "store", d.st.Path(), "audit", d.cfg.auditPath(), "version", d.o.Version)
-	if d.o.Ready != nil {
-		close(d.o.Ready)
-	}
 	select {
 	case err := <-served:
 		return fmt.Errorf("serving: %w", err)
@@ -177,11 +177,22 @@ func (d *daemonParts) serve(ctx context.Context, failed <-chan struct{}) error {
 	go func() { d.gs.GracefulStop(); close(drained) }()
 	select {
 	case <-drained:
+		<-served
+		return nil
 	case <-time.After(d.o.DrainTimeout):
-		d.log.Warn("calls still running after the drain timeout; stopping them", "timeout", d.o.DrainTimeout.String())
-		d.gs.Stop()
-		<-drained
 	}
-	<-served
+	d.log.Warn("calls still running after the drain timeout; stopping them", "timeout", d.o.DrainTimeout.String())
+	d.gs.Stop() // closes the connections; handlers still running (one stuck in the HSM) are not waited for
+	select {
+	case <-drained:
+	case <-time.After(stopGrace):
+		d.log.Error("calls still running after the connections closed; stopping without them (their answers are lost, and one that ends after the audit log closed is not audited; acts that cannot be undone are audited before they are done)", "waited", (d.o.DrainTimeout + stopGrace).String())
+	}
 	return nil
 }
+
+// stopGrace is how long Run waits, once the connections are closed, for
+// handlers still running: gRPC's Stop does not wait for them, and one stuck
+// in the HSM must not keep keywardd from its last flushes before systemd's
+// stop timeout (30 s) kills it.
+const stopGrace = 2 * time.Second

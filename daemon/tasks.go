@@ -7,9 +7,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"time"
-
-	"golang.org/x/sync/errgroup"
 )
 
 // A task is one of keywardd's background loops: it runs until ctx ends and
@@ -23,35 +22,47 @@ type task struct {
 
 // tasks runs a set of tasks and waits for all of them.
 type tasks struct {
-	g    *errgroup.Group
-	ctx  context.Context // ends when stop is called or a task fails
-	stop context.CancelFunc
+	wg       sync.WaitGroup
+	stop     context.CancelFunc
+	fail     chan struct{} // closed at the first failure
+	failOnce sync.Once
+	mu       sync.Mutex
+	err      error // the first failure
 }
 
-// startTasks starts ts, each in its own goroutine. They run until stop
-// ends them, or one of them fails; wait waits for every one.
+// startTasks starts ts, each in its own goroutine. They run until wait
+// stops them: a task that fails closes failed (so that Run stops serving
+// and the calls in flight drain), but the others run on until then, since
+// those calls still count usage and queue events.
 func startTasks(ts []task) *tasks {
 	ctx, stop := context.WithCancel(context.Background())
-	g, gctx := errgroup.WithContext(ctx)
-	for _, t := range ts {
-		g.Go(func() error {
-			if err := t.run(gctx); err != nil {
-				return fmt.Errorf("%s: %w", t.name, err)
+	t := &tasks{stop: stop, fail: make(chan struct{})}
+	for _, tk := range ts {
+		t.wg.Go(func() {
+			if err := tk.run(ctx); err != nil {
+				t.mu.Lock()
+				if t.err == nil {
+					t.err = fmt.Errorf("%s: %w", tk.name, err)
+				}
+				t.mu.Unlock()
+				t.failOnce.Do(func() { close(t.fail) })
 			}
-			return nil
 		})
 	}
-	return &tasks{g: g, ctx: gctx, stop: stop}
+	return t
 }
 
-// failed is closed once a task failed (or the tasks were stopped).
-func (t *tasks) failed() <-chan struct{} { return t.ctx.Done() }
+// failed is closed once a task failed.
+func (t *tasks) failed() <-chan struct{} { return t.fail }
 
 // wait stops the tasks, waits for all of them, and returns the first
 // error one returned.
 func (t *tasks) wait() error {
 	t.stop()
-	return t.g.Wait()
+	t.wg.Wait()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.err
 }
 
 // every is a task that calls fn at once, then every interval, until ctx

@@ -3,6 +3,8 @@ package daemon
 import (
 	"context"
 	"errors"
+	"log/slog"
+	"net"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -38,26 +40,30 @@ func TestTasksWaitForEveryOne(t *testing.T) {
 	}
 }
 
-// TestTaskFailureStopsTheOthers: a task that fails closes failed (so Run
-// stops serving) and ends the others' context.
-func TestTaskFailureStopsTheOthers(t *testing.T) {
-	stopped := make(chan struct{})
+// TestTaskFailureStopsServing: a task that fails closes failed (so Run
+// stops serving), while the others run on until wait: the calls that
+// drain meanwhile still count usage and queue events.
+func TestTaskFailureStopsServing(t *testing.T) {
+	var stopped atomic.Bool
 	bg := startTasks([]task{
-		{"steady", func(ctx context.Context) error { <-ctx.Done(); close(stopped); return nil }},
+		{"steady", func(ctx context.Context) error { <-ctx.Done(); stopped.Store(true); return nil }},
 		{"broken", func(context.Context) error { return errors.New("the listener is gone") }},
+		{"broken later", func(ctx context.Context) error { <-ctx.Done(); return errors.New("a second failure") }},
 	})
 	select {
 	case <-bg.failed():
 	case <-time.After(5 * time.Second):
 		t.Fatal("a failed task did not close failed")
 	}
-	select {
-	case <-stopped:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the other task's context did not end")
+	time.Sleep(20 * time.Millisecond)
+	if stopped.Load() {
+		t.Fatal("a task was stopped before wait")
 	}
 	if err := bg.wait(); err == nil || err.Error() != "broken: the listener is gone" {
-		t.Fatalf("wait: %v", err)
+		t.Fatalf("wait: %v, want the first failure", err)
+	}
+	if !stopped.Load() {
+		t.Fatal("wait returned before the steady task ended")
 	}
 }
 
@@ -78,5 +84,38 @@ func TestEvery(t *testing.T) {
 	time.Sleep(10 * time.Millisecond)
 	if n.Load() != got {
 		t.Fatal("every called fn after ctx ended")
+	}
+}
+
+// stuckServer is a gRPC server whose calls never end: GracefulStop waits
+// for them for ever, as grpc-go's does for a handler stuck in the HSM
+// (Stop closes the connections but does not wait for handlers).
+type stuckServer struct{ stopped chan struct{} }
+
+func (s *stuckServer) Serve(net.Listener) error { <-s.stopped; return nil }
+func (s *stuckServer) GracefulStop()            { select {} }
+func (s *stuckServer) Stop()                    { close(s.stopped) }
+
+// TestDrainIsBounded: a call that never ends keeps keywardd from stopping
+// for DrainTimeout and stopGrace, no longer, so that its last flushes run
+// before the service manager's stop timeout.
+func TestDrainIsBounded(t *testing.T) {
+	d := &daemonParts{gs: &stuckServer{stopped: make(chan struct{})}, log: slog.New(slog.DiscardHandler),
+		o: Options{DrainTimeout: 50 * time.Millisecond}}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	start := time.Now()
+	done := make(chan error, 1)
+	go func() { done <- d.serve(ctx, nil) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+		if took := time.Since(start); took < 50*time.Millisecond+stopGrace {
+			t.Fatalf("serve returned after %v, before the drain timeout and the grace", took)
+		}
+	case <-time.After(50*time.Millisecond + stopGrace + 10*time.Second):
+		t.Fatal("serve waited for a call that never ends")
 	}
 }

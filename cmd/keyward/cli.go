@@ -293,7 +293,7 @@ func positional(names []string) cobra.PositionalArgs {
 	return func(cc *cobra.Command, args []string) error {
 		switch {
 		case len(args) > len(names):
-			return usageError{msg: fmt.Sprintf("unexpected %q (secrets and data go through files or standard input, never arguments)", args[len(names)])}
+			return usageError{msg: fmt.Sprintf("unexpected %q (secrets and data go through files or standard input, never arguments)", clip(args[len(names)]))}
 		case len(args) < len(names):
 			return usageError{msg: fmt.Sprintf("name the %s: %s", strings.ToLower(names[len(args)]), cc.UseLine())}
 		}
@@ -325,13 +325,25 @@ func unknownCommand(cc *cobra.Command, word string) error {
 	return usageError{msg: msg, see: cc.CommandPath()}
 }
 
+// clip shortens an argument echoed in an error: it may be a secret pasted
+// where it does not belong, and a few characters say which argument.
+func clip(arg string) string {
+	if r := []rune(arg); len(r) > 8 {
+		return string(r[:4]) + "…"
+	}
+	return arg
+}
+
 // flagError is how a flag that cobra cannot parse is reported; pflag
 // reads an unknown -pin as the shorthands p, i, n, and says so: keyward
 // has no shorthands but -h, so it speaks of the flag.
 func flagError(_ *cobra.Command, err error) error {
 	var ne *pflag.NotExistError
 	if errors.As(err, &ne) && len(ne.GetSpecifiedShortnames()) > 1 {
-		return usageError{msg: "unknown flag: -" + ne.GetSpecifiedShortnames()}
+		// Only the name: what follows an = may be a secret typed where
+		// it does not belong (-pin=...).
+		name, _, _ := strings.Cut(ne.GetSpecifiedShortnames(), "=")
+		return usageError{msg: "unknown flag: -" + name}
 	}
 	return usageError{msg: err.Error()}
 }

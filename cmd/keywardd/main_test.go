@@ -192,3 +192,68 @@ func TestDevModeWithConfig(t *testing.T) {
 	}
 	stopDev(t, cmd, stderr)
 }
+
+// TestDevModeRefusesForeignDirectory: keywardd --dev -dev-dir takes a
+// directory only if it is this user's and empty or its own: another user's
+// (made under /tmp, say) could name the PKCS#11 module and the plugins
+// keywardd loads. Nothing is made in a refused directory.
+func TestDevModeRefusesForeignDirectory(t *testing.T) {
+	bin := daemontest.Build(t)
+	refused := func(t *testing.T, dir, why string) {
+		t.Helper()
+		before, _ := os.ReadDir(dir)
+		cmd := exec.Command(bin, "-dev", "-dev-dir", dir)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		done := make(chan error, 1)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			if err == nil {
+				t.Fatalf("keywardd --dev -dev-dir %s started", dir)
+			}
+		case <-time.After(30 * time.Second):
+			cmd.Process.Kill()
+			t.Fatalf("keywardd --dev -dev-dir %s did not stop", dir)
+		}
+		if !strings.Contains(stderr.String(), why) {
+			t.Fatalf("keywardd --dev -dev-dir %s: want %q in\n%s", dir, why, stderr.String())
+		}
+		if after, _ := os.ReadDir(dir); len(after) != len(before) {
+			t.Fatalf("a refused -dev-dir got %d entries, had %d", len(after), len(before))
+		}
+	}
+	t.Run("files it did not make", func(t *testing.T) {
+		dir := t.TempDir()
+		os.WriteFile(filepath.Join(dir, "notes.txt"), []byte("mine"), 0o600)
+		refused(t, dir, "holds files keywardd --dev did not make")
+	})
+	t.Run("a symbolic link", func(t *testing.T) {
+		link := filepath.Join(t.TempDir(), "dev")
+		os.Symlink(t.TempDir(), link)
+		refused(t, link, "is not a directory (or is a symbolic link)")
+	})
+	t.Run("a file others may write", func(t *testing.T) {
+		dir := filepath.Join(t.TempDir(), "dev")
+		cmd, _, stderr := startDev(t, bin, "-dev-dir", dir)
+		stopDev(t, cmd, stderr)
+		if err := os.Chmod(filepath.Join(dir, "keywardd.yaml"), 0o666); err != nil {
+			t.Fatal(err)
+		}
+		refused(t, dir, "writable by others")
+	})
+	t.Run("another user's", func(t *testing.T) {
+		if os.Geteuid() != 0 {
+			t.Skip("needs root to make a directory of another user's (CI runs as root)")
+		}
+		dir := filepath.Join(t.TempDir(), "dev")
+		os.Mkdir(dir, 0o700)
+		if err := os.Chown(dir, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+		refused(t, dir, "belongs to another user")
+	})
+}

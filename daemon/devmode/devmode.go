@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/keyward/keyward/daemon"
 	"github.com/keyward/keyward/daemon/keys"
@@ -54,13 +55,10 @@ func Setup(dir, config string) (*daemon.Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(dir, 0o700); err != nil {
-		return nil, err
-	}
 	f := FilesIn(dir)
+	if err := own(f); err != nil {
+		return nil, err
+	}
 	tok, err := token(f.Token)
 	if err != nil {
 		return nil, err
@@ -88,6 +86,67 @@ func Setup(dir, config string) (*daemon.Config, error) {
 			c.PolicyFile = f.Policy
 		}
 	})
+}
+
+// own makes the dev directory (0700), or checks that the one there is
+// ours to use: a real directory of this user's, either empty or set up by
+// dev mode, whose files no one else could have written. keywardd loads the
+// module its keywardd.yaml names and runs the plugins it lists: a
+// directory another user made (under /tmp, say) must not be taken.
+func own(f Files) error {
+	if err := os.MkdirAll(filepath.Dir(f.Dir), 0o700); err != nil {
+		return fmt.Errorf("devmode: %w", err)
+	}
+	if err := os.Mkdir(f.Dir, 0o700); err == nil {
+		return nil
+	} else if !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("devmode: %w", err)
+	}
+	refuse := func(why string) error {
+		return fmt.Errorf("devmode: -dev-dir %s %s; give a new directory (keywardd --dev makes it)", f.Dir, why)
+	}
+	fi, err := os.Lstat(f.Dir)
+	if err != nil {
+		return fmt.Errorf("devmode: %w", err)
+	}
+	if !fi.IsDir() {
+		return refuse("is not a directory (or is a symbolic link)")
+	}
+	if !ownedSafely(fi) {
+		return refuse("belongs to another user or others may write to it")
+	}
+	entries, err := os.ReadDir(f.Dir)
+	if err != nil {
+		return fmt.Errorf("devmode: %w", err)
+	}
+	if len(entries) == 0 {
+		return os.Chmod(f.Dir, 0o700)
+	}
+	if _, err := os.Lstat(filepath.Join(f.Token, "user.pin")); err != nil {
+		return refuse("holds files keywardd --dev did not make")
+	}
+	// What dev mode reads from it, and the token's directories.
+	for _, p := range []string{f.Token, filepath.Join(f.Token, "tokens"), filepath.Join(f.Token, "user.pin"),
+		filepath.Join(f.Token, "softhsm2.conf"), f.Config, f.Policy} {
+		fi, err := os.Lstat(p)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // made below
+		}
+		if err != nil {
+			return fmt.Errorf("devmode: %w", err)
+		}
+		if fi.Mode()&fs.ModeSymlink != 0 || !ownedSafely(fi) {
+			return refuse(fmt.Sprintf("holds %s, which is a symbolic link, another user's, or writable by others", p))
+		}
+	}
+	return os.Chmod(f.Dir, 0o700)
+}
+
+// ownedSafely: fi is this user's, and neither its group nor others may
+// write it.
+func ownedSafely(fi fs.FileInfo) bool {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	return ok && int(st.Uid) == os.Geteuid() && fi.Mode().Perm()&0o022 == 0
 }
 
 // token makes the dev token in dir, or opens the one made there before
@@ -119,8 +178,10 @@ func token(dir string) (*softhsmtest.Token, error) {
 		return nil, err
 	}
 	if err := tok.Init(); err != nil {
-		// No half-made token is left to be taken for a whole one.
+		// No half-made token is left to be taken for a whole one, nor to
+		// sit beside the next start's as a second "keyward-dev".
 		os.Remove(tok.PINFile)
+		os.RemoveAll(filepath.Join(dir, "tokens"))
 		return nil, err
 	}
 	return tok, nil
@@ -211,14 +272,22 @@ func HowTo(cfg *daemon.Config, config, dir string, kept bool) string {
 	if kept {
 		stop = fmt.Sprintf("Stop with Ctrl-C; start again with: keywardd --dev -dev-dir %s", dir)
 	}
+	grants := fmt.Sprintf("(grants uid %d everything)", os.Getuid())
+	if cfg.PolicyFile != FilesIn(dir).Policy {
+		grants = "(the configuration's: the commands below need what they do granted)"
+	}
+	path := "  # the keyward CLI is in ./bin after make build\n"
+	if exe, err := os.Executable(); err == nil {
+		path = "  export PATH=" + filepath.Dir(exe) + ":$PATH   # the keyward CLI, beside keywardd\n"
+	}
 	return fmt.Sprintf(`
 keywardd --dev is serving on %[1]s
   token %[2]q (SoftHSM2, throw-away), data and audit log in %[3]s
-  configuration %[6]s, policy %[4]s (grants uid %[5]d everything)
+  configuration %[6]s, policy %[4]s %[5]s
   keys dev-kek (encrypt) and dev-signing (sign tokens)
 
-Try, in another terminal (the keyward CLI is in ./bin after make build):
-  export KEYWARD_SOCKET=%[1]s
+Try, in another terminal:
+%[8]s  export KEYWARD_SOCKET=%[1]s
   keyward status
   keyward key list
   keyward key create --name orders --purpose encrypt
@@ -238,5 +307,5 @@ Try, in another terminal (the keyward CLI is in ./bin after make build):
   grpcurl -plaintext -unix %[1]s list
 
 %[7]s
-`, cfg.Socket.Path, cfg.HSM.Token, cfg.DataDir, cfg.PolicyFile, os.Getuid(), config, stop)
+`, cfg.Socket.Path, cfg.HSM.Token, cfg.DataDir, cfg.PolicyFile, grants, config, stop, path)
 }

@@ -29,7 +29,7 @@ import (
 )
 
 // The keys keywardd keeps for itself, made by newTestServer as keywardd
-// makes them (daemon/run.go).
+// makes them (daemon/assemble.go).
 var (
 	auditKey       = hsm.KeyID{Name: ReservedPrefix + "audit", Version: 1}
 	pepperKey      = hsm.KeyID{Name: ReservedPrefix + "apikeys", Version: 1}

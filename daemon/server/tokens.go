@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/faults"
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/tokens"
 )
@@ -103,7 +104,7 @@ func (s *Server) VerifyToken(ctx context.Context, r *keywardv1.VerifyTokenReques
 				break
 			}
 		}
-		if !matched && !errors.Is(err, tokens.ErrInvalid) {
+		if !matched && faults.Of(err) != faults.None {
 			return nil, err // not the token's fault: the keys could not be read
 		}
 		return out, nil

@@ -156,7 +156,8 @@ func (s *Service) signing(name string, ttl time.Duration, now time.Time) (hsm.Ke
 // A caller that asks for the same token again (same caller, key version,
 // audiences, scopes, claims, lifetime, subject) gets the one it got before,
 // until half its lifetime has passed, instead of an HSM signature each
-// time, unless it was revoked or Config.NoCache.
+// time, unless it was revoked or Config.NoCache. An error once the version
+// was chosen comes with a MintedBy of that Key alone (for the audit record).
 func (s *Service) Mint(ctx context.Context, r MintRequest) (*MintedBy, error) {
 	now := s.now()
 	id, err := s.signing(r.Key, r.TTL, now)
@@ -173,12 +174,12 @@ func (s *Service) Mint(ctx context.Context, r MintRequest) (*MintedBy, error) {
 	}
 	tk, err := s.tokenKey(ctx, id)
 	if err != nil {
-		return nil, err
+		return &MintedBy{Key: id}, err
 	}
 	m, err := Mint(ctx, tk, Spec{Issuer: s.cfg.Issuer, Subject: r.Subject, Audience: r.Audiences,
 		TTL: r.TTL, Scopes: r.Scopes, Custom: r.Custom}, now)
 	if err != nil {
-		return nil, err
+		return &MintedBy{Key: id}, err
 	}
 	out := &MintedBy{Minted: *m, Key: id}
 	if cacheKey != "" {
