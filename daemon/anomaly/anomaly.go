@@ -365,7 +365,9 @@ func (d *Detector) copyChanged(keys map[string]*key) map[string]copied {
 	return out
 }
 
-// commit writes the copies in one transaction.
+// commit writes the copies, in transactions of at most store.MaxTxKeys (a
+// baseline written again after a failure is written whole: nothing is
+// counted twice).
 func (d *Detector) commit(snap map[string]copied) error {
 	var ids []string
 	for id, c := range snap {
@@ -377,7 +379,12 @@ func (d *Detector) commit(snap map[string]copied) error {
 		return nil
 	}
 	slices.Sort(ids)
-	return d.st.UpdateEach(store.BucketBaselines, ids, func(id string, _ []byte) ([]byte, error) { return snap[id].b, nil })
+	for batch := range slices.Chunk(ids, store.MaxTxKeys) {
+		if err := d.st.UpdateEach(store.BucketBaselines, batch, func(id string, _ []byte) ([]byte, error) { return snap[id].b, nil }); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // settle records that a copy was written; k.mu is held.

@@ -191,40 +191,70 @@ func (m *Manager) Flush() error {
 	return errors.Join(m.flushQuotas(), m.flushUsage())
 }
 
-// flushUsage writes the use counted since the last flush to the store, in
-// one transaction, and drops hours older than UsageRetention of the keys
-// it writes. On failure the counts stay pending for the next flush.
+// flushUsage writes the use counted since the last flush to the store, and
+// drops hours older than UsageRetention of the keys it writes. A key's
+// records go in one transaction, keys together up to store.MaxTxKeys
+// records a transaction; on a failure the counts of the keys not written
+// stay pending for the next flush (those written are not counted twice).
 func (m *Manager) flushUsage() error {
 	p := m.usage.take()
 	if len(p) == 0 {
 		return nil
 	}
+	cutoff := m.now().Add(-UsageRetention).UTC().Truncate(time.Hour)
+	ids := slices.Sorted(maps.Keys(p))
+	for len(ids) > 0 {
+		deltas := map[string]*HourUsage{}
+		n := 0
+		for n < len(ids) {
+			one := m.usageDeltas(ids[n], p[ids[n]], cutoff)
+			if n > 0 && len(deltas)+len(one) > store.MaxTxKeys {
+				break
+			}
+			maps.Copy(deltas, one)
+			n++
+		}
+		if err := m.writeUsage(deltas); err != nil {
+			rest := make(map[string]map[int64]*HourUsage, len(ids))
+			for _, id := range ids {
+				rest[id] = p[id]
+			}
+			m.usage.putBack(rest)
+			return err
+		}
+		ids = ids[n:]
+	}
+	return nil
+}
+
+// usageDeltas are the records one key's use since the last flush changes:
+// its hours, its last use, and its hours past the cutoff, deleted.
+func (m *Manager) usageDeltas(id string, hours map[int64]*HourUsage, cutoff time.Time) map[string]*HourUsage {
 	deltas := map[string]*HourUsage{}
-	for id, hours := range p {
-		var last time.Time
-		for t, d := range hours {
-			deltas[hourKey(id, t)] = d
-			if d.Last.After(last) {
-				last = d.Last
+	var last time.Time
+	for t, d := range hours {
+		deltas[hourKey(id, t)] = d
+		if d.Last.After(last) {
+			last = d.Last
+		}
+	}
+	deltas[id+"/"+usageLastKey] = &HourUsage{Last: last}
+	// Expired hours of the key; a key unused keeps at most a retention's
+	// worth until its next use.
+	_ = m.store.ForEach(store.BucketAPIKeyUsage, id+"/", func(k string, _ []byte) error {
+		if t, ok := parseHourKey(id, k); ok && t.Before(cutoff) {
+			if _, dup := deltas[k]; !dup {
+				deltas[k] = nil
 			}
 		}
-		deltas[id+"/"+usageLastKey] = &HourUsage{Last: last}
-	}
-	cutoff := m.now().Add(-UsageRetention).UTC().Truncate(time.Hour)
-	for id := range p {
-		// Expired hours of the keys written; a key unused keeps at most
-		// a retention's worth until its next use.
-		_ = m.store.ForEach(store.BucketAPIKeyUsage, id+"/", func(k string, _ []byte) error {
-			if t, ok := parseHourKey(id, k); ok && t.Before(cutoff) {
-				if _, dup := deltas[k]; !dup {
-					deltas[k] = nil
-				}
-			}
-			return nil
-		})
-	}
-	keys := slices.Sorted(maps.Keys(deltas))
-	err := m.store.UpdateEach(store.BucketAPIKeyUsage, keys, func(k string, old []byte) ([]byte, error) {
+		return nil
+	})
+	return deltas
+}
+
+// writeUsage adds deltas to their records in one transaction (nil: delete).
+func (m *Manager) writeUsage(deltas map[string]*HourUsage) error {
+	return m.store.UpdateEach(store.BucketAPIKeyUsage, slices.Sorted(maps.Keys(deltas)), func(k string, old []byte) ([]byte, error) {
 		d := deltas[k]
 		if d == nil {
 			return nil, nil // expired: delete
@@ -245,10 +275,6 @@ func (m *Manager) flushUsage() error {
 		h.add(d)
 		return json.Marshal(h)
 	})
-	if err != nil {
-		m.usage.putBack(p)
-	}
-	return err
 }
 
 func parseHourKey(id, k string) (time.Time, bool) {

@@ -329,7 +329,12 @@ func (o *Outbox) collect() error {
 	if len(done) == 0 {
 		return nil
 	}
-	return o.store.UpdateEach(store.BucketOutbox, done, func(string, []byte) ([]byte, error) { return nil, nil })
+	for batch := range slices.Chunk(done, store.MaxTxKeys) {
+		if err := o.store.UpdateEach(store.BucketOutbox, batch, func(string, []byte) ([]byte, error) { return nil, nil }); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Status is each plugin's delivery state.

@@ -237,7 +237,14 @@ func (s *Scheduler) saveAll(es map[string]Entry, gone []string) error {
 	for _, k := range gone {
 		recs[k] = nil
 	}
-	return s.cfg.Store.UpdateEach(store.BucketSchedule, slices.Sorted(maps.Keys(recs)), func(k string, _ []byte) ([]byte, error) { return recs[k], nil })
+	// In transactions of at most store.MaxTxKeys: each entry stands alone,
+	// and one written again is written the same.
+	for batch := range slices.Chunk(slices.Sorted(maps.Keys(recs)), store.MaxTxKeys) {
+		if err := s.cfg.Store.UpdateEach(store.BucketSchedule, batch, func(k string, _ []byte) ([]byte, error) { return recs[k], nil }); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // entry is the subject's entry brought up to date with its last rotation

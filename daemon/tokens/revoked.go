@@ -3,6 +3,7 @@ package tokens
 import (
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -103,13 +104,18 @@ func (r *Revoked) Sweep() (int, error) {
 	if len(gone) == 0 {
 		return 0, nil
 	}
-	// One transaction, one sync, however many: Is waits for the lock.
-	err := r.store.UpdateEachEmit(store.BucketRevokedTokens, gone, func(string, []byte) ([]byte, [][]byte, error) { return nil, nil, nil })
-	if err != nil {
-		return 0, err
+	// A transaction of up to store.MaxTxKeys, one sync, however many: Is
+	// waits for the lock. A batch that failed is forgotten at the next sweep.
+	n := 0
+	for batch := range slices.Chunk(gone, store.MaxTxKeys) {
+		err := r.store.UpdateEachEmit(store.BucketRevokedTokens, batch, func(string, []byte) ([]byte, [][]byte, error) { return nil, nil, nil })
+		if err != nil {
+			return n, err
+		}
+		for _, jti := range batch {
+			delete(r.until, jti)
+		}
+		n += len(batch)
 	}
-	for _, jti := range gone {
-		delete(r.until, jti)
-	}
-	return len(gone), nil
+	return n, nil
 }

@@ -1,6 +1,8 @@
 package tokens
 
 import (
+	"encoding/binary"
+	"fmt"
 	"path/filepath"
 	"testing"
 	"time"
@@ -72,5 +74,38 @@ func TestRevokedSurvivesRestart(t *testing.T) {
 	s.ForEach(store.BucketRevokedTokens, "", func(string, []byte) error { n++; return nil })
 	if n != 1 { // "later": "soon" and "soon2" went at the sweep
 		t.Fatalf("%d records in the store, want 1", n)
+	}
+}
+
+// TestSweepInBatches: a sweep of more revocations than one transaction of
+// the store's contract holds forgets them all, on a backend that refuses a
+// larger transaction (as etcd's may).
+func TestSweepInBatches(t *testing.T) {
+	s, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), storetest.Options())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	n := store.MaxTxKeys + 7
+	jtis := make([]string, n)
+	for i := range jtis {
+		jtis[i] = fmt.Sprintf("jti-%06d", i)
+	}
+	expired := binary.BigEndian.AppendUint64(nil, uint64(t0.Add(-48*time.Hour).Unix()))
+	// Written at once (bbolt takes it), to sweep through the strict backend.
+	if err := s.UpdateEach(store.BucketRevokedTokens, jtis, func(string, []byte) ([]byte, error) { return expired, nil }); err != nil {
+		t.Fatal(err)
+	}
+	r, err := LoadRevoked(storetest.Strict(s), func() time.Time { return t0 })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := r.Sweep(); err != nil || got != n {
+		t.Fatalf("Sweep: %d, %v; want %d forgotten", got, err, n)
+	}
+	left := 0
+	s.ForEach(store.BucketRevokedTokens, "", func(string, []byte) error { left++; return nil })
+	if left != 0 || r.Is(jtis[n-1]) {
+		t.Fatalf("%d revocations left in the store after the sweep", left)
 	}
 }
