@@ -167,8 +167,9 @@ func (c *Cluster) startNew(dir string) error {
 	return nil
 }
 
-// initialCluster is what every member is told of the others; a restarted
-// member reads its membership from its data directory instead.
+// embedConfig is m's configuration. initialCluster names every member's
+// peer URL; a member started again reads its membership from its data
+// directory instead.
 func (c *Cluster) embedConfig(m *member, initialCluster string) *embed.Config {
 	cfg := embed.NewConfig()
 	cfg.Name = m.name
