@@ -4,12 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -344,6 +348,41 @@ func BenchmarkNewCluster(b *testing.B) {
 				b.StartTimer()
 			}
 			b.ReportMetric(float64(stopping.Milliseconds())/float64(b.N), "stop-ms/op")
+		})
+	}
+}
+
+// NewCluster and Start retry on a port another process took; they can
+// only if embed reports it as EADDRINUSE, for a peer and a client port.
+func TestPortTakenIsAddrInUse(t *testing.T) {
+	t.Parallel()
+	for _, which := range []string{"peer", "client"} {
+		t.Run(which, func(t *testing.T) {
+			taken, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer taken.Close()
+			ports, err := freePorts(1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			free := net.JoinHostPort("127.0.0.1", ports[0])
+			m := &member{name: "m0", dir: t.TempDir(),
+				peerURL:   url.URL{Scheme: "http", Host: free},
+				clientURL: url.URL{Scheme: "http", Host: taken.Addr().String()}}
+			if which == "peer" {
+				m.peerURL, m.clientURL = m.clientURL, m.peerURL
+			}
+			c := &Cluster{t: t, logger: testLogger(t)}
+			e, err := embed.StartEtcd(c.embedConfig(m, m.name+"="+m.peerURL.String()))
+			if err == nil {
+				e.Close()
+				t.Fatalf("etcd started on a taken %s port", which)
+			}
+			if !errors.Is(err, syscall.EADDRINUSE) {
+				t.Errorf("etcd on a taken %s port: %v, not EADDRINUSE", which, err)
+			}
 		})
 	}
 }
