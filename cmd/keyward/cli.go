@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"syscall"
@@ -451,6 +453,9 @@ func (d *daemonAbsent) Error() string {
 		reason = "no such file"
 	case errors.Is(d.err, syscall.ECONNREFUSED):
 		reason = "the socket is there, but nothing listens on it"
+		if fi, err := os.Stat(d.path); err == nil && fi.Mode()&fs.ModeSocket == 0 {
+			reason, hint = "it is not a socket but a "+map[bool]string{true: "directory", false: "file"}[fi.IsDir()], "point --socket / $KEYWARD_SOCKET at keywardd's socket (socket.path in keywardd.yaml)"
+		}
 	case errors.Is(d.err, syscall.EACCES):
 		reason, hint = "permission denied", "keywardd lets its socket's group in (socket.group in keywardd.yaml): join it, or run as a user who may"
 	}
