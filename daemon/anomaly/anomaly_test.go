@@ -243,3 +243,20 @@ func TestUnreadableBaselineKept(t *testing.T) {
 		t.Fatalf("the record is now %q, read errors %d", b, d.ReadErrors())
 	}
 }
+
+// TestCommitInBatches: a flush of more baselines than one transaction of
+// the store's contract holds (a shard grows past its share while its
+// evictions fail) writes them all, on a backend that refuses a larger
+// transaction, as etcd's may.
+func TestCommitInBatches(t *testing.T) {
+	st := openStore(t)
+	n := store.MaxTxKeys + 11
+	if err := anomaly.Commit(anomaly.New(anomaly.Config{Enabled: true}, storetest.Strict(st)), n); err != nil {
+		t.Fatalf("a commit of %d baselines: %v", n, err)
+	}
+	written := 0
+	st.ForEach(store.BucketBaselines, "", func(string, []byte) error { written++; return nil })
+	if written != n {
+		t.Fatalf("%d baselines written, want %d", written, n)
+	}
+}

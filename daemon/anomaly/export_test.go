@@ -1,5 +1,7 @@
 package anomaly
 
+import "fmt"
+
 // SetMaxKeys sets how many keys a detector holds in memory, for a test;
 // the returned func puts it back.
 func SetMaxKeys(n int) func() {
@@ -17,4 +19,15 @@ func (d *Detector) Held() int {
 		d.shards[i].mu.Unlock()
 	}
 	return n
+}
+
+// Commit writes n baselines in one commit, as a shard's flush does with n
+// keys changed (a shard holds more than its share of maxKeys while its
+// evictions fail).
+func Commit(d *Detector, n int) error {
+	snap := make(map[string]copied, n)
+	for i := range n {
+		snap[fmt.Sprintf("ak_%024x", i)] = copied{ver: 1, b: []byte(`{"since":"2026-03-02T00:00:00Z"}`)}
+	}
+	return d.commit(snap)
 }
