@@ -547,3 +547,31 @@ func TestForcedNoticeNamesCurrentDeadline(t *testing.T) {
 		t.Fatalf("the notice: %s; want the deadline %s", r[0].Detail, want)
 	}
 }
+
+// TestSaveInBatches: the schedule of more subjects than one transaction of
+// the store's contract holds is written, on a backend that refuses a
+// larger transaction (as etcd's may), and every entry is in the plan.
+func TestSaveInBatches(t *testing.T) {
+	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), storetest.Options())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	n := store.MaxTxKeys + 13
+	subjects := make([]schedule.Subject, n)
+	for i := range subjects {
+		subjects[i] = schedule.Subject{Kind: schedule.APIKey, ID: fmt.Sprintf("ak_%024x", i), Action: schedule.Remind,
+			Policy: schedule.Policy{Name: "yearly", Every: 365 * 24 * time.Hour}, Last: now}
+	}
+	s := schedule.New(schedule.Config{Store: storetest.Strict(st), Now: func() time.Time { return now },
+		Sources: []schedule.Source{{Kind: schedule.APIKey, List: func() ([]schedule.Subject, error) { return subjects, nil },
+			Run: func(context.Context, schedule.Subject) (string, error) { return "", nil }}}})
+	if _, err := s.Tick(context.Background()); err != nil {
+		t.Fatalf("a tick over %d subjects: %v", n, err)
+	}
+	plan, err := s.Plan()
+	if err != nil || len(plan) != n {
+		t.Fatalf("the plan holds %d entries, want %d: %v", len(plan), n, err)
+	}
+}
