@@ -397,9 +397,12 @@ func (b *Backend) UpdateEachEmit(bucket string, keys []string, fn func(key strin
 		return err
 	}
 	defer func() {
-		uctx, ucancel := b.ctx()
-		defer ucancel()
-		mu.Unlock(uctx) // a failure leaves the key to the lease
+		// Within the write's own deadline. If the lock cannot be let go,
+		// the session is dropped: its lease, and the lock with it, expire
+		// within SessionTTL, and the next write starts a new session.
+		if mu.Unlock(ctx) != nil && b.session != nil {
+			b.dropSession()
+		}
 	}()
 	return b.write(ctx, mu, bucket, keys, fn)
 }

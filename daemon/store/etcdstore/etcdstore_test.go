@@ -213,8 +213,9 @@ func TestQuorumLost(t *testing.T) {
 	if !errors.Is(err, store.ErrUnavailable) {
 		t.Fatalf("a write without quorum: %v, want ErrUnavailable", err)
 	}
-	// Its deadline bounds it (the unlock that follows has one of its own).
-	if took > 2*deadline+time.Second {
+	t.Logf("a write without quorum failed after %v: %v", took, err)
+	// Its deadline bounds it (a second is slack for a loaded machine).
+	if took > deadline+time.Second {
 		t.Errorf("a write without quorum took %v; its deadline is %v", took, deadline)
 	}
 	c.Heal()
