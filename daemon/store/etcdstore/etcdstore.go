@@ -263,6 +263,9 @@ func mapErr(err error) error {
 		errors.As(err, &ee) && ee.Code() == codes.Unavailable,
 		status.Code(err) == codes.Unavailable:
 		return fmt.Errorf("%w: etcd did not answer in time or has no leader: %v", store.ErrUnavailable, err)
+	case errors.Is(err, rpctypes.ErrCompacted):
+		// A walk whose revision was compacted between its pages.
+		return fmt.Errorf("%w: etcd compacted the revision being read; read again: %v", store.ErrUnavailable, err)
 	case errors.Is(err, clientv3.ErrNoAvailableEndpoints):
 		return fmt.Errorf("%w: %v", store.ErrUnavailable, err)
 	}

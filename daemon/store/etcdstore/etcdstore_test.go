@@ -160,6 +160,42 @@ func TestDefaults(t *testing.T) {
 		}
 	})
 
+	t.Run("CompactedMidWalk", func(t *testing.T) {
+		b := open(t, Options{Client: cli, Prefix: prefix(t)})
+		defer b.Close()
+		const n = pageSize + 10
+		for i := 0; i < n; i += 100 {
+			var keys []string
+			for j := i; j < min(n, i+100); j++ {
+				keys = append(keys, fmt.Sprintf("k%04d", j))
+			}
+			if err := b.UpdateEach(store.BucketKeys, keys, func(k string, _ []byte) ([]byte, error) { return []byte(k), nil }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		seen := 0
+		err := b.ForEach(store.BucketKeys, "", func(string, []byte) error {
+			if seen++; seen == 1 {
+				// The walk's revision is compacted away before its second page.
+				resp, err := cli.Put(context.Background(), prefix(t)+"/other", "x")
+				if err != nil {
+					t.Fatal(err)
+				}
+				c.Compact(resp.Header.Revision)
+			}
+			return nil
+		})
+		if !errors.Is(err, store.ErrUnavailable) || seen != pageSize {
+			t.Fatalf("a walk compacted under it: %v after %d records, want ErrUnavailable after a page of %d", err, seen, pageSize)
+		}
+		if err := b.Err(); err != nil {
+			t.Errorf("a compaction stopped the backend: %v", err)
+		}
+		if got := count(t, b, store.BucketKeys); got != n {
+			t.Errorf("a walk again read %d records of %d", got, n)
+		}
+	})
+
 	t.Run("Fenced", func(t *testing.T) {
 		b := open(t, Options{Client: cli, Prefix: prefix(t)})
 		defer b.Close()
