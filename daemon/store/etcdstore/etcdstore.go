@@ -1,0 +1,558 @@
+// Package etcdstore is a store.Backend on etcd: the state a fleet of
+// keywardd nodes shares (docs/fleet.md, "Design").
+//
+// Status: a first step, not wired into keywardd. What it does:
+//
+//   - Records live under PREFIX/b/<bucket>/<key>, sealed as in the bbolt
+//     file (store.Sealer: a value changed or moved in etcd does not verify,
+//     and is refused with store.ErrDamaged). The outbox's events live in
+//     its bucket under store.OutboxKey of their sequence number.
+//   - PREFIX/meta holds, sealed, the write count (Writes) and the outbox's
+//     last sequence number; every write transaction updates it.
+//   - Every write takes the fleet's write lock (a concurrency.Mutex on
+//     PREFIX/lock, on this backend's session), reads the keys it changes
+//     from etcd, runs the caller's fn once per key in order, and commits in
+//     one etcd transaction guarded by the lock's ownership: a writer whose
+//     session ended mid-write commits nothing (store.ErrUnavailable).
+//     Every request carries a deadline and clientv3.WithRequireLeader.
+//   - A transaction larger than etcd takes (Options.MaxTxnOps,
+//     Options.MaxRequestBytes, which must be the cluster's) is refused with
+//     store.ErrTooLarge, nothing written.
+//
+// Not yet (later steps of issue 15): reads go to etcd directly (a
+// linearizable read each; the local copy fed by a watch comes next); the
+// integrity digest over the whole content (a record removed, or put back
+// as it was, is not found); intents for transactions larger than etcd
+// takes; retrying a write across a leader's election.
+package etcdstore
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/keyward/keyward/daemon/store"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Options say where the state is and how large a transaction etcd takes.
+type Options struct {
+	// Client is the etcd client; the caller owns it (Close leaves it open).
+	Client *clientv3.Client
+	// Prefix is the key prefix of the state in etcd (every node of a fleet
+	// uses the same one). Required.
+	Prefix string
+	// Key is the store key (store.KeySize bytes), derived from the HSM.
+	Key []byte
+	// Timeout is each call's deadline (default 5 s).
+	Timeout time.Duration
+	// SessionTTL is the write lock's lease, in seconds (default 10).
+	SessionTTL int
+	// MaxTxnOps and MaxRequestBytes are the cluster's limits (etcd's
+	// defaults: 128 and 1.5 MiB); a transaction over either is refused.
+	MaxTxnOps       int
+	MaxRequestBytes int
+}
+
+// Defaults of Options.
+const (
+	DefaultTimeout         = 5 * time.Second
+	DefaultSessionTTL      = 10
+	DefaultMaxTxnOps       = 128
+	DefaultMaxRequestBytes = 3 << 19 // 1.5 MiB
+)
+
+// metaBucket is the bucket name the meta record is sealed under (no bucket
+// of the schema has it).
+const metaBucket = "meta"
+
+// pageSize is how many records a walk reads per request.
+const pageSize = 256
+
+// opOverhead is what a request spends per operation besides its key and
+// value, with margin (protobuf tags and lengths).
+const opOverhead = 32
+
+// Backend is the etcd store.Backend.
+type Backend struct {
+	o      Options
+	seal   *store.Sealer
+	cli    *clientv3.Client
+	writes atomic.Uint64
+	failed atomic.Pointer[error]
+
+	life   sync.RWMutex // held for reading by every call, for writing by Close
+	closed bool
+
+	wmu     sync.Mutex // serializes this process's writers; guards session
+	session *concurrency.Session
+}
+
+var _ store.Backend = (*Backend)(nil)
+
+// Open opens the state under o.Prefix, reading its write count.
+func Open(o Options) (*Backend, error) {
+	if o.Client == nil || o.Prefix == "" {
+		return nil, errors.New("etcdstore: a client and a prefix are required")
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = DefaultTimeout
+	}
+	if o.SessionTTL <= 0 {
+		o.SessionTTL = DefaultSessionTTL
+	}
+	if o.MaxTxnOps <= 0 {
+		o.MaxTxnOps = DefaultMaxTxnOps
+	}
+	if o.MaxRequestBytes <= 0 {
+		o.MaxRequestBytes = DefaultMaxRequestBytes
+	}
+	seal, err := store.NewSealer(o.Key)
+	if err != nil {
+		return nil, fmt.Errorf("etcdstore: %w", err)
+	}
+	b := &Backend{o: o, seal: seal, cli: o.Client}
+	ctx, cancel := b.ctx()
+	defer cancel()
+	resp, err := b.cli.Get(ctx, b.metaKey())
+	if err != nil {
+		return nil, mapErr(err)
+	}
+	m, err := b.openMeta(resp.Kvs)
+	if err != nil {
+		return nil, err
+	}
+	b.writes.Store(m.writes)
+	return b, nil
+}
+
+// ctx is one call's context: its deadline, and a leader required.
+func (b *Backend) ctx() (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(context.Background(), b.o.Timeout)
+	return clientv3.WithRequireLeader(ctx), cancel
+}
+
+func (b *Backend) metaKey() string { return b.o.Prefix + "/meta" }
+func (b *Backend) lockKey() string { return b.o.Prefix + "/lock" }
+func (b *Backend) bucketPrefix(bucket string) string {
+	return b.o.Prefix + "/b/" + bucket + "/"
+}
+
+// meta is the meta record: the write count and the outbox's last number.
+type meta struct{ writes, outbox uint64 }
+
+func (b *Backend) openMeta(kvs []*mvccpb.KeyValue) (meta, error) {
+	if len(kvs) == 0 {
+		return meta{}, nil
+	}
+	v, err := b.seal.Open(metaBucket, "meta", kvs[0].Value)
+	if err == nil && len(v) != 16 {
+		err = fmt.Errorf("%w: the meta record has %d bytes, not 16", store.ErrDamaged, len(v))
+	}
+	if err != nil {
+		return meta{}, b.fail(err)
+	}
+	return meta{binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:])}, nil
+}
+
+func (b *Backend) sealMeta(m meta) string {
+	v := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, m.writes), m.outbox)
+	return string(b.seal.Seal(metaBucket, "meta", v))
+}
+
+// fail stops the backend with err (a record that does not verify).
+func (b *Backend) fail(err error) error {
+	b.failed.CompareAndSwap(nil, &err)
+	return b.Err()
+}
+
+// Err says why the backend stopped serving, or nil.
+func (b *Backend) Err() error {
+	if p := b.failed.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// Writes is the write count of the state, as of this backend's last write
+// (or Open): other nodes' writes are counted at the next.
+func (b *Backend) Writes() uint64 { return b.writes.Load() }
+
+// enter starts a call: it fails after Close, or once the backend stopped.
+func (b *Backend) enter() error {
+	b.life.RLock()
+	if b.closed {
+		b.life.RUnlock()
+		return closedError{}
+	}
+	if err := b.Err(); err != nil {
+		b.life.RUnlock()
+		return err
+	}
+	return nil
+}
+
+// Close waits for the calls under way and ends the backend's session
+// (the write lock's lease); the client stays open.
+func (b *Backend) Close() error {
+	b.life.Lock()
+	defer b.life.Unlock()
+	if b.closed {
+		return nil
+	}
+	b.closed = true
+	b.wmu.Lock()
+	defer b.wmu.Unlock()
+	if b.session != nil {
+		// Revoke the lease within the call's deadline (Session.Close would
+		// wait up to its TTL); a failure leaves it to expire.
+		b.session.Orphan()
+		ctx, cancel := b.ctx()
+		b.cli.Revoke(ctx, b.session.Lease())
+		cancel()
+		b.session = nil
+	}
+	return nil
+}
+
+// closedError is every call's error after Close: store.ErrClosed, which
+// matches store.ErrUnavailable too.
+type closedError struct{}
+
+func (closedError) Error() string { return "etcdstore: closed: keywardd is stopping; try again" }
+func (closedError) Is(target error) bool {
+	return target == store.ErrClosed || target == store.ErrUnavailable
+}
+
+func checkBucket(bucket string) error {
+	if !slices.Contains(store.Buckets(), bucket) {
+		return fmt.Errorf("%w %q", store.ErrUnknownBucket, bucket)
+	}
+	return nil
+}
+
+func checkKey(key string) error {
+	if key == "" || len(key) > store.MaxKeyLen {
+		return fmt.Errorf("%w: a key of %d bytes; a key has 1 to %d", store.ErrInvalidKey, len(key), store.MaxKeyLen)
+	}
+	return nil
+}
+
+// mapErr says what an etcd error means to the contract (docs/fleet.md,
+// "What etcd's behaviour asks of the backend").
+func mapErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ee rpctypes.EtcdError
+	switch {
+	case errors.Is(err, rpctypes.ErrTooManyOps), errors.Is(err, rpctypes.ErrRequestTooLarge),
+		status.Code(err) == codes.ResourceExhausted:
+		return fmt.Errorf("%w: etcd refused it: %v", store.ErrTooLarge, err)
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
+		errors.As(err, &ee) && ee.Code() == codes.Unavailable,
+		status.Code(err) == codes.Unavailable:
+		return fmt.Errorf("%w: etcd did not answer in time or has no leader: %v", store.ErrUnavailable, err)
+	case errors.Is(err, rpctypes.ErrCompacted):
+		// A walk whose revision was compacted between its pages.
+		return fmt.Errorf("%w: etcd compacted the revision being read; read again: %v", store.ErrUnavailable, err)
+	case errors.Is(err, clientv3.ErrNoAvailableEndpoints):
+		return fmt.Errorf("%w: %v", store.ErrUnavailable, err)
+	}
+	return fmt.Errorf("etcdstore: %w", err)
+}
+
+// Get returns a copy of the record under key, or store.ErrNotFound.
+func (b *Backend) Get(bucket, key string) ([]byte, error) {
+	if err := b.enter(); err != nil {
+		return nil, err
+	}
+	defer b.life.RUnlock()
+	if err := checkBucket(bucket); err != nil {
+		return nil, err
+	}
+	if err := checkKey(key); err != nil {
+		return nil, err
+	}
+	ctx, cancel := b.ctx()
+	defer cancel()
+	resp, err := b.cli.Get(ctx, b.bucketPrefix(bucket)+key)
+	if err != nil {
+		return nil, mapErr(err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, store.ErrNotFound
+	}
+	rec, err := b.seal.Open(bucket, key, resp.Kvs[0].Value)
+	if err != nil {
+		return nil, b.fail(err)
+	}
+	return rec, nil
+}
+
+// ForEach calls fn for every record whose key starts with prefix, in key
+// order, all read at one revision of etcd, a page at a time.
+func (b *Backend) ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error {
+	bp := b.bucketPrefix(bucket)
+	return b.walk(bucket, bp+prefix, clientv3.GetPrefixRangeEnd(bp+prefix), fn)
+}
+
+// ForEachAfter calls fn for every record whose key sorts after the given
+// one ("" for all), in key order, all read at one revision of etcd.
+func (b *Backend) ForEachAfter(bucket, after string, fn func(key string, rec []byte) error) error {
+	bp := b.bucketPrefix(bucket)
+	from := bp
+	if after != "" {
+		from = bp + after + "\x00"
+	}
+	return b.walk(bucket, from, clientv3.GetPrefixRangeEnd(bp), fn)
+}
+
+func (b *Backend) walk(bucket, from, end string, fn func(key string, rec []byte) error) error {
+	if err := b.enter(); err != nil {
+		return err
+	}
+	defer b.life.RUnlock()
+	if err := checkBucket(bucket); err != nil {
+		return err
+	}
+	bp := b.bucketPrefix(bucket)
+	var rev int64
+	for {
+		ctx, cancel := b.ctx()
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(pageSize)}
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		resp, err := b.cli.Get(ctx, from, opts...)
+		cancel()
+		if err != nil {
+			return mapErr(err)
+		}
+		if rev == 0 {
+			rev = resp.Header.Revision
+		}
+		for _, kv := range resp.Kvs {
+			key := string(kv.Key[len(bp):])
+			rec, err := b.seal.Open(bucket, key, kv.Value)
+			if err != nil {
+				return b.fail(err)
+			}
+			if err := fn(key, rec); err != nil {
+				return err
+			}
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return nil
+		}
+		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+}
+
+// Update is UpdateEach for one key.
+func (b *Backend) Update(bucket, key string, fn func(old []byte) ([]byte, error)) error {
+	return b.UpdateEach(bucket, []string{key}, func(_ string, old []byte) ([]byte, error) { return fn(old) })
+}
+
+// UpdateEach is UpdateEachEmit without events.
+func (b *Backend) UpdateEach(bucket string, keys []string, fn func(key string, old []byte) ([]byte, error)) error {
+	return b.UpdateEachEmit(bucket, keys, func(k string, old []byte) ([]byte, [][]byte, error) {
+		rec, err := fn(k, old)
+		return rec, nil, err
+	})
+}
+
+// UpdateEachEmit computes each key's new record with fn, once per key in
+// order, and commits the records and fn's events in one etcd transaction
+// under the fleet's write lock, fenced by its ownership.
+func (b *Backend) UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error)) error {
+	if err := b.enter(); err != nil {
+		return err
+	}
+	defer b.life.RUnlock()
+	if err := checkBucket(bucket); err != nil {
+		return err
+	}
+	for _, k := range keys {
+		if err := checkKey(k); err != nil {
+			return err
+		}
+	}
+	if len(keys) > store.MaxTxKeys {
+		return fmt.Errorf("%w: %d keys in one transaction; the contract promises %d", store.ErrTooLarge, len(keys), store.MaxTxKeys)
+	}
+	b.wmu.Lock()
+	defer b.wmu.Unlock()
+	ctx, cancel := b.ctx()
+	defer cancel()
+	mu, err := b.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		// Within the write's own deadline. If the lock cannot be let go,
+		// the session is dropped: its lease, and the lock with it, expire
+		// within SessionTTL, and the next write starts a new session.
+		if mu.Unlock(ctx) != nil && b.session != nil {
+			b.dropSession()
+		}
+	}()
+	return b.write(ctx, mu, bucket, keys, fn)
+}
+
+// lock takes the fleet's write lock on this backend's session, starting a
+// new session if the last one ended. Under wmu.
+func (b *Backend) lock(ctx context.Context) (*concurrency.Mutex, error) {
+	for retried := false; ; retried = true {
+		if b.session != nil {
+			select {
+			case <-b.session.Done():
+				b.session = nil
+			default:
+			}
+		}
+		if b.session == nil {
+			s, err := concurrency.NewSession(b.cli, concurrency.WithTTL(b.o.SessionTTL), concurrency.WithContext(context.Background()))
+			if err != nil {
+				return nil, mapErr(err)
+			}
+			b.session = s
+		}
+		mu := concurrency.NewMutex(b.session, b.lockKey())
+		err := mu.Lock(ctx)
+		if err == nil {
+			return mu, nil
+		}
+		if !errors.Is(err, rpctypes.ErrLeaseNotFound) || retried {
+			return nil, mapErr(err)
+		}
+		// The session's lease ended before its keepalive noticed.
+		b.dropSession()
+	}
+}
+
+// dropSession forgets a session whose lease ended. Under wmu.
+func (b *Backend) dropSession() {
+	b.session.Orphan()
+	b.session = nil
+}
+
+// write is a write under the lock.
+func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket string, keys []string, fn func(string, []byte) ([]byte, [][]byte, error)) error {
+	bp := b.bucketPrefix(bucket)
+	// The keys, each once in order of first appearance, and the meta record.
+	var uniq []string
+	cur := map[string][]byte{}
+	for _, k := range keys {
+		if _, ok := cur[k]; !ok {
+			cur[k] = nil
+			uniq = append(uniq, k)
+		}
+	}
+	m, err := b.read(ctx, bucket, uniq, cur)
+	if err != nil {
+		return err
+	}
+	// fn, once per key in order.
+	var events [][]byte
+	for _, k := range keys {
+		rec, evs, err := fn(k, cur[k])
+		if err != nil {
+			return err
+		}
+		cur[k] = rec
+		events = append(events, evs...)
+	}
+	m.writes++
+	ops := make([]clientv3.Op, 0, len(uniq)+len(events)+1)
+	size := 0
+	for _, k := range uniq {
+		if rec := cur[k]; rec == nil {
+			ops = append(ops, clientv3.OpDelete(bp+k))
+			size += len(bp) + len(k) + opOverhead
+		} else {
+			v := b.seal.Seal(bucket, k, rec)
+			ops = append(ops, clientv3.OpPut(bp+k, string(v)))
+			size += len(bp) + len(k) + len(v) + opOverhead
+		}
+	}
+	ob := b.bucketPrefix(store.BucketOutbox)
+	for _, ev := range events {
+		m.outbox++
+		k := store.OutboxKey(m.outbox)
+		v := b.seal.Seal(store.BucketOutbox, k, ev)
+		ops = append(ops, clientv3.OpPut(ob+k, string(v)))
+		size += len(ob) + len(k) + len(v) + opOverhead
+	}
+	mv := b.sealMeta(m)
+	ops = append(ops, clientv3.OpPut(b.metaKey(), mv))
+	size += len(b.metaKey()) + len(mv) + len(mu.Key()) + 2*opOverhead
+	if n := len(ops) + 1; n > b.o.MaxTxnOps || size > b.o.MaxRequestBytes {
+		return fmt.Errorf("%w: %d operations, about %d bytes; etcd takes %d operations and %d bytes in one transaction", store.ErrTooLarge, n, size, b.o.MaxTxnOps, b.o.MaxRequestBytes)
+	}
+	resp, err := b.cli.Txn(ctx).If(mu.IsOwner()).Then(ops...).Commit()
+	if err != nil {
+		return mapErr(err)
+	}
+	if !resp.Succeeded {
+		b.dropSession()
+		return fmt.Errorf("%w: the write lock was lost before the commit (this node's etcd session ended); nothing was written", store.ErrUnavailable)
+	}
+	if m.writes > b.writes.Load() {
+		b.writes.Store(m.writes)
+	}
+	return nil
+}
+
+// read reads the meta record and the records of keys into cur (absent:
+// nil), in transactions of at most MaxTxnOps gets, all at the revision of
+// the first.
+func (b *Backend) read(ctx context.Context, bucket string, keys []string, cur map[string][]byte) (meta, error) {
+	bp := b.bucketPrefix(bucket)
+	batch := max(2, b.o.MaxTxnOps)
+	var m meta
+	var rev int64
+	for i := 0; i == 0 || i < len(keys); i += batch - 1 {
+		part := keys[i:min(len(keys), i+batch-1)]
+		var opts []clientv3.OpOption
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		ops := []clientv3.Op{clientv3.OpGet(b.metaKey(), opts...)}
+		for _, k := range part {
+			ops = append(ops, clientv3.OpGet(bp+k, opts...))
+		}
+		resp, err := b.cli.Txn(ctx).Then(ops...).Commit()
+		if err != nil {
+			return meta{}, mapErr(err)
+		}
+		if rev == 0 {
+			rev = resp.Header.Revision
+			if m, err = b.openMeta(resp.Responses[0].GetResponseRange().Kvs); err != nil {
+				return meta{}, err
+			}
+		}
+		for j, k := range part {
+			kvs := resp.Responses[j+1].GetResponseRange().Kvs
+			if len(kvs) == 0 {
+				continue
+			}
+			rec, err := b.seal.Open(bucket, k, kvs[0].Value)
+			if err != nil {
+				return meta{}, b.fail(err)
+			}
+			cur[k] = rec
+		}
+	}
+	return m, nil
+}

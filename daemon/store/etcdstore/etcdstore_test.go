@@ -1,0 +1,271 @@
+package etcdstore
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/store/storetest"
+	"github.com/keyward/keyward/softhsm-test/etcdtest"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// The limits of the conformance run's cluster: room for the contract's
+// largest transaction (store.MaxTxKeys keys and events of
+// store.MaxTxBytes), which etcd's defaults do not take.
+const (
+	bigOps   = 2*store.MaxTxKeys + 16
+	bigBytes = store.MaxTxBytes + 8<<20
+)
+
+// client is a client of c that sends requests up to bigBytes.
+func client(t *testing.T, c *etcdtest.Cluster, endpoints ...string) *clientv3.Client {
+	t.Helper()
+	cfg := c.ClientConfig(endpoints...)
+	cfg.MaxCallSendMsgSize = bigBytes + 1<<20
+	cli, err := clientv3.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+func open(t *testing.T, o Options) *Backend {
+	t.Helper()
+	if o.Key == nil {
+		o.Key = storetest.Key
+	}
+	b, err := Open(o)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	return b
+}
+
+// prefix is a prefix of the test's own.
+func prefix(t *testing.T) string { return "/keyward-test/" + t.Name() }
+
+func TestConformance(t *testing.T) {
+	c := etcdtest.New(t, etcdtest.Config{Members: 3, MaxTxnOps: bigOps, MaxRequestBytes: bigBytes})
+	cli := client(t, c)
+	storetest.Run(t, func(t *testing.T) func() store.Backend {
+		o := Options{Client: cli, Prefix: prefix(t), MaxTxnOps: bigOps, MaxRequestBytes: bigBytes, Timeout: 20 * time.Second}
+		return func() store.Backend { return open(t, o) }
+	})
+}
+
+// count is the number of records of bucket.
+func count(t *testing.T, b store.Backend, bucket string) int {
+	t.Helper()
+	n := 0
+	if err := b.ForEach(bucket, "", func(string, []byte) error { n++; return nil }); err != nil {
+		t.Fatalf("ForEach: %v", err)
+	}
+	return n
+}
+
+// TestDefaults runs on a cluster of etcd's defaults: a transaction over
+// them is store.ErrTooLarge with nothing written, whether the backend
+// knows the limits or etcd refuses it; a value changed in etcd is
+// store.ErrDamaged; a writer whose session ends mid-write commits nothing.
+func TestDefaults(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	cli := client(t, c)
+
+	t.Run("TooLarge", func(t *testing.T) {
+		keys := func(n int) []string {
+			out := make([]string, n)
+			for i := range out {
+				out[i] = fmt.Sprintf("k%04d", i)
+			}
+			return out
+		}
+		mib := bytes.Repeat([]byte{'x'}, store.MaxRecordSize)
+		for _, tc := range []struct {
+			name string
+			// limits the backend is told (0: etcd's defaults), past
+			// etcd's when etcd itself is to refuse.
+			ops, size int
+			keys      []string
+			rec       []byte
+			events    int
+		}{
+			{"ops", 0, 0, keys(DefaultMaxTxnOps), []byte("r"), 0},
+			{"events", 0, 0, keys(2), []byte("r"), DefaultMaxTxnOps},
+			{"bytes", 0, 0, keys(2), mib, 0},
+			{"etcd: ops", 1 << 20, 0, keys(2), []byte("r"), DefaultMaxTxnOps},
+			{"etcd: bytes", 0, 64 << 20, keys(2), mib[:800<<10], 0},
+			{"grpc: bytes", 0, 64 << 20, keys(3), mib, 0},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				b := open(t, Options{Client: cli, Prefix: prefix(t), MaxTxnOps: tc.ops, MaxRequestBytes: tc.size})
+				defer b.Close()
+				before := b.Writes()
+				calls := 0
+				err := b.UpdateEachEmit(store.BucketKeys, tc.keys, func(string, []byte) ([]byte, [][]byte, error) {
+					calls++
+					return tc.rec, make([][]byte, tc.events/len(tc.keys)), nil
+				})
+				if !errors.Is(err, store.ErrTooLarge) {
+					t.Fatalf("%d keys of %d bytes, %d events: %v, want ErrTooLarge", len(tc.keys), len(tc.rec), tc.events, err)
+				}
+				if calls != len(tc.keys) {
+					t.Errorf("fn called %d times for %d keys", calls, len(tc.keys))
+				}
+				if n, m := count(t, b, store.BucketKeys), count(t, b, store.BucketOutbox); n != 0 || m != 0 {
+					t.Errorf("a refused transaction wrote %d records and %d events", n, m)
+				}
+				if b.Writes() != before {
+					t.Errorf("a refused transaction moved Writes from %d to %d", before, b.Writes())
+				}
+				// The backend goes on.
+				if err := b.Update(store.BucketKeys, "after", func([]byte) ([]byte, error) { return []byte("x"), nil }); err != nil {
+					t.Errorf("a write after the refusal: %v", err)
+				}
+			})
+		}
+	})
+
+	t.Run("Damaged", func(t *testing.T) {
+		b := open(t, Options{Client: cli, Prefix: prefix(t)})
+		defer b.Close()
+		for _, k := range []string{"a", "b"} {
+			if err := b.Update(store.BucketKeys, k, func([]byte) ([]byte, error) { return []byte("rec " + k), nil }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// b's value put under a: moved, it does not verify.
+		ctx := context.Background()
+		resp, err := cli.Get(ctx, b.bucketPrefix(store.BucketKeys)+"b")
+		if err != nil || len(resp.Kvs) != 1 {
+			t.Fatalf("reading b from etcd: %v", err)
+		}
+		if _, err := cli.Put(ctx, b.bucketPrefix(store.BucketKeys)+"a", string(resp.Kvs[0].Value)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := b.Get(store.BucketKeys, "a"); !errors.Is(err, store.ErrDamaged) {
+			t.Fatalf("Get of a value moved in etcd: %v, want ErrDamaged", err)
+		}
+		if !errors.Is(b.Err(), store.ErrDamaged) {
+			t.Errorf("Err after a damaged record: %v", b.Err())
+		}
+		if _, err := b.Get(store.BucketKeys, "b"); !errors.Is(err, store.ErrDamaged) {
+			t.Errorf("a stopped backend served b: %v", err)
+		}
+	})
+
+	t.Run("CompactedMidWalk", func(t *testing.T) {
+		b := open(t, Options{Client: cli, Prefix: prefix(t)})
+		defer b.Close()
+		const n = pageSize + 10
+		for i := 0; i < n; i += 100 {
+			var keys []string
+			for j := i; j < min(n, i+100); j++ {
+				keys = append(keys, fmt.Sprintf("k%04d", j))
+			}
+			if err := b.UpdateEach(store.BucketKeys, keys, func(k string, _ []byte) ([]byte, error) { return []byte(k), nil }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		seen := 0
+		err := b.ForEach(store.BucketKeys, "", func(string, []byte) error {
+			if seen++; seen == 1 {
+				// The walk's revision is compacted away before its second page.
+				resp, err := cli.Put(context.Background(), prefix(t)+"/other", "x")
+				if err != nil {
+					t.Fatal(err)
+				}
+				c.Compact(resp.Header.Revision)
+			}
+			return nil
+		})
+		if !errors.Is(err, store.ErrUnavailable) || seen != pageSize {
+			t.Fatalf("a walk compacted under it: %v after %d records, want ErrUnavailable after a page of %d", err, seen, pageSize)
+		}
+		if err := b.Err(); err != nil {
+			t.Errorf("a compaction stopped the backend: %v", err)
+		}
+		if got := count(t, b, store.BucketKeys); got != n {
+			t.Errorf("a walk again read %d records of %d", got, n)
+		}
+	})
+
+	t.Run("Fenced", func(t *testing.T) {
+		b := open(t, Options{Client: cli, Prefix: prefix(t)})
+		defer b.Close()
+		if err := b.Update(store.BucketKeys, "k", func([]byte) ([]byte, error) { return []byte("1"), nil }); err != nil {
+			t.Fatal(err)
+		}
+		before := b.Writes()
+		// The session's lease ends while the write holds the lock: its
+		// lock key goes, and another writer may take the lock.
+		err := b.Update(store.BucketKeys, "k", func([]byte) ([]byte, error) {
+			if _, err := cli.Revoke(context.Background(), b.session.Lease()); err != nil {
+				t.Errorf("revoking the session: %v", err)
+			}
+			return []byte("2"), nil
+		})
+		if !errors.Is(err, store.ErrUnavailable) || !strings.Contains(err.Error(), "lock was lost") {
+			t.Fatalf("a write whose session ended mid-write: %v, want ErrUnavailable (lock lost)", err)
+		}
+		if rec, err := b.Get(store.BucketKeys, "k"); err != nil || string(rec) != "1" {
+			t.Errorf("after a fenced write, k = %q (%v), want 1", rec, err)
+		}
+		if b.Writes() != before {
+			t.Errorf("a fenced write moved Writes from %d to %d", before, b.Writes())
+		}
+		// A new session, and writes go on.
+		if err := b.Update(store.BucketKeys, "k", func([]byte) ([]byte, error) { return []byte("3"), nil }); err != nil {
+			t.Fatalf("a write after the session ended: %v", err)
+		}
+		if rec, _ := b.Get(store.BucketKeys, "k"); string(rec) != "3" {
+			t.Errorf("k = %q, want 3", rec)
+		}
+	})
+}
+
+// TestQuorumLost: with two members of three gone, a write answers
+// store.ErrUnavailable within its deadline (then the cluster heals and
+// writes go on).
+func TestQuorumLost(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	cli := client(t, c, c.Endpoint(2))
+	const deadline = 2 * time.Second
+	b := open(t, Options{Client: cli, Prefix: prefix(t), Timeout: deadline})
+	defer b.Close()
+	if err := b.Update(store.BucketKeys, "k", func([]byte) ([]byte, error) { return []byte("1"), nil }); err != nil {
+		t.Fatal(err)
+	}
+	c.LoseQuorum()
+	start := time.Now()
+	err := b.Update(store.BucketKeys, "k", func([]byte) ([]byte, error) { return []byte("2"), nil })
+	took := time.Since(start)
+	if !errors.Is(err, store.ErrUnavailable) {
+		t.Fatalf("a write without quorum: %v, want ErrUnavailable", err)
+	}
+	t.Logf("a write without quorum failed after %v: %v", took, err)
+	// Its deadline bounds it (a second is slack for a loaded machine).
+	if took > deadline+time.Second {
+		t.Errorf("a write without quorum took %v; its deadline is %v", took, deadline)
+	}
+	c.Heal()
+	var rec []byte
+	for range 10 { // the member may still be catching up with its leader
+		if err = b.Update(store.BucketKeys, "k", func(old []byte) ([]byte, error) { rec = old; return []byte("3"), nil }); err == nil {
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("a write after healing: %v", err)
+	}
+	if string(rec) != "1" && string(rec) != "2" { // "2" may have been applied: its commit was not confirmed
+		t.Errorf("after healing, k was %q", rec)
+	}
+}

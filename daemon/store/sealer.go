@@ -1,0 +1,39 @@
+package store
+
+import (
+	"bytes"
+	"fmt"
+)
+
+// Sealer seals and opens records exactly as Store does (seal.go): a
+// record's stored form is 0x01 || tag || record, the tag an HMAC of the
+// bucket, the key and the record under a key derived from the store key,
+// so that a value changed, or moved to another key or bucket, does not
+// verify. It is exported for the other backends under daemon/store/...
+// (the etcd one), which keep records where others can write them.
+type Sealer struct{ s *sealer }
+
+// NewSealer is a Sealer under the store key (KeySize bytes).
+func NewSealer(key []byte) (*Sealer, error) {
+	s, err := newSealer(key)
+	if err != nil {
+		return nil, err
+	}
+	return &Sealer{s}, nil
+}
+
+// Seal returns the stored form of rec under bucket and key.
+func (s *Sealer) Seal(bucket, key string, rec []byte) []byte {
+	out, _ := s.s.seal([]byte(bucket), []byte(key), rec)
+	return out
+}
+
+// Open checks a stored value v of bucket and key and returns a copy of its
+// record, or an error matching ErrDamaged.
+func (s *Sealer) Open(bucket, key string, v []byte) ([]byte, error) {
+	rec, _, err := s.s.open([]byte(bucket), []byte(key), v)
+	if err != nil {
+		return nil, fmt.Errorf("%w: the record %q of the bucket %q: %v", ErrDamaged, key, bucket, err)
+	}
+	return bytes.Clone(rec), nil
+}
