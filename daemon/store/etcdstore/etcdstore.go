@@ -132,6 +132,11 @@ func Open(o Options) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
+	if len(resp.Kvs) == 0 {
+		if err := b.noRecords(ctx, resp.Header.Revision); err != nil {
+			return nil, err
+		}
+	}
 	b.writes.Store(m.writes)
 	return b, nil
 }
@@ -163,6 +168,21 @@ func (b *Backend) openMeta(kvs []*mvccpb.KeyValue) (meta, error) {
 		return meta{}, b.fail(err)
 	}
 	return meta{binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:])}, nil
+}
+
+// noRecords checks that a state without its meta record holds no record
+// either (at rev): a meta record deleted under records would reset the
+// write count and the outbox's numbers, and the next events would be
+// written over the last ones.
+func (b *Backend) noRecords(ctx context.Context, rev int64) error {
+	resp, err := b.cli.Get(ctx, b.o.Prefix+"/b/", clientv3.WithPrefix(), clientv3.WithCountOnly(), clientv3.WithRev(rev))
+	if err != nil {
+		return mapErr(err)
+	}
+	if resp.Count > 0 {
+		return b.fail(fmt.Errorf("%w: the meta record is gone but %d records are there (a record deleted in etcd, not by keywardd)", store.ErrDamaged, resp.Count))
+	}
+	return nil
 }
 
 func (b *Backend) sealMeta(m meta) string {
@@ -215,11 +235,10 @@ func (b *Backend) Close() error {
 	defer b.wmu.Unlock()
 	if b.session != nil {
 		// Revoke the lease within the call's deadline (Session.Close would
-		// wait up to its TTL); a failure leaves it to expire.
+		// wait up to its TTL), before the caller closes the client; a
+		// failure leaves it to expire.
 		b.session.Orphan()
-		ctx, cancel := b.ctx()
-		b.cli.Revoke(ctx, b.session.Lease())
-		cancel()
+		b.revoke(b.session.Lease())
 		b.session = nil
 	}
 	return nil
@@ -266,8 +285,11 @@ func mapErr(err error) error {
 	case errors.Is(err, rpctypes.ErrCompacted):
 		// A walk whose revision was compacted between its pages.
 		return fmt.Errorf("%w: etcd compacted the revision being read; read again: %v", store.ErrUnavailable, err)
-	case errors.Is(err, clientv3.ErrNoAvailableEndpoints):
+	case errors.Is(err, clientv3.ErrNoAvailableEndpoints), errors.Is(err, concurrency.ErrSessionExpired),
+		errors.Is(err, rpctypes.ErrTooManyRequests):
 		return fmt.Errorf("%w: %v", store.ErrUnavailable, err)
+	case errors.Is(err, rpctypes.ErrNoSpace):
+		return fmt.Errorf("%w: etcd is out of space (its quota-backend-bytes): an operator compacts and defragments it, or raises the quota, and disarms the alarm: %v", store.ErrUnavailable, err)
 	}
 	return fmt.Errorf("etcdstore: %w", err)
 }
@@ -411,40 +433,70 @@ func (b *Backend) UpdateEachEmit(bucket string, keys []string, fn func(key strin
 }
 
 // lock takes the fleet's write lock on this backend's session, starting a
-// new session if the last one ended. Under wmu.
+// new session if the last one ended. Under wmu. Every step is bounded by
+// ctx: etcd's Mutex.Lock, when its wait fails, cleans up with a context of
+// its own that has no deadline (and retries for as long as quorum is
+// lost), so it runs apart, and a wait that ends without the lock revokes
+// the session, which takes this node's place in the queue with it.
 func (b *Backend) lock(ctx context.Context) (*concurrency.Mutex, error) {
 	for retried := false; ; retried = true {
 		if b.session != nil {
 			select {
 			case <-b.session.Done():
-				b.session = nil
+				b.dropSession()
 			default:
 			}
 		}
 		if b.session == nil {
-			s, err := concurrency.NewSession(b.cli, concurrency.WithTTL(b.o.SessionTTL), concurrency.WithContext(context.Background()))
+			lease, err := b.cli.Grant(ctx, int64(b.o.SessionTTL))
 			if err != nil {
+				return nil, mapErr(err)
+			}
+			s, err := concurrency.NewSession(b.cli, concurrency.WithLease(lease.ID), concurrency.WithContext(context.Background()))
+			if err != nil {
+				go b.revoke(lease.ID)
 				return nil, mapErr(err)
 			}
 			b.session = s
 		}
 		mu := concurrency.NewMutex(b.session, b.lockKey())
-		err := mu.Lock(ctx)
+		locked := make(chan error, 1)
+		go func() { locked <- mu.Lock(ctx) }()
+		var err error
+		select {
+		case err = <-locked:
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
 		if err == nil {
 			return mu, nil
 		}
-		if !errors.Is(err, rpctypes.ErrLeaseNotFound) || retried {
+		// Not ours: leave no place in the queue behind.
+		b.dropSession()
+		if !errors.Is(err, rpctypes.ErrLeaseNotFound) && !errors.Is(err, concurrency.ErrSessionExpired) || retried || ctx.Err() != nil {
 			return nil, mapErr(err)
 		}
-		// The session's lease ended before its keepalive noticed.
-		b.dropSession()
+		// The session's lease ended before its keepalive noticed: once
+		// more, on a new one.
 	}
 }
 
-// dropSession forgets a session whose lease ended. Under wmu.
+// dropSession ends this node's session: its keepalive stops, and its lease
+// (the lock, or the place in the lock's queue, with it) is revoked apart,
+// within a deadline of its own, so that the call that dropped it is not
+// held longer; if the revocation fails, the lease expires within
+// SessionTTL. Under wmu.
 func (b *Backend) dropSession() {
 	b.session.Orphan()
+	go b.revoke(b.session.Lease())
 	b.session = nil
+}
+
+// revoke revokes a lease, within a call's deadline.
+func (b *Backend) revoke(id clientv3.LeaseID) {
+	ctx, cancel := b.ctx()
+	defer cancel()
+	b.cli.Revoke(ctx, id)
 }
 
 // write is a write under the lock.
@@ -538,8 +590,14 @@ func (b *Backend) read(ctx context.Context, bucket string, keys []string, cur ma
 		}
 		if rev == 0 {
 			rev = resp.Header.Revision
-			if m, err = b.openMeta(resp.Responses[0].GetResponseRange().Kvs); err != nil {
+			kvs := resp.Responses[0].GetResponseRange().Kvs
+			if m, err = b.openMeta(kvs); err != nil {
 				return meta{}, err
+			}
+			if len(kvs) == 0 {
+				if err := b.noRecords(ctx, rev); err != nil {
+					return meta{}, err
+				}
 			}
 		}
 		for j, k := range part {

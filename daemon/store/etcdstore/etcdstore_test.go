@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -267,5 +269,120 @@ func TestQuorumLost(t *testing.T) {
 	}
 	if string(rec) != "1" && string(rec) != "2" { // "2" may have been applied: its commit was not confirmed
 		t.Errorf("after healing, k was %q", rec)
+	}
+}
+
+// TestTwoNodes: two backends on one prefix (two keywardd nodes), each with
+// writers of its own: no update lost, and every event numbered once.
+func TestTwoNodes(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	p := prefix(t)
+	nodes := []*Backend{open(t, Options{Client: client(t, c, c.Endpoint(0)), Prefix: p}),
+		open(t, Options{Client: client(t, c, c.Endpoint(1)), Prefix: p})}
+	const each = 15
+	var wg sync.WaitGroup
+	errs := make(chan error, 4*each)
+	for w := range 4 {
+		b := nodes[w%2]
+		wg.Go(func() {
+			for range each {
+				errs <- b.UpdateEachEmit(store.BucketKeys, []string{"n"}, func(_ string, old []byte) ([]byte, [][]byte, error) {
+					n, _ := strconv.Atoi(string(old))
+					return []byte(strconv.Itoa(n + 1)), [][]byte{[]byte("event")}, nil
+				})
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	rec, err := nodes[0].Get(store.BucketKeys, "n")
+	if err != nil || string(rec) != strconv.Itoa(4*each) {
+		t.Fatalf("n is %q after %d increments on two nodes: %v", rec, 4*each, err)
+	}
+	if n := count(t, nodes[1], store.BucketOutbox); n != 4*each {
+		t.Fatalf("%d events in the outbox, want %d (a number used twice overwrites an event)", n, 4*each)
+	}
+	for _, b := range nodes {
+		b.Close()
+	}
+}
+
+// TestWaiterUnderQuorumLoss: a write waiting for the lock that another node
+// holds, when quorum is lost, returns unavailable within its own deadline
+// (etcd's Mutex cleans up without one), and leaves no place in the lock's
+// queue: once quorum is back, the other node and it both write.
+func TestWaiterUnderQuorumLoss(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	p := prefix(t)
+	const deadline = 2 * time.Second
+	holder := open(t, Options{Client: client(t, c, c.Endpoint(2)), Prefix: p, Timeout: 30 * time.Second})
+	waiter := open(t, Options{Client: client(t, c, c.Endpoint(2)), Prefix: p, Timeout: deadline})
+	holding, release := make(chan struct{}), make(chan struct{})
+	held := make(chan error, 1)
+	go func() {
+		held <- holder.Update(store.BucketKeys, "k", func([]byte) ([]byte, error) {
+			close(holding)
+			<-release
+			return []byte("holder"), nil
+		})
+	}()
+	<-holding
+	waited := make(chan error, 1)
+	go func() {
+		waited <- waiter.Update(store.BucketKeys, "w", func([]byte) ([]byte, error) { return []byte("waiter"), nil })
+	}()
+	time.Sleep(200 * time.Millisecond) // the waiter is in the lock's queue
+	c.LoseQuorum()
+	select {
+	case err := <-waited:
+		if !errors.Is(err, store.ErrUnavailable) {
+			t.Fatalf("the waiting write without quorum: %v, want ErrUnavailable", err)
+		}
+	case <-time.After(deadline + 15*time.Second):
+		t.Fatal("the waiting write did not return without quorum")
+	}
+	close(release)
+	<-held // unavailable, or committed: either is the contract's
+	c.Heal()
+	for _, b := range []*Backend{holder, waiter} {
+		var err error
+		for range 20 {
+			if err = b.Update(store.BucketKeys, "after", func([]byte) ([]byte, error) { return []byte("ok"), nil }); err == nil {
+				break
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		if err != nil {
+			t.Fatalf("a write after healing: %v", err)
+		}
+	}
+	holder.Close()
+	waiter.Close()
+}
+
+// TestMetaDeleted: a meta record deleted in etcd under records (which would
+// reset the outbox's numbers) is damage, at the next write and at Open.
+func TestMetaDeleted(t *testing.T) {
+	c := etcdtest.NewCluster(t, 1)
+	cli := client(t, c)
+	p := prefix(t)
+	b := open(t, Options{Client: cli, Prefix: p})
+	defer b.Close()
+	if err := b.Update(store.BucketKeys, "k", func([]byte) ([]byte, error) { return []byte("1"), nil }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Delete(context.Background(), p+"/meta"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Update(store.BucketKeys, "k", func([]byte) ([]byte, error) { return []byte("2"), nil }); !errors.Is(err, store.ErrDamaged) {
+		t.Fatalf("a write with the meta record gone: %v, want ErrDamaged", err)
+	}
+	if _, err := Open(Options{Client: cli, Prefix: p, Key: storetest.Key}); !errors.Is(err, store.ErrDamaged) {
+		t.Fatalf("Open with the meta record gone: %v, want ErrDamaged", err)
 	}
 }
