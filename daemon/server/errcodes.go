@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"iter"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
@@ -68,16 +69,8 @@ func withhold(reason error) error {
 // found whose decoy decryption found the HSM unavailable is unavailable, as
 // a key found would have been.
 func mapsTo(err error, code codes.Code) bool {
-	for _, m := range codeOf {
-		if m.code == code && errors.Is(err, m.err) {
-			return true
-		}
-	}
-	if k := faults.Of(err); k != faults.None && faultCodes[k] == code {
-		return true
-	}
-	for _, m := range contextCodes {
-		if m.code == code && errors.Is(err, m.err) {
+	for c := range codesOf(err) {
+		if c == code {
 			return true
 		}
 	}
@@ -151,20 +144,31 @@ var contextCodes = []struct {
 	{context.DeadlineExceeded, codes.DeadlineExceeded},
 }
 
-// codeFor is err's code, if it is one keywardd knows.
+// codesOf yields the code of every known error err is or wraps, in the
+// order they count: the domain's table, the infrastructure's failure, the
+// context's.
+func codesOf(err error) iter.Seq[codes.Code] {
+	return func(yield func(codes.Code) bool) {
+		for _, m := range codeOf {
+			if errors.Is(err, m.err) && !yield(m.code) {
+				return
+			}
+		}
+		if k := faults.Of(err); k != faults.None && !yield(faultCodes[k]) {
+			return
+		}
+		for _, m := range contextCodes {
+			if errors.Is(err, m.err) && !yield(m.code) {
+				return
+			}
+		}
+	}
+}
+
+// codeFor is err's code, if it is one keywardd knows: the first of codesOf.
 func codeFor(err error) (codes.Code, bool) {
-	for _, m := range codeOf {
-		if errors.Is(err, m.err) {
-			return m.code, true
-		}
-	}
-	if k := faults.Of(err); k != faults.None {
-		return faultCodes[k], true
-	}
-	for _, m := range contextCodes {
-		if errors.Is(err, m.err) {
-			return m.code, true
-		}
+	for c := range codesOf(err) {
+		return c, true
 	}
 	return 0, false
 }
