@@ -92,9 +92,6 @@ func NewService(cfg Config, k Keys, s Signers, revoked *Revoked, now func() time
 		tkeys: map[hsm.KeyID]*Key{}, mints: mintCache{m: map[string]mintEntry{}}, verified: NewCache()}
 }
 
-// Config is the service's configuration, defaults filled in.
-func (s *Service) Config() Config { return s.cfg }
-
 // Lifetime is the lifetime a token asked for with requested gets (0: the
 // default), or ErrInvalid past the ceiling.
 func (s *Service) Lifetime(requested time.Duration) (time.Duration, error) {
