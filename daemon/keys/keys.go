@@ -157,8 +157,9 @@ func (k *Key) Published(t time.Time) []Version {
 // Latest is the newest version's number.
 func (k *Key) Latest() uint32 { return uint32(len(k.Versions)) }
 
-// usable says whether the key may be used at all.
-func (k *Key) usable() error {
+// Usable says whether the key may be used at all: not if disabled or
+// pending deletion.
+func (k *Key) Usable() error {
 	switch k.State {
 	case Disabled:
 		return fmt.Errorf("%w: %q; enable it to use it", ErrDisabled, k.Name)
@@ -541,7 +542,7 @@ func (m *Manager) rotateLockedAt(ctx context.Context, name string, atOnce bool, 
 		return nil, err
 	}
 	if k.State == PendingDeletion {
-		return nil, k.usable()
+		return nil, k.Usable()
 	}
 	alg, err := hsm.ParseAlgorithm(k.Algorithm)
 	if err != nil {
@@ -646,7 +647,7 @@ func (m *Manager) panicLocked(ctx context.Context, name string, dryRun bool) (*P
 		return nil, err
 	}
 	if k.State == PendingDeletion {
-		return nil, k.usable()
+		return nil, k.Usable()
 	}
 	p := &Panic{Key: k, NewVersion: k.Latest() + 1, Withdrawn: k.Purpose == Sign}
 	for _, v := range k.Versions {
@@ -686,7 +687,7 @@ func (m *Manager) SetEnabled(name string, enabled bool) (*Key, error) {
 	defer m.lock(name)()
 	return m.change(name, func(k *Key) error {
 		if k.State == PendingDeletion {
-			return k.usable()
+			return k.Usable()
 		}
 		k.State = Disabled
 		if enabled {
@@ -786,7 +787,7 @@ func (m *Manager) encryptionKey(name string) (*Key, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := k.usable(); err != nil {
+	if err := k.Usable(); err != nil {
 		return nil, err
 	}
 	if k.Purpose != Encrypt {
@@ -824,7 +825,7 @@ func (m *Manager) reserve(ctx context.Context, name string) (hsm.KeyID, error) {
 		if err != nil {
 			return hsm.KeyID{}, err
 		}
-		if err := k.usable(); err != nil {
+		if err := k.Usable(); err != nil {
 			return hsm.KeyID{}, err
 		}
 		id := hsm.KeyID{Name: name, Version: k.Latest()}

@@ -130,13 +130,11 @@ func (s *Service) signing(name string, ttl time.Duration, now time.Time) (hsm.Ke
 	if err != nil {
 		return hsm.KeyID{}, err
 	}
-	switch {
-	case k.Purpose != rootkeys.Sign:
+	if k.Purpose != rootkeys.Sign {
 		return hsm.KeyID{}, fmt.Errorf("%w: %q is a %s key, not a signing key", rootkeys.ErrWrongPurpose, k.Name, k.Purpose)
-	case k.State == rootkeys.Disabled:
-		return hsm.KeyID{}, fmt.Errorf("%w: %q", rootkeys.ErrDisabled, k.Name)
-	case k.State == rootkeys.PendingDeletion:
-		return hsm.KeyID{}, fmt.Errorf("%w: %q", rootkeys.ErrPendingDeletion, k.Name)
+	}
+	if err := k.Usable(); err != nil {
+		return hsm.KeyID{}, err
 	}
 	v, ok := k.Signing(now)
 	if !ok {
