@@ -548,9 +548,21 @@ func (w *testWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if !w.ended {
-		w.t.Log(strings.TrimSuffix(string(p), "\n"))
+		w.t.Log(clip(strings.TrimSuffix(string(p), "\n")))
 	}
 	return len(p), nil
+}
+
+// maxLine is the most of one logged line kept: etcd's warning of a slow
+// request quotes the whole request, megabytes for a large transaction,
+// and would bury the failure it came with.
+const maxLine = 1000
+
+func clip(line string) string {
+	if len(line) <= maxLine {
+		return line
+	}
+	return fmt.Sprintf("%s… (%d more bytes)", line[:maxLine], len(line)-maxLine)
 }
 
 func (w *testWriter) end() {
