@@ -398,20 +398,27 @@ func (b *Backend) UpdateEach(bucket string, keys []string, fn func(key string, o
 // order, and commits the records and fn's events in one etcd transaction
 // under the fleet's write lock, fenced by its ownership.
 func (b *Backend) UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error)) error {
+	_, err := b.updateEachEmit(bucket, keys, fn)
+	return err
+}
+
+// updateEachEmit is UpdateEachEmit, which also returns the commit's
+// revision.
+func (b *Backend) updateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error)) (int64, error) {
 	if err := b.enter(); err != nil {
-		return err
+		return 0, err
 	}
 	defer b.life.RUnlock()
 	if err := checkBucket(bucket); err != nil {
-		return err
+		return 0, err
 	}
 	for _, k := range keys {
 		if err := checkKey(k); err != nil {
-			return err
+			return 0, err
 		}
 	}
 	if len(keys) > store.MaxTxKeys {
-		return fmt.Errorf("%w: %d keys in one transaction; the contract promises %d", store.ErrTooLarge, len(keys), store.MaxTxKeys)
+		return 0, fmt.Errorf("%w: %d keys in one transaction; the contract promises %d", store.ErrTooLarge, len(keys), store.MaxTxKeys)
 	}
 	b.wmu.Lock()
 	defer b.wmu.Unlock()
@@ -419,7 +426,7 @@ func (b *Backend) UpdateEachEmit(bucket string, keys []string, fn func(key strin
 	defer cancel()
 	mu, err := b.lock(ctx)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer func() {
 		// Within the write's own deadline. If the lock cannot be let go,
@@ -499,8 +506,8 @@ func (b *Backend) revoke(id clientv3.LeaseID) {
 	b.cli.Revoke(ctx, id)
 }
 
-// write is a write under the lock.
-func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket string, keys []string, fn func(string, []byte) ([]byte, [][]byte, error)) error {
+// write is a write under the lock; it returns the commit's revision.
+func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket string, keys []string, fn func(string, []byte) ([]byte, [][]byte, error)) (int64, error) {
 	bp := b.bucketPrefix(bucket)
 	// The keys, each once in order of first appearance, and the meta record.
 	var uniq []string
@@ -513,14 +520,14 @@ func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket strin
 	}
 	m, err := b.read(ctx, bucket, uniq, cur)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	// fn, once per key in order.
 	var events [][]byte
 	for _, k := range keys {
 		rec, evs, err := fn(k, cur[k])
 		if err != nil {
-			return err
+			return 0, err
 		}
 		cur[k] = rec
 		events = append(events, evs...)
@@ -550,20 +557,20 @@ func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket strin
 	ops = append(ops, clientv3.OpPut(b.metaKey(), mv))
 	size += len(b.metaKey()) + len(mv) + len(mu.Key()) + 2*opOverhead
 	if n := len(ops) + 1; n > b.o.MaxTxnOps || size > b.o.MaxRequestBytes {
-		return fmt.Errorf("%w: %d operations, about %d bytes; etcd takes %d operations and %d bytes in one transaction", store.ErrTooLarge, n, size, b.o.MaxTxnOps, b.o.MaxRequestBytes)
+		return 0, fmt.Errorf("%w: %d operations, about %d bytes; etcd takes %d operations and %d bytes in one transaction", store.ErrTooLarge, n, size, b.o.MaxTxnOps, b.o.MaxRequestBytes)
 	}
 	resp, err := b.cli.Txn(ctx).If(mu.IsOwner()).Then(ops...).Commit()
 	if err != nil {
-		return mapErr(err)
+		return 0, mapErr(err)
 	}
 	if !resp.Succeeded {
 		b.dropSession()
-		return fmt.Errorf("%w: the write lock was lost before the commit (this node's etcd session ended); nothing was written", store.ErrUnavailable)
+		return 0, fmt.Errorf("%w: the write lock was lost before the commit (this node's etcd session ended); nothing was written", store.ErrUnavailable)
 	}
 	if m.writes > b.writes.Load() {
 		b.writes.Store(m.writes)
 	}
-	return nil
+	return resp.Header.Revision, nil
 }
 
 // read reads the meta record and the records of keys into cur (absent:

@@ -1,0 +1,714 @@
+package etcdstore
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/keyward/keyward/daemon/store"
+	bolt "go.etcd.io/bbolt"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// NodeOptions say where a node's local copy is, and how stale it may get.
+type NodeOptions struct {
+	Options
+	// Path is the local copy's file (created 0600 if absent). It is a
+	// cache of etcd: deleting it costs a reload, nothing else.
+	Path string
+	// Staleness is how long reads go on from the local copy after it was
+	// last known current (etcd reached with quorum, every write up to then
+	// applied); past it, every read fails with store.ErrUnavailable (fail
+	// closed). Default DefaultStaleness.
+	Staleness time.Duration
+	// Logger receives what the node's watch goes through (nil: discarded).
+	Logger *slog.Logger
+	// Changed, if set, is called once the local copy has a change (this
+	// node's writes and every other node's), for each bucket changed, with
+	// the keys whose records changed in it, in order, from the one
+	// goroutine that feeds the copy: where caches above the store drop
+	// what they hold. A reload, which may change anything, calls it with
+	// nil keys for every bucket. It must not call the node.
+	Changed func(bucket string, keys []string)
+}
+
+// DefaultStaleness is the staleness bound of NodeOptions.
+const DefaultStaleness = 30 * time.Second
+
+// The buckets of the local copy's file.
+var (
+	copyState = []byte("state") // active, rev, cluster, prefix
+	copyKV    = [2][]byte{[]byte("kv0"), []byte("kv1")}
+)
+
+// Node is a fleet node's store.Backend: writes go to etcd through Backend
+// (fenced, one writer at a time); reads are served from a local copy in a
+// bbolt file, fed by a watch on the prefix, and refused once the copy was
+// last known current longer ago than the staleness bound.
+//
+// The copy holds etcd's values as etcd holds them, sealed: a read opens
+// (checks) the record as Backend does, so a value changed in the file is
+// refused as one changed in etcd is. The file records the revision it
+// reflects; a node started again resumes its watch there, and one whose
+// revision etcd compacted away reloads the whole prefix into the other of
+// two buckets and swaps it in, so that readers see one revision or the
+// other, never a mix.
+type Node struct {
+	o      NodeOptions
+	w      *Backend
+	db     *bolt.DB
+	seal   *store.Sealer
+	prefix string // o.Prefix + "/"
+
+	active  atomic.Int32 // which of copyKV readers use
+	applied atomic.Int64 // every event up to it is in the file
+	freshAt atomic.Int64 // unix nanoseconds when the copy was last known current
+	writes  atomic.Uint64
+	failed  atomic.Pointer[error]
+
+	// progress is the watch under way, to ask etcd for a progress
+	// notification on (nil between watches).
+	progress atomic.Pointer[progressor]
+
+	amu     sync.Mutex
+	advance *sync.Cond // signalled on every change of applied
+
+	life   sync.RWMutex
+	closed bool
+	stop   context.CancelFunc
+	done   sync.WaitGroup
+}
+
+var _ store.Backend = (*Node)(nil)
+
+// OpenNode opens (or creates) the local copy at o.Path, brings it up to
+// etcd's current revision, and starts following etcd. It returns once the
+// copy is current: a new node reads the whole prefix first.
+func OpenNode(o NodeOptions) (*Node, error) {
+	if o.Path == "" {
+		return nil, errors.New("etcdstore: a node needs the path of its local copy")
+	}
+	if o.Staleness <= 0 {
+		o.Staleness = DefaultStaleness
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	w, err := Open(o.Options)
+	if err != nil {
+		return nil, err
+	}
+	db, err := bolt.Open(o.Path, 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil {
+		return nil, fmt.Errorf("etcdstore: the local copy %s: %w", o.Path, err)
+	}
+	o.Options = w.o // with its defaults
+	n := &Node{o: o, w: w, db: db, seal: w.seal, prefix: o.Prefix + "/"}
+	n.advance = sync.NewCond(&n.amu)
+	ctx, stop := context.WithCancel(context.Background())
+	n.stop = stop
+	if err := n.start(ctx); err != nil {
+		stop()
+		db.Close()
+		w.Close()
+		return nil, err
+	}
+	n.done.Add(2)
+	go n.follow(ctx)
+	go n.keepFresh(ctx)
+	if err := n.waitFresh(o.Timeout); err != nil {
+		n.Close()
+		return nil, err
+	}
+	return n, nil
+}
+
+// start reads the file's state, and reloads the prefix when the file is
+// new or of another cluster or prefix.
+func (n *Node) start(ctx context.Context) error {
+	var rev int64
+	var cluster uint64
+	var prefix string
+	err := n.db.Update(func(tx *bolt.Tx) error {
+		st, err := tx.CreateBucketIfNotExists(copyState)
+		if err != nil {
+			return err
+		}
+		if v := st.Get([]byte("active")); len(v) == 1 && v[0] == 1 {
+			n.active.Store(1)
+		}
+		if v := st.Get([]byte("rev")); len(v) == 8 {
+			rev = int64(binary.BigEndian.Uint64(v))
+		}
+		if v := st.Get([]byte("cluster")); len(v) == 8 {
+			cluster = binary.BigEndian.Uint64(v)
+		}
+		prefix = string(st.Get([]byte("prefix")))
+		_, err = tx.CreateBucketIfNotExists(copyKV[n.active.Load()])
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
+	}
+	if rev == 0 || prefix != n.o.Prefix || cluster != n.clusterID(ctx) {
+		return n.reload(ctx)
+	}
+	n.setApplied(rev)
+	return n.loadWrites()
+}
+
+// clusterID is the etcd cluster's ID (0 if it cannot be read: a reload).
+func (n *Node) clusterID(ctx context.Context) uint64 {
+	ctx, cancel := context.WithTimeout(ctx, n.o.Timeout)
+	defer cancel()
+	resp, err := n.w.cli.Get(clientv3.WithRequireLeader(ctx), n.w.metaKey(), clientv3.WithCountOnly())
+	if err != nil {
+		return 0
+	}
+	return resp.Header.ClusterId
+}
+
+// reload reads every record under the prefix at one revision, page by
+// page, into the bucket readers do not use, then swaps it in with the
+// revision, in one transaction.
+func (n *Node) reload(ctx context.Context) error {
+	next := 1 - n.active.Load()
+	err := n.db.Update(func(tx *bolt.Tx) error {
+		if tx.Bucket(copyKV[next]) != nil {
+			if err := tx.DeleteBucket(copyKV[next]); err != nil {
+				return err
+			}
+		}
+		_, err := tx.CreateBucket(copyKV[next])
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
+	}
+	from, end := n.prefix, clientv3.GetPrefixRangeEnd(n.prefix)
+	var rev int64
+	var cluster uint64
+	records := 0
+	for {
+		cctx, cancel := context.WithTimeout(ctx, n.o.Timeout)
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(reloadPage)}
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		resp, err := n.w.cli.Get(clientv3.WithRequireLeader(cctx), from, opts...)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("etcdstore: reloading the local copy: %w", mapErr(err))
+		}
+		if rev == 0 {
+			rev, cluster = resp.Header.Revision, resp.Header.ClusterId
+		}
+		err = n.db.Update(func(tx *bolt.Tx) error {
+			kv := tx.Bucket(copyKV[next])
+			for _, e := range resp.Kvs {
+				if k, ok := n.copyKey(e.Key); ok {
+					if err := kv.Put(k, e.Value); err != nil {
+						return err
+					}
+					records++
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			break
+		}
+		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+	err = n.db.Update(func(tx *bolt.Tx) error {
+		st := tx.Bucket(copyState)
+		if err := st.Put([]byte("active"), []byte{byte(next)}); err != nil {
+			return err
+		}
+		if err := st.Put([]byte("prefix"), []byte(n.o.Prefix)); err != nil {
+			return err
+		}
+		if err := st.Put([]byte("cluster"), binary.BigEndian.AppendUint64(nil, cluster)); err != nil {
+			return err
+		}
+		if err := st.Put([]byte("rev"), binary.BigEndian.AppendUint64(nil, uint64(rev))); err != nil {
+			return err
+		}
+		if old := copyKV[1-next]; tx.Bucket(old) != nil {
+			return tx.DeleteBucket(old)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
+	}
+	n.active.Store(next)
+	n.o.Logger.Info("the local copy was loaded from etcd", "records", records, "revision", rev)
+	if n.o.Changed != nil {
+		for _, b := range store.Buckets() {
+			n.o.Changed(b, nil)
+		}
+	}
+	n.setApplied(rev)
+	return n.loadWrites()
+}
+
+// records is the bucket of records tx sees: the one its own state names,
+// so that a read that began before a reload's swap reads the records as
+// they were before it, whole.
+func records(tx *bolt.Tx) *bolt.Bucket {
+	if v := tx.Bucket(copyState).Get([]byte("active")); len(v) == 1 && v[0] == 1 {
+		return tx.Bucket(copyKV[1])
+	}
+	return tx.Bucket(copyKV[0])
+}
+
+// reloadPage is how many records a reload reads per request.
+const reloadPage = 1000
+
+// copyKey is the key in the copy of etcd's key k: what follows the prefix,
+// for the records and the meta record; ok is false for what the copy does
+// not keep (the write lock, and whatever else lives under the prefix).
+func (n *Node) copyKey(k []byte) ([]byte, bool) {
+	rest, ok := bytes.CutPrefix(k, []byte(n.prefix))
+	if !ok || !(bytes.HasPrefix(rest, []byte("b/")) || string(rest) == "meta") {
+		return nil, false
+	}
+	return rest, true
+}
+
+// loadWrites sets Writes from the copy's meta record.
+func (n *Node) loadWrites() error {
+	return n.db.View(func(tx *bolt.Tx) error {
+		return n.noteMeta(records(tx).Get([]byte("meta")))
+	})
+}
+
+// noteMeta takes the write count of a sealed meta record v (nil: none yet).
+func (n *Node) noteMeta(v []byte) error {
+	if v == nil {
+		return nil
+	}
+	m, err := n.w.openMeta([]*mvccpb.KeyValue{{Value: v}})
+	if err != nil {
+		return n.fail(err)
+	}
+	if m.writes > n.writes.Load() {
+		n.writes.Store(m.writes)
+	}
+	return nil
+}
+
+func (n *Node) setApplied(rev int64) {
+	n.amu.Lock()
+	if rev > n.applied.Load() {
+		n.applied.Store(rev)
+	}
+	n.amu.Unlock()
+	n.advance.Broadcast()
+}
+
+// waitApplied waits until the copy reflects rev, or d passed.
+func (n *Node) waitApplied(rev int64, d time.Duration) bool {
+	if n.applied.Load() >= rev {
+		return true
+	}
+	t := time.AfterFunc(d, n.advance.Broadcast)
+	defer t.Stop()
+	deadline := time.Now().Add(d)
+	n.amu.Lock()
+	defer n.amu.Unlock()
+	for n.applied.Load() < rev {
+		if !time.Now().Before(deadline) {
+			return false
+		}
+		n.advance.Wait()
+	}
+	return true
+}
+
+// follow applies what the watch delivers, from the copy's revision on, for
+// as long as the node is open: it watches again after a broken watch, and
+// reloads when etcd compacted past the copy.
+func (n *Node) follow(ctx context.Context) {
+	defer n.done.Done()
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		err := n.watch(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, errCompacted) {
+			n.o.Logger.Warn("etcd compacted the history the local copy needs; reloading", "revision", n.applied.Load())
+			if err = n.reload(ctx); err == nil {
+				backoff = 100 * time.Millisecond
+				continue
+			}
+		}
+		if errors.Is(err, store.ErrDamaged) {
+			return // the node has stopped (Err says why)
+		}
+		n.o.Logger.Warn("the watch on etcd broke; watching again", "error", err, "after", backoff)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+var errCompacted = errors.New("compacted")
+
+// watch follows one watch until it breaks.
+func (n *Node) watch(ctx context.Context) error {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	watcher := clientv3.NewWatcher(n.w.cli)
+	defer watcher.Close()
+	n.progress.Store(&progressor{watcher, wctx})
+	defer n.progress.Store(nil)
+	ch := watcher.Watch(wctx, n.prefix, clientv3.WithPrefix(), clientv3.WithRev(n.applied.Load()+1))
+	for resp := range ch {
+		if resp.CompactRevision != 0 {
+			return errCompacted
+		}
+		if err := resp.Err(); err != nil {
+			return err
+		}
+		if err := n.apply(resp); err != nil {
+			return err
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return errors.New("the watch ended")
+}
+
+// apply writes one watch response's events and the revision they bring
+// the copy to, in one transaction. etcd sends all of a revision's events
+// in one response, but a response's header revision is not the copy's:
+// a watch catching up gets its events in batches, each under the current
+// revision. So the copy reflects the last event's revision, or, for a
+// progress notification (sent only to a watch that has caught up), the
+// header's.
+func (n *Node) apply(resp clientv3.WatchResponse) error {
+	if resp.IsProgressNotify() {
+		n.setApplied(resp.Header.Revision)
+		return nil
+	}
+	if len(resp.Events) == 0 {
+		return nil // the watch was created
+	}
+	rev := resp.Events[len(resp.Events)-1].Kv.ModRevision
+	var meta []byte
+	changed := map[string][]string{}
+	var order []string
+	err := n.db.Update(func(tx *bolt.Tx) error {
+		kv := tx.Bucket(copyKV[n.active.Load()])
+		for _, e := range resp.Events {
+			k, ok := n.copyKey(e.Kv.Key)
+			if !ok {
+				continue
+			}
+			if rest, ok := bytes.CutPrefix(k, []byte("b/")); ok {
+				b, key, _ := bytes.Cut(rest, []byte("/"))
+				if _, seen := changed[string(b)]; !seen {
+					order = append(order, string(b))
+				}
+				changed[string(b)] = append(changed[string(b)], string(key))
+			}
+			if e.Type == clientv3.EventTypeDelete {
+				if err := kv.Delete(k); err != nil {
+					return err
+				}
+				continue
+			}
+			if string(k) == "meta" {
+				meta = e.Kv.Value
+			}
+			if err := kv.Put(k, e.Kv.Value); err != nil {
+				return err
+			}
+		}
+		return tx.Bucket(copyState).Put([]byte("rev"), binary.BigEndian.AppendUint64(nil, uint64(rev)))
+	})
+	if err != nil {
+		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
+	}
+	if err := n.noteMeta(meta); err != nil {
+		return err
+	}
+	// Caches drop what changed before a write waiting for this revision
+	// returns.
+	if n.o.Changed != nil {
+		for _, b := range order {
+			n.o.Changed(b, changed[b])
+		}
+	}
+	n.setApplied(rev)
+	return nil
+}
+
+// progressor asks a watch's stream for a progress notification: its
+// context's metadata names the stream.
+type progressor struct {
+	w   clientv3.Watcher
+	ctx context.Context
+}
+
+// keepFresh establishes, about every Staleness/10 (at least every second,
+// at most every 100 ms), that the copy is current: it reads etcd's
+// revision with a linearizable read (which needs a quorum: a member cut
+// off from it cannot vouch for itself), asks the watch for its progress,
+// and once the copy reflects that revision, records the time the read
+// started. Reads are refused once that time is older than Staleness.
+func (n *Node) keepFresh(ctx context.Context) {
+	defer n.done.Done()
+	every := min(max(n.o.Staleness/10, 100*time.Millisecond), time.Second)
+	for {
+		n.checkFresh(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(every):
+		}
+	}
+}
+
+// checkFresh is one round of keepFresh.
+func (n *Node) checkFresh(ctx context.Context) {
+	start := time.Now()
+	cctx, cancel := context.WithTimeout(ctx, n.o.Timeout)
+	defer cancel()
+	resp, err := n.w.cli.Get(clientv3.WithRequireLeader(cctx), n.w.metaKey(), clientv3.WithCountOnly())
+	if err != nil {
+		return
+	}
+	rev := resp.Header.Revision
+	if n.applied.Load() < rev {
+		// Nothing of the prefix may have changed since: the watch says so
+		// when asked.
+		if p := n.progress.Load(); p != nil {
+			p.w.RequestProgress(p.ctx)
+		}
+		if !n.waitApplied(rev, n.o.Timeout) {
+			return
+		}
+	}
+	n.freshAt.Store(start.UnixNano())
+}
+
+// waitFresh waits until the copy was found current, for at most d.
+func (n *Node) waitFresh(d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for n.freshAt.Load() == 0 {
+		if err := n.Err(); err != nil {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w: the local copy could not be brought up to etcd's revision within %v", store.ErrUnavailable, d)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil
+}
+
+// FreshAt is when the copy was last known current (zero: never).
+func (n *Node) FreshAt() time.Time {
+	if t := n.freshAt.Load(); t != 0 {
+		return time.Unix(0, t)
+	}
+	return time.Time{}
+}
+
+// Revision is the etcd revision the copy reflects.
+func (n *Node) Revision() int64 { return n.applied.Load() }
+
+// fail stops the node with err (a record that does not verify).
+func (n *Node) fail(err error) error {
+	n.failed.CompareAndSwap(nil, &err)
+	return n.Err()
+}
+
+// Err says why the node stopped serving, or nil.
+func (n *Node) Err() error {
+	if p := n.failed.Load(); p != nil {
+		return *p
+	}
+	return n.w.Err()
+}
+
+// Writes is the fleet's write count as of the copy's revision, or of this
+// node's last write if later.
+func (n *Node) Writes() uint64 { return max(n.writes.Load(), n.w.Writes()) }
+
+// enter starts a call, as Backend.enter does.
+func (n *Node) enter() error {
+	n.life.RLock()
+	if n.closed {
+		n.life.RUnlock()
+		return closedError{}
+	}
+	if err := n.Err(); err != nil {
+		n.life.RUnlock()
+		return err
+	}
+	return nil
+}
+
+// enterRead starts a read: it also fails once the copy is staler than the
+// bound.
+func (n *Node) enterRead() error {
+	if err := n.enter(); err != nil {
+		return err
+	}
+	if age := time.Since(n.FreshAt()); age > n.o.Staleness {
+		n.life.RUnlock()
+		return &StaleError{Age: age, Bound: n.o.Staleness}
+	}
+	return nil
+}
+
+// StaleError is a read's error once the local copy is staler than the
+// bound: it matches store.ErrUnavailable.
+type StaleError struct{ Age, Bound time.Duration }
+
+func (e *StaleError) Error() string {
+	return fmt.Sprintf("etcdstore: the local copy was last known current %v ago, past the staleness bound of %v: etcd cannot be reached with a quorum, so reads are refused until it can", e.Age.Round(time.Millisecond), e.Bound)
+}
+
+func (e *StaleError) Is(target error) bool { return target == store.ErrUnavailable }
+
+// Get returns a copy of the record under key from the local copy.
+func (n *Node) Get(bucket, key string) ([]byte, error) {
+	if err := n.enterRead(); err != nil {
+		return nil, err
+	}
+	defer n.life.RUnlock()
+	if err := checkBucket(bucket); err != nil {
+		return nil, err
+	}
+	if err := checkKey(key); err != nil {
+		return nil, err
+	}
+	var rec []byte
+	err := n.db.View(func(tx *bolt.Tx) error {
+		v := records(tx).Get([]byte("b/" + bucket + "/" + key))
+		if v == nil {
+			return store.ErrNotFound
+		}
+		var err error
+		rec, err = n.seal.Open(bucket, key, v)
+		if err != nil {
+			return n.fail(err)
+		}
+		return nil
+	})
+	return rec, err
+}
+
+// ForEach calls fn for every record of the local copy whose key starts
+// with prefix, in key order, in one read of the copy.
+func (n *Node) ForEach(bucket, prefix string, fn func(key string, rec []byte) error) error {
+	bp := "b/" + bucket + "/"
+	return n.walk(bucket, []byte(bp+prefix), []byte(bp+prefix), fn)
+}
+
+// ForEachAfter calls fn for every record of the local copy whose key sorts
+// after the given one ("" for all), in key order, in one read of the copy.
+func (n *Node) ForEachAfter(bucket, after string, fn func(key string, rec []byte) error) error {
+	bp := "b/" + bucket + "/"
+	from := []byte(bp)
+	if after != "" {
+		from = []byte(bp + after + "\x00")
+	}
+	return n.walk(bucket, from, []byte(bp), fn)
+}
+
+// walk visits the keys from from on that start with within.
+func (n *Node) walk(bucket string, from, within []byte, fn func(key string, rec []byte) error) error {
+	if err := n.enterRead(); err != nil {
+		return err
+	}
+	defer n.life.RUnlock()
+	if err := checkBucket(bucket); err != nil {
+		return err
+	}
+	bp := len("b/" + bucket + "/")
+	return n.db.View(func(tx *bolt.Tx) error {
+		c := records(tx).Cursor()
+		for k, v := c.Seek(from); k != nil && bytes.HasPrefix(k, within); k, v = c.Next() {
+			key := string(k[bp:])
+			rec, err := n.seal.Open(bucket, key, v)
+			if err != nil {
+				return n.fail(err)
+			}
+			if err := fn(key, rec); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// Update is UpdateEach for one key.
+func (n *Node) Update(bucket, key string, fn func(old []byte) ([]byte, error)) error {
+	return n.UpdateEach(bucket, []string{key}, func(_ string, old []byte) ([]byte, error) { return fn(old) })
+}
+
+// UpdateEach is UpdateEachEmit without events.
+func (n *Node) UpdateEach(bucket string, keys []string, fn func(key string, old []byte) ([]byte, error)) error {
+	return n.UpdateEachEmit(bucket, keys, func(k string, old []byte) ([]byte, [][]byte, error) {
+		rec, err := fn(k, old)
+		return rec, nil, err
+	})
+}
+
+// UpdateEachEmit writes through Backend (fn sees the records as etcd has
+// them, under the fleet's write lock), then waits until the local copy has
+// the commit, so that a read after it on this node sees it.
+func (n *Node) UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) ([]byte, [][]byte, error)) error {
+	if err := n.enter(); err != nil {
+		return err
+	}
+	defer n.life.RUnlock()
+	rev, err := n.w.updateEachEmit(bucket, keys, fn)
+	if err != nil || rev == 0 {
+		return err
+	}
+	if !n.waitApplied(rev, n.o.Timeout) {
+		return fmt.Errorf("%w: the write was committed to etcd (revision %d) but this node's local copy did not reach it within %v (its watch is behind or broken)", store.ErrUnavailable, rev, n.o.Timeout)
+	}
+	return nil
+}
+
+// Close stops following etcd, waits for the calls under way, and closes
+// the local copy and the writer (the etcd client stays open).
+func (n *Node) Close() error {
+	n.life.Lock()
+	defer n.life.Unlock()
+	if n.closed {
+		return nil
+	}
+	n.closed = true
+	n.stop()
+	n.advance.Broadcast()
+	n.done.Wait()
+	werr := n.w.Close()
+	if err := n.db.Close(); err != nil {
+		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
+	}
+	return werr
+}

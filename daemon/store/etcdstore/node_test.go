@@ -1,0 +1,251 @@
+package etcdstore
+
+import (
+	"bytes"
+	"errors"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/store/storetest"
+	"github.com/keyward/keyward/softhsm-test/etcdtest"
+	bolt "go.etcd.io/bbolt"
+)
+
+func openNode(t *testing.T, o NodeOptions) *Node {
+	t.Helper()
+	if o.Key == nil {
+		o.Key = storetest.Key
+	}
+	n, err := OpenNode(o)
+	if err != nil {
+		t.Fatalf("OpenNode: %v", err)
+	}
+	return n
+}
+
+// TestNodeConformance: a node (reads from its local copy, writes through
+// etcd) keeps every promise of the store's contract, read-your-writes
+// included.
+func TestNodeConformance(t *testing.T) {
+	c := etcdtest.New(t, etcdtest.Config{Members: 3, MaxTxnOps: bigOps, MaxRequestBytes: bigBytes})
+	cli := client(t, c)
+	storetest.Run(t, func(t *testing.T) func() store.Backend {
+		o := NodeOptions{
+			Options: Options{Client: cli, Prefix: prefix(t), MaxTxnOps: bigOps, MaxRequestBytes: bigBytes, Timeout: bigTimeout},
+			Path:    filepath.Join(t.TempDir(), "copy.db"),
+		}
+		return func() store.Backend { return openNode(t, o) }
+	})
+}
+
+// logs is a logger whose records a test reads.
+type logs struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logs) logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return l.buf.Write(p)
+	}), nil))
+}
+
+func (l *logs) count(s string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Count(l.buf.String(), s)
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+const loaded = "the local copy was loaded from etcd"
+
+// eventually waits up to 10 s for cond.
+func eventually(t *testing.T, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > 10*time.Second {
+			t.Fatalf("after 10 s: %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+// TestNodeFollows: what one node writes, another reads from its own copy
+// soon after, and is told which buckets changed; a node started again
+// resumes from its file's revision instead of reloading, and catches up
+// with what was written while it was away.
+func TestNodeFollows(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	p := prefix(t)
+	dir := t.TempDir()
+	var changed sync.Map
+	var lb logs
+	bo := NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(1)), Prefix: p}, Path: filepath.Join(dir, "b.db"), Logger: lb.logger(),
+		Changed: func(bucket string, keys []string) {
+			for _, k := range keys {
+				changed.Store(bucket+"/"+k, true)
+			}
+		}}
+	a := openNode(t, NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(0)), Prefix: p}, Path: filepath.Join(dir, "a.db")})
+	defer a.Close()
+	b := openNode(t, bo)
+	put(t, a, store.BucketKeys, "k", "1")
+	took := eventually(t, "node b never saw node a's write", func() bool {
+		rec, err := b.Get(store.BucketKeys, "k")
+		return err == nil && string(rec) == "1"
+	})
+	t.Logf("node b saw node a's write %v after it returned", took)
+	if _, ok := changed.Load(store.BucketKeys + "/k"); !ok {
+		t.Errorf("node b's Changed was not told of %s/k", store.BucketKeys)
+	}
+	if b.Writes() != a.Writes() {
+		t.Errorf("Writes: node a %d, node b %d", a.Writes(), b.Writes())
+	}
+
+	// Away: b's file stays at its revision while a writes and deletes.
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	put(t, a, store.BucketKeys, "k", "2")
+	put(t, a, store.BucketKeys, "new", "3")
+	if err := a.Update(store.BucketKeys, "k", func([]byte) ([]byte, error) { return nil, nil }); err != nil {
+		t.Fatal(err)
+	}
+	b = openNode(t, bo)
+	defer b.Close()
+	if n := lb.count(loaded); n != 1 {
+		t.Errorf("node b loaded the prefix %d times; once (when new), then it resumes from its revision", n)
+	}
+	eventually(t, "node b did not catch up", func() bool {
+		rec, err := b.Get(store.BucketKeys, "new")
+		_, gone := b.Get(store.BucketKeys, "k")
+		return err == nil && string(rec) == "3" && errors.Is(gone, store.ErrNotFound)
+	})
+}
+
+func put(t *testing.T, b store.Backend, bucket, key, v string) {
+	t.Helper()
+	if err := b.Update(bucket, key, func([]byte) ([]byte, error) { return []byte(v), nil }); err != nil {
+		t.Fatalf("Update %s: %v", key, err)
+	}
+}
+
+// TestNodeCompacted: a node started again after etcd compacted the history
+// it needs reloads the prefix and has every record, the deleted gone.
+func TestNodeCompacted(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	cli := client(t, c)
+	p := prefix(t)
+	var lb logs
+	o := NodeOptions{Options: Options{Client: cli, Prefix: p}, Path: filepath.Join(t.TempDir(), "copy.db"), Logger: lb.logger()}
+	n := openNode(t, o)
+	put(t, n, store.BucketKeys, "gone", "x")
+	n.Close()
+	w := open(t, Options{Client: cli, Prefix: p})
+	put(t, w, store.BucketKeys, "k", "1")
+	if err := w.Update(store.BucketKeys, "gone", func([]byte) ([]byte, error) { return nil, nil }); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := cli.Get(t.Context(), "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Compact(resp.Header.Revision)
+	w.Close()
+	n = openNode(t, o)
+	defer n.Close()
+	if got := lb.count(loaded); got != 2 {
+		t.Errorf("the prefix was loaded %d times; want 2 (new, then compacted past)", got)
+	}
+	if rec, err := n.Get(store.BucketKeys, "k"); err != nil || string(rec) != "1" {
+		t.Errorf("k: %q, %v", rec, err)
+	}
+	if _, err := n.Get(store.BucketKeys, "gone"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("a record deleted while the node was away: %v, want ErrNotFound", err)
+	}
+}
+
+// TestNodeStale: with quorum lost, a node reads from its copy until the
+// staleness bound, then refuses (fail closed), and reads again once the
+// cluster heals.
+func TestNodeStale(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	const bound = 2 * time.Second
+	n := openNode(t, NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(2)), Prefix: prefix(t), Timeout: time.Second},
+		Path: filepath.Join(t.TempDir(), "copy.db"), Staleness: bound})
+	defer n.Close()
+	put(t, n, store.BucketKeys, "k", "1")
+	c.LoseQuorum()
+	lost := time.Now()
+	if _, err := n.Get(store.BucketKeys, "k"); err != nil {
+		t.Fatalf("a read at once after quorum was lost: %v", err)
+	}
+	var err error
+	took := eventually(t, "reads never refused", func() bool {
+		_, err = n.Get(store.BucketKeys, "k")
+		return err != nil
+	})
+	var stale *StaleError
+	if !errors.Is(err, store.ErrUnavailable) || !errors.As(err, &stale) {
+		t.Fatalf("a read past the bound: %v, want a StaleError", err)
+	}
+	t.Logf("reads refused %v after quorum was lost: %v", time.Since(lost), err)
+	// Fresh at most `bound` before the loss; refused once that is past
+	// (the check's round is 200 ms; slack for a loaded machine).
+	if took > bound+time.Second {
+		t.Errorf("reads went on %v after quorum was lost; the bound is %v", took, bound)
+	}
+	if err := n.ForEach(store.BucketKeys, "", func(string, []byte) error { return nil }); !errors.As(err, &stale) {
+		t.Errorf("a walk past the bound: %v, want a StaleError", err)
+	}
+	c.Heal()
+	eventually(t, "reads not served again after healing", func() bool {
+		_, err := n.Get(store.BucketKeys, "k")
+		return err == nil
+	})
+}
+
+// TestNodeCopyTampered: a value changed in the local copy's file is
+// refused as one changed in etcd is.
+func TestNodeCopyTampered(t *testing.T) {
+	c := etcdtest.NewCluster(t, 1)
+	cli := client(t, c)
+	path := filepath.Join(t.TempDir(), "copy.db")
+	o := NodeOptions{Options: Options{Client: cli, Prefix: prefix(t)}, Path: path}
+	n := openNode(t, o)
+	put(t, n, store.BucketKeys, "a", "1")
+	put(t, n, store.BucketKeys, "b", "2")
+	n.Close()
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		kv := tx.Bucket(copyKV[0])
+		if kv == nil {
+			kv = tx.Bucket(copyKV[1])
+		}
+		return kv.Put([]byte("b/"+store.BucketKeys+"/a"), kv.Get([]byte("b/"+store.BucketKeys+"/b")))
+	})
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n = openNode(t, o)
+	defer n.Close()
+	if _, err := n.Get(store.BucketKeys, "a"); !errors.Is(err, store.ErrDamaged) {
+		t.Fatalf("a value swapped in the local copy: %v, want ErrDamaged", err)
+	}
+}
