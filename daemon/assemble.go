@@ -34,6 +34,7 @@ import (
 	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/daemon/socket"
 	"github.com/keyward/keyward/daemon/store"
+	"github.com/keyward/keyward/daemon/store/etcdstore"
 	"github.com/keyward/keyward/daemon/tokens"
 	"github.com/keyward/keyward/hsm"
 	"github.com/keyward/keyward/plugins/host"
@@ -55,7 +56,8 @@ type daemonParts struct {
 	ln      *socket.Listener
 	h       *hsm.HSM
 	al      *audit.Log
-	st      *store.Store
+	st      stateStore
+	feed    changeFeed // what other nodes changed, for the caches (a fleet's)
 	km      *keys.Manager
 	tokens  *tokens.Service
 	det     *anomaly.Detector   // nil unless anomaly.enabled
@@ -143,7 +145,7 @@ func (d *daemonParts) openHSM(context.Context) (err error) {
 }
 
 func (d *daemonParts) openAudit(context.Context) (err error) {
-	d.al, err = audit.Open(d.cfg.auditPath(), d.h, AuditKey, audit.Options{Now: d.o.Now})
+	d.al, err = audit.Open(d.cfg.auditPath(), d.h, AuditKey, audit.Options{Now: d.o.Now, Node: d.cfg.nodeName()})
 	if errors.Is(err, hsm.ErrKeyNotFound) {
 		return configError(fmt.Errorf("%w: the audit log's checkpoints were MACed by %s, which this token (%s) does not have: is hsm.token the token keywardd used with this audit log?", err, AuditKey, d.h.Token().Label))
 	}
@@ -154,11 +156,30 @@ func (d *daemonParts) openAudit(context.Context) (err error) {
 	return nil
 }
 
+// stateStore is keywardd's state: a bbolt file (store.Store), or a fleet
+// node's view of the state in etcd (fleetStore).
+type stateStore interface {
+	store.Backend
+	Path() string
+	SchemaVersion() (int, error)
+}
+
 func (d *daemonParts) openStore(ctx context.Context) (err error) {
-	if d.st, err = openStore(ctx, d.cfg, d.h, d.al, d.o, d.log); err != nil {
+	if d.cfg.Store.Etcd != nil {
+		st, closeAll, err := openFleetStore(ctx, d.cfg, d.h, d.al, &d.feed, d.log)
+		if err != nil {
+			return err
+		}
+		d.st = st
+		d.onClose(closeAll)
+		return nil
+	}
+	st, err := openStore(ctx, d.cfg, d.h, d.al, d.o, d.log)
+	if err != nil {
 		return fileError(err)
 	}
-	d.onClose(d.st.Close)
+	d.st = st
+	d.onClose(st.Close)
 	return nil
 }
 
@@ -176,6 +197,7 @@ func (d *daemonParts) newKeys(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	d.feed.on(store.BucketKeys, func(c []etcdstore.Change) { d.km.Forget(keysOf(c)) })
 	// keywardd's own keys are adopted if the HSM has them and the store
 	// does not (a lost store): the audit key MACed the existing log, and
 	// the pepper is what API keys restored from a backup are kept under.
@@ -187,8 +209,25 @@ func (d *daemonParts) newKeys(ctx context.Context) (err error) {
 	if err := checkOwnKeys(ctx, d.h, own); err != nil {
 		return err
 	}
-	revoked, err := tokens.LoadRevoked(d.st, d.o.Now)
-	if err != nil {
+	// Revocations other nodes make reach the set from the moment it is
+	// made, so that none falls between the load and the feed.
+	revoked := tokens.NewRevoked(d.st, d.o.Now)
+	d.feed.on(store.BucketRevokedTokens, func(c []etcdstore.Change) {
+		if c == nil { // the local copy was reloaded
+			go func() {
+				if err := revoked.Load(); err != nil {
+					d.log.Error("reading the revoked tokens again after the fleet's state was reloaded", "error", err)
+				}
+			}()
+			return
+		}
+		recs := make(map[string][]byte, len(c))
+		for _, ch := range c {
+			recs[ch.Key] = ch.Rec
+		}
+		revoked.Apply(recs)
+	})
+	if err := revoked.Load(); err != nil {
 		return err
 	}
 	d.tokens = tokens.NewService(tc, d.km, d.h, revoked, d.o.Now)
@@ -216,7 +255,11 @@ func (d *daemonParts) newAPIKeys(context.Context) (err error) {
 		ako.LimitFactor = func(rec *apikeys.Record, now time.Time) float64 { return gov.Factor(rec.ID, rec.Created, now) }
 	}
 	d.akm, err = apikeys.NewManager(d.st, d.h, PepperKey, ako)
-	return err
+	if err != nil {
+		return err
+	}
+	d.feed.on(store.BucketAPIKeys, func(c []etcdstore.Change) { d.akm.Forget(keysOf(c)) })
+	return nil
 }
 
 // newPlugins starts the plugins, and makes what uses them: the envelope

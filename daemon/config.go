@@ -93,7 +93,16 @@ type Config struct {
 	Anomaly anomaly.Config `yaml:"anomaly"`
 	// DynamicLimits: API keys' rate limits under load (package dynlimits).
 	DynamicLimits dynlimits.Config `yaml:"dynamic_limits"`
-	APIKeys       struct {
+	// Store is where the state is kept: a bbolt file in data_dir (one
+	// host, the default), or etcd, shared by a fleet of nodes
+	// (docs/fleet.md).
+	Store struct {
+		Etcd *EtcdConfig `yaml:"etcd"`
+	} `yaml:"store"`
+	// Node is this node's name in a fleet, in every audit record; default
+	// the host's name.
+	Node    string `yaml:"node"`
+	APIKeys struct {
 		Prefix     string        `yaml:"prefix"`      // starts every key; default "kw"
 		NearLimit  float64       `yaml:"near_limit"`  // fraction of a burst that sets near_limit; default 0.8
 		FlushEvery time.Duration `yaml:"flush_every"` // how often usage and quotas are written; default 10s
@@ -227,10 +236,26 @@ func (c *Config) check() error {
 			errs = append(errs, fmt.Errorf("plugins[%d]: %v", i, err))
 		}
 	}
+	if e := c.Store.Etcd; e != nil {
+		errs = append(errs, e.check()...)
+	}
 	if len(errs) > 0 {
 		return configError(fmt.Errorf("config: %w", errors.Join(errs...)))
 	}
 	return nil
+}
+
+// nodeName is the name in the audit records of a fleet's node (none on one
+// host): node, or the host's name.
+func (c *Config) nodeName() string {
+	if c.Store.Etcd == nil {
+		return ""
+	}
+	if c.Node != "" {
+		return c.Node
+	}
+	h, _ := os.Hostname()
+	return h
 }
 
 func (c *Config) socketOptions() (socket.Options, error) {
@@ -264,7 +289,8 @@ func unixOptions(path string, mode os.FileMode, group, field string) (socket.Opt
 
 func (c *Config) hsmConfig() hsm.Config {
 	return hsm.Config{Module: c.HSM.Module, Token: c.HSM.Token, URI: c.HSM.URI, PINFile: c.HSM.PINFile, PINEnv: c.HSM.PINEnv,
-		PINCredential: c.HSM.PINCredential, Sessions: c.HSM.Sessions, ScrubPINEnv: scrubPINEnv}
+		PINCredential: c.HSM.PINCredential, Sessions: c.HSM.Sessions, ScrubPINEnv: scrubPINEnv,
+		Shared: c.Store.Etcd != nil} // a fleet's nodes share the HSM
 }
 
 // scrubPINEnv takes the PIN's variable out of keywardd's environment once

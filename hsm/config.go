@@ -65,6 +65,15 @@ type Config struct {
 	// the token says it is lost. Operations in between fail at once with
 	// ErrTokenUnavailable. Zero means 1 s.
 	ReconnectInterval time.Duration
+
+	// Shared says that other processes make keyward's keys on this token
+	// too (the nodes of a fleet, which share one HSM): a key the cache
+	// lacks is then looked up on the token instead of being refused as
+	// absent, since the cache, complete when it was loaded, misses what
+	// the others made since. The caller must ask only for keys its own
+	// authenticated state says exist (keywardd's key manager does), or a
+	// caller timing refusals could learn which versions are on the token.
+	Shared bool
 }
 
 // settings is a Config checked and completed, with the PIN read.
@@ -75,6 +84,7 @@ type settings struct {
 	sessions  int
 	wait      time.Duration
 	reconnect time.Duration
+	shared    bool
 }
 
 // secret holds the PIN behind a pointer: fmt prints a nested pointer as an
@@ -169,6 +179,7 @@ func (c Config) load() (settings, error) {
 		s.wait = 5 * time.Second
 	}
 	s.reconnect = c.ReconnectInterval
+	s.shared = c.Shared
 	if s.reconnect <= 0 {
 		s.reconnect = time.Second
 	}

@@ -20,7 +20,10 @@
 // hundred), and a first use that searched would tell anyone timing
 // refused decryptions which key versions exist. So keyward must be the only
 // maker of objects under its labels ("keyward/..."): one made by another
-// PIN holder while keyward runs is seen at the next start or reconnect. A
+// PIN holder while keyward runs is seen at the next start or reconnect
+// (unless Config.Shared says the nodes of a fleet share the token: then a
+// key the cache lacks is searched for, and the caller asks only for keys
+// its authenticated state says exist). A
 // cached handle that fails (the object was destroyed or replaced) is looked
 // up by label again.
 //

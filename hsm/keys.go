@@ -371,14 +371,16 @@ func (h *HSM) findObjects(s pkcs11.SessionHandle, tmpl []*pkcs11.Attribute, max 
 // reads every object on the token (milliseconds at a few hundred), and a
 // first use that searched would tell a caller timing Decrypt that a
 // version exists. A key whose handle failed since (stale), or any key
-// while the connection is being given up, is looked up by label.
+// while the connection is being given up, is looked up by label; so is a
+// key the cache lacks on a token other processes make keys on too
+// (Config.Shared).
 func (h *HSM) key(s pkcs11.SessionHandle, id KeyID, class uint) (*keyEntry, error) {
 	ref := keyRef{id.label(), class}
 	h.keysMu.RLock()
 	e, complete := h.keys[ref], h.complete
 	h.keysMu.RUnlock()
 	switch {
-	case e == nil && complete:
+	case e == nil && complete && !h.set.shared:
 		return nil, &Error{Err: ErrKeyNotFound}
 	case e == nil || e.stale:
 		return h.resolve(s, id, class)

@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/keyward/keyward/daemon/names"
@@ -93,11 +94,20 @@ type Manager struct {
 	mu      sync.Mutex         // serializes changes; guards the caches
 	digests map[[32]byte]known // sha256(presented key) -> its MAC, which key and secret
 	// records holds the decoded records of keys verified lately, never
-	// changed in place: every write of a record drops its entry (all writes
-	// go through the Manager, under mu, and keywardd holds the store's
-	// lock), so a verify sees each change as if it read the store.
+	// changed in place: every write of a record drops its entry (this
+	// node's writes go through the Manager, under mu; another node's reach
+	// Forget), so a verify sees each change as if it read the store.
 	records     map[string]cachedRecord
 	recordBytes int // the encoded size of the records cached
+
+	// changed holds the IDs of records another node of a fleet changed
+	// (Forget), for the next call under mu to drop from records: Forget
+	// may not wait for mu, which a write holds while the store waits for
+	// the change to reach this node.
+	changedMu  sync.Mutex
+	changed    map[string]bool
+	changedAll bool
+	anyChanged atomic.Bool
 
 	// hintKey keys the hints: a short HMAC of every secret issued, kept in
 	// the store, so that a key nobody issued is refused without an HSM call
@@ -427,6 +437,7 @@ func (m *Manager) addSecrets(recs []*Record, secrets []string, macs [][]byte, no
 // cachedLoad is load through the record cache, for Verify; m.mu held. It
 // returns a copy the caller may change (its Quota too).
 func (m *Manager) cachedLoad(id string) (*Record, error) {
+	m.dropChanged()
 	c, ok := m.records[id]
 	if !ok {
 		b, err := m.store.Get(store.BucketAPIKeys, id)
@@ -456,6 +467,45 @@ func (m *Manager) cachedLoad(id string) (*Record, error) {
 		cp.Quota = &q
 	}
 	return &cp, nil
+}
+
+// Forget has the records of ids (nil: every record) read afresh at their
+// next use: another node of a fleet changed them. It never waits for a
+// call under way.
+func (m *Manager) Forget(ids []string) {
+	m.changedMu.Lock()
+	defer m.changedMu.Unlock()
+	if ids == nil {
+		m.changedAll = true
+	}
+	for _, id := range ids {
+		if m.changed == nil {
+			m.changed = map[string]bool{}
+		}
+		m.changed[id] = true
+	}
+	m.anyChanged.Store(true)
+}
+
+// dropChanged drops what Forget was told of from the caches. Under mu.
+func (m *Manager) dropChanged() {
+	if !m.anyChanged.Load() {
+		return
+	}
+	m.changedMu.Lock()
+	ids, all := m.changed, m.changedAll
+	m.changed, m.changedAll = nil, false
+	m.anyChanged.Store(false)
+	m.changedMu.Unlock()
+	if all {
+		clear(m.records)
+		clear(m.digests)
+		m.recordBytes = 0
+		return
+	}
+	for id := range ids {
+		m.forget(id)
+	}
 }
 
 // forget drops records from the record cache: they are being written.

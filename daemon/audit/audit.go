@@ -71,6 +71,9 @@ type Record struct {
 	Batch         []Item    `json:"batch,omitempty"`          // a batch call's items, in order
 	APIKey        string    `json:"api_key,omitempty"`        // an API key's ID, never its secret
 	Result        string    `json:"result,omitempty"`         // VerifyAPIKey's verdict: VALID, NOT_FOUND, ...
+	// Node is the name of the keywardd node of a fleet that wrote the
+	// record (set by the log, from Options.Node; absent on one host).
+	Node string `json:"node,omitempty"`
 	// StoreWrites is the store's write count when the record was written
 	// (set by the log, not the caller): a store behind the last one the
 	// log holds is an older copy, and keywardd refuses it.
@@ -120,6 +123,8 @@ type Options struct {
 	// time.Now. The time between checkpoints is measured on the monotonic
 	// clock.
 	Now func() time.Time
+	// Node is the node's name in a fleet, written in every record (Record.Node).
+	Node string
 }
 
 // maxLate bounds the records kept while the log cannot be written, of
@@ -178,8 +183,9 @@ type request struct {
 // encode is a record's JSON, capped, without its store_writes: the writer
 // adds that (withStoreWrites). Callers encode their own records, in
 // parallel, so that the one writer only chains and writes them.
-func encode(r Record) ([]byte, error) {
+func (l *Log) encode(r Record) ([]byte, error) {
 	r = capped(r)
+	r.Node = l.opt.Node
 	r.StoreWrites = 0
 	return json.Marshal(r)
 }
@@ -406,14 +412,14 @@ func (l *Log) Append(ctx context.Context, r Record) error { return l.append(ctx,
 func (l *Log) AppendBefore(ctx context.Context, r Record) error { return l.append(ctx, r, false) }
 
 func (l *Log) append(ctx context.Context, r Record, keep bool) error {
-	body, err := encode(r)
+	body, err := l.encode(r)
 	if err != nil && !keep {
 		// Only a time outside years 0-9999 cannot be encoded: the clock is
 		// wrong, and the act is not done.
 		return fmt.Errorf("%w: its record cannot be encoded: %v", ErrUnavailable, err)
 	}
 	if err != nil {
-		body = encodeTimeless(r, err) // the call was done: it is recorded all the same
+		body = l.encodeTimeless(r, err) // the call was done: it is recorded all the same
 	}
 	req := &request{rec: r, body: body, keep: keep, done: make(chan error, 1)}
 	l.sendMu.RLock()
@@ -504,7 +510,7 @@ func (l *Log) flush(batch []*request, forceCheckpoint bool) {
 		late, lost := l.takeLate()
 		var bodies [][]byte
 		if len(late) > 0 || lost > 0 {
-			bodies = encodeAll(append([]Record{lateRecord(l.opt.Now(), "the audit log did not answer in time", late, lost)}, late...))
+			bodies = l.encodeAll(append([]Record{lateRecord(l.opt.Now(), "the audit log did not answer in time", late, lost)}, late...))
 		}
 		for _, r := range batch {
 			bodies = append(bodies, r.body)
@@ -627,7 +633,7 @@ func (l *Log) retry() {
 	o := l.outage
 	late, lost := l.takeLate()
 	why := fmt.Sprintf("the audit log could not be written from %s until now (%s): keywardd refused every call meanwhile", o.since.UTC().Format(time.RFC3339Nano), o.cause)
-	if err := l.write(encodeAll(append([]Record{lateRecord(l.opt.Now(), why, late, lost)}, late...)), true); err != nil {
+	if err := l.write(l.encodeAll(append([]Record{lateRecord(l.opt.Now(), why, late, lost)}, late...)), true); err != nil {
 		l.putBackLate(late, lost)
 		return
 	}
@@ -639,12 +645,12 @@ func (l *Log) retry() {
 // encodeAll encodes records the writer writes itself (of an outage, and
 // those kept late). One that cannot be encoded (a clock outside years
 // 0-9999) is written without its time, rather than not at all.
-func encodeAll(recs []Record) [][]byte {
+func (l *Log) encodeAll(recs []Record) [][]byte {
 	out := make([][]byte, len(recs))
 	for i, r := range recs {
-		b, err := encode(r)
+		b, err := l.encode(r)
 		if err != nil {
-			b = encodeTimeless(r, err)
+			b = l.encodeTimeless(r, err)
 		}
 		out[i] = b
 	}
@@ -653,10 +659,10 @@ func encodeAll(recs []Record) [][]byte {
 
 // encodeTimeless encodes a record whose time could not be (err): without
 // its time, saying why in its detail.
-func encodeTimeless(r Record, err error) []byte {
+func (l *Log) encodeTimeless(r Record, err error) []byte {
 	r.Time = time.Time{}
 	r.Detail += fmt.Sprintf(" (its time could not be written: %v)", err)
-	b, _ := encode(r)
+	b, _ := l.encode(r)
 	return b
 }
 

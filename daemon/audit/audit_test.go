@@ -577,13 +577,18 @@ func TestAppendLine(t *testing.T) {
 		APIKey: "id", Result: "VALID", Items: 2}}
 	for i, r := range recs {
 		for _, n := range []uint64{0, 1, 1 << 63} {
-			body, err := encode(r)
+			l := &Log{}
+			if n == 1 {
+				l.opt.Node = "node-1" // a fleet's node names itself in every record
+			}
+			body, err := l.encode(r)
 			if err != nil {
 				t.Fatal(err)
 			}
 			body = withStoreWrites(nil, body, n)
 			want := capped(r)
 			want.StoreWrites = n
+			want.Node = l.opt.Node
 			wantBody, _ := json.Marshal(want)
 			if !bytes.Equal(body, wantBody) {
 				t.Fatalf("record %d, count %d: body\n%s\nwant\n%s", i, n, body, wantBody)
@@ -596,7 +601,7 @@ func TestAppendLine(t *testing.T) {
 			}
 		}
 	}
-	if _, err := encode(Record{Time: time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC)}); err == nil {
+	if _, err := (&Log{}).encode(Record{Time: time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC)}); err == nil {
 		t.Fatal("a time past year 9999 was encoded")
 	}
 }

@@ -275,6 +275,20 @@ func (m *Manager) forgetCached(name string) {
 	m.cacheMu.Unlock()
 }
 
+// Forget drops the keys named (nil: every key) from the cache: another
+// node of a fleet changed them, and the next call reads them afresh.
+func (m *Manager) Forget(names []string) {
+	m.cacheMu.Lock()
+	if names == nil {
+		clear(m.cache)
+	}
+	for _, name := range names {
+		delete(m.cache, name)
+	}
+	m.cacheGen++
+	m.cacheMu.Unlock()
+}
+
 // Generation moves whenever a key changes through the Manager: what was
 // derived from the keys before (a published key set) must be derived again.
 func (m *Manager) Generation() uint64 {

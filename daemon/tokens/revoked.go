@@ -25,7 +25,8 @@ type Store interface {
 type Revoked struct {
 	store Store
 	now   func() time.Time
-	mu    sync.RWMutex
+	wmu   sync.Mutex           // serializes Revoke and Sweep
+	mu    sync.RWMutex         // guards until, never held across a write
 	until map[string]time.Time // jti -> when its token can no longer be valid
 }
 
@@ -37,19 +38,55 @@ const ClockMargin = 24 * time.Hour
 // LoadRevoked reads every revocation in the store. It removes none: Sweep
 // does, on a clock keywardd has seen steady (at start it has seen none).
 func LoadRevoked(s Store, now func() time.Time) (*Revoked, error) {
-	r := &Revoked{store: s, now: now, until: map[string]time.Time{}}
-	err := s.ForEach(store.BucketRevokedTokens, "", func(jti string, rec []byte) error {
-		until := time.Unix(0, 0) // unreadable: swept at once
-		if len(rec) == 8 {
-			until = time.Unix(int64(binary.BigEndian.Uint64(rec)), 0)
-		}
-		r.until[jti] = until
-		return nil
-	})
-	if err != nil {
+	r := NewRevoked(s, now)
+	if err := r.Load(); err != nil {
 		return nil, err
 	}
 	return r, nil
+}
+
+// NewRevoked is an empty set of revocations kept in s; Load reads them.
+func NewRevoked(s Store, now func() time.Time) *Revoked {
+	return &Revoked{store: s, now: now, until: map[string]time.Time{}}
+}
+
+// Load reads every revocation in the store into the set (keeping the
+// later expiry of one it has): at start, and when a fleet node's copy of
+// the state was reloaded.
+func (r *Revoked) Load() error {
+	recs := map[string][]byte{}
+	err := r.store.ForEach(store.BucketRevokedTokens, "", func(jti string, rec []byte) error {
+		recs[jti] = rec
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	r.Apply(recs)
+	return nil
+}
+
+// untilOf is the time a revocation record holds; an unreadable one is
+// swept at once.
+func untilOf(rec []byte) time.Time {
+	if len(rec) != 8 {
+		return time.Unix(0, 0)
+	}
+	return time.Unix(int64(binary.BigEndian.Uint64(rec)), 0)
+}
+
+// Apply takes revocations another node of a fleet wrote (recs[jti], nil
+// for one swept): a token revoked anywhere is refused here from then on.
+func (r *Revoked) Apply(recs map[string][]byte) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for jti, rec := range recs {
+		if rec == nil {
+			delete(r.until, jti)
+		} else if until := untilOf(rec); until.After(r.until[jti]) {
+			r.until[jti] = until
+		}
+	}
 }
 
 // Revoke revokes the token jti until exp, its expiry (after which it fails
@@ -59,23 +96,27 @@ func (r *Revoked) Revoke(jti string, exp time.Time) error {
 		return fmt.Errorf("%w: a token ID is 1 to 256 bytes", ErrInvalid)
 	}
 	until := exp.Add(MaxLeeway).Truncate(time.Second).Add(time.Second)
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	rec := binary.BigEndian.AppendUint64(nil, uint64(until.Unix()))
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
 	// The revocation and, the first time, its event for the plugins, in
-	// one transaction.
+	// one transaction; a later expiry another node wrote stays.
 	err := r.store.UpdateEachEmit(store.BucketRevokedTokens, []string{jti}, func(_ string, old []byte) ([]byte, [][]byte, error) {
 		if old != nil {
-			return rec, nil, nil
+			if prev := untilOf(old); prev.After(until) {
+				until = prev
+			}
+			return binary.BigEndian.AppendUint64(nil, uint64(until.Unix())), nil, nil
 		}
-		return rec, [][]byte{outbox.Encode(outbox.Event{Kind: outbox.TokenRevoked, ID: jti, Time: r.now().UTC()})}, nil
+		return binary.BigEndian.AppendUint64(nil, uint64(until.Unix())), [][]byte{outbox.Encode(outbox.Event{Kind: outbox.TokenRevoked, ID: jti, Time: r.now().UTC()})}, nil
 	})
 	if err != nil {
 		return err
 	}
+	r.mu.Lock()
 	if until.After(r.until[jti]) {
 		r.until[jti] = until
 	}
+	r.mu.Unlock()
 	return nil
 }
 
@@ -92,15 +133,17 @@ func (r *Revoked) Is(jti string) bool {
 // store, and says how many it forgot. Revoke waits for it, so a revocation
 // made meanwhile is not lost.
 func (r *Revoked) Sweep() (int, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
 	now := r.now()
 	var gone []string
+	r.mu.RLock()
 	for jti, until := range r.until {
 		if !until.Add(ClockMargin).After(now) {
 			gone = append(gone, jti)
 		}
 	}
+	r.mu.RUnlock()
 	if len(gone) == 0 {
 		return 0, nil
 	}
@@ -108,14 +151,28 @@ func (r *Revoked) Sweep() (int, error) {
 	// waits for the lock. A batch that failed is forgotten at the next sweep.
 	n := 0
 	for batch := range slices.Chunk(gone, store.MaxTxKeys) {
-		err := r.store.UpdateEachEmit(store.BucketRevokedTokens, batch, func(string, []byte) ([]byte, [][]byte, error) { return nil, nil, nil })
+		// A revocation another node made longer meanwhile stays.
+		kept := map[string][]byte{}
+		err := r.store.UpdateEachEmit(store.BucketRevokedTokens, batch, func(jti string, old []byte) ([]byte, [][]byte, error) {
+			if old != nil && untilOf(old).Add(ClockMargin).After(now) {
+				kept[jti] = old
+				return old, nil, nil
+			}
+			return nil, nil, nil
+		})
 		if err != nil {
 			return n, err
 		}
+		r.mu.Lock()
 		for _, jti := range batch {
+			if rec, ok := kept[jti]; ok {
+				r.until[jti] = untilOf(rec)
+				continue
+			}
 			delete(r.until, jti)
+			n++
 		}
-		n += len(batch)
+		r.mu.Unlock()
 	}
 	return n, nil
 }

@@ -58,6 +58,7 @@ type setup struct {
 	policy    string
 	configure []func(*daemon.Config)
 	prepared  bool
+	token     *softhsmtest.Token
 }
 
 // Policy makes yaml keywardd's policy. Without it, the policy grants the
@@ -77,6 +78,10 @@ func Configure(f func(*daemon.Config)) Option {
 // whole test process).
 func PreparedToken() Option { return func(s *setup) { s.prepared = true } }
 
+// SharedToken uses tok instead of a token of the set-up's own: the nodes
+// of a fleet share one HSM (SoftHSM2's file store takes several processes).
+func SharedToken(tok *softhsmtest.Token) Option { return func(s *setup) { s.token = tok } }
+
 // AllowAll is a policy granting the test's uid every operation on every key.
 func AllowAll() string {
 	return fmt.Sprintf("version: 1\nroles:\n  all:\n    permissions:\n      - operations: [\"*\"]\n        keys: [\"*\"]\nbindings:\n  - role: all\n    callers:\n      - uid: %d\n", os.Getuid())
@@ -95,13 +100,15 @@ func NewFiles(t testing.TB, opts ...Option) *Files {
 	if err := os.Chmod(dir, 0o750); err != nil {
 		t.Fatal(err)
 	}
-	var tok *softhsmtest.Token
-	if s.prepared {
+	tok := s.token
+	switch {
+	case tok != nil: // shared, made by whoever made it
+	case s.prepared:
 		var err error
 		if tok, err = softhsmtest.Prepare(filepath.Join(dir, "hsm"), "keyward-test", "", ""); err != nil {
 			t.Fatal(err)
 		}
-	} else {
+	default:
 		tok = softhsmtest.New(t)
 	}
 	cfg := &daemon.Config{DataDir: filepath.Join(dir, "data"), PolicyFile: filepath.Join(dir, "policy.yaml")}

@@ -30,13 +30,22 @@ type NodeOptions struct {
 	Staleness time.Duration
 	// Logger receives what the node's watch goes through (nil: discarded).
 	Logger *slog.Logger
-	// Changed, if set, is called once the local copy has a change (this
+	// Changed, if set, is called as the local copy takes a change (this
 	// node's writes and every other node's), for each bucket changed, with
-	// the keys whose records changed in it, in order, from the one
-	// goroutine that feeds the copy: where caches above the store drop
-	// what they hold. A reload, which may change anything, calls it with
-	// nil keys for every bucket. It must not call the node.
-	Changed func(bucket string, keys []string)
+	// its records as they are now, in order, from the one goroutine that
+	// feeds the copy, before a write waiting for the change returns: where
+	// caches above the store drop or update what they hold. A reload,
+	// which may change anything, calls it with nil changes for every
+	// bucket. It must neither call the node nor wait for a lock held
+	// across a write (the write waits for the copy, which waits for it).
+	Changed func(bucket string, changes []Change)
+}
+
+// Change is a record the local copy saw change: Rec is the record now
+// (checked), nil if it was deleted.
+type Change struct {
+	Key string
+	Rec []byte
 }
 
 // DefaultStaleness is the staleness bound of NodeOptions.
@@ -413,7 +422,7 @@ func (n *Node) apply(resp clientv3.WatchResponse) error {
 	}
 	rev := resp.Events[len(resp.Events)-1].Kv.ModRevision
 	var meta []byte
-	changed := map[string][]string{}
+	changed := map[string][]Change{}
 	var order []string
 	err := n.db.Update(func(tx *bolt.Tx) error {
 		kv := tx.Bucket(copyKV[n.active.Load()])
@@ -422,12 +431,19 @@ func (n *Node) apply(resp clientv3.WatchResponse) error {
 			if !ok {
 				continue
 			}
-			if rest, ok := bytes.CutPrefix(k, []byte("b/")); ok {
+			if rest, ok := bytes.CutPrefix(k, []byte("b/")); ok && n.o.Changed != nil {
 				b, key, _ := bytes.Cut(rest, []byte("/"))
+				c := Change{Key: string(key)}
+				if e.Type != clientv3.EventTypeDelete {
+					var err error
+					if c.Rec, err = n.seal.Open(string(b), c.Key, e.Kv.Value); err != nil {
+						return n.fail(err)
+					}
+				}
 				if _, seen := changed[string(b)]; !seen {
 					order = append(order, string(b))
 				}
-				changed[string(b)] = append(changed[string(b)], string(key))
+				changed[string(b)] = append(changed[string(b)], c)
 			}
 			if e.Type == clientv3.EventTypeDelete {
 				if err := kv.Delete(k); err != nil {
@@ -574,8 +590,17 @@ func (n *Node) enterRead() error {
 	if err := n.enter(); err != nil {
 		return err
 	}
-	if age := time.Since(n.FreshAt()); age > n.o.Staleness {
+	if err := n.Fresh(); err != nil {
 		n.life.RUnlock()
+		return err
+	}
+	return nil
+}
+
+// Fresh is a *StaleError once the copy was last known current longer ago
+// than the staleness bound, or nil.
+func (n *Node) Fresh() error {
+	if age := time.Since(n.FreshAt()); age > n.o.Staleness {
 		return &StaleError{Age: age, Bound: n.o.Staleness}
 	}
 	return nil
@@ -703,6 +728,8 @@ func (n *Node) Close() error {
 		return nil
 	}
 	n.closed = true
+	// The calls under way are done (a write among them needed the copy
+	// to follow etcd until its commit arrived); the copy stops.
 	n.stop()
 	n.advance.Broadcast()
 	n.done.Wait()

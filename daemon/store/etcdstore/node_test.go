@@ -93,9 +93,9 @@ func TestNodeFollows(t *testing.T) {
 	var changed sync.Map
 	var lb logs
 	bo := NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(1)), Prefix: p}, Path: filepath.Join(dir, "b.db"), Logger: lb.logger(),
-		Changed: func(bucket string, keys []string) {
-			for _, k := range keys {
-				changed.Store(bucket+"/"+k, true)
+		Changed: func(bucket string, changes []Change) {
+			for _, c := range changes {
+				changed.Store(bucket+"/"+c.Key, string(c.Rec))
 			}
 		}}
 	a := openNode(t, NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(0)), Prefix: p}, Path: filepath.Join(dir, "a.db")})
@@ -107,9 +107,10 @@ func TestNodeFollows(t *testing.T) {
 		return err == nil && string(rec) == "1"
 	})
 	t.Logf("node b saw node a's write %v after it returned", took)
-	if _, ok := changed.Load(store.BucketKeys + "/k"); !ok {
-		t.Errorf("node b's Changed was not told of %s/k", store.BucketKeys)
-	}
+	eventually(t, "node b's Changed was not told k is 1", func() bool {
+		rec, _ := changed.Load(store.BucketKeys + "/k")
+		return rec == "1"
+	})
 	if b.Writes() != a.Writes() {
 		t.Errorf("Writes: node a %d, node b %d", a.Writes(), b.Writes())
 	}

@@ -1,0 +1,187 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/daemon"
+	"github.com/keyward/keyward/daemon/api/client"
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/audit"
+	softhsmtest "github.com/keyward/keyward/softhsm-test"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
+	"github.com/keyward/keyward/softhsm-test/etcdtest"
+)
+
+// fleetNode is one keywardd process of a fleet.
+type fleetNode struct {
+	name  string
+	files *daemontest.Files
+	proc  *daemontest.Process
+	*client.Client
+}
+
+// startFleet starts n keywardd processes on the etcd cluster c, sharing
+// one SoftHSM2 token, one after the other.
+func startFleet(t *testing.T, c *etcdtest.Cluster, n int) []*fleetNode {
+	t.Helper()
+	bin := daemontest.Build(t)
+	tok := softhsmtest.New(t)
+	nodes := make([]*fleetNode, n)
+	for i := range nodes {
+		name := fmt.Sprintf("node-%d", i+1)
+		f := daemontest.NewFiles(t, daemontest.SharedToken(tok), daemontest.Policy(fleetPolicy()), daemontest.Configure(func(cfg *daemon.Config) {
+			cfg.Store.Etcd = &daemon.EtcdConfig{Endpoints: c.Endpoints(), Prefix: "/keyward-fleet"}
+			cfg.Node = name
+		}))
+		p := daemontest.Exec(t, bin, f)
+		cl, err := client.Dial(f.Socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cl.Close() })
+		nodes[i] = &fleetNode{name: name, files: f, proc: p, Client: cl}
+	}
+	return nodes
+}
+
+// fleetPolicy grants the test every operation, and tokens for "orders".
+func fleetPolicy() string {
+	return fmt.Sprintf(`version: 1
+roles:
+  all:
+    permissions:
+      - operations: ["*"]
+        keys: ["*"]
+    tokens:
+      audiences: [orders]
+bindings:
+  - role: all
+    callers:
+      - uid: %d
+`, os.Getuid())
+}
+
+// within waits up to 10 s for cond, and says how long it took.
+func within(t *testing.T, what string, cond func() (bool, string)) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		ok, last := cond()
+		if ok {
+			return time.Since(start)
+		}
+		if time.Since(start) > 10*time.Second {
+			t.Fatalf("after 10 s, %s: %s", what, last)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// TestFleet: three keywardd processes on a 3-member etcd cluster share
+// one state. An API key made on node 1 verifies on node 3 and, revoked on
+// node 2, is refused on node 3; a token minted on node 1 verifies on node
+// 2 and, revoked on node 3, is refused on node 2; a key rotated on node 1
+// encrypts under its new version on node 2, which node 3 decrypts; each
+// node's audit log names the node.
+func TestFleet(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	n := startFleet(t, c, 3)
+	ctx := context.Background()
+
+	// API keys.
+	created, err := n[0].APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "orders", Environment: "prod", Permissions: []string{"orders:read"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	verify := func(node *fleetNode, want keywardv1.APIKeyCode) func() (bool, string) {
+		return func() (bool, string) {
+			resp, err := node.APIKeys.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: created.Secret, Environment: "prod", Permissions: []string{"orders:read"}})
+			if err != nil {
+				return false, err.Error()
+			}
+			return resp.Code == want, resp.Code.String() + " " + resp.Reason
+		}
+	}
+	took := within(t, "node 3 does not know the key node 1 made", verify(n[2], keywardv1.APIKeyCode_API_KEY_CODE_VALID))
+	t.Logf("node 3 verified the key %v after node 1 made it", took)
+	if _, err := n[1].APIKeys.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: created.Key.Id}); err != nil {
+		t.Fatal(err)
+	}
+	took = within(t, "node 3 still accepts the key node 2 revoked", verify(n[2], keywardv1.APIKeyCode_API_KEY_CODE_REVOKED))
+	t.Logf("node 3 refused the key %v after node 2 revoked it", took)
+
+	// Tokens.
+	if _, err := n[0].Keys.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "sessions", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_SIGN}); err != nil {
+		t.Fatal(err)
+	}
+	var tok *keywardv1.MintTokenResponse
+	within(t, "node 1 cannot mint with its new key", func() (bool, string) {
+		tok, err = n[0].Tokens.MintToken(ctx, &keywardv1.MintTokenRequest{KeyName: "sessions", Audiences: []string{"orders"}})
+		return err == nil, fmt.Sprint(err)
+	})
+	verifyToken := func(node *fleetNode, valid bool) func() (bool, string) {
+		return func() (bool, string) {
+			resp, err := node.Tokens.VerifyToken(ctx, &keywardv1.VerifyTokenRequest{Token: tok.Token, Audience: "orders"})
+			if err != nil {
+				return false, err.Error()
+			}
+			return resp.Valid == valid, resp.Failure.String() + " " + resp.Reason
+		}
+	}
+	within(t, "node 2 does not verify node 1's token", verifyToken(n[1], true))
+	if _, err := n[2].Tokens.RevokeToken(ctx, &keywardv1.RevokeTokenRequest{Token: tok.Token}); err != nil {
+		t.Fatal(err)
+	}
+	took = within(t, "node 2 still accepts the token node 3 revoked", verifyToken(n[1], false))
+	t.Logf("node 2 refused the token %v after node 3 revoked it", took)
+
+	// Envelope keys, rotated.
+	if _, err := n[0].Keys.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "orders", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+		t.Fatal(err)
+	}
+	var dk *keywardv1.GenerateDataKeyResponse
+	within(t, "node 2 cannot use node 1's new key", func() (bool, string) {
+		dk, err = n[1].Envelope.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "orders"})
+		return err == nil, fmt.Sprint(err)
+	})
+	if _, err := n[0].Keys.RotateKey(ctx, &keywardv1.RotateKeyRequest{Name: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	within(t, "node 2 does not encrypt under the version node 1 rotated to", func() (bool, string) {
+		dk, err = n[1].Envelope.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "orders"})
+		return err == nil && dk.KeyVersion == 2, fmt.Sprint(dk.GetKeyVersion(), err)
+	})
+	within(t, "node 3 cannot decrypt what node 2 wrapped under version 2", func() (bool, string) {
+		pt, err := n[2].Envelope.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: dk.WrappedKey})
+		return err == nil && string(pt.GetPlaintext()) == string(dk.Plaintext), fmt.Sprint(err)
+	})
+
+	// Each node's own audit log, its name in every record.
+	for _, node := range n {
+		f, err := os.Open(filepath.Join(node.files.DataDir, "audit.log"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		records := 0
+		err = audit.Records(f, func(r audit.Record) error {
+			records++
+			if r.Node != node.name {
+				return fmt.Errorf("a record of %s names the node %q: %+v", r.Op, r.Node, r)
+			}
+			return nil
+		})
+		f.Close()
+		if err != nil || records == 0 {
+			t.Errorf("%s's audit log (%d records): %v", node.name, records, err)
+		}
+		if strings.Contains(node.proc.Log(), created.Secret) {
+			t.Errorf("%s logged an API key's secret", node.name)
+		}
+	}
+}
