@@ -57,7 +57,8 @@ type daemonParts struct {
 	h       *hsm.HSM
 	al      *audit.Log
 	st      stateStore
-	feed    changeFeed // what other nodes changed, for the caches (a fleet's)
+	feed    changeFeed  // what other nodes changed, for the caches (a fleet's)
+	lead    *leadership // a fleet's election of the node that runs the jobs done once; nil on one host
 	km      *keys.Manager
 	tokens  *tokens.Service
 	det     *anomaly.Detector   // nil unless anomaly.enabled
@@ -165,13 +166,22 @@ type stateStore interface {
 }
 
 func (d *daemonParts) openStore(ctx context.Context) (err error) {
-	if d.cfg.Store.Etcd != nil {
-		st, closeAll, err := openFleetStore(ctx, d.cfg, d.h, d.al, &d.feed, d.log)
+	if e := d.cfg.Store.Etcd; e != nil {
+		st, cli, closeAll, err := openFleetStore(ctx, d.cfg, d.h, d.al, &d.feed, d.log)
 		if err != nil {
 			return err
 		}
 		d.st = st
 		d.onClose(closeAll)
+		timeout := e.Timeout
+		if timeout == 0 {
+			timeout = etcdstore.DefaultTimeout
+		}
+		ttl := e.LeaderTTL
+		if ttl == 0 {
+			ttl = DefaultLeaderTTL
+		}
+		d.lead = &leadership{cli: cli, key: e.prefix() + "/leader", node: d.cfg.nodeName(), ttl: int(ttl / time.Second), timeout: timeout, log: d.log}
 		return nil
 	}
 	st, err := openStore(ctx, d.cfg, d.h, d.al, d.o, d.log)
@@ -320,6 +330,7 @@ func (d *daemonParts) newServer(context.Context) error {
 		Tokens: d.tokens, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify, Observed: observed,
 		Plugins:          func() []server.PluginState { return pluginStates(d.plugins, d.ob.Status()) },
 		NamesToRename:    d.legacy.Counts,
+		Fleet:            d.fleetInfo(),
 		HandshakeTimeout: cfg.Connections.HandshakeTimeout, IdleTimeout: cfg.Connections.IdleTimeout, WriteTimeout: cfg.Connections.WriteTimeout,
 	})
 	return nil

@@ -13,14 +13,18 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+	"go.uber.org/zap"
+
 	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/daemon/store/etcdstore"
 	"github.com/keyward/keyward/hsm"
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 )
 
 // EtcdConfig is store.etcd: the etcd cluster a fleet of nodes shares its
@@ -45,6 +49,10 @@ type EtcdConfig struct {
 	Staleness time.Duration `yaml:"staleness"`
 	// Timeout bounds each request to etcd; default 5s.
 	Timeout time.Duration `yaml:"timeout"`
+	// LeaderTTL is the lease of the node running the fleet's jobs: when it
+	// dies, another takes them within this; whole seconds, at least 2s
+	// (1.5 × etcd's election timeout, 1 s by default), default 10s.
+	LeaderTTL time.Duration `yaml:"leader_ttl"`
 	// MaxTxnOps and MaxRequestBytes are the cluster's --max-txn-ops and
 	// --max-request-bytes (defaults: etcd's, 128 and 1572864).
 	MaxTxnOps       int `yaml:"max_txn_ops"`
@@ -77,6 +85,9 @@ func (e *EtcdConfig) check() []error {
 	}
 	if (e.TLS.Cert == "") != (e.TLS.Key == "") {
 		errs = append(errs, errors.New("store.etcd.tls: cert and key go together"))
+	}
+	if t := e.LeaderTTL; t != 0 && (t < 2*time.Second || t%time.Second != 0) {
+		errs = append(errs, fmt.Errorf("store.etcd.leader_ttl %v: whole seconds, at least 2s (etcd refuses a shorter lease than 1.5 × its election timeout)", t))
 	}
 	if e.Staleness < 0 || e.Timeout < 0 || e.MaxTxnOps < 0 || e.MaxRequestBytes < 0 {
 		errs = append(errs, errors.New("store.etcd: staleness, timeout and the limits must not be negative (0 is the default)"))
@@ -194,7 +205,7 @@ func keysOf(changes []etcdstore.Change) []string {
 // store key derived from the shared HSM, a local copy in the data
 // directory, and the audit log's check that the state is not older than
 // one this node acknowledged.
-func openFleetStore(ctx context.Context, cfg *Config, h *hsm.HSM, al *audit.Log, feed *changeFeed, log *slog.Logger) (stateStore, func() error, error) {
+func openFleetStore(ctx context.Context, cfg *Config, h *hsm.HSM, al *audit.Log, feed *changeFeed, log *slog.Logger) (stateStore, *clientv3.Client, func() error, error) {
 	e := cfg.Store.Etcd
 	key, err := DeriveStoreKey(ctx, h)
 	if errors.Is(err, hsm.ErrKeyNotFound) {
@@ -205,15 +216,15 @@ func openFleetStore(ctx context.Context, cfg *Config, h *hsm.HSM, al *audit.Log,
 		}
 	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("the store's key %s: %w", StoreKey, err)
+		return nil, nil, nil, fmt.Errorf("the store's key %s: %w", StoreKey, err)
 	}
 	cc, err := e.clientConfig()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	cli, err := clientv3.New(cc)
 	if err != nil {
-		return nil, nil, fmt.Errorf("store.etcd: %w", err)
+		return nil, nil, nil, fmt.Errorf("store.etcd: %w", err)
 	}
 	where := fmt.Sprintf("etcd %s%s", strings.Join(e.Endpoints, ","), e.prefix())
 	n, err := etcdstore.OpenNode(etcdstore.NodeOptions{
@@ -226,13 +237,169 @@ func openFleetStore(ctx context.Context, cfg *Config, h *hsm.HSM, al *audit.Log,
 	})
 	if err != nil {
 		cli.Close()
-		return nil, nil, fmt.Errorf("the fleet's state in %s: %w", where, err)
+		return nil, nil, nil, fmt.Errorf("the fleet's state in %s: %w", where, err)
 	}
 	closeAll := func() error { return errors.Join(n.Close(), cli.Close()) }
 	if acked := al.StoreWrites(); n.Writes() < acked {
 		closeAll()
-		return nil, nil, fmt.Errorf("%w: the fleet's state in %s is at write %d, but this node's audit log recorded write %d: etcd was restored from an older snapshot, or this is another cluster; restore the newest snapshot (docs/fleet.md, \"Backup and restore\")", store.ErrDamaged, where, n.Writes(), acked)
+		return nil, nil, nil, fmt.Errorf("%w: the fleet's state in %s is at write %d, but this node's audit log recorded write %d: etcd was restored from an older snapshot, or this is another cluster; restore the newest snapshot (docs/fleet.md, \"Backup and restore\")", store.ErrDamaged, where, n.Writes(), acked)
 	}
 	al.SetStoreWrites(n.Writes)
-	return fleetStore{n, where}, closeAll, nil
+	return fleetStore{n, where}, cli, closeAll, nil
+}
+
+// DefaultLeaderTTL is store.etcd.leader_ttl's default.
+const DefaultLeaderTTL = 10 * time.Second
+
+// leadership runs the jobs done once for a fleet (task.once) on one node
+// at a time: the one elected with clientv3/concurrency's Election on
+// PREFIX/leader. The jobs run while its session lives; when the session
+// ends (its lease was not renewed within the TTL: the node was cut off
+// from etcd's quorum), they stop at once and the node campaigns again.
+// A node cut off may still run them for up to a round trip after etcd
+// expired its lease and elected another; their writes go through the
+// fleet's write lock and are computed from the records as they are then
+// (a rotation makes the version after the latest), so two leaders for
+// that moment repeat no work that matters.
+type leadership struct {
+	cli     *clientv3.Client
+	key     string
+	node    string
+	ttl     int
+	timeout time.Duration
+	log     *slog.Logger
+	leading atomic.Bool
+}
+
+// elect returns ts with the work done once wrapped in the fleet's
+// leadership, on a fleet's node; on one host, ts as they are.
+func (d *daemonParts) elect(ts []task) []task {
+	if d.lead == nil {
+		return ts
+	}
+	var each, once []task
+	for _, t := range ts {
+		if t.once {
+			once = append(once, t)
+		} else {
+			each = append(each, t)
+		}
+	}
+	return append(each, d.lead.task(once))
+}
+
+// task campaigns, runs jobs while elected, and campaigns again, until ctx
+// ends. A job's error is fatal, as it is on one host.
+func (l *leadership) task(jobs []task) task {
+	return task{name: "fleet leadership", run: func(ctx context.Context) error {
+		backoff := 100 * time.Millisecond
+		for ctx.Err() == nil {
+			elected, err := l.term(ctx, jobs)
+			if elected && err != nil {
+				return err
+			}
+			if ctx.Err() != nil {
+				return nil
+			}
+			if err != nil {
+				l.log.Warn("campaigning to run the fleet's jobs failed; trying again", "error", err.Error(), "after", backoff.String())
+				select {
+				case <-ctx.Done():
+				case <-time.After(backoff):
+				}
+				backoff = min(2*backoff, 5*time.Second)
+				continue
+			}
+			backoff = 100 * time.Millisecond
+		}
+		return nil
+	}}
+}
+
+// term is one session: a campaign and, once elected, the jobs until the
+// session or ctx ends. elected says whether err is the jobs'.
+func (l *leadership) term(ctx context.Context, jobs []task) (elected bool, err error) {
+	gctx, cancel := context.WithTimeout(ctx, l.timeout)
+	lease, err := l.cli.Grant(clientv3.WithRequireLeader(gctx), int64(l.ttl))
+	cancel()
+	if err != nil {
+		return false, err
+	}
+	s, err := concurrency.NewSession(l.cli, concurrency.WithLease(lease.ID), concurrency.WithContext(ctx))
+	if err != nil {
+		l.revoke(lease.ID)
+		return false, err
+	}
+	defer func() {
+		// Within a deadline (Session.Close would wait out its TTL without
+		// quorum): the next leader need not wait for the lease to expire.
+		s.Orphan()
+		l.revoke(lease.ID)
+	}()
+	cctx, stop := context.WithCancel(ctx)
+	defer stop()
+	go func() {
+		select {
+		case <-s.Done():
+			stop()
+		case <-cctx.Done():
+		}
+	}()
+	e := concurrency.NewElection(s, l.key)
+	won := make(chan error, 1)
+	// Campaign cleans up after a cancelled wait with a context of its own
+	// that has no deadline: it runs apart, and the lease's revocation
+	// takes its place in the queue with it.
+	go func() { won <- e.Campaign(cctx, l.node) }()
+	select {
+	case err = <-won:
+	case <-cctx.Done():
+		err = cctx.Err()
+	}
+	if err != nil {
+		return false, err
+	}
+	// The session may have ended while the campaign waited: the key it
+	// won with must still be there, under this session's lease.
+	gctx, cancel = context.WithTimeout(cctx, l.timeout)
+	resp, err := l.cli.Get(clientv3.WithRequireLeader(gctx), e.Key())
+	cancel()
+	if err != nil {
+		return false, err
+	}
+	if len(resp.Kvs) == 0 || clientv3.LeaseID(resp.Kvs[0].Lease) != lease.ID {
+		return false, errors.New("the session ended as the campaign was won")
+	}
+	l.leading.Store(true)
+	defer l.leading.Store(false)
+	l.log.Info("this node runs the fleet's jobs", "node", l.node)
+	bg := startTasks(jobs)
+	select {
+	case <-cctx.Done():
+		if ctx.Err() == nil {
+			l.log.Warn("this node's session with etcd ended: its jobs stop, another node takes them", "node", l.node)
+		}
+	case <-bg.failed():
+	}
+	return true, bg.wait()
+}
+
+// revoke revokes a lease, within a request's deadline.
+func (l *leadership) revoke(id clientv3.LeaseID) {
+	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
+	defer cancel()
+	l.cli.Revoke(ctx, id)
+}
+
+// fleetInfo is what GetStatus shows of the node's place in the fleet (nil
+// on one host).
+func (d *daemonParts) fleetInfo() func() server.FleetInfo {
+	fs, ok := d.st.(fleetStore)
+	if !ok || d.lead == nil {
+		return nil
+	}
+	return func() server.FleetInfo {
+		return server.FleetInfo{Node: d.lead.node, Leader: d.lead.leading.Load(), Revision: fs.Revision(),
+			FreshAt: fs.FreshAt(), Staleness: fs.Staleness()}
+	}
 }

@@ -24,7 +24,9 @@ import (
 	"github.com/keyward/keyward/daemon/tokens"
 )
 
-// jobs are keywardd's own jobs, in one table: what each does, how often.
+// jobs are keywardd's own jobs, in one table: what each does, how often,
+// and which run on one node of a fleet at a time (once: the elected one,
+// fleet.go).
 func (d *daemonParts) jobs() []task {
 	log, now := d.log, d.o.Now
 	keyClock, sweepClock := newClockWatch(now), newClockWatch(now)
@@ -34,17 +36,18 @@ func (d *daemonParts) jobs() []task {
 	}
 	ts := []task{
 		// Keys past their deletion date: destroyed in the HSM (audited first).
-		every("key deletions", d.o.KeysEvery, func(ctx context.Context) { deleteDueKeys(ctx, d.km, d.al, log, keyClock) }),
+		once(every("key deletions", d.o.KeysEvery, func(ctx context.Context) { deleteDueKeys(ctx, d.km, d.al, log, keyClock) })),
 		// Managed credentials: pending rotations, overlaps' ends, periods, revocations.
-		every("credential maintenance", d.o.CredentialsEvery, func(ctx context.Context) { maintainCredentials(ctx, d.cm, d.al, log, now) }),
+		once(every("credential maintenance", d.o.CredentialsEvery, func(ctx context.Context) { maintainCredentials(ctx, d.cm, d.al, log, now) })),
 		// Keys, API keys and credentials due by their rotation policies (scheduled.go).
-		loop("scheduled rotation", func(ctx context.Context) {
+		once(loop("scheduled rotation", func(ctx context.Context) {
 			d.sched.Run(ctx, checkEvery(&d.cfg.Rotation), func(err error) { log.Error("scheduled rotation", "error", err.Error()) })
-		}),
+		})),
 		// Token revocations past the tokens' expiry: forgotten.
-		every("token revocation sweep", time.Hour, func(context.Context) { sweepRevocations(d.tokens, log, sweepClock) }),
+		once(every("token revocation sweep", time.Hour, func(context.Context) { sweepRevocations(d.tokens, log, sweepClock) })),
 		// Revocation events delivered to the plugins (outbox).
-		loop("plugin events", func(ctx context.Context) { d.ob.Run(ctx, time.Second) }),
+		once(loop("plugin events", func(ctx context.Context) { d.ob.Run(ctx, time.Second) })),
+		// The rest runs on every node of a fleet, on what the node sees.
 		// API key usage and quotas written, and once more at the end.
 		loop("API key usage", func(ctx context.Context) {
 			d.akm.RunFlusher(ctx, flushEvery, func(err error) {

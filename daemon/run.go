@@ -112,7 +112,7 @@ func Run(ctx context.Context, cfg *Config, o Options) (err error) {
 			err = cerr
 		}
 	}()
-	bg := startTasks(append(d.tasks(), d.jobs()...))
+	bg := startTasks(append(d.tasks(), d.elect(d.jobs())...))
 	d.log.Info("keywardd serving", "socket", d.ln.Path(), "token", d.h.Token().Label, "store", d.st.Path(), "audit", d.cfg.auditPath(), "version", d.o.Version)
 	if d.o.Ready != nil {
 		close(d.o.Ready) // the socket listens: calls wait in its backlog until Serve takes them

@@ -18,6 +18,15 @@ import (
 type task struct {
 	name string
 	run  func(ctx context.Context) error
+	// once: in a fleet, the task runs on the elected node only (work done
+	// once for the whole fleet: rotations, deletions, plugin events).
+	once bool
+}
+
+// once marks t as work done once for a fleet.
+func once(t task) task {
+	t.once = true
+	return t
 }
 
 // tasks runs a set of tasks and waits for all of them.

@@ -21,7 +21,7 @@ func TestTasksWaitForEveryOne(t *testing.T) {
 		ended.Add(1)
 		return nil
 	}
-	bg := startTasks([]task{{"a", slow}, {"b", slow}, {"c", func(ctx context.Context) error {
+	bg := startTasks([]task{{name: "a", run: slow}, {name: "b", run: slow}, {name: "c", run: func(ctx context.Context) error {
 		<-ctx.Done()
 		ended.Add(1)
 		return errors.New("its last flush failed")
@@ -46,9 +46,9 @@ func TestTasksWaitForEveryOne(t *testing.T) {
 func TestTaskFailureStopsServing(t *testing.T) {
 	var stopped atomic.Bool
 	bg := startTasks([]task{
-		{"steady", func(ctx context.Context) error { <-ctx.Done(); stopped.Store(true); return nil }},
-		{"broken", func(context.Context) error { return errors.New("the listener is gone") }},
-		{"broken later", func(ctx context.Context) error { <-ctx.Done(); return errors.New("a second failure") }},
+		{name: "steady", run: func(ctx context.Context) error { <-ctx.Done(); stopped.Store(true); return nil }},
+		{name: "broken", run: func(context.Context) error { return errors.New("the listener is gone") }},
+		{name: "broken later", run: func(ctx context.Context) error { <-ctx.Done(); return errors.New("a second failure") }},
 	})
 	select {
 	case <-bg.failed():

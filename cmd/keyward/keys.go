@@ -143,6 +143,21 @@ func printStatus(w io.Writer, r *keywardv1.GetStatusResponse) error {
 		r.GetVersion(), r.GetStartTime().AsTime().Format(time.RFC3339), r.GetHsm().GetTokenLabel(), r.GetHsm().GetTokenSerial(),
 		r.GetHsm().GetManufacturer(), r.GetHsm().GetModel(), h, r.GetStore().GetPath(), r.GetStore().GetSchemaVersion(),
 		r.GetKeys().GetTotal(), r.GetKeys().GetEnabled(), r.GetKeys().GetDisabled(), r.GetKeys().GetPendingDeletion())
+	if msg := r.GetStore().GetError(); msg != "" {
+		fmt.Fprintf(w, "store: REFUSING CALLS: %s\n", msg)
+	}
+	if f := r.GetFleet(); f != nil {
+		role := "a follower"
+		if f.GetLeader() {
+			role = "the leader (it runs the fleet's jobs)"
+		}
+		fresh := "never"
+		if t := f.GetFreshTime(); t != nil {
+			fresh = time.Since(t.AsTime()).Round(time.Millisecond).String() + " ago"
+		}
+		fmt.Fprintf(w, "fleet: node %s, %s; local copy at etcd revision %d, last known current %s (bound %s)\n",
+			f.GetNode(), role, f.GetRevision(), fresh, f.GetStalenessBound().AsDuration())
+	}
 	if msg := r.GetAuditCheckpointError(); msg != "" {
 		fmt.Fprintf(w, "audit: checkpoints are not being MACed: %s\n", msg)
 	}

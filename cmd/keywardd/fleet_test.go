@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/keyward/keyward/daemon"
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
@@ -21,14 +24,16 @@ import (
 // fleetNode is one keywardd process of a fleet.
 type fleetNode struct {
 	name  string
+	bin   string
 	files *daemontest.Files
 	proc  *daemontest.Process
 	*client.Client
 }
 
 // startFleet starts n keywardd processes on the etcd cluster c, sharing
-// one SoftHSM2 token, one after the other.
-func startFleet(t *testing.T, c *etcdtest.Cluster, n int) []*fleetNode {
+// one SoftHSM2 token, one after the other; configure (if not nil) changes
+// each one's store.etcd.
+func startFleet(t *testing.T, c *etcdtest.Cluster, n int, configure func(*daemon.EtcdConfig)) []*fleetNode {
 	t.Helper()
 	bin := daemontest.Build(t)
 	tok := softhsmtest.New(t)
@@ -37,17 +42,52 @@ func startFleet(t *testing.T, c *etcdtest.Cluster, n int) []*fleetNode {
 		name := fmt.Sprintf("node-%d", i+1)
 		f := daemontest.NewFiles(t, daemontest.SharedToken(tok), daemontest.Policy(fleetPolicy()), daemontest.Configure(func(cfg *daemon.Config) {
 			cfg.Store.Etcd = &daemon.EtcdConfig{Endpoints: c.Endpoints(), Prefix: "/keyward-fleet"}
+			if configure != nil {
+				configure(cfg.Store.Etcd)
+			}
 			cfg.Node = name
 		}))
-		p := daemontest.Exec(t, bin, f)
-		cl, err := client.Dial(f.Socket)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cl.Close() })
-		nodes[i] = &fleetNode{name: name, files: f, proc: p, Client: cl}
+		nodes[i] = &fleetNode{name: name, files: f, bin: bin}
+		nodes[i].start(t)
 	}
 	return nodes
+}
+
+// start starts (or starts again) the node's process, and connects to it.
+func (n *fleetNode) start(t *testing.T) {
+	t.Helper()
+	n.proc = daemontest.Exec(t, n.bin, n.files)
+	cl, err := client.Dial(n.files.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	n.Client = cl
+}
+
+// leader waits for exactly one node of n to say it leads, and returns it.
+func leader(t *testing.T, n []*fleetNode) *fleetNode {
+	t.Helper()
+	var found *fleetNode
+	within(t, "not exactly one node leads the fleet", func() (bool, string) {
+		found = nil
+		var leaders []string
+		for _, node := range n {
+			if node.proc.Exited() {
+				continue
+			}
+			st, err := node.Status.GetStatus(context.Background(), &keywardv1.GetStatusRequest{})
+			if err != nil {
+				return false, err.Error()
+			}
+			if st.GetFleet().GetLeader() {
+				leaders = append(leaders, node.name)
+				found = node
+			}
+		}
+		return len(leaders) == 1, fmt.Sprint("leaders: ", leaders)
+	})
+	return found
 }
 
 // fleetPolicy grants the test every operation, and tokens for "orders".
@@ -91,8 +131,9 @@ func within(t *testing.T, what string, cond func() (bool, string)) time.Duration
 // node's audit log names the node.
 func TestFleet(t *testing.T) {
 	c := etcdtest.NewCluster(t, 3)
-	n := startFleet(t, c, 3)
+	n := startFleet(t, c, 3, nil)
 	ctx := context.Background()
+	leader(t, n)
 
 	// API keys.
 	created, err := n[0].APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "orders", Environment: "prod", Permissions: []string{"orders:read"}})
@@ -180,8 +221,98 @@ func TestFleet(t *testing.T) {
 		if err != nil || records == 0 {
 			t.Errorf("%s's audit log (%d records): %v", node.name, records, err)
 		}
+		if st, err := node.Status.GetStatus(ctx, &keywardv1.GetStatusRequest{}); err != nil || st.GetFleet().GetNode() != node.name || st.GetStore().GetError() != "" {
+			t.Errorf("%s's status: %v, %v", node.name, st, err)
+		}
 		if strings.Contains(node.proc.Log(), created.Secret) {
 			t.Errorf("%s logged an API key's secret", node.name)
 		}
+	}
+}
+
+// TestFleetFaults: with one etcd member of three down, writes go on; the
+// leader killed with SIGKILL, another node takes the jobs within the
+// leader's lease, and the killed node, started again, has what was
+// written meanwhile; with quorum lost, writes answer UNAVAILABLE,
+// verifications go on from the local copy until the staleness bound and
+// are then refused (status says why), and all serve again once etcd
+// heals.
+func TestFleetFaults(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	const bound = 3 * time.Second
+	n := startFleet(t, c, 3, func(e *daemon.EtcdConfig) {
+		e.Staleness = bound
+		e.LeaderTTL = 2 * time.Second
+		e.Timeout = 2 * time.Second
+	})
+	ctx := context.Background()
+	create := func(node *fleetNode, name string) (*keywardv1.CreateAPIKeyResponse, error) {
+		return node.APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: name, Environment: "prod", Permissions: []string{"orders:read"}})
+	}
+	verify := func(node *fleetNode, key string) (keywardv1.APIKeyCode, error) {
+		resp, err := node.APIKeys.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: key, Environment: "prod", Permissions: []string{"orders:read"}})
+		return resp.GetCode(), err
+	}
+
+	// One member of three down (the leader, even): writes go on.
+	c.Kill(c.Leader())
+	var k1 *keywardv1.CreateAPIKeyResponse
+	within(t, "no write with one etcd member of three down", func() (bool, string) {
+		var err error
+		k1, err = create(n[0], "one-down")
+		return err == nil, fmt.Sprint(err)
+	})
+	c.Heal()
+
+	// The leader killed: another leads within its lease.
+	first := leader(t, n)
+	first.proc.Kill()
+	killed := time.Now()
+	second := leader(t, n)
+	t.Logf("%s took over the fleet's jobs %v after %s was killed", second.name, time.Since(killed).Round(time.Millisecond), first.name)
+	k2, err := create(second, "while-away")
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.start(t)
+	for _, k := range []*keywardv1.CreateAPIKeyResponse{k1, k2} {
+		if code, err := verify(first, k.Secret); code != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
+			t.Errorf("%s, started again, verifies %s: %v, %v", first.name, k.Key.Name, code, err)
+		}
+	}
+
+	// Quorum lost.
+	c.LoseQuorum()
+	lost := time.Now()
+	if _, err := create(n[2], "no-quorum"); status.Code(err) != codes.Unavailable {
+		t.Errorf("a write without quorum: %v, want UNAVAILABLE", err)
+	}
+	var last error
+	within(t, "verifications never refused without quorum", func() (bool, string) {
+		code, err := verify(n[2], k1.Secret)
+		if err == nil && code != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
+			t.Fatalf("without quorum, within the bound: %v", code)
+		}
+		last = err
+		return err != nil, fmt.Sprint(code)
+	})
+	refusedAfter := time.Since(lost)
+	t.Logf("verifications refused %v after quorum was lost (bound %v): %v", refusedAfter.Round(time.Millisecond), bound, last)
+	if status.Code(last) != codes.Unavailable || !strings.Contains(last.Error(), "staleness bound") {
+		t.Errorf("a verification past the bound: %v, want UNAVAILABLE naming the staleness bound", last)
+	}
+	if refusedAfter > bound+2*time.Second {
+		t.Errorf("verifications went on %v after quorum was lost; the bound is %v", refusedAfter, bound)
+	}
+	st, err := n[2].Status.GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	if err != nil || !strings.Contains(st.GetStore().GetError(), "staleness bound") {
+		t.Errorf("status past the bound: %v, %v; want the store's error", st.GetStore(), err)
+	}
+	c.Heal()
+	for _, node := range n {
+		within(t, node.name+" does not serve again after etcd healed", func() (bool, string) {
+			code, err := verify(node, k2.Secret)
+			return err == nil && code == keywardv1.APIKeyCode_API_KEY_CODE_VALID, fmt.Sprint(code, err)
+		})
 	}
 }

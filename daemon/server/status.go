@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
@@ -29,6 +30,18 @@ func (s *Server) GetStatus(ctx context.Context, _ *keywardv1.GetStatusRequest) (
 	}
 	if v, err := s.cfg.Store.SchemaVersion(); err == nil {
 		out.Store.SchemaVersion = uint32(v)
+	}
+	if s.cfg.Fleet != nil {
+		f := s.cfg.Fleet()
+		out.Fleet = &keywardv1.FleetStatus{Node: f.Node, Leader: f.Leader, Revision: f.Revision, StalenessBound: durationpb.New(f.Staleness)}
+		if !f.FreshAt.IsZero() {
+			out.Fleet.FreshTime = timestamppb.New(f.FreshAt)
+		}
+	}
+	if err := s.cfg.Store.Err(); err != nil {
+		// The key counts need the store: the rest says what is wrong.
+		out.Store.Error = err.Error()
+		return out, nil
 	}
 	all, err := s.cfg.Keys.List()
 	if err != nil {

@@ -9,6 +9,7 @@ package keywardv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -155,6 +156,9 @@ type GetStatusResponse struct {
 	// each at start with what to do (docs/operations.md). They are found in
 	// the background at start: empty until then, and when there are none.
 	NamesToRename map[string]uint32 `protobuf:"bytes,8,rep,name=names_to_rename,json=namesToRename,proto3" json:"names_to_rename,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// This node's place in a fleet sharing its state through etcd
+	// (docs/fleet.md); absent on one host.
+	Fleet         *FleetStatus `protobuf:"bytes,9,opt,name=fleet,proto3" json:"fleet,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -245,6 +249,97 @@ func (x *GetStatusResponse) GetNamesToRename() map[string]uint32 {
 	return nil
 }
 
+func (x *GetStatusResponse) GetFleet() *FleetStatus {
+	if x != nil {
+		return x.Fleet
+	}
+	return nil
+}
+
+// FleetStatus is a fleet node's view of the shared state.
+type FleetStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The node's name, in each of its audit records.
+	Node string `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// Whether this node is the one running the fleet's jobs done once
+	// (scheduled rotations, deletions, plugin events, credential upkeep).
+	Leader bool `protobuf:"varint,2,opt,name=leader,proto3" json:"leader,omitempty"`
+	// The etcd revision the node's local copy reflects.
+	Revision int64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	// When the local copy was last known current (etcd reached with a
+	// quorum, every change up to then applied).
+	FreshTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=fresh_time,json=freshTime,proto3" json:"fresh_time,omitempty"`
+	// How stale the copy may get before every call is refused.
+	StalenessBound *durationpb.Duration `protobuf:"bytes,5,opt,name=staleness_bound,json=stalenessBound,proto3" json:"staleness_bound,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *FleetStatus) Reset() {
+	*x = FleetStatus{}
+	mi := &file_status_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FleetStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FleetStatus) ProtoMessage() {}
+
+func (x *FleetStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_status_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FleetStatus.ProtoReflect.Descriptor instead.
+func (*FleetStatus) Descriptor() ([]byte, []int) {
+	return file_status_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *FleetStatus) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *FleetStatus) GetLeader() bool {
+	if x != nil {
+		return x.Leader
+	}
+	return false
+}
+
+func (x *FleetStatus) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *FleetStatus) GetFreshTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FreshTime
+	}
+	return nil
+}
+
+func (x *FleetStatus) GetStalenessBound() *durationpb.Duration {
+	if x != nil {
+		return x.StalenessBound
+	}
+	return nil
+}
+
 // HSMStatus describes the token in use.
 type HSMStatus struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
@@ -262,7 +357,7 @@ type HSMStatus struct {
 
 func (x *HSMStatus) Reset() {
 	*x = HSMStatus{}
-	mi := &file_status_proto_msgTypes[4]
+	mi := &file_status_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -274,7 +369,7 @@ func (x *HSMStatus) String() string {
 func (*HSMStatus) ProtoMessage() {}
 
 func (x *HSMStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[4]
+	mi := &file_status_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -287,7 +382,7 @@ func (x *HSMStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HSMStatus.ProtoReflect.Descriptor instead.
 func (*HSMStatus) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{4}
+	return file_status_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *HSMStatus) GetTokenLabel() string {
@@ -334,16 +429,20 @@ func (x *HSMStatus) GetError() string {
 
 // StoreStatus describes the store.
 type StoreStatus struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
-	SchemaVersion uint32                 `protobuf:"varint,2,opt,name=schema_version,json=schemaVersion,proto3" json:"schema_version,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The bbolt file, or the etcd cluster and prefix of a fleet.
+	Path          string `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	SchemaVersion uint32 `protobuf:"varint,2,opt,name=schema_version,json=schemaVersion,proto3" json:"schema_version,omitempty"`
+	// Why calls are refused now (the store is damaged, or a fleet node's
+	// copy is staler than its bound); empty while it serves.
+	Error         string `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StoreStatus) Reset() {
 	*x = StoreStatus{}
-	mi := &file_status_proto_msgTypes[5]
+	mi := &file_status_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -355,7 +454,7 @@ func (x *StoreStatus) String() string {
 func (*StoreStatus) ProtoMessage() {}
 
 func (x *StoreStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[5]
+	mi := &file_status_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -368,7 +467,7 @@ func (x *StoreStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreStatus.ProtoReflect.Descriptor instead.
 func (*StoreStatus) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{5}
+	return file_status_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StoreStatus) GetPath() string {
@@ -385,6 +484,13 @@ func (x *StoreStatus) GetSchemaVersion() uint32 {
 	return 0
 }
 
+func (x *StoreStatus) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 // KeyCounts counts keys by state.
 type KeyCounts struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
@@ -398,7 +504,7 @@ type KeyCounts struct {
 
 func (x *KeyCounts) Reset() {
 	*x = KeyCounts{}
-	mi := &file_status_proto_msgTypes[6]
+	mi := &file_status_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -410,7 +516,7 @@ func (x *KeyCounts) String() string {
 func (*KeyCounts) ProtoMessage() {}
 
 func (x *KeyCounts) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[6]
+	mi := &file_status_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -423,7 +529,7 @@ func (x *KeyCounts) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyCounts.ProtoReflect.Descriptor instead.
 func (*KeyCounts) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{6}
+	return file_status_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *KeyCounts) GetTotal() uint32 {
@@ -483,7 +589,7 @@ type PluginStatus struct {
 
 func (x *PluginStatus) Reset() {
 	*x = PluginStatus{}
-	mi := &file_status_proto_msgTypes[7]
+	mi := &file_status_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -495,7 +601,7 @@ func (x *PluginStatus) String() string {
 func (*PluginStatus) ProtoMessage() {}
 
 func (x *PluginStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[7]
+	mi := &file_status_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -508,7 +614,7 @@ func (x *PluginStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PluginStatus.ProtoReflect.Descriptor instead.
 func (*PluginStatus) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{7}
+	return file_status_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *PluginStatus) GetName() string {
@@ -586,10 +692,10 @@ var File_status_proto protoreflect.FileDescriptor
 const file_status_proto_rawDesc = "" +
 	"\n" +
 	"\fstatus.proto\x12\n" +
-	"keyward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n" +
+	"keyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n" +
 	"\vPingRequest\"\x0e\n" +
 	"\fPingResponse\"\x12\n" +
-	"\x10GetStatusRequest\"\xf1\x03\n" +
+	"\x10GetStatusRequest\"\xa0\x04\n" +
 	"\x11GetStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
@@ -599,10 +705,18 @@ const file_status_proto_rawDesc = "" +
 	"\x04keys\x18\x05 \x01(\v2\x15.keyward.v1.KeyCountsR\x04keys\x124\n" +
 	"\x16audit_checkpoint_error\x18\x06 \x01(\tR\x14auditCheckpointError\x122\n" +
 	"\aplugins\x18\a \x03(\v2\x18.keyward.v1.PluginStatusR\aplugins\x12X\n" +
-	"\x0fnames_to_rename\x18\b \x03(\v20.keyward.v1.GetStatusResponse.NamesToRenameEntryR\rnamesToRename\x1a@\n" +
+	"\x0fnames_to_rename\x18\b \x03(\v20.keyward.v1.GetStatusResponse.NamesToRenameEntryR\rnamesToRename\x12-\n" +
+	"\x05fleet\x18\t \x01(\v2\x17.keyward.v1.FleetStatusR\x05fleet\x1a@\n" +
 	"\x12NamesToRenameEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xb9\x01\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xd4\x01\n" +
+	"\vFleetStatus\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
+	"\x06leader\x18\x02 \x01(\bR\x06leader\x12\x1a\n" +
+	"\brevision\x18\x03 \x01(\x03R\brevision\x129\n" +
+	"\n" +
+	"fresh_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tfreshTime\x12B\n" +
+	"\x0fstaleness_bound\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x0estalenessBound\"\xb9\x01\n" +
 	"\tHSMStatus\x12\x1f\n" +
 	"\vtoken_label\x18\x01 \x01(\tR\n" +
 	"tokenLabel\x12!\n" +
@@ -610,10 +724,11 @@ const file_status_proto_rawDesc = "" +
 	"\fmanufacturer\x18\x03 \x01(\tR\fmanufacturer\x12\x14\n" +
 	"\x05model\x18\x04 \x01(\tR\x05model\x12\x18\n" +
 	"\ahealthy\x18\x05 \x01(\bR\ahealthy\x12\x14\n" +
-	"\x05error\x18\x06 \x01(\tR\x05error\"H\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\"^\n" +
 	"\vStoreStatus\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12%\n" +
-	"\x0eschema_version\x18\x02 \x01(\rR\rschemaVersion\"\x82\x01\n" +
+	"\x0eschema_version\x18\x02 \x01(\rR\rschemaVersion\x12\x14\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\"\x82\x01\n" +
 	"\tKeyCounts\x12\x14\n" +
 	"\x05total\x18\x01 \x01(\rR\x05total\x12\x18\n" +
 	"\aenabled\x18\x02 \x01(\rR\aenabled\x12\x1a\n" +
@@ -648,36 +763,41 @@ func file_status_proto_rawDescGZIP() []byte {
 	return file_status_proto_rawDescData
 }
 
-var file_status_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_status_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_status_proto_goTypes = []any{
 	(*PingRequest)(nil),           // 0: keyward.v1.PingRequest
 	(*PingResponse)(nil),          // 1: keyward.v1.PingResponse
 	(*GetStatusRequest)(nil),      // 2: keyward.v1.GetStatusRequest
 	(*GetStatusResponse)(nil),     // 3: keyward.v1.GetStatusResponse
-	(*HSMStatus)(nil),             // 4: keyward.v1.HSMStatus
-	(*StoreStatus)(nil),           // 5: keyward.v1.StoreStatus
-	(*KeyCounts)(nil),             // 6: keyward.v1.KeyCounts
-	(*PluginStatus)(nil),          // 7: keyward.v1.PluginStatus
-	nil,                           // 8: keyward.v1.GetStatusResponse.NamesToRenameEntry
-	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
+	(*FleetStatus)(nil),           // 4: keyward.v1.FleetStatus
+	(*HSMStatus)(nil),             // 5: keyward.v1.HSMStatus
+	(*StoreStatus)(nil),           // 6: keyward.v1.StoreStatus
+	(*KeyCounts)(nil),             // 7: keyward.v1.KeyCounts
+	(*PluginStatus)(nil),          // 8: keyward.v1.PluginStatus
+	nil,                           // 9: keyward.v1.GetStatusResponse.NamesToRenameEntry
+	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 11: google.protobuf.Duration
 }
 var file_status_proto_depIdxs = []int32{
-	9, // 0: keyward.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
-	4, // 1: keyward.v1.GetStatusResponse.hsm:type_name -> keyward.v1.HSMStatus
-	5, // 2: keyward.v1.GetStatusResponse.store:type_name -> keyward.v1.StoreStatus
-	6, // 3: keyward.v1.GetStatusResponse.keys:type_name -> keyward.v1.KeyCounts
-	7, // 4: keyward.v1.GetStatusResponse.plugins:type_name -> keyward.v1.PluginStatus
-	8, // 5: keyward.v1.GetStatusResponse.names_to_rename:type_name -> keyward.v1.GetStatusResponse.NamesToRenameEntry
-	9, // 6: keyward.v1.PluginStatus.since:type_name -> google.protobuf.Timestamp
-	2, // 7: keyward.v1.StatusService.GetStatus:input_type -> keyward.v1.GetStatusRequest
-	0, // 8: keyward.v1.StatusService.Ping:input_type -> keyward.v1.PingRequest
-	3, // 9: keyward.v1.StatusService.GetStatus:output_type -> keyward.v1.GetStatusResponse
-	1, // 10: keyward.v1.StatusService.Ping:output_type -> keyward.v1.PingResponse
-	9, // [9:11] is the sub-list for method output_type
-	7, // [7:9] is the sub-list for method input_type
-	7, // [7:7] is the sub-list for extension type_name
-	7, // [7:7] is the sub-list for extension extendee
-	0, // [0:7] is the sub-list for field type_name
+	10, // 0: keyward.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
+	5,  // 1: keyward.v1.GetStatusResponse.hsm:type_name -> keyward.v1.HSMStatus
+	6,  // 2: keyward.v1.GetStatusResponse.store:type_name -> keyward.v1.StoreStatus
+	7,  // 3: keyward.v1.GetStatusResponse.keys:type_name -> keyward.v1.KeyCounts
+	8,  // 4: keyward.v1.GetStatusResponse.plugins:type_name -> keyward.v1.PluginStatus
+	9,  // 5: keyward.v1.GetStatusResponse.names_to_rename:type_name -> keyward.v1.GetStatusResponse.NamesToRenameEntry
+	4,  // 6: keyward.v1.GetStatusResponse.fleet:type_name -> keyward.v1.FleetStatus
+	10, // 7: keyward.v1.FleetStatus.fresh_time:type_name -> google.protobuf.Timestamp
+	11, // 8: keyward.v1.FleetStatus.staleness_bound:type_name -> google.protobuf.Duration
+	10, // 9: keyward.v1.PluginStatus.since:type_name -> google.protobuf.Timestamp
+	2,  // 10: keyward.v1.StatusService.GetStatus:input_type -> keyward.v1.GetStatusRequest
+	0,  // 11: keyward.v1.StatusService.Ping:input_type -> keyward.v1.PingRequest
+	3,  // 12: keyward.v1.StatusService.GetStatus:output_type -> keyward.v1.GetStatusResponse
+	1,  // 13: keyward.v1.StatusService.Ping:output_type -> keyward.v1.PingResponse
+	12, // [12:14] is the sub-list for method output_type
+	10, // [10:12] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_status_proto_init() }
@@ -691,7 +811,7 @@ func file_status_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_status_proto_rawDesc), len(file_status_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

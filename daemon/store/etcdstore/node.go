@@ -549,6 +549,9 @@ func (n *Node) FreshAt() time.Time {
 	return time.Time{}
 }
 
+// Staleness is the bound past which reads are refused.
+func (n *Node) Staleness() time.Duration { return n.o.Staleness }
+
 // Revision is the etcd revision the copy reflects.
 func (n *Node) Revision() int64 { return n.applied.Load() }
 
