@@ -157,6 +157,26 @@ func TestFleet(t *testing.T) {
 	took = within(t, "node 3 still accepts the key node 2 revoked", verify(n[2], keywardv1.APIKeyCode_API_KEY_CODE_REVOKED))
 	t.Logf("node 3 refused the key %v after node 2 revoked it", took)
 
+	// A bulk revocation of more keys than one etcd transaction takes (128
+	// operations by default): revoked in batches, refused everywhere.
+	const bulk = 150
+	var last string
+	for i := range bulk {
+		k, err := n[i%3].APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-bulk", Name: fmt.Sprintf("k%d", i), Environment: "prod", Permissions: []string{"orders:read"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = k.Secret
+	}
+	rv, err := n[1].APIKeys.RevokeAPIKeys(ctx, &keywardv1.RevokeAPIKeysRequest{Owner: "team-bulk"})
+	if err != nil || rv.Count != bulk {
+		t.Fatalf("RevokeAPIKeys of %d keys on etcd's default limits: %v, %v", bulk, rv, err)
+	}
+	within(t, "node 3 accepts a key of a bulk revocation on node 2", func() (bool, string) {
+		resp, err := n[2].APIKeys.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: last, Environment: "prod", Permissions: []string{"orders:read"}})
+		return err == nil && resp.Code == keywardv1.APIKeyCode_API_KEY_CODE_REVOKED, fmt.Sprint(resp.GetCode(), err)
+	})
+
 	// Tokens.
 	if _, err := n[0].Keys.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "sessions", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_SIGN}); err != nil {
 		t.Fatal(err)

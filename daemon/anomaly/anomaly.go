@@ -365,7 +365,7 @@ func (d *Detector) copyChanged(keys map[string]*key) map[string]copied {
 	return out
 }
 
-// commit writes the copies, in transactions of at most store.MaxTxKeys (a
+// commit writes the copies, in transactions of at most store.BatchKeys (a
 // baseline written again after a failure is written whole: nothing is
 // counted twice).
 func (d *Detector) commit(snap map[string]copied) error {
@@ -379,7 +379,7 @@ func (d *Detector) commit(snap map[string]copied) error {
 		return nil
 	}
 	slices.Sort(ids)
-	for batch := range slices.Chunk(ids, store.MaxTxKeys) {
+	for batch := range slices.Chunk(ids, store.BatchKeys(d.st, 1)) {
 		if err := d.st.UpdateEach(store.BucketBaselines, batch, func(id string, _ []byte) ([]byte, error) { return snap[id].b, nil }); err != nil {
 			return err
 		}

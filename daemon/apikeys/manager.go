@@ -751,8 +751,9 @@ func (m *Manager) flushQuotas() error {
 	m.mu.Lock()
 	ids := slices.Sorted(maps.Keys(m.quotas))
 	m.mu.Unlock()
-	for lo := 0; lo < len(ids); lo += writeBatch {
-		if err := m.flushQuotaBatch(ids[lo:min(lo+writeBatch, len(ids))]); err != nil {
+	batch := m.writeBatch(1)
+	for lo := 0; lo < len(ids); lo += batch {
+		if err := m.flushQuotaBatch(ids[lo:min(lo+batch, len(ids))]); err != nil {
 			return err
 		}
 	}
@@ -953,8 +954,9 @@ func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
 		if len(ids) == 0 {
 			break
 		}
-		for lo := 0; lo < len(ids); lo += writeBatch {
-			n, err := m.revokeBatch(ids[lo:min(lo+writeBatch, len(ids))])
+		batch := m.writeBatch(2) // a record and its event each
+		for lo := 0; lo < len(ids); lo += batch {
+			n, err := m.revokeBatch(ids[lo:min(lo+batch, len(ids))])
 			total += n
 			if err != nil {
 				return total, err
@@ -966,8 +968,12 @@ func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
 
 // writeBatch is how many records RevokeWhere and flushQuotas write in one
 // transaction, one sync, holding the lock every verify needs: a few
-// milliseconds' wait.
-const writeBatch = 1000
+// milliseconds' wait; fewer where the store takes fewer (etcd).
+func (m *Manager) writeBatch(opsPerKey int) int {
+	return min(maxWriteBatch, store.BatchKeys(m.store, opsPerKey))
+}
+
+const maxWriteBatch = 1000
 
 // matching lists the keys not yet revoked that f picks. It reads a snapshot
 // without holding m.mu, so verifies go on; the owner, tags and environment

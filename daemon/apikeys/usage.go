@@ -193,7 +193,7 @@ func (m *Manager) Flush() error {
 
 // flushUsage writes the use counted since the last flush to the store, and
 // drops hours older than UsageRetention of the keys it writes. A key's
-// records go in one transaction, keys together up to store.MaxTxKeys
+// records go in one transaction, keys together up to store.BatchKeys
 // records a transaction; on a failure the counts of the keys not written
 // stay pending for the next flush (those written are not counted twice).
 func (m *Manager) flushUsage() error {
@@ -203,12 +203,13 @@ func (m *Manager) flushUsage() error {
 	}
 	cutoff := m.now().Add(-UsageRetention).UTC().Truncate(time.Hour)
 	ids := slices.Sorted(maps.Keys(p))
+	batch := store.BatchKeys(m.store, 1)
 	for len(ids) > 0 {
 		deltas := map[string]*HourUsage{}
 		n := 0
 		for n < len(ids) {
 			one := m.usageDeltas(ids[n], p[ids[n]], cutoff)
-			if n > 0 && len(deltas)+len(one) > store.MaxTxKeys {
+			if n > 0 && len(deltas)+len(one) > batch {
 				break
 			}
 			maps.Copy(deltas, one)

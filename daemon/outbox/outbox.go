@@ -329,7 +329,7 @@ func (o *Outbox) collect() error {
 	if len(done) == 0 {
 		return nil
 	}
-	for batch := range slices.Chunk(done, store.MaxTxKeys) {
+	for batch := range slices.Chunk(done, store.BatchKeys(o.store, 1)) {
 		if err := o.store.UpdateEach(store.BucketOutbox, batch, func(string, []byte) ([]byte, error) { return nil, nil }); err != nil {
 			return err
 		}

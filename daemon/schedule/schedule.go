@@ -237,9 +237,9 @@ func (s *Scheduler) saveAll(es map[string]Entry, gone []string) error {
 	for _, k := range gone {
 		recs[k] = nil
 	}
-	// In transactions of at most store.MaxTxKeys: each entry stands alone,
+	// In transactions of at most store.BatchKeys: each entry stands alone,
 	// and one written again is written the same.
-	for batch := range slices.Chunk(slices.Sorted(maps.Keys(recs)), store.MaxTxKeys) {
+	for batch := range slices.Chunk(slices.Sorted(maps.Keys(recs)), store.BatchKeys(s.cfg.Store, 1)) {
 		if err := s.cfg.Store.UpdateEach(store.BucketSchedule, batch, func(k string, _ []byte) ([]byte, error) { return recs[k], nil }); err != nil {
 			return err
 		}

@@ -143,6 +143,37 @@ const (
 	MaxKeyLen     = 1024
 )
 
+// TxLimiter is a backend that takes less in one transaction than every
+// backend must (etcd's limits: Backend, "Size"): its limits, in
+// operations (a key or an event each) and request bytes.
+type TxLimiter interface {
+	TxLimits() (ops, bytes int)
+}
+
+// BatchKeys is how many keys a caller puts in each transaction when it
+// splits its work into transactions that are each correct alone (usage
+// flushes, sweeps, bulk revocations): MaxTxKeys, or what b takes if it is
+// a TxLimiter, with opsPerKey operations per key (2 for a key and its
+// event) and records of up to batchRecordSize bytes. At least 1.
+func BatchKeys(b any, opsPerKey int) int {
+	l, ok := b.(TxLimiter)
+	if !ok {
+		return MaxTxKeys
+	}
+	ops, bytes := l.TxLimits()
+	n := min(MaxTxKeys, (ops-txOverheadOps)/opsPerKey, bytes/(opsPerKey*batchRecordSize))
+	return max(n, 1)
+}
+
+// batchRecordSize bounds the records written in batches (an API key's is
+// the largest, about 20 KiB at most), and txOverheadOps the operations a
+// transaction spends besides its keys (the meta record, the write lock's
+// guard, margin).
+const (
+	batchRecordSize = 24 << 10
+	txOverheadOps   = 4
+)
+
 // Buckets returns the buckets of the schema, the only ones a Backend
 // serves.
 func Buckets() []string { return append([]string(nil), buckets...) }

@@ -147,10 +147,10 @@ func (r *Revoked) Sweep() (int, error) {
 	if len(gone) == 0 {
 		return 0, nil
 	}
-	// A transaction of up to store.MaxTxKeys, one sync, however many: Is
+	// A transaction of up to store.BatchKeys, one sync, however many: Is
 	// waits for the lock. A batch that failed is forgotten at the next sweep.
 	n := 0
-	for batch := range slices.Chunk(gone, store.MaxTxKeys) {
+	for batch := range slices.Chunk(gone, store.BatchKeys(r.store, 1)) {
 		// A revocation another node made longer meanwhile stays.
 		kept := map[string][]byte{}
 		err := r.store.UpdateEachEmit(store.BucketRevokedTokens, batch, func(jti string, old []byte) ([]byte, [][]byte, error) {

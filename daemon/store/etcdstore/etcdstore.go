@@ -204,6 +204,9 @@ func (b *Backend) Err() error {
 	return nil
 }
 
+// TxLimits are the cluster's limits of one transaction (store.TxLimiter).
+func (b *Backend) TxLimits() (ops, bytes int) { return b.o.MaxTxnOps, b.o.MaxRequestBytes }
+
 // Writes is the write count of the state, as of this backend's last write
 // (or Open): other nodes' writes are counted at the next.
 func (b *Backend) Writes() uint64 { return b.writes.Load() }

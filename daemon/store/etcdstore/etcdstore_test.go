@@ -85,6 +85,29 @@ func TestDefaults(t *testing.T) {
 	c := etcdtest.NewCluster(t, 3)
 	cli := client(t, c)
 
+	// BatchKeys: a caller that splits its work by store.BatchKeys fits
+	// etcd's defaults, with records of the largest size batched and an
+	// event each.
+	t.Run("BatchKeys", func(t *testing.T) {
+		b := open(t, Options{Client: cli, Prefix: prefix(t)})
+		defer b.Close()
+		n := store.BatchKeys(b, 2)
+		if n < 16 || n >= DefaultMaxTxnOps/2 {
+			t.Fatalf("BatchKeys(etcd's defaults, 2) = %d", n)
+		}
+		keys := make([]string, n)
+		for i := range keys {
+			keys[i] = fmt.Sprintf("b%04d", i)
+		}
+		rec := bytes.Repeat([]byte{'r'}, 20<<10)
+		err := b.UpdateEachEmit(store.BucketAPIKeys, keys, func(string, []byte) ([]byte, [][]byte, error) {
+			return rec, [][]byte{[]byte("revoked")}, nil
+		})
+		if err != nil {
+			t.Fatalf("a transaction of BatchKeys = %d keys of 20 KiB, an event each: %v", n, err)
+		}
+	})
+
 	t.Run("TooLarge", func(t *testing.T) {
 		keys := func(n int) []string {
 			out := make([]string, n)

@@ -549,6 +549,9 @@ func (n *Node) FreshAt() time.Time {
 	return time.Time{}
 }
 
+// TxLimits are the cluster's limits of one transaction (store.TxLimiter).
+func (n *Node) TxLimits() (ops, bytes int) { return n.w.TxLimits() }
+
 // Staleness is the bound past which reads are refused.
 func (n *Node) Staleness() time.Duration { return n.o.Staleness }
 
