@@ -33,7 +33,7 @@ type fleetNode struct {
 // startFleet starts n keywardd processes on the etcd cluster c, sharing
 // one SoftHSM2 token, one after the other; configure (if not nil) changes
 // each one's store.etcd.
-func startFleet(t *testing.T, c *etcdtest.Cluster, n int, configure func(*daemon.EtcdConfig)) []*fleetNode {
+func startFleet(t testing.TB, c *etcdtest.Cluster, n int, configure func(*daemon.EtcdConfig)) []*fleetNode {
 	t.Helper()
 	bin := daemontest.Build(t)
 	tok := softhsmtest.New(t)
@@ -54,7 +54,7 @@ func startFleet(t *testing.T, c *etcdtest.Cluster, n int, configure func(*daemon
 }
 
 // start starts (or starts again) the node's process, and connects to it.
-func (n *fleetNode) start(t *testing.T) {
+func (n *fleetNode) start(t testing.TB) {
 	t.Helper()
 	n.proc = daemontest.Exec(t, n.bin, n.files)
 	cl, err := client.Dial(n.files.Socket)
@@ -66,7 +66,7 @@ func (n *fleetNode) start(t *testing.T) {
 }
 
 // leader waits for exactly one node of n to say it leads, and returns it.
-func leader(t *testing.T, n []*fleetNode) *fleetNode {
+func leader(t testing.TB, n []*fleetNode) *fleetNode {
 	t.Helper()
 	var found *fleetNode
 	within(t, "not exactly one node leads the fleet", func() (bool, string) {
@@ -108,7 +108,7 @@ bindings:
 }
 
 // within waits up to 10 s for cond, and says how long it took.
-func within(t *testing.T, what string, cond func() (bool, string)) time.Duration {
+func within(t testing.TB, what string, cond func() (bool, string)) time.Duration {
 	t.Helper()
 	start := time.Now()
 	for {
