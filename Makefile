@@ -8,7 +8,7 @@ RUN_DIR   ?= .run
 BENCHTIME ?= 1s
 PKGS      := ./...
 
-.PHONY: all build run hsm-check test bench profile lint generate generate-check deps fuzz clean
+.PHONY: all build run fleet hsm-check test bench profile lint generate generate-check deps fuzz clean
 
 all: build
 
@@ -38,6 +38,11 @@ build:
 run: deps build
 	@echo "starting keywardd --dev (Ctrl-C stops it and removes its directory); the CLI is ./bin/keyward"
 	@PATH="$(CURDIR)/bin:$$PATH" ./bin/keywardd --dev
+
+## fleet: three keywardd nodes on a 3-member etcd cluster and one throw-away token; prints what to try (docs/fleet.md)
+fleet: deps build
+	@echo "starting a fleet (Ctrl-C stops it and removes its directory)"
+	@$(GO) run ./softhsm-test/fleet -bin bin -dir $(RUN_DIR)/fleet
 
 ## hsm-check: make a throw-away token in .run/ and check the HSM layer on it
 hsm-check: deps build

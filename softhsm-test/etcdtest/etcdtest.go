@@ -19,8 +19,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -64,7 +66,7 @@ type Config struct {
 // start. Its methods are safe for concurrent use, and fail the test that
 // made it (with t.Fatal, so call them from the test's goroutine).
 type Cluster struct {
-	t      testing.TB
+	t      TB
 	cfg    Config
 	logger *zap.Logger
 
@@ -90,14 +92,14 @@ const startTimeout = 20 * time.Second
 // NewCluster starts an n-member cluster with etcd's defaults (automatic
 // compaction off) and waits until it has a leader. It stops every member
 // when t ends.
-func NewCluster(t testing.TB, n int) *Cluster {
+func NewCluster(t TB, n int) *Cluster {
 	t.Helper()
 	return New(t, Config{Members: n})
 }
 
 // New starts a cluster as cfg says and waits until it has a leader; it
 // stops every member when t ends.
-func New(t testing.TB, cfg Config) *Cluster {
+func New(t TB, cfg Config) *Cluster {
 	t.Helper()
 	if cfg.Members < 1 {
 		t.Fatalf("etcdtest: a cluster needs at least one member, not %d", cfg.Members)
@@ -207,6 +209,75 @@ func (c *Cluster) embedConfig(m *member, initialCluster string) *embed.Config {
 	return cfg
 }
 
+// TB is what a cluster needs of the test that runs it: testing.TB has it,
+// and a program that runs a cluster (make fleet) uses a Program.
+type TB interface {
+	Helper()
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+	Log(args ...any)
+	TempDir() string
+	Cleanup(func())
+}
+
+var _ TB = testing.TB(nil)
+
+// Program is a TB for a program that runs a cluster rather than a test:
+// etcd's warnings go to Out; a failure is printed to Out and standard
+// error and exits the program (after Close); each TempDir is a new
+// directory under Dir; what Cleanup is given runs at Close, last first.
+type Program struct {
+	Dir string
+	Out io.Writer
+
+	mu       sync.Mutex
+	dirs     int
+	cleanups []func()
+}
+
+func (p *Program) Helper() {}
+
+func (p *Program) Fatal(args ...any) {
+	fmt.Fprintln(p.Out, args...)
+	if p.Out != os.Stderr {
+		fmt.Fprintln(os.Stderr, args...)
+	}
+	p.Close()
+	os.Exit(1)
+}
+
+func (p *Program) Fatalf(format string, args ...any) { p.Fatal(fmt.Sprintf(format, args...)) }
+
+func (p *Program) Log(args ...any) { fmt.Fprintln(p.Out, args...) }
+
+func (p *Program) TempDir() string {
+	p.mu.Lock()
+	p.dirs++
+	dir := filepath.Join(p.Dir, fmt.Sprintf("etcd-%d", p.dirs))
+	p.mu.Unlock()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		p.Fatal(err)
+	}
+	return dir
+}
+
+func (p *Program) Cleanup(fn func()) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.cleanups = append(p.cleanups, fn)
+}
+
+// Close runs what Cleanup was given, last first.
+func (p *Program) Close() {
+	p.mu.Lock()
+	fns := p.cleanups
+	p.cleanups = nil
+	p.mu.Unlock()
+	for i := len(fns) - 1; i >= 0; i-- {
+		fns[i]()
+	}
+}
+
 // freePorts asks the kernel for n loopback ports that are free now.
 func freePorts(n int) ([]string, error) {
 	ports := make([]string, 0, n)
@@ -258,7 +329,7 @@ func (c *Cluster) ClientConfig(endpoints ...string) clientv3.Config {
 
 // Client is a client of the given endpoints (every member's if none),
 // configured as ClientConfig says, closed when t ends.
-func (c *Cluster) Client(t testing.TB, endpoints ...string) *clientv3.Client {
+func (c *Cluster) Client(t TB, endpoints ...string) *clientv3.Client {
 	t.Helper()
 	cli, err := clientv3.New(c.ClientConfig(endpoints...))
 	if err != nil {
@@ -512,7 +583,7 @@ func (c *Cluster) closeAll() {
 // testLogger sends etcd's warnings and errors to t's log (shown when the
 // test fails), and drops what is logged once t has ended: a server's
 // goroutine may log after its Close returned, and t panics then.
-func testLogger(t testing.TB) *zap.Logger {
+func testLogger(t TB) *zap.Logger {
 	w := &testWriter{t: t}
 	t.Cleanup(w.end)
 	enc := zap.NewDevelopmentEncoderConfig()
@@ -539,7 +610,7 @@ func (q quietCore) With(fields []zapcore.Field) zapcore.Core {
 
 // testWriter writes to t's log until end is called.
 type testWriter struct {
-	t     testing.TB
+	t     TB
 	mu    sync.Mutex
 	ended bool
 }
