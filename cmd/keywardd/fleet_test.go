@@ -32,8 +32,8 @@ type fleetNode struct {
 
 // startFleet starts n keywardd processes on the etcd cluster c, sharing
 // one SoftHSM2 token, one after the other; configure (if not nil) changes
-// each one's store.etcd.
-func startFleet(t testing.TB, c *etcdtest.Cluster, n int, configure func(*daemon.EtcdConfig)) []*fleetNode {
+// node i's store.etcd.
+func startFleet(t testing.TB, c *etcdtest.Cluster, n int, configure func(i int, e *daemon.EtcdConfig)) []*fleetNode {
 	t.Helper()
 	bin := daemontest.Build(t)
 	tok := softhsmtest.New(t)
@@ -43,7 +43,7 @@ func startFleet(t testing.TB, c *etcdtest.Cluster, n int, configure func(*daemon
 		f := daemontest.NewFiles(t, daemontest.SharedToken(tok), daemontest.Policy(fleetPolicy()), daemontest.Configure(func(cfg *daemon.Config) {
 			cfg.Store.Etcd = &daemon.EtcdConfig{Endpoints: c.Endpoints(), Prefix: "/keyward-fleet"}
 			if configure != nil {
-				configure(cfg.Store.Etcd)
+				configure(i, cfg.Store.Etcd)
 			}
 			cfg.Node = name
 		}))
@@ -260,7 +260,7 @@ func TestFleet(t *testing.T) {
 func TestFleetFaults(t *testing.T) {
 	c := etcdtest.NewCluster(t, 3)
 	const bound = 3 * time.Second
-	n := startFleet(t, c, 3, func(e *daemon.EtcdConfig) {
+	n := startFleet(t, c, 3, func(_ int, e *daemon.EtcdConfig) {
 		e.Staleness = bound
 		e.LeaderTTL = 2 * time.Second
 		e.Timeout = 2 * time.Second
@@ -335,4 +335,65 @@ func TestFleetFaults(t *testing.T) {
 			return err == nil && code == keywardv1.APIKeyCode_API_KEY_CODE_VALID, fmt.Sprint(code, err)
 		})
 	}
+}
+
+// TestFleetPartition: a node cut off from etcd (the one member it knows
+// stopped; the cluster keeps its quorum) goes on accepting a key revoked
+// elsewhere for at most the staleness bound, then refuses every call; once
+// it reaches etcd again it catches up and refuses the key as REVOKED.
+func TestFleetPartition(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	const bound = 3 * time.Second
+	n := startFleet(t, c, 2, func(i int, e *daemon.EtcdConfig) {
+		e.Staleness = bound
+		e.Timeout = time.Second
+		if i == 1 {
+			e.Endpoints = c.Endpoints()[2:] // node 2 knows member 2 only
+		}
+	})
+	ctx := context.Background()
+	k, err := n[0].APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "p", Environment: "prod", Permissions: []string{"orders:read"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	verify := func() (keywardv1.APIKeyCode, error) {
+		v, err := n[1].APIKeys.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: k.Secret, Environment: "prod", Permissions: []string{"orders:read"}})
+		return v.GetCode(), err
+	}
+	within(t, "node 2 does not know the key", func() (bool, string) {
+		code, err := verify()
+		return code == keywardv1.APIKeyCode_API_KEY_CODE_VALID, fmt.Sprint(code, err)
+	})
+	cut := time.Now()
+	c.Kill(2)
+	// Node 1's client may have been on the killed member: a write fails
+	// UNAVAILABLE until it moves to another, and is tried again.
+	within(t, "node 1 cannot revoke with one member of three down", func() (bool, string) {
+		_, err := n[0].APIKeys.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: k.Key.Id})
+		return err == nil, fmt.Sprint(err)
+	})
+	t.Logf("the revocation on node 1 returned %v after the member was killed", time.Since(cut).Round(time.Millisecond))
+	var last error
+	within(t, "the cut-off node never refused", func() (bool, string) {
+		time.Sleep(20 * time.Millisecond) // within the key's rate limit
+		code, err := verify()
+		if err == nil && code != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
+			t.Fatalf("the cut-off node answered %v: it cannot know of the revocation", code)
+		}
+		last = err
+		return err != nil, fmt.Sprint(code)
+	})
+	served := time.Since(cut)
+	t.Logf("the cut-off node served %v after it was cut off (bound %v), then: %v", served.Round(time.Millisecond), bound, last)
+	if served > bound+2*time.Second {
+		t.Errorf("the cut-off node served %v after it was cut off, a revoked key among its answers; the bound is %v", served, bound)
+	}
+	if status.Code(last) != codes.Unavailable {
+		t.Errorf("past the bound: %v, want UNAVAILABLE", last)
+	}
+	c.Start(2)
+	within(t, "the node, back in touch, does not refuse the revoked key", func() (bool, string) {
+		code, err := verify()
+		return err == nil && code == keywardv1.APIKeyCode_API_KEY_CODE_REVOKED, fmt.Sprint(code, err)
+	})
 }
