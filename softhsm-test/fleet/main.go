@@ -10,10 +10,10 @@ package main
 
 import (
 	"context"
-	"io"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
