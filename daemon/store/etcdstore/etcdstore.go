@@ -427,9 +427,15 @@ func (b *Backend) updateEachEmit(bucket string, keys []string, fn func(key strin
 	defer b.wmu.Unlock()
 	ctx, cancel := b.ctx()
 	defer cancel()
-	mu, err := b.lock(ctx)
-	if err != nil {
-		return 0, err
+	var mu *concurrency.Mutex
+	for pause := retryPause; ; pause = min(2*pause, maxRetryPause) {
+		var err error
+		if mu, err = b.lock(ctx); err == nil {
+			break
+		}
+		if !b.transient(ctx, err, pause) {
+			return 0, err
+		}
 	}
 	defer func() {
 		// Within the write's own deadline. If the lock cannot be let go,
@@ -521,9 +527,16 @@ func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket strin
 			uniq = append(uniq, k)
 		}
 	}
-	m, err := b.read(ctx, bucket, uniq, cur)
-	if err != nil {
-		return 0, err
+	var m meta
+	for pause := retryPause; ; pause = min(2*pause, maxRetryPause) {
+		var err error
+		clear(cur) // what a failed try read
+		if m, err = b.read(ctx, bucket, uniq, cur); err == nil {
+			break
+		}
+		if !b.transient(ctx, err, pause) {
+			return 0, err
+		}
 	}
 	// fn, once per key in order.
 	var events [][]byte
@@ -562,18 +575,105 @@ func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket strin
 	if n := len(ops) + 1; n > b.o.MaxTxnOps || size > b.o.MaxRequestBytes {
 		return 0, fmt.Errorf("%w: %d operations, about %d bytes; etcd takes %d operations and %d bytes in one transaction", store.ErrTooLarge, n, size, b.o.MaxTxnOps, b.o.MaxRequestBytes)
 	}
-	resp, err := b.cli.Txn(ctx).If(mu.IsOwner()).Then(ops...).Commit()
+	rev, err := b.commit(ctx, mu, ops, m)
 	if err != nil {
-		return 0, mapErr(err)
-	}
-	if !resp.Succeeded {
-		b.dropSession()
-		return 0, fmt.Errorf("%w: the write lock was lost before the commit (this node's etcd session ended); nothing was written", store.ErrUnavailable)
+		return 0, err
 	}
 	if m.writes > b.writes.Load() {
 		b.writes.Store(m.writes)
 	}
-	return resp.Header.Revision, nil
+	return rev, nil
+}
+
+// commit commits ops, guarded by the lock's ownership, and returns the
+// commit's revision. A commit whose answer was lost (the connection to a
+// member broke, a leader changed) is looked up rather than given up: while
+// this node holds the lock nobody else writes, so the meta record says
+// whether it was applied (its write count is m's), and one that was not is
+// sent again, until the call's deadline.
+func (b *Backend) commit(ctx context.Context, mu *concurrency.Mutex, ops []clientv3.Op, m meta) (int64, error) {
+	for pause := retryPause; ; pause = min(2*pause, maxRetryPause) {
+		resp, err := b.cli.Txn(ctx).If(mu.IsOwner()).Then(ops...).Commit()
+		if err == nil {
+			if !resp.Succeeded {
+				b.dropSession()
+				return 0, fmt.Errorf("%w: the write lock was lost before the commit (this node's etcd session ended); nothing was written", store.ErrUnavailable)
+			}
+			return resp.Header.Revision, nil
+		}
+		if !b.transient(ctx, err, pause) {
+			return 0, mapErr(err)
+		}
+		for {
+			rev, applied, lerr := b.applied(ctx, mu, m)
+			if lerr == nil && applied {
+				return rev, nil
+			}
+			if lerr == nil {
+				break // not applied, and the lock is still ours: send it again
+			}
+			if errors.Is(lerr, store.ErrDamaged) {
+				return 0, lerr
+			}
+			if !b.transient(ctx, lerr, pause) {
+				return 0, fmt.Errorf("%w: the commit's answer was lost and whether it was applied cannot be told: %v", store.ErrUnavailable, mapErr(lerr))
+			}
+		}
+	}
+}
+
+// Pauses between tries of a request that failed on the way (a connection
+// to a member broke, an election): within the call's deadline.
+const (
+	retryPause    = 20 * time.Millisecond
+	maxRetryPause = 500 * time.Millisecond
+)
+
+// transient reports whether err may pass by trying again (etcd unavailable,
+// not the call's deadline), after a pause, if ctx leaves time for it.
+func (b *Backend) transient(ctx context.Context, err error, pause time.Duration) bool {
+	if ctx.Err() != nil || !errors.Is(mapErr(err), store.ErrUnavailable) || errors.Is(err, rpctypes.ErrNoSpace) {
+		return false
+	}
+	if d, ok := ctx.Deadline(); ok && time.Until(d) < pause {
+		return false
+	}
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(pause):
+		return true
+	}
+}
+
+// errLockLost: the lock was no longer this node's when the commit was
+// looked up, so whether it was applied cannot be told.
+var errLockLost = errors.New("the write lock was lost")
+
+// applied looks up whether the commit of m was applied, reading the meta
+// record only while the lock is still this node's (one transaction): its
+// write count is then m's if and only if it was.
+func (b *Backend) applied(ctx context.Context, mu *concurrency.Mutex, m meta) (int64, bool, error) {
+	resp, err := b.cli.Txn(ctx).If(mu.IsOwner()).Then(clientv3.OpGet(b.metaKey())).Commit()
+	if err != nil {
+		return 0, false, err
+	}
+	if !resp.Succeeded {
+		b.dropSession()
+		return 0, false, errLockLost
+	}
+	kvs := resp.Responses[0].GetResponseRange().Kvs
+	got, err := b.openMeta(kvs)
+	if err != nil {
+		return 0, false, err
+	}
+	switch got.writes {
+	case m.writes:
+		return kvs[0].ModRevision, true, nil
+	case m.writes - 1:
+		return 0, false, nil
+	}
+	return 0, false, b.fail(fmt.Errorf("%w: the meta record holds write %d under this node's lock, which is writing %d", store.ErrDamaged, got.writes, m.writes))
 }
 
 // read reads the meta record and the records of keys into cur (absent:

@@ -414,3 +414,54 @@ func TestMetaDeleted(t *testing.T) {
 		t.Fatalf("Open with the meta record gone: %v, want ErrDamaged", err)
 	}
 }
+
+// TestMemberDown: writes go on while members of three go down one at a
+// time (the one the client talks to among them, and the leader): a write
+// whose connection broke is tried again within its deadline, and a
+// commit whose answer was lost is looked up, not applied twice.
+func TestMemberDown(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	b := open(t, Options{Client: client(t, c), Prefix: prefix(t)})
+	defer b.Close()
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	var ok, failed int
+	var lastErr error
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			err := b.Update(store.BucketKeys, "n", func(old []byte) ([]byte, error) {
+				n, _ := strconv.Atoi(string(old))
+				return []byte(strconv.Itoa(n + 1)), nil
+			})
+			if err != nil {
+				failed++
+				lastErr = err
+			} else {
+				ok++
+			}
+		}
+	}()
+	for i := range 3 {
+		time.Sleep(300 * time.Millisecond)
+		c.Kill(i)
+		time.Sleep(1500 * time.Millisecond)
+		c.Start(i)
+	}
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	<-done
+	t.Logf("%d writes, %d failed (last: %v)", ok+failed, failed, lastErr)
+	if failed > 0 {
+		t.Errorf("%d of %d writes failed with one member of three down at a time: %v", failed, ok+failed, lastErr)
+	}
+	rec, err := b.Get(store.BucketKeys, "n")
+	if err != nil || string(rec) != strconv.Itoa(ok) {
+		t.Errorf("n = %q after %d writes that returned nil (%v): a commit applied twice, or lost", rec, ok, err)
+	}
+}
