@@ -223,10 +223,15 @@ func (d *daemonParts) newKeys(ctx context.Context) (err error) {
 	// made, so that none falls between the load and the feed.
 	revoked := tokens.NewRevoked(d.st, d.o.Now)
 	d.feed.on(store.BucketRevokedTokens, func(c []etcdstore.Change) {
-		if c == nil { // the local copy was reloaded
+		if c == nil { // the local copy was reloaded: read them all again (not from this goroutine)
 			go func() {
-				if err := revoked.Load(); err != nil {
-					d.log.Error("reading the revoked tokens again after the fleet's state was reloaded", "error", err)
+				for pause := 100 * time.Millisecond; ; pause = min(2*pause, 5*time.Second) {
+					err := revoked.Load()
+					if err == nil || errors.Is(err, store.ErrClosed) {
+						return
+					}
+					d.log.Warn("reading the revoked tokens again after the fleet's state was reloaded; trying again", "error", err, "after", pause.String())
+					time.Sleep(pause)
 				}
 			}()
 			return

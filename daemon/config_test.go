@@ -69,16 +69,23 @@ func TestDocumentedConfig(t *testing.T) {
 func TestConfigRefusals(t *testing.T) {
 	base := "socket: {path: /run/k/k.sock}\ndata_dir: /var/lib/k\npolicy_file: /etc/k/policy.yaml\n"
 	for extra, want := range map[string]string{
-		"rotation: {keys: [{match: \"x-*\", policy: weekly}]}":         `no policy "weekly"`,
-		"rotation: {api_keys: [{policy: high, action: rotate}]}":       `action "rotate"`,
-		"rotation: {policies: {high: {every: 1h}}}":                    "built in",
-		"anomaly: {enabled: true, factor: 1}":                          "anomaly.factor",
-		"anomaly: {disable: [everything]}":                             "anomaly.disable",
-		"dynamic_limits: {tighten: 2}":                                 "dynamic_limits.tighten",
-		"dynamic_limits: {cpu: 3}":                                     "dynamic_limits.cpu",
-		"rotation: {keys: [{match: \"x-*\", policy: high, extra: 1}]}": "extra",
-		"connections: {idle_timeout: -1s}":                             "connections: timeouts must not be negative",
-		"connections: {idle: 1m}":                                      "field idle not found",
+		"rotation: {keys: [{match: \"x-*\", policy: weekly}]}":                `no policy "weekly"`,
+		"rotation: {api_keys: [{policy: high, action: rotate}]}":              `action "rotate"`,
+		"rotation: {policies: {high: {every: 1h}}}":                           "built in",
+		"anomaly: {enabled: true, factor: 1}":                                 "anomaly.factor",
+		"anomaly: {disable: [everything]}":                                    "anomaly.disable",
+		"dynamic_limits: {tighten: 2}":                                        "dynamic_limits.tighten",
+		"dynamic_limits: {cpu: 3}":                                            "dynamic_limits.cpu",
+		"rotation: {keys: [{match: \"x-*\", policy: high, extra: 1}]}":        "extra",
+		"connections: {idle_timeout: -1s}":                                    "connections: timeouts must not be negative",
+		"connections: {idle: 1m}":                                             "field idle not found",
+		"store: {etcd: {prefix: /k}}":                                         "store.etcd.endpoints: name the etcd cluster",
+		"store: {etcd: {endpoints: [http://etcd-1:2379]}}":                    "plain HTTP to another host",
+		"store: {etcd: {endpoints: [etcd-1:2379]}}":                           "is not a URL",
+		"store: {etcd: {endpoints: [https://a:2379, http://127.0.0.1:2379]}}": "all https:// or all http://",
+		"store: {etcd: {endpoints: [https://a:2379], prefix: keyward/}}":      "store.etcd.prefix",
+		"store: {etcd: {endpoints: [https://a:2379], leader_ttl: 1s}}":        "store.etcd.leader_ttl",
+		"store: {etcd: {endpoints: [https://a:2379], tls: {cert: /c.pem}}}":   "cert and key go together",
 	} {
 		path := filepath.Join(t.TempDir(), "keywardd.yaml")
 		os.WriteFile(path, []byte(base+extra+"\n"), 0o600)
@@ -165,5 +172,33 @@ func TestInstallFiles(t *testing.T) {
 		if err := p.Allow(c.sub, c.op, c.key); (err == nil) != c.ok {
 			t.Errorf("%+v %s on %s: %v, want allowed %v", c.sub, c.op, c.key, err, c.ok)
 		}
+	}
+}
+
+// TestFleetDocConfig: the store.etcd example of docs/fleet.md is read
+// strictly and means what it says.
+func TestFleetDocConfig(t *testing.T) {
+	b, err := os.ReadFile("../docs/fleet.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(b), "## Running a fleet")
+	if !ok {
+		t.Fatal("fleet.md has no Running a fleet section")
+	}
+	_, rest, _ = strings.Cut(rest, "```yaml\n")
+	yaml, _, ok := strings.Cut(rest, "```")
+	if !ok {
+		t.Fatal("no yaml block in fleet.md's Running a fleet section")
+	}
+	path := filepath.Join(t.TempDir(), "keywardd.yaml")
+	os.WriteFile(path, []byte("socket: {path: /run/k/k.sock}\ndata_dir: /var/lib/k\npolicy_file: /etc/k/policy.yaml\n"+yaml), 0o600)
+	cfg, err := daemon.LoadConfig(path)
+	if err != nil {
+		t.Fatalf("fleet.md's configuration: %v", err)
+	}
+	e := cfg.Store.Etcd
+	if e == nil || len(e.Endpoints) != 3 || e.Prefix != "/keyward" || e.Staleness != 30*time.Second || e.LeaderTTL != 10*time.Second || e.TLS.CA == "" || cfg.Node != "web-1" {
+		t.Errorf("store.etcd: %+v, node %q", e, cfg.Node)
 	}
 }

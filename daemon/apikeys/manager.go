@@ -408,6 +408,18 @@ func (m *Manager) CreateMany(ctx context.Context, specs []Spec) (secrets []strin
 // appends them. The caller computes the MACs before it takes m.mu: no HSM
 // call holds it. Hints are never removed: two secrets may share one.
 func (m *Manager) addSecrets(recs []*Record, secrets []string, macs [][]byte, now time.Time) error {
+	if err := m.indexSecrets(recs, secrets, macs); err != nil {
+		return err
+	}
+	for i, rec := range recs {
+		rec.Secrets = append(rec.Secrets, Secret{MAC: macs[i], Created: now})
+	}
+	return nil
+}
+
+// indexSecrets writes the hints of new secrets and indexes their MACs,
+// before any record names them.
+func (m *Manager) indexSecrets(recs []*Record, secrets []string, macs [][]byte) error {
 	hints := make([]string, len(secrets))
 	for i, s := range secrets {
 		hints[i] = m.hint(s)
@@ -420,18 +432,12 @@ func (m *Manager) addSecrets(recs []*Record, secrets []string, macs [][]byte, no
 	for i, rec := range recs {
 		refs[hex.EncodeToString(macs[i])], _ = json.Marshal(secretRef{ID: rec.ID, Secret: len(rec.Secrets)})
 	}
-	if err := m.store.UpdateEach(store.BucketAPIKeyMACs, slices.Sorted(maps.Keys(refs)), func(k string, old []byte) ([]byte, error) {
+	return m.store.UpdateEach(store.BucketAPIKeyMACs, slices.Sorted(maps.Keys(refs)), func(k string, old []byte) ([]byte, error) {
 		if old != nil {
 			return nil, errors.New("apikeys: a secret's MAC is indexed already") // 256 random bits: never
 		}
 		return refs[k], nil
-	}); err != nil {
-		return err
-	}
-	for i, rec := range recs {
-		rec.Secrets = append(rec.Secrets, Secret{MAC: macs[i], Created: now})
-	}
-	return nil
+	})
 }
 
 // cachedLoad is load through the record cache, for Verify; m.mu held. It
@@ -786,18 +792,34 @@ func (m *Manager) flushQuotaBatch(ids []string) error {
 // change applies fn to a key's record and saves it. It counts from the very
 // next verify: save drops the record from the record cache, and the digest
 // cache only points at it.
+//
+// fn runs in the store's transaction, on the record as the store holds it
+// then: in a fleet, a change made on another node a moment before (a
+// revocation) is what fn sees, not undone by a copy read earlier.
 func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
-	rec, err := m.load(id)
+	if !idForm.MatchString(id) {
+		return nil, fmt.Errorf("%w: not a key ID (ak_ and 24 hex digits; the ID, never the key itself)", ErrInvalid)
+	}
+	m.forget(id)
+	var rec *Record
+	err := m.store.Update(store.BucketAPIKeys, id, func(old []byte) ([]byte, error) {
+		if old == nil {
+			return nil, fmt.Errorf("%w: %q", ErrNotFound, id)
+		}
+		r, err := decode(id, old)
+		if err != nil {
+			return nil, err
+		}
+		if q := m.quotas[id]; q != nil {
+			r.Quota = q
+		}
+		if err := fn(r); err != nil {
+			return nil, err
+		}
+		rec = r
+		return json.Marshal(r)
+	})
 	if err != nil {
-		return nil, err
-	}
-	if q := m.quotas[id]; q != nil {
-		rec.Quota = q
-	}
-	if err := fn(rec); err != nil {
-		return nil, err
-	}
-	if err := m.save(rec); err != nil {
 		return nil, err
 	}
 	delete(m.quotas, id) // saved with the record
@@ -1140,6 +1162,12 @@ func (m *Manager) Rotate(ctx context.Context, id string, overlap time.Duration) 
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	now := m.now().UTC()
+	// The new secret's hint and index first (a change's function may not
+	// write to the store); an index entry whose record never names it
+	// finds nothing.
+	if err := m.indexSecrets([]*Record{{ID: id}}, []string{secret}, [][]byte{mac}); err != nil {
+		return "", nil, err
+	}
 	var pruned []string
 	rec, err := m.change(id, func(r *Record) error {
 		if r.State == StateRevoked {
@@ -1174,8 +1202,8 @@ func (m *Manager) Rotate(ctx context.Context, id string, overlap time.Duration) 
 			pruned = append(pruned, hex.EncodeToString(kept[i].MAC))
 			kept = slices.Delete(kept, i, i+1)
 		}
-		r.Secrets = kept
-		return m.addSecrets([]*Record{r}, []string{secret}, [][]byte{mac}, now)
+		r.Secrets = append(kept, Secret{MAC: mac, Created: now})
+		return nil
 	})
 	if err != nil {
 		return "", nil, err

@@ -78,7 +78,15 @@ type Node struct {
 
 	active  atomic.Int32 // which of copyKV readers use
 	applied atomic.Int64 // every event up to it is in the file
-	freshAt atomic.Int64 // unix nanoseconds when the copy was last known current
+	// freshAt is when the copy was last known current, as nanoseconds
+	// since base plus one (0: never): on the monotonic clock, so that a
+	// wall clock set back serves a stale copy no longer.
+	base    time.Time
+	freshAt atomic.Int64
+	// rewound is set when etcd's revision is found below the copy's (etcd
+	// restored from an older snapshot): the copy is of another history,
+	// and is loaded again.
+	rewound atomic.Bool
 	writes  atomic.Uint64
 	failed  atomic.Pointer[error]
 
@@ -119,7 +127,7 @@ func OpenNode(o NodeOptions) (*Node, error) {
 		return nil, fmt.Errorf("etcdstore: the local copy %s: %w", o.Path, err)
 	}
 	o.Options = w.o // with its defaults
-	n := &Node{o: o, w: w, db: db, seal: w.seal, prefix: o.Prefix + "/"}
+	n := &Node{o: o, w: w, db: db, seal: w.seal, prefix: o.Prefix + "/", base: time.Now()}
 	n.advance = sync.NewCond(&n.amu)
 	ctx, stop := context.WithCancel(context.Background())
 	n.stop = stop
@@ -166,22 +174,27 @@ func (n *Node) start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
 	}
-	if rev == 0 || prefix != n.o.Prefix || cluster != n.clusterID(ctx) {
+	id, now := n.clusterID(ctx)
+	if now < rev && id == cluster {
+		n.o.Logger.Warn("etcd is at an older revision than the local copy (restored from an older snapshot?): loading the copy again", "etcd", now, "copy", rev)
+	}
+	if rev == 0 || prefix != n.o.Prefix || id != cluster || now < rev {
 		return n.reload(ctx)
 	}
 	n.setApplied(rev)
 	return n.loadWrites()
 }
 
-// clusterID is the etcd cluster's ID (0 if it cannot be read: a reload).
-func (n *Node) clusterID(ctx context.Context) uint64 {
+// clusterID is the etcd cluster's ID and its current revision, read
+// linearizably (0, 0 if they cannot be read: a reload, which says why).
+func (n *Node) clusterID(ctx context.Context) (id uint64, rev int64) {
 	ctx, cancel := context.WithTimeout(ctx, n.o.Timeout)
 	defer cancel()
 	resp, err := n.w.cli.Get(clientv3.WithRequireLeader(ctx), n.w.metaKey(), clientv3.WithCountOnly())
 	if err != nil {
-		return 0
+		return 0, 0
 	}
-	return resp.Header.ClusterId
+	return resp.Header.ClusterId, resp.Header.Revision
 }
 
 // reload reads every record under the prefix at one revision, page by
@@ -202,6 +215,9 @@ func (n *Node) reload(ctx context.Context) error {
 		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
 	}
 	from, end := n.prefix, clientv3.GetPrefixRangeEnd(n.prefix)
+	// The first page is a linearizable read: the copy is current as of
+	// the moment it was asked for.
+	asked := time.Now()
 	var rev int64
 	var cluster uint64
 	records := 0
@@ -262,13 +278,16 @@ func (n *Node) reload(ctx context.Context) error {
 		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
 	}
 	n.active.Store(next)
+	n.rewound.Store(false)
+	n.writes.Store(0) // the new copy's meta says (loadWrites)
+	n.markFresh(asked)
 	n.o.Logger.Info("the local copy was loaded from etcd", "records", records, "revision", rev)
 	if n.o.Changed != nil {
 		for _, b := range store.Buckets() {
 			n.o.Changed(b, nil)
 		}
 	}
-	n.setApplied(rev)
+	n.resetApplied(rev)
 	return n.loadWrites()
 }
 
@@ -327,14 +346,28 @@ func (n *Node) setApplied(rev int64) {
 	n.advance.Broadcast()
 }
 
+// resetApplied sets the copy's revision to rev, even below what it was
+// (a reload of a history etcd rewound).
+func (n *Node) resetApplied(rev int64) {
+	n.amu.Lock()
+	n.applied.Store(rev)
+	n.amu.Unlock()
+	n.advance.Broadcast()
+}
+
+// EtcdWrites is the fleet's write count as etcd had it when the node was
+// opened (or at its last write): what the audit log's count is checked
+// against, the copy's own being possibly of a history etcd lost.
+func (n *Node) EtcdWrites() uint64 { return n.w.Writes() }
+
 // waitApplied waits until the copy reflects rev, or d passed.
 func (n *Node) waitApplied(rev int64, d time.Duration) bool {
 	if n.applied.Load() >= rev {
 		return true
 	}
+	deadline := time.Now().Add(d) // before the timer: its wake-up is past it
 	t := time.AfterFunc(d, n.advance.Broadcast)
 	defer t.Stop()
-	deadline := time.Now().Add(d)
 	n.amu.Lock()
 	defer n.amu.Unlock()
 	for n.applied.Load() < rev {
@@ -357,8 +390,8 @@ func (n *Node) follow(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		if errors.Is(err, errCompacted) {
-			n.o.Logger.Warn("etcd compacted the history the local copy needs; reloading", "revision", n.applied.Load())
+		if errors.Is(err, errCompacted) || n.rewound.Load() {
+			n.o.Logger.Warn("etcd compacted the history the local copy needs, or is behind it; reloading", "revision", n.applied.Load())
 			if err = n.reload(ctx); err == nil {
 				backoff = 100 * time.Millisecond
 				continue
@@ -385,7 +418,7 @@ func (n *Node) watch(ctx context.Context) error {
 	defer cancel()
 	watcher := clientv3.NewWatcher(n.w.cli)
 	defer watcher.Close()
-	n.progress.Store(&progressor{watcher, wctx})
+	n.progress.Store(&progressor{watcher, wctx, cancel})
 	defer n.progress.Store(nil)
 	ch := watcher.Watch(wctx, n.prefix, clientv3.WithPrefix(), clientv3.WithRev(n.applied.Load()+1))
 	for resp := range ch {
@@ -480,8 +513,9 @@ func (n *Node) apply(resp clientv3.WatchResponse) error {
 // progressor asks a watch's stream for a progress notification: its
 // context's metadata names the stream.
 type progressor struct {
-	w   clientv3.Watcher
-	ctx context.Context
+	w      clientv3.Watcher
+	ctx    context.Context
+	cancel context.CancelFunc // ends the watch
 }
 
 // keepFresh establishes, about every Staleness/10 (at least every second,
@@ -513,6 +547,17 @@ func (n *Node) checkFresh(ctx context.Context) {
 		return
 	}
 	rev := resp.Header.Revision
+	if rev < n.applied.Load() {
+		// etcd is behind the copy: restored from an older snapshot. What
+		// the copy holds past rev is of another history; reload it.
+		n.o.Logger.Error("etcd is at an older revision than the local copy (restored from an older snapshot?): loading the copy again; calls are refused meanwhile", "etcd", rev, "copy", n.applied.Load())
+		n.rewound.Store(true)
+		n.freshAt.Store(0)
+		if p := n.progress.Load(); p != nil {
+			p.cancel()
+		}
+		return
+	}
 	if n.applied.Load() < rev {
 		// Nothing of the prefix may have changed since: the watch says so
 		// when asked.
@@ -523,7 +568,19 @@ func (n *Node) checkFresh(ctx context.Context) {
 			return
 		}
 	}
-	n.freshAt.Store(start.UnixNano())
+	n.markFresh(start)
+}
+
+// markFresh records that the copy was current at t, unless it was known
+// current later already.
+func (n *Node) markFresh(t time.Time) {
+	v := int64(t.Sub(n.base)) + 1
+	for {
+		old := n.freshAt.Load()
+		if old >= v || n.freshAt.CompareAndSwap(old, v) {
+			return
+		}
+	}
 }
 
 // waitFresh waits until the copy was found current, for at most d.
@@ -543,8 +600,8 @@ func (n *Node) waitFresh(d time.Duration) error {
 
 // FreshAt is when the copy was last known current (zero: never).
 func (n *Node) FreshAt() time.Time {
-	if t := n.freshAt.Load(); t != 0 {
-		return time.Unix(0, t)
+	if v := n.freshAt.Load(); v != 0 {
+		return n.base.Add(time.Duration(v - 1)) // with the monotonic reading
 	}
 	return time.Time{}
 }
