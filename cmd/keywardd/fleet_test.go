@@ -302,41 +302,45 @@ func TestFleetFaults(t *testing.T) {
 	}
 
 	// Quorum lost: served from the copy within the bound (the loss takes
-	// about a second: the members stop), writes refused, then every call.
+	// a second or more: the members stop), writes refused, then every
+	// call. What must hold however loaded the machine: no verification is
+	// served once the bound is past (a second's slack for the check's
+	// period); and one is served within it, when the test gets to ask.
 	lost := time.Now()
 	c.LoseQuorum()
-	served := 0
-	if code, err := verify(n[2], k1.Secret); err == nil && code == keywardv1.APIKeyCode_API_KEY_CODE_VALID {
-		served++
-	} else if time.Since(lost) < bound-time.Second {
-		t.Errorf("a verification %v after quorum began to be lost, within the bound: %v, %v", time.Since(lost), code, err)
+	served, asked := 0, 0
+	var last error
+	check := func() bool {
+		code, err := verify(n[2], k1.Secret)
+		if err == nil && code != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
+			t.Fatalf("without quorum: %v", code)
+		}
+		if since := time.Since(lost); err == nil && since > bound+time.Second {
+			t.Errorf("a verification served %v after quorum began to be lost; the bound is %v", since, bound)
+		}
+		if time.Since(lost) < bound-time.Second {
+			asked++
+			if err == nil {
+				served++
+			}
+		}
+		last = err
+		return err != nil
 	}
+	check()
 	if _, err := create(n[2], "no-quorum"); status.Code(err) != codes.Unavailable {
 		t.Errorf("a write without quorum: %v, want UNAVAILABLE", err)
 	}
-	var last error
 	within(t, "verifications never refused without quorum", func() (bool, string) {
 		time.Sleep(20 * time.Millisecond) // within the key's rate limit
-		code, err := verify(n[2], k1.Secret)
-		if err == nil && code != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
-			t.Fatalf("without quorum, within the bound: %v", code)
-		}
-		if err == nil {
-			served++
-		}
-		last = err
-		return err != nil, fmt.Sprint(code)
+		return check(), fmt.Sprint(last)
 	})
-	refusedAfter := time.Since(lost)
-	if served == 0 {
-		t.Errorf("no verification was served from the local copy once quorum was lost (bound %v)", bound)
-	}
-	t.Logf("verifications refused %v after quorum was lost (bound %v): %v", refusedAfter.Round(time.Millisecond), bound, last)
+	t.Logf("verifications refused %v after quorum began to be lost (bound %v): %v", time.Since(lost).Round(time.Millisecond), bound, last)
 	if status.Code(last) != codes.Unavailable || !strings.Contains(last.Error(), "staleness bound") {
 		t.Errorf("a verification past the bound: %v, want UNAVAILABLE naming the staleness bound", last)
 	}
-	if refusedAfter > bound+2*time.Second {
-		t.Errorf("verifications went on %v after quorum was lost; the bound is %v", refusedAfter, bound)
+	if asked > 0 && served == 0 {
+		t.Errorf("no verification was served from the local copy within the bound (%d asked)", asked)
 	}
 	st, err := n[2].Status.GetStatus(ctx, &keywardv1.GetStatusRequest{})
 	if err != nil || !strings.Contains(st.GetStore().GetError(), "staleness bound") {
@@ -394,14 +398,13 @@ func TestFleetPartition(t *testing.T) {
 		if err == nil && code != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
 			t.Fatalf("the cut-off node answered %v: it cannot know of the revocation", code)
 		}
+		if since := time.Since(cut); err == nil && since > bound+time.Second {
+			t.Errorf("the cut-off node accepted a revoked key %v after it was cut off; the bound is %v", since, bound)
+		}
 		last = err
 		return err != nil, fmt.Sprint(code)
 	})
-	served := time.Since(cut)
-	t.Logf("the cut-off node served %v after it was cut off (bound %v), then: %v", served.Round(time.Millisecond), bound, last)
-	if served > bound+2*time.Second {
-		t.Errorf("the cut-off node served %v after it was cut off, a revoked key among its answers; the bound is %v", served, bound)
-	}
+	t.Logf("the cut-off node served until %v after it was cut off (bound %v), then: %v", time.Since(cut).Round(time.Millisecond), bound, last)
 	if status.Code(last) != codes.Unavailable {
 		t.Errorf("past the bound: %v, want UNAVAILABLE", last)
 	}
