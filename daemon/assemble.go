@@ -564,7 +564,9 @@ func ensureKeys(ctx context.Context, km *keys.Manager, specs []keys.Spec) error 
 		} else if !errors.Is(err, keys.ErrNotFound) {
 			return err
 		}
-		if _, err := km.Create(ctx, s); err != nil {
+		// Made meanwhile by another node of a fleet starting at once: the
+		// same key, from the same spec.
+		if _, err := km.Create(ctx, s); err != nil && !errors.Is(err, keys.ErrExists) {
 			return fmt.Errorf("creating key %q: %w", s.Name, err)
 		}
 	}

@@ -214,21 +214,6 @@ func keysOf(changes []etcdstore.Change) []string {
 // one this node acknowledged.
 func openFleetStore(ctx context.Context, cfg *Config, h *hsm.HSM, al *audit.Log, feed *changeFeed, log *slog.Logger) (stateStore, *clientv3.Client, func() error, error) {
 	e := cfg.Store.Etcd
-	key, err := DeriveStoreKey(ctx, h)
-	if errors.Is(err, hsm.ErrKeyNotFound) {
-		// The fleet's first node makes it; a node finding it made since
-		// (ErrKeyExists) derives from the one there.
-		if err = h.CreateKey(ctx, StoreKey, hsm.HMACSHA256); err == nil || errors.Is(err, hsm.ErrKeyExists) {
-			key, err = DeriveStoreKey(ctx, h)
-		}
-	}
-	if err != nil {
-		return nil, nil, nil, fmt.Errorf("the store's key %s: %w", StoreKey, err)
-	}
-	// Known defect (docs/fleet.md, "Not yet"): CreateKey is serialized
-	// within one process only, so nodes making the fleet's first start at
-	// once may each make the key and refuse the two as ambiguous; start
-	// the first node alone.
 	cc, err := e.clientConfig()
 	if err != nil {
 		return nil, nil, nil, err
@@ -236,6 +221,26 @@ func openFleetStore(ctx context.Context, cfg *Config, h *hsm.HSM, al *audit.Log,
 	cli, err := clientv3.New(cc)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("store.etcd: %w", err)
+	}
+	key, err := DeriveStoreKey(ctx, h)
+	if errors.Is(err, hsm.ErrKeyNotFound) {
+		// The fleet's first node makes it, under the fleet's lock of it:
+		// the HSM's own check for a key there is per process, and nodes
+		// making their first start at once would each make one.
+		err = fleetLocked(ctx, cli, e.prefix()+"/locks/"+StoreKey.Name, func() error {
+			if key, err = DeriveStoreKey(ctx, h); !errors.Is(err, hsm.ErrKeyNotFound) {
+				return err // made by another node meanwhile
+			}
+			if err = h.CreateKey(ctx, StoreKey, hsm.HMACSHA256); err != nil && !errors.Is(err, hsm.ErrKeyExists) {
+				return err
+			}
+			key, err = DeriveStoreKey(ctx, h)
+			return err
+		})
+	}
+	if err != nil {
+		cli.Close()
+		return nil, nil, nil, fmt.Errorf("the store's key %s: %w", StoreKey, err)
 	}
 	where := fmt.Sprintf("etcd %s%s", strings.Join(e.Endpoints, ","), e.prefix())
 	n, err := etcdstore.OpenNode(etcdstore.NodeOptions{
@@ -413,4 +418,25 @@ func (d *daemonParts) fleetInfo() func() server.FleetInfo {
 		return server.FleetInfo{Node: d.lead.node, Leader: d.lead.leading.Load(), Revision: fs.Revision(),
 			FreshAt: fs.FreshAt(), Staleness: fs.Staleness()}
 	}
+}
+
+// fleetLocked runs fn under the fleet's lock of key (a concurrency.Mutex
+// on a session of its own), before the node's store is open.
+func fleetLocked(ctx context.Context, cli *clientv3.Client, key string, fn func() error) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	s, err := concurrency.NewSession(cli, concurrency.WithTTL(etcdstore.DefaultSessionTTL), concurrency.WithContext(ctx))
+	if err != nil {
+		return fmt.Errorf("the fleet's lock of %s: %w", key, err)
+	}
+	defer func() {
+		s.Orphan()
+		rctx, cancel := context.WithTimeout(context.Background(), etcdstore.DefaultTimeout)
+		defer cancel()
+		cli.Revoke(rctx, s.Lease()) // the lock with it
+	}()
+	if err := concurrency.NewMutex(s, key).Lock(clientv3.WithRequireLeader(ctx)); err != nil {
+		return fmt.Errorf("the fleet's lock of %s: %w", key, err)
+	}
+	return fn()
 }

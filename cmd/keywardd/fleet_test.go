@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -223,6 +224,35 @@ func TestFleet(t *testing.T) {
 		return err == nil && string(pt.GetPlaintext()) == string(dk.Plaintext), fmt.Sprint(err)
 	})
 
+	// One key rotated on two nodes at once: each rotation a version of
+	// its own (the fleet's lock of the key), every one usable everywhere.
+	const each = 4
+	errs := make(chan error, 2*each)
+	var wg sync.WaitGroup
+	for _, node := range n[:2] {
+		wg.Go(func() {
+			for range each {
+				_, err := node.Keys.RotateKey(ctx, &keywardv1.RotateKeyRequest{Name: "orders"})
+				errs <- err
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Errorf("a rotation on two nodes at once: %v", err)
+		}
+	}
+	const latest = 2 + 2*each
+	within(t, "node 3 does not encrypt under the last of the concurrent rotations", func() (bool, string) {
+		dk, err = n[2].Envelope.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "orders"})
+		return err == nil && dk.KeyVersion == latest, fmt.Sprint(dk.GetKeyVersion(), err)
+	})
+	if pt, err := n[0].Envelope.Decrypt(ctx, &keywardv1.DecryptRequest{Ciphertext: dk.WrappedKey}); err != nil || string(pt.Plaintext) != string(dk.Plaintext) {
+		t.Errorf("node 1 decrypting version %d: %v", latest, err)
+	}
+
 	// Each node's own audit log, its name in every record.
 	for _, node := range n {
 		f, err := os.Open(filepath.Join(node.files.DataDir, "audit.log"))
@@ -413,4 +443,43 @@ func TestFleetPartition(t *testing.T) {
 		code, err := verify()
 		return err == nil && code == keywardv1.APIKeyCode_API_KEY_CODE_REVOKED, fmt.Sprint(code, err)
 	})
+}
+
+// TestFleetFirstStartTogether: three nodes making a fleet's first start at
+// the same moment make keywardd's own keys once (the HSM's check for a key
+// there is per process; the fleet's locks make it fleet-wide), and serve
+// one state.
+func TestFleetFirstStartTogether(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	bin := daemontest.Build(t)
+	tok := softhsmtest.New(t)
+	nodes := make([]*fleetNode, 3)
+	for i := range nodes {
+		name := fmt.Sprintf("node-%d", i+1)
+		f := daemontest.NewFiles(t, daemontest.SharedToken(tok), daemontest.Policy(fleetPolicy()), daemontest.Configure(func(cfg *daemon.Config) {
+			cfg.Store.Etcd = &daemon.EtcdConfig{Endpoints: c.Endpoints(), Prefix: "/keyward-fleet"}
+			cfg.Node = name
+		}))
+		nodes[i] = &fleetNode{name: name, files: f, bin: bin}
+	}
+	var wg sync.WaitGroup
+	for _, nd := range nodes {
+		wg.Go(func() { nd.start(t) })
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	ctx := context.Background()
+	k, err := nodes[0].APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "x", Environment: "prod", Permissions: []string{"orders:read"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, nd := range nodes {
+		within(t, nd.name+" does not verify the key", func() (bool, string) {
+			v, err := nd.APIKeys.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: k.Secret, Environment: "prod", Permissions: []string{"orders:read"}})
+			return err == nil && v.Code == keywardv1.APIKeyCode_API_KEY_CODE_VALID, fmt.Sprint(v.GetCode(), err)
+		})
+	}
+	leader(t, nodes)
 }

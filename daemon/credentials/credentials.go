@@ -222,7 +222,10 @@ func New(s Store, p Rotator, sl Sealer, now func() time.Time) *Manager {
 	return &Manager{store: s, plugins: p, sealer: sl, now: now, locks: map[string]*sync.Mutex{}}
 }
 
-func (m *Manager) lock(name string) func() {
+// lock serializes the changes of one credential: in this process, and on
+// a store other processes share (a fleet), across them too; the record
+// read next has every change the last holder made.
+func (m *Manager) lock(ctx context.Context, name string) (func(), error) {
 	m.mu.Lock()
 	l := m.locks[name]
 	if l == nil {
@@ -231,7 +234,16 @@ func (m *Manager) lock(name string) func() {
 	}
 	m.mu.Unlock()
 	l.Lock()
-	return l.Unlock
+	fl, ok := m.store.(store.Locker)
+	if !ok {
+		return l.Unlock, nil
+	}
+	release, err := fl.Lock(ctx, "credentials/"+name)
+	if err != nil {
+		l.Unlock()
+		return nil, err
+	}
+	return func() { release(); l.Unlock() }, nil
 }
 
 func (m *Manager) load(name string) (*Record, error) {
@@ -306,7 +318,10 @@ func (m *Manager) Register(ctx context.Context, s Spec) (*Record, error) {
 	if err := m.plugins.CheckConfig(ctx, s.Plugin, cred(r)); err != nil {
 		return nil, err
 	}
-	unlock := m.lock(s.Name)
+	unlock, err := m.lock(ctx, s.Name)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	if _, err := m.load(s.Name); err == nil {
 		return nil, fmt.Errorf("%w: %q", ErrExists, s.Name)
@@ -334,7 +349,10 @@ func (m *Manager) Register(ctx context.Context, s Spec) (*Record, error) {
 // Rotate rotates a credential now: it starts a rotation, or resumes the one
 // under way, and runs it to its activation.
 func (m *Manager) Rotate(ctx context.Context, name string) (*Record, error) {
-	unlock := m.lock(name)
+	unlock, err := m.lock(ctx, name)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	r, err := m.load(name)
 	if err != nil {
@@ -534,7 +552,10 @@ func (m *Manager) List() ([]*Record, error) {
 // the plugin has retired them all; a failure leaves the credential revoked
 // in keyward and says what is left, and Revoke can be called again.
 func (m *Manager) Revoke(ctx context.Context, name string) (*Record, error) {
-	unlock := m.lock(name)
+	unlock, err := m.lock(ctx, name)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	r, err := m.load(name)
 	if err != nil {
@@ -609,7 +630,10 @@ func (m *Manager) Maintain(ctx context.Context) (map[string]error, error) {
 // it is under the credential's lock (a list read before may be stale: a
 // Register or a Rotate may have just finished).
 func (m *Manager) maintain(ctx context.Context, name string) (bool, error) {
-	unlock := m.lock(name)
+	unlock, err := m.lock(ctx, name)
+	if err != nil {
+		return true, err
+	}
 	defer unlock()
 	r, err := m.load(name)
 	if err != nil {

@@ -252,6 +252,24 @@ func New(s Store, h HSM, o Options) (*Manager, error) {
 	return &Manager{store: s, hsm: h, opt: o, locks: map[string]*sync.Mutex{}, counter: map[hsm.KeyID]*counter{}, cache: map[string]*Key{}}, nil
 }
 
+// lockFleet is lock and, on a store other processes share (a fleet), the
+// fleet's lock of the key too: for a change of several steps (the HSM,
+// then the store) that another node's must not interleave with. The
+// local lock comes first, always.
+func (m *Manager) lockFleet(ctx context.Context, name string) (func(), error) {
+	unlock := m.lock(name)
+	fl, ok := m.store.(store.Locker)
+	if !ok {
+		return unlock, nil
+	}
+	release, err := fl.Lock(ctx, "keys/"+name)
+	if err != nil {
+		unlock()
+		return nil, err
+	}
+	return func() { release(); unlock() }, nil
+}
+
 // lock serializes changes to one key.
 func (m *Manager) lock(name string) func() {
 	m.mu.Lock()
@@ -380,7 +398,11 @@ func (m *Manager) Create(ctx context.Context, s Spec) (*Key, error) {
 	if len(s.Labels) > 32 {
 		return nil, fmt.Errorf("%w: at most 32 labels", ErrInvalid)
 	}
-	defer m.lock(s.Name)()
+	unlock, err := m.lockFleet(ctx, s.Name)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	now := m.opt.Now().UTC()
 	k := &Key{
 		Name: s.Name, Purpose: s.Purpose, Algorithm: s.Algorithm.String(), State: creating,
@@ -390,7 +412,7 @@ func (m *Manager) Create(ctx context.Context, s Spec) (*Key, error) {
 	// Record the intent first; a key left half made by a failed Create is
 	// finished by this one.
 	resumed := false
-	err := m.store.Update(store.BucketKeys, s.Name, func(old []byte) ([]byte, error) {
+	err = m.store.Update(store.BucketKeys, s.Name, func(old []byte) ([]byte, error) {
 		if old != nil {
 			var prev Key
 			if err := json.Unmarshal(old, &prev); err != nil || prev.State != creating {
@@ -538,7 +560,11 @@ func (m *Manager) revokedVersions(name string, from, to uint32, detail string) [
 // encryptions use it at once; older versions keep decrypting until the
 // minimum decryption version passes them.
 func (m *Manager) Rotate(ctx context.Context, name string) (*Key, error) {
-	defer m.lock(name)()
+	unlock, err := m.lockFleet(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	return m.rotateLocked(ctx, name)
 }
 
@@ -651,7 +677,11 @@ type Panic struct {
 // retired version for the plugins. A dry run says what it would do and
 // does nothing.
 func (m *Manager) PanicRotate(ctx context.Context, name string, dryRun bool) (*Panic, error) {
-	defer m.lock(name)()
+	unlock, err := m.lockFleet(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	return m.panicLocked(ctx, name, dryRun)
 }
 
@@ -778,7 +808,11 @@ func (m *Manager) DueForDeletion() ([]string, error) {
 // HSM key, then the metadata. It does nothing (and says so with false) if the
 // key was cancelled or scheduled again since it was listed.
 func (m *Manager) DeleteDue(ctx context.Context, name string) (bool, error) {
-	defer m.lock(name)()
+	unlock, err := m.lockFleet(ctx, name)
+	if err != nil {
+		return false, err
+	}
+	defer unlock()
 	k, err := m.Get(name)
 	if err != nil || k.State != PendingDeletion || m.opt.Now().Before(k.DeletionDate) {
 		return false, err
@@ -834,6 +868,7 @@ func (m *Manager) ForEncryption(ctx context.Context, name string) (hsm.KeyID, er
 // the store, rotating first if the version is used up.
 func (m *Manager) reserve(ctx context.Context, name string) (hsm.KeyID, error) {
 	defer m.lock(name)()
+	tries := 0
 	for {
 		k, err := m.Get(name)
 		if err != nil {
@@ -853,20 +888,39 @@ func (m *Manager) reserve(ctx context.Context, name string) (hsm.KeyID, error) {
 		m.mu.Unlock()
 		reserved := k.Versions[len(k.Versions)-1].Reserved
 		if reserved+m.opt.ReserveBlock > m.opt.EncryptionLimit {
-			if _, err := m.rotateLocked(ctx, name); err != nil {
-				return hsm.KeyID{}, fmt.Errorf("keys: %q v%d reached its encryption limit and rotating it failed: %w", name, id.Version, err)
+			if err := m.rotateForLimit(ctx, name, id); err != nil {
+				return hsm.KeyID{}, err
 			}
 			continue
 		}
+		// The limit is checked again in the transaction, on the record as
+		// the store has it: another node may have reserved meanwhile.
 		_, err = m.change(name, func(k *Key) error {
 			last := &k.Versions[len(k.Versions)-1]
 			if last.Number != id.Version {
-				return fmt.Errorf("keys: %q rotated during a reservation", name)
+				return errReserveAgain
+			}
+			if last.Reserved+m.opt.ReserveBlock > m.opt.EncryptionLimit {
+				return errReserveAgain
 			}
 			last.Reserved += m.opt.ReserveBlock
 			reserved = last.Reserved
 			return nil
 		})
+		if errors.Is(err, errReserveAgain) {
+			// Rotated, or used up, by another node: the record read next
+			// says which (once the local copy has it).
+			if tries++; tries > maxReserveTries {
+				return hsm.KeyID{}, fmt.Errorf("%w: keys: %q changed under %d reservations in a row", store.ErrUnavailable, name, tries)
+			}
+			time.Sleep(time.Duration(tries) * time.Millisecond)
+			if used, rerr := m.usedUp(name, id); rerr == nil && used {
+				if err := m.rotateForLimit(ctx, name, id); err != nil {
+					return hsm.KeyID{}, err
+				}
+			}
+			continue
+		}
 		if err != nil {
 			return hsm.KeyID{}, err
 		}
@@ -877,6 +931,47 @@ func (m *Manager) reserve(ctx context.Context, name string) (hsm.KeyID, error) {
 		m.mu.Unlock()
 		return id, nil
 	}
+}
+
+// errReserveAgain: a reservation found the version rotated or used up in
+// the transaction; maxReserveTries bounds how often in a row.
+var errReserveAgain = errors.New("keys: reserve again")
+
+const maxReserveTries = 50
+
+// usedUp reports whether version id of name, as the store has it now, has
+// no block left to reserve.
+func (m *Manager) usedUp(name string, id hsm.KeyID) (bool, error) {
+	used := false
+	_, err := m.change(name, func(k *Key) error {
+		last := k.Versions[len(k.Versions)-1]
+		used = last.Number == id.Version && last.Reserved+m.opt.ReserveBlock > m.opt.EncryptionLimit
+		return errReserveAgain // read only
+	})
+	if errors.Is(err, errReserveAgain) {
+		err = nil
+	}
+	return used, err
+}
+
+// rotateForLimit rotates name because version id reached its encryption
+// limit, under the fleet's lock of the key (reserve holds the local one);
+// another node may have rotated it first, which does as well.
+func (m *Manager) rotateForLimit(ctx context.Context, name string, id hsm.KeyID) error {
+	if fl, ok := m.store.(store.Locker); ok {
+		release, err := fl.Lock(ctx, "keys/"+name)
+		if err != nil {
+			return err
+		}
+		defer release()
+		if k, err := m.Get(name); err == nil && k.Latest() != id.Version {
+			return nil // rotated by another node meanwhile
+		}
+	}
+	if _, err := m.rotateLocked(ctx, name); err != nil {
+		return fmt.Errorf("keys: %q v%d reached its encryption limit and rotating it failed: %w", name, id.Version, err)
+	}
+	return nil
 }
 
 // ForDecryption checks that version v of an enabled encryption key may

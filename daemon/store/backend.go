@@ -1,6 +1,9 @@
 package store
 
-import "errors"
+import (
+	"context"
+	"errors"
+)
 
 // Backend is the contract of keywardd's state, written once for every
 // engine that holds it: Store (a bbolt file, one host) today, a shared
@@ -148,6 +151,19 @@ const (
 // operations (a key or an event each) and request bytes.
 type TxLimiter interface {
 	TxLimits() (ops, bytes int)
+}
+
+// Locker is a backend whose state other processes share (a fleet's
+// nodes). Lock holds name for this process until the returned function is
+// called, or until the process loses touch with the backend for longer
+// than its lease (another may then take name); it waits for another
+// holder for as long as ctx allows. It is for changes of several steps,
+// some outside the store (a key made in the HSM, then recorded), that must
+// not interleave with another node's change of the same thing; a single
+// write needs no more (each is a transaction). On one host, a process's
+// own mutex serves.
+type Locker interface {
+	Lock(ctx context.Context, name string) (unlock func(), err error)
 }
 
 // BatchKeys is how many keys a caller puts in each transaction when it

@@ -11,10 +11,12 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/keyward/keyward/daemon/store"
 	bolt "go.etcd.io/bbolt"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+
+	"github.com/keyward/keyward/daemon/store"
 )
 
 // NodeOptions say where a node's local copy is, and how stale it may get.
@@ -802,3 +804,58 @@ func (n *Node) Close() error {
 	}
 	return werr
 }
+
+// Lock takes the fleet's lock of name (store.Locker): a
+// concurrency.Mutex on PREFIX/locks/<name>, on a session of its own, so
+// that ending it (a failed wait, an unlock that cannot reach etcd) takes
+// nothing else with it. The wait lasts as long as ctx allows, or
+// lockWait if ctx has no deadline.
+func (n *Node) Lock(ctx context.Context, name string) (func(), error) {
+	if err := n.enter(); err != nil {
+		return nil, err
+	}
+	defer n.life.RUnlock()
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, lockWait)
+		defer cancel()
+	}
+	ctx = clientv3.WithRequireLeader(ctx)
+	lease, err := n.w.cli.Grant(ctx, int64(n.o.SessionTTL))
+	if err != nil {
+		return nil, fmt.Errorf("%w: the fleet's lock of %s: %v", store.ErrUnavailable, name, mapErr(err))
+	}
+	s, err := concurrency.NewSession(n.w.cli, concurrency.WithLease(lease.ID), concurrency.WithContext(context.Background()))
+	if err != nil {
+		go n.w.revoke(lease.ID)
+		return nil, fmt.Errorf("%w: the fleet's lock of %s: %v", store.ErrUnavailable, name, mapErr(err))
+	}
+	end := func() {
+		s.Orphan()
+		n.w.revoke(lease.ID) // the lock, or the place in its queue, with it
+	}
+	mu := concurrency.NewMutex(s, n.prefix+"locks/"+name)
+	locked := make(chan error, 1)
+	// Mutex.Lock cleans up a failed wait without a deadline: apart.
+	go func() { locked <- mu.Lock(ctx) }()
+	select {
+	case err = <-locked:
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	if err != nil {
+		go end()
+		return nil, fmt.Errorf("%w: the fleet's lock of %s (another node holds it, or etcd did not answer): %v", store.ErrUnavailable, name, mapErr(err))
+	}
+	// What the last holder wrote is in etcd before the lock was ours; the
+	// holder reads the local copy, which must have it too.
+	if !n.waitApplied(mu.Header().Revision, n.o.Timeout) {
+		go end()
+		return nil, fmt.Errorf("%w: the fleet's lock of %s was taken, but this node's local copy did not reach its revision within %v", store.ErrUnavailable, name, n.o.Timeout)
+	}
+	return end, nil
+}
+
+// lockWait bounds the wait for a fleet lock when the caller's context has
+// no deadline.
+const lockWait = 30 * time.Second

@@ -2,10 +2,12 @@ package etcdstore
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"log/slog"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -296,4 +298,47 @@ func TestNodeAheadOfEtcd(t *testing.T) {
 	if rec, err := n.Get(store.BucketKeys, "own"); err != nil || string(rec) != "3" {
 		t.Errorf("the node's own write read back: %q, %v", rec, err)
 	}
+}
+
+// TestNodeLock: the fleet's lock of a name is one node's at a time; a
+// waiter gives up at its deadline, leaving no place in the queue; the next
+// holder reads at once what the last one wrote under the lock.
+func TestNodeLock(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	p := prefix(t)
+	dir := t.TempDir()
+	a := openNode(t, NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(0)), Prefix: p}, Path: filepath.Join(dir, "a.db")})
+	defer a.Close()
+	b := openNode(t, NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(1)), Prefix: p}, Path: filepath.Join(dir, "b.db")})
+	defer b.Close()
+	var _ store.Locker = a
+
+	release, err := a.Lock(t.Context(), "keys/k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	_, err = b.Lock(ctx, "keys/k")
+	cancel()
+	if !errors.Is(err, store.ErrUnavailable) {
+		t.Fatalf("a second node's lock of a held name: %v, want ErrUnavailable at its deadline", err)
+	}
+	if other, err := b.Lock(t.Context(), "keys/other"); err != nil {
+		t.Fatalf("another name: %v", err)
+	} else {
+		other()
+	}
+	for i := range 20 {
+		put(t, a, store.BucketKeys, "k", strconv.Itoa(i))
+		release()
+		if release, err = b.Lock(t.Context(), "keys/k"); err != nil {
+			t.Fatal(err)
+		}
+		// Under the lock, b's copy has a's last write, with no wait.
+		if rec, err := b.Get(store.BucketKeys, "k"); err != nil || string(rec) != strconv.Itoa(i) {
+			t.Fatalf("round %d: the next holder reads %q, %v", i, rec, err)
+		}
+		a, b = b, a
+	}
+	release()
 }
