@@ -79,6 +79,19 @@ func Env(kv ...string) ExecOption { return func(c *exec.Cmd) { c.Env = append(c.
 // If it exits or does not answer within a minute, the test fails.
 func Exec(t testing.TB, bin string, f *Files, opts ...ExecOption) *Process {
 	t.Helper()
+	p, err := TryExec(t, bin, f, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TryExec is Exec returning keywardd's exit (or its silence) as an error
+// (an ExitError's code says which, after the log) instead of failing the
+// test: for a test that plays the supervisor, starting keywardd again
+// after a temporary failure as systemd does.
+func TryExec(t testing.TB, bin string, f *Files, opts ...ExecOption) (*Process, error) {
+	t.Helper()
 	p := &Process{Files: f, log: filepath.Join(f.Dir, "keywardd.log"), done: make(chan struct{})}
 	log, err := os.OpenFile(p.log, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
@@ -101,7 +114,7 @@ func Exec(t testing.TB, bin string, f *Files, opts ...ExecOption) *Process {
 	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); {
 		select {
 		case <-p.done:
-			t.Fatalf("keywardd exited (%v):\n%s", p.err, p.Log())
+			return nil, &ExitError{Err: p.err, Log: p.Log()}
 		case <-time.After(5 * time.Millisecond):
 		}
 		if _, err := os.Stat(f.Socket); err != nil {
@@ -121,11 +134,27 @@ func Exec(t testing.TB, bin string, f *Files, opts ...ExecOption) *Process {
 		// serves; a Ping that timed out sat in the socket's backlog while
 		// keywardd was still starting (the socket is bound first).
 		if c := status.Code(err); c != codes.Unavailable && c != codes.DeadlineExceeded {
-			return p
+			return p, nil
 		}
 	}
-	t.Fatalf("keywardd did not answer within a minute:\n%s", p.Log())
-	return nil
+	return nil, fmt.Errorf("keywardd did not answer within a minute:\n%s", p.Log())
+}
+
+// ExitError is TryExec's error when keywardd exited before it served.
+type ExitError struct {
+	Err error // the process's exit (an *exec.ExitError)
+	Log string
+}
+
+func (e *ExitError) Error() string { return fmt.Sprintf("keywardd exited (%v):\n%s", e.Err, e.Log) }
+
+// Code is the exit code (-1 if it did not exit by itself).
+func (e *ExitError) Code() int {
+	var x *exec.ExitError
+	if errors.As(e.Err, &x) {
+		return x.ExitCode()
+	}
+	return -1
 }
 
 // Pid is the process's id.
