@@ -542,6 +542,10 @@ func (n *Node) keepFresh(ctx context.Context) {
 // checkFresh is one round of keepFresh.
 func (n *Node) checkFresh(ctx context.Context) {
 	start := time.Now()
+	// A linearizable read's revision is at least every revision committed
+	// before it was asked, the copy's among them; the copy may move past
+	// it meanwhile (writes go on), so only what it had before counts.
+	had := n.applied.Load()
 	cctx, cancel := context.WithTimeout(ctx, n.o.Timeout)
 	defer cancel()
 	resp, err := n.w.cli.Get(clientv3.WithRequireLeader(cctx), n.w.metaKey(), clientv3.WithCountOnly())
@@ -549,10 +553,10 @@ func (n *Node) checkFresh(ctx context.Context) {
 		return
 	}
 	rev := resp.Header.Revision
-	if rev < n.applied.Load() {
+	if rev < had {
 		// etcd is behind the copy: restored from an older snapshot. What
 		// the copy holds past rev is of another history; reload it.
-		n.o.Logger.Error("etcd is at an older revision than the local copy (restored from an older snapshot?): loading the copy again; calls are refused meanwhile", "etcd", rev, "copy", n.applied.Load())
+		n.o.Logger.Error("etcd is at an older revision than the local copy (restored from an older snapshot?): loading the copy again; calls are refused meanwhile", "etcd", rev, "copy", had)
 		n.rewound.Store(true)
 		n.freshAt.Store(0)
 		if p := n.progress.Load(); p != nil {
