@@ -94,9 +94,25 @@ type Backend struct {
 	life   sync.RWMutex // held for reading by every call, for writing by Close
 	closed bool
 
-	wmu     sync.Mutex // serializes this process's writers; guards session
+	wmu     sync.Mutex // serializes this process's writers; guards what follows
 	session *concurrency.Session
+	// held is the write lock kept across a burst of this node's writes
+	// (burstIdle between them, maxHold in all), so that each write is one
+	// etcd transaction instead of three (lock, commit, unlock); every
+	// commit is still guarded by its ownership. release lets it go.
+	held      *concurrency.Mutex
+	heldSince time.Time
+	release   *time.Timer
+	holds     uint64 // which hold release is for
 }
+
+// A node keeps the fleet's write lock between its writes for burstIdle,
+// and for maxHold at most: what another node's write may wait on top of
+// the writes themselves.
+const (
+	burstIdle = 5 * time.Millisecond
+	maxHold   = 100 * time.Millisecond
+)
 
 var _ store.Backend = (*Backend)(nil)
 
@@ -236,6 +252,10 @@ func (b *Backend) Close() error {
 	b.closed = true
 	b.wmu.Lock()
 	defer b.wmu.Unlock()
+	if b.release != nil {
+		b.release.Stop()
+	}
+	b.held = nil // released with the session's lease, below
 	if b.session != nil {
 		// Revoke the lease within the call's deadline (Session.Close would
 		// wait up to its TTL), before the caller closes the client; a
@@ -289,7 +309,10 @@ func mapErr(err error) error {
 		// A walk whose revision was compacted between its pages.
 		return fmt.Errorf("%w: etcd compacted the revision being read; read again: %v", store.ErrUnavailable, err)
 	case errors.Is(err, clientv3.ErrNoAvailableEndpoints), errors.Is(err, concurrency.ErrSessionExpired),
-		errors.Is(err, rpctypes.ErrTooManyRequests):
+		errors.Is(err, rpctypes.ErrTooManyRequests),
+		// A member stopping answers raft's own error, untranslated, with
+		// gRPC's code Unknown: only its text tells it.
+		status.Code(err) == codes.Unknown && rpctypes.ErrorDesc(err) == "raft: stopped":
 		return fmt.Errorf("%w: %v", store.ErrUnavailable, err)
 	case errors.Is(err, rpctypes.ErrNoSpace):
 		return fmt.Errorf("%w: etcd is out of space (its quota-backend-bytes): an operator compacts and defragments it, or raises the quota, and disarms the alarm: %v", store.ErrUnavailable, err)
@@ -427,25 +450,68 @@ func (b *Backend) updateEachEmit(bucket string, keys []string, fn func(key strin
 	defer b.wmu.Unlock()
 	ctx, cancel := b.ctx()
 	defer cancel()
-	var mu *concurrency.Mutex
-	for pause := retryPause; ; pause = min(2*pause, maxRetryPause) {
+	if b.release != nil {
+		b.release.Stop()
+	}
+	if b.held != nil {
+		select {
+		case <-b.session.Done(): // the lease ended: the lock with it
+			b.dropSession()
+		default:
+			if time.Since(b.heldSince) > maxHold {
+				b.letGo(ctx) // others' turn
+			}
+		}
+	}
+	mu := b.held
+	for pause := retryPause; mu == nil; pause = min(2*pause, maxRetryPause) {
 		var err error
 		if mu, err = b.lock(ctx); err == nil {
+			b.held, b.heldSince = mu, time.Now()
 			break
 		}
 		if !b.transient(ctx, err, pause) {
 			return 0, err
 		}
 	}
-	defer func() {
-		// Within the write's own deadline. If the lock cannot be let go,
-		// the session is dropped: its lease, and the lock with it, expire
-		// within SessionTTL, and the next write starts a new session.
-		if mu.Unlock(ctx) != nil && b.session != nil {
-			b.dropSession()
-		}
-	}()
-	return b.write(ctx, mu, bucket, keys, fn)
+	rev, err := b.write(ctx, mu, bucket, keys, fn)
+	if b.held != nil {
+		b.holds++
+		hold := b.holds
+		b.release = time.AfterFunc(burstIdle, func() { b.releaseIdle(hold) })
+	}
+	return rev, err
+}
+
+// releaseIdle lets the write lock of hold go, if no write took it up
+// since. Under wmu: a lock taken again on the same session is the same key
+// in etcd, which an unlock still under way would delete. The unlock gets
+// releaseWait at most (a write may be waiting for wmu): one that does not
+// make it drops the session, whose lease takes the lock with it, and the
+// next write starts a new one.
+func (b *Backend) releaseIdle(hold uint64) {
+	b.wmu.Lock()
+	defer b.wmu.Unlock()
+	if b.holds != hold || b.held == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), min(releaseWait, b.o.Timeout))
+	defer cancel()
+	b.letGo(ctx)
+}
+
+// releaseWait bounds an idle release of the write lock.
+const releaseWait = 500 * time.Millisecond
+
+// letGo releases the held write lock. If it cannot be let go, the session
+// is dropped: its lease, and the lock with it, expire within SessionTTL,
+// and the next write starts a new session. Under wmu.
+func (b *Backend) letGo(ctx context.Context) {
+	mu := b.held
+	b.held = nil
+	if mu.Unlock(ctx) != nil && b.session != nil {
+		b.dropSession()
+	}
 }
 
 // lock takes the fleet's write lock on this backend's session, starting a
@@ -506,6 +572,7 @@ func (b *Backend) dropSession() {
 	b.session.Orphan()
 	go b.revoke(b.session.Lease())
 	b.session = nil
+	b.held = nil // the lock went with the session
 }
 
 // revoke revokes a lease, within a call's deadline.
