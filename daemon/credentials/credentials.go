@@ -626,11 +626,19 @@ func (m *Manager) Maintain(ctx context.Context) (map[string]error, error) {
 	return done, nil
 }
 
+// maintainLockWait bounds maintain's wait for a credential's lock.
+const maintainLockWait = 2 * time.Second
+
 // maintain does what is due for one credential, deciding on the record as
 // it is under the credential's lock (a list read before may be stale: a
 // Register or a Rotate may have just finished).
 func (m *Manager) maintain(ctx context.Context, name string) (bool, error) {
-	unlock, err := m.lock(ctx, name)
+	// A short wait: a credential another node is rotating now (its plugin
+	// may take a while) is looked at again at the next round, and the
+	// others are not held up behind it.
+	lctx, cancel := context.WithTimeout(ctx, maintainLockWait)
+	unlock, err := m.lock(lctx, name)
+	cancel()
 	if err != nil {
 		return true, err
 	}

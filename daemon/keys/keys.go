@@ -764,7 +764,13 @@ func (m *Manager) ScheduleDeletion(name string, wait time.Duration) (*Key, error
 	if wait < MinDeletionWait {
 		return nil, fmt.Errorf("%w: the waiting period must be at least %v, so that a mistake can be undone", ErrInvalid, MinDeletionWait)
 	}
-	defer m.lock(name)()
+	// The fleet's lock of the key, as DeleteDue takes it: a deletion under
+	// way on the elected node is done before this one is decided.
+	unlock, err := m.lockFleet(context.Background(), name)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	return m.change(name, func(k *Key) error {
 		if k.State == PendingDeletion {
 			return fmt.Errorf("%w: %q already", ErrPendingDeletion, name)
@@ -778,7 +784,13 @@ func (m *Manager) ScheduleDeletion(name string, wait time.Duration) (*Key, error
 // CancelDeletion takes a key off the deletion schedule; it comes back
 // disabled, to be enabled on purpose.
 func (m *Manager) CancelDeletion(name string) (*Key, error) {
-	defer m.lock(name)()
+	// The fleet's lock of the key, as DeleteDue takes it: a cancel that
+	// returns ok is never followed by the destruction it cancelled.
+	unlock, err := m.lockFleet(context.Background(), name)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	return m.change(name, func(k *Key) error {
 		if k.State != PendingDeletion {
 			return fmt.Errorf("%w: %q is not scheduled for deletion", ErrInvalid, name)

@@ -89,13 +89,14 @@ func Exec(t testing.TB, bin string, f *Files, opts ...ExecOption) *Process {
 // TryExec is Exec returning keywardd's exit (or its silence) as an error
 // (an ExitError's code says which, after the log) instead of failing the
 // test: for a test that plays the supervisor, starting keywardd again
-// after a temporary failure as systemd does.
+// after a temporary failure as systemd does. It never fails t, so it may
+// run on a goroutine of the test's.
 func TryExec(t testing.TB, bin string, f *Files, opts ...ExecOption) (*Process, error) {
 	t.Helper()
 	p := &Process{Files: f, log: filepath.Join(f.Dir, "keywardd.log"), done: make(chan struct{})}
 	log, err := os.OpenFile(p.log, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	defer log.Close()
 	cmd := exec.Command(bin, "-config", f.ConfigFile)
@@ -106,7 +107,7 @@ func TryExec(t testing.TB, bin string, f *Files, opts ...ExecOption) (*Process, 
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	p.Cmd = cmd
 	go func() { p.err = cmd.Wait(); close(p.done) }()
@@ -124,7 +125,7 @@ func TryExec(t testing.TB, bin string, f *Files, opts ...ExecOption) (*Process, 
 		// reconnect backoff (a second) before it tries again.
 		c, err := client.Dial(f.Socket)
 		if err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		_, err = c.Status.Ping(ctx, &keywardv1.PingRequest{})

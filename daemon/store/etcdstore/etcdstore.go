@@ -170,7 +170,14 @@ func (b *Backend) bucketPrefix(bucket string) string {
 }
 
 // meta is the meta record: the write count and the outbox's last number.
-type meta struct{ writes, outbox uint64 }
+type meta struct {
+	writes, outbox uint64
+	// modRev is the meta record's revision as read (0: absent), which a
+	// commit requires unchanged: a copy of an earlier commit that lands
+	// late (its answer lost, sent again, the first one still on its way)
+	// finds the record moved on and writes nothing.
+	modRev int64
+}
 
 func (b *Backend) openMeta(kvs []*mvccpb.KeyValue) (meta, error) {
 	if len(kvs) == 0 {
@@ -183,7 +190,7 @@ func (b *Backend) openMeta(kvs []*mvccpb.KeyValue) (meta, error) {
 	if err != nil {
 		return meta{}, b.fail(err)
 	}
-	return meta{binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:])}, nil
+	return meta{binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]), kvs[0].ModRevision}, nil
 }
 
 // noRecords checks that a state without its meta record holds no record
@@ -660,13 +667,24 @@ func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket strin
 // sent again, until the call's deadline.
 func (b *Backend) commit(ctx context.Context, mu *concurrency.Mutex, ops []clientv3.Op, m meta) (int64, error) {
 	for pause := retryPause; ; pause = min(2*pause, maxRetryPause) {
-		resp, err := b.cli.Txn(ctx).If(mu.IsOwner()).Then(ops...).Commit()
-		if err == nil {
-			if !resp.Succeeded {
-				b.dropSession()
-				return 0, fmt.Errorf("%w: the write lock was lost before the commit (this node's etcd session ended); nothing was written", store.ErrUnavailable)
-			}
+		resp, err := b.cli.Txn(ctx).If(b.guard(mu, m)...).Then(ops...).Commit()
+		if err == nil && resp.Succeeded {
 			return resp.Header.Revision, nil
+		}
+		if err == nil {
+			// The lock was lost, or the meta record moved on: by this very
+			// commit, sent before and landed meanwhile, if the lock is
+			// still ours.
+			rev, applied, lerr := b.applied(ctx, mu, m)
+			switch {
+			case lerr == nil && applied:
+				return rev, nil
+			case errors.Is(lerr, errLockLost):
+				return 0, fmt.Errorf("%w: the write lock was lost before the commit (this node's etcd session ended); nothing was written", store.ErrUnavailable)
+			case lerr == nil:
+				return 0, b.fail(fmt.Errorf("%w: the meta record changed under this node's write lock without its count moving", store.ErrDamaged))
+			}
+			return 0, fmt.Errorf("%w: the commit was refused and why cannot be told: %v", store.ErrUnavailable, mapErr(lerr))
 		}
 		if !b.transient(ctx, err, pause) {
 			return 0, mapErr(err)
@@ -687,6 +705,12 @@ func (b *Backend) commit(ctx context.Context, mu *concurrency.Mutex, ops []clien
 			}
 		}
 	}
+}
+
+// guard is what a commit of m requires: the lock still this node's, and
+// the meta record as the write read it.
+func (b *Backend) guard(mu *concurrency.Mutex, m meta) []clientv3.Cmp {
+	return []clientv3.Cmp{mu.IsOwner(), clientv3.Compare(clientv3.ModRevision(b.metaKey()), "=", m.modRev)}
 }
 
 // Pauses between tries of a request that failed on the way (a connection

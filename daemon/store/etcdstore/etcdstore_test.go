@@ -421,32 +421,40 @@ func TestMetaDeleted(t *testing.T) {
 // commit whose answer was lost is looked up, not applied twice.
 func TestMemberDown(t *testing.T) {
 	c := etcdtest.NewCluster(t, 3)
-	b := open(t, Options{Client: client(t, c), Prefix: prefix(t)})
-	defer b.Close()
+	// Two nodes' backends, their writes contending for the lock (each one
+	// kept across a burst of its writes).
+	nodes := []*Backend{open(t, Options{Client: client(t, c), Prefix: prefix(t)}), open(t, Options{Client: client(t, c), Prefix: prefix(t)})}
+	b := nodes[0]
+	defer nodes[0].Close()
+	defer nodes[1].Close()
 	stop := make(chan struct{})
-	done := make(chan struct{})
+	var wg sync.WaitGroup
+	var mu sync.Mutex
 	var ok, failed int
 	var lastErr error
-	go func() {
-		defer close(done)
-		for {
-			select {
-			case <-stop:
-				return
-			default:
+	for _, b := range nodes {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				err := b.Update(store.BucketKeys, "n", func(old []byte) ([]byte, error) {
+					n, _ := strconv.Atoi(string(old))
+					return []byte(strconv.Itoa(n + 1)), nil
+				})
+				mu.Lock()
+				if err != nil {
+					failed++
+					lastErr = err
+				} else {
+					ok++
+				}
+				mu.Unlock()
 			}
-			err := b.Update(store.BucketKeys, "n", func(old []byte) ([]byte, error) {
-				n, _ := strconv.Atoi(string(old))
-				return []byte(strconv.Itoa(n + 1)), nil
-			})
-			if err != nil {
-				failed++
-				lastErr = err
-			} else {
-				ok++
-			}
-		}
-	}()
+		})
+	}
 	for i := range 3 {
 		time.Sleep(300 * time.Millisecond)
 		c.Kill(i)
@@ -455,8 +463,8 @@ func TestMemberDown(t *testing.T) {
 	}
 	time.Sleep(300 * time.Millisecond)
 	close(stop)
-	<-done
-	t.Logf("%d writes, %d failed (last: %v)", ok+failed, failed, lastErr)
+	wg.Wait()
+	t.Logf("%d writes on two nodes, %d failed (last: %v)", ok+failed, failed, lastErr)
 	// On a machine loaded by every package's tests, an election and the
 	// client's move to another member can outlast a write's 5 s deadline
 	// now and then: such a write fails UNAVAILABLE (and may have been
@@ -470,4 +478,63 @@ func TestMemberDown(t *testing.T) {
 	if err != nil || got < ok || got > ok+failed {
 		t.Errorf("n = %q after %d writes that returned nil and %d unconfirmed (%v): a commit applied twice, or lost", rec, ok, failed, err)
 	}
+}
+
+// TestLateCommitRefused: a copy of a commit that lands late, after the
+// writes that followed it in a burst under the same lock (its answer was
+// lost and it was sent again), writes nothing: every commit requires the
+// meta record as its write read it.
+func TestLateCommitRefused(t *testing.T) {
+	c := etcdtest.NewCluster(t, 1)
+	b := open(t, Options{Client: client(t, c), Prefix: prefix(t)})
+	defer b.Close()
+	put := func(v string) {
+		t.Helper()
+		if err := b.Update(store.BucketKeys, "k", func([]byte) ([]byte, error) { return []byte(v), nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("0")
+	// Write 1, as commit sends it: the meta record as read, the ops.
+	b.wmu.Lock()
+	mu := b.held
+	b.wmu.Unlock()
+	if mu == nil {
+		t.Fatal("the write lock is not held across the burst")
+	}
+	ctx := t.Context()
+	resp, err := b.cli.Get(ctx, b.metaKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := b.openMeta(resp.Kvs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	late := []clientv3.Op{clientv3.OpPut(b.bucketPrefix(store.BucketKeys)+"k", string(b.seal.Seal(store.BucketKeys, "k", []byte("late")))),
+		clientv3.OpPut(b.metaKey(), b.sealMeta(meta{writes: m.writes + 1, outbox: m.outbox}))}
+	put("1") // write 1, as sent again and answered
+	put("2") // write 2, in the same burst
+	b.wmu.Lock()
+	still := b.held == mu
+	b.wmu.Unlock()
+	tr, err := b.cli.Txn(ctx).If(b.guard(mu, m)...).Then(late...).Commit()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tr.Succeeded {
+		t.Errorf("a late copy of a commit landed (the lock still the same hold: %v)", still)
+	}
+	if rec := get(t, b, store.BucketKeys, "k"); string(rec) != "2" {
+		t.Errorf("k = %q after the late commit, want \"2\"", rec)
+	}
+}
+
+func get(t *testing.T, b store.Backend, bucket, key string) []byte {
+	t.Helper()
+	rec, err := b.Get(bucket, key)
+	if err != nil {
+		t.Fatalf("Get %s/%s: %v", bucket, key, err)
+	}
+	return rec
 }

@@ -184,7 +184,16 @@ func (n *Node) start(ctx context.Context) error {
 		return n.reload(ctx)
 	}
 	n.setApplied(rev)
-	return n.loadWrites()
+	if err := n.loadWrites(); err != nil {
+		return err
+	}
+	// etcd restored from an older snapshot, then written past the copy's
+	// revision: its write count says it is behind the copy.
+	if had := n.writes.Load(); n.w.Writes() < had {
+		n.o.Logger.Warn("etcd's write count is below the local copy's (restored from an older snapshot?): loading the copy again", "etcd", n.w.Writes(), "copy", had)
+		return n.reload(ctx)
+	}
+	return nil
 }
 
 // clusterID is the etcd cluster's ID and its current revision, read
@@ -815,10 +824,12 @@ func (n *Node) Close() error {
 // nothing else with it. The wait lasts as long as ctx allows, or
 // lockWait if ctx has no deadline.
 func (n *Node) Lock(ctx context.Context, name string) (func(), error) {
+	// Not held across the wait, which Close would wait out: a Close meanwhile
+	// ends the wait with an error instead.
 	if err := n.enter(); err != nil {
 		return nil, err
 	}
-	defer n.life.RUnlock()
+	n.life.RUnlock()
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, lockWait)
