@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -83,8 +84,9 @@ type Node struct {
 	// freshAt is when the copy was last known current, as nanoseconds
 	// since base plus one (0: never): on the monotonic clock, so that a
 	// wall clock set back serves a stale copy no longer.
-	base    time.Time
-	freshAt atomic.Int64
+	base      time.Time
+	freshAt   atomic.Int64
+	freshWall atomic.Int64 // the same moment on the wall clock (unix ns), for a host that was suspended
 	// rewound is set when etcd's revision is found below the copy's (etcd
 	// restored from an older snapshot): the copy is of another history,
 	// and is loaded again.
@@ -465,6 +467,12 @@ func (n *Node) apply(resp clientv3.WatchResponse) error {
 		return nil // the watch was created
 	}
 	rev := resp.Events[len(resp.Events)-1].Kv.ModRevision
+	if !slices.ContainsFunc(resp.Events, func(e *clientv3.Event) bool { _, ok := n.copyKey(e.Kv.Key); return ok }) {
+		// Only locks and the election moved: nothing to write (the file's
+		// revision may lag; a restart watches again from it).
+		n.setApplied(rev)
+		return nil
+	}
 	var meta []byte
 	changed := map[string][]Change{}
 	var order []string
@@ -568,6 +576,7 @@ func (n *Node) checkFresh(ctx context.Context) {
 		n.o.Logger.Error("etcd is at an older revision than the local copy (restored from an older snapshot?): loading the copy again; calls are refused meanwhile", "etcd", rev, "copy", had)
 		n.rewound.Store(true)
 		n.freshAt.Store(0)
+		n.freshWall.Store(0)
 		if p := n.progress.Load(); p != nil {
 			p.cancel()
 		}
@@ -592,7 +601,11 @@ func (n *Node) markFresh(t time.Time) {
 	v := int64(t.Sub(n.base)) + 1
 	for {
 		old := n.freshAt.Load()
-		if old >= v || n.freshAt.CompareAndSwap(old, v) {
+		if old >= v {
+			return
+		}
+		if n.freshAt.CompareAndSwap(old, v) {
+			n.freshWall.Store(t.UnixNano())
 			return
 		}
 	}
@@ -677,8 +690,16 @@ func (n *Node) enterRead() error {
 
 // Fresh is a *StaleError once the copy was last known current longer ago
 // than the staleness bound, or nil.
+//
+// The age is the larger of the monotonic clock's (which a wall clock set
+// back does not shorten) and the wall clock's (which counts the time a
+// suspended host slept, which the monotonic clock does not).
 func (n *Node) Fresh() error {
-	if age := time.Since(n.FreshAt()); age > n.o.Staleness {
+	age := time.Since(n.FreshAt())
+	if wall := n.freshWall.Load(); wall != 0 {
+		age = max(age, time.Duration(time.Now().UnixNano()-wall))
+	}
+	if age > n.o.Staleness {
 		return &StaleError{Age: age, Bound: n.o.Staleness}
 	}
 	return nil
