@@ -19,6 +19,7 @@
 package credentials
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -126,6 +127,10 @@ type Record struct {
 	Failures  int       `json:"failures,omitempty"`
 	RetryAt   time.Time `json:"retry_at,omitzero"`
 	LastError string    `json:"last_error,omitempty"`
+
+	// stored is the record as the store held it when this one was read or
+	// last written (nil: new): a save requires the store to hold it still.
+	stored []byte
 }
 
 // Version is a credential's secret as the plugin made it.
@@ -261,16 +266,35 @@ func (m *Manager) load(name string) (*Record, error) {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return nil, fmt.Errorf("credentials: the record of %q does not parse: %w", name, err)
 	}
+	r.stored = b
 	return &r, nil
 }
 
-func (m *Manager) save(r *Record) error {
+// ErrChanged: a credential's record changed in the store since it was
+// read under the credential's lock: another node of a fleet took the lock
+// (this one was cut off from etcd for longer than its lease) and moved the
+// credential on. Nothing was written; the next maintenance reads it again.
+var ErrChanged = errors.New("credentials: the record changed under this node (another node took over the credential); nothing was written")
+
+// put writes r, with events, if the store holds what r was read from.
+func (m *Manager) put(r *Record, events [][]byte) error {
 	b, err := json.Marshal(r)
 	if err != nil {
 		return err
 	}
-	return m.store.Update(store.BucketCredentials, r.Name, func([]byte) ([]byte, error) { return b, nil })
+	err = m.store.UpdateEachEmit(store.BucketCredentials, []string{r.Name}, func(_ string, old []byte) ([]byte, [][]byte, error) {
+		if !bytes.Equal(old, r.stored) {
+			return nil, nil, ErrChanged
+		}
+		return b, events, nil
+	})
+	if err == nil {
+		r.stored = b
+	}
+	return err
 }
+
+func (m *Manager) save(r *Record) error { return m.put(r, nil) }
 
 func cred(r *Record) Credential { return Credential{Name: r.Name, Config: r.Config} }
 
@@ -569,12 +593,8 @@ func (m *Manager) revokeLocked(ctx context.Context, r *Record) (*Record, error) 
 		// Revoked in keyward first, with its event for the plugins in the
 		// same transaction; then the plugin retires what it made.
 		r.State = Revoked
-		b, err := json.Marshal(r)
-		if err != nil {
-			return nil, err
-		}
 		ev := outbox.Encode(outbox.Event{Kind: outbox.CredentialRevoked, ID: r.Name, Subject: r.Plugin, Time: m.now().UTC()})
-		if err := m.store.UpdateEachEmit(store.BucketCredentials, []string{r.Name}, func(string, []byte) ([]byte, [][]byte, error) { return b, [][]byte{ev}, nil }); err != nil {
+		if err := m.put(r, [][]byte{ev}); err != nil {
 			return nil, err
 		}
 	}

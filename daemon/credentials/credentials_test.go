@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"os"
@@ -69,6 +70,7 @@ func newClock() *clock               { return &clock{t: time.Now()} }
 
 type fixture struct {
 	m       *credentials.Manager
+	sealer  credentials.Sealer
 	st      *store.Store
 	clk     *clock
 	plugins host.Set
@@ -106,8 +108,52 @@ func newFixture(t *testing.T, mode string) *fixture {
 		t.Cleanup(p.Close)
 		f.plugins[name] = p
 	}
-	f.m = credentials.New(st, f.plugins, credentials.EnvelopeSealer{Envelope: envelope.New(km, h, envelope.Options{}), Key: "keyward-credentials"}, f.clk.now)
+	f.sealer = credentials.EnvelopeSealer{Envelope: envelope.New(km, h, envelope.Options{}), Key: "keyward-credentials"}
+	f.m = credentials.New(st, f.plugins, f.sealer, f.clk.now)
 	return f
+}
+
+// meddler is the store as a node sees it when another node changes a
+// credential's record right after this one read it (this one cut off from
+// etcd past its lock's lease, the other holding the lock now).
+type meddler struct {
+	*store.Store
+	name  string
+	armed bool
+}
+
+func (s *meddler) Get(bucket, key string) ([]byte, error) {
+	rec, err := s.Store.Get(bucket, key)
+	if s.armed && bucket == store.BucketCredentials && key == s.name {
+		s.armed = false
+		s.Store.Update(bucket, key, func(old []byte) ([]byte, error) {
+			var r map[string]any
+			json.Unmarshal(old, &r)
+			r["last_error"] = "changed by another node"
+			return json.Marshal(r)
+		})
+	}
+	return rec, err
+}
+
+// TestChangedUnderneath: a change of a credential whose record another
+// node changed since this one read it writes nothing and says so.
+func TestChangedUnderneath(t *testing.T) {
+	f := newFixture(t, "")
+	ctx := context.Background()
+	path := filepath.Join(f.dir, "secrets", "db-password")
+	if _, err := f.m.Register(ctx, credentials.Spec{Name: "db", Plugin: "file", Config: []byte(`{"path": "` + path + `"}`), RotationPeriod: 24 * time.Hour, Overlap: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	md := &meddler{Store: f.st, name: "db", armed: true}
+	other := credentials.New(md, f.plugins, f.sealer, f.clk.now)
+	if _, err := other.Rotate(ctx, "db"); !errors.Is(err, credentials.ErrChanged) {
+		t.Fatalf("a rotation of a record changed underneath: %v, want ErrChanged", err)
+	}
+	b, err := f.st.Get(store.BucketCredentials, "db")
+	if err != nil || !strings.Contains(string(b), "changed by another node") {
+		t.Fatalf("the other node's change was overwritten: %s, %v", b, err)
+	}
 }
 
 func (f *fixture) record() string {

@@ -131,6 +131,7 @@ var codeOf = []struct {
 	{credentials.ErrPermanent, codes.FailedPrecondition},
 	{credentials.ErrUnavailable, codes.Unavailable},
 	{credentials.ErrNoPlugin, codes.FailedPrecondition},
+	{credentials.ErrChanged, codes.Aborted},
 	{tokens.ErrInvalid, codes.InvalidArgument},
 }
 
