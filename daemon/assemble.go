@@ -297,6 +297,9 @@ func (d *daemonParts) newPlugins(context.Context) (err error) {
 	if d.ob, err = outbox.New(d.st, set, d.log, nil); err != nil {
 		return err
 	}
+	// Events another node of a fleet wrote: the elected node delivers them
+	// now rather than at its next round (Notify never waits).
+	d.feed.on(store.BucketOutbox, func([]etcdstore.Change) { d.ob.Notify() })
 	d.sched = newScheduler(d.cfg, d.st, d.km, d.cm, d.akm, d.al, d.log, d.o.Now)
 	return nil
 }

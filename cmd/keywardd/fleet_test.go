@@ -2,10 +2,16 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -18,6 +24,7 @@ import (
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/plugins/conformance"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 	"github.com/keyward/keyward/softhsm-test/daemontest"
 	"github.com/keyward/keyward/softhsm-test/etcdtest"
@@ -35,7 +42,7 @@ type fleetNode struct {
 // startFleet starts n keywardd processes on the etcd cluster c, sharing
 // one SoftHSM2 token, one after the other; configure (if not nil) changes
 // node i's store.etcd.
-func startFleet(t testing.TB, c *etcdtest.Cluster, n int, configure func(i int, e *daemon.EtcdConfig)) []*fleetNode {
+func startFleet(t testing.TB, c *etcdtest.Cluster, n int, configure func(i int, e *daemon.EtcdConfig), more ...func(*daemon.Config)) []*fleetNode {
 	t.Helper()
 	bin := daemontest.Build(t)
 	tok := softhsmtest.New(t)
@@ -48,6 +55,9 @@ func startFleet(t testing.TB, c *etcdtest.Cluster, n int, configure func(i int, 
 				configure(i, cfg.Store.Etcd)
 			}
 			cfg.Node = name
+			for _, fn := range more {
+				fn(cfg)
+			}
 		}))
 		nodes[i] = &fleetNode{name: name, files: f, bin: bin}
 		nodes[i].start(t)
@@ -524,4 +534,60 @@ func TestFleetFirstStartTogether(t *testing.T) {
 func lastLine(log string) string {
 	lines := strings.Split(strings.TrimSpace(log), "\n")
 	return lines[len(lines)-1]
+}
+
+// TestFleetEvents: with the webhook plugin on every node, the revocations
+// made on any node reach it once each (delivered by the elected node), in
+// the order they were made.
+func TestFleetEvents(t *testing.T) {
+	kf := filepath.Join(t.TempDir(), "webhook-key")
+	os.WriteFile(kf, []byte("0123456789abcdef0123456789abcdef-fleet"), 0o600)
+	var (
+		mu  sync.Mutex
+		ids []string
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var m struct {
+			Type string
+			Data map[string]string
+		}
+		json.NewDecoder(r.Body).Decode(&m)
+		mu.Lock()
+		ids = append(ids, m.Data["id"])
+		mu.Unlock()
+	}))
+	defer srv.Close()
+	bin := conformance.Build(t, "github.com/keyward/keyward/cmd/keyward-plugin-webhook")
+	b, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	plugin := daemon.PluginConfig{Name: "webhook", Path: bin, SHA256: hex.EncodeToString(sum[:]),
+		Env: map[string]string{"KEYWARD_WEBHOOK_URL": srv.URL, "KEYWARD_WEBHOOK_KEY_FILE": kf, "KEYWARD_WEBHOOK_EVENTS": "api_key"}}
+	c := etcdtest.NewCluster(t, 3)
+	n := startFleet(t, c, 3, nil, func(cfg *daemon.Config) { cfg.Plugins = []daemon.PluginConfig{plugin} })
+	ctx := context.Background()
+	var want []string
+	for i := range 9 {
+		k, err := n[i%3].APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: fmt.Sprintf("k%d", i), Environment: "prod", Permissions: []string{"orders:read"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := n[(i+1)%3].APIKeys.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: k.Key.Id}); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, k.Key.Id)
+	}
+	within(t, "the revocations did not all reach the webhook", func() (bool, string) {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(ids) >= len(want), fmt.Sprint(len(ids), " of ", len(want))
+	})
+	time.Sleep(2 * time.Second) // a second delivery would come within the outbox's round (1 s)
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Equal(ids, want) {
+		t.Errorf("the webhook got %v, want each revocation once, in order: %v", ids, want)
+	}
 }
