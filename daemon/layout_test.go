@@ -182,7 +182,8 @@ func violations(pkgs []pkg) []string {
 
 // throughContract is what a package outside daemon/store may name of it:
 // the contract (Backend and its sizes, what a backend that takes less, or
-// that other processes share, offers: TxLimiter, BatchKeys, Locker), the
+// that other processes share, offers: TxLimiter, BatchKeys, Locker,
+// Syncer), the
 // schema's buckets and keys, and the sentinel errors. The domain packages use the store through
 // interfaces of their own, subsets of Backend, so that another backend
 // serves them unchanged; the bbolt type and how to open it (Store, Open,
@@ -190,7 +191,7 @@ func violations(pkgs []pkg) []string {
 func throughContract(name string) bool {
 	switch {
 	case name == "Backend", name == "Buckets", name == "OutboxKey", name == "LegacyAPIKeys",
-		name == "TxLimiter", name == "BatchKeys", name == "Locker":
+		name == "TxLimiter", name == "BatchKeys", name == "Locker", name == "Syncer":
 		return true
 	case strings.HasPrefix(name, "Bucket"), strings.HasPrefix(name, "Err"), strings.HasPrefix(name, "Max"):
 		return true

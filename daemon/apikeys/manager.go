@@ -547,6 +547,14 @@ func (m *Manager) load(id string) (*Record, error) {
 		return nil, fmt.Errorf("%w: not a key ID (ak_ and 24 hex digits; the ID, never the key itself)", ErrInvalid)
 	}
 	b, err := m.store.Get(store.BucketAPIKeys, id)
+	if sy, ok := m.store.(store.Syncer); ok && errors.Is(err, store.ErrNotFound) {
+		// On a fleet, a key made on another node a moment ago may not be in
+		// this node's copy yet (never on the verify path, which answers
+		// from what it has).
+		if err = sy.Sync(context.Background()); err == nil {
+			b, err = m.store.Get(store.BucketAPIKeys, id)
+		}
+	}
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, fmt.Errorf("%w: %q", ErrNotFound, id)
 	}

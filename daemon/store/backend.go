@@ -166,6 +166,15 @@ type Locker interface {
 	Lock(ctx context.Context, name string) (unlock func(), err error)
 }
 
+// Syncer is a backend whose reads may lag writes made through another
+// process sharing the state (a fleet node's local copy). Sync returns once
+// this process's reads see every write committed anywhere before it was
+// called: for a lookup by name that found nothing, before it answers "not
+// found" to a change (not on a hot path: Sync asks the shared engine).
+type Syncer interface {
+	Sync(ctx context.Context) error
+}
+
 // BatchKeys is how many keys a caller puts in each transaction when it
 // splits its work into transactions that are each correct alone (usage
 // flushes, sweeps, bulk revocations): MaxTxKeys, or what b takes if it is

@@ -895,3 +895,29 @@ func (n *Node) Lock(ctx context.Context, name string) (func(), error) {
 // lockWait bounds the wait for a fleet lock when the caller's context has
 // no deadline.
 const lockWait = 30 * time.Second
+
+// Sync waits until the copy has every write committed to etcd before it was
+// called (store.Syncer): one linearizable read, and the watch's progress.
+func (n *Node) Sync(ctx context.Context) error {
+	if err := n.enterRead(); err != nil {
+		return err
+	}
+	defer n.life.RUnlock()
+	ctx, cancel := context.WithTimeout(ctx, n.o.Timeout)
+	defer cancel()
+	resp, err := n.w.cli.Get(clientv3.WithRequireLeader(ctx), n.w.metaKey(), clientv3.WithCountOnly())
+	if err != nil {
+		return mapErr(err)
+	}
+	rev := resp.Header.Revision
+	if n.applied.Load() >= rev {
+		return nil
+	}
+	if p := n.progress.Load(); p != nil {
+		p.w.RequestProgress(p.ctx)
+	}
+	if !n.waitApplied(rev, n.o.Timeout) {
+		return fmt.Errorf("%w: this node's local copy did not reach etcd's revision %d within %v", store.ErrUnavailable, rev, n.o.Timeout)
+	}
+	return nil
+}
