@@ -921,13 +921,13 @@ func (m *Manager) reserve(ctx context.Context, name string) (hsm.KeyID, error) {
 		})
 		if errors.Is(err, errReserveAgain) {
 			// Rotated, or used up, by another node: the record read next
-			// says which (once the local copy has it).
+			// says which, once this node's reads have what the transaction
+			// saw (a fleet node's copy may lag).
 			if tries++; tries > maxReserveTries {
 				return hsm.KeyID{}, fmt.Errorf("%w: keys: %q changed under %d reservations in a row", store.ErrUnavailable, name, tries)
 			}
-			time.Sleep(time.Duration(tries) * time.Millisecond)
-			if used, rerr := m.usedUp(name, id); rerr == nil && used {
-				if err := m.rotateForLimit(ctx, name, id); err != nil {
+			if sy, ok := m.store.(store.Syncer); ok {
+				if err := sy.Sync(ctx); err != nil {
 					return hsm.KeyID{}, err
 				}
 			}
@@ -949,22 +949,7 @@ func (m *Manager) reserve(ctx context.Context, name string) (hsm.KeyID, error) {
 // the transaction; maxReserveTries bounds how often in a row.
 var errReserveAgain = errors.New("keys: reserve again")
 
-const maxReserveTries = 50
-
-// usedUp reports whether version id of name, as the store has it now, has
-// no block left to reserve.
-func (m *Manager) usedUp(name string, id hsm.KeyID) (bool, error) {
-	used := false
-	_, err := m.change(name, func(k *Key) error {
-		last := k.Versions[len(k.Versions)-1]
-		used = last.Number == id.Version && last.Reserved+m.opt.ReserveBlock > m.opt.EncryptionLimit
-		return errReserveAgain // read only
-	})
-	if errors.Is(err, errReserveAgain) {
-		err = nil
-	}
-	return used, err
-}
+const maxReserveTries = 10
 
 // rotateForLimit rotates name because version id reached its encryption
 // limit, under the fleet's lock of the key (reserve holds the local one);

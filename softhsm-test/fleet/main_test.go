@@ -1,12 +1,10 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,19 +19,6 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// syncBuffer is what run prints, read while it runs.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
-
 // TestFleet is make fleet as a new user meets it: three nodes serve, the
 // printed sockets are theirs, what it says to try works (a key made on
 // node 1 verifies on node 3 and, revoked on node 2, is refused there),
@@ -41,7 +26,7 @@ func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return 
 func TestFleet(t *testing.T) {
 	bin := filepath.Dir(daemontest.Build(t))
 	dir := filepath.Join(t.TempDir(), "fleet")
-	var out syncBuffer
+	var out daemontest.Log // what run prints, read while it runs
 	stop := make(chan os.Signal, 1)
 	done := make(chan error, 1)
 	go func() { done <- run(bin, dir, 3, &out, stop) }()

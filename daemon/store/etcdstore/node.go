@@ -79,7 +79,6 @@ type Node struct {
 	seal   *store.Sealer
 	prefix string // o.Prefix + "/"
 
-	active  atomic.Int32 // which of copyKV readers use
 	applied atomic.Int64 // every event up to it is in the file
 	// freshAt is when the copy was last known current, as nanoseconds
 	// since base plus one (0: never): on the monotonic clock, so that a
@@ -128,6 +127,7 @@ func OpenNode(o NodeOptions) (*Node, error) {
 	}
 	db, err := bolt.Open(o.Path, 0o600, &bolt.Options{Timeout: time.Second})
 	if err != nil {
+		w.Close()
 		return nil, fmt.Errorf("etcdstore: the local copy %s: %w", o.Path, err)
 	}
 	o.Options = w.o // with its defaults
@@ -162,9 +162,6 @@ func (n *Node) start(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if v := st.Get([]byte("active")); len(v) == 1 && v[0] == 1 {
-			n.active.Store(1)
-		}
 		if v := st.Get([]byte("rev")); len(v) == 8 {
 			rev = int64(binary.BigEndian.Uint64(v))
 		}
@@ -172,7 +169,7 @@ func (n *Node) start(ctx context.Context) error {
 			cluster = binary.BigEndian.Uint64(v)
 		}
 		prefix = string(st.Get([]byte("prefix")))
-		_, err = tx.CreateBucketIfNotExists(copyKV[n.active.Load()])
+		_, err = tx.CreateBucketIfNotExists(copyKV[active(tx)])
 		return err
 	})
 	if err != nil {
@@ -214,8 +211,9 @@ func (n *Node) clusterID(ctx context.Context) (id uint64, rev int64) {
 // page, into the bucket readers do not use, then swaps it in with the
 // revision, in one transaction.
 func (n *Node) reload(ctx context.Context) error {
-	next := 1 - n.active.Load()
+	var next int
 	err := n.db.Update(func(tx *bolt.Tx) error {
+		next = 1 - active(tx)
 		if tx.Bucket(copyKV[next]) != nil {
 			if err := tx.DeleteBucket(copyKV[next]); err != nil {
 				return err
@@ -290,7 +288,6 @@ func (n *Node) reload(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
 	}
-	n.active.Store(next)
 	n.rewound.Store(false)
 	n.writes.Store(0) // the new copy's meta says (loadWrites)
 	n.markFresh(asked)
@@ -307,11 +304,14 @@ func (n *Node) reload(ctx context.Context) error {
 // records is the bucket of records tx sees: the one its own state names,
 // so that a read that began before a reload's swap reads the records as
 // they were before it, whole.
-func records(tx *bolt.Tx) *bolt.Bucket {
+func records(tx *bolt.Tx) *bolt.Bucket { return tx.Bucket(copyKV[active(tx)]) }
+
+// active is which of copyKV holds the records, as tx sees it.
+func active(tx *bolt.Tx) int {
 	if v := tx.Bucket(copyState).Get([]byte("active")); len(v) == 1 && v[0] == 1 {
-		return tx.Bucket(copyKV[1])
+		return 1
 	}
-	return tx.Bucket(copyKV[0])
+	return 0
 }
 
 // reloadPage is how many records a reload reads per request.
@@ -477,7 +477,7 @@ func (n *Node) apply(resp clientv3.WatchResponse) error {
 	changed := map[string][]Change{}
 	var order []string
 	err := n.db.Update(func(tx *bolt.Tx) error {
-		kv := tx.Bucket(copyKV[n.active.Load()])
+		kv := records(tx)
 		for _, e := range resp.Events {
 			k, ok := n.copyKey(e.Kv.Key)
 			if !ok {
@@ -563,14 +563,8 @@ func (n *Node) checkFresh(ctx context.Context) {
 	// before it was asked, the copy's among them; the copy may move past
 	// it meanwhile (writes go on), so only what it had before counts.
 	had := n.applied.Load()
-	cctx, cancel := context.WithTimeout(ctx, n.o.Timeout)
-	defer cancel()
-	resp, err := n.w.cli.Get(clientv3.WithRequireLeader(cctx), n.w.metaKey(), clientv3.WithCountOnly())
-	if err != nil {
-		return
-	}
-	rev := resp.Header.Revision
-	if rev < had {
+	rev, err := n.catchUp(ctx)
+	if rev != 0 && rev < had {
 		// etcd is behind the copy: restored from an older snapshot. What
 		// the copy holds past rev is of another history; reload it.
 		n.o.Logger.Error("etcd is at an older revision than the local copy (restored from an older snapshot?): loading the copy again; calls are refused meanwhile", "etcd", rev, "copy", had)
@@ -582,17 +576,34 @@ func (n *Node) checkFresh(ctx context.Context) {
 		}
 		return
 	}
-	if n.applied.Load() < rev {
-		// Nothing of the prefix may have changed since: the watch says so
-		// when asked.
-		if p := n.progress.Load(); p != nil {
-			p.w.RequestProgress(p.ctx)
-		}
-		if !n.waitApplied(rev, n.o.Timeout) {
-			return
-		}
+	if err == nil {
+		n.markFresh(start)
 	}
-	n.markFresh(start)
+}
+
+// catchUp reads etcd's revision with a linearizable read and waits until
+// the copy reflects it; it returns the revision (0 if it could not be
+// read).
+func (n *Node) catchUp(ctx context.Context) (int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, n.o.Timeout)
+	defer cancel()
+	resp, err := n.w.cli.Get(clientv3.WithRequireLeader(ctx), n.w.metaKey(), clientv3.WithCountOnly())
+	if err != nil {
+		return 0, mapErr(err)
+	}
+	rev := resp.Header.Revision
+	if n.applied.Load() >= rev {
+		return rev, nil
+	}
+	// Nothing of the prefix may have changed since: the watch says so when
+	// asked.
+	if p := n.progress.Load(); p != nil {
+		p.w.RequestProgress(p.ctx)
+	}
+	if !n.waitApplied(rev, n.o.Timeout) {
+		return rev, fmt.Errorf("%w: this node's local copy did not reach etcd's revision %d within %v", store.ErrUnavailable, rev, n.o.Timeout)
+	}
+	return rev, nil
 }
 
 // markFresh records that the copy was current at t, unless it was known
@@ -903,21 +914,6 @@ func (n *Node) Sync(ctx context.Context) error {
 		return err
 	}
 	defer n.life.RUnlock()
-	ctx, cancel := context.WithTimeout(ctx, n.o.Timeout)
-	defer cancel()
-	resp, err := n.w.cli.Get(clientv3.WithRequireLeader(ctx), n.w.metaKey(), clientv3.WithCountOnly())
-	if err != nil {
-		return mapErr(err)
-	}
-	rev := resp.Header.Revision
-	if n.applied.Load() >= rev {
-		return nil
-	}
-	if p := n.progress.Load(); p != nil {
-		p.w.RequestProgress(p.ctx)
-	}
-	if !n.waitApplied(rev, n.o.Timeout) {
-		return fmt.Errorf("%w: this node's local copy did not reach etcd's revision %d within %v", store.ErrUnavailable, rev, n.o.Timeout)
-	}
-	return nil
+	_, err := n.catchUp(ctx)
+	return err
 }

@@ -301,17 +301,24 @@ func TestNodeAheadOfEtcd(t *testing.T) {
 	}
 }
 
+// twoNodes are two nodes of one fleet on a new 3-member cluster, each on a
+// member of its own, closed when t ends.
+func twoNodes(t *testing.T) (a, b *Node) {
+	t.Helper()
+	c := etcdtest.NewCluster(t, 3)
+	p, dir := prefix(t), t.TempDir()
+	a = openNode(t, NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(0)), Prefix: p}, Path: filepath.Join(dir, "a.db")})
+	t.Cleanup(func() { a.Close() })
+	b = openNode(t, NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(1)), Prefix: p}, Path: filepath.Join(dir, "b.db")})
+	t.Cleanup(func() { b.Close() })
+	return a, b
+}
+
 // TestNodeLock: the fleet's lock of a name is one node's at a time; a
 // waiter gives up at its deadline, leaving no place in the queue; the next
 // holder reads at once what the last one wrote under the lock.
 func TestNodeLock(t *testing.T) {
-	c := etcdtest.NewCluster(t, 3)
-	p := prefix(t)
-	dir := t.TempDir()
-	a := openNode(t, NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(0)), Prefix: p}, Path: filepath.Join(dir, "a.db")})
-	defer a.Close()
-	b := openNode(t, NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(1)), Prefix: p}, Path: filepath.Join(dir, "b.db")})
-	defer b.Close()
+	a, b := twoNodes(t)
 	var _ store.Locker = a
 
 	release, err := a.Lock(t.Context(), "keys/k")
@@ -352,13 +359,7 @@ func TestNodeLock(t *testing.T) {
 // TestNodeSync: after Sync, a node reads every write committed anywhere
 // before it, at once.
 func TestNodeSync(t *testing.T) {
-	c := etcdtest.NewCluster(t, 3)
-	p := prefix(t)
-	dir := t.TempDir()
-	a := openNode(t, NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(0)), Prefix: p}, Path: filepath.Join(dir, "a.db")})
-	defer a.Close()
-	b := openNode(t, NodeOptions{Options: Options{Client: client(t, c, c.Endpoint(1)), Prefix: p}, Path: filepath.Join(dir, "b.db")})
-	defer b.Close()
+	a, b := twoNodes(t)
 	var _ store.Syncer = b
 	for i := range 50 {
 		k := strconv.Itoa(i)
