@@ -435,7 +435,7 @@ func fleetLocked(ctx context.Context, cli *clientv3.Client, key string, fn func(
 		defer cancel()
 		cli.Revoke(rctx, s.Lease()) // the lock with it
 	}()
-	if err := concurrency.NewMutex(s, key).Lock(clientv3.WithRequireLeader(ctx)); err != nil {
+	if err := etcdstore.LockWithin(clientv3.WithRequireLeader(ctx), concurrency.NewMutex(s, key)); err != nil {
 		return fmt.Errorf("the fleet's lock of %s: %w", key, err)
 	}
 	return fn()

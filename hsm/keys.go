@@ -515,10 +515,14 @@ func (h *HSM) loadKeys(s pkcs11.SessionHandle) (map[keyRef]*keyEntry, error) {
 		})
 		// An object destroyed since the search fails the load like any
 		// other error (the next connection loads again): skipping it could
-		// leave out a key that is there.
+		// leave out a key that is there. On a token other processes make
+		// and destroy keys on (Config.Shared), that is how it goes, and a
+		// key left out is looked up when it is asked for.
 		switch {
 		case errors.Is(err, pkcs11.Error(pkcs11.CKR_ATTRIBUTE_TYPE_INVALID)):
 			continue // not a storage object: it has no label
+		case h.set.shared && classify(err) == classHandle:
+			continue
 		case err != nil:
 			return nil, err
 		}

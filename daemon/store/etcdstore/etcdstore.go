@@ -549,14 +549,7 @@ func (b *Backend) lock(ctx context.Context) (*concurrency.Mutex, error) {
 			b.session = s
 		}
 		mu := concurrency.NewMutex(b.session, b.lockKey())
-		locked := make(chan error, 1)
-		go func() { locked <- mu.Lock(ctx) }()
-		var err error
-		select {
-		case err = <-locked:
-		case <-ctx.Done():
-			err = ctx.Err()
-		}
+		err := LockWithin(ctx, mu)
 		if err == nil {
 			return mu, nil
 		}
@@ -567,6 +560,21 @@ func (b *Backend) lock(ctx context.Context) (*concurrency.Mutex, error) {
 		}
 		// The session's lease ended before its keepalive noticed: once
 		// more, on a new one.
+	}
+}
+
+// LockWithin takes mu within ctx. etcd's Mutex.Lock, when its wait fails,
+// cleans up with a context of its own that has no deadline (and retries
+// for as long as quorum is lost): it runs apart, and the caller, once ctx
+// ended, ends mu's session, which takes its place in the queue with it.
+func LockWithin(ctx context.Context, mu *concurrency.Mutex) error {
+	locked := make(chan error, 1)
+	go func() { locked <- mu.Lock(ctx) }()
+	select {
+	case err := <-locked:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 

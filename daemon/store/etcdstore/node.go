@@ -882,15 +882,7 @@ func (n *Node) Lock(ctx context.Context, name string) (func(), error) {
 		n.w.revoke(lease.ID) // the lock, or the place in its queue, with it
 	}
 	mu := concurrency.NewMutex(s, n.prefix+"locks/"+name)
-	locked := make(chan error, 1)
-	// Mutex.Lock cleans up a failed wait without a deadline: apart.
-	go func() { locked <- mu.Lock(ctx) }()
-	select {
-	case err = <-locked:
-	case <-ctx.Done():
-		err = ctx.Err()
-	}
-	if err != nil {
+	if err := LockWithin(ctx, mu); err != nil {
 		go end()
 		return nil, fmt.Errorf("%w: the fleet's lock of %s (another node holds it, or etcd did not answer): %v", store.ErrUnavailable, name, mapErr(err))
 	}
