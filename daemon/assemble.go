@@ -182,6 +182,7 @@ func (d *daemonParts) openStore(ctx context.Context) (err error) {
 			ttl = DefaultLeaderTTL
 		}
 		d.lead = &leadership{cli: cli, key: e.prefix() + "/leader", node: d.cfg.nodeName(), ttl: int(ttl / time.Second), timeout: timeout, log: d.log}
+		d.lead.count(ctx)
 		return nil
 	}
 	st, err := openStore(ctx, d.cfg, d.h, d.al, d.o, d.log)
@@ -268,6 +269,9 @@ func (d *daemonParts) newAPIKeys(context.Context) (err error) {
 		gov := dynlimits.New(d.cfg.DynamicLimits, clean)
 		d.gov = gov
 		ako.LimitFactor = func(rec *apikeys.Record, now time.Time) float64 { return gov.Factor(rec.ID, rec.Created, now) }
+	}
+	if d.lead != nil {
+		ako.FleetNodes = d.lead.Nodes
 	}
 	d.akm, err = apikeys.NewManager(d.st, d.h, PepperKey, ako)
 	if err != nil {

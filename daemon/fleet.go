@@ -285,6 +285,23 @@ type leadership struct {
 	timeout time.Duration
 	log     *slog.Logger
 	leading atomic.Bool
+	// nodes is how many nodes campaign (one key each under PREFIX/leader),
+	// counted every TTL: the fleet's size, as the API keys' fleet-wide
+	// limits divide them.
+	nodes atomic.Int64
+}
+
+// Nodes is the fleet's size as last counted, at least 1.
+func (l *leadership) Nodes() int { return int(max(l.nodes.Load(), 1)) }
+
+// count counts the nodes; on an error the last count stands.
+func (l *leadership) count(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, l.timeout)
+	defer cancel()
+	resp, err := l.cli.Get(ctx, l.key+"/", clientv3.WithPrefix(), clientv3.WithCountOnly(), clientv3.WithSerializable())
+	if err == nil {
+		l.nodes.Store(resp.Count)
+	}
 }
 
 // elect returns ts with the work done once wrapped in the fleet's
@@ -301,6 +318,7 @@ func (d *daemonParts) elect(ts []task) []task {
 			each = append(each, t)
 		}
 	}
+	each = append(each, every("fleet size", time.Duration(d.lead.ttl)*time.Second, d.lead.count))
 	return append(each, d.lead.task(once))
 }
 

@@ -14,15 +14,18 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/keyward/keyward/daemon"
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/plugins/conformance"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
@@ -270,6 +273,8 @@ func TestFleet(t *testing.T) {
 		t.Errorf("node 1 decrypting version %d: %v", latest, err)
 	}
 
+	limitsAcrossFleet(t, n)
+
 	// Each node's own audit log, its name in every record.
 	for _, node := range n {
 		f, err := os.Open(filepath.Join(node.files.DataDir, "audit.log"))
@@ -293,6 +298,82 @@ func TestFleet(t *testing.T) {
 		}
 		if strings.Contains(node.proc.Log(), created.Secret) {
 			t.Errorf("%s logged an API key's secret", node.name)
+		}
+	}
+}
+
+// limitsAcrossFleet: a key's rate limit and its quota hold across the
+// fleet's nodes, hammered on all of them at once, within the bound
+// daemon/apikeys/fleet.go states (N·b over, in a window with no refill to
+// speak of), and the nodes write to etcd a block at a time, not a
+// verification at a time.
+func limitsAcrossFleet(t *testing.T, n []*fleetNode) {
+	ctx := context.Background()
+	const limit, per, tries = 240, 4 * 150, 150 // per node: 4 callers, 150 tries each
+	b := apikeys.FleetBlock(limit, len(n))
+	for _, tc := range []struct {
+		name    string
+		req     *keywardv1.CreateAPIKeyRequest
+		refused keywardv1.APIKeyCode
+	}{
+		{"rate limit", &keywardv1.CreateAPIKeyRequest{RateLimits: []*keywardv1.RateLimit{{Limit: limit, Per: durationpb.New(24 * time.Hour), Burst: limit}}},
+			keywardv1.APIKeyCode_API_KEY_CODE_RATE_LIMITED},
+		{"quota", &keywardv1.CreateAPIKeyRequest{Unlimited: true, Quota: &keywardv1.Quota{Remaining: limit}},
+			keywardv1.APIKeyCode_API_KEY_CODE_USAGE_EXCEEDED},
+	} {
+		req := tc.req
+		req.Owner, req.Name, req.Environment, req.Permissions = "team-limits", tc.name, "prod", []string{"orders:read"}
+		k, err := n[0].APIKeys.CreateAPIKey(ctx, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		verify := func(node *fleetNode, env string) (keywardv1.APIKeyCode, error) {
+			resp, err := node.APIKeys.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: k.Secret, Environment: env, Permissions: []string{"orders:read"}})
+			return resp.GetCode(), err
+		}
+		for _, node := range n { // known everywhere, nothing spent (the environment is checked first)
+			within(t, node.name+" does not know the key", func() (bool, string) {
+				code, err := verify(node, "staging")
+				return code == keywardv1.APIKeyCode_API_KEY_CODE_WRONG_ENVIRONMENT, fmt.Sprint(code, err)
+			})
+		}
+		revision := func() int64 {
+			st, err := n[0].Status.GetStatus(ctx, &keywardv1.GetStatusRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return st.GetFleet().GetRevision()
+		}
+		rev := revision()
+		var valid atomic.Int64
+		var wg sync.WaitGroup
+		for _, node := range n {
+			for range per / tries {
+				wg.Go(func() {
+					for range tries {
+						code, err := verify(node, "prod")
+						switch {
+						case err != nil:
+							t.Errorf("%s: %v", node.name, err)
+							return
+						case code == keywardv1.APIKeyCode_API_KEY_CODE_VALID:
+							valid.Add(1)
+						case code != tc.refused && code != keywardv1.APIKeyCode_API_KEY_CODE_RATE_LIMITED:
+							t.Errorf("%s answered %v", node.name, code)
+							return
+						}
+					}
+				})
+			}
+		}
+		wg.Wait()
+		got, writes, verifications := int(valid.Load()), revision()-rev, len(n)*per
+		t.Logf("%s of %d across %d nodes: %d admitted of %d verifications (b = %d), %d etcd revisions meanwhile", tc.name, limit, len(n), got, verifications, b, writes)
+		if got > limit+len(n)*b || got < limit-2*len(n)*b {
+			t.Errorf("%s of %d: the fleet admitted %d; the bound is %d to %d", tc.name, limit, got, limit-2*len(n)*b, limit+len(n)*b)
+		}
+		if writes > int64(verifications/5) {
+			t.Errorf("%s: %d etcd revisions for %d verifications: not a write a block", tc.name, writes, verifications)
 		}
 	}
 }

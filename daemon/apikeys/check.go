@@ -58,11 +58,15 @@ type Record struct {
 	AllowedIPs  []netip.Prefix    `json:"allowed_ips,omitempty"`
 	Limits      []ratelimit.Layer `json:"limits,omitempty"`
 	Quota       *Quota            `json:"quota,omitempty"`
-	Tags        []string          `json:"tags,omitempty"`
-	Metadata    map[string]string `json:"metadata,omitempty"`
-	State       State             `json:"state"`
-	Created     time.Time         `json:"created"`
-	Secrets     []Secret          `json:"secrets"` // the current one last
+	// Shared is the fleet's bucket of the key's rate limits, from which
+	// the nodes of a fleet take requests in blocks (fleet.go); unused on
+	// one host.
+	Shared   ratelimit.Shared  `json:"shared,omitempty"`
+	Tags     []string          `json:"tags,omitempty"`
+	Metadata map[string]string `json:"metadata,omitempty"`
+	State    State             `json:"state"`
+	Created  time.Time         `json:"created"`
+	Secrets  []Secret          `json:"secrets"` // the current one last
 }
 
 // Secret is one secret of a key: its HMAC, and after a rotation, when the
@@ -113,29 +117,10 @@ type Result struct {
 // everything before it passes, and the quota only if the rate limit does;
 // the caller saves a changed quota.
 func Check(rec *Record, secret int, req Request, lim *ratelimit.Limiter, now time.Time) Result {
+	if res, ok := access(rec, secret, req, now); !ok {
+		return res
+	}
 	cost := max(req.Cost, 1)
-	if secret < 0 || secret >= len(rec.Secrets) {
-		return Result{Code: NotFound, Detail: "no such secret"}
-	}
-	switch {
-	case rec.State == StateRevoked:
-		return Result{Code: Revoked, Detail: "the key was revoked"}
-	case rec.State == StateDisabled:
-		return Result{Code: Disabled, Detail: "the key is disabled"}
-	case !rec.Expires.IsZero() && !now.Before(rec.Expires):
-		return Result{Code: Expired, Detail: "the key expired at " + rec.Expires.UTC().Format(time.RFC3339)}
-	case !rec.Secrets[secret].NotAfter.IsZero() && !now.Before(rec.Secrets[secret].NotAfter):
-		return Result{Code: Expired, Detail: "this secret was rotated; its overlap ended at " + rec.Secrets[secret].NotAfter.UTC().Format(time.RFC3339)}
-	case req.Environment != rec.Environment:
-		return Result{Code: WrongEnvironment, Detail: fmt.Sprintf("the key is for %q", rec.Environment)}
-	case len(rec.AllowedIPs) > 0 && !slices.ContainsFunc(rec.AllowedIPs, func(p netip.Prefix) bool { return req.SourceIP.IsValid() && p.Contains(req.SourceIP.Unmap()) }):
-		return Result{Code: IPNotAllowed, Detail: "the source address is not in the key's allowlist"}
-	}
-	for _, p := range req.Permissions {
-		if !rec.Grants(p) {
-			return Result{Code: Forbidden, Detail: fmt.Sprintf("the key lacks %q", p)}
-		}
-	}
 	if q := rec.Quota; q != nil {
 		q.refill(now)
 		if q.Remaining < int64(cost) {
@@ -143,24 +128,62 @@ func Check(rec *Record, secret int, req Request, lim *ratelimit.Limiter, now tim
 		}
 	}
 	var res Result
-	if len(rec.Limits) > 0 {
-		layers := rec.Limits
-		if f := req.LimitFactor; f > 0 && f != 1 {
-			layers = ratelimit.Scale(layers, f)
-		}
+	if layers := rec.scaledLimits(req); len(layers) > 0 {
 		res.Limits = lim.Allow(rec.ID, layers, cost, now)
 		if !res.Limits.Allowed {
-			res.Code, res.Detail = RateLimited, fmt.Sprintf("retry after %v", res.Limits.RetryAfter.Round(time.Millisecond))
-			if res.Limits.TooLarge {
-				res.Detail = "the request costs more than the key's burst allows"
-			}
-			return res
+			return limited(res)
 		}
 	}
 	if q := rec.Quota; q != nil {
 		q.Remaining -= int64(cost)
 	}
 	res.Code = Valid
+	return res
+}
+
+// access is Check up to the limits: state, expiry, environment, source,
+// permissions; ok if all pass.
+func access(rec *Record, secret int, req Request, now time.Time) (Result, bool) {
+	if secret < 0 || secret >= len(rec.Secrets) {
+		return Result{Code: NotFound, Detail: "no such secret"}, false
+	}
+	switch {
+	case rec.State == StateRevoked:
+		return Result{Code: Revoked, Detail: "the key was revoked"}, false
+	case rec.State == StateDisabled:
+		return Result{Code: Disabled, Detail: "the key is disabled"}, false
+	case !rec.Expires.IsZero() && !now.Before(rec.Expires):
+		return Result{Code: Expired, Detail: "the key expired at " + rec.Expires.UTC().Format(time.RFC3339)}, false
+	case !rec.Secrets[secret].NotAfter.IsZero() && !now.Before(rec.Secrets[secret].NotAfter):
+		return Result{Code: Expired, Detail: "this secret was rotated; its overlap ended at " + rec.Secrets[secret].NotAfter.UTC().Format(time.RFC3339)}, false
+	case req.Environment != rec.Environment:
+		return Result{Code: WrongEnvironment, Detail: fmt.Sprintf("the key is for %q", rec.Environment)}, false
+	case len(rec.AllowedIPs) > 0 && !slices.ContainsFunc(rec.AllowedIPs, func(p netip.Prefix) bool { return req.SourceIP.IsValid() && p.Contains(req.SourceIP.Unmap()) }):
+		return Result{Code: IPNotAllowed, Detail: "the source address is not in the key's allowlist"}, false
+	}
+	for _, p := range req.Permissions {
+		if !rec.Grants(p) {
+			return Result{Code: Forbidden, Detail: fmt.Sprintf("the key lacks %q", p)}, false
+		}
+	}
+	return Result{}, true
+}
+
+// scaledLimits are the key's rate limits as this check applies them
+// (req.LimitFactor).
+func (rec *Record) scaledLimits(req Request) []ratelimit.Layer {
+	if f := req.LimitFactor; len(rec.Limits) > 0 && f > 0 && f != 1 {
+		return ratelimit.Scale(rec.Limits, f)
+	}
+	return rec.Limits
+}
+
+// limited is the answer to a request res.Limits refused.
+func limited(res Result) Result {
+	res.Code, res.Detail = RateLimited, fmt.Sprintf("retry after %v", res.Limits.RetryAfter.Round(time.Millisecond))
+	if res.Limits.TooLarge {
+		res.Detail = "the request costs more than the key's burst allows"
+	}
 	return res
 }
 

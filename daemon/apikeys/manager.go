@@ -86,6 +86,9 @@ type Manager struct {
 	// factor scales rate limits at each verify (Options.LimitFactor).
 	factor func(rec *Record, now time.Time) float64
 	usage  *usageLog
+	// fleet holds the node's shares of keys' fleet-wide limits; nil on
+	// one host.
+	fleet *fleetLimits
 	// quotas holds the quotas used since the last Flush, by key ID; they
 	// override the store's until Flush or a change writes them.
 	quotas map[string]*Quota
@@ -164,6 +167,10 @@ type Options struct {
 	// LimitFactor, if set, scales each key's rate limits at each verify
 	// (keywardd's dynamic limits: tighter under load).
 	LimitFactor func(rec *Record, now time.Time) float64
+	// FleetNodes, set on a node of a fleet, says how many nodes the fleet
+	// has now; keys' rate limits and quotas then hold across the fleet
+	// (fleet.go).
+	FleetNodes func() int
 }
 
 // DefaultLimits are the rate limits a key gets when it is created without
@@ -227,8 +234,12 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, erro
 	}
 	lim := ratelimit.New()
 	lim.Near = o.NearLimit
-	return &Manager{store: s, mac: mac, pepper: pepper, prefix: o.Prefix, defaults: o.DefaultLimits, lim: lim, usage: newUsageLog(),
-		quotas: map[string]*Quota{}, now: o.Now, factor: o.LimitFactor, digests: map[[32]byte]known{}, records: map[string]cachedRecord{}, hintKey: hintKey, legacy: err == nil}, nil
+	m := &Manager{store: s, mac: mac, pepper: pepper, prefix: o.Prefix, defaults: o.DefaultLimits, lim: lim, usage: newUsageLog(),
+		quotas: map[string]*Quota{}, now: o.Now, factor: o.LimitFactor, digests: map[[32]byte]known{}, records: map[string]cachedRecord{}, hintKey: hintKey, legacy: err == nil}
+	if o.FleetNodes != nil {
+		m.fleet = newFleetLimits(m, o.FleetNodes)
+	}
+	return m, nil
 }
 
 // Spec is a key to create.
@@ -687,7 +698,12 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		}
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	locked := true
+	defer func() {
+		if locked {
+			m.mu.Unlock()
+		}
+	}()
 	rec, err := m.cachedLoad(k.ref.ID)
 	if errors.Is(err, ErrNotFound) || errors.Is(err, ErrInvalid) {
 		return Result{Code: NotFound, Detail: "no such key"}
@@ -720,6 +736,23 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		// Not a key of an owner this caller serves: for it, no such key.
 		return Result{Code: NotFound, Detail: "no such key"}
 	}
+	if m.fleet != nil && limits(rec) {
+		// The fleet's limits may wait for the store: not under mu.
+		m.mu.Unlock()
+		locked = false
+		now := m.now()
+		if m.factor != nil {
+			req.LimitFactor = m.factor(rec, now)
+		}
+		res := m.fleet.check(ctx, rec, secret, req, now)
+		m.usage.record(rec.ID, res.Code, req.SourceIP, now)
+		res.Key = answer(rec)
+		if q := res.Key.Quota; q != nil {
+			q.refill(now)
+			q.Remaining += m.fleet.share(rec.ID)
+		}
+		return res
+	}
 	if q := m.quotas[rec.ID]; q != nil {
 		rec.Quota = q
 	}
@@ -747,7 +780,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 // be the record cache's, and its quota the pending one), without secrets.
 func answer(rec *Record) *Record {
 	out := *rec
-	out.Secrets = nil
+	out.Secrets, out.Shared = nil, nil
 	if rec.Quota != nil {
 		q := *rec.Quota
 		out.Quota = &q

@@ -188,7 +188,18 @@ func hourKey(id string, t int64) string { return fmt.Sprintf("%s/%0*d", id, hour
 // quotas used, then the usage. A crash loses at most that much: a quota may
 // then be overspent by the uses since the last flush.
 func (m *Manager) Flush() error {
-	return errors.Join(m.flushQuotas(), m.flushUsage())
+	return m.flush(false)
+}
+
+// flush is Flush; with all, the blocks of fleet-wide limits this node
+// holds are all given back (the Manager stops), else those unused for
+// blockIdle.
+func (m *Manager) flush(all bool) error {
+	var fleet error
+	if m.fleet != nil {
+		fleet = m.fleet.giveBack(blockIdle, all)
+	}
+	return errors.Join(m.flushQuotas(), m.flushUsage(), fleet)
 }
 
 // flushUsage writes the use counted since the last flush to the store, and
@@ -298,7 +309,7 @@ func (m *Manager) RunFlusher(ctx context.Context, every time.Duration, onErr fun
 	for {
 		select {
 		case <-ctx.Done():
-			if err := m.Flush(); err != nil {
+			if err := m.flush(true); err != nil {
 				onErr(err)
 			}
 			return

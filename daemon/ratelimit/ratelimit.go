@@ -189,16 +189,7 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 	defer lim.mu.Unlock()
 	wall := now
 	now = lim.clock(now)
-	// Each layer's arrival time, by period; a new period starts full. Two
-	// layers of one period would share it: Check's callers refuse them.
-	tats := make([]time.Time, len(layers))
-	for _, a := range lim.state[key] {
-		for i, l := range layers {
-			if l.Per == a.per {
-				tats[i] = a.carry(l, now)
-			}
-		}
-	}
+	tats := tatsOf(lim.state[key], layers, now)
 	res := Result{Allowed: true, Layers: make([]LayerResult, len(layers))}
 	next := make([]time.Time, len(layers))
 	for i, l := range layers {
@@ -253,19 +244,11 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 			full = false
 		}
 	}
-	// The state to keep: every layer's that is not full, and that of a
-	// period dropped from the layers while its bucket refills (it comes
-	// back as it was if the period is added again).
 	var st []arrival
 	if !full {
-		for i, l := range layers {
-			st = append(st, arrival{l.Per, l.interval(), tats[i]})
-		}
-	}
-	for _, a := range lim.state[key] {
-		if a.tat.After(now) && !slices.ContainsFunc(layers, func(l Layer) bool { return l.Per == a.per }) {
-			st = append(st, a)
-		}
+		st = keep(lim.state[key], layers, tats, now)
+	} else {
+		st = keep(lim.state[key], nil, nil, now)
 	}
 	if len(st) == 0 {
 		delete(lim.state, key) // full buckets need no state
@@ -273,6 +256,54 @@ func (lim *Limiter) Allow(key string, layers []Layer, cost int, now time.Time) R
 		lim.state[key] = st
 	}
 	return res
+}
+
+// tatsOf is each layer's arrival time in st, by period; a new period
+// starts full. Two layers of one period would share it: Check's callers
+// refuse them.
+func tatsOf(st []arrival, layers []Layer, now time.Time) []time.Time {
+	tats := make([]time.Time, len(layers))
+	for _, a := range st {
+		for i, l := range layers {
+			if l.Per == a.per {
+				tats[i] = a.carry(l, now)
+			}
+		}
+	}
+	return tats
+}
+
+// keep is the state to keep: every layer's at tats, and that of a period
+// of st dropped from the layers while its bucket refills (it comes back
+// as it was if the period is added again).
+func keep(st []arrival, layers []Layer, tats []time.Time, now time.Time) []arrival {
+	var out []arrival
+	for i, l := range layers {
+		out = append(out, arrival{l.Per, l.interval(), tats[i]})
+	}
+	for _, a := range st {
+		if a.tat.After(now) && !slices.ContainsFunc(layers, func(l Layer) bool { return l.Per == a.per }) {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// Refund gives back a request of cost that Allow allowed for key with
+// layers, when something checked after the limit refused it.
+func (lim *Limiter) Refund(key string, layers []Layer, cost int, now time.Time) {
+	lim.mu.Lock()
+	defer lim.mu.Unlock()
+	now = lim.clock(now)
+	st := lim.state[key]
+	if st == nil {
+		return
+	}
+	tats := tatsOf(st, layers, now)
+	for i, l := range layers {
+		tats[i] = tats[i].Add(-l.interval() * time.Duration(max(cost, 1)))
+	}
+	lim.state[key] = keep(st, layers, tats, now)
 }
 
 // carry is the arrival time for layer l of a period counted before in
