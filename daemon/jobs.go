@@ -9,6 +9,7 @@ package daemon
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"time"
@@ -45,6 +46,19 @@ func (d *daemonParts) jobs() []task {
 		})),
 		// Token revocations past the tokens' expiry: forgotten.
 		once(every("token revocation sweep", time.Hour, func(context.Context) { sweepRevocations(d.tokens, log, sweepClock) })),
+		// Bulk revocations cut short: finished from their recorded intents
+		// (at once at a start on one host; on a fleet, those a minute old,
+		// as one may be under way on another node).
+		once(every("unfinished bulk revocations", time.Minute, func() func(context.Context) {
+			age := time.Duration(0)
+			if d.lead != nil {
+				age = time.Minute
+			}
+			return func(ctx context.Context) {
+				resumeRevocations(ctx, d.akm, d.srv.Owners, d.al, log, now, age)
+				age = time.Minute
+			}
+		}())),
 		// Revocation events delivered to the plugins (outbox).
 		once(loop("plugin events", func(ctx context.Context) { d.ob.Run(ctx, time.Second) })),
 		// The rest runs on every node of a fleet, on what the node sees.
@@ -94,6 +108,28 @@ func deleteDueKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *sl
 			log.Error("deleting a key failed", "key", name, "error", err.Error())
 		} else if done {
 			log.Info("key deleted", "key", name)
+		}
+	}
+}
+
+// resumeRevocations finishes the bulk revocations cut short, recorded
+// before age ago, each audited with its outcome.
+func resumeRevocations(ctx context.Context, akm *apikeys.Manager, reach func(json.RawMessage) (func(string) bool, error),
+	al *audit.Log, log *slog.Logger, now func() time.Time, age time.Duration) {
+	done, err := akm.ResumeRevocations(age, reach)
+	if err != nil {
+		log.Error("reading the bulk revocations under way failed", "error", err.Error())
+	}
+	for _, r := range done {
+		rec := audit.Record{Time: now().UTC(), Op: "keywardd.RevokeAPIKeys", Outcome: "ok", Caller: keywardd(), Items: r.Revoked, Detail: r.String()}
+		if r.Err != nil {
+			rec.Outcome, rec.Detail = "error", r.String()+": "+r.Err.Error()
+			log.Error("finishing a bulk revocation cut short failed; it is retried", "intent", r.Intent, "revoked", r.Revoked, "error", r.Err.Error())
+		} else {
+			log.Warn("a bulk revocation cut short was finished", "intent", r.Intent, "revoked", r.Revoked)
+		}
+		if aerr := al.Append(ctx, rec); aerr != nil {
+			log.Error("auditing a resumed bulk revocation failed", "intent", r.Intent, "error", aerr.Error())
 		}
 	}
 }

@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -18,6 +20,7 @@ import (
 	"github.com/keyward/keyward/daemon"
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/hsm"
@@ -301,4 +304,135 @@ func TestKill9LeavesNoPlugin(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatalf("plugin %d outlived keywardd killed with SIGKILL", pid)
+}
+
+// TestKill9BulkRevoke: keywardd is killed with SIGKILL in the middle of
+// a bulk revocation of 10 000 API keys (ten transactions). Started again,
+// it finishes the revocation from its recorded intent: every key is
+// revoked, none half, and the audit log says the revocation was resumed.
+func TestKill9BulkRevoke(t *testing.T) {
+	const keys = 10_000
+	bin := daemontest.Build(t)
+	files := daemontest.NewFiles(t)
+	ctx := context.Background()
+	// keywardd makes its keys; then the API keys go straight into its
+	// store, as many as a bulk revocation must take in several transactions.
+	if err := daemontest.Exec(t, bin, files).Stop(); err != nil {
+		t.Fatal(err)
+	}
+	h, err := hsm.Open(hsm.Config{Module: files.Token.Module, Token: files.Token.Label, PINFile: files.Token.PINFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := openStore(h, files.DataDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	akm, err := apikeys.NewManager(st, h, daemon.PepperKey, apikeys.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	type issued struct{ id, secret string }
+	var all []issued
+	for len(all) < keys {
+		specs := make([]apikeys.Spec, apikeys.MaxCreateBatch)
+		for i := range specs {
+			specs[i] = apikeys.Spec{Owner: "team-bulk", Name: fmt.Sprint("k", len(all)+i), Environment: "prod", Permissions: []string{"read-only"}, Tags: []string{"leaked"}}
+		}
+		secrets, recs, err := akm.CreateMany(ctx, specs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range recs {
+			all = append(all, issued{recs[i].ID, secrets[i]})
+		}
+	}
+	st.Close()
+	h.Close()
+	slices.SortFunc(all, func(a, b issued) int { return strings.Compare(a.id, b.id) }) // the order revocation goes in
+
+	cmd := daemontest.Exec(t, bin, files)
+	c, err := client.Dial(files.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	verify := func(c *client.Client, key string) keywardv1.APIKeyCode {
+		r, err := c.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: key, Environment: "prod"})
+		if err != nil {
+			return keywardv1.APIKeyCode_API_KEY_CODE_UNSPECIFIED
+		}
+		return r.Code
+	}
+	for _, k := range []issued{all[0], all[keys-1]} {
+		if got := verify(c, k.secret); got != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
+			t.Fatalf("a key made in keywardd's store: %v", got)
+		}
+	}
+	go c.APIKeys.RevokeAPIKeys(ctx, &keywardv1.RevokeAPIKeysRequest{Tag: "leaked"})
+	// The first batch is in when the first key in ID order is revoked.
+	within(t, "the bulk revocation's first batch did not land", func() (bool, string) {
+		got := verify(c, all[0].secret)
+		return got == keywardv1.APIKeyCode_API_KEY_CODE_REVOKED, got.String()
+	})
+	cmd.Kill()
+	c.Close()
+	// What the kill left, read from the store itself.
+	h, err = hsm.Open(hsm.Config{Module: files.Token.Module, Token: files.Token.Label, PINFile: files.Token.PINFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err = openStore(h, files.DataDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	revokedAtKill := 0
+	st.ForEach(store.BucketAPIKeys, "", func(_ string, b []byte) error {
+		if strings.Contains(string(b), `"state":"revoked"`) {
+			revokedAtKill++
+		}
+		return nil
+	})
+	st.Close()
+	h.Close()
+	t.Logf("SIGKILL left %d of %d keys revoked", revokedAtKill, keys)
+
+	second := daemontest.Exec(t, bin, files)
+	defer second.Stop()
+	c, err = client.Dial(files.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	within(t, "the last key of the revocation cut short is still valid", func() (bool, string) {
+		got := verify(c, all[keys-1].secret)
+		return got == keywardv1.APIKeyCode_API_KEY_CODE_REVOKED, got.String()
+	})
+	revoked, after := 0, ""
+	for {
+		r, err := c.APIKeys.ListAPIKeys(ctx, &keywardv1.ListAPIKeysRequest{Owner: "team-bulk", PageSize: 1000, PageToken: after})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range r.Keys {
+			if k.State == keywardv1.APIKeyState_API_KEY_STATE_REVOKED {
+				revoked++
+			}
+		}
+		if after = r.NextPageToken; after == "" {
+			break
+		}
+	}
+	if revoked != keys {
+		t.Fatalf("after the restart %d of %d keys are revoked", revoked, keys)
+	}
+	if revokedAtKill < keys {
+		// The kill cut it short: the restart finished it, audited.
+		log, err := os.ReadFile(filepath.Join(files.DataDir, "audit.log"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(log), `"op":"keywardd.RevokeAPIKeys"`) || !strings.Contains(string(log), fmt.Sprintf(`"items":%d`, keys-revokedAtKill)) {
+			t.Errorf("the audit log has no record of the revocation resumed (%d keys)", keys-revokedAtKill)
+		}
+	}
 }

@@ -95,13 +95,13 @@ type fleetLimits struct {
 
 // block is a node's share of one key.
 type block struct {
-	left   int       // requests taken from the fleet, not yet spent
-	owed   int       // requests spent on credit, not yet charged
-	owing  int       // requests spent on credit, being charged now
-	need   int       // what a verification waiting for the store needs
-	size   int       // b, as of the last verification
-	refill time.Time // the quota's last refill when the block was taken
-	used   time.Time // the last verification
+	left   int           // requests taken from the fleet, not yet spent
+	owed   int           // requests spent on credit, not yet charged
+	owing  int           // requests spent on credit, being charged now
+	need   int           // what a verification waiting for the store needs
+	size   int           // b, as of the last verification
+	refill time.Time     // the quota's last refill when the block was taken
+	used   time.Time     // the last verification
 	busy   chan struct{} // queued or being settled: closed when settled
 
 	refused time.Time // the fleet refused until then, with code and retry

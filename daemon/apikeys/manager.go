@@ -990,6 +990,10 @@ type Filter struct {
 	// Owners, if set, says which owners' keys the caller may see; the
 	// others are passed over as if they did not exist.
 	Owners func(owner string) bool
+	// Reach says, to whoever set Owners, how to set it again: RevokeWhere
+	// records it with its intent, and a resumption hands it back
+	// (ResumeRevocations). Opaque here.
+	Reach json.RawMessage
 }
 
 func (f Filter) matches(r *Record) bool {
@@ -1001,18 +1005,40 @@ func (f Filter) matches(r *Record) bool {
 // RevokeWhere revokes every key not yet revoked that the filter picks (or,
 // with dryRun, only counts them) and returns the count. The filter must name
 // an owner, tag or environment.
+//
+// A revocation of many keys takes many transactions (store.BatchKeys), so
+// it records its intent first (intents.go): one cut short (keywardd killed,
+// the store lost) is finished by ResumeRevocations, never left half done.
 func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
 	if empty := f.Owner == "" && f.Tag == "" && f.Environment == ""; empty != f.All {
 		return 0, fmt.Errorf("%w: name an owner, tag or environment, or all keys (and not both)", ErrInvalid)
 	}
+	if dryRun {
+		ids, err := m.matching(f)
+		return len(ids), err
+	}
+	key, err := m.recordIntent(f)
+	if err != nil {
+		return 0, err
+	}
+	n, err := m.revokeWhere(f)
+	if err != nil {
+		return n, fmt.Errorf("%w (%d revoked; the rest is recorded, and keywardd finishes it)", err, n)
+	}
+	m.dropIntent(key)
+	return n, nil
+}
+
+// revokeWhere is RevokeWhere's work.
+func (m *Manager) revokeWhere(f Filter) (int, error) {
 	// A key issued while a pass runs may escape its scan: scan again until
 	// a pass finds none (a few passes at most; more only if keys matching
 	// the filter keep being issued).
 	total := 0
 	for pass := 0; pass < 4; pass++ {
 		ids, err := m.matching(f)
-		if err != nil || dryRun {
-			return len(ids), err
+		if err != nil {
+			return total, err
 		}
 		if len(ids) == 0 {
 			break

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -125,6 +126,31 @@ func fromQuota(q *keywardv1.Quota) (*apikeys.Quota, error) {
 func (s *Server) owners(ctx context.Context, op string) func(string) bool {
 	pol, sub := s.policy.Load(), subject(callFrom(ctx).caller)
 	return func(owner string) bool { return pol.Allow(sub, op, owner) == nil }
+}
+
+// reach is what a bulk revocation records of its caller's reach
+// (apikeys.Filter.Reach): the policy's subject and the operation, so that
+// a resumption after a crash revokes only keys of owners the caller may
+// reach under the policy then (a narrower policy, fewer keys).
+type reach struct {
+	Subject policy.Subject `json:"subject"`
+	Op      string         `json:"op"`
+}
+
+func reachOf(ctx context.Context, op string) json.RawMessage {
+	b, _ := json.Marshal(reach{Subject: subject(callFrom(ctx).caller), Op: op})
+	return b
+}
+
+// Owners turns a reach recorded with a bulk revocation back into the
+// owners its caller may reach, under the policy loaded now.
+func (s *Server) Owners(raw json.RawMessage) (func(owner string) bool, error) {
+	var r reach
+	if err := json.Unmarshal(raw, &r); err != nil || r.Op == "" {
+		return nil, fmt.Errorf("the caller's reach recorded with the revocation does not parse (%v): it is not finished", err)
+	}
+	pol := s.policy.Load()
+	return func(owner string) bool { return pol.Allow(r.Subject, r.Op, owner) == nil }, nil
 }
 
 // apiKey loads a key for op and checks the caller may reach its owner.
@@ -282,7 +308,7 @@ func (s *Server) RevokeAPIKeys(ctx context.Context, r *keywardv1.RevokeAPIKeysRe
 		return nil, err
 	}
 	n, err := s.cfg.APIKeys.RevokeWhere(apikeys.Filter{Owner: r.GetOwner(), Tag: r.GetTag(), Environment: r.GetEnvironment(),
-		All: r.GetAll(), Owners: s.owners(ctx, op)}, r.GetDryRun())
+		All: r.GetAll(), Owners: s.owners(ctx, op), Reach: reachOf(ctx, op)}, r.GetDryRun())
 	c := callFrom(ctx)
 	c.items = n
 	c.detail = fmt.Sprintf("owner %q, tag %q, environment %q, all %v, dry run %v", r.GetOwner(), r.GetTag(), r.GetEnvironment(), r.GetAll(), r.GetDryRun())
