@@ -256,6 +256,10 @@ func openFleetStore(ctx context.Context, cfg *Config, h *hsm.HSM, al *audit.Log,
 		return nil, nil, nil, fmt.Errorf("the fleet's state in %s: %w", where, err)
 	}
 	closeAll := func() error { return errors.Join(n.Close(), cli.Close()) }
+	if err := refuseMigrating(n, where); err != nil {
+		closeAll()
+		return nil, nil, nil, err
+	}
 	if acked := al.StoreWrites(); n.EtcdWrites() < acked {
 		closeAll()
 		return nil, nil, nil, fmt.Errorf("%w: the fleet's state in %s is at write %d, but this node's audit log recorded write %d: etcd was restored from an older snapshot, or this is another cluster, or this node ran on one host (its bbolt store) before and its audit log holds that store's count (docs/fleet.md, \"Backup and restore\")", store.ErrDamaged, where, n.EtcdWrites(), acked)

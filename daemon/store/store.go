@@ -913,6 +913,20 @@ func (s *Store) Get(bucketName, key string) ([]byte, error) {
 	return out, err
 }
 
+// OutboxSequence is the last sequence number the outbox gave an event:
+// a migration carries it on, so that no number is given twice.
+func (s *Store) OutboxSequence() (uint64, error) {
+	var seq uint64
+	err := s.read(func(tx *bolt.Tx) error {
+		b, err := bucket(tx, BucketOutbox)
+		if err == nil {
+			seq = b.Sequence()
+		}
+		return err
+	})
+	return seq, err
+}
+
 // Update reads the record under key (nil if absent), lets fn compute the
 // new one, and writes it in one transaction, synced to disk before Update
 // returns. If fn returns an error nothing is written. A nil record from fn

@@ -1,29 +1,33 @@
 // Package etcdstore is a store.Backend on etcd: the state a fleet of
 // keywardd nodes shares (docs/fleet.md, "Design").
 //
-// Status: a first step, not wired into keywardd. What it does:
+// Backend is the writer; Node (node.go) is the store.Backend keywardd
+// uses on a fleet: Backend's writes, and reads from a local copy fed by a
+// watch. What Backend does:
 //
 //   - Records live under PREFIX/b/<bucket>/<key>, sealed as in the bbolt
 //     file (store.Sealer: a value changed or moved in etcd does not verify,
 //     and is refused with store.ErrDamaged). The outbox's events live in
 //     its bucket under store.OutboxKey of their sequence number.
 //   - PREFIX/meta holds, sealed, the write count (Writes) and the outbox's
-//     last sequence number; every write transaction updates it.
+//     last sequence number; every write transaction updates it (Carry
+//     raises both, for a migration's last write).
 //   - Every write takes the fleet's write lock (a concurrency.Mutex on
-//     PREFIX/lock, on this backend's session), reads the keys it changes
-//     from etcd, runs the caller's fn once per key in order, and commits in
-//     one etcd transaction guarded by the lock's ownership: a writer whose
-//     session ended mid-write commits nothing (store.ErrUnavailable).
+//     PREFIX/lock, on this backend's session, kept across a burst of
+//     writes), reads the keys it changes from etcd, runs the caller's fn
+//     once per key in order, and commits in one etcd transaction guarded
+//     by the lock's ownership and the meta record as read: a writer whose
+//     session ended mid-write commits nothing (store.ErrUnavailable), and a
+//     commit whose answer was lost is looked up, never applied twice.
 //     Every request carries a deadline and clientv3.WithRequireLeader.
 //   - A transaction larger than etcd takes (Options.MaxTxnOps,
 //     Options.MaxRequestBytes, which must be the cluster's) is refused with
-//     store.ErrTooLarge, nothing written.
+//     store.ErrTooLarge, nothing written; callers split their work by
+//     store.BatchKeys, recording an intent first where it must finish
+//     (apikeys' bulk revocations, daemon's migration).
 //
-// Not yet (later steps of issue 15): reads go to etcd directly (a
-// linearizable read each; the local copy fed by a watch comes next); the
-// integrity digest over the whole content (a record removed, or put back
-// as it was, is not found); intents for transactions larger than etcd
-// takes; retrying a write across a leader's election.
+// Not yet: the integrity digest over the whole content (a record removed,
+// or an older sealed record put back as it was, is not found).
 package etcdstore
 
 import (
@@ -431,13 +435,28 @@ func (b *Backend) UpdateEach(bucket string, keys []string, fn func(key string, o
 // order, and commits the records and fn's events in one etcd transaction
 // under the fleet's write lock, fenced by its ownership.
 func (b *Backend) UpdateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error)) error {
-	_, err := b.updateEachEmit(bucket, keys, fn)
+	_, err := b.updateEachEmit(bucket, keys, fn, nil)
+	return err
+}
+
+// Carry is UpdateEach that also raises the state's write count and the
+// outbox's last sequence number to at least writes and outbox, in the same
+// transaction: the last write of a migration carries the counts of the
+// store it copied (a node's audit log has recorded that store's count,
+// and the outbox's numbers must never be given twice).
+func (b *Backend) Carry(bucket string, keys []string, writes, outbox uint64, fn func(key string, old []byte) ([]byte, error)) error {
+	_, err := b.updateEachEmit(bucket, keys, func(k string, old []byte) ([]byte, [][]byte, error) {
+		rec, err := fn(k, old)
+		return rec, nil, err
+	}, func(m *meta) {
+		m.writes, m.outbox = max(m.writes, writes), max(m.outbox, outbox)
+	})
 	return err
 }
 
 // updateEachEmit is UpdateEachEmit, which also returns the commit's
-// revision.
-func (b *Backend) updateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error)) (int64, error) {
+// revision; carry, if set, changes the meta record the commit writes.
+func (b *Backend) updateEachEmit(bucket string, keys []string, fn func(key string, old []byte) (rec []byte, events [][]byte, err error), carry func(*meta)) (int64, error) {
 	if err := b.enter(); err != nil {
 		return 0, err
 	}
@@ -481,7 +500,7 @@ func (b *Backend) updateEachEmit(bucket string, keys []string, fn func(key strin
 			return 0, err
 		}
 	}
-	rev, err := b.write(ctx, mu, bucket, keys, fn)
+	rev, err := b.write(ctx, mu, bucket, keys, fn, carry)
 	if b.held != nil {
 		b.holds++
 		hold := b.holds
@@ -598,7 +617,7 @@ func (b *Backend) revoke(id clientv3.LeaseID) {
 }
 
 // write is a write under the lock; it returns the commit's revision.
-func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket string, keys []string, fn func(string, []byte) ([]byte, [][]byte, error)) (int64, error) {
+func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket string, keys []string, fn func(string, []byte) ([]byte, [][]byte, error), carry func(*meta)) (int64, error) {
 	bp := b.bucketPrefix(bucket)
 	// The keys, each once in order of first appearance, and the meta record.
 	var uniq []string
@@ -631,6 +650,9 @@ func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket strin
 		events = append(events, evs...)
 	}
 	m.writes++
+	if carry != nil {
+		carry(&m)
+	}
 	ops := make([]clientv3.Op, 0, len(uniq)+len(events)+1)
 	size := 0
 	for _, k := range uniq {

@@ -819,7 +819,7 @@ func (n *Node) UpdateEachEmit(bucket string, keys []string, fn func(key string, 
 		return err
 	}
 	defer n.life.RUnlock()
-	rev, err := n.w.updateEachEmit(bucket, keys, fn)
+	rev, err := n.w.updateEachEmit(bucket, keys, fn, nil)
 	if err != nil || rev == 0 {
 		return err
 	}

@@ -1,0 +1,56 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/keyward/keyward/daemon"
+)
+
+// migrateReport is store migrate's answer.
+type migrateReport struct {
+	From         string  `json:"from"`
+	To           string  `json:"to"`
+	Records      int64   `json:"records"`
+	Total        int64   `json:"total"`
+	Transactions int     `json:"transactions"`
+	Resumed      bool    `json:"resumed"`
+	Writes       uint64  `json:"writes"`
+	Seconds      float64 `json:"seconds"`
+}
+
+// storeMigrate copies keywardd's bbolt store into the etcd of its
+// store.etcd, saying how far it is about once a second on standard error.
+func storeMigrate(f *flagSet) action {
+	config := f.String("config", "/etc/keyward/keywardd.yaml", "keywardd's configuration: its hsm, data_dir and store.etcd")
+	from := f.String("from", "", "the bbolt file (default: keyward.db in data_dir)")
+	return func(e *env, _ []string) error {
+		cfg, err := daemon.LoadConfig(*config)
+		if err != nil {
+			return err
+		}
+		last := time.Now()
+		res, err := daemon.Migrate(e.ctx, cfg, daemon.MigrateOptions{From: *from, Progress: func(p daemon.MigrateProgress) {
+			if time.Since(last) < time.Second {
+				return
+			}
+			last = time.Now()
+			fmt.Fprintf(e.stderr, "%s: %d of %d records (%.0f%%)\n", p.Bucket, p.Copied, p.Total, 100*float64(p.Copied)/float64(max(p.Total, 1)))
+		}})
+		if err != nil {
+			return err
+		}
+		out := migrateReport{From: res.From, To: res.To, Records: res.Records, Total: res.Total, Transactions: res.Transactions,
+			Resumed: res.Resumed, Writes: res.Writes, Seconds: res.Took.Seconds()}
+		return e.show(out, func(w io.Writer) error {
+			how := "copied"
+			if out.Resumed {
+				how = "copied the rest of"
+			}
+			_, err := fmt.Fprintf(w, "%s %d records of %d from %s into %s in %d transactions, %.1f s; the state is the fleet's now (write %d): start its nodes\n",
+				how, out.Records, out.Total, out.From, out.To, out.Transactions, out.Seconds, out.Writes)
+			return err
+		})
+	}
+}
