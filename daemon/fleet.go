@@ -298,14 +298,20 @@ type leadership struct {
 // Nodes is the fleet's size as last counted, at least 1.
 func (l *leadership) Nodes() int { return int(max(l.nodes.Load(), 1)) }
 
-// count counts the nodes; on an error the last count stands.
+// count counts the nodes: the names campaigning, and this node's own
+// (before its campaign starts); on an error the last count stands.
 func (l *leadership) count(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, l.timeout)
 	defer cancel()
-	resp, err := l.cli.Get(ctx, l.key+"/", clientv3.WithPrefix(), clientv3.WithCountOnly(), clientv3.WithSerializable())
-	if err == nil {
-		l.nodes.Store(resp.Count)
+	resp, err := l.cli.Get(ctx, l.key+"/", clientv3.WithPrefix(), clientv3.WithSerializable())
+	if err != nil {
+		return
 	}
+	names := map[string]bool{l.node: true}
+	for _, kv := range resp.Kvs {
+		names[string(kv.Value)] = true
+	}
+	l.nodes.Store(int64(len(names)))
 }
 
 // elect returns ts with the work done once wrapped in the fleet's

@@ -47,18 +47,16 @@ func (d *daemonParts) jobs() []task {
 		// Token revocations past the tokens' expiry: forgotten.
 		once(every("token revocation sweep", time.Hour, func(context.Context) { sweepRevocations(d.tokens, log, sweepClock) })),
 		// Bulk revocations cut short: finished from their recorded intents
-		// (at once at a start on one host; on a fleet, those a minute old,
-		// as one may be under way on another node).
-		once(every("unfinished bulk revocations", time.Minute, func() func(context.Context) {
-			age := time.Duration(0)
+		// (on one host, every one this process does not run; on a fleet,
+		// those untouched for a minute, as one may be under way on another
+		// node).
+		once(every("unfinished bulk revocations", time.Minute, func(ctx context.Context) {
+			cutoff := now()
 			if d.lead != nil {
-				age = time.Minute
+				cutoff = cutoff.Add(-time.Minute)
 			}
-			return func(ctx context.Context) {
-				resumeRevocations(ctx, d.akm, d.srv.Owners, d.al, log, now, age)
-				age = time.Minute
-			}
-		}())),
+			resumeRevocations(ctx, d.akm, d.srv.Owners, d.al, log, now, cutoff)
+		})),
 		// Revocation events delivered to the plugins (outbox).
 		once(loop("plugin events", func(ctx context.Context) { d.ob.Run(ctx, time.Second) })),
 		// The rest runs on every node of a fleet, on what the node sees.
@@ -112,11 +110,11 @@ func deleteDueKeys(ctx context.Context, km *keys.Manager, al *audit.Log, log *sl
 	}
 }
 
-// resumeRevocations finishes the bulk revocations cut short, recorded
-// before age ago, each audited with its outcome.
+// resumeRevocations finishes the bulk revocations cut short, untouched
+// since cutoff, each audited with its outcome.
 func resumeRevocations(ctx context.Context, akm *apikeys.Manager, reach func(json.RawMessage) (func(string) bool, error),
-	al *audit.Log, log *slog.Logger, now func() time.Time, age time.Duration) {
-	done, err := akm.ResumeRevocations(age, reach)
+	al *audit.Log, log *slog.Logger, now func() time.Time, cutoff time.Time) {
+	done, err := akm.ResumeRevocations(cutoff, reach)
 	if err != nil {
 		log.Error("reading the bulk revocations under way failed", "error", err.Error())
 	}

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -40,8 +41,12 @@ import (
 // the HSM derives) and sealed again for etcd under the same key.
 
 // MigrateIntent is the key, in store.BucketSchedule in etcd, of a
-// migration under way.
-const MigrateIntent = "intent/store.migrate"
+// migration under way; MigrateDone, of the record a finished one leaves
+// (what was migrated, and when), so that running it again says so.
+const (
+	MigrateIntent = "intent/store.migrate"
+	MigrateDone   = "done/store.migrate"
+)
 
 // migration is a migration's intent.
 type migration struct {
@@ -51,6 +56,10 @@ type migration struct {
 	After   string    `json:"after"`   // and the last key it copied there
 	Copied  int64     `json:"copied"`  // records copied so far, in all
 	Started time.Time `json:"started"` // the first run's start
+	// Buckets are the buckets in the order they are copied, as the first
+	// run had them.
+	Buckets  []string  `json:"buckets"`
+	Finished time.Time `json:"finished,omitzero"` // MigrateDone's
 }
 
 // MigrateOptions tune Migrate.
@@ -75,6 +84,7 @@ type MigrateResult struct {
 	Total        int64 // records of the source
 	Transactions int
 	Resumed      bool
+	Done         bool   // it was done before: nothing copied now
 	Writes       uint64 // the write count carried into etcd
 	Took         time.Duration
 }
@@ -110,11 +120,6 @@ func Migrate(ctx context.Context, cfg *Config, o MigrateOptions) (MigrateResult,
 	if err != nil {
 		return res, fmt.Errorf("the store's key %s in the token: %w (is hsm in keywardd.yaml the token this store was made with?)", StoreKey, err)
 	}
-	src, err := store.Open(from, store.Options{Key: key, Acknowledged: auditedWrites(cfg.DataDir)})
-	if err != nil {
-		return res, fmt.Errorf("%s: %w (is keywardd still running on it? stop it first)", from, err)
-	}
-	defer src.Close()
 	cc, err := e.clientConfig()
 	if err != nil {
 		return res, err
@@ -131,7 +136,38 @@ func Migrate(ctx context.Context, cfg *Config, o MigrateOptions) (MigrateResult,
 	}
 	defer dst.Close()
 
-	// Where to start: an intent goes on, an empty prefix starts one.
+	count := func(key string) (int64, error) {
+		gctx, cancel := context.WithTimeout(ctx, etcdstore.DefaultTimeout)
+		defer cancel()
+		n, err := cli.Get(clientv3.WithRequireLeader(gctx), key, clientv3.WithPrefix(), clientv3.WithCountOnly())
+		if err != nil {
+			return 0, fmt.Errorf("%s: %w", res.To, err)
+		}
+		return n.Count, nil
+	}
+	// No node may run on the prefix meanwhile: its writes would mix with
+	// the copy's (every node campaigns under PREFIX/leader).
+	if n, err := count(e.prefix() + "/leader/"); err != nil || n > 0 {
+		if err == nil {
+			err = fmt.Errorf("%d keywardd nodes run on %s: stop every node of the fleet first, then migrate", n, res.To)
+		}
+		return res, err
+	}
+	src, err := store.Open(from, store.Options{Key: key, Acknowledged: auditedWrites(cfg.DataDir)})
+	if err != nil {
+		return res, fmt.Errorf("%s: %w (if keywardd runs on it, stop it first)", from, err)
+	}
+	defer src.Close()
+	buckets := store.Buckets()
+	// Done before: say so. Under way: go on. An empty prefix: start.
+	if raw, err := dst.Get(store.BucketSchedule, MigrateDone); err == nil {
+		var done migration
+		if json.Unmarshal(raw, &done) == nil && done.Source == from && done.Writes == src.Writes() {
+			res.Done, res.Writes, res.Total = true, done.Writes, done.Copied
+			return res, nil
+		}
+		return res, fmt.Errorf("%s holds the state another migration made (from %s at write %d, finished %s): a migration goes into an empty prefix", res.To, done.Source, done.Writes, done.Finished.Format(time.RFC3339))
+	}
 	var in migration
 	raw, err := dst.Get(store.BucketSchedule, MigrateIntent)
 	switch {
@@ -139,38 +175,47 @@ func Migrate(ctx context.Context, cfg *Config, o MigrateOptions) (MigrateResult,
 		if err := json.Unmarshal(raw, &in); err != nil {
 			return res, fmt.Errorf("the intent of the migration under way in %s does not parse: %w", res.To, err)
 		}
-		if in.Writes != src.Writes() {
-			return res, fmt.Errorf("a migration of %s into %s was cut short when the store was at write %d; it is at write %d now (keywardd ran on it since): delete the partial copy (etcdctl del --prefix %s) and migrate again", in.Source, res.To, in.Writes, src.Writes(), e.prefix()+"/")
+		if in.Source != from || in.Writes != src.Writes() || !slices.Equal(in.Buckets, buckets) {
+			return res, fmt.Errorf("a migration of %s (at write %d) into %s was cut short; this is %s at write %d: keywardd ran on it since, or it is another store. Delete the partial copy (etcdctl del --prefix %s) and migrate again", in.Source, in.Writes, res.To, from, src.Writes(), e.prefix()+"/")
 		}
 		res.Resumed = true
 	case errors.Is(err, store.ErrNotFound):
-		gctx, cancel := context.WithTimeout(ctx, etcdstore.DefaultTimeout)
-		n, err := cli.Get(clientv3.WithRequireLeader(gctx), e.prefix()+"/b/", clientv3.WithPrefix(), clientv3.WithCountOnly())
-		cancel()
+		if n, err := count(e.prefix() + "/b/"); err != nil || n > 0 {
+			if err == nil {
+				err = fmt.Errorf("%s already holds a keyward state (%d records): a migration goes into an empty prefix (another prefix, or, if that state is not wanted, delete it)", res.To, n)
+			}
+			return res, err
+		}
+		in = migration{Source: from, Writes: src.Writes(), Bucket: buckets[0], Started: time.Now().UTC(), Buckets: buckets}
+		// Only if no other migration began meanwhile.
+		b, _ := json.Marshal(in)
+		err := dst.Update(store.BucketSchedule, MigrateIntent, func(old []byte) ([]byte, error) {
+			if old != nil {
+				return nil, errors.New("another migration into this prefix began a moment ago")
+			}
+			return b, nil
+		})
 		if err != nil {
 			return res, fmt.Errorf("%s: %w", res.To, err)
-		}
-		if n.Count > 0 {
-			return res, fmt.Errorf("%s already holds a keyward state (%d records): a migration goes into an empty prefix (another prefix, or delete this one's keys first)", res.To, n.Count)
-		}
-		in = migration{Source: from, Writes: src.Writes(), Bucket: store.Buckets()[0], Started: time.Now().UTC()}
-		if err := putIntent(dst, in); err != nil {
-			return res, err
 		}
 	default:
 		return res, fmt.Errorf("%s: %w", res.To, err)
 	}
 
-	buckets := store.Buckets()
 	for _, b := range buckets {
 		if err := src.ForEach(b, "", func(string, []byte) error { res.Total++; return nil }); err != nil {
 			return res, err
 		}
 	}
-	ops, bytes := dst.TxLimits()
-	limitOps, limitBytes := ops-8, bytes*3/4 // the meta record, the lock's guard, and room
+	maxOps, maxBytes := dst.TxLimits()
+	limitOps, limitBytes := maxOps-8, maxBytes*3/4 // the meta record, the lock's guard, and room
 	copied := in.Copied
-	for _, b := range buckets[slices.Index(buckets, in.Bucket):] {
+	at := slices.Index(buckets, in.Bucket)
+	if at < 0 {
+		return res, fmt.Errorf("the migration's cursor names the bucket %q, which this keyward does not have", in.Bucket)
+	}
+	last, _ := json.Marshal(in) // the intent as this run last wrote it
+	for _, b := range buckets[at:] {
 		after := ""
 		if b == in.Bucket {
 			after = in.After
@@ -197,7 +242,18 @@ func Migrate(ctx context.Context, cfg *Config, o MigrateOptions) (MigrateResult,
 			if len(keys) == 0 {
 				break
 			}
-			if err := dst.UpdateEach(b, keys, func(k string, _ []byte) ([]byte, error) { return recs[k], nil }); err != nil {
+			err = dst.UpdateEach(b, keys, func(k string, old []byte) ([]byte, error) {
+				if old != nil && !bytes.Equal(old, recs[k]) {
+					// Copied before, it is what it was; anything else was
+					// written by something other than this migration.
+					return nil, fmt.Errorf("%w: the record %q of %s in etcd is not the one the migration copied (did a node run meanwhile?)", errMigrationMixed, k, b)
+				}
+				return recs[k], nil
+			})
+			if errors.Is(err, errMigrationMixed) {
+				return res, err
+			}
+			if err != nil {
 				return res, fmt.Errorf("copying %d records of %s into %s: %w (run the migration again: it goes on from where it was)", len(keys), b, res.To, err)
 			}
 			after = keys[len(keys)-1]
@@ -206,7 +262,7 @@ func Migrate(ctx context.Context, cfg *Config, o MigrateOptions) (MigrateResult,
 			res.Transactions++
 			if res.Transactions%migrateCursorEvery == 0 {
 				in.Bucket, in.After, in.Copied = b, after, copied
-				if err := putIntent(dst, in); err != nil {
+				if last, err = moveIntent(dst, in, last); err != nil {
 					return res, err
 				}
 				res.Transactions++
@@ -222,7 +278,18 @@ func Migrate(ctx context.Context, cfg *Config, o MigrateOptions) (MigrateResult,
 		return res, err
 	}
 	res.Writes = src.Writes()
-	if err := dst.Carry(store.BucketSchedule, []string{MigrateIntent}, res.Writes, seq, func(string, []byte) ([]byte, error) { return nil, nil }); err != nil {
+	in.Copied, in.Finished = copied, time.Now().UTC()
+	done, _ := json.Marshal(in)
+	err = dst.Carry(store.BucketSchedule, []string{MigrateIntent, MigrateDone}, res.Writes, seq, func(k string, old []byte) ([]byte, error) {
+		if k == MigrateDone {
+			return done, nil
+		}
+		if !bytes.Equal(old, last) {
+			return nil, fmt.Errorf("%w: the migration's intent in etcd is not the one this run wrote (another migration, or a deletion, meanwhile)", errMigrationMixed)
+		}
+		return nil, nil
+	})
+	if err != nil {
 		return res, fmt.Errorf("finishing the migration into %s: %w (run it again: everything is copied, only this step remains)", res.To, err)
 	}
 	res.Transactions++
@@ -230,17 +297,28 @@ func Migrate(ctx context.Context, cfg *Config, o MigrateOptions) (MigrateResult,
 	return res, nil
 }
 
-var errStopWalk = errors.New("enough for one transaction")
+var (
+	errStopWalk       = errors.New("enough for one transaction")
+	errMigrationMixed = errors.New("the migration's copy was written by something else")
+)
 
-func putIntent(dst *etcdstore.Backend, in migration) error {
+// moveIntent writes in over the intent this run last wrote, and returns
+// it; an intent changed by anything else stops the migration.
+func moveIntent(dst *etcdstore.Backend, in migration, last []byte) ([]byte, error) {
 	b, err := json.Marshal(in)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if err := dst.Update(store.BucketSchedule, MigrateIntent, func([]byte) ([]byte, error) { return b, nil }); err != nil {
-		return fmt.Errorf("recording the migration's progress: %w (run it again: it goes on from where it was)", err)
+	err = dst.Update(store.BucketSchedule, MigrateIntent, func(old []byte) ([]byte, error) {
+		if !bytes.Equal(old, last) {
+			return nil, fmt.Errorf("%w: the migration's intent in etcd is not the one this run wrote (another migration, or a deletion, meanwhile)", errMigrationMixed)
+		}
+		return b, nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("recording the migration's progress: %w (run it again: it goes on from where it was)", err)
 	}
-	return nil
+	return b, nil
 }
 
 // auditedWrites is the store write count the audit log in dataDir last

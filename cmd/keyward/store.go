@@ -1,6 +1,8 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -38,7 +40,14 @@ func storeMigrate(f *flagSet) action {
 			last = time.Now()
 			fmt.Fprintf(e.stderr, "%s: %d of %d records (%.0f%%)\n", p.Bucket, p.Copied, p.Total, 100*float64(p.Copied)/float64(max(p.Total, 1)))
 		}})
+		if errors.Is(err, context.Canceled) {
+			return fmt.Errorf("the migration stopped (%w): run it again to go on from where it was", err)
+		}
 		if err != nil {
+			return err
+		}
+		if res.Done {
+			_, err := fmt.Fprintf(e.stdout, "%s was migrated into %s already (write %d): nothing to do\n", res.From, res.To, res.Writes)
 			return err
 		}
 		out := migrateReport{From: res.From, To: res.To, Records: res.Records, Total: res.Total, Transactions: res.Transactions,

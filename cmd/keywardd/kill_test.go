@@ -385,19 +385,22 @@ func TestKill9BulkRevoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	revokedAtKill := 0
+	revokedAtKill, intents := 0, 0
 	st.ForEach(store.BucketAPIKeys, "", func(_ string, b []byte) error {
 		if strings.Contains(string(b), `"state":"revoked"`) {
 			revokedAtKill++
 		}
 		return nil
 	})
+	st.ForEach(store.BucketSchedule, apikeys.IntentPrefix, func(string, []byte) error { intents++; return nil })
 	st.Close()
 	h.Close()
 	t.Logf("SIGKILL left %d of %d keys revoked", revokedAtKill, keys)
+	if revokedAtKill == keys || intents != 1 {
+		t.Fatalf("the kill did not cut the revocation short (%d of %d revoked, %d intents recorded): the test tests nothing", revokedAtKill, keys, intents)
+	}
 
 	second := daemontest.Exec(t, bin, files)
-	defer second.Stop()
 	c, err = client.Dial(files.Socket)
 	if err != nil {
 		t.Fatal(err)
@@ -425,14 +428,37 @@ func TestKill9BulkRevoke(t *testing.T) {
 	if revoked != keys {
 		t.Fatalf("after the restart %d of %d keys are revoked", revoked, keys)
 	}
-	if revokedAtKill < keys {
-		// The kill cut it short: the restart finished it, audited.
-		log, err := os.ReadFile(filepath.Join(files.DataDir, "audit.log"))
-		if err != nil {
-			t.Fatal(err)
+	// The restart finished it, audited, and dropped its intent.
+	if err := second.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(filepath.Join(files.DataDir, "audit.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resumed := 0
+	audit.Records(f, func(r audit.Record) error {
+		if r.Op == "keywardd.RevokeAPIKeys" && r.Outcome == "ok" {
+			resumed += r.Items
 		}
-		if !strings.Contains(string(log), `"op":"keywardd.RevokeAPIKeys"`) || !strings.Contains(string(log), fmt.Sprintf(`"items":%d`, keys-revokedAtKill)) {
-			t.Errorf("the audit log has no record of the revocation resumed (%d keys)", keys-revokedAtKill)
-		}
+		return nil
+	})
+	f.Close()
+	if resumed != keys-revokedAtKill {
+		t.Errorf("the audit log records %d keys revoked by the resumption; %d were left", resumed, keys-revokedAtKill)
+	}
+	h, err = hsm.Open(hsm.Config{Module: files.Token.Module, Token: files.Token.Label, PINFile: files.Token.PINFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if st, err = openStore(h, files.DataDir); err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	intents = 0
+	st.ForEach(store.BucketSchedule, apikeys.IntentPrefix, func(string, []byte) error { intents++; return nil })
+	if intents != 0 {
+		t.Errorf("%d intents left after the revocation was finished", intents)
 	}
 }

@@ -23,8 +23,8 @@ import (
 // TestFleetMigrate: a keywardd that ran on one host (API keys, one of them
 // revoked, a root key rotated, a token revoked) is moved into etcd with
 // keyward store migrate. A first run cut short leaves a state no node
-// serves; run again, it goes on from its cursor and finishes; a second
-// migration into the same prefix is refused. Then the host's keywardd and
+// serves; run again, it goes on from its cursor and finishes; run once
+// more, it says it is done. Then the host's keywardd and
 // two new nodes serve the state as a fleet: every key, revocation and
 // version as it was, and the host's audit log goes on.
 func TestFleetMigrate(t *testing.T) {
@@ -131,8 +131,8 @@ func TestFleetMigrate(t *testing.T) {
 		t.Fatalf("the second run: %s (%v); want it resumed, copying less than all", out, err)
 	}
 	t.Logf("the second run copied %d of %d records", rep.Records, rep.Total)
-	if _, err := daemon.Migrate(ctx, one.Config, daemon.MigrateOptions{}); err == nil || !strings.Contains(err.Error(), "already holds") {
-		t.Fatalf("a second migration into the same prefix: %v", err)
+	if again, err := daemon.Migrate(ctx, one.Config, daemon.MigrateOptions{}); err != nil || !again.Done {
+		t.Fatalf("the migration run again once done: %+v, %v; want it to say it is done", again, err)
 	}
 
 	// The fleet: the host's keywardd, on its own data directory (its audit
@@ -170,6 +170,10 @@ func TestFleetMigrate(t *testing.T) {
 	}
 	if g, err := last.Envelope.GenerateDataKey(ctx, &keywardv1.GenerateDataKeyRequest{KeyName: "orders"}); err != nil || g.KeyVersion != 2 {
 		t.Errorf("the key rotated on one host, on node 3: version %d, %v", g.GetKeyVersion(), err)
+	}
+	// A migration while nodes run is refused.
+	if _, err := daemon.Migrate(ctx, one.Config, daemon.MigrateOptions{}); err == nil || !strings.Contains(err.Error(), "stop every node") {
+		t.Errorf("a migration while the fleet runs: %v", err)
 	}
 	// A write on the host's node goes on from the bbolt store's count.
 	if _, err := nodes[0].APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-m", Name: "after", Environment: "prod", Permissions: []string{"orders:read"}}); err != nil {

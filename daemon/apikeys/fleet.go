@@ -41,11 +41,25 @@ package apikeys
 // so only credit can overspend it. A node that dies holding a block loses
 // it: the fleet admits less, never more.
 //
+// Credit goes only as far as the node's copy of the record says the
+// fleet's bucket and quota still hold, less what the node owes: what the
+// nodes spent and the flush charged counts against the next credit,
+// whatever the traffic. A node killed loses its block (the fleet admits
+// less) and what it owed (at most a block more, per node killed).
+//
 // While the store cannot be reached (etcd without quorum), a node spends
 // what it holds, then admits a key with rate limits by 1/N of them alone
 // (the fleet as a whole then within its limits, plus what nodes held), and
 // refuses a key with a quota as UNAVAILABLE: a quota is never spent
-// without its counter.
+// without its counter. After a write failed the node stays on that
+// fallback until one succeeds (tried every fleetRetry in the background);
+// a verification waits for a block at most maxWait. A write whose answer
+// was lost may have committed: what it charged is owed again (charged
+// twice at worst), what it took or gave back is lost: the fleet errs
+// towards admitting less.
+//
+// The load governor (Options.LimitFactor) scales each node's limiter only:
+// the fleet's bucket holds the key's own limits.
 //
 // Written here, not taken from a library: the blocks live in keyward's own
 // store records, next to the key they limit, under its authentication.
@@ -56,6 +70,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"slices"
 	"sync"
 	"time"
@@ -78,6 +93,9 @@ const (
 	// maxWaits is how many blocks a verification waits for before it
 	// answers RATE_LIMITED: other verifications of the key took them.
 	maxWaits = 3
+	// maxWait is the longest a verification waits for a block; then the
+	// fallback answers.
+	maxWait = time.Second
 )
 
 // fleetLimits is a node's share of its keys' fleet-wide limits.
@@ -110,7 +128,10 @@ type block struct {
 	// denied: the fleet's last answer was a refusal; no credit until it
 	// grants again (else each node would overspend a block a second).
 	denied bool
-	failed time.Time // the store could not be reached; until then, the fallback
+	// failing: the last write to the store failed; the fallback until one
+	// succeeds, tried again every fleetRetry from tried.
+	failing bool
+	tried   time.Time
 }
 
 func newFleetLimits(m *Manager, nodes func() int) *fleetLimits {
@@ -132,6 +153,12 @@ func (f *fleetLimits) check(ctx context.Context, rec *Record, secret int, req Re
 	}
 	cost := max(req.Cost, 1)
 	var res Result
+	if b := ratelimit.MinBurst(rec.Limits); b > 0 && cost > b {
+		// The fleet's bucket has the key's own bursts (the load governor
+		// scales only each node's limiter): more can never pass.
+		res.Limits.TooLarge = true
+		return limited(res)
+	}
 	layers := rec.scaledLimits(req)
 	if len(layers) > 0 {
 		res.Limits = f.m.lim.Allow(rec.ID, layers, cost, now)
@@ -142,7 +169,7 @@ func (f *fleetLimits) check(ctx context.Context, rec *Record, secret int, req Re
 	code, detail, retry := f.admit(ctx, rec, cost, now)
 	if code != Valid {
 		if len(layers) > 0 {
-			f.m.lim.Refund(rec.ID, layers, cost, now)
+			f.m.lim.Refund(rec.ID, layers, cost, f.m.now())
 		}
 		res.Code, res.Detail = code, detail
 		res.Limits.Allowed, res.Limits.RetryAfter = false, retry
@@ -180,19 +207,21 @@ func quotaLeft(q *Quota, now time.Time) int64 {
 func (f *fleetLimits) admit(ctx context.Context, rec *Record, cost int, now time.Time) (Code, string, time.Duration) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	b := f.held[rec.ID]
-	if b == nil {
-		b = &block{}
-		f.held[rec.ID] = b
-	}
-	b.used = now
 	for waits := 0; ; waits++ {
+		// Looked up again each round: a flush may have dropped the block
+		// while this verification waited.
+		b := f.held[rec.ID]
+		if b == nil {
+			b = &block{}
+			f.held[rec.ID] = b
+		}
+		b.used = now
 		b.size = f.size(rec, now)
 		switch {
 		case b.left >= cost:
 			b.left -= cost
-			if b.left < (b.size+1)/2 && now.After(b.refused) {
-				f.settle(rec.ID, b, now)
+			if b.left < (b.size+1)/2 && now.After(b.refused) && !b.failing {
+				f.settle(rec.ID, b)
 			}
 			return Valid, "", 0
 		case now.Before(b.refused):
@@ -201,19 +230,27 @@ func (f *fleetLimits) admit(ctx context.Context, rec *Record, cost int, now time
 				return UsageExceeded, "the key's usage quota is used up, across the fleet", retry
 			}
 			return RateLimited, fmt.Sprintf("the key's limit is used up across the fleet; retry after %v", retry.Round(time.Millisecond)), retry
-		case now.Before(b.failed):
+		case b.failing:
+			// The store could not be reached at the last try: the
+			// fallback, and a try in the background now and then.
+			if now.Sub(b.tried) >= fleetRetry {
+				f.settle(rec.ID, b)
+			}
 			return f.degraded(rec, cost, now)
 		case rec.Quota != nil && quotaLeft(rec.Quota, now) < int64(cost):
 			// The node's copy already says the quota is spent: no credit.
 			return UsageExceeded, "the key's usage quota is used up, across the fleet", 0
-		case !b.denied && b.owing+b.owed+cost-b.left <= b.size:
+		case !b.denied && b.owing+b.owed+cost-b.left <= min(b.size, room(rec, now)):
+			// Credit, up to a block, and only as far as the node's copy of
+			// the record says the fleet's bucket and quota still hold: what
+			// a node spent and the flush charged counts against the next.
 			b.owed += cost - b.left
 			b.left = 0
 			// Half a block owed: charged, and a block taken. Less is
 			// charged by the next flush, with other keys' (a key used
 			// now and then costs no write of its own).
 			if b.owing+b.owed >= (b.size+1)/2 {
-				f.settle(rec.ID, b, now)
+				f.settle(rec.ID, b)
 			}
 			return Valid, "", 0
 		}
@@ -221,18 +258,40 @@ func (f *fleetLimits) admit(ctx context.Context, rec *Record, cost int, now time
 			return RateLimited, "the key's share of its fleet-wide limit is on its way; retry", 10 * time.Millisecond
 		}
 		b.need = max(b.need, cost-b.left)
-		f.settle(rec.ID, b, now)
+		f.settle(rec.ID, b)
 		busy := b.busy
 		f.mu.Unlock()
+		wait := time.NewTimer(maxWait)
 		select {
 		case <-busy:
+			wait.Stop()
+		case <-wait.C:
+			// The store is slow to answer (etcd electing, or out of
+			// reach): the fallback rather than a caller kept waiting.
+			f.mu.Lock()
+			return f.degraded(rec, cost, now)
 		case <-ctx.Done():
+			wait.Stop()
 			f.mu.Lock()
 			return Unavailable, "the key's share of its fleet-wide limit did not arrive in time: " + ctx.Err().Error(), 0
 		}
 		f.mu.Lock()
 		now = f.m.now()
 	}
+}
+
+// room is how many requests the node's copy of rec says the fleet's
+// bucket and quota hold now, before what the nodes spent and have not
+// yet charged.
+func room(rec *Record, now time.Time) int {
+	r := math.MaxInt32
+	if len(rec.Limits) > 0 {
+		r, _, _ = rec.Shared.Take(rec.Limits, 0, 0, r, now)
+	}
+	if rec.Quota != nil {
+		r = min(r, int(max(quotaLeft(rec.Quota, now), 0)))
+	}
+	return r
 }
 
 // degraded admits a request while the store cannot be reached: by 1/N
@@ -264,11 +323,12 @@ type settlement struct {
 // being settled; under f.mu. One goroutine settles the queue, as many
 // keys a transaction as the store takes (store.BatchKeys): many keys
 // used at once cost a few writes, not one each.
-func (f *fleetLimits) settle(id string, b *block, now time.Time) {
+func (f *fleetLimits) settle(id string, b *block) {
 	if b.busy != nil {
 		return
 	}
 	b.busy = make(chan struct{})
+	b.tried = f.m.now()
 	f.queue[id] = b
 	if !f.settling {
 		f.settling = true
@@ -289,24 +349,33 @@ func (f *fleetLimits) settler() {
 				break
 			}
 			delete(f.queue, id)
-			ops[id] = &settlement{owed: b.owed, need: max(b.need, 1), want: max(b.size, b.need)}
+			// Up to a block held, not more (the bound counts one); twice
+			// what a verification waits for, so that costs above a block
+			// do not each write.
+			need := max(b.need, 1)
+			ops[id] = &settlement{owed: b.owed, need: need, want: max(b.size-b.left, 2*b.need, need)}
 			blocks[id] = b
 			b.owing, b.owed, b.need = b.owed, 0, 0
 		}
 		f.mu.Unlock()
-		now := f.m.now()
-		err := f.m.settle(ops, now)
+		err := f.m.settle(ops, f.m.now())
+		now := f.m.now() // refusals and failures count from the answer
 		f.mu.Lock()
-		for id, b := range blocks {
-			op := ops[id]
+		for _, b := range blocks {
 			close(b.busy)
 			b.busy, b.owing = nil, 0
+		}
+		for id, b := range blocks {
+			op := ops[id]
 			if err != nil {
+				// Maybe committed (an answer lost): what was owed is owed
+				// again (charged twice at worst), what was taken is lost
+				// (the fleet admits less, never more).
 				b.owed += op.owed
-				b.failed = now.Add(fleetRetry)
+				b.failing = true
 				continue
 			}
-			b.failed = time.Time{}
+			b.failing = false
 			b.left += op.took
 			b.refill = op.refilled
 			b.denied = op.code != Valid
@@ -396,14 +465,14 @@ func (f *fleetLimits) giveBack(idle time.Duration, all bool) error {
 		if b.busy != nil {
 			continue
 		}
-		idle := all || now.Sub(b.used) >= idle
+		unused := all || now.Sub(b.used) >= idle
 		switch {
-		case idle && b.left == 0 && b.owed == 0:
-			if now.After(b.refused) && now.After(b.failed) {
+		case unused && b.left == 0 && b.owed == 0:
+			if now.After(b.refused) && !b.failing {
 				delete(f.held, id)
 			}
 			continue
-		case idle:
+		case unused:
 			ops[id] = &settlement{owed: b.owed, give: b.left, refill: b.refill}
 			b.owing, b.owed, b.left = b.owed, 0, 0
 		case b.owed > 0: // in use: what it owes is charged, the block kept
@@ -435,9 +504,11 @@ func (f *fleetLimits) giveBack(idle time.Duration, all bool) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for id, b := range blocks {
-		if op := ops[id]; op != nil { // not settled: kept
+		if op := ops[id]; op != nil {
+			// Not settled, or maybe (an answer lost): what was owed is
+			// owed again, what was given back stays given (the fleet
+			// admits less, never more).
 			b.owed += op.owed
-			b.left += op.give
 		}
 		close(b.busy)
 		b.busy, b.owing = nil, 0

@@ -19,6 +19,8 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"time"
 
@@ -29,6 +31,15 @@ import (
 // store.BucketSchedule.
 const IntentPrefix = "intent/apikeys.revoke/"
 
+// maxIntentOwners is the most owners an intent names; a revocation of keys
+// of more owners records none, and its resumption reaches what the caller
+// reaches then.
+const maxIntentOwners = 1000
+
+// touchEvery is how often (in batches) a revocation under way touches its
+// intent: one untouched for a minute is taken for one cut short.
+const touchEvery = 20
+
 // revokeIntent is a bulk revocation's record.
 type revokeIntent struct {
 	Owner       string          `json:"owner,omitempty"`
@@ -37,24 +48,68 @@ type revokeIntent struct {
 	State       State           `json:"state,omitempty"`
 	All         bool            `json:"all,omitempty"`
 	Reach       json.RawMessage `json:"reach,omitempty"`
-	Started     time.Time       `json:"started"`
+	// Owners are the owners of the keys the filter picked when the
+	// caller asked, within its reach (absent: more than maxIntentOwners).
+	Owners  []string  `json:"owners,omitempty"`
+	Started time.Time `json:"started"`
+	// Touched is when the revocation was last known under way; a
+	// resumption revokes no key issued after it.
+	Touched time.Time `json:"touched"`
 }
 
-// recordIntent writes f's intent and returns its key.
-func (m *Manager) recordIntent(f Filter) (string, error) {
+// intent is a revocation's record as this process keeps it.
+type intent struct {
+	key     string
+	rec     revokeIntent
+	batches int
+}
+
+// recordIntent writes f's intent.
+func (m *Manager) recordIntent(f Filter, owners map[string]bool) (*intent, error) {
 	var id [8]byte
 	rand.Read(id[:])
-	key := IntentPrefix + m.now().UTC().Format("20060102T150405Z") + "-" + hex.EncodeToString(id[:])
-	b, err := json.Marshal(revokeIntent{Owner: f.Owner, Tag: f.Tag, Environment: f.Environment, State: f.State, All: f.All,
-		Reach: f.Reach, Started: m.now().UTC()})
-	if err != nil {
-		return "", err
+	now := m.now().UTC()
+	in := &intent{key: IntentPrefix + now.Format("20060102T150405Z") + "-" + hex.EncodeToString(id[:]),
+		rec: revokeIntent{Owner: f.Owner, Tag: f.Tag, Environment: f.Environment, State: f.State, All: f.All, Reach: f.Reach, Started: now, Touched: now}}
+	if len(owners) <= maxIntentOwners {
+		in.rec.Owners = slices.Sorted(maps.Keys(owners))
 	}
-	err = m.store.Update(store.BucketSchedule, key, func([]byte) ([]byte, error) { return b, nil })
-	if err != nil {
-		return "", fmt.Errorf("recording the revocation's intent (nothing is revoked): %w", err)
+	m.intentsMu.Lock()
+	m.running[in.key] = true
+	m.intentsMu.Unlock()
+	if err := m.putIntent(in); err != nil {
+		m.doneIntent(in)
+		return nil, fmt.Errorf("recording the revocation's intent (nothing is revoked): %w", err)
 	}
-	return key, nil
+	return in, nil
+}
+
+func (m *Manager) putIntent(in *intent) error {
+	b, err := json.Marshal(in.rec)
+	if err != nil {
+		return err
+	}
+	return m.store.Update(store.BucketSchedule, in.key, func([]byte) ([]byte, error) { return b, nil })
+}
+
+// touchIntent notes, every touchEvery batches, that in is under way (a
+// failure is no matter: at worst it is resumed while it runs, and
+// revoking is idempotent).
+func (m *Manager) touchIntent(in *intent) {
+	if in == nil {
+		return
+	}
+	if in.batches++; in.batches%touchEvery == 0 {
+		in.rec.Touched = m.now().UTC()
+		m.putIntent(in)
+	}
+}
+
+// doneIntent forgets in as under way in this process.
+func (m *Manager) doneIntent(in *intent) {
+	m.intentsMu.Lock()
+	delete(m.running, in.key)
+	m.intentsMu.Unlock()
 }
 
 // dropIntent deletes an intent done with. A failure leaves it to be
@@ -72,25 +127,35 @@ type Resumed struct {
 	Err     error // nil: finished, its record dropped
 }
 
-// ResumeRevocations finishes the bulk revocations recorded before
-// olderThan ago and not done: each with its filter, within the reach its
-// caller had (reach turns the recorded Filter.Reach back into Owners; an
-// error leaves the record, to be tried again). It returns what it did,
-// one entry per record.
-func (m *Manager) ResumeRevocations(olderThan time.Duration, reach func(json.RawMessage) (func(owner string) bool, error)) ([]Resumed, error) {
-	cutoff := m.now().Add(-olderThan)
+// ResumeRevocations finishes the bulk revocations whose intent was last
+// touched before cutoff and that no call of this process runs: each with
+// its filter, for keys issued before it was last touched, of the owners
+// the caller reached when it asked, within the reach it has now (reach
+// turns the recorded Filter.Reach back into Owners; an error leaves the
+// record, to be tried again). It returns what it did, one entry per
+// record.
+func (m *Manager) ResumeRevocations(cutoff time.Time, reach func(json.RawMessage) (func(owner string) bool, error)) ([]Resumed, error) {
 	var due []Resumed
+	var recs []revokeIntent
 	err := m.store.ForEach(store.BucketSchedule, IntentPrefix, func(k string, b []byte) error {
+		m.intentsMu.Lock()
+		mine := m.running[k]
+		m.intentsMu.Unlock()
+		if mine {
+			return nil
+		}
 		var in revokeIntent
 		if err := json.Unmarshal(b, &in); err != nil {
 			due = append(due, Resumed{Intent: k, Err: fmt.Errorf("the record does not parse: %w", err)})
+			recs = append(recs, in)
 			return nil
 		}
-		if in.Started.After(cutoff) {
-			return nil // under way, most likely
+		if in.Touched.After(cutoff) {
+			return nil // under way on another node, most likely
 		}
 		due = append(due, Resumed{Intent: k, Started: in.Started,
 			Filter: Filter{Owner: in.Owner, Tag: in.Tag, Environment: in.Environment, State: in.State, All: in.All, Reach: in.Reach}})
+		recs = append(recs, in)
 		return nil
 	})
 	if err != nil {
@@ -109,7 +174,14 @@ func (m *Manager) ResumeRevocations(olderThan time.Duration, reach func(json.Raw
 			r.Err = fmt.Errorf("%w: the recorded filter names nothing", ErrInvalid)
 			continue
 		}
-		if r.Revoked, r.Err = m.revokeWhere(f); r.Err == nil {
+		f.issued = recs[i].Touched
+		if recs[i].Owners != nil {
+			f.owners = map[string]bool{}
+			for _, o := range recs[i].Owners {
+				f.owners[o] = true
+			}
+		}
+		if r.Revoked, r.Err = m.revokeWhere(f, nil, nil); r.Err == nil {
 			r.Err = m.dropIntent(r.Intent)
 		}
 	}
@@ -127,6 +199,6 @@ func (r Resumed) String() string {
 	if r.Filter.All {
 		parts = append(parts, "all keys")
 	}
-	return fmt.Sprintf("a bulk revocation (%s) started %s and cut short, finished from its record %s",
-		strings.Join(parts, ", "), r.Started.UTC().Format(time.RFC3339), r.Intent)
+	return fmt.Sprintf("a bulk revocation (%s) asked by %s, started %s and cut short, finished from its record %s",
+		strings.Join(parts, ", "), r.Filter.Reach, r.Started.UTC().Format(time.RFC3339), r.Intent)
 }

@@ -75,10 +75,18 @@ func TestRevokeWhereResumes(t *testing.T) {
 		t.Fatalf("%d intents recorded, want 1", intents())
 	}
 	// Not yet a minute old: under way, not resumed.
-	if done, err := f.m.ResumeRevocations(time.Minute, owners); err != nil || len(done) != 0 {
+	if done, err := f.m.ResumeRevocations(f.clk.now().Add(-time.Minute), owners); err != nil || len(done) != 0 {
 		t.Fatalf("a fresh intent resumed: %+v, %v", done, err)
 	}
-	done, err := f.m.ResumeRevocations(0, owners)
+	// A key issued after the revocation was cut short is not its business;
+	// and a policy widened since (every owner) reaches no owner the caller
+	// did not reach when it asked.
+	f.clk.add(time.Second)
+	later := spec()
+	later.Owner, later.Name, later.Tags = "team-a", "later", []string{"leaked"}
+	_, laterRec := f.create(t, later)
+	wide := func(json.RawMessage) (func(string) bool, error) { return func(string) bool { return true }, nil }
+	done, err := f.m.ResumeRevocations(f.clk.now(), wide)
 	if err != nil || len(done) != 1 || done[0].Err != nil || done[0].Revoked != 200-batch {
 		t.Fatalf("ResumeRevocations = %+v, %v; want one, %d revoked", done, err, 200-batch)
 	}
@@ -98,6 +106,9 @@ func TestRevokeWhereResumes(t *testing.T) {
 			revoked[r.Owner]++
 		}
 	}
+	if r, err := f.m.Get(laterRec.ID); err != nil || r.State != Active {
+		t.Errorf("a key issued after the revocation was cut short: %+v, %v", r, err)
+	}
 	if revoked["team-a"] != 100 || revoked["team-b"] != 100 || revoked["team-c"] != 0 {
 		t.Fatalf("revoked by owner: %v; want all of team-a's and team-b's, none of team-c's (out of reach)", revoked)
 	}
@@ -111,7 +122,7 @@ func TestRevokeWhereResumes(t *testing.T) {
 	if _, err := m.RevokeWhere(Filter{Owner: "team-c", Reach: json.RawMessage(`"garbled"`)}, false); err == nil {
 		t.Fatal("the second cut revocation did not fail")
 	}
-	if done, err := f.m.ResumeRevocations(0, owners); err != nil || len(done) != 1 || done[0].Err == nil || intents() != 1 {
+	if done, err := f.m.ResumeRevocations(f.clk.now(), owners); err != nil || len(done) != 1 || done[0].Err == nil || intents() != 1 {
 		t.Fatalf("a resumption whose reach does not parse: %+v, %v, %d intents", done, err, intents())
 	}
 }

@@ -103,6 +103,11 @@ type Manager struct {
 	records     map[string]cachedRecord
 	recordBytes int // the encoded size of the records cached
 
+	// running are the intents of the bulk revocations this process runs
+	// (intents.go): a resumption leaves them alone.
+	intentsMu sync.Mutex
+	running   map[string]bool
+
 	// changed holds the IDs of records another node of a fleet changed
 	// (Forget), for the next call under mu to drop from records: Forget
 	// may not wait for mu, which a write holds while the store waits for
@@ -235,7 +240,8 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, erro
 	lim := ratelimit.New()
 	lim.Near = o.NearLimit
 	m := &Manager{store: s, mac: mac, pepper: pepper, prefix: o.Prefix, defaults: o.DefaultLimits, lim: lim, usage: newUsageLog(),
-		quotas: map[string]*Quota{}, now: o.Now, factor: o.LimitFactor, digests: map[[32]byte]known{}, records: map[string]cachedRecord{}, hintKey: hintKey, legacy: err == nil}
+		quotas: map[string]*Quota{}, now: o.Now, factor: o.LimitFactor, digests: map[[32]byte]known{}, records: map[string]cachedRecord{}, hintKey: hintKey, legacy: err == nil,
+		running: map[string]bool{}}
 	if o.FleetNodes != nil {
 		m.fleet = newFleetLimits(m, o.FleetNodes)
 	}
@@ -994,12 +1000,19 @@ type Filter struct {
 	// records it with its intent, and a resumption hands it back
 	// (ResumeRevocations). Opaque here.
 	Reach json.RawMessage
+
+	// owners, if set, are the only owners whose keys match (a resumption:
+	// those the caller reached when it asked); issued, if set, the latest
+	// a matching key was issued.
+	owners map[string]bool
+	issued time.Time
 }
 
 func (f Filter) matches(r *Record) bool {
 	return (f.Owner == "" || r.Owner == f.Owner) && (f.Environment == "" || r.Environment == f.Environment) &&
 		(f.Tag == "" || slices.Contains(r.Tags, f.Tag)) && (f.State == "" || r.State == f.State) &&
-		(f.Owners == nil || f.Owners(r.Owner))
+		(f.Owners == nil || f.Owners(r.Owner)) && (f.owners == nil || f.owners[r.Owner]) &&
+		(f.issued.IsZero() || !r.Created.After(f.issued))
 }
 
 // RevokeWhere revokes every key not yet revoked that the filter picks (or,
@@ -1013,32 +1026,36 @@ func (m *Manager) RevokeWhere(f Filter, dryRun bool) (int, error) {
 	if empty := f.Owner == "" && f.Tag == "" && f.Environment == ""; empty != f.All {
 		return 0, fmt.Errorf("%w: name an owner, tag or environment, or all keys (and not both)", ErrInvalid)
 	}
-	if dryRun {
-		ids, err := m.matching(f)
+	ids, owners, err := m.matchingOwners(f)
+	if err != nil || dryRun {
 		return len(ids), err
 	}
-	key, err := m.recordIntent(f)
+	in, err := m.recordIntent(f, owners)
 	if err != nil {
 		return 0, err
 	}
-	n, err := m.revokeWhere(f)
+	defer m.doneIntent(in)
+	n, err := m.revokeWhere(f, ids, in)
 	if err != nil {
 		return n, fmt.Errorf("%w (%d revoked; the rest is recorded, and keywardd finishes it)", err, n)
 	}
-	m.dropIntent(key)
+	m.dropIntent(in.key)
 	return n, nil
 }
 
-// revokeWhere is RevokeWhere's work.
-func (m *Manager) revokeWhere(f Filter) (int, error) {
+// revokeWhere is RevokeWhere's work, from the first pass's keys (nil: a
+// scan); it keeps its intent touched (nil: none).
+func (m *Manager) revokeWhere(f Filter, ids []string, in *intent) (int, error) {
 	// A key issued while a pass runs may escape its scan: scan again until
 	// a pass finds none (a few passes at most; more only if keys matching
 	// the filter keep being issued).
 	total := 0
 	for pass := 0; pass < 4; pass++ {
-		ids, err := m.matching(f)
-		if err != nil {
-			return total, err
+		if pass > 0 || ids == nil {
+			var err error
+			if ids, err = m.matching(f); err != nil {
+				return total, err
+			}
 		}
 		if len(ids) == 0 {
 			break
@@ -1050,6 +1067,7 @@ func (m *Manager) revokeWhere(f Filter) (int, error) {
 			if err != nil {
 				return total, err
 			}
+			m.touchIntent(in)
 		}
 	}
 	return total, nil
@@ -1063,6 +1081,21 @@ func (m *Manager) writeBatch(opsPerKey int) int {
 }
 
 const maxWriteBatch = 1000
+
+// matchingOwners is matching, and the owners of the keys it lists.
+func (m *Manager) matchingOwners(f Filter) ([]string, map[string]bool, error) {
+	owners := map[string]bool{}
+	g := f
+	g.Owners = func(o string) bool {
+		ok := f.Owners == nil || f.Owners(o)
+		if ok && len(owners) <= maxIntentOwners {
+			owners[o] = true
+		}
+		return ok
+	}
+	ids, err := m.matching(g)
+	return ids, owners, err
+}
 
 // matching lists the keys not yet revoked that f picks. It reads a snapshot
 // without holding m.mu, so verifies go on; the owner, tags and environment

@@ -294,7 +294,11 @@ func keep(st []arrival, layers []Layer, tats []time.Time, now time.Time) []arriv
 func (lim *Limiter) Refund(key string, layers []Layer, cost int, now time.Time) {
 	lim.mu.Lock()
 	defer lim.mu.Unlock()
-	now = lim.clock(now)
+	// The limiter's time, without moving it: a refund comes after the
+	// check, and its time must not pass for a clock set back.
+	if now = now.Add(lim.skew); now.Before(lim.last) {
+		now = lim.last
+	}
 	st := lim.state[key]
 	if st == nil {
 		return

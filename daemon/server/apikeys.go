@@ -131,14 +131,17 @@ func (s *Server) owners(ctx context.Context, op string) func(string) bool {
 // reach is what a bulk revocation records of its caller's reach
 // (apikeys.Filter.Reach): the policy's subject and the operation, so that
 // a resumption after a crash revokes only keys of owners the caller may
-// reach under the policy then (a narrower policy, fewer keys).
+// reach under the policy then (a narrower policy, fewer keys), among the
+// owners it reached when it asked (apikeys records those; every node of a
+// fleet must run the same policy: docs/fleet.md).
 type reach struct {
-	Subject policy.Subject `json:"subject"`
-	Op      string         `json:"op"`
+	Subject *policy.Subject `json:"subject"`
+	Op      string          `json:"op"`
 }
 
 func reachOf(ctx context.Context, op string) json.RawMessage {
-	b, _ := json.Marshal(reach{Subject: subject(callFrom(ctx).caller), Op: op})
+	sub := subject(callFrom(ctx).caller)
+	b, _ := json.Marshal(reach{Subject: &sub, Op: op})
 	return b
 }
 
@@ -146,11 +149,11 @@ func reachOf(ctx context.Context, op string) json.RawMessage {
 // owners its caller may reach, under the policy loaded now.
 func (s *Server) Owners(raw json.RawMessage) (func(owner string) bool, error) {
 	var r reach
-	if err := json.Unmarshal(raw, &r); err != nil || r.Op == "" {
+	if err := json.Unmarshal(raw, &r); err != nil || r.Op == "" || r.Subject == nil {
 		return nil, fmt.Errorf("the caller's reach recorded with the revocation does not parse (%v): it is not finished", err)
 	}
-	pol := s.policy.Load()
-	return func(owner string) bool { return pol.Allow(r.Subject, r.Op, owner) == nil }, nil
+	pol, sub := s.policy.Load(), *r.Subject
+	return func(owner string) bool { return pol.Allow(sub, r.Op, owner) == nil }, nil
 }
 
 // apiKey loads a key for op and checks the caller may reach its owner.

@@ -173,9 +173,15 @@ func (b *Backend) bucketPrefix(bucket string) string {
 	return b.o.Prefix + "/b/" + bucket + "/"
 }
 
-// meta is the meta record: the write count and the outbox's last number.
+// meta is the meta record: the write count, the outbox's last number, and
+// the digest of the whole content: the XOR of every record's element
+// (store.Sealer.Element), which each write moves by what it changes. A
+// record removed, or an older sealed record put back, by anyone but
+// keywardd leaves the content's digest apart from the meta record's, and
+// a node that checks it (Node) refuses the state.
 type meta struct {
 	writes, outbox uint64
+	digest         [32]byte
 	// modRev is the meta record's revision as read (0: absent), which a
 	// commit requires unchanged: a copy of an earlier commit that lands
 	// late (its answer lost, sent again, the first one still on its way)
@@ -188,13 +194,26 @@ func (b *Backend) openMeta(kvs []*mvccpb.KeyValue) (meta, error) {
 		return meta{}, nil
 	}
 	v, err := b.seal.Open(metaBucket, "meta", kvs[0].Value)
-	if err == nil && len(v) != 16 {
-		err = fmt.Errorf("%w: the meta record has %d bytes, not 16", store.ErrDamaged, len(v))
+	if err == nil && len(v) != metaSize {
+		err = fmt.Errorf("%w: the meta record has %d bytes, not %d", store.ErrDamaged, len(v), metaSize)
 	}
 	if err != nil {
 		return meta{}, b.fail(err)
 	}
-	return meta{binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]), kvs[0].ModRevision}, nil
+	m := meta{writes: binary.BigEndian.Uint64(v), outbox: binary.BigEndian.Uint64(v[8:]), modRev: kvs[0].ModRevision}
+	copy(m.digest[:], v[16:])
+	return m, nil
+}
+
+// metaSize is the meta record's size: the write count, the outbox's last
+// number, the digest.
+const metaSize = 8 + 8 + 32
+
+// xor is d ^= e.
+func xor(d *[32]byte, e [32]byte) {
+	for i := range d {
+		d[i] ^= e[i]
+	}
 }
 
 // noRecords checks that a state without its meta record holds no record
@@ -214,6 +233,7 @@ func (b *Backend) noRecords(ctx context.Context, rev int64) error {
 
 func (b *Backend) sealMeta(m meta) string {
 	v := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, m.writes), m.outbox)
+	v = append(v, m.digest[:]...)
 	return string(b.seal.Seal(metaBucket, "meta", v))
 }
 
@@ -439,8 +459,8 @@ func (b *Backend) UpdateEachEmit(bucket string, keys []string, fn func(key strin
 	return err
 }
 
-// Carry is UpdateEach that also raises the state's write count and the
-// outbox's last sequence number to at least writes and outbox, in the same
+// Carry is UpdateEach that also raises the state's write count past
+// writes and the outbox's last sequence number to at least outbox, in the same
 // transaction: the last write of a migration carries the counts of the
 // store it copied (a node's audit log has recorded that store's count,
 // and the outbox's numbers must never be given twice).
@@ -449,7 +469,7 @@ func (b *Backend) Carry(bucket string, keys []string, writes, outbox uint64, fn 
 		rec, err := fn(k, old)
 		return rec, nil, err
 	}, func(m *meta) {
-		m.writes, m.outbox = max(m.writes, writes), max(m.outbox, outbox)
+		m.writes, m.outbox = max(m.writes, writes+1), max(m.outbox, outbox)
 	})
 	return err
 }
@@ -622,6 +642,7 @@ func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket strin
 	// The keys, each once in order of first appearance, and the meta record.
 	var uniq []string
 	cur := map[string][]byte{}
+	elems := map[string][32]byte{} // the old values' shares of the digest
 	for _, k := range keys {
 		if _, ok := cur[k]; !ok {
 			cur[k] = nil
@@ -632,7 +653,8 @@ func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket strin
 	for pause := retryPause; ; pause = min(2*pause, maxRetryPause) {
 		var err error
 		clear(cur) // what a failed try read
-		if m, err = b.read(ctx, bucket, uniq, cur); err == nil {
+		clear(elems)
+		if m, err = b.read(ctx, bucket, uniq, cur, elems); err == nil {
 			break
 		}
 		if !b.transient(ctx, err, pause) {
@@ -656,11 +678,15 @@ func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket strin
 	ops := make([]clientv3.Op, 0, len(uniq)+len(events)+1)
 	size := 0
 	for _, k := range uniq {
+		if e, ok := elems[k]; ok {
+			xor(&m.digest, e)
+		}
 		if rec := cur[k]; rec == nil {
 			ops = append(ops, clientv3.OpDelete(bp+k))
 			size += len(bp) + len(k) + opOverhead
 		} else {
 			v := b.seal.Seal(bucket, k, rec)
+			xor(&m.digest, b.seal.Element(v))
 			ops = append(ops, clientv3.OpPut(bp+k, string(v)))
 			size += len(bp) + len(k) + len(v) + opOverhead
 		}
@@ -670,6 +696,7 @@ func (b *Backend) write(ctx context.Context, mu *concurrency.Mutex, bucket strin
 		m.outbox++
 		k := store.OutboxKey(m.outbox)
 		v := b.seal.Seal(store.BucketOutbox, k, ev)
+		xor(&m.digest, b.seal.Element(v))
 		ops = append(ops, clientv3.OpPut(ob+k, string(v)))
 		size += len(ob) + len(k) + len(v) + opOverhead
 	}
@@ -800,7 +827,7 @@ func (b *Backend) applied(ctx context.Context, mu *concurrency.Mutex, m meta) (i
 // read reads the meta record and the records of keys into cur (absent:
 // nil), in transactions of at most MaxTxnOps gets, all at the revision of
 // the first.
-func (b *Backend) read(ctx context.Context, bucket string, keys []string, cur map[string][]byte) (meta, error) {
+func (b *Backend) read(ctx context.Context, bucket string, keys []string, cur map[string][]byte, elems map[string][32]byte) (meta, error) {
 	bp := b.bucketPrefix(bucket)
 	batch := max(2, b.o.MaxTxnOps)
 	var m meta
@@ -841,6 +868,7 @@ func (b *Backend) read(ctx context.Context, bucket string, keys []string, cur ma
 				return meta{}, b.fail(err)
 			}
 			cur[k] = rec
+			elems[k] = b.seal.Element(kvs[0].Value)
 		}
 	}
 	return m, nil

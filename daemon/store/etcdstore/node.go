@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/big"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -92,6 +94,12 @@ type Node struct {
 	rewound atomic.Bool
 	writes  atomic.Uint64
 	failed  atomic.Pointer[error]
+	// digest is the XOR of the elements of every record in the copy
+	// (store.Sealer.Element), and sealed the last meta record's digest:
+	// after every revision the copy takes they must be equal, or records
+	// changed in etcd that keywardd did not write. Only the watch's
+	// goroutine (and start, before it) touches them.
+	digest, sealed [32]byte
 
 	// progress is the watch under way, to ask etcd for a progress
 	// notification on (nil between watches).
@@ -186,6 +194,13 @@ func (n *Node) start(ctx context.Context) error {
 	if err := n.loadWrites(); err != nil {
 		return err
 	}
+	if err := n.loadDigest(); errors.Is(err, errCopyDigest) {
+		// The copy is a cache: etcd's own digest is checked as it loads.
+		n.o.Logger.Warn("the local copy's records do not add up to its digest (the file was changed): loading it again from etcd", "copy", n.o.Path)
+		return n.reload(ctx)
+	} else if err != nil {
+		return err
+	}
 	// etcd restored from an older snapshot, then written past the copy's
 	// revision: its write count says it is behind the copy.
 	if had := n.writes.Load(); n.w.Writes() < had {
@@ -225,46 +240,96 @@ func (n *Node) reload(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
 	}
-	from, end := n.prefix, clientv3.GetPrefixRangeEnd(n.prefix)
-	// The first page is a linearizable read: the copy is current as of
-	// the moment it was asked for.
+	// The new bucket is not read until the swap, which is synced: its
+	// pages need no sync of their own (a crash before the swap leaves the
+	// copy as it was, and the next start reloads).
+	n.db.NoSync = true
+	defer func() { n.db.NoSync = false }()
+	// The first read is a linearizable read: the copy is current as of
+	// the moment it was asked for; the rest read at its revision.
 	asked := time.Now()
 	var rev int64
 	var cluster uint64
+	var digest, sealed [32]byte
 	records := 0
-	for {
+	get := func(from, to string, limit int64) (*clientv3.GetResponse, error) {
 		cctx, cancel := context.WithTimeout(ctx, n.o.Timeout)
-		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(reloadPage)}
+		defer cancel()
+		opts := []clientv3.OpOption{clientv3.WithRange(to), clientv3.WithLimit(limit)}
 		if rev != 0 {
 			opts = append(opts, clientv3.WithRev(rev))
 		}
 		resp, err := n.w.cli.Get(clientv3.WithRequireLeader(cctx), from, opts...)
-		cancel()
 		if err != nil {
-			return fmt.Errorf("etcdstore: reloading the local copy: %w", mapErr(err))
+			return nil, fmt.Errorf("etcdstore: reloading the local copy: %w", mapErr(err))
 		}
 		if rev == 0 {
 			rev, cluster = resp.Header.Revision, resp.Header.ClusterId
 		}
-		err = n.db.Update(func(tx *bolt.Tx) error {
+		return resp, nil
+	}
+	put := func(kvs []*mvccpb.KeyValue) error {
+		return n.db.Update(func(tx *bolt.Tx) error {
 			kv := tx.Bucket(copyKV[next])
-			for _, e := range resp.Kvs {
-				if k, ok := n.copyKey(e.Key); ok {
-					if err := kv.Put(k, e.Value); err != nil {
+			kv.FillPercent = 0.95 // keys come in order: pages filled, not split in half
+			for _, e := range kvs {
+				k, ok := n.copyKey(e.Key)
+				if !ok {
+					continue
+				}
+				if err := kv.Put(k, e.Value); err != nil {
+					return err
+				}
+				if string(k) == "meta" {
+					m, err := n.w.openMeta([]*mvccpb.KeyValue{e})
+					if err != nil {
 						return err
 					}
-					records++
+					sealed = m.digest
+				} else {
+					xor(&digest, n.seal.Element(e.Value))
 				}
+				records++
 			}
 			return nil
 		})
+	}
+	// etcd counts every key of a range it is asked for, however few it
+	// returns: paging through a million keys from one end would visit
+	// them half a million times over. So a range of many keys is halved
+	// until each holds a few pages, and those are paged through.
+	var load func(from, to string) error
+	load = func(from, to string) error {
+		resp, err := get(from, to, reloadPage)
 		if err != nil {
-			return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
+			return err
 		}
-		if !resp.More || len(resp.Kvs) == 0 {
-			break
+		if resp.Count > 4*reloadPage {
+			if m := midKey(from, to); m > from && m < to {
+				if err := load(from, m); err != nil {
+					return err
+				}
+				return load(m, to)
+			}
 		}
-		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+		for {
+			if err := put(resp.Kvs); err != nil {
+				return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
+			}
+			if !resp.More || len(resp.Kvs) == 0 {
+				return nil
+			}
+			if resp, err = get(string(resp.Kvs[len(resp.Kvs)-1].Key)+"\x00", to, reloadPage); err != nil {
+				return err
+			}
+		}
+	}
+	if err := load(n.prefix, clientv3.GetPrefixRangeEnd(n.prefix)); err != nil {
+		return err
+	}
+	n.db.NoSync = false
+	if err := n.db.Sync(); err != nil {
+		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
 	}
 	err = n.db.Update(func(tx *bolt.Tx) error {
 		st := tx.Bucket(copyState)
@@ -280,6 +345,9 @@ func (n *Node) reload(ctx context.Context) error {
 		if err := st.Put([]byte("rev"), binary.BigEndian.AppendUint64(nil, uint64(rev))); err != nil {
 			return err
 		}
+		if digest != sealed {
+			return n.fail(errDigest(rev))
+		}
 		if old := copyKV[1-next]; tx.Bucket(old) != nil {
 			return tx.DeleteBucket(old)
 		}
@@ -288,6 +356,7 @@ func (n *Node) reload(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
 	}
+	n.digest, n.sealed = digest, sealed
 	n.rewound.Store(false)
 	n.writes.Store(0) // the new copy's meta says (loadWrites)
 	n.markFresh(asked)
@@ -314,8 +383,21 @@ func active(tx *bolt.Tx) int {
 	return 0
 }
 
-// reloadPage is how many records a reload reads per request.
-const reloadPage = 1000
+// midKey is a key between from and to (from < to), as the halfway point
+// of the two read as base-256 fractions; from if there is none.
+func midKey(from, to string) string {
+	n := max(len(from), len(to)) + 1
+	a := new(big.Int).SetBytes(append([]byte(from), make([]byte, n-len(from))...))
+	b := new(big.Int).SetBytes(append([]byte(to), make([]byte, n-len(to))...))
+	m := a.Add(a, b).Rsh(a, 1).Bytes()
+	out := make([]byte, n) // left-padded back to n bytes
+	copy(out[n-len(m):], m)
+	return strings.TrimRight(string(out), "\x00")
+}
+
+// reloadPage is how many records a reload reads per request (about
+// 1 KiB each: a few MiB an answer).
+var reloadPage int64 = 5000
 
 // copyKey is the key in the copy of etcd's key k: what follows the prefix,
 // for the records and the meta record; ok is false for what the copy does
@@ -326,6 +408,41 @@ func (n *Node) copyKey(k []byte) ([]byte, bool) {
 		return nil, false
 	}
 	return rest, true
+}
+
+// errDigest: the records at rev do not add up to the meta record's digest.
+func errDigest(rev int64) error {
+	return fmt.Errorf("%w: at etcd revision %d the records under the prefix do not add up to the digest keywardd wrote with them: a record was removed, or an older one put back, by something other than keywardd (restore etcd from a backup; docs/fleet.md, \"Integrity\")", store.ErrDamaged, rev)
+}
+
+// errCopyDigest: the copy's records do not add up to its meta record.
+var errCopyDigest = errors.New("the local copy does not add up to its digest")
+
+// loadDigest computes the copy's digest and checks it against the copy's
+// meta record (errCopyDigest): a record of the copy removed, changed or
+// put back in the file is found here, as one in etcd is at the revision
+// that brings it.
+func (n *Node) loadDigest() error {
+	return n.db.View(func(tx *bolt.Tx) error {
+		var digest, sealed [32]byte
+		err := records(tx).ForEach(func(k, v []byte) error {
+			if string(k) != "meta" {
+				xor(&digest, n.seal.Element(v))
+				return nil
+			}
+			m, err := n.w.openMeta([]*mvccpb.KeyValue{{Value: v}})
+			sealed = m.digest
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		if digest != sealed {
+			return errCopyDigest
+		}
+		n.digest, n.sealed = digest, sealed
+		return nil
+	})
 }
 
 // loadWrites sets Writes from the copy's meta record.
@@ -476,12 +593,37 @@ func (n *Node) apply(resp clientv3.WatchResponse) error {
 	var meta []byte
 	changed := map[string][]Change{}
 	var order []string
+	digest, sealed := n.digest, n.sealed
 	err := n.db.Update(func(tx *bolt.Tx) error {
 		kv := records(tx)
+		at := int64(0) // the revision whose events are being taken
 		for _, e := range resp.Events {
 			k, ok := n.copyKey(e.Kv.Key)
 			if !ok {
 				continue
+			}
+			if e.Kv.ModRevision != at {
+				if at != 0 && digest != sealed {
+					return n.fail(errDigest(at))
+				}
+				at = e.Kv.ModRevision
+			}
+			if string(k) == "meta" {
+				if e.Type == clientv3.EventTypeDelete {
+					return n.fail(fmt.Errorf("%w: the meta record was deleted at etcd revision %d, not by keywardd", store.ErrDamaged, at))
+				}
+				m, err := n.w.openMeta([]*mvccpb.KeyValue{e.Kv})
+				if err != nil {
+					return err
+				}
+				sealed = m.digest
+			} else {
+				if old := kv.Get(k); old != nil {
+					xor(&digest, n.seal.Element(old))
+				}
+				if e.Type != clientv3.EventTypeDelete {
+					xor(&digest, n.seal.Element(e.Kv.Value))
+				}
 			}
 			if rest, ok := bytes.CutPrefix(k, []byte("b/")); ok && n.o.Changed != nil {
 				b, key, _ := bytes.Cut(rest, []byte("/"))
@@ -510,11 +652,15 @@ func (n *Node) apply(resp clientv3.WatchResponse) error {
 				return err
 			}
 		}
+		if digest != sealed {
+			return n.fail(errDigest(at))
+		}
 		return tx.Bucket(copyState).Put([]byte("rev"), binary.BigEndian.AppendUint64(nil, uint64(rev)))
 	})
 	if err != nil {
 		return fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
 	}
+	n.digest, n.sealed = digest, sealed
 	if err := n.noteMeta(meta); err != nil {
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"log/slog"
 	"path/filepath"
 	"strconv"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/daemon/store/storetest"
@@ -254,10 +256,72 @@ func TestNodeCopyTampered(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var lb logs
+	o.Logger = lb.logger()
 	n = openNode(t, o)
 	defer n.Close()
-	if _, err := n.Get(store.BucketKeys, "a"); !errors.Is(err, store.ErrDamaged) {
-		t.Fatalf("a value swapped in the local copy: %v, want ErrDamaged", err)
+	if v, err := n.Get(store.BucketKeys, "a"); err != nil || string(v) != "1" {
+		t.Fatalf("a value swapped in the local copy: %q, %v; want the copy loaded again from etcd", v, err)
+	}
+	if lb.count("do not add up") != 1 {
+		t.Error("the reload of a changed copy is not logged")
+	}
+}
+
+// TestNodeRecordPutBack: a record's older sealed value put back in etcd
+// (the key before its revocation), or a record deleted, by anything but
+// keywardd, is found at the revision that brings it: the node refuses
+// every call, and a node loading the prefix refuses it too.
+func TestNodeRecordPutBack(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		tamper func(cli *clientv3.Client, key string, old []byte) error
+	}{
+		{"put back", func(cli *clientv3.Client, key string, old []byte) error {
+			_, err := cli.Put(context.Background(), key, string(old))
+			return err
+		}},
+		{"deleted", func(cli *clientv3.Client, key string, _ []byte) error {
+			_, err := cli.Delete(context.Background(), key)
+			return err
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := etcdtest.NewCluster(t, 1)
+			cli := client(t, c)
+			o := NodeOptions{Options: Options{Client: cli, Prefix: prefix(t)}, Path: filepath.Join(t.TempDir(), "copy.db")}
+			n := openNode(t, o)
+			defer n.Close()
+			key := o.Prefix + "/b/" + store.BucketAPIKeys + "/ak_1"
+			put(t, n, store.BucketAPIKeys, "ak_1", `{"state":"active"}`)
+			old, err := cli.Get(context.Background(), key)
+			if err != nil || len(old.Kvs) != 1 {
+				t.Fatal(old, err)
+			}
+			put(t, n, store.BucketAPIKeys, "ak_1", `{"state":"revoked"}`)
+			put(t, n, store.BucketAPIKeys, "ak_2", `{"state":"active"}`)
+			if err := tc.tamper(cli, key, old.Kvs[0].Value); err != nil {
+				t.Fatal(err)
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for n.Err() == nil && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			if !errors.Is(n.Err(), store.ErrDamaged) || !strings.Contains(n.Err().Error(), "do not add up") {
+				t.Fatalf("after a record was %s in etcd the node says %v", tc.name, n.Err())
+			}
+			if _, err := n.Get(store.BucketAPIKeys, "ak_2"); !errors.Is(err, store.ErrDamaged) {
+				t.Fatalf("a read after the state was found changed: %v", err)
+			}
+			o = n.o // with its key
+			o.Path = filepath.Join(t.TempDir(), "fresh.db")
+			if m, err := OpenNode(o); !errors.Is(err, store.ErrDamaged) {
+				if m != nil {
+					m.Close()
+				}
+				t.Fatalf("a new node on the changed state: %v", err)
+			}
+		})
 	}
 }
 
@@ -370,5 +434,50 @@ func TestNodeSync(t *testing.T) {
 		if rec, err := b.Get(store.BucketKeys, k); err != nil || string(rec) != k {
 			t.Fatalf("after Sync, node b reads %s as %q, %v", k, rec, err)
 		}
+	}
+}
+
+// TestNodeLoadsInHalves: a prefix of many more records than a few pages is
+// loaded by halving its range (etcd counts a whole range at every page):
+// every record arrives once, whatever the split, and the digest adds up.
+func TestNodeLoadsInHalves(t *testing.T) {
+	defer func(p int64) { reloadPage = p }(reloadPage)
+	reloadPage = 7
+	c := etcdtest.NewCluster(t, 1)
+	cli := client(t, c)
+	w := open(t, Options{Client: cli, Prefix: prefix(t)})
+	const n = 600
+	for lo := 0; lo < n; lo += 100 {
+		var keys []string
+		for i := lo; i < lo+100; i++ {
+			keys = append(keys, fmt.Sprintf("ak_%06x", i*7919%(1<<24)))
+		}
+		if err := w.UpdateEach(store.BucketAPIKeys, keys, func(k string, _ []byte) ([]byte, error) { return []byte(k), nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	node := openNode(t, NodeOptions{Options: w.o, Path: filepath.Join(t.TempDir(), "copy.db")})
+	defer node.Close()
+	got := 0
+	if err := node.ForEach(store.BucketAPIKeys, "", func(k string, v []byte) error {
+		if string(v) != k {
+			return fmt.Errorf("%s holds %q", k, v)
+		}
+		got++
+		return nil
+	}); err != nil || got != n {
+		t.Fatalf("loaded %d of %d records: %v", got, n, err)
+	}
+}
+
+func TestMidKey(t *testing.T) {
+	for _, tc := range [][2]string{{"a", "b"}, {"/k/b/", "/k/b0"}, {"ak_00", "ak_ff"}, {"x", "x\x00\x01"}, {"", "\xff"}} {
+		m := midKey(tc[0], tc[1])
+		if !(m >= tc[0] && m < tc[1]) {
+			t.Errorf("midKey(%q, %q) = %q: not in the range", tc[0], tc[1], m)
+		}
+	}
+	if m := midKey("a", "b"); m == "a" {
+		t.Errorf("midKey(a, b) did not split")
 	}
 }
