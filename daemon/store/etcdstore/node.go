@@ -371,8 +371,10 @@ func (n *Node) reload(ctx context.Context) error {
 	n.digest, n.sealed = digest, sealed
 	n.rewound.Store(false)
 	n.writes.Store(0) // the new copy's meta says (loadWrites)
-	n.markFresh(asked)
+	// Logged before it counts as fresh: whoever waits for that finds the
+	// load said.
 	n.o.Logger.Info("the local copy was loaded from etcd", "records", records, "revision", rev, "took", time.Since(asked).Round(time.Millisecond).String())
+	n.markFresh(asked)
 	if n.o.Changed != nil {
 		for _, b := range store.Buckets() {
 			n.o.Changed(b, nil)
