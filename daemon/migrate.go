@@ -146,11 +146,16 @@ func Migrate(ctx context.Context, cfg *Config, o MigrateOptions) (MigrateResult,
 		return n.Count, nil
 	}
 	// No node may run on the prefix meanwhile: its writes would mix with
-	// the copy's (every node campaigns under PREFIX/leader).
-	if n, err := count(e.prefix() + "/leader/"); err != nil || n > 0 {
-		if err == nil {
+	// the copy's (every node campaigns under PREFIX/leader). Checked again
+	// once the intent is there, which a node starting refuses.
+	running := func() error {
+		n, err := count(e.prefix() + "/leader/")
+		if err == nil && n > 0 {
 			err = fmt.Errorf("%d keywardd nodes run on %s: stop every node of the fleet first, then migrate", n, res.To)
 		}
+		return err
+	}
+	if err := running(); err != nil {
 		return res, err
 	}
 	src, err := store.Open(from, store.Options{Key: key, Acknowledged: auditedWrites(cfg.DataDir)})
@@ -197,6 +202,11 @@ func Migrate(ctx context.Context, cfg *Config, o MigrateOptions) (MigrateResult,
 		})
 		if err != nil {
 			return res, fmt.Errorf("%s: %w", res.To, err)
+		}
+		if err := running(); err != nil {
+			// A node that started between the checks: the intent goes.
+			dst.Update(store.BucketSchedule, MigrateIntent, func([]byte) ([]byte, error) { return nil, nil })
+			return res, err
 		}
 	default:
 		return res, fmt.Errorf("%s: %w", res.To, err)

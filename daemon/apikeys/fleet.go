@@ -30,8 +30,9 @@ package apikeys
 //
 // The bound. A block is b = max(1, ⌊m / 4N⌋) requests (FleetBlock), where
 // m is the smallest burst of the key's layers (or the quota left, if
-// smaller) and N the nodes of the fleet. A node holds at most one block
-// and owes at most one (what it spent on credit, charged or being
+// smaller) and N the nodes of the fleet (a key verified at a cost c above
+// b takes blocks of 2c: read b as max(b, 2c) below). A node holds at most
+// one block and owes at most one (what it spent on credit, charged or being
 // charged), so over any stretch with no refill the fleet admits at most
 // N·b more than the limit (a quarter of a burst, or N for a burst under
 // 4·N), and in any window at most 2·N·b more (a block taken before the
@@ -118,6 +119,7 @@ type block struct {
 	owing  int           // requests spent on credit, being charged now
 	need   int           // what a verification waiting for the store needs
 	size   int           // b, as of the last verification
+	cost   int           // the last verification's cost: a block is at least twice it
 	refill time.Time     // the quota's last refill when the block was taken
 	used   time.Time     // the last verification
 	busy   chan struct{} // queued or being settled: closed when settled
@@ -216,11 +218,11 @@ func (f *fleetLimits) admit(ctx context.Context, rec *Record, cost int, now time
 			f.held[rec.ID] = b
 		}
 		b.used = now
-		b.size = f.size(rec, now)
+		b.size, b.cost = f.size(rec, now), cost
 		switch {
 		case b.left >= cost:
 			b.left -= cost
-			if b.left < (b.size+1)/2 && now.After(b.refused) && !b.failing {
+			if b.left < (max(b.size, 2*b.cost)+1)/2 && now.After(b.refused) && !b.failing {
 				f.settle(rec.ID, b)
 			}
 			return Valid, "", 0
@@ -269,7 +271,7 @@ func (f *fleetLimits) admit(ctx context.Context, rec *Record, cost int, now time
 			// The store is slow to answer (etcd electing, or out of
 			// reach): the fallback rather than a caller kept waiting.
 			f.mu.Lock()
-			return f.degraded(rec, cost, now)
+			return f.degraded(rec, cost, f.m.now())
 		case <-ctx.Done():
 			wait.Stop()
 			f.mu.Lock()
@@ -349,11 +351,11 @@ func (f *fleetLimits) settler() {
 				break
 			}
 			delete(f.queue, id)
-			// Up to a block held, not more (the bound counts one); twice
-			// what a verification waits for, so that costs above a block
-			// do not each write.
+			// Up to a block held, not more (the bound counts one); or
+			// twice the cost of a verification, when that is more, so
+			// that costs above a block do not each write.
 			need := max(b.need, 1)
-			ops[id] = &settlement{owed: b.owed, need: need, want: max(b.size-b.left, 2*b.need, need)}
+			ops[id] = &settlement{owed: b.owed, need: need, want: max(max(b.size, 2*b.cost)-b.left, need)}
 			blocks[id] = b
 			b.owing, b.owed, b.need = b.owed, 0, 0
 		}
@@ -467,6 +469,11 @@ func (f *fleetLimits) giveBack(idle time.Duration, all bool) error {
 		}
 		unused := all || now.Sub(b.used) >= idle
 		switch {
+		case b.failing:
+			// Tried again here too, so that a key unused since the store
+			// came back is not answered from the fallback first.
+			ops[id] = &settlement{owed: b.owed, give: b.left, refill: b.refill}
+			b.owing, b.owed, b.left = b.owed, 0, 0
 		case unused && b.left == 0 && b.owed == 0:
 			if now.After(b.refused) && !b.failing {
 				delete(f.held, id)
@@ -509,6 +516,8 @@ func (f *fleetLimits) giveBack(idle time.Duration, all bool) error {
 			// owed again, what was given back stays given (the fleet
 			// admits less, never more).
 			b.owed += op.owed
+		} else {
+			b.failing = false // a write went through
 		}
 		close(b.busy)
 		b.busy, b.owing = nil, 0

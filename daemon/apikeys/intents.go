@@ -181,9 +181,16 @@ func (m *Manager) ResumeRevocations(cutoff time.Time, reach func(json.RawMessage
 				f.owners[o] = true
 			}
 		}
-		if r.Revoked, r.Err = m.revokeWhere(f, nil, nil); r.Err == nil {
+		// While it runs, this process's own: touched, and not resumed
+		// again by a second pass of the job.
+		in := &intent{key: r.Intent, rec: recs[i]}
+		m.intentsMu.Lock()
+		m.running[in.key] = true
+		m.intentsMu.Unlock()
+		if r.Revoked, r.Err = m.revokeWhere(f, nil, in); r.Err == nil {
 			r.Err = m.dropIntent(r.Intent)
 		}
+		m.doneIntent(in)
 	}
 	return due, nil
 }

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -149,8 +150,11 @@ func reachOf(ctx context.Context, op string) json.RawMessage {
 // owners its caller may reach, under the policy loaded now.
 func (s *Server) Owners(raw json.RawMessage) (func(owner string) bool, error) {
 	var r reach
-	if err := json.Unmarshal(raw, &r); err != nil || r.Op == "" || r.Subject == nil {
+	if err := json.Unmarshal(raw, &r); err != nil {
 		return nil, fmt.Errorf("the caller's reach recorded with the revocation does not parse (%v): it is not finished", err)
+	}
+	if r.Op == "" || r.Subject == nil {
+		return nil, errors.New("the caller's reach recorded with the revocation names no caller or operation: it is not finished")
 	}
 	pol, sub := s.policy.Load(), *r.Subject
 	return func(owner string) bool { return pol.Allow(sub, r.Op, owner) == nil }, nil

@@ -49,3 +49,18 @@ func (s *Sealer) Element(v []byte) [32]byte {
 	}
 	return s.s.element(t)
 }
+
+// Mask is a one-time pad for a digest stored where others can read it,
+// keyed under the store key and drawn for nonce: a digest is linear (an
+// XOR), so one shown in the clear would let someone who reads the
+// history find a set of changes that undo one another's shares.
+func (s *Sealer) Mask(nonce []byte) [32]byte {
+	m := s.s.pool.Get().(*macs)
+	defer s.s.pool.Put(m)
+	m.set.Reset()
+	m.set.Write(maskLabel)
+	m.set.Write(nonce)
+	return m.sumOf(m.set)
+}
+
+var maskLabel = []byte("keyward store digest mask v1\x00")

@@ -9,9 +9,13 @@
 //     file (store.Sealer: a value changed or moved in etcd does not verify,
 //     and is refused with store.ErrDamaged). The outbox's events live in
 //     its bucket under store.OutboxKey of their sequence number.
-//   - PREFIX/meta holds, sealed, the write count (Writes) and the outbox's
-//     last sequence number; every write transaction updates it (Carry
-//     raises both, for a migration's last write).
+//   - PREFIX/meta holds, sealed under the prefix (a state copied from
+//     another prefix does not open), the write count (Writes), the
+//     outbox's last sequence number and the digest of the whole content
+//     (the XOR of every record's store.Sealer.Element), masked with a
+//     fresh pad (store.Sealer.Mask) so that it is never readable: every
+//     write transaction moves all three (Carry raises the counts, for a
+//     migration's last write). Node checks the digest at every revision.
 //   - Every write takes the fleet's write lock (a concurrency.Mutex on
 //     PREFIX/lock, on this backend's session, kept across a burst of
 //     writes), reads the keys it changes from etcd, runs the caller's fn
@@ -25,13 +29,11 @@
 //     store.ErrTooLarge, nothing written; callers split their work by
 //     store.BatchKeys, recording an intent first where it must finish
 //     (apikeys' bulk revocations, daemon's migration).
-//
-// Not yet: the integrity digest over the whole content (a record removed,
-// or an older sealed record put back as it was, is not found).
 package etcdstore
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -190,24 +192,40 @@ type meta struct {
 }
 
 func (b *Backend) openMeta(kvs []*mvccpb.KeyValue) (meta, error) {
-	if len(kvs) == 0 {
-		return meta{}, nil
-	}
-	v, err := b.seal.Open(metaBucket, "meta", kvs[0].Value)
-	if err == nil && len(v) != metaSize {
-		err = fmt.Errorf("%w: the meta record has %d bytes, not %d", store.ErrDamaged, len(v), metaSize)
-	}
+	m, err := b.readMeta(kvs)
 	if err != nil {
 		return meta{}, b.fail(err)
 	}
+	return m, nil
+}
+
+// readMeta opens a meta record (none: the zero meta) without stopping the
+// backend on a bad one: a local copy's is checked so, and reloaded.
+func (b *Backend) readMeta(kvs []*mvccpb.KeyValue) (meta, error) {
+	if len(kvs) == 0 {
+		return meta{}, nil
+	}
+	// Sealed under the prefix: a meta record (and the state with it)
+	// copied from another prefix does not open.
+	v, err := b.seal.Open(metaBucket, b.o.Prefix, kvs[0].Value)
+	if err == nil && len(v) != metaSize {
+		err = fmt.Errorf("%w: the meta record has %d bytes, not %d (a state written before keyward's integrity digest, by a development build: delete the prefix, or migrate into a new one)", store.ErrDamaged, len(v), metaSize)
+	}
+	if err != nil {
+		return meta{}, err
+	}
 	m := meta{writes: binary.BigEndian.Uint64(v), outbox: binary.BigEndian.Uint64(v[8:]), modRev: kvs[0].ModRevision}
-	copy(m.digest[:], v[16:])
+	mask := b.seal.Mask(v[16:32])
+	for i := range m.digest {
+		m.digest[i] = v[32+i] ^ mask[i]
+	}
 	return m, nil
 }
 
 // metaSize is the meta record's size: the write count, the outbox's last
-// number, the digest.
-const metaSize = 8 + 8 + 32
+// number, a nonce, and the digest masked with the nonce's pad
+// (store.Sealer.Mask), never in the clear.
+const metaSize = 8 + 8 + 16 + 32
 
 // xor is d ^= e.
 func xor(d *[32]byte, e [32]byte) {
@@ -233,8 +251,14 @@ func (b *Backend) noRecords(ctx context.Context, rev int64) error {
 
 func (b *Backend) sealMeta(m meta) string {
 	v := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, m.writes), m.outbox)
-	v = append(v, m.digest[:]...)
-	return string(b.seal.Seal(metaBucket, "meta", v))
+	nonce := make([]byte, 16)
+	rand.Read(nonce)
+	mask := b.seal.Mask(nonce)
+	v = append(v, nonce...)
+	for i := range m.digest {
+		v = append(v, m.digest[i]^mask[i])
+	}
+	return string(b.seal.Seal(metaBucket, b.o.Prefix, v))
 }
 
 // fail stops the backend with err (a record that does not verify).
@@ -851,6 +875,11 @@ func (b *Backend) read(ctx context.Context, bucket string, keys []string, cur ma
 			kvs := resp.Responses[0].GetResponseRange().Kvs
 			if m, err = b.openMeta(kvs); err != nil {
 				return meta{}, err
+			}
+			if m.writes < b.writes.Load() {
+				// An older meta record put back (and the state with it):
+				// the count never goes back.
+				return meta{}, b.fail(fmt.Errorf("%w: the meta record is at write %d, but this node saw write %d: an older state was put back in etcd, by something other than keywardd", store.ErrDamaged, m.writes, b.writes.Load()))
 			}
 			if len(kvs) == 0 {
 				if err := b.noRecords(ctx, rev); err != nil {

@@ -512,7 +512,7 @@ func TestLateCommitRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	late := []clientv3.Op{clientv3.OpPut(b.bucketPrefix(store.BucketKeys)+"k", string(b.seal.Seal(store.BucketKeys, "k", []byte("late")))),
-		clientv3.OpPut(b.metaKey(), b.sealMeta(meta{writes: m.writes + 1, outbox: m.outbox}))}
+		clientv3.OpPut(b.metaKey(), b.sealMeta(meta{writes: m.writes + 1, outbox: m.outbox, digest: m.digest}))}
 	put("1") // write 1, as sent again and answered
 	put("2") // write 2, in the same burst
 	b.wmu.Lock()

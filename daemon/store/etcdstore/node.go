@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
@@ -136,6 +138,16 @@ func OpenNode(o NodeOptions) (*Node, error) {
 		return nil, err
 	}
 	db, err := bolt.Open(o.Path, 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil && !errors.Is(err, bolterrors.ErrTimeout) {
+		// The copy is a cache: one that does not open (a power cut during
+		// a reload, which writes without syncs) is moved aside and loaded
+		// again from etcd.
+		aside := fmt.Sprintf("%s.broken-%d", o.Path, time.Now().Unix())
+		o.Logger.Warn("the local copy does not open: moved aside, and loaded again from etcd", "copy", o.Path, "aside", aside, "error", err.Error())
+		if rerr := os.Rename(o.Path, aside); rerr == nil {
+			db, err = bolt.Open(o.Path, 0o600, &bolt.Options{Timeout: time.Second})
+		}
+	}
 	if err != nil {
 		w.Close()
 		return nil, fmt.Errorf("etcdstore: the local copy %s: %w", o.Path, err)
@@ -193,14 +205,14 @@ func (n *Node) start(ctx context.Context) error {
 		return n.reload(ctx)
 	}
 	n.setApplied(rev)
-	if err := n.loadWrites(); err != nil {
-		return err
-	}
 	if err := n.loadDigest(); errors.Is(err, errCopyDigest) {
 		// The copy is a cache: etcd's own digest is checked as it loads.
 		n.o.Logger.Warn("the local copy's records do not add up to its digest (the file was changed): loading it again from etcd", "copy", n.o.Path)
 		return n.reload(ctx)
 	} else if err != nil {
+		return err
+	}
+	if err := n.loadWrites(); err != nil {
 		return err
 	}
 	// etcd restored from an older snapshot, then written past the copy's
@@ -306,8 +318,21 @@ func (n *Node) reload(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if resp.Count > 4*reloadPage {
-			if m := midKey(from, to); m > from && m < to {
+		if resp.Count > 4*reloadPage && len(resp.Kvs) > 0 {
+			// Halved between the range's first and last keys, not its
+			// bounds: the keys share long prefixes (PREFIX/b/apikeys/ak_).
+			cctx, cancel := context.WithTimeout(ctx, n.o.Timeout)
+			last, err := n.w.cli.Get(clientv3.WithRequireLeader(cctx), from, clientv3.WithRange(to), clientv3.WithRev(rev),
+				clientv3.WithLimit(1), clientv3.WithKeysOnly(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
+			cancel()
+			if err != nil {
+				return fmt.Errorf("etcdstore: reloading the local copy: %w", mapErr(err))
+			}
+			hi := to
+			if len(last.Kvs) == 1 {
+				hi = string(last.Kvs[0].Key)
+			}
+			if m := midKey(string(resp.Kvs[0].Key), hi); m > from && m < to {
 				if err := load(from, m); err != nil {
 					return err
 				}
@@ -404,6 +429,10 @@ func active(tx *bolt.Tx) int {
 func (n *Node) stream(ctx context.Context, put func([]*mvccpb.KeyValue) error, at func(int64, uint64)) (bool, error) {
 	sctx, cancel := context.WithTimeout(ctx, reloadStreamTimeout)
 	defer cancel()
+	// A member that stops sending for a request's timeout ends the
+	// stream (the next try may reach another).
+	idle := time.AfterFunc(n.o.Timeout, cancel)
+	defer idle.Stop()
 	ch, err := n.w.cli.GetStream(clientv3.WithRequireLeader(sctx), n.prefix, clientv3.WithRange(clientv3.GetPrefixRangeEnd(n.prefix)))
 	if status.Code(err) == codes.Unimplemented {
 		return false, nil
@@ -411,31 +440,40 @@ func (n *Node) stream(ctx context.Context, put func([]*mvccpb.KeyValue) error, a
 	if err != nil {
 		return true, fmt.Errorf("etcdstore: reloading the local copy: %w", mapErr(err))
 	}
+	fail := func(err error) (bool, error) {
+		cancel()
+		for range ch { // the client's goroutine ends once it has sent all
+		}
+		return true, err
+	}
 	var batch []*mvccpb.KeyValue
 	got := false
+	var rev int64
 	for r := range ch {
+		idle.Reset(n.o.Timeout)
 		if err := r.Err(); err != nil {
 			if !got && status.Code(err) == codes.Unimplemented {
 				for range ch {
 				}
 				return false, nil
 			}
-			return true, fmt.Errorf("etcdstore: reloading the local copy: %w", mapErr(err))
+			return fail(fmt.Errorf("etcdstore: reloading the local copy: %w", mapErr(err)))
 		}
 		got = true
 		batch = append(batch, r.Kvs...)
 		if len(batch) >= int(reloadPage) {
 			if err := put(batch); err != nil {
-				return true, fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
+				return fail(fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err))
 			}
 			batch = batch[:0]
 		}
 		if r.Header != nil && r.Header.Revision != 0 {
-			at(r.Header.Revision, r.Header.ClusterId)
+			rev = r.Header.Revision
+			at(rev, r.Header.ClusterId)
 		}
 	}
-	if !got {
-		return true, fmt.Errorf("etcdstore: reloading the local copy: the stream of %s ended with nothing", n.prefix)
+	if !got || rev == 0 {
+		return true, fmt.Errorf("etcdstore: reloading the local copy: the stream of %s ended without its revision", n.prefix)
 	}
 	if err := put(batch); err != nil {
 		return true, fmt.Errorf("etcdstore: the local copy %s: %w", n.o.Path, err)
@@ -498,9 +536,12 @@ func (n *Node) loadDigest() error {
 				xor(&digest, n.seal.Element(v))
 				return nil
 			}
-			m, err := n.w.openMeta([]*mvccpb.KeyValue{{Value: v}})
+			m, err := n.w.readMeta([]*mvccpb.KeyValue{{Value: v}})
 			sealed = m.digest
-			return err
+			if err != nil {
+				return errCopyDigest // the copy's: loaded again
+			}
+			return nil
 		})
 		if err != nil {
 			return err
@@ -662,6 +703,7 @@ func (n *Node) apply(resp clientv3.WatchResponse) error {
 	changed := map[string][]Change{}
 	var order []string
 	digest, sealed := n.digest, n.sealed
+	writes := n.writes.Load()
 	err := n.db.Update(func(tx *bolt.Tx) error {
 		kv := records(tx)
 		at := int64(0) // the revision whose events are being taken
@@ -684,6 +726,12 @@ func (n *Node) apply(resp clientv3.WatchResponse) error {
 				if err != nil {
 					return err
 				}
+				if m.writes <= writes {
+					// Every write moves the count on: an older meta record
+					// put back (the state rolled back with it) does not.
+					return n.fail(fmt.Errorf("%w: at etcd revision %d the meta record went from write %d to write %d: an older state was put back, by something other than keywardd", store.ErrDamaged, at, writes, m.writes))
+				}
+				writes = m.writes
 				sealed = m.digest
 			} else {
 				if old := kv.Get(k); old != nil {
