@@ -53,8 +53,13 @@ package apikeys
 // (the fleet as a whole then within its limits, plus what nodes held), and
 // refuses a key with a quota as UNAVAILABLE: a quota is never spent
 // without its counter. After a write failed the node stays on that
-// fallback until one succeeds (tried every fleetRetry in the background);
-// a verification waits for a block at most maxWait. A write whose answer
+// fallback until one succeeds (tried again by a verification every
+// fleetRetry, and by every flush); a verification waits for a block at
+// most maxWait, and is then answered from that fallback too (as far as the
+// node's copy of the record shows room). The fallback admits uncharged,
+// so while some nodes are on it the fleet may run over the bound by what
+// they admit there (at most 1/N of the limits each); a verification
+// admitted so says OnNodeShare. A write whose answer
 // was lost may have committed: what it charged is owed again (charged
 // twice at worst), what it took or gave back is lost: the fleet errs
 // towards admitting less.
@@ -95,7 +100,7 @@ const (
 	// answers RATE_LIMITED: other verifications of the key took them.
 	maxWaits = 3
 	// maxWait is the longest a verification waits for a block; then the
-	// fallback answers.
+	// node's share answers.
 	maxWait = time.Second
 )
 
@@ -177,9 +182,13 @@ func (f *fleetLimits) check(ctx context.Context, rec *Record, secret int, req Re
 		res.Limits.Allowed, res.Limits.RetryAfter = false, retry
 		return res
 	}
-	res.Code = Valid
+	res.Code, res.Detail = Valid, detail // the fallback says so
 	return res
 }
+
+// OnNodeShare is what a verification admitted on the node's own share of
+// the key's limits says (the fleet's store slow or out of reach).
+const OnNodeShare = "admitted on this node's share of the key's limits: the fleet's store is slow or out of reach"
 
 // size is b for rec (the package doc).
 func (f *fleetLimits) size(rec *Record, now time.Time) int {
@@ -268,9 +277,13 @@ func (f *fleetLimits) admit(ctx context.Context, rec *Record, cost int, now time
 		case <-busy:
 			wait.Stop()
 		case <-wait.C:
-			// The store is slow to answer (etcd electing, or out of
-			// reach): the fallback rather than a caller kept waiting.
+			// The store is slow to answer (etcd electing, losing its
+			// quorum, or loaded): the fallback rather than a caller kept
+			// waiting, as far as the node's copy shows room.
 			f.mu.Lock()
+			if room(rec, now) < cost {
+				return RateLimited, "the key's limit is used up across the fleet, as this node last saw it; retry", 100 * time.Millisecond
+			}
 			return f.degraded(rec, cost, f.m.now())
 		case <-ctx.Done():
 			wait.Stop()
@@ -306,7 +319,7 @@ func (f *fleetLimits) degraded(rec *Record, cost int, now time.Time) (Code, stri
 	if !res.Allowed {
 		return RateLimited, fmt.Sprintf("the fleet's store cannot be reached: this node allows its share of the key's limits; retry after %v", res.RetryAfter.Round(time.Millisecond)), res.RetryAfter
 	}
-	return Valid, "", 0
+	return Valid, OnNodeShare, 0
 }
 
 // settlement is what one store write settles of a key's share: owed
