@@ -290,7 +290,7 @@ type leadership struct {
 	log     *slog.Logger
 	leading atomic.Bool
 	// nodes is how many nodes campaign (one key each under PREFIX/leader),
-	// counted every TTL: the fleet's size, as the API keys' fleet-wide
+	// counted every second: the fleet's size, as the API keys' fleet-wide
 	// limits divide them.
 	nodes atomic.Int64
 }
@@ -328,7 +328,9 @@ func (d *daemonParts) elect(ts []task) []task {
 			each = append(each, t)
 		}
 	}
-	each = append(each, every("fleet size", time.Duration(d.lead.ttl)*time.Second, d.lead.count))
+	// Every second: a node that counts too few nodes takes blocks too large
+	// for the bound (apikeys/fleet.go).
+	each = append(each, every("fleet size", time.Second, d.lead.count))
 	return append(each, d.lead.task(once))
 }
 
