@@ -251,7 +251,7 @@ func (f *fleetLimits) admit(ctx context.Context, rec *Record, cost int, now time
 		case rec.Quota != nil && quotaLeft(rec.Quota, now) < int64(cost):
 			// The node's copy already says the quota is spent: no credit.
 			return UsageExceeded, "the key's usage quota is used up, across the fleet", 0
-		case !b.denied && b.owing+b.owed+cost-b.left <= min(b.size, room(rec, now)):
+		case !b.denied && b.owing+b.owed+cost-b.left <= b.size && b.owing+b.owed+cost-b.left <= room(rec, now):
 			// Credit, up to a block, and only as far as the node's copy of
 			// the record says the fleet's bucket and quota still hold: what
 			// a node spent and the flush charged counts against the next.
