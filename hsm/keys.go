@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/miekg/pkcs11"
 )
@@ -572,7 +573,15 @@ func (h *HSM) loadKeys(s pkcs11.SessionHandle) (map[keyRef]*keyEntry, error) {
 func again(fn func() error) error {
 	var err error
 	for range checkTries {
-		if err = fn(); classify(err) != classBroken {
+		err = fn()
+		if errors.Is(err, pkcs11.Error(pkcs11.CKR_BUFFER_TOO_SMALL)) {
+			// An attribute's size changed between the two calls that read
+			// it: another process rewrote the object (SoftHSM2's file
+			// store, a shared token). Read again.
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		if classify(err) != classBroken {
 			break
 		}
 	}
