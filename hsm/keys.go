@@ -457,7 +457,18 @@ func (h *HSM) checkObjects(s pkcs11.SessionHandle, label string, class uint, obj
 		return nil, err
 	}
 	e := &keyEntry{handle: obj}
-	if e.alg, err = h.checkKey(s, obj, class); err != nil {
+	for tries := 1; ; tries++ {
+		e.alg, err = h.checkKey(s, obj, class)
+		// On a token other processes write (Config.Shared), a key found as
+		// another process makes it may not have all its attributes yet
+		// (SoftHSM2's file store sets them one by one): read it again
+		// before calling it weak.
+		if err == nil || !h.set.shared || tries == checkTries || !errors.Is(err, ErrWeakKey) && !errors.Is(err, ErrWrongAlgorithm) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
 		return nil, err
 	}
 	if class == pkcs11.CKO_PRIVATE_KEY {
