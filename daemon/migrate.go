@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -158,7 +159,11 @@ func Migrate(ctx context.Context, cfg *Config, o MigrateOptions) (MigrateResult,
 	if err := running(); err != nil {
 		return res, err
 	}
-	src, err := store.Open(from, store.Options{Key: key, Acknowledged: auditedWrites(cfg.DataDir)})
+	acked, err := auditedWrites(cfg, h)
+	if err != nil {
+		return res, err
+	}
+	src, err := store.Open(from, store.Options{Key: key, Acknowledged: acked})
 	if err != nil {
 		return res, fmt.Errorf("%s: %w (if keywardd runs on it, stop it first)", from, err)
 	}
@@ -256,7 +261,7 @@ func Migrate(ctx context.Context, cfg *Config, o MigrateOptions) (MigrateResult,
 				if old != nil && !bytes.Equal(old, recs[k]) {
 					// Copied before, it is what it was; anything else was
 					// written by something other than this migration.
-					return nil, fmt.Errorf("%w: the record %q of %s in etcd is not the one the migration copied (did a node run meanwhile?)", errMigrationMixed, k, b)
+					return nil, fmt.Errorf("%w: a record of %s in etcd is not the one the migration copied (did a node run meanwhile?)", errMigrationMixed, b)
 				}
 				return recs[k], nil
 			})
@@ -331,18 +336,20 @@ func moveIntent(dst *etcdstore.Backend, in migration, last []byte) ([]byte, erro
 	return b, nil
 }
 
-// auditedWrites is the store write count the audit log in dataDir last
-// recorded (0 if none): a store behind it was rolled back, and is not
-// migrated.
-func auditedWrites(dataDir string) uint64 {
-	f, err := os.Open(filepath.Join(dataDir, "audit.log"))
-	if err != nil {
-		return 0
+// auditedWrites is the store write count the host's audit log last
+// recorded, as keywardd reads it at start (its checkpoints' MACed counts
+// too): a store behind it was rolled back, and is not migrated. 0 without
+// a log.
+func auditedWrites(cfg *Config, h *hsm.HSM) (uint64, error) {
+	if _, err := os.Stat(cfg.auditPath()); errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
 	}
-	defer f.Close()
-	var acked uint64
-	audit.Records(f, func(r audit.Record) error { acked = max(acked, r.StoreWrites); return nil })
-	return acked
+	al, err := audit.Open(cfg.auditPath(), h, AuditKey, audit.Options{Node: cfg.nodeName()})
+	if err != nil {
+		return 0, fmt.Errorf("the audit log %s: %w", cfg.auditPath(), err)
+	}
+	defer al.Close()
+	return al.StoreWrites(), nil
 }
 
 // refuseMigrating refuses a fleet state a migration is still copying into.

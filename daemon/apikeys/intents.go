@@ -125,6 +125,8 @@ type Resumed struct {
 	Started time.Time
 	Revoked int   // keys revoked now
 	Err     error // nil: finished, its record dropped
+
+	rec revokeIntent
 }
 
 // ResumeRevocations finishes the bulk revocations whose intent was last
@@ -136,7 +138,6 @@ type Resumed struct {
 // record.
 func (m *Manager) ResumeRevocations(cutoff time.Time, reach func(json.RawMessage) (func(owner string) bool, error)) ([]Resumed, error) {
 	var due []Resumed
-	var recs []revokeIntent
 	err := m.store.ForEach(store.BucketSchedule, IntentPrefix, func(k string, b []byte) error {
 		m.intentsMu.Lock()
 		mine := m.running[k]
@@ -147,15 +148,13 @@ func (m *Manager) ResumeRevocations(cutoff time.Time, reach func(json.RawMessage
 		var in revokeIntent
 		if err := json.Unmarshal(b, &in); err != nil {
 			due = append(due, Resumed{Intent: k, Err: fmt.Errorf("the record does not parse: %w", err)})
-			recs = append(recs, in)
 			return nil
 		}
 		if in.Touched.After(cutoff) {
 			return nil // under way on another node, most likely
 		}
-		due = append(due, Resumed{Intent: k, Started: in.Started,
+		due = append(due, Resumed{Intent: k, Started: in.Started, rec: in,
 			Filter: Filter{Owner: in.Owner, Tag: in.Tag, Environment: in.Environment, State: in.State, All: in.All, Reach: in.Reach}})
-		recs = append(recs, in)
 		return nil
 	})
 	if err != nil {
@@ -174,16 +173,16 @@ func (m *Manager) ResumeRevocations(cutoff time.Time, reach func(json.RawMessage
 			r.Err = fmt.Errorf("%w: the recorded filter names nothing", ErrInvalid)
 			continue
 		}
-		f.issued = recs[i].Touched
-		if recs[i].Owners != nil {
+		f.issued = r.rec.Touched
+		if r.rec.Owners != nil {
 			f.owners = map[string]bool{}
-			for _, o := range recs[i].Owners {
+			for _, o := range r.rec.Owners {
 				f.owners[o] = true
 			}
 		}
 		// While it runs, this process's own: touched, and not resumed
 		// again by a second pass of the job.
-		in := &intent{key: r.Intent, rec: recs[i]}
+		in := &intent{key: r.Intent, rec: r.rec}
 		m.intentsMu.Lock()
 		m.running[in.key] = true
 		m.intentsMu.Unlock()
