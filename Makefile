@@ -1,6 +1,7 @@
 # keyward's one entry point. `make run` and `make test` install what a fresh
 # Debian machine lacks (SoftHSM2, OpenSC, a C compiler for cgo, systemd's
-# systemd-analyze for checking the unit, strace for failed-fsync tests) first.
+# systemd-analyze for checking the unit, strace for failed-fsync tests,
+# Chromium for the dashboard's browser tests) first.
 
 GO        ?= go
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -8,7 +9,7 @@ RUN_DIR   ?= .run
 BENCHTIME ?= 1s
 PKGS      := ./...
 
-.PHONY: all build run fleet hsm-check test bench profile lint generate generate-check deps fuzz clean
+.PHONY: all build run fleet hsm-check test bench profile lint generate generate-check deps fuzz screenshots clean
 
 all: build
 
@@ -24,6 +25,7 @@ deps:
 	[ -n "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || missing="$$missing postgresql"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v strace >/dev/null || missing="$$missing strace"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) apt-get update -qq && \
@@ -67,6 +69,10 @@ profile: deps
 	$(GO) test -run '^$$' -bench '$(BENCH)' -benchtime 5s -cpuprofile $(PROFILE_DIR)/cpu.out \
 		-mutexprofile $(PROFILE_DIR)/mutex.out -blockprofile $(PROFILE_DIR)/block.out -o $(PROFILE_DIR)/bench.test $(PKG)
 	@echo "read them with: go tool pprof -top -cum $(PROFILE_DIR)/bench.test $(PROFILE_DIR)/cpu.out (or mutex.out, block.out)"
+
+## screenshots: the dashboard's pages, from its browser test, into docs/dashboard/
+screenshots: deps
+	KEYWARD_SCREENSHOTS=$(CURDIR)/docs/dashboard $(GO) test -count=1 -run '^TestDashboard$$' ./cmd/keyward/
 
 ## fuzz: run every fuzz target for FUZZTIME each (default 30s)
 FUZZTIME ?= 30s

@@ -64,8 +64,11 @@ var commands = []command{
 	{path: "signing-key rotate", short: "give a signing key a new version, published before it signs", flags: keyRotate},
 
 	{path: "status", group: groupDaemon, short: "keywardd's version, HSM, store, keys and plugins", flags: statusCommand},
-	{path: "review", group: groupDaemon, short: "the regular review: keys and callers to look at (monthly)", flags: review,
+	{path: "review", group: groupDaemon, short: "the regular review: keys and callers to look at (monthly)", flags: reviewCommand,
 		example: "  keyward review -audit /var/lib/keyward/audit.log -format markdown > review-$(date +%F).md"},
+	{path: "dashboard", group: groupDaemon, short: "the operator's web page: keys, API keys, rotations, alerts; acts as you through keywardd", flags: dashboardCommand,
+		long:    "Serves on loopback until interrupted, and prints a login URL that works once. Everything the page shows or does is your own call to keywardd: the policy decides, the audit log records (docs/dashboard.md).",
+		example: "  keyward dashboard\n  keyward dashboard -listen 127.0.0.1:8700 -open=false"},
 	{path: "rotation", group: groupDaemon, short: "keywardd's rotation schedule"},
 	{path: "rotation plan", short: "what keywardd rotates next, by its rotation policies", flags: rotationPlan},
 	{path: "panic-rotate", group: groupDaemon, args: []string{"KEY"}, short: "emergency: a compromised key's new version at once, the old ones retired", flags: panicRotate,

@@ -304,6 +304,7 @@ Try, in another terminal:
   keyward rotation plan
   keyward panic-rotate dev-signing --dry-run
   keyward review
+  keyward dashboard                       # the same, on a web page, as you
   grpcurl -plaintext -unix %[1]s list
 
 %[7]s

@@ -470,6 +470,10 @@ func (m *Manager) makeVersion(ctx context.Context, name string, v uint32, alg hs
 	return err
 }
 
+// EncryptionLimit is how many AES-GCM encryptions a version makes before
+// its key rotates by itself (Options.EncryptionLimit).
+func (m *Manager) EncryptionLimit() uint64 { return m.opt.EncryptionLimit }
+
 // Get returns a key's metadata.
 func (m *Manager) Get(name string) (*Key, error) {
 	if name == "" {

@@ -25,6 +25,9 @@ type Keys interface {
 	SetMinDecryptionVersion(name string, v uint32) (*keys.Key, error)
 	ScheduleDeletion(name string, wait time.Duration) (*keys.Key, error)
 	CancelDeletion(name string) (*keys.Key, error)
+	// EncryptionLimit is how many encryptions an AES-GCM version makes
+	// before its key rotates by itself.
+	EncryptionLimit() uint64
 }
 
 var purposes = map[keywardv1.KeyPurpose]keys.Purpose{
@@ -47,7 +50,7 @@ var states = map[keys.State]keywardv1.KeyState{
 	keys.PendingDeletion: keywardv1.KeyState_KEY_STATE_PENDING_DELETION,
 }
 
-func toKey(k *keys.Key) *keywardv1.Key {
+func (s *Server) toKey(k *keys.Key) *keywardv1.Key {
 	out := &keywardv1.Key{
 		Name: k.Name, State: states[k.State], LatestVersion: k.Latest(), MinDecryptionVersion: k.MinDecryptionVersion,
 		Labels: k.Labels, CreateTime: timestamppb.New(k.Created),
@@ -70,7 +73,10 @@ func toKey(k *keys.Key) *keywardv1.Key {
 	}
 	for _, v := range k.Versions {
 		out.Versions = append(out.Versions, &keywardv1.KeyVersion{Number: v.Number, CreateTime: timestamppb.New(v.Created),
-			ActivateTime: ts(v.ActivateAt), RetireTime: ts(v.RetireAt), RemoveTime: ts(v.RemoveAt)})
+			ActivateTime: ts(v.ActivateAt), RetireTime: ts(v.RetireAt), RemoveTime: ts(v.RemoveAt), EncryptionsReserved: v.Reserved})
+	}
+	if out.Algorithm == keywardv1.KeyAlgorithm_KEY_ALGORITHM_AES256_GCM {
+		out.EncryptionLimit = s.cfg.Keys.EncryptionLimit()
 	}
 	if k.RotationPeriod > 0 {
 		out.RotationPeriod = durationpb.New(k.RotationPeriod)
@@ -116,7 +122,7 @@ func (s *Server) CreateKey(ctx context.Context, r *keywardv1.CreateKeyRequest) (
 		return nil, err
 	}
 	callFrom(ctx).version = 1
-	return &keywardv1.CreateKeyResponse{Key: toKey(k)}, nil
+	return &keywardv1.CreateKeyResponse{Key: s.toKey(k)}, nil
 }
 
 func (s *Server) GetKey(ctx context.Context, r *keywardv1.GetKeyRequest) (*keywardv1.GetKeyResponse, error) {
@@ -127,7 +133,7 @@ func (s *Server) GetKey(ctx context.Context, r *keywardv1.GetKeyRequest) (*keywa
 	if err != nil {
 		return nil, err
 	}
-	return &keywardv1.GetKeyResponse{Key: toKey(k)}, nil
+	return &keywardv1.GetKeyResponse{Key: s.toKey(k)}, nil
 }
 
 func (s *Server) ListKeys(ctx context.Context, _ *keywardv1.ListKeysRequest) (*keywardv1.ListKeysResponse, error) {
@@ -142,7 +148,7 @@ func (s *Server) ListKeys(ctx context.Context, _ *keywardv1.ListKeysRequest) (*k
 	sub := subject(callFrom(ctx).caller)
 	for _, k := range all {
 		if s.policy.Load().Allow(sub, "KeyService.GetKey", k.Name) == nil {
-			out.Keys = append(out.Keys, toKey(k))
+			out.Keys = append(out.Keys, s.toKey(k))
 		}
 	}
 	return out, nil
@@ -157,7 +163,7 @@ func (s *Server) RotateKey(ctx context.Context, r *keywardv1.RotateKeyRequest) (
 		return nil, err
 	}
 	callFrom(ctx).version = k.Latest()
-	return &keywardv1.RotateKeyResponse{Key: toKey(k)}, nil
+	return &keywardv1.RotateKeyResponse{Key: s.toKey(k)}, nil
 }
 
 func (s *Server) SetKeyState(ctx context.Context, r *keywardv1.SetKeyStateRequest) (*keywardv1.SetKeyStateResponse, error) {
@@ -179,7 +185,7 @@ func (s *Server) SetKeyState(ctx context.Context, r *keywardv1.SetKeyStateReques
 	if err != nil {
 		return nil, err
 	}
-	return &keywardv1.SetKeyStateResponse{Key: toKey(k)}, nil
+	return &keywardv1.SetKeyStateResponse{Key: s.toKey(k)}, nil
 }
 
 func (s *Server) SetMinDecryptionVersion(ctx context.Context, r *keywardv1.SetMinDecryptionVersionRequest) (*keywardv1.SetMinDecryptionVersionResponse, error) {
@@ -191,7 +197,7 @@ func (s *Server) SetMinDecryptionVersion(ctx context.Context, r *keywardv1.SetMi
 		return nil, err
 	}
 	callFrom(ctx).version = r.GetVersion()
-	return &keywardv1.SetMinDecryptionVersionResponse{Key: toKey(k)}, nil
+	return &keywardv1.SetMinDecryptionVersionResponse{Key: s.toKey(k)}, nil
 }
 
 func (s *Server) ScheduleKeyDeletion(ctx context.Context, r *keywardv1.ScheduleKeyDeletionRequest) (*keywardv1.ScheduleKeyDeletionResponse, error) {
@@ -205,7 +211,7 @@ func (s *Server) ScheduleKeyDeletion(ctx context.Context, r *keywardv1.ScheduleK
 	if err != nil {
 		return nil, err
 	}
-	return &keywardv1.ScheduleKeyDeletionResponse{Key: toKey(k)}, nil
+	return &keywardv1.ScheduleKeyDeletionResponse{Key: s.toKey(k)}, nil
 }
 
 func (s *Server) CancelKeyDeletion(ctx context.Context, r *keywardv1.CancelKeyDeletionRequest) (*keywardv1.CancelKeyDeletionResponse, error) {
@@ -216,5 +222,5 @@ func (s *Server) CancelKeyDeletion(ctx context.Context, r *keywardv1.CancelKeyDe
 	if err != nil {
 		return nil, err
 	}
-	return &keywardv1.CancelKeyDeletionResponse{Key: toKey(k)}, nil
+	return &keywardv1.CancelKeyDeletionResponse{Key: s.toKey(k)}, nil
 }

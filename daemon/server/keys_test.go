@@ -117,7 +117,20 @@ func TestKeyService(t *testing.T) {
 		{name: "get", uid: reader, method: "KeyService/GetKey",
 			req: &keywardv1.GetKeyRequest{Name: "app-orders"}, code: codes.OK,
 			audit: wantAudit{outcome: "ok", key: "app-orders"},
-			after: keyIs("app-orders", keywardv1.KeyState_KEY_STATE_ENABLED, 1)},
+			after: func(t *testing.T, ts *testServer, resp any, rec audit.Record) {
+				keyIs("app-orders", keywardv1.KeyState_KEY_STATE_ENABLED, 1)(t, ts, resp, rec)
+				// The encryptions reserved, against the limit: an AES-GCM key's.
+				k := resp.(*keywardv1.GetKeyResponse).GetKey()
+				stored, err := ts.keys.Get("app-orders")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if k.GetEncryptionLimit() != ts.keys.EncryptionLimit() || k.GetEncryptionLimit() == 0 ||
+					k.GetVersions()[0].GetEncryptionsReserved() != stored.Versions[0].Reserved {
+					t.Errorf("encryptions %d of %d; want %d of %d", k.GetVersions()[0].GetEncryptionsReserved(), k.GetEncryptionLimit(),
+						stored.Versions[0].Reserved, ts.keys.EncryptionLimit())
+				}
+			}},
 		{name: "get denied", uid: reader, method: "KeyService/GetKey",
 			req: &keywardv1.GetKeyRequest{Name: "ops-db"}, code: codes.PermissionDenied, msg: `not granted KeyService.GetKey on key "ops-db"`,
 			audit: wantAudit{outcome: "denied", key: "ops-db"}},

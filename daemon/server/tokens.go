@@ -182,7 +182,7 @@ func (s *Server) ListSigningKeys(ctx context.Context, _ *keywardv1.ListSigningKe
 	sub := subject(callFrom(ctx).caller)
 	for _, k := range all {
 		if k.Purpose == keys.Sign && s.policy.Load().Allow(sub, "KeyService.GetKey", k.Name) == nil {
-			out.Keys = append(out.Keys, toKey(k))
+			out.Keys = append(out.Keys, s.toKey(k))
 		}
 	}
 	return out, nil

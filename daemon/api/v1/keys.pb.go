@@ -216,9 +216,12 @@ type Key struct {
 	Labels     map[string]string      `protobuf:"bytes,9,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	// When a key pending deletion will be deleted.
-	DeletionTime  *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=deletion_time,json=deletionTime,proto3" json:"deletion_time,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	DeletionTime *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=deletion_time,json=deletionTime,proto3" json:"deletion_time,omitempty"`
+	// AES-GCM keys only: how many encryptions a version makes before the key
+	// rotates by itself, below the 2^32 that random nonces allow.
+	EncryptionLimit uint64 `protobuf:"varint,12,opt,name=encryption_limit,json=encryptionLimit,proto3" json:"encryption_limit,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Key) Reset() {
@@ -328,6 +331,13 @@ func (x *Key) GetDeletionTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Key) GetEncryptionLimit() uint64 {
+	if x != nil {
+		return x.EncryptionLimit
+	}
+	return 0
+}
+
 // KeyVersion is one version of a key.
 type KeyVersion struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -338,11 +348,15 @@ type KeyVersion struct {
 	// Signing keys only: when the version starts signing (after a pre-publish
 	// time), when it stops (the next version starts), and when its public key
 	// leaves the JWKS (after the longest token lifetime plus leeway).
-	ActivateTime  *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=activate_time,json=activateTime,proto3" json:"activate_time,omitempty"`
-	RetireTime    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=retire_time,json=retireTime,proto3" json:"retire_time,omitempty"`
-	RemoveTime    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=remove_time,json=removeTime,proto3" json:"remove_time,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ActivateTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=activate_time,json=activateTime,proto3" json:"activate_time,omitempty"`
+	RetireTime   *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=retire_time,json=retireTime,proto3" json:"retire_time,omitempty"`
+	RemoveTime   *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=remove_time,json=removeTime,proto3" json:"remove_time,omitempty"`
+	// AES-GCM keys only: how many encryptions were reserved under this
+	// version, in blocks before use: an upper bound of those it made. Against
+	// the key's encryption_limit (random 96-bit nonces: docs/hsm.md).
+	EncryptionsReserved uint64 `protobuf:"varint,6,opt,name=encryptions_reserved,json=encryptionsReserved,proto3" json:"encryptions_reserved,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *KeyVersion) Reset() {
@@ -408,6 +422,13 @@ func (x *KeyVersion) GetRemoveTime() *timestamppb.Timestamp {
 		return x.RemoveTime
 	}
 	return nil
+}
+
+func (x *KeyVersion) GetEncryptionsReserved() uint64 {
+	if x != nil {
+		return x.EncryptionsReserved
+	}
+	return 0
 }
 
 // CreateKeyRequest names and describes the new key.
@@ -1192,7 +1213,7 @@ const file_keys_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
 	"keys.proto\x12\n" +
-	"keyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x04\n" +
+	"keyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x05\n" +
 	"\x03Key\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x120\n" +
 	"\apurpose\x18\x02 \x01(\x0e2\x16.keyward.v1.KeyPurposeR\apurpose\x126\n" +
@@ -1206,10 +1227,11 @@ const file_keys_proto_rawDesc = "" +
 	"\vcreate_time\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x12?\n" +
-	"\rdeletion_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\fdeletionTime\x1a9\n" +
+	"\rdeletion_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\fdeletionTime\x12)\n" +
+	"\x10encryption_limit\x18\f \x01(\x04R\x0fencryptionLimit\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9c\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xcf\x02\n" +
 	"\n" +
 	"KeyVersion\x12\x16\n" +
 	"\x06number\x18\x01 \x01(\rR\x06number\x12;\n" +
@@ -1219,7 +1241,8 @@ const file_keys_proto_rawDesc = "" +
 	"\vretire_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"retireTime\x12;\n" +
 	"\vremove_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"removeTime\"\xd1\x02\n" +
+	"removeTime\x121\n" +
+	"\x14encryptions_reserved\x18\x06 \x01(\x04R\x13encryptionsReserved\"\xd1\x02\n" +
 	"\x10CreateKeyRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x120\n" +
 	"\apurpose\x18\x02 \x01(\x0e2\x16.keyward.v1.KeyPurposeR\apurpose\x126\n" +

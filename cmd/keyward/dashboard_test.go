@@ -1,0 +1,298 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
+)
+
+// browser is a headless Chromium (Debian's chromium package, which make
+// deps installs) driven through chromedp, with a profile of its own.
+func browser(t *testing.T) context.Context {
+	t.Helper()
+	path, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatalf("the browser tests need Chromium: make deps installs Debian's chromium package (%v)", err)
+	}
+	opts := append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath(path), chromedp.UserDataDir(t.TempDir()), chromedp.NoSandbox, chromedp.DisableGPU,
+		chromedp.Flag("disable-quic", true), chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-background-networking", true), chromedp.WindowSize(1280, 900))
+	actx, cancel := chromedp.NewExecAllocator(context.Background(), opts...)
+	t.Cleanup(cancel)
+	bctx, cancel2 := chromedp.NewContext(actx)
+	t.Cleanup(cancel2)
+	if err := chromedp.Do(bctx); err != nil {
+		t.Fatalf("chromium did not start: %v", err)
+	}
+	return bctx
+}
+
+// startDashboard runs keyward dashboard against socket until the test
+// ends, and returns its address and login URL as it printed them.
+func startDashboard(t *testing.T, socket string) (base, login string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	pr, pw := io.Pipe()
+	done := make(chan int, 1)
+	var errb strings.Builder
+	go func() {
+		done <- run(ctx, []string{"--socket", socket, "dashboard", "-open=false"}, strings.NewReader(""), pw, &errb)
+		pw.Close()
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if code := <-done; code != exitOK {
+			t.Errorf("keyward dashboard exited %d: %s", code, errb.String())
+		}
+	})
+	sc := bufio.NewScanner(pr)
+	re := regexp.MustCompile(`^  (http://127\.0\.0\.1:\d+)/login\?token=\S+$`)
+	for sc.Scan() {
+		if m := re.FindStringSubmatch(sc.Text()); m != nil {
+			go io.Copy(io.Discard, pr)
+			return m[1], strings.TrimSpace(sc.Text())
+		}
+	}
+	t.Fatalf("keyward dashboard printed no login URL: %s", errb.String())
+	return "", ""
+}
+
+// shots saves each page's screenshot under the test's directory and, with
+// KEYWARD_SCREENSHOTS set (make screenshots), there too (docs/dashboard/).
+type shots struct{ dirs []string }
+
+func newShots(t *testing.T) *shots {
+	s := &shots{dirs: []string{filepath.Join(t.TempDir(), "screenshots")}}
+	if d := os.Getenv("KEYWARD_SCREENSHOTS"); d != "" {
+		s.dirs = append(s.dirs, d)
+	}
+	for _, d := range s.dirs {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return s
+}
+
+func (s *shots) take(name string) chromedp.Action[chromedp.Void] {
+	return func(ctx context.Context, tg *chromedp.Target) (chromedp.Void, error) {
+		b, err := chromedp.FullScreenshot(100)(ctx, tg)
+		if err != nil {
+			return chromedp.Void{}, err
+		}
+		for _, d := range s.dirs {
+			if err := os.WriteFile(filepath.Join(d, name+".png"), b, 0o644); err != nil {
+				return chromedp.Void{}, err
+			}
+		}
+		return chromedp.Void{}, nil
+	}
+}
+
+// get runs one action in the browser b, with a deadline, and returns its value.
+func get[T any](t *testing.T, b context.Context, what string, a chromedp.Action[T]) T {
+	t.Helper()
+	c, cancel := context.WithTimeout(b, 30*time.Second)
+	defer cancel()
+	v, err := chromedp.Run(c, a)
+	if err != nil {
+		// Say where the browser is, and what it shows.
+		c, cancel := context.WithTimeout(b, 5*time.Second)
+		defer cancel()
+		url, _ := chromedp.Run(c, chromedp.Location())
+		text, _ := chromedp.Run(c, chromedp.Text(chromedp.CSS("body")))
+		t.Fatalf("%s: %v; the browser is at %s, showing:\n%s", what, err, url, text)
+	}
+	return v
+}
+
+// do runs actions in the browser b, with a deadline.
+func do(t *testing.T, b context.Context, what string, steps ...chromedp.Action[chromedp.Void]) {
+	t.Helper()
+	get(t, b, what, chromedp.Steps(steps...))
+}
+
+// TestDashboard drives the dashboard in a real browser: it logs in with
+// the one-time URL, reads known traffic off a key's chart, creates an API
+// key and sees its secret once, revokes it (and the CLI sees it refused),
+// runs a bulk revocation's dry run and then the revocation, shows every
+// page, and shows a caller the policy denies the denial, not the data.
+func TestDashboard(t *testing.T) {
+	d := daemontest.Start(t)
+	api := keywardv1.NewAPIKeyServiceClient(d.Conn)
+	ctx := context.Background()
+
+	// Known traffic on one key: 5 valid, 2 forbidden, 1 wrong environment,
+	// from two networks.
+	k, err := api.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "shop", Name: "checkout", Environment: "prod",
+		Permissions: []string{"orders:read"}, Tags: []string{"checkout"}, Ttl: durationpb.New(90 * 24 * time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	verify := func(secret, env, perm, ip string) keywardv1.APIKeyCode {
+		t.Helper()
+		r, err := api.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: secret, Environment: env, Permissions: []string{perm}, SourceIp: ip})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.GetCode()
+	}
+	for i := range 5 {
+		verify(k.GetSecret(), "prod", "orders:read", fmt.Sprintf("192.0.2.%d", i+1))
+	}
+	verify(k.GetSecret(), "prod", "orders:write", "198.51.100.7")
+	verify(k.GetSecret(), "prod", "orders:write", "198.51.100.8")
+	verify(k.GetSecret(), "dev", "orders:read", "198.51.100.9")
+	for i := range 3 {
+		if _, err := api.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "batch", Name: fmt.Sprintf("job-%d", i), Environment: "prod",
+			Permissions: []string{"read-only"}, Tags: []string{"leaked"}, Ttl: durationpb.New(24 * time.Hour)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	keys := keywardv1.NewKeyServiceClient(d.Conn)
+	if _, err := keys.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "orders", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT,
+		Algorithm: keywardv1.KeyAlgorithm_KEY_ALGORITHM_AES256_GCM}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := keywardv1.NewEnvelopeServiceClient(d.Conn).Encrypt(ctx, &keywardv1.EncryptRequest{KeyName: "orders", Plaintext: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+
+	base, login := startDashboard(t, d.Socket)
+	b := browser(t)
+	shot := newShots(t)
+	css := func(s string) chromedp.CSS { return chromedp.CSS(s) }
+
+	// Log in; the overview shows the HSM and the store.
+	do(t, b, "log in", chromedp.Navigate(login), chromedp.WaitVisible(css(`#alerts`)), shot.take("overview"))
+	if hsm := get(t, b, "the HSM card", chromedp.Text(css(`.card`))); !strings.Contains(hsm, "healthy") {
+		t.Errorf("overview: the HSM card says %q", hsm)
+	}
+
+	// The key's chart: the bars' numbers add up to the traffic.
+	do(t, b, "a key's usage", chromedp.Navigate(base+"/apikeys/"+k.GetKey().GetId()), chromedp.WaitVisible(css(`#usage-chart`)), shot.take("apikey"))
+	got := map[string]int{}
+	for _, a := range get(t, b, "the bars", chromedp.AttributesAll(chromedp.CSSAll(`#usage-chart rect[data-result]`))) {
+		n, _ := strconv.Atoi(a["data-count"])
+		got[a["data-result"]] += n
+	}
+	if want := map[string]int{"VALID": 5, "FORBIDDEN": 2, "WRONG_ENVIRONMENT": 1}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("the usage chart's bars: %v; want %v", got, want)
+	}
+	nets := get(t, b, "networks", chromedp.AttributesAll(chromedp.CSSAll(`svg.bars rect[data-name]`)))
+	if len(nets) != 2 || nets[0]["data-name"] != "192.0.2.0/24" || nets[0]["data-count"] != "5" || nets[1]["data-count"] != "3" {
+		t.Errorf("the networks chart: %v; want 192.0.2.0/24 5, 198.51.100.0/24 3", nets)
+	}
+
+	// Create a key with a preset: its secret shows once, and works.
+	do(t, b, "create", chromedp.Navigate(base+"/apikeys/new"), chromedp.WaitVisible(css(`#create`)),
+		chromedp.SendKeys(css(`input[name=owner]`), "shop"), chromedp.SendKeys(css(`input[name=name]`), "made-in-browser"),
+		chromedp.Click(css(`input[name=preset][value=standard]`)), shot.take("apikey-new"),
+		chromedp.Submit(css(`#create`)), chromedp.WaitVisible(css(`#secret`)), shot.take("apikey-secret"))
+	secret := get(t, b, "the secret", chromedp.Text(css(`#secret`)))
+	id := get(t, b, "the key's ID", chromedp.Text(css(`#key-id`)))
+	if code := verify(secret, "prod", "orders:write", ""); code != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
+		t.Fatalf("the secret the page showed verifies %v", code)
+	}
+	do(t, b, "the key's page", chromedp.Navigate(base+"/apikeys/"+id), chromedp.WaitVisible(css(`#key`)))
+	if page := get(t, b, "the key's page", chromedp.OuterHTML(css(`html`))); strings.Contains(page, secret) {
+		t.Errorf("the key's page shows its secret again")
+	}
+
+	// Revoke it from its page; the CLI sees it refused.
+	do(t, b, "revoke", chromedp.Submit(css(`#revoke`)), chromedp.WaitVisible(css(`#flash`)))
+	if flash := get(t, b, "flash", chromedp.Text(css(`#flash`))); !strings.Contains(flash, "revoked") {
+		t.Errorf("after revoking: %q", flash)
+	}
+	var out, errb strings.Builder
+	if code := runCLI(d.Socket, secret, &out, &errb, "apikey", "verify", "-env", "prod", "-perm", "orders:read"); code != exitError || !strings.Contains(out.String()+errb.String(), "REVOKED") {
+		t.Errorf("keyward apikey verify of the revoked key: exit %d, %q %q", code, out.String(), errb.String())
+	}
+
+	// Bulk revocation: the dry run's count, nothing revoked, then the button.
+	do(t, b, "bulk dry run", chromedp.Navigate(base+"/apikeys/revoke?tag=leaked"), chromedp.WaitVisible(css(`#dry-run`)), shot.take("bulk-revoke"))
+	if count := get(t, b, "count", chromedp.Text(css(`#count`))); count != "3" {
+		t.Errorf("the dry run counts %q keys; want 3", count)
+	}
+	if n := activeKeys(t, api, "leaked"); n != 3 {
+		t.Errorf("after the dry run, %d keys tagged leaked are active; want 3", n)
+	}
+	do(t, b, "bulk revoke", chromedp.Click(css(`#revoke-all`)), chromedp.WaitVisible(css(`#flash`)))
+	if flash := get(t, b, "flash", chromedp.Text(css(`#flash`))); !strings.Contains(flash, "3 API keys revoked") || activeKeys(t, api, "leaked") != 0 {
+		t.Errorf("after the bulk revocation: %q, %d still active", flash, activeKeys(t, api, "leaked"))
+	}
+
+	// The keys: encryptions counted against the limit; a rotation.
+	do(t, b, "keys", chromedp.Navigate(base+"/keys"), chromedp.WaitVisible(css(`#key-orders`)), shot.take("keys"))
+	meter := get(t, b, "the meter", chromedp.Attributes(css(`#key-orders svg.meter`)))
+	if meter["data-used"] == "0" || meter["data-used"] == "" || meter["data-limit"] != "4278190080" {
+		t.Errorf("orders' encryption meter: %v; want some used of 4278190080", meter)
+	}
+	do(t, b, "rotate", chromedp.Submit(css(`#key-orders form[action$="/rotate"]`)), chromedp.WaitVisible(css(`#flash`)))
+	if flash := get(t, b, "flash", chromedp.Text(css(`#flash`))); !strings.Contains(flash, "version 2 is the newest") {
+		t.Errorf("after rotating orders: %q", flash)
+	}
+
+	// Every page renders, and refuses nothing to an operator granted everything.
+	for _, p := range []struct{ path, name, wait string }{
+		{"/apikeys", "apikeys", "#apikeys"}, {"/tokens", "tokens", "#jwks"},
+		{"/credentials", "credentials", "main"}, {"/rotation", "rotation", "main"}, {"/review", "review", "#findings"},
+	} {
+		do(t, b, p.name, chromedp.Navigate(base+p.path), chromedp.WaitVisible(css(p.wait)), shot.take(p.name))
+		if page := get(t, b, p.name, chromedp.OuterHTML(css(`main`))); strings.Contains(page, `class="denied"`) {
+			t.Errorf("%s shows a refusal to an operator granted everything: %s", p.path, page)
+		}
+	}
+
+	// A caller the policy does not grant ListAPIKeys sees the denial, and
+	// no key.
+	d.SetPolicy(fmt.Sprintf(`version: 1
+roles:
+  viewer:
+    permissions:
+      - operations: ["StatusService.*", "KeyService.ListKeys", "KeyService.GetKey"]
+        keys: ["*"]
+bindings:
+  - role: viewer
+    callers:
+      - uid: %d
+`, os.Getuid()))
+	do(t, b, "denied", chromedp.Navigate(base+"/apikeys"), chromedp.WaitVisible(css(`#error`)), shot.take("denied"))
+	if denial := get(t, b, "denial", chromedp.Text(css(`#error`))); !strings.Contains(denial, "PermissionDenied") || !strings.Contains(denial, "APIKeyService.ListAPIKeys") {
+		t.Errorf("the denied operator sees %q", denial)
+	}
+	if page := get(t, b, "denied page", chromedp.OuterHTML(css(`html`))); strings.Contains(page, k.GetKey().GetId()) {
+		t.Errorf("the denied operator's page names a key")
+	}
+}
+
+// runCLI runs keyward in this process against socket, stdin its input.
+func runCLI(socket, stdin string, stdout, stderr io.Writer, args ...string) int {
+	return run(context.Background(), append([]string{"--socket", socket}, args...), strings.NewReader(stdin), stdout, stderr)
+}
+
+func activeKeys(t *testing.T, api keywardv1.APIKeyServiceClient, tag string) int {
+	t.Helper()
+	r, err := api.ListAPIKeys(context.Background(), &keywardv1.ListAPIKeysRequest{Tag: tag, State: keywardv1.APIKeyState_API_KEY_STATE_ACTIVE})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(r.GetKeys())
+}

@@ -1,0 +1,153 @@
+package dashboard
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"net/http"
+	"net/url"
+	"time"
+)
+
+// cookieName is the session cookie's name.
+const cookieName = "keyward_dashboard"
+
+// session is a browser logged in through a login URL.
+type session struct {
+	csrf     string // the token every form carries
+	started  time.Time
+	lastSeen time.Time
+	flash    string // a message for the next page, once
+	flashOK  bool
+}
+
+type sessionKey struct{}
+
+// sessionFrom is the request's session, set by within.
+func sessionFrom(r *http.Request) *session {
+	s, _ := r.Context().Value(sessionKey{}).(*session)
+	return s
+}
+
+// NewLogin makes a login URL's token: it works once, within LoginTTL.
+// base is the page's address ("http://127.0.0.1:PORT").
+func (s *Server) NewLogin(base string) string {
+	tok := rand.Text() + rand.Text() // 2 × 26 base32 digits: 260 bits
+	s.mu.Lock()
+	s.logins[sha256.Sum256([]byte(tok))] = s.opt.Now().Add(s.opt.LoginTTL)
+	s.mu.Unlock()
+	return base + "/login?" + url.Values{"token": {tok}}.Encode()
+}
+
+// login turns a login URL's token into a session: the token is spent
+// whether or not the browser keeps the cookie.
+func (s *Server) login(w http.ResponseWriter, r *http.Request) {
+	tok := r.URL.Query().Get("token")
+	h := sha256.Sum256([]byte(tok))
+	now := s.opt.Now()
+	s.mu.Lock()
+	until, ok := s.logins[h]
+	delete(s.logins, h)
+	s.mu.Unlock()
+	if !ok || tok == "" || now.After(until) {
+		s.refuse(w, r, http.StatusForbidden, "this login URL was used already or has expired: run keyward dashboard again for a new one")
+		return
+	}
+	sid := rand.Text() + rand.Text()
+	ss := &session{csrf: rand.Text() + rand.Text(), started: now, lastSeen: now}
+	s.mu.Lock()
+	s.sessions[sha256.Sum256([]byte(sid))] = ss
+	s.mu.Unlock()
+	http.SetCookie(w, &http.Cookie{Name: cookieName, Value: sid, Path: "/", HttpOnly: true, SameSite: http.SameSiteStrictMode,
+		MaxAge: int(s.opt.SessionMax / time.Second)})
+	// A page, not a redirect: a SameSite=Strict cookie set in answer to a
+	// navigation from elsewhere (the login file, a terminal) is not sent
+	// along that navigation's redirects; this page's own navigation is
+	// same-site, so the cookie goes with it.
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Write([]byte(`<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="0;url=/"><title>keyward</title></head><body><p>Logged in. <a href="/">Open the dashboard</a>.</p></body></html>`))
+}
+
+// within runs next only in a session, and for a POST only with the
+// session's CSRF token from this page itself.
+func (s *Server) within(next http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		c, err := r.Cookie(cookieName)
+		if err != nil {
+			s.refuse(w, r, http.StatusUnauthorized, "no session: open the login URL that keyward dashboard printed")
+			return
+		}
+		h := sha256.Sum256([]byte(c.Value))
+		now := s.opt.Now()
+		s.mu.Lock()
+		ss := s.sessions[h]
+		if ss != nil && (now.Sub(ss.lastSeen) > s.opt.SessionIdle || now.Sub(ss.started) > s.opt.SessionMax) {
+			delete(s.sessions, h)
+			ss = nil
+		}
+		if ss != nil {
+			ss.lastSeen = now
+		}
+		s.mu.Unlock()
+		if ss == nil {
+			s.refuse(w, r, http.StatusUnauthorized, "the session has ended: run keyward dashboard again for a new login URL")
+			return
+		}
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			if why := s.forged(r, ss); why != "" {
+				s.refuse(w, r, http.StatusForbidden, why)
+				return
+			}
+		}
+		next(w, r.WithContext(context.WithValue(r.Context(), sessionKey{}, ss)))
+	}
+}
+
+// forged says why a state-changing request is not the page's own form,
+// or "" if it is.
+func (s *Server) forged(r *http.Request, ss *session) string {
+	if site := r.Header.Get("Sec-Fetch-Site"); site != "" && site != "same-origin" {
+		return "a request from another site (Sec-Fetch-Site: " + site + ")"
+	}
+	if o := r.Header.Get("Origin"); o != "" && o != "http://"+r.Host {
+		return "a request from another origin (" + o + ")"
+	}
+	r.Body = http.MaxBytesReader(nil, r.Body, 64<<10)
+	if err := r.ParseForm(); err != nil {
+		return "the form does not parse: " + err.Error()
+	}
+	if subtle.ConstantTimeCompare([]byte(r.PostForm.Get("csrf")), []byte(ss.csrf)) != 1 {
+		return "the form's CSRF token is missing or wrong: reload the page and try again"
+	}
+	return ""
+}
+
+// logout ends the session.
+func (s *Server) logout(w http.ResponseWriter, r *http.Request) {
+	if c, err := r.Cookie(cookieName); err == nil {
+		s.mu.Lock()
+		delete(s.sessions, sha256.Sum256([]byte(c.Value)))
+		s.mu.Unlock()
+	}
+	http.SetCookie(w, &http.Cookie{Name: cookieName, Value: "", Path: "/", HttpOnly: true, SameSite: http.SameSiteStrictMode, MaxAge: -1})
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Write([]byte("Logged out. Run keyward dashboard again for a new login URL.\n"))
+}
+
+// flash keeps a message for the session's next page.
+func (s *Server) flash(r *http.Request, ok bool, msg string) {
+	if ss := sessionFrom(r); ss != nil {
+		s.mu.Lock()
+		ss.flash, ss.flashOK = msg, ok
+		s.mu.Unlock()
+	}
+}
+
+func (s *Server) takeFlash(ss *session) (string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, ok := ss.flash, ss.flashOK
+	ss.flash = ""
+	return m, ok
+}
