@@ -3,6 +3,8 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"os"
@@ -17,7 +19,9 @@ import (
 	"github.com/chromedp/chromedp"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/keyward/keyward/daemon"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/plugins/conformance"
 	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
@@ -134,9 +138,23 @@ func do(t *testing.T, b context.Context, what string, steps ...chromedp.Action[c
 // runs a bulk revocation's dry run and then the revocation, shows every
 // page, and shows a caller the policy denies the denial, not the data.
 func TestDashboard(t *testing.T) {
-	d := daemontest.Start(t)
+	// The file plugin, for a managed credential.
+	plugin := conformance.Build(t, "github.com/keyward/keyward/cmd/keyward-plugin-file")
+	sum, err := fileSHA256(plugin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secrets := t.TempDir()
+	d := daemontest.Start(t, daemontest.Configure(func(c *daemon.Config) {
+		c.Plugins = []daemon.PluginConfig{{Name: "file", Path: plugin, SHA256: sum, Env: map[string]string{"KEYWARD_FILE_DIRS": secrets}}}
+	}))
 	api := keywardv1.NewAPIKeyServiceClient(d.Conn)
 	ctx := context.Background()
+	if _, err := keywardv1.NewCredentialServiceClient(d.Conn).RegisterCredential(ctx, &keywardv1.RegisterCredentialRequest{Name: "orders-db", Plugin: "file",
+		Config: fmt.Sprintf(`{"path": %q}`, filepath.Join(secrets, "orders-db-password")), RotationPeriod: durationpb.New(30 * 24 * time.Hour),
+		Overlap: durationpb.New(time.Hour)}); err != nil {
+		t.Fatal(err)
+	}
 
 	// Known traffic on one key: 5 valid, 2 forbidden, 1 wrong environment,
 	// from two networks.
@@ -167,9 +185,11 @@ func TestDashboard(t *testing.T) {
 	}
 
 	keys := keywardv1.NewKeyServiceClient(d.Conn)
-	if _, err := keys.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "orders", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT,
-		Algorithm: keywardv1.KeyAlgorithm_KEY_ALGORITHM_AES256_GCM}); err != nil {
-		t.Fatal(err)
+	for name, every := range map[string]time.Duration{"orders": 30 * 24 * time.Hour, "payments": 60 * 24 * time.Hour} {
+		if _, err := keys.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: name, Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT,
+			Algorithm: keywardv1.KeyAlgorithm_KEY_ALGORITHM_AES256_GCM, RotationPeriod: durationpb.New(every)}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if _, err := keywardv1.NewEnvelopeServiceClient(d.Conn).Encrypt(ctx, &keywardv1.EncryptRequest{KeyName: "orders", Plaintext: []byte("x")}); err != nil {
 		t.Fatal(err)
@@ -253,12 +273,23 @@ func TestDashboard(t *testing.T) {
 	// Every page renders, and refuses nothing to an operator granted everything.
 	for _, p := range []struct{ path, name, wait string }{
 		{"/apikeys", "apikeys", "#apikeys"}, {"/tokens", "tokens", "#jwks"},
-		{"/credentials", "credentials", "main"}, {"/rotation", "rotation", "main"}, {"/review", "review", "#findings"},
+		{"/credentials", "credentials", "#credential-orders-db"}, {"/rotation", "rotation", "#plan"}, {"/review", "review", "#findings"},
 	} {
 		do(t, b, p.name, chromedp.Navigate(base+p.path), chromedp.WaitVisible(css(p.wait)), shot.take(p.name))
 		if page := get(t, b, p.name, chromedp.OuterHTML(css(`main`))); strings.Contains(page, `class="denied"`) {
 			t.Errorf("%s shows a refusal to an operator granted everything: %s", p.path, page)
 		}
+	}
+
+	// The rotation plan's timeline has the two keys and the credential
+	// (API keys join it at the scheduler's next survey of them).
+	do(t, b, "rotation", chromedp.Navigate(base+"/rotation"), chromedp.WaitVisible(css(`#plan`)))
+	due := map[string]bool{}
+	for _, a := range get(t, b, "the timeline", chromedp.AttributesAll(chromedp.CSSAll(`svg.timeline circle[data-id]`))) {
+		due[a["data-id"]] = true
+	}
+	if !due["orders"] || !due["payments"] || !due["orders-db"] {
+		t.Errorf("the rotation timeline shows %v; want orders, payments and orders-db", due)
 	}
 
 	// A caller the policy does not grant ListAPIKeys sees the denial, and
@@ -281,6 +312,15 @@ bindings:
 	if page := get(t, b, "denied page", chromedp.OuterHTML(css(`html`))); strings.Contains(page, k.GetKey().GetId()) {
 		t.Errorf("the denied operator's page names a key")
 	}
+}
+
+func fileSHA256(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:]), nil
 }
 
 // runCLI runs keyward in this process against socket, stdin its input.

@@ -150,7 +150,7 @@ func timelineChart(rs []*keywardv1.ScheduledRotation, now time.Time, within time
 	}
 	const rowH, labelW = 20, 230
 	h := rowH*len(rs) + 34
-	plotW := float64(chartW - labelW - 16)
+	plotW := float64(chartW - labelW - 36)
 	x := func(t time.Time) float64 {
 		f := float64(t.Sub(now)) / float64(within)
 		return float64(labelW) + plotW*min(max(f, 0), 1)
@@ -159,7 +159,7 @@ func timelineChart(rs []*keywardv1.ScheduledRotation, now time.Time, within time
 	fmt.Fprintf(&b, `<svg class="chart timeline" viewBox="0 0 %d %d" role="img" aria-label="rotations due in the next %v">`, chartW, h, within)
 	for d := time.Duration(0); d <= within; d += within / 6 {
 		xx := x(now.Add(d))
-		fmt.Fprintf(&b, `<line x1="%.1f" y1="4" x2="%.1f" y2="%d" class="grid"/><text x="%.1f" y="%d" class="tick">%s</text>`,
+		fmt.Fprintf(&b, `<line x1="%.1f" y1="4" x2="%.1f" y2="%d" class="grid"/><text x="%.1f" y="%d" class="tick" text-anchor="middle">%s</text>`,
 			xx, xx, h-22, xx, h-6, now.Add(d).UTC().Format("Jan 2"))
 	}
 	for i, r := range rs {

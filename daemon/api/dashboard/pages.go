@@ -399,7 +399,7 @@ func headrooms(limits []*keywardv1.RateLimit, hours []*keywardv1.APIKeyHourUsage
 		if per > time.Hour {
 			use = float64(busiest) // at least the busiest hour's use
 		}
-		h := headroom{Limit: fmt.Sprintf("%d per %v, burst %d", l.GetLimit(), per, l.GetBurst()), Busiest: use, Allowed: float64(l.GetLimit())}
+		h := headroom{Limit: fmt.Sprintf("%d per %s, burst %d", l.GetLimit(), period(per), l.GetBurst()), Busiest: use, Allowed: float64(l.GetLimit())}
 		if l.GetLimit() > 0 {
 			h.Percent = 100 * use / float64(l.GetLimit())
 		}
@@ -607,6 +607,35 @@ func or(s, alt string) string {
 	return s
 }
 
+// period names a rate limit's period: second, minute, hour, day, or its
+// length.
+func period(d time.Duration) string {
+	switch d {
+	case time.Second:
+		return "second"
+	case time.Minute:
+		return "minute"
+	case time.Hour:
+		return "hour"
+	case 24 * time.Hour:
+		return "day"
+	}
+	return human(d)
+}
+
+// human writes a duration as people say it: 30 days, 36 hours, 1h30m.
+func human(d time.Duration) string {
+	switch {
+	case d >= 48*time.Hour && d%(24*time.Hour) == 0:
+		return fmt.Sprintf("%d days", d/(24*time.Hour))
+	case d > time.Hour && d%time.Hour == 0:
+		return fmt.Sprintf("%d hours", d/time.Hour)
+	}
+	s := d.String()
+	s = strings.TrimSuffix(s, "0s")
+	return strings.TrimSuffix(s, "0m")
+}
+
 func fmtTime(t *timestamppb.Timestamp) string {
 	if t == nil {
 		return "—"
@@ -620,7 +649,7 @@ var funcs = template.FuncMap{
 		if d == nil {
 			return "—"
 		}
-		return d.AsDuration().String()
+		return human(d.AsDuration())
 	},
 	"join": func(s []string) string { return strings.Join(s, ", ") },
 	"state": func(v fmt.Stringer) string {
@@ -643,7 +672,7 @@ var funcs = template.FuncMap{
 		for i, n := range credentialSteps {
 			out = append(out, step{n, cr.GetPending() != nil && i <= at, cr.GetPending() != nil && i == at})
 		}
-		return append(out, step{"active", cr.GetPending() == nil && cr.GetCurrent() != nil, cr.GetPending() == nil})
+		return append(out, step{"active", cr.GetPending() == nil && cr.GetCurrent() != nil, false})
 	},
 	"hasPrefix": strings.HasPrefix,
 	"list":      func(s ...string) []string { return s },
