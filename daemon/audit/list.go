@@ -112,13 +112,14 @@ func List(ctx context.Context, r io.ReaderAt, size int64, q Query) (Page, error)
 	if maxScan <= 0 {
 		maxScan = MaxScan
 	}
-	end, next := size, uint64(0) // next: the seq the next line must have; 0 for any
+	// next is the number the next line read must have, once known.
+	end, next, known := size, uint64(0), false
 	if q.PageToken != "" {
 		c, err := parseCursor(q.PageToken)
 		if err != nil {
 			return Page{}, err
 		}
-		if end, next = c.end, c.seq-1; !c.valid(r, size) {
+		if end, next, known = c.end, c.seq-1, true; !c.valid(r, size) {
 			return Page{}, fmt.Errorf("%w: the page token does not point into this audit log (%d bytes): start again without it", ErrInvalid, size)
 		}
 	}
@@ -142,14 +143,17 @@ func List(ctx context.Context, r io.ReaderAt, size int64, q Query) (Page, error)
 		if err != nil {
 			return Page{}, err
 		}
-		ln, err := parseLine(text, off, next)
+		ln, err := parseLine(text, off)
+		if err == nil && known && ln.Seq != next {
+			err = fmt.Errorf("%w: the line at byte %d is numbered %d where %d belongs; VerifyAuditLog (keyward audit verify) names the first line that fails", ErrDamaged, off, ln.Seq, next)
+		}
 		if err != nil {
 			if q.PageToken != "" && n == 0 {
 				return Page{}, fmt.Errorf("%w: the page token does not match this audit log: start again without it", ErrInvalid)
 			}
 			return Page{}, err
 		}
-		next = ln.Seq - 1
+		next, known = ln.Seq-1, true
 		here := cursor{end: off, seq: ln.Seq}
 		if ln.rec != nil {
 			rec := *ln.rec
@@ -196,15 +200,11 @@ type parsedLine struct {
 	rec  *Record
 }
 
-// parseLine parses the line at off, which must have the sequence number
-// want (0: any).
-func parseLine(text []byte, off int64, want uint64) (parsedLine, error) {
+// parseLine parses the line at off.
+func parseLine(text []byte, off int64) (parsedLine, error) {
 	var ln parsedLine
 	if err := json.Unmarshal(text, &ln); err != nil || ln.Seq == 0 {
 		return ln, fmt.Errorf("%w: the line at byte %d does not parse; VerifyAuditLog (keyward audit verify) names the first line that fails", ErrDamaged, off)
-	}
-	if want != 0 && ln.Seq != want {
-		return ln, fmt.Errorf("%w: the line at byte %d is numbered %d where %d belongs; VerifyAuditLog (keyward audit verify) names the first line that fails", ErrDamaged, off, ln.Seq, want)
 	}
 	if ln.Kind == "record" {
 		ln.rec = &ln.Body
@@ -236,7 +236,7 @@ func lateMarker(r io.ReaderAt, end, budget int64) (int64, int64, error) {
 		if !slices.ContainsFunc(lateOps, func(op []byte) bool { return bytes.Contains(text, op) }) {
 			continue
 		}
-		if ln, err := parseLine(text, off, 0); err == nil && ln.rec != nil && strings.HasPrefix(ln.rec.Op, "audit.") {
+		if ln, err := parseLine(text, off); err == nil && ln.rec != nil && strings.HasPrefix(ln.rec.Op, "audit.") {
 			return off, br.read, nil
 		}
 	}

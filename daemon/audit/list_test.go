@@ -551,3 +551,27 @@ func FuzzList(f *testing.F) {
 		}
 	})
 }
+
+// TestListDamaged: a line that does not parse, or is out of sequence, is
+// ErrDamaged, pointing at VerifyAuditLog; lines after it still list.
+func TestListDamaged(t *testing.T) {
+	rec := `{"seq":%d,"prev":"","kind":"record","body":{"op":"KeyService.GetKey","outcome":"ok"},"hash":""}` + "\n"
+	for _, tc := range []struct {
+		name, log, want string
+	}{
+		{"not JSON", fmt.Sprintf(rec, 1) + "garbage\n" + fmt.Sprintf(rec, 3), "does not parse"},
+		{"a line removed", fmt.Sprintf(rec, 1) + fmt.Sprintf(rec, 3), "numbered 1 where 2 belongs"},
+		{"a line before the first", fmt.Sprintf(rec, 1) + fmt.Sprintf(rec, 1), "numbered 1 where 0 belongs"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, err := List(context.Background(), strings.NewReader(tc.log), int64(len(tc.log)), Query{})
+			if !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "VerifyAuditLog") {
+				t.Fatalf("%+v, %v; want ErrDamaged: %q", p, err, tc.want)
+			}
+			p, err = List(context.Background(), strings.NewReader(tc.log), int64(len(tc.log)), Query{PageSize: 1})
+			if err != nil || len(p.Records) != 1 || p.Records[0].Seq != 3 && p.Records[0].Seq != 1 {
+				t.Fatalf("the last line alone: %+v, %v", p, err)
+			}
+		})
+	}
+}
