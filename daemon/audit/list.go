@@ -128,6 +128,7 @@ func List(ctx context.Context, r io.ReaderAt, size int64, q Query) (Page, error)
 	// lateFrom: the lines after this offset may be records written late,
 	// whose times are before Since; -1 when none are known to be.
 	var pageBytes int
+	var probed int64 // bytes read looking for a block written late
 	lateFrom := int64(-1)
 	for n := 0; ; n++ {
 		if n%1024 == 0 {
@@ -136,7 +137,7 @@ func List(ctx context.Context, r io.ReaderAt, size int64, q Query) (Page, error)
 			}
 		}
 		text, off, err := br.prev()
-		page.Scanned = br.read
+		page.Scanned = br.read + probed
 		if errors.Is(err, io.EOF) {
 			return page, nil
 		}
@@ -162,6 +163,7 @@ func List(ctx context.Context, r io.ReaderAt, size int64, q Query) (Page, error)
 			}
 			if !q.Since.IsZero() && rec.Time.Before(q.Since) && lateFrom < 0 {
 				marker, read, err := lateMarker(r, off, maxScan-page.Scanned)
+				probed += read
 				page.Scanned += read
 				switch {
 				case err != nil:

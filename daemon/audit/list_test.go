@@ -423,7 +423,9 @@ func TestListBadQuery(t *testing.T) {
 func TestListSinceLate(t *testing.T) {
 	h := macHSM(t)
 	path := filepath.Join(t.TempDir(), "audit.log")
-	l, err := Open(path, h, macKey, Options{RetryEvery: 20 * time.Millisecond, Now: func() time.Time { return t0.Add(50 * time.Second) }})
+	// No checkpoint on the clock: the file is read again after the listing.
+	l, err := Open(path, h, macKey, Options{RetryEvery: 20 * time.Millisecond, CheckpointInterval: time.Hour,
+		Now: func() time.Time { return t0.Add(50 * time.Second) }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -461,6 +463,17 @@ func TestListSinceLate(t *testing.T) {
 	}
 	if p.NextPageToken != "" {
 		t.Fatalf("since was reached, but a token says more follows")
+	}
+	// It read the log once, and looked back for a block written late from
+	// the first older record (at 11), and again past the block (at 9):
+	// each a read of the lines before it, all counted.
+	b, _ := os.ReadFile(path)
+	lineAt := func(sec int) int64 {
+		i := bytes.Index(b, []byte(t0.Add(time.Duration(sec)*time.Second).Format(`"time":"2006-01-02T15:04:05Z"`)))
+		return int64(bytes.LastIndexByte(b[:i], '\n') + 1)
+	}
+	if want := int64(len(b)) + lineAt(11) + lineAt(9); p.Scanned != want {
+		t.Fatalf("read %d bytes; want %d", p.Scanned, want)
 	}
 	// Without the outage, the scan stops at the first older record: it
 	// read the end of the log, not all of it.
