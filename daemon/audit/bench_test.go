@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/keyward/keyward/softhsm-test/benchload"
 )
@@ -55,8 +56,8 @@ func bigLog(b *testing.B, n int) *Log {
 }
 
 // BenchmarkList measures one ListAuditRecords call on a log of 74 MiB:
-// the newest page, and a filter no record matches, which reads MaxScan
-// bytes (the most a call costs).
+// the newest page, the records since a time, and a filter no record
+// matches, which reads MaxScan bytes (the most a call costs).
 func BenchmarkList(b *testing.B) {
 	l := bigLog(b, 180_000)
 	b.Logf("log of %d MiB", l.State().Size>>20)
@@ -66,6 +67,8 @@ func BenchmarkList(b *testing.B) {
 		q    Query
 	}{
 		{"newest-page", Query{}},
+		// The last 50 records: then a look back for records written late.
+		{"since", Query{Since: time.Unix(1700000000+180_000-50, 0)}},
 		{"no-match", Query{Subject: "nope"}},
 	} {
 		b.Run(c.name, func(b *testing.B) {
