@@ -337,7 +337,7 @@ func (d *daemonParts) newServer(context.Context) error {
 	d.legacy = &legacyNames{}
 	cfg := d.cfg
 	d.srv, d.gs = server.New(server.Config{
-		HSM: hsmStatus{d.h}, Store: d.st, Keys: d.km, Envelope: d.env, Audit: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
+		HSM: hsmStatus{d.h}, Store: d.st, Keys: d.km, Envelope: d.env, Audit: d.al, AuditReader: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
 		MaxBatch: cfg.MaxBatch, Version: d.o.Version, HealthEvery: d.o.HealthEvery,
 		Tokens: d.tokens, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify, Observed: observed,
 		Plugins:          func() []server.PluginState { return pluginStates(d.plugins, d.ob.Status()) },

@@ -182,11 +182,7 @@ func verifyAudit(t *testing.T, in *daemontest.Daemon) audit.Report {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	path := in.Config.AuditFile
-	if path == "" {
-		path = filepath.Join(in.Config.DataDir, "audit.log")
-	}
-	f, err := os.Open(path)
+	f, err := os.Open(auditFile(in))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,7 +4,13 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
 
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/hsm"
 )
@@ -34,10 +40,20 @@ type auditReport struct {
 }
 
 // auditVerify checks an audit log's chain, and with the HSM its checkpoint
-// MACs, and names the first bad line.
+// MACs, and names the first bad line: the FILE given, or, without one,
+// keywardd's own log, which keywardd checks with its HSM key
+// (VerifyAuditLog).
 func auditVerify(f *flagSet) action {
-	cfg := hsmFlags(f, "PKCS#11 library, to check the checkpoint MACs")
+	cfg := hsmFlags(f, "PKCS#11 library, to check the checkpoint MACs of FILE")
 	return func(e *env, args []string) error {
+		if len(args) == 0 {
+			for _, name := range []string{"module", "token", "uri", "pin-file", "pin-env"} {
+				if f.Changed(name) {
+					return usageError{msg: "-" + name + " is for a FILE: without one, keywardd checks its own log with its own HSM"}
+				}
+			}
+			return e.verifyDaemonAudit()
+		}
 		path := args[0]
 		file, err := os.Open(path)
 		if err != nil {
@@ -62,21 +78,157 @@ func auditVerify(f *flagSet) action {
 		if !out.OK {
 			out.Problem = rep.Problem
 		}
-		if e.output.json() {
-			if err := e.printJSON(out); err != nil {
+		return e.showAuditReport(out)
+	}
+}
+
+// verifyDaemonAudit has keywardd verify its own audit log.
+func (e *env) verifyDaemonAudit() error {
+	v, err := e.api.Audit.VerifyAuditLog(e.ctx, &keywardv1.VerifyAuditLogRequest{})
+	if err != nil {
+		return err
+	}
+	out := auditReport{File: v.GetState().GetPath(), OK: v.GetOk(), Records: v.GetRecords(), Checkpoints: v.GetCheckpoints(),
+		MACsChecked: v.GetMacsChecked(), Unverified: v.GetUnverified(), BadLine: v.GetBadLine()}
+	if !out.OK {
+		out.Problem = v.GetProblem()
+	}
+	return e.showAuditReport(out)
+}
+
+// showAuditReport prints a verification's report, and fails unless the
+// log holds.
+func (e *env) showAuditReport(out auditReport) error {
+	if e.output.json() {
+		if err := e.printJSON(out); err != nil {
+			return err
+		}
+	}
+	switch {
+	case out.BadLine != 0:
+		return fmt.Errorf("%s: line %d: %s (%d lines before it hold)", out.File, out.BadLine, out.Problem, out.BadLine-1)
+	case !out.OK:
+		return fmt.Errorf("%s: %s", out.File, out.Problem)
+	case e.output.json():
+		return nil
+	}
+	return printAuditReport(e.stdout, out)
+}
+
+// auditList prints the records of keywardd's audit log the flags select,
+// newest first, a page after another until -limit.
+func auditList(f *flagSet) action {
+	var since, until agoFlag
+	f.Var(&since, "since", "records at or after this time: RFC 3339 (2027-01-31T00:00:00Z), or a duration ago (1h, 30m)")
+	f.Var(&until, "until", "records before this time: RFC 3339, or a duration ago")
+	op := f.String("op", "", "the operation: exact, a glob (APIKeyService.*, keywardd.*) or a prefix ending in .")
+	outcome := f.Enum("outcome", "the outcome", keywardv1.AuditOutcome_name, "AUDIT_OUTCOME_")
+	uid := f.Uint32("uid", 0, "the caller's uid")
+	subject := f.String("subject", "", "the key, API key ID or batch item's key: exact, or a glob (orders-*)")
+	limit := f.Int("limit", 100, "the most records to print (0: every one; a large log takes a while)")
+	token := f.String("page-token", "", "go on from a previous listing's next page token")
+	return func(e *env, _ []string) error {
+		if *limit < 0 {
+			return usageError{msg: "-limit is 0 (every record) or more"}
+		}
+		req := &keywardv1.ListAuditRecordsRequest{SinceTime: since.timestamp(), UntilTime: until.timestamp(), Operation: *op,
+			Outcome: keywardv1.AuditOutcome(*outcome), Subject: *subject, PageToken: *token}
+		if f.Changed("uid") {
+			req.CallerUid = uid
+		}
+		all := &keywardv1.ListAuditRecordsResponse{}
+		for {
+			req.PageSize = audit.MaxPageSize
+			if *limit > 0 {
+				req.PageSize = uint32(min(*limit-len(all.Records), audit.MaxPageSize))
+			}
+			r, err := e.api.Audit.ListAuditRecords(e.ctx, req)
+			if err != nil {
 				return err
 			}
+			if all.State == nil {
+				all.State = r.GetState()
+			}
+			all.Records = append(all.Records, r.GetRecords()...)
+			all.ScannedBytes += r.GetScannedBytes()
+			all.NextPageToken, all.ScanLimited = r.GetNextPageToken(), r.GetScanLimited()
+			if req.PageToken = r.GetNextPageToken(); req.PageToken == "" || (*limit > 0 && len(all.Records) >= *limit) {
+				break
+			}
 		}
-		switch {
-		case rep.BadLine != 0:
-			return fmt.Errorf("%s: line %d: %s (%d lines before it hold)", path, rep.BadLine, rep.Problem, rep.BadLine-1)
-		case rep.TailTooLong:
-			return fmt.Errorf("%s: %s", path, rep.Problem)
-		case e.output.json():
-			return nil
+		if all.NextPageToken != "" {
+			fmt.Fprintf(e.stderr, "keyward: more records may follow: add -page-token %s for the next ones\n", all.NextPageToken)
 		}
-		return printAuditReport(e.stdout, out)
+		return e.show(all, func(w io.Writer) error {
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "SEQ\tTIME\tUID\tOPERATION\tSUBJECT\tOUTCOME\tDETAIL")
+			for _, r := range all.GetRecords() {
+				fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%s\t%s\t%s\n", r.GetSeq(), timeOr(r.GetTime(), "-"), r.GetCaller().GetUid(), r.GetOperation(),
+					auditSubject(r), short(r.GetOutcome(), "AUDIT_OUTCOME_"), auditDetail(r))
+			}
+			return tw.Flush()
+		})
 	}
+}
+
+// auditSubject is what a record is about, in a table.
+func auditSubject(r *keywardv1.AuditRecord) string {
+	var parts []string
+	if r.GetKey() != "" {
+		s := r.GetKey()
+		if r.GetKeyVersion() != 0 {
+			s += fmt.Sprintf(" v%d", r.GetKeyVersion())
+		}
+		parts = append(parts, s)
+	}
+	if r.GetApiKeyId() != "" {
+		parts = append(parts, r.GetApiKeyId())
+	}
+	if n := len(r.GetBatch()); n > 0 {
+		parts = append(parts, fmt.Sprintf("%d items", n))
+	}
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, " ")
+}
+
+// auditDetail is a record's code and detail, in a table: one line, cut
+// to 100 characters (--output json has it whole).
+func auditDetail(r *keywardv1.AuditRecord) string {
+	s := r.GetDetail()
+	if r.GetCode() != "" {
+		s = r.GetCode() + ": " + s
+	}
+	if r.GetResult() != "" {
+		s = strings.TrimSpace(r.GetResult() + " " + s)
+	}
+	s = strings.Join(strings.Fields(s), " ")
+	if rs := []rune(s); len(rs) > 100 {
+		s = string(rs[:99]) + "…"
+	}
+	return s
+}
+
+// agoFlag is a time: RFC 3339 (as timeFlag), or a duration before now.
+type agoFlag struct{ timeFlag }
+
+func (f *agoFlag) Set(s string) error {
+	if d, err := time.ParseDuration(s); err == nil && d >= 0 {
+		f.t = time.Now().Add(-d)
+		return nil
+	}
+	if f.timeFlag.Set(s) != nil {
+		return fmt.Errorf("%q is neither an RFC 3339 time (2027-01-31T00:00:00Z) nor a duration ago (1h)", s)
+	}
+	return nil
+}
+
+func (f *agoFlag) timestamp() *timestamppb.Timestamp {
+	if f.t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(f.t)
 }
 
 func printAuditReport(w io.Writer, r auditReport) error {

@@ -32,7 +32,7 @@ import (
 type command struct {
 	path    string   // the words after keyward: "key create"
 	group   string   // a top-level entry: the heading keyward --help lists it under
-	args    []string // its positional arguments, each required ("KEY"); data and secrets are never arguments
+	args    []string // its positional arguments: required ("KEY"), or optional ("[FILE]"), after those required; data and secrets are never arguments
 	short   string   // one line, for the list of commands
 	long    string   // the rest of its --help
 	example string
@@ -289,14 +289,21 @@ func (e *env) do(c command, act action, args []string) error {
 	return nil
 }
 
-// positional checks a verb's positional arguments: exactly names, and
-// nothing else, since data and secrets never come that way.
+// positional checks a verb's positional arguments: those names requires,
+// those it takes ("[FILE]"), and nothing else, since data and secrets
+// never come that way.
 func positional(names []string) cobra.PositionalArgs {
+	required := 0
+	for _, n := range names {
+		if !strings.HasPrefix(n, "[") {
+			required++
+		}
+	}
 	return func(cc *cobra.Command, args []string) error {
 		switch {
 		case len(args) > len(names):
 			return usageError{msg: fmt.Sprintf("unexpected %q (secrets and data go through files or standard input, never arguments)", clip(args[len(names)]))}
-		case len(args) < len(names):
+		case len(args) < required:
 			return usageError{msg: fmt.Sprintf("name the %s: %s", strings.ToLower(names[len(args)]), cc.UseLine())}
 		}
 		return nil

@@ -92,6 +92,15 @@ func TestDevMode(t *testing.T) {
 	if v, err := c.Tokens.VerifyToken(ctx, &keywardv1.VerifyTokenRequest{Token: tok.Token, Audience: "orders"}); err != nil || !v.Valid {
 		t.Fatalf("VerifyToken: %v %v", v, err)
 	}
+	// The dev policy grants the operator the audit log, as the dashboard
+	// reads it.
+	recs, err := c.ListAuditRecords(ctx, &keywardv1.ListAuditRecordsRequest{Operation: "EnvelopeService.*"})
+	if err != nil || len(recs.GetRecords()) != 2 || recs.GetRecords()[0].GetOperation() != "EnvelopeService.Decrypt" {
+		t.Fatalf("ListAuditRecords: %v, %v", recs, err)
+	}
+	if v, err := c.VerifyAuditLog(ctx); err != nil || !v.GetOk() {
+		t.Fatalf("VerifyAuditLog: %v, %v", v, err)
+	}
 	c.Close()
 	stopDev(t, cmd, stderr)
 	dir := filepath.Dir(filepath.Dir(sock))

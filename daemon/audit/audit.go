@@ -165,6 +165,12 @@ type Log struct {
 	failed atomic.Pointer[error] // broken, readable without waiting for a write
 	macErr atomic.Pointer[error] // why the last checkpoint could not be MACed
 	notify atomic.Pointer[func()]
+
+	// state is what the last write that reached the disk left (State),
+	// readable without waiting for the writer.
+	state atomic.Pointer[State]
+	// verifying lets one verification of the whole file run at a time.
+	verifying chan struct{}
 }
 
 // outage is when and why the log could not be written.
@@ -223,7 +229,8 @@ func Open(path string, mac MACer, key hsm.KeyID, o Options) (*Log, error) {
 	if err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
 	}
-	l := &Log{f: f, mac: mac, key: key, opt: o, reqs: make(chan *request, 1024), done: make(chan struct{}), lastCP: time.Now()}
+	l := &Log{f: f, mac: mac, key: key, opt: o, reqs: make(chan *request, 1024), done: make(chan struct{}), lastCP: time.Now(),
+		verifying: make(chan struct{}, 1)}
 	torn, err := l.resume()
 	if err != nil {
 		f.Close()
@@ -250,6 +257,7 @@ func (l *Log) resume() (torn int64, err error) {
 	size := fi.Size()
 	l.size = size
 	if size == 0 {
+		l.publish(State{})
 		return 0, nil
 	}
 	const chunk = 1 << 20
@@ -284,6 +292,7 @@ func (l *Log) resume() (torn int64, err error) {
 		l.size = size - torn
 	}
 	if end < 0 {
+		l.publish(State{})
 		return torn, nil // the only line was torn: start afresh
 	}
 	l.seq = last.Seq
@@ -310,39 +319,58 @@ func (l *Log) resume() (torn int64, err error) {
 	if err != nil {
 		return 0, err
 	}
-	l.storeWrites = max(l.storeWrites, cp)
+	l.storeWrites = max(l.storeWrites, cp.storeWrites)
+	l.publish(State{Size: l.size, LastSeq: l.seq, LastCheckpointSeq: cp.seq, LastCheckpointTime: cp.time})
 	return torn, nil
 }
 
-// lastCheckpoint returns the store's write count of the log's last
-// checkpoint, after checking its MAC with the HSM (0 for a checkpoint
-// written before keywardd recorded counts, or a log with none). lines is
+// lastCP is what resume learns of the log's last checkpoint.
+type lastCP struct {
+	storeWrites uint64    // its count of the store's writes
+	seq         uint64    // its line; 0 if the log has none
+	time        time.Time // the time of the record before it, if read with it
+}
+
+// lastCheckpoint returns the log's last checkpoint: its line, the time of
+// the record before it, and the store's write count, after checking its
+// MAC with the HSM (0 for a checkpoint written before keywardd recorded
+// counts; all zero for a log with none). lines is
 // the log's tail; when it holds no checkpoint, the file is read backwards
 // from where it starts (end), a MiB at a time, until one is found: lines
 // appended after it, however long, do not hide it. A checkpoint whose MAC
 // is wrong is ErrDamaged.
-func (l *Log) lastCheckpoint(lines [][]byte, end int64) (uint64, error) {
+func (l *Log) lastCheckpoint(lines [][]byte, end int64) (lastCP, error) {
 	for {
 		for i := len(lines) - 1; i >= 0; i-- {
 			var ln line
 			if json.Unmarshal(lines[i], &ln) != nil || ln.Kind != "checkpoint" {
 				continue
 			}
-			return l.checkCheckpoint(ln)
+			n, err := l.checkCheckpoint(ln)
+			cp := lastCP{storeWrites: n, seq: ln.Seq}
+			var before struct {
+				Body struct {
+					Time time.Time `json:"time"`
+				} `json:"body"`
+			}
+			if i > 0 && json.Unmarshal(lines[i-1], &before) == nil {
+				cp.time = before.Body.Time
+			}
+			return cp, err
 		}
 		if end <= 0 {
-			return 0, nil
+			return lastCP{}, nil
 		}
 		start := max(0, end-(1<<20))
 		buf := make([]byte, end-start)
 		if _, err := l.f.ReadAt(buf, start); err != nil {
-			return 0, fmt.Errorf("audit: reading %s: %w", l.f.Name(), err)
+			return lastCP{}, fmt.Errorf("audit: reading %s: %w", l.f.Name(), err)
 		}
 		if start > 0 {
 			// The first line read may be cut: it is read whole next time.
 			cut := bytes.IndexByte(buf, '\n')
 			if cut < 0 {
-				return 0, fmt.Errorf("%w: %s holds a line over 1 MiB before its last checkpoint; run keyward audit verify on it", ErrDamaged, l.f.Name())
+				return lastCP{}, fmt.Errorf("%w: %s holds a line over 1 MiB before its last checkpoint; run keyward audit verify on it", ErrDamaged, l.f.Name())
 			}
 			start += int64(cut + 1)
 			buf = buf[cut+1:]
@@ -682,7 +710,7 @@ func (l *Log) write(bodies [][]byte, forceCheckpoint bool) error {
 	// (it is away) is made later: the records are chained and on disk all
 	// the same, and the next checkpoint covers them. Only a failed write
 	// stops the log.
-	checkpointed := false
+	checkpointed, cpSeq := false, uint64(0)
 	checkpoint := func() error {
 		mac, err := l.mac.HMACSHA256(context.Background(), l.key, macInput(head, seq+1, &storeWrites))
 		if err != nil {
@@ -695,7 +723,7 @@ func (l *Log) write(bodies [][]byte, forceCheckpoint bool) error {
 			return err
 		}
 		add("checkpoint", b)
-		since, checkpointed = 0, true
+		since, checkpointed, cpSeq = 0, true, seq
 		return nil
 	}
 	var body []byte
@@ -727,10 +755,41 @@ func (l *Log) write(bodies [][]byte, forceCheckpoint bool) error {
 	}
 	l.seq, l.head, l.since = seq, head, since
 	l.size += int64(len(buf))
+	st := *l.state.Load()
+	st.Size, st.LastSeq = l.size, seq
 	if checkpointed {
 		l.lastCP = time.Now()
+		st.LastCheckpointSeq, st.LastCheckpointTime = cpSeq, l.opt.Now().UTC()
 	}
+	l.publish(st)
 	return nil
+}
+
+// State is what the log knows of itself without reading its file, as the
+// last write that reached the disk left it.
+type State struct {
+	// Path is the log's file.
+	Path string
+	// Size is the length of the file the writer has written and synced:
+	// whole lines, all of them acknowledged. Bytes past it may be a write
+	// in progress, or what a failed write left before it is cut.
+	Size int64
+	// LastSeq is the last line's sequence number (0 for an empty log).
+	LastSeq uint64
+	// LastCheckpointSeq is the line of the last checkpoint (0 if none);
+	// LastCheckpointTime is when it was written (by the log's clock) or,
+	// for one written before the log was opened (checkpoints hold no
+	// time), the time of the record before it; zero if unknown.
+	LastCheckpointSeq  uint64
+	LastCheckpointTime time.Time
+}
+
+// State is the log's state now, without waiting for a write in progress.
+func (l *Log) State() State { return *l.state.Load() }
+
+func (l *Log) publish(st State) {
+	st.Path = l.f.Name()
+	l.state.Store(&st)
 }
 
 // appendLine appends a line's JSON to dst: the bytes json.Marshal writes
@@ -852,9 +911,13 @@ const KeyName = "keyward-audit"
 
 // Verify reads a log and checks every line's chain link and, given a MACer,
 // every checkpoint's MAC. It stops at the first line that fails.
+//
+// It reads r to its end: ctx's end stops it (with ctx's error), and so
+// does an error of r's, which is returned rather than taken for a bad line.
 func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 	var rep Report
-	dec := json.NewDecoder(r)
+	src := &ctxReader{ctx: ctx, r: r}
+	dec := json.NewDecoder(src)
 	var head [32]byte
 	var storeWrites uint64
 	fail := func(format string, a ...any) (Report, error) {
@@ -874,6 +937,9 @@ func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 		}
 		rep.Lines++
 		if err != nil {
+			if src.err != nil {
+				return rep, fmt.Errorf("audit: reading line %d: %w", rep.Lines, src.err)
+			}
 			return fail("not a JSON line: %v", err)
 		}
 		if ln.Seq != rep.Lines {
@@ -933,6 +999,43 @@ func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 		}
 		head = want
 	}
+}
+
+// ctxReader reads r until ctx ends, and keeps the error r returned (other
+// than io.EOF).
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+	err error
+}
+
+func (c *ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		c.err = err
+		return 0, err
+	}
+	n, err := c.r.Read(p)
+	if err != nil && !errors.Is(err, io.EOF) {
+		c.err = err
+	}
+	return n, err
+}
+
+// Verify checks the log as it stands now with the log's own MACer: every
+// line written and synced when it was called (State.Size), none written
+// since, so that a record being appended is never taken for a torn line.
+// It reads the whole file; one verification runs at a time, and another
+// waits for it, or for its ctx to end. size is the length it verified.
+func (l *Log) Verify(ctx context.Context) (rep Report, size int64, err error) {
+	select {
+	case l.verifying <- struct{}{}:
+		defer func() { <-l.verifying }()
+	case <-ctx.Done():
+		return Report{}, 0, fmt.Errorf("audit: waiting for another verification of the log: %w", ctx.Err())
+	}
+	size = l.State().Size
+	rep, err = Verify(ctx, io.NewSectionReader(l.f, 0, size), l.mac)
+	return rep, size, err
 }
 
 func parseKeyLabel(s string) (hsm.KeyID, error) {

@@ -501,21 +501,14 @@ func TestBeforeRecordsNotKeptLate(t *testing.T) {
 	l.SetNotify(func() { changes <- struct{}{} })
 	ctx := context.Background()
 	l.Append(ctx, rec(0))
-	l.mu.Lock()
-	good := l.f
-	ro, _ := os.Open(path)
-	l.f = ro
-	l.mu.Unlock()
+	back := diskGone(t, l)
 	l.Append(ctx, rec(1))
 	<-changes
 	if err := l.AppendBefore(ctx, Record{Op: "keywardd.DeleteKey", Key: "orders", Outcome: "ok"}); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("AppendBefore during the outage: %v", err)
 	}
 	l.Append(ctx, rec(2))
-	l.mu.Lock()
-	l.f = good
-	ro.Close()
-	l.mu.Unlock()
+	back()
 	<-changes
 	l.Close()
 	f, _ := os.Open(path)
@@ -524,6 +517,26 @@ func TestBeforeRecordsNotKeptLate(t *testing.T) {
 	Records(f, func(r Record) error { ops = append(ops, r.Op); return nil })
 	if got := strings.Join(ops, " "); got != "EnvelopeService.Decrypt audit.outage EnvelopeService.Decrypt EnvelopeService.Decrypt" {
 		t.Fatalf("on record: %s", got)
+	}
+}
+
+// diskGone makes the log's writes fail, as on a disk that went away,
+// until back is called.
+func diskGone(t *testing.T, l *Log) (back func()) {
+	t.Helper()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	good := l.f
+	ro, err := os.Open(good.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.f = ro
+	return func() {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		l.f = good
+		ro.Close()
 	}
 }
 

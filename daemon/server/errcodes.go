@@ -14,6 +14,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/admission"
 	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/faults"
@@ -133,6 +134,8 @@ var codeOf = []struct {
 	{credentials.ErrNoPlugin, codes.FailedPrecondition},
 	{credentials.ErrChanged, codes.Aborted},
 	{tokens.ErrInvalid, codes.InvalidArgument},
+	{audit.ErrInvalid, codes.InvalidArgument},
+	{audit.ErrDamaged, codes.DataLoss},
 }
 
 // contextCodes come last: a call cut short by an HSM that did not answer

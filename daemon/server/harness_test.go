@@ -113,7 +113,7 @@ func newTestServer(t *testing.T, policyYAML string, opts ...serverOption) *testS
 	ts := &testServer{h: h, st: st, keys: km, clock: clk, auditPath: auditPath, dir: dir,
 		envelope: envelope.New(km, h, envelope.Options{Decoy: hsm.KeyID{Name: credentialsKey, Version: 1}}),
 		tokens:   tokens.NewService(tokens.Config{}, km, h, revoked, clk.now), apiKeys: akm}
-	cfg := Config{HSM: testHSM{h}, Store: st, Keys: km, Envelope: ts.envelope, Audit: al, Policy: pol, Tokens: ts.tokens,
+	cfg := Config{HSM: testHSM{h}, Store: st, Keys: km, Envelope: ts.envelope, Audit: al, AuditReader: al, Policy: pol, Tokens: ts.tokens,
 		APIKeys: akm, Now: clk.now, Version: "test",
 		Schedule: schedule.New(schedule.Config{Store: st, Now: clk.now,
 			Sources: []schedule.Source{schedule.KeySource(km, &schedule.Rules{}, ReservedPrefix)}})}

@@ -62,7 +62,7 @@ import (
 // services are the keyward.v1 services keywardd serves.
 var services = []*grpc.ServiceDesc{&keywardv1.KeyService_ServiceDesc, &keywardv1.EnvelopeService_ServiceDesc,
 	&keywardv1.StatusService_ServiceDesc, &keywardv1.TokenService_ServiceDesc, &keywardv1.APIKeyService_ServiceDesc,
-	&keywardv1.CredentialService_ServiceDesc, &keywardv1.RotationService_ServiceDesc}
+	&keywardv1.CredentialService_ServiceDesc, &keywardv1.RotationService_ServiceDesc, &keywardv1.AuditService_ServiceDesc}
 
 // Ops lists every operation name the policy may grant, "Service.Method".
 func Ops() []string {
@@ -165,6 +165,9 @@ type Config struct {
 	APIKeys APIKeys
 	// Credentials serves the CredentialService; nil turns it off.
 	Credentials Credentials
+	// AuditReader serves the AuditService: the audit log (Audit) read
+	// back; nil turns it off.
+	AuditReader AuditReader
 	// Metrics, if set, counts and times every call. It stays concrete: a
 	// leaf (Prometheus counters, safe on a nil receiver) with no behaviour
 	// a caller would swap, and tests read what it counted.
@@ -238,6 +241,7 @@ type Server struct {
 	keywardv1.UnimplementedAPIKeyServiceServer
 	keywardv1.UnimplementedCredentialServiceServer
 	keywardv1.UnimplementedRotationServiceServer
+	keywardv1.UnimplementedAuditServiceServer
 }
 
 // New makes the server and the grpc.Server that serves it.
@@ -294,6 +298,7 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	keywardv1.RegisterAPIKeyServiceServer(gs, s)
 	keywardv1.RegisterCredentialServiceServer(gs, s)
 	keywardv1.RegisterRotationServiceServer(gs, s)
+	keywardv1.RegisterAuditServiceServer(gs, s)
 	healthpb.RegisterHealthServer(gs, s.health)
 	reflection.Register(gs)
 	return s, gs
@@ -376,6 +381,14 @@ type callKey struct{}
 
 func callFrom(ctx context.Context) *call { return ctx.Value(callKey{}).(*call) }
 
+// storeFree operations are served while the store is not: GetStatus,
+// which says why the others are refused, and the audit log's, which tell
+// what happened before.
+var storeFree = map[string]bool{
+	"StatusService.GetStatus":       true,
+	"AuditService.ListAuditRecords": true, "AuditService.VerifyAuditLog": true,
+}
+
 // sensitive operations return key material or plaintext: the caller must
 // still be the process that connected when the answer is ready.
 var sensitive = map[string]bool{
@@ -455,7 +468,7 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	started := time.Now()
 	var resp any
 	err := s.cfg.Store.Err()
-	if err == nil || op == "StatusService.GetStatus" { // which says why the others are refused
+	if err == nil || storeFree[op] {
 		resp, err = handler(context.WithValue(ctx, callKey{}, c), req)
 	}
 	if faults.Damaged(err) {

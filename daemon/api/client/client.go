@@ -8,8 +8,8 @@
 //	pt, err := c.Decrypt(ctx, dk.Wrapped, map[string]string{"tenant": "42"})
 //	if errors.Is(err, client.ErrDenied) { ... }
 //
-// The generated clients (Keys, Envelope, Status) are there for everything
-// else.
+// The generated clients (Keys, Envelope, Status, Tokens, APIKeys, Audit)
+// are there for everything else.
 package client
 
 import (
@@ -51,6 +51,7 @@ type Client struct {
 	Status   keywardv1.StatusServiceClient
 	Tokens   keywardv1.TokenServiceClient
 	APIKeys  keywardv1.APIKeyServiceClient
+	Audit    keywardv1.AuditServiceClient
 }
 
 // Dial connects to keywardd's socket (see SocketPath). The connection is
@@ -68,7 +69,8 @@ func Dial(path string) (*Client, error) {
 	}
 	return &Client{conn: conn, Keys: keywardv1.NewKeyServiceClient(conn),
 		Envelope: keywardv1.NewEnvelopeServiceClient(conn), Status: keywardv1.NewStatusServiceClient(conn),
-		Tokens: keywardv1.NewTokenServiceClient(conn), APIKeys: keywardv1.NewAPIKeyServiceClient(conn)}, nil
+		Tokens: keywardv1.NewTokenServiceClient(conn), APIKeys: keywardv1.NewAPIKeyServiceClient(conn),
+		Audit: keywardv1.NewAuditServiceClient(conn)}, nil
 }
 
 // Close closes the connection.
