@@ -273,7 +273,7 @@ func TestDashboard(t *testing.T) {
 	// Every page renders, and refuses nothing to an operator granted everything.
 	for _, p := range []struct{ path, name, wait string }{
 		{"/apikeys", "apikeys", "#apikeys"}, {"/tokens", "tokens", "#jwks"},
-		{"/credentials", "credentials", "#credential-orders-db"}, {"/rotation", "rotation", "#plan"}, {"/review", "review", "#findings"},
+		{"/credentials", "credentials", "#credential-orders-db"}, {"/rotation", "rotation", "#plan"}, {"/review", "review", "#audit-part"},
 	} {
 		do(t, b, p.name, chromedp.Navigate(base+p.path), chromedp.WaitVisible(css(p.wait)), shot.take(p.name))
 		if page := get(t, b, p.name, chromedp.OuterHTML(css(`main`))); strings.Contains(page, `class="denied"`) {
@@ -292,13 +292,28 @@ func TestDashboard(t *testing.T) {
 		t.Errorf("the rotation timeline shows %v; want orders, payments and orders-db", due)
 	}
 
+	// The audit log: the browser's revocation is there under the
+	// operator's uid; the chain verifies.
+	do(t, b, "audit", chromedp.Navigate(base+"/audit?op=APIKeyService.RevokeAPIKey"), chromedp.WaitVisible(css(`#records`)))
+	rows := get(t, b, "audit rows", chromedp.AttributesAll(chromedp.CSSAll(`#records tr[data-seq]`)))
+	if len(rows) != 1 || rows[0]["data-outcome"] != "ok" {
+		t.Errorf("audit records of APIKeyService.RevokeAPIKey: %v; want the one the page made", rows)
+	}
+	if row := get(t, b, "audit row", chromedp.Text(css(`#records tr[data-seq]`))); !strings.Contains(row, id) || !strings.Contains(row, fmt.Sprintf("uid %d", os.Getuid())) {
+		t.Errorf("the revocation's record: %q; want %s by uid %d", row, id, os.Getuid())
+	}
+	do(t, b, "verify", chromedp.Submit(css(`#chain form`)), chromedp.WaitVisible(css(`#verified`)), shot.take("audit"))
+	if v := get(t, b, "verified", chromedp.Text(css(`#verified`))); !strings.Contains(v, "holds") {
+		t.Errorf("the chain's verification: %q", v)
+	}
+
 	// A caller the policy does not grant ListAPIKeys sees the denial, and
 	// no key.
 	d.SetPolicy(fmt.Sprintf(`version: 1
 roles:
   viewer:
     permissions:
-      - operations: ["StatusService.*", "KeyService.ListKeys", "KeyService.GetKey"]
+      - operations: ["StatusService.*", "KeyService.ListKeys", "KeyService.GetKey", "AuditService.*"]
         keys: ["*"]
 bindings:
   - role: viewer
@@ -311,6 +326,12 @@ bindings:
 	}
 	if page := get(t, b, "denied page", chromedp.OuterHTML(css(`html`))); strings.Contains(page, k.GetKey().GetId()) {
 		t.Errorf("the denied operator's page names a key")
+	}
+	// The denial is in the audit log, which this operator may read.
+	do(t, b, "denials", chromedp.Navigate(base+"/audit?outcome=denied&since=1h"), chromedp.WaitVisible(css(`#records`)))
+	rows = get(t, b, "denials", chromedp.AttributesAll(chromedp.CSSAll(`#records tr[data-seq]`)))
+	if len(rows) == 0 || rows[0]["data-op"] != "APIKeyService.ListAPIKeys" || rows[0]["data-outcome"] != "denied" {
+		t.Errorf("the newest denial on record: %v; want APIKeyService.ListAPIKeys", rows)
 	}
 }
 

@@ -75,6 +75,7 @@ type Server struct {
 	hosts    map[string]bool        // the Host values the page answers to
 	logins   map[[32]byte]time.Time // a login token's hash -> until when it may be used
 	sessions map[[32]byte]*session  // a session cookie's hash -> the session
+	verified *verified              // the last verification of the audit log
 }
 
 // New makes the dashboard of the keywardd api is connected to.

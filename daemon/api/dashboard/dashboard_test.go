@@ -279,7 +279,7 @@ func TestSessionEnds(t *testing.T) {
 func TestHeaders(t *testing.T) {
 	p := start(t)
 	cookie := p.login()
-	for _, path := range []string{"/", "/keys", "/apikeys", "/apikeys/new", "/apikeys/revoke", "/tokens", "/credentials", "/rotation", "/review", "/keys/orders/panic-rotate", "/static/style.css", "/login?token=x"} {
+	for _, path := range []string{"/", "/keys", "/apikeys", "/apikeys/new", "/apikeys/revoke", "/tokens", "/credentials", "/rotation", "/review", "/audit", "/keys/orders/panic-rotate", "/static/style.css", "/login?token=x"} {
 		resp, body := p.do("GET", path, nil, "Cookie", cookie)
 		h := resp.Header
 		if csp := h.Get("Content-Security-Policy"); !strings.Contains(csp, "default-src 'none'") || strings.Contains(csp, "script-src") || strings.Contains(csp, "unsafe") {

@@ -12,11 +12,13 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/keyward/keyward/daemon/api/review"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/audit"
 )
 
 // callTimeout bounds each call a page makes to keywardd.
@@ -50,6 +52,8 @@ func (s *Server) routes() {
 	m.HandleFunc("POST /credentials/{name}/rotate", s.within(s.credentialRotate))
 	m.HandleFunc("GET /rotation", s.within(s.rotation))
 	m.HandleFunc("GET /review", s.within(s.review))
+	m.HandleFunc("GET /audit", s.within(s.audit))
+	m.HandleFunc("GET /audit/verify", s.within(s.auditVerify))
 	s.mux = m
 }
 
@@ -119,6 +123,16 @@ func (s *Server) overview(w http.ResponseWriter, r *http.Request) {
 			d.Alerts = append(d.Alerts, alert{fmt.Sprintf("%s %s past its rotation date", strings.ReplaceAll(ro.GetKind(), "_", " "), ro.GetId()),
 				fmt.Sprintf("due %s; last run: %s", fmtTime(ro.GetDueTime()), or(ro.GetOutcome(), "none yet")), "/rotation"})
 		}
+	}
+	// Anomalies keywardd noticed in the last week (its audit records).
+	an, err := s.api.Audit.ListAuditRecords(c, &keywardv1.ListAuditRecordsRequest{Operation: "keywardd.APIKeyAnomaly",
+		SinceTime: timestamppb.New(s.opt.Now().Add(-7 * 24 * time.Hour)), PageSize: 20})
+	if err != nil {
+		d.AlertsErr = append(d.AlertsErr, "anomalies (the audit log): "+problem(err))
+	}
+	for _, rec := range an.GetRecords() {
+		d.Alerts = append(d.Alerts, alert{"anomaly on API key " + or(rec.GetApiKeyId(), rec.GetKey()), fmtTime(rec.GetTime()) + ": " + rec.GetDetail(),
+			"/audit?" + url.Values{"op": {"keywardd.APIKeyAnomaly"}, "since": {"7d"}}.Encode()})
 	}
 	keys, err := s.listAPIKeys(c, &keywardv1.ListAPIKeysRequest{State: keywardv1.APIKeyState_API_KEY_STATE_ACTIVE}, 5000)
 	if err != nil {
@@ -589,13 +603,128 @@ func (s *Server) rotation(w http.ResponseWriter, r *http.Request) {
 type reviewData struct {
 	Findings []review.Finding
 	Err      string
+	Audit    string // what part of the audit log the review read
 }
 
+// reviewRecords is how many audit records the review reads at most.
+const reviewRecords = 50_000
+
 func (s *Server) review(w http.ResponseWriter, r *http.Request) {
+	c, cancel := context.WithTimeout(r.Context(), 2*time.Minute)
+	defer cancel()
+	now := s.opt.Now()
+	d := reviewData{Audit: "the audit log's last 30 days"}
+	o := review.Options{Now: now, Unused: 30 * 24 * time.Hour, Top: 5, Since: now.Add(-30 * 24 * time.Hour)}
+	o.Audit = func(fn func(audit.Record) error) error {
+		n := 0
+		for rec, err := range s.api.AuditRecords(c, &keywardv1.ListAuditRecordsRequest{SinceTime: timestamppb.New(o.Since), PageSize: 1000}) {
+			if err != nil {
+				if review.IsDenied(err) {
+					d.Audit = "not the audit log: " + problem(err)
+					return nil
+				}
+				return err
+			}
+			if n++; n > reviewRecords {
+				d.Audit = fmt.Sprintf("the newest %d records of the audit log, since %s (keyward review -audit reads it all)", reviewRecords, fmtTime(rec.GetTime()))
+				return nil
+			}
+			err := fn(audit.Record{Time: rec.GetTime().AsTime(), Op: rec.GetOperation(), Outcome: state(rec.GetOutcome()),
+				Caller: audit.Caller{UID: rec.GetCaller().GetUid(), Exe: rec.GetCaller().GetExe()}})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	f, err := review.Run(c, s.api, o)
+	d.Findings, d.Err = f, problem(err)
+	s.render(w, r, http.StatusOK, "review", "Review", d)
+}
+
+// ---- the audit log
+
+type auditData struct {
+	Filter   url.Values
+	Records  []*keywardv1.AuditRecord
+	Next     string // the query of the next (older) page; empty: none
+	Limited  bool   // the page stopped at keywardd's bound on bytes read
+	State    *keywardv1.AuditLogState
+	Verified *verified
+	Err      string
+}
+
+// verified is the last verification of the chain this dashboard ran.
+type verified struct {
+	At     time.Time
+	Result *keywardv1.VerifyAuditLogResponse
+	Err    string
+}
+
+// auditSince are the time filter's choices.
+var auditSince = map[string]time.Duration{"1h": time.Hour, "24h": 24 * time.Hour, "7d": 7 * 24 * time.Hour, "30d": 30 * 24 * time.Hour}
+
+var auditOutcomes = map[string]keywardv1.AuditOutcome{
+	"ok": keywardv1.AuditOutcome_AUDIT_OUTCOME_OK, "denied": keywardv1.AuditOutcome_AUDIT_OUTCOME_DENIED, "error": keywardv1.AuditOutcome_AUDIT_OUTCOME_ERROR,
+}
+
+func (s *Server) audit(w http.ResponseWriter, r *http.Request) {
 	c, cancel := ctx(r)
 	defer cancel()
-	f, err := review.Run(c, s.api, review.Options{Now: s.opt.Now(), Unused: 30 * 24 * time.Hour, Top: 5})
-	s.render(w, r, http.StatusOK, "review", "Review", reviewData{Findings: f, Err: problem(err)})
+	q := r.URL.Query()
+	d := auditData{Filter: q}
+	req := &keywardv1.ListAuditRecordsRequest{Operation: strings.TrimSpace(q.Get("op")), Outcome: auditOutcomes[q.Get("outcome")],
+		Subject: strings.TrimSpace(q.Get("subject")), PageSize: 100, PageToken: q.Get("page")}
+	if since, ok := auditSince[q.Get("since")]; ok {
+		req.SinceTime = timestamppb.New(s.opt.Now().Add(-since))
+	}
+	if u := strings.TrimSpace(q.Get("uid")); u != "" {
+		uid, err := strconv.ParseUint(u, 10, 32)
+		if err != nil {
+			d.Err = "uid: a number, such as 1000"
+			s.render(w, r, http.StatusBadRequest, "audit", "Audit log", d)
+			return
+		}
+		req.CallerUid = proto.Uint32(uint32(uid))
+	}
+	resp, err := s.api.Audit.ListAuditRecords(c, req)
+	d.Err = problem(err)
+	if err == nil {
+		d.Records, d.Limited, d.State = resp.GetRecords(), resp.GetScanLimited(), resp.GetState()
+		if t := resp.GetNextPageToken(); t != "" {
+			next := url.Values{}
+			for k, v := range q {
+				next[k] = v
+			}
+			next.Set("page", t)
+			d.Next = next.Encode()
+		}
+	}
+	s.mu.Lock()
+	d.Verified = s.verified
+	s.mu.Unlock()
+	s.render(w, r, http.StatusOK, "audit", "Audit log", d)
+}
+
+// auditVerify has keywardd verify its whole audit log (it reads it all:
+// on demand only), and shows the audit page with the outcome.
+func (s *Server) auditVerify(w http.ResponseWriter, r *http.Request) {
+	c, cancel := context.WithTimeout(r.Context(), 10*time.Minute)
+	defer cancel()
+	resp, err := s.api.Audit.VerifyAuditLog(c, &keywardv1.VerifyAuditLogRequest{})
+	v := &verified{At: s.opt.Now(), Result: resp, Err: problem(err)}
+	s.mu.Lock()
+	s.verified = v
+	s.mu.Unlock()
+	switch {
+	case err != nil:
+		s.flash(r, false, "the verification failed: "+v.Err)
+	case resp.GetOk():
+		s.flash(r, true, fmt.Sprintf("the audit log holds: %d records, %d checkpoints, every MAC checked", resp.GetRecords(), resp.GetCheckpoints()))
+	default:
+		s.flash(r, false, fmt.Sprintf("the audit log is broken at line %d: %s", resp.GetBadLine(), resp.GetProblem()))
+	}
+	http.Redirect(w, r, "/audit", http.StatusSeeOther)
 }
 
 // ---- template helpers
@@ -623,6 +752,16 @@ func period(d time.Duration) string {
 	return human(d)
 }
 
+// state is an enum's value as the pages write it: "pending deletion" for
+// KEY_STATE_PENDING_DELETION.
+func state(v fmt.Stringer) string {
+	s := v.String()
+	for _, p := range []string{"AUDIT_OUTCOME_", "API_KEY_STATE_", "KEY_STATE_", "CREDENTIAL_STATE_", "KEY_PURPOSE_", "KEY_ALGORITHM_"} {
+		s = strings.TrimPrefix(s, p)
+	}
+	return strings.ToLower(strings.ReplaceAll(s, "_", " "))
+}
+
 // human writes a duration as people say it: 30 days, 36 hours, 1h30m.
 func human(d time.Duration) string {
 	switch {
@@ -645,20 +784,20 @@ func fmtTime(t *timestamppb.Timestamp) string {
 
 var funcs = template.FuncMap{
 	"ts": fmtTime,
+	"tsec": func(t *timestamppb.Timestamp) string {
+		if t == nil {
+			return "—"
+		}
+		return t.AsTime().UTC().Format("2006-01-02 15:04:05")
+	},
 	"dur": func(d *durationpb.Duration) string {
 		if d == nil {
 			return "—"
 		}
 		return human(d.AsDuration())
 	},
-	"join": func(s []string) string { return strings.Join(s, ", ") },
-	"state": func(v fmt.Stringer) string {
-		s := v.String()
-		for _, p := range []string{"API_KEY_STATE_", "KEY_STATE_", "CREDENTIAL_STATE_", "KEY_PURPOSE_", "KEY_ALGORITHM_"} {
-			s = strings.TrimPrefix(s, p)
-		}
-		return strings.ToLower(strings.ReplaceAll(s, "_", " "))
-	},
+	"join":  func(s []string) string { return strings.Join(s, ", ") },
+	"state": state,
 	"percent": func(a, b uint64) string {
 		if b == 0 {
 			return "—"
