@@ -668,7 +668,7 @@ func (m *Manager) List(f Filter, after string, size int) (recs []*Record, next s
 // A known key's verification is counted in its usage, with its latency
 // from here to the decision on the monotonic clock (not Options.Now).
 func (m *Manager) Verify(ctx context.Context, presented string, req Request) Result {
-	start := time.Now()
+	start := monoNow()
 	prefix, err := Parse(presented)
 	if err != nil {
 		return Result{Code: Malformed, Detail: err.Error()}
@@ -754,7 +754,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 			req.LimitFactor = m.factor(rec, now)
 		}
 		res := m.fleet.check(ctx, rec, secret, req, now)
-		m.usage.record(rec.ID, res.Code, req.SourceIP, now, time.Since(start))
+		m.usage.record(rec.ID, res.Code, req.SourceIP, now, monoNow()-start)
 		res.Key = answer(rec)
 		if q := res.Key.Quota; q != nil {
 			q.refill(now)
@@ -774,7 +774,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		req.LimitFactor = m.factor(rec, now)
 	}
 	res := Check(rec, secret, req, m.lim, now)
-	m.usage.record(rec.ID, res.Code, req.SourceIP, now, time.Since(start))
+	m.usage.record(rec.ID, res.Code, req.SourceIP, now, monoNow()-start)
 	if rec.Quota != nil && *rec.Quota != quota {
 		m.quotas[rec.ID] = rec.Quota // saved by the next Flush
 		if len(m.quotas) >= maxPendingKeys {
