@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/apikeys"
 )
 
 // errRefused: apikey verify's key is not VALID (exit 1; the verdict is
@@ -328,17 +329,35 @@ func apikeyUsage(f *flagSet) action {
 		if err != nil {
 			return err
 		}
+		bounds := make([]time.Duration, len(r.GetLatencyBounds()))
+		for i, b := range r.GetLatencyBounds() {
+			bounds[i] = b.AsDuration()
+		}
+		row := func(tw io.Writer, name string, u *keywardv1.APIKeyUsage) {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", name, counts(u.GetCounts()),
+				latency(bounds, u.GetLatencyCounts(), 0.5), latency(bounds, u.GetLatencyCounts(), 0.99), counts(u.GetNetworks()))
+		}
 		return e.show(r, func(w io.Writer) error {
 			fmt.Fprintf(w, "%s: last used %s\n", r.GetId(), timeOr(r.GetLastUsedTime(), "never"))
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "HOUR\tOUTCOMES\tNETWORKS")
+			fmt.Fprintln(tw, "HOUR\tOUTCOMES\tP50\tP99\tNETWORKS")
 			for _, h := range r.GetHours() {
-				fmt.Fprintf(tw, "%s\t%s\t%s\n", h.GetHour().AsTime().Format("2006-01-02 15:04Z"), counts(h.GetUsage().GetCounts()), counts(h.GetUsage().GetNetworks()))
+				row(tw, h.GetHour().AsTime().Format("2006-01-02 15:04Z"), h.GetUsage())
 			}
-			fmt.Fprintf(tw, "total\t%s\t%s\n", counts(r.GetTotal().GetCounts()), counts(r.GetTotal().GetNetworks()))
+			row(tw, "total", r.GetTotal())
 			return tw.Flush()
 		})
 	}
+}
+
+// latency is a latency quantile in a table: the bound of the bucket it
+// falls in (apikeys.LatencyQuantile), "≤1ms" or ">1s"; "-" without data.
+func latency(bounds []time.Duration, counts []int64, q float64) string {
+	e, ok := apikeys.LatencyQuantile(bounds, counts, q)
+	if !ok {
+		return "-"
+	}
+	return e.String()
 }
 
 // secretFile is where -secret-out puts a new secret: a 0600 file made in

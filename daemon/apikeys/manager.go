@@ -665,7 +665,10 @@ func (m *Manager) List(f Filter, after string, size int) (recs []*Record, next s
 }
 
 // Verify checks a presented key for a request.
+// A known key's verification is counted in its usage, with its latency
+// from here to the decision on the monotonic clock (not Options.Now).
 func (m *Manager) Verify(ctx context.Context, presented string, req Request) Result {
+	start := monoNow()
 	prefix, err := Parse(presented)
 	if err != nil {
 		return Result{Code: Malformed, Detail: err.Error()}
@@ -751,7 +754,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 			req.LimitFactor = m.factor(rec, now)
 		}
 		res := m.fleet.check(ctx, rec, secret, req, now)
-		m.usage.record(rec.ID, res.Code, req.SourceIP, now)
+		m.usage.record(rec.ID, res.Code, req.SourceIP, now, monoNow()-start)
 		res.Key = answer(rec)
 		if q := res.Key.Quota; q != nil {
 			q.refill(now)
@@ -771,7 +774,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		req.LimitFactor = m.factor(rec, now)
 	}
 	res := Check(rec, secret, req, m.lim, now)
-	m.usage.record(rec.ID, res.Code, req.SourceIP, now)
+	m.usage.record(rec.ID, res.Code, req.SourceIP, now, monoNow()-start)
 	if rec.Quota != nil && *rec.Quota != quota {
 		m.quotas[rec.ID] = rec.Quota // saved by the next Flush
 		if len(m.quotas) >= maxPendingKeys {

@@ -18,8 +18,8 @@ import (
 )
 
 // Usage tracking. Verify counts each use of a known key in memory, by hour:
-// by outcome, by source network (a /24 for IPv4, a /64 for IPv6) and the
-// last use. FlushUsage merges those counts into the store in one
+// by outcome, by source network (a /24 for IPv4, a /64 for IPv6), by
+// latency (latency.go) and the last use. FlushUsage merges those counts into the store in one
 // transaction, so verify never waits for a disk. The store keeps a key's
 // hours for UsageRetention and its last use for ever (for stale-key review).
 
@@ -45,7 +45,10 @@ type HourUsage struct {
 	Hour     time.Time        `json:"hour"`
 	Counts   map[Code]int64   `json:"counts"`
 	Networks map[string]int64 `json:"networks,omitempty"`
-	Last     time.Time        `json:"last"`
+	// Latency counts the hour's verifications by how long they took; zero
+	// in hours recorded before keyward measured it.
+	Latency LatencyHistogram `json:"latency,omitzero"`
+	Last    time.Time        `json:"last"`
 }
 
 // Usage is a key's use over a window: totals, and the hours, oldest first.
@@ -53,6 +56,7 @@ type Usage struct {
 	LastUsed time.Time // zero: never used
 	Counts   map[Code]int64
 	Networks map[string]int64
+	Latency  LatencyHistogram
 	Hours    []HourUsage
 }
 
@@ -74,6 +78,7 @@ func (h *HourUsage) add(d *HourUsage) {
 	for _, net := range nets {
 		h.addNetwork(net, d.Networks[net])
 	}
+	h.Latency.add(&d.Latency)
 	if d.Last.After(h.Last) {
 		h.Last = d.Last
 	}
@@ -125,7 +130,9 @@ func newUsageLog() *usageLog {
 	return &usageLog{pending: map[string]map[int64]*HourUsage{}, full: make(chan struct{}, 1)}
 }
 
-func (u *usageLog) record(id string, code Code, ip netip.Addr, now time.Time) {
+// record counts a verification of key id at now that decided code for a
+// request from ip and took took.
+func (u *usageLog) record(id string, code Code, ip netip.Addr, now time.Time, took time.Duration) {
 	hour := now.UTC().Truncate(time.Hour)
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -144,6 +151,7 @@ func (u *usageLog) record(id string, code Code, ip netip.Addr, now time.Time) {
 	}
 	h.Counts[code]++
 	h.addNetwork(Network(ip), 1)
+	h.Latency[latencyBucket(took)]++
 	h.Last = now.UTC()
 }
 
@@ -369,6 +377,7 @@ func (m *Manager) GetUsage(id string, window time.Duration) (*Usage, error) {
 		for net, n := range h.Networks {
 			u.Networks[net] += n
 		}
+		u.Latency.add(&h.Latency)
 		if h.Last.After(u.LastUsed) {
 			u.LastUsed = h.Last
 		}

@@ -434,16 +434,23 @@ func (s *Server) GetAPIKeyUsage(ctx context.Context, r *keywardv1.GetAPIKeyUsage
 	if err != nil {
 		return nil, err
 	}
-	usage := func(counts map[apikeys.Code]int64, nets map[string]int64) *keywardv1.APIKeyUsage {
+	usage := func(counts map[apikeys.Code]int64, nets map[string]int64, latency *apikeys.LatencyHistogram) *keywardv1.APIKeyUsage {
 		out := &keywardv1.APIKeyUsage{Counts: map[string]int64{}, Networks: nets}
 		for c, n := range counts {
 			out.Counts[string(c)] = n
 		}
+		if *latency != (apikeys.LatencyHistogram{}) {
+			out.LatencyCounts = latency[:]
+		}
 		return out
 	}
-	out := &keywardv1.GetAPIKeyUsageResponse{Id: r.GetId(), LastUsedTime: timeOrNil(u.LastUsed), Total: usage(u.Counts, u.Networks)}
-	for _, h := range u.Hours {
-		out.Hours = append(out.Hours, &keywardv1.APIKeyHourUsage{Hour: timestamppb.New(h.Hour), Usage: usage(h.Counts, h.Networks)})
+	out := &keywardv1.GetAPIKeyUsageResponse{Id: r.GetId(), LastUsedTime: timeOrNil(u.LastUsed), Total: usage(u.Counts, u.Networks, &u.Latency)}
+	for i := range u.Hours {
+		h := &u.Hours[i]
+		out.Hours = append(out.Hours, &keywardv1.APIKeyHourUsage{Hour: timestamppb.New(h.Hour), Usage: usage(h.Counts, h.Networks, &h.Latency)})
+	}
+	for _, b := range apikeys.LatencyBounds {
+		out.LatencyBounds = append(out.LatencyBounds, durationpb.New(b))
 	}
 	return out, nil
 }

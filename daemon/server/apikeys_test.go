@@ -2,7 +2,10 @@ package server
 
 import (
 	"context"
+	"fmt"
+	"maps"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +18,7 @@ import (
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/store"
 )
 
 // issuer manages team-a's API keys (the policy's globs match owners);
@@ -71,6 +75,13 @@ func TestAPIKeyService(t *testing.T) {
 	secretB, idB := issue(t, ts, "team-b", "batch")
 	_, idRotated := issue(t, ts, "team-a", "ci")
 	mask := func(p ...string) *fieldmaskpb.FieldMask { return &fieldmaskpb.FieldMask{Paths: p} }
+	// An hour of idRotated's use as keyward stored it before it measured
+	// latency.
+	hour := ts.clock.now().UTC().Truncate(time.Hour).Add(-2 * time.Hour)
+	old := fmt.Sprintf(`{"hour":%q,"counts":{"VALID":3},"last":%[1]q}`, hour.Format(time.RFC3339))
+	if err := ts.st.Update(store.BucketAPIKeyUsage, fmt.Sprintf("%s/%010d", idRotated, hour.Unix()), func([]byte) ([]byte, error) { return []byte(old), nil }); err != nil {
+		t.Fatal(err)
+	}
 	var created string // the secret CreateAPIKey answered
 	run(t, ts, []serviceCase{
 		{name: "create", uid: issuer, method: "APIKeyService/CreateAPIKey",
@@ -233,9 +244,25 @@ func TestAPIKeyService(t *testing.T) {
 			req: &keywardv1.GetAPIKeyUsageRequest{Id: idA}, code: codes.OK, audit: wantAudit{outcome: "ok", key: "team-a"},
 			after: func(t *testing.T, _ *testServer, resp any, _ audit.Record) {
 				// This test's verifications of the key: VALID, FORBIDDEN.
-				if c := resp.(*keywardv1.GetAPIKeyUsageResponse).GetTotal().GetCounts(); c["VALID"] != 1 || c["FORBIDDEN"] != 1 {
+				r := resp.(*keywardv1.GetAPIKeyUsageResponse)
+				if c := r.GetTotal().GetCounts(); c["VALID"] != 1 || c["FORBIDDEN"] != 1 {
 					t.Errorf("usage counts %v", c)
 				}
+				usageLatency(t, r, 2)
+			}},
+		{name: "usage partly recorded before latency was", uid: issuer, method: "APIKeyService/GetAPIKeyUsage",
+			req: &keywardv1.GetAPIKeyUsageRequest{Id: idRotated}, code: codes.OK, audit: wantAudit{outcome: "ok", key: "team-a"},
+			after: func(t *testing.T, _ *testServer, resp any, _ audit.Record) {
+				// 3 stored two hours ago without latency, and the
+				// verification of its new secret.
+				r := resp.(*keywardv1.GetAPIKeyUsageResponse)
+				if c := r.GetTotal().GetCounts(); c["VALID"] != 4 || len(r.GetHours()) != 2 {
+					t.Fatalf("usage counts %v in %d hours, want 4 VALID in two", c, len(r.GetHours()))
+				}
+				if l := r.GetHours()[0].GetUsage().GetLatencyCounts(); l != nil {
+					t.Errorf("the hour stored without latency has latency counts %v", l)
+				}
+				usageLatency(t, r, 1)
 			}},
 	})
 	// No secret reaches the audit log, whichever call it went through.
@@ -247,5 +274,45 @@ func TestAPIKeyService(t *testing.T) {
 		if s == "" || strings.Contains(string(log), s) {
 			t.Errorf("the audit log holds an API key's secret %q (or the test lost it)", s)
 		}
+	}
+}
+
+// usageLatency checks the latency GetAPIKeyUsage answered: the bounds are
+// apikeys.LatencyBounds, the total counts n verifications (none: no
+// latency counts at all), and no hour counts more than its outcomes.
+func usageLatency(t *testing.T, r *keywardv1.GetAPIKeyUsageResponse, n int64) {
+	t.Helper()
+	bounds := r.GetLatencyBounds()
+	if len(bounds) != len(apikeys.LatencyBounds) {
+		t.Fatalf("%d latency bounds, want %d", len(bounds), len(apikeys.LatencyBounds))
+	}
+	for i, b := range bounds {
+		if b.AsDuration() != apikeys.LatencyBounds[i] {
+			t.Errorf("latency bound %d is %v, want %v", i, b.AsDuration(), apikeys.LatencyBounds[i])
+		}
+	}
+	sum := func(counts []int64) (n int64) {
+		for _, c := range counts {
+			n += c
+		}
+		return n
+	}
+	total := r.GetTotal().GetLatencyCounts()
+	if n == 0 && total != nil || n > 0 && len(total) != apikeys.LatencyBuckets || sum(total) != n {
+		t.Errorf("latency counts %v, want %d verifications in %d buckets (none if 0)", total, n, apikeys.LatencyBuckets)
+	}
+	var hours int64
+	for _, h := range r.GetHours() {
+		got, outcomes := sum(h.GetUsage().GetLatencyCounts()), sum(slices.Collect(maps.Values(h.GetUsage().GetCounts())))
+		if got > outcomes {
+			t.Errorf("hour %v: latency counts %d verifications, its outcomes %d", h.GetHour().AsTime(), got, outcomes)
+		}
+		hours += got
+	}
+	if hours != n {
+		t.Errorf("the hours' latency counts %d verifications, the total %d", hours, n)
+	}
+	if _, ok := apikeys.LatencyQuantile(apikeys.LatencyBounds[:], total, 0.5); ok != (n > 0) {
+		t.Errorf("a median from %v: %v", total, ok)
 	}
 }

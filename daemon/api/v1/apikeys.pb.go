@@ -1738,7 +1738,17 @@ type APIKeyUsage struct {
 	Counts map[string]int64 `protobuf:"bytes,1,rep,name=counts,proto3" json:"counts,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	// By source network: an IPv4 /24 or IPv6 /64, "unknown" without a
 	// source address, "other" past the first 16 networks of an hour.
-	Networks      map[string]int64 `protobuf:"bytes,2,rep,name=networks,proto3" json:"networks,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	Networks map[string]int64 `protobuf:"bytes,2,rep,name=networks,proto3" json:"networks,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// By latency, from the call's start to its decision in keywardd (the
+	// HSM, the store and, on a fleet, a wait for etcd included; not the
+	// socket): one count more than GetAPIKeyUsageResponse.latency_bounds,
+	// latency_counts[i] the verifications that took at most
+	// latency_bounds[i] (and more than latency_bounds[i-1]), the last those
+	// slower than every bound. A quantile is estimated as the bound of the
+	// bucket it falls in. Empty when none was measured (hours before
+	// keyward measured latency; they count in counts only, so counts may add
+	// up to more).
+	LatencyCounts []int64 `protobuf:"varint,3,rep,packed,name=latency_counts,json=latencyCounts,proto3" json:"latency_counts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1783,6 +1793,13 @@ func (x *APIKeyUsage) GetCounts() map[string]int64 {
 func (x *APIKeyUsage) GetNetworks() map[string]int64 {
 	if x != nil {
 		return x.Networks
+	}
+	return nil
+}
+
+func (x *APIKeyUsage) GetLatencyCounts() []int64 {
+	if x != nil {
+		return x.LatencyCounts
 	}
 	return nil
 }
@@ -1848,7 +1865,10 @@ type GetAPIKeyUsageResponse struct {
 	LastUsedTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=last_used_time,json=lastUsedTime,proto3" json:"last_used_time,omitempty"`
 	Total        *APIKeyUsage           `protobuf:"bytes,3,opt,name=total,proto3" json:"total,omitempty"`
 	// The hours with any use, oldest first.
-	Hours         []*APIKeyHourUsage `protobuf:"bytes,4,rep,name=hours,proto3" json:"hours,omitempty"`
+	Hours []*APIKeyHourUsage `protobuf:"bytes,4,rep,name=hours,proto3" json:"hours,omitempty"`
+	// The upper bounds of the latency buckets, ascending, the same for
+	// total and every hour (APIKeyUsage.latency_counts).
+	LatencyBounds []*durationpb.Duration `protobuf:"bytes,5,rep,name=latency_bounds,json=latencyBounds,proto3" json:"latency_bounds,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1907,6 +1927,13 @@ func (x *GetAPIKeyUsageResponse) GetTotal() *APIKeyUsage {
 func (x *GetAPIKeyUsageResponse) GetHours() []*APIKeyHourUsage {
 	if x != nil {
 		return x.Hours
+	}
+	return nil
+}
+
+func (x *GetAPIKeyUsageResponse) GetLatencyBounds() []*durationpb.Duration {
+	if x != nil {
+		return x.LatencyBounds
 	}
 	return nil
 }
@@ -2052,10 +2079,11 @@ const file_apikeys_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\v2\x12.keyward.v1.APIKeyR\x03key\"Z\n" +
 	"\x15GetAPIKeyUsageRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x121\n" +
-	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x06window\"\x85\x02\n" +
+	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x06window\"\xac\x02\n" +
 	"\vAPIKeyUsage\x12;\n" +
 	"\x06counts\x18\x01 \x03(\v2#.keyward.v1.APIKeyUsage.CountsEntryR\x06counts\x12A\n" +
-	"\bnetworks\x18\x02 \x03(\v2%.keyward.v1.APIKeyUsage.NetworksEntryR\bnetworks\x1a9\n" +
+	"\bnetworks\x18\x02 \x03(\v2%.keyward.v1.APIKeyUsage.NetworksEntryR\bnetworks\x12%\n" +
+	"\x0elatency_counts\x18\x03 \x03(\x03R\rlatencyCounts\x1a9\n" +
 	"\vCountsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1a;\n" +
@@ -2064,12 +2092,13 @@ const file_apikeys_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"p\n" +
 	"\x0fAPIKeyHourUsage\x12.\n" +
 	"\x04hour\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04hour\x12-\n" +
-	"\x05usage\x18\x02 \x01(\v2\x17.keyward.v1.APIKeyUsageR\x05usage\"\xcc\x01\n" +
+	"\x05usage\x18\x02 \x01(\v2\x17.keyward.v1.APIKeyUsageR\x05usage\"\x8e\x02\n" +
 	"\x16GetAPIKeyUsageResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12@\n" +
 	"\x0elast_used_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\flastUsedTime\x12-\n" +
 	"\x05total\x18\x03 \x01(\v2\x17.keyward.v1.APIKeyUsageR\x05total\x121\n" +
-	"\x05hours\x18\x04 \x03(\v2\x1b.keyward.v1.APIKeyHourUsageR\x05hours*}\n" +
+	"\x05hours\x18\x04 \x03(\v2\x1b.keyward.v1.APIKeyHourUsageR\x05hours\x12@\n" +
+	"\x0elatency_bounds\x18\x05 \x03(\v2\x19.google.protobuf.DurationR\rlatencyBounds*}\n" +
 	"\vAPIKeyState\x12\x1d\n" +
 	"\x19API_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14API_KEY_STATE_ACTIVE\x10\x01\x12\x1a\n" +
@@ -2196,29 +2225,30 @@ var file_apikeys_proto_depIdxs = []int32{
 	33, // 40: keyward.v1.GetAPIKeyUsageResponse.last_used_time:type_name -> google.protobuf.Timestamp
 	24, // 41: keyward.v1.GetAPIKeyUsageResponse.total:type_name -> keyward.v1.APIKeyUsage
 	25, // 42: keyward.v1.GetAPIKeyUsageResponse.hours:type_name -> keyward.v1.APIKeyHourUsage
-	6,  // 43: keyward.v1.APIKeyService.CreateAPIKey:input_type -> keyward.v1.CreateAPIKeyRequest
-	8,  // 44: keyward.v1.APIKeyService.VerifyAPIKey:input_type -> keyward.v1.VerifyAPIKeyRequest
-	11, // 45: keyward.v1.APIKeyService.RotateAPIKey:input_type -> keyward.v1.RotateAPIKeyRequest
-	13, // 46: keyward.v1.APIKeyService.RevokeAPIKey:input_type -> keyward.v1.RevokeAPIKeyRequest
-	15, // 47: keyward.v1.APIKeyService.RevokeAPIKeys:input_type -> keyward.v1.RevokeAPIKeysRequest
-	17, // 48: keyward.v1.APIKeyService.GetAPIKey:input_type -> keyward.v1.GetAPIKeyRequest
-	19, // 49: keyward.v1.APIKeyService.ListAPIKeys:input_type -> keyward.v1.ListAPIKeysRequest
-	21, // 50: keyward.v1.APIKeyService.UpdateAPIKey:input_type -> keyward.v1.UpdateAPIKeyRequest
-	23, // 51: keyward.v1.APIKeyService.GetAPIKeyUsage:input_type -> keyward.v1.GetAPIKeyUsageRequest
-	7,  // 52: keyward.v1.APIKeyService.CreateAPIKey:output_type -> keyward.v1.CreateAPIKeyResponse
-	10, // 53: keyward.v1.APIKeyService.VerifyAPIKey:output_type -> keyward.v1.VerifyAPIKeyResponse
-	12, // 54: keyward.v1.APIKeyService.RotateAPIKey:output_type -> keyward.v1.RotateAPIKeyResponse
-	14, // 55: keyward.v1.APIKeyService.RevokeAPIKey:output_type -> keyward.v1.RevokeAPIKeyResponse
-	16, // 56: keyward.v1.APIKeyService.RevokeAPIKeys:output_type -> keyward.v1.RevokeAPIKeysResponse
-	18, // 57: keyward.v1.APIKeyService.GetAPIKey:output_type -> keyward.v1.GetAPIKeyResponse
-	20, // 58: keyward.v1.APIKeyService.ListAPIKeys:output_type -> keyward.v1.ListAPIKeysResponse
-	22, // 59: keyward.v1.APIKeyService.UpdateAPIKey:output_type -> keyward.v1.UpdateAPIKeyResponse
-	26, // 60: keyward.v1.APIKeyService.GetAPIKeyUsage:output_type -> keyward.v1.GetAPIKeyUsageResponse
-	52, // [52:61] is the sub-list for method output_type
-	43, // [43:52] is the sub-list for method input_type
-	43, // [43:43] is the sub-list for extension type_name
-	43, // [43:43] is the sub-list for extension extendee
-	0,  // [0:43] is the sub-list for field type_name
+	32, // 43: keyward.v1.GetAPIKeyUsageResponse.latency_bounds:type_name -> google.protobuf.Duration
+	6,  // 44: keyward.v1.APIKeyService.CreateAPIKey:input_type -> keyward.v1.CreateAPIKeyRequest
+	8,  // 45: keyward.v1.APIKeyService.VerifyAPIKey:input_type -> keyward.v1.VerifyAPIKeyRequest
+	11, // 46: keyward.v1.APIKeyService.RotateAPIKey:input_type -> keyward.v1.RotateAPIKeyRequest
+	13, // 47: keyward.v1.APIKeyService.RevokeAPIKey:input_type -> keyward.v1.RevokeAPIKeyRequest
+	15, // 48: keyward.v1.APIKeyService.RevokeAPIKeys:input_type -> keyward.v1.RevokeAPIKeysRequest
+	17, // 49: keyward.v1.APIKeyService.GetAPIKey:input_type -> keyward.v1.GetAPIKeyRequest
+	19, // 50: keyward.v1.APIKeyService.ListAPIKeys:input_type -> keyward.v1.ListAPIKeysRequest
+	21, // 51: keyward.v1.APIKeyService.UpdateAPIKey:input_type -> keyward.v1.UpdateAPIKeyRequest
+	23, // 52: keyward.v1.APIKeyService.GetAPIKeyUsage:input_type -> keyward.v1.GetAPIKeyUsageRequest
+	7,  // 53: keyward.v1.APIKeyService.CreateAPIKey:output_type -> keyward.v1.CreateAPIKeyResponse
+	10, // 54: keyward.v1.APIKeyService.VerifyAPIKey:output_type -> keyward.v1.VerifyAPIKeyResponse
+	12, // 55: keyward.v1.APIKeyService.RotateAPIKey:output_type -> keyward.v1.RotateAPIKeyResponse
+	14, // 56: keyward.v1.APIKeyService.RevokeAPIKey:output_type -> keyward.v1.RevokeAPIKeyResponse
+	16, // 57: keyward.v1.APIKeyService.RevokeAPIKeys:output_type -> keyward.v1.RevokeAPIKeysResponse
+	18, // 58: keyward.v1.APIKeyService.GetAPIKey:output_type -> keyward.v1.GetAPIKeyResponse
+	20, // 59: keyward.v1.APIKeyService.ListAPIKeys:output_type -> keyward.v1.ListAPIKeysResponse
+	22, // 60: keyward.v1.APIKeyService.UpdateAPIKey:output_type -> keyward.v1.UpdateAPIKeyResponse
+	26, // 61: keyward.v1.APIKeyService.GetAPIKeyUsage:output_type -> keyward.v1.GetAPIKeyUsageResponse
+	53, // [53:62] is the sub-list for method output_type
+	44, // [44:53] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_apikeys_proto_init() }

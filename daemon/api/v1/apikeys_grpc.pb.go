@@ -73,7 +73,7 @@ type APIKeyServiceClient interface {
 	// expiry or state.
 	UpdateAPIKey(ctx context.Context, in *UpdateAPIKeyRequest, opts ...grpc.CallOption) (*UpdateAPIKeyResponse, error)
 	// GetAPIKeyUsage returns a key's use over a window: counts by outcome,
-	// by source network and by hour, and when it was last used.
+	// by source network, by latency and by hour, and when it was last used.
 	GetAPIKeyUsage(ctx context.Context, in *GetAPIKeyUsageRequest, opts ...grpc.CallOption) (*GetAPIKeyUsageResponse, error)
 }
 
@@ -218,7 +218,7 @@ type APIKeyServiceServer interface {
 	// expiry or state.
 	UpdateAPIKey(context.Context, *UpdateAPIKeyRequest) (*UpdateAPIKeyResponse, error)
 	// GetAPIKeyUsage returns a key's use over a window: counts by outcome,
-	// by source network and by hour, and when it was last used.
+	// by source network, by latency and by hour, and when it was last used.
 	GetAPIKeyUsage(context.Context, *GetAPIKeyUsageRequest) (*GetAPIKeyUsageResponse, error)
 	mustEmbedUnimplementedAPIKeyServiceServer()
 }
