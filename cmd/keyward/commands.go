@@ -40,7 +40,7 @@ var commands = []command{
 	{path: "apikey show", short: "show an API key (never its secret)", flags: apikeyShow},
 	{path: "apikey update", short: "change an API key's permissions, limits, allowlist, expiry or state", flags: apikeyUpdate,
 		example: "  keyward apikey update -id ak_... -perm orders:read -limit 10/s,burst=20"},
-	{path: "apikey usage", short: "an API key's verifications by hour, outcome and network", flags: apikeyUsage},
+	{path: "apikey usage", short: "an API key's verifications by hour, outcome, network and latency", flags: apikeyUsage},
 	{path: "revoke", group: groupAPIKeys, short: "emergency: revoke API keys at once, and say when it took effect", flags: emergencyRevoke,
 		long:    "apikey revoke, timed from the command to the moment keywardd's store has it: every verification after that refuses the keys.",
 		example: "  keyward revoke -tag leaked -dry-run\n  keyward revoke -tag leaked"},

@@ -216,9 +216,24 @@ func TestDashboard(t *testing.T) {
 	if want := map[string]int{"VALID": 5, "FORBIDDEN": 2, "WRONG_ENVIRONMENT": 1}; fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("the usage chart's bars: %v; want %v", got, want)
 	}
-	nets := get(t, b, "networks", chromedp.AttributesAll(chromedp.CSSAll(`svg.bars rect[data-name]`)))
+	nets := get(t, b, "networks", chromedp.AttributesAll(chromedp.CSSAll(`#networks-chart rect[data-name]`)))
 	if len(nets) != 2 || nets[0]["data-name"] != "192.0.2.0/24" || nets[0]["data-count"] != "5" || nets[1]["data-count"] != "3" {
 		t.Errorf("the networks chart: %v; want 192.0.2.0/24 5, 198.51.100.0/24 3", nets)
+	}
+
+	// Latency: every verification of the key is in the histogram, and the
+	// quantiles are buckets' bounds.
+	var measured int
+	for _, a := range get(t, b, "latency", chromedp.AttributesAll(chromedp.CSSAll(`#latency-histogram rect[data-name]`))) {
+		n, _ := strconv.Atoi(a["data-count"])
+		measured += n
+	}
+	p50 := get(t, b, "p50", chromedp.Text(css(`#p50`)))
+	if measured != 8 || !strings.HasPrefix(p50, "≤") {
+		t.Errorf("latency: %d verifications in the histogram, p50 %q; want 8, ≤ a bound", measured, p50)
+	}
+	if dots := get(t, b, "latency by hour", chromedp.AttributesAll(chromedp.CSSAll(`#latency-chart circle[data-quantile]`))); len(dots) != 2 {
+		t.Errorf("latency by hour: %v; want this hour's p50 and p99", dots)
 	}
 
 	// Create a key with a preset: its secret shows once, and works.

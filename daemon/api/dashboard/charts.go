@@ -9,6 +9,7 @@ import (
 	"time"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/apikeys"
 )
 
 // The charts are SVG written here (the package doc says why). Every bar
@@ -107,6 +108,54 @@ func usageChart(hours []*keywardv1.APIKeyHourUsage, first, last time.Time) templ
 	return template.HTML(b.String())
 }
 
+// latencyChart draws each hour's p50 and p99 latency, on a scale of the
+// histogram's buckets (the estimate is a bucket's bound).
+func latencyChart(hours []*keywardv1.APIKeyHourUsage, bounds []time.Duration, first, last time.Time) template.HTML {
+	n := int(last.Sub(first)/time.Hour) + 1
+	rows := len(bounds) + 1
+	plotW, plotH := float64(chartW-padL-8), float64(chartH-padB-10)
+	y := func(bucket int) float64 { return float64(chartH-padB) - plotH*(float64(bucket)+0.5)/float64(rows) }
+	var b strings.Builder
+	fmt.Fprintf(&b, `<svg class="chart" id="latency-chart" viewBox="0 0 %d %d" role="img" aria-label="p50 and p99 verification latency per hour">`, chartW, chartH)
+	axes(&b, 0, plotH)
+	for i, bd := range bounds {
+		if i%3 == 0 {
+			fmt.Fprintf(&b, `<text x="%d" y="%.1f" class="tick" text-anchor="end">%s</text>`, padL-4, y(i)+4, bd)
+		}
+	}
+	bw := plotW / float64(n)
+	drawn := false
+	for _, h := range hours {
+		t := h.GetHour().AsTime().UTC().Truncate(time.Hour)
+		if t.Before(first) || t.After(last) {
+			continue
+		}
+		x := float64(padL) + float64(int(t.Sub(first)/time.Hour))*bw + bw/2
+		for _, q := range []struct {
+			name  string
+			q     float64
+			color string
+		}{{"p50", 0.5, "#1565c0"}, {"p99", 0.99, "#ef6c00"}} {
+			e, ok := apikeys.LatencyQuantile(bounds, h.GetUsage().GetLatencyCounts(), q.q)
+			if !ok {
+				continue
+			}
+			drawn = true
+			bucket := slices.Index(bounds, e.Bound)
+			if e.Over {
+				bucket = len(bounds)
+			}
+			fmt.Fprintf(&b, `<circle cx="%.1f" cy="%.1f" r="3.5" fill="%s" data-hour="%s" data-quantile="%s" data-bound="%s"><title>%s %s: %s</title></circle>`,
+				x, y(bucket), q.color, t.Format(time.RFC3339), q.name, html.EscapeString(e.String()), t.Format("Jan 2 15:04"), q.name, html.EscapeString(e.String()))
+		}
+	}
+	if !drawn {
+		fmt.Fprintf(&b, `<text x="%d" y="%d" class="empty">no latency measured in this window</text>`, padL+20, chartH/2)
+	}
+	b.WriteString(`</svg>`)
+	return template.HTML(b.String())
+}
+
 // axes draws the y axis up to peak and the x axis.
 func axes(b *strings.Builder, peak int64, plotH float64) {
 	fmt.Fprintf(b, `<line x1="%d" y1="%d" x2="%d" y2="%d" class="axis"/>`, padL, chartH-padB, chartW-8, chartH-padB)
@@ -118,7 +167,7 @@ func axes(b *strings.Builder, peak int64, plotH float64) {
 }
 
 // barsChart draws one horizontal bar per item, largest first.
-func barsChart(title string, items []countOf) template.HTML {
+func barsChart(id, title string, items []countOf) template.HTML {
 	if len(items) == 0 {
 		return template.HTML(`<p class="muted">none in this window</p>`)
 	}
@@ -129,7 +178,7 @@ func barsChart(title string, items []countOf) template.HTML {
 	}
 	h := rowH*len(items) + 4
 	var b strings.Builder
-	fmt.Fprintf(&b, `<svg class="chart bars" viewBox="0 0 %d %d" role="img" aria-label="%s">`, chartW, h, html.EscapeString(title))
+	fmt.Fprintf(&b, `<svg class="chart bars" id="%s" viewBox="0 0 %d %d" role="img" aria-label="%s">`, id, chartW, h, html.EscapeString(title))
 	for i, it := range items {
 		w := float64(chartW-labelW-80) * float64(it.N) / float64(max(peak, 1))
 		y := i*rowH + 2

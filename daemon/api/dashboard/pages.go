@@ -18,6 +18,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/api/review"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
 )
 
@@ -352,6 +353,9 @@ type apiKeyData struct {
 	Networks template.HTML
 	Totals   []countOf
 	Headroom []headroom
+	// Latency: the window's histogram, its p50 and p99, and both by hour.
+	Latency, LatencyByHour template.HTML
+	P50, P99               string
 }
 
 type countOf struct {
@@ -388,11 +392,55 @@ func (s *Server) apiKey(w http.ResponseWriter, r *http.Request) {
 	if u != nil {
 		end := s.opt.Now().UTC().Truncate(time.Hour)
 		d.Results = usageChart(u.GetHours(), end.Add(-windows[d.Window]+time.Hour), end)
-		d.Networks = barsChart("source networks", sortedCounts(u.GetTotal().GetNetworks()))
+		d.Networks = barsChart("networks-chart", "source networks", sortedCounts(u.GetTotal().GetNetworks()))
 		d.Totals = sortedCounts(u.GetTotal().GetCounts())
 		d.Headroom = headrooms(d.Key.GetRateLimits(), u.GetHours())
+		bounds := make([]time.Duration, len(u.GetLatencyBounds()))
+		for i, b := range u.GetLatencyBounds() {
+			bounds[i] = b.AsDuration()
+		}
+		counts := u.GetTotal().GetLatencyCounts()
+		d.P50, d.P99 = quantile(bounds, counts, 0.5), quantile(bounds, counts, 0.99)
+		d.Latency = barsChart("latency-histogram", "verification latency", latencyBuckets(bounds, counts))
+		d.LatencyByHour = latencyChart(u.GetHours(), bounds, end.Add(-windows[d.Window]+time.Hour), end)
 	}
 	s.render(w, r, http.StatusOK, "apikey", "API key "+id, d)
+}
+
+// quantile is the bucket bound q of the histogram falls in, "≤250µs",
+// or "—" without data.
+func quantile(bounds []time.Duration, counts []int64, q float64) string {
+	e, ok := apikeys.LatencyQuantile(bounds, counts, q)
+	if !ok {
+		return "—"
+	}
+	return e.String()
+}
+
+// latencyBuckets are the histogram's buckets from the first to the last
+// that counted any, labelled by their bounds.
+func latencyBuckets(bounds []time.Duration, counts []int64) []countOf {
+	if len(counts) != len(bounds)+1 {
+		return nil
+	}
+	first, last := -1, -1
+	for i, n := range counts {
+		if n > 0 {
+			if first < 0 {
+				first = i
+			}
+			last = i
+		}
+	}
+	var out []countOf
+	for i := max(first, 0); first >= 0 && i <= last; i++ {
+		label := "> " + bounds[len(bounds)-1].String()
+		if i < len(bounds) {
+			label = "≤ " + bounds[i].String()
+		}
+		out = append(out, countOf{label, counts[i]})
+	}
+	return out
 }
 
 // headrooms compares each rate-limit layer with the busiest hour's
