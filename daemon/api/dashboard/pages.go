@@ -863,7 +863,7 @@ var funcs = template.FuncMap{
 	},
 	"hasPrefix": strings.HasPrefix,
 	"list":      func(s ...string) []string { return s },
-	"f1":        func(f float64) string { return strconv.FormatFloat(f, 'f', 1, 64) },
+	"f1":        func(f float64) string { return strconv.FormatFloat(f, 'g', 3, 64) },
 }
 
 // step is one step of a credential's rotation, for its strip.
