@@ -7,10 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -293,6 +295,14 @@ type leadership struct {
 	// counted every second: the fleet's size, as the API keys' fleet-wide
 	// limits divide them.
 	nodes atomic.Int64
+	// seen is the names campaigning and the leader's, as last counted.
+	seen atomic.Pointer[fleetNodes]
+}
+
+// fleetNodes is the fleet's nodes as a count saw them.
+type fleetNodes struct {
+	names  []string // sorted, this node's among them
+	leader string   // the oldest campaign's: the leader; empty if none yet
 }
 
 // Nodes is the fleet's size as last counted, at least 1.
@@ -308,10 +318,17 @@ func (l *leadership) count(ctx context.Context) {
 		return
 	}
 	names := map[string]bool{l.node: true}
+	var seen fleetNodes
+	var oldest int64
 	for _, kv := range resp.Kvs {
 		names[string(kv.Value)] = true
+		if oldest == 0 || kv.CreateRevision < oldest {
+			oldest, seen.leader = kv.CreateRevision, string(kv.Value)
+		}
 	}
+	seen.names = slices.Sorted(maps.Keys(names))
 	l.nodes.Store(int64(len(names)))
+	l.seen.Store(&seen)
 }
 
 // elect returns ts with the work done once wrapped in the fleet's
@@ -445,8 +462,12 @@ func (d *daemonParts) fleetInfo() func() server.FleetInfo {
 		return nil
 	}
 	return func() server.FleetInfo {
-		return server.FleetInfo{Node: d.lead.node, Leader: d.lead.leading.Load(), Revision: fs.Revision(),
+		f := server.FleetInfo{Node: d.lead.node, Leader: d.lead.leading.Load(), Revision: fs.Revision(),
 			FreshAt: fs.FreshAt(), Staleness: fs.Staleness()}
+		if seen := d.lead.seen.Load(); seen != nil {
+			f.Nodes, f.LeaderNode = seen.names, seen.leader
+		}
+		return f
 	}
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"maps"
@@ -157,6 +158,9 @@ func printStatus(w io.Writer, r *keywardv1.GetStatusResponse) error {
 		}
 		fmt.Fprintf(w, "fleet: node %s, %s; local copy at etcd revision %d, last known current %s (bound %s)\n",
 			f.GetNode(), role, f.GetRevision(), fresh, f.GetStalenessBound().AsDuration())
+		if len(f.GetNodes()) > 0 {
+			fmt.Fprintf(w, "fleet: nodes %s, led by %s\n", strings.Join(f.GetNodes(), ", "), cmp.Or(f.GetLeaderNode(), "none yet"))
+		}
 	}
 	if msg := r.GetAuditCheckpointError(); msg != "" {
 		fmt.Fprintf(w, "audit: checkpoints are not being MACed: %s\n", msg)

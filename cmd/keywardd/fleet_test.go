@@ -86,7 +86,8 @@ func leader(t testing.TB, n []*fleetNode) *fleetNode {
 	var found *fleetNode
 	within(t, "not exactly one node leads the fleet", func() (bool, string) {
 		found = nil
-		var leaders []string
+		var leaders, live []string
+		said := map[string]*keywardv1.FleetStatus{}
 		for _, node := range n {
 			if node.proc.Exited() {
 				continue
@@ -95,12 +96,27 @@ func leader(t testing.TB, n []*fleetNode) *fleetNode {
 			if err != nil {
 				return false, err.Error()
 			}
+			live = append(live, node.name)
+			said[node.name] = st.GetFleet()
 			if st.GetFleet().GetLeader() {
 				leaders = append(leaders, node.name)
 				found = node
 			}
 		}
-		return len(leaders) == 1, fmt.Sprint("leaders: ", leaders)
+		if len(leaders) != 1 {
+			return false, fmt.Sprint("leaders: ", leaders)
+		}
+		// Every node names the live nodes (a killed one's campaign lasts
+		// until its lease ends) and the leader (GetStatus's
+		// FleetStatus.nodes and leader_node, counted every second).
+		for name, f := range said {
+			for _, l := range live {
+				if !slices.Contains(f.GetNodes(), l) || f.GetLeaderNode() != leaders[0] {
+					return false, fmt.Sprintf("%s says the fleet is %v led by %q; want %v among them, led by %s", name, f.GetNodes(), f.GetLeaderNode(), live, leaders[0])
+				}
+			}
+		}
+		return true, ""
 	})
 	return found
 }

@@ -114,6 +114,10 @@ type FleetInfo struct {
 	Revision  int64
 	FreshAt   time.Time
 	Staleness time.Duration
+	// Nodes are the names campaigning in the fleet's election, as last
+	// counted (every second), and LeaderNode the one elected.
+	Nodes      []string
+	LeaderNode string
 }
 
 // TokenInfo describes the HSM token, for GetStatus.

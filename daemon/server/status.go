@@ -33,7 +33,8 @@ func (s *Server) GetStatus(ctx context.Context, _ *keywardv1.GetStatusRequest) (
 	}
 	if s.cfg.Fleet != nil {
 		f := s.cfg.Fleet()
-		out.Fleet = &keywardv1.FleetStatus{Node: f.Node, Leader: f.Leader, Revision: f.Revision, StalenessBound: durationpb.New(f.Staleness)}
+		out.Fleet = &keywardv1.FleetStatus{Node: f.Node, Leader: f.Leader, Revision: f.Revision, StalenessBound: durationpb.New(f.Staleness),
+			Nodes: f.Nodes, LeaderNode: f.LeaderNode}
 		if !f.FreshAt.IsZero() {
 			out.Fleet.FreshTime = timestamppb.New(f.FreshAt)
 		}

@@ -271,8 +271,14 @@ type FleetStatus struct {
 	FreshTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=fresh_time,json=freshTime,proto3" json:"fresh_time,omitempty"`
 	// How stale the copy may get before every call is refused.
 	StalenessBound *durationpb.Duration `protobuf:"bytes,5,opt,name=staleness_bound,json=stalenessBound,proto3" json:"staleness_bound,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The fleet's nodes: the names campaigning in its election (each live
+	// node campaigns), this node's among them, sorted; counted every second.
+	Nodes []string `protobuf:"bytes,6,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	// The node elected to run the fleet's jobs done once; empty before the
+	// first count.
+	LeaderNode    string `protobuf:"bytes,7,opt,name=leader_node,json=leaderNode,proto3" json:"leader_node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FleetStatus) Reset() {
@@ -338,6 +344,20 @@ func (x *FleetStatus) GetStalenessBound() *durationpb.Duration {
 		return x.StalenessBound
 	}
 	return nil
+}
+
+func (x *FleetStatus) GetNodes() []string {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+func (x *FleetStatus) GetLeaderNode() string {
+	if x != nil {
+		return x.LeaderNode
+	}
+	return ""
 }
 
 // HSMStatus describes the token in use.
@@ -709,14 +729,17 @@ const file_status_proto_rawDesc = "" +
 	"\x05fleet\x18\t \x01(\v2\x17.keyward.v1.FleetStatusR\x05fleet\x1a@\n" +
 	"\x12NamesToRenameEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xd4\x01\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\x8b\x02\n" +
 	"\vFleetStatus\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
 	"\x06leader\x18\x02 \x01(\bR\x06leader\x12\x1a\n" +
 	"\brevision\x18\x03 \x01(\x03R\brevision\x129\n" +
 	"\n" +
 	"fresh_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tfreshTime\x12B\n" +
-	"\x0fstaleness_bound\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x0estalenessBound\"\xb9\x01\n" +
+	"\x0fstaleness_bound\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x0estalenessBound\x12\x14\n" +
+	"\x05nodes\x18\x06 \x03(\tR\x05nodes\x12\x1f\n" +
+	"\vleader_node\x18\a \x01(\tR\n" +
+	"leaderNode\"\xb9\x01\n" +
 	"\tHSMStatus\x12\x1f\n" +
 	"\vtoken_label\x18\x01 \x01(\tR\n" +
 	"tokenLabel\x12!\n" +
