@@ -363,15 +363,28 @@ func latency(bounds []time.Duration, counts []int64, q float64) string {
 // secretFile is where -secret-out puts a new secret: a 0600 file made in
 // the target's directory before the call, so that a path that cannot be
 // written fails before a key is issued or rotated, and renamed over the
-// target once the secret is in it.
+// target once the secret is in it. A target that is a device or a pipe
+// (/dev/null, /dev/stdout, a FIFO) is opened before the call and written
+// to: renamed over, it would be replaced by a file.
 type secretFile struct {
-	f    *os.File
-	path string
+	f      *os.File
+	path   string
+	direct bool // f is the target itself
 }
 
 func newSecretFile(path string) (*secretFile, error) {
 	if path == "" || path == "-" {
 		return nil, nil
+	}
+	if fi, err := os.Stat(path); err == nil && !fi.Mode().IsRegular() {
+		if fi.IsDir() {
+			return nil, fmt.Errorf("--secret-out: %s is a directory: name a file in it (nothing was done)", path)
+		}
+		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		if err != nil {
+			return nil, fmt.Errorf("--secret-out: %w (nothing was done)", err)
+		}
+		return &secretFile{f: f, path: path, direct: true}, nil
 	}
 	f, err := os.CreateTemp(filepath.Dir(path), ".keyward-secret-*")
 	if err != nil {
@@ -389,12 +402,20 @@ func newSecretFile(path string) (*secretFile, error) {
 func (s *secretFile) discard() {
 	if s != nil {
 		s.f.Close()
-		os.Remove(s.f.Name())
+		if !s.direct {
+			os.Remove(s.f.Name())
+		}
 	}
 }
 
 func (s *secretFile) commit(secret string) error {
 	_, err := s.f.WriteString(secret + "\n")
+	if s.direct {
+		if cerr := s.f.Close(); err == nil {
+			err = cerr
+		}
+		return err
+	}
 	if err == nil {
 		err = s.f.Sync()
 	}

@@ -39,8 +39,12 @@ func dashboardCommand(f *flagSet) action {
 		fmt.Fprintf(e.stdout, "keyward dashboard at %s/, acting as you through %s\n", base, client.SocketPath(e.socket))
 		fmt.Fprintf(e.stdout, "log in once with this URL (it works once, for 10 minutes; keep it to yourself):\n  %s\n", login)
 		if *open && (os.Getenv("DISPLAY") != "" || os.Getenv("WAYLAND_DISPLAY") != "") {
-			if err := openBrowser(login); err != nil {
+			cleanup, err := openBrowser(login)
+			if err != nil {
 				fmt.Fprintf(e.stderr, "keyward dashboard: no browser opened (%v): open the URL above\n", err)
+			} else {
+				defer cleanup()
+				fmt.Fprintln(e.stdout, "opening it in your browser (if it says file not found, as a snap browser does for /tmp, open the URL above)")
 			}
 		}
 		fmt.Fprintln(e.stdout, "Ctrl-C stops it.")
@@ -50,23 +54,24 @@ func dashboardCommand(f *flagSet) action {
 
 // openBrowser hands the login URL to the desktop's browser through a file
 // only this user may read, which redirects to it: never the URL itself in
-// a command line, which every user of the machine may read in /proc.
-func openBrowser(login string) error {
+// a command line, which every user of the machine may read in /proc. The
+// file goes a minute after the browser was started, or at cleanup.
+func openBrowser(login string) (cleanup func(), err error) {
 	dir, err := os.MkdirTemp("", "keyward-dashboard-")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	path := filepath.Join(dir, "login.html")
 	page := fmt.Sprintf(`<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0;url=%s"><title>keyward</title><a href="%s">Open the keyward dashboard</a>`,
 		html.EscapeString(login), html.EscapeString(login))
 	if err := os.WriteFile(path, []byte(page), 0o600); err != nil {
 		os.RemoveAll(dir)
-		return err
+		return nil, err
 	}
-	cmd := exec.Command("xdg-open", path)
+	cmd := exec.Command(browserOpener, path)
 	if err := cmd.Start(); err != nil {
 		os.RemoveAll(dir)
-		return err
+		return nil, err
 	}
 	go func() {
 		cmd.Wait()
@@ -75,5 +80,9 @@ func openBrowser(login string) error {
 		time.Sleep(time.Minute)
 		os.RemoveAll(dir)
 	}()
-	return nil
+	return func() { os.RemoveAll(dir) }, nil
 }
+
+// browserOpener opens a file in the desktop's browser (a test's stand-in
+// records what it was given).
+var browserOpener = "xdg-open"

@@ -94,13 +94,19 @@ func newShots(t *testing.T) *shots {
 	return s
 }
 
-func (s *shots) take(name string) chromedp.Action[chromedp.Void] {
+func (s *shots) take(name string) chromedp.Action[chromedp.Void] { return s.save(name, s.dirs) }
+
+// takeHere saves a screenshot under the test's directory only: one that
+// shows a secret (a test key's, but a secret scanner cannot tell).
+func (s *shots) takeHere(name string) chromedp.Action[chromedp.Void] { return s.save(name, s.dirs[:1]) }
+
+func (s *shots) save(name string, dirs []string) chromedp.Action[chromedp.Void] {
 	return func(ctx context.Context, tg *chromedp.Target) (chromedp.Void, error) {
 		b, err := chromedp.FullScreenshot(100)(ctx, tg)
 		if err != nil {
 			return chromedp.Void{}, err
 		}
-		for _, d := range s.dirs {
+		for _, d := range dirs {
 			if err := os.WriteFile(filepath.Join(d, name+".png"), b, 0o644); err != nil {
 				return chromedp.Void{}, err
 			}
@@ -202,6 +208,13 @@ func TestDashboard(t *testing.T) {
 
 	// Log in; the overview shows the HSM and the store.
 	do(t, b, "log in", chromedp.Navigate(login), chromedp.WaitVisible(css(`#alerts`)), shot.take("overview"))
+	// The pages are under a path of the session's own (its cookie is sent
+	// there only): base is that, from here on.
+	home := get(t, b, "where the login led", chromedp.Location())
+	if !strings.HasPrefix(home, base+"/s/") {
+		t.Fatalf("the login led to %s; want a page under %s/s/", home, base)
+	}
+	base = strings.TrimSuffix(home, "/")
 	if hsm := get(t, b, "the HSM card", chromedp.Text(css(`.card`))); !strings.Contains(hsm, "healthy") {
 		t.Errorf("overview: the HSM card says %q", hsm)
 	}
@@ -240,9 +253,14 @@ func TestDashboard(t *testing.T) {
 	do(t, b, "create", chromedp.Navigate(base+"/apikeys/new"), chromedp.WaitVisible(css(`#create`)),
 		chromedp.SendKeys(css(`input[name=owner]`), "shop"), chromedp.SendKeys(css(`input[name=name]`), "made-in-browser"),
 		chromedp.Click(css(`input[name=preset][value=standard]`)), shot.take("apikey-new"),
-		chromedp.Submit(css(`#create`)), chromedp.WaitVisible(css(`#secret`)), shot.take("apikey-secret"))
+		chromedp.Submit(css(`#create`)), chromedp.WaitVisible(css(`#secret`)), shot.takeHere("apikey-secret"))
 	secret := get(t, b, "the secret", chromedp.Text(css(`#secret`)))
 	id := get(t, b, "the key's ID", chromedp.Text(css(`#key-id`)))
+	// A reload shows it no more, and makes no second key.
+	do(t, b, "reload the secret", chromedp.Reload(), chromedp.WaitVisible(css(`#gone`)))
+	if page := get(t, b, "the secret page again", chromedp.OuterHTML(css(`html`))); strings.Contains(page, secret) {
+		t.Errorf("the secret page shows the secret again after a reload")
+	}
 	if code := verify(secret, "prod", "orders:write", ""); code != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
 		t.Fatalf("the secret the page showed verifies %v", code)
 	}
@@ -371,4 +389,49 @@ func activeKeys(t *testing.T, api keywardv1.APIKeyServiceClient, tag string) int
 		t.Fatal(err)
 	}
 	return len(r.GetKeys())
+}
+
+// TestOpenBrowser: keyward dashboard hands the login URL to the desktop's
+// browser through a file only the user may read, never in the opener's
+// arguments, and the file goes at the end.
+func TestOpenBrowser(t *testing.T) {
+	dir := t.TempDir()
+	opener := filepath.Join(dir, "opener")
+	// The stand-in records its arguments, and the file's mode and content.
+	script := "#!/bin/sh\nprintf '%s\\n' \"$@\" > " + dir + "/argv\nstat -c %a \"$1\" > " + dir + "/mode\nstat -c %a \"$(dirname \"$1\")\" >> " + dir + "/mode\ncat \"$1\" > " + dir + "/page\n"
+	if err := os.WriteFile(opener, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	old := browserOpener
+	browserOpener = opener
+	defer func() { browserOpener = old }()
+	login := "http://127.0.0.1:1/login?token=SECRETTOKENSECRETTOKEN"
+	cleanup, err := openBrowser(login)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var argv []byte
+	for range 100 {
+		if argv, err = os.ReadFile(filepath.Join(dir, "page")); err == nil && len(argv) > 0 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	argv, _ = os.ReadFile(filepath.Join(dir, "argv"))
+	mode, _ := os.ReadFile(filepath.Join(dir, "mode"))
+	page, _ := os.ReadFile(filepath.Join(dir, "page"))
+	if strings.Contains(string(argv), "SECRETTOKEN") || !strings.HasSuffix(strings.TrimSpace(string(argv)), "login.html") {
+		t.Errorf("the opener's arguments: %q; want the file's path alone", argv)
+	}
+	if string(mode) != "600\n700\n" {
+		t.Errorf("the file's and its directory's modes: %q; want 600 and 700", mode)
+	}
+	if !strings.Contains(string(page), `http-equiv="refresh" content="0;url=`+login) {
+		t.Errorf("the file does not lead to the login URL: %s", page)
+	}
+	path := strings.TrimSpace(string(argv))
+	cleanup()
+	if _, err := os.Stat(filepath.Dir(path)); !os.IsNotExist(err) {
+		t.Errorf("the file's directory is left after cleanup: %v", err)
+	}
 }

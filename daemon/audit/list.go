@@ -131,7 +131,7 @@ func List(ctx context.Context, r io.ReaderAt, size int64, q Query) (Page, error)
 	var probed int64 // bytes read looking for a block written late
 	lateFrom := int64(-1)
 	for n := 0; ; n++ {
-		if n%1024 == 0 {
+		if n%256 == 0 {
 			if err := ctx.Err(); err != nil {
 				return Page{}, fmt.Errorf("audit: listing: %w", err)
 			}
@@ -251,12 +251,20 @@ type matcher struct {
 	op string // a glob
 }
 
+// MaxGlob is the longest operation or subject pattern a query takes.
+const MaxGlob = 256
+
 func newMatcher(q Query) (*matcher, error) {
 	m := &matcher{q: q, op: q.Op}
 	if strings.HasSuffix(m.op, ".") {
 		m.op += "*"
 	}
 	for _, g := range []struct{ name, glob string }{{"operation", m.op}, {"subject", q.Subject}} {
+		// path.Match reads a whole [...] class at each character it tries:
+		// a long pattern costs seconds a record.
+		if len(g.glob) > MaxGlob {
+			return nil, fmt.Errorf("%w: the %s is %d bytes; at most %d (names are at most 128)", ErrInvalid, g.name, len(g.glob), MaxGlob)
+		}
 		if _, err := path.Match(g.glob, ""); err != nil {
 			return nil, fmt.Errorf("%w: the %s %q is not a glob (path.Match: *, ?, [a-z], \\ to escape)", ErrInvalid, g.name, g.glob)
 		}

@@ -402,6 +402,8 @@ func TestListBadQuery(t *testing.T) {
 	}{
 		{Query{Op: "[a-"}, "operation \"[a-\" is not a glob"},
 		{Query{Subject: "\\"}, "subject \"\\\\\" is not a glob"},
+		{Query{Subject: "*[" + strings.Repeat("a-a", 100) + "]Z"}, "the subject is 304 bytes; at most 256"},
+		{Query{Op: strings.Repeat("A", 257)}, "the operation is 257 bytes; at most 256"},
 		{Query{Outcome: "OK"}, "outcome \"OK\" is none of ok, denied, error"},
 		{Query{PageSize: MaxPageSize + 1}, "1 to 1000 records, not 1001"},
 		{Query{Since: t0, Until: t0}, "is not before until"},

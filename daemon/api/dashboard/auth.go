@@ -5,13 +5,19 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
+	"fmt"
 	"net/http"
 	"net/url"
+	"slices"
 	"time"
 )
 
-// cookieName is the session cookie's name.
+// cookieName is the session cookie's name, before the port (Allow).
 const cookieName = "keyward_dashboard"
+
+// maxNonces is how many unused form nonces a session keeps (one per page
+// shown; the oldest go first).
+const maxNonces = 64
 
 // session is a browser logged in through a login URL.
 type session struct {
@@ -20,6 +26,14 @@ type session struct {
 	lastSeen time.Time
 	flash    string // a message for the next page, once
 	flashOK  bool
+	nonces   []string // good once each, for the forms that make a secret
+	secret   *secretOnce
+}
+
+// secretOnce is a secret just made, kept until its page shows it once.
+type secretOnce struct {
+	data secretData
+	made time.Time
 }
 
 type sessionKey struct{}
@@ -58,22 +72,29 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request) {
 	ss := &session{csrf: rand.Text() + rand.Text(), started: now, lastSeen: now}
 	s.mu.Lock()
 	s.sessions[sha256.Sum256([]byte(sid))] = ss
+	name := s.cookie
 	s.mu.Unlock()
-	http.SetCookie(w, &http.Cookie{Name: cookieName, Value: sid, Path: "/", HttpOnly: true, SameSite: http.SameSiteStrictMode,
-		MaxAge: int(s.opt.SessionMax / time.Second)})
+	// Scoped to the prefix's path, which no other server learns: a
+	// browser sends 127.0.0.1's cookies to every port of it. No Max-Age:
+	// the browser keeps it in memory only, and the server ends it anyway.
+	http.SetCookie(w, &http.Cookie{Name: name, Value: sid, Path: s.prefix + "/", HttpOnly: true, SameSite: http.SameSiteStrictMode})
 	// A page, not a redirect: a SameSite=Strict cookie set in answer to a
 	// navigation from elsewhere (the login file, a terminal) is not sent
 	// along that navigation's redirects; this page's own navigation is
 	// same-site, so the cookie goes with it.
+	home := s.at("/")
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	w.Write([]byte(`<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="0;url=/"><title>keyward</title></head><body><p>Logged in. <a href="/">Open the dashboard</a>.</p></body></html>`))
+	fmt.Fprintf(w, `<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="0;url=%s"><title>keyward</title></head><body><p>Logged in. <a href="%s">Open the dashboard</a>.</p></body></html>`, home, home)
 }
 
 // within runs next only in a session, and for a POST only with the
 // session's CSRF token from this page itself.
 func (s *Server) within(next http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		c, err := r.Cookie(cookieName)
+		s.mu.Lock()
+		name := s.cookie
+		s.mu.Unlock()
+		c, err := r.Cookie(name)
 		if err != nil {
 			s.refuse(w, r, http.StatusUnauthorized, "no session: open the login URL that keyward dashboard printed")
 			return
@@ -125,12 +146,13 @@ func (s *Server) forged(r *http.Request, ss *session) string {
 
 // logout ends the session.
 func (s *Server) logout(w http.ResponseWriter, r *http.Request) {
-	if c, err := r.Cookie(cookieName); err == nil {
-		s.mu.Lock()
+	s.mu.Lock()
+	name := s.cookie
+	if c, err := r.Cookie(name); err == nil {
 		delete(s.sessions, sha256.Sum256([]byte(c.Value)))
-		s.mu.Unlock()
 	}
-	http.SetCookie(w, &http.Cookie{Name: cookieName, Value: "", Path: "/", HttpOnly: true, SameSite: http.SameSiteStrictMode, MaxAge: -1})
+	s.mu.Unlock()
+	http.SetCookie(w, &http.Cookie{Name: name, Value: "", Path: s.prefix + "/", HttpOnly: true, SameSite: http.SameSiteStrictMode, MaxAge: -1})
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Write([]byte("Logged out. Run keyward dashboard again for a new login URL.\n"))
 }
@@ -150,4 +172,61 @@ func (s *Server) takeFlash(ss *session) (string, bool) {
 	m, ok := ss.flash, ss.flashOK
 	ss.flash = ""
 	return m, ok
+}
+
+// newNonce is a nonce for the forms of the page about to be shown: a form
+// that makes a secret (create, rotate) is taken once, so that a reload or
+// a second click does not make a second.
+func (s *Server) newNonce(ss *session) string {
+	n := rand.Text()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(ss.nonces) >= maxNonces {
+		ss.nonces = ss.nonces[1:]
+	}
+	ss.nonces = append(ss.nonces, n)
+	return n
+}
+
+// takeNonce spends a form's nonce; false if it was spent or never given.
+func (s *Server) takeNonce(r *http.Request) bool {
+	ss, n := sessionFrom(r), r.PostForm.Get("nonce")
+	if ss == nil || n == "" {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, m := range ss.nonces {
+		if subtle.ConstantTimeCompare([]byte(m), []byte(n)) == 1 {
+			ss.nonces = slices.Delete(ss.nonces, i, i+1)
+			return true
+		}
+	}
+	return false
+}
+
+// keepSecret holds a secret just made for the page that shows it once.
+func (s *Server) keepSecret(r *http.Request, d secretData) {
+	if ss := sessionFrom(r); ss != nil {
+		s.mu.Lock()
+		ss.secret = &secretOnce{data: d, made: s.opt.Now()}
+		s.mu.Unlock()
+	}
+}
+
+// takeSecret hands out the secret kept for key id, once, within a
+// minute of its making.
+func (s *Server) takeSecret(r *http.Request, id string) (secretData, bool) {
+	ss := sessionFrom(r)
+	if ss == nil {
+		return secretData{}, false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k := ss.secret
+	if k == nil || k.data.Key.GetId() != id {
+		return secretData{}, false
+	}
+	ss.secret = nil
+	return k.data, s.opt.Now().Sub(k.made) < time.Minute
 }

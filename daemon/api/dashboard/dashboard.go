@@ -8,9 +8,13 @@
 // Who may use the page: the one who holds its one-time login URL, which
 // keyward prints (and hands a browser through a file only the operator
 // can read, never in a command line). Opening it turns it into a session
-// cookie (HttpOnly, SameSite=Strict); every action is a POST form carrying
-// the session's CSRF token, checked with the request's Origin and
-// Sec-Fetch-Site; requests from other addresses than loopback, or naming
+// cookie (HttpOnly, SameSite=Strict) scoped to a path with a random part
+// of its own (/s/RANDOM/): a browser sends a cookie of 127.0.0.1 to every
+// port of 127.0.0.1, and another local user's server on another port must
+// not receive it. Every action is a POST form carrying the session's CSRF
+// token, checked with the request's Origin and Sec-Fetch-Site, and the
+// forms that make a secret carry a one-time nonce (a reload does not make
+// a second); requests from other addresses than loopback, or naming
 // another Host (DNS rebinding), are refused. The pages hold no script at
 // all: the Content-Security-Policy allows none, and styles and images come
 // from the binary itself (no CDN; it works offline).
@@ -26,8 +30,8 @@ package dashboard
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"embed"
-	"errors"
 	"fmt"
 	"html/template"
 	"io/fs"
@@ -38,6 +42,7 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/keyward/keyward/daemon/api/client"
@@ -71,11 +76,17 @@ type Server struct {
 	pages map[string]*template.Template
 	mux   *http.ServeMux
 
+	prefix string // "/s/RANDOM": every page but the login is under it
+
 	mu       sync.Mutex
+	addr     string                 // the listener's address, for messages
+	cookie   string                 // the session cookie's name: keyward_dashboard_PORT
 	hosts    map[string]bool        // the Host values the page answers to
 	logins   map[[32]byte]time.Time // a login token's hash -> until when it may be used
 	sessions map[[32]byte]*session  // a session cookie's hash -> the session
 	verified *verified              // the last verification of the audit log
+	reviewed *reviewed              // the last review, kept a while (it costs a call per API key)
+	refused  refusals               // what was refused lately, for the log
 }
 
 // New makes the dashboard of the keywardd api is connected to.
@@ -95,9 +106,10 @@ func New(api *client.Client, o Options) (*Server, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{api: api, opt: o, hosts: map[string]bool{}, logins: map[[32]byte]time.Time{}, sessions: map[[32]byte]*session{}}
+	s := &Server{api: api, opt: o, prefix: "/s/" + rand.Text(), cookie: cookieName, hosts: map[string]bool{},
+		logins: map[[32]byte]time.Time{}, sessions: map[[32]byte]*session{}}
 	var err error
-	if s.pages, err = parsePages(); err != nil {
+	if s.pages, err = parsePages(s.prefix); err != nil {
 		return nil, err
 	}
 	s.routes()
@@ -124,17 +136,20 @@ func (s *Server) Listen(addr string) (net.Listener, error) {
 }
 
 // Allow makes the page answer to requests naming addr ("127.0.0.1:PORT")
-// as their Host, and to localhost and [::1] on the same port.
+// as their Host, and to localhost, 127.0.0.1 and [::1] on the same port
+// (an ssh tunnel's end may name any of them); its session cookie is named
+// after the port, so that two dashboards do not end each other's.
 func (s *Server) Allow(addr string) {
-	_, port, err := net.SplitHostPort(addr)
+	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, h := range []string{"127.0.0.1", "localhost", "::1"} {
+	for _, h := range []string{host, "127.0.0.1", "localhost", "::1"} {
 		s.hosts[net.JoinHostPort(h, port)] = true
 	}
+	s.addr, s.cookie = net.JoinHostPort(host, port), cookieName+"_"+port
 }
 
 // Serve serves the page on ln until ctx ends.
@@ -172,23 +187,70 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.mu.Lock()
-	hostOK := s.hosts[r.Host]
+	hostOK, addr := s.hosts[r.Host], s.addr
 	s.mu.Unlock()
 	if !hostOK {
 		// Another name resolving to 127.0.0.1 (DNS rebinding) would let a
 		// web page elsewhere read this one.
-		s.refuse(w, r, http.StatusMisdirectedRequest, "this page answers to 127.0.0.1, localhost and [::1] at its own port only")
+		s.refuse(w, r, http.StatusMisdirectedRequest, fmt.Sprintf("this page answers to its own address only (http://%s/, or localhost or [::1] at its port): through a tunnel, keep the port the same on both ends", addr))
 		return
 	}
-	s.mux.ServeHTTP(w, r)
+	path := r.URL.Path
+	switch {
+	case path == "/login":
+		if r.Method != http.MethodGet {
+			// Not even HEAD: a link preview probing the URL would spend it.
+			s.refuse(w, r, http.StatusMethodNotAllowed, "the login URL is opened with GET, in a browser")
+			return
+		}
+		s.login(w, r)
+	case strings.HasPrefix(path, s.prefix+"/"):
+		in := new(http.Request)
+		*in = *r
+		u := *r.URL
+		u.Path, u.RawPath = strings.TrimPrefix(path, s.prefix), ""
+		in.URL = &u
+		s.mux.ServeHTTP(w, in)
+	default:
+		s.refuse(w, r, http.StatusNotFound, "nothing here: open the login URL that keyward dashboard printed")
+	}
 }
 
-// refuse answers a refused request with a short page, and logs it.
+// at is a page's path as the browser names it: under the prefix.
+func (s *Server) at(path string) string { return s.prefix + path }
+
+// refuse answers a refused request with a short page, and logs it: at
+// most one line a second, with how many were not logged since, so that
+// nobody on the machine can flood the operator's terminal.
 func (s *Server) refuse(w http.ResponseWriter, r *http.Request, code int, why string) {
-	s.opt.Log.Warn("dashboard: request refused", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr, "status", code, "why", why)
+	if n, ok := s.refused.take(s.opt.Now()); ok {
+		s.opt.Log.Warn("dashboard: request refused", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr, "status", code, "why", why,
+			"not_logged_before", n)
+	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(code)
 	fmt.Fprintf(w, "%s: %s\n", http.StatusText(code), why)
+}
+
+// refusals paces the log of refused requests.
+type refusals struct {
+	mu     sync.Mutex
+	last   time.Time
+	missed int
+}
+
+// take says whether to log a refusal now, and how many were not logged
+// since the last that was.
+func (f *refusals) take(now time.Time) (int, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if now.Sub(f.last) < time.Second {
+		f.missed++
+		return 0, false
+	}
+	n := f.missed
+	f.last, f.missed = now, 0
+	return n, true
 }
 
 func fromLoopback(remote string) bool {
@@ -208,8 +270,13 @@ func loopbackHost(host string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-// parsePages parses each page with the layout around it.
-func parsePages() (map[string]*template.Template, error) {
+// parsePages parses each page with the layout around it; {{base}} in a
+// template is prefix, which every link and form action starts with.
+func parsePages(prefix string) (map[string]*template.Template, error) {
+	fm := template.FuncMap{"base": func() string { return prefix }}
+	for k, v := range funcs {
+		fm[k] = v
+	}
 	names, err := fs.Glob(templateFS, "templates/*.html")
 	if err != nil {
 		return nil, err
@@ -220,7 +287,7 @@ func parsePages() (map[string]*template.Template, error) {
 		if base == "layout" {
 			continue
 		}
-		t, err := template.New(base).Funcs(funcs).ParseFS(templateFS, "templates/layout.html", n)
+		t, err := template.New(base).Funcs(fm).ParseFS(templateFS, "templates/layout.html", n)
 		if err != nil {
 			return nil, fmt.Errorf("dashboard: %s: %w", n, err)
 		}
@@ -234,6 +301,7 @@ type view struct {
 	Title   string
 	Nav     string // the menu entry to mark
 	CSRF    string
+	Nonce   string // for the forms that make a secret: good once
 	Flash   string
 	FlashOK bool
 	Version string
@@ -247,6 +315,7 @@ func (s *Server) render(w http.ResponseWriter, r *http.Request, code int, page, 
 	if ss := sessionFrom(r); ss != nil {
 		v.CSRF = ss.csrf
 		v.Flash, v.FlashOK = s.takeFlash(ss)
+		v.Nonce = s.newNonce(ss)
 	}
 	var b bytes.Buffer
 	if err := s.pages[page].ExecuteTemplate(&b, "layout", v); err != nil {
@@ -266,11 +335,14 @@ func problem(err error) string {
 	if err == nil {
 		return ""
 	}
-	if st, ok := status.FromError(err); ok {
-		return fmt.Sprintf("%s: %s", st.Code(), st.Message())
+	st, ok := status.FromError(err)
+	switch {
+	case !ok:
+		return err.Error()
+	case st.Code() == codes.Unavailable && strings.Contains(st.Message(), "connection error"):
+		return "keywardd is not answering on its socket: start it (systemctl start keywardd), or run keyward dashboard with the --socket it serves"
+	case st.Code() == codes.DeadlineExceeded:
+		return "keywardd did not answer in time: " + st.Message()
 	}
-	if errors.Is(err, context.DeadlineExceeded) {
-		return "keywardd did not answer in time"
-	}
-	return err.Error()
+	return fmt.Sprintf("%s: %s", st.Code(), st.Message())
 }

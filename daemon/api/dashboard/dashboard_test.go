@@ -2,6 +2,8 @@ package dashboard
 
 import (
 	"context"
+	"fmt"
+	"html/template"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -11,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
@@ -69,9 +73,17 @@ func start(t *testing.T) *page {
 }
 
 // do sends a request with the headers given ("Cookie", "Origin", ...),
-// without following redirects, and returns the answer and its body.
+// without following redirects, and returns the answer and its body. A
+// page's path is under the session's prefix; /login, and a path written
+// "=/..." (as it is), are not.
 func (p *page) do(method, path string, form url.Values, headers ...string) (*http.Response, string) {
 	p.t.Helper()
+	switch {
+	case strings.HasPrefix(path, "="):
+		path = path[1:]
+	case !strings.HasPrefix(path, "/login"):
+		path = p.s.prefix + path
+	}
 	var body io.Reader
 	if form != nil {
 		body = strings.NewReader(form.Encode())
@@ -109,7 +121,7 @@ func (p *page) login() string {
 		p.t.Fatalf("login: %s", resp.Status)
 	}
 	for _, c := range resp.Cookies() {
-		if c.Name == cookieName {
+		if strings.HasPrefix(c.Name, cookieName+"_") {
 			return c.Name + "=" + c.Value
 		}
 	}
@@ -148,8 +160,18 @@ func TestLogin(t *testing.T) {
 		t.Fatalf("login: %s", resp.Status)
 	}
 	cs := resp.Cookies()
-	if len(cs) != 1 || !cs[0].HttpOnly || cs[0].SameSite != http.SameSiteStrictMode || cs[0].Value == "" {
-		t.Errorf("the session cookie: %+v; want one, HttpOnly, SameSite=Strict", cs)
+	_, port, _ := strings.Cut(strings.TrimPrefix(p.base, "http://"), ":")
+	if len(cs) != 1 || !cs[0].HttpOnly || cs[0].SameSite != http.SameSiteStrictMode || cs[0].Value == "" ||
+		cs[0].Name != cookieName+"_"+port || cs[0].Path != p.s.prefix+"/" || cs[0].MaxAge != 0 || !cs[0].Expires.IsZero() {
+		t.Errorf("the session cookie: %+v; want one, HttpOnly, SameSite=Strict, named for port %s, on path %s/ only, kept in memory", cs, port, p.s.prefix)
+	}
+	// A HEAD (a link preview probing the URL) does not spend it.
+	head := strings.TrimPrefix(p.s.NewLogin(p.base), p.base)
+	if resp, _ := p.do("HEAD", head, nil); resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Errorf("HEAD of a login URL: %s", resp.Status)
+	}
+	if resp, _ := p.do("GET", head, nil); resp.StatusCode != http.StatusOK {
+		t.Errorf("the login URL after a HEAD of it: %s", resp.Status)
 	}
 	if resp, body := p.do("GET", u, nil); resp.StatusCode != http.StatusForbidden || len(resp.Cookies()) != 0 || !strings.Contains(body, "used already or has expired") {
 		t.Errorf("the login URL replayed: %s %q, cookies %v", resp.Status, body, resp.Cookies())
@@ -193,14 +215,22 @@ func TestRefusals(t *testing.T) {
 		{"an action from another origin", "POST", url.Values{"csrf": {token}}, []string{"Cookie", cookie, "Origin", "http://evil.example"}, http.StatusForbidden},
 		{"an action from another site", "POST", url.Values{"csrf": {token}}, []string{"Cookie", cookie, "Sec-Fetch-Site", "cross-site"}, http.StatusForbidden},
 		{"an action from a null origin", "POST", url.Values{"csrf": {token}}, []string{"Cookie", cookie, "Origin", "null"}, http.StatusForbidden},
+		// Another port of 127.0.0.1 is the same site, not the same origin.
+		{"an action from another port", "POST", url.Values{"csrf": {token}}, []string{"Cookie", cookie, "Origin", "http://127.0.0.1:1"}, http.StatusForbidden},
+		{"an action from the same site", "POST", url.Values{"csrf": {token}}, []string{"Cookie", cookie, "Sec-Fetch-Site", "same-site"}, http.StatusForbidden},
+		{"a page off the prefix, with the cookie", "=GET", nil, []string{"Cookie", cookie}, http.StatusNotFound},
 		{"another Host (DNS rebinding)", "GET", nil, []string{"Cookie", cookie, "Host", "evil.example" + port}, http.StatusMisdirectedRequest},
 		{"another port on the Host", "POST", url.Values{"csrf": {token}}, []string{"Cookie", cookie, "Host", "127.0.0.1:1"}, http.StatusMisdirectedRequest},
 	} {
 		var code int
-		if c.method == "GET" {
+		switch c.method {
+		case "GET":
 			resp, _ := p.do("GET", "/", nil, c.headers...)
 			code = resp.StatusCode
-		} else {
+		case "=GET":
+			resp, _ := p.do("GET", "=/", nil, c.headers...)
+			code = resp.StatusCode
+		default:
 			code = rotate(c.form, c.headers...)
 		}
 		if code != c.want {
@@ -293,6 +323,174 @@ func TestHeaders(t *testing.T) {
 		}
 		if path != "/login?token=x" && resp.StatusCode != http.StatusOK {
 			t.Errorf("%s: %s", path, resp.Status)
+		}
+	}
+}
+
+// form is what a page's forms carry: the CSRF token and, if the page has
+// one, a nonce, read off the page at path.
+func (p *page) form(cookie, path string) url.Values {
+	p.t.Helper()
+	_, body := p.do("GET", path, nil, "Cookie", cookie)
+	m, n := csrfRE.FindStringSubmatch(body), regexp.MustCompile(`name="nonce" value="([^"]+)"`).FindStringSubmatch(body)
+	if m == nil {
+		p.t.Fatalf("no CSRF token on %s:\n%s", path, body)
+	}
+	f := url.Values{"csrf": {m[1]}}
+	if n != nil {
+		f.Set("nonce", n[1])
+	}
+	return f
+}
+
+// TestSecretOnce: a created or rotated key's secret shows once, after a
+// redirect, so a reload shows it no more and makes nothing; the form sent
+// again (its nonce spent) makes no second key and no second rotation.
+func TestSecretOnce(t *testing.T) {
+	p := start(t)
+	cookie := p.login()
+	f := p.form(cookie, "/apikeys/new")
+	for k, v := range map[string]string{"owner": "shop", "name": "once", "env": "prod", "preset": "read-only", "days": "30"} {
+		f.Set(k, v)
+	}
+	resp, _ := p.do("POST", "/apikeys", f, "Cookie", cookie)
+	to := resp.Header.Get("Location")
+	if resp.StatusCode != http.StatusSeeOther || !strings.HasPrefix(to, p.s.prefix+"/apikeys/ak_") || !strings.HasSuffix(to, "/secret") {
+		t.Fatalf("create: %s to %q; want 303 to the key's secret page", resp.Status, to)
+	}
+	resp, body := p.do("GET", "="+to, nil, "Cookie", cookie)
+	secret := regexp.MustCompile(`<pre id="secret">([^<]+)</pre>`).FindStringSubmatch(body)
+	if resp.StatusCode != http.StatusOK || secret == nil {
+		t.Fatalf("the secret page: %s\n%s", resp.Status, body)
+	}
+	if resp, body := p.do("GET", "="+to, nil, "Cookie", cookie); resp.StatusCode != http.StatusGone || strings.Contains(body, secret[1]) {
+		t.Errorf("the secret page again: %s; want 410 without the secret", resp.Status)
+	}
+	if resp, body := p.do("POST", "/apikeys", f, "Cookie", cookie); resp.StatusCode != http.StatusBadRequest || !strings.Contains(body, "sent already") {
+		t.Errorf("the create form sent again: %s", resp.Status)
+	}
+	list, err := p.api.APIKeys.ListAPIKeys(context.Background(), &keywardv1.ListAPIKeysRequest{Owner: "shop"})
+	if err != nil || len(list.GetKeys()) != 1 {
+		t.Fatalf("keys of shop after the form was sent twice: %v, %v; want one", list.GetKeys(), err)
+	}
+	id := list.GetKeys()[0].GetId()
+
+	rot := p.form(cookie, "/apikeys/"+id)
+	rot.Set("overlap_hours", "1")
+	if resp, _ := p.do("POST", "/apikeys/"+id+"/rotate", rot, "Cookie", cookie); resp.StatusCode != http.StatusSeeOther || !strings.HasSuffix(resp.Header.Get("Location"), "/secret") {
+		t.Fatalf("rotate: %s", resp.Status)
+	}
+	p.do("POST", "/apikeys/"+id+"/rotate", rot, "Cookie", cookie)
+	k, err := p.api.APIKeys.GetAPIKey(context.Background(), &keywardv1.GetAPIKeyRequest{Id: id})
+	if err != nil || len(k.GetKey().GetSecrets()) != 2 {
+		t.Errorf("after the rotate form was sent twice, %d secrets; want 2 (one rotation)", len(k.GetKey().GetSecrets()))
+	}
+	for _, bad := range []string{"NaN", "-1", "721", "x"} {
+		f := p.form(cookie, "/apikeys/"+id)
+		f.Set("overlap_hours", bad)
+		p.do("POST", "/apikeys/"+id+"/rotate", f, "Cookie", cookie)
+	}
+	if k, _ := p.api.APIKeys.GetAPIKey(context.Background(), &keywardv1.GetAPIKeyRequest{Id: id}); len(k.GetKey().GetSecrets()) != 2 {
+		t.Errorf("a bad overlap rotated the key: %d secrets", len(k.GetKey().GetSecrets()))
+	}
+}
+
+// TestActionsCheck: a bulk revocation whose filter matches another count
+// than its dry run revokes nothing; a panic rotation without the key's
+// name typed does nothing; the audit log's verification is a POST.
+func TestActionsCheck(t *testing.T) {
+	p := start(t)
+	cookie := p.login()
+	for i := range 2 {
+		if _, err := p.api.APIKeys.CreateAPIKey(context.Background(), &keywardv1.CreateAPIKeyRequest{Owner: "batch", Name: fmt.Sprint("job-", i),
+			Environment: "prod", Permissions: []string{"read-only"}, Tags: []string{"leaked"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f := p.form(cookie, "/apikeys/revoke?tag=leaked")
+	f.Set("tag", "leaked")
+	f.Set("expect", "1") // the dry run said 1; there are 2 now
+	if resp, _ := p.do("POST", "/apikeys/revoke", f, "Cookie", cookie); resp.StatusCode != http.StatusSeeOther {
+		t.Fatalf("bulk revoke: %s", resp.Status)
+	}
+	if _, body := p.do("GET", "/apikeys/revoke?tag=leaked", nil, "Cookie", cookie); !strings.Contains(body, "now matches 2 keys, not the 1 of the dry run") {
+		t.Errorf("the page after a bulk revocation whose count changed:\n%s", body)
+	}
+	if list, _ := p.api.APIKeys.ListAPIKeys(context.Background(), &keywardv1.ListAPIKeysRequest{Tag: "leaked", State: keywardv1.APIKeyState_API_KEY_STATE_ACTIVE}); len(list.GetKeys()) != 2 {
+		t.Errorf("a bulk revocation whose count changed revoked keys: %d left", len(list.GetKeys()))
+	}
+
+	f = p.form(cookie, "/keys/orders/panic-rotate")
+	f.Set("confirm", "order")
+	p.do("POST", "/keys/orders/panic-rotate", f, "Cookie", cookie)
+	if v := p.version("orders"); v != 1 {
+		t.Errorf("a panic rotation confirmed with the wrong name made version %d", v)
+	}
+
+	if resp, _ := p.do("GET", "/audit/verify", nil, "Cookie", cookie); resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Errorf("GET /audit/verify: %s; want 405 (it is a POST)", resp.Status)
+	}
+	if resp, _ := p.do("POST", "/audit/verify", url.Values{"csrf": f["csrf"]}, "Cookie", cookie); resp.StatusCode != http.StatusSeeOther {
+		t.Errorf("POST /audit/verify: %s", resp.Status)
+	}
+	if _, body := p.do("GET", "/audit", nil, "Cookie", cookie); !strings.Contains(body, `id="verified"`) || !strings.Contains(body, "holds") {
+		t.Errorf("the audit page after a verification does not say it holds")
+	}
+}
+
+// TestSessionMax: a session in use ends after SessionMax all the same.
+func TestSessionMax(t *testing.T) {
+	p := start(t)
+	cookie := p.login()
+	for range 37 { // 12 hours and 20 minutes, a visit every 20 minutes
+		if resp, _ := p.do("GET", "/review", nil, "Cookie", cookie); resp.StatusCode != http.StatusOK {
+			t.Fatalf("a session in use ended early: %s", resp.Status)
+		}
+		p.clock.add(20 * time.Minute)
+	}
+	if resp, _ := p.do("GET", "/", nil, "Cookie", cookie); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("after 12 hours and 20 minutes: %s", resp.Status)
+	}
+}
+
+// TestListenOtherLoopback: a page on another loopback address answers to
+// its own address.
+func TestListenOtherLoopback(t *testing.T) {
+	s, err := New(nil, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := s.Listen("127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	req := httptest.NewRequest("GET", s.NewLogin("http://"+ln.Addr().String()), nil)
+	req.RemoteAddr = "127.0.0.1:5000"
+	rec := httptest.NewRecorder()
+	s.ServeHTTP(rec, req)
+	if rec.Code != http.StatusOK {
+		t.Errorf("the login URL on %s: %d %s", ln.Addr(), rec.Code, rec.Body)
+	}
+}
+
+// TestChartsEscape: what keywardd answers (names, networks, results) is
+// text in the charts, never markup.
+func TestChartsEscape(t *testing.T) {
+	evil := `<script>alert(1)</script>"'&`
+	now := time.Now().UTC().Truncate(time.Hour)
+	hours := []*keywardv1.APIKeyHourUsage{{Hour: timestamppb.New(now), Usage: &keywardv1.APIKeyUsage{Counts: map[string]int64{evil: 3}}}}
+	rot := []*keywardv1.ScheduledRotation{{Kind: evil, Id: evil, Policy: evil, Action: evil, DueTime: timestamppb.New(now.Add(time.Hour))}}
+	for name, out := range map[string]template.HTML{
+		"bars":     barsChart("x", evil, []countOf{{evil, 1}}),
+		"usage":    usageChart(hours, now.Add(-time.Hour), now),
+		"timeline": timelineChart(rot, now, 24*time.Hour),
+	} {
+		if strings.Contains(string(out), "<script") || strings.Contains(string(out), `"'&`) {
+			t.Errorf("%s chart holds the name unescaped:\n%s", name, out)
+		}
+		if !strings.Contains(string(out), "&lt;script&gt;") {
+			t.Errorf("%s chart lost the name:\n%s", name, out)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package dashboard
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"html/template"
 	"net/http"
@@ -27,8 +28,9 @@ const callTimeout = 30 * time.Second
 
 func (s *Server) routes() {
 	m := http.NewServeMux()
-	m.HandleFunc("GET /login", s.login)
-	m.Handle("GET /static/", http.FileServerFS(staticFS))
+	m.HandleFunc("GET /static/style.css", func(w http.ResponseWriter, r *http.Request) {
+		http.ServeFileFS(w, r, staticFS, "static/style.css")
+	})
 	m.HandleFunc("POST /logout", s.within(s.logout))
 	m.HandleFunc("GET /{$}", s.within(s.overview))
 	m.HandleFunc("GET /keys", s.within(s.keys))
@@ -45,6 +47,7 @@ func (s *Server) routes() {
 	m.HandleFunc("GET /apikeys/revoke", s.within(s.bulkDryRun))
 	m.HandleFunc("POST /apikeys/revoke", s.within(s.bulkRevoke))
 	m.HandleFunc("GET /apikeys/{id}", s.within(s.apiKey))
+	m.HandleFunc("GET /apikeys/{id}/secret", s.within(s.apiKeySecret))
 	m.HandleFunc("POST /apikeys/{id}/rotate", s.within(s.apiKeyRotate))
 	m.HandleFunc("POST /apikeys/{id}/revoke", s.within(s.apiKeyRevoke))
 	m.HandleFunc("GET /tokens", s.within(s.tokens))
@@ -54,7 +57,7 @@ func (s *Server) routes() {
 	m.HandleFunc("GET /rotation", s.within(s.rotation))
 	m.HandleFunc("GET /review", s.within(s.review))
 	m.HandleFunc("GET /audit", s.within(s.audit))
-	m.HandleFunc("GET /audit/verify", s.within(s.auditVerify))
+	m.HandleFunc("POST /audit/verify", s.within(s.auditVerify))
 	s.mux = m
 }
 
@@ -64,15 +67,21 @@ func ctx(r *http.Request) (context.Context, context.CancelFunc) {
 }
 
 // done ends an action: its outcome for the next page, which the browser
-// is sent to (a POST never renders, so a reload repeats nothing).
+// is sent to (a POST that succeeds never renders, so a reload repeats
+// nothing; one whose form is wrong shows the form again, and does
+// nothing).
 func (s *Server) done(w http.ResponseWriter, r *http.Request, to string, err error, ok string) {
 	if err != nil {
 		s.flash(r, false, problem(err))
 	} else {
 		s.flash(r, true, ok)
 	}
-	http.Redirect(w, r, to, http.StatusSeeOther)
+	http.Redirect(w, r, s.at(to), http.StatusSeeOther)
 }
+
+// errSentAlready refuses a form whose nonce was spent: a reload, a
+// second click.
+var errSentAlready = errors.New("this form was sent already (a reload, or a second click): nothing more was done; open the page again to do it again")
 
 // ---- overview
 
@@ -299,6 +308,7 @@ type secretData struct {
 	Key    *keywardv1.APIKey
 	Secret string
 	Verb   string
+	Gone   string // the key whose secret was shown already
 }
 
 func (s *Server) apiKeyCreate(w http.ResponseWriter, r *http.Request) {
@@ -330,12 +340,30 @@ func (s *Server) apiKeyCreate(w http.ResponseWriter, r *http.Request) {
 		}
 		req.Ttl = durationpb.New(time.Duration(days) * 24 * time.Hour)
 	}
+	if !s.takeNonce(r) {
+		bad(errSentAlready.Error())
+		return
+	}
 	resp, err := s.api.APIKeys.CreateAPIKey(c, req)
 	if err != nil {
 		bad(problem(err))
 		return
 	}
-	s.render(w, r, http.StatusOK, "secret", "API key created", secretData{Key: resp.GetKey(), Secret: resp.GetSecret(), Verb: "created"})
+	s.keepSecret(r, secretData{Key: resp.GetKey(), Secret: resp.GetSecret(), Verb: "created"})
+	http.Redirect(w, r, s.at("/apikeys/"+url.PathEscape(resp.GetKey().GetId())+"/secret"), http.StatusSeeOther)
+}
+
+// apiKeySecret shows the secret just made, once: a reload shows that it
+// was shown.
+func (s *Server) apiKeySecret(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	d, ok := s.takeSecret(r, id)
+	if !ok {
+		s.render(w, r, http.StatusGone, "secret", "The secret was shown once", secretData{Gone: id})
+		return
+	}
+	title := "API key " + d.Verb
+	s.render(w, r, http.StatusOK, "secret", title, d)
 }
 
 // fields splits a form's list on commas and white space.
@@ -489,8 +517,12 @@ func (s *Server) apiKeyRotate(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	id := r.PathValue("id")
 	hours, err := strconv.ParseFloat(or(r.PostForm.Get("overlap_hours"), "24"), 64)
-	if err != nil || hours < 0 || hours > 24*90 {
-		s.done(w, r, "/apikeys/"+url.PathEscape(id), fmt.Errorf("the overlap is a number of hours from 0 to 2160"), "")
+	if err != nil || !(hours >= 0 && hours <= 720) {
+		s.done(w, r, "/apikeys/"+url.PathEscape(id), fmt.Errorf("the overlap is a number of hours from 0 to 720 (30 days)"), "")
+		return
+	}
+	if !s.takeNonce(r) {
+		s.done(w, r, "/apikeys/"+url.PathEscape(id), errSentAlready, "")
 		return
 	}
 	resp, err := s.api.APIKeys.RotateAPIKey(c, &keywardv1.RotateAPIKeyRequest{Id: id, Overlap: durationpb.New(time.Duration(hours * float64(time.Hour)))})
@@ -498,7 +530,8 @@ func (s *Server) apiKeyRotate(w http.ResponseWriter, r *http.Request) {
 		s.done(w, r, "/apikeys/"+url.PathEscape(id), err, "")
 		return
 	}
-	s.render(w, r, http.StatusOK, "secret", "API key rotated", secretData{Key: resp.GetKey(), Secret: resp.GetSecret(), Verb: "rotated"})
+	s.keepSecret(r, secretData{Key: resp.GetKey(), Secret: resp.GetSecret(), Verb: "rotated"})
+	http.Redirect(w, r, s.at("/apikeys/"+url.PathEscape(id)+"/secret"), http.StatusSeeOther)
 }
 
 func (s *Server) apiKeyRevoke(w http.ResponseWriter, r *http.Request) {
@@ -651,17 +684,37 @@ func (s *Server) rotation(w http.ResponseWriter, r *http.Request) {
 type reviewData struct {
 	Findings []review.Finding
 	Err      string
-	Audit    string // what part of the audit log the review read
+	Audit    string    // what part of the audit log the review read
+	Made     time.Time // when
 }
 
 // reviewRecords is how many audit records the review reads at most.
 const reviewRecords = 50_000
 
+// reviewKept is how long a review is shown again before it is made anew:
+// it costs a call per API key (each audited).
+const reviewKept = 5 * time.Minute
+
+// reviewed is a review made, and when.
+type reviewed struct {
+	at   time.Time
+	data reviewData
+}
+
 func (s *Server) review(w http.ResponseWriter, r *http.Request) {
+	now := s.opt.Now()
+	s.mu.Lock()
+	last := s.reviewed
+	s.mu.Unlock()
+	if last != nil && now.Sub(last.at) < reviewKept && r.URL.Query().Get("fresh") == "" {
+		d := last.data
+		d.Made = last.at
+		s.render(w, r, http.StatusOK, "review", "Review", d)
+		return
+	}
 	c, cancel := context.WithTimeout(r.Context(), 2*time.Minute)
 	defer cancel()
-	now := s.opt.Now()
-	d := reviewData{Audit: "the audit log's last 30 days"}
+	d := reviewData{Audit: "the audit log's last 30 days", Made: now}
 	o := review.Options{Now: now, Unused: 30 * 24 * time.Hour, Top: 5, Since: now.Add(-30 * 24 * time.Hour)}
 	o.Audit = func(fn func(audit.Record) error) error {
 		n := 0
@@ -687,6 +740,11 @@ func (s *Server) review(w http.ResponseWriter, r *http.Request) {
 	}
 	f, err := review.Run(c, s.api, o)
 	d.Findings, d.Err = f, problem(err)
+	if err == nil {
+		s.mu.Lock()
+		s.reviewed = &reviewed{at: now, data: d}
+		s.mu.Unlock()
+	}
 	s.render(w, r, http.StatusOK, "review", "Review", d)
 }
 
@@ -772,7 +830,7 @@ func (s *Server) auditVerify(w http.ResponseWriter, r *http.Request) {
 	default:
 		s.flash(r, false, fmt.Sprintf("the audit log is broken at line %d: %s", resp.GetBadLine(), resp.GetProblem()))
 	}
-	http.Redirect(w, r, "/audit", http.StatusSeeOther)
+	http.Redirect(w, r, s.at("/audit"), http.StatusSeeOther)
 }
 
 // ---- template helpers
@@ -862,6 +920,7 @@ var funcs = template.FuncMap{
 		return append(out, step{"active", cr.GetPending() == nil && cr.GetCurrent() != nil, false})
 	},
 	"hasPrefix": strings.HasPrefix,
+	"pathesc":   url.PathEscape,
 	"list":      func(s ...string) []string { return s },
 	"f1":        func(f float64) string { return strconv.FormatFloat(f, 'g', 3, 64) },
 }

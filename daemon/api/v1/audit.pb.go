@@ -98,13 +98,15 @@ type ListAuditRecordsRequest struct {
 	// ("APIKeyService.*", "*Decrypt", "keywardd.*" for keywardd's own jobs,
 	// "audit.*" for the log's own records), or a prefix ending in "."
 	// ("APIKeyService."). Globs are Go's path.Match: *, ?, [a-z], \ to escape.
+	// At most 256 bytes, as subject.
 	Operation string `protobuf:"bytes,3,opt,name=operation,proto3" json:"operation,omitempty"`
 	// The outcome; unspecified for any.
 	Outcome AuditOutcome `protobuf:"varint,4,opt,name=outcome,proto3,enum=keyward.v1.AuditOutcome" json:"outcome,omitempty"`
 	// The caller's uid, if set (0 is root, and keywardd's own jobs).
 	CallerUid *uint32 `protobuf:"varint,5,opt,name=caller_uid,json=callerUid,proto3,oneof" json:"caller_uid,omitempty"`
 	// What the record is about: its key name, its API key's ID (ak_...),
-	// or a batch item's key name; exact, or a glob ("orders-*").
+	// or a batch item's key name; exact, or a glob ("orders-*"). At most 256
+	// bytes (a glob's cost grows with its length at every record).
 	Subject string `protobuf:"bytes,6,opt,name=subject,proto3" json:"subject,omitempty"`
 	// At most 1000; 0 means 100. A page also ends before about 3 MiB of
 	// records.
