@@ -234,6 +234,15 @@ func TestDashboard(t *testing.T) {
 		t.Errorf("the networks chart: %v; want 192.0.2.0/24 5, 198.51.100.0/24 3", nets)
 	}
 
+	byNet := map[string]int{}
+	for _, a := range get(t, b, "networks by hour", chromedp.AttributesAll(chromedp.CSSAll(`#networks-by-hour rect[data-network]`))) {
+		n, _ := strconv.Atoi(a["data-count"])
+		byNet[a["data-network"]] += n
+	}
+	if want := map[string]int{"192.0.2.0/24": 5, "198.51.100.0/24": 3}; fmt.Sprint(byNet) != fmt.Sprint(want) {
+		t.Errorf("the networks-by-hour chart: %v; want %v", byNet, want)
+	}
+
 	// Latency: every verification of the key is in the histogram, and the
 	// quantiles are buckets' bounds.
 	var measured int

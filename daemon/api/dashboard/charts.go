@@ -57,6 +57,37 @@ const (
 // usageChart draws verifications per hour, stacked by result, for the
 // hours from first to last (both included).
 func usageChart(hours []*keywardv1.APIKeyHourUsage, first, last time.Time) template.HTML {
+	return stackedChart("usage-chart", "verifications per hour by result", "data-result", hours, first, last,
+		(*keywardv1.APIKeyUsage).GetCounts, resultColor, resultOrder)
+}
+
+// networkColors tell a chart's networks apart, the busiest first.
+var networkColors = []string{"#1565c0", "#2e7d32", "#ef6c00", "#6a1b9a", "#00838f", "#c62828", "#795548", "#9e9e9e"}
+
+// networksChart draws verifications per hour, stacked by source network,
+// coloured by the networks' order in ranked (the busiest first); the
+// networks past the palette share its last colour.
+func networksChart(hours []*keywardv1.APIKeyHourUsage, ranked []countOf, first, last time.Time) template.HTML {
+	rank := map[string]int{}
+	for i, c := range ranked {
+		rank[c.Name] = i
+	}
+	color := func(net string) string { return networkColors[min(rank[net], len(networkColors)-1)] }
+	order := func(a, b string) int {
+		if rank[a] != rank[b] {
+			return rank[a] - rank[b]
+		}
+		return strings.Compare(a, b)
+	}
+	return stackedChart("networks-by-hour", "verifications per hour by source network", "data-network", hours, first, last,
+		(*keywardv1.APIKeyUsage).GetNetworks, color, order)
+}
+
+// stackedChart draws per hour, from first to last (both included), the
+// counts pick takes of each hour's usage, stacked in order, each bar
+// marked with attr (data-result, data-network) and its count.
+func stackedChart(id, label, attr string, hours []*keywardv1.APIKeyHourUsage, first, last time.Time,
+	pick func(*keywardv1.APIKeyUsage) map[string]int64, color func(string) string, order func(a, b string) int) template.HTML {
 	byHour := map[int64]map[string]int64{}
 	var peak int64
 	for _, h := range hours {
@@ -64,16 +95,17 @@ func usageChart(hours []*keywardv1.APIKeyHourUsage, first, last time.Time) templ
 		if t.Before(first) || t.After(last) {
 			continue
 		}
-		byHour[t.Unix()] = h.GetUsage().GetCounts()
+		counts := pick(h.GetUsage())
+		byHour[t.Unix()] = counts
 		var sum int64
-		for _, n := range h.GetUsage().GetCounts() {
+		for _, n := range counts {
 			sum += n
 		}
 		peak = max(peak, sum)
 	}
 	n := int(last.Sub(first)/time.Hour) + 1
 	var b strings.Builder
-	fmt.Fprintf(&b, `<svg class="chart" id="usage-chart" viewBox="0 0 %d %d" role="img" aria-label="verifications per hour by result">`, chartW, chartH)
+	fmt.Fprintf(&b, `<svg class="chart" id="%s" viewBox="0 0 %d %d" role="img" aria-label="%s">`, id, chartW, chartH, label)
 	plotW, plotH := float64(chartW-padL-8), float64(chartH-padB-10)
 	axes(&b, peak, plotH)
 	if peak == 0 {
@@ -87,13 +119,13 @@ func usageChart(hours []*keywardv1.APIKeyHourUsage, first, last time.Time) templ
 		for c := range counts {
 			codes = append(codes, c)
 		}
-		slices.SortFunc(codes, resultOrder)
+		slices.SortFunc(codes, order)
 		y := float64(chartH - padB)
 		for _, c := range codes {
 			hgt := plotH * float64(counts[c]) / float64(peak)
 			y -= hgt
-			fmt.Fprintf(&b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s" data-hour="%s" data-result="%s" data-count="%d"><title>%s %s: %d</title></rect>`,
-				float64(padL)+float64(i)*bw+bw*0.1, y, bw*0.8, hgt, resultColor(c), t.Format(time.RFC3339), html.EscapeString(c), counts[c],
+			fmt.Fprintf(&b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s" data-hour="%s" %s="%s" data-count="%d"><title>%s %s: %d</title></rect>`,
+				float64(padL)+float64(i)*bw+bw*0.1, y, bw*0.8, hgt, color(c), t.Format(time.RFC3339), attr, html.EscapeString(c), counts[c],
 				t.Format("Jan 2 15:04"), html.EscapeString(c), counts[c])
 		}
 		if n <= 48 && i%6 == 0 || n > 48 && t.Hour() == 0 {

@@ -379,8 +379,10 @@ type apiKeyData struct {
 	Window   string
 	Results  template.HTML // verifications by hour and result
 	Networks template.HTML
-	Totals   []countOf
-	Headroom []headroom
+	// NetworksByHour: verifications by hour and source network.
+	NetworksByHour template.HTML
+	Totals         []countOf
+	Headroom       []headroom
 	// Latency: the window's histogram, its p50 and p99, and both by hour.
 	Latency, LatencyByHour template.HTML
 	P50, P99               string
@@ -420,7 +422,9 @@ func (s *Server) apiKey(w http.ResponseWriter, r *http.Request) {
 	if u != nil {
 		end := s.opt.Now().UTC().Truncate(time.Hour)
 		d.Results = usageChart(u.GetHours(), end.Add(-windows[d.Window]+time.Hour), end)
-		d.Networks = barsChart("networks-chart", "source networks", sortedCounts(u.GetTotal().GetNetworks()))
+		nets := sortedCounts(u.GetTotal().GetNetworks())
+		d.Networks = barsChart("networks-chart", "source networks", nets)
+		d.NetworksByHour = networksChart(u.GetHours(), nets, end.Add(-windows[d.Window]+time.Hour), end)
 		d.Totals = sortedCounts(u.GetTotal().GetCounts())
 		d.Headroom = headrooms(d.Key.GetRateLimits(), u.GetHours())
 		bounds := make([]time.Duration, len(u.GetLatencyBounds()))
