@@ -4,11 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -363,9 +365,12 @@ func latency(bounds []time.Duration, counts []int64, q float64) string {
 // secretFile is where -secret-out puts a new secret: a 0600 file made in
 // the target's directory before the call, so that a path that cannot be
 // written fails before a key is issued or rotated, and renamed over the
-// target once the secret is in it. A target that is a device or a pipe
-// (/dev/null, /dev/stdout, a FIFO) is opened before the call and written
-// to: renamed over, it would be replaced by a file.
+// target once the secret is in it. The target is never followed nor
+// replaced where that would hand the secret to someone else or destroy
+// something: a symbolic link is refused (renamed over, the link would
+// go); /dev/stdout and its kin are standard output; a character device
+// (/dev/null) and a FIFO of the caller's own are written to, a FIFO only
+// while a reader has it open; anything else is refused.
 type secretFile struct {
 	f      *os.File
 	path   string
@@ -373,27 +378,68 @@ type secretFile struct {
 }
 
 func newSecretFile(path string) (*secretFile, error) {
-	if path == "" || path == "-" {
+	switch path {
+	case "", "-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1":
 		return nil, nil
 	}
-	if fi, err := os.Stat(path); err == nil && !fi.Mode().IsRegular() {
-		if fi.IsDir() {
-			return nil, fmt.Errorf("--secret-out: %s is a directory: name a file in it (nothing was done)", path)
-		}
+	refuse := func(format string, a ...any) error {
+		return fmt.Errorf("--secret-out: "+format+" (nothing was done)", a...)
+	}
+	fi, err := os.Lstat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return nil, refuse("%w", err)
+	case fi.Mode()&fs.ModeSymlink != 0:
+		return nil, refuse("%s is a symbolic link: name the file itself", path)
+	case fi.IsDir():
+		return nil, refuse("%s is a directory: name a file in it", path)
+	case fi.Mode()&fs.ModeCharDevice != 0:
 		f, err := os.OpenFile(path, os.O_WRONLY, 0)
 		if err != nil {
-			return nil, fmt.Errorf("--secret-out: %w (nothing was done)", err)
+			return nil, refuse("%w", err)
 		}
 		return &secretFile{f: f, path: path, direct: true}, nil
+	case fi.Mode()&fs.ModeNamedPipe != 0:
+		if st, ok := fi.Sys().(*syscall.Stat_t); !ok || int(st.Uid) != os.Getuid() {
+			return nil, refuse("%s is a FIFO not of yours: the secret would go to its reader", path)
+		}
+		// Without a reader, an open for writing would wait for ever (and
+		// past Ctrl-C): ask for none, then write as usual.
+		f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NONBLOCK, 0)
+		if errors.Is(err, syscall.ENXIO) {
+			return nil, refuse("no process is reading the FIFO %s: start its reader first", path)
+		}
+		if err != nil {
+			return nil, refuse("%w", err)
+		}
+		f.Fd() // back to blocking writes
+		return &secretFile{f: f, path: path, direct: true}, nil
+	case !fi.Mode().IsRegular():
+		return nil, refuse("%s is neither a file nor a device", path)
+	default:
+		// A file of someone else's in a sticky directory (/tmp) cannot be
+		// replaced: say so now, not after the key is issued.
+		dir := filepath.Dir(path)
+		if di, err := os.Stat(dir); err == nil && di.Mode()&fs.ModeSticky != 0 && os.Getuid() != 0 {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Getuid() {
+				return nil, refuse("%s belongs to uid %d in the sticky directory %s: you cannot replace it", path, st.Uid, dir)
+			}
+		}
 	}
-	f, err := os.CreateTemp(filepath.Dir(path), ".keyward-secret-*")
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, ".keyward-secret-*")
 	if err != nil {
-		return nil, fmt.Errorf("--secret-out: %w (nothing was done)", err)
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err
+		}
+		return nil, refuse("cannot write a file in %s: %v", dir, err)
 	}
 	if err := f.Chmod(0o600); err != nil {
 		f.Close()
 		os.Remove(f.Name())
-		return nil, fmt.Errorf("--secret-out: %w (nothing was done)", err)
+		return nil, refuse("%w", err)
 	}
 	return &secretFile{f: f, path: path}, nil
 }

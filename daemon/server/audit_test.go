@@ -28,13 +28,22 @@ var auditPolicy = withAdmin(`  auditor:
     permissions:
       - operations: [StatusService.Ping]
         keys: ["*"]
+  payments:
+    permissions:
+      - operations: ["*"]
+        keys: ["payments-*"]
 `, `  - role: auditor
     callers: [{uid: 4000}]
   - role: reader
     callers: [{uid: 2000}]
+  - role: payments
+    callers: [{uid: 5000}]
 `)
 
-const auditor = 4000
+const (
+	auditor  = 4000
+	payments = 5000 // every operation, on its own keys only
+)
 
 // auditTraffic makes known calls, a second apart on the server's clock
 // from its start: admin creates keys a and b, reader is denied a key, an
@@ -126,8 +135,15 @@ func TestAuditService(t *testing.T) {
 		{name: "verify denied", uid: reader, method: "AuditService/VerifyAuditLog",
 			req: &keywardv1.VerifyAuditLogRequest{}, code: codes.PermissionDenied, msg: "not granted AuditService.VerifyAuditLog",
 			audit: wantAudit{outcome: "denied"}},
+		// "*" on a team's own keys is not the grant for every key the log needs.
+		{name: "denied to every operation on some keys", uid: payments, method: "AuditService/ListAuditRecords",
+			req: &keywardv1.ListAuditRecordsRequest{}, code: codes.PermissionDenied, msg: "not granted AuditService.ListAuditRecords",
+			audit: wantAudit{outcome: "denied"}},
+		{name: "verify denied to every operation on some keys", uid: payments, method: "AuditService/VerifyAuditLog",
+			req: &keywardv1.VerifyAuditLogRequest{}, code: codes.PermissionDenied, msg: "not granted AuditService.VerifyAuditLog",
+			audit: wantAudit{outcome: "denied"}},
 		list("the denials are on record", &keywardv1.ListAuditRecordsRequest{Operation: "AuditService.*", Outcome: keywardv1.AuditOutcome_AUDIT_OUTCOME_DENIED},
-			"", "AuditService.VerifyAuditLog 2000 denied ", "AuditService.ListAuditRecords 2000 denied "),
+			"", "AuditService.VerifyAuditLog 5000 denied ", "AuditService.ListAuditRecords 5000 denied ", "AuditService.VerifyAuditLog 2000 denied ", "AuditService.ListAuditRecords 2000 denied "),
 		{name: "a bad glob", uid: auditor, method: "AuditService/ListAuditRecords",
 			req: &keywardv1.ListAuditRecordsRequest{Subject: "[a-"}, code: codes.InvalidArgument, msg: `the subject "[a-" is not a glob`,
 			audit: wantAudit{outcome: "error"}},

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -16,8 +17,19 @@ import (
 const cookieName = "keyward_dashboard"
 
 // maxNonces is how many unused form nonces a session keeps (one per page
-// shown; the oldest go first).
-const maxNonces = 64
+// shown, each for SessionIdle; past that many the oldest go first), and
+// maxSpent how many spent ones it remembers, to say a form was sent
+// already.
+const (
+	maxNonces = 1024
+	maxSpent  = 64
+)
+
+// nonce is a page's nonce, and when it was given.
+type nonce struct {
+	n     string
+	given time.Time
+}
 
 // session is a browser logged in through a login URL.
 type session struct {
@@ -26,7 +38,8 @@ type session struct {
 	lastSeen time.Time
 	flash    string // a message for the next page, once
 	flashOK  bool
-	nonces   []string // good once each, for the forms that make a secret
+	nonces   []nonce  // good once each, for every form
+	spent    []string // the last ones used
 	secret   *secretOnce
 }
 
@@ -120,6 +133,10 @@ func (s *Server) within(next http.HandlerFunc) http.HandlerFunc {
 				s.refuse(w, r, http.StatusForbidden, why)
 				return
 			}
+			if why := s.takeNonce(ss, r.PostForm.Get("nonce")); why != "" {
+				s.stale(w, r, ss, why)
+				return
+			}
 		}
 		next(w, r.WithContext(context.WithValue(r.Context(), sessionKey{}, ss)))
 	}
@@ -174,35 +191,56 @@ func (s *Server) takeFlash(ss *session) (string, bool) {
 	return m, ok
 }
 
-// newNonce is a nonce for the forms of the page about to be shown: a form
-// that makes a secret (create, rotate) is taken once, so that a reload or
-// a second click does not make a second.
+// newNonce is a nonce for the forms of the page about to be shown: every
+// form is taken once, so that a reload or a second click does not act
+// twice (a second panic rotation would retire the version the first one
+// made; a second create makes a key nobody has the secret of).
 func (s *Server) newNonce(ss *session) string {
 	n := rand.Text()
+	now := s.opt.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	ss.nonces = slices.DeleteFunc(ss.nonces, func(x nonce) bool { return now.Sub(x.given) > s.opt.SessionIdle })
 	if len(ss.nonces) >= maxNonces {
 		ss.nonces = ss.nonces[1:]
 	}
-	ss.nonces = append(ss.nonces, n)
+	ss.nonces = append(ss.nonces, nonce{n, now})
 	return n
 }
 
-// takeNonce spends a form's nonce; false if it was spent or never given.
-func (s *Server) takeNonce(r *http.Request) bool {
-	ss, n := sessionFrom(r), r.PostForm.Get("nonce")
-	if ss == nil || n == "" {
-		return false
-	}
+// takeNonce spends a form's nonce: "" if it was good, else why not.
+func (s *Server) takeNonce(ss *session, n string) string {
+	now := s.opt.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for i, m := range ss.nonces {
-		if subtle.ConstantTimeCompare([]byte(m), []byte(n)) == 1 {
+		if subtle.ConstantTimeCompare([]byte(m.n), []byte(n)) == 1 && now.Sub(m.given) <= s.opt.SessionIdle {
 			ss.nonces = slices.Delete(ss.nonces, i, i+1)
-			return true
+			if len(ss.spent) >= maxSpent {
+				ss.spent = ss.spent[1:]
+			}
+			ss.spent = append(ss.spent, n)
+			return ""
 		}
 	}
-	return false
+	if n != "" && slices.Contains(ss.spent, n) {
+		return "this form was sent already (a reload, or a second click): nothing more was done; open the page again to do it again"
+	}
+	return "this form is too old, or not this page's: nothing was done; open the page again"
+}
+
+// stale answers a form whose nonce is spent or old: back to the page it
+// came from (its Referer, if it is one of this page's), saying so; else a
+// short page.
+func (s *Server) stale(w http.ResponseWriter, r *http.Request, ss *session, why string) {
+	if ref, err := url.Parse(r.Referer()); err == nil && ref.Host == r.Host && strings.HasPrefix(ref.Path, s.prefix+"/") {
+		s.mu.Lock()
+		ss.flash, ss.flashOK = why, false
+		s.mu.Unlock()
+		http.Redirect(w, r, ref.RequestURI(), http.StatusSeeOther)
+		return
+	}
+	s.refuse(w, r, http.StatusConflict, why)
 }
 
 // keepSecret holds a secret just made for the page that shows it once.
@@ -214,19 +252,48 @@ func (s *Server) keepSecret(r *http.Request, d secretData) {
 	}
 }
 
+// secretKept is how long a secret waits for its page.
+const secretKept = time.Minute
+
 // takeSecret hands out the secret kept for key id, once, within a
-// minute of its making.
-func (s *Server) takeSecret(r *http.Request, id string) (secretData, bool) {
+// minute of its making; late says it was kept and not shown in time.
+func (s *Server) takeSecret(r *http.Request, id string) (d secretData, ok, late bool) {
 	ss := sessionFrom(r)
 	if ss == nil {
-		return secretData{}, false
+		return secretData{}, false, false
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	k := ss.secret
 	if k == nil || k.data.Key.GetId() != id {
-		return secretData{}, false
+		return secretData{}, false, false
 	}
 	ss.secret = nil
-	return k.data, s.opt.Now().Sub(k.made) < time.Minute
+	if s.opt.Now().Sub(k.made) >= secretKept {
+		return secretData{}, false, true
+	}
+	return k.data, true, false
+}
+
+// sweep drops what has ended: logins past their time, sessions past
+// theirs, secrets not shown within their minute. Serve runs it every
+// minute, so that nothing lingers in memory for the process's life.
+func (s *Server) sweep() {
+	now := s.opt.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for h, until := range s.logins {
+		if now.After(until) {
+			delete(s.logins, h)
+		}
+	}
+	for h, ss := range s.sessions {
+		if now.Sub(ss.lastSeen) > s.opt.SessionIdle || now.Sub(ss.started) > s.opt.SessionMax {
+			delete(s.sessions, h)
+			continue
+		}
+		if ss.secret != nil && now.Sub(ss.secret.made) >= secretKept {
+			ss.secret = nil
+		}
+	}
 }

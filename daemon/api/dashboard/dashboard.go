@@ -38,6 +38,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	pathpkg "path"
 	"strings"
 	"sync"
 	"time"
@@ -158,21 +159,27 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		MaxHeaderBytes: 64 << 10, ErrorLog: slog.NewLogLogger(s.opt.Log.Handler(), slog.LevelWarn)}
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
-	select {
-	case err := <-errc:
-		return err
-	case <-ctx.Done():
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		hs.Shutdown(sctx)
-		<-errc
-		return nil
+	tick := time.NewTicker(time.Minute)
+	defer tick.Stop()
+	for {
+		select {
+		case err := <-errc:
+			return err
+		case <-tick.C:
+			s.sweep()
+		case <-ctx.Done():
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			hs.Shutdown(sctx)
+			<-errc
+			return nil
+		}
 	}
 }
 
 // ServeHTTP answers one request: refused unless it comes from loopback
-// and names the page's own host; then, but for the login and the static
-// files, only within a session.
+// and names the page's own host; then, but for the login, only under the
+// prefix, and there, but for the stylesheet, only within a session.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := w.Header()
 	h.Set("Content-Security-Policy", "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -197,6 +204,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	path := r.URL.Path
 	switch {
+	case path != "/" && pathpkg.Clean(path) != strings.TrimSuffix(path, "/"):
+		// Not its clean form (//x, x/../y): the mux below would redirect
+		// to a clean path without the prefix.
+		s.refuse(w, r, http.StatusNotFound, "no such page: write the path in its clean form")
+	case path == s.prefix:
+		http.Redirect(w, r, s.prefix+"/", http.StatusSeeOther)
 	case path == "/login":
 		if r.Method != http.MethodGet {
 			// Not even HEAD: a link preview probing the URL would spend it.

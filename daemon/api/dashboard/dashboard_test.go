@@ -252,12 +252,24 @@ func TestRefusals(t *testing.T) {
 		t.Errorf("a request from 192.0.2.10: %d", rec.Code)
 	}
 
-	// All right: done, once.
-	if code := rotate(url.Values{"csrf": {token}}, "Cookie", cookie, "Origin", p.base, "Sec-Fetch-Site", "same-origin"); code != http.StatusSeeOther {
+	// Without the page's nonce (a form never shown, or sent already):
+	// nothing done, and said.
+	if code := rotate(url.Values{"csrf": {token}}, "Cookie", cookie, "Origin", p.base, "Sec-Fetch-Site", "same-origin"); code != http.StatusConflict {
+		t.Errorf("a rotation without the page's nonce: %d; want 409", code)
+	}
+	// All right: done, once; the same form again (a double click) is not.
+	f := p.form(cookie, "/keys")
+	if code := rotate(f, "Cookie", cookie, "Origin", p.base, "Sec-Fetch-Site", "same-origin"); code != http.StatusSeeOther {
 		t.Errorf("the page's own rotation: %d; want 303", code)
 	}
+	if code := rotate(f, "Cookie", cookie, "Origin", p.base, "Referer", p.base+p.s.prefix+"/keys"); code != http.StatusSeeOther {
+		t.Errorf("the rotation sent again: %d; want 303 back to the page", code)
+	}
+	if _, body := p.do("GET", "/keys", nil, "Cookie", cookie); !strings.Contains(body, "sent already") {
+		t.Errorf("the keys page after a form sent twice does not say so")
+	}
 	if v := p.version("orders"); v != 2 {
-		t.Errorf("after the page's rotation, version %d; want 2", v)
+		t.Errorf("after the page's rotation, sent twice, version %d; want 2", v)
 	}
 }
 
@@ -295,8 +307,7 @@ func TestSessionEnds(t *testing.T) {
 		t.Errorf("after 31 idle minutes: %s", resp.Status)
 	}
 	cookie = p.login()
-	token := p.csrf(cookie)
-	if resp, _ := p.do("POST", "/logout", url.Values{"csrf": {token}}, "Cookie", cookie); resp.StatusCode != http.StatusOK {
+	if resp, _ := p.do("POST", "/logout", p.form(cookie, "/"), "Cookie", cookie); resp.StatusCode != http.StatusOK {
 		t.Fatalf("logout: %s", resp.Status)
 	}
 	if resp, _ := p.do("GET", "/", nil, "Cookie", cookie); resp.StatusCode != http.StatusUnauthorized {
@@ -366,7 +377,7 @@ func TestSecretOnce(t *testing.T) {
 	if resp, body := p.do("GET", "="+to, nil, "Cookie", cookie); resp.StatusCode != http.StatusGone || strings.Contains(body, secret[1]) {
 		t.Errorf("the secret page again: %s; want 410 without the secret", resp.Status)
 	}
-	if resp, body := p.do("POST", "/apikeys", f, "Cookie", cookie); resp.StatusCode != http.StatusBadRequest || !strings.Contains(body, "sent already") {
+	if resp, body := p.do("POST", "/apikeys", f, "Cookie", cookie); resp.StatusCode != http.StatusConflict || !strings.Contains(body, "sent already") {
 		t.Errorf("the create form sent again: %s", resp.Status)
 	}
 	list, err := p.api.APIKeys.ListAPIKeys(context.Background(), &keywardv1.ListAPIKeysRequest{Owner: "shop"})
@@ -427,10 +438,13 @@ func TestActionsCheck(t *testing.T) {
 		t.Errorf("a panic rotation confirmed with the wrong name made version %d", v)
 	}
 
-	if resp, _ := p.do("GET", "/audit/verify", nil, "Cookie", cookie); resp.StatusCode != http.StatusMethodNotAllowed {
-		t.Errorf("GET /audit/verify: %s; want 405 (it is a POST)", resp.Status)
+	if resp, _ := p.do("GET", "/audit/verify", nil, "Cookie", cookie); resp.StatusCode != http.StatusNotFound {
+		t.Errorf("GET /audit/verify: %s; want 404 (it is a POST)", resp.Status)
 	}
-	if resp, _ := p.do("POST", "/audit/verify", url.Values{"csrf": f["csrf"]}, "Cookie", cookie); resp.StatusCode != http.StatusSeeOther {
+	if _, body := p.do("GET", "/audit", nil, "Cookie", cookie); strings.Contains(body, `id="verified"`) {
+		t.Errorf("a GET of /audit/verify verified the log")
+	}
+	if resp, _ := p.do("POST", "/audit/verify", p.form(cookie, "/audit"), "Cookie", cookie); resp.StatusCode != http.StatusSeeOther {
 		t.Errorf("POST /audit/verify: %s", resp.Status)
 	}
 	if _, body := p.do("GET", "/audit", nil, "Cookie", cookie); !strings.Contains(body, `id="verified"`) || !strings.Contains(body, "holds") {
@@ -492,5 +506,66 @@ func TestChartsEscape(t *testing.T) {
 		if !strings.Contains(string(out), "&lt;script&gt;") {
 			t.Errorf("%s chart lost the name:\n%s", name, out)
 		}
+	}
+}
+
+// TestKeptAndSwept: a HEAD does not spend a secret's page; a secret not
+// shown within its minute is gone from memory at the next sweep, and its
+// page says it was not shown; a form stays good while other pages are
+// shown; paths not in their clean form are refused, not redirected off the
+// prefix.
+func TestKeptAndSwept(t *testing.T) {
+	p := start(t)
+	cookie := p.login()
+	f := p.form(cookie, "/apikeys/new")
+	for range 100 { // other pages, in another tab
+		p.do("GET", "/audit", nil, "Cookie", cookie)
+	}
+	for k, v := range map[string]string{"owner": "shop", "name": "late", "env": "prod", "preset": "read-only"} {
+		f.Set(k, v)
+	}
+	resp, _ := p.do("POST", "/apikeys", f, "Cookie", cookie)
+	to := resp.Header.Get("Location")
+	if resp.StatusCode != http.StatusSeeOther {
+		t.Fatalf("create after 100 other pages: %s", resp.Status)
+	}
+	if resp, _ := p.do("HEAD", "="+to, nil, "Cookie", cookie); resp.StatusCode != http.StatusOK {
+		t.Errorf("HEAD of the secret's page: %s", resp.Status)
+	}
+	p.clock.add(2 * time.Minute)
+	p.s.sweep()
+	p.s.mu.Lock()
+	held := 0
+	for _, ss := range p.s.sessions {
+		if ss.secret != nil {
+			held++
+		}
+	}
+	p.s.mu.Unlock()
+	if held != 0 {
+		t.Errorf("a secret not shown within its minute is still held after the sweep")
+	}
+	if resp, body := p.do("GET", "="+to, nil, "Cookie", cookie); resp.StatusCode != http.StatusGone || !strings.Contains(body, "gone") {
+		t.Errorf("the secret's page after its minute: %s", resp.Status)
+	}
+
+	for _, path := range []string{"=" + p.s.prefix + "/keys/../audit", "=" + p.s.prefix + "//keys", "=" + p.s.prefix + "/nope"} {
+		resp, _ := p.do("GET", path, nil, "Cookie", cookie)
+		if resp.StatusCode != http.StatusNotFound || resp.Header.Get("Location") != "" {
+			t.Errorf("%s: %s to %q; want 404, no redirect", path, resp.Status, resp.Header.Get("Location"))
+		}
+	}
+	if resp, _ := p.do("GET", "="+p.s.prefix, nil, "Cookie", cookie); resp.Header.Get("Location") != p.s.prefix+"/" {
+		t.Errorf("the prefix without its slash: %s to %q", resp.Status, resp.Header.Get("Location"))
+	}
+
+	// A session past its time is swept, not only refused at its next use.
+	p.clock.add(time.Hour)
+	p.s.sweep()
+	p.s.mu.Lock()
+	n := len(p.s.sessions)
+	p.s.mu.Unlock()
+	if n != 0 {
+		t.Errorf("%d sessions past their idle time kept after the sweep", n)
 	}
 }

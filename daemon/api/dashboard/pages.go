@@ -3,7 +3,6 @@ package dashboard
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"html/template"
 	"net/http"
@@ -55,6 +54,9 @@ func (s *Server) routes() {
 	m.HandleFunc("GET /credentials", s.within(s.credentials))
 	m.HandleFunc("POST /credentials/{name}/rotate", s.within(s.credentialRotate))
 	m.HandleFunc("GET /rotation", s.within(s.rotation))
+	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		s.refuse(w, r, http.StatusNotFound, "no such page of the dashboard")
+	})
 	m.HandleFunc("GET /review", s.within(s.review))
 	m.HandleFunc("GET /audit", s.within(s.audit))
 	m.HandleFunc("POST /audit/verify", s.within(s.auditVerify))
@@ -78,10 +80,6 @@ func (s *Server) done(w http.ResponseWriter, r *http.Request, to string, err err
 	}
 	http.Redirect(w, r, s.at(to), http.StatusSeeOther)
 }
-
-// errSentAlready refuses a form whose nonce was spent: a reload, a
-// second click.
-var errSentAlready = errors.New("this form was sent already (a reload, or a second click): nothing more was done; open the page again to do it again")
 
 // ---- overview
 
@@ -308,7 +306,8 @@ type secretData struct {
 	Key    *keywardv1.APIKey
 	Secret string
 	Verb   string
-	Gone   string // the key whose secret was shown already
+	Gone   string // the key whose secret was shown already, or not in time
+	Late   bool   // it was kept, and not shown within its minute
 }
 
 func (s *Server) apiKeyCreate(w http.ResponseWriter, r *http.Request) {
@@ -340,10 +339,6 @@ func (s *Server) apiKeyCreate(w http.ResponseWriter, r *http.Request) {
 		}
 		req.Ttl = durationpb.New(time.Duration(days) * 24 * time.Hour)
 	}
-	if !s.takeNonce(r) {
-		bad(errSentAlready.Error())
-		return
-	}
 	resp, err := s.api.APIKeys.CreateAPIKey(c, req)
 	if err != nil {
 		bad(problem(err))
@@ -357,9 +352,12 @@ func (s *Server) apiKeyCreate(w http.ResponseWriter, r *http.Request) {
 // was shown.
 func (s *Server) apiKeySecret(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	d, ok := s.takeSecret(r, id)
+	if r.Method == http.MethodHead {
+		return // a HEAD does not spend it
+	}
+	d, ok, late := s.takeSecret(r, id)
 	if !ok {
-		s.render(w, r, http.StatusGone, "secret", "The secret was shown once", secretData{Gone: id})
+		s.render(w, r, http.StatusGone, "secret", "The secret is gone", secretData{Gone: id, Late: late})
 		return
 	}
 	title := "API key " + d.Verb
@@ -523,10 +521,6 @@ func (s *Server) apiKeyRotate(w http.ResponseWriter, r *http.Request) {
 	hours, err := strconv.ParseFloat(or(r.PostForm.Get("overlap_hours"), "24"), 64)
 	if err != nil || !(hours >= 0 && hours <= 720) {
 		s.done(w, r, "/apikeys/"+url.PathEscape(id), fmt.Errorf("the overlap is a number of hours from 0 to 720 (30 days)"), "")
-		return
-	}
-	if !s.takeNonce(r) {
-		s.done(w, r, "/apikeys/"+url.PathEscape(id), errSentAlready, "")
 		return
 	}
 	resp, err := s.api.APIKeys.RotateAPIKey(c, &keywardv1.RotateAPIKeyRequest{Id: id, Overlap: durationpb.New(time.Duration(hours * float64(time.Hour)))})

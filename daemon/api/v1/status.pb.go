@@ -272,10 +272,13 @@ type FleetStatus struct {
 	// How stale the copy may get before every call is refused.
 	StalenessBound *durationpb.Duration `protobuf:"bytes,5,opt,name=staleness_bound,json=stalenessBound,proto3" json:"staleness_bound,omitempty"`
 	// The fleet's nodes: the names campaigning in its election (each live
-	// node campaigns), this node's among them, sorted; counted every second.
+	// node campaigns), this node's among them, sorted; counted every second
+	// from this node's etcd member (a serializable read: a member cut off
+	// from the quorum answers what it last knew).
 	Nodes []string `protobuf:"bytes,6,rep,name=nodes,proto3" json:"nodes,omitempty"`
-	// The node elected to run the fleet's jobs done once; empty before the
-	// first count.
+	// The node elected to run the fleet's jobs done once, as that count saw
+	// it; empty before the first. `leader` above is this node's own word,
+	// and the two may differ for up to a second around an election.
 	LeaderNode    string `protobuf:"bytes,7,opt,name=leader_node,json=leaderNode,proto3" json:"leader_node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
