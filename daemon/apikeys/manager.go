@@ -655,11 +655,18 @@ func (m *Manager) List(f Filter, after string, size int) (recs []*Record, next s
 			next = recs[size-1].ID
 			return errStop
 		}
-		recs = append(recs, m.live(rec))
+		recs = append(recs, rec)
 		return nil
 	})
 	if errors.Is(err, errStop) {
 		err = nil
+	}
+	// The quotas not yet flushed, once the store's read is over: m.mu is
+	// taken around store writes (revokeBatch), and a write that grows the
+	// file waits for every read to end, so a read must never wait for
+	// m.mu (it did: a bulk revocation and the names' survey deadlocked).
+	for i, rec := range recs {
+		recs[i] = m.live(rec)
 	}
 	return recs, next, err
 }

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -937,5 +938,55 @@ func TestManagerRevokeAll(t *testing.T) {
 	}
 	for _, k := range keys {
 		f.verify(t, k, prod, Revoked)
+	}
+}
+
+// heldDuringReads is the store with m.mu held while each read's callback
+// runs, as a store write under m.mu (revokeBatch) holds it while it waits
+// for reads to end (bbolt's growth of its map waits for every read
+// transaction): a callback that waits for m.mu then never returns.
+type heldDuringReads struct {
+	*store.Store
+	mu      *sync.Mutex
+	blocked atomic.Bool
+}
+
+func (s *heldDuringReads) ForEachAfter(bucket, after string, fn func(key string, rec []byte) error) error {
+	return s.Store.ForEachAfter(bucket, after, func(k string, b []byte) error {
+		s.mu.Lock()
+		done := make(chan error, 1)
+		go func() { done <- fn(k, b) }()
+		select {
+		case err := <-done:
+			s.mu.Unlock()
+			return err
+		case <-time.After(time.Second):
+			s.blocked.Store(true)
+			s.mu.Unlock() // let it go, and fail the test
+			return <-done
+		}
+	})
+}
+
+// TestListTakesNoLockInARead: List's walk of the store never waits for the
+// Manager's lock (a bulk revocation, holding it around a write that grew
+// the file, and the names' survey listing keys deadlocked keywardd).
+func TestListTakesNoLockInARead(t *testing.T) {
+	f := newFixture(t)
+	for i := range 3 {
+		f.create(t, Spec{Owner: "shop", Name: fmt.Sprint("k", i), Environment: "prod", Permissions: []string{"read-only"}})
+	}
+	held := &heldDuringReads{Store: f.store}
+	m, err := NewManager(held, f.mac, pepper, Options{Prefix: "kwtest", Now: f.clk.now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.mu = &m.mu
+	recs, _, err := m.List(Filter{}, "", 10)
+	if err != nil || len(recs) != 3 {
+		t.Fatalf("List: %d records, %v", len(recs), err)
+	}
+	if held.blocked.Load() {
+		t.Error("List's callback waited for m.mu inside the store's read")
 	}
 }
