@@ -330,16 +330,27 @@ func (d *daemonParts) newServer(context.Context) error {
 	if err != nil {
 		return err
 	}
-	var observed func(string, netip.Addr, bool)
 	if d.det != nil {
-		observed = func(id string, ip netip.Addr, learn bool) { d.det.Observe(id, ip, d.o.Now(), learn) }
+		// The anomaly detector hears of every verification of a live
+		// secret, and refuses the use that sets off an alert whose action
+		// stops the key (and those after it until the key is changed).
+		d.akm.SetWatch(func(id string, ip netip.Addr, learn bool) (apikeys.Code, string) {
+			a, stop := d.det.Observe(id, ip, d.o.Now(), learn)
+			if !stop {
+				return "", ""
+			}
+			if a.Action == anomaly.ActionRevoke {
+				return apikeys.Revoked, "anomaly: " + a.Kind + ": " + a.Detail + "; keywardd revokes the key"
+			}
+			return apikeys.Disabled, "anomaly: " + a.Kind + ": " + a.Detail + "; keywardd disables the key"
+		})
 	}
 	d.legacy = &legacyNames{}
 	cfg := d.cfg
 	d.srv, d.gs = server.New(server.Config{
 		HSM: hsmStatus{d.h}, Store: d.st, Keys: d.km, Envelope: d.env, Audit: d.al, AuditReader: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
 		MaxBatch: cfg.MaxBatch, Version: d.o.Version, HealthEvery: d.o.HealthEvery,
-		Tokens: d.tokens, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify, Observed: observed,
+		Tokens: d.tokens, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify,
 		Plugins:          func() []server.PluginState { return pluginStates(d.plugins, d.ob.Status()) },
 		NamesToRename:    d.legacy.Counts,
 		Fleet:            d.fleetInfo(),

@@ -187,21 +187,29 @@ func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Man
 		case a := <-det.Alerts():
 			seen := a.Kind + ": " + a.Detail
 			var detail string // what the event says, once it is written
-			var disabling bool
+			var disabling, revoking bool
 			_, err := akm.Notice(a.KeyID, outbox.Anomaly, a.KeyID, seen, func(r *apikeys.Record) (string, error) {
-				disabling = false
+				disabling, revoking = false, false
 				switch {
-				case a.Disable && r.State == apikeys.Active:
+				case a.Action == anomaly.ActionRevoke && r.State != apikeys.StateRevoked:
+					revoking = true // by Revoke, next, which tells the plugins
+					return fmt.Sprintf("; keywardd revoked the key (anomaly.revoke names %s)", a.Kind), nil
+				case a.Action == anomaly.ActionDisable && r.State == apikeys.Active:
 					r.State, disabling = apikeys.StateDisabled, true
 					return fmt.Sprintf("; keywardd disabled the key (keyward apikey update -id %s -enable, once it is understood)", a.KeyID), nil
-				case a.Disable:
-					return "; the key was not active, so nothing was disabled", nil
+				case a.Stops():
+					return "; the key was not active, so nothing was done to it", nil
 				}
-				return "; alert only (anomaly.disable does not name " + a.Kind + ")", nil
+				return "; alert only (anomaly.disable and anomaly.revoke do not name " + a.Kind + ")", nil
 			}, &detail)
-			disabled := err == nil && disabling
+			if err == nil && revoking {
+				_, err = akm.Revoke(a.KeyID)
+			}
+			disabled := err == nil && (disabling || revoking)
 			if err != nil {
-				detail = seen + "; acting on it failed, nothing was disabled: " + err.Error()
+				detail = seen + "; acting on it failed, nothing was disabled or revoked (this node refuses the key until it restarts): " + err.Error()
+			} else if a.Stops() {
+				det.Settle(a.KeyID) // the store refuses it now
 			}
 			rec := audit.Record{Time: now().UTC(), Op: "keywardd.APIKeyAnomaly", Key: a.KeyID, Outcome: "ok", Detail: detail,
 				Caller: keywardd()}

@@ -23,8 +23,9 @@ import (
 
 // TestAnomalyDisablesKey: a synthetic spike through keywardd's socket. A
 // key used once, then (two hours on, past its learning time) twelve times
-// in a minute (the tenth reaches min_rate) is disabled by keywardd at once; the audit log says why; a
-// verify from a new network only alerts.
+// in a minute (the tenth reaches min_rate) is disabled by keywardd at once:
+// the tenth use itself is refused, and those after it; the audit log says
+// why; a verify from a new network only alerts.
 func TestAnomalyDisablesKey(t *testing.T) {
 	clk := &testClock{t: time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)}
 	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) {
@@ -51,9 +52,17 @@ func TestAnomalyDisablesKey(t *testing.T) {
 	verifyCode(t, ac, spiked.Secret, req("10.0.0.1"), keywardv1.APIKeyCode_API_KEY_CODE_VALID)
 	verifyCode(t, ac, calm.Secret, req("10.0.0.1"), keywardv1.APIKeyCode_API_KEY_CODE_VALID)
 	clk.add(2 * time.Hour)
-	for range 12 {
-		if _, err := ac.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: spiked.Secret, Environment: "prod", Permissions: []string{"orders:read"}, SourceIp: "10.0.0.1"}); err != nil {
+	for i := range 12 {
+		r, err := ac.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: spiked.Secret, Environment: "prod", Permissions: []string{"orders:read"}, SourceIp: "10.0.0.1"})
+		if err != nil {
 			t.Fatal(err)
+		}
+		want := keywardv1.APIKeyCode_API_KEY_CODE_VALID
+		if i >= 9 { // the tenth sets the spike off: refused, as are those after
+			want = keywardv1.APIKeyCode_API_KEY_CODE_DISABLED
+		}
+		if r.Code != want || (i == 9 && !strings.Contains(r.Reason, "anomaly: spike")) {
+			t.Fatalf("use %d of the spike: %v %q; want %v", i+1, r.Code, r.Reason, want)
 		}
 	}
 	verifyCode(t, ac, calm.Secret, req("198.51.100.7"), keywardv1.APIKeyCode_API_KEY_CODE_VALID)
@@ -96,6 +105,58 @@ func TestAnomalyDisablesKey(t *testing.T) {
 	}
 	if strings.Contains(log, spiked.Secret) || strings.Contains(log, calm.Secret) {
 		t.Error("a secret in the audit log")
+	}
+}
+
+// TestAnomalyRevokesKey: anomaly.revoke names new_network: the use from
+// a network the key was not used from before is refused as revoked, and
+// keywardd revokes the key (for good: no enable brings it back).
+func TestAnomalyRevokesKey(t *testing.T) {
+	clk := &testClock{t: time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)}
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)), daemontest.Configure(func(c *daemon.Config) {
+		c.Anomaly = anomaly.Config{Enabled: true, Window: time.Minute, Factor: 8, MinRate: 10, Learn: time.Hour,
+			NewNetworks: true, Revoke: []string{anomaly.NewNetwork}, FlushEvery: 50 * time.Millisecond}
+	}))
+	in.Now = clk.now
+	in.Stop()
+	in.Restart()
+	ctx := context.Background()
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
+	k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "n", Environment: "prod", Permissions: []string{"orders:read"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := func(ip string) *keywardv1.VerifyAPIKeyRequest {
+		return &keywardv1.VerifyAPIKeyRequest{Environment: "prod", Permissions: []string{"orders:read"}, SourceIp: ip}
+	}
+	verifyCode(t, ac, k.Secret, req("10.0.0.1"), keywardv1.APIKeyCode_API_KEY_CODE_VALID)
+	clk.add(2 * time.Hour)
+	verifyCode(t, ac, k.Secret, req("10.0.0.2"), keywardv1.APIKeyCode_API_KEY_CODE_VALID) // the same /24
+	r := req("198.51.100.7")
+	r.Key = k.Secret
+	got, err := ac.VerifyAPIKey(ctx, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Code != keywardv1.APIKeyCode_API_KEY_CODE_REVOKED || !strings.Contains(got.Reason, "anomaly: new_network") {
+		t.Fatalf("the use from a new network: %v %q; want REVOKED for the anomaly", got.Code, got.Reason)
+	}
+	verifyCode(t, ac, k.Secret, req("10.0.0.1"), keywardv1.APIKeyCode_API_KEY_CODE_REVOKED) // from home too, at once
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		g, err := ac.GetAPIKey(ctx, &keywardv1.GetAPIKeyRequest{Id: k.Key.Id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if g.Key.State == keywardv1.APIKeyState_API_KEY_STATE_REVOKED {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the key is %v, not revoked, 5 s after the anomaly", g.Key.State)
+		}
+	}
+	b, _ := os.ReadFile(filepath.Join(in.Config.DataDir, "audit.log"))
+	if !strings.Contains(string(b), "keywardd revoked the key (anomaly.revoke names new_network)") {
+		t.Errorf("the audit log does not say keywardd revoked the key")
 	}
 }
 

@@ -79,8 +79,11 @@ type Config struct {
 	// from before (after Learn).
 	NewNetworks bool `yaml:"new_networks"`
 	// Disable lists the kinds of alerts that disable the key at once
-	// (spike, new_network); the others only alert.
+	// (spike, new_network), and Revoke those that revoke it; the others
+	// only alert. A use that sets off an alert that disables or revokes the
+	// key is refused, as is every use of it until the key is changed.
 	Disable []string `yaml:"disable"`
+	Revoke  []string `yaml:"revoke"`
 	// Cooldown: at most one alert per key and kind this often. Default 1 h.
 	Cooldown time.Duration `yaml:"cooldown"`
 	// FlushEvery: how often baselines are written. Default 1 m.
@@ -102,6 +105,14 @@ func (c *Config) Check() error {
 	for _, d := range c.Disable {
 		if d != Spike && d != NewNetwork {
 			errs = append(errs, fmt.Errorf("anomaly.disable: %q: use spike or new_network", d))
+		}
+	}
+	for _, d := range c.Revoke {
+		if d != Spike && d != NewNetwork {
+			errs = append(errs, fmt.Errorf("anomaly.revoke: %q: use spike or new_network", d))
+		}
+		if slices.Contains(c.Disable, d) {
+			errs = append(errs, fmt.Errorf("anomaly: %q is under both disable and revoke: name it once", d))
 		}
 	}
 	return errors.Join(errs...)
@@ -157,9 +168,20 @@ type Alert struct {
 	KeyID  string
 	Time   time.Time
 	Detail string
-	// Disable: the configuration says to disable the key.
-	Disable bool
+	// Action is what the configuration says to do: ActionAlert,
+	// ActionDisable or ActionRevoke.
+	Action string
 }
+
+// What an alert does to its key.
+const (
+	ActionAlert   = "alert"
+	ActionDisable = "disable"
+	ActionRevoke  = "revoke"
+)
+
+// Stops says whether an alert's action stops the key (disable, revoke).
+func (a Alert) Stops() bool { return a.Action == ActionDisable || a.Action == ActionRevoke }
 
 // key is a key's state in memory.
 type key struct {
@@ -188,6 +210,9 @@ type Detector struct {
 	// readErrs, uses not watched because their baseline could not be read.
 	dropped  atomic.Int64
 	readErrs atomic.Int64
+	// stopped: key ID -> the Alert that disables or revokes it, until
+	// settled.
+	stopped sync.Map
 }
 
 const shards = 64
@@ -223,8 +248,33 @@ func New(c Config, st Store) *Detector {
 // Alerts are the alerts, in order.
 func (d *Detector) Alerts() <-chan Alert { return d.alerts }
 
-// Disables says whether alerts of a kind disable the key.
-func (d *Detector) Disables(kind string) bool { return slices.Contains(d.cfg.Disable, kind) }
+// Action is what alerts of a kind do to their key: ActionAlert,
+// ActionDisable or ActionRevoke.
+func (d *Detector) Action(kind string) string {
+	switch {
+	case slices.Contains(d.cfg.Revoke, kind):
+		return ActionRevoke
+	case slices.Contains(d.cfg.Disable, kind):
+		return ActionDisable
+	}
+	return ActionAlert
+}
+
+// Stopped is the alert that stopped a key, if one did and keywardd has not
+// yet acted on it (Settle): every use of the key is refused meanwhile.
+func (d *Detector) Stopped(id string) (Alert, bool) {
+	a, ok := d.stopped.Load(id)
+	if !ok {
+		return Alert{}, false
+	}
+	return a.(Alert), true
+}
+
+// Settle forgets a key's stopping alert once keywardd disabled or revoked
+// the key in the store (which refuses it from then on): a key enabled
+// again later is not refused for it. One that could not be acted on stays
+// refused here (fail closed) until keywardd restarts.
+func (d *Detector) Settle(id string) { d.stopped.Delete(id) }
 
 func (d *Detector) shard(id string) *shard {
 	h := uint32(2166136261) // FNV-1a, inline: no allocation on the verify path
@@ -423,8 +473,11 @@ func (d *Detector) advance(k *key, now time.Time) {
 // Observe counts one use of a key, from ip (zero: unknown), at now. A use
 // that was refused (learn false: a live secret used from outside its
 // allowlist, in the wrong environment, beyond its permissions) may raise a
-// new-network alert but counts toward nothing and teaches nothing.
-func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) {
+// new-network alert but counts toward nothing and teaches nothing. It
+// returns the alert that stops the key (this use's, or one before it not
+// yet settled): the use is to be refused.
+func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) (stop Alert, stopped bool) {
+	defer func() { stop, stopped = d.Stopped(id) }()
 	k := d.get(id, now)
 	if k == nil {
 		return // its baseline cannot be read: not watched (ReadErrors counts it)
@@ -462,6 +515,7 @@ func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) 
 		d.alert(k, 0, Alert{Kind: Spike, KeyID: id, Time: now, Detail: fmt.Sprintf("%.1f requests a minute (this minute or over the last %v); its usual at %02d:00 UTC is %.2f, and %.1f (%.0f times that, at least %.0f) is a spike",
 			rate, d.cfg.Window, now.UTC().Hour(), base, limit, d.cfg.Factor, d.cfg.MinRate)})
 	}
+	return
 }
 
 // alert hands an alert on, at most once per cooldown per key and kind.
@@ -469,11 +523,14 @@ func (d *Detector) alert(k *key, slot int, a Alert) {
 	if last := k.b.Alerted[slot]; !last.IsZero() && a.Time.Sub(last) < d.cfg.Cooldown && !a.Time.Before(last) {
 		return
 	}
-	a.Disable = d.Disables(a.Kind)
+	a.Action = d.Action(a.Kind)
 	select {
 	case d.alerts <- a:
 		k.b.Alerted[slot] = a.Time.UTC()
 		k.ver++
+		if a.Stops() {
+			d.stopped.Store(a.KeyID, a)
+		}
 	default:
 		d.dropped.Add(1) // no cooldown: the next use alerts again
 	}

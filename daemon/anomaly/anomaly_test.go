@@ -89,7 +89,7 @@ func TestSyntheticSpike(t *testing.T) {
 	// 12:30: 200 a minute, 10 times: a spike within the window's first minutes.
 	burst(noon.Add(30*time.Minute), 200, 5)
 	a := drain(d)
-	if len(a) != 1 || a[0].Kind != anomaly.Spike || a[0].KeyID != "ak_1" || !a[0].Disable || !strings.Contains(a[0].Detail, "12:00 UTC") {
+	if len(a) != 1 || a[0].Kind != anomaly.Spike || a[0].KeyID != "ak_1" || a[0].Action != anomaly.ActionDisable || !strings.Contains(a[0].Detail, "12:00 UTC") {
 		t.Fatalf("the spike: %+v", a)
 	}
 	if took := a[0].Time.Sub(noon.Add(30 * time.Minute)); took > 2*time.Minute {
@@ -110,7 +110,7 @@ func TestSyntheticSpike(t *testing.T) {
 	at := now.Add(30 * time.Hour)
 	d.Observe("ak_1", other, at, true)
 	d.Observe("ak_1", other, at.Add(time.Second), true)
-	if a := drain(d); len(a) != 1 || a[0].Kind != anomaly.NewNetwork || a[0].Disable || !strings.Contains(a[0].Detail, "203.0.113.0/24") {
+	if a := drain(d); len(a) != 1 || a[0].Kind != anomaly.NewNetwork || a[0].Action != anomaly.ActionAlert || !strings.Contains(a[0].Detail, "203.0.113.0/24") {
 		t.Fatalf("the new network: %+v", a)
 	}
 
@@ -152,6 +152,8 @@ func TestConfigCheck(t *testing.T) {
 		"factor":   {Factor: 1.5},
 		"disable":  {Disable: []string{"everything"}},
 		"negative": {Learn: -time.Hour},
+		"revoke":   {Revoke: []string{"everything"}},
+		"both":     {Disable: []string{"spike"}, Revoke: []string{"spike"}},
 	} {
 		if err := c.Check(); err == nil {
 			t.Errorf("%s: accepted", name)
@@ -258,5 +260,40 @@ func TestCommitInBatches(t *testing.T) {
 	st.ForEach(store.BucketBaselines, "", func(string, []byte) error { written++; return nil })
 	if written != n {
 		t.Fatalf("%d baselines written, want %d", written, n)
+	}
+}
+
+// TestStopped: a use that sets off an alert whose action disables or
+// revokes the key is answered as stopping it, and so is every use after
+// it, until keywardd settles it; an alert-only kind stops nothing.
+func TestStopped(t *testing.T) {
+	st := openStore(t)
+	d := anomaly.New(anomaly.Config{Enabled: true, Window: 5 * time.Minute, Factor: 8, MinRate: 5, Learn: time.Hour,
+		NewNetworks: true, Revoke: []string{anomaly.NewNetwork}}, st)
+	start := time.Date(2026, 3, 2, 12, 0, 0, 0, time.UTC)
+	home, away := netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("203.0.113.9")
+	if _, stop := d.Observe("ak_1", home, start, true); stop {
+		t.Fatal("a first use stopped the key")
+	}
+	later := start.Add(2 * time.Hour)
+	if _, stop := d.Observe("ak_1", home, later, true); stop {
+		t.Fatal("a use from the known network stopped the key")
+	}
+	a, stop := d.Observe("ak_1", away, later.Add(time.Second), true)
+	if !stop || a.Action != anomaly.ActionRevoke || a.Kind != anomaly.NewNetwork || a.KeyID != "ak_1" {
+		t.Fatalf("the use from a new network: %+v, %v; want it to stop the key (revoke)", a, stop)
+	}
+	if got := drain(d); len(got) != 1 || got[0].Action != anomaly.ActionRevoke {
+		t.Fatalf("alerts: %+v", got)
+	}
+	if _, stop := d.Observe("ak_1", home, later.Add(2*time.Second), true); !stop {
+		t.Error("a use after the stopping alert, before it was settled, was not stopped")
+	}
+	if _, stop := d.Observe("ak_2", home, later, true); stop {
+		t.Error("another key was stopped")
+	}
+	d.Settle("ak_1")
+	if _, stop := d.Observe("ak_1", home, later.Add(3*time.Second), true); stop {
+		t.Error("a use after the alert was settled was stopped")
 	}
 }

@@ -117,6 +117,9 @@ type Manager struct {
 	changedAll bool
 	anyChanged atomic.Bool
 
+	// watch hears of each verification of a live secret (SetWatch).
+	watch atomic.Pointer[Watch]
+
 	// hintKey keys the hints: a short HMAC of every secret issued, kept in
 	// the store, so that a key nobody issued is refused without an HSM call
 	// (the checksum only catches typos: anyone can make a well-formed key).
@@ -760,7 +763,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		if m.factor != nil {
 			req.LimitFactor = m.factor(rec, now)
 		}
-		res := m.fleet.check(ctx, rec, secret, req, now)
+		res := m.watched(rec.ID, m.fleet.check(ctx, rec, secret, req, now), req)
 		m.usage.record(rec.ID, res.Code, req.SourceIP, now, monoNow()-start)
 		res.Key = answer(rec)
 		if q := res.Key.Quota; q != nil {
@@ -781,7 +784,6 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		req.LimitFactor = m.factor(rec, now)
 	}
 	res := Check(rec, secret, req, m.lim, now)
-	m.usage.record(rec.ID, res.Code, req.SourceIP, now, monoNow()-start)
 	if rec.Quota != nil && *rec.Quota != quota {
 		m.quotas[rec.ID] = rec.Quota // saved by the next Flush
 		if len(m.quotas) >= maxPendingKeys {
@@ -789,6 +791,44 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		}
 	}
 	res.Key = answer(rec)
+	// The watch, outside mu: the anomaly detector has locks of its own.
+	m.mu.Unlock()
+	locked = false
+	res = m.watched(rec.ID, res, req)
+	m.usage.record(rec.ID, res.Code, req.SourceIP, now, monoNow()-start)
+	return res
+}
+
+// Watch hears of a verification of a live secret of key id (the anomaly
+// detector): from ip, and learn false for a use refused by where or how
+// it was made (Result.Watched). A stop code (Disabled, Revoked) refuses a
+// use that would have been valid, with why as its detail: the use that
+// set off an alert that stops the key, and those after it until the key
+// is changed in the store.
+type Watch func(id string, ip netip.Addr, learn bool) (stop Code, why string)
+
+// SetWatch sets the watch; nil takes it away.
+func (m *Manager) SetWatch(w Watch) {
+	if w == nil {
+		m.watch.Store(nil)
+		return
+	}
+	m.watch.Store(&w)
+}
+
+// watched is res after the watch heard of it.
+func (m *Manager) watched(id string, res Result, req Request) Result {
+	w := m.watch.Load()
+	if w == nil {
+		return res
+	}
+	watch, learn := watchedCode(res.Code)
+	if !watch {
+		return res
+	}
+	if stop, why := (*w)(id, req.SourceIP, learn); stop != "" && res.Code == Valid {
+		res.Code, res.Detail = stop, why
+	}
 	return res
 }
 

@@ -125,7 +125,12 @@ func (r Result) Watched() (watch, learn bool) {
 	if r.Key == nil {
 		return false, false
 	}
-	switch r.Code {
+	return watchedCode(r.Code)
+}
+
+// watchedCode is Watched by the verdict alone.
+func watchedCode(c Code) (watch, learn bool) {
+	switch c {
 	case Valid:
 		return true, true
 	case IPNotAllowed, WrongEnvironment, Forbidden:

@@ -260,9 +260,6 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 	}
 	out := &keywardv1.VerifyAPIKeyResponse{Code: apiKeyCode(res.Code), Reason: res.Detail, NearLimit: res.Limits.NearLimit}
 	if k := res.Key; k != nil {
-		if watch, learn := res.Watched(); watch && s.cfg.Observed != nil {
-			s.cfg.Observed(k.ID, req.SourceIP, learn)
-		}
 		c.key, c.apiKey = k.Owner, k.ID
 		out.KeyId, out.Owner, out.Name, out.Permissions, out.Metadata = k.ID, k.Owner, k.Name, k.Permissions, k.Metadata
 		out.ExpireTime, out.Quota = timeOrNil(k.Expires), toQuota(k.Quota)

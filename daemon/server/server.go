@@ -35,7 +35,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net/netip"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -185,10 +184,6 @@ type Config struct {
 	Fleet func() FleetInfo
 	// Schedule serves GetRotationPlan; nil turns it off.
 	Schedule Schedule
-	// Observed, if set, hears of the verifications of a live secret (the
-	// anomaly detector): VALID ones, to learn from, and those refused for
-	// where or how the secret was used.
-	Observed func(id string, ip netip.Addr, learn bool)
 	// Notify, if set, is called when events for the plugins were queued,
 	// so that they go out at once.
 	Notify func()
