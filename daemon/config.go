@@ -38,7 +38,7 @@ type Config struct {
 	Socket struct {
 		Path  string `yaml:"path"`
 		Mode  string `yaml:"mode"`  // "0600" or "0660" (default)
-		Group string `yaml:"group"` // the group that may connect, with mode 0660
+		Group string `yaml:"group"` // the group that may connect, with mode 0660: a name, or a gid (digits)
 	} `yaml:"socket"`
 	DataDir string `yaml:"data_dir"`
 	HSM     struct {
@@ -277,6 +277,12 @@ func (c *Config) metricsSocketOptions() (socket.Options, error) {
 
 func unixOptions(path string, mode os.FileMode, group, field string) (socket.Options, error) {
 	o := socket.Options{Path: path, Mode: mode, GID: -1}
+	if gid, err := strconv.ParseUint(group, 10, 31); err == nil {
+		// A number is a gid as it is: a container's /etc/group seldom
+		// names the pod's supplemental groups.
+		o.GID = int(gid)
+		return o, nil
+	}
 	if group != "" {
 		g, err := user.LookupGroup(group)
 		if err != nil {
