@@ -230,6 +230,7 @@ type Plugin struct {
 	stop   chan struct{}
 	done   chan struct{}
 	closed sync.Once
+	tail   *stderrTail // the plain lines of the last launch's standard error
 }
 
 // Backoff of restarts: from minBackoff, doubling, to maxBackoff; a plugin
@@ -275,6 +276,8 @@ func (p *Plugin) launch() error {
 		// The kernel kills the plugin if keywardd dies, even by SIGKILL.
 		SysProcAttr: &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL},
 	}
+	tail := &stderrTail{}
+	p.tail = tail
 	client := plugin.NewClient(&plugin.ClientConfig{
 		HandshakeConfig:  pluginv1.Handshake,
 		VersionedPlugins: pluginv1.PluginSets(&pluginv1.GRPCPlugin{}),
@@ -283,7 +286,7 @@ func (p *Plugin) launch() error {
 		AutoMTLS:         true,
 		SkipHostEnv:      true,
 		StartTimeout:     p.cfg.StartTimeout,
-		Logger:           newLogBridge(p.cfg.Log),
+		Logger:           newLogBridge(p.cfg.Log, tail),
 	})
 	rpc, err := client.Client()
 	if err != nil {
@@ -325,20 +328,26 @@ func (p *Plugin) launch() error {
 // what the plugin printed (it could be anything, a secret included).
 func (p *Plugin) startError(err error) error {
 	msg := err.Error()
+	said := "its log lines, if any, are above"
+	if p.tail != nil {
+		if t := p.tail.String(); t != "" {
+			said = "its last lines on standard error: " + t
+		}
+	}
 	switch {
 	case strings.Contains(msg, "Failed to read any lines"):
-		return fmt.Errorf("plugin %s exited or closed standard output before the handshake (its log lines, if any, are above)", p.cfg.Name)
+		return fmt.Errorf("plugin %s exited or closed standard output before the handshake (%s)", p.cfg.Name, said)
 	case strings.Contains(msg, "Unrecognized remote plugin message"):
 		return fmt.Errorf("plugin %s wrote to standard output before the handshake: standard output belongs to go-plugin; log to standard error (the SDK's logger does)", p.cfg.Name)
 	case strings.Contains(msg, "timeout while waiting for plugin to start"):
 		return fmt.Errorf("plugin %s did not complete the handshake within %v", p.cfg.Name, p.cfg.StartTimeout)
 	case strings.Contains(msg, "exited before we could connect"):
-		return fmt.Errorf("plugin %s exited before the handshake (its log lines, if any, are above)", p.cfg.Name)
+		return fmt.Errorf("plugin %s exited before the handshake (%s)", p.cfg.Name, said)
 	case strings.Contains(msg, "Incompatible API version"), strings.Contains(msg, "incompatible"):
 		return fmt.Errorf("plugin %s speaks no protocol version keywardd speaks (%d)", p.cfg.Name, pluginv1.ProtocolVersion)
 	}
 	// go-plugin's other messages can quote what the plugin printed.
-	return fmt.Errorf("plugin %s failed go-plugin's handshake (its log lines, if any, are above)", p.cfg.Name)
+	return fmt.Errorf("plugin %s failed go-plugin's handshake (%s)", p.cfg.Name, said)
 }
 
 func (p *Plugin) setState(s State, err error) {

@@ -331,3 +331,32 @@ func waitFor(t *testing.T, ok func() bool) {
 	}
 	t.Fatal("timed out waiting")
 }
+
+// TestStderrLines: a plugin's plain lines on standard error (an
+// interpreter's traceback) reach keywardd's log, and those of a plugin that
+// dies before its handshake are in its error, which its status shows.
+func TestStderrLines(t *testing.T) {
+	cfg, _, logs := setup(t, "traceback")
+	p, err := Start(cfg)
+	if p != nil {
+		defer p.Close()
+	}
+	if err == nil || !strings.Contains(err.Error(), "ModuleNotFoundError: No module named 'grpc'") || !strings.Contains(err.Error(), "Traceback (most recent call last)") {
+		t.Fatalf("Start of a plugin that dies with a traceback: %v", err)
+	}
+	if !strings.Contains(logs.String(), "plugin wrote to standard error") || !strings.Contains(logs.String(), "No module named") {
+		t.Errorf("the traceback is not in keywardd's log:\n%s", logs)
+	}
+
+	cfg, _, logs = setup(t, "chatty") // the same lines, then it serves
+	p2 := start(t, cfg)
+	defer p2.Close()
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(logs.String(), "No module named"); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("a running plugin's plain stderr line is not in keywardd's log:\n%s", logs)
+		}
+	}
+	if strings.Contains(logs.String(), `"level":"DEBUG"`) {
+		t.Errorf("go-plugin's debug lines reach keywardd's log:\n%s", logs)
+	}
+}

@@ -112,6 +112,15 @@ func main() {
 	if mode == "stdout" {
 		fmt.Println("hello from a careless plugin, password hunter2")
 	}
+	if mode == "traceback" || mode == "chatty" {
+		// As a script's interpreter does: plain lines on standard error.
+		fmt.Fprintln(os.Stderr, "Traceback (most recent call last):")
+		fmt.Fprintln(os.Stderr, `  File "plugin.py", line 12, in <module>`)
+		fmt.Fprintln(os.Stderr, "ModuleNotFoundError: No module named 'grpc'")
+		if mode == "traceback" {
+			os.Exit(1)
+		}
+	}
 	var env []string
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
