@@ -548,7 +548,8 @@ func DeriveStoreKey(ctx context.Context, h *hsm.HSM) ([]byte, error) {
 func startPlugins(cfgs []PluginConfig, log *slog.Logger) []*host.Plugin {
 	var out []*host.Plugin
 	for _, c := range cfgs {
-		p, err := host.Start(host.Config{Name: c.Name, Path: c.Path, SHA256: c.SHA256, Env: c.Env, CallTimeout: c.CallTimeout, Log: log})
+		p, err := host.Start(host.Config{Name: c.Name, Path: c.Path, SHA256: c.SHA256, Interpreter: c.Interpreter, InterpreterSHA256: c.InterpreterSHA256,
+			Env: c.Env, CallTimeout: c.CallTimeout, Log: log})
 		if err != nil {
 			log.Error("a plugin did not start; it is retried with backoff", "plugin", c.Name, "error", err.Error())
 		}

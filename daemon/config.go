@@ -114,11 +114,15 @@ type Config struct {
 
 // PluginConfig is one plugin.
 type PluginConfig struct {
-	Name        string            `yaml:"name"`         // what the plugin calls itself
-	Path        string            `yaml:"path"`         // its executable, absolute
-	SHA256      string            `yaml:"sha256"`       // the executable's SHA-256 (sha256sum PATH)
-	Env         map[string]string `yaml:"env"`          // its whole environment
-	CallTimeout time.Duration     `yaml:"call_timeout"` // default 30s
+	Name   string `yaml:"name"`   // what the plugin calls itself
+	Path   string `yaml:"path"`   // its executable, absolute
+	SHA256 string `yaml:"sha256"` // the executable's SHA-256 (sha256sum PATH)
+	// A plugin that is a script: its interpreter's own file (not a link)
+	// and SHA-256; path and sha256 are then the script's.
+	Interpreter       string            `yaml:"interpreter"`
+	InterpreterSHA256 string            `yaml:"interpreter_sha256"`
+	Env               map[string]string `yaml:"env"`          // its whole environment
+	CallTimeout       time.Duration     `yaml:"call_timeout"` // default 30s
 }
 
 // LoadConfig reads a configuration file strictly: unknown fields are errors
@@ -232,7 +236,7 @@ func (c *Config) check() error {
 		if p.CallTimeout < 0 {
 			errs = append(errs, fmt.Errorf("plugins[%d] (%s): call_timeout must not be negative", i, p.Name))
 		}
-		if err := host.CheckConfig(host.Config{Name: p.Name, Path: p.Path, SHA256: p.SHA256, Env: p.Env}); err != nil {
+		if err := host.CheckConfig(host.Config{Name: p.Name, Path: p.Path, SHA256: p.SHA256, Interpreter: p.Interpreter, InterpreterSHA256: p.InterpreterSHA256, Env: p.Env}); err != nil {
 			errs = append(errs, fmt.Errorf("plugins[%d]: %v", i, err))
 		}
 	}

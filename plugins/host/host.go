@@ -50,6 +50,12 @@ type Config struct {
 	Path string
 	// SHA256 is the executable's SHA-256, hex: the plugin is pinned.
 	SHA256 string
+	// Interpreter, if set, runs Path, a script (a Python plugin): the
+	// interpreter's executable, absolute, pinned by InterpreterSHA256. Both
+	// run from sealed memory copies: the interpreter is started with its
+	// path as argv[0] (so that it finds its library) and the script as
+	// /dev/fd/3, a copy no one can change between the check and the run.
+	Interpreter, InterpreterSHA256 string
 	// Env is the plugin's whole environment (keywardd's is not passed on).
 	Env map[string]string
 	// CallTimeout bounds every call; default 30 s.
@@ -89,6 +95,14 @@ func (c *Config) check() error {
 	if b, err := hex.DecodeString(c.SHA256); err != nil || len(b) != sha256.Size {
 		return fmt.Errorf("plugin %s: sha256 must be 64 hex digits (sha256sum %s)", c.Name, c.Path)
 	}
+	if c.Interpreter != "" || c.InterpreterSHA256 != "" {
+		if !filepath.IsAbs(c.Interpreter) || filepath.Clean(c.Interpreter) != c.Interpreter {
+			return fmt.Errorf("plugin %s: interpreter %q must be absolute and clean (the interpreter's own file, say /usr/bin/python3.11)", c.Name, c.Interpreter)
+		}
+		if b, err := hex.DecodeString(c.InterpreterSHA256); err != nil || len(b) != sha256.Size {
+			return fmt.Errorf("plugin %s: interpreter_sha256 must be 64 hex digits (sha256sum %s)", c.Name, c.Interpreter)
+		}
+	}
 	for k := range c.Env {
 		if !envName.MatchString(k) || strings.HasPrefix(k, "PLUGIN_") || k == pluginv1.Handshake.MagicCookieKey {
 			return fmt.Errorf("plugin %s: environment variable %q: a name of letters, digits and _, not PLUGIN_* or %s (go-plugin's)", c.Name, k, pluginv1.Handshake.MagicCookieKey)
@@ -113,6 +127,14 @@ func (c *Config) check() error {
 // cannot change (or sticky ones, as /tmp), and with the pinned SHA-256.
 // The returned file is the one to execute.
 func openPinned(c *Config) (*os.File, error) {
+	return openPinnedFile(c.Name, c.Path, c.SHA256, c.Interpreter == "")
+}
+
+// openPinnedFile is path, checked and hashed against sha, in a sealed
+// memory copy; exe: it must be executable (a script run by its
+// interpreter need not be).
+func openPinnedFile(name, path, sha string, exe bool) (*os.File, error) {
+	c := &Config{Name: name, Path: path, SHA256: sha}
 	refuse := func(format string, a ...any) error {
 		return fmt.Errorf("%w: %s: %s", ErrRefused, c.Name, fmt.Sprintf(format, a...))
 	}
@@ -137,7 +159,7 @@ func openPinned(c *Config) (*os.File, error) {
 		return fail(refuse("%s is not a regular file", c.Path))
 	case fi.Mode().Perm()&0o022 != 0:
 		return fail(refuse("%s is writable by others (mode %04o); chmod go-w it", c.Path, fi.Mode().Perm()))
-	case fi.Mode().Perm()&0o100 == 0:
+	case exe && fi.Mode().Perm()&0o100 == 0:
 		return fail(refuse("%s is not executable by its owner", c.Path))
 	case st.Uid != 0 && int(st.Uid) != os.Getuid():
 		return fail(refuse("%s belongs to uid %d; a plugin must belong to root or to keywardd's user", c.Path, st.Uid))
@@ -275,6 +297,19 @@ func (p *Plugin) launch() error {
 		Env:  env,
 		// The kernel kills the plugin if keywardd dies, even by SIGKILL.
 		SysProcAttr: &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL},
+	}
+	if p.cfg.Interpreter != "" {
+		// f is the script; the interpreter runs, and reads it as fd 3
+		// (an exec'd memory file cannot be opened again as a script by
+		// its path: /proc/self/fd/N is closed on exec).
+		in, err := openPinnedFile(p.cfg.Name, p.cfg.Interpreter, p.cfg.InterpreterSHA256, true)
+		if err != nil {
+			return err
+		}
+		defer in.Close()
+		cmd.Path = fmt.Sprintf("/proc/self/fd/%d", in.Fd())
+		cmd.Args = []string{p.cfg.Interpreter, "/dev/fd/3"}
+		cmd.ExtraFiles = []*os.File{f}
 	}
 	tail := &stderrTail{}
 	p.tail = tail

@@ -360,3 +360,51 @@ func TestStderrLines(t *testing.T) {
 		t.Errorf("go-plugin's debug lines reach keywardd's log:\n%s", logs)
 	}
 }
+
+// TestScriptPlugin: a plugin that is a script runs under its interpreter,
+// both pinned: the interpreter gets its own path as argv[0] and the
+// script as /dev/fd/3, a sealed copy; a script or an interpreter not as
+// pinned is refused.
+func TestScriptPlugin(t *testing.T) {
+	interp, interpSum := testPlugin(t)
+	dir := t.TempDir()
+	script := filepath.Join(dir, "plugin.script")
+	body := []byte("#!keyward-test-script\nname=scripted\n")
+	if err := os.WriteFile(script, body, 0o644); err != nil { // not executable: the interpreter reads it
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(body)
+	rec := filepath.Join(dir, "record")
+	cfg := Config{Name: "scripted", Path: script, SHA256: hex.EncodeToString(sum[:]), Interpreter: interp, InterpreterSHA256: interpSum,
+		CallTimeout: 5 * time.Second, Env: map[string]string{"TESTPLUGIN_RECORD": rec}}
+	p := start(t, cfg)
+	if st := p.Status(); st.State != Running || st.Version != "0.0.1" {
+		t.Fatalf("the script plugin: %+v", st)
+	}
+	p.Close()
+	if b, _ := os.ReadFile(rec); !strings.Contains(string(b), "script /dev/fd/3 as "+interp) {
+		t.Errorf("the interpreter was not given the script as /dev/fd/3 and its own path: %s", b)
+	}
+
+	if err := os.WriteFile(script, append(body, "# changed\n"...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := Start(cfg); err == nil || !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "not the pinned") {
+		t.Errorf("a script changed after it was pinned: %v", err)
+		if p != nil {
+			p.Close()
+		}
+	} else if p != nil {
+		p.Close()
+	}
+	os.WriteFile(script, body, 0o644)
+	cfg.InterpreterSHA256 = strings.Repeat("0", 64)
+	if p, err := Start(cfg); err == nil || !errors.Is(err, ErrRefused) {
+		t.Errorf("an interpreter not as pinned: %v", err)
+		if p != nil {
+			p.Close()
+		}
+	} else if p != nil {
+		p.Close()
+	}
+}

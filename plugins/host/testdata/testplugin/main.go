@@ -128,6 +128,21 @@ func main() {
 	}
 	record("env %s", strings.Join(env, ","))
 	name := os.Getenv("TESTPLUGIN_NAME")
+	if len(os.Args) == 2 && os.Args[1] == "/dev/fd/3" {
+		// Run as a script's interpreter: the script is fd 3, and says
+		// its name.
+		b, err := os.ReadFile(os.Args[1])
+		if err != nil || !strings.HasPrefix(string(b), "#!keyward-test-script\n") {
+			fmt.Fprintf(os.Stderr, "not a test script: %v\n", err)
+			os.Exit(2)
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "name="); ok {
+				name = v
+			}
+		}
+		record("script %s as %s", os.Args[1], os.Args[0])
+	}
 	if name == "" {
 		name = "test"
 	}
