@@ -46,6 +46,9 @@ import (
 type Config struct {
 	// Binary is the plugin's executable; Build makes one.
 	Binary string
+	// Interpreter, if set, runs Binary, a script: a Python plugin's
+	// interpreter (its own file, not a link), pinned as keywardd pins it.
+	Interpreter string
 	// Name is the name it must give itself.
 	Name string
 	// Env is its environment.
@@ -89,14 +92,21 @@ func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return 
 
 // Run runs the suite.
 func Run(t *testing.T, c Config) {
-	b, err := os.ReadFile(c.Binary)
-	if err != nil {
-		t.Fatal(err)
+	pin := func(path string) string {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum := sha256.Sum256(b)
+		return hex.EncodeToString(sum[:])
 	}
-	sum := sha256.Sum256(b)
+	hc := host.Config{Name: c.Name, Path: c.Binary, SHA256: pin(c.Binary), Env: c.Env, CallTimeout: c.CallTimeout}
+	if c.Interpreter != "" {
+		hc.Interpreter, hc.InterpreterSHA256 = c.Interpreter, pin(c.Interpreter)
+	}
 	logs := &syncBuffer{}
-	p, err := host.Start(host.Config{Name: c.Name, Path: c.Binary, SHA256: hex.EncodeToString(sum[:]), Env: c.Env, CallTimeout: c.CallTimeout,
-		Log: slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	hc.Log = slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	p, err := host.Start(hc)
 	if err != nil {
 		if p != nil {
 			p.Close()
