@@ -339,10 +339,13 @@ func (d *daemonParts) newServer(context.Context) error {
 			if !stop {
 				return "", ""
 			}
+			// The reason names the kind only: the caller may be the
+			// attacker, and the baseline or the network are the audit
+			// record's to tell.
 			if a.Action == anomaly.ActionRevoke {
-				return apikeys.Revoked, "anomaly: " + a.Kind + ": " + a.Detail + "; keywardd revokes the key"
+				return apikeys.Revoked, "anomaly: " + a.Kind + ": keywardd revokes the key; its owner has the details"
 			}
-			return apikeys.Disabled, "anomaly: " + a.Kind + ": " + a.Detail + "; keywardd disables the key"
+			return apikeys.Disabled, "anomaly: " + a.Kind + ": keywardd disables the key; its owner has the details"
 		})
 	}
 	d.legacy = &legacyNames{}
@@ -548,7 +551,7 @@ func DeriveStoreKey(ctx context.Context, h *hsm.HSM) ([]byte, error) {
 func startPlugins(cfgs []PluginConfig, log *slog.Logger) []*host.Plugin {
 	var out []*host.Plugin
 	for _, c := range cfgs {
-		p, err := host.Start(host.Config{Name: c.Name, Path: c.Path, SHA256: c.SHA256, Interpreter: c.Interpreter, InterpreterSHA256: c.InterpreterSHA256,
+		p, err := host.Start(host.Config{Name: c.Name, Path: c.Path, SHA256: c.SHA256, Interpreter: c.Interpreter, InterpreterSHA256: c.InterpreterSHA256, InterpreterArgs: c.InterpreterArgs,
 			Env: c.Env, CallTimeout: c.CallTimeout, Log: log})
 		if err != nil {
 			log.Error("a plugin did not start; it is retried with backoff", "plugin", c.Name, "error", err.Error())

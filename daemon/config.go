@@ -121,8 +121,9 @@ type PluginConfig struct {
 	// and SHA-256; path and sha256 are then the script's.
 	Interpreter       string            `yaml:"interpreter"`
 	InterpreterSHA256 string            `yaml:"interpreter_sha256"`
-	Env               map[string]string `yaml:"env"`          // its whole environment
-	CallTimeout       time.Duration     `yaml:"call_timeout"` // default 30s
+	InterpreterArgs   []string          `yaml:"interpreter_args"` // options before the script: -I for Python
+	Env               map[string]string `yaml:"env"`              // its whole environment
+	CallTimeout       time.Duration     `yaml:"call_timeout"`     // default 30s
 }
 
 // LoadConfig reads a configuration file strictly: unknown fields are errors
@@ -236,7 +237,7 @@ func (c *Config) check() error {
 		if p.CallTimeout < 0 {
 			errs = append(errs, fmt.Errorf("plugins[%d] (%s): call_timeout must not be negative", i, p.Name))
 		}
-		if err := host.CheckConfig(host.Config{Name: p.Name, Path: p.Path, SHA256: p.SHA256, Interpreter: p.Interpreter, InterpreterSHA256: p.InterpreterSHA256, Env: p.Env}); err != nil {
+		if err := host.CheckConfig(host.Config{Name: p.Name, Path: p.Path, SHA256: p.SHA256, Interpreter: p.Interpreter, InterpreterSHA256: p.InterpreterSHA256, InterpreterArgs: p.InterpreterArgs, Env: p.Env}); err != nil {
 			errs = append(errs, fmt.Errorf("plugins[%d]: %v", i, err))
 		}
 	}

@@ -188,12 +188,23 @@ func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Man
 			seen := a.Kind + ": " + a.Detail
 			var detail string // what the event says, once it is written
 			var disabling, revoking bool
+			// A revocation first, in its own transaction with its event for
+			// the plugins: should the anomaly's event fail after it, the key
+			// is revoked all the same (fail closed), and the failure logged.
+			var revokeErr error
+			if a.Action == anomaly.ActionRevoke {
+				if r, err := akm.Get(a.KeyID); err == nil && r.State != apikeys.StateRevoked {
+					_, revokeErr = akm.Revoke(a.KeyID)
+					revoking = revokeErr == nil
+				}
+			}
 			_, err := akm.Notice(a.KeyID, outbox.Anomaly, a.KeyID, seen, func(r *apikeys.Record) (string, error) {
-				disabling, revoking = false, false
+				disabling = false
 				switch {
-				case a.Action == anomaly.ActionRevoke && r.State != apikeys.StateRevoked:
-					revoking = true // by Revoke, next, which tells the plugins
+				case a.Action == anomaly.ActionRevoke && revoking:
 					return fmt.Sprintf("; keywardd revoked the key (anomaly.revoke names %s)", a.Kind), nil
+				case a.Action == anomaly.ActionRevoke && revokeErr != nil:
+					return "; revoking it failed: " + revokeErr.Error(), nil
 				case a.Action == anomaly.ActionDisable && r.State == apikeys.Active:
 					r.State, disabling = apikeys.StateDisabled, true
 					return fmt.Sprintf("; keywardd disabled the key (keyward apikey update -id %s -enable, once it is understood)", a.KeyID), nil
@@ -202,8 +213,8 @@ func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Man
 				}
 				return "; alert only (anomaly.disable and anomaly.revoke do not name " + a.Kind + ")", nil
 			}, &detail)
-			if err == nil && revoking {
-				_, err = akm.Revoke(a.KeyID)
+			if err == nil {
+				err = revokeErr
 			}
 			disabled := err == nil && (disabling || revoking)
 			if err != nil {

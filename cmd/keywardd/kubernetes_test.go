@@ -91,8 +91,12 @@ func TestKubernetesManifests(t *testing.T) {
 	if pod.ShareProcessNamespace == nil || !*pod.ShareProcessNamespace {
 		t.Errorf("the process namespace is not shared: keywardd cannot see the app's pid, nor its binary")
 	}
-	if !slices.Equal(kw.Args, []string{"-config", "/etc/keyward/config/keywardd.yaml"}) {
-		t.Errorf("keywardd's args: %v", kw.Args)
+	if len(kw.Command) != 3 || path.Base(kw.Command[0]) != "keywardd" || kw.Command[1] != "-config" {
+		t.Errorf("keywardd's command: %v", kw.Command)
+	}
+	cfgPath := "/etc/keyward/config/keywardd.yaml"
+	if len(kw.Command) == 3 {
+		cfgPath = kw.Command[2]
 	}
 	mount := func(c corev1.Container, file string) *corev1.VolumeMount {
 		for i, m := range c.VolumeMounts {
@@ -111,7 +115,7 @@ func TestKubernetesManifests(t *testing.T) {
 		t.Fatalf("no volume %q", name)
 		return nil
 	}
-	if m := mount(kw, "/etc/keyward/config/keywardd.yaml"); m == nil || volume(m.Name).ConfigMap == nil || volume(m.Name).ConfigMap.Name != cm.Name {
+	if m := mount(kw, cfgPath); m == nil || volume(m.Name).ConfigMap == nil || volume(m.Name).ConfigMap.Name != cm.Name || path.Base(cfgPath) != "keywardd.yaml" {
 		t.Errorf("keywardd's -config is not on the ConfigMap %s", cm.Name)
 	}
 	if m := mount(kw, cfg.PolicyFile); m == nil || volume(m.Name).ConfigMap == nil {
@@ -123,6 +127,11 @@ func TestKubernetesManifests(t *testing.T) {
 	km, am := mount(kw, cfg.Socket.Path), mount(app, cfg.Socket.Path)
 	if km == nil || am == nil || km.Name != am.Name || km.MountPath != am.MountPath || volume(km.Name).EmptyDir == nil {
 		t.Fatalf("the socket %s is not on an emptyDir both containers mount alike", cfg.Socket.Path)
+	}
+	if !am.ReadOnly || km.ReadOnly {
+		// The volume is open to all (and setgid with fsGroup, not sticky):
+		// an app that can write it can rename keywardd's directory away.
+		t.Errorf("the socket's volume: the app's mount must be read-only (connect needs no write to the file system), keywardd's writable")
 	}
 	if path.Dir(cfg.Socket.Path) == km.MountPath {
 		t.Errorf("the socket is at the volume's top, whose mode keywardd refuses; put it in a directory keywardd makes")
@@ -141,12 +150,14 @@ func TestKubernetesManifests(t *testing.T) {
 	if appUID == nil || kwUID == nil || *appUID == *kwUID {
 		t.Fatalf("the app and keywardd must run as users of their own")
 	}
-	sub := policy.Subject{UID: uint32(*appUID), Exe: "/app/orders"}
+	// keywardd, another user without capabilities, cannot read the app's
+	// /proc/PID/exe: the app comes as its uid alone, no binary.
+	sub := policy.Subject{UID: uint32(*appUID), GIDs: []uint32{uint32(*app.SecurityContext.RunAsGroup)}}
 	if err := pol.Allow(sub, "EnvelopeService.Decrypt", "orders-eu"); err != nil {
-		t.Errorf("the policy does not let the app decrypt with orders-*: %v", err)
+		t.Errorf("the policy does not let the app (as keywardd sees it: uid %d, no binary) decrypt with orders-*: %v", *appUID, err)
 	}
-	if err := pol.Allow(policy.Subject{UID: uint32(*appUID), Exe: "/bin/sh"}, "EnvelopeService.Decrypt", "orders-eu"); err == nil {
-		t.Errorf("the policy lets any binary of the app's uid decrypt")
+	if err := pol.Allow(policy.Subject{UID: uint32(*appUID) + 1}, "EnvelopeService.Decrypt", "orders-eu"); err == nil {
+		t.Errorf("the policy lets another uid decrypt")
 	}
 	if err := pol.Allow(policy.Subject{UID: uint32(*kwUID)}, "StatusService.GetStatus", ""); err != nil {
 		t.Errorf("keywardd's startup probe (keyward status as uid %d) is not granted: %v", *kwUID, err)

@@ -483,6 +483,9 @@ func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) 
 		return // its baseline cannot be read: not watched (ReadErrors counts it)
 	}
 	defer k.mu.Unlock()
+	if _, ok := d.Stopped(id); ok {
+		learn = false // a use refused as the key is stopped teaches nothing
+	}
 	d.advance(k, now)
 	if learn {
 		k.counts[k.minute%int64(len(k.counts))]++
@@ -494,7 +497,10 @@ func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) 
 		if net := apikeys.Network(ip); slices.Contains(k.b.Networks, net) {
 			k.lastNet, _ = netip.ParsePrefix(net)
 		} else {
-			if learn && len(k.b.Networks) < maxNetworks { // past that, every new one alerts and none is learned
+			// A network whose use stops the key is not learned: the
+			// attacker's network never becomes a known one.
+			stops := !learning && d.cfg.NewNetworks && d.Action(NewNetwork) != ActionAlert
+			if learn && !stops && len(k.b.Networks) < maxNetworks { // past that, every new one alerts and none is learned
 				k.b.Networks = append(k.b.Networks, net)
 				k.ver++
 				k.lastNet, _ = netip.ParsePrefix(net)
@@ -524,15 +530,20 @@ func (d *Detector) alert(k *key, slot int, a Alert) {
 		return
 	}
 	a.Action = d.Action(a.Kind)
+	if a.Stops() {
+		// Marked before it is handed on: whoever acts on it settles it,
+		// maybe before this goroutine runs again.
+		d.stopped.Store(a.KeyID, a)
+	}
 	select {
 	case d.alerts <- a:
 		k.b.Alerted[slot] = a.Time.UTC()
 		k.ver++
-		if a.Stops() {
-			d.stopped.Store(a.KeyID, a)
-		}
 	default:
 		d.dropped.Add(1) // no cooldown: the next use alerts again
+		if a.Stops() {
+			d.stopped.CompareAndDelete(a.KeyID, a) // nobody will act on it
+		}
 	}
 }
 

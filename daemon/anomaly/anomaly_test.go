@@ -95,6 +95,7 @@ func TestSyntheticSpike(t *testing.T) {
 	if took := a[0].Time.Sub(noon.Add(30 * time.Minute)); took > 2*time.Minute {
 		t.Errorf("the spike alerted %v after it began", took)
 	}
+	d.Settle("ak_1") // keywardd disabled the key (and, say, its owner enabled it again)
 	// The same spike again within the cooldown: no second alert.
 	burst(noon.Add(40*time.Minute), 200, 2)
 	if a := drain(d); len(a) != 0 {
@@ -105,6 +106,7 @@ func TestSyntheticSpike(t *testing.T) {
 	if a := drain(d); len(a) != 1 || a[0].Kind != anomaly.Spike || !strings.Contains(a[0].Detail, "03:00 UTC") {
 		t.Fatalf("the night spike: %+v", a)
 	}
+	d.Settle("ak_1")
 	// A new network: one alert, and it is known from then on.
 	other := netip.MustParseAddr("203.0.113.9")
 	at := now.Add(30 * time.Hour)
@@ -295,5 +297,11 @@ func TestStopped(t *testing.T) {
 	d.Settle("ak_1")
 	if _, stop := d.Observe("ak_1", home, later.Add(3*time.Second), true); stop {
 		t.Error("a use after the alert was settled was stopped")
+	}
+	// The network whose use stopped the key was not learned: past the
+	// cooldown, a use from it stops the key again.
+	drain(d)
+	if _, stop := d.Observe("ak_1", away, later.Add(2*time.Hour), true); !stop {
+		t.Error("the network whose use stopped the key was learned from that use")
 	}
 }

@@ -49,6 +49,9 @@ type Config struct {
 	// Interpreter, if set, runs Binary, a script: a Python plugin's
 	// interpreter (its own file, not a link), pinned as keywardd pins it.
 	Interpreter string
+	// InterpreterArgs: options between the interpreter and the script
+	// (-I for Python).
+	InterpreterArgs []string
 	// Name is the name it must give itself.
 	Name string
 	// Env is its environment.
@@ -102,7 +105,7 @@ func Run(t *testing.T, c Config) {
 	}
 	hc := host.Config{Name: c.Name, Path: c.Binary, SHA256: pin(c.Binary), Env: c.Env, CallTimeout: c.CallTimeout}
 	if c.Interpreter != "" {
-		hc.Interpreter, hc.InterpreterSHA256 = c.Interpreter, pin(c.Interpreter)
+		hc.Interpreter, hc.InterpreterSHA256, hc.InterpreterArgs = c.Interpreter, pin(c.Interpreter), c.InterpreterArgs
 	}
 	logs := &syncBuffer{}
 	hc.Log = slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))

@@ -26,21 +26,31 @@ func TestPythonExample(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The script as keywardd wants a plugin's file: not writable by others,
-	// in a directory that is not either.
+	// The plugin as it is shipped: one zipapp of the example and the SDK,
+	// run isolated (-I: no PYTHONPATH, no user site), in a directory as
+	// keywardd wants a plugin's.
 	dir := t.TempDir()
-	b, err := os.ReadFile(filepath.Join(sdk, "example_plugin.py"))
-	if err != nil {
+	build := filepath.Join(dir, "build")
+	if err := os.MkdirAll(build, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	script := filepath.Join(dir, "example_plugin.py")
-	if err := os.WriteFile(script, b, 0o644); err != nil {
+	if out, err := exec.Command("cp", "-r", filepath.Join(sdk, "keyward_plugin"), build).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if out, err := exec.Command("cp", filepath.Join(sdk, "example_plugin.py"), filepath.Join(build, "__main__.py")).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	pyz := filepath.Join(dir, "example-py.pyz")
+	if out, err := exec.Command(python, "-m", "zipapp", build, "-o", pyz).CombinedOutput(); err != nil {
+		t.Fatalf("zipapp: %v: %s", err, out)
+	}
+	if err := os.Chmod(pyz, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	record := filepath.Join(dir, "revocations")
 	conformance.Run(t, conformance.Config{
-		Binary: script, Interpreter: python, Name: "example-py",
-		Env:         map[string]string{"PYTHONPATH": sdk, "PYTHONDONTWRITEBYTECODE": "1", "EXAMPLE_REVOCATIONS": record},
+		Binary: pyz, Interpreter: python, InterpreterArgs: []string{"-I"}, Name: "example-py",
+		Env:         map[string]string{"PYTHONPATH": "/nonexistent", "EXAMPLE_REVOCATIONS": record},
 		Config:      []byte(`{"label": "conformance"}`),
 		BadConfig:   []byte(`{"label": 42}`),
 		CallTimeout: 10 * time.Second,
@@ -52,5 +62,33 @@ func TestPythonExample(t *testing.T) {
 	lines := strings.Split(strings.TrimSpace(string(got)), "\n")
 	if len(lines) != 2 || !strings.Contains(lines[0], "EVENT_KIND_API_KEY_REVOKED conformance conformance") || !strings.Contains(lines[1], "EVENT_KIND_TOKEN_REVOKED") {
 		t.Errorf("the plugin's record of revocations (each sent twice): %q", lines)
+	}
+}
+
+// TestPythonSDKScrubs: the Python SDK keeps a request's secret out of its
+// errors and logs, and redacts secret-named attributes at any depth, as
+// the Go SDK does.
+func TestPythonSDKScrubs(t *testing.T) {
+	sdk, err := filepath.Abs(filepath.Join("..", "sdk", "python"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	code := `
+import json, keyward_plugin as kp
+from keyward_plugin import plugin_pb2 as pb
+r = pb.TestRequest(operation_id="op", secret=b"S3CRET-hunter2")
+print(kp._scrub("login refused for password S3CRET-hunter2 (b'S3CRET-hunter2')", r))
+print(json.dumps(kp._redact({"cfg": {"password": "x", "name": "n"}, "api_key": "y", "key_id": "ak_1"}), sort_keys=True))
+`
+	cmd := exec.Command("/usr/bin/python3", "-c", code)
+	cmd.Env = []string{"PYTHONPATH=" + sdk, "PYTHONDONTWRITEBYTECODE=1"}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	want := "login refused for password [redacted] ([redacted])\n" +
+		`{"api_key": "[redacted]", "cfg": {"name": "n", "password": "[redacted]"}, "key_id": "ak_1"}` + "\n"
+	if string(out) != want {
+		t.Errorf("the SDK's scrubbing:\n%s\nwant:\n%s", out, want)
 	}
 }

@@ -56,6 +56,11 @@ type Config struct {
 	// path as argv[0] (so that it finds its library) and the script as
 	// /dev/fd/3, a copy no one can change between the check and the run.
 	Interpreter, InterpreterSHA256 string
+	// InterpreterArgs go between the interpreter and the script: for
+	// Python, -I (isolated: no PYTHON* variables, no user site, not the
+	// script's directory on the path), so that what imports is the pinned
+	// script (a zipapp with its modules) and the system's packages.
+	InterpreterArgs []string
 	// Env is the plugin's whole environment (keywardd's is not passed on).
 	Env map[string]string
 	// CallTimeout bounds every call; default 30 s.
@@ -94,6 +99,14 @@ func (c *Config) check() error {
 	}
 	if b, err := hex.DecodeString(c.SHA256); err != nil || len(b) != sha256.Size {
 		return fmt.Errorf("plugin %s: sha256 must be 64 hex digits (sha256sum %s)", c.Name, c.Path)
+	}
+	if c.Interpreter == "" && (c.InterpreterSHA256 != "" || len(c.InterpreterArgs) > 0) {
+		return fmt.Errorf("plugin %s: interpreter_sha256 or interpreter_args without interpreter: set the interpreter too, or neither", c.Name)
+	}
+	for _, a := range c.InterpreterArgs {
+		if !strings.HasPrefix(a, "-") || strings.ContainsRune(a, 0) {
+			return fmt.Errorf("plugin %s: interpreter_args %q: options only (the script is the pinned path, given as /dev/fd/3)", c.Name, a)
+		}
 	}
 	if c.Interpreter != "" || c.InterpreterSHA256 != "" {
 		if !filepath.IsAbs(c.Interpreter) || filepath.Clean(c.Interpreter) != c.Interpreter {
@@ -304,11 +317,15 @@ func (p *Plugin) launch() error {
 		// its path: /proc/self/fd/N is closed on exec).
 		in, err := openPinnedFile(p.cfg.Name, p.cfg.Interpreter, p.cfg.InterpreterSHA256, true)
 		if err != nil {
-			return err
+			return fmt.Errorf("the interpreter: %w", err)
 		}
 		defer in.Close()
+		var magic [2]byte
+		if _, err := in.ReadAt(magic[:], 0); err == nil && string(magic[:]) == "#!" {
+			return fmt.Errorf("%w: %s: the interpreter %s is itself a script (a shim?): configure the binary it runs", ErrRefused, p.cfg.Name, p.cfg.Interpreter)
+		}
 		cmd.Path = fmt.Sprintf("/proc/self/fd/%d", in.Fd())
-		cmd.Args = []string{p.cfg.Interpreter, "/dev/fd/3"}
+		cmd.Args = append(append([]string{p.cfg.Interpreter}, p.cfg.InterpreterArgs...), "/dev/fd/3")
 		cmd.ExtraFiles = []*os.File{f}
 	}
 	tail := &stderrTail{}

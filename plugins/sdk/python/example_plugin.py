@@ -1,21 +1,31 @@
 """An example keyward plugin in Python: it records each revocation keywardd
 sends it, once per operation, in the file EXAMPLE_REVOCATIONS names.
 
-Configure it with its interpreter, both pinned (docs/plugins.md):
+Package it with the SDK as one zipapp, and configure it with its
+interpreter, both pinned (docs/plugins.md):
+
+    mkdir -p build && cp -r keyward_plugin build/ && cp example_plugin.py build/__main__.py
+    python3 -m zipapp build -o example-py.pyz
 
     plugins:
       - name: example-py
-        path: /usr/lib/keyward/plugins/example_plugin.py
-        sha256: ...                       # sha256sum example_plugin.py
+        path: /usr/lib/keyward/plugins/example-py.pyz
+        sha256: ...                       # sha256sum example-py.pyz
         interpreter: /usr/bin/python3.11
         interpreter_sha256: ...           # sha256sum /usr/bin/python3.11
-        env: {PYTHONPATH: /usr/lib/keyward/python, EXAMPLE_REVOCATIONS: /var/lib/keyward-example/revocations}
+        interpreter_args: ["-I"]          # isolated: imports from the zipapp and the system only
+        env: {EXAMPLE_REVOCATIONS: /var/lib/keyward-example/revocations}
 """
 
 import json
 import os
+import threading
 
 import keyward_plugin as kp
+
+# The SDK calls methods concurrently, and keywardd may repeat an operation
+# while the first call still runs: one revocation at a time.
+_lock = threading.Lock()
 
 
 class Example:
@@ -31,6 +41,10 @@ class Example:
             raise kp.Permanent("label must be a string")
 
     def revoke(self, operation_id, event):
+        with _lock:
+            self._revoke(operation_id, event)
+
+    def _revoke(self, operation_id, event):
         path = os.environ["EXAMPLE_REVOCATIONS"]
         done = open(path).read().splitlines() if os.path.exists(path) else []
         if any(line.startswith(operation_id + " ") for line in done):

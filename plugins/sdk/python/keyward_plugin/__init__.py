@@ -42,12 +42,16 @@ registered by hand here, so grpcio-tools is not needed.
 """
 
 import base64
+import ctypes
 import datetime
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from concurrent import futures
 
@@ -80,19 +84,29 @@ class Permanent(Exception):
     """A failure keywardd must not retry (FAILED_PRECONDITION)."""
 
 
-_SECRET_WORDS = ("secret", "password", "token", "key", "credential", "pin")
+# As the Go SDK's sdk.SecretName: an attribute so named is redacted.
+_SECRET_WORDS = ("password", "passwd", "pwd", "secret", "token", "private", "apikey", "api_key")
+_LEVELS = {"debug": "debug", "info": "info", "warn": "warn", "warning": "warn", "error": "error", "critical": "error"}
+_stderr = sys.stderr  # the log's, kept before serve() points sys.stdout at it
+
+
+def _redact(v):
+    if isinstance(v, dict):
+        return {k: "[redacted]" if any(w in str(k).lower() for w in _SECRET_WORDS) else _redact(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_redact(x) for x in v]
+    return v
 
 
 def log(level, message, **attrs):
     """Writes one JSON log line to standard error: keywardd's log line at
-    level (debug, info, warn, error). An attribute whose name says it holds
-    a secret is redacted."""
-    line = {"@level": level, "@message": message,
+    level (debug, info, warn or warning, error or critical). An attribute
+    whose name says it holds a secret is redacted, at any depth."""
+    line = {"@level": _LEVELS.get(level, "info"), "@message": message,
             "@timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-    for k, v in attrs.items():
-        line[k] = "[redacted]" if any(w in k.lower() for w in _SECRET_WORDS) else v
-    sys.stderr.write(json.dumps(line, default=str) + "\n")
-    sys.stderr.flush()
+    line.update(_redact(attrs))
+    _stderr.write(json.dumps(line, default=str) + "\n")
+    _stderr.flush()
 
 
 class _Event:
@@ -125,22 +139,55 @@ def _certificate():
     return cert, key_pem
 
 
+def _scrub(text, request):
+    """text without the request's secret, as the Go SDK's errors: a
+    plugin's message or traceback may quote it (a failed login)."""
+    secret = getattr(request, "secret", b"")
+    if secret:
+        for form in (repr(secret), secret.decode("utf-8", "replace")):
+            text = text.replace(form, "[redacted]")
+    return text
+
+
 def _unary(fn, request_type, response_type):
     """A gRPC handler calling fn(request) -> response, with the plugin's
     failures as statuses: Permanent is FAILED_PRECONDITION, anything else
-    UNAVAILABLE (retried), logged without its arguments."""
+    UNAVAILABLE (retried); the request's secret never in a message or a
+    log line. The methods are called concurrently (a retry may overlap the
+    call it repeats): guard what they share."""
     def handle(request, context):
+        if getattr(request, "operation_id", None) == "" and hasattr(request, "operation_id"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no operation_id")
         try:
             return fn(request) or response_type()
         except Permanent as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, _scrub(str(e), request))
         except NotImplementedError:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "not a capability of this plugin")
         except Exception as e:  # a plugin's bug or its system's failure: retried
-            log("error", "a call failed", error=repr(e), trace=traceback.format_exc(limit=5))
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            log("error", "a call failed", error=_scrub(repr(e), request),
+                trace=_scrub(traceback.format_exc(limit=5), request))
+            context.abort(grpc.StatusCode.UNAVAILABLE, _scrub(str(e), request))
     return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=request_type.FromString,
                                                response_serializer=lambda m: m.SerializeToString())
+
+
+def _watch_parent():
+    """Exits when keywardd does: PR_SET_PDEATHSIG fires when the thread
+    that started the plugin ends, not keywardd, so the parent is polled
+    too (as the Go SDK's watchdog)."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def poll():
+        while True:
+            if os.getppid() != parent:
+                os._exit(0)
+            time.sleep(1)
+    threading.Thread(target=poll, daemon=True).start()
 
 
 def _raw(fn):
@@ -211,6 +258,7 @@ def serve(plugin):
                                         root_certificates=client_cert, require_client_auth=True)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(s, m) for s, m in handlers.items()])
+    _watch_parent()
     sock_dir = tempfile.mkdtemp(prefix="keyward-plugin-", dir=os.environ.get("PLUGIN_UNIX_SOCKET_DIR") or None)
     sock = os.path.join(sock_dir, "plugin.sock")
     server.add_secure_port("unix:" + sock, creds)
@@ -221,12 +269,12 @@ def serve(plugin):
     line = "%d|%d|unix|%s|grpc|%s" % (CORE_PROTOCOL, APP_PROTOCOL, sock, base64.b64encode(der).decode().rstrip("="))
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+    # Standard output was the handshake's: go-plugin drops whatever comes
+    # after, so a stray print goes to the log instead.
+    sys.stdout = sys.stderr
     log("info", "serving", plugin=plugin.name, version=plugin.version)
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
     stop.wait()
     server.stop(grace=2).wait()
-    try:
-        os.remove(sock)
-        os.rmdir(sock_dir)
-    except OSError:
-        pass
+    shutil.rmtree(sock_dir, ignore_errors=True)
     sys.exit(0)
