@@ -91,7 +91,8 @@ func checkDir(dir string, gid int) error {
 		}
 		if gid > 0 {
 			if err := os.Chown(dir, -1, gid); err != nil {
-				return fmt.Errorf("socket: %w", err)
+				os.Remove(dir) // not left behind with the wrong group
+				return fmt.Errorf("socket: giving %s the group %d: %w (keywardd's user must be a member of socket.group; on Kubernetes, list it in supplementalGroups)", dir, gid, err)
 			}
 		}
 		if err := os.Chmod(dir, 0o750); err != nil { // Mkdir's mode is cut by the umask

@@ -338,7 +338,7 @@ func (p *Plugin) launch() error {
 		AutoMTLS:         true,
 		SkipHostEnv:      true,
 		StartTimeout:     p.cfg.StartTimeout,
-		Logger:           newLogBridge(p.cfg.Log, tail),
+		Logger:           newLogBridge(p.cfg.Log, tail, "plugin."+filepath.Base(cmd.Path)),
 	})
 	rpc, err := client.Client()
 	if err != nil {

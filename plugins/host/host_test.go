@@ -408,3 +408,39 @@ func TestScriptPlugin(t *testing.T) {
 		p.Close()
 	}
 }
+
+// TestLogBridge: a line the plugin wrote without a level is logged with
+// its secret-named attributes redacted; a plain line has what looks like
+// a secret scrubbed, is cut to a length, and the lines are paced;
+// go-plugin's own modules are not taken for the plugin's.
+func TestLogBridge(t *testing.T) {
+	var out syncBuffer
+	tail := &stderrTail{}
+	l := newLogBridge(slog.New(slog.NewJSONHandler(&out, nil)), tail, "plugin.7").Named("7")
+	l.Debug(`{"password":"hunter2","user":"u"}`)
+	l.Debug(`connect failed: invalid dsn "postgres://app:S3cret@db/x" token=abc123`)
+	l.Named("x").Debug("received EOF, stopping recv loop") // not the plugin's module
+	l.Debug(strings.Repeat("x", 5000))
+	for range 30 {
+		l.Debug("chatter")
+	}
+	s := out.String()
+	if strings.Contains(s, "hunter2") || strings.Contains(s, "S3cret") || strings.Contains(s, "abc123") {
+		t.Errorf("a secret reached the log:\n%s", s)
+	}
+	if !strings.Contains(s, `"user":"u"`) || !strings.Contains(s, "postgres://app:[redacted]@db/x") {
+		t.Errorf("the lines lost what is not secret:\n%s", s)
+	}
+	if strings.Contains(s, "received EOF") {
+		t.Errorf("go-plugin's own line was taken for the plugin's")
+	}
+	if strings.Contains(s, strings.Repeat("x", 1100)) {
+		t.Errorf("a long line was not cut")
+	}
+	if n := strings.Count(s, `"chatter"`); n >= 30 {
+		t.Errorf("%d of 30 lines in a second logged; want the pace to hold", n)
+	}
+	if strings.Contains(tail.String(), "S3cret") {
+		t.Errorf("a secret in the tail kept for the status: %s", tail)
+	}
+}

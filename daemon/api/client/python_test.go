@@ -141,6 +141,11 @@ func TestPythonExampleApp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	other, err := keywardv1.NewAPIKeyServiceClient(d.Conn).CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "other", Name: "n", Environment: "prod",
+		Permissions: []string{"notes:read"}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -185,6 +190,12 @@ func TestPythonExampleApp(t *testing.T) {
 	}
 	if code, _ := do("GET", "", ""); code != http.StatusUnauthorized {
 		t.Errorf("GET without a key: %d", code)
+	}
+	if code, body := do("GET", other.Secret, ""); code != http.StatusNotFound || body == "a note" {
+		t.Errorf("another owner's key read the note: %d %q", code, body)
+	}
+	if code, _ := do("POST", other.Secret, "x"); code != http.StatusForbidden {
+		t.Errorf("POST with a key lacking notes:write: %d; want 403", code)
 	}
 	if code, _ := do("GET", k.Secret[:len(k.Secret)-2]+"zz", ""); code != http.StatusUnauthorized {
 		t.Errorf("GET with a wrong key: %d", code)

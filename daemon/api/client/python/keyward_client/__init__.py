@@ -24,7 +24,7 @@ grpcio-tools' stubs.
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
@@ -49,17 +49,17 @@ class Error(Exception):
 
 @dataclass
 class DataKey:
-    plaintext: bytes   # use, then forget
-    wrapped: bytes     # store beside the data
-    key_name: str
-    key_version: int
+    plaintext: bytes = field(repr=False)  # use, then forget; never printed
+    wrapped: bytes = b""                  # store beside the data
+    key_name: str = ""
+    key_version: int = 0
 
 
 @dataclass
 class Token:
-    token: str
-    token_id: str
-    expires: float     # Unix seconds
+    token: str = field(repr=False)  # a bearer credential: never printed
+    token_id: str = ""
+    expires: float = 0.0  # Unix seconds
 
 
 @dataclass
@@ -79,7 +79,7 @@ class APIKeyCheck:
     key_id: str
     owner: str
     metadata: dict
-    retry_after: float  # seconds, for RATE_LIMITED
+    retry_after: object  # seconds to wait, for RATE_LIMITED; None when no wait lets it pass (its cost exceeds a burst)
 
 
 class Client:
@@ -154,5 +154,5 @@ class Client:
                                                       source_ip=source_ip, cost=cost),
                       apikeys_pb2.VerifyAPIKeyResponse)
         code = apikeys_pb2.APIKeyCode.Name(r.code).removeprefix("API_KEY_CODE_")
-        retry = r.retry_after.seconds + r.retry_after.nanos / 1e9 if r.HasField("retry_after") else 0.0
+        retry = r.retry_after.seconds + r.retry_after.nanos / 1e9 if r.HasField("retry_after") else None
         return APIKeyCheck(code == "VALID", code, r.reason, r.key_id, r.owner, dict(r.metadata), retry)
