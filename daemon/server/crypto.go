@@ -1,0 +1,121 @@
+package server
+
+import (
+	"context"
+	"fmt"
+
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/appcrypto"
+)
+
+// Crypto is the signing, MAC and random-bytes service the CryptoService
+// translates to: daemon/appcrypto.Service.
+type Crypto interface {
+	Sign(ctx context.Context, name string, in appcrypto.Input) (*appcrypto.Signature, error)
+	Verify(ctx context.Context, name string, v uint32, in appcrypto.Input, sig []byte) (bool, uint32, error)
+	PublicKey(ctx context.Context, name string, v uint32) (*appcrypto.PublicKey, error)
+	GenerateMAC(ctx context.Context, name string, msg []byte) ([]byte, appcrypto.KeyID, error)
+	VerifyMAC(ctx context.Context, name string, v uint32, msg, mac []byte) (bool, appcrypto.KeyID, error)
+	Random(ctx context.Context, n int) ([]byte, error)
+}
+
+// cryptoInput is the message or digest of a Sign or Verify request.
+func cryptoInput(msg, digest []byte, isDigest bool) appcrypto.Input {
+	if isDigest {
+		return appcrypto.Input{Data: digest, IsDigest: true}
+	}
+	return appcrypto.Input{Data: msg}
+}
+
+// crypto checks the caller may do op on key and returns the service.
+func (s *Server) crypto(ctx context.Context, op, key string) (Crypto, error) {
+	if err := s.allow(ctx, op, key); err != nil {
+		return nil, err
+	}
+	if s.cfg.Crypto == nil {
+		return nil, fmt.Errorf("%w: this keywardd does not serve CryptoService", errUnavailable)
+	}
+	return s.cfg.Crypto, nil
+}
+
+func (s *Server) Sign(ctx context.Context, r *keywardv1.SignRequest) (*keywardv1.SignResponse, error) {
+	c, err := s.crypto(ctx, "CryptoService.Sign", r.GetKeyName())
+	if err != nil {
+		return nil, err
+	}
+	_, isDigest := r.GetInput().(*keywardv1.SignRequest_Digest)
+	sig, err := c.Sign(ctx, r.GetKeyName(), cryptoInput(r.GetMessage(), r.GetDigest(), isDigest))
+	if err != nil {
+		return nil, err
+	}
+	callFrom(ctx).version = sig.Key.Version
+	return &keywardv1.SignResponse{Signature: sig.Signature, KeyName: sig.Key.Name, KeyVersion: sig.Key.Version, Algorithm: sig.Algorithm.String()}, nil
+}
+
+func (s *Server) Verify(ctx context.Context, r *keywardv1.VerifyRequest) (*keywardv1.VerifyResponse, error) {
+	c, err := s.crypto(ctx, "CryptoService.Verify", r.GetKeyName())
+	if err != nil {
+		return nil, err
+	}
+	callFrom(ctx).version = r.GetKeyVersion()
+	_, isDigest := r.GetInput().(*keywardv1.VerifyRequest_Digest)
+	ok, v, err := c.Verify(ctx, r.GetKeyName(), r.GetKeyVersion(), cryptoInput(r.GetMessage(), r.GetDigest(), isDigest), r.GetSignature())
+	if err != nil {
+		return nil, err
+	}
+	if ok {
+		callFrom(ctx).version = v
+	}
+	return &keywardv1.VerifyResponse{Valid: ok, KeyVersion: v}, nil
+}
+
+func (s *Server) GetPublicKey(ctx context.Context, r *keywardv1.GetPublicKeyRequest) (*keywardv1.GetPublicKeyResponse, error) {
+	c, err := s.crypto(ctx, "CryptoService.GetPublicKey", r.GetKeyName())
+	if err != nil {
+		return nil, err
+	}
+	pk, err := c.PublicKey(ctx, r.GetKeyName(), r.GetKeyVersion())
+	if err != nil {
+		return nil, err
+	}
+	callFrom(ctx).version = pk.Key.Version
+	return &keywardv1.GetPublicKeyResponse{PublicKeyPem: pk.PEM, Algorithm: pk.Algorithm.String(), KeyVersion: pk.Key.Version, KeyName: pk.Key.Name}, nil
+}
+
+func (s *Server) GenerateMAC(ctx context.Context, r *keywardv1.GenerateMACRequest) (*keywardv1.GenerateMACResponse, error) {
+	c, err := s.crypto(ctx, "CryptoService.GenerateMAC", r.GetKeyName())
+	if err != nil {
+		return nil, err
+	}
+	mac, id, err := c.GenerateMAC(ctx, r.GetKeyName(), r.GetMessage())
+	callFrom(ctx).version = id.Version
+	if err != nil {
+		return nil, err
+	}
+	return &keywardv1.GenerateMACResponse{Mac: mac, KeyName: id.Name, KeyVersion: id.Version}, nil
+}
+
+func (s *Server) VerifyMAC(ctx context.Context, r *keywardv1.VerifyMACRequest) (*keywardv1.VerifyMACResponse, error) {
+	c, err := s.crypto(ctx, "CryptoService.VerifyMAC", r.GetKeyName())
+	if err != nil {
+		return nil, err
+	}
+	ok, id, err := c.VerifyMAC(ctx, r.GetKeyName(), r.GetKeyVersion(), r.GetMessage(), r.GetMac())
+	callFrom(ctx).version = id.Version
+	if err != nil {
+		return nil, err
+	}
+	return &keywardv1.VerifyMACResponse{Valid: ok}, nil
+}
+
+func (s *Server) GenerateRandom(ctx context.Context, r *keywardv1.GenerateRandomRequest) (*keywardv1.GenerateRandomResponse, error) {
+	c, err := s.crypto(ctx, "CryptoService.GenerateRandom", "")
+	if err != nil {
+		return nil, err
+	}
+	b, err := c.Random(ctx, int(r.GetLength()))
+	if err != nil {
+		return nil, err
+	}
+	return &keywardv1.GenerateRandomResponse{Random: b}, nil
+}
