@@ -319,6 +319,24 @@ func TestCryptoMAC(t *testing.T) {
 	if len(a.Random) != 1024 || bytes.Equal(a.Random, b.Random) {
 		t.Fatalf("random: %d bytes, the same twice %v", len(a.Random), bytes.Equal(a.Random, b.Random))
 	}
+	// An HMAC-SHA384 key: 48-byte MACs, named as such.
+	if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "m384", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_HMAC, Algorithm: keywardv1.KeyAlgorithm_KEY_ALGORITHM_HMAC_SHA384}); err != nil {
+		t.Fatal(err)
+	}
+	g3, err := cc.GenerateMAC(ctx, &keywardv1.GenerateMACRequest{KeyName: "m384", Message: msg})
+	if err != nil || len(g3.Mac) != 48 || g3.Algorithm != "hmac-sha384" {
+		t.Fatalf("GenerateMAC with an HMAC-SHA384 key = %v, %v", g3, err)
+	}
+	if g.Algorithm != "hmac-sha256" {
+		t.Fatalf("the default hmac key's algorithm: %q", g.Algorithm)
+	}
+	if r, err := cc.VerifyMAC(ctx, &keywardv1.VerifyMACRequest{KeyName: "m384", Message: msg, Mac: g3.Mac}); err != nil || !r.Valid {
+		t.Fatalf("VerifyMAC with an HMAC-SHA384 key = %v, %v", r, err)
+	}
+	if r, err := cc.VerifyMAC(ctx, &keywardv1.VerifyMACRequest{KeyName: "m384", Message: msg, Mac: g3.Mac[:32]}); err != nil || r.Valid {
+		t.Fatalf("VerifyMAC of a truncated HMAC-SHA384 = %v, %v", r, err)
+	}
+
 	for _, n := range []uint32{0, 1025} {
 		_, err = cc.GenerateRandom(ctx, &keywardv1.GenerateRandomRequest{Length: n})
 		wantCode(t, err, codes.InvalidArgument, "ask for 1 to 1024")

@@ -33,7 +33,7 @@ var commands = []command{
 		example: "  keyward verify-signature -key release -signature app.sig < app.tar"},
 	{path: "public-key", group: groupCrypto, short: "a signing key's public key, PEM, for verifiers", flags: publicKey,
 		example: "  keyward public-key -key release > release.pem\n  openssl dgst -sha256 -verify release.pem -signature app.sig app.tar"},
-	{path: "mac", group: groupCrypto, short: "the HMAC-SHA256 of standard input (or -in) with an hmac key", flags: macCommand,
+	{path: "mac", group: groupCrypto, short: "the HMAC of standard input (or -in) with an hmac key: HMAC-SHA256 or HMAC-SHA384, the key's", flags: macCommand,
 		example: "  keyward mac -key webhooks < body > body.mac"},
 	{path: "verify-mac", group: groupCrypto, short: "verify a MAC of standard input (or -in); exit 1 unless valid", flags: verifyMAC,
 		example: "  keyward verify-mac -key webhooks -mac body.mac < body"},

@@ -2,7 +2,8 @@
 // offers applications (keyward.v1.CryptoService): sign a message or a digest
 // with the version of a signing key that signs now, verify a signature under
 // a published version, export a version's public key, compute and verify
-// HMAC-SHA256 with an hmac key, and draw random bytes from the HSM.
+// HMAC-SHA256 or HMAC-SHA384 with an hmac key, and draw random bytes from
+// the HSM.
 //
 // Private keys and MAC keys stay in the HSM; signatures are verified here
 // with Go's crypto/ecdsa and crypto/ed25519 over the public half the HSM
@@ -56,7 +57,7 @@ type Keys interface {
 // HSM is what the service needs of the HSM.
 type HSM interface {
 	Signer(ctx context.Context, id hsm.KeyID) (*hsm.Signer, error)
-	HMACSHA256(ctx context.Context, id hsm.KeyID, msg []byte) ([]byte, error)
+	HMAC(ctx context.Context, id hsm.KeyID, msg []byte) ([]byte, hsm.Algorithm, error)
 	Random(ctx context.Context, n int) ([]byte, error)
 }
 
@@ -289,21 +290,30 @@ func (s *Service) macVersion(name string, v uint32, op string) (hsm.KeyID, error
 	return hsm.KeyID{Name: name, Version: v}, nil
 }
 
-// GenerateMAC computes HMAC-SHA256 of msg with the newest version of the
-// hmac key name.
-func (s *Service) GenerateMAC(ctx context.Context, name string, msg []byte) ([]byte, KeyID, error) {
+// MAC is a MAC and the key version that made it.
+type MAC struct {
+	MAC       []byte
+	Key       KeyID
+	Algorithm hsm.Algorithm
+}
+
+// GenerateMAC computes the HMAC of msg with the newest version of the hmac
+// key name, with the key's hash: HMAC-SHA256 or HMAC-SHA384. The answer's
+// Key is set once the version is known, even with an error (for the audit
+// record).
+func (s *Service) GenerateMAC(ctx context.Context, name string, msg []byte) (*MAC, error) {
 	if err := checkMessage(msg); err != nil {
-		return nil, hsm.KeyID{}, err
+		return &MAC{}, err
 	}
 	id, err := s.macVersion(name, 0, "GenerateMAC")
 	if err != nil {
-		return nil, hsm.KeyID{}, err
+		return &MAC{}, err
 	}
-	mac, err := s.hsm.HMACSHA256(ctx, id, msg)
-	return mac, id, err
+	mac, alg, err := s.hsm.HMAC(ctx, id, msg)
+	return &MAC{MAC: mac, Key: id, Algorithm: alg}, err
 }
 
-// VerifyMAC says whether mac is the HMAC-SHA256 of msg under version v of
+// VerifyMAC says whether mac is the HMAC of msg under version v of
 // the hmac key name (0: the newest), comparing in constant time. A MAC that
 // does not match is not an error.
 func (s *Service) VerifyMAC(ctx context.Context, name string, v uint32, msg, mac []byte) (bool, KeyID, error) {
@@ -314,7 +324,7 @@ func (s *Service) VerifyMAC(ctx context.Context, name string, v uint32, msg, mac
 	if err != nil {
 		return false, hsm.KeyID{}, err
 	}
-	want, err := s.hsm.HMACSHA256(ctx, id, msg)
+	want, _, err := s.hsm.HMAC(ctx, id, msg)
 	if err != nil {
 		return false, id, err
 	}

@@ -100,26 +100,37 @@ func TestSigningTimeline(t *testing.T) {
 	}
 }
 
-// TestMACVersions: a version below the minimum no longer verifies MACs.
+// TestMACVersions: each HMAC algorithm gives MACs of its size that verify
+// under their version, and a version below the minimum no longer verifies.
 func TestMACVersions(t *testing.T) {
-	s, km, _ := setup(t, keys.Spec{Name: "m", Purpose: keys.MAC})
-	ctx := context.Background()
-	msg := []byte("hello")
-	mac, id, err := s.GenerateMAC(ctx, "m", msg)
-	if err != nil || id.Version != 1 {
-		t.Fatalf("GenerateMAC = %v, %v", id, err)
-	}
-	if _, err := km.Rotate(ctx, "m"); err != nil {
-		t.Fatal(err)
-	}
-	if ok, _, err := s.VerifyMAC(ctx, "m", 1, msg, mac); !ok || err != nil {
-		t.Fatalf("VerifyMAC under v1 = %v, %v", ok, err)
-	}
-	if _, err := km.SetMinDecryptionVersion("m", 2); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := s.VerifyMAC(ctx, "m", 1, msg, mac); !errors.Is(err, keys.ErrVersion) {
-		t.Fatalf("VerifyMAC under v1 below the minimum: %v; want ErrVersion", err)
+	for _, tc := range []struct {
+		alg  hsm.Algorithm
+		size int
+	}{{hsm.HMACSHA256, 32}, {hsm.HMACSHA384, 48}} {
+		t.Run(tc.alg.String(), func(t *testing.T) {
+			s, km, _ := setup(t, keys.Spec{Name: "m", Purpose: keys.MAC, Algorithm: tc.alg})
+			ctx := context.Background()
+			msg := []byte("hello")
+			m, err := s.GenerateMAC(ctx, "m", msg)
+			if err != nil || m.Key.Version != 1 || m.Algorithm != tc.alg || len(m.MAC) != tc.size {
+				t.Fatalf("GenerateMAC = %d bytes, %v %v, %v", len(m.MAC), m.Key, m.Algorithm, err)
+			}
+			if _, err := km.Rotate(ctx, "m"); err != nil {
+				t.Fatal(err)
+			}
+			if ok, _, err := s.VerifyMAC(ctx, "m", 1, msg, m.MAC); !ok || err != nil {
+				t.Fatalf("VerifyMAC under v1 = %v, %v", ok, err)
+			}
+			if ok, _, err := s.VerifyMAC(ctx, "m", 0, msg, m.MAC); ok || err != nil {
+				t.Fatalf("VerifyMAC of v1's MAC under the newest, v2 = %v, %v; want not valid", ok, err)
+			}
+			if _, err := km.SetMinDecryptionVersion("m", 2); err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := s.VerifyMAC(ctx, "m", 1, msg, m.MAC); !errors.Is(err, keys.ErrVersion) {
+				t.Fatalf("VerifyMAC under v1 below the minimum: %v; want ErrVersion", err)
+			}
+		})
 	}
 }
 

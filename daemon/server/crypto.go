@@ -14,7 +14,7 @@ type Crypto interface {
 	Sign(ctx context.Context, name string, in appcrypto.Input) (*appcrypto.Signature, error)
 	Verify(ctx context.Context, name string, v uint32, in appcrypto.Input, sig []byte) (bool, uint32, error)
 	PublicKey(ctx context.Context, name string, v uint32) (*appcrypto.PublicKey, error)
-	GenerateMAC(ctx context.Context, name string, msg []byte) ([]byte, appcrypto.KeyID, error)
+	GenerateMAC(ctx context.Context, name string, msg []byte) (*appcrypto.MAC, error)
 	VerifyMAC(ctx context.Context, name string, v uint32, msg, mac []byte) (bool, appcrypto.KeyID, error)
 	Random(ctx context.Context, n int) ([]byte, error)
 }
@@ -87,12 +87,12 @@ func (s *Server) GenerateMAC(ctx context.Context, r *keywardv1.GenerateMACReques
 	if err != nil {
 		return nil, err
 	}
-	mac, id, err := c.GenerateMAC(ctx, r.GetKeyName(), r.GetMessage())
-	callFrom(ctx).version = id.Version
+	m, err := c.GenerateMAC(ctx, r.GetKeyName(), r.GetMessage())
+	callFrom(ctx).version = m.Key.Version
 	if err != nil {
 		return nil, err
 	}
-	return &keywardv1.GenerateMACResponse{Mac: mac, KeyName: id.Name, KeyVersion: id.Version}, nil
+	return &keywardv1.GenerateMACResponse{Mac: m.MAC, KeyName: m.Key.Name, KeyVersion: m.Key.Version, Algorithm: m.Algorithm.String()}, nil
 }
 
 func (s *Server) VerifyMAC(ctx context.Context, r *keywardv1.VerifyMACRequest) (*keywardv1.VerifyMACResponse, error) {

@@ -551,12 +551,14 @@ func (x *GenerateMACRequest) GetMessage() []byte {
 // GenerateMACResponse is a MAC.
 type GenerateMACResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The MAC: 32 bytes of HMAC-SHA256.
+	// The MAC: 32 bytes of HMAC-SHA256, or 48 of HMAC-SHA384.
 	Mac []byte `protobuf:"bytes,1,opt,name=mac,proto3" json:"mac,omitempty"`
 	// The key used.
 	KeyName string `protobuf:"bytes,2,opt,name=key_name,json=keyName,proto3" json:"key_name,omitempty"`
 	// The version used; give it to VerifyMAC.
-	KeyVersion    uint32 `protobuf:"varint,3,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	KeyVersion uint32 `protobuf:"varint,3,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	// The key's algorithm: hmac-sha256 or hmac-sha384.
+	Algorithm     string `protobuf:"bytes,4,opt,name=algorithm,proto3" json:"algorithm,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -610,6 +612,13 @@ func (x *GenerateMACResponse) GetKeyVersion() uint32 {
 		return x.KeyVersion
 	}
 	return 0
+}
+
+func (x *GenerateMACResponse) GetAlgorithm() string {
+	if x != nil {
+		return x.Algorithm
+	}
+	return ""
 }
 
 // VerifyMACRequest asks whether a MAC is good.
@@ -864,12 +873,13 @@ const file_crypto_proto_rawDesc = "" +
 	"\bkey_name\x18\x04 \x01(\tR\akeyName\"I\n" +
 	"\x12GenerateMACRequest\x12\x19\n" +
 	"\bkey_name\x18\x01 \x01(\tR\akeyName\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\fR\amessage\"c\n" +
+	"\amessage\x18\x02 \x01(\fR\amessage\"\x81\x01\n" +
 	"\x13GenerateMACResponse\x12\x10\n" +
 	"\x03mac\x18\x01 \x01(\fR\x03mac\x12\x19\n" +
 	"\bkey_name\x18\x02 \x01(\tR\akeyName\x12\x1f\n" +
 	"\vkey_version\x18\x03 \x01(\rR\n" +
-	"keyVersion\"z\n" +
+	"keyVersion\x12\x1c\n" +
+	"\talgorithm\x18\x04 \x01(\tR\talgorithm\"z\n" +
 	"\x10VerifyMACRequest\x12\x19\n" +
 	"\bkey_name\x18\x01 \x01(\tR\akeyName\x12\x1f\n" +
 	"\vkey_version\x18\x02 \x01(\rR\n" +

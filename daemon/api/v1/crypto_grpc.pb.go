@@ -34,13 +34,13 @@ const (
 // CryptoService is signing, MACs and random bytes for applications, with the
 // keys kept in the HSM: sign a message or a digest with a signing key and
 // verify signatures, export a signing key's public half for verifiers that
-// do not call keywardd, compute and verify HMAC-SHA256, and draw random bytes
+// do not call keywardd, compute and verify HMACs, and draw random bytes
 // from the HSM.
 //
 // The algorithm is the key's: ECDSA P-256 (SHA-256), ECDSA P-384 (SHA-384)
-// or Ed25519 for signing keys, HMAC-SHA256 for hmac keys. ECDSA signatures
-// are ASN.1 DER (what openssl dgst -verify reads); Ed25519 signatures are the
-// 64 bytes of RFC 8032. HMAC-SHA384 is not offered yet.
+// or Ed25519 for signing keys, HMAC-SHA256 or HMAC-SHA384 for hmac keys.
+// ECDSA signatures are ASN.1 DER (what openssl dgst -verify reads); Ed25519
+// signatures are the 64 bytes of RFC 8032.
 //
 // Errors of every call: PERMISSION_DENIED when the caller's roles do not grant
 // the call on the key, or for keywardd's own keys (names starting with
@@ -144,13 +144,13 @@ func (c *cryptoServiceClient) GenerateRandom(ctx context.Context, in *GenerateRa
 // CryptoService is signing, MACs and random bytes for applications, with the
 // keys kept in the HSM: sign a message or a digest with a signing key and
 // verify signatures, export a signing key's public half for verifiers that
-// do not call keywardd, compute and verify HMAC-SHA256, and draw random bytes
+// do not call keywardd, compute and verify HMACs, and draw random bytes
 // from the HSM.
 //
 // The algorithm is the key's: ECDSA P-256 (SHA-256), ECDSA P-384 (SHA-384)
-// or Ed25519 for signing keys, HMAC-SHA256 for hmac keys. ECDSA signatures
-// are ASN.1 DER (what openssl dgst -verify reads); Ed25519 signatures are the
-// 64 bytes of RFC 8032. HMAC-SHA384 is not offered yet.
+// or Ed25519 for signing keys, HMAC-SHA256 or HMAC-SHA384 for hmac keys.
+// ECDSA signatures are ASN.1 DER (what openssl dgst -verify reads); Ed25519
+// signatures are the 64 bytes of RFC 8032.
 //
 // Errors of every call: PERMISSION_DENIED when the caller's roles do not grant
 // the call on the key, or for keywardd's own keys (names starting with
