@@ -239,6 +239,17 @@ func TestCryptoSignatures(t *testing.T) {
 	}
 }
 
+// createKeys makes keys of the purposes given, each of its purpose's
+// default algorithm.
+func createKeys(t *testing.T, kc keywardv1.KeyServiceClient, keys map[string]keywardv1.KeyPurpose) {
+	t.Helper()
+	for name, p := range keys {
+		if _, err := kc.CreateKey(context.Background(), &keywardv1.CreateKeyRequest{Name: name, Purpose: p}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestCryptoMAC: a MAC verifies under the version that made it and under no
 // other, nor for a changed message or MAC; an encryption key and
 // keywardd's own keys are refused; random bytes come in the length asked.
@@ -247,14 +258,7 @@ func TestCryptoMAC(t *testing.T) {
 	ctx := context.Background()
 	kc := keywardv1.NewKeyServiceClient(in.Conn)
 	cc := keywardv1.NewCryptoServiceClient(in.Conn)
-	for _, k := range []struct {
-		name string
-		p    keywardv1.KeyPurpose
-	}{{"m", keywardv1.KeyPurpose_KEY_PURPOSE_HMAC}, {"e", keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}} {
-		if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: k.name, Purpose: k.p}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	createKeys(t, kc, map[string]keywardv1.KeyPurpose{"m": keywardv1.KeyPurpose_KEY_PURPOSE_HMAC, "e": keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT})
 	msg := []byte("order 42 shipped")
 	g, err := cc.GenerateMAC(ctx, &keywardv1.GenerateMACRequest{KeyName: "m", Message: msg})
 	if err != nil {
@@ -368,5 +372,82 @@ func TestCryptoPolicy(t *testing.T) {
 	wantCode(t, err, codes.PermissionDenied, "CryptoService.GetPublicKey")
 	if r, err := cc.GenerateRandom(ctx, &keywardv1.GenerateRandomRequest{Length: 16}); err != nil || len(r.Random) != 16 {
 		t.Fatalf("GenerateRandom = %v, %v", r, err)
+	}
+}
+
+// TestCryptoBatch: each item of a batch is answered on its own, as its
+// single call would be, and audited with its key and version; a batch over
+// the caller's limit is refused whole.
+func TestCryptoBatch(t *testing.T) {
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
+	ctx := context.Background()
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
+	cc := keywardv1.NewCryptoServiceClient(in.Conn)
+	createKeys(t, kc, map[string]keywardv1.KeyPurpose{"s": keywardv1.KeyPurpose_KEY_PURPOSE_SIGN, "m": keywardv1.KeyPurpose_KEY_PURPOSE_HMAC})
+	signReq := func(key, msg string) *keywardv1.SignRequest {
+		return &keywardv1.SignRequest{KeyName: key, Input: &keywardv1.SignRequest_Message{Message: []byte(msg)}}
+	}
+	bs, err := cc.BatchSign(ctx, &keywardv1.BatchSignRequest{Items: []*keywardv1.SignRequest{
+		signReq("s", "one"), signReq("m", "two"), signReq("keyward-audit", "three"), signReq("s", "four")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := bs.Results
+	if len(r) != 4 || r[0].GetOk() == nil || r[3].GetOk() == nil ||
+		codes.Code(r[1].GetError().GetCode()) != codes.FailedPrecondition || !strings.Contains(r[1].GetError().GetMessage(), "purpose sign") ||
+		codes.Code(r[2].GetError().GetCode()) != codes.PermissionDenied {
+		t.Fatalf("BatchSign = %v", r)
+	}
+	pk, err := cc.GetPublicKey(ctx, &keywardv1.GetPublicKeyRequest{KeyName: "s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !opensslVerify(t, pk.Algorithm, pk.PublicKeyPem, []byte("four"), r[3].GetOk().Signature) {
+		t.Fatal("openssl refuses a batch item's signature")
+	}
+	verifyReq := func(msg string, sig []byte) *keywardv1.VerifyRequest {
+		return &keywardv1.VerifyRequest{KeyName: "s", Input: &keywardv1.VerifyRequest_Message{Message: []byte(msg)}, Signature: sig}
+	}
+	bv, err := cc.BatchVerify(ctx, &keywardv1.BatchVerifyRequest{Items: []*keywardv1.VerifyRequest{
+		verifyReq("one", r[0].GetOk().Signature), verifyReq("one", r[3].GetOk().Signature)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bv.Results[0].GetOk().GetValid() || bv.Results[1].GetOk() == nil || bv.Results[1].GetOk().GetValid() {
+		t.Fatalf("BatchVerify = %v", bv.Results)
+	}
+
+	bm, err := cc.BatchGenerateMAC(ctx, &keywardv1.BatchGenerateMACRequest{Items: []*keywardv1.GenerateMACRequest{
+		{KeyName: "m", Message: []byte("one")}, {KeyName: "m"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(bm.Results[0].GetOk().GetMac()) != 32 || codes.Code(bm.Results[1].GetError().GetCode()) != codes.InvalidArgument {
+		t.Fatalf("BatchGenerateMAC = %v", bm.Results)
+	}
+	mac := bm.Results[0].GetOk().GetMac()
+	bvm, err := cc.BatchVerifyMAC(ctx, &keywardv1.BatchVerifyMACRequest{Items: []*keywardv1.VerifyMACRequest{
+		{KeyName: "m", Message: []byte("one"), Mac: mac}, {KeyName: "m", Message: []byte("two"), Mac: mac}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bvm.Results[0].GetOk().GetValid() || bvm.Results[1].GetOk() == nil || bvm.Results[1].GetOk().GetValid() {
+		t.Fatalf("BatchVerifyMAC = %v", bvm.Results)
+	}
+
+	// uidPolicy's role allows batches of 5.
+	var six []*keywardv1.GenerateMACRequest
+	for range 6 {
+		six = append(six, &keywardv1.GenerateMACRequest{KeyName: "m", Message: []byte("x")})
+	}
+	_, err = cc.BatchGenerateMAC(ctx, &keywardv1.BatchGenerateMACRequest{Items: six})
+	wantCode(t, err, codes.InvalidArgument, "at most 5")
+
+	recs, err := keywardv1.NewAuditServiceClient(in.Conn).ListAuditRecords(ctx, &keywardv1.ListAuditRecordsRequest{Operation: "CryptoService.BatchSign"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(recs.Records) != 1 || recs.Records[0].Items != 4 {
+		t.Fatalf("BatchSign's audit records: %v", recs.Records)
 	}
 }

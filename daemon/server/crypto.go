@@ -39,7 +39,11 @@ func (s *Server) crypto(ctx context.Context, op, key string) (Crypto, error) {
 }
 
 func (s *Server) Sign(ctx context.Context, r *keywardv1.SignRequest) (*keywardv1.SignResponse, error) {
-	c, err := s.crypto(ctx, "CryptoService.Sign", r.GetKeyName())
+	return s.sign(ctx, "CryptoService.Sign", r)
+}
+
+func (s *Server) sign(ctx context.Context, op string, r *keywardv1.SignRequest) (*keywardv1.SignResponse, error) {
+	c, err := s.crypto(ctx, op, r.GetKeyName())
 	if err != nil {
 		return nil, err
 	}
@@ -53,7 +57,11 @@ func (s *Server) Sign(ctx context.Context, r *keywardv1.SignRequest) (*keywardv1
 }
 
 func (s *Server) Verify(ctx context.Context, r *keywardv1.VerifyRequest) (*keywardv1.VerifyResponse, error) {
-	c, err := s.crypto(ctx, "CryptoService.Verify", r.GetKeyName())
+	return s.verify(ctx, "CryptoService.Verify", r)
+}
+
+func (s *Server) verify(ctx context.Context, op string, r *keywardv1.VerifyRequest) (*keywardv1.VerifyResponse, error) {
+	c, err := s.crypto(ctx, op, r.GetKeyName())
 	if err != nil {
 		return nil, err
 	}
@@ -83,7 +91,11 @@ func (s *Server) GetPublicKey(ctx context.Context, r *keywardv1.GetPublicKeyRequ
 }
 
 func (s *Server) GenerateMAC(ctx context.Context, r *keywardv1.GenerateMACRequest) (*keywardv1.GenerateMACResponse, error) {
-	c, err := s.crypto(ctx, "CryptoService.GenerateMAC", r.GetKeyName())
+	return s.generateMAC(ctx, "CryptoService.GenerateMAC", r)
+}
+
+func (s *Server) generateMAC(ctx context.Context, op string, r *keywardv1.GenerateMACRequest) (*keywardv1.GenerateMACResponse, error) {
+	c, err := s.crypto(ctx, op, r.GetKeyName())
 	if err != nil {
 		return nil, err
 	}
@@ -96,7 +108,11 @@ func (s *Server) GenerateMAC(ctx context.Context, r *keywardv1.GenerateMACReques
 }
 
 func (s *Server) VerifyMAC(ctx context.Context, r *keywardv1.VerifyMACRequest) (*keywardv1.VerifyMACResponse, error) {
-	c, err := s.crypto(ctx, "CryptoService.VerifyMAC", r.GetKeyName())
+	return s.verifyMAC(ctx, "CryptoService.VerifyMAC", r)
+}
+
+func (s *Server) verifyMAC(ctx context.Context, op string, r *keywardv1.VerifyMACRequest) (*keywardv1.VerifyMACResponse, error) {
+	c, err := s.crypto(ctx, op, r.GetKeyName())
 	if err != nil {
 		return nil, err
 	}
@@ -118,4 +134,80 @@ func (s *Server) GenerateRandom(ctx context.Context, r *keywardv1.GenerateRandom
 		return nil, err
 	}
 	return &keywardv1.GenerateRandomResponse{Random: b}, nil
+}
+
+// cryptoBatch runs a batch of op, one call per item (runBatch), and makes
+// each item's result with ok or fail.
+func cryptoBatch[Req, Resp, Res any](ctx context.Context, s *Server, op string, items []Req,
+	one func(ctx context.Context, op string, r Req) (Resp, error), ok func(Resp) Res, fail func(*keywardv1.ItemError) Res) ([]Res, error) {
+	oks, errs, err := runBatch(ctx, s, op, items, func(ctx context.Context, r Req) (Resp, error) { return one(ctx, op, r) })
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Res, len(oks))
+	for i := range oks {
+		if errs[i] != nil {
+			code, msg := itemError(errs[i])
+			out[i] = fail(&keywardv1.ItemError{Code: code, Message: msg})
+		} else {
+			out[i] = ok(oks[i])
+		}
+	}
+	return out, nil
+}
+
+func (s *Server) BatchSign(ctx context.Context, r *keywardv1.BatchSignRequest) (*keywardv1.BatchSignResponse, error) {
+	res, err := cryptoBatch(ctx, s, "CryptoService.BatchSign", r.GetItems(), s.sign,
+		func(ok *keywardv1.SignResponse) *keywardv1.BatchSignResult {
+			return &keywardv1.BatchSignResult{Result: &keywardv1.BatchSignResult_Ok{Ok: ok}}
+		},
+		func(e *keywardv1.ItemError) *keywardv1.BatchSignResult {
+			return &keywardv1.BatchSignResult{Result: &keywardv1.BatchSignResult_Error{Error: e}}
+		})
+	if err != nil {
+		return nil, err
+	}
+	return &keywardv1.BatchSignResponse{Results: res}, nil
+}
+
+func (s *Server) BatchVerify(ctx context.Context, r *keywardv1.BatchVerifyRequest) (*keywardv1.BatchVerifyResponse, error) {
+	res, err := cryptoBatch(ctx, s, "CryptoService.BatchVerify", r.GetItems(), s.verify,
+		func(ok *keywardv1.VerifyResponse) *keywardv1.BatchVerifyResult {
+			return &keywardv1.BatchVerifyResult{Result: &keywardv1.BatchVerifyResult_Ok{Ok: ok}}
+		},
+		func(e *keywardv1.ItemError) *keywardv1.BatchVerifyResult {
+			return &keywardv1.BatchVerifyResult{Result: &keywardv1.BatchVerifyResult_Error{Error: e}}
+		})
+	if err != nil {
+		return nil, err
+	}
+	return &keywardv1.BatchVerifyResponse{Results: res}, nil
+}
+
+func (s *Server) BatchGenerateMAC(ctx context.Context, r *keywardv1.BatchGenerateMACRequest) (*keywardv1.BatchGenerateMACResponse, error) {
+	res, err := cryptoBatch(ctx, s, "CryptoService.BatchGenerateMAC", r.GetItems(), s.generateMAC,
+		func(ok *keywardv1.GenerateMACResponse) *keywardv1.BatchGenerateMACResult {
+			return &keywardv1.BatchGenerateMACResult{Result: &keywardv1.BatchGenerateMACResult_Ok{Ok: ok}}
+		},
+		func(e *keywardv1.ItemError) *keywardv1.BatchGenerateMACResult {
+			return &keywardv1.BatchGenerateMACResult{Result: &keywardv1.BatchGenerateMACResult_Error{Error: e}}
+		})
+	if err != nil {
+		return nil, err
+	}
+	return &keywardv1.BatchGenerateMACResponse{Results: res}, nil
+}
+
+func (s *Server) BatchVerifyMAC(ctx context.Context, r *keywardv1.BatchVerifyMACRequest) (*keywardv1.BatchVerifyMACResponse, error) {
+	res, err := cryptoBatch(ctx, s, "CryptoService.BatchVerifyMAC", r.GetItems(), s.verifyMAC,
+		func(ok *keywardv1.VerifyMACResponse) *keywardv1.BatchVerifyMACResult {
+			return &keywardv1.BatchVerifyMACResult{Result: &keywardv1.BatchVerifyMACResult_Ok{Ok: ok}}
+		},
+		func(e *keywardv1.ItemError) *keywardv1.BatchVerifyMACResult {
+			return &keywardv1.BatchVerifyMACResult{Result: &keywardv1.BatchVerifyMACResult_Error{Error: e}}
+		})
+	if err != nil {
+		return nil, err
+	}
+	return &keywardv1.BatchVerifyMACResponse{Results: res}, nil
 }

@@ -832,12 +832,728 @@ func (x *GenerateRandomResponse) GetRandom() []byte {
 	return nil
 }
 
+// BatchSignRequest holds the items.
+type BatchSignRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The items, each a Sign request.
+	Items         []*SignRequest `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchSignRequest) Reset() {
+	*x = BatchSignRequest{}
+	mi := &file_crypto_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchSignRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchSignRequest) ProtoMessage() {}
+
+func (x *BatchSignRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_crypto_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchSignRequest.ProtoReflect.Descriptor instead.
+func (*BatchSignRequest) Descriptor() ([]byte, []int) {
+	return file_crypto_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *BatchSignRequest) GetItems() []*SignRequest {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+// BatchSignResponse answers each item, in order.
+type BatchSignResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One result per item, in the items' order.
+	Results       []*BatchSignResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchSignResponse) Reset() {
+	*x = BatchSignResponse{}
+	mi := &file_crypto_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchSignResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchSignResponse) ProtoMessage() {}
+
+func (x *BatchSignResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_crypto_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchSignResponse.ProtoReflect.Descriptor instead.
+func (*BatchSignResponse) Descriptor() ([]byte, []int) {
+	return file_crypto_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *BatchSignResponse) GetResults() []*BatchSignResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// BatchSignResult is one item's answer.
+type BatchSignResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The answer, or the error the single call would have given.
+	//
+	// Types that are valid to be assigned to Result:
+	//
+	//	*BatchSignResult_Ok
+	//	*BatchSignResult_Error
+	Result        isBatchSignResult_Result `protobuf_oneof:"result"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchSignResult) Reset() {
+	*x = BatchSignResult{}
+	mi := &file_crypto_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchSignResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchSignResult) ProtoMessage() {}
+
+func (x *BatchSignResult) ProtoReflect() protoreflect.Message {
+	mi := &file_crypto_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchSignResult.ProtoReflect.Descriptor instead.
+func (*BatchSignResult) Descriptor() ([]byte, []int) {
+	return file_crypto_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *BatchSignResult) GetResult() isBatchSignResult_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *BatchSignResult) GetOk() *SignResponse {
+	if x != nil {
+		if x, ok := x.Result.(*BatchSignResult_Ok); ok {
+			return x.Ok
+		}
+	}
+	return nil
+}
+
+func (x *BatchSignResult) GetError() *ItemError {
+	if x != nil {
+		if x, ok := x.Result.(*BatchSignResult_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isBatchSignResult_Result interface {
+	isBatchSignResult_Result()
+}
+
+type BatchSignResult_Ok struct {
+	// The item's answer.
+	Ok *SignResponse `protobuf:"bytes,1,opt,name=ok,proto3,oneof"`
+}
+
+type BatchSignResult_Error struct {
+	// The item's error.
+	Error *ItemError `protobuf:"bytes,2,opt,name=error,proto3,oneof"`
+}
+
+func (*BatchSignResult_Ok) isBatchSignResult_Result() {}
+
+func (*BatchSignResult_Error) isBatchSignResult_Result() {}
+
+// BatchVerifyRequest holds the items.
+type BatchVerifyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The items, each a Verify request.
+	Items         []*VerifyRequest `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchVerifyRequest) Reset() {
+	*x = BatchVerifyRequest{}
+	mi := &file_crypto_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchVerifyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchVerifyRequest) ProtoMessage() {}
+
+func (x *BatchVerifyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_crypto_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchVerifyRequest.ProtoReflect.Descriptor instead.
+func (*BatchVerifyRequest) Descriptor() ([]byte, []int) {
+	return file_crypto_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *BatchVerifyRequest) GetItems() []*VerifyRequest {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+// BatchVerifyResponse answers each item, in order.
+type BatchVerifyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One result per item, in the items' order.
+	Results       []*BatchVerifyResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchVerifyResponse) Reset() {
+	*x = BatchVerifyResponse{}
+	mi := &file_crypto_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchVerifyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchVerifyResponse) ProtoMessage() {}
+
+func (x *BatchVerifyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_crypto_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchVerifyResponse.ProtoReflect.Descriptor instead.
+func (*BatchVerifyResponse) Descriptor() ([]byte, []int) {
+	return file_crypto_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *BatchVerifyResponse) GetResults() []*BatchVerifyResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// BatchVerifyResult is one item's answer.
+type BatchVerifyResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The answer, or the error the single call would have given.
+	//
+	// Types that are valid to be assigned to Result:
+	//
+	//	*BatchVerifyResult_Ok
+	//	*BatchVerifyResult_Error
+	Result        isBatchVerifyResult_Result `protobuf_oneof:"result"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchVerifyResult) Reset() {
+	*x = BatchVerifyResult{}
+	mi := &file_crypto_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchVerifyResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchVerifyResult) ProtoMessage() {}
+
+func (x *BatchVerifyResult) ProtoReflect() protoreflect.Message {
+	mi := &file_crypto_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchVerifyResult.ProtoReflect.Descriptor instead.
+func (*BatchVerifyResult) Descriptor() ([]byte, []int) {
+	return file_crypto_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *BatchVerifyResult) GetResult() isBatchVerifyResult_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *BatchVerifyResult) GetOk() *VerifyResponse {
+	if x != nil {
+		if x, ok := x.Result.(*BatchVerifyResult_Ok); ok {
+			return x.Ok
+		}
+	}
+	return nil
+}
+
+func (x *BatchVerifyResult) GetError() *ItemError {
+	if x != nil {
+		if x, ok := x.Result.(*BatchVerifyResult_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isBatchVerifyResult_Result interface {
+	isBatchVerifyResult_Result()
+}
+
+type BatchVerifyResult_Ok struct {
+	// The item's answer.
+	Ok *VerifyResponse `protobuf:"bytes,1,opt,name=ok,proto3,oneof"`
+}
+
+type BatchVerifyResult_Error struct {
+	// The item's error.
+	Error *ItemError `protobuf:"bytes,2,opt,name=error,proto3,oneof"`
+}
+
+func (*BatchVerifyResult_Ok) isBatchVerifyResult_Result() {}
+
+func (*BatchVerifyResult_Error) isBatchVerifyResult_Result() {}
+
+// BatchGenerateMACRequest holds the items.
+type BatchGenerateMACRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The items, each a GenerateMAC request.
+	Items         []*GenerateMACRequest `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchGenerateMACRequest) Reset() {
+	*x = BatchGenerateMACRequest{}
+	mi := &file_crypto_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchGenerateMACRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchGenerateMACRequest) ProtoMessage() {}
+
+func (x *BatchGenerateMACRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_crypto_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchGenerateMACRequest.ProtoReflect.Descriptor instead.
+func (*BatchGenerateMACRequest) Descriptor() ([]byte, []int) {
+	return file_crypto_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *BatchGenerateMACRequest) GetItems() []*GenerateMACRequest {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+// BatchGenerateMACResponse answers each item, in order.
+type BatchGenerateMACResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One result per item, in the items' order.
+	Results       []*BatchGenerateMACResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchGenerateMACResponse) Reset() {
+	*x = BatchGenerateMACResponse{}
+	mi := &file_crypto_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchGenerateMACResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchGenerateMACResponse) ProtoMessage() {}
+
+func (x *BatchGenerateMACResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_crypto_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchGenerateMACResponse.ProtoReflect.Descriptor instead.
+func (*BatchGenerateMACResponse) Descriptor() ([]byte, []int) {
+	return file_crypto_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *BatchGenerateMACResponse) GetResults() []*BatchGenerateMACResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// BatchGenerateMACResult is one item's answer.
+type BatchGenerateMACResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The answer, or the error the single call would have given.
+	//
+	// Types that are valid to be assigned to Result:
+	//
+	//	*BatchGenerateMACResult_Ok
+	//	*BatchGenerateMACResult_Error
+	Result        isBatchGenerateMACResult_Result `protobuf_oneof:"result"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchGenerateMACResult) Reset() {
+	*x = BatchGenerateMACResult{}
+	mi := &file_crypto_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchGenerateMACResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchGenerateMACResult) ProtoMessage() {}
+
+func (x *BatchGenerateMACResult) ProtoReflect() protoreflect.Message {
+	mi := &file_crypto_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchGenerateMACResult.ProtoReflect.Descriptor instead.
+func (*BatchGenerateMACResult) Descriptor() ([]byte, []int) {
+	return file_crypto_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *BatchGenerateMACResult) GetResult() isBatchGenerateMACResult_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *BatchGenerateMACResult) GetOk() *GenerateMACResponse {
+	if x != nil {
+		if x, ok := x.Result.(*BatchGenerateMACResult_Ok); ok {
+			return x.Ok
+		}
+	}
+	return nil
+}
+
+func (x *BatchGenerateMACResult) GetError() *ItemError {
+	if x != nil {
+		if x, ok := x.Result.(*BatchGenerateMACResult_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isBatchGenerateMACResult_Result interface {
+	isBatchGenerateMACResult_Result()
+}
+
+type BatchGenerateMACResult_Ok struct {
+	// The item's answer.
+	Ok *GenerateMACResponse `protobuf:"bytes,1,opt,name=ok,proto3,oneof"`
+}
+
+type BatchGenerateMACResult_Error struct {
+	// The item's error.
+	Error *ItemError `protobuf:"bytes,2,opt,name=error,proto3,oneof"`
+}
+
+func (*BatchGenerateMACResult_Ok) isBatchGenerateMACResult_Result() {}
+
+func (*BatchGenerateMACResult_Error) isBatchGenerateMACResult_Result() {}
+
+// BatchVerifyMACRequest holds the items.
+type BatchVerifyMACRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The items, each a VerifyMAC request.
+	Items         []*VerifyMACRequest `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchVerifyMACRequest) Reset() {
+	*x = BatchVerifyMACRequest{}
+	mi := &file_crypto_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchVerifyMACRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchVerifyMACRequest) ProtoMessage() {}
+
+func (x *BatchVerifyMACRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_crypto_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchVerifyMACRequest.ProtoReflect.Descriptor instead.
+func (*BatchVerifyMACRequest) Descriptor() ([]byte, []int) {
+	return file_crypto_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *BatchVerifyMACRequest) GetItems() []*VerifyMACRequest {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+// BatchVerifyMACResponse answers each item, in order.
+type BatchVerifyMACResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One result per item, in the items' order.
+	Results       []*BatchVerifyMACResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchVerifyMACResponse) Reset() {
+	*x = BatchVerifyMACResponse{}
+	mi := &file_crypto_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchVerifyMACResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchVerifyMACResponse) ProtoMessage() {}
+
+func (x *BatchVerifyMACResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_crypto_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchVerifyMACResponse.ProtoReflect.Descriptor instead.
+func (*BatchVerifyMACResponse) Descriptor() ([]byte, []int) {
+	return file_crypto_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *BatchVerifyMACResponse) GetResults() []*BatchVerifyMACResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// BatchVerifyMACResult is one item's answer.
+type BatchVerifyMACResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The answer, or the error the single call would have given.
+	//
+	// Types that are valid to be assigned to Result:
+	//
+	//	*BatchVerifyMACResult_Ok
+	//	*BatchVerifyMACResult_Error
+	Result        isBatchVerifyMACResult_Result `protobuf_oneof:"result"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchVerifyMACResult) Reset() {
+	*x = BatchVerifyMACResult{}
+	mi := &file_crypto_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchVerifyMACResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchVerifyMACResult) ProtoMessage() {}
+
+func (x *BatchVerifyMACResult) ProtoReflect() protoreflect.Message {
+	mi := &file_crypto_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchVerifyMACResult.ProtoReflect.Descriptor instead.
+func (*BatchVerifyMACResult) Descriptor() ([]byte, []int) {
+	return file_crypto_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *BatchVerifyMACResult) GetResult() isBatchVerifyMACResult_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *BatchVerifyMACResult) GetOk() *VerifyMACResponse {
+	if x != nil {
+		if x, ok := x.Result.(*BatchVerifyMACResult_Ok); ok {
+			return x.Ok
+		}
+	}
+	return nil
+}
+
+func (x *BatchVerifyMACResult) GetError() *ItemError {
+	if x != nil {
+		if x, ok := x.Result.(*BatchVerifyMACResult_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isBatchVerifyMACResult_Result interface {
+	isBatchVerifyMACResult_Result()
+}
+
+type BatchVerifyMACResult_Ok struct {
+	// The item's answer.
+	Ok *VerifyMACResponse `protobuf:"bytes,1,opt,name=ok,proto3,oneof"`
+}
+
+type BatchVerifyMACResult_Error struct {
+	// The item's error.
+	Error *ItemError `protobuf:"bytes,2,opt,name=error,proto3,oneof"`
+}
+
+func (*BatchVerifyMACResult_Ok) isBatchVerifyMACResult_Result() {}
+
+func (*BatchVerifyMACResult_Error) isBatchVerifyMACResult_Result() {}
+
 var File_crypto_proto protoreflect.FileDescriptor
 
 const file_crypto_proto_rawDesc = "" +
 	"\n" +
 	"\fcrypto.proto\x12\n" +
-	"keyward.v1\"g\n" +
+	"keyward.v1\x1a\x0eenvelope.proto\"g\n" +
 	"\vSignRequest\x12\x19\n" +
 	"\bkey_name\x18\x01 \x01(\tR\akeyName\x12\x1a\n" +
 	"\amessage\x18\x02 \x01(\fH\x00R\amessage\x12\x18\n" +
@@ -891,14 +1607,50 @@ const file_crypto_proto_rawDesc = "" +
 	"\x15GenerateRandomRequest\x12\x16\n" +
 	"\x06length\x18\x01 \x01(\rR\x06length\"0\n" +
 	"\x16GenerateRandomResponse\x12\x16\n" +
-	"\x06random\x18\x01 \x01(\fR\x06random2\xd1\x03\n" +
+	"\x06random\x18\x01 \x01(\fR\x06random\"A\n" +
+	"\x10BatchSignRequest\x12-\n" +
+	"\x05items\x18\x01 \x03(\v2\x17.keyward.v1.SignRequestR\x05items\"J\n" +
+	"\x11BatchSignResponse\x125\n" +
+	"\aresults\x18\x01 \x03(\v2\x1b.keyward.v1.BatchSignResultR\aresults\"v\n" +
+	"\x0fBatchSignResult\x12*\n" +
+	"\x02ok\x18\x01 \x01(\v2\x18.keyward.v1.SignResponseH\x00R\x02ok\x12-\n" +
+	"\x05error\x18\x02 \x01(\v2\x15.keyward.v1.ItemErrorH\x00R\x05errorB\b\n" +
+	"\x06result\"E\n" +
+	"\x12BatchVerifyRequest\x12/\n" +
+	"\x05items\x18\x01 \x03(\v2\x19.keyward.v1.VerifyRequestR\x05items\"N\n" +
+	"\x13BatchVerifyResponse\x127\n" +
+	"\aresults\x18\x01 \x03(\v2\x1d.keyward.v1.BatchVerifyResultR\aresults\"z\n" +
+	"\x11BatchVerifyResult\x12,\n" +
+	"\x02ok\x18\x01 \x01(\v2\x1a.keyward.v1.VerifyResponseH\x00R\x02ok\x12-\n" +
+	"\x05error\x18\x02 \x01(\v2\x15.keyward.v1.ItemErrorH\x00R\x05errorB\b\n" +
+	"\x06result\"O\n" +
+	"\x17BatchGenerateMACRequest\x124\n" +
+	"\x05items\x18\x01 \x03(\v2\x1e.keyward.v1.GenerateMACRequestR\x05items\"X\n" +
+	"\x18BatchGenerateMACResponse\x12<\n" +
+	"\aresults\x18\x01 \x03(\v2\".keyward.v1.BatchGenerateMACResultR\aresults\"\x84\x01\n" +
+	"\x16BatchGenerateMACResult\x121\n" +
+	"\x02ok\x18\x01 \x01(\v2\x1f.keyward.v1.GenerateMACResponseH\x00R\x02ok\x12-\n" +
+	"\x05error\x18\x02 \x01(\v2\x15.keyward.v1.ItemErrorH\x00R\x05errorB\b\n" +
+	"\x06result\"K\n" +
+	"\x15BatchVerifyMACRequest\x122\n" +
+	"\x05items\x18\x01 \x03(\v2\x1c.keyward.v1.VerifyMACRequestR\x05items\"T\n" +
+	"\x16BatchVerifyMACResponse\x12:\n" +
+	"\aresults\x18\x01 \x03(\v2 .keyward.v1.BatchVerifyMACResultR\aresults\"\x80\x01\n" +
+	"\x14BatchVerifyMACResult\x12/\n" +
+	"\x02ok\x18\x01 \x01(\v2\x1d.keyward.v1.VerifyMACResponseH\x00R\x02ok\x12-\n" +
+	"\x05error\x18\x02 \x01(\v2\x15.keyward.v1.ItemErrorH\x00R\x05errorB\b\n" +
+	"\x06result2\xa3\x06\n" +
 	"\rCryptoService\x129\n" +
 	"\x04Sign\x12\x17.keyward.v1.SignRequest\x1a\x18.keyward.v1.SignResponse\x12?\n" +
 	"\x06Verify\x12\x19.keyward.v1.VerifyRequest\x1a\x1a.keyward.v1.VerifyResponse\x12Q\n" +
 	"\fGetPublicKey\x12\x1f.keyward.v1.GetPublicKeyRequest\x1a .keyward.v1.GetPublicKeyResponse\x12N\n" +
 	"\vGenerateMAC\x12\x1e.keyward.v1.GenerateMACRequest\x1a\x1f.keyward.v1.GenerateMACResponse\x12H\n" +
 	"\tVerifyMAC\x12\x1c.keyward.v1.VerifyMACRequest\x1a\x1d.keyward.v1.VerifyMACResponse\x12W\n" +
-	"\x0eGenerateRandom\x12!.keyward.v1.GenerateRandomRequest\x1a\".keyward.v1.GenerateRandomResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
+	"\x0eGenerateRandom\x12!.keyward.v1.GenerateRandomRequest\x1a\".keyward.v1.GenerateRandomResponse\x12H\n" +
+	"\tBatchSign\x12\x1c.keyward.v1.BatchSignRequest\x1a\x1d.keyward.v1.BatchSignResponse\x12N\n" +
+	"\vBatchVerify\x12\x1e.keyward.v1.BatchVerifyRequest\x1a\x1f.keyward.v1.BatchVerifyResponse\x12]\n" +
+	"\x10BatchGenerateMAC\x12#.keyward.v1.BatchGenerateMACRequest\x1a$.keyward.v1.BatchGenerateMACResponse\x12W\n" +
+	"\x0eBatchVerifyMAC\x12!.keyward.v1.BatchVerifyMACRequest\x1a\".keyward.v1.BatchVerifyMACResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
 
 var (
 	file_crypto_proto_rawDescOnce sync.Once
@@ -912,39 +1664,76 @@ func file_crypto_proto_rawDescGZIP() []byte {
 	return file_crypto_proto_rawDescData
 }
 
-var file_crypto_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_crypto_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_crypto_proto_goTypes = []any{
-	(*SignRequest)(nil),            // 0: keyward.v1.SignRequest
-	(*SignResponse)(nil),           // 1: keyward.v1.SignResponse
-	(*VerifyRequest)(nil),          // 2: keyward.v1.VerifyRequest
-	(*VerifyResponse)(nil),         // 3: keyward.v1.VerifyResponse
-	(*GetPublicKeyRequest)(nil),    // 4: keyward.v1.GetPublicKeyRequest
-	(*GetPublicKeyResponse)(nil),   // 5: keyward.v1.GetPublicKeyResponse
-	(*GenerateMACRequest)(nil),     // 6: keyward.v1.GenerateMACRequest
-	(*GenerateMACResponse)(nil),    // 7: keyward.v1.GenerateMACResponse
-	(*VerifyMACRequest)(nil),       // 8: keyward.v1.VerifyMACRequest
-	(*VerifyMACResponse)(nil),      // 9: keyward.v1.VerifyMACResponse
-	(*GenerateRandomRequest)(nil),  // 10: keyward.v1.GenerateRandomRequest
-	(*GenerateRandomResponse)(nil), // 11: keyward.v1.GenerateRandomResponse
+	(*SignRequest)(nil),              // 0: keyward.v1.SignRequest
+	(*SignResponse)(nil),             // 1: keyward.v1.SignResponse
+	(*VerifyRequest)(nil),            // 2: keyward.v1.VerifyRequest
+	(*VerifyResponse)(nil),           // 3: keyward.v1.VerifyResponse
+	(*GetPublicKeyRequest)(nil),      // 4: keyward.v1.GetPublicKeyRequest
+	(*GetPublicKeyResponse)(nil),     // 5: keyward.v1.GetPublicKeyResponse
+	(*GenerateMACRequest)(nil),       // 6: keyward.v1.GenerateMACRequest
+	(*GenerateMACResponse)(nil),      // 7: keyward.v1.GenerateMACResponse
+	(*VerifyMACRequest)(nil),         // 8: keyward.v1.VerifyMACRequest
+	(*VerifyMACResponse)(nil),        // 9: keyward.v1.VerifyMACResponse
+	(*GenerateRandomRequest)(nil),    // 10: keyward.v1.GenerateRandomRequest
+	(*GenerateRandomResponse)(nil),   // 11: keyward.v1.GenerateRandomResponse
+	(*BatchSignRequest)(nil),         // 12: keyward.v1.BatchSignRequest
+	(*BatchSignResponse)(nil),        // 13: keyward.v1.BatchSignResponse
+	(*BatchSignResult)(nil),          // 14: keyward.v1.BatchSignResult
+	(*BatchVerifyRequest)(nil),       // 15: keyward.v1.BatchVerifyRequest
+	(*BatchVerifyResponse)(nil),      // 16: keyward.v1.BatchVerifyResponse
+	(*BatchVerifyResult)(nil),        // 17: keyward.v1.BatchVerifyResult
+	(*BatchGenerateMACRequest)(nil),  // 18: keyward.v1.BatchGenerateMACRequest
+	(*BatchGenerateMACResponse)(nil), // 19: keyward.v1.BatchGenerateMACResponse
+	(*BatchGenerateMACResult)(nil),   // 20: keyward.v1.BatchGenerateMACResult
+	(*BatchVerifyMACRequest)(nil),    // 21: keyward.v1.BatchVerifyMACRequest
+	(*BatchVerifyMACResponse)(nil),   // 22: keyward.v1.BatchVerifyMACResponse
+	(*BatchVerifyMACResult)(nil),     // 23: keyward.v1.BatchVerifyMACResult
+	(*ItemError)(nil),                // 24: keyward.v1.ItemError
 }
 var file_crypto_proto_depIdxs = []int32{
-	0,  // 0: keyward.v1.CryptoService.Sign:input_type -> keyward.v1.SignRequest
-	2,  // 1: keyward.v1.CryptoService.Verify:input_type -> keyward.v1.VerifyRequest
-	4,  // 2: keyward.v1.CryptoService.GetPublicKey:input_type -> keyward.v1.GetPublicKeyRequest
-	6,  // 3: keyward.v1.CryptoService.GenerateMAC:input_type -> keyward.v1.GenerateMACRequest
-	8,  // 4: keyward.v1.CryptoService.VerifyMAC:input_type -> keyward.v1.VerifyMACRequest
-	10, // 5: keyward.v1.CryptoService.GenerateRandom:input_type -> keyward.v1.GenerateRandomRequest
-	1,  // 6: keyward.v1.CryptoService.Sign:output_type -> keyward.v1.SignResponse
-	3,  // 7: keyward.v1.CryptoService.Verify:output_type -> keyward.v1.VerifyResponse
-	5,  // 8: keyward.v1.CryptoService.GetPublicKey:output_type -> keyward.v1.GetPublicKeyResponse
-	7,  // 9: keyward.v1.CryptoService.GenerateMAC:output_type -> keyward.v1.GenerateMACResponse
-	9,  // 10: keyward.v1.CryptoService.VerifyMAC:output_type -> keyward.v1.VerifyMACResponse
-	11, // 11: keyward.v1.CryptoService.GenerateRandom:output_type -> keyward.v1.GenerateRandomResponse
-	6,  // [6:12] is the sub-list for method output_type
-	0,  // [0:6] is the sub-list for method input_type
-	0,  // [0:0] is the sub-list for extension type_name
-	0,  // [0:0] is the sub-list for extension extendee
-	0,  // [0:0] is the sub-list for field type_name
+	0,  // 0: keyward.v1.BatchSignRequest.items:type_name -> keyward.v1.SignRequest
+	14, // 1: keyward.v1.BatchSignResponse.results:type_name -> keyward.v1.BatchSignResult
+	1,  // 2: keyward.v1.BatchSignResult.ok:type_name -> keyward.v1.SignResponse
+	24, // 3: keyward.v1.BatchSignResult.error:type_name -> keyward.v1.ItemError
+	2,  // 4: keyward.v1.BatchVerifyRequest.items:type_name -> keyward.v1.VerifyRequest
+	17, // 5: keyward.v1.BatchVerifyResponse.results:type_name -> keyward.v1.BatchVerifyResult
+	3,  // 6: keyward.v1.BatchVerifyResult.ok:type_name -> keyward.v1.VerifyResponse
+	24, // 7: keyward.v1.BatchVerifyResult.error:type_name -> keyward.v1.ItemError
+	6,  // 8: keyward.v1.BatchGenerateMACRequest.items:type_name -> keyward.v1.GenerateMACRequest
+	20, // 9: keyward.v1.BatchGenerateMACResponse.results:type_name -> keyward.v1.BatchGenerateMACResult
+	7,  // 10: keyward.v1.BatchGenerateMACResult.ok:type_name -> keyward.v1.GenerateMACResponse
+	24, // 11: keyward.v1.BatchGenerateMACResult.error:type_name -> keyward.v1.ItemError
+	8,  // 12: keyward.v1.BatchVerifyMACRequest.items:type_name -> keyward.v1.VerifyMACRequest
+	23, // 13: keyward.v1.BatchVerifyMACResponse.results:type_name -> keyward.v1.BatchVerifyMACResult
+	9,  // 14: keyward.v1.BatchVerifyMACResult.ok:type_name -> keyward.v1.VerifyMACResponse
+	24, // 15: keyward.v1.BatchVerifyMACResult.error:type_name -> keyward.v1.ItemError
+	0,  // 16: keyward.v1.CryptoService.Sign:input_type -> keyward.v1.SignRequest
+	2,  // 17: keyward.v1.CryptoService.Verify:input_type -> keyward.v1.VerifyRequest
+	4,  // 18: keyward.v1.CryptoService.GetPublicKey:input_type -> keyward.v1.GetPublicKeyRequest
+	6,  // 19: keyward.v1.CryptoService.GenerateMAC:input_type -> keyward.v1.GenerateMACRequest
+	8,  // 20: keyward.v1.CryptoService.VerifyMAC:input_type -> keyward.v1.VerifyMACRequest
+	10, // 21: keyward.v1.CryptoService.GenerateRandom:input_type -> keyward.v1.GenerateRandomRequest
+	12, // 22: keyward.v1.CryptoService.BatchSign:input_type -> keyward.v1.BatchSignRequest
+	15, // 23: keyward.v1.CryptoService.BatchVerify:input_type -> keyward.v1.BatchVerifyRequest
+	18, // 24: keyward.v1.CryptoService.BatchGenerateMAC:input_type -> keyward.v1.BatchGenerateMACRequest
+	21, // 25: keyward.v1.CryptoService.BatchVerifyMAC:input_type -> keyward.v1.BatchVerifyMACRequest
+	1,  // 26: keyward.v1.CryptoService.Sign:output_type -> keyward.v1.SignResponse
+	3,  // 27: keyward.v1.CryptoService.Verify:output_type -> keyward.v1.VerifyResponse
+	5,  // 28: keyward.v1.CryptoService.GetPublicKey:output_type -> keyward.v1.GetPublicKeyResponse
+	7,  // 29: keyward.v1.CryptoService.GenerateMAC:output_type -> keyward.v1.GenerateMACResponse
+	9,  // 30: keyward.v1.CryptoService.VerifyMAC:output_type -> keyward.v1.VerifyMACResponse
+	11, // 31: keyward.v1.CryptoService.GenerateRandom:output_type -> keyward.v1.GenerateRandomResponse
+	13, // 32: keyward.v1.CryptoService.BatchSign:output_type -> keyward.v1.BatchSignResponse
+	16, // 33: keyward.v1.CryptoService.BatchVerify:output_type -> keyward.v1.BatchVerifyResponse
+	19, // 34: keyward.v1.CryptoService.BatchGenerateMAC:output_type -> keyward.v1.BatchGenerateMACResponse
+	22, // 35: keyward.v1.CryptoService.BatchVerifyMAC:output_type -> keyward.v1.BatchVerifyMACResponse
+	26, // [26:36] is the sub-list for method output_type
+	16, // [16:26] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_crypto_proto_init() }
@@ -952,6 +1741,7 @@ func file_crypto_proto_init() {
 	if File_crypto_proto != nil {
 		return
 	}
+	file_envelope_proto_init()
 	file_crypto_proto_msgTypes[0].OneofWrappers = []any{
 		(*SignRequest_Message)(nil),
 		(*SignRequest_Digest)(nil),
@@ -960,13 +1750,29 @@ func file_crypto_proto_init() {
 		(*VerifyRequest_Message)(nil),
 		(*VerifyRequest_Digest)(nil),
 	}
+	file_crypto_proto_msgTypes[14].OneofWrappers = []any{
+		(*BatchSignResult_Ok)(nil),
+		(*BatchSignResult_Error)(nil),
+	}
+	file_crypto_proto_msgTypes[17].OneofWrappers = []any{
+		(*BatchVerifyResult_Ok)(nil),
+		(*BatchVerifyResult_Error)(nil),
+	}
+	file_crypto_proto_msgTypes[20].OneofWrappers = []any{
+		(*BatchGenerateMACResult_Ok)(nil),
+		(*BatchGenerateMACResult_Error)(nil),
+	}
+	file_crypto_proto_msgTypes[23].OneofWrappers = []any{
+		(*BatchVerifyMACResult_Ok)(nil),
+		(*BatchVerifyMACResult_Error)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_crypto_proto_rawDesc), len(file_crypto_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,12 +19,16 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	CryptoService_Sign_FullMethodName           = "/keyward.v1.CryptoService/Sign"
-	CryptoService_Verify_FullMethodName         = "/keyward.v1.CryptoService/Verify"
-	CryptoService_GetPublicKey_FullMethodName   = "/keyward.v1.CryptoService/GetPublicKey"
-	CryptoService_GenerateMAC_FullMethodName    = "/keyward.v1.CryptoService/GenerateMAC"
-	CryptoService_VerifyMAC_FullMethodName      = "/keyward.v1.CryptoService/VerifyMAC"
-	CryptoService_GenerateRandom_FullMethodName = "/keyward.v1.CryptoService/GenerateRandom"
+	CryptoService_Sign_FullMethodName             = "/keyward.v1.CryptoService/Sign"
+	CryptoService_Verify_FullMethodName           = "/keyward.v1.CryptoService/Verify"
+	CryptoService_GetPublicKey_FullMethodName     = "/keyward.v1.CryptoService/GetPublicKey"
+	CryptoService_GenerateMAC_FullMethodName      = "/keyward.v1.CryptoService/GenerateMAC"
+	CryptoService_VerifyMAC_FullMethodName        = "/keyward.v1.CryptoService/VerifyMAC"
+	CryptoService_GenerateRandom_FullMethodName   = "/keyward.v1.CryptoService/GenerateRandom"
+	CryptoService_BatchSign_FullMethodName        = "/keyward.v1.CryptoService/BatchSign"
+	CryptoService_BatchVerify_FullMethodName      = "/keyward.v1.CryptoService/BatchVerify"
+	CryptoService_BatchGenerateMAC_FullMethodName = "/keyward.v1.CryptoService/BatchGenerateMAC"
+	CryptoService_BatchVerifyMAC_FullMethodName   = "/keyward.v1.CryptoService/BatchVerifyMAC"
 )
 
 // CryptoServiceClient is the client API for CryptoService service.
@@ -67,6 +71,18 @@ type CryptoServiceClient interface {
 	// GenerateRandom returns random bytes from the HSM's generator. It uses
 	// no key: the policy grants it on the key name "".
 	GenerateRandom(ctx context.Context, in *GenerateRandomRequest, opts ...grpc.CallOption) (*GenerateRandomResponse, error)
+	// The batch forms do many of one call at once, each item answered on its
+	// own (and checked by the policy on its own key, with the batch
+	// operation: CryptoService.BatchSign, ...). A batch larger than the
+	// caller's role allows (and never more than the daemon's cap) is refused
+	// whole with INVALID_ARGUMENT before any HSM work.
+	BatchSign(ctx context.Context, in *BatchSignRequest, opts ...grpc.CallOption) (*BatchSignResponse, error)
+	// See BatchSign.
+	BatchVerify(ctx context.Context, in *BatchVerifyRequest, opts ...grpc.CallOption) (*BatchVerifyResponse, error)
+	// See BatchSign.
+	BatchGenerateMAC(ctx context.Context, in *BatchGenerateMACRequest, opts ...grpc.CallOption) (*BatchGenerateMACResponse, error)
+	// See BatchSign.
+	BatchVerifyMAC(ctx context.Context, in *BatchVerifyMACRequest, opts ...grpc.CallOption) (*BatchVerifyMACResponse, error)
 }
 
 type cryptoServiceClient struct {
@@ -137,6 +153,46 @@ func (c *cryptoServiceClient) GenerateRandom(ctx context.Context, in *GenerateRa
 	return out, nil
 }
 
+func (c *cryptoServiceClient) BatchSign(ctx context.Context, in *BatchSignRequest, opts ...grpc.CallOption) (*BatchSignResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BatchSignResponse)
+	err := c.cc.Invoke(ctx, CryptoService_BatchSign_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *cryptoServiceClient) BatchVerify(ctx context.Context, in *BatchVerifyRequest, opts ...grpc.CallOption) (*BatchVerifyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BatchVerifyResponse)
+	err := c.cc.Invoke(ctx, CryptoService_BatchVerify_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *cryptoServiceClient) BatchGenerateMAC(ctx context.Context, in *BatchGenerateMACRequest, opts ...grpc.CallOption) (*BatchGenerateMACResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BatchGenerateMACResponse)
+	err := c.cc.Invoke(ctx, CryptoService_BatchGenerateMAC_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *cryptoServiceClient) BatchVerifyMAC(ctx context.Context, in *BatchVerifyMACRequest, opts ...grpc.CallOption) (*BatchVerifyMACResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BatchVerifyMACResponse)
+	err := c.cc.Invoke(ctx, CryptoService_BatchVerifyMAC_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CryptoServiceServer is the server API for CryptoService service.
 // All implementations must embed UnimplementedCryptoServiceServer
 // for forward compatibility.
@@ -177,6 +233,18 @@ type CryptoServiceServer interface {
 	// GenerateRandom returns random bytes from the HSM's generator. It uses
 	// no key: the policy grants it on the key name "".
 	GenerateRandom(context.Context, *GenerateRandomRequest) (*GenerateRandomResponse, error)
+	// The batch forms do many of one call at once, each item answered on its
+	// own (and checked by the policy on its own key, with the batch
+	// operation: CryptoService.BatchSign, ...). A batch larger than the
+	// caller's role allows (and never more than the daemon's cap) is refused
+	// whole with INVALID_ARGUMENT before any HSM work.
+	BatchSign(context.Context, *BatchSignRequest) (*BatchSignResponse, error)
+	// See BatchSign.
+	BatchVerify(context.Context, *BatchVerifyRequest) (*BatchVerifyResponse, error)
+	// See BatchSign.
+	BatchGenerateMAC(context.Context, *BatchGenerateMACRequest) (*BatchGenerateMACResponse, error)
+	// See BatchSign.
+	BatchVerifyMAC(context.Context, *BatchVerifyMACRequest) (*BatchVerifyMACResponse, error)
 	mustEmbedUnimplementedCryptoServiceServer()
 }
 
@@ -204,6 +272,18 @@ func (UnimplementedCryptoServiceServer) VerifyMAC(context.Context, *VerifyMACReq
 }
 func (UnimplementedCryptoServiceServer) GenerateRandom(context.Context, *GenerateRandomRequest) (*GenerateRandomResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GenerateRandom not implemented")
+}
+func (UnimplementedCryptoServiceServer) BatchSign(context.Context, *BatchSignRequest) (*BatchSignResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BatchSign not implemented")
+}
+func (UnimplementedCryptoServiceServer) BatchVerify(context.Context, *BatchVerifyRequest) (*BatchVerifyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BatchVerify not implemented")
+}
+func (UnimplementedCryptoServiceServer) BatchGenerateMAC(context.Context, *BatchGenerateMACRequest) (*BatchGenerateMACResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BatchGenerateMAC not implemented")
+}
+func (UnimplementedCryptoServiceServer) BatchVerifyMAC(context.Context, *BatchVerifyMACRequest) (*BatchVerifyMACResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BatchVerifyMAC not implemented")
 }
 func (UnimplementedCryptoServiceServer) mustEmbedUnimplementedCryptoServiceServer() {}
 func (UnimplementedCryptoServiceServer) testEmbeddedByValue()                       {}
@@ -334,6 +414,78 @@ func _CryptoService_GenerateRandom_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _CryptoService_BatchSign_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BatchSignRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CryptoServiceServer).BatchSign(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CryptoService_BatchSign_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CryptoServiceServer).BatchSign(ctx, req.(*BatchSignRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _CryptoService_BatchVerify_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BatchVerifyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CryptoServiceServer).BatchVerify(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CryptoService_BatchVerify_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CryptoServiceServer).BatchVerify(ctx, req.(*BatchVerifyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _CryptoService_BatchGenerateMAC_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BatchGenerateMACRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CryptoServiceServer).BatchGenerateMAC(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CryptoService_BatchGenerateMAC_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CryptoServiceServer).BatchGenerateMAC(ctx, req.(*BatchGenerateMACRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _CryptoService_BatchVerifyMAC_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BatchVerifyMACRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CryptoServiceServer).BatchVerifyMAC(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CryptoService_BatchVerifyMAC_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CryptoServiceServer).BatchVerifyMAC(ctx, req.(*BatchVerifyMACRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // CryptoService_ServiceDesc is the grpc.ServiceDesc for CryptoService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -364,6 +516,22 @@ var CryptoService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GenerateRandom",
 			Handler:    _CryptoService_GenerateRandom_Handler,
+		},
+		{
+			MethodName: "BatchSign",
+			Handler:    _CryptoService_BatchSign_Handler,
+		},
+		{
+			MethodName: "BatchVerify",
+			Handler:    _CryptoService_BatchVerify_Handler,
+		},
+		{
+			MethodName: "BatchGenerateMAC",
+			Handler:    _CryptoService_BatchGenerateMAC_Handler,
+		},
+		{
+			MethodName: "BatchVerifyMAC",
+			Handler:    _CryptoService_BatchVerifyMAC_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
