@@ -24,6 +24,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/keyward/keyward/daemon/keys"
@@ -66,6 +67,34 @@ type Service struct {
 	keys Keys
 	hsm  HSM
 	now  func() time.Time
+
+	mu      sync.Mutex
+	signers map[hsm.KeyID]*hsm.Signer // a version's public key never changes, nor its number another key's
+}
+
+// maxSigners bounds the signers kept: past it, the map starts again.
+const maxSigners = 4096
+
+// signer is the HSM's signer of a key version, loaded once: Verify then
+// needs no HSM session, and Sign one (the signature's) instead of two.
+func (s *Service) signer(ctx context.Context, id hsm.KeyID) (*hsm.Signer, error) {
+	s.mu.Lock()
+	sg := s.signers[id]
+	s.mu.Unlock()
+	if sg != nil {
+		return sg, nil
+	}
+	sg, err := s.hsm.Signer(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	if len(s.signers) >= maxSigners {
+		clear(s.signers)
+	}
+	s.signers[id] = sg
+	s.mu.Unlock()
+	return sg, nil
 }
 
 // New returns a Service; now is keywardd's clock (nil: time.Now), which says
@@ -74,7 +103,7 @@ func New(k Keys, h HSM, now func() time.Time) *Service {
 	if now == nil {
 		now = time.Now
 	}
-	return &Service{keys: k, hsm: h, now: now}
+	return &Service{keys: k, hsm: h, now: now, signers: map[hsm.KeyID]*hsm.Signer{}}
 }
 
 // KeyID names a key version in the HSM.
@@ -170,7 +199,7 @@ func (s *Service) Sign(ctx context.Context, name string, in Input) (*Signature, 
 		return nil, fmt.Errorf("%w: %q has no version signing now", keys.ErrVersion, name)
 	}
 	id := hsm.KeyID{Name: name, Version: v.Number}
-	sg, err := s.hsm.Signer(ctx, id)
+	sg, err := s.signer(ctx, id)
 	if err != nil {
 		return nil, err
 	}
@@ -219,7 +248,7 @@ func (s *Service) Verify(ctx context.Context, name string, v uint32, in Input, s
 		return false, 0, err
 	}
 	for _, n := range versions {
-		sg, err := s.hsm.Signer(ctx, hsm.KeyID{Name: name, Version: n})
+		sg, err := s.signer(ctx, hsm.KeyID{Name: name, Version: n})
 		if err != nil {
 			return false, 0, err
 		}
@@ -260,7 +289,7 @@ func (s *Service) PublicKey(ctx context.Context, name string, v uint32) (*Public
 		return nil, err
 	}
 	id := hsm.KeyID{Name: name, Version: versions[0]}
-	sg, err := s.hsm.Signer(ctx, id)
+	sg, err := s.signer(ctx, id)
 	if err != nil {
 		return nil, err
 	}

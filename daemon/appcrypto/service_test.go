@@ -26,7 +26,7 @@ func (c *clock) add(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unloc
 
 // setup is a Service over a fresh SoftHSM2 token and store, with the keys
 // named by specs, on a clock the test moves.
-func setup(t *testing.T, specs ...keys.Spec) (*Service, *keys.Manager, *clock) {
+func setup(t testing.TB, specs ...keys.Spec) (*Service, *keys.Manager, *clock) {
 	t.Helper()
 	h, _ := hsmtest.Open(t)
 	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), storetest.Options())
@@ -160,4 +160,45 @@ func TestInputs(t *testing.T) {
 			}
 		})
 	}
+}
+
+// BenchmarkCrypto measures each call on a SoftHSM2 token: Sign and Verify
+// for each signing algorithm (from a 1 KiB message), GenerateMAC.
+func BenchmarkCrypto(b *testing.B) {
+	s, km, _ := setup(b)
+	ctx := context.Background()
+	msg := Input{Data: make([]byte, 1024)}
+	for _, alg := range []hsm.Algorithm{hsm.ECDSAP256, hsm.ECDSAP384, hsm.Ed25519} {
+		if _, err := km.Create(ctx, keys.Spec{Name: alg.String(), Purpose: keys.Sign, Algorithm: alg}); err != nil {
+			b.Fatal(err)
+		}
+		sig, err := s.Sign(ctx, alg.String(), msg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Run("sign-"+alg.String(), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := s.Sign(ctx, alg.String(), msg); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run("verify-"+alg.String(), func(b *testing.B) {
+			for b.Loop() {
+				if ok, _, err := s.Verify(ctx, alg.String(), 0, msg, sig.Signature); !ok || err != nil {
+					b.Fatal(ok, err)
+				}
+			}
+		})
+	}
+	if _, err := km.Create(ctx, keys.Spec{Name: "mac", Purpose: keys.MAC}); err != nil {
+		b.Fatal(err)
+	}
+	b.Run("mac-hmac-sha256", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := s.GenerateMAC(ctx, "mac", msg.Data); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
