@@ -22,6 +22,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/appcrypto"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/dynlimits"
@@ -351,7 +352,7 @@ func (d *daemonParts) newServer(context.Context) error {
 	d.legacy = &legacyNames{}
 	cfg := d.cfg
 	d.srv, d.gs = server.New(server.Config{
-		HSM: hsmStatus{d.h}, Store: d.st, Keys: d.km, Envelope: d.env, Audit: d.al, AuditReader: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
+		HSM: hsmStatus{d.h}, Store: d.st, Keys: d.km, Envelope: d.env, Crypto: appcrypto.New(d.km, d.h, d.o.Now), Audit: d.al, AuditReader: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
 		MaxBatch: cfg.MaxBatch, Version: d.o.Version, HealthEvery: d.o.HealthEvery,
 		Tokens: d.tokens, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify,
 		Plugins:          func() []server.PluginState { return pluginStates(d.plugins, d.ob.Status()) },

@@ -30,7 +30,7 @@ func rpcs(t testing.TB) []rpc {
 	var out []rpc
 	for _, sd := range []*grpc.ServiceDesc{&keywardv1.KeyService_ServiceDesc, &keywardv1.EnvelopeService_ServiceDesc,
 		&keywardv1.StatusService_ServiceDesc, &keywardv1.TokenService_ServiceDesc, &keywardv1.APIKeyService_ServiceDesc,
-		&keywardv1.CredentialService_ServiceDesc, &keywardv1.RotationService_ServiceDesc} {
+		&keywardv1.CredentialService_ServiceDesc, &keywardv1.RotationService_ServiceDesc, &keywardv1.CryptoService_ServiceDesc} {
 		if len(sd.Streams) > 0 {
 			t.Fatalf("%s has streams: FuzzHandlers sends unary calls only", sd.ServiceName)
 		}
@@ -76,6 +76,24 @@ func FuzzHandlers(f *testing.F) {
 		}
 		if b, err := proto.Marshal(msg.Interface()); err == nil {
 			f.Add(uint8(i), b)
+		}
+		// CryptoService's calls, on a signing and an hmac key, with bytes.
+		if strings.HasPrefix(m.path, "/keyward.v1.CryptoService/") {
+			for _, key := range []string{"sign", "mac"} {
+				msg := m.in.New()
+				for j := range fields.Len() {
+					switch fd := fields.Get(j); {
+					case fd.Cardinality() == protoreflect.Repeated:
+					case fd.Kind() == protoreflect.StringKind:
+						msg.Set(fd, protoreflect.ValueOfString(key))
+					case fd.Kind() == protoreflect.BytesKind && fd.ContainingOneof() == nil || fd.Name() == "message":
+						msg.Set(fd, protoreflect.ValueOfBytes([]byte("hello")))
+					}
+				}
+				if b, err := proto.Marshal(msg.Interface()); err == nil {
+					f.Add(uint8(i), b)
+				}
+			}
 		}
 	}
 	in := daemontest.Start(f, daemontest.Policy(uidPolicy(allowAll)))

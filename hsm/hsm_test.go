@@ -295,7 +295,7 @@ func TestCrossCheckGoCrypto(t *testing.T) {
 		if ct, err = h.sealGCM(s, aesKey, nonce, plaintext, aad); err != nil {
 			return err
 		}
-		mac, err = h.hmacSHA256(s, macKey, plaintext)
+		mac, err = h.hmac(s, macKey, HMACSHA256, plaintext)
 		return err
 	})
 	block, _ := aes.NewCipher(key)

@@ -34,6 +34,9 @@ const (
 	ECDSAP384
 	// Ed25519 is an EdDSA key pair on edwards25519, used only to sign.
 	Ed25519
+	// HMACSHA384 is a 384-bit generic secret used only to compute
+	// HMAC-SHA384. (Added last: the numbers of the others do not move.)
+	HMACSHA384
 )
 
 var algNames = map[Algorithm]string{
@@ -42,6 +45,7 @@ var algNames = map[Algorithm]string{
 	ECDSAP256:  "ecdsa-p256",
 	ECDSAP384:  "ecdsa-p384",
 	Ed25519:    "ed25519",
+	HMACSHA384: "hmac-sha384",
 }
 
 func (a Algorithm) String() string {
@@ -58,7 +62,7 @@ func ParseAlgorithm(s string) (Algorithm, error) {
 			return a, nil
 		}
 	}
-	return 0, fmt.Errorf("hsm: unknown algorithm %q; use aes256-gcm, hmac-sha256, ecdsa-p256, ecdsa-p384 or ed25519", s)
+	return 0, fmt.Errorf("hsm: unknown algorithm %q; use aes256-gcm, hmac-sha256, hmac-sha384, ecdsa-p256, ecdsa-p384 or ed25519", s)
 }
 
 // PKCS#11 3.0 names that github.com/miekg/pkcs11 v1.1 lacks.
@@ -102,6 +106,7 @@ var specs = map[Algorithm]spec{
 	ECDSAP256:  {pkcs11.CKO_PRIVATE_KEY, pkcs11.CKK_EC, 0, [][]byte{oidP256}, pkcs11.CKM_EC_KEY_PAIR_GEN, pkcs11.CKA_SIGN},
 	ECDSAP384:  {pkcs11.CKO_PRIVATE_KEY, pkcs11.CKK_EC, 0, [][]byte{oidP384}, pkcs11.CKM_EC_KEY_PAIR_GEN, pkcs11.CKA_SIGN},
 	Ed25519:    {pkcs11.CKO_PRIVATE_KEY, ckkECEdwards, 0, [][]byte{oidEd25519, nameEd25519}, ckmECEdwardsKeyPairGen, pkcs11.CKA_SIGN},
+	HMACSHA384: {pkcs11.CKO_SECRET_KEY, pkcs11.CKK_GENERIC_SECRET, 48, nil, pkcs11.CKM_GENERIC_SECRET_KEY_GEN, pkcs11.CKA_SIGN},
 }
 
 // The usage attributes each object class has. A keyward key has exactly its

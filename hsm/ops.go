@@ -69,10 +69,28 @@ func (h *HSM) HMACSHA256(ctx context.Context, id KeyID, msg []byte) ([]byte, err
 	var mac []byte
 	err := h.withKey(ctx, "hmac", id, pkcs11.CKO_SECRET_KEY, HMACSHA256, func(s pkcs11.SessionHandle, k *keyEntry) error {
 		var err error
-		mac, err = h.hmacSHA256(s, k.handle, msg)
+		mac, err = h.hmac(s, k.handle, HMACSHA256, msg)
 		return err
 	})
 	return mac, err
+}
+
+// HMAC computes the MAC of msg under an HMAC key inside the token, with the
+// key's own hash: HMAC-SHA256 or HMAC-SHA384. It returns the algorithm
+// used. Compare MACs with hmac.Equal, never with ==.
+func (h *HSM) HMAC(ctx context.Context, id KeyID, msg []byte) ([]byte, Algorithm, error) {
+	var mac []byte
+	var alg Algorithm
+	err := h.withKey(ctx, "hmac", id, pkcs11.CKO_SECRET_KEY, 0, func(s pkcs11.SessionHandle, k *keyEntry) error {
+		if _, ok := hmacMechs[k.alg]; !ok {
+			return &Error{Err: ErrWrongAlgorithm, Detail: fmt.Sprintf("the key is %v; hmac needs %v or %v", k.alg, HMACSHA256, HMACSHA384)}
+		}
+		var err error
+		alg = k.alg
+		mac, err = h.hmac(s, k.handle, k.alg, msg)
+		return err
+	})
+	return mac, alg, err
 }
 
 // sealGCM encrypts with AES-GCM under the key object, with keyward's nonce.
@@ -111,17 +129,24 @@ func (h *HSM) openGCM(s pkcs11.SessionHandle, key pkcs11.ObjectHandle, nonce, ci
 	return pt, err
 }
 
-// hmacSHA256 computes HMAC-SHA256 under the key object.
-func (h *HSM) hmacSHA256(s pkcs11.SessionHandle, key pkcs11.ObjectHandle, msg []byte) ([]byte, error) {
-	if err := h.mod.ctx.SignInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_SHA256_HMAC, nil)}, key); err != nil {
+// hmacMechs are the mechanisms of the HMAC algorithms, and their MACs' sizes.
+var hmacMechs = map[Algorithm]struct {
+	mech uint
+	size int
+}{HMACSHA256: {pkcs11.CKM_SHA256_HMAC, 32}, HMACSHA384: {pkcs11.CKM_SHA384_HMAC, 48}}
+
+// hmac computes the HMAC of alg under the key object.
+func (h *HSM) hmac(s pkcs11.SessionHandle, key pkcs11.ObjectHandle, alg Algorithm, msg []byte) ([]byte, error) {
+	m := hmacMechs[alg]
+	if err := h.mod.ctx.SignInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(m.mech, nil)}, key); err != nil {
 		return nil, err
 	}
 	out, err := h.mod.ctx.Sign(s, msg)
 	if err != nil {
 		return nil, err
 	}
-	if len(out) != 32 {
-		return nil, &Error{Err: ErrToken, Detail: fmt.Sprintf("the token returned a %d-byte HMAC-SHA256", len(out))}
+	if len(out) != m.size {
+		return nil, &Error{Err: ErrToken, Detail: fmt.Sprintf("the token returned a %d-byte %v, not %d", len(out), alg, m.size)}
 	}
 	return out, nil
 }

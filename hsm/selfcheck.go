@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -41,7 +42,7 @@ func (h *HSM) SelfCheck(ctx context.Context) ([]CheckStep, error) {
 		return nil, fmt.Errorf("self-check random: %w", err)
 	}
 	name := "keyward-selfcheck-" + hex.EncodeToString(suffix)
-	algs := []Algorithm{AES256GCM, HMACSHA256, ECDSAP256, ECDSAP384, Ed25519}
+	algs := []Algorithm{AES256GCM, HMACSHA256, HMACSHA384, ECDSAP256, ECDSAP384, Ed25519}
 	id := func(a Algorithm) KeyID { return KeyID{name + "-" + a.String(), 1} }
 	var created []KeyID
 	defer func() {
@@ -75,21 +76,10 @@ func (h *HSM) SelfCheck(ctx context.Context) ([]CheckStep, error) {
 	}); err != nil {
 		return steps, err
 	}
-	if err := step("HMAC-SHA256", func() error {
-		a, err := h.HMACSHA256(ctx, id(HMACSHA256), msg)
-		if err != nil {
-			return err
+	for _, a := range []Algorithm{HMACSHA256, HMACSHA384} {
+		if err := step(strings.ToUpper(a.String()), func() error { return checkHMAC(ctx, h, id(a), msg) }); err != nil {
+			return steps, err
 		}
-		b, err := h.HMACSHA256(ctx, id(HMACSHA256), msg)
-		if err != nil {
-			return err
-		}
-		if !hmac.Equal(a, b) {
-			return errors.New("two MACs of one message differ")
-		}
-		return nil
-	}); err != nil {
-		return steps, err
 	}
 	for _, a := range []Algorithm{ECDSAP256, ECDSAP384, Ed25519} {
 		if err := step("sign and verify "+a.String(), func() error { return checkSignature(ctx, h, id(a), msg) }); err != nil {
@@ -122,6 +112,32 @@ func (h *HSM) SelfCheck(ctx context.Context) ([]CheckStep, error) {
 		return nil
 	})
 	return steps, err
+}
+
+// checkHMAC computes the MAC of msg twice with the key's own hash: the same
+// MAC each time, of the hash's size, and another for another message.
+func checkHMAC(ctx context.Context, h *HSM, id KeyID, msg []byte) error {
+	a, alg, err := h.HMAC(ctx, id, msg)
+	if err != nil {
+		return err
+	}
+	b, _, err := h.HMAC(ctx, id, msg)
+	if err != nil {
+		return err
+	}
+	c, _, err := h.HMAC(ctx, id, append(msg, '.'))
+	if err != nil {
+		return err
+	}
+	switch {
+	case !hmac.Equal(a, b):
+		return errors.New("two MACs of one message differ")
+	case hmac.Equal(a, c):
+		return errors.New("two messages have one MAC")
+	case len(a) != hmacMechs[alg].size:
+		return fmt.Errorf("a %d-byte %v", len(a), alg)
+	}
+	return nil
 }
 
 // checkSignature signs msg with the token and verifies it with Go's crypto.

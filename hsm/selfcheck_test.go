@@ -18,7 +18,7 @@ func TestSelfCheck(t *testing.T) {
 	for _, s := range steps {
 		names = append(names, s.Name)
 	}
-	want := "create aes256-gcm key,create hmac-sha256 key,create ecdsa-p256 key,create ecdsa-p384 key,create ed25519 key,AES-256-GCM round trip,HMAC-SHA256,sign and verify ecdsa-p256,sign and verify ecdsa-p384,sign and verify ed25519,random,destroy keys"
+	want := "create aes256-gcm key,create hmac-sha256 key,create hmac-sha384 key,create ecdsa-p256 key,create ecdsa-p384 key,create ed25519 key,AES-256-GCM round trip,HMAC-SHA256,HMAC-SHA384,sign and verify ecdsa-p256,sign and verify ecdsa-p384,sign and verify ed25519,random,destroy keys"
 	if got := strings.Join(names, ","); got != want {
 		t.Fatalf("steps:\n%s\nwant\n%s", got, want)
 	}

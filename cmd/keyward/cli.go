@@ -127,6 +127,7 @@ func (e actionError) Unwrap() error { return e.err }
 const (
 	groupKeys        = "keys"
 	groupEnvelope    = "envelope"
+	groupCrypto      = "crypto"
 	groupAPIKeys     = "apikeys"
 	groupCredentials = "credentials"
 	groupTokens      = "tokens"
@@ -197,6 +198,7 @@ func newRoot(e *env) *cobra.Command {
 	root.AddGroup(
 		&cobra.Group{ID: groupKeys, Title: "Root keys (operators):"},
 		&cobra.Group{ID: groupEnvelope, Title: "Envelope encryption (applications):"},
+		&cobra.Group{ID: groupCrypto, Title: "Signatures, MACs and random bytes (applications):"},
 		&cobra.Group{ID: groupAPIKeys, Title: "API keys:"},
 		&cobra.Group{ID: groupCredentials, Title: "Managed credentials (rotated by plugins):"},
 		&cobra.Group{ID: groupTokens, Title: "Short-lived tokens:"},

@@ -50,7 +50,7 @@ type Purpose string
 const (
 	Encrypt Purpose = "encrypt" // envelope encryption: AES-256-GCM
 	Sign    Purpose = "sign"    // token signing: ECDSA P-256 / P-384, Ed25519
-	MAC     Purpose = "hmac"    // HMAC-SHA256 (API key pepper, audit chain)
+	MAC     Purpose = "hmac"    // HMAC-SHA256 (API key pepper, audit chain) / HMAC-SHA384
 )
 
 // State is whether a key may be used.
@@ -361,6 +361,7 @@ type Algorithm = hsm.Algorithm
 const (
 	AES256GCM  = hsm.AES256GCM
 	HMACSHA256 = hsm.HMACSHA256
+	HMACSHA384 = hsm.HMACSHA384
 	ECDSAP256  = hsm.ECDSAP256
 	ECDSAP384  = hsm.ECDSAP384
 	Ed25519    = hsm.Ed25519
@@ -369,7 +370,7 @@ const (
 var purposeAlgs = map[Purpose][]hsm.Algorithm{
 	Encrypt: {hsm.AES256GCM},
 	Sign:    {hsm.ECDSAP256, hsm.ECDSAP384, hsm.Ed25519},
-	MAC:     {hsm.HMACSHA256},
+	MAC:     {hsm.HMACSHA256, hsm.HMACSHA384},
 }
 
 // Create makes version 1 of a new key in the HSM, then saves it. Its name

@@ -14,6 +14,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/admission"
 	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/appcrypto"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/envelope"
@@ -119,6 +120,8 @@ var codeOf = []struct {
 	{envelope.ErrContext, codes.InvalidArgument},
 	{envelope.ErrInvalid, codes.InvalidArgument},
 	{envelope.ErrTooLarge, codes.ResourceExhausted},
+	{appcrypto.ErrInvalid, codes.InvalidArgument},
+	{appcrypto.ErrTooLarge, codes.ResourceExhausted},
 	{errInvalid, codes.InvalidArgument},
 	{errUnavailable, codes.Unavailable},
 	{apikeys.ErrNotFound, codes.NotFound},

@@ -42,6 +42,7 @@ var algorithms = map[keywardv1.KeyAlgorithm]keys.Algorithm{
 	keywardv1.KeyAlgorithm_KEY_ALGORITHM_ECDSA_P256:  keys.ECDSAP256,
 	keywardv1.KeyAlgorithm_KEY_ALGORITHM_ECDSA_P384:  keys.ECDSAP384,
 	keywardv1.KeyAlgorithm_KEY_ALGORITHM_ED25519:     keys.Ed25519,
+	keywardv1.KeyAlgorithm_KEY_ALGORITHM_HMAC_SHA384: keys.HMACSHA384,
 }
 
 var states = map[keys.State]keywardv1.KeyState{

@@ -61,7 +61,8 @@ import (
 // services are the keyward.v1 services keywardd serves.
 var services = []*grpc.ServiceDesc{&keywardv1.KeyService_ServiceDesc, &keywardv1.EnvelopeService_ServiceDesc,
 	&keywardv1.StatusService_ServiceDesc, &keywardv1.TokenService_ServiceDesc, &keywardv1.APIKeyService_ServiceDesc,
-	&keywardv1.CredentialService_ServiceDesc, &keywardv1.RotationService_ServiceDesc, &keywardv1.AuditService_ServiceDesc}
+	&keywardv1.CredentialService_ServiceDesc, &keywardv1.RotationService_ServiceDesc, &keywardv1.AuditService_ServiceDesc,
+	&keywardv1.CryptoService_ServiceDesc}
 
 // Ops lists every operation name the policy may grant, "Service.Method".
 func Ops() []string {
@@ -171,6 +172,8 @@ type Config struct {
 	// AuditReader serves the AuditService: the audit log (Audit) read
 	// back; nil turns it off.
 	AuditReader AuditReader
+	// Crypto serves the CryptoService; nil turns it off.
+	Crypto Crypto
 	// Metrics, if set, counts and times every call. It stays concrete: a
 	// leaf (Prometheus counters, safe on a nil receiver) with no behaviour
 	// a caller would swap, and tests read what it counted.
@@ -241,6 +244,7 @@ type Server struct {
 	keywardv1.UnimplementedCredentialServiceServer
 	keywardv1.UnimplementedRotationServiceServer
 	keywardv1.UnimplementedAuditServiceServer
+	keywardv1.UnimplementedCryptoServiceServer
 }
 
 // New makes the server and the grpc.Server that serves it.
@@ -298,6 +302,7 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	keywardv1.RegisterCredentialServiceServer(gs, s)
 	keywardv1.RegisterRotationServiceServer(gs, s)
 	keywardv1.RegisterAuditServiceServer(gs, s)
+	keywardv1.RegisterCryptoServiceServer(gs, s)
 	healthpb.RegisterHealthServer(gs, s.health)
 	reflection.Register(gs)
 	return s, gs
@@ -518,10 +523,10 @@ func (s *Server) allow(ctx context.Context, op, key string) error {
 	if c.key == "" {
 		c.key = key
 	}
-	if strings.HasPrefix(op, "EnvelopeService.") && strings.HasPrefix(key, ReservedPrefix) {
+	if (strings.HasPrefix(op, "EnvelopeService.") || strings.HasPrefix(op, "CryptoService.")) && strings.HasPrefix(key, ReservedPrefix) {
 		// keyward-credentials seals managed credentials: decrypting with it
 		// would bypass GetCredential's policy and audit, whatever a glob
-		// such as "*" grants.
+		// such as "*" grants; keyward-audit's MACs vouch for the audit log.
 		return fmt.Errorf("%w: %q is one of keywardd's own keys, which no caller may use", policy.ErrDenied, key)
 	}
 	return s.policy.Load().Allow(subject(c.caller), op, key)

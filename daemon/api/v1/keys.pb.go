@@ -30,9 +30,9 @@ const (
 	KeyPurpose_KEY_PURPOSE_UNSPECIFIED KeyPurpose = 0
 	// Envelope encryption: AES-256-GCM.
 	KeyPurpose_KEY_PURPOSE_ENCRYPT KeyPurpose = 1
-	// Signing tokens: ECDSA P-256 or P-384, or Ed25519.
+	// Signing tokens and messages: ECDSA P-256 or P-384, or Ed25519.
 	KeyPurpose_KEY_PURPOSE_SIGN KeyPurpose = 2
-	// HMAC-SHA256.
+	// HMAC-SHA256 or HMAC-SHA384.
 	KeyPurpose_KEY_PURPOSE_HMAC KeyPurpose = 3
 )
 
@@ -90,6 +90,8 @@ const (
 	KeyAlgorithm_KEY_ALGORITHM_ECDSA_P256  KeyAlgorithm = 3
 	KeyAlgorithm_KEY_ALGORITHM_ECDSA_P384  KeyAlgorithm = 4
 	KeyAlgorithm_KEY_ALGORITHM_ED25519     KeyAlgorithm = 5
+	// HMAC-SHA384, for hmac keys (CryptoService.GenerateMAC).
+	KeyAlgorithm_KEY_ALGORITHM_HMAC_SHA384 KeyAlgorithm = 6
 )
 
 // Enum value maps for KeyAlgorithm.
@@ -101,6 +103,7 @@ var (
 		3: "KEY_ALGORITHM_ECDSA_P256",
 		4: "KEY_ALGORITHM_ECDSA_P384",
 		5: "KEY_ALGORITHM_ED25519",
+		6: "KEY_ALGORITHM_HMAC_SHA384",
 	}
 	KeyAlgorithm_value = map[string]int32{
 		"KEY_ALGORITHM_UNSPECIFIED": 0,
@@ -109,6 +112,7 @@ var (
 		"KEY_ALGORITHM_ECDSA_P256":  3,
 		"KEY_ALGORITHM_ECDSA_P384":  4,
 		"KEY_ALGORITHM_ED25519":     5,
+		"KEY_ALGORITHM_HMAC_SHA384": 6,
 	}
 )
 
@@ -1289,14 +1293,15 @@ const file_keys_proto_rawDesc = "" +
 	"\x17KEY_PURPOSE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13KEY_PURPOSE_ENCRYPT\x10\x01\x12\x14\n" +
 	"\x10KEY_PURPOSE_SIGN\x10\x02\x12\x14\n" +
-	"\x10KEY_PURPOSE_HMAC\x10\x03*\xc1\x01\n" +
+	"\x10KEY_PURPOSE_HMAC\x10\x03*\xe0\x01\n" +
 	"\fKeyAlgorithm\x12\x1d\n" +
 	"\x19KEY_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18KEY_ALGORITHM_AES256_GCM\x10\x01\x12\x1d\n" +
 	"\x19KEY_ALGORITHM_HMAC_SHA256\x10\x02\x12\x1c\n" +
 	"\x18KEY_ALGORITHM_ECDSA_P256\x10\x03\x12\x1c\n" +
 	"\x18KEY_ALGORITHM_ECDSA_P384\x10\x04\x12\x19\n" +
-	"\x15KEY_ALGORITHM_ED25519\x10\x05*t\n" +
+	"\x15KEY_ALGORITHM_ED25519\x10\x05\x12\x1d\n" +
+	"\x19KEY_ALGORITHM_HMAC_SHA384\x10\x06*t\n" +
 	"\bKeyState\x12\x19\n" +
 	"\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11KEY_STATE_ENABLED\x10\x01\x12\x16\n" +
