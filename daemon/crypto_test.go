@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/sha512"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,8 +13,10 @@ import (
 	"testing"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
@@ -114,7 +117,7 @@ func TestCryptoSignatures(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			key := "sig-" + tc.name
-			if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: key, Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_SIGN, Algorithm: tc.alg}); err != nil {
+			if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: key, Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_SIGN, Algorithm: tc.alg, Labels: raw}); err != nil {
 				t.Fatal(err)
 			}
 			s, err := cc.Sign(ctx, &keywardv1.SignRequest{KeyName: key, Input: &keywardv1.SignRequest_Message{Message: msg}})
@@ -244,7 +247,7 @@ func TestCryptoSignatures(t *testing.T) {
 func createKeys(t *testing.T, kc keywardv1.KeyServiceClient, keys map[string]keywardv1.KeyPurpose) {
 	t.Helper()
 	for name, p := range keys {
-		if _, err := kc.CreateKey(context.Background(), &keywardv1.CreateKeyRequest{Name: name, Purpose: p}); err != nil {
+		if _, err := kc.CreateKey(context.Background(), &keywardv1.CreateKeyRequest{Name: name, Purpose: p, Labels: raw}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -358,7 +361,7 @@ func TestCryptoPolicy(t *testing.T) {
 	kc := keywardv1.NewKeyServiceClient(in.Conn)
 	cc := keywardv1.NewCryptoServiceClient(in.Conn)
 	for _, k := range []string{"app-s", "other-s"} {
-		if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: k, Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_SIGN}); err != nil {
+		if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: k, Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_SIGN, Labels: raw}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -449,5 +452,47 @@ func TestCryptoBatch(t *testing.T) {
 	}
 	if len(recs.Records) != 1 || recs.Records[0].Items != 4 {
 		t.Fatalf("BatchSign's audit records: %v", recs.Records)
+	}
+}
+
+// raw is the label of a signing key made for CryptoService.Sign.
+var raw = map[string]string{keys.UseLabel: keys.UseRaw}
+
+// TestTokenKeysApart: a signing key made for CryptoService.Sign mints no
+// token, and a key that mints tokens signs nothing through CryptoService.
+func TestTokenKeysApart(t *testing.T) {
+	in := daemontest.Start(t, daemontest.Policy(fmt.Sprintf(`version: 1
+roles:
+  all:
+    permissions:
+      - operations: ["*"]
+        keys: ["*"]
+    tokens:
+      audiences: [orders]
+bindings:
+  - role: all
+    callers:
+      - uid: %d
+`, os.Getuid())))
+	ctx := context.Background()
+	kc := keywardv1.NewKeyServiceClient(in.Conn)
+	for name, labels := range map[string]map[string]string{"jwt": nil, "release": raw} {
+		if _, err := kc.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: name, Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_SIGN, Labels: labels}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tc := keywardv1.NewTokenServiceClient(in.Conn)
+	if _, err := tc.MintToken(ctx, &keywardv1.MintTokenRequest{KeyName: "jwt", Audiences: []string{"orders"}}); err != nil {
+		t.Fatalf("a token key mints: %v", err)
+	}
+	if _, err := tc.MintToken(ctx, &keywardv1.MintTokenRequest{KeyName: "release", Audiences: []string{"orders"}}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("a raw signing key minted a token: %v", err)
+	}
+	cc := keywardv1.NewCryptoServiceClient(in.Conn)
+	if _, err := cc.Sign(ctx, &keywardv1.SignRequest{KeyName: "jwt", Input: &keywardv1.SignRequest_Message{Message: []byte("eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJyb290In0")}}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("a token key signed raw bytes (a forged token): %v", err)
+	}
+	if _, err := cc.Sign(ctx, &keywardv1.SignRequest{KeyName: "release", Input: &keywardv1.SignRequest_Message{Message: []byte("x")}}); err != nil {
+		t.Errorf("a raw key does not sign: %v", err)
 	}
 }

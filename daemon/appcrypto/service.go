@@ -21,9 +21,11 @@ import (
 	"crypto/sha256"
 	"crypto/sha512"
 	"crypto/x509"
+	"encoding/asn1"
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"sync"
 	"time"
 
@@ -69,7 +71,16 @@ type Service struct {
 	now  func() time.Time
 
 	mu      sync.Mutex
-	signers map[hsm.KeyID]*hsm.Signer // a version's public key never changes, nor its number another key's
+	signers map[signerID]*hsm.Signer
+}
+
+// signerID names a version's signer in the cache: its name and number, and
+// when it was made, since a key deleted and made again under its name has
+// versions of the same numbers (and maybe another algorithm), not the
+// same keys.
+type signerID struct {
+	hsm.KeyID
+	made int64
 }
 
 // maxSigners bounds the signers kept: past it, the map starts again.
@@ -77,9 +88,15 @@ const maxSigners = 4096
 
 // signer is the HSM's signer of a key version, loaded once: Verify then
 // needs no HSM session, and Sign one (the signature's) instead of two.
-func (s *Service) signer(ctx context.Context, id hsm.KeyID) (*hsm.Signer, error) {
+func (s *Service) signer(ctx context.Context, k *keys.Key, id hsm.KeyID) (*hsm.Signer, error) {
+	cid := signerID{KeyID: id}
+	for _, v := range k.Versions {
+		if v.Number == id.Version {
+			cid.made = v.Created.UnixNano()
+		}
+	}
 	s.mu.Lock()
-	sg := s.signers[id]
+	sg := s.signers[cid]
 	s.mu.Unlock()
 	if sg != nil {
 		return sg, nil
@@ -92,7 +109,7 @@ func (s *Service) signer(ctx context.Context, id hsm.KeyID) (*hsm.Signer, error)
 	if len(s.signers) >= maxSigners {
 		clear(s.signers)
 	}
-	s.signers[id] = sg
+	s.signers[cid] = sg
 	s.mu.Unlock()
 	return sg, nil
 }
@@ -103,7 +120,7 @@ func New(k Keys, h HSM, now func() time.Time) *Service {
 	if now == nil {
 		now = time.Now
 	}
-	return &Service{keys: k, hsm: h, now: now, signers: map[hsm.KeyID]*hsm.Signer{}}
+	return &Service{keys: k, hsm: h, now: now, signers: map[signerID]*hsm.Signer{}}
 }
 
 // KeyID names a key version in the HSM.
@@ -194,12 +211,18 @@ func (s *Service) Sign(ctx context.Context, name string, in Input) (*Signature, 
 	if err != nil {
 		return nil, err
 	}
+	if k.Labels[keys.UseLabel] != keys.UseRaw {
+		// A key that signs tokens signs nothing else: a signature of any
+		// bytes with it would be a token of the signer's choosing, past
+		// the token grants, verified by everyone who trusts the JWKS.
+		return nil, fmt.Errorf("%w: %q may sign tokens; CryptoService.Sign signs only with a key made for it (created with the label %s=%s)", keys.ErrWrongPurpose, name, keys.UseLabel, keys.UseRaw)
+	}
 	v, ok := k.Signing(s.now())
 	if !ok {
 		return nil, fmt.Errorf("%w: %q has no version signing now", keys.ErrVersion, name)
 	}
 	id := hsm.KeyID{Name: name, Version: v.Number}
-	sg, err := s.signer(ctx, id)
+	sg, err := s.signer(ctx, k, id)
 	if err != nil {
 		return nil, err
 	}
@@ -210,6 +233,11 @@ func (s *Service) Sign(ctx context.Context, name string, in Input) (*Signature, 
 	sig, err := sg.SignContext(ctx, data, h)
 	if err != nil {
 		return nil, err
+	}
+	if pub, ok := sg.Public().(*ecdsa.PublicKey); ok {
+		if sig, err = lowS(pub, sig); err != nil {
+			return nil, err
+		}
 	}
 	return &Signature{Signature: sig, Key: id, Algorithm: sg.Algorithm()}, nil
 }
@@ -248,7 +276,7 @@ func (s *Service) Verify(ctx context.Context, name string, v uint32, in Input, s
 		return false, 0, err
 	}
 	for _, n := range versions {
-		sg, err := s.signer(ctx, hsm.KeyID{Name: name, Version: n})
+		sg, err := s.signer(ctx, k, hsm.KeyID{Name: name, Version: n})
 		if err != nil {
 			return false, 0, err
 		}
@@ -259,7 +287,9 @@ func (s *Service) Verify(ctx context.Context, name string, v uint32, in Input, s
 		var ok bool
 		switch pub := sg.Public().(type) {
 		case *ecdsa.PublicKey:
-			ok = ecdsa.VerifyASN1(pub, data, sig)
+			// Low S only: a signature has one form (as the tokens'), so
+			// that none is a second valid copy of another.
+			ok = ecdsa.VerifyASN1(pub, data, sig) && isLowS(pub, sig)
 		case ed25519.PublicKey:
 			ok = ed25519.Verify(pub, data, sig)
 		}
@@ -289,7 +319,7 @@ func (s *Service) PublicKey(ctx context.Context, name string, v uint32) (*Public
 		return nil, err
 	}
 	id := hsm.KeyID{Name: name, Version: versions[0]}
-	sg, err := s.signer(ctx, id)
+	sg, err := s.signer(ctx, k, id)
 	if err != nil {
 		return nil, err
 	}
@@ -366,4 +396,31 @@ func (s *Service) Random(ctx context.Context, n int) ([]byte, error) {
 		return nil, fmt.Errorf("%w: %d random bytes; ask for 1 to %d", ErrInvalid, n, MaxRandom)
 	}
 	return s.hsm.Random(ctx, n)
+}
+
+// ecdsaSig is an ECDSA signature's ASN.1 form.
+type ecdsaSig struct{ R, S *big.Int }
+
+// lowS is sig with s at most half the curve's order (n - s if not): both
+// verify, and one form is the answer.
+func lowS(pub *ecdsa.PublicKey, sig []byte) ([]byte, error) {
+	var v ecdsaSig
+	if _, err := asn1.Unmarshal(sig, &v); err != nil {
+		return nil, fmt.Errorf("crypto: the HSM's signature does not parse: %w", err)
+	}
+	n := pub.Curve.Params().N
+	if v.S.Cmp(new(big.Int).Rsh(n, 1)) > 0 {
+		v.S = new(big.Int).Sub(n, v.S)
+		return asn1.Marshal(v)
+	}
+	return sig, nil
+}
+
+// isLowS says whether sig's s is at most half the curve's order.
+func isLowS(pub *ecdsa.PublicKey, sig []byte) bool {
+	var v ecdsaSig
+	if _, err := asn1.Unmarshal(sig, &v); err != nil {
+		return false
+	}
+	return v.S.Cmp(new(big.Int).Rsh(pub.Curve.Params().N, 1)) <= 0
 }

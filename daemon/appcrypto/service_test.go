@@ -2,6 +2,7 @@ package appcrypto
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"errors"
 	"path/filepath"
 	"sync"
@@ -51,7 +52,7 @@ func setup(t testing.TB, specs ...keys.Spec) (*Service, *keys.Manager, *clock) {
 // one; Verify accepts a version while it is published, and not once it is
 // removed or withdrawn below the minimum version.
 func TestSigningTimeline(t *testing.T) {
-	s, km, c := setup(t, keys.Spec{Name: "s", Purpose: keys.Sign, Algorithm: hsm.ECDSAP256})
+	s, km, c := setup(t, keys.Spec{Name: "s", Purpose: keys.Sign, Algorithm: hsm.ECDSAP256, Labels: raw})
 	ctx := context.Background()
 	msg := Input{Data: []byte("hello")}
 	sig1, err := s.Sign(ctx, "s", msg)
@@ -136,8 +137,8 @@ func TestMACVersions(t *testing.T) {
 
 // TestInputs: the sizes and forms Sign refuses before the HSM signs.
 func TestInputs(t *testing.T) {
-	s, _, _ := setup(t, keys.Spec{Name: "p384", Purpose: keys.Sign, Algorithm: hsm.ECDSAP384},
-		keys.Spec{Name: "ed", Purpose: keys.Sign, Algorithm: hsm.Ed25519}, keys.Spec{Name: "e", Purpose: keys.Encrypt})
+	s, _, _ := setup(t, keys.Spec{Name: "p384", Purpose: keys.Sign, Algorithm: hsm.ECDSAP384, Labels: raw},
+		keys.Spec{Name: "ed", Purpose: keys.Sign, Algorithm: hsm.Ed25519, Labels: raw}, keys.Spec{Name: "e", Purpose: keys.Encrypt})
 	ctx := context.Background()
 	for _, tc := range []struct {
 		name, key string
@@ -169,7 +170,7 @@ func BenchmarkCrypto(b *testing.B) {
 	ctx := context.Background()
 	msg := Input{Data: make([]byte, 1024)}
 	for _, alg := range []hsm.Algorithm{hsm.ECDSAP256, hsm.ECDSAP384, hsm.Ed25519} {
-		if _, err := km.Create(ctx, keys.Spec{Name: alg.String(), Purpose: keys.Sign, Algorithm: alg}); err != nil {
+		if _, err := km.Create(ctx, keys.Spec{Name: alg.String(), Purpose: keys.Sign, Algorithm: alg, Labels: raw}); err != nil {
 			b.Fatal(err)
 		}
 		sig, err := s.Sign(ctx, alg.String(), msg)
@@ -201,4 +202,109 @@ func BenchmarkCrypto(b *testing.B) {
 			}
 		}
 	})
+}
+
+// raw is the label of a signing key made for CryptoService.Sign.
+var raw = map[string]string{keys.UseLabel: keys.UseRaw}
+
+// TestKeySeparationAndCache: a signing key that may sign tokens does not
+// sign raw bytes (its signature of a JWS payload would be a token); a key
+// deleted and made again under its name is not served from the signers
+// kept of the old one; a signature has one form (low S).
+func TestKeySeparationAndCache(t *testing.T) {
+	ctx := context.Background()
+	s, km, c := setup(t, keys.Spec{Name: "tok", Purpose: keys.Sign, Algorithm: hsm.ECDSAP256},
+		keys.Spec{Name: "s", Purpose: keys.Sign, Algorithm: hsm.ECDSAP256, Labels: raw})
+	if _, err := s.Sign(ctx, "tok", Input{Data: []byte("eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJyb290In0")}); !errors.Is(err, keys.ErrWrongPurpose) {
+		t.Errorf("Sign with a key that may sign tokens: %v; want ErrWrongPurpose", err)
+	}
+
+	msg := Input{Data: []byte("release 1.0")}
+	for range 20 { // low S every time (an HSM's s is high half the time)
+		sig, err := s.Sign(ctx, "s", msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub, err := s.PublicKey(ctx, "s", 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = pub
+		sg, err := s.signer(ctx, mustKey(t, km, "s"), sig.Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !isLowS(sg.Public().(*ecdsa.PublicKey), sig.Signature) {
+			t.Fatal("a signature with a high S")
+		}
+	}
+
+	// The old key's public key and signatures, then the key deleted and
+	// made again under its name.
+	old, err := s.PublicKey(ctx, "s", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldSig, err := s.Sign(ctx, "s", msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := km.ScheduleDeletion("s", keys.MinDeletionWait); err != nil {
+		t.Fatal(err)
+	}
+	c.add(keys.MinDeletionWait + time.Hour)
+	if done, err := km.DeleteDue(ctx, "s"); err != nil || !done {
+		t.Fatalf("DeleteDue: %v, %v", done, err)
+	}
+	c.add(time.Second)
+	if _, err := km.Create(ctx, keys.Spec{Name: "s", Purpose: keys.Sign, Algorithm: hsm.ECDSAP256, Labels: raw}); err != nil {
+		t.Fatal(err)
+	}
+	now, err := s.PublicKey(ctx, "s", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if now.PEM == old.PEM {
+		t.Errorf("the key made again answers with the deleted key's public key")
+	}
+	if ok, _, err := s.Verify(ctx, "s", 0, msg, oldSig.Signature); err != nil || ok {
+		t.Errorf("the deleted key's signature verifies under the new key: %v, %v", ok, err)
+	}
+	sig, err := s.Sign(ctx, "s", msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, _, err := s.Verify(ctx, "s", 0, msg, sig.Signature); err != nil || !ok {
+		t.Errorf("the new key's own signature does not verify: %v, %v", ok, err)
+	}
+}
+
+func mustKey(t *testing.T, km *keys.Manager, name string) *keys.Key {
+	t.Helper()
+	k, err := km.Get(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// TestMACPanic: after a panic rotation of a MAC key, a MAC made with a
+// compromised version no longer verifies.
+func TestMACPanic(t *testing.T) {
+	ctx := context.Background()
+	s, km, _ := setup(t, keys.Spec{Name: "hooks", Purpose: keys.MAC})
+	m, err := s.GenerateMAC(ctx, "hooks", []byte("payload"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, _, err := s.VerifyMAC(ctx, "hooks", m.Key.Version, []byte("payload"), m.MAC); err != nil || !ok {
+		t.Fatalf("before: %v, %v", ok, err)
+	}
+	p, err := km.PanicRotate(ctx, "hooks", false)
+	if err != nil || !p.Withdrawn {
+		t.Fatalf("panic-rotate: %+v, %v; want the versions withdrawn", p, err)
+	}
+	if ok, _, err := s.VerifyMAC(ctx, "hooks", m.Key.Version, []byte("payload"), m.MAC); err == nil && ok {
+		t.Errorf("a MAC of the compromised version verifies after the panic rotation")
+	}
 }

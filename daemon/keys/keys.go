@@ -65,6 +65,14 @@ const (
 	creating State = "creating"
 )
 
+// UseLabel, set to UseRaw when a signing key is created, makes it a key
+// of CryptoService.Sign, which TokenService then refuses; a signing key
+// without it signs tokens only. Labels are fixed at creation.
+const (
+	UseLabel = "use"
+	UseRaw   = "raw"
+)
+
 // Deletion waiting periods.
 const (
 	MinDeletionWait     = 7 * 24 * time.Hour
@@ -668,7 +676,8 @@ type Panic struct {
 	// Encryptions is how many encryptions were reserved under the retired
 	// versions: at most that many ciphertexts to re-encrypt.
 	Encryptions uint64
-	// Withdrawn: a signing key's retired versions left the JWKS, and every
+	// Withdrawn: a signing key's retired versions left the JWKS (a MAC
+	// key's no longer verify), and every
 	// token they signed is refused from now on.
 	Withdrawn bool
 }
@@ -698,7 +707,11 @@ func (m *Manager) panicLocked(ctx context.Context, name string, dryRun bool) (*P
 	if k.State == PendingDeletion {
 		return nil, k.Usable()
 	}
-	p := &Panic{Key: k, NewVersion: k.Latest() + 1, Withdrawn: k.Purpose == Sign}
+	// A signing or MAC key's compromised versions are withdrawn at once: a
+	// signature or a MAC is authenticity, not data to recover, and one the
+	// thief makes with them must not verify.
+	withdraw := k.Purpose == Sign || k.Purpose == MAC
+	p := &Panic{Key: k, NewVersion: k.Latest() + 1, Withdrawn: withdraw}
 	for _, v := range k.Versions {
 		if v.Number >= k.MinDecryptionVersion {
 			p.Retired = append(p.Retired, v.Number)
@@ -713,7 +726,7 @@ func (m *Manager) panicLocked(ctx context.Context, name string, dryRun bool) (*P
 	// transaction, so that a crash leaves either all of it or a pending
 	// version the next rotation adopts.
 	p.Key, err = m.rotateLockedAt(ctx, name, true, func(k *Key) [][]byte {
-		if k.Purpose == Sign {
+		if withdraw {
 			k.MinDecryptionVersion = p.NewVersion // withdraws them: updateEmit sends key_version revocations
 			return nil
 		}

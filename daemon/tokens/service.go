@@ -136,6 +136,9 @@ func (s *Service) signing(name string, ttl time.Duration, now time.Time) (hsm.Ke
 	if err := k.Usable(); err != nil {
 		return hsm.KeyID{}, err
 	}
+	if k.Labels[rootkeys.UseLabel] == rootkeys.UseRaw {
+		return hsm.KeyID{}, fmt.Errorf("%w: %q is made for CryptoService.Sign (%s=%s); tokens are signed with a key of their own", rootkeys.ErrWrongPurpose, k.Name, rootkeys.UseLabel, rootkeys.UseRaw)
+	}
 	v, ok := k.Signing(now)
 	if !ok {
 		return hsm.KeyID{}, fmt.Errorf("%w: %q has no version signing now", rootkeys.ErrVersion, k.Name)
