@@ -27,8 +27,8 @@ var commands = []command{
 		example: "  keyward reencrypt -context tenant=42 < out > out.v2"},
 
 	{path: "sign", group: groupCrypto, short: "sign standard input (or -in) with a signing key; the signature to standard output (or -out)", flags: signCommand,
-		long:    "ECDSA signatures are ASN.1 DER and Ed25519 ones 64 bytes, as openssl reads them (keyward public-key gives the key). A message over 64 KiB is signed by its digest: -hash sha256 (P-256) or sha384 (P-384).",
-		example: "  keyward sign -key release < app.tar > app.sig\n  keyward sign -key release -hash sha256 < big.iso > big.sig"},
+		long:    "The key must be made for it: keyward key create -name release -purpose sign -label use=raw (a key that signs tokens signs nothing else). ECDSA signatures are ASN.1 DER with a low S and Ed25519 ones 64 bytes, as openssl reads them (keyward public-key gives the key). A message over 64 KiB is signed by its digest: -hash sha256 (P-256) or sha384 (P-384).",
+		example: "  keyward key create -name release -purpose sign -label use=raw\n  keyward sign -key release < app.tar > app.sig\n  keyward sign -key release -hash sha256 < big.iso > big.sig"},
 	{path: "verify-signature", group: groupCrypto, short: "verify a signature of standard input (or -in); exit 1 unless valid", flags: verifySignature,
 		example: "  keyward verify-signature -key release -signature app.sig < app.tar"},
 	{path: "public-key", group: groupCrypto, short: "a signing key's public key, PEM, for verifiers", flags: publicKey,
