@@ -419,14 +419,13 @@ func TestOpenBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var argv []byte
-	for range 100 {
-		if argv, err = os.ReadFile(filepath.Join(dir, "page")); err == nil && len(argv) > 0 {
+	for range 100 { // the opener runs in the background: its last file is the page
+		if b, err := os.ReadFile(filepath.Join(dir, "page")); err == nil && len(b) > 0 {
 			break
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	argv, _ = os.ReadFile(filepath.Join(dir, "argv"))
+	argv, _ := os.ReadFile(filepath.Join(dir, "argv"))
 	mode, _ := os.ReadFile(filepath.Join(dir, "mode"))
 	page, _ := os.ReadFile(filepath.Join(dir, "page"))
 	if strings.Contains(string(argv), "SECRETTOKEN") || !strings.HasSuffix(strings.TrimSpace(string(argv)), "login.html") {

@@ -114,21 +114,13 @@ func (r Request) Check() error {
 	return nil
 }
 
-// Watched says whether the anomaly detector hears of this verification,
-// and whether it learns from it: a VALID use is learned from; the live
+// watchedCode says whether the anomaly detector hears of a verification,
+// by its verdict, and whether it learns from it: a VALID use is learned from; the live
 // secret used where or how it may not be (IP_NOT_ALLOWED,
 // WRONG_ENVIRONMENT, FORBIDDEN) is watched, not learned from. A
 // rotated-out, revoked or disabled key's uses are not watched (they must
 // not set off an alert that disables the key its owner holds now), nor
 // those its own limits refused (a client retrying into its rate limit).
-func (r Result) Watched() (watch, learn bool) {
-	if r.Key == nil {
-		return false, false
-	}
-	return watchedCode(r.Code)
-}
-
-// watchedCode is Watched by the verdict alone.
 func watchedCode(c Code) (watch, learn bool) {
 	switch c {
 	case Valid:

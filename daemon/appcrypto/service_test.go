@@ -225,11 +225,6 @@ func TestKeySeparationAndCache(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		pub, err := s.PublicKey(ctx, "s", 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = pub
 		sg, err := s.signer(ctx, mustKey(t, km, "s"), sig.Key)
 		if err != nil {
 			t.Fatal(err)

@@ -329,7 +329,7 @@ func TestHeaders(t *testing.T) {
 		if h.Get("X-Frame-Options") != "DENY" || h.Get("Cache-Control") != "no-store" || h.Get("X-Content-Type-Options") != "nosniff" {
 			t.Errorf("%s: headers %v", path, h)
 		}
-		if strings.Contains(strings.ToLower(body), "<script") || strings.Contains(strings.ToLower(body), " on") && regexp.MustCompile(`(?i)\son[a-z]+=`).MatchString(body) {
+		if strings.Contains(strings.ToLower(body), "<script") || regexp.MustCompile(`(?i)\son[a-z]+=`).MatchString(body) {
 			t.Errorf("%s holds a script", path)
 		}
 		if path != "/login?token=x" && resp.StatusCode != http.StatusOK {
