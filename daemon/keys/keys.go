@@ -26,6 +26,8 @@ import (
 	"maps"
 	"sync"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/keyward/keyward/daemon/names"
 	"github.com/keyward/keyward/daemon/outbox"
@@ -97,7 +99,41 @@ type Key struct {
 	// PendingPanic: the pending version is a panic-rotate's; whatever
 	// adopts it (a crash came between) finishes the panic-rotate.
 	PendingPanic bool `json:"pending_panic,omitempty"`
+	// RewrapReports: encryption keys only, the newest report of each
+	// source's rewrap job, newest first, at most MaxRewrapReports.
+	RewrapReports []RewrapReport `json:"rewrap_reports,omitempty"`
 }
+
+// RewrapReport is how many ciphertexts under each version of a key one
+// source of an application held when its rewrap job last ended (the job
+// runs in the application: keyward rewrap, or the Go client's rewrap
+// package). keywardd cannot count them itself: the ciphertexts are the
+// application's.
+type RewrapReport struct {
+	Source      string            `json:"source"`
+	Ciphertexts map[uint32]uint64 `json:"ciphertexts,omitempty"`
+	Failed      uint64            `json:"failed,omitempty"`
+	Complete    bool              `json:"complete,omitempty"`
+	Time        time.Time         `json:"time"`
+}
+
+// Under is how many ciphertexts the report counts under versions below v.
+func (r RewrapReport) Under(v uint32) uint64 {
+	var n uint64
+	for ver, c := range r.Ciphertexts {
+		if ver < v {
+			n += c
+		}
+	}
+	return n
+}
+
+// Rewrap report bounds: a key keeps the reports of this many sources, each
+// named in at most MaxRewrapSource bytes.
+const (
+	MaxRewrapReports = 16
+	MaxRewrapSource  = 256
+)
 
 // Version is one version of a key.
 type Version struct {
@@ -771,6 +807,49 @@ func (m *Manager) SetMinDecryptionVersion(name string, v uint32) (*Key, error) {
 		k.MinDecryptionVersion = v
 		return nil
 	})
+}
+
+// ReportRewrap records r, the report of a rewrap job over one source of
+// ciphertexts under the encryption key name, stamped with keywardd's clock.
+// It replaces the source's last report; a new source beyond
+// MaxRewrapReports replaces the one reported longest ago.
+func (m *Manager) ReportRewrap(name string, r RewrapReport) (*Key, error) {
+	if r.Source == "" || len(r.Source) > MaxRewrapSource || !printable(r.Source) {
+		return nil, fmt.Errorf("%w: a rewrap report's source must be 1 to %d printable characters, as \"dir:/var/lib/app\"", ErrInvalid, MaxRewrapSource)
+	}
+	defer m.lock(name)()
+	return m.change(name, func(k *Key) error {
+		if k.Purpose != Encrypt {
+			return fmt.Errorf("%w: %q is a %s key; rewrap reports are for encryption keys", ErrWrongPurpose, name, k.Purpose)
+		}
+		for v := range r.Ciphertexts {
+			if v < 1 || v > k.Latest() {
+				return fmt.Errorf("%w: the report counts ciphertexts under version %d of %q, which has versions 1 to %d", ErrInvalid, v, name, k.Latest())
+			}
+		}
+		r.Time = m.opt.Now().UTC()
+		reports := []RewrapReport{r}
+		for _, old := range k.RewrapReports {
+			if old.Source != r.Source && len(reports) < MaxRewrapReports {
+				reports = append(reports, old)
+			}
+		}
+		k.RewrapReports = reports
+		return nil
+	})
+}
+
+// printable: no control characters, valid UTF-8.
+func printable(s string) bool {
+	if !utf8.ValidString(s) {
+		return false
+	}
+	for _, c := range s {
+		if unicode.IsControl(c) {
+			return false
+		}
+	}
+	return true
 }
 
 // ScheduleDeletion makes the key unusable at once and deletable after wait

@@ -674,3 +674,52 @@ func TestFailedPanicRotateDoesNotArmRotate(t *testing.T) {
 		t.Fatalf("after finishing the crashed panic-rotate: latest %d, min %d, pending panic %v", k.Latest(), k.MinDecryptionVersion, k.PendingPanic)
 	}
 }
+
+// TestReportRewrap: a key keeps one report per source, newest first, and
+// at most MaxRewrapReports of them; the oldest source goes first.
+func TestReportRewrap(t *testing.T) {
+	e := setup(t, Options{})
+	ctx := context.Background()
+	if _, err := e.m.Create(ctx, Spec{Name: "kek", Purpose: Encrypt}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.m.Create(ctx, Spec{Name: "jwt", Purpose: Sign}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.m.ReportRewrap("jwt", RewrapReport{Source: "dir:/a"}); !errors.Is(err, ErrWrongPurpose) {
+		t.Fatalf("a report on a signing key: %v", err)
+	}
+	for i := range MaxRewrapReports + 1 {
+		e.clock.t = e.clock.t.Add(time.Minute)
+		if _, err := e.m.ReportRewrap("kek", RewrapReport{Source: fmt.Sprintf("dir:/%d", i), Ciphertexts: map[uint32]uint64{1: uint64(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Source 3 again: it moves to the front, with its new count.
+	if _, err := e.m.ReportRewrap("kek", RewrapReport{Source: "dir:/3", Ciphertexts: map[uint32]uint64{1: 0}, Complete: true}); err != nil {
+		t.Fatal(err)
+	}
+	k, err := e.m.Get("kek")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(k.RewrapReports) != MaxRewrapReports {
+		t.Fatalf("%d reports kept; want %d", len(k.RewrapReports), MaxRewrapReports)
+	}
+	if r := k.RewrapReports[0]; r.Source != "dir:/3" || r.Under(2) != 0 || !r.Complete || !r.Time.Equal(e.clock.Now()) {
+		t.Fatalf("newest report %+v", r)
+	}
+	for _, r := range k.RewrapReports {
+		if r.Source == "dir:/0" {
+			t.Fatal("the oldest source was kept past the bound")
+		}
+	}
+	if r := k.RewrapReports[1]; r.Source != fmt.Sprintf("dir:/%d", MaxRewrapReports) || r.Under(2) != MaxRewrapReports || r.Under(1) != 0 {
+		t.Fatalf("second report %+v", r)
+	}
+	for _, src := range []string{"", strings.Repeat("x", MaxRewrapSource+1), "dir:\x00", "\xff"} {
+		if _, err := e.m.ReportRewrap("kek", RewrapReport{Source: src}); !errors.Is(err, ErrInvalid) {
+			t.Errorf("source %q: %v", src, err)
+		}
+	}
+}

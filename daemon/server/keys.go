@@ -25,6 +25,7 @@ type Keys interface {
 	SetMinDecryptionVersion(name string, v uint32) (*keys.Key, error)
 	ScheduleDeletion(name string, wait time.Duration) (*keys.Key, error)
 	CancelDeletion(name string) (*keys.Key, error)
+	ReportRewrap(name string, r keys.RewrapReport) (*keys.Key, error)
 	// EncryptionLimit is how many encryptions an AES-GCM version makes
 	// before its key rotates by itself.
 	EncryptionLimit() uint64
@@ -78,6 +79,10 @@ func (s *Server) toKey(k *keys.Key) *keywardv1.Key {
 	}
 	if out.Algorithm == keywardv1.KeyAlgorithm_KEY_ALGORITHM_AES256_GCM {
 		out.EncryptionLimit = s.cfg.Keys.EncryptionLimit()
+	}
+	for _, r := range k.RewrapReports {
+		out.RewrapReports = append(out.RewrapReports, &keywardv1.RewrapReport{Source: r.Source, Ciphertexts: r.Ciphertexts,
+			Failed: r.Failed, Complete: r.Complete, ReportTime: ts(r.Time)})
 	}
 	if k.RotationPeriod > 0 {
 		out.RotationPeriod = durationpb.New(k.RotationPeriod)

@@ -224,8 +224,13 @@ type Key struct {
 	// AES-GCM keys only: how many encryptions a version makes before the key
 	// rotates by itself, below the 2^32 that random nonces allow.
 	EncryptionLimit uint64 `protobuf:"varint,12,opt,name=encryption_limit,json=encryptionLimit,proto3" json:"encryption_limit,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Encryption keys only: what the rewrap jobs over the applications'
+	// ciphertexts last reported (EnvelopeService.ReportRewrap), one report
+	// per source, newest first. keyward key set-min-version warns before it
+	// retires a version a report still counts ciphertexts under.
+	RewrapReports []*RewrapReport `protobuf:"bytes,13,rep,name=rewrap_reports,json=rewrapReports,proto3" json:"rewrap_reports,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Key) Reset() {
@@ -342,6 +347,100 @@ func (x *Key) GetEncryptionLimit() uint64 {
 	return 0
 }
 
+func (x *Key) GetRewrapReports() []*RewrapReport {
+	if x != nil {
+		return x.RewrapReports
+	}
+	return nil
+}
+
+// RewrapReport is how many ciphertexts under each version of a key one
+// source held when its rewrap job last ended.
+type RewrapReport struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The source the job went over, as the job names it: "dir:/var/lib/app",
+	// "postgres:orders.card_token". 1 to 256 printable characters.
+	Source string `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	// Ciphertexts under each version of the key when the job ended (those it
+	// moved count under the version they moved to).
+	Ciphertexts map[uint32]uint64 `protobuf:"bytes,2,rep,name=ciphertexts,proto3" json:"ciphertexts,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// Ciphertexts of this key the job could not move (refused, or changed
+	// by the application meanwhile); they count under their old version too.
+	Failed uint64 `protobuf:"varint,3,opt,name=failed,proto3" json:"failed,omitempty"`
+	// Whether the job went over the whole source; a job stopped early
+	// reports only what it saw.
+	Complete bool `protobuf:"varint,4,opt,name=complete,proto3" json:"complete,omitempty"`
+	// When keywardd received the report (keywardd's clock).
+	ReportTime    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=report_time,json=reportTime,proto3" json:"report_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RewrapReport) Reset() {
+	*x = RewrapReport{}
+	mi := &file_keys_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RewrapReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RewrapReport) ProtoMessage() {}
+
+func (x *RewrapReport) ProtoReflect() protoreflect.Message {
+	mi := &file_keys_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RewrapReport.ProtoReflect.Descriptor instead.
+func (*RewrapReport) Descriptor() ([]byte, []int) {
+	return file_keys_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RewrapReport) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *RewrapReport) GetCiphertexts() map[uint32]uint64 {
+	if x != nil {
+		return x.Ciphertexts
+	}
+	return nil
+}
+
+func (x *RewrapReport) GetFailed() uint64 {
+	if x != nil {
+		return x.Failed
+	}
+	return 0
+}
+
+func (x *RewrapReport) GetComplete() bool {
+	if x != nil {
+		return x.Complete
+	}
+	return false
+}
+
+func (x *RewrapReport) GetReportTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ReportTime
+	}
+	return nil
+}
+
 // KeyVersion is one version of a key.
 type KeyVersion struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -365,7 +464,7 @@ type KeyVersion struct {
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_keys_proto_msgTypes[1]
+	mi := &file_keys_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -377,7 +476,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[1]
+	mi := &file_keys_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -390,7 +489,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{1}
+	return file_keys_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *KeyVersion) GetNumber() uint32 {
@@ -454,7 +553,7 @@ type CreateKeyRequest struct {
 
 func (x *CreateKeyRequest) Reset() {
 	*x = CreateKeyRequest{}
-	mi := &file_keys_proto_msgTypes[2]
+	mi := &file_keys_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -466,7 +565,7 @@ func (x *CreateKeyRequest) String() string {
 func (*CreateKeyRequest) ProtoMessage() {}
 
 func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[2]
+	mi := &file_keys_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -479,7 +578,7 @@ func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{2}
+	return file_keys_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *CreateKeyRequest) GetName() string {
@@ -527,7 +626,7 @@ type CreateKeyResponse struct {
 
 func (x *CreateKeyResponse) Reset() {
 	*x = CreateKeyResponse{}
-	mi := &file_keys_proto_msgTypes[3]
+	mi := &file_keys_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -539,7 +638,7 @@ func (x *CreateKeyResponse) String() string {
 func (*CreateKeyResponse) ProtoMessage() {}
 
 func (x *CreateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[3]
+	mi := &file_keys_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -552,7 +651,7 @@ func (x *CreateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyResponse.ProtoReflect.Descriptor instead.
 func (*CreateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{3}
+	return file_keys_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CreateKeyResponse) GetKey() *Key {
@@ -572,7 +671,7 @@ type GetKeyRequest struct {
 
 func (x *GetKeyRequest) Reset() {
 	*x = GetKeyRequest{}
-	mi := &file_keys_proto_msgTypes[4]
+	mi := &file_keys_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -584,7 +683,7 @@ func (x *GetKeyRequest) String() string {
 func (*GetKeyRequest) ProtoMessage() {}
 
 func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[4]
+	mi := &file_keys_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -597,7 +696,7 @@ func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetKeyRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{4}
+	return file_keys_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetKeyRequest) GetName() string {
@@ -617,7 +716,7 @@ type GetKeyResponse struct {
 
 func (x *GetKeyResponse) Reset() {
 	*x = GetKeyResponse{}
-	mi := &file_keys_proto_msgTypes[5]
+	mi := &file_keys_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -629,7 +728,7 @@ func (x *GetKeyResponse) String() string {
 func (*GetKeyResponse) ProtoMessage() {}
 
 func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[5]
+	mi := &file_keys_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -642,7 +741,7 @@ func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetKeyResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{5}
+	return file_keys_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetKeyResponse) GetKey() *Key {
@@ -661,7 +760,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_keys_proto_msgTypes[6]
+	mi := &file_keys_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -673,7 +772,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[6]
+	mi := &file_keys_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -686,7 +785,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{6}
+	return file_keys_proto_rawDescGZIP(), []int{7}
 }
 
 // ListKeysResponse holds the keys, by name.
@@ -699,7 +798,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_keys_proto_msgTypes[7]
+	mi := &file_keys_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -711,7 +810,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[7]
+	mi := &file_keys_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -724,7 +823,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{7}
+	return file_keys_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListKeysResponse) GetKeys() []*Key {
@@ -744,7 +843,7 @@ type RotateKeyRequest struct {
 
 func (x *RotateKeyRequest) Reset() {
 	*x = RotateKeyRequest{}
-	mi := &file_keys_proto_msgTypes[8]
+	mi := &file_keys_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -756,7 +855,7 @@ func (x *RotateKeyRequest) String() string {
 func (*RotateKeyRequest) ProtoMessage() {}
 
 func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[8]
+	mi := &file_keys_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -769,7 +868,7 @@ func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{8}
+	return file_keys_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RotateKeyRequest) GetName() string {
@@ -789,7 +888,7 @@ type RotateKeyResponse struct {
 
 func (x *RotateKeyResponse) Reset() {
 	*x = RotateKeyResponse{}
-	mi := &file_keys_proto_msgTypes[9]
+	mi := &file_keys_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -801,7 +900,7 @@ func (x *RotateKeyResponse) String() string {
 func (*RotateKeyResponse) ProtoMessage() {}
 
 func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[9]
+	mi := &file_keys_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -814,7 +913,7 @@ func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{9}
+	return file_keys_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RotateKeyResponse) GetKey() *Key {
@@ -836,7 +935,7 @@ type SetKeyStateRequest struct {
 
 func (x *SetKeyStateRequest) Reset() {
 	*x = SetKeyStateRequest{}
-	mi := &file_keys_proto_msgTypes[10]
+	mi := &file_keys_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -848,7 +947,7 @@ func (x *SetKeyStateRequest) String() string {
 func (*SetKeyStateRequest) ProtoMessage() {}
 
 func (x *SetKeyStateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[10]
+	mi := &file_keys_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -861,7 +960,7 @@ func (x *SetKeyStateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyStateRequest.ProtoReflect.Descriptor instead.
 func (*SetKeyStateRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{10}
+	return file_keys_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SetKeyStateRequest) GetName() string {
@@ -888,7 +987,7 @@ type SetKeyStateResponse struct {
 
 func (x *SetKeyStateResponse) Reset() {
 	*x = SetKeyStateResponse{}
-	mi := &file_keys_proto_msgTypes[11]
+	mi := &file_keys_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -900,7 +999,7 @@ func (x *SetKeyStateResponse) String() string {
 func (*SetKeyStateResponse) ProtoMessage() {}
 
 func (x *SetKeyStateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[11]
+	mi := &file_keys_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -913,7 +1012,7 @@ func (x *SetKeyStateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyStateResponse.ProtoReflect.Descriptor instead.
 func (*SetKeyStateResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{11}
+	return file_keys_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SetKeyStateResponse) GetKey() *Key {
@@ -935,7 +1034,7 @@ type SetMinDecryptionVersionRequest struct {
 
 func (x *SetMinDecryptionVersionRequest) Reset() {
 	*x = SetMinDecryptionVersionRequest{}
-	mi := &file_keys_proto_msgTypes[12]
+	mi := &file_keys_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -947,7 +1046,7 @@ func (x *SetMinDecryptionVersionRequest) String() string {
 func (*SetMinDecryptionVersionRequest) ProtoMessage() {}
 
 func (x *SetMinDecryptionVersionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[12]
+	mi := &file_keys_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -960,7 +1059,7 @@ func (x *SetMinDecryptionVersionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMinDecryptionVersionRequest.ProtoReflect.Descriptor instead.
 func (*SetMinDecryptionVersionRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{12}
+	return file_keys_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetMinDecryptionVersionRequest) GetName() string {
@@ -987,7 +1086,7 @@ type SetMinDecryptionVersionResponse struct {
 
 func (x *SetMinDecryptionVersionResponse) Reset() {
 	*x = SetMinDecryptionVersionResponse{}
-	mi := &file_keys_proto_msgTypes[13]
+	mi := &file_keys_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -999,7 +1098,7 @@ func (x *SetMinDecryptionVersionResponse) String() string {
 func (*SetMinDecryptionVersionResponse) ProtoMessage() {}
 
 func (x *SetMinDecryptionVersionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[13]
+	mi := &file_keys_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1012,7 +1111,7 @@ func (x *SetMinDecryptionVersionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMinDecryptionVersionResponse.ProtoReflect.Descriptor instead.
 func (*SetMinDecryptionVersionResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{13}
+	return file_keys_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SetMinDecryptionVersionResponse) GetKey() *Key {
@@ -1034,7 +1133,7 @@ type ScheduleKeyDeletionRequest struct {
 
 func (x *ScheduleKeyDeletionRequest) Reset() {
 	*x = ScheduleKeyDeletionRequest{}
-	mi := &file_keys_proto_msgTypes[14]
+	mi := &file_keys_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1046,7 +1145,7 @@ func (x *ScheduleKeyDeletionRequest) String() string {
 func (*ScheduleKeyDeletionRequest) ProtoMessage() {}
 
 func (x *ScheduleKeyDeletionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[14]
+	mi := &file_keys_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1059,7 +1158,7 @@ func (x *ScheduleKeyDeletionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleKeyDeletionRequest.ProtoReflect.Descriptor instead.
 func (*ScheduleKeyDeletionRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{14}
+	return file_keys_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ScheduleKeyDeletionRequest) GetName() string {
@@ -1086,7 +1185,7 @@ type ScheduleKeyDeletionResponse struct {
 
 func (x *ScheduleKeyDeletionResponse) Reset() {
 	*x = ScheduleKeyDeletionResponse{}
-	mi := &file_keys_proto_msgTypes[15]
+	mi := &file_keys_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1098,7 +1197,7 @@ func (x *ScheduleKeyDeletionResponse) String() string {
 func (*ScheduleKeyDeletionResponse) ProtoMessage() {}
 
 func (x *ScheduleKeyDeletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[15]
+	mi := &file_keys_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1111,7 +1210,7 @@ func (x *ScheduleKeyDeletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleKeyDeletionResponse.ProtoReflect.Descriptor instead.
 func (*ScheduleKeyDeletionResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{15}
+	return file_keys_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ScheduleKeyDeletionResponse) GetKey() *Key {
@@ -1131,7 +1230,7 @@ type CancelKeyDeletionRequest struct {
 
 func (x *CancelKeyDeletionRequest) Reset() {
 	*x = CancelKeyDeletionRequest{}
-	mi := &file_keys_proto_msgTypes[16]
+	mi := &file_keys_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1143,7 +1242,7 @@ func (x *CancelKeyDeletionRequest) String() string {
 func (*CancelKeyDeletionRequest) ProtoMessage() {}
 
 func (x *CancelKeyDeletionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[16]
+	mi := &file_keys_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1156,7 +1255,7 @@ func (x *CancelKeyDeletionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelKeyDeletionRequest.ProtoReflect.Descriptor instead.
 func (*CancelKeyDeletionRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{16}
+	return file_keys_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CancelKeyDeletionRequest) GetName() string {
@@ -1176,7 +1275,7 @@ type CancelKeyDeletionResponse struct {
 
 func (x *CancelKeyDeletionResponse) Reset() {
 	*x = CancelKeyDeletionResponse{}
-	mi := &file_keys_proto_msgTypes[17]
+	mi := &file_keys_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1188,7 +1287,7 @@ func (x *CancelKeyDeletionResponse) String() string {
 func (*CancelKeyDeletionResponse) ProtoMessage() {}
 
 func (x *CancelKeyDeletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[17]
+	mi := &file_keys_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1201,7 +1300,7 @@ func (x *CancelKeyDeletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelKeyDeletionResponse.ProtoReflect.Descriptor instead.
 func (*CancelKeyDeletionResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{17}
+	return file_keys_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CancelKeyDeletionResponse) GetKey() *Key {
@@ -1217,7 +1316,7 @@ const file_keys_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
 	"keys.proto\x12\n" +
-	"keyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x05\n" +
+	"keyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x05\n" +
 	"\x03Key\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x120\n" +
 	"\apurpose\x18\x02 \x01(\x0e2\x16.keyward.v1.KeyPurposeR\apurpose\x126\n" +
@@ -1232,10 +1331,21 @@ const file_keys_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x12?\n" +
 	"\rdeletion_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\fdeletionTime\x12)\n" +
-	"\x10encryption_limit\x18\f \x01(\x04R\x0fencryptionLimit\x1a9\n" +
+	"\x10encryption_limit\x18\f \x01(\x04R\x0fencryptionLimit\x12?\n" +
+	"\x0erewrap_reports\x18\r \x03(\v2\x18.keyward.v1.RewrapReportR\rrewrapReports\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xcf\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa4\x02\n" +
+	"\fRewrapReport\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12K\n" +
+	"\vciphertexts\x18\x02 \x03(\v2).keyward.v1.RewrapReport.CiphertextsEntryR\vciphertexts\x12\x16\n" +
+	"\x06failed\x18\x03 \x01(\x04R\x06failed\x12\x1a\n" +
+	"\bcomplete\x18\x04 \x01(\bR\bcomplete\x12;\n" +
+	"\vreport_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"reportTime\x1a>\n" +
+	"\x10CiphertextsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\xcf\x02\n" +
 	"\n" +
 	"KeyVersion\x12\x16\n" +
 	"\x06number\x18\x01 \x01(\rR\x06number\x12;\n" +
@@ -1331,82 +1441,87 @@ func file_keys_proto_rawDescGZIP() []byte {
 }
 
 var file_keys_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_keys_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_keys_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_keys_proto_goTypes = []any{
 	(KeyPurpose)(0),                         // 0: keyward.v1.KeyPurpose
 	(KeyAlgorithm)(0),                       // 1: keyward.v1.KeyAlgorithm
 	(KeyState)(0),                           // 2: keyward.v1.KeyState
 	(*Key)(nil),                             // 3: keyward.v1.Key
-	(*KeyVersion)(nil),                      // 4: keyward.v1.KeyVersion
-	(*CreateKeyRequest)(nil),                // 5: keyward.v1.CreateKeyRequest
-	(*CreateKeyResponse)(nil),               // 6: keyward.v1.CreateKeyResponse
-	(*GetKeyRequest)(nil),                   // 7: keyward.v1.GetKeyRequest
-	(*GetKeyResponse)(nil),                  // 8: keyward.v1.GetKeyResponse
-	(*ListKeysRequest)(nil),                 // 9: keyward.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),                // 10: keyward.v1.ListKeysResponse
-	(*RotateKeyRequest)(nil),                // 11: keyward.v1.RotateKeyRequest
-	(*RotateKeyResponse)(nil),               // 12: keyward.v1.RotateKeyResponse
-	(*SetKeyStateRequest)(nil),              // 13: keyward.v1.SetKeyStateRequest
-	(*SetKeyStateResponse)(nil),             // 14: keyward.v1.SetKeyStateResponse
-	(*SetMinDecryptionVersionRequest)(nil),  // 15: keyward.v1.SetMinDecryptionVersionRequest
-	(*SetMinDecryptionVersionResponse)(nil), // 16: keyward.v1.SetMinDecryptionVersionResponse
-	(*ScheduleKeyDeletionRequest)(nil),      // 17: keyward.v1.ScheduleKeyDeletionRequest
-	(*ScheduleKeyDeletionResponse)(nil),     // 18: keyward.v1.ScheduleKeyDeletionResponse
-	(*CancelKeyDeletionRequest)(nil),        // 19: keyward.v1.CancelKeyDeletionRequest
-	(*CancelKeyDeletionResponse)(nil),       // 20: keyward.v1.CancelKeyDeletionResponse
-	nil,                                     // 21: keyward.v1.Key.LabelsEntry
-	nil,                                     // 22: keyward.v1.CreateKeyRequest.LabelsEntry
-	(*durationpb.Duration)(nil),             // 23: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),           // 24: google.protobuf.Timestamp
+	(*RewrapReport)(nil),                    // 4: keyward.v1.RewrapReport
+	(*KeyVersion)(nil),                      // 5: keyward.v1.KeyVersion
+	(*CreateKeyRequest)(nil),                // 6: keyward.v1.CreateKeyRequest
+	(*CreateKeyResponse)(nil),               // 7: keyward.v1.CreateKeyResponse
+	(*GetKeyRequest)(nil),                   // 8: keyward.v1.GetKeyRequest
+	(*GetKeyResponse)(nil),                  // 9: keyward.v1.GetKeyResponse
+	(*ListKeysRequest)(nil),                 // 10: keyward.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),                // 11: keyward.v1.ListKeysResponse
+	(*RotateKeyRequest)(nil),                // 12: keyward.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),               // 13: keyward.v1.RotateKeyResponse
+	(*SetKeyStateRequest)(nil),              // 14: keyward.v1.SetKeyStateRequest
+	(*SetKeyStateResponse)(nil),             // 15: keyward.v1.SetKeyStateResponse
+	(*SetMinDecryptionVersionRequest)(nil),  // 16: keyward.v1.SetMinDecryptionVersionRequest
+	(*SetMinDecryptionVersionResponse)(nil), // 17: keyward.v1.SetMinDecryptionVersionResponse
+	(*ScheduleKeyDeletionRequest)(nil),      // 18: keyward.v1.ScheduleKeyDeletionRequest
+	(*ScheduleKeyDeletionResponse)(nil),     // 19: keyward.v1.ScheduleKeyDeletionResponse
+	(*CancelKeyDeletionRequest)(nil),        // 20: keyward.v1.CancelKeyDeletionRequest
+	(*CancelKeyDeletionResponse)(nil),       // 21: keyward.v1.CancelKeyDeletionResponse
+	nil,                                     // 22: keyward.v1.Key.LabelsEntry
+	nil,                                     // 23: keyward.v1.RewrapReport.CiphertextsEntry
+	nil,                                     // 24: keyward.v1.CreateKeyRequest.LabelsEntry
+	(*durationpb.Duration)(nil),             // 25: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),           // 26: google.protobuf.Timestamp
 }
 var file_keys_proto_depIdxs = []int32{
 	0,  // 0: keyward.v1.Key.purpose:type_name -> keyward.v1.KeyPurpose
 	1,  // 1: keyward.v1.Key.algorithm:type_name -> keyward.v1.KeyAlgorithm
 	2,  // 2: keyward.v1.Key.state:type_name -> keyward.v1.KeyState
-	4,  // 3: keyward.v1.Key.versions:type_name -> keyward.v1.KeyVersion
-	23, // 4: keyward.v1.Key.rotation_period:type_name -> google.protobuf.Duration
-	21, // 5: keyward.v1.Key.labels:type_name -> keyward.v1.Key.LabelsEntry
-	24, // 6: keyward.v1.Key.create_time:type_name -> google.protobuf.Timestamp
-	24, // 7: keyward.v1.Key.deletion_time:type_name -> google.protobuf.Timestamp
-	24, // 8: keyward.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	24, // 9: keyward.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
-	24, // 10: keyward.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
-	24, // 11: keyward.v1.KeyVersion.remove_time:type_name -> google.protobuf.Timestamp
-	0,  // 12: keyward.v1.CreateKeyRequest.purpose:type_name -> keyward.v1.KeyPurpose
-	1,  // 13: keyward.v1.CreateKeyRequest.algorithm:type_name -> keyward.v1.KeyAlgorithm
-	23, // 14: keyward.v1.CreateKeyRequest.rotation_period:type_name -> google.protobuf.Duration
-	22, // 15: keyward.v1.CreateKeyRequest.labels:type_name -> keyward.v1.CreateKeyRequest.LabelsEntry
-	3,  // 16: keyward.v1.CreateKeyResponse.key:type_name -> keyward.v1.Key
-	3,  // 17: keyward.v1.GetKeyResponse.key:type_name -> keyward.v1.Key
-	3,  // 18: keyward.v1.ListKeysResponse.keys:type_name -> keyward.v1.Key
-	3,  // 19: keyward.v1.RotateKeyResponse.key:type_name -> keyward.v1.Key
-	2,  // 20: keyward.v1.SetKeyStateRequest.state:type_name -> keyward.v1.KeyState
-	3,  // 21: keyward.v1.SetKeyStateResponse.key:type_name -> keyward.v1.Key
-	3,  // 22: keyward.v1.SetMinDecryptionVersionResponse.key:type_name -> keyward.v1.Key
-	23, // 23: keyward.v1.ScheduleKeyDeletionRequest.waiting_period:type_name -> google.protobuf.Duration
-	3,  // 24: keyward.v1.ScheduleKeyDeletionResponse.key:type_name -> keyward.v1.Key
-	3,  // 25: keyward.v1.CancelKeyDeletionResponse.key:type_name -> keyward.v1.Key
-	5,  // 26: keyward.v1.KeyService.CreateKey:input_type -> keyward.v1.CreateKeyRequest
-	7,  // 27: keyward.v1.KeyService.GetKey:input_type -> keyward.v1.GetKeyRequest
-	9,  // 28: keyward.v1.KeyService.ListKeys:input_type -> keyward.v1.ListKeysRequest
-	11, // 29: keyward.v1.KeyService.RotateKey:input_type -> keyward.v1.RotateKeyRequest
-	13, // 30: keyward.v1.KeyService.SetKeyState:input_type -> keyward.v1.SetKeyStateRequest
-	15, // 31: keyward.v1.KeyService.SetMinDecryptionVersion:input_type -> keyward.v1.SetMinDecryptionVersionRequest
-	17, // 32: keyward.v1.KeyService.ScheduleKeyDeletion:input_type -> keyward.v1.ScheduleKeyDeletionRequest
-	19, // 33: keyward.v1.KeyService.CancelKeyDeletion:input_type -> keyward.v1.CancelKeyDeletionRequest
-	6,  // 34: keyward.v1.KeyService.CreateKey:output_type -> keyward.v1.CreateKeyResponse
-	8,  // 35: keyward.v1.KeyService.GetKey:output_type -> keyward.v1.GetKeyResponse
-	10, // 36: keyward.v1.KeyService.ListKeys:output_type -> keyward.v1.ListKeysResponse
-	12, // 37: keyward.v1.KeyService.RotateKey:output_type -> keyward.v1.RotateKeyResponse
-	14, // 38: keyward.v1.KeyService.SetKeyState:output_type -> keyward.v1.SetKeyStateResponse
-	16, // 39: keyward.v1.KeyService.SetMinDecryptionVersion:output_type -> keyward.v1.SetMinDecryptionVersionResponse
-	18, // 40: keyward.v1.KeyService.ScheduleKeyDeletion:output_type -> keyward.v1.ScheduleKeyDeletionResponse
-	20, // 41: keyward.v1.KeyService.CancelKeyDeletion:output_type -> keyward.v1.CancelKeyDeletionResponse
-	34, // [34:42] is the sub-list for method output_type
-	26, // [26:34] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	5,  // 3: keyward.v1.Key.versions:type_name -> keyward.v1.KeyVersion
+	25, // 4: keyward.v1.Key.rotation_period:type_name -> google.protobuf.Duration
+	22, // 5: keyward.v1.Key.labels:type_name -> keyward.v1.Key.LabelsEntry
+	26, // 6: keyward.v1.Key.create_time:type_name -> google.protobuf.Timestamp
+	26, // 7: keyward.v1.Key.deletion_time:type_name -> google.protobuf.Timestamp
+	4,  // 8: keyward.v1.Key.rewrap_reports:type_name -> keyward.v1.RewrapReport
+	23, // 9: keyward.v1.RewrapReport.ciphertexts:type_name -> keyward.v1.RewrapReport.CiphertextsEntry
+	26, // 10: keyward.v1.RewrapReport.report_time:type_name -> google.protobuf.Timestamp
+	26, // 11: keyward.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	26, // 12: keyward.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
+	26, // 13: keyward.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
+	26, // 14: keyward.v1.KeyVersion.remove_time:type_name -> google.protobuf.Timestamp
+	0,  // 15: keyward.v1.CreateKeyRequest.purpose:type_name -> keyward.v1.KeyPurpose
+	1,  // 16: keyward.v1.CreateKeyRequest.algorithm:type_name -> keyward.v1.KeyAlgorithm
+	25, // 17: keyward.v1.CreateKeyRequest.rotation_period:type_name -> google.protobuf.Duration
+	24, // 18: keyward.v1.CreateKeyRequest.labels:type_name -> keyward.v1.CreateKeyRequest.LabelsEntry
+	3,  // 19: keyward.v1.CreateKeyResponse.key:type_name -> keyward.v1.Key
+	3,  // 20: keyward.v1.GetKeyResponse.key:type_name -> keyward.v1.Key
+	3,  // 21: keyward.v1.ListKeysResponse.keys:type_name -> keyward.v1.Key
+	3,  // 22: keyward.v1.RotateKeyResponse.key:type_name -> keyward.v1.Key
+	2,  // 23: keyward.v1.SetKeyStateRequest.state:type_name -> keyward.v1.KeyState
+	3,  // 24: keyward.v1.SetKeyStateResponse.key:type_name -> keyward.v1.Key
+	3,  // 25: keyward.v1.SetMinDecryptionVersionResponse.key:type_name -> keyward.v1.Key
+	25, // 26: keyward.v1.ScheduleKeyDeletionRequest.waiting_period:type_name -> google.protobuf.Duration
+	3,  // 27: keyward.v1.ScheduleKeyDeletionResponse.key:type_name -> keyward.v1.Key
+	3,  // 28: keyward.v1.CancelKeyDeletionResponse.key:type_name -> keyward.v1.Key
+	6,  // 29: keyward.v1.KeyService.CreateKey:input_type -> keyward.v1.CreateKeyRequest
+	8,  // 30: keyward.v1.KeyService.GetKey:input_type -> keyward.v1.GetKeyRequest
+	10, // 31: keyward.v1.KeyService.ListKeys:input_type -> keyward.v1.ListKeysRequest
+	12, // 32: keyward.v1.KeyService.RotateKey:input_type -> keyward.v1.RotateKeyRequest
+	14, // 33: keyward.v1.KeyService.SetKeyState:input_type -> keyward.v1.SetKeyStateRequest
+	16, // 34: keyward.v1.KeyService.SetMinDecryptionVersion:input_type -> keyward.v1.SetMinDecryptionVersionRequest
+	18, // 35: keyward.v1.KeyService.ScheduleKeyDeletion:input_type -> keyward.v1.ScheduleKeyDeletionRequest
+	20, // 36: keyward.v1.KeyService.CancelKeyDeletion:input_type -> keyward.v1.CancelKeyDeletionRequest
+	7,  // 37: keyward.v1.KeyService.CreateKey:output_type -> keyward.v1.CreateKeyResponse
+	9,  // 38: keyward.v1.KeyService.GetKey:output_type -> keyward.v1.GetKeyResponse
+	11, // 39: keyward.v1.KeyService.ListKeys:output_type -> keyward.v1.ListKeysResponse
+	13, // 40: keyward.v1.KeyService.RotateKey:output_type -> keyward.v1.RotateKeyResponse
+	15, // 41: keyward.v1.KeyService.SetKeyState:output_type -> keyward.v1.SetKeyStateResponse
+	17, // 42: keyward.v1.KeyService.SetMinDecryptionVersion:output_type -> keyward.v1.SetMinDecryptionVersionResponse
+	19, // 43: keyward.v1.KeyService.ScheduleKeyDeletion:output_type -> keyward.v1.ScheduleKeyDeletionResponse
+	21, // 44: keyward.v1.KeyService.CancelKeyDeletion:output_type -> keyward.v1.CancelKeyDeletionResponse
+	37, // [37:45] is the sub-list for method output_type
+	29, // [29:37] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_keys_proto_init() }
@@ -1420,7 +1535,7 @@ func file_keys_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keys_proto_rawDesc), len(file_keys_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   20,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
