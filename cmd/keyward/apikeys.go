@@ -197,7 +197,10 @@ func revokeFlags(f *flagSet) func(e *env) (dryRun bool, err error) {
 			k := r.GetKey()
 			return false, e.showf(k, "revoked %s (%s, owner %s)\n", k.GetId(), k.GetName(), k.GetOwner())
 		case bulk:
+			// One call, which says nothing until it is done: a turning bar.
+			stop := e.progress("revoking", -1).spin()
 			r, err := e.api.APIKeys.RevokeAPIKeys(e.ctx, &keywardv1.RevokeAPIKeysRequest{Owner: *owner, Tag: *tag, Environment: *envName, All: *all, DryRun: *dryRun})
+			stop()
 			if err != nil {
 				return false, err
 			}

@@ -13,7 +13,7 @@ var commands = []command{
 	{path: "key enable", short: "let a disabled key be used again", flags: keyEnable},
 	{path: "key disable", short: "stop a key from being used; it keeps its versions", flags: keyDisable},
 	{path: "key set-min-version", short: "raise the oldest version that may decrypt", flags: keySetMinVersion,
-		long: "Re-encrypt what the older versions sealed first (keyward reencrypt): they no longer open it."},
+		long: "Move what the older versions sealed first (keyward rewrap): they no longer open it. It warns when the last report of a rewrap job still counts ciphertexts under a version it retires, or when no job has reported on the key; lowering the minimum again brings the versions back."},
 	{path: "key schedule-deletion", short: "delete a key after a waiting period", flags: keyScheduleDeletion},
 	{path: "key cancel-deletion", short: "keep a key scheduled for deletion", flags: keyCancelDeletion},
 
@@ -23,6 +23,9 @@ var commands = []command{
 		example: "  keyward encrypt -key orders -context tenant=42 < in > out"},
 	{path: "decrypt", group: groupEnvelope, short: "open a ciphertext or a wrapped data key", flags: decrypt,
 		example: "  keyward decrypt -context tenant=42 < out"},
+	{path: "rewrap", group: groupEnvelope, short: "move a directory's or a PostgreSQL column's ciphertexts to their keys' newest versions, within a rate budget (resumable)", flags: rewrapCommand,
+		long:    "Each ciphertext under an older version is sealed again by keywardd (ReEncrypt; the plaintext never leaves it) and written back only if the source still holds what was read. With -state a job stopped or crashed goes on from where it was. At the end of a whole pass the counts by key version go to keywardd (EnvelopeService.ReportRewrap), where keyward key get shows them and keyward key set-min-version reads them. Exit 1 if any ciphertext did not move.",
+		example: "  keyward rewrap -dir /var/lib/app/blobs -context-path file -state /var/lib/app/rewrap.state\n  keyward rewrap -postgres 'host=/run/postgresql dbname=shop user=rewrap' -table orders -column card_token -context-column tenant=tenant_id -rate 200 -batch 20"},
 	{path: "reencrypt", group: groupEnvelope, short: "seal a ciphertext again under its key's newest version, or another key", flags: reencrypt,
 		example: "  keyward reencrypt -context tenant=42 < out > out.v2"},
 

@@ -10,6 +10,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
@@ -88,6 +90,13 @@ func keySetMinVersion(f *flagSet) action {
 	name := nameFlag(f, "the key's name")
 	version := f.Uint32("version", 0, "the oldest version that may decrypt")
 	return func(e *env, _ []string) error {
+		// The warning is read before the change; a caller who may not read
+		// the key is told so, and the change goes on.
+		if k, err := e.api.Keys.GetKey(e.ctx, &keywardv1.GetKeyRequest{Name: *name}); err == nil {
+			e.warnRewrap(k.GetKey(), *version)
+		} else if status.Code(err) == codes.PermissionDenied {
+			fmt.Fprintf(e.stderr, "warning: the rewrap reports of %s were not read (%v): nothing says whether ciphertexts are still under the versions this retires\n", *name, status.Convert(err).Message())
+		}
 		r, err := e.api.Keys.SetMinDecryptionVersion(e.ctx, &keywardv1.SetMinDecryptionVersionRequest{Name: *name, Version: *version})
 		return e.showKey(r.GetKey(), err)
 	}
@@ -111,7 +120,13 @@ func (e *env) showKey(k *keywardv1.Key, err error) error {
 	if err != nil {
 		return err
 	}
-	return e.show(k, func(w io.Writer) error { return printKeys(w, []*keywardv1.Key{k}) })
+	return e.show(k, func(w io.Writer) error {
+		if err := printKeys(w, []*keywardv1.Key{k}); err != nil {
+			return err
+		}
+		printRewrapReports(w, k)
+		return nil
+	})
 }
 
 func printKeys(w io.Writer, ks []*keywardv1.Key) error {

@@ -48,7 +48,17 @@ func (e *env) review(unused time.Duration, top int, auditFile string, window tim
 			return nil
 		}
 	}
+	var bar *progress
+	o.Progress = func(done, total int) {
+		if bar == nil {
+			bar = e.progress("review: API keys", int64(total))
+		}
+		bar.set(int64(done), "")
+	}
 	out, err := review.Run(e.ctx, e.api, o)
+	if bar != nil {
+		bar.finish()
+	}
 	if err != nil {
 		return err
 	}

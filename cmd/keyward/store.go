@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"time"
 
 	"github.com/keyward/keyward/daemon"
 )
@@ -32,14 +31,16 @@ func storeMigrate(f *flagSet) action {
 		if err != nil {
 			return err
 		}
-		last := time.Now()
+		var bar *progress
 		res, err := daemon.Migrate(e.ctx, cfg, daemon.MigrateOptions{From: *from, Progress: func(p daemon.MigrateProgress) {
-			if time.Since(last) < time.Second {
-				return
+			if bar == nil {
+				bar = e.progress("store migrate: records", p.Total)
 			}
-			last = time.Now()
-			fmt.Fprintf(e.stderr, "%s: %d of %d records (%.0f%%)\n", p.Bucket, p.Copied, p.Total, 100*float64(p.Copied)/float64(max(p.Total, 1)))
+			bar.set(p.Copied, "bucket "+p.Bucket)
 		}})
+		if bar != nil {
+			bar.finish()
+		}
 		if errors.Is(err, context.Canceled) {
 			return fmt.Errorf("the migration stopped (%w): run it again to go on from where it was", err)
 		}

@@ -37,6 +37,9 @@ type Options struct {
 	// review then adds denied calls and error-rate outliers by caller.
 	Audit func(fn func(audit.Record) error) error
 	Since time.Time
+	// Progress, if set, is told after each API key how many of how many
+	// were looked at (one usage call each: the long part of a review).
+	Progress func(done, total int)
 }
 
 // Run reviews what the caller on c may list.
@@ -90,7 +93,10 @@ func Run(ctx context.Context, c *client.Client, o Options) ([]Finding, error) {
 		valid, fail int64
 	}
 	var uses []use
-	for _, k := range keys {
+	for i, k := range keys {
+		if o.Progress != nil {
+			o.Progress(i, len(keys))
+		}
 		subject := fmt.Sprintf("%s (%s, owner %s, %s)", k.GetId(), k.GetName(), k.GetOwner(), k.GetEnvironment())
 		if k.GetExpireTime() == nil {
 			add("API key without expiry", subject, "created %s", k.GetCreateTime().AsTime().Format(time.DateOnly))
