@@ -301,8 +301,17 @@ func TestDashboard(t *testing.T) {
 		t.Errorf("after the bulk revocation: %q, %d still active", flash, activeKeys(t, api, "leaked"))
 	}
 
-	// The keys: encryptions counted against the limit; a rotation.
+	// The keys: encryptions counted against the limit; a rewrap job's
+	// report; a rotation.
+	if _, err := keywardv1.NewEnvelopeServiceClient(d.Conn).ReportRewrap(ctx, &keywardv1.ReportRewrapRequest{KeyName: "orders",
+		Report: &keywardv1.RewrapReport{Source: "dir:/var/lib/shop", Ciphertexts: map[uint32]uint64{1: 7}, Failed: 2, Complete: true}}); err != nil {
+		t.Fatal(err)
+	}
 	do(t, b, "keys", chromedp.Navigate(base+"/keys"), chromedp.WaitVisible(css(`#key-orders`)), shot.take("keys"))
+	if rw := get(t, b, "the rewrap report", chromedp.Text(css(`#key-orders table.rewrap tbody`))); !strings.Contains(rw, "dir:/var/lib/shop") ||
+		!strings.Contains(rw, "complete") || !strings.Contains(rw, "v1: 7") || !strings.Contains(rw, "2") {
+		t.Errorf("orders' rewrap report: %q", rw)
+	}
 	meter := get(t, b, "the meter", chromedp.Attributes(css(`#key-orders svg.meter`)))
 	if meter["data-used"] == "0" || meter["data-used"] == "" || meter["data-limit"] != "4278190080" {
 		t.Errorf("orders' encryption meter: %v; want some used of 4278190080", meter)

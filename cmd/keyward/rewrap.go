@@ -159,7 +159,7 @@ func printRewrap(w io.Writer, r *rewrap.Report) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "KEY\tFOUND UNDER\tNOW UNDER\tNOT MOVED")
 	for _, k := range slices.Sorted(maps.Keys(r.Found)) {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\n", k, versions(r.Found[k]), versions(r.Now[k]), r.Failed[k])
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\n", k, r.Found[k], r.Now[k], r.Failed[k])
 	}
 	tw.Flush()
 	for _, f := range r.Errors {
@@ -180,18 +180,6 @@ func sum(m map[string]uint64) uint64 {
 	return n
 }
 
-// versions is "v1: 3, v2: 40".
-func versions(c map[uint32]uint64) string {
-	var parts []string
-	for _, v := range slices.Sorted(maps.Keys(c)) {
-		parts = append(parts, fmt.Sprintf("v%d: %d", v, c[v]))
-	}
-	if parts == nil {
-		return "-"
-	}
-	return strings.Join(parts, ", ")
-}
-
 // warnRewrap warns, before the minimum decryption version of key is raised
 // to v, of the ciphertexts the rewrap reports still count under the
 // versions it retires, and of a key no job has reported on.
@@ -205,19 +193,14 @@ func (e *env) warnRewrap(k *keywardv1.Key, v uint32) {
 		return
 	}
 	for _, r := range reps {
-		var n uint64
-		for ver, c := range r.GetCiphertexts() {
-			if ver < v {
-				n += c
-			}
-		}
+		n := rewrap.Counts(r.GetCiphertexts()).Under(v)
 		partial := ""
 		if !r.GetComplete() {
 			partial = " (a job that stopped part way: it counted only what it saw)"
 		}
 		if n > 0 {
 			fmt.Fprintf(e.stderr, "warning: %s's last rewrap report (%s)%s counts %d ciphertexts under versions below %d (%s): they will not open until the minimum is lowered again (keyward key set-min-version -name %s -version %d)\n",
-				r.GetSource(), r.GetReportTime().AsTime().Format(time.RFC3339), partial, n, v, versions(r.GetCiphertexts()), k.GetName(), k.GetMinDecryptionVersion())
+				r.GetSource(), r.GetReportTime().AsTime().Format(time.RFC3339), partial, n, v, rewrap.Counts(r.GetCiphertexts()), k.GetName(), k.GetMinDecryptionVersion())
 		} else if partial != "" {
 			fmt.Fprintf(e.stderr, "warning: %s's last rewrap report (%s)%s\n", r.GetSource(), r.GetReportTime().AsTime().Format(time.RFC3339), partial)
 		}
@@ -237,7 +220,7 @@ func printRewrapReports(w io.Writer, k *keywardv1.Key) {
 		if !r.GetComplete() {
 			pass = "partial"
 		}
-		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%d\n", r.GetSource(), r.GetReportTime().AsTime().Format(time.RFC3339), pass, versions(r.GetCiphertexts()), r.GetFailed())
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%d\n", r.GetSource(), r.GetReportTime().AsTime().Format(time.RFC3339), pass, rewrap.Counts(r.GetCiphertexts()), r.GetFailed())
 	}
 	tw.Flush()
 }

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/keyward/keyward/daemon/api/client/rewrap"
 	"github.com/keyward/keyward/daemon/api/review"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/apikeys"
@@ -887,7 +888,8 @@ func fmtTime(t *timestamppb.Timestamp) string {
 }
 
 var funcs = template.FuncMap{
-	"ts": fmtTime,
+	"ts":     fmtTime,
+	"counts": func(c map[uint32]uint64) string { return rewrap.Counts(c).String() },
 	"tsec": func(t *timestamppb.Timestamp) string {
 		if t == nil {
 			return "—"

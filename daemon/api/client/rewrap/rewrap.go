@@ -43,6 +43,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -125,6 +126,29 @@ type Progress struct {
 
 // Counts are one key's ciphertexts by version.
 type Counts map[uint32]uint64
+
+// String is "v1: 3, v2: 40", oldest first; "-" when empty.
+func (c Counts) String() string {
+	var parts []string
+	for _, v := range slices.Sorted(maps.Keys(c)) {
+		parts = append(parts, fmt.Sprintf("v%d: %d", v, c[v]))
+	}
+	if parts == nil {
+		return "-"
+	}
+	return strings.Join(parts, ", ")
+}
+
+// Under is how many are under versions below v.
+func (c Counts) Under(v uint32) uint64 {
+	var n uint64
+	for ver, k := range c {
+		if ver < v {
+			n += k
+		}
+	}
+	return n
+}
 
 // Report is what a job did, by key and in total.
 type Report struct {
