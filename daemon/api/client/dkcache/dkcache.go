@@ -164,7 +164,7 @@ type Cache struct {
 	mem      *arena
 	entries  map[string]*entry
 	lru      list.List // of *entry, most recently used first
-	inflight map[string]chan struct{}
+	inflight map[string]*fetching
 	stats    Stats
 	closed   bool
 }
@@ -205,7 +205,7 @@ func New(kw Keyward, opts Options) (*Cache, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Cache{kw: kw, lim: lim, clock: opts.Clock, mem: mem, entries: map[string]*entry{}, inflight: map[string]chan struct{}{}}
+	c := &Cache{kw: kw, lim: lim, clock: opts.Clock, mem: mem, entries: map[string]*entry{}, inflight: map[string]*fetching{}}
 	if c.clock == nil {
 		c.clock = systemClock{}
 	}
@@ -351,87 +351,105 @@ func (c *Cache) openKey(ctx context.Context, wrapped []byte, encCtx map[string]s
 }
 
 // reserve counts one record of size bytes against the entry id and
-// returns an AES block of its key and its wrapped key; without a usable
-// entry it calls fetch (one caller at a time per id: the others wait and
-// use what it got) and caches the key fetch returns, clearing fetch's
-// copy. A record over MaxBytes gets fetch's key alone, uncached.
+// returns an AES block of its key and its wrapped key. Without a usable
+// entry it calls fetch and caches the key fetch returns (clearing fetch's
+// copy). Callers that miss while a fetch for id is under way wait for it,
+// as many as the new key can serve (MaxMessages less one); the others
+// call keywardd themselves: with MaxMessages 1, waiting would make the
+// callers take keys one at a time (measured: sealing then ran at one
+// GenerateDataKey's rate whatever the clients, with a p99 of a second).
+// A key fetched while another was cached for id serves its record alone.
+// A record over MaxBytes gets fetch's key alone, uncached.
 func (c *Cache) reserve(ctx context.Context, id string, size int, fetch func(context.Context) (key, wrapped []byte, err error)) (cipher.Block, []byte, error) {
-	if uint64(size) > c.lim.MaxBytes {
-		key, wrapped, err := fetch(ctx)
-		if err != nil {
-			return nil, nil, err
-		}
-		c.mu.Lock()
-		c.stats.Uncached++
-		c.mu.Unlock()
-		return newBlock(key), wrapped, nil
-	}
+	cacheable := uint64(size) <= c.lim.MaxBytes
 	for {
 		c.mu.Lock()
 		if c.closed {
 			c.mu.Unlock()
 			return nil, nil, ErrClosed
 		}
-		if e := c.entries[id]; e != nil {
-			if c.usable(e, size) {
-				block, _ := aes.NewCipher(e.key)
-				wrapped := e.wrapped
-				e.messages++
-				e.bytes += uint64(size)
-				c.stats.Hits++
-				if e.messages >= c.lim.MaxMessages || e.bytes >= c.lim.MaxBytes {
-					c.stats.UsedUp++
-					c.retire(e)
-				} else {
-					c.lru.MoveToFront(e.elem)
-				}
-				c.mu.Unlock()
-				return block, wrapped, nil
-			}
-		}
-		if wait, ok := c.inflight[id]; ok {
+		if e := c.entries[id]; e != nil && cacheable && c.usable(e, size) {
+			block, _ := aes.NewCipher(e.key)
+			c.stats.Hits++
+			c.count(e, size)
 			c.mu.Unlock()
-			select {
-			case <-wait:
-				continue
-			case <-ctx.Done():
-				return nil, nil, fmt.Errorf("dkcache: %w", ctx.Err())
-			}
+			return block, e.wrapped, nil
 		}
-		done := make(chan struct{})
-		c.inflight[id] = done
-		c.stats.Misses++
-		c.mu.Unlock()
-
-		key, wrapped, err := fetch(ctx)
-		c.mu.Lock()
-		delete(c.inflight, id)
-		close(done)
-		switch {
-		case err != nil:
-		case len(key) != keySize:
-			err = fmt.Errorf("dkcache: keywardd gave a data key of %d bytes, not %d", len(key), keySize)
-		case c.closed:
-			err = ErrClosed
-		default:
-			c.insert(id, key, wrapped)
+		f := c.inflight[id]
+		if f == nil || !cacheable || uint64(f.waiters)+1 >= c.lim.MaxMessages {
+			break // c.mu held
 		}
-		clear(key)
+		f.waiters++
 		c.mu.Unlock()
-		if err != nil {
-			return nil, nil, err
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			return nil, nil, fmt.Errorf("dkcache: waiting for a data key: %w", ctx.Err())
+		}
+		// keywardd's refusal is this caller's too; the fetcher's context
+		// ending is not.
+		if f.err != nil && !errors.Is(f.err, context.Canceled) && !errors.Is(f.err, context.DeadlineExceeded) {
+			return nil, nil, f.err
 		}
 	}
+	var f *fetching
+	if cacheable {
+		c.stats.Misses++
+		if c.inflight[id] == nil {
+			f = &fetching{done: make(chan struct{})}
+			c.inflight[id] = f
+		}
+	} else {
+		c.stats.Uncached++
+	}
+	c.mu.Unlock()
+
+	key, wrapped, err := fetch(ctx)
+	defer clear(key)
+	if err == nil && len(key) != keySize {
+		err = fmt.Errorf("dkcache: keywardd gave a data key of %d bytes, not %d", len(key), keySize)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if f != nil {
+		delete(c.inflight, id)
+		f.err = err
+		close(f.done)
+	}
+	switch {
+	case err != nil:
+		return nil, nil, err
+	case c.closed:
+		return nil, nil, ErrClosed
+	}
+	block, _ := aes.NewCipher(key)
+	// A key this record alone uses up is not cached (nor does it evict
+	// one that is).
+	if _, ok := c.entries[id]; !ok && cacheable && c.lim.MaxMessages > 1 && uint64(size) < c.lim.MaxBytes {
+		c.count(c.insert(id, key, wrapped), size)
+	}
+	return block, wrapped, nil
 }
 
-// newBlock is an AES block of key, which it then clears.
-func newBlock(key []byte) cipher.Block {
-	block, err := aes.NewCipher(key)
-	clear(key)
-	if err != nil {
-		panic(err) // keywardd's keys are 32 bytes; reserve checks
+// fetching is a call to keywardd under way for an entry: those waiting
+// for it, and its error once done is closed.
+type fetching struct {
+	done    chan struct{}
+	waiters int
+	err     error
+}
+
+// count counts one record of size bytes against e, and retires e if that
+// used it up. The caller holds c.mu.
+func (c *Cache) count(e *entry, size int) {
+	e.messages++
+	e.bytes += uint64(size)
+	if e.messages >= c.lim.MaxMessages || e.bytes >= c.lim.MaxBytes {
+		c.stats.UsedUp++
+		c.retire(e)
+		return
 	}
-	return block
+	c.lru.MoveToFront(e.elem)
 }
 
 // usable tells whether e can take one more record of size bytes now;
@@ -452,7 +470,7 @@ func (c *Cache) usable(e *entry, size int) bool {
 // insert caches a copy of key, evicting the least recently used entry if
 // the cache is full, and sets the timer that wipes it at MaxAge. The
 // caller holds c.mu.
-func (c *Cache) insert(id string, key, wrapped []byte) {
+func (c *Cache) insert(id string, key, wrapped []byte) *entry {
 	if len(c.mem.free) == 0 {
 		c.stats.Evicted++
 		c.retire(c.lru.Back().Value.(*entry))
@@ -470,6 +488,7 @@ func (c *Cache) insert(id string, key, wrapped []byte) {
 			c.retire(e)
 		}
 	})
+	return e
 }
 
 // wiped, if set (tests), sees an entry's key memory right after it was

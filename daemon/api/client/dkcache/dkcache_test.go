@@ -198,8 +198,8 @@ func TestSealOpen(t *testing.T) {
 	if n := audited(t, kw, "EnvelopeService.Decrypt") - decrypts; n != 1 {
 		t.Errorf("keywardd audited %d Decrypt to open 100 records of one data key; want 1", n)
 	}
-	if s := reader.Stats(); s.Misses != 1 || s.Hits != 100 {
-		t.Errorf("reader's stats %+v; want 1 miss, 100 hits", s)
+	if s := reader.Stats(); s.Misses != 1 || s.Hits != 99 {
+		t.Errorf("reader's stats %+v; want 1 miss (the first record), 99 hits", s)
 	}
 
 	wrapped, sealed, err := c.SealParts(ctx, "orders", []byte("part"), []byte("row 7"), tenant42)
@@ -399,10 +399,35 @@ func TestWipe(t *testing.T) {
 
 // TestConcurrent: goroutines sealing and opening under three contexts at
 // once (run with -race): every record opens, under its own context only,
-// and no data key seals more than MaxMessages records.
+// and no data key seals more than MaxMessages records. Callers that miss
+// together wait for one call to keywardd, and share its refusal.
 func TestConcurrent(t *testing.T) {
 	kw := start(t)
 	ctx := context.Background()
+	burst := func(c *dkcache.Cache, keyName string) []error {
+		errs := make([]error, 16)
+		var wg sync.WaitGroup
+		for i := range errs {
+			wg.Go(func() { _, errs[i] = c.Seal(ctx, keyName, []byte("r"), tenant42) })
+		}
+		wg.Wait()
+		return errs
+	}
+	before := audited(t, kw, "EnvelopeService.GenerateDataKey")
+	for _, err := range burst(newCache(t, kw, dkcache.Options{}), "orders") {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := audited(t, kw, "EnvelopeService.GenerateDataKey") - before; n != 1 {
+		t.Errorf("16 callers missing at once made %d data keys, want 1", n)
+	}
+	for _, err := range burst(newCache(t, kw, dkcache.Options{}), "nokey") {
+		if !errors.Is(err, client.ErrNotFound) {
+			t.Errorf("sealing under a key that does not exist: %v, want ErrNotFound", err)
+		}
+	}
+
 	const perKey = 20
 	c := newCache(t, kw, dkcache.Options{Limits: dkcache.Limits{MaxMessages: perKey, MaxEntries: 4}})
 	tenants := []string{"1", "2", "3"}
