@@ -39,15 +39,7 @@ func BenchmarkDataKeyCache(b *testing.B) {
 	// The HSM alone, before keywardd opens the token (it must be the
 	// library's only user in its process).
 	in := daemontest.Start(b, daemontest.Policy(daemontest.AllowAll()))
-	in.Stop()
-	h, err := hsm.Open(hsm.Config{Module: in.Token.Module, Token: in.Token.Label, PINFile: in.Token.PINFile})
-	if err != nil {
-		b.Fatal(err)
-	}
-	raw := hsm.KeyID{Name: "bench-raw", Version: 1}
-	if err := h.CreateKey(ctx, raw, hsm.AES256GCM); err != nil {
-		b.Fatal(err)
-	}
+	h, raw := benchHSM(b, in)
 	dataKey, aad := make([]byte, 32), make([]byte, 40)
 	for _, n := range benchLevels {
 		b.Run(fmt.Sprintf("hsm=encrypt/callers=%d", n), func(b *testing.B) {
@@ -109,6 +101,24 @@ func BenchmarkDataKeyCache(b *testing.B) {
 		}
 	}
 	printCacheTable(res, key, uncached.Stats(), cached.Stats())
+}
+
+// benchHSM stops in and opens its token through the hsm package, with an
+// AES-256-GCM key made on it: the HSM's own rows run while keywardd is
+// stopped, since keywardd must be the PKCS#11 library's only user in its
+// process. (BenchmarkDaemon's HSM rows use it too.)
+func benchHSM(b *testing.B, in *daemontest.Daemon) (*hsm.HSM, hsm.KeyID) {
+	b.Helper()
+	in.Stop()
+	h, err := hsm.Open(hsm.Config{Module: in.Token.Module, Token: in.Token.Label, PINFile: in.Token.PINFile})
+	if err != nil {
+		b.Fatal(err)
+	}
+	raw := hsm.KeyID{Name: "bench-raw", Version: 1}
+	if err := h.CreateKey(context.Background(), raw, hsm.AES256GCM); err != nil {
+		b.Fatal(err)
+	}
+	return h, raw
 }
 
 // records is how many records a cache sealed or opened.
