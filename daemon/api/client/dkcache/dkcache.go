@@ -147,11 +147,11 @@ var (
 // Stats counts what the cache did since New.
 type Stats struct {
 	Hits      uint64 // records sealed or opened with a cached key
-	Misses    uint64 // calls to keywardd: GenerateDataKey or Decrypt
+	Misses    uint64 // calls to keywardd for a key to cache (GenerateDataKey or Decrypt)
 	UsedUp    uint64 // keys retired at MaxMessages or MaxBytes
 	Expired   uint64 // keys wiped at MaxAge
 	Evicted   uint64 // keys wiped to make room (MaxEntries)
-	Uncached  uint64 // records over MaxBytes, given a key of their own
+	Uncached  uint64 // records over MaxBytes, given a key of their own (a call each)
 	Entries   int    // keys held now
 	LockedMem bool   // the keys' memory is locked
 }

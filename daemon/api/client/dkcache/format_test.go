@@ -6,18 +6,17 @@ import (
 	"crypto/cipher"
 	"encoding/hex"
 	"encoding/json"
-	"flag"
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/keyward/keyward/softhsm-test/golden"
 )
 
-var update = flag.Bool("update", false, "rewrite testdata/golden.json")
-
-// golden is testdata/golden.json: a record made with Go's AES-GCM under a
+// vector is testdata/golden.json: a record made with Go's AES-GCM under a
 // known data key, whose wrapped form is the golden vector of format 1
 // (docs/formats.md: the data key d7 x 32 under key "payments" version 3).
-type golden struct {
+type vector struct {
 	DataKey   string            `json:"data_key"`
 	Wrapped   string            `json:"wrapped"`
 	Nonce     string            `json:"nonce"`
@@ -40,7 +39,7 @@ func unhex(t *testing.T, s string) []byte {
 // AES-GCM make of its inputs, it parses into them, and it opens.
 func TestGolden(t *testing.T) {
 	path := filepath.Join("testdata", "golden.json")
-	g := golden{
+	g := vector{
 		DataKey:   hex.EncodeToString(bytes.Repeat([]byte{0xd7}, 32)),
 		Wrapped:   "6b776501087061796d656e747300000003000102030405060708090a0b83c7b13f15bdab74218f3ae23f38c49a801d58ace8adea2587773dc18ccb355b9056770f7fd03c797f63f39e86883303",
 		Nonce:     "0c0d0e0f1011121314151617",
@@ -56,20 +55,7 @@ func TestGolden(t *testing.T) {
 	aad := append(bytes.Clone(header), canonicalContext(g.Context)...)
 	rec := gcm.Seal(append(bytes.Clone(header), unhex(t, g.Nonce)...), unhex(t, g.Nonce), []byte(g.Plaintext), aad)
 	g.AAD, g.Record = hex.EncodeToString(aad), hex.EncodeToString(rec)
-	if *update {
-		b, _ := json.MarshalIndent(g, "", "  ")
-		if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var want golden
-	if err := json.Unmarshal(b, &want); err != nil {
-		t.Fatal(err)
-	}
+	want := golden.JSON(t, path, g)
 	if want.AAD != g.AAD || want.Record != g.Record {
 		t.Fatalf("the format changed:\naad    %s\nwant   %s\nrecord %s\nwant   %s", g.AAD, want.AAD, g.Record, want.Record)
 	}
@@ -92,7 +78,7 @@ func TestParseRecord(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var gv golden
+	var gv vector
 	json.Unmarshal(g, &gv)
 	good := unhex(t, gv.Record)
 	edit := func(f func(b []byte) []byte) []byte { return f(bytes.Clone(good)) }
