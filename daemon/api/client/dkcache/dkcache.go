@@ -275,15 +275,16 @@ func (c *Cache) Open(ctx context.Context, rec []byte, encCtx map[string]string) 
 
 // SealParts is Seal for a program with its own format: it returns the
 // wrapped data key and nonce || ciphertext || tag apart, with
-// additionalData || canonical(encCtx) authenticated. Keep both; give both
-// to OpenParts.
+// canonical(encCtx) || additionalData authenticated (the canonical
+// context first: its encoding says where it ends). Keep both; give both to
+// OpenParts.
 func (c *Cache) SealParts(ctx context.Context, keyName string, plaintext, additionalData []byte, encCtx map[string]string) (wrapped, sealed []byte, err error) {
 	canon := canonicalContext(encCtx)
 	block, wrapped, err := c.sealKey(ctx, keyName, encCtx, canon, len(plaintext))
 	if err != nil {
 		return nil, nil, err
 	}
-	return bytes.Clone(wrapped), seal(block, nil, plaintext, append(additionalData[:len(additionalData):len(additionalData)], canon...)), nil
+	return bytes.Clone(wrapped), seal(block, nil, plaintext, append(canon, additionalData...)), nil
 }
 
 // OpenParts opens what SealParts returned.
@@ -299,7 +300,7 @@ func (c *Cache) OpenParts(ctx context.Context, wrapped, sealed, additionalData [
 	if err != nil {
 		return nil, err
 	}
-	return open(block, sealed[:nonceSize], sealed[nonceSize:], append(additionalData[:len(additionalData):len(additionalData)], canon...))
+	return open(block, sealed[:nonceSize], sealed[nonceSize:], append(canon, additionalData...))
 }
 
 // seal appends a random nonce and the sealing of plaintext to dst.

@@ -206,6 +206,15 @@ func TestSealOpen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	dk, err := kw.Decrypt(ctx, wrapped, tenant42)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, _ := aes.NewCipher(dk)
+	gcm, _ := cipher.NewGCM(block)
+	if pt, err := gcm.Open(nil, sealed[:12], sealed[12:], append(canon("42"), "row 7"...)); err != nil || string(pt) != "part" {
+		t.Errorf("SealParts' output opened by hand (AAD: canonical context, then additional data): %q, %v", pt, err)
+	}
 	if pt, err := reader.OpenParts(ctx, wrapped, sealed, []byte("row 7"), tenant42); err != nil || string(pt) != "part" {
 		t.Errorf("OpenParts: %q, %v", pt, err)
 	}
