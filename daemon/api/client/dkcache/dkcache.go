@@ -81,7 +81,7 @@ type Keyward interface {
 type Limits struct {
 	// MaxMessages is how many records one data key seals (or, on the Open
 	// side, opens) before a new one is asked for. Default 65536: the
-	// round trip's share of a record's cost is then under 0.1 %, the
+	// round trip's share of a record's cost is then about 0.2 %, the
 	// chance that two of a key's random 96-bit GCM nonces collide is
 	// below 2^-64, and a leaked data key exposes at most that many
 	// records. At most 2^32, GCM's bound for random nonces.
