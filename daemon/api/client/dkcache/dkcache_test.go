@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/aes"
 	"crypto/cipher"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"runtime"
@@ -293,6 +294,60 @@ func TestLimits(t *testing.T) {
 	}
 	if _, err := dkcache.New(kw, dkcache.Options{Limits: dkcache.Limits{MaxMessages: 1<<32 + 1}}); err == nil || !strings.Contains(err.Error(), "2^32") {
 		t.Errorf("MaxMessages over 2^32: %v", err)
+	}
+}
+
+// TestRotationAndRevocation: records move to a rotated key's new version
+// when the cached data key reaches MaxAge; a disabled key's cached data
+// keys still seal and open until MaxAge, then keywardd's refusal comes
+// through.
+func TestRotationAndRevocation(t *testing.T) {
+	kw := start(t)
+	ctx := context.Background()
+	clock := newClock()
+	opts := dkcache.Options{Limits: dkcache.Limits{MaxAge: time.Minute}, Clock: clock}
+	c, reader := newCache(t, kw, opts), newCache(t, kw, opts)
+	version := func() uint32 {
+		t.Helper()
+		rec, err := c.Seal(ctx, "orders", []byte("r"), tenant42)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := reader.Open(ctx, rec, tenant42); err != nil {
+			t.Fatal(err)
+		}
+		w := rec[5 : 5+int(rec[4])]
+		return binary.BigEndian.Uint32(w[5+int(w[4]):])
+	}
+	if v := version(); v != 1 {
+		t.Fatalf("version %d", v)
+	}
+	if _, err := kw.Keys.RotateKey(ctx, &keywardv1.RotateKeyRequest{Name: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	if v := version(); v != 1 {
+		t.Errorf("right after rotation, records under version %d; want the cached data key's, 1", v)
+	}
+	clock.Advance(time.Minute)
+	if v := version(); v != 2 {
+		t.Errorf("after MaxAge, records under version %d; want 2", v)
+	}
+	if _, err := kw.Keys.SetKeyState(ctx, &keywardv1.SetKeyStateRequest{Name: "orders", State: keywardv1.KeyState_KEY_STATE_DISABLED}); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := c.Seal(ctx, "orders", []byte("r"), tenant42) // cached: no call to keywardd
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reader.Open(ctx, rec, tenant42); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(time.Minute)
+	if _, err := c.Seal(ctx, "orders", []byte("r"), tenant42); !errors.Is(err, client.ErrUnusable) {
+		t.Errorf("Seal under a disabled key after MaxAge: %v, want ErrUnusable", err)
+	}
+	if _, err := reader.Open(ctx, rec, tenant42); !errors.Is(err, client.ErrUnusable) {
+		t.Errorf("Open under a disabled key after MaxAge: %v, want ErrUnusable", err)
 	}
 }
 
