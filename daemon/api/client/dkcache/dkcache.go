@@ -21,7 +21,7 @@
 // only that, and would break what keywardd promises: one audit record and
 // one reserved encryption of the key version per data key handed out. In
 // the client it saves the round trip too: a cached Seal of 1 KiB is ~3 µs
-// of CPU, 30 to 180 times the uncached path's rate. So the cache lives
+// of CPU, 30 to 240 times the uncached path's rate. So the cache lives
 // here, per process (the process is the caller keywardd identifies), and
 // keywardd's audit log still shows every data key it made, with its
 // caller.
