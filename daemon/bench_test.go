@@ -65,15 +65,7 @@ func BenchmarkDaemon(b *testing.B) {
 	// The HSM alone: keywardd must be the library's only user in its
 	// process, so this runs first, on the token the daemon then uses.
 	in := daemontest.Start(b, daemontest.Policy(strings.Replace(uidPolicy(allowAll+"\n    tokens:\n      audiences: [bench]"), "max_batch: 5", "max_batch: 100", 1)))
-	in.Stop()
-	h, err := hsm.Open(hsm.Config{Module: in.Token.Module, Token: in.Token.Label, PINFile: in.Token.PINFile})
-	if err != nil {
-		b.Fatal(err)
-	}
-	raw := hsm.KeyID{Name: "bench-raw", Version: 1}
-	if err := h.CreateKey(ctx, raw, hsm.AES256GCM); err != nil {
-		b.Fatal(err)
-	}
+	h, raw := benchHSM(b, in)
 	dataKey := make([]byte, 32)
 	aad := make([]byte, 40)
 	nonce, sealed, _ := h.Encrypt(ctx, raw, dataKey, aad)
