@@ -303,7 +303,7 @@ func TestDashboard(t *testing.T) {
 
 	// The keys: encryptions counted against the limit; a rewrap job's
 	// report; a rotation.
-	if _, err := keywardv1.NewEnvelopeServiceClient(d.Conn).ReportRewrap(ctx, &keywardv1.ReportRewrapRequest{KeyName: "orders",
+	if _, err := keywardv1.NewKeyServiceClient(d.Conn).ReportRewrap(ctx, &keywardv1.ReportRewrapRequest{KeyName: "orders",
 		Report: &keywardv1.RewrapReport{Source: "dir:/var/lib/shop", Ciphertexts: map[uint32]uint64{1: 7}, Failed: 2, Complete: true}}); err != nil {
 		t.Fatal(err)
 	}

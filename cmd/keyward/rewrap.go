@@ -9,9 +9,11 @@ import (
 	"net/url"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"github.com/jackc/pgx/v5"
 
@@ -72,15 +74,17 @@ func rewrapCommand(f *flagSet) action {
 		case err != nil:
 			return err
 		}
-		for k, msg := range rep.ReportErrors {
-			fmt.Fprintf(e.stderr, "keywardd did not take the report on %s: %s\n", k, msg)
+		if rep.Items == 0 {
+			fmt.Fprintf(e.stderr, "warning: %s held nothing: is it the right place?\n", src.Name())
 		}
-		var failed uint64
-		for _, n := range rep.Failed {
-			failed += n
+		for _, k := range slices.Sorted(maps.Keys(rep.ReportErrors)) {
+			fmt.Fprintf(e.stderr, "keywardd did not take the report on %s: %s\n", k, rep.ReportErrors[k])
 		}
-		if failed > 0 {
+		if failed := sum(rep.Failed); failed > 0 {
 			return fmt.Errorf("%d ciphertexts did not move (the first reasons are above); they still need their old versions", failed)
+		}
+		if len(rep.ReportErrors) > 0 {
+			return errors.New("the job is done, but keywardd did not take its report: keyward key set-min-version cannot warn by it")
 		}
 		return nil
 	}
@@ -130,13 +134,16 @@ func (e *env) rewrapSource(dir, pathKey, dsn, table, idCol, column string, ctxCo
 		func() { conn.Close(context.Background()) }, nil
 }
 
-var passwordKey = regexp.MustCompile(`(^|\s)password\s*=`)
+// passwordKey is a password or sslpassword (the client key's passphrase)
+// in a key=value connection string, as the driver reads one: after the
+// start, a space or a quoted value's closing quote.
+var passwordKey = regexp.MustCompile(`(^|[\s'])(ssl)?password\s*=`)
 
 // hasPassword: a connection string that gives a password.
 func hasPassword(dsn string) bool {
 	if u, err := url.Parse(dsn); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
 		_, set := u.User.Password()
-		return set || u.Query().Has("password")
+		return set || u.Query().Has("password") || u.Query().Has("sslpassword")
 	}
 	return passwordKey.MatchString(dsn)
 }
@@ -163,13 +170,24 @@ func printRewrap(w io.Writer, r *rewrap.Report) error {
 	}
 	tw.Flush()
 	for _, f := range r.Errors {
-		fmt.Fprintf(w, "  %s: %s\n", f.Cursor, f.Error)
+		fmt.Fprintf(w, "  %s: %s\n", printableOr(f.Cursor), printableOr(f.Error))
 	}
 	if len(r.Reported) > 0 {
 		_, err := fmt.Fprintf(w, "reported to keywardd on %s: keyward key get shows it, and keyward key set-min-version reads it\n", strings.Join(r.Reported, ", "))
 		return err
 	}
 	return nil
+}
+
+// printableOr is s, or s quoted when it holds a control or format
+// character: a file's name goes to the operator's terminal.
+func printableOr(s string) string {
+	for _, c := range s {
+		if unicode.IsControl(c) || unicode.Is(unicode.Cf, c) {
+			return strconv.Quote(s)
+		}
+	}
+	return s
 }
 
 func sum(m map[string]uint64) uint64 {
@@ -199,8 +217,8 @@ func (e *env) warnRewrap(k *keywardv1.Key, v uint32) {
 			partial = " (a job that stopped part way: it counted only what it saw)"
 		}
 		if n > 0 {
-			fmt.Fprintf(e.stderr, "warning: %s's last rewrap report (%s)%s counts %d ciphertexts under versions below %d (%s): they will not open until the minimum is lowered again (keyward key set-min-version -name %s -version %d)\n",
-				r.GetSource(), r.GetReportTime().AsTime().Format(time.RFC3339), partial, n, v, rewrap.Counts(r.GetCiphertexts()), k.GetName(), k.GetMinDecryptionVersion())
+			fmt.Fprintf(e.stderr, "warning: %s's last rewrap report (%s, by %s)%s counts %d ciphertexts under versions below %d (%s): they will not open until the minimum is lowered again (keyward key set-min-version -name %s -version %d)\n",
+				r.GetSource(), r.GetReportTime().AsTime().Format(time.RFC3339), r.GetReporter(), partial, n, v, rewrap.Counts(r.GetCiphertexts()), k.GetName(), k.GetMinDecryptionVersion())
 		} else if partial != "" {
 			fmt.Fprintf(e.stderr, "warning: %s's last rewrap report (%s)%s\n", r.GetSource(), r.GetReportTime().AsTime().Format(time.RFC3339), partial)
 		}
@@ -214,13 +232,13 @@ func printRewrapReports(w io.Writer, k *keywardv1.Key) {
 	}
 	fmt.Fprintln(w, "rewrap reports:")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "  SOURCE\tREPORTED\tPASS\tCIPHERTEXTS UNDER\tNOT MOVED")
+	fmt.Fprintln(tw, "  SOURCE\tREPORTED\tBY\tPASS\tCIPHERTEXTS UNDER\tNOT MOVED")
 	for _, r := range k.GetRewrapReports() {
 		pass := "complete"
 		if !r.GetComplete() {
 			pass = "partial"
 		}
-		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%d\n", r.GetSource(), r.GetReportTime().AsTime().Format(time.RFC3339), pass, rewrap.Counts(r.GetCiphertexts()), r.GetFailed())
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%d\n", r.GetSource(), r.GetReportTime().AsTime().Format(time.RFC3339), r.GetReporter(), pass, rewrap.Counts(r.GetCiphertexts()), r.GetFailed())
 	}
 	tw.Flush()
 }

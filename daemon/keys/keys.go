@@ -24,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"sync"
 	"time"
 	"unicode"
@@ -115,6 +116,10 @@ type RewrapReport struct {
 	Failed      uint64            `json:"failed,omitempty"`
 	Complete    bool              `json:"complete,omitempty"`
 	Time        time.Time         `json:"time"`
+	// Reporter is who sent it, as keywardd identified the caller
+	// ("uid=1000 exe=/usr/bin/keyward"); ReporterUID its uid.
+	Reporter    string `json:"reporter,omitempty"`
+	ReporterUID uint32 `json:"reporter_uid,omitempty"`
 }
 
 // Under is how many ciphertexts the report counts under versions below v.
@@ -811,11 +816,13 @@ func (m *Manager) SetMinDecryptionVersion(name string, v uint32) (*Key, error) {
 
 // ReportRewrap records r, the report of a rewrap job over one source of
 // ciphertexts under the encryption key name, stamped with keywardd's clock.
-// It replaces the source's last report; a new source beyond
-// MaxRewrapReports replaces the one reported longest ago.
+// It replaces the source's last report. A new source beyond
+// MaxRewrapReports replaces the reporter's own oldest report, or, when the
+// reporter has none there, the one reported longest ago: a reporter
+// filing many sources pushes out at most one report of others.
 func (m *Manager) ReportRewrap(name string, r RewrapReport) (*Key, error) {
 	if r.Source == "" || len(r.Source) > MaxRewrapSource || !printable(r.Source) {
-		return nil, fmt.Errorf("%w: a rewrap report's source must be 1 to %d printable characters, as \"dir:/var/lib/app\"", ErrInvalid, MaxRewrapSource)
+		return nil, fmt.Errorf("%w: a rewrap report's source must be 1 to %d printable characters, as \"dir:host1:/var/lib/app\"", ErrInvalid, MaxRewrapSource)
 	}
 	defer m.lock(name)()
 	return m.change(name, func(k *Key) error {
@@ -828,24 +835,32 @@ func (m *Manager) ReportRewrap(name string, r RewrapReport) (*Key, error) {
 			}
 		}
 		r.Time = m.opt.Now().UTC()
-		reports := []RewrapReport{r}
-		for _, old := range k.RewrapReports {
-			if old.Source != r.Source && len(reports) < MaxRewrapReports {
-				reports = append(reports, old)
+		others := slices.DeleteFunc(slices.Clone(k.RewrapReports), func(o RewrapReport) bool { return o.Source == r.Source })
+		if len(others) >= MaxRewrapReports {
+			// Newest first: the last of the reporter's own, else the last.
+			drop := len(others) - 1
+			for i := len(others) - 1; i >= 0; i-- {
+				if others[i].ReporterUID == r.ReporterUID {
+					drop = i
+					break
+				}
 			}
+			others = slices.Delete(others, drop, drop+1)
 		}
-		k.RewrapReports = reports
+		k.RewrapReports = append([]RewrapReport{r}, others...)
 		return nil
 	})
 }
 
-// printable: no control characters, valid UTF-8.
+// printable: valid UTF-8 without control or format characters (the
+// latter include the bidirectional overrides that make a name on a
+// terminal or a page read as another).
 func printable(s string) bool {
 	if !utf8.ValidString(s) {
 		return false
 	}
 	for _, c := range s {
-		if unicode.IsControl(c) {
+		if unicode.IsControl(c) || unicode.Is(unicode.Cf, c) {
 			return false
 		}
 	}

@@ -717,7 +717,23 @@ func TestReportRewrap(t *testing.T) {
 	if r := k.RewrapReports[1]; r.Source != fmt.Sprintf("dir:/%d", MaxRewrapReports) || r.Under(2) != MaxRewrapReports || r.Under(1) != 0 {
 		t.Fatalf("second report %+v", r)
 	}
-	for _, src := range []string{"", strings.Repeat("x", MaxRewrapSource+1), "dir:\x00", "\xff"} {
+	// Another reporter's new sources push out one report of others, then
+	// each its own last.
+	for _, src := range []string{"other:1", "other:2", "other:3"} {
+		if _, err := e.m.ReportRewrap("kek", RewrapReport{Source: src, ReporterUID: 7}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	k, _ = e.m.Get("kek")
+	var sources []string
+	for _, r := range k.RewrapReports {
+		sources = append(sources, r.Source)
+	}
+	if len(sources) != MaxRewrapReports || sources[0] != "other:3" || slices.Contains(sources, "other:1") || slices.Contains(sources, "other:2") ||
+		slices.Contains(sources, "dir:/1") || !slices.Contains(sources, "dir:/2") {
+		t.Fatalf("after another reporter's three sources: %v", sources)
+	}
+	for _, src := range []string{"", strings.Repeat("x", MaxRewrapSource+1), "dir:\x00", "\xff", "dir:/a\u202e"} {
 		if _, err := e.m.ReportRewrap("kek", RewrapReport{Source: src}); !errors.Is(err, ErrInvalid) {
 			t.Errorf("source %q: %v", src, err)
 		}

@@ -3,13 +3,11 @@ package server
 import (
 	"context"
 	"errors"
-	"fmt"
 	"sync"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/envelope"
-	"github.com/keyward/keyward/daemon/keys"
 )
 
 // Envelope is the envelope encryption the EnvelopeService translates to:
@@ -282,21 +280,4 @@ func (s *Server) BatchReEncrypt(ctx context.Context, r *keywardv1.BatchReEncrypt
 		out.Results = append(out.Results, res)
 	}
 	return out, nil
-}
-
-// ReportRewrap records a rewrap job's count of one source's ciphertexts on
-// the key; GetKey shows it and keyward key set-min-version reads it.
-func (s *Server) ReportRewrap(ctx context.Context, r *keywardv1.ReportRewrapRequest) (*keywardv1.ReportRewrapResponse, error) {
-	if err := s.allow(ctx, "EnvelopeService.ReportRewrap", r.GetKeyName()); err != nil {
-		return nil, err
-	}
-	rep := r.GetReport()
-	if rep == nil {
-		return nil, fmt.Errorf("%w: report is required: the source and its ciphertexts under each version", errInvalid)
-	}
-	if _, err := s.cfg.Keys.ReportRewrap(r.GetKeyName(), keys.RewrapReport{Source: rep.GetSource(), Ciphertexts: rep.GetCiphertexts(),
-		Failed: rep.GetFailed(), Complete: rep.GetComplete()}); err != nil {
-		return nil, err
-	}
-	return &keywardv1.ReportRewrapResponse{}, nil
 }

@@ -82,7 +82,7 @@ func (s *Server) toKey(k *keys.Key) *keywardv1.Key {
 	}
 	for _, r := range k.RewrapReports {
 		out.RewrapReports = append(out.RewrapReports, &keywardv1.RewrapReport{Source: r.Source, Ciphertexts: r.Ciphertexts,
-			Failed: r.Failed, Complete: r.Complete, ReportTime: ts(r.Time)})
+			Failed: r.Failed, Complete: r.Complete, ReportTime: ts(r.Time), Reporter: r.Reporter})
 	}
 	if k.RotationPeriod > 0 {
 		out.RotationPeriod = durationpb.New(k.RotationPeriod)
@@ -229,4 +229,27 @@ func (s *Server) CancelKeyDeletion(ctx context.Context, r *keywardv1.CancelKeyDe
 		return nil, err
 	}
 	return &keywardv1.CancelKeyDeletionResponse{Key: s.toKey(k)}, nil
+}
+
+// ReportRewrap records a rewrap job's count of one source's ciphertexts on
+// the key, with the caller as its reporter; GetKey shows it and keyward key
+// set-min-version reads it.
+func (s *Server) ReportRewrap(ctx context.Context, r *keywardv1.ReportRewrapRequest) (*keywardv1.ReportRewrapResponse, error) {
+	if err := s.allow(ctx, "KeyService.ReportRewrap", r.GetKeyName()); err != nil {
+		return nil, err
+	}
+	rep := r.GetReport()
+	if rep == nil {
+		return nil, fmt.Errorf("%w: report is required: the source and its ciphertexts under each version", errInvalid)
+	}
+	c := callFrom(ctx).caller
+	reporter := fmt.Sprintf("uid=%d", c.UID)
+	if c.Exe != "" {
+		reporter += " exe=" + c.Exe
+	}
+	if _, err := s.cfg.Keys.ReportRewrap(r.GetKeyName(), keys.RewrapReport{Source: rep.GetSource(), Ciphertexts: rep.GetCiphertexts(),
+		Failed: rep.GetFailed(), Complete: rep.GetComplete(), Reporter: reporter, ReporterUID: c.UID}); err != nil {
+		return nil, err
+	}
+	return &keywardv1.ReportRewrapResponse{}, nil
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -203,7 +204,7 @@ func TestKeyService(t *testing.T) {
 			req: &keywardv1.SetMinDecryptionVersionRequest{Name: "app-rotate", Version: 9}, code: codes.InvalidArgument,
 			msg:   `minimum decryption version 9 of "app-rotate" must be from 1 to 2`,
 			audit: wantAudit{outcome: "error", key: "app-rotate"}},
-		{name: "report a rewrap", uid: admin, method: "EnvelopeService/ReportRewrap",
+		{name: "report a rewrap", uid: admin, method: "KeyService/ReportRewrap",
 			req: &keywardv1.ReportRewrapRequest{KeyName: "app-rotate", Report: &keywardv1.RewrapReport{Source: "dir:/var/lib/app",
 				Ciphertexts: map[uint32]uint64{1: 3, 2: 40}, Failed: 3, Complete: true}},
 			code: codes.OK, audit: wantAudit{outcome: "ok", key: "app-rotate"},
@@ -214,24 +215,27 @@ func TestKeyService(t *testing.T) {
 				}
 				reps := r.(*keywardv1.GetKeyResponse).GetKey().GetRewrapReports()
 				if len(reps) != 1 || reps[0].GetSource() != "dir:/var/lib/app" || reps[0].GetCiphertexts()[1] != 3 || reps[0].GetCiphertexts()[2] != 40 ||
-					reps[0].GetFailed() != 3 || !reps[0].GetComplete() || reps[0].GetReportTime() == nil {
+					reps[0].GetFailed() != 3 || !reps[0].GetComplete() || reps[0].GetReportTime() == nil || !strings.HasPrefix(reps[0].GetReporter(), fmt.Sprintf("uid=%d", admin)) {
 					t.Errorf("GetKey's reports: %v", reps)
 				}
 			}},
-		{name: "report a rewrap under a version the key lacks", uid: admin, method: "EnvelopeService/ReportRewrap",
+		{name: "report a rewrap under a version the key lacks", uid: admin, method: "KeyService/ReportRewrap",
 			req: &keywardv1.ReportRewrapRequest{KeyName: "app-rotate", Report: &keywardv1.RewrapReport{Source: "dir:/x",
 				Ciphertexts: map[uint32]uint64{3: 1}}},
 			code: codes.InvalidArgument, msg: `version 3 of "app-rotate", which has versions 1 to 2`,
 			audit: wantAudit{outcome: "error", key: "app-rotate"}},
-		{name: "report a rewrap without a report", uid: admin, method: "EnvelopeService/ReportRewrap",
+		{name: "report a rewrap without a report", uid: admin, method: "KeyService/ReportRewrap",
 			req: &keywardv1.ReportRewrapRequest{KeyName: "app-rotate"}, code: codes.InvalidArgument, msg: "report is required",
 			audit: wantAudit{outcome: "error", key: "app-rotate"}},
-		{name: "report a rewrap with a control character in its source", uid: admin, method: "EnvelopeService/ReportRewrap",
+		{name: "report a rewrap with a control character in its source", uid: admin, method: "KeyService/ReportRewrap",
 			req:  &keywardv1.ReportRewrapRequest{KeyName: "app-rotate", Report: &keywardv1.RewrapReport{Source: "dir:\n/x"}},
 			code: codes.InvalidArgument, msg: "printable", audit: wantAudit{outcome: "error", key: "app-rotate"}},
-		{name: "report a rewrap denied", uid: reader, method: "EnvelopeService/ReportRewrap",
+		{name: "report a rewrap with a bidirectional override in its source", uid: admin, method: "KeyService/ReportRewrap",
+			req:  &keywardv1.ReportRewrapRequest{KeyName: "app-rotate", Report: &keywardv1.RewrapReport{Source: "dir:/x\u202e"}},
+			code: codes.InvalidArgument, msg: "printable", audit: wantAudit{outcome: "error", key: "app-rotate"}},
+		{name: "report a rewrap denied", uid: reader, method: "KeyService/ReportRewrap",
 			req:  &keywardv1.ReportRewrapRequest{KeyName: "app-rotate", Report: &keywardv1.RewrapReport{Source: "dir:/x"}},
-			code: codes.PermissionDenied, msg: "not granted EnvelopeService.ReportRewrap", audit: wantAudit{outcome: "denied", key: "app-rotate"}},
+			code: codes.PermissionDenied, msg: "not granted KeyService.ReportRewrap", audit: wantAudit{outcome: "denied", key: "app-rotate"}},
 		{name: "schedule deletion", uid: admin, method: "KeyService/ScheduleKeyDeletion",
 			req:  &keywardv1.ScheduleKeyDeletionRequest{Name: "app-gone", WaitingPeriod: durationpb.New(7 * 24 * 3600e9)},
 			code: codes.OK, audit: wantAudit{outcome: "ok", key: "app-gone"},

@@ -21,97 +21,6 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
-// ReportRewrapRequest is one source's report on one key.
-type ReportRewrapRequest struct {
-	state   protoimpl.MessageState `protogen:"open.v1"`
-	KeyName string                 `protobuf:"bytes,1,opt,name=key_name,json=keyName,proto3" json:"key_name,omitempty"`
-	// The report; its report_time is set by keywardd.
-	Report        *RewrapReport `protobuf:"bytes,2,opt,name=report,proto3" json:"report,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *ReportRewrapRequest) Reset() {
-	*x = ReportRewrapRequest{}
-	mi := &file_envelope_proto_msgTypes[0]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *ReportRewrapRequest) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*ReportRewrapRequest) ProtoMessage() {}
-
-func (x *ReportRewrapRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[0]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use ReportRewrapRequest.ProtoReflect.Descriptor instead.
-func (*ReportRewrapRequest) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{0}
-}
-
-func (x *ReportRewrapRequest) GetKeyName() string {
-	if x != nil {
-		return x.KeyName
-	}
-	return ""
-}
-
-func (x *ReportRewrapRequest) GetReport() *RewrapReport {
-	if x != nil {
-		return x.Report
-	}
-	return nil
-}
-
-// ReportRewrapResponse is empty.
-type ReportRewrapResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *ReportRewrapResponse) Reset() {
-	*x = ReportRewrapResponse{}
-	mi := &file_envelope_proto_msgTypes[1]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *ReportRewrapResponse) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*ReportRewrapResponse) ProtoMessage() {}
-
-func (x *ReportRewrapResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[1]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use ReportRewrapResponse.ProtoReflect.Descriptor instead.
-func (*ReportRewrapResponse) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{1}
-}
-
 // EncryptionContext is a set of key/value pairs a ciphertext is bound to:
 // not secret, but required to open it. At most 64 entries; keys 1 to 256
 // bytes, values up to 1024 bytes, both UTF-8.
@@ -124,7 +33,7 @@ type EncryptionContext struct {
 
 func (x *EncryptionContext) Reset() {
 	*x = EncryptionContext{}
-	mi := &file_envelope_proto_msgTypes[2]
+	mi := &file_envelope_proto_msgTypes[0]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -136,7 +45,7 @@ func (x *EncryptionContext) String() string {
 func (*EncryptionContext) ProtoMessage() {}
 
 func (x *EncryptionContext) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[2]
+	mi := &file_envelope_proto_msgTypes[0]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -149,7 +58,7 @@ func (x *EncryptionContext) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EncryptionContext.ProtoReflect.Descriptor instead.
 func (*EncryptionContext) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{2}
+	return file_envelope_proto_rawDescGZIP(), []int{0}
 }
 
 func (x *EncryptionContext) GetEntries() map[string]string {
@@ -174,7 +83,7 @@ type GenerateDataKeyRequest struct {
 
 func (x *GenerateDataKeyRequest) Reset() {
 	*x = GenerateDataKeyRequest{}
-	mi := &file_envelope_proto_msgTypes[3]
+	mi := &file_envelope_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -186,7 +95,7 @@ func (x *GenerateDataKeyRequest) String() string {
 func (*GenerateDataKeyRequest) ProtoMessage() {}
 
 func (x *GenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[3]
+	mi := &file_envelope_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -199,7 +108,7 @@ func (x *GenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateDataKeyRequest.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyRequest) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{3}
+	return file_envelope_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *GenerateDataKeyRequest) GetKeyName() string {
@@ -238,7 +147,7 @@ type GenerateDataKeyResponse struct {
 
 func (x *GenerateDataKeyResponse) Reset() {
 	*x = GenerateDataKeyResponse{}
-	mi := &file_envelope_proto_msgTypes[4]
+	mi := &file_envelope_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -250,7 +159,7 @@ func (x *GenerateDataKeyResponse) String() string {
 func (*GenerateDataKeyResponse) ProtoMessage() {}
 
 func (x *GenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[4]
+	mi := &file_envelope_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -263,7 +172,7 @@ func (x *GenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateDataKeyResponse.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyResponse) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{4}
+	return file_envelope_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *GenerateDataKeyResponse) GetPlaintext() []byte {
@@ -307,7 +216,7 @@ type GenerateDataKeyWithoutPlaintextRequest struct {
 
 func (x *GenerateDataKeyWithoutPlaintextRequest) Reset() {
 	*x = GenerateDataKeyWithoutPlaintextRequest{}
-	mi := &file_envelope_proto_msgTypes[5]
+	mi := &file_envelope_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -319,7 +228,7 @@ func (x *GenerateDataKeyWithoutPlaintextRequest) String() string {
 func (*GenerateDataKeyWithoutPlaintextRequest) ProtoMessage() {}
 
 func (x *GenerateDataKeyWithoutPlaintextRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[5]
+	mi := &file_envelope_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -332,7 +241,7 @@ func (x *GenerateDataKeyWithoutPlaintextRequest) ProtoReflect() protoreflect.Mes
 
 // Deprecated: Use GenerateDataKeyWithoutPlaintextRequest.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyWithoutPlaintextRequest) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{5}
+	return file_envelope_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GenerateDataKeyWithoutPlaintextRequest) GetKeyName() string {
@@ -368,7 +277,7 @@ type GenerateDataKeyWithoutPlaintextResponse struct {
 
 func (x *GenerateDataKeyWithoutPlaintextResponse) Reset() {
 	*x = GenerateDataKeyWithoutPlaintextResponse{}
-	mi := &file_envelope_proto_msgTypes[6]
+	mi := &file_envelope_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -380,7 +289,7 @@ func (x *GenerateDataKeyWithoutPlaintextResponse) String() string {
 func (*GenerateDataKeyWithoutPlaintextResponse) ProtoMessage() {}
 
 func (x *GenerateDataKeyWithoutPlaintextResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[6]
+	mi := &file_envelope_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -393,7 +302,7 @@ func (x *GenerateDataKeyWithoutPlaintextResponse) ProtoReflect() protoreflect.Me
 
 // Deprecated: Use GenerateDataKeyWithoutPlaintextResponse.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyWithoutPlaintextResponse) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{6}
+	return file_envelope_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *GenerateDataKeyWithoutPlaintextResponse) GetWrappedKey() []byte {
@@ -430,7 +339,7 @@ type EncryptRequest struct {
 
 func (x *EncryptRequest) Reset() {
 	*x = EncryptRequest{}
-	mi := &file_envelope_proto_msgTypes[7]
+	mi := &file_envelope_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -442,7 +351,7 @@ func (x *EncryptRequest) String() string {
 func (*EncryptRequest) ProtoMessage() {}
 
 func (x *EncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[7]
+	mi := &file_envelope_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -455,7 +364,7 @@ func (x *EncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EncryptRequest.ProtoReflect.Descriptor instead.
 func (*EncryptRequest) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{7}
+	return file_envelope_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *EncryptRequest) GetKeyName() string {
@@ -491,7 +400,7 @@ type EncryptResponse struct {
 
 func (x *EncryptResponse) Reset() {
 	*x = EncryptResponse{}
-	mi := &file_envelope_proto_msgTypes[8]
+	mi := &file_envelope_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -503,7 +412,7 @@ func (x *EncryptResponse) String() string {
 func (*EncryptResponse) ProtoMessage() {}
 
 func (x *EncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[8]
+	mi := &file_envelope_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -516,7 +425,7 @@ func (x *EncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EncryptResponse.ProtoReflect.Descriptor instead.
 func (*EncryptResponse) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{8}
+	return file_envelope_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *EncryptResponse) GetCiphertext() []byte {
@@ -553,7 +462,7 @@ type DecryptRequest struct {
 
 func (x *DecryptRequest) Reset() {
 	*x = DecryptRequest{}
-	mi := &file_envelope_proto_msgTypes[9]
+	mi := &file_envelope_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -565,7 +474,7 @@ func (x *DecryptRequest) String() string {
 func (*DecryptRequest) ProtoMessage() {}
 
 func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[9]
+	mi := &file_envelope_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -578,7 +487,7 @@ func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptRequest.ProtoReflect.Descriptor instead.
 func (*DecryptRequest) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{9}
+	return file_envelope_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DecryptRequest) GetCiphertext() []byte {
@@ -608,7 +517,7 @@ type DecryptResponse struct {
 
 func (x *DecryptResponse) Reset() {
 	*x = DecryptResponse{}
-	mi := &file_envelope_proto_msgTypes[10]
+	mi := &file_envelope_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -620,7 +529,7 @@ func (x *DecryptResponse) String() string {
 func (*DecryptResponse) ProtoMessage() {}
 
 func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[10]
+	mi := &file_envelope_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -633,7 +542,7 @@ func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptResponse.ProtoReflect.Descriptor instead.
 func (*DecryptResponse) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{10}
+	return file_envelope_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DecryptResponse) GetPlaintext() []byte {
@@ -673,7 +582,7 @@ type ReEncryptRequest struct {
 
 func (x *ReEncryptRequest) Reset() {
 	*x = ReEncryptRequest{}
-	mi := &file_envelope_proto_msgTypes[11]
+	mi := &file_envelope_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -685,7 +594,7 @@ func (x *ReEncryptRequest) String() string {
 func (*ReEncryptRequest) ProtoMessage() {}
 
 func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[11]
+	mi := &file_envelope_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -698,7 +607,7 @@ func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReEncryptRequest.ProtoReflect.Descriptor instead.
 func (*ReEncryptRequest) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{11}
+	return file_envelope_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ReEncryptRequest) GetCiphertext() []byte {
@@ -745,7 +654,7 @@ type ReEncryptResponse struct {
 
 func (x *ReEncryptResponse) Reset() {
 	*x = ReEncryptResponse{}
-	mi := &file_envelope_proto_msgTypes[12]
+	mi := &file_envelope_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -757,7 +666,7 @@ func (x *ReEncryptResponse) String() string {
 func (*ReEncryptResponse) ProtoMessage() {}
 
 func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[12]
+	mi := &file_envelope_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -770,7 +679,7 @@ func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReEncryptResponse.ProtoReflect.Descriptor instead.
 func (*ReEncryptResponse) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{12}
+	return file_envelope_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ReEncryptResponse) GetCiphertext() []byte {
@@ -820,7 +729,7 @@ type ItemError struct {
 
 func (x *ItemError) Reset() {
 	*x = ItemError{}
-	mi := &file_envelope_proto_msgTypes[13]
+	mi := &file_envelope_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -832,7 +741,7 @@ func (x *ItemError) String() string {
 func (*ItemError) ProtoMessage() {}
 
 func (x *ItemError) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[13]
+	mi := &file_envelope_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -845,7 +754,7 @@ func (x *ItemError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ItemError.ProtoReflect.Descriptor instead.
 func (*ItemError) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{13}
+	return file_envelope_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ItemError) GetCode() int32 {
@@ -872,7 +781,7 @@ type BatchGenerateDataKeyRequest struct {
 
 func (x *BatchGenerateDataKeyRequest) Reset() {
 	*x = BatchGenerateDataKeyRequest{}
-	mi := &file_envelope_proto_msgTypes[14]
+	mi := &file_envelope_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -884,7 +793,7 @@ func (x *BatchGenerateDataKeyRequest) String() string {
 func (*BatchGenerateDataKeyRequest) ProtoMessage() {}
 
 func (x *BatchGenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[14]
+	mi := &file_envelope_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -897,7 +806,7 @@ func (x *BatchGenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchGenerateDataKeyRequest.ProtoReflect.Descriptor instead.
 func (*BatchGenerateDataKeyRequest) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{14}
+	return file_envelope_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *BatchGenerateDataKeyRequest) GetItems() []*GenerateDataKeyRequest {
@@ -917,7 +826,7 @@ type BatchGenerateDataKeyResponse struct {
 
 func (x *BatchGenerateDataKeyResponse) Reset() {
 	*x = BatchGenerateDataKeyResponse{}
-	mi := &file_envelope_proto_msgTypes[15]
+	mi := &file_envelope_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -929,7 +838,7 @@ func (x *BatchGenerateDataKeyResponse) String() string {
 func (*BatchGenerateDataKeyResponse) ProtoMessage() {}
 
 func (x *BatchGenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[15]
+	mi := &file_envelope_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -942,7 +851,7 @@ func (x *BatchGenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchGenerateDataKeyResponse.ProtoReflect.Descriptor instead.
 func (*BatchGenerateDataKeyResponse) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{15}
+	return file_envelope_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *BatchGenerateDataKeyResponse) GetResults() []*BatchGenerateDataKeyResult {
@@ -966,7 +875,7 @@ type BatchGenerateDataKeyResult struct {
 
 func (x *BatchGenerateDataKeyResult) Reset() {
 	*x = BatchGenerateDataKeyResult{}
-	mi := &file_envelope_proto_msgTypes[16]
+	mi := &file_envelope_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -978,7 +887,7 @@ func (x *BatchGenerateDataKeyResult) String() string {
 func (*BatchGenerateDataKeyResult) ProtoMessage() {}
 
 func (x *BatchGenerateDataKeyResult) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[16]
+	mi := &file_envelope_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -991,7 +900,7 @@ func (x *BatchGenerateDataKeyResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchGenerateDataKeyResult.ProtoReflect.Descriptor instead.
 func (*BatchGenerateDataKeyResult) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{16}
+	return file_envelope_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *BatchGenerateDataKeyResult) GetResult() isBatchGenerateDataKeyResult_Result {
@@ -1045,7 +954,7 @@ type BatchEncryptRequest struct {
 
 func (x *BatchEncryptRequest) Reset() {
 	*x = BatchEncryptRequest{}
-	mi := &file_envelope_proto_msgTypes[17]
+	mi := &file_envelope_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1057,7 +966,7 @@ func (x *BatchEncryptRequest) String() string {
 func (*BatchEncryptRequest) ProtoMessage() {}
 
 func (x *BatchEncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[17]
+	mi := &file_envelope_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1070,7 +979,7 @@ func (x *BatchEncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchEncryptRequest.ProtoReflect.Descriptor instead.
 func (*BatchEncryptRequest) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{17}
+	return file_envelope_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *BatchEncryptRequest) GetItems() []*EncryptRequest {
@@ -1090,7 +999,7 @@ type BatchEncryptResponse struct {
 
 func (x *BatchEncryptResponse) Reset() {
 	*x = BatchEncryptResponse{}
-	mi := &file_envelope_proto_msgTypes[18]
+	mi := &file_envelope_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1102,7 +1011,7 @@ func (x *BatchEncryptResponse) String() string {
 func (*BatchEncryptResponse) ProtoMessage() {}
 
 func (x *BatchEncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[18]
+	mi := &file_envelope_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1115,7 +1024,7 @@ func (x *BatchEncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchEncryptResponse.ProtoReflect.Descriptor instead.
 func (*BatchEncryptResponse) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{18}
+	return file_envelope_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *BatchEncryptResponse) GetResults() []*BatchEncryptResult {
@@ -1139,7 +1048,7 @@ type BatchEncryptResult struct {
 
 func (x *BatchEncryptResult) Reset() {
 	*x = BatchEncryptResult{}
-	mi := &file_envelope_proto_msgTypes[19]
+	mi := &file_envelope_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1151,7 +1060,7 @@ func (x *BatchEncryptResult) String() string {
 func (*BatchEncryptResult) ProtoMessage() {}
 
 func (x *BatchEncryptResult) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[19]
+	mi := &file_envelope_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1164,7 +1073,7 @@ func (x *BatchEncryptResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchEncryptResult.ProtoReflect.Descriptor instead.
 func (*BatchEncryptResult) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{19}
+	return file_envelope_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *BatchEncryptResult) GetResult() isBatchEncryptResult_Result {
@@ -1218,7 +1127,7 @@ type BatchDecryptRequest struct {
 
 func (x *BatchDecryptRequest) Reset() {
 	*x = BatchDecryptRequest{}
-	mi := &file_envelope_proto_msgTypes[20]
+	mi := &file_envelope_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1230,7 +1139,7 @@ func (x *BatchDecryptRequest) String() string {
 func (*BatchDecryptRequest) ProtoMessage() {}
 
 func (x *BatchDecryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[20]
+	mi := &file_envelope_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1243,7 +1152,7 @@ func (x *BatchDecryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchDecryptRequest.ProtoReflect.Descriptor instead.
 func (*BatchDecryptRequest) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{20}
+	return file_envelope_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *BatchDecryptRequest) GetItems() []*DecryptRequest {
@@ -1263,7 +1172,7 @@ type BatchDecryptResponse struct {
 
 func (x *BatchDecryptResponse) Reset() {
 	*x = BatchDecryptResponse{}
-	mi := &file_envelope_proto_msgTypes[21]
+	mi := &file_envelope_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1275,7 +1184,7 @@ func (x *BatchDecryptResponse) String() string {
 func (*BatchDecryptResponse) ProtoMessage() {}
 
 func (x *BatchDecryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[21]
+	mi := &file_envelope_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1288,7 +1197,7 @@ func (x *BatchDecryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchDecryptResponse.ProtoReflect.Descriptor instead.
 func (*BatchDecryptResponse) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{21}
+	return file_envelope_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *BatchDecryptResponse) GetResults() []*BatchDecryptResult {
@@ -1312,7 +1221,7 @@ type BatchDecryptResult struct {
 
 func (x *BatchDecryptResult) Reset() {
 	*x = BatchDecryptResult{}
-	mi := &file_envelope_proto_msgTypes[22]
+	mi := &file_envelope_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1324,7 +1233,7 @@ func (x *BatchDecryptResult) String() string {
 func (*BatchDecryptResult) ProtoMessage() {}
 
 func (x *BatchDecryptResult) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[22]
+	mi := &file_envelope_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1337,7 +1246,7 @@ func (x *BatchDecryptResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchDecryptResult.ProtoReflect.Descriptor instead.
 func (*BatchDecryptResult) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{22}
+	return file_envelope_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *BatchDecryptResult) GetResult() isBatchDecryptResult_Result {
@@ -1391,7 +1300,7 @@ type BatchReEncryptRequest struct {
 
 func (x *BatchReEncryptRequest) Reset() {
 	*x = BatchReEncryptRequest{}
-	mi := &file_envelope_proto_msgTypes[23]
+	mi := &file_envelope_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1403,7 +1312,7 @@ func (x *BatchReEncryptRequest) String() string {
 func (*BatchReEncryptRequest) ProtoMessage() {}
 
 func (x *BatchReEncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[23]
+	mi := &file_envelope_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1416,7 +1325,7 @@ func (x *BatchReEncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchReEncryptRequest.ProtoReflect.Descriptor instead.
 func (*BatchReEncryptRequest) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{23}
+	return file_envelope_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *BatchReEncryptRequest) GetItems() []*ReEncryptRequest {
@@ -1436,7 +1345,7 @@ type BatchReEncryptResponse struct {
 
 func (x *BatchReEncryptResponse) Reset() {
 	*x = BatchReEncryptResponse{}
-	mi := &file_envelope_proto_msgTypes[24]
+	mi := &file_envelope_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1448,7 +1357,7 @@ func (x *BatchReEncryptResponse) String() string {
 func (*BatchReEncryptResponse) ProtoMessage() {}
 
 func (x *BatchReEncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[24]
+	mi := &file_envelope_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1461,7 +1370,7 @@ func (x *BatchReEncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchReEncryptResponse.ProtoReflect.Descriptor instead.
 func (*BatchReEncryptResponse) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{24}
+	return file_envelope_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *BatchReEncryptResponse) GetResults() []*BatchReEncryptResult {
@@ -1485,7 +1394,7 @@ type BatchReEncryptResult struct {
 
 func (x *BatchReEncryptResult) Reset() {
 	*x = BatchReEncryptResult{}
-	mi := &file_envelope_proto_msgTypes[25]
+	mi := &file_envelope_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1497,7 +1406,7 @@ func (x *BatchReEncryptResult) String() string {
 func (*BatchReEncryptResult) ProtoMessage() {}
 
 func (x *BatchReEncryptResult) ProtoReflect() protoreflect.Message {
-	mi := &file_envelope_proto_msgTypes[25]
+	mi := &file_envelope_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1510,7 +1419,7 @@ func (x *BatchReEncryptResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchReEncryptResult.ProtoReflect.Descriptor instead.
 func (*BatchReEncryptResult) Descriptor() ([]byte, []int) {
-	return file_envelope_proto_rawDescGZIP(), []int{25}
+	return file_envelope_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *BatchReEncryptResult) GetResult() isBatchReEncryptResult_Result {
@@ -1559,12 +1468,7 @@ var File_envelope_proto protoreflect.FileDescriptor
 const file_envelope_proto_rawDesc = "" +
 	"\n" +
 	"\x0eenvelope.proto\x12\n" +
-	"keyward.v1\x1a\n" +
-	"keys.proto\"b\n" +
-	"\x13ReportRewrapRequest\x12\x19\n" +
-	"\bkey_name\x18\x01 \x01(\tR\akeyName\x120\n" +
-	"\x06report\x18\x02 \x01(\v2\x18.keyward.v1.RewrapReportR\x06report\"\x16\n" +
-	"\x14ReportRewrapResponse\"\x95\x01\n" +
+	"keyward.v1\"\x95\x01\n" +
 	"\x11EncryptionContext\x12D\n" +
 	"\aentries\x18\x01 \x03(\v2*.keyward.v1.EncryptionContext.EntriesEntryR\aentries\x1a:\n" +
 	"\fEntriesEntry\x12\x10\n" +
@@ -1677,7 +1581,7 @@ const file_envelope_proto_rawDesc = "" +
 	"\x14BatchReEncryptResult\x12/\n" +
 	"\x02ok\x18\x01 \x01(\v2\x1d.keyward.v1.ReEncryptResponseH\x00R\x02ok\x12-\n" +
 	"\x05error\x18\x02 \x01(\v2\x15.keyward.v1.ItemErrorH\x00R\x05errorB\b\n" +
-	"\x06result2\x89\a\n" +
+	"\x06result2\xb6\x06\n" +
 	"\x0fEnvelopeService\x12Z\n" +
 	"\x0fGenerateDataKey\x12\".keyward.v1.GenerateDataKeyRequest\x1a#.keyward.v1.GenerateDataKeyResponse\x12\x8a\x01\n" +
 	"\x1fGenerateDataKeyWithoutPlaintext\x122.keyward.v1.GenerateDataKeyWithoutPlaintextRequest\x1a3.keyward.v1.GenerateDataKeyWithoutPlaintextResponse\x12B\n" +
@@ -1687,8 +1591,7 @@ const file_envelope_proto_rawDesc = "" +
 	"\x14BatchGenerateDataKey\x12'.keyward.v1.BatchGenerateDataKeyRequest\x1a(.keyward.v1.BatchGenerateDataKeyResponse\x12Q\n" +
 	"\fBatchEncrypt\x12\x1f.keyward.v1.BatchEncryptRequest\x1a .keyward.v1.BatchEncryptResponse\x12Q\n" +
 	"\fBatchDecrypt\x12\x1f.keyward.v1.BatchDecryptRequest\x1a .keyward.v1.BatchDecryptResponse\x12W\n" +
-	"\x0eBatchReEncrypt\x12!.keyward.v1.BatchReEncryptRequest\x1a\".keyward.v1.BatchReEncryptResponse\x12Q\n" +
-	"\fReportRewrap\x12\x1f.keyward.v1.ReportRewrapRequest\x1a .keyward.v1.ReportRewrapResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
+	"\x0eBatchReEncrypt\x12!.keyward.v1.BatchReEncryptRequest\x1a\".keyward.v1.BatchReEncryptResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
 
 var (
 	file_envelope_proto_rawDescOnce sync.Once
@@ -1702,92 +1605,86 @@ func file_envelope_proto_rawDescGZIP() []byte {
 	return file_envelope_proto_rawDescData
 }
 
-var file_envelope_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_envelope_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_envelope_proto_goTypes = []any{
-	(*ReportRewrapRequest)(nil),                     // 0: keyward.v1.ReportRewrapRequest
-	(*ReportRewrapResponse)(nil),                    // 1: keyward.v1.ReportRewrapResponse
-	(*EncryptionContext)(nil),                       // 2: keyward.v1.EncryptionContext
-	(*GenerateDataKeyRequest)(nil),                  // 3: keyward.v1.GenerateDataKeyRequest
-	(*GenerateDataKeyResponse)(nil),                 // 4: keyward.v1.GenerateDataKeyResponse
-	(*GenerateDataKeyWithoutPlaintextRequest)(nil),  // 5: keyward.v1.GenerateDataKeyWithoutPlaintextRequest
-	(*GenerateDataKeyWithoutPlaintextResponse)(nil), // 6: keyward.v1.GenerateDataKeyWithoutPlaintextResponse
-	(*EncryptRequest)(nil),                          // 7: keyward.v1.EncryptRequest
-	(*EncryptResponse)(nil),                         // 8: keyward.v1.EncryptResponse
-	(*DecryptRequest)(nil),                          // 9: keyward.v1.DecryptRequest
-	(*DecryptResponse)(nil),                         // 10: keyward.v1.DecryptResponse
-	(*ReEncryptRequest)(nil),                        // 11: keyward.v1.ReEncryptRequest
-	(*ReEncryptResponse)(nil),                       // 12: keyward.v1.ReEncryptResponse
-	(*ItemError)(nil),                               // 13: keyward.v1.ItemError
-	(*BatchGenerateDataKeyRequest)(nil),             // 14: keyward.v1.BatchGenerateDataKeyRequest
-	(*BatchGenerateDataKeyResponse)(nil),            // 15: keyward.v1.BatchGenerateDataKeyResponse
-	(*BatchGenerateDataKeyResult)(nil),              // 16: keyward.v1.BatchGenerateDataKeyResult
-	(*BatchEncryptRequest)(nil),                     // 17: keyward.v1.BatchEncryptRequest
-	(*BatchEncryptResponse)(nil),                    // 18: keyward.v1.BatchEncryptResponse
-	(*BatchEncryptResult)(nil),                      // 19: keyward.v1.BatchEncryptResult
-	(*BatchDecryptRequest)(nil),                     // 20: keyward.v1.BatchDecryptRequest
-	(*BatchDecryptResponse)(nil),                    // 21: keyward.v1.BatchDecryptResponse
-	(*BatchDecryptResult)(nil),                      // 22: keyward.v1.BatchDecryptResult
-	(*BatchReEncryptRequest)(nil),                   // 23: keyward.v1.BatchReEncryptRequest
-	(*BatchReEncryptResponse)(nil),                  // 24: keyward.v1.BatchReEncryptResponse
-	(*BatchReEncryptResult)(nil),                    // 25: keyward.v1.BatchReEncryptResult
-	nil,                                             // 26: keyward.v1.EncryptionContext.EntriesEntry
-	nil,                                             // 27: keyward.v1.GenerateDataKeyRequest.EncryptionContextEntry
-	nil,                                             // 28: keyward.v1.GenerateDataKeyWithoutPlaintextRequest.EncryptionContextEntry
-	nil,                                             // 29: keyward.v1.EncryptRequest.EncryptionContextEntry
-	nil,                                             // 30: keyward.v1.DecryptRequest.EncryptionContextEntry
-	nil,                                             // 31: keyward.v1.ReEncryptRequest.EncryptionContextEntry
-	(*RewrapReport)(nil),                            // 32: keyward.v1.RewrapReport
+	(*EncryptionContext)(nil),                       // 0: keyward.v1.EncryptionContext
+	(*GenerateDataKeyRequest)(nil),                  // 1: keyward.v1.GenerateDataKeyRequest
+	(*GenerateDataKeyResponse)(nil),                 // 2: keyward.v1.GenerateDataKeyResponse
+	(*GenerateDataKeyWithoutPlaintextRequest)(nil),  // 3: keyward.v1.GenerateDataKeyWithoutPlaintextRequest
+	(*GenerateDataKeyWithoutPlaintextResponse)(nil), // 4: keyward.v1.GenerateDataKeyWithoutPlaintextResponse
+	(*EncryptRequest)(nil),                          // 5: keyward.v1.EncryptRequest
+	(*EncryptResponse)(nil),                         // 6: keyward.v1.EncryptResponse
+	(*DecryptRequest)(nil),                          // 7: keyward.v1.DecryptRequest
+	(*DecryptResponse)(nil),                         // 8: keyward.v1.DecryptResponse
+	(*ReEncryptRequest)(nil),                        // 9: keyward.v1.ReEncryptRequest
+	(*ReEncryptResponse)(nil),                       // 10: keyward.v1.ReEncryptResponse
+	(*ItemError)(nil),                               // 11: keyward.v1.ItemError
+	(*BatchGenerateDataKeyRequest)(nil),             // 12: keyward.v1.BatchGenerateDataKeyRequest
+	(*BatchGenerateDataKeyResponse)(nil),            // 13: keyward.v1.BatchGenerateDataKeyResponse
+	(*BatchGenerateDataKeyResult)(nil),              // 14: keyward.v1.BatchGenerateDataKeyResult
+	(*BatchEncryptRequest)(nil),                     // 15: keyward.v1.BatchEncryptRequest
+	(*BatchEncryptResponse)(nil),                    // 16: keyward.v1.BatchEncryptResponse
+	(*BatchEncryptResult)(nil),                      // 17: keyward.v1.BatchEncryptResult
+	(*BatchDecryptRequest)(nil),                     // 18: keyward.v1.BatchDecryptRequest
+	(*BatchDecryptResponse)(nil),                    // 19: keyward.v1.BatchDecryptResponse
+	(*BatchDecryptResult)(nil),                      // 20: keyward.v1.BatchDecryptResult
+	(*BatchReEncryptRequest)(nil),                   // 21: keyward.v1.BatchReEncryptRequest
+	(*BatchReEncryptResponse)(nil),                  // 22: keyward.v1.BatchReEncryptResponse
+	(*BatchReEncryptResult)(nil),                    // 23: keyward.v1.BatchReEncryptResult
+	nil,                                             // 24: keyward.v1.EncryptionContext.EntriesEntry
+	nil,                                             // 25: keyward.v1.GenerateDataKeyRequest.EncryptionContextEntry
+	nil,                                             // 26: keyward.v1.GenerateDataKeyWithoutPlaintextRequest.EncryptionContextEntry
+	nil,                                             // 27: keyward.v1.EncryptRequest.EncryptionContextEntry
+	nil,                                             // 28: keyward.v1.DecryptRequest.EncryptionContextEntry
+	nil,                                             // 29: keyward.v1.ReEncryptRequest.EncryptionContextEntry
 }
 var file_envelope_proto_depIdxs = []int32{
-	32, // 0: keyward.v1.ReportRewrapRequest.report:type_name -> keyward.v1.RewrapReport
-	26, // 1: keyward.v1.EncryptionContext.entries:type_name -> keyward.v1.EncryptionContext.EntriesEntry
-	27, // 2: keyward.v1.GenerateDataKeyRequest.encryption_context:type_name -> keyward.v1.GenerateDataKeyRequest.EncryptionContextEntry
-	28, // 3: keyward.v1.GenerateDataKeyWithoutPlaintextRequest.encryption_context:type_name -> keyward.v1.GenerateDataKeyWithoutPlaintextRequest.EncryptionContextEntry
-	29, // 4: keyward.v1.EncryptRequest.encryption_context:type_name -> keyward.v1.EncryptRequest.EncryptionContextEntry
-	30, // 5: keyward.v1.DecryptRequest.encryption_context:type_name -> keyward.v1.DecryptRequest.EncryptionContextEntry
-	31, // 6: keyward.v1.ReEncryptRequest.encryption_context:type_name -> keyward.v1.ReEncryptRequest.EncryptionContextEntry
-	2,  // 7: keyward.v1.ReEncryptRequest.destination_encryption_context:type_name -> keyward.v1.EncryptionContext
-	3,  // 8: keyward.v1.BatchGenerateDataKeyRequest.items:type_name -> keyward.v1.GenerateDataKeyRequest
-	16, // 9: keyward.v1.BatchGenerateDataKeyResponse.results:type_name -> keyward.v1.BatchGenerateDataKeyResult
-	4,  // 10: keyward.v1.BatchGenerateDataKeyResult.ok:type_name -> keyward.v1.GenerateDataKeyResponse
-	13, // 11: keyward.v1.BatchGenerateDataKeyResult.error:type_name -> keyward.v1.ItemError
-	7,  // 12: keyward.v1.BatchEncryptRequest.items:type_name -> keyward.v1.EncryptRequest
-	19, // 13: keyward.v1.BatchEncryptResponse.results:type_name -> keyward.v1.BatchEncryptResult
-	8,  // 14: keyward.v1.BatchEncryptResult.ok:type_name -> keyward.v1.EncryptResponse
-	13, // 15: keyward.v1.BatchEncryptResult.error:type_name -> keyward.v1.ItemError
-	9,  // 16: keyward.v1.BatchDecryptRequest.items:type_name -> keyward.v1.DecryptRequest
-	22, // 17: keyward.v1.BatchDecryptResponse.results:type_name -> keyward.v1.BatchDecryptResult
-	10, // 18: keyward.v1.BatchDecryptResult.ok:type_name -> keyward.v1.DecryptResponse
-	13, // 19: keyward.v1.BatchDecryptResult.error:type_name -> keyward.v1.ItemError
-	11, // 20: keyward.v1.BatchReEncryptRequest.items:type_name -> keyward.v1.ReEncryptRequest
-	25, // 21: keyward.v1.BatchReEncryptResponse.results:type_name -> keyward.v1.BatchReEncryptResult
-	12, // 22: keyward.v1.BatchReEncryptResult.ok:type_name -> keyward.v1.ReEncryptResponse
-	13, // 23: keyward.v1.BatchReEncryptResult.error:type_name -> keyward.v1.ItemError
-	3,  // 24: keyward.v1.EnvelopeService.GenerateDataKey:input_type -> keyward.v1.GenerateDataKeyRequest
-	5,  // 25: keyward.v1.EnvelopeService.GenerateDataKeyWithoutPlaintext:input_type -> keyward.v1.GenerateDataKeyWithoutPlaintextRequest
-	7,  // 26: keyward.v1.EnvelopeService.Encrypt:input_type -> keyward.v1.EncryptRequest
-	9,  // 27: keyward.v1.EnvelopeService.Decrypt:input_type -> keyward.v1.DecryptRequest
-	11, // 28: keyward.v1.EnvelopeService.ReEncrypt:input_type -> keyward.v1.ReEncryptRequest
-	14, // 29: keyward.v1.EnvelopeService.BatchGenerateDataKey:input_type -> keyward.v1.BatchGenerateDataKeyRequest
-	17, // 30: keyward.v1.EnvelopeService.BatchEncrypt:input_type -> keyward.v1.BatchEncryptRequest
-	20, // 31: keyward.v1.EnvelopeService.BatchDecrypt:input_type -> keyward.v1.BatchDecryptRequest
-	23, // 32: keyward.v1.EnvelopeService.BatchReEncrypt:input_type -> keyward.v1.BatchReEncryptRequest
-	0,  // 33: keyward.v1.EnvelopeService.ReportRewrap:input_type -> keyward.v1.ReportRewrapRequest
-	4,  // 34: keyward.v1.EnvelopeService.GenerateDataKey:output_type -> keyward.v1.GenerateDataKeyResponse
-	6,  // 35: keyward.v1.EnvelopeService.GenerateDataKeyWithoutPlaintext:output_type -> keyward.v1.GenerateDataKeyWithoutPlaintextResponse
-	8,  // 36: keyward.v1.EnvelopeService.Encrypt:output_type -> keyward.v1.EncryptResponse
-	10, // 37: keyward.v1.EnvelopeService.Decrypt:output_type -> keyward.v1.DecryptResponse
-	12, // 38: keyward.v1.EnvelopeService.ReEncrypt:output_type -> keyward.v1.ReEncryptResponse
-	15, // 39: keyward.v1.EnvelopeService.BatchGenerateDataKey:output_type -> keyward.v1.BatchGenerateDataKeyResponse
-	18, // 40: keyward.v1.EnvelopeService.BatchEncrypt:output_type -> keyward.v1.BatchEncryptResponse
-	21, // 41: keyward.v1.EnvelopeService.BatchDecrypt:output_type -> keyward.v1.BatchDecryptResponse
-	24, // 42: keyward.v1.EnvelopeService.BatchReEncrypt:output_type -> keyward.v1.BatchReEncryptResponse
-	1,  // 43: keyward.v1.EnvelopeService.ReportRewrap:output_type -> keyward.v1.ReportRewrapResponse
-	34, // [34:44] is the sub-list for method output_type
-	24, // [24:34] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	24, // 0: keyward.v1.EncryptionContext.entries:type_name -> keyward.v1.EncryptionContext.EntriesEntry
+	25, // 1: keyward.v1.GenerateDataKeyRequest.encryption_context:type_name -> keyward.v1.GenerateDataKeyRequest.EncryptionContextEntry
+	26, // 2: keyward.v1.GenerateDataKeyWithoutPlaintextRequest.encryption_context:type_name -> keyward.v1.GenerateDataKeyWithoutPlaintextRequest.EncryptionContextEntry
+	27, // 3: keyward.v1.EncryptRequest.encryption_context:type_name -> keyward.v1.EncryptRequest.EncryptionContextEntry
+	28, // 4: keyward.v1.DecryptRequest.encryption_context:type_name -> keyward.v1.DecryptRequest.EncryptionContextEntry
+	29, // 5: keyward.v1.ReEncryptRequest.encryption_context:type_name -> keyward.v1.ReEncryptRequest.EncryptionContextEntry
+	0,  // 6: keyward.v1.ReEncryptRequest.destination_encryption_context:type_name -> keyward.v1.EncryptionContext
+	1,  // 7: keyward.v1.BatchGenerateDataKeyRequest.items:type_name -> keyward.v1.GenerateDataKeyRequest
+	14, // 8: keyward.v1.BatchGenerateDataKeyResponse.results:type_name -> keyward.v1.BatchGenerateDataKeyResult
+	2,  // 9: keyward.v1.BatchGenerateDataKeyResult.ok:type_name -> keyward.v1.GenerateDataKeyResponse
+	11, // 10: keyward.v1.BatchGenerateDataKeyResult.error:type_name -> keyward.v1.ItemError
+	5,  // 11: keyward.v1.BatchEncryptRequest.items:type_name -> keyward.v1.EncryptRequest
+	17, // 12: keyward.v1.BatchEncryptResponse.results:type_name -> keyward.v1.BatchEncryptResult
+	6,  // 13: keyward.v1.BatchEncryptResult.ok:type_name -> keyward.v1.EncryptResponse
+	11, // 14: keyward.v1.BatchEncryptResult.error:type_name -> keyward.v1.ItemError
+	7,  // 15: keyward.v1.BatchDecryptRequest.items:type_name -> keyward.v1.DecryptRequest
+	20, // 16: keyward.v1.BatchDecryptResponse.results:type_name -> keyward.v1.BatchDecryptResult
+	8,  // 17: keyward.v1.BatchDecryptResult.ok:type_name -> keyward.v1.DecryptResponse
+	11, // 18: keyward.v1.BatchDecryptResult.error:type_name -> keyward.v1.ItemError
+	9,  // 19: keyward.v1.BatchReEncryptRequest.items:type_name -> keyward.v1.ReEncryptRequest
+	23, // 20: keyward.v1.BatchReEncryptResponse.results:type_name -> keyward.v1.BatchReEncryptResult
+	10, // 21: keyward.v1.BatchReEncryptResult.ok:type_name -> keyward.v1.ReEncryptResponse
+	11, // 22: keyward.v1.BatchReEncryptResult.error:type_name -> keyward.v1.ItemError
+	1,  // 23: keyward.v1.EnvelopeService.GenerateDataKey:input_type -> keyward.v1.GenerateDataKeyRequest
+	3,  // 24: keyward.v1.EnvelopeService.GenerateDataKeyWithoutPlaintext:input_type -> keyward.v1.GenerateDataKeyWithoutPlaintextRequest
+	5,  // 25: keyward.v1.EnvelopeService.Encrypt:input_type -> keyward.v1.EncryptRequest
+	7,  // 26: keyward.v1.EnvelopeService.Decrypt:input_type -> keyward.v1.DecryptRequest
+	9,  // 27: keyward.v1.EnvelopeService.ReEncrypt:input_type -> keyward.v1.ReEncryptRequest
+	12, // 28: keyward.v1.EnvelopeService.BatchGenerateDataKey:input_type -> keyward.v1.BatchGenerateDataKeyRequest
+	15, // 29: keyward.v1.EnvelopeService.BatchEncrypt:input_type -> keyward.v1.BatchEncryptRequest
+	18, // 30: keyward.v1.EnvelopeService.BatchDecrypt:input_type -> keyward.v1.BatchDecryptRequest
+	21, // 31: keyward.v1.EnvelopeService.BatchReEncrypt:input_type -> keyward.v1.BatchReEncryptRequest
+	2,  // 32: keyward.v1.EnvelopeService.GenerateDataKey:output_type -> keyward.v1.GenerateDataKeyResponse
+	4,  // 33: keyward.v1.EnvelopeService.GenerateDataKeyWithoutPlaintext:output_type -> keyward.v1.GenerateDataKeyWithoutPlaintextResponse
+	6,  // 34: keyward.v1.EnvelopeService.Encrypt:output_type -> keyward.v1.EncryptResponse
+	8,  // 35: keyward.v1.EnvelopeService.Decrypt:output_type -> keyward.v1.DecryptResponse
+	10, // 36: keyward.v1.EnvelopeService.ReEncrypt:output_type -> keyward.v1.ReEncryptResponse
+	13, // 37: keyward.v1.EnvelopeService.BatchGenerateDataKey:output_type -> keyward.v1.BatchGenerateDataKeyResponse
+	16, // 38: keyward.v1.EnvelopeService.BatchEncrypt:output_type -> keyward.v1.BatchEncryptResponse
+	19, // 39: keyward.v1.EnvelopeService.BatchDecrypt:output_type -> keyward.v1.BatchDecryptResponse
+	22, // 40: keyward.v1.EnvelopeService.BatchReEncrypt:output_type -> keyward.v1.BatchReEncryptResponse
+	32, // [32:41] is the sub-list for method output_type
+	23, // [23:32] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_envelope_proto_init() }
@@ -1795,20 +1692,19 @@ func file_envelope_proto_init() {
 	if File_envelope_proto != nil {
 		return
 	}
-	file_keys_proto_init()
-	file_envelope_proto_msgTypes[16].OneofWrappers = []any{
+	file_envelope_proto_msgTypes[14].OneofWrappers = []any{
 		(*BatchGenerateDataKeyResult_Ok)(nil),
 		(*BatchGenerateDataKeyResult_Error)(nil),
 	}
-	file_envelope_proto_msgTypes[19].OneofWrappers = []any{
+	file_envelope_proto_msgTypes[17].OneofWrappers = []any{
 		(*BatchEncryptResult_Ok)(nil),
 		(*BatchEncryptResult_Error)(nil),
 	}
-	file_envelope_proto_msgTypes[22].OneofWrappers = []any{
+	file_envelope_proto_msgTypes[20].OneofWrappers = []any{
 		(*BatchDecryptResult_Ok)(nil),
 		(*BatchDecryptResult_Error)(nil),
 	}
-	file_envelope_proto_msgTypes[25].OneofWrappers = []any{
+	file_envelope_proto_msgTypes[23].OneofWrappers = []any{
 		(*BatchReEncryptResult_Ok)(nil),
 		(*BatchReEncryptResult_Error)(nil),
 	}
@@ -1818,7 +1714,7 @@ func file_envelope_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_envelope_proto_rawDesc), len(file_envelope_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   32,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

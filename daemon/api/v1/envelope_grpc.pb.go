@@ -28,7 +28,6 @@ const (
 	EnvelopeService_BatchEncrypt_FullMethodName                    = "/keyward.v1.EnvelopeService/BatchEncrypt"
 	EnvelopeService_BatchDecrypt_FullMethodName                    = "/keyward.v1.EnvelopeService/BatchDecrypt"
 	EnvelopeService_BatchReEncrypt_FullMethodName                  = "/keyward.v1.EnvelopeService/BatchReEncrypt"
-	EnvelopeService_ReportRewrap_FullMethodName                    = "/keyward.v1.EnvelopeService/ReportRewrap"
 )
 
 // EnvelopeServiceClient is the client API for EnvelopeService service.
@@ -90,13 +89,6 @@ type EnvelopeServiceClient interface {
 	BatchDecrypt(ctx context.Context, in *BatchDecryptRequest, opts ...grpc.CallOption) (*BatchDecryptResponse, error)
 	// See BatchGenerateDataKey.
 	BatchReEncrypt(ctx context.Context, in *BatchReEncryptRequest, opts ...grpc.CallOption) (*BatchReEncryptResponse, error)
-	// ReportRewrap records, on the key, how many ciphertexts of one source are
-	// under each of its versions, as a rewrap job over the application's
-	// ciphertexts counted them (keyward rewrap, the Go client's rewrap
-	// package). A key keeps the newest report of at most 16 sources; a 17th
-	// source replaces the one reported longest ago. Needs ReportRewrap on
-	// the key; encryption keys only.
-	ReportRewrap(ctx context.Context, in *ReportRewrapRequest, opts ...grpc.CallOption) (*ReportRewrapResponse, error)
 }
 
 type envelopeServiceClient struct {
@@ -197,16 +189,6 @@ func (c *envelopeServiceClient) BatchReEncrypt(ctx context.Context, in *BatchReE
 	return out, nil
 }
 
-func (c *envelopeServiceClient) ReportRewrap(ctx context.Context, in *ReportRewrapRequest, opts ...grpc.CallOption) (*ReportRewrapResponse, error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(ReportRewrapResponse)
-	err := c.cc.Invoke(ctx, EnvelopeService_ReportRewrap_FullMethodName, in, out, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	return out, nil
-}
-
 // EnvelopeServiceServer is the server API for EnvelopeService service.
 // All implementations must embed UnimplementedEnvelopeServiceServer
 // for forward compatibility.
@@ -266,13 +248,6 @@ type EnvelopeServiceServer interface {
 	BatchDecrypt(context.Context, *BatchDecryptRequest) (*BatchDecryptResponse, error)
 	// See BatchGenerateDataKey.
 	BatchReEncrypt(context.Context, *BatchReEncryptRequest) (*BatchReEncryptResponse, error)
-	// ReportRewrap records, on the key, how many ciphertexts of one source are
-	// under each of its versions, as a rewrap job over the application's
-	// ciphertexts counted them (keyward rewrap, the Go client's rewrap
-	// package). A key keeps the newest report of at most 16 sources; a 17th
-	// source replaces the one reported longest ago. Needs ReportRewrap on
-	// the key; encryption keys only.
-	ReportRewrap(context.Context, *ReportRewrapRequest) (*ReportRewrapResponse, error)
 	mustEmbedUnimplementedEnvelopeServiceServer()
 }
 
@@ -309,9 +284,6 @@ func (UnimplementedEnvelopeServiceServer) BatchDecrypt(context.Context, *BatchDe
 }
 func (UnimplementedEnvelopeServiceServer) BatchReEncrypt(context.Context, *BatchReEncryptRequest) (*BatchReEncryptResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method BatchReEncrypt not implemented")
-}
-func (UnimplementedEnvelopeServiceServer) ReportRewrap(context.Context, *ReportRewrapRequest) (*ReportRewrapResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "method ReportRewrap not implemented")
 }
 func (UnimplementedEnvelopeServiceServer) mustEmbedUnimplementedEnvelopeServiceServer() {}
 func (UnimplementedEnvelopeServiceServer) testEmbeddedByValue()                         {}
@@ -496,24 +468,6 @@ func _EnvelopeService_BatchReEncrypt_Handler(srv interface{}, ctx context.Contex
 	return interceptor(ctx, in, info, handler)
 }
 
-func _EnvelopeService_ReportRewrap_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(ReportRewrapRequest)
-	if err := dec(in); err != nil {
-		return nil, err
-	}
-	if interceptor == nil {
-		return srv.(EnvelopeServiceServer).ReportRewrap(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: EnvelopeService_ReportRewrap_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(EnvelopeServiceServer).ReportRewrap(ctx, req.(*ReportRewrapRequest))
-	}
-	return interceptor(ctx, in, info, handler)
-}
-
 // EnvelopeService_ServiceDesc is the grpc.ServiceDesc for EnvelopeService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -556,10 +510,6 @@ var EnvelopeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "BatchReEncrypt",
 			Handler:    _EnvelopeService_BatchReEncrypt_Handler,
-		},
-		{
-			MethodName: "ReportRewrap",
-			Handler:    _EnvelopeService_ReportRewrap_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

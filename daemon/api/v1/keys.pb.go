@@ -197,6 +197,97 @@ func (KeyState) EnumDescriptor() ([]byte, []int) {
 	return file_keys_proto_rawDescGZIP(), []int{2}
 }
 
+// ReportRewrapRequest is one source's report on one key.
+type ReportRewrapRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	KeyName string                 `protobuf:"bytes,1,opt,name=key_name,json=keyName,proto3" json:"key_name,omitempty"`
+	// The report; report_time and reporter are set by keywardd.
+	Report        *RewrapReport `protobuf:"bytes,2,opt,name=report,proto3" json:"report,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportRewrapRequest) Reset() {
+	*x = ReportRewrapRequest{}
+	mi := &file_keys_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportRewrapRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportRewrapRequest) ProtoMessage() {}
+
+func (x *ReportRewrapRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keys_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportRewrapRequest.ProtoReflect.Descriptor instead.
+func (*ReportRewrapRequest) Descriptor() ([]byte, []int) {
+	return file_keys_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *ReportRewrapRequest) GetKeyName() string {
+	if x != nil {
+		return x.KeyName
+	}
+	return ""
+}
+
+func (x *ReportRewrapRequest) GetReport() *RewrapReport {
+	if x != nil {
+		return x.Report
+	}
+	return nil
+}
+
+// ReportRewrapResponse is empty.
+type ReportRewrapResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportRewrapResponse) Reset() {
+	*x = ReportRewrapResponse{}
+	mi := &file_keys_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportRewrapResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportRewrapResponse) ProtoMessage() {}
+
+func (x *ReportRewrapResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keys_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportRewrapResponse.ProtoReflect.Descriptor instead.
+func (*ReportRewrapResponse) Descriptor() ([]byte, []int) {
+	return file_keys_proto_rawDescGZIP(), []int{1}
+}
+
 // Key is a root key's metadata. Its material never leaves the HSM.
 type Key struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -235,7 +326,7 @@ type Key struct {
 
 func (x *Key) Reset() {
 	*x = Key{}
-	mi := &file_keys_proto_msgTypes[0]
+	mi := &file_keys_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -247,7 +338,7 @@ func (x *Key) String() string {
 func (*Key) ProtoMessage() {}
 
 func (x *Key) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[0]
+	mi := &file_keys_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -260,7 +351,7 @@ func (x *Key) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Key.ProtoReflect.Descriptor instead.
 func (*Key) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{0}
+	return file_keys_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Key) GetName() string {
@@ -358,8 +449,9 @@ func (x *Key) GetRewrapReports() []*RewrapReport {
 // source held when its rewrap job last ended.
 type RewrapReport struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The source the job went over, as the job names it: "dir:/var/lib/app",
-	// "postgres:orders.card_token". 1 to 256 printable characters.
+	// The source the job went over, as the job names it, with where it is:
+	// "dir:host1:/var/lib/app", "postgres:db1:5432/shop/orders.card_token".
+	// 1 to 256 printable characters (no control or format characters).
 	Source string `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
 	// Ciphertexts under each version of the key when the job ended (those it
 	// moved count under the version they moved to).
@@ -371,14 +463,16 @@ type RewrapReport struct {
 	// reports only what it saw.
 	Complete bool `protobuf:"varint,4,opt,name=complete,proto3" json:"complete,omitempty"`
 	// When keywardd received the report (keywardd's clock).
-	ReportTime    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=report_time,json=reportTime,proto3" json:"report_time,omitempty"`
+	ReportTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=report_time,json=reportTime,proto3" json:"report_time,omitempty"`
+	// Who sent it, as keywardd identified the caller: "uid=1000 exe=/usr/bin/keyward".
+	Reporter      string `protobuf:"bytes,6,opt,name=reporter,proto3" json:"reporter,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RewrapReport) Reset() {
 	*x = RewrapReport{}
-	mi := &file_keys_proto_msgTypes[1]
+	mi := &file_keys_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -390,7 +484,7 @@ func (x *RewrapReport) String() string {
 func (*RewrapReport) ProtoMessage() {}
 
 func (x *RewrapReport) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[1]
+	mi := &file_keys_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -403,7 +497,7 @@ func (x *RewrapReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RewrapReport.ProtoReflect.Descriptor instead.
 func (*RewrapReport) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{1}
+	return file_keys_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *RewrapReport) GetSource() string {
@@ -441,6 +535,13 @@ func (x *RewrapReport) GetReportTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *RewrapReport) GetReporter() string {
+	if x != nil {
+		return x.Reporter
+	}
+	return ""
+}
+
 // KeyVersion is one version of a key.
 type KeyVersion struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -464,7 +565,7 @@ type KeyVersion struct {
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_keys_proto_msgTypes[2]
+	mi := &file_keys_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -476,7 +577,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[2]
+	mi := &file_keys_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -489,7 +590,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{2}
+	return file_keys_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *KeyVersion) GetNumber() uint32 {
@@ -553,7 +654,7 @@ type CreateKeyRequest struct {
 
 func (x *CreateKeyRequest) Reset() {
 	*x = CreateKeyRequest{}
-	mi := &file_keys_proto_msgTypes[3]
+	mi := &file_keys_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -565,7 +666,7 @@ func (x *CreateKeyRequest) String() string {
 func (*CreateKeyRequest) ProtoMessage() {}
 
 func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[3]
+	mi := &file_keys_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -578,7 +679,7 @@ func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{3}
+	return file_keys_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CreateKeyRequest) GetName() string {
@@ -626,7 +727,7 @@ type CreateKeyResponse struct {
 
 func (x *CreateKeyResponse) Reset() {
 	*x = CreateKeyResponse{}
-	mi := &file_keys_proto_msgTypes[4]
+	mi := &file_keys_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -638,7 +739,7 @@ func (x *CreateKeyResponse) String() string {
 func (*CreateKeyResponse) ProtoMessage() {}
 
 func (x *CreateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[4]
+	mi := &file_keys_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -651,7 +752,7 @@ func (x *CreateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyResponse.ProtoReflect.Descriptor instead.
 func (*CreateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{4}
+	return file_keys_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CreateKeyResponse) GetKey() *Key {
@@ -671,7 +772,7 @@ type GetKeyRequest struct {
 
 func (x *GetKeyRequest) Reset() {
 	*x = GetKeyRequest{}
-	mi := &file_keys_proto_msgTypes[5]
+	mi := &file_keys_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -683,7 +784,7 @@ func (x *GetKeyRequest) String() string {
 func (*GetKeyRequest) ProtoMessage() {}
 
 func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[5]
+	mi := &file_keys_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -696,7 +797,7 @@ func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetKeyRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{5}
+	return file_keys_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetKeyRequest) GetName() string {
@@ -716,7 +817,7 @@ type GetKeyResponse struct {
 
 func (x *GetKeyResponse) Reset() {
 	*x = GetKeyResponse{}
-	mi := &file_keys_proto_msgTypes[6]
+	mi := &file_keys_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -728,7 +829,7 @@ func (x *GetKeyResponse) String() string {
 func (*GetKeyResponse) ProtoMessage() {}
 
 func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[6]
+	mi := &file_keys_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -741,7 +842,7 @@ func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetKeyResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{6}
+	return file_keys_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetKeyResponse) GetKey() *Key {
@@ -760,7 +861,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_keys_proto_msgTypes[7]
+	mi := &file_keys_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -772,7 +873,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[7]
+	mi := &file_keys_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -785,7 +886,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{7}
+	return file_keys_proto_rawDescGZIP(), []int{9}
 }
 
 // ListKeysResponse holds the keys, by name.
@@ -798,7 +899,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_keys_proto_msgTypes[8]
+	mi := &file_keys_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -810,7 +911,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[8]
+	mi := &file_keys_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -823,7 +924,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{8}
+	return file_keys_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListKeysResponse) GetKeys() []*Key {
@@ -843,7 +944,7 @@ type RotateKeyRequest struct {
 
 func (x *RotateKeyRequest) Reset() {
 	*x = RotateKeyRequest{}
-	mi := &file_keys_proto_msgTypes[9]
+	mi := &file_keys_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -855,7 +956,7 @@ func (x *RotateKeyRequest) String() string {
 func (*RotateKeyRequest) ProtoMessage() {}
 
 func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[9]
+	mi := &file_keys_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -868,7 +969,7 @@ func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{9}
+	return file_keys_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RotateKeyRequest) GetName() string {
@@ -888,7 +989,7 @@ type RotateKeyResponse struct {
 
 func (x *RotateKeyResponse) Reset() {
 	*x = RotateKeyResponse{}
-	mi := &file_keys_proto_msgTypes[10]
+	mi := &file_keys_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -900,7 +1001,7 @@ func (x *RotateKeyResponse) String() string {
 func (*RotateKeyResponse) ProtoMessage() {}
 
 func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[10]
+	mi := &file_keys_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -913,7 +1014,7 @@ func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{10}
+	return file_keys_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RotateKeyResponse) GetKey() *Key {
@@ -935,7 +1036,7 @@ type SetKeyStateRequest struct {
 
 func (x *SetKeyStateRequest) Reset() {
 	*x = SetKeyStateRequest{}
-	mi := &file_keys_proto_msgTypes[11]
+	mi := &file_keys_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -947,7 +1048,7 @@ func (x *SetKeyStateRequest) String() string {
 func (*SetKeyStateRequest) ProtoMessage() {}
 
 func (x *SetKeyStateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[11]
+	mi := &file_keys_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -960,7 +1061,7 @@ func (x *SetKeyStateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyStateRequest.ProtoReflect.Descriptor instead.
 func (*SetKeyStateRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{11}
+	return file_keys_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetKeyStateRequest) GetName() string {
@@ -987,7 +1088,7 @@ type SetKeyStateResponse struct {
 
 func (x *SetKeyStateResponse) Reset() {
 	*x = SetKeyStateResponse{}
-	mi := &file_keys_proto_msgTypes[12]
+	mi := &file_keys_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -999,7 +1100,7 @@ func (x *SetKeyStateResponse) String() string {
 func (*SetKeyStateResponse) ProtoMessage() {}
 
 func (x *SetKeyStateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[12]
+	mi := &file_keys_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1012,7 +1113,7 @@ func (x *SetKeyStateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyStateResponse.ProtoReflect.Descriptor instead.
 func (*SetKeyStateResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{12}
+	return file_keys_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SetKeyStateResponse) GetKey() *Key {
@@ -1034,7 +1135,7 @@ type SetMinDecryptionVersionRequest struct {
 
 func (x *SetMinDecryptionVersionRequest) Reset() {
 	*x = SetMinDecryptionVersionRequest{}
-	mi := &file_keys_proto_msgTypes[13]
+	mi := &file_keys_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1046,7 +1147,7 @@ func (x *SetMinDecryptionVersionRequest) String() string {
 func (*SetMinDecryptionVersionRequest) ProtoMessage() {}
 
 func (x *SetMinDecryptionVersionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[13]
+	mi := &file_keys_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1059,7 +1160,7 @@ func (x *SetMinDecryptionVersionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMinDecryptionVersionRequest.ProtoReflect.Descriptor instead.
 func (*SetMinDecryptionVersionRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{13}
+	return file_keys_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SetMinDecryptionVersionRequest) GetName() string {
@@ -1086,7 +1187,7 @@ type SetMinDecryptionVersionResponse struct {
 
 func (x *SetMinDecryptionVersionResponse) Reset() {
 	*x = SetMinDecryptionVersionResponse{}
-	mi := &file_keys_proto_msgTypes[14]
+	mi := &file_keys_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1098,7 +1199,7 @@ func (x *SetMinDecryptionVersionResponse) String() string {
 func (*SetMinDecryptionVersionResponse) ProtoMessage() {}
 
 func (x *SetMinDecryptionVersionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[14]
+	mi := &file_keys_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1111,7 +1212,7 @@ func (x *SetMinDecryptionVersionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMinDecryptionVersionResponse.ProtoReflect.Descriptor instead.
 func (*SetMinDecryptionVersionResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{14}
+	return file_keys_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SetMinDecryptionVersionResponse) GetKey() *Key {
@@ -1133,7 +1234,7 @@ type ScheduleKeyDeletionRequest struct {
 
 func (x *ScheduleKeyDeletionRequest) Reset() {
 	*x = ScheduleKeyDeletionRequest{}
-	mi := &file_keys_proto_msgTypes[15]
+	mi := &file_keys_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1145,7 +1246,7 @@ func (x *ScheduleKeyDeletionRequest) String() string {
 func (*ScheduleKeyDeletionRequest) ProtoMessage() {}
 
 func (x *ScheduleKeyDeletionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[15]
+	mi := &file_keys_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1158,7 +1259,7 @@ func (x *ScheduleKeyDeletionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleKeyDeletionRequest.ProtoReflect.Descriptor instead.
 func (*ScheduleKeyDeletionRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{15}
+	return file_keys_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ScheduleKeyDeletionRequest) GetName() string {
@@ -1185,7 +1286,7 @@ type ScheduleKeyDeletionResponse struct {
 
 func (x *ScheduleKeyDeletionResponse) Reset() {
 	*x = ScheduleKeyDeletionResponse{}
-	mi := &file_keys_proto_msgTypes[16]
+	mi := &file_keys_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1197,7 +1298,7 @@ func (x *ScheduleKeyDeletionResponse) String() string {
 func (*ScheduleKeyDeletionResponse) ProtoMessage() {}
 
 func (x *ScheduleKeyDeletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[16]
+	mi := &file_keys_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1210,7 +1311,7 @@ func (x *ScheduleKeyDeletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleKeyDeletionResponse.ProtoReflect.Descriptor instead.
 func (*ScheduleKeyDeletionResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{16}
+	return file_keys_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ScheduleKeyDeletionResponse) GetKey() *Key {
@@ -1230,7 +1331,7 @@ type CancelKeyDeletionRequest struct {
 
 func (x *CancelKeyDeletionRequest) Reset() {
 	*x = CancelKeyDeletionRequest{}
-	mi := &file_keys_proto_msgTypes[17]
+	mi := &file_keys_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1242,7 +1343,7 @@ func (x *CancelKeyDeletionRequest) String() string {
 func (*CancelKeyDeletionRequest) ProtoMessage() {}
 
 func (x *CancelKeyDeletionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[17]
+	mi := &file_keys_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1255,7 +1356,7 @@ func (x *CancelKeyDeletionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelKeyDeletionRequest.ProtoReflect.Descriptor instead.
 func (*CancelKeyDeletionRequest) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{17}
+	return file_keys_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CancelKeyDeletionRequest) GetName() string {
@@ -1275,7 +1376,7 @@ type CancelKeyDeletionResponse struct {
 
 func (x *CancelKeyDeletionResponse) Reset() {
 	*x = CancelKeyDeletionResponse{}
-	mi := &file_keys_proto_msgTypes[18]
+	mi := &file_keys_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1287,7 +1388,7 @@ func (x *CancelKeyDeletionResponse) String() string {
 func (*CancelKeyDeletionResponse) ProtoMessage() {}
 
 func (x *CancelKeyDeletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keys_proto_msgTypes[18]
+	mi := &file_keys_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1300,7 +1401,7 @@ func (x *CancelKeyDeletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelKeyDeletionResponse.ProtoReflect.Descriptor instead.
 func (*CancelKeyDeletionResponse) Descriptor() ([]byte, []int) {
-	return file_keys_proto_rawDescGZIP(), []int{18}
+	return file_keys_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CancelKeyDeletionResponse) GetKey() *Key {
@@ -1316,7 +1417,11 @@ const file_keys_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
 	"keys.proto\x12\n" +
-	"keyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x05\n" +
+	"keyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n" +
+	"\x13ReportRewrapRequest\x12\x19\n" +
+	"\bkey_name\x18\x01 \x01(\tR\akeyName\x120\n" +
+	"\x06report\x18\x02 \x01(\v2\x18.keyward.v1.RewrapReportR\x06report\"\x16\n" +
+	"\x14ReportRewrapResponse\"\xde\x05\n" +
 	"\x03Key\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x120\n" +
 	"\apurpose\x18\x02 \x01(\x0e2\x16.keyward.v1.KeyPurposeR\apurpose\x126\n" +
@@ -1335,14 +1440,15 @@ const file_keys_proto_rawDesc = "" +
 	"\x0erewrap_reports\x18\r \x03(\v2\x18.keyward.v1.RewrapReportR\rrewrapReports\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa4\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc0\x02\n" +
 	"\fRewrapReport\x12\x16\n" +
 	"\x06source\x18\x01 \x01(\tR\x06source\x12K\n" +
 	"\vciphertexts\x18\x02 \x03(\v2).keyward.v1.RewrapReport.CiphertextsEntryR\vciphertexts\x12\x16\n" +
 	"\x06failed\x18\x03 \x01(\x04R\x06failed\x12\x1a\n" +
 	"\bcomplete\x18\x04 \x01(\bR\bcomplete\x12;\n" +
 	"\vreport_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"reportTime\x1a>\n" +
+	"reportTime\x12\x1a\n" +
+	"\breporter\x18\x06 \x01(\tR\breporter\x1a>\n" +
 	"\x10CiphertextsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\xcf\x02\n" +
@@ -1416,7 +1522,7 @@ const file_keys_proto_rawDesc = "" +
 	"\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11KEY_STATE_ENABLED\x10\x01\x12\x16\n" +
 	"\x12KEY_STATE_DISABLED\x10\x02\x12\x1e\n" +
-	"\x1aKEY_STATE_PENDING_DELETION\x10\x032\xb6\x05\n" +
+	"\x1aKEY_STATE_PENDING_DELETION\x10\x032\x89\x06\n" +
 	"\n" +
 	"KeyService\x12H\n" +
 	"\tCreateKey\x12\x1c.keyward.v1.CreateKeyRequest\x1a\x1d.keyward.v1.CreateKeyResponse\x12?\n" +
@@ -1426,7 +1532,8 @@ const file_keys_proto_rawDesc = "" +
 	"\vSetKeyState\x12\x1e.keyward.v1.SetKeyStateRequest\x1a\x1f.keyward.v1.SetKeyStateResponse\x12r\n" +
 	"\x17SetMinDecryptionVersion\x12*.keyward.v1.SetMinDecryptionVersionRequest\x1a+.keyward.v1.SetMinDecryptionVersionResponse\x12f\n" +
 	"\x13ScheduleKeyDeletion\x12&.keyward.v1.ScheduleKeyDeletionRequest\x1a'.keyward.v1.ScheduleKeyDeletionResponse\x12`\n" +
-	"\x11CancelKeyDeletion\x12$.keyward.v1.CancelKeyDeletionRequest\x1a%.keyward.v1.CancelKeyDeletionResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
+	"\x11CancelKeyDeletion\x12$.keyward.v1.CancelKeyDeletionRequest\x1a%.keyward.v1.CancelKeyDeletionResponse\x12Q\n" +
+	"\fReportRewrap\x12\x1f.keyward.v1.ReportRewrapRequest\x1a .keyward.v1.ReportRewrapResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
 
 var (
 	file_keys_proto_rawDescOnce sync.Once
@@ -1441,87 +1548,92 @@ func file_keys_proto_rawDescGZIP() []byte {
 }
 
 var file_keys_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_keys_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_keys_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_keys_proto_goTypes = []any{
 	(KeyPurpose)(0),                         // 0: keyward.v1.KeyPurpose
 	(KeyAlgorithm)(0),                       // 1: keyward.v1.KeyAlgorithm
 	(KeyState)(0),                           // 2: keyward.v1.KeyState
-	(*Key)(nil),                             // 3: keyward.v1.Key
-	(*RewrapReport)(nil),                    // 4: keyward.v1.RewrapReport
-	(*KeyVersion)(nil),                      // 5: keyward.v1.KeyVersion
-	(*CreateKeyRequest)(nil),                // 6: keyward.v1.CreateKeyRequest
-	(*CreateKeyResponse)(nil),               // 7: keyward.v1.CreateKeyResponse
-	(*GetKeyRequest)(nil),                   // 8: keyward.v1.GetKeyRequest
-	(*GetKeyResponse)(nil),                  // 9: keyward.v1.GetKeyResponse
-	(*ListKeysRequest)(nil),                 // 10: keyward.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),                // 11: keyward.v1.ListKeysResponse
-	(*RotateKeyRequest)(nil),                // 12: keyward.v1.RotateKeyRequest
-	(*RotateKeyResponse)(nil),               // 13: keyward.v1.RotateKeyResponse
-	(*SetKeyStateRequest)(nil),              // 14: keyward.v1.SetKeyStateRequest
-	(*SetKeyStateResponse)(nil),             // 15: keyward.v1.SetKeyStateResponse
-	(*SetMinDecryptionVersionRequest)(nil),  // 16: keyward.v1.SetMinDecryptionVersionRequest
-	(*SetMinDecryptionVersionResponse)(nil), // 17: keyward.v1.SetMinDecryptionVersionResponse
-	(*ScheduleKeyDeletionRequest)(nil),      // 18: keyward.v1.ScheduleKeyDeletionRequest
-	(*ScheduleKeyDeletionResponse)(nil),     // 19: keyward.v1.ScheduleKeyDeletionResponse
-	(*CancelKeyDeletionRequest)(nil),        // 20: keyward.v1.CancelKeyDeletionRequest
-	(*CancelKeyDeletionResponse)(nil),       // 21: keyward.v1.CancelKeyDeletionResponse
-	nil,                                     // 22: keyward.v1.Key.LabelsEntry
-	nil,                                     // 23: keyward.v1.RewrapReport.CiphertextsEntry
-	nil,                                     // 24: keyward.v1.CreateKeyRequest.LabelsEntry
-	(*durationpb.Duration)(nil),             // 25: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),           // 26: google.protobuf.Timestamp
+	(*ReportRewrapRequest)(nil),             // 3: keyward.v1.ReportRewrapRequest
+	(*ReportRewrapResponse)(nil),            // 4: keyward.v1.ReportRewrapResponse
+	(*Key)(nil),                             // 5: keyward.v1.Key
+	(*RewrapReport)(nil),                    // 6: keyward.v1.RewrapReport
+	(*KeyVersion)(nil),                      // 7: keyward.v1.KeyVersion
+	(*CreateKeyRequest)(nil),                // 8: keyward.v1.CreateKeyRequest
+	(*CreateKeyResponse)(nil),               // 9: keyward.v1.CreateKeyResponse
+	(*GetKeyRequest)(nil),                   // 10: keyward.v1.GetKeyRequest
+	(*GetKeyResponse)(nil),                  // 11: keyward.v1.GetKeyResponse
+	(*ListKeysRequest)(nil),                 // 12: keyward.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),                // 13: keyward.v1.ListKeysResponse
+	(*RotateKeyRequest)(nil),                // 14: keyward.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),               // 15: keyward.v1.RotateKeyResponse
+	(*SetKeyStateRequest)(nil),              // 16: keyward.v1.SetKeyStateRequest
+	(*SetKeyStateResponse)(nil),             // 17: keyward.v1.SetKeyStateResponse
+	(*SetMinDecryptionVersionRequest)(nil),  // 18: keyward.v1.SetMinDecryptionVersionRequest
+	(*SetMinDecryptionVersionResponse)(nil), // 19: keyward.v1.SetMinDecryptionVersionResponse
+	(*ScheduleKeyDeletionRequest)(nil),      // 20: keyward.v1.ScheduleKeyDeletionRequest
+	(*ScheduleKeyDeletionResponse)(nil),     // 21: keyward.v1.ScheduleKeyDeletionResponse
+	(*CancelKeyDeletionRequest)(nil),        // 22: keyward.v1.CancelKeyDeletionRequest
+	(*CancelKeyDeletionResponse)(nil),       // 23: keyward.v1.CancelKeyDeletionResponse
+	nil,                                     // 24: keyward.v1.Key.LabelsEntry
+	nil,                                     // 25: keyward.v1.RewrapReport.CiphertextsEntry
+	nil,                                     // 26: keyward.v1.CreateKeyRequest.LabelsEntry
+	(*durationpb.Duration)(nil),             // 27: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),           // 28: google.protobuf.Timestamp
 }
 var file_keys_proto_depIdxs = []int32{
-	0,  // 0: keyward.v1.Key.purpose:type_name -> keyward.v1.KeyPurpose
-	1,  // 1: keyward.v1.Key.algorithm:type_name -> keyward.v1.KeyAlgorithm
-	2,  // 2: keyward.v1.Key.state:type_name -> keyward.v1.KeyState
-	5,  // 3: keyward.v1.Key.versions:type_name -> keyward.v1.KeyVersion
-	25, // 4: keyward.v1.Key.rotation_period:type_name -> google.protobuf.Duration
-	22, // 5: keyward.v1.Key.labels:type_name -> keyward.v1.Key.LabelsEntry
-	26, // 6: keyward.v1.Key.create_time:type_name -> google.protobuf.Timestamp
-	26, // 7: keyward.v1.Key.deletion_time:type_name -> google.protobuf.Timestamp
-	4,  // 8: keyward.v1.Key.rewrap_reports:type_name -> keyward.v1.RewrapReport
-	23, // 9: keyward.v1.RewrapReport.ciphertexts:type_name -> keyward.v1.RewrapReport.CiphertextsEntry
-	26, // 10: keyward.v1.RewrapReport.report_time:type_name -> google.protobuf.Timestamp
-	26, // 11: keyward.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	26, // 12: keyward.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
-	26, // 13: keyward.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
-	26, // 14: keyward.v1.KeyVersion.remove_time:type_name -> google.protobuf.Timestamp
-	0,  // 15: keyward.v1.CreateKeyRequest.purpose:type_name -> keyward.v1.KeyPurpose
-	1,  // 16: keyward.v1.CreateKeyRequest.algorithm:type_name -> keyward.v1.KeyAlgorithm
-	25, // 17: keyward.v1.CreateKeyRequest.rotation_period:type_name -> google.protobuf.Duration
-	24, // 18: keyward.v1.CreateKeyRequest.labels:type_name -> keyward.v1.CreateKeyRequest.LabelsEntry
-	3,  // 19: keyward.v1.CreateKeyResponse.key:type_name -> keyward.v1.Key
-	3,  // 20: keyward.v1.GetKeyResponse.key:type_name -> keyward.v1.Key
-	3,  // 21: keyward.v1.ListKeysResponse.keys:type_name -> keyward.v1.Key
-	3,  // 22: keyward.v1.RotateKeyResponse.key:type_name -> keyward.v1.Key
-	2,  // 23: keyward.v1.SetKeyStateRequest.state:type_name -> keyward.v1.KeyState
-	3,  // 24: keyward.v1.SetKeyStateResponse.key:type_name -> keyward.v1.Key
-	3,  // 25: keyward.v1.SetMinDecryptionVersionResponse.key:type_name -> keyward.v1.Key
-	25, // 26: keyward.v1.ScheduleKeyDeletionRequest.waiting_period:type_name -> google.protobuf.Duration
-	3,  // 27: keyward.v1.ScheduleKeyDeletionResponse.key:type_name -> keyward.v1.Key
-	3,  // 28: keyward.v1.CancelKeyDeletionResponse.key:type_name -> keyward.v1.Key
-	6,  // 29: keyward.v1.KeyService.CreateKey:input_type -> keyward.v1.CreateKeyRequest
-	8,  // 30: keyward.v1.KeyService.GetKey:input_type -> keyward.v1.GetKeyRequest
-	10, // 31: keyward.v1.KeyService.ListKeys:input_type -> keyward.v1.ListKeysRequest
-	12, // 32: keyward.v1.KeyService.RotateKey:input_type -> keyward.v1.RotateKeyRequest
-	14, // 33: keyward.v1.KeyService.SetKeyState:input_type -> keyward.v1.SetKeyStateRequest
-	16, // 34: keyward.v1.KeyService.SetMinDecryptionVersion:input_type -> keyward.v1.SetMinDecryptionVersionRequest
-	18, // 35: keyward.v1.KeyService.ScheduleKeyDeletion:input_type -> keyward.v1.ScheduleKeyDeletionRequest
-	20, // 36: keyward.v1.KeyService.CancelKeyDeletion:input_type -> keyward.v1.CancelKeyDeletionRequest
-	7,  // 37: keyward.v1.KeyService.CreateKey:output_type -> keyward.v1.CreateKeyResponse
-	9,  // 38: keyward.v1.KeyService.GetKey:output_type -> keyward.v1.GetKeyResponse
-	11, // 39: keyward.v1.KeyService.ListKeys:output_type -> keyward.v1.ListKeysResponse
-	13, // 40: keyward.v1.KeyService.RotateKey:output_type -> keyward.v1.RotateKeyResponse
-	15, // 41: keyward.v1.KeyService.SetKeyState:output_type -> keyward.v1.SetKeyStateResponse
-	17, // 42: keyward.v1.KeyService.SetMinDecryptionVersion:output_type -> keyward.v1.SetMinDecryptionVersionResponse
-	19, // 43: keyward.v1.KeyService.ScheduleKeyDeletion:output_type -> keyward.v1.ScheduleKeyDeletionResponse
-	21, // 44: keyward.v1.KeyService.CancelKeyDeletion:output_type -> keyward.v1.CancelKeyDeletionResponse
-	37, // [37:45] is the sub-list for method output_type
-	29, // [29:37] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	6,  // 0: keyward.v1.ReportRewrapRequest.report:type_name -> keyward.v1.RewrapReport
+	0,  // 1: keyward.v1.Key.purpose:type_name -> keyward.v1.KeyPurpose
+	1,  // 2: keyward.v1.Key.algorithm:type_name -> keyward.v1.KeyAlgorithm
+	2,  // 3: keyward.v1.Key.state:type_name -> keyward.v1.KeyState
+	7,  // 4: keyward.v1.Key.versions:type_name -> keyward.v1.KeyVersion
+	27, // 5: keyward.v1.Key.rotation_period:type_name -> google.protobuf.Duration
+	24, // 6: keyward.v1.Key.labels:type_name -> keyward.v1.Key.LabelsEntry
+	28, // 7: keyward.v1.Key.create_time:type_name -> google.protobuf.Timestamp
+	28, // 8: keyward.v1.Key.deletion_time:type_name -> google.protobuf.Timestamp
+	6,  // 9: keyward.v1.Key.rewrap_reports:type_name -> keyward.v1.RewrapReport
+	25, // 10: keyward.v1.RewrapReport.ciphertexts:type_name -> keyward.v1.RewrapReport.CiphertextsEntry
+	28, // 11: keyward.v1.RewrapReport.report_time:type_name -> google.protobuf.Timestamp
+	28, // 12: keyward.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	28, // 13: keyward.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
+	28, // 14: keyward.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
+	28, // 15: keyward.v1.KeyVersion.remove_time:type_name -> google.protobuf.Timestamp
+	0,  // 16: keyward.v1.CreateKeyRequest.purpose:type_name -> keyward.v1.KeyPurpose
+	1,  // 17: keyward.v1.CreateKeyRequest.algorithm:type_name -> keyward.v1.KeyAlgorithm
+	27, // 18: keyward.v1.CreateKeyRequest.rotation_period:type_name -> google.protobuf.Duration
+	26, // 19: keyward.v1.CreateKeyRequest.labels:type_name -> keyward.v1.CreateKeyRequest.LabelsEntry
+	5,  // 20: keyward.v1.CreateKeyResponse.key:type_name -> keyward.v1.Key
+	5,  // 21: keyward.v1.GetKeyResponse.key:type_name -> keyward.v1.Key
+	5,  // 22: keyward.v1.ListKeysResponse.keys:type_name -> keyward.v1.Key
+	5,  // 23: keyward.v1.RotateKeyResponse.key:type_name -> keyward.v1.Key
+	2,  // 24: keyward.v1.SetKeyStateRequest.state:type_name -> keyward.v1.KeyState
+	5,  // 25: keyward.v1.SetKeyStateResponse.key:type_name -> keyward.v1.Key
+	5,  // 26: keyward.v1.SetMinDecryptionVersionResponse.key:type_name -> keyward.v1.Key
+	27, // 27: keyward.v1.ScheduleKeyDeletionRequest.waiting_period:type_name -> google.protobuf.Duration
+	5,  // 28: keyward.v1.ScheduleKeyDeletionResponse.key:type_name -> keyward.v1.Key
+	5,  // 29: keyward.v1.CancelKeyDeletionResponse.key:type_name -> keyward.v1.Key
+	8,  // 30: keyward.v1.KeyService.CreateKey:input_type -> keyward.v1.CreateKeyRequest
+	10, // 31: keyward.v1.KeyService.GetKey:input_type -> keyward.v1.GetKeyRequest
+	12, // 32: keyward.v1.KeyService.ListKeys:input_type -> keyward.v1.ListKeysRequest
+	14, // 33: keyward.v1.KeyService.RotateKey:input_type -> keyward.v1.RotateKeyRequest
+	16, // 34: keyward.v1.KeyService.SetKeyState:input_type -> keyward.v1.SetKeyStateRequest
+	18, // 35: keyward.v1.KeyService.SetMinDecryptionVersion:input_type -> keyward.v1.SetMinDecryptionVersionRequest
+	20, // 36: keyward.v1.KeyService.ScheduleKeyDeletion:input_type -> keyward.v1.ScheduleKeyDeletionRequest
+	22, // 37: keyward.v1.KeyService.CancelKeyDeletion:input_type -> keyward.v1.CancelKeyDeletionRequest
+	3,  // 38: keyward.v1.KeyService.ReportRewrap:input_type -> keyward.v1.ReportRewrapRequest
+	9,  // 39: keyward.v1.KeyService.CreateKey:output_type -> keyward.v1.CreateKeyResponse
+	11, // 40: keyward.v1.KeyService.GetKey:output_type -> keyward.v1.GetKeyResponse
+	13, // 41: keyward.v1.KeyService.ListKeys:output_type -> keyward.v1.ListKeysResponse
+	15, // 42: keyward.v1.KeyService.RotateKey:output_type -> keyward.v1.RotateKeyResponse
+	17, // 43: keyward.v1.KeyService.SetKeyState:output_type -> keyward.v1.SetKeyStateResponse
+	19, // 44: keyward.v1.KeyService.SetMinDecryptionVersion:output_type -> keyward.v1.SetMinDecryptionVersionResponse
+	21, // 45: keyward.v1.KeyService.ScheduleKeyDeletion:output_type -> keyward.v1.ScheduleKeyDeletionResponse
+	23, // 46: keyward.v1.KeyService.CancelKeyDeletion:output_type -> keyward.v1.CancelKeyDeletionResponse
+	4,  // 47: keyward.v1.KeyService.ReportRewrap:output_type -> keyward.v1.ReportRewrapResponse
+	39, // [39:48] is the sub-list for method output_type
+	30, // [30:39] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_keys_proto_init() }
@@ -1535,7 +1647,7 @@ func file_keys_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keys_proto_rawDesc), len(file_keys_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   22,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -27,6 +27,7 @@ const (
 	KeyService_SetMinDecryptionVersion_FullMethodName = "/keyward.v1.KeyService/SetMinDecryptionVersion"
 	KeyService_ScheduleKeyDeletion_FullMethodName     = "/keyward.v1.KeyService/ScheduleKeyDeletion"
 	KeyService_CancelKeyDeletion_FullMethodName       = "/keyward.v1.KeyService/CancelKeyDeletion"
+	KeyService_ReportRewrap_FullMethodName            = "/keyward.v1.KeyService/ReportRewrap"
 )
 
 // KeyServiceClient is the client API for KeyService service.
@@ -65,6 +66,16 @@ type KeyServiceClient interface {
 	// CancelKeyDeletion takes a key off the deletion schedule; it comes back
 	// disabled. FAILED_PRECONDITION if it was not scheduled.
 	CancelKeyDeletion(ctx context.Context, in *CancelKeyDeletionRequest, opts ...grpc.CallOption) (*CancelKeyDeletionResponse, error)
+	// ReportRewrap records, on an encryption key, how many ciphertexts of one
+	// source are under each of its versions, as a rewrap job over the
+	// application's ciphertexts counted them (keyward rewrap, the Go client's
+	// rewrap package); GetKey shows the reports and keyward key
+	// set-min-version warns by them. Each report names its reporter (uid and
+	// binary). A key keeps the newest report of at most 16 sources; a new
+	// source then replaces the reporter's own oldest report, or, when the
+	// reporter has none there, the one reported longest ago. It is its own
+	// grant: an application's job needs KeyService.ReportRewrap on the key.
+	ReportRewrap(ctx context.Context, in *ReportRewrapRequest, opts ...grpc.CallOption) (*ReportRewrapResponse, error)
 }
 
 type keyServiceClient struct {
@@ -155,6 +166,16 @@ func (c *keyServiceClient) CancelKeyDeletion(ctx context.Context, in *CancelKeyD
 	return out, nil
 }
 
+func (c *keyServiceClient) ReportRewrap(ctx context.Context, in *ReportRewrapRequest, opts ...grpc.CallOption) (*ReportRewrapResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReportRewrapResponse)
+	err := c.cc.Invoke(ctx, KeyService_ReportRewrap_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeyServiceServer is the server API for KeyService service.
 // All implementations must embed UnimplementedKeyServiceServer
 // for forward compatibility.
@@ -191,6 +212,16 @@ type KeyServiceServer interface {
 	// CancelKeyDeletion takes a key off the deletion schedule; it comes back
 	// disabled. FAILED_PRECONDITION if it was not scheduled.
 	CancelKeyDeletion(context.Context, *CancelKeyDeletionRequest) (*CancelKeyDeletionResponse, error)
+	// ReportRewrap records, on an encryption key, how many ciphertexts of one
+	// source are under each of its versions, as a rewrap job over the
+	// application's ciphertexts counted them (keyward rewrap, the Go client's
+	// rewrap package); GetKey shows the reports and keyward key
+	// set-min-version warns by them. Each report names its reporter (uid and
+	// binary). A key keeps the newest report of at most 16 sources; a new
+	// source then replaces the reporter's own oldest report, or, when the
+	// reporter has none there, the one reported longest ago. It is its own
+	// grant: an application's job needs KeyService.ReportRewrap on the key.
+	ReportRewrap(context.Context, *ReportRewrapRequest) (*ReportRewrapResponse, error)
 	mustEmbedUnimplementedKeyServiceServer()
 }
 
@@ -224,6 +255,9 @@ func (UnimplementedKeyServiceServer) ScheduleKeyDeletion(context.Context, *Sched
 }
 func (UnimplementedKeyServiceServer) CancelKeyDeletion(context.Context, *CancelKeyDeletionRequest) (*CancelKeyDeletionResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CancelKeyDeletion not implemented")
+}
+func (UnimplementedKeyServiceServer) ReportRewrap(context.Context, *ReportRewrapRequest) (*ReportRewrapResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReportRewrap not implemented")
 }
 func (UnimplementedKeyServiceServer) mustEmbedUnimplementedKeyServiceServer() {}
 func (UnimplementedKeyServiceServer) testEmbeddedByValue()                    {}
@@ -390,6 +424,24 @@ func _KeyService_CancelKeyDeletion_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyService_ReportRewrap_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReportRewrapRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).ReportRewrap(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_ReportRewrap_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).ReportRewrap(ctx, req.(*ReportRewrapRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KeyService_ServiceDesc is the grpc.ServiceDesc for KeyService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -428,6 +480,10 @@ var KeyService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CancelKeyDeletion",
 			Handler:    _KeyService_CancelKeyDeletion_Handler,
+		},
+		{
+			MethodName: "ReportRewrap",
+			Handler:    _KeyService_ReportRewrap_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

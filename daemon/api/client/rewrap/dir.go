@@ -3,10 +3,14 @@ package rewrap
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -17,9 +21,11 @@ import (
 
 // Dir is a directory of files, each a whole keyward ciphertext (what
 // keyward encrypt writes), in subdirectories too. Cursors are the files'
-// paths relative to Root, in byte order. Symbolic links, files with other
-// hard links (replacing one would split them) and files over MaxSize are
-// not touched.
+// paths relative to Root, with '/', in byte order. Symbolic links, files
+// with other hard links (replacing one name would split them) and files
+// over MaxSize are not touched. Every file is reached through an os.Root
+// of Root: a symbolic link swapped in for a subdirectory during the job
+// cannot lead it outside.
 //
 // A file is replaced by renaming a synced new file over it, with the old
 // one's mode and owner, after checking it still holds what the job read.
@@ -37,36 +43,37 @@ type Dir struct {
 	MaxSize int64
 
 	once  sync.Once
+	root  *os.Root
+	name  string
 	files []string // relative paths, sorted
 	err   error
 }
 
-// Name is "dir:" and the absolute root.
-func (d *Dir) Name() string {
-	abs, err := filepath.Abs(d.Root)
-	if err != nil {
-		abs = d.Root
-	}
-	return "dir:" + abs
-}
-
-// walk lists the regular files under Root once, the first time they are
-// needed. Files made later are the application's, under the newest version
-// already.
-func (d *Dir) walk() error {
+// Prepare opens Root (following it if it is a symbolic link) and lists its
+// regular files, once. Files made later are the application's, under the
+// newest version already.
+func (d *Dir) Prepare(context.Context) error {
 	d.once.Do(func() {
-		d.err = filepath.WalkDir(d.Root, func(p string, e fs.DirEntry, err error) error {
+		abs, err := filepath.Abs(d.Root)
+		if err == nil {
+			abs, err = filepath.EvalSymlinks(abs)
+		}
+		if err != nil {
+			d.err = fmt.Errorf("rewrap: %w", err)
+			return
+		}
+		host, _ := os.Hostname()
+		d.name = "dir:" + host + ":" + abs
+		if d.root, d.err = os.OpenRoot(abs); d.err != nil {
+			return
+		}
+		d.err = fs.WalkDir(d.root.FS(), ".", func(p string, e fs.DirEntry, err error) error {
 			if err != nil {
 				return err
 			}
-			if !e.Type().IsRegular() || strings.HasPrefix(e.Name(), ".keyward-rewrap-") {
-				return nil
+			if e.Type().IsRegular() && !strings.HasPrefix(e.Name(), tempPrefix) {
+				d.files = append(d.files, p)
 			}
-			rel, err := filepath.Rel(d.Root, p)
-			if err != nil {
-				return err
-			}
-			d.files = append(d.files, filepath.ToSlash(rel))
 			return nil
 		})
 		slices.Sort(d.files)
@@ -74,9 +81,18 @@ func (d *Dir) walk() error {
 	return d.err
 }
 
+// Name is "dir:", the host's name and the directory's absolute path with
+// symbolic links resolved: the same directory on two hosts is two sources.
+func (d *Dir) Name() string {
+	if d.Prepare(context.Background()) != nil {
+		return "dir:" + d.Root
+	}
+	return d.name
+}
+
 // Count is how many regular files Root holds.
-func (d *Dir) Count(context.Context) (int64, error) {
-	if err := d.walk(); err != nil {
+func (d *Dir) Count(ctx context.Context) (int64, error) {
+	if err := d.Prepare(ctx); err != nil {
 		return 0, err
 	}
 	return int64(len(d.files)), nil
@@ -89,11 +105,9 @@ func (d *Dir) maxSize() int64 {
 	return 1 << 20
 }
 
-// List reads the next files after the cursor after. A file too large, or
-// gone since the walk, comes with no ciphertext (counted as not a
-// ciphertext).
+// List reads the next files after the cursor after.
 func (d *Dir) List(ctx context.Context, after string, limit int) ([]Item, error) {
-	if err := d.walk(); err != nil {
+	if err := d.Prepare(ctx); err != nil {
 		return nil, err
 	}
 	i := sort.SearchStrings(d.files, after)
@@ -109,7 +123,7 @@ func (d *Dir) List(ctx context.Context, after string, limit int) ([]Item, error)
 		it := Item{Cursor: rel}
 		b, fi, err := d.read(rel)
 		switch {
-		case os.IsNotExist(err):
+		case errors.Is(err, fs.ErrNotExist):
 			// Gone since the walk: nothing to do.
 		case err != nil:
 			return nil, err
@@ -132,9 +146,9 @@ func (d *Dir) List(ctx context.Context, after string, limit int) ([]Item, error)
 // read returns a regular file's bytes (nil if it is too large) and its
 // information (nil for a symbolic link).
 func (d *Dir) read(rel string) ([]byte, fs.FileInfo, error) {
-	f, err := os.OpenFile(filepath.Join(d.Root, filepath.FromSlash(rel)), os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	f, err := d.root.OpenFile(rel, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
-		if errorsIsLoop(err) {
+		if errors.Is(err, syscall.ELOOP) {
 			return nil, nil, nil
 		}
 		return nil, nil, err
@@ -157,20 +171,70 @@ func (d *Dir) read(rel string) ([]byte, fs.FileInfo, error) {
 	return b, fi, nil
 }
 
-// Replace writes ciphertext over the file if it still holds it.Ciphertext.
-func (d *Dir) Replace(_ context.Context, it Item, ciphertext []byte) error {
-	if !filepath.IsLocal(filepath.FromSlash(it.Cursor)) {
-		return fmt.Errorf("rewrap: %q is not a path under %s", it.Cursor, d.Root)
+// tempPrefix names the job's temporary files, which the walk leaves out.
+const tempPrefix = ".keyward-rewrap-"
+
+// Replace writes ciphertext over the file if it still holds it.Ciphertext:
+// a synced new file in the same directory, with the old one's mode and
+// owner, renamed over it, the directory synced.
+func (d *Dir) Replace(ctx context.Context, it Item, ciphertext []byte) (err error) {
+	if err := d.Prepare(ctx); err != nil {
+		return err
 	}
 	b, fi, err := d.read(it.Cursor)
-	if os.IsNotExist(err) || (err == nil && (fi == nil || b == nil || !bytes.Equal(b, it.Ciphertext))) {
+	if errors.Is(err, fs.ErrNotExist) || (err == nil && (fi == nil || b == nil || !bytes.Equal(b, it.Ciphertext))) {
 		return ErrChanged
 	}
 	if err != nil {
 		return err
 	}
 	if links(fi) > 1 {
-		return fmt.Errorf("rewrap: %s has %d hard links now, which replacing it would split", it.Cursor, links(fi))
+		return fmt.Errorf("%w: it has %d hard links now, which replacing it would split", ErrNotReplaced, links(fi))
 	}
-	return writeFile(filepath.Join(d.Root, filepath.FromSlash(it.Cursor)), ciphertext, fi)
+	var rnd [8]byte
+	rand.Read(rnd[:])
+	tmp := path.Join(path.Dir(it.Cursor), tempPrefix+hex.EncodeToString(rnd[:]))
+	f, err := d.root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrNotReplaced, err)
+	}
+	defer func() {
+		if err != nil {
+			d.root.Remove(tmp)
+		}
+	}()
+	if err := fill(f, ciphertext, fi); err != nil {
+		return err
+	}
+	if err := d.root.Rename(tmp, it.Cursor); err != nil {
+		return err
+	}
+	dir, err := d.root.Open(path.Dir(it.Cursor))
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
+	return dir.Sync()
+}
+
+// fill gives the new file f like's mode and owner, writes b, syncs and
+// closes it.
+func fill(f *os.File, b []byte, like fs.FileInfo) error {
+	err := f.Chmod(0o600)
+	if err == nil && like != nil {
+		err = chownLike(f, like)
+		if err == nil {
+			err = f.Chmod(like.Mode().Perm())
+		}
+	}
+	if err == nil {
+		_, err = f.Write(b)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }

@@ -15,32 +15,34 @@
 //     as keywardd asks, and when keywardd is unavailable it backs off.
 //   - Resumable. With Options.State the job checkpoints its place in the
 //     source (the cursor of the last ciphertext done) and its counts to a
-//     file, atomically and synced; run again after a crash or a stop, it goes
-//     on from there. A ciphertext moved just before a crash is found again
-//     under the newest version and left alone: a job is idempotent.
+//     file, atomically and synced; run again after a stop, it goes on from
+//     there with the counts of one pass. After a crash, a ciphertext moved
+//     after the last checkpoint is found again under the newest version and
+//     left alone: a job is idempotent.
 //   - Nothing lost. The old ciphertext is replaced only if it is still what
 //     the job read (Source.Replace compares); a ciphertext the application
 //     changed meanwhile is left to the application. A ciphertext that does
 //     not open (wrong context, another key's) is counted and left as it is.
 //   - Reported. The job counts what it found under each key version and
 //     where it left each ciphertext; at the end of a whole pass it reports
-//     the counts to keywardd (EnvelopeService.ReportRewrap), and keyward key
+//     the counts to keywardd (KeyService.ReportRewrap), and keyward key
 //     set-min-version warns before retiring a version a report still counts.
 //
-// The job learns a key's newest version from keywardd's first answer for that
-// key, so it needs no grant but ReEncrypt (Decrypt on the source key) and
-// ReportRewrap: a ciphertext already under the newest version costs nothing.
+// The job learns a key's newest version from keywardd's answers for that
+// key (again every minute, for a rotation during the job), so it needs no
+// grant but ReEncrypt (Decrypt on the source key) and KeyService.ReportRewrap:
+// a ciphertext under the newest version costs nothing.
 //
 // Written here rather than taken from a library: no library re-encrypts
 // through keywardd, and the parts (x/time/rate for the budget) are libraries.
 package rewrap
 
 import (
-	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
 	"slices"
 	"strings"
@@ -75,6 +77,12 @@ type Counter interface {
 	Count(ctx context.Context) (int64, error)
 }
 
+// Preparer is a Source with checks to make, or a name to learn, before the
+// job asks its Name: Run calls Prepare first.
+type Preparer interface {
+	Prepare(ctx context.Context) error
+}
+
 // Item is one ciphertext of a source.
 type Item struct {
 	// Cursor is where the item is in the source's order: never empty,
@@ -93,6 +101,13 @@ type Item struct {
 // ErrChanged is Replace's answer when the source no longer holds the
 // ciphertext the job read: the application wrote it meanwhile.
 var ErrChanged = errors.New("rewrap: the ciphertext changed in the source meanwhile")
+
+// ErrNotReplaced, wrapped in Replace's error, says the source would not or
+// could not replace this one item (a file the job may not give its owner,
+// or with other hard links): the job counts it as not moved, with the
+// reason, and goes on. Any other error of Replace stops the job. Errors of
+// fs.ErrPermission count as ErrNotReplaced.
+var ErrNotReplaced = errors.New("rewrap: not replaced")
 
 // Options tune a job. Zero values are the defaults.
 type Options struct {
@@ -194,8 +209,10 @@ type ItemFailure struct {
 const maxErrors = 20
 
 // Header reads the key name and version a keyward ciphertext names (format
-// 1, docs/formats.md), or ok false when b is not one. It checks only what
-// it reads: keywardd checks the rest when it opens the ciphertext.
+// 1, docs/formats.md), or ok false when b is not one: the magic, version,
+// lengths, name characters and version are checked as keywardd checks them;
+// keywardd checks the rest when it opens the ciphertext. Written here, not
+// taken from keywardd's envelope package, which links the HSM's library.
 func Header(b []byte) (key string, version uint32, ok bool) {
 	if len(b) < 5 || string(b[:3]) != "kwe" || b[3] != 1 {
 		return "", 0, false
@@ -204,11 +221,18 @@ func Header(b []byte) (key string, version uint32, ok bool) {
 	if n == 0 || n > 64 || len(b) < 5+n+4+12+16 {
 		return "", 0, false
 	}
+	name := b[5 : 5+n]
+	for i, c := range name {
+		alnum := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+		if !alnum && (i == 0 || c != '.' && c != '_' && c != '-') {
+			return "", 0, false
+		}
+	}
 	v := binary.BigEndian.Uint32(b[5+n:])
 	if v == 0 {
 		return "", 0, false
 	}
-	return string(b[5 : 5+n]), v, true
+	return string(name), v, true
 }
 
 // job is one run of Run.
@@ -218,6 +242,7 @@ type job struct {
 	opt     Options
 	rep     *Report
 	newest  map[string]uint32 // each key's newest version, as keywardd last answered
+	learned time.Time         // when newest was last cleared
 	only    map[string]bool
 	lim     *rate.Limiter
 	total   int64
@@ -246,10 +271,16 @@ func Run(ctx context.Context, c *client.Client, src Source, opt Options) (*Repor
 			j.only[k] = true
 		}
 	}
+	if p, ok := src.(Preparer); ok {
+		if err := p.Prepare(ctx); err != nil {
+			return nil, err
+		}
+	}
 	rep, err := loadState(opt.State, src.Name())
 	if err != nil {
 		return nil, err
 	}
+	j.learned = time.Now()
 	j.rep = rep
 	if cn, ok := src.(Counter); ok {
 		if n, err := cn.Count(ctx); err == nil {
@@ -305,54 +336,74 @@ func count(m map[string]Counts, key string, version uint32) {
 }
 
 // batch does items: those to move go to keywardd in one call within the
-// budget, and each is then replaced in the source. Its counts join the
-// report only when every item is done, with the cursor past them: a batch
-// cut short is gone over again, and counted once.
+// budget, then each item in order is settled (replaced in the source, or
+// not) and joins the report with the cursor past it. A batch cut short
+// leaves the report and cursor at its last item settled: counted once.
 func (j *job) batch(ctx context.Context, items []Item) error {
-	d := newReport("")
+	if time.Since(j.learned) > time.Minute {
+		// A rotation during the job: learn the newest versions again.
+		clear(j.newest)
+		j.learned = time.Now()
+	}
+	call := make([]bool, len(items))
 	var todo []Item
-	for _, it := range items {
+	for i, it := range items {
 		key, v, ok := Header(it.Ciphertext)
-		switch {
-		case it.Skip != "":
-			d.Skipped++
-			d.fail(it.Cursor, errors.New(it.Skip))
-			if ok {
-				// Still a ciphertext under v: reported as one not moved.
-				count(d.Found, key, v)
-				count(d.Now, key, v)
-				d.Failed[key]++
-			}
-		case !ok:
-			d.NotCiphertext++
-		case j.only != nil && !j.only[key]:
-			d.OtherKeys++
-		default:
-			count(d.Found, key, v)
-			if n := j.newest[key]; n != 0 && v >= n {
-				d.Current++
-				count(d.Now, key, v)
-			} else {
-				todo = append(todo, it)
-			}
+		if ok && (j.only == nil || j.only[key]) && it.Skip == "" && v != j.newest[key] {
+			call[i] = true
+			todo = append(todo, it)
 		}
 	}
+	var results []result
 	if len(todo) > 0 {
-		results, err := j.reEncrypt(ctx, todo)
-		if err != nil {
+		var err error
+		if results, err = j.reEncrypt(ctx, todo); err != nil {
 			return err
 		}
-		for i, it := range todo {
-			if err := j.settle(ctx, d, it, results[i]); err != nil {
+	}
+	for i, it := range items {
+		d := newReport("")
+		d.Items = 1
+		if call[i] {
+			if err := j.settle(ctx, d, it, results[0]); err != nil {
 				return err
 			}
+			results = results[1:]
+		} else {
+			j.classify(d, it)
 		}
+		j.rep.add(d)
+		j.rep.Cursor = it.Cursor
 	}
-	d.Items = uint64(len(items))
-	j.rep.add(d)
-	j.rep.Cursor = items[len(items)-1].Cursor
 	j.progress()
 	return j.checkpoint(false)
+}
+
+// classify counts an item that needs no call.
+func (j *job) classify(d *Report, it Item) {
+	key, v, ok := Header(it.Ciphertext)
+	switch {
+	case !ok:
+		if it.Skip != "" {
+			d.Skipped++
+			d.fail(it.Cursor, errors.New(it.Skip))
+		} else {
+			d.NotCiphertext++
+		}
+	case j.only != nil && !j.only[key]:
+		d.OtherKeys++
+	case it.Skip != "":
+		// Still a ciphertext under v: reported as one not moved.
+		d.Skipped++
+		d.fail(it.Cursor, errors.New(it.Skip))
+		count(d.Found, key, v)
+		count(d.Now, key, v)
+		d.Failed[key]++
+	default: // under the newest version
+		count(d.Found, key, v)
+		d.Current++
+		count(d.Now, key, v)
+	}
 }
 
 // add adds d's counts to r.
@@ -421,7 +472,11 @@ func (j *job) reEncrypt(ctx context.Context, items []Item) ([]result, error) {
 			j.backoff = min(max(2*j.backoff, 100*time.Millisecond), 30*time.Second)
 			wait = j.backoff
 		case errors.Is(err, client.ErrDenied):
-			return nil, fmt.Errorf("rewrap: %w (the job needs EnvelopeService.ReEncrypt, or BatchReEncrypt with -batch, and EnvelopeService.Decrypt on the keys it moves; or limit it to the keys it may move)", err)
+			ops := "EnvelopeService.ReEncrypt and EnvelopeService.Decrypt"
+			if j.opt.Batch > 1 {
+				ops = "EnvelopeService.BatchReEncrypt and EnvelopeService.BatchDecrypt"
+			}
+			return nil, fmt.Errorf("rewrap: %w (the job needs %s on the keys it moves; or limit it to the keys it may move)", err, ops)
 		default:
 			return nil, fmt.Errorf("rewrap: %w", err)
 		}
@@ -495,10 +550,14 @@ func itemErr(c codes.Code) bool {
 // back.
 func (j *job) settle(ctx context.Context, d *Report, it Item, r result) error {
 	key, v, _ := Header(it.Ciphertext)
-	if r.err != nil {
+	count(d.Found, key, v)
+	notMoved := func(err error) {
 		d.Failed[key]++
 		count(d.Now, key, v)
-		d.fail(it.Cursor, r.err)
+		d.fail(it.Cursor, err)
+	}
+	if r.err != nil {
+		notMoved(r.err)
 		return nil
 	}
 	to := r.resp.GetKeyVersion()
@@ -515,6 +574,8 @@ func (j *job) settle(ctx context.Context, d *Report, it Item, r result) error {
 	case errors.Is(err, ErrChanged):
 		d.Changed++
 		count(d.Now, key, v)
+	case errors.Is(err, ErrNotReplaced) || errors.Is(err, fs.ErrPermission):
+		notMoved(err)
 	case err != nil:
 		// The source could not be written: stop, the checkpoint before
 		// this batch stands.
@@ -526,19 +587,23 @@ func (j *job) settle(ctx context.Context, d *Report, it Item, r result) error {
 	return nil
 }
 
-// report sends each key's counts to keywardd.
+// report sends each key's counts to keywardd: the keys of Options.Keys,
+// or every key the job found. A version above the newest keywardd named
+// for the key (a header no ciphertext of this key can have) is left out.
 func (j *job) report(ctx context.Context) {
 	keys := slices.Sorted(maps.Keys(j.rep.Now))
-	for k := range j.only {
-		if _, ok := j.rep.Now[k]; !ok {
-			keys = append(keys, k)
-		}
+	if j.only != nil {
+		keys = slices.Sorted(maps.Keys(j.only))
 	}
-	slices.SortFunc(keys, cmp.Compare)
-	keys = slices.Compact(keys)
 	for _, k := range keys {
-		_, err := j.c.Envelope.ReportRewrap(ctx, &keywardv1.ReportRewrapRequest{KeyName: k, Report: &keywardv1.RewrapReport{
-			Source: j.src.Name(), Ciphertexts: j.rep.Now[k], Failed: j.rep.Failed[k], Complete: j.rep.Complete}})
+		counts := Counts{}
+		for v, n := range j.rep.Now[k] {
+			if newest := j.newest[k]; newest == 0 || v <= newest {
+				counts[v] = n
+			}
+		}
+		_, err := j.c.Keys.ReportRewrap(ctx, &keywardv1.ReportRewrapRequest{KeyName: k, Report: &keywardv1.RewrapReport{
+			Source: j.src.Name(), Ciphertexts: counts, Failed: j.rep.Failed[k], Complete: j.rep.Complete}})
 		if err != nil {
 			if j.rep.ReportErrors == nil {
 				j.rep.ReportErrors = map[string]string{}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -206,12 +207,12 @@ func TestResume(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	src := &stopAfter{Source: &rewrap.Dir{Root: dir, Context: ctxOf}, n: 12, cancel: cancel}
 	rep, err := rewrap.Run(ctx, c, src, rewrap.Options{Rate: 1000, Batch: 5, State: state, Checkpoint: time.Hour})
-	if !errors.Is(err, context.Canceled) || rep.Complete || rep.Items != 10 || rep.Moved != 10 {
-		// Two batches of 5 done; the third moved 2 and stopped: its items are
-		// not done, and are gone over again.
+	if !errors.Is(err, context.Canceled) || rep.Complete || rep.Items != 12 || rep.Moved != 12 {
+		// Two batches of 5 done; the third moved 2 and stopped: those two
+		// are done, the rest are gone over again.
 		t.Fatalf("stopped run: %+v, %v", rep, err)
 	}
-	if b, err := os.ReadFile(state); err != nil || !strings.Contains(string(b), `"cursor":"x/009"`) {
+	if b, err := os.ReadFile(state); err != nil || !strings.Contains(string(b), `"cursor":"x/011"`) {
 		t.Fatalf("state file %s, %v", b, err)
 	}
 	if fi, _ := os.Stat(state); fi.Mode().Perm() != 0o600 {
@@ -225,10 +226,9 @@ func TestResume(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// 10 moved before, 2 moved in the stopped batch (found again under v2:
-	// current), 18 moved now.
-	if !rep.Resumed || !rep.Complete || rep.Items != 30 || rep.Moved != 28 || rep.Current != 2 ||
-		fmt.Sprint(rep.Now["k"]) != fmt.Sprint(rewrap.Counts{2: 30}) || fmt.Sprint(rep.Found["k"]) != fmt.Sprint(rewrap.Counts{1: 28, 2: 2}) {
+	// 12 moved before the stop, 18 now: the counts of one pass.
+	if !rep.Resumed || !rep.Complete || rep.Items != 30 || rep.Moved != 30 || rep.Current != 0 ||
+		fmt.Sprint(rep.Now["k"]) != fmt.Sprint(rewrap.Counts{2: 30}) || fmt.Sprint(rep.Found["k"]) != fmt.Sprint(rewrap.Counts{1: 30}) {
 		t.Fatalf("resumed run %+v", rep)
 	}
 	for _, rel := range files {
@@ -360,5 +360,101 @@ func TestNotOwner(t *testing.T) {
 	fi, _ := os.Stat(p)
 	if st := fi.Sys().(*syscall.Stat_t); st.Uid != 4242 || st.Gid != 4242 || versionOf(t, p) != 2 {
 		t.Errorf("owner %d:%d, version %d; want 4242:4242 kept and v2", st.Uid, st.Gid, versionOf(t, p))
+	}
+}
+
+// TestSymlinkRoot: a Root that is a symbolic link to the directory is the
+// directory, named by its real path.
+func TestSymlinkRoot(t *testing.T) {
+	_, c := setup(t, policy(""))
+	dir := t.TempDir()
+	fill(t, c, dir, "x", 3)
+	rotate(t, c, "k")
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(dir, link); err != nil {
+		t.Fatal(err)
+	}
+	src := &rewrap.Dir{Root: link, Context: ctxOf}
+	rep, err := rewrap.Run(context.Background(), c, src, rewrap.Options{Rate: 1000, Keys: []string{"k"}})
+	if err != nil || rep.Moved != 3 || rep.Items != 3 {
+		t.Fatalf("%+v, %v", rep, err)
+	}
+	real, _ := filepath.EvalSymlinks(dir)
+	if host, _ := os.Hostname(); src.Name() != "dir:"+host+":"+real {
+		t.Errorf("Name %q; want the host and the real path %s", src.Name(), real)
+	}
+}
+
+// TestOnlyKeys: a job limited to key a reports on a alone, however the
+// ciphertexts of b it left alone look (here one with other hard links).
+func TestOnlyKeys(t *testing.T) {
+	_, c := setup(t, policy(""))
+	ctx := context.Background()
+	if _, err := c.Keys.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "b", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	fill(t, c, dir, "a", 2)
+	ct, _ := c.Encrypt(ctx, "b", []byte("b"), ctxOf("b/0"))
+	os.Mkdir(filepath.Join(dir, "b"), 0o700)
+	os.WriteFile(filepath.Join(dir, "b/0"), ct, 0o600)
+	os.Link(filepath.Join(dir, "b/0"), filepath.Join(dir, "b/1"))
+	rotate(t, c, "k")
+	rotate(t, c, "b")
+	rep, err := rewrap.Run(ctx, c, &rewrap.Dir{Root: dir, Context: ctxOf}, rewrap.Options{Rate: 1000, Keys: []string{"k"}})
+	if err != nil || rep.Moved != 2 || rep.OtherKeys != 2 || rep.Skipped != 0 || fmt.Sprint(rep.Reported) != "[k]" || rep.Found["b"] != nil {
+		t.Fatalf("%+v, %v", rep, err)
+	}
+	if k, _ := c.Keys.GetKey(ctx, &keywardv1.GetKeyRequest{Name: "b"}); len(k.GetKey().GetRewrapReports()) != 0 {
+		t.Errorf("a job limited to k reported on b: %v", k.GetKey().GetRewrapReports())
+	}
+}
+
+// TestBogusVersion: a header naming a version the key does not have is
+// not taken as under the newest; it does not move, and keywardd still
+// takes the key's report.
+func TestBogusVersion(t *testing.T) {
+	_, c := setup(t, policy(""))
+	dir := t.TempDir()
+	files := fill(t, c, dir, "x", 2)
+	rotate(t, c, "k")
+	b, _ := os.ReadFile(filepath.Join(dir, files[0]))
+	b[5+1+3] = 99 // the version's low byte, after "kwe", 1, the name's length and "k"
+	os.WriteFile(filepath.Join(dir, "x/bogus"), b, 0o600)
+	rep, err := rewrap.Run(context.Background(), c, &rewrap.Dir{Root: dir, Context: ctxOf}, rewrap.Options{Rate: 1000})
+	if err != nil || rep.Moved != 2 || rep.Current != 0 || rep.Failed["k"] != 1 || len(rep.ReportErrors) != 0 || fmt.Sprint(rep.Reported) != "[k]" {
+		t.Fatalf("%+v, %v", rep, err)
+	}
+	k, _ := c.Keys.GetKey(context.Background(), &keywardv1.GetKeyRequest{Name: "k"})
+	if r := k.GetKey().GetRewrapReports(); len(r) != 1 || fmt.Sprint(rewrap.Counts(r[0].GetCiphertexts())) != "v2: 2" || r[0].GetFailed() != 1 {
+		t.Errorf("keywardd's report %v", r)
+	}
+}
+
+// refuse is a Dir whose Replace is refused for one file, as a file the job
+// may not give its owner is.
+type refuse struct {
+	*rewrap.Dir
+	cursor string
+}
+
+func (r *refuse) Replace(ctx context.Context, it rewrap.Item, ct []byte) error {
+	if it.Cursor == r.cursor {
+		return &os.PathError{Op: "chown", Path: it.Cursor, Err: fs.ErrPermission}
+	}
+	return r.Dir.Replace(ctx, it, ct)
+}
+
+// TestNotReplaced: one ciphertext the source may not replace is counted as
+// not moved, with its reason, and the job goes on.
+func TestNotReplaced(t *testing.T) {
+	_, c := setup(t, policy(""))
+	dir := t.TempDir()
+	fill(t, c, dir, "x", 3)
+	rotate(t, c, "k")
+	rep, err := rewrap.Run(context.Background(), c, &refuse{Dir: &rewrap.Dir{Root: dir, Context: ctxOf}, cursor: "x/001"}, rewrap.Options{Rate: 1000})
+	if err != nil || rep.Moved != 2 || rep.Failed["k"] != 1 || len(rep.Errors) != 1 || rep.Errors[0].Cursor != "x/001" ||
+		!strings.Contains(rep.Errors[0].Error, "permission denied") || fmt.Sprint(rep.Now["k"]) != "v1: 1, v2: 2" {
+		t.Fatalf("%+v, %v", rep, err)
 	}
 }

@@ -77,19 +77,18 @@ func (j *job) checkpoint(now bool) error {
 	if err != nil {
 		return err
 	}
-	if err := writeFile(j.opt.State, b, nil); err != nil {
+	if err := writeFile(j.opt.State, b); err != nil {
 		return fmt.Errorf("rewrap: writing the state file: %w", err)
 	}
 	j.saved = time.Now()
 	return nil
 }
 
-// writeFile replaces path with b through a synced temporary file in the
-// same directory, renamed over it, the directory synced: a crash leaves the
-// old file or the new one, never a mix. The new file takes like's mode and
-// owner, or mode 0600 and the caller's when like is nil.
-func writeFile(path string, b []byte, like fs.FileInfo) (err error) {
-	f, err := os.CreateTemp(filepath.Dir(path), ".keyward-rewrap-*")
+// writeFile replaces path with b, mode 0600, through a synced temporary
+// file in the same directory, renamed over it, the directory synced: a
+// crash leaves the old file or the new one, never a mix.
+func writeFile(path string, b []byte) (err error) {
+	f, err := os.CreateTemp(filepath.Dir(path), tempPrefix+"*")
 	if err != nil {
 		return err
 	}
@@ -99,29 +98,7 @@ func writeFile(path string, b []byte, like fs.FileInfo) (err error) {
 			os.Remove(tmp)
 		}
 	}()
-	mode := fs.FileMode(0o600)
-	if like != nil {
-		mode = like.Mode().Perm()
-	}
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if like != nil {
-		if err := chownLike(f, like); err != nil {
-			f.Close()
-			return err
-		}
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
+	if err := fill(f, b, nil); err != nil {
 		return err
 	}
 	if err := os.Rename(tmp, path); err != nil {

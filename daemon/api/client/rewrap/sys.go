@@ -1,15 +1,11 @@
 package rewrap
 
 import (
-	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"syscall"
 )
-
-// errorsIsLoop: open with O_NOFOLLOW met a symbolic link.
-func errorsIsLoop(err error) bool { return errors.Is(err, syscall.ELOOP) }
 
 // links is a file's hard link count.
 func links(fi fs.FileInfo) uint64 {
@@ -34,7 +30,7 @@ func chownLike(f *os.File, like fs.FileInfo) error {
 		return nil
 	}
 	if err := f.Chown(int(st.Uid), int(st.Gid)); err != nil {
-		return fmt.Errorf("the file is owned by uid %d, gid %d, and its replacement could not be (%w): run the job as the files' owner", st.Uid, st.Gid, err)
+		return fmt.Errorf("%w: the file is owned by uid %d, gid %d, and its replacement could not be (%w): run the job as the files' owner", ErrNotReplaced, st.Uid, st.Gid, err)
 	}
 	return nil
 }

@@ -6,9 +6,11 @@
 //		ContextColumns: map[string]string{"tenant": "tenant_id"}}
 //	rep, err := rewrap.Run(ctx, c, src, rewrap.Options{State: "orders.state"})
 //
-// Rows are listed in the order of the ID column (a unique column with an
-// index: the primary key), a page at a time, so a job over millions of rows
-// holds no transaction open and needs no snapshot. A row is updated only if
+// Rows are listed in the order of the ID column, a page at a time, so a job
+// over millions of rows holds no transaction open and needs no snapshot.
+// The ID column must have a unique index of its own (the primary key, say):
+// paging by it would skip rows sharing an ID, so Prepare refuses a column
+// without one. Rows whose ID is NULL are not gone over. A row is updated only if
 // its column still holds the ciphertext the job read (UPDATE ... WHERE id =
 // $1 AND column = $2): an application's write meanwhile wins.
 //
@@ -21,6 +23,8 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -53,6 +57,11 @@ type Column struct {
 	ContextColumns map[string]string
 	// Context: fixed encryption context entries, for every row.
 	Context map[string]string
+	// Database names the database in reports and state files, so that the
+	// same table in two databases is two sources. Default: the server's
+	// address and port (this host's name when it is reached over a Unix
+	// socket or loopback) and the database's name, as the server says.
+	Database string
 
 	once    sync.Once
 	idType  string
@@ -60,15 +69,20 @@ type Column struct {
 	err     error
 }
 
-// Name is "postgres:" and the table and column.
-func (c *Column) Name() string { return "postgres:" + c.Table + "." + c.Column }
+// Name is "postgres:", the database, the table and the column:
+// "postgres:db1:5432/shop/billing.orders.card_token". Before Prepare it
+// lacks the database.
+func (c *Column) Name() string {
+	return "postgres:" + c.Database + "/" + c.Table + "." + c.Column
+}
 
 func ident(name string) string { return pgx.Identifier(strings.Split(name, ".")).Sanitize() }
 
-// prepare reads the ID column's type from the catalog: cursors are its
-// text form, cast back to it in queries, so the order is the column's own
-// and its index serves.
-func (c *Column) prepare(ctx context.Context) error {
+// Prepare checks the columns in the catalog and learns the ID column's
+// type (cursors are its text form, cast back to it in queries, so the
+// order is the column's own and its index serves) and, unless set, the
+// database's name for Name.
+func (c *Column) Prepare(ctx context.Context) error {
 	c.once.Do(func() {
 		if c.Table == "" || c.ID == "" || c.Column == "" {
 			c.err = errors.New("pgrewrap: Table, ID and Column are required")
@@ -92,6 +106,31 @@ func (c *Column) prepare(ctx context.Context) error {
 			c.err = fmt.Errorf("pgrewrap: column %s of %s is %s; keyward ciphertexts are bytea", c.Column, c.Table, ct)
 			return
 		}
+		var unique bool
+		err = c.DB.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
+			WHERE x.indrelid = $1::regclass AND x.indisunique AND x.indnkeyatts = 1 AND x.indpred IS NULL AND a.attname = $2)`,
+			ident(c.Table), c.ID).Scan(&unique)
+		if err != nil {
+			c.err = fmt.Errorf("pgrewrap: reading the indexes of %s: %w", c.Table, err)
+			return
+		}
+		if !unique {
+			c.err = fmt.Errorf("pgrewrap: column %s of %s has no unique index of its own: a job paging by it would skip rows sharing an ID; give the primary key", c.ID, c.Table)
+			return
+		}
+		if c.Database == "" {
+			var db, addr string
+			var port int
+			err := c.DB.QueryRow(ctx, `SELECT current_database(), coalesce(host(inet_server_addr()), ''), coalesce(inet_server_port(), 0)`).Scan(&db, &addr, &port)
+			if err != nil {
+				c.err = fmt.Errorf("pgrewrap: %w", err)
+				return
+			}
+			if ip := net.ParseIP(addr); ip == nil || ip.IsLoopback() {
+				addr, _ = os.Hostname()
+			}
+			c.Database = fmt.Sprintf("%s:%d/%s", addr, port, db)
+		}
 		c.ctxKeys = slices.Sorted(maps.Keys(c.ContextColumns))
 	})
 	return c.err
@@ -110,7 +149,7 @@ func (c *Column) Count(ctx context.Context) (int64, error) {
 // List reads the next rows after the cursor (an ID's text form, after a
 // leading '=' that keeps an empty ID apart from the start).
 func (c *Column) List(ctx context.Context, after string, limit int) ([]rewrap.Item, error) {
-	if err := c.prepare(ctx); err != nil {
+	if err := c.Prepare(ctx); err != nil {
 		return nil, err
 	}
 	// The output columns are renamed: ORDER BY a bare name takes an output
@@ -120,7 +159,7 @@ func (c *Column) List(ctx context.Context, after string, limit int) ([]rewrap.It
 	for i, k := range c.ctxKeys {
 		cols = append(cols, fmt.Sprintf("%s::text AS keyward_rewrap_ctx%d", ident(c.ContextColumns[k]), i))
 	}
-	q := "SELECT " + strings.Join(cols, ", ") + " FROM " + ident(c.Table) + " WHERE " + ident(c.Column) + " IS NOT NULL"
+	q := "SELECT " + strings.Join(cols, ", ") + " FROM " + ident(c.Table) + " WHERE " + ident(c.Column) + " IS NOT NULL AND " + ident(c.ID) + " IS NOT NULL"
 	args := []any{limit}
 	if after != "" {
 		q += " AND " + ident(c.ID) + " > $2::text::" + c.idType
@@ -163,7 +202,7 @@ func (c *Column) List(ctx context.Context, after string, limit int) ([]rewrap.It
 
 // Replace updates the row if its column still holds it.Ciphertext.
 func (c *Column) Replace(ctx context.Context, it rewrap.Item, ciphertext []byte) error {
-	if err := c.prepare(ctx); err != nil {
+	if err := c.Prepare(ctx); err != nil {
 		return err
 	}
 	tag, err := c.DB.Exec(ctx, "UPDATE "+ident(c.Table)+" SET "+ident(c.Column)+" = $1 WHERE "+ident(c.ID)+" = $2::text::"+c.idType+

@@ -3,8 +3,11 @@ package pgrewrap_test
 import (
 	"context"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
+
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/keyward/keyward/daemon/api/client"
 	"github.com/keyward/keyward/daemon/api/client/rewrap"
@@ -29,7 +32,8 @@ func TestColumn(t *testing.T) {
 	if _, err := c.Keys.CreateKey(ctx, &keywardv1.CreateKeyRequest{Name: "cards", Purpose: keywardv1.KeyPurpose_KEY_PURPOSE_ENCRYPT}); err != nil {
 		t.Fatal(err)
 	}
-	db := pgtest.Start(t).Connect(t)
+	pg := pgtest.Start(t)
+	db := pg.Connect(t)
 	if _, err := db.Exec(ctx, `CREATE SCHEMA billing; CREATE TABLE billing."Orders" (id bigint PRIMARY KEY, tenant text, token bytea)`); err != nil {
 		t.Fatal(err)
 	}
@@ -54,8 +58,9 @@ func TestColumn(t *testing.T) {
 		return &pgrewrap.Column{DB: db, Table: `billing.Orders`, ID: "id", Column: "token",
 			ContextColumns: map[string]string{"tenant": "tenant"}, Context: map[string]string{"table": "orders"}}
 	}
-	if n := src().Name(); n != "postgres:billing.Orders.token" {
-		t.Errorf("Name %q", n)
+	host, _ := os.Hostname()
+	if s := src(); s.Prepare(ctx) != nil || s.Name() != "postgres:"+host+":"+fmt.Sprint(pg.Port)+"/postgres/billing.Orders.token" {
+		t.Errorf("Name %q", s.Name())
 	}
 
 	// Stop in the third batch of 10, after rows 1-20, as a crash would.
@@ -108,13 +113,51 @@ func TestColumn(t *testing.T) {
 		t.Errorf("the application's write of row 23 became %q", app)
 	}
 
-	// A column that is not bytea, and one that is not there.
-	for col, want := range map[string]string{"tenant": "is text; keyward ciphertexts are bytea", "nope": `has no column "id" or "nope"`} {
-		s := &pgrewrap.Column{DB: db, Table: "billing.Orders", ID: "id", Column: col}
-		if _, err := rewrap.Run(ctx, c, s, rewrap.Options{}); err == nil || !strings.Contains(err.Error(), want) {
-			t.Errorf("column %s: %v", col, err)
+	// The application writes a row between the job's read and its update:
+	// the update does not happen, the application's write stands.
+	if _, err := c.Keys.RotateKey(ctx, &keywardv1.RotateKeyRequest{Name: "cards"}); err != nil {
+		t.Fatal(err)
+	}
+	rep, err = rewrap.Run(ctx, c, &appWrites{Column: src(), db: db}, rewrap.Options{Rate: 1000, Batch: 10, NoReport: true})
+	if err != nil || rep.Changed != 24 || rep.Moved != 0 {
+		t.Fatalf("with the application writing: %+v, %v", rep, err)
+	}
+	var n2 int
+	if err := db.QueryRow(ctx, `SELECT count(*) FROM billing."Orders" WHERE token = 'written by the application'`).Scan(&n2); err != nil || n2 != 24 {
+		t.Errorf("%d rows keep the application's write; want 24 (%v)", n2, err)
+	}
+
+	// A column that is not bytea, one that is not there, an ID without a
+	// unique index.
+	if _, err := db.Exec(ctx, `CREATE TABLE dup (grp int, token bytea); CREATE INDEX ON dup (grp)`); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ table, id, col, want string }{
+		{"billing.Orders", "id", "tenant", "is text; keyward ciphertexts are bytea"},
+		{"billing.Orders", "id", "nope", `has no column "id" or "nope"`},
+		{"dup", "grp", "token", "column grp of dup has no unique index of its own"},
+	} {
+		s := &pgrewrap.Column{DB: db, Table: tc.table, ID: tc.id, Column: tc.col}
+		if _, err := rewrap.Run(ctx, c, s, rewrap.Options{}); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s.%s by %s: %v", tc.table, tc.col, tc.id, err)
 		}
 	}
+}
+
+// appWrites is a Column whose rows the application writes just before the
+// job updates them.
+type appWrites struct {
+	*pgrewrap.Column
+	db interface {
+		Exec(context.Context, string, ...any) (pgconn.CommandTag, error)
+	}
+}
+
+func (a *appWrites) Replace(ctx context.Context, it rewrap.Item, ct []byte) error {
+	if _, err := a.db.Exec(ctx, `UPDATE billing."Orders" SET token = 'written by the application' WHERE id = $1::text::bigint`, it.Cursor[1:]); err != nil {
+		return err
+	}
+	return a.Column.Replace(ctx, it, ct)
 }
 
 // stopAt is a Column that cancels the job when it would replace the row
