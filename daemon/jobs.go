@@ -10,6 +10,7 @@ package daemon
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -167,15 +168,72 @@ func sweepRevocations(revoked *tokens.Service, log *slog.Logger, clock *clockWat
 }
 
 // watchAnomalies acts on the detector's alerts until ctx ends: the key is
-// disabled first if the configuration says so, with its event for the
-// plugins in the same transaction, then the alert is audited, logged and
-// counted. Baselines are written every flushEvery.
+// revoked or disabled first if the configuration says so, with its event
+// for the plugins in the same transaction, then the alert is audited,
+// logged and counted. An action that fails (the store cannot be written,
+// a fleet's etcd has lost its quorum) is tried again, from a second apart
+// up to a minute apart, until it is done; meanwhile this node refuses the
+// key (the detector's Stopped). Baselines are written every flushEvery.
 func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Manager, al *audit.Log, mx *metrics.Metrics, notify func(), log *slog.Logger, flushEvery time.Duration, now func() time.Time) {
 	if flushEvery <= 0 {
 		flushEvery = time.Minute
 	}
 	t := time.NewTicker(flushEvery)
 	defer t.Stop()
+	type action struct {
+		anomaly.Alert
+		revoked bool // its revocation was done; the event and audit were not
+	}
+	pending := map[string]action{} // actions that failed, by key
+	backoff := time.Duration(0)
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	handle := func(p action, again bool) {
+		a := p.Alert
+		detail, disabled, revoked, err := actOnAnomaly(akm, a, p.revoked)
+		switch {
+		case err != nil && again:
+			// Audited once, when it first failed; logged each time.
+			pending[a.KeyID] = action{a, revoked}
+			log.Error("acting on an API key anomaly failed again; this node refuses the key meanwhile", "key_id", a.KeyID, "kind", a.Kind, "error", err.Error())
+			return
+		case err != nil:
+			pending[a.KeyID] = action{a, revoked}
+			detail += "; acting on it failed, nothing was disabled or revoked yet: keywardd tries again until it is done, and this node refuses the key meanwhile: " + err.Error()
+		default:
+			delete(pending, a.KeyID)
+			if a.Stops() {
+				det.Settle(a.KeyID) // the store refuses it now
+			}
+			if again {
+				detail += " (on a later try: the first failed)"
+			}
+		}
+		rec := audit.Record{Time: now().UTC(), Op: "keywardd.APIKeyAnomaly", Key: a.KeyID, Outcome: "ok", Detail: detail,
+			Caller: keywardd()}
+		if err != nil {
+			rec.Outcome = "error"
+		}
+		if aerr := al.Append(ctx, rec); aerr != nil {
+			log.Error("auditing an API key anomaly failed", "key_id", a.KeyID, "error", aerr.Error())
+		}
+		if !again || err == nil {
+			log.Warn("API key anomaly", "key_id", a.KeyID, "kind", a.Kind, "disabled", disabled, "detail", detail)
+		}
+		if !again {
+			mx.Anomaly(a.Kind, disabled)
+		}
+		notify()
+	}
+	schedule := func() {
+		if len(pending) == 0 {
+			backoff = 0
+			return
+		}
+		backoff = min(max(2*backoff, time.Second), time.Minute)
+		retry.Reset(backoff)
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -185,56 +243,66 @@ func watchAnomalies(ctx context.Context, det *anomaly.Detector, akm *apikeys.Man
 				log.Error("writing API key baselines failed; they are kept and retried", "error", err.Error())
 			}
 		case a := <-det.Alerts():
-			seen := a.Kind + ": " + a.Detail
-			var detail string // what the event says, once it is written
-			var disabling, revoking bool
-			// A revocation first, in its own transaction with its event for
-			// the plugins: should the anomaly's event fail after it, the key
-			// is revoked all the same (fail closed), and the failure logged.
-			var revokeErr error
-			if a.Action == anomaly.ActionRevoke {
-				if r, err := akm.Get(a.KeyID); err == nil && r.State != apikeys.StateRevoked {
-					_, revokeErr = akm.Revoke(a.KeyID)
-					revoking = revokeErr == nil
-				}
+			if p, waiting := pending[a.KeyID]; waiting && a.Stops() {
+				// Already being tried; the newer alert's action is tried
+				// in its place (a revoke after a disable, say).
+				pending[a.KeyID] = action{a, p.revoked}
+				continue
 			}
-			_, err := akm.Notice(a.KeyID, outbox.Anomaly, a.KeyID, seen, func(r *apikeys.Record) (string, error) {
-				disabling = false
-				switch {
-				case a.Action == anomaly.ActionRevoke && revoking:
-					return fmt.Sprintf("; keywardd revoked the key (anomaly.revoke names %s)", a.Kind), nil
-				case a.Action == anomaly.ActionRevoke && revokeErr != nil:
-					return "; revoking it failed: " + revokeErr.Error(), nil
-				case a.Action == anomaly.ActionDisable && r.State == apikeys.Active:
-					r.State, disabling = apikeys.StateDisabled, true
-					return fmt.Sprintf("; keywardd disabled the key (keyward apikey update -id %s -enable, once it is understood)", a.KeyID), nil
-				case a.Stops():
-					return "; the key was not active, so nothing was done to it", nil
-				}
-				return "; alert only (anomaly.disable and anomaly.revoke do not name " + a.Kind + ")", nil
-			}, &detail)
-			if err == nil {
-				err = revokeErr
+			handle(action{Alert: a}, false)
+			if len(pending) > 0 && backoff == 0 {
+				schedule()
 			}
-			disabled := err == nil && (disabling || revoking)
-			if err != nil {
-				detail = seen + "; acting on it failed, nothing was disabled or revoked (this node refuses the key until it restarts): " + err.Error()
-			} else if a.Stops() {
-				det.Settle(a.KeyID) // the store refuses it now
+		case <-retry.C:
+			for _, a := range pending {
+				handle(a, true)
 			}
-			rec := audit.Record{Time: now().UTC(), Op: "keywardd.APIKeyAnomaly", Key: a.KeyID, Outcome: "ok", Detail: detail,
-				Caller: keywardd()}
-			if err != nil {
-				rec.Outcome = "error"
-			}
-			if aerr := al.Append(ctx, rec); aerr != nil {
-				log.Error("auditing an API key anomaly failed", "key_id", a.KeyID, "error", aerr.Error())
-			}
-			log.Warn("API key anomaly", "key_id", a.KeyID, "kind", a.Kind, "disabled", disabled, "detail", detail)
-			mx.Anomaly(a.Kind, disabled)
-			notify()
+			schedule()
 		}
 	}
+}
+
+// actOnAnomaly does what the configuration says to a's key, and says what
+// it did for the audit record. revokedBefore: an earlier try revoked the
+// key, and failed after.
+func actOnAnomaly(akm *apikeys.Manager, a anomaly.Alert, revokedBefore bool) (detail string, disabled, revoked bool, err error) {
+	seen := a.Kind + ": " + a.Detail
+	var disabling bool
+	revoking := revokedBefore
+	// A revocation first, in its own transaction with its event for the
+	// plugins: should the anomaly's event fail after it, the key is
+	// revoked all the same (fail closed), and the failure logged.
+	var revokeErr error
+	if a.Action == anomaly.ActionRevoke && !revokedBefore {
+		if r, err := akm.Get(a.KeyID); err == nil && r.State != apikeys.StateRevoked {
+			_, revokeErr = akm.Revoke(a.KeyID)
+			revoking = revokeErr == nil
+		} else if err != nil && !errors.Is(err, apikeys.ErrNotFound) {
+			revokeErr = err
+		}
+	}
+	_, err = akm.Notice(a.KeyID, outbox.Anomaly, a.KeyID, seen, func(r *apikeys.Record) (string, error) {
+		disabling = false
+		switch {
+		case a.Action == anomaly.ActionRevoke && revoking:
+			return fmt.Sprintf("; keywardd revoked the key (anomaly.revoke names %s)", a.Kind), nil
+		case a.Action == anomaly.ActionRevoke && revokeErr != nil:
+			return "; revoking it failed: " + revokeErr.Error(), nil
+		case a.Action == anomaly.ActionDisable && r.State == apikeys.Active:
+			r.State, disabling = apikeys.StateDisabled, true
+			return fmt.Sprintf("; keywardd disabled the key (keyward apikey update -id %s -enable, once it is understood)", a.KeyID), nil
+		case a.Stops():
+			return "; the key was not active, so nothing was done to it", nil
+		}
+		return "; alert only (anomaly.disable and anomaly.revoke do not name " + a.Kind + ")", nil
+	}, &detail)
+	if err == nil {
+		err = revokeErr
+	}
+	if err != nil {
+		return seen, false, revoking, err
+	}
+	return detail, disabling || revoking, revoking, nil
 }
 
 // watchLoad samples the load every so often and logs when keywardd becomes

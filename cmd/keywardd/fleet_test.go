@@ -23,6 +23,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/keyward/keyward/daemon"
+	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/apikeys"
@@ -699,4 +700,57 @@ func TestFleetEvents(t *testing.T) {
 	if !slices.Equal(ids, want) {
 		t.Errorf("the webhook got %v, want each revocation once, in order: %v", ids, want)
 	}
+}
+
+// TestFleetAnomalyRetry: anomaly.revoke names new_network, and the use
+// from a new network comes while etcd has lost its quorum. The node that
+// saw it refuses the key at once (the use itself too); the revocation
+// cannot be written then, and keywardd tries again until it is: once etcd
+// heals, the key is revoked on every node, and the audit log says the
+// first try failed and a later one did it.
+func TestFleetAnomalyRetry(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	n := startFleet(t, c, 2, func(_ int, e *daemon.EtcdConfig) {
+		e.Staleness = time.Minute
+		e.Timeout = time.Second
+	}, func(cfg *daemon.Config) {
+		cfg.Anomaly = anomaly.Config{Enabled: true, Learn: time.Second, NewNetworks: true, Revoke: []string{anomaly.NewNetwork}}
+	})
+	ctx := context.Background()
+	k, err := n[0].APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "watched", Environment: "prod", Permissions: []string{"orders:read"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	verify := func(node *fleetNode, ip string) (keywardv1.APIKeyCode, error) {
+		r, err := node.APIKeys.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: k.Secret, Environment: "prod", Permissions: []string{"orders:read"}, SourceIp: ip})
+		return r.GetCode(), err
+	}
+	if code, err := verify(n[0], "10.0.0.1"); code != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
+		t.Fatalf("the first use: %v, %v", code, err)
+	}
+	time.Sleep(1100 * time.Millisecond) // past anomaly.learn, from the first use
+
+	c.LoseQuorum()
+	if code, err := verify(n[0], "198.51.100.7"); code != keywardv1.APIKeyCode_API_KEY_CODE_REVOKED {
+		t.Fatalf("the use from a new network, etcd without quorum: %v, %v; want REVOKED", code, err)
+	}
+	if code, err := verify(n[0], "10.0.0.1"); code != keywardv1.APIKeyCode_API_KEY_CODE_REVOKED {
+		t.Errorf("node 1 after the anomaly, its revocation not yet written: %v, %v; want it refused", code, err)
+	}
+	auditLog := filepath.Join(n[0].files.Config.DataDir, "audit.log")
+	within(t, "the failed action is not audited", func() (bool, string) {
+		b, _ := os.ReadFile(auditLog)
+		return strings.Contains(string(b), "keywardd tries again until it is done"), lastLine(string(b))
+	})
+
+	c.Heal()
+	within(t, "node 2 does not refuse the key after etcd healed", func() (bool, string) {
+		time.Sleep(100 * time.Millisecond) // within the key's rate limit
+		code, err := verify(n[1], "10.0.0.1")
+		return code == keywardv1.APIKeyCode_API_KEY_CODE_REVOKED, fmt.Sprint(code, err)
+	})
+	within(t, "the later try is not audited", func() (bool, string) {
+		b, _ := os.ReadFile(auditLog)
+		return strings.Contains(string(b), "keywardd revoked the key (anomaly.revoke names new_network) (on a later try: the first failed)"), lastLine(string(b))
+	})
 }
