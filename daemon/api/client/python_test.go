@@ -127,6 +127,57 @@ print(json.dumps(out))
 	}
 }
 
+// TestPythonClientLimited: a caller over its call rate gets an Error that
+// says so (limited) and how long keywardd said to wait, read from the
+// status details keywardd sends; another refusal is not limited.
+func TestPythonClientLimited(t *testing.T) {
+	py, dir := python(t)
+	d := daemontest.Start(t, daemontest.Policy(fmt.Sprintf(`version: 1
+roles:
+  all:
+    limits:
+      rate: [{limit: 2, per: 1m, burst: 2}]
+    permissions:
+      - operations: ["*"]
+        keys: ["*"]
+bindings:
+  - role: all
+    callers:
+      - uid: %d
+`, os.Getuid())))
+	script := `
+import json
+import keyward_client as kw
+c = kw.Client()
+out = []
+for _ in range(3):
+    try:
+        c.generate_data_key("no-such-key")
+    except kw.Error as e:
+        out.append([e.code, e.limited, e.retry_after])
+print(json.dumps(out))
+`
+	cmd := exec.Command(py, "-c", script)
+	cmd.Env = []string{"PYTHONPATH=" + dir, "PYTHONDONTWRITEBYTECODE=1", "KEYWARD_SOCKET=" + d.Socket}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("the Python client: %v\n%s", err, out)
+	}
+	var got [][]any
+	if err := json.Unmarshal(bytes.TrimSpace(out), &got); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if len(got) != 3 || fmt.Sprint(got[0]) != "[NOT_FOUND false 0]" || fmt.Sprint(got[1]) != "[NOT_FOUND false 0]" {
+		t.Fatalf("the first two calls: %v; want NOT_FOUND, not limited", got)
+	}
+	if got[2][0] != "RESOURCE_EXHAUSTED" || got[2][1] != true {
+		t.Fatalf("the third call: %v; want RESOURCE_EXHAUSTED, limited", got[2])
+	}
+	if wait, _ := got[2][2].(float64); wait <= 0 || wait > 60 {
+		t.Errorf("retry_after %v; want a wait of up to the minute's budget", got[2][2])
+	}
+}
+
 // TestPythonExampleApp: the example application admits a request with a
 // valid API key only, and gives back what it sealed.
 func TestPythonExampleApp(t *testing.T) {

@@ -15,7 +15,8 @@ binary): there is nothing to configure but the socket.
 
 Every other call of keyward.v1 is there too, through the generated
 messages and Client.call (docs/api.md lists them). A refusal raises Error,
-with the gRPC code and keywardd's message, which says what to do.
+with the gRPC code and keywardd's message, which says what to do, and,
+when the caller is over its budget, limited and retry_after.
 
 Dependencies: grpcio and protobuf (Debian: python3-grpcio,
 python3-protobuf). The *_pb2.py modules are generated from
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
 
-from . import apikeys_pb2, envelope_pb2, status_pb2, tokens_pb2
+from . import apikeys_pb2, envelope_pb2, rpcstatus_pb2, status_pb2, tokens_pb2
 
 __all__ = ["Client", "Error", "DataKey", "Token", "TokenCheck", "APIKeyCheck", "DEFAULT_SOCKET",
            "apikeys_pb2", "envelope_pb2", "status_pb2", "tokens_pb2"]
@@ -40,11 +41,40 @@ DEFAULT_SOCKET = "/run/keyward/keyward.sock"
 class Error(Exception):
     """keywardd refused or failed a call: code is the gRPC status code's
     name (PERMISSION_DENIED, NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE, ...),
-    message keywardd's words."""
+    message keywardd's words.
 
-    def __init__(self, code, message):
+    limited: the caller (its uid) is over its budget (connections, calls in
+    flight, call rate), as opposed to a request too large; both are
+    RESOURCE_EXHAUSTED. retry_after: when limited, the seconds keywardd
+    said to wait before calling again; 0.0 when it did not say (over its
+    calls in flight: wait for one of them to end). As the Go client's
+    Error.Limited and Error.RetryAfter."""
+
+    def __init__(self, code, message, limited=False, retry_after=0.0):
         super().__init__("keyward: %s: %s" % (code, message))
         self.code, self.message = code, message
+        self.limited, self.retry_after = limited, retry_after
+
+    @classmethod
+    def from_rpc(cls, e):
+        """The Error of a grpc.RpcError, with the details keywardd sent in
+        its grpc-status-details-bin trailer."""
+        code = e.code().name
+        limited, retry_after = False, 0.0
+        for key, value in (e.trailing_metadata() or ()):
+            if key != "grpc-status-details-bin":
+                continue
+            try:
+                st = rpcstatus_pb2.Status.FromString(value)
+            except Exception:  # not keywardd's: the code and message stand
+                continue
+            for d in st.details:
+                if d.type_url.endswith("/google.rpc.QuotaFailure"):
+                    limited = code == "RESOURCE_EXHAUSTED"
+                elif d.type_url.endswith("/google.rpc.RetryInfo"):
+                    ri = rpcstatus_pb2.RetryInfo.FromString(d.value)
+                    retry_after = ri.retry_delay.seconds + ri.retry_delay.nanos / 1e9
+        return cls(code, e.details(), limited, retry_after)
 
 
 @dataclass
@@ -108,7 +138,7 @@ class Client:
         try:
             return rpc(request, timeout=self.timeout)
         except grpc.RpcError as e:
-            raise Error(e.code().name, e.details()) from None
+            raise Error.from_rpc(e) from None
 
     def ping(self):
         self.call("StatusService/Ping", status_pb2.PingRequest(), status_pb2.PingResponse)
