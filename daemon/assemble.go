@@ -27,6 +27,7 @@ import (
 	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/dynlimits"
 	"github.com/keyward/keyward/daemon/envelope"
+	"github.com/keyward/keyward/daemon/events"
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/outbox"
@@ -69,6 +70,7 @@ type daemonParts struct {
 	env     *envelope.Service
 	cm      *credentials.Manager
 	ob      *outbox.Outbox
+	hub     *events.Hub // the watch stream's
 	sched   *schedule.Scheduler
 	mx      *metrics.Metrics
 	legacy  *legacyNames
@@ -302,9 +304,18 @@ func (d *daemonParts) newPlugins(context.Context) (err error) {
 	if d.ob, err = outbox.New(d.st, set, d.log, nil); err != nil {
 		return err
 	}
+	// The watch stream reads the outbox, which keeps events for its
+	// watchers to resume from.
+	d.ob.KeepFor(d.cfg.Events.WithDefaults().Retention)
+	d.hub = events.New(d.st, d.cfg.Events)
 	// Events another node of a fleet wrote: the elected node delivers them
-	// now rather than at its next round (Notify never waits).
-	d.feed.on(store.BucketOutbox, func([]etcdstore.Change) { d.ob.Notify() })
+	// now rather than at its next round (Notify never waits), and the
+	// watchers read them at once. On one host, the store says when it
+	// wrote some.
+	d.feed.on(store.BucketOutbox, func([]etcdstore.Change) { d.ob.Notify(); d.hub.Wake() })
+	if st, ok := d.st.(interface{ OnEvents(func()) }); ok {
+		st.OnEvents(d.hub.Wake)
+	}
 	d.sched = newScheduler(d.cfg, d.st, d.km, d.cm, d.akm, d.al, d.log, d.o.Now)
 	return nil
 }
@@ -354,7 +365,7 @@ func (d *daemonParts) newServer(context.Context) error {
 	d.srv, d.gs = server.New(server.Config{
 		HSM: hsmStatus{d.h}, Store: d.st, Keys: d.km, Envelope: d.env, Crypto: appcrypto.New(d.km, d.h, d.o.Now), Audit: d.al, AuditReader: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
 		MaxBatch: cfg.MaxBatch, Version: d.o.Version, HealthEvery: d.o.HealthEvery,
-		Tokens: d.tokens, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify,
+		Tokens: d.tokens, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify, Events: d.hub,
 		Plugins:          func() []server.PluginState { return pluginStates(d.plugins, d.ob.Status()) },
 		NamesToRename:    d.legacy.Counts,
 		Fleet:            d.fleetInfo(),

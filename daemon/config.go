@@ -21,6 +21,7 @@ import (
 	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/dynlimits"
+	"github.com/keyward/keyward/daemon/events"
 	"github.com/keyward/keyward/daemon/names"
 	"github.com/keyward/keyward/daemon/procenv"
 	"github.com/keyward/keyward/daemon/ratelimit"
@@ -93,6 +94,8 @@ type Config struct {
 	Anomaly anomaly.Config `yaml:"anomaly"`
 	// DynamicLimits: API keys' rate limits under load (package dynlimits).
 	DynamicLimits dynlimits.Config `yaml:"dynamic_limits"`
+	// Events: the watch stream (package events, docs/events.md).
+	Events events.Config `yaml:"events"`
 	// Store is where the state is kept: a bbolt file in data_dir (one
 	// host, the default), or etcd, shared by a fleet of nodes
 	// (docs/fleet.md).
@@ -216,6 +219,9 @@ func (c *Config) check() error {
 		errs = append(errs, err)
 	}
 	if err := c.DynamicLimits.Check(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.Events.Check(); err != nil {
 		errs = append(errs, err)
 	}
 	// Credentials and policies name a plugin; two names of one canonical

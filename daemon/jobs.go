@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/keyward/keyward/daemon/anomaly"
@@ -57,6 +58,11 @@ func (d *daemonParts) jobs() []task {
 				cutoff = cutoff.Add(-time.Minute)
 			}
 			resumeRevocations(ctx, d.akm, d.srv.Owners, d.al, log, now, cutoff)
+		})),
+		// API keys entering their last days: an api_key_expiring event
+		// each, for the watch stream and the plugins.
+		once(every("expiring API keys", 10*time.Minute, func(ctx context.Context) {
+			noticeExpiring(ctx, d.akm, d.al, log, now, d.cfg.Events.WithDefaults().ExpiringWithin)
 		})),
 		// Revocation events delivered to the plugins (outbox).
 		once(loop("plugin events", func(ctx context.Context) { d.ob.Run(ctx, time.Second) })),
@@ -303,6 +309,23 @@ func actOnAnomaly(akm *apikeys.Manager, a anomaly.Alert, revokedBefore bool) (de
 		return seen, false, revoking, err
 	}
 	return detail, disabling || revoking, revoking, nil
+}
+
+// noticeExpiring writes the api_key_expiring events due, and audits them
+// in one record.
+func noticeExpiring(ctx context.Context, akm *apikeys.Manager, al *audit.Log, log *slog.Logger, now func() time.Time, within time.Duration) {
+	ids, err := akm.NoticeExpiring(within)
+	if err != nil {
+		log.Error("announcing API keys about to expire failed; tried again in 10 minutes", "error", err.Error())
+	}
+	if len(ids) == 0 {
+		return
+	}
+	rec := audit.Record{Time: now().UTC(), Op: "keywardd.APIKeyExpiring", Outcome: "ok", Caller: keywardd(), Items: len(ids),
+		Detail: fmt.Sprintf("%d API keys expire within %v: an api_key_expiring event for each (%s)", len(ids), within, strings.Join(ids, ", "))}
+	if aerr := al.Append(ctx, rec); aerr != nil {
+		log.Error("auditing the API keys about to expire failed", "error", aerr.Error())
+	}
 }
 
 // watchLoad samples the load every so often and logs when keywardd becomes

@@ -67,6 +67,9 @@ type Record struct {
 	State    State             `json:"state"`
 	Created  time.Time         `json:"created"`
 	Secrets  []Secret          `json:"secrets"` // the current one last
+	// ExpiryNoticed is the expiry an api_key_expiring event was written
+	// for (NoticeExpiring): one event per expiry, however often it looks.
+	ExpiryNoticed time.Time `json:"expiry_noticed,omitzero"`
 }
 
 // Secret is one secret of a key: its HMAC, and after a rotation, when the

@@ -886,35 +886,42 @@ func (m *Manager) flushQuotaBatch(ids []string) error {
 	return nil
 }
 
-// change applies fn to a key's record and saves it. It counts from the very
-// next verify: save drops the record from the record cache, and the digest
+// changeEmit applies fn to a key's record and saves it; fn may also name
+// an event for the plugins and the watch stream (kind and detail; no kind,
+// no event), written in the same transaction. It counts from the very next
+// verify: save drops the record from the record cache, and the digest
 // cache only points at it.
 //
 // fn runs in the store's transaction, on the record as the store holds it
 // then: in a fleet, a change made on another node a moment before (a
 // revocation) is what fn sees, not undone by a copy read earlier.
-func (m *Manager) change(id string, fn func(*Record) error) (*Record, error) {
+func (m *Manager) changeEmit(id string, fn func(*Record) (kind, detail string, err error)) (*Record, error) {
 	if !idForm.MatchString(id) {
 		return nil, fmt.Errorf("%w: not a key ID (ak_ and 24 hex digits; the ID, never the key itself)", ErrInvalid)
 	}
 	m.forget(id)
 	var rec *Record
-	err := m.store.Update(store.BucketAPIKeys, id, func(old []byte) ([]byte, error) {
+	err := m.store.UpdateEachEmit(store.BucketAPIKeys, []string{id}, func(_ string, old []byte) ([]byte, [][]byte, error) {
 		if old == nil {
-			return nil, fmt.Errorf("%w: %q", ErrNotFound, id)
+			return nil, nil, fmt.Errorf("%w: %q", ErrNotFound, id)
 		}
 		r, err := decode(id, old)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if q := m.quotas[id]; q != nil {
 			r.Quota = q
 		}
-		if err := fn(r); err != nil {
-			return nil, err
+		kind, detail, err := fn(r)
+		if err != nil {
+			return nil, nil, err
 		}
 		rec = r
-		return json.Marshal(r)
+		b, err := json.Marshal(r)
+		if kind == "" {
+			return b, nil, err
+		}
+		return b, [][]byte{outbox.Encode(outbox.Event{Kind: kind, ID: id, Subject: r.Owner, Time: m.now().UTC(), Detail: detail})}, err
 	})
 	if err != nil {
 		return nil, err
@@ -958,44 +965,68 @@ type Change struct {
 func (m *Manager) Update(id string, c Change, admin bool) (*Record, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	rec, err := m.change(id, func(r *Record) error {
-		if r.State == StateRevoked {
-			return fmt.Errorf("%w: %q is revoked; create a new key", ErrInvalid, id)
-		}
-		old := *r
-		if c.Permissions != nil {
-			r.Permissions = c.Permissions
-		}
-		if c.Limits != nil {
-			r.Limits = *c.Limits
-		}
-		if c.AllowedIPs != nil {
-			r.AllowedIPs = *c.AllowedIPs
-		}
-		if c.Expires != nil {
-			r.Expires = *c.Expires
-		}
-		if c.State != nil {
-			if *c.State != Active && *c.State != StateDisabled {
-				return fmt.Errorf("%w: a key's state changes to active or disabled (revoke with RevokeAPIKey)", ErrInvalid)
-			}
-			r.State = *c.State
-		}
-		if c.Expires != nil || c.Permissions != nil || c.Limits != nil || c.AllowedIPs != nil {
-			if err := m.check(Spec{Owner: r.Owner, Name: r.Name, Environment: r.Environment, Permissions: r.Permissions,
-				Expires: r.Expires, AllowedIPs: r.AllowedIPs, Limits: r.Limits}); err != nil {
-				return err
+	rec, err := m.changeEmit(id, func(r *Record) (string, string, error) {
+		kind, err := m.update(r, c, admin)
+		var changed []string
+		for _, f := range []struct {
+			name string
+			set  bool
+		}{{"permissions", c.Permissions != nil}, {"limits", c.Limits != nil}, {"allowed_ips", c.AllowedIPs != nil}, {"expiry", c.Expires != nil}} {
+			if f.set {
+				changed = append(changed, f.name)
 			}
 		}
-		if admin {
-			return nil
-		}
-		return narrows(&old, r)
+		return kind, strings.Join(changed, ","), err
 	})
 	if err != nil {
 		return nil, err
 	}
 	return public(rec), nil
+}
+
+// update applies c to r, and names the event it makes: api_key_disabled
+// or api_key_enabled when the state changes, api_key_updated otherwise.
+func (m *Manager) update(r *Record, c Change, admin bool) (string, error) {
+	id := r.ID
+	kind := outbox.APIKeyUpdated
+	if r.State == StateRevoked {
+		return "", fmt.Errorf("%w: %q is revoked; create a new key", ErrInvalid, id)
+	}
+	old := *r
+	if c.Permissions != nil {
+		r.Permissions = c.Permissions
+	}
+	if c.Limits != nil {
+		r.Limits = *c.Limits
+	}
+	if c.AllowedIPs != nil {
+		r.AllowedIPs = *c.AllowedIPs
+	}
+	if c.Expires != nil {
+		r.Expires = *c.Expires
+	}
+	if c.State != nil {
+		if *c.State != Active && *c.State != StateDisabled {
+			return "", fmt.Errorf("%w: a key's state changes to active or disabled (revoke with RevokeAPIKey)", ErrInvalid)
+		}
+		switch {
+		case r.State != StateDisabled && *c.State == StateDisabled:
+			kind = outbox.APIKeyDisabled
+		case r.State == StateDisabled && *c.State == Active:
+			kind = outbox.APIKeyEnabled
+		}
+		r.State = *c.State
+	}
+	if c.Expires != nil || c.Permissions != nil || c.Limits != nil || c.AllowedIPs != nil {
+		if err := m.check(Spec{Owner: r.Owner, Name: r.Name, Environment: r.Environment, Permissions: r.Permissions,
+			Expires: r.Expires, AllowedIPs: r.AllowedIPs, Limits: r.Limits}); err != nil {
+			return "", err
+		}
+	}
+	if admin {
+		return kind, nil
+	}
+	return kind, narrows(&old, r)
 }
 
 // narrows says why now grants more than was, or nil.
@@ -1242,6 +1273,48 @@ func (m *Manager) Notice(id, kind, eventID, detail string, fn func(*Record) (str
 	return public(rec), nil
 }
 
+// NoticeExpiring writes an api_key_expiring event, for the watch stream
+// and the plugins, for each active key that expires within the coming
+// within and has had none for that expiry; it returns their IDs.
+func (m *Manager) NoticeExpiring(within time.Duration) ([]string, error) {
+	now := m.now()
+	var due []string
+	err := m.store.ForEach(store.BucketAPIKeys, "", func(id string, b []byte) error {
+		r, err := decode(id, b)
+		if err != nil {
+			return nil // an unreadable record is reported where it is used
+		}
+		if r.State == Active && !r.Expires.IsZero() && r.Expires.Sub(now) <= within && r.Expires.After(now) && !r.ExpiryNoticed.Equal(r.Expires) {
+			due = append(due, id)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	var done []string
+	for _, id := range due {
+		_, err := m.Notice(id, outbox.APIKeyExpiring, id, "", func(r *Record) (string, error) {
+			if r.ExpiryNoticed.Equal(r.Expires) {
+				return "", errNoticed
+			}
+			r.ExpiryNoticed = r.Expires
+			return "expires " + r.Expires.UTC().Format(time.RFC3339), nil
+		}, nil)
+		switch {
+		case errors.Is(err, errNoticed):
+		case err != nil:
+			return done, err
+		default:
+			done = append(done, id)
+		}
+	}
+	return done, nil
+}
+
+// errNoticed: another node of a fleet wrote the notice meanwhile.
+var errNoticed = errors.New("apikeys: noticed already")
+
 // ErrRotatedMeanwhile: the key got a new secret after the one a rotation
 // notice was for; the notice is moot.
 var ErrRotatedMeanwhile = errors.New("apikeys: the key was rotated meanwhile")
@@ -1319,41 +1392,9 @@ func (m *Manager) Rotate(ctx context.Context, id string, overlap time.Duration) 
 		return "", nil, err
 	}
 	var pruned []string
-	rec, err := m.change(id, func(r *Record) error {
-		if r.State == StateRevoked {
-			return fmt.Errorf("%w: %q is revoked", ErrInvalid, id)
-		}
-		kept := r.Secrets[:0:0]
-		working := 0
-		for _, s := range r.Secrets {
-			if end := now.Add(overlap); s.NotAfter.IsZero() || end.Before(s.NotAfter) {
-				s.NotAfter = end
-			}
-			switch {
-			case s.NotAfter.After(now):
-				working++
-				kept = append(kept, s)
-			case now.Sub(s.NotAfter) < RotatedGrace:
-				kept = append(kept, s)
-			default:
-				pruned = append(pruned, hex.EncodeToString(s.MAC))
-			}
-		}
-		if working > MaxSecrets-1 {
-			return fmt.Errorf("%w: %q has %d secrets still in their overlap, the most a key keeps; rotate with a shorter overlap (0 ends the old ones now)", ErrInvalid, id, working)
-		}
-		// Room for the new one: the secrets that stopped working go first,
-		// oldest first; none still in its overlap.
-		for i := 0; len(kept) > MaxSecrets-1; {
-			if kept[i].NotAfter.After(now) {
-				i++
-				continue
-			}
-			pruned = append(pruned, hex.EncodeToString(kept[i].MAC))
-			kept = slices.Delete(kept, i, i+1)
-		}
-		r.Secrets = append(kept, Secret{MAC: mac, Created: now})
-		return nil
+	rec, err := m.changeEmit(id, func(r *Record) (string, string, error) {
+		err := m.rotate(r, now, overlap, mac, &pruned)
+		return outbox.APIKeyRotated, fmt.Sprintf("the old secrets work until %s", now.Add(overlap).Format(time.RFC3339)), err
 	})
 	if err != nil {
 		return "", nil, err
@@ -1366,4 +1407,44 @@ func (m *Manager) Rotate(ctx context.Context, id string, overlap time.Duration) 
 		_ = m.store.UpdateEach(store.BucketAPIKeyMACs, pruned, func(string, []byte) ([]byte, error) { return nil, nil })
 	}
 	return secret, public(rec), nil
+}
+
+// rotate gives r the new secret mac, the old ones ending within overlap;
+// the MACs of secrets dropped go to pruned.
+func (m *Manager) rotate(r *Record, now time.Time, overlap time.Duration, mac []byte, pruned *[]string) error {
+	id := r.ID
+	if r.State == StateRevoked {
+		return fmt.Errorf("%w: %q is revoked", ErrInvalid, id)
+	}
+	kept := r.Secrets[:0:0]
+	working := 0
+	for _, s := range r.Secrets {
+		if end := now.Add(overlap); s.NotAfter.IsZero() || end.Before(s.NotAfter) {
+			s.NotAfter = end
+		}
+		switch {
+		case s.NotAfter.After(now):
+			working++
+			kept = append(kept, s)
+		case now.Sub(s.NotAfter) < RotatedGrace:
+			kept = append(kept, s)
+		default:
+			*pruned = append(*pruned, hex.EncodeToString(s.MAC))
+		}
+	}
+	if working > MaxSecrets-1 {
+		return fmt.Errorf("%w: %q has %d secrets still in their overlap, the most a key keeps; rotate with a shorter overlap (0 ends the old ones now)", ErrInvalid, id, working)
+	}
+	// Room for the new one: the secrets that stopped working go first,
+	// oldest first; none still in its overlap.
+	for i := 0; len(kept) > MaxSecrets-1; {
+		if kept[i].NotAfter.After(now) {
+			i++
+			continue
+		}
+		*pruned = append(*pruned, hex.EncodeToString(kept[i].MAC))
+		kept = slices.Delete(kept, i, i+1)
+	}
+	r.Secrets = append(kept, Secret{MAC: mac, Created: now})
+	return nil
 }

@@ -482,7 +482,10 @@ func (m *Manager) advance(ctx context.Context, r *Record) error {
 			}
 			r.Current = &Version{Handle: p.Handle, Sealed: p.Sealed, Activated: now}
 			r.Pending, r.Failures, r.RetryAt, r.LastError = nil, 0, time.Time{}, ""
-			if err := m.save(r); err != nil {
+			// The new version active, with its event (for the watch stream:
+			// an application holding the old secret fetches the new one).
+			ev := outbox.Encode(outbox.Event{Kind: outbox.CredentialRotated, ID: r.Name, Subject: r.Plugin, Time: now})
+			if err := m.put(r, [][]byte{ev}); err != nil {
 				return err
 			}
 			return m.retireDue(ctx, r)

@@ -700,10 +700,13 @@ func (m *Manager) rotateLockedAt(ctx context.Context, name string, atOnce bool, 
 		}
 		k.Versions = append(k.Versions, v)
 		k.PendingVersion, k.PendingPanic = 0, false
+		// The new version, for the watch stream and the plugins that
+		// subscribe to it (a cache of public keys or of the newest version).
+		events := [][]byte{outbox.Encode(outbox.Event{Kind: outbox.KeyVersionCreated, ID: fmt.Sprintf("%s/v%d", name, next), Subject: name, Time: now})}
 		if then != nil {
-			return then(k), nil
+			events = append(events, then(k)...)
 		}
-		return nil, nil
+		return events, nil
 	})
 }
 

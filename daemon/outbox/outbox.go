@@ -39,6 +39,18 @@ const (
 	// Not revocations: notices for the people behind a key.
 	RotationDue = "rotation_due" // ID kind/ID (api_key/ak_…), Subject its owner
 	Anomaly     = "anomaly"      // ID an API key's ID, Subject its owner, Detail what was seen
+	// Changes, for the watch stream (EventService.Watch) and the plugins
+	// that subscribe to them: what a cache of verdicts, tokens or keys
+	// must learn. API keys: ID the key's ID, Subject its owner.
+	APIKeyDisabled = "api_key_disabled"
+	APIKeyEnabled  = "api_key_enabled"
+	APIKeyUpdated  = "api_key_updated"  // Detail: the fields changed (permissions, limits, allowed_ips, expiry)
+	APIKeyRotated  = "api_key_rotated"  // a new secret; Detail: until when the old ones work
+	APIKeyExpiring = "api_key_expiring" // Detail: when it expires
+	// A key's new version (a rotation): ID name/vN, Subject the key.
+	KeyVersionCreated = "key_version_created"
+	// A managed credential's new version: ID its name, Subject its plugin.
+	CredentialRotated = "credential_rotated"
 )
 
 // Event is a revocation or a notice.
@@ -94,6 +106,15 @@ type Outbox struct {
 
 	mu    sync.Mutex
 	state map[string]*pluginState
+	keep  time.Duration // events are kept this long after they were written, for the watch stream
+}
+
+// KeepFor keeps each event for d after it was written, taken or not, for
+// the watch stream's watchers to resume from (events.retention).
+func (o *Outbox) KeepFor(d time.Duration) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.keep = d
 }
 
 type pluginState struct {
@@ -297,8 +318,12 @@ func backoff(n int) time.Duration {
 	return min(d, 5*time.Minute)
 }
 
-// collect drops the events every configured plugin has taken.
+// collect drops the events every configured plugin has taken and older
+// than KeepFor: a prefix of the outbox, oldest first.
 func (o *Outbox) collect() error {
+	o.mu.Lock()
+	cutoff := o.now().Add(-o.keep)
+	o.mu.Unlock()
 	var low uint64
 	for i, p := range o.plugins.Plugins() {
 		c, err := o.cursor(p)
@@ -315,10 +340,14 @@ func (o *Outbox) collect() error {
 		}
 	}
 	var done []string
-	err := o.store.ForEachAfter(store.BucketOutbox, "", func(k string, _ []byte) error {
+	err := o.store.ForEachAfter(store.BucketOutbox, "", func(k string, b []byte) error {
 		seq, _ := strconv.ParseUint(k, 10, 64)
 		if seq > low {
 			return errStop
+		}
+		var e Event
+		if json.Unmarshal(b, &e) == nil && e.Time.After(cutoff) {
+			return errStop // kept for the watchers, and every one after it
 		}
 		done = append(done, k)
 		return nil

@@ -18,6 +18,7 @@ import (
 	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/envelope"
+	"github.com/keyward/keyward/daemon/events"
 	"github.com/keyward/keyward/daemon/faults"
 	"github.com/keyward/keyward/daemon/identity"
 	"github.com/keyward/keyward/daemon/keys"
@@ -139,6 +140,8 @@ var codeOf = []struct {
 	{tokens.ErrInvalid, codes.InvalidArgument},
 	{audit.ErrInvalid, codes.InvalidArgument},
 	{audit.ErrDamaged, codes.DataLoss},
+	{events.ErrTooMany, codes.ResourceExhausted},
+	{events.ErrCursor, codes.InvalidArgument},
 }
 
 // contextCodes come last: a call cut short by an HSM that did not answer

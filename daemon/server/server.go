@@ -62,7 +62,7 @@ import (
 var services = []*grpc.ServiceDesc{&keywardv1.KeyService_ServiceDesc, &keywardv1.EnvelopeService_ServiceDesc,
 	&keywardv1.StatusService_ServiceDesc, &keywardv1.TokenService_ServiceDesc, &keywardv1.APIKeyService_ServiceDesc,
 	&keywardv1.CredentialService_ServiceDesc, &keywardv1.RotationService_ServiceDesc, &keywardv1.AuditService_ServiceDesc,
-	&keywardv1.CryptoService_ServiceDesc}
+	&keywardv1.CryptoService_ServiceDesc, &keywardv1.EventService_ServiceDesc}
 
 // Ops lists every operation name the policy may grant, "Service.Method".
 func Ops() []string {
@@ -80,6 +80,11 @@ func eachOp(yield func(method, op string) bool) {
 		svc := sd.ServiceName[strings.LastIndexByte(sd.ServiceName, '.')+1:]
 		for _, md := range sd.Methods {
 			if !yield("/"+sd.ServiceName+"/"+md.MethodName, svc+"."+md.MethodName) {
+				return
+			}
+		}
+		for _, st := range sd.Streams {
+			if !yield("/"+sd.ServiceName+"/"+st.StreamName, svc+"."+st.StreamName) {
 				return
 			}
 		}
@@ -190,6 +195,8 @@ type Config struct {
 	// Notify, if set, is called when events for the plugins were queued,
 	// so that they go out at once.
 	Notify func()
+	// Events serves EventService.Watch; nil turns it off.
+	Events Events
 	// Now is keywardd's clock (audit records, tokens, API keys' expiry);
 	// nil is time.Now. Latencies are measured on the monotonic clock.
 	Now func() time.Time
@@ -245,6 +252,7 @@ type Server struct {
 	keywardv1.UnimplementedRotationServiceServer
 	keywardv1.UnimplementedAuditServiceServer
 	keywardv1.UnimplementedCryptoServiceServer
+	keywardv1.UnimplementedEventServiceServer
 }
 
 // New makes the server and the grpc.Server that serves it.
@@ -283,6 +291,7 @@ func New(cfg Config) (*Server, *grpc.Server) {
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: cfg.IdleTimeout}),
 		grpc.InTapHandle(s.admit),
 		grpc.UnaryInterceptor(s.intercept),
+		grpc.StreamInterceptor(s.interceptStream),
 		// A batch of 100 items of 64 KiB fits; a request is read whole
 		// before the policy sees it, so nothing much larger is taken.
 		grpc.MaxRecvMsgSize(MaxRequest),
@@ -303,6 +312,7 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	keywardv1.RegisterRotationServiceServer(gs, s)
 	keywardv1.RegisterAuditServiceServer(gs, s)
 	keywardv1.RegisterCryptoServiceServer(gs, s)
+	keywardv1.RegisterEventServiceServer(gs, s)
 	healthpb.RegisterHealthServer(gs, s.health)
 	reflection.Register(gs)
 	return s, gs
@@ -443,19 +453,11 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	if end, ok := ctx.Value(endKey{}).(func()); ok {
 		defer end() // before the answer goes out: the client may call again at once
 	}
-	op, ok := opNames[info.FullMethod]
-	if !ok {
-		op = strings.Replace(strings.TrimPrefix(info.FullMethod, "/keyward.v1."), "/", ".", 1)
+	c, err := newCall(ctx, info.FullMethod)
+	if err != nil {
+		return nil, err
 	}
-	c := &call{op: op}
-	if p, ok := peer.FromContext(ctx); ok {
-		if ai, ok := p.AuthInfo.(AuthInfo); ok {
-			c.caller = ai.Caller
-		}
-	}
-	if c.caller == nil {
-		return nil, status.Error(codes.Unauthenticated, "keywardd: the caller is not known; connect through keywardd's Unix socket")
-	}
+	op := c.op
 	if strings.HasPrefix(info.FullMethod, "/grpc.") {
 		return handler(ctx, req) // health and reflection: no keys, nothing to audit
 	}
@@ -471,7 +473,7 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	}
 	started := time.Now()
 	var resp any
-	err := s.cfg.Store.Err()
+	err = s.cfg.Store.Err()
 	if err == nil || storeFree[op] {
 		resp, err = handler(context.WithValue(ctx, callKey{}, c), req)
 	}
@@ -484,19 +486,7 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 		}
 	}
 	st := toStatus(err)
-	rec := audit.Record{
-		Time: s.cfg.Now().UTC(),
-		Caller: audit.Caller{UID: c.caller.UID, GID: c.caller.GID, PID: c.caller.PID,
-			Exe: c.caller.Exe, SHA256: c.caller.ExeSHA256},
-		Op: op, Key: c.key, Version: c.version, Items: c.items, ContextSHA256: c.ctxHash, Batch: c.batch,
-		APIKey: c.apiKey, Result: c.result,
-	}
-	rec.Outcome, rec.Code = outcome(st)
-	if st != nil {
-		rec.Detail = auditDetail(err, st)
-	} else {
-		rec.Detail = c.detail
-	}
+	rec := s.record(c, err, st)
 	// The record is written even if the caller gave up: what was done must
 	// be on record whether or not anyone waits for the answer.
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), auditTimeout)
@@ -514,6 +504,43 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 		return nil, st.Err()
 	}
 	return resp, nil
+}
+
+// newCall is a call to method by the caller keywardd identified when its
+// connection was made; Unauthenticated without one.
+func newCall(ctx context.Context, method string) (*call, error) {
+	op, ok := opNames[method]
+	if !ok {
+		op = strings.Replace(strings.TrimPrefix(method, "/keyward.v1."), "/", ".", 1)
+	}
+	c := &call{op: op}
+	if p, ok := peer.FromContext(ctx); ok {
+		if ai, ok := p.AuthInfo.(AuthInfo); ok {
+			c.caller = ai.Caller
+		}
+	}
+	if c.caller == nil {
+		return nil, status.Error(codes.Unauthenticated, "keywardd: the caller is not known; connect through keywardd's Unix socket")
+	}
+	return c, nil
+}
+
+// record is the audit record of c, which ended with err (st its status).
+func (s *Server) record(c *call, err error, st *status.Status) audit.Record {
+	rec := audit.Record{
+		Time: s.cfg.Now().UTC(),
+		Caller: audit.Caller{UID: c.caller.UID, GID: c.caller.GID, PID: c.caller.PID,
+			Exe: c.caller.Exe, SHA256: c.caller.ExeSHA256},
+		Op: c.op, Key: c.key, Version: c.version, Items: c.items, ContextSHA256: c.ctxHash, Batch: c.batch,
+		APIKey: c.apiKey, Result: c.result,
+	}
+	rec.Outcome, rec.Code = outcome(st)
+	if st != nil {
+		rec.Detail = auditDetail(err, st)
+	} else {
+		rec.Detail = c.detail
+	}
+	return rec
 }
 
 // allow checks the policy for the call's caller on key, and notes the key

@@ -22,7 +22,7 @@ type TokenService interface {
 	Mint(ctx context.Context, r tokens.MintRequest) (*tokens.MintedBy, error)
 	Verify(ctx context.Context, token, audience string) (*tokens.Verified, error)
 	Own(ctx context.Context, token string) (*tokens.Verified, error)
-	Revoke(id string, exp time.Time) error
+	Revoke(id string, exp time.Time, keyName string) error
 	RevokeUnknown(id string) (time.Time, error)
 	JWKS(ctx context.Context) ([]byte, error)
 }
@@ -164,7 +164,7 @@ func (s *Server) RevokeToken(ctx context.Context, r *keywardv1.RevokeTokenReques
 	}
 	c.version = got.Key.Version
 	exp := got.Claims.Expiry.Time()
-	if err := s.cfg.Tokens.Revoke(got.Claims.ID, exp); err != nil {
+	if err := s.cfg.Tokens.Revoke(got.Claims.ID, exp, got.Key.Name); err != nil {
 		return nil, err
 	}
 	return &keywardv1.RevokeTokenResponse{TokenId: got.Claims.ID, ExpireTime: timestamppb.New(exp)}, nil

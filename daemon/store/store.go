@@ -158,6 +158,7 @@ type Store struct {
 
 	failed   atomic.Pointer[Problem] // set when a record read at run time did not verify
 	onDamage atomic.Pointer[func(detail string)]
+	onEvents atomic.Pointer[func()]
 }
 
 // Options tune Open.
@@ -823,6 +824,12 @@ func (s *Store) fail(err error) error {
 // while serving does not verify: for the operator's log, not for callers.
 func (s *Store) OnDamage(fn func(detail string)) { s.onDamage.Store(&fn) }
 
+// OnEvents has fn called after each committed write that added events to
+// the outbox (UpdateEachEmit), under the store's write lock: the watch
+// stream wakes its watchers at once rather than at its next look. fn must
+// neither wait nor call the store.
+func (s *Store) OnEvents(fn func()) { s.onEvents.Store(&fn) }
+
 // writeFailed turns a failed commit into ErrUnavailable, without the
 // file's path (callers' answers carry it).
 func writeFailed(err error) error {
@@ -992,6 +999,7 @@ func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key str
 	var caught any
 	defer rethrow(&caught)
 	var txid int
+	emitted := false
 	err := guard(func() error {
 		return s.db.Update(func(tx *bolt.Tx) error {
 			txid = tx.ID()
@@ -1028,6 +1036,7 @@ func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key str
 					if err := s.emit(tx, &d, events); err != nil {
 						return err
 					}
+					emitted = true
 				}
 			}
 			return tx.Bucket([]byte(metaBucket)).Put([]byte(integrityKey), s.seal.integrity(writes, &d))
@@ -1044,6 +1053,9 @@ func (s *Store) UpdateEachEmit(bucketName string, keys []string, fn func(key str
 	}
 	s.digest = d
 	s.writes.Store(writes)
+	if fn := s.onEvents.Load(); emitted && fn != nil {
+		(*fn)()
+	}
 	return nil
 }
 

@@ -90,8 +90,9 @@ func (r *Revoked) Apply(recs map[string][]byte) {
 }
 
 // Revoke revokes the token jti until exp, its expiry (after which it fails
-// anyway). It is in the store before Revoke returns.
-func (r *Revoked) Revoke(jti string, exp time.Time) error {
+// anyway). It is in the store before Revoke returns. keyName, the key that
+// signed it (empty if unknown), is the event's subject.
+func (r *Revoked) Revoke(jti string, exp time.Time, keyName string) error {
 	if jti == "" || len(jti) > 256 {
 		return fmt.Errorf("%w: a token ID is 1 to 256 bytes", ErrInvalid)
 	}
@@ -107,7 +108,7 @@ func (r *Revoked) Revoke(jti string, exp time.Time) error {
 			}
 			return binary.BigEndian.AppendUint64(nil, uint64(until.Unix())), nil, nil
 		}
-		return binary.BigEndian.AppendUint64(nil, uint64(until.Unix())), [][]byte{outbox.Encode(outbox.Event{Kind: outbox.TokenRevoked, ID: jti, Time: r.now().UTC()})}, nil
+		return binary.BigEndian.AppendUint64(nil, uint64(until.Unix())), [][]byte{outbox.Encode(outbox.Event{Kind: outbox.TokenRevoked, ID: jti, Subject: keyName, Time: r.now().UTC()})}, nil
 	})
 	if err != nil {
 		return err

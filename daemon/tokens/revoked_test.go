@@ -24,13 +24,13 @@ func TestRevokedSurvivesRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Revoke("soon", t0.Add(time.Minute)); err != nil {
+	if err := r.Revoke("soon", t0.Add(time.Minute), "jwt"); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Revoke("later", t0.Add(time.Hour)); err != nil {
+	if err := r.Revoke("later", t0.Add(time.Hour), "jwt"); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Revoke("", t0); err == nil {
+	if err := r.Revoke("", t0, "jwt"); err == nil {
 		t.Fatal("an empty jti was revoked")
 	}
 	if !r.Is("soon") || !r.Is("later") || r.Is("other") {
@@ -65,7 +65,7 @@ func TestRevokedSurvivesRestart(t *testing.T) {
 	if !r.Is("later") {
 		t.Fatal("after a restart: a live revocation lost")
 	}
-	r.Revoke("soon2", t0.Add(3*time.Minute))
+	r.Revoke("soon2", t0.Add(3*time.Minute), "jwt")
 	now = t0.Add(5*time.Minute + ClockMargin)
 	if n, err := r.Sweep(); err != nil || n != 2 || r.Is("soon2") || r.Is("soon") {
 		t.Fatalf("Sweep = %d, %v", n, err)

@@ -210,14 +210,16 @@ func (s *Service) Own(ctx context.Context, token string) (*Verified, error) {
 	return v.Own(token, now)
 }
 
-// Revoke revokes the token id until exp.
-func (s *Service) Revoke(id string, exp time.Time) error { return s.revoked.Revoke(id, exp) }
+// Revoke revokes the token id, signed by the key keyName, until exp.
+func (s *Service) Revoke(id string, exp time.Time, keyName string) error {
+	return s.revoked.Revoke(id, exp, keyName)
+}
 
 // RevokeUnknown revokes the token id, whose key and expiry are unknown,
 // for as long as any token can live; it returns when the revocation ends.
 func (s *Service) RevokeUnknown(id string) (time.Time, error) {
 	exp := s.now().Add(s.cfg.MaxTTL)
-	return exp, s.revoked.Revoke(id, exp)
+	return exp, s.revoked.Revoke(id, exp, "")
 }
 
 // Published returns the Keys of every published signing key version.
