@@ -148,6 +148,9 @@ func TestWatch(t *testing.T) {
 	ac = keywardv1.NewAPIKeyServiceClient(in.Conn)
 	kc = keywardv1.NewKeyServiceClient(in.Conn)
 	w = watch(t, ec, &keywardv1.WatchRequest{Cursor: last})
+	if r := w.next(t); r.GetStart() == nil || r.GetCursor() != last {
+		t.Fatalf("resumed: %v; want the start, at the cursor given", r)
+	}
 	if e := w.next(t).GetEvent(); e.GetKind() != "key_version_created" || e.GetId() != "jwt/v3" {
 		t.Fatalf("after a restart, resumed: %v; want jwt/v3's creation", e)
 	}

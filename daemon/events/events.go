@@ -94,7 +94,8 @@ type Store interface {
 	ForEachAfter(bucket, after string, fn func(key string, rec []byte) error) error
 }
 
-// Item is what a watcher is sent: an event, or a resync marker.
+// Item is what a watcher is sent: an event, a resync marker, or, first on
+// every stream (neither), where it starts.
 type Item struct {
 	// Cursor is where the watcher is once it has this item: give it back
 	// to resume after it.
@@ -232,6 +233,13 @@ func (h *Hub) Watch(ctx context.Context, from string, start Start, allow func(ou
 				Reason: "the event your cursor names is no longer kept (older than events.retention) or was never this keywardd's: read what you cache again"}); err != nil {
 				return err
 			}
+		} else if err := send(Item{Cursor: from}); err != nil {
+			// The stream is open, from where the watcher was.
+			return err
+		}
+	case start == FromOldest:
+		if err := send(Item{Cursor: cursor(0, "0")}); err != nil {
+			return err
 		}
 	case start == FromNow:
 		head, headKey, err := h.newest()

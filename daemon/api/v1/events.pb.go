@@ -88,8 +88,9 @@ func (x *WatchRequest) GetKinds() []string {
 	return nil
 }
 
-// WatchResponse is one event, a resync marker, or (first, without a
-// cursor) where the stream starts.
+// WatchResponse is one event, a resync marker, or (first on every stream
+// unless a resync comes instead) where the stream starts: from here on, the
+// watcher misses nothing.
 type WatchResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Give it back in WatchRequest.cursor to resume after this.
@@ -329,7 +330,7 @@ func (x *Resync) GetReason() string {
 	return ""
 }
 
-// Start: the stream begins here (no event yet).
+// Start: the stream is open; its cursor is where it begins.
 type Start struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
