@@ -376,16 +376,7 @@ bindings:
 // TestDocumentedBudgets: the Budgets example of docs/policy.md is read
 // strictly and means what it says.
 func TestDocumentedBudgets(t *testing.T) {
-	b, err := os.ReadFile("../../docs/policy.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, rest, _ := strings.Cut(string(b), "## Budgets")
-	_, rest, _ = strings.Cut(rest, "```yaml\n")
-	doc, _, ok := strings.Cut(rest, "```")
-	if !ok {
-		t.Fatal("no yaml block in policy.md's Budgets section")
-	}
+	doc := documentedYAML(t, "Budgets")
 	doc += "bindings:\n  - role: billing-app\n    callers:\n      - uid: 1000\n  - role: health-monitor\n    callers:\n      - uid: 1001\n"
 	p, err := Parse([]byte(doc), ops)
 	if err != nil {
@@ -409,6 +400,22 @@ func TestDocumentedBudgets(t *testing.T) {
 		!strings.Contains(doc, fmt.Sprintf("(%v)", UnboundLimits.Lifetime)) {
 		t.Error("the built-in defaults in policy.md's comments are not the code's")
 	}
+}
+
+// documentedYAML is the first yaml block of docs/policy.md's section.
+func documentedYAML(t *testing.T, section string) string {
+	t.Helper()
+	b, err := os.ReadFile("../../docs/policy.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, _ := strings.Cut(string(b), "## "+section)
+	_, rest, _ = strings.Cut(rest, "```yaml\n")
+	doc, _, ok := strings.Cut(rest, "```")
+	if !ok {
+		t.Fatalf("no yaml block in policy.md's %s section", section)
+	}
+	return doc
 }
 
 func sameLimits(a, b Limits) bool {
@@ -486,5 +493,36 @@ bindings:
 				t.Fatalf("Roles = %v, want %v", got, tc.want)
 			}
 		})
+	}
+}
+
+// TestDocumentedCgroups: the example of docs/policy.md's "Callers by
+// cgroup" is read strictly and selects whom it says.
+func TestDocumentedCgroups(t *testing.T) {
+	doc := documentedYAML(t, "Callers by cgroup")
+	var roles strings.Builder
+	for _, r := range []string{"orders", "payments-pod", "batch-container"} {
+		fmt.Fprintf(&roles, "  %s:\n    permissions: [{operations: [EnvelopeService.Decrypt], keys: [%s]}]\n", r, r)
+	}
+	p, err := Parse([]byte("version: 1\nroles:\n"+roles.String()+doc), ops)
+	if err != nil {
+		t.Fatalf("the documented example: %v", err)
+	}
+	const pod, cid = "1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901", "3f1a6c2e9b8d7f4a5e6c1b2d3a4f5e6d7c8b9a0f1e2d3c4b5a69788796a5b4c3"
+	for _, tc := range []struct {
+		sub  Subject
+		want []string
+	}{
+		{Subject{UID: 998, Cgroup: "/system.slice/orders.service", SystemdUnit: "orders.service"}, []string{"orders"}},
+		{Subject{UID: 997, Cgroup: "/system.slice/billing.service/worker", SystemdUnit: "billing.service"}, []string{"orders"}},
+		{Subject{UID: 1001, Cgroup: "/system.slice/run-r1.scope", SystemdUnit: "run-r1.scope"}, []string{"orders"}},
+		{Subject{UID: 1002, Cgroup: "/system.slice/run-r1.scope", SystemdUnit: "run-r1.scope"}, nil},
+		{Subject{Exe: "/app/payments", Cgroup: "/kubepods.slice/kubepods-pod" + strings.ReplaceAll(pod, "-", "_") + ".slice/cri-containerd-" + cid + ".scope", PodUID: pod, ContainerID: cid}, []string{"payments-pod", "batch-container"}},
+		{Subject{Exe: "/bin/sh", Cgroup: "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podx.slice/crio-" + cid + ".scope", PodUID: pod, ContainerID: cid}, []string{"payments-pod", "batch-container"}},
+		{Subject{Exe: "/bin/sh", Cgroup: "/kubepods.slice/kubepods-besteffort.slice/x", PodUID: pod}, nil},
+	} {
+		if got := p.Roles(tc.sub); !slices.Equal(got, tc.want) {
+			t.Errorf("%+v: roles %v, want %v", tc.sub, got, tc.want)
+		}
 	}
 }
