@@ -555,7 +555,7 @@ func parseCgroupFields(ss selectorSpec, s *selector) error {
 // is below a cgroup that is: a process below a cgroup can move only
 // within it (or be moved by one allowed to write above it).
 func inCgroup(pat, p string) bool {
-	if !strings.HasPrefix(p, "/") || strings.HasPrefix(p, "/..") {
+	if !strings.HasPrefix(p, "/") || p == "/.." || strings.HasPrefix(p, "/../") {
 		return false // unknown, or outside keywardd's cgroup namespace
 	}
 	for {

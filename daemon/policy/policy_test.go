@@ -451,6 +451,7 @@ bindings:
   - role: orders
     callers:
       - cgroup: /system.slice/orders.service
+      - cgroup: /..x/*
   - role: units
     callers:
       - systemd_unit: "run-*.scope"
@@ -482,6 +483,7 @@ bindings:
 		{"the user's own orders.service", Subject{UID: 1000, Cgroup: "/user.slice/user-1000.slice/user@1000.service/app.slice/orders.service", SystemdUnit: "user@1000.service"}, nil},
 		{"unknown cgroup", Subject{UID: 1000}, nil},
 		{"outside the namespace", Subject{UID: 5, Cgroup: "/../system.slice/orders.service"}, nil},
+		{"a name starting with ..", Subject{UID: 5, Cgroup: "/..x/y/z"}, []string{"orders"}},
 		{"a run scope of uid 1000", Subject{UID: 1000, Cgroup: "/system.slice/run-r1.scope", SystemdUnit: "run-r1.scope"}, []string{"units"}},
 		{"a run scope of another uid", Subject{UID: 1001, Cgroup: "/system.slice/run-r1.scope", SystemdUnit: "run-r1.scope"}, nil},
 		{"the pod's container, binary elsewhere", Subject{UID: 0, Cgroup: podPath, SystemdUnit: "cri-containerd-" + cid + ".scope", PodUID: pod, ContainerID: cid, Exe: "/bin/sh"}, []string{"pod", "container"}},
