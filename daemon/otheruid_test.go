@@ -21,11 +21,15 @@ import (
 
 // TestMain doubles as the clients that the tests run as another user: with
 // KEYWARD_TEST_DIAL set it pings keywardd and asks it for a data key, prints
-// the two status codes, and exits; with KEYWARD_TEST_FLOOD set it is a
+// the two status codes, and exits; with KEYWARD_TEST_CGROUP_CLIENT set it is
+// the client of the cgroup tests (cgroupClient); with KEYWARD_TEST_FLOOD set it is a
 // hostile caller (see flood).
 func TestMain(m *testing.M) {
 	if sock := os.Getenv("KEYWARD_TEST_FLOOD"); sock != "" {
 		os.Exit(flood(sock))
+	}
+	if sock := os.Getenv("KEYWARD_TEST_CGROUP_CLIENT"); sock != "" {
+		os.Exit(cgroupClient(sock))
 	}
 	if sock := os.Getenv("KEYWARD_TEST_DIAL"); sock != "" {
 		conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))

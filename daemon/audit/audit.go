@@ -54,6 +54,11 @@ type Caller struct {
 	PID    int    `json:"pid,omitempty"`
 	Exe    string `json:"exe,omitempty"`
 	SHA256 string `json:"exe_sha256,omitempty"`
+	// Cgroup is the path of the caller's cgroup (cgroup v2) when it
+	// connected, as keywardd's cgroup namespace shows it; absent when
+	// unknown. Its systemd unit, Kubernetes pod and container are read
+	// from it (docs/formats.md).
+	Cgroup string `json:"cgroup,omitempty"`
 }
 
 // Record is one audited call.
@@ -583,7 +588,7 @@ func capped(r Record) Record {
 			*s = strings.ToValidUTF8((*s)[:maxField], "") + fmt.Sprintf("...(%d bytes more)", len(*s)-maxField)
 		}
 	}
-	for _, f := range []*string{&r.Caller.Exe, &r.Caller.SHA256, &r.Op, &r.Key, &r.ContextSHA256, &r.Outcome, &r.Code, &r.Detail, &r.APIKey, &r.Result} {
+	for _, f := range []*string{&r.Caller.Exe, &r.Caller.SHA256, &r.Caller.Cgroup, &r.Op, &r.Key, &r.ContextSHA256, &r.Outcome, &r.Code, &r.Detail, &r.APIKey, &r.Result} {
 		c(f)
 	}
 	if len(r.Batch) > 0 {

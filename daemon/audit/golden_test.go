@@ -50,7 +50,7 @@ type goldenRecord struct {
 
 // goldenRecords cover every field of a record: a caller with and without a
 // PID, a refusal, a batch with a withheld reason, an API key's verdict, a
-// record of keywardd's own, a field cut to its cap with characters
+// record of keywardd's own, a caller's cgroup, a field cut to its cap with characters
 // json.Marshal escapes, a time with nanoseconds, and store counts from
 // absent (0) upwards.
 func goldenRecords() []goldenRecord {
@@ -73,6 +73,9 @@ func goldenRecords() []goldenRecord {
 		{Record{Time: t.Add(5 * time.Second), Caller: app, Op: "KeyService.CreateKey", Key: strings.Repeat("k", 1100), Outcome: "error",
 			Code: "InvalidArgument", Detail: "a name <with> \"quotes\" & \u2028 é \x01"}, 42},
 		{Record{Time: t.Add(6*time.Second + 123456789), Caller: app, Op: "TokenService.MintToken", Key: "jwt", Version: 1, Outcome: "ok"}, 43},
+		{Record{Time: t.Add(7 * time.Second), Caller: Caller{UID: 0, GID: 0, PID: 4343, Exe: "/usr/bin/orders",
+			Cgroup: "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_5f60_7182_93a4_b5c6d7e8f901.slice/cri-containerd-" + strings.Repeat("3f", 32) + ".scope"},
+			Op: "EnvelopeService.GenerateDataKey", Key: "orders", Version: 1, Outcome: "ok"}, 43},
 	}
 }
 
@@ -117,8 +120,8 @@ func TestGoldenLog(t *testing.T) {
 	compareLines(t, path, got, want)
 
 	rep := verifyBytes(t, want, goldenMAC{})
-	if rep != (Report{Lines: 10, Records: 7, Checkpoints: 3}) {
-		t.Fatalf("%s verifies as %+v; want 10 lines, 7 records, 3 checkpoints, nothing unverified or bad", path, rep)
+	if rep != (Report{Lines: 11, Records: 8, Checkpoints: 3}) {
+		t.Fatalf("%s verifies as %+v; want 11 lines, 8 records, 3 checkpoints, nothing unverified or bad", path, rep)
 	}
 	var read []Record
 	if err := Records(bytes.NewReader(want), func(r Record) error { read = append(read, r); return nil }); err != nil {

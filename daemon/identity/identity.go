@@ -1,7 +1,14 @@
 // Package identity says who is on the other end of a Unix socket connection,
 // as the kernel knows it: uid and gid (SO_PEERCRED), the process (a pidfd,
-// SO_PEERPIDFD), and the binary it runs (/proc/PID/exe and its SHA-256). A
-// caller is never identified by anything it sends.
+// SO_PEERPIDFD), the binary it runs (/proc/PID/exe and its SHA-256) and the
+// cgroup it is in (/proc/PID/cgroup: its systemd unit, Kubernetes pod or
+// container; see Cgroup). A caller is never identified by anything it sends.
+//
+// The cgroup is read once, at connect time, as the binary is: a process
+// moved to another cgroup after it connected keeps, for that connection,
+// the cgroup it had. ParseCgroup and CgroupOfPath are hand-written: no
+// well-kept library parses /proc/PID/cgroup into systemd, Kubernetes and
+// container names without also managing cgroups (and importing much more).
 //
 // PID reuse: the process is pinned by a pidfd the kernel hands over with the
 // connection (Linux 6.5 and later), or, on older kernels, one opened by PID and
@@ -52,6 +59,11 @@ type Caller struct {
 	// ExeSHA256 is the hex SHA-256 of the binary the process runs (the file
 	// it was started from, even if since replaced on disk).
 	ExeSHA256 string
+	// Cgroup is the cgroup the process was in when it connected (a process
+	// moved since keeps the one read then); its Path is empty for a caller
+	// with PID 0 or whose /proc/PID/cgroup could not be read or made sense
+	// of (ParseCgroup).
+	Cgroup Cgroup
 
 	mu    sync.RWMutex // guards pidfd against Close while calls run Alive
 	pidfd int          // -1 when there is none
@@ -175,6 +187,11 @@ func (r *Resolver) inspect(c *Caller, accepted time.Time, byPID bool) error {
 	if c.Exe, c.ExeSHA256, err = r.binary(c.PID, c.UID); err != nil {
 		return err
 	}
+	// Unreadable or senseless: no cgroup, which no selector naming one
+	// matches.
+	if b, err := os.ReadFile(fmt.Sprintf("%s/%d/cgroup", r.proc, c.PID)); err == nil {
+		c.Cgroup, _ = ParseCgroup(b)
+	}
 	return c.Alive()
 }
 
@@ -217,7 +234,10 @@ func (c *Caller) String() string {
 	if exe == "" {
 		exe = "?"
 	}
-	return fmt.Sprintf("uid=%d gid=%d pid=%d exe=%s", c.UID, c.GID, c.PID, exe)
+	if c.Cgroup.Path == "" {
+		return fmt.Sprintf("uid=%d gid=%d pid=%d exe=%s", c.UID, c.GID, c.PID, exe)
+	}
+	return fmt.Sprintf("uid=%d gid=%d pid=%d exe=%s cgroup=%s", c.UID, c.GID, c.PID, exe, c.Cgroup.Path)
 }
 
 // binary returns the path and SHA-256 of the process's executable, or

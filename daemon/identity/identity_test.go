@@ -129,6 +129,13 @@ func TestIdentifySelf(t *testing.T) {
 	if c.ExeSHA256 != fileSHA256(t, exe) {
 		t.Fatal("ExeSHA256 is not the SHA-256 of the binary")
 	}
+	own, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want, err := ParseCgroup(own); err != nil || c.Cgroup != want || c.Cgroup.Path == "" {
+		t.Fatalf("Cgroup %+v; want %+v (%v) from /proc/self/cgroup:\n%s", c.Cgroup, want, err, own)
+	}
 	if err := c.Alive(); err != nil {
 		t.Fatal(err)
 	}

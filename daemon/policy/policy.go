@@ -1,6 +1,7 @@
 // Package policy decides what a caller may do. A policy file binds callers,
 // picked by what the kernel says about them (uid, user, gid, group, binary
-// path, binary SHA-256), to roles, and grants roles operations on keys whose
+// path, binary SHA-256, and the cgroup: its path, systemd unit, Kubernetes
+// pod UID and container ID), to roles, and grants roles operations on keys whose
 // names match a glob. Everything not granted is denied, and a denial names the
 // permission that was missing, never the policy's contents.
 //
@@ -58,6 +59,14 @@ type Subject struct {
 	GIDs      []uint32 // the primary group first, then the supplementary ones
 	Exe       string   // absolute path of the binary; empty if unknown
 	ExeSHA256 string   // hex; empty if unknown
+	// Cgroup is the path of the caller's cgroup as the kernel said it when
+	// the caller connected; empty if unknown. SystemdUnit, PodUID and
+	// ContainerID are derived from it (identity.Cgroup); empty if it names
+	// none.
+	Cgroup      string
+	SystemdUnit string
+	PodUID      string
+	ContainerID string
 }
 
 // Policy is a parsed policy file. It is immutable and safe for concurrent
@@ -77,6 +86,10 @@ type binding struct {
 type selector struct {
 	uid, gid  *uint32
 	exe, hash string
+	cgroup    string // a glob over cgroup paths, matching the cgroup or one above it
+	unit      string // a glob over systemd unit names
+	pod       string // a pod UID
+	container string // a container ID or its first 12 or more hex digits
 }
 
 type role struct {
@@ -218,6 +231,11 @@ type selectorSpec struct {
 	Group  lined[string] `yaml:"group"`
 	Binary lined[string] `yaml:"binary"`
 	SHA256 lined[string] `yaml:"sha256"`
+	// The caller's cgroup, and names derived from it.
+	Cgroup      lined[string] `yaml:"cgroup"`
+	SystemdUnit lined[string] `yaml:"systemd_unit"`
+	PodUID      lined[string] `yaml:"k8s_pod_uid"`
+	ContainerID lined[string] `yaml:"container_id"`
 }
 
 // lined is a scalar with the line it stood on, for error messages.
@@ -430,7 +448,8 @@ func knownOp(op string, ops []string) bool {
 func parseSelector(ss selectorSpec, role lined[string]) (selector, error) {
 	var s selector
 	line := role.Line
-	for _, l := range []int{ss.UID.Line, ss.User.Line, ss.GID.Line, ss.Group.Line, ss.Binary.Line, ss.SHA256.Line} {
+	for _, l := range []int{ss.UID.Line, ss.User.Line, ss.GID.Line, ss.Group.Line, ss.Binary.Line, ss.SHA256.Line,
+		ss.Cgroup.Line, ss.SystemdUnit.Line, ss.PodUID.Line, ss.ContainerID.Line} {
 		if l > 0 {
 			line = l
 			break
@@ -479,23 +498,91 @@ func parseSelector(ss selectorSpec, role lined[string]) (selector, error) {
 		}
 		s.hash = h
 	}
-	if s.uid == nil && s.gid == nil && s.exe == "" && s.hash == "" {
-		return fail("a caller entry must give at least one of uid, user, gid, group, binary, sha256")
+	if err := parseCgroupFields(ss, &s); err != nil {
+		return fail("%v", err)
 	}
-	if s.uid == nil && s.gid == nil {
+	inCgroup := s.cgroup != "" || s.unit != "" || s.pod != "" || s.container != ""
+	if s.uid == nil && s.gid == nil && s.exe == "" && s.hash == "" && !inCgroup {
+		return fail("a caller entry must give at least one of uid, user, gid, group, cgroup, systemd_unit, k8s_pod_uid, container_id, binary, sha256")
+	}
+	if s.uid == nil && s.gid == nil && !inCgroup {
 		// A process can connect and then exec an allowed binary, and any
-		// process of a user can act as another process of that user: the
-		// binary narrows a user's grant, it does not stand for one.
-		return fail("binary and sha256 narrow a grant to a user or group; add the uid/user or gid/group the program runs as")
+		// process of a user (or of a container) can act as another process
+		// of it: the binary narrows a grant, it does not stand for one.
+		return fail("binary and sha256 narrow a grant to a user, group or cgroup; add the uid/user or gid/group the program runs as, or its cgroup, systemd_unit, k8s_pod_uid or container_id")
 	}
 	return s, nil
+}
+
+// unitSuffixes are the kinds of systemd unit that hold processes.
+var unitSuffixes = []string{".service", ".scope", ".socket", ".mount", ".swap"}
+
+var (
+	podUID      = regexp.MustCompile(`^(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32})$`)
+	containerID = regexp.MustCompile(`^[0-9a-f]{12,64}$`)
+)
+
+// parseCgroupFields checks and sets the selector's cgroup fields.
+func parseCgroupFields(ss selectorSpec, s *selector) error {
+	if v := ss.Cgroup; v.Set {
+		if _, err := path.Match(v.V, ""); err != nil || !strings.HasPrefix(v.V, "/") || path.Clean(v.V) != v.V || slices.Contains(strings.Split(v.V, "/"), "..") {
+			return fmt.Errorf("cgroup %q must be a clean absolute path (a glob: * stands for one name) such as /system.slice/orders.service", v.V)
+		}
+		s.cgroup = v.V
+	}
+	if v := ss.SystemdUnit; v.Set {
+		_, err := path.Match(v.V, "")
+		if err != nil || v.V == "" || strings.Contains(v.V, "/") ||
+			!strings.HasSuffix(v.V, "*") && !slices.ContainsFunc(unitSuffixes, func(x string) bool { return strings.HasSuffix(v.V, x) }) {
+			return fmt.Errorf("systemd_unit %q must be a unit's name (a glob) ending in %s, such as orders.service", v.V, strings.Join(unitSuffixes, ", "))
+		}
+		s.unit = v.V
+	}
+	if v := ss.PodUID; v.Set {
+		if s.pod = strings.ToLower(v.V); !podUID.MatchString(s.pod) {
+			return fmt.Errorf("k8s_pod_uid %q is not a pod's UID (metadata.uid, such as 1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901)", v.V)
+		}
+	}
+	if v := ss.ContainerID; v.Set {
+		if s.container = strings.ToLower(v.V); !containerID.MatchString(s.container) {
+			return fmt.Errorf("container_id %q is not a container's ID: 12 to 64 hex digits (docker ps shows 12)", v.V)
+		}
+	}
+	return nil
+}
+
+// inCgroup says whether the cgroup path p is matched by the glob pat or
+// is below a cgroup that is: a process below a cgroup can move only
+// within it (or be moved by one allowed to write above it).
+func inCgroup(pat, p string) bool {
+	if !strings.HasPrefix(p, "/") || p == "/.." || strings.HasPrefix(p, "/../") {
+		return false // unknown, or outside keywardd's cgroup namespace
+	}
+	for {
+		if ok, _ := path.Match(pat, p); ok {
+			return true
+		}
+		if p == "/" {
+			return false
+		}
+		p = path.Dir(p)
+	}
 }
 
 func (s selector) matches(sub Subject) bool {
 	return (s.uid == nil || *s.uid == sub.UID) &&
 		(s.gid == nil || slices.Contains(sub.GIDs, *s.gid)) &&
 		(s.exe == "" || s.exe == sub.Exe) &&
-		(s.hash == "" || s.hash == sub.ExeSHA256)
+		(s.hash == "" || s.hash == sub.ExeSHA256) &&
+		(s.cgroup == "" || inCgroup(s.cgroup, sub.Cgroup)) &&
+		(s.unit == "" || sub.SystemdUnit != "" && globMatch(s.unit, sub.SystemdUnit)) &&
+		(s.pod == "" || s.pod == sub.PodUID) &&
+		(s.container == "" || sub.ContainerID != "" && strings.HasPrefix(sub.ContainerID, s.container))
+}
+
+func globMatch(pat, name string) bool {
+	ok, _ := path.Match(pat, name)
+	return ok
 }
 
 // Roles lists the roles the subject holds.

@@ -141,8 +141,18 @@ func TestParseErrors(t *testing.T) {
 		{"uid and user", role + "bindings:\n  - role: r\n    callers:\n      - uid: 0\n        user: root\n", "not both"},
 		{"relative binary", role + "bindings:\n  - role: r\n    callers:\n      - binary: bin/app\n        uid: 1\n", "clean absolute path"},
 		{"bad hash", role + "bindings:\n  - role: r\n    callers:\n      - sha256: xyz\n        uid: 1\n", "not 64 hex digits"},
-		{"binary alone", role + "bindings:\n  - role: r\n    callers:\n      - binary: /usr/bin/app\n", "add the uid/user or gid/group"},
+		{"binary alone", role + "bindings:\n  - role: r\n    callers:\n      - binary: /usr/bin/app\n", "add the uid/user or gid/group the program runs as, or its cgroup"},
 		{"sha256 alone", role + "bindings:\n  - role: r\n    callers:\n      - sha256: " + hash + "\n", "add the uid/user or gid/group"},
+		{"bad cgroup glob", role + "bindings:\n  - role: r\n    callers:\n      - cgroup: /system.slice/[\n", "line 10: cgroup \"/system.slice/[\" must be a clean absolute path"},
+		{"relative cgroup", role + "bindings:\n  - role: r\n    callers:\n      - cgroup: system.slice/a.service\n", "must be a clean absolute path"},
+		{"unclean cgroup", role + "bindings:\n  - role: r\n    callers:\n      - cgroup: /system.slice/../a\n", "must be a clean absolute path"},
+		{"cgroup with ..", role + "bindings:\n  - role: r\n    callers:\n      - cgroup: /../a\n", "must be a clean absolute path"},
+		{"unit without a kind", role + "bindings:\n  - role: r\n    callers:\n      - systemd_unit: orders\n", "systemd_unit \"orders\" must be a unit's name (a glob) ending in .service"},
+		{"unit with a slash", role + "bindings:\n  - role: r\n    callers:\n      - systemd_unit: system.slice/orders.service\n", "must be a unit's name"},
+		{"bad pod UID", role + "bindings:\n  - role: r\n    callers:\n      - k8s_pod_uid: my-pod\n", "k8s_pod_uid \"my-pod\" is not a pod's UID (metadata.uid"},
+		{"pod UID with underscores", role + "bindings:\n  - role: r\n    callers:\n      - k8s_pod_uid: 1b2c3d4e_5f60_7182_93a4_b5c6d7e8f901\n", "is not a pod's UID"},
+		{"short container ID", role + "bindings:\n  - role: r\n    callers:\n      - container_id: 3f1a6c2e\n", "container_id \"3f1a6c2e\" is not a container's ID: 12 to 64 hex digits"},
+		{"container name", role + "bindings:\n  - role: r\n    callers:\n      - container_id: orders-api\n", "is not a container's ID"},
 		{"negative uid", role + "bindings:\n  - role: r\n    callers:\n      - uid: -1\n", "cannot unmarshal"},
 		{"negative batch", "version: 1\nroles:\n  r:\n    max_batch: -1\n", "negative"},
 		{"two documents", role + "---\nversion: 1\n", "a second YAML document"},
@@ -163,6 +173,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(good))
 	f.Add([]byte("version: 1\nroles:\n  r:\n    permissions:\n      - operations: [\"*\"]\n        keys: [\"*\"]\nbindings:\n  - role: r\n    callers:\n      - uid: 7\n"))
 	f.Add([]byte("version: 1\n"))
+	f.Add([]byte("version: 1\nroles:\n  r:\n    permissions:\n      - operations: [\"*\"]\n        keys: [\"*\"]\nbindings:\n  - role: r\n    callers:\n      - cgroup: /system.slice/*\n        systemd_unit: \"*.service\"\n      - k8s_pod_uid: 1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901\n        container_id: 3f1a6c2e9b8d\n"))
 	f.Add([]byte("{"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p, err := Parse(data, ops)
@@ -171,6 +182,8 @@ func FuzzParse(f *testing.F) {
 		}
 		sub := Subject{UID: 7, GIDs: []uint32{7}}
 		_ = p.Allow(sub, "KeyService.ListKeys", "")
+		inPod := Subject{UID: 7, GIDs: []uint32{7}, Cgroup: "/system.slice/orders.service/x", SystemdUnit: "orders.service", PodUID: "1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901", ContainerID: "3f1a6c2e9b8d7f4a5e6c1b2d3a4f5e6d7c8b9a0f1e2d3c4b5a69788796a5b4c3"}
+		_ = p.Allow(inPod, "EnvelopeService.Decrypt", "billing-1")
 		_ = p.Allow(sub, "EnvelopeService.Decrypt", "billing-1")
 		_ = p.MaxBatch(sub, "EnvelopeService.Decrypt")
 		_, _ = p.Limits(sub)
@@ -363,16 +376,7 @@ bindings:
 // TestDocumentedBudgets: the Budgets example of docs/policy.md is read
 // strictly and means what it says.
 func TestDocumentedBudgets(t *testing.T) {
-	b, err := os.ReadFile("../../docs/policy.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, rest, _ := strings.Cut(string(b), "## Budgets")
-	_, rest, _ = strings.Cut(rest, "```yaml\n")
-	doc, _, ok := strings.Cut(rest, "```")
-	if !ok {
-		t.Fatal("no yaml block in policy.md's Budgets section")
-	}
+	doc := documentedYAML(t, "Budgets")
 	doc += "bindings:\n  - role: billing-app\n    callers:\n      - uid: 1000\n  - role: health-monitor\n    callers:\n      - uid: 1001\n"
 	p, err := Parse([]byte(doc), ops)
 	if err != nil {
@@ -398,6 +402,22 @@ func TestDocumentedBudgets(t *testing.T) {
 	}
 }
 
+// documentedYAML is the first yaml block of docs/policy.md's section.
+func documentedYAML(t *testing.T, section string) string {
+	t.Helper()
+	b, err := os.ReadFile("../../docs/policy.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, _ := strings.Cut(string(b), "## "+section)
+	_, rest, _ = strings.Cut(rest, "```yaml\n")
+	doc, _, ok := strings.Cut(rest, "```")
+	if !ok {
+		t.Fatalf("no yaml block in policy.md's %s section", section)
+	}
+	return doc
+}
+
 func sameLimits(a, b Limits) bool {
 	return a.Connections == b.Connections && a.Calls == b.Calls && a.Lifetime == b.Lifetime && slices.Equal(a.Rate, b.Rate)
 }
@@ -405,4 +425,106 @@ func sameLimits(a, b Limits) bool {
 // perSecond is a rate-limit layer of limit calls a second.
 func perSecond(limit, burst int) ratelimit.Layer {
 	return ratelimit.Layer{Limit: limit, Per: time.Second, Burst: burst}
+}
+
+// TestCgroupSelectors: a caller is selected by its cgroup (the path, or
+// one above it), its systemd unit, its pod and its container; every field
+// of an entry must match; an entry naming a cgroup never matches a caller
+// whose cgroup is unknown or outside keywardd's cgroup namespace.
+func TestCgroupSelectors(t *testing.T) {
+	const pod = "1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901"
+	const cid = "3f1a6c2e9b8d7f4a5e6c1b2d3a4f5e6d7c8b9a0f1e2d3c4b5a69788796a5b4c3"
+	y := `
+version: 1
+roles:
+  orders:
+    permissions: [{operations: [EnvelopeService.Decrypt], keys: [orders]}]
+  units:
+    permissions: [{operations: [EnvelopeService.Decrypt], keys: [units]}]
+  pod:
+    permissions: [{operations: [EnvelopeService.Decrypt], keys: [pod]}]
+  container:
+    permissions: [{operations: [EnvelopeService.Decrypt], keys: [container]}]
+  narrowed:
+    permissions: [{operations: [EnvelopeService.Decrypt], keys: [narrowed]}]
+bindings:
+  - role: orders
+    callers:
+      - cgroup: /system.slice/orders.service
+      - cgroup: /..x/*
+  - role: units
+    callers:
+      - systemd_unit: "run-*.scope"
+        uid: 1000
+  - role: pod
+    callers:
+      - k8s_pod_uid: ` + strings.ToUpper(pod) + `
+  - role: container
+    callers:
+      - container_id: 3F1A6C2E9B8D
+  - role: narrowed
+    callers:
+      - cgroup: "/kubepods.slice/*"
+        binary: /usr/bin/app
+`
+	p, err := Parse([]byte(y), ops)
+	if err != nil {
+		t.Fatal(err)
+	}
+	podPath := "/kubepods.slice/kubepods-pod" + strings.ReplaceAll(pod, "-", "_") + ".slice/cri-containerd-" + cid + ".scope"
+	for _, tc := range []struct {
+		name string
+		sub  Subject
+		want []string
+	}{
+		{"the service", Subject{UID: 5, Cgroup: "/system.slice/orders.service", SystemdUnit: "orders.service"}, []string{"orders"}},
+		{"below the service", Subject{UID: 5, Cgroup: "/system.slice/orders.service/worker", SystemdUnit: "orders.service"}, []string{"orders"}},
+		{"a sibling with the same prefix", Subject{UID: 5, Cgroup: "/system.slice/orders.service2", SystemdUnit: "orders.service2"}, nil},
+		{"the user's own orders.service", Subject{UID: 1000, Cgroup: "/user.slice/user-1000.slice/user@1000.service/app.slice/orders.service", SystemdUnit: "user@1000.service"}, nil},
+		{"unknown cgroup", Subject{UID: 1000}, nil},
+		{"outside the namespace", Subject{UID: 5, Cgroup: "/../system.slice/orders.service"}, nil},
+		{"a name starting with ..", Subject{UID: 5, Cgroup: "/..x/y/z"}, []string{"orders"}},
+		{"a run scope of uid 1000", Subject{UID: 1000, Cgroup: "/system.slice/run-r1.scope", SystemdUnit: "run-r1.scope"}, []string{"units"}},
+		{"a run scope of another uid", Subject{UID: 1001, Cgroup: "/system.slice/run-r1.scope", SystemdUnit: "run-r1.scope"}, nil},
+		{"the pod's container, binary elsewhere", Subject{UID: 0, Cgroup: podPath, SystemdUnit: "cri-containerd-" + cid + ".scope", PodUID: pod, ContainerID: cid, Exe: "/bin/sh"}, []string{"pod", "container"}},
+		{"the pod's container, the binary", Subject{UID: 0, Cgroup: podPath, SystemdUnit: "cri-containerd-" + cid + ".scope", PodUID: pod, ContainerID: cid, Exe: "/usr/bin/app"}, []string{"pod", "container", "narrowed"}},
+		{"another pod", Subject{UID: 0, Cgroup: "/kubepods.slice/x", PodUID: "00000000-5f60-7182-93a4-b5c6d7e8f901", ContainerID: "3f1a6c2e9b8e" + cid[12:], Exe: "/usr/bin/app"}, []string{"narrowed"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := p.Roles(tc.sub); !slices.Equal(got, tc.want) {
+				t.Fatalf("Roles = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestDocumentedCgroups: the example of docs/policy.md's "Callers by
+// cgroup" is read strictly and selects whom it says.
+func TestDocumentedCgroups(t *testing.T) {
+	doc := documentedYAML(t, "Callers by cgroup")
+	var roles strings.Builder
+	for _, r := range []string{"orders", "payments-pod", "batch-container"} {
+		fmt.Fprintf(&roles, "  %s:\n    permissions: [{operations: [EnvelopeService.Decrypt], keys: [%s]}]\n", r, r)
+	}
+	p, err := Parse([]byte("version: 1\nroles:\n"+roles.String()+doc), ops)
+	if err != nil {
+		t.Fatalf("the documented example: %v", err)
+	}
+	const pod, cid = "1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901", "3f1a6c2e9b8d7f4a5e6c1b2d3a4f5e6d7c8b9a0f1e2d3c4b5a69788796a5b4c3"
+	for _, tc := range []struct {
+		sub  Subject
+		want []string
+	}{
+		{Subject{UID: 998, Cgroup: "/system.slice/orders.service", SystemdUnit: "orders.service"}, []string{"orders"}},
+		{Subject{UID: 997, Cgroup: "/system.slice/billing.service/worker", SystemdUnit: "billing.service"}, []string{"orders"}},
+		{Subject{UID: 1001, Cgroup: "/system.slice/run-r1.scope", SystemdUnit: "run-r1.scope"}, []string{"orders"}},
+		{Subject{UID: 1002, Cgroup: "/system.slice/run-r1.scope", SystemdUnit: "run-r1.scope"}, nil},
+		{Subject{Exe: "/app/payments", Cgroup: "/kubepods.slice/kubepods-pod" + strings.ReplaceAll(pod, "-", "_") + ".slice/cri-containerd-" + cid + ".scope", PodUID: pod, ContainerID: cid}, []string{"payments-pod", "batch-container"}},
+		{Subject{Exe: "/bin/sh", Cgroup: "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podx.slice/crio-" + cid + ".scope", PodUID: pod, ContainerID: cid}, []string{"payments-pod", "batch-container"}},
+		{Subject{Exe: "/bin/sh", Cgroup: "/kubepods.slice/kubepods-besteffort.slice/x", PodUID: pod}, nil},
+	} {
+		if got := p.Roles(tc.sub); !slices.Equal(got, tc.want) {
+			t.Errorf("%+v: roles %v, want %v", tc.sub, got, tc.want)
+		}
+	}
 }

@@ -153,7 +153,7 @@ func toAuditRecord(e audit.Entry) *keywardv1.AuditRecord {
 	out := &keywardv1.AuditRecord{Seq: e.Seq, Node: e.Node, Operation: e.Op, Key: e.Key, KeyVersion: e.Version, ApiKeyId: e.APIKey,
 		Items: uint32(e.Items), ContextSha256: e.ContextSHA256, Outcome: toOutcome(e.Outcome), Code: e.Code, Detail: e.Detail,
 		Result: e.Result, StoreWrites: e.StoreWrites,
-		Caller: &keywardv1.AuditCaller{Uid: e.Caller.UID, Gid: e.Caller.GID, Pid: uint32(e.Caller.PID), Exe: e.Caller.Exe, ExeSha256: e.Caller.SHA256}}
+		Caller: &keywardv1.AuditCaller{Uid: e.Caller.UID, Gid: e.Caller.GID, Pid: uint32(e.Caller.PID), Exe: e.Caller.Exe, ExeSha256: e.Caller.SHA256, Cgroup: e.Caller.Cgroup}}
 	if !e.Time.IsZero() {
 		out.Time = timestamppb.New(e.Time)
 	}

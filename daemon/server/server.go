@@ -530,7 +530,7 @@ func (s *Server) record(c *call, err error, st *status.Status) audit.Record {
 	rec := audit.Record{
 		Time: s.cfg.Now().UTC(),
 		Caller: audit.Caller{UID: c.caller.UID, GID: c.caller.GID, PID: c.caller.PID,
-			Exe: c.caller.Exe, SHA256: c.caller.ExeSHA256},
+			Exe: c.caller.Exe, SHA256: c.caller.ExeSHA256, Cgroup: c.caller.Cgroup.Path},
 		Op: c.op, Key: c.key, Version: c.version, Items: c.items, ContextSHA256: c.ctxHash, Batch: c.batch,
 		APIKey: c.apiKey, Result: c.result,
 	}
@@ -560,7 +560,8 @@ func (s *Server) allow(ctx context.Context, op, key string) error {
 }
 
 func subject(c *identity.Caller) policy.Subject {
-	return policy.Subject{UID: c.UID, GIDs: append([]uint32{c.GID}, c.Groups...), Exe: c.Exe, ExeSHA256: c.ExeSHA256}
+	return policy.Subject{UID: c.UID, GIDs: append([]uint32{c.GID}, c.Groups...), Exe: c.Exe, ExeSHA256: c.ExeSHA256,
+		Cgroup: c.Cgroup.Path, SystemdUnit: c.Cgroup.Unit, PodUID: c.Cgroup.PodUID, ContainerID: c.Cgroup.ContainerID}
 }
 
 // batchLimit is the largest batch the caller may send to op.

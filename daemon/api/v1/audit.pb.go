@@ -481,8 +481,12 @@ type AuditCaller struct {
 	Pid uint32 `protobuf:"varint,3,opt,name=pid,proto3" json:"pid,omitempty"`
 	// The binary behind /proc/PID/exe, and its SHA-256 (hex) when keywardd
 	// could read it.
-	Exe           string `protobuf:"bytes,4,opt,name=exe,proto3" json:"exe,omitempty"`
-	ExeSha256     string `protobuf:"bytes,5,opt,name=exe_sha256,json=exeSha256,proto3" json:"exe_sha256,omitempty"`
+	Exe       string `protobuf:"bytes,4,opt,name=exe,proto3" json:"exe,omitempty"`
+	ExeSha256 string `protobuf:"bytes,5,opt,name=exe_sha256,json=exeSha256,proto3" json:"exe_sha256,omitempty"`
+	// The path of the caller's cgroup (cgroup v2) when it connected, as
+	// keywardd's cgroup namespace shows it; empty when unknown. Its systemd
+	// unit, Kubernetes pod and container are read from it (docs/policy.md).
+	Cgroup        string `protobuf:"bytes,6,opt,name=cgroup,proto3" json:"cgroup,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -548,6 +552,13 @@ func (x *AuditCaller) GetExe() string {
 func (x *AuditCaller) GetExeSha256() string {
 	if x != nil {
 		return x.ExeSha256
+	}
+	return ""
+}
+
+func (x *AuditCaller) GetCgroup() string {
+	if x != nil {
+		return x.Cgroup
 	}
 	return ""
 }
@@ -960,14 +971,15 @@ const file_audit_proto_rawDesc = "" +
 	"\x06detail\x18\r \x01(\tR\x06detail\x12\x16\n" +
 	"\x06result\x18\x0e \x01(\tR\x06result\x12+\n" +
 	"\x05batch\x18\x0f \x03(\v2\x15.keyward.v1.AuditItemR\x05batch\x12!\n" +
-	"\fstore_writes\x18\x10 \x01(\x04R\vstoreWrites\"t\n" +
+	"\fstore_writes\x18\x10 \x01(\x04R\vstoreWrites\"\x8c\x01\n" +
 	"\vAuditCaller\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\rR\x03uid\x12\x10\n" +
 	"\x03gid\x18\x02 \x01(\rR\x03gid\x12\x10\n" +
 	"\x03pid\x18\x03 \x01(\rR\x03pid\x12\x10\n" +
 	"\x03exe\x18\x04 \x01(\tR\x03exe\x12\x1d\n" +
 	"\n" +
-	"exe_sha256\x18\x05 \x01(\tR\texeSha256\"\xc5\x01\n" +
+	"exe_sha256\x18\x05 \x01(\tR\texeSha256\x12\x16\n" +
+	"\x06cgroup\x18\x06 \x01(\tR\x06cgroup\"\xc5\x01\n" +
 	"\tAuditItem\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x1f\n" +
 	"\vkey_version\x18\x02 \x01(\rR\n" +

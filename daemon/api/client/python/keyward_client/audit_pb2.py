@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61udit.proto\x12\nkeyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x02\n\x17ListAuditRecordsRequest\x12.\n\nsince_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nuntil_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\toperation\x18\x03 \x01(\t\x12)\n\x07outcome\x18\x04 \x01(\x0e\x32\x18.keyward.v1.AuditOutcome\x12\x17\n\ncaller_uid\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12\x12\n\npage_token\x18\x08 \x01(\tB\r\n\x0b_caller_uid\"\xb4\x01\n\x18ListAuditRecordsResponse\x12(\n\x07records\x18\x01 \x03(\x0b\x32\x17.keyward.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x14\n\x0cscan_limited\x18\x03 \x01(\x08\x12\x15\n\rscanned_bytes\x18\x04 \x01(\x04\x12(\n\x05state\x18\x05 \x01(\x0b\x32\x19.keyward.v1.AuditLogState\"\x80\x03\n\x0b\x41uditRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06\x63\x61ller\x18\x03 \x01(\x0b\x32\x17.keyward.v1.AuditCaller\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x11\n\toperation\x18\x05 \x01(\t\x12\x0b\n\x03key\x18\x06 \x01(\t\x12\x13\n\x0bkey_version\x18\x07 \x01(\r\x12\x12\n\napi_key_id\x18\x08 \x01(\t\x12\r\n\x05items\x18\t \x01(\r\x12\x16\n\x0e\x63ontext_sha256\x18\n \x01(\t\x12)\n\x07outcome\x18\x0b \x01(\x0e\x32\x18.keyward.v1.AuditOutcome\x12\x0c\n\x04\x63ode\x18\x0c \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\r \x01(\t\x12\x0e\n\x06result\x18\x0e \x01(\t\x12$\n\x05\x62\x61tch\x18\x0f \x03(\x0b\x32\x15.keyward.v1.AuditItem\x12\x14\n\x0cstore_writes\x18\x10 \x01(\x04\"U\n\x0b\x41uditCaller\x12\x0b\n\x03uid\x18\x01 \x01(\r\x12\x0b\n\x03gid\x18\x02 \x01(\r\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x0b\n\x03\x65xe\x18\x04 \x01(\t\x12\x12\n\nexe_sha256\x18\x05 \x01(\t\"\x8e\x01\n\tAuditItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_sha256\x18\x03 \x01(\t\x12)\n\x07outcome\x18\x04 \x01(\x0e\x32\x18.keyward.v1.AuditOutcome\x12\x0c\n\x04\x63ode\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"\xb4\x01\n\rAuditLogState\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x10\n\x08last_seq\x18\x03 \x01(\x04\x12\x1b\n\x13last_checkpoint_seq\x18\x04 \x01(\x04\x12\x38\n\x14last_checkpoint_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63heckpoint_error\x18\x06 \x01(\t\"\x17\n\x15VerifyAuditLogRequest\"\xac\x02\n\x16VerifyAuditLogResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05lines\x18\x02 \x01(\x04\x12\x0f\n\x07records\x18\x03 \x01(\x04\x12\x13\n\x0b\x63heckpoints\x18\x04 \x01(\x04\x12\x14\n\x0cmacs_checked\x18\x05 \x01(\x08\x12\x12\n\nunverified\x18\x06 \x01(\x04\x12\x10\n\x08\x62\x61\x64_line\x18\x07 \x01(\x04\x12\x0f\n\x07problem\x18\x08 \x01(\t\x12\x15\n\rtail_too_long\x18\t \x01(\x08\x12\x16\n\x0everified_bytes\x18\n \x01(\x04\x12+\n\x08\x64uration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05state\x18\x0c \x01(\x0b\x32\x19.keyward.v1.AuditLogState*v\n\x0c\x41uditOutcome\x12\x1d\n\x19\x41UDIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41UDIT_OUTCOME_OK\x10\x01\x12\x18\n\x14\x41UDIT_OUTCOME_DENIED\x10\x02\x12\x17\n\x13\x41UDIT_OUTCOME_ERROR\x10\x03\x32\xc6\x01\n\x0c\x41uditService\x12]\n\x10ListAuditRecords\x12#.keyward.v1.ListAuditRecordsRequest\x1a$.keyward.v1.ListAuditRecordsResponse\x12W\n\x0eVerifyAuditLog\x12!.keyward.v1.VerifyAuditLogRequest\x1a\".keyward.v1.VerifyAuditLogResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61udit.proto\x12\nkeyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x02\n\x17ListAuditRecordsRequest\x12.\n\nsince_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nuntil_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\toperation\x18\x03 \x01(\t\x12)\n\x07outcome\x18\x04 \x01(\x0e\x32\x18.keyward.v1.AuditOutcome\x12\x17\n\ncaller_uid\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12\x12\n\npage_token\x18\x08 \x01(\tB\r\n\x0b_caller_uid\"\xb4\x01\n\x18ListAuditRecordsResponse\x12(\n\x07records\x18\x01 \x03(\x0b\x32\x17.keyward.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x14\n\x0cscan_limited\x18\x03 \x01(\x08\x12\x15\n\rscanned_bytes\x18\x04 \x01(\x04\x12(\n\x05state\x18\x05 \x01(\x0b\x32\x19.keyward.v1.AuditLogState\"\x80\x03\n\x0b\x41uditRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06\x63\x61ller\x18\x03 \x01(\x0b\x32\x17.keyward.v1.AuditCaller\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x11\n\toperation\x18\x05 \x01(\t\x12\x0b\n\x03key\x18\x06 \x01(\t\x12\x13\n\x0bkey_version\x18\x07 \x01(\r\x12\x12\n\napi_key_id\x18\x08 \x01(\t\x12\r\n\x05items\x18\t \x01(\r\x12\x16\n\x0e\x63ontext_sha256\x18\n \x01(\t\x12)\n\x07outcome\x18\x0b \x01(\x0e\x32\x18.keyward.v1.AuditOutcome\x12\x0c\n\x04\x63ode\x18\x0c \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\r \x01(\t\x12\x0e\n\x06result\x18\x0e \x01(\t\x12$\n\x05\x62\x61tch\x18\x0f \x03(\x0b\x32\x15.keyward.v1.AuditItem\x12\x14\n\x0cstore_writes\x18\x10 \x01(\x04\"e\n\x0b\x41uditCaller\x12\x0b\n\x03uid\x18\x01 \x01(\r\x12\x0b\n\x03gid\x18\x02 \x01(\r\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x0b\n\x03\x65xe\x18\x04 \x01(\t\x12\x12\n\nexe_sha256\x18\x05 \x01(\t\x12\x0e\n\x06\x63group\x18\x06 \x01(\t\"\x8e\x01\n\tAuditItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_sha256\x18\x03 \x01(\t\x12)\n\x07outcome\x18\x04 \x01(\x0e\x32\x18.keyward.v1.AuditOutcome\x12\x0c\n\x04\x63ode\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"\xb4\x01\n\rAuditLogState\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x10\n\x08last_seq\x18\x03 \x01(\x04\x12\x1b\n\x13last_checkpoint_seq\x18\x04 \x01(\x04\x12\x38\n\x14last_checkpoint_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63heckpoint_error\x18\x06 \x01(\t\"\x17\n\x15VerifyAuditLogRequest\"\xac\x02\n\x16VerifyAuditLogResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05lines\x18\x02 \x01(\x04\x12\x0f\n\x07records\x18\x03 \x01(\x04\x12\x13\n\x0b\x63heckpoints\x18\x04 \x01(\x04\x12\x14\n\x0cmacs_checked\x18\x05 \x01(\x08\x12\x12\n\nunverified\x18\x06 \x01(\x04\x12\x10\n\x08\x62\x61\x64_line\x18\x07 \x01(\x04\x12\x0f\n\x07problem\x18\x08 \x01(\t\x12\x15\n\rtail_too_long\x18\t \x01(\x08\x12\x16\n\x0everified_bytes\x18\n \x01(\x04\x12+\n\x08\x64uration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05state\x18\x0c \x01(\x0b\x32\x19.keyward.v1.AuditLogState*v\n\x0c\x41uditOutcome\x12\x1d\n\x19\x41UDIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41UDIT_OUTCOME_OK\x10\x01\x12\x18\n\x14\x41UDIT_OUTCOME_DENIED\x10\x02\x12\x17\n\x13\x41UDIT_OUTCOME_ERROR\x10\x03\x32\xc6\x01\n\x0c\x41uditService\x12]\n\x10ListAuditRecords\x12#.keyward.v1.ListAuditRecordsRequest\x1a$.keyward.v1.ListAuditRecordsResponse\x12W\n\x0eVerifyAuditLog\x12!.keyward.v1.VerifyAuditLogRequest\x1a\".keyward.v1.VerifyAuditLogResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'audit_pb2', globals())
@@ -23,8 +23,8 @@ if _descriptor._USE_C_DESCRIPTORS == False:
 
   DESCRIPTOR._options = None
   DESCRIPTOR._serialized_options = b'Z2github.com/keyward/keyward/daemon/api/v1;keywardv1'
-  _AUDITOUTCOME._serialized_start=1687
-  _AUDITOUTCOME._serialized_end=1805
+  _AUDITOUTCOME._serialized_start=1703
+  _AUDITOUTCOME._serialized_end=1821
   _LISTAUDITRECORDSREQUEST._serialized_start=93
   _LISTAUDITRECORDSREQUEST._serialized_end=372
   _LISTAUDITRECORDSRESPONSE._serialized_start=375
@@ -32,15 +32,15 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _AUDITRECORD._serialized_start=558
   _AUDITRECORD._serialized_end=942
   _AUDITCALLER._serialized_start=944
-  _AUDITCALLER._serialized_end=1029
-  _AUDITITEM._serialized_start=1032
-  _AUDITITEM._serialized_end=1174
-  _AUDITLOGSTATE._serialized_start=1177
-  _AUDITLOGSTATE._serialized_end=1357
-  _VERIFYAUDITLOGREQUEST._serialized_start=1359
-  _VERIFYAUDITLOGREQUEST._serialized_end=1382
-  _VERIFYAUDITLOGRESPONSE._serialized_start=1385
-  _VERIFYAUDITLOGRESPONSE._serialized_end=1685
-  _AUDITSERVICE._serialized_start=1808
-  _AUDITSERVICE._serialized_end=2006
+  _AUDITCALLER._serialized_end=1045
+  _AUDITITEM._serialized_start=1048
+  _AUDITITEM._serialized_end=1190
+  _AUDITLOGSTATE._serialized_start=1193
+  _AUDITLOGSTATE._serialized_end=1373
+  _VERIFYAUDITLOGREQUEST._serialized_start=1375
+  _VERIFYAUDITLOGREQUEST._serialized_end=1398
+  _VERIFYAUDITLOGRESPONSE._serialized_start=1401
+  _VERIFYAUDITLOGRESPONSE._serialized_end=1701
+  _AUDITSERVICE._serialized_start=1824
+  _AUDITSERVICE._serialized_end=2022
 # @@protoc_insertion_point(module_scope)
