@@ -80,6 +80,9 @@ var commands = []command{
 	{path: "signing-key list", short: "list the signing keys and their versions", flags: signingKeyList},
 	{path: "signing-key rotate", short: "give a signing key a new version, published before it signs", flags: keyRotate},
 
+	{path: "watch", group: groupDaemon, short: "follow what changes (API keys, tokens, key versions, credentials), as it happens; Ctrl-C prints the cursor to resume from", flags: watchCommand,
+		long:    "A line per event the policy lets you see (EventService.Watch): time, cursor, kind, ID, subject, detail; a RESYNC line where events may have been missed. --output json prints one JSON object per line.",
+		example: "  keyward watch -kind api_key -kind api_key_disabled\n  keyward watch -cursor 1042.9f86d081884c7d65"},
 	{path: "status", group: groupDaemon, short: "keywardd's version, HSM, store, keys and plugins", flags: statusCommand},
 	{path: "review", group: groupDaemon, short: "the regular review: keys and callers to look at (monthly)", flags: reviewCommand,
 		example: "  keyward review -audit /var/lib/keyward/audit.log -format markdown > review-$(date +%F).md"},
