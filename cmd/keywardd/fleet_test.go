@@ -173,6 +173,42 @@ func TestFleet(t *testing.T) {
 	ctx := context.Background()
 	leader(t, n)
 
+	// Watchers on nodes 1 and 3, for revocations made on node 2.
+	type seen struct {
+		node string
+		id   string
+		err  error
+	}
+	revocations := make(chan seen, 16)
+	for _, node := range []*fleetNode{n[0], n[2]} {
+		wctx, cancel := context.WithCancel(ctx)
+		t.Cleanup(cancel)
+		started := make(chan struct{})
+		go func() {
+			err := node.Watch(wctx, client.WatchOptions{Kinds: []string{"api_key"}}, func(ch client.Change) error {
+				if ch.Start {
+					close(started)
+				}
+				if ch.Event != nil {
+					select { // the bulk revocation's events are not read
+					case revocations <- seen{node: node.name, id: ch.Event.GetId()}:
+					default:
+					}
+				}
+				return nil
+			})
+			select {
+			case revocations <- seen{node: node.name, err: err}:
+			default:
+			}
+		}()
+		select {
+		case <-started:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the watch on %s did not start", node.name)
+		}
+	}
+
 	// API keys.
 	created, err := n[0].APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "orders", Environment: "prod", Permissions: []string{"orders:read"}})
 	if err != nil {
@@ -192,8 +228,22 @@ func TestFleet(t *testing.T) {
 	if _, err := n[1].APIKeys.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: created.Key.Id}); err != nil {
 		t.Fatal(err)
 	}
+	revoked := time.Now()
 	took = within(t, "node 3 still accepts the key node 2 revoked", verify(n[2], keywardv1.APIKeyCode_API_KEY_CODE_REVOKED))
 	t.Logf("node 3 refused the key %v after node 2 revoked it", took)
+	// The revocation on node 2 reaches the watchers of nodes 1 and 3.
+	for got := map[string]bool{}; len(got) < 2; {
+		select {
+		case sn := <-revocations:
+			if sn.err != nil || sn.id != created.Key.Id {
+				t.Fatalf("the watch on %s: %q, %v; want the revocation of %s", sn.node, sn.id, sn.err, created.Key.Id)
+			}
+			got[sn.node] = true
+			t.Logf("the watcher on %s had node 2's revocation %v after it", sn.node, time.Since(revoked).Round(time.Millisecond))
+		case <-time.After(10 * time.Second):
+			t.Fatalf("node 2's revocation reached the watchers of %v only", got)
+		}
+	}
 
 	// A bulk revocation of more keys than one etcd transaction takes (128
 	// operations by default): revoked in batches, refused everywhere.
