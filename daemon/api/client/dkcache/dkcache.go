@@ -7,35 +7,43 @@
 //	kw, _ := client.Dial("")
 //	c, err := dkcache.New(kw, dkcache.Options{})      // defaults: see Limits
 //	rec, err := c.Seal(ctx, "orders", plaintext, map[string]string{"tenant": "42"})
-//	pt, err := c.Open(ctx, rec, map[string]string{"tenant": "42"})
+//	pt, err := c.Open(ctx, "orders", rec, map[string]string{"tenant": "42"})
+//
+// Open takes the key name the record must be under, as Seal does: a
+// record under any other key is refused (ErrKey), even one the caller
+// may decrypt (see Errors).
 //
 // # Why in the client
 //
 // A GenerateDataKey over keywardd's socket costs a gRPC round trip, an
-// audit record fsynced before the answer, and one HSM encryption.
-// Measured in one run (BenchmarkDataKeyCache in daemon; the numbers are in
-// docs/datakey-cache.md), SoftHSM2 encrypts at ~35 k/s (~25 µs), while
-// GenerateDataKey over the socket runs at ~2 k/s from one client (~470
-// µs), a little slower than a Ping (the durable round trip alone): the
-// HSM is about a twentieth of the call. A cache inside keywardd would save
-// only that, and would break what keywardd promises: one audit record and
-// one reserved encryption of the key version per data key handed out. In
-// the client it saves the round trip too: a cached Seal of 1 KiB is ~3 µs
-// of CPU, 30 to 240 times the uncached path's rate. So the cache lives
-// here, per process (the process is the caller keywardd identifies), and
-// keywardd's audit log still shows every data key it made, with its
-// caller.
+// audit record fsynced before the answer, and one HSM encryption. Measured
+// in one run (BenchmarkDataKeyCache in daemon; the numbers are in
+// docs/datakey-cache.md), SoftHSM2 encrypts at 33 to 41 k/s (~25 µs),
+// while GenerateDataKey over the socket runs at ~2.4 k/s from one client
+// (~410 µs; p50 390 to 470 µs over two runs), about what a Ping (the
+// durable round trip alone) costs: at one client the Ping was even the
+// slower in that run (1 878 against 2 419 calls/s), from four clients on
+// it is faster. The HSM is about 5 % of the call. A cache inside keywardd
+// would save only that, and would break what keywardd promises: one audit
+// record and one reserved encryption of the key version per data key
+// handed out. In the client it saves the round trip too: a cached Seal or
+// Open of 1 KiB was 2 to 3 µs of CPU, 29 to 180 times the uncached path's
+// rate in the documented run (29 to 244 in a second), and is 1.6 µs since
+// the cache keeps one AES-GCM per key instead of building one per record.
+// So the cache lives here, per process (the process is the caller keywardd
+// identifies), and keywardd's audit log still shows every data key it
+// made, with its caller.
 //
 // # What is cached and for how long
 //
 // Seal caches a data key per key name and canonical encryption context;
-// Open caches unwrapped data keys per wrapped key and context, so reading
-// many records sealed under one data key costs one Decrypt. Each key is
-// used for at most Limits.MaxMessages records, MaxBytes bytes of
-// plaintext and MaxAge; at most MaxEntries keys are held (least recently
-// used first out). A key past its age is wiped by a timer at that moment,
-// not at the next use, so an idle program keeps no key past MaxAge; a key
-// used up or evicted is wiped at once.
+// Open caches unwrapped data keys per key name, wrapped key and context,
+// so reading many records sealed under one data key costs one Decrypt.
+// Each key is used for at most Limits.MaxMessages records, MaxBytes bytes
+// of plaintext and MaxAge; at most MaxEntries keys are held (least
+// recently used first out). A key past its age is wiped by a timer at that
+// moment, not at the next use, so an idle program keeps no key past
+// MaxAge; a key used up or evicted is wiped at once.
 //
 // # Memory
 //
@@ -44,11 +52,44 @@
 // MADV_WIPEONFORK, and cleared when a key leaves the cache; Close clears
 // and unmaps it. If mlock is refused (RLIMIT_MEMLOCK), New fails with
 // ErrMemoryLock unless Options.AllowUnlocked, and Locked reports which.
-// Two copies are outside it, and Go leaves no way to avoid them: the
+//
+// Two copies are outside it, and Go leaves no way to avoid them. The
 // response message's copy of a new key, which the cache clears at once
-// (gRPC's receive buffer held it too, and is reused), and the AES key
-// schedule Go derives for each record in Seal and Open, on the heap until
-// the garbage collector reuses it.
+// (gRPC's receive buffer held it too, and is reused). And the AES-GCM the
+// cache builds for each cached key: Go's AES-256 key schedule starts with
+// the key itself, so it is a full copy of the data key, on the ordinary
+// heap: it can be swapped and written to a core dump, and nothing wipes
+// it: the cache drops it when the key leaves, and it stays until the
+// garbage collector reuses its memory. There is one per cached key (and
+// one for each record that gets a data key of its own), never one per
+// record under a cached key. So
+// the locked mapping alone does not keep data keys out of swap and core
+// dumps: where that matters, lock the whole process (mlockall(2)) and
+// turn core dumps off (RLIMIT_CORE 0, systemd LimitCORE=0, or
+// prctl(PR_SET_DUMPABLE, 0)).
+//
+// # Errors
+//
+// Open and OpenParts say why a record does not open, for errors.Is:
+//   - ErrKey: its data key is under another key name than the one given;
+//     keywardd is not asked.
+//   - client.ErrInvalid: keywardd refused to unwrap its data key: the
+//     record was sealed under another encryption context, or its wrapped
+//     key's bytes were changed.
+//   - ErrOpen: its data key was unwrapped, but the record does not
+//     authenticate: its nonce, ciphertext or tag was changed (for
+//     OpenParts, or the additional data differs).
+//   - ErrFormat: not a record this version reads (magic, version, lengths,
+//     truncated). Seal gives it too when keywardd returns a wrapped key
+//     this version cannot store in a record.
+//   - keywardd's other refusals, wrapped: client.ErrDenied (no grant to
+//     decrypt under the record's key); to a caller granted
+//     KeyService.GetKey on the key, client.ErrUnusable (the key is
+//     disabled, or the record's key version is below its minimum) and
+//     client.ErrNotFound; to any other caller keywardd gives its one
+//     answer for all of these, client.ErrInvalid (docs/api.md).
+//   - ErrClosed after Close; a caller's context ending while it waits for
+//     another's call to keywardd gives its ctx.Err(), wrapped.
 //
 // Hand-written: the record format and the cache itself, which no kept Go
 // library offers (the AWS SDK's is tied to its own message format and
