@@ -16,7 +16,8 @@ import (
 // TestOpenKey: Open and OpenParts refuse, with ErrKey and without asking
 // keywardd, a record whose data key is under another key name than the
 // one given, though the caller may decrypt under that key; RecordKey
-// tells a record's key name and version.
+// tells a record's key name and version (after a rotation:
+// TestRetireVersion).
 func TestOpenKey(t *testing.T) {
 	kw := start(t)
 	ctx := context.Background()
@@ -54,16 +55,6 @@ func TestOpenKey(t *testing.T) {
 	if name, v, err := dkcache.RecordKey(rec); name != "billing" || v != 1 || err != nil {
 		t.Errorf("RecordKey: %q, %d, %v; want billing, 1", name, v, err)
 	}
-	if _, err := kw.Keys.RotateKey(ctx, &keywardv1.RotateKeyRequest{Name: "billing"}); err != nil {
-		t.Fatal(err)
-	}
-	rec2, err := newCache(t, kw, dkcache.Options{}).Seal(ctx, "billing", []byte("r"), tenant42)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if name, v, err := dkcache.RecordKey(rec2); name != "billing" || v != 2 || err != nil {
-		t.Errorf("RecordKey after rotation: %q, %d, %v; want billing, 2", name, v, err)
-	}
 	if _, _, err := dkcache.RecordKey([]byte("kwr")); !errors.Is(err, dkcache.ErrFormat) {
 		t.Errorf("RecordKey of a truncated record: %v, want ErrFormat", err)
 	}
@@ -74,10 +65,7 @@ func TestOpenKey(t *testing.T) {
 func TestErrors(t *testing.T) {
 	kw := start(t)
 	ctx := context.Background()
-	rec, err := newCache(t, kw, dkcache.Options{}).Seal(ctx, "orders", []byte("secret"), tenant42)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rec := sealOne(t, kw, "secret")
 	w := int(rec[4])
 	edit := func(i int) []byte { b := bytes.Clone(rec); b[i] ^= 1; return b }
 	sentinels := []error{client.ErrInvalid, dkcache.ErrOpen, dkcache.ErrKey, dkcache.ErrFormat}
@@ -187,4 +175,63 @@ func TestSealChecksWrapped(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRetireVersion: what docs/datakey-cache.md says about moving records
+// off an old key version. A record's wrapped data key re-wrapped by
+// keywardd's ReEncrypt and put back makes a record that no longer opens
+// (the header is authenticated); opening and sealing again moves the
+// record to the newest version, and it opens after the old version is
+// retired, when the old record no longer does.
+func TestRetireVersion(t *testing.T) {
+	kw := start(t)
+	ctx := context.Background()
+	rec := sealOne(t, kw, "old")
+	if _, err := kw.Keys.RotateKey(ctx, &keywardv1.RotateKeyRequest{Name: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	w := int(rec[4])
+	rewrapped, err := kw.ReEncrypt(ctx, rec[5:5+w], tenant42)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rewrapped) != w {
+		t.Fatalf("ReEncrypt gave %d bytes for %d", len(rewrapped), w)
+	}
+	moved := append(append(bytes.Clone(rec[:5]), rewrapped...), rec[5+w:]...)
+	if _, err := newCache(t, kw, dkcache.Options{}).Open(ctx, "orders", moved, tenant42); !errors.Is(err, dkcache.ErrOpen) {
+		t.Errorf("a record with its data key re-wrapped by ReEncrypt: %v, want ErrOpen", err)
+	}
+
+	pt, err := newCache(t, kw, dkcache.Options{}).Open(ctx, "orders", rec, tenant42)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := newCache(t, kw, dkcache.Options{}).Seal(ctx, "orders", pt, tenant42)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if name, v, err := dkcache.RecordKey(again); name != "orders" || v != 2 || err != nil {
+		t.Errorf("sealed again: RecordKey %q, %d, %v; want orders, version 2", name, v, err)
+	}
+	if _, err := kw.Keys.SetMinDecryptionVersion(ctx, &keywardv1.SetMinDecryptionVersionRequest{Name: "orders", Version: 2}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := newCache(t, kw, dkcache.Options{}).Open(ctx, "orders", again, tenant42); err != nil || string(got) != "old" {
+		t.Errorf("the record sealed again, after version 1 is retired: %q, %v", got, err)
+	}
+	if _, err := newCache(t, kw, dkcache.Options{}).Open(ctx, "orders", rec, tenant42); !errors.Is(err, client.ErrUnusable) {
+		t.Errorf("the record left under version 1, after it is retired: %v, want ErrUnusable", err)
+	}
+}
+
+// sealOne is a record of plaintext under "orders" and tenant 42, from a
+// cache of its own.
+func sealOne(t *testing.T, kw *client.Client, plaintext string) []byte {
+	t.Helper()
+	rec, err := newCache(t, kw, dkcache.Options{}).Seal(context.Background(), "orders", []byte(plaintext), tenant42)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rec
 }
