@@ -76,7 +76,7 @@ func BenchmarkDataKeyCache(b *testing.B) {
 		return func() error { _, err := c.Seal(ctx, "bench", record, ectx); return err }
 	}
 	open := func(c *dkcache.Cache) func() error {
-		return func() error { _, err := c.Open(ctx, sealed, ectx); return err }
+		return func() error { _, err := c.Open(ctx, "bench", sealed, ectx); return err }
 	}
 	ops := []struct {
 		name string

@@ -23,11 +23,12 @@ import (
 )
 
 // fakeClock is a clock the test moves; its timers fire in Advance, in
-// the order they are due.
+// the order they are due, unless late: then they never fire.
 type fakeClock struct {
 	mu     sync.Mutex
 	now    time.Time
 	timers []*fakeTimer
+	late   bool
 }
 
 type fakeTimer struct {
@@ -60,7 +61,7 @@ func (c *fakeClock) Advance(d time.Duration) {
 	c.now = c.now.Add(d)
 	var due []*fakeTimer
 	for _, t := range c.timers {
-		if !t.done && !t.at.After(c.now) {
+		if !c.late && !t.done && !t.at.After(c.now) {
 			t.done = true
 			due = append(due, t)
 		}
@@ -188,7 +189,7 @@ func TestSealOpen(t *testing.T) {
 	decrypts := audited(t, kw, "EnvelopeService.Decrypt") // openByHand's
 	reader := newCache(t, kw, dkcache.Options{})
 	for i, rec := range recs {
-		pt, err := reader.Open(ctx, rec, tenant42)
+		pt, err := reader.Open(ctx, "orders", rec, tenant42)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -216,22 +217,24 @@ func TestSealOpen(t *testing.T) {
 	if pt, err := gcm.Open(nil, sealed[:12], sealed[12:], append(canon("42"), "row 7"...)); err != nil || string(pt) != "part" {
 		t.Errorf("SealParts' output opened by hand (AAD: canonical context, then additional data): %q, %v", pt, err)
 	}
-	if pt, err := reader.OpenParts(ctx, wrapped, sealed, []byte("row 7"), tenant42); err != nil || string(pt) != "part" {
+	if pt, err := reader.OpenParts(ctx, "orders", wrapped, sealed, []byte("row 7"), tenant42); err != nil || string(pt) != "part" {
 		t.Errorf("OpenParts: %q, %v", pt, err)
 	}
-	if _, err := reader.OpenParts(ctx, wrapped, sealed, []byte("row 8"), tenant42); !errors.Is(err, dkcache.ErrOpen) {
+	if _, err := reader.OpenParts(ctx, "orders", wrapped, sealed, []byte("row 8"), tenant42); !errors.Is(err, dkcache.ErrOpen) {
 		t.Errorf("OpenParts with other additional data: %v, want ErrOpen", err)
 	}
 	tampered := bytes.Clone(recs[0])
 	tampered[len(tampered)-1] ^= 1
-	if _, err := reader.Open(ctx, tampered, tenant42); !errors.Is(err, dkcache.ErrOpen) {
+	if _, err := reader.Open(ctx, "orders", tampered, tenant42); !errors.Is(err, dkcache.ErrOpen) {
 		t.Errorf("Open of a changed record: %v, want ErrOpen", err)
 	}
 }
 
 // TestLimits: a data key seals at most MaxMessages records, MaxBytes
-// bytes, for MaxAge (on the cache's clock); the records say which data key
-// each was sealed under, and keywardd's audit log how many were made.
+// bytes, for MaxAge (on the cache's clock), even when the timer that
+// wipes it at MaxAge is late (each use checks the age); the records say
+// which data key each was sealed under, and keywardd's audit log how many
+// were made.
 func TestLimits(t *testing.T) {
 	kw := start(t)
 	ctx := context.Background()
@@ -242,14 +245,17 @@ func TestLimits(t *testing.T) {
 		step    time.Duration // the clock's move before each record
 		records int
 		groups  []int // records under each data key, in order
+		late    bool  // the clock's timers never fire
 	}{
-		{"messages", dkcache.Limits{MaxMessages: 3}, 0, 8, []int{3, 3, 2}},
-		{"bytes", dkcache.Limits{MaxBytes: 2500}, 0, 5, []int{2, 2, 1}},
-		{"bytes exactly", dkcache.Limits{MaxBytes: 2048}, 0, 5, []int{2, 2, 1}},
-		{"age", dkcache.Limits{MaxAge: time.Minute}, 25 * time.Second, 7, []int{3, 3, 1}},
+		{"messages", dkcache.Limits{MaxMessages: 3}, 0, 8, []int{3, 3, 2}, false},
+		{"bytes", dkcache.Limits{MaxBytes: 2500}, 0, 5, []int{2, 2, 1}, false},
+		{"bytes exactly", dkcache.Limits{MaxBytes: 2048}, 0, 5, []int{2, 2, 1}, false},
+		{"age", dkcache.Limits{MaxAge: time.Minute}, 25 * time.Second, 7, []int{3, 3, 1}, false},
+		{"age, timer late", dkcache.Limits{MaxAge: time.Minute}, 25 * time.Second, 7, []int{3, 3, 1}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			clock := newClock()
+			clock.late = tc.late
 			c := newCache(t, kw, dkcache.Options{Limits: tc.lim, Clock: clock})
 			before := audited(t, kw, "EnvelopeService.GenerateDataKey")
 			var groups []int
@@ -273,6 +279,9 @@ func TestLimits(t *testing.T) {
 			if n := audited(t, kw, "EnvelopeService.GenerateDataKey") - before; n != len(tc.groups) {
 				t.Errorf("keywardd made %d data keys, want %d", n, len(tc.groups))
 			}
+			if s := c.Stats(); tc.step != 0 && s.Expired != uint64(len(tc.groups)-1) {
+				t.Errorf("stats %+v; want %d expired", s, len(tc.groups)-1)
+			}
 		})
 	}
 
@@ -284,7 +293,7 @@ func TestLimits(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if pt, err := c.Open(ctx, rec, tenant42); err != nil || !bytes.Equal(pt, kib) {
+		if pt, err := c.Open(ctx, "orders", rec, tenant42); err != nil || !bytes.Equal(pt, kib) {
 			t.Fatalf("Open of a record over MaxBytes: %v", err)
 		}
 		ws = append(ws, string(rec[5:5+int(rec[4])]))
@@ -313,7 +322,7 @@ func TestRotationAndRevocation(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := reader.Open(ctx, rec, tenant42); err != nil {
+		if _, err := reader.Open(ctx, "orders", rec, tenant42); err != nil {
 			t.Fatal(err)
 		}
 		w := rec[5 : 5+int(rec[4])]
@@ -339,14 +348,14 @@ func TestRotationAndRevocation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := reader.Open(ctx, rec, tenant42); err != nil {
+	if _, err := reader.Open(ctx, "orders", rec, tenant42); err != nil {
 		t.Fatal(err)
 	}
 	clock.Advance(time.Minute)
 	if _, err := c.Seal(ctx, "orders", []byte("r"), tenant42); !errors.Is(err, client.ErrUnusable) {
 		t.Errorf("Seal under a disabled key after MaxAge: %v, want ErrUnusable", err)
 	}
-	if _, err := reader.Open(ctx, rec, tenant42); !errors.Is(err, client.ErrUnusable) {
+	if _, err := reader.Open(ctx, "orders", rec, tenant42); !errors.Is(err, client.ErrUnusable) {
 		t.Errorf("Open under a disabled key after MaxAge: %v, want ErrUnusable", err)
 	}
 }
@@ -370,12 +379,12 @@ func TestContextsApart(t *testing.T) {
 	if wrapped(a) == wrapped(b) || wrapped(a) == wrapped(other) || wrapped(a) != wrapped(seal("orders", tenant42)) {
 		t.Error("data keys shared across contexts or key names, or not reused within one")
 	}
-	if _, err := c.Open(ctx, a, tenant42); err != nil {
+	if _, err := c.Open(ctx, "orders", a, tenant42); err != nil {
 		t.Fatal(err)
 	}
 	for _, cc := range []*dkcache.Cache{c, newCache(t, kw, dkcache.Options{})} {
 		for _, encCtx := range []map[string]string{tenant43, {}, {"tenant": "42", "x": ""}} {
-			if pt, err := cc.Open(ctx, a, encCtx); !errors.Is(err, client.ErrInvalid) {
+			if pt, err := cc.Open(ctx, "orders", a, encCtx); !errors.Is(err, client.ErrInvalid) {
 				t.Errorf("a record of tenant 42 opened under %v: %q, %v; want keywardd's refusal (ErrInvalid)", encCtx, pt, err)
 			}
 		}
@@ -383,7 +392,7 @@ func TestContextsApart(t *testing.T) {
 	// The record's key moved into a record of another context's header:
 	// the local AAD (header and context) no longer matches.
 	moved := append(bytes.Clone(b[:5+int(b[4])]), a[5+int(a[4]):]...)
-	if _, err := c.Open(ctx, moved, tenant43); !errors.Is(err, dkcache.ErrOpen) {
+	if _, err := c.Open(ctx, "orders", moved, tenant43); !errors.Is(err, dkcache.ErrOpen) {
 		t.Errorf("a sealed part moved under another context's data key: %v, want ErrOpen", err)
 	}
 }
@@ -456,7 +465,7 @@ func TestWipe(t *testing.T) {
 	if _, err := c.Seal(ctx, "orders", []byte("r"), tenant42); !errors.Is(err, dkcache.ErrClosed) {
 		t.Errorf("Seal after Close: %v", err)
 	}
-	if _, err := c.Open(ctx, rec, tenant42); !errors.Is(err, dkcache.ErrClosed) {
+	if _, err := c.Open(ctx, "orders", rec, tenant42); !errors.Is(err, dkcache.ErrClosed) {
 		t.Errorf("Open after Close: %v", err)
 	}
 }
@@ -464,7 +473,8 @@ func TestWipe(t *testing.T) {
 // TestConcurrent: goroutines sealing and opening under three contexts at
 // once (run with -race): every record opens, under its own context only,
 // and no data key seals more than MaxMessages records. Callers that miss
-// together wait for one call to keywardd, and share its refusal.
+// together wait for one call to keywardd, and share its refusal: 16
+// callers under a key that does not exist make one call.
 func TestConcurrent(t *testing.T) {
 	kw := start(t)
 	ctx := context.Background()
@@ -486,10 +496,29 @@ func TestConcurrent(t *testing.T) {
 	if n := audited(t, kw, "EnvelopeService.GenerateDataKey") - before; n != 1 {
 		t.Errorf("16 callers missing at once made %d data keys, want 1", n)
 	}
-	for _, err := range burst(newCache(t, kw, dkcache.Options{}), "nokey") {
+	// The first call is held until the 15 others wait for it.
+	h := newHeld(kw)
+	waited, stopWaits := waits(t)
+	refused := newCache(t, h, dkcache.Options{})
+	refusedErrs := make([]error, 16)
+	var refusals sync.WaitGroup
+	for i := range refusedErrs {
+		refusals.Go(func() { _, refusedErrs[i] = refused.Seal(ctx, "nokey", []byte("r"), tenant42) })
+	}
+	<-h.entered
+	for range len(refusedErrs) - 1 {
+		<-waited
+	}
+	close(h.release)
+	refusals.Wait()
+	stopWaits()
+	for _, err := range refusedErrs {
 		if !errors.Is(err, client.ErrNotFound) {
 			t.Errorf("sealing under a key that does not exist: %v, want ErrNotFound", err)
 		}
+	}
+	if n := h.Calls(); n != 1 {
+		t.Errorf("16 callers refused together made %d calls to keywardd; want 1, its refusal shared", n)
 	}
 
 	const perKey = 20
@@ -507,7 +536,7 @@ func TestConcurrent(t *testing.T) {
 				rec, err := c.Seal(ctx, "orders", pt, map[string]string{"tenant": tn})
 				if err == nil {
 					var got []byte
-					got, err = c.Open(ctx, rec, map[string]string{"tenant": tn})
+					got, err = c.Open(ctx, "orders", rec, map[string]string{"tenant": tn})
 					if err == nil && !bytes.Equal(got, pt) {
 						err = fmt.Errorf("opened %q, sealed %q", got, pt)
 					}

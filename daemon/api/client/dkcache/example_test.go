@@ -32,7 +32,7 @@ func Example() {
 		if err != nil {
 			log.Fatal(err)
 		}
-		pt, err := c.Open(ctx, rec, tenant)
+		pt, err := c.Open(ctx, "orders", rec, tenant)
 		if err != nil {
 			log.Fatal(err)
 		}

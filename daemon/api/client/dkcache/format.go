@@ -83,6 +83,24 @@ func checkWrapped(w []byte) error {
 	return nil
 }
 
+// wrappedKeyName is the key name of a wrapped data key checkWrapped
+// accepted.
+func wrappedKeyName(w []byte) string { return string(w[5 : 5+int(w[4])]) }
+
+// RecordKey tells which key name and version wrapped a record's data key,
+// without opening it or asking keywardd: for finding the records still
+// under a version to be retired (open them and seal them again; see
+// docs/datakey-cache.md). It is not a check of the record: use Open with
+// the key name you expect, never the name RecordKey reads from the record.
+func RecordKey(rec []byte) (keyName string, version uint32, err error) {
+	r, err := parseRecord(rec)
+	if err != nil {
+		return "", 0, err
+	}
+	n := int(r.wrapped[4])
+	return wrappedKeyName(r.wrapped), binary.BigEndian.Uint32(r.wrapped[5+n:]), nil
+}
+
 // appendHeader appends a record's header for the wrapped key to b.
 func appendHeader(b, wrapped []byte) []byte {
 	b = append(b, recordMagic...)

@@ -66,7 +66,7 @@ func TestGolden(t *testing.T) {
 	if hex.EncodeToString(r.wrapped) != want.Wrapped || hex.EncodeToString(r.nonce) != want.Nonce {
 		t.Errorf("parsed wrapped %x nonce %x", r.wrapped, r.nonce)
 	}
-	pt, err := open(block, r.nonce, r.sealed, r.aad(canonicalContext(want.Context)))
+	pt, err := open(gcm, r.nonce, r.sealed, r.aad(canonicalContext(want.Context)))
 	if err != nil || string(pt) != want.Plaintext {
 		t.Errorf("the golden record opens to %q, %v", pt, err)
 	}
