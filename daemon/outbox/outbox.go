@@ -39,6 +39,11 @@ const (
 	// Not revocations: notices for the people behind a key.
 	RotationDue = "rotation_due" // ID kind/ID (api_key/ak_…), Subject its owner
 	Anomaly     = "anomaly"      // ID an API key's ID, Subject its owner, Detail what was seen
+	// A secret of an API key was found where it should not be (a secret
+	// scanner's report, keyward apikey report-leak). ID the key's ID,
+	// Subject its owner, Detail who found it, where, which secret and what
+	// keywardd did (the revocation itself also sends APIKeyRevoked).
+	APIKeyLeaked = "api_key_leaked"
 )
 
 // Event is a revocation or a notice.
