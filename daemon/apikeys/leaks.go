@@ -120,11 +120,11 @@ var errLeakGone = errors.New("apikeys: the secret left the key meanwhile")
 // A key already stopped (revoked; or disabled, when the action disables)
 // is left alone and no event is written: a report is idempotent.
 //
-// allow, if set, is asked about the key's owner before anything is
+// allow, if set, is asked about the key (its ID and owner) before anything is
 // written; its error is returned as it is (a caller not granted the
 // operation on that owner). The audit record is the caller's to write,
 // after: see docs/leaks.md for what holds when it fails.
-func (m *Manager) ReportLeak(ctx context.Context, presented string, l Leak, allow func(owner string) error) (LeakVerdict, error) {
+func (m *Manager) ReportLeak(ctx context.Context, presented string, l Leak, allow func(id, owner string) error) (LeakVerdict, error) {
 	prefix, err := Parse(presented)
 	if err != nil {
 		return LeakVerdict{Reason: "not an API key: " + err.Error()}, nil
@@ -150,7 +150,7 @@ func (m *Manager) ReportLeak(ctx context.Context, presented string, l Leak, allo
 		return LeakVerdict{Reason: "no such key"}, nil
 	}
 	if allow != nil {
-		if err := allow(rec.Owner); err != nil {
+		if err := allow(rec.ID, rec.Owner); err != nil {
 			return LeakVerdict{}, err
 		}
 	}

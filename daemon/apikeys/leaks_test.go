@@ -77,8 +77,8 @@ func TestReportLeak(t *testing.T) {
 
 	// A policy that refuses the owner: nothing done.
 	denied := errors.New("not yours")
-	if _, err := f.m.ReportLeak(ctx, key, leak, func(owner string) error {
-		if owner != "team-a" {
+	if _, err := f.m.ReportLeak(ctx, key, leak, func(id, owner string) error {
+		if owner != "team-a" || id != rec.ID {
 			t.Errorf("allow asked about %q", owner)
 		}
 		return denied

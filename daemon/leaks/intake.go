@@ -25,7 +25,7 @@ const Path = "/leaks/github"
 
 // Reporter acts on a leaked secret: daemon/apikeys.Manager.
 type Reporter interface {
-	ReportLeak(ctx context.Context, presented string, l apikeys.Leak, allow func(owner string) error) (apikeys.LeakVerdict, error)
+	ReportLeak(ctx context.Context, presented string, l apikeys.Leak, allow func(id, owner string) error) (apikeys.LeakVerdict, error)
 }
 
 // Auditor writes audit records: daemon/audit.Log.
