@@ -34,6 +34,9 @@ type Leak struct {
 	Source string // who found it: "github:content", "report-leak" and the caller
 	URL    string // where, if known
 	Type   string // the finder's name for the secret's type, if any
+	// Reporter is who passed the report on, if not the finder (a caller
+	// of keywardd: "uid 1000"); set by keywardd, not the reporter.
+	Reporter string
 }
 
 // LeakVerdict is the answer to a report.
@@ -90,6 +93,9 @@ func (l Leak) Describe() string {
 		b.WriteString("an unnamed finder")
 	} else {
 		b.WriteString(cleanField(l.Source, maxLeakField))
+	}
+	if l.Reporter != "" {
+		fmt.Fprintf(&b, " (reported by %s)", cleanField(l.Reporter, maxLeakField))
 	}
 	if l.Type != "" {
 		fmt.Fprintf(&b, " as %s", cleanField(l.Type, maxLeakField))

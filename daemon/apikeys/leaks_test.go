@@ -188,3 +188,20 @@ func TestCleanField(t *testing.T) {
 		}
 	}
 }
+
+func TestLeakDescribe(t *testing.T) {
+	long := strings.Repeat("s", 300)
+	for _, tc := range []struct {
+		l    Leak
+		want string
+	}{
+		{Leak{}, "found by an unnamed finder"},
+		{Leak{Source: "github:content", Type: "t", URL: "https://x/y"}, "found by github:content as t at https://x/y"},
+		// The reporter survives a source at its bound.
+		{Leak{Source: long, Reporter: "uid 1000"}, "found by " + long[:128] + "… (reported by uid 1000)"},
+	} {
+		if got := tc.l.Describe(); got != tc.want {
+			t.Errorf("Describe(%+v) = %q, want %q", tc.l, got, tc.want)
+		}
+	}
+}

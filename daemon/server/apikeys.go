@@ -468,11 +468,7 @@ func (s *Server) ReportLeak(ctx context.Context, r *keywardv1.ReportLeakRequest)
 	if r.GetSecret() == "" {
 		return nil, fmt.Errorf("%w: secret is empty: pass the string as found (keyward apikey report-leak reads it from standard input)", errInvalid)
 	}
-	source := fmt.Sprintf("uid %d", c.caller.UID)
-	if r.GetSource() != "" {
-		source = r.GetSource() + " (reported by " + source + ")"
-	}
-	l := apikeys.Leak{Source: source, URL: r.GetUrl()}
+	l := apikeys.Leak{Source: r.GetSource(), URL: r.GetUrl(), Reporter: fmt.Sprintf("uid %d", c.caller.UID)}
 	v, err := s.cfg.APIKeys.ReportLeak(ctx, r.GetSecret(), l, func(id, owner string) error {
 		c.apiKey, c.key = id, owner
 		if err := s.allow(ctx, op, owner); err != nil {
