@@ -29,6 +29,7 @@ import (
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/events"
 	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/leaks"
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/policy"
@@ -383,9 +384,10 @@ func (h hsmStatus) Token() server.TokenInfo {
 }
 
 // listenHTTP opens the HTTP listeners configured: metrics on a loopback
-// address and/or a Unix socket, the JWKS for verifiers elsewhere. They
+// address and/or a Unix socket, the JWKS for verifiers elsewhere, the
+// secret scanners' intake (leaks.http). They
 // serve as tasks, from when keywardd serves.
-func (d *daemonParts) listenHTTP(context.Context) error {
+func (d *daemonParts) listenHTTP(ctx context.Context) error {
 	metricsServer := func() *http.Server {
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", d.mx.Handler())
@@ -420,7 +422,60 @@ func (d *daemonParts) listenHTTP(context.Context) error {
 		}
 		d.http = append(d.http, t)
 	}
+	if d.cfg.Leaks.HTTP.Address != "" {
+		ts, err := d.leaksHTTP(ctx)
+		if err != nil {
+			return err
+		}
+		d.http = append(d.http, ts...)
+	}
 	return nil
+}
+
+// listenMaybeTLS listens on address: plain TCP, or TLS 1.3 if cert is set
+// (LoadConfig refuses a non-loopback address without one). name is the
+// configuration section, for errors.
+func (d *daemonParts) listenMaybeTLS(name, address, cert, key string) (ln net.Listener, scheme string, tlsCfg *tls.Config, err error) {
+	ln, err = net.Listen("tcp", address)
+	if err != nil {
+		return nil, "", nil, listenError(fmt.Errorf("%s: %w", name, err))
+	}
+	d.onClose(func() error { ln.Close(); return nil })
+	if cert == "" {
+		return ln, "http", nil, nil
+	}
+	c, err := tls.LoadX509KeyPair(cert, key)
+	if err != nil {
+		return nil, "", nil, configError(fmt.Errorf("%s: %w", name, err))
+	}
+	tlsCfg = &tls.Config{Certificates: []tls.Certificate{c}, MinVersion: tls.VersionTLS13}
+	return tls.NewListener(ln, tlsCfg), "https", tlsCfg, nil
+}
+
+// leaksHTTP opens the secret scanners' intake (package leaks) and the
+// refresh of their public keys.
+func (d *daemonParts) leaksHTTP(ctx context.Context) ([]task, error) {
+	c := d.cfg.Leaks.WithDefaults()
+	keys, err := leaks.NewKeys(ctx, c.PublicKeysFile, c.PublicKeysURL, d.log)
+	if err != nil {
+		return nil, configError(fmt.Errorf("leaks.public_keys_file: %w", err))
+	}
+	if keys.Len() == 0 {
+		d.log.Error("the secret scanner's public keys could not be had yet; reports are refused until a refresh gets them", "url", c.PublicKeysURL)
+	}
+	ln, scheme, tlsCfg, err := d.listenMaybeTLS("leaks.http", c.HTTP.Address, c.HTTP.TLSCert, c.HTTP.TLSKey)
+	if err != nil {
+		return nil, err
+	}
+	in := leaks.New(leaks.Options{Keys: keys, Reporter: d.akm, Audit: d.al, Caller: keywardd(), Log: d.log, Now: d.o.Now,
+		MaxBody: c.MaxBody, ReplayWindow: c.ReplayWindow})
+	hs := &http.Server{Handler: in.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second,
+		WriteTimeout: time.Minute, IdleTimeout: time.Minute, MaxHeaderBytes: 16 << 10, TLSConfig: tlsCfg}
+	d.log.Info("taking secret scanning reports", "url", scheme+"://"+ln.Addr().String()+leaks.Path, "keys", keys.Len(), "action", c.Action)
+	return []task{
+		serveHTTP("the secret scanners' intake", hs, ln, d.log),
+		loop("refreshing the secret scanners' keys", func(ctx context.Context) { keys.Run(ctx, c.RefreshEvery) }),
+	}, nil
 }
 
 // jwksHTTP opens the HTTP listener for verifiers elsewhere: plain HTTP on
@@ -428,21 +483,9 @@ func (d *daemonParts) listenHTTP(context.Context) error {
 // without a certificate).
 func (d *daemonParts) jwksHTTP() (task, error) {
 	h := d.cfg.Tokens.HTTP
-	ln, err := net.Listen("tcp", h.Address)
+	ln, scheme, tlsCfg, err := d.listenMaybeTLS("tokens.http", h.Address, h.TLSCert, h.TLSKey)
 	if err != nil {
-		return task{}, listenError(fmt.Errorf("tokens.http: %w", err))
-	}
-	d.onClose(func() error { ln.Close(); return nil })
-	scheme := "http"
-	var tlsCfg *tls.Config
-	if h.TLSCert != "" {
-		cert, err := tls.LoadX509KeyPair(h.TLSCert, h.TLSKey)
-		if err != nil {
-			return task{}, configError(fmt.Errorf("tokens.http: %w", err))
-		}
-		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
-		ln = tls.NewListener(ln, tlsCfg)
-		scheme = "https"
+		return task{}, err
 	}
 	base := h.BaseURL
 	if base == "" {

@@ -22,6 +22,7 @@ import (
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/dynlimits"
 	"github.com/keyward/keyward/daemon/events"
+	"github.com/keyward/keyward/daemon/leaks"
 	"github.com/keyward/keyward/daemon/names"
 	"github.com/keyward/keyward/daemon/procenv"
 	"github.com/keyward/keyward/daemon/ratelimit"
@@ -113,6 +114,9 @@ type Config struct {
 		// without any gets; an empty list means none.
 		DefaultLimits map[string][]ratelimit.Layer `yaml:"default_limits"`
 	} `yaml:"api_keys"`
+	// Leaks: what a confirmed leak of an API key does, and the secret
+	// scanners' intake over HTTP(S) (package leaks, docs/leaks.md).
+	Leaks leaks.Config `yaml:"leaks"`
 }
 
 // PluginConfig is one plugin.
@@ -224,6 +228,9 @@ func (c *Config) check() error {
 	if err := c.Events.Check(); err != nil {
 		errs = append(errs, err)
 	}
+	if err := c.Leaks.Check(); err != nil {
+		errs = append(errs, err)
+	}
 	// Credentials and policies name a plugin; two names of one canonical
 	// form ("pg" and "pg-") would be two plugins to keywardd and one to
 	// whoever reads them.
@@ -331,7 +338,8 @@ func (c *Config) auditPath() string {
 // apiKeyOptions are the API key manager's options: the built-in default
 // limits with the configured roles' replaced.
 func (c *Config) apiKeyOptions() (apikeys.Options, error) {
-	o := apikeys.Options{Prefix: c.APIKeys.Prefix, NearLimit: c.APIKeys.NearLimit, DefaultLimits: maps.Clone(apikeys.DefaultLimits)}
+	o := apikeys.Options{Prefix: c.APIKeys.Prefix, NearLimit: c.APIKeys.NearLimit, DefaultLimits: maps.Clone(apikeys.DefaultLimits),
+		LeakAction: apikeys.LeakAction(c.Leaks.Action)}
 	for role, layers := range c.APIKeys.DefaultLimits {
 		if _, ok := apikeys.Roles[role]; !ok {
 			return o, fmt.Errorf("api_keys.default_limits: %q is not a role; roles are read-only, standard and admin", role)

@@ -570,3 +570,29 @@ func counts(m map[string]int64) string {
 	}
 	return strings.Join(out, " ")
 }
+
+func apikeyReportLeak(f *flagSet) action {
+	in := f.String("in", "", "file holding the string found (default standard input)")
+	source := f.String("source", "", "who or what found it, for the record")
+	url := f.String("url", "", "where it was found, for the record")
+	return func(e *env, _ []string) error {
+		b, err := e.readInput(*in)
+		if err != nil {
+			return err
+		}
+		r, err := e.api.APIKeys.ReportLeak(e.ctx, &keywardv1.ReportLeakRequest{Secret: strings.TrimSpace(string(b)), Source: *source, Url: *url})
+		if err != nil {
+			return err
+		}
+		return e.show(r, func(w io.Writer) error {
+			if !r.GetTruePositive() {
+				_, err := fmt.Fprintf(w, "false positive: %s\n", r.GetReason())
+				return err
+			}
+			k := r.GetKey()
+			_, err := fmt.Fprintf(w, "true positive: %s (%s, owner %s) is %s: %s\n", k.GetId(), k.GetName(), k.GetOwner(),
+				short(k.GetState(), "API_KEY_STATE_"), r.GetReason())
+			return err
+		})
+	}
+}

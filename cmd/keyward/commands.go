@@ -58,6 +58,11 @@ var commands = []command{
 	{path: "apikey update", short: "change an API key's permissions, limits, allowlist, expiry or state", flags: apikeyUpdate,
 		example: "  keyward apikey update -id ak_... -perm orders:read -limit 10/s,burst=20"},
 	{path: "apikey usage", short: "an API key's verifications by hour, outcome, network and latency", flags: apikeyUsage},
+	{path: "apikey report-leak", short: "report a string found where it should not be; a key's secret stops the key", flags: apikeyReportLeak,
+		long: "The string is read from standard input (or -in), never from an argument. If it is a secret of an API key, current or rotated out, " +
+			"keywardd revokes the key (or disables it: leaks.action) and tells its owner through the plugins; a key already stopped is left alone. " +
+			"A false positive (a typo, another service's token) is said so; both exit 0.",
+		example: "  keyward apikey report-leak -source gitleaks -url https://git.example.com/shop/web/-/blob/main/.env < found.txt"},
 	{path: "revoke", group: groupAPIKeys, short: "emergency: revoke API keys at once, and say when it took effect", flags: emergencyRevoke,
 		long:    "apikey revoke, timed from the command to the moment keywardd's store has it: every verification after that refuses the keys.",
 		example: "  keyward revoke -tag leaked -dry-run\n  keyward revoke -tag leaked"},

@@ -1,8 +1,10 @@
 // Package apikeys is keyward's API keys: their format and checksum
 // (format.go), the decision a verification makes (check.go), the Manager
 // that issues, verifies, lists, updates, rotates and revokes them
-// (manager.go), and their usage by hour, outcome, source network and
-// latency (usage.go, latency.go).
+// (manager.go), their usage by hour, outcome, source network and latency
+// (usage.go, latency.go), and reports of leaked secrets (leaks.go:
+// ReportLeak stops the key whose secret was found, with its events, in one
+// store transaction).
 //
 // Written here because no library does what keyward needs of them: the
 // store holds only HMAC-SHA256 of each key under a key that never leaves the

@@ -129,6 +129,9 @@ type Manager struct {
 	// legacy: the store holds keys issued before hints; a key without one
 	// is looked up in the HSM as before.
 	legacy bool
+
+	// leakAction is what ReportLeak does to a leaked key.
+	leakAction LeakAction
 }
 
 // hintLen is a hint's length in bytes: 64 bits make a stranger's key pass
@@ -179,6 +182,9 @@ type Options struct {
 	// has now; keys' rate limits and quotas then hold across the fleet
 	// (fleet.go).
 	FleetNodes func() int
+	// LeakAction is what a confirmed leak does to its key (ReportLeak):
+	// LeakRevoke (the default, if empty) or LeakDisable.
+	LeakAction LeakAction
 }
 
 // DefaultLimits are the rate limits a key gets when it is created without
@@ -232,6 +238,13 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, erro
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	switch o.LeakAction {
+	case "":
+		o.LeakAction = LeakRevoke
+	case LeakRevoke, LeakDisable:
+	default:
+		return nil, fmt.Errorf("%w: a leak's action is %s or %s, not %q", ErrInvalid, LeakRevoke, LeakDisable, o.LeakAction)
+	}
 	hintKey, err := mac.HMACSHA256(context.Background(), pepper, []byte(hintLabel))
 	if err != nil {
 		return nil, fmt.Errorf("apikeys: deriving the hint key from %s: %w", pepper, err)
@@ -244,7 +257,7 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, erro
 	lim.Near = o.NearLimit
 	m := &Manager{store: s, mac: mac, pepper: pepper, prefix: o.Prefix, defaults: o.DefaultLimits, lim: lim, usage: newUsageLog(),
 		quotas: map[string]*Quota{}, now: o.Now, factor: o.LimitFactor, digests: map[[32]byte]known{}, records: map[string]cachedRecord{}, hintKey: hintKey, legacy: err == nil,
-		running: map[string]bool{}}
+		running: map[string]bool{}, leakAction: o.LeakAction}
 	if o.FleetNodes != nil {
 		m.fleet = newFleetLimits(m, o.FleetNodes)
 	}
@@ -687,34 +700,12 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		return Result{Code: NotFound, Detail: fmt.Sprintf("not a key of this daemon (its keys start %s_)", m.prefix)}
 	}
 	digest := sha256.Sum256([]byte(presented))
-	m.mu.Lock()
-	k, cached := m.digests[digest]
-	m.mu.Unlock()
-	if !cached {
-		if !m.legacy {
-			_, err := m.store.Get(store.BucketAPIKeyHints, m.hint(presented))
-			if errors.Is(err, store.ErrNotFound) {
-				return Result{Code: NotFound, Detail: "no such key"}
-			}
-			if err != nil {
-				return Result{Code: Unavailable, Detail: err.Error()}
-			}
-		}
-		mac, err := m.mac.HMACSHA256(ctx, m.pepper, []byte(presented))
-		if err != nil {
-			return Result{Code: Unavailable, Detail: err.Error()}
-		}
-		b, err := m.store.Get(store.BucketAPIKeyMACs, hex.EncodeToString(mac))
-		if errors.Is(err, store.ErrNotFound) {
-			return Result{Code: NotFound, Detail: "no such key"}
-		}
-		if err != nil {
-			return Result{Code: Unavailable, Detail: err.Error()}
-		}
-		k.mac = mac
-		if err := json.Unmarshal(b, &k.ref); err != nil {
-			return Result{Code: NotFound, Detail: "no such key"}
-		}
+	k, cached, found, err := m.find(ctx, presented, digest)
+	if err != nil {
+		return Result{Code: Unavailable, Detail: err.Error()}
+	}
+	if !found {
+		return Result{Code: NotFound, Detail: "no such key"}
 	}
 	m.mu.Lock()
 	locked := true
@@ -733,12 +724,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 	// The index only points at a key; the record's MACs decide, each
 	// compared in constant time, so an index entry that is stale (a pruned
 	// secret) or was written by someone else finds nothing.
-	secret := -1
-	for i, s := range rec.Secrets {
-		if hmac.Equal(s.MAC, k.mac) {
-			secret = i
-		}
-	}
+	secret := secretOf(rec, k.mac)
 	if secret < 0 {
 		return Result{Code: NotFound, Detail: "no such key"}
 	}
@@ -797,6 +783,57 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 	res = m.watched(rec.ID, res, req)
 	m.usage.record(rec.ID, res.Code, req.SourceIP, now, monoNow()-start)
 	return res
+}
+
+// secretOf is the index of the record's secret whose MAC is mac, each
+// compared in constant time; -1 if none.
+func secretOf(rec *Record, mac []byte) int {
+	secret := -1
+	for i, s := range rec.Secrets {
+		if hmac.Equal(s.MAC, mac) {
+			secret = i
+		}
+	}
+	return secret
+}
+
+// find looks up a well-formed key of this daemon's prefix, whose SHA-256
+// is digest: in the digest cache (cached), else by its hint, its HMAC in
+// the HSM and the MAC index. found is false for a key nobody issued; err
+// is a store or HSM failure (the key's fate is then unknown). What it
+// finds only points at a key: the caller compares the record's MACs.
+func (m *Manager) find(ctx context.Context, presented string, digest [32]byte) (k known, cached, found bool, err error) {
+	m.mu.Lock()
+	k, cached = m.digests[digest]
+	m.mu.Unlock()
+	if cached {
+		return k, true, true, nil
+	}
+	if !m.legacy {
+		_, err := m.store.Get(store.BucketAPIKeyHints, m.hint(presented))
+		if errors.Is(err, store.ErrNotFound) {
+			return k, false, false, nil
+		}
+		if err != nil {
+			return k, false, false, err
+		}
+	}
+	mac, err := m.mac.HMACSHA256(ctx, m.pepper, []byte(presented))
+	if err != nil {
+		return k, false, false, err
+	}
+	b, err := m.store.Get(store.BucketAPIKeyMACs, hex.EncodeToString(mac))
+	if errors.Is(err, store.ErrNotFound) {
+		return k, false, false, nil
+	}
+	if err != nil {
+		return k, false, false, err
+	}
+	k.mac = mac
+	if err := json.Unmarshal(b, &k.ref); err != nil {
+		return k, false, false, nil
+	}
+	return k, false, true, nil
 }
 
 // Watch hears of a verification of a live secret of key id (the anomaly

@@ -51,6 +51,11 @@ const (
 	KeyVersionCreated = "key_version_created"
 	// A managed credential's new version: ID its name, Subject its plugin.
 	CredentialRotated = "credential_rotated"
+	// A secret of an API key was found where it should not be (a secret
+	// scanner's report, keyward apikey report-leak). ID the key's ID,
+	// Subject its owner, Detail who found it, where, which secret and what
+	// keywardd did (the revocation itself also sends APIKeyRevoked).
+	APIKeyLeaked = "api_key_leaked"
 )
 
 // Event is a revocation or a notice.

@@ -32,6 +32,7 @@ type APIKeys interface {
 	RevokeWhere(f apikeys.Filter, dryRun bool) (int, error)
 	Update(id string, c apikeys.Change, admin bool) (*apikeys.Record, error)
 	GetUsage(id string, window time.Duration) (*apikeys.Usage, error)
+	ReportLeak(ctx context.Context, presented string, l apikeys.Leak, allow func(id, owner string) error) (apikeys.LeakVerdict, error)
 }
 
 var apiKeyStates = map[apikeys.State]keywardv1.APIKeyState{
@@ -449,5 +450,45 @@ func (s *Server) GetAPIKeyUsage(ctx context.Context, r *keywardv1.GetAPIKeyUsage
 	for _, b := range apikeys.LatencyBounds {
 		out.LatencyBounds = append(out.LatencyBounds, durationpb.New(b))
 	}
+	return out, nil
+}
+
+// ReportLeak takes a string someone found. The caller needs
+// APIKeyService.ReportLeak on some owner to be heard at all, and on the
+// key's owner for a true positive to act: a key of another owner is
+// PERMISSION_DENIED, naming the operation, not the owner. The audit record
+// has the key, the verdict and where the string was found; never the
+// string.
+func (s *Server) ReportLeak(ctx context.Context, r *keywardv1.ReportLeakRequest) (*keywardv1.ReportLeakResponse, error) {
+	const op = "APIKeyService.ReportLeak"
+	c := callFrom(ctx)
+	if err := s.policy.Load().Allow(subject(c.caller), op, ""); err != nil {
+		return nil, err
+	}
+	if r.GetSecret() == "" {
+		return nil, fmt.Errorf("%w: secret is empty: pass the string as found (keyward apikey report-leak reads it from standard input)", errInvalid)
+	}
+	l := apikeys.Leak{Source: r.GetSource(), URL: r.GetUrl(), Reporter: fmt.Sprintf("uid %d", c.caller.UID)}
+	v, err := s.cfg.APIKeys.ReportLeak(ctx, r.GetSecret(), l, func(id, owner string) error {
+		c.apiKey, c.key = id, owner
+		if err := s.allow(ctx, op, owner); err != nil {
+			return &policy.Denied{Op: op + " on this key's owner"}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	c.result, c.detail = "FALSE_POSITIVE", l.Describe()+": "+v.Reason
+	out := &keywardv1.ReportLeakResponse{TruePositive: v.TruePositive, Reason: v.Reason, Changed: v.Changed, Retired: v.Retired}
+	if !v.TruePositive {
+		return out, nil
+	}
+	c.result, c.apiKey, c.key = "TRUE_POSITIVE", v.KeyID, v.Owner
+	rec, err := s.cfg.APIKeys.Get(v.KeyID)
+	if err != nil {
+		return nil, err
+	}
+	out.Key = toAPIKey(rec)
 	return out, nil
 }

@@ -26,7 +26,7 @@ type Events interface {
 
 // Kinds are the events a watcher may ask for.
 var Kinds = []string{outbox.APIKeyRevoked, outbox.APIKeyDisabled, outbox.APIKeyEnabled, outbox.APIKeyUpdated, outbox.APIKeyRotated,
-	outbox.APIKeyExpiring, outbox.Anomaly, outbox.RotationDue, outbox.TokenRevoked, outbox.KeyVersionCreated, outbox.KeyVersionRetired,
+	outbox.APIKeyExpiring, outbox.APIKeyLeaked, outbox.Anomaly, outbox.RotationDue, outbox.TokenRevoked, outbox.KeyVersionCreated, outbox.KeyVersionRetired,
 	outbox.KeyVersionRevoked, outbox.CredentialRotated, outbox.CredentialRevoked}
 
 // resource is what the policy's keys of EventService.Watch are matched

@@ -141,6 +141,7 @@ var eventKinds = map[pluginv1.EventKind]string{
 	pluginv1.EventKind_EVENT_KIND_ROTATION_DUE:        outbox.RotationDue,
 	pluginv1.EventKind_EVENT_KIND_ANOMALY:             outbox.Anomaly,
 	pluginv1.EventKind_EVENT_KIND_KEY_VERSION_RETIRED: outbox.KeyVersionRetired,
+	pluginv1.EventKind_EVENT_KIND_API_KEY_LEAKED:      outbox.APIKeyLeaked,
 }
 
 // Plugins are the plugins' names, sorted.

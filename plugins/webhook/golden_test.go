@@ -60,6 +60,8 @@ func goldenCalls() []struct {
 		{Kind: pluginv1.EventKind_EVENT_KIND_ANOMALY, ID: "ak_000102030405060708090a0b", Subject: "team-a <ops@example.com>", Time: at,
 			Detail: "1 200 requests a minute against a baseline of 40 & rising; keywardd disabled the key"},
 		{Kind: pluginv1.EventKind_EVENT_KIND_KEY_VERSION_RETIRED, ID: "payments/v3", Subject: "payments", Time: at},
+		{Kind: pluginv1.EventKind_EVENT_KIND_API_KEY_LEAKED, ID: "ak_000102030405060708090a0b", Subject: "team-a", Time: at,
+			Detail: "found by github:content as keyward_api_key at https://github.com/o/r/blob/1/.env: the key's current secret; keywardd revoked the key (leaks.action: revoke): issue a new one"},
 	} {
 		op := fmt.Sprintf("evt-%020d-9f86d081884c7d6%d", 42+i, i)
 		out = append(out, call{strings.ToLower(strings.TrimPrefix(e.Kind.String(), "EVENT_KIND_")), func(ctx context.Context, h *Hook) error { return h.Revoke(ctx, op, e) }})

@@ -27,7 +27,7 @@
 // least 32 bytes, the file readable by keywardd's user alone),
 // KEYWARD_WEBHOOK_EVENTS (a comma-separated list of the event kinds:
 // api_key, token, key_version, key_version_retired, credential,
-// rotation_due, anomaly; default all).
+// rotation_due, anomaly, api_key_leaked; default all).
 package webhook
 
 import (
@@ -66,6 +66,7 @@ var kinds = map[string]pluginv1.EventKind{
 	"key_version": pluginv1.EventKind_EVENT_KIND_KEY_VERSION_REVOKED, "credential": pluginv1.EventKind_EVENT_KIND_CREDENTIAL_REVOKED,
 	"rotation_due": pluginv1.EventKind_EVENT_KIND_ROTATION_DUE, "anomaly": pluginv1.EventKind_EVENT_KIND_ANOMALY,
 	"key_version_retired": pluginv1.EventKind_EVENT_KIND_KEY_VERSION_RETIRED,
+	"api_key_leaked":      pluginv1.EventKind_EVENT_KIND_API_KEY_LEAKED,
 }
 
 // FromEnv reads the configuration from the environment.
@@ -99,12 +100,12 @@ func FromEnv() (*Hook, error) {
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}}
 	list := os.Getenv("KEYWARD_WEBHOOK_EVENTS")
 	if list == "" {
-		list = "api_key,token,key_version,key_version_retired,credential,rotation_due,anomaly"
+		list = "api_key,token,key_version,key_version_retired,credential,rotation_due,anomaly,api_key_leaked"
 	}
 	for _, k := range strings.Split(list, ",") {
 		kind, ok := kinds[strings.TrimSpace(k)]
 		if !ok {
-			return nil, fmt.Errorf("KEYWARD_WEBHOOK_EVENTS: %q is not api_key, token, key_version, key_version_retired, credential, rotation_due or anomaly", k)
+			return nil, fmt.Errorf("KEYWARD_WEBHOOK_EVENTS: %q is not api_key, token, key_version, key_version_retired, credential, rotation_due, anomaly or api_key_leaked", k)
 		}
 		h.Events = append(h.Events, kind)
 	}
@@ -195,7 +196,7 @@ func (h *Hook) Revoke(ctx context.Context, op string, e sdk.Event) error {
 		pluginv1.EventKind_EVENT_KIND_API_KEY_REVOKED: "api_key.revoked", pluginv1.EventKind_EVENT_KIND_TOKEN_REVOKED: "token.revoked",
 		pluginv1.EventKind_EVENT_KIND_KEY_VERSION_REVOKED: "key_version.revoked", pluginv1.EventKind_EVENT_KIND_CREDENTIAL_REVOKED: "credential.revoked",
 		pluginv1.EventKind_EVENT_KIND_ROTATION_DUE: "rotation.due", pluginv1.EventKind_EVENT_KIND_ANOMALY: "api_key.anomaly",
-		pluginv1.EventKind_EVENT_KIND_KEY_VERSION_RETIRED: "key_version.retired",
+		pluginv1.EventKind_EVENT_KIND_KEY_VERSION_RETIRED: "key_version.retired", pluginv1.EventKind_EVENT_KIND_API_KEY_LEAKED: "api_key.leaked",
 	}[e.Kind]
 	if typ == "" {
 		return fmt.Errorf("an event of kind %v: %w", e.Kind, sdk.ErrPermanent)

@@ -127,7 +127,7 @@ func (c *Client) NewVerdictCache(o VerdictCacheOptions) *VerdictCache {
 }
 
 // verdictKinds are the events that change an API key's verdict.
-var verdictKinds = []string{"api_key", "api_key_disabled", "api_key_enabled", "api_key_updated", "api_key_rotated", "api_key_expiring", "anomaly", "rotation_due"}
+var verdictKinds = []string{"api_key", "api_key_disabled", "api_key_enabled", "api_key_updated", "api_key_rotated", "api_key_expiring", "api_key_leaked", "anomaly", "rotation_due"}
 
 // Live says whether the cache answers from what it holds now (its stream
 // is open), and why not if it stopped for good.

@@ -1938,6 +1938,160 @@ func (x *GetAPIKeyUsageResponse) GetLatencyBounds() []*durationpb.Duration {
 	return nil
 }
 
+// ReportLeakRequest is a string someone found, and where.
+type ReportLeakRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The string as found. Never logged, audited or echoed; its checksum is
+	// checked first, so a typo or another service's token is a false
+	// positive without any lookup.
+	Secret string `protobuf:"bytes,1,opt,name=secret,proto3" json:"secret,omitempty"`
+	// Who or what found it ("trufflehog", "a colleague"); recorded with the
+	// caller's uid. At most 128 bytes are kept.
+	Source string `protobuf:"bytes,2,opt,name=source,proto3" json:"source,omitempty"`
+	// Where it was found, if known (a URL, a path); recorded. At most 512
+	// bytes are kept.
+	Url           string `protobuf:"bytes,3,opt,name=url,proto3" json:"url,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportLeakRequest) Reset() {
+	*x = ReportLeakRequest{}
+	mi := &file_apikeys_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportLeakRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportLeakRequest) ProtoMessage() {}
+
+func (x *ReportLeakRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_apikeys_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportLeakRequest.ProtoReflect.Descriptor instead.
+func (*ReportLeakRequest) Descriptor() ([]byte, []int) {
+	return file_apikeys_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ReportLeakRequest) GetSecret() string {
+	if x != nil {
+		return x.Secret
+	}
+	return ""
+}
+
+func (x *ReportLeakRequest) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *ReportLeakRequest) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+// ReportLeakResponse says whether the string was a key's secret and what
+// keywardd did.
+type ReportLeakResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The string is a secret of a key of this keywardd, current or rotated
+	// out (not yet forgotten).
+	TruePositive bool `protobuf:"varint,1,opt,name=true_positive,json=truePositive,proto3" json:"true_positive,omitempty"`
+	// Why, in words; never the secret.
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The key of a true positive, as it is now.
+	Key *APIKey `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
+	// This report stopped the key; false if it was stopped already (a
+	// second report) or for a false positive.
+	Changed bool `protobuf:"varint,4,opt,name=changed,proto3" json:"changed,omitempty"`
+	// The secret was a rotated-out one, not the key's current secret (the
+	// key is stopped all the same).
+	Retired       bool `protobuf:"varint,5,opt,name=retired,proto3" json:"retired,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportLeakResponse) Reset() {
+	*x = ReportLeakResponse{}
+	mi := &file_apikeys_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportLeakResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportLeakResponse) ProtoMessage() {}
+
+func (x *ReportLeakResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_apikeys_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportLeakResponse.ProtoReflect.Descriptor instead.
+func (*ReportLeakResponse) Descriptor() ([]byte, []int) {
+	return file_apikeys_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *ReportLeakResponse) GetTruePositive() bool {
+	if x != nil {
+		return x.TruePositive
+	}
+	return false
+}
+
+func (x *ReportLeakResponse) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *ReportLeakResponse) GetKey() *APIKey {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *ReportLeakResponse) GetChanged() bool {
+	if x != nil {
+		return x.Changed
+	}
+	return false
+}
+
+func (x *ReportLeakResponse) GetRetired() bool {
+	if x != nil {
+		return x.Retired
+	}
+	return false
+}
+
 var File_apikeys_proto protoreflect.FileDescriptor
 
 const file_apikeys_proto_rawDesc = "" +
@@ -2098,7 +2252,17 @@ const file_apikeys_proto_rawDesc = "" +
 	"\x0elast_used_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\flastUsedTime\x12-\n" +
 	"\x05total\x18\x03 \x01(\v2\x17.keyward.v1.APIKeyUsageR\x05total\x121\n" +
 	"\x05hours\x18\x04 \x03(\v2\x1b.keyward.v1.APIKeyHourUsageR\x05hours\x12@\n" +
-	"\x0elatency_bounds\x18\x05 \x03(\v2\x19.google.protobuf.DurationR\rlatencyBounds*}\n" +
+	"\x0elatency_bounds\x18\x05 \x03(\v2\x19.google.protobuf.DurationR\rlatencyBounds\"U\n" +
+	"\x11ReportLeakRequest\x12\x16\n" +
+	"\x06secret\x18\x01 \x01(\tR\x06secret\x12\x16\n" +
+	"\x06source\x18\x02 \x01(\tR\x06source\x12\x10\n" +
+	"\x03url\x18\x03 \x01(\tR\x03url\"\xab\x01\n" +
+	"\x12ReportLeakResponse\x12#\n" +
+	"\rtrue_positive\x18\x01 \x01(\bR\ftruePositive\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12$\n" +
+	"\x03key\x18\x03 \x01(\v2\x12.keyward.v1.APIKeyR\x03key\x12\x18\n" +
+	"\achanged\x18\x04 \x01(\bR\achanged\x12\x18\n" +
+	"\aretired\x18\x05 \x01(\bR\aretired*}\n" +
 	"\vAPIKeyState\x12\x1d\n" +
 	"\x19API_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14API_KEY_STATE_ACTIVE\x10\x01\x12\x1a\n" +
@@ -2118,7 +2282,7 @@ const file_apikeys_proto_rawDesc = "" +
 	"\x16API_KEY_CODE_FORBIDDEN\x10\t\x12\x1d\n" +
 	"\x19API_KEY_CODE_RATE_LIMITED\x10\n" +
 	"\x12\x1f\n" +
-	"\x1bAPI_KEY_CODE_USAGE_EXCEEDED\x10\v2\xf7\x05\n" +
+	"\x1bAPI_KEY_CODE_USAGE_EXCEEDED\x10\v2\xc4\x06\n" +
 	"\rAPIKeyService\x12Q\n" +
 	"\fCreateAPIKey\x12\x1f.keyward.v1.CreateAPIKeyRequest\x1a .keyward.v1.CreateAPIKeyResponse\x12Q\n" +
 	"\fVerifyAPIKey\x12\x1f.keyward.v1.VerifyAPIKeyRequest\x1a .keyward.v1.VerifyAPIKeyResponse\x12Q\n" +
@@ -2128,7 +2292,9 @@ const file_apikeys_proto_rawDesc = "" +
 	"\tGetAPIKey\x12\x1c.keyward.v1.GetAPIKeyRequest\x1a\x1d.keyward.v1.GetAPIKeyResponse\x12N\n" +
 	"\vListAPIKeys\x12\x1e.keyward.v1.ListAPIKeysRequest\x1a\x1f.keyward.v1.ListAPIKeysResponse\x12Q\n" +
 	"\fUpdateAPIKey\x12\x1f.keyward.v1.UpdateAPIKeyRequest\x1a .keyward.v1.UpdateAPIKeyResponse\x12W\n" +
-	"\x0eGetAPIKeyUsage\x12!.keyward.v1.GetAPIKeyUsageRequest\x1a\".keyward.v1.GetAPIKeyUsageResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
+	"\x0eGetAPIKeyUsage\x12!.keyward.v1.GetAPIKeyUsageRequest\x1a\".keyward.v1.GetAPIKeyUsageResponse\x12K\n" +
+	"\n" +
+	"ReportLeak\x12\x1d.keyward.v1.ReportLeakRequest\x1a\x1e.keyward.v1.ReportLeakResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
 
 var (
 	file_apikeys_proto_rawDescOnce sync.Once
@@ -2143,7 +2309,7 @@ func file_apikeys_proto_rawDescGZIP() []byte {
 }
 
 var file_apikeys_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_apikeys_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_apikeys_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_apikeys_proto_goTypes = []any{
 	(APIKeyState)(0),               // 0: keyward.v1.APIKeyState
 	(APIKeyCode)(0),                // 1: keyward.v1.APIKeyCode
@@ -2172,83 +2338,88 @@ var file_apikeys_proto_goTypes = []any{
 	(*APIKeyUsage)(nil),            // 24: keyward.v1.APIKeyUsage
 	(*APIKeyHourUsage)(nil),        // 25: keyward.v1.APIKeyHourUsage
 	(*GetAPIKeyUsageResponse)(nil), // 26: keyward.v1.GetAPIKeyUsageResponse
-	nil,                            // 27: keyward.v1.APIKey.MetadataEntry
-	nil,                            // 28: keyward.v1.CreateAPIKeyRequest.MetadataEntry
-	nil,                            // 29: keyward.v1.VerifyAPIKeyResponse.MetadataEntry
-	nil,                            // 30: keyward.v1.APIKeyUsage.CountsEntry
-	nil,                            // 31: keyward.v1.APIKeyUsage.NetworksEntry
-	(*durationpb.Duration)(nil),    // 32: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 33: google.protobuf.Timestamp
-	(*fieldmaskpb.FieldMask)(nil),  // 34: google.protobuf.FieldMask
+	(*ReportLeakRequest)(nil),      // 27: keyward.v1.ReportLeakRequest
+	(*ReportLeakResponse)(nil),     // 28: keyward.v1.ReportLeakResponse
+	nil,                            // 29: keyward.v1.APIKey.MetadataEntry
+	nil,                            // 30: keyward.v1.CreateAPIKeyRequest.MetadataEntry
+	nil,                            // 31: keyward.v1.VerifyAPIKeyResponse.MetadataEntry
+	nil,                            // 32: keyward.v1.APIKeyUsage.CountsEntry
+	nil,                            // 33: keyward.v1.APIKeyUsage.NetworksEntry
+	(*durationpb.Duration)(nil),    // 34: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 35: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),  // 36: google.protobuf.FieldMask
 }
 var file_apikeys_proto_depIdxs = []int32{
-	32, // 0: keyward.v1.RateLimit.per:type_name -> google.protobuf.Duration
-	32, // 1: keyward.v1.Quota.refill_every:type_name -> google.protobuf.Duration
-	33, // 2: keyward.v1.APIKeySecret.create_time:type_name -> google.protobuf.Timestamp
-	33, // 3: keyward.v1.APIKeySecret.not_after:type_name -> google.protobuf.Timestamp
-	33, // 4: keyward.v1.APIKey.expire_time:type_name -> google.protobuf.Timestamp
+	34, // 0: keyward.v1.RateLimit.per:type_name -> google.protobuf.Duration
+	34, // 1: keyward.v1.Quota.refill_every:type_name -> google.protobuf.Duration
+	35, // 2: keyward.v1.APIKeySecret.create_time:type_name -> google.protobuf.Timestamp
+	35, // 3: keyward.v1.APIKeySecret.not_after:type_name -> google.protobuf.Timestamp
+	35, // 4: keyward.v1.APIKey.expire_time:type_name -> google.protobuf.Timestamp
 	2,  // 5: keyward.v1.APIKey.rate_limits:type_name -> keyward.v1.RateLimit
 	3,  // 6: keyward.v1.APIKey.quota:type_name -> keyward.v1.Quota
-	27, // 7: keyward.v1.APIKey.metadata:type_name -> keyward.v1.APIKey.MetadataEntry
+	29, // 7: keyward.v1.APIKey.metadata:type_name -> keyward.v1.APIKey.MetadataEntry
 	0,  // 8: keyward.v1.APIKey.state:type_name -> keyward.v1.APIKeyState
-	33, // 9: keyward.v1.APIKey.create_time:type_name -> google.protobuf.Timestamp
+	35, // 9: keyward.v1.APIKey.create_time:type_name -> google.protobuf.Timestamp
 	4,  // 10: keyward.v1.APIKey.secrets:type_name -> keyward.v1.APIKeySecret
-	33, // 11: keyward.v1.CreateAPIKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
-	32, // 12: keyward.v1.CreateAPIKeyRequest.ttl:type_name -> google.protobuf.Duration
+	35, // 11: keyward.v1.CreateAPIKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
+	34, // 12: keyward.v1.CreateAPIKeyRequest.ttl:type_name -> google.protobuf.Duration
 	2,  // 13: keyward.v1.CreateAPIKeyRequest.rate_limits:type_name -> keyward.v1.RateLimit
 	3,  // 14: keyward.v1.CreateAPIKeyRequest.quota:type_name -> keyward.v1.Quota
-	28, // 15: keyward.v1.CreateAPIKeyRequest.metadata:type_name -> keyward.v1.CreateAPIKeyRequest.MetadataEntry
+	30, // 15: keyward.v1.CreateAPIKeyRequest.metadata:type_name -> keyward.v1.CreateAPIKeyRequest.MetadataEntry
 	5,  // 16: keyward.v1.CreateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
 	2,  // 17: keyward.v1.RateLimitState.limit:type_name -> keyward.v1.RateLimit
-	33, // 18: keyward.v1.RateLimitState.reset_time:type_name -> google.protobuf.Timestamp
+	35, // 18: keyward.v1.RateLimitState.reset_time:type_name -> google.protobuf.Timestamp
 	1,  // 19: keyward.v1.VerifyAPIKeyResponse.code:type_name -> keyward.v1.APIKeyCode
-	29, // 20: keyward.v1.VerifyAPIKeyResponse.metadata:type_name -> keyward.v1.VerifyAPIKeyResponse.MetadataEntry
-	33, // 21: keyward.v1.VerifyAPIKeyResponse.expire_time:type_name -> google.protobuf.Timestamp
+	31, // 20: keyward.v1.VerifyAPIKeyResponse.metadata:type_name -> keyward.v1.VerifyAPIKeyResponse.MetadataEntry
+	35, // 21: keyward.v1.VerifyAPIKeyResponse.expire_time:type_name -> google.protobuf.Timestamp
 	9,  // 22: keyward.v1.VerifyAPIKeyResponse.rate_limits:type_name -> keyward.v1.RateLimitState
-	32, // 23: keyward.v1.VerifyAPIKeyResponse.retry_after:type_name -> google.protobuf.Duration
+	34, // 23: keyward.v1.VerifyAPIKeyResponse.retry_after:type_name -> google.protobuf.Duration
 	3,  // 24: keyward.v1.VerifyAPIKeyResponse.quota:type_name -> keyward.v1.Quota
-	32, // 25: keyward.v1.RotateAPIKeyRequest.overlap:type_name -> google.protobuf.Duration
+	34, // 25: keyward.v1.RotateAPIKeyRequest.overlap:type_name -> google.protobuf.Duration
 	5,  // 26: keyward.v1.RotateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
-	33, // 27: keyward.v1.RotateAPIKeyResponse.old_secret_not_after:type_name -> google.protobuf.Timestamp
+	35, // 27: keyward.v1.RotateAPIKeyResponse.old_secret_not_after:type_name -> google.protobuf.Timestamp
 	5,  // 28: keyward.v1.RevokeAPIKeyResponse.key:type_name -> keyward.v1.APIKey
 	5,  // 29: keyward.v1.GetAPIKeyResponse.key:type_name -> keyward.v1.APIKey
 	0,  // 30: keyward.v1.ListAPIKeysRequest.state:type_name -> keyward.v1.APIKeyState
 	5,  // 31: keyward.v1.ListAPIKeysResponse.keys:type_name -> keyward.v1.APIKey
 	5,  // 32: keyward.v1.UpdateAPIKeyRequest.key:type_name -> keyward.v1.APIKey
-	34, // 33: keyward.v1.UpdateAPIKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
+	36, // 33: keyward.v1.UpdateAPIKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
 	5,  // 34: keyward.v1.UpdateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
-	32, // 35: keyward.v1.GetAPIKeyUsageRequest.window:type_name -> google.protobuf.Duration
-	30, // 36: keyward.v1.APIKeyUsage.counts:type_name -> keyward.v1.APIKeyUsage.CountsEntry
-	31, // 37: keyward.v1.APIKeyUsage.networks:type_name -> keyward.v1.APIKeyUsage.NetworksEntry
-	33, // 38: keyward.v1.APIKeyHourUsage.hour:type_name -> google.protobuf.Timestamp
+	34, // 35: keyward.v1.GetAPIKeyUsageRequest.window:type_name -> google.protobuf.Duration
+	32, // 36: keyward.v1.APIKeyUsage.counts:type_name -> keyward.v1.APIKeyUsage.CountsEntry
+	33, // 37: keyward.v1.APIKeyUsage.networks:type_name -> keyward.v1.APIKeyUsage.NetworksEntry
+	35, // 38: keyward.v1.APIKeyHourUsage.hour:type_name -> google.protobuf.Timestamp
 	24, // 39: keyward.v1.APIKeyHourUsage.usage:type_name -> keyward.v1.APIKeyUsage
-	33, // 40: keyward.v1.GetAPIKeyUsageResponse.last_used_time:type_name -> google.protobuf.Timestamp
+	35, // 40: keyward.v1.GetAPIKeyUsageResponse.last_used_time:type_name -> google.protobuf.Timestamp
 	24, // 41: keyward.v1.GetAPIKeyUsageResponse.total:type_name -> keyward.v1.APIKeyUsage
 	25, // 42: keyward.v1.GetAPIKeyUsageResponse.hours:type_name -> keyward.v1.APIKeyHourUsage
-	32, // 43: keyward.v1.GetAPIKeyUsageResponse.latency_bounds:type_name -> google.protobuf.Duration
-	6,  // 44: keyward.v1.APIKeyService.CreateAPIKey:input_type -> keyward.v1.CreateAPIKeyRequest
-	8,  // 45: keyward.v1.APIKeyService.VerifyAPIKey:input_type -> keyward.v1.VerifyAPIKeyRequest
-	11, // 46: keyward.v1.APIKeyService.RotateAPIKey:input_type -> keyward.v1.RotateAPIKeyRequest
-	13, // 47: keyward.v1.APIKeyService.RevokeAPIKey:input_type -> keyward.v1.RevokeAPIKeyRequest
-	15, // 48: keyward.v1.APIKeyService.RevokeAPIKeys:input_type -> keyward.v1.RevokeAPIKeysRequest
-	17, // 49: keyward.v1.APIKeyService.GetAPIKey:input_type -> keyward.v1.GetAPIKeyRequest
-	19, // 50: keyward.v1.APIKeyService.ListAPIKeys:input_type -> keyward.v1.ListAPIKeysRequest
-	21, // 51: keyward.v1.APIKeyService.UpdateAPIKey:input_type -> keyward.v1.UpdateAPIKeyRequest
-	23, // 52: keyward.v1.APIKeyService.GetAPIKeyUsage:input_type -> keyward.v1.GetAPIKeyUsageRequest
-	7,  // 53: keyward.v1.APIKeyService.CreateAPIKey:output_type -> keyward.v1.CreateAPIKeyResponse
-	10, // 54: keyward.v1.APIKeyService.VerifyAPIKey:output_type -> keyward.v1.VerifyAPIKeyResponse
-	12, // 55: keyward.v1.APIKeyService.RotateAPIKey:output_type -> keyward.v1.RotateAPIKeyResponse
-	14, // 56: keyward.v1.APIKeyService.RevokeAPIKey:output_type -> keyward.v1.RevokeAPIKeyResponse
-	16, // 57: keyward.v1.APIKeyService.RevokeAPIKeys:output_type -> keyward.v1.RevokeAPIKeysResponse
-	18, // 58: keyward.v1.APIKeyService.GetAPIKey:output_type -> keyward.v1.GetAPIKeyResponse
-	20, // 59: keyward.v1.APIKeyService.ListAPIKeys:output_type -> keyward.v1.ListAPIKeysResponse
-	22, // 60: keyward.v1.APIKeyService.UpdateAPIKey:output_type -> keyward.v1.UpdateAPIKeyResponse
-	26, // 61: keyward.v1.APIKeyService.GetAPIKeyUsage:output_type -> keyward.v1.GetAPIKeyUsageResponse
-	53, // [53:62] is the sub-list for method output_type
-	44, // [44:53] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	34, // 43: keyward.v1.GetAPIKeyUsageResponse.latency_bounds:type_name -> google.protobuf.Duration
+	5,  // 44: keyward.v1.ReportLeakResponse.key:type_name -> keyward.v1.APIKey
+	6,  // 45: keyward.v1.APIKeyService.CreateAPIKey:input_type -> keyward.v1.CreateAPIKeyRequest
+	8,  // 46: keyward.v1.APIKeyService.VerifyAPIKey:input_type -> keyward.v1.VerifyAPIKeyRequest
+	11, // 47: keyward.v1.APIKeyService.RotateAPIKey:input_type -> keyward.v1.RotateAPIKeyRequest
+	13, // 48: keyward.v1.APIKeyService.RevokeAPIKey:input_type -> keyward.v1.RevokeAPIKeyRequest
+	15, // 49: keyward.v1.APIKeyService.RevokeAPIKeys:input_type -> keyward.v1.RevokeAPIKeysRequest
+	17, // 50: keyward.v1.APIKeyService.GetAPIKey:input_type -> keyward.v1.GetAPIKeyRequest
+	19, // 51: keyward.v1.APIKeyService.ListAPIKeys:input_type -> keyward.v1.ListAPIKeysRequest
+	21, // 52: keyward.v1.APIKeyService.UpdateAPIKey:input_type -> keyward.v1.UpdateAPIKeyRequest
+	23, // 53: keyward.v1.APIKeyService.GetAPIKeyUsage:input_type -> keyward.v1.GetAPIKeyUsageRequest
+	27, // 54: keyward.v1.APIKeyService.ReportLeak:input_type -> keyward.v1.ReportLeakRequest
+	7,  // 55: keyward.v1.APIKeyService.CreateAPIKey:output_type -> keyward.v1.CreateAPIKeyResponse
+	10, // 56: keyward.v1.APIKeyService.VerifyAPIKey:output_type -> keyward.v1.VerifyAPIKeyResponse
+	12, // 57: keyward.v1.APIKeyService.RotateAPIKey:output_type -> keyward.v1.RotateAPIKeyResponse
+	14, // 58: keyward.v1.APIKeyService.RevokeAPIKey:output_type -> keyward.v1.RevokeAPIKeyResponse
+	16, // 59: keyward.v1.APIKeyService.RevokeAPIKeys:output_type -> keyward.v1.RevokeAPIKeysResponse
+	18, // 60: keyward.v1.APIKeyService.GetAPIKey:output_type -> keyward.v1.GetAPIKeyResponse
+	20, // 61: keyward.v1.APIKeyService.ListAPIKeys:output_type -> keyward.v1.ListAPIKeysResponse
+	22, // 62: keyward.v1.APIKeyService.UpdateAPIKey:output_type -> keyward.v1.UpdateAPIKeyResponse
+	26, // 63: keyward.v1.APIKeyService.GetAPIKeyUsage:output_type -> keyward.v1.GetAPIKeyUsageResponse
+	28, // 64: keyward.v1.APIKeyService.ReportLeak:output_type -> keyward.v1.ReportLeakResponse
+	55, // [55:65] is the sub-list for method output_type
+	45, // [45:55] is the sub-list for method input_type
+	45, // [45:45] is the sub-list for extension type_name
+	45, // [45:45] is the sub-list for extension extendee
+	0,  // [0:45] is the sub-list for field type_name
 }
 
 func init() { file_apikeys_proto_init() }
@@ -2262,7 +2433,7 @@ func file_apikeys_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_apikeys_proto_rawDesc), len(file_apikeys_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   30,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

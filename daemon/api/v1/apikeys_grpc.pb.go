@@ -28,6 +28,7 @@ const (
 	APIKeyService_ListAPIKeys_FullMethodName    = "/keyward.v1.APIKeyService/ListAPIKeys"
 	APIKeyService_UpdateAPIKey_FullMethodName   = "/keyward.v1.APIKeyService/UpdateAPIKey"
 	APIKeyService_GetAPIKeyUsage_FullMethodName = "/keyward.v1.APIKeyService/GetAPIKeyUsage"
+	APIKeyService_ReportLeak_FullMethodName     = "/keyward.v1.APIKeyService/ReportLeak"
 )
 
 // APIKeyServiceClient is the client API for APIKeyService service.
@@ -75,6 +76,12 @@ type APIKeyServiceClient interface {
 	// GetAPIKeyUsage returns a key's use over a window: counts by outcome,
 	// by source network, by latency and by hour, and when it was last used.
 	GetAPIKeyUsage(ctx context.Context, in *GetAPIKeyUsageRequest, opts ...grpc.CallOption) (*GetAPIKeyUsageResponse, error)
+	// ReportLeak reports a string found where it should not be (a
+	// repository, a log, a ticket). If it is a secret of a key, current or
+	// rotated out, the key is revoked (or disabled: leaks.action) in one
+	// store transaction with its events for the plugins, which tell the
+	// owner; a key already stopped is left alone. docs/leaks.md.
+	ReportLeak(ctx context.Context, in *ReportLeakRequest, opts ...grpc.CallOption) (*ReportLeakResponse, error)
 }
 
 type aPIKeyServiceClient struct {
@@ -175,6 +182,16 @@ func (c *aPIKeyServiceClient) GetAPIKeyUsage(ctx context.Context, in *GetAPIKeyU
 	return out, nil
 }
 
+func (c *aPIKeyServiceClient) ReportLeak(ctx context.Context, in *ReportLeakRequest, opts ...grpc.CallOption) (*ReportLeakResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReportLeakResponse)
+	err := c.cc.Invoke(ctx, APIKeyService_ReportLeak_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // APIKeyServiceServer is the server API for APIKeyService service.
 // All implementations must embed UnimplementedAPIKeyServiceServer
 // for forward compatibility.
@@ -220,6 +237,12 @@ type APIKeyServiceServer interface {
 	// GetAPIKeyUsage returns a key's use over a window: counts by outcome,
 	// by source network, by latency and by hour, and when it was last used.
 	GetAPIKeyUsage(context.Context, *GetAPIKeyUsageRequest) (*GetAPIKeyUsageResponse, error)
+	// ReportLeak reports a string found where it should not be (a
+	// repository, a log, a ticket). If it is a secret of a key, current or
+	// rotated out, the key is revoked (or disabled: leaks.action) in one
+	// store transaction with its events for the plugins, which tell the
+	// owner; a key already stopped is left alone. docs/leaks.md.
+	ReportLeak(context.Context, *ReportLeakRequest) (*ReportLeakResponse, error)
 	mustEmbedUnimplementedAPIKeyServiceServer()
 }
 
@@ -256,6 +279,9 @@ func (UnimplementedAPIKeyServiceServer) UpdateAPIKey(context.Context, *UpdateAPI
 }
 func (UnimplementedAPIKeyServiceServer) GetAPIKeyUsage(context.Context, *GetAPIKeyUsageRequest) (*GetAPIKeyUsageResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetAPIKeyUsage not implemented")
+}
+func (UnimplementedAPIKeyServiceServer) ReportLeak(context.Context, *ReportLeakRequest) (*ReportLeakResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReportLeak not implemented")
 }
 func (UnimplementedAPIKeyServiceServer) mustEmbedUnimplementedAPIKeyServiceServer() {}
 func (UnimplementedAPIKeyServiceServer) testEmbeddedByValue()                       {}
@@ -440,6 +466,24 @@ func _APIKeyService_GetAPIKeyUsage_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _APIKeyService_ReportLeak_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReportLeakRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(APIKeyServiceServer).ReportLeak(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: APIKeyService_ReportLeak_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(APIKeyServiceServer).ReportLeak(ctx, req.(*ReportLeakRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // APIKeyService_ServiceDesc is the grpc.ServiceDesc for APIKeyService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -482,6 +526,10 @@ var APIKeyService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetAPIKeyUsage",
 			Handler:    _APIKeyService_GetAPIKeyUsage_Handler,
+		},
+		{
+			MethodName: "ReportLeak",
+			Handler:    _APIKeyService_ReportLeak_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

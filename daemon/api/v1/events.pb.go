@@ -202,7 +202,7 @@ func (*WatchResponse_Start) isWatchResponse_Item() {}
 type Event struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// What happened: api_key (revoked), api_key_disabled, api_key_enabled,
-	// api_key_updated, api_key_rotated, api_key_expiring, anomaly,
+	// api_key_updated, api_key_rotated, api_key_expiring, api_key_leaked, anomaly,
 	// rotation_due, token (revoked), key_version_created, key_version_retired,
 	// key_version (below the minimum decryption version, or withdrawn),
 	// credential_rotated, credential (revoked).

@@ -49,6 +49,8 @@ func goldenMessages() []goldenMessage {
 		{Kind: EventKind_EVENT_KIND_ANOMALY, Id: "ak_000102030405060708090a0b", Subject: "team-a", Time: at,
 			Detail: "1 200 requests a minute against a baseline of 40; keywardd disabled the key"},
 		{Kind: EventKind_EVENT_KIND_KEY_VERSION_RETIRED, Id: "payments/v3", Subject: "payments", Time: at},
+		{Kind: EventKind_EVENT_KIND_API_KEY_LEAKED, Id: "ak_000102030405060708090a0b", Subject: "team-a", Time: at,
+			Detail: "found by github:content at https://github.com/o/r/blob/1/.env: the key's current secret; keywardd revoked the key"},
 	} {
 		out = append(out, goldenMessage{"revoke " + strings.ToLower(strings.TrimPrefix(e.Kind.String(), "EVENT_KIND_")), &RevokeRequest{OperationId: op, Event: e}})
 	}

@@ -96,6 +96,12 @@ const (
 	// minimum decryption version passes it (then KEY_VERSION_REVOKED
 	// follows): panic-rotate of an encryption key (id: "name/vN").
 	EventKind_EVENT_KIND_KEY_VERSION_RETIRED EventKind = 7
+	// Not a revocation: a secret of an API key was found where it should
+	// not be (a secret scanner's report, keyward apikey report-leak) and
+	// keywardd stopped the key (id: its ID; subject: its owner; detail: who
+	// found it, where, which secret, and whether keywardd revoked or
+	// disabled the key). A revocation also sends API_KEY_REVOKED.
+	EventKind_EVENT_KIND_API_KEY_LEAKED EventKind = 8
 )
 
 // Enum value maps for EventKind.
@@ -109,6 +115,7 @@ var (
 		5: "EVENT_KIND_ROTATION_DUE",
 		6: "EVENT_KIND_ANOMALY",
 		7: "EVENT_KIND_KEY_VERSION_RETIRED",
+		8: "EVENT_KIND_API_KEY_LEAKED",
 	}
 	EventKind_value = map[string]int32{
 		"EVENT_KIND_UNSPECIFIED":         0,
@@ -119,6 +126,7 @@ var (
 		"EVENT_KIND_ROTATION_DUE":        5,
 		"EVENT_KIND_ANOMALY":             6,
 		"EVENT_KIND_KEY_VERSION_RETIRED": 7,
+		"EVENT_KIND_API_KEY_LEAKED":      8,
 	}
 )
 
@@ -1151,7 +1159,7 @@ const file_plugin_proto_rawDesc = "" +
 	"Capability\x12\x1a\n" +
 	"\x16CAPABILITY_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12CAPABILITY_ROTATOR\x10\x01\x12\x16\n" +
-	"\x12CAPABILITY_REVOKER\x10\x02*\x85\x02\n" +
+	"\x12CAPABILITY_REVOKER\x10\x02*\xa4\x02\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aEVENT_KIND_API_KEY_REVOKED\x10\x01\x12\x1c\n" +
@@ -1160,7 +1168,8 @@ const file_plugin_proto_rawDesc = "" +
 	"\x1dEVENT_KIND_CREDENTIAL_REVOKED\x10\x04\x12\x1b\n" +
 	"\x17EVENT_KIND_ROTATION_DUE\x10\x05\x12\x16\n" +
 	"\x12EVENT_KIND_ANOMALY\x10\x06\x12\"\n" +
-	"\x1eEVENT_KIND_KEY_VERSION_RETIRED\x10\a2\xc2\x01\n" +
+	"\x1eEVENT_KIND_KEY_VERSION_RETIRED\x10\a\x12\x1d\n" +
+	"\x19EVENT_KIND_API_KEY_LEAKED\x10\b2\xc2\x01\n" +
 	"\rPluginService\x12S\n" +
 	"\bDescribe\x12\".keyward.plugin.v1.DescribeRequest\x1a#.keyward.plugin.v1.DescribeResponse\x12\\\n" +
 	"\vCheckConfig\x12%.keyward.plugin.v1.CheckConfigRequest\x1a&.keyward.plugin.v1.CheckConfigResponse2\xcc\x02\n" +

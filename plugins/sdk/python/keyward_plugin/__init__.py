@@ -64,7 +64,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from . import plugin_pb2 as pb
 
 __all__ = ["serve", "log", "Permanent", "API_KEY_REVOKED", "TOKEN_REVOKED", "KEY_VERSION_REVOKED",
-           "CREDENTIAL_REVOKED", "ROTATION_DUE", "ANOMALY", "KEY_VERSION_RETIRED"]
+           "CREDENTIAL_REVOKED", "ROTATION_DUE", "ANOMALY", "KEY_VERSION_RETIRED", "API_KEY_LEAKED"]
 
 # The cookie keywardd sets: a plugin is not run by hand.
 COOKIE_KEY, COOKIE_VALUE = "KEYWARD_PLUGIN", "7c9f0e2a-keyward-plugin-v1"
@@ -78,6 +78,7 @@ CREDENTIAL_REVOKED = pb.EVENT_KIND_CREDENTIAL_REVOKED
 ROTATION_DUE = pb.EVENT_KIND_ROTATION_DUE
 ANOMALY = pb.EVENT_KIND_ANOMALY
 KEY_VERSION_RETIRED = pb.EVENT_KIND_KEY_VERSION_RETIRED
+API_KEY_LEAKED = pb.EVENT_KIND_API_KEY_LEAKED
 
 
 class Permanent(Exception):
