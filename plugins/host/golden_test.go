@@ -27,6 +27,7 @@ var goldenKinds = map[string]string{
 	"revoke rotation_due":        outbox.RotationDue,
 	"revoke anomaly":             outbox.Anomaly,
 	"revoke key_version_retired": outbox.KeyVersionRetired,
+	"revoke api_key_leaked":      outbox.APIKeyLeaked,
 }
 
 // TestGoldenRevocations: Deliver sends a real plugin the golden
