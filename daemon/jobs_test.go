@@ -154,9 +154,15 @@ func TestAnomalyRevokesKey(t *testing.T) {
 			t.Fatalf("the key is %v, not revoked, 5 s after the anomaly", g.Key.State)
 		}
 	}
-	b, _ := os.ReadFile(filepath.Join(in.Config.DataDir, "audit.log"))
-	if !strings.Contains(string(b), "keywardd revoked the key (anomaly.revoke names new_network)") {
-		t.Errorf("the audit log does not say keywardd revoked the key")
+	// The record is written after the revocation: wait for it.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		b, _ := os.ReadFile(filepath.Join(in.Config.DataDir, "audit.log"))
+		if strings.Contains(string(b), "keywardd revoked the key (anomaly.revoke names new_network)") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the audit log does not say keywardd revoked the key, 5 s after it did")
+		}
 	}
 }
 
