@@ -20,6 +20,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/audit/ship"
 	"github.com/keyward/keyward/daemon/dynlimits"
 	"github.com/keyward/keyward/daemon/names"
 	"github.com/keyward/keyward/daemon/procenv"
@@ -85,6 +86,9 @@ type Config struct {
 		Socket  string `yaml:"socket"`  // e.g. /run/keyward-metrics/metrics.sock; 0600, or 0660 with group
 		Group   string `yaml:"group"`   // with socket: the group that may scrape
 	} `yaml:"metrics"`
+	// AuditSinks ship the audit log, after it is written, to syslog, a
+	// file or an HTTP receiver (package ship, docs/audit-shipping.md).
+	AuditSinks []ship.SinkConfig `yaml:"audit_sinks"`
 	// Plugins are started at start and supervised (docs/plugins.md).
 	Plugins []PluginConfig `yaml:"plugins"`
 	// Rotation: policies and which keys they apply to (package schedule).
@@ -208,6 +212,9 @@ func (c *Config) check() error {
 	}
 	if m := c.Metrics; m.Socket != "" && (!filepath.IsAbs(m.Socket) || m.Socket == c.Socket.Path) || m.Socket == "" && m.Group != "" {
 		errs = append(errs, errors.New("metrics.socket must be an absolute path other than socket.path (and metrics.group goes with it)"))
+	}
+	if err := ship.Check(c.AuditSinks); err != nil {
+		errs = append(errs, err)
 	}
 	if err := c.Rotation.Check(); err != nil {
 		errs = append(errs, err)
