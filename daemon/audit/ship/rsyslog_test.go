@@ -100,7 +100,7 @@ func lines(path string) int {
 // key: every record and checkpoint there, in order, unchanged.
 func TestRsyslog(t *testing.T) {
 	r := startRsyslog(t, `
-global(workDirectory="DIR" maxMessageSize="256k")
+global(workDirectory="DIR" maxMessageSize="1m")
 module(load="imuxsock" SysSock.Use="off")
 module(load="imtcp")
 input(type="imuxsock" Socket="DIR/log.sock" UseSpecialParser="off" ruleset="unix")
@@ -138,7 +138,7 @@ func TestRsyslogTLS(t *testing.T) {
 	pki := t.TempDir()
 	caFile, certFile, keyFile := testPKI(t, pki)
 	r := startRsyslog(t, `
-global(workDirectory="DIR" maxMessageSize="256k" DefaultNetstreamDriver="gtls"
+global(workDirectory="DIR" maxMessageSize="1m" DefaultNetstreamDriver="gtls"
   DefaultNetstreamDriverCAFile="`+caFile+`" DefaultNetstreamDriverCertFile="`+certFile+`" DefaultNetstreamDriverKeyFile="`+keyFile+`")
 module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="anon")
 input(type="imtcp" address="127.0.0.1" port="0" listenPortFileName="DIR/tls.port" ruleset="tls")
