@@ -18,13 +18,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyward/keyward/daemon/audit"
 	"github.com/keyward/keyward/daemon/audit/ship"
 )
 
 // rsyslogd is a real rsyslogd (Debian's rsyslog; make deps installs it)
 // run by a test with a configuration of its own in a temporary directory.
 type rsyslogd struct {
-	dir string
+	dir  string
+	stop func()
 }
 
 // startRsyslog runs rsyslogd with conf (DIR in it is the test's
@@ -57,9 +59,16 @@ func startRsyslog(t *testing.T, conf string, wait ...string) *rsyslogd {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	stopped := false
+	stop := func() {
+		if !stopped {
+			stopped = true
+			cmd.Process.Signal(syscall.SIGTERM)
+			cmd.Wait()
+		}
+	}
 	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
+		stop()
 		if t.Failed() {
 			t.Logf("rsyslogd's output:\n%s", stderr.String())
 		}
@@ -70,7 +79,7 @@ func startRsyslog(t *testing.T, conf string, wait ...string) *rsyslogd {
 			return err == nil && (len(b) > 0 || !strings.HasSuffix(w, "port")) || errorsIsSocket(filepath.Join(dir, w))
 		})
 	}
-	return &rsyslogd{dir: dir}
+	return &rsyslogd{dir: dir, stop: stop}
 }
 
 func errorsIsSocket(path string) bool {
@@ -128,6 +137,47 @@ ruleset(name="tcp") { action(type="omfile" file="DIR/tcp.log" template="RSYSLOG_
 	b, _ := os.ReadFile(r.path("tcp.log"))
 	if !bytes.HasPrefix(b, []byte("<86>1 ")) || !bytes.Contains(b, []byte(" keywardd ")) {
 		t.Errorf("not RFC 5424 messages of facility authpriv: %.200s", b)
+	}
+}
+
+// TestRsyslogRestart: the receiver stops (down for a while) and starts
+// again on its port: the sink notices the closed connection before it
+// writes, fails while nobody listens, and delivers everything once
+// rsyslogd is back; what the two rsyslogd wrote is the whole log.
+func TestRsyslogRestart(t *testing.T) {
+	const conf = `
+global(workDirectory="DIR" maxMessageSize="1m")
+module(load="imtcp")
+input(type="imtcp" address="127.0.0.1" port="PORT" listenPortFileName="DIR/tcp.port")
+action(type="omfile" file="DIR/tcp.log" template="RSYSLOG_SyslogProtocol23Format")
+`
+	r := startRsyslog(t, strings.Replace(conf, "PORT", "0", 1), "tcp.port")
+	addr := r.port(t, "tcp.port")
+	l := newLog(t)
+	s, _ := start(t, l, t.TempDir(), ship.SinkConfig{Name: "remote", Type: ship.TypeSyslog, Network: "tcp", Address: addr})
+	l.add(t, 30, "EnvelopeService.Decrypt")
+	caughtUp(t, l, s)
+	eventually(t, "rsyslogd writes every line", func() bool { return lines(r.path("tcp.log")) >= int(l.State().LastSeq) })
+	r.stop()
+
+	l.add(t, 30, "EnvelopeService.Encrypt")
+	eventually(t, "the sink fails while rsyslogd is down", func() bool {
+		st := s.Status()[0]
+		return st.State == "failing" && st.LagBytes > 0
+	})
+	_, port, _ := net.SplitHostPort(addr)
+	r2 := startRsyslog(t, strings.Replace(conf, "PORT", port, 1))
+	caughtUp(t, l, s)
+	want := int(l.State().LastSeq)
+	var rep audit.Received
+	eventually(t, "the second rsyslogd writes the last line", func() bool {
+		first, _ := os.ReadFile(r.path("tcp.log"))
+		second, _ := os.ReadFile(r2.path("tcp.log"))
+		rep = received(t, bytes.NewReader(append(first, second...)), l.h)
+		return rep.LastSeq == uint64(want) // one connection at a time, in order: every line before it is there, or lost
+	})
+	if !rep.OK() || rep.Records != 60 || rep.LastSeq != uint64(want) || rep.Unverified != 0 {
+		t.Errorf("what the two rsyslogd wrote: %+v", rep)
 	}
 }
 

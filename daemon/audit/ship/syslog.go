@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -111,6 +112,10 @@ func (s *syslogSender) message(dst []byte, kind string, line []byte, now time.Ti
 
 // Send implements sender.
 func (s *syslogSender) Send(ctx context.Context, b batch) error {
+	if s.conn != nil && s.network != "unixgram" && !s.open() {
+		s.conn.Close()
+		s.conn = nil
+	}
 	if s.conn == nil {
 		d := net.Dialer{Timeout: s.timeout}
 		var err error
@@ -160,6 +165,22 @@ func (s *syslogSender) Send(ctx context.Context, b batch) error {
 		return fmt.Errorf("ship: writing to %s %s: %w", s.network, s.address, err)
 	}
 	return nil
+}
+
+// open says whether the receiver has not closed the connection: syslog
+// receivers send nothing, so a read that does not time out within a millisecond found
+// its end (or bytes it should not have sent). Without this, the first batch
+// after a receiver's restart would be written into a connection the
+// receiver no longer reads, and lost, since TCP's write succeeds until the
+// peer's reset comes back.
+func (s *syslogSender) open() bool {
+	// A deadline already past would not even try the read (Go's poller
+	// checks it first): a millisecond makes it read what has arrived.
+	s.conn.SetReadDeadline(time.Now().Add(time.Millisecond))
+	var one [1]byte
+	_, err := s.conn.Read(one[:])
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // Close implements sender.
