@@ -41,8 +41,10 @@ func ParseShipped(b []byte) (ShippedLine, error) {
 	if err := json.Unmarshal(b, &ln); err != nil {
 		return ShippedLine{}, fmt.Errorf("audit: a line that does not parse: %w", err)
 	}
-	if ln.Seq == 0 || len(ln.Hash) != 64 || len(ln.Prev) != 64 {
-		return ShippedLine{}, errors.New("audit: a line without its seq, prev or hash")
+	prev, err1 := hex.DecodeString(ln.Prev)
+	hash, err2 := hex.DecodeString(ln.Hash)
+	if ln.Seq == 0 || err1 != nil || err2 != nil || len(prev) != 32 || len(hash) != 32 {
+		return ShippedLine{}, errors.New("audit: a line without its seq, or whose prev or hash is not 64 hex digits")
 	}
 	return ShippedLine{Seq: ln.Seq, Prev: ln.Prev, Kind: ln.Kind, Hash: ln.Hash, Op: ln.Body.Op}, nil
 }
@@ -50,8 +52,7 @@ func ParseShipped(b []byte) (ShippedLine, error) {
 // Stub is the line a sink ships in place of a record its filter leaves
 // out: {"seq":N,"prev":"...","kind":"filtered","hash":"..."}, no body.
 func (s ShippedLine) Stub() []byte {
-	b := fmt.Appendf(nil, `{"seq":%d,"prev":%q,"kind":%q,"hash":%q}`, s.Seq, s.Prev, KindFiltered, s.Hash)
-	return b
+	return fmt.Appendf(nil, `{"seq":%d,"prev":"%s","kind":"%s","hash":"%s"}`, s.Seq, s.Prev, KindFiltered, s.Hash) // hex: nothing to escape
 }
 
 // SeqRange is a run of sequence numbers, both ends included.

@@ -208,6 +208,18 @@ func FuzzVerifyReceived(f *testing.F) {
 	f.Add([]byte(`{"seq":1,"prev":"0000000000000000000000000000000000000000000000000000000000000000","kind":"filtered","hash":"1111111111111111111111111111111111111111111111111111111111111111"}` + "\n"))
 	f.Add([]byte("<86>1 - host keywardd 1 record - {\"seq\":2}\nnoise\n"))
 	f.Fuzz(func(t *testing.T, b []byte) {
+		// A line a sink reads, and its stub: the stub keeps its place in
+		// the chain.
+		for ln := range bytes.Lines(b) {
+			sl, err := ParseShipped(bytes.TrimSuffix(ln, []byte("\n")))
+			if err != nil {
+				continue
+			}
+			back, err := ParseShipped(sl.Stub())
+			if err != nil || back.Seq != sl.Seq || back.Prev != sl.Prev || back.Hash != sl.Hash || back.Kind != KindFiltered || back.Op != "" {
+				t.Errorf("the stub of %q is %q: %v", ln, sl.Stub(), err)
+			}
+		}
 		r, err := VerifyReceived(context.Background(), bytes.NewReader(b), nil)
 		if err != nil {
 			return

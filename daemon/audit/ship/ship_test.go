@@ -30,7 +30,7 @@ type testLog struct {
 	n    int
 }
 
-func newLog(t *testing.T) *testLog {
+func newLog(t testing.TB) *testLog {
 	t.Helper()
 	h, _ := hsmtest.Open(t)
 	key := hsm.KeyID{Name: audit.KeyName, Version: 1}
@@ -41,7 +41,7 @@ func newLog(t *testing.T) *testLog {
 }
 
 // openLog opens a new log MACed by h's key.
-func openLog(t *testing.T, h *hsm.HSM) *testLog {
+func openLog(t testing.TB, h *hsm.HSM) *testLog {
 	t.Helper()
 	key := hsm.KeyID{Name: audit.KeyName, Version: 1}
 	path := filepath.Join(t.TempDir(), "audit.log")
@@ -54,7 +54,7 @@ func openLog(t *testing.T, h *hsm.HSM) *testLog {
 }
 
 // add appends n records of op.
-func (l *testLog) add(t *testing.T, n int, op string) {
+func (l *testLog) add(t testing.TB, n int, op string) {
 	t.Helper()
 	for range n {
 		l.n++
@@ -67,7 +67,7 @@ func (l *testLog) add(t *testing.T, n int, op string) {
 }
 
 // start runs a Shipper for sinks on l until the test ends (or stop).
-func start(t *testing.T, l *testLog, state string, sinks ...ship.SinkConfig) (*ship.Shipper, func()) {
+func start(t testing.TB, l *testLog, state string, sinks ...ship.SinkConfig) (*ship.Shipper, func()) {
 	t.Helper()
 	s, err := ship.New(sinks, ship.Options{LogPath: l.path, Size: func() int64 { return l.State().Size }, StateDir: state,
 		Poll: 10 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
@@ -91,7 +91,7 @@ func start(t *testing.T, l *testLog, state string, sinks ...ship.SinkConfig) (*s
 }
 
 // eventually polls cond until it holds, or fails the test after 30 s.
-func eventually(t *testing.T, what string, cond func() bool) {
+func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for !cond() {
@@ -104,7 +104,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 
 // caughtUp waits until every sink has shipped the whole log, a last
 // checkpoint included.
-func caughtUp(t *testing.T, l *testLog, s *ship.Shipper) {
+func caughtUp(t testing.TB, l *testLog, s *ship.Shipper) {
 	t.Helper()
 	eventually(t, "the sinks catch up with the log", func() bool {
 		st := l.State()
@@ -120,7 +120,7 @@ func caughtUp(t *testing.T, l *testLog, s *ship.Shipper) {
 	})
 }
 
-func received(t *testing.T, r io.Reader, mac audit.MACer) audit.Received {
+func received(t testing.TB, r io.Reader, mac audit.MACer) audit.Received {
 	t.Helper()
 	rep, err := audit.VerifyReceived(context.Background(), r, mac)
 	if err != nil {
@@ -129,7 +129,7 @@ func received(t *testing.T, r io.Reader, mac audit.MACer) audit.Received {
 	return rep
 }
 
-func receivedFile(t *testing.T, path string, mac audit.MACer) audit.Received {
+func receivedFile(t testing.TB, path string, mac audit.MACer) audit.Received {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
