@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"flag"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -176,41 +178,77 @@ func (rc *receiver) bytes() []byte {
 	return bytes.Clone(rc.got.Bytes())
 }
 
-// TestHTTPReceiverDown: a SIEM down for a while (a minute in production;
-// until the log has passed the sink's bound here) and then up again: with
-// on_failure: spool keywardd's log takes every record meanwhile, the
-// sink lags, alerts past its bound, and delivers everything once the
-// receiver answers, in order, each record once at least.
+// downtime is how long TestHTTPReceiverDown keeps its receiver down: the
+// issue's minute with -args -ship.downtime 1m.
+var downtime = flag.Duration("ship.downtime", 2*time.Second, "how long TestHTTPReceiverDown's receiver is down")
+
+// TestHTTPReceiverDown: a SIEM down for a while (answering 503, or not
+// listening at all) while calls go on, and then up again: with
+// on_failure: spool every Append returns meanwhile, the sink lags, alerts
+// past its bound, and once the receiver is back delivers everything, in
+// order, each record at least once.
 func TestHTTPReceiverDown(t *testing.T) {
-	l := newLog(t)
-	rc := &receiver{token: "siem-token"}
-	srv := httptest.NewServer(rc)
-	defer srv.Close()
-	tokenFile := filepath.Join(t.TempDir(), "token")
-	os.WriteFile(tokenFile, []byte(rc.token+"\n"), 0o600)
-	s, _ := start(t, l, t.TempDir(), ship.SinkConfig{Name: "siem", Type: ship.TypeHTTP, URL: srv.URL, BearerTokenFile: tokenFile, MaxLagBytes: ship.MinLag})
+	for _, mode := range []string{"503", "not listening"} {
+		t.Run(mode, func(t *testing.T) {
+			l := newLog(t)
+			rc := &receiver{token: "siem-token"}
+			srv := httptest.NewServer(rc)
+			defer func() { srv.Close() }()
+			tokenFile := filepath.Join(t.TempDir(), "token")
+			os.WriteFile(tokenFile, []byte(rc.token+"\n"), 0o600)
+			s, _ := start(t, l, t.TempDir(), ship.SinkConfig{Name: "siem", Type: ship.TypeHTTP, URL: srv.URL, BearerTokenFile: tokenFile, MaxLagBytes: ship.MinLag})
 
-	l.add(t, 30, "EnvelopeService.Decrypt")
-	caughtUp(t, l, s)
+			l.add(t, 30, "EnvelopeService.Decrypt")
+			caughtUp(t, l, s)
 
-	rc.down.Store(true)
-	l.add(t, 400, "EnvelopeService.Encrypt") // about 150 KiB: past the 64 KiB bound; every Append returns (none waits for the sink)
-	eventually(t, "the sink fails, lags past its bound and is not blocking", func() bool {
-		st := s.Status()[0]
-		return st.State == "failing" && st.OverBound && st.LagBytes > ship.MinLag && st.Failures > 0 && strings.Contains(st.LastError, "503")
-	})
-	if err := s.Blocked(); err != nil {
-		t.Fatalf("a spooling sink blocks: %v", err)
-	}
-	rc.down.Store(false)
-	caughtUp(t, l, s)
-	st := s.Status()[0]
-	if st.OverBound || st.State == "failing" || st.LastError != "" || st.Shipped != 430 {
-		t.Errorf("after the receiver came back: %+v", st)
-	}
-	rep := received(t, bytes.NewReader(rc.bytes()), l.h)
-	if !rep.OK() || rep.FirstSeq != 1 || rep.LastSeq != l.State().LastSeq || rep.Records != 430 || rep.Unverified != 0 || rc.failed.Load() == 0 {
-		t.Errorf("what the receiver got: %+v", rep)
+			addr := srv.Listener.Addr().String()
+			if mode == "503" {
+				rc.down.Store(true)
+			} else {
+				srv.Close()
+			}
+			// Calls go on while the receiver is down: each Append returns
+			// (none waits for the sink), 200 a second.
+			for end := time.Now().Add(*downtime); time.Now().Before(end); {
+				l.add(t, 1, "EnvelopeService.Encrypt")
+				time.Sleep(5 * time.Millisecond)
+			}
+			why := "503"
+			if mode != "503" {
+				why = "connection refused"
+			}
+			eventually(t, "the sink fails, lags past its bound and is not blocking", func() bool {
+				st := s.Status()[0]
+				return st.State == "failing" && st.OverBound && st.LagBytes > ship.MinLag && st.Failures > 0 && strings.Contains(st.LastError, why)
+			})
+			if err := s.Blocked(); err != nil {
+				t.Fatalf("a spooling sink blocks: %v", err)
+			}
+			if mode == "503" {
+				rc.down.Store(false)
+			} else {
+				ln, err := net.Listen("tcp", addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				srv = httptest.NewUnstartedServer(rc)
+				srv.Listener.Close()
+				srv.Listener = ln
+				srv.Start()
+			}
+			caughtUp(t, l, s)
+			st := s.Status()[0]
+			if st.OverBound || st.State == "failing" || st.LastError != "" || st.Shipped != uint64(l.n) {
+				t.Errorf("after the receiver came back: %+v", st)
+			}
+			rep := received(t, bytes.NewReader(rc.bytes()), l.h)
+			if !rep.OK() || rep.FirstSeq != 1 || rep.LastSeq != l.State().LastSeq || rep.Records != uint64(l.n) || rep.Unverified != 0 {
+				t.Errorf("what the receiver got: %+v", rep)
+			}
+			if mode == "503" && rc.failed.Load() == 0 {
+				t.Error("the receiver never answered 503")
+			}
+		})
 	}
 }
 
@@ -350,5 +388,33 @@ func TestCheck(t *testing.T) {
 		{Name: "local", Type: "syslog"}, {Name: "remote", Type: "syslog", Network: "tls", Address: "logs.example:6514", CAFile: "/ca"}}
 	if err := ship.Check(good); err != nil {
 		t.Error(err)
+	}
+}
+
+// TestFileMovedAway: a file sink's file moved away (logrotate without
+// copytruncate) is noticed at the next batch, which goes to a new file at
+// the path; the two files together are the whole log.
+func TestFileMovedAway(t *testing.T) {
+	l := newLog(t)
+	dir := t.TempDir()
+	out := filepath.Join(dir, "shipped.jsonl")
+	s, _ := start(t, l, t.TempDir(), ship.SinkConfig{Name: "archive", Type: ship.TypeFile, Path: out})
+	l.add(t, 20, "EnvelopeService.Decrypt")
+	caughtUp(t, l, s)
+	if err := os.Rename(out, out+".1"); err != nil {
+		t.Fatal(err)
+	}
+	l.add(t, 20, "EnvelopeService.Decrypt")
+	caughtUp(t, l, s)
+	old, _ := os.ReadFile(out + ".1")
+	cur, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep := received(t, bytes.NewReader(cur), l.h); rep.FirstSeq <= 20 || rep.Records != 20 {
+		t.Errorf("the new file: %+v", rep)
+	}
+	if rep := received(t, bytes.NewReader(append(old, cur...)), l.h); !rep.OK() || rep.Records != 40 || rep.FirstSeq != 1 {
+		t.Errorf("both files: %+v", rep)
 	}
 }
