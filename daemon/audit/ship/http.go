@@ -3,9 +3,11 @@ package ship
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 )
@@ -63,14 +65,28 @@ func (s *httpSender) Send(ctx context.Context, b batch) error {
 		s.buf = nil
 	}
 	if err != nil {
-		return fmt.Errorf("ship: %w", err) // the client names the URL, without its password
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err // its message holds the whole URL
+		}
+		return fmt.Errorf("ship: posting to %s: %w", s.where(), err)
 	}
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("ship: %s answered %s", req.URL.Redacted(), resp.Status)
+		return fmt.Errorf("ship: %s answered %s", s.where(), resp.Status)
 	}
 	return nil
+}
+
+// where is the URL as errors and logs name it: without its user
+// information and query, which may hold a SIEM's token.
+func (s *httpSender) where() string {
+	u, err := url.Parse(s.url)
+	if err != nil {
+		return "the sink's url"
+	}
+	return u.Scheme + "://" + u.Host + u.Path
 }
 
 // Close implements sender.

@@ -194,6 +194,7 @@ func TestHTTPReceiverDown(t *testing.T) {
 			rc := &receiver{token: "siem-token"}
 			srv := httptest.NewServer(rc)
 			defer func() { srv.Close() }()
+			srv.URL += "/in?token=in-the-query" // kept out of errors and logs
 			tokenFile := filepath.Join(t.TempDir(), "token")
 			os.WriteFile(tokenFile, []byte(rc.token+"\n"), 0o600)
 			s, _ := start(t, l, t.TempDir(), ship.SinkConfig{Name: "siem", Type: ship.TypeHTTP, URL: srv.URL, BearerTokenFile: tokenFile, MaxLagBytes: ship.MinLag})
@@ -223,6 +224,9 @@ func TestHTTPReceiverDown(t *testing.T) {
 			})
 			if err := s.Blocked(); err != nil {
 				t.Fatalf("a spooling sink blocks: %v", err)
+			}
+			if e := s.Status()[0].LastError; strings.Contains(e, "in-the-query") || !strings.Contains(e, "/in") {
+				t.Errorf("the error names the URL's query, or not its path: %s", e)
 			}
 			if mode == "503" {
 				rc.down.Store(false)
