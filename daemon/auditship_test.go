@@ -142,9 +142,13 @@ audit_sinks:
   - name: local
     type: syslog
     network: udp
+  - name: copy
+    type: file
+    path: `+dir+`/audit.log
 `), 0o600)
 	_, err := daemon.LoadConfig(path)
-	for _, want := range []string{`audit_sinks[0] (siem): url "http://siem.example/in": a bearer token is sent over https only`, `audit_sinks[1] (local): network "udp"`} {
+	for _, want := range []string{`audit_sinks[0] (siem): url "http://siem.example/in": a bearer token is sent over https only`, `audit_sinks[1] (local): network "udp"`,
+		`audit_sinks[2] (copy): path is the audit log itself`} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("LoadConfig: %v, want %q", err, want)
 		}

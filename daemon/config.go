@@ -216,6 +216,11 @@ func (c *Config) check() error {
 	if err := ship.Check(c.AuditSinks); err != nil {
 		errs = append(errs, err)
 	}
+	for i, k := range c.AuditSinks {
+		if k.Type == ship.TypeFile && k.Path != "" && filepath.Clean(k.Path) == filepath.Clean(c.auditPath()) {
+			errs = append(errs, fmt.Errorf("audit_sinks[%d] (%s): path is the audit log itself: a file sink writes a copy elsewhere", i, k.Name))
+		}
+	}
 	if err := c.Rotation.Check(); err != nil {
 		errs = append(errs, err)
 	}
