@@ -3,6 +3,9 @@ package ship_test
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"io"
@@ -420,5 +423,36 @@ func TestFileMovedAway(t *testing.T) {
 	}
 	if rep := received(t, bytes.NewReader(append(old, cur...)), l.h); !rep.OK() || rep.Records != 40 || rep.FirstSeq != 1 {
 		t.Errorf("both files: %+v", rep)
+	}
+}
+
+// TestHTTPSClientCertificate: an https receiver that trusts its test CA's
+// client certificates only: the sink with one delivers, the sink without
+// fails and lags.
+func TestHTTPSClientCertificate(t *testing.T) {
+	dir := t.TempDir()
+	caFile, certFile, keyFile := testPKI(t, dir)
+	caPEM, _ := os.ReadFile(caFile)
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	rc := &receiver{}
+	srv := httptest.NewUnstartedServer(rc)
+	srv.TLS = &tls.Config{ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pool}
+	srv.StartTLS()
+	defer srv.Close()
+	serverCA := filepath.Join(dir, "server-ca.pem")
+	os.WriteFile(serverCA, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600)
+
+	l := newLog(t)
+	s, _ := start(t, l, t.TempDir(),
+		ship.SinkConfig{Name: "mtls", Type: ship.TypeHTTP, URL: srv.URL, CAFile: serverCA, CertFile: certFile, KeyFile: keyFile},
+		ship.SinkConfig{Name: "no-cert", Type: ship.TypeHTTP, URL: srv.URL, CAFile: serverCA})
+	l.add(t, 25, "KeyService.CreateKey")
+	eventually(t, "the sink with a certificate delivers, the other fails", func() bool {
+		st := s.Status()
+		return st[0].Seq == l.State().LastSeq && l.State().LastCheckpointSeq == l.State().LastSeq && st[1].State == "failing" && st[1].Seq == 0
+	})
+	if rep := received(t, bytes.NewReader(rc.bytes()), l.h); !rep.OK() || rep.Records != 25 || rep.Unverified != 0 {
+		t.Errorf("%+v", rep)
 	}
 }
