@@ -27,6 +27,8 @@ deps:
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v strace >/dev/null || missing="$$missing strace"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	[ -x /usr/sbin/rsyslogd ] || missing="$$missing rsyslog"; \
+	[ -n "$$(ls /usr/lib/*/rsyslog/lmnsd_gtls.so 2>/dev/null)" ] || missing="$$missing rsyslog-gnutls"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \

@@ -20,10 +20,13 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/appcrypto"
 	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/audit/ship"
 	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/dynlimits"
 	"github.com/keyward/keyward/daemon/envelope"
@@ -59,6 +62,7 @@ type daemonParts struct {
 	ln      *socket.Listener
 	h       *hsm.HSM
 	al      *audit.Log
+	ship    *ship.Shipper // the audit sinks; nil without any
 	st      stateStore
 	feed    changeFeed  // what other nodes changed, for the caches (a fleet's)
 	lead    *leadership // a fleet's election of the node that runs the jobs done once; nil on one host
@@ -158,7 +162,77 @@ func (d *daemonParts) openAudit(context.Context) (err error) {
 		return fileError(err)
 	}
 	d.onClose(d.al.Close)
+	if len(d.cfg.AuditSinks) == 0 {
+		return nil
+	}
+	// The sinks read the log after it is written: their cursors are kept
+	// beside the store, and they ship from when keywardd serves (tasks).
+	d.ship, err = ship.New(d.cfg.AuditSinks, ship.Options{LogPath: d.cfg.auditPath(), Size: func() int64 { return d.al.State().Size },
+		StateDir: filepath.Join(d.cfg.DataDir, "audit-sinks"), Log: d.log})
+	if err != nil {
+		return configError(fmt.Errorf("config: %w", err))
+	}
+	d.onClose(d.ship.Close)
 	return nil
+}
+
+// auditLog is the audit log as the server sees it: with a sink whose
+// failure policy is block, calls are refused (as when the log cannot be
+// written) while that sink lags past its bound.
+func (d *daemonParts) auditLog() server.AuditLog {
+	if d.ship == nil {
+		return d.al
+	}
+	return shippedAudit{d.al, d.ship}
+}
+
+// shippedAudit is the audit log and its sinks.
+type shippedAudit struct {
+	*audit.Log
+	ship *ship.Shipper
+}
+
+// Err is why calls are refused: the log cannot be written, or a blocking
+// sink is too far behind.
+func (a shippedAudit) Err() error {
+	if err := a.Log.Err(); err != nil {
+		return err
+	}
+	return a.ship.Blocked()
+}
+
+// SetNotify has fn called when either may have changed.
+func (a shippedAudit) SetNotify(fn func()) {
+	a.Log.SetNotify(fn)
+	a.ship.SetNotify(fn)
+}
+
+// shipMetrics are the audit sinks' metrics, read at each scrape.
+func (d *daemonParts) shipMetrics() []prometheus.Collector {
+	if d.ship == nil {
+		return nil
+	}
+	each := func(v func(ship.Status) float64) func() map[string]float64 {
+		return func() map[string]float64 {
+			out := map[string]float64{}
+			for _, st := range d.ship.Status() {
+				out[st.Name] = v(st)
+			}
+			return out
+		}
+	}
+	return []prometheus.Collector{
+		metrics.NewGaugeFunc("keyward_audit_sink_lag_bytes", "Bytes of the audit log a sink has not yet delivered.", "sink",
+			each(func(st ship.Status) float64 { return float64(st.LagBytes) })),
+		metrics.NewGaugeFunc("keyward_audit_sink_over_bound", "1 while a sink lags past its max_lag_bytes (on_failure: block refuses calls then).", "sink",
+			each(func(st ship.Status) float64 { return map[bool]float64{true: 1}[st.OverBound] })),
+		metrics.NewCounterVecFunc("keyward_audit_sink_records_total", "Records a sink delivered since keywardd started (stubs of filtered records not counted).", "sink",
+			each(func(st ship.Status) float64 { return float64(st.Shipped) })),
+		metrics.NewCounterVecFunc("keyward_audit_sink_filtered_total", "Records a sink's filter left out since keywardd started (shipped as stubs).", "sink",
+			each(func(st ship.Status) float64 { return float64(st.Filtered) })),
+		metrics.NewCounterVecFunc("keyward_audit_sink_failures_total", "Deliveries to a sink that failed (each is tried again).", "sink",
+			each(func(st ship.Status) float64 { return float64(st.Failures) })),
+	}
 }
 
 // stateStore is keywardd's state: a bbolt file (store.Store), or a fleet
@@ -324,7 +398,7 @@ func (d *daemonParts) newPlugins(context.Context) (err error) {
 // newMetrics makes the metrics (gauges.go) and has the HSM report to them
 // and to the load governor.
 func (d *daemonParts) newMetrics(context.Context) error {
-	d.mx = metrics.New(server.Ops(), d.gauges()...)
+	d.mx = metrics.New(server.Ops(), append(d.gauges(), d.shipMetrics()...)...)
 	d.h.SetObserver(func(op string, took time.Duration, err error) {
 		if errors.Is(err, hsm.ErrDecrypt) || errors.Is(err, hsm.ErrInvalidInput) || errors.Is(err, hsm.ErrKeyNotFound) {
 			err = nil // the caller's input, not the HSM
@@ -364,7 +438,7 @@ func (d *daemonParts) newServer(context.Context) error {
 	d.legacy = &legacyNames{}
 	cfg := d.cfg
 	d.srv, d.gs = server.New(server.Config{
-		HSM: hsmStatus{d.h}, Store: d.st, Keys: d.km, Envelope: d.env, Crypto: appcrypto.New(d.km, d.h, d.o.Now), Audit: d.al, AuditReader: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
+		HSM: hsmStatus{d.h}, Store: d.st, Keys: d.km, Envelope: d.env, Crypto: appcrypto.New(d.km, d.h, d.o.Now), Audit: d.auditLog(), AuditReader: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
 		MaxBatch: cfg.MaxBatch, Version: d.o.Version, HealthEvery: d.o.HealthEvery,
 		Tokens: d.tokens, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify, Events: d.hub,
 		Plugins:          func() []server.PluginState { return pluginStates(d.plugins, d.ob.Status()) },

@@ -20,6 +20,7 @@ import (
 
 	"github.com/keyward/keyward/daemon/anomaly"
 	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/audit/ship"
 	"github.com/keyward/keyward/daemon/dynlimits"
 	"github.com/keyward/keyward/daemon/events"
 	"github.com/keyward/keyward/daemon/leaks"
@@ -87,6 +88,9 @@ type Config struct {
 		Socket  string `yaml:"socket"`  // e.g. /run/keyward-metrics/metrics.sock; 0600, or 0660 with group
 		Group   string `yaml:"group"`   // with socket: the group that may scrape
 	} `yaml:"metrics"`
+	// AuditSinks ship the audit log, after it is written, to syslog, a
+	// file or an HTTP receiver (package ship, docs/audit-shipping.md).
+	AuditSinks []ship.SinkConfig `yaml:"audit_sinks"`
 	// Plugins are started at start and supervised (docs/plugins.md).
 	Plugins []PluginConfig `yaml:"plugins"`
 	// Rotation: policies and which keys they apply to (package schedule).
@@ -215,6 +219,14 @@ func (c *Config) check() error {
 	}
 	if m := c.Metrics; m.Socket != "" && (!filepath.IsAbs(m.Socket) || m.Socket == c.Socket.Path) || m.Socket == "" && m.Group != "" {
 		errs = append(errs, errors.New("metrics.socket must be an absolute path other than socket.path (and metrics.group goes with it)"))
+	}
+	if err := ship.Check(c.AuditSinks); err != nil {
+		errs = append(errs, err)
+	}
+	for i, k := range c.AuditSinks {
+		if k.Type == ship.TypeFile && k.Path != "" && filepath.Clean(k.Path) == filepath.Clean(c.auditPath()) {
+			errs = append(errs, fmt.Errorf("audit_sinks[%d] (%s): path is the audit log itself: a file sink writes a copy elsewhere", i, k.Name))
+		}
 	}
 	if err := c.Rotation.Check(); err != nil {
 		errs = append(errs, err)

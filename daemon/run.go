@@ -136,6 +136,9 @@ func (d *daemonParts) tasks() []task {
 		loop("legacy names survey", func(ctx context.Context) { d.legacy.survey(ctx, d.km, d.akm, d.cm, d.cfg.Plugins, d.log) }),
 		loop("policy reload", d.reloadPolicy),
 	}
+	if d.ship != nil {
+		ts = append(ts, loop("audit shipping", d.ship.Run))
+	}
 	return append(ts, d.http...)
 }
 

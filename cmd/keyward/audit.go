@@ -45,7 +45,11 @@ type auditReport struct {
 // (VerifyAuditLog).
 func auditVerify(f *flagSet) action {
 	cfg := hsmFlags(f, "PKCS#11 library, to check the checkpoint MACs of FILE")
+	received := f.Bool("received", false, "FILE is what a receiver got from an audit sink (its newline-JSON lines, or a syslog file): say what is missing, altered, reordered or filtered")
 	return func(e *env, args []string) error {
+		if *received && len(args) == 0 {
+			return usageError{msg: "-received checks a FILE a receiver got from an audit sink: name it"}
+		}
 		if len(args) == 0 {
 			for _, name := range []string{"module", "token", "uri", "pin-file", "pin-env"} {
 				if f.Changed(name) {
@@ -69,6 +73,13 @@ func auditVerify(f *flagSet) action {
 			defer h.Close()
 			mac = h
 		}
+		if *received {
+			rep, err := audit.VerifyReceived(e.ctx, file, mac)
+			if err != nil {
+				return err
+			}
+			return e.showReceived(receivedReport{File: path, OK: rep.OK(), Received: rep})
+		}
 		rep, err := audit.Verify(e.ctx, file, mac)
 		if err != nil {
 			return err
@@ -80,6 +91,58 @@ func auditVerify(f *flagSet) action {
 		}
 		return e.showAuditReport(out)
 	}
+}
+
+// receivedReport is audit verify -received's answer.
+type receivedReport struct {
+	File string `json:"file"`
+	OK   bool   `json:"ok"`
+	audit.Received
+}
+
+// showReceived prints what a receiver got, and fails unless it is whole
+// from its first line to its last, in order and unchanged.
+func (e *env) showReceived(r receivedReport) error {
+	if e.output.json() {
+		if err := e.printJSON(r); err != nil {
+			return err
+		}
+	}
+	var faults []string
+	for _, m := range r.Missing {
+		if m.From == m.To {
+			faults = append(faults, fmt.Sprintf("seq %d is missing", m.From))
+		} else {
+			faults = append(faults, fmt.Sprintf("seq %d to %d are missing", m.From, m.To))
+		}
+	}
+	for _, a := range r.Altered {
+		faults = append(faults, fmt.Sprintf("seq %d was altered: %s", a.Seq, a.Why))
+	}
+	for _, m := range r.Malformed {
+		faults = append(faults, fmt.Sprintf("line %d: %s", m.Line, m.Why))
+	}
+	if r.Reordered > 0 {
+		faults = append(faults, fmt.Sprintf("%d lines came after a line of a higher seq, the first seq %d: reordered (the chain holds once sorted)", r.Reordered, r.FirstReordered))
+	}
+	if len(faults) > 0 {
+		return fmt.Errorf("%s: %s", r.File, strings.Join(faults, "; "))
+	}
+	if e.output.json() {
+		return nil
+	}
+	if r.Lines == 0 {
+		_, err := fmt.Fprintf(e.stdout, "%s: no audit line received\n", r.File)
+		return err
+	}
+	fmt.Fprintf(e.stdout, "%s: seq %d to %d, whole and in order: %d records and %d checkpoints hold", r.File, r.FirstSeq, r.LastSeq, r.Records, r.Checkpoints)
+	if r.Filtered > 0 {
+		fmt.Fprintf(e.stdout, "; %d records left out by the sink's filter (their place in the chain holds, not their content)", r.Filtered)
+	}
+	if r.Duplicates > 0 {
+		fmt.Fprintf(e.stdout, "; %d lines received twice (shipped again after a retry)", r.Duplicates)
+	}
+	return printMACState(e.stdout, r.MACsChecked, r.Unverified)
 }
 
 // verifyDaemonAudit has keywardd verify its own audit log.
@@ -233,12 +296,17 @@ func (f *agoFlag) timestamp() *timestamppb.Timestamp {
 
 func printAuditReport(w io.Writer, r auditReport) error {
 	fmt.Fprintf(w, "%s: %d records and %d checkpoints hold", r.File, r.Records, r.Checkpoints)
+	return printMACState(w, r.MACsChecked, r.Unverified)
+}
+
+// printMACState ends a verification's line with what the MACs say.
+func printMACState(w io.Writer, checked bool, unverified uint64) error {
 	var err error
 	switch {
-	case !r.MACsChecked:
+	case !checked:
 		_, err = fmt.Fprintln(w, "; the chain is intact, but without -module/-token/-pin-file the checkpoint MACs were not checked")
-	case r.Unverified > 0:
-		_, err = fmt.Fprintf(w, "; the last %d records follow the last checkpoint and are chained but not yet MACed\n", r.Unverified)
+	case unverified > 0:
+		_, err = fmt.Fprintf(w, "; the last %d records follow the last checkpoint and are chained but not yet MACed\n", unverified)
 	default:
 		_, err = fmt.Fprintln(w, "; every record is covered by a checked MAC")
 	}

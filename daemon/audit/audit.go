@@ -953,6 +953,9 @@ func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 		if ln.Prev != hex.EncodeToString(head[:]) {
 			return fail("does not link to the line before it")
 		}
+		if ln.Kind == KindFiltered {
+			return fail("a stub of a record a sink filtered out, which only what a sink shipped holds: a record of the local log was replaced (for what a receiver got, use keyward audit verify -received)")
+		}
 		want := lineHash(head, ln.Seq, ln.Kind, ln.Body)
 		if ln.Hash != hex.EncodeToString(want[:]) {
 			return fail("its hash does not match its content: the line was changed")

@@ -143,11 +143,18 @@ func (m *Metrics) Handler() http.Handler {
 type GaugeFunc struct {
 	desc *prometheus.Desc
 	fn   func() map[string]float64
+	typ  prometheus.ValueType
 }
 
 // NewGaugeFunc describes a gauge with one label.
 func NewGaugeFunc(name, help, label string, fn func() map[string]float64) *GaugeFunc {
-	return &GaugeFunc{desc: prometheus.NewDesc(name, help, []string{label}, nil), fn: fn}
+	return &GaugeFunc{desc: prometheus.NewDesc(name, help, []string{label}, nil), fn: fn, typ: prometheus.GaugeValue}
+}
+
+// NewCounterVecFunc describes a counter with one label whose values are
+// read at each scrape (fn's counts only ever grow while keywardd runs).
+func NewCounterVecFunc(name, help, label string, fn func() map[string]float64) *GaugeFunc {
+	return &GaugeFunc{desc: prometheus.NewDesc(name, help, []string{label}, nil), fn: fn, typ: prometheus.CounterValue}
 }
 
 // NewValueFunc is a gauge without labels, read at each scrape.
@@ -166,6 +173,6 @@ func (g *GaugeFunc) Describe(ch chan<- *prometheus.Desc) { ch <- g.desc }
 // Collect implements prometheus.Collector.
 func (g *GaugeFunc) Collect(ch chan<- prometheus.Metric) {
 	for k, v := range g.fn() {
-		ch <- prometheus.MustNewConstMetric(g.desc, prometheus.GaugeValue, v, k)
+		ch <- prometheus.MustNewConstMetric(g.desc, g.typ, v, k)
 	}
 }
