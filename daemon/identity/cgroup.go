@@ -116,11 +116,13 @@ func CgroupOfPath(p string) Cgroup {
 	if c.Unit != "" || i > 0 {
 		return c
 	}
-	// No systemd: the cgroupfs layouts of kubelet and Docker, above the
-	// first unit (a delegated subtree may hold anything below one).
-	for j := 0; j < len(comps) && !isUnit(comps[j]); j++ {
-		rest := comps[j+1:]
-		switch comps[j] {
+	// No systemd: the cgroupfs layouts of kubelet and Docker, at the root
+	// only. Anywhere below, the names are a delegated subtree's own (an
+	// LXC container's "/lxc.payload.c1/kubepods/pod.../...", a user's
+	// "/user/1000/docker/..."), which any process holding it can make.
+	if len(comps) > 0 {
+		rest := comps[1:]
+		switch comps[0] {
 		case "kubepods":
 			if len(rest) > 0 && (rest[0] == "burstable" || rest[0] == "besteffort") {
 				rest = rest[1:]

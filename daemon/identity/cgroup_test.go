@@ -57,7 +57,12 @@ func TestCgroupOfPath(t *testing.T) {
 		{"kubelet cgroupfs, besteffort", "/kubepods/besteffort/pod" + uuid + "/" + cid, "", uuid, cid},
 		{"kubelet cgroupfs, guaranteed", "/kubepods/pod" + uuid + "/" + cid, "", uuid, cid},
 		{"kubelet cgroupfs, pod level", "/kubepods/burstable/pod" + uuid, "", uuid, ""},
-		{"kubelet cgroupfs under a cgroup root", "/k8s/kubepods/pod" + uuid + "/" + cid, "", uuid, cid},
+		// kubelet's --cgroup-root elsewhere than /: the names are not
+		// believed below the root (an LXC container or a user's subtree
+		// could make the same); select such pods by a cgroup glob.
+		{"kubelet cgroupfs under a cgroup root", "/k8s/kubepods/pod" + uuid + "/" + cid, "", "", ""},
+		{"kubepods made in an LXC container", "/lxc.payload.c1/kubepods/pod" + uuid + "/" + cid, "", "", ""},
+		{"docker made in a user's subtree", "/user/1000/docker/" + cid, "", "", ""},
 		{"docker systemd driver", "/system.slice/docker-" + cid + ".scope", "docker-" + cid + ".scope", "", cid},
 		{"docker cgroupfs driver", "/docker/" + cid, "", "", cid},
 		{"podman rootful", "/machine.slice/libpod-" + cid + ".scope", "libpod-" + cid + ".scope", "", cid},
