@@ -208,7 +208,7 @@ func TestWatch(t *testing.T) {
 func TestWatchPolicy(t *testing.T) {
 	pol := uidPolicy(`      - operations: [EventService.Watch]
         keys: ["shop-a", "billing"]
-      - operations: [APIKeyService.*, KeyService.*]
+      - operations: [APIKeyService.*, KeyService.*, TokenService.*]
         keys: ["*"]`)
 	in := daemontest.Start(t, daemontest.Policy(pol), daemontest.Configure(func(c *daemon.Config) { c.Events.MaxWatchers = 2 }))
 	ctx := context.Background()
@@ -242,7 +242,28 @@ func TestWatchPolicy(t *testing.T) {
 	if e := w.next(t).GetEvent(); e.GetKind() != "key_version_created" || e.GetId() != "billing/v2" {
 		t.Fatalf("second: %v; want billing's new version (not shop-b's key, not payroll)", e)
 	}
+	// A token revoked by its ID alone names no key: a watcher granted
+	// Watch on some keys only is not sent it.
+	if _, err := keywardv1.NewTokenServiceClient(in.Conn).RevokeToken(ctx, &keywardv1.RevokeTokenRequest{TokenId: "jti-of-someone-else"}); err != nil {
+		t.Fatal(err)
+	}
 	w.none(t)
+	// VerifyAPIKey says whether the caller may watch the key's owner.
+	for i, owner := range []string{"shop-a", "shop-b"} {
+		k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: owner, Name: "v", Environment: "prod", Permissions: []string{"orders:read"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := ac.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: k.Secret, Environment: "prod", Permissions: []string{"orders:read"}})
+		if err != nil || r.GetCode() != keywardv1.APIKeyCode_API_KEY_CODE_VALID || r.GetWatched() != (i == 0) {
+			t.Errorf("verify of %s's key: %v, watched %v, %v; want watched %v", owner, r.GetCode(), r.GetWatched(), err, i == 0)
+		}
+	}
+	// A policy reload: every watcher gets a resync marker at its place.
+	in.SetPolicy(pol)
+	if r := w.next(t); r.GetResync() == nil || !strings.Contains(r.GetResync().GetReason(), "policy was reloaded") {
+		t.Fatalf("after a policy reload: %v; want a resync", r)
+	}
 	// Two streams at most: the second open, a third refused.
 	w2 := watch(t, ec, &keywardv1.WatchRequest{})
 	w2.next(t)

@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"google.golang.org/protobuf/encoding/protojson"
@@ -24,13 +26,12 @@ func watchCommand(f *flagSet) action {
 			last = ch.Cursor
 			switch {
 			case ch.Lost:
-				fmt.Fprintf(e.stderr, "the stream broke (%v): connecting again from %s\n", ch.Err, ch.Cursor)
+				fmt.Fprintf(e.stderr, "the stream broke (%v): connecting again from %s\n", ch.Err, or(ch.Cursor, "where it started"))
 			case ch.Start:
 				fmt.Fprintf(e.stderr, "watching from %s\n", ch.Cursor)
 			case ch.Resync:
 				if e.output.json() {
-					_, err := fmt.Fprintf(e.stdout, "{\"cursor\":%q,\"resync\":{\"reason\":%q}}\n", ch.Cursor, ch.Reason)
-					return err
+					return writeLine(e.stdout, map[string]any{"cursor": ch.Cursor, "resync": map[string]string{"reason": ch.Reason}})
 				}
 				_, err := fmt.Fprintf(e.stdout, "RESYNC %s: %s\n", ch.Cursor, ch.Reason)
 				return err
@@ -41,8 +42,7 @@ func watchCommand(f *flagSet) action {
 					if err != nil {
 						return err
 					}
-					_, err = fmt.Fprintf(e.stdout, "{\"cursor\":%q,\"event\":%s}\n", ch.Cursor, b)
-					return err
+					return writeLine(e.stdout, map[string]any{"cursor": ch.Cursor, "event": json.RawMessage(b)})
 				}
 				_, err := fmt.Fprintf(e.stdout, "%s %s %s %s %s %s\n", ev.GetTime().AsTime().Format(time.RFC3339Nano), ch.Cursor,
 					ev.GetKind(), ev.GetId(), or(ev.GetSubject(), "-"), ev.GetDetail())
@@ -51,11 +51,23 @@ func watchCommand(f *flagSet) action {
 			return nil
 		})
 		if errors.Is(err, context.Canceled) {
-			fmt.Fprintf(e.stderr, "stopped; resume with: keyward watch -cursor %s\n", last)
+			if last != "" {
+				fmt.Fprintf(e.stderr, "stopped; resume with: keyward watch -cursor %s\n", last)
+			}
 			return nil
 		}
 		return err
 	}
+}
+
+// writeLine writes v as one line of JSON.
+func writeLine(w io.Writer, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", b)
+	return err
 }
 
 // or is s, or def when s is empty.

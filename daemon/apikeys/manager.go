@@ -1013,6 +1013,9 @@ func (m *Manager) Update(id string, c Change, admin bool) (*Record, error) {
 				changed = append(changed, f.name)
 			}
 		}
+		if kind == outbox.APIKeyUpdated && len(changed) == 0 {
+			kind = "" // nothing a verdict depends on changed: no event
+		}
 		return kind, strings.Join(changed, ","), err
 	})
 	if err != nil {

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/ratelimit"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/daemon/store/storetest"
@@ -988,5 +989,60 @@ func TestListTakesNoLockInARead(t *testing.T) {
 	}
 	if held.blocked.Load() {
 		t.Error("List's callback waited for m.mu inside the store's read")
+	}
+}
+
+// outboxKinds is the outbox's events as "kind id".
+func (f *fixture) outboxKinds(t *testing.T) []string {
+	t.Helper()
+	var out []string
+	f.store.ForEachAfter(store.BucketOutbox, "", func(_ string, b []byte) error {
+		var e outbox.Event
+		if err := json.Unmarshal(b, &e); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, e.Kind+" "+e.ID)
+		return nil
+	})
+	return out
+}
+
+// TestChangeEvents: each change a verdict depends on writes its event, in
+// the change's transaction; an update that changes nothing writes none;
+// an expiry within the coming days is announced once.
+func TestChangeEvents(t *testing.T) {
+	f := newFixture(t)
+	_, rec := f.create(t, spec())
+	disabled, active := StateDisabled, Active
+	if _, err := f.m.Update(rec.ID, Change{State: &active}, true); err != nil { // already active
+		t.Fatal(err)
+	}
+	if _, err := f.m.Update(rec.ID, Change{State: &disabled}, true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.m.Update(rec.ID, Change{State: &active}, true); err != nil {
+		t.Fatal(err)
+	}
+	soon := f.clk.now().Add(72 * time.Hour)
+	if _, err := f.m.Update(rec.ID, Change{Expires: &soon}, true); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := f.m.Rotate(context.Background(), rec.ID, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 { // the second look finds it announced
+		if ids, err := f.m.NoticeExpiring(7 * 24 * time.Hour); err != nil {
+			t.Fatal(err)
+		} else if len(ids) > 1 {
+			t.Fatalf("NoticeExpiring: %v", ids)
+		}
+	}
+	f.create(t, spec()) // no expiry within the week
+	if ids, _ := f.m.NoticeExpiring(7 * 24 * time.Hour); len(ids) != 0 {
+		t.Errorf("a third look announced %v", ids)
+	}
+	want := []string{"api_key_disabled " + rec.ID, "api_key_enabled " + rec.ID, "api_key_updated " + rec.ID, "api_key_rotated " + rec.ID, "api_key_expiring " + rec.ID}
+	if got := f.outboxKinds(t); strings.Join(got, "; ") != strings.Join(want, "; ") {
+		t.Errorf("events %v; want %v", got, want)
 	}
 }

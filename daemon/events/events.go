@@ -118,6 +118,27 @@ type Hub struct {
 	head     uint64        // the newest event's sequence number, as last read
 	headKey  string
 	watchers map[uint32]int // open streams by caller uid
+	epoch    uint64         // counts Invalidate
+	why      string         // the last Invalidate's reason
+}
+
+// Invalidate sends every watcher a resync marker at its place (no event is
+// skipped): what they cached may have been right by rules that changed (a
+// policy reload, which may take events away from them).
+func (h *Hub) Invalidate(reason string) {
+	h.mu.Lock()
+	h.epoch++
+	h.why = reason
+	close(h.signal)
+	h.signal = make(chan struct{})
+	h.mu.Unlock()
+}
+
+// invalidated is the epoch and its reason.
+func (h *Hub) invalidated() (uint64, string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.epoch, h.why
 }
 
 // New returns a hub over the store's outbox.
@@ -203,15 +224,26 @@ func ParseCursor(c string) (seq uint64, nonce string, err error) {
 // batch bounds the events read at a time.
 const batch = 256
 
-// poll is how often a watcher looks without being woken: a fleet's change
-// feed or the store's hook wakes it first, this is the floor.
-const poll = time.Second
+// poll is how often a watcher looks without being woken: the store's hook
+// (one host) or the fleet's change feed wakes it at every event; this is
+// a floor, should a wake be missed.
+const poll = 10 * time.Second
 
 // Watch sends through send, in order, the events after from (a cursor;
 // empty: as start says) that allow admits, and a Resync marker where
 // events may be missing, until ctx ends or send fails.
 func (h *Hub) Watch(ctx context.Context, from string, start Start, allow func(outbox.Event) bool, send func(Item) error) error {
-	var cur uint64
+	var cur uint64 // the watcher's place: the last event gone over
+	pos := ""      // and its cursor
+	resync := func(reason string) error {
+		head, headKey, err := h.newest()
+		if err != nil {
+			return err
+		}
+		cur, pos = head, cursor(head, headKey)
+		return send(Item{Cursor: pos, Resync: true, Reason: reason})
+	}
+	epoch, _ := h.invalidated()
 	switch {
 	case from != "":
 		seq, nonce, err := ParseCursor(from)
@@ -222,34 +254,38 @@ func (h *Hub) Watch(ctx context.Context, from string, start Start, allow func(ou
 		if err != nil {
 			return err
 		}
-		cur = seq
 		if !ok {
-			head, headKey, err := h.newest()
-			if err != nil {
+			if err := resync("the event your cursor names is no longer kept (older than events.retention) or was never this keywardd's: read what you cache again"); err != nil {
 				return err
 			}
-			cur = head
-			if err := send(Item{Cursor: cursor(head, headKey), Resync: true,
-				Reason: "the event your cursor names is no longer kept (older than events.retention) or was never this keywardd's: read what you cache again"}); err != nil {
-				return err
-			}
-		} else if err := send(Item{Cursor: from}); err != nil {
-			// The stream is open, from where the watcher was.
+			break
+		}
+		// The stream is open, from where the watcher was.
+		cur, pos = seq, from
+		if err := send(Item{Cursor: pos}); err != nil {
 			return err
 		}
 	case start == FromOldest:
-		if err := send(Item{Cursor: cursor(0, "0")}); err != nil {
+		first, err := h.after(0, 1)
+		if err != nil {
 			return err
 		}
-	case start == FromNow:
+		if len(first) > 0 {
+			cur = first[0].seq - 1
+		}
+		pos = cursor(0, "0")
+		if err := send(Item{Cursor: pos}); err != nil {
+			return err
+		}
+	default: // FromNow
 		head, headKey, err := h.newest()
 		if err != nil {
 			return err
 		}
-		cur = head
+		cur, pos = head, cursor(head, headKey)
 		// Where it starts, so that a watcher that sees no event for a
 		// while still has a cursor to resume from.
-		if err := send(Item{Cursor: cursor(head, headKey)}); err != nil {
+		if err := send(Item{Cursor: pos}); err != nil {
 			return err
 		}
 	}
@@ -257,19 +293,26 @@ func (h *Hub) Watch(ctx context.Context, from string, start Start, allow func(ou
 	defer t.Stop()
 	for {
 		wake := h.waiter() // before the read: a write after it wakes the next wait
-		evs, err := h.after(cur)
+		if e, why := h.invalidated(); e != epoch {
+			epoch = e
+			if err := send(Item{Cursor: pos, Resync: true, Reason: why}); err != nil {
+				return err
+			}
+		}
+		evs, err := h.after(cur, batch)
 		if err != nil {
 			return err
 		}
-		if len(evs) > 0 && cur > 0 && evs[0].seq != cur+1 {
-			// The first event after the cursor should follow it: a gap is
-			// events dropped while this watcher was behind.
+		if len(evs) > 0 && evs[0].seq != cur+1 {
+			// The first event after the place should follow it: a gap is
+			// events dropped while this watcher was behind (or numbers a
+			// store skipped: then its place is still held).
 			if ok, err := h.holds(cur, ""); err != nil {
 				return err
 			} else if !ok {
 				last := evs[len(evs)-1]
-				cur = last.seq
-				if err := send(Item{Cursor: cursor(last.seq, last.e.Nonce), Resync: true,
+				cur, pos = last.seq, cursor(last.seq, last.e.Nonce)
+				if err := send(Item{Cursor: pos, Resync: true,
 					Reason: "you fell behind events.retention: events were dropped before you read them"}); err != nil {
 					return err
 				}
@@ -277,19 +320,17 @@ func (h *Hub) Watch(ctx context.Context, from string, start Start, allow func(ou
 			}
 		}
 		if len(evs) == batch {
-			if head, headKey, err := h.newest(); err == nil && head-cur > uint64(h.cfg.MaxLag) {
-				cur = head
-				if err := send(Item{Cursor: cursor(head, headKey), Resync: true,
-					Reason: fmt.Sprintf("you fell more than events.max_lag (%d) events behind", h.cfg.MaxLag)}); err != nil {
+			if head, _, err := h.newest(); err == nil && head-cur > uint64(h.cfg.MaxLag) {
+				if err := resync(fmt.Sprintf("you fell more than events.max_lag (%d) events behind", h.cfg.MaxLag)); err != nil {
 					return err
 				}
 				continue
 			}
 		}
 		for _, ev := range evs {
-			cur = ev.seq
+			cur, pos = ev.seq, cursor(ev.seq, ev.e.Nonce)
 			if allow(ev.e) {
-				if err := send(Item{Cursor: cursor(ev.seq, ev.e.Nonce), Event: ev.e}); err != nil {
+				if err := send(Item{Cursor: pos, Event: ev.e}); err != nil {
 					return err
 				}
 			}
@@ -311,20 +352,20 @@ type stored struct {
 	e   outbox.Event
 }
 
-// after reads up to batch events after seq.
-func (h *Hub) after(seq uint64) ([]stored, error) {
+// after reads up to n events after seq.
+func (h *Hub) after(seq uint64, n int) ([]stored, error) {
 	var out []stored
 	err := h.store.ForEachAfter(store.BucketOutbox, store.OutboxKey(seq), func(k string, b []byte) error {
-		n, err := strconv.ParseUint(k, 10, 64)
-		if err != nil || n <= seq {
+		k2, err := strconv.ParseUint(k, 10, 64)
+		if err != nil || k2 <= seq {
 			return nil
 		}
 		var e outbox.Event
 		if err := json.Unmarshal(b, &e); err != nil {
-			return fmt.Errorf("events: event %d does not parse: %w", n, err)
+			return fmt.Errorf("events: event %d does not parse: %w", k2, err)
 		}
-		out = append(out, stored{n, e})
-		if len(out) == batch {
+		out = append(out, stored{k2, e})
+		if len(out) == n {
 			return errStop
 		}
 		return nil
@@ -339,11 +380,12 @@ var errStop = errors.New("stop")
 
 // holds says whether the outbox still holds event seq, with nonce if one
 // is given. Cursor 0 (given when there was no event yet) holds while the
-// outbox has dropped nothing: it is empty, or starts at event 1.
+// outbox starts at event 1: an empty one may have dropped every event
+// since (the store's sequence is not at hand), so it does not.
 func (h *Hub) holds(seq uint64, nonce string) (bool, error) {
 	if seq == 0 {
-		first, err := h.after(0)
-		return err == nil && (len(first) == 0 || first[0].seq == 1), err
+		first, err := h.after(0, 1)
+		return err == nil && len(first) == 1 && first[0].seq == 1, err
 	}
 	b, err := h.store.Get(store.BucketOutbox, store.OutboxKey(seq))
 	if errors.Is(err, store.ErrNotFound) {
@@ -374,7 +416,7 @@ func (h *Hub) newest() (uint64, string, error) {
 		}
 	}
 	for {
-		evs, err := h.after(head)
+		evs, err := h.after(head, batch)
 		if err != nil {
 			return 0, "", err
 		}

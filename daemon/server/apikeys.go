@@ -266,6 +266,9 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 		out.ExpireTime, out.Quota = timeOrNil(k.Expires), toQuota(k.Quota)
 	}
 	out.RateLimits = toLimitStates(res.Limits.Layers)
+	if res.Code == apikeys.Valid && res.Key != nil {
+		out.Watched = s.policy.Load().Allow(subject(c.caller), watchOp, res.Key.Owner) == nil
+	}
 	if res.Code == apikeys.RateLimited && !res.Limits.TooLarge {
 		out.RetryAfter = durationpb.New(res.Limits.RetryAfter)
 	}

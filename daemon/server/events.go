@@ -21,8 +21,13 @@ import (
 // daemon/events.Hub.
 type Events interface {
 	Join(uid uint32) (leave func(), err error)
+	// Invalidate sends every watcher a resync marker (the policy changed).
+	Invalidate(reason string)
 	Watch(ctx context.Context, from string, start events.Start, allow func(outbox.Event) bool, send func(events.Item) error) error
 }
+
+// watchOp is the watch stream's operation.
+const watchOp = "EventService.Watch"
 
 // Kinds are the events a watcher may ask for.
 var Kinds = []string{outbox.APIKeyRevoked, outbox.APIKeyDisabled, outbox.APIKeyEnabled, outbox.APIKeyUpdated, outbox.APIKeyRotated,
@@ -42,14 +47,12 @@ func resource(e outbox.Event) string {
 
 // interceptStream is intercept for streaming calls (EventService.Watch):
 // the caller identified, the audit log and the store checked, the call
-// audited when it ends. A stream leaves its caller's budget of calls in
-// flight once it is open (it may last for days), and is bounded instead by
-// the caller's streams (events.max_watchers).
+// audited when it ends. A watch stream leaves its caller's budget of calls
+// in flight once it is counted among the caller's streams
+// (events.max_watchers), since it may last for days; every other stream
+// (health's Watch, reflection) stays in the budget until it ends.
 func (s *Server) interceptStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	ctx := ss.Context()
-	if end, ok := ctx.Value(endKey{}).(func()); ok {
-		end()
-	}
 	c, err := newCall(ctx, info.FullMethod)
 	if err != nil {
 		return err
@@ -97,7 +100,7 @@ func (s *callStream) Context() context.Context { return s.ctx }
 // sent.
 func (s *Server) Watch(r *keywardv1.WatchRequest, stream grpc.ServerStreamingServer[keywardv1.WatchResponse]) error {
 	ctx := stream.Context()
-	const op = "EventService.Watch"
+	const op = watchOp
 	if s.cfg.Events == nil {
 		return status.Error(codes.Unimplemented, "keywardd: the watch stream is not served here")
 	}
@@ -120,6 +123,9 @@ func (s *Server) Watch(r *keywardv1.WatchRequest, stream grpc.ServerStreamingSer
 		return err
 	}
 	defer leave()
+	if end, ok := ctx.Value(endKey{}).(func()); ok {
+		end() // counted among the caller's streams now, not its calls
+	}
 	// On record before the first event goes out.
 	open := s.record(c, nil, nil)
 	open.Detail = "watch opened, from " + or(r.GetCursor(), map[bool]string{true: "the oldest event kept", false: "now"}[r.GetFromOldest()])
@@ -138,8 +144,14 @@ func (s *Server) Watch(r *keywardv1.WatchRequest, stream grpc.ServerStreamingSer
 			return false
 		}
 		// The policy as it is now, for every event: a grant taken away
-		// (SIGHUP) stops the events it gave.
-		return s.policy.Load().Allow(sub, op, resource(e)) == nil
+		// (SIGHUP) stops the events it gave. An event naming no owner or
+		// key (a token revoked by its ID alone) goes to callers granted
+		// Watch on every key only.
+		pol := s.policy.Load()
+		if res := resource(e); res != "" {
+			return pol.Allow(sub, op, res) == nil
+		}
+		return pol.AllowEveryKey(sub, op) == nil
 	}
 	return s.cfg.Events.Watch(ctx, r.GetCursor(), start, allow, func(it events.Item) error {
 		out := &keywardv1.WatchResponse{Cursor: it.Cursor}

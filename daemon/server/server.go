@@ -319,8 +319,14 @@ func New(cfg Config) (*Server, *grpc.Server) {
 }
 
 // SetPolicy replaces the policy (SIGHUP). Calls in flight finish under the
-// old one.
-func (s *Server) SetPolicy(p *policy.Policy) { s.policy.Store(p) }
+// old one. Every watcher is sent a resync marker: the events it may see changed, and
+// a cache kept by them (client.VerdictCache) must read its verdicts again.
+func (s *Server) SetPolicy(p *policy.Policy) {
+	s.policy.Store(p)
+	if s.cfg.Events != nil {
+		s.cfg.Events.Invalidate("keywardd's policy was reloaded: what you may see may have changed")
+	}
+}
 
 // WatchHealth checks the HSM every HealthEvery until ctx ends, and serves
 // NOT_SERVING on the health service while it fails, while the audit log

@@ -20,7 +20,8 @@ import (
 // which case every verify goes to keywardd.
 //
 // What is cached, and what is not:
-//   - VALID verdicts only, and only of keys without rate limits (created
+//   - VALID verdicts only, of keys whose events the caller may watch
+//     (keywardd says so: VerifyAPIKeyResponse.watched), and only of keys without rate limits (created
 //     -unlimited) or with CacheLimited, and never of keys with a quota: a
 //     rate limit's or a quota's verdict depends on every use, which only
 //     keywardd counts. With CacheLimited, keywardd's rate limits apply to
@@ -48,6 +49,7 @@ type VerdictCache struct {
 	mu      sync.Mutex
 	live    bool   // the stream is open: entries may be used and stored
 	gen     uint64 // counts what the stream said: a verdict asked across a change is not stored
+	swept   time.Time
 	entries map[[32]byte]verdict
 	byKey   map[string][][32]byte // key ID → its entries
 	stop    context.CancelFunc
@@ -76,9 +78,9 @@ type VerdictCacheOptions struct {
 }
 
 // NewVerdictCache starts following the watch stream (API key events
-// only) and returns the cache; Close stops it. The caller must be granted
-// EventService.Watch on the owners whose keys it verifies: a verdict of a
-// key whose events it cannot see is never cached.
+// only) and returns the cache; Close stops it. Only the verdicts of keys
+// whose owner the caller may watch (EventService.Watch) are kept; a
+// policy reload sends a resync, which drops them all.
 func (c *Client) NewVerdictCache(o VerdictCacheOptions) *VerdictCache {
 	if o.MaxAge <= 0 {
 		o.MaxAge = 30 * time.Second
@@ -179,7 +181,8 @@ func (vc *VerdictCache) Verify(ctx context.Context, r *keywardv1.VerifyAPIKeyReq
 	live, gen := vc.live, vc.gen
 	vc.mu.Unlock()
 	resp, err := vc.c.VerifyAPIKey(ctx, r)
-	if err != nil || !live || resp.GetCode() != keywardv1.APIKeyCode_API_KEY_CODE_VALID || (len(resp.GetRateLimits()) > 0 && !vc.limited) || resp.GetQuota() != nil {
+	if err != nil || !live || resp.GetCode() != keywardv1.APIKeyCode_API_KEY_CODE_VALID || !resp.GetWatched() ||
+		(len(resp.GetRateLimits()) > 0 && !vc.limited) || resp.GetQuota() != nil {
 		return resp, err
 	}
 	exp := now.Add(vc.maxAge)
@@ -191,7 +194,9 @@ func (vc *VerdictCache) Verify(ctx context.Context, r *keywardv1.VerifyAPIKeyReq
 	// Stored only if the stream said nothing since the question: an event
 	// that came meanwhile (and dropped nothing, there being nothing yet)
 	// may be about this key.
-	if len(vc.entries) >= vc.max {
+	if len(vc.entries) >= vc.max && now.Sub(vc.swept) > time.Second {
+		// Full: the expired ones out, at most once a second (a scan).
+		vc.swept = now
 		for k, e := range vc.entries {
 			if !now.Before(e.expires) {
 				delete(vc.entries, k)
@@ -199,8 +204,10 @@ func (vc *VerdictCache) Verify(ctx context.Context, r *keywardv1.VerifyAPIKeyReq
 		}
 	}
 	if vc.live && vc.gen == gen && len(vc.entries) < vc.max {
+		if _, had := vc.entries[k]; !had {
+			vc.byKey[resp.GetKeyId()] = append(vc.byKey[resp.GetKeyId()], k)
+		}
 		vc.entries[k] = verdict{resp: resp, keyID: resp.GetKeyId(), expires: exp}
-		vc.byKey[resp.GetKeyId()] = append(vc.byKey[resp.GetKeyId()], k)
 	}
 	return resp, nil
 }

@@ -2,6 +2,7 @@ package client_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -123,5 +124,46 @@ func waitLive(t *testing.T, vc *client.VerdictCache, want bool) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the cache is not live=%v after 10 s", want)
 		}
+	}
+}
+
+// TestVerdictCacheUnwatched: a verdict of a key whose owner the caller may
+// not watch is never kept (its revocation would never reach the cache).
+func TestVerdictCacheUnwatched(t *testing.T) {
+	in := daemontest.Start(t, daemontest.Policy(fmt.Sprintf(`version: 1
+roles:
+  gateway:
+    permissions:
+      - operations: [EventService.Watch]
+        keys: ["shop-a"]
+      - operations: [APIKeyService.*]
+        keys: ["*"]
+bindings:
+  - role: gateway
+    callers:
+      - uid: %d
+`, os.Getuid())))
+	ctx := context.Background()
+	c, err := client.Dial(in.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	k, err := c.APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "shop-b", Name: "n", Environment: "prod", Permissions: []string{"orders:read"}, Unlimited: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vc := c.NewVerdictCache(client.VerdictCacheOptions{})
+	defer vc.Close()
+	waitLive(t, vc, true)
+	req := &keywardv1.VerifyAPIKeyRequest{Key: k.Secret, Environment: "prod", Permissions: []string{"orders:read"}}
+	if r, err := vc.Verify(ctx, req); err != nil || r.GetCode() != keywardv1.APIKeyCode_API_KEY_CODE_VALID || r.GetWatched() {
+		t.Fatalf("%v, %v", r, err)
+	}
+	if _, err := c.APIKeys.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: k.Key.Id}); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := vc.Verify(ctx, req); err != nil || r.GetCode() != keywardv1.APIKeyCode_API_KEY_CODE_REVOKED {
+		t.Fatalf("right after the revocation of a key the cache cannot watch: %v, %v; want REVOKED", r.GetCode(), err)
 	}
 }

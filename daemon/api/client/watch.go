@@ -63,8 +63,9 @@ func (c *Client) Watch(ctx context.Context, o WatchOptions, fn func(Change) erro
 		}
 		var ke *Error
 		if errors.As(err, &ke) {
-			switch ke.Code {
-			case codes.PermissionDenied, codes.Unauthenticated, codes.InvalidArgument, codes.Unimplemented:
+			switch {
+			case ke.Code == codes.PermissionDenied, ke.Code == codes.Unauthenticated, ke.Code == codes.InvalidArgument,
+				ke.Code == codes.Unimplemented, ke.Code == codes.ResourceExhausted && !ke.Limited: // too many streams
 				return err
 			}
 		}

@@ -873,7 +873,11 @@ type VerifyAPIKeyResponse struct {
 	// 80 %) of its burst: warn the client before enforcing.
 	NearLimit bool `protobuf:"varint,11,opt,name=near_limit,json=nearLimit,proto3" json:"near_limit,omitempty"`
 	// The quota left, when the key has one.
-	Quota         *Quota `protobuf:"bytes,12,opt,name=quota,proto3" json:"quota,omitempty"`
+	Quota *Quota `protobuf:"bytes,12,opt,name=quota,proto3" json:"quota,omitempty"`
+	// The caller may watch this key's events (EventService.Watch on its
+	// owner): a cache kept right by the watch stream may keep this verdict,
+	// and no other (client.VerdictCache). Set on VALID answers only.
+	Watched       bool `protobuf:"varint,13,opt,name=watched,proto3" json:"watched,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -990,6 +994,13 @@ func (x *VerifyAPIKeyResponse) GetQuota() *Quota {
 		return x.Quota
 	}
 	return nil
+}
+
+func (x *VerifyAPIKeyResponse) GetWatched() bool {
+	if x != nil {
+		return x.Watched
+	}
+	return false
 }
 
 // RotateAPIKeyRequest names the key and how long its old secret works.
@@ -2167,7 +2178,7 @@ const file_apikeys_proto_rawDesc = "" +
 	"\tremaining\x18\x02 \x01(\rR\tremaining\x129\n" +
 	"\n" +
 	"reset_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tresetTime\x12\x18\n" +
-	"\arefused\x18\x04 \x01(\bR\arefused\"\xc4\x04\n" +
+	"\arefused\x18\x04 \x01(\bR\arefused\"\xde\x04\n" +
 	"\x14VerifyAPIKeyResponse\x12*\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x16.keyward.v1.APIKeyCodeR\x04code\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x15\n" +
@@ -2185,7 +2196,8 @@ const file_apikeys_proto_rawDesc = "" +
 	"retryAfter\x12\x1d\n" +
 	"\n" +
 	"near_limit\x18\v \x01(\bR\tnearLimit\x12'\n" +
-	"\x05quota\x18\f \x01(\v2\x11.keyward.v1.QuotaR\x05quota\x1a;\n" +
+	"\x05quota\x18\f \x01(\v2\x11.keyward.v1.QuotaR\x05quota\x12\x18\n" +
+	"\awatched\x18\r \x01(\bR\awatched\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"n\n" +
