@@ -29,6 +29,8 @@ func watchCommand(f *flagSet) action {
 				fmt.Fprintf(e.stderr, "the stream broke (%v): connecting again from %s\n", ch.Err, or(ch.Cursor, "where it started"))
 			case ch.Start:
 				fmt.Fprintf(e.stderr, "watching from %s\n", ch.Cursor)
+			case ch.Progress:
+				// Only the cursor moved.
 			case ch.Resync:
 				if e.output.json() {
 					return writeLine(e.stdout, map[string]any{"cursor": ch.Cursor, "resync": map[string]string{"reason": ch.Reason}})

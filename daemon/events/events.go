@@ -94,8 +94,9 @@ type Store interface {
 	ForEachAfter(bucket, after string, fn func(key string, rec []byte) error) error
 }
 
-// Item is what a watcher is sent: an event, a resync marker, or, first on
-// every stream (neither), where it starts.
+// Item is what a watcher is sent: an event, a resync marker, or (neither)
+// where it starts, first on every stream, or how far it has gone without
+// an event it may see (Progress).
 type Item struct {
 	// Cursor is where the watcher is once it has this item: give it back
 	// to resume after it.
@@ -106,7 +107,15 @@ type Item struct {
 	// why); drop what was cached from them and read it again.
 	Resync bool
 	Reason string
+	// Progress: no event the watcher may see up to Cursor (sent at most
+	// every ProgressEvery while others go by).
+	Progress bool
 }
+
+// ProgressEvery is how often a watcher whose cursor moved past events it
+// may not see is told so: its cursor then stays within the retention. A
+// variable for tests.
+var ProgressEvery = time.Minute
 
 // Hub serves the watchers of one keywardd.
 type Hub struct {
@@ -291,7 +300,14 @@ func (h *Hub) Watch(ctx context.Context, from string, start Start, allow func(ou
 	}
 	t := time.NewTicker(poll)
 	defer t.Stop()
+	sentPos, sentAt := pos, time.Now()
 	for {
+		if pos != sentPos && time.Since(sentAt) >= ProgressEvery {
+			if err := send(Item{Cursor: pos, Progress: true}); err != nil {
+				return err
+			}
+			sentPos, sentAt = pos, time.Now()
+		}
 		wake := h.waiter() // before the read: a write after it wakes the next wait
 		if e, why := h.invalidated(); e != epoch {
 			epoch = e
@@ -333,6 +349,7 @@ func (h *Hub) Watch(ctx context.Context, from string, start Start, allow func(ou
 				if err := send(Item{Cursor: pos, Event: ev.e}); err != nil {
 					return err
 				}
+				sentPos, sentAt = pos, time.Now()
 			}
 		}
 		if len(evs) == batch {

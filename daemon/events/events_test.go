@@ -189,3 +189,29 @@ func TestInvalidate(t *testing.T) {
 		t.Fatalf("after the resync: %+v", it)
 	}
 }
+
+// TestProgress: a watcher that may see none of the events going by is told
+// how far it got, so that its cursor stays within the retention.
+func TestProgress(t *testing.T) {
+	was := events.ProgressEvery
+	events.ProgressEvery = 20 * time.Millisecond
+	defer func() { events.ProgressEvery = was }()
+	s := open(t)
+	h := events.New(s, events.Config{})
+	s.OnEvents(h.Wake)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	items := make(chan events.Item, 10)
+	go h.Watch(ctx, "", events.FromNow, func(outbox.Event) bool { return false }, func(it events.Item) error { items <- it; return nil })
+	<-items // start
+	emit(t, s, 3, "a")
+	time.Sleep(30 * time.Millisecond) // past ProgressEvery: the next look says how far
+	emit(t, s, 1, "b")
+	it := <-items
+	if !it.Progress || it.Cursor == "" {
+		t.Fatalf("%+v; want a progress item", it)
+	}
+	if seq, _, _ := events.ParseCursor(it.Cursor); seq < 3 {
+		t.Errorf("progress at %s; want at least event 3", it.Cursor)
+	}
+}

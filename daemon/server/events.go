@@ -159,6 +159,8 @@ func (s *Server) Watch(r *keywardv1.WatchRequest, stream grpc.ServerStreamingSer
 		case it.Resync:
 			resyncs++
 			out.Item = &keywardv1.WatchResponse_Resync{Resync: &keywardv1.Resync{Reason: it.Reason}}
+		case it.Progress:
+			out.Item = &keywardv1.WatchResponse_Progress{Progress: &keywardv1.Progress{}}
 		case it.Event.Kind == "":
 			out.Item = &keywardv1.WatchResponse_Start{Start: &keywardv1.Start{}}
 		default:

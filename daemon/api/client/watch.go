@@ -24,6 +24,8 @@ type Change struct {
 	// why): drop what is cached and read it again.
 	Resync bool
 	Reason string
+	// Progress: nothing to see up to Cursor; only the cursor moved.
+	Progress bool
 	// Lost: the stream broke (Err says why); Watch connects again and
 	// goes on from the last cursor. Changes may happen meanwhile: a cache
 	// must not answer from what it holds until the next Start.
@@ -110,6 +112,8 @@ func (c *Client) watchOnce(ctx context.Context, cursor string, o WatchOptions, f
 			ch.Event = r.GetEvent()
 		case r.GetResync() != nil:
 			ch.Resync, ch.Reason = true, r.GetResync().GetReason()
+		case r.GetProgress() != nil:
+			ch.Progress = true
 		default:
 			ch.Start = true
 		}

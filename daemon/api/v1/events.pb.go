@@ -100,6 +100,7 @@ type WatchResponse struct {
 	//	*WatchResponse_Event
 	//	*WatchResponse_Resync
 	//	*WatchResponse_Start
+	//	*WatchResponse_Progress
 	Item          isWatchResponse_Item `protobuf_oneof:"item"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -176,6 +177,15 @@ func (x *WatchResponse) GetStart() *Start {
 	return nil
 }
 
+func (x *WatchResponse) GetProgress() *Progress {
+	if x != nil {
+		if x, ok := x.Item.(*WatchResponse_Progress); ok {
+			return x.Progress
+		}
+	}
+	return nil
+}
+
 type isWatchResponse_Item interface {
 	isWatchResponse_Item()
 }
@@ -192,11 +202,17 @@ type WatchResponse_Start struct {
 	Start *Start `protobuf:"bytes,4,opt,name=start,proto3,oneof"`
 }
 
+type WatchResponse_Progress struct {
+	Progress *Progress `protobuf:"bytes,5,opt,name=progress,proto3,oneof"`
+}
+
 func (*WatchResponse_Event) isWatchResponse_Item() {}
 
 func (*WatchResponse_Resync) isWatchResponse_Item() {}
 
 func (*WatchResponse_Start) isWatchResponse_Item() {}
+
+func (*WatchResponse_Progress) isWatchResponse_Item() {}
 
 // Event is a change.
 type Event struct {
@@ -367,6 +383,45 @@ func (*Start) Descriptor() ([]byte, []int) {
 	return file_events_proto_rawDescGZIP(), []int{4}
 }
 
+// Progress: nothing the watcher may see happened up to its cursor. Sent
+// at most once a minute while events the watcher does not see go by, so
+// that a narrow watcher's cursor stays within events.retention.
+type Progress struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Progress) Reset() {
+	*x = Progress{}
+	mi := &file_events_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Progress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Progress) ProtoMessage() {}
+
+func (x *Progress) ProtoReflect() protoreflect.Message {
+	mi := &file_events_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Progress.ProtoReflect.Descriptor instead.
+func (*Progress) Descriptor() ([]byte, []int) {
+	return file_events_proto_rawDescGZIP(), []int{5}
+}
+
 var File_events_proto protoreflect.FileDescriptor
 
 const file_events_proto_rawDesc = "" +
@@ -377,12 +432,13 @@ const file_events_proto_rawDesc = "" +
 	"\x06cursor\x18\x01 \x01(\tR\x06cursor\x12\x1f\n" +
 	"\vfrom_oldest\x18\x02 \x01(\bR\n" +
 	"fromOldest\x12\x14\n" +
-	"\x05kinds\x18\x03 \x03(\tR\x05kinds\"\xb3\x01\n" +
+	"\x05kinds\x18\x03 \x03(\tR\x05kinds\"\xe7\x01\n" +
 	"\rWatchResponse\x12\x16\n" +
 	"\x06cursor\x18\x01 \x01(\tR\x06cursor\x12)\n" +
 	"\x05event\x18\x02 \x01(\v2\x11.keyward.v1.EventH\x00R\x05event\x12,\n" +
 	"\x06resync\x18\x03 \x01(\v2\x12.keyward.v1.ResyncH\x00R\x06resync\x12)\n" +
-	"\x05start\x18\x04 \x01(\v2\x11.keyward.v1.StartH\x00R\x05startB\x06\n" +
+	"\x05start\x18\x04 \x01(\v2\x11.keyward.v1.StartH\x00R\x05start\x122\n" +
+	"\bprogress\x18\x05 \x01(\v2\x14.keyward.v1.ProgressH\x00R\bprogressB\x06\n" +
 	"\x04item\"\x8d\x01\n" +
 	"\x05Event\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x0e\n" +
@@ -392,7 +448,9 @@ const file_events_proto_rawDesc = "" +
 	"\x06detail\x18\x05 \x01(\tR\x06detail\" \n" +
 	"\x06Resync\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\"\a\n" +
-	"\x05Start2N\n" +
+	"\x05Start\"\n" +
+	"\n" +
+	"\bProgress2N\n" +
 	"\fEventService\x12>\n" +
 	"\x05Watch\x12\x18.keyward.v1.WatchRequest\x1a\x19.keyward.v1.WatchResponse0\x01B4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
 
@@ -408,27 +466,29 @@ func file_events_proto_rawDescGZIP() []byte {
 	return file_events_proto_rawDescData
 }
 
-var file_events_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_events_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_events_proto_goTypes = []any{
 	(*WatchRequest)(nil),          // 0: keyward.v1.WatchRequest
 	(*WatchResponse)(nil),         // 1: keyward.v1.WatchResponse
 	(*Event)(nil),                 // 2: keyward.v1.Event
 	(*Resync)(nil),                // 3: keyward.v1.Resync
 	(*Start)(nil),                 // 4: keyward.v1.Start
-	(*timestamppb.Timestamp)(nil), // 5: google.protobuf.Timestamp
+	(*Progress)(nil),              // 5: keyward.v1.Progress
+	(*timestamppb.Timestamp)(nil), // 6: google.protobuf.Timestamp
 }
 var file_events_proto_depIdxs = []int32{
 	2, // 0: keyward.v1.WatchResponse.event:type_name -> keyward.v1.Event
 	3, // 1: keyward.v1.WatchResponse.resync:type_name -> keyward.v1.Resync
 	4, // 2: keyward.v1.WatchResponse.start:type_name -> keyward.v1.Start
-	5, // 3: keyward.v1.Event.time:type_name -> google.protobuf.Timestamp
-	0, // 4: keyward.v1.EventService.Watch:input_type -> keyward.v1.WatchRequest
-	1, // 5: keyward.v1.EventService.Watch:output_type -> keyward.v1.WatchResponse
-	5, // [5:6] is the sub-list for method output_type
-	4, // [4:5] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	5, // 3: keyward.v1.WatchResponse.progress:type_name -> keyward.v1.Progress
+	6, // 4: keyward.v1.Event.time:type_name -> google.protobuf.Timestamp
+	0, // 5: keyward.v1.EventService.Watch:input_type -> keyward.v1.WatchRequest
+	1, // 6: keyward.v1.EventService.Watch:output_type -> keyward.v1.WatchResponse
+	6, // [6:7] is the sub-list for method output_type
+	5, // [5:6] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_events_proto_init() }
@@ -440,6 +500,7 @@ func file_events_proto_init() {
 		(*WatchResponse_Event)(nil),
 		(*WatchResponse_Resync)(nil),
 		(*WatchResponse_Start)(nil),
+		(*WatchResponse_Progress)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -447,7 +508,7 @@ func file_events_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_events_proto_rawDesc), len(file_events_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
