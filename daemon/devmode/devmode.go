@@ -294,7 +294,7 @@ Try, in another terminal:
   keyward datakey --key dev-kek --context app=demo
   echo -n 'hello' | keyward encrypt --key dev-kek --context app=demo > hello.kw
   keyward decrypt --context app=demo < hello.kw
-  keyward watch &                         # what changes, as it happens (kill %%1 stops it)
+  keyward watch                           # in a third terminal: what changes, as it happens
   keyward key rotate --name dev-kek
   mkdir -p blobs && cp hello.kw blobs/ && keyward rewrap --dir blobs --context app=demo   # hello.kw to dev-kek's new version
   keyward apikey create --owner demo --name try --env dev --perm orders:read --secret-out demo.key
