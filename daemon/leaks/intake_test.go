@@ -437,6 +437,8 @@ func TestConfigCheck(t *testing.T) {
 		}(), "tls_cert"},
 		{"http URL", Config{PublicKeysURL: "http://example.com/keys"}, "use https"},
 		{"refresh", Config{RefreshEvery: time.Second}, "at least 1m"},
+		{"max_in_flight", Config{MaxInFlight: 2000}, "max_in_flight is from 1 to 1024"},
+		{"max_in_flight negative", Config{MaxInFlight: -1}, "max_in_flight is from 1 to 1024"},
 	} {
 		if err := tc.c.Check(); err == nil || !strings.Contains(err.Error(), tc.msg) {
 			t.Errorf("%s: Check = %v, want %q", tc.name, err, tc.msg)
