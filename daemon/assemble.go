@@ -532,7 +532,7 @@ func (d *daemonParts) leaksHTTP(ctx context.Context) ([]task, error) {
 	c := d.cfg.Leaks.WithDefaults()
 	keys, err := leaks.NewKeys(ctx, c.PublicKeysFile, c.PublicKeysURL, d.log)
 	if err != nil {
-		return nil, configError(fmt.Errorf("leaks.public_keys_file: %w", err))
+		return nil, configError(err) // it names leaks.public_keys_file
 	}
 	if keys.Len() == 0 {
 		d.log.Error("the secret scanner's public keys could not be had yet; reports are refused until a refresh gets them", "url", c.PublicKeysURL)
@@ -542,7 +542,7 @@ func (d *daemonParts) leaksHTTP(ctx context.Context) ([]task, error) {
 		return nil, err
 	}
 	in := leaks.New(leaks.Options{Keys: keys, Reporter: d.akm, Audit: d.al, Caller: keywardd(), Log: d.log, Now: d.o.Now,
-		MaxBody: c.MaxBody, ReplayWindow: c.ReplayWindow})
+		MaxBody: c.MaxBody, ReplayWindow: *c.ReplayWindow, MaxInFlight: c.MaxInFlight})
 	hs := &http.Server{Handler: in.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second,
 		WriteTimeout: time.Minute, IdleTimeout: time.Minute, MaxHeaderBytes: 16 << 10, TLSConfig: tlsCfg}
 	d.log.Info("taking secret scanning reports", "url", scheme+"://"+ln.Addr().String()+leaks.Path, "keys", keys.Len(), "action", c.Action)

@@ -38,8 +38,13 @@ type Config struct {
 	// MaxBody bounds a report's body in bytes; default 1 MiB.
 	MaxBody int64 `yaml:"max_body"`
 	// ReplayWindow is how long a report already handled is answered from
-	// memory, without being handled again; default 10m.
-	ReplayWindow time.Duration `yaml:"replay_window"`
+	// memory, without being handled again; default 10m, 0 for never (each
+	// report sent again is handled again). A pointer: absent and 0 differ.
+	ReplayWindow *time.Duration `yaml:"replay_window"`
+	// MaxInFlight bounds the requests the intake reads and handles at
+	// once, each holding up to MaxBody bytes; one more is answered 503
+	// with Retry-After. Default 16.
+	MaxInFlight int `yaml:"max_in_flight"`
 }
 
 // Defaults of Config.
@@ -47,6 +52,7 @@ const (
 	DefaultRefreshEvery = time.Hour
 	DefaultMaxBody      = 1 << 20
 	DefaultReplayWindow = 10 * time.Minute
+	DefaultMaxInFlight  = 16
 )
 
 // WithDefaults is c with its defaults filled in.
@@ -60,8 +66,12 @@ func (c Config) WithDefaults() Config {
 	if c.MaxBody == 0 {
 		c.MaxBody = DefaultMaxBody
 	}
-	if c.ReplayWindow == 0 {
-		c.ReplayWindow = DefaultReplayWindow
+	if c.ReplayWindow == nil {
+		w := DefaultReplayWindow
+		c.ReplayWindow = &w
+	}
+	if c.MaxInFlight == 0 {
+		c.MaxInFlight = DefaultMaxInFlight
 	}
 	return c
 }
@@ -78,8 +88,11 @@ func (c Config) Check() error {
 	if c.MaxBody < 0 || c.MaxBody > 64<<20 {
 		errs = append(errs, errors.New("leaks.max_body is from 1 to 67108864 bytes (absent: 1 MiB)"))
 	}
-	if c.ReplayWindow < 0 || c.ReplayWindow > 24*time.Hour {
-		errs = append(errs, errors.New("leaks.replay_window is from 0 to 24h (absent: 10m)"))
+	if w := c.ReplayWindow; w != nil && (*w < 0 || *w > 24*time.Hour) {
+		errs = append(errs, errors.New("leaks.replay_window is from 0 (no replay memory) to 24h (absent: 10m)"))
+	}
+	if c.MaxInFlight < 0 || c.MaxInFlight > 1024 {
+		errs = append(errs, errors.New("leaks.max_in_flight is from 1 to 1024 (absent: 16)"))
 	}
 	if u := c.PublicKeysURL; u != "" {
 		if err := checkURL(u); err != nil {

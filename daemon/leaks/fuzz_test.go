@@ -77,7 +77,8 @@ func FuzzSignature(f *testing.F) {
 		f.Fatal(err)
 	}
 	k := &Keys{}
-	k.keys.Store(&map[string]*ecdsa.PublicKey{"kid": &key.PublicKey})
+	k.fromFile.Store(&map[string]*ecdsa.PublicKey{"kid": &key.PublicKey})
+	k.fromURL.Store(&map[string]*ecdsa.PublicKey{})
 	body := []byte(`[{"token":"kw_x"}]`)
 	h := sha256.Sum256(body)
 	good, err := ecdsa.SignASN1(rand.Reader, key, h[:])

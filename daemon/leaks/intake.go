@@ -43,13 +43,17 @@ type Options struct {
 	Log    *slog.Logger
 	// Now is the clock; time.Now if nil.
 	Now func() time.Time
-	// MaxBody and ReplayWindow: Config's, with its defaults.
+	// MaxBody, ReplayWindow and MaxInFlight: Config's, with its defaults.
+	// A ReplayWindow of 0 keeps no replay memory.
 	MaxBody      int64
 	ReplayWindow time.Duration
+	MaxInFlight  int
 }
 
-// Limits on requests that fail before their signature is verified (or
-// fail it): per source address, and for all sources together.
+// Limits on refused requests, per source address and for all sources
+// together. They decide only how a refused request is answered (429 and
+// no log line, past them) and never refuse a request: a report whose
+// signature verifies is always handled, whatever came before it.
 var (
 	perSource      = rate.Every(time.Second)
 	perSourceBurst = 20
@@ -68,12 +72,17 @@ const (
 type Intake struct {
 	o Options
 
+	// slots bound the requests whose body is read or handled at once.
+	slots chan struct{}
+	full  rate.Sometimes // logs of requests refused for want of a slot
+
 	mu   sync.Mutex
 	seen map[[32]byte]answered // reports handled, by their body's SHA-256
 
-	limMu   sync.Mutex
-	sources map[string]*rate.Limiter
-	all     *rate.Limiter
+	limMu    sync.Mutex
+	sources  map[string]*rate.Limiter
+	all      *rate.Limiter
+	unlogged int // refusals past the limits since the last one logged
 }
 
 type answered struct {
@@ -92,7 +101,11 @@ func New(o Options) *Intake {
 	if o.MaxBody <= 0 {
 		o.MaxBody = DefaultMaxBody
 	}
-	return &Intake{o: o, seen: map[[32]byte]answered{}, sources: map[string]*rate.Limiter{}, all: rate.NewLimiter(allSources, allBurst)}
+	if o.MaxInFlight <= 0 {
+		o.MaxInFlight = DefaultMaxInFlight
+	}
+	return &Intake{o: o, slots: make(chan struct{}, o.MaxInFlight), full: rate.Sometimes{Interval: 10 * time.Second},
+		seen: map[[32]byte]answered{}, sources: map[string]*rate.Limiter{}, all: rate.NewLimiter(allSources, allBurst)}
 }
 
 // Handler serves the intake at Path, nothing else.
@@ -103,10 +116,19 @@ func (in *Intake) Handler() http.Handler {
 }
 
 // refuse answers a request that failed before or at its signature, and
-// counts it against its source.
+// counts it against its source. Within the limits it gets its own status
+// and a log line; past them, 429 with the same reason and no log line, so
+// that a flood of garbage costs neither log volume nor more than a map
+// update.
 func (in *Intake) refuse(w http.ResponseWriter, r *http.Request, code int, msg string) {
-	in.failed(source(r))
-	in.o.Log.Warn("a secret scanning report was refused", "from", r.RemoteAddr, "status", code, "reason", msg)
+	dropConnection(w)
+	over, unlogged := in.failed(source(r))
+	if over != "" {
+		w.Header().Set("Retry-After", "5")
+		http.Error(w, fmt.Sprintf("%s; too many requests %s were refused lately: wait before sending more", msg, over), http.StatusTooManyRequests)
+		return
+	}
+	in.o.Log.Warn("a secret scanning report was refused", "from", r.RemoteAddr, "status", code, "reason", msg, "refused_unlogged_before", unlogged)
 	http.Error(w, msg, code)
 }
 
@@ -118,23 +140,13 @@ func source(r *http.Request) string {
 	return host
 }
 
-// limited says whether a source, or all of them, failed too often lately.
-func (in *Intake) limited(src string) bool {
+// failed counts a refusal of src. Past a limit it says which ("from this
+// address", "from all addresses"); within them it gives the count of the
+// refusals not logged since the last one that was, and resets it.
+func (in *Intake) failed(src string) (over string, unlogged int) {
 	in.limMu.Lock()
 	defer in.limMu.Unlock()
 	now := in.o.Now()
-	if in.all.TokensAt(now) < 1 {
-		return true
-	}
-	l := in.sources[src]
-	return l != nil && l.TokensAt(now) < 1
-}
-
-func (in *Intake) failed(src string) {
-	in.limMu.Lock()
-	defer in.limMu.Unlock()
-	now := in.o.Now()
-	in.all.AllowN(now, 1)
 	l := in.sources[src]
 	if l == nil {
 		if len(in.sources) >= maxSources {
@@ -144,28 +156,36 @@ func (in *Intake) failed(src string) {
 				}
 			}
 		}
-		if len(in.sources) >= maxSources {
-			return // the limit on all sources still holds
+		if len(in.sources) < maxSources { // else the limit on all sources still holds
+			l = rate.NewLimiter(perSource, perSourceBurst)
+			in.sources[src] = l
 		}
-		l = rate.NewLimiter(perSource, perSourceBurst)
-		in.sources[src] = l
 	}
-	l.AllowN(now, 1)
+	switch {
+	case l != nil && !l.AllowN(now, 1):
+		over = "from this address"
+	case !in.all.AllowN(now, 1):
+		over = "from all addresses"
+	default:
+		unlogged, in.unlogged = in.unlogged, 0
+		return "", unlogged
+	}
+	in.unlogged++
+	return over, 0
 }
 
 // ServeHTTP takes a report: POST, a body of at most MaxBody bytes, signed
-// by a key of Keys. The signature is verified before anything else is
-// done with the body; then each token is looked up and, if it is a key's
-// secret, the key stopped (Reporter). The answer labels each token.
+// by a key of Keys. What the headers alone can refuse is refused before
+// the body is read (the method, the signature's headers, an identifier
+// not in Keys, a Content-Length over MaxBody); then the request takes one
+// of MaxInFlight slots (none free: 503) and its body is read. The
+// signature is verified before anything else is done with the body; then
+// each token is looked up and, if it is a key's secret, the key stopped
+// (Reporter). The answer labels each token.
 func (in *Intake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if in.limited(source(r)) {
-		w.Header().Set("Retry-After", "5")
-		http.Error(w, "too many refused reports from this address lately; try again later", http.StatusTooManyRequests)
-		return
-	}
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		in.refuse(w, r, http.StatusMethodNotAllowed, "a secret scanning report is a POST")
+		in.refuse(w, r, http.StatusMethodNotAllowed, "leaks: a secret scanning report is a POST")
 		return
 	}
 	id, sigHeader := r.Header.Get("Github-Public-Key-Identifier"), r.Header.Get("Github-Public-Key-Signature")
@@ -173,7 +193,7 @@ func (in *Intake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		in.refuse(w, r, http.StatusUnauthorized, ErrNoSignature.Error())
 		return
 	}
-	if len(id) > maxKeyID {
+	if len(id) > maxKeyID || !in.o.Keys.Known(id) {
 		in.refuse(w, r, http.StatusUnauthorized, ErrUnknownKey.Error())
 		return
 	}
@@ -182,11 +202,27 @@ func (in *Intake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		in.refuse(w, r, http.StatusUnauthorized, err.Error())
 		return
 	}
-	body, err := readBody(w, r, in.o.MaxBody)
+	if r.ContentLength > in.o.MaxBody {
+		in.refuse(w, r, http.StatusRequestEntityTooLarge, in.tooBig())
+		return
+	}
+	select {
+	case in.slots <- struct{}{}:
+		defer func() { <-in.slots }()
+	default:
+		in.full.Do(func() {
+			in.o.Log.Warn("secret scanning reports are refused with 503: the intake is reading or handling as many as it takes at once", "max_in_flight", in.o.MaxInFlight)
+		})
+		dropConnection(w)
+		w.Header().Set("Retry-After", "2")
+		http.Error(w, fmt.Sprintf("leaks: keywardd is taking %d reports already (leaks.max_in_flight); send it again shortly", in.o.MaxInFlight), http.StatusServiceUnavailable)
+		return
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, in.o.MaxBody))
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			in.refuse(w, r, http.StatusRequestEntityTooLarge, fmt.Sprintf("leaks: a report is at most %d bytes (leaks.max_body)", in.o.MaxBody))
+			in.refuse(w, r, http.StatusRequestEntityTooLarge, in.tooBig())
 			return
 		}
 		in.refuse(w, r, http.StatusBadRequest, "leaks: the report's body could not be read")
@@ -221,11 +257,16 @@ func (in *Intake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, b)
 }
 
-func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, error) {
-	if r.ContentLength > limit {
-		return nil, &http.MaxBytesError{Limit: limit}
-	}
-	return io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+// dropConnection has the server close the connection after the answer.
+// Without it net/http reads what is left of an unread body (up to 256 KiB)
+// before it answers, waiting on a sender that trickles it: a request
+// refused on its headers would hold the connection as long as one read.
+func dropConnection(w http.ResponseWriter) {
+	w.Header().Set("Connection", "close")
+}
+
+func (in *Intake) tooBig() string {
+	return fmt.Sprintf("leaks: a report is at most %d bytes (leaks.max_body)", in.o.MaxBody)
 }
 
 func writeJSON(w http.ResponseWriter, b []byte) {
