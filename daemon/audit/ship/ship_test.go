@@ -125,23 +125,27 @@ func caughtUp(t testing.TB, l *testLog, s *ship.Shipper) {
 	})
 }
 
-func received(t testing.TB, r io.Reader, mac audit.MACer) audit.Received {
+func received(t testing.TB, r io.Reader, mac audit.MACer, o ...audit.ReceivedOptions) audit.Received {
 	t.Helper()
-	rep, err := audit.VerifyReceived(context.Background(), r, mac)
+	var opts audit.ReceivedOptions
+	if len(o) > 0 {
+		opts = o[0]
+	}
+	rep, err := audit.VerifyReceivedWith(context.Background(), r, mac, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return rep
 }
 
-func receivedFile(t testing.TB, path string, mac audit.MACer) audit.Received {
+func receivedFile(t testing.TB, path string, mac audit.MACer, o ...audit.ReceivedOptions) audit.Received {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	return received(t, f, mac)
+	return received(t, f, mac, o...)
 }
 
 // receiver is an HTTP receiver for a SIEM: it keeps every batch it
@@ -308,9 +312,12 @@ func TestFilter(t *testing.T) {
 	if bytes.Contains(b, []byte("VerifyAPIKey")) || bytes.Contains(b, []byte("/usr/bin/app")) && bytes.Count(b, []byte("/usr/bin/app")) != 10 {
 		t.Errorf("the filtered records' content was shipped")
 	}
-	rep := receivedFile(t, out, l.h)
+	rep := receivedFile(t, out, l.h, audit.ReceivedOptions{Filtered: true})
 	if !rep.OK() || rep.Filtered != 15 || rep.Records != 10 || rep.Unverified != 0 {
 		t.Errorf("%+v", rep)
+	}
+	if rep := receivedFile(t, out, l.h); rep.OK() || rep.Filtered != 15 {
+		t.Errorf("stubs pass with the sink not said to filter: %+v", rep)
 	}
 	if st := s.Status()[0]; st.Filtered != 15 || st.Shipped != 10 {
 		t.Errorf("%+v", st)
