@@ -394,3 +394,43 @@ func TestReceivedTailTooLong(t *testing.T) {
 		})
 	}
 }
+
+// TestVerifyRewrittenLine: the local log's lines must be the bytes
+// keywardd writes, as what a receiver got must: a line whose hash checks
+// for Go's encoding/json but that other readers see otherwise is a fault.
+func TestVerifyRewrittenLine(t *testing.T) {
+	lines, h := shippedLines(t, 6)
+	for _, tc := range []struct {
+		name    string
+		rewrite func(l []byte) []byte
+	}{
+		{"a fake body under body, the real one under BODY", func(l []byte) []byte {
+			i, j := bytes.Index(l, []byte(`"body":`)), bytes.Index(l, []byte(`,"hash":`))
+			body := l[i+len(`"body":`) : j]
+			fake := bytes.Replace(body, []byte(`"uid":1000`), []byte(`"uid":0`), 1)
+			return slices.Concat(l[:i], []byte(`"body":`), fake, []byte(`,"BODY":`), body, l[j:])
+		}},
+		{"a field added", func(l []byte) []byte {
+			return bytes.Replace(l, []byte(`,"hash":`), []byte(`,"approved_by":"ciso","hash":`), 1)
+		}},
+		{"a space added", func(l []byte) []byte { return bytes.Replace(l, []byte(`,"hash":`), []byte(`, "hash":`), 1) }},
+		{"a carriage return", func(l []byte) []byte { return append(l, '\r') }},
+		{"a key in another case", func(l []byte) []byte { return bytes.Replace(l, []byte(`"kind":`), []byte(`"Kind":`), 1) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ls := slices.Clone(lines)
+			ls[2] = tc.rewrite(slices.Clone(ls[2]))
+			rep, err := Verify(context.Background(), bytes.NewReader(append(bytes.Join(ls, []byte("\n")), '\n')), h)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rep.BadLine != 3 || !strings.Contains(rep.Problem, "not the bytes keywardd writes") {
+				t.Errorf("%+v", rep)
+			}
+		})
+	}
+	rep, err := Verify(context.Background(), bytes.NewReader(append(bytes.Join(lines, []byte("\n")), '\n')), h)
+	if err != nil || rep.BadLine != 0 || rep.Records != 6 {
+		t.Errorf("the log unchanged: %+v %v", rep, err)
+	}
+}
