@@ -46,9 +46,22 @@ type auditReport struct {
 func auditVerify(f *flagSet) action {
 	cfg := hsmFlags(f, "PKCS#11 library, to check the checkpoint MACs of FILE")
 	received := f.Bool("received", false, "FILE is what a receiver got from an audit sink (its newline-JSON lines, or a syslog file): say what is missing, altered, reordered or filtered")
+	var o audit.ReceivedOptions
+	f.BoolVar(&o.Filtered, "filtered", false, "with -received: the sink has a filter (exclude_ops), so stubs are the records it left out; without it a stub is a fault (a record may have been replaced at the receiver)")
+	f.BoolVar(&o.AnyOrder, "any-order", false, "with -received: the lines carry no arrival order (a SIEM's export, newest first): do not check it")
+	f.Uint64Var(&o.From, "from", 0, "with -received: the first seq the receiver should hold; records absent before the first received are missing")
+	f.Uint64Var(&o.Through, "through", 0, "with -received: the last seq the receiver should hold (keywardd's last, or the last it had shipped); records absent after the last received are missing")
 	return func(e *env, args []string) error {
 		if *received && len(args) == 0 {
 			return usageError{msg: "-received checks a FILE a receiver got from an audit sink: name it"}
+		}
+		for _, name := range []string{"filtered", "any-order", "from", "through"} {
+			if f.Changed(name) && !*received {
+				return usageError{msg: "-" + name + " is for what a receiver got: add -received"}
+			}
+		}
+		if o.From != 0 && o.Through != 0 && o.From > o.Through {
+			return usageError{msg: fmt.Sprintf("-from %d is after -through %d: the range the receiver should hold starts at -from", o.From, o.Through)}
 		}
 		if len(args) == 0 {
 			for _, name := range []string{"module", "token", "uri", "pin-file", "pin-env"} {
@@ -74,11 +87,11 @@ func auditVerify(f *flagSet) action {
 			mac = h
 		}
 		if *received {
-			rep, err := audit.VerifyReceived(e.ctx, file, mac)
+			rep, err := audit.VerifyReceivedWith(e.ctx, file, mac, o)
 			if err != nil {
 				return err
 			}
-			return e.showReceived(receivedReport{File: path, OK: rep.OK(), Received: rep})
+			return e.showReceived(receivedReport{File: path, OK: rep.OK(), AnyOrder: o.AnyOrder, Received: rep})
 		}
 		rep, err := audit.Verify(e.ctx, file, mac)
 		if err != nil {
@@ -95,8 +108,9 @@ func auditVerify(f *flagSet) action {
 
 // receivedReport is audit verify -received's answer.
 type receivedReport struct {
-	File string `json:"file"`
-	OK   bool   `json:"ok"`
+	File     string `json:"file"`
+	OK       bool   `json:"ok"`
+	AnyOrder bool   `json:"anyOrder"` // the order of the lines was not checked
 	audit.Received
 }
 
@@ -123,7 +137,13 @@ func (e *env) showReceived(r receivedReport) error {
 		faults = append(faults, fmt.Sprintf("line %d: %s", m.Line, m.Why))
 	}
 	if r.Reordered > 0 {
-		faults = append(faults, fmt.Sprintf("%d lines came after a line of a higher seq, the first seq %d: reordered (the chain holds once sorted)", r.Reordered, r.FirstReordered))
+		faults = append(faults, fmt.Sprintf("%d lines came after a line of a higher seq, the first seq %d: reordered (the chain holds once sorted; add -any-order for an export that keeps no arrival order)", r.Reordered, r.FirstReordered))
+	}
+	if r.Filtered > 0 && !r.StubsExpected {
+		faults = append(faults, fmt.Sprintf("%d records are stubs (their place in the chain, not their content), at seq %s, and the sink was not said to filter: a record may have been replaced at the receiver (add -filtered if the sink has exclude_ops)", r.Filtered, seqRanges(r.Stubs)))
+	}
+	if r.TailTooLong {
+		faults = append(faults, fmt.Sprintf("the last %d records follow no checked checkpoint, more than keywardd leaves (%d) while its HSM works: the end of the stream was cut or rewritten, or the HSM could not MAC for a long time", r.Unverified, audit.MaxTail))
 	}
 	if len(faults) > 0 {
 		return fmt.Errorf("%s: %s", r.File, strings.Join(faults, "; "))
@@ -135,14 +155,36 @@ func (e *env) showReceived(r receivedReport) error {
 		_, err := fmt.Fprintf(e.stdout, "%s: no audit line received\n", r.File)
 		return err
 	}
-	fmt.Fprintf(e.stdout, "%s: seq %d to %d, whole and in order: %d records and %d checkpoints hold", r.File, r.FirstSeq, r.LastSeq, r.Records, r.Checkpoints)
+	whole := "whole and in order"
+	if r.AnyOrder {
+		whole = "whole (its order not checked)"
+	}
+	fmt.Fprintf(e.stdout, "%s: seq %d to %d, %s: %d records and %d checkpoints hold", r.File, r.FirstSeq, r.LastSeq, whole, r.Records, r.Checkpoints)
 	if r.Filtered > 0 {
-		fmt.Fprintf(e.stdout, "; %d records left out by the sink's filter (their place in the chain holds, not their content)", r.Filtered)
+		fmt.Fprintf(e.stdout, "; %d records are stubs, taken for records the sink's filter left out (their place in the chain holds, not their content)", r.Filtered)
 	}
 	if r.Duplicates > 0 {
 		fmt.Fprintf(e.stdout, "; %d lines received twice (shipped again after a retry)", r.Duplicates)
 	}
 	return printMACState(e.stdout, r.MACsChecked, r.Unverified)
+}
+
+// seqRanges prints runs of seqs: 3, 5-9, 12; the first 10 runs and how
+// many more.
+func seqRanges(rs []audit.SeqRange) string {
+	var parts []string
+	for i, r := range rs {
+		if i == 10 {
+			parts = append(parts, fmt.Sprintf("and %d runs more", len(rs)-i))
+			break
+		}
+		if r.From == r.To {
+			parts = append(parts, fmt.Sprint(r.From))
+		} else {
+			parts = append(parts, fmt.Sprintf("%d-%d", r.From, r.To))
+		}
+	}
+	return strings.Join(parts, ", ")
 }
 
 // verifyDaemonAudit has keywardd verify its own audit log.

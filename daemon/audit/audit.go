@@ -15,6 +15,7 @@
 package audit
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/hmac"
@@ -915,14 +916,19 @@ const MaxTail = 256
 const KeyName = "keyward-audit"
 
 // Verify reads a log and checks every line's chain link and, given a MACer,
-// every checkpoint's MAC. It stops at the first line that fails.
+// every checkpoint's MAC. Every line must be the exact bytes keywardd
+// writes (appendLine's): JSON readers differ on a line with a key repeated,
+// in other case or added, so what one shows might not be what the hash
+// covers. It stops at the first line that fails.
 //
 // It reads r to its end: ctx's end stops it (with ctx's error), and so
 // does an error of r's, which is returned rather than taken for a bad line.
 func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 	var rep Report
 	src := &ctxReader{ctx: ctx, r: r}
-	dec := json.NewDecoder(src)
+	sc := bufio.NewScanner(src)
+	sc.Buffer(make([]byte, 64<<10), maxLine+1)
+	sc.Split(splitLines)
 	var head [32]byte
 	var storeWrites uint64
 	fail := func(format string, a ...any) (Report, error) {
@@ -931,20 +937,24 @@ func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 		return rep, nil
 	}
 	for {
-		var ln line
-		err := dec.Decode(&ln)
-		if errors.Is(err, io.EOF) {
+		if !sc.Scan() {
+			if src.err != nil {
+				return rep, fmt.Errorf("audit: reading line %d: %w", rep.Lines+1, src.err)
+			}
+			if sc.Err() != nil {
+				rep.Lines++
+				return fail("%v", errLongLine)
+			}
 			if mac != nil && rep.Unverified > MaxTail {
 				rep.TailTooLong = true
 				rep.Problem = fmt.Sprintf("the last %d records follow no checkpoint, more than keywardd leaves (%d) while its HSM works: the end of the log was cut or rewritten, or the HSM could not MAC for a long time", rep.Unverified, MaxTail)
 			}
 			return rep, nil
 		}
+		text := sc.Bytes()
 		rep.Lines++
-		if err != nil {
-			if src.err != nil {
-				return rep, fmt.Errorf("audit: reading line %d: %w", rep.Lines, src.err)
-			}
+		var ln line
+		if err := json.Unmarshal(text, &ln); err != nil {
 			return fail("not a JSON line: %v", err)
 		}
 		if ln.Seq != rep.Lines {
@@ -959,6 +969,9 @@ func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 		want := lineHash(head, ln.Seq, ln.Kind, ln.Body)
 		if ln.Hash != hex.EncodeToString(want[:]) {
 			return fail("its hash does not match its content: the line was changed")
+		}
+		if !canonical(text, ln.Seq, head, ln.Kind, ln.Body, want) {
+			return fail("%s", errNotCanonical)
 		}
 		var counted struct {
 			StoreWrites uint64 `json:"store_writes"`
@@ -1007,6 +1020,18 @@ func Verify(ctx context.Context, r io.Reader, mac MACer) (Report, error) {
 		}
 		head = want
 	}
+}
+
+// splitLines is bufio.ScanLines without its dropping of a '\r' before the
+// newline: a line must be keywardd's bytes, and it writes no '\r'.
+func splitLines(data []byte, atEOF bool) (advance int, token []byte, err error) {
+	if i := bytes.IndexByte(data, '\n'); i >= 0 {
+		return i + 1, data[:i], nil
+	}
+	if atEOF && len(data) > 0 {
+		return len(data), data, nil
+	}
+	return 0, nil, nil
 }
 
 // ctxReader reads r until ctx ends, and keeps the error r returned (other

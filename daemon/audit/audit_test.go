@@ -254,6 +254,21 @@ func FuzzVerify(f *testing.F) {
 		if rep.BadLine == 0 && rep.Records+rep.Checkpoints != rep.Lines {
 			t.Fatalf("report %+v does not add up", rep)
 		}
+		if rep.BadLine != 0 {
+			return
+		}
+		// A log that holds is the bytes keywardd writes, line for line.
+		for l := range bytes.Lines(b) {
+			var ln line
+			if err := json.Unmarshal(l, &ln); err != nil {
+				t.Fatalf("line %q holds and does not parse: %v", l, err)
+			}
+			prev, _ := hexHash(ln.Prev)
+			hash, _ := hexHash(ln.Hash)
+			if w := appendLine(nil, ln.Seq, prev, ln.Kind, ln.Body, hash); len(l) > len(w) || len(l) < len(w)-1 || !bytes.Equal(w[:len(l)], l) {
+				t.Fatalf("line %q holds and is not what keywardd writes, %q", l, w)
+			}
+		}
 	})
 }
 

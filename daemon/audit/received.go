@@ -75,18 +75,30 @@ type Received struct {
 	Ignored     uint64 `json:"ignored"`     // lines holding no audit line (other messages of a syslog file)
 	Records     uint64 `json:"records"`     // distinct records, stubs not counted
 	Checkpoints uint64 `json:"checkpoints"` // distinct checkpoints
-	// Filtered counts the stubs: records a sink's filter left out, whose
-	// place in the chain holds but whose content was not shipped.
+	// Filtered counts the stubs: lines that hold a record's place in the
+	// chain (seq, prev, hash) and none of its content. A sink's filter
+	// ships them for the records it leaves out; but a stub is not bound to
+	// the record it stands for (whoever can write at the receiver can
+	// replace any record by its stub, and the chain still holds), so a stub
+	// is a fault unless ReceivedOptions.Filtered says the sink filters.
 	Filtered uint64 `json:"filtered"`
+	// Stubs are the runs of sequence numbers received as stubs.
+	Stubs []SeqRange `json:"stubs,omitempty"`
+	// StubsExpected: the operator said the sink filters
+	// (ReceivedOptions.Filtered), so stubs are not faults.
+	StubsExpected bool `json:"stubsExpected"`
 	// Duplicates counts lines received again, byte for byte (a sink ships
 	// at least once: a batch not acknowledged is shipped again).
 	Duplicates uint64 `json:"duplicates"`
 	// FirstSeq and LastSeq are the lowest and highest sequence numbers
-	// received: what was before or after them is not the stream's to tell.
+	// received. What was before or after them is not the stream's to tell:
+	// records deleted at either end are found only against the range the
+	// operator says the receiver holds (ReceivedOptions.From, Through).
 	FirstSeq uint64 `json:"firstSeq"`
 	LastSeq  uint64 `json:"lastSeq"`
-	// Missing are the runs of sequence numbers between FirstSeq and
-	// LastSeq that were not received.
+	// Missing are the runs of sequence numbers that were not received:
+	// between FirstSeq and LastSeq, and between them and
+	// ReceivedOptions.From and Through when given.
 	Missing []SeqRange `json:"missing,omitempty"`
 	// Altered are the lines that were changed: their hash does not match
 	// their content, the line after them does not link to them, two
@@ -97,7 +109,8 @@ type Received struct {
 	Malformed []Fault `json:"malformed,omitempty"`
 	// Reordered counts lines received after a line with a higher sequence
 	// number; FirstReordered is the first such line's seq. The chain is
-	// checked in sequence order all the same.
+	// checked in sequence order all the same. With
+	// ReceivedOptions.AnyOrder nothing is counted here.
 	Reordered      uint64 `json:"reordered"`
 	FirstReordered uint64 `json:"firstReordered,omitempty"`
 	// MACsChecked: the checkpoints' MACs were checked with the HSM key.
@@ -105,13 +118,36 @@ type Received struct {
 	// Unverified counts the records after the last checkpoint whose MAC
 	// was checked (every record without the HSM key).
 	Unverified uint64 `json:"unverified"`
+	// TailTooLong: with the HSM key, more records follow the last checked
+	// checkpoint than keywardd leaves (MaxTail), as Verify says of the
+	// local log: the stream's end was cut or rewritten, or the HSM could
+	// not MAC for a long time.
+	TailTooLong bool `json:"tailTooLong"`
 }
 
-// OK says whether the stream is whole between FirstSeq and LastSeq, in
-// order, unchanged: nothing missing, altered, malformed or reordered.
-// Duplicates and filtered records are not faults.
+// OK says whether the stream is whole between FirstSeq and LastSeq (and
+// the range ReceivedOptions named), in order, unchanged: nothing missing,
+// altered, malformed or reordered, no tail too long, and no stub unless
+// the sink was said to filter. Duplicates are not faults.
 func (r Received) OK() bool {
-	return len(r.Missing) == 0 && len(r.Altered) == 0 && len(r.Malformed) == 0 && r.Reordered == 0
+	return len(r.Missing) == 0 && len(r.Altered) == 0 && len(r.Malformed) == 0 && r.Reordered == 0 &&
+		(r.Filtered == 0 || r.StubsExpected) && !r.TailTooLong
+}
+
+// ReceivedOptions say what the operator knows of the stream that
+// VerifyReceived cannot tell from its lines. The zero value: the sink does
+// not filter, the lines came in the order shipped, and no range is known.
+type ReceivedOptions struct {
+	// Filtered: the sink has a filter (exclude_ops), so stubs are what it
+	// left out and not faults.
+	Filtered bool
+	// AnyOrder: the lines carry no arrival order (an export of a SIEM,
+	// often newest first): they are not checked for it.
+	AnyOrder bool
+	// From and Through, when not 0, are the first and last sequence numbers
+	// the receiver should hold: what is absent before FirstSeq or after
+	// LastSeq is reported missing.
+	From, Through uint64
 }
 
 // maxReceivedLine is the longest line VerifyReceived reads: an audit line
@@ -122,7 +158,7 @@ const maxReceivedLine = maxLine + 64<<10
 type receivedLine struct {
 	prev, hash [32]byte
 	kind       string
-	bodyOK     bool     // its hash matches its content (a stub: true)
+	fault      string   // why it does not hold on its own: its hash, or its form; "" if it does
 	digest     [32]byte // of the whole line, to tell a duplicate from a conflict
 	mac        []byte   // a checkpoint's
 	key        string   // a checkpoint's key label
@@ -138,7 +174,17 @@ type receivedLine struct {
 // every hash and link and, given a MACer, every checkpoint's MAC. It holds
 // about 200 bytes per line in memory.
 func VerifyReceived(ctx context.Context, r io.Reader, mac MACer) (Received, error) {
-	var rep Received
+	return VerifyReceivedWith(ctx, r, mac, ReceivedOptions{})
+}
+
+// VerifyReceivedWith is VerifyReceived told what the operator knows of the
+// stream: whether the sink filters, whether arrival order means anything,
+// and what range the receiver should hold.
+func VerifyReceivedWith(ctx context.Context, r io.Reader, mac MACer, o ReceivedOptions) (Received, error) {
+	if o.From != 0 && o.Through != 0 && o.From > o.Through {
+		return Received{}, fmt.Errorf("audit: the range to hold starts at %d, after its end %d", o.From, o.Through)
+	}
+	rep := Received{StubsExpected: o.Filtered}
 	got := map[uint64]*receivedLine{}
 	var maxSeq uint64
 	sc := bufio.NewScanner(r)
@@ -175,7 +221,7 @@ func VerifyReceived(ctx context.Context, r io.Reader, mac MACer) (Received, erro
 			}
 			continue
 		}
-		if ln.Seq < maxSeq {
+		if ln.Seq < maxSeq && !o.AnyOrder {
 			if rep.Reordered == 0 {
 				rep.FirstReordered = ln.Seq
 			}
@@ -195,9 +241,16 @@ func VerifyReceived(ctx context.Context, r io.Reader, mac MACer) (Received, erro
 		}
 	})
 	if len(seqs) == 0 {
+		if o.From != 0 || o.Through != 0 {
+			from := max(o.From, 1)
+			rep.Missing = []SeqRange{{From: from, To: max(from, o.Through)}}
+		}
 		return rep, nil
 	}
 	rep.FirstSeq, rep.LastSeq, rep.MACsChecked = seqs[0], seqs[len(seqs)-1], mac != nil
+	if o.From != 0 && o.From < rep.FirstSeq {
+		rep.Missing = append(rep.Missing, SeqRange{From: o.From, To: rep.FirstSeq - 1})
+	}
 	altered := map[uint64]bool{}
 	for _, f := range rep.Altered {
 		altered[f.Seq] = true
@@ -217,8 +270,8 @@ func VerifyReceived(ctx context.Context, r io.Reader, mac MACer) (Received, erro
 				alter(p, "the line after it does not link to it: it was changed (and its hash made to match)")
 			}
 		}
-		if !e.bodyOK {
-			alter(seq, "its hash does not match its content: the line was changed")
+		if e.fault != "" {
+			alter(seq, e.fault)
 			continue
 		}
 		switch e.kind {
@@ -228,6 +281,11 @@ func VerifyReceived(ctx context.Context, r io.Reader, mac MACer) (Received, erro
 		case KindFiltered:
 			rep.Filtered++
 			rep.Unverified++
+			if n := len(rep.Stubs); n > 0 && rep.Stubs[n-1].To == seq-1 {
+				rep.Stubs[n-1].To = seq
+			} else {
+				rep.Stubs = append(rep.Stubs, SeqRange{From: seq, To: seq})
+			}
 		case "checkpoint":
 			rep.Checkpoints++
 			if mac == nil {
@@ -249,6 +307,10 @@ func VerifyReceived(ctx context.Context, r io.Reader, mac MACer) (Received, erro
 			rep.Unverified = 0
 		}
 	}
+	if o.Through > rep.LastSeq {
+		rep.Missing = append(rep.Missing, SeqRange{From: rep.LastSeq + 1, To: o.Through})
+	}
+	rep.TailTooLong = mac != nil && rep.Unverified > MaxTail
 	slices.SortFunc(rep.Altered, func(a, b Fault) int { return cmpUint(a.Seq, b.Seq) })
 	return rep, nil
 }
@@ -278,7 +340,10 @@ func parseReceived(ln line, text []byte) (*receivedLine, string) {
 		if len(ln.Body) != 0 {
 			return nil, "a stub of a filtered record with a body"
 		}
-		e.bodyOK = true
+		stub := ShippedLine{Seq: ln.Seq, Prev: hex.EncodeToString(prev), Hash: hex.EncodeToString(hash)}.Stub()
+		if !bytes.Equal(text, stub) {
+			e.fault = errNotCanonical
+		}
 		return e, ""
 	case "record":
 		var rec Record
@@ -295,6 +360,24 @@ func parseReceived(ln line, text []byte) (*receivedLine, string) {
 	default:
 		return nil, fmt.Sprintf("unknown line kind %q", ln.Kind)
 	}
-	e.bodyOK = lineHash(e.prev, ln.Seq, ln.Kind, ln.Body) == e.hash
+	switch {
+	case !canonical(text, ln.Seq, e.prev, ln.Kind, ln.Body, e.hash):
+		e.fault = errNotCanonical
+	case lineHash(e.prev, ln.Seq, ln.Kind, ln.Body) != e.hash:
+		e.fault = "its hash does not match its content: the line was changed"
+	}
 	return e, ""
+}
+
+// errNotCanonical says why a line that is not the bytes keywardd writes
+// is a fault: JSON readers differ on such a line (a key twice, a key in
+// other case, a field added), so what a SIEM shows may not be what the
+// hash covers.
+const errNotCanonical = "it is not the bytes keywardd writes (a key repeated, in another case or added, or other spacing): the line was rewritten"
+
+// canonical says whether text is exactly the line keywardd writes for
+// these fields (appendLine's bytes, without the newline).
+func canonical(text []byte, seq uint64, prev [32]byte, kind string, body []byte, hash [32]byte) bool {
+	want := appendLine(make([]byte, 0, len(text)+1), seq, prev, kind, body, hash)
+	return bytes.Equal(text, want[:len(want)-1])
 }

@@ -164,11 +164,13 @@ func Check(sinks []SinkConfig) error {
 				bad("path is required: the newline-JSON file to append to")
 			}
 		case TypeHTTP:
+			// The URL is named without its user information and query,
+			// which may hold a token.
 			u, err := url.Parse(c.URL)
 			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-				bad("url %q: an http:// or https:// URL", c.URL)
+				bad("url %q: an http:// or https:// URL", redactURL(c.URL))
 			} else if u.Scheme == "http" && c.BearerTokenFile != "" && !loopback(u.Hostname()) {
-				bad("url %q: a bearer token is sent over https only (or to a loopback address)", c.URL)
+				bad("url %q: a bearer token is sent over https only (or to a loopback address)", redactURL(c.URL))
 			}
 		default:
 			bad("type %q: syslog, file or http", c.Type)

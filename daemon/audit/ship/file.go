@@ -2,6 +2,7 @@ package ship
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"syscall"
@@ -27,9 +28,9 @@ func (s *fileSender) Send(_ context.Context, b batch) error {
 		s.f = nil
 	}
 	if s.f == nil {
-		f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		f, err := openAppend(s.path)
 		if err != nil {
-			return fmt.Errorf("ship: %w", err)
+			return err
 		}
 		s.f = f
 	}
@@ -54,6 +55,29 @@ func (s *fileSender) Send(_ context.Context, b batch) error {
 		return fmt.Errorf("ship: %w", err)
 	}
 	return nil
+}
+
+// openAppend opens path to append to, created 0600 and made 0600 if it
+// was not (the lines name callers, keys and operations). It does not
+// follow a symbolic link at path: one could send the lines where others
+// can read them.
+func openAppend(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, fmt.Errorf("ship: %s is a symbolic link, which the file sink does not follow: set path to the file itself", path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("ship: %w", err)
+	}
+	fi, err := f.Stat()
+	if err == nil && fi.Mode().Perm() != 0o600 {
+		err = f.Chmod(0o600)
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("ship: making %s 0600: %w", path, err)
+	}
+	return f, nil
 }
 
 // moved says whether path no longer names f's file.

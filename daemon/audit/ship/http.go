@@ -81,10 +81,14 @@ func (s *httpSender) Send(ctx context.Context, b batch) error {
 
 // where is the URL as errors and logs name it: without its user
 // information and query, which may hold a SIEM's token.
-func (s *httpSender) where() string {
-	u, err := url.Parse(s.url)
+func (s *httpSender) where() string { return redactURL(s.url) }
+
+// redactURL is a URL without its user information, query and fragment,
+// which may hold a SIEM's token: what errors, logs and config errors show.
+func redactURL(raw string) string {
+	u, err := url.Parse(raw)
 	if err != nil {
-		return "the sink's url"
+		return "(the sink's url, not shown: it does not parse)"
 	}
 	return u.Scheme + "://" + u.Host + u.Path
 }

@@ -125,23 +125,27 @@ func caughtUp(t testing.TB, l *testLog, s *ship.Shipper) {
 	})
 }
 
-func received(t testing.TB, r io.Reader, mac audit.MACer) audit.Received {
+func received(t testing.TB, r io.Reader, mac audit.MACer, o ...audit.ReceivedOptions) audit.Received {
 	t.Helper()
-	rep, err := audit.VerifyReceived(context.Background(), r, mac)
+	var opts audit.ReceivedOptions
+	if len(o) > 0 {
+		opts = o[0]
+	}
+	rep, err := audit.VerifyReceivedWith(context.Background(), r, mac, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return rep
 }
 
-func receivedFile(t testing.TB, path string, mac audit.MACer) audit.Received {
+func receivedFile(t testing.TB, path string, mac audit.MACer, o ...audit.ReceivedOptions) audit.Received {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	return received(t, f, mac)
+	return received(t, f, mac, o...)
 }
 
 // receiver is an HTTP receiver for a SIEM: it keeps every batch it
@@ -308,9 +312,12 @@ func TestFilter(t *testing.T) {
 	if bytes.Contains(b, []byte("VerifyAPIKey")) || bytes.Contains(b, []byte("/usr/bin/app")) && bytes.Count(b, []byte("/usr/bin/app")) != 10 {
 		t.Errorf("the filtered records' content was shipped")
 	}
-	rep := receivedFile(t, out, l.h)
+	rep := receivedFile(t, out, l.h, audit.ReceivedOptions{Filtered: true})
 	if !rep.OK() || rep.Filtered != 15 || rep.Records != 10 || rep.Unverified != 0 {
 		t.Errorf("%+v", rep)
+	}
+	if rep := receivedFile(t, out, l.h); rep.OK() || rep.Filtered != 15 {
+		t.Errorf("stubs pass with the sink not said to filter: %+v", rep)
 	}
 	if st := s.Status()[0]; st.Filtered != 15 || st.Shipped != 10 {
 		t.Errorf("%+v", st)
@@ -379,12 +386,17 @@ func TestCheck(t *testing.T) {
 		{ship.SinkConfig{Name: "a", Type: "syslog", Facility: "kernel"}, `facility "kernel"`},
 		{ship.SinkConfig{Name: "a", Type: "syslog", Network: "tcp", Address: "h:514", CAFile: "/ca"}, "for network: tls"},
 		{ship.SinkConfig{Name: "a", Type: "http", URL: "ftp://x"}, "http:// or https://"},
+		{ship.SinkConfig{Name: "a", Type: "http", URL: "ftp://user:s3cret@x/p?token=s3cret"}, `url "ftp://x/p": an http:// or https://`},
+		{ship.SinkConfig{Name: "a", Type: "http", URL: "http://user:s3cret@siem.example/x?token=s3cret", BearerTokenFile: "/t"}, `url "http://siem.example/x": a bearer token is sent over https only`},
+		{ship.SinkConfig{Name: "a", Type: "http", URL: "https://x/%zz?token=s3cret"}, "not shown: it does not parse"},
 		{ship.SinkConfig{Name: "a", Type: "http", URL: "http://siem.example/x", BearerTokenFile: "/t"}, "over https only"},
 		{ship.SinkConfig{Name: "a", Type: "http", URL: "https://siem.example/x", CertFile: "/c"}, "go together"},
 	} {
 		err := ship.Check([]ship.SinkConfig{tc.sink})
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v: %v, want %q", tc.sink, err, tc.want)
+		} else if strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("%+v: the URL's secret in the error: %v", tc.sink, err)
 		}
 	}
 	two := []ship.SinkConfig{{Name: "a", Type: "file", Path: "/x"}, {Name: "a", Type: "file", Path: "/y"}}
@@ -446,13 +458,55 @@ func TestHTTPSClientCertificate(t *testing.T) {
 	l := newLog(t)
 	s, _ := start(t, l, t.TempDir(),
 		ship.SinkConfig{Name: "mtls", Type: ship.TypeHTTP, URL: srv.URL, CAFile: serverCA, CertFile: certFile, KeyFile: keyFile},
-		ship.SinkConfig{Name: "no-cert", Type: ship.TypeHTTP, URL: srv.URL, CAFile: serverCA})
+		ship.SinkConfig{Name: "no-cert", Type: ship.TypeHTTP, URL: srv.URL, CAFile: serverCA},
+		ship.SinkConfig{Name: "wrong-name", Type: ship.TypeHTTP, URL: srv.URL, CAFile: serverCA, CertFile: certFile, KeyFile: keyFile, ServerName: "other.example"})
 	l.add(t, 25, "KeyService.CreateKey")
-	eventually(t, "the sink with a certificate delivers, the other fails", func() bool {
+	eventually(t, "the sink with a certificate delivers, the others fail", func() bool {
 		st := s.Status()
-		return st[0].Seq == l.State().LastSeq && l.State().LastCheckpointSeq == l.State().LastSeq && st[1].State == "failing" && st[1].Seq == 0
+		return st[0].Seq == l.State().LastSeq && l.State().LastCheckpointSeq == l.State().LastSeq && st[1].State == "failing" && st[1].Seq == 0 &&
+			st[2].State == "failing" && st[2].Seq == 0 && strings.Contains(st[2].LastError, "certificate is valid for") && strings.Contains(st[2].LastError, "not other.example")
 	})
 	if rep := received(t, bytes.NewReader(rc.bytes()), l.h); !rep.OK() || rep.Records != 25 || rep.Unverified != 0 {
 		t.Errorf("%+v", rep)
+	}
+}
+
+// TestFileMode: a file sink's file is 0600, also one that was there with
+// another mode; a symbolic link at the path is refused, not followed, and
+// the sink says so until the path names a file.
+func TestFileMode(t *testing.T) {
+	l := newLog(t)
+	dir := t.TempDir()
+	open := filepath.Join(dir, "was-0644.jsonl")
+	if err := os.WriteFile(open, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	readable := filepath.Join(dir, "world-readable.jsonl")
+	if err := os.WriteFile(readable, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, "link.jsonl")
+	if err := os.Symlink(readable, link); err != nil {
+		t.Fatal(err)
+	}
+	s, _ := start(t, l, t.TempDir(), ship.SinkConfig{Name: "was-0644", Type: ship.TypeFile, Path: open},
+		ship.SinkConfig{Name: "link", Type: ship.TypeFile, Path: link})
+	l.add(t, 5, "EnvelopeService.Decrypt")
+	eventually(t, "the sink of the link fails", func() bool {
+		return strings.Contains(s.Status()[1].LastError, "link.jsonl is a symbolic link, which the file sink does not follow")
+	})
+	eventually(t, "the other sink catches up", func() bool { return s.Status()[0].Seq == l.State().LastSeq })
+	if fi, err := os.Stat(open); err != nil || fi.Mode().Perm() != 0o600 || fi.Size() == 0 {
+		t.Errorf("the file that was 0644: %v %v", fi.Mode(), err)
+	}
+	if fi, err := os.Stat(readable); err != nil || fi.Mode().Perm() != 0o644 || fi.Size() != 0 {
+		t.Errorf("the link's target was written to or changed: %v %v", fi.Mode(), err)
+	}
+	if err := os.Remove(link); err != nil {
+		t.Fatal(err)
+	}
+	caughtUp(t, l, s)
+	if fi, err := os.Lstat(link); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm() != 0o600 {
+		t.Errorf("the file made where the link was: %v %v", fi.Mode(), err)
 	}
 }
