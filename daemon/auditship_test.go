@@ -63,8 +63,19 @@ func TestAuditSinkBlocks(t *testing.T) {
 		_, err := c.GenerateDataKey(ctx, "orders", map[string]string{"tenant": "42"})
 		if err != nil {
 			var ce *client.Error
-			if !errors.As(err, &ce) || ce.Code != codes.Unavailable || !strings.Contains(ce.Message, `sink "siem"`) || !strings.Contains(ce.Message, "503") {
+			if !errors.As(err, &ce) || ce.Code != codes.Unavailable || !strings.Contains(ce.Message, `sink "siem"`) {
 				t.Fatalf("after %d calls: %v", served, err)
+			}
+			// The refusal says why once the sink has tried and failed (the
+			// lag may pass its bound before its first try).
+			for deadline := time.Now().Add(10 * time.Second); !strings.Contains(ce.Message, "503"); time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("the refusal never names the receiver's 503: %v", ce)
+				}
+				_, err := c.GenerateDataKey(ctx, "orders", map[string]string{"tenant": "42"})
+				if !errors.As(err, &ce) || ce.Code != codes.Unavailable {
+					t.Fatalf("while the sink is past its bound: %v", err)
+				}
 			}
 			break
 		}
