@@ -14,7 +14,6 @@ import (
 
 	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
-	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
 // TestGate: the net/http middleware admits a request with a valid key,
@@ -24,13 +23,8 @@ import (
 // (429, Retry-After and the JSON body); and fails closed (503) without
 // keywardd.
 func TestGate(t *testing.T) {
-	in := daemontest.Start(t)
+	in, c := started(t)
 	ctx := context.Background()
-	c, err := client.Dial(in.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	k, err := c.APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "shop", Name: "gw", Environment: "prod", Permissions: []string{"orders:read"},
 		RateLimits: []*keywardv1.RateLimit{{Limit: 3, Per: durationpb.New(time.Hour), Burst: 3}}})
 	if err != nil {

@@ -19,13 +19,8 @@ import (
 // arrives on the stream, never kept for a key with rate limits, and not
 // used while the stream is broken (keywardd restarting).
 func TestVerdictCache(t *testing.T) {
-	in := daemontest.Start(t)
+	in, c := started(t)
 	ctx := context.Background()
-	c, err := client.Dial(in.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	mk := func(unlimited bool) *keywardv1.CreateAPIKeyResponse {
 		k, err := c.APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "shop", Name: "n", Environment: "prod", Permissions: []string{"orders:read"}, Unlimited: unlimited})
 		if err != nil {
@@ -109,6 +104,18 @@ func TestVerdictCache(t *testing.T) {
 	if n := verifies() - before; n != 1 {
 		t.Errorf("after the stream came back, the first verification: keywardd answered %d; want 1 (the cache was dropped)", n)
 	}
+}
+
+// started is a keywardd for the test and a client of it.
+func started(t *testing.T, opts ...daemontest.Option) (*daemontest.Daemon, *client.Client) {
+	t.Helper()
+	in := daemontest.Start(t, opts...)
+	c, err := client.Dial(in.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return in, c
 }
 
 func waitLive(t *testing.T, vc *client.VerdictCache, want bool) {
