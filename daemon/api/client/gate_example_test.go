@@ -5,6 +5,7 @@ import (
 	"net/http"
 
 	"github.com/keyward/keyward/daemon/api/client"
+	"github.com/keyward/keyward/daemon/api/gateway"
 )
 
 // A Go service admitting requests by API key: the key in the
@@ -19,7 +20,7 @@ func ExampleGate() {
 	vc := c.NewVerdictCache(client.VerdictCacheOptions{})
 	defer vc.Close()
 	orders := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Write([]byte("orders of " + r.Header.Get(client.HeaderOwner)))
+		w.Write([]byte("orders of " + r.Header.Get(gateway.HeaderOwner)))
 	})
 	gate := client.Gate(vc, client.GateOptions{Environment: "prod", Permissions: []string{"orders:read"}})
 	http.Handle("/orders", gate(orders))

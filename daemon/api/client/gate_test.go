@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/keyward/keyward/daemon/api/client"
+	"github.com/keyward/keyward/daemon/api/gateway"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 )
 
@@ -44,7 +45,7 @@ func TestGate(t *testing.T) {
 			req.Header.Set("Authorization", auth)
 		}
 		if spoof {
-			req.Header.Set(client.HeaderOwner, "someone-else")
+			req.Header.Set(gateway.HeaderOwner, "someone-else")
 		}
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
@@ -56,7 +57,7 @@ func TestGate(t *testing.T) {
 	}
 
 	resp, body := do("Bearer "+k.Secret, true)
-	if resp.StatusCode != 200 || body != "upstream" || seen.Get(client.HeaderKeyID) != k.Key.Id || seen.Get(client.HeaderOwner) != "shop" {
+	if resp.StatusCode != 200 || body != "upstream" || seen.Get(gateway.HeaderKeyID) != k.Key.Id || seen.Get(gateway.HeaderOwner) != "shop" {
 		t.Fatalf("a valid key: %d %q, upstream saw %v", resp.StatusCode, body, seen)
 	}
 	if resp.Header.Get("RateLimit-Limit") != "3" || resp.Header.Get("RateLimit-Remaining") != "2" || resp.Header.Get("RateLimit-Reset") == "" {
@@ -64,8 +65,8 @@ func TestGate(t *testing.T) {
 	}
 	do("Bearer "+k.Secret, false)
 	resp, _ = do("Bearer "+k.Secret, false)
-	if resp.StatusCode != 200 || resp.Header.Get(client.HeaderNearLimit) != "true" || resp.Header.Get("RateLimit-Remaining") != "0" {
-		t.Errorf("the third of three: %d, near limit %q, remaining %q", resp.StatusCode, resp.Header.Get(client.HeaderNearLimit), resp.Header.Get("RateLimit-Remaining"))
+	if resp.StatusCode != 200 || resp.Header.Get(gateway.HeaderNearLimit) != "true" || resp.Header.Get("RateLimit-Remaining") != "0" {
+		t.Errorf("the third of three: %d, near limit %q, remaining %q", resp.StatusCode, resp.Header.Get(gateway.HeaderNearLimit), resp.Header.Get("RateLimit-Remaining"))
 	}
 	resp, body = do("Bearer "+k.Secret, false)
 	var over struct {
