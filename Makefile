@@ -30,6 +30,7 @@ deps:
 	[ -x /usr/sbin/rsyslogd ] || missing="$$missing rsyslog"; \
 	[ -n "$$(ls /usr/lib/*/rsyslog/lmnsd_gtls.so 2>/dev/null)" ] || missing="$$missing rsyslog-gnutls"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	[ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) apt-get update -qq && \

@@ -458,7 +458,8 @@ func (h hsmStatus) Token() server.TokenInfo {
 }
 
 // listenHTTP opens the HTTP listeners configured: metrics on a loopback
-// address and/or a Unix socket, the JWKS for verifiers elsewhere, the
+// address and/or a Unix socket, nginx's auth_request endpoint on a Unix
+// socket, the JWKS for verifiers elsewhere, the
 // secret scanners' intake (leaks.http). They
 // serve as tasks, from when keywardd serves.
 func (d *daemonParts) listenHTTP(ctx context.Context) error {
@@ -477,17 +478,14 @@ func (d *daemonParts) listenHTTP(ctx context.Context) error {
 		d.http = append(d.http, serveHTTP("metrics over HTTP", metricsServer(), ln, d.log))
 	}
 	if d.cfg.Metrics.Socket != "" {
-		so, err := d.cfg.metricsSocketOptions()
-		if err != nil {
+		if err := d.serveOnSocket("metrics.socket", "metrics", "/metrics", d.cfg.metricsSocketOptions, metricsServer()); err != nil {
 			return err
 		}
-		ln, err := socket.Listen(so)
-		if err != nil {
-			return listenError(fmt.Errorf("metrics.socket: %w", err))
+	}
+	if d.cfg.Gateway.HTTPSocket.Path != "" {
+		if err := d.serveOnSocket("gateway.http_socket", "nginx's auth_request", server.AuthRequestPath, d.cfg.gatewaySocketOptions, d.srv.AuthRequest()); err != nil {
+			return err
 		}
-		d.onClose(func() error { ln.Close(); return nil })
-		d.log.Info("serving metrics", "at", "unix:"+ln.Path()+" /metrics")
-		d.http = append(d.http, serveHTTP("metrics on a socket", metricsServer(), ln, d.log))
 	}
 	if d.cfg.Tokens.HTTP.Address != "" {
 		t, err := d.jwksHTTP()
@@ -503,6 +501,23 @@ func (d *daemonParts) listenHTTP(ctx context.Context) error {
 		}
 		d.http = append(d.http, ts...)
 	}
+	return nil
+}
+
+// serveOnSocket listens on the Unix socket opts gives (field names it in
+// errors) and serves hs there (what, at path) as a task.
+func (d *daemonParts) serveOnSocket(field, what, path string, opts func() (socket.Options, error), hs *http.Server) error {
+	so, err := opts()
+	if err != nil {
+		return err
+	}
+	ln, err := socket.Listen(so)
+	if err != nil {
+		return listenError(fmt.Errorf("%s: %w", field, err))
+	}
+	d.onClose(func() error { ln.Close(); return nil })
+	d.log.Info("serving "+what, "at", "unix:"+ln.Path()+" "+path)
+	d.http = append(d.http, serveHTTP(what+" on a socket", hs, ln, d.log))
 	return nil
 }
 

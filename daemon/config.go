@@ -88,6 +88,19 @@ type Config struct {
 		Socket  string `yaml:"socket"`  // e.g. /run/keyward-metrics/metrics.sock; 0600, or 0660 with group
 		Group   string `yaml:"group"`   // with socket: the group that may scrape
 	} `yaml:"metrics"`
+	// Gateway: keywardd's endpoints for API gateways (docs/gateways.md).
+	// HTTPSocket serves nginx's auth_request (server.AuthRequest) on a
+	// Unix socket, off unless its path is set: mode 0600, or 0660 for its
+	// group (nginx's workers'); as on socket.path, every caller there is
+	// identified by the kernel and must be granted VerifyAPIKey by the
+	// policy.
+	Gateway struct {
+		HTTPSocket struct {
+			Path  string `yaml:"path"`  // e.g. /run/keyward-gateway/http.sock
+			Mode  string `yaml:"mode"`  // "0600" or "0660"; default 0600, 0660 with group
+			Group string `yaml:"group"` // the group that may connect (nginx's workers')
+		} `yaml:"http_socket"`
+	} `yaml:"gateway"`
 	// AuditSinks ship the audit log, after it is written, to syslog, a
 	// file or an HTTP receiver (package ship, docs/audit-shipping.md).
 	AuditSinks []ship.SinkConfig `yaml:"audit_sinks"`
@@ -220,6 +233,13 @@ func (c *Config) check() error {
 	if m := c.Metrics; m.Socket != "" && (!filepath.IsAbs(m.Socket) || m.Socket == c.Socket.Path) || m.Socket == "" && m.Group != "" {
 		errs = append(errs, errors.New("metrics.socket must be an absolute path other than socket.path (and metrics.group goes with it)"))
 	}
+	if g := c.Gateway.HTTPSocket; g.Path != "" && (!filepath.IsAbs(g.Path) || g.Path == c.Socket.Path || g.Path == c.Metrics.Socket) ||
+		g.Path == "" && (g.Group != "" || g.Mode != "") {
+		errs = append(errs, errors.New("gateway.http_socket.path must be an absolute path other than socket.path and metrics.socket (and its mode and group go with it)"))
+	}
+	if m := c.Gateway.HTTPSocket.Mode; m != "" && m != "0600" && m != "0660" {
+		errs = append(errs, fmt.Errorf("gateway.http_socket.mode %q: give \"0600\" or \"0660\" (with a group)", m))
+	}
 	if err := ship.Check(c.AuditSinks); err != nil {
 		errs = append(errs, err)
 	}
@@ -303,6 +323,17 @@ func (c *Config) metricsSocketOptions() (socket.Options, error) {
 		mode = 0o660
 	}
 	return unixOptions(c.Metrics.Socket, mode, c.Metrics.Group, "metrics.group")
+}
+
+// gatewaySocketOptions: gateway.http_socket's mode, by default 0600, or
+// 0660 with its group.
+func (c *Config) gatewaySocketOptions() (socket.Options, error) {
+	g := c.Gateway.HTTPSocket
+	mode := os.FileMode(0o600)
+	if g.Mode == "0660" || g.Mode == "" && g.Group != "" {
+		mode = 0o660
+	}
+	return unixOptions(g.Path, mode, g.Group, "gateway.http_socket.group")
 }
 
 func unixOptions(path string, mode os.FileMode, group, field string) (socket.Options, error) {

@@ -51,9 +51,24 @@ func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 	if !ok {
 		return nil, nil, errors.New("keywardd serves Unix socket connections only")
 	}
-	uid, err := identity.PeerUID(uc)
+	sc, ai, uid, err := c.connect(uc)
+	if errors.Is(err, admission.ErrOverBudget) {
+		return nil, nil, c.refuse(conn, uid, err)
+	}
 	if err != nil {
 		return nil, nil, err
+	}
+	return sc, ai, nil
+}
+
+// connect identifies a connection's caller and counts it against the
+// caller's budget: the gRPC handshake's, and the gateway endpoints' on
+// their first request. An error over the caller's budget matches
+// admission.ErrOverBudget; uid is the caller's once known.
+func (c *peerCreds) connect(uc *net.UnixConn) (_ *serverConn, _ AuthInfo, uid uint32, err error) {
+	uid, err = identity.PeerUID(uc)
+	if err != nil {
+		return nil, AuthInfo{}, 0, err
 	}
 	// A slot is taken on the uid alone, with the most any of its processes
 	// could hold: a uid at that many is refused before /proc is read, and
@@ -63,23 +78,20 @@ func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 	most, bindable := pol.MaxConnections(uid)
 	acct, err := c.s.gate.Connect(uid, most, bindable)
 	if err != nil {
-		return nil, nil, c.refuse(conn, uid, err)
+		return nil, AuthInfo{}, uid, err
 	}
 	caller, err := c.resolver.Identify(uc, accepted)
 	if err != nil {
 		acct.Disconnect()
-		if errors.Is(err, admission.ErrOverBudget) { // its binaries hashed
-			return nil, nil, c.refuse(conn, uid, err)
-		}
-		return nil, nil, err
+		return nil, AuthInfo{}, uid, err // over budget when its binaries were hashed
 	}
 	lim := &connLimits{pol: pol}
 	lim.Limits, lim.bound = pol.Limits(subject(caller))
 	if err := acct.Narrow(lim.Limits, lim.bound); err != nil {
 		caller.Close()
-		return nil, nil, c.refuse(conn, uid, err)
+		return nil, AuthInfo{}, uid, err
 	}
-	sc := &serverConn{Conn: conn, caller: caller, acct: acct, writeTimeout: c.s.cfg.WriteTimeout, closed: make(chan struct{}),
+	sc := &serverConn{Conn: uc, caller: caller, acct: acct, writeTimeout: c.s.cfg.WriteTimeout, closed: make(chan struct{}),
 		handshakeBy: accepted.Add(c.s.cfg.HandshakeTimeout)}
 	sc.lim.Store(lim)
 	if lim.Lifetime > 0 {
@@ -89,7 +101,7 @@ func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 		CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity},
 		Caller:         caller,
 		conn:           sc,
-	}, nil
+	}, uid, nil
 }
 
 // refuse tells the client why its connection is refused, and returns err

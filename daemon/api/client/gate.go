@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net"
 	"net/http"
-	"strings"
 	"time"
 
 	"github.com/keyward/keyward/daemon/api/gateway"
@@ -57,15 +56,7 @@ func Gate(v Verifier, o GateOptions) func(http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			r.Header.Del(gateway.HeaderKeyID)
 			r.Header.Del(gateway.HeaderOwner)
-			key := r.Header.Get(o.Header)
-			if strings.EqualFold(o.Header, "Authorization") {
-				scheme, rest, ok := strings.Cut(key, " ")
-				if !ok || !strings.EqualFold(scheme, "Bearer") {
-					key = ""
-				} else {
-					key = strings.TrimSpace(rest)
-				}
-			}
+			key := gateway.Key(r.Header, o.Header)
 			if key == "" {
 				// No key at all: nothing to ask keywardd.
 				w.Header().Set("Content-Type", "application/json")

@@ -113,6 +113,21 @@ func codeName(c keywardv1.APIKeyCode) string {
 	return strings.ToLower(strings.TrimPrefix(c.String(), "API_KEY_CODE_"))
 }
 
+// Key is the API key a request presents in header name: the key itself,
+// or for Authorization the token of "Bearer KEY" (anything else there is
+// no key); "" when there is none.
+func Key(h http.Header, name string) string {
+	key := h.Get(name)
+	if !strings.EqualFold(name, "Authorization") {
+		return key
+	}
+	scheme, rest, ok := strings.Cut(key, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return ""
+	}
+	return strings.TrimSpace(rest)
+}
+
 // JSON is v as a one-line JSON body.
 func JSON(v any) []byte {
 	b, _ := json.Marshal(v) // strings and numbers: cannot fail
