@@ -59,6 +59,9 @@ func TestDocumentedConfig(t *testing.T) {
 	if d := cfg.DynamicLimits; !d.Enabled || d.Tighten != 0.5 || d.Raise != 2 || d.HSMLatency != 50*time.Millisecond {
 		t.Errorf("dynamic_limits: %+v", d)
 	}
+	if g := cfg.Gateway.HTTPSocket; g.Path != "/run/keyward-gateway/http.sock" || g.Group != "www-data" {
+		t.Errorf("gateway: %+v", g)
+	}
 	if c := cfg.Connections; c.HandshakeTimeout != 5*time.Second || c.IdleTimeout != time.Minute || c.WriteTimeout != 10*time.Second {
 		t.Errorf("connections: %+v", c)
 	}
@@ -86,6 +89,10 @@ func TestConfigRefusals(t *testing.T) {
 		"store: {etcd: {endpoints: [https://a:2379], prefix: keyward/}}":      "store.etcd.prefix",
 		"store: {etcd: {endpoints: [https://a:2379], leader_ttl: 1s}}":        "store.etcd.leader_ttl",
 		"store: {etcd: {endpoints: [https://a:2379], tls: {cert: /c.pem}}}":   "cert and key go together",
+		"gateway: {http_socket: {path: gw.sock}}":                             "gateway.http_socket.path must be an absolute path",
+		"gateway: {http_socket: {path: /run/k/k.sock}}":                       "gateway.http_socket.path must be an absolute path other than socket.path",
+		"gateway: {http_socket: {group: www-data}}":                           "its mode and group go with it",
+		"gateway: {http_socket: {path: /run/g/g.sock, mode: \"0666\"}}":       `gateway.http_socket.mode "0666"`,
 	} {
 		path := filepath.Join(t.TempDir(), "keywardd.yaml")
 		os.WriteFile(path, []byte(base+extra+"\n"), 0o600)

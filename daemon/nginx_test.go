@@ -334,3 +334,22 @@ http {
 		}
 	}
 }
+
+// TestNginxDocs: docs/gateways.md shows the configuration
+// TestNginxAuthRequest runs, with the socket and the service named as in
+// production.
+func TestNginxDocs(t *testing.T) {
+	doc, err := os.ReadFile("../docs/gateways.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, text := range map[string]string{
+		"the server block's locations": strings.ReplaceAll(nginxServer, "SOCKET", "/run/keyward-gateway/http.sock"),
+		"keyward.conf":                 nginxProtect,
+		"the protected locations":      strings.ReplaceAll(nginxLocations, "UPSTREAM", "orders"),
+	} {
+		if !strings.Contains(string(doc), "```nginx"+text+"```") && !strings.Contains(string(doc), "```nginx\n"+text+"```") {
+			t.Errorf("docs/gateways.md does not show %s as the test runs it:\n%s", name, text)
+		}
+	}
+}
