@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/keyward/keyward/daemon/policy"
@@ -152,5 +153,46 @@ func TestPermissions(t *testing.T) {
 		if got := permissions(tc.in); !slices.Equal(got, tc.want) {
 			t.Errorf("permissions(%q) = %q, want %q", tc.in, got, tc.want)
 		}
+	}
+}
+
+// TestAuthRequestBudget: the gateway's calls count against its role's
+// budget as on the gRPC socket: over its call rate it is answered 503,
+// saying which budget, and nothing is verified or audited.
+func TestAuthRequestBudget(t *testing.T) {
+	pol := withAdmin(`  gateway:
+    limits:
+      rate: [{limit: 1, per: 1h, burst: 1}]
+    permissions:
+      - operations: [APIKeyService.VerifyAPIKey]
+        keys: ["team-a"]
+`, fmt.Sprintf("  - role: gateway\n    callers: [{uid: %d}]\n", os.Getuid()))
+	ts := newTestServer(t, pol)
+	secret, _ := issue(t, ts, "team-a", "shop")
+	c := serveAuthRequest(t, ts)
+	var statuses []int
+	for range 2 {
+		req, _ := http.NewRequest("GET", "http://keywardd"+AuthRequestPath, nil)
+		req.Header.Set("X-API-Key", secret)
+		req.Header.Set("X-Keyward-Environment", "live")
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		statuses = append(statuses, resp.StatusCode)
+		if resp.StatusCode == 503 {
+			var got map[string]any
+			if json.Unmarshal(body, &got) != nil || got["code"] != "resourceexhausted" || !strings.Contains(got["error"].(string), "call rate") {
+				t.Errorf("the refusal's body %s does not say the gateway is over its call rate", body)
+			}
+		}
+	}
+	if !slices.Equal(statuses, []int{200, 503}) {
+		t.Fatalf("statuses %v, want 200 then 503", statuses)
+	}
+	if recs := ts.records(t); len(recs) != 1 || recs[0].Result != "VALID" {
+		t.Fatalf("audit records %+v; want the one verification", recs)
 	}
 }

@@ -2,6 +2,8 @@ package gateway
 
 import (
 	"encoding/json"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -54,4 +56,37 @@ func TestAnswerOf(t *testing.T) {
 	if a := AnswerOf(&keywardv1.VerifyAPIKeyResponse{Code: keywardv1.APIKeyCode_API_KEY_CODE_REVOKED}, now); a.Header.Get("WWW-Authenticate") == "" || a.Header.Get("RateLimit-Limit") != "" {
 		t.Errorf("revoked, no layers: %v", a.Header)
 	}
+}
+
+// TestKey: the key a request presents, in Authorization or another header.
+func TestKey(t *testing.T) {
+	for _, tc := range []struct{ name, header, value, want string }{
+		{"bearer", "Authorization", "Bearer kw_abc", "kw_abc"},
+		{"bearer, any case", "authorization", "bEARER  kw_abc ", "kw_abc"},
+		{"basic is no key", "Authorization", "Basic a2V5Og==", ""},
+		{"a bare key in Authorization is none", "Authorization", "kw_abc", ""},
+		{"none", "Authorization", "", ""},
+		{"X-API-Key", "X-API-Key", "kw_abc", "kw_abc"},
+	} {
+		h := http.Header{}
+		h.Set(tc.header, tc.value)
+		if got := Key(h, tc.header); got != tc.want {
+			t.Errorf("%s: Key = %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}
+
+// FuzzKey: whatever a client sends in Authorization, the key is empty or a
+// trimmed part of it after "Bearer ".
+func FuzzKey(f *testing.F) {
+	f.Fuzz(func(t *testing.T, value string) {
+		h := http.Header{"Authorization": {value}}
+		got := Key(h, "Authorization")
+		if got == "" {
+			return
+		}
+		if got != strings.TrimSpace(got) || !strings.HasSuffix(strings.TrimSpace(value), got) || !strings.EqualFold(value[:7], "bearer ") {
+			t.Fatalf("Key(%q) = %q", value, got)
+		}
+	})
 }
