@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/keyward/keyward/daemon/policy"
 )
@@ -194,5 +195,17 @@ func TestAuthRequestBudget(t *testing.T) {
 	}
 	if recs := ts.records(t); len(recs) != 1 || recs[0].Result != "VALID" {
 		t.Fatalf("audit records %+v; want the one verification", recs)
+	}
+	// The connection held a slot of the gateway's budget, given back when
+	// it closes.
+	uid := uint32(os.Getuid())
+	if n := ts.s.gate.Holds(uid); n != 1 {
+		t.Fatalf("the gateway holds %d connections, want 1", n)
+	}
+	c.CloseIdleConnections()
+	for deadline := time.Now().Add(10 * time.Second); ts.s.gate.Holds(uid) != 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the gateway still holds %d connections after closing its one", ts.s.gate.Holds(uid))
+		}
 	}
 }
