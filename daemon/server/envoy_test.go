@@ -11,15 +11,24 @@ import (
 	"testing"
 	"time"
 
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"go.yaml.in/yaml/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/audit"
+	"github.com/keyward/keyward/daemon/policy"
+	"github.com/keyward/keyward/daemon/server"
 	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
 
@@ -254,5 +263,71 @@ func TestEnvoyCheck(t *testing.T) {
 		if got := int(resp.GetDeniedResponse().GetStatus().GetCode()); got != want {
 			t.Errorf("a gateway granted team-a's keys: HTTP %d for a key of %s, want %d", got, map[bool]string{true: "team-a", false: "team-b"}[k == key], want)
 		}
+	}
+}
+
+// yamlBlock is the first YAML block of docs/gateways.md's Envoy section
+// that contains marker.
+func yamlBlock(t *testing.T, marker string) []byte {
+	t.Helper()
+	doc, err := os.ReadFile("../../docs/gateways.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, _ := strings.Cut(string(doc), "\n## Envoy\n")
+	for rest := section; ; {
+		var block string
+		var ok bool
+		if _, rest, ok = strings.Cut(rest, "```yaml\n"); !ok {
+			break
+		}
+		block, rest, _ = strings.Cut(rest, "```\n")
+		if strings.Contains(block, marker) {
+			return []byte(block)
+		}
+	}
+	t.Fatalf("docs/gateways.md's Envoy section has no YAML block with %q", marker)
+	return nil
+}
+
+// TestEnvoyConfigInDocs: the Envoy configuration docs/gateways.md shows
+// is one Envoy's API accepts (every field known, every typed config
+// resolved, Envoy's validation rules met), it sends keywardd the key's
+// header and routes' settings keyward reads, and the policy it shows
+// parses and grants a gateway VerifyAPIKey.
+func TestEnvoyConfigInDocs(t *testing.T) {
+	var v any
+	if err := yaml.Unmarshal(yamlBlock(t, "static_resources:"), &v); err != nil {
+		t.Fatal(err)
+	}
+	js, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bs bootstrapv3.Bootstrap
+	if err := protojson.Unmarshal(js, &bs); err != nil {
+		t.Fatalf("Envoy's API refuses the configuration: %v", err)
+	}
+	if err := bs.ValidateAll(); err != nil {
+		t.Fatalf("Envoy's validation refuses the configuration: %v", err)
+	}
+	text := string(js)
+	for _, want := range []string{server.EnvoyEnvironment, server.EnvoyPermission, `"failure_mode_allow":false`, `"path":"/run/keyward/keyward.sock"`,
+		`"exact":"authorization"`, "http2_protocol_options"} {
+		if !strings.Contains(text, want) {
+			t.Errorf("the configuration has no %s", want)
+		}
+	}
+	// No user envoy here: the policy is read for uid 4242.
+	pol, err := policy.Parse([]byte(strings.Replace(string(yamlBlock(t, "roles:")), "user: envoy", "uid: 4242", 1)), server.Ops())
+	if err != nil {
+		t.Fatalf("the policy in docs/gateways.md: %v", err)
+	}
+	envoy := policy.Subject{UID: 4242}
+	if err := pol.Allow(envoy, "APIKeyService.VerifyAPIKey", "team-a"); err != nil {
+		t.Errorf("the gateway may not verify team-a's keys: %v", err)
+	}
+	if err := pol.Allow(envoy, "APIKeyService.VerifyAPIKey", "team-c"); err == nil {
+		t.Error("the gateway may verify the keys of an owner the policy does not name")
 	}
 }
