@@ -331,3 +331,53 @@ func TestEnvoyConfigInDocs(t *testing.T) {
 		t.Error("the gateway may verify the keys of an owner the policy does not name")
 	}
 }
+
+// FuzzEnvoyCheck sends Check requests of arbitrary headers, route
+// settings and source addresses to a keywardd on a real token, socket,
+// store and audit log. Whatever they are, the answer is a verdict's (OK
+// with the key's ID and owner, or 401, 403 or 429 with a JSON body) or
+// INVALID_ARGUMENT naming what is wrong, and keywardd goes on serving.
+func FuzzEnvoyCheck(f *testing.F) {
+	in := daemontest.Start(f, daemontest.Policy(gatewayPolicy(`["*"]`, `["*"]`)))
+	ctx := context.Background()
+	r, err := keywardv1.NewAPIKeyServiceClient(in.Conn).CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-a", Name: "fuzz",
+		Environment: "prod", Permissions: []string{"orders:read"}, Unlimited: true})
+	if err != nil {
+		f.Fatal(err)
+	}
+	ec := authv3.NewAuthorizationClient(in.Conn)
+	f.Add("authorization", "Bearer "+r.Secret, "", "prod", "orders:read", "192.0.2.1")
+	f.Add("x-api-key", r.Secret, "X-API-Key", "prod", "orders:read,orders:write", "2001:db8::1")
+	f.Add("authorization", "Basic "+r.Secret, "", "prod", "", "")
+	f.Add("authorization", "Bearer", "authorization", "", ",,", "not an address")
+	f.Fuzz(func(t *testing.T, name, value, keyHeader, env, perms, source string) {
+		// Envoy's strings are UTF-8: it replaces what is not with '!' (and
+		// a proto3 string must be, or the client cannot send it).
+		for _, s := range []*string{&name, &value, &keyHeader, &env, &perms, &source} {
+			*s = strings.ToValidUTF8(*s, "!")
+		}
+		ext := map[string]string{"keyward_environment": env, "keyward_permission": perms, "keyward_header": keyHeader}
+		resp, err := ec.Check(ctx, envoyCheck(map[string]string{name: value}, ext, source))
+		if err != nil {
+			if st := status.Convert(err); st.Code() != codes.InvalidArgument || st.Message() == "" {
+				t.Fatalf("Check: %v, want a verdict or INVALID_ARGUMENT", err)
+			}
+			return
+		}
+		if ok := resp.GetOkResponse(); ok != nil {
+			if id, _ := header(ok.GetHeaders(), "Keyward-Key-Id"); id != r.Key.Id || resp.GetStatus().GetCode() != int32(codes.OK) {
+				t.Fatalf("passed without the key's ID: %v", resp)
+			}
+			return
+		}
+		d := resp.GetDeniedResponse()
+		switch d.GetStatus().GetCode() {
+		case 401, 403, 429:
+		default:
+			t.Fatalf("Check = %v, want OK or a denial with 401, 403 or 429", resp)
+		}
+		if !json.Valid([]byte(d.GetBody())) || resp.GetStatus().GetCode() == int32(codes.OK) {
+			t.Fatalf("denial %v", resp)
+		}
+	})
+}
