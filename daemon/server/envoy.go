@@ -62,7 +62,7 @@ func (e envoyAuthz) Check(ctx context.Context, r *authv3.CheckRequest) (*authv3.
 	req := &keywardv1.VerifyAPIKeyRequest{Environment: ext[EnvoyEnvironment], Permissions: splitPermissions(ext[EnvoyPermission]),
 		SourceIp: attrs.GetSource().GetAddress().GetSocketAddress().GetAddress()}
 	if req.Environment == "" {
-		return nil, fmt.Errorf("%w: the route names no environment: set %s in its ext_authz check_settings.context_extensions (docs/gateways.md#envoy)",
+		return nil, fmt.Errorf("%w: Envoy's route names no environment: set %s in its ext_authz check_settings.context_extensions (docs/gateways.md#envoy)",
 			errInvalid, EnvoyEnvironment)
 	}
 	header := ext[EnvoyHeader]

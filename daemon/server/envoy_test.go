@@ -246,8 +246,8 @@ func TestEnvoyCheck(t *testing.T) {
 			if len(after) != len(before)+1 {
 				t.Fatalf("%d audit records for one Check, want 1", len(after)-len(before))
 			}
-			if r := after[len(after)-1]; r.Op != "APIKeyService.VerifyAPIKey" || r.Outcome != c.outcome {
-				t.Errorf("audit record %+v, want VerifyAPIKey %s", r, c.outcome)
+			if r := after[len(after)-1]; r.Op != "APIKeyService.VerifyAPIKey" || r.Outcome != c.outcome || !strings.Contains(r.Detail, "Envoy") {
+				t.Errorf("audit record %+v, want VerifyAPIKey %s, through Envoy", r, c.outcome)
 			}
 		})
 	}
