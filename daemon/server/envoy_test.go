@@ -275,6 +275,7 @@ func yamlBlock(t *testing.T, marker string) []byte {
 		t.Fatal(err)
 	}
 	_, section, _ := strings.Cut(string(doc), "\n## Envoy\n")
+	section, _, _ = strings.Cut(section, "\n## ") // the next section's are not Envoy's
 	for rest := section; ; {
 		var block string
 		var ok bool
