@@ -10,8 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/protobuf/types/known/durationpb"
-
 	"github.com/keyward/keyward/daemon/anomaly"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/dynlimits"
@@ -114,27 +112,8 @@ func BenchmarkDaemon(b *testing.B) {
 		b.Fatal(err)
 	}
 	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
-	apiKey := func(limits []*keywardv1.RateLimit) string {
-		r, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "bench", Name: "bench", Environment: "prod",
-			Permissions: []string{"orders:read"}, RateLimits: limits, Unlimited: limits == nil, Quota: &keywardv1.Quota{Remaining: 1 << 50}})
-		if err != nil {
-			b.Fatal(err)
-		}
-		return r.Secret
-	}
-	unlimitedKey := apiKey(nil)
-	limitedKey := apiKey([]*keywardv1.RateLimit{{Limit: 1_000_000, Per: durationpb.New(time.Second), Burst: 1_000_000},
-		{Limit: 1_000_000_000, Per: durationpb.New(time.Hour), Burst: 1_000_000_000}})
-	verifyAPIKey := func(key string) func() error {
-		req := &keywardv1.VerifyAPIKeyRequest{Key: key, Environment: "prod", Permissions: []string{"orders:read"}, SourceIp: "192.0.2.1"}
-		return func() error {
-			v, err := ac.VerifyAPIKey(ctx, req)
-			if err == nil && v.Code != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
-				err = fmt.Errorf("API key refused: %v %s", v.Code, v.Reason)
-			}
-			return err
-		}
-	}
+	unlimitedKey, limitedKey := benchAPIKeys(b, ac)
+	verifyAPIKey := func(key string) func() error { return benchVerify(ac, key) }
 	batch := make([]*keywardv1.GenerateDataKeyRequest, 100)
 	for i := range batch {
 		batch[i] = &keywardv1.GenerateDataKeyRequest{KeyName: "bench", EncryptionContext: ectx}

@@ -39,6 +39,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
@@ -91,9 +92,13 @@ func eachOp(yield func(method, op string) bool) {
 	}
 }
 
-// opNames maps gRPC method names to operation names (eachOp), so that
-// calls do not build them.
-var opNames = maps.Collect(eachOp)
+// opNames maps gRPC method names to operation names (eachOp, and the
+// gateways' methods: gatewayOps), so that calls do not build them.
+var opNames = func() map[string]string {
+	m := maps.Collect(eachOp)
+	maps.Copy(m, gatewayOps)
+	return m
+}()
 
 // MaxRequest is the largest request keywardd reads, in bytes.
 const MaxRequest = 8 << 20
@@ -313,6 +318,7 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	keywardv1.RegisterAuditServiceServer(gs, s)
 	keywardv1.RegisterCryptoServiceServer(gs, s)
 	keywardv1.RegisterEventServiceServer(gs, s)
+	authv3.RegisterAuthorizationServer(gs, envoyAuthz{s: s})
 	healthpb.RegisterHealthServer(gs, s.health)
 	reflection.Register(gs)
 	return s, gs

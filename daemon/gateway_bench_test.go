@@ -1,0 +1,163 @@
+package daemon_test
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/softhsm-test/benchload"
+	"github.com/keyward/keyward/softhsm-test/daemontest"
+)
+
+// BenchmarkGateway measures the gateway path over keywardd's socket: an
+// Envoy's external authorization Check (Envoy's own messages, as an Envoy
+// sends them: the request's attributes, its source and destination, the
+// route's context_extensions) against the VerifyAPIKey it stands for, at
+// the same level back to back, for a key without rate limits and one with
+// two layers, Envoy configured as docs/gateways.md says (allowed_headers:
+// the key's header alone), and for an Envoy sending every header of the
+// request; and prints their ratios.
+// The target: a Check does at least 0.9 of VerifyAPIKey's calls a second.
+func BenchmarkGateway(b *testing.B) {
+	ctx := context.Background()
+	in := daemontest.Start(b, daemontest.Policy(uidPolicy(allowAll)))
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
+	ec := authv3.NewAuthorizationClient(in.Conn)
+	unlimited, limited := benchAPIKeys(b, ac)
+	// check is the Check an Envoy sends for a GET with key, configured as
+	// docs/gateways.md says (allowed_headers: the key's header alone), or,
+	// allHeaders, with no allowed_headers: then it sends every header.
+	check := func(key string, allHeaders bool) func() error {
+		headers := map[string]string{"authorization": "Bearer " + key}
+		if allHeaders {
+			maps.Copy(headers, map[string]string{":authority": "api.example", ":method": "GET", ":path": "/orders/42", ":scheme": "https",
+				"accept": "application/json", "user-agent": "curl/8.5.0", "x-request-id": "6b1f0c1e-0a4d-4f5e-9d1c-2a3b4c5d6e7f",
+				"x-forwarded-proto": "https", "cookie": "session=0123456789abcdef0123456789abcdef"})
+		}
+		peer := func(addr string, port uint32) *authv3.AttributeContext_Peer {
+			return &authv3.AttributeContext_Peer{Address: &corev3.Address{Address: &corev3.Address_SocketAddress{
+				SocketAddress: &corev3.SocketAddress{Address: addr, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port}}}}}
+		}
+		req := &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+			Source: peer("192.0.2.1", 51234), Destination: peer("10.0.0.5", 8443),
+			Request: &authv3.AttributeContext_Request{Time: timestamppb.Now(), Http: &authv3.AttributeContext_HttpRequest{
+				Id: "6b1f0c1e-0a4d-4f5e-9d1c-2a3b4c5d6e7f", Method: "GET", Path: "/orders/42", Host: "api.example", Scheme: "https", Protocol: "HTTP/2",
+				Headers: headers}},
+			ContextExtensions: map[string]string{"keyward_environment": "prod", "keyward_permission": "orders:read"}}}
+		return func() error {
+			r, err := ec.Check(ctx, req)
+			if err == nil && r.GetStatus().GetCode() != int32(codes.OK) {
+				err = fmt.Errorf("Check denied: %v", r)
+			}
+			return err
+		}
+	}
+	pairs := []struct {
+		suffix        string
+		verify, check func() error
+	}{
+		{"", benchVerify(ac, unlimited), check(unlimited, false)},
+		{"-limits", benchVerify(ac, limited), check(limited, false)},
+		{"-all-headers", benchVerify(ac, unlimited), check(unlimited, true)},
+	}
+	// Each pair runs verify, check, check, verify at each level (the
+	// machine is shared: what it can do drifts within seconds), and each
+	// side is the mean of its two runs. (Interleaving the two calls call
+	// by call would hide the difference: calls answered together wait for
+	// the same group commit of the audit log, whatever each costs.)
+	res := map[string]benchload.Result{}
+	for _, n := range benchLevels {
+		for _, p := range pairs {
+			calls := map[string]func() error{"verify-api-key" + p.suffix: p.verify, "envoy-check" + p.suffix: p.check}
+			for i, name := range []string{"verify-api-key" + p.suffix, "envoy-check" + p.suffix, "envoy-check" + p.suffix, "verify-api-key" + p.suffix} {
+				b.Run(fmt.Sprintf("daemon=%s/callers=%d/run=%d", name, n, i/2+1), func(b *testing.B) {
+					r, key := benchload.Run(b, n, calls[name]), fmt.Sprintf("%s/%d", name, n)
+					if prev, ok := res[key]; ok {
+						r = benchload.Result{OpsPerSec: (prev.OpsPerSec + r.OpsPerSec) / 2, P50: (prev.P50 + r.P50) / 2,
+							P99: (prev.P99 + r.P99) / 2, CPU: (prev.CPU + r.CPU) / 2}
+					}
+					res[key] = r
+				})
+			}
+		}
+	}
+	in.Stop()
+
+	var out strings.Builder
+	var missed []string
+	fmt.Fprintf(&out, "\nEnvoy's Check against VerifyAPIKey, one run (%s)\n", time.Now().UTC().Format(time.RFC3339))
+	fmt.Fprintf(&out, "%-27s %7s %9s %9s %9s %8s %6s %6s %5s\n", "call", "clients", "ops/s", "p50", "p99", "cpu/op", "cpu", "ratio", "want")
+	for _, p := range pairs {
+		for _, n := range benchLevels {
+			v, c := res[fmt.Sprintf("verify-api-key%s/%d", p.suffix, n)], res[fmt.Sprintf("envoy-check%s/%d", p.suffix, n)]
+			if v.OpsPerSec == 0 || c.OpsPerSec == 0 {
+				continue
+			}
+			ratio, mark := c.OpsPerSec/v.OpsPerSec, ""
+			if ratio < 0.9 {
+				mark = " slow"
+				missed = append(missed, fmt.Sprintf("envoy-check%s at %d clients: %.2f of VerifyAPIKey", p.suffix, n, ratio))
+			}
+			for _, r := range []struct {
+				name             string
+				res              benchload.Result
+				cpu, ratio, want string
+			}{{"verify-api-key" + p.suffix, v, "", "", ""},
+				{"envoy-check" + p.suffix, c, fmt.Sprintf("%.2f", float64(v.CPU)/float64(max(c.CPU, 1))), fmt.Sprintf("%.2f", ratio), "0.9" + mark}} {
+				fmt.Fprintf(&out, "%-27s %7d %9.0f %9s %9s %8s %6s %6s %5s\n", r.name, n, r.res.OpsPerSec, r.res.P50.Round(time.Microsecond),
+					r.res.P99.Round(time.Microsecond), r.res.CPU.Round(time.Microsecond), r.cpu, r.ratio, r.want)
+			}
+		}
+	}
+	out.WriteString(`ratio: envoy-check's ops/s over verify-api-key's at the same level, each the mean of 2 runs (verify, check, check,
+       verify); target >= 0.9. cpu: verify-api-key's cpu/op over envoy-check's, where the two differ once the CPU is
+       the bound. cpu/op is the process's per call: the client's (encoding Envoy's request) and keywardd's.
+-limits: a key with two rate-limit layers; -all-headers: an Envoy sending every header (no allowed_headers).
+`)
+	if len(missed) > 0 {
+		fmt.Fprintf(&out, "missed in this run (%d): %s\n", len(missed), strings.Join(missed, "; "))
+	} else if len(res) == 2*len(pairs)*len(benchLevels) {
+		out.WriteString("every target met in this run\n")
+	}
+	fmt.Fprint(os.Stdout, out.String())
+}
+
+// benchAPIKeys creates the benchmarks' two API keys (owner bench,
+// environment prod, orders:read): one without rate limits and one with
+// two layers no benchmark reaches.
+func benchAPIKeys(b *testing.B, ac keywardv1.APIKeyServiceClient) (unlimited, limited string) {
+	b.Helper()
+	apiKey := func(limits []*keywardv1.RateLimit) string {
+		r, err := ac.CreateAPIKey(context.Background(), &keywardv1.CreateAPIKeyRequest{Owner: "bench", Name: "bench", Environment: "prod",
+			Permissions: []string{"orders:read"}, RateLimits: limits, Unlimited: limits == nil, Quota: &keywardv1.Quota{Remaining: 1 << 50}})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return r.Secret
+	}
+	return apiKey(nil), apiKey([]*keywardv1.RateLimit{{Limit: 1_000_000, Per: durationpb.New(time.Second), Burst: 1_000_000},
+		{Limit: 1_000_000_000, Per: durationpb.New(time.Hour), Burst: 1_000_000_000}})
+}
+
+// benchVerify is a VerifyAPIKey of key that must be VALID.
+func benchVerify(ac keywardv1.APIKeyServiceClient, key string) func() error {
+	req := &keywardv1.VerifyAPIKeyRequest{Key: key, Environment: "prod", Permissions: []string{"orders:read"}, SourceIp: "192.0.2.1"}
+	return func() error {
+		v, err := ac.VerifyAPIKey(context.Background(), req)
+		if err == nil && v.Code != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
+			err = fmt.Errorf("API key refused: %v %s", v.Code, v.Reason)
+		}
+		return err
+	}
+}
