@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
@@ -59,7 +60,9 @@ func (s *Server) AuthRequest() *http.Server {
 	a.resolver.Hashing = s.gate.Hash
 	mux := http.NewServeMux()
 	mux.Handle(AuthRequestPath, a)
-	return &http.Server{Handler: mux, ReadHeaderTimeout: s.cfg.HandshakeTimeout, WriteTimeout: s.cfg.WriteTimeout,
+	// ReadTimeout as well as ReadHeaderTimeout: a request with a body
+	// (refused) must not hold its connection while it trickles in.
+	return &http.Server{Handler: mux, ReadHeaderTimeout: s.cfg.HandshakeTimeout, ReadTimeout: s.cfg.HandshakeTimeout, WriteTimeout: s.cfg.WriteTimeout,
 		IdleTimeout: s.cfg.IdleTimeout, MaxHeaderBytes: 16 << 10,
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			return context.WithValue(ctx, gatewayConnKey{}, &gatewayConn{raw: c})
@@ -115,6 +118,16 @@ func (a *authRequest) identify(gc *gatewayConn) (AuthInfo, error) {
 }
 
 func (a *authRequest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.ContentLength != 0 || len(r.TransferEncoding) > 0 {
+		// auth_request sends none (proxy_pass_request_body off): a body
+		// is not a gateway's question, and reading it would hold the
+		// connection.
+		w.Header().Set("Connection", "close")
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusBadRequest)
+		w.Write(gateway.JSON(map[string]any{"error": "the request has a body; keywardd's gateway endpoint takes none (proxy_pass_request_body off)"}))
+		return
+	}
 	conn := r.Context().Value(gatewayConnKey{}).(*gatewayConn)
 	ai, err := a.identify(conn)
 	if err != nil {
@@ -131,6 +144,9 @@ func (a *authRequest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		case <-t.C:
 		case <-r.Context().Done():
 			t.Stop()
+			// Never an empty 200, which auth_request takes as admit.
+			w.Header().Set("Connection", "close")
+			a.fail(w, fmt.Errorf("%w: the request ended while the gateway waited for its budget", errUnavailable))
 			return
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/keyward/keyward/daemon/api/gateway"
@@ -54,8 +55,13 @@ func Gate(v Verifier, o GateOptions) func(http.Handler) http.Handler {
 	}
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			r.Header.Del(gateway.HeaderKeyID)
-			r.Header.Del(gateway.HeaderOwner)
+			// A client's own, also spelt with underscores (which CGI-style
+			// backends read as the same variable), never reach the service.
+			for k := range r.Header {
+				if n := strings.ReplaceAll(k, "_", "-"); strings.EqualFold(n, gateway.HeaderKeyID) || strings.EqualFold(n, gateway.HeaderOwner) {
+					delete(r.Header, k)
+				}
+			}
 			key := gateway.Key(r.Header, o.Header)
 			if key == "" {
 				// No key at all: nothing to ask keywardd.

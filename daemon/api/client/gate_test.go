@@ -45,7 +45,8 @@ func TestGate(t *testing.T) {
 			req.Header.Set("Authorization", auth)
 		}
 		if spoof {
-			req.Header.Set(gateway.HeaderOwner, "someone-else")
+			req.Header.Add(gateway.HeaderOwner, "someone-else")
+			req.Header["Keyward_owner"] = []string{"someone-else"}
 		}
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
@@ -57,7 +58,8 @@ func TestGate(t *testing.T) {
 	}
 
 	resp, body := do("Bearer "+k.Secret, true)
-	if resp.StatusCode != 200 || body != "upstream" || seen.Get(gateway.HeaderKeyID) != k.Key.Id || seen.Get(gateway.HeaderOwner) != "shop" {
+	if resp.StatusCode != 200 || body != "upstream" || seen.Get(gateway.HeaderKeyID) != k.Key.Id || len(seen.Values(gateway.HeaderOwner)) != 1 ||
+		seen.Get(gateway.HeaderOwner) != "shop" || seen["Keyward_owner"] != nil {
 		t.Fatalf("a valid key: %d %q, upstream saw %v", resp.StatusCode, body, seen)
 	}
 	if resp.Header.Get("RateLimit-Limit") != "3" || resp.Header.Get("RateLimit-Remaining") != "2" || resp.Header.Get("RateLimit-Reset") == "" {
