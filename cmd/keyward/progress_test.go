@@ -65,9 +65,18 @@ func TestProgressTerminal(t *testing.T) {
 	p.set(150, "4 moved")
 	p.finish()
 	tty.Close()
-	out := make([]byte, 1<<16)
-	m, _ := master.Read(out)
-	got := string(out[:m])
+	// Everything written, read until the terminal's other end has no more
+	// (one read may return only the first redraw).
+	var buf []byte
+	master.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for chunk := make([]byte, 1<<16); !strings.Contains(string(buf), "4 moved"); {
+		m, err := master.Read(chunk)
+		buf = append(buf, chunk[:m]...)
+		if err != nil {
+			break
+		}
+	}
+	got := string(buf)
 	if !strings.Contains(got, "\r") || !strings.Contains(got, "rewrap dir:/x 4 moved") || !strings.Contains(got, "%") {
 		t.Errorf("terminal output %q", got)
 	}
