@@ -171,6 +171,8 @@ func (a *authRequest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx = context.WithValue(ctx, endKey{}, end)
 	resp, err := a.s.intercept(ctx, req, &grpc.UnaryServerInfo{FullMethod: keywardv1.APIKeyService_VerifyAPIKey_FullMethodName},
 		func(ctx context.Context, req any) (any, error) {
+			// On record as the gateway's, apart from a VerifyAPIKey over gRPC.
+			callFrom(ctx).detail = "through the auth_request endpoint (gateway.http_socket)"
 			return a.s.VerifyAPIKey(ctx, req.(*keywardv1.VerifyAPIKeyRequest))
 		})
 	if err != nil {

@@ -112,6 +112,9 @@ func TestAuthRequest(t *testing.T) {
 			if r := recs[0]; r.Op != "APIKeyService.VerifyAPIKey" || r.Caller.UID != uint32(me) || r.Result != tc.result || r.Outcome != tc.outcome {
 				t.Errorf("audit record %+v; want VerifyAPIKey by uid %d, verdict %q, outcome %s", r, me, tc.result, tc.outcome)
 			}
+			if r := recs[0]; r.Outcome == "ok" && !strings.Contains(r.Detail, "auth_request endpoint") {
+				t.Errorf("audit record's detail %q; want it to name the auth_request endpoint", r.Detail)
+			}
 		})
 	}
 
