@@ -68,11 +68,15 @@ type cgroupTree struct {
 // newCgroupTree makes a cgroup for the test. It fails, saying why, where
 // the host has no writable cgroup v2 hierarchy: keyward's cgroup selectors
 // read that one, and CI (root on a Debian VM) has it.
-func newCgroupTree(t *testing.T) *cgroupTree {
+func newCgroupTree(t *testing.T) *cgroupTree { t.Helper(); return newCgroupTreeNamed(t, "") }
+
+// newCgroupTreeNamed is newCgroupTree, its name ending in suffix (".slice":
+// a tree keyward reads as systemd's).
+func newCgroupTreeNamed(t *testing.T, suffix string) *cgroupTree {
 	t.Helper()
 	softhsmtest.RequireRoot(t, "creates cgroups and moves processes into them")
 	mount, root := cgroup2Mount(t)
-	name := fmt.Sprintf("keyward-test-%d-%d", os.Getpid(), time.Now().UnixNano())
+	name := fmt.Sprintf("keyward-test-%d-%d%s", os.Getpid(), time.Now().UnixNano(), suffix)
 	c := &cgroupTree{dir: filepath.Join(mount, name), path: path.Join(root, name)}
 	if err := os.Mkdir(c.dir, 0o755); err != nil {
 		t.Fatalf("cannot make a cgroup in the cgroup v2 hierarchy mounted at %s: %v; the test needs it writable, as root", mount, err)
@@ -270,18 +274,27 @@ func TestCgroupSelectorsNarrow(t *testing.T) {
 	}
 }
 
-// TestCgroupSystemdScope: a client started by systemd-run --scope is known
-// by its scope's unit name.
+// TestCgroupSystemdScope: a client in a systemd scope is known by the
+// scope's unit name. Where systemd runs, systemd-run --scope makes the
+// scope; where it does not (CI has no init), the test makes the cgroups
+// systemd would, a slice and a scope below it, and moves the client in.
 func TestCgroupSystemdScope(t *testing.T) {
 	softhsmtest.RequireRoot(t, "starts a systemd scope")
-	if _, err := os.Stat("/run/systemd/system"); err != nil {
-		t.Skip("systemd is not running on this machine (no /run/systemd/system): systemd-run --scope cannot make a scope here")
-	}
 	unit := fmt.Sprintf("keyward-test-%d-%d.scope", os.Getpid(), time.Now().UnixNano()%1e6)
 	in, bin := appDaemon(t, "      - systemd_unit: \"keyward-test-*.scope\"\n")
-	cmd := exec.Command("systemd-run", "--scope", "--quiet", "--unit="+unit, "--uid=65534", "--gid=65534", "--", bin)
-	cmd.Env = []string{"KEYWARD_TEST_CGROUP_CLIENT=" + in.Config.Socket.Path, "PATH=" + os.Getenv("PATH")}
-	c := startCgClient(t, cmd)
+	env := "KEYWARD_TEST_CGROUP_CLIENT=" + in.Config.Socket.Path
+	var c *cgClient
+	if _, err := os.Stat("/run/systemd/system"); err == nil {
+		cmd := exec.Command("systemd-run", "--scope", "--quiet", "--unit="+unit, "--uid=65534", "--gid=65534", "--", bin)
+		cmd.Env = []string{env, "PATH=" + os.Getenv("PATH")}
+		c = startCgClient(t, cmd)
+	} else {
+		tree := newCgroupTreeNamed(t, ".slice")
+		tree.leaf(t, unit)
+		c = startCgClient(t, asNobody(bin, env))
+		tree.move(t, c.cmd.Process.Pid, unit)
+		c.do(t, "new") // a connection made from the scope
+	}
 	if got := c.do(t, "call"); got != "OK" {
 		t.Fatalf("in scope %s: %q; want OK", unit, got)
 	}
