@@ -196,17 +196,6 @@ func (h *Hub) Join(uid uint32) (leave func(), err error) {
 	}, nil
 }
 
-// Watchers is how many streams are open.
-func (h *Hub) Watchers() int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	n := 0
-	for _, c := range h.watchers {
-		n += c
-	}
-	return n
-}
-
 // Start is where a stream without a cursor begins.
 type Start int
 

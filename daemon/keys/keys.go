@@ -122,17 +122,6 @@ type RewrapReport struct {
 	ReporterUID uint32 `json:"reporter_uid,omitempty"`
 }
 
-// Under is how many ciphertexts the report counts under versions below v.
-func (r RewrapReport) Under(v uint32) uint64 {
-	var n uint64
-	for ver, c := range r.Ciphertexts {
-		if ver < v {
-			n += c
-		}
-	}
-	return n
-}
-
 // Rewrap report bounds: a key keeps the reports of this many sources, each
 // named in at most MaxRewrapSource bytes.
 const (

@@ -716,7 +716,7 @@ func TestReportRewrap(t *testing.T) {
 	if len(k.RewrapReports) != MaxRewrapReports {
 		t.Fatalf("%d reports kept; want %d", len(k.RewrapReports), MaxRewrapReports)
 	}
-	if r := k.RewrapReports[0]; r.Source != "dir:/3" || r.Under(2) != 0 || !r.Complete || !r.Time.Equal(e.clock.Now()) {
+	if r := k.RewrapReports[0]; r.Source != "dir:/3" || r.Ciphertexts[1] != 0 || !r.Complete || !r.Time.Equal(e.clock.Now()) {
 		t.Fatalf("newest report %+v", r)
 	}
 	for _, r := range k.RewrapReports {
@@ -724,7 +724,7 @@ func TestReportRewrap(t *testing.T) {
 			t.Fatal("the oldest source was kept past the bound")
 		}
 	}
-	if r := k.RewrapReports[1]; r.Source != fmt.Sprintf("dir:/%d", MaxRewrapReports) || r.Under(2) != MaxRewrapReports || r.Under(1) != 0 {
+	if r := k.RewrapReports[1]; r.Source != fmt.Sprintf("dir:/%d", MaxRewrapReports) || r.Ciphertexts[1] != MaxRewrapReports || len(r.Ciphertexts) != 1 {
 		t.Fatalf("second report %+v", r)
 	}
 	// Another reporter's new sources push out one report of others, then
