@@ -33,6 +33,7 @@ import (
 	"github.com/keyward/keyward/daemon/events"
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/leaks"
+	"github.com/keyward/keyward/daemon/limitwin"
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/policy"
@@ -70,6 +71,7 @@ type daemonParts struct {
 	tokens  *tokens.Service
 	det     *anomaly.Detector   // nil unless anomaly.enabled
 	gov     *dynlimits.Governor // nil unless dynamic_limits.enabled
+	lw      *limitwin.Windows   // API keys' limit windows
 	akm     *apikeys.Manager
 	plugins []*host.Plugin
 	env     *envelope.Service
@@ -339,6 +341,14 @@ func (d *daemonParts) newAPIKeys(context.Context) (err error) {
 	if d.cfg.Anomaly.Enabled {
 		d.det = anomaly.New(d.cfg.Anomaly, d.st)
 	}
+	if d.lw, err = limitwin.New(d.st, d.o.Now); err != nil {
+		return err
+	}
+	lw := d.lw
+	windows := func(rec *apikeys.Record, now time.Time) float64 {
+		return lw.Factor(limitwin.Key{ID: rec.ID, Owner: rec.Owner, Environment: rec.Environment}, now)
+	}
+	ako.LimitFactor = windows
 	if d.cfg.DynamicLimits.Enabled {
 		var clean func(string, time.Time) bool
 		if d.det != nil {
@@ -346,7 +356,9 @@ func (d *daemonParts) newAPIKeys(context.Context) (err error) {
 		}
 		gov := dynlimits.New(d.cfg.DynamicLimits, clean)
 		d.gov = gov
-		ako.LimitFactor = func(rec *apikeys.Record, now time.Time) float64 { return gov.Factor(rec.ID, rec.Created, now) }
+		ako.LimitFactor = func(rec *apikeys.Record, now time.Time) float64 {
+			return gov.Factor(rec.ID, rec.Created, now) * windows(rec, now)
+		}
 	}
 	if d.lead != nil {
 		ako.FleetNodes = d.lead.Nodes
@@ -356,6 +368,23 @@ func (d *daemonParts) newAPIKeys(context.Context) (err error) {
 		return err
 	}
 	d.feed.on(store.BucketAPIKeys, func(c []etcdstore.Change) { d.akm.Forget(keysOf(c)) })
+	d.feed.on(store.BucketSchedule, func(c []etcdstore.Change) {
+		if c == nil {
+			// Anything may have changed, and the feed may not read the
+			// store: read it once the feed has gone on.
+			go func() {
+				if err := lw.Reload(); err != nil {
+					d.log.Error("reloading the limit windows failed; they are as they were", "error", err.Error())
+				}
+			}()
+			return
+		}
+		for _, ch := range c {
+			if err := lw.Changed(ch.Key, ch.Rec); err != nil {
+				d.log.Error("a limit window record from the fleet does not parse; the target's windows are as they were", "key", ch.Key, "error", err.Error())
+			}
+		}
+	})
 	return nil
 }
 
@@ -440,7 +469,7 @@ func (d *daemonParts) newServer(context.Context) error {
 	d.srv, d.gs = server.New(server.Config{
 		HSM: hsmStatus{d.h}, Store: d.st, Keys: d.km, Envelope: d.env, Crypto: appcrypto.New(d.km, d.h, d.o.Now), Audit: d.auditLog(), AuditReader: d.al, Policy: pol, Credentials: d.cm, Metrics: d.mx,
 		MaxBatch: cfg.MaxBatch, Version: d.o.Version, HealthEvery: d.o.HealthEvery,
-		Tokens: d.tokens, APIKeys: d.akm, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify, Events: d.hub,
+		Tokens: d.tokens, APIKeys: d.akm, LimitWindows: d.lw, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify, Events: d.hub,
 		Plugins:          func() []server.PluginState { return pluginStates(d.plugins, d.ob.Status()) },
 		NamesToRename:    d.legacy.Counts,
 		Fleet:            d.fleetInfo(),

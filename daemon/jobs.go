@@ -22,6 +22,7 @@ import (
 	"github.com/keyward/keyward/daemon/credentials"
 	"github.com/keyward/keyward/daemon/dynlimits"
 	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/limitwin"
 	"github.com/keyward/keyward/daemon/metrics"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/tokens"
@@ -37,6 +38,7 @@ func (d *daemonParts) jobs() []task {
 	if flushEvery == 0 {
 		flushEvery = DefaultFlushEvery
 	}
+	windowsAudited := map[string]bool{}
 	ts := []task{
 		// Keys past their deletion date: destroyed in the HSM (audited first).
 		once(every("key deletions", d.o.KeysEvery, func(ctx context.Context) { deleteDueKeys(ctx, d.km, d.al, log, keyClock) })),
@@ -64,6 +66,9 @@ func (d *daemonParts) jobs() []task {
 		once(every("expiring API keys", 10*time.Minute, func(ctx context.Context) {
 			noticeExpiring(ctx, d.akm, d.al, log, now, d.cfg.Events.WithDefaults().ExpiringWithin)
 		})),
+		// API keys' limit windows: each start and end audited once (each
+		// applies on time by itself: limitwin).
+		once(every("limit windows", time.Second, func(ctx context.Context) { noticeWindows(ctx, d.lw, d.al, log, now, windowsAudited) })),
 		// Revocation events delivered to the plugins (outbox).
 		once(loop("plugin events", func(ctx context.Context) { d.ob.Run(ctx, time.Second) })),
 		// The rest runs on every node of a fleet, on what the node sees.
@@ -325,6 +330,36 @@ func noticeExpiring(ctx context.Context, akm *apikeys.Manager, al *audit.Log, lo
 		Detail: fmt.Sprintf("%d API keys expire within %v: an api_key_expiring event for each (%s)", len(ids), within, strings.Join(ids, ", "))}
 	if aerr := al.Append(ctx, rec); aerr != nil {
 		log.Error("auditing the API keys about to expire failed", "error", aerr.Error())
+	}
+}
+
+// windowOps are the audit records' operations of limit windows' starts
+// and ends.
+var windowOps = map[string]string{limitwin.Started: "keywardd.LimitWindowStarted", limitwin.Ended: "keywardd.LimitWindowEnded"}
+
+// noticeWindows audits the starts and ends of limit windows not audited
+// yet, each once; one that cannot be audited is tried again next time.
+// audited holds those this process audited, in case the store cannot
+// record it: audited again only after a restart.
+func noticeWindows(ctx context.Context, lw *limitwin.Windows, al *audit.Log, log *slog.Logger, now func() time.Time, audited map[string]bool) {
+	for _, n := range lw.Due() {
+		w := n.Window
+		if audited[w.ID+" "+n.Boundary] {
+			continue
+		}
+		detail := fmt.Sprintf("%s: %s; reason %q; scheduled by %s", w.Target, w.Change(), w.Reason, w.By)
+		if !w.Cancelled.IsZero() {
+			detail += fmt.Sprintf("; cancelled at %s by %s", w.Cancelled.UTC().Format(time.RFC3339), w.CancelledBy)
+		}
+		rec := audit.Record{Time: now().UTC(), Op: windowOps[n.Boundary], Key: w.ID, Outcome: "ok", Caller: keywardd(), Detail: detail}
+		if err := al.Append(ctx, rec); err != nil {
+			log.Error("auditing a limit window's "+n.Boundary+" failed; tried again in a second", "window", w.ID, "error", err.Error())
+			return
+		}
+		audited[w.ID+" "+n.Boundary] = true
+		if err := lw.Noticed(n); err != nil {
+			log.Error("recording that a limit window's "+n.Boundary+" was audited failed; it may be audited again", "window", w.ID, "error", err.Error())
+		}
 	}
 }
 

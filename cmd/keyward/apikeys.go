@@ -14,6 +14,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/fieldmaskpb"
@@ -21,6 +23,7 @@ import (
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/daemon/apikeys"
+	"github.com/keyward/keyward/daemon/limitwin"
 )
 
 // errRefused: apikey verify's key is not VALID (exit 1; the verdict is
@@ -270,7 +273,32 @@ func apikeyShow(f *flagSet) action {
 	id := idFlag(f)
 	return func(e *env, _ []string) error {
 		r, err := e.api.APIKeys.GetAPIKey(e.ctx, &keywardv1.GetAPIKeyRequest{Id: *id})
-		return e.showAPIKey(r.GetKey(), err)
+		if err != nil || e.output.json() {
+			return e.showAPIKey(r.GetKey(), err)
+		}
+		if err := printAPIKey(e.stdout, r.GetKey()); err != nil {
+			return err
+		}
+		// The limit windows covering it, past ones of the last 30 days
+		// too: what the key was allowed when.
+		ws, err := e.api.APIKeys.ListLimitWindows(e.ctx, &keywardv1.ListLimitWindowsRequest{KeyId: *id, IncludeEnded: true})
+		if status.Code(err) == codes.PermissionDenied {
+			fmt.Fprintln(e.stdout, "limit windows: not shown (you are not granted APIKeyService.ListLimitWindows on its owner)")
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if f := ws.GetFactorNow(); f != 1 {
+			fmt.Fprintf(e.stdout, "rate limits now: %s (×%s, window %s)\n", limitsText(ws.GetLimitsNow()),
+				limitwin.FormatFactor(f), ws.GetActiveWindow())
+		}
+		if len(ws.GetWindows()) == 0 {
+			fmt.Fprintln(e.stdout, "limit windows: none (keyward apikey schedule-limits)")
+			return nil
+		}
+		fmt.Fprintln(e.stdout, "limit windows:")
+		return printWindows(e.stdout, ws.GetWindows(), time.Now())
 	}
 }
 
@@ -529,14 +557,7 @@ func printAPIKey(w io.Writer, k *keywardv1.APIKey) error {
 	if len(k.GetAllowedIps()) > 0 {
 		row("allowed ips", strings.Join(k.GetAllowedIps(), ", "))
 	}
-	var ls []string
-	for _, l := range k.GetRateLimits() {
-		ls = append(ls, fmtLimit(l))
-	}
-	if len(ls) == 0 {
-		ls = []string{"none"}
-	}
-	row("rate limits", strings.Join(ls, ", "))
+	row("rate limits", limitsText(k.GetRateLimits()))
 	if q := k.GetQuota(); q != nil {
 		s := fmt.Sprintf("%d left", q.GetRemaining())
 		if q.GetRefill() > 0 {

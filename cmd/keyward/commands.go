@@ -57,6 +57,13 @@ var commands = []command{
 	{path: "apikey show", short: "show an API key (never its secret)", flags: apikeyShow},
 	{path: "apikey update", short: "change an API key's permissions, limits, allowlist, expiry or state", flags: apikeyUpdate,
 		example: "  keyward apikey update -id ak_... -perm orders:read -limit 10/s,burst=20"},
+	{path: "apikey schedule-limits", short: "raise (or cut) API keys' rate limits for a window of time: a key's, an owner's or an environment's", flags: apikeySchedule,
+		long:    "Every rate-limit layer of each key covered is multiplied by -factor from -from (now if not given) until -until (or for -for), then is as before, on time by itself, across restarts. Where windows overlap on a key, the most specific wins: the key's own, its owner's in its environment, its owner's, its environment's. -dry-run shows each key's limits now and during the window, and schedules nothing. keyward apikey limit-plan lists what is scheduled.",
+		example: "  keyward apikey schedule-limits -owner shop -env prod -factor 3 -from 2026-11-27T00:00:00Z -for 96h -reason 'Black Friday' -dry-run\n  keyward apikey schedule-limits -id ak_... -factor 0.5 -for 2h -reason 'abusive client, until they fix their retry loop'"},
+	{path: "apikey limit-plan", short: "the limit windows scheduled: pending and active (and -all: over or cancelled)", flags: apikeyLimitPlan,
+		example: "  keyward apikey limit-plan\n  keyward apikey limit-plan -id ak_..."},
+	{path: "apikey cancel-limits", short: "end a limit window now (a pending one never starts)", flags: apikeyCancelLimits,
+		example: "  keyward apikey cancel-limits -window lw_..."},
 	{path: "apikey usage", short: "an API key's verifications by hour, outcome, network and latency", flags: apikeyUsage},
 	{path: "apikey report-leak", short: "report a string found where it should not be; a key's secret stops the key", flags: apikeyReportLeak,
 		long: "The string is read from standard input (or -in), never from an argument. If it is a secret of an API key, current or rotated out, " +

@@ -22,6 +22,7 @@ import (
 	"github.com/keyward/keyward/daemon/faults"
 	"github.com/keyward/keyward/daemon/identity"
 	"github.com/keyward/keyward/daemon/keys"
+	"github.com/keyward/keyward/daemon/limitwin"
 	"github.com/keyward/keyward/daemon/policy"
 	"github.com/keyward/keyward/daemon/tokens"
 )
@@ -128,6 +129,10 @@ var codeOf = []struct {
 	{apikeys.ErrNotFound, codes.NotFound},
 	{apikeys.ErrInvalid, codes.InvalidArgument},
 	{apikeys.ErrWidens, codes.PermissionDenied},
+	{limitwin.ErrInvalid, codes.InvalidArgument},
+	{limitwin.ErrOverlap, codes.FailedPrecondition},
+	{limitwin.ErrNotFound, codes.NotFound},
+	{limitwin.ErrEnded, codes.FailedPrecondition},
 	{credentials.ErrNotFound, codes.NotFound},
 	{credentials.ErrExists, codes.AlreadyExists},
 	{credentials.ErrInvalid, codes.InvalidArgument},

@@ -243,10 +243,7 @@ func (s *Server) ReportRewrap(ctx context.Context, r *keywardv1.ReportRewrapRequ
 		return nil, fmt.Errorf("%w: report is required: the source and its ciphertexts under each version", errInvalid)
 	}
 	c := callFrom(ctx).caller
-	reporter := fmt.Sprintf("uid=%d", c.UID)
-	if c.Exe != "" {
-		reporter += " exe=" + c.Exe
-	}
+	reporter := callerName(ctx)
 	if _, err := s.cfg.Keys.ReportRewrap(r.GetKeyName(), keys.RewrapReport{Source: rep.GetSource(), Ciphertexts: rep.GetCiphertexts(),
 		Failed: rep.GetFailed(), Complete: rep.GetComplete(), Reporter: reporter, ReporterUID: c.UID}); err != nil {
 		return nil, err

@@ -177,6 +177,8 @@ type Config struct {
 	Tokens TokenService
 	// APIKeys serves the APIKeyService.
 	APIKeys APIKeys
+	// LimitWindows serves its scheduled limits; nil turns them off.
+	LimitWindows LimitWindows
 	// Credentials serves the CredentialService; nil turns it off.
 	Credentials Credentials
 	// AuditReader serves the AuditService: the audit log (Audit) read

@@ -163,6 +163,64 @@ func (APIKeyCode) EnumDescriptor() ([]byte, []int) {
 	return file_apikeys_proto_rawDescGZIP(), []int{1}
 }
 
+// LimitWindowState is a window's state when it was answered.
+type LimitWindowState int32
+
+const (
+	LimitWindowState_LIMIT_WINDOW_STATE_UNSPECIFIED LimitWindowState = 0
+	// It starts later.
+	LimitWindowState_LIMIT_WINDOW_STATE_PENDING LimitWindowState = 1
+	// Its factor applies now (unless a more specific window covers a key).
+	LimitWindowState_LIMIT_WINDOW_STATE_ACTIVE    LimitWindowState = 2
+	LimitWindowState_LIMIT_WINDOW_STATE_ENDED     LimitWindowState = 3
+	LimitWindowState_LIMIT_WINDOW_STATE_CANCELLED LimitWindowState = 4
+)
+
+// Enum value maps for LimitWindowState.
+var (
+	LimitWindowState_name = map[int32]string{
+		0: "LIMIT_WINDOW_STATE_UNSPECIFIED",
+		1: "LIMIT_WINDOW_STATE_PENDING",
+		2: "LIMIT_WINDOW_STATE_ACTIVE",
+		3: "LIMIT_WINDOW_STATE_ENDED",
+		4: "LIMIT_WINDOW_STATE_CANCELLED",
+	}
+	LimitWindowState_value = map[string]int32{
+		"LIMIT_WINDOW_STATE_UNSPECIFIED": 0,
+		"LIMIT_WINDOW_STATE_PENDING":     1,
+		"LIMIT_WINDOW_STATE_ACTIVE":      2,
+		"LIMIT_WINDOW_STATE_ENDED":       3,
+		"LIMIT_WINDOW_STATE_CANCELLED":   4,
+	}
+)
+
+func (x LimitWindowState) Enum() *LimitWindowState {
+	p := new(LimitWindowState)
+	*p = x
+	return p
+}
+
+func (x LimitWindowState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (LimitWindowState) Descriptor() protoreflect.EnumDescriptor {
+	return file_apikeys_proto_enumTypes[2].Descriptor()
+}
+
+func (LimitWindowState) Type() protoreflect.EnumType {
+	return &file_apikeys_proto_enumTypes[2]
+}
+
+func (x LimitWindowState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use LimitWindowState.Descriptor instead.
+func (LimitWindowState) EnumDescriptor() ([]byte, []int) {
+	return file_apikeys_proto_rawDescGZIP(), []int{2}
+}
+
 // RateLimit is one layer: limit requests per period, in bursts of up to
 // burst.
 type RateLimit struct {
@@ -2103,6 +2161,677 @@ func (x *ReportLeakResponse) GetRetired() bool {
 	return false
 }
 
+// LimitWindow is a scheduled change of API keys' rate limits: every layer
+// of each key it covers times factor, from start_time up to end_time. It
+// covers the key key_id, or the keys of owner, of environment, or of owner
+// in environment. Where several cover a key at once, the most specific
+// wins (key, owner in environment, owner, environment); factors never
+// multiply, except with dynamic limits'.
+type LimitWindow struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// lw_ and 16 hex digits.
+	Id          string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	KeyId       string `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Owner       string `protobuf:"bytes,3,opt,name=owner,proto3" json:"owner,omitempty"`
+	Environment string `protobuf:"bytes,4,opt,name=environment,proto3" json:"environment,omitempty"`
+	// Over 1 raises, under 1 cuts: from 0.001 to 100.
+	Factor    float64                `protobuf:"fixed64,5,opt,name=factor,proto3" json:"factor,omitempty"`
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	EndTime   *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
+	// Why (a sale, a launch), for people.
+	Reason     string                 `protobuf:"bytes,8,opt,name=reason,proto3" json:"reason,omitempty"`
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// Who scheduled it: uid and program.
+	CreatedBy     string                 `protobuf:"bytes,10,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
+	CancelTime    *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=cancel_time,json=cancelTime,proto3" json:"cancel_time,omitempty"`
+	CancelledBy   string                 `protobuf:"bytes,12,opt,name=cancelled_by,json=cancelledBy,proto3" json:"cancelled_by,omitempty"`
+	State         LimitWindowState       `protobuf:"varint,13,opt,name=state,proto3,enum=keyward.v1.LimitWindowState" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LimitWindow) Reset() {
+	*x = LimitWindow{}
+	mi := &file_apikeys_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LimitWindow) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LimitWindow) ProtoMessage() {}
+
+func (x *LimitWindow) ProtoReflect() protoreflect.Message {
+	mi := &file_apikeys_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LimitWindow.ProtoReflect.Descriptor instead.
+func (*LimitWindow) Descriptor() ([]byte, []int) {
+	return file_apikeys_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *LimitWindow) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *LimitWindow) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *LimitWindow) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *LimitWindow) GetEnvironment() string {
+	if x != nil {
+		return x.Environment
+	}
+	return ""
+}
+
+func (x *LimitWindow) GetFactor() float64 {
+	if x != nil {
+		return x.Factor
+	}
+	return 0
+}
+
+func (x *LimitWindow) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *LimitWindow) GetEndTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EndTime
+	}
+	return nil
+}
+
+func (x *LimitWindow) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *LimitWindow) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *LimitWindow) GetCreatedBy() string {
+	if x != nil {
+		return x.CreatedBy
+	}
+	return ""
+}
+
+func (x *LimitWindow) GetCancelTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CancelTime
+	}
+	return nil
+}
+
+func (x *LimitWindow) GetCancelledBy() string {
+	if x != nil {
+		return x.CancelledBy
+	}
+	return ""
+}
+
+func (x *LimitWindow) GetState() LimitWindowState {
+	if x != nil {
+		return x.State
+	}
+	return LimitWindowState_LIMIT_WINDOW_STATE_UNSPECIFIED
+}
+
+// ScheduleLimitsRequest is the window to schedule.
+type ScheduleLimitsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What it covers: key_id alone, or owner and/or environment.
+	KeyId       string `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Owner       string `protobuf:"bytes,2,opt,name=owner,proto3" json:"owner,omitempty"`
+	Environment string `protobuf:"bytes,3,opt,name=environment,proto3" json:"environment,omitempty"`
+	// Required: over 1 raises, under 1 cuts (0.001 to 100).
+	Factor float64 `protobuf:"fixed64,4,opt,name=factor,proto3" json:"factor,omitempty"`
+	// When it starts; absent or past: now. At most a year ahead.
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	// Required: when it ends, at most 31 days after it starts.
+	EndTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
+	// Required: why, for the audit log and the plan (at most 256
+	// characters).
+	Reason string `protobuf:"bytes,7,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Say what would change; write nothing.
+	DryRun        bool `protobuf:"varint,8,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleLimitsRequest) Reset() {
+	*x = ScheduleLimitsRequest{}
+	mi := &file_apikeys_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleLimitsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleLimitsRequest) ProtoMessage() {}
+
+func (x *ScheduleLimitsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_apikeys_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleLimitsRequest.ProtoReflect.Descriptor instead.
+func (*ScheduleLimitsRequest) Descriptor() ([]byte, []int) {
+	return file_apikeys_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *ScheduleLimitsRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *ScheduleLimitsRequest) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *ScheduleLimitsRequest) GetEnvironment() string {
+	if x != nil {
+		return x.Environment
+	}
+	return ""
+}
+
+func (x *ScheduleLimitsRequest) GetFactor() float64 {
+	if x != nil {
+		return x.Factor
+	}
+	return 0
+}
+
+func (x *ScheduleLimitsRequest) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *ScheduleLimitsRequest) GetEndTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EndTime
+	}
+	return nil
+}
+
+func (x *ScheduleLimitsRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *ScheduleLimitsRequest) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
+}
+
+// LimitChange is what a window does to one key.
+type LimitChange struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	KeyId       string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Owner       string                 `protobuf:"bytes,2,opt,name=owner,proto3" json:"owner,omitempty"`
+	Name        string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	Environment string                 `protobuf:"bytes,4,opt,name=environment,proto3" json:"environment,omitempty"`
+	// The key's own limits, and what they are while the window applies.
+	Before []*RateLimit `protobuf:"bytes,5,rep,name=before,proto3" json:"before,omitempty"`
+	During []*RateLimit `protobuf:"bytes,6,rep,name=during,proto3" json:"during,omitempty"`
+	// A more specific window covers the key for part of this one, and wins
+	// there: its ID.
+	OverriddenBy  string `protobuf:"bytes,7,opt,name=overridden_by,json=overriddenBy,proto3" json:"overridden_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LimitChange) Reset() {
+	*x = LimitChange{}
+	mi := &file_apikeys_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LimitChange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LimitChange) ProtoMessage() {}
+
+func (x *LimitChange) ProtoReflect() protoreflect.Message {
+	mi := &file_apikeys_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LimitChange.ProtoReflect.Descriptor instead.
+func (*LimitChange) Descriptor() ([]byte, []int) {
+	return file_apikeys_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *LimitChange) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *LimitChange) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *LimitChange) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *LimitChange) GetEnvironment() string {
+	if x != nil {
+		return x.Environment
+	}
+	return ""
+}
+
+func (x *LimitChange) GetBefore() []*RateLimit {
+	if x != nil {
+		return x.Before
+	}
+	return nil
+}
+
+func (x *LimitChange) GetDuring() []*RateLimit {
+	if x != nil {
+		return x.During
+	}
+	return nil
+}
+
+func (x *LimitChange) GetOverriddenBy() string {
+	if x != nil {
+		return x.OverriddenBy
+	}
+	return ""
+}
+
+// ScheduleLimitsResponse is the window as written (or as it would be).
+type ScheduleLimitsResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Window *LimitWindow           `protobuf:"bytes,1,opt,name=window,proto3" json:"window,omitempty"`
+	DryRun bool                   `protobuf:"varint,2,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	// How many live keys (not revoked) the caller may see it covers now;
+	// keys created later are covered too.
+	Keys uint32 `protobuf:"varint,3,opt,name=keys,proto3" json:"keys,omitempty"`
+	// What it does to each, the first 100 by ID.
+	Changes []*LimitChange `protobuf:"bytes,4,rep,name=changes,proto3" json:"changes,omitempty"`
+	// Keys it covers that have no rate limit: a factor changes nothing there.
+	Unlimited     uint32 `protobuf:"varint,5,opt,name=unlimited,proto3" json:"unlimited,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleLimitsResponse) Reset() {
+	*x = ScheduleLimitsResponse{}
+	mi := &file_apikeys_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleLimitsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleLimitsResponse) ProtoMessage() {}
+
+func (x *ScheduleLimitsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_apikeys_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleLimitsResponse.ProtoReflect.Descriptor instead.
+func (*ScheduleLimitsResponse) Descriptor() ([]byte, []int) {
+	return file_apikeys_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *ScheduleLimitsResponse) GetWindow() *LimitWindow {
+	if x != nil {
+		return x.Window
+	}
+	return nil
+}
+
+func (x *ScheduleLimitsResponse) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
+}
+
+func (x *ScheduleLimitsResponse) GetKeys() uint32 {
+	if x != nil {
+		return x.Keys
+	}
+	return 0
+}
+
+func (x *ScheduleLimitsResponse) GetChanges() []*LimitChange {
+	if x != nil {
+		return x.Changes
+	}
+	return nil
+}
+
+func (x *ScheduleLimitsResponse) GetUnlimited() uint32 {
+	if x != nil {
+		return x.Unlimited
+	}
+	return 0
+}
+
+// ListLimitWindowsRequest selects windows; every field is optional.
+type ListLimitWindowsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The windows covering this key (its own, its owner's, its
+	// environment's).
+	KeyId string `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// The windows of exactly this owner and/or environment target.
+	Owner       string `protobuf:"bytes,2,opt,name=owner,proto3" json:"owner,omitempty"`
+	Environment string `protobuf:"bytes,3,opt,name=environment,proto3" json:"environment,omitempty"`
+	// Also those over or cancelled.
+	IncludeEnded  bool `protobuf:"varint,4,opt,name=include_ended,json=includeEnded,proto3" json:"include_ended,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListLimitWindowsRequest) Reset() {
+	*x = ListLimitWindowsRequest{}
+	mi := &file_apikeys_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListLimitWindowsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListLimitWindowsRequest) ProtoMessage() {}
+
+func (x *ListLimitWindowsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_apikeys_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListLimitWindowsRequest.ProtoReflect.Descriptor instead.
+func (*ListLimitWindowsRequest) Descriptor() ([]byte, []int) {
+	return file_apikeys_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *ListLimitWindowsRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *ListLimitWindowsRequest) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *ListLimitWindowsRequest) GetEnvironment() string {
+	if x != nil {
+		return x.Environment
+	}
+	return ""
+}
+
+func (x *ListLimitWindowsRequest) GetIncludeEnded() bool {
+	if x != nil {
+		return x.IncludeEnded
+	}
+	return false
+}
+
+// ListLimitWindowsResponse lists the windows by start time.
+type ListLimitWindowsResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Windows []*LimitWindow         `protobuf:"bytes,1,rep,name=windows,proto3" json:"windows,omitempty"`
+	// With key_id: the factor of the window that applies to the key now (1
+	// if none), and that window's ID.
+	FactorNow    float64 `protobuf:"fixed64,2,opt,name=factor_now,json=factorNow,proto3" json:"factor_now,omitempty"`
+	ActiveWindow string  `protobuf:"bytes,3,opt,name=active_window,json=activeWindow,proto3" json:"active_window,omitempty"`
+	// With key_id: the key's rate limits times factor_now (dynamic limits,
+	// when on, scale them further under load).
+	LimitsNow     []*RateLimit `protobuf:"bytes,4,rep,name=limits_now,json=limitsNow,proto3" json:"limits_now,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListLimitWindowsResponse) Reset() {
+	*x = ListLimitWindowsResponse{}
+	mi := &file_apikeys_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListLimitWindowsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListLimitWindowsResponse) ProtoMessage() {}
+
+func (x *ListLimitWindowsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_apikeys_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListLimitWindowsResponse.ProtoReflect.Descriptor instead.
+func (*ListLimitWindowsResponse) Descriptor() ([]byte, []int) {
+	return file_apikeys_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *ListLimitWindowsResponse) GetWindows() []*LimitWindow {
+	if x != nil {
+		return x.Windows
+	}
+	return nil
+}
+
+func (x *ListLimitWindowsResponse) GetFactorNow() float64 {
+	if x != nil {
+		return x.FactorNow
+	}
+	return 0
+}
+
+func (x *ListLimitWindowsResponse) GetActiveWindow() string {
+	if x != nil {
+		return x.ActiveWindow
+	}
+	return ""
+}
+
+func (x *ListLimitWindowsResponse) GetLimitsNow() []*RateLimit {
+	if x != nil {
+		return x.LimitsNow
+	}
+	return nil
+}
+
+// CancelLimitWindowRequest names the window.
+type CancelLimitWindowRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelLimitWindowRequest) Reset() {
+	*x = CancelLimitWindowRequest{}
+	mi := &file_apikeys_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelLimitWindowRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelLimitWindowRequest) ProtoMessage() {}
+
+func (x *CancelLimitWindowRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_apikeys_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelLimitWindowRequest.ProtoReflect.Descriptor instead.
+func (*CancelLimitWindowRequest) Descriptor() ([]byte, []int) {
+	return file_apikeys_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *CancelLimitWindowRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// CancelLimitWindowResponse is the window, cancelled.
+type CancelLimitWindowResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Window        *LimitWindow           `protobuf:"bytes,1,opt,name=window,proto3" json:"window,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelLimitWindowResponse) Reset() {
+	*x = CancelLimitWindowResponse{}
+	mi := &file_apikeys_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelLimitWindowResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelLimitWindowResponse) ProtoMessage() {}
+
+func (x *CancelLimitWindowResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_apikeys_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelLimitWindowResponse.ProtoReflect.Descriptor instead.
+func (*CancelLimitWindowResponse) Descriptor() ([]byte, []int) {
+	return file_apikeys_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *CancelLimitWindowResponse) GetWindow() *LimitWindow {
+	if x != nil {
+		return x.Window
+	}
+	return nil
+}
+
 var File_apikeys_proto protoreflect.FileDescriptor
 
 const file_apikeys_proto_rawDesc = "" +
@@ -2274,7 +3003,66 @@ const file_apikeys_proto_rawDesc = "" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12$\n" +
 	"\x03key\x18\x03 \x01(\v2\x12.keyward.v1.APIKeyR\x03key\x12\x18\n" +
 	"\achanged\x18\x04 \x01(\bR\achanged\x12\x18\n" +
-	"\aretired\x18\x05 \x01(\bR\aretired*}\n" +
+	"\aretired\x18\x05 \x01(\bR\aretired\"\xfe\x03\n" +
+	"\vLimitWindow\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x14\n" +
+	"\x05owner\x18\x03 \x01(\tR\x05owner\x12 \n" +
+	"\venvironment\x18\x04 \x01(\tR\venvironment\x12\x16\n" +
+	"\x06factor\x18\x05 \x01(\x01R\x06factor\x129\n" +
+	"\n" +
+	"start_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
+	"\bend_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x16\n" +
+	"\x06reason\x18\b \x01(\tR\x06reason\x12;\n" +
+	"\vcreate_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12\x1d\n" +
+	"\n" +
+	"created_by\x18\n" +
+	" \x01(\tR\tcreatedBy\x12;\n" +
+	"\vcancel_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"cancelTime\x12!\n" +
+	"\fcancelled_by\x18\f \x01(\tR\vcancelledBy\x122\n" +
+	"\x05state\x18\r \x01(\x0e2\x1c.keyward.v1.LimitWindowStateR\x05state\"\xa1\x02\n" +
+	"\x15ScheduleLimitsRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x14\n" +
+	"\x05owner\x18\x02 \x01(\tR\x05owner\x12 \n" +
+	"\venvironment\x18\x03 \x01(\tR\venvironment\x12\x16\n" +
+	"\x06factor\x18\x04 \x01(\x01R\x06factor\x129\n" +
+	"\n" +
+	"start_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
+	"\bend_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x16\n" +
+	"\x06reason\x18\a \x01(\tR\x06reason\x12\x17\n" +
+	"\adry_run\x18\b \x01(\bR\x06dryRun\"\xf3\x01\n" +
+	"\vLimitChange\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x14\n" +
+	"\x05owner\x18\x02 \x01(\tR\x05owner\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12 \n" +
+	"\venvironment\x18\x04 \x01(\tR\venvironment\x12-\n" +
+	"\x06before\x18\x05 \x03(\v2\x15.keyward.v1.RateLimitR\x06before\x12-\n" +
+	"\x06during\x18\x06 \x03(\v2\x15.keyward.v1.RateLimitR\x06during\x12#\n" +
+	"\roverridden_by\x18\a \x01(\tR\foverriddenBy\"\xc7\x01\n" +
+	"\x16ScheduleLimitsResponse\x12/\n" +
+	"\x06window\x18\x01 \x01(\v2\x17.keyward.v1.LimitWindowR\x06window\x12\x17\n" +
+	"\adry_run\x18\x02 \x01(\bR\x06dryRun\x12\x12\n" +
+	"\x04keys\x18\x03 \x01(\rR\x04keys\x121\n" +
+	"\achanges\x18\x04 \x03(\v2\x17.keyward.v1.LimitChangeR\achanges\x12\x1c\n" +
+	"\tunlimited\x18\x05 \x01(\rR\tunlimited\"\x8d\x01\n" +
+	"\x17ListLimitWindowsRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x14\n" +
+	"\x05owner\x18\x02 \x01(\tR\x05owner\x12 \n" +
+	"\venvironment\x18\x03 \x01(\tR\venvironment\x12#\n" +
+	"\rinclude_ended\x18\x04 \x01(\bR\fincludeEnded\"\xc7\x01\n" +
+	"\x18ListLimitWindowsResponse\x121\n" +
+	"\awindows\x18\x01 \x03(\v2\x17.keyward.v1.LimitWindowR\awindows\x12\x1d\n" +
+	"\n" +
+	"factor_now\x18\x02 \x01(\x01R\tfactorNow\x12#\n" +
+	"\ractive_window\x18\x03 \x01(\tR\factiveWindow\x124\n" +
+	"\n" +
+	"limits_now\x18\x04 \x03(\v2\x15.keyward.v1.RateLimitR\tlimitsNow\"*\n" +
+	"\x18CancelLimitWindowRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"L\n" +
+	"\x19CancelLimitWindowResponse\x12/\n" +
+	"\x06window\x18\x01 \x01(\v2\x17.keyward.v1.LimitWindowR\x06window*}\n" +
 	"\vAPIKeyState\x12\x1d\n" +
 	"\x19API_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14API_KEY_STATE_ACTIVE\x10\x01\x12\x1a\n" +
@@ -2294,7 +3082,13 @@ const file_apikeys_proto_rawDesc = "" +
 	"\x16API_KEY_CODE_FORBIDDEN\x10\t\x12\x1d\n" +
 	"\x19API_KEY_CODE_RATE_LIMITED\x10\n" +
 	"\x12\x1f\n" +
-	"\x1bAPI_KEY_CODE_USAGE_EXCEEDED\x10\v2\xc4\x06\n" +
+	"\x1bAPI_KEY_CODE_USAGE_EXCEEDED\x10\v*\xb5\x01\n" +
+	"\x10LimitWindowState\x12\"\n" +
+	"\x1eLIMIT_WINDOW_STATE_UNSPECIFIED\x10\x00\x12\x1e\n" +
+	"\x1aLIMIT_WINDOW_STATE_PENDING\x10\x01\x12\x1d\n" +
+	"\x19LIMIT_WINDOW_STATE_ACTIVE\x10\x02\x12\x1c\n" +
+	"\x18LIMIT_WINDOW_STATE_ENDED\x10\x03\x12 \n" +
+	"\x1cLIMIT_WINDOW_STATE_CANCELLED\x10\x042\xde\b\n" +
 	"\rAPIKeyService\x12Q\n" +
 	"\fCreateAPIKey\x12\x1f.keyward.v1.CreateAPIKeyRequest\x1a .keyward.v1.CreateAPIKeyResponse\x12Q\n" +
 	"\fVerifyAPIKey\x12\x1f.keyward.v1.VerifyAPIKeyRequest\x1a .keyward.v1.VerifyAPIKeyResponse\x12Q\n" +
@@ -2306,7 +3100,10 @@ const file_apikeys_proto_rawDesc = "" +
 	"\fUpdateAPIKey\x12\x1f.keyward.v1.UpdateAPIKeyRequest\x1a .keyward.v1.UpdateAPIKeyResponse\x12W\n" +
 	"\x0eGetAPIKeyUsage\x12!.keyward.v1.GetAPIKeyUsageRequest\x1a\".keyward.v1.GetAPIKeyUsageResponse\x12K\n" +
 	"\n" +
-	"ReportLeak\x12\x1d.keyward.v1.ReportLeakRequest\x1a\x1e.keyward.v1.ReportLeakResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
+	"ReportLeak\x12\x1d.keyward.v1.ReportLeakRequest\x1a\x1e.keyward.v1.ReportLeakResponse\x12W\n" +
+	"\x0eScheduleLimits\x12!.keyward.v1.ScheduleLimitsRequest\x1a\".keyward.v1.ScheduleLimitsResponse\x12]\n" +
+	"\x10ListLimitWindows\x12#.keyward.v1.ListLimitWindowsRequest\x1a$.keyward.v1.ListLimitWindowsResponse\x12`\n" +
+	"\x11CancelLimitWindow\x12$.keyward.v1.CancelLimitWindowRequest\x1a%.keyward.v1.CancelLimitWindowResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3"
 
 var (
 	file_apikeys_proto_rawDescOnce sync.Once
@@ -2320,118 +3117,147 @@ func file_apikeys_proto_rawDescGZIP() []byte {
 	return file_apikeys_proto_rawDescData
 }
 
-var file_apikeys_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_apikeys_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_apikeys_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_apikeys_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_apikeys_proto_goTypes = []any{
-	(APIKeyState)(0),               // 0: keyward.v1.APIKeyState
-	(APIKeyCode)(0),                // 1: keyward.v1.APIKeyCode
-	(*RateLimit)(nil),              // 2: keyward.v1.RateLimit
-	(*Quota)(nil),                  // 3: keyward.v1.Quota
-	(*APIKeySecret)(nil),           // 4: keyward.v1.APIKeySecret
-	(*APIKey)(nil),                 // 5: keyward.v1.APIKey
-	(*CreateAPIKeyRequest)(nil),    // 6: keyward.v1.CreateAPIKeyRequest
-	(*CreateAPIKeyResponse)(nil),   // 7: keyward.v1.CreateAPIKeyResponse
-	(*VerifyAPIKeyRequest)(nil),    // 8: keyward.v1.VerifyAPIKeyRequest
-	(*RateLimitState)(nil),         // 9: keyward.v1.RateLimitState
-	(*VerifyAPIKeyResponse)(nil),   // 10: keyward.v1.VerifyAPIKeyResponse
-	(*RotateAPIKeyRequest)(nil),    // 11: keyward.v1.RotateAPIKeyRequest
-	(*RotateAPIKeyResponse)(nil),   // 12: keyward.v1.RotateAPIKeyResponse
-	(*RevokeAPIKeyRequest)(nil),    // 13: keyward.v1.RevokeAPIKeyRequest
-	(*RevokeAPIKeyResponse)(nil),   // 14: keyward.v1.RevokeAPIKeyResponse
-	(*RevokeAPIKeysRequest)(nil),   // 15: keyward.v1.RevokeAPIKeysRequest
-	(*RevokeAPIKeysResponse)(nil),  // 16: keyward.v1.RevokeAPIKeysResponse
-	(*GetAPIKeyRequest)(nil),       // 17: keyward.v1.GetAPIKeyRequest
-	(*GetAPIKeyResponse)(nil),      // 18: keyward.v1.GetAPIKeyResponse
-	(*ListAPIKeysRequest)(nil),     // 19: keyward.v1.ListAPIKeysRequest
-	(*ListAPIKeysResponse)(nil),    // 20: keyward.v1.ListAPIKeysResponse
-	(*UpdateAPIKeyRequest)(nil),    // 21: keyward.v1.UpdateAPIKeyRequest
-	(*UpdateAPIKeyResponse)(nil),   // 22: keyward.v1.UpdateAPIKeyResponse
-	(*GetAPIKeyUsageRequest)(nil),  // 23: keyward.v1.GetAPIKeyUsageRequest
-	(*APIKeyUsage)(nil),            // 24: keyward.v1.APIKeyUsage
-	(*APIKeyHourUsage)(nil),        // 25: keyward.v1.APIKeyHourUsage
-	(*GetAPIKeyUsageResponse)(nil), // 26: keyward.v1.GetAPIKeyUsageResponse
-	(*ReportLeakRequest)(nil),      // 27: keyward.v1.ReportLeakRequest
-	(*ReportLeakResponse)(nil),     // 28: keyward.v1.ReportLeakResponse
-	nil,                            // 29: keyward.v1.APIKey.MetadataEntry
-	nil,                            // 30: keyward.v1.CreateAPIKeyRequest.MetadataEntry
-	nil,                            // 31: keyward.v1.VerifyAPIKeyResponse.MetadataEntry
-	nil,                            // 32: keyward.v1.APIKeyUsage.CountsEntry
-	nil,                            // 33: keyward.v1.APIKeyUsage.NetworksEntry
-	(*durationpb.Duration)(nil),    // 34: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 35: google.protobuf.Timestamp
-	(*fieldmaskpb.FieldMask)(nil),  // 36: google.protobuf.FieldMask
+	(APIKeyState)(0),                  // 0: keyward.v1.APIKeyState
+	(APIKeyCode)(0),                   // 1: keyward.v1.APIKeyCode
+	(LimitWindowState)(0),             // 2: keyward.v1.LimitWindowState
+	(*RateLimit)(nil),                 // 3: keyward.v1.RateLimit
+	(*Quota)(nil),                     // 4: keyward.v1.Quota
+	(*APIKeySecret)(nil),              // 5: keyward.v1.APIKeySecret
+	(*APIKey)(nil),                    // 6: keyward.v1.APIKey
+	(*CreateAPIKeyRequest)(nil),       // 7: keyward.v1.CreateAPIKeyRequest
+	(*CreateAPIKeyResponse)(nil),      // 8: keyward.v1.CreateAPIKeyResponse
+	(*VerifyAPIKeyRequest)(nil),       // 9: keyward.v1.VerifyAPIKeyRequest
+	(*RateLimitState)(nil),            // 10: keyward.v1.RateLimitState
+	(*VerifyAPIKeyResponse)(nil),      // 11: keyward.v1.VerifyAPIKeyResponse
+	(*RotateAPIKeyRequest)(nil),       // 12: keyward.v1.RotateAPIKeyRequest
+	(*RotateAPIKeyResponse)(nil),      // 13: keyward.v1.RotateAPIKeyResponse
+	(*RevokeAPIKeyRequest)(nil),       // 14: keyward.v1.RevokeAPIKeyRequest
+	(*RevokeAPIKeyResponse)(nil),      // 15: keyward.v1.RevokeAPIKeyResponse
+	(*RevokeAPIKeysRequest)(nil),      // 16: keyward.v1.RevokeAPIKeysRequest
+	(*RevokeAPIKeysResponse)(nil),     // 17: keyward.v1.RevokeAPIKeysResponse
+	(*GetAPIKeyRequest)(nil),          // 18: keyward.v1.GetAPIKeyRequest
+	(*GetAPIKeyResponse)(nil),         // 19: keyward.v1.GetAPIKeyResponse
+	(*ListAPIKeysRequest)(nil),        // 20: keyward.v1.ListAPIKeysRequest
+	(*ListAPIKeysResponse)(nil),       // 21: keyward.v1.ListAPIKeysResponse
+	(*UpdateAPIKeyRequest)(nil),       // 22: keyward.v1.UpdateAPIKeyRequest
+	(*UpdateAPIKeyResponse)(nil),      // 23: keyward.v1.UpdateAPIKeyResponse
+	(*GetAPIKeyUsageRequest)(nil),     // 24: keyward.v1.GetAPIKeyUsageRequest
+	(*APIKeyUsage)(nil),               // 25: keyward.v1.APIKeyUsage
+	(*APIKeyHourUsage)(nil),           // 26: keyward.v1.APIKeyHourUsage
+	(*GetAPIKeyUsageResponse)(nil),    // 27: keyward.v1.GetAPIKeyUsageResponse
+	(*ReportLeakRequest)(nil),         // 28: keyward.v1.ReportLeakRequest
+	(*ReportLeakResponse)(nil),        // 29: keyward.v1.ReportLeakResponse
+	(*LimitWindow)(nil),               // 30: keyward.v1.LimitWindow
+	(*ScheduleLimitsRequest)(nil),     // 31: keyward.v1.ScheduleLimitsRequest
+	(*LimitChange)(nil),               // 32: keyward.v1.LimitChange
+	(*ScheduleLimitsResponse)(nil),    // 33: keyward.v1.ScheduleLimitsResponse
+	(*ListLimitWindowsRequest)(nil),   // 34: keyward.v1.ListLimitWindowsRequest
+	(*ListLimitWindowsResponse)(nil),  // 35: keyward.v1.ListLimitWindowsResponse
+	(*CancelLimitWindowRequest)(nil),  // 36: keyward.v1.CancelLimitWindowRequest
+	(*CancelLimitWindowResponse)(nil), // 37: keyward.v1.CancelLimitWindowResponse
+	nil,                               // 38: keyward.v1.APIKey.MetadataEntry
+	nil,                               // 39: keyward.v1.CreateAPIKeyRequest.MetadataEntry
+	nil,                               // 40: keyward.v1.VerifyAPIKeyResponse.MetadataEntry
+	nil,                               // 41: keyward.v1.APIKeyUsage.CountsEntry
+	nil,                               // 42: keyward.v1.APIKeyUsage.NetworksEntry
+	(*durationpb.Duration)(nil),       // 43: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),     // 44: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),     // 45: google.protobuf.FieldMask
 }
 var file_apikeys_proto_depIdxs = []int32{
-	34, // 0: keyward.v1.RateLimit.per:type_name -> google.protobuf.Duration
-	34, // 1: keyward.v1.Quota.refill_every:type_name -> google.protobuf.Duration
-	35, // 2: keyward.v1.APIKeySecret.create_time:type_name -> google.protobuf.Timestamp
-	35, // 3: keyward.v1.APIKeySecret.not_after:type_name -> google.protobuf.Timestamp
-	35, // 4: keyward.v1.APIKey.expire_time:type_name -> google.protobuf.Timestamp
-	2,  // 5: keyward.v1.APIKey.rate_limits:type_name -> keyward.v1.RateLimit
-	3,  // 6: keyward.v1.APIKey.quota:type_name -> keyward.v1.Quota
-	29, // 7: keyward.v1.APIKey.metadata:type_name -> keyward.v1.APIKey.MetadataEntry
+	43, // 0: keyward.v1.RateLimit.per:type_name -> google.protobuf.Duration
+	43, // 1: keyward.v1.Quota.refill_every:type_name -> google.protobuf.Duration
+	44, // 2: keyward.v1.APIKeySecret.create_time:type_name -> google.protobuf.Timestamp
+	44, // 3: keyward.v1.APIKeySecret.not_after:type_name -> google.protobuf.Timestamp
+	44, // 4: keyward.v1.APIKey.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 5: keyward.v1.APIKey.rate_limits:type_name -> keyward.v1.RateLimit
+	4,  // 6: keyward.v1.APIKey.quota:type_name -> keyward.v1.Quota
+	38, // 7: keyward.v1.APIKey.metadata:type_name -> keyward.v1.APIKey.MetadataEntry
 	0,  // 8: keyward.v1.APIKey.state:type_name -> keyward.v1.APIKeyState
-	35, // 9: keyward.v1.APIKey.create_time:type_name -> google.protobuf.Timestamp
-	4,  // 10: keyward.v1.APIKey.secrets:type_name -> keyward.v1.APIKeySecret
-	35, // 11: keyward.v1.CreateAPIKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
-	34, // 12: keyward.v1.CreateAPIKeyRequest.ttl:type_name -> google.protobuf.Duration
-	2,  // 13: keyward.v1.CreateAPIKeyRequest.rate_limits:type_name -> keyward.v1.RateLimit
-	3,  // 14: keyward.v1.CreateAPIKeyRequest.quota:type_name -> keyward.v1.Quota
-	30, // 15: keyward.v1.CreateAPIKeyRequest.metadata:type_name -> keyward.v1.CreateAPIKeyRequest.MetadataEntry
-	5,  // 16: keyward.v1.CreateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
-	2,  // 17: keyward.v1.RateLimitState.limit:type_name -> keyward.v1.RateLimit
-	35, // 18: keyward.v1.RateLimitState.reset_time:type_name -> google.protobuf.Timestamp
+	44, // 9: keyward.v1.APIKey.create_time:type_name -> google.protobuf.Timestamp
+	5,  // 10: keyward.v1.APIKey.secrets:type_name -> keyward.v1.APIKeySecret
+	44, // 11: keyward.v1.CreateAPIKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
+	43, // 12: keyward.v1.CreateAPIKeyRequest.ttl:type_name -> google.protobuf.Duration
+	3,  // 13: keyward.v1.CreateAPIKeyRequest.rate_limits:type_name -> keyward.v1.RateLimit
+	4,  // 14: keyward.v1.CreateAPIKeyRequest.quota:type_name -> keyward.v1.Quota
+	39, // 15: keyward.v1.CreateAPIKeyRequest.metadata:type_name -> keyward.v1.CreateAPIKeyRequest.MetadataEntry
+	6,  // 16: keyward.v1.CreateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
+	3,  // 17: keyward.v1.RateLimitState.limit:type_name -> keyward.v1.RateLimit
+	44, // 18: keyward.v1.RateLimitState.reset_time:type_name -> google.protobuf.Timestamp
 	1,  // 19: keyward.v1.VerifyAPIKeyResponse.code:type_name -> keyward.v1.APIKeyCode
-	31, // 20: keyward.v1.VerifyAPIKeyResponse.metadata:type_name -> keyward.v1.VerifyAPIKeyResponse.MetadataEntry
-	35, // 21: keyward.v1.VerifyAPIKeyResponse.expire_time:type_name -> google.protobuf.Timestamp
-	9,  // 22: keyward.v1.VerifyAPIKeyResponse.rate_limits:type_name -> keyward.v1.RateLimitState
-	34, // 23: keyward.v1.VerifyAPIKeyResponse.retry_after:type_name -> google.protobuf.Duration
-	3,  // 24: keyward.v1.VerifyAPIKeyResponse.quota:type_name -> keyward.v1.Quota
-	34, // 25: keyward.v1.RotateAPIKeyRequest.overlap:type_name -> google.protobuf.Duration
-	5,  // 26: keyward.v1.RotateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
-	35, // 27: keyward.v1.RotateAPIKeyResponse.old_secret_not_after:type_name -> google.protobuf.Timestamp
-	5,  // 28: keyward.v1.RevokeAPIKeyResponse.key:type_name -> keyward.v1.APIKey
-	5,  // 29: keyward.v1.GetAPIKeyResponse.key:type_name -> keyward.v1.APIKey
+	40, // 20: keyward.v1.VerifyAPIKeyResponse.metadata:type_name -> keyward.v1.VerifyAPIKeyResponse.MetadataEntry
+	44, // 21: keyward.v1.VerifyAPIKeyResponse.expire_time:type_name -> google.protobuf.Timestamp
+	10, // 22: keyward.v1.VerifyAPIKeyResponse.rate_limits:type_name -> keyward.v1.RateLimitState
+	43, // 23: keyward.v1.VerifyAPIKeyResponse.retry_after:type_name -> google.protobuf.Duration
+	4,  // 24: keyward.v1.VerifyAPIKeyResponse.quota:type_name -> keyward.v1.Quota
+	43, // 25: keyward.v1.RotateAPIKeyRequest.overlap:type_name -> google.protobuf.Duration
+	6,  // 26: keyward.v1.RotateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
+	44, // 27: keyward.v1.RotateAPIKeyResponse.old_secret_not_after:type_name -> google.protobuf.Timestamp
+	6,  // 28: keyward.v1.RevokeAPIKeyResponse.key:type_name -> keyward.v1.APIKey
+	6,  // 29: keyward.v1.GetAPIKeyResponse.key:type_name -> keyward.v1.APIKey
 	0,  // 30: keyward.v1.ListAPIKeysRequest.state:type_name -> keyward.v1.APIKeyState
-	5,  // 31: keyward.v1.ListAPIKeysResponse.keys:type_name -> keyward.v1.APIKey
-	5,  // 32: keyward.v1.UpdateAPIKeyRequest.key:type_name -> keyward.v1.APIKey
-	36, // 33: keyward.v1.UpdateAPIKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
-	5,  // 34: keyward.v1.UpdateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
-	34, // 35: keyward.v1.GetAPIKeyUsageRequest.window:type_name -> google.protobuf.Duration
-	32, // 36: keyward.v1.APIKeyUsage.counts:type_name -> keyward.v1.APIKeyUsage.CountsEntry
-	33, // 37: keyward.v1.APIKeyUsage.networks:type_name -> keyward.v1.APIKeyUsage.NetworksEntry
-	35, // 38: keyward.v1.APIKeyHourUsage.hour:type_name -> google.protobuf.Timestamp
-	24, // 39: keyward.v1.APIKeyHourUsage.usage:type_name -> keyward.v1.APIKeyUsage
-	35, // 40: keyward.v1.GetAPIKeyUsageResponse.last_used_time:type_name -> google.protobuf.Timestamp
-	24, // 41: keyward.v1.GetAPIKeyUsageResponse.total:type_name -> keyward.v1.APIKeyUsage
-	25, // 42: keyward.v1.GetAPIKeyUsageResponse.hours:type_name -> keyward.v1.APIKeyHourUsage
-	34, // 43: keyward.v1.GetAPIKeyUsageResponse.latency_bounds:type_name -> google.protobuf.Duration
-	5,  // 44: keyward.v1.ReportLeakResponse.key:type_name -> keyward.v1.APIKey
-	6,  // 45: keyward.v1.APIKeyService.CreateAPIKey:input_type -> keyward.v1.CreateAPIKeyRequest
-	8,  // 46: keyward.v1.APIKeyService.VerifyAPIKey:input_type -> keyward.v1.VerifyAPIKeyRequest
-	11, // 47: keyward.v1.APIKeyService.RotateAPIKey:input_type -> keyward.v1.RotateAPIKeyRequest
-	13, // 48: keyward.v1.APIKeyService.RevokeAPIKey:input_type -> keyward.v1.RevokeAPIKeyRequest
-	15, // 49: keyward.v1.APIKeyService.RevokeAPIKeys:input_type -> keyward.v1.RevokeAPIKeysRequest
-	17, // 50: keyward.v1.APIKeyService.GetAPIKey:input_type -> keyward.v1.GetAPIKeyRequest
-	19, // 51: keyward.v1.APIKeyService.ListAPIKeys:input_type -> keyward.v1.ListAPIKeysRequest
-	21, // 52: keyward.v1.APIKeyService.UpdateAPIKey:input_type -> keyward.v1.UpdateAPIKeyRequest
-	23, // 53: keyward.v1.APIKeyService.GetAPIKeyUsage:input_type -> keyward.v1.GetAPIKeyUsageRequest
-	27, // 54: keyward.v1.APIKeyService.ReportLeak:input_type -> keyward.v1.ReportLeakRequest
-	7,  // 55: keyward.v1.APIKeyService.CreateAPIKey:output_type -> keyward.v1.CreateAPIKeyResponse
-	10, // 56: keyward.v1.APIKeyService.VerifyAPIKey:output_type -> keyward.v1.VerifyAPIKeyResponse
-	12, // 57: keyward.v1.APIKeyService.RotateAPIKey:output_type -> keyward.v1.RotateAPIKeyResponse
-	14, // 58: keyward.v1.APIKeyService.RevokeAPIKey:output_type -> keyward.v1.RevokeAPIKeyResponse
-	16, // 59: keyward.v1.APIKeyService.RevokeAPIKeys:output_type -> keyward.v1.RevokeAPIKeysResponse
-	18, // 60: keyward.v1.APIKeyService.GetAPIKey:output_type -> keyward.v1.GetAPIKeyResponse
-	20, // 61: keyward.v1.APIKeyService.ListAPIKeys:output_type -> keyward.v1.ListAPIKeysResponse
-	22, // 62: keyward.v1.APIKeyService.UpdateAPIKey:output_type -> keyward.v1.UpdateAPIKeyResponse
-	26, // 63: keyward.v1.APIKeyService.GetAPIKeyUsage:output_type -> keyward.v1.GetAPIKeyUsageResponse
-	28, // 64: keyward.v1.APIKeyService.ReportLeak:output_type -> keyward.v1.ReportLeakResponse
-	55, // [55:65] is the sub-list for method output_type
-	45, // [45:55] is the sub-list for method input_type
-	45, // [45:45] is the sub-list for extension type_name
-	45, // [45:45] is the sub-list for extension extendee
-	0,  // [0:45] is the sub-list for field type_name
+	6,  // 31: keyward.v1.ListAPIKeysResponse.keys:type_name -> keyward.v1.APIKey
+	6,  // 32: keyward.v1.UpdateAPIKeyRequest.key:type_name -> keyward.v1.APIKey
+	45, // 33: keyward.v1.UpdateAPIKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
+	6,  // 34: keyward.v1.UpdateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
+	43, // 35: keyward.v1.GetAPIKeyUsageRequest.window:type_name -> google.protobuf.Duration
+	41, // 36: keyward.v1.APIKeyUsage.counts:type_name -> keyward.v1.APIKeyUsage.CountsEntry
+	42, // 37: keyward.v1.APIKeyUsage.networks:type_name -> keyward.v1.APIKeyUsage.NetworksEntry
+	44, // 38: keyward.v1.APIKeyHourUsage.hour:type_name -> google.protobuf.Timestamp
+	25, // 39: keyward.v1.APIKeyHourUsage.usage:type_name -> keyward.v1.APIKeyUsage
+	44, // 40: keyward.v1.GetAPIKeyUsageResponse.last_used_time:type_name -> google.protobuf.Timestamp
+	25, // 41: keyward.v1.GetAPIKeyUsageResponse.total:type_name -> keyward.v1.APIKeyUsage
+	26, // 42: keyward.v1.GetAPIKeyUsageResponse.hours:type_name -> keyward.v1.APIKeyHourUsage
+	43, // 43: keyward.v1.GetAPIKeyUsageResponse.latency_bounds:type_name -> google.protobuf.Duration
+	6,  // 44: keyward.v1.ReportLeakResponse.key:type_name -> keyward.v1.APIKey
+	44, // 45: keyward.v1.LimitWindow.start_time:type_name -> google.protobuf.Timestamp
+	44, // 46: keyward.v1.LimitWindow.end_time:type_name -> google.protobuf.Timestamp
+	44, // 47: keyward.v1.LimitWindow.create_time:type_name -> google.protobuf.Timestamp
+	44, // 48: keyward.v1.LimitWindow.cancel_time:type_name -> google.protobuf.Timestamp
+	2,  // 49: keyward.v1.LimitWindow.state:type_name -> keyward.v1.LimitWindowState
+	44, // 50: keyward.v1.ScheduleLimitsRequest.start_time:type_name -> google.protobuf.Timestamp
+	44, // 51: keyward.v1.ScheduleLimitsRequest.end_time:type_name -> google.protobuf.Timestamp
+	3,  // 52: keyward.v1.LimitChange.before:type_name -> keyward.v1.RateLimit
+	3,  // 53: keyward.v1.LimitChange.during:type_name -> keyward.v1.RateLimit
+	30, // 54: keyward.v1.ScheduleLimitsResponse.window:type_name -> keyward.v1.LimitWindow
+	32, // 55: keyward.v1.ScheduleLimitsResponse.changes:type_name -> keyward.v1.LimitChange
+	30, // 56: keyward.v1.ListLimitWindowsResponse.windows:type_name -> keyward.v1.LimitWindow
+	3,  // 57: keyward.v1.ListLimitWindowsResponse.limits_now:type_name -> keyward.v1.RateLimit
+	30, // 58: keyward.v1.CancelLimitWindowResponse.window:type_name -> keyward.v1.LimitWindow
+	7,  // 59: keyward.v1.APIKeyService.CreateAPIKey:input_type -> keyward.v1.CreateAPIKeyRequest
+	9,  // 60: keyward.v1.APIKeyService.VerifyAPIKey:input_type -> keyward.v1.VerifyAPIKeyRequest
+	12, // 61: keyward.v1.APIKeyService.RotateAPIKey:input_type -> keyward.v1.RotateAPIKeyRequest
+	14, // 62: keyward.v1.APIKeyService.RevokeAPIKey:input_type -> keyward.v1.RevokeAPIKeyRequest
+	16, // 63: keyward.v1.APIKeyService.RevokeAPIKeys:input_type -> keyward.v1.RevokeAPIKeysRequest
+	18, // 64: keyward.v1.APIKeyService.GetAPIKey:input_type -> keyward.v1.GetAPIKeyRequest
+	20, // 65: keyward.v1.APIKeyService.ListAPIKeys:input_type -> keyward.v1.ListAPIKeysRequest
+	22, // 66: keyward.v1.APIKeyService.UpdateAPIKey:input_type -> keyward.v1.UpdateAPIKeyRequest
+	24, // 67: keyward.v1.APIKeyService.GetAPIKeyUsage:input_type -> keyward.v1.GetAPIKeyUsageRequest
+	28, // 68: keyward.v1.APIKeyService.ReportLeak:input_type -> keyward.v1.ReportLeakRequest
+	31, // 69: keyward.v1.APIKeyService.ScheduleLimits:input_type -> keyward.v1.ScheduleLimitsRequest
+	34, // 70: keyward.v1.APIKeyService.ListLimitWindows:input_type -> keyward.v1.ListLimitWindowsRequest
+	36, // 71: keyward.v1.APIKeyService.CancelLimitWindow:input_type -> keyward.v1.CancelLimitWindowRequest
+	8,  // 72: keyward.v1.APIKeyService.CreateAPIKey:output_type -> keyward.v1.CreateAPIKeyResponse
+	11, // 73: keyward.v1.APIKeyService.VerifyAPIKey:output_type -> keyward.v1.VerifyAPIKeyResponse
+	13, // 74: keyward.v1.APIKeyService.RotateAPIKey:output_type -> keyward.v1.RotateAPIKeyResponse
+	15, // 75: keyward.v1.APIKeyService.RevokeAPIKey:output_type -> keyward.v1.RevokeAPIKeyResponse
+	17, // 76: keyward.v1.APIKeyService.RevokeAPIKeys:output_type -> keyward.v1.RevokeAPIKeysResponse
+	19, // 77: keyward.v1.APIKeyService.GetAPIKey:output_type -> keyward.v1.GetAPIKeyResponse
+	21, // 78: keyward.v1.APIKeyService.ListAPIKeys:output_type -> keyward.v1.ListAPIKeysResponse
+	23, // 79: keyward.v1.APIKeyService.UpdateAPIKey:output_type -> keyward.v1.UpdateAPIKeyResponse
+	27, // 80: keyward.v1.APIKeyService.GetAPIKeyUsage:output_type -> keyward.v1.GetAPIKeyUsageResponse
+	29, // 81: keyward.v1.APIKeyService.ReportLeak:output_type -> keyward.v1.ReportLeakResponse
+	33, // 82: keyward.v1.APIKeyService.ScheduleLimits:output_type -> keyward.v1.ScheduleLimitsResponse
+	35, // 83: keyward.v1.APIKeyService.ListLimitWindows:output_type -> keyward.v1.ListLimitWindowsResponse
+	37, // 84: keyward.v1.APIKeyService.CancelLimitWindow:output_type -> keyward.v1.CancelLimitWindowResponse
+	72, // [72:85] is the sub-list for method output_type
+	59, // [59:72] is the sub-list for method input_type
+	59, // [59:59] is the sub-list for extension type_name
+	59, // [59:59] is the sub-list for extension extendee
+	0,  // [0:59] is the sub-list for field type_name
 }
 
 func init() { file_apikeys_proto_init() }
@@ -2444,8 +3270,8 @@ func file_apikeys_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_apikeys_proto_rawDesc), len(file_apikeys_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   32,
+			NumEnums:      3,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

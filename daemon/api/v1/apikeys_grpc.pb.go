@@ -19,16 +19,19 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	APIKeyService_CreateAPIKey_FullMethodName   = "/keyward.v1.APIKeyService/CreateAPIKey"
-	APIKeyService_VerifyAPIKey_FullMethodName   = "/keyward.v1.APIKeyService/VerifyAPIKey"
-	APIKeyService_RotateAPIKey_FullMethodName   = "/keyward.v1.APIKeyService/RotateAPIKey"
-	APIKeyService_RevokeAPIKey_FullMethodName   = "/keyward.v1.APIKeyService/RevokeAPIKey"
-	APIKeyService_RevokeAPIKeys_FullMethodName  = "/keyward.v1.APIKeyService/RevokeAPIKeys"
-	APIKeyService_GetAPIKey_FullMethodName      = "/keyward.v1.APIKeyService/GetAPIKey"
-	APIKeyService_ListAPIKeys_FullMethodName    = "/keyward.v1.APIKeyService/ListAPIKeys"
-	APIKeyService_UpdateAPIKey_FullMethodName   = "/keyward.v1.APIKeyService/UpdateAPIKey"
-	APIKeyService_GetAPIKeyUsage_FullMethodName = "/keyward.v1.APIKeyService/GetAPIKeyUsage"
-	APIKeyService_ReportLeak_FullMethodName     = "/keyward.v1.APIKeyService/ReportLeak"
+	APIKeyService_CreateAPIKey_FullMethodName      = "/keyward.v1.APIKeyService/CreateAPIKey"
+	APIKeyService_VerifyAPIKey_FullMethodName      = "/keyward.v1.APIKeyService/VerifyAPIKey"
+	APIKeyService_RotateAPIKey_FullMethodName      = "/keyward.v1.APIKeyService/RotateAPIKey"
+	APIKeyService_RevokeAPIKey_FullMethodName      = "/keyward.v1.APIKeyService/RevokeAPIKey"
+	APIKeyService_RevokeAPIKeys_FullMethodName     = "/keyward.v1.APIKeyService/RevokeAPIKeys"
+	APIKeyService_GetAPIKey_FullMethodName         = "/keyward.v1.APIKeyService/GetAPIKey"
+	APIKeyService_ListAPIKeys_FullMethodName       = "/keyward.v1.APIKeyService/ListAPIKeys"
+	APIKeyService_UpdateAPIKey_FullMethodName      = "/keyward.v1.APIKeyService/UpdateAPIKey"
+	APIKeyService_GetAPIKeyUsage_FullMethodName    = "/keyward.v1.APIKeyService/GetAPIKeyUsage"
+	APIKeyService_ReportLeak_FullMethodName        = "/keyward.v1.APIKeyService/ReportLeak"
+	APIKeyService_ScheduleLimits_FullMethodName    = "/keyward.v1.APIKeyService/ScheduleLimits"
+	APIKeyService_ListLimitWindows_FullMethodName  = "/keyward.v1.APIKeyService/ListLimitWindows"
+	APIKeyService_CancelLimitWindow_FullMethodName = "/keyward.v1.APIKeyService/CancelLimitWindow"
 )
 
 // APIKeyServiceClient is the client API for APIKeyService service.
@@ -82,6 +85,20 @@ type APIKeyServiceClient interface {
 	// store transaction with its events for the plugins, which tell the
 	// owner; a key already stopped is left alone. docs/leaks.md.
 	ReportLeak(ctx context.Context, in *ReportLeakRequest, opts ...grpc.CallOption) (*ReportLeakResponse, error)
+	// ScheduleLimits raises (or cuts) API keys' rate limits for a window of
+	// time, in advance: one key, an owner's keys, an environment's keys, or
+	// an owner's keys in one environment. With dry_run it says what would
+	// change and writes nothing. The window starts and ends on time by
+	// itself, across restarts. docs/apikeys.md, "Limits raised on a
+	// schedule". Granted on the key's owner, on the owner, or, for an
+	// environment's keys of every owner, by a grant on the owner glob "*".
+	ScheduleLimits(ctx context.Context, in *ScheduleLimitsRequest, opts ...grpc.CallOption) (*ScheduleLimitsResponse, error)
+	// ListLimitWindows lists the windows scheduled, pending and active (and
+	// with include_ended those over or cancelled, kept 30 days), or those
+	// covering one key.
+	ListLimitWindows(ctx context.Context, in *ListLimitWindowsRequest, opts ...grpc.CallOption) (*ListLimitWindowsResponse, error)
+	// CancelLimitWindow ends a pending or active window now.
+	CancelLimitWindow(ctx context.Context, in *CancelLimitWindowRequest, opts ...grpc.CallOption) (*CancelLimitWindowResponse, error)
 }
 
 type aPIKeyServiceClient struct {
@@ -192,6 +209,36 @@ func (c *aPIKeyServiceClient) ReportLeak(ctx context.Context, in *ReportLeakRequ
 	return out, nil
 }
 
+func (c *aPIKeyServiceClient) ScheduleLimits(ctx context.Context, in *ScheduleLimitsRequest, opts ...grpc.CallOption) (*ScheduleLimitsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ScheduleLimitsResponse)
+	err := c.cc.Invoke(ctx, APIKeyService_ScheduleLimits_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *aPIKeyServiceClient) ListLimitWindows(ctx context.Context, in *ListLimitWindowsRequest, opts ...grpc.CallOption) (*ListLimitWindowsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListLimitWindowsResponse)
+	err := c.cc.Invoke(ctx, APIKeyService_ListLimitWindows_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *aPIKeyServiceClient) CancelLimitWindow(ctx context.Context, in *CancelLimitWindowRequest, opts ...grpc.CallOption) (*CancelLimitWindowResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CancelLimitWindowResponse)
+	err := c.cc.Invoke(ctx, APIKeyService_CancelLimitWindow_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // APIKeyServiceServer is the server API for APIKeyService service.
 // All implementations must embed UnimplementedAPIKeyServiceServer
 // for forward compatibility.
@@ -243,6 +290,20 @@ type APIKeyServiceServer interface {
 	// store transaction with its events for the plugins, which tell the
 	// owner; a key already stopped is left alone. docs/leaks.md.
 	ReportLeak(context.Context, *ReportLeakRequest) (*ReportLeakResponse, error)
+	// ScheduleLimits raises (or cuts) API keys' rate limits for a window of
+	// time, in advance: one key, an owner's keys, an environment's keys, or
+	// an owner's keys in one environment. With dry_run it says what would
+	// change and writes nothing. The window starts and ends on time by
+	// itself, across restarts. docs/apikeys.md, "Limits raised on a
+	// schedule". Granted on the key's owner, on the owner, or, for an
+	// environment's keys of every owner, by a grant on the owner glob "*".
+	ScheduleLimits(context.Context, *ScheduleLimitsRequest) (*ScheduleLimitsResponse, error)
+	// ListLimitWindows lists the windows scheduled, pending and active (and
+	// with include_ended those over or cancelled, kept 30 days), or those
+	// covering one key.
+	ListLimitWindows(context.Context, *ListLimitWindowsRequest) (*ListLimitWindowsResponse, error)
+	// CancelLimitWindow ends a pending or active window now.
+	CancelLimitWindow(context.Context, *CancelLimitWindowRequest) (*CancelLimitWindowResponse, error)
 	mustEmbedUnimplementedAPIKeyServiceServer()
 }
 
@@ -282,6 +343,15 @@ func (UnimplementedAPIKeyServiceServer) GetAPIKeyUsage(context.Context, *GetAPIK
 }
 func (UnimplementedAPIKeyServiceServer) ReportLeak(context.Context, *ReportLeakRequest) (*ReportLeakResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReportLeak not implemented")
+}
+func (UnimplementedAPIKeyServiceServer) ScheduleLimits(context.Context, *ScheduleLimitsRequest) (*ScheduleLimitsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ScheduleLimits not implemented")
+}
+func (UnimplementedAPIKeyServiceServer) ListLimitWindows(context.Context, *ListLimitWindowsRequest) (*ListLimitWindowsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListLimitWindows not implemented")
+}
+func (UnimplementedAPIKeyServiceServer) CancelLimitWindow(context.Context, *CancelLimitWindowRequest) (*CancelLimitWindowResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CancelLimitWindow not implemented")
 }
 func (UnimplementedAPIKeyServiceServer) mustEmbedUnimplementedAPIKeyServiceServer() {}
 func (UnimplementedAPIKeyServiceServer) testEmbeddedByValue()                       {}
@@ -484,6 +554,60 @@ func _APIKeyService_ReportLeak_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _APIKeyService_ScheduleLimits_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ScheduleLimitsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(APIKeyServiceServer).ScheduleLimits(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: APIKeyService_ScheduleLimits_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(APIKeyServiceServer).ScheduleLimits(ctx, req.(*ScheduleLimitsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _APIKeyService_ListLimitWindows_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListLimitWindowsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(APIKeyServiceServer).ListLimitWindows(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: APIKeyService_ListLimitWindows_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(APIKeyServiceServer).ListLimitWindows(ctx, req.(*ListLimitWindowsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _APIKeyService_CancelLimitWindow_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CancelLimitWindowRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(APIKeyServiceServer).CancelLimitWindow(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: APIKeyService_CancelLimitWindow_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(APIKeyServiceServer).CancelLimitWindow(ctx, req.(*CancelLimitWindowRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // APIKeyService_ServiceDesc is the grpc.ServiceDesc for APIKeyService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -530,6 +654,18 @@ var APIKeyService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReportLeak",
 			Handler:    _APIKeyService_ReportLeak_Handler,
+		},
+		{
+			MethodName: "ScheduleLimits",
+			Handler:    _APIKeyService_ScheduleLimits_Handler,
+		},
+		{
+			MethodName: "ListLimitWindows",
+			Handler:    _APIKeyService_ListLimitWindows_Handler,
+		},
+		{
+			MethodName: "CancelLimitWindow",
+			Handler:    _APIKeyService_CancelLimitWindow_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65vents.proto\x12\nkeyward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\x0cWatchRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x13\n\x0b\x66rom_oldest\x18\x02 \x01(\x08\x12\r\n\x05kinds\x18\x03 \x03(\t\"\x95\x01\n\rWatchResponse\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\"\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x11.keyward.v1.EventH\x00\x12$\n\x06resync\x18\x03 \x01(\x0b\x32\x12.keyward.v1.ResyncH\x00\x12\"\n\x05start\x18\x04 \x01(\x0b\x32\x11.keyward.v1.StartH\x00\x42\x06\n\x04item\"l\n\x05\x45vent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"\x18\n\x06Resync\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x07\n\x05Start2N\n\x0c\x45ventService\x12>\n\x05Watch\x12\x18.keyward.v1.WatchRequest\x1a\x19.keyward.v1.WatchResponse0\x01\x42\x34Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65vents.proto\x12\nkeyward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\x0cWatchRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x13\n\x0b\x66rom_oldest\x18\x02 \x01(\x08\x12\r\n\x05kinds\x18\x03 \x03(\t\"\xbf\x01\n\rWatchResponse\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\"\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x11.keyward.v1.EventH\x00\x12$\n\x06resync\x18\x03 \x01(\x0b\x32\x12.keyward.v1.ResyncH\x00\x12\"\n\x05start\x18\x04 \x01(\x0b\x32\x11.keyward.v1.StartH\x00\x12(\n\x08progress\x18\x05 \x01(\x0b\x32\x14.keyward.v1.ProgressH\x00\x42\x06\n\x04item\"l\n\x05\x45vent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"\x18\n\x06Resync\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x07\n\x05Start\"\n\n\x08Progress2N\n\x0c\x45ventService\x12>\n\x05Watch\x12\x18.keyward.v1.WatchRequest\x1a\x19.keyward.v1.WatchResponse0\x01\x42\x34Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'events_pb2', globals())
@@ -25,13 +25,15 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _WATCHREQUEST._serialized_start=61
   _WATCHREQUEST._serialized_end=127
   _WATCHRESPONSE._serialized_start=130
-  _WATCHRESPONSE._serialized_end=279
-  _EVENT._serialized_start=281
-  _EVENT._serialized_end=389
-  _RESYNC._serialized_start=391
-  _RESYNC._serialized_end=415
-  _START._serialized_start=417
-  _START._serialized_end=424
-  _EVENTSERVICE._serialized_start=426
-  _EVENTSERVICE._serialized_end=504
+  _WATCHRESPONSE._serialized_end=321
+  _EVENT._serialized_start=323
+  _EVENT._serialized_end=431
+  _RESYNC._serialized_start=433
+  _RESYNC._serialized_end=457
+  _START._serialized_start=459
+  _START._serialized_end=466
+  _PROGRESS._serialized_start=468
+  _PROGRESS._serialized_end=478
+  _EVENTSERVICE._serialized_start=480
+  _EVENTSERVICE._serialized_end=558
 # @@protoc_insertion_point(module_scope)
