@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/keyward/keyward/daemon"
 	"github.com/keyward/keyward/daemon/anomaly"
@@ -341,6 +342,7 @@ func TestFleet(t *testing.T) {
 	}
 
 	limitsAcrossFleet(t, n)
+	windowsAcrossFleet(t, n)
 
 	// Each node's own audit log, its name in every record.
 	for _, node := range n {
@@ -450,6 +452,47 @@ func limitsAcrossFleet(t *testing.T, n []*fleetNode) {
 		if writes > int64(verifications/5) {
 			t.Errorf("%s: %d etcd revisions for %d verifications: not a write a block", tc.name, writes, verifications)
 		}
+	}
+}
+
+// windowsAcrossFleet: a limit window scheduled on one node applies on
+// every node, and its cancellation on another node too: each node takes
+// the others' writes from its change feed.
+func windowsAcrossFleet(t *testing.T, n []*fleetNode) {
+	ctx := context.Background()
+	k, err := n[0].APIKeys.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "team-windows", Name: "sale", Environment: "prod",
+		Permissions: []string{"orders:read"}, RateLimits: []*keywardv1.RateLimit{{Limit: 1000, Per: durationpb.New(24 * time.Hour), Burst: 1000}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	limitOn := func(node *fleetNode) (uint32, string) {
+		v, err := node.APIKeys.VerifyAPIKey(ctx, &keywardv1.VerifyAPIKeyRequest{Key: k.Secret, Environment: "prod", Permissions: []string{"orders:read"}})
+		if err != nil || len(v.GetRateLimits()) == 0 {
+			return 0, fmt.Sprint(v.GetCode(), err)
+		}
+		l := v.GetRateLimits()[0].GetLimit().GetLimit()
+		return l, fmt.Sprint(v.GetCode(), " limit ", l)
+	}
+	w, err := n[1].APIKeys.ScheduleLimits(ctx, &keywardv1.ScheduleLimitsRequest{Owner: "team-windows", Factor: 2,
+		EndTime: timestamppb.New(time.Now().Add(time.Hour)), Reason: "launch"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, node := range n {
+		took := within(t, node.name+" applies the window scheduled on "+n[1].name, func() (bool, string) {
+			l, s := limitOn(node)
+			return l == 2000, s
+		})
+		t.Logf("%s: the window applied within %v", node.name, took)
+	}
+	if _, err := n[2].APIKeys.CancelLimitWindow(ctx, &keywardv1.CancelLimitWindowRequest{Id: w.GetWindow().GetId()}); err != nil {
+		t.Fatal(err)
+	}
+	for _, node := range n {
+		within(t, node.name+" drops the window cancelled on "+n[2].name, func() (bool, string) {
+			l, s := limitOn(node)
+			return l == 1000, s
+		})
 	}
 }
 
