@@ -569,3 +569,24 @@ func TestKeptAndSwept(t *testing.T) {
 		t.Errorf("%d sessions past their idle time kept after the sweep", n)
 	}
 }
+
+// TestLimitWindowsShown: the rotation page lists the API keys' limit
+// windows pending and active beside the rotations, escaped.
+func TestLimitWindowsShown(t *testing.T) {
+	p := start(t)
+	cookie := p.login()
+	if _, body := p.do("GET", "/rotation", nil, "Cookie", cookie); !strings.Contains(body, `id="windows"`) || !strings.Contains(body, "None pending or active") {
+		t.Fatalf("no window yet: the page says %q", body)
+	}
+	w, err := p.api.APIKeys.ScheduleLimits(context.Background(), &keywardv1.ScheduleLimitsRequest{Owner: "shop", Environment: "prod", Factor: 2.5,
+		EndTime: timestamppb.New(time.Now().Add(time.Hour)), Reason: "launch <b>day</b>"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, body := p.do("GET", "/rotation", nil, "Cookie", cookie)
+	for _, want := range []string{w.GetWindow().GetId(), "<td>shop</td><td>prod</td><td>×2.5</td>", "<td>active</td>", "launch &lt;b&gt;day&lt;/b&gt;"} {
+		if !strings.Contains(body, want) {
+			t.Errorf("the rotation page lacks %q", want)
+		}
+	}
+}

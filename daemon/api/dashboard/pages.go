@@ -664,6 +664,10 @@ type rotationData struct {
 	Plan     *keywardv1.GetRotationPlanResponse
 	Timeline template.HTML
 	Err      string
+	// Windows are the API keys' limit windows pending and active, beside
+	// the rotations: both are what keywardd does on a schedule.
+	Windows    []*keywardv1.LimitWindow
+	WindowsErr string
 }
 
 func (s *Server) rotation(w http.ResponseWriter, r *http.Request) {
@@ -675,6 +679,8 @@ func (s *Server) rotation(w http.ResponseWriter, r *http.Request) {
 	if err == nil {
 		d.Timeline = timelineChart(plan.GetRotations(), s.opt.Now(), 90*24*time.Hour)
 	}
+	ws, err := s.api.APIKeys.ListLimitWindows(c, &keywardv1.ListLimitWindowsRequest{})
+	d.Windows, d.WindowsErr = ws.GetWindows(), problem(err)
 	s.render(w, r, http.StatusOK, "rotation", "Rotation plan", d)
 }
 
@@ -861,7 +867,7 @@ func period(d time.Duration) string {
 // KEY_STATE_PENDING_DELETION.
 func state(v fmt.Stringer) string {
 	s := v.String()
-	for _, p := range []string{"AUDIT_OUTCOME_", "API_KEY_STATE_", "KEY_STATE_", "CREDENTIAL_STATE_", "KEY_PURPOSE_", "KEY_ALGORITHM_"} {
+	for _, p := range []string{"AUDIT_OUTCOME_", "API_KEY_STATE_", "LIMIT_WINDOW_STATE_", "KEY_STATE_", "CREDENTIAL_STATE_", "KEY_PURPOSE_", "KEY_ALGORITHM_"} {
 		s = strings.TrimPrefix(s, p)
 	}
 	return strings.ToLower(strings.ReplaceAll(s, "_", " "))
