@@ -37,6 +37,9 @@ const nginxServer = `
             proxy_pass http://unix:SOCKET:/verify;
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
+            # keywardd answers in milliseconds: one that does not answer
+            # fails the request (503) at once, not after nginx's 60 s.
+            proxy_read_timeout 2s;
             proxy_set_header X-Real-IP $remote_addr;
             proxy_set_header X-Keyward-Environment $keyward_environment;
             proxy_set_header X-Keyward-Permission $keyward_permission;
@@ -103,7 +106,10 @@ const nginxLocations = `
 // (a client's own Keyward-Owner removed); a revoked one, no key, a key
 // without the permission and one over its rate limit get keywardd's
 // answer from nginx: status, headers and JSON body, the 429 with
-// Retry-After. Each request is one VerifyAPIKey call in the audit log, by
+// Retry-After. The client's address, the environment and the permissions
+// are nginx's, whatever headers the client forges. Without keywardd (its
+// socket gone, no one listening, or keywardd not answering) nginx answers
+// 503 and the service is not reached. Each request is one VerifyAPIKey call in the audit log, by
 // nginx's worker, whom the policy binds.
 func TestNginxAuthRequest(t *testing.T) {
 	bin, err := exec.LookPath("nginx")
@@ -138,21 +144,25 @@ func TestNginxAuthRequest(t *testing.T) {
 
 	ctx := context.Background()
 	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
-	create := func(name string, limits ...*keywardv1.RateLimit) *keywardv1.CreateAPIKeyResponse {
+	create := func(name string, allowedIPs []string, limits ...*keywardv1.RateLimit) *keywardv1.CreateAPIKeyResponse {
 		t.Helper()
 		k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "shop", Name: name, Environment: "prod",
-			Permissions: []string{"orders:read"}, RateLimits: limits})
+			Permissions: []string{"orders:read"}, RateLimits: limits, AllowedIps: allowedIPs})
 		if err != nil {
 			t.Fatal(err)
 		}
 		return k
 	}
-	good := create("good")
-	revoked := create("revoked")
+	good := create("good", nil)
+	revoked := create("revoked", nil)
 	if _, err := ac.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: revoked.Key.Id}); err != nil {
 		t.Fatal(err)
 	}
-	limited := create("limited", &keywardv1.RateLimit{Limit: 1, Per: durationpb.New(time.Hour), Burst: 1})
+	// Keys that only nginx's own client address (127.0.0.1) lets through,
+	// and one it does not.
+	local := create("local", []string{"127.0.0.1/32"})
+	elsewhere := create("elsewhere", []string{"192.0.2.0/24"})
+	limited := create("limited", nil, &keywardv1.RateLimit{Limit: 1, Per: durationpb.New(time.Hour), Burst: 1})
 
 	type seen struct{ owner, keyID []string }
 	var mu sync.Mutex
@@ -184,6 +194,15 @@ func TestNginxAuthRequest(t *testing.T) {
 		{name: "within the limit", path: "/orders/5", header: map[string]string{"Authorization": "Bearer " + limited.Secret}, status: 200},
 		{name: "over the limit", path: "/orders/6", header: map[string]string{"Authorization": "Bearer " + limited.Secret},
 			status: 429, wantHeader: map[string]string{"Retry-After": "", "RateLimit-Remaining": "0", "RateLimit-Limit": "1"}},
+		// The client's address is nginx's $remote_addr, whatever the
+		// client says it is.
+		{name: "its address allowed, another claimed", path: "/orders/7", header: map[string]string{"Authorization": "Bearer " + local.Secret,
+			"X-Real-IP": "192.0.2.7", "X-Forwarded-For": "192.0.2.7"}, status: 200},
+		{name: "a forged X-Real-IP and X-Forwarded-For", path: "/orders/8", header: map[string]string{"Authorization": "Bearer " + elsewhere.Secret,
+			"X-Real-IP": "192.0.2.7", "X-Forwarded-For": "192.0.2.7", "X_Real_IP": "192.0.2.7", "Forwarded": "for=192.0.2.7"}, status: 403, code: "ip_not_allowed"},
+		// What a key must allow is the location's, whatever the client says.
+		{name: "a forged environment and permission", path: "/admin/2", header: map[string]string{"Authorization": "Bearer " + good.Secret,
+			"X-Keyward-Permission": "orders:read", "X-Keyward-Environment": "prod"}, status: 403, code: "forbidden"},
 	}
 	for _, c := range checks {
 		req, _ := http.NewRequest("GET", "http://"+addr+c.path, nil)
@@ -227,8 +246,8 @@ func TestNginxAuthRequest(t *testing.T) {
 		}
 	}
 	mu.Lock()
-	if len(upstream) != 3 {
-		t.Fatalf("the service was reached %d times, want 3 (the valid keys)", len(upstream))
+	if len(upstream) != 4 {
+		t.Fatalf("the service was reached %d times, want 4 (the valid keys)", len(upstream))
 	}
 	for i, s := range upstream[:2] {
 		if len(s.owner) != 1 || s.owner[0] != "shop" || len(s.keyID) != 1 || s.keyID[0] != good.Key.Id {
@@ -237,8 +256,58 @@ func TestNginxAuthRequest(t *testing.T) {
 	}
 	mu.Unlock()
 
-	// One VerifyAPIKey record per request, by nginx's worker.
+	// Without keywardd nginx fails closed: 503, and the service is not
+	// reached. Its socket gone, a socket no one listens on, and a keywardd
+	// that accepts and never answers.
 	in.Stop()
+	refusedWithout := func(why string) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", "http://"+addr+"/orders/9", nil)
+		req.Header.Set("Authorization", "Bearer "+good.Secret)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("%s: %v", why, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		var got map[string]any
+		if resp.StatusCode != 503 || json.Unmarshal(body, &got) != nil || got["error"] == nil {
+			t.Errorf("%s: %d %s; want 503 and a JSON error", why, resp.StatusCode, body)
+		}
+	}
+	os.Remove(sock)
+	refusedWithout("keywardd's socket gone")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(sock, 0o666)
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	var held []net.Conn
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
+	refusedWithout("keywardd not answering")
+	ln.Close()
+	refusedWithout("keywardd's socket with no one listening")
+	mu.Lock()
+	for _, c := range held {
+		c.Close()
+	}
+	if len(upstream) != 4 {
+		t.Errorf("the service was reached %d times, want 4: a request passed without keywardd", len(upstream))
+	}
+	mu.Unlock()
+
+	// One VerifyAPIKey record per request, by nginx's worker.
 	verifyAudit(t, in)
 	f, err := os.Open(auditFile(in))
 	if err != nil {
@@ -259,7 +328,7 @@ func TestNginxAuthRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := "VALID VALID REVOKED MALFORMED FORBIDDEN VALID RATE_LIMITED"
+	want := "VALID VALID REVOKED MALFORMED FORBIDDEN VALID RATE_LIMITED VALID IP_NOT_ALLOWED FORBIDDEN"
 	if got := strings.Join(results, " "); got != want {
 		t.Fatalf("the audit log's VerifyAPIKey verdicts:\n got %s\nwant %s", got, want)
 	}
