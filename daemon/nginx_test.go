@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -164,12 +165,24 @@ func TestNginxAuthRequest(t *testing.T) {
 	elsewhere := create("elsewhere", []string{"192.0.2.0/24"})
 	limited := create("limited", nil, &keywardv1.RateLimit{Limit: 1, Per: durationpb.New(time.Hour), Burst: 1})
 
-	type seen struct{ owner, keyID []string }
+	type seen struct {
+		owner, keyID []string
+		other        []string // headers spelt otherwise that a CGI-style service reads as keyward's
+		body         string
+	}
 	var mu sync.Mutex
 	var upstream []seen
 	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
-		upstream = append(upstream, seen{r.Header.Values("Keyward-Owner"), r.Header.Values("Keyward-Key-Id")})
+		s := seen{owner: r.Header.Values("Keyward-Owner"), keyID: r.Header.Values("Keyward-Key-Id")}
+		for k := range r.Header {
+			if n := strings.ToLower(strings.ReplaceAll(k, "_", "-")); (n == "keyward-owner" || n == "keyward-key-id") && k != http.CanonicalHeaderKey(n) {
+				s.other = append(s.other, k)
+			}
+		}
+		b, _ := io.ReadAll(r.Body)
+		s.body = string(b)
+		upstream = append(upstream, s)
 		mu.Unlock()
 		io.WriteString(w, "the service\n")
 	}))
@@ -182,9 +195,12 @@ func TestNginxAuthRequest(t *testing.T) {
 		status     int
 		wantHeader map[string]string // "" for present, any value
 		code       string            // the JSON body's code
+		body       string            // sent with POST, chunked if chunked
+		chunked    bool
 	}
 	checks := []check{
-		{name: "valid, Bearer", path: "/orders/1", header: map[string]string{"Authorization": "Bearer " + good.Secret, "Keyward-Owner": "someone-else"},
+		{name: "valid, Bearer", path: "/orders/1", header: map[string]string{"Authorization": "Bearer " + good.Secret, "Keyward-Owner": "someone-else",
+			"Keyward_Owner": "someone-else", "Keyward-Key-Id": "ak_forged", "keyward_key_id": "ak_forged"},
 			status: 200, wantHeader: map[string]string{"RateLimit-Limit": ""}},
 		{name: "valid, X-API-Key", path: "/orders/2", header: map[string]string{"X-API-Key": good.Secret}, status: 200},
 		{name: "revoked", path: "/orders/3", header: map[string]string{"Authorization": "Bearer " + revoked.Secret},
@@ -203,9 +219,19 @@ func TestNginxAuthRequest(t *testing.T) {
 		// What a key must allow is the location's, whatever the client says.
 		{name: "a forged environment and permission", path: "/admin/2", header: map[string]string{"Authorization": "Bearer " + good.Secret,
 			"X-Keyward-Permission": "orders:read", "X-Keyward-Environment": "prod"}, status: 403, code: "forbidden"},
+		// The request's body goes to the service, never to keywardd.
+		{name: "valid, a POST with a body", path: "/orders/10", header: map[string]string{"Authorization": "Bearer " + good.Secret}, body: "order=10", status: 200},
+		{name: "valid, a chunked body", path: "/orders/11", header: map[string]string{"Authorization": "Bearer " + good.Secret}, body: "order=11", chunked: true, status: 200},
 	}
 	for _, c := range checks {
 		req, _ := http.NewRequest("GET", "http://"+addr+c.path, nil)
+		if c.body != "" {
+			var body io.Reader = strings.NewReader(c.body)
+			if c.chunked {
+				body = io.MultiReader(body) // no length: sent chunked
+			}
+			req, _ = http.NewRequest("POST", "http://"+addr+c.path, body)
+		}
 		for k, v := range c.header {
 			req.Header.Set(k, v)
 		}
@@ -246,13 +272,16 @@ func TestNginxAuthRequest(t *testing.T) {
 		}
 	}
 	mu.Lock()
-	if len(upstream) != 4 {
-		t.Fatalf("the service was reached %d times, want 4 (the valid keys)", len(upstream))
+	if len(upstream) != 6 {
+		t.Fatalf("the service was reached %d times, want 6 (the valid keys)", len(upstream))
 	}
-	for i, s := range upstream[:2] {
-		if len(s.owner) != 1 || s.owner[0] != "shop" || len(s.keyID) != 1 || s.keyID[0] != good.Key.Id {
-			t.Errorf("request %d reached the service with Keyward-Owner %q and Keyward-Key-Id %q; want shop and %s only", i, s.owner, s.keyID, good.Key.Id)
+	for i, s := range slices.Concat(upstream[:2], upstream[4:]) {
+		if len(s.owner) != 1 || s.owner[0] != "shop" || len(s.keyID) != 1 || s.keyID[0] != good.Key.Id || len(s.other) > 0 {
+			t.Errorf("request %d reached the service with Keyward-Owner %q, Keyward-Key-Id %q and %q; want shop and %s only", i, s.owner, s.keyID, s.other, good.Key.Id)
 		}
+	}
+	if upstream[4].body != "order=10" || upstream[5].body != "order=11" {
+		t.Errorf("the service got the bodies %q and %q, want order=10 and order=11", upstream[4].body, upstream[5].body)
 	}
 	mu.Unlock()
 
@@ -302,8 +331,8 @@ func TestNginxAuthRequest(t *testing.T) {
 	for _, c := range held {
 		c.Close()
 	}
-	if len(upstream) != 4 {
-		t.Errorf("the service was reached %d times, want 4: a request passed without keywardd", len(upstream))
+	if len(upstream) != 6 {
+		t.Errorf("the service was reached %d times, want 6: a request passed without keywardd", len(upstream))
 	}
 	mu.Unlock()
 
@@ -328,9 +357,20 @@ func TestNginxAuthRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := "VALID VALID REVOKED MALFORMED FORBIDDEN VALID RATE_LIMITED VALID IP_NOT_ALLOWED FORBIDDEN"
+	want := "VALID VALID REVOKED MALFORMED FORBIDDEN VALID RATE_LIMITED VALID IP_NOT_ALLOWED FORBIDDEN VALID VALID"
 	if got := strings.Join(results, " "); got != want {
 		t.Fatalf("the audit log's VerifyAPIKey verdicts:\n got %s\nwant %s", got, want)
+	}
+
+	// No key in keywardd's log, its audit log, or nginx's logs.
+	logs := map[string]string{"keywardd's log": in.Log.String(), "the audit log": readFile(auditFile(in)),
+		"nginx's error log": readFile(filepath.Join(nginxDir, "error.log")), "nginx's access log": readFile(filepath.Join(nginxDir, "access.log"))}
+	for _, k := range []*keywardv1.CreateAPIKeyResponse{good, revoked, local, elsewhere, limited} {
+		for name, text := range logs {
+			if text == "" || strings.Contains(text, k.Secret) {
+				t.Errorf("%s (%d bytes) holds the key %s's secret, or is empty", name, len(text), k.Key.Name)
+			}
+		}
 	}
 }
 
