@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/fcgi"
 	"net/http/httptest"
 	"os"
 	"os/exec"
@@ -75,9 +76,13 @@ auth_request_set $keyward_ratelimit_remaining $upstream_http_ratelimit_remaining
 auth_request_set $keyward_ratelimit_reset $upstream_http_ratelimit_reset;
 auth_request_set $keyward_near_limit $upstream_http_keyward_near_limit;
 error_page 401 403 500 = @keyward_refused;
-# Set, or removed when empty: a client's own never reach the service.
+# Set, or removed when empty: a client's own never reach the service,
+# behind proxy_pass or FastCGI (php-fpm reads HTTP_KEYWARD_OWNER, which
+# the client's Keyward-Owner would be).
 proxy_set_header Keyward-Key-Id $keyward_key_id;
 proxy_set_header Keyward-Owner $keyward_owner;
+fastcgi_param HTTP_KEYWARD_KEY_ID $keyward_key_id;
+fastcgi_param HTTP_KEYWARD_OWNER $keyward_owner;
 add_header RateLimit-Limit $keyward_ratelimit_limit;
 add_header RateLimit-Remaining $keyward_ratelimit_remaining;
 add_header RateLimit-Reset $keyward_ratelimit_reset;
@@ -85,7 +90,8 @@ add_header Keyward-Near-Limit $keyward_near_limit;
 `
 
 // nginxLocations protect the upstream (UPSTREAM): /orders/ with
-// orders:read in prod, /admin/ with orders:write.
+// orders:read in prod, /admin/ with orders:write; and /php/, a FastCGI
+// service (FASTCGI: php-fpm, say) with orders:read.
 const nginxLocations = `
         location /orders/ {
             set $keyward_environment prod;
@@ -98,6 +104,13 @@ const nginxLocations = `
             set $keyward_permission orders:write;
             include keyward.conf;
             proxy_pass http://UPSTREAM;
+        }
+        location /php/ {
+            set $keyward_environment prod;
+            set $keyward_permission orders:read;
+            include keyward.conf;
+            include fastcgi_params;
+            fastcgi_pass FASTCGI;
         }
 `
 
@@ -172,7 +185,7 @@ func TestNginxAuthRequest(t *testing.T) {
 	}
 	var mu sync.Mutex
 	var upstream []seen
-	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	service := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
 		s := seen{owner: r.Header.Values("Keyward-Owner"), keyID: r.Header.Values("Keyward-Key-Id")}
 		for k := range r.Header {
@@ -185,9 +198,21 @@ func TestNginxAuthRequest(t *testing.T) {
 		upstream = append(upstream, s)
 		mu.Unlock()
 		io.WriteString(w, "the service\n")
-	}))
+	})
+	svc := httptest.NewServer(service)
 	defer svc.Close()
-	addr, nginxDir := startNginx(t, bin, user, sock, strings.TrimPrefix(svc.URL, "http://"))
+	// The same service behind FastCGI, as php-fpm would be.
+	fcgiDir := t.TempDir()
+	os.Chmod(fcgiDir, 0o755)
+	fcgiSock := filepath.Join(fcgiDir, "fcgi.sock")
+	fl, err := net.Listen("unix", fcgiSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fl.Close()
+	os.Chmod(fcgiSock, 0o666)
+	go fcgi.Serve(fl, service)
+	addr, nginxDir := startNginx(t, bin, user, sock, strings.TrimPrefix(svc.URL, "http://"), "unix:"+fcgiSock)
 
 	type check struct {
 		name, path string
@@ -222,6 +247,9 @@ func TestNginxAuthRequest(t *testing.T) {
 		// The request's body goes to the service, never to keywardd.
 		{name: "valid, a POST with a body", path: "/orders/10", header: map[string]string{"Authorization": "Bearer " + good.Secret}, body: "order=10", status: 200},
 		{name: "valid, a chunked body", path: "/orders/11", header: map[string]string{"Authorization": "Bearer " + good.Secret}, body: "order=11", chunked: true, status: 200},
+		// A FastCGI service gets keyward's Keyward-* (HTTP_KEYWARD_*), never the client's.
+		{name: "valid, FastCGI", path: "/php/1", header: map[string]string{"Authorization": "Bearer " + good.Secret, "Keyward-Owner": "someone-else",
+			"Keyward-Key-Id": "ak_forged"}, status: 200},
 	}
 	for _, c := range checks {
 		req, _ := http.NewRequest("GET", "http://"+addr+c.path, nil)
@@ -272,13 +300,16 @@ func TestNginxAuthRequest(t *testing.T) {
 		}
 	}
 	mu.Lock()
-	if len(upstream) != 6 {
-		t.Fatalf("the service was reached %d times, want 6 (the valid keys)", len(upstream))
+	if len(upstream) != 7 {
+		t.Fatalf("the service was reached %d times, want 7 (the valid keys)", len(upstream))
 	}
 	for i, s := range slices.Concat(upstream[:2], upstream[4:]) {
 		if len(s.owner) != 1 || s.owner[0] != "shop" || len(s.keyID) != 1 || s.keyID[0] != good.Key.Id || len(s.other) > 0 {
 			t.Errorf("request %d reached the service with Keyward-Owner %q, Keyward-Key-Id %q and %q; want shop and %s only", i, s.owner, s.keyID, s.other, good.Key.Id)
 		}
+	}
+	if s := upstream[6]; len(s.owner) != 1 || s.owner[0] != "shop" || len(s.keyID) != 1 || s.keyID[0] != good.Key.Id {
+		t.Errorf("the FastCGI service got Keyward-Owner %q and Keyward-Key-Id %q; want shop and %s only", s.owner, s.keyID, good.Key.Id)
 	}
 	if upstream[4].body != "order=10" || upstream[5].body != "order=11" {
 		t.Errorf("the service got the bodies %q and %q, want order=10 and order=11", upstream[4].body, upstream[5].body)
@@ -331,8 +362,8 @@ func TestNginxAuthRequest(t *testing.T) {
 	for _, c := range held {
 		c.Close()
 	}
-	if len(upstream) != 6 {
-		t.Errorf("the service was reached %d times, want 6: a request passed without keywardd", len(upstream))
+	if len(upstream) != 7 {
+		t.Errorf("the service was reached %d times, want 7: a request passed without keywardd", len(upstream))
 	}
 	mu.Unlock()
 
@@ -357,7 +388,7 @@ func TestNginxAuthRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := "VALID VALID REVOKED MALFORMED FORBIDDEN VALID RATE_LIMITED VALID IP_NOT_ALLOWED FORBIDDEN VALID VALID"
+	want := "VALID VALID REVOKED MALFORMED FORBIDDEN VALID RATE_LIMITED VALID IP_NOT_ALLOWED FORBIDDEN VALID VALID VALID"
 	if got := strings.Join(results, " "); got != want {
 		t.Fatalf("the audit log's VerifyAPIKey verdicts:\n got %s\nwant %s", got, want)
 	}
@@ -380,7 +411,7 @@ func readFile(path string) string { b, _ := os.ReadFile(path); return string(b) 
 // with nginxServer and nginxLocations asking keywardd on sock and
 // protecting upstream, until the test ends; it returns the address and
 // nginx's directory (nginx.conf, error.log).
-func startNginx(t *testing.T, bin, user, sock, upstream string) (addr, dir string) {
+func startNginx(t *testing.T, bin, user, sock, upstream, fastcgi string) (addr, dir string) {
 	t.Helper()
 	dir = t.TempDir()
 	os.Chmod(dir, 0o755)
@@ -407,8 +438,13 @@ http {
         listen %[3]s;
 %[4]s%[5]s    }
 }
-`, user, dir, addr, strings.ReplaceAll(nginxServer, "SOCKET", sock), strings.ReplaceAll(nginxLocations, "UPSTREAM", upstream))
-	for name, text := range map[string]string{"nginx.conf": conf, "keyward.conf": nginxProtect} {
+`, user, dir, addr, strings.ReplaceAll(nginxServer, "SOCKET", sock), strings.NewReplacer("UPSTREAM", upstream, "FASTCGI", fastcgi).Replace(nginxLocations))
+	// Debian's nginx's FastCGI parameters, for the FastCGI location.
+	params, err := os.ReadFile("/etc/nginx/fastcgi_params")
+	if err != nil {
+		t.Fatalf("Debian's nginx installs /etc/nginx/fastcgi_params: %v", err)
+	}
+	for name, text := range map[string]string{"nginx.conf": conf, "keyward.conf": nginxProtect, "fastcgi_params": string(params)} {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(text), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -455,7 +491,7 @@ func TestNginxDocs(t *testing.T) {
 	for name, text := range map[string]string{
 		"the server block's locations": strings.ReplaceAll(nginxServer, "SOCKET", "/run/keyward-gateway/http.sock"),
 		"keyward.conf":                 nginxProtect,
-		"the protected locations":      strings.ReplaceAll(nginxLocations, "UPSTREAM", "orders"),
+		"the protected locations":      strings.NewReplacer("UPSTREAM", "orders", "FASTCGI", "unix:/run/php/php-fpm.sock").Replace(nginxLocations),
 	} {
 		if !strings.Contains(string(doc), "```nginx"+text+"```") && !strings.Contains(string(doc), "```nginx\n"+text+"```") {
 			t.Errorf("docs/gateways.md does not show %s as the test runs it:\n%s", name, text)
