@@ -31,13 +31,17 @@ import (
 // nginxServer is the part of nginx.conf's server block that asks keywardd
 // (docs/gateways.md#nginx shows it): SOCKET is gateway.http_socket.path.
 const nginxServer = `
-        # The subrequest to keywardd: the client's headers (its key in
-        # Authorization or X-API-Key) go with it; the environment and
-        # permissions are the protected location's, the address nginx's.
+        # The subrequest to keywardd: of the client's headers, only its
+        # key (Authorization or X-API-Key; no cookies, nothing too large
+        # for keywardd); the environment and permissions are the
+        # protected location's, the address nginx's.
         location = /_keyward {
             internal;
             proxy_pass http://unix:SOCKET:/verify;
             proxy_pass_request_body off;
+            proxy_pass_request_headers off;
+            proxy_set_header Authorization $http_authorization;
+            proxy_set_header X-API-Key $http_x_api_key;
             proxy_set_header Content-Length "";
             # keywardd answers in milliseconds: one that does not answer
             # fails the request (503) at once, not after nginx's 60 s.
@@ -247,6 +251,9 @@ func TestNginxAuthRequest(t *testing.T) {
 		// The request's body goes to the service, never to keywardd.
 		{name: "valid, a POST with a body", path: "/orders/10", header: map[string]string{"Authorization": "Bearer " + good.Secret}, body: "order=10", status: 200},
 		{name: "valid, a chunked body", path: "/orders/11", header: map[string]string{"Authorization": "Bearer " + good.Secret}, body: "order=11", chunked: true, status: 200},
+		// A client's other headers, 21 kB of them, are none of keywardd's business.
+		{name: "valid, large cookies", path: "/orders/12", header: map[string]string{"Authorization": "Bearer " + good.Secret,
+			"Cookie": "a=" + strings.Repeat("x", 7000), "X-Big": strings.Repeat("y", 7000), "X-Bigger": strings.Repeat("z", 7000)}, status: 200},
 		// A FastCGI service gets keyward's Keyward-* (HTTP_KEYWARD_*), never the client's.
 		{name: "valid, FastCGI", path: "/php/1", header: map[string]string{"Authorization": "Bearer " + good.Secret, "Keyward-Owner": "someone-else",
 			"Keyward-Key-Id": "ak_forged"}, status: 200},
@@ -300,15 +307,15 @@ func TestNginxAuthRequest(t *testing.T) {
 		}
 	}
 	mu.Lock()
-	if len(upstream) != 7 {
-		t.Fatalf("the service was reached %d times, want 7 (the valid keys)", len(upstream))
+	if len(upstream) != 8 {
+		t.Fatalf("the service was reached %d times, want 8 (the valid keys)", len(upstream))
 	}
 	for i, s := range slices.Concat(upstream[:2], upstream[4:]) {
 		if len(s.owner) != 1 || s.owner[0] != "shop" || len(s.keyID) != 1 || s.keyID[0] != good.Key.Id || len(s.other) > 0 {
 			t.Errorf("request %d reached the service with Keyward-Owner %q, Keyward-Key-Id %q and %q; want shop and %s only", i, s.owner, s.keyID, s.other, good.Key.Id)
 		}
 	}
-	if s := upstream[6]; len(s.owner) != 1 || s.owner[0] != "shop" || len(s.keyID) != 1 || s.keyID[0] != good.Key.Id {
+	if s := upstream[7]; len(s.owner) != 1 || s.owner[0] != "shop" || len(s.keyID) != 1 || s.keyID[0] != good.Key.Id {
 		t.Errorf("the FastCGI service got Keyward-Owner %q and Keyward-Key-Id %q; want shop and %s only", s.owner, s.keyID, good.Key.Id)
 	}
 	if upstream[4].body != "order=10" || upstream[5].body != "order=11" {
@@ -362,8 +369,8 @@ func TestNginxAuthRequest(t *testing.T) {
 	for _, c := range held {
 		c.Close()
 	}
-	if len(upstream) != 7 {
-		t.Errorf("the service was reached %d times, want 7: a request passed without keywardd", len(upstream))
+	if len(upstream) != 8 {
+		t.Errorf("the service was reached %d times, want 8: a request passed without keywardd", len(upstream))
 	}
 	mu.Unlock()
 
@@ -388,7 +395,7 @@ func TestNginxAuthRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := "VALID VALID REVOKED MALFORMED FORBIDDEN VALID RATE_LIMITED VALID IP_NOT_ALLOWED FORBIDDEN VALID VALID VALID"
+	want := "VALID VALID REVOKED MALFORMED FORBIDDEN VALID RATE_LIMITED VALID IP_NOT_ALLOWED FORBIDDEN VALID VALID VALID VALID"
 	if got := strings.Join(results, " "); got != want {
 		t.Fatalf("the audit log's VerifyAPIKey verdicts:\n got %s\nwant %s", got, want)
 	}
