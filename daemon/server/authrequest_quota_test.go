@@ -14,6 +14,18 @@ import (
 	"github.com/keyward/keyward/daemon/apikeys"
 )
 
+// issueQuota issues a key of team-a's, for live, with orders:read and the
+// quota q, and returns its secret.
+func issueQuota(t *testing.T, ts *testServer, name string, q *apikeys.Quota) string {
+	t.Helper()
+	secret, _, err := ts.apiKeys.Create(context.Background(), apikeys.Spec{Owner: "team-a", Name: name, Environment: "live",
+		Permissions: []string{"orders:read"}, Quota: q})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return secret
+}
+
 // TestAuthRequestQuota: a key over its quota gets 429 through the
 // auth_request endpoint, with Retry-After, the RateLimit-* headers of its
 // quota and the body of a 429 (usage, limit, reset time, retry delay);
@@ -27,15 +39,7 @@ func TestAuthRequestQuota(t *testing.T) {
 `, fmt.Sprintf("  - role: gateway\n    callers: [{uid: %d}]\n", os.Getuid()))
 	ts := newTestServer(t, pol)
 	c := serveAuthRequest(t, ts)
-	create := func(name string, q *apikeys.Quota) string {
-		t.Helper()
-		secret, _, err := ts.apiKeys.Create(context.Background(), apikeys.Spec{Owner: "team-a", Name: name, Environment: "live",
-			Permissions: []string{"orders:read"}, Quota: q})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return secret
-	}
+	create := func(name string, q *apikeys.Quota) string { return issueQuota(t, ts, name, q) }
 	ask := func(secret string) (*http.Response, map[string]any) {
 		t.Helper()
 		req, _ := http.NewRequest("GET", "http://keywardd"+AuthRequestPath, nil)
