@@ -7,10 +7,12 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/fcgi"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -29,14 +31,21 @@ import (
 // nginxServer is the part of nginx.conf's server block that asks keywardd
 // (docs/gateways.md#nginx shows it): SOCKET is gateway.http_socket.path.
 const nginxServer = `
-        # The subrequest to keywardd: the client's headers (its key in
-        # Authorization or X-API-Key) go with it; the environment and
-        # permissions are the protected location's, the address nginx's.
+        # The subrequest to keywardd: of the client's headers, only its
+        # key (Authorization or X-API-Key; no cookies, nothing too large
+        # for keywardd); the environment and permissions are the
+        # protected location's, the address nginx's.
         location = /_keyward {
             internal;
             proxy_pass http://unix:SOCKET:/verify;
             proxy_pass_request_body off;
+            proxy_pass_request_headers off;
+            proxy_set_header Authorization $http_authorization;
+            proxy_set_header X-API-Key $http_x_api_key;
             proxy_set_header Content-Length "";
+            # keywardd answers in milliseconds: one that does not answer
+            # fails the request (503) at once, not after nginx's 60 s.
+            proxy_read_timeout 2s;
             proxy_set_header X-Real-IP $remote_addr;
             proxy_set_header X-Keyward-Environment $keyward_environment;
             proxy_set_header X-Keyward-Permission $keyward_permission;
@@ -71,9 +80,13 @@ auth_request_set $keyward_ratelimit_remaining $upstream_http_ratelimit_remaining
 auth_request_set $keyward_ratelimit_reset $upstream_http_ratelimit_reset;
 auth_request_set $keyward_near_limit $upstream_http_keyward_near_limit;
 error_page 401 403 500 = @keyward_refused;
-# Set, or removed when empty: a client's own never reach the service.
+# Set, or removed when empty: a client's own never reach the service,
+# behind proxy_pass or FastCGI (php-fpm reads HTTP_KEYWARD_OWNER, which
+# the client's Keyward-Owner would be).
 proxy_set_header Keyward-Key-Id $keyward_key_id;
 proxy_set_header Keyward-Owner $keyward_owner;
+fastcgi_param HTTP_KEYWARD_KEY_ID $keyward_key_id;
+fastcgi_param HTTP_KEYWARD_OWNER $keyward_owner;
 add_header RateLimit-Limit $keyward_ratelimit_limit;
 add_header RateLimit-Remaining $keyward_ratelimit_remaining;
 add_header RateLimit-Reset $keyward_ratelimit_reset;
@@ -81,7 +94,8 @@ add_header Keyward-Near-Limit $keyward_near_limit;
 `
 
 // nginxLocations protect the upstream (UPSTREAM): /orders/ with
-// orders:read in prod, /admin/ with orders:write.
+// orders:read in prod, /admin/ with orders:write; and /php/, a FastCGI
+// service (FASTCGI: php-fpm, say) with orders:read.
 const nginxLocations = `
         location /orders/ {
             set $keyward_environment prod;
@@ -95,6 +109,13 @@ const nginxLocations = `
             include keyward.conf;
             proxy_pass http://UPSTREAM;
         }
+        location /php/ {
+            set $keyward_environment prod;
+            set $keyward_permission orders:read;
+            include keyward.conf;
+            include fastcgi_params;
+            fastcgi_pass FASTCGI;
+        }
 `
 
 // TestNginxAuthRequest: Debian's nginx in front of a service, asking
@@ -103,7 +124,10 @@ const nginxLocations = `
 // (a client's own Keyward-Owner removed); a revoked one, no key, a key
 // without the permission and one over its rate limit get keywardd's
 // answer from nginx: status, headers and JSON body, the 429 with
-// Retry-After. Each request is one VerifyAPIKey call in the audit log, by
+// Retry-After. The client's address, the environment and the permissions
+// are nginx's, whatever headers the client forges. Without keywardd (its
+// socket gone, no one listening, or keywardd not answering) nginx answers
+// 503 and the service is not reached. Each request is one VerifyAPIKey call in the audit log, by
 // nginx's worker, whom the policy binds.
 func TestNginxAuthRequest(t *testing.T) {
 	bin, err := exec.LookPath("nginx")
@@ -138,33 +162,61 @@ func TestNginxAuthRequest(t *testing.T) {
 
 	ctx := context.Background()
 	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
-	create := func(name string, limits ...*keywardv1.RateLimit) *keywardv1.CreateAPIKeyResponse {
+	create := func(name string, allowedIPs []string, limits ...*keywardv1.RateLimit) *keywardv1.CreateAPIKeyResponse {
 		t.Helper()
 		k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "shop", Name: name, Environment: "prod",
-			Permissions: []string{"orders:read"}, RateLimits: limits})
+			Permissions: []string{"orders:read"}, RateLimits: limits, AllowedIps: allowedIPs})
 		if err != nil {
 			t.Fatal(err)
 		}
 		return k
 	}
-	good := create("good")
-	revoked := create("revoked")
+	good := create("good", nil)
+	revoked := create("revoked", nil)
 	if _, err := ac.RevokeAPIKey(ctx, &keywardv1.RevokeAPIKeyRequest{Id: revoked.Key.Id}); err != nil {
 		t.Fatal(err)
 	}
-	limited := create("limited", &keywardv1.RateLimit{Limit: 1, Per: durationpb.New(time.Hour), Burst: 1})
+	// Keys that only nginx's own client address (127.0.0.1) lets through,
+	// and one it does not.
+	local := create("local", []string{"127.0.0.1/32"})
+	elsewhere := create("elsewhere", []string{"192.0.2.0/24"})
+	limited := create("limited", nil, &keywardv1.RateLimit{Limit: 1, Per: durationpb.New(time.Hour), Burst: 1})
 
-	type seen struct{ owner, keyID []string }
+	type seen struct {
+		owner, keyID []string
+		other        []string // headers spelt otherwise that a CGI-style service reads as keyward's
+		body         string
+	}
 	var mu sync.Mutex
 	var upstream []seen
-	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	service := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
-		upstream = append(upstream, seen{r.Header.Values("Keyward-Owner"), r.Header.Values("Keyward-Key-Id")})
+		s := seen{owner: r.Header.Values("Keyward-Owner"), keyID: r.Header.Values("Keyward-Key-Id")}
+		for k := range r.Header {
+			if n := strings.ToLower(strings.ReplaceAll(k, "_", "-")); (n == "keyward-owner" || n == "keyward-key-id") && k != http.CanonicalHeaderKey(n) {
+				s.other = append(s.other, k)
+			}
+		}
+		b, _ := io.ReadAll(r.Body)
+		s.body = string(b)
+		upstream = append(upstream, s)
 		mu.Unlock()
 		io.WriteString(w, "the service\n")
-	}))
+	})
+	svc := httptest.NewServer(service)
 	defer svc.Close()
-	addr, nginxDir := startNginx(t, bin, user, sock, strings.TrimPrefix(svc.URL, "http://"))
+	// The same service behind FastCGI, as php-fpm would be.
+	fcgiDir := t.TempDir()
+	os.Chmod(fcgiDir, 0o755)
+	fcgiSock := filepath.Join(fcgiDir, "fcgi.sock")
+	fl, err := net.Listen("unix", fcgiSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fl.Close()
+	os.Chmod(fcgiSock, 0o666)
+	go fcgi.Serve(fl, service)
+	addr, nginxDir := startNginx(t, bin, user, sock, strings.TrimPrefix(svc.URL, "http://"), "unix:"+fcgiSock)
 
 	type check struct {
 		name, path string
@@ -172,9 +224,12 @@ func TestNginxAuthRequest(t *testing.T) {
 		status     int
 		wantHeader map[string]string // "" for present, any value
 		code       string            // the JSON body's code
+		body       string            // sent with POST, chunked if chunked
+		chunked    bool
 	}
 	checks := []check{
-		{name: "valid, Bearer", path: "/orders/1", header: map[string]string{"Authorization": "Bearer " + good.Secret, "Keyward-Owner": "someone-else"},
+		{name: "valid, Bearer", path: "/orders/1", header: map[string]string{"Authorization": "Bearer " + good.Secret, "Keyward-Owner": "someone-else",
+			"Keyward_Owner": "someone-else", "Keyward-Key-Id": "ak_forged", "keyward_key_id": "ak_forged"},
 			status: 200, wantHeader: map[string]string{"RateLimit-Limit": ""}},
 		{name: "valid, X-API-Key", path: "/orders/2", header: map[string]string{"X-API-Key": good.Secret}, status: 200},
 		{name: "revoked", path: "/orders/3", header: map[string]string{"Authorization": "Bearer " + revoked.Secret},
@@ -184,9 +239,34 @@ func TestNginxAuthRequest(t *testing.T) {
 		{name: "within the limit", path: "/orders/5", header: map[string]string{"Authorization": "Bearer " + limited.Secret}, status: 200},
 		{name: "over the limit", path: "/orders/6", header: map[string]string{"Authorization": "Bearer " + limited.Secret},
 			status: 429, wantHeader: map[string]string{"Retry-After": "", "RateLimit-Remaining": "0", "RateLimit-Limit": "1"}},
+		// The client's address is nginx's $remote_addr, whatever the
+		// client says it is.
+		{name: "its address allowed, another claimed", path: "/orders/7", header: map[string]string{"Authorization": "Bearer " + local.Secret,
+			"X-Real-IP": "192.0.2.7", "X-Forwarded-For": "192.0.2.7"}, status: 200},
+		{name: "a forged X-Real-IP and X-Forwarded-For", path: "/orders/8", header: map[string]string{"Authorization": "Bearer " + elsewhere.Secret,
+			"X-Real-IP": "192.0.2.7", "X-Forwarded-For": "192.0.2.7", "X_Real_IP": "192.0.2.7", "Forwarded": "for=192.0.2.7"}, status: 403, code: "ip_not_allowed"},
+		// What a key must allow is the location's, whatever the client says.
+		{name: "a forged environment and permission", path: "/admin/2", header: map[string]string{"Authorization": "Bearer " + good.Secret,
+			"X-Keyward-Permission": "orders:read", "X-Keyward-Environment": "prod"}, status: 403, code: "forbidden"},
+		// The request's body goes to the service, never to keywardd.
+		{name: "valid, a POST with a body", path: "/orders/10", header: map[string]string{"Authorization": "Bearer " + good.Secret}, body: "order=10", status: 200},
+		{name: "valid, a chunked body", path: "/orders/11", header: map[string]string{"Authorization": "Bearer " + good.Secret}, body: "order=11", chunked: true, status: 200},
+		// A client's other headers, 21 kB of them, are none of keywardd's business.
+		{name: "valid, large cookies", path: "/orders/12", header: map[string]string{"Authorization": "Bearer " + good.Secret,
+			"Cookie": "a=" + strings.Repeat("x", 7000), "X-Big": strings.Repeat("y", 7000), "X-Bigger": strings.Repeat("z", 7000)}, status: 200},
+		// A FastCGI service gets keyward's Keyward-* (HTTP_KEYWARD_*), never the client's.
+		{name: "valid, FastCGI", path: "/php/1", header: map[string]string{"Authorization": "Bearer " + good.Secret, "Keyward-Owner": "someone-else",
+			"Keyward-Key-Id": "ak_forged"}, status: 200},
 	}
 	for _, c := range checks {
 		req, _ := http.NewRequest("GET", "http://"+addr+c.path, nil)
+		if c.body != "" {
+			var body io.Reader = strings.NewReader(c.body)
+			if c.chunked {
+				body = io.MultiReader(body) // no length: sent chunked
+			}
+			req, _ = http.NewRequest("POST", "http://"+addr+c.path, body)
+		}
 		for k, v := range c.header {
 			req.Header.Set(k, v)
 		}
@@ -227,18 +307,74 @@ func TestNginxAuthRequest(t *testing.T) {
 		}
 	}
 	mu.Lock()
-	if len(upstream) != 3 {
-		t.Fatalf("the service was reached %d times, want 3 (the valid keys)", len(upstream))
+	if len(upstream) != 8 {
+		t.Fatalf("the service was reached %d times, want 8 (the valid keys)", len(upstream))
 	}
-	for i, s := range upstream[:2] {
-		if len(s.owner) != 1 || s.owner[0] != "shop" || len(s.keyID) != 1 || s.keyID[0] != good.Key.Id {
-			t.Errorf("request %d reached the service with Keyward-Owner %q and Keyward-Key-Id %q; want shop and %s only", i, s.owner, s.keyID, good.Key.Id)
+	for i, s := range slices.Concat(upstream[:2], upstream[4:]) {
+		if len(s.owner) != 1 || s.owner[0] != "shop" || len(s.keyID) != 1 || s.keyID[0] != good.Key.Id || len(s.other) > 0 {
+			t.Errorf("request %d reached the service with Keyward-Owner %q, Keyward-Key-Id %q and %q; want shop and %s only", i, s.owner, s.keyID, s.other, good.Key.Id)
 		}
+	}
+	if s := upstream[7]; len(s.owner) != 1 || s.owner[0] != "shop" || len(s.keyID) != 1 || s.keyID[0] != good.Key.Id {
+		t.Errorf("the FastCGI service got Keyward-Owner %q and Keyward-Key-Id %q; want shop and %s only", s.owner, s.keyID, good.Key.Id)
+	}
+	if upstream[4].body != "order=10" || upstream[5].body != "order=11" {
+		t.Errorf("the service got the bodies %q and %q, want order=10 and order=11", upstream[4].body, upstream[5].body)
+	}
+	mu.Unlock()
+
+	// Without keywardd nginx fails closed: 503, and the service is not
+	// reached. Its socket gone, a socket no one listens on, and a keywardd
+	// that accepts and never answers.
+	in.Stop()
+	refusedWithout := func(why string) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", "http://"+addr+"/orders/9", nil)
+		req.Header.Set("Authorization", "Bearer "+good.Secret)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("%s: %v", why, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		var got map[string]any
+		if resp.StatusCode != 503 || json.Unmarshal(body, &got) != nil || got["error"] == nil {
+			t.Errorf("%s: %d %s; want 503 and a JSON error", why, resp.StatusCode, body)
+		}
+	}
+	os.Remove(sock)
+	refusedWithout("keywardd's socket gone")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(sock, 0o666)
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	var held []net.Conn
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
+	refusedWithout("keywardd not answering")
+	ln.Close()
+	refusedWithout("keywardd's socket with no one listening")
+	mu.Lock()
+	for _, c := range held {
+		c.Close()
+	}
+	if len(upstream) != 8 {
+		t.Errorf("the service was reached %d times, want 8: a request passed without keywardd", len(upstream))
 	}
 	mu.Unlock()
 
 	// One VerifyAPIKey record per request, by nginx's worker.
-	in.Stop()
 	verifyAudit(t, in)
 	f, err := os.Open(auditFile(in))
 	if err != nil {
@@ -259,9 +395,20 @@ func TestNginxAuthRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := "VALID VALID REVOKED MALFORMED FORBIDDEN VALID RATE_LIMITED"
+	want := "VALID VALID REVOKED MALFORMED FORBIDDEN VALID RATE_LIMITED VALID IP_NOT_ALLOWED FORBIDDEN VALID VALID VALID VALID"
 	if got := strings.Join(results, " "); got != want {
 		t.Fatalf("the audit log's VerifyAPIKey verdicts:\n got %s\nwant %s", got, want)
+	}
+
+	// No key in keywardd's log, its audit log, or nginx's logs.
+	logs := map[string]string{"keywardd's log": in.Log.String(), "the audit log": readFile(auditFile(in)),
+		"nginx's error log": readFile(filepath.Join(nginxDir, "error.log")), "nginx's access log": readFile(filepath.Join(nginxDir, "access.log"))}
+	for _, k := range []*keywardv1.CreateAPIKeyResponse{good, revoked, local, elsewhere, limited} {
+		for name, text := range logs {
+			if text == "" || strings.Contains(text, k.Secret) {
+				t.Errorf("%s (%d bytes) holds the key %s's secret, or is empty", name, len(text), k.Key.Name)
+			}
+		}
 	}
 }
 
@@ -271,7 +418,7 @@ func readFile(path string) string { b, _ := os.ReadFile(path); return string(b) 
 // with nginxServer and nginxLocations asking keywardd on sock and
 // protecting upstream, until the test ends; it returns the address and
 // nginx's directory (nginx.conf, error.log).
-func startNginx(t *testing.T, bin, user, sock, upstream string) (addr, dir string) {
+func startNginx(t *testing.T, bin, user, sock, upstream, fastcgi string) (addr, dir string) {
 	t.Helper()
 	dir = t.TempDir()
 	os.Chmod(dir, 0o755)
@@ -298,8 +445,13 @@ http {
         listen %[3]s;
 %[4]s%[5]s    }
 }
-`, user, dir, addr, strings.ReplaceAll(nginxServer, "SOCKET", sock), strings.ReplaceAll(nginxLocations, "UPSTREAM", upstream))
-	for name, text := range map[string]string{"nginx.conf": conf, "keyward.conf": nginxProtect} {
+`, user, dir, addr, strings.ReplaceAll(nginxServer, "SOCKET", sock), strings.NewReplacer("UPSTREAM", upstream, "FASTCGI", fastcgi).Replace(nginxLocations))
+	// Debian's nginx's FastCGI parameters, for the FastCGI location.
+	params, err := os.ReadFile("/etc/nginx/fastcgi_params")
+	if err != nil {
+		t.Fatalf("Debian's nginx installs /etc/nginx/fastcgi_params: %v", err)
+	}
+	for name, text := range map[string]string{"nginx.conf": conf, "keyward.conf": nginxProtect, "fastcgi_params": string(params)} {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(text), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -346,7 +498,7 @@ func TestNginxDocs(t *testing.T) {
 	for name, text := range map[string]string{
 		"the server block's locations": strings.ReplaceAll(nginxServer, "SOCKET", "/run/keyward-gateway/http.sock"),
 		"keyward.conf":                 nginxProtect,
-		"the protected locations":      strings.ReplaceAll(nginxLocations, "UPSTREAM", "orders"),
+		"the protected locations":      strings.NewReplacer("UPSTREAM", "orders", "FASTCGI", "unix:/run/php/php-fpm.sock").Replace(nginxLocations),
 	} {
 		if !strings.Contains(string(doc), "```nginx"+text+"```") && !strings.Contains(string(doc), "```nginx\n"+text+"```") {
 			t.Errorf("docs/gateways.md does not show %s as the test runs it:\n%s", name, text)

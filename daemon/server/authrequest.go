@@ -64,54 +64,88 @@ func (s *Server) AuthRequest() *http.Server {
 	// (refused) must not hold its connection while it trickles in.
 	return &http.Server{Handler: mux, ReadHeaderTimeout: s.cfg.HandshakeTimeout, ReadTimeout: s.cfg.HandshakeTimeout, WriteTimeout: s.cfg.WriteTimeout,
 		IdleTimeout: s.cfg.IdleTimeout, MaxHeaderBytes: 16 << 10,
-		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
-			return context.WithValue(ctx, gatewayConnKey{}, &gatewayConn{raw: c})
-		},
-		ConnState: a.connState,
+		ConnContext: a.accept,
+		ConnState:   a.connState,
 	}
 }
 
 type authRequest struct {
 	s        *Server
 	resolver *identity.Resolver
-	conns    sync.Map // net.Conn → *gatewayConn, identified
+	conns    sync.Map // net.Conn → *gatewayConn holding a slot
 }
 
-// gatewayConn is a connection to the endpoint: its caller is identified,
-// and the connection counted, on its first request, in the connection's
-// own goroutine (ConnContext runs in the accept loop, which reading /proc
-// and hashing a binary must not hold up).
+// gatewayConn is a connection to the endpoint. It is counted against its
+// caller's budget at accept (peerCreds.admit: its uid, one system call,
+// in the accept loop), and its caller identified on its first request
+// (peerCreds.identify, in the connection's own goroutine: reading /proc
+// and hashing a binary must not hold up the accept loop).
 type gatewayConn struct {
 	raw  net.Conn
 	once sync.Once
-	ai   AuthInfo
+	mu   sync.Mutex
+	adm  admitted // adm.acct nil once the slot is given back or identified
+	ai   AuthInfo // ai.conn set once identified
 	err  error
 }
 
 type gatewayConnKey struct{}
+
+// accept counts a new connection against its caller's uid's budget. One
+// over it is closed after refuseLinger: a request sent at once is told
+// why (503), a silent connection holds nothing longer than that.
+func (a *authRequest) accept(ctx context.Context, c net.Conn) context.Context {
+	gc := &gatewayConn{raw: c}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		gc.err = errors.New("keywardd serves its gateway endpoint on a Unix socket only")
+	} else if gc.adm, gc.err = (&peerCreds{s: a.s, resolver: a.resolver}).admit(uc); gc.err == nil {
+		a.conns.Store(c, gc)
+	}
+	if gc.err != nil {
+		a.s.refused(gc.err)
+		time.AfterFunc(refuseLinger, func() { c.Close() })
+	}
+	return context.WithValue(ctx, gatewayConnKey{}, gc)
+}
 
 // connState gives back a closed connection's slot and its caller's pidfd.
 func (a *authRequest) connState(c net.Conn, st http.ConnState) {
 	if st != http.StateClosed && st != http.StateHijacked {
 		return
 	}
-	if gc, ok := a.conns.LoadAndDelete(c); ok {
-		gc.(*gatewayConn).ai.conn.Close()
+	if v, ok := a.conns.LoadAndDelete(c); ok {
+		gc := v.(*gatewayConn)
+		gc.mu.Lock()
+		defer gc.mu.Unlock()
+		switch {
+		case gc.ai.conn != nil:
+			gc.ai.conn.Close()
+		case gc.adm.acct != nil:
+			gc.adm.acct.Disconnect()
+		}
+		gc.adm.acct = nil
 	}
 }
 
 // identify is the connection's caller, identified on its first request.
 func (a *authRequest) identify(gc *gatewayConn) (AuthInfo, error) {
 	gc.once.Do(func() {
-		uc, ok := gc.raw.(*net.UnixConn)
-		if !ok {
-			gc.err = errors.New("keywardd serves its gateway endpoint on a Unix socket only")
+		if gc.err != nil {
+			return // refused at accept
+		}
+		gc.mu.Lock()
+		defer gc.mu.Unlock()
+		if gc.adm.acct == nil {
+			gc.err = fmt.Errorf("%w: the connection is closing", errUnavailable)
 			return
 		}
-		// peerCreds' connect without its refusal, which speaks HTTP/2.
+		// peerCreds' second step without its refusal, which speaks HTTP/2.
 		pc := &peerCreds{s: a.s, resolver: a.resolver}
-		if _, gc.ai, _, gc.err = pc.connect(uc); gc.err == nil {
-			a.conns.Store(gc.raw, gc)
+		_, gc.ai, gc.err = pc.identify(gc.raw.(*net.UnixConn), gc.adm)
+		gc.adm.acct = nil // the serverConn's now, or given back
+		if gc.err != nil {
+			a.s.refused(gc.err)
 		}
 	})
 	return gc.ai, gc.err
@@ -131,7 +165,6 @@ func (a *authRequest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	conn := r.Context().Value(gatewayConnKey{}).(*gatewayConn)
 	ai, err := a.identify(conn)
 	if err != nil {
-		a.s.refused(err)
 		w.Header().Set("Connection", "close")
 		a.fail(w, err)
 		return

@@ -2,8 +2,10 @@ package server
 
 import (
 	"bufio"
+	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"testing"
 	"time"
 )
@@ -11,14 +13,8 @@ import (
 // TestAuthRequestRefusesBody: a request with a body is refused at once
 // (400, the connection closed), not verified while its body trickles in.
 func TestAuthRequestRefusesBody(t *testing.T) {
-	srv := (&Server{cfg: Config{HandshakeTimeout: time.Second}}).AuthRequest()
-	ln, err := net.Listen("unix", t.TempDir()+"/g.sock")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	defer srv.Close()
-	c, err := net.Dial("unix", ln.Addr().String())
+	ts := newTestServer(t, withAdmin("", fmt.Sprintf("  - role: admin\n    callers: [{uid: %d}]\n", os.Getuid())))
+	c, err := net.Dial("unix", authRequestSocket(t, ts))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,6 +21,16 @@ import (
 // ends, and returns a client whose every request goes there.
 func serveAuthRequest(t *testing.T, ts *testServer) *http.Client {
 	t.Helper()
+	sock := authRequestSocket(t, ts)
+	return &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}}
+}
+
+// authRequestSocket serves ts's AuthRequest on a Unix socket until the
+// test ends, and returns the socket's path.
+func authRequestSocket(t *testing.T, ts *testServer) string {
+	t.Helper()
 	sock := filepath.Join(t.TempDir(), "gw.sock")
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
@@ -29,9 +39,7 @@ func serveAuthRequest(t *testing.T, ts *testServer) *http.Client {
 	hs := ts.s.AuthRequest()
 	go hs.Serve(ln)
 	t.Cleanup(func() { hs.Close() })
-	return &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
-	}}}
+	return sock
 }
 
 // TestAuthRequest: the endpoint for nginx's auth_request, over a real Unix

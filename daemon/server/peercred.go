@@ -62,37 +62,59 @@ func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 }
 
 // connect identifies a connection's caller and counts it against the
-// caller's budget: the gRPC handshake's, and the gateway endpoints' on
-// their first request. An error over the caller's budget matches
-// admission.ErrOverBudget; uid is the caller's once known.
+// caller's budget (the gRPC handshake's). An error over the caller's
+// budget matches admission.ErrOverBudget; uid is the caller's once known.
 func (c *peerCreds) connect(uc *net.UnixConn) (_ *serverConn, _ AuthInfo, uid uint32, err error) {
-	uid, err = identity.PeerUID(uc)
+	a, err := c.admit(uc)
 	if err != nil {
-		return nil, AuthInfo{}, 0, err
+		return nil, AuthInfo{}, a.uid, err
 	}
-	// A slot is taken on the uid alone, with the most any of its processes
-	// could hold: a uid at that many is refused before /proc is read, and
-	// no more of its connections than that are identified at once.
-	accepted := time.Now()
-	pol := c.s.policy.Load()
-	most, bindable := pol.MaxConnections(uid)
-	acct, err := c.s.gate.Connect(uid, most, bindable)
+	sc, ai, err := c.identify(uc, a)
+	return sc, ai, a.uid, err
+}
+
+// admitted is a connection whose slot is taken on its caller's uid.
+type admitted struct {
+	uid      uint32
+	acct     *admission.Caller
+	accepted time.Time
+	pol      *policy.Policy
+}
+
+// admit is connect's first step, one system call and no more: a slot is
+// taken on the uid alone, with the most any of its processes could hold,
+// so that a uid at that many is refused before /proc is read, and no more
+// of its connections than that are identified at once. The gateway
+// endpoint takes it at accept, and identifies the caller (identify) on
+// its first request, in the connection's own goroutine.
+func (c *peerCreds) admit(uc *net.UnixConn) (admitted, error) {
+	uid, err := identity.PeerUID(uc)
 	if err != nil {
-		return nil, AuthInfo{}, uid, err
+		return admitted{}, err
 	}
-	caller, err := c.resolver.Identify(uc, accepted)
+	a := admitted{uid: uid, accepted: time.Now(), pol: c.s.policy.Load()}
+	most, bindable := a.pol.MaxConnections(uid)
+	a.acct, err = c.s.gate.Connect(uid, most, bindable)
+	return a, err
+}
+
+// identify is connect's second step: the caller of a connection admit
+// took a slot for, and its own budget. On an error the slot is given
+// back.
+func (c *peerCreds) identify(uc *net.UnixConn, a admitted) (*serverConn, AuthInfo, error) {
+	caller, err := c.resolver.Identify(uc, a.accepted)
 	if err != nil {
-		acct.Disconnect()
-		return nil, AuthInfo{}, uid, err // over budget when its binaries were hashed
+		a.acct.Disconnect()
+		return nil, AuthInfo{}, err // over budget when its binaries were hashed
 	}
-	lim := &connLimits{pol: pol}
-	lim.Limits, lim.bound = pol.Limits(subject(caller))
-	if err := acct.Narrow(lim.Limits, lim.bound); err != nil {
+	lim := &connLimits{pol: a.pol}
+	lim.Limits, lim.bound = a.pol.Limits(subject(caller))
+	if err := a.acct.Narrow(lim.Limits, lim.bound); err != nil {
 		caller.Close()
-		return nil, AuthInfo{}, uid, err
+		return nil, AuthInfo{}, err
 	}
-	sc := &serverConn{Conn: uc, caller: caller, acct: acct, writeTimeout: c.s.cfg.WriteTimeout, closed: make(chan struct{}),
-		handshakeBy: accepted.Add(c.s.cfg.HandshakeTimeout)}
+	sc := &serverConn{Conn: uc, caller: caller, acct: a.acct, writeTimeout: c.s.cfg.WriteTimeout, closed: make(chan struct{}),
+		handshakeBy: a.accepted.Add(c.s.cfg.HandshakeTimeout)}
 	sc.lim.Store(lim)
 	if lim.Lifetime > 0 {
 		sc.lifetime.Store(time.AfterFunc(lim.Lifetime, func() { sc.Close() }))
@@ -101,7 +123,7 @@ func (c *peerCreds) connect(uc *net.UnixConn) (_ *serverConn, _ AuthInfo, uid ui
 		CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity},
 		Caller:         caller,
 		conn:           sc,
-	}, uid, nil
+	}, nil
 }
 
 // refuse tells the client why its connection is refused, and returns err

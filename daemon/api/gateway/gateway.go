@@ -69,21 +69,15 @@ func AnswerOf(r *keywardv1.VerifyAPIKeyResponse, now time.Time) Answer {
 		if tight != nil {
 			used := int64(tight.GetLimit().GetBurst()) - int64(tight.GetRemaining())
 			body["current_usage"], body["limit"] = max(used, 0), tight.GetLimit().GetBurst()
-			body["reset_time"] = tight.GetResetTime().AsTime().UTC().Format(time.RFC3339)
+			body["reset_time"] = ceilSecond(tight.GetResetTime().AsTime()).UTC().Format(time.RFC3339)
 		}
 		if ra := r.GetRetryAfter(); ra != nil {
-			secs := int64(math.Ceil(ra.AsDuration().Seconds()))
-			a.Header.Set("Retry-After", strconv.FormatInt(secs, 10))
-			body["retry_after"] = secs
+			retryAfter(a, body, ra.AsDuration())
 		}
 		a.Body = JSON(body)
 	case keywardv1.APIKeyCode_API_KEY_CODE_USAGE_EXCEEDED:
 		a.Status = http.StatusTooManyRequests
-		body := map[string]any{"error": "quota exceeded"}
-		if q := r.GetQuota(); q != nil && q.GetRefillEvery() != nil {
-			body["limit"] = q.GetRefill()
-		}
-		a.Body = JSON(body)
+		a.Body = JSON(quotaBody(a, r, now))
 	default: // malformed, unknown, revoked, disabled, expired
 		a.Status = http.StatusUnauthorized
 		a.Header.Set("WWW-Authenticate", `Bearer error="invalid_token"`)
@@ -91,6 +85,48 @@ func AnswerOf(r *keywardv1.VerifyAPIKeyResponse, now time.Time) Answer {
 	}
 	a.Header.Set("Content-Type", "application/json")
 	return a
+}
+
+// quotaBody is the body of a refusal for the key's quota (USAGE_EXCEEDED),
+// and sets its headers. A quota that refills (Quota.refill uses every
+// refill_every) is a limit like a rate-limit layer's: its usage, its
+// limit, when it is refilled and the Retry-After until then, which is the
+// verdict's retry_after when keywardd gives it, else one refill_every: by
+// then the quota has been refilled, whenever it last was. That quota is
+// then the tightest limit, and the RateLimit-* headers say so. A quota
+// that never refills says so ("refills": false), with no Retry-After: no
+// wait lets the key through.
+func quotaBody(a Answer, r *keywardv1.VerifyAPIKeyResponse, now time.Time) map[string]any {
+	body := map[string]any{"error": "quota exceeded"}
+	q := r.GetQuota()
+	every := q.GetRefillEvery().AsDuration()
+	if q.GetRefill() <= 0 || every <= 0 {
+		body["refills"] = false
+		if q != nil {
+			body["remaining"] = max(q.GetRemaining(), 0)
+		}
+		return body
+	}
+	wait := every
+	if ra := r.GetRetryAfter(); ra != nil && ra.AsDuration() <= every {
+		wait = max(ra.AsDuration(), 0)
+	}
+	left := max(q.GetRemaining(), 0)
+	body["current_usage"], body["limit"] = max(q.GetRefill()-left, 0), q.GetRefill()
+	body["reset_time"] = ceilSecond(now.Add(wait)).UTC().Format(time.RFC3339)
+	retryAfter(a, body, wait)
+	a.Header.Set("RateLimit-Limit", strconv.FormatInt(q.GetRefill(), 10))
+	a.Header.Set("RateLimit-Remaining", strconv.FormatInt(left, 10))
+	a.Header.Set("RateLimit-Reset", strconv.FormatInt(secondsUntil(now.Add(wait), now), 10))
+	return body
+}
+
+// retryAfter sets Retry-After and the body's retry_after to d, in whole
+// seconds rounded up (a client that waits that long is let through).
+func retryAfter(a Answer, body map[string]any, d time.Duration) {
+	secs := int64(math.Ceil(d.Seconds()))
+	a.Header.Set("Retry-After", strconv.FormatInt(secs, 10))
+	body["retry_after"] = secs
 }
 
 // tightest is the layer with the fewest requests left (a refused one
@@ -106,6 +142,9 @@ func tightest(ls []*keywardv1.RateLimitState) *keywardv1.RateLimitState {
 	}
 	return t
 }
+
+// ceilSecond is t rounded up to a whole second, as a client is told it.
+func ceilSecond(t time.Time) time.Time { return t.Add(time.Second - 1).Truncate(time.Second) }
 
 func secondsUntil(t, now time.Time) int64 { return max(int64(math.Ceil(t.Sub(now).Seconds())), 0) }
 

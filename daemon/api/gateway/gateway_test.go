@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"encoding/json"
+	"maps"
 	"net/http"
 	"strings"
 	"testing"
@@ -89,4 +90,53 @@ func FuzzKey(f *testing.F) {
 			t.Fatalf("Key(%q) = %q", value, got)
 		}
 	})
+}
+
+// TestAnswerOfQuota: a key over its quota is told, like one over its rate
+// limit, its usage, the limit, when the quota is refilled and how long to
+// wait (keywardd's retry_after, or at most one refill period); a quota
+// that never refills says so, with no Retry-After.
+func TestAnswerOfQuota(t *testing.T) {
+	now := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
+	exceeded := keywardv1.APIKeyCode_API_KEY_CODE_USAGE_EXCEEDED
+	for _, tc := range []struct {
+		name   string
+		resp   *keywardv1.VerifyAPIKeyResponse
+		header map[string]string // "" for absent
+		body   map[string]any
+	}{
+		{name: "refills, keywardd says when",
+			resp: &keywardv1.VerifyAPIKeyResponse{Code: exceeded, Quota: &keywardv1.Quota{Remaining: 0, Refill: 1000, RefillEvery: durationpb.New(24 * time.Hour)},
+				RetryAfter: durationpb.New(3599500 * time.Millisecond)},
+			header: map[string]string{"Retry-After": "3600", "RateLimit-Limit": "1000", "RateLimit-Remaining": "0", "RateLimit-Reset": "3600", "Content-Type": "application/json"},
+			body:   map[string]any{"error": "quota exceeded", "current_usage": 1000.0, "limit": 1000.0, "reset_time": "2026-12-05T11:00:00Z", "retry_after": 3600.0}},
+		{name: "refills, at the latest in one period",
+			resp:   &keywardv1.VerifyAPIKeyResponse{Code: exceeded, Quota: &keywardv1.Quota{Remaining: 2, Refill: 10, RefillEvery: durationpb.New(time.Hour)}},
+			header: map[string]string{"Retry-After": "3600", "RateLimit-Limit": "10", "RateLimit-Remaining": "2", "RateLimit-Reset": "3600"},
+			body:   map[string]any{"error": "quota exceeded", "current_usage": 8.0, "limit": 10.0, "reset_time": "2026-12-05T11:00:00Z", "retry_after": 3600.0}},
+		{name: "never refills",
+			resp:   &keywardv1.VerifyAPIKeyResponse{Code: exceeded, Quota: &keywardv1.Quota{Remaining: 0}},
+			header: map[string]string{"Retry-After": "", "RateLimit-Limit": "", "Content-Type": "application/json"},
+			body:   map[string]any{"error": "quota exceeded", "refills": false, "remaining": 0.0}},
+		{name: "no quota in the verdict",
+			resp:   &keywardv1.VerifyAPIKeyResponse{Code: exceeded},
+			header: map[string]string{"Retry-After": ""},
+			body:   map[string]any{"error": "quota exceeded", "refills": false}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := AnswerOf(tc.resp, now)
+			if a.Status != http.StatusTooManyRequests {
+				t.Errorf("status %d, want 429", a.Status)
+			}
+			for k, v := range tc.header {
+				if got := a.Header.Get(k); got != v {
+					t.Errorf("%s: %q, want %q", k, got, v)
+				}
+			}
+			var body map[string]any
+			if err := json.Unmarshal(a.Body, &body); err != nil || !maps.Equal(body, tc.body) {
+				t.Errorf("body %s (%v), want %v", a.Body, err, tc.body)
+			}
+		})
+	}
 }
