@@ -205,6 +205,14 @@ func (q *Quota) refill(now time.Time) {
 	}
 }
 
+// NextRefill is when the quota is next topped up; zero if it never is.
+func (q *Quota) NextRefill() time.Time {
+	if q.Refill <= 0 || q.RefillEvery <= 0 || q.LastRefill.IsZero() {
+		return time.Time{}
+	}
+	return q.LastRefill.Add(q.RefillEvery)
+}
+
 // Grants says whether the key's permissions cover perm ("resource:action").
 func (rec *Record) Grants(perm string) bool {
 	res, act, ok := strings.Cut(perm, ":")

@@ -272,6 +272,12 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 	if res.Code == apikeys.RateLimited && !res.Limits.TooLarge {
 		out.RetryAfter = durationpb.New(res.Limits.RetryAfter)
 	}
+	if res.Code == apikeys.UsageExceeded && res.Key != nil && res.Key.Quota != nil {
+		// A quota that refills: the time until it does.
+		if next := res.Key.Quota.NextRefill(); !next.IsZero() {
+			out.RetryAfter = durationpb.New(max(next.Sub(s.cfg.Now()), 0))
+		}
+	}
 	return out, nil
 }
 

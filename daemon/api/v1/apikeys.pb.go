@@ -924,8 +924,10 @@ type VerifyAPIKeyResponse struct {
 	// Every rate-limit layer's limit, remaining and reset, when the
 	// verification reached them (the key is otherwise good).
 	RateLimits []*RateLimitState `protobuf:"bytes,9,rep,name=rate_limits,json=rateLimits,proto3" json:"rate_limits,omitempty"`
-	// When RATE_LIMITED: how long until the request would pass every layer.
-	// Absent when it never can (its cost exceeds a burst).
+	// When RATE_LIMITED: how long until the request would pass every layer;
+	// absent when it never can (its cost exceeds a burst). When
+	// USAGE_EXCEEDED: how long until the quota is next topped up; absent
+	// when it never is.
 	RetryAfter *durationpb.Duration `protobuf:"bytes,10,opt,name=retry_after,json=retryAfter,proto3" json:"retry_after,omitempty"`
 	// Some layer has used at least the daemon's near-limit fraction (default
 	// 80 %) of its burst: warn the client before enforcing.
