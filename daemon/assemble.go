@@ -344,11 +344,16 @@ func (d *daemonParts) newAPIKeys(context.Context) (err error) {
 	if d.lw, err = limitwin.New(d.st, d.o.Now); err != nil {
 		return err
 	}
+	for key, why := range d.lw.Bad() {
+		d.log.Error("a limit window record does not parse: its windows are skipped, and the next write of its target replaces it", "key", key, "error", why)
+	}
+	if d.lead != nil {
+		d.lw.Fed()
+	}
 	lw := d.lw
-	windows := func(rec *apikeys.Record, now time.Time) float64 {
+	ako.WindowFactor = func(rec *apikeys.Record, now time.Time) float64 {
 		return lw.Factor(limitwin.Key{ID: rec.ID, Owner: rec.Owner, Environment: rec.Environment}, now)
 	}
-	ako.LimitFactor = windows
 	if d.cfg.DynamicLimits.Enabled {
 		var clean func(string, time.Time) bool
 		if d.det != nil {
@@ -356,9 +361,7 @@ func (d *daemonParts) newAPIKeys(context.Context) (err error) {
 		}
 		gov := dynlimits.New(d.cfg.DynamicLimits, clean)
 		d.gov = gov
-		ako.LimitFactor = func(rec *apikeys.Record, now time.Time) float64 {
-			return gov.Factor(rec.ID, rec.Created, now) * windows(rec, now)
-		}
+		ako.LimitFactor = func(rec *apikeys.Record, now time.Time) float64 { return gov.Factor(rec.ID, rec.Created, now) }
 	}
 	if d.lead != nil {
 		ako.FleetNodes = d.lead.Nodes

@@ -38,7 +38,7 @@ func (d *daemonParts) jobs() []task {
 	if flushEvery == 0 {
 		flushEvery = DefaultFlushEvery
 	}
-	windowsAudited := map[string]bool{}
+	windowsAudited := map[string]string{}
 	ts := []task{
 		// Keys past their deletion date: destroyed in the HSM (audited first).
 		once(every("key deletions", d.o.KeysEvery, func(ctx context.Context) { deleteDueKeys(ctx, d.km, d.al, log, keyClock) })),
@@ -69,6 +69,9 @@ func (d *daemonParts) jobs() []task {
 		// API keys' limit windows: each start and end audited once (each
 		// applies on time by itself: limitwin).
 		once(every("limit windows", time.Second, func(ctx context.Context) { noticeWindows(ctx, d.lw, d.al, log, now, windowsAudited) })),
+		// Ended limit windows out of what verifications look at, on
+		// every node.
+		every("limit windows in memory", time.Second, func(context.Context) { d.lw.Tidy() }),
 		// Revocation events delivered to the plugins (outbox).
 		once(loop("plugin events", func(ctx context.Context) { d.ob.Run(ctx, time.Second) })),
 		// The rest runs on every node of a fleet, on what the node sees.
@@ -338,13 +341,15 @@ func noticeExpiring(ctx context.Context, akm *apikeys.Manager, al *audit.Log, lo
 var windowOps = map[string]string{limitwin.Started: "keywardd.LimitWindowStarted", limitwin.Ended: "keywardd.LimitWindowEnded"}
 
 // noticeWindows audits the starts and ends of limit windows not audited
-// yet, each once; one that cannot be audited is tried again next time.
-// audited holds those this process audited, in case the store cannot
-// record it: audited again only after a restart.
-func noticeWindows(ctx context.Context, lw *limitwin.Windows, al *audit.Log, log *slog.Logger, now func() time.Time, audited map[string]bool) {
+// yet, each once, and drops those past their time on record from the
+// store. One that cannot be audited is tried again next time (logged the
+// first time). done holds what this process audited ("audited") or
+// failed to ("failed"), by window and boundary: if the store cannot record
+// an audit, it is audited again only after a restart.
+func noticeWindows(ctx context.Context, lw *limitwin.Windows, al *audit.Log, log *slog.Logger, now func() time.Time, done map[string]string) {
 	for _, n := range lw.Due() {
-		w := n.Window
-		if audited[w.ID+" "+n.Boundary] {
+		w, id := n.Window, n.Window.ID+" "+n.Boundary
+		if done[id] == "audited" {
 			continue
 		}
 		detail := fmt.Sprintf("%s: %s; reason %q; scheduled by %s", w.Target, w.Change(), w.Reason, w.By)
@@ -353,13 +358,19 @@ func noticeWindows(ctx context.Context, lw *limitwin.Windows, al *audit.Log, log
 		}
 		rec := audit.Record{Time: now().UTC(), Op: windowOps[n.Boundary], Key: w.ID, Outcome: "ok", Caller: keywardd(), Detail: detail}
 		if err := al.Append(ctx, rec); err != nil {
-			log.Error("auditing a limit window's "+n.Boundary+" failed; tried again in a second", "window", w.ID, "error", err.Error())
+			if done[id] == "" {
+				log.Error("auditing a limit window's "+n.Boundary+" failed; tried again every second", "window", w.ID, "error", err.Error())
+			}
+			done[id] = "failed"
 			return
 		}
-		audited[w.ID+" "+n.Boundary] = true
+		done[id] = "audited"
 		if err := lw.Noticed(n); err != nil {
-			log.Error("recording that a limit window's "+n.Boundary+" was audited failed; it may be audited again", "window", w.ID, "error", err.Error())
+			log.Error("recording that a limit window's "+n.Boundary+" was audited failed; it may be audited again after a restart", "window", w.ID, "error", err.Error())
 		}
+	}
+	if err := lw.Prune(); err != nil {
+		log.Error("dropping limit windows past their time on record failed; tried again in a second", "error", err.Error())
 	}
 }
 

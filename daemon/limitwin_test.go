@@ -188,3 +188,59 @@ func waitAudited(t *testing.T, in *daemontest.Daemon, op, id string) {
 		return false
 	})
 }
+
+// TestLimitWindowRights: a raise widens keys' limits, so it takes what
+// UpdateAPIKey's raise takes (CreateAPIKey on the owner) besides
+// ScheduleLimits, and a cut does not; an owner's raise does not undo an
+// operator's cut of the environment; a window without a target is refused
+// as such, before the policy is asked.
+func TestLimitWindowRights(t *testing.T) {
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy(allowAll)))
+	ctx := context.Background()
+	ac := keywardv1.NewAPIKeyServiceClient(in.Conn)
+	k, err := ac.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "shop", Name: "checkout", Environment: "prod", Permissions: []string{"orders:write"},
+		RateLimits: []*keywardv1.RateLimit{{Limit: 2, Per: durationpb.New(24 * time.Hour), Burst: 2}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	end := timestamppb.New(time.Now().Add(24 * time.Hour))
+	if _, err := ac.ScheduleLimits(ctx, &keywardv1.ScheduleLimitsRequest{Environment: "prod", Factor: 0.5, EndTime: end, Reason: "incident"}); err != nil {
+		t.Fatal(err)
+	}
+	in.SetPolicy(uidPolicy(`      - operations: ["APIKeyService.UpdateAPIKey", "APIKeyService.ScheduleLimits", "APIKeyService.ListLimitWindows", "APIKeyService.VerifyAPIKey"]
+        keys: ["shop"]`))
+	_, err = ac.ScheduleLimits(ctx, &keywardv1.ScheduleLimitsRequest{Owner: "shop", Factor: 100, EndTime: end, Reason: "mine"})
+	wantCode(t, err, codes.PermissionDenied, "APIKeyService.CreateAPIKey")
+	_, err = ac.ScheduleLimits(ctx, &keywardv1.ScheduleLimitsRequest{Factor: 2, EndTime: end, Reason: "sale"})
+	wantCode(t, err, codes.InvalidArgument, "say what the window covers")
+	if _, err := ac.ScheduleLimits(ctx, &keywardv1.ScheduleLimitsRequest{KeyId: k.Key.Id, Factor: 0.25, EndTime: end, Reason: "retry storm"}); err != nil {
+		t.Fatalf("a cut by a caller granted ScheduleLimits alone: %v", err)
+	}
+	in.SetPolicy(uidPolicy(allowAll))
+	if _, err := ac.CancelLimitWindow(ctx, &keywardv1.CancelLimitWindowRequest{Id: mustWindow(t, ac, k.Key.Id, 0.25)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ac.ScheduleLimits(ctx, &keywardv1.ScheduleLimitsRequest{KeyId: k.Key.Id, Factor: 100, EndTime: end, Reason: "mine"}); err != nil {
+		t.Fatal(err)
+	}
+	l, err := ac.ListLimitWindows(ctx, &keywardv1.ListLimitWindowsRequest{KeyId: k.Key.Id})
+	if err != nil || l.FactorNow != 0.5 {
+		t.Fatalf("the key's raise over the environment's cut: factor now %v, %v; want the cut, 0.5", l.GetFactorNow(), err)
+	}
+}
+
+// mustWindow is the ID of the window covering key with factor f.
+func mustWindow(t *testing.T, ac keywardv1.APIKeyServiceClient, key string, f float64) string {
+	t.Helper()
+	l, err := ac.ListLimitWindows(context.Background(), &keywardv1.ListLimitWindowsRequest{KeyId: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range l.Windows {
+		if w.Factor == f {
+			return w.Id
+		}
+	}
+	t.Fatalf("no window ×%v covers %s: %v", f, key, l.Windows)
+	return ""
+}

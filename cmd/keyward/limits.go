@@ -61,6 +61,9 @@ func printSchedule(w io.Writer, r *keywardv1.ScheduleLimitsResponse) error {
 	}
 	fmt.Fprintf(w, "%s: %s, rate limits ×%s from %s to %s\n", verb, target(win), limitwin.FormatFactor(win.GetFactor()),
 		timeOr(win.GetStartTime(), "now"), timeOr(win.GetEndTime(), "-"))
+	if !r.GetDryRun() {
+		return nil // only a dry run lists the keys
+	}
 	fmt.Fprintf(w, "%d keys covered now (keys made later are covered too)", r.GetKeys())
 	if r.GetUnlimited() > 0 {
 		fmt.Fprintf(w, "; %d of them have no rate limit, which no factor changes", r.GetUnlimited())

@@ -131,7 +131,7 @@ func Check(rec *Record, secret int, req Request, lim *ratelimit.Limiter, now tim
 		}
 	}
 	var res Result
-	if layers := rec.scaledLimits(req); len(layers) > 0 {
+	if layers := scaled(rec.Limits, req.LimitFactor); len(layers) > 0 {
 		res.Limits = lim.Allow(rec.ID, layers, cost, now)
 		if !res.Limits.Allowed {
 			return limited(res)
@@ -172,13 +172,12 @@ func access(rec *Record, secret int, req Request, now time.Time) (Result, bool) 
 	return Result{}, true
 }
 
-// scaledLimits are the key's rate limits as this check applies them
-// (req.LimitFactor).
-func (rec *Record) scaledLimits(req Request) []ratelimit.Layer {
-	if f := req.LimitFactor; len(rec.Limits) > 0 && f > 0 && f != 1 {
-		return ratelimit.Scale(rec.Limits, f)
+// scaled are layers times f (0 or 1: as they are).
+func scaled(layers []ratelimit.Layer, f float64) []ratelimit.Layer {
+	if len(layers) > 0 && f > 0 && f != 1 {
+		return ratelimit.Scale(layers, f)
 	}
-	return rec.Limits
+	return layers
 }
 
 // limited is the answer to a request res.Limits refused.

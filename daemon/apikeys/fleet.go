@@ -65,7 +65,10 @@ package apikeys
 // towards admitting less.
 //
 // The load governor (Options.LimitFactor) scales each node's limiter only:
-// the fleet's bucket holds the key's own limits.
+// the fleet's bucket holds the key's own limits. A limit window
+// (Options.WindowFactor) changes the key's own limits for a time, so it
+// scales them everywhere: the node's limiter, the blocks' size, the
+// fleet's bucket (Manager.limitsNow).
 //
 // Written here, not taken from a library: the blocks live in keyward's own
 // store records, next to the key they limit, under its authentication.
@@ -160,20 +163,21 @@ func (f *fleetLimits) check(ctx context.Context, rec *Record, secret int, req Re
 	}
 	cost := max(req.Cost, 1)
 	var res Result
-	if b := ratelimit.MinBurst(rec.Limits); b > 0 && cost > b {
+	own := f.m.limitsNow(rec, now)
+	if b := ratelimit.MinBurst(own); b > 0 && cost > b {
 		// The fleet's bucket has the key's own bursts (the load governor
 		// scales only each node's limiter): more can never pass.
 		res.Limits.TooLarge = true
 		return limited(res)
 	}
-	layers := rec.scaledLimits(req)
+	layers := scaled(own, req.LimitFactor)
 	if len(layers) > 0 {
 		res.Limits = f.m.lim.Allow(rec.ID, layers, cost, now)
 		if !res.Limits.Allowed {
 			return limited(res)
 		}
 	}
-	code, detail, retry := f.admit(ctx, rec, cost, now)
+	code, detail, retry := f.admit(ctx, rec, own, cost, now)
 	if code != Valid {
 		if len(layers) > 0 {
 			f.m.lim.Refund(rec.ID, layers, cost, f.m.now())
@@ -190,10 +194,10 @@ func (f *fleetLimits) check(ctx context.Context, rec *Record, secret int, req Re
 // the key's limits says (the fleet's store slow or out of reach).
 const OnNodeShare = "admitted on this node's share of the key's limits: the fleet's store is slow or out of reach"
 
-// size is b for rec (the package doc).
-func (f *fleetLimits) size(rec *Record, now time.Time) int {
+// size is b for rec, whose own limits are now own (the package doc).
+func (f *fleetLimits) size(rec *Record, own []ratelimit.Layer, now time.Time) int {
 	n := max(f.nodes(), 1)
-	m := ratelimit.MinBurst(rec.Limits)
+	m := ratelimit.MinBurst(own)
 	if q := rec.Quota; q != nil {
 		left := quotaLeft(q, now)
 		if m == 0 || left < int64(m) {
@@ -215,7 +219,7 @@ func quotaLeft(q *Quota, now time.Time) int64 {
 }
 
 // admit spends cost from the node's share of rec's fleet limits.
-func (f *fleetLimits) admit(ctx context.Context, rec *Record, cost int, now time.Time) (Code, string, time.Duration) {
+func (f *fleetLimits) admit(ctx context.Context, rec *Record, own []ratelimit.Layer, cost int, now time.Time) (Code, string, time.Duration) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for waits := 0; ; waits++ {
@@ -227,7 +231,7 @@ func (f *fleetLimits) admit(ctx context.Context, rec *Record, cost int, now time
 			f.held[rec.ID] = b
 		}
 		b.used = now
-		b.size, b.cost = f.size(rec, now), cost
+		b.size, b.cost = f.size(rec, own, now), cost
 		switch {
 		case b.left >= cost:
 			b.left -= cost
@@ -247,11 +251,11 @@ func (f *fleetLimits) admit(ctx context.Context, rec *Record, cost int, now time
 			if now.Sub(b.tried) >= fleetRetry {
 				f.settle(rec.ID, b)
 			}
-			return f.degraded(rec, cost, now)
+			return f.degraded(rec, own, cost, now)
 		case rec.Quota != nil && quotaLeft(rec.Quota, now) < int64(cost):
 			// The node's copy already says the quota is spent: no credit.
 			return UsageExceeded, "the key's usage quota is used up, across the fleet", 0
-		case !b.denied && b.owing+b.owed+cost-b.left <= b.size && b.owing+b.owed+cost-b.left <= room(rec, now):
+		case !b.denied && b.owing+b.owed+cost-b.left <= b.size && b.owing+b.owed+cost-b.left <= room(rec, own, now):
 			// Credit, up to a block, and only as far as the node's copy of
 			// the record says the fleet's bucket and quota still hold: what
 			// a node spent and the flush charged counts against the next.
@@ -281,10 +285,10 @@ func (f *fleetLimits) admit(ctx context.Context, rec *Record, cost int, now time
 			// quorum, or loaded): the fallback rather than a caller kept
 			// waiting, as far as the node's copy shows room.
 			f.mu.Lock()
-			if room(rec, now) < cost {
+			if room(rec, own, now) < cost {
 				return RateLimited, "the key's limit is used up across the fleet, as this node last saw it; retry", 100 * time.Millisecond
 			}
-			return f.degraded(rec, cost, f.m.now())
+			return f.degraded(rec, own, cost, f.m.now())
 		case <-ctx.Done():
 			wait.Stop()
 			f.mu.Lock()
@@ -297,11 +301,11 @@ func (f *fleetLimits) admit(ctx context.Context, rec *Record, cost int, now time
 
 // room is how many requests the node's copy of rec says the fleet's
 // bucket and quota hold now, before what the nodes spent and have not
-// yet charged.
-func room(rec *Record, now time.Time) int {
+// yet charged; own are the key's own limits now.
+func room(rec *Record, own []ratelimit.Layer, now time.Time) int {
 	r := math.MaxInt32
-	if len(rec.Limits) > 0 {
-		r, _, _ = rec.Shared.Take(rec.Limits, 0, 0, r, now)
+	if len(own) > 0 {
+		r, _, _ = rec.Shared.Take(own, 0, 0, r, now)
 	}
 	if rec.Quota != nil {
 		r = min(r, int(max(quotaLeft(rec.Quota, now), 0)))
@@ -311,11 +315,11 @@ func room(rec *Record, now time.Time) int {
 
 // degraded admits a request while the store cannot be reached: by 1/N
 // of the key's rate limits, never against a quota.
-func (f *fleetLimits) degraded(rec *Record, cost int, now time.Time) (Code, string, time.Duration) {
+func (f *fleetLimits) degraded(rec *Record, own []ratelimit.Layer, cost int, now time.Time) (Code, string, time.Duration) {
 	if rec.Quota != nil {
 		return Unavailable, "the key's quota is counted across the fleet, and the fleet's store cannot be reached; retry", fleetRetry
 	}
-	res := f.fallback.Allow(rec.ID, ratelimit.Scale(rec.Limits, 1/float64(max(f.nodes(), 1))), cost, now)
+	res := f.fallback.Allow(rec.ID, ratelimit.Scale(own, 1/float64(max(f.nodes(), 1))), cost, now)
 	if !res.Allowed {
 		return RateLimited, fmt.Sprintf("the fleet's store cannot be reached: this node allows its share of the key's limits; retry after %v", res.RetryAfter.Round(time.Millisecond)), res.RetryAfter
 	}
@@ -436,14 +440,14 @@ func (m *Manager) settle(ops map[string]*settlement, now time.Time) error {
 				took = int(min(int64(took), q.Remaining))
 			}
 		}
-		if len(r.Limits) > 0 {
+		if own := m.limitsNow(r, now); len(own) > 0 {
 			need := op.need
 			if op.code != Valid {
 				need = 0
 			}
-			sh := r.Shared.Give(r.Limits, op.give, now)
+			sh := r.Shared.Give(own, op.give, now)
 			var retry time.Duration
-			took, r.Shared, retry = sh.Take(r.Limits, op.owed, need, took, now)
+			took, r.Shared, retry = sh.Take(own, op.owed, need, took, now)
 			if op.code == Valid && took < op.need {
 				op.code, op.retry = RateLimited, retry
 			}

@@ -85,6 +85,8 @@ type Manager struct {
 	lim      *ratelimit.Limiter
 	// factor scales rate limits at each verify (Options.LimitFactor).
 	factor func(rec *Record, now time.Time) float64
+	// window scales a key's own limits for a time (Options.WindowFactor).
+	window func(rec *Record, now time.Time) float64
 	usage  *usageLog
 	// fleet holds the node's shares of keys' fleet-wide limits; nil on
 	// one host.
@@ -176,8 +178,13 @@ type Options struct {
 	// Now is the clock; time.Now if nil.
 	Now func() time.Time
 	// LimitFactor, if set, scales each key's rate limits at each verify
-	// (keywardd's dynamic limits: tighter under load).
+	// (keywardd's dynamic limits: tighter under load). On a fleet it
+	// scales each node's limiter only.
 	LimitFactor func(rec *Record, now time.Time) float64
+	// WindowFactor, if set, scales each key's own rate limits for a time
+	// (limit windows, daemon/limitwin): the limits the key has then, on a
+	// fleet its fleet-wide bucket and blocks too.
+	WindowFactor func(rec *Record, now time.Time) float64
 	// FleetNodes, set on a node of a fleet, says how many nodes the fleet
 	// has now; keys' rate limits and quotas then hold across the fleet
 	// (fleet.go).
@@ -256,7 +263,7 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, erro
 	lim := ratelimit.New()
 	lim.Near = o.NearLimit
 	m := &Manager{store: s, mac: mac, pepper: pepper, prefix: o.Prefix, defaults: o.DefaultLimits, lim: lim, usage: newUsageLog(),
-		quotas: map[string]*Quota{}, now: o.Now, factor: o.LimitFactor, digests: map[[32]byte]known{}, records: map[string]cachedRecord{}, hintKey: hintKey, legacy: err == nil,
+		quotas: map[string]*Quota{}, now: o.Now, factor: o.LimitFactor, window: o.WindowFactor, digests: map[[32]byte]known{}, records: map[string]cachedRecord{}, hintKey: hintKey, legacy: err == nil,
 		running: map[string]bool{}, leakAction: o.LeakAction}
 	if o.FleetNodes != nil {
 		m.fleet = newFleetLimits(m, o.FleetNodes)
@@ -766,8 +773,12 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		quota = *rec.Quota
 	}
 	now := m.now()
+	req.LimitFactor = 1
 	if m.factor != nil {
 		req.LimitFactor = m.factor(rec, now)
+	}
+	if m.window != nil && len(rec.Limits) > 0 {
+		req.LimitFactor *= m.window(rec, now)
 	}
 	res := Check(rec, secret, req, m.lim, now)
 	if rec.Quota != nil && *rec.Quota != quota {
@@ -783,6 +794,15 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 	res = m.watched(rec.ID, res, req)
 	m.usage.record(rec.ID, res.Code, req.SourceIP, now, monoNow()-start)
 	return res
+}
+
+// limitsNow are the key's own rate limits at now: its record's, times the
+// factor of a limit window covering it (Options.WindowFactor).
+func (m *Manager) limitsNow(rec *Record, now time.Time) []ratelimit.Layer {
+	if m.window == nil || len(rec.Limits) == 0 {
+		return rec.Limits
+	}
+	return scaled(rec.Limits, m.window(rec, now))
 }
 
 // secretOf is the index of the record's secret whose MAC is mac, each

@@ -6,21 +6,26 @@
 // A window changes no key's record. Each verification asks Factor for its
 // key at its own time, so a window starts and ends exactly on time by
 // itself: no job has to run at the boundary, and a keywardd that was down
-// across the end never serves the raise a moment past it. The jobs that
-// do run (Due, Noticed) only write the audit records of starts and ends.
+// across the end never serves the raise a moment past it. The job that
+// does run writes the audit records of starts and ends (Due, Noticed),
+// drops ended windows from memory (Tidy) and old ones from the store
+// (Prune).
 //
 // The windows are kept in the store (bucket schedule, under limits/), one
 // record per target holding that target's windows, so two windows
 // overlapping on the same target are refused in the write's own
 // transaction, on one host or on a fleet. In memory they are one immutable
-// snapshot, swapped whole on each change (Reload on another node's): a
-// verification reads it without a lock.
+// snapshot, swapped whole on each change (Changed, for a fleet's), indexed
+// by target: a verification reads it without a lock, in four lookups.
 //
-// Where several windows cover a key at once, the most specific wins, and
-// factors never multiply: the key's own window, then its owner's in its
-// environment, its owner's, its environment's. The factor multiplies with
-// dynamic limits' (package dynlimits), which still tighten an overloaded
-// keywardd during a sale.
+// Where several windows cover a key at once, factors never multiply: a
+// cut always wins (the deepest, if several), so that a raise scheduled for
+// an owner cannot undo an operator's cut of the whole environment;
+// otherwise the most specific raise wins: the key's own window, then its
+// owner's in its environment, its owner's, its environment's. A window
+// changes the key's own limits (on a fleet, its fleet-wide bucket too);
+// dynamic limits (package dynlimits) scale them further, and still tighten
+// an overloaded keywardd during a sale.
 //
 // Written here: a few hundred lines over the store; no library schedules
 // changes of another system's rate limits.
@@ -33,6 +38,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"strings"
@@ -40,6 +46,7 @@ import (
 	"sync/atomic"
 	"time"
 	"unicode"
+	"unicode/utf8"
 
 	"github.com/keyward/keyward/daemon/store"
 )
@@ -137,7 +144,9 @@ func (t Target) Covers(key Key) bool {
 	return (t.Owner == "" || t.Owner == key.Owner) && (t.Environment == "" || t.Environment == key.Environment)
 }
 
-func (t Target) check() error {
+// Check says whether t names a key, an owner, an environment, or an owner
+// and an environment, each a name keys can have.
+func (t Target) Check() error {
 	if t.Key != "" {
 		if t.Owner != "" || t.Environment != "" {
 			return fmt.Errorf("%w: a window covers one key, or an owner's or an environment's keys: not a key and an owner or environment", ErrInvalid)
@@ -246,24 +255,58 @@ type Windows struct {
 	store Store
 	now   func() time.Time
 
-	mu sync.Mutex // guards byKey and gen; serializes the snapshot's swaps
+	// wmu serializes this process's writes with their taking effect in
+	// memory, so that two writes of one target are applied in the order
+	// they were committed (on a fleet, the change feed applies them, in
+	// order, before a write returns: Fed).
+	wmu sync.Mutex
+	fed atomic.Bool
+
+	mu sync.Mutex // guards byKey, bad and gen; serializes the snapshot's swaps
 	// byKey are the windows by the store key of their target.
 	byKey map[string][]Window
+	// bad are the records that do not parse, by key, with why: skipped,
+	// replaced by the next write of their target.
+	bad map[string]string
 	// gen counts the changes applied, so a Reload that read the store
 	// before one does not swap in what it read.
 	gen uint64
-	cur atomic.Pointer[[]Window] // every window, the most specific first
-	// any is whether there is any window at all: Factor's fast path.
-	any atomic.Bool
+	cur atomic.Pointer[snapshot]
+}
+
+// snapshot is the windows at one point, never changed in place.
+type snapshot struct {
+	all []Window // every window, by start
+	// live are the windows not over when the snapshot was made, by
+	// target, by start: what Factor looks at, four lookups a key.
+	live map[Target][]Window
+	// next is the earliest end among live: Tidy makes a new snapshot
+	// once it has passed, so ended windows leave live.
+	next time.Time
 }
 
 // New loads the windows from the store; now is the clock (time.Now if nil).
+// A record that does not parse is skipped (Bad says which).
 func New(s Store, now func() time.Time) (*Windows, error) {
 	if now == nil {
 		now = time.Now
 	}
-	w := &Windows{store: s, now: now, byKey: map[string][]Window{}}
+	w := &Windows{store: s, now: now, byKey: map[string][]Window{}, bad: map[string]string{}}
 	return w, w.Reload()
+}
+
+// Fed says that a fleet's change feed hands every write, this node's too,
+// to Changed before the write returns: a write then leaves its taking
+// effect to the feed, which applies the writes in the order of the store.
+func (w *Windows) Fed() { w.fed.Store(true) }
+
+// Bad returns the records skipped because they do not parse, by key, with
+// why: for the log at start. The next write of a target replaces its bad
+// record.
+func (w *Windows) Bad() map[string]string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return maps.Clone(w.bad)
 }
 
 // Reload reads the windows from the store again.
@@ -272,18 +315,21 @@ func (w *Windows) Reload() error {
 		w.mu.Lock()
 		gen := w.gen
 		w.mu.Unlock()
-		byKey := map[string][]Window{}
+		byKey, bad := map[string][]Window{}, map[string]string{}
 		err := w.store.ForEach(store.BucketSchedule, Prefix, func(key string, rec []byte) error {
-			ws, err := decode(key, rec)
-			byKey[key] = ws
-			return err
+			if ws, err := decode(key, rec); err != nil {
+				bad[key] = err.Error()
+			} else {
+				byKey[key] = ws
+			}
+			return nil
 		})
 		if err != nil {
 			return fmt.Errorf("limitwin: reading the windows: %w", err)
 		}
 		w.mu.Lock()
 		if w.gen == gen {
-			w.byKey = byKey
+			w.byKey, w.bad = byKey, bad
 			w.swap()
 			w.mu.Unlock()
 			return nil
@@ -293,43 +339,60 @@ func (w *Windows) Reload() error {
 }
 
 // Changed takes records of store.BucketSchedule as they are now (nil: a
-// deleted one), as a fleet's local copy takes another node's change; keys
-// outside Prefix are ignored. It never calls the store.
+// deleted one), as a fleet's local copy takes a change; keys outside
+// Prefix are ignored. It never calls the store. A record that does not
+// parse drops the target's windows, and says why.
 func (w *Windows) Changed(key string, rec []byte) error {
 	if !strings.HasPrefix(key, Prefix) {
 		return nil
 	}
 	var ws []Window
+	var err error
 	if rec != nil {
-		var err error
-		if ws, err = decode(key, rec); err != nil {
-			return err
-		}
+		ws, err = decode(key, rec)
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if len(ws) == 0 {
-		delete(w.byKey, key)
-	} else {
+	delete(w.bad, key)
+	delete(w.byKey, key)
+	switch {
+	case err != nil:
+		w.bad[key] = err.Error()
+	case len(ws) > 0:
 		w.byKey[key] = ws
 	}
 	w.gen++
 	w.swap()
-	return nil
+	return err
 }
 
-// swap makes the snapshot of byKey, the most specific windows first, then
-// the earliest: Factor takes the first that applies. Under mu.
+// swap makes the snapshot of byKey. Under mu.
 func (w *Windows) swap() {
-	var all []Window
+	now := w.now()
+	snap := &snapshot{live: map[Target][]Window{}}
 	for _, ws := range w.byKey {
-		all = append(all, ws...)
+		snap.all = append(snap.all, ws...)
 	}
-	slices.SortFunc(all, func(a, b Window) int {
-		return cmp.Or(cmp.Compare(b.rank(), a.rank()), a.Start.Compare(b.Start), strings.Compare(a.ID, b.ID))
-	})
-	w.cur.Store(&all)
-	w.any.Store(len(all) > 0)
+	slices.SortFunc(snap.all, func(a, b Window) int { return cmp.Or(a.Start.Compare(b.Start), strings.Compare(a.ID, b.ID)) })
+	for _, win := range snap.all {
+		if until := win.Until(); until.After(now) {
+			snap.live[win.Target] = append(snap.live[win.Target], win)
+			if snap.next.IsZero() || until.Before(snap.next) {
+				snap.next = until
+			}
+		}
+	}
+	w.cur.Store(snap)
+}
+
+// Tidy makes a new snapshot if a window in it has ended since it was
+// made: ended windows leave what each verification looks at.
+func (w *Windows) Tidy() {
+	if snap := w.snap(); !snap.next.IsZero() && !w.now().Before(snap.next) {
+		w.mu.Lock()
+		w.swap()
+		w.mu.Unlock()
+	}
 }
 
 func decode(key string, rec []byte) ([]Window, error) {
@@ -340,16 +403,17 @@ func decode(key string, rec []byte) ([]Window, error) {
 	return ws, nil
 }
 
-// all is the current snapshot; never changed in place.
-func (w *Windows) all() []Window {
+func (w *Windows) snap() *snapshot {
 	if p := w.cur.Load(); p != nil {
-		return *p
+		return p
 	}
-	return nil
+	return &snapshot{}
 }
 
-// Factor is by how much key's rate limits are scaled at t: the factor of
-// the most specific window covering it then, or 1.
+// all is every window, by start; never changed in place.
+func (w *Windows) all() []Window { return w.snap().all }
+
+// Factor is by how much key's rate limits are scaled at t (Active), or 1.
 func (w *Windows) Factor(key Key, t time.Time) float64 {
 	if win := w.Active(key, t); win != nil {
 		return win.Factor
@@ -357,28 +421,64 @@ func (w *Windows) Factor(key Key, t time.Time) float64 {
 	return 1
 }
 
-// Active is the window that applies to key at t, or nil.
-func (w *Windows) Active(key Key, t time.Time) *Window {
-	if !w.any.Load() {
-		return nil
-	}
-	all := w.all()
-	for i := range all {
-		if all[i].ActiveAt(t) && all[i].Covers(key) {
-			return &all[i]
-		}
-	}
-	return nil
+// targets are the four targets that may cover key, the most specific
+// first.
+func targets(key Key) [4]Target {
+	return [4]Target{{Key: key.ID}, {Owner: key.Owner, Environment: key.Environment}, {Owner: key.Owner}, {Environment: key.Environment}}
 }
 
-// Overriding is a window more specific than w that covers key for part of
-// w's time, and so wins there; nil if none.
+// Active is the window that applies to key at t, or nil. A cut always
+// wins: where cuts cover the key, the deepest applies, whatever raises
+// also do, so an operator's cut cannot be undone by a narrower raise.
+// Otherwise the most specific raise applies.
+func (w *Windows) Active(key Key, t time.Time) *Window {
+	snap := w.snap()
+	if len(snap.live) == 0 {
+		return nil
+	}
+	var cut, raise *Window
+	for _, tg := range targets(key) {
+		ws := snap.live[tg]
+		for i := range ws {
+			switch win := &ws[i]; {
+			case !win.ActiveAt(t):
+			case win.Factor < 1:
+				if cut == nil || win.Factor < cut.Factor {
+					cut = win
+				}
+			case raise == nil:
+				raise = win
+			}
+		}
+	}
+	if cut != nil {
+		return cut
+	}
+	return raise
+}
+
+// wins says whether o wins over win where both cover a key at once
+// (Active's rule).
+func wins(o, win *Window) bool {
+	switch {
+	case o.Factor < 1:
+		return win.Factor >= 1 || o.Factor < win.Factor
+	case win.Factor < 1:
+		return false
+	}
+	return o.rank() > win.rank()
+}
+
+// Overriding is a window that wins over win (Active's rule) on key for
+// part of win's time; nil if none.
 func (w *Windows) Overriding(win Window, key Key) *Window {
-	all := w.all()
-	for i := range all {
-		o := &all[i]
-		if o.ID != win.ID && o.rank() > win.rank() && o.Covers(key) && o.Start.Before(win.Until()) && win.Start.Before(o.Until()) {
-			return o
+	snap := w.snap()
+	for _, tg := range targets(key) {
+		ws := snap.live[tg]
+		for i := range ws {
+			if o := &ws[i]; o.ID != win.ID && o.Start.Before(win.Until()) && win.Start.Before(o.Until()) && wins(o, &win) {
+				return o
+			}
 		}
 	}
 	return nil
@@ -424,12 +524,43 @@ func (w *Windows) Get(id string) (Window, error) {
 	return Window{}, fmt.Errorf("%w: %q (keyward apikey limit-plan -all lists them)", ErrNotFound, id)
 }
 
-// Check says whether win may be scheduled now, as Schedule would: its
-// target, factor, times and reason; not the overlaps, which only the
-// store's transaction can tell.
-func (w *Windows) Check(win Window) error {
+// Prepare is win as Schedule would write it, checked: a start in the
+// past is now, the times are whole seconds; its target, factor, times and
+// reason are checked, and its overlaps with the windows known here (the
+// store's transaction checks them again). A dry run's answer.
+func (w *Windows) Prepare(win Window) (Window, error) {
 	now := w.now()
-	if err := win.Target.check(); err != nil {
+	if win.Start.Before(now) {
+		win.Start = now
+	}
+	win.Start, win.End = win.Start.UTC().Truncate(time.Second), win.End.UTC().Truncate(time.Second)
+	if win.Target.Key == "" {
+		win.KeyOwner = ""
+	}
+	if err := check(win, now); err != nil {
+		return Window{}, err
+	}
+	snap := w.snap()
+	if err := overlaps(win, snap.live[win.Target], now); err != nil {
+		return Window{}, err
+	}
+	n := 0
+	for _, ws := range snap.live {
+		n += len(ws)
+	}
+	if n >= MaxLive {
+		return Window{}, fmt.Errorf("%w: %d windows are pending or active, the most keywardd keeps; cancel some first", ErrInvalid, n)
+	}
+	return win, nil
+}
+
+// MaxLive is how many windows may be pending or active at once, on every
+// target together.
+const MaxLive = 1000
+
+// check checks win's target, factor, times and reason.
+func check(win Window, now time.Time) error {
+	if err := win.Target.Check(); err != nil {
 		return err
 	}
 	switch f := win.Factor; {
@@ -437,6 +568,8 @@ func (w *Windows) Check(win Window) error {
 		return fmt.Errorf("%w: the factor is from %v (a cut) to %v (a raise), not %v", ErrInvalid, MinFactor, MaxFactor, f)
 	case f == 1:
 		return fmt.Errorf("%w: a factor of 1 changes nothing: over 1 raises the limits, under 1 cuts them", ErrInvalid)
+	case math.Abs(f*1000-math.Round(f*1000)) > 1e-6:
+		return fmt.Errorf("%w: a factor has at most 3 decimals (%v)", ErrInvalid, f)
 	}
 	switch {
 	case win.Start.IsZero() || win.End.IsZero():
@@ -453,33 +586,41 @@ func (w *Windows) Check(win Window) error {
 	if strings.TrimSpace(win.Reason) == "" {
 		return fmt.Errorf("%w: say why (a sale, a launch): the reason goes to the audit log and the plan", ErrInvalid)
 	}
-	if len(win.Reason) > maxReason || strings.ContainsFunc(win.Reason, func(r rune) bool { return !unicode.IsPrint(r) }) {
-		return fmt.Errorf("%w: the reason is at most %d printable characters", ErrInvalid, maxReason)
+	// Spaces of any kind, but no line breaks or other control
+	// characters: the reason is one line of the plan and the audit record.
+	if utf8.RuneCountInString(win.Reason) > maxReason || !utf8.ValidString(win.Reason) ||
+		strings.ContainsFunc(win.Reason, func(r rune) bool {
+			return !unicode.IsPrint(r) && (!unicode.IsSpace(r) || r == '\n' || r == '\r' || r == '\v' || r == '\f' || r == 0x85 || r == 0x2028 || r == 0x2029)
+		}) {
+		return fmt.Errorf("%w: the reason is one line of at most %d characters", ErrInvalid, maxReason)
 	}
 	return nil
 }
 
-// Schedule writes win (its ID, Created and the times' rounding are set
-// here) and returns it as written. A start in the past is now.
-func (w *Windows) Schedule(win Window) (Window, error) {
-	now := w.now()
-	if win.Start.Before(now) {
-		win.Start = now
+// overlaps refuses win if one of ws, its target's windows, not over at
+// now, covers part of its time.
+func overlaps(win Window, ws []Window, now time.Time) error {
+	for _, o := range ws {
+		if o.ID != win.ID && win.Start.Before(o.Until()) && o.Start.Before(win.End) && o.Until().After(now) {
+			return fmt.Errorf("%w: %s (%s, %s) covers part of it; cancel it first (keyward apikey cancel-limits -window %s) or choose other times",
+				ErrOverlap, o.ID, o.Target, o.Change(), o.ID)
+		}
 	}
-	win.Start, win.End = win.Start.UTC().Truncate(time.Second), win.End.UTC().Truncate(time.Second)
-	if err := w.Check(win); err != nil {
+	return nil
+}
+
+// Schedule writes win as Prepare makes it, with its ID and creation time,
+// and returns it as written.
+func (w *Windows) Schedule(win Window) (Window, error) {
+	win, err := w.Prepare(win)
+	if err != nil {
 		return Window{}, err
 	}
+	now := w.now()
 	win.ID, win.Created, win.Cancelled, win.CancelledBy, win.Noticed = newID(), now.UTC(), time.Time{}, "", ""
-	if win.Target.Key == "" {
-		win.KeyOwner = ""
-	}
-	err := w.update(win.Target, func(ws []Window) ([]Window, error) {
-		for _, o := range ws {
-			if win.Start.Before(o.Until()) && o.Start.Before(win.End) && o.Until().After(now) {
-				return nil, fmt.Errorf("%w: %s (%s, %s) covers part of it; cancel it first (keyward apikey cancel-limits -window %s) or choose other times",
-					ErrOverlap, o.ID, o.Target, o.Change(), o.ID)
-			}
+	err = w.update(win.Target, func(ws []Window) ([]Window, error) {
+		if err := overlaps(win, ws, now); err != nil {
+			return nil, err
 		}
 		return append(ws, win), nil
 	})
@@ -546,24 +687,41 @@ func (w *Windows) Noticed(n Notice) error {
 	})
 }
 
+// Prune drops from the store the windows over and audited longer than
+// Keep ago (every write of a target does too): run by the job that
+// audits the windows.
+func (w *Windows) Prune() error {
+	now := w.now()
+	done := map[Target]bool{}
+	for _, win := range w.all() {
+		if win.Noticed == Ended && now.Sub(win.Until()) > Keep && !done[win.Target] {
+			done[win.Target] = true
+			if err := w.update(win.Target, func(ws []Window) ([]Window, error) { return ws, nil }); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
 // update changes a target's windows in one store transaction, dropping
-// those ended longer than Keep ago, and reloads the snapshot.
+// those over and audited longer than Keep ago, and makes the change take
+// effect here (on a fleet, the feed does: Fed). A record of the target
+// that does not parse is replaced.
 func (w *Windows) update(t Target, fn func([]Window) ([]Window, error)) error {
+	w.wmu.Lock()
+	defer w.wmu.Unlock()
 	now := w.now()
 	key := t.storeKey()
 	var rec []byte
 	err := w.store.Update(store.BucketSchedule, key, func(old []byte) ([]byte, error) {
 		rec = nil
-		var ws []Window
-		if old != nil {
-			var err error
-			if ws, err = decode(key, old); err != nil {
-				return nil, err
-			}
+		ws, err := decode(key, old)
+		if old == nil || err != nil {
+			ws = nil // nothing yet, or a record no one can use: replaced
 		}
 		ws = slices.DeleteFunc(ws, func(o Window) bool { return o.Noticed == Ended && now.Sub(o.Until()) > Keep })
-		ws, err := fn(ws)
-		if err != nil {
+		if ws, err = fn(ws); err != nil {
 			return nil, err
 		}
 		if len(ws) > maxPerTarget {
@@ -575,7 +733,7 @@ func (w *Windows) update(t Target, fn func([]Window) ([]Window, error)) error {
 		rec, err = json.Marshal(ws)
 		return rec, err
 	})
-	if err != nil {
+	if err != nil || w.fed.Load() {
 		return err
 	}
 	return w.Changed(key, rec)

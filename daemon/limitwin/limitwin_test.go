@@ -1,7 +1,9 @@
 package limitwin_test
 
 import (
+	"encoding/json"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -224,7 +226,9 @@ func TestInvalid(t *testing.T) {
 		{"too long", func(w *limitwin.Window) { w.End = w.Start.Add(40 * 24 * time.Hour) }, "at most"},
 		{"too far ahead", func(w *limitwin.Window) { w.Start, w.End = t0.AddDate(2, 0, 0), t0.AddDate(2, 0, 1) }, "ahead"},
 		{"no reason", func(w *limitwin.Window) { w.Reason = " " }, "say why"},
-		{"reason with a newline", func(w *limitwin.Window) { w.Reason = "a\nb" }, "printable"},
+		{"reason with a newline", func(w *limitwin.Window) { w.Reason = "a\nb" }, "one line"},
+		{"reason too long", func(w *limitwin.Window) { w.Reason = strings.Repeat("é", 257) }, "at most 256 characters"},
+		{"four decimals", func(w *limitwin.Window) { w.Factor = 1.0001 }, "at most 3 decimals"},
 	} {
 		win := ok
 		c.edit(&win)
@@ -236,6 +240,10 @@ func TestInvalid(t *testing.T) {
 	if got := w.List(limitwin.Filter{Ended: true}); len(got) != 0 {
 		t.Errorf("refused windows were written: %v", got)
 	}
+	// 256 characters of two bytes each, and spaces of any kind, are fine.
+	long := ok
+	long.Reason, long.Target = strings.Repeat("é", 250)+"\t\u00a0sale", limitwin.Target{Owner: "blog"}
+	schedule(t, w, long)
 	// A start in the past is now.
 	win := ok
 	win.Start = t0.Add(-time.Hour)
@@ -341,7 +349,8 @@ func TestChanged(t *testing.T) {
 }
 
 // BenchmarkFactor is the cost a verification pays: no window at all, and
-// ten windows none of which covers the key.
+// 1000 windows of other owners (the most that may be pending or active,
+// MaxLive), plus 10 000 ended ones: the lookup is by target, not a scan.
 func BenchmarkFactor(b *testing.B) {
 	clk := &clock{t: t0}
 	st, err := store.Open(filepath.Join(b.TempDir(), "keyward.db"), storetest.Options())
@@ -358,14 +367,162 @@ func BenchmarkFactor(b *testing.B) {
 			w.Factor(shopProd, t0)
 		}
 	})
-	for i := range 10 {
-		if _, err := w.Schedule(limitwin.Window{Target: limitwin.Target{Owner: "owner" + string(rune('a'+i))}, Factor: 2, Start: t0, End: t0.Add(time.Hour), Reason: "x"}); err != nil {
+	for i := range 11_000 {
+		win := limitwin.Window{ID: fmt.Sprintf("lw_%016x", i), Target: limitwin.Target{Owner: fmt.Sprintf("team-%d", i)},
+			Factor: 2, Start: t0, End: t0.Add(time.Hour), Reason: "x"}
+		if i >= 1000 {
+			win.Start, win.End, win.Noticed = t0.Add(-48*time.Hour), t0.Add(-24*time.Hour), limitwin.Ended
+		}
+		rec, _ := json.Marshal([]limitwin.Window{win})
+		if err := w.Changed(fmt.Sprintf("%sowner/team-%d", limitwin.Prefix, i), rec); err != nil {
 			b.Fatal(err)
 		}
 	}
-	b.Run("ten", func(b *testing.B) {
+	b.Run("many", func(b *testing.B) {
 		for b.Loop() {
 			w.Factor(shopProd, t0)
 		}
 	})
+}
+
+// TestCutWins: where a cut and a raise cover a key at once, the cut
+// applies, the deepest of several, whatever the targets: a raise for an
+// owner cannot undo an operator's cut of the environment.
+func TestCutWins(t *testing.T) {
+	clk := &clock{t: t0}
+	w, st := open(t, filepath.Join(t.TempDir(), "keyward.db"), clk)
+	defer st.Close()
+	end := t0.Add(time.Hour)
+	envCut := schedule(t, w, limitwin.Window{Target: limitwin.Target{Environment: "prod"}, Factor: 0.5, Start: t0, End: end, Reason: "incident"})
+	raise := schedule(t, w, limitwin.Window{Target: limitwin.Target{Key: shopProd.ID}, KeyOwner: "shop", Factor: 100, Start: t0, End: end, Reason: "mine"})
+	if got := w.Factor(shopProd, t0); got != 0.5 {
+		t.Errorf("the key's raise over the environment's cut: %v, want 0.5", got)
+	}
+	if o := w.Overriding(raise, shopProd); o == nil || o.ID != envCut.ID {
+		t.Errorf("Overriding(the raise) = %v, want the environment's cut", o)
+	}
+	schedule(t, w, limitwin.Window{Target: limitwin.Target{Owner: "shop"}, Factor: 0.25, Start: t0, End: end, Reason: "deeper"})
+	if got := w.Factor(shopProd, t0); got != 0.25 {
+		t.Errorf("two cuts: %v, want the deeper, 0.25", got)
+	}
+	if got := w.Factor(blogProd, t0); got != 0.5 {
+		t.Errorf("blog in prod: %v, want the environment's 0.5", got)
+	}
+}
+
+// TestBadRecord: a record that does not parse does not stop New (keywardd
+// starts), is reported by Bad, keeps the other windows, and is replaced by
+// the next write of its target.
+func TestBadRecord(t *testing.T) {
+	clk := &clock{t: t0}
+	path := filepath.Join(t.TempDir(), "keyward.db")
+	w, st := open(t, path, clk)
+	schedule(t, w, limitwin.Window{Target: limitwin.Target{Owner: "shop"}, Factor: 3, Start: t0, End: t0.Add(time.Hour), Reason: "sale"})
+	if err := st.Update(store.BucketSchedule, limitwin.Prefix+"owner/blog", func([]byte) ([]byte, error) { return []byte("{not json"), nil }); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	w, st = open(t, path, clk)
+	defer st.Close()
+	if bad := w.Bad(); len(bad) != 1 || bad[limitwin.Prefix+"owner/blog"] == "" {
+		t.Errorf("Bad() = %v", bad)
+	}
+	if f := w.Factor(shopProd, t0); f != 3 {
+		t.Errorf("the good window is lost: factor %v", f)
+	}
+	schedule(t, w, limitwin.Window{Target: limitwin.Target{Owner: "blog"}, Factor: 2, Start: t0, End: t0.Add(time.Hour), Reason: "fresh"})
+	if bad := w.Bad(); len(bad) != 0 || w.Factor(blogProd, t0) != 2 {
+		t.Errorf("after a write of its target: Bad() = %v, factor %v", bad, w.Factor(blogProd, t0))
+	}
+}
+
+// slowStore delays the return of chosen Updates, after their commit, as
+// a goroutine descheduled between the commit and its taking effect is.
+type slowStore struct {
+	*store.Store
+	mu    sync.Mutex
+	delay map[int]time.Duration
+	n     int
+}
+
+func (s *slowStore) Update(bucket, key string, fn func([]byte) ([]byte, error)) error {
+	s.mu.Lock()
+	s.n++
+	d := s.delay[s.n]
+	s.mu.Unlock()
+	err := s.Store.Update(bucket, key, fn)
+	time.Sleep(d)
+	return err
+}
+
+// TestCancelRacesNotice: the job records a window's start (Noticed) while
+// an operator cancels it; the two writes take effect in the order they
+// were committed, so the cancelled window stays cancelled.
+func TestCancelRacesNotice(t *testing.T) {
+	clk := &clock{t: t0}
+	st, err := store.Open(filepath.Join(t.TempDir(), "keyward.db"), storetest.Options())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ss := &slowStore{Store: st, delay: map[int]time.Duration{2: 200 * time.Millisecond}}
+	w, err := limitwin.New(ss, clk.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	win := schedule(t, w, limitwin.Window{Target: limitwin.Target{Owner: "shop"}, Factor: 3, Start: t0, End: t0.Add(24 * time.Hour), Reason: "sale"}) // update 1
+	clk.add(time.Second)
+	due := w.Due()
+	if len(due) != 1 {
+		t.Fatalf("due: %v", due)
+	}
+	done := make(chan error)
+	go func() { done <- w.Noticed(due[0]) }() // update 2: committed, then slow to return
+	time.Sleep(50 * time.Millisecond)
+	if _, err := w.Cancel(win.ID, "uid=0"); err != nil { // update 3
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	clk.add(time.Second)
+	if f := w.Factor(shopProd, clk.now()); f != 1 {
+		t.Fatalf("a window cancelled (and the cancel answered OK) still applies: factor %v", f)
+	}
+}
+
+// TestPrune: windows over and audited go from the store and the plan Keep
+// after their end, by Prune (the audit job runs it), though their target
+// is never written again; Tidy drops ended windows from what Factor looks
+// at.
+func TestPrune(t *testing.T) {
+	clk := &clock{t: t0}
+	w, st := open(t, filepath.Join(t.TempDir(), "keyward.db"), clk)
+	defer st.Close()
+	schedule(t, w, limitwin.Window{Target: limitwin.Target{Key: shopProd.ID}, KeyOwner: "shop", Factor: 3, Start: t0, End: t0.Add(time.Hour), Reason: "sale"})
+	clk.add(2 * time.Hour)
+	w.Tidy()
+	for _, n := range w.Due() {
+		if err := w.Noticed(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Prune(); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.List(limitwin.Filter{Ended: true}); len(got) != 1 {
+		t.Fatalf("within Keep: %d windows on record, want 1", len(got))
+	}
+	clk.add(limitwin.Keep)
+	if err := w.Prune(); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.List(limitwin.Filter{Ended: true}); len(got) != 0 {
+		t.Errorf("%d windows listed past Keep", len(got))
+	}
+	n := 0
+	st.ForEach(store.BucketSchedule, limitwin.Prefix, func(string, []byte) error { n++; return nil })
+	if n != 0 {
+		t.Errorf("%d records still in the store past Keep", n)
+	}
 }

@@ -17,7 +17,7 @@ import (
 // LimitWindows are API keys' scheduled limit windows: daemon/limitwin.
 type LimitWindows interface {
 	Schedule(w limitwin.Window) (limitwin.Window, error)
-	Check(w limitwin.Window) error
+	Prepare(w limitwin.Window) (limitwin.Window, error)
 	List(f limitwin.Filter) []limitwin.Window
 	Get(id string) (limitwin.Window, error)
 	Cancel(id, by string) (limitwin.Window, error)
@@ -77,7 +77,10 @@ func callerName(ctx context.Context) string {
 }
 
 // ScheduleLimits schedules a window (or, with dry_run, says what it
-// would change).
+// would change). A raise needs, besides ScheduleLimits, what widening a
+// key's limits needs (UpdateAPIKey's rule): CreateAPIKey on the owner, on
+// the owner glob "*" itself for an environment's keys of every owner.
+// Only a dry run lists the keys covered: a store of many keys costs a scan.
 func (s *Server) ScheduleLimits(ctx context.Context, r *keywardv1.ScheduleLimitsRequest) (*keywardv1.ScheduleLimitsResponse, error) {
 	const op = "APIKeyService.ScheduleLimits"
 	lw, err := s.limitWindows()
@@ -86,6 +89,9 @@ func (s *Server) ScheduleLimits(ctx context.Context, r *keywardv1.ScheduleLimits
 	}
 	win := limitwin.Window{Target: limitwin.Target{Key: r.GetKeyId(), Owner: r.GetOwner(), Environment: r.GetEnvironment()},
 		Factor: r.GetFactor(), Reason: r.GetReason(), By: callerName(ctx)}
+	if err := win.Target.Check(); err != nil {
+		return nil, err
+	}
 	if win.Key != "" {
 		rec, err := s.apiKey(ctx, op, win.Key)
 		if err != nil {
@@ -95,8 +101,11 @@ func (s *Server) ScheduleLimits(ctx context.Context, r *keywardv1.ScheduleLimits
 	} else if err := s.allowWindow(ctx, op, &win); err != nil {
 		return nil, err
 	}
-	now := s.cfg.Now()
-	win.Start = now
+	if win.Factor > 1 {
+		if err := s.allowWindow(ctx, "APIKeyService.CreateAPIKey", &win); err != nil {
+			return nil, fmt.Errorf("%w: a raise widens the keys' limits, which takes APIKeyService.CreateAPIKey on their owner (on \"*\" for an environment's keys); a cut (factor under 1) does not", policy.ErrDenied)
+		}
+	}
 	if r.GetStartTime() != nil {
 		if win.Start, err = timestamp("start_time", r.GetStartTime()); err != nil {
 			return nil, err
@@ -105,24 +114,25 @@ func (s *Server) ScheduleLimits(ctx context.Context, r *keywardv1.ScheduleLimits
 	if win.End, err = timestamp("end_time", r.GetEndTime()); err != nil {
 		return nil, err
 	}
-	c := callFrom(ctx)
-	c.detail = fmt.Sprintf("%s: rate limits ×%s from %s to %s, dry run %v; reason %q", win.Target, limitwin.FormatFactor(win.Factor),
-		win.Start.UTC().Format(time.RFC3339), win.End.UTC().Format(time.RFC3339), r.GetDryRun(), win.Reason)
 	if r.GetDryRun() {
-		if win.Start.Before(now) {
-			win.Start = now
-		}
-		err = lw.Check(win)
+		win, err = lw.Prepare(win)
 	} else {
 		win, err = lw.Schedule(win)
 	}
+	c := callFrom(ctx)
 	if err != nil {
+		c.detail = fmt.Sprintf("%s, factor %v, dry run %v; reason %q", win.Target, r.GetFactor(), r.GetDryRun(), r.GetReason())
 		return nil, err
 	}
+	c.detail = fmt.Sprintf("%s: %s, dry run %v; reason %q", win.Target, win.Change(), r.GetDryRun(), win.Reason)
 	if !r.GetDryRun() {
 		c.key = win.ID
 	}
+	now := s.cfg.Now()
 	out := &keywardv1.ScheduleLimitsResponse{Window: toLimitWindow(&win, now), DryRun: r.GetDryRun()}
+	if !r.GetDryRun() {
+		return out, nil
+	}
 	err = s.coveredKeys(ctx, op, win, func(rec *apikeys.Record) {
 		out.Keys++
 		if len(rec.Limits) == 0 {
@@ -165,8 +175,11 @@ func (s *Server) coveredKeys(ctx context.Context, op string, win limitwin.Window
 				fn(rec)
 			}
 		}
-		if next == "" || ctx.Err() != nil {
-			return ctx.Err()
+		if next == "" {
+			return nil
+		}
+		if err := ctx.Err(); err != nil {
+			return err
 		}
 		after = next
 	}

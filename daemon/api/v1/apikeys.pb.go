@@ -2166,9 +2166,10 @@ func (x *ReportLeakResponse) GetRetired() bool {
 // LimitWindow is a scheduled change of API keys' rate limits: every layer
 // of each key it covers times factor, from start_time up to end_time. It
 // covers the key key_id, or the keys of owner, of environment, or of owner
-// in environment. Where several cover a key at once, the most specific
-// wins (key, owner in environment, owner, environment); factors never
-// multiply, except with dynamic limits'.
+// in environment. Where several cover a key at once, factors never
+// multiply: a cut (under 1) always wins, the deepest of several; otherwise
+// the most specific raise (key, owner in environment, owner,
+// environment). Dynamic limits scale the result further.
 type LimitWindow struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// lw_ and 16 hex digits.
@@ -2431,8 +2432,8 @@ type LimitChange struct {
 	// The key's own limits, and what they are while the window applies.
 	Before []*RateLimit `protobuf:"bytes,5,rep,name=before,proto3" json:"before,omitempty"`
 	During []*RateLimit `protobuf:"bytes,6,rep,name=during,proto3" json:"during,omitempty"`
-	// A more specific window covers the key for part of this one, and wins
-	// there: its ID.
+	// Another window covers the key for part of this one, and wins there (a
+	// cut, or a more specific raise): its ID.
 	OverriddenBy  string `protobuf:"bytes,7,opt,name=overridden_by,json=overriddenBy,proto3" json:"overridden_by,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2522,12 +2523,14 @@ type ScheduleLimitsResponse struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Window *LimitWindow           `protobuf:"bytes,1,opt,name=window,proto3" json:"window,omitempty"`
 	DryRun bool                   `protobuf:"varint,2,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
-	// How many live keys (not revoked) the caller may see it covers now;
-	// keys created later are covered too.
+	// With dry_run (only then are keys listed): how many live keys (not
+	// revoked) the caller may see it covers now; keys created later are
+	// covered too.
 	Keys uint32 `protobuf:"varint,3,opt,name=keys,proto3" json:"keys,omitempty"`
-	// What it does to each, the first 100 by ID.
+	// With dry_run: what it does to each, the first 100 by ID.
 	Changes []*LimitChange `protobuf:"bytes,4,rep,name=changes,proto3" json:"changes,omitempty"`
-	// Keys it covers that have no rate limit: a factor changes nothing there.
+	// With dry_run: keys it covers that have no rate limit, which no factor
+	// changes.
 	Unlimited     uint32 `protobuf:"varint,5,opt,name=unlimited,proto3" json:"unlimited,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

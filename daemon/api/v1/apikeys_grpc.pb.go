@@ -91,7 +91,9 @@ type APIKeyServiceClient interface {
 	// change and writes nothing. The window starts and ends on time by
 	// itself, across restarts. docs/apikeys.md, "Limits raised on a
 	// schedule". Granted on the key's owner, on the owner, or, for an
-	// environment's keys of every owner, by a grant on the owner glob "*".
+	// environment's keys of every owner, by a grant on the owner glob "*";
+	// a raise (factor over 1) also takes CreateAPIKey there, as widening a
+	// key's limits does.
 	ScheduleLimits(ctx context.Context, in *ScheduleLimitsRequest, opts ...grpc.CallOption) (*ScheduleLimitsResponse, error)
 	// ListLimitWindows lists the windows scheduled, pending and active (and
 	// with include_ended those over or cancelled, kept 30 days), or those
@@ -296,7 +298,9 @@ type APIKeyServiceServer interface {
 	// change and writes nothing. The window starts and ends on time by
 	// itself, across restarts. docs/apikeys.md, "Limits raised on a
 	// schedule". Granted on the key's owner, on the owner, or, for an
-	// environment's keys of every owner, by a grant on the owner glob "*".
+	// environment's keys of every owner, by a grant on the owner glob "*";
+	// a raise (factor over 1) also takes CreateAPIKey there, as widening a
+	// key's limits does.
 	ScheduleLimits(context.Context, *ScheduleLimitsRequest) (*ScheduleLimitsResponse, error)
 	// ListLimitWindows lists the windows scheduled, pending and active (and
 	// with include_ended those over or cancelled, kept 30 days), or those
