@@ -77,6 +77,8 @@ func TestConfigRefusals(t *testing.T) {
 		"rotation: {policies: {high: {every: 1h}}}":                           "built in",
 		"anomaly: {enabled: true, factor: 1}":                                 "anomaly.factor",
 		"anomaly: {disable: [everything]}":                                    "anomaly.disable",
+		"anomaly: {new_countries: true}":                                      "anomaly.new_countries needs a GeoIP database",
+		"geoip: {database: GeoLite2-Country.mmdb}":                            "geoip.database",
 		"dynamic_limits: {tighten: 2}":                                        "dynamic_limits.tighten",
 		"dynamic_limits: {cpu: 3}":                                            "dynamic_limits.cpu",
 		"rotation: {keys: [{match: \"x-*\", policy: high, extra: 1}]}":        "extra",

@@ -18,12 +18,12 @@ func BenchmarkObserve(b *testing.B) {
 	ids := make([]string, 1000)
 	for i := range ids {
 		ids[i] = fmt.Sprintf("ak_%024x", i)
-		d.Observe(ids[i], netip.AddrFrom4([4]byte{10, 0, byte(i % 4), 1}), start, true)
+		d.Observe(ids[i], netip.AddrFrom4([4]byte{10, 0, byte(i % 4), 1}), "", start, true)
 	}
 	now := start.Add(time.Hour)
 	b.ResetTimer()
 	for i := 0; b.Loop(); i++ {
 		n := i % len(ids)
-		d.Observe(ids[n], netip.AddrFrom4([4]byte{10, 0, byte(n % 4), 1}), now.Add(time.Duration(i)*time.Millisecond), true)
+		d.Observe(ids[n], netip.AddrFrom4([4]byte{10, 0, byte(n % 4), 1}), "", now.Add(time.Duration(i)*time.Millisecond), true)
 	}
 }
