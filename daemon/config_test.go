@@ -56,6 +56,9 @@ func TestDocumentedConfig(t *testing.T) {
 	if a := cfg.Anomaly; !a.Enabled || a.Factor != 8 || a.Window != 5*time.Minute || len(a.Disable) != 1 || a.Disable[0] != "spike" {
 		t.Errorf("anomaly: %+v", a)
 	}
+	if cfg.GeoIP.Database != "/var/lib/GeoIP/GeoLite2-Country.mmdb" || !cfg.Anomaly.NewCountries {
+		t.Errorf("geoip: %+v, anomaly.new_countries %v", cfg.GeoIP, cfg.Anomaly.NewCountries)
+	}
 	if d := cfg.DynamicLimits; !d.Enabled || d.Tighten != 0.5 || d.Raise != 2 || d.HSMLatency != 50*time.Millisecond {
 		t.Errorf("dynamic_limits: %+v", d)
 	}
