@@ -13,7 +13,7 @@ import (
 )
 
 // newGeoFixture is newFixture with a GeoIP database of geotest.Networks.
-func newGeoFixture(t *testing.T) *fixture {
+func newGeoFixture(t testing.TB) *fixture {
 	t.Helper()
 	db, err := geo.Open(geotest.Write(t, t.TempDir(), geotest.Networks...))
 	if err != nil {
