@@ -31,6 +31,7 @@ import (
 	"github.com/keyward/keyward/daemon/dynlimits"
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/events"
+	"github.com/keyward/keyward/daemon/geo"
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/leaks"
 	"github.com/keyward/keyward/daemon/limitwin"
@@ -70,6 +71,7 @@ type daemonParts struct {
 	km      *keys.Manager
 	tokens  *tokens.Service
 	det     *anomaly.Detector   // nil unless anomaly.enabled
+	geo     *geo.DB             // nil unless geoip.database is set
 	gov     *dynlimits.Governor // nil unless dynamic_limits.enabled
 	lw      *limitwin.Windows   // API keys' limit windows
 	akm     *apikeys.Manager
@@ -338,6 +340,12 @@ func (d *daemonParts) newAPIKeys(context.Context) (err error) {
 		return err
 	}
 	ako.Now = d.o.Now
+	if p := d.cfg.GeoIP.Database; p != "" {
+		if d.geo, err = geo.Open(p); err != nil {
+			return fmt.Errorf("geoip.database: %w", err)
+		}
+		ako.Geo = d.geo
+	}
 	if d.cfg.Anomaly.Enabled {
 		d.det = anomaly.New(d.cfg.Anomaly, d.st)
 	}
@@ -453,8 +461,8 @@ func (d *daemonParts) newServer(context.Context) error {
 		// The anomaly detector hears of every verification of a live
 		// secret, and refuses the use that sets off an alert whose action
 		// stops the key (and those after it until the key is changed).
-		d.akm.SetWatch(func(id string, ip netip.Addr, learn bool) (apikeys.Code, string) {
-			a, stop := d.det.Observe(id, ip, d.o.Now(), learn)
+		d.akm.SetWatch(func(id string, ip netip.Addr, country string, learn bool) (apikeys.Code, string) {
+			a, stop := d.det.Observe(id, ip, country, d.o.Now(), learn)
 			if !stop {
 				return "", ""
 			}

@@ -1,7 +1,8 @@
 // Package daemon is keywardd: it reads the configuration, opens the socket,
 // the store, the HSM, the audit log and the policy, serves keyward.v1 until
 // it is told to stop, and shuts down cleanly (SIGTERM drains the calls in
-// flight and removes the socket; SIGHUP reloads the policy).
+// flight and removes the socket; SIGHUP reloads the policy and the GeoIP
+// database).
 package daemon
 
 import (
@@ -23,6 +24,7 @@ import (
 	"github.com/keyward/keyward/daemon/audit/ship"
 	"github.com/keyward/keyward/daemon/dynlimits"
 	"github.com/keyward/keyward/daemon/events"
+	"github.com/keyward/keyward/daemon/geo"
 	"github.com/keyward/keyward/daemon/leaks"
 	"github.com/keyward/keyward/daemon/names"
 	"github.com/keyward/keyward/daemon/procenv"
@@ -110,6 +112,10 @@ type Config struct {
 	Rotation schedule.Rules `yaml:"rotation"`
 	// Anomaly: watching API keys' use (package anomaly).
 	Anomaly anomaly.Config `yaml:"anomaly"`
+	// GeoIP: a MaxMind DB file that places API keys' source addresses
+	// in countries (package geo): usage by country, keys limited to
+	// countries, new-country anomalies. Off unless database is set.
+	GeoIP geo.Config `yaml:"geoip"`
 	// DynamicLimits: API keys' rate limits under load (package dynlimits).
 	DynamicLimits dynlimits.Config `yaml:"dynamic_limits"`
 	// Events: the watch stream (package events, docs/events.md).
@@ -253,6 +259,12 @@ func (c *Config) check() error {
 	}
 	if err := c.Anomaly.Check(); err != nil {
 		errs = append(errs, err)
+	}
+	if p := c.GeoIP.Database; p != "" && !filepath.IsAbs(p) {
+		errs = append(errs, fmt.Errorf("geoip.database %q must be an absolute path", p))
+	}
+	if c.Anomaly.NewCountries && c.GeoIP.Database == "" {
+		errs = append(errs, errors.New("anomaly.new_countries needs a GeoIP database: set geoip.database"))
 	}
 	if err := c.DynamicLimits.Check(); err != nil {
 		errs = append(errs, err)

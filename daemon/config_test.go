@@ -56,6 +56,9 @@ func TestDocumentedConfig(t *testing.T) {
 	if a := cfg.Anomaly; !a.Enabled || a.Factor != 8 || a.Window != 5*time.Minute || len(a.Disable) != 1 || a.Disable[0] != "spike" {
 		t.Errorf("anomaly: %+v", a)
 	}
+	if cfg.GeoIP.Database != "/var/lib/GeoIP/GeoLite2-Country.mmdb" || !cfg.Anomaly.NewCountries {
+		t.Errorf("geoip: %+v, anomaly.new_countries %v", cfg.GeoIP, cfg.Anomaly.NewCountries)
+	}
 	if d := cfg.DynamicLimits; !d.Enabled || d.Tighten != 0.5 || d.Raise != 2 || d.HSMLatency != 50*time.Millisecond {
 		t.Errorf("dynamic_limits: %+v", d)
 	}
@@ -77,6 +80,8 @@ func TestConfigRefusals(t *testing.T) {
 		"rotation: {policies: {high: {every: 1h}}}":                           "built in",
 		"anomaly: {enabled: true, factor: 1}":                                 "anomaly.factor",
 		"anomaly: {disable: [everything]}":                                    "anomaly.disable",
+		"anomaly: {new_countries: true}":                                      "anomaly.new_countries needs a GeoIP database",
+		"geoip: {database: GeoLite2-Country.mmdb}":                            "geoip.database",
 		"dynamic_limits: {tighten: 2}":                                        "dynamic_limits.tighten",
 		"dynamic_limits: {cpu: 3}":                                            "dynamic_limits.cpu",
 		"rotation: {keys: [{match: \"x-*\", policy: high, extra: 1}]}":        "extra",

@@ -74,11 +74,12 @@ type rule struct {
 // cycle. hsm is the one PKCS#11 adapter, and store the one storage engine:
 // records are opaque to it (their formats are the domain's), so a second
 // backend needs nothing of the domain either. ratelimit, names, identity,
-// socket, metrics, dynlimits and procenv are a mechanism each (an algorithm, a
-// form of names, the kernel's word on a peer, a socket made safely,
-// Prometheus, a CPU reading, /proc) that the domain and the daemon share.
+// socket, metrics, dynlimits, procenv and geo are a mechanism each (an
+// algorithm, a form of names, the kernel's word on a peer, a socket made
+// safely, Prometheus, a CPU reading, /proc, a GeoIP database) that the
+// domain and the daemon share.
 var leaves = []string{"hsm", "daemon/store", "daemon/ratelimit", "daemon/names", "daemon/identity",
-	"daemon/socket", "daemon/metrics", "daemon/dynlimits", "daemon/procenv"}
+	"daemon/socket", "daemon/metrics", "daemon/dynlimits", "daemon/procenv", "daemon/geo"}
 
 func isLeaf(p string) bool {
 	for _, l := range leaves {

@@ -34,7 +34,8 @@ const DefaultFlushEvery = 10 * time.Second
 // Options are what Run takes besides the configuration.
 type Options struct {
 	Log *slog.Logger
-	// Reload receives a value when the policy should be read again (SIGHUP).
+	// Reload receives a value when the policy and the GeoIP database
+	// should be read again (SIGHUP).
 	Reload <-chan struct{}
 	// Ready, if set, is closed once the socket serves.
 	Ready chan<- struct{}
@@ -142,14 +143,16 @@ func (d *daemonParts) tasks() []task {
 	return append(ts, d.http...)
 }
 
-// reloadPolicy reads the policy again each time o.Reload says (SIGHUP),
-// until ctx ends; one that does not parse leaves the one in force.
+// reloadPolicy reads the policy, and the GeoIP database if there is one,
+// again each time o.Reload says (SIGHUP), until ctx ends; one that does
+// not parse leaves the one in force.
 func (d *daemonParts) reloadPolicy(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-d.o.Reload:
+			d.reloadGeo()
 			p, err := loadPolicy(d.cfg.PolicyFile)
 			if err != nil {
 				d.log.Error("policy reload failed; the previous policy stays in force", "error", err.Error())
@@ -159,6 +162,19 @@ func (d *daemonParts) reloadPolicy(ctx context.Context) {
 			d.log.Info("policy reloaded", "file", d.cfg.PolicyFile)
 		}
 	}
+}
+
+// reloadGeo reads the GeoIP database again, if there is one; one that
+// cannot be used leaves the one in use.
+func (d *daemonParts) reloadGeo() {
+	if d.geo == nil {
+		return
+	}
+	if err := d.geo.Reload(); err != nil {
+		d.log.Error("GeoIP database reload failed; the database before stays in use", "error", err.Error())
+		return
+	}
+	d.log.Info("GeoIP database reloaded", "file", d.geo.Path())
 }
 
 // serve serves the socket until ctx ends or failed is closed (a background

@@ -49,6 +49,7 @@ func apikeyCreate(f *flagSet) action {
 	expires := f.Time("expires", "expiry time (RFC 3339)")
 	ttl := f.Duration("ttl", 0, "lifetime (a temporary key)")
 	ips := f.StringArray("allow-ip", nil, "CIDR or address it may be used from (repeatable)")
+	countries := f.StringSlice("country", nil, "ISO 3166-1 alpha-2 country it may be used from (repeatable or comma-separated; keywardd needs geoip.database)")
 	var limits limitList
 	f.Var(&limits, "limit", "rate limit (repeatable; default: the role's)")
 	unlimited := f.Bool("unlimited", false, "no rate limit at all")
@@ -60,7 +61,7 @@ func apikeyCreate(f *flagSet) action {
 	f.Required("owner", "name", "env", "perm")
 	return func(e *env, _ []string) error {
 		req := &keywardv1.CreateAPIKeyRequest{Owner: *owner, Name: *name, Environment: *envName, Permissions: *perms, ExpireTime: timestamp(*expires),
-			AllowedIps: *ips, RateLimits: limits, Unlimited: *unlimited, Tags: *tags, Metadata: meta}
+			AllowedIps: *ips, AllowedCountries: *countries, RateLimits: limits, Unlimited: *unlimited, Tags: *tags, Metadata: meta}
 		if *ttl != 0 {
 			req.Ttl = durationpb.New(*ttl)
 		}
@@ -308,6 +309,7 @@ var updates = []struct{ flag, path string }{
 	{"perm", "permissions"},
 	{"limit", "rate_limits"}, {"no-limits", "rate_limits"},
 	{"allow-ip", "allowed_ips"}, {"no-allowlist", "allowed_ips"},
+	{"country", "allowed_countries"}, {"any-country", "allowed_countries"},
 	{"expires", "expire_time"}, {"no-expiry", "expire_time"},
 	{"enable", "state"}, {"disable", "state"},
 }
@@ -320,12 +322,15 @@ func apikeyUpdate(f *flagSet) action {
 	f.Bool("no-limits", false, "remove every rate limit")
 	ips := f.StringArray("allow-ip", nil, "the new allowlist (repeatable; replaces it)")
 	f.Bool("no-allowlist", false, "remove the allowlist")
+	countries := f.StringSlice("country", nil, "the new countries it may be used from (repeatable or comma-separated; replaces them)")
+	f.Bool("any-country", false, "remove the limit to countries")
 	expires := f.Time("expires", "the new expiry time (RFC 3339)")
 	f.Bool("no-expiry", false, "remove the expiry")
 	disable := f.Bool("disable", false, "disable the key")
 	enable := f.Bool("enable", false, "enable a disabled key")
 	f.Exclusive("limit", "no-limits")
 	f.Exclusive("allow-ip", "no-allowlist")
+	f.Exclusive("country", "any-country")
 	f.Exclusive("expires", "no-expiry")
 	f.Exclusive("disable", "enable")
 	return func(e *env, _ []string) error {
@@ -336,9 +341,9 @@ func apikeyUpdate(f *flagSet) action {
 			}
 		}
 		if len(paths) == 0 {
-			return usageError{msg: "name something to change: -perm, -limit, -no-limits, -allow-ip, -no-allowlist, -expires, -no-expiry, -disable or -enable"}
+			return usageError{msg: "name something to change: -perm, -limit, -no-limits, -allow-ip, -no-allowlist, -country, -any-country, -expires, -no-expiry, -disable or -enable"}
 		}
-		k := &keywardv1.APIKey{Id: *id, Permissions: *perms, RateLimits: limits, AllowedIps: *ips, ExpireTime: timestamp(*expires)}
+		k := &keywardv1.APIKey{Id: *id, Permissions: *perms, RateLimits: limits, AllowedIps: *ips, AllowedCountries: *countries, ExpireTime: timestamp(*expires)}
 		switch {
 		case *enable:
 			k.State = keywardv1.APIKeyState_API_KEY_STATE_ACTIVE
@@ -366,14 +371,24 @@ func apikeyUsage(f *flagSet) action {
 		for i, b := range r.GetLatencyBounds() {
 			bounds[i] = b.AsDuration()
 		}
+		// Countries, with a GeoIP database (keywardd counts none without).
+		byCountry := len(r.GetTotal().GetCountries()) > 0
 		row := func(tw io.Writer, name string, u *keywardv1.APIKeyUsage) {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", name, counts(u.GetCounts()),
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s", name, counts(u.GetCounts()),
 				latency(bounds, u.GetLatencyCounts(), 0.5), latency(bounds, u.GetLatencyCounts(), 0.99), counts(u.GetNetworks()))
+			if byCountry {
+				fmt.Fprintf(tw, "\t%s", counts(u.GetCountries()))
+			}
+			fmt.Fprintln(tw)
 		}
 		return e.show(r, func(w io.Writer) error {
 			fmt.Fprintf(w, "%s: last used %s\n", r.GetId(), timeOr(r.GetLastUsedTime(), "never"))
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "HOUR\tOUTCOMES\tP50\tP99\tNETWORKS")
+			header := "HOUR\tOUTCOMES\tP50\tP99\tNETWORKS"
+			if byCountry {
+				header += "\tCOUNTRIES"
+			}
+			fmt.Fprintln(tw, header)
 			for _, h := range r.GetHours() {
 				row(tw, h.GetHour().AsTime().Format("2006-01-02 15:04Z"), h.GetUsage())
 			}
@@ -556,6 +571,9 @@ func printAPIKey(w io.Writer, k *keywardv1.APIKey) error {
 	}
 	if len(k.GetAllowedIps()) > 0 {
 		row("allowed ips", strings.Join(k.GetAllowedIps(), ", "))
+	}
+	if len(k.GetAllowedCountries()) > 0 {
+		row("allowed countries", strings.Join(k.GetAllowedCountries(), ", "))
 	}
 	row("rate limits", limitsText(k.GetRateLimits()))
 	if q := k.GetQuota(); q != nil {

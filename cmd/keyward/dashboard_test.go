@@ -21,6 +21,7 @@ import (
 
 	"github.com/keyward/keyward/daemon"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
+	"github.com/keyward/keyward/daemon/geo/geotest"
 	"github.com/keyward/keyward/plugins/conformance"
 	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
@@ -153,6 +154,7 @@ func TestDashboard(t *testing.T) {
 	secrets := t.TempDir()
 	d := daemontest.Start(t, daemontest.Configure(func(c *daemon.Config) {
 		c.Plugins = []daemon.PluginConfig{{Name: "file", Path: plugin, SHA256: sum, Env: map[string]string{"KEYWARD_FILE_DIRS": secrets}}}
+		c.GeoIP.Database = geotest.Write(t, t.TempDir(), geotest.Networks...) // 192.0.2.0/24 in DE, 198.51.100.0/24 in FR
 	}))
 	api := keywardv1.NewAPIKeyServiceClient(d.Conn)
 	ctx := context.Background()
@@ -163,9 +165,9 @@ func TestDashboard(t *testing.T) {
 	}
 
 	// Known traffic on one key: 5 valid, 2 forbidden, 1 wrong environment,
-	// from two networks.
+	// from two networks in two countries, which the key is limited to.
 	k, err := api.CreateAPIKey(ctx, &keywardv1.CreateAPIKeyRequest{Owner: "shop", Name: "checkout", Environment: "prod",
-		Permissions: []string{"orders:read"}, Tags: []string{"checkout"}, Ttl: durationpb.New(90 * 24 * time.Hour)})
+		Permissions: []string{"orders:read"}, Tags: []string{"checkout"}, Ttl: durationpb.New(90 * 24 * time.Hour), AllowedCountries: []string{"DE", "FR"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -232,6 +234,14 @@ func TestDashboard(t *testing.T) {
 	nets := get(t, b, "networks", chromedp.AttributesAll(chromedp.CSSAll(`#networks-chart rect[data-name]`)))
 	if len(nets) != 2 || nets[0]["data-name"] != "192.0.2.0/24" || nets[0]["data-count"] != "5" || nets[1]["data-count"] != "3" {
 		t.Errorf("the networks chart: %v; want 192.0.2.0/24 5, 198.51.100.0/24 3", nets)
+	}
+
+	countries := get(t, b, "countries", chromedp.AttributesAll(chromedp.CSSAll(`#countries-chart rect[data-name]`)))
+	if len(countries) != 2 || countries[0]["data-name"] != "DE" || countries[0]["data-count"] != "5" || countries[1]["data-name"] != "FR" || countries[1]["data-count"] != "3" {
+		t.Errorf("the countries chart: %v; want DE 5, FR 3", countries)
+	}
+	if c := get(t, b, "the key's countries", chromedp.Text(css(`#key-countries`))); c != "DE, FR" {
+		t.Errorf("the key's allowed countries: %q, want DE, FR", c)
 	}
 
 	byNet := map[string]int{}

@@ -24,6 +24,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/keyward/keyward/daemon"
+	"github.com/keyward/keyward/daemon/geo/geotest"
 	"github.com/keyward/keyward/plugins/conformance"
 	softhsmtest "github.com/keyward/keyward/softhsm-test"
 	"github.com/keyward/keyward/softhsm-test/daemontest"
@@ -77,7 +78,9 @@ type scriptDaemon struct {
 // The script's keywardd.yaml, if any, is added to the configuration; a
 // plugin whose path is a command of this module (keyward-plugin-file) is
 // built and pinned by its checksum. $WORK in either file is the script's
-// directory.
+// directory. The script's countries.txt, if any (lines of "PREFIX
+// COUNTRY"), becomes the GeoIP database $WORK/countries.mmdb (geotest),
+// for a keywardd.yaml's geoip.database.
 func scriptSetup(env *testscript.Env) error {
 	tb, ok := env.T().(testing.TB)
 	if !ok {
@@ -99,6 +102,17 @@ func scriptSetup(env *testscript.Env) error {
 	opts := []daemontest.Option{daemontest.PreparedToken()}
 	if b, err := os.ReadFile(filepath.Join(env.WorkDir, "policy.yaml")); err == nil {
 		opts = append(opts, daemontest.Policy(expand(b)))
+	}
+	if b, err := os.ReadFile(filepath.Join(env.WorkDir, "countries.txt")); err == nil {
+		var nets []geotest.Network
+		for line := range strings.Lines(string(b)) {
+			prefix, country, ok := strings.Cut(strings.TrimSpace(line), " ")
+			if !ok {
+				return fmt.Errorf("countries.txt: %q is not PREFIX COUNTRY", line)
+			}
+			nets = append(nets, geotest.Network{Prefix: prefix, Country: strings.TrimSpace(country)})
+		}
+		geotest.Write(tb, env.WorkDir, nets...)
 	}
 	var cfgErr error
 	if b, err := os.ReadFile(filepath.Join(env.WorkDir, "keywardd.yaml")); err == nil {

@@ -1,6 +1,7 @@
 // Package anomaly watches how each API key is used and says when that
 // changes sharply: a spike in its request rate over its baseline for the
-// hour of day, or a use from a network it was never used from.
+// hour of day, a use from a network it was never used from, or (with a
+// GeoIP database) from a country it was never used from.
 //
 // A key's baseline is an exponentially weighted mean of its requests per
 // minute for each of the 24 hours of the day (UTC), folded in minute by
@@ -11,7 +12,9 @@
 // are compared with Factor times the baseline of the hour (or MinRate per
 // minute, if higher: a key used once an hour does not alert at its eighth
 // request).
-// Networks are counted as the usage report counts them (a /24 or a /64).
+// Networks are counted as the usage report counts them (a /24 or a /64);
+// countries as the API keys' GeoIP database names them, a use whose
+// country is unknown neither teaching one nor alerting.
 // A key is only learned from during its first Learn, not alerted on; a
 // key alerts at most once per Cooldown and kind.
 //
@@ -59,6 +62,7 @@ import (
 const (
 	Spike      = "spike"
 	NewNetwork = "new_network"
+	NewCountry = "new_country"
 )
 
 // Config is the configuration's anomaly section.
@@ -78,8 +82,11 @@ type Config struct {
 	// NewNetworks alerts on a use from a network the key was not used
 	// from before (after Learn).
 	NewNetworks bool `yaml:"new_networks"`
+	// NewCountries alerts on a use from a country the key was not used
+	// from before (after Learn); it needs a GeoIP database (geoip).
+	NewCountries bool `yaml:"new_countries"`
 	// Disable lists the kinds of alerts that disable the key at once
-	// (spike, new_network), and Revoke those that revoke it; the others
+	// (spike, new_network, new_country), and Revoke those that revoke it; the others
 	// only alert. A use that sets off an alert that disables or revokes the
 	// key is refused, as is every use of it until the key is changed.
 	Disable []string `yaml:"disable"`
@@ -102,14 +109,15 @@ func (c *Config) Check() error {
 	if c.Factor != 0 && c.Factor < 2 {
 		errs = append(errs, errors.New("anomaly.factor: at least 2 (8 is the usual)"))
 	}
+	kind := func(k string) bool { return k == Spike || k == NewNetwork || k == NewCountry }
 	for _, d := range c.Disable {
-		if d != Spike && d != NewNetwork {
-			errs = append(errs, fmt.Errorf("anomaly.disable: %q: use spike or new_network", d))
+		if !kind(d) {
+			errs = append(errs, fmt.Errorf("anomaly.disable: %q: use spike, new_network or new_country", d))
 		}
 	}
 	for _, d := range c.Revoke {
-		if d != Spike && d != NewNetwork {
-			errs = append(errs, fmt.Errorf("anomaly.revoke: %q: use spike or new_network", d))
+		if !kind(d) {
+			errs = append(errs, fmt.Errorf("anomaly.revoke: %q: use spike, new_network or new_country", d))
 		}
 		if slices.Contains(c.Disable, d) {
 			errs = append(errs, fmt.Errorf("anomaly: %q is under both disable and revoke: name it once", d))
@@ -144,8 +152,11 @@ func (c Config) withDefaults() Config {
 // minutes of that hour of day count, two days' worth.
 const alpha = 0.01
 
-// Bounds: networks remembered per key, keys held in memory.
-const maxNetworks = 64
+// Bounds: networks and countries remembered per key, keys held in memory.
+const (
+	maxNetworks  = 64
+	maxCountries = 64
+)
 
 var maxKeys = 100_000 // a variable for the tests
 
@@ -157,9 +168,11 @@ type Baseline struct {
 	Since time.Time `json:"since"`
 	// Networks are the networks it was used from, at most maxNetworks.
 	Networks []string `json:"networks,omitempty"`
-	// Alerted is when the key last alerted, by kind (spike, new network):
-	// the cooldowns survive a restart.
-	Alerted [2]time.Time `json:"alerted"`
+	// Countries are the countries it was used from, at most maxCountries.
+	Countries []string `json:"countries,omitempty"`
+	// Alerted is when the key last alerted, by kind (spike, new network,
+	// new country): the cooldowns survive a restart.
+	Alerted [3]time.Time `json:"alerted"`
 }
 
 // Alert is a change in a key's use.
@@ -470,13 +483,14 @@ func (d *Detector) advance(k *key, now time.Time) {
 	k.ver++
 }
 
-// Observe counts one use of a key, from ip (zero: unknown), at now. A use
-// that was refused (learn false: a live secret used from outside its
-// allowlist, in the wrong environment, beyond its permissions) may raise a
-// new-network alert but counts toward nothing and teaches nothing. It
-// returns the alert that stops the key (this use's, or one before it not
-// yet settled): the use is to be refused.
-func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) (stop Alert, stopped bool) {
+// Observe counts one use of a key, from ip (zero: unknown) in country
+// ("" or apikeys.UnknownCountry: unknown), at now. A use that was refused
+// (learn false: a live secret used from outside its allowlist or
+// countries, in the wrong environment, beyond its permissions) may raise a
+// new-network or new-country alert but counts toward nothing and teaches
+// nothing. It returns the alert that stops the key (this use's, or one
+// before it not yet settled): the use is to be refused.
+func (d *Detector) Observe(id string, ip netip.Addr, country string, now time.Time, learn bool) (stop Alert, stopped bool) {
 	defer func() { stop, stopped = d.Stopped(id) }()
 	k := d.get(id, now)
 	if k == nil {
@@ -494,21 +508,13 @@ func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) 
 	k.lastSeen = now
 	learning := now.Sub(k.b.Since) < d.cfg.Learn
 	if ip.IsValid() && !k.lastNet.Contains(ip.Unmap()) {
-		if net := apikeys.Network(ip); slices.Contains(k.b.Networks, net) {
+		net := apikeys.Network(ip)
+		if d.place(k, newPlace{&k.b.Networks, maxNetworks, NewNetwork, 1, d.cfg.NewNetworks, "network"}, net, id, now, learning, learn) {
 			k.lastNet, _ = netip.ParsePrefix(net)
-		} else {
-			// A network whose use stops the key is not learned: the
-			// attacker's network never becomes a known one.
-			stops := !learning && d.cfg.NewNetworks && d.Action(NewNetwork) != ActionAlert
-			if learn && !stops && len(k.b.Networks) < maxNetworks { // past that, every new one alerts and none is learned
-				k.b.Networks = append(k.b.Networks, net)
-				k.ver++
-				k.lastNet, _ = netip.ParsePrefix(net)
-			}
-			if !learning && d.cfg.NewNetworks {
-				d.alert(k, 1, Alert{Kind: NewNetwork, KeyID: id, Time: now, Detail: fmt.Sprintf("a use from %s, a network the key was not used from before", net)})
-			}
 		}
+	}
+	if country != "" && country != apikeys.UnknownCountry {
+		d.place(k, newPlace{&k.b.Countries, maxCountries, NewCountry, 2, d.cfg.NewCountries, "country"}, country, id, now, learning, learn)
 	}
 	if learning || !learn {
 		return
@@ -522,6 +528,39 @@ func (d *Detector) Observe(id string, ip netip.Addr, now time.Time, learn bool) 
 			rate, d.cfg.Window, now.UTC().Hour(), base, limit, d.cfg.Factor, d.cfg.MinRate)})
 	}
 	return
+}
+
+// newPlace is a kind of place a key is used from (a network, a country):
+// those it was used from, how many are remembered, its alert's kind and
+// slot in Baseline.Alerted, whether the alert is on, and its name.
+type newPlace struct {
+	known *[]string
+	max   int
+	kind  string
+	slot  int
+	on    bool
+	what  string
+}
+
+// place learns or alerts on a use from name, a place of kind p; k.mu is
+// held. It says whether name is known now.
+func (d *Detector) place(k *key, p newPlace, name, id string, now time.Time, learning, learn bool) bool {
+	if slices.Contains(*p.known, name) {
+		return true
+	}
+	// A place whose use stops the key is not learned: the attacker's
+	// network or country never becomes a known one.
+	stops := !learning && p.on && d.Action(p.kind) != ActionAlert
+	known := false
+	if learn && !stops && len(*p.known) < p.max { // past that, every new one alerts and none is learned
+		*p.known = append(*p.known, name)
+		k.ver++
+		known = true
+	}
+	if !learning && p.on {
+		d.alert(k, p.slot, Alert{Kind: p.kind, KeyID: id, Time: now, Detail: fmt.Sprintf("a use from %s, a %s the key was not used from before", name, p.what)})
+	}
+	return known
 }
 
 // alert hands an alert on, at most once per cooldown per key and kind.
@@ -562,7 +601,7 @@ func (d *Detector) Clean(id string, since time.Time) bool {
 	} else if raw, err := d.st.Get(store.BucketBaselines, id); err == nil {
 		json.Unmarshal(raw, &b)
 	}
-	return !b.Alerted[0].After(since) && !b.Alerted[1].After(since)
+	return !slices.ContainsFunc(b.Alerted[:], func(t time.Time) bool { return t.After(since) })
 }
 
 // Baseline returns what is learned of a key (for tests and reports).
@@ -574,7 +613,7 @@ func (d *Detector) Baseline(id string, now time.Time) Baseline {
 	defer k.mu.Unlock()
 	d.advance(k, now)
 	b := k.b
-	b.Networks = slices.Clone(b.Networks)
+	b.Networks, b.Countries = slices.Clone(b.Networks), slices.Clone(b.Countries)
 	return b
 }
 

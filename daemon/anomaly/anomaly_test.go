@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/keyward/keyward/daemon/anomaly"
+	"github.com/keyward/keyward/daemon/apikeys"
 	"github.com/keyward/keyward/daemon/store"
 	"github.com/keyward/keyward/daemon/store/storetest"
 )
@@ -37,7 +39,7 @@ func week(d *anomaly.Detector, id string, start time.Time, dayRate, nightRate in
 			n = dayRate
 		}
 		for i := range n {
-			d.Observe(id, ip, t.Add(time.Duration(i)*time.Second), true)
+			d.Observe(id, ip, "", t.Add(time.Duration(i)*time.Second), true)
 		}
 	}
 	return t
@@ -76,7 +78,7 @@ func TestSyntheticSpike(t *testing.T) {
 	burst := func(at time.Time, perMinute, minutes int) {
 		for m := range minutes {
 			for i := range perMinute {
-				d.Observe("ak_1", ip, at.Add(time.Duration(m)*time.Minute+time.Duration(i)*time.Millisecond), true)
+				d.Observe("ak_1", ip, "", at.Add(time.Duration(m)*time.Minute+time.Duration(i)*time.Millisecond), true)
 			}
 		}
 	}
@@ -110,8 +112,8 @@ func TestSyntheticSpike(t *testing.T) {
 	// A new network: one alert, and it is known from then on.
 	other := netip.MustParseAddr("203.0.113.9")
 	at := now.Add(30 * time.Hour)
-	d.Observe("ak_1", other, at, true)
-	d.Observe("ak_1", other, at.Add(time.Second), true)
+	d.Observe("ak_1", other, "", at, true)
+	d.Observe("ak_1", other, "", at.Add(time.Second), true)
 	if a := drain(d); len(a) != 1 || a[0].Kind != anomaly.NewNetwork || a[0].Action != anomaly.ActionAlert || !strings.Contains(a[0].Detail, "203.0.113.0/24") {
 		t.Fatalf("the new network: %+v", a)
 	}
@@ -132,16 +134,16 @@ func TestSyntheticSpike(t *testing.T) {
 func TestQuietKeyNeedsMinRate(t *testing.T) {
 	d := anomaly.New(anomaly.Config{Enabled: true, Learn: time.Hour, MinRate: 10}, openStore(t))
 	start := time.Date(2026, 3, 2, 0, 0, 0, 0, time.UTC)
-	d.Observe("ak_q", netip.Addr{}, start, true)
+	d.Observe("ak_q", netip.Addr{}, "", start, true)
 	at := start.Add(48 * time.Hour)
 	for i := range 20 { // 4 a minute for 5 minutes
-		d.Observe("ak_q", netip.Addr{}, at.Add(time.Duration(i)*15*time.Second), true)
+		d.Observe("ak_q", netip.Addr{}, "", at.Add(time.Duration(i)*15*time.Second), true)
 	}
 	if a := drain(d); len(a) != 0 {
 		t.Fatalf("20 requests in 5 minutes alerted a quiet key: %+v", a)
 	}
 	for i := range 12 {
-		d.Observe("ak_q", netip.Addr{}, at.Add(10*time.Minute+time.Duration(i)*time.Second), true)
+		d.Observe("ak_q", netip.Addr{}, "", at.Add(10*time.Minute+time.Duration(i)*time.Second), true)
 	}
 	if a := drain(d); len(a) != 1 {
 		t.Fatalf("12 requests in a minute did not alert: %+v", a)
@@ -174,7 +176,7 @@ func TestMemoryBounded(t *testing.T) {
 	d := anomaly.New(anomaly.Config{Enabled: true}, st)
 	start := time.Date(2026, 3, 2, 0, 0, 0, 0, time.UTC)
 	for i := range 5000 {
-		d.Observe(fmt.Sprintf("ak_%024x", i), netip.MustParseAddr("10.0.0.1"), start.Add(time.Duration(i)*time.Second), true)
+		d.Observe(fmt.Sprintf("ak_%024x", i), netip.MustParseAddr("10.0.0.1"), "", start.Add(time.Duration(i)*time.Second), true)
 	}
 	if n := d.Held(); n > 640+64 {
 		t.Fatalf("%d keys held, the bound is 640", n)
@@ -202,7 +204,7 @@ func TestConcurrentEviction(t *testing.T) {
 			defer wg.Done()
 			for i := range 3000 {
 				n := (g*3000 + i) % 300
-				d.Observe(fmt.Sprintf("ak_%024x", n), nets[(i/300)%2], start.Add(time.Duration(clock.Add(1))*time.Millisecond), true)
+				d.Observe(fmt.Sprintf("ak_%024x", n), nets[(i/300)%2], "", start.Add(time.Duration(clock.Add(1))*time.Millisecond), true)
 				if i%500 == 0 {
 					d.Flush()
 				}
@@ -222,7 +224,7 @@ func TestConcurrentEviction(t *testing.T) {
 	// Keys in use while a write runs stay; new keys, one after the other,
 	// bring the number back to the bound.
 	for i := range 1000 {
-		d.Observe(fmt.Sprintf("ak_%024x", 1000+i), nets[0], start.Add(time.Duration(clock.Add(1))*time.Millisecond), true)
+		d.Observe(fmt.Sprintf("ak_%024x", 1000+i), nets[0], "", start.Add(time.Duration(clock.Add(1))*time.Millisecond), true)
 	}
 	if d.Held() > 128+64 {
 		t.Errorf("%d keys held, the bound is 128", d.Held())
@@ -239,7 +241,7 @@ func TestUnreadableBaselineKept(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := anomaly.New(anomaly.Config{Enabled: true}, st)
-	d.Observe(id, netip.MustParseAddr("10.0.0.1"), time.Now(), true)
+	d.Observe(id, netip.MustParseAddr("10.0.0.1"), "", time.Now(), true)
 	if err := d.Flush(); err != nil {
 		t.Fatal(err)
 	}
@@ -274,34 +276,92 @@ func TestStopped(t *testing.T) {
 		NewNetworks: true, Revoke: []string{anomaly.NewNetwork}}, st)
 	start := time.Date(2026, 3, 2, 12, 0, 0, 0, time.UTC)
 	home, away := netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("203.0.113.9")
-	if _, stop := d.Observe("ak_1", home, start, true); stop {
+	if _, stop := d.Observe("ak_1", home, "", start, true); stop {
 		t.Fatal("a first use stopped the key")
 	}
 	later := start.Add(2 * time.Hour)
-	if _, stop := d.Observe("ak_1", home, later, true); stop {
+	if _, stop := d.Observe("ak_1", home, "", later, true); stop {
 		t.Fatal("a use from the known network stopped the key")
 	}
-	a, stop := d.Observe("ak_1", away, later.Add(time.Second), true)
+	a, stop := d.Observe("ak_1", away, "", later.Add(time.Second), true)
 	if !stop || a.Action != anomaly.ActionRevoke || a.Kind != anomaly.NewNetwork || a.KeyID != "ak_1" {
 		t.Fatalf("the use from a new network: %+v, %v; want it to stop the key (revoke)", a, stop)
 	}
 	if got := drain(d); len(got) != 1 || got[0].Action != anomaly.ActionRevoke {
 		t.Fatalf("alerts: %+v", got)
 	}
-	if _, stop := d.Observe("ak_1", home, later.Add(2*time.Second), true); !stop {
+	if _, stop := d.Observe("ak_1", home, "", later.Add(2*time.Second), true); !stop {
 		t.Error("a use after the stopping alert, before it was settled, was not stopped")
 	}
-	if _, stop := d.Observe("ak_2", home, later, true); stop {
+	if _, stop := d.Observe("ak_2", home, "", later, true); stop {
 		t.Error("another key was stopped")
 	}
 	d.Settle("ak_1")
-	if _, stop := d.Observe("ak_1", home, later.Add(3*time.Second), true); stop {
+	if _, stop := d.Observe("ak_1", home, "", later.Add(3*time.Second), true); stop {
 		t.Error("a use after the alert was settled was stopped")
 	}
 	// The network whose use stopped the key was not learned: past the
 	// cooldown, a use from it stops the key again.
 	drain(d)
-	if _, stop := d.Observe("ak_1", away, later.Add(2*time.Hour), true); !stop {
+	if _, stop := d.Observe("ak_1", away, "", later.Add(2*time.Hour), true); !stop {
 		t.Error("the network whose use stopped the key was learned from that use")
+	}
+}
+
+// TestNewCountry: after the learning time, a use from a country the key
+// was not used from alerts once (naming the country) and is learned; an
+// unknown country neither alerts nor teaches; a country whose use
+// disables the key is not learned; anomaly.disable accepts new_country.
+func TestNewCountry(t *testing.T) {
+	st := openStore(t)
+	cfg := anomaly.Config{Enabled: true, Learn: time.Hour, NewCountries: true, MinRate: 1e9}
+	d := anomaly.New(cfg, st)
+	start := time.Date(2026, 3, 2, 12, 0, 0, 0, time.UTC)
+	ip := netip.MustParseAddr("10.1.2.3") // one network throughout: only countries change
+	d.Observe("ak_1", ip, "DE", start, true)
+	d.Observe("ak_1", ip, "FR", start.Add(time.Minute), true) // learning: taught, no alert
+	later := start.Add(2 * time.Hour)
+	for _, c := range []string{"DE", "FR", "", apikeys.UnknownCountry} {
+		d.Observe("ak_1", ip, c, later, true)
+	}
+	if a := drain(d); len(a) != 0 {
+		t.Fatalf("known or unknown countries alerted: %+v", a)
+	}
+	d.Observe("ak_1", ip, "JP", later.Add(time.Second), true)
+	d.Observe("ak_1", ip, "JP", later.Add(2*time.Second), true)
+	a := drain(d)
+	if len(a) != 1 || a[0].Kind != anomaly.NewCountry || a[0].Action != anomaly.ActionAlert || !strings.Contains(a[0].Detail, "a use from JP, a country") {
+		t.Fatalf("the new country: %+v", a)
+	}
+	if b := d.Baseline("ak_1", later); fmt.Sprint(b.Countries) != "[DE FR JP]" || b.Alerted[2].IsZero() || !b.Alerted[1].IsZero() {
+		t.Errorf("baseline countries %v, alerted %v; want [DE FR JP] and a new-country alert only", b.Countries, b.Alerted)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if d.Clean("ak_1", start) {
+		t.Error("Clean after a new-country alert")
+	}
+
+	cfg.Disable = []string{anomaly.NewCountry}
+	if err := cfg.Check(); err != nil {
+		t.Fatalf("disable: [new_country]: %v", err)
+	}
+	d2 := anomaly.New(cfg, st) // from the stored baseline
+	if _, stop := d2.Observe("ak_1", ip, "JP", later.Add(time.Minute), true); stop {
+		t.Error("a use from a country learned before the restart stopped the key")
+	}
+	a2, stop := d2.Observe("ak_1", ip, "US", later.Add(2*time.Hour), true)
+	if !stop || a2.Kind != anomaly.NewCountry || a2.Action != anomaly.ActionDisable {
+		t.Fatalf("the use from US: %+v, %v; want it to disable the key", a2, stop)
+	}
+	drain(d2)
+	d2.Settle("ak_1")
+	if b := d2.Baseline("ak_1", later.Add(2*time.Hour)); slices.Contains(b.Countries, "US") {
+		t.Errorf("the country whose use disabled the key was learned: %v", b.Countries)
+	}
+	bad := anomaly.Config{Revoke: []string{"new_continent"}}
+	if err := bad.Check(); err == nil || !strings.Contains(err.Error(), "new_country") {
+		t.Errorf("revoke: [new_continent]: %v, want an error naming new_country", err)
 	}
 }

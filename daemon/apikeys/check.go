@@ -49,15 +49,20 @@ var Roles = map[string][]string{
 // Record is an API key's data, without its secret: the store keeps only
 // HMACs of secrets, under a key in the HSM.
 type Record struct {
-	ID          string            `json:"id"` // public: names the key in every call but Verify
-	Owner       string            `json:"owner"`
-	Name        string            `json:"name"`
-	Environment string            `json:"environment"`
-	Permissions []string          `json:"permissions"`
-	Expires     time.Time         `json:"expires,omitzero"` // zero: no expiry
-	AllowedIPs  []netip.Prefix    `json:"allowed_ips,omitempty"`
-	Limits      []ratelimit.Layer `json:"limits,omitempty"`
-	Quota       *Quota            `json:"quota,omitempty"`
+	ID          string         `json:"id"` // public: names the key in every call but Verify
+	Owner       string         `json:"owner"`
+	Name        string         `json:"name"`
+	Environment string         `json:"environment"`
+	Permissions []string       `json:"permissions"`
+	Expires     time.Time      `json:"expires,omitzero"` // zero: no expiry
+	AllowedIPs  []netip.Prefix `json:"allowed_ips,omitempty"`
+	// AllowedCountries, if set, are the only countries (ISO 3166-1
+	// alpha-2) the key may be used from, by the GeoIP database
+	// (Options.Geo): a use from elsewhere, or whose country is unknown,
+	// is refused.
+	AllowedCountries []string          `json:"allowed_countries,omitempty"`
+	Limits           []ratelimit.Layer `json:"limits,omitempty"`
+	Quota            *Quota            `json:"quota,omitempty"`
 	// Shared is the fleet's bucket of the key's rate limits, from which
 	// the nodes of a fleet take requests in blocks (fleet.go); unused on
 	// one host.
@@ -101,6 +106,10 @@ type Request struct {
 	// LimitFactor scales the key's rate limits for this check (0 or 1:
 	// as they are); the Manager sets it from Options.LimitFactor.
 	LimitFactor float64
+
+	// country is SourceIP's country ("" unknown), which the Manager's
+	// Verify looks up (Options.Geo).
+	country string
 }
 
 // Result is a verification's answer.
@@ -163,6 +172,11 @@ func access(rec *Record, secret int, req Request, now time.Time) (Result, bool) 
 		return Result{Code: WrongEnvironment, Detail: fmt.Sprintf("the key is for %q", rec.Environment)}, false
 	case len(rec.AllowedIPs) > 0 && !slices.ContainsFunc(rec.AllowedIPs, func(p netip.Prefix) bool { return req.SourceIP.IsValid() && p.Contains(req.SourceIP.Unmap()) }):
 		return Result{Code: IPNotAllowed, Detail: "the source address is not in the key's allowlist"}, false
+	case len(rec.AllowedCountries) > 0 && !slices.Contains(rec.AllowedCountries, req.country):
+		if req.country == "" || req.country == UnknownCountry {
+			return Result{Code: IPNotAllowed, Detail: "the key is limited to countries, and the source address's country is unknown (no address, or not in the GeoIP database)"}, false
+		}
+		return Result{Code: IPNotAllowed, Detail: "the source address is in " + req.country + ", not in a country the key may be used from"}, false
 	}
 	for _, p := range req.Permissions {
 		if !rec.Grants(p) {

@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/keyward/keyward/daemon/geo"
 	"github.com/keyward/keyward/daemon/names"
 	"github.com/keyward/keyward/daemon/outbox"
 	"github.com/keyward/keyward/daemon/ratelimit"
@@ -134,6 +135,9 @@ type Manager struct {
 
 	// leakAction is what ReportLeak does to a leaked key.
 	leakAction LeakAction
+
+	// geo tells a source address's country; nil: no GeoIP database.
+	geo Geo
 }
 
 // hintLen is a hint's length in bytes: 64 bits make a stranger's key pass
@@ -192,6 +196,28 @@ type Options struct {
 	// LeakAction is what a confirmed leak does to its key (ReportLeak):
 	// LeakRevoke (the default, if empty) or LeakDisable.
 	LeakAction LeakAction
+	// Geo, if set, tells the country of a verification's source address
+	// (daemon/geo): usage counts countries, and keys may be limited to
+	// countries. Without it, a key cannot be given allowed countries.
+	Geo Geo
+}
+
+// Geo tells the country of an address: its ISO 3166-1 alpha-2 code, or ""
+// if unknown (daemon/geo's DB).
+type Geo interface {
+	Country(ip netip.Addr) string
+}
+
+// countryOf is ip's country as usage counts it and the check compares it:
+// "" without a GeoIP database, UnknownCountry if it does not say.
+func (m *Manager) countryOf(ip netip.Addr) string {
+	if m.geo == nil {
+		return ""
+	}
+	if c := m.geo.Country(ip); c != "" {
+		return c
+	}
+	return UnknownCountry
 }
 
 // DefaultLimits are the rate limits a key gets when it is created without
@@ -264,7 +290,7 @@ func NewManager(s Store, mac MACer, pepper hsm.KeyID, o Options) (*Manager, erro
 	lim.Near = o.NearLimit
 	m := &Manager{store: s, mac: mac, pepper: pepper, prefix: o.Prefix, defaults: o.DefaultLimits, lim: lim, usage: newUsageLog(),
 		quotas: map[string]*Quota{}, now: o.Now, factor: o.LimitFactor, window: o.WindowFactor, digests: map[[32]byte]known{}, records: map[string]cachedRecord{}, hintKey: hintKey, legacy: err == nil,
-		running: map[string]bool{}, leakAction: o.LeakAction}
+		running: map[string]bool{}, leakAction: o.LeakAction, geo: o.Geo}
 	if o.FleetNodes != nil {
 		m.fleet = newFleetLimits(m, o.FleetNodes)
 	}
@@ -277,6 +303,7 @@ type Spec struct {
 	Permissions              []string
 	Expires                  time.Time
 	AllowedIPs               []netip.Prefix
+	AllowedCountries         []string // ISO 3166-1 alpha-2; needs Options.Geo
 	// Limits: nil gives the defaults of the key's role (LimitsFor); an
 	// empty, non-nil slice, none at all.
 	Limits   []ratelimit.Layer
@@ -314,8 +341,8 @@ func (m *Manager) check(s Spec) error {
 	switch {
 	case long(s.Owner, s.Name, s.Environment) || long(s.Permissions...) || long(s.Tags...):
 		return fmt.Errorf("%w: owner, name, environment, permissions and tags are at most %d bytes each", ErrInvalid, maxField)
-	case len(s.Permissions) > maxItems || len(s.Tags) > maxItems || len(s.Metadata) > maxItems || len(s.AllowedIPs) > maxItems:
-		return fmt.Errorf("%w: at most %d permissions, tags, metadata entries and allowlist prefixes each", ErrInvalid, maxItems)
+	case len(s.Permissions) > maxItems || len(s.Tags) > maxItems || len(s.Metadata) > maxItems || len(s.AllowedIPs) > maxItems || len(s.AllowedCountries) > maxItems:
+		return fmt.Errorf("%w: at most %d permissions, tags, metadata entries, allowlist prefixes and allowed countries each", ErrInvalid, maxItems)
 	case metaSize > maxMetadata:
 		return fmt.Errorf("%w: metadata is at most %d bytes in all", ErrInvalid, maxMetadata)
 	case s.Owner == "" || s.Name == "" || s.Environment == "":
@@ -334,6 +361,11 @@ func (m *Manager) check(s Spec) error {
 	}
 	if err := CheckLimits(s.Limits); err != nil {
 		return err
+	}
+	for _, c := range s.AllowedCountries {
+		if !geo.IsCode(c) {
+			return fmt.Errorf("%w: allowed country %q: an ISO 3166-1 alpha-2 code, two upper-case letters (DE, FR, US)", ErrInvalid, c)
+		}
 	}
 	for _, p := range s.AllowedIPs {
 		if !p.IsValid() {
@@ -362,6 +394,15 @@ func checkNames(s Spec) error {
 	}
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	return nil
+}
+
+// checkGeo refuses allowed countries without a GeoIP database: every use
+// of the key would be refused.
+func (m *Manager) checkGeo(countries []string) error {
+	if len(countries) > 0 && m.geo == nil {
+		return fmt.Errorf("%w: allowed countries need a GeoIP database: set geoip.database in keywardd's configuration", ErrInvalid)
 	}
 	return nil
 }
@@ -400,6 +441,9 @@ func (m *Manager) CreateMany(ctx context.Context, specs []Spec) (secrets []strin
 		if err == nil {
 			err = checkNames(s)
 		}
+		if err == nil {
+			err = m.checkGeo(s.AllowedCountries)
+		}
 		if err != nil {
 			if len(specs) > 1 {
 				err = fmt.Errorf("key %d: %w", i, err)
@@ -424,7 +468,7 @@ func (m *Manager) CreateMany(ctx context.Context, specs []Spec) (secrets []strin
 		}
 		recs[i] = &Record{
 			ID: "ak_" + hex.EncodeToString(id), Owner: s.Owner, Name: s.Name, Environment: s.Environment,
-			Permissions: s.Permissions, Expires: s.Expires, AllowedIPs: s.AllowedIPs, Limits: s.Limits, Quota: s.Quota,
+			Permissions: s.Permissions, Expires: s.Expires, AllowedIPs: s.AllowedIPs, AllowedCountries: s.AllowedCountries, Limits: s.Limits, Quota: s.Quota,
 			Tags: s.Tags, Metadata: s.Metadata, State: Active, Created: now,
 		}
 	}
@@ -714,6 +758,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 	if !found {
 		return Result{Code: NotFound, Detail: "no such key"}
 	}
+	req.country = m.countryOf(req.SourceIP)
 	m.mu.Lock()
 	locked := true
 	defer func() {
@@ -757,7 +802,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 			req.LimitFactor = m.factor(rec, now)
 		}
 		res := m.watched(rec.ID, m.fleet.check(ctx, rec, secret, req, now), req)
-		m.usage.record(rec.ID, res.Code, req.SourceIP, now, monoNow()-start)
+		m.usage.record(rec.ID, res.Code, req.SourceIP, req.country, now, monoNow()-start)
 		res.Key = answer(rec)
 		if q := res.Key.Quota; q != nil {
 			q.refill(now)
@@ -792,7 +837,7 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 	m.mu.Unlock()
 	locked = false
 	res = m.watched(rec.ID, res, req)
-	m.usage.record(rec.ID, res.Code, req.SourceIP, now, monoNow()-start)
+	m.usage.record(rec.ID, res.Code, req.SourceIP, req.country, now, monoNow()-start)
 	return res
 }
 
@@ -858,11 +903,12 @@ func (m *Manager) find(ctx context.Context, presented string, digest [32]byte) (
 
 // Watch hears of a verification of a live secret of key id (the anomaly
 // detector): from ip, and learn false for a use refused by where or how
-// it was made (Result.Watched). A stop code (Disabled, Revoked) refuses a
+// it was made (Result.Watched), and country the address's (""
+// without a GeoIP database, UnknownCountry if it does not say). A stop code (Disabled, Revoked) refuses a
 // use that would have been valid, with why as its detail: the use that
 // set off an alert that stops the key, and those after it until the key
 // is changed in the store.
-type Watch func(id string, ip netip.Addr, learn bool) (stop Code, why string)
+type Watch func(id string, ip netip.Addr, country string, learn bool) (stop Code, why string)
 
 // SetWatch sets the watch; nil takes it away.
 func (m *Manager) SetWatch(w Watch) {
@@ -883,7 +929,7 @@ func (m *Manager) watched(id string, res Result, req Request) Result {
 	if !watch {
 		return res
 	}
-	if stop, why := (*w)(id, req.SourceIP, learn); stop != "" && res.Code == Valid {
+	if stop, why := (*w)(id, req.SourceIP, req.country, learn); stop != "" && res.Code == Valid {
 		res.Code, res.Detail = stop, why
 	}
 	return res
@@ -900,6 +946,7 @@ func answer(rec *Record) *Record {
 	}
 	out.Permissions, out.Tags = slices.Clone(rec.Permissions), slices.Clone(rec.Tags)
 	out.Limits, out.AllowedIPs = slices.Clone(rec.Limits), slices.Clone(rec.AllowedIPs)
+	out.AllowedCountries = slices.Clone(rec.AllowedCountries)
 	out.Metadata = maps.Clone(rec.Metadata)
 	return &out
 }
@@ -1011,8 +1058,10 @@ type Change struct {
 	Permissions []string
 	Limits      *[]ratelimit.Layer // &[]ratelimit.Layer{} removes every limit
 	AllowedIPs  *[]netip.Prefix    // &[]netip.Prefix{} removes the allowlist
-	Expires     *time.Time         // &time.Time{} removes the expiry
-	State       *State             // Active or StateDisabled; revoke with Revoke
+	// AllowedCountries: &[]string{} removes the limit to countries.
+	AllowedCountries *[]string
+	Expires          *time.Time // &time.Time{} removes the expiry
+	State            *State     // Active or StateDisabled; revoke with Revoke
 }
 
 // Update changes a key's permissions, limits, allowlist, expiry or state.
@@ -1028,7 +1077,7 @@ func (m *Manager) Update(id string, c Change, admin bool) (*Record, error) {
 		for _, f := range []struct {
 			name string
 			set  bool
-		}{{"permissions", c.Permissions != nil}, {"limits", c.Limits != nil}, {"allowed_ips", c.AllowedIPs != nil}, {"expiry", c.Expires != nil}} {
+		}{{"permissions", c.Permissions != nil}, {"limits", c.Limits != nil}, {"allowed_ips", c.AllowedIPs != nil}, {"allowed_countries", c.AllowedCountries != nil}, {"expiry", c.Expires != nil}} {
 			if f.set {
 				changed = append(changed, f.name)
 			}
@@ -1062,6 +1111,12 @@ func (m *Manager) update(r *Record, c Change, admin bool) (string, error) {
 	if c.AllowedIPs != nil {
 		r.AllowedIPs = *c.AllowedIPs
 	}
+	if c.AllowedCountries != nil {
+		if err := m.checkGeo(*c.AllowedCountries); err != nil {
+			return "", err
+		}
+		r.AllowedCountries = *c.AllowedCountries
+	}
 	if c.Expires != nil {
 		r.Expires = *c.Expires
 	}
@@ -1077,9 +1132,9 @@ func (m *Manager) update(r *Record, c Change, admin bool) (string, error) {
 		}
 		r.State = *c.State
 	}
-	if c.Expires != nil || c.Permissions != nil || c.Limits != nil || c.AllowedIPs != nil {
+	if c.Expires != nil || c.Permissions != nil || c.Limits != nil || c.AllowedIPs != nil || c.AllowedCountries != nil {
 		if err := m.check(Spec{Owner: r.Owner, Name: r.Name, Environment: r.Environment, Permissions: r.Permissions,
-			Expires: r.Expires, AllowedIPs: r.AllowedIPs, Limits: r.Limits}); err != nil {
+			Expires: r.Expires, AllowedIPs: r.AllowedIPs, AllowedCountries: r.AllowedCountries, Limits: r.Limits}); err != nil {
 			return "", err
 		}
 	}
@@ -1116,6 +1171,16 @@ func narrows(was, now *Record) error {
 		for _, n := range now.AllowedIPs {
 			if !slices.ContainsFunc(was.AllowedIPs, func(o netip.Prefix) bool { return o.Bits() <= n.Bits() && o.Contains(n.Addr()) }) {
 				return fmt.Errorf("%w: %v is outside the allowlist", ErrWidens, n)
+			}
+		}
+	}
+	if len(was.AllowedCountries) > 0 {
+		if len(now.AllowedCountries) == 0 {
+			return fmt.Errorf("%w: the limit to countries is removed", ErrWidens)
+		}
+		for _, c := range now.AllowedCountries {
+			if !slices.Contains(was.AllowedCountries, c) {
+				return fmt.Errorf("%w: %s is not among the key's countries", ErrWidens, c)
 			}
 		}
 	}

@@ -89,3 +89,20 @@ func BenchmarkVerifyCachedQuota(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkVerifyCachedCountries: BenchmarkVerifyCached with a GeoIP
+// database, a key limited to a country and a source address in it: the
+// country lookup, the check and the usage by country on top.
+func BenchmarkVerifyCachedCountries(b *testing.B) {
+	f := newGeoFixture(b)
+	s := benchSpec()
+	s.AllowedCountries = []string{"DE"}
+	key, _ := f.create(b, s)
+	req := from("192.0.2.7")
+	ctx := context.Background()
+	for b.Loop() {
+		if res := f.m.Verify(ctx, key, req); res.Code != Valid {
+			b.Fatal(res.Code, res.Detail)
+		}
+	}
+}

@@ -62,6 +62,7 @@ type fixture struct {
 	store *store.Store
 	clk   *clock
 	m     *Manager
+	geo   Geo // Options.Geo of the Managers reopen makes
 }
 
 func newFixture(t testing.TB) *fixture {
@@ -87,7 +88,7 @@ func (f *fixture) reopen(t testing.TB) {
 	}
 	t.Cleanup(func() { s.Close() })
 	f.store = s
-	if f.m, err = NewManager(s, f.mac, pepper, Options{Prefix: "kwtest", Now: f.clk.now}); err != nil {
+	if f.m, err = NewManager(s, f.mac, pepper, Options{Prefix: "kwtest", Now: f.clk.now, Geo: f.geo}); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -978,7 +979,7 @@ func TestListTakesNoLockInARead(t *testing.T) {
 		f.create(t, Spec{Owner: "shop", Name: fmt.Sprint("k", i), Environment: "prod", Permissions: []string{"read-only"}})
 	}
 	held := &heldDuringReads{Store: f.store}
-	m, err := NewManager(held, f.mac, pepper, Options{Prefix: "kwtest", Now: f.clk.now})
+	m, err := NewManager(held, f.mac, pepper, Options{Prefix: "kwtest", Now: f.clk.now, Geo: f.geo})
 	if err != nil {
 		t.Fatal(err)
 	}

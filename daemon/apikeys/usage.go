@@ -19,7 +19,8 @@ import (
 
 // Usage tracking. Verify counts each use of a known key in memory, by hour:
 // by outcome, by source network (a /24 for IPv4, a /64 for IPv6), by
-// latency (latency.go) and the last use. FlushUsage merges those counts into the store in one
+// latency (latency.go), by the source address's country (with a GeoIP
+// database: Options.Geo) and the last use. FlushUsage merges those counts into the store in one
 // transaction, so verify never waits for a disk. The store keeps a key's
 // hours for UsageRetention and its last use for ever (for stale-key review).
 
@@ -28,6 +29,7 @@ const UsageRetention = 7 * 24 * time.Hour
 
 const (
 	maxNetworks    = 16      // per key and hour; the rest count under OtherNetworks
+	maxCountries   = 32      // per key and hour; the rest count under OtherCountries
 	maxPendingKeys = 100_000 // keys with unflushed use before a flush is asked for
 	usageLastKey   = "last"  // ID/last: the last use
 	hourKeyLen     = 10      // ID/<Unix seconds of the hour, 10 digits>
@@ -35,9 +37,13 @@ const (
 
 // OtherNetworks counts the uses from networks past the first maxNetworks of
 // an hour; UnknownNetwork, the uses without a source address.
+// OtherCountries and UnknownCountry are the same for countries, the
+// latter also for an address the GeoIP database does not place.
 const (
 	OtherNetworks  = "other"
 	UnknownNetwork = "unknown"
+	OtherCountries = "other"
+	UnknownCountry = "unknown"
 )
 
 // HourUsage is one hour of a key's use.
@@ -45,6 +51,10 @@ type HourUsage struct {
 	Hour     time.Time        `json:"hour"`
 	Counts   map[Code]int64   `json:"counts"`
 	Networks map[string]int64 `json:"networks,omitempty"`
+	// Countries counts the hour's uses by the source address's country
+	// (ISO 3166-1 alpha-2, UnknownCountry, OtherCountries); empty without
+	// a GeoIP database.
+	Countries map[string]int64 `json:"countries,omitempty"`
 	// Latency counts the hour's verifications by how long they took; zero
 	// in hours recorded before keyward measured it.
 	Latency LatencyHistogram `json:"latency,omitzero"`
@@ -53,11 +63,12 @@ type HourUsage struct {
 
 // Usage is a key's use over a window: totals, and the hours, oldest first.
 type Usage struct {
-	LastUsed time.Time // zero: never used
-	Counts   map[Code]int64
-	Networks map[string]int64
-	Latency  LatencyHistogram
-	Hours    []HourUsage
+	LastUsed  time.Time // zero: never used
+	Counts    map[Code]int64
+	Networks  map[string]int64
+	Countries map[string]int64
+	Latency   LatencyHistogram
+	Hours     []HourUsage
 }
 
 func (h *HourUsage) add(d *HourUsage) {
@@ -67,31 +78,40 @@ func (h *HourUsage) add(d *HourUsage) {
 	for c, n := range d.Counts {
 		h.Counts[c] += n
 	}
-	// The busiest networks first, so a merge keeps them; OtherNetworks last,
-	// so it never takes a network's place.
-	nets := slices.SortedFunc(maps.Keys(d.Networks), func(a, b string) int {
-		if (a == OtherNetworks) != (b == OtherNetworks) {
-			return cmp.Compare(boolInt(a == OtherNetworks), boolInt(b == OtherNetworks))
-		}
-		return cmp.Or(cmp.Compare(d.Networks[b], d.Networks[a]), strings.Compare(a, b))
-	})
-	for _, net := range nets {
-		h.addNetwork(net, d.Networks[net])
-	}
+	mergeBounded(&h.Networks, d.Networks, OtherNetworks, maxNetworks)
+	mergeBounded(&h.Countries, d.Countries, OtherCountries, maxCountries)
 	h.Latency.add(&d.Latency)
 	if d.Last.After(h.Last) {
 		h.Last = d.Last
 	}
 }
 
-func (h *HourUsage) addNetwork(net string, n int64) {
-	if h.Networks == nil {
-		h.Networks = map[string]int64{}
+// mergeBounded adds the counts of from into *to, which holds at most
+// bound names besides other. The busiest first, so a merge keeps them;
+// other last, so it never takes a name's place.
+func mergeBounded(to *map[string]int64, from map[string]int64, other string, bound int) {
+	names := slices.SortedFunc(maps.Keys(from), func(a, b string) int {
+		if (a == other) != (b == other) {
+			return cmp.Compare(boolInt(a == other), boolInt(b == other))
+		}
+		return cmp.Or(cmp.Compare(from[b], from[a]), strings.Compare(a, b))
+	})
+	for _, name := range names {
+		addBounded(to, name, from[name], other, bound)
 	}
-	if _, ok := h.Networks[net]; !ok && net != OtherNetworks && len(h.Networks) >= maxNetworks {
-		net = OtherNetworks
+}
+
+// addBounded adds n to name's count in *to, or to other's if *to holds
+// bound names besides other already.
+func addBounded(to *map[string]int64, name string, n int64, other string, bound int) {
+	if *to == nil {
+		*to = map[string]int64{}
 	}
-	h.Networks[net] += n
+	m := *to
+	if _, ok := m[name]; !ok && name != other && len(m) >= bound {
+		name = other
+	}
+	m[name] += n
 }
 
 func boolInt(b bool) int {
@@ -131,8 +151,9 @@ func newUsageLog() *usageLog {
 }
 
 // record counts a verification of key id at now that decided code for a
-// request from ip and took took.
-func (u *usageLog) record(id string, code Code, ip netip.Addr, now time.Time, took time.Duration) {
+// request from ip, in country ("": no GeoIP database, not counted), and
+// took took.
+func (u *usageLog) record(id string, code Code, ip netip.Addr, country string, now time.Time, took time.Duration) {
 	hour := now.UTC().Truncate(time.Hour)
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -150,7 +171,10 @@ func (u *usageLog) record(id string, code Code, ip netip.Addr, now time.Time, to
 		hours[hour.Unix()] = h
 	}
 	h.Counts[code]++
-	h.addNetwork(Network(ip), 1)
+	addBounded(&h.Networks, Network(ip), 1, OtherNetworks, maxNetworks)
+	if country != "" {
+		addBounded(&h.Countries, country, 1, OtherCountries, maxCountries)
+	}
 	h.Latency[latencyBucket(took)]++
 	h.Last = now.UTC()
 }
@@ -341,7 +365,7 @@ func (m *Manager) GetUsage(id string, window time.Duration) (*Usage, error) {
 	}
 	from := m.now().Add(-window).UTC().Truncate(time.Hour)
 	hours := map[int64]*HourUsage{}
-	u := &Usage{Counts: map[Code]int64{}, Networks: map[string]int64{}}
+	u := &Usage{Counts: map[Code]int64{}, Networks: map[string]int64{}, Countries: map[string]int64{}}
 	err := m.store.ForEach(store.BucketAPIKeyUsage, id+"/", func(k string, b []byte) error {
 		var h HourUsage
 		if err := json.Unmarshal(b, &h); err != nil {
@@ -376,6 +400,9 @@ func (m *Manager) GetUsage(id string, window time.Duration) (*Usage, error) {
 		}
 		for net, n := range h.Networks {
 			u.Networks[net] += n
+		}
+		for c, n := range h.Countries {
+			u.Countries[c] += n
 		}
 		u.Latency.add(&h.Latency)
 		if h.Last.After(u.LastUsed) {

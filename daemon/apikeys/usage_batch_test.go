@@ -46,7 +46,7 @@ func TestFlushUsageInBatches(t *testing.T) {
 	}
 	ids := store.MaxTxKeys*3/4 + 1 // two records each (the hour, the last use): two transactions at least
 	for i := range ids {
-		m.usage.record(fmt.Sprintf("key%06d", i), Valid, netip.Addr{}, now, time.Millisecond)
+		m.usage.record(fmt.Sprintf("key%06d", i), Valid, netip.Addr{}, "", now, time.Millisecond)
 	}
 	if err := m.flushUsage(); !errors.Is(err, store.ErrUnavailable) {
 		t.Fatalf("the half-failed flush: %v", err)

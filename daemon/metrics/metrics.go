@@ -42,7 +42,7 @@ func New(ops []string, state ...prometheus.Collector) *Metrics {
 		verifies: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_apikey_verifications_total",
 			Help: "API key verifications, by result (VALID, NOT_FOUND, RATE_LIMITED, ...)."}, []string{"result"}),
 		anomaly: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_apikey_anomalies_total",
-			Help: "API key anomalies detected, by kind (spike, new_network) and whether the key was disabled."}, []string{"kind", "disabled"}),
+			Help: "API key anomalies detected, by kind (spike, new_network, new_country) and whether the key was disabled."}, []string{"kind", "disabled"}),
 		hsmTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "keyward_hsm_operation_duration_seconds",
 			Help:    "How long HSM operations took, session wait included, by operation.",
 			Buckets: []float64{.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1}}, []string{"op"}),

@@ -44,7 +44,7 @@ const (
 	// must learn. API keys: ID the key's ID, Subject its owner.
 	APIKeyDisabled = "api_key_disabled"
 	APIKeyEnabled  = "api_key_enabled"
-	APIKeyUpdated  = "api_key_updated"  // Detail: the fields changed (permissions, limits, allowed_ips, expiry)
+	APIKeyUpdated  = "api_key_updated"  // Detail: the fields changed (permissions, limits, allowed_ips, allowed_countries, expiry)
 	APIKeyRotated  = "api_key_rotated"  // a new secret; Detail: until when the old ones work
 	APIKeyExpiring = "api_key_expiring" // Detail: when it expires
 	// A key's new version (a rotation): ID name/vN, Subject the key.

@@ -95,6 +95,7 @@ func toAPIKey(r *apikeys.Record) *keywardv1.APIKey {
 		Id: r.ID, Owner: r.Owner, Name: r.Name, Environment: r.Environment, Permissions: r.Permissions,
 		ExpireTime: timeOrNil(r.Expires), RateLimits: toLimits(r.Limits), Quota: toQuota(r.Quota),
 		Tags: r.Tags, Metadata: r.Metadata, State: apiKeyStates[r.State], CreateTime: timestamppb.New(r.Created),
+		AllowedCountries: r.AllowedCountries,
 	}
 	for _, p := range r.AllowedIPs {
 		out.AllowedIps = append(out.AllowedIps, p.String())
@@ -215,6 +216,7 @@ func (s *Server) CreateAPIKey(ctx context.Context, r *keywardv1.CreateAPIKeyRequ
 	if spec.AllowedIPs, err = apikeys.ParseAllowlist(r.GetAllowedIps()); err != nil {
 		return nil, err
 	}
+	spec.AllowedCountries = r.GetAllowedCountries()
 	switch {
 	case r.GetUnlimited() && len(r.GetRateLimits()) > 0:
 		return nil, fmt.Errorf("%w: unlimited and rate_limits contradict each other", errInvalid)
@@ -369,7 +371,7 @@ func (s *Server) ListAPIKeys(ctx context.Context, r *keywardv1.ListAPIKeysReques
 }
 
 // updatable are the fields UpdateAPIKey changes.
-var updatable = []string{"permissions", "rate_limits", "allowed_ips", "expire_time", "state"}
+var updatable = []string{"permissions", "rate_limits", "allowed_ips", "allowed_countries", "expire_time", "state"}
 
 func (s *Server) UpdateAPIKey(ctx context.Context, r *keywardv1.UpdateAPIKeyRequest) (*keywardv1.UpdateAPIKeyResponse, error) {
 	k := r.GetKey()
@@ -397,6 +399,12 @@ func (s *Server) UpdateAPIKey(ctx context.Context, r *keywardv1.UpdateAPIKeyRequ
 				return nil, err
 			}
 			ch.AllowedIPs = &ps
+		case "allowed_countries":
+			cs := k.GetAllowedCountries()
+			if cs == nil {
+				cs = []string{}
+			}
+			ch.AllowedCountries = &cs
 		case "expire_time":
 			var t time.Time
 			if k.GetExpireTime() != nil {
@@ -441,8 +449,8 @@ func (s *Server) GetAPIKeyUsage(ctx context.Context, r *keywardv1.GetAPIKeyUsage
 	if err != nil {
 		return nil, err
 	}
-	usage := func(counts map[apikeys.Code]int64, nets map[string]int64, latency *apikeys.LatencyHistogram) *keywardv1.APIKeyUsage {
-		out := &keywardv1.APIKeyUsage{Counts: map[string]int64{}, Networks: nets}
+	usage := func(counts map[apikeys.Code]int64, nets, countries map[string]int64, latency *apikeys.LatencyHistogram) *keywardv1.APIKeyUsage {
+		out := &keywardv1.APIKeyUsage{Counts: map[string]int64{}, Networks: nets, Countries: countries}
 		for c, n := range counts {
 			out.Counts[string(c)] = n
 		}
@@ -451,10 +459,10 @@ func (s *Server) GetAPIKeyUsage(ctx context.Context, r *keywardv1.GetAPIKeyUsage
 		}
 		return out
 	}
-	out := &keywardv1.GetAPIKeyUsageResponse{Id: r.GetId(), LastUsedTime: timeOrNil(u.LastUsed), Total: usage(u.Counts, u.Networks, &u.Latency)}
+	out := &keywardv1.GetAPIKeyUsageResponse{Id: r.GetId(), LastUsedTime: timeOrNil(u.LastUsed), Total: usage(u.Counts, u.Networks, u.Countries, &u.Latency)}
 	for i := range u.Hours {
 		h := &u.Hours[i]
-		out.Hours = append(out.Hours, &keywardv1.APIKeyHourUsage{Hour: timestamppb.New(h.Hour), Usage: usage(h.Counts, h.Networks, &h.Latency)})
+		out.Hours = append(out.Hours, &keywardv1.APIKeyHourUsage{Hour: timestamppb.New(h.Hour), Usage: usage(h.Counts, h.Networks, h.Countries, &h.Latency)})
 	}
 	for _, b := range apikeys.LatencyBounds {
 		out.LatencyBounds = append(out.LatencyBounds, durationpb.New(b))

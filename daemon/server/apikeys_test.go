@@ -195,7 +195,7 @@ func TestAPIKeyService(t *testing.T) {
 			}},
 		{name: "update naming no field", uid: issuer, method: "APIKeyService/UpdateAPIKey",
 			req:  &keywardv1.UpdateAPIKeyRequest{Key: &keywardv1.APIKey{Id: idA}},
-			code: codes.InvalidArgument, msg: "update_mask names no field; name some of permissions, rate_limits, allowed_ips, expire_time, state",
+			code: codes.InvalidArgument, msg: "update_mask names no field; name some of permissions, rate_limits, allowed_ips, allowed_countries, expire_time, state",
 			audit: wantAudit{outcome: "error"}},
 		{name: "update a field that does not change", uid: issuer, method: "APIKeyService/UpdateAPIKey",
 			req:  &keywardv1.UpdateAPIKeyRequest{Key: &keywardv1.APIKey{Id: idA, Owner: "team-b"}, UpdateMask: mask("owner")},

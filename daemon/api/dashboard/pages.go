@@ -316,7 +316,8 @@ func (s *Server) apiKeyCreate(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	f := r.PostForm
 	req := &keywardv1.CreateAPIKeyRequest{Owner: strings.TrimSpace(f.Get("owner")), Name: strings.TrimSpace(f.Get("name")),
-		Environment: strings.TrimSpace(f.Get("env")), AllowedIps: fields(f.Get("allowed_ips")), Tags: fields(f.Get("tags"))}
+		Environment: strings.TrimSpace(f.Get("env")), AllowedIps: fields(f.Get("allowed_ips")),
+		AllowedCountries: fields(f.Get("allowed_countries")), Tags: fields(f.Get("tags"))}
 	bad := func(msg string) {
 		s.render(w, r, http.StatusBadRequest, "apikey-new", "New API key", formData{Presets: presets, Form: f, Err: msg})
 	}
@@ -380,8 +381,11 @@ type apiKeyData struct {
 	Networks template.HTML
 	// NetworksByHour: verifications by hour and source network.
 	NetworksByHour template.HTML
-	Totals         []countOf
-	Headroom       []headroom
+	// Countries: verifications by source country, with a GeoIP database
+	// (empty without: keywardd counts none).
+	Countries template.HTML
+	Totals    []countOf
+	Headroom  []headroom
 	// Latency: the window's histogram, its p50 and p99, and both by hour.
 	Latency, LatencyByHour template.HTML
 	P50, P99               string
@@ -424,6 +428,9 @@ func (s *Server) apiKey(w http.ResponseWriter, r *http.Request) {
 		nets := sortedCounts(u.GetTotal().GetNetworks())
 		d.Networks = barsChart("networks-chart", "source networks", nets)
 		d.NetworksByHour = networksChart(u.GetHours(), nets, end.Add(-windows[d.Window]+time.Hour), end)
+		if cs := sortedCounts(u.GetTotal().GetCountries()); len(cs) > 0 {
+			d.Countries = barsChart("countries-chart", "source countries", cs)
+		}
 		d.Totals = sortedCounts(u.GetTotal().GetCounts())
 		d.Headroom = headrooms(d.Key.GetRateLimits(), u.GetHours())
 		bounds := make([]time.Duration, len(u.GetLatencyBounds()))

@@ -421,9 +421,13 @@ type APIKey struct {
 	State      APIKeyState            `protobuf:"varint,12,opt,name=state,proto3,enum=keyward.v1.APIKeyState" json:"state,omitempty"`
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	// Its secrets, the current one last.
-	Secrets       []*APIKeySecret `protobuf:"bytes,14,rep,name=secrets,proto3" json:"secrets,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Secrets []*APIKeySecret `protobuf:"bytes,14,rep,name=secrets,proto3" json:"secrets,omitempty"`
+	// ISO 3166-1 alpha-2 codes (DE, FR) of the only countries the key may
+	// be used from, by keywardd's GeoIP database; empty: any. A use from
+	// elsewhere, or whose country is unknown, is IP_NOT_ALLOWED.
+	AllowedCountries []string `protobuf:"bytes,15,rep,name=allowed_countries,json=allowedCountries,proto3" json:"allowed_countries,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *APIKey) Reset() {
@@ -554,6 +558,13 @@ func (x *APIKey) GetSecrets() []*APIKeySecret {
 	return nil
 }
 
+func (x *APIKey) GetAllowedCountries() []string {
+	if x != nil {
+		return x.AllowedCountries
+	}
+	return nil
+}
+
 // CreateAPIKeyRequest describes the key.
 type CreateAPIKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -579,12 +590,16 @@ type CreateAPIKeyRequest struct {
 	// defaults of the key's role, unless unlimited is set.
 	RateLimits []*RateLimit `protobuf:"bytes,8,rep,name=rate_limits,json=rateLimits,proto3" json:"rate_limits,omitempty"`
 	// No rate limit at all.
-	Unlimited     bool              `protobuf:"varint,9,opt,name=unlimited,proto3" json:"unlimited,omitempty"`
-	Quota         *Quota            `protobuf:"bytes,10,opt,name=quota,proto3" json:"quota,omitempty"`
-	Tags          []string          `protobuf:"bytes,11,rep,name=tags,proto3" json:"tags,omitempty"`
-	Metadata      map[string]string `protobuf:"bytes,12,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Unlimited bool              `protobuf:"varint,9,opt,name=unlimited,proto3" json:"unlimited,omitempty"`
+	Quota     *Quota            `protobuf:"bytes,10,opt,name=quota,proto3" json:"quota,omitempty"`
+	Tags      []string          `protobuf:"bytes,11,rep,name=tags,proto3" json:"tags,omitempty"`
+	Metadata  map[string]string `protobuf:"bytes,12,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// ISO 3166-1 alpha-2 codes (upper case) of the only countries the key
+	// may be used from; empty: any. Needs a GeoIP database in keywardd's
+	// configuration (geoip.database), else INVALID_ARGUMENT.
+	AllowedCountries []string `protobuf:"bytes,13,rep,name=allowed_countries,json=allowedCountries,proto3" json:"allowed_countries,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *CreateAPIKeyRequest) Reset() {
@@ -697,6 +712,13 @@ func (x *CreateAPIKeyRequest) GetTags() []string {
 func (x *CreateAPIKeyRequest) GetMetadata() map[string]string {
 	if x != nil {
 		return x.Metadata
+	}
+	return nil
+}
+
+func (x *CreateAPIKeyRequest) GetAllowedCountries() []string {
+	if x != nil {
+		return x.AllowedCountries
 	}
 	return nil
 }
@@ -1646,8 +1668,9 @@ func (x *ListAPIKeysResponse) GetNextPageToken() string {
 }
 
 // UpdateAPIKeyRequest changes the fields update_mask names (permissions,
-// rate_limits, allowed_ips, expire_time, state) to their values in key; a
-// named field left empty is cleared (no limits, no allowlist, no expiry).
+// rate_limits, allowed_ips, allowed_countries, expire_time, state) to
+// their values in key; a named field left empty is cleared (no limits, no
+// allowlist, no limit to countries, no expiry).
 type UpdateAPIKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// key.id names the key.
@@ -1820,6 +1843,11 @@ type APIKeyUsage struct {
 	// keyward measured latency; they count in counts only, so counts may add
 	// up to more).
 	LatencyCounts []int64 `protobuf:"varint,3,rep,packed,name=latency_counts,json=latencyCounts,proto3" json:"latency_counts,omitempty"`
+	// By the source address's country, with a GeoIP database (empty
+	// without): ISO 3166-1 alpha-2 codes, "unknown" for no source address or
+	// one the database does not place, "other" past the first 32 countries
+	// of an hour.
+	Countries     map[string]int64 `protobuf:"bytes,4,rep,name=countries,proto3" json:"countries,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1871,6 +1899,13 @@ func (x *APIKeyUsage) GetNetworks() map[string]int64 {
 func (x *APIKeyUsage) GetLatencyCounts() []int64 {
 	if x != nil {
 		return x.LatencyCounts
+	}
+	return nil
+}
+
+func (x *APIKeyUsage) GetCountries() map[string]int64 {
+	if x != nil {
+		return x.Countries
 	}
 	return nil
 }
@@ -2854,7 +2889,7 @@ const file_apikeys_proto_rawDesc = "" +
 	"\fAPIKeySecret\x12;\n" +
 	"\vcreate_time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x127\n" +
-	"\tnot_after\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\bnotAfter\"\xf4\x04\n" +
+	"\tnot_after\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\bnotAfter\"\xa1\x05\n" +
 	"\x06APIKey\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05owner\x18\x02 \x01(\tR\x05owner\x12\x12\n" +
@@ -2874,10 +2909,11 @@ const file_apikeys_proto_rawDesc = "" +
 	"\x05state\x18\f \x01(\x0e2\x17.keyward.v1.APIKeyStateR\x05state\x12;\n" +
 	"\vcreate_time\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x122\n" +
-	"\asecrets\x18\x0e \x03(\v2\x18.keyward.v1.APIKeySecretR\asecrets\x1a;\n" +
+	"\asecrets\x18\x0e \x03(\v2\x18.keyward.v1.APIKeySecretR\asecrets\x12+\n" +
+	"\x11allowed_countries\x18\x0f \x03(\tR\x10allowedCountries\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa9\x04\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd6\x04\n" +
 	"\x13CreateAPIKeyRequest\x12\x14\n" +
 	"\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12 \n" +
@@ -2894,7 +2930,8 @@ const file_apikeys_proto_rawDesc = "" +
 	"\x05quota\x18\n" +
 	" \x01(\v2\x11.keyward.v1.QuotaR\x05quota\x12\x12\n" +
 	"\x04tags\x18\v \x03(\tR\x04tags\x12I\n" +
-	"\bmetadata\x18\f \x03(\v2-.keyward.v1.CreateAPIKeyRequest.MetadataEntryR\bmetadata\x1a;\n" +
+	"\bmetadata\x18\f \x03(\v2-.keyward.v1.CreateAPIKeyRequest.MetadataEntryR\bmetadata\x12+\n" +
+	"\x11allowed_countries\x18\r \x03(\tR\x10allowedCountries\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"T\n" +
@@ -2979,15 +3016,19 @@ const file_apikeys_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\v2\x12.keyward.v1.APIKeyR\x03key\"Z\n" +
 	"\x15GetAPIKeyUsageRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x121\n" +
-	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x06window\"\xac\x02\n" +
+	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x06window\"\xb0\x03\n" +
 	"\vAPIKeyUsage\x12;\n" +
 	"\x06counts\x18\x01 \x03(\v2#.keyward.v1.APIKeyUsage.CountsEntryR\x06counts\x12A\n" +
 	"\bnetworks\x18\x02 \x03(\v2%.keyward.v1.APIKeyUsage.NetworksEntryR\bnetworks\x12%\n" +
-	"\x0elatency_counts\x18\x03 \x03(\x03R\rlatencyCounts\x1a9\n" +
+	"\x0elatency_counts\x18\x03 \x03(\x03R\rlatencyCounts\x12D\n" +
+	"\tcountries\x18\x04 \x03(\v2&.keyward.v1.APIKeyUsage.CountriesEntryR\tcountries\x1a9\n" +
 	"\vCountsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1a;\n" +
 	"\rNetworksEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1a<\n" +
+	"\x0eCountriesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"p\n" +
 	"\x0fAPIKeyHourUsage\x12.\n" +
@@ -3123,7 +3164,7 @@ func file_apikeys_proto_rawDescGZIP() []byte {
 }
 
 var file_apikeys_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_apikeys_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
+var file_apikeys_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
 var file_apikeys_proto_goTypes = []any{
 	(APIKeyState)(0),                  // 0: keyward.v1.APIKeyState
 	(APIKeyCode)(0),                   // 1: keyward.v1.APIKeyCode
@@ -3168,101 +3209,103 @@ var file_apikeys_proto_goTypes = []any{
 	nil,                               // 40: keyward.v1.VerifyAPIKeyResponse.MetadataEntry
 	nil,                               // 41: keyward.v1.APIKeyUsage.CountsEntry
 	nil,                               // 42: keyward.v1.APIKeyUsage.NetworksEntry
-	(*durationpb.Duration)(nil),       // 43: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),     // 44: google.protobuf.Timestamp
-	(*fieldmaskpb.FieldMask)(nil),     // 45: google.protobuf.FieldMask
+	nil,                               // 43: keyward.v1.APIKeyUsage.CountriesEntry
+	(*durationpb.Duration)(nil),       // 44: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),     // 45: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),     // 46: google.protobuf.FieldMask
 }
 var file_apikeys_proto_depIdxs = []int32{
-	43, // 0: keyward.v1.RateLimit.per:type_name -> google.protobuf.Duration
-	43, // 1: keyward.v1.Quota.refill_every:type_name -> google.protobuf.Duration
-	44, // 2: keyward.v1.APIKeySecret.create_time:type_name -> google.protobuf.Timestamp
-	44, // 3: keyward.v1.APIKeySecret.not_after:type_name -> google.protobuf.Timestamp
-	44, // 4: keyward.v1.APIKey.expire_time:type_name -> google.protobuf.Timestamp
+	44, // 0: keyward.v1.RateLimit.per:type_name -> google.protobuf.Duration
+	44, // 1: keyward.v1.Quota.refill_every:type_name -> google.protobuf.Duration
+	45, // 2: keyward.v1.APIKeySecret.create_time:type_name -> google.protobuf.Timestamp
+	45, // 3: keyward.v1.APIKeySecret.not_after:type_name -> google.protobuf.Timestamp
+	45, // 4: keyward.v1.APIKey.expire_time:type_name -> google.protobuf.Timestamp
 	3,  // 5: keyward.v1.APIKey.rate_limits:type_name -> keyward.v1.RateLimit
 	4,  // 6: keyward.v1.APIKey.quota:type_name -> keyward.v1.Quota
 	38, // 7: keyward.v1.APIKey.metadata:type_name -> keyward.v1.APIKey.MetadataEntry
 	0,  // 8: keyward.v1.APIKey.state:type_name -> keyward.v1.APIKeyState
-	44, // 9: keyward.v1.APIKey.create_time:type_name -> google.protobuf.Timestamp
+	45, // 9: keyward.v1.APIKey.create_time:type_name -> google.protobuf.Timestamp
 	5,  // 10: keyward.v1.APIKey.secrets:type_name -> keyward.v1.APIKeySecret
-	44, // 11: keyward.v1.CreateAPIKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
-	43, // 12: keyward.v1.CreateAPIKeyRequest.ttl:type_name -> google.protobuf.Duration
+	45, // 11: keyward.v1.CreateAPIKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
+	44, // 12: keyward.v1.CreateAPIKeyRequest.ttl:type_name -> google.protobuf.Duration
 	3,  // 13: keyward.v1.CreateAPIKeyRequest.rate_limits:type_name -> keyward.v1.RateLimit
 	4,  // 14: keyward.v1.CreateAPIKeyRequest.quota:type_name -> keyward.v1.Quota
 	39, // 15: keyward.v1.CreateAPIKeyRequest.metadata:type_name -> keyward.v1.CreateAPIKeyRequest.MetadataEntry
 	6,  // 16: keyward.v1.CreateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
 	3,  // 17: keyward.v1.RateLimitState.limit:type_name -> keyward.v1.RateLimit
-	44, // 18: keyward.v1.RateLimitState.reset_time:type_name -> google.protobuf.Timestamp
+	45, // 18: keyward.v1.RateLimitState.reset_time:type_name -> google.protobuf.Timestamp
 	1,  // 19: keyward.v1.VerifyAPIKeyResponse.code:type_name -> keyward.v1.APIKeyCode
 	40, // 20: keyward.v1.VerifyAPIKeyResponse.metadata:type_name -> keyward.v1.VerifyAPIKeyResponse.MetadataEntry
-	44, // 21: keyward.v1.VerifyAPIKeyResponse.expire_time:type_name -> google.protobuf.Timestamp
+	45, // 21: keyward.v1.VerifyAPIKeyResponse.expire_time:type_name -> google.protobuf.Timestamp
 	10, // 22: keyward.v1.VerifyAPIKeyResponse.rate_limits:type_name -> keyward.v1.RateLimitState
-	43, // 23: keyward.v1.VerifyAPIKeyResponse.retry_after:type_name -> google.protobuf.Duration
+	44, // 23: keyward.v1.VerifyAPIKeyResponse.retry_after:type_name -> google.protobuf.Duration
 	4,  // 24: keyward.v1.VerifyAPIKeyResponse.quota:type_name -> keyward.v1.Quota
-	43, // 25: keyward.v1.RotateAPIKeyRequest.overlap:type_name -> google.protobuf.Duration
+	44, // 25: keyward.v1.RotateAPIKeyRequest.overlap:type_name -> google.protobuf.Duration
 	6,  // 26: keyward.v1.RotateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
-	44, // 27: keyward.v1.RotateAPIKeyResponse.old_secret_not_after:type_name -> google.protobuf.Timestamp
+	45, // 27: keyward.v1.RotateAPIKeyResponse.old_secret_not_after:type_name -> google.protobuf.Timestamp
 	6,  // 28: keyward.v1.RevokeAPIKeyResponse.key:type_name -> keyward.v1.APIKey
 	6,  // 29: keyward.v1.GetAPIKeyResponse.key:type_name -> keyward.v1.APIKey
 	0,  // 30: keyward.v1.ListAPIKeysRequest.state:type_name -> keyward.v1.APIKeyState
 	6,  // 31: keyward.v1.ListAPIKeysResponse.keys:type_name -> keyward.v1.APIKey
 	6,  // 32: keyward.v1.UpdateAPIKeyRequest.key:type_name -> keyward.v1.APIKey
-	45, // 33: keyward.v1.UpdateAPIKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
+	46, // 33: keyward.v1.UpdateAPIKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
 	6,  // 34: keyward.v1.UpdateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
-	43, // 35: keyward.v1.GetAPIKeyUsageRequest.window:type_name -> google.protobuf.Duration
+	44, // 35: keyward.v1.GetAPIKeyUsageRequest.window:type_name -> google.protobuf.Duration
 	41, // 36: keyward.v1.APIKeyUsage.counts:type_name -> keyward.v1.APIKeyUsage.CountsEntry
 	42, // 37: keyward.v1.APIKeyUsage.networks:type_name -> keyward.v1.APIKeyUsage.NetworksEntry
-	44, // 38: keyward.v1.APIKeyHourUsage.hour:type_name -> google.protobuf.Timestamp
-	25, // 39: keyward.v1.APIKeyHourUsage.usage:type_name -> keyward.v1.APIKeyUsage
-	44, // 40: keyward.v1.GetAPIKeyUsageResponse.last_used_time:type_name -> google.protobuf.Timestamp
-	25, // 41: keyward.v1.GetAPIKeyUsageResponse.total:type_name -> keyward.v1.APIKeyUsage
-	26, // 42: keyward.v1.GetAPIKeyUsageResponse.hours:type_name -> keyward.v1.APIKeyHourUsage
-	43, // 43: keyward.v1.GetAPIKeyUsageResponse.latency_bounds:type_name -> google.protobuf.Duration
-	6,  // 44: keyward.v1.ReportLeakResponse.key:type_name -> keyward.v1.APIKey
-	44, // 45: keyward.v1.LimitWindow.start_time:type_name -> google.protobuf.Timestamp
-	44, // 46: keyward.v1.LimitWindow.end_time:type_name -> google.protobuf.Timestamp
-	44, // 47: keyward.v1.LimitWindow.create_time:type_name -> google.protobuf.Timestamp
-	44, // 48: keyward.v1.LimitWindow.cancel_time:type_name -> google.protobuf.Timestamp
-	2,  // 49: keyward.v1.LimitWindow.state:type_name -> keyward.v1.LimitWindowState
-	44, // 50: keyward.v1.ScheduleLimitsRequest.start_time:type_name -> google.protobuf.Timestamp
-	44, // 51: keyward.v1.ScheduleLimitsRequest.end_time:type_name -> google.protobuf.Timestamp
-	3,  // 52: keyward.v1.LimitChange.before:type_name -> keyward.v1.RateLimit
-	3,  // 53: keyward.v1.LimitChange.during:type_name -> keyward.v1.RateLimit
-	30, // 54: keyward.v1.ScheduleLimitsResponse.window:type_name -> keyward.v1.LimitWindow
-	32, // 55: keyward.v1.ScheduleLimitsResponse.changes:type_name -> keyward.v1.LimitChange
-	30, // 56: keyward.v1.ListLimitWindowsResponse.windows:type_name -> keyward.v1.LimitWindow
-	3,  // 57: keyward.v1.ListLimitWindowsResponse.limits_now:type_name -> keyward.v1.RateLimit
-	30, // 58: keyward.v1.CancelLimitWindowResponse.window:type_name -> keyward.v1.LimitWindow
-	7,  // 59: keyward.v1.APIKeyService.CreateAPIKey:input_type -> keyward.v1.CreateAPIKeyRequest
-	9,  // 60: keyward.v1.APIKeyService.VerifyAPIKey:input_type -> keyward.v1.VerifyAPIKeyRequest
-	12, // 61: keyward.v1.APIKeyService.RotateAPIKey:input_type -> keyward.v1.RotateAPIKeyRequest
-	14, // 62: keyward.v1.APIKeyService.RevokeAPIKey:input_type -> keyward.v1.RevokeAPIKeyRequest
-	16, // 63: keyward.v1.APIKeyService.RevokeAPIKeys:input_type -> keyward.v1.RevokeAPIKeysRequest
-	18, // 64: keyward.v1.APIKeyService.GetAPIKey:input_type -> keyward.v1.GetAPIKeyRequest
-	20, // 65: keyward.v1.APIKeyService.ListAPIKeys:input_type -> keyward.v1.ListAPIKeysRequest
-	22, // 66: keyward.v1.APIKeyService.UpdateAPIKey:input_type -> keyward.v1.UpdateAPIKeyRequest
-	24, // 67: keyward.v1.APIKeyService.GetAPIKeyUsage:input_type -> keyward.v1.GetAPIKeyUsageRequest
-	28, // 68: keyward.v1.APIKeyService.ReportLeak:input_type -> keyward.v1.ReportLeakRequest
-	31, // 69: keyward.v1.APIKeyService.ScheduleLimits:input_type -> keyward.v1.ScheduleLimitsRequest
-	34, // 70: keyward.v1.APIKeyService.ListLimitWindows:input_type -> keyward.v1.ListLimitWindowsRequest
-	36, // 71: keyward.v1.APIKeyService.CancelLimitWindow:input_type -> keyward.v1.CancelLimitWindowRequest
-	8,  // 72: keyward.v1.APIKeyService.CreateAPIKey:output_type -> keyward.v1.CreateAPIKeyResponse
-	11, // 73: keyward.v1.APIKeyService.VerifyAPIKey:output_type -> keyward.v1.VerifyAPIKeyResponse
-	13, // 74: keyward.v1.APIKeyService.RotateAPIKey:output_type -> keyward.v1.RotateAPIKeyResponse
-	15, // 75: keyward.v1.APIKeyService.RevokeAPIKey:output_type -> keyward.v1.RevokeAPIKeyResponse
-	17, // 76: keyward.v1.APIKeyService.RevokeAPIKeys:output_type -> keyward.v1.RevokeAPIKeysResponse
-	19, // 77: keyward.v1.APIKeyService.GetAPIKey:output_type -> keyward.v1.GetAPIKeyResponse
-	21, // 78: keyward.v1.APIKeyService.ListAPIKeys:output_type -> keyward.v1.ListAPIKeysResponse
-	23, // 79: keyward.v1.APIKeyService.UpdateAPIKey:output_type -> keyward.v1.UpdateAPIKeyResponse
-	27, // 80: keyward.v1.APIKeyService.GetAPIKeyUsage:output_type -> keyward.v1.GetAPIKeyUsageResponse
-	29, // 81: keyward.v1.APIKeyService.ReportLeak:output_type -> keyward.v1.ReportLeakResponse
-	33, // 82: keyward.v1.APIKeyService.ScheduleLimits:output_type -> keyward.v1.ScheduleLimitsResponse
-	35, // 83: keyward.v1.APIKeyService.ListLimitWindows:output_type -> keyward.v1.ListLimitWindowsResponse
-	37, // 84: keyward.v1.APIKeyService.CancelLimitWindow:output_type -> keyward.v1.CancelLimitWindowResponse
-	72, // [72:85] is the sub-list for method output_type
-	59, // [59:72] is the sub-list for method input_type
-	59, // [59:59] is the sub-list for extension type_name
-	59, // [59:59] is the sub-list for extension extendee
-	0,  // [0:59] is the sub-list for field type_name
+	43, // 38: keyward.v1.APIKeyUsage.countries:type_name -> keyward.v1.APIKeyUsage.CountriesEntry
+	45, // 39: keyward.v1.APIKeyHourUsage.hour:type_name -> google.protobuf.Timestamp
+	25, // 40: keyward.v1.APIKeyHourUsage.usage:type_name -> keyward.v1.APIKeyUsage
+	45, // 41: keyward.v1.GetAPIKeyUsageResponse.last_used_time:type_name -> google.protobuf.Timestamp
+	25, // 42: keyward.v1.GetAPIKeyUsageResponse.total:type_name -> keyward.v1.APIKeyUsage
+	26, // 43: keyward.v1.GetAPIKeyUsageResponse.hours:type_name -> keyward.v1.APIKeyHourUsage
+	44, // 44: keyward.v1.GetAPIKeyUsageResponse.latency_bounds:type_name -> google.protobuf.Duration
+	6,  // 45: keyward.v1.ReportLeakResponse.key:type_name -> keyward.v1.APIKey
+	45, // 46: keyward.v1.LimitWindow.start_time:type_name -> google.protobuf.Timestamp
+	45, // 47: keyward.v1.LimitWindow.end_time:type_name -> google.protobuf.Timestamp
+	45, // 48: keyward.v1.LimitWindow.create_time:type_name -> google.protobuf.Timestamp
+	45, // 49: keyward.v1.LimitWindow.cancel_time:type_name -> google.protobuf.Timestamp
+	2,  // 50: keyward.v1.LimitWindow.state:type_name -> keyward.v1.LimitWindowState
+	45, // 51: keyward.v1.ScheduleLimitsRequest.start_time:type_name -> google.protobuf.Timestamp
+	45, // 52: keyward.v1.ScheduleLimitsRequest.end_time:type_name -> google.protobuf.Timestamp
+	3,  // 53: keyward.v1.LimitChange.before:type_name -> keyward.v1.RateLimit
+	3,  // 54: keyward.v1.LimitChange.during:type_name -> keyward.v1.RateLimit
+	30, // 55: keyward.v1.ScheduleLimitsResponse.window:type_name -> keyward.v1.LimitWindow
+	32, // 56: keyward.v1.ScheduleLimitsResponse.changes:type_name -> keyward.v1.LimitChange
+	30, // 57: keyward.v1.ListLimitWindowsResponse.windows:type_name -> keyward.v1.LimitWindow
+	3,  // 58: keyward.v1.ListLimitWindowsResponse.limits_now:type_name -> keyward.v1.RateLimit
+	30, // 59: keyward.v1.CancelLimitWindowResponse.window:type_name -> keyward.v1.LimitWindow
+	7,  // 60: keyward.v1.APIKeyService.CreateAPIKey:input_type -> keyward.v1.CreateAPIKeyRequest
+	9,  // 61: keyward.v1.APIKeyService.VerifyAPIKey:input_type -> keyward.v1.VerifyAPIKeyRequest
+	12, // 62: keyward.v1.APIKeyService.RotateAPIKey:input_type -> keyward.v1.RotateAPIKeyRequest
+	14, // 63: keyward.v1.APIKeyService.RevokeAPIKey:input_type -> keyward.v1.RevokeAPIKeyRequest
+	16, // 64: keyward.v1.APIKeyService.RevokeAPIKeys:input_type -> keyward.v1.RevokeAPIKeysRequest
+	18, // 65: keyward.v1.APIKeyService.GetAPIKey:input_type -> keyward.v1.GetAPIKeyRequest
+	20, // 66: keyward.v1.APIKeyService.ListAPIKeys:input_type -> keyward.v1.ListAPIKeysRequest
+	22, // 67: keyward.v1.APIKeyService.UpdateAPIKey:input_type -> keyward.v1.UpdateAPIKeyRequest
+	24, // 68: keyward.v1.APIKeyService.GetAPIKeyUsage:input_type -> keyward.v1.GetAPIKeyUsageRequest
+	28, // 69: keyward.v1.APIKeyService.ReportLeak:input_type -> keyward.v1.ReportLeakRequest
+	31, // 70: keyward.v1.APIKeyService.ScheduleLimits:input_type -> keyward.v1.ScheduleLimitsRequest
+	34, // 71: keyward.v1.APIKeyService.ListLimitWindows:input_type -> keyward.v1.ListLimitWindowsRequest
+	36, // 72: keyward.v1.APIKeyService.CancelLimitWindow:input_type -> keyward.v1.CancelLimitWindowRequest
+	8,  // 73: keyward.v1.APIKeyService.CreateAPIKey:output_type -> keyward.v1.CreateAPIKeyResponse
+	11, // 74: keyward.v1.APIKeyService.VerifyAPIKey:output_type -> keyward.v1.VerifyAPIKeyResponse
+	13, // 75: keyward.v1.APIKeyService.RotateAPIKey:output_type -> keyward.v1.RotateAPIKeyResponse
+	15, // 76: keyward.v1.APIKeyService.RevokeAPIKey:output_type -> keyward.v1.RevokeAPIKeyResponse
+	17, // 77: keyward.v1.APIKeyService.RevokeAPIKeys:output_type -> keyward.v1.RevokeAPIKeysResponse
+	19, // 78: keyward.v1.APIKeyService.GetAPIKey:output_type -> keyward.v1.GetAPIKeyResponse
+	21, // 79: keyward.v1.APIKeyService.ListAPIKeys:output_type -> keyward.v1.ListAPIKeysResponse
+	23, // 80: keyward.v1.APIKeyService.UpdateAPIKey:output_type -> keyward.v1.UpdateAPIKeyResponse
+	27, // 81: keyward.v1.APIKeyService.GetAPIKeyUsage:output_type -> keyward.v1.GetAPIKeyUsageResponse
+	29, // 82: keyward.v1.APIKeyService.ReportLeak:output_type -> keyward.v1.ReportLeakResponse
+	33, // 83: keyward.v1.APIKeyService.ScheduleLimits:output_type -> keyward.v1.ScheduleLimitsResponse
+	35, // 84: keyward.v1.APIKeyService.ListLimitWindows:output_type -> keyward.v1.ListLimitWindowsResponse
+	37, // 85: keyward.v1.APIKeyService.CancelLimitWindow:output_type -> keyward.v1.CancelLimitWindowResponse
+	73, // [73:86] is the sub-list for method output_type
+	60, // [60:73] is the sub-list for method input_type
+	60, // [60:60] is the sub-list for extension type_name
+	60, // [60:60] is the sub-list for extension extendee
+	0,  // [0:60] is the sub-list for field type_name
 }
 
 func init() { file_apikeys_proto_init() }
@@ -3276,7 +3319,7 @@ func file_apikeys_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_apikeys_proto_rawDesc), len(file_apikeys_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   40,
+			NumMessages:   41,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
