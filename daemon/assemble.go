@@ -344,6 +344,9 @@ func (d *daemonParts) newAPIKeys(context.Context) (err error) {
 		if d.geo, err = geo.Open(p); err != nil {
 			return fmt.Errorf("geoip.database: %w", err)
 		}
+		if w := d.geo.Warning(); w != "" {
+			d.log.Warn(w, "file", p)
+		}
 		ako.Geo = d.geo
 	}
 	if d.cfg.Anomaly.Enabled {

@@ -29,6 +29,21 @@ func (d *daemonParts) gauges() []prometheus.Collector {
 			}
 			return d.gov.Gauge()
 		}),
+		metrics.NewValueFunc("keyward_geoip_build_timestamp_seconds", "When the GeoIP database in use was built (Unix time; 0: none): a stale one, or nodes of a fleet with different ones.", func() float64 {
+			if d.geo == nil {
+				return 0
+			}
+			return float64(d.geo.Built().Unix())
+		}),
+		metrics.NewGaugeFunc("keyward_limit_windows", "API keys' limit windows, pending and active.", "state", func() map[string]float64 {
+			out := map[string]float64{"pending": 0, "active": 0}
+			if d.lw != nil {
+				for state, n := range d.lw.Count() {
+					out[state] = float64(n)
+				}
+			}
+			return out
+		}),
 		metrics.NewGaugeFunc("keyward_rotations_overdue", "Keys, API keys and credentials past their rotation date by more than two checks.", "kind", func() map[string]float64 {
 			out := map[string]float64{}
 			for k, n := range d.sched.Overdue() {

@@ -174,7 +174,10 @@ func (d *daemonParts) reloadGeo() {
 		d.log.Error("GeoIP database reload failed; the database before stays in use", "error", err.Error())
 		return
 	}
-	d.log.Info("GeoIP database reloaded", "file", d.geo.Path())
+	d.log.Info("GeoIP database reloaded", "file", d.geo.Path(), "built", d.geo.Built().UTC().Format(time.RFC3339))
+	if w := d.geo.Warning(); w != "" {
+		d.log.Warn(w, "file", d.geo.Path())
+	}
 }
 
 // serve serves the socket until ctx ends or failed is closed (a background

@@ -60,6 +60,9 @@ func apikeyCreate(f *flagSet) action {
 	out := secretOutFlag(f)
 	f.Required("owner", "name", "env", "perm")
 	return func(e *env, _ []string) error {
+		if err := countriesGiven(f, *countries); err != nil {
+			return err
+		}
 		req := &keywardv1.CreateAPIKeyRequest{Owner: *owner, Name: *name, Environment: *envName, Permissions: *perms, ExpireTime: timestamp(*expires),
 			AllowedIps: *ips, AllowedCountries: *countries, RateLimits: limits, Unlimited: *unlimited, Tags: *tags, Metadata: meta}
 		if *ttl != 0 {
@@ -303,6 +306,16 @@ func apikeyShow(f *flagSet) action {
 	}
 }
 
+// countriesGiven refuses a -country flag that names no country or an
+// empty one: -country "$UNSET" must not remove a key's limit (that is
+// -any-country) nor make a key without one.
+func countriesGiven(f *flagSet, countries []string) error {
+	if f.Changed("country") && (len(countries) == 0 || slices.Contains(countries, "")) {
+		return usageError{msg: "-country takes country codes (DE, FR); an empty one is refused (to remove the limit: -any-country)"}
+	}
+	return nil
+}
+
 // updates are apikey update's flags, each with the field of the update
 // mask it sets.
 var updates = []struct{ flag, path string }{
@@ -334,6 +347,9 @@ func apikeyUpdate(f *flagSet) action {
 	f.Exclusive("expires", "no-expiry")
 	f.Exclusive("disable", "enable")
 	return func(e *env, _ []string) error {
+		if err := countriesGiven(f, *countries); err != nil {
+			return err
+		}
 		var paths []string
 		for _, u := range updates {
 			if f.Changed(u.flag) && f.Lookup(u.flag).Value.String() != "false" && !slices.Contains(paths, u.path) {

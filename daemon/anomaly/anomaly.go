@@ -170,6 +170,11 @@ type Baseline struct {
 	Networks []string `json:"networks,omitempty"`
 	// Countries are the countries it was used from, at most maxCountries.
 	Countries []string `json:"countries,omitempty"`
+	// CountriesSince is its first use placed in a country: countries are
+	// learned for Learn from then, not from Since, so that a key learned
+	// before there was a GeoIP database (or by an older keywardd) does not
+	// alert on its usual country.
+	CountriesSince time.Time `json:"countries_since,omitzero"`
 	// Alerted is when the key last alerted, by kind (spike, new network,
 	// new country): the cooldowns survive a restart.
 	Alerted [3]time.Time `json:"alerted"`
@@ -514,7 +519,12 @@ func (d *Detector) Observe(id string, ip netip.Addr, country string, now time.Ti
 		}
 	}
 	if country != "" && country != apikeys.UnknownCountry {
-		d.place(k, newPlace{&k.b.Countries, maxCountries, NewCountry, 2, d.cfg.NewCountries, "country"}, country, id, now, learning, learn)
+		if k.b.CountriesSince.IsZero() && learn {
+			k.b.CountriesSince = now.UTC()
+			k.ver++
+		}
+		learningCountries := k.b.CountriesSince.IsZero() || now.Sub(k.b.CountriesSince) < d.cfg.Learn
+		d.place(k, newPlace{&k.b.Countries, maxCountries, NewCountry, 2, d.cfg.NewCountries, "country"}, country, id, now, learningCountries, learn)
 	}
 	if learning || !learn {
 		return

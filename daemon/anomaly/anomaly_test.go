@@ -365,3 +365,37 @@ func TestNewCountry(t *testing.T) {
 		t.Errorf("revoke: [new_continent]: %v, want an error naming new_country", err)
 	}
 }
+
+// TestNewCountryAfterUpgrade: a key learned long before there was a GeoIP
+// database (no countries in its baseline) does not alert, disable or
+// revoke on its usual country once one is configured: countries are
+// learned for Learn from the key's first use placed in a country.
+func TestNewCountryAfterUpgrade(t *testing.T) {
+	st := openStore(t)
+	start := time.Date(2026, 3, 2, 12, 0, 0, 0, time.UTC)
+	ip := netip.MustParseAddr("10.1.2.3")
+	old := anomaly.New(anomaly.Config{Enabled: true, Learn: time.Hour, MinRate: 1e9}, st)
+	old.Observe("ak_1", ip, "", start, true) // no database: no country
+	if err := old.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	cfg := anomaly.Config{Enabled: true, Learn: time.Hour, NewCountries: true, MinRate: 1e9, Revoke: []string{anomaly.NewCountry}}
+	d := anomaly.New(cfg, st)
+	later := start.Add(30 * 24 * time.Hour) // the key is long past its learning time
+	if a, stop := d.Observe("ak_1", ip, "DE", later, true); stop || a.Kind != "" {
+		t.Fatalf("the key's first use placed in a country (its usual one): %+v, stop %v", a, stop)
+	}
+	if a := drain(d); len(a) != 0 {
+		t.Fatalf("alerts: %+v", a)
+	}
+	if a, stop := d.Observe("ak_1", ip, "FR", later.Add(30*time.Minute), true); stop || a.Kind != "" {
+		t.Fatalf("a second country within the countries' learning time: %+v, stop %v", a, stop)
+	}
+	a, stop := d.Observe("ak_1", ip, "JP", later.Add(2*time.Hour), true)
+	if !stop || a.Kind != anomaly.NewCountry {
+		t.Fatalf("a new country after the countries' learning time: %+v, stop %v; want it to revoke", a, stop)
+	}
+	if b := d.Baseline("ak_1", later.Add(2*time.Hour)); !b.CountriesSince.Equal(later) {
+		t.Errorf("countries_since %v, want %v", b.CountriesSince, later)
+	}
+}

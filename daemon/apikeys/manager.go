@@ -363,8 +363,8 @@ func (m *Manager) check(s Spec) error {
 		return err
 	}
 	for _, c := range s.AllowedCountries {
-		if !geo.IsCode(c) {
-			return fmt.Errorf("%w: allowed country %q: an ISO 3166-1 alpha-2 code, two upper-case letters (DE, FR, US)", ErrInvalid, c)
+		if err := geo.CheckCountry(c); err != nil {
+			return fmt.Errorf("%w: allowed country: %v", ErrInvalid, err)
 		}
 	}
 	for _, p := range s.AllowedIPs {

@@ -5,9 +5,12 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/keyward/keyward/daemon/geo"
 	"github.com/keyward/keyward/daemon/geo/geotest"
@@ -131,5 +134,92 @@ func BenchmarkCountry(b *testing.B) {
 				db.Country(a)
 			}
 		})
+	}
+}
+
+// TestTunnelsNotPlaced: Teredo and 6to4 addresses embed an IPv4 address
+// the client chooses; they are placed nowhere, so a key limited to
+// countries refuses them.
+func TestTunnelsNotPlaced(t *testing.T) {
+	db := open(t, geotest.Networks...) // aliases both onto the IPv4 tree, as GeoLite2 does
+	for _, ip := range []string{"2001:0:c000:207::1", "2002:c000:207::1"} {
+		if got := db.Country(netip.MustParseAddr(ip)); got != "" {
+			t.Errorf("Country(%s) = %q, want none", ip, got)
+		}
+	}
+	if got := db.Country(netip.MustParseAddr("192.0.2.7")); got != "DE" {
+		t.Errorf("the IPv4 address itself: %q, want DE", got)
+	}
+}
+
+// TestLookupsDoNotAllocate: once a country database's records are
+// cached, a lookup allocates nothing.
+func TestLookupsDoNotAllocate(t *testing.T) {
+	db := open(t, geotest.Networks...)
+	ips := []netip.Addr{netip.MustParseAddr("192.0.2.7"), netip.MustParseAddr("2001:db8:2::1"), netip.MustParseAddr("203.0.113.1")}
+	for _, ip := range ips {
+		db.Country(ip)
+	}
+	if n := testing.AllocsPerRun(100, func() {
+		for _, ip := range ips {
+			db.Country(ip)
+		}
+	}); n != 0 {
+		t.Errorf("%v allocations a round of cached lookups, want 0", n)
+	}
+	if w := db.Warning(); w != "" {
+		t.Errorf("a country database: warning %q", w)
+	}
+	if b := db.Built(); time.Since(b) > time.Hour || time.Until(b) > time.Minute {
+		t.Errorf("Built() = %v, want about now (the test built it)", b)
+	}
+}
+
+// TestRefusesLargeOrOdd: a file over MaxSize, or not a regular file (a
+// FIFO would block the start), is refused before it is read.
+func TestRefusesLargeOrOdd(t *testing.T) {
+	dir := t.TempDir()
+	big := filepath.Join(dir, "big.mmdb")
+	f, err := os.Create(big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(geo.MaxSize + 1); err != nil { // sparse: no disk used
+		t.Fatal(err)
+	}
+	f.Close()
+	if _, err := geo.Open(big); !errors.Is(err, geo.ErrDatabase) || !strings.Contains(err.Error(), "country database") {
+		t.Errorf("a %d-byte file: %v", geo.MaxSize+1, err)
+	}
+	fifo := filepath.Join(dir, "fifo.mmdb")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := geo.Open(fifo); done <- err }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, geo.ErrDatabase) {
+			t.Errorf("a FIFO: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("opening a FIFO blocked")
+	}
+}
+
+// TestCheckCountry: a key is limited to countries' codes as the databases
+// give them, and a code no database gives is refused with what to write.
+func TestCheckCountry(t *testing.T) {
+	for _, c := range []struct{ code, want string }{
+		{"DE", ""}, {"GB", ""}, {"XK", ""},
+		{"UK", "written GB"},
+		{"XX", "not a country"}, {"EU", "not a country"}, {"ZZ", "not a country"},
+		{"AP", "no country"},
+		{"de", "upper-case"}, {"DEU", "two upper-case"}, {"", "two upper-case"},
+	} {
+		err := geo.CheckCountry(c.code)
+		if (c.want == "") != (err == nil) || err != nil && !strings.Contains(err.Error(), c.want) {
+			t.Errorf("CheckCountry(%q) = %v, want %q", c.code, err, c.want)
+		}
 	}
 }

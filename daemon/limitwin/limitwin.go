@@ -514,6 +514,19 @@ func (w *Windows) List(f Filter) []Window {
 	return out
 }
 
+// Count is how many windows are pending and how many active now.
+func (w *Windows) Count() map[string]int {
+	now, out := w.now(), map[string]int{}
+	for _, ws := range w.snap().live {
+		for i := range ws {
+			if st := ws[i].State(now); st == "pending" || st == "active" {
+				out[st]++
+			}
+		}
+	}
+	return out
+}
+
 // Get returns the window with this ID.
 func (w *Windows) Get(id string) (Window, error) {
 	for _, win := range w.all() {
