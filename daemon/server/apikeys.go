@@ -274,10 +274,14 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 	if res.Code == apikeys.RateLimited && !res.Limits.TooLarge {
 		out.RetryAfter = durationpb.New(res.Limits.RetryAfter)
 	}
-	if res.Code == apikeys.UsageExceeded && res.Key != nil && res.Key.Quota != nil {
-		// A quota that refills: the time until it does.
+	if res.Key != nil && res.Key.Quota != nil {
+		// A quota that refills: when it does, and for a refusal by it, the
+		// time until then.
 		if next := res.Key.Quota.NextRefill(); !next.IsZero() {
-			out.RetryAfter = durationpb.New(max(next.Sub(s.cfg.Now()), 0))
+			out.QuotaRefillTime = timestamppb.New(next)
+			if res.Code == apikeys.UsageExceeded {
+				out.RetryAfter = durationpb.New(max(next.Sub(s.cfg.Now()), 0))
+			}
 		}
 	}
 	return out, nil

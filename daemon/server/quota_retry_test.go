@@ -27,8 +27,12 @@ func TestVerifyQuotaRetryAfter(t *testing.T) {
 		return resp.(*keywardv1.VerifyAPIKeyResponse)
 	}
 	hourly := create("hourly", &apikeys.Quota{Remaining: 1, Refill: 1, RefillEvery: time.Hour})
-	if r := verify(hourly); r.GetCode() != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
-		t.Fatalf("the quota's one use: %v", r.GetCode())
+	r0 := verify(hourly)
+	if r0.GetCode() != keywardv1.APIKeyCode_API_KEY_CODE_VALID {
+		t.Fatalf("the quota's one use: %v", r0.GetCode())
+	}
+	if got, want := r0.GetQuotaRefillTime().AsTime(), ts.clock.now().Add(time.Hour); !got.Equal(want) {
+		t.Errorf("quota_refill_time on the VALID answer: %v, want %v (an hour after its first use)", got, want)
 	}
 	ts.clock.mu.Lock()
 	ts.clock.t = ts.clock.t.Add(20 * time.Minute)

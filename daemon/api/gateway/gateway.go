@@ -10,9 +10,13 @@ import (
 	"encoding/json"
 	"math"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
+
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 )
@@ -48,7 +52,7 @@ type Answer struct {
 // requests left, and Keyward-Near-Limit when a layer is nearly used up.
 func AnswerOf(r *keywardv1.VerifyAPIKeyResponse, now time.Time) Answer {
 	a := Answer{Header: http.Header{}}
-	tight := tightest(r.GetRateLimits())
+	tight := tightest(append(slices.Clip(r.GetRateLimits()), quotaState(r, now)))
 	if tight != nil {
 		a.Header.Set("RateLimit-Limit", strconv.FormatUint(uint64(tight.GetLimit().GetBurst()), 10))
 		a.Header.Set("RateLimit-Remaining", strconv.FormatUint(uint64(tight.GetRemaining()), 10))
@@ -87,37 +91,52 @@ func AnswerOf(r *keywardv1.VerifyAPIKeyResponse, now time.Time) Answer {
 	return a
 }
 
-// quotaBody is the body of a refusal for the key's quota (USAGE_EXCEEDED),
-// and sets its headers. A quota that refills (Quota.refill uses every
-// refill_every) is a limit like a rate-limit layer's: its usage, its
-// limit, when it is refilled and the Retry-After until then, which is the
-// verdict's retry_after when keywardd gives it, else one refill_every: by
-// then the quota has been refilled, whenever it last was. That quota is
-// then the tightest limit, and the RateLimit-* headers say so. A quota
-// that never refills says so ("refills": false), with no Retry-After: no
-// wait lets the key through.
-func quotaBody(a Answer, r *keywardv1.VerifyAPIKeyResponse, now time.Time) map[string]any {
-	body := map[string]any{"error": "quota exceeded"}
+// quotaState is a quota that refills (Quota.refill uses every
+// refill_every) as a limit like a rate-limit layer's, for the RateLimit-*
+// headers on every answer and a refusal's body: its refill is its limit,
+// what is left its remaining, its next refill its reset (the verdict's
+// quota_refill_time, or for a refusal by it its retry_after; from a
+// keywardd too old to give them, one refill_every from now, by when it has
+// been refilled, whenever it last was). Nil for
+// no quota, or one that never refills: no wait lets the key through, and
+// the RateLimit-* fields have no reset to say.
+func quotaState(r *keywardv1.VerifyAPIKeyResponse, now time.Time) *keywardv1.RateLimitState {
 	q := r.GetQuota()
 	every := q.GetRefillEvery().AsDuration()
 	if q.GetRefill() <= 0 || every <= 0 {
+		return nil
+	}
+	reset := now.Add(every)
+	if t := r.GetQuotaRefillTime(); t != nil && t.AsTime().Before(reset) {
+		reset = t.AsTime()
+	}
+	if ra := r.GetRetryAfter(); ra != nil && r.GetCode() == keywardv1.APIKeyCode_API_KEY_CODE_USAGE_EXCEEDED && now.Add(ra.AsDuration()).Before(reset) {
+		reset = now.Add(max(ra.AsDuration(), 0))
+	}
+	limit := uint32(min(q.GetRefill(), math.MaxUint32))
+	return &keywardv1.RateLimitState{Limit: &keywardv1.RateLimit{Limit: limit, Burst: limit, Per: durationpb.New(every)},
+		Remaining: uint32(min(max(q.GetRemaining(), 0), math.MaxUint32)), ResetTime: timestamppb.New(reset),
+		Refused: r.GetCode() == keywardv1.APIKeyCode_API_KEY_CODE_USAGE_EXCEEDED}
+}
+
+// quotaBody is the body of a refusal for the key's quota (USAGE_EXCEEDED):
+// for a quota that refills (quotaState), its usage, its limit, when it is
+// refilled and the Retry-After until then; one that never refills says so
+// ("refills": false), with no Retry-After.
+func quotaBody(a Answer, r *keywardv1.VerifyAPIKeyResponse, now time.Time) map[string]any {
+	body := map[string]any{"error": "quota exceeded"}
+	qs := quotaState(r, now)
+	if qs == nil {
 		body["refills"] = false
-		if q != nil {
+		if q := r.GetQuota(); q != nil {
 			body["remaining"] = max(q.GetRemaining(), 0)
 		}
 		return body
 	}
-	wait := every
-	if ra := r.GetRetryAfter(); ra != nil && ra.AsDuration() <= every {
-		wait = max(ra.AsDuration(), 0)
-	}
-	left := max(q.GetRemaining(), 0)
-	body["current_usage"], body["limit"] = max(q.GetRefill()-left, 0), q.GetRefill()
-	body["reset_time"] = ceilSecond(now.Add(wait)).UTC().Format(time.RFC3339)
-	retryAfter(a, body, wait)
-	a.Header.Set("RateLimit-Limit", strconv.FormatInt(q.GetRefill(), 10))
-	a.Header.Set("RateLimit-Remaining", strconv.FormatInt(left, 10))
-	a.Header.Set("RateLimit-Reset", strconv.FormatInt(secondsUntil(now.Add(wait), now), 10))
+	reset := qs.GetResetTime().AsTime()
+	body["current_usage"], body["limit"] = qs.GetLimit().GetBurst()-qs.GetRemaining(), qs.GetLimit().GetBurst()
+	body["reset_time"] = ceilSecond(reset).UTC().Format(time.RFC3339)
+	retryAfter(a, body, max(reset.Sub(now), 0))
 	return body
 }
 
@@ -130,11 +149,12 @@ func retryAfter(a Answer, body map[string]any, d time.Duration) {
 }
 
 // tightest is the layer with the fewest requests left (a refused one
-// first).
+// first); nil entries are none.
 func tightest(ls []*keywardv1.RateLimitState) *keywardv1.RateLimitState {
 	var t *keywardv1.RateLimitState
 	for _, l := range ls {
 		switch {
+		case l == nil:
 		case t == nil, l.GetRefused() && !t.GetRefused(),
 			l.GetRefused() == t.GetRefused() && l.GetRemaining() < t.GetRemaining():
 			t = l

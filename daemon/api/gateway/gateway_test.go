@@ -140,3 +140,37 @@ func TestAnswerOfQuota(t *testing.T) {
 		})
 	}
 }
+
+// TestAnswerOfQuotaTightest: on an admitted request the RateLimit-* fields
+// are the quota's when it refills and is tighter than every rate-limit
+// layer (its refill, what is left, the seconds to quota_refill_time); a
+// quota that never refills has no reset, and the layers' fields stand.
+func TestAnswerOfQuotaTightest(t *testing.T) {
+	now := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
+	layer := []*keywardv1.RateLimitState{{Limit: &keywardv1.RateLimit{Limit: 100, Per: durationpb.New(time.Minute), Burst: 100}, Remaining: 90,
+		ResetTime: timestamppb.New(now.Add(6 * time.Second))}}
+	valid := keywardv1.APIKeyCode_API_KEY_CODE_VALID
+	for _, tc := range []struct {
+		name string
+		resp *keywardv1.VerifyAPIKeyResponse
+		want [3]string // RateLimit-Limit, -Remaining, -Reset
+	}{
+		{"quota tighter", &keywardv1.VerifyAPIKeyResponse{Code: valid, RateLimits: layer,
+			Quota: &keywardv1.Quota{Remaining: 5, Refill: 1000, RefillEvery: durationpb.New(24 * time.Hour)}, QuotaRefillTime: timestamppb.New(now.Add(2 * time.Hour))},
+			[3]string{"1000", "5", "7200"}},
+		{"layer tighter", &keywardv1.VerifyAPIKeyResponse{Code: valid, RateLimits: layer,
+			Quota: &keywardv1.Quota{Remaining: 500, Refill: 1000, RefillEvery: durationpb.New(24 * time.Hour)}, QuotaRefillTime: timestamppb.New(now.Add(2 * time.Hour))},
+			[3]string{"100", "90", "6"}},
+		{"quota never refills", &keywardv1.VerifyAPIKeyResponse{Code: valid, RateLimits: layer, Quota: &keywardv1.Quota{Remaining: 5}},
+			[3]string{"100", "90", "6"}},
+		{"quota alone", &keywardv1.VerifyAPIKeyResponse{Code: valid,
+			Quota: &keywardv1.Quota{Remaining: 7, Refill: 10, RefillEvery: durationpb.New(time.Hour)}, QuotaRefillTime: timestamppb.New(now.Add(90 * time.Second))},
+			[3]string{"10", "7", "90"}},
+	} {
+		a := AnswerOf(tc.resp, now)
+		got := [3]string{a.Header.Get("RateLimit-Limit"), a.Header.Get("RateLimit-Remaining"), a.Header.Get("RateLimit-Reset")}
+		if got != tc.want || a.Status != 0 {
+			t.Errorf("%s: status %d, RateLimit-Limit, -Remaining, -Reset %q; want 0 and %q", tc.name, a.Status, got, tc.want)
+		}
+	}
+}

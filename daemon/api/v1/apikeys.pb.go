@@ -959,9 +959,12 @@ type VerifyAPIKeyResponse struct {
 	// The caller may watch this key's events (EventService.Watch on its
 	// owner): a cache kept right by the watch stream may keep this verdict,
 	// and no other (client.VerdictCache). Set on VALID answers only.
-	Watched       bool `protobuf:"varint,13,opt,name=watched,proto3" json:"watched,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Watched bool `protobuf:"varint,13,opt,name=watched,proto3" json:"watched,omitempty"`
+	// When the quota is next topped up, for a key whose quota refills (see
+	// quota); absent otherwise.
+	QuotaRefillTime *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=quota_refill_time,json=quotaRefillTime,proto3" json:"quota_refill_time,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *VerifyAPIKeyResponse) Reset() {
@@ -1083,6 +1086,13 @@ func (x *VerifyAPIKeyResponse) GetWatched() bool {
 		return x.Watched
 	}
 	return false
+}
+
+func (x *VerifyAPIKeyResponse) GetQuotaRefillTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.QuotaRefillTime
+	}
+	return nil
 }
 
 // RotateAPIKeyRequest names the key and how long its old secret works.
@@ -2949,7 +2959,7 @@ const file_apikeys_proto_rawDesc = "" +
 	"\tremaining\x18\x02 \x01(\rR\tremaining\x129\n" +
 	"\n" +
 	"reset_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tresetTime\x12\x18\n" +
-	"\arefused\x18\x04 \x01(\bR\arefused\"\xde\x04\n" +
+	"\arefused\x18\x04 \x01(\bR\arefused\"\xa6\x05\n" +
 	"\x14VerifyAPIKeyResponse\x12*\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x16.keyward.v1.APIKeyCodeR\x04code\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x15\n" +
@@ -2968,7 +2978,8 @@ const file_apikeys_proto_rawDesc = "" +
 	"\n" +
 	"near_limit\x18\v \x01(\bR\tnearLimit\x12'\n" +
 	"\x05quota\x18\f \x01(\v2\x11.keyward.v1.QuotaR\x05quota\x12\x18\n" +
-	"\awatched\x18\r \x01(\bR\awatched\x1a;\n" +
+	"\awatched\x18\r \x01(\bR\awatched\x12F\n" +
+	"\x11quota_refill_time\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\x0fquotaRefillTime\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"n\n" +
@@ -3240,72 +3251,73 @@ var file_apikeys_proto_depIdxs = []int32{
 	10, // 22: keyward.v1.VerifyAPIKeyResponse.rate_limits:type_name -> keyward.v1.RateLimitState
 	44, // 23: keyward.v1.VerifyAPIKeyResponse.retry_after:type_name -> google.protobuf.Duration
 	4,  // 24: keyward.v1.VerifyAPIKeyResponse.quota:type_name -> keyward.v1.Quota
-	44, // 25: keyward.v1.RotateAPIKeyRequest.overlap:type_name -> google.protobuf.Duration
-	6,  // 26: keyward.v1.RotateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
-	45, // 27: keyward.v1.RotateAPIKeyResponse.old_secret_not_after:type_name -> google.protobuf.Timestamp
-	6,  // 28: keyward.v1.RevokeAPIKeyResponse.key:type_name -> keyward.v1.APIKey
-	6,  // 29: keyward.v1.GetAPIKeyResponse.key:type_name -> keyward.v1.APIKey
-	0,  // 30: keyward.v1.ListAPIKeysRequest.state:type_name -> keyward.v1.APIKeyState
-	6,  // 31: keyward.v1.ListAPIKeysResponse.keys:type_name -> keyward.v1.APIKey
-	6,  // 32: keyward.v1.UpdateAPIKeyRequest.key:type_name -> keyward.v1.APIKey
-	46, // 33: keyward.v1.UpdateAPIKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
-	6,  // 34: keyward.v1.UpdateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
-	44, // 35: keyward.v1.GetAPIKeyUsageRequest.window:type_name -> google.protobuf.Duration
-	41, // 36: keyward.v1.APIKeyUsage.counts:type_name -> keyward.v1.APIKeyUsage.CountsEntry
-	42, // 37: keyward.v1.APIKeyUsage.networks:type_name -> keyward.v1.APIKeyUsage.NetworksEntry
-	43, // 38: keyward.v1.APIKeyUsage.countries:type_name -> keyward.v1.APIKeyUsage.CountriesEntry
-	45, // 39: keyward.v1.APIKeyHourUsage.hour:type_name -> google.protobuf.Timestamp
-	25, // 40: keyward.v1.APIKeyHourUsage.usage:type_name -> keyward.v1.APIKeyUsage
-	45, // 41: keyward.v1.GetAPIKeyUsageResponse.last_used_time:type_name -> google.protobuf.Timestamp
-	25, // 42: keyward.v1.GetAPIKeyUsageResponse.total:type_name -> keyward.v1.APIKeyUsage
-	26, // 43: keyward.v1.GetAPIKeyUsageResponse.hours:type_name -> keyward.v1.APIKeyHourUsage
-	44, // 44: keyward.v1.GetAPIKeyUsageResponse.latency_bounds:type_name -> google.protobuf.Duration
-	6,  // 45: keyward.v1.ReportLeakResponse.key:type_name -> keyward.v1.APIKey
-	45, // 46: keyward.v1.LimitWindow.start_time:type_name -> google.protobuf.Timestamp
-	45, // 47: keyward.v1.LimitWindow.end_time:type_name -> google.protobuf.Timestamp
-	45, // 48: keyward.v1.LimitWindow.create_time:type_name -> google.protobuf.Timestamp
-	45, // 49: keyward.v1.LimitWindow.cancel_time:type_name -> google.protobuf.Timestamp
-	2,  // 50: keyward.v1.LimitWindow.state:type_name -> keyward.v1.LimitWindowState
-	45, // 51: keyward.v1.ScheduleLimitsRequest.start_time:type_name -> google.protobuf.Timestamp
-	45, // 52: keyward.v1.ScheduleLimitsRequest.end_time:type_name -> google.protobuf.Timestamp
-	3,  // 53: keyward.v1.LimitChange.before:type_name -> keyward.v1.RateLimit
-	3,  // 54: keyward.v1.LimitChange.during:type_name -> keyward.v1.RateLimit
-	30, // 55: keyward.v1.ScheduleLimitsResponse.window:type_name -> keyward.v1.LimitWindow
-	32, // 56: keyward.v1.ScheduleLimitsResponse.changes:type_name -> keyward.v1.LimitChange
-	30, // 57: keyward.v1.ListLimitWindowsResponse.windows:type_name -> keyward.v1.LimitWindow
-	3,  // 58: keyward.v1.ListLimitWindowsResponse.limits_now:type_name -> keyward.v1.RateLimit
-	30, // 59: keyward.v1.CancelLimitWindowResponse.window:type_name -> keyward.v1.LimitWindow
-	7,  // 60: keyward.v1.APIKeyService.CreateAPIKey:input_type -> keyward.v1.CreateAPIKeyRequest
-	9,  // 61: keyward.v1.APIKeyService.VerifyAPIKey:input_type -> keyward.v1.VerifyAPIKeyRequest
-	12, // 62: keyward.v1.APIKeyService.RotateAPIKey:input_type -> keyward.v1.RotateAPIKeyRequest
-	14, // 63: keyward.v1.APIKeyService.RevokeAPIKey:input_type -> keyward.v1.RevokeAPIKeyRequest
-	16, // 64: keyward.v1.APIKeyService.RevokeAPIKeys:input_type -> keyward.v1.RevokeAPIKeysRequest
-	18, // 65: keyward.v1.APIKeyService.GetAPIKey:input_type -> keyward.v1.GetAPIKeyRequest
-	20, // 66: keyward.v1.APIKeyService.ListAPIKeys:input_type -> keyward.v1.ListAPIKeysRequest
-	22, // 67: keyward.v1.APIKeyService.UpdateAPIKey:input_type -> keyward.v1.UpdateAPIKeyRequest
-	24, // 68: keyward.v1.APIKeyService.GetAPIKeyUsage:input_type -> keyward.v1.GetAPIKeyUsageRequest
-	28, // 69: keyward.v1.APIKeyService.ReportLeak:input_type -> keyward.v1.ReportLeakRequest
-	31, // 70: keyward.v1.APIKeyService.ScheduleLimits:input_type -> keyward.v1.ScheduleLimitsRequest
-	34, // 71: keyward.v1.APIKeyService.ListLimitWindows:input_type -> keyward.v1.ListLimitWindowsRequest
-	36, // 72: keyward.v1.APIKeyService.CancelLimitWindow:input_type -> keyward.v1.CancelLimitWindowRequest
-	8,  // 73: keyward.v1.APIKeyService.CreateAPIKey:output_type -> keyward.v1.CreateAPIKeyResponse
-	11, // 74: keyward.v1.APIKeyService.VerifyAPIKey:output_type -> keyward.v1.VerifyAPIKeyResponse
-	13, // 75: keyward.v1.APIKeyService.RotateAPIKey:output_type -> keyward.v1.RotateAPIKeyResponse
-	15, // 76: keyward.v1.APIKeyService.RevokeAPIKey:output_type -> keyward.v1.RevokeAPIKeyResponse
-	17, // 77: keyward.v1.APIKeyService.RevokeAPIKeys:output_type -> keyward.v1.RevokeAPIKeysResponse
-	19, // 78: keyward.v1.APIKeyService.GetAPIKey:output_type -> keyward.v1.GetAPIKeyResponse
-	21, // 79: keyward.v1.APIKeyService.ListAPIKeys:output_type -> keyward.v1.ListAPIKeysResponse
-	23, // 80: keyward.v1.APIKeyService.UpdateAPIKey:output_type -> keyward.v1.UpdateAPIKeyResponse
-	27, // 81: keyward.v1.APIKeyService.GetAPIKeyUsage:output_type -> keyward.v1.GetAPIKeyUsageResponse
-	29, // 82: keyward.v1.APIKeyService.ReportLeak:output_type -> keyward.v1.ReportLeakResponse
-	33, // 83: keyward.v1.APIKeyService.ScheduleLimits:output_type -> keyward.v1.ScheduleLimitsResponse
-	35, // 84: keyward.v1.APIKeyService.ListLimitWindows:output_type -> keyward.v1.ListLimitWindowsResponse
-	37, // 85: keyward.v1.APIKeyService.CancelLimitWindow:output_type -> keyward.v1.CancelLimitWindowResponse
-	73, // [73:86] is the sub-list for method output_type
-	60, // [60:73] is the sub-list for method input_type
-	60, // [60:60] is the sub-list for extension type_name
-	60, // [60:60] is the sub-list for extension extendee
-	0,  // [0:60] is the sub-list for field type_name
+	45, // 25: keyward.v1.VerifyAPIKeyResponse.quota_refill_time:type_name -> google.protobuf.Timestamp
+	44, // 26: keyward.v1.RotateAPIKeyRequest.overlap:type_name -> google.protobuf.Duration
+	6,  // 27: keyward.v1.RotateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
+	45, // 28: keyward.v1.RotateAPIKeyResponse.old_secret_not_after:type_name -> google.protobuf.Timestamp
+	6,  // 29: keyward.v1.RevokeAPIKeyResponse.key:type_name -> keyward.v1.APIKey
+	6,  // 30: keyward.v1.GetAPIKeyResponse.key:type_name -> keyward.v1.APIKey
+	0,  // 31: keyward.v1.ListAPIKeysRequest.state:type_name -> keyward.v1.APIKeyState
+	6,  // 32: keyward.v1.ListAPIKeysResponse.keys:type_name -> keyward.v1.APIKey
+	6,  // 33: keyward.v1.UpdateAPIKeyRequest.key:type_name -> keyward.v1.APIKey
+	46, // 34: keyward.v1.UpdateAPIKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
+	6,  // 35: keyward.v1.UpdateAPIKeyResponse.key:type_name -> keyward.v1.APIKey
+	44, // 36: keyward.v1.GetAPIKeyUsageRequest.window:type_name -> google.protobuf.Duration
+	41, // 37: keyward.v1.APIKeyUsage.counts:type_name -> keyward.v1.APIKeyUsage.CountsEntry
+	42, // 38: keyward.v1.APIKeyUsage.networks:type_name -> keyward.v1.APIKeyUsage.NetworksEntry
+	43, // 39: keyward.v1.APIKeyUsage.countries:type_name -> keyward.v1.APIKeyUsage.CountriesEntry
+	45, // 40: keyward.v1.APIKeyHourUsage.hour:type_name -> google.protobuf.Timestamp
+	25, // 41: keyward.v1.APIKeyHourUsage.usage:type_name -> keyward.v1.APIKeyUsage
+	45, // 42: keyward.v1.GetAPIKeyUsageResponse.last_used_time:type_name -> google.protobuf.Timestamp
+	25, // 43: keyward.v1.GetAPIKeyUsageResponse.total:type_name -> keyward.v1.APIKeyUsage
+	26, // 44: keyward.v1.GetAPIKeyUsageResponse.hours:type_name -> keyward.v1.APIKeyHourUsage
+	44, // 45: keyward.v1.GetAPIKeyUsageResponse.latency_bounds:type_name -> google.protobuf.Duration
+	6,  // 46: keyward.v1.ReportLeakResponse.key:type_name -> keyward.v1.APIKey
+	45, // 47: keyward.v1.LimitWindow.start_time:type_name -> google.protobuf.Timestamp
+	45, // 48: keyward.v1.LimitWindow.end_time:type_name -> google.protobuf.Timestamp
+	45, // 49: keyward.v1.LimitWindow.create_time:type_name -> google.protobuf.Timestamp
+	45, // 50: keyward.v1.LimitWindow.cancel_time:type_name -> google.protobuf.Timestamp
+	2,  // 51: keyward.v1.LimitWindow.state:type_name -> keyward.v1.LimitWindowState
+	45, // 52: keyward.v1.ScheduleLimitsRequest.start_time:type_name -> google.protobuf.Timestamp
+	45, // 53: keyward.v1.ScheduleLimitsRequest.end_time:type_name -> google.protobuf.Timestamp
+	3,  // 54: keyward.v1.LimitChange.before:type_name -> keyward.v1.RateLimit
+	3,  // 55: keyward.v1.LimitChange.during:type_name -> keyward.v1.RateLimit
+	30, // 56: keyward.v1.ScheduleLimitsResponse.window:type_name -> keyward.v1.LimitWindow
+	32, // 57: keyward.v1.ScheduleLimitsResponse.changes:type_name -> keyward.v1.LimitChange
+	30, // 58: keyward.v1.ListLimitWindowsResponse.windows:type_name -> keyward.v1.LimitWindow
+	3,  // 59: keyward.v1.ListLimitWindowsResponse.limits_now:type_name -> keyward.v1.RateLimit
+	30, // 60: keyward.v1.CancelLimitWindowResponse.window:type_name -> keyward.v1.LimitWindow
+	7,  // 61: keyward.v1.APIKeyService.CreateAPIKey:input_type -> keyward.v1.CreateAPIKeyRequest
+	9,  // 62: keyward.v1.APIKeyService.VerifyAPIKey:input_type -> keyward.v1.VerifyAPIKeyRequest
+	12, // 63: keyward.v1.APIKeyService.RotateAPIKey:input_type -> keyward.v1.RotateAPIKeyRequest
+	14, // 64: keyward.v1.APIKeyService.RevokeAPIKey:input_type -> keyward.v1.RevokeAPIKeyRequest
+	16, // 65: keyward.v1.APIKeyService.RevokeAPIKeys:input_type -> keyward.v1.RevokeAPIKeysRequest
+	18, // 66: keyward.v1.APIKeyService.GetAPIKey:input_type -> keyward.v1.GetAPIKeyRequest
+	20, // 67: keyward.v1.APIKeyService.ListAPIKeys:input_type -> keyward.v1.ListAPIKeysRequest
+	22, // 68: keyward.v1.APIKeyService.UpdateAPIKey:input_type -> keyward.v1.UpdateAPIKeyRequest
+	24, // 69: keyward.v1.APIKeyService.GetAPIKeyUsage:input_type -> keyward.v1.GetAPIKeyUsageRequest
+	28, // 70: keyward.v1.APIKeyService.ReportLeak:input_type -> keyward.v1.ReportLeakRequest
+	31, // 71: keyward.v1.APIKeyService.ScheduleLimits:input_type -> keyward.v1.ScheduleLimitsRequest
+	34, // 72: keyward.v1.APIKeyService.ListLimitWindows:input_type -> keyward.v1.ListLimitWindowsRequest
+	36, // 73: keyward.v1.APIKeyService.CancelLimitWindow:input_type -> keyward.v1.CancelLimitWindowRequest
+	8,  // 74: keyward.v1.APIKeyService.CreateAPIKey:output_type -> keyward.v1.CreateAPIKeyResponse
+	11, // 75: keyward.v1.APIKeyService.VerifyAPIKey:output_type -> keyward.v1.VerifyAPIKeyResponse
+	13, // 76: keyward.v1.APIKeyService.RotateAPIKey:output_type -> keyward.v1.RotateAPIKeyResponse
+	15, // 77: keyward.v1.APIKeyService.RevokeAPIKey:output_type -> keyward.v1.RevokeAPIKeyResponse
+	17, // 78: keyward.v1.APIKeyService.RevokeAPIKeys:output_type -> keyward.v1.RevokeAPIKeysResponse
+	19, // 79: keyward.v1.APIKeyService.GetAPIKey:output_type -> keyward.v1.GetAPIKeyResponse
+	21, // 80: keyward.v1.APIKeyService.ListAPIKeys:output_type -> keyward.v1.ListAPIKeysResponse
+	23, // 81: keyward.v1.APIKeyService.UpdateAPIKey:output_type -> keyward.v1.UpdateAPIKeyResponse
+	27, // 82: keyward.v1.APIKeyService.GetAPIKeyUsage:output_type -> keyward.v1.GetAPIKeyUsageResponse
+	29, // 83: keyward.v1.APIKeyService.ReportLeak:output_type -> keyward.v1.ReportLeakResponse
+	33, // 84: keyward.v1.APIKeyService.ScheduleLimits:output_type -> keyward.v1.ScheduleLimitsResponse
+	35, // 85: keyward.v1.APIKeyService.ListLimitWindows:output_type -> keyward.v1.ListLimitWindowsResponse
+	37, // 86: keyward.v1.APIKeyService.CancelLimitWindow:output_type -> keyward.v1.CancelLimitWindowResponse
+	74, // [74:87] is the sub-list for method output_type
+	61, // [61:74] is the sub-list for method input_type
+	61, // [61:61] is the sub-list for extension type_name
+	61, // [61:61] is the sub-list for extension extendee
+	0,  // [0:61] is the sub-list for field type_name
 }
 
 func init() { file_apikeys_proto_init() }
