@@ -234,7 +234,7 @@ func TestNginxAuthRequest(t *testing.T) {
 		{name: "valid, X-API-Key", path: "/orders/2", header: map[string]string{"X-API-Key": good.Secret}, status: 200},
 		{name: "revoked", path: "/orders/3", header: map[string]string{"Authorization": "Bearer " + revoked.Secret},
 			status: 401, wantHeader: map[string]string{"WWW-Authenticate": `Bearer error="invalid_token"`}, code: "revoked"},
-		{name: "no key", path: "/orders/4", status: 401, code: "malformed"},
+		{name: "no key", path: "/orders/4", status: 401, code: "missing"},
 		{name: "wrong permission", path: "/admin/1", header: map[string]string{"Authorization": "Bearer " + good.Secret}, status: 403, code: "forbidden"},
 		{name: "within the limit", path: "/orders/5", header: map[string]string{"Authorization": "Bearer " + limited.Secret}, status: 200},
 		{name: "over the limit", path: "/orders/6", header: map[string]string{"Authorization": "Bearer " + limited.Secret},

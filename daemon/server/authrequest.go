@@ -214,6 +214,10 @@ func (a *authRequest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	v := resp.(*keywardv1.VerifyAPIKeyResponse)
 	ans := gateway.AnswerOf(v, a.s.cfg.Now())
+	if req.Key == "" {
+		// Asked all the same, so that it is on record.
+		ans = gateway.NoKey("Authorization or " + HeaderAPIKey)
+	}
 	for k, vs := range ans.Header {
 		w.Header()[k] = vs
 	}

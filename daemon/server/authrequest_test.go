@@ -73,7 +73,7 @@ func TestAuthRequest(t *testing.T) {
 			status: 200, headers: map[string]string{"Keyward-Owner": "team-a", "Keyward-Key-Id": id}, result: "VALID", outcome: "ok"},
 		{name: "X-API-Key", header: map[string]string{"X-API-Key": secret, "X-Keyward-Environment": "live", "X-Keyward-Permission": "orders:read"},
 			status: 200, headers: map[string]string{"Keyward-Owner": "team-a"}, result: "VALID", outcome: "ok"},
-		{name: "no key", header: map[string]string{"X-Keyward-Environment": "live"}, status: 401, headers: map[string]string{"WWW-Authenticate": `Bearer error="invalid_token"`}, body: "malformed", result: "MALFORMED", outcome: "ok"},
+		{name: "no key", header: map[string]string{"X-Keyward-Environment": "live"}, status: 401, headers: map[string]string{"WWW-Authenticate": `Bearer realm="api"`}, body: "missing", result: "MALFORMED", outcome: "ok"},
 		{name: "wrong environment", header: map[string]string{"X-API-Key": secret, "X-Keyward-Environment": "test"},
 			status: 403, body: "wrong_environment", result: "WRONG_ENVIRONMENT", outcome: "ok"},
 		{name: "a permission it lacks", header: map[string]string{"X-API-Key": secret, "X-Keyward-Environment": "live", "X-Keyward-Permission": "orders:read, orders:write"},

@@ -3,6 +3,7 @@ package client
 import (
 	"context"
 	"errors"
+	"maps"
 	"net"
 	"net/http"
 	"strings"
@@ -65,10 +66,10 @@ func Gate(v Verifier, o GateOptions) func(http.Handler) http.Handler {
 			key := gateway.Key(r.Header, o.Header)
 			if key == "" {
 				// No key at all: nothing to ask keywardd.
-				w.Header().Set("Content-Type", "application/json")
-				w.Header().Set("WWW-Authenticate", `Bearer realm="api"`)
-				w.WriteHeader(http.StatusUnauthorized)
-				w.Write(gateway.JSON(map[string]any{"error": "an API key is required", "header": o.Header}))
+				a := gateway.NoKey(o.Header)
+				maps.Copy(w.Header(), a.Header)
+				w.WriteHeader(a.Status)
+				w.Write(a.Body)
 				return
 			}
 			perms := o.Permissions

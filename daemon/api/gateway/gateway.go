@@ -91,6 +91,16 @@ func AnswerOf(r *keywardv1.VerifyAPIKeyResponse, now time.Time) Answer {
 	return a
 }
 
+// NoKey is the answer to a request that presents no key at all in header
+// (where it was looked for, for the client): 401 with a challenge that
+// names no error, as RFC 6750 asks of a request without credentials.
+func NoKey(header string) Answer {
+	a := Answer{Status: http.StatusUnauthorized, Header: http.Header{}, Body: JSON(map[string]any{"error": "an API key is required", "code": "missing", "header": header})}
+	a.Header.Set("WWW-Authenticate", `Bearer realm="api"`)
+	a.Header.Set("Content-Type", "application/json")
+	return a
+}
+
 // quotaState is a quota that refills (Quota.refill uses every
 // refill_every) as a limit like a rate-limit layer's, for the RateLimit-*
 // headers on every answer and a refusal's body: its refill is its limit,
