@@ -96,6 +96,7 @@ lint:
 	$(GO) tool staticcheck $(PKGS)
 	@bash -n softhsm-test/create-token .ci/run
 	cd daemon/api/v1 && $(GO) tool buf lint
+	cd daemon/api/envoyauth && $(GO) tool buf lint
 	cd plugins/proto/v1 && $(GO) tool buf lint
 
 ## generate: regenerate generated code; generate-check fails if it was stale
@@ -103,7 +104,7 @@ generate:
 	$(GO) generate $(PKGS)
 
 generate-check: generate
-	@if [ -n "$$(git status --porcelain -- daemon/api/v1 plugins/proto)" ]; then git status --short -- daemon/api/v1 plugins/proto; echo "generated files are stale: run make generate and commit" >&2; exit 1; fi
+	@if [ -n "$$(git status --porcelain -- daemon/api/v1 daemon/api/envoyauth plugins/proto)" ]; then git status --short -- daemon/api/v1 daemon/api/envoyauth plugins/proto; echo "generated files are stale: run make generate and commit" >&2; exit 1; fi
 
 clean:
 	rm -rf bin $(RUN_DIR)

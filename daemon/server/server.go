@@ -39,7 +39,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
@@ -309,6 +308,8 @@ func New(cfg Config) (*Server, *grpc.Server) {
 		// written. So not more, though at 64 clients on one connection
 		// half of them wait for a stream (docs/performance.md).
 		grpc.MaxConcurrentStreams(32),
+		// protobuf, but Envoy's CheckRequest's unread fields discarded (envoy.go).
+		grpc.ForceServerCodecV2(newEnvoyCodec()),
 	)
 	keywardv1.RegisterKeyServiceServer(gs, s)
 	keywardv1.RegisterEnvelopeServiceServer(gs, s)
@@ -320,7 +321,7 @@ func New(cfg Config) (*Server, *grpc.Server) {
 	keywardv1.RegisterAuditServiceServer(gs, s)
 	keywardv1.RegisterCryptoServiceServer(gs, s)
 	keywardv1.RegisterEventServiceServer(gs, s)
-	authv3.RegisterAuthorizationServer(gs, envoyAuthz{s: s})
+	gs.RegisterService(&envoyAuthzDesc, envoyAuthz{s: s})
 	healthpb.RegisterHealthServer(gs, s.health)
 	reflection.Register(gs)
 	return s, gs
