@@ -137,6 +137,10 @@ func (e envoyAuthz) Check(ctx context.Context, r *envoyauth.CheckRequest) (*envo
 		return nil, fmt.Errorf("%w (%s)", err, c.detail)
 	}
 	a := gateway.AnswerOf(v, e.s.cfg.Now())
+	if req.Key == "" {
+		// Asked all the same, so that it is on record.
+		a = gateway.NoKey(header)
+	}
 	if a.Status == 0 {
 		c.detail = "through Envoy's ext_authz Check: passed"
 		return &envoyauth.CheckResponse{Status: &envoyauth.Status{Code: int32(codes.OK)},
