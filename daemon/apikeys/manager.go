@@ -833,6 +833,9 @@ func (m *Manager) Verify(ctx context.Context, presented string, req Request) Res
 		}
 	}
 	res.Key = answer(rec)
+	if q := res.Key.Quota; q != nil {
+		q.refill(now) // refused before the quota: its refills due all the same
+	}
 	// The watch, outside mu: the anomaly detector has locks of its own.
 	m.mu.Unlock()
 	locked = false

@@ -280,7 +280,11 @@ func (s *Server) VerifyAPIKey(ctx context.Context, r *keywardv1.VerifyAPIKeyRequ
 		if next := res.Key.Quota.NextRefill(); !next.IsZero() {
 			out.QuotaRefillTime = timestamppb.New(next)
 			if res.Code == apikeys.UsageExceeded {
-				out.RetryAfter = durationpb.New(max(next.Sub(s.cfg.Now()), 0))
+				wait := max(next.Sub(s.cfg.Now()), 0)
+				if ra := res.Limits.RetryAfter; ra > 0 {
+					wait = ra // a fleet's, from the store's own refusal
+				}
+				out.RetryAfter = durationpb.New(wait)
 			}
 		}
 	}

@@ -179,20 +179,26 @@ func keyFrom(h *envoyauth.HttpRequest, name string) string {
 
 // headerValue is the value of the request's header name (lower case).
 // Envoy gives the headers as a map, or as a list when its filter sets
-// encode_raw_headers; their names are lower case either way.
+// encode_raw_headers; their names are lower case either way. A header
+// sent more than once is, in the map, its values joined by ","; in the
+// list, as many entries, which are joined the same way here, so that a
+// request's verdict does not depend on the filter's setting (gateway.Key
+// takes no key from a joined value).
 func headerValue(h *envoyauth.HttpRequest, name string) string {
 	if val, ok := pairValue(h.GetHeaders(), name); ok {
 		return val
 	}
+	var vals []string
 	for _, hv := range h.GetHeaderMap().GetHeaders() {
 		if strings.EqualFold(hv.GetKey(), name) {
-			if val := hv.GetValue(); val != "" {
-				return val
+			val := hv.GetValue()
+			if val == "" {
+				val = string(hv.GetRawValue())
 			}
-			return string(hv.GetRawValue())
+			vals = append(vals, val)
 		}
 	}
-	return ""
+	return strings.Join(vals, ",")
 }
 
 // splitPermissions splits a comma-separated list, dropping blanks.

@@ -123,7 +123,7 @@ func quotaState(r *keywardv1.VerifyAPIKeyResponse, now time.Time) *keywardv1.Rat
 	if ra := r.GetRetryAfter(); ra != nil && r.GetCode() == keywardv1.APIKeyCode_API_KEY_CODE_USAGE_EXCEEDED && now.Add(ra.AsDuration()).Before(reset) {
 		reset = now.Add(max(ra.AsDuration(), 0))
 	}
-	limit := uint32(min(q.GetRefill(), math.MaxUint32))
+	limit := uint32(min(max(q.GetRefill(), q.GetRemaining()), math.MaxUint32))
 	return &keywardv1.RateLimitState{Limit: &keywardv1.RateLimit{Limit: limit, Burst: limit, Per: durationpb.New(every)},
 		Remaining: uint32(min(max(q.GetRemaining(), 0), math.MaxUint32)), ResetTime: timestamppb.New(reset),
 		Refused: r.GetCode() == keywardv1.APIKeyCode_API_KEY_CODE_USAGE_EXCEEDED}
@@ -144,7 +144,7 @@ func quotaBody(a Answer, r *keywardv1.VerifyAPIKeyResponse, now time.Time) map[s
 		return body
 	}
 	reset := qs.GetResetTime().AsTime()
-	body["current_usage"], body["limit"] = qs.GetLimit().GetBurst()-qs.GetRemaining(), qs.GetLimit().GetBurst()
+	body["current_usage"], body["limit"] = max(int64(qs.GetLimit().GetBurst())-int64(qs.GetRemaining()), 0), qs.GetLimit().GetBurst()
 	body["reset_time"] = ceilSecond(reset).UTC().Format(time.RFC3339)
 	retryAfter(a, body, max(reset.Sub(now), 0))
 	return body
@@ -184,8 +184,14 @@ func codeName(c keywardv1.APIKeyCode) string {
 
 // Key is the API key a request presents in header name: the key itself,
 // or for Authorization the token of "Bearer KEY" (anything else there is
-// no key); "" when there is none.
+// no key); "" when there is none, or the header is there more than once.
 func Key(h http.Header, name string) string {
+	if len(h.Values(name)) != 1 || strings.Contains(h.Get(name), ",") {
+		// None, or the header sent more than once (as several values,
+		// or joined by a proxy): which one is the client's key is
+		// ambiguous, and a key never holds a ",".
+		return ""
+	}
 	key := h.Get(name)
 	if !strings.EqualFold(name, "Authorization") {
 		return key

@@ -68,12 +68,18 @@ func TestKey(t *testing.T) {
 		{"a bare key in Authorization is none", "Authorization", "kw_abc", ""},
 		{"none", "Authorization", "", ""},
 		{"X-API-Key", "X-API-Key", "kw_abc", "kw_abc"},
+		{"joined by a proxy", "X-API-Key", "kw_abc,kw_def", ""},
+		{"bearer joined", "Authorization", "Bearer kw_abc,Bearer kw_def", ""},
 	} {
 		h := http.Header{}
 		h.Set(tc.header, tc.value)
 		if got := Key(h, tc.header); got != tc.want {
 			t.Errorf("%s: Key = %q, want %q", tc.name, got, tc.want)
 		}
+	}
+	// Sent twice: which is the client's key is ambiguous.
+	if got := Key(http.Header{"X-Api-Key": {"kw_abc", "kw_def"}}, "X-API-Key"); got != "" {
+		t.Errorf("two X-API-Key headers: Key = %q, want none", got)
 	}
 }
 
