@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -20,6 +21,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/keyward/keyward/daemon/api/client"
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/softhsm-test/benchload"
 	"github.com/keyward/keyward/softhsm-test/daemontest"
@@ -47,22 +49,7 @@ func BenchmarkGateway(b *testing.B) {
 	// allHeaders, with no allowed_headers: then it sends every header;
 	// encoded each call by Envoy's generated code, or once, encodedOnce.
 	check := func(key string, allHeaders, encodedOnce bool) func() error {
-		headers := map[string]string{"authorization": "Bearer " + key}
-		if allHeaders {
-			maps.Copy(headers, map[string]string{":authority": "api.example", ":method": "GET", ":path": "/orders/42", ":scheme": "https",
-				"accept": "application/json", "user-agent": "curl/8.5.0", "x-request-id": "6b1f0c1e-0a4d-4f5e-9d1c-2a3b4c5d6e7f",
-				"x-forwarded-proto": "https", "cookie": "session=0123456789abcdef0123456789abcdef"})
-		}
-		peer := func(addr string, port uint32) *authv3.AttributeContext_Peer {
-			return &authv3.AttributeContext_Peer{Address: &corev3.Address{Address: &corev3.Address_SocketAddress{
-				SocketAddress: &corev3.SocketAddress{Address: addr, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port}}}}}
-		}
-		req := &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
-			Source: peer("192.0.2.1", 51234), Destination: peer("10.0.0.5", 8443),
-			Request: &authv3.AttributeContext_Request{Time: timestamppb.Now(), Http: &authv3.AttributeContext_HttpRequest{
-				Id: "6b1f0c1e-0a4d-4f5e-9d1c-2a3b4c5d6e7f", Method: "GET", Path: "/orders/42", Host: "api.example", Scheme: "https", Protocol: "HTTP/2",
-				Headers: headers}},
-			ContextExtensions: map[string]string{"keyward_environment": "prod", "keyward_permission": "orders:read"}}}
+		req := envoyRequest(key, allHeaders)
 		send := func() (*authv3.CheckResponse, error) { return ec.Check(ctx, req) }
 		if encodedOnce {
 			raw := encodeOnce(b, req)
@@ -158,6 +145,110 @@ func BenchmarkGateway(b *testing.B) {
 	} else if len(res) == 2*len(pairs)*len(benchLevels) {
 		out.WriteString("every target met in this run\n")
 	}
+	fmt.Fprint(os.Stdout, out.String())
+}
+
+// envoyRequest is the Check an Envoy sends for a GET with key, configured
+// as docs/gateways.md says (allowed_headers: the key's header alone), or,
+// allHeaders, with no allowed_headers: then it sends every header.
+func envoyRequest(key string, allHeaders bool) *authv3.CheckRequest {
+	headers := map[string]string{"authorization": "Bearer " + key}
+	if allHeaders {
+		maps.Copy(headers, map[string]string{":authority": "api.example", ":method": "GET", ":path": "/orders/42", ":scheme": "https",
+			"accept": "application/json", "user-agent": "curl/8.5.0", "x-request-id": "6b1f0c1e-0a4d-4f5e-9d1c-2a3b4c5d6e7f",
+			"x-forwarded-proto": "https", "cookie": "session=0123456789abcdef0123456789abcdef"})
+	}
+	peer := func(addr string, port uint32) *authv3.AttributeContext_Peer {
+		return &authv3.AttributeContext_Peer{Address: &corev3.Address{Address: &corev3.Address_SocketAddress{
+			SocketAddress: &corev3.SocketAddress{Address: addr, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port}}}}}
+	}
+	return &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+		Source: peer("192.0.2.1", 51234), Destination: peer("10.0.0.5", 8443),
+		Request: &authv3.AttributeContext_Request{Time: timestamppb.Now(), Http: &authv3.AttributeContext_HttpRequest{
+			Id: "6b1f0c1e-0a4d-4f5e-9d1c-2a3b4c5d6e7f", Method: "GET", Path: "/orders/42", Host: "api.example", Scheme: "https", Protocol: "HTTP/2",
+			Headers: headers}},
+		ContextExtensions: map[string]string{"keyward_environment": "prod", "keyward_permission": "orders:read"}}}
+}
+
+// BenchmarkGatewayProcess is BenchmarkGateway's encoded-once pair with
+// keywardd a process of its own, and keywardd's own CPU per call (its
+// utime and stime in /proc/PID/stat over each run) beside the ops/s. Where
+// Envoy and its clients have cores of their own, as in production,
+// keywardd's CPU per call is what bounds how many Checks it serves; in
+// BenchmarkGateway the benchmark's client, which stands for Envoy,
+// encodes and decodes Envoy's messages on the same two cores.
+func BenchmarkGatewayProcess(b *testing.B) {
+	bin := daemontest.Build(b)
+	f := daemontest.NewFiles(b, daemontest.Policy(uidPolicy(allowAll)))
+	p := daemontest.Exec(b, bin, f)
+	c, err := client.Dial(f.Socket)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	unlimited, _ := benchAPIKeys(b, c.APIKeys)
+	raw := encodeOnce(b, envoyRequest(unlimited, false))
+	calls := map[string]func() error{
+		"verify-api-key": benchVerifyEncodedOnce(b, c.Conn(), unlimited),
+		"envoy-check": func() error {
+			r := new(authv3.CheckResponse)
+			err := c.Conn().Invoke(ctx, authv3.Authorization_Check_FullMethodName, raw, r, sentAsIs)
+			if err == nil && r.GetStatus().GetCode() != int32(codes.OK) {
+				err = fmt.Errorf("Check denied: %v", r)
+			}
+			return err
+		},
+	}
+	// cpu is keywardd's CPU time so far.
+	cpu := func() time.Duration {
+		st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.Pid()))
+		if err != nil {
+			b.Fatal(err)
+		}
+		// After the command's ")", fields 3 on; utime and stime are 14
+		// and 15, in clock ticks (100 a second on Linux).
+		fs := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+1:]))
+		u, _ := strconv.ParseInt(fs[11], 10, 64)
+		s, _ := strconv.ParseInt(fs[12], 10, 64)
+		return time.Duration(u+s) * 10 * time.Millisecond
+	}
+	type run struct {
+		ops float64
+		cpu time.Duration // keywardd's, per call
+	}
+	// A run's result is its last round's (the framework calls a
+	// benchmark's function with growing b.N until it lasts -benchtime).
+	runs := map[string]run{}
+	for _, n := range benchLevels {
+		for i, name := range []string{"verify-api-key", "envoy-check", "envoy-check", "verify-api-key"} {
+			b.Run(fmt.Sprintf("daemon=%s/callers=%d/run=%d", name, n, i/2+1), func(b *testing.B) {
+				c0 := cpu()
+				r := benchload.Run(b, n, calls[name])
+				per := (cpu() - c0) / time.Duration(max(b.N, 1))
+				b.ReportMetric(float64(per.Microseconds()), "keywardd-cpu-µs/op")
+				runs[fmt.Sprintf("%s/%d/%d", name, n, i/2+1)] = run{r.OpsPerSec, per}
+			})
+		}
+	}
+	mean := func(name string, n int) (ops float64, cpu time.Duration) {
+		r1, r2 := runs[fmt.Sprintf("%s/%d/1", name, n)], runs[fmt.Sprintf("%s/%d/2", name, n)]
+		return (r1.ops + r2.ops) / 2, (r1.cpu + r2.cpu) / 2
+	}
+	var out strings.Builder
+	fmt.Fprintf(&out, "\nEnvoy's Check against VerifyAPIKey, keywardd its own process, requests encoded once (%s)\n", time.Now().UTC().Format(time.RFC3339))
+	fmt.Fprintf(&out, "%7s %12s %12s %6s %14s %14s %6s\n", "clients", "verify ops/s", "check ops/s", "ratio", "verify kw-cpu", "check kw-cpu", "cpu")
+	for _, n := range benchLevels {
+		vo, vc := mean("verify-api-key", n)
+		co, cc := mean("envoy-check", n)
+		if vo == 0 || co == 0 {
+			continue
+		}
+		fmt.Fprintf(&out, "%7d %12.0f %12.0f %6.2f %14s %14s %6.2f\n", n, vo, co, co/vo, vc.Round(time.Microsecond), cc.Round(time.Microsecond), float64(vc)/float64(max(cc, 1)))
+	}
+	out.WriteString(`ratio: check's ops/s over verify's (the two share 2 cores with the benchmark's client); cpu: keywardd's CPU per
+       VerifyAPIKey over its CPU per Check, what bounds keywardd's throughput when it has cores of its own; target >= 0.9.
+`)
 	fmt.Fprint(os.Stdout, out.String())
 }
 

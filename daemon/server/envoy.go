@@ -172,9 +172,7 @@ func pairValue(ps []*envoyauth.StringPair, key string) (string, bool) {
 // value itself.
 func keyFrom(h *envoyauth.HttpRequest, name string) string {
 	name = strings.ToLower(name)
-	hdr := http.Header{}
-	hdr.Set(name, strings.TrimSpace(headerValue(h, name)))
-	return gateway.Key(hdr, name)
+	return gateway.KeyOf(name, strings.TrimSpace(headerValue(h, name)))
 }
 
 // headerValue is the value of the request's header name (lower case).

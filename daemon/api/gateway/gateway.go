@@ -186,17 +186,23 @@ func codeName(c keywardv1.APIKeyCode) string {
 // or for Authorization the token of "Bearer KEY" (anything else there is
 // no key); "" when there is none, or the header is there more than once.
 func Key(h http.Header, name string) string {
-	if len(h.Values(name)) != 1 || strings.Contains(h.Get(name), ",") {
-		// None, or the header sent more than once (as several values,
-		// or joined by a proxy): which one is the client's key is
-		// ambiguous, and a key never holds a ",".
+	if len(h.Values(name)) != 1 {
+		return "" // none, or the header sent more than once: ambiguous
+	}
+	return KeyOf(name, h.Get(name))
+}
+
+// KeyOf is Key for the one value of header name. A value holding a ","
+// is a header sent more than once and joined by a proxy (a key never
+// holds one): no key.
+func KeyOf(name, value string) string {
+	if strings.Contains(value, ",") {
 		return ""
 	}
-	key := h.Get(name)
 	if !strings.EqualFold(name, "Authorization") {
-		return key
+		return value
 	}
-	scheme, rest, ok := strings.Cut(key, " ")
+	scheme, rest, ok := strings.Cut(value, " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
 		return ""
 	}
