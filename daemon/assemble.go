@@ -584,6 +584,21 @@ func (d *daemonParts) listenMaybeTLS(name, address, cert, key string) (ln net.Li
 	return tls.NewListener(ln, tlsCfg), "https", tlsCfg, nil
 }
 
+// countedLeaks is the intake's Reporter, counting its reports in the
+// metrics.
+type countedLeaks struct {
+	leaks.Reporter
+	mx *metrics.Metrics
+}
+
+func (c countedLeaks) ReportLeak(ctx context.Context, presented string, l apikeys.Leak, allow func(id, owner string) error) (apikeys.LeakVerdict, error) {
+	v, err := c.Reporter.ReportLeak(ctx, presented, l, allow)
+	if err == nil {
+		c.mx.Leak("scanner", v.TruePositive, v.Changed)
+	}
+	return v, err
+}
+
 // leaksHTTP opens the secret scanners' intake (package leaks) and the
 // refresh of their public keys.
 func (d *daemonParts) leaksHTTP(ctx context.Context) ([]task, error) {
@@ -599,7 +614,7 @@ func (d *daemonParts) leaksHTTP(ctx context.Context) ([]task, error) {
 	if err != nil {
 		return nil, err
 	}
-	in := leaks.New(leaks.Options{Keys: keys, Reporter: d.akm, Audit: d.al, Caller: keywardd(), Log: d.log, Now: d.o.Now,
+	in := leaks.New(leaks.Options{Keys: keys, Reporter: countedLeaks{d.akm, d.mx}, Audit: d.al, Caller: keywardd(), Log: d.log, Now: d.o.Now,
 		MaxBody: c.MaxBody, ReplayWindow: *c.ReplayWindow, MaxInFlight: c.MaxInFlight})
 	hs := &http.Server{Handler: in.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second,
 		WriteTimeout: time.Minute, IdleTimeout: time.Minute, MaxHeaderBytes: 16 << 10, TLSConfig: tlsCfg}

@@ -42,8 +42,10 @@ func TestLeaksOverHTTP(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := freePort(t, "127.0.0.1")
+	metricsAddr := freePort(t, "127.0.0.1")
 	in := daemontest.Start(t, daemontest.Configure(func(c *daemon.Config) {
 		c.Leaks.HTTP.Address, c.Leaks.PublicKeysFile = addr, keysFile
+		c.Metrics.Address = metricsAddr
 	}))
 	ctx := context.Background()
 	ak := keywardv1.NewAPIKeyServiceClient(in.Conn)
@@ -75,6 +77,10 @@ func TestLeaksOverHTTP(t *testing.T) {
 	}
 	if log := in.Log.String(); strings.Contains(log, created.GetSecret()) || !strings.Contains(log, created.GetKey().GetId()) {
 		t.Fatalf("keywardd's log holds the token, or not the key's ID:\n%s", log)
+	}
+	fams := scrape(t, http.DefaultClient, "http://"+metricsAddr+"/metrics")
+	if n := metricValue(t, fams, "keyward_apikey_leak_reports_total", map[string]string{"via": "scanner", "result": "stopped"}); n != 1 {
+		t.Errorf("keyward_apikey_leak_reports_total{via=scanner,result=stopped} = %v, want 1", n)
 	}
 	// An unsigned report: refused, and keywardd serves on.
 	resp, err = http.Post("http://"+addr+"/leaks/github", "application/json", bytes.NewReader(body))

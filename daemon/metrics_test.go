@@ -9,12 +9,16 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
+	"google.golang.org/protobuf/types/known/timestamppb"
+
 	"github.com/keyward/keyward/daemon"
+
 	keywardv1 "github.com/keyward/keyward/daemon/api/v1"
 	"github.com/keyward/keyward/softhsm-test/daemontest"
 )
@@ -29,7 +33,7 @@ func TestMetrics(t *testing.T) {
 	}
 	addr := l.Addr().String()
 	l.Close()
-	in := daemontest.Start(t, daemontest.Policy(uidPolicy("      - operations: [StatusService.Ping, APIKeyService.CreateAPIKey, APIKeyService.VerifyAPIKey]\n        keys: [\"*\"]")), daemontest.Configure(
+	in := daemontest.Start(t, daemontest.Policy(uidPolicy("      - operations: [StatusService.Ping, APIKeyService.CreateAPIKey, APIKeyService.VerifyAPIKey, APIKeyService.ReportLeak, APIKeyService.ScheduleLimits]\n        keys: [\"*\"]")), daemontest.Configure(
 		func(c *daemon.Config) {
 			c.Metrics.Address = addr
 			c.Metrics.Socket = filepath.Join(filepath.Dir(c.Socket.Path), "metrics", "metrics.sock")
@@ -56,6 +60,17 @@ func TestMetrics(t *testing.T) {
 		}
 	}
 
+	// A leak reported twice (stopped, then already stopped) and a string
+	// that is no key's; a limit window active now.
+	for _, secret := range []string{k.Secret, k.Secret, "kw_not_a_key_of_anyone"} {
+		if _, err := ac.ReportLeak(ctx, &keywardv1.ReportLeakRequest{Secret: secret, Source: "test"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := ac.ScheduleLimits(ctx, &keywardv1.ScheduleLimitsRequest{Owner: "o", Factor: 2, EndTime: timestamppb.New(time.Now().Add(time.Hour)), Reason: "test"}); err != nil {
+		t.Fatal(err)
+	}
+
 	families := scrape(t, http.DefaultClient, "http://"+addr+"/metrics")
 	value := func(family string, labels map[string]string) float64 {
 		t.Helper()
@@ -74,6 +89,14 @@ func TestMetrics(t *testing.T) {
 		{"keyward_apikey_verifications_total", map[string]string{"result": "WRONG_ENVIRONMENT"}, 1},
 		{"keyward_hsm_errors_total", map[string]string{"op": "hmac"}, 0},
 		{"keyward_rotations_overdue", map[string]string{"kind": "key"}, 0},
+		{"keyward_apikey_leak_reports_total", map[string]string{"via": "api", "result": "stopped"}, 1},
+		{"keyward_apikey_leak_reports_total", map[string]string{"via": "api", "result": "already_stopped"}, 1},
+		{"keyward_apikey_leak_reports_total", map[string]string{"via": "api", "result": "false_positive"}, 1},
+		{"keyward_apikey_leak_reports_total", map[string]string{"via": "scanner", "result": "stopped"}, 0},
+		{"keyward_apikey_anomalies_total", map[string]string{"kind": "new_country", "disabled": "false"}, 0},
+		{"keyward_limit_windows", map[string]string{"state": "active"}, 1},
+		{"keyward_limit_windows", map[string]string{"state": "pending"}, 0},
+		{"keyward_geoip_build_timestamp_seconds", nil, 0},
 	} {
 		if got := value(c.family, c.labels); got != c.want {
 			t.Errorf("%s %v = %v, want %v", c.family, c.labels, got, c.want)

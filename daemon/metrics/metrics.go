@@ -28,6 +28,7 @@ type Metrics struct {
 	hsmTime  *prometheus.HistogramVec
 	hsmErrs  *prometheus.CounterVec
 	refusals *prometheus.CounterVec
+	leaks    *prometheus.CounterVec
 }
 
 // New makes the metrics for the RPCs ops ("Service.Method"); state adds
@@ -50,6 +51,8 @@ func New(ops []string, state ...prometheus.Collector) *Metrics {
 			Help: "HSM operations that failed, by operation."}, []string{"op"}),
 		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_caller_refusals_total",
 			Help: "Connections and calls refused because their caller was over its budget (connections, calls in flight, rate, binaries hashed, or it owed for earlier refusals), and whether the caller has a role."}, []string{"budget", "bound"}),
+		leaks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "keyward_apikey_leak_reports_total",
+			Help: "Reports of strings found where they should not be, by where they came from (scanner: the secret scanners' intake; api: APIKeyService.ReportLeak) and what they were (stopped: a key's secret, the key stopped; already_stopped: a key's secret, the key stopped before; false_positive: no key's)."}, []string{"via", "result"}),
 	}
 	for _, budget := range RefusalBudgets {
 		m.refusals.WithLabelValues(budget, "true")
@@ -58,11 +61,16 @@ func New(ops []string, state ...prometheus.Collector) *Metrics {
 	for _, op := range HSMOps {
 		m.hsmErrs.WithLabelValues(op) // present from the start, at 0
 	}
-	for _, kind := range []string{"spike", "new_network"} {
+	for _, via := range []string{"scanner", "api"} {
+		for _, result := range []string{"stopped", "already_stopped", "false_positive"} {
+			m.leaks.WithLabelValues(via, result)
+		}
+	}
+	for _, kind := range []string{"spike", "new_network", "new_country"} {
 		m.anomaly.WithLabelValues(kind, "true")
 		m.anomaly.WithLabelValues(kind, "false")
 	}
-	m.reg.MustRegister(m.anomaly, m.hsmTime, m.hsmErrs, m.refusals)
+	m.reg.MustRegister(m.anomaly, m.hsmTime, m.hsmErrs, m.refusals, m.leaks)
 	m.reg.MustRegister(m.calls, m.latency, m.verifies, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, c := range state {
 		m.reg.MustRegister(c)
@@ -102,6 +110,22 @@ func (m *Metrics) Anomaly(kind string, disabled bool) {
 		return
 	}
 	m.anomaly.WithLabelValues(kind, map[bool]string{true: "true", false: "false"}[disabled]).Inc()
+}
+
+// Leak records a report of a leaked string, via "scanner" or "api": a
+// key's secret or not, and whether the report stopped the key.
+func (m *Metrics) Leak(via string, truePositive, changed bool) {
+	if m == nil {
+		return
+	}
+	result := "false_positive"
+	switch {
+	case truePositive && changed:
+		result = "stopped"
+	case truePositive:
+		result = "already_stopped"
+	}
+	m.leaks.WithLabelValues(via, result).Inc()
 }
 
 // RefusalBudgets are the parts of a caller's budget a refusal is counted

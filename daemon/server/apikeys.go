@@ -504,6 +504,7 @@ func (s *Server) ReportLeak(ctx context.Context, r *keywardv1.ReportLeakRequest)
 	if err != nil {
 		return nil, err
 	}
+	s.cfg.Metrics.Leak("api", v.TruePositive, v.Changed)
 	c.result, c.detail = "FALSE_POSITIVE", l.Describe()+": "+v.Reason
 	out := &keywardv1.ReportLeakResponse{TruePositive: v.TruePositive, Reason: v.Reason, Changed: v.Changed, Retired: v.Retired}
 	if !v.TruePositive {
