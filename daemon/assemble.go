@@ -32,6 +32,7 @@ import (
 	"github.com/keyward/keyward/daemon/envelope"
 	"github.com/keyward/keyward/daemon/events"
 	"github.com/keyward/keyward/daemon/geo"
+	"github.com/keyward/keyward/daemon/identity"
 	"github.com/keyward/keyward/daemon/keys"
 	"github.com/keyward/keyward/daemon/leaks"
 	"github.com/keyward/keyward/daemon/limitwin"
@@ -460,6 +461,9 @@ func (d *daemonParts) newServer(context.Context) error {
 	if err != nil {
 		return err
 	}
+	if why := cgroupsUnreadable(pol, "/proc/self/cgroup"); why != "" {
+		d.log.Warn(why, "policy", d.cfg.PolicyFile)
+	}
 	if d.det != nil {
 		// The anomaly detector hears of every verification of a live
 		// secret, and refuses the use that sets off an alert whose action
@@ -837,4 +841,21 @@ func loadPolicy(path string) (*policy.Policy, error) {
 		return nil, configError(fmt.Errorf("%s: %w", path, err))
 	}
 	return p, nil
+}
+
+// cgroupsUnreadable is why the policy's cgroup selectors match nobody on
+// this host (keywardd's own /proc/self/cgroup has no unified line: a
+// cgroup v1-only host), or "" if they can match, or the policy has none.
+func cgroupsUnreadable(p *policy.Policy, procSelfCgroup string) string {
+	if !p.SelectsCgroups() {
+		return ""
+	}
+	b, err := os.ReadFile(procSelfCgroup)
+	if err == nil {
+		_, err = identity.ParseCgroup(b)
+	}
+	if err != nil {
+		return "the policy names callers by their cgroup, but this host's cgroups cannot be read (" + err.Error() + "): those selectors match no caller"
+	}
+	return ""
 }

@@ -160,6 +160,9 @@ func (d *daemonParts) reloadPolicy(ctx context.Context) {
 			}
 			d.srv.SetPolicy(p)
 			d.log.Info("policy reloaded", "file", d.cfg.PolicyFile)
+			if why := cgroupsUnreadable(p, "/proc/self/cgroup"); why != "" {
+				d.log.Warn(why, "policy", d.cfg.PolicyFile)
+			}
 		}
 	}
 }

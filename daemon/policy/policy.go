@@ -77,6 +77,20 @@ type Policy struct {
 	unbound  Limits // the budget of a caller no binding matches
 }
 
+// SelectsCgroups says whether a binding names callers by their cgroup
+// (cgroup, systemd_unit, k8s_pod_uid, container_id): on a host without
+// the cgroup v2 hierarchy those selectors match nobody.
+func (p *Policy) SelectsCgroups() bool {
+	for _, b := range p.bindings {
+		for _, s := range b.selectors {
+			if s.cgroup != "" || s.unit != "" || s.pod != "" || s.container != "" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 type binding struct {
 	role      string
 	selectors []selector
