@@ -203,7 +203,10 @@ func (a shippedAudit) Err() error {
 	if err := a.Log.Err(); err != nil {
 		return err
 	}
-	return a.ship.Blocked()
+	if err := a.ship.Blocked(); err != nil {
+		return fmt.Errorf("%w: %w", server.ErrAuditBehind, err)
+	}
+	return nil
 }
 
 // SetNotify has fn called when either may have changed.
@@ -213,6 +216,18 @@ func (a shippedAudit) SetNotify(fn func()) {
 }
 
 // shipMetrics are the audit sinks' metrics, read at each scrape.
+// auditSinks are the audit sinks' states for GetStatus; nil without sinks.
+func (d *daemonParts) auditSinks() []server.AuditSinkState {
+	if d.ship == nil {
+		return nil
+	}
+	var out []server.AuditSinkState
+	for _, st := range d.ship.Status() {
+		out = append(out, server.AuditSinkState(st))
+	}
+	return out
+}
+
 func (d *daemonParts) shipMetrics() []prometheus.Collector {
 	if d.ship == nil {
 		return nil
@@ -489,6 +504,7 @@ func (d *daemonParts) newServer(context.Context) error {
 		MaxBatch: cfg.MaxBatch, Version: d.o.Version, HealthEvery: d.o.HealthEvery,
 		Tokens: d.tokens, APIKeys: d.akm, LimitWindows: d.lw, Now: d.o.Now, Schedule: d.sched, Notify: d.ob.Notify, Events: d.hub,
 		Plugins:          func() []server.PluginState { return pluginStates(d.plugins, d.ob.Status()) },
+		AuditSinks:       d.auditSinks,
 		NamesToRename:    d.legacy.Counts,
 		Fleet:            d.fleetInfo(),
 		HandshakeTimeout: cfg.Connections.HandshakeTimeout, IdleTimeout: cfg.Connections.IdleTimeout, WriteTimeout: cfg.Connections.WriteTimeout,

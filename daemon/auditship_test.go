@@ -86,6 +86,15 @@ func TestAuditSinkBlocks(t *testing.T) {
 	if served < 50 {
 		t.Errorf("refused after %d calls: a sink under its bound of 64 KiB blocks", served)
 	}
+	// GetStatus says which sink and why.
+	st, err := c.Status.GetStatus(ctx, &keywardv1.GetStatusRequest{})
+	if err != nil {
+		t.Fatalf("GetStatus while the sink blocks: %v", err)
+	}
+	if s := st.GetAuditSinks(); len(s) != 1 || s[0].GetName() != "siem" || !s[0].GetOverBound() || s[0].GetOnFailure() != "block" ||
+		!strings.Contains(s[0].GetLastError(), "503") || s[0].GetLagBytes() < s[0].GetMaxLagBytes() {
+		t.Errorf("GetStatus's audit sinks while the sink blocks: %v", s)
+	}
 	down.Store(false)
 	deadline := time.Now().Add(30 * time.Second)
 	for {

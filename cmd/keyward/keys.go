@@ -198,5 +198,16 @@ func printStatus(w io.Writer, r *keywardv1.GetStatusResponse) error {
 		}
 		fmt.Fprintln(w)
 	}
+	for _, a := range r.GetAuditSinks() {
+		fmt.Fprintf(w, "audit sink %s (%s, on failure %s): %s, %d bytes behind (bound %d), last seq %d; %d shipped, %d filtered, %d failed deliveries",
+			a.GetName(), a.GetType(), a.GetOnFailure(), a.GetState(), a.GetLagBytes(), a.GetMaxLagBytes(), a.GetSeq(), a.GetShipped(), a.GetFiltered(), a.GetFailures())
+		if a.GetOverBound() {
+			fmt.Fprint(w, "; PAST ITS BOUND")
+		}
+		if e := a.GetLastError(); e != "" {
+			fmt.Fprintf(w, "; last: %s", e)
+		}
+		fmt.Fprintln(w)
+	}
 	return nil
 }

@@ -142,6 +142,11 @@ type Store interface {
 	SchemaVersion() (int, error)
 }
 
+// ErrAuditBehind is an AuditLog's Err when the log can be written but an
+// audit sink that blocks is too far behind it: every call is refused but
+// those that say why (storeFree).
+var ErrAuditBehind = errors.New("keywardd: an audit sink is too far behind")
+
 // AuditLog is the hash-chained log every call is written to before its
 // answer goes out: daemon/audit.Log.
 type AuditLog interface {
@@ -196,6 +201,8 @@ type Config struct {
 	NamesToRename func() map[string]int
 	// Fleet, if set, is this node's place in a fleet, for GetStatus.
 	Fleet func() FleetInfo
+	// AuditSinks, if set, reports the audit sinks' states for GetStatus.
+	AuditSinks func() []AuditSinkState
 	// Schedule serves GetRotationPlan; nil turns it off.
 	Schedule Schedule
 	// Notify, if set, is called when events for the plugins were queued,
@@ -224,6 +231,18 @@ const (
 	DefaultIdleTimeout      = time.Minute
 	DefaultWriteTimeout     = 10 * time.Second
 )
+
+// AuditSinkState is an audit sink's state as GetStatus reports it: the
+// fields of daemon/audit/ship.Status.
+type AuditSinkState struct {
+	Name, Type, OnFailure       string
+	LagBytes, MaxLagBytes       int64
+	OverBound                   bool
+	Seq                         uint64
+	Shipped, Filtered, Failures uint64
+	State                       string
+	LastError                   string
+}
 
 // PluginState is a plugin's state as GetStatus reports it.
 type PluginState struct {
@@ -410,9 +429,10 @@ type callKey struct{}
 
 func callFrom(ctx context.Context) *call { return ctx.Value(callKey{}).(*call) }
 
-// storeFree operations are served while the store is not: GetStatus,
-// which says why the others are refused, and the audit log's, which tell
-// what happened before.
+// storeFree operations are served while the store is not, and while an
+// audit sink that blocks is behind (ErrAuditBehind: the local log is
+// written all the same): GetStatus, which says why the others are
+// refused, and the audit log's, which tell what happened before.
 var storeFree = map[string]bool{
 	"StatusService.GetStatus":       true,
 	"AuditService.ListAuditRecords": true, "AuditService.VerifyAuditLog": true,
@@ -476,7 +496,7 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	if strings.HasPrefix(info.FullMethod, "/grpc.") {
 		return handler(ctx, req) // health and reflection: no keys, nothing to audit
 	}
-	if err := s.cfg.Audit.Err(); err != nil {
+	if err := s.cfg.Audit.Err(); err != nil && !(errors.Is(err, ErrAuditBehind) && storeFree[op]) {
 		return nil, status.Error(codes.Unavailable, "keywardd: the audit log cannot be written, so nothing is done: "+err.Error())
 	}
 	if err := ctx.Err(); err != nil {

@@ -66,6 +66,13 @@ func (s *Server) GetStatus(ctx context.Context, _ *keywardv1.GetStatusRequest) (
 				EventsPending: uint32(p.EventsPending), DeliveryError: p.DeliveryError})
 		}
 	}
+	if s.cfg.AuditSinks != nil {
+		for _, st := range s.cfg.AuditSinks() {
+			out.AuditSinks = append(out.AuditSinks, &keywardv1.AuditSinkStatus{Name: st.Name, Type: st.Type, OnFailure: st.OnFailure, State: st.State,
+				LagBytes: st.LagBytes, MaxLagBytes: st.MaxLagBytes, OverBound: st.OverBound, Seq: st.Seq,
+				Shipped: st.Shipped, Filtered: st.Filtered, Failures: st.Failures, LastError: st.LastError})
+		}
+	}
 	if s.cfg.NamesToRename != nil {
 		out.NamesToRename = map[string]uint32{}
 		for kind, n := range s.cfg.NamesToRename() {

@@ -158,7 +158,10 @@ type GetStatusResponse struct {
 	NamesToRename map[string]uint32 `protobuf:"bytes,8,rep,name=names_to_rename,json=namesToRename,proto3" json:"names_to_rename,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	// This node's place in a fleet sharing its state through etcd
 	// (docs/fleet.md); absent on one host.
-	Fleet         *FleetStatus `protobuf:"bytes,9,opt,name=fleet,proto3" json:"fleet,omitempty"`
+	Fleet *FleetStatus `protobuf:"bytes,9,opt,name=fleet,proto3" json:"fleet,omitempty"`
+	// Each audit sink (docs/audit-shipping.md), in the configuration's
+	// order: how far behind the local log it is, and why it failed last.
+	AuditSinks    []*AuditSinkStatus `protobuf:"bytes,10,rep,name=audit_sinks,json=auditSinks,proto3" json:"audit_sinks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -256,6 +259,155 @@ func (x *GetStatusResponse) GetFleet() *FleetStatus {
 	return nil
 }
 
+func (x *GetStatusResponse) GetAuditSinks() []*AuditSinkStatus {
+	if x != nil {
+		return x.AuditSinks
+	}
+	return nil
+}
+
+// AuditSinkStatus is an audit sink's state.
+type AuditSinkStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// syslog, file or http.
+	Type string `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"`
+	// spool (lag and alert) or block (refuse calls past the bound).
+	OnFailure string `protobuf:"bytes,3,opt,name=on_failure,json=onFailure,proto3" json:"on_failure,omitempty"`
+	// "shipping", "caught up" or "failing".
+	State string `protobuf:"bytes,4,opt,name=state,proto3" json:"state,omitempty"`
+	// Bytes of the audit log not yet delivered, and the sink's bound.
+	LagBytes    int64 `protobuf:"varint,5,opt,name=lag_bytes,json=lagBytes,proto3" json:"lag_bytes,omitempty"`
+	MaxLagBytes int64 `protobuf:"varint,6,opt,name=max_lag_bytes,json=maxLagBytes,proto3" json:"max_lag_bytes,omitempty"`
+	// Past its bound: a block sink refuses calls while it is.
+	OverBound bool `protobuf:"varint,7,opt,name=over_bound,json=overBound,proto3" json:"over_bound,omitempty"`
+	// The last record's seq delivered and acknowledged.
+	Seq uint64 `protobuf:"varint,8,opt,name=seq,proto3" json:"seq,omitempty"`
+	// Since keywardd started: records delivered, records a filter left out
+	// (shipped as stubs), deliveries that failed.
+	Shipped  uint64 `protobuf:"varint,9,opt,name=shipped,proto3" json:"shipped,omitempty"`
+	Filtered uint64 `protobuf:"varint,10,opt,name=filtered,proto3" json:"filtered,omitempty"`
+	Failures uint64 `protobuf:"varint,11,opt,name=failures,proto3" json:"failures,omitempty"`
+	// Why the last delivery failed; empty once one succeeds.
+	LastError     string `protobuf:"bytes,12,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditSinkStatus) Reset() {
+	*x = AuditSinkStatus{}
+	mi := &file_status_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditSinkStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditSinkStatus) ProtoMessage() {}
+
+func (x *AuditSinkStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_status_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditSinkStatus.ProtoReflect.Descriptor instead.
+func (*AuditSinkStatus) Descriptor() ([]byte, []int) {
+	return file_status_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *AuditSinkStatus) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AuditSinkStatus) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *AuditSinkStatus) GetOnFailure() string {
+	if x != nil {
+		return x.OnFailure
+	}
+	return ""
+}
+
+func (x *AuditSinkStatus) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *AuditSinkStatus) GetLagBytes() int64 {
+	if x != nil {
+		return x.LagBytes
+	}
+	return 0
+}
+
+func (x *AuditSinkStatus) GetMaxLagBytes() int64 {
+	if x != nil {
+		return x.MaxLagBytes
+	}
+	return 0
+}
+
+func (x *AuditSinkStatus) GetOverBound() bool {
+	if x != nil {
+		return x.OverBound
+	}
+	return false
+}
+
+func (x *AuditSinkStatus) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *AuditSinkStatus) GetShipped() uint64 {
+	if x != nil {
+		return x.Shipped
+	}
+	return 0
+}
+
+func (x *AuditSinkStatus) GetFiltered() uint64 {
+	if x != nil {
+		return x.Filtered
+	}
+	return 0
+}
+
+func (x *AuditSinkStatus) GetFailures() uint64 {
+	if x != nil {
+		return x.Failures
+	}
+	return 0
+}
+
+func (x *AuditSinkStatus) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
 // FleetStatus is a fleet node's view of the shared state.
 type FleetStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -286,7 +438,7 @@ type FleetStatus struct {
 
 func (x *FleetStatus) Reset() {
 	*x = FleetStatus{}
-	mi := &file_status_proto_msgTypes[4]
+	mi := &file_status_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -298,7 +450,7 @@ func (x *FleetStatus) String() string {
 func (*FleetStatus) ProtoMessage() {}
 
 func (x *FleetStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[4]
+	mi := &file_status_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -311,7 +463,7 @@ func (x *FleetStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FleetStatus.ProtoReflect.Descriptor instead.
 func (*FleetStatus) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{4}
+	return file_status_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *FleetStatus) GetNode() string {
@@ -380,7 +532,7 @@ type HSMStatus struct {
 
 func (x *HSMStatus) Reset() {
 	*x = HSMStatus{}
-	mi := &file_status_proto_msgTypes[5]
+	mi := &file_status_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -392,7 +544,7 @@ func (x *HSMStatus) String() string {
 func (*HSMStatus) ProtoMessage() {}
 
 func (x *HSMStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[5]
+	mi := &file_status_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -405,7 +557,7 @@ func (x *HSMStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HSMStatus.ProtoReflect.Descriptor instead.
 func (*HSMStatus) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{5}
+	return file_status_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *HSMStatus) GetTokenLabel() string {
@@ -465,7 +617,7 @@ type StoreStatus struct {
 
 func (x *StoreStatus) Reset() {
 	*x = StoreStatus{}
-	mi := &file_status_proto_msgTypes[6]
+	mi := &file_status_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -477,7 +629,7 @@ func (x *StoreStatus) String() string {
 func (*StoreStatus) ProtoMessage() {}
 
 func (x *StoreStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[6]
+	mi := &file_status_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -490,7 +642,7 @@ func (x *StoreStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreStatus.ProtoReflect.Descriptor instead.
 func (*StoreStatus) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{6}
+	return file_status_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *StoreStatus) GetPath() string {
@@ -527,7 +679,7 @@ type KeyCounts struct {
 
 func (x *KeyCounts) Reset() {
 	*x = KeyCounts{}
-	mi := &file_status_proto_msgTypes[7]
+	mi := &file_status_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -539,7 +691,7 @@ func (x *KeyCounts) String() string {
 func (*KeyCounts) ProtoMessage() {}
 
 func (x *KeyCounts) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[7]
+	mi := &file_status_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -552,7 +704,7 @@ func (x *KeyCounts) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyCounts.ProtoReflect.Descriptor instead.
 func (*KeyCounts) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{7}
+	return file_status_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *KeyCounts) GetTotal() uint32 {
@@ -612,7 +764,7 @@ type PluginStatus struct {
 
 func (x *PluginStatus) Reset() {
 	*x = PluginStatus{}
-	mi := &file_status_proto_msgTypes[8]
+	mi := &file_status_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -624,7 +776,7 @@ func (x *PluginStatus) String() string {
 func (*PluginStatus) ProtoMessage() {}
 
 func (x *PluginStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_status_proto_msgTypes[8]
+	mi := &file_status_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -637,7 +789,7 @@ func (x *PluginStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PluginStatus.ProtoReflect.Descriptor instead.
 func (*PluginStatus) Descriptor() ([]byte, []int) {
-	return file_status_proto_rawDescGZIP(), []int{8}
+	return file_status_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PluginStatus) GetName() string {
@@ -718,7 +870,7 @@ const file_status_proto_rawDesc = "" +
 	"keyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n" +
 	"\vPingRequest\"\x0e\n" +
 	"\fPingResponse\"\x12\n" +
-	"\x10GetStatusRequest\"\xa0\x04\n" +
+	"\x10GetStatusRequest\"\xde\x04\n" +
 	"\x11GetStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
@@ -729,10 +881,30 @@ const file_status_proto_rawDesc = "" +
 	"\x16audit_checkpoint_error\x18\x06 \x01(\tR\x14auditCheckpointError\x122\n" +
 	"\aplugins\x18\a \x03(\v2\x18.keyward.v1.PluginStatusR\aplugins\x12X\n" +
 	"\x0fnames_to_rename\x18\b \x03(\v20.keyward.v1.GetStatusResponse.NamesToRenameEntryR\rnamesToRename\x12-\n" +
-	"\x05fleet\x18\t \x01(\v2\x17.keyward.v1.FleetStatusR\x05fleet\x1a@\n" +
+	"\x05fleet\x18\t \x01(\v2\x17.keyward.v1.FleetStatusR\x05fleet\x12<\n" +
+	"\vaudit_sinks\x18\n" +
+	" \x03(\v2\x1b.keyward.v1.AuditSinkStatusR\n" +
+	"auditSinks\x1a@\n" +
 	"\x12NamesToRenameEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\x8b\x02\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xd1\x02\n" +
+	"\x0fAuditSinkStatus\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04type\x18\x02 \x01(\tR\x04type\x12\x1d\n" +
+	"\n" +
+	"on_failure\x18\x03 \x01(\tR\tonFailure\x12\x14\n" +
+	"\x05state\x18\x04 \x01(\tR\x05state\x12\x1b\n" +
+	"\tlag_bytes\x18\x05 \x01(\x03R\blagBytes\x12\"\n" +
+	"\rmax_lag_bytes\x18\x06 \x01(\x03R\vmaxLagBytes\x12\x1d\n" +
+	"\n" +
+	"over_bound\x18\a \x01(\bR\toverBound\x12\x10\n" +
+	"\x03seq\x18\b \x01(\x04R\x03seq\x12\x18\n" +
+	"\ashipped\x18\t \x01(\x04R\ashipped\x12\x1a\n" +
+	"\bfiltered\x18\n" +
+	" \x01(\x04R\bfiltered\x12\x1a\n" +
+	"\bfailures\x18\v \x01(\x04R\bfailures\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\f \x01(\tR\tlastError\"\x8b\x02\n" +
 	"\vFleetStatus\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
 	"\x06leader\x18\x02 \x01(\bR\x06leader\x12\x1a\n" +
@@ -789,41 +961,43 @@ func file_status_proto_rawDescGZIP() []byte {
 	return file_status_proto_rawDescData
 }
 
-var file_status_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_status_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_status_proto_goTypes = []any{
 	(*PingRequest)(nil),           // 0: keyward.v1.PingRequest
 	(*PingResponse)(nil),          // 1: keyward.v1.PingResponse
 	(*GetStatusRequest)(nil),      // 2: keyward.v1.GetStatusRequest
 	(*GetStatusResponse)(nil),     // 3: keyward.v1.GetStatusResponse
-	(*FleetStatus)(nil),           // 4: keyward.v1.FleetStatus
-	(*HSMStatus)(nil),             // 5: keyward.v1.HSMStatus
-	(*StoreStatus)(nil),           // 6: keyward.v1.StoreStatus
-	(*KeyCounts)(nil),             // 7: keyward.v1.KeyCounts
-	(*PluginStatus)(nil),          // 8: keyward.v1.PluginStatus
-	nil,                           // 9: keyward.v1.GetStatusResponse.NamesToRenameEntry
-	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 11: google.protobuf.Duration
+	(*AuditSinkStatus)(nil),       // 4: keyward.v1.AuditSinkStatus
+	(*FleetStatus)(nil),           // 5: keyward.v1.FleetStatus
+	(*HSMStatus)(nil),             // 6: keyward.v1.HSMStatus
+	(*StoreStatus)(nil),           // 7: keyward.v1.StoreStatus
+	(*KeyCounts)(nil),             // 8: keyward.v1.KeyCounts
+	(*PluginStatus)(nil),          // 9: keyward.v1.PluginStatus
+	nil,                           // 10: keyward.v1.GetStatusResponse.NamesToRenameEntry
+	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 12: google.protobuf.Duration
 }
 var file_status_proto_depIdxs = []int32{
-	10, // 0: keyward.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
-	5,  // 1: keyward.v1.GetStatusResponse.hsm:type_name -> keyward.v1.HSMStatus
-	6,  // 2: keyward.v1.GetStatusResponse.store:type_name -> keyward.v1.StoreStatus
-	7,  // 3: keyward.v1.GetStatusResponse.keys:type_name -> keyward.v1.KeyCounts
-	8,  // 4: keyward.v1.GetStatusResponse.plugins:type_name -> keyward.v1.PluginStatus
-	9,  // 5: keyward.v1.GetStatusResponse.names_to_rename:type_name -> keyward.v1.GetStatusResponse.NamesToRenameEntry
-	4,  // 6: keyward.v1.GetStatusResponse.fleet:type_name -> keyward.v1.FleetStatus
-	10, // 7: keyward.v1.FleetStatus.fresh_time:type_name -> google.protobuf.Timestamp
-	11, // 8: keyward.v1.FleetStatus.staleness_bound:type_name -> google.protobuf.Duration
-	10, // 9: keyward.v1.PluginStatus.since:type_name -> google.protobuf.Timestamp
-	2,  // 10: keyward.v1.StatusService.GetStatus:input_type -> keyward.v1.GetStatusRequest
-	0,  // 11: keyward.v1.StatusService.Ping:input_type -> keyward.v1.PingRequest
-	3,  // 12: keyward.v1.StatusService.GetStatus:output_type -> keyward.v1.GetStatusResponse
-	1,  // 13: keyward.v1.StatusService.Ping:output_type -> keyward.v1.PingResponse
-	12, // [12:14] is the sub-list for method output_type
-	10, // [10:12] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	11, // 0: keyward.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
+	6,  // 1: keyward.v1.GetStatusResponse.hsm:type_name -> keyward.v1.HSMStatus
+	7,  // 2: keyward.v1.GetStatusResponse.store:type_name -> keyward.v1.StoreStatus
+	8,  // 3: keyward.v1.GetStatusResponse.keys:type_name -> keyward.v1.KeyCounts
+	9,  // 4: keyward.v1.GetStatusResponse.plugins:type_name -> keyward.v1.PluginStatus
+	10, // 5: keyward.v1.GetStatusResponse.names_to_rename:type_name -> keyward.v1.GetStatusResponse.NamesToRenameEntry
+	5,  // 6: keyward.v1.GetStatusResponse.fleet:type_name -> keyward.v1.FleetStatus
+	4,  // 7: keyward.v1.GetStatusResponse.audit_sinks:type_name -> keyward.v1.AuditSinkStatus
+	11, // 8: keyward.v1.FleetStatus.fresh_time:type_name -> google.protobuf.Timestamp
+	12, // 9: keyward.v1.FleetStatus.staleness_bound:type_name -> google.protobuf.Duration
+	11, // 10: keyward.v1.PluginStatus.since:type_name -> google.protobuf.Timestamp
+	2,  // 11: keyward.v1.StatusService.GetStatus:input_type -> keyward.v1.GetStatusRequest
+	0,  // 12: keyward.v1.StatusService.Ping:input_type -> keyward.v1.PingRequest
+	3,  // 13: keyward.v1.StatusService.GetStatus:output_type -> keyward.v1.GetStatusResponse
+	1,  // 14: keyward.v1.StatusService.Ping:output_type -> keyward.v1.PingResponse
+	13, // [13:15] is the sub-list for method output_type
+	11, // [11:13] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_status_proto_init() }
@@ -837,7 +1011,7 @@ func file_status_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_status_proto_rawDesc), len(file_status_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   10,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cstatus.proto\x12\nkeyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n\x0bPingRequest\"\x0e\n\x0cPingResponse\"\x12\n\x10GetStatusRequest\"\xb9\x03\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x03hsm\x18\x03 \x01(\x0b\x32\x15.keyward.v1.HSMStatus\x12&\n\x05store\x18\x04 \x01(\x0b\x32\x17.keyward.v1.StoreStatus\x12#\n\x04keys\x18\x05 \x01(\x0b\x32\x15.keyward.v1.KeyCounts\x12\x1e\n\x16\x61udit_checkpoint_error\x18\x06 \x01(\t\x12)\n\x07plugins\x18\x07 \x03(\x0b\x32\x18.keyward.v1.PluginStatus\x12I\n\x0fnames_to_rename\x18\x08 \x03(\x0b\x32\x30.keyward.v1.GetStatusResponse.NamesToRenameEntry\x12&\n\x05\x66leet\x18\t \x01(\x0b\x32\x17.keyward.v1.FleetStatus\x1a\x34\n\x12NamesToRenameEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xc5\x01\n\x0b\x46leetStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06leader\x18\x02 \x01(\x08\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12.\n\nfresh_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0fstaleness_bound\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05nodes\x18\x06 \x03(\t\x12\x13\n\x0bleader_node\x18\x07 \x01(\t\"{\n\tHSMStatus\x12\x13\n\x0btoken_label\x18\x01 \x01(\t\x12\x14\n\x0ctoken_serial\x18\x02 \x01(\t\x12\x14\n\x0cmanufacturer\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"B\n\x0bStoreStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x16\n\x0eschema_version\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"W\n\tKeyCounts\x12\r\n\x05total\x18\x01 \x01(\r\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\r\x12\x10\n\x08\x64isabled\x18\x03 \x01(\r\x12\x18\n\x10pending_deletion\x18\x04 \x01(\r\"\xe0\x01\n\x0cPluginStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x10\n\x08launches\x18\x05 \x01(\r\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12)\n\x05since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x65vents_pending\x18\t \x01(\r\x12\x16\n\x0e\x64\x65livery_error\x18\n \x01(\t2\x94\x01\n\rStatusService\x12H\n\tGetStatus\x12\x1c.keyward.v1.GetStatusRequest\x1a\x1d.keyward.v1.GetStatusResponse\x12\x39\n\x04Ping\x12\x17.keyward.v1.PingRequest\x1a\x18.keyward.v1.PingResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cstatus.proto\x12\nkeyward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n\x0bPingRequest\"\x0e\n\x0cPingResponse\"\x12\n\x10GetStatusRequest\"\xeb\x03\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x03hsm\x18\x03 \x01(\x0b\x32\x15.keyward.v1.HSMStatus\x12&\n\x05store\x18\x04 \x01(\x0b\x32\x17.keyward.v1.StoreStatus\x12#\n\x04keys\x18\x05 \x01(\x0b\x32\x15.keyward.v1.KeyCounts\x12\x1e\n\x16\x61udit_checkpoint_error\x18\x06 \x01(\t\x12)\n\x07plugins\x18\x07 \x03(\x0b\x32\x18.keyward.v1.PluginStatus\x12I\n\x0fnames_to_rename\x18\x08 \x03(\x0b\x32\x30.keyward.v1.GetStatusResponse.NamesToRenameEntry\x12&\n\x05\x66leet\x18\t \x01(\x0b\x32\x17.keyward.v1.FleetStatus\x12\x30\n\x0b\x61udit_sinks\x18\n \x03(\x0b\x32\x1b.keyward.v1.AuditSinkStatus\x1a\x34\n\x12NamesToRenameEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xe4\x01\n\x0f\x41uditSinkStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\non_failure\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\tlag_bytes\x18\x05 \x01(\x03\x12\x15\n\rmax_lag_bytes\x18\x06 \x01(\x03\x12\x12\n\nover_bound\x18\x07 \x01(\x08\x12\x0b\n\x03seq\x18\x08 \x01(\x04\x12\x0f\n\x07shipped\x18\t \x01(\x04\x12\x10\n\x08\x66iltered\x18\n \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x0b \x01(\x04\x12\x12\n\nlast_error\x18\x0c \x01(\t\"\xc5\x01\n\x0b\x46leetStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06leader\x18\x02 \x01(\x08\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12.\n\nfresh_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0fstaleness_bound\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05nodes\x18\x06 \x03(\t\x12\x13\n\x0bleader_node\x18\x07 \x01(\t\"{\n\tHSMStatus\x12\x13\n\x0btoken_label\x18\x01 \x01(\t\x12\x14\n\x0ctoken_serial\x18\x02 \x01(\t\x12\x14\n\x0cmanufacturer\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"B\n\x0bStoreStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x16\n\x0eschema_version\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"W\n\tKeyCounts\x12\r\n\x05total\x18\x01 \x01(\r\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\r\x12\x10\n\x08\x64isabled\x18\x03 \x01(\r\x12\x18\n\x10pending_deletion\x18\x04 \x01(\r\"\xe0\x01\n\x0cPluginStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x10\n\x08launches\x18\x05 \x01(\r\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12)\n\x05since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x65vents_pending\x18\t \x01(\r\x12\x16\n\x0e\x64\x65livery_error\x18\n \x01(\t2\x94\x01\n\rStatusService\x12H\n\tGetStatus\x12\x1c.keyward.v1.GetStatusRequest\x1a\x1d.keyward.v1.GetStatusResponse\x12\x39\n\x04Ping\x12\x17.keyward.v1.PingRequest\x1a\x18.keyward.v1.PingResponseB4Z2github.com/keyward/keyward/daemon/api/v1;keywardv1b\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'status_pb2', globals())
@@ -32,19 +32,21 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _GETSTATUSREQUEST._serialized_start=124
   _GETSTATUSREQUEST._serialized_end=142
   _GETSTATUSRESPONSE._serialized_start=145
-  _GETSTATUSRESPONSE._serialized_end=586
-  _GETSTATUSRESPONSE_NAMESTORENAMEENTRY._serialized_start=534
-  _GETSTATUSRESPONSE_NAMESTORENAMEENTRY._serialized_end=586
-  _FLEETSTATUS._serialized_start=589
-  _FLEETSTATUS._serialized_end=786
-  _HSMSTATUS._serialized_start=788
-  _HSMSTATUS._serialized_end=911
-  _STORESTATUS._serialized_start=913
-  _STORESTATUS._serialized_end=979
-  _KEYCOUNTS._serialized_start=981
-  _KEYCOUNTS._serialized_end=1068
-  _PLUGINSTATUS._serialized_start=1071
-  _PLUGINSTATUS._serialized_end=1295
-  _STATUSSERVICE._serialized_start=1298
-  _STATUSSERVICE._serialized_end=1446
+  _GETSTATUSRESPONSE._serialized_end=636
+  _GETSTATUSRESPONSE_NAMESTORENAMEENTRY._serialized_start=584
+  _GETSTATUSRESPONSE_NAMESTORENAMEENTRY._serialized_end=636
+  _AUDITSINKSTATUS._serialized_start=639
+  _AUDITSINKSTATUS._serialized_end=867
+  _FLEETSTATUS._serialized_start=870
+  _FLEETSTATUS._serialized_end=1067
+  _HSMSTATUS._serialized_start=1069
+  _HSMSTATUS._serialized_end=1192
+  _STORESTATUS._serialized_start=1194
+  _STORESTATUS._serialized_end=1260
+  _KEYCOUNTS._serialized_start=1262
+  _KEYCOUNTS._serialized_end=1349
+  _PLUGINSTATUS._serialized_start=1352
+  _PLUGINSTATUS._serialized_end=1576
+  _STATUSSERVICE._serialized_start=1579
+  _STATUSSERVICE._serialized_end=1727
 # @@protoc_insertion_point(module_scope)
