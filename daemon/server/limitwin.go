@@ -92,12 +92,12 @@ func (s *Server) ScheduleLimits(ctx context.Context, r *keywardv1.ScheduleLimits
 	if err := win.Target.Check(); err != nil {
 		return nil, err
 	}
+	var keyRec *apikeys.Record // a key target's key
 	if win.Key != "" {
-		rec, err := s.apiKey(ctx, op, win.Key)
-		if err != nil {
+		if keyRec, err = s.apiKey(ctx, op, win.Key); err != nil {
 			return nil, err
 		}
-		win.KeyOwner = rec.Owner
+		win.KeyOwner = keyRec.Owner
 	} else if err := s.allowWindow(ctx, op, &win); err != nil {
 		return nil, err
 	}
@@ -133,7 +133,7 @@ func (s *Server) ScheduleLimits(ctx context.Context, r *keywardv1.ScheduleLimits
 	if !r.GetDryRun() {
 		return out, nil
 	}
-	err = s.coveredKeys(ctx, op, win, func(rec *apikeys.Record) {
+	err = s.coveredKeys(ctx, op, win, keyRec, func(rec *apikeys.Record) {
 		out.Keys++
 		if len(rec.Limits) == 0 {
 			out.Unlimited++
@@ -152,15 +152,11 @@ func (s *Server) ScheduleLimits(ctx context.Context, r *keywardv1.ScheduleLimits
 }
 
 // coveredKeys calls fn for each live key the window covers that the
-// caller may see, by ID.
-func (s *Server) coveredKeys(ctx context.Context, op string, win limitwin.Window, fn func(*apikeys.Record)) error {
-	if win.Key != "" {
-		rec, err := s.cfg.APIKeys.Get(win.Key)
-		if err != nil {
-			return err
-		}
-		if rec.State != apikeys.StateRevoked {
-			fn(rec)
+// caller may see, by ID: keyRec alone for a key target (read already).
+func (s *Server) coveredKeys(ctx context.Context, op string, win limitwin.Window, keyRec *apikeys.Record, fn func(*apikeys.Record)) error {
+	if keyRec != nil {
+		if keyRec.State != apikeys.StateRevoked {
+			fn(keyRec)
 		}
 		return nil
 	}

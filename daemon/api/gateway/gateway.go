@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"math"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -52,7 +51,10 @@ type Answer struct {
 // requests left, and Keyward-Near-Limit when a layer is nearly used up.
 func AnswerOf(r *keywardv1.VerifyAPIKeyResponse, now time.Time) Answer {
 	a := Answer{Header: http.Header{}}
-	tight := tightest(append(slices.Clip(r.GetRateLimits()), quotaState(r, now)))
+	tight := tightest(r.GetRateLimits())
+	if q := quotaState(r, now); q != nil {
+		tight = tightest([]*keywardv1.RateLimitState{tight, q})
+	}
 	if tight != nil {
 		a.Header.Set("RateLimit-Limit", strconv.FormatUint(uint64(tight.GetLimit().GetBurst()), 10))
 		a.Header.Set("RateLimit-Remaining", strconv.FormatUint(uint64(tight.GetRemaining()), 10))
